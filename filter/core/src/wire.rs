@@ -1,0 +1,178 @@
+//! JSON bodies exchanged between the filter and the approval service.
+//!
+//! One definition serves both sides, so the filter and the service cannot
+//! drift apart. Every field name here is part of the service's HTTP API.
+
+use serde::{Deserialize, Serialize};
+
+/// Path prefix of the API the filter calls (`POST /v1/reviews`, ...).
+pub const FILTER_API_PREFIX: &str = "/v1/reviews";
+
+/// Header carrying the shared secret the filter presents to the service
+/// (optional on both sides; when the service has one configured it is required).
+pub const FILTER_TOKEN_HEADER: &str = "x-countersign-filter-token";
+
+/// Which API shape a request body follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApiKind {
+    /// OpenAI `POST /v1/chat/completions`.
+    OpenaiChat,
+    /// OpenAI `POST /v1/completions` (legacy text completions).
+    OpenaiCompletions,
+    /// OpenAI `POST /v1/responses`.
+    OpenaiResponses,
+    /// OpenAI `POST /v1/embeddings`.
+    OpenaiEmbeddings,
+    /// Anthropic `POST /v1/messages`.
+    AnthropicMessages,
+}
+
+impl ApiKind {
+    /// The name used in configuration and in the wire format.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiKind::OpenaiChat => "openai_chat",
+            ApiKind::OpenaiCompletions => "openai_completions",
+            ApiKind::OpenaiResponses => "openai_responses",
+            ApiKind::OpenaiEmbeddings => "openai_embeddings",
+            ApiKind::AnthropicMessages => "anthropic_messages",
+        }
+    }
+
+    /// Whether errors for this API use Anthropic's error envelope.
+    pub fn is_anthropic(self) -> bool {
+        matches!(self, ApiKind::AnthropicMessages)
+    }
+}
+
+/// One piece of the prompt as a reviewer should read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptMessage {
+    /// `system`, `user`, `assistant`, `tool`, `developer`, or `input` for
+    /// APIs without roles (completions, embeddings).
+    pub role: String,
+    /// The text, with non-text parts shown as bracketed markers
+    /// such as `[image_url: https://...]` or `[tool_call get_weather: {...}]`.
+    pub text: String,
+}
+
+/// `POST /v1/reviews`: the filter asks for a human decision on one request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreateReview {
+    /// Envoy's `x-request-id` of the held request (correlation only).
+    pub request_id: String,
+    /// API shape of `body`.
+    pub api: ApiKind,
+    /// HTTP method of the held request.
+    pub method: String,
+    /// Path of the held request (without query string).
+    pub path: String,
+    /// `:authority` of the held request.
+    #[serde(default)]
+    pub authority: String,
+    /// Envoy route name, when the route has one.
+    #[serde(default)]
+    pub route: Option<String>,
+    /// Caller identity, when known.
+    #[serde(default)]
+    pub caller: Option<String>,
+    /// The `model` field of the body.
+    pub model: String,
+    /// Whether the caller asked for a streamed answer.
+    #[serde(default)]
+    pub stream: bool,
+    /// Name of the policy rule that asked for review.
+    #[serde(default)]
+    pub rule: Option<String>,
+    /// The prompt, message by message, for display.
+    pub prompt: Vec<PromptMessage>,
+    /// The exact request body that would be forwarded (UTF-8 JSON text).
+    pub body: String,
+    /// How long the filter holds the request; the review expires then.
+    pub hold_timeout_ms: u64,
+}
+
+/// Where a review stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReviewStatus {
+    /// Waiting for a reviewer.
+    Pending,
+    /// Approved, possibly with an edited body.
+    Approved,
+    /// Rejected with a reason.
+    Rejected,
+    /// Nobody decided before the hold timeout; can no longer be approved.
+    Expired,
+    /// The caller went away before a decision.
+    Cancelled,
+}
+
+impl ReviewStatus {
+    /// The name stored in the database and used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReviewStatus::Pending => "pending",
+            ReviewStatus::Approved => "approved",
+            ReviewStatus::Rejected => "rejected",
+            ReviewStatus::Expired => "expired",
+            ReviewStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses the name produced by [`ReviewStatus::as_str`].
+    pub fn parse(s: &str) -> Option<ReviewStatus> {
+        Some(match s {
+            "pending" => ReviewStatus::Pending,
+            "approved" => ReviewStatus::Approved,
+            "rejected" => ReviewStatus::Rejected,
+            "expired" => ReviewStatus::Expired,
+            "cancelled" => ReviewStatus::Cancelled,
+            _ => return None,
+        })
+    }
+
+    /// Whether no further decision can change this review.
+    pub fn is_final(self) -> bool {
+        !matches!(self, ReviewStatus::Pending)
+    }
+}
+
+/// The state of one review as the filter sees it. Returned by
+/// `POST /v1/reviews` (201), `GET /v1/reviews/{id}/wait?timeout_ms=N`,
+/// `POST /v1/reviews/{id}/expire` and `POST /v1/reviews/{id}/cancel`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReviewState {
+    /// Review id (opaque string chosen by the service).
+    pub id: String,
+    /// Current status.
+    pub status: ReviewStatus,
+    /// Unix time in milliseconds at which a pending review expires.
+    pub expires_at_ms: u64,
+    /// Who decided (reviewer name), once decided by a person.
+    #[serde(default)]
+    pub reviewer: Option<String>,
+    /// The reviewer's reason (required for rejections).
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// When approved with an edit: the body to forward instead of the original.
+    #[serde(default)]
+    pub edited_body: Option<String>,
+}
+
+/// Error body of every service endpoint: `{"error":{"code":..,"message":..}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceError {
+    /// The error itself.
+    pub error: ServiceErrorDetail,
+}
+
+/// Machine-readable code plus a human message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceErrorDetail {
+    /// Stable code, e.g. `not_found`, `conflict`, `unauthorized`, `bad_request`.
+    pub code: String,
+    /// Human-readable message; never contains internals.
+    pub message: String,
+}
