@@ -1,1 +1,416 @@
-//! placeholder
+//! countersign's Envoy filter: a thin proxy-wasm adapter.
+//!
+//! It only reads what Envoy offers (headers, body, properties, callout
+//! results, the clock), hands it to `countersign-core`, and applies the
+//! verdict. All decisions live in the core crate.
+//!
+//! Holds are kept in per-VM (per-worker) thread-local maps rather than inside
+//! the HTTP context, because retries after a failed long-poll are fired from
+//! the root context's timer: a call dispatched there calls back into the root
+//! context, which then finds the hold by its callout token.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use countersign_core::config::{Action, Config, Endpoint};
+use countersign_core::hold::{cancel_callout, Callout, CalloutKind, CalloutResult, Hold, HoldStep, Release};
+use countersign_core::inspect::{inspect_body, BodyVerdict, RequestInfo};
+use countersign_core::refusal::{Refusal, RefusalKind};
+use countersign_core::request::{classify, path_only, HeadVerdict, RequestHead};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action as WasmAction, BufferType, ContextType, LogLevel, MapType};
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { config: None }) });
+}}
+
+/// How often the root context looks for due retries and cancellations.
+const TICK: Duration = Duration::from_millis(200);
+
+/// A held request's state, shared between its HTTP context and the root.
+struct HoldEntry {
+    hold: Hold,
+    config: Rc<Config>,
+    /// Size of the buffered body, replaced whole by an edited body.
+    body_len: usize,
+    /// Set once the hold is over, either way.
+    finished: bool,
+    /// Set when the request was released to the model.
+    released: Option<Release>,
+}
+
+type SharedHold = Rc<RefCell<HoldEntry>>;
+
+thread_local! {
+    /// Holds by HTTP context id.
+    static HOLDS: RefCell<HashMap<u32, SharedHold>> = RefCell::new(HashMap::new());
+    /// Outstanding callouts: token → (HTTP context id, which call).
+    static CALLOUTS: RefCell<HashMap<u32, (u32, CalloutKind)>> = RefCell::new(HashMap::new());
+    /// Retries due: (time in ms, HTTP context id).
+    static RETRIES: RefCell<Vec<(u64, u32)>> = const { RefCell::new(Vec::new()) };
+    /// Reviews whose caller went away, to be cancelled by the root context.
+    static CANCELS: RefCell<Vec<(Rc<Config>, String)>> = const { RefCell::new(Vec::new()) };
+}
+
+fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+struct Root {
+    config: Option<Rc<Config>>,
+}
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        on_callout_response(token, body_size);
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let raw = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten().unwrap_or_default();
+        match Config::from_json(&raw) {
+            Ok(config) => {
+                self.config = Some(Rc::new(config));
+                if hostcalls::set_tick_period(TICK).is_err() {
+                    log::error!("countersign: cannot set the retry timer");
+                    return false;
+                }
+                true
+            }
+            Err(e) => {
+                // Returning false makes Envoy refuse the plugin, and a stream
+                // without configuration is refused as well: fail closed.
+                self.config = None;
+                log::error!("countersign: invalid plugin configuration: {e}");
+                false
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = now_ms();
+        let due: Vec<u32> = RETRIES.with(|r| {
+            let mut r = r.borrow_mut();
+            let (due, later): (Vec<_>, Vec<_>) = r.drain(..).partition(|(at, _)| *at <= now);
+            *r = later;
+            due.into_iter().map(|(_, id)| id).collect()
+        });
+        for ctx_id in due {
+            if let Some(entry) = HOLDS.with(|h| h.borrow().get(&ctx_id).cloned()) {
+                let step = {
+                    let mut e = entry.borrow_mut();
+                    let config = e.config.clone();
+                    e.hold.on_retry(&config, now)
+                };
+                perform(ctx_id, &entry, step);
+            }
+        }
+        let cancels: Vec<(Rc<Config>, String)> = CANCELS.with(|c| c.borrow_mut().drain(..).collect());
+        for (config, review_id) in cancels {
+            if let Some(call) = cancel_callout(&config, &review_id) {
+                // Best effort: the answer is ignored (its token is unknown).
+                let _ = dispatch(&config, &call);
+            }
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Stream {
+            id: context_id,
+            config: self.config.clone(),
+            endpoint: None,
+            info: RequestInfo::default(),
+            hold: None,
+            outcome: None,
+            refused: false,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+/// One HTTP stream.
+struct Stream {
+    id: u32,
+    config: Option<Rc<Config>>,
+    /// Set when the request is an inference request being inspected.
+    endpoint: Option<Endpoint>,
+    info: RequestInfo,
+    hold: Option<SharedHold>,
+    /// `x-countersign-outcome` for the response, once decided.
+    outcome: Option<&'static str>,
+    refused: bool,
+}
+
+impl Stream {
+    fn refuse(&mut self, refusal: &Refusal) -> WasmAction {
+        self.refused = true;
+        send_refusal(refusal);
+        WasmAction::Pause
+    }
+
+    fn header(&self, name: &str) -> Option<String> {
+        self.get_http_request_header(name)
+    }
+}
+
+impl Context for Stream {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        on_callout_response(token, body_size);
+    }
+}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> WasmAction {
+        let Some(config) = self.config.clone() else {
+            return self.refuse(&Refusal::new(
+                RefusalKind::Misconfigured,
+                None,
+                "the countersign filter has no valid configuration; see the Envoy log",
+            ));
+        };
+        let method = self.header(":method").unwrap_or_default();
+        let path = self.header(":path").unwrap_or_default();
+        let content_type = self.header("content-type");
+        let content_encoding = self.header("content-encoding");
+        let content_length = self.header("content-length");
+        let upgrade = self.header("upgrade");
+        let method_override = ["x-http-method-override", "x-http-method", "x-method-override"]
+            .iter()
+            .find_map(|h| self.header(h));
+        let head = RequestHead {
+            method: &method,
+            path: &path,
+            content_type: content_type.as_deref(),
+            content_encoding: content_encoding.as_deref(),
+            content_length: content_length.as_deref(),
+            upgrade: upgrade.as_deref(),
+            method_override: method_override.as_deref(),
+        };
+        match classify(&config, &head) {
+            HeadVerdict::Pass => WasmAction::Continue,
+            HeadVerdict::Refuse(r) => self.refuse(&r),
+            HeadVerdict::Inspect(endpoint) => {
+                if end_of_stream {
+                    return self.refuse(&Refusal::new(RefusalKind::BadRequest, Some(endpoint.api), "request body is empty"));
+                }
+                // The body may be replaced by a reviewer's edit; without a
+                // stale content-length, the buffer filter after this one
+                // sets the right one when it forwards.
+                self.set_http_request_header("content-length", None);
+                self.info = RequestInfo {
+                    request_id: self.header("x-request-id").unwrap_or_default(),
+                    method,
+                    path: path_only(&path).to_string(),
+                    authority: self.header(":authority").unwrap_or_default(),
+                    route: self
+                        .get_property(vec!["route_name"])
+                        .and_then(|b| String::from_utf8(b).ok())
+                        .filter(|s| !s.is_empty()),
+                };
+                self.endpoint = Some(endpoint);
+                WasmAction::Continue
+            }
+        }
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> WasmAction {
+        if self.refused || self.hold.is_some() {
+            return WasmAction::Pause;
+        }
+        let (Some(config), Some(endpoint)) = (self.config.clone(), self.endpoint.clone()) else {
+            return WasmAction::Continue;
+        };
+        if body_size > config.max_body_bytes {
+            return self.refuse(&Refusal::too_large(Some(endpoint.api), config.max_body_bytes));
+        }
+        if !end_of_stream {
+            return WasmAction::Pause;
+        }
+        let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+        match inspect_body(&config, &endpoint, &self.info, &body) {
+            BodyVerdict::Forward(rule) => {
+                log::info!("countersign: {} allowed by rule `{}`", self.info.request_id, rule.name);
+                self.outcome = Some(if rule.action == Action::Allow { "allowed" } else { "forwarded" });
+                WasmAction::Continue
+            }
+            BodyVerdict::Refuse(r) => {
+                log::info!("countersign: {} refused: {}", self.info.request_id, r.kind.code());
+                self.refuse(&r)
+            }
+            BodyVerdict::Hold(plan) => {
+                let (hold, step) = Hold::start(&config, &plan, self.info.clone(), now_ms());
+                let entry = Rc::new(RefCell::new(HoldEntry {
+                    hold,
+                    config: config.clone(),
+                    body_len: body.len(),
+                    finished: false,
+                    released: None,
+                }));
+                HOLDS.with(|h| h.borrow_mut().insert(self.id, entry.clone()));
+                self.hold = Some(entry.clone());
+                log::info!("countersign: {} held for review (rule `{}`)", self.info.request_id, plan.rule.name);
+                perform(self.id, &entry, step);
+                WasmAction::Pause
+            }
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> WasmAction {
+        if let Some(entry) = &self.hold {
+            let e = entry.borrow();
+            if let Some(release) = &e.released {
+                let outcome = match (&release.review_id, &release.edited_body) {
+                    (None, _) => "fail_open",
+                    (Some(_), Some(_)) => "edited",
+                    (Some(_), None) => "approved",
+                };
+                self.set_http_response_header("x-countersign-outcome", Some(outcome));
+                if let Some(id) = &release.review_id {
+                    self.set_http_response_header("x-countersign-review-id", Some(id));
+                }
+            }
+        } else if let Some(outcome) = self.outcome {
+            self.set_http_response_header("x-countersign-outcome", Some(outcome));
+        }
+        WasmAction::Continue
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        HOLDS.with(|h| h.borrow_mut().remove(&self.id));
+        if let Some(entry) = &self.hold {
+            let e = entry.borrow();
+            if !e.finished {
+                // The caller went away mid-review: tell the service so
+                // reviewers do not decide on a request nobody waits for.
+                if let Some(id) = e.hold.review_id() {
+                    let (config, id) = (e.config.clone(), id.to_string());
+                    CANCELS.with(|c| c.borrow_mut().push((config, id)));
+                }
+            }
+        }
+    }
+}
+
+/// Routes a callout answer to the hold that made the call, whichever
+/// context it was dispatched from.
+fn on_callout_response(token: u32, body_size: usize) {
+    let Some((ctx_id, kind)) = CALLOUTS.with(|c| c.borrow_mut().remove(&token)) else {
+        return;
+    };
+    let Some(entry) = HOLDS.with(|h| h.borrow().get(&ctx_id).cloned()) else {
+        return;
+    };
+    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten()
+        .and_then(|s| s.parse::<u16>().ok());
+    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten().unwrap_or_default();
+    let result = CalloutResult { status, body };
+    let step = {
+        let mut e = entry.borrow_mut();
+        let config = e.config.clone();
+        e.hold.on_response(&config, kind, &result, now_ms())
+    };
+    perform(ctx_id, &entry, step);
+}
+
+/// Carries out one step of a hold.
+fn perform(ctx_id: u32, entry: &SharedHold, step: HoldStep) {
+    let mut step = step;
+    // A failed dispatch is fed back as "no response"; the hold machine
+    // always ends such a chain in a retry or a refusal.
+    for _ in 0..4 {
+        match step {
+            HoldStep::Call(call) => {
+                let config = entry.borrow().config.clone();
+                match dispatch(&config, &call) {
+                    Ok(token) => {
+                        CALLOUTS.with(|c| c.borrow_mut().insert(token, (ctx_id, call.kind)));
+                        return;
+                    }
+                    Err(why) => {
+                        log::warn!("countersign: call to the approval service failed: {why}");
+                        let no_answer = CalloutResult { status: None, body: Vec::new() };
+                        step = entry.borrow_mut().hold.on_response(&config, call.kind, &no_answer, now_ms());
+                    }
+                }
+            }
+            HoldStep::RetryAt(at) => {
+                RETRIES.with(|r| r.borrow_mut().push((at, ctx_id)));
+                return;
+            }
+            HoldStep::Release(release) => {
+                // No RefCell borrow may be held across host calls: Envoy can
+                // call back into this VM synchronously (local replies, resets).
+                let body_len = {
+                    let mut e = entry.borrow_mut();
+                    e.finished = true;
+                    e.body_len
+                };
+                if hostcalls::set_effective_context(ctx_id).is_err() {
+                    return;
+                }
+                if let Some(body) = &release.edited_body {
+                    if hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_len, body).is_err() {
+                        let r = Refusal::new(RefusalKind::ApprovalUnavailable, None, "could not apply the reviewer's edit");
+                        send_refusal(&r);
+                        return;
+                    }
+                }
+                log::info!(
+                    "countersign: review {} approved by {}{}",
+                    release.review_id.as_deref().unwrap_or("-"),
+                    release.reviewer.as_deref().unwrap_or("fail_open"),
+                    if release.edited_body.is_some() { " with an edit" } else { "" }
+                );
+                entry.borrow_mut().released = Some(release);
+                let _ = hostcalls::resume_http_request();
+                return;
+            }
+            HoldStep::Refuse(refusal) => {
+                entry.borrow_mut().finished = true;
+                if hostcalls::set_effective_context(ctx_id).is_ok() {
+                    log::info!(
+                        "countersign: review {} ended: {}",
+                        refusal.review_id.as_deref().unwrap_or("-"),
+                        refusal.kind.code()
+                    );
+                    send_refusal(&refusal);
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn dispatch(config: &Config, call: &Callout) -> Result<u32, String> {
+    let headers: Vec<(&str, &str)> = call.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    hostcalls::dispatch_http_call(
+        &config.approval_cluster,
+        headers,
+        call.body.as_deref(),
+        vec![],
+        Duration::from_millis(call.timeout_ms),
+    )
+    .map_err(|s| format!("{s:?}"))
+}
+
+fn send_refusal(refusal: &Refusal) {
+    let headers = refusal.headers();
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let _ = hostcalls::send_http_response(u32::from(refusal.status()), headers, Some(&refusal.body()));
+}

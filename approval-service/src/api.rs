@@ -1,0 +1,562 @@
+//! HTTP handlers: the filter API (`/v1/reviews...`), the reviewer API
+//! (`/api/...`) and health checks.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use countersign_core::wire::{CreateReview, ReviewState, ReviewStatus, FILTER_TOKEN_HEADER};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::config::MAX_HOLD_TIMEOUT_MS;
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::store::{
+    DecideOutcome, Decision, ListQuery, NewReview, ReviewDetail, ReviewSummary, CANCELLED_REASON,
+    EXPIRED_REASON,
+};
+use crate::token::TokenHash;
+
+/// Longest accepted decision reason, in characters.
+pub const MAX_REASON_CHARS: usize = 2000;
+
+/// Default and maximum page size of `GET /api/reviews`.
+const DEFAULT_LIST_LIMIT: u32 = 50;
+const MAX_LIST_LIMIT: u32 = 500;
+
+// ---------------------------------------------------------------- extractors
+
+/// Proof that the caller is the filter: the configured filter token was
+/// presented (or none is configured).
+pub struct FilterAuth;
+
+impl FromRequestParts<AppState> for FilterAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Some(expected) = state.config().filter_token_sha256 else {
+            return Ok(FilterAuth);
+        };
+        let presented = parts
+            .headers
+            .get(FILTER_TOKEN_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                ApiError::Unauthorized(format!("missing {FILTER_TOKEN_HEADER} header"))
+            })?;
+        if TokenHash::of_token(presented).ct_eq(&expected) {
+            Ok(FilterAuth)
+        } else {
+            Err(ApiError::Unauthorized("invalid filter token".into()))
+        }
+    }
+}
+
+/// The authenticated reviewer of a reviewer-API call.
+pub struct Reviewer {
+    /// Configured name.
+    pub name: String,
+    /// Configured groups.
+    pub groups: Vec<String>,
+}
+
+impl FromRequestParts<AppState> for Reviewer {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let value = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| ApiError::Unauthorized("missing bearer token".into()))?;
+        let token = value
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim())
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                ApiError::Unauthorized("expected Authorization: Bearer <token>".into())
+            })?;
+        let reviewer = state
+            .reviewer_for(&TokenHash::of_token(token))
+            .ok_or_else(|| ApiError::Unauthorized("invalid token".into()))?;
+        Ok(Reviewer {
+            name: reviewer.name.clone(),
+            groups: reviewer.groups.clone(),
+        })
+    }
+}
+
+/// Parses a JSON body ourselves rather than with `axum::Json`, so errors
+/// use our error shape and a missing `Content-Type` is not an error (the
+/// filter's HTTP client may not set one). An empty body reads as `{}`.
+fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let bytes = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge("request body too large".into())
+        } else {
+            ApiError::BadRequest("cannot read request body".into())
+        }
+    })?;
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        &bytes
+    };
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+fn parse_query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(t)| t)
+        .map_err(|e| ApiError::BadRequest(format!("invalid query string: {}", e.body_text())))
+}
+
+fn not_found() -> ApiError {
+    ApiError::NotFound("no such review".into())
+}
+
+// ---------------------------------------------------------------- health
+
+/// `GET /healthz`: the process is up.
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+/// `GET /readyz`: the database answers.
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    match state.db(|s| s.ping()).await {
+        Ok(()) => Json(serde_json::json!({"status": "ready"})).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "readiness check failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(serde_json::json!({"status": "unavailable"})),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// Any unknown path.
+pub async fn fallback() -> ApiError {
+    ApiError::NotFound("no such endpoint".into())
+}
+
+// ---------------------------------------------------------------- filter API
+
+/// `POST /v1/reviews`: stores a new pending review.
+pub async fn create_review(
+    State(state): State<AppState>,
+    _auth: FilterAuth,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<ReviewState>), ApiError> {
+    let req: CreateReview = parse_json(body)?;
+    if serde_json::from_str::<serde::de::IgnoredAny>(&req.body).is_err() {
+        return Err(ApiError::BadRequest("body is not a JSON document".into()));
+    }
+    let hold_timeout_ms = req.hold_timeout_ms.clamp(1, MAX_HOLD_TIMEOUT_MS);
+    let created_at_ms = crate::now_ms();
+    let new = NewReview {
+        id: format!("rev_{}", uuid::Uuid::new_v4().simple()),
+        created_at_ms,
+        expires_at_ms: created_at_ms + hold_timeout_ms,
+        hold_timeout_ms,
+        request: req,
+    };
+    let state_out = ReviewState {
+        id: new.id.clone(),
+        status: ReviewStatus::Pending,
+        expires_at_ms: new.expires_at_ms,
+        reviewer: None,
+        reason: None,
+        edited_body: None,
+    };
+    tracing::info!(
+        review_id = %new.id,
+        request_id = %new.request.request_id,
+        model = %new.request.model,
+        api = new.request.api.as_str(),
+        rule = new.request.rule.as_deref().unwrap_or(""),
+        hold_timeout_ms,
+        "review created"
+    );
+    state.db(move |s| s.insert(&new)).await?;
+    Ok((StatusCode::CREATED, Json(state_out)))
+}
+
+/// Query of `GET /v1/reviews/{id}/wait`.
+#[derive(Debug, Deserialize)]
+pub struct WaitParams {
+    /// How long to wait for a decision; 0 (the default) answers at once.
+    #[serde(default)]
+    pub timeout_ms: u64,
+}
+
+/// `GET /v1/reviews/{id}/wait?timeout_ms=N`: long poll for a decision.
+pub async fn wait_review(
+    State(state): State<AppState>,
+    _auth: FilterAuth,
+    Path(id): Path<String>,
+    query: Result<Query<WaitParams>, QueryRejection>,
+) -> Result<Json<ReviewState>, ApiError> {
+    let params = parse_query(query)?;
+    let budget = Duration::from_millis(params.timeout_ms.min(state.config().max_long_poll_ms));
+    let deadline = tokio::time::Instant::now() + budget;
+    // Subscribe before the first read so no decision slips in between.
+    let mut guard = state.subscribe(&id);
+    let mut shutdown = state.shutdown_receiver();
+    loop {
+        let now = crate::now_ms();
+        let lookup_id = id.clone();
+        let (current, expired_now) = state
+            .db(move |s| s.state_expiring(&lookup_id, now))
+            .await?
+            .ok_or_else(not_found)?;
+        if expired_now {
+            tracing::info!(review_id = %id, status = "expired", "review expired (hold timeout)");
+            state.wake(&id);
+        }
+        if current.status.is_final() {
+            return Ok(Json(current));
+        }
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if remaining.is_zero() || *shutdown.borrow() {
+            return Ok(Json(current));
+        }
+        // Wake at expiry at the latest (plus a millisecond so the re-read
+        // sees it as overdue).
+        let until_expiry =
+            Duration::from_millis(current.expires_at_ms.saturating_sub(crate::now_ms()) + 1);
+        tokio::select! {
+            () = guard.changed() => {}
+            () = tokio::time::sleep(remaining.min(until_expiry)) => {}
+            _ = shutdown.wait_for(|down| *down) => return Ok(Json(current)),
+        }
+    }
+}
+
+async fn finish_review(
+    state: AppState,
+    id: String,
+    status: ReviewStatus,
+    reason: &'static str,
+) -> Result<Json<ReviewState>, ApiError> {
+    let now = crate::now_ms();
+    let lookup_id = id.clone();
+    let (current, changed) = state
+        .db(move |s| s.finish(&lookup_id, status, reason, now))
+        .await?
+        .ok_or_else(not_found)?;
+    if changed {
+        tracing::info!(review_id = %id, status = status.as_str(), "review ended by filter");
+        state.wake(&id);
+    }
+    Ok(Json(current))
+}
+
+/// `POST /v1/reviews/{id}/expire`: the filter's hold timed out.
+pub async fn expire_review(
+    State(state): State<AppState>,
+    _auth: FilterAuth,
+    Path(id): Path<String>,
+) -> Result<Json<ReviewState>, ApiError> {
+    finish_review(state, id, ReviewStatus::Expired, EXPIRED_REASON).await
+}
+
+/// `POST /v1/reviews/{id}/cancel`: the caller went away.
+pub async fn cancel_review(
+    State(state): State<AppState>,
+    _auth: FilterAuth,
+    Path(id): Path<String>,
+) -> Result<Json<ReviewState>, ApiError> {
+    finish_review(state, id, ReviewStatus::Cancelled, CANCELLED_REASON).await
+}
+
+// ---------------------------------------------------------------- reviewer API
+
+/// Body of `GET /api/me`.
+#[derive(Debug, Serialize)]
+pub struct Me {
+    /// Reviewer name.
+    pub name: String,
+    /// Reviewer groups.
+    pub groups: Vec<String>,
+}
+
+/// `GET /api/me`.
+pub async fn me(reviewer: Reviewer) -> Json<Me> {
+    Json(Me {
+        name: reviewer.name,
+        groups: reviewer.groups,
+    })
+}
+
+/// Query of `GET /api/reviews`.
+#[derive(Debug, Deserialize)]
+pub struct ListParams {
+    /// Only this status.
+    pub status: Option<String>,
+    /// Page size, clamped to 1..=500 (default 50).
+    pub limit: Option<u32>,
+    /// Only reviews created before this time (Unix ms), for paging.
+    pub before_ms: Option<u64>,
+}
+
+/// Body of `GET /api/reviews`.
+#[derive(Debug, Serialize)]
+pub struct ReviewList {
+    /// Newest first.
+    pub reviews: Vec<ReviewSummary>,
+}
+
+/// `GET /api/reviews`.
+pub async fn list_reviews(
+    State(state): State<AppState>,
+    _reviewer: Reviewer,
+    query: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Json<ReviewList>, ApiError> {
+    let params = parse_query(query)?;
+    let status = params
+        .status
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            ReviewStatus::parse(s).ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "status must be one of pending, approved, rejected, expired, cancelled; got {s:?}"
+                ))
+            })
+        })
+        .transpose()?;
+    let q = ListQuery {
+        status,
+        before_ms: params.before_ms,
+        limit: params
+            .limit
+            .unwrap_or(DEFAULT_LIST_LIMIT)
+            .clamp(1, MAX_LIST_LIMIT),
+    };
+    // Expire overdue reviews first so the list never offers a review that
+    // can no longer be approved (the sweeper may be up to a second behind).
+    state.sweep_once().await?;
+    let reviews = state.db(move |s| s.list(&q)).await?;
+    Ok(Json(ReviewList { reviews }))
+}
+
+/// `GET /api/reviews/{id}`.
+pub async fn get_review(
+    State(state): State<AppState>,
+    _reviewer: Reviewer,
+    Path(id): Path<String>,
+) -> Result<Json<ReviewDetail>, ApiError> {
+    let now = crate::now_ms();
+    let lookup_id = id.clone();
+    let (detail, expired_now) = state
+        .db(move |s| {
+            let expired = s.state_expiring(&lookup_id, now)?.is_some_and(|(_, c)| c);
+            Ok(s.detail(&lookup_id)?.map(|d| (d, expired)))
+        })
+        .await?
+        .ok_or_else(not_found)?;
+    if expired_now {
+        state.wake(&id);
+    }
+    Ok(Json(detail))
+}
+
+/// Checks a reason's length; blank reasons count as none.
+fn clean_reason(reason: Option<String>) -> Result<Option<String>, ApiError> {
+    match reason {
+        Some(r) if r.chars().count() > MAX_REASON_CHARS => Err(ApiError::BadRequest(format!(
+            "reason is longer than {MAX_REASON_CHARS} characters"
+        ))),
+        Some(r) if r.trim().is_empty() => Ok(None),
+        other => Ok(other),
+    }
+}
+
+async fn decide(
+    state: AppState,
+    id: String,
+    decision: Decision,
+) -> Result<Json<ReviewDetail>, ApiError> {
+    let now = crate::now_ms();
+    let lookup_id = id.clone();
+    let d = decision.clone();
+    let outcome = state.db(move |s| s.decide(&lookup_id, &d, now)).await?;
+    // Wake in every case: a lost decision may have just persisted an expiry.
+    state.wake(&id);
+    match outcome {
+        DecideOutcome::Decided(detail) => {
+            tracing::info!(
+                review_id = %id,
+                reviewer = %decision.reviewer,
+                status = decision.status.as_str(),
+                edited = decision.edited_body.is_some(),
+                "review decided"
+            );
+            Ok(Json(*detail))
+        }
+        DecideOutcome::NotFound => Err(not_found()),
+        DecideOutcome::NotPending(why) => {
+            tracing::info!(
+                review_id = %id,
+                reviewer = %decision.reviewer,
+                status = decision.status.as_str(),
+                conflict = %why,
+                "decision refused"
+            );
+            Err(ApiError::Conflict(why))
+        }
+    }
+}
+
+/// Body of `POST /api/reviews/{id}/approve` and `/reject`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReasonBody {
+    /// Optional for approvals, required for rejections.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// `POST /api/reviews/{id}/approve`.
+pub async fn approve(
+    State(state): State<AppState>,
+    reviewer: Reviewer,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<ReviewDetail>, ApiError> {
+    let req: ReasonBody = parse_json(body)?;
+    let decision = Decision {
+        status: ReviewStatus::Approved,
+        reviewer: reviewer.name,
+        reason: clean_reason(req.reason)?,
+        edited_body: None,
+    };
+    decide(state, id, decision).await
+}
+
+/// `POST /api/reviews/{id}/reject`.
+pub async fn reject(
+    State(state): State<AppState>,
+    reviewer: Reviewer,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<ReviewDetail>, ApiError> {
+    let req: ReasonBody = parse_json(body)?;
+    let reason = clean_reason(req.reason)?
+        .ok_or_else(|| ApiError::BadRequest("a rejection needs a non-empty reason".into()))?;
+    let decision = Decision {
+        status: ReviewStatus::Rejected,
+        reviewer: reviewer.name,
+        reason: Some(reason),
+        edited_body: None,
+    };
+    decide(state, id, decision).await
+}
+
+/// Body of `POST /api/reviews/{id}/edit`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EditBody {
+    /// The replacement request body: a JSON object, or a string holding one.
+    pub body: Box<RawValue>,
+    /// Optional reason.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// Removes insignificant whitespace from valid JSON text. Done on the text
+/// rather than by re-serialising a `Value`, which would reorder keys.
+fn minify_json(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for c in s.chars() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+            out.push(c);
+        } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The compact text of an edited body, which must be a JSON object.
+fn edited_body_text(raw: &RawValue) -> Result<String, ApiError> {
+    let text = raw.get();
+    let owned;
+    let json_text = if text.trim_start().starts_with('"') {
+        owned = serde_json::from_str::<String>(text)
+            .map_err(|_| ApiError::BadRequest("body must be a JSON object".into()))?;
+        owned.as_str()
+    } else {
+        text
+    };
+    match serde_json::from_str::<serde_json::Value>(json_text) {
+        Ok(serde_json::Value::Object(_)) => Ok(minify_json(json_text)),
+        _ => Err(ApiError::BadRequest(
+            "body must be a JSON object (or a string containing one)".into(),
+        )),
+    }
+}
+
+/// `POST /api/reviews/{id}/edit`: approve with a replacement body.
+pub async fn edit(
+    State(state): State<AppState>,
+    reviewer: Reviewer,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<ReviewDetail>, ApiError> {
+    let req: EditBody = parse_json(body)?;
+    let edited = edited_body_text(&req.body)?;
+    let decision = Decision {
+        status: ReviewStatus::Approved,
+        reviewer: reviewer.name,
+        reason: clean_reason(req.reason)?,
+        edited_body: Some(edited),
+    };
+    decide(state, id, decision).await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn minify_keeps_strings_and_order() {
+        let s = "{ \"b\" : 1,\n \"a\": \"x y \\\" z\" , \"c\":[1, 2] }";
+        assert_eq!(minify_json(s), "{\"b\":1,\"a\":\"x y \\\" z\",\"c\":[1,2]}");
+    }
+
+    #[test]
+    fn edited_body_forms() {
+        let obj: Box<RawValue> = serde_json::from_str("{ \"z\": 1, \"a\": 2 }").unwrap();
+        assert_eq!(edited_body_text(&obj).unwrap(), "{\"z\":1,\"a\":2}");
+        let s: Box<RawValue> = serde_json::from_str("\"{ \\\"m\\\": [1, 2] }\"").unwrap();
+        assert_eq!(edited_body_text(&s).unwrap(), "{\"m\":[1,2]}");
+        for bad in ["[1]", "\"not json\"", "\"[1]\"", "3", "null"] {
+            let raw: Box<RawValue> = serde_json::from_str(bad).unwrap();
+            assert!(edited_body_text(&raw).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! Service configuration, parsed once from TOML at start-up.
+//!
+//! Parsing is strict (unknown fields are errors) because a misspelt security
+//! setting such as `filter_token_sha25 = ...` would otherwise silently leave
+//! the filter API open. Every error names the offending field.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::token::TokenHash;
+
+/// Longest hold a review may have: one day. Longer holds would pin an
+/// upstream connection in Envoy for an unreasonable time.
+pub const MAX_HOLD_TIMEOUT_MS: u64 = 86_400_000;
+
+/// How much SQLite fsyncs. `full` survives power loss; `normal` (with WAL)
+/// only loses the last transactions on power loss, never on a process crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SqliteSynchronous {
+    /// `PRAGMA synchronous = FULL` (default).
+    #[default]
+    Full,
+    /// `PRAGMA synchronous = NORMAL`.
+    Normal,
+}
+
+impl SqliteSynchronous {
+    /// The value for `PRAGMA synchronous`.
+    pub fn pragma_value(self) -> &'static str {
+        match self {
+            SqliteSynchronous::Full => "FULL",
+            SqliteSynchronous::Normal => "NORMAL",
+        }
+    }
+}
+
+/// One person allowed to decide reviews.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReviewerConfig {
+    /// Display name, recorded on each decision.
+    pub name: String,
+    /// SHA-256 of the reviewer's bearer token (the token itself is never stored).
+    pub token_sha256: TokenHash,
+    /// Free-form group names, reported by `GET /api/me`.
+    pub groups: Vec<String>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// SQLite database file; its parent directory is created when missing.
+    /// A relative path is relative to the working directory.
+    pub database: PathBuf,
+    /// SQLite durability level.
+    pub sqlite_synchronous: SqliteSynchronous,
+    /// When set, the filter API requires `x-countersign-filter-token` whose
+    /// SHA-256 equals this.
+    pub filter_token_sha256: Option<TokenHash>,
+    /// Upper bound on a single long poll (`wait?timeout_ms=`), so idle
+    /// connections are recycled and proxies in between do not time out.
+    pub max_long_poll_ms: u64,
+    /// The reviewers.
+    pub reviewers: Vec<ReviewerConfig>,
+}
+
+impl Default for Config {
+    /// The configuration an empty TOML file gives: no reviewers, no filter token.
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            database: PathBuf::from("data/countersign.db"),
+            sqlite_synchronous: SqliteSynchronous::Full,
+            filter_token_sha256: None,
+            max_long_poll_ms: 60_000,
+            reviewers: Vec::new(),
+        }
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug)]
+pub enum ConfigError {
+    /// The file could not be read.
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown/mistyped fields; the message
+    /// (from the TOML parser) names the field and its line.
+    Parse(String),
+    /// A field has an invalid value.
+    Invalid {
+        /// Dotted path of the field, e.g. `reviewers[1].token_sha256`.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Io { path, source } => {
+                write!(f, "cannot read config {}: {source}", path.display())
+            }
+            ConfigError::Parse(msg) => write!(f, "invalid config: {msg}"),
+            ConfigError::Invalid { field, message } => {
+                write!(f, "invalid config: {field}: {message}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ConfigError::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    listen: Option<String>,
+    #[serde(default)]
+    database: Option<PathBuf>,
+    #[serde(default)]
+    sqlite_synchronous: SqliteSynchronous,
+    #[serde(default)]
+    filter_token_sha256: Option<String>,
+    #[serde(default)]
+    max_long_poll_ms: Option<u64>,
+    #[serde(default)]
+    reviewers: Vec<RawReviewer>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReviewer {
+    name: String,
+    token_sha256: String,
+    #[serde(default)]
+    groups: Vec<String>,
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Reads and validates the TOML file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml_str(&text)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string().trim().into()))?;
+        let defaults = Config::default();
+
+        let listen = match raw.listen {
+            None => defaults.listen,
+            Some(s) => s
+                .parse()
+                .map_err(|_| invalid("listen", format!("{s:?} is not an IP:port address")))?,
+        };
+        let database = raw.database.unwrap_or(defaults.database);
+        if database.as_os_str().is_empty() {
+            return Err(invalid("database", "must not be empty"));
+        }
+        let filter_token_sha256 = raw
+            .filter_token_sha256
+            .map(|h| {
+                TokenHash::from_hex(&h)
+                    .ok_or_else(|| invalid("filter_token_sha256", "expected 64 hex characters"))
+            })
+            .transpose()?;
+        let max_long_poll_ms = raw.max_long_poll_ms.unwrap_or(defaults.max_long_poll_ms);
+        if max_long_poll_ms == 0 {
+            return Err(invalid("max_long_poll_ms", "must be at least 1"));
+        }
+
+        let mut names = HashSet::new();
+        let mut hashes = HashSet::new();
+        let mut reviewers = Vec::with_capacity(raw.reviewers.len());
+        for (i, r) in raw.reviewers.into_iter().enumerate() {
+            let name = r.name.trim().to_string();
+            if name.is_empty() {
+                return Err(invalid(format!("reviewers[{i}].name"), "must not be empty"));
+            }
+            if !names.insert(name.clone()) {
+                return Err(invalid(
+                    format!("reviewers[{i}].name"),
+                    format!("duplicate reviewer name {name:?}"),
+                ));
+            }
+            let token_sha256 = TokenHash::from_hex(&r.token_sha256).ok_or_else(|| {
+                invalid(
+                    format!("reviewers[{i}].token_sha256"),
+                    "expected 64 hex characters",
+                )
+            })?;
+            if !hashes.insert(token_sha256) {
+                // Two people sharing a token would make the recorded reviewer
+                // name meaningless.
+                return Err(invalid(
+                    format!("reviewers[{i}].token_sha256"),
+                    "duplicate token hash (already used by another reviewer)",
+                ));
+            }
+            reviewers.push(ReviewerConfig {
+                name,
+                token_sha256,
+                groups: r.groups,
+            });
+        }
+
+        Ok(Config {
+            listen,
+            database,
+            sqlite_synchronous: raw.sqlite_synchronous,
+            filter_token_sha256,
+            max_long_poll_ms,
+            reviewers,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    const H: &str = "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b";
+
+    #[test]
+    fn empty_gives_defaults() {
+        assert_eq!(Config::from_toml_str("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = Config::from_toml_str(&format!(
+            r#"
+listen = "127.0.0.1:9000"
+database = "/tmp/x.db"
+sqlite_synchronous = "normal"
+filter_token_sha256 = "{}"
+max_long_poll_ms = 1000
+[[reviewers]]
+name = "alice"
+token_sha256 = "{H}"
+groups = ["security"]
+"#,
+            H.to_uppercase()
+        ))
+        .unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.sqlite_synchronous, SqliteSynchronous::Normal);
+        assert_eq!(c.filter_token_sha256, TokenHash::from_hex(H));
+        assert_eq!(c.reviewers[0].groups, vec!["security".to_string()]);
+        assert_eq!(c.max_long_poll_ms, 1000);
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let e = Config::from_toml_str("lisen = \"x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lisen"), "{e}");
+        let e = Config::from_toml_str("[[reviewers]]\nname=\"a\"\ntoken_sha256=\"\"\ngroup=[]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("group"), "{e}");
+    }
+
+    #[test]
+    fn bad_hex_is_named() {
+        let e = Config::from_toml_str("filter_token_sha256 = \"abc\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("filter_token_sha256"), "{e}");
+        let e = Config::from_toml_str(&format!(
+            "[[reviewers]]\nname=\"a\"\ntoken_sha256=\"{}\"",
+            H.replace('2', "g")
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("reviewers[0].token_sha256"), "{e}");
+    }
+
+    #[test]
+    fn duplicates_rejected() {
+        let other = "0".repeat(64);
+        let e = Config::from_toml_str(&format!(
+            "[[reviewers]]\nname=\"a\"\ntoken_sha256=\"{H}\"\n[[reviewers]]\nname=\"a\"\ntoken_sha256=\"{other}\""
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("reviewers[1].name"), "{e}");
+        let e = Config::from_toml_str(&format!(
+            "[[reviewers]]\nname=\"a\"\ntoken_sha256=\"{H}\"\n[[reviewers]]\nname=\"b\"\ntoken_sha256=\"{}\"",
+            H.to_uppercase()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("reviewers[1].token_sha256"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_named() {
+        let e = Config::from_toml_str("listen = \"nope\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listen"), "{e}");
+        let e = Config::from_toml_str("sqlite_synchronous = \"off\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sqlite_synchronous"), "{e}");
+        let e = Config::from_toml_str("max_long_poll_ms = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_long_poll_ms"), "{e}");
+    }
+}

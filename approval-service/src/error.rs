@@ -1,0 +1,119 @@
+//! The one error type of every HTTP handler.
+//!
+//! Responses always carry [`countersign_core::wire::ServiceError`] so the
+//! filter and the reviewer UI parse a single shape. Internal failures are
+//! logged with their details and answered with a fixed message, so database
+//! paths or SQL never reach a client.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use countersign_core::wire::{ServiceError, ServiceErrorDetail};
+
+/// An error answered to an HTTP client.
+#[derive(Debug)]
+pub enum ApiError {
+    /// 400 `bad_request`: the request is malformed; the message says how.
+    BadRequest(String),
+    /// 401 `unauthorized`: missing or wrong credentials.
+    Unauthorized(String),
+    /// 403 `forbidden`: authenticated but not allowed.
+    Forbidden(String),
+    /// 404 `not_found`.
+    NotFound(String),
+    /// 409 `conflict`: the review is no longer pending; the message says why.
+    Conflict(String),
+    /// 413 `payload_too_large`: the request body exceeds the limit.
+    PayloadTooLarge(String),
+    /// 500 `internal`: the detail is logged, never sent.
+    Internal(String),
+}
+
+impl ApiError {
+    /// A 500 whose `detail` goes to the log only.
+    pub fn internal(detail: impl std::fmt::Display) -> ApiError {
+        ApiError::Internal(detail.to_string())
+    }
+
+    /// HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    /// The message sent to the client.
+    pub fn public_message(&self) -> &str {
+        match self {
+            ApiError::BadRequest(m)
+            | ApiError::Unauthorized(m)
+            | ApiError::Forbidden(m)
+            | ApiError::NotFound(m)
+            | ApiError::Conflict(m)
+            | ApiError::PayloadTooLarge(m) => m,
+            ApiError::Internal(_) => "internal error",
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApiError::Internal(detail) => write!(f, "internal: {detail}"),
+            other => write!(f, "{}: {}", other.code(), other.public_message()),
+        }
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl From<rusqlite::Error> for ApiError {
+    fn from(e: rusqlite::Error) -> Self {
+        ApiError::internal(format!("database: {e}"))
+    }
+}
+
+impl From<tokio::task::JoinError> for ApiError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        ApiError::internal(format!("blocking task failed: {e}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Internal(detail) = &self {
+            tracing::error!(error = %detail, "internal error");
+        }
+        let body = ServiceError {
+            error: ServiceErrorDetail {
+                code: self.code().to_string(),
+                message: self.public_message().to_string(),
+            },
+        };
+        let mut resp = (self.status(), Json(body)).into_response();
+        if matches!(self, ApiError::Unauthorized(_)) {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}

@@ -1,0 +1,519 @@
+//! SQLite persistence of reviews.
+//!
+//! One file, WAL mode, one connection behind a std `Mutex`. Every method here
+//! blocks, so async code calls them through `tokio::task::spawn_blocking`
+//! (see [`crate::AppState`]). Holding the one mutex for a whole method makes
+//! each method atomic with respect to the others, and every state change is a
+//! single conditional `UPDATE ... WHERE status = 'pending'`, so even with
+//! several processes on one file exactly one outcome wins.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use countersign_core::wire::{ApiKind, PromptMessage, ReviewState, ReviewStatus};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use serde::Serialize;
+
+use crate::config::SqliteSynchronous;
+
+/// Schema version stored in `PRAGMA user_version`; bump it and add a step to
+/// [`migrate`] when the schema changes.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Characters of the last user message shown in list previews.
+pub const PREVIEW_CHARS: usize = 200;
+
+/// Why the store could not be opened.
+#[derive(Debug)]
+pub enum StoreError {
+    /// Creating the database's directory failed.
+    Io(std::io::Error),
+    /// SQLite refused.
+    Sqlite(rusqlite::Error),
+    /// The file was written by a newer version of this service.
+    SchemaTooNew(i64),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Io(e) => write!(f, "cannot create database directory: {e}"),
+            StoreError::Sqlite(e) => write!(f, "database: {e}"),
+            StoreError::SchemaTooNew(v) => write!(
+                f,
+                "database schema version {v} is newer than this binary supports ({SCHEMA_VERSION})"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Sqlite(e)
+    }
+}
+
+/// A review to insert (everything the filter sent, plus service-chosen fields).
+#[derive(Debug, Clone)]
+pub struct NewReview {
+    /// `rev_` + 32 random hex digits.
+    pub id: String,
+    /// Creation time, Unix ms.
+    pub created_at_ms: u64,
+    /// `created_at_ms + hold_timeout_ms`.
+    pub expires_at_ms: u64,
+    /// The (clamped) hold timeout.
+    pub hold_timeout_ms: u64,
+    /// What the filter sent.
+    pub request: countersign_core::wire::CreateReview,
+}
+
+/// The list view of a review (no prompt or body, which can be megabytes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReviewSummary {
+    /// Review id.
+    pub id: String,
+    /// Current status.
+    pub status: ReviewStatus,
+    /// Creation time, Unix ms.
+    pub created_at_ms: u64,
+    /// Expiry of a pending review, Unix ms.
+    pub expires_at_ms: u64,
+    /// When it left `pending`, Unix ms.
+    pub decided_at_ms: Option<u64>,
+    /// Reviewer who decided (none for expiry/cancellation).
+    pub reviewer: Option<String>,
+    /// Reason given with the decision.
+    pub reason: Option<String>,
+    /// Requested model.
+    pub model: String,
+    /// API shape.
+    pub api: ApiKind,
+    /// Request path.
+    pub path: String,
+    /// Envoy route name.
+    pub route: Option<String>,
+    /// Caller identity.
+    pub caller: Option<String>,
+    /// Envoy request id.
+    pub request_id: String,
+    /// Whether a streamed answer was asked for.
+    pub stream: bool,
+    /// Policy rule that asked for review.
+    pub rule: Option<String>,
+    /// Start of the last user message.
+    pub preview: String,
+}
+
+/// The full view of one review.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReviewDetail {
+    /// The list fields.
+    #[serde(flatten)]
+    pub summary: ReviewSummary,
+    /// The prompt, message by message.
+    pub prompt: Vec<PromptMessage>,
+    /// The original request body.
+    pub body: String,
+    /// The body to forward instead, when approved with an edit.
+    pub edited_body: Option<String>,
+    /// HTTP method.
+    pub method: String,
+    /// `:authority`.
+    pub authority: String,
+    /// The hold timeout in force.
+    pub hold_timeout_ms: u64,
+}
+
+/// A reviewer's decision.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// `Approved` or `Rejected`.
+    pub status: ReviewStatus,
+    /// Reviewer name.
+    pub reviewer: String,
+    /// Reason, if any.
+    pub reason: Option<String>,
+    /// Replacement body (approvals only).
+    pub edited_body: Option<String>,
+}
+
+/// What happened to a decision.
+#[derive(Debug, Clone)]
+pub enum DecideOutcome {
+    /// The decision was recorded.
+    Decided(Box<ReviewDetail>),
+    /// No such review.
+    NotFound,
+    /// The review was no longer pending; this is why.
+    NotPending(String),
+}
+
+/// Filters of the list view.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// Only this status.
+    pub status: Option<ReviewStatus>,
+    /// Only reviews created strictly before this (for paging).
+    pub before_ms: Option<u64>,
+    /// At most this many (already clamped by the caller).
+    pub limit: u32,
+}
+
+/// The database.
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+/// SQLite stores signed 64-bit integers; times in ms fit with room to spare,
+/// saturation only guards against absurd inputs.
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn u(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+const SUMMARY_COLS: &str =
+    "id, status, created_at_ms, expires_at_ms, decided_at_ms, reviewer, reason, \
+     model, api, path, route, caller, request_id, stream, rule, preview";
+
+fn parse_status(s: &str) -> rusqlite::Result<ReviewStatus> {
+    ReviewStatus::parse(s).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            1,
+            rusqlite::types::Type::Text,
+            format!("unknown review status {s:?}").into(),
+        )
+    })
+}
+
+fn parse_api(s: String) -> rusqlite::Result<ApiKind> {
+    serde_json::from_value(serde_json::Value::String(s)).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(8, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn summary_from_row(row: &Row<'_>) -> rusqlite::Result<ReviewSummary> {
+    Ok(ReviewSummary {
+        id: row.get(0)?,
+        status: parse_status(&row.get::<_, String>(1)?)?,
+        created_at_ms: u(row.get(2)?),
+        expires_at_ms: u(row.get(3)?),
+        decided_at_ms: row.get::<_, Option<i64>>(4)?.map(u),
+        reviewer: row.get(5)?,
+        reason: row.get(6)?,
+        model: row.get(7)?,
+        api: parse_api(row.get(8)?)?,
+        path: row.get(9)?,
+        route: row.get(10)?,
+        caller: row.get(11)?,
+        request_id: row.get(12)?,
+        stream: row.get(13)?,
+        rule: row.get(14)?,
+        preview: row.get(15)?,
+    })
+}
+
+/// The preview: start of the last user message (or the last `input` for
+/// role-less APIs, or else the last message at all).
+pub fn preview_of(prompt: &[PromptMessage]) -> String {
+    let msg = prompt
+        .iter()
+        .rev()
+        .find(|m| m.role == "user")
+        .or_else(|| prompt.iter().rev().find(|m| m.role == "input"))
+        .or_else(|| prompt.last());
+    msg.map(|m| m.text.chars().take(PREVIEW_CHARS).collect())
+        .unwrap_or_default()
+}
+
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew(version));
+    }
+    if version < 1 {
+        conn.execute_batch(
+            "BEGIN;
+             CREATE TABLE IF NOT EXISTS reviews (
+                 id              TEXT PRIMARY KEY,
+                 status          TEXT NOT NULL,
+                 created_at_ms   INTEGER NOT NULL,
+                 expires_at_ms   INTEGER NOT NULL,
+                 decided_at_ms   INTEGER,
+                 reviewer        TEXT,
+                 reason          TEXT,
+                 edited_body     TEXT,
+                 request_id      TEXT NOT NULL,
+                 api             TEXT NOT NULL,
+                 method          TEXT NOT NULL,
+                 path            TEXT NOT NULL,
+                 authority       TEXT NOT NULL,
+                 route           TEXT,
+                 caller          TEXT,
+                 model           TEXT NOT NULL,
+                 stream          INTEGER NOT NULL,
+                 rule            TEXT,
+                 prompt_json     TEXT NOT NULL,
+                 preview         TEXT NOT NULL,
+                 body            TEXT NOT NULL,
+                 hold_timeout_ms INTEGER NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS reviews_created ON reviews (created_at_ms);
+             CREATE INDEX IF NOT EXISTS reviews_status_created ON reviews (status, created_at_ms);
+             PRAGMA user_version = 1;
+             COMMIT;",
+        )?;
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Opens (creating when missing) the database file at `path`, its parent
+    /// directory, and the schema.
+    pub fn open(path: &Path, synchronous: SqliteSynchronous) -> Result<Store, StoreError> {
+        if let Some(parent) = path.parent() {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent).map_err(StoreError::Io)?;
+            }
+        }
+        let conn = Connection::open(path)?;
+        // Another process (an old instance still shutting down, an admin's
+        // sqlite3 shell) may briefly hold the write lock.
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let _mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+        conn.pragma_update(None, "synchronous", synchronous.pragma_value())?;
+        migrate(&conn)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave a half-applied change:
+        // each change is one SQL statement, so the connection stays usable.
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A trivial query, for readiness checks.
+    pub fn ping(&self) -> rusqlite::Result<()> {
+        self.conn().query_row("SELECT 1", [], |_| Ok(()))
+    }
+
+    /// Inserts a new pending review.
+    pub fn insert(&self, r: &NewReview) -> Result<(), rusqlite::Error> {
+        let q = &r.request;
+        let prompt_json = serde_json::to_string(&q.prompt)
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        self.conn().execute(
+            "INSERT INTO reviews (id, status, created_at_ms, expires_at_ms, request_id, api, method,
+                 path, authority, route, caller, model, stream, rule, prompt_json, preview, body,
+                 hold_timeout_ms)
+             VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+            params![
+                r.id,
+                i(r.created_at_ms),
+                i(r.expires_at_ms),
+                q.request_id,
+                q.api.as_str(),
+                q.method,
+                q.path,
+                q.authority,
+                q.route,
+                q.caller,
+                q.model,
+                q.stream,
+                q.rule,
+                prompt_json,
+                preview_of(&q.prompt),
+                q.body,
+                i(r.hold_timeout_ms),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The filter's view of a review.
+    pub fn state(&self, id: &str) -> rusqlite::Result<Option<ReviewState>> {
+        state_of(&self.conn(), id)
+    }
+
+    /// The full view of a review.
+    pub fn detail(&self, id: &str) -> rusqlite::Result<Option<ReviewDetail>> {
+        detail_of(&self.conn(), id)
+    }
+
+    /// Reviews newest first.
+    pub fn list(&self, q: &ListQuery) -> rusqlite::Result<Vec<ReviewSummary>> {
+        let conn = self.conn();
+        let sql = format!(
+            "SELECT {SUMMARY_COLS} FROM reviews
+             WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR created_at_ms < ?2)
+             ORDER BY created_at_ms DESC, id DESC LIMIT ?3"
+        );
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(
+            params![
+                q.status.map(|s| s.as_str()),
+                q.before_ms.map(i),
+                i64::from(q.limit)
+            ],
+            summary_from_row,
+        )?;
+        rows.collect()
+    }
+
+    /// Records a reviewer's decision if, and only if, the review is still
+    /// pending and not past its expiry.
+    pub fn decide(&self, id: &str, d: &Decision, now_ms: u64) -> rusqlite::Result<DecideOutcome> {
+        let conn = self.conn();
+        let changed = conn.execute(
+            "UPDATE reviews SET status = ?1, reviewer = ?2, reason = ?3, edited_body = ?4,
+                 decided_at_ms = ?5
+             WHERE id = ?6 AND status = 'pending' AND expires_at_ms > ?5",
+            params![
+                d.status.as_str(),
+                d.reviewer,
+                d.reason,
+                d.edited_body,
+                i(now_ms),
+                id
+            ],
+        )?;
+        if changed == 1 {
+            return Ok(match detail_of(&conn, id)? {
+                Some(detail) => DecideOutcome::Decided(Box::new(detail)),
+                None => DecideOutcome::NotFound,
+            });
+        }
+        // Lost: find out why, persisting a lapsed expiry on the way so the
+        // stored status matches what we tell the client.
+        expire_if_overdue(&conn, id, now_ms)?;
+        let Some(state) = state_of(&conn, id)? else {
+            return Ok(DecideOutcome::NotFound);
+        };
+        Ok(DecideOutcome::NotPending(why_not_pending(&state)))
+    }
+
+    /// Ends a still-pending review with `status` (`Expired` or `Cancelled`)
+    /// and no reviewer; a review that is already final is left as it is.
+    /// Returns the resulting state and whether this call changed it.
+    pub fn finish(
+        &self,
+        id: &str,
+        status: ReviewStatus,
+        reason: &str,
+        now_ms: u64,
+    ) -> rusqlite::Result<Option<(ReviewState, bool)>> {
+        let conn = self.conn();
+        let changed = conn.execute(
+            "UPDATE reviews SET status = ?1, reviewer = NULL, reason = ?2, decided_at_ms = ?3
+             WHERE id = ?4 AND status = 'pending'",
+            params![status.as_str(), reason, i(now_ms), id],
+        )?;
+        Ok(state_of(&conn, id)?.map(|s| (s, changed == 1)))
+    }
+
+    /// Marks `id` expired if it is pending and past its expiry; returns the
+    /// current state.
+    pub fn state_expiring(
+        &self,
+        id: &str,
+        now_ms: u64,
+    ) -> rusqlite::Result<Option<(ReviewState, bool)>> {
+        let conn = self.conn();
+        let changed = expire_if_overdue(&conn, id, now_ms)?;
+        Ok(state_of(&conn, id)?.map(|s| (s, changed)))
+    }
+
+    /// Marks every pending review past its expiry as expired; returns their ids.
+    pub fn expire_overdue(&self, now_ms: u64) -> rusqlite::Result<Vec<String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "UPDATE reviews SET status = 'expired', reviewer = NULL, reason = ?1,
+                 decided_at_ms = ?2
+             WHERE status = 'pending' AND expires_at_ms <= ?2
+             RETURNING id",
+        )?;
+        let ids = stmt.query_map(params![EXPIRED_REASON, i(now_ms)], |r| r.get(0))?;
+        ids.collect()
+    }
+}
+
+/// Reason recorded when a review times out.
+pub const EXPIRED_REASON: &str = "hold timeout";
+
+/// Reason recorded when the caller went away.
+pub const CANCELLED_REASON: &str = "caller went away";
+
+fn expire_if_overdue(conn: &Connection, id: &str, now_ms: u64) -> rusqlite::Result<bool> {
+    let changed = conn.execute(
+        "UPDATE reviews SET status = 'expired', reviewer = NULL, reason = ?1, decided_at_ms = ?2
+         WHERE id = ?3 AND status = 'pending' AND expires_at_ms <= ?2",
+        params![EXPIRED_REASON, i(now_ms), id],
+    )?;
+    Ok(changed == 1)
+}
+
+fn state_of(conn: &Connection, id: &str) -> rusqlite::Result<Option<ReviewState>> {
+    conn.query_row(
+        "SELECT id, status, expires_at_ms, reviewer, reason, edited_body FROM reviews WHERE id = ?1",
+        [id],
+        |row| {
+            Ok(ReviewState {
+                id: row.get(0)?,
+                status: parse_status(&row.get::<_, String>(1)?)?,
+                expires_at_ms: u(row.get(2)?),
+                reviewer: row.get(3)?,
+                reason: row.get(4)?,
+                edited_body: row.get(5)?,
+            })
+        },
+    )
+    .optional()
+}
+
+fn detail_of(conn: &Connection, id: &str) -> rusqlite::Result<Option<ReviewDetail>> {
+    let sql = format!(
+        "SELECT {SUMMARY_COLS}, prompt_json, body, edited_body, method, authority, hold_timeout_ms
+         FROM reviews WHERE id = ?1"
+    );
+    conn.query_row(&sql, [id], |row| {
+        let prompt_json: String = row.get(16)?;
+        let prompt = serde_json::from_str(&prompt_json).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(16, rusqlite::types::Type::Text, Box::new(e))
+        })?;
+        Ok(ReviewDetail {
+            summary: summary_from_row(row)?,
+            prompt,
+            body: row.get(17)?,
+            edited_body: row.get(18)?,
+            method: row.get(19)?,
+            authority: row.get(20)?,
+            hold_timeout_ms: u(row.get(21)?),
+        })
+    })
+    .optional()
+}
+
+/// The 409 message for a review that can no longer be decided.
+fn why_not_pending(s: &ReviewState) -> String {
+    let by = |verb: &str| match &s.reviewer {
+        Some(r) => format!("review already {verb} by {r}"),
+        None => format!("review already {verb}"),
+    };
+    match s.status {
+        ReviewStatus::Approved => by("approved"),
+        ReviewStatus::Rejected => by("rejected"),
+        ReviewStatus::Expired => "review expired (hold timeout) before a decision".to_string(),
+        ReviewStatus::Cancelled => "review was cancelled: the caller went away".to_string(),
+        // Only reachable if a concurrent writer on the same file re-opened it.
+        ReviewStatus::Pending => "review changed concurrently; retry".to_string(),
+    }
+}

@@ -1,0 +1,829 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! HTTP behaviour of the approval service, through `app(state)` in-process
+//! and through `run` on a real socket.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use countersign_approval::{app, run, AppState, Config, TokenHash};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+const ALICE: &str = "alice-secret-token";
+const BOB: &str = "bob-secret-token";
+const FILTER: &str = "filter-secret";
+
+fn config_toml(db: &Path, extra: &str) -> String {
+    format!(
+        r#"
+database = "{}"
+{extra}
+[[reviewers]]
+name = "alice"
+token_sha256 = "{}"
+groups = ["security"]
+[[reviewers]]
+name = "bob"
+token_sha256 = "{}"
+"#,
+        db.display(),
+        TokenHash::of_token(ALICE).to_hex(),
+        TokenHash::of_token(BOB).to_hex()
+    )
+}
+
+fn open_state(db: &Path, extra: &str) -> AppState {
+    AppState::open(Config::from_toml_str(&config_toml(db, extra)).unwrap()).unwrap()
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    state: AppState,
+    app: Router,
+}
+
+fn fixture(extra: &str) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let state = open_state(&dir.path().join("sub/dir/test.db"), extra);
+    let app = app(state.clone());
+    Fixture {
+        _dir: dir,
+        state,
+        app,
+    }
+}
+
+async fn call(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut req = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let body = match body {
+        Some(v) => Body::from(v.to_string()),
+        None => Body::empty(),
+    };
+    let resp = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let value = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| panic!("non-JSON body: {}", String::from_utf8_lossy(&bytes)))
+    };
+    (status, value)
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+fn create_body(hold_timeout_ms: u64) -> Value {
+    json!({
+        "request_id": "req-1",
+        "api": "openai_chat",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "authority": "llm.internal",
+        "route": "chat",
+        "caller": "svc-a",
+        "model": "gpt-x",
+        "stream": true,
+        "rule": "all",
+        "prompt": [
+            {"role": "system", "text": "be nice"},
+            {"role": "user", "text": "first question"},
+            {"role": "assistant", "text": "answer"},
+            {"role": "user", "text": "x".repeat(300)}
+        ],
+        "body": "{\"model\":\"gpt-x\",\"messages\":[]}",
+        "hold_timeout_ms": hold_timeout_ms
+    })
+}
+
+async fn create(app: &Router, hold_timeout_ms: u64) -> String {
+    let (status, v) = call(
+        app,
+        "POST",
+        "/v1/reviews",
+        &[],
+        Some(create_body(hold_timeout_ms)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert_eq!(v["status"], "pending");
+    let id = v["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("rev_") && id.len() == 36, "{id}");
+    id
+}
+
+async fn decide(
+    app: &Router,
+    id: &str,
+    token: &str,
+    action: &str,
+    body: Value,
+) -> (StatusCode, Value) {
+    let auth = bearer(token);
+    call(
+        app,
+        "POST",
+        &format!("/api/reviews/{id}/{action}"),
+        &[("authorization", &auth)],
+        Some(body),
+    )
+    .await
+}
+
+fn assert_error(v: &Value, code: &str) {
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert!(v["error"]["message"].is_string(), "{v}");
+}
+
+#[tokio::test]
+async fn health_and_ready() {
+    let f = fixture("");
+    let (s, v) = call(&f.app, "GET", "/healthz", &[], None).await;
+    assert_eq!((s, v), (StatusCode::OK, json!({"status": "ok"})));
+    let (s, _) = call(&f.app, "GET", "/readyz", &[], None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, v) = call(&f.app, "GET", "/nope", &[], None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_error(&v, "not_found");
+}
+
+#[tokio::test]
+async fn create_validates_and_clamps() {
+    let f = fixture("");
+    let before = countersign_approval::now_ms();
+    let (s, v) = call(
+        &f.app,
+        "POST",
+        "/v1/reviews",
+        &[],
+        Some(create_body(10_000_000_000)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let exp = v["expires_at_ms"].as_u64().unwrap();
+    assert!(exp >= before + 86_400_000 && exp <= countersign_approval::now_ms() + 86_400_000);
+
+    let mut bad = create_body(1000);
+    bad["body"] = json!("not json {");
+    let (s, v) = call(&f.app, "POST", "/v1/reviews", &[], Some(bad)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_error(&v, "bad_request");
+
+    let (s, v) = call(
+        &f.app,
+        "POST",
+        "/v1/reviews",
+        &[],
+        Some(json!({"model": "x"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_error(&v, "bad_request");
+}
+
+#[tokio::test]
+async fn wait_returns_pending_after_timeout() {
+    let f = fixture("");
+    let id = create(&f.app, 60_000).await;
+    let t = Instant::now();
+    let (s, v) = call(
+        &f.app,
+        "GET",
+        &format!("/v1/reviews/{id}/wait?timeout_ms=200"),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["status"], "pending");
+    assert!(
+        t.elapsed() >= Duration::from_millis(190),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(f.state.waiting_reviews(), 0);
+
+    let (s, v) = call(
+        &f.app,
+        "GET",
+        "/v1/reviews/rev_nope/wait?timeout_ms=10",
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_error(&v, "not_found");
+}
+
+#[tokio::test]
+async fn wait_is_capped_by_max_long_poll() {
+    let f = fixture("max_long_poll_ms = 150");
+    let id = create(&f.app, 60_000).await;
+    let t = Instant::now();
+    let (_, v) = call(
+        &f.app,
+        "GET",
+        &format!("/v1/reviews/{id}/wait?timeout_ms=20000"),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(v["status"], "pending");
+    assert!(t.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn wait_is_woken_by_approve() {
+    let f = fixture("");
+    let id = create(&f.app, 60_000).await;
+    let app = f.app.clone();
+    let uri = format!("/v1/reviews/{id}/wait?timeout_ms=10000");
+    let t = Instant::now();
+    let waiter = tokio::spawn(async move { call(&app, "GET", &uri, &[], None).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(f.state.waiting_reviews(), 1);
+    let (s, d) = decide(&f.app, &id, ALICE, "approve", json!({"reason": "fine"})).await;
+    assert_eq!(s, StatusCode::OK, "{d}");
+    assert_eq!(d["status"], "approved");
+    assert_eq!(d["reviewer"], "alice");
+    let (s, v) = waiter.await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["status"], "approved");
+    assert_eq!(v["reviewer"], "alice");
+    assert_eq!(v["reason"], "fine");
+    assert_eq!(v["edited_body"], Value::Null);
+    assert_eq!(f.state.waiting_reviews(), 0);
+
+    // A decided review answers a wait at once.
+    let t = Instant::now();
+    let (_, v) = call(
+        &f.app,
+        "GET",
+        &format!("/v1/reviews/{id}/wait?timeout_ms=10000"),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(v["status"], "approved");
+    assert!(t.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn many_waiters_all_woken_only_for_their_review() {
+    let f = fixture("");
+    let a = create(&f.app, 60_000).await;
+    let b = create(&f.app, 60_000).await;
+    let mut waiters = Vec::new();
+    for id in [&a, &a, &a, &b] {
+        let app = f.app.clone();
+        let uri = format!("/v1/reviews/{id}/wait?timeout_ms=1500");
+        waiters.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let (_, v) = call(&app, "GET", &uri, &[], None).await;
+            (v["status"].as_str().unwrap().to_string(), t.elapsed())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(f.state.waiting_reviews(), 2);
+    let (s, _) = decide(&f.app, &a, BOB, "reject", json!({"reason": "no"})).await;
+    assert_eq!(s, StatusCode::OK);
+    let mut results = Vec::new();
+    for w in waiters {
+        results.push(w.await.unwrap());
+    }
+    for (status, elapsed) in &results[..3] {
+        assert_eq!(status, "rejected");
+        assert!(*elapsed < Duration::from_millis(1000), "{elapsed:?}");
+    }
+    assert_eq!(results[3].0, "pending");
+    assert!(results[3].1 >= Duration::from_millis(1400));
+    assert_eq!(f.state.waiting_reviews(), 0);
+}
+
+#[tokio::test]
+async fn pending_review_expires_during_wait() {
+    let f = fixture("");
+    let id = create(&f.app, 300).await;
+    let t = Instant::now();
+    let (_, v) = call(
+        &f.app,
+        "GET",
+        &format!("/v1/reviews/{id}/wait?timeout_ms=10000"),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(v["status"], "expired");
+    assert_eq!(v["reason"], "hold timeout");
+    assert_eq!(v["reviewer"], Value::Null);
+    assert!(t.elapsed() < Duration::from_secs(5));
+    let (s, v) = decide(&f.app, &id, ALICE, "approve", json!({})).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("expired"),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn sweeper_expires_overdue_reviews() {
+    let f = fixture("");
+    let id = create(&f.app, 1).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(f.state.sweep_once().await.unwrap(), 1);
+    let (_, v) = call(&f.app, "GET", &format!("/v1/reviews/{id}/wait"), &[], None).await;
+    assert_eq!(v["status"], "expired");
+}
+
+#[tokio::test]
+async fn reject_needs_reason() {
+    let f = fixture("");
+    let id = create(&f.app, 60_000).await;
+    for body in [json!({}), json!({"reason": ""}), json!({"reason": "   "})] {
+        let (s, v) = decide(&f.app, &id, ALICE, "reject", body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_error(&v, "bad_request");
+    }
+    let (s, v) = decide(
+        &f.app,
+        &id,
+        ALICE,
+        "reject",
+        json!({"reason": "x".repeat(2001)}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, v) = decide(
+        &f.app,
+        &id,
+        ALICE,
+        "reject",
+        json!({"reason": "leaks secrets"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["status"], "rejected");
+    assert_eq!(v["reason"], "leaks secrets");
+    assert!(v["decided_at_ms"].as_u64().is_some());
+    let (s, v) = decide(&f.app, &id, BOB, "approve", json!({})).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert_eq!(v["error"]["message"], "review already rejected by alice");
+    let (s, _) = decide(&f.app, "rev_unknown", BOB, "approve", json!({})).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn edit_stores_edited_body() {
+    let f = fixture("");
+    let id = create(&f.app, 60_000).await;
+    for bad in [
+        json!({"body": [1, 2]}),
+        json!({"body": "not json"}),
+        json!({"body": "[1]"}),
+        json!({}),
+    ] {
+        let (s, v) = decide(&f.app, &id, ALICE, "edit", bad.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {v}");
+        assert_error(&v, "bad_request");
+    }
+    let (s, v) = decide(
+        &f.app,
+        &id,
+        ALICE,
+        "edit",
+        json!({"body": "{ \"model\": \"small\",\n \"messages\": [] }", "reason": "smaller model"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["status"], "approved");
+    assert_eq!(v["edited_body"], "{\"model\":\"small\",\"messages\":[]}");
+    assert_eq!(v["body"], "{\"model\":\"gpt-x\",\"messages\":[]}");
+    let (_, w) = call(&f.app, "GET", &format!("/v1/reviews/{id}/wait"), &[], None).await;
+    assert_eq!(w["edited_body"], "{\"model\":\"small\",\"messages\":[]}");
+    assert_eq!(w["reason"], "smaller model");
+
+    // An object body works too and keeps key order.
+    let id = create(&f.app, 60_000).await;
+    let (s, v) = decide(
+        &f.app,
+        &id,
+        BOB,
+        "edit",
+        json!({"body": {"model": "m", "a": 1}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let edited: Value = serde_json::from_str(v["edited_body"].as_str().unwrap()).unwrap();
+    assert_eq!(edited, json!({"model": "m", "a": 1}));
+}
+
+#[tokio::test]
+async fn reviewer_api_needs_valid_token() {
+    let f = fixture("");
+    let id = create(&f.app, 60_000).await;
+    let cases: [&[(&str, &str)]; 4] = [
+        &[],
+        &[("authorization", "Bearer wrong")],
+        &[("authorization", "Basic YWxpY2U6eA==")],
+        &[("authorization", "Bearer ")],
+    ];
+    for headers in cases {
+        for (method, uri) in [
+            ("GET", "/api/me".to_string()),
+            ("GET", "/api/reviews".to_string()),
+            ("GET", format!("/api/reviews/{id}")),
+            ("POST", format!("/api/reviews/{id}/approve")),
+        ] {
+            let req = Request::builder().method(method).uri(&uri);
+            let req = headers.iter().fold(req, |r, (k, v)| r.header(*k, *v));
+            let resp = f
+                .app
+                .clone()
+                .oneshot(req.body(Body::from("{}")).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(
+                resp.status(),
+                StatusCode::UNAUTHORIZED,
+                "{method} {uri} {headers:?}"
+            );
+            assert_eq!(resp.headers()["www-authenticate"], "Bearer");
+        }
+    }
+    let auth = bearer(ALICE);
+    let (s, v) = call(&f.app, "GET", "/api/me", &[("authorization", &auth)], None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v, json!({"name": "alice", "groups": ["security"]}));
+    // The review is untouched.
+    let (_, v) = call(&f.app, "GET", &format!("/v1/reviews/{id}/wait"), &[], None).await;
+    assert_eq!(v["status"], "pending");
+}
+
+#[tokio::test]
+async fn filter_token_enforced_when_configured() {
+    let f = fixture(&format!(
+        "filter_token_sha256 = \"{}\"",
+        TokenHash::of_token(FILTER).to_hex()
+    ));
+    let (s, v) = call(&f.app, "POST", "/v1/reviews", &[], Some(create_body(1000))).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_error(&v, "unauthorized");
+    let (s, _) = call(
+        &f.app,
+        "POST",
+        "/v1/reviews",
+        &[("x-countersign-filter-token", "wrong")],
+        Some(create_body(1000)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // A reviewer token is not a filter token.
+    let auth = bearer(ALICE);
+    let (s, _) = call(
+        &f.app,
+        "POST",
+        "/v1/reviews",
+        &[("authorization", &auth)],
+        Some(create_body(1000)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    let ok = [("x-countersign-filter-token", FILTER)];
+    let (s, v) = call(&f.app, "POST", "/v1/reviews", &ok, Some(create_body(1000))).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let id = v["id"].as_str().unwrap().to_string();
+    for (method, path) in [("GET", "wait"), ("POST", "expire"), ("POST", "cancel")] {
+        let uri = format!("/v1/reviews/{id}/{path}");
+        let (s, _) = call(&f.app, method, &uri, &[], None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{uri}");
+        let (s, _) = call(&f.app, method, &uri, &ok, None).await;
+        assert_eq!(s, StatusCode::OK, "{uri}");
+    }
+}
+
+#[tokio::test]
+async fn concurrent_decisions_have_one_winner() {
+    let f = fixture("");
+    let id = create(&f.app, 60_000).await;
+    let mut tasks = Vec::new();
+    for n in 0..20 {
+        let app = f.app.clone();
+        let id = id.clone();
+        tasks.push(tokio::spawn(async move {
+            let (token, action) = if n % 2 == 0 {
+                (ALICE, "approve")
+            } else {
+                (BOB, "reject")
+            };
+            decide(
+                &app,
+                &id,
+                token,
+                action,
+                json!({"reason": format!("task {n}")}),
+            )
+            .await
+        }));
+    }
+    let mut ok = Vec::new();
+    let mut conflicts = 0;
+    for t in tasks {
+        let (s, v) = t.await.unwrap();
+        match s {
+            StatusCode::OK => ok.push(v),
+            StatusCode::CONFLICT => {
+                assert_error(&v, "conflict");
+                conflicts += 1;
+            }
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    assert_eq!(ok.len(), 1);
+    assert_eq!(conflicts, 19);
+    let (_, w) = call(&f.app, "GET", &format!("/v1/reviews/{id}/wait"), &[], None).await;
+    assert_eq!(w["status"], ok[0]["status"]);
+    assert_eq!(w["reason"], ok[0]["reason"]);
+}
+
+#[tokio::test]
+async fn expire_and_cancel_give_one_outcome() {
+    let f = fixture("");
+    // Pending -> expired; later approve conflicts.
+    let id = create(&f.app, 60_000).await;
+    let (s, v) = call(
+        &f.app,
+        "POST",
+        &format!("/v1/reviews/{id}/expire"),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["status"], "expired");
+    assert_eq!(v["reviewer"], Value::Null);
+    assert_eq!(v["reason"], "hold timeout");
+    let (s, _) = decide(&f.app, &id, ALICE, "approve", json!({})).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    // Cancel of an expired review keeps it expired.
+    let (_, v) = call(
+        &f.app,
+        "POST",
+        &format!("/v1/reviews/{id}/cancel"),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(v["status"], "expired");
+
+    // Approved -> expire returns the approval unchanged.
+    let id = create(&f.app, 60_000).await;
+    let (s, _) = decide(&f.app, &id, BOB, "approve", json!({"reason": "ok"})).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, v) = call(
+        &f.app,
+        "POST",
+        &format!("/v1/reviews/{id}/expire"),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["status"], "approved");
+    assert_eq!(v["reviewer"], "bob");
+    assert_eq!(v["reason"], "ok");
+
+    // Cancel of pending.
+    let id = create(&f.app, 60_000).await;
+    let (_, v) = call(
+        &f.app,
+        "POST",
+        &format!("/v1/reviews/{id}/cancel"),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(v["status"], "cancelled");
+    let (s, v) = decide(&f.app, &id, ALICE, "reject", json!({"reason": "r"})).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("cancelled"));
+
+    let (s, _) = call(&f.app, "POST", "/v1/reviews/rev_nope/expire", &[], None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn list_and_detail() {
+    let f = fixture("");
+    let a = create(&f.app, 60_000).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let b = create(&f.app, 60_000).await;
+    decide(&f.app, &a, ALICE, "approve", json!({})).await;
+    let auth = bearer(BOB);
+    let h = [("authorization", auth.as_str())];
+
+    let (s, v) = call(&f.app, "GET", "/api/reviews", &h, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let list = v["reviews"].as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0]["id"], b.as_str(), "newest first");
+    assert_eq!(list[1]["id"], a.as_str());
+    let first = &list[0];
+    assert_eq!(first["preview"], "x".repeat(200));
+    assert_eq!(first["model"], "gpt-x");
+    assert_eq!(first["api"], "openai_chat");
+    assert_eq!(first["stream"], true);
+    assert!(first.get("body").is_none());
+
+    let (_, v) = call(&f.app, "GET", "/api/reviews?status=pending", &h, None).await;
+    assert_eq!(v["reviews"].as_array().unwrap().len(), 1);
+    assert_eq!(v["reviews"][0]["id"], b.as_str());
+    let (_, v) = call(&f.app, "GET", "/api/reviews?limit=1", &h, None).await;
+    assert_eq!(v["reviews"].as_array().unwrap().len(), 1);
+    let before = v["reviews"][0]["created_at_ms"].as_u64().unwrap();
+    let (_, v) = call(
+        &f.app,
+        "GET",
+        &format!("/api/reviews?before_ms={before}"),
+        &h,
+        None,
+    )
+    .await;
+    assert_eq!(v["reviews"][0]["id"], a.as_str());
+    let (s, v) = call(&f.app, "GET", "/api/reviews?status=bogus", &h, None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_error(&v, "bad_request");
+    let (s, _) = call(&f.app, "GET", "/api/reviews?limit=-1", &h, None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+
+    let (s, d) = call(&f.app, "GET", &format!("/api/reviews/{b}"), &h, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(d["prompt"].as_array().unwrap().len(), 4);
+    assert_eq!(d["prompt"][0], json!({"role": "system", "text": "be nice"}));
+    assert_eq!(d["body"], "{\"model\":\"gpt-x\",\"messages\":[]}");
+    assert_eq!(d["method"], "POST");
+    assert_eq!(d["authority"], "llm.internal");
+    assert_eq!(d["hold_timeout_ms"], 60_000);
+    assert_eq!(d["route"], "chat");
+    assert_eq!(d["caller"], "svc-a");
+    assert_eq!(d["rule"], "all");
+    assert_eq!(d["request_id"], "req-1");
+    let (s, _) = call(&f.app, "GET", "/api/reviews/rev_nope", &h, None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn reviews_survive_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("restart.db");
+    let id = {
+        let state = open_state(&db, "");
+        let id = create(&app(state.clone()), 60_000).await;
+        drop(state);
+        id
+    };
+    let state = open_state(&db, "");
+    let app = app(state.clone());
+    let (s, v) = call(
+        &app,
+        "GET",
+        &format!("/v1/reviews/{id}/wait?timeout_ms=0"),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["status"], "pending");
+
+    let waiter = {
+        let app = app.clone();
+        let uri = format!("/v1/reviews/{id}/wait?timeout_ms=10000");
+        tokio::spawn(async move { call(&app, "GET", &uri, &[], None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t = Instant::now();
+    let (s, _) = decide(&app, &id, ALICE, "approve", json!({})).await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, v) = waiter.await.unwrap();
+    assert_eq!(v["status"], "approved");
+    assert!(t.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn body_limit_and_bad_json() {
+    let f = fixture("");
+    // Several MiB bodies are accepted.
+    let mut big = create_body(1000);
+    big["body"] = json!(format!("{{\"pad\":\"{}\"}}", "a".repeat(6 * 1024 * 1024)));
+    let (s, _) = call(&f.app, "POST", "/v1/reviews", &[], Some(big)).await;
+    assert_eq!(s, StatusCode::CREATED);
+    // Over 16 MiB is refused.
+    let mut huge = create_body(1000);
+    huge["body"] = json!(format!("{{\"pad\":\"{}\"}}", "a".repeat(17 * 1024 * 1024)));
+    let (s, v) = call(&f.app, "POST", "/v1/reviews", &[], Some(huge)).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_error(&v, "payload_too_large");
+
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/reviews")
+        .body(Body::from("{not json"))
+        .unwrap();
+    let resp = f.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+}
+
+// ------------------------------------------------------------ real socket
+
+/// A minimal HTTP/1.1 client (std blocking socket on a blocking thread), so
+/// the test exercises the real listener without an HTTP client dependency.
+async fn raw_http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let text = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .await
+    .unwrap();
+    let status: u16 = text[9..12].parse().unwrap();
+    let body = text.split_once("\r\n\r\n").unwrap().1;
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn run_serves_and_shuts_down_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = open_state(&dir.path().join("tcp.db"), "");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(run(listener, state, async {
+        let _ = stop_rx.await;
+    }));
+
+    let (s, v) = raw_http(addr, "GET", "/healthz", "").await;
+    assert_eq!((s, v), (200, json!({"status": "ok"})));
+    let (s, v) = raw_http(
+        addr,
+        "POST",
+        "/v1/reviews",
+        &create_body(60_000).to_string(),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let id = v["id"].as_str().unwrap().to_string();
+
+    // A long poll in flight must not hold shutdown for its whole timeout.
+    let waiter = tokio::spawn(async move {
+        raw_http(
+            addr,
+            "GET",
+            &format!("/v1/reviews/{id}/wait?timeout_ms=30000"),
+            "",
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = Instant::now();
+    stop_tx.send(()).unwrap();
+    let (s, v) = waiter.await.unwrap();
+    assert_eq!(s, 200);
+    assert_eq!(v["status"], "pending");
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("server did not stop")
+        .unwrap()
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5));
+}

@@ -1,0 +1,857 @@
+//! A small OpenAI- and Anthropic-compatible model stand-in.
+//!
+//! Every endpoint echoes the prompt back (`"echo: " + prompt`), streams SSE
+//! when asked to, and records what it received so end-to-end tests can check
+//! what actually reached the upstream (see [`app`] and the `/_demo/*` routes).
+//!
+//! The hot path holds no lock except one short push onto the request log;
+//! counters are atomics.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Map, Value};
+
+/// How many requests `/_demo/requests` keeps (oldest dropped first).
+pub const REQUEST_LOG_CAPACITY: usize = 200;
+/// Largest request body read; larger bodies get a 400 and are not `completed`.
+pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+/// Per-request header setting the pause between streamed events, in ms.
+pub const CHUNK_DELAY_HEADER: &str = "x-demo-chunk-delay-ms";
+/// Upper bound on the chunk delay a request may ask for.
+const MAX_CHUNK_DELAY_MS: u64 = 60_000;
+/// Model name used when a request names none.
+pub const DEFAULT_MODEL: &str = "demo-echo";
+/// Dimension of `/v1/embeddings` vectors.
+pub const EMBEDDING_DIM: usize = 8;
+
+/// Shared state: counters and the request log.
+#[derive(Default)]
+pub struct Demo {
+    started: AtomicU64,
+    completed: AtomicU64,
+    next_id: AtomicU64,
+    log: Mutex<VecDeque<LoggedRequest>>,
+}
+
+/// One recorded request. Kept raw (cheap clones on the hot path) and turned
+/// into JSON only when `/_demo/requests` is read.
+struct LoggedRequest {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+type Shared = Arc<Demo>;
+
+impl Demo {
+    fn log(&self) -> MutexGuard<'_, VecDeque<LoggedRequest>> {
+        // A panic while holding the lock cannot leave the deque inconsistent.
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn id(&self, prefix: &str) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{prefix}{n:012x}")
+    }
+
+    /// `started` and `completed` counters.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.started.load(Ordering::Relaxed),
+            self.completed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The router with fresh state.
+pub fn app() -> Router {
+    app_with_state(Arc::new(Demo::default()))
+}
+
+/// The router over the given state (so a caller can read counters directly).
+pub fn app_with_state(state: Shared) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/responses", post(responses))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/messages", post(messages))
+        .route("/v1/models", get(models))
+        .route("/_demo/stats", get(stats))
+        .route("/_demo/requests", get(requests))
+        .route("/_demo/reset", post(reset))
+        .fallback(not_found)
+        // The tracking middleware has already read (and bounded) the body.
+        .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .with_state(state)
+}
+
+fn is_introspection(path: &str) -> bool {
+    path == "/_demo" || path.starts_with("/_demo/")
+}
+
+/// Counts a request as `started` as soon as its head arrives, then reads the
+/// whole body, logs the request, runs the handler and counts it `completed`.
+async fn track(State(demo): State<Shared>, req: Request, next: Next) -> Response {
+    if is_introspection(req.uri().path()) {
+        return next.run(req).await;
+    }
+    demo.started.fetch_add(1, Ordering::Relaxed);
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                &format!("could not read the request body: {e}"),
+            )
+        }
+    };
+    let entry = LoggedRequest {
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        headers: parts.headers.clone(),
+        body: bytes.clone(),
+    };
+    {
+        let mut log = demo.log();
+        if log.len() >= REQUEST_LOG_CAPACITY {
+            log.pop_front();
+        }
+        log.push_back(entry);
+    }
+    let response = next
+        .run(Request::from_parts(parts, Body::from(bytes)))
+        .await;
+    demo.completed.fetch_add(1, Ordering::Relaxed);
+    response
+}
+
+// ---------------------------------------------------------------- helpers
+
+/// `{"error":{"message","type":"invalid_request_error"}}`, plus Anthropic's
+/// top-level `"type":"error"` so both kinds of client can read it.
+fn error_response(status: StatusCode, message: &str) -> Response {
+    let kind = if status == StatusCode::NOT_FOUND {
+        "not_found_error"
+    } else {
+        "invalid_request_error"
+    };
+    (
+        status,
+        Json(json!({
+            "type": "error",
+            "error": {"message": message, "type": kind, "param": null, "code": null}
+        })),
+    )
+        .into_response()
+}
+
+/// A request body that is not a JSON object; answered with a 400.
+struct BadRequest(String);
+
+impl IntoResponse for BadRequest {
+    fn into_response(self) -> Response {
+        error_response(StatusCode::BAD_REQUEST, &self.0)
+    }
+}
+
+fn parse_body(body: &[u8]) -> Result<Value, BadRequest> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err(BadRequest(
+            "the request body must be a JSON object".to_owned(),
+        )),
+        Err(e) => Err(BadRequest(format!(
+            "malformed JSON in the request body: {e}"
+        ))),
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn model_of(req: &Value) -> String {
+    req.get("model")
+        .and_then(Value::as_str)
+        .unwrap_or(DEFAULT_MODEL)
+        .to_owned()
+}
+
+fn wants_stream(req: &Value) -> bool {
+    req.get("stream").and_then(Value::as_bool).unwrap_or(false)
+}
+
+fn include_usage(req: &Value) -> bool {
+    req.pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+}
+
+fn chunk_delay(headers: &HeaderMap) -> Duration {
+    let ms = headers
+        .get(CHUNK_DELAY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        .min(MAX_CHUNK_DELAY_MS);
+    Duration::from_millis(ms)
+}
+
+/// Text of a message `content`: a string, or the concatenated `text` of the
+/// text parts of an array (`text`, and the Responses API's `input_text` /
+/// `output_text`).
+pub fn content_text(content: Option<&Value>) -> String {
+    match content {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => {
+            let mut out = String::new();
+            for part in parts {
+                let is_text = matches!(
+                    part.get("type").and_then(Value::as_str),
+                    Some("text" | "input_text" | "output_text")
+                );
+                if let (true, Some(t)) = (is_text, part.get("text").and_then(Value::as_str)) {
+                    out.push_str(t);
+                }
+            }
+            out
+        }
+        _ => String::new(),
+    }
+}
+
+/// Text of the last message whose role is `user`.
+fn last_user_text(messages: Option<&Value>) -> String {
+    messages
+        .and_then(Value::as_array)
+        .and_then(|ms| {
+            ms.iter()
+                .rev()
+                .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        })
+        .map(|m| content_text(m.get("content")))
+        .unwrap_or_default()
+}
+
+/// Whitespace-separated word count: the demo's notion of a token.
+pub fn word_count(s: &str) -> u64 {
+    s.split_whitespace().count() as u64
+}
+
+fn messages_word_count(messages: Option<&Value>) -> u64 {
+    messages
+        .and_then(Value::as_array)
+        .map(|ms| {
+            ms.iter()
+                .map(|m| word_count(&content_text(m.get("content"))))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Splits `s` into one piece per word, each word keeping the whitespace that
+/// follows it (leading whitespace stays with the first word), so the pieces
+/// concatenate to `s` exactly.
+pub fn split_words(s: &str) -> Vec<&str> {
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    let mut prev_ws = false;
+    let mut seen_word = false;
+    for (i, c) in s.char_indices() {
+        let ws = c.is_whitespace();
+        if !ws && prev_ws && seen_word {
+            pieces.push(&s[start..i]);
+            start = i;
+        }
+        seen_word |= !ws;
+        prev_ws = ws;
+    }
+    if start < s.len() {
+        pieces.push(&s[start..]);
+    }
+    pieces
+}
+
+fn echo(prompt: &str) -> String {
+    let mut reply = String::with_capacity(prompt.len() + 6);
+    reply.push_str("echo: ");
+    reply.push_str(prompt);
+    reply
+}
+
+fn sse_data(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+fn sse_event(name: &str, v: &Value) -> Bytes {
+    Bytes::from(format!("event: {name}\ndata: {v}\n\n"))
+}
+
+/// A `text/event-stream` response sending each event as its own body chunk,
+/// pausing `delay` between events.
+fn sse_response(events: Vec<Bytes>, delay: Duration) -> Response {
+    let stream = futures_util::stream::unfold(
+        (events.into_iter(), true),
+        move |(mut events, first)| async move {
+            let event = events.next()?;
+            if !first && !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            Some((Ok::<_, Infallible>(event), (events, false)))
+        },
+    );
+    let mut response = Response::new(Body::from_stream(stream));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+// ---------------------------------------------------------------- OpenAI
+
+async fn chat_completions(State(demo): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let req = match parse_body(&body) {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    let model = model_of(&req);
+    let messages = req.get("messages");
+    let reply = echo(&last_user_text(messages));
+    let prompt_tokens = messages_word_count(messages);
+    let completion_tokens = word_count(&reply);
+    let usage = json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    });
+    let id = demo.id("chatcmpl-demo");
+    let created = now_secs();
+
+    if !wants_stream(&req) {
+        return Json(json!({
+            "id": id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": reply, "refusal": null},
+                "logprobs": null,
+                "finish_reason": "stop",
+            }],
+            "usage": usage,
+            "system_fingerprint": null,
+        }))
+        .into_response();
+    }
+
+    let with_usage = include_usage(&req);
+    let chunk = |delta: Value, finish: Value| {
+        let mut c = json!({
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": null,
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+        });
+        if with_usage {
+            c["usage"] = Value::Null;
+        }
+        sse_data(&c)
+    };
+    let words = split_words(&reply);
+    let mut events = Vec::with_capacity(words.len() + 4);
+    events.push(chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    ));
+    for w in words {
+        events.push(chunk(json!({"content": w}), Value::Null));
+    }
+    events.push(chunk(json!({}), json!("stop")));
+    if with_usage {
+        events.push(sse_data(&json!({
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": null,
+            "choices": [],
+            "usage": usage,
+        })));
+    }
+    events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    sse_response(events, chunk_delay(&headers))
+}
+
+async fn completions(State(demo): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let req = match parse_body(&body) {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    let model = model_of(&req);
+    let prompt = match req.get("prompt") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(items)) => match items.first() {
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+            None => String::new(),
+        },
+        _ => String::new(),
+    };
+    let reply = echo(&prompt);
+    let prompt_tokens = word_count(&prompt);
+    let completion_tokens = word_count(&reply);
+    let usage = json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    });
+    let id = demo.id("cmpl-demo");
+    let created = now_secs();
+
+    if !wants_stream(&req) {
+        return Json(json!({
+            "id": id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [{"text": reply, "index": 0, "logprobs": null, "finish_reason": "stop"}],
+            "usage": usage,
+        }))
+        .into_response();
+    }
+
+    let chunk = |text: &str, finish: Value| {
+        sse_data(&json!({
+            "id": id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}],
+        }))
+    };
+    let words = split_words(&reply);
+    let mut events = Vec::with_capacity(words.len() + 3);
+    for w in words {
+        events.push(chunk(w, Value::Null));
+    }
+    events.push(chunk("", json!("stop")));
+    if include_usage(&req) {
+        events.push(sse_data(&json!({
+            "id": id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [],
+            "usage": usage,
+        })));
+    }
+    events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    sse_response(events, chunk_delay(&headers))
+}
+
+/// Text of the Responses API `input`: a string, or the last user item.
+fn responses_input_text(input: Option<&Value>) -> String {
+    match input {
+        Some(Value::String(s)) => s.clone(),
+        Some(items @ Value::Array(_)) => last_user_text(Some(items)),
+        _ => String::new(),
+    }
+}
+
+fn responses_input_words(input: Option<&Value>) -> u64 {
+    match input {
+        Some(Value::String(s)) => word_count(s),
+        Some(items @ Value::Array(_)) => messages_word_count(Some(items)),
+        _ => 0,
+    }
+}
+
+async fn responses(State(demo): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let req = match parse_body(&body) {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    let model = model_of(&req);
+    let reply = echo(&responses_input_text(req.get("input")));
+    let input_tokens = responses_input_words(req.get("input"));
+    let output_tokens = word_count(&reply);
+    let id = demo.id("resp_demo");
+    let msg_id = demo.id("msg_demo");
+    let created = now_secs();
+    let response_object = |status: &str, output: Value, output_text: &str, usage: Value| {
+        json!({
+            "id": id,
+            "object": "response",
+            "created_at": created,
+            "status": status,
+            "model": model,
+            "output": output,
+            "output_text": output_text,
+            "usage": usage,
+        })
+    };
+    let message = json!({
+        "type": "message",
+        "id": msg_id,
+        "status": "completed",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": reply, "annotations": []}],
+    });
+    let usage = json!({
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "total_tokens": input_tokens + output_tokens,
+    });
+    let done = response_object("completed", json!([message]), &reply, usage);
+
+    if !wants_stream(&req) {
+        return Json(done).into_response();
+    }
+
+    // Minimal Responses streaming: created, one text delta per word, done, completed.
+    let words = split_words(&reply);
+    let mut events = Vec::with_capacity(words.len() + 3);
+    let mut seq = 0u64;
+    let mut push = |events: &mut Vec<Bytes>, name: &str, mut v: Value| {
+        v["type"] = json!(name);
+        v["sequence_number"] = json!(seq);
+        seq += 1;
+        events.push(sse_event(name, &v));
+    };
+    push(
+        &mut events,
+        "response.created",
+        json!({"response": response_object("in_progress", json!([]), "", Value::Null)}),
+    );
+    for w in words {
+        push(
+            &mut events,
+            "response.output_text.delta",
+            json!({"item_id": msg_id, "output_index": 0, "content_index": 0, "delta": w}),
+        );
+    }
+    push(
+        &mut events,
+        "response.output_text.done",
+        json!({"item_id": msg_id, "output_index": 0, "content_index": 0, "text": reply}),
+    );
+    push(&mut events, "response.completed", json!({"response": done}));
+    sse_response(events, chunk_delay(&headers))
+}
+
+/// Deterministic unit vector of [`EMBEDDING_DIM`] values for `text`.
+pub fn embed(text: &str) -> [f32; EMBEDDING_DIM] {
+    let mut v = [0f32; EMBEDDING_DIM];
+    for (d, slot) in v.iter_mut().enumerate() {
+        // FNV-1a, seeded per dimension.
+        let mut h: u64 =
+            0xcbf2_9ce4_8422_2325 ^ ((d as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        for b in text.as_bytes() {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        // Final mix so short inputs still spread over the range.
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        *slot = ((h >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+    }
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        for x in &mut v {
+            *x /= norm;
+        }
+    }
+    v
+}
+
+fn base64_f32(v: &[f32]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for group in bytes.chunks(3) {
+        let b = [
+            group[0],
+            group.get(1).copied().unwrap_or(0),
+            group.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= group.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+async fn embeddings(body: Bytes) -> Response {
+    let req = match parse_body(&body) {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    let model = model_of(&req);
+    let inputs: Vec<String> = match req.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        // One token array is one input.
+        Some(Value::Array(items)) if !items.is_empty() && items.iter().all(Value::is_number) => {
+            vec![Value::Array(items.clone()).to_string()]
+        }
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| match i {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })
+            .collect(),
+        _ => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "`input` must be a string or an array",
+            )
+        }
+    };
+    let as_base64 = req.get("encoding_format").and_then(Value::as_str) == Some("base64");
+    let tokens: u64 = inputs.iter().map(|s| word_count(s)).sum();
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(index, text)| {
+            let v = embed(text);
+            let embedding = if as_base64 {
+                json!(base64_f32(&v))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    Json(json!({
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response()
+}
+
+async fn models() -> Response {
+    let model =
+        |id: &str| json!({"id": id, "object": "model", "created": 0, "owned_by": "countersign"});
+    Json(json!({
+        "object": "list",
+        "data": [model(DEFAULT_MODEL), model("demo-echo-anthropic"), model("demo-embed")],
+    }))
+    .into_response()
+}
+
+// ---------------------------------------------------------------- Anthropic
+
+async fn messages(State(demo): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let req = match parse_body(&body) {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    let model = model_of(&req);
+    let messages = req.get("messages");
+    let reply = echo(&last_user_text(messages));
+    let input_tokens = messages_word_count(messages) + word_count(&content_text(req.get("system")));
+    let output_tokens = word_count(&reply);
+    let id = demo.id("msg_demo");
+
+    if !wants_stream(&req) {
+        return Json(json!({
+            "id": id,
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{"type": "text", "text": reply}],
+            "stop_reason": "end_turn",
+            "stop_sequence": null,
+            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
+        }))
+        .into_response();
+    }
+
+    let words = split_words(&reply);
+    let mut events = Vec::with_capacity(words.len() + 6);
+    events.push(sse_event(
+        "message_start",
+        &json!({
+            "type": "message_start",
+            "message": {
+                "id": id,
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": [],
+                "stop_reason": null,
+                "stop_sequence": null,
+                "usage": {"input_tokens": input_tokens, "output_tokens": 1},
+            },
+        }),
+    ));
+    events.push(sse_event(
+        "content_block_start",
+        &json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+    ));
+    events.push(sse_event("ping", &json!({"type": "ping"})));
+    for w in words {
+        events.push(sse_event(
+            "content_block_delta",
+            &json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": w}}),
+        ));
+    }
+    events.push(sse_event(
+        "content_block_stop",
+        &json!({"type": "content_block_stop", "index": 0}),
+    ));
+    events.push(sse_event(
+        "message_delta",
+        &json!({
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+            "usage": {"output_tokens": output_tokens},
+        }),
+    ));
+    events.push(sse_event("message_stop", &json!({"type": "message_stop"})));
+    sse_response(events, chunk_delay(&headers))
+}
+
+// ---------------------------------------------------------------- fallback & introspection
+
+async fn not_found(method: Method, uri: Uri) -> Response {
+    error_response(
+        StatusCode::NOT_FOUND,
+        &format!("demo-backend has no route for {method} {}", uri.path()),
+    )
+}
+
+async fn stats(State(demo): State<Shared>) -> Response {
+    let (started, completed) = demo.counts();
+    Json(json!({"started": started, "completed": completed})).into_response()
+}
+
+async fn requests(State(demo): State<Shared>) -> Response {
+    let snapshot: Vec<(Method, Uri, HeaderMap, Bytes)> = demo
+        .log()
+        .iter()
+        .map(|r| {
+            (
+                r.method.clone(),
+                r.uri.clone(),
+                r.headers.clone(),
+                r.body.clone(),
+            )
+        })
+        .collect();
+    let list: Vec<Value> = snapshot
+        .into_iter()
+        .map(|(method, uri, headers, body)| {
+            let mut hs = Map::new();
+            for name in headers.keys() {
+                let joined = headers
+                    .get_all(name)
+                    .iter()
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                hs.insert(name.as_str().to_owned(), Value::String(joined));
+            }
+            let path = uri
+                .path_and_query()
+                .map(|pq| pq.as_str().to_owned())
+                .unwrap_or_else(|| uri.path().to_owned());
+            json!({
+                "method": method.as_str(),
+                "path": path,
+                "headers": hs,
+                "body": String::from_utf8_lossy(&body),
+            })
+        })
+        .collect();
+    Json(Value::Array(list)).into_response()
+}
+
+async fn reset(State(demo): State<Shared>) -> Response {
+    demo.log().clear();
+    demo.started.store(0, Ordering::Relaxed);
+    demo.completed.store(0, Ordering::Relaxed);
+    Json(json!({"started": 0, "completed": 0})).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_words_keeps_exact_text() {
+        for s in [
+            "echo: hello world",
+            "echo:   a  b ",
+            "  lead x",
+            "one",
+            "",
+            "echo: ",
+        ] {
+            let pieces = split_words(s);
+            assert_eq!(pieces.concat(), s);
+            assert_eq!(
+                pieces.len() as u64,
+                word_count(s).max(u64::from(!s.is_empty()))
+            );
+        }
+        assert_eq!(split_words("echo: hi there"), ["echo: ", "hi ", "there"]);
+    }
+
+    #[test]
+    fn embeddings_are_deterministic_unit_vectors() {
+        let a = embed("hello");
+        assert_eq!(a, embed("hello"));
+        assert_ne!(a, embed("hellp"));
+        let norm: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn base64_matches_reference() {
+        // 1.0f32 LE = 00 00 80 3f
+        assert_eq!(base64_f32(&[1.0]), "AACAPw==");
+        assert_eq!(base64_f32(&[1.0, 1.0]), "AACAPwAAgD8=");
+    }
+
+    #[test]
+    fn content_text_handles_parts() {
+        let v = json!([{"type": "text", "text": "a"}, {"type": "image_url"}, {"type": "text", "text": "b"}]);
+        assert_eq!(content_text(Some(&v)), "ab");
+        assert_eq!(content_text(Some(&json!("s"))), "s");
+        assert_eq!(content_text(None), "");
+    }
+}

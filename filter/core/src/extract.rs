@@ -1,0 +1,354 @@
+//! Reads the model and the prompt out of a request body, per API shape.
+//!
+//! Anything the extractor does not understand is an error, never skipped:
+//! an unknown content-part type or a token-id prompt would otherwise reach
+//! the model without a human having seen it.
+
+use serde_json::{Map, Value};
+
+use crate::json::parse_strict;
+use crate::wire::{ApiKind, PromptMessage};
+
+/// What the filter knows about a parsed inference request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParsedRequest {
+    /// The `model` field.
+    pub model: String,
+    /// Whether a streamed answer was asked for.
+    pub stream: bool,
+    /// The prompt, for review.
+    pub prompt: Vec<PromptMessage>,
+}
+
+/// Parses `body` as a request of shape `api`.
+pub fn parse_request(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, String> {
+    if body.is_empty() {
+        return Err("request body is empty".into());
+    }
+    let value = parse_strict(body).map_err(|e| format!("request body is not valid JSON: {e}"))?;
+    let Value::Object(obj) = value else {
+        return Err("request body must be a JSON object".into());
+    };
+    let model = match obj.get("model") {
+        Some(Value::String(m)) if !m.trim().is_empty() => m.clone(),
+        Some(_) => return Err("`model` must be a non-empty string".into()),
+        None => return Err("`model` is required".into()),
+    };
+    let stream = match obj.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err("`stream` must be a boolean".into()),
+    };
+    let mut prompt = Vec::new();
+    match api {
+        ApiKind::OpenaiChat => openai_chat(&obj, &mut prompt)?,
+        ApiKind::OpenaiCompletions => {
+            text_or_list(&obj, "prompt", true, &mut prompt)?;
+            if let Some(s) = opt_str(&obj, "suffix")? {
+                push(&mut prompt, "suffix", s);
+            }
+        }
+        ApiKind::OpenaiEmbeddings => text_or_list(&obj, "input", true, &mut prompt)?,
+        ApiKind::OpenaiResponses => openai_responses(&obj, &mut prompt)?,
+        ApiKind::AnthropicMessages => anthropic_messages(&obj, &mut prompt)?,
+    }
+    tools(&obj, &mut prompt)?;
+    Ok(ParsedRequest { model, stream, prompt })
+}
+
+fn push(prompt: &mut Vec<PromptMessage>, role: &str, text: impl Into<String>) {
+    prompt.push(PromptMessage { role: role.to_string(), text: text.into() });
+}
+
+fn opt_str<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>, String> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(format!("`{key}` must be a string")),
+    }
+}
+
+/// `prompt` / `input` of completions and embeddings: a string or a list of
+/// strings. Token-id arrays cannot be reviewed as text, so they are refused.
+fn text_or_list(obj: &Map<String, Value>, key: &str, required: bool, prompt: &mut Vec<PromptMessage>) -> Result<(), String> {
+    match obj.get(key) {
+        None | Some(Value::Null) if !required => Ok(()),
+        None | Some(Value::Null) => Err(format!("`{key}` is required")),
+        Some(Value::String(s)) => {
+            push(prompt, "input", s.as_str());
+            Ok(())
+        }
+        Some(Value::Array(items)) if !items.is_empty() => {
+            for (i, item) in items.iter().enumerate() {
+                match item {
+                    Value::String(s) => push(prompt, "input", s.as_str()),
+                    _ => return Err(format!("`{key}[{i}]` must be a string (token-id prompts cannot be reviewed)")),
+                }
+            }
+            Ok(())
+        }
+        Some(_) => Err(format!("`{key}` must be a string or a non-empty list of strings")),
+    }
+}
+
+fn openai_chat(obj: &Map<String, Value>, prompt: &mut Vec<PromptMessage>) -> Result<(), String> {
+    let Some(Value::Array(messages)) = obj.get("messages") else {
+        return Err("`messages` must be a list".into());
+    };
+    if messages.is_empty() {
+        return Err("`messages` must not be empty".into());
+    }
+    for (i, m) in messages.iter().enumerate() {
+        let at = format!("messages[{i}]");
+        let Value::Object(m) = m else { return Err(format!("`{at}` must be an object")) };
+        let role = match m.get("role") {
+            Some(Value::String(r)) => r.clone(),
+            _ => return Err(format!("`{at}.role` must be a string")),
+        };
+        let mut text = content_text(m.get("content"), &format!("{at}.content"), ContentStyle::OpenAi)?;
+        if let Some(r) = opt_str(m, "refusal")? {
+            append(&mut text, &format!("[refusal: {r}]"));
+        }
+        if let Some(calls) = m.get("tool_calls") {
+            let Value::Array(calls) = calls else { return Err(format!("`{at}.tool_calls` must be a list")) };
+            for (j, call) in calls.iter().enumerate() {
+                let f = call.get("function").ok_or_else(|| format!("`{at}.tool_calls[{j}].function` is required"))?;
+                let name = f.get("name").and_then(Value::as_str).unwrap_or("?");
+                let args = f.get("arguments").map(value_text).unwrap_or_default();
+                append(&mut text, &format!("[tool_call {name}: {args}]"));
+            }
+        }
+        if let Some(fc) = m.get("function_call") {
+            let name = fc.get("name").and_then(Value::as_str).unwrap_or("?");
+            let args = fc.get("arguments").map(value_text).unwrap_or_default();
+            append(&mut text, &format!("[function_call {name}: {args}]"));
+        }
+        push(prompt, &role, text);
+    }
+    Ok(())
+}
+
+fn openai_responses(obj: &Map<String, Value>, prompt: &mut Vec<PromptMessage>) -> Result<(), String> {
+    if let Some(s) = opt_str(obj, "instructions")? {
+        push(prompt, "instructions", s);
+    }
+    match obj.get("input") {
+        Some(Value::String(s)) => push(prompt, "user", s.as_str()),
+        Some(Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                let at = format!("input[{i}]");
+                let Value::Object(item) = item else { return Err(format!("`{at}` must be an object")) };
+                let kind = item.get("type").and_then(Value::as_str).unwrap_or("message");
+                match kind {
+                    "message" => {
+                        let role = item.get("role").and_then(Value::as_str).ok_or_else(|| format!("`{at}.role` must be a string"))?;
+                        let text = content_text(item.get("content"), &format!("{at}.content"), ContentStyle::Responses)?;
+                        push(prompt, role, text);
+                    }
+                    "function_call" => {
+                        let name = item.get("name").and_then(Value::as_str).unwrap_or("?");
+                        let args = item.get("arguments").map(value_text).unwrap_or_default();
+                        push(prompt, "assistant", format!("[tool_call {name}: {args}]"));
+                    }
+                    "function_call_output" => {
+                        let out = item.get("output").map(value_text).unwrap_or_default();
+                        push(prompt, "tool", out);
+                    }
+                    other => return Err(format!("`{at}.type` `{other}` is not supported for review")),
+                }
+            }
+        }
+        None | Some(Value::Null) => return Err("`input` is required".into()),
+        Some(_) => return Err("`input` must be a string or a list".into()),
+    }
+    Ok(())
+}
+
+fn anthropic_messages(obj: &Map<String, Value>, prompt: &mut Vec<PromptMessage>) -> Result<(), String> {
+    match obj.get("system") {
+        None | Some(Value::Null) => {}
+        Some(v) => push(prompt, "system", content_text(Some(v), "system", ContentStyle::Anthropic)?),
+    }
+    let Some(Value::Array(messages)) = obj.get("messages") else {
+        return Err("`messages` must be a list".into());
+    };
+    if messages.is_empty() {
+        return Err("`messages` must not be empty".into());
+    }
+    for (i, m) in messages.iter().enumerate() {
+        let at = format!("messages[{i}]");
+        let role = m.get("role").and_then(Value::as_str).ok_or_else(|| format!("`{at}.role` must be a string"))?;
+        let text = content_text(m.get("content"), &format!("{at}.content"), ContentStyle::Anthropic)?;
+        push(prompt, role, text);
+    }
+    Ok(())
+}
+
+/// Tool definitions steer the model as much as the messages do.
+fn tools(obj: &Map<String, Value>, prompt: &mut Vec<PromptMessage>) -> Result<(), String> {
+    match obj.get("tools") {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::Array(tools)) => {
+            for t in tools {
+                push(prompt, "tools", value_text(t));
+            }
+            Ok(())
+        }
+        Some(_) => Err("`tools` must be a list".into()),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum ContentStyle {
+    OpenAi,
+    Responses,
+    Anthropic,
+}
+
+/// Text of a message `content`: a string, or a list of typed parts.
+fn content_text(content: Option<&Value>, at: &str, style: ContentStyle) -> Result<String, String> {
+    let parts = match content {
+        None | Some(Value::Null) => return Ok(String::new()),
+        Some(Value::String(s)) => return Ok(s.clone()),
+        Some(Value::Array(parts)) => parts,
+        Some(_) => return Err(format!("`{at}` must be a string or a list of parts")),
+    };
+    let mut text = String::new();
+    for (i, part) in parts.iter().enumerate() {
+        let pat = format!("{at}[{i}]");
+        let kind = part.get("type").and_then(Value::as_str).ok_or_else(|| format!("`{pat}.type` must be a string"))?;
+        let piece = match (style, kind) {
+            (_, "text") | (ContentStyle::Responses, "input_text" | "output_text") => part
+                .get("text")
+                .and_then(Value::as_str)
+                .ok_or_else(|| format!("`{pat}.text` must be a string"))?
+                .to_string(),
+            (ContentStyle::OpenAi, "refusal") => format!("[refusal: {}]", part.get("refusal").map(value_text).unwrap_or_default()),
+            (ContentStyle::OpenAi, "image_url") => format!("[image_url: {}]", short_url(part.get("image_url").and_then(|u| u.get("url")))),
+            (ContentStyle::OpenAi, "input_audio") => "[input_audio]".to_string(),
+            (ContentStyle::OpenAi, "file") => "[file]".to_string(),
+            (ContentStyle::Responses, "input_image") => format!("[input_image: {}]", short_url(part.get("image_url"))),
+            (ContentStyle::Responses, "input_file") => "[input_file]".to_string(),
+            (ContentStyle::Anthropic, "image") => "[image]".to_string(),
+            (ContentStyle::Anthropic, "document") => "[document]".to_string(),
+            (ContentStyle::Anthropic, "tool_use") => format!(
+                "[tool_use {}: {}]",
+                part.get("name").and_then(Value::as_str).unwrap_or("?"),
+                part.get("input").map(value_text).unwrap_or_default()
+            ),
+            (ContentStyle::Anthropic, "tool_result") => format!(
+                "[tool_result: {}]",
+                match part.get("content") {
+                    Some(c @ Value::Array(_)) => content_text(Some(c), &format!("{pat}.content"), style)?,
+                    Some(c) => value_text(c),
+                    None => String::new(),
+                }
+            ),
+            (ContentStyle::Anthropic, "thinking") => {
+                format!("[thinking: {}]", part.get("thinking").and_then(Value::as_str).unwrap_or(""))
+            }
+            (ContentStyle::Anthropic, "redacted_thinking") => "[redacted_thinking]".to_string(),
+            (_, other) => return Err(format!("`{pat}.type` `{other}` is not supported for review")),
+        };
+        append(&mut text, &piece);
+    }
+    Ok(text)
+}
+
+fn append(text: &mut String, piece: &str) {
+    if !text.is_empty() && !piece.is_empty() {
+        text.push('\n');
+    }
+    text.push_str(piece);
+}
+
+/// Strings as themselves, anything else as compact JSON.
+fn value_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Data URLs are shown by their media type only: the reviewer cannot read
+/// base64 and the service need not store it twice.
+fn short_url(v: Option<&Value>) -> String {
+    match v.and_then(Value::as_str) {
+        Some(u) if u.starts_with("data:") => {
+            let media = u[5..].split([';', ',']).next().unwrap_or("");
+            format!("inline {media}, {} bytes", u.len())
+        }
+        Some(u) => u.chars().take(200).collect(),
+        None => "?".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn texts(api: ApiKind, body: &str) -> Vec<(String, String)> {
+        parse_request(api, body.as_bytes()).unwrap().prompt.into_iter().map(|m| (m.role, m.text)).collect()
+    }
+
+    #[test]
+    fn chat_includes_system_parts_and_tool_calls() {
+        let got = texts(
+            ApiKind::OpenaiChat,
+            r#"{"model":"m","messages":[
+                {"role":"system","content":"be nice"},
+                {"role":"user","content":[{"type":"text","text":"hi"},{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}}]},
+                {"role":"assistant","content":null,"tool_calls":[{"id":"1","type":"function","function":{"name":"f","arguments":"{\"x\":1}"}}]},
+                {"role":"tool","tool_call_id":"1","content":"42"}]}"#,
+        );
+        assert_eq!(got[0], ("system".into(), "be nice".into()));
+        assert_eq!(got[1].1, "hi\n[image_url: inline image/png, 26 bytes]");
+        assert_eq!(got[2].1, "[tool_call f: {\"x\":1}]");
+        assert_eq!(got[3], ("tool".into(), "42".into()));
+    }
+
+    #[test]
+    fn anthropic_system_and_blocks() {
+        let got = texts(
+            ApiKind::AnthropicMessages,
+            r#"{"model":"claude","max_tokens":5,"system":[{"type":"text","text":"sys"}],"messages":[
+                {"role":"user","content":[{"type":"text","text":"q"},{"type":"tool_result","tool_use_id":"t","content":[{"type":"text","text":"r"}]}]}]}"#,
+        );
+        assert_eq!(got, vec![("system".into(), "sys".into()), ("user".into(), "q\n[tool_result: r]".into())]);
+    }
+
+    #[test]
+    fn completions_embeddings_and_responses() {
+        assert_eq!(texts(ApiKind::OpenaiCompletions, r#"{"model":"m","prompt":["a","b"]}"#).len(), 2);
+        assert_eq!(texts(ApiKind::OpenaiEmbeddings, r#"{"model":"m","input":"x"}"#)[0].1, "x");
+        let r = texts(ApiKind::OpenaiResponses, r#"{"model":"m","instructions":"i","input":[{"role":"user","content":[{"type":"input_text","text":"t"}]}]}"#);
+        assert_eq!(r, vec![("instructions".into(), "i".into()), ("user".into(), "t".into())]);
+    }
+
+    #[test]
+    fn what_cannot_be_reviewed_is_an_error() {
+        for (api, body) in [
+            (ApiKind::OpenaiChat, r#"{"messages":[{"role":"user","content":"x"}]}"#),
+            (ApiKind::OpenaiChat, r#"{"model":"m","messages":[]}"#),
+            (ApiKind::OpenaiChat, r#"{"model":"m","messages":[{"role":"user","content":[{"type":"mystery"}]}]}"#),
+            (ApiKind::OpenaiChat, r#"{"model":"m","messages":[{"role":"user","content":5}]}"#),
+            (ApiKind::OpenaiChat, r#"{"model":"m","stream":"yes","messages":[{"role":"user","content":"x"}]}"#),
+            (ApiKind::OpenaiCompletions, r#"{"model":"m","prompt":[1,2,3]}"#),
+            (ApiKind::OpenaiEmbeddings, r#"{"model":"m","input":[[1,2]]}"#),
+            (ApiKind::OpenaiResponses, r#"{"model":"m","input":[{"type":"computer_call"}]}"#),
+            (ApiKind::AnthropicMessages, r#"{"model":"m","messages":"hi"}"#),
+            (ApiKind::OpenaiChat, r#"[1]"#),
+            (ApiKind::OpenaiChat, ""),
+        ] {
+            assert!(parse_request(api, body.as_bytes()).is_err(), "{body}");
+        }
+    }
+
+    #[test]
+    fn stream_flag_and_model() {
+        let p = parse_request(ApiKind::OpenaiChat, br#"{"model":"m1","stream":true,"messages":[{"role":"user","content":"x"}]}"#).unwrap();
+        assert!(p.stream);
+        assert_eq!(p.model, "m1");
+    }
+}

@@ -1,0 +1,205 @@
+//! Refusals: every way the filter says no, rendered in the caller's own API
+//! error format so SDKs surface a readable message.
+
+use serde_json::json;
+
+use crate::wire::ApiKind;
+
+/// Why a request is refused. Each kind has one HTTP status and one code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalKind {
+    /// Malformed request (bad JSON, missing fields, odd headers).
+    BadRequest,
+    /// Path not valid or not canonical.
+    BadPath,
+    /// Not an inference endpoint and `other_requests` is deny.
+    NotInference,
+    /// An endpoint that carries prompts indirectly.
+    IndirectPrompt,
+    /// Inference endpoint with a method other than POST.
+    MethodNotAllowed,
+    /// Wrong content-type or a content-encoding.
+    UnsupportedMediaType,
+    /// Body larger than `max_body_bytes`.
+    TooLarge,
+    /// A policy rule says deny.
+    PolicyDenied,
+    /// A reviewer rejected the request.
+    Rejected,
+    /// Nobody decided within the hold timeout.
+    Expired,
+    /// The approval service could not be reached or failed.
+    ApprovalUnavailable,
+    /// The filter has no valid configuration.
+    Misconfigured,
+}
+
+impl RefusalKind {
+    /// HTTP status for this kind.
+    pub fn status(self) -> u16 {
+        match self {
+            RefusalKind::BadRequest | RefusalKind::BadPath => 400,
+            RefusalKind::NotInference | RefusalKind::IndirectPrompt | RefusalKind::PolicyDenied | RefusalKind::Rejected => 403,
+            RefusalKind::MethodNotAllowed => 405,
+            RefusalKind::TooLarge => 413,
+            RefusalKind::UnsupportedMediaType => 415,
+            RefusalKind::Misconfigured => 500,
+            RefusalKind::ApprovalUnavailable => 503,
+            RefusalKind::Expired => 504,
+        }
+    }
+
+    /// Stable machine-readable code (OpenAI `error.code`).
+    pub fn code(self) -> &'static str {
+        match self {
+            RefusalKind::BadRequest => "invalid_request",
+            RefusalKind::BadPath => "invalid_path",
+            RefusalKind::NotInference => "endpoint_not_allowed",
+            RefusalKind::IndirectPrompt => "indirect_prompt_endpoint",
+            RefusalKind::MethodNotAllowed => "method_not_allowed",
+            RefusalKind::UnsupportedMediaType => "unsupported_media_type",
+            RefusalKind::TooLarge => "request_too_large",
+            RefusalKind::PolicyDenied => "policy_denied",
+            RefusalKind::Rejected => "review_rejected",
+            RefusalKind::Expired => "review_timeout",
+            RefusalKind::ApprovalUnavailable => "approval_unavailable",
+            RefusalKind::Misconfigured => "gateway_misconfigured",
+        }
+    }
+
+    /// Value of the `x-countersign-outcome` response header.
+    pub fn outcome(self) -> &'static str {
+        match self {
+            RefusalKind::Rejected => "rejected",
+            RefusalKind::Expired => "expired",
+            RefusalKind::ApprovalUnavailable => "unavailable",
+            RefusalKind::PolicyDenied | RefusalKind::NotInference | RefusalKind::IndirectPrompt => "denied",
+            RefusalKind::Misconfigured => "misconfigured",
+            _ => "invalid",
+        }
+    }
+
+    fn openai_type(self) -> &'static str {
+        match self.status() {
+            403 => "permission_error",
+            500 => "server_error",
+            503 => "service_unavailable",
+            504 => "timeout",
+            _ => "invalid_request_error",
+        }
+    }
+
+    fn anthropic_type(self) -> &'static str {
+        match self.status() {
+            403 => "permission_error",
+            413 => "request_too_large",
+            500 => "api_error",
+            503 => "overloaded_error",
+            504 => "timeout_error",
+            _ => "invalid_request_error",
+        }
+    }
+}
+
+/// A refusal ready to be sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Why.
+    pub kind: RefusalKind,
+    /// The API whose error format to use (OpenAI when unknown).
+    pub api: Option<ApiKind>,
+    /// Human-readable message (never contains prompt text or secrets).
+    pub message: String,
+    /// The review this refusal concerns, if any.
+    pub review_id: Option<String>,
+}
+
+impl Refusal {
+    /// A refusal with no review attached.
+    pub fn new(kind: RefusalKind, api: Option<ApiKind>, message: impl Into<String>) -> Refusal {
+        Refusal { kind, api, message: message.into(), review_id: None }
+    }
+
+    /// 413 naming the limit.
+    pub fn too_large(api: Option<ApiKind>, limit: usize) -> Refusal {
+        Refusal::new(RefusalKind::TooLarge, api, format!("request body exceeds the gateway limit of {limit} bytes"))
+    }
+
+    /// Attaches a review id.
+    pub fn with_review(mut self, id: impl Into<String>) -> Refusal {
+        self.review_id = Some(id.into());
+        self
+    }
+
+    /// HTTP status.
+    pub fn status(&self) -> u16 {
+        self.kind.status()
+    }
+
+    /// Response headers to send with the body.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut h = vec![
+            ("content-type", "application/json".to_string()),
+            ("x-countersign-outcome", self.kind.outcome().to_string()),
+        ];
+        if let Some(id) = &self.review_id {
+            h.push(("x-countersign-review-id", id.clone()));
+        }
+        if self.kind == RefusalKind::MethodNotAllowed {
+            h.push(("allow", "POST".to_string()));
+        }
+        h
+    }
+
+    /// The JSON error body in the API's own format.
+    pub fn body(&self) -> Vec<u8> {
+        let value = if self.api.is_some_and(ApiKind::is_anthropic) {
+            let mut error = json!({"type": self.kind.anthropic_type(), "message": self.message});
+            if let Some(id) = &self.review_id {
+                error["review_id"] = json!(id);
+            }
+            json!({"type": "error", "error": error})
+        } else {
+            json!({"error": {
+                "message": self.message,
+                "type": self.kind.openai_type(),
+                "param": null,
+                "code": self.kind.code(),
+                "review_id": self.review_id,
+            }})
+        };
+        value.to_string().into_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn openai_format() {
+        let r = Refusal::new(RefusalKind::Rejected, Some(ApiKind::OpenaiChat), "no").with_review("rev_1");
+        let v: serde_json::Value = serde_json::from_slice(&r.body()).unwrap();
+        assert_eq!(v["error"]["code"], "review_rejected");
+        assert_eq!(v["error"]["review_id"], "rev_1");
+        assert_eq!(v["error"]["message"], "no");
+        assert_eq!(r.status(), 403);
+        assert!(r.headers().contains(&("x-countersign-review-id", "rev_1".to_string())));
+    }
+
+    #[test]
+    fn anthropic_format() {
+        let r = Refusal::new(RefusalKind::Expired, Some(ApiKind::AnthropicMessages), "late");
+        let v: serde_json::Value = serde_json::from_slice(&r.body()).unwrap();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["type"], "timeout_error");
+        assert_eq!(r.status(), 504);
+    }
+
+    #[test]
+    fn statuses_are_distinct_for_reject_timeout_and_outage() {
+        let s = [RefusalKind::Rejected, RefusalKind::Expired, RefusalKind::ApprovalUnavailable].map(RefusalKind::status);
+        assert_eq!(s, [403, 504, 503]);
+    }
+}

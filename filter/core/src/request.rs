@@ -1,0 +1,341 @@
+//! Request classification from headers alone: is this an inference request
+//! we must inspect, a request to pass, or one to refuse before its body?
+
+use crate::config::{Config, Endpoint, OtherRequests};
+use crate::refusal::{Refusal, RefusalKind};
+use crate::wire::ApiKind;
+
+/// The parts of the request head the decision needs.
+#[derive(Debug, Clone, Default)]
+pub struct RequestHead<'a> {
+    /// `:method`.
+    pub method: &'a str,
+    /// `:path`, including any query string.
+    pub path: &'a str,
+    /// `content-type`, if present.
+    pub content_type: Option<&'a str>,
+    /// `content-encoding`, if present.
+    pub content_encoding: Option<&'a str>,
+    /// `content-length`, if present.
+    pub content_length: Option<&'a str>,
+    /// `upgrade`, if present.
+    pub upgrade: Option<&'a str>,
+    /// Any of `x-http-method-override`, `x-http-method`, `x-method-override`.
+    pub method_override: Option<&'a str>,
+}
+
+/// What to do after the headers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HeadVerdict {
+    /// Not an inference request and allowed through untouched.
+    Pass,
+    /// An inference request: buffer and inspect the body.
+    Inspect(Endpoint),
+    /// Refuse now, without reading the body.
+    Refuse(Refusal),
+}
+
+/// Paths under which prompts travel indirectly (uploads, batches,
+/// assistants, realtime sessions...). They are refused unless listed in
+/// `passthrough`, even when `other_requests` is `pass`, because the filter
+/// cannot review what they carry.
+pub const INDIRECT_PROMPT_PREFIXES: &[&str] = &[
+    "/v1/files",
+    "/v1/uploads",
+    "/v1/batches",
+    "/v1/assistants",
+    "/v1/threads",
+    "/v1/realtime",
+    "/v1/fine_tuning",
+    "/v1/vector_stores",
+    "/v1/audio",
+    "/v1/images",
+    "/v1/moderations",
+    "/v1/messages/batches",
+    "/v1/messages/count_tokens",
+    "/v1/complete",
+    "/v1/conversations",
+    "/v1/evals",
+    "/v1/containers",
+];
+
+/// Splits `:path` into path and query and normalises the path the way a
+/// lenient backend might: percent-decoding, `\` as `/`, merged slashes, `.`
+/// and `..` segments resolved, `;params` dropped, trailing slash removed,
+/// lower-cased. Returns `None` for paths no backend should see (control
+/// characters, bad escapes, not absolute).
+pub fn normalize_path(raw: &str) -> Option<String> {
+    let path = raw.split(['?', '#']).next().unwrap_or("");
+    if !path.starts_with('/') && !path.starts_with('\\') && !path.starts_with('%') {
+        return None;
+    }
+    let decoded = percent_decode(path)?;
+    if decoded.chars().any(|c| c.is_control()) {
+        return None;
+    }
+    let mut segments: Vec<&str> = Vec::new();
+    for seg in decoded.split(['/', '\\']) {
+        let seg = seg.split(';').next().unwrap_or("");
+        match seg {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    Some(format!("/{}", segments.join("/")).to_ascii_lowercase())
+}
+
+/// Decodes `%XX` escapes, repeatedly, so that `%252F` cannot hide a `/`.
+fn percent_decode(s: &str) -> Option<String> {
+    let mut current = s.to_string();
+    for _ in 0..4 {
+        if !current.contains('%') {
+            return Some(current);
+        }
+        let bytes = current.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' {
+                let hex = bytes.get(i + 1..i + 3)?;
+                let hex = std::str::from_utf8(hex).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            } else {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+        let next = String::from_utf8(out).ok()?;
+        if next == current {
+            return Some(next);
+        }
+        current = next;
+    }
+    // Still escaped after four rounds: nobody does that by accident.
+    None
+}
+
+/// The path without its query string.
+pub fn path_only(raw: &str) -> &str {
+    raw.split(['?', '#']).next().unwrap_or("")
+}
+
+fn is_indirect_prompt_path(normalized: &str) -> bool {
+    INDIRECT_PROMPT_PREFIXES.iter().any(|p| normalized == *p || normalized.starts_with(&format!("{p}/")))
+}
+
+/// Decides what to do with a request from its head alone.
+pub fn classify(config: &Config, head: &RequestHead<'_>) -> HeadVerdict {
+    let raw_path = path_only(head.path);
+    let Some(normalized) = normalize_path(head.path) else {
+        return HeadVerdict::Refuse(Refusal::new(RefusalKind::BadPath, None, "request path is not a valid absolute path"));
+    };
+
+    let endpoint = config.endpoints.iter().find(|e| e.path.eq_ignore_ascii_case(&normalized)).cloned();
+    if let Some(endpoint) = endpoint {
+        return classify_inference(config, head, raw_path, endpoint);
+    }
+
+    // Not an inference endpoint. Passthrough entries must match the raw path
+    // exactly as written, so a variant spelling cannot ride on them.
+    let method = head.method.to_ascii_uppercase();
+    let listed = config.passthrough.iter().any(|p| {
+        p.path.matches(raw_path) && (p.methods.is_empty() || p.methods.contains(&method))
+    });
+    if listed && head.method_override.is_none() {
+        return HeadVerdict::Pass;
+    }
+    if is_indirect_prompt_path(&normalized) {
+        return HeadVerdict::Refuse(Refusal::new(
+            RefusalKind::IndirectPrompt,
+            None,
+            format!("`{raw_path}` carries prompts the gateway cannot review; it is refused unless listed in `passthrough`"),
+        ));
+    }
+    match config.other_requests {
+        OtherRequests::Pass => HeadVerdict::Pass,
+        OtherRequests::Deny => HeadVerdict::Refuse(Refusal::new(
+            RefusalKind::NotInference,
+            None,
+            format!("{} {raw_path} is not an inference endpoint this gateway serves", head.method),
+        )),
+    }
+}
+
+fn classify_inference(config: &Config, head: &RequestHead<'_>, raw_path: &str, endpoint: Endpoint) -> HeadVerdict {
+    let api = Some(endpoint.api);
+    if raw_path != endpoint.path {
+        return HeadVerdict::Refuse(Refusal::new(
+            RefusalKind::BadPath,
+            api,
+            format!("non-canonical path `{raw_path}`; use `{}`", endpoint.path),
+        ));
+    }
+    if head.method_override.is_some() {
+        return HeadVerdict::Refuse(Refusal::new(RefusalKind::BadRequest, api, "method override headers are not accepted"));
+    }
+    if head.upgrade.is_some() {
+        return HeadVerdict::Refuse(Refusal::new(RefusalKind::BadRequest, api, "protocol upgrades are not accepted on inference endpoints"));
+    }
+    if head.method != "POST" {
+        return HeadVerdict::Refuse(Refusal::new(
+            RefusalKind::MethodNotAllowed,
+            api,
+            format!("{} is not allowed on {}; use POST", head.method, endpoint.path),
+        ));
+    }
+    if let Some(enc) = head.content_encoding {
+        if !enc.trim().eq_ignore_ascii_case("identity") {
+            return HeadVerdict::Refuse(Refusal::new(
+                RefusalKind::UnsupportedMediaType,
+                api,
+                format!("content-encoding `{}` is not accepted; send the body uncompressed", enc.trim()),
+            ));
+        }
+    }
+    if !is_json_content_type(head.content_type) {
+        return HeadVerdict::Refuse(Refusal::new(
+            RefusalKind::UnsupportedMediaType,
+            api,
+            "content-type must be application/json",
+        ));
+    }
+    if let Some(len) = head.content_length {
+        match len.trim().parse::<u64>() {
+            Ok(n) if n > config.max_body_bytes as u64 => {
+                return HeadVerdict::Refuse(Refusal::too_large(api, config.max_body_bytes));
+            }
+            Ok(_) => {}
+            Err(_) => return HeadVerdict::Refuse(Refusal::new(RefusalKind::BadRequest, api, "invalid content-length")),
+        }
+    }
+    HeadVerdict::Inspect(endpoint)
+}
+
+/// `application/json`, optionally with `charset=utf-8`; nothing else, since
+/// any other charset would make the filter read different text than the model.
+fn is_json_content_type(ct: Option<&str>) -> bool {
+    let Some(ct) = ct else { return false };
+    let mut parts = ct.split(';').map(str::trim);
+    if !parts.next().is_some_and(|m| m.eq_ignore_ascii_case("application/json")) {
+        return false;
+    }
+    parts.all(|p| {
+        let p = p.to_ascii_lowercase().replace(' ', "");
+        p.is_empty() || p == "charset=utf-8" || p == "charset=\"utf-8\""
+    })
+}
+
+/// The API an error for `raw_path` should be phrased in, when it is known.
+pub fn api_for_path(config: &Config, raw_path: &str) -> Option<ApiKind> {
+    let normalized = normalize_path(raw_path)?;
+    config.endpoints.iter().find(|e| e.path.eq_ignore_ascii_case(&normalized)).map(|e| e.api)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+
+    fn head<'a>(method: &'a str, path: &'a str) -> RequestHead<'a> {
+        RequestHead { method, path, content_type: Some("application/json"), ..Default::default() }
+    }
+
+    fn status(v: &HeadVerdict) -> u16 {
+        match v {
+            HeadVerdict::Refuse(r) => r.status(),
+            HeadVerdict::Pass => 0,
+            HeadVerdict::Inspect(_) => 1,
+        }
+    }
+
+    #[test]
+    fn normalization_sees_through_variants() {
+        for raw in [
+            "/v1/chat/completions",
+            "//v1/chat/completions",
+            "/v1//chat/completions/",
+            "/v1/./chat/completions",
+            "/v1/x/../chat/completions",
+            "/V1/Chat/Completions",
+            "/v1/chat%2Fcompletions",
+            "/v1/chat%252Fcompletions",
+            "/v1/%63hat/completions",
+            "/v1\\chat\\completions",
+            "/v1/chat/completions;jsessionid=1",
+            "/v1/chat/completions?x=1",
+        ] {
+            assert_eq!(normalize_path(raw).as_deref(), Some("/v1/chat/completions"), "{raw}");
+        }
+        assert_eq!(normalize_path("/a%zz"), None);
+        assert_eq!(normalize_path("/a%00b"), None);
+        assert_eq!(normalize_path("relative"), None);
+    }
+
+    #[test]
+    fn canonical_inference_request_is_inspected() {
+        let c = Config::from_json(b"").unwrap();
+        match classify(&c, &head("POST", "/v1/chat/completions")) {
+            HeadVerdict::Inspect(e) => assert_eq!(e.api, ApiKind::OpenaiChat),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(status(&classify(&c, &head("POST", "/v1/messages?beta=true"))), 1);
+    }
+
+    #[test]
+    fn variant_spellings_of_inference_paths_are_refused() {
+        let c = Config::from_json(br#"{"other_requests":"pass"}"#).unwrap();
+        for p in ["//v1/chat/completions", "/v1/chat/completions/", "/V1/CHAT/COMPLETIONS", "/v1/chat%2fcompletions", "/v1/x/../messages"] {
+            assert_eq!(status(&classify(&c, &head("POST", p))), 400, "{p}");
+        }
+    }
+
+    #[test]
+    fn wrong_method_encoding_type_or_override_is_refused() {
+        let c = Config::from_json(b"").unwrap();
+        assert_eq!(status(&classify(&c, &head("GET", "/v1/chat/completions"))), 405);
+        let mut h = head("POST", "/v1/chat/completions");
+        h.content_encoding = Some("gzip");
+        assert_eq!(status(&classify(&c, &h)), 415);
+        let mut h = head("POST", "/v1/chat/completions");
+        h.content_type = Some("text/plain");
+        assert_eq!(status(&classify(&c, &h)), 415);
+        h.content_type = Some("application/json; charset=latin1");
+        assert_eq!(status(&classify(&c, &h)), 415);
+        h.content_type = Some("application/json; charset=UTF-8");
+        assert_eq!(status(&classify(&c, &h)), 1);
+        let mut h = head("POST", "/v1/chat/completions");
+        h.method_override = Some("GET");
+        assert_eq!(status(&classify(&c, &h)), 400);
+        let mut h = head("POST", "/v1/chat/completions");
+        h.content_length = Some("99999999999");
+        assert_eq!(status(&classify(&c, &h)), 413);
+    }
+
+    #[test]
+    fn other_requests_follow_the_default() {
+        let deny = Config::from_json(b"").unwrap();
+        let pass = Config::from_json(br#"{"other_requests":"pass"}"#).unwrap();
+        assert_eq!(status(&classify(&deny, &head("GET", "/healthz"))), 403);
+        assert_eq!(status(&classify(&pass, &head("GET", "/healthz"))), 0);
+        // Listed passthrough works under deny, but only as spelled.
+        assert_eq!(status(&classify(&deny, &head("GET", "/v1/models"))), 0);
+        assert_eq!(status(&classify(&deny, &head("GET", "/v1/models/demo"))), 0);
+        assert_eq!(status(&classify(&deny, &head("POST", "/v1/models"))), 403);
+        assert_eq!(status(&classify(&deny, &head("GET", "//v1/models"))), 403);
+    }
+
+    #[test]
+    fn indirect_prompt_carriers_are_refused_even_under_pass() {
+        let pass = Config::from_json(br#"{"other_requests":"pass"}"#).unwrap();
+        for p in ["/v1/files", "/v1/batches/abc", "/v1/threads/t/runs", "/V1/Realtime", "/v1/messages/batches"] {
+            assert_eq!(status(&classify(&pass, &head("POST", p))), 403, "{p}");
+        }
+        let allowed = Config::from_json(br#"{"other_requests":"pass","passthrough":[{"path":"/v1/files","methods":["GET"]}]}"#).unwrap();
+        assert_eq!(status(&classify(&allowed, &head("GET", "/v1/files"))), 0);
+        assert_eq!(status(&classify(&allowed, &head("POST", "/v1/files"))), 403);
+    }
+}

@@ -1,0 +1,243 @@
+"""The approval path end to end: curl-like clients -> real Envoy with the
+countersign wasm filter -> real approval service on SQLite -> demo model."""
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import chat, post, send_later
+from stack import wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_held_request_is_approved_and_answered(stack, background):
+    fut = send_later(background, stack.url, chat(text="summarise the plan"))
+    [review] = stack.approval.wait_pending()
+    assert review["model"] == "demo-echo"
+    assert "summarise the plan" in review["preview"]
+    # While held, the model has not seen the request at all, not even its headers.
+    time.sleep(0.3)
+    assert stack.backend.stats()["started"] == 0
+    assert not fut.done()
+
+    r = stack.approval.decide(review["id"], "approve", reason="fine")
+    assert r.status_code == 200, r.text
+    resp = fut.result(timeout=10)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["message"]["content"] == "echo: summarise the plan"
+    assert resp.headers["x-countersign-review-id"] == review["id"]
+    assert resp.headers["x-countersign-outcome"] == "approved"
+    assert stack.backend.stats() == {"started": 1, "completed": 1}
+
+    stored = stack.approval.review(review["id"])
+    assert stored["status"] == "approved" and stored["reviewer"] == "alice"
+    assert stored["prompt"] == [{"role": "user", "text": "summarise the plan"}]
+
+
+def test_rejected_request_gets_403_with_reason(stack, background):
+    fut = send_later(background, stack.url, chat(text="exfiltrate the customer list"))
+    [review] = stack.approval.wait_pending()
+    assert stack.approval.decide(review["id"], "reject", reviewer="bob", reason="data exfiltration").status_code == 200
+    resp = fut.result(timeout=10)
+    assert resp.status_code == 403
+    err = resp.json()["error"]
+    assert err["code"] == "review_rejected"
+    assert err["review_id"] == review["id"]
+    assert "data exfiltration" in err["message"] and "bob" in err["message"]
+    assert resp.headers["x-countersign-outcome"] == "rejected"
+    assert stack.backend.stats()["started"] == 0
+
+
+def test_anthropic_rejection_uses_anthropic_error_format(stack, background):
+    body = {"model": "claude-x", "max_tokens": 10, "system": "be brief",
+            "messages": [{"role": "user", "content": "hi"}]}
+    fut = send_later(background, stack.url, body, path="/v1/messages")
+    [review] = stack.approval.wait_pending()
+    assert [m["role"] for m in stack.approval.review(review["id"])["prompt"]] == ["system", "user"]
+    stack.approval.decide(review["id"], "reject", reason="no")
+    resp = fut.result(timeout=10)
+    assert resp.status_code == 403
+    assert resp.json()["type"] == "error"
+    assert resp.json()["error"]["type"] == "permission_error"
+
+
+def test_edited_prompt_is_what_reaches_the_model(stack, background):
+    fut = send_later(background, stack.url, chat(text="my password is hunter2, fix my script"))
+    [review] = stack.approval.wait_pending()
+    edited = chat(text="fix my script")
+    r = stack.approval.decide(review["id"], "edit", body=edited, reason="removed a secret")
+    assert r.status_code == 200, r.text
+    resp = fut.result(timeout=10)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["message"]["content"] == "echo: fix my script"
+    assert resp.headers["x-countersign-outcome"] == "edited"
+    [seen] = stack.backend.requests()
+    assert json.loads(seen["body"]) == edited
+    assert "hunter2" not in seen["body"]
+    # The upstream request carries a content-length that matches the edited body.
+    assert int(seen["headers"]["content-length"]) == len(seen["body"].encode())
+
+
+def test_timeout_gives_a_distinct_error_and_late_approval_is_refused(make_stack, background):
+    config = {"hold_timeout_ms": 2000, "long_poll_ms": 500}
+    stack = make_stack(filter_config=config)
+    fut = send_later(background, stack.url, chat())
+    [review] = stack.approval.wait_pending()
+    resp = fut.result(timeout=15)
+    assert resp.status_code == 504
+    assert resp.json()["error"]["code"] == "review_timeout"
+    assert resp.headers["x-countersign-outcome"] == "expired"
+    late = stack.approval.decide(review["id"], "approve")
+    assert late.status_code == 409, late.text
+    assert stack.approval.review(review["id"])["status"] == "expired"
+    assert stack.backend.stats()["started"] == 0
+
+
+def test_service_down_fails_closed_with_503(stack):
+    stack.approval.proc.stop()
+    resp = post(stack.url, json=chat(), timeout=20)
+    assert resp.status_code == 503
+    assert resp.json()["error"]["code"] == "approval_unavailable"
+    assert stack.backend.stats()["started"] == 0
+
+
+def test_fail_open_rule_forwards_when_service_is_down(make_stack):
+    stack = make_stack(filter_config={"rules": [{"name": "lab", "model": "lab-*", "action": "review", "fail_open": True}]})
+    stack.approval.proc.stop()
+    assert post(stack.url, json=chat(model="lab-1")).status_code == 200
+    assert post(stack.url, json=chat(model="prod-1"), timeout=20).status_code == 503
+    assert stack.backend.stats()["started"] == 1
+
+
+def read_stream(resp):
+    """Yields (seconds since start, event data) for each SSE event as it arrives."""
+    start = time.monotonic()
+    buf = b""
+    for chunk in resp.iter_raw():
+        buf += chunk
+        while b"\n\n" in buf:
+            event, buf = buf.split(b"\n\n", 1)
+            for line in event.split(b"\n"):
+                if line.startswith(b"data: "):
+                    yield time.monotonic() - start, line[6:].decode()
+
+
+@pytest.mark.parametrize("reviewed", [False, True])
+def test_streamed_answer_arrives_chunk_by_chunk(stack, background, reviewed):
+    model = "demo-echo" if reviewed else "demo-allow"
+    words = "one two three four five six"
+    body = chat(model=model, text=words, stream=True)
+    delay_ms = 250
+    if reviewed:
+        def approve_when_pending():
+            [review] = stack.approval.wait_pending()
+            stack.approval.decide(review["id"], "approve")
+        background.submit(approve_when_pending)
+    with httpx.stream("POST", stack.url + "/v1/chat/completions", json=body, timeout=60,
+                      headers={"x-demo-chunk-delay-ms": str(delay_ms)}) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        events = list(read_stream(resp))
+    assert events[-1][1] == "[DONE]"
+    deltas = [json.loads(d)["choices"][0]["delta"].get("content", "") for _, d in events[:-1]
+              if json.loads(d)["choices"]]
+    assert "".join(deltas) == "echo: " + words
+    first_content = next(t for (t, d), text in zip(events, deltas) if text)
+    last = events[-1][0]
+    # 7 word chunks 250 ms apart: the first must arrive long before the end.
+    assert last - first_content >= 5 * delay_ms / 1000, events
+
+
+def test_allow_and_deny_rules(stack):
+    ok = post(stack.url, json=chat(model="demo-allow-bench"))
+    assert ok.status_code == 200
+    assert ok.headers["x-countersign-outcome"] == "allowed"
+    denied = post(stack.url, json=chat(model="forbidden-model"))
+    assert denied.status_code == 403
+    assert denied.json()["error"]["code"] == "policy_denied"
+    assert "blocked-models" in denied.json()["error"]["message"]
+    assert stack.backend.stats()["started"] == 1
+    assert stack.approval.pending() == []
+
+
+def test_non_inference_paths_follow_the_default(make_stack):
+    deny = make_stack()
+    r = httpx.get(deny.url + "/admin/secrets")
+    assert r.status_code == 403 and r.json()["error"]["code"] == "endpoint_not_allowed"
+    assert httpx.get(deny.url + "/v1/models").status_code == 200  # listed passthrough
+    assert httpx.post(deny.url + "/v1/files", content=b"x").status_code == 403
+    assert deny.backend.stats()["started"] == 1
+
+    passing = make_stack(filter_config={"other_requests": "pass"})
+    assert httpx.get(passing.url + "/admin/secrets").status_code == 404  # reached the backend
+    assert httpx.post(passing.url + "/v1/batches", content=b"x").status_code == 403  # indirect prompts
+    assert passing.backend.stats()["started"] == 1
+
+
+def test_restart_of_the_service_during_a_hold_loses_nothing(stack, background):
+    fut = send_later(background, stack.url, chat(text="survive a restart"))
+    [review] = stack.approval.wait_pending()
+    stack.approval.proc.kill()
+    time.sleep(1.5)  # the filter's long-poll fails and it retries with backoff
+    assert not fut.done()
+    stack.approval.start()
+    [again] = stack.approval.wait_pending()
+    assert again["id"] == review["id"]
+    assert stack.approval.decide(review["id"], "approve").status_code == 200
+    resp = fut.result(timeout=15)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["message"]["content"] == "echo: survive a restart"
+
+
+def test_racing_decisions_have_exactly_one_winner(stack, background):
+    fut = send_later(background, stack.url, chat())
+    [review] = stack.approval.wait_pending()
+    barrier = threading.Barrier(2)
+
+    def decide(kind, who):
+        barrier.wait()
+        return stack.approval.decide(review["id"], kind, reviewer=who, reason="race").status_code
+
+    a = background.submit(decide, "approve", "alice")
+    b = background.submit(decide, "reject", "bob")
+    codes = sorted([a.result(10), b.result(10)])
+    assert codes == [200, 409]
+    resp = fut.result(10)
+    final = stack.approval.review(review["id"])["status"]
+    assert (final, resp.status_code) in [("approved", 200), ("rejected", 403)]
+
+
+def test_caller_going_away_cancels_the_review(stack):
+    with pytest.raises(httpx.TimeoutException):
+        post(stack.url, json=chat(text="never mind"), timeout=1.0)
+    [review] = stack.approval.wait_pending()
+    wait_until(lambda: stack.approval.review(review["id"])["status"] == "cancelled", what="cancelled review")
+    assert stack.approval.decide(review["id"], "approve").status_code == 409
+
+
+@pytest.mark.parametrize("case", [
+    ("malformed json", {"content": b'{"model": "x", "messages": [', "headers": {"content-type": "application/json"}}, 400),
+    ("duplicate keys", {"content": b'{"model":"a","model":"b","messages":[{"role":"user","content":"x"}]}',
+                        "headers": {"content-type": "application/json"}}, 400),
+    ("gzip body", {"content": b"\x1f\x8b...", "headers": {"content-type": "application/json", "content-encoding": "gzip"}}, 415),
+    ("wrong content type", {"content": b"{}", "headers": {"content-type": "text/plain"}}, 415),
+    ("oversized", {"content": b'{"model":"m","messages":[{"role":"user","content":"' + b"a" * (5 * 1024 * 1024) + b'"}]}',
+                   "headers": {"content-type": "application/json"}}, 413),
+    ("empty", {"content": b"", "headers": {"content-type": "application/json"}}, 400),
+], ids=lambda c: c[0])
+def test_bad_input_is_refused_clearly(stack, case):
+    _, kwargs, status = case
+    r = httpx.post(stack.url + "/v1/chat/completions", timeout=20, **kwargs)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["message"]
+    assert stack.backend.stats()["started"] == 0
+    assert stack.approval.pending() == []
+
+
+def test_get_on_inference_path_is_refused(stack):
+    r = httpx.get(stack.url + "/v1/chat/completions")
+    assert r.status_code == 405
+    assert stack.backend.stats()["started"] == 0
