@@ -51,6 +51,7 @@ pub fn parse_request(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, String>
         ApiKind::OpenaiEmbeddings => text_or_list(&obj, "input", true, &mut prompt)?,
         ApiKind::OpenaiResponses => openai_responses(&obj, &mut prompt)?,
         ApiKind::AnthropicMessages => anthropic_messages(&obj, &mut prompt)?,
+        ApiKind::GeminiGenerateContent => return Err("Gemini requests are not supported yet".into()),
     }
     tools(&obj, &mut prompt)?;
     Ok(ParsedRequest { model, stream, prompt })

@@ -26,6 +26,9 @@ pub enum ApiKind {
     OpenaiEmbeddings,
     /// Anthropic `POST /v1/messages`.
     AnthropicMessages,
+    /// Google Gemini `POST /v1beta/models/{model}:generateContent` and
+    /// `:streamGenerateContent` (the model is in the path, not the body).
+    GeminiGenerateContent,
 }
 
 impl ApiKind {
@@ -37,6 +40,7 @@ impl ApiKind {
             ApiKind::OpenaiResponses => "openai_responses",
             ApiKind::OpenaiEmbeddings => "openai_embeddings",
             ApiKind::AnthropicMessages => "anthropic_messages",
+            ApiKind::GeminiGenerateContent => "gemini_generate_content",
         }
     }
 
