@@ -233,12 +233,20 @@ impl Config {
     /// "all defaults".
     pub fn from_json(bytes: &[u8]) -> Result<Config, ConfigError> {
         let trimmed = bytes.iter().all(|b| b.is_ascii_whitespace());
-        let raw: RawConfig = if trimmed {
-            serde_json::from_slice(b"{}")
-        } else {
-            serde_json::from_slice(bytes)
-        }
-        .map_err(|e| err(field_from_serde(&e), e.to_string()))?;
+        let input: &[u8] = if trimmed { b"{}" } else { bytes };
+        let mut de = serde_json::Deserializer::from_slice(input);
+        let raw: RawConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let mut field = if path == "." { String::new() } else { path };
+            // For an unknown field the path stops at its parent object.
+            let named = field_from_serde(&inner);
+            if !named.is_empty() && !field.ends_with(&named) {
+                field = if field.is_empty() { named } else { format!("{field}.{named}") };
+            }
+            err(field, inner.to_string())
+        })?;
+        de.end().map_err(|e| err("", e.to_string()))?;
         Config::validate(raw)
     }
 
@@ -405,6 +413,11 @@ mod tests {
         assert_eq!(e.field, "rules[1].hold_timeout_ms");
         let e = Config::from_json(br#"{"rules":[{"action":"maybe"}]}"#).unwrap_err();
         assert!(e.to_string().contains("maybe"), "{e}");
+        assert_eq!(e.field, "rules[0].action");
+        let e = Config::from_json(br#"{"rules":[{"action":"allow"},{"action":"allow","modle":"x"}]}"#).unwrap_err();
+        assert_eq!(e.field, "rules[1].modle");
+        let e = Config::from_json(br#"{"hold_timeout_ms":"soon"}"#).unwrap_err();
+        assert_eq!(e.field, "hold_timeout_ms");
         let e = Config::from_json(br#"{"rules":[{"action":"allow","fail_open":true}]}"#).unwrap_err();
         assert_eq!(e.field, "rules[0].fail_open");
     }
