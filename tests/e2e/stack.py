@@ -26,7 +26,9 @@ ENVOY = ROOT / ".venv" / "bin" / "envoy"
 TEMPLATE = ROOT / "envoy" / "countersign.yaml"
 BUFFER_LIMIT = 16 * 1024 * 1024
 
-REVIEWERS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789"}
+REVIEWERS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789",
+             "carol": "carol-token-0123456789"}
+REVIEWER_GROUPS = {"alice": ["security"], "bob": ["security"], "carol": ["eng"]}
 
 
 def free_port() -> int:
@@ -42,14 +44,17 @@ def sha256_hex(text: str) -> str:
 class Proc:
     """A child process started in its own session, stopped by PID."""
 
-    def __init__(self, name: str, cmd: list[str], log: Path):
+    def __init__(self, name: str, cmd: list[str], log: Path, env: dict | None = None):
         self.name, self.cmd, self.log = name, cmd, log
+        self.env = env
         self.popen: subprocess.Popen | None = None
 
     def start(self) -> "Proc":
         with open(self.log, "ab") as out:
+            env = None if self.env is None else {**os.environ, **self.env}
             self.popen = subprocess.Popen(
-                self.cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                self.cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                env=env,
             )
         return self
 
@@ -117,7 +122,7 @@ class Backend:
 
 
 class Approval:
-    def __init__(self, workdir: Path, filter_token: str | None = None):
+    def __init__(self, workdir: Path, filter_token: str | None = None, extra: str = ""):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.db = workdir / "countersign.db"
@@ -125,9 +130,12 @@ class Approval:
         lines = [f'listen = "127.0.0.1:{self.port}"', f'database = "{self.db}"']
         if filter_token:
             lines.append(f'filter_token_sha256 = "{sha256_hex(filter_token)}"')
+        # Top-level keys must come before the first [[table]].
+        if extra:
+            lines.append(extra)
         for name, token in REVIEWERS.items():
             lines += ["", "[[reviewers]]", f'name = "{name}"', f'token_sha256 = "{sha256_hex(token)}"',
-                      'groups = ["security"]']
+                      f'groups = {json.dumps(REVIEWER_GROUPS[name])}']
         self.config.write_text("\n".join(lines) + "\n")
         self.proc = Proc("countersign-approval",
                          [str(RELEASE / "countersign-approval"), "serve", "--config", str(self.config)],
@@ -163,7 +171,8 @@ class Approval:
 
 
 class Envoy:
-    def __init__(self, workdir: Path, backend: Backend, approval: Approval, filter_config: dict | str):
+    def __init__(self, workdir: Path, backend: Backend, approval: Approval, filter_config: dict | str,
+                 env: dict | None = None):
         self.port, self.admin_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.yaml = workdir / "envoy.yaml"
@@ -175,7 +184,7 @@ class Envoy:
         self.proc = Proc("envoy", [str(ENVOY), "-c", str(self.yaml), "--log-level", "warn",
                                    "--component-log-level", "wasm:info", "--concurrency", "2",
                                    "--base-id", str(self.admin_port)],
-                         workdir / "envoy.log")
+                         workdir / "envoy.log", env=env)
 
     def start(self, wait_ready=True):
         self.proc.start()
@@ -200,13 +209,14 @@ DEFAULT_FILTER_CONFIG = json.loads((ROOT / "envoy" / "filter-config.json").read_
 class Stack:
     """Demo backend + approval service + Envoy with the filter."""
 
-    def __init__(self, workdir: Path, filter_config: dict | None = None, filter_token: str | None = None):
+    def __init__(self, workdir: Path, filter_config: dict | None = None, filter_token: str | None = None,
+                 envoy_env: dict | None = None, approval_extra: str = ""):
         config = dict(DEFAULT_FILTER_CONFIG if filter_config is None else filter_config)
         if filter_token:
             config["approval_token"] = filter_token
         self.backend = Backend(workdir)
-        self.approval = Approval(workdir, filter_token=filter_token)
-        self.envoy = Envoy(workdir, self.backend, self.approval, config)
+        self.approval = Approval(workdir, filter_token=filter_token, extra=approval_extra)
+        self.envoy = Envoy(workdir, self.backend, self.approval, config, env=envoy_env)
 
     def start(self):
         self.backend.start()

@@ -8,7 +8,11 @@ use std::fmt;
 
 use serde::Deserialize;
 
+use std::collections::HashMap;
+
 use crate::glob::Glob;
+use crate::identity::{Caller, IdentitySource, UpstreamCredential};
+use crate::token::{decode_secret, TokenKey, MIN_KEY_BYTES};
 use crate::wire::ApiKind;
 
 /// What happens to a request once it has been parsed.
@@ -62,12 +66,35 @@ pub struct Rule {
     pub path: Option<Glob>,
     /// Matches the `model` field of the body.
     pub model: Option<Glob>,
+    /// Matches the caller's name.
+    pub caller: Option<Glob>,
+    /// Matches when the caller is in this group.
+    pub group: Option<String>,
     /// What to do.
     pub action: Action,
     /// Forward unreviewed if the approval service is unreachable. Off by default.
     pub fail_open: bool,
     /// Overrides the global hold timeout for requests this rule holds.
     pub hold_timeout_ms: Option<u64>,
+    /// Answer 202 at once instead of holding the connection.
+    pub async_review: bool,
+    /// Distinct approvals needed (two-person rule: 2).
+    pub approvals: u32,
+    /// Only members of this reviewer group may approve.
+    pub approver_group: Option<String>,
+}
+
+/// How approval tokens are checked.
+#[derive(Debug, Clone)]
+pub struct TokenConfig {
+    /// Verification keys by id (the service signs with one of them).
+    pub keys: Vec<TokenKey>,
+    /// Request header carrying the token.
+    pub header: String,
+    /// Consume the token at the service (single use) before forwarding.
+    /// When false, tokens are verified offline only and can be replayed
+    /// until they expire: a documented trade-off.
+    pub consume: bool,
 }
 
 /// The validated configuration of one filter instance.
@@ -97,6 +124,14 @@ pub struct Config {
     pub rules: Vec<Rule>,
     /// Action when no rule matches.
     pub default_action: Action,
+    /// How callers are identified; `None` means anonymous callers.
+    pub identity: Option<IdentitySource>,
+    /// Credential injected towards the model.
+    pub upstream_credential: Option<UpstreamCredential>,
+    /// Approval tokens for asynchronous callers.
+    pub approval_tokens: Option<TokenConfig>,
+    /// Path prefix (on the gateway) where async callers check a review.
+    pub status_path: String,
 }
 
 /// A configuration error, naming the field at fault.
@@ -165,6 +200,82 @@ struct RawConfig {
     rules: Vec<RawRule>,
     #[serde(default = "default_action")]
     default_action: Action,
+    #[serde(default)]
+    identity: Option<RawIdentity>,
+    #[serde(default)]
+    upstream_credential: Option<RawCredential>,
+    #[serde(default)]
+    approval_tokens: Option<RawTokens>,
+    #[serde(default = "default_status_path")]
+    status_path: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    source: RawIdentitySource,
+    #[serde(default)]
+    key_headers: Option<Vec<String>>,
+    #[serde(default)]
+    api_keys: Vec<RawApiKey>,
+    #[serde(default)]
+    header: Option<String>,
+    #[serde(default)]
+    groups_header: Option<String>,
+    #[serde(default)]
+    metadata_path: Option<Vec<String>>,
+    #[serde(default)]
+    groups_metadata_path: Option<Vec<String>>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum RawIdentitySource {
+    ApiKey,
+    Header,
+    Metadata,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApiKey {
+    sha256: String,
+    caller: String,
+    #[serde(default)]
+    groups: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredential {
+    #[serde(default = "default_credential_header")]
+    header: String,
+    #[serde(default)]
+    value: Option<String>,
+    #[serde(default)]
+    value_env: Option<String>,
+    #[serde(default)]
+    prefix: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTokens {
+    keys: Vec<RawTokenKey>,
+    #[serde(default = "default_token_header")]
+    header: String,
+    #[serde(default = "default_true")]
+    single_use: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTokenKey {
+    id: String,
+    #[serde(default)]
+    secret: Option<String>,
+    #[serde(default)]
+    secret_env: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -198,6 +309,32 @@ struct RawRule {
     fail_open: bool,
     #[serde(default)]
     hold_timeout_ms: Option<u64>,
+    #[serde(default)]
+    caller: Option<String>,
+    #[serde(default)]
+    group: Option<String>,
+    #[serde(default, rename = "async")]
+    async_review: bool,
+    #[serde(default = "default_approvals")]
+    approvals: u32,
+    #[serde(default)]
+    approver_group: Option<String>,
+}
+
+fn default_approvals() -> u32 {
+    1
+}
+fn default_true() -> bool {
+    true
+}
+fn default_credential_header() -> String {
+    "authorization".to_string()
+}
+fn default_token_header() -> String {
+    "x-countersign-approval".to_string()
+}
+fn default_status_path() -> String {
+    "/countersign/reviews/".to_string()
 }
 
 fn default_cluster() -> String {
@@ -232,6 +369,12 @@ impl Config {
     /// Parses and validates the plugin configuration. An empty input means
     /// "all defaults".
     pub fn from_json(bytes: &[u8]) -> Result<Config, ConfigError> {
+        Config::from_json_with_env(bytes, &|name| std::env::var(name).ok())
+    }
+
+    /// Like [`Config::from_json`], with `*_env` fields looked up by `env`
+    /// (inside Envoy: the wasm VM's environment, `vm_config.environment_variables`).
+    pub fn from_json_with_env(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let trimmed = bytes.iter().all(|b| b.is_ascii_whitespace());
         let input: &[u8] = if trimmed { b"{}" } else { bytes };
         let mut de = serde_json::Deserializer::from_slice(input);
@@ -247,10 +390,10 @@ impl Config {
             err(field, inner.to_string())
         })?;
         de.end().map_err(|e| err("", e.to_string()))?;
-        Config::validate(raw)
+        Config::validate(raw, env)
     }
 
-    fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         if raw.approval_cluster.trim().is_empty() {
             return Err(err("approval_cluster", "must not be empty"));
         }
@@ -315,7 +458,7 @@ impl Config {
                 Some(n) => n,
                 None => format!("rules[{i}]"),
             };
-            for (field, value) in [("route", &r.route), ("path", &r.path), ("model", &r.model)] {
+            for (field, value) in [("route", &r.route), ("path", &r.path), ("model", &r.model), ("caller", &r.caller), ("group", &r.group), ("approver_group", &r.approver_group)] {
                 if let Some(v) = value {
                     if v.is_empty() {
                         return Err(err(format!("rules[{i}].{field}"), "must not be empty (omit it to match anything)"));
@@ -328,18 +471,45 @@ impl Config {
             if r.fail_open && r.action != Action::Review {
                 return Err(err(format!("rules[{i}].fail_open"), "only applies to rules with action `review`"));
             }
+            if r.async_review && r.action != Action::Review {
+                return Err(err(format!("rules[{i}].async"), "only applies to rules with action `review`"));
+            }
+            range(&format!("rules[{i}].approvals"), u64::from(r.approvals), 1, 5)?;
             rules.push(Rule {
                 name,
                 route: r.route.as_deref().map(Glob::new),
                 path: r.path.as_deref().map(Glob::new),
                 model: r.model.as_deref().map(Glob::new),
+                caller: r.caller.as_deref().map(Glob::new),
+                group: r.group,
                 action: r.action,
                 fail_open: r.fail_open,
                 hold_timeout_ms: r.hold_timeout_ms,
+                async_review: r.async_review,
+                approvals: r.approvals,
+                approver_group: r.approver_group,
             });
         }
 
+        let identity = raw.identity.map(|i| validate_identity(i)).transpose()?;
+        let upstream_credential = raw.upstream_credential.map(|c| validate_credential(c, env)).transpose()?;
+        let approval_tokens = raw.approval_tokens.map(|t| validate_tokens(t, env)).transpose()?;
+        if approval_tokens.is_some() && identity.is_none() {
+            return Err(err("approval_tokens", "needs `identity`: a token is bound to a caller"));
+        }
+        if rules.iter().any(|r| r.async_review) && approval_tokens.is_none() {
+            return Err(err("approval_tokens", "required when a rule sets `async`"));
+        }
+        check_path("status_path", raw.status_path.trim_end_matches('/'))?;
+        if !raw.status_path.ends_with('/') {
+            return Err(err("status_path", "must end with `/`"));
+        }
+
         Ok(Config {
+            identity,
+            upstream_credential,
+            approval_tokens,
+            status_path: raw.status_path,
             approval_cluster: raw.approval_cluster,
             approval_authority: raw.approval_authority,
             approval_token: raw.approval_token,
@@ -354,6 +524,123 @@ impl Config {
             default_action: raw.default_action,
         })
     }
+}
+
+fn is_header_name(h: &str) -> bool {
+    !h.is_empty() && h.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+fn validate_identity(raw: RawIdentity) -> Result<IdentitySource, ConfigError> {
+    let unused = |field: &str, set: bool| -> Result<(), ConfigError> {
+        if set {
+            return Err(err(format!("identity.{field}"), "does not apply to this `source`"));
+        }
+        Ok(())
+    };
+    match raw.source {
+        RawIdentitySource::ApiKey => {
+            unused("header", raw.header.is_some())?;
+            unused("metadata_path", raw.metadata_path.is_some())?;
+            let key_headers = raw.key_headers.unwrap_or_else(|| vec!["authorization".into(), "x-api-key".into()]);
+            if key_headers.is_empty() {
+                return Err(err("identity.key_headers", "must name at least one header"));
+            }
+            for (i, h) in key_headers.iter().enumerate() {
+                if !is_header_name(h) {
+                    return Err(err(format!("identity.key_headers[{i}]"), "must be a lower-case header name"));
+                }
+            }
+            if raw.api_keys.is_empty() {
+                return Err(err("identity.api_keys", "must list at least one key"));
+            }
+            let mut keys = HashMap::new();
+            for (i, k) in raw.api_keys.into_iter().enumerate() {
+                let hash = k.sha256.to_ascii_lowercase();
+                if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(err(format!("identity.api_keys[{i}].sha256"), "must be 64 hex digits (the SHA-256 of the key, never the key)"));
+                }
+                if k.caller.trim().is_empty() {
+                    return Err(err(format!("identity.api_keys[{i}].caller"), "must not be empty"));
+                }
+                if keys.insert(hash, Caller { name: k.caller, groups: k.groups }).is_some() {
+                    return Err(err(format!("identity.api_keys[{i}].sha256"), "duplicate key"));
+                }
+            }
+            Ok(IdentitySource::ApiKey { key_headers, keys })
+        }
+        RawIdentitySource::Header => {
+            unused("api_keys", !raw.api_keys.is_empty())?;
+            unused("metadata_path", raw.metadata_path.is_some())?;
+            let name = raw.header.ok_or_else(|| err("identity.header", "required when `source` is `header`"))?;
+            if !is_header_name(&name) {
+                return Err(err("identity.header", "must be a lower-case header name"));
+            }
+            if let Some(g) = &raw.groups_header {
+                if !is_header_name(g) {
+                    return Err(err("identity.groups_header", "must be a lower-case header name"));
+                }
+            }
+            Ok(IdentitySource::Header { name, groups_header: raw.groups_header })
+        }
+        RawIdentitySource::Metadata => {
+            unused("api_keys", !raw.api_keys.is_empty())?;
+            unused("header", raw.header.is_some())?;
+            let path = raw.metadata_path.ok_or_else(|| err("identity.metadata_path", "required when `source` is `metadata`"))?;
+            if path.is_empty() || path.iter().any(String::is_empty) {
+                return Err(err("identity.metadata_path", "must be a non-empty list of non-empty names"));
+            }
+            Ok(IdentitySource::Metadata { path, groups_path: raw.groups_metadata_path })
+        }
+    }
+}
+
+fn validate_credential(raw: RawCredential, env: &dyn Fn(&str) -> Option<String>) -> Result<UpstreamCredential, ConfigError> {
+    if !is_header_name(&raw.header) {
+        return Err(err("upstream_credential.header", "must be a lower-case header name"));
+    }
+    let value = match (raw.value, raw.value_env) {
+        (Some(v), None) => v,
+        (None, Some(name)) => env(&name).filter(|v| !v.is_empty()).ok_or_else(|| {
+            err("upstream_credential.value_env", format!("environment variable `{name}` is not set in the wasm VM"))
+        })?,
+        _ => return Err(err("upstream_credential", "set exactly one of `value` and `value_env`")),
+    };
+    let value = format!("{}{}", raw.prefix, value);
+    if value.bytes().any(|b| b.is_ascii_control()) {
+        return Err(err("upstream_credential.value", "must not contain control characters"));
+    }
+    Ok(UpstreamCredential { header: raw.header, value })
+}
+
+fn validate_tokens(raw: RawTokens, env: &dyn Fn(&str) -> Option<String>) -> Result<TokenConfig, ConfigError> {
+    if !is_header_name(&raw.header) {
+        return Err(err("approval_tokens.header", "must be a lower-case header name"));
+    }
+    if raw.keys.is_empty() {
+        return Err(err("approval_tokens.keys", "must list at least one key"));
+    }
+    let mut keys: Vec<TokenKey> = Vec::new();
+    for (i, k) in raw.keys.into_iter().enumerate() {
+        let at = format!("approval_tokens.keys[{i}]");
+        if k.id.is_empty() || !k.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            return Err(err(format!("{at}.id"), "must be non-empty [A-Za-z0-9_-]"));
+        }
+        if keys.iter().any(|o| o.id == k.id) {
+            return Err(err(format!("{at}.id"), "duplicate key id"));
+        }
+        let text = match (k.secret, k.secret_env) {
+            (Some(s), None) => s,
+            (None, Some(name)) => env(&name)
+                .ok_or_else(|| err(format!("{at}.secret_env"), format!("environment variable `{name}` is not set in the wasm VM")))?,
+            _ => return Err(err(at, "set exactly one of `secret` and `secret_env`")),
+        };
+        let secret = decode_secret(&text).ok_or_else(|| err(format!("{at}.secret"), "must be base64"))?;
+        if secret.len() < MIN_KEY_BYTES {
+            return Err(err(format!("{at}.secret"), format!("must decode to at least {MIN_KEY_BYTES} bytes")));
+        }
+        keys.push(TokenKey { id: k.id, secret });
+    }
+    Ok(TokenConfig { keys, header: raw.header, consume: raw.single_use })
 }
 
 fn range(field: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
@@ -437,5 +724,39 @@ mod tests {
             "endpoints[1].path"
         );
         assert!(Config::from_json(b"{not json").is_err());
+    }
+
+    const KEY_HASH: &str = "a7b0a2ab0b3dca2a4d2bcdf0e0f0c0a0b0c0d0e0f0a0b0c0d0e0f0a0b0c0d0e0f";
+
+    #[test]
+    fn identity_credential_and_tokens() {
+        let env = |k: &str| match k {
+            "MODEL_KEY" => Some("sk-live".to_string()),
+            "TOKEN_KEY" => Some("QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=".to_string()),
+            _ => None,
+        };
+        let cfg = format!(
+            r#"{{"identity":{{"source":"api_key","api_keys":[{{"sha256":"{}","caller":"ci","groups":["bots"]}}]}},
+                "upstream_credential":{{"value_env":"MODEL_KEY","prefix":"Bearer "}},
+                "approval_tokens":{{"keys":[{{"id":"k1","secret_env":"TOKEN_KEY"}}]}},
+                "rules":[{{"caller":"ci","action":"review","async":true,"approvals":2,"approver_group":"security"}}]}}"#,
+            &KEY_HASH[1..]
+        );
+        let c = Config::from_json_with_env(cfg.as_bytes(), &env).unwrap();
+        assert_eq!(c.upstream_credential.as_ref().unwrap().value, "Bearer sk-live");
+        assert!(!format!("{c:?}").contains("sk-live"));
+        assert_eq!(c.approval_tokens.as_ref().unwrap().keys[0].secret.len(), 32);
+        assert_eq!(c.rules[0].approvals, 2);
+
+        let missing_env = cfg.replace("MODEL_KEY", "NOPE");
+        assert_eq!(Config::from_json_with_env(missing_env.as_bytes(), &env).unwrap_err().field, "upstream_credential.value_env");
+        let bad_hash = cfg.replace(&KEY_HASH[1..], "sk-plaintext-key");
+        assert_eq!(Config::from_json_with_env(bad_hash.as_bytes(), &env).unwrap_err().field, "identity.api_keys[0].sha256");
+        let short = cfg.replace(r#""secret_env":"TOKEN_KEY""#, r#""secret":"AAAA""#);
+        assert_eq!(Config::from_json_with_env(short.as_bytes(), &env).unwrap_err().field, "approval_tokens.keys[0].secret");
+        let no_tokens = r#"{"rules":[{"action":"review","async":true}]}"#;
+        assert_eq!(Config::from_json(no_tokens.as_bytes()).unwrap_err().field, "approval_tokens");
+        let header_src = r#"{"identity":{"source":"header","api_keys":[{"sha256":"x","caller":"y"}]}}"#;
+        assert_eq!(Config::from_json(header_src.as_bytes()).unwrap_err().field, "identity.api_keys");
     }
 }

@@ -6,10 +6,15 @@
 //! refusal (fail closed), except `fail_open` rules when the review could not
 //! even be created.
 
+use serde_json::json;
+
 use crate::config::Config;
-use crate::inspect::{check_edited_body, HoldPlan, RequestInfo};
+use crate::inspect::{check_edited_body, token_body_hash, HoldPlan, RequestInfo};
 use crate::refusal::{Refusal, RefusalKind};
-use crate::wire::{ApiKind, ReviewState, ReviewStatus, FILTER_API_PREFIX, FILTER_TOKEN_HEADER};
+use crate::token::TokenClaims;
+use crate::wire::{
+    ApiKind, CallerReviewStatus, ConsumeToken, ReviewState, ReviewStatus, FILTER_API_PREFIX, FILTER_TOKEN_HEADER,
+};
 
 /// Which call a response belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +25,10 @@ pub enum CalloutKind {
     Wait,
     /// `POST /v1/reviews/{id}/expire`.
     Expire,
+    /// `POST /v1/reviews/{id}/consume`.
+    Consume,
+    /// `GET /v1/reviews/{id}/status`.
+    Status,
 }
 
 /// An HTTP call to the approval service.
@@ -46,6 +55,19 @@ pub enum HoldStep {
     Release(Release),
     /// Answer the caller with this refusal.
     Refuse(Refusal),
+    /// Answer the caller with this response (202 accepted, a status lookup).
+    Respond(LocalReply),
+}
+
+/// A response the filter sends itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    /// HTTP status.
+    pub status: u16,
+    /// Headers.
+    pub headers: Vec<(String, String)>,
+    /// Body.
+    pub body: Vec<u8>,
 }
 
 /// An approved request.
@@ -71,12 +93,26 @@ pub struct CalloutResult {
 /// State of one held request.
 #[derive(Debug, Clone)]
 pub struct Hold {
+    mode: Mode,
+    status_path: String,
     api: ApiKind,
     info: RequestInfo,
     review_id: Option<String>,
     deadline_ms: u64,
     fail_open: bool,
     failures: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Hold the connection until a decision.
+    Wait,
+    /// Answer 202 once the review exists.
+    Async,
+    /// Spend an approval token, then release.
+    Consume,
+    /// Answer a caller's status lookup.
+    Status,
 }
 
 /// First retry delay after a failed wait; doubles up to [`RETRY_MAX_MS`].
@@ -88,6 +124,8 @@ impl Hold {
     /// Starts a hold: the first step is creating the review.
     pub fn start(config: &Config, plan: &HoldPlan, info: RequestInfo, now_ms: u64) -> (Hold, HoldStep) {
         let hold = Hold {
+            mode: if plan.rule.async_review { Mode::Async } else { Mode::Wait },
+            status_path: config.status_path.clone(),
             api: plan.review.api,
             info,
             review_id: None,
@@ -105,6 +143,66 @@ impl Hold {
         (hold, step)
     }
 
+    /// Spends one use of a verified approval token before release.
+    pub fn consume(config: &Config, api: ApiKind, info: RequestInfo, claims: &TokenClaims, body: &[u8]) -> (Hold, HoldStep) {
+        let caller = info.caller.as_ref().map(|c| c.name.clone()).unwrap_or_default();
+        let hold = Hold::bare(config, Mode::Consume, api, info, Some(claims.rid.clone()));
+        let request = ConsumeToken { caller, body_sha256: token_body_hash(body) };
+        let step = match valid_review_id(&claims.rid) {
+            true => HoldStep::Call(Callout {
+                kind: CalloutKind::Consume,
+                headers: service_headers(config, "POST", format!("{FILTER_API_PREFIX}/{}/consume", claims.rid)),
+                body: serde_json::to_vec(&request).ok(),
+                timeout_ms: config.callout_timeout_ms,
+            }),
+            false => HoldStep::Refuse(Refusal::new(RefusalKind::InvalidToken, Some(api), "approval token is malformed")),
+        };
+        (hold, step)
+    }
+
+    /// Looks up the caller's own review for `GET <status_path><id>`.
+    pub fn status(config: &Config, info: RequestInfo, review_id: &str) -> (Hold, HoldStep) {
+        let caller = info.caller.as_ref().map(|c| c.name.clone()).unwrap_or_default();
+        let hold = Hold::bare(config, Mode::Status, ApiKind::OpenaiChat, info, Some(review_id.to_string()));
+        let step = if valid_review_id(review_id) {
+            HoldStep::Call(Callout {
+                kind: CalloutKind::Status,
+                headers: service_headers(
+                    config,
+                    "GET",
+                    format!("{FILTER_API_PREFIX}/{review_id}/status?caller={}", percent_encode(&caller)),
+                ),
+                body: None,
+                timeout_ms: config.callout_timeout_ms,
+            })
+        } else {
+            HoldStep::Refuse(Refusal::new(RefusalKind::NotFound, None, "no such review"))
+        };
+        (hold, step)
+    }
+
+    fn bare(config: &Config, mode: Mode, api: ApiKind, info: RequestInfo, review_id: Option<String>) -> Hold {
+        Hold {
+            mode,
+            status_path: config.status_path.clone(),
+            api,
+            info,
+            review_id,
+            deadline_ms: 0,
+            fail_open: false,
+            failures: 0,
+        }
+    }
+
+    /// The review to cancel if the caller goes away now: only a review the
+    /// caller is still waiting on.
+    pub fn cancellable_review(&self) -> Option<&str> {
+        match self.mode {
+            Mode::Wait => self.review_id.as_deref(),
+            _ => None,
+        }
+    }
+
     /// The review id, once created.
     pub fn review_id(&self) -> Option<&str> {
         self.review_id.as_deref()
@@ -112,11 +210,19 @@ impl Hold {
 
     /// Feeds the result of a call made for this hold.
     pub fn on_response(&mut self, config: &Config, kind: CalloutKind, result: &CalloutResult, now_ms: u64) -> HoldStep {
+        match kind {
+            CalloutKind::Consume => return self.after_consume(result),
+            CalloutKind::Status => return self.after_status(result),
+            _ => {}
+        }
         let state = parse_state(result);
         match kind {
             CalloutKind::Create => match state {
                 Ok(state) => {
                     self.review_id = Some(state.id.clone());
+                    if self.mode == Mode::Async && state.status == ReviewStatus::Pending {
+                        return HoldStep::Respond(self.accepted(&state));
+                    }
                     self.after_state(config, state, now_ms)
                 }
                 Err(why) if self.fail_open => {
@@ -158,6 +264,71 @@ impl Hold {
                 // late approval cannot release anything.
                 _ => HoldStep::Refuse(self.timeout_refusal()),
             },
+            CalloutKind::Consume | CalloutKind::Status => HoldStep::Refuse(self.refusal(
+                RefusalKind::ApprovalUnavailable,
+                "internal: unexpected callout".into(),
+            )),
+        }
+    }
+
+    /// 202 for an asynchronous caller: where to look, what to send back.
+    fn accepted(&self, state: &ReviewState) -> LocalReply {
+        let location = format!("{}{}", self.status_path, state.id);
+        let body = json!({
+            "id": state.id,
+            "object": "countersign.review",
+            "status": "pending",
+            "expires_at_ms": state.expires_at_ms,
+            "status_url": location,
+            "message": "held for human review; poll status_url, then send the approved_body again with the approval_token",
+        });
+        LocalReply {
+            status: 202,
+            headers: vec![
+                ("content-type".into(), "application/json".into()),
+                ("location".into(), location),
+                ("preference-applied".into(), "respond-async".into()),
+                ("x-countersign-review-id".into(), state.id.clone()),
+                ("x-countersign-outcome".into(), "pending".into()),
+            ],
+            body: body.to_string().into_bytes(),
+        }
+    }
+
+    fn after_consume(&self, result: &CalloutResult) -> HoldStep {
+        match result.status {
+            Some(200) => HoldStep::Release(Release { review_id: self.review_id.clone(), reviewer: None, edited_body: None }),
+            Some(409) => HoldStep::Refuse(self.refusal(
+                RefusalKind::TokenReplayed,
+                "approval token was already used; ask for a new review".into(),
+            )),
+            Some(404) => HoldStep::Refuse(self.refusal(
+                RefusalKind::InvalidToken,
+                "approval token does not match an approved review of this caller".into(),
+            )),
+            other => HoldStep::Refuse(self.refusal(
+                RefusalKind::ApprovalUnavailable,
+                format!(
+                    "the approval service could not confirm the token ({}); the request was not forwarded",
+                    other.map_or("no response".to_string(), |s| format!("status {s}"))
+                ),
+            )),
+        }
+    }
+
+    fn after_status(&self, result: &CalloutResult) -> HoldStep {
+        match result.status {
+            Some(200) => match serde_json::from_slice::<CallerReviewStatus>(&result.body) {
+                // Re-serialised from the typed value: only known fields pass.
+                Ok(status) if Some(status.id.as_str()) == self.review_id.as_deref() => HoldStep::Respond(LocalReply {
+                    status: 200,
+                    headers: vec![("content-type".into(), "application/json".into()), ("cache-control".into(), "no-store".into())],
+                    body: serde_json::to_vec(&status).unwrap_or_default(),
+                }),
+                _ => HoldStep::Refuse(Refusal::new(RefusalKind::ApprovalUnavailable, None, "unreadable answer from the approval service")),
+            },
+            Some(404) => HoldStep::Refuse(Refusal::new(RefusalKind::NotFound, None, "no such review for this caller")),
+            _ => HoldStep::Refuse(Refusal::new(RefusalKind::ApprovalUnavailable, None, "the approval service is unavailable")),
         }
     }
 
@@ -268,8 +439,17 @@ fn service_headers(config: &Config, method: &str, path: String) -> Vec<(String, 
     h
 }
 
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// Ids go into paths, so only a conservative alphabet is accepted.
-fn valid_review_id(id: &str) -> bool {
+pub fn valid_review_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
@@ -297,7 +477,7 @@ mod tests {
     fn setup(cfg: &str) -> (Config, Hold, HoldStep) {
         let c = Config::from_json(cfg.as_bytes()).unwrap();
         let info = RequestInfo { path: "/v1/chat/completions".into(), method: "POST".into(), ..Default::default() };
-        let BodyVerdict::Hold(plan) = inspect_body(&c, &default_endpoints()[0], &info, BODY) else { panic!() };
+        let BodyVerdict::Hold(plan) = inspect_body(&c, &default_endpoints()[0], &info, BODY, 0) else { panic!() };
         let (h, s) = Hold::start(&c, &plan, info, 1_000);
         (c, h, s)
     }
@@ -394,6 +574,56 @@ mod tests {
         let bad = r#","edited_body":"{\"messages\":[]}""#;
         let s = h.on_response(&c, CalloutKind::Wait, &ok(&state("approved", bad)), 2_000);
         assert!(matches!(s, HoldStep::Refuse(_)));
+    }
+
+    fn token_config() -> String {
+        format!(
+            r#"{{"identity":{{"source":"api_key","api_keys":[{{"sha256":"{}","caller":"ci"}}]}},"approval_tokens":{{"keys":[{{"id":"k1","secret":"QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE="}}]}},"rules":[{{"action":"review","async":true}}]}}"#,
+            "0".repeat(64)
+        )
+    }
+
+    #[test]
+    fn async_review_answers_202_with_the_status_url() {
+        let (c, mut h, _) = setup(&token_config());
+        assert_eq!(h.cancellable_review(), None);
+        let HoldStep::Respond(reply) = h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000) else { panic!() };
+        assert_eq!(reply.status, 202);
+        assert!(reply.headers.contains(&("location".into(), "/countersign/reviews/rev_1".into())));
+        let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(body["id"], "rev_1");
+    }
+
+    #[test]
+    fn consume_outcomes() {
+        let c = Config::from_json(token_config().as_bytes()).unwrap();
+        let claims = TokenClaims { rid: "rev_9".into(), sub: "ci".into(), bh: String::new(), exp: 0 };
+        let info = RequestInfo::default();
+        let (mut h, step) = Hold::consume(&c, ApiKind::OpenaiChat, info.clone(), &claims, BODY);
+        assert_eq!(path_of(&step), "/v1/reviews/rev_9/consume");
+        let r = |status| CalloutResult { status: Some(status), body: vec![] };
+        assert!(matches!(h.on_response(&c, CalloutKind::Consume, &r(200), 0), HoldStep::Release(_)));
+        let HoldStep::Refuse(replay) = h.on_response(&c, CalloutKind::Consume, &r(409), 0) else { panic!() };
+        assert_eq!((replay.status(), replay.kind.code()), (403, "approval_token_used"));
+        let HoldStep::Refuse(down) = h.on_response(&c, CalloutKind::Consume, &r(503), 0) else { panic!() };
+        assert_eq!(down.status(), 503);
+        let evil = TokenClaims { rid: "../x".into(), ..claims };
+        assert!(matches!(Hold::consume(&c, ApiKind::OpenaiChat, info, &evil, BODY).1, HoldStep::Refuse(_)));
+    }
+
+    #[test]
+    fn status_lookup_passes_only_known_fields() {
+        let c = Config::from_json(token_config().as_bytes()).unwrap();
+        let mut info = RequestInfo::default();
+        info.caller = Some(crate::identity::Caller { name: "ci bot".into(), groups: vec![] });
+        let (mut h, step) = Hold::status(&c, info, "rev_1");
+        assert_eq!(path_of(&step), "/v1/reviews/rev_1/status?caller=ci%20bot");
+        let body = br#"{"id":"rev_1","status":"approved","expires_at_ms":5,"approval_token":"t","internal":"x"}"#;
+        let HoldStep::Respond(reply) = h.on_response(&c, CalloutKind::Status, &CalloutResult { status: Some(200), body: body.to_vec() }, 0) else { panic!() };
+        let text = String::from_utf8(reply.body).unwrap();
+        assert!(text.contains("\"approval_token\":\"t\"") && !text.contains("internal"));
+        let HoldStep::Refuse(nf) = h.on_response(&c, CalloutKind::Status, &CalloutResult { status: Some(404), body: vec![] }, 0) else { panic!() };
+        assert_eq!(nf.status(), 404);
     }
 
     #[test]

@@ -3,7 +3,9 @@
 
 use crate::config::{Action, Config, Endpoint};
 use crate::extract::{parse_request, ParsedRequest};
+use crate::identity::Caller;
 use crate::refusal::{Refusal, RefusalKind};
+use crate::token::{body_hash, verify, TokenClaims};
 use crate::wire::{ApiKind, CreateReview};
 
 /// Request facts known from the head and Envoy's properties.
@@ -19,6 +21,12 @@ pub struct RequestInfo {
     pub authority: String,
     /// Envoy route name, if any.
     pub route: Option<String>,
+    /// The identified caller (`None` when identity is not configured).
+    pub caller: Option<Caller>,
+    /// Approval token presented by the caller, if any.
+    pub approval_token: Option<String>,
+    /// The caller asked not to wait (`Prefer: respond-async`).
+    pub prefer_async: bool,
 }
 
 /// The rule that applies to a request.
@@ -32,6 +40,12 @@ pub struct RuleChoice {
     pub fail_open: bool,
     /// Hold timeout for this request.
     pub hold_timeout_ms: u64,
+    /// Answer 202 at once; the caller retries with a token.
+    pub async_review: bool,
+    /// Distinct approvals needed.
+    pub approvals: u32,
+    /// Group approvers must belong to.
+    pub approver_group: Option<String>,
 }
 
 /// Everything needed to start a hold.
@@ -50,34 +64,50 @@ pub enum BodyVerdict {
     Forward(RuleChoice),
     /// Hold for a human decision.
     Hold(Box<HoldPlan>),
+    /// A valid approval token: spend it at the service, then forward.
+    Consume(Box<TokenClaims>),
     /// Refuse.
     Refuse(Refusal),
 }
 
-/// Picks the first rule matching route, path and model.
-pub fn choose_rule(config: &Config, route: Option<&str>, path: &str, model: &str) -> RuleChoice {
+/// Picks the first rule matching route, path, model and caller.
+pub fn choose_rule(config: &Config, info: &RequestInfo, model: &str) -> RuleChoice {
+    let caller = info.caller.as_ref();
     for rule in &config.rules {
-        let route_ok = match (&rule.route, route) {
+        let route_ok = match (&rule.route, info.route.as_deref()) {
             (None, _) => true,
             (Some(g), Some(r)) => g.matches(r),
             (Some(_), None) => false,
         };
-        let path_ok = rule.path.as_ref().is_none_or(|g| g.matches(path));
+        let path_ok = rule.path.as_ref().is_none_or(|g| g.matches(&info.path));
         let model_ok = rule.model.as_ref().is_none_or(|g| g.matches(model));
-        if route_ok && path_ok && model_ok {
+        let caller_ok = rule.caller.as_ref().is_none_or(|g| caller.is_some_and(|c| g.matches(&c.name)));
+        let group_ok = rule.group.as_ref().is_none_or(|g| caller.is_some_and(|c| c.groups.contains(g)));
+        if route_ok && path_ok && model_ok && caller_ok && group_ok {
             return RuleChoice {
                 name: rule.name.clone(),
                 action: rule.action,
                 fail_open: rule.fail_open,
                 hold_timeout_ms: rule.hold_timeout_ms.unwrap_or(config.hold_timeout_ms),
+                async_review: rule.async_review,
+                approvals: rule.approvals,
+                approver_group: rule.approver_group.clone(),
             };
         }
     }
-    RuleChoice { name: "default".into(), action: config.default_action, fail_open: false, hold_timeout_ms: config.hold_timeout_ms }
+    RuleChoice {
+        name: "default".into(),
+        action: config.default_action,
+        fail_open: false,
+        hold_timeout_ms: config.hold_timeout_ms,
+        async_review: false,
+        approvals: 1,
+        approver_group: None,
+    }
 }
 
 /// Decides on a complete request body.
-pub fn inspect_body(config: &Config, endpoint: &Endpoint, info: &RequestInfo, body: &[u8]) -> BodyVerdict {
+pub fn inspect_body(config: &Config, endpoint: &Endpoint, info: &RequestInfo, body: &[u8], now_ms: u64) -> BodyVerdict {
     let api = endpoint.api;
     if body.len() > config.max_body_bytes {
         return BodyVerdict::Refuse(Refusal::too_large(Some(api), config.max_body_bytes));
@@ -90,12 +120,53 @@ pub fn inspect_body(config: &Config, endpoint: &Endpoint, info: &RequestInfo, bo
     let Ok(text) = std::str::from_utf8(body) else {
         return BodyVerdict::Refuse(Refusal::new(RefusalKind::BadRequest, Some(api), "request body is not UTF-8"));
     };
-    let rule = choose_rule(config, info.route.as_deref(), &info.path, &parsed.model);
+    let rule = choose_rule(config, info, &parsed.model);
+    if rule.action == Action::Deny {
+        // Deny rules win even over a valid approval token: policy may have
+        // changed since the approval.
+        return BodyVerdict::Refuse(denied(api, &rule.name, &parsed.model));
+    }
+    if let Some(token) = &info.approval_token {
+        return check_token(config, api, info, token, body, now_ms);
+    }
     match rule.action {
         Action::Allow => BodyVerdict::Forward(rule),
         Action::Deny => BodyVerdict::Refuse(denied(api, &rule.name, &parsed.model)),
-        Action::Review => BodyVerdict::Hold(Box::new(HoldPlan { review: review_for(api, info, &parsed, text, &rule), rule })),
+        Action::Review => {
+            let mut rule = rule;
+            if info.prefer_async && config.approval_tokens.is_some() {
+                rule.async_review = true;
+            }
+            BodyVerdict::Hold(Box::new(HoldPlan { review: review_for(api, info, &parsed, text, &rule), rule }))
+        }
     }
+}
+
+fn check_token(config: &Config, api: ApiKind, info: &RequestInfo, token: &str, body: &[u8], now_ms: u64) -> BodyVerdict {
+    let Some(tokens) = &config.approval_tokens else {
+        return BodyVerdict::Refuse(Refusal::new(RefusalKind::BadRequest, Some(api), "approval tokens are not enabled on this gateway"));
+    };
+    let Some(caller) = &info.caller else {
+        return BodyVerdict::Refuse(Refusal::new(RefusalKind::Unauthenticated, Some(api), "an approval token needs an identified caller"));
+    };
+    match verify(token, &tokens.keys, &caller.name, body, now_ms) {
+        Err(e) => BodyVerdict::Refuse(Refusal::new(RefusalKind::InvalidToken, Some(api), e.message())),
+        Ok(claims) if tokens.consume => BodyVerdict::Consume(Box::new(claims)),
+        Ok(claims) => BodyVerdict::Forward(RuleChoice {
+            name: format!("approval token for {}", claims.rid),
+            action: Action::Allow,
+            fail_open: false,
+            hold_timeout_ms: 0,
+            async_review: false,
+            approvals: 1,
+            approver_group: None,
+        }),
+    }
+}
+
+/// The base64url SHA-256 the service compares when a token is spent.
+pub fn token_body_hash(body: &[u8]) -> String {
+    body_hash(body)
 }
 
 fn denied(api: ApiKind, rule: &str, model: &str) -> Refusal {
@@ -110,7 +181,11 @@ fn review_for(api: ApiKind, info: &RequestInfo, parsed: &ParsedRequest, body: &s
         path: info.path.clone(),
         authority: info.authority.clone(),
         route: info.route.clone(),
-        caller: None,
+        caller: info.caller.as_ref().map(|c| c.name.clone()),
+        caller_groups: info.caller.as_ref().map(|c| c.groups.clone()).unwrap_or_default(),
+        required_approvals: rule.approvals,
+        approver_group: rule.approver_group.clone(),
+        async_review: rule.async_review,
         model: parsed.model.clone(),
         stream: parsed.stream,
         rule: Some(rule.name.clone()),
@@ -126,7 +201,7 @@ pub fn check_edited_body(config: &Config, api: ApiKind, info: &RequestInfo, body
     let parsed = parse_request(api, body).map_err(|e| {
         Refusal::new(RefusalKind::ApprovalUnavailable, Some(api), format!("the reviewer's edited request is invalid: {e}"))
     })?;
-    let rule = choose_rule(config, info.route.as_deref(), &info.path, &parsed.model);
+    let rule = choose_rule(config, info, &parsed.model);
     if rule.action == Action::Deny {
         return Err(denied(api, &rule.name, &parsed.model));
     }
@@ -156,11 +231,11 @@ mod tests {
         )
         .unwrap();
         let ep = &default_endpoints()[0];
-        match inspect_body(&c, ep, &info("/v1/chat/completions", Some("bench-route")), CHAT) {
+        match inspect_body(&c, ep, &info("/v1/chat/completions", Some("bench-route")), CHAT, 0) {
             BodyVerdict::Forward(r) => assert_eq!(r.name, "bench"),
             other => panic!("{other:?}"),
         }
-        match inspect_body(&c, ep, &info("/v1/chat/completions", None), CHAT) {
+        match inspect_body(&c, ep, &info("/v1/chat/completions", None), CHAT, 0) {
             BodyVerdict::Hold(plan) => {
                 assert_eq!(plan.rule.hold_timeout_ms, 2000);
                 assert!(plan.rule.fail_open);
@@ -170,7 +245,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let o1 = br#"{"model":"o1-mini","messages":[{"role":"user","content":"hi"}]}"#;
-        match inspect_body(&c, ep, &info("/v1/chat/completions", None), o1) {
+        match inspect_body(&c, ep, &info("/v1/chat/completions", None), o1, 0) {
             BodyVerdict::Refuse(r) => {
                 assert_eq!(r.status(), 403);
                 assert!(r.message.contains("no-o1"));
@@ -178,7 +253,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let other = br#"{"model":"llama","messages":[{"role":"user","content":"hi"}]}"#;
-        assert!(matches!(inspect_body(&c, ep, &info("/v1/chat/completions", None), other), BodyVerdict::Refuse(_)));
+        assert!(matches!(inspect_body(&c, ep, &info("/v1/chat/completions", None), other, 0), BodyVerdict::Refuse(_)));
     }
 
     #[test]
@@ -186,11 +261,54 @@ mod tests {
         let c = Config::from_json(b"").unwrap();
         let ep = &default_endpoints()[0];
         for body in [&b"{"[..], b"{}", br#"{"model":"m","model":"n","messages":[{"role":"user","content":"x"}]}"#] {
-            match inspect_body(&c, ep, &info("/v1/chat/completions", None), body) {
+            match inspect_body(&c, ep, &info("/v1/chat/completions", None), body, 0) {
                 BodyVerdict::Refuse(r) => assert_eq!(r.status(), 400),
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn approval_tokens_are_checked_before_anything_is_held() {
+        use crate::token::{body_hash, mint, TokenClaims, TokenKey};
+        let secret = "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=";
+        let cfg = format!(
+            r#"{{"identity":{{"source":"api_key","api_keys":[{{"sha256":"{}","caller":"ci"}}]}},"approval_tokens":{{"keys":[{{"id":"k1","secret":"{secret}"}}]}},"rules":[{{"model":"bad","action":"deny"}}]}}"#,
+            "0".repeat(64)
+        );
+        let c = Config::from_json(cfg.as_bytes()).unwrap();
+        let key = TokenKey { id: "k1".into(), secret: vec![b'A'; 32] };
+        // "QUFB..." is base64 of 32 'A' bytes.
+        assert_eq!(c.approval_tokens.as_ref().unwrap().keys[0], key);
+        let token = mint(&key, &TokenClaims { rid: "rev_1".into(), sub: "ci".into(), bh: body_hash(CHAT), exp: 100 }).unwrap();
+        let mut i = info("/v1/chat/completions", None);
+        i.caller = Some(Caller { name: "ci".into(), groups: vec![] });
+        i.approval_token = Some(token.clone());
+        let ep = &default_endpoints()[0];
+        assert!(matches!(inspect_body(&c, ep, &i, CHAT, 50), BodyVerdict::Consume(_)));
+        let other = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"something else"}]}"#;
+        let BodyVerdict::Refuse(r) = inspect_body(&c, ep, &i, other, 50) else { panic!() };
+        assert_eq!((r.status(), r.kind.code()), (403, "invalid_approval_token"));
+        let BodyVerdict::Refuse(r) = inspect_body(&c, ep, &i, CHAT, 100) else { panic!() };
+        assert!(r.message.contains("expired"));
+        i.caller = Some(Caller { name: "mallory".into(), groups: vec![] });
+        let BodyVerdict::Refuse(r) = inspect_body(&c, ep, &i, CHAT, 50) else { panic!() };
+        assert!(r.message.contains("another caller"));
+        let plain = Config::from_json(b"").unwrap();
+        let BodyVerdict::Refuse(r) = inspect_body(&plain, ep, &i, CHAT, 50) else { panic!() };
+        assert_eq!(r.status(), 400);
+    }
+
+    #[test]
+    fn rules_match_callers_and_groups() {
+        let c = Config::from_json(br#"{"rules":[{"caller":"ci-*","action":"allow"},{"group":"interns","action":"deny"}]}"#).unwrap();
+        let mut i = info("/v1/chat/completions", None);
+        i.caller = Some(Caller { name: "ci-nightly".into(), groups: vec![] });
+        assert_eq!(choose_rule(&c, &i, "m").action, Action::Allow);
+        i.caller = Some(Caller { name: "bob".into(), groups: vec!["interns".into()] });
+        assert_eq!(choose_rule(&c, &i, "m").action, Action::Deny);
+        i.caller = None;
+        assert_eq!(choose_rule(&c, &i, "m").action, Action::Review);
     }
 
     #[test]

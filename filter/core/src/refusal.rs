@@ -32,6 +32,14 @@ pub enum RefusalKind {
     ApprovalUnavailable,
     /// The filter has no valid configuration.
     Misconfigured,
+    /// The caller could not be identified.
+    Unauthenticated,
+    /// An approval token failed verification.
+    InvalidToken,
+    /// An approval token was already used.
+    TokenReplayed,
+    /// A status lookup for a review that does not exist or is not the caller's.
+    NotFound,
 }
 
 impl RefusalKind {
@@ -39,6 +47,9 @@ impl RefusalKind {
     pub fn status(self) -> u16 {
         match self {
             RefusalKind::BadRequest | RefusalKind::BadPath => 400,
+            RefusalKind::Unauthenticated => 401,
+            RefusalKind::InvalidToken | RefusalKind::TokenReplayed => 403,
+            RefusalKind::NotFound => 404,
             RefusalKind::NotInference | RefusalKind::IndirectPrompt | RefusalKind::PolicyDenied | RefusalKind::Rejected => 403,
             RefusalKind::MethodNotAllowed => 405,
             RefusalKind::TooLarge => 413,
@@ -64,6 +75,10 @@ impl RefusalKind {
             RefusalKind::Expired => "review_timeout",
             RefusalKind::ApprovalUnavailable => "approval_unavailable",
             RefusalKind::Misconfigured => "gateway_misconfigured",
+            RefusalKind::Unauthenticated => "invalid_api_key",
+            RefusalKind::InvalidToken => "invalid_approval_token",
+            RefusalKind::TokenReplayed => "approval_token_used",
+            RefusalKind::NotFound => "not_found",
         }
     }
 
@@ -75,12 +90,16 @@ impl RefusalKind {
             RefusalKind::ApprovalUnavailable => "unavailable",
             RefusalKind::PolicyDenied | RefusalKind::NotInference | RefusalKind::IndirectPrompt => "denied",
             RefusalKind::Misconfigured => "misconfigured",
+            RefusalKind::Unauthenticated => "unauthenticated",
+            RefusalKind::InvalidToken | RefusalKind::TokenReplayed => "denied",
             _ => "invalid",
         }
     }
 
     fn openai_type(self) -> &'static str {
         match self.status() {
+            401 => "authentication_error",
+            404 => "not_found_error",
             403 => "permission_error",
             500 => "server_error",
             503 => "service_unavailable",
@@ -91,6 +110,8 @@ impl RefusalKind {
 
     fn anthropic_type(self) -> &'static str {
         match self.status() {
+            401 => "authentication_error",
+            404 => "not_found_error",
             403 => "permission_error",
             413 => "request_too_large",
             500 => "api_error",
@@ -147,6 +168,9 @@ impl Refusal {
         }
         if self.kind == RefusalKind::MethodNotAllowed {
             h.push(("allow", "POST".to_string()));
+        }
+        if self.kind == RefusalKind::Unauthenticated {
+            h.push(("www-authenticate", "Bearer".to_string()));
         }
         h
     }

@@ -33,6 +33,8 @@ pub enum HeadVerdict {
     Inspect(Endpoint),
     /// Refuse now, without reading the body.
     Refuse(Refusal),
+    /// An asynchronous caller asks about its review (`GET <status_path><id>`).
+    Status(String),
 }
 
 /// Paths under which prompts travel indirectly (uploads, batches,
@@ -134,6 +136,19 @@ pub fn classify(config: &Config, head: &RequestHead<'_>) -> HeadVerdict {
         return HeadVerdict::Refuse(Refusal::new(RefusalKind::BadPath, None, "request path is not a valid absolute path"));
     };
 
+    if config.approval_tokens.is_some() {
+        let prefix = config.status_path.to_ascii_lowercase();
+        if normalized.starts_with(&prefix) || normalized == prefix.trim_end_matches('/') {
+            // Only the exact spelling is served, so a variant cannot reach a
+            // different handler behind the gateway.
+            let raw_id = raw_path.strip_prefix(config.status_path.as_str()).unwrap_or("");
+            let canonical = raw_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if head.method != "GET" || raw_id.is_empty() || !canonical {
+                return HeadVerdict::Refuse(Refusal::new(RefusalKind::BadRequest, None, "use GET on the status URL returned with the 202"));
+            }
+            return HeadVerdict::Status(raw_id.to_string());
+        }
+    }
     let endpoint = config.endpoints.iter().find(|e| e.path.eq_ignore_ascii_case(&normalized)).cloned();
     if let Some(endpoint) = endpoint {
         return classify_inference(config, head, raw_path, endpoint);
@@ -249,6 +264,7 @@ mod tests {
             HeadVerdict::Refuse(r) => r.status(),
             HeadVerdict::Pass => 0,
             HeadVerdict::Inspect(_) => 1,
+            HeadVerdict::Status(_) => 2,
         }
     }
 
@@ -326,6 +342,20 @@ mod tests {
         assert_eq!(status(&classify(&deny, &head("GET", "/v1/models/demo"))), 0);
         assert_eq!(status(&classify(&deny, &head("POST", "/v1/models"))), 403);
         assert_eq!(status(&classify(&deny, &head("GET", "//v1/models"))), 403);
+    }
+
+    #[test]
+    fn status_path_only_with_tokens_and_get() {
+        let key = "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=";
+        let hash = "0".repeat(64);
+        let cfg = format!(
+            r#"{{"identity":{{"source":"api_key","api_keys":[{{"sha256":"{hash}","caller":"c"}}]}},"approval_tokens":{{"keys":[{{"id":"k","secret":"{key}"}}]}}}}"#
+        );
+        let c = Config::from_json(cfg.as_bytes()).unwrap();
+        assert_eq!(classify(&c, &head("GET", "/countersign/reviews/rev_abc")), HeadVerdict::Status("rev_abc".into()));
+        assert_eq!(status(&classify(&c, &head("POST", "/countersign/reviews/rev_abc"))), 400);
+        let plain = Config::from_json(b"").unwrap();
+        assert_eq!(status(&classify(&plain, &head("GET", "/countersign/reviews/rev_abc"))), 403);
     }
 
     #[test]

@@ -81,6 +81,18 @@ pub struct CreateReview {
     /// Caller identity, when known.
     #[serde(default)]
     pub caller: Option<String>,
+    /// The caller's groups.
+    #[serde(default)]
+    pub caller_groups: Vec<String>,
+    /// Distinct approvals needed before the review counts as approved.
+    #[serde(default = "one")]
+    pub required_approvals: u32,
+    /// Only reviewers in this group may approve.
+    #[serde(default)]
+    pub approver_group: Option<String>,
+    /// The caller does not wait: it was answered 202 and retries with a token.
+    #[serde(default)]
+    pub async_review: bool,
     /// The `model` field of the body.
     pub model: String,
     /// Whether the caller asked for a streamed answer.
@@ -95,6 +107,10 @@ pub struct CreateReview {
     pub body: String,
     /// How long the filter holds the request; the review expires then.
     pub hold_timeout_ms: u64,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// Where a review stands.
@@ -179,4 +195,43 @@ pub struct ServiceErrorDetail {
     pub code: String,
     /// Human-readable message; never contains internals.
     pub message: String,
+}
+
+/// `GET /v1/reviews/{id}/status?caller=NAME`: what an asynchronous caller may
+/// learn about its own review (the service answers 404 for other callers).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallerReviewStatus {
+    /// Review id.
+    pub id: String,
+    /// Current status.
+    pub status: ReviewStatus,
+    /// Unix ms at which a pending review expires.
+    pub expires_at_ms: u64,
+    /// Reviewer's reason, once decided.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Everyone who approved, once approved.
+    #[serde(default)]
+    pub approvers: Vec<String>,
+    /// When approved: the exact body to send again with the token (the
+    /// reviewer's edit, if any). Byte for byte: the token covers its hash.
+    #[serde(default)]
+    pub approved_body: Option<String>,
+    /// When approved: the approval token for the retry.
+    #[serde(default)]
+    pub approval_token: Option<String>,
+    /// When the token expires (Unix ms).
+    #[serde(default)]
+    pub token_expires_at_ms: Option<u64>,
+}
+
+/// `POST /v1/reviews/{id}/consume`: the filter spends one use of an approval
+/// token before forwarding the retried request. 200 when spent, 409 when
+/// already used up (a replay), 404 when unknown or not this caller's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumeToken {
+    /// Caller presenting the token.
+    pub caller: String,
+    /// base64url SHA-256 of the retried body (must match the approved body).
+    pub body_sha256: String,
 }

@@ -15,10 +15,11 @@ use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use countersign_core::config::{Action, Config, Endpoint};
-use countersign_core::hold::{cancel_callout, Callout, CalloutKind, CalloutResult, Hold, HoldStep, Release};
+use countersign_core::hold::{cancel_callout, Callout, CalloutKind, CalloutResult, Hold, HoldStep, LocalReply, Release};
+use countersign_core::identity::{forward_header_edits, identify};
 use countersign_core::inspect::{inspect_body, BodyVerdict, RequestInfo};
 use countersign_core::refusal::{Refusal, RefusalKind};
-use countersign_core::request::{classify, path_only, HeadVerdict, RequestHead};
+use countersign_core::request::{api_for_path, classify, path_only, HeadVerdict, RequestHead};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action as WasmAction, BufferType, ContextType, LogLevel, MapType};
@@ -163,6 +164,13 @@ impl Stream {
     fn header(&self, name: &str) -> Option<String> {
         self.get_http_request_header(name)
     }
+
+    fn start_hold(&mut self, config: &Rc<Config>, hold: Hold, step: HoldStep, body_len: usize) {
+        let entry = Rc::new(RefCell::new(HoldEntry { hold, config: config.clone(), body_len, finished: false, released: None }));
+        HOLDS.with(|h| h.borrow_mut().insert(self.id, entry.clone()));
+        self.hold = Some(entry.clone());
+        perform(self.id, &entry, step);
+    }
 }
 
 impl Context for Stream {
@@ -182,6 +190,25 @@ impl HttpContext for Stream {
         };
         let method = self.header(":method").unwrap_or_default();
         let path = self.header(":path").unwrap_or_default();
+        let mut caller = None;
+        if let Some(source) = &config.identity {
+            let header = |name: &str| self.get_http_request_header(name);
+            let property = |path: &[String]| {
+                self.get_property(path.iter().map(String::as_str).collect())
+                    .and_then(|b| String::from_utf8(b).ok())
+            };
+            match identify(source, &header, &property) {
+                Ok(c) => caller = Some(c),
+                Err(e) => {
+                    let api = api_for_path(&config, &path);
+                    return self.refuse(&Refusal::new(RefusalKind::Unauthenticated, api, e.0));
+                }
+            }
+        }
+        let approval_token = config.approval_tokens.as_ref().and_then(|t| self.header(&t.header));
+        let prefer_async = self
+            .header("prefer")
+            .is_some_and(|p| p.split(',').any(|v| v.trim().eq_ignore_ascii_case("respond-async")));
         let content_type = self.header("content-type");
         let content_encoding = self.header("content-encoding");
         let content_length = self.header("content-length");
@@ -198,9 +225,40 @@ impl HttpContext for Stream {
             upgrade: upgrade.as_deref(),
             method_override: method_override.as_deref(),
         };
-        match classify(&config, &head) {
-            HeadVerdict::Pass => WasmAction::Continue,
-            HeadVerdict::Refuse(r) => self.refuse(&r),
+        let verdict = classify(&config, &head);
+        self.info = RequestInfo {
+            request_id: self.header("x-request-id").unwrap_or_default(),
+            method: method.clone(),
+            path: path_only(&path).to_string(),
+            authority: self.header(":authority").unwrap_or_default(),
+            route: self
+                .get_property(vec!["route_name"])
+                .and_then(|b| String::from_utf8(b).ok())
+                .filter(|s| !s.is_empty()),
+            caller,
+            approval_token,
+            prefer_async,
+        };
+        match verdict {
+            HeadVerdict::Refuse(r) => return self.refuse(&r),
+            HeadVerdict::Status(review_id) => {
+                let (hold, step) = Hold::status(&config, self.info.clone(), &review_id);
+                self.start_hold(&config, hold, step, 0);
+                return WasmAction::Pause;
+            }
+            HeadVerdict::Pass | HeadVerdict::Inspect(_) => {}
+        }
+        // The caller's key and token never reach the model; the model's
+        // credential is set here, the only place it exists.
+        let tokens_header = config.approval_tokens.as_ref().map(|t| t.header.as_str());
+        let edits = forward_header_edits(config.identity.as_ref(), tokens_header, config.upstream_credential.as_ref());
+        for name in &edits.remove {
+            self.set_http_request_header(name, None);
+        }
+        if let Some((name, value)) = &edits.set {
+            self.set_http_request_header(name, Some(value));
+        }
+        match verdict {
             HeadVerdict::Inspect(endpoint) => {
                 if end_of_stream {
                     return self.refuse(&Refusal::new(RefusalKind::BadRequest, Some(endpoint.api), "request body is empty"));
@@ -209,19 +267,10 @@ impl HttpContext for Stream {
                 // stale content-length, the buffer filter after this one
                 // sets the right one when it forwards.
                 self.set_http_request_header("content-length", None);
-                self.info = RequestInfo {
-                    request_id: self.header("x-request-id").unwrap_or_default(),
-                    method,
-                    path: path_only(&path).to_string(),
-                    authority: self.header(":authority").unwrap_or_default(),
-                    route: self
-                        .get_property(vec!["route_name"])
-                        .and_then(|b| String::from_utf8(b).ok())
-                        .filter(|s| !s.is_empty()),
-                };
                 self.endpoint = Some(endpoint);
                 WasmAction::Continue
             }
+            _ => WasmAction::Continue,
         }
     }
 
@@ -239,7 +288,7 @@ impl HttpContext for Stream {
             return WasmAction::Pause;
         }
         let body = self.get_http_request_body(0, body_size).unwrap_or_default();
-        match inspect_body(&config, &endpoint, &self.info, &body) {
+        match inspect_body(&config, &endpoint, &self.info, &body, now_ms()) {
             BodyVerdict::Forward(rule) => {
                 log::info!("countersign: {} allowed by rule `{}`", self.info.request_id, rule.name);
                 self.outcome = Some(if rule.action == Action::Allow { "allowed" } else { "forwarded" });
@@ -251,17 +300,14 @@ impl HttpContext for Stream {
             }
             BodyVerdict::Hold(plan) => {
                 let (hold, step) = Hold::start(&config, &plan, self.info.clone(), now_ms());
-                let entry = Rc::new(RefCell::new(HoldEntry {
-                    hold,
-                    config: config.clone(),
-                    body_len: body.len(),
-                    finished: false,
-                    released: None,
-                }));
-                HOLDS.with(|h| h.borrow_mut().insert(self.id, entry.clone()));
-                self.hold = Some(entry.clone());
                 log::info!("countersign: {} held for review (rule `{}`)", self.info.request_id, plan.rule.name);
-                perform(self.id, &entry, step);
+                self.start_hold(&config, hold, step, body.len());
+                WasmAction::Pause
+            }
+            BodyVerdict::Consume(claims) => {
+                let (hold, step) = Hold::consume(&config, endpoint.api, self.info.clone(), &claims, &body);
+                log::info!("countersign: {} presents the approval token of review {}", self.info.request_id, claims.rid);
+                self.start_hold(&config, hold, step, body.len());
                 WasmAction::Pause
             }
         }
@@ -296,7 +342,7 @@ impl Drop for Stream {
             if !e.finished {
                 // The caller went away mid-review: tell the service so
                 // reviewers do not decide on a request nobody waits for.
-                if let Some(id) = e.hold.review_id() {
+                if let Some(id) = e.hold.cancellable_review() {
                     let (config, id) = (e.config.clone(), id.to_string());
                     CANCELS.with(|c| c.borrow_mut().push((config, id)));
                 }
@@ -381,6 +427,13 @@ fn perform(ctx_id: u32, entry: &SharedHold, step: HoldStep) {
                 let _ = hostcalls::resume_http_request();
                 return;
             }
+            HoldStep::Respond(reply) => {
+                entry.borrow_mut().finished = true;
+                if hostcalls::set_effective_context(ctx_id).is_ok() {
+                    send_reply(&reply);
+                }
+                return;
+            }
             HoldStep::Refuse(refusal) => {
                 entry.borrow_mut().finished = true;
                 if hostcalls::set_effective_context(ctx_id).is_ok() {
@@ -407,6 +460,11 @@ fn dispatch(config: &Config, call: &Callout) -> Result<u32, String> {
         Duration::from_millis(call.timeout_ms),
     )
     .map_err(|s| format!("{s:?}"))
+}
+
+fn send_reply(reply: &LocalReply) {
+    let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let _ = hostcalls::send_http_response(u32::from(reply.status), headers, Some(&reply.body));
 }
 
 fn send_refusal(refusal: &Refusal) {

@@ -1,0 +1,200 @@
+//! Who is calling: from a per-caller API key (only its SHA-256 is
+//! configured), a header set by an authentication filter earlier in the chain
+//! (e.g. Envoy `jwt_authn` `claim_to_headers`, Istio), or a metadata value.
+//!
+//! Also the header edits that keep credentials apart: the caller's key is
+//! stripped, the model's key is injected, and the approval token header is
+//! never forwarded.
+
+use std::collections::HashMap;
+
+use crate::token::sha256_hex;
+
+/// A known caller.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Caller {
+    /// Caller name (recorded, matched by rules).
+    pub name: String,
+    /// Groups (matched by rules).
+    pub groups: Vec<String>,
+}
+
+/// Where the caller's identity comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// A per-caller key in one of `key_headers` (`Bearer` prefix optional).
+    ApiKey {
+        /// Headers the key may arrive in, in order of preference.
+        key_headers: Vec<String>,
+        /// SHA-256 (lowercase hex) of each key → its caller.
+        keys: HashMap<String, Caller>,
+    },
+    /// A header set by a trusted filter earlier in the chain.
+    Header {
+        /// Header with the caller name.
+        name: String,
+        /// Optional header with comma-separated groups.
+        groups_header: Option<String>,
+    },
+    /// A value from Envoy's properties (e.g. dynamic metadata).
+    Metadata {
+        /// Property path to the caller name.
+        path: Vec<String>,
+        /// Optional property path to comma-separated groups.
+        groups_path: Option<Vec<String>>,
+    },
+}
+
+/// Injected upstream credential. `Debug` never shows the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct UpstreamCredential {
+    /// Header to set, e.g. `authorization` or `x-api-key`.
+    pub header: String,
+    /// Full header value, e.g. `Bearer sk-...`.
+    pub value: String,
+}
+
+impl std::fmt::Debug for UpstreamCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "UpstreamCredential {{ header: {:?}, value: <redacted> }}", self.header)
+    }
+}
+
+/// Why identification failed (401). Never contains the presented key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityError(pub String);
+
+fn split_groups(value: &str) -> Vec<String> {
+    value.split(',').map(str::trim).filter(|g| !g.is_empty()).map(str::to_string).collect()
+}
+
+/// A caller name from a header or metadata must be printable and short: it
+/// ends up in records, logs and reviewer screens.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 256 && !name.chars().any(char::is_control)
+}
+
+/// Identifies the caller. `header` looks up a request header, `property` an
+/// Envoy property path.
+pub fn identify(
+    source: &IdentitySource,
+    header: &dyn Fn(&str) -> Option<String>,
+    property: &dyn Fn(&[String]) -> Option<String>,
+) -> Result<Caller, IdentityError> {
+    match source {
+        IdentitySource::ApiKey { key_headers, keys } => {
+            let presented = key_headers.iter().find_map(|h| header(h).map(|v| (h, v)));
+            let Some((name, value)) = presented else {
+                return Err(IdentityError(format!("missing API key (send it in `{}`)", key_headers.join("` or `"))));
+            };
+            let value = value.trim();
+            let key = if name.eq_ignore_ascii_case("authorization") {
+                match value.split_once(' ') {
+                    Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+                    _ => return Err(IdentityError("`authorization` must be `Bearer <key>`".into())),
+                }
+            } else {
+                value
+            };
+            keys.get(&sha256_hex(key.as_bytes())).cloned().ok_or_else(|| IdentityError("invalid API key".into()))
+        }
+        IdentitySource::Header { name, groups_header } => {
+            let caller = header(name).map(|v| v.trim().to_string()).filter(|v| valid_name(v));
+            let Some(caller) = caller else {
+                return Err(IdentityError(format!("missing caller identity (`{name}` not set by the authentication filter)")));
+            };
+            let groups = groups_header.as_deref().and_then(header).map(|g| split_groups(&g)).unwrap_or_default();
+            Ok(Caller { name: caller, groups })
+        }
+        IdentitySource::Metadata { path, groups_path } => {
+            let caller = property(path).map(|v| v.trim().to_string()).filter(|v| valid_name(v));
+            let Some(caller) = caller else {
+                return Err(IdentityError("missing caller identity in metadata".into()));
+            };
+            let groups = groups_path.as_deref().and_then(property).map(|g| split_groups(&g)).unwrap_or_default();
+            Ok(Caller { name: caller, groups })
+        }
+    }
+}
+
+/// Header changes applied to every request the filter lets through.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HeaderEdits {
+    /// Headers to remove (the caller's key, the approval token).
+    pub remove: Vec<String>,
+    /// Header to set (the model's credential).
+    pub set: Option<(String, String)>,
+}
+
+/// The caller's credential and the approval token never reach the model;
+/// the configured upstream credential replaces them.
+pub fn forward_header_edits(
+    source: Option<&IdentitySource>,
+    token_header: Option<&str>,
+    credential: Option<&UpstreamCredential>,
+) -> HeaderEdits {
+    let mut remove = Vec::new();
+    if let Some(IdentitySource::ApiKey { key_headers, .. }) = source {
+        remove.extend(key_headers.iter().cloned());
+    }
+    if let Some(h) = token_header {
+        remove.push(h.to_string());
+    }
+    if let Some(c) = credential {
+        remove.push(c.header.clone());
+    }
+    remove.sort();
+    remove.dedup();
+    HeaderEdits { remove, set: credential.map(|c| (c.header.clone(), c.value.clone())) }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn keys() -> IdentitySource {
+        let mut keys = HashMap::new();
+        keys.insert(sha256_hex(b"key-ci"), Caller { name: "ci".into(), groups: vec!["bots".into()] });
+        IdentitySource::ApiKey { key_headers: vec!["authorization".into(), "x-api-key".into()], keys }
+    }
+
+    fn none(_: &[String]) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn api_keys_by_hash_in_either_header() {
+        let src = keys();
+        let bearer = |h: &str| (h == "authorization").then(|| "Bearer key-ci".to_string());
+        assert_eq!(identify(&src, &bearer, &none).unwrap().name, "ci");
+        let x = |h: &str| (h == "x-api-key").then(|| "key-ci".to_string());
+        assert_eq!(identify(&src, &x, &none).unwrap().groups, vec!["bots"]);
+        let wrong = |h: &str| (h == "authorization").then(|| "Bearer key-cj".to_string());
+        assert_eq!(identify(&src, &wrong, &none).unwrap_err().0, "invalid API key");
+        let basic = |h: &str| (h == "authorization").then(|| "Basic a2V5".to_string());
+        assert!(identify(&src, &basic, &none).is_err());
+        assert!(identify(&src, &|_| None, &none).unwrap_err().0.contains("missing"));
+    }
+
+    #[test]
+    fn trusted_header_and_metadata() {
+        let src = IdentitySource::Header { name: "x-user".into(), groups_header: Some("x-groups".into()) };
+        let h = |h: &str| match h {
+            "x-user" => Some("alice@corp".to_string()),
+            "x-groups" => Some("eng, security,".to_string()),
+            _ => None,
+        };
+        assert_eq!(identify(&src, &h, &none).unwrap(), Caller { name: "alice@corp".into(), groups: vec!["eng".into(), "security".into()] });
+        assert!(identify(&src, &|_| Some("bad\nname".into()), &none).is_err());
+        let md = IdentitySource::Metadata { path: vec!["metadata".into(), "x".into()], groups_path: None };
+        assert_eq!(identify(&md, &|_| None, &|_| Some("svc-a".into())).unwrap().name, "svc-a");
+        assert!(identify(&md, &|_| None, &none).is_err());
+    }
+
+    #[test]
+    fn debug_hides_the_credential() {
+        let c = UpstreamCredential { header: "authorization".into(), value: "Bearer sk-secret".into() };
+        assert!(!format!("{c:?}").contains("sk-secret"));
+    }
+}

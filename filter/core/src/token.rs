@@ -1,0 +1,207 @@
+//! Approval tokens: a signed, expiring permission for one caller to send one
+//! exact request body once a review approved it.
+//!
+//! Minted by the approval service, verified by the filter, with this one
+//! implementation on both sides. Format (all base64url without padding):
+//!
+//! ```text
+//! cs1.<key id>.<payload>.<HMAC-SHA256(key, "cs1.<key id>.<payload>")>
+//! payload = JSON {"rid": review id, "sub": caller, "bh": SHA-256 of the body, "exp": unix ms}
+//! ```
+//!
+//! The MAC covers the key id, so a token cannot be replayed under another key.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+type HmacSha256 = Hmac<Sha256>;
+
+const VERSION: &str = "cs1";
+/// Shortest accepted key: 256 bits.
+pub const MIN_KEY_BYTES: usize = 32;
+/// Tokens longer than this are refused before any parsing.
+pub const MAX_TOKEN_LEN: usize = 2048;
+
+/// A signing key with its id.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenKey {
+    /// Key id, carried in the token so keys can rotate.
+    pub id: String,
+    /// Raw key bytes (at least [`MIN_KEY_BYTES`]).
+    pub secret: Vec<u8>,
+}
+
+impl std::fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TokenKey {{ id: {:?}, secret: <redacted> }}", self.id)
+    }
+}
+
+/// What a token grants.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenClaims {
+    /// Review id.
+    pub rid: String,
+    /// Caller the token was issued to.
+    pub sub: String,
+    /// base64url SHA-256 of the approved body.
+    pub bh: String,
+    /// Expiry, Unix ms.
+    pub exp: u64,
+}
+
+/// Why a token was refused. Messages never echo the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenError {
+    /// Not a token of this format.
+    Malformed,
+    /// Key id not configured (retired or forged).
+    UnknownKey,
+    /// MAC does not match (tampered or forged).
+    BadSignature,
+    /// Past its expiry.
+    Expired,
+    /// Issued to another caller.
+    WrongCaller,
+    /// Issued for another request body.
+    WrongBody,
+}
+
+impl TokenError {
+    /// Human-readable reason.
+    pub fn message(self) -> &'static str {
+        match self {
+            TokenError::Malformed => "approval token is malformed",
+            TokenError::UnknownKey => "approval token was signed with an unknown key",
+            TokenError::BadSignature => "approval token signature is invalid",
+            TokenError::Expired => "approval token has expired",
+            TokenError::WrongCaller => "approval token was issued to another caller",
+            TokenError::WrongBody => "approval token was issued for a different request body",
+        }
+    }
+}
+
+/// base64url SHA-256 of a body, as carried in `bh`.
+pub fn body_hash(body: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(body))
+}
+
+/// Lowercase hex SHA-256 (for hashed API keys and reviewer tokens).
+pub fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn mac(key: &TokenKey, signed: &str) -> Option<HmacSha256> {
+    let mut m = HmacSha256::new_from_slice(&key.secret).ok()?;
+    m.update(signed.as_bytes());
+    Some(m)
+}
+
+/// Mints a token for `claims` with `key`.
+pub fn mint(key: &TokenKey, claims: &TokenClaims) -> Option<String> {
+    let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).ok()?);
+    let signed = format!("{VERSION}.{}.{payload}", key.id);
+    let tag = URL_SAFE_NO_PAD.encode(mac(key, &signed)?.finalize().into_bytes());
+    Some(format!("{signed}.{tag}"))
+}
+
+/// Verifies a token for this caller and this exact body at time `now_ms`.
+pub fn verify(token: &str, keys: &[TokenKey], caller: &str, body: &[u8], now_ms: u64) -> Result<TokenClaims, TokenError> {
+    let token = token.trim();
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(TokenError::Malformed);
+    }
+    let mut parts = token.split('.');
+    let (Some(version), Some(kid), Some(payload), Some(tag), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(TokenError::Malformed);
+    };
+    if version != VERSION || kid.is_empty() {
+        return Err(TokenError::Malformed);
+    }
+    let key = keys.iter().find(|k| k.id == kid).ok_or(TokenError::UnknownKey)?;
+    let tag = URL_SAFE_NO_PAD.decode(tag).map_err(|_| TokenError::Malformed)?;
+    let signed = &token[..token.len() - token.rsplit('.').next().map_or(0, str::len) - 1];
+    mac(key, signed).ok_or(TokenError::BadSignature)?.verify_slice(&tag).map_err(|_| TokenError::BadSignature)?;
+    // Only a signed payload is parsed.
+    let raw = URL_SAFE_NO_PAD.decode(payload).map_err(|_| TokenError::Malformed)?;
+    let claims: TokenClaims = serde_json::from_slice(&raw).map_err(|_| TokenError::Malformed)?;
+    if now_ms >= claims.exp {
+        return Err(TokenError::Expired);
+    }
+    if claims.sub != caller {
+        return Err(TokenError::WrongCaller);
+    }
+    if claims.bh != body_hash(body) {
+        return Err(TokenError::WrongBody);
+    }
+    Ok(claims)
+}
+
+/// Decodes a base64 (standard or url-safe) key secret.
+pub fn decode_secret(text: &str) -> Option<Vec<u8>> {
+    let t = text.trim();
+    base64::engine::general_purpose::STANDARD
+        .decode(t)
+        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(t))
+        .or_else(|_| URL_SAFE_NO_PAD.decode(t))
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn key(id: &str, b: u8) -> TokenKey {
+        TokenKey { id: id.into(), secret: vec![b; 32] }
+    }
+
+    fn claims(body: &[u8]) -> TokenClaims {
+        TokenClaims { rid: "rev_1".into(), sub: "ci".into(), bh: body_hash(body), exp: 10_000 }
+    }
+
+    #[test]
+    fn round_trip() {
+        let k = key("k1", 7);
+        let t = mint(&k, &claims(b"body")).unwrap();
+        assert!(t.starts_with("cs1.k1."));
+        assert_eq!(verify(&t, &[k], "ci", b"body", 5_000).unwrap().rid, "rev_1");
+    }
+
+    #[test]
+    fn every_misuse_is_refused() {
+        let k1 = key("k1", 7);
+        let t = mint(&k1, &claims(b"body")).unwrap();
+        let keys = [k1.clone(), key("k2", 9)];
+        assert_eq!(verify(&t, &keys, "ci", b"body2", 5_000), Err(TokenError::WrongBody));
+        assert_eq!(verify(&t, &keys, "other", b"body", 5_000), Err(TokenError::WrongCaller));
+        assert_eq!(verify(&t, &keys, "ci", b"body", 10_000), Err(TokenError::Expired));
+        assert_eq!(verify(&t, &keys[1..], "ci", b"body", 5_000), Err(TokenError::UnknownKey));
+        // Same token relabelled with another configured key id.
+        let relabelled = t.replacen("cs1.k1.", "cs1.k2.", 1);
+        assert_eq!(verify(&relabelled, &keys, "ci", b"body", 5_000), Err(TokenError::BadSignature));
+        // Truncated, tampered payload, tampered tag, garbage.
+        assert_eq!(verify(&t[..t.len() - 3], &keys, "ci", b"body", 5_000), Err(TokenError::BadSignature));
+        let mut parts: Vec<String> = t.split('.').map(str::to_string).collect();
+        let forged = claims(b"evil");
+        parts[2] = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&forged).unwrap());
+        assert_eq!(verify(&parts.join("."), &keys, "ci", b"evil", 5_000), Err(TokenError::BadSignature));
+        for bad in ["", "cs1", "cs1.k1.x", "cs2.k1.a.b", "cs1..a.b", "cs1.k1.a.b.c", "cs1.k1.!!.??"] {
+            assert!(verify(bad, &keys, "ci", b"body", 5_000).is_err(), "{bad}");
+        }
+        assert_eq!(verify(&"a".repeat(5000), &keys, "ci", b"body", 5_000), Err(TokenError::Malformed));
+        // A key of the wrong value under the right id.
+        assert_eq!(verify(&t, &[key("k1", 8)], "ci", b"body", 5_000), Err(TokenError::BadSignature));
+    }
+
+    #[test]
+    fn secrets_decode_and_debug_hides_them() {
+        assert_eq!(decode_secret("AAAA").unwrap(), vec![0, 0, 0]);
+        assert!(!format!("{:?}", key("k", 1)).contains('1'.to_string().repeat(2).as_str()));
+    }
+}

@@ -1,0 +1,79 @@
+"""Caller identity and credential injection in the real Envoy: per-caller API
+keys (only their hashes configured), 401s in the API's own format, the
+caller's key stripped and the model's key injected from Envoy's environment."""
+import httpx
+import pytest
+
+from conftest import chat, send_later
+from stack import sha256_hex
+
+pytestmark = pytest.mark.timeout(120)
+
+CALLERS = {"ci-nightly": "ck-ci-0123456789abcdef", "dana": "ck-dana-0123456789abcdef"}
+MODEL_KEY = "sk-model-key-that-only-the-gateway-knows"
+
+
+def identity_config(**extra):
+    return {
+        "identity": {
+            "source": "api_key",
+            "api_keys": [
+                {"sha256": sha256_hex(CALLERS["ci-nightly"]), "caller": "ci-nightly", "groups": ["bots"]},
+                {"sha256": sha256_hex(CALLERS["dana"]), "caller": "dana", "groups": ["eng"]},
+            ],
+        },
+        "upstream_credential": {"header": "authorization", "prefix": "Bearer ", "value_env": "COUNTERSIGN_UPSTREAM_KEY"},
+        "rules": [{"name": "bots-skip-review", "group": "bots", "action": "allow"}],
+        **extra,
+    }
+
+
+@pytest.fixture
+def keyed(make_stack):
+    return make_stack(filter_config=identity_config(), envoy_env={"COUNTERSIGN_UPSTREAM_KEY": MODEL_KEY})
+
+
+def as_caller(name):
+    return {"authorization": f"Bearer {CALLERS[name]}"}
+
+
+def test_missing_or_wrong_key_is_401_in_the_api_format(keyed):
+    r = httpx.post(keyed.url + "/v1/chat/completions", json=chat())
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "invalid_api_key"
+    assert r.headers["www-authenticate"] == "Bearer"
+    r = httpx.post(keyed.url + "/v1/chat/completions", json=chat(), headers={"authorization": "Bearer ck-guess"})
+    assert r.status_code == 401 and "invalid API key" in r.json()["error"]["message"]
+    r = httpx.post(keyed.url + "/v1/messages", headers={"x-api-key": "nope"},
+                   json={"model": "claude", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    # Passthrough paths need an identity too.
+    assert httpx.get(keyed.url + "/v1/models").status_code == 401
+    assert keyed.backend.stats()["started"] == 0
+
+
+def test_the_model_sees_only_the_injected_key(keyed):
+    r = httpx.post(keyed.url + "/v1/chat/completions", json=chat(model="demo-echo"), headers=as_caller("ci-nightly"))
+    assert r.status_code == 200, r.text
+    assert r.headers["x-countersign-outcome"] == "allowed"
+    r = httpx.get(keyed.url + "/v1/models", headers={"x-api-key": CALLERS["ci-nightly"]})
+    assert r.status_code == 200
+    seen = keyed.backend.requests()
+    assert [s["headers"].get("authorization") for s in seen] == [f"Bearer {MODEL_KEY}"] * 2
+    for s in seen:
+        assert "x-api-key" not in s["headers"]
+        assert CALLERS["ci-nightly"] not in str(s)
+    # The model key is nowhere in Envoy's log or the service's.
+    assert MODEL_KEY not in keyed.envoy.proc.log_text()
+    assert MODEL_KEY not in keyed.approval.proc.log_text()
+
+
+def test_policy_per_caller_group_and_caller_recorded(keyed, background):
+    fut = send_later(background, keyed.url, chat(text="dana asks"), headers=as_caller("dana"))
+    [review] = keyed.approval.wait_pending()
+    assert review["caller"] == "dana"
+    assert keyed.approval.decide(review["id"], "approve").status_code == 200
+    r = fut.result(10)
+    assert r.status_code == 200
+    [seen] = keyed.backend.requests()
+    assert seen["headers"]["authorization"] == f"Bearer {MODEL_KEY}"
