@@ -1,6 +1,12 @@
 //! HTTP handlers: the filter API (`/v1/reviews...`), the reviewer API
-//! (`/api/...`) and health checks.
+//! (`/api/...`, including the live feed `/api/events`) and health checks.
+//!
+//! The reviewer API accepts either `Authorization: Bearer <token>` (curl,
+//! scripts) or the browser session cookie of the reviewer UI; with the
+//! cookie, every state-changing call also needs the session's CSRF token in
+//! `x-csrf-token` (see [`crate::session`]).
 
+use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -8,15 +14,18 @@ use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use countersign_core::wire::{CreateReview, ReviewState, ReviewStatus, FILTER_TOKEN_HEADER};
+use futures_util::Stream;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::config::MAX_HOLD_TIMEOUT_MS;
 use crate::error::ApiError;
+use crate::session::{csrf_matches, session_cookie, CSRF_HEADER};
 use crate::state::AppState;
 use crate::store::{
     DecideOutcome, Decision, ListQuery, NewReview, ReviewDetail, ReviewSummary, CANCELLED_REASON,
@@ -59,45 +68,98 @@ impl FromRequestParts<AppState> for FilterAuth {
     }
 }
 
+/// How a reviewer-API call authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// `Authorization: Bearer <reviewer token>`.
+    Bearer,
+    /// The UI session cookie (and, for state-changing calls, its CSRF token).
+    Session {
+        /// SHA-256 of the session id.
+        id_sha256: TokenHash,
+        /// The session's CSRF token.
+        csrf_token: String,
+    },
+}
+
 /// The authenticated reviewer of a reviewer-API call.
 pub struct Reviewer {
     /// Configured name.
     pub name: String,
     /// Configured groups.
     pub groups: Vec<String>,
+    /// How the call authenticated.
+    pub via: AuthMethod,
 }
 
 impl FromRequestParts<AppState> for Reviewer {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let value = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| ApiError::Unauthorized("missing bearer token".into()))?;
-        let token = value
-            .split_once(' ')
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, t)| t.trim())
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                ApiError::Unauthorized("expected Authorization: Bearer <token>".into())
-            })?;
-        let reviewer = state
-            .reviewer_for(&TokenHash::of_token(token))
-            .ok_or_else(|| ApiError::Unauthorized("invalid token".into()))?;
+        // An Authorization header always wins: a script's token must never
+        // be overridden by a cookie the same client happens to hold.
+        if parts.headers.contains_key(header::AUTHORIZATION) {
+            return bearer_reviewer(parts, state);
+        }
+        let Some(id) = session_cookie(&parts.headers) else {
+            return Err(ApiError::Unauthorized(
+                "missing bearer token (or sign-in session)".into(),
+            ));
+        };
+        let (session, reviewer) = state.session(id).await?.ok_or_else(|| {
+            ApiError::Unauthorized("session expired or signed out; sign in again".into())
+        })?;
+        if !parts.method.is_safe() {
+            let presented = parts
+                .headers
+                .get(CSRF_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if presented.is_empty() || !csrf_matches(presented, &session.csrf_token) {
+                return Err(ApiError::Forbidden(format!(
+                    "missing or invalid {CSRF_HEADER} header"
+                )));
+            }
+        }
         Ok(Reviewer {
-            name: reviewer.name.clone(),
-            groups: reviewer.groups.clone(),
+            name: reviewer.name,
+            groups: reviewer.groups,
+            via: AuthMethod::Session {
+                id_sha256: TokenHash::of_token(id),
+                csrf_token: session.csrf_token,
+            },
         })
     }
+}
+
+fn bearer_reviewer(parts: &Parts, state: &AppState) -> Result<Reviewer, ApiError> {
+    let value = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| ApiError::Unauthorized("missing bearer token".into()))?;
+    let token = value
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| ApiError::Unauthorized("expected Authorization: Bearer <token>".into()))?;
+    let reviewer = state
+        .reviewer_for(&TokenHash::of_token(token))
+        .ok_or_else(|| ApiError::Unauthorized("invalid token".into()))?;
+    Ok(Reviewer {
+        name: reviewer.name.clone(),
+        groups: reviewer.groups.clone(),
+        via: AuthMethod::Bearer,
+    })
 }
 
 /// Parses a JSON body ourselves rather than with `axum::Json`, so errors
 /// use our error shape and a missing `Content-Type` is not an error (the
 /// filter's HTTP client may not set one). An empty body reads as `{}`.
-fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+pub(crate) fn parse_json<T: DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
     let bytes = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge("request body too large".into())
@@ -114,7 +176,7 @@ fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Resul
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
-fn parse_query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+pub(crate) fn parse_query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
     q.map(|Query(t)| t)
         .map_err(|e| ApiError::BadRequest(format!("invalid query string: {}", e.body_text())))
 }
@@ -188,7 +250,11 @@ pub async fn create_review(
         hold_timeout_ms,
         "review created"
     );
-    state.db(move |s| s.insert(&new)).await?;
+    crate::approvals::warn_if_unreachable(&state.config().reviewers, &new.id, &new.request);
+    let stored = new.clone();
+    state.db(move |s| s.insert(&stored)).await?;
+    state.publish(&new.id, ReviewStatus::Pending);
+    crate::webhook::notify_pending(&state, &new);
     Ok((StatusCode::CREATED, Json(state_out)))
 }
 
@@ -223,6 +289,7 @@ pub async fn wait_review(
         if expired_now {
             tracing::info!(review_id = %id, status = "expired", "review expired (hold timeout)");
             state.wake(&id);
+            state.publish(&id, ReviewStatus::Expired);
         }
         if current.status.is_final() {
             return Ok(Json(current));
@@ -258,6 +325,7 @@ async fn finish_review(
     if changed {
         tracing::info!(review_id = %id, status = status.as_str(), "review ended by filter");
         state.wake(&id);
+        state.publish(&id, status);
     }
     Ok(Json(current))
 }
@@ -289,17 +357,29 @@ pub struct Me {
     pub name: String,
     /// Reviewer groups.
     pub groups: Vec<String>,
+    /// With a UI session: the CSRF token to send as `x-csrf-token`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub csrf_token: Option<String>,
 }
 
 /// `GET /api/me`.
-pub async fn me(reviewer: Reviewer) -> Json<Me> {
-    Json(Me {
-        name: reviewer.name,
-        groups: reviewer.groups,
-    })
+pub async fn me(reviewer: Reviewer) -> Response {
+    let csrf_token = match reviewer.via {
+        AuthMethod::Bearer => None,
+        AuthMethod::Session { csrf_token, .. } => Some(csrf_token),
+    };
+    (
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(Me {
+            name: reviewer.name,
+            groups: reviewer.groups,
+            csrf_token,
+        }),
+    )
+        .into_response()
 }
 
-/// Query of `GET /api/reviews`.
+/// Query of `GET /api/reviews`. Empty values count as absent.
 #[derive(Debug, Deserialize)]
 pub struct ListParams {
     /// Only this status.
@@ -308,6 +388,35 @@ pub struct ListParams {
     pub limit: Option<u32>,
     /// Only reviews created before this time (Unix ms), for paging.
     pub before_ms: Option<u64>,
+    /// Caller contains this (case-insensitive).
+    pub caller: Option<String>,
+    /// Model contains this (case-insensitive).
+    pub model: Option<String>,
+    /// Deciding reviewer contains this (case-insensitive).
+    pub reviewer: Option<String>,
+    /// `true`: only approvals with an edited body; `false`: only without.
+    pub edited: Option<bool>,
+    /// Only reviews created at or after this time (Unix ms).
+    pub since_ms: Option<u64>,
+    /// Only reviews created before this time (Unix ms).
+    pub until_ms: Option<u64>,
+    /// Free-text search in the prompt, preview, ids, caller, model,
+    /// reviewer and reason.
+    pub q: Option<String>,
+}
+
+/// Longest accepted text filter, in characters.
+const MAX_FILTER_CHARS: usize = 500;
+
+fn text_filter(name: &str, v: Option<String>) -> Result<Option<String>, ApiError> {
+    match v {
+        Some(t) if t.chars().count() > MAX_FILTER_CHARS => Err(ApiError::BadRequest(format!(
+            "{name} is longer than {MAX_FILTER_CHARS} characters"
+        ))),
+        Some(t) if t.trim().is_empty() => Ok(None),
+        Some(t) => Ok(Some(t.trim().to_string())),
+        None => Ok(None),
+    }
 }
 
 /// Body of `GET /api/reviews`.
@@ -343,6 +452,13 @@ pub async fn list_reviews(
             .limit
             .unwrap_or(DEFAULT_LIST_LIMIT)
             .clamp(1, MAX_LIST_LIMIT),
+        caller: text_filter("caller", params.caller)?,
+        model: text_filter("model", params.model)?,
+        reviewer: text_filter("reviewer", params.reviewer)?,
+        edited: params.edited,
+        since_ms: params.since_ms,
+        until_ms: params.until_ms,
+        search: text_filter("q", params.q)?,
     };
     // Expire overdue reviews first so the list never offers a review that
     // can no longer be approved (the sweeper may be up to a second behind).
@@ -368,6 +484,7 @@ pub async fn get_review(
         .ok_or_else(not_found)?;
     if expired_now {
         state.wake(&id);
+        state.publish(&id, ReviewStatus::Expired);
     }
     Ok(Json(detail))
 }
@@ -391,9 +508,37 @@ async fn decide(
     let now = crate::now_ms();
     let lookup_id = id.clone();
     let d = decision.clone();
-    let outcome = state.db(move |s| s.decide(&lookup_id, &d, now)).await?;
+    // Groups and `callers` come from the configuration (names are unique).
+    let who = state
+        .config()
+        .reviewers
+        .iter()
+        .find(|r| r.name == decision.reviewer)
+        .cloned()
+        .ok_or_else(|| ApiError::Forbidden("reviewer is no longer configured".into()))?;
+    let outcome = state
+        .db(move |s| s.decide(&lookup_id, &d, &who, now))
+        .await?;
     // Wake in every case: a lost decision may have just persisted an expiry.
     state.wake(&id);
+    match &outcome {
+        DecideOutcome::Decided(detail) => state.publish(&id, detail.summary.status),
+        DecideOutcome::Partial(_) => state.publish_approval(&id),
+        DecideOutcome::Refused(_) => {}
+        DecideOutcome::NotPending(_) => {
+            // Tell live pages to re-read it (it may have just expired).
+            if let Ok(Some(current)) = state
+                .db({
+                    let id = id.clone();
+                    move |s| s.state(&id)
+                })
+                .await
+            {
+                state.publish(&id, current.status);
+            }
+        }
+        DecideOutcome::NotFound => {}
+    }
     match outcome {
         DecideOutcome::Decided(detail) => {
             tracing::info!(
@@ -404,6 +549,27 @@ async fn decide(
                 "review decided"
             );
             Ok(Json(*detail))
+        }
+        DecideOutcome::Partial(detail) => {
+            tracing::info!(
+                review_id = %id,
+                reviewer = %decision.reviewer,
+                approvals = detail.summary.approval_count,
+                required_approvals = detail.summary.required_approvals,
+                edited = decision.edited_body.is_some(),
+                "approval recorded; more needed"
+            );
+            Ok(Json(*detail))
+        }
+        DecideOutcome::Refused(refused) => {
+            tracing::info!(
+                review_id = %id,
+                reviewer = %decision.reviewer,
+                status = decision.status.as_str(),
+                refused = refused.code(),
+                "decision refused"
+            );
+            Err(refused.to_api_error())
         }
         DecideOutcome::NotFound => Err(not_found()),
         DecideOutcome::NotPending(why) => {
@@ -535,6 +701,47 @@ pub async fn edit(
         edited_body: Some(edited),
     };
     decide(state, id, decision).await
+}
+
+// ---------------------------------------------------------------- live feed
+
+/// `GET /api/events`: server-sent events for the reviewer UI. Sends `hello`
+/// at once, then a `review` event (`{"type","id","status"}`) for every
+/// change, and `resync` when this subscriber fell behind and should
+/// re-fetch. Ends when the server shuts down.
+pub async fn events(
+    State(state): State<AppState>,
+    _reviewer: Reviewer,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let rx = state.subscribe_events();
+    let shutdown = state.shutdown_receiver();
+    let stream = futures_util::stream::unfold(
+        (rx, shutdown, true),
+        |(mut rx, mut shutdown, first)| async move {
+            if first {
+                let hello = Event::default().event("hello").data("{}");
+                return Some((Ok(hello), (rx, shutdown, false)));
+            }
+            if *shutdown.borrow() {
+                return None;
+            }
+            let event = tokio::select! {
+                received = rx.recv() => match received {
+                    Ok(ev) => match serde_json::to_string(&ev) {
+                        Ok(json) => Event::default().event("review").data(json),
+                        Err(_) => Event::default().event("resync").data("{}"),
+                    },
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        Event::default().event("resync").data("{}")
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                },
+                _ = shutdown.wait_for(|down| *down) => return None,
+            };
+            Some((Ok(event), (rx, shutdown, false)))
+        },
+    );
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
 #[cfg(test)]

@@ -46,9 +46,50 @@ pub struct ReviewerConfig {
     pub name: String,
     /// SHA-256 of the reviewer's bearer token (the token itself is never stored).
     pub token_sha256: TokenHash,
-    /// Free-form group names, reported by `GET /api/me`.
+    /// Free-form group names, reported by `GET /api/me`; a review with an
+    /// `approver_group` may only be decided by its members.
     pub groups: Vec<String>,
+    /// Caller identities this person sends requests as (besides `name`):
+    /// they can never approve a review from any of them.
+    pub callers: Vec<String>,
 }
+
+/// Payload shape of a webhook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookFormat {
+    /// `{"event":"review.pending","review":{...}}` (default).
+    #[default]
+    Json,
+    /// Slack incoming-webhook JSON (`text` + `blocks`); also understood by
+    /// Mattermost, Rocket.Chat and most chat tools.
+    Slack,
+}
+
+impl WebhookFormat {
+    /// The configuration name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookFormat::Json => "json",
+            WebhookFormat::Slack => "slack",
+        }
+    }
+}
+
+/// One notification target, called on every new pending review.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookConfig {
+    /// `http://` or `https://` URL that receives a JSON `POST`.
+    pub url: String,
+    /// Payload shape.
+    pub format: WebhookFormat,
+}
+
+/// Default lifetime of a reviewer's browser session.
+pub const DEFAULT_UI_SESSION_HOURS: u64 = 12;
+
+/// Longest allowed browser session: 30 days.
+pub const MAX_UI_SESSION_HOURS: u64 = 24 * 30;
 
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +109,40 @@ pub struct Config {
     pub max_long_poll_ms: u64,
     /// The reviewers.
     pub reviewers: Vec<ReviewerConfig>,
+    /// Base URL reviewers use to reach this service (for links in webhook
+    /// notifications), without a trailing slash, e.g.
+    /// `https://countersign.example.com`. Defaults to `http://<listen>`.
+    pub public_url: Option<String>,
+    /// Mark the session cookie `Secure` (set this when reviewers reach the
+    /// service over HTTPS, e.g. behind a TLS-terminating proxy).
+    pub ui_secure_cookies: bool,
+    /// Lifetime of a browser session, in hours.
+    pub ui_session_hours: u64,
+    /// Notification targets.
+    pub webhooks: Vec<WebhookConfig>,
+    /// Session records older than this many days are deleted (the oldest
+    /// part of the chain; see [`crate::records`]). 0 keeps them forever.
+    pub record_retention_days: u64,
+    /// Serve `GET /metrics` without authentication (default). When false,
+    /// reviewer authentication is required.
+    pub metrics_public: bool,
+    /// Approval-token keys (`[[token_keys]]`); the last one signs. Empty:
+    /// no tokens are issued.
+    pub token_keys: Vec<countersign_core::token::TokenKey>,
+    /// Lifetime of an approval token, from the approval.
+    pub token_ttl_ms: u64,
+    /// How many times one approval token may be spent.
+    pub token_max_uses: u32,
+}
+
+impl Config {
+    /// The base URL for links to the reviewer UI (no trailing slash).
+    pub fn link_base(&self) -> String {
+        match &self.public_url {
+            Some(u) => u.clone(),
+            None => format!("http://{}", self.listen),
+        }
+    }
 }
 
 impl Default for Config {
@@ -80,6 +155,15 @@ impl Default for Config {
             filter_token_sha256: None,
             max_long_poll_ms: 60_000,
             reviewers: Vec::new(),
+            public_url: None,
+            ui_secure_cookies: false,
+            ui_session_hours: DEFAULT_UI_SESSION_HOURS,
+            webhooks: Vec::new(),
+            record_retention_days: 0,
+            metrics_public: true,
+            token_keys: Vec::new(),
+            token_ttl_ms: crate::approval_tokens::DEFAULT_TOKEN_TTL_MS,
+            token_max_uses: 1,
         }
     }
 }
@@ -144,6 +228,32 @@ struct RawConfig {
     max_long_poll_ms: Option<u64>,
     #[serde(default)]
     reviewers: Vec<RawReviewer>,
+    #[serde(default)]
+    public_url: Option<String>,
+    #[serde(default)]
+    ui_secure_cookies: bool,
+    #[serde(default)]
+    ui_session_hours: Option<u64>,
+    #[serde(default)]
+    webhooks: Vec<RawWebhook>,
+    #[serde(default)]
+    record_retention_days: u64,
+    #[serde(default = "default_true")]
+    metrics_public: bool,
+    #[serde(default)]
+    token_keys: Vec<crate::approval_tokens::RawTokenKey>,
+    #[serde(default)]
+    token_ttl_ms: Option<u64>,
+    #[serde(default)]
+    token_max_uses: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    url: String,
+    #[serde(default)]
+    format: WebhookFormat,
 }
 
 #[derive(Deserialize)]
@@ -153,6 +263,50 @@ struct RawReviewer {
     token_sha256: String,
     #[serde(default)]
     groups: Vec<String>,
+    #[serde(default)]
+    callers: Vec<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Longest record retention: 100 years.
+pub const MAX_RECORD_RETENTION_DAYS: u64 = 36_500;
+
+fn check_retention_days(days: u64) -> Result<u64, ConfigError> {
+    if days > MAX_RECORD_RETENTION_DAYS {
+        return Err(invalid(
+            "record_retention_days",
+            format!("must be at most {MAX_RECORD_RETENTION_DAYS} (0 keeps records forever)"),
+        ));
+    }
+    Ok(days)
+}
+
+/// Checks an `http://` or `https://` URL with a host; returns it trimmed.
+fn check_url(field: &str, url: &str) -> Result<String, ConfigError> {
+    let url = url.trim();
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| {
+            invalid(
+                field,
+                format!("{url:?} must start with http:// or https://"),
+            )
+        })?;
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if host.is_empty() || host.starts_with(':') {
+        return Err(invalid(field, format!("{url:?} has no host")));
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(field, format!("{url:?} contains whitespace")));
+    }
+    if url.parse::<axum::http::Uri>().is_err() {
+        return Err(invalid(field, format!("{url:?} is not a valid URL")));
+    }
+    Ok(url.to_string())
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -228,12 +382,38 @@ impl Config {
                     "duplicate token hash (already used by another reviewer)",
                 ));
             }
+            let callers = crate::approvals::check_callers(i, r.callers)?;
             reviewers.push(ReviewerConfig {
                 name,
                 token_sha256,
                 groups: r.groups,
+                callers,
             });
         }
+
+        let public_url = raw
+            .public_url
+            .map(|u| check_url("public_url", &u).map(|u| u.trim_end_matches('/').to_string()))
+            .transpose()?;
+        let ui_session_hours = raw.ui_session_hours.unwrap_or(DEFAULT_UI_SESSION_HOURS);
+        if !(1..=MAX_UI_SESSION_HOURS).contains(&ui_session_hours) {
+            return Err(invalid(
+                "ui_session_hours",
+                format!("must be between 1 and {MAX_UI_SESSION_HOURS}"),
+            ));
+        }
+        let webhooks = raw
+            .webhooks
+            .into_iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let url = check_url(&format!("webhooks[{i}].url"), &w.url)?;
+                Ok(WebhookConfig {
+                    url,
+                    format: w.format,
+                })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
 
         Ok(Config {
             listen,
@@ -242,6 +422,17 @@ impl Config {
             filter_token_sha256,
             max_long_poll_ms,
             reviewers,
+            public_url,
+            ui_secure_cookies: raw.ui_secure_cookies,
+            ui_session_hours,
+            webhooks,
+            record_retention_days: check_retention_days(raw.record_retention_days)?,
+            metrics_public: raw.metrics_public,
+            token_keys: crate::approval_tokens::check_keys(raw.token_keys, &|name| {
+                std::env::var(name).ok()
+            })?,
+            token_ttl_ms: crate::approval_tokens::check_ttl(raw.token_ttl_ms)?,
+            token_max_uses: crate::approval_tokens::check_max_uses(raw.token_max_uses)?,
         })
     }
 }
@@ -325,6 +516,47 @@ groups = ["security"]
         .unwrap_err()
         .to_string();
         assert!(e.contains("reviewers[1].token_sha256"), "{e}");
+    }
+
+    #[test]
+    fn ui_and_webhook_fields() {
+        let c = Config::from_toml_str(
+            r#"
+public_url = "https://review.example.com/"
+ui_secure_cookies = true
+ui_session_hours = 8
+[[webhooks]]
+url = "https://hooks.slack.com/services/T/B/X"
+format = "slack"
+[[webhooks]]
+url = "http://127.0.0.1:9999/hook"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.public_url.as_deref(), Some("https://review.example.com"));
+        assert_eq!(c.link_base(), "https://review.example.com");
+        assert!(c.ui_secure_cookies);
+        assert_eq!(c.ui_session_hours, 8);
+        assert_eq!(c.webhooks.len(), 2);
+        assert_eq!(c.webhooks[0].format, WebhookFormat::Slack);
+        assert_eq!(c.webhooks[1].format, WebhookFormat::Json);
+        assert_eq!(c.webhooks[1].url, "http://127.0.0.1:9999/hook");
+        assert_eq!(Config::default().link_base(), "http://127.0.0.1:8081");
+
+        for (bad, field) in [
+            ("public_url = \"ftp://x\"", "public_url"),
+            ("public_url = \"http://\"", "public_url"),
+            ("ui_session_hours = 0", "ui_session_hours"),
+            ("[[webhooks]]\nurl = \"nope\"", "webhooks[0].url"),
+            (
+                "[[webhooks]]\nurl = \"http://x\"\nformat = \"teams\"",
+                "format",
+            ),
+            ("[[webhooks]]\nurl = \"http://x\"\nsecret = \"s\"", "secret"),
+        ] {
+            let e = Config::from_toml_str(bad).unwrap_err().to_string();
+            assert!(e.contains(field), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -27,6 +27,16 @@ pub enum ApiError {
     PayloadTooLarge(String),
     /// 500 `internal`: the detail is logged, never sent.
     Internal(String),
+    /// A refusal with its own stable code, e.g. 403 `self_approval`,
+    /// 403 `not_in_approver_group`, 409 `already_approved`.
+    Coded {
+        /// HTTP status.
+        status: StatusCode,
+        /// Stable machine-readable code.
+        code: &'static str,
+        /// Human-readable message.
+        message: String,
+    },
 }
 
 impl ApiError {
@@ -45,6 +55,7 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Coded { status, .. } => *status,
         }
     }
 
@@ -58,6 +69,7 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::Internal(_) => "internal",
+            ApiError::Coded { code, .. } => code,
         }
     }
 
@@ -69,7 +81,8 @@ impl ApiError {
             | ApiError::Forbidden(m)
             | ApiError::NotFound(m)
             | ApiError::Conflict(m)
-            | ApiError::PayloadTooLarge(m) => m,
+            | ApiError::PayloadTooLarge(m)
+            | ApiError::Coded { message: m, .. } => m,
             ApiError::Internal(_) => "internal error",
         }
     }

@@ -10,10 +10,16 @@ use std::process::ExitCode;
 
 use countersign_approval::{run, AppState, Config, TokenHash};
 
+mod check_config;
+mod records_cli;
+
 const USAGE: &str = "usage:
   countersign-approval serve --config FILE [--listen ADDR] [--database PATH]
   countersign-approval --config FILE [--listen ADDR] [--database PATH]
-  countersign-approval hash-token TOKEN";
+  countersign-approval hash-token TOKEN
+  countersign-approval check-config [--plugin-config FILE.json]... [--envoy FILE.yaml]... [--service-config FILE.toml]... [--envoy-bin PATH | --no-envoy]
+  countersign-approval verify-records (--database PATH | --config FILE)
+  countersign-approval export-records (--database PATH | --config FILE) [--since-ms N] [--until-ms N] [--caller NAME] [--model NAME] [--decision D] [--review-id ID] [--after-seq N]";
 
 /// Options of `serve`.
 struct ServeArgs {
@@ -67,6 +73,9 @@ fn parse_serve(args: &[String]) -> Result<ServeArgs, String> {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
+        Some("check-config") => check_config::run(&args[1..]),
+        Some("verify-records") => records_cli::verify(&args[1..]),
+        Some("export-records") => records_cli::export(&args[1..]),
         Some("hash-token") => match args.get(1..) {
             Some([token]) => {
                 println!("{}", TokenHash::of_token(token).to_hex());

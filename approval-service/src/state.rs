@@ -1,16 +1,62 @@
-//! Shared service state: configuration, the store, and the per-review
-//! wake-up channels of long-polling waiters.
+//! Shared service state: configuration, the store, the per-review wake-up
+//! channels of long-polling waiters, the live event feed of the reviewer UI,
+//! and the sign-in rate limiter.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use countersign_core::wire::ReviewStatus;
+use serde::Serialize;
+use tokio::sync::{broadcast, watch};
 
 use crate::config::{Config, ReviewerConfig};
 use crate::error::ApiError;
+use crate::session::{LoginLimiter, Session};
 use crate::store::{Store, StoreError};
 use crate::token::TokenHash;
+
+/// How many events a slow live-feed subscriber may fall behind before it
+/// is told to re-fetch (`resync`).
+const EVENT_BUFFER: usize = 256;
+
+/// How often the sweeper deletes expired browser sessions.
+const SESSION_PURGE_PERIOD: Duration = Duration::from_secs(600);
+
+/// Failed sign-ins allowed in a burst, and refilled per second.
+const LOGIN_BURST: u32 = 10;
+const LOGIN_REFILL_PER_S: f64 = 0.5;
+
+/// A change to a review, pushed to the reviewer UI's live feed
+/// (`GET /api/events`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReviewEvent {
+    /// `created`, `approval` (a partial approval: more are needed),
+    /// `decided`, `expired` or `cancelled`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Review id.
+    pub id: String,
+    /// Status after the change.
+    pub status: ReviewStatus,
+}
+
+impl ReviewEvent {
+    /// The event for `id` having reached `status`.
+    pub fn new(id: &str, status: ReviewStatus) -> ReviewEvent {
+        let kind = match status {
+            ReviewStatus::Pending => "created",
+            ReviewStatus::Approved | ReviewStatus::Rejected => "decided",
+            ReviewStatus::Expired => "expired",
+            ReviewStatus::Cancelled => "cancelled",
+        };
+        ReviewEvent {
+            kind,
+            id: id.to_string(),
+            status,
+        }
+    }
+}
 
 /// Everything the handlers share; cheap to clone.
 #[derive(Clone)]
@@ -21,6 +67,8 @@ pub struct AppState {
 struct Inner {
     config: Config,
     store: Arc<Store>,
+    /// The session record log (its own connection; see `crate::records`).
+    records: Arc<crate::records::RecordStore>,
     /// One channel per review that currently has waiters. A decision wakes
     /// only that review's waiters; the entry is removed with its last waiter
     /// so the map does not grow with the number of reviews ever created.
@@ -28,6 +76,10 @@ struct Inner {
     /// Flips to `true` when the server starts shutting down, so long polls
     /// answer at once instead of holding graceful shutdown for a minute.
     shutdown: watch::Sender<bool>,
+    /// Live feed of review changes for the reviewer UI.
+    events: broadcast::Sender<ReviewEvent>,
+    /// Failed sign-ins.
+    login_limiter: LoginLimiter,
 }
 
 impl AppState {
@@ -35,12 +87,17 @@ impl AppState {
     /// Blocks briefly; call it at start-up.
     pub fn open(config: Config) -> Result<AppState, StoreError> {
         let store = Store::open(&config.database, config.sqlite_synchronous)?;
+        let records =
+            crate::records::RecordStore::open(&config.database, config.sqlite_synchronous)?;
         Ok(AppState {
             inner: Arc::new(Inner {
                 config,
                 store: Arc::new(store),
+                records: Arc::new(records),
                 waiters: Mutex::new(HashMap::new()),
                 shutdown: watch::Sender::new(false),
+                events: broadcast::Sender::new(EVENT_BUFFER),
+                login_limiter: LoginLimiter::new(LOGIN_BURST, LOGIN_REFILL_PER_S),
             }),
         })
     }
@@ -48,6 +105,11 @@ impl AppState {
     /// The configuration in force.
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// The session record log.
+    pub fn records(&self) -> &Arc<crate::records::RecordStore> {
+        &self.inner.records
     }
 
     /// Makes every current and future long poll return immediately.
@@ -76,6 +138,57 @@ impl AppState {
             }
         }
         found
+    }
+
+    /// The reviewer with this name whose configured token hash is `token`.
+    pub(crate) fn reviewer_named(&self, name: &str, token: &TokenHash) -> Option<&ReviewerConfig> {
+        self.inner
+            .config
+            .reviewers
+            .iter()
+            .find(|r| r.name == name && r.token_sha256.ct_eq(token))
+    }
+
+    /// The sign-in rate limiter.
+    pub(crate) fn login_limiter(&self) -> &LoginLimiter {
+        &self.inner.login_limiter
+    }
+
+    /// The live session with cookie value `id`, if its reviewer still has
+    /// the same token configured.
+    pub(crate) async fn session(
+        &self,
+        id: &str,
+    ) -> Result<Option<(Session, ReviewerConfig)>, ApiError> {
+        let hash = TokenHash::of_token(id);
+        let now = crate::now_ms();
+        let found = self.db(move |s| s.session(&hash, now)).await?;
+        Ok(found.and_then(|session| {
+            let reviewer = self
+                .reviewer_named(&session.reviewer, &session.token_sha256)?
+                .clone();
+            Some((session, reviewer))
+        }))
+    }
+
+    /// Pushes a review change to live-feed subscribers (if any).
+    pub fn publish(&self, id: &str, status: ReviewStatus) {
+        // An error only means nobody is listening.
+        let _ = self.inner.events.send(ReviewEvent::new(id, status));
+    }
+
+    /// Tells live-feed subscribers that `id` got an approval but still needs more.
+    pub fn publish_approval(&self, id: &str) {
+        let _ = self.inner.events.send(ReviewEvent {
+            kind: "approval",
+            id: id.to_string(),
+            status: ReviewStatus::Pending,
+        });
+    }
+
+    /// Subscribes to the live feed.
+    pub fn subscribe_events(&self) -> broadcast::Receiver<ReviewEvent> {
+        self.inner.events.subscribe()
     }
 
     fn waiters(&self) -> MutexGuard<'_, HashMap<String, watch::Sender<()>>> {
@@ -125,6 +238,7 @@ impl AppState {
         for id in &ids {
             tracing::info!(review_id = %id, status = "expired", "review expired (hold timeout)");
             self.wake(id);
+            self.publish(id, ReviewStatus::Expired);
         }
         Ok(ids.len())
     }
@@ -137,12 +251,20 @@ impl AppState {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_purge: Option<tokio::time::Instant> = None;
             loop {
                 tick.tick().await;
                 let Some(inner) = weak.upgrade() else { return };
                 let state = AppState { inner };
                 if let Err(e) = state.sweep_once().await {
                     tracing::error!(error = %e, "expiry sweep failed");
+                }
+                if last_purge.is_none_or(|t| t.elapsed() >= SESSION_PURGE_PERIOD) {
+                    last_purge = Some(tokio::time::Instant::now());
+                    let now = crate::now_ms();
+                    if let Err(e) = state.db(move |s| s.purge_sessions(now)).await {
+                        tracing::error!(error = %e, "session purge failed");
+                    }
                 }
             }
         })

@@ -4,8 +4,10 @@
 //! blocks, so async code calls them through `tokio::task::spawn_blocking`
 //! (see [`crate::AppState`]). Holding the one mutex for a whole method makes
 //! each method atomic with respect to the others, and every state change is a
-//! single conditional `UPDATE ... WHERE status = 'pending'`, so even with
-//! several processes on one file exactly one outcome wins.
+//! single conditional `UPDATE ... WHERE status = 'pending'` (reviewer
+//! decisions, which also record approvals, run in one `BEGIN IMMEDIATE`
+//! transaction: see [`crate::approvals`]), so even with several processes on
+//! one file exactly one outcome wins.
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -19,7 +21,7 @@ use crate::config::SqliteSynchronous;
 
 /// Schema version stored in `PRAGMA user_version`; bump it and add a step to
 /// [`migrate`] when the schema changes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Characters of the last user message shown in list previews.
 pub const PREVIEW_CHARS: usize = 200;
@@ -106,6 +108,19 @@ pub struct ReviewSummary {
     pub rule: Option<String>,
     /// Start of the last user message.
     pub preview: String,
+    /// Approved with an edited body (or, while pending, an edit awaits
+    /// further approvals).
+    pub edited: bool,
+    /// The caller's groups.
+    pub caller_groups: Vec<String>,
+    /// Distinct approvals needed.
+    pub required_approvals: u32,
+    /// Only members of this reviewer group may decide.
+    pub approver_group: Option<String>,
+    /// The caller did not wait; it retries with an approval token.
+    pub async_review: bool,
+    /// Approvals that count so far (of the current body).
+    pub approval_count: u32,
 }
 
 /// The full view of one review.
@@ -126,6 +141,10 @@ pub struct ReviewDetail {
     pub authority: String,
     /// The hold timeout in force.
     pub hold_timeout_ms: u64,
+    /// Every approval, oldest first, including ones a later edit discarded.
+    pub approvals: Vec<crate::approvals::ApprovalEntry>,
+    /// How many times the approval token was spent.
+    pub token_uses: u32,
 }
 
 /// A reviewer's decision.
@@ -150,9 +169,14 @@ pub enum DecideOutcome {
     NotFound,
     /// The review was no longer pending; this is why.
     NotPending(String),
+    /// An approval was recorded; more are needed, so it is still pending.
+    Partial(Box<ReviewDetail>),
+    /// This reviewer may not take this decision.
+    Refused(crate::approvals::DecisionRefused),
 }
 
-/// Filters of the list view.
+/// Filters of the list view. Text filters match case-insensitively
+/// (ASCII) anywhere in the field.
 #[derive(Debug, Clone, Default)]
 pub struct ListQuery {
     /// Only this status.
@@ -161,6 +185,35 @@ pub struct ListQuery {
     pub before_ms: Option<u64>,
     /// At most this many (already clamped by the caller).
     pub limit: u32,
+    /// Caller contains this.
+    pub caller: Option<String>,
+    /// Model contains this.
+    pub model: Option<String>,
+    /// Reviewer name contains this.
+    pub reviewer: Option<String>,
+    /// Only reviews approved with (true) or without (false) an edit.
+    pub edited: Option<bool>,
+    /// Only reviews created at or after this time (Unix ms).
+    pub since_ms: Option<u64>,
+    /// Only reviews created strictly before this time (Unix ms).
+    pub until_ms: Option<u64>,
+    /// Free text: found in the prompt, preview, id, request id, caller,
+    /// model, reviewer or reason.
+    pub search: Option<String>,
+}
+
+/// `%text%` for `LIKE ... ESCAPE '\'`, with the wildcards of `text` escaped.
+fn like_pattern(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('%');
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('%');
+    out
 }
 
 /// The database.
@@ -170,19 +223,22 @@ pub struct Store {
 
 /// SQLite stores signed 64-bit integers; times in ms fit with room to spare,
 /// saturation only guards against absurd inputs.
-fn i(v: u64) -> i64 {
+pub(crate) fn i(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-fn u(v: i64) -> u64 {
+pub(crate) fn u(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
 const SUMMARY_COLS: &str =
     "id, status, created_at_ms, expires_at_ms, decided_at_ms, reviewer, reason, \
-     model, api, path, route, caller, request_id, stream, rule, preview";
+     model, api, path, route, caller, request_id, stream, rule, preview, \
+     edited_body IS NOT NULL, caller_groups_json, required_approvals, approver_group, \
+     async_review, (SELECT COUNT(*) FROM approvals a \
+                    WHERE a.review_id = reviews.id AND a.superseded_at_ms IS NULL)";
 
-fn parse_status(s: &str) -> rusqlite::Result<ReviewStatus> {
+pub(crate) fn parse_status(s: &str) -> rusqlite::Result<ReviewStatus> {
     ReviewStatus::parse(s).ok_or_else(|| {
         rusqlite::Error::FromSqlConversionFailure(
             1,
@@ -216,6 +272,14 @@ fn summary_from_row(row: &Row<'_>) -> rusqlite::Result<ReviewSummary> {
         stream: row.get(13)?,
         rule: row.get(14)?,
         preview: row.get(15)?,
+        edited: row.get(16)?,
+        caller_groups: serde_json::from_str(&row.get::<_, String>(17)?).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(17, rusqlite::types::Type::Text, Box::new(e))
+        })?,
+        required_approvals: u32::try_from(row.get::<_, i64>(18)?).unwrap_or(1),
+        approver_group: row.get(19)?,
+        async_review: row.get(20)?,
+        approval_count: u32::try_from(row.get::<_, i64>(21)?).unwrap_or(0),
     })
 }
 
@@ -270,6 +334,26 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
              COMMIT;",
         )?;
     }
+    if version < 2 {
+        // Reviewer browser sessions; see `crate::session`.
+        conn.execute_batch(
+            "BEGIN;
+             CREATE TABLE IF NOT EXISTS sessions (
+                 id_sha256      TEXT PRIMARY KEY,
+                 reviewer       TEXT NOT NULL,
+                 token_sha256   TEXT NOT NULL,
+                 csrf_token     TEXT NOT NULL,
+                 created_at_ms  INTEGER NOT NULL,
+                 expires_at_ms  INTEGER NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS sessions_expires ON sessions (expires_at_ms);
+             PRAGMA user_version = 2;
+             COMMIT;",
+        )?;
+    }
+    // Approvals and approval tokens: added by column check, independent of
+    // `user_version`; see `crate::approvals::migrate`.
+    crate::approvals::migrate(conn)?;
     Ok(())
 }
 
@@ -295,7 +379,7 @@ impl Store {
         })
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
+    pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave a half-applied change:
         // each change is one SQL statement, so the connection stays usable.
         self.conn.lock().unwrap_or_else(PoisonError::into_inner)
@@ -311,11 +395,14 @@ impl Store {
         let q = &r.request;
         let prompt_json = serde_json::to_string(&q.prompt)
             .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        let caller_groups_json = serde_json::to_string(&q.caller_groups)
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
         self.conn().execute(
             "INSERT INTO reviews (id, status, created_at_ms, expires_at_ms, request_id, api, method,
                  path, authority, route, caller, model, stream, rule, prompt_json, preview, body,
-                 hold_timeout_ms)
-             VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                 hold_timeout_ms, caller_groups_json, required_approvals, approver_group, async_review)
+             VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                 ?18, ?19, ?20, ?21)",
             params![
                 r.id,
                 i(r.created_at_ms),
@@ -334,6 +421,10 @@ impl Store {
                 preview_of(&q.prompt),
                 q.body,
                 i(r.hold_timeout_ms),
+                caller_groups_json,
+                i64::from(q.required_approvals.max(1)),
+                q.approver_group,
+                q.async_review,
             ],
         )?;
         Ok(())
@@ -352,53 +443,55 @@ impl Store {
     /// Reviews newest first.
     pub fn list(&self, q: &ListQuery) -> rusqlite::Result<Vec<ReviewSummary>> {
         let conn = self.conn();
+        // One fixed statement: every filter is a bound parameter that is
+        // NULL when unused, so no user text is ever spliced into SQL.
         let sql = format!(
             "SELECT {SUMMARY_COLS} FROM reviews
              WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR created_at_ms < ?2)
+               AND (?4 IS NULL OR caller LIKE ?4 ESCAPE '\\')
+               AND (?5 IS NULL OR model LIKE ?5 ESCAPE '\\')
+               AND (?6 IS NULL OR reviewer LIKE ?6 ESCAPE '\\')
+               AND (?7 IS NULL OR (edited_body IS NOT NULL) = ?7)
+               AND (?8 IS NULL OR created_at_ms >= ?8)
+               AND (?9 IS NULL OR created_at_ms < ?9)
+               AND (?10 IS NULL OR preview LIKE ?10 ESCAPE '\\' OR id LIKE ?10 ESCAPE '\\'
+                    OR request_id LIKE ?10 ESCAPE '\\' OR caller LIKE ?10 ESCAPE '\\'
+                    OR model LIKE ?10 ESCAPE '\\' OR reviewer LIKE ?10 ESCAPE '\\'
+                    OR reason LIKE ?10 ESCAPE '\\' OR prompt_json LIKE ?10 ESCAPE '\\')
              ORDER BY created_at_ms DESC, id DESC LIMIT ?3"
         );
+        let text = |v: &Option<String>| v.as_deref().map(like_pattern);
         let mut stmt = conn.prepare_cached(&sql)?;
         let rows = stmt.query_map(
             params![
                 q.status.map(|s| s.as_str()),
                 q.before_ms.map(i),
-                i64::from(q.limit)
+                i64::from(q.limit),
+                text(&q.caller),
+                text(&q.model),
+                text(&q.reviewer),
+                q.edited,
+                q.since_ms.map(i),
+                q.until_ms.map(i),
+                text(&q.search),
             ],
             summary_from_row,
         )?;
         rows.collect()
     }
 
-    /// Records a reviewer's decision if, and only if, the review is still
-    /// pending and not past its expiry.
-    pub fn decide(&self, id: &str, d: &Decision, now_ms: u64) -> rusqlite::Result<DecideOutcome> {
-        let conn = self.conn();
-        let changed = conn.execute(
-            "UPDATE reviews SET status = ?1, reviewer = ?2, reason = ?3, edited_body = ?4,
-                 decided_at_ms = ?5
-             WHERE id = ?6 AND status = 'pending' AND expires_at_ms > ?5",
-            params![
-                d.status.as_str(),
-                d.reviewer,
-                d.reason,
-                d.edited_body,
-                i(now_ms),
-                id
-            ],
-        )?;
-        if changed == 1 {
-            return Ok(match detail_of(&conn, id)? {
-                Some(detail) => DecideOutcome::Decided(Box::new(detail)),
-                None => DecideOutcome::NotFound,
-            });
-        }
-        // Lost: find out why, persisting a lapsed expiry on the way so the
-        // stored status matches what we tell the client.
-        expire_if_overdue(&conn, id, now_ms)?;
-        let Some(state) = state_of(&conn, id)? else {
-            return Ok(DecideOutcome::NotFound);
-        };
-        Ok(DecideOutcome::NotPending(why_not_pending(&state)))
+    /// Records `reviewer`'s decision if, and only if, the review is still
+    /// pending, not past its expiry, and the reviewer may take it. An
+    /// approval makes the review approved only once it has its required
+    /// number of distinct approvals; see [`crate::approvals`] for the rules.
+    pub fn decide(
+        &self,
+        id: &str,
+        d: &Decision,
+        reviewer: &crate::config::ReviewerConfig,
+        now_ms: u64,
+    ) -> rusqlite::Result<DecideOutcome> {
+        crate::approvals::decide(&mut self.conn(), id, d, reviewer, now_ms)
     }
 
     /// Ends a still-pending review with `status` (`Expired` or `Cancelled`)
@@ -452,7 +545,11 @@ pub const EXPIRED_REASON: &str = "hold timeout";
 /// Reason recorded when the caller went away.
 pub const CANCELLED_REASON: &str = "caller went away";
 
-fn expire_if_overdue(conn: &Connection, id: &str, now_ms: u64) -> rusqlite::Result<bool> {
+pub(crate) fn expire_if_overdue(
+    conn: &Connection,
+    id: &str,
+    now_ms: u64,
+) -> rusqlite::Result<bool> {
     let changed = conn.execute(
         "UPDATE reviews SET status = 'expired', reviewer = NULL, reason = ?1, decided_at_ms = ?2
          WHERE id = ?3 AND status = 'pending' AND expires_at_ms <= ?2",
@@ -461,7 +558,7 @@ fn expire_if_overdue(conn: &Connection, id: &str, now_ms: u64) -> rusqlite::Resu
     Ok(changed == 1)
 }
 
-fn state_of(conn: &Connection, id: &str) -> rusqlite::Result<Option<ReviewState>> {
+pub(crate) fn state_of(conn: &Connection, id: &str) -> rusqlite::Result<Option<ReviewState>> {
     conn.query_row(
         "SELECT id, status, expires_at_ms, reviewer, reason, edited_body FROM reviews WHERE id = ?1",
         [id],
@@ -479,31 +576,44 @@ fn state_of(conn: &Connection, id: &str) -> rusqlite::Result<Option<ReviewState>
     .optional()
 }
 
-fn detail_of(conn: &Connection, id: &str) -> rusqlite::Result<Option<ReviewDetail>> {
+pub(crate) fn detail_of(conn: &Connection, id: &str) -> rusqlite::Result<Option<ReviewDetail>> {
     let sql = format!(
-        "SELECT {SUMMARY_COLS}, prompt_json, body, edited_body, method, authority, hold_timeout_ms
+        "SELECT {SUMMARY_COLS}, prompt_json, body, edited_body, method, authority, hold_timeout_ms,
+             token_uses
          FROM reviews WHERE id = ?1"
     );
-    conn.query_row(&sql, [id], |row| {
-        let prompt_json: String = row.get(16)?;
-        let prompt = serde_json::from_str(&prompt_json).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(16, rusqlite::types::Type::Text, Box::new(e))
-        })?;
-        Ok(ReviewDetail {
-            summary: summary_from_row(row)?,
-            prompt,
-            body: row.get(17)?,
-            edited_body: row.get(18)?,
-            method: row.get(19)?,
-            authority: row.get(20)?,
-            hold_timeout_ms: u(row.get(21)?),
+    let detail = conn
+        .query_row(&sql, [id], |row| {
+            let prompt_json: String = row.get(22)?;
+            let prompt = serde_json::from_str(&prompt_json).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    22,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            })?;
+            Ok(ReviewDetail {
+                summary: summary_from_row(row)?,
+                prompt,
+                body: row.get(23)?,
+                edited_body: row.get(24)?,
+                method: row.get(25)?,
+                authority: row.get(26)?,
+                hold_timeout_ms: u(row.get(27)?),
+                approvals: Vec::new(),
+                token_uses: u32::try_from(row.get::<_, i64>(28)?).unwrap_or(0),
+            })
         })
-    })
-    .optional()
+        .optional()?;
+    let Some(mut detail) = detail else {
+        return Ok(None);
+    };
+    detail.approvals = crate::approvals::approvals_of(conn, id)?;
+    Ok(Some(detail))
 }
 
 /// The 409 message for a review that can no longer be decided.
-fn why_not_pending(s: &ReviewState) -> String {
+pub(crate) fn why_not_pending(s: &ReviewState) -> String {
     let by = |verb: &str| match &s.reviewer {
         Some(r) => format!("review already {verb} by {r}"),
         None => format!("review already {verb}"),
@@ -515,5 +625,17 @@ fn why_not_pending(s: &ReviewState) -> String {
         ReviewStatus::Cancelled => "review was cancelled: the caller went away".to_string(),
         // Only reachable if a concurrent writer on the same file re-opened it.
         ReviewStatus::Pending => "review changed concurrently; retry".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn like_pattern_escapes_wildcards() {
+        assert_eq!(like_pattern("a%b_c\\d"), "%a\\%b\\_c\\\\d%");
+        assert_eq!(like_pattern(""), "%%");
     }
 }

@@ -105,7 +105,8 @@ def test_service_down_fails_closed_with_503(stack):
 
 
 def test_fail_open_rule_forwards_when_service_is_down(make_stack):
-    stack = make_stack(filter_config={"rules": [{"name": "lab", "model": "lab-*", "action": "review", "fail_open": True}]})
+    stack = make_stack(filter_config={"rules": [{"name": "lab", "model": "lab-*", "action": "review", "fail_open": True,
+                                                     "record": "best_effort"}]})
     stack.approval.proc.stop()
     assert post(stack.url, json=chat(model="lab-1")).status_code == 200
     assert post(stack.url, json=chat(model="prod-1"), timeout=20).status_code == 503

@@ -27,6 +27,30 @@ pub enum Action {
     Deny,
 }
 
+/// Whether a session record must be durable before a request is forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordMode {
+    /// Forward only once the record is written; refuse (503) if it cannot be.
+    Required,
+    /// Try to write it, forward anyway if that fails.
+    BestEffort,
+    /// Do not record (load tests, or requests that must not be stored).
+    Off,
+}
+
+/// What happens to prompts with images, audio, files or documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Attachments {
+    /// Such prompts are always reviewed, even under an `allow` rule (default).
+    Review,
+    /// Such prompts are refused.
+    Deny,
+    /// Rules apply as for text.
+    Allow,
+}
+
 /// What happens to requests that are not inference requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -40,7 +64,8 @@ pub enum OtherRequests {
 /// One recognised inference endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
-    /// Exact path (no query string), e.g. `/v1/chat/completions`.
+    /// Path (no query string), e.g. `/v1/chat/completions`; `*` matches any
+    /// run of characters (Gemini: `/v1beta/models/*:generateContent`).
     pub path: String,
     /// The body shape expected there.
     pub api: ApiKind,
@@ -82,6 +107,8 @@ pub struct Rule {
     pub approvals: u32,
     /// Only members of this reviewer group may approve.
     pub approver_group: Option<String>,
+    /// Overrides the global `records` mode.
+    pub record: Option<RecordMode>,
 }
 
 /// How approval tokens are checked.
@@ -132,6 +159,12 @@ pub struct Config {
     pub approval_tokens: Option<TokenConfig>,
     /// Path prefix (on the gateway) where async callers check a review.
     pub status_path: String,
+    /// Session records: required before forwarding (default), best effort, off.
+    pub records: RecordMode,
+    /// Top-level body fields accepted beyond each API's known fields.
+    pub extra_fields: Vec<String>,
+    /// Treatment of prompts with attachments.
+    pub attachments: Attachments,
 }
 
 /// A configuration error, naming the field at fault.
@@ -167,6 +200,10 @@ pub fn default_endpoints() -> Vec<Endpoint> {
         ("/v1/responses", ApiKind::OpenaiResponses),
         ("/v1/embeddings", ApiKind::OpenaiEmbeddings),
         ("/v1/messages", ApiKind::AnthropicMessages),
+        ("/v1beta/models/*:generateContent", ApiKind::GeminiGenerateContent),
+        ("/v1beta/models/*:streamGenerateContent", ApiKind::GeminiGenerateContent),
+        ("/v1/models/*:generateContent", ApiKind::GeminiGenerateContent),
+        ("/v1/models/*:streamGenerateContent", ApiKind::GeminiGenerateContent),
     ]
     .into_iter()
     .map(|(path, api)| Endpoint { path: path.to_string(), api })
@@ -208,6 +245,20 @@ struct RawConfig {
     approval_tokens: Option<RawTokens>,
     #[serde(default = "default_status_path")]
     status_path: String,
+    #[serde(default = "default_records")]
+    records: RecordMode,
+    #[serde(default)]
+    extra_fields: Vec<String>,
+    #[serde(default = "default_attachments")]
+    attachments: Attachments,
+}
+
+fn default_attachments() -> Attachments {
+    Attachments::Review
+}
+
+fn default_records() -> RecordMode {
+    RecordMode::Required
 }
 
 #[derive(Deserialize)]
@@ -319,6 +370,8 @@ struct RawRule {
     approvals: u32,
     #[serde(default)]
     approver_group: Option<String>,
+    #[serde(default)]
+    record: Option<RecordMode>,
 }
 
 fn default_approvals() -> u32 {
@@ -471,6 +524,12 @@ impl Config {
             if r.fail_open && r.action != Action::Review {
                 return Err(err(format!("rules[{i}].fail_open"), "only applies to rules with action `review`"));
             }
+            if r.fail_open && !matches!(r.record.unwrap_or(raw.records), RecordMode::BestEffort | RecordMode::Off) {
+                return Err(err(
+                    format!("rules[{i}].record"),
+                    "a `fail_open` rule forwards while the approval service (which stores records) is down: set `record` to `best_effort` or `off`",
+                ));
+            }
             if r.async_review && r.action != Action::Review {
                 return Err(err(format!("rules[{i}].async"), "only applies to rules with action `review`"));
             }
@@ -488,10 +547,11 @@ impl Config {
                 async_review: r.async_review,
                 approvals: r.approvals,
                 approver_group: r.approver_group,
+                record: r.record,
             });
         }
 
-        let identity = raw.identity.map(|i| validate_identity(i)).transpose()?;
+        let identity = raw.identity.map(validate_identity).transpose()?;
         let upstream_credential = raw.upstream_credential.map(|c| validate_credential(c, env)).transpose()?;
         let approval_tokens = raw.approval_tokens.map(|t| validate_tokens(t, env)).transpose()?;
         if approval_tokens.is_some() && identity.is_none() {
@@ -510,6 +570,9 @@ impl Config {
             upstream_credential,
             approval_tokens,
             status_path: raw.status_path,
+            records: raw.records,
+            extra_fields: raw.extra_fields,
+            attachments: raw.attachments,
             approval_cluster: raw.approval_cluster,
             approval_authority: raw.approval_authority,
             approval_token: raw.approval_token,
@@ -683,7 +746,7 @@ mod tests {
         assert_eq!(c.default_action, Action::Review);
         assert_eq!(c.other_requests, OtherRequests::Deny);
         assert_eq!(c.hold_timeout_ms, 300_000);
-        assert_eq!(c.endpoints.len(), 5);
+        assert_eq!(c.endpoints.len(), 9);
         assert!(c.rules.is_empty());
     }
 
@@ -707,6 +770,9 @@ mod tests {
         assert_eq!(e.field, "hold_timeout_ms");
         let e = Config::from_json(br#"{"rules":[{"action":"allow","fail_open":true}]}"#).unwrap_err();
         assert_eq!(e.field, "rules[0].fail_open");
+        let e = Config::from_json(br#"{"rules":[{"action":"review","fail_open":true}]}"#).unwrap_err();
+        assert_eq!(e.field, "rules[0].record");
+        assert!(Config::from_json(br#"{"rules":[{"action":"review","fail_open":true,"record":"best_effort"}]}"#).is_ok());
     }
 
     #[test]

@@ -18,6 +18,126 @@ pub struct ParsedRequest {
     pub stream: bool,
     /// The prompt, for review.
     pub prompt: Vec<PromptMessage>,
+    /// Top-level fields this API shape does not define (or that carry
+    /// prompts indirectly); refused unless configured in `extra_fields`.
+    pub unknown_fields: Vec<String>,
+    /// Images, audio, files or documents are part of the prompt.
+    pub attachments: bool,
+}
+
+/// Top-level request fields understood per API shape. Anything else could
+/// steer the model without a reviewer seeing it (vLLM's `chat_template`,
+/// `documents`; OpenAI's `previous_response_id` pointing at server-side
+/// state), so it is refused unless the operator lists it in `extra_fields`.
+fn known_fields(api: ApiKind) -> &'static [&'static str] {
+    match api {
+        ApiKind::OpenaiChat => &[
+            "model", "messages", "stream", "stream_options", "temperature", "top_p", "n", "stop", "max_tokens",
+            "max_completion_tokens", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
+            "top_logprobs", "user", "seed", "tools", "tool_choice", "parallel_tool_calls", "response_format",
+            "functions", "function_call", "service_tier", "store", "metadata", "reasoning_effort", "modalities",
+            "audio", "prediction", "web_search_options", "safety_identifier", "prompt_cache_key", "verbosity",
+        ],
+        ApiKind::OpenaiCompletions => &[
+            "model", "prompt", "suffix", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options",
+            "logprobs", "echo", "stop", "presence_penalty", "frequency_penalty", "best_of", "logit_bias", "user",
+            "seed",
+        ],
+        ApiKind::OpenaiEmbeddings => &["model", "input", "encoding_format", "dimensions", "user"],
+        ApiKind::OpenaiResponses => &[
+            "model", "input", "instructions", "stream", "stream_options", "temperature", "top_p",
+            "max_output_tokens", "tools", "tool_choice", "parallel_tool_calls", "store", "metadata", "reasoning",
+            "text", "truncation", "user", "include", "service_tier", "max_tool_calls", "top_logprobs",
+            "safety_identifier", "prompt_cache_key", "background",
+        ],
+        ApiKind::AnthropicMessages => &[
+            "model", "messages", "system", "max_tokens", "metadata", "stop_sequences", "stream", "temperature",
+            "top_k", "top_p", "tools", "tool_choice", "thinking", "service_tier",
+        ],
+        ApiKind::GeminiGenerateContent => &[
+            "contents", "systemInstruction", "system_instruction", "tools", "toolConfig", "tool_config",
+            "generationConfig", "generation_config", "safetySettings", "safety_settings", "labels",
+        ],
+    }
+}
+
+/// Parses `body` of a request to `path` (Gemini carries the model and the
+/// streaming choice in the path: `/v1beta/models/{model}:streamGenerateContent`).
+pub fn parse_request_at(api: ApiKind, path: &str, body: &[u8]) -> Result<ParsedRequest, String> {
+    if api != ApiKind::GeminiGenerateContent {
+        return parse_request(api, body);
+    }
+    let (model, stream) = gemini_model(path).ok_or_else(|| "the path does not name a model".to_string())?;
+    let value = parse_strict(body).map_err(|e| format!("request body is not valid JSON: {e}"))?;
+    let Value::Object(obj) = value else {
+        return Err("request body must be a JSON object".into());
+    };
+    let mut prompt = Vec::new();
+    let mut attachments = false;
+    if let Some(sys) = obj.get("systemInstruction").or_else(|| obj.get("system_instruction")) {
+        let text = gemini_parts(sys.get("parts"), "systemInstruction.parts", &mut attachments)?;
+        push(&mut prompt, "system", text);
+    }
+    let Some(Value::Array(contents)) = obj.get("contents") else {
+        return Err("`contents` must be a list".into());
+    };
+    if contents.is_empty() {
+        return Err("`contents` must not be empty".into());
+    }
+    for (i, c) in contents.iter().enumerate() {
+        let role = c.get("role").and_then(Value::as_str).unwrap_or("user");
+        let text = gemini_parts(c.get("parts"), &format!("contents[{i}].parts"), &mut attachments)?;
+        push(&mut prompt, role, text);
+    }
+    tools(&obj, &mut prompt)?;
+    Ok(ParsedRequest { model, stream, prompt, unknown_fields: unknown(api, &obj), attachments })
+}
+
+/// `(model, streaming)` from a Gemini path.
+pub fn gemini_model(path: &str) -> Option<(String, bool)> {
+    let path = path.split('?').next().unwrap_or("");
+    let (_, rest) = path.split_once("/models/")?;
+    let (model, method) = rest.rsplit_once(':')?;
+    if model.is_empty() || model.contains("..") {
+        return None;
+    }
+    let stream = match method {
+        "streamGenerateContent" => true,
+        "generateContent" => false,
+        _ => return None,
+    };
+    Some((model.to_string(), stream))
+}
+
+fn gemini_parts(parts: Option<&Value>, at: &str, attachments: &mut bool) -> Result<String, String> {
+    let Some(Value::Array(parts)) = parts else {
+        return Err(format!("`{at}` must be a list"));
+    };
+    let mut text = String::new();
+    for (i, p) in parts.iter().enumerate() {
+        let piece = if let Some(t) = p.get("text") {
+            t.as_str().ok_or_else(|| format!("`{at}[{i}].text` must be a string"))?.to_string()
+        } else if let Some(d) = p.get("inlineData").or_else(|| p.get("inline_data")) {
+            *attachments = true;
+            format!("[inline_data: {}]", d.get("mimeType").or_else(|| d.get("mime_type")).map(value_text).unwrap_or_default())
+        } else if let Some(f) = p.get("fileData").or_else(|| p.get("file_data")) {
+            *attachments = true;
+            format!("[file_data: {}]", f.get("fileUri").or_else(|| f.get("file_uri")).map(value_text).unwrap_or_default())
+        } else if let Some(f) = p.get("functionCall").or_else(|| p.get("function_call")) {
+            format!("[tool_call {}: {}]", f.get("name").map(value_text).unwrap_or_default(), f.get("args").map(value_text).unwrap_or_default())
+        } else if let Some(f) = p.get("functionResponse").or_else(|| p.get("function_response")) {
+            format!("[tool_result {}: {}]", f.get("name").map(value_text).unwrap_or_default(), f.get("response").map(value_text).unwrap_or_default())
+        } else {
+            return Err(format!("`{at}[{i}]` has no part type this gateway can review"));
+        };
+        append(&mut text, &piece);
+    }
+    Ok(text)
+}
+
+fn unknown(api: ApiKind, obj: &Map<String, Value>) -> Vec<String> {
+    let known = known_fields(api);
+    obj.keys().filter(|k| !known.contains(&k.as_str())).cloned().collect()
 }
 
 /// Parses `body` as a request of shape `api`.
@@ -41,7 +161,14 @@ pub fn parse_request(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, String>
     };
     let mut prompt = Vec::new();
     match api {
-        ApiKind::OpenaiChat => openai_chat(&obj, &mut prompt)?,
+        ApiKind::OpenaiChat => {
+            openai_chat(&obj, &mut prompt)?;
+            // Predicted outputs are text the model is steered with.
+            if let Some(p) = obj.get("prediction").and_then(|p| p.get("content")) {
+                let text = content_text(Some(p), "prediction.content", ContentStyle::OpenAi)?;
+                push(&mut prompt, "prediction", text);
+            }
+        }
         ApiKind::OpenaiCompletions => {
             text_or_list(&obj, "prompt", true, &mut prompt)?;
             if let Some(s) = opt_str(&obj, "suffix")? {
@@ -51,10 +178,18 @@ pub fn parse_request(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, String>
         ApiKind::OpenaiEmbeddings => text_or_list(&obj, "input", true, &mut prompt)?,
         ApiKind::OpenaiResponses => openai_responses(&obj, &mut prompt)?,
         ApiKind::AnthropicMessages => anthropic_messages(&obj, &mut prompt)?,
-        ApiKind::GeminiGenerateContent => return Err("Gemini requests are not supported yet".into()),
+        ApiKind::GeminiGenerateContent => return Err("Gemini requests need their path (use parse_request_at)".into()),
     }
     tools(&obj, &mut prompt)?;
-    Ok(ParsedRequest { model, stream, prompt })
+    let attachments = prompt.iter().any(|m| has_attachment_marker(&m.text));
+    Ok(ParsedRequest { model, stream, prompt, unknown_fields: unknown(api, &obj), attachments })
+}
+
+/// Non-text parts are rendered as bracketed markers by [`content_text`].
+fn has_attachment_marker(text: &str) -> bool {
+    ["[image_url:", "[input_audio]", "[file]", "[input_image:", "[input_file]", "[image]", "[document]"]
+        .iter()
+        .any(|m| text.contains(m))
 }
 
 fn push(prompt: &mut Vec<PromptMessage>, role: &str, text: impl Into<String>) {
@@ -344,6 +479,39 @@ mod tests {
         ] {
             assert!(parse_request(api, body.as_bytes()).is_err(), "{body}");
         }
+    }
+
+    #[test]
+    fn unknown_and_indirect_fields_are_reported() {
+        let p = parse_request(
+            ApiKind::OpenaiChat,
+            br#"{"model":"m","messages":[{"role":"user","content":"x"}],"chat_template":"{{evil}}","temperature":1}"#,
+        )
+        .unwrap();
+        assert_eq!(p.unknown_fields, vec!["chat_template".to_string()]);
+        let r = parse_request(ApiKind::OpenaiResponses, br#"{"model":"m","input":"x","previous_response_id":"resp_1"}"#).unwrap();
+        assert_eq!(r.unknown_fields, vec!["previous_response_id".to_string()]);
+        let img = parse_request(
+            ApiKind::OpenaiChat,
+            br#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x/y.png"}}]}]}"#,
+        )
+        .unwrap();
+        assert!(img.attachments);
+        let pred = parse_request(ApiKind::OpenaiChat, br#"{"model":"m","messages":[{"role":"user","content":"x"}],"prediction":{"type":"content","content":"hidden"}}"#).unwrap();
+        assert_eq!(pred.prompt.last().unwrap().text, "hidden");
+    }
+
+    #[test]
+    fn gemini_model_and_stream_come_from_the_path() {
+        let body = br#"{"systemInstruction":{"parts":[{"text":"sys"}]},"contents":[{"role":"user","parts":[{"text":"hi"},{"inlineData":{"mimeType":"image/png","data":"AAAA"}}]}]}"#;
+        let p = parse_request_at(ApiKind::GeminiGenerateContent, "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse", body).unwrap();
+        assert_eq!(p.model, "gemini-2.0-flash");
+        assert!(p.stream && p.attachments);
+        assert_eq!(p.prompt[0].text, "sys");
+        assert!(parse_request_at(ApiKind::GeminiGenerateContent, "/v1beta/models/x:countTokens", body).is_err());
+        assert!(parse_request_at(ApiKind::GeminiGenerateContent, "/v1beta/models/x:generateContent", br#"{"contents":[{"parts":[{"mystery":1}]}]}"#).is_err());
+        let cached = parse_request_at(ApiKind::GeminiGenerateContent, "/v1beta/models/x:generateContent", br#"{"contents":[{"parts":[{"text":"a"}]}],"cachedContent":"c/1"}"#).unwrap();
+        assert_eq!(cached.unknown_fields, vec!["cachedContent".to_string()]);
     }
 
     #[test]

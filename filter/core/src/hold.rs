@@ -8,12 +8,14 @@
 
 use serde_json::json;
 
-use crate::config::Config;
-use crate::inspect::{check_edited_body, token_body_hash, HoldPlan, RequestInfo};
+use crate::config::{Config, RecordMode};
+use crate::inspect::{check_edited_body, token_body_hash, HoldPlan, Parsed, RequestInfo, RuleChoice};
+use crate::record::new_record;
 use crate::refusal::{Refusal, RefusalKind};
 use crate::token::TokenClaims;
 use crate::wire::{
-    ApiKind, CallerReviewStatus, ConsumeToken, ReviewState, ReviewStatus, FILTER_API_PREFIX, FILTER_TOKEN_HEADER,
+    ApiKind, CallerReviewStatus, ConsumeToken, NewRecord, RecordCreated, ReviewState, ReviewStatus, FILTER_API_PREFIX,
+    FILTER_TOKEN_HEADER,
 };
 
 /// Which call a response belongs to.
@@ -29,6 +31,8 @@ pub enum CalloutKind {
     Consume,
     /// `GET /v1/reviews/{id}/status`.
     Status,
+    /// `POST /v1/records`.
+    Record,
 }
 
 /// An HTTP call to the approval service.
@@ -79,6 +83,10 @@ pub struct Release {
     pub reviewer: Option<String>,
     /// Body to forward instead of the original, when the reviewer edited it.
     pub edited_body: Option<Vec<u8>>,
+    /// The session record written before forwarding.
+    pub record_id: Option<String>,
+    /// What the record says was decided (`approved`, `edited`, `allowed`, ...).
+    pub decision: &'static str,
 }
 
 /// A callout's outcome as the adapter saw it.
@@ -101,6 +109,13 @@ pub struct Hold {
     deadline_ms: u64,
     fail_open: bool,
     failures: u32,
+    record_mode: RecordMode,
+    rule: Option<String>,
+    /// The body as it will be forwarded (for the record).
+    body: Vec<u8>,
+    started_ms: u64,
+    /// A release waiting for its record to be written.
+    pending: Option<Release>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +128,8 @@ enum Mode {
     Consume,
     /// Answer a caller's status lookup.
     Status,
+    /// Forward after writing the record (allow rules).
+    Forward,
 }
 
 /// First retry delay after a failed wait; doubles up to [`RETRY_MAX_MS`].
@@ -123,6 +140,9 @@ pub const RETRY_MAX_MS: u64 = 2_000;
 impl Hold {
     /// Starts a hold: the first step is creating the review.
     pub fn start(config: &Config, plan: &HoldPlan, info: RequestInfo, now_ms: u64) -> (Hold, HoldStep) {
+        let mut info = info;
+        info.model = Some(plan.review.model.clone());
+        info.stream = plan.review.stream;
         let hold = Hold {
             mode: if plan.rule.async_review { Mode::Async } else { Mode::Wait },
             status_path: config.status_path.clone(),
@@ -132,6 +152,11 @@ impl Hold {
             deadline_ms: now_ms.saturating_add(plan.rule.hold_timeout_ms),
             fail_open: plan.rule.fail_open,
             failures: 0,
+            record_mode: plan.rule.record,
+            rule: Some(plan.rule.name.clone()),
+            body: plan.review.body.clone().into_bytes(),
+            started_ms: now_ms,
+            pending: None,
         };
         let body = serde_json::to_vec(&plan.review).ok();
         let step = HoldStep::Call(Callout {
@@ -143,10 +168,31 @@ impl Hold {
         (hold, step)
     }
 
+    /// Forwards an allowed request once its record is written.
+    pub fn forward(config: &Config, api: ApiKind, info: RequestInfo, rule: &RuleChoice, facts: Parsed, body: &[u8], now_ms: u64) -> (Hold, HoldStep) {
+        let mut info = info;
+        info.model = facts.model;
+        info.stream = facts.stream;
+        let mut hold = Hold::bare(config, Mode::Forward, api, info, None);
+        hold.record_mode = rule.record;
+        hold.rule = Some(rule.name.clone());
+        hold.body = body.to_vec();
+        hold.started_ms = now_ms;
+        let release = Release { review_id: None, reviewer: None, edited_body: None, record_id: None, decision: "allowed" };
+        let step = hold.release(config, release, now_ms);
+        (hold, step)
+    }
+
     /// Spends one use of a verified approval token before release.
-    pub fn consume(config: &Config, api: ApiKind, info: RequestInfo, claims: &TokenClaims, body: &[u8]) -> (Hold, HoldStep) {
+    pub fn consume(config: &Config, api: ApiKind, info: RequestInfo, claims: &TokenClaims, facts: Parsed, body: &[u8], now_ms: u64) -> (Hold, HoldStep) {
         let caller = info.caller.as_ref().map(|c| c.name.clone()).unwrap_or_default();
-        let hold = Hold::bare(config, Mode::Consume, api, info, Some(claims.rid.clone()));
+        let mut info = info;
+        info.model = facts.model;
+        info.stream = facts.stream;
+        let mut hold = Hold::bare(config, Mode::Consume, api, info, Some(claims.rid.clone()));
+        hold.body = body.to_vec();
+        hold.started_ms = now_ms;
+        hold.rule = Some("approval_token".into());
         let request = ConsumeToken { caller, body_sha256: token_body_hash(body) };
         let step = match valid_review_id(&claims.rid) {
             true => HoldStep::Call(Callout {
@@ -191,6 +237,50 @@ impl Hold {
             deadline_ms: 0,
             fail_open: false,
             failures: 0,
+            record_mode: config.records,
+            rule: None,
+            body: Vec::new(),
+            started_ms: 0,
+            pending: None,
+        }
+    }
+
+    /// Releases now, or first writes the record when records are on.
+    fn release(&mut self, config: &Config, release: Release, now_ms: u64) -> HoldStep {
+        if self.record_mode == RecordMode::Off {
+            return HoldStep::Release(release);
+        }
+        let body = release.edited_body.as_deref().unwrap_or(&self.body);
+        let mut record = new_record(&self.info, Some(self.api), release.decision);
+        record.rule = self.rule.clone();
+        record.review_id = release.review_id.clone();
+        record.body = Some(String::from_utf8_lossy(body).into_owned());
+        record.body_sha256 = Some(token_body_hash(body));
+        if self.mode != Mode::Forward {
+            record.held_ms = Some(now_ms.saturating_sub(self.started_ms));
+        }
+        self.pending = Some(release);
+        HoldStep::Call(record_callout(config, &record))
+    }
+
+    fn after_record(&mut self, result: &CalloutResult) -> HoldStep {
+        let Some(mut release) = self.pending.take() else {
+            return HoldStep::Refuse(self.refusal(RefusalKind::RecordUnavailable, "internal: no pending release".into()));
+        };
+        let created = match result.status {
+            Some(200..=299) => serde_json::from_slice::<RecordCreated>(&result.body).ok(),
+            _ => None,
+        };
+        match created {
+            Some(c) => {
+                release.record_id = Some(c.record_id);
+                HoldStep::Release(release)
+            }
+            None if self.record_mode == RecordMode::BestEffort => HoldStep::Release(release),
+            None => HoldStep::Refuse(self.refusal(
+                RefusalKind::RecordUnavailable,
+                "the audit record could not be written; the request was not forwarded".into(),
+            )),
         }
     }
 
@@ -203,6 +293,20 @@ impl Hold {
         }
     }
 
+    /// The record of a refusal this hold ends with (none for status lookups
+    /// or when records are off).
+    pub fn refusal_record(&self, refusal: &Refusal) -> Option<NewRecord> {
+        if self.mode == Mode::Status || self.record_mode == RecordMode::Off {
+            return None;
+        }
+        let mut r = crate::record::refusal_record(&self.info, Some(self.api), refusal);
+        r.rule = self.rule.clone();
+        if r.review_id.is_none() {
+            r.review_id = self.review_id.clone();
+        }
+        Some(r)
+    }
+
     /// The review id, once created.
     pub fn review_id(&self) -> Option<&str> {
         self.review_id.as_deref()
@@ -211,8 +315,9 @@ impl Hold {
     /// Feeds the result of a call made for this hold.
     pub fn on_response(&mut self, config: &Config, kind: CalloutKind, result: &CalloutResult, now_ms: u64) -> HoldStep {
         match kind {
-            CalloutKind::Consume => return self.after_consume(result),
+            CalloutKind::Consume => return self.after_consume(config, result, now_ms),
             CalloutKind::Status => return self.after_status(result),
+            CalloutKind::Record => return self.after_record(result),
             _ => {}
         }
         let state = parse_state(result);
@@ -225,9 +330,9 @@ impl Hold {
                     }
                     self.after_state(config, state, now_ms)
                 }
-                Err(why) if self.fail_open => {
-                    log_free(why);
-                    HoldStep::Release(Release { review_id: None, reviewer: None, edited_body: None })
+                Err(_) if self.fail_open => {
+                    let release = Release { review_id: None, reviewer: None, edited_body: None, record_id: None, decision: "fail_open" };
+                    self.release(config, release, now_ms)
                 }
                 Err(why) => HoldStep::Refuse(Refusal::new(
                     RefusalKind::ApprovalUnavailable,
@@ -264,7 +369,7 @@ impl Hold {
                 // late approval cannot release anything.
                 _ => HoldStep::Refuse(self.timeout_refusal()),
             },
-            CalloutKind::Consume | CalloutKind::Status => HoldStep::Refuse(self.refusal(
+            CalloutKind::Consume | CalloutKind::Status | CalloutKind::Record => HoldStep::Refuse(self.refusal(
                 RefusalKind::ApprovalUnavailable,
                 "internal: unexpected callout".into(),
             )),
@@ -295,9 +400,12 @@ impl Hold {
         }
     }
 
-    fn after_consume(&self, result: &CalloutResult) -> HoldStep {
+    fn after_consume(&mut self, config: &Config, result: &CalloutResult, now_ms: u64) -> HoldStep {
         match result.status {
-            Some(200) => HoldStep::Release(Release { review_id: self.review_id.clone(), reviewer: None, edited_body: None }),
+            Some(200) => {
+                let release = Release { review_id: self.review_id.clone(), reviewer: None, edited_body: None, record_id: None, decision: "token" };
+                self.release(config, release, now_ms)
+            }
             Some(409) => HoldStep::Refuse(self.refusal(
                 RefusalKind::TokenReplayed,
                 "approval token was already used; ask for a new review".into(),
@@ -353,7 +461,9 @@ impl Hold {
                         return HoldStep::Refuse(refusal.with_review(state.id));
                     }
                 }
-                HoldStep::Release(Release { review_id: Some(state.id), reviewer: state.reviewer, edited_body })
+                let decision = if edited_body.is_some() { "edited" } else { "approved" };
+                let release = Release { review_id: Some(state.id), reviewer: state.reviewer, edited_body, record_id: None, decision };
+                self.release(config, release, now_ms)
             }
             ReviewStatus::Rejected => {
                 let who = state.reviewer.unwrap_or_else(|| "a reviewer".into());
@@ -409,9 +519,15 @@ impl Hold {
     }
 }
 
-/// `why` is already part of the outcome; kept as a hook so a fail-open
-/// release is never silent once records exist.
-fn log_free(_why: String) {}
+/// The call that writes a record.
+pub fn record_callout(config: &Config, record: &NewRecord) -> Callout {
+    Callout {
+        kind: CalloutKind::Record,
+        headers: service_headers(config, "POST", "/v1/records".to_string()),
+        body: serde_json::to_vec(record).ok(),
+        timeout_ms: config.callout_timeout_ms,
+    }
+}
 
 /// A call to the approval service to tell it the caller went away.
 pub fn cancel_callout(config: &Config, review_id: &str) -> Option<Callout> {
@@ -475,6 +591,8 @@ mod tests {
     const BODY: &[u8] = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
 
     fn setup(cfg: &str) -> (Config, Hold, HoldStep) {
+        // Records off: the record phase has its own test below.
+        let cfg = cfg.replacen('{', r#"{"records":"off","#, 1).replace(",}", "}");
         let c = Config::from_json(cfg.as_bytes()).unwrap();
         let info = RequestInfo { path: "/v1/chat/completions".into(), method: "POST".into(), ..Default::default() };
         let BodyVerdict::Hold(plan) = inspect_body(&c, &default_endpoints()[0], &info, BODY, 0) else { panic!() };
@@ -509,7 +627,16 @@ mod tests {
         let s = h.on_response(&c, CalloutKind::Wait, &ok(&state("pending", "")), 51_000);
         assert_eq!(path_of(&s), "/v1/reviews/rev_1/wait?timeout_ms=10000");
         let s = h.on_response(&c, CalloutKind::Wait, &ok(&state("approved", r#","reviewer":"alice""#)), 52_000);
-        assert_eq!(s, HoldStep::Release(Release { review_id: Some("rev_1".into()), reviewer: Some("alice".into()), edited_body: None }));
+        assert_eq!(
+            s,
+            HoldStep::Release(Release {
+                review_id: Some("rev_1".into()),
+                reviewer: Some("alice".into()),
+                edited_body: None,
+                record_id: None,
+                decision: "approved"
+            })
+        );
     }
 
     #[test]
@@ -544,7 +671,7 @@ mod tests {
         let down = CalloutResult { status: Some(503), body: b"upstream connect error".to_vec() };
         let HoldStep::Refuse(r) = h.on_response(&c, CalloutKind::Create, &down, 1_000) else { panic!() };
         assert_eq!(r.status(), 503);
-        let (c, mut h, _) = setup(r#"{"rules":[{"action":"review","fail_open":true}]}"#);
+        let (c, mut h, _) = setup(r#"{"rules":[{"action":"review","fail_open":true,"record":"off"}]}"#);
         assert!(matches!(h.on_response(&c, CalloutKind::Create, &down, 1_000), HoldStep::Release(_)));
         // fail_open never applies once the review exists.
         h.review_id = Some("rev_1".into());
@@ -596,10 +723,10 @@ mod tests {
 
     #[test]
     fn consume_outcomes() {
-        let c = Config::from_json(token_config().as_bytes()).unwrap();
+        let c = Config::from_json(token_config().replacen('{', r#"{"records":"off","#, 1).as_bytes()).unwrap();
         let claims = TokenClaims { rid: "rev_9".into(), sub: "ci".into(), bh: String::new(), exp: 0 };
         let info = RequestInfo::default();
-        let (mut h, step) = Hold::consume(&c, ApiKind::OpenaiChat, info.clone(), &claims, BODY);
+        let (mut h, step) = Hold::consume(&c, ApiKind::OpenaiChat, info.clone(), &claims, Parsed::default(), BODY, 0);
         assert_eq!(path_of(&step), "/v1/reviews/rev_9/consume");
         let r = |status| CalloutResult { status: Some(status), body: vec![] };
         assert!(matches!(h.on_response(&c, CalloutKind::Consume, &r(200), 0), HoldStep::Release(_)));
@@ -608,7 +735,7 @@ mod tests {
         let HoldStep::Refuse(down) = h.on_response(&c, CalloutKind::Consume, &r(503), 0) else { panic!() };
         assert_eq!(down.status(), 503);
         let evil = TokenClaims { rid: "../x".into(), ..claims };
-        assert!(matches!(Hold::consume(&c, ApiKind::OpenaiChat, info, &evil, BODY).1, HoldStep::Refuse(_)));
+        assert!(matches!(Hold::consume(&c, ApiKind::OpenaiChat, info, &evil, Parsed::default(), BODY, 0).1, HoldStep::Refuse(_)));
     }
 
     #[test]
@@ -624,6 +751,28 @@ mod tests {
         assert!(text.contains("\"approval_token\":\"t\"") && !text.contains("internal"));
         let HoldStep::Refuse(nf) = h.on_response(&c, CalloutKind::Status, &CalloutResult { status: Some(404), body: vec![] }, 0) else { panic!() };
         assert_eq!(nf.status(), 404);
+    }
+
+    #[test]
+    fn approval_waits_for_a_durable_record() {
+        for (mode, ok_without_record) in [("required", false), ("best_effort", true)] {
+            let c = Config::from_json(format!(r#"{{"records":"{mode}"}}"#).as_bytes()).unwrap();
+            let info = RequestInfo { path: "/v1/chat/completions".into(), method: "POST".into(), ..Default::default() };
+            let BodyVerdict::Hold(plan) = inspect_body(&c, &default_endpoints()[0], &info, BODY, 0) else { panic!() };
+            let (mut h, _) = Hold::start(&c, &plan, info, 1_000);
+            h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000);
+            let step = h.on_response(&c, CalloutKind::Wait, &ok(&state("approved", r#","reviewer":"alice""#)), 4_000);
+            let HoldStep::Call(call) = step else { panic!("{step:?}") };
+            assert_eq!(call.kind, CalloutKind::Record);
+            let rec: NewRecord = serde_json::from_slice(call.body.as_ref().unwrap()).unwrap();
+            assert_eq!((rec.decision.as_str(), rec.review_id.as_deref(), rec.held_ms), ("approved", Some("rev_1"), Some(3_000)));
+            assert_eq!(rec.body.as_deref().map(str::as_bytes), Some(BODY));
+            let mut h2 = h.clone();
+            let HoldStep::Release(rel) = h.on_response(&c, CalloutKind::Record, &ok(r#"{"record_id":"rec_7"}"#), 4_001) else { panic!() };
+            assert_eq!(rel.record_id.as_deref(), Some("rec_7"));
+            let failed = h2.on_response(&c, CalloutKind::Record, &CalloutResult { status: Some(500), body: vec![] }, 4_001);
+            assert_eq!(matches!(failed, HoldStep::Release(_)), ok_without_record, "{mode}");
+        }
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The body decision: parse the request, pick the policy rule, and say
 //! forward, hold for review, or refuse.
 
-use crate::config::{Action, Config, Endpoint};
-use crate::extract::{parse_request, ParsedRequest};
+use crate::config::{Action, Attachments, Config, Endpoint, RecordMode};
+use crate::extract::{parse_request_at, ParsedRequest};
 use crate::identity::Caller;
 use crate::refusal::{Refusal, RefusalKind};
 use crate::token::{body_hash, verify, TokenClaims};
@@ -27,6 +27,14 @@ pub struct RequestInfo {
     pub approval_token: Option<String>,
     /// The caller asked not to wait (`Prefer: respond-async`).
     pub prefer_async: bool,
+    /// Downstream address.
+    pub source_address: Option<String>,
+    /// When the request arrived (Unix ms).
+    pub received_at_ms: u64,
+    /// Model and stream flag, once the body is parsed.
+    pub model: Option<String>,
+    /// Whether a streamed answer was asked for.
+    pub stream: bool,
 }
 
 /// The rule that applies to a request.
@@ -46,6 +54,17 @@ pub struct RuleChoice {
     pub approvals: u32,
     /// Group approvers must belong to.
     pub approver_group: Option<String>,
+    /// Whether the record must be durable before forwarding.
+    pub record: RecordMode,
+}
+
+/// Facts from the parsed body that the record needs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Parsed {
+    /// The `model` field.
+    pub model: Option<String>,
+    /// Whether a stream was asked for.
+    pub stream: bool,
 }
 
 /// Everything needed to start a hold.
@@ -60,12 +79,12 @@ pub struct HoldPlan {
 /// What to do with a fully received body.
 #[derive(Debug, Clone, PartialEq)]
 pub enum BodyVerdict {
-    /// Forward as is.
-    Forward(RuleChoice),
+    /// Forward as is (after the record, when records are on).
+    Forward(RuleChoice, Parsed),
     /// Hold for a human decision.
     Hold(Box<HoldPlan>),
     /// A valid approval token: spend it at the service, then forward.
-    Consume(Box<TokenClaims>),
+    Consume(Box<TokenClaims>, Parsed),
     /// Refuse.
     Refuse(Refusal),
 }
@@ -92,6 +111,7 @@ pub fn choose_rule(config: &Config, info: &RequestInfo, model: &str) -> RuleChoi
                 async_review: rule.async_review,
                 approvals: rule.approvals,
                 approver_group: rule.approver_group.clone(),
+                record: rule.record.unwrap_or(config.records),
             };
         }
     }
@@ -103,6 +123,7 @@ pub fn choose_rule(config: &Config, info: &RequestInfo, model: &str) -> RuleChoi
         async_review: false,
         approvals: 1,
         approver_group: None,
+        record: config.records,
     }
 }
 
@@ -112,25 +133,45 @@ pub fn inspect_body(config: &Config, endpoint: &Endpoint, info: &RequestInfo, bo
     if body.len() > config.max_body_bytes {
         return BodyVerdict::Refuse(Refusal::too_large(Some(api), config.max_body_bytes));
     }
-    let parsed = match parse_request(api, body) {
+    let parsed = match parse_request_at(api, &info.path, body) {
         Ok(p) => p,
         Err(e) => return BodyVerdict::Refuse(Refusal::new(RefusalKind::BadRequest, Some(api), e)),
     };
+    if let Some(field) = parsed.unknown_fields.iter().find(|f| !config.extra_fields.contains(f)) {
+        return BodyVerdict::Refuse(Refusal::new(
+            RefusalKind::BadRequest,
+            Some(api),
+            format!("field `{field}` is not reviewable by this gateway; ask the operator to list it in `extra_fields` if it is safe"),
+        ));
+    }
+    if parsed.attachments && config.attachments == Attachments::Deny {
+        return BodyVerdict::Refuse(Refusal::new(
+            RefusalKind::PolicyDenied,
+            Some(api),
+            "prompts with images, audio, files or documents are not allowed here",
+        ));
+    }
     // parse_request accepted it, so it is valid UTF-8 JSON.
     let Ok(text) = std::str::from_utf8(body) else {
         return BodyVerdict::Refuse(Refusal::new(RefusalKind::BadRequest, Some(api), "request body is not UTF-8"));
     };
-    let rule = choose_rule(config, info, &parsed.model);
+    let facts = Parsed { model: Some(parsed.model.clone()), stream: parsed.stream };
+    let mut rule = choose_rule(config, info, &parsed.model);
+    if parsed.attachments && config.attachments == Attachments::Review && rule.action == Action::Allow {
+        // Attachments cannot be judged by rules on text: a human looks.
+        rule.action = Action::Review;
+        rule.name = format!("{} (attachments need review)", rule.name);
+    }
     if rule.action == Action::Deny {
         // Deny rules win even over a valid approval token: policy may have
         // changed since the approval.
         return BodyVerdict::Refuse(denied(api, &rule.name, &parsed.model));
     }
     if let Some(token) = &info.approval_token {
-        return check_token(config, api, info, token, body, now_ms);
+        return check_token(config, api, info, token, body, now_ms, facts);
     }
     match rule.action {
-        Action::Allow => BodyVerdict::Forward(rule),
+        Action::Allow => BodyVerdict::Forward(rule, facts),
         Action::Deny => BodyVerdict::Refuse(denied(api, &rule.name, &parsed.model)),
         Action::Review => {
             let mut rule = rule;
@@ -142,7 +183,7 @@ pub fn inspect_body(config: &Config, endpoint: &Endpoint, info: &RequestInfo, bo
     }
 }
 
-fn check_token(config: &Config, api: ApiKind, info: &RequestInfo, token: &str, body: &[u8], now_ms: u64) -> BodyVerdict {
+fn check_token(config: &Config, api: ApiKind, info: &RequestInfo, token: &str, body: &[u8], now_ms: u64, facts: Parsed) -> BodyVerdict {
     let Some(tokens) = &config.approval_tokens else {
         return BodyVerdict::Refuse(Refusal::new(RefusalKind::BadRequest, Some(api), "approval tokens are not enabled on this gateway"));
     };
@@ -151,7 +192,7 @@ fn check_token(config: &Config, api: ApiKind, info: &RequestInfo, token: &str, b
     };
     match verify(token, &tokens.keys, &caller.name, body, now_ms) {
         Err(e) => BodyVerdict::Refuse(Refusal::new(RefusalKind::InvalidToken, Some(api), e.message())),
-        Ok(claims) if tokens.consume => BodyVerdict::Consume(Box::new(claims)),
+        Ok(claims) if tokens.consume => BodyVerdict::Consume(Box::new(claims), facts),
         Ok(claims) => BodyVerdict::Forward(RuleChoice {
             name: format!("approval token for {}", claims.rid),
             action: Action::Allow,
@@ -160,7 +201,8 @@ fn check_token(config: &Config, api: ApiKind, info: &RequestInfo, token: &str, b
             async_review: false,
             approvals: 1,
             approver_group: None,
-        }),
+            record: config.records,
+        }, facts),
     }
 }
 
@@ -198,7 +240,7 @@ fn review_for(api: ApiKind, info: &RequestInfo, parsed: &ParsedRequest, body: &s
 /// Checks a reviewer's edited body before it replaces the original: it must
 /// parse as the same API, and policy deny rules still apply to it.
 pub fn check_edited_body(config: &Config, api: ApiKind, info: &RequestInfo, body: &[u8]) -> Result<(), Refusal> {
-    let parsed = parse_request(api, body).map_err(|e| {
+    let parsed = parse_request_at(api, &info.path, body).map_err(|e| {
         Refusal::new(RefusalKind::ApprovalUnavailable, Some(api), format!("the reviewer's edited request is invalid: {e}"))
     })?;
     let rule = choose_rule(config, info, &parsed.model);
@@ -226,13 +268,13 @@ mod tests {
             br#"{"rules":[
                 {"name":"bench","route":"bench*","action":"allow"},
                 {"name":"no-o1","model":"o1*","action":"deny"},
-                {"name":"fast","model":"gpt-4o","action":"review","hold_timeout_ms":2000,"fail_open":true}
+                {"name":"fast","model":"gpt-4o","action":"review","hold_timeout_ms":2000,"fail_open":true,"record":"best_effort"}
             ],"default_action":"deny"}"#,
         )
         .unwrap();
         let ep = &default_endpoints()[0];
         match inspect_body(&c, ep, &info("/v1/chat/completions", Some("bench-route")), CHAT, 0) {
-            BodyVerdict::Forward(r) => assert_eq!(r.name, "bench"),
+            BodyVerdict::Forward(r, _) => assert_eq!(r.name, "bench"),
             other => panic!("{other:?}"),
         }
         match inspect_body(&c, ep, &info("/v1/chat/completions", None), CHAT, 0) {
@@ -285,7 +327,7 @@ mod tests {
         i.caller = Some(Caller { name: "ci".into(), groups: vec![] });
         i.approval_token = Some(token.clone());
         let ep = &default_endpoints()[0];
-        assert!(matches!(inspect_body(&c, ep, &i, CHAT, 50), BodyVerdict::Consume(_)));
+        assert!(matches!(inspect_body(&c, ep, &i, CHAT, 50), BodyVerdict::Consume(..)));
         let other = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"something else"}]}"#;
         let BodyVerdict::Refuse(r) = inspect_body(&c, ep, &i, other, 50) else { panic!() };
         assert_eq!((r.status(), r.kind.code()), (403, "invalid_approval_token"));

@@ -40,6 +40,8 @@ pub enum RefusalKind {
     TokenReplayed,
     /// A status lookup for a review that does not exist or is not the caller's.
     NotFound,
+    /// The session record could not be written before forwarding.
+    RecordUnavailable,
 }
 
 impl RefusalKind {
@@ -55,7 +57,7 @@ impl RefusalKind {
             RefusalKind::TooLarge => 413,
             RefusalKind::UnsupportedMediaType => 415,
             RefusalKind::Misconfigured => 500,
-            RefusalKind::ApprovalUnavailable => 503,
+            RefusalKind::ApprovalUnavailable | RefusalKind::RecordUnavailable => 503,
             RefusalKind::Expired => 504,
         }
     }
@@ -79,6 +81,7 @@ impl RefusalKind {
             RefusalKind::InvalidToken => "invalid_approval_token",
             RefusalKind::TokenReplayed => "approval_token_used",
             RefusalKind::NotFound => "not_found",
+            RefusalKind::RecordUnavailable => "audit_record_unavailable",
         }
     }
 
@@ -87,7 +90,7 @@ impl RefusalKind {
         match self {
             RefusalKind::Rejected => "rejected",
             RefusalKind::Expired => "expired",
-            RefusalKind::ApprovalUnavailable => "unavailable",
+            RefusalKind::ApprovalUnavailable | RefusalKind::RecordUnavailable => "unavailable",
             RefusalKind::PolicyDenied | RefusalKind::NotInference | RefusalKind::IndirectPrompt => "denied",
             RefusalKind::Misconfigured => "misconfigured",
             RefusalKind::Unauthenticated => "unauthenticated",

@@ -2,6 +2,7 @@
 //! we must inspect, a request to pass, or one to refuse before its body?
 
 use crate::config::{Config, Endpoint, OtherRequests};
+use crate::glob::Glob;
 use crate::refusal::{Refusal, RefusalKind};
 use crate::wire::ApiKind;
 
@@ -149,7 +150,7 @@ pub fn classify(config: &Config, head: &RequestHead<'_>) -> HeadVerdict {
             return HeadVerdict::Status(raw_id.to_string());
         }
     }
-    let endpoint = config.endpoints.iter().find(|e| e.path.eq_ignore_ascii_case(&normalized)).cloned();
+    let endpoint = find_endpoint(config, &normalized);
     if let Some(endpoint) = endpoint {
         return classify_inference(config, head, raw_path, endpoint);
     }
@@ -180,9 +181,17 @@ pub fn classify(config: &Config, head: &RequestHead<'_>) -> HeadVerdict {
     }
 }
 
+/// The endpoint a normalised (lower-case) path belongs to.
+fn find_endpoint(config: &Config, normalized: &str) -> Option<Endpoint> {
+    config.endpoints.iter().find(|e| Glob::new(&e.path.to_ascii_lowercase()).matches(normalized)).cloned()
+}
+
 fn classify_inference(config: &Config, head: &RequestHead<'_>, raw_path: &str, endpoint: Endpoint) -> HeadVerdict {
     let api = Some(endpoint.api);
-    if raw_path != endpoint.path {
+    // The path must be spelled exactly as the endpoint (case included) and
+    // already be in normal form, so the backend routes what was inspected.
+    let canonical = normalize_path(raw_path).is_some_and(|n| n == raw_path.to_ascii_lowercase());
+    if !canonical || !Glob::new(&endpoint.path).matches(raw_path) {
         return HeadVerdict::Refuse(Refusal::new(
             RefusalKind::BadPath,
             api,
@@ -247,7 +256,7 @@ fn is_json_content_type(ct: Option<&str>) -> bool {
 /// The API an error for `raw_path` should be phrased in, when it is known.
 pub fn api_for_path(config: &Config, raw_path: &str) -> Option<ApiKind> {
     let normalized = normalize_path(raw_path)?;
-    config.endpoints.iter().find(|e| e.path.eq_ignore_ascii_case(&normalized)).map(|e| e.api)
+    find_endpoint(config, &normalized).map(|e| e.api)
 }
 
 #[cfg(test)]
@@ -307,6 +316,17 @@ mod tests {
         for p in ["//v1/chat/completions", "/v1/chat/completions/", "/V1/CHAT/COMPLETIONS", "/v1/chat%2fcompletions", "/v1/x/../messages"] {
             assert_eq!(status(&classify(&c, &head("POST", p))), 400, "{p}");
         }
+    }
+
+    #[test]
+    fn gemini_paths_by_pattern() {
+        let c = Config::from_json(b"").unwrap();
+        let v = classify(&c, &head("POST", "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse"));
+        assert!(matches!(v, HeadVerdict::Inspect(ref e) if e.api == ApiKind::GeminiGenerateContent), "{v:?}");
+        assert_eq!(status(&classify(&c, &head("POST", "/v1beta/models/x:GENERATECONTENT"))), 400);
+        assert_eq!(status(&classify(&c, &head("POST", "/v1beta//models/x:generateContent"))), 400);
+        // Listing models is not an inference endpoint.
+        assert_eq!(status(&classify(&c, &head("GET", "/v1/models/x"))), 0);
     }
 
     #[test]

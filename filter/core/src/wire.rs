@@ -235,3 +235,120 @@ pub struct ConsumeToken {
     /// base64url SHA-256 of the retried body (must match the approved body).
     pub body_sha256: String,
 }
+
+/// A count of one detector's or rule's hits: names, never values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HitCount {
+    /// Detector or rule name.
+    pub name: String,
+    /// What was done (`redact`, `pseudonymize`, `block`, `deny`, `monitor`).
+    pub action: String,
+    /// How many matches.
+    pub count: u32,
+}
+
+/// Why a request was refused, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedRefusal {
+    /// HTTP status sent to the caller.
+    pub status: u16,
+    /// Stable code (`review_rejected`, `policy_denied`, ...).
+    pub code: String,
+    /// Message sent to the caller.
+    pub message: String,
+}
+
+/// `POST /v1/records`: the request part of a session record. Written before
+/// a request is forwarded (the filter forwards only once it is durable), and
+/// for refused requests too.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewRecord {
+    /// Envoy's `x-request-id`.
+    pub request_id: String,
+    /// When the request arrived (Unix ms).
+    pub received_at_ms: u64,
+    /// Caller name, when identity is configured.
+    #[serde(default)]
+    pub caller: Option<String>,
+    /// Caller groups.
+    #[serde(default)]
+    pub caller_groups: Vec<String>,
+    /// Downstream address as Envoy saw it.
+    #[serde(default)]
+    pub source_address: Option<String>,
+    /// Envoy route name.
+    #[serde(default)]
+    pub route: Option<String>,
+    /// HTTP method.
+    pub method: String,
+    /// Path without query.
+    pub path: String,
+    /// API shape, when it was an inference request.
+    #[serde(default)]
+    pub api: Option<ApiKind>,
+    /// Model, when parsed.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Streamed answer asked for.
+    #[serde(default)]
+    pub stream: bool,
+    /// `allowed`, `approved`, `edited`, `token`, `fail_open`, or the refusal
+    /// outcome (`rejected`, `denied`, `expired`, `unavailable`, `invalid`, ...).
+    pub decision: String,
+    /// Policy rule that decided.
+    #[serde(default)]
+    pub rule: Option<String>,
+    /// Review id, when a review was involved.
+    #[serde(default)]
+    pub review_id: Option<String>,
+    /// The body as forwarded (after masking and edits); absent for refusals
+    /// before the body was parsed.
+    #[serde(default)]
+    pub body: Option<String>,
+    /// base64url SHA-256 of `body`.
+    #[serde(default)]
+    pub body_sha256: Option<String>,
+    /// Policy and detector hits.
+    #[serde(default)]
+    pub hits: Vec<HitCount>,
+    /// For refused requests.
+    #[serde(default)]
+    pub refusal: Option<RecordedRefusal>,
+    /// Time held for review, ms.
+    #[serde(default)]
+    pub held_ms: Option<u64>,
+}
+
+/// Answer to `POST /v1/records`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordCreated {
+    /// Record id (opaque).
+    pub record_id: String,
+}
+
+/// `POST /v1/records/{id}/response`: what came back, appended once the
+/// response ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordResponse {
+    /// Upstream status (0 when none arrived).
+    pub status: u16,
+    /// Response text (for streams: the assembled completion text), masked as sent.
+    pub body: String,
+    /// `body` was cut at the size limit.
+    #[serde(default)]
+    pub truncated: bool,
+    /// Token usage reported by the model, as it reported it.
+    #[serde(default)]
+    pub usage: Option<serde_json::Value>,
+    /// Time from forwarding to the first response byte, ms.
+    #[serde(default)]
+    pub ttfb_ms: Option<u64>,
+    /// Time from forwarding to the end of the response, ms.
+    #[serde(default)]
+    pub total_ms: Option<u64>,
+    /// Response rule that blocked the answer, if one did.
+    #[serde(default)]
+    pub blocked_by: Option<String>,
+    /// `complete`, or how it ended otherwise (`reset`).
+    pub completion: String,
+}

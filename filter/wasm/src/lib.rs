@@ -14,15 +14,19 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use countersign_core::config::{Action, Config, Endpoint};
-use countersign_core::hold::{cancel_callout, Callout, CalloutKind, CalloutResult, Hold, HoldStep, LocalReply, Release};
+use countersign_core::config::{Config, Endpoint, RecordMode};
+use countersign_core::hold::{
+    cancel_callout, record_callout, Callout, CalloutKind, CalloutResult, Hold, HoldStep, LocalReply, Release,
+};
+use countersign_core::record::{refusal_record, ResponseRecorder, MAX_RECORDED_RESPONSE};
+use countersign_core::wire::FILTER_TOKEN_HEADER;
 use countersign_core::identity::{forward_header_edits, identify};
 use countersign_core::inspect::{inspect_body, BodyVerdict, RequestInfo};
 use countersign_core::refusal::{Refusal, RefusalKind};
 use countersign_core::request::{api_for_path, classify, path_only, HeadVerdict, RequestHead};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action as WasmAction, BufferType, ContextType, LogLevel, MapType};
+use proxy_wasm::types::{Action as WasmAction, BufferType, ContextType, LogLevel, MapType, MetricType};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -42,6 +46,8 @@ struct HoldEntry {
     finished: bool,
     /// Set when the request was released to the model.
     released: Option<Release>,
+    /// When it was released (for response timings).
+    released_at_ms: u64,
 }
 
 type SharedHold = Rc<RefCell<HoldEntry>>;
@@ -53,8 +59,35 @@ thread_local! {
     static CALLOUTS: RefCell<HashMap<u32, (u32, CalloutKind)>> = RefCell::new(HashMap::new());
     /// Retries due: (time in ms, HTTP context id).
     static RETRIES: RefCell<Vec<(u64, u32)>> = const { RefCell::new(Vec::new()) };
+    /// Metric ids by name.
+    static METRICS: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
     /// Reviews whose caller went away, to be cancelled by the root context.
     static CANCELS: RefCell<Vec<(Rc<Config>, String)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Envoy stats (`/stats`, `/stats/prometheus` as `envoy_wasmcustom_...`).
+/// Every worker VM defines the same names, so Envoy sums them.
+fn count(name: &str, delta: i64) {
+    let id = METRICS.with(|m| {
+        let mut m = m.borrow_mut();
+        if let Some(id) = m.get(name) {
+            return Some(*id);
+        }
+        let kind = if name.ends_with("_total") { MetricType::Counter } else { MetricType::Gauge };
+        let id = hostcalls::define_metric(kind, name).ok()?;
+        m.insert(name.to_string(), id);
+        Some(id)
+    });
+    if let Some(id) = id {
+        let _ = hostcalls::increment_metric(id, delta);
+    }
+}
+
+/// Outcome of a request: a metric and a filter-state value that access logs
+/// can print (`%FILTER_STATE(wasm.countersign_decision:PLAIN)%`).
+fn note_outcome(outcome: &str) {
+    count(&format!("countersign_requests_{outcome}_total"), 1);
+    let _ = hostcalls::set_property(vec!["countersign_decision"], Some(outcome.as_bytes()));
 }
 
 fn now_ms() -> u64 {
@@ -133,6 +166,7 @@ impl RootContext for Root {
             hold: None,
             outcome: None,
             refused: false,
+            response: None,
         }))
     }
 
@@ -152,11 +186,31 @@ struct Stream {
     /// `x-countersign-outcome` for the response, once decided.
     outcome: Option<&'static str>,
     refused: bool,
+    /// The response part of the record, while the response flows.
+    response: Option<ResponseCapture>,
+}
+
+/// What the filter notes about a response for its record.
+struct ResponseCapture {
+    record_id: String,
+    recorder: ResponseRecorder,
+    status: u16,
+    forwarded_at_ms: u64,
+    ttfb_ms: Option<u64>,
+    complete: bool,
 }
 
 impl Stream {
     fn refuse(&mut self, refusal: &Refusal) -> WasmAction {
         self.refused = true;
+        note_outcome(refusal.kind.outcome());
+        // Every inference request leaves a record, refused ones included
+        // (best effort: the refusal does not wait for it).
+        if let (Some(config), Some(endpoint)) = (&self.config, &self.endpoint) {
+            if config.records != RecordMode::Off {
+                let _ = dispatch(config, &record_callout(config, &refusal_record(&self.info, Some(endpoint.api), refusal)));
+            }
+        }
         send_refusal(refusal);
         WasmAction::Pause
     }
@@ -166,9 +220,17 @@ impl Stream {
     }
 
     fn start_hold(&mut self, config: &Rc<Config>, hold: Hold, step: HoldStep, body_len: usize) {
-        let entry = Rc::new(RefCell::new(HoldEntry { hold, config: config.clone(), body_len, finished: false, released: None }));
+        let entry = Rc::new(RefCell::new(HoldEntry {
+            hold,
+            config: config.clone(),
+            body_len,
+            finished: false,
+            released: None,
+            released_at_ms: 0,
+        }));
         HOLDS.with(|h| h.borrow_mut().insert(self.id, entry.clone()));
         self.hold = Some(entry.clone());
+        count("countersign_held", 1);
         perform(self.id, &entry, step);
     }
 }
@@ -238,9 +300,18 @@ impl HttpContext for Stream {
             caller,
             approval_token,
             prefer_async,
+            source_address: self
+                .get_property(vec!["source", "address"])
+                .and_then(|b| String::from_utf8(b).ok()),
+            received_at_ms: now_ms(),
+            model: None,
+            stream: false,
         };
         match verdict {
-            HeadVerdict::Refuse(r) => return self.refuse(&r),
+            HeadVerdict::Refuse(r) => {
+                self.endpoint = api_for_path(&config, &path).and_then(|api| config.endpoints.iter().find(|e| e.api == api).cloned());
+                return self.refuse(&r);
+            }
             HeadVerdict::Status(review_id) => {
                 let (hold, step) = Hold::status(&config, self.info.clone(), &review_id);
                 self.start_hold(&config, hold, step, 0);
@@ -289,10 +360,16 @@ impl HttpContext for Stream {
         }
         let body = self.get_http_request_body(0, body_size).unwrap_or_default();
         match inspect_body(&config, &endpoint, &self.info, &body, now_ms()) {
-            BodyVerdict::Forward(rule) => {
-                log::info!("countersign: {} allowed by rule `{}`", self.info.request_id, rule.name);
-                self.outcome = Some(if rule.action == Action::Allow { "allowed" } else { "forwarded" });
-                WasmAction::Continue
+            BodyVerdict::Forward(rule, facts) => {
+                let (hold, step) = Hold::forward(&config, endpoint.api, self.info.clone(), &rule, facts, &body, now_ms());
+                if let HoldStep::Release(_) = step {
+                    // Records off: nothing to wait for.
+                    self.outcome = Some("allowed");
+                    note_outcome("allowed");
+                    return WasmAction::Continue;
+                }
+                self.start_hold(&config, hold, step, body.len());
+                WasmAction::Pause
             }
             BodyVerdict::Refuse(r) => {
                 log::info!("countersign: {} refused: {}", self.info.request_id, r.kind.code());
@@ -304,8 +381,8 @@ impl HttpContext for Stream {
                 self.start_hold(&config, hold, step, body.len());
                 WasmAction::Pause
             }
-            BodyVerdict::Consume(claims) => {
-                let (hold, step) = Hold::consume(&config, endpoint.api, self.info.clone(), &claims, &body);
+            BodyVerdict::Consume(claims, facts) => {
+                let (hold, step) = Hold::consume(&config, endpoint.api, self.info.clone(), &claims, facts, &body, now_ms());
                 log::info!("countersign: {} presents the approval token of review {}", self.info.request_id, claims.rid);
                 self.start_hold(&config, hold, step, body.len());
                 WasmAction::Pause
@@ -314,29 +391,77 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> WasmAction {
+        let mut record_id = None;
         if let Some(entry) = &self.hold {
             let e = entry.borrow();
             if let Some(release) = &e.released {
-                let outcome = match (&release.review_id, &release.edited_body) {
-                    (None, _) => "fail_open",
-                    (Some(_), Some(_)) => "edited",
-                    (Some(_), None) => "approved",
-                };
-                self.set_http_response_header("x-countersign-outcome", Some(outcome));
+                self.set_http_response_header("x-countersign-outcome", Some(release.decision));
                 if let Some(id) = &release.review_id {
                     self.set_http_response_header("x-countersign-review-id", Some(id));
                 }
+                record_id = release.record_id.clone();
             }
         } else if let Some(outcome) = self.outcome {
             self.set_http_response_header("x-countersign-outcome", Some(outcome));
         }
+        if let Some(record_id) = record_id {
+            let now = now_ms();
+            let forwarded_at_ms = self.hold.as_ref().map(|e| e.borrow().released_at_ms).unwrap_or(now);
+            let content_type = self.get_http_response_header("content-type");
+            self.response = Some(ResponseCapture {
+                record_id,
+                recorder: ResponseRecorder::new(content_type.as_deref(), MAX_RECORDED_RESPONSE),
+                status: self.get_http_response_header(":status").and_then(|s| s.parse().ok()).unwrap_or(0),
+                forwarded_at_ms,
+                ttfb_ms: Some(now.saturating_sub(forwarded_at_ms)),
+                complete: false,
+            });
+        }
         WasmAction::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> WasmAction {
+        if self.response.is_some() {
+            let chunk = self.get_http_response_body(0, body_size);
+            if let Some(capture) = &mut self.response {
+                if let Some(chunk) = chunk {
+                    capture.recorder.feed(&chunk);
+                }
+                capture.complete |= end_of_stream;
+            }
+        }
+        WasmAction::Continue
+    }
+
+    fn on_log(&mut self) {
+        let (Some(capture), Some(config)) = (self.response.take(), self.config.clone()) else {
+            return;
+        };
+        let total = now_ms().saturating_sub(capture.forwarded_at_ms);
+        let completion = if capture.complete { "complete" } else { "reset" };
+        let response = capture.recorder.finish(capture.status, capture.ttfb_ms, Some(total), completion);
+        let Ok(body) = serde_json::to_vec(&response) else { return };
+        let mut headers = vec![
+            (":method".to_string(), "POST".to_string()),
+            (":path".to_string(), format!("/v1/records/{}/response", capture.record_id)),
+            (":authority".to_string(), config.approval_authority.clone()),
+            ("content-type".to_string(), "application/json".to_string()),
+        ];
+        if let Some(token) = &config.approval_token {
+            headers.push((FILTER_TOKEN_HEADER.to_string(), token.clone()));
+        }
+        let call = Callout { kind: CalloutKind::Record, headers, body: Some(body), timeout_ms: config.callout_timeout_ms };
+        if let Err(e) = dispatch(&config, &call) {
+            log::warn!("countersign: could not append the response to record {}: {e}", capture.record_id);
+        }
     }
 }
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        HOLDS.with(|h| h.borrow_mut().remove(&self.id));
+        if HOLDS.with(|h| h.borrow_mut().remove(&self.id)).is_some() {
+            count("countersign_held", -1);
+        }
         if let Some(entry) = &self.hold {
             let e = entry.borrow();
             if !e.finished {
@@ -423,20 +548,38 @@ fn perform(ctx_id: u32, entry: &SharedHold, step: HoldStep) {
                     release.reviewer.as_deref().unwrap_or("fail_open"),
                     if release.edited_body.is_some() { " with an edit" } else { "" }
                 );
-                entry.borrow_mut().released = Some(release);
+                note_outcome(release.decision);
+                {
+                    let mut e = entry.borrow_mut();
+                    e.released = Some(release);
+                    e.released_at_ms = now_ms();
+                }
                 let _ = hostcalls::resume_http_request();
                 return;
             }
             HoldStep::Respond(reply) => {
                 entry.borrow_mut().finished = true;
                 if hostcalls::set_effective_context(ctx_id).is_ok() {
+                    if reply.status == 202 {
+                        note_outcome("pending");
+                    }
                     send_reply(&reply);
                 }
                 return;
             }
             HoldStep::Refuse(refusal) => {
-                entry.borrow_mut().finished = true;
+                let record = {
+                    let mut e = entry.borrow_mut();
+                    e.finished = true;
+                    e.hold.refusal_record(&refusal).map(|r| (e.config.clone(), r))
+                };
+                if let Some((config, record)) = record {
+                    let _ = dispatch(&config, &record_callout(&config, &record));
+                }
                 if hostcalls::set_effective_context(ctx_id).is_ok() {
+                    if refusal.kind != RefusalKind::NotFound {
+                        note_outcome(refusal.kind.outcome());
+                    }
                     log::info!(
                         "countersign: review {} ended: {}",
                         refusal.review_id.as_deref().unwrap_or("-"),

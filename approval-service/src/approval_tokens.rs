@@ -1,0 +1,488 @@
+//! Asynchronous callers: the status lookup and approval-token consumption of
+//! the filter API, and the `[[token_keys]]` configuration.
+//!
+//! A caller that asked not to wait is answered 202 by the filter and polls
+//! `GET /v1/reviews/{id}/status?caller=NAME` (through the filter). Once the
+//! review is approved the answer carries the exact approved body and an
+//! approval token minted with [`countersign_core::token::mint`] (the one
+//! implementation shared with the filter) over that body's hash, the caller,
+//! the review id and an expiry (`decided_at_ms + token_ttl_ms`). Minting is
+//! deterministic, so no token is stored. Tokens are only issued for reviews
+//! created with `async_review`: a synchronous caller was already answered
+//! with its approved request, and a token would let it send it again.
+//!
+//! Before forwarding a retried request, the filter spends one use at
+//! `POST /v1/reviews/{id}/consume`: 200 when spent, 409 when used up
+//! (`token_max_uses`, default 1), 404 when unknown, not approved, not this
+//! caller's, not asynchronous, expired or for another body.
+//!
+//! Keys rotate by id: the last `[[token_keys]]` entry signs. Add a new key to
+//! the filter first, then to the end of the service's list; remove the old
+//! key from the service, then (after `token_ttl_ms`) from the filter.
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::Json;
+use countersign_core::token::{
+    body_hash, decode_secret, mint, TokenClaims, TokenKey, MIN_KEY_BYTES,
+};
+use countersign_core::wire::{CallerReviewStatus, ConsumeToken, ReviewStatus};
+use rusqlite::{params, OptionalExtension, TransactionBehavior};
+use serde::{Deserialize, Serialize};
+
+use crate::api::{parse_json, parse_query, FilterAuth};
+use crate::config::ConfigError;
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::store::{expire_if_overdue, i, parse_status, u, Store};
+
+/// Default `token_ttl_ms`: one hour.
+pub const DEFAULT_TOKEN_TTL_MS: u64 = 3_600_000;
+
+/// Longest allowed `token_ttl_ms`: 30 days.
+pub const MAX_TOKEN_TTL_MS: u64 = 30 * 86_400_000;
+
+/// Largest allowed `token_max_uses`.
+pub const MAX_TOKEN_USES: u32 = 1_000_000;
+
+/// One `[[token_keys]]` entry as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTokenKey {
+    id: String,
+    #[serde(default)]
+    secret: Option<String>,
+    #[serde(default)]
+    secret_env: Option<String>,
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Validates `[[token_keys]]` (same rules as the filter's
+/// `approval_tokens.keys`); `env` reads `secret_env` variables.
+pub(crate) fn check_keys(
+    raw: Vec<RawTokenKey>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<TokenKey>, ConfigError> {
+    let mut keys: Vec<TokenKey> = Vec::with_capacity(raw.len());
+    for (n, k) in raw.into_iter().enumerate() {
+        let at = format!("token_keys[{n}]");
+        if k.id.is_empty()
+            || !k
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(invalid(
+                format!("{at}.id"),
+                "must be non-empty [A-Za-z0-9_-]",
+            ));
+        }
+        if keys.iter().any(|o| o.id == k.id) {
+            return Err(invalid(
+                format!("{at}.id"),
+                format!("duplicate key id {:?}", k.id),
+            ));
+        }
+        let (field, text) = match (k.secret, k.secret_env) {
+            (Some(s), None) => (format!("{at}.secret"), s),
+            (None, Some(name)) => (
+                format!("{at}.secret_env"),
+                env(&name).ok_or_else(|| {
+                    invalid(
+                        format!("{at}.secret_env"),
+                        format!("environment variable {name:?} is not set"),
+                    )
+                })?,
+            ),
+            _ => return Err(invalid(at, "set exactly one of `secret` and `secret_env`")),
+        };
+        let secret = decode_secret(&text).ok_or_else(|| invalid(&field, "must be base64"))?;
+        if secret.len() < MIN_KEY_BYTES {
+            return Err(invalid(
+                field,
+                format!("must decode to at least {MIN_KEY_BYTES} bytes"),
+            ));
+        }
+        keys.push(TokenKey { id: k.id, secret });
+    }
+    Ok(keys)
+}
+
+/// Validates `token_ttl_ms`.
+pub(crate) fn check_ttl(v: Option<u64>) -> Result<u64, ConfigError> {
+    let v = v.unwrap_or(DEFAULT_TOKEN_TTL_MS);
+    if !(1..=MAX_TOKEN_TTL_MS).contains(&v) {
+        return Err(invalid(
+            "token_ttl_ms",
+            format!("must be between 1 and {MAX_TOKEN_TTL_MS}"),
+        ));
+    }
+    Ok(v)
+}
+
+/// Validates `token_max_uses`.
+pub(crate) fn check_max_uses(v: Option<u32>) -> Result<u32, ConfigError> {
+    let v = v.unwrap_or(1);
+    if !(1..=MAX_TOKEN_USES).contains(&v) {
+        return Err(invalid(
+            "token_max_uses",
+            format!("must be between 1 and {MAX_TOKEN_USES}"),
+        ));
+    }
+    Ok(v)
+}
+
+/// What the store knows of a review, for its caller.
+#[derive(Debug, Clone)]
+pub struct CallerView {
+    /// Current status.
+    pub status: ReviewStatus,
+    /// Expiry of a pending review.
+    pub expires_at_ms: u64,
+    /// When it was decided.
+    pub decided_at_ms: Option<u64>,
+    /// Reason of the decision.
+    pub reason: Option<String>,
+    /// Created with `async_review`.
+    pub async_review: bool,
+    /// The body as approved (the edit, if any).
+    pub approved_body: String,
+    /// Approvers that count.
+    pub approvers: Vec<String>,
+}
+
+/// Result of [`Store::consume_token`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsumeOutcome {
+    /// One use spent; this many uses so far.
+    Spent(u32),
+    /// Every allowed use was already spent.
+    UsedUp,
+    /// No approved asynchronous review of this caller for this body.
+    NotFound,
+}
+
+/// An approved review, as consumption checks it.
+struct Approved {
+    owner: Option<String>,
+    async_review: bool,
+    body: String,
+    decided_at_ms: Option<i64>,
+    uses: i64,
+}
+
+impl Store {
+    /// The review `id` if its caller is `caller` (never for an empty caller),
+    /// persisting a lapsed expiry first. The flag says whether it just expired.
+    pub fn caller_view(
+        &self,
+        id: &str,
+        caller: &str,
+        now_ms: u64,
+    ) -> rusqlite::Result<Option<(CallerView, bool)>> {
+        if caller.is_empty() {
+            return Ok(None);
+        }
+        let conn = self.conn();
+        let found: Option<String> = conn
+            .query_row("SELECT caller FROM reviews WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .flatten();
+        if found.as_deref() != Some(caller) {
+            return Ok(None);
+        }
+        let expired = expire_if_overdue(&conn, id, now_ms)?;
+        let view = conn.query_row(
+            "SELECT status, expires_at_ms, decided_at_ms, reason, async_review,
+                    COALESCE(edited_body, body)
+             FROM reviews WHERE id = ?1",
+            [id],
+            |r| {
+                Ok(CallerView {
+                    status: parse_status(&r.get::<_, String>(0)?)?,
+                    expires_at_ms: u(r.get(1)?),
+                    decided_at_ms: r.get::<_, Option<i64>>(2)?.map(u),
+                    reason: r.get(3)?,
+                    async_review: r.get(4)?,
+                    approved_body: r.get(5)?,
+                    approvers: Vec::new(),
+                })
+            },
+        )?;
+        let approvers = crate::approvals::current_approvers(&conn, id)?;
+        Ok(Some((CallerView { approvers, ..view }, expired)))
+    }
+
+    /// Spends one use of the approval token of review `id`, atomically.
+    pub fn consume_token(
+        &self,
+        id: &str,
+        caller: &str,
+        body_sha256: &str,
+        max_uses: u32,
+        ttl_ms: u64,
+        now_ms: u64,
+    ) -> rusqlite::Result<ConsumeOutcome> {
+        if caller.is_empty() {
+            return Ok(ConsumeOutcome::NotFound);
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let row = tx
+            .query_row(
+                "SELECT caller, async_review, COALESCE(edited_body, body), decided_at_ms, token_uses
+                 FROM reviews WHERE id = ?1 AND status = 'approved'",
+                [id],
+                |r| {
+                    Ok(Approved {
+                        owner: r.get(0)?,
+                        async_review: r.get(1)?,
+                        body: r.get(2)?,
+                        decided_at_ms: r.get(3)?,
+                        uses: r.get(4)?,
+                    })
+                },
+            )
+            .optional()?;
+        let Some(Approved {
+            owner,
+            async_review,
+            body,
+            decided_at_ms,
+            uses,
+        }) = row
+        else {
+            return Ok(ConsumeOutcome::NotFound);
+        };
+        let expired = decided_at_ms.is_none_or(|d| now_ms >= u(d).saturating_add(ttl_ms));
+        if owner.as_deref() != Some(caller)
+            || !async_review
+            || expired
+            || body_hash(body.as_bytes()) != body_sha256
+        {
+            return Ok(ConsumeOutcome::NotFound);
+        }
+        if uses >= i64::from(max_uses) {
+            return Ok(ConsumeOutcome::UsedUp);
+        }
+        let changed = tx.execute(
+            "UPDATE reviews SET token_uses = token_uses + 1
+             WHERE id = ?1 AND status = 'approved' AND caller = ?2 AND token_uses < ?3",
+            params![id, caller, i64::from(max_uses)],
+        )?;
+        if changed != 1 {
+            return Ok(ConsumeOutcome::UsedUp);
+        }
+        let use_no = uses + 1;
+        tx.execute(
+            "INSERT INTO token_consumptions (review_id, use_no, used_at_ms) VALUES (?1, ?2, ?3)",
+            params![id, use_no, i(now_ms)],
+        )?;
+        tx.commit()?;
+        Ok(ConsumeOutcome::Spent(
+            u32::try_from(use_no).unwrap_or(u32::MAX),
+        ))
+    }
+}
+
+/// Query of `GET /v1/reviews/{id}/status`.
+#[derive(Debug, Deserialize)]
+pub struct StatusParams {
+    /// The caller asking (its identity as the filter established it).
+    #[serde(default)]
+    pub caller: String,
+}
+
+fn no_such_review() -> ApiError {
+    ApiError::NotFound("no such review for this caller".into())
+}
+
+/// The token for an approved review, with its expiry; `None` without keys.
+pub fn token_for(
+    keys: &[TokenKey],
+    ttl_ms: u64,
+    id: &str,
+    caller: &str,
+    approved_body: &str,
+    decided_at_ms: u64,
+) -> Option<(String, u64)> {
+    let key = keys.last()?;
+    let exp = decided_at_ms.saturating_add(ttl_ms);
+    let claims = TokenClaims {
+        rid: id.to_string(),
+        sub: caller.to_string(),
+        bh: body_hash(approved_body.as_bytes()),
+        exp,
+    };
+    mint(key, &claims).map(|t| (t, exp))
+}
+
+/// `GET /v1/reviews/{id}/status?caller=NAME`: an asynchronous caller's view
+/// of its own review; 404 for anyone else's.
+pub async fn caller_status(
+    State(state): State<AppState>,
+    _auth: FilterAuth,
+    Path(id): Path<String>,
+    query: Result<Query<StatusParams>, QueryRejection>,
+) -> Result<Json<CallerReviewStatus>, ApiError> {
+    let caller = parse_query(query)?.caller;
+    let now = crate::now_ms();
+    let (lookup_id, lookup_caller) = (id.clone(), caller.clone());
+    let (view, expired_now) = state
+        .db(move |s| s.caller_view(&lookup_id, &lookup_caller, now))
+        .await?
+        .ok_or_else(no_such_review)?;
+    if expired_now {
+        tracing::info!(review_id = %id, status = "expired", "review expired (hold timeout)");
+        state.wake(&id);
+        state.publish(&id, ReviewStatus::Expired);
+    }
+    let approved = view.status == ReviewStatus::Approved;
+    let config = state.config();
+    let token = match (approved && view.async_review, view.decided_at_ms) {
+        (true, Some(decided)) => token_for(
+            &config.token_keys,
+            config.token_ttl_ms,
+            &id,
+            &caller,
+            &view.approved_body,
+            decided,
+        ),
+        _ => None,
+    };
+    let decided = view.status.is_final();
+    Ok(Json(CallerReviewStatus {
+        id,
+        status: view.status,
+        expires_at_ms: view.expires_at_ms,
+        reason: if decided { view.reason } else { None },
+        approvers: if approved { view.approvers } else { Vec::new() },
+        approved_body: approved.then_some(view.approved_body),
+        token_expires_at_ms: token.as_ref().map(|(_, exp)| *exp),
+        approval_token: token.map(|(t, _)| t),
+    }))
+}
+
+/// Answer of `POST /v1/reviews/{id}/consume`.
+#[derive(Debug, Serialize)]
+pub struct Consumed {
+    /// Review id.
+    pub id: String,
+    /// Uses spent so far, this one included.
+    pub uses: u32,
+}
+
+/// `POST /v1/reviews/{id}/consume`: spends one use of an approval token.
+pub async fn consume(
+    State(state): State<AppState>,
+    _auth: FilterAuth,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Consumed>, ApiError> {
+    let req: ConsumeToken = parse_json(body)?;
+    let now = crate::now_ms();
+    let (max_uses, ttl_ms) = (state.config().token_max_uses, state.config().token_ttl_ms);
+    let lookup_id = id.clone();
+    let caller = req.caller.clone();
+    let outcome = state
+        .db(move |s| {
+            s.consume_token(
+                &lookup_id,
+                &req.caller,
+                &req.body_sha256,
+                max_uses,
+                ttl_ms,
+                now,
+            )
+        })
+        .await?;
+    match outcome {
+        ConsumeOutcome::Spent(uses) => {
+            tracing::info!(review_id = %id, caller = %caller, uses, "approval token spent");
+            Ok(Json(Consumed { id, uses }))
+        }
+        ConsumeOutcome::UsedUp => {
+            tracing::warn!(review_id = %id, caller = %caller, "approval token replay refused");
+            Err(ApiError::Conflict("approval token already used".into()))
+        }
+        ConsumeOutcome::NotFound => Err(ApiError::NotFound(
+            "no approved asynchronous review of this caller for this body".into(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    const K32: &str = "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=";
+
+    fn raw(id: &str, secret: Option<&str>, secret_env: Option<&str>) -> RawTokenKey {
+        RawTokenKey {
+            id: id.into(),
+            secret: secret.map(Into::into),
+            secret_env: secret_env.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn keys_from_env_and_errors_named() {
+        let env = |name: &str| (name == "KEY").then(|| K32.to_string());
+        let keys = check_keys(
+            vec![raw("k1", Some(K32), None), raw("k2", None, Some("KEY"))],
+            &env,
+        )
+        .unwrap();
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys[1].secret, vec![b'A'; 32]);
+        for (bad, field) in [
+            (vec![raw("", Some(K32), None)], "token_keys[0].id"),
+            (vec![raw("a.b", Some(K32), None)], "token_keys[0].id"),
+            (
+                vec![raw("k", Some(K32), None), raw("k", Some(K32), None)],
+                "token_keys[1].id",
+            ),
+            (vec![raw("k", None, None)], "token_keys[0]"),
+            (vec![raw("k", Some(K32), Some("KEY"))], "token_keys[0]"),
+            (
+                vec![raw("k", None, Some("NOPE"))],
+                "token_keys[0].secret_env",
+            ),
+            (vec![raw("k", Some("!!"), None)], "token_keys[0].secret"),
+            (vec![raw("k", Some("QUFB"), None)], "token_keys[0].secret"),
+        ] {
+            match check_keys(bad, &env) {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn token_for_uses_the_last_key() {
+        let keys = [
+            TokenKey {
+                id: "old".into(),
+                secret: vec![1; 32],
+            },
+            TokenKey {
+                id: "new".into(),
+                secret: vec![2; 32],
+            },
+        ];
+        let (t, exp) = token_for(&keys, 100, "rev_1", "ci", "{}", 1000).unwrap();
+        assert_eq!(exp, 1100);
+        assert!(t.starts_with("cs1.new."), "{t}");
+        assert!(token_for(&[], 100, "rev_1", "ci", "{}", 1000).is_none());
+    }
+}

@@ -1,0 +1,445 @@
+//! Separation of duties and quorum: who may decide a review, and when the
+//! approvals collected so far make it approved.
+//!
+//! Every decision runs in one `BEGIN IMMEDIATE` transaction (on top of the
+//! store's connection mutex), so concurrent decisions, even from several
+//! processes sharing the file, have exactly one final outcome; a losing
+//! final decision gets 409.
+//!
+//! Rules:
+//! - **Eligibility.** When a review names an `approver_group`, only members
+//!   of that group may approve, edit *or reject* it (403
+//!   `not_in_approver_group`): the group owns the decision, so nobody
+//!   outside it can veto the group's quorum either.
+//! - **No self-approval.** A reviewer whose name is the review's caller, or
+//!   who lists the caller in `callers`, may not approve or edit (403
+//!   `self_approval`). They may reject. Names compare ASCII
+//!   case-insensitively, erring towards refusal.
+//! - **Quorum.** An approval is recorded per reviewer; a second approval by
+//!   the same reviewer is 409 `already_approved`. Once the approvals of the
+//!   current body reach `required_approvals` distinct reviewers, the review
+//!   is approved (`reviewer` = the last approver; `reason` = the approvers'
+//!   reasons). Before that it stays pending and the filter keeps waiting.
+//! - **Edits.** Approving with an edit sets the body to forward and counts as
+//!   that reviewer's approval; approvals given before the edit are
+//!   discarded (kept in the record with `superseded_at_ms`), because they
+//!   approved another body. An edit identical to the current body is a plain
+//!   approval.
+//! - **Rejection** by an eligible reviewer rejects at once.
+
+use countersign_core::wire::{CreateReview, ReviewStatus};
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use serde::Serialize;
+
+use crate::config::{ConfigError, ReviewerConfig};
+use crate::error::ApiError;
+use crate::store::{
+    detail_of, expire_if_overdue, i, state_of, u, why_not_pending, DecideOutcome, Decision,
+};
+
+/// Why a reviewer may not take a decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecisionRefused {
+    /// The reviewer is (or sends requests as) the review's caller.
+    SelfApproval,
+    /// The review needs a reviewer of this group.
+    NotInApproverGroup(String),
+    /// This reviewer already approved the current body.
+    AlreadyApproved,
+}
+
+impl DecisionRefused {
+    /// Stable error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DecisionRefused::SelfApproval => "self_approval",
+            DecisionRefused::NotInApproverGroup(_) => "not_in_approver_group",
+            DecisionRefused::AlreadyApproved => "already_approved",
+        }
+    }
+
+    /// The HTTP error answered for it.
+    pub fn to_api_error(&self) -> ApiError {
+        use axum::http::StatusCode;
+        let (status, message) = match self {
+            DecisionRefused::SelfApproval => (
+                StatusCode::FORBIDDEN,
+                "you cannot approve a request you sent; another reviewer must decide".to_string(),
+            ),
+            DecisionRefused::NotInApproverGroup(g) => (
+                StatusCode::FORBIDDEN,
+                format!("this review must be decided by a member of the {g:?} group"),
+            ),
+            DecisionRefused::AlreadyApproved => (
+                StatusCode::CONFLICT,
+                "you already approved this review; it needs another reviewer".to_string(),
+            ),
+        };
+        ApiError::Coded {
+            status,
+            code: self.code(),
+            message,
+        }
+    }
+}
+
+/// One approval, as listed in a review's detail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ApprovalEntry {
+    /// Reviewer name.
+    pub reviewer: String,
+    /// When they approved, Unix ms.
+    pub approved_at_ms: u64,
+    /// Their reason, if any.
+    pub reason: Option<String>,
+    /// They approved with an edit of the body.
+    pub edited: bool,
+    /// When a later edit discarded this approval (it approved another body);
+    /// `None` for approvals that count.
+    pub superseded_at_ms: Option<u64>,
+}
+
+/// Columns added to `reviews` by [`migrate`]: name and declaration.
+const REVIEW_COLUMNS: [(&str, &str); 5] = [
+    ("caller_groups_json", "TEXT NOT NULL DEFAULT '[]'"),
+    ("required_approvals", "INTEGER NOT NULL DEFAULT 1"),
+    ("approver_group", "TEXT"),
+    ("async_review", "INTEGER NOT NULL DEFAULT 0"),
+    ("token_uses", "INTEGER NOT NULL DEFAULT 0"),
+];
+
+/// Adds the approval and token columns and tables to a database that lacks
+/// them. Guarded by a column check rather than `user_version`, so it composes
+/// with other schema steps; idempotent, and run under `BEGIN IMMEDIATE` so
+/// two processes opening one old file do not both alter it.
+pub(crate) fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+    let existing: Vec<String> = {
+        let mut stmt = tx.prepare("SELECT name FROM pragma_table_info('reviews')")?;
+        let names = stmt.query_map([], |r| r.get(0))?;
+        names.collect::<rusqlite::Result<_>>()?
+    };
+    for (name, decl) in REVIEW_COLUMNS {
+        if !existing.iter().any(|c| c == name) {
+            // Both parts are constants above: nothing user-supplied here.
+            tx.execute_batch(&format!("ALTER TABLE reviews ADD COLUMN {name} {decl};"))?;
+        }
+    }
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS approvals (
+             id               INTEGER PRIMARY KEY,
+             review_id        TEXT NOT NULL,
+             reviewer         TEXT NOT NULL,
+             approved_at_ms   INTEGER NOT NULL,
+             reason           TEXT,
+             edited_body      TEXT,
+             superseded_at_ms INTEGER
+         );
+         CREATE INDEX IF NOT EXISTS approvals_review ON approvals (review_id, id);
+         CREATE UNIQUE INDEX IF NOT EXISTS approvals_current
+             ON approvals (review_id, reviewer) WHERE superseded_at_ms IS NULL;
+         CREATE TABLE IF NOT EXISTS token_consumptions (
+             review_id   TEXT NOT NULL,
+             use_no      INTEGER NOT NULL,
+             used_at_ms  INTEGER NOT NULL,
+             PRIMARY KEY (review_id, use_no)
+         );",
+    )?;
+    tx.commit()
+}
+
+/// Checks `reviewers[i].callers`: trimmed, non-empty.
+pub(crate) fn check_callers(i: usize, callers: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    callers
+        .into_iter()
+        .enumerate()
+        .map(|(j, c)| {
+            let c = c.trim().to_string();
+            if c.is_empty() {
+                return Err(ConfigError::Invalid {
+                    field: format!("reviewers[{i}].callers[{j}]"),
+                    message: "must not be empty".into(),
+                });
+            }
+            Ok(c)
+        })
+        .collect()
+}
+
+/// Whether `reviewer` is, or sends requests as, `caller`.
+pub fn is_self(reviewer: &ReviewerConfig, caller: Option<&str>) -> bool {
+    let Some(caller) = caller.map(str::trim).filter(|c| !c.is_empty()) else {
+        return false;
+    };
+    reviewer.name.eq_ignore_ascii_case(caller)
+        || reviewer
+            .callers
+            .iter()
+            .any(|c| c.eq_ignore_ascii_case(caller))
+}
+
+/// Whether `reviewer` may decide a review restricted to `group`.
+pub fn in_group(reviewer: &ReviewerConfig, group: Option<&str>) -> bool {
+    group.is_none_or(|g| reviewer.groups.iter().any(|have| have == g))
+}
+
+/// Logs a warning when no configured set of reviewers could ever approve
+/// `req` (too few eligible reviewers for its quorum); it will expire.
+pub(crate) fn warn_if_unreachable(reviewers: &[ReviewerConfig], id: &str, req: &CreateReview) {
+    let eligible = reviewers
+        .iter()
+        .filter(|r| {
+            in_group(r, req.approver_group.as_deref()) && !is_self(r, req.caller.as_deref())
+        })
+        .count();
+    let needed = req.required_approvals.max(1);
+    if u32::try_from(eligible).unwrap_or(u32::MAX) < needed {
+        tracing::warn!(
+            review_id = %id,
+            required_approvals = needed,
+            approver_group = req.approver_group.as_deref().unwrap_or(""),
+            eligible_reviewers = eligible,
+            "review can never be approved: too few eligible reviewers are configured"
+        );
+    }
+}
+
+/// The approvals of a review, oldest first.
+pub(crate) fn approvals_of(conn: &Connection, id: &str) -> rusqlite::Result<Vec<ApprovalEntry>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT reviewer, approved_at_ms, reason, edited_body IS NOT NULL, superseded_at_ms
+         FROM approvals WHERE review_id = ?1 ORDER BY id",
+    )?;
+    let rows = stmt.query_map([id], |r| {
+        Ok(ApprovalEntry {
+            reviewer: r.get(0)?,
+            approved_at_ms: u(r.get(1)?),
+            reason: r.get(2)?,
+            edited: r.get(3)?,
+            superseded_at_ms: r.get::<_, Option<i64>>(4)?.map(u),
+        })
+    })?;
+    rows.collect()
+}
+
+/// Names of the approvers that count (of the current body), oldest first.
+pub(crate) fn current_approvers(conn: &Connection, id: &str) -> rusqlite::Result<Vec<String>> {
+    Ok(approvals_of(conn, id)?
+        .into_iter()
+        .filter(|a| a.superseded_at_ms.is_none())
+        .map(|a| a.reviewer)
+        .collect())
+}
+
+/// See [`crate::store::Store::decide`].
+pub(crate) fn decide(
+    conn: &mut Connection,
+    id: &str,
+    d: &Decision,
+    reviewer: &ReviewerConfig,
+    now_ms: u64,
+) -> rusqlite::Result<DecideOutcome> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let outcome = decide_in(&tx, id, d, reviewer, now_ms)?;
+    // Committed whatever the outcome: a lapsed expiry may have been persisted.
+    tx.commit()?;
+    Ok(outcome)
+}
+
+struct Pending {
+    caller: Option<String>,
+    required: u32,
+    approver_group: Option<String>,
+    body: String,
+    edited_body: Option<String>,
+}
+
+fn decide_in(
+    tx: &Transaction<'_>,
+    id: &str,
+    d: &Decision,
+    reviewer: &ReviewerConfig,
+    now_ms: u64,
+) -> rusqlite::Result<DecideOutcome> {
+    // Persist a lapsed expiry first, so the stored status matches our answer.
+    expire_if_overdue(tx, id, now_ms)?;
+    let row = tx
+        .query_row(
+            "SELECT status, caller, required_approvals, approver_group, body, edited_body
+             FROM reviews WHERE id = ?1",
+            [id],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    Pending {
+                        caller: r.get(1)?,
+                        required: u32::try_from(r.get::<_, i64>(2)?).unwrap_or(1).max(1),
+                        approver_group: r.get(3)?,
+                        body: r.get(4)?,
+                        edited_body: r.get(5)?,
+                    },
+                ))
+            },
+        )
+        .optional()?;
+    let Some((status, p)) = row else {
+        return Ok(DecideOutcome::NotFound);
+    };
+    if status != ReviewStatus::Pending.as_str() {
+        return Ok(match state_of(tx, id)? {
+            Some(state) => DecideOutcome::NotPending(why_not_pending(&state)),
+            None => DecideOutcome::NotFound,
+        });
+    }
+    if !in_group(reviewer, p.approver_group.as_deref()) {
+        let group = p.approver_group.unwrap_or_default();
+        return Ok(DecideOutcome::Refused(DecisionRefused::NotInApproverGroup(
+            group,
+        )));
+    }
+    if d.status == ReviewStatus::Rejected {
+        tx.execute(
+            "UPDATE reviews SET status = 'rejected', reviewer = ?1, reason = ?2, decided_at_ms = ?3
+             WHERE id = ?4 AND status = 'pending'",
+            params![reviewer.name, d.reason, i(now_ms), id],
+        )?;
+        return decided(tx, id, true);
+    }
+    if is_self(reviewer, p.caller.as_deref()) {
+        return Ok(DecideOutcome::Refused(DecisionRefused::SelfApproval));
+    }
+    let current_body = p.edited_body.as_deref().unwrap_or(&p.body);
+    let new_body = d.edited_body.as_deref().filter(|e| *e != current_body);
+    match new_body {
+        None => {
+            let already: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM approvals
+                 WHERE review_id = ?1 AND reviewer = ?2 AND superseded_at_ms IS NULL)",
+                params![id, reviewer.name],
+                |r| r.get(0),
+            )?;
+            if already {
+                return Ok(DecideOutcome::Refused(DecisionRefused::AlreadyApproved));
+            }
+        }
+        Some(body) => {
+            // The earlier approvals were of another body: they no longer count.
+            tx.execute(
+                "UPDATE approvals SET superseded_at_ms = ?1
+                 WHERE review_id = ?2 AND superseded_at_ms IS NULL",
+                params![i(now_ms), id],
+            )?;
+            tx.execute(
+                "UPDATE reviews SET edited_body = ?1 WHERE id = ?2",
+                params![body, id],
+            )?;
+        }
+    }
+    tx.execute(
+        "INSERT INTO approvals (review_id, reviewer, approved_at_ms, reason, edited_body)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![id, reviewer.name, i(now_ms), d.reason, new_body],
+    )?;
+    let counted: Vec<(String, Option<String>)> = {
+        let mut stmt = tx.prepare_cached(
+            "SELECT reviewer, reason FROM approvals
+             WHERE review_id = ?1 AND superseded_at_ms IS NULL ORDER BY id",
+        )?;
+        let rows = stmt.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    if u32::try_from(counted.len()).unwrap_or(u32::MAX) < p.required {
+        return decided(tx, id, false);
+    }
+    tx.execute(
+        "UPDATE reviews SET status = 'approved', reviewer = ?1, reason = ?2, decided_at_ms = ?3
+         WHERE id = ?4 AND status = 'pending'",
+        params![reviewer.name, joined_reason(&counted), i(now_ms), id],
+    )?;
+    decided(tx, id, true)
+}
+
+/// The recorded reason of an approval: the one reason as given when one
+/// approval decides, else `"name: reason; name: reason"`.
+fn joined_reason(approvals: &[(String, Option<String>)]) -> Option<String> {
+    if let [(_, reason)] = approvals {
+        return reason.clone();
+    }
+    let parts: Vec<String> = approvals
+        .iter()
+        .filter_map(|(who, reason)| reason.as_ref().map(|r| format!("{who}: {r}")))
+        .collect();
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
+fn decided(tx: &Transaction<'_>, id: &str, is_final: bool) -> rusqlite::Result<DecideOutcome> {
+    Ok(match detail_of(tx, id)? {
+        Some(detail) if is_final => DecideOutcome::Decided(Box::new(detail)),
+        Some(detail) => DecideOutcome::Partial(Box::new(detail)),
+        None => DecideOutcome::NotFound,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use crate::token::TokenHash;
+
+    fn reviewer(name: &str, groups: &[&str], callers: &[&str]) -> ReviewerConfig {
+        ReviewerConfig {
+            name: name.into(),
+            token_sha256: TokenHash::of_token(name),
+            groups: groups.iter().map(|s| s.to_string()).collect(),
+            callers: callers.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn self_and_group() {
+        let dana = reviewer("dana", &["sec"], &["ci-dana"]);
+        assert!(is_self(&dana, Some("dana")));
+        assert!(is_self(&dana, Some("Dana")));
+        assert!(is_self(&dana, Some("CI-dana")));
+        assert!(!is_self(&dana, Some("svc")));
+        assert!(!is_self(&dana, None));
+        assert!(!is_self(&dana, Some("")));
+        assert!(in_group(&dana, None));
+        assert!(in_group(&dana, Some("sec")));
+        assert!(!in_group(&dana, Some("ops")));
+    }
+
+    #[test]
+    fn reasons_join() {
+        let one = [("a".to_string(), Some("ok".to_string()))];
+        assert_eq!(joined_reason(&one).as_deref(), Some("ok"));
+        let two = [
+            ("a".to_string(), Some("ok".to_string())),
+            ("b".to_string(), None),
+        ];
+        assert_eq!(joined_reason(&two).as_deref(), Some("a: ok"));
+        let none = [("a".to_string(), None), ("b".to_string(), None)];
+        assert_eq!(joined_reason(&none), None);
+    }
+
+    #[test]
+    fn migration_is_idempotent_and_upgrades_old_files() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE reviews (id TEXT PRIMARY KEY, status TEXT NOT NULL);
+             INSERT INTO reviews VALUES ('rev_old', 'pending');",
+        )
+        .unwrap();
+        migrate(&conn).unwrap();
+        migrate(&conn).unwrap();
+        let (req, groups, uses): (i64, String, i64) = conn
+            .query_row(
+                "SELECT required_approvals, caller_groups_json, token_uses FROM reviews",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!((req, groups.as_str(), uses), (1, "[]", 0));
+        assert!(approvals_of(&conn, "rev_old").unwrap().is_empty());
+    }
+}

@@ -1,0 +1,1107 @@
+//! Session records: one tamper-evident, append-only log entry per inference
+//! request (reviewed, allowed by policy, or refused), plus the response part
+//! appended once the response ended.
+//!
+//! # Storage
+//!
+//! The records live in the service's SQLite file, in tables of their own,
+//! reached through a second connection ([`RecordStore`], its own mutex; WAL
+//! mode lets it coexist with [`crate::store::Store`]'s connection):
+//!
+//! * `records(seq INTEGER PRIMARY KEY, record_id TEXT UNIQUE, kind,
+//!   ref_record_id, created_at_ms, entry, prev_hash, hash)`: the log. `kind`
+//!   is `request`, `response` (`ref_record_id` names the request) or
+//!   `retention` (see below). `entry` is the compact JSON of the entry with
+//!   sorted keys; it repeats `kind`, `record_id`, `ref_record_id` and
+//!   `created_at_ms`, so the hash covers those columns too. A few virtual
+//!   generated columns (`caller`, `model`, `decision`, `review_id`,
+//!   `request_id`, computed from `entry`) serve the query filters.
+//! * `hash = hex(SHA-256(prev_hash ‖ "\n" ‖ seq ‖ "\n" ‖ entry))` with `seq`
+//!   in decimal; `prev_hash` is the previous entry's `hash`, 64 zeros for the
+//!   very first entry. Appends run in one `BEGIN IMMEDIATE` transaction that
+//!   reads the last link, so they serialise (also across processes) and
+//!   `seq` is always the previous `seq + 1`.
+//! * Triggers make the log append-only in SQL: every `UPDATE` aborts, and a
+//!   `DELETE` aborts unless `retention_gate.allow = 1`, which only the
+//!   retention code sets, inside its own transaction (other connections
+//!   never see it set).
+//!
+//! # Retention
+//!
+//! `record_retention_days` (0 = forever) removes the oldest *prefix* of the
+//! chain, never a middle part: every entry up to the last one older than the
+//! cutoff, in chunks of [`RETENTION_CHUNK`]. Each chunk, in one
+//! transaction: deletes `seq <= K`, stores `(K, hash of K)` in the
+//! append-only `chain_anchor` table, and appends a `retention` entry to the
+//! chain recording `deleted_through_seq = K` and `anchor_hash`. The verifier
+//! starts from the newest anchor (first `seq` must be `K + 1`, its
+//! `prev_hash` the anchor hash) and requires that anchor to be attested by a
+//! `retention` entry in the remaining chain, so deleting a prefix by hand
+//! (and forging an anchor) is reported.
+//!
+//! # Limits of the tamper evidence
+//!
+//! The chain has no secret: someone with write access to the file who
+//! recomputes every later hash, or who truncates the newest entries, is not
+//! detectable from the file alone. Keep the `last hash` printed by
+//! `verify-records` (or exported records) somewhere else to detect that.
+
+mod diff;
+pub mod http;
+
+use std::fmt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use countersign_core::wire::{NewRecord, RecordResponse};
+use rusqlite::{
+    params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::config::SqliteSynchronous;
+
+pub use diff::unified_diff;
+
+/// `prev_hash` of the first entry of a chain.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Version of the entry format (`"v"` in every entry).
+pub const ENTRY_VERSION: u64 = 1;
+
+/// Most entries one retention transaction deletes (keeps the write lock short).
+pub const RETENTION_CHUNK: usize = 2000;
+
+/// How long a write waits for another connection's write lock before it
+/// fails. Shorter than the filter's default callout timeout (5 s) so the
+/// filter gets a clear 503 rather than a timeout.
+pub const WRITE_BUSY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Default and largest page of the query API.
+pub const DEFAULT_PAGE: u32 = 50;
+/// Largest page of the query API.
+pub const MAX_PAGE: u32 = 500;
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 0x0f)]));
+    }
+    s
+}
+
+/// `hex(SHA-256(prev_hash ‖ "\n" ‖ seq ‖ "\n" ‖ entry))`.
+pub fn chain_hash(prev_hash: &str, seq: i64, entry: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(prev_hash.as_bytes());
+    h.update(b"\n");
+    h.update(seq.to_string().as_bytes());
+    h.update(b"\n");
+    h.update(entry.as_bytes());
+    hex(&h.finalize())
+}
+
+/// A new record id: `rec_` + 128 random bits in hex.
+fn new_record_id() -> rusqlite::Result<String> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    Ok(format!("rec_{}", hex(&bytes)))
+}
+
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_json_err(e: serde_json::Error) -> rusqlite::Error {
+    rusqlite::Error::ToSqlConversionFailure(Box::new(e))
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS records (
+    seq           INTEGER PRIMARY KEY,
+    record_id     TEXT NOT NULL UNIQUE,
+    kind          TEXT NOT NULL,
+    ref_record_id TEXT,
+    created_at_ms INTEGER NOT NULL,
+    entry         TEXT NOT NULL,
+    prev_hash     TEXT NOT NULL,
+    hash          TEXT NOT NULL,
+    caller        TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.caller')) VIRTUAL,
+    model         TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.model')) VIRTUAL,
+    decision      TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.decision')) VIRTUAL,
+    review_id     TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.review_id')) VIRTUAL,
+    request_id    TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.request_id')) VIRTUAL
+);
+CREATE INDEX IF NOT EXISTS records_ref ON records (ref_record_id);
+CREATE INDEX IF NOT EXISTS records_created ON records (created_at_ms);
+CREATE INDEX IF NOT EXISTS records_caller ON records (caller, seq);
+CREATE INDEX IF NOT EXISTS records_review ON records (review_id);
+CREATE INDEX IF NOT EXISTS records_request ON records (request_id);
+CREATE TABLE IF NOT EXISTS retention_gate (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    allow INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO retention_gate (id, allow) VALUES (1, 0);
+CREATE TABLE IF NOT EXISTS chain_anchor (
+    through_seq   INTEGER PRIMARY KEY,
+    hash          TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS records_no_update BEFORE UPDATE ON records
+BEGIN
+    SELECT RAISE(ABORT, 'records are append-only');
+END;
+CREATE TRIGGER IF NOT EXISTS records_no_delete BEFORE DELETE ON records
+WHEN (SELECT allow FROM retention_gate WHERE id = 1) IS NOT 1
+BEGIN
+    SELECT RAISE(ABORT, 'records are append-only (only retention deletes)');
+END;
+CREATE TRIGGER IF NOT EXISTS chain_anchor_no_update BEFORE UPDATE ON chain_anchor
+BEGIN
+    SELECT RAISE(ABORT, 'chain anchors are append-only');
+END;
+CREATE TRIGGER IF NOT EXISTS chain_anchor_no_delete BEFORE DELETE ON chain_anchor
+BEGIN
+    SELECT RAISE(ABORT, 'chain anchors are append-only');
+END;
+";
+
+/// Creates the record tables and triggers when missing.
+pub fn ensure_schema(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute_batch(SCHEMA)?;
+    tx.commit()
+}
+
+/// Opens `path` read-only (for `verify-records` and `export-records`).
+pub fn open_read_only(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+/// Whether `conn` has a `records` table.
+pub fn has_records_table(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'records'",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n > 0)
+}
+
+// ---------------------------------------------------------------- entries
+
+/// One reviewer's action on a review, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReviewerAction {
+    /// Reviewer name.
+    pub name: String,
+    /// What they did (`approved`, `rejected`).
+    pub action: String,
+    /// When (Unix ms).
+    pub at_ms: Option<u64>,
+    /// Their reason.
+    pub reason: Option<String>,
+    /// Approved with an edit of the body.
+    pub edited: bool,
+    /// When a later edit discarded this approval (it approved another body).
+    pub superseded_at_ms: Option<u64>,
+}
+
+/// The review behind a record, copied from the review row when the record
+/// is written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReviewSnapshot {
+    /// Review id.
+    pub id: String,
+    /// Status at the time the record was written.
+    pub status: String,
+    /// When the review was created (Unix ms).
+    pub created_at_ms: u64,
+    /// When it left `pending` (Unix ms).
+    pub decided_at_ms: Option<u64>,
+    /// The decision's reason (or why it expired / was cancelled).
+    pub reason: Option<String>,
+    /// Every reviewer who acted on it, with time and reason.
+    pub reviewers: Vec<ReviewerAction>,
+    /// Approved with an edited body.
+    pub edited: bool,
+    /// base64url SHA-256 of the body the reviewers were shown.
+    pub original_body_sha256: String,
+    /// That body, when it differs from the recorded (forwarded) body.
+    pub original_body: Option<String>,
+    /// When edited: unified line diff from the original to the edited body
+    /// (both pretty-printed JSON).
+    pub edit_diff: Option<String>,
+}
+
+/// A request entry (`kind = "request"`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RequestEntry {
+    v: u64,
+    kind: String,
+    record_id: String,
+    created_at_ms: u64,
+    request: NewRecord,
+    review: Option<ReviewSnapshot>,
+}
+
+/// A response entry (`kind = "response"`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ResponseEntry {
+    v: u64,
+    kind: String,
+    record_id: String,
+    ref_record_id: String,
+    created_at_ms: u64,
+    response: RecordResponse,
+}
+
+/// Compact JSON with sorted keys (through `serde_json::Value`, whose maps
+/// are ordered).
+fn canonical<T: Serialize>(v: &T) -> rusqlite::Result<String> {
+    let value = serde_json::to_value(v).map_err(to_json_err)?;
+    serde_json::to_string(&value).map_err(to_json_err)
+}
+
+// ---------------------------------------------------------------- errors
+
+/// Why a record could not be written.
+#[derive(Debug)]
+pub enum RecordError {
+    /// The record is invalid (400); the message says why.
+    BadRequest(String),
+    /// No such request record (404).
+    NotFound,
+    /// The request record already has a response part (409).
+    Conflict(String),
+    /// The database refused (503 on the filter API).
+    Db(rusqlite::Error),
+}
+
+impl fmt::Display for RecordError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RecordError::BadRequest(m) | RecordError::Conflict(m) => f.write_str(m),
+            RecordError::NotFound => f.write_str("no such record"),
+            RecordError::Db(e) => write!(f, "database: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for RecordError {}
+
+impl From<rusqlite::Error> for RecordError {
+    fn from(e: rusqlite::Error) -> Self {
+        RecordError::Db(e)
+    }
+}
+
+// ---------------------------------------------------------------- metrics
+
+/// Counters of the record store (exported on `/metrics`).
+#[derive(Debug, Default)]
+pub struct RecordCounters {
+    /// Request entries written.
+    pub requests: AtomicU64,
+    /// Response entries written.
+    pub responses: AtomicU64,
+    /// Retention entries written.
+    pub retentions: AtomicU64,
+    /// Writes that failed in the database.
+    pub write_failures: AtomicU64,
+    /// Entries deleted by retention.
+    pub retention_deleted: AtomicU64,
+}
+
+// ---------------------------------------------------------------- store
+
+/// The record log: a connection of its own to the service's database.
+pub struct RecordStore {
+    conn: Mutex<Connection>,
+    counters: RecordCounters,
+}
+
+/// The last link of the chain: `(seq, hash)` of the newest entry, else of
+/// the newest retention anchor, else `(0, GENESIS_HASH)`.
+fn last_link(tx: &Transaction<'_>) -> rusqlite::Result<(i64, String)> {
+    let row = tx
+        .query_row(
+            "SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    if let Some(link) = row {
+        return Ok(link);
+    }
+    let anchor = tx
+        .query_row(
+            "SELECT through_seq, hash FROM chain_anchor ORDER BY through_seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    Ok(anchor.unwrap_or((0, GENESIS_HASH.to_string())))
+}
+
+/// Appends one entry whose JSON is `entry`; returns its `seq`.
+fn append(
+    tx: &Transaction<'_>,
+    record_id: &str,
+    kind: &str,
+    ref_record_id: Option<&str>,
+    created_at_ms: u64,
+    entry: &str,
+) -> rusqlite::Result<i64> {
+    let (last_seq, prev_hash) = last_link(tx)?;
+    let seq = last_seq + 1;
+    let hash = chain_hash(&prev_hash, seq, entry);
+    tx.execute(
+        "INSERT INTO records (seq, record_id, kind, ref_record_id, created_at_ms, entry, prev_hash, hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![seq, record_id, kind, ref_record_id, i(created_at_ms), entry, prev_hash, hash],
+    )?;
+    Ok(seq)
+}
+
+fn table_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        [name],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n > 0)
+}
+
+/// Every approval of a review (including ones a later edit superseded),
+/// from the review store's `approvals` table.
+fn approvals_of(conn: &Connection, review_id: &str) -> rusqlite::Result<Vec<ReviewerAction>> {
+    if !table_exists(conn, "approvals")? {
+        return Ok(Vec::new());
+    }
+    Ok(crate::approvals::approvals_of(conn, review_id)?
+        .into_iter()
+        .map(|a| ReviewerAction {
+            name: a.reviewer,
+            action: "approved".to_string(),
+            at_ms: Some(a.approved_at_ms),
+            reason: a.reason,
+            edited: a.edited,
+            superseded_at_ms: a.superseded_at_ms,
+        })
+        .collect())
+}
+
+/// Pretty-printed JSON of `text`, or `text` itself when it is not JSON.
+fn pretty(text: &str) -> String {
+    match serde_json::from_str::<Value>(text) {
+        Ok(v) => serde_json::to_string_pretty(&v).unwrap_or_else(|_| text.to_string()),
+        Err(_) => text.to_string(),
+    }
+}
+
+/// The review row `review_id`, as recorded alongside a request whose
+/// forwarded body is `body`.
+fn review_snapshot(
+    conn: &Connection,
+    review_id: &str,
+    body: Option<&str>,
+) -> rusqlite::Result<Option<ReviewSnapshot>> {
+    if !table_exists(conn, "reviews")? {
+        return Ok(None);
+    }
+    let row = conn
+        .query_row(
+            "SELECT status, created_at_ms, decided_at_ms, reviewer, reason, body, edited_body
+             FROM reviews WHERE id = ?1",
+            [review_id],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Option<i64>>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, Option<String>>(6)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((status, created, decided, reviewer, reason, original, edited_body)) = row else {
+        return Ok(None);
+    };
+    let decided_at_ms = decided.map(|v| u64::try_from(v).unwrap_or(0));
+    let mut reviewers = approvals_of(conn, review_id)?;
+    // The reviewer column names who decided: the rejecter, or (for reviews
+    // decided before approvals were kept per reviewer) the one approver.
+    if let Some(name) = &reviewer {
+        let listed = status == "approved" && !reviewers.is_empty();
+        if !listed {
+            reviewers.push(ReviewerAction {
+                name: name.clone(),
+                action: status.clone(),
+                at_ms: decided_at_ms,
+                reason: reason.clone(),
+                edited: status == "approved" && edited_body.is_some(),
+                superseded_at_ms: None,
+            });
+        }
+    }
+    let edit_diff = edited_body
+        .as_deref()
+        .map(|edited| unified_diff(&pretty(&original), &pretty(edited)));
+    Ok(Some(ReviewSnapshot {
+        id: review_id.to_string(),
+        status,
+        created_at_ms: u64::try_from(created).unwrap_or(0),
+        decided_at_ms,
+        reason,
+        reviewers,
+        edited: edited_body.is_some(),
+        original_body_sha256: countersign_core::token::body_hash(original.as_bytes()),
+        original_body: (body != Some(original.as_str())).then_some(original),
+        edit_diff,
+    }))
+}
+
+/// Where a record write ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// Record id.
+    pub record_id: String,
+    /// Position in the chain.
+    pub seq: i64,
+}
+
+impl RecordStore {
+    /// Opens a connection to the database at `path` (which the review store
+    /// has already created) and creates the record tables when missing.
+    pub fn open(path: &Path, synchronous: SqliteSynchronous) -> rusqlite::Result<RecordStore> {
+        let mut conn = Connection::open(path)?;
+        conn.busy_timeout(WRITE_BUSY_TIMEOUT)?;
+        let _mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+        conn.pragma_update(None, "synchronous", synchronous.pragma_value())?;
+        ensure_schema(&mut conn)?;
+        Ok(RecordStore {
+            conn: Mutex::new(conn),
+            counters: RecordCounters::default(),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // Every change is one transaction, rolled back on drop: a panic
+        // cannot leave a half-written entry behind.
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> &RecordCounters {
+        &self.counters
+    }
+
+    fn failed<T>(&self, r: Result<T, RecordError>) -> Result<T, RecordError> {
+        if matches!(r, Err(RecordError::Db(_))) {
+            self.counters.write_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// Writes the request part of a record; durable once this returns `Ok`.
+    pub fn write_request(&self, mut rec: NewRecord, now_ms: u64) -> Result<Written, RecordError> {
+        if rec.decision.trim().is_empty() {
+            return Err(RecordError::BadRequest("decision must not be empty".into()));
+        }
+        if let Some(body) = &rec.body {
+            let computed = countersign_core::token::body_hash(body.as_bytes());
+            match &rec.body_sha256 {
+                Some(sent) if *sent != computed => {
+                    return Err(RecordError::BadRequest(
+                        "body_sha256 does not match body".into(),
+                    ))
+                }
+                Some(_) => {}
+                None => rec.body_sha256 = Some(computed),
+            }
+        }
+        let r = self.write_request_db(rec, now_ms);
+        self.failed(r)
+    }
+
+    fn write_request_db(&self, rec: NewRecord, now_ms: u64) -> Result<Written, RecordError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let review = match rec.review_id.as_deref().filter(|s| !s.is_empty()) {
+            Some(id) => review_snapshot(&tx, id, rec.body.as_deref())?,
+            None => None,
+        };
+        let record_id = new_record_id()?;
+        let entry = canonical(&RequestEntry {
+            v: ENTRY_VERSION,
+            kind: "request".into(),
+            record_id: record_id.clone(),
+            created_at_ms: now_ms,
+            request: rec,
+            review,
+        })?;
+        let seq = append(&tx, &record_id, "request", None, now_ms, &entry)?;
+        tx.commit()?;
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        Ok(Written { record_id, seq })
+    }
+
+    /// Appends the response part of request record `ref_id`.
+    pub fn write_response(
+        &self,
+        ref_id: &str,
+        resp: RecordResponse,
+        now_ms: u64,
+    ) -> Result<Written, RecordError> {
+        let r = self.write_response_db(ref_id, resp, now_ms);
+        self.failed(r)
+    }
+
+    fn write_response_db(
+        &self,
+        ref_id: &str,
+        resp: RecordResponse,
+        now_ms: u64,
+    ) -> Result<Written, RecordError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let kind: Option<String> = tx
+            .query_row(
+                "SELECT kind FROM records WHERE record_id = ?1",
+                [ref_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if kind.as_deref() != Some("request") {
+            return Err(RecordError::NotFound);
+        }
+        let existing: Option<String> = tx
+            .query_row(
+                "SELECT record_id FROM records WHERE kind = 'response' AND ref_record_id = ?1 LIMIT 1",
+                [ref_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(existing) = existing {
+            return Err(RecordError::Conflict(format!(
+                "record {ref_id} already has a response part ({existing})"
+            )));
+        }
+        let record_id = new_record_id()?;
+        let entry = canonical(&ResponseEntry {
+            v: ENTRY_VERSION,
+            kind: "response".into(),
+            record_id: record_id.clone(),
+            ref_record_id: ref_id.to_string(),
+            created_at_ms: now_ms,
+            response: resp,
+        })?;
+        let seq = append(&tx, &record_id, "response", Some(ref_id), now_ms, &entry)?;
+        tx.commit()?;
+        self.counters.responses.fetch_add(1, Ordering::Relaxed);
+        Ok(Written { record_id, seq })
+    }
+
+    /// Deletes at most [`RETENTION_CHUNK`] of the oldest entries created
+    /// before `cutoff_ms` (a prefix of the chain), anchoring the chain and
+    /// appending a `retention` entry. Returns how many were deleted (0 when
+    /// nothing is due).
+    pub fn retention_chunk(&self, cutoff_ms: u64, now_ms: u64) -> rusqlite::Result<usize> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let first: Option<i64> = tx.query_row("SELECT min(seq) FROM records", [], |r| r.get(0))?;
+        let Some(first) = first else { return Ok(0) };
+        let first_kept: Option<i64> = tx.query_row(
+            "SELECT min(seq) FROM records WHERE created_at_ms >= ?1",
+            [i(cutoff_ms)],
+            |r| r.get(0),
+        )?;
+        let last_due = match first_kept {
+            Some(s) => s - 1,
+            None => tx.query_row("SELECT max(seq) FROM records", [], |r| r.get(0))?,
+        };
+        let chunk = i64::try_from(RETENTION_CHUNK).unwrap_or(i64::MAX);
+        let through = last_due.min(first.saturating_add(chunk - 1));
+        if through < first {
+            return Ok(0);
+        }
+        let Some((through, anchor_hash)) = tx
+            .query_row(
+                "SELECT seq, hash FROM records WHERE seq <= ?1 ORDER BY seq DESC LIMIT 1",
+                [through],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+            )
+            .optional()?
+        else {
+            return Ok(0);
+        };
+        tx.execute("UPDATE retention_gate SET allow = 1 WHERE id = 1", [])?;
+        let deleted = tx.execute("DELETE FROM records WHERE seq <= ?1", [through])?;
+        tx.execute("UPDATE retention_gate SET allow = 0 WHERE id = 1", [])?;
+        tx.execute(
+            "INSERT INTO chain_anchor (through_seq, hash, created_at_ms) VALUES (?1, ?2, ?3)",
+            params![through, anchor_hash, i(now_ms)],
+        )?;
+        let record_id = new_record_id()?;
+        let entry = serde_json::to_string(&json!({
+            "v": ENTRY_VERSION,
+            "kind": "retention",
+            "record_id": record_id,
+            "created_at_ms": now_ms,
+            "retention": {
+                "deleted_through_seq": through,
+                "anchor_hash": anchor_hash,
+                "deleted": deleted,
+                "cutoff_ms": cutoff_ms,
+            },
+        }))
+        .map_err(to_json_err)?;
+        append(&tx, &record_id, "retention", None, now_ms, &entry)?;
+        tx.commit()?;
+        self.counters.retentions.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .retention_deleted
+            .fetch_add(u64::try_from(deleted).unwrap_or(0), Ordering::Relaxed);
+        Ok(deleted)
+    }
+
+    /// Applies retention until nothing more is due; returns how many entries
+    /// were deleted.
+    pub fn apply_retention(&self, cutoff_ms: u64, now_ms: u64) -> rusqlite::Result<usize> {
+        let mut total = 0;
+        loop {
+            let n = self.retention_chunk(cutoff_ms, now_ms)?;
+            total += n;
+            if n < RETENTION_CHUNK {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// One page of merged records.
+    pub fn query(&self, q: &RecordQuery) -> rusqlite::Result<Vec<Value>> {
+        query_records(&self.conn(), q)
+    }
+
+    /// The merged record `id` (a request record id, or the id of its
+    /// response part).
+    pub fn get(&self, id: &str) -> rusqlite::Result<Option<Value>> {
+        get_record(&self.conn(), id)
+    }
+
+    /// Verifies the chain.
+    pub fn verify(&self) -> rusqlite::Result<Result<ChainOk, ChainProblem>> {
+        verify_chain(&self.conn())
+    }
+
+    /// Review counts by status (for metrics).
+    pub fn review_counts(&self) -> rusqlite::Result<Vec<(String, u64)>> {
+        let conn = self.conn();
+        if !table_exists(&conn, "reviews")? {
+            return Ok(Vec::new());
+        }
+        let mut stmt = conn.prepare_cached(
+            "SELECT status, count(*) FROM reviews GROUP BY status ORDER BY status",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get(0)?, u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0)))
+        })?;
+        rows.collect()
+    }
+
+    /// Number of entries in the log.
+    pub fn entry_count(&self) -> rusqlite::Result<u64> {
+        self.conn()
+            .query_row("SELECT count(*) FROM records", [], |r| r.get::<_, i64>(0))
+            .map(|n| u64::try_from(n).unwrap_or(0))
+    }
+}
+
+// ---------------------------------------------------------------- queries
+
+/// Filters of the query API and the export. Exact matches; all optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecordQuery {
+    /// Caller name.
+    pub caller: Option<String>,
+    /// Model.
+    pub model: Option<String>,
+    /// Decision (`allowed`, `approved`, `rejected`, ...).
+    pub decision: Option<String>,
+    /// Review id.
+    pub review_id: Option<String>,
+    /// Envoy request id.
+    pub request_id: Option<String>,
+    /// Written at or after (Unix ms).
+    pub since_ms: Option<u64>,
+    /// Written before (Unix ms).
+    pub until_ms: Option<u64>,
+    /// Only records after this `seq` (paging).
+    pub after_seq: Option<i64>,
+    /// Page size.
+    pub limit: u32,
+}
+
+const MERGED_SELECT: &str = "
+SELECT q.seq, q.entry, q.prev_hash, q.hash, r.seq, r.entry, r.prev_hash, r.hash
+FROM records q
+LEFT JOIN records r ON r.seq = (
+    SELECT min(x.seq) FROM records x WHERE x.kind = 'response' AND x.ref_record_id = q.record_id)";
+
+fn merged_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Value> {
+    let parse = |idx: usize, text: String| {
+        serde_json::from_str::<Value>(&text).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
+        })
+    };
+    let mut merged = parse(1, row.get(1)?)?;
+    if let Value::Object(m) = &mut merged {
+        m.insert("seq".into(), Value::from(row.get::<_, i64>(0)?));
+        m.insert("prev_hash".into(), Value::String(row.get(2)?));
+        m.insert("hash".into(), Value::String(row.get(3)?));
+        let response = match row.get::<_, Option<i64>>(4)? {
+            None => Value::Null,
+            Some(seq) => {
+                let entry = parse(5, row.get(5)?)?;
+                let mut resp = entry.get("response").cloned().unwrap_or(Value::Null);
+                if let Value::Object(r) = &mut resp {
+                    for key in ["record_id", "created_at_ms"] {
+                        if let Some(v) = entry.get(key) {
+                            r.insert(key.into(), v.clone());
+                        }
+                    }
+                    r.insert("seq".into(), Value::from(seq));
+                    r.insert("prev_hash".into(), Value::String(row.get(6)?));
+                    r.insert("hash".into(), Value::String(row.get(7)?));
+                }
+                resp
+            }
+        };
+        m.insert("response".into(), response);
+    }
+    Ok(merged)
+}
+
+/// One page of merged request records, oldest first.
+pub fn query_records(conn: &Connection, q: &RecordQuery) -> rusqlite::Result<Vec<Value>> {
+    let sql = format!(
+        "{MERGED_SELECT}
+         WHERE q.kind = 'request'
+           AND (?1 IS NULL OR q.caller = ?1)
+           AND (?2 IS NULL OR q.model = ?2)
+           AND (?3 IS NULL OR q.decision = ?3)
+           AND (?4 IS NULL OR q.review_id = ?4)
+           AND (?5 IS NULL OR q.request_id = ?5)
+           AND (?6 IS NULL OR q.created_at_ms >= ?6)
+           AND (?7 IS NULL OR q.created_at_ms < ?7)
+           AND q.seq > ?8
+         ORDER BY q.seq LIMIT ?9"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(
+        params![
+            q.caller,
+            q.model,
+            q.decision,
+            q.review_id,
+            q.request_id,
+            q.since_ms.map(i),
+            q.until_ms.map(i),
+            q.after_seq.unwrap_or(0),
+            i64::from(q.limit),
+        ],
+        merged_from_row,
+    )?;
+    rows.collect()
+}
+
+/// The merged record `id` (request id or its response's id).
+pub fn get_record(conn: &Connection, id: &str) -> rusqlite::Result<Option<Value>> {
+    let sql = format!(
+        "{MERGED_SELECT}
+         WHERE q.kind = 'request' AND (q.record_id = ?1 OR q.record_id =
+             (SELECT ref_record_id FROM records WHERE record_id = ?1 AND kind = 'response'))"
+    );
+    conn.query_row(&sql, [id], merged_from_row).optional()
+}
+
+/// Writes every merged record matching `q` (ignoring its `limit`) as JSON
+/// Lines to `out`, reading `page` records at a time. Returns the count.
+pub fn export_jsonl(
+    conn: &Connection,
+    q: &RecordQuery,
+    out: &mut dyn std::io::Write,
+) -> Result<u64, Box<dyn std::error::Error>> {
+    let mut q = q.clone();
+    q.limit = MAX_PAGE;
+    let mut n = 0;
+    loop {
+        let page = query_records(conn, &q)?;
+        for rec in &page {
+            serde_json::to_writer(&mut *out, rec)?;
+            out.write_all(b"\n")?;
+            n += 1;
+        }
+        match page
+            .last()
+            .and_then(|r| r.get("seq"))
+            .and_then(Value::as_i64)
+        {
+            Some(seq) if page.len() == MAX_PAGE as usize => q.after_seq = Some(seq),
+            _ => return Ok(n),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- verification
+
+/// An intact chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainOk {
+    /// Entries checked.
+    pub records: u64,
+    /// `seq` of the newest entry (or of the anchor when the log is empty).
+    pub last_seq: i64,
+    /// Hash of the newest entry (what a later verification must still find).
+    pub last_hash: String,
+    /// Retention anchor `(through_seq, hash)` the chain starts from.
+    pub anchor: Option<(i64, String)>,
+}
+
+impl fmt::Display for ChainOk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ok: {} records, chain intact, last hash {} (seq {})",
+            self.records, self.last_hash, self.last_seq
+        )?;
+        if let Some((through, _)) = &self.anchor {
+            write!(
+                f,
+                "; records through seq {through} were removed by retention"
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The first problem found in a chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChainProblem {
+    /// The entry's hash does not match its content (or its columns do not
+    /// match the hashed entry).
+    Altered {
+        /// Position.
+        seq: i64,
+        /// Its record id.
+        record_id: String,
+        /// `hash mismatch` or what else is wrong.
+        detail: &'static str,
+    },
+    /// Entries between `after` and `next` are gone.
+    Missing {
+        /// Last good `seq` (0: the start, or the retention anchor).
+        after: i64,
+        /// The next `seq` present.
+        next: i64,
+    },
+    /// The entry does not link to the previous one: inserted, reordered, or
+    /// the previous one was rewritten with a recomputed hash.
+    Inserted {
+        /// Position.
+        seq: i64,
+        /// Its record id.
+        record_id: String,
+        /// The previous entry's `seq`.
+        after: i64,
+    },
+    /// The retention anchor is not attested by a `retention` entry: entries
+    /// were deleted outside retention.
+    UnattestedAnchor {
+        /// The anchor's `through_seq`.
+        through_seq: i64,
+    },
+}
+
+impl fmt::Display for ChainProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChainProblem::Altered {
+                seq,
+                record_id,
+                detail,
+            } => write!(f, "altered: record seq {seq} ({record_id}) {detail}"),
+            ChainProblem::Missing { after, next } => {
+                write!(f, "missing: seq gap between {after} and {next}")
+            }
+            ChainProblem::Inserted {
+                seq,
+                record_id,
+                after,
+            } => write!(
+                f,
+                "inserted/reordered: record seq {seq} ({record_id}) prev_hash does not match \
+                 (chain broken after seq {after})"
+            ),
+            ChainProblem::UnattestedAnchor { through_seq } => write!(
+                f,
+                "missing: records through seq {through_seq} were deleted outside retention \
+                 (anchor not attested by a retention record)"
+            ),
+        }
+    }
+}
+
+/// Whether the columns of a row agree with its hashed entry.
+fn columns_match(
+    entry: &str,
+    record_id: &str,
+    kind: &str,
+    ref_record_id: Option<&str>,
+    created_at_ms: i64,
+) -> bool {
+    let Ok(v) = serde_json::from_str::<Value>(entry) else {
+        return false;
+    };
+    v.get("record_id").and_then(Value::as_str) == Some(record_id)
+        && v.get("kind").and_then(Value::as_str) == Some(kind)
+        && v.get("ref_record_id").and_then(Value::as_str) == ref_record_id
+        && v.get("created_at_ms").and_then(Value::as_i64) == Some(created_at_ms)
+}
+
+/// The `(deleted_through_seq, anchor_hash)` a retention entry attests.
+fn attestation(entry: &str) -> Option<(i64, String)> {
+    let v: Value = serde_json::from_str(entry).ok()?;
+    let r = v.get("retention")?;
+    Some((
+        r.get("deleted_through_seq")?.as_i64()?,
+        r.get("anchor_hash")?.as_str()?.to_string(),
+    ))
+}
+
+/// Walks the whole chain in `seq` order and reports the first problem.
+/// Reads only the stored columns (the triggers are not trusted).
+pub fn verify_chain(conn: &Connection) -> rusqlite::Result<Result<ChainOk, ChainProblem>> {
+    let anchor: Option<(i64, String)> = if table_exists(conn, "chain_anchor")? {
+        conn.query_row(
+            "SELECT through_seq, hash FROM chain_anchor ORDER BY through_seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?
+    } else {
+        None
+    };
+    let (mut prev_seq, mut prev_hash) = anchor.clone().unwrap_or((0, GENESIS_HASH.to_string()));
+    let mut attested = false;
+    let mut count = 0u64;
+    let mut stmt = conn.prepare(
+        "SELECT seq, record_id, kind, ref_record_id, created_at_ms, entry, prev_hash, hash
+         FROM records ORDER BY seq",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let seq: i64 = row.get(0)?;
+        let record_id: String = row.get(1)?;
+        let kind: String = row.get(2)?;
+        let ref_record_id: Option<String> = row.get(3)?;
+        let created_at_ms: i64 = row.get(4)?;
+        let entry: String = row.get(5)?;
+        let row_prev: String = row.get(6)?;
+        let hash: String = row.get(7)?;
+        if seq > prev_seq + 1 {
+            return Ok(Err(ChainProblem::Missing {
+                after: prev_seq,
+                next: seq,
+            }));
+        }
+        if chain_hash(&row_prev, seq, &entry) != hash {
+            return Ok(Err(ChainProblem::Altered {
+                seq,
+                record_id,
+                detail: "hash mismatch",
+            }));
+        }
+        if seq <= prev_seq || row_prev != prev_hash {
+            return Ok(Err(ChainProblem::Inserted {
+                seq,
+                record_id,
+                after: prev_seq,
+            }));
+        }
+        if !columns_match(
+            &entry,
+            &record_id,
+            &kind,
+            ref_record_id.as_deref(),
+            created_at_ms,
+        ) {
+            return Ok(Err(ChainProblem::Altered {
+                seq,
+                record_id,
+                detail: "columns do not match the hashed entry",
+            }));
+        }
+        if kind == "retention" && anchor.is_some() && attestation(&entry) == anchor {
+            attested = true;
+        }
+        count += 1;
+        prev_seq = seq;
+        prev_hash = hash;
+    }
+    if let Some((through_seq, _)) = &anchor {
+        if !attested {
+            return Ok(Err(ChainProblem::UnattestedAnchor {
+                through_seq: *through_seq,
+            }));
+        }
+    }
+    Ok(Ok(ChainOk {
+        records: count,
+        last_seq: prev_seq,
+        last_hash: prev_hash,
+        anchor,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn chain_hash_formula() {
+        let expected = hex(&Sha256::digest(
+            format!("{GENESIS_HASH}\n1\n{{}}").as_bytes(),
+        ));
+        assert_eq!(chain_hash(GENESIS_HASH, 1, "{}"), expected);
+        assert_eq!(GENESIS_HASH.len(), 64);
+    }
+
+    #[test]
+    fn record_ids_are_random_128_bit_hex() {
+        let a = new_record_id().unwrap();
+        let b = new_record_id().unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 4 + 32);
+        assert!(a.starts_with("rec_"));
+    }
+}

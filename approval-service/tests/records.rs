@@ -1,0 +1,928 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! Session records: the filter's write endpoints, enrichment from reviews,
+//! the query/export API, metrics, the hash chain and its verifier (also
+//! against direct tampering with the SQLite file), retention, and the CLI.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use countersign_approval::records::{self, chain_hash, ChainProblem};
+use countersign_approval::{app, AppState, Config, TokenHash};
+use countersign_core::wire::NewRecord;
+use http_body_util::BodyExt;
+use rusqlite::Connection;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+const ALICE: &str = "alice-secret-token";
+const BOB: &str = "bob-secret-token";
+const FILTER: &str = "filter-secret";
+const BIN: &str = env!("CARGO_BIN_EXE_countersign-approval");
+const DAY_MS: u64 = 86_400_000;
+
+fn config_toml(db: &Path, extra: &str) -> String {
+    format!(
+        r#"
+database = "{}"
+filter_token_sha256 = "{}"
+{extra}
+[[reviewers]]
+name = "alice"
+token_sha256 = "{}"
+[[reviewers]]
+name = "bob"
+token_sha256 = "{}"
+"#,
+        db.display(),
+        TokenHash::of_token(FILTER).to_hex(),
+        TokenHash::of_token(ALICE).to_hex(),
+        TokenHash::of_token(BOB).to_hex()
+    )
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    db: PathBuf,
+    app: Router,
+}
+
+fn fixture(extra: &str) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("records.db");
+    let state = AppState::open(Config::from_toml_str(&config_toml(&db, extra)).unwrap()).unwrap();
+    let app = app(state.clone());
+    Fixture { dir, db, app }
+}
+
+async fn raw_call(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> (StatusCode, String, Vec<u8>) {
+    let mut req = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let body = body.map_or_else(Body::empty, |v| Body::from(v.to_string()));
+    let resp = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
+    let status = resp.status();
+    let ctype = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, ctype, bytes.to_vec())
+}
+
+async fn call(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let (status, _, bytes) = raw_call(app, method, uri, headers, body).await;
+    let v = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| panic!("non-JSON body: {}", String::from_utf8_lossy(&bytes)))
+    };
+    (status, v)
+}
+
+const FT: (&str, &str) = ("x-countersign-filter-token", FILTER);
+
+fn alice() -> (&'static str, String) {
+    ("authorization", format!("Bearer {ALICE}"))
+}
+
+async fn reviewer_get(app: &Router, uri: &str) -> (StatusCode, Value) {
+    let (k, v) = alice();
+    call(app, "GET", uri, &[(k, &v)], None).await
+}
+
+const BODY: &str = r#"{"model":"gpt-x","messages":[{"role":"user","content":"hello"}]}"#;
+
+fn record(decision: &str, caller: &str, review_id: Option<&str>, body: Option<&str>) -> Value {
+    json!({
+        "request_id": format!("req-{decision}"),
+        "received_at_ms": 1_700_000_000_000u64,
+        "caller": caller,
+        "caller_groups": ["team-a"],
+        "source_address": "10.0.0.7:5555",
+        "route": "chat",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "api": "openai_chat",
+        "model": "gpt-x",
+        "stream": false,
+        "decision": decision,
+        "rule": "all",
+        "review_id": review_id,
+        "body": body,
+        "hits": [{"name": "email", "action": "redact", "count": 2}],
+        "held_ms": 1200
+    })
+}
+
+async fn write(app: &Router, rec: Value) -> String {
+    let (status, v) = call(app, "POST", "/v1/records", &[FT], Some(rec)).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let id = v["record_id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("rec_") && id.len() == 36, "{id}");
+    id
+}
+
+async fn create_review(app: &Router, body: &str) -> String {
+    let req = json!({
+        "request_id": "req-r",
+        "api": "openai_chat",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "caller": "svc-a",
+        "model": "gpt-x",
+        "prompt": [{"role": "user", "text": "hello"}],
+        "body": body,
+        "hold_timeout_ms": 60_000
+    });
+    let (status, v) = call(app, "POST", "/v1/reviews", &[FT], Some(req)).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    v["id"].as_str().unwrap().to_string()
+}
+
+async fn decide(app: &Router, id: &str, token: &str, action: &str, body: Value) {
+    let auth = format!("Bearer {token}");
+    let (status, v) = call(
+        app,
+        "POST",
+        &format!("/api/reviews/{id}/{action}"),
+        &[("authorization", &auth)],
+        Some(body),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+}
+
+fn verify(db: &Path) -> Result<records::ChainOk, ChainProblem> {
+    let conn = records::open_read_only(db).unwrap();
+    records::verify_chain(&conn).unwrap()
+}
+
+#[tokio::test]
+async fn records_written_enriched_queried_and_exported() {
+    let f = fixture("");
+    let app = &f.app;
+
+    // Filter token on both write endpoints.
+    let (status, _) = call(
+        app,
+        "POST",
+        "/v1/records",
+        &[],
+        Some(record("allowed", "svc-a", None, None)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let bad = ("x-countersign-filter-token", "nope");
+    let (status, _) = call(
+        app,
+        "POST",
+        "/v1/records",
+        &[bad],
+        Some(record("allowed", "svc-a", None, None)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = call(
+        app,
+        "POST",
+        "/v1/records/rec_x/response",
+        &[],
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // Invalid records.
+    let (status, v) = call(
+        app,
+        "POST",
+        "/v1/records",
+        &[FT],
+        Some(json!({"request_id": "x"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    let mut wrong_hash = record("allowed", "svc-a", None, Some(BODY));
+    wrong_hash["body_sha256"] = json!("AAAA");
+    let (status, v) = call(app, "POST", "/v1/records", &[FT], Some(wrong_hash)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("body_sha256"),
+        "{v}"
+    );
+
+    // 1. Allowed by policy, with an extra header-like field that must not be kept.
+    let mut allowed = record("allowed", "svc-a", None, Some(BODY));
+    allowed["headers"] = json!({"authorization": "Bearer sk-live-secret"});
+    allowed["body_sha256"] = json!(countersign_core::token::body_hash(BODY.as_bytes()));
+    let allowed_id = write(app, allowed).await;
+
+    // 2. Approved by a reviewer.
+    let approved_review = create_review(app, BODY).await;
+    decide(
+        app,
+        &approved_review,
+        ALICE,
+        "approve",
+        json!({"reason": "looks fine"}),
+    )
+    .await;
+    let approved_id = write(
+        app,
+        record("approved", "svc-a", Some(&approved_review), Some(BODY)),
+    )
+    .await;
+
+    // 3. Edited by a reviewer.
+    let edited_review = create_review(app, BODY).await;
+    let edited_body =
+        r#"{"model":"gpt-x","messages":[{"role":"user","content":"hello, politely"}]}"#;
+    decide(
+        app,
+        &edited_review,
+        BOB,
+        "edit",
+        json!({"body": edited_body, "reason": "tone"}),
+    )
+    .await;
+    let edited_id = write(
+        app,
+        record("edited", "svc-b", Some(&edited_review), Some(edited_body)),
+    )
+    .await;
+
+    // 4. Refused (no body).
+    let mut refused = record("denied", "svc-c", None, None);
+    refused["refusal"] = json!({"status": 403, "code": "policy_denied", "message": "no"});
+    let refused_id = write(app, refused).await;
+
+    // Response part of the allowed request.
+    let resp = json!({
+        "status": 200, "body": "hi there", "usage": {"prompt_tokens": 3, "completion_tokens": 2},
+        "ttfb_ms": 40, "total_ms": 90, "completion": "complete"
+    });
+    let (status, v) = call(
+        app,
+        "POST",
+        &format!("/v1/records/{allowed_id}/response"),
+        &[FT],
+        Some(resp.clone()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let response_id = v["record_id"].as_str().unwrap().to_string();
+    let (status, v) = call(
+        app,
+        "POST",
+        &format!("/v1/records/{allowed_id}/response"),
+        &[FT],
+        Some(resp.clone()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    let (status, _) = call(
+        app,
+        "POST",
+        "/v1/records/rec_nope/response",
+        &[FT],
+        Some(resp.clone()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = call(
+        app,
+        "POST",
+        &format!("/v1/records/{allowed_id}/response"),
+        &[FT],
+        Some(json!({"status": 200})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // Reviewer auth on the query API.
+    let (status, _) = call(app, "GET", "/api/records", &[], None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = call(
+        app,
+        "GET",
+        "/api/records/export",
+        &[("authorization", "Bearer wrong")],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let (status, v) = reviewer_get(app, "/api/records").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let all = v["records"].as_array().unwrap();
+    let ids: Vec<&str> = all
+        .iter()
+        .map(|r| r["record_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [&allowed_id, &approved_id, &edited_id, &refused_id]);
+    assert!(v["next_after_seq"].is_null());
+
+    // The allowed record, merged with its response.
+    let a = &all[0];
+    assert_eq!(a["kind"], "request");
+    assert_eq!(a["request"]["caller"], "svc-a");
+    assert_eq!(a["request"]["source_address"], "10.0.0.7:5555");
+    assert_eq!(a["request"]["hits"][0]["name"], "email");
+    assert_eq!(
+        a["request"]["body_sha256"],
+        countersign_core::token::body_hash(BODY.as_bytes())
+    );
+    assert!(a["review"].is_null());
+    assert_eq!(a["response"]["record_id"], response_id.as_str());
+    assert_eq!(a["response"]["usage"]["completion_tokens"], 2);
+    assert_eq!(a["response"]["total_ms"], 90);
+    assert_eq!(a["seq"], 1);
+    assert_eq!(a["prev_hash"], records::GENESIS_HASH);
+    assert!(!a.to_string().contains("sk-live-secret"), "{a}");
+    assert!(a["request"].get("headers").is_none());
+
+    // Approved: reviewer, time and reason copied from the review.
+    let r = &all[1]["review"];
+    assert_eq!(r["id"], approved_review.as_str());
+    assert_eq!(r["status"], "approved");
+    assert_eq!(r["reviewers"][0]["name"], "alice");
+    assert_eq!(r["reviewers"][0]["reason"], "looks fine");
+    assert!(r["reviewers"][0]["at_ms"].as_u64().unwrap() > 0);
+    assert_eq!(r["edited"], false);
+    assert!(r["edit_diff"].is_null());
+    assert!(r["original_body"].is_null(), "same as forwarded");
+    assert!(all[1]["request"]["body_sha256"].is_string());
+
+    // Edited: the diff and the original body.
+    let r = &all[2]["review"];
+    assert_eq!(r["edited"], true);
+    assert_eq!(r["reviewers"][0]["name"], "bob");
+    assert_eq!(r["reviewers"][0]["reason"], "tone");
+    assert_eq!(r["original_body"], BODY);
+    let diff = r["edit_diff"].as_str().unwrap();
+    assert!(diff.starts_with("--- original\n+++ edited\n@@ "), "{diff}");
+    assert!(diff.contains("-      \"content\": \"hello\",\n"), "{diff}");
+    assert!(
+        diff.contains("+      \"content\": \"hello, politely\",\n"),
+        "{diff}"
+    );
+
+    // Refused.
+    assert_eq!(all[3]["request"]["refusal"]["code"], "policy_denied");
+    assert!(all[3]["request"]["body"].is_null());
+    assert!(all[3]["response"].is_null());
+
+    // Filters.
+    for (query, expected) in [
+        ("decision=approved", vec![&approved_id]),
+        ("caller=svc-b", vec![&edited_id]),
+        (
+            &format!("review_id={edited_review}") as &str,
+            vec![&edited_id],
+        ),
+        ("model=gpt-x&decision=denied", vec![&refused_id]),
+        ("model=other", vec![]),
+        ("request_id=req-allowed", vec![&allowed_id]),
+        ("since_ms=1&until_ms=2", vec![]),
+        (
+            "caller=",
+            vec![&allowed_id, &approved_id, &edited_id, &refused_id],
+        ),
+    ] {
+        let (status, v) = reviewer_get(app, &format!("/api/records?{query}")).await;
+        assert_eq!(status, StatusCode::OK, "{query}: {v}");
+        let got: Vec<String> = v["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["record_id"].as_str().unwrap().to_string())
+            .collect();
+        let expected: Vec<String> = expected.into_iter().cloned().collect();
+        assert_eq!(got, expected, "{query}");
+    }
+    let (status, _) = reviewer_get(app, "/api/records?since_ms=abc").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // Paging.
+    let (_, p1) = reviewer_get(app, "/api/records?limit=3").await;
+    assert_eq!(p1["records"].as_array().unwrap().len(), 3);
+    let next = p1["next_after_seq"].as_i64().unwrap();
+    let (_, p2) = reviewer_get(app, &format!("/api/records?limit=3&after_seq={next}")).await;
+    assert_eq!(p2["records"].as_array().unwrap().len(), 1);
+    assert_eq!(p2["records"][0]["record_id"], refused_id.as_str());
+    assert!(p2["next_after_seq"].is_null());
+
+    // One record, by its id or by its response's id.
+    let (status, one) = reviewer_get(app, &format!("/api/records/{allowed_id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(one, all[0]);
+    let (_, by_resp) = reviewer_get(app, &format!("/api/records/{response_id}")).await;
+    assert_eq!(by_resp, all[0]);
+    let (status, _) = reviewer_get(app, "/api/records/rec_unknown").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Export: JSON Lines of the same merged records.
+    let (k, v) = alice();
+    let (status, ctype, bytes) = raw_call(
+        app,
+        "GET",
+        "/api/records/export?caller=svc-a",
+        &[(k, &v)],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(ctype, "application/x-ndjson");
+    let text = String::from_utf8(bytes).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0], all[0]);
+    assert_eq!(lines[1], all[1]);
+
+    // Metrics.
+    let (status, ctype, bytes) = raw_call(app, "GET", "/metrics", &[], None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
+    let text = String::from_utf8(bytes).unwrap();
+    for line in [
+        "# TYPE countersign_reviews_created_total counter",
+        "countersign_reviews_created_total 2",
+        "countersign_reviews_decided_total{status=\"approved\"} 2",
+        "countersign_reviews_decided_total{status=\"rejected\"} 0",
+        "# TYPE countersign_reviews_pending gauge",
+        "countersign_reviews_pending 0",
+        "countersign_records_written_total{kind=\"request\"} 4",
+        "countersign_records_written_total{kind=\"response\"} 1",
+        "countersign_record_write_failures_total 0",
+        "countersign_long_polls_waiting 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+    for l in text.lines().filter(|l| !l.starts_with('#')) {
+        let (name, value) = l.rsplit_once(' ').unwrap();
+        assert!(name.starts_with("countersign_"), "{l}");
+        value.parse::<u64>().unwrap();
+    }
+
+    // The chain verifies: 4 requests + 1 response.
+    let ok = verify(&f.db).unwrap();
+    assert_eq!(ok.records, 5);
+    assert_eq!(ok.last_seq, 5);
+    assert!(ok
+        .to_string()
+        .starts_with("ok: 5 records, chain intact, last hash "));
+    drop(f.dir);
+}
+
+#[tokio::test]
+async fn metrics_can_require_a_reviewer() {
+    let f = fixture("metrics_public = false");
+    let (status, _) = call(&f.app, "GET", "/metrics", &[], None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (k, v) = alice();
+    let (status, _, bytes) = raw_call(&f.app, "GET", "/metrics", &[(k, &v)], None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(String::from_utf8(bytes)
+        .unwrap()
+        .contains("countersign_reviews_pending 0"));
+}
+
+#[tokio::test]
+async fn write_failure_is_a_quick_503() {
+    let f = fixture("");
+    // The database refuses inserts (as on a full disk or a read-only file).
+    let conn = Connection::open(&f.db).unwrap();
+    conn.execute_batch(
+        "CREATE TRIGGER fail_insert BEFORE INSERT ON records
+         BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
+    )
+    .unwrap();
+    let (status, v) = call(
+        &f.app,
+        "POST",
+        "/v1/records",
+        &[FT],
+        Some(record("allowed", "a", None, Some(BODY))),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(v["error"]["code"], "unavailable");
+    conn.execute_batch("DROP TRIGGER fail_insert").unwrap();
+
+    // Another writer holds the lock: the write gives up within the busy
+    // timeout instead of hanging past the filter's callout timeout.
+    conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let start = Instant::now();
+    let (status, _) = call(
+        &f.app,
+        "POST",
+        "/v1/records",
+        &[FT],
+        Some(record("allowed", "a", None, Some(BODY))),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        start.elapsed() < Duration::from_millis(4500),
+        "{:?}",
+        start.elapsed()
+    );
+    conn.execute_batch("ROLLBACK").unwrap();
+
+    let (_, _, bytes) = raw_call(&f.app, "GET", "/metrics", &[], None).await;
+    let text = String::from_utf8(bytes).unwrap();
+    assert!(
+        text.contains("countersign_record_write_failures_total 2"),
+        "{text}"
+    );
+    // And it recovers.
+    write(&f.app, record("allowed", "a", None, Some(BODY))).await;
+    assert_eq!(verify(&f.db).unwrap().records, 1);
+}
+
+fn new_record(caller: &str) -> NewRecord {
+    serde_json::from_value(record("allowed", caller, None, Some(BODY))).unwrap()
+}
+
+/// A database with `n` request records written at `at_ms`; returns its path.
+fn chain(dir: &Path, n: usize, extra: &str) -> (AppState, PathBuf) {
+    let db = dir.join("chain.db");
+    let state = AppState::open(Config::from_toml_str(&config_toml(&db, extra)).unwrap()).unwrap();
+    for k in 0..n {
+        state
+            .records()
+            .write_request(new_record(&format!("svc-{k}")), 1_000 + k as u64)
+            .unwrap();
+    }
+    (state, db)
+}
+
+fn row(conn: &Connection, seq: i64) -> (String, String, String) {
+    conn.query_row(
+        "SELECT entry, prev_hash, hash FROM records WHERE seq = ?1",
+        [seq],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
+    .unwrap()
+}
+
+fn verify_cli(db: &Path) -> (i32, String) {
+    let out = Command::new(BIN)
+        .args(["verify-records", "--database"])
+        .arg(db)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8(out.stdout).unwrap() + &String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn triggers_refuse_update_and_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_state, db) = chain(dir.path(), 3, "");
+    let conn = Connection::open(&db).unwrap();
+    let e = conn
+        .execute("UPDATE records SET entry = '{}' WHERE seq = 2", [])
+        .unwrap_err();
+    assert!(e.to_string().contains("append-only"), "{e}");
+    let e = conn
+        .execute("DELETE FROM records WHERE seq = 1", [])
+        .unwrap_err();
+    assert!(e.to_string().contains("append-only"), "{e}");
+    assert_eq!(verify(&db).unwrap().records, 3);
+    conn.execute(
+        "INSERT INTO chain_anchor (through_seq, hash, created_at_ms) VALUES (0, 'x', 0)",
+        [],
+    )
+    .unwrap();
+    let e = conn.execute("DELETE FROM chain_anchor", []).unwrap_err();
+    assert!(e.to_string().contains("append-only"), "{e}");
+    let e = conn
+        .execute("UPDATE chain_anchor SET hash = 'y'", [])
+        .unwrap_err();
+    assert!(e.to_string().contains("append-only"), "{e}");
+}
+
+#[test]
+fn verifier_finds_altered_missing_and_inserted_records() {
+    // Altered entry (hash left as it was).
+    let dir = tempfile::tempdir().unwrap();
+    let (state, db) = chain(dir.path(), 5, "");
+    drop(state);
+    let (code, out) = verify_cli(&db);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.starts_with("ok: 5 records, chain intact, last hash "),
+        "{out}"
+    );
+    let conn = Connection::open(&db).unwrap();
+    let id3: String = conn
+        .query_row("SELECT record_id FROM records WHERE seq = 3", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    conn.execute_batch(
+        "DROP TRIGGER records_no_update;
+         UPDATE records SET entry = replace(entry, 'svc-2', 'svc-X') WHERE seq = 3;",
+    )
+    .unwrap();
+    assert_eq!(
+        verify(&db).unwrap_err(),
+        ChainProblem::Altered {
+            seq: 3,
+            record_id: id3.clone(),
+            detail: "hash mismatch"
+        }
+    );
+    let (code, out) = verify_cli(&db);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(
+        out.trim(),
+        format!("altered: record seq 3 ({id3}) hash mismatch")
+    );
+
+    // Altered with its own hash recomputed: the next link breaks.
+    let (entry, prev, _) = row(&conn, 3);
+    conn.execute(
+        "UPDATE records SET hash = ?1 WHERE seq = 3",
+        [chain_hash(&prev, 3, &entry)],
+    )
+    .unwrap();
+    assert!(matches!(
+        verify(&db).unwrap_err(),
+        ChainProblem::Inserted {
+            seq: 4,
+            after: 3,
+            ..
+        }
+    ));
+
+    // A column changed but not the hashed entry.
+    let dir = tempfile::tempdir().unwrap();
+    let (state, db) = chain(dir.path(), 3, "");
+    drop(state);
+    let conn = Connection::open(&db).unwrap();
+    conn.execute_batch(
+        "DROP TRIGGER records_no_update;
+         UPDATE records SET created_at_ms = 5 WHERE seq = 2;",
+    )
+    .unwrap();
+    assert!(matches!(
+        verify(&db).unwrap_err(),
+        ChainProblem::Altered {
+            seq: 2,
+            detail: "columns do not match the hashed entry",
+            ..
+        }
+    ));
+
+    // A deleted middle record.
+    let dir = tempfile::tempdir().unwrap();
+    let (state, db) = chain(dir.path(), 5, "");
+    drop(state);
+    let conn = Connection::open(&db).unwrap();
+    conn.execute_batch("DROP TRIGGER records_no_delete; DELETE FROM records WHERE seq = 3;")
+        .unwrap();
+    assert_eq!(
+        verify(&db).unwrap_err(),
+        ChainProblem::Missing { after: 2, next: 4 }
+    );
+    let (code, out) = verify_cli(&db);
+    assert_eq!((code, out.trim()), (1, "missing: seq gap between 2 and 4"));
+
+    // A forged record with a fabricated seq, correctly self-hashed but
+    // linked to an older entry.
+    let dir = tempfile::tempdir().unwrap();
+    let (state, db) = chain(dir.path(), 4, "");
+    drop(state);
+    let conn = Connection::open(&db).unwrap();
+    let (_, _, hash1) = row(&conn, 1);
+    let entry =
+        r#"{"created_at_ms":9,"kind":"request","record_id":"rec_forged","request":{},"v":1}"#;
+    conn.execute(
+        "INSERT INTO records (seq, record_id, kind, created_at_ms, entry, prev_hash, hash)
+         VALUES (5, 'rec_forged', 'request', 9, ?1, ?2, ?3)",
+        rusqlite::params![entry, hash1, chain_hash(&hash1, 5, entry)],
+    )
+    .unwrap();
+    assert_eq!(
+        verify(&db).unwrap_err(),
+        ChainProblem::Inserted {
+            seq: 5,
+            record_id: "rec_forged".into(),
+            after: 4
+        }
+    );
+    let (code, out) = verify_cli(&db);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.starts_with("inserted/reordered: record seq 5 (rec_forged) prev_hash does not match"),
+        "{out}"
+    );
+
+    // A forged record slipped in before the first one.
+    let dir = tempfile::tempdir().unwrap();
+    let (state, db) = chain(dir.path(), 2, "");
+    drop(state);
+    let conn = Connection::open(&db).unwrap();
+    conn.execute(
+        "INSERT INTO records (seq, record_id, kind, created_at_ms, entry, prev_hash, hash)
+         VALUES (0, 'rec_zero', 'request', 9, ?1, ?2, ?3)",
+        rusqlite::params![
+            entry,
+            records::GENESIS_HASH,
+            chain_hash(records::GENESIS_HASH, 0, entry)
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        verify(&db).unwrap_err(),
+        ChainProblem::Inserted {
+            seq: 0,
+            record_id: "rec_zero".into(),
+            after: 0
+        }
+    );
+
+    // A prefix deleted by hand, with and without a forged anchor.
+    let dir = tempfile::tempdir().unwrap();
+    let (state, db) = chain(dir.path(), 5, "");
+    drop(state);
+    let conn = Connection::open(&db).unwrap();
+    let (_, _, hash2) = row(&conn, 2);
+    conn.execute_batch("DROP TRIGGER records_no_delete; DELETE FROM records WHERE seq <= 2;")
+        .unwrap();
+    assert_eq!(
+        verify(&db).unwrap_err(),
+        ChainProblem::Missing { after: 0, next: 3 }
+    );
+    conn.execute(
+        "INSERT INTO chain_anchor (through_seq, hash, created_at_ms) VALUES (2, ?1, 0)",
+        [hash2],
+    )
+    .unwrap();
+    assert_eq!(
+        verify(&db).unwrap_err(),
+        ChainProblem::UnattestedAnchor { through_seq: 2 }
+    );
+}
+
+#[tokio::test]
+async fn retention_deletes_a_prefix_and_the_chain_still_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ret.db");
+    let state = AppState::open(
+        Config::from_toml_str(&config_toml(
+            &db,
+            "record_retention_days = 1\nsqlite_synchronous = \"normal\"",
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let store = state.records();
+    let now = countersign_approval::now_ms();
+    let old = now - 3 * DAY_MS;
+    // More old entries than one retention chunk, then a few recent ones.
+    let n_old = records::RETENTION_CHUNK + 5;
+    let mut first_old = String::new();
+    for k in 0..n_old {
+        let w = store
+            .write_request(new_record("old"), old + k as u64)
+            .unwrap();
+        if k == 0 {
+            first_old = w.record_id;
+        }
+    }
+    let recent = store.write_request(new_record("new"), now).unwrap();
+    store
+        .write_response(
+            &recent.record_id,
+            serde_json::from_value(json!({"status": 200, "body": "", "completion": "complete"}))
+                .unwrap(),
+            now,
+        )
+        .unwrap();
+    assert_eq!(verify(&db).unwrap().records, n_old as u64 + 2);
+
+    let deleted = countersign_approval::records::http::retention_once(&state)
+        .await
+        .unwrap();
+    assert_eq!(deleted, n_old);
+    let ok = verify(&db).unwrap();
+    // Two chunks: two retention entries, plus the recent request and response.
+    assert_eq!(ok.records, 4, "{ok}");
+    assert_eq!(ok.anchor.as_ref().unwrap().0, n_old as i64);
+    assert!(ok.to_string().contains("removed by retention"), "{ok}");
+    assert!(store.get(&first_old).unwrap().is_none());
+    assert!(store.get(&recent.record_id).unwrap().is_some());
+    // Nothing more is due; the gate is closed again.
+    assert_eq!(
+        countersign_approval::records::http::retention_once(&state)
+            .await
+            .unwrap(),
+        0
+    );
+    let conn = Connection::open(&db).unwrap();
+    assert!(conn.execute("DELETE FROM records", []).is_err());
+    let (code, out) = verify_cli(&db);
+    assert_eq!(code, 0, "{out}");
+
+    // Appends continue the chain from the anchor; a later retention that
+    // removes everything (retention entries included) still verifies.
+    store.write_request(new_record("later"), now + 1).unwrap();
+    let later = now + DAY_MS;
+    assert_eq!(store.apply_retention(later, later).unwrap(), 5);
+    let ok = verify(&db).unwrap();
+    assert_eq!(ok.records, 1, "{ok}");
+    store.write_request(new_record("after"), later + 1).unwrap();
+    assert_eq!(verify(&db).unwrap().records, 2);
+
+    // Deleting the attesting retention entry by hand is reported.
+    conn.execute_batch(
+        "DROP TRIGGER records_no_delete; DELETE FROM records WHERE kind = 'retention';",
+    )
+    .unwrap();
+    assert!(verify(&db).is_err());
+}
+
+#[test]
+fn cli_export_and_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, db) = chain(dir.path(), 3, "");
+    drop(state);
+    let out = Command::new(BIN)
+        .args(["export-records", "--database"])
+        .arg(&db)
+        .args(["--since-ms", "1001"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["request"]["caller"], "svc-1");
+    assert_eq!(lines[1]["seq"], 3);
+
+    // --config names the database.
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, format!("database = \"{}\"\n", db.display())).unwrap();
+    let out = Command::new(BIN)
+        .args(["verify-records", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+
+    // Usage and missing database: exit 2.
+    let out = Command::new(BIN).arg("verify-records").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(BIN)
+        .args(["verify-records", "--database"])
+        .arg(dir.path().join("missing.db"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!dir.path().join("missing.db").exists());
+    let out = Command::new(BIN)
+        .args(["export-records", "--bogus"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

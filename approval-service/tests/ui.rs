@@ -1,0 +1,945 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! The reviewer UI's server side: sign-in sessions, CSRF, pages and security
+//! headers, history filters, the live event feed, and webhooks.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, Request, StatusCode};
+use axum::Router;
+use countersign_approval::{app, run, AppState, Config, TokenHash};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+const ALICE: &str = "alice-secret-token";
+const BOB: &str = "bob-secret-token";
+
+fn config_toml(db: &Path, extra: &str, alice_token: &str) -> String {
+    format!(
+        r#"
+database = "{}"
+{extra}
+[[reviewers]]
+name = "alice"
+token_sha256 = "{}"
+groups = ["security", "leads"]
+[[reviewers]]
+name = "bob"
+token_sha256 = "{}"
+"#,
+        db.display(),
+        TokenHash::of_token(alice_token).to_hex(),
+        TokenHash::of_token(BOB).to_hex()
+    )
+}
+
+fn open_state(db: &Path, extra: &str) -> AppState {
+    open_state_with(db, extra, ALICE)
+}
+
+fn open_state_with(db: &Path, extra: &str, alice_token: &str) -> AppState {
+    AppState::open(Config::from_toml_str(&config_toml(db, extra, alice_token)).unwrap()).unwrap()
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    app: Router,
+}
+
+impl Fixture {
+    fn db(&self) -> std::path::PathBuf {
+        self.dir.path().join("ui.db")
+    }
+}
+
+fn fixture(extra: &str) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let state = open_state(&dir.path().join("ui.db"), extra);
+    Fixture {
+        app: app(state),
+        dir,
+    }
+}
+
+struct Resp {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Resp {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or("")
+    }
+}
+
+async fn send(app: &Router, method: &str, uri: &str, headers: &[(&str, &str)], body: &str) -> Resp {
+    let mut req = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = app
+        .clone()
+        .oneshot(req.body(Body::from(body.to_string())).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn create_body(model: &str, caller: &str, text: &str) -> String {
+    json!({
+        "request_id": format!("req-{model}"),
+        "api": "openai_chat",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "authority": "llm.internal",
+        "route": "chat",
+        "caller": caller,
+        "model": model,
+        "rule": "all",
+        "prompt": [{"role": "user", "text": text}],
+        "body": json!({"model": model, "messages": [{"role": "user", "content": text}]}).to_string(),
+        "hold_timeout_ms": 60_000
+    })
+    .to_string()
+}
+
+async fn create(app: &Router, model: &str, caller: &str, text: &str) -> String {
+    let r = send(
+        app,
+        "POST",
+        "/v1/reviews",
+        &[],
+        &create_body(model, caller, text),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    r.json()["id"].as_str().unwrap().to_string()
+}
+
+/// A signed-in browser: the cookie header value and the CSRF token.
+struct Browser {
+    cookie: String,
+    csrf: String,
+}
+
+async fn login(app: &Router, token: &str, next: &str) -> Resp {
+    let form = serde_urlencoded::to_string([("token", token), ("next", next)]).unwrap();
+    send(
+        app,
+        "POST",
+        "/ui/login",
+        &[("content-type", "application/x-www-form-urlencoded")],
+        &form,
+    )
+    .await
+}
+
+async fn sign_in(app: &Router, token: &str) -> Browser {
+    let r = login(app, token, "/").await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    let set = r.header("set-cookie");
+    let cookie = set.split(';').next().unwrap().to_string();
+    assert!(cookie.starts_with("cs_session="), "{set}");
+    let me = send(app, "GET", "/api/me", &[("cookie", &cookie)], "").await;
+    assert_eq!(me.status, StatusCode::OK);
+    let csrf = me.json()["csrf_token"].as_str().unwrap().to_string();
+    Browser { cookie, csrf }
+}
+
+// ------------------------------------------------------------------ sign-in
+
+#[tokio::test]
+async fn sign_in_sets_a_strict_http_only_session_cookie() {
+    let f = fixture("");
+    let r = login(&f.app, ALICE, "/reviews/rev_1").await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    assert_eq!(r.header("location"), "/reviews/rev_1");
+    let cookie = r.header("set-cookie");
+    let id = cookie
+        .strip_prefix("cs_session=")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap();
+    assert_eq!(id.len(), 64, "256-bit id as hex: {cookie}");
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=43200"] {
+        assert!(cookie.contains(attr), "{attr} missing: {cookie}");
+    }
+    assert!(!cookie.contains("Secure"), "{cookie}");
+
+    // The database holds only the hash of the id.
+    let conn = rusqlite::Connection::open(f.db()).unwrap();
+    let stored: String = conn
+        .query_row("SELECT id_sha256 FROM sessions", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(stored, TokenHash::of_token(id).to_hex());
+    let raw: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sessions WHERE id_sha256 = ?1 OR csrf_token = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(raw, 0);
+
+    // /api/me with the cookie: name, groups and the CSRF token.
+    let me = send(
+        &f.app,
+        "GET",
+        "/api/me",
+        &[("cookie", &format!("cs_session={id}"))],
+        "",
+    )
+    .await;
+    assert_eq!(me.status, StatusCode::OK);
+    let v = me.json();
+    assert_eq!(v["name"], "alice");
+    assert_eq!(v["groups"], json!(["security", "leads"]));
+    assert_eq!(v["csrf_token"].as_str().unwrap().len(), 64);
+    assert_eq!(me.header("cache-control"), "no-store");
+}
+
+#[tokio::test]
+async fn secure_cookie_flag_and_session_length_follow_config() {
+    let f = fixture("ui_secure_cookies = true\nui_session_hours = 2");
+    let r = login(&f.app, ALICE, "/").await;
+    let cookie = r.header("set-cookie");
+    assert!(cookie.ends_with("; Secure"), "{cookie}");
+    assert!(cookie.contains("Max-Age=7200"), "{cookie}");
+}
+
+#[tokio::test]
+async fn wrong_token_is_refused_without_a_cookie() {
+    let f = fixture("");
+    for token in ["wrong", "", ALICE.trim_end_matches('n')] {
+        let r = login(&f.app, token, "/history").await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER);
+        assert_eq!(r.header("location"), "/login?error=invalid&next=/history");
+        assert!(r.headers.get("set-cookie").is_none());
+    }
+    // A malformed form is a plain 400.
+    let r = send(&f.app, "POST", "/ui/login", &[], "token=a&token=b").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn next_cannot_leave_the_site() {
+    let f = fixture("");
+    for next in [
+        "//evil.example/x",
+        "https://evil.example",
+        "/\\evil.example",
+        "evil",
+    ] {
+        let r = login(&f.app, ALICE, next).await;
+        assert_eq!(r.header("location"), "/", "{next}");
+    }
+}
+
+#[tokio::test]
+async fn failed_sign_ins_are_rate_limited() {
+    let f = fixture("");
+    let mut limited = false;
+    for _ in 0..30 {
+        let r = login(&f.app, "guess", "/").await;
+        if r.header("location").starts_with("/login?error=rate") {
+            limited = true;
+            break;
+        }
+    }
+    assert!(limited, "30 quick failures were never limited");
+    // While limited, even the right token waits.
+    let r = login(&f.app, ALICE, "/").await;
+    assert!(r.header("location").starts_with("/login?error=rate"));
+    assert!(r.headers.get("set-cookie").is_none());
+}
+
+// ------------------------------------------------------------------- CSRF
+
+#[tokio::test]
+async fn decisions_with_the_cookie_need_the_csrf_token() {
+    let f = fixture("");
+    let b = sign_in(&f.app, ALICE).await;
+    let id = create(&f.app, "gpt-x", "svc-a", "hello").await;
+    let uri = format!("/api/reviews/{id}/approve");
+
+    let missing = send(&f.app, "POST", &uri, &[("cookie", &b.cookie)], "{}").await;
+    assert_eq!(missing.status, StatusCode::FORBIDDEN);
+    assert_eq!(missing.json()["error"]["code"], "forbidden");
+    let wrong = send(
+        &f.app,
+        "POST",
+        &uri,
+        &[("cookie", &b.cookie), ("x-csrf-token", &"0".repeat(64))],
+        "{}",
+    )
+    .await;
+    assert_eq!(wrong.status, StatusCode::FORBIDDEN);
+    for action in ["reject", "edit"] {
+        let r = send(
+            &f.app,
+            "POST",
+            &format!("/api/reviews/{id}/{action}"),
+            &[("cookie", &b.cookie)],
+            r#"{"reason":"x","body":{"model":"m"}}"#,
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{action}");
+    }
+    // Still pending after all that.
+    let r = send(
+        &f.app,
+        "GET",
+        &format!("/api/reviews/{id}"),
+        &[("cookie", &b.cookie)],
+        "",
+    )
+    .await;
+    assert_eq!(r.json()["status"], "pending");
+
+    let ok = send(
+        &f.app,
+        "POST",
+        &uri,
+        &[("cookie", &b.cookie), ("x-csrf-token", &b.csrf)],
+        r#"{"reason":"fine"}"#,
+    )
+    .await;
+    assert_eq!(ok.status, StatusCode::OK);
+    assert_eq!(ok.json()["status"], "approved");
+    assert_eq!(ok.json()["reviewer"], "alice");
+}
+
+#[tokio::test]
+async fn another_sessions_csrf_token_does_not_work() {
+    let f = fixture("");
+    let alice = sign_in(&f.app, ALICE).await;
+    let bob = sign_in(&f.app, BOB).await;
+    assert_ne!(alice.csrf, bob.csrf);
+    let id = create(&f.app, "gpt-x", "svc-a", "hello").await;
+    let r = send(
+        &f.app,
+        "POST",
+        &format!("/api/reviews/{id}/approve"),
+        &[("cookie", &alice.cookie), ("x-csrf-token", &bob.csrf)],
+        "{}",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn bearer_api_is_unchanged_and_wins_over_a_cookie() {
+    let f = fixture("");
+    let alice = sign_in(&f.app, ALICE).await;
+    let id = create(&f.app, "gpt-x", "svc-a", "hello").await;
+    // Bearer needs no CSRF token; with both, the bearer token decides who.
+    let r = send(
+        &f.app,
+        "POST",
+        &format!("/api/reviews/{id}/reject"),
+        &[
+            ("authorization", &format!("Bearer {BOB}")),
+            ("cookie", &alice.cookie),
+        ],
+        r#"{"reason":"no"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["reviewer"], "bob");
+    let me = send(
+        &f.app,
+        "GET",
+        "/api/me",
+        &[("authorization", &format!("Bearer {BOB}"))],
+        "",
+    )
+    .await;
+    assert_eq!(me.json(), json!({"name": "bob", "groups": []}));
+    // A wrong bearer token is not rescued by a valid cookie.
+    let r = send(
+        &f.app,
+        "GET",
+        "/api/me",
+        &[("authorization", "Bearer nope"), ("cookie", &alice.cookie)],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn logout_needs_csrf_and_ends_the_session() {
+    let f = fixture("");
+    let b = sign_in(&f.app, ALICE).await;
+    let r = send(&f.app, "POST", "/ui/logout", &[("cookie", &b.cookie)], "").await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = send(&f.app, "GET", "/api/me", &[("cookie", &b.cookie)], "").await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "a refused logout keeps the session"
+    );
+
+    let r = send(
+        &f.app,
+        "POST",
+        "/ui/logout",
+        &[("cookie", &b.cookie), ("x-csrf-token", &b.csrf)],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert!(r.header("set-cookie").contains("Max-Age=0"));
+    let r = send(&f.app, "GET", "/api/me", &[("cookie", &b.cookie)], "").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = send(&f.app, "GET", "/", &[("cookie", &b.cookie)], "").await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+}
+
+#[tokio::test]
+async fn sessions_survive_restart_but_not_token_rotation_or_expiry() {
+    let f = fixture("");
+    let b = sign_in(&f.app, ALICE).await;
+    let Fixture {
+        dir: _dir,
+        app: first,
+    } = f;
+    let db = _dir.path().join("ui.db");
+    drop(first);
+
+    // Same config, new process: still signed in, same CSRF token.
+    let again = app(open_state(&db, ""));
+    let r = send(&again, "GET", "/api/me", &[("cookie", &b.cookie)], "").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["csrf_token"], b.csrf.as_str());
+    drop(again);
+
+    // Alice's token was rotated: her old sessions are void.
+    let rotated = app(open_state_with(&db, "", "alice-new-token"));
+    let r = send(&rotated, "GET", "/api/me", &[("cookie", &b.cookie)], "").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    drop(rotated);
+
+    // Expired sessions are refused.
+    let restored = app(open_state(&db, ""));
+    let r = send(&restored, "GET", "/api/me", &[("cookie", &b.cookie)], "").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let conn = rusqlite::Connection::open(db.clone()).unwrap();
+    conn.execute("UPDATE sessions SET expires_at_ms = 1", [])
+        .unwrap();
+    let r = send(&restored, "GET", "/api/me", &[("cookie", &b.cookie)], "").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}
+
+// ------------------------------------------------------------------- pages
+
+#[tokio::test]
+async fn pages_need_a_session_and_carry_a_strict_csp() {
+    let f = fixture("");
+    for (path, next) in [
+        ("/", "/"),
+        ("/history?caller=a", "/history%3Fcaller%3Da"),
+        ("/reviews/rev_1", "/reviews/rev_1"),
+    ] {
+        let r = send(&f.app, "GET", path, &[], "").await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER, "{path}");
+        assert_eq!(r.header("location"), format!("/login?next={next}"));
+    }
+    let b = sign_in(&f.app, ALICE).await;
+    for path in ["/", "/history", "/reviews/rev_1", "/login"] {
+        let r = send(&f.app, "GET", path, &[("cookie", &b.cookie)], "").await;
+        assert_eq!(r.status, StatusCode::OK, "{path}");
+        assert_eq!(r.header("content-type"), "text/html; charset=utf-8");
+        let csp = r.header("content-security-policy");
+        assert_eq!(
+            csp,
+            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+             connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+        );
+        assert!(!csp.contains("unsafe"));
+        assert_eq!(r.header("x-content-type-options"), "nosniff");
+        assert_eq!(r.header("referrer-policy"), "no-referrer");
+        assert_eq!(r.header("cache-control"), "no-store");
+    }
+    // API answers carry the headers too.
+    let r = send(&f.app, "GET", "/healthz", &[], "").await;
+    assert_eq!(r.header("x-content-type-options"), "nosniff");
+    // A forged cookie is just "not signed in".
+    let r = send(
+        &f.app,
+        "GET",
+        "/",
+        &[("cookie", &format!("cs_session={}", "a".repeat(64)))],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+}
+
+#[tokio::test]
+async fn assets_are_embedded() {
+    let f = fixture("");
+    for (path, ty) in [
+        ("/ui/app.js", "text/javascript; charset=utf-8"),
+        ("/ui/app.css", "text/css; charset=utf-8"),
+        ("/ui/favicon.svg", "image/svg+xml"),
+    ] {
+        let r = send(&f.app, "GET", path, &[], "").await;
+        assert_eq!(r.status, StatusCode::OK, "{path}");
+        assert_eq!(r.header("content-type"), ty);
+        assert_eq!(r.header("cache-control"), "no-cache");
+        assert!(r.body.len() > 100);
+    }
+    let r = send(&f.app, "GET", "/ui/../Cargo.toml", &[], "").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = send(&f.app, "GET", "/ui/nope.js", &[], "").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+}
+
+// ----------------------------------------------------------------- history
+
+#[tokio::test]
+async fn history_filters() {
+    let f = fixture("");
+    let auth = format!("Bearer {ALICE}");
+    let a = create(&f.app, "gpt-4o", "svc-billing", "refund 100% of order_77").await;
+    let b = create(&f.app, "claude-x", "svc-support", "summarise ticket").await;
+    let c = create(&f.app, "gpt-4o-mini", "svc-support", "translate hello").await;
+    let decide = |id: String, action: &'static str, token: &'static str, body: Value| {
+        let app = f.app.clone();
+        async move {
+            let r = send(
+                &app,
+                "POST",
+                &format!("/api/reviews/{id}/{action}"),
+                &[("authorization", &format!("Bearer {token}"))],
+                &body.to_string(),
+            )
+            .await;
+            assert_eq!(r.status, StatusCode::OK, "{action}");
+        }
+    };
+    decide(a.clone(), "approve", ALICE, json!({})).await;
+    decide(b.clone(), "reject", BOB, json!({"reason": "pii inside"})).await;
+    decide(
+        c.clone(),
+        "edit",
+        ALICE,
+        json!({"body": {"model": "gpt-4o-mini", "messages": []}}),
+    )
+    .await;
+
+    let ids = |query: &str| {
+        let app = f.app.clone();
+        let auth = auth.clone();
+        let uri = format!("/api/reviews?{query}");
+        async move {
+            let r = send(&app, "GET", &uri, &[("authorization", &auth)], "").await;
+            assert_eq!(r.status, StatusCode::OK, "{uri}: {:?}", r.json());
+            let mut v: Vec<String> = r.json()["reviews"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x["id"].as_str().unwrap().to_string())
+                .collect();
+            v.sort();
+            v
+        }
+    };
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    assert_eq!(
+        ids("model=gpt-4o").await,
+        sorted(vec![a.clone(), c.clone()])
+    );
+    assert_eq!(ids("model=GPT-4O-MINI").await, vec![c.clone()]);
+    assert_eq!(
+        ids("caller=support").await,
+        sorted(vec![b.clone(), c.clone()])
+    );
+    assert_eq!(ids("reviewer=bob").await, vec![b.clone()]);
+    assert_eq!(ids("status=approved&edited=true").await, vec![c.clone()]);
+    assert_eq!(ids("status=approved&edited=false").await, vec![a.clone()]);
+    assert_eq!(ids("q=ticket").await, vec![b.clone()]);
+    assert_eq!(ids("q=PII").await, vec![b.clone()], "reason is searched");
+    assert_eq!(
+        ids(&format!("q={}", &c[4..12])).await,
+        vec![c.clone()],
+        "id is searched"
+    );
+    // LIKE wildcards in user text are literal.
+    assert_eq!(ids("q=100%25").await, vec![a.clone()]);
+    assert_eq!(ids("q=%25").await, vec![a.clone()]);
+    assert_eq!(ids("q=order_7").await, vec![a.clone()]);
+    assert_eq!(ids("q=r_er").await, Vec::<String>::new());
+    // SQL in a filter is just text.
+    assert!(ids("caller=%27%20OR%201%3D1%20--").await.is_empty());
+    // Time range, and empty values mean "no filter".
+    let now = countersign_approval::now_ms();
+    assert_eq!(ids(&format!("since_ms={}", now + 60_000)).await.len(), 0);
+    assert_eq!(
+        ids(&format!("until_ms={}&caller=&q=", now + 60_000))
+            .await
+            .len(),
+        3
+    );
+    assert_eq!(ids("until_ms=1").await.len(), 0);
+    let r = send(
+        &f.app,
+        "GET",
+        &format!("/api/reviews?q={}", "x".repeat(501)),
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    // Summaries say whether an approval was edited.
+    let r = send(
+        &f.app,
+        "GET",
+        "/api/reviews?status=approved",
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    for s in r.json()["reviews"].as_array().unwrap() {
+        assert_eq!(s["edited"], s["id"] == c.as_str());
+    }
+}
+
+// --------------------------------------------------------------- live feed
+
+/// Reads SSE frames from `body` until one contains `needle`.
+async fn read_until(body: &mut Body, needle: &str) -> String {
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !seen.contains(needle) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let frame = tokio::time::timeout(left, body.frame())
+            .await
+            .unwrap_or_else(|_| panic!("no {needle:?} in {seen:?}"))
+            .unwrap()
+            .unwrap();
+        if let Ok(data) = frame.into_data() {
+            seen.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+    seen
+}
+
+#[tokio::test]
+async fn event_feed_reports_created_decided_and_expired() {
+    let f = fixture("");
+    let b = sign_in(&f.app, ALICE).await;
+    // Without credentials: 401.
+    let r = send(&f.app, "GET", "/api/events", &[], "").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+
+    let req = Request::get("/api/events")
+        .header("cookie", &b.cookie)
+        .body(Body::empty())
+        .unwrap();
+    let resp = f.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    read_until(&mut body, "event: hello").await;
+
+    let id = create(&f.app, "gpt-x", "svc-a", "hi").await;
+    let seen = read_until(&mut body, &id).await;
+    assert!(seen.contains("event: review"), "{seen}");
+    assert!(
+        seen.contains(&format!(
+            r#"{{"type":"created","id":"{id}","status":"pending"}}"#
+        )),
+        "{seen}"
+    );
+    let r = send(
+        &f.app,
+        "POST",
+        &format!("/api/reviews/{id}/approve"),
+        &[("cookie", &b.cookie), ("x-csrf-token", &b.csrf)],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    read_until(&mut body, r#""type":"decided""#).await;
+
+    // An expiry found by the filter's long poll is reported too.
+    let short = send(
+        &f.app,
+        "POST",
+        "/v1/reviews",
+        &[],
+        &create_body("m", "c", "t").replace("60000", "50"),
+    )
+    .await;
+    let short_id = short.json()["id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    send(
+        &f.app,
+        "GET",
+        &format!("/v1/reviews/{short_id}/wait"),
+        &[],
+        "",
+    )
+    .await;
+    let seen = read_until(&mut body, r#""type":"expired""#).await;
+    assert!(seen.contains(&short_id), "{seen}");
+}
+
+/// A minimal HTTP/1.1 exchange on a real socket that returns once the
+/// response head and at least `needle` arrived (or the server closed).
+fn raw_read(stream: &mut std::net::TcpStream, needle: &str) -> String {
+    use std::io::Read;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                if String::from_utf8_lossy(&out).contains(needle) {
+                    break;
+                }
+            }
+            Err(e) => panic!("read failed: {e}; got {:?}", String::from_utf8_lossy(&out)),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn open_event_streams_do_not_hold_shutdown() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let state = open_state(&dir.path().join("sse.db"), "");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(run(listener, state, async {
+        let _ = stop_rx.await;
+    }));
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "GET /api/events HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {ALICE}\r\n\r\n"
+        )
+        .unwrap();
+        let head = raw_read(&mut s, "event: hello");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        // Now wait for the server to end the stream.
+        raw_read(&mut s, "\u{0}never")
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("server did not stop with an open event stream")
+        .unwrap()
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5));
+    reader.await.unwrap();
+}
+
+// ---------------------------------------------------------------- webhooks
+
+type Received = Arc<Mutex<Vec<(String, Value)>>>;
+
+/// A local webhook receiver on port 0. Answers each request with the next
+/// status of `statuses` (then 200), and records path and JSON body.
+async fn receiver(statuses: Vec<u16>) -> (SocketAddr, Received) {
+    let received: Received = Arc::default();
+    let plan = Arc::new(Mutex::new(statuses.into_iter()));
+    let rec = received.clone();
+    let handler = move |uri: axum::http::Uri, headers: HeaderMap, body: Bytes| {
+        let rec = rec.clone();
+        let plan = plan.clone();
+        async move {
+            assert_eq!(headers["content-type"], "application/json");
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            rec.lock().unwrap().push((uri.path().to_string(), v));
+            let status = plan.lock().unwrap().next().unwrap_or(200);
+            StatusCode::from_u16(status).unwrap()
+        }
+    };
+    let router = Router::new().fallback(axum::routing::post(handler));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, router).await.unwrap();
+    });
+    (addr, received)
+}
+
+async fn wait_for(received: &Received, count: usize) -> Vec<(String, Value)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = received.lock().unwrap().clone();
+        if got.len() >= count {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {count} webhook calls: {got:?}",
+            got.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn webhooks_announce_pending_reviews_with_retries() {
+    // The JSON hook fails once with a 500, then succeeds.
+    let (json_addr, json_rx) = receiver(vec![500]).await;
+    let (slack_addr, slack_rx) = receiver(vec![]).await;
+    let f = fixture(&format!(
+        r#"public_url = "https://review.example.com/"
+[[webhooks]]
+url = "http://{json_addr}/hooks/json"
+format = "json"
+[[webhooks]]
+url = "http://{slack_addr}/services/T0/B0/x"
+format = "slack"
+"#
+    ));
+    let t = Instant::now();
+    let id = create(&f.app, "gpt-x", "svc-<b>", "please <https://evil|click>").await;
+    // Creating did not wait for the webhooks (the first one needs a retry).
+    assert!(
+        t.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        t.elapsed()
+    );
+
+    let got = wait_for(&json_rx, 2).await;
+    assert_eq!(got[0], got[1], "the retry sends the same payload");
+    let (path, v) = &got[1];
+    assert_eq!(path, "/hooks/json");
+    assert_eq!(v["event"], "review.pending");
+    let r = &v["review"];
+    assert_eq!(r["id"], id.as_str());
+    assert_eq!(r["model"], "gpt-x");
+    assert_eq!(r["caller"], "svc-<b>");
+    assert_eq!(r["route"], "chat");
+    assert_eq!(r["preview"], "please <https://evil|click>");
+    assert!(r["expires_at_ms"].as_u64().unwrap() > countersign_approval::now_ms());
+    assert_eq!(r["url"], format!("https://review.example.com/reviews/{id}"));
+
+    let got = wait_for(&slack_rx, 1).await;
+    let (path, v) = &got[0];
+    assert_eq!(path, "/services/T0/B0/x");
+    let text = v["text"].as_str().unwrap();
+    assert!(
+        text.contains(&format!(
+            "<https://review.example.com/reviews/{id}|Open review>"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("svc-&lt;b&gt;"), "{text}");
+    assert!(v["blocks"].as_array().unwrap().len() >= 3);
+    assert_eq!(v["blocks"][1]["text"]["type"], "plain_text");
+    // Exactly one call each: no duplicate deliveries after success.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(json_rx.lock().unwrap().len(), 2);
+    assert_eq!(slack_rx.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn webhook_delivery_retries_only_what_can_recover() {
+    use countersign_approval::webhook::deliver;
+    let short = [
+        Duration::from_millis(10),
+        Duration::from_millis(10),
+        Duration::from_millis(10),
+    ];
+
+    // 503, 429, 500, then success on the fourth and last attempt.
+    let (addr, rx) = receiver(vec![503, 429, 500]).await;
+    let status = deliver(
+        &format!("http://{addr}/h"),
+        Bytes::from_static(b"{}"),
+        &short,
+    )
+    .await;
+    assert_eq!(status.unwrap(), StatusCode::OK);
+    assert_eq!(rx.lock().unwrap().len(), 4);
+
+    // Four failures: give up.
+    let (addr, rx) = receiver(vec![500, 500, 500, 500, 500]).await;
+    let err = deliver(
+        &format!("http://{addr}/h"),
+        Bytes::from_static(b"{}"),
+        &short,
+    )
+    .await
+    .unwrap_err();
+    assert!(err.contains("4 attempt"), "{err}");
+    assert_eq!(rx.lock().unwrap().len(), 4);
+
+    // A 4xx other than 408/429 is final.
+    let (addr, rx) = receiver(vec![404]).await;
+    let err = deliver(
+        &format!("http://{addr}/h"),
+        Bytes::from_static(b"{}"),
+        &short,
+    )
+    .await
+    .unwrap_err();
+    assert!(err.contains("404"), "{err}");
+    assert_eq!(rx.lock().unwrap().len(), 1);
+
+    // https:// goes through TLS: a plain-HTTP server fails the handshake
+    // (retried as a connection failure), and nothing is sent in clear.
+    let (addr, rx) = receiver(vec![]).await;
+    let err = deliver(
+        &format!("https://{addr}/h"),
+        Bytes::from_static(b"{}"),
+        &short,
+    )
+    .await
+    .unwrap_err();
+    assert!(err.contains("TLS"), "{err}");
+    assert!(rx.lock().unwrap().is_empty());
+
+    // Nobody listening: retried, then an error (not a hang).
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    let t = Instant::now();
+    let err = deliver(
+        &format!("http://127.0.0.1:{port}/h"),
+        Bytes::from_static(b"{}"),
+        &short,
+    )
+    .await
+    .unwrap_err();
+    assert!(err.contains("4 attempt"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+}

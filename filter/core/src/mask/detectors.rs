@@ -1,0 +1,932 @@
+//! Detectors: a regex proposes candidates, a validator keeps only the real
+//! thing (Luhn for cards, mod-97 for IBANs, ranges for SSNs, ...), so random
+//! numbers are not flagged.
+//!
+//! Patterns are written for the `regex` crate with only the `std` and
+//! `unicode-perl` features: no `(?i)` on Unicode text (ASCII-only `(?i-u:..)`
+//! is used instead), `[0-9]` rather than `\d`.
+
+use std::net::Ipv6Addr;
+
+use regex::{Regex, RegexBuilder};
+
+/// The built-in detector names, in priority order (when two detections cover
+/// the same text, the earlier detector names the placeholder).
+pub const BUILTIN_DETECTORS: &[&str] = &[
+    "pem_private_key",
+    "jwt",
+    "aws_access_key",
+    "openai_key",
+    "github_token",
+    "slack_token",
+    "password_assignment",
+    "email",
+    "iban",
+    "credit_card",
+    "us_ssn",
+    "phone",
+    "ipv6",
+    "ipv4",
+];
+
+/// Largest compiled size accepted for a configured regex.
+pub(crate) const REGEX_SIZE_LIMIT: usize = 1 << 20;
+/// A failed candidate no longer than this is retried one character later, so
+/// that a longer false candidate cannot hide a real value inside it.
+const RETRY_INSIDE_MAX: usize = 64;
+
+/// The check a candidate must pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Check {
+    None,
+    Luhn,
+    IbanAny,
+    Email,
+    Phone,
+    Card,
+    Iban,
+    Ssn,
+    Ipv4,
+    Ipv6,
+    SkKey,
+    Slack,
+    Jwt,
+    Password,
+}
+
+/// Where a detector's regex needs to run: small windows found by a plain
+/// byte scan, so that the (slow, NFA-simulating) regex never walks prose.
+#[derive(Debug, Clone, Copy)]
+enum Cand {
+    /// Everywhere (custom detectors).
+    Whole,
+    /// Maximal runs of ASCII bytes in `set` that satisfy `need`, plus one
+    /// character of context after them; with `extend`, runs followed by an
+    /// assignment (`:` or `=`), plus `extend` bytes for the value.
+    Run { set: u16, need: Need, extend: usize },
+    /// From each occurrence of the literal to the end of the text.
+    Open(&'static str),
+}
+
+/// What a run must contain to be worth a regex search.
+#[derive(Debug, Clone, Copy)]
+enum Need {
+    Digits(usize),
+    Byte(u8),
+    Colons(usize),
+    Literal(&'static [&'static str]),
+    LiteralNoCase(&'static [&'static str]),
+}
+
+impl Need {
+    fn met(self, run: &[u8]) -> bool {
+        match self {
+            Need::Digits(n) => run.iter().filter(|b| b.is_ascii_digit()).count() >= n,
+            Need::Byte(c) => run.contains(&c),
+            Need::Colons(n) => run.iter().filter(|&&b| b == b':').count() >= n,
+            Need::Literal(l) => l.iter().any(|x| contains(run, x.as_bytes())),
+            Need::LiteralNoCase(l) => l.iter().any(|x| {
+                let first = x.as_bytes().first().copied().unwrap_or(0);
+                run.windows(x.len()).any(|w| w.first().is_some_and(|c| c.eq_ignore_ascii_case(&first)) && w.eq_ignore_ascii_case(x.as_bytes()))
+            }),
+        }
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    let Some(&first) = needle.first() else { return false };
+    hay.windows(needle.len()).any(|w| w.first() == Some(&first) && w == needle)
+}
+
+// Byte classes for candidate runs, one bit each, looked up in `CLASSES`.
+const CARD: u16 = 1; // digits, space, hyphen (also SSNs)
+const PHONE: u16 = 1 << 1; // digits, space, . - ( ) +
+const IPV4: u16 = 1 << 2; // digits, dot
+const IPV6: u16 = 1 << 3; // hex digits, colon, dot
+const IBAN: u16 = 1 << 4; // upper-case letters, digits, space
+const EMAIL: u16 = 1 << 5; // alphanumerics, . _ % + - @
+const UPPER_ALNUM: u16 = 1 << 6; // upper-case letters, digits
+const TOKEN: u16 = 1 << 7; // alphanumerics, _ -
+const JWT: u16 = 1 << 8; // token characters and dot
+const URL: u16 = 1 << 9; // token characters and . / :
+
+const fn class_of(b: u8) -> u16 {
+    let digit = b.is_ascii_digit();
+    let upper = b.is_ascii_uppercase();
+    let alnum = b.is_ascii_alphanumeric();
+    let mut c = 0;
+    if digit || b == b' ' || b == b'-' {
+        c |= CARD;
+    }
+    if digit || matches!(b, b' ' | b'.' | b'-' | b'(' | b')' | b'+') {
+        c |= PHONE;
+    }
+    if digit || b == b'.' {
+        c |= IPV4;
+    }
+    if b.is_ascii_hexdigit() || b == b':' || b == b'.' {
+        c |= IPV6;
+    }
+    if upper || digit || b == b' ' {
+        c |= IBAN;
+    }
+    if alnum || matches!(b, b'.' | b'_' | b'%' | b'+' | b'-' | b'@') {
+        c |= EMAIL;
+    }
+    if upper || digit {
+        c |= UPPER_ALNUM;
+    }
+    if alnum || b == b'_' || b == b'-' {
+        c |= TOKEN | JWT | URL;
+    }
+    if b == b'.' {
+        c |= JWT | URL;
+    }
+    if b == b'/' || b == b':' {
+        c |= URL;
+    }
+    c
+}
+
+const CLASSES: [u16; 256] = {
+    let mut t = [0u16; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = class_of(i as u8);
+        i += 1;
+    }
+    t
+};
+
+/// Whether `b[i..]` starts with an optional quote, blanks and `:` or `=`.
+fn assignment_follows(b: &[u8], mut i: usize) -> bool {
+    if matches!(b.get(i), Some(b'"' | b'\'')) {
+        i += 1;
+    }
+    while matches!(b.get(i), Some(b' ' | b'\t')) {
+        i += 1;
+    }
+    matches!(b.get(i), Some(b':' | b'='))
+}
+
+fn in_class(b: &[u8], i: usize, set: u16) -> bool {
+    b.get(i).is_some_and(|&c| CLASSES[c as usize] & set != 0)
+}
+
+/// Which part of a match is the value to mask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ValueGroup {
+    /// The whole match.
+    Whole,
+    /// The first capture group that took part in the match.
+    FirstParticipating,
+    /// This capture group (custom detectors with a group named `value`).
+    Index(usize),
+}
+
+/// One compiled detector.
+#[derive(Debug)]
+pub(crate) struct Detector {
+    /// Configuration name, e.g. `credit_card`.
+    pub name: String,
+    /// Placeholder label, e.g. `CREDIT_CARD`.
+    pub label: String,
+    regex: Regex,
+    check: Check,
+    cand: Cand,
+    value: ValueGroup,
+    /// Matches may run to the end of the text while unterminated (PEM).
+    pub open_ended: bool,
+}
+
+const PASSWORD_KEYWORDS: &str = r"password|passwd|passphrase|secret|api_?key|apikey|access_?key|private_?key|client_?secret|auth_?token|access_?token|refresh_?token|bearer_?token|[_\-]token|[_\-]pwd";
+
+fn builtin_spec(name: &str) -> Option<(String, Check, Cand, ValueGroup, bool)> {
+    let whole = ValueGroup::Whole;
+    Some(match name {
+        "email" => (
+            r"[A-Za-z0-9._%+\-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,24}\b".into(),
+            Check::Email,
+            Cand::Run { set: EMAIL, need: Need::Byte(b'@'), extend: 0 },
+            whole,
+            false,
+        ),
+        "phone" => (
+            concat!(
+                // International: +CC then digit groups, optionally parenthesised.
+                r"\B\+[1-9](?:[ .\-]?(?:\([0-9]{1,5}\)|[0-9]{1,5})){1,7}",
+                // North American: (415) 555-0132, 415-555-0132, 415.555.0132.
+                r"|(?:\B\(|\b)[2-9][0-9]{2}(?:\)[ .\-]?|[.\-])[2-9][0-9]{2}[ .\-][0-9]{4}\b",
+                // National with a trunk 0: 020 7946 0958, 06 12 34 56 78, 030-1234567.
+                r"|\b0[1-9][0-9]{0,4}(?:[ .\-][0-9]{2,8}){1,4}\b",
+            )
+            .into(),
+            Check::Phone,
+            Cand::Run { set: PHONE, need: Need::Digits(8), extend: 0 },
+            whole,
+            false,
+        ),
+        "credit_card" => (r"\b[0-9](?:[ \-]?[0-9]){12,18}\b".into(), Check::Card, Cand::Run { set: CARD, need: Need::Digits(13), extend: 0 }, whole, false),
+        "iban" => (
+            r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,32}\b".into(),
+            Check::Iban,
+            Cand::Run { set: IBAN, need: Need::Digits(4), extend: 0 },
+            whole,
+            false,
+        ),
+        "us_ssn" => (
+            r"\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b|\b[0-9]{3} [0-9]{2} [0-9]{4}\b".into(),
+            Check::Ssn,
+            Cand::Run { set: CARD, need: Need::Digits(9), extend: 0 },
+            whole,
+            false,
+        ),
+        "ipv4" => (
+            r"\b(?:[0-9]{1,3}\.){3}[0-9]{1,3}\b".into(),
+            Check::Ipv4,
+            Cand::Run { set: IPV4, need: Need::Digits(4), extend: 0 },
+            whole,
+            false,
+        ),
+        "ipv6" => (
+            r"[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:\.[0-9]{1,3}){0,3}".into(),
+            Check::Ipv6,
+            Cand::Run { set: IPV6, need: Need::Colons(2), extend: 0 },
+            whole,
+            false,
+        ),
+        "aws_access_key" => (
+            r"\b(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}\b".into(),
+            Check::None,
+            Cand::Run { set: UPPER_ALNUM, need: Need::Literal(&["AKIA", "ASIA", "ABIA", "ACCA"]), extend: 0 },
+            whole,
+            false,
+        ),
+        "openai_key" => (
+            r"\bsk-[A-Za-z0-9_\-]{20,}".into(),
+            Check::SkKey,
+            Cand::Run { set: TOKEN, need: Need::Literal(&["sk-"]), extend: 0 },
+            whole,
+            false,
+        ),
+        "github_token" => (
+            r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{30,})\b".into(),
+            Check::None,
+            Cand::Run { set: TOKEN, need: Need::Literal(&["gh", "github_pat_"]), extend: 0 },
+            whole,
+            false,
+        ),
+        "slack_token" => (
+            r"\bxox[abeprs]-[A-Za-z0-9\-]{10,}|\bxapp-[0-9]-[A-Za-z0-9\-]{10,}|https://hooks\.slack\.com/services/[A-Za-z0-9/_\-]{20,}".into(),
+            Check::Slack,
+            Cand::Run { set: URL, need: Need::Literal(&["xox", "xapp-", "hooks.slack.com"]), extend: 0 },
+            whole,
+            false,
+        ),
+        "jwt" => (
+            r"\beyJ[A-Za-z0-9_\-]{5,}\.eyJ[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]*".into(),
+            Check::Jwt,
+            Cand::Run { set: JWT, need: Need::Literal(&["eyJ"]), extend: 0 },
+            whole,
+            false,
+        ),
+        "pem_private_key" => (
+            r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----(?s:.*?)(?:-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|\z)".into(),
+            Check::None,
+            Cand::Open("-----BEGIN"),
+            whole,
+            true,
+        ),
+        "password_assignment" => (
+            format!(
+                r#"\b(?i-u:[a-z0-9_\-]*(?:{PASSWORD_KEYWORDS}))["']?[ \t]*[:=][ \t]*(?:"([^"\r\n]+)"|'([^'\r\n]+)'|([^\s"',;&]+))"#
+            ),
+            Check::Password,
+            Cand::Run { set: TOKEN, need: Need::LiteralNoCase(&["pass", "secret", "key", "token", "pwd"]), extend: 300 },
+            ValueGroup::FirstParticipating,
+            false,
+        ),
+        _ => return None,
+    })
+}
+
+/// Compiles a regex with the limits used for every pattern.
+pub(crate) fn compile(pattern: &str) -> Result<Regex, String> {
+    RegexBuilder::new(pattern).size_limit(REGEX_SIZE_LIMIT).nest_limit(64).build().map_err(|e| one_line(&e.to_string()))
+}
+
+/// regex errors are multi-line with a caret diagram; configuration errors
+/// are one log line.
+pub(crate) fn one_line(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.chars().all(|c| c == '^' || c == ' ')).collect();
+    lines.join(" ")
+}
+
+impl Detector {
+    /// A built-in detector by name.
+    pub(crate) fn builtin(name: &str) -> Result<Option<Detector>, String> {
+        let Some((pattern, check, cand, value, open_ended)) = builtin_spec(name) else { return Ok(None) };
+        Ok(Some(Detector {
+            name: name.to_string(),
+            label: name.to_ascii_uppercase(),
+            regex: compile(&pattern)?,
+            check,
+            cand,
+            value,
+            open_ended,
+        }))
+    }
+
+    /// A configured detector. The caller has checked the name.
+    pub(crate) fn custom(name: &str, pattern: &str, check: Check) -> Result<Detector, String> {
+        let regex = compile(pattern)?;
+        if regex.is_match("") {
+            return Err("must not match the empty string".into());
+        }
+        let value = match regex.capture_names().position(|n| n == Some("value")) {
+            Some(i) => ValueGroup::Index(i),
+            None => ValueGroup::Whole,
+        };
+        Ok(Detector {
+            name: name.to_string(),
+            label: name.to_ascii_uppercase(),
+            regex,
+            check,
+            cand: Cand::Whole,
+            value,
+            open_ended: false,
+        })
+    }
+
+    /// Byte windows of `hay[from..]` where the regex must run, each with
+    /// one character of context after it.
+    fn windows(&self, hay: &str, from: usize) -> Vec<(usize, usize)> {
+        let b = hay.as_bytes();
+        let mut out: Vec<(usize, usize)> = Vec::new();
+        let mut push = |s: usize, e: usize| match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        };
+        match self.cand {
+            Cand::Whole => push(from, hay.len()),
+            Cand::Open(lit) => {
+                if let Some(i) = hay.get(from..).and_then(|r| r.find(lit)) {
+                    push(from + i, hay.len());
+                }
+            }
+            Cand::Run { set, need, extend } => {
+                let mut i = from;
+                while i < b.len() {
+                    if !in_class(b, i, set) {
+                        i += 1;
+                        continue;
+                    }
+                    let start = i;
+                    while in_class(b, i, set) {
+                        i += 1;
+                    }
+                    if need.met(b.get(start..i).unwrap_or_default()) && (extend == 0 || assignment_follows(b, i)) {
+                        let mut end = if extend > 0 { (i + extend).min(b.len()) } else { next_char(hay, i).min(b.len()) };
+                        while !hay.is_char_boundary(end) {
+                            end -= 1;
+                        }
+                        push(start, end);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Appends the `(start, end)` byte spans of every validated value in
+    /// `hay[from..]`. Text before `from` is context only (word boundaries).
+    pub(crate) fn find(&self, hay: &str, from: usize, out: &mut Vec<(usize, usize)>) {
+        if hay.len() <= from {
+            return;
+        }
+        let mut locs = self.regex.capture_locations();
+        for (ws, we) in self.windows(hay, from) {
+            let Some(sub) = hay.get(..we) else { continue };
+            let mut pos = ws;
+            while pos <= sub.len() {
+                let (ms, me, vs, ve) = match self.value {
+                    ValueGroup::Whole => match self.regex.find_at(sub, pos) {
+                        Some(m) => (m.start(), m.end(), m.start(), m.end()),
+                        None => break,
+                    },
+                    ValueGroup::FirstParticipating | ValueGroup::Index(_) => {
+                        let Some(m) = self.regex.captures_read_at(&mut locs, sub, pos) else { break };
+                        let group = match self.value {
+                            ValueGroup::Index(i) => locs.get(i),
+                            _ => (1..locs.len()).find_map(|i| locs.get(i)),
+                        };
+                        match group {
+                            Some((s, e)) => (m.start(), m.end(), s, e),
+                            None => (m.start(), m.end(), m.start(), m.end()),
+                        }
+                    }
+                };
+                if me <= ms {
+                    pos = next_char(hay, ms);
+                    continue;
+                }
+                match self.validate(hay, vs, ve) {
+                    Some(end) if end > vs => {
+                        out.push((vs, end));
+                        let resume = if self.value == ValueGroup::Whole { end } else { me };
+                        pos = if resume > ms { resume } else { next_char(hay, ms) };
+                    }
+                    _ => pos = if self.retry_inside() && me - ms <= RETRY_INSIDE_MAX { next_char(hay, ms) } else { me },
+                }
+            }
+        }
+    }
+
+    /// Whether a rejected candidate may hide a real value starting inside it
+    /// (digit runs: `12345 4111 1111 1111 1111`).
+    fn retry_inside(&self) -> bool {
+        matches!(self.check, Check::Luhn | Check::IbanAny | Check::Phone | Check::Card | Check::Iban | Check::Ssn | Check::Ipv4 | Check::Ipv6)
+    }
+
+    /// The accepted end of the value `hay[s..e]`, or `None` to reject it.
+    fn validate(&self, hay: &str, s: usize, e: usize) -> Option<usize> {
+        let v = hay.get(s..e)?;
+        let ok = match self.check {
+            Check::None => true,
+            Check::Luhn => {
+                let d = digits(v);
+                d.len() >= 2 && luhn(&d)
+            }
+            Check::IbanAny | Check::Iban => return iban_end(hay, s, e),
+            Check::Email => email_ok(v),
+            Check::Phone => phone_ok(v) && !alnum(next_of(hay, e)),
+            Check::Card => card_ok(v) && !glued(hay, s, e, b'-'),
+            Check::Ssn => ssn_ok(v) && !glued(hay, s, e, b'-') && !glued(hay, s, e, b' '),
+            Check::Ipv4 => ipv4_ok(v) && !glued(hay, s, e, b'.'),
+            Check::Ipv6 => return ipv6_end(hay, s, e),
+            Check::SkKey => sk_ok(v),
+            Check::Slack => !v.starts_with("xox") || v.bytes().any(|b| b.is_ascii_digit()),
+            Check::Jwt => jwt_ok(v),
+            Check::Password => password_value_ok(v),
+        };
+        ok.then_some(e)
+    }
+}
+
+/// Byte index of the character after the one at `i` (or `i + 1` past the end).
+pub(crate) fn next_char(s: &str, i: usize) -> usize {
+    match s.get(i..).and_then(|r| r.chars().next()) {
+        Some(c) => i + c.len_utf8(),
+        None => i + 1,
+    }
+}
+
+fn prev_of(hay: &str, s: usize) -> Option<char> {
+    hay.get(..s).and_then(|h| h.chars().next_back())
+}
+
+fn next_of(hay: &str, e: usize) -> Option<char> {
+    hay.get(e..).and_then(|t| t.chars().next())
+}
+
+fn alnum(c: Option<char>) -> bool {
+    c.is_some_and(char::is_alphanumeric)
+}
+
+/// Whether the value continues with `sep` + digit on either side, i.e. it is
+/// a piece of a longer number such as `1.2.3.4.5` or `123-45-6789-0`.
+fn glued(hay: &str, s: usize, e: usize, sep: u8) -> bool {
+    let b = hay.as_bytes();
+    let before = s >= 2 && b.get(s - 1) == Some(&sep) && b.get(s - 2).is_some_and(u8::is_ascii_digit);
+    let after = b.get(e) == Some(&sep) && b.get(e + 1).is_some_and(u8::is_ascii_digit);
+    before || after
+}
+
+fn digits(v: &str) -> Vec<u8> {
+    v.bytes().filter(u8::is_ascii_digit).map(|b| b - b'0').collect()
+}
+
+/// The Luhn checksum over decimal digits (values 0..=9).
+pub(crate) fn luhn(d: &[u8]) -> bool {
+    let mut sum = 0u32;
+    for (i, &x) in d.iter().rev().enumerate() {
+        let mut x = u32::from(x);
+        if i % 2 == 1 {
+            x *= 2;
+            if x > 9 {
+                x -= 9;
+            }
+        }
+        sum += x;
+    }
+    sum % 10 == 0
+}
+
+fn email_ok(v: &str) -> bool {
+    let Some((local, domain)) = v.rsplit_once('@') else { return false };
+    !local.is_empty()
+        && !local.starts_with('.')
+        && !local.ends_with('.')
+        && !local.contains("..")
+        && domain.len() <= 253
+        && domain.split('.').all(|l| !l.is_empty() && l.len() <= 63)
+}
+
+fn separators(v: &str) -> impl Iterator<Item = char> + '_ {
+    v.chars().filter(|c| !c.is_ascii_digit())
+}
+
+fn phone_ok(v: &str) -> bool {
+    let n = v.bytes().filter(u8::is_ascii_digit).count();
+    if v.starts_with('+') {
+        return (8..=15).contains(&n) && v.matches('(').count() == v.matches(')').count();
+    }
+    if v.starts_with('0') {
+        // Trunk-prefix national numbers: one kind of separator; dotted ones
+        // only in pairs (06.12.34.56.78), so that dates are not phones.
+        let mut seps = separators(v);
+        let first = seps.next();
+        if !(9..=12).contains(&n) || first.is_none() || !seps.all(|c| Some(c) == first) {
+            return false;
+        }
+        if first == Some('.') {
+            return v.split('.').all(|g| g.len() == 2);
+        }
+        return true;
+    }
+    // North American: 10 digits; a separator other than the parenthesis
+    // must be used consistently (415-555.0132 is not a phone number).
+    let plain: Vec<char> = v.chars().filter(|c| !c.is_ascii_digit() && *c != '(' && *c != ')' && *c != ' ').collect();
+    n == 10 && plain.windows(2).all(|w| w.first() == w.get(1))
+}
+
+fn card_ok(v: &str) -> bool {
+    let d = digits(v);
+    if !(13..=19).contains(&d.len()) || !luhn(&d) {
+        return false;
+    }
+    let mut seps = separators(v);
+    if let Some(first) = seps.next() {
+        if !seps.all(|c| c == first) {
+            return false;
+        }
+    }
+    if d.iter().all(|&x| Some(&x) == d.first()) {
+        return false;
+    }
+    let prefix = |n: usize| d.iter().take(n).fold(0u32, |acc, &x| acc * 10 + u32::from(x));
+    match d.first() {
+        Some(4) => true,
+        Some(3) => matches!(prefix(2), 30 | 34 | 35 | 36 | 37 | 38 | 39),
+        Some(5) => matches!(prefix(2), 50..=55 | 56..=59),
+        Some(6) => true,
+        Some(2) => (2221..=2720).contains(&prefix(4)),
+        _ => false,
+    }
+}
+
+/// IBAN lengths by country (SWIFT IBAN registry).
+const IBAN_LENGTHS: &[(&str, usize)] = &[
+    ("AD", 24), ("AE", 23), ("AL", 28), ("AT", 20), ("AZ", 28), ("BA", 20), ("BE", 16), ("BG", 22), ("BH", 22),
+    ("BI", 27), ("BR", 29), ("BY", 28), ("CH", 21), ("CR", 22), ("CY", 28), ("CZ", 24), ("DE", 22), ("DJ", 27),
+    ("DK", 18), ("DO", 28), ("EE", 20), ("EG", 29), ("ES", 24), ("FI", 18), ("FK", 18), ("FO", 18), ("FR", 27),
+    ("GB", 22), ("GE", 22), ("GI", 23), ("GL", 18), ("GR", 27), ("GT", 28), ("HN", 28), ("HR", 21), ("HU", 28),
+    ("IE", 22), ("IL", 23), ("IQ", 23), ("IS", 26), ("IT", 27), ("JO", 30), ("KW", 30), ("KZ", 20), ("LB", 28),
+    ("LC", 32), ("LI", 21), ("LT", 20), ("LU", 20), ("LV", 21), ("LY", 25), ("MC", 27), ("MD", 24), ("ME", 22),
+    ("MK", 19), ("MN", 20), ("MR", 27), ("MT", 31), ("MU", 30), ("NI", 28), ("NL", 18), ("NO", 15), ("OM", 23),
+    ("PK", 24), ("PL", 28), ("PS", 29), ("PT", 25), ("QA", 29), ("RO", 24), ("RS", 22), ("RU", 33), ("SA", 24),
+    ("SC", 31), ("SD", 18), ("SE", 24), ("SI", 19), ("SK", 24), ("SM", 27), ("SO", 23), ("ST", 25), ("SV", 28),
+    ("TL", 23), ("TN", 24), ("TR", 26), ("UA", 29), ("VA", 22), ("VG", 24), ("XK", 20), ("YE", 30),
+];
+
+/// mod-97 over an IBAN given without spaces (country, check digits, BBAN).
+pub(crate) fn iban_mod97(compact: &[u8]) -> bool {
+    if compact.len() < 5 {
+        return false;
+    }
+    let rotated = compact.iter().skip(4).chain(compact.iter().take(4));
+    let mut rem: u32 = 0;
+    for &b in rotated {
+        let v = match b {
+            b'0'..=b'9' => u32::from(b - b'0'),
+            b'A'..=b'Z' => u32::from(b - b'A') + 10,
+            b'a'..=b'z' => u32::from(b - b'a') + 10,
+            _ => return false,
+        };
+        rem = if v >= 10 { (rem * 100 + v) % 97 } else { (rem * 10 + v) % 97 };
+    }
+    rem == 1
+}
+
+/// Validates an IBAN candidate, which the greedy regex may have extended into
+/// following upper-case words: keeps exactly the country's length.
+fn iban_end(hay: &str, s: usize, e: usize) -> Option<usize> {
+    let v = hay.get(s..e)?.as_bytes();
+    let country = std::str::from_utf8(v.get(..2)?).ok()?;
+    let want = IBAN_LENGTHS.iter().find(|(c, _)| *c == country).map(|(_, n)| *n)?;
+    let mut compact = Vec::with_capacity(want);
+    let mut end = None;
+    for (i, &b) in v.iter().enumerate() {
+        if b == b' ' {
+            continue;
+        }
+        compact.push(b);
+        if compact.len() == want {
+            end = Some(s + i + 1);
+            break;
+        }
+    }
+    let end = end?;
+    if hay.as_bytes().get(end).is_some_and(u8::is_ascii_alphanumeric) || !iban_mod97(&compact) {
+        return None;
+    }
+    Some(end)
+}
+
+fn ssn_ok(v: &str) -> bool {
+    let d = digits(v);
+    if d.len() != 9 {
+        return false;
+    }
+    let num = |r: std::ops::Range<usize>| d.get(r).map_or(0u32, |x| x.iter().fold(0u32, |a, &b| a * 10 + u32::from(b)));
+    let (area, group, serial) = (num(0..3), num(3..5), num(5..9));
+    area != 0 && area != 666 && area < 900 && group != 0 && serial != 0
+}
+
+fn ipv4_ok(v: &str) -> bool {
+    let mut n = 0;
+    for part in v.split('.') {
+        n += 1;
+        if part.is_empty() || part.len() > 3 || part.parse::<u16>().map_or(true, |x| x > 255) {
+            return false;
+        }
+    }
+    n == 4
+}
+
+/// Validates an IPv6 candidate with `std::net`, trimming trailing colons
+/// (`fe80::1:` at the end of a sentence).
+fn ipv6_end(hay: &str, s: usize, e: usize) -> Option<usize> {
+    if prev_of(hay, s).is_some_and(|c| c.is_alphanumeric() || c == ':' || c == '.' || c == '_') {
+        return None;
+    }
+    let mut v = hay.get(s..e)?;
+    while !v.is_empty() {
+        if v.parse::<Ipv6Addr>().is_ok() {
+            break;
+        }
+        v = v.strip_suffix(':')?;
+    }
+    let end = s + v.len();
+    let hex = v.chars().filter(char::is_ascii_hexdigit).count();
+    let groups = v.split(':').filter(|g| !g.is_empty()).count();
+    let next = next_of(hay, end);
+    if (hex < 2 || groups < 2) && v != "::1" || next.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+        return None;
+    }
+    Some(end)
+}
+
+fn sk_ok(v: &str) -> bool {
+    let body = v.get(3..).unwrap_or("");
+    body.bytes().any(|b| b.is_ascii_digit()) && body.bytes().any(|b| b.is_ascii_uppercase()) && body.bytes().any(|b| b.is_ascii_lowercase())
+}
+
+/// Decodes unpadded base64url; `None` on any other character.
+fn b64url(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let mut acc: u32 = 0;
+    let mut bits = 0u32;
+    for b in s.bytes() {
+        let v = match b {
+            b'A'..=b'Z' => b - b'A',
+            b'a'..=b'z' => b - b'a' + 26,
+            b'0'..=b'9' => b - b'0' + 52,
+            b'-' | b'+' => 62,
+            b'_' | b'/' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push(((acc >> bits) & 0xff) as u8);
+        }
+    }
+    Some(out)
+}
+
+/// A JWT's header must decode to a JSON object naming its algorithm.
+fn jwt_ok(v: &str) -> bool {
+    let Some(header) = v.split('.').next() else { return false };
+    let Some(bytes) = b64url(header) else { return false };
+    matches!(serde_json::from_slice::<serde_json::Value>(&bytes), Ok(serde_json::Value::Object(m)) if m.contains_key("alg"))
+}
+
+/// Rejects template values and placeholders (`<your password>`, `${PASS}`,
+/// `[REDACTED]`, `****`) that are not secrets.
+fn password_value_ok(v: &str) -> bool {
+    let Some(first) = v.chars().next() else { return false };
+    if v.chars().count() < 3 || matches!(first, '<' | '[' | '{' | '$' | '%') || v.chars().all(|c| c == first) {
+        return false;
+    }
+    let lower = v.to_ascii_lowercase();
+    !matches!(lower.as_str(), "null" | "none" | "true" | "false" | "undefined" | "redacted" | "changeme" | "example" | "password" | "secret")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    fn found(name: &str, text: &str) -> Vec<String> {
+        let d = Detector::builtin(name).unwrap().unwrap();
+        let mut out = Vec::new();
+        d.find(text, 0, &mut out);
+        out.into_iter().map(|(s, e)| text[s..e].to_string()).collect()
+    }
+
+    /// (detector, text, expected values). An empty list is a near miss.
+    const CASES: &[(&str, &str, &[&str])] = &[
+        // email
+        ("email", "write to jane.doe+tag@example.co.uk today", &["jane.doe+tag@example.co.uk"]),
+        ("email", "a@b.io, x_y@sub.domain.org.", &["a@b.io", "x_y@sub.domain.org"]),
+        ("email", "user@localhost", &[]),
+        ("email", "@example.com", &[]),
+        ("email", "first..last@example.com", &[]),
+        ("email", "a@b.c", &[]),
+        ("email", "name@-bad.com", &[]),
+        // phone
+        ("phone", "call +1 (415) 555-0132 now", &["+1 (415) 555-0132"]),
+        ("phone", "+44 20 7946 0958", &["+44 20 7946 0958"]),
+        ("phone", "+4915112345678", &["+4915112345678"]),
+        ("phone", "(415) 555-0132", &["(415) 555-0132"]),
+        ("phone", "415-555-0132 or 415.555.0132", &["415-555-0132", "415.555.0132"]),
+        ("phone", "020 7946 0958", &["020 7946 0958"]),
+        ("phone", "06 12 34 56 78", &["06 12 34 56 78"]),
+        ("phone", "06.12.34.56.78", &["06.12.34.56.78"]),
+        ("phone", "030-1234567", &["030-1234567"]),
+        ("phone", "+1 2", &[]),
+        ("phone", "+12345", &[]),
+        ("phone", "4155550132", &[]),
+        ("phone", "123-456-7890", &[]),
+        ("phone", "415-555.0132", &[]),
+        ("phone", "values 300 400 5000", &[]),
+        ("phone", "on 01.02.2024 at noon", &[]),
+        ("phone", "on 01/02/2024 12:30", &[]),
+        ("phone", "order 0123", &[]),
+        ("phone", "version 1.2.3", &[]),
+        ("phone", "x+1234567890123456789", &[]),
+        // credit cards
+        ("credit_card", "card 4111 1111 1111 1111 exp", &["4111 1111 1111 1111"]),
+        ("credit_card", "4111-1111-1111-1111", &["4111-1111-1111-1111"]),
+        ("credit_card", "5500005555555559", &["5500005555555559"]),
+        ("credit_card", "amex 378282246310005.", &["378282246310005"]),
+        ("credit_card", "12345 4111 1111 1111 1111", &["4111 1111 1111 1111"]),
+        ("credit_card", "4111 1111 1111 1112", &[]),
+        ("credit_card", "1234567812345678", &[]),
+        ("credit_card", "0000 0000 0000 0000", &[]),
+        ("credit_card", "4111 1111-1111 1111", &[]),
+        ("credit_card", "id 4111111111111111111111", &[]),
+        ("credit_card", "ref 1111-4111-1111-1111-1111", &[]),
+        // IBAN
+        ("iban", "IBAN DE89 3704 0044 0532 0130 00 please", &["DE89 3704 0044 0532 0130 00"]),
+        ("iban", "GB82WEST12345698765432", &["GB82WEST12345698765432"]),
+        ("iban", "DE89 3704 0044 0532 0130 00 BIC COBADEFFXXX", &["DE89 3704 0044 0532 0130 00"]),
+        ("iban", "DE89 3704 0044 0532 0130 01", &[]),
+        ("iban", "XX89370400440532013000", &[]),
+        ("iban", "GB82WEST1234569876543", &[]),
+        // SSN
+        ("us_ssn", "ssn 123-45-6789.", &["123-45-6789"]),
+        ("us_ssn", "ssn 123 45 6789", &["123 45 6789"]),
+        ("us_ssn", "000-12-3456", &[]),
+        ("us_ssn", "666-12-3456", &[]),
+        ("us_ssn", "912-12-3456", &[]),
+        ("us_ssn", "123-00-4567", &[]),
+        ("us_ssn", "123-45-0000", &[]),
+        ("us_ssn", "123-45-67890", &[]),
+        ("us_ssn", "123-45-6789-1", &[]),
+        ("us_ssn", "123456789", &[]),
+        // IPv4
+        ("ipv4", "host 192.168.1.20:8080", &["192.168.1.20"]),
+        ("ipv4", "10.0.0.1 and 8.8.8.8.", &["10.0.0.1", "8.8.8.8"]),
+        ("ipv4", "256.1.1.1", &[]),
+        ("ipv4", "1.2.3", &[]),
+        ("ipv4", "1.2.3.4.5", &[]),
+        ("ipv4", "v1.2.3.4", &[]),
+        // IPv6
+        ("ipv6", "addr 2001:db8:85a3::8a2e:370:7334 ok", &["2001:db8:85a3::8a2e:370:7334"]),
+        ("ipv6", "fe80::1: link", &["fe80::1"]),
+        ("ipv6", "loopback ::1", &["::1"]),
+        ("ipv6", "::ffff:192.0.2.1", &["::ffff:192.0.2.1"]),
+        ("ipv6", "at 12:30:45", &[]),
+        ("ipv6", "mac 00:1A:2B:3C:4D:5E", &[]),
+        ("ipv6", "use std::net::Ipv6Addr", &[]),
+        ("ipv6", "a :: b", &[]),
+        ("ipv6", "ratio 3:4", &[]),
+        // secrets
+        ("aws_access_key", "key AKIAIOSFODNN7EXAMPLE", &["AKIAIOSFODNN7EXAMPLE"]),
+        ("aws_access_key", "ASIAY34FZKBOKMUTVV7A", &["ASIAY34FZKBOKMUTVV7A"]),
+        ("aws_access_key", "AKIAIOSFODNN7EXAMPLEX", &[]),
+        ("aws_access_key", "akiaiosfodnn7example", &[]),
+        ("aws_access_key", "AKIA1234", &[]),
+        ("openai_key", "OPENAI_API_KEY=sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv", &["sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv"]),
+        ("openai_key", "sk-ant-api03-AbCdEf0123456789_xyz-QWERTY", &["sk-ant-api03-AbCdEf0123456789_xyz-QWERTY"]),
+        ("openai_key", "T3BlbkFJ sk-abcdefghijklmnopqrstuvwxyz", &[]),
+        ("openai_key", "risk-Abcdefghijklmnopqrst1uvwxyz", &[]),
+        ("openai_key", "sk-short1A", &[]),
+        ("github_token", "ghp_1234567890abcdefghijklmnopqrstuvwxyzAB", &["ghp_1234567890abcdefghijklmnopqrstuvwxyzAB"]),
+        ("github_token", "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz", &["github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz"]),
+        ("github_token", "ghp_short", &[]),
+        ("github_token", "ghx_1234567890abcdefghijklmnopqrstuvwxyzAB", &[]),
+        ("slack_token", "xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOp", &["xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOp"]),
+        ("slack_token", "https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX", &["https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX"]),
+        ("slack_token", "xoxo-hugs-and-kisses", &[]),
+        ("slack_token", "xoxb-abcdefghijklmnop", &[]),
+        (
+            "jwt",
+            "Bearer eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+            &["eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"],
+        ),
+        ("jwt", "eyJub3RhIjoiand0In0.eyJzdWIiOiIxIn0.abcdefgh", &[]),
+        ("jwt", "eyJhbGciOiJIUzI1NiJ9.notpayload.sig", &[]),
+        (
+            "pem_private_key",
+            "key:\n-----BEGIN RSA PRIVATE KEY-----\nMIIEow\nAAAA\n-----END RSA PRIVATE KEY-----\ndone",
+            &["-----BEGIN RSA PRIVATE KEY-----\nMIIEow\nAAAA\n-----END RSA PRIVATE KEY-----"],
+        ),
+        ("pem_private_key", "-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn", &["-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn"]),
+        ("pem_private_key", "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----", &[]),
+        ("pem_private_key", "-----BEGIN PUBLIC KEY-----\nMIIB", &[]),
+        ("password_assignment", "password=hunter2 and more", &["hunter2"]),
+        ("password_assignment", "DB_PASSWORD: \"s3cr3t pass\"", &["s3cr3t pass"]),
+        ("password_assignment", "{\"api_key\": \"abc123XYZ\"}", &["abc123XYZ"]),
+        ("password_assignment", "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG", &["wJalrXUtnFEMI/K7MDENG"]),
+        ("password_assignment", "url?user=a&password=p4ss&x=1", &["p4ss"]),
+        ("password_assignment", "the password is strong", &[]),
+        ("password_assignment", "password: <your password>", &[]),
+        ("password_assignment", "password=${DB_PASS}", &[]),
+        ("password_assignment", "password=****", &[]),
+        ("password_assignment", "password=", &[]),
+        ("password_assignment", "max_tokens=500", &[]),
+        ("password_assignment", "secretary: Jane", &[]),
+    ];
+
+    #[test]
+    fn builtin_detector_table() {
+        let mut failures = Vec::new();
+        for (name, text, want) in CASES {
+            let got = found(name, text);
+            if got != want.iter().map(|s| s.to_string()).collect::<Vec<_>>() {
+                failures.push(format!("{name}: {text:?} -> {got:?}, want {want:?}"));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn every_builtin_compiles_and_has_cases() {
+        for name in BUILTIN_DETECTORS {
+            assert!(Detector::builtin(name).unwrap().is_some(), "{name}");
+            assert!(CASES.iter().any(|(n, _, w)| n == name && !w.is_empty()), "{name} has no true positive");
+            assert!(CASES.iter().any(|(n, _, w)| n == name && w.is_empty()), "{name} has no near miss");
+        }
+        assert!(Detector::builtin("nope").unwrap().is_none());
+    }
+
+    #[test]
+    fn validators() {
+        assert!(luhn(&digits("79927398713")));
+        assert!(!luhn(&digits("79927398710")));
+        assert!(iban_mod97(b"GB82WEST12345698765432"));
+        assert!(!iban_mod97(b"GB82WEST12345698765433"));
+        assert!(ssn_ok("123-45-6789"));
+        assert!(!ssn_ok("900-45-6789"));
+        assert!(ipv4_ok("255.255.255.255"));
+        assert!(!ipv4_ok("255.255.255.256"));
+    }
+
+    #[test]
+    fn custom_detectors_and_value_group() {
+        let d = Detector::custom("employee_id", "EMP-[0-9]{6}", Check::None).unwrap();
+        let mut out = Vec::new();
+        let t = "id EMP-123456 and EMP-12";
+        d.find(t, 0, &mut out);
+        assert_eq!(out, vec![(3, 13)]);
+        let d = Detector::custom("acct", r"acct#(?P<value>[0-9]{4,})", Check::Luhn).unwrap();
+        let t = "acct#79927398713 acct#79927398710";
+        let mut out = Vec::new();
+        d.find(t, 0, &mut out);
+        assert_eq!(out, vec![(5, 16)]);
+        assert!(Detector::custom("e", "a*", Check::None).is_err());
+        assert!(Detector::custom("e", "(", Check::None).unwrap_err().lines().count() == 1);
+    }
+
+    #[test]
+    fn unicode_text_does_not_panic() {
+        let t = "é😀 4111 1111 1111 1111 ü@ü.de ééé password=ü😀ü ::1é";
+        for name in BUILTIN_DETECTORS {
+            let _ = found(name, t);
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! From detector matches to masked text: overlap resolution, placeholders,
+//! counting.
+
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use super::detectors::Detector;
+use super::{Hit, MaskAction, RestoreMap};
+
+/// A detector switched on in a profile, with its action.
+#[derive(Debug, Clone)]
+pub(crate) struct Active {
+    pub det: Arc<Detector>,
+    pub action: MaskAction,
+}
+
+/// The compiled form of one masking profile.
+#[derive(Debug)]
+pub(crate) struct PolicyInner {
+    pub name: String,
+    /// In priority order: custom detectors first, then the built-ins.
+    pub active: Vec<Active>,
+    pub salt: Vec<u8>,
+    pub restore: bool,
+    pub responses: bool,
+    pub window: usize,
+}
+
+/// A run of overlapping detections, replaced by one placeholder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Group {
+    pub start: usize,
+    pub end: usize,
+    /// Index (into `active`) of the detection that names the placeholder:
+    /// the longest, then the highest priority.
+    pub best: usize,
+    /// Every detection merged into the group, for counting.
+    pub members: Vec<usize>,
+}
+
+/// What the detectors found in one text.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Found {
+    /// Acting detections (redact, pseudonymize, block), sorted, disjoint.
+    pub groups: Vec<Group>,
+    /// `monitor` detections: `(active index, start, end)`.
+    pub monitors: Vec<(usize, usize, usize)>,
+}
+
+/// Runs every active detector over `hay[from..]` (earlier text is context
+/// only) and resolves overlaps: a detection inside another is dropped (the
+/// earliest, then longest, then highest-priority one wins), partially
+/// overlapping ones are merged so that no part of either leaks.
+pub(crate) fn find(active: &[Active], hay: &str, from: usize) -> Found {
+    let mut found = Found::default();
+    if active.is_empty() {
+        return found;
+    }
+    let protected = placeholder_spans(hay, from);
+    let mut acting: Vec<(usize, usize, usize)> = Vec::new();
+    let mut buf = Vec::new();
+    for (i, a) in active.iter().enumerate() {
+        if a.action == MaskAction::Off {
+            continue;
+        }
+        buf.clear();
+        a.det.find(hay, from, &mut buf);
+        for &(s, e) in &buf {
+            if protected.iter().any(|&(ps, pe)| ps <= s && e <= pe) {
+                continue;
+            }
+            if a.action == MaskAction::Monitor {
+                found.monitors.push((i, s, e));
+            } else {
+                acting.push((s, e, i));
+            }
+        }
+    }
+    acting.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
+    let mut best_len = 0;
+    for (s, e, i) in acting {
+        if let Some(g) = found.groups.last_mut() {
+            if e <= g.end {
+                continue;
+            }
+            if s < g.end {
+                g.end = e;
+                g.members.push(i);
+                if e - s > best_len {
+                    best_len = e - s;
+                    g.best = i;
+                }
+                continue;
+            }
+        }
+        best_len = e - s;
+        found.groups.push(Group { start: s, end: e, best: i, members: vec![i] });
+    }
+    found
+}
+
+/// Spans of placeholders already present in `hay[from..]` (`[EMAIL]`,
+/// `<EMAIL_3f2a9c1b>`): never masked again.
+pub(crate) fn placeholder_spans(hay: &str, from: usize) -> Vec<(usize, usize)> {
+    let b = hay.as_bytes();
+    let mut out = Vec::new();
+    let mut i = from;
+    while i < b.len() {
+        match b.get(i) {
+            Some(b'[') | Some(b'<') => {
+                if let Some(end) = placeholder_at(b, i) {
+                    out.push((i, end));
+                    i = end;
+                    continue;
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    out
+}
+
+/// If a placeholder starts at `i`, its end.
+pub(crate) fn placeholder_at(b: &[u8], i: usize) -> Option<usize> {
+    let open = *b.get(i)?;
+    let close = match open {
+        b'[' => b']',
+        b'<' => b'>',
+        _ => return None,
+    };
+    let label = |c: &u8| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == b'_';
+    let mut j = i + 1;
+    while b.get(j).is_some_and(|c| label(c) || (open == b'<' && c.is_ascii_lowercase())) {
+        j += 1;
+    }
+    if b.get(j) != Some(&close) || !b.get(i + 1).is_some_and(u8::is_ascii_uppercase) {
+        return None;
+    }
+    let inner = b.get(i + 1..j)?;
+    if open == b'<' {
+        // <LABEL_hex> with 8, 16 or 64 lower-case hex digits.
+        let us = inner.iter().rposition(|&c| c == b'_')?;
+        let (name, hex) = (inner.get(..us)?, inner.get(us + 1..)?);
+        if name.is_empty()
+            || !name.iter().all(label)
+            || !matches!(hex.len(), 8 | 16 | 64)
+            || !hex.iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+        {
+            return None;
+        }
+    }
+    Some(j + 1)
+}
+
+/// Counts of detections per active detector, and the first `block` one.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Tally {
+    counts: Vec<usize>,
+    pub first_block: Option<usize>,
+}
+
+impl Tally {
+    pub(crate) fn count(&mut self, active: &[Active], i: usize) {
+        if self.counts.len() < active.len() {
+            self.counts.resize(active.len(), 0);
+        }
+        if let Some(c) = self.counts.get_mut(i) {
+            *c += 1;
+        }
+        if self.first_block.is_none() && active.get(i).is_some_and(|a| a.action == MaskAction::Block) {
+            self.first_block = Some(i);
+        }
+    }
+
+    pub(crate) fn count_found(&mut self, active: &[Active], found: &Found) {
+        for g in &found.groups {
+            for &m in &g.members {
+                self.count(active, m);
+            }
+        }
+        for &(i, _, _) in &found.monitors {
+            self.count(active, i);
+        }
+    }
+
+    pub(crate) fn hits(&self, active: &[Active]) -> Vec<Hit> {
+        self.counts
+            .iter()
+            .zip(active)
+            .filter(|(c, _)| **c > 0)
+            .map(|(c, a)| Hit { detector: a.det.name.clone(), action: a.action, count: *c })
+            .collect()
+    }
+}
+
+/// The placeholder for a group's text.
+pub(crate) fn replacement(policy: &PolicyInner, g: &Group, value: &str, restore: Option<&mut RestoreMap>) -> String {
+    let Some(a) = policy.active.get(g.best) else { return "[REDACTED]".into() };
+    if a.action != MaskAction::Pseudonymize {
+        return format!("[{}]", a.det.label);
+    }
+    let digest = Sha256::new()
+        .chain_update(&policy.salt)
+        .chain_update([0u8])
+        .chain_update(a.det.name.as_bytes())
+        .chain_update([0u8])
+        .chain_update(value.as_bytes())
+        .finalize();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let Some(map) = restore else {
+        return format!("<{}_{}>", a.det.label, hex.get(..8).unwrap_or(&hex));
+    };
+    // 32 bits can collide within one request: lengthen rather than restore
+    // the wrong value.
+    for len in [8, 16, 64] {
+        let p = format!("<{}_{}>", a.det.label, hex.get(..len).unwrap_or(&hex));
+        match map.get(&p) {
+            None => {
+                map.insert(p.clone(), value.to_string());
+                return p;
+            }
+            Some(v) if v == value => return p,
+            Some(_) => {}
+        }
+    }
+    format!("[{}]", a.det.label)
+}
+
+/// Masks a complete text. `None` when nothing changed (monitor-only hits are
+/// still counted).
+pub(crate) fn mask_full(policy: &PolicyInner, text: &str, tally: &mut Tally, mut restore: Option<&mut RestoreMap>) -> Option<String> {
+    let found = find(&policy.active, text, 0);
+    tally.count_found(&policy.active, &found);
+    if found.groups.is_empty() {
+        return None;
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    for g in &found.groups {
+        out.push_str(text.get(at..g.start).unwrap_or(""));
+        let value = text.get(g.start..g.end).unwrap_or("");
+        out.push_str(&replacement(policy, g, value, restore.as_deref_mut()));
+        at = g.end;
+    }
+    out.push_str(text.get(at..).unwrap_or(""));
+    Some(out)
+}

@@ -1,0 +1,209 @@
+//! Masking of sensitive values in prompts and completions.
+//!
+//! # Configuration
+//!
+//! ```json
+//! "masking": {
+//!   "salt": "at least 16 bytes, secret",        // required if any profile pseudonymizes
+//!   "custom_detectors": [
+//!     {"name": "employee_id", "regex": "EMP-[0-9]{6}"},
+//!     {"name": "acct", "regex": "acct#(?P<value>[0-9]{8,19})", "validator": "luhn"}
+//!   ],
+//!   "profiles": {
+//!     "default": {
+//!       "detectors": {"*": "redact", "email": "pseudonymize", "credit_card": "block",
+//!                     "ipv4": "off", "employee_id": "monitor"},
+//!       "restore": false,                 // pseudonyms back to originals in responses
+//!       "responses": true,                // mask completion text too (default true)
+//!       "response_window_chars": 256      // stream hold-back window (128..=8192)
+//!     },
+//!     "strict": {"detectors": {"*": "block"}}
+//!   }
+//! }
+//! ```
+//!
+//! * `detectors` maps a detector name to an action: `off`, `monitor` (count
+//!   and report, change nothing), `redact` (`[EMAIL]`), `pseudonymize`
+//!   (`<EMAIL_3f2a9c1b>`) or `block` (refuse, naming the detector; the value
+//!   is still redacted wherever text is produced). `*` sets every built-in;
+//!   named entries override it. Absent detectors are off.
+//! * Built-ins (see [`BUILTIN_DETECTORS`]): `email`, `phone`, `credit_card`
+//!   (Luhn + issuer prefix), `iban` (country length + mod-97), `us_ssn`
+//!   (valid ranges), `ipv4`, `ipv6` (`std::net`), `aws_access_key`,
+//!   `openai_key` (`sk-…`, also Anthropic `sk-ant-…`), `github_token`,
+//!   `slack_token`, `jwt` (header must decode to JSON with `alg`),
+//!   `pem_private_key`, `password_assignment` (masks the value only).
+//! * Custom detectors: a name (`[a-z][a-z0-9_]*`), a regex (Rust syntax;
+//!   a group named `value` masks only that part) and an optional validator
+//!   (`luhn`, `iban` or `none`). Custom detectors take priority over built-ins.
+//! * A policy rule picks a profile by name (the lead's rule matching); the
+//!   `default` profile applies otherwise, and no masking at all without one.
+//!
+//! # Placeholders
+//!
+//! `redact` writes `[LABEL]`, `pseudonymize` writes `<LABEL_xxxxxxxx>`: LABEL
+//! is the detector name upper-cased, `xxxxxxxx` the first 8 hex digits of
+//! SHA-256(salt ‖ 0x00 ‖ detector ‖ 0x00 ‖ value), so the same value always
+//! gets the same pseudonym (16 or 64 digits if two values of one request
+//! collide). Placeholders are self-marking for a reviewer UI:
+//! [`RequestMasking::placeholders`] lists those written into a request.
+//! Existing placeholders in the text are never masked again.
+//!
+//! # Where it applies
+//!
+//! Requests ([`mask_request`]): exactly the prompt-bearing strings per API
+//! (messages, system prompts, tool-call arguments, tool results, tool
+//! descriptions); the rest of the body stays byte-identical. JSON escapes
+//! (`\u0040`, `\/`) are decoded before detection. A body whose prompt cannot
+//! be walked is an error: refuse it.
+//!
+//! Responses ([`mask_response_body`], [`SseStreamMasker`]): every string of
+//! the response except structural fields (ids, model, roles, finish reasons,
+//! signatures, base64 payloads); `logprobs` are replaced by `null` when
+//! masking is on, since they spell the tokens out. Content-policy response
+//! rules ([`crate::policy`]) run on the same text.
+//!
+//! # Limits
+//!
+//! * Streams: a value is caught whatever the chunking as long as it is no
+//!   longer than `response_window_chars`. A PEM private key is held from its
+//!   `-----BEGIN` line until its END line, up to [`MAX_HOLD_CHARS`]; past
+//!   that the held part is redacted and the rest of the block is dropped up
+//!   to the END line. Other values longer than the window that straddle a
+//!   release point may be masked only in part.
+//! * The first streamed characters are delayed by up to the window (not by
+//!   the length of the answer): text is released as soon as it is more than
+//!   the window away from the end, and everything is flushed at the end of a
+//!   choice / content block and at the end of the stream.
+//! * Detection works on the decoded text as written: look-alike characters
+//!   (full-width digits, zero-width spaces inside a value) are not normalised.
+//! * Anthropic `thinking` blocks in requests are not masked (they are signed
+//!   by the API and are the model's own, already masked, output).
+//! * Gemini streams must use `alt=sse`; the JSON-array stream format is not
+//!   parsed by [`SseStreamMasker`] (treat it as a plain body).
+
+mod config;
+mod detectors;
+mod engine;
+mod json_edit;
+mod request;
+mod response;
+mod stream;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Deserialize;
+
+pub use config::{
+    MaskPolicy, MaskingConfig, RawCustomDetector, RawMasking, RawProfile, ValidatorChoice, ALL_BUILTINS_KEY, DEFAULT_PROFILE,
+    DEFAULT_WINDOW_CHARS, MAX_WINDOW_CHARS, MIN_SALT_BYTES, MIN_WINDOW_CHARS,
+};
+pub use detectors::BUILTIN_DETECTORS;
+pub(crate) use detectors::{compile as compile_regex, next_char as next_char_boundary};
+pub use request::{mask_request, RequestMasking};
+pub use response::{mask_response_body, Blocked, BlockedBy, ResponseGuard, ResponseMasking, BLOCKED_STATUS};
+pub use stream::{SseStreamMasker, StreamReport, MAX_EVENT_BYTES, MAX_HOLD_CHARS};
+
+/// What a detector does with what it finds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaskAction {
+    /// Not run.
+    Off,
+    /// Detect and report; change nothing.
+    Monitor,
+    /// Replace with `[LABEL]`.
+    Redact,
+    /// Replace with a stable `<LABEL_xxxxxxxx>`.
+    Pseudonymize,
+    /// Refuse the request (or block the response), naming the detector.
+    Block,
+}
+
+impl MaskAction {
+    /// The configuration name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MaskAction::Off => "off",
+            MaskAction::Monitor => "monitor",
+            MaskAction::Redact => "redact",
+            MaskAction::Pseudonymize => "pseudonymize",
+            MaskAction::Block => "block",
+        }
+    }
+}
+
+/// How often one detector matched. Never carries the values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hit {
+    /// Detector name.
+    pub detector: String,
+    /// Its action in the profile used.
+    pub action: MaskAction,
+    /// Number of matches.
+    pub count: usize,
+}
+
+/// Why a body could not be masked. Never contains prompt text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaskError {
+    /// JSON path of the offending field (e.g. `messages[2].content[0].type`),
+    /// empty for the whole body.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl MaskError {
+    pub(crate) fn new(field: impl Into<String>, message: impl Into<String>) -> MaskError {
+        MaskError { field: field.into(), message: message.into() }
+    }
+}
+
+impl fmt::Display for MaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "`{}` {}", self.field, self.message)
+        }
+    }
+}
+
+impl std::error::Error for MaskError {}
+
+/// Pseudonym → original value, kept by the filter between a request and its
+/// response. `Debug` shows only the count.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct RestoreMap {
+    map: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for RestoreMap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RestoreMap({} values)", self.map.len())
+    }
+}
+
+impl RestoreMap {
+    /// The original behind `placeholder`.
+    pub fn get(&self, placeholder: &str) -> Option<&str> {
+        self.map.get(placeholder).map(String::as_str)
+    }
+    /// Number of pseudonyms.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+    /// Whether there is nothing to restore.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+    /// `(placeholder, original)` pairs.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.map.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+    pub(crate) fn insert(&mut self, placeholder: String, original: String) {
+        self.map.insert(placeholder, original);
+    }
+}

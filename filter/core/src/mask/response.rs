@@ -1,0 +1,518 @@
+//! Response masking: detectors, restore of pseudonyms and content-policy
+//! response rules over completion text, for plain bodies (here) and streams
+//! ([`super::stream`]).
+
+use serde_json::{json, Value};
+
+use super::engine::{self, Found, Tally};
+use super::json_edit::{self, Edits, Seg};
+use super::{Hit, MaskAction, MaskError, MaskPolicy, RestoreMap};
+use crate::policy::{ResponseRules, RuleAction};
+use crate::wire::ApiKind;
+
+/// HTTP status for a plain response replaced because it was blocked.
+pub const BLOCKED_STATUS: u16 = 403;
+
+/// What the filter applies to one response: the masking profile of the
+/// request (if `responses` is on), its restore map (if `restore` is on) and
+/// the content-policy response rules in scope. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct ResponseGuard {
+    mask: Option<MaskPolicy>,
+    restore: RestoreMap,
+    rules: ResponseRules,
+    window: usize,
+}
+
+impl ResponseGuard {
+    /// Builds the guard for one response. `restore` is the map returned by
+    /// [`super::mask_request`] for the request; it is ignored unless the
+    /// profile has `restore` on.
+    pub fn new(policy: Option<&MaskPolicy>, restore: RestoreMap, rules: ResponseRules) -> ResponseGuard {
+        let window = policy.map_or(super::DEFAULT_WINDOW_CHARS, MaskPolicy::response_window_chars);
+        let restore = if policy.is_some_and(MaskPolicy::restore) { restore } else { RestoreMap::default() };
+        let mask = policy.filter(|p| p.responses() && !p.is_noop()).cloned();
+        ResponseGuard { mask, restore, rules, window }
+    }
+
+    /// Whether the guard can change or block anything; when not, the
+    /// response need not be inspected at all.
+    pub fn is_active(&self) -> bool {
+        self.mask.is_some() || !self.restore.is_empty() || !self.rules.is_empty()
+    }
+
+    /// Hold-back window for streams, in characters.
+    pub(crate) fn window(&self) -> usize {
+        self.window
+    }
+
+    /// Whether detectors run on the response (and logprobs are dropped).
+    pub(crate) fn masks(&self) -> bool {
+        self.mask.is_some()
+    }
+
+    /// Finds everything in `hay[from..]` (earlier text is context only).
+    pub(crate) fn analyze(&self, hay: &str, from: usize) -> Analysis {
+        let found = match &self.mask {
+            Some(p) => engine::find(&p.0.active, hay, from),
+            None => Found::default(),
+        };
+        let mut restores = Vec::new();
+        if !self.restore.is_empty() {
+            for (s, e) in engine::placeholder_spans(hay, from) {
+                let Some(original) = hay.get(s..e).and_then(|p| self.restore.get(p)) else { continue };
+                if found.groups.iter().any(|g| g.start < e && s < g.end) {
+                    continue;
+                }
+                restores.push((s, e, original.to_string()));
+            }
+        }
+        let mut rules = Vec::new();
+        self.rules.find(hay, from, &mut rules);
+        let open_end = self.mask.as_ref().is_some_and(|p| {
+            found.groups.iter().any(|g| g.end == hay.len() && p.0.active.get(g.best).is_some_and(|a| a.det.open_ended) && !ends_closed(hay, g))
+        });
+        Analysis { found, restores, rules, open_end }
+    }
+
+    /// Renders `hay[from..to]` with placeholders and restored values, counting
+    /// what it contains into `tally` (unless `count` is off). A `block`
+    /// detection or a blocking rule inside the range returns `Err` instead.
+    pub(crate) fn render(&self, hay: &str, from: usize, to: usize, an: &Analysis, tally: &mut GuardTally, count: bool) -> Result<String, Blocked> {
+        let inside = |s: usize, e: usize| s >= from && e <= to;
+        for &(r, s, e) in &an.rules {
+            if !inside(s, e) {
+                continue;
+            }
+            if let Some(rule) = self.rules.get(r) {
+                match rule.action {
+                    RuleAction::Deny => return Err(Blocked { by: BlockedBy::Rule(rule.name.clone()) }),
+                    RuleAction::Monitor => {
+                        if !tally.monitored_rules.contains(&rule.name) {
+                            tally.monitored_rules.push(rule.name.clone());
+                        }
+                    }
+                }
+            }
+        }
+        let policy = self.mask.as_ref().map(|p| &*p.0);
+        if let Some(p) = policy {
+            for g in an.found.groups.iter().filter(|g| inside(g.start, g.end)) {
+                if let Some(a) = g.members.iter().filter_map(|&m| p.active.get(m)).find(|a| a.action == MaskAction::Block) {
+                    return Err(Blocked { by: BlockedBy::Detector(a.det.name.clone()) });
+                }
+            }
+        }
+        let mut items: Vec<(usize, usize, Replacement<'_>)> = Vec::new();
+        for g in an.found.groups.iter().filter(|g| inside(g.start, g.end)) {
+            items.push((g.start, g.end, Replacement::Group(g)));
+            if count {
+                if let Some(p) = policy {
+                    for &m in &g.members {
+                        tally.mask.count(&p.active, m);
+                    }
+                }
+            }
+        }
+        if count {
+            if let Some(p) = policy {
+                for &(i, s, e) in &an.found.monitors {
+                    if inside(s, e) {
+                        tally.mask.count(&p.active, i);
+                    }
+                }
+            }
+        }
+        for (s, e, original) in &an.restores {
+            if inside(*s, *e) {
+                items.push((*s, *e, Replacement::Restore(original)));
+            }
+        }
+        items.sort_by_key(|(s, _, _)| *s);
+        let mut out = String::with_capacity(to.saturating_sub(from));
+        let mut at = from;
+        for (s, e, r) in items {
+            if s < at {
+                continue;
+            }
+            out.push_str(hay.get(at..s).unwrap_or(""));
+            match (r, policy) {
+                (Replacement::Group(g), Some(p)) => out.push_str(&engine::replacement(p, g, hay.get(s..e).unwrap_or(""), None)),
+                (Replacement::Group(_), None) => {}
+                (Replacement::Restore(o), _) => out.push_str(o),
+            }
+            at = e;
+        }
+        out.push_str(hay.get(at..to).unwrap_or(""));
+        Ok(out)
+    }
+
+    /// Processes one complete text. `Ok(None)` when unchanged.
+    pub(crate) fn process_full(&self, text: &str, tally: &mut GuardTally, count: bool) -> Result<Option<String>, Blocked> {
+        let an = self.analyze(text, 0);
+        let out = self.render(text, 0, text.len(), &an, tally, count)?;
+        Ok(if out == text { None } else { Some(out) })
+    }
+
+    pub(crate) fn hits(&self, tally: &GuardTally) -> Vec<Hit> {
+        match &self.mask {
+            Some(p) => tally.mask.hits(&p.0.active),
+            None => Vec::new(),
+        }
+    }
+}
+
+fn ends_closed(hay: &str, g: &engine::Group) -> bool {
+    hay.get(g.start..g.end).is_some_and(|t| t.contains("-----END ") && t.ends_with("-----"))
+}
+
+enum Replacement<'a> {
+    Group(&'a engine::Group),
+    Restore(&'a str),
+}
+
+/// Everything found in one text.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Analysis {
+    pub found: Found,
+    /// `(start, end, original)` of pseudonyms to restore.
+    pub restores: Vec<(usize, usize, String)>,
+    /// `(rule index, start, end)` of response-rule matches.
+    pub rules: Vec<(usize, usize, usize)>,
+    /// An unterminated PEM block runs to the end of the text.
+    pub open_end: bool,
+}
+
+impl Analysis {
+    /// Every span that must not be cut.
+    pub(crate) fn spans(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.found
+            .groups
+            .iter()
+            .map(|g| (g.start, g.end))
+            .chain(self.found.monitors.iter().map(|&(_, s, e)| (s, e)))
+            .chain(self.restores.iter().map(|(s, e, _)| (*s, *e)))
+            .chain(self.rules.iter().map(|&(_, s, e)| (s, e)))
+    }
+}
+
+/// Counts gathered over one response.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct GuardTally {
+    pub mask: Tally,
+    pub monitored_rules: Vec<String>,
+}
+
+/// What blocked a response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlockedBy {
+    /// A masking detector with action `block`.
+    Detector(String),
+    /// A content-policy response rule.
+    Rule(String),
+    /// The response could not be inspected (unparseable, an SSE event over
+    /// [`super::MAX_EVENT_BYTES`]): blocked rather than passed unmasked.
+    Uninspectable,
+}
+
+/// A blocked response. Messages name the detector or rule, never the text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocked {
+    /// Why.
+    pub by: BlockedBy,
+}
+
+impl Blocked {
+    /// Detector or rule name (`uninspectable` otherwise), for the record.
+    pub fn name(&self) -> &str {
+        match &self.by {
+            BlockedBy::Detector(n) | BlockedBy::Rule(n) => n,
+            BlockedBy::Uninspectable => "uninspectable",
+        }
+    }
+
+    /// Message for the caller.
+    pub fn message(&self) -> String {
+        match &self.by {
+            BlockedBy::Detector(d) => format!("response blocked by masking policy: it contains a value detected as `{d}`"),
+            BlockedBy::Rule(r) => format!("response blocked by content policy rule `{r}`"),
+            BlockedBy::Uninspectable => "response blocked: it could not be inspected".into(),
+        }
+    }
+
+    fn error_value(&self, api: ApiKind) -> Value {
+        let message = self.message();
+        match api {
+            ApiKind::AnthropicMessages => json!({"type": "error", "error": {"type": "permission_error", "message": message}}),
+            ApiKind::GeminiGenerateContent => json!({"error": {"code": BLOCKED_STATUS, "message": message, "status": "PERMISSION_DENIED"}}),
+            _ => json!({"error": {"message": message, "type": "content_policy", "param": null, "code": "response_blocked"}}),
+        }
+    }
+
+    /// Body replacing a blocked plain response (send with [`BLOCKED_STATUS`]
+    /// and `content-type: application/json`), in the API's error format.
+    pub fn error_body(&self, api: ApiKind) -> Vec<u8> {
+        self.error_value(api).to_string().into_bytes()
+    }
+
+    /// The final SSE event ending a blocked stream, in a form the API's
+    /// client libraries raise as an error: OpenAI SDKs raise on any event
+    /// whose data has an `error` key; Anthropic's on `event: error`; Gemini
+    /// clients on an `error` chunk.
+    pub fn sse_event(&self, api: ApiKind) -> Vec<u8> {
+        let (event, data) = match api {
+            ApiKind::AnthropicMessages => (Some("error"), self.error_value(api)),
+            ApiKind::OpenaiResponses => {
+                let message = self.message();
+                let error = self.error_value(api);
+                (
+                    Some("error"),
+                    json!({"type": "error", "code": "response_blocked", "message": message, "param": null, "error": error["error"]}),
+                )
+            }
+            _ => (None, self.error_value(api)),
+        };
+        let mut out = String::new();
+        if let Some(e) = event {
+            out.push_str("event: ");
+            out.push_str(e);
+            out.push('\n');
+        }
+        out.push_str("data: ");
+        out.push_str(&data.to_string());
+        out.push_str("\n\n");
+        out.into_bytes()
+    }
+}
+
+/// The result of guarding one plain (non-streamed) response body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseMasking {
+    /// The new body, `None` when unchanged (or blocked).
+    pub body: Option<Vec<u8>>,
+    /// Detector matches (names and counts).
+    pub hits: Vec<Hit>,
+    /// Set when the response must be replaced by [`Blocked::error_body`].
+    pub blocked: Option<Blocked>,
+    /// `monitor` response rules that matched (would have blocked).
+    pub monitored_rules: Vec<String>,
+}
+
+/// Guards a complete response body of shape `api`: masks and restores every
+/// text string (see the module docs for what is skipped), applies response
+/// rules. An unparseable body is an error: block it.
+pub fn mask_response_body(guard: &ResponseGuard, api: ApiKind, body: &[u8]) -> Result<ResponseMasking, MaskError> {
+    let _ = api;
+    let value: Value = serde_json::from_slice(body).map_err(|e| MaskError::new("", format!("response body is not valid JSON: {e}")))?;
+    let mut tally = GuardTally::default();
+    let mut edits = Edits::new();
+    let mut blocked = None;
+    for (path, leaf) in leaves(&value, guard.masks()) {
+        match leaf {
+            Leaf::Drop => {
+                edits.insert(path, "null".into());
+            }
+            Leaf::Text(s) => match guard.process_full(s, &mut tally, true) {
+                Ok(Some(new)) => {
+                    edits.insert(path, json_edit::json_string(&new));
+                }
+                Ok(None) => {}
+                Err(b) => {
+                    blocked = Some(b);
+                    break;
+                }
+            },
+        }
+    }
+    let body = if blocked.is_some() || edits.is_empty() {
+        None
+    } else {
+        Some(json_edit::apply(body, &edits).map_err(|e| MaskError::new("", format!("could not rewrite the response: {e}")))?)
+    };
+    Ok(ResponseMasking { body, hits: guard.hits(&tally), blocked, monitored_rules: tally.monitored_rules })
+}
+
+/// A string of a response to guard, or a value to drop.
+pub(crate) enum Leaf<'v> {
+    Text(&'v str),
+    /// Token log-probabilities spell the raw text out: replaced by `null`.
+    Drop,
+}
+
+/// Keys whose string values are identifiers or enums, never text.
+const STRUCTURAL: &[&str] = &[
+    "id",
+    "object",
+    "model",
+    "role",
+    "type",
+    "finish_reason",
+    "stop_reason",
+    "system_fingerprint",
+    "service_tier",
+    "status",
+    "item_id",
+    "call_id",
+    "tool_call_id",
+    "tool_use_id",
+    "modelVersion",
+    "responseId",
+    "finishReason",
+    "created",
+    "index",
+    "event",
+];
+/// Keys whose whole value is opaque (signatures, base64): never changed.
+const OPAQUE: &[&str] = &["signature", "thoughtSignature", "thought_signature", "encrypted_content", "b64_json", "data", "inlineData", "inline_data"];
+/// Keys holding token log-probabilities.
+const LOGPROBS: &[&str] = &["logprobs", "top_logprobs", "logprobsResult", "logprobs_result"];
+
+/// Every guarded string of a response value, with its path.
+pub(crate) fn leaves(v: &Value, drop_logprobs: bool) -> Vec<(Vec<Seg>, Leaf<'_>)> {
+    let mut out = Vec::new();
+    let mut path = Vec::new();
+    collect(v, &mut path, drop_logprobs, &mut out);
+    out
+}
+
+fn collect<'v>(v: &'v Value, path: &mut Vec<Seg>, drop_logprobs: bool, out: &mut Vec<(Vec<Seg>, Leaf<'v>)>) {
+    match v {
+        Value::String(s) => {
+            if !s.is_empty() {
+                out.push((path.clone(), Leaf::Text(s)));
+            }
+        }
+        Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                path.push(Seg::Idx(i));
+                collect(x, path, drop_logprobs, out);
+                path.pop();
+            }
+        }
+        Value::Object(o) => {
+            for (k, x) in o {
+                let key = k.as_str();
+                if OPAQUE.contains(&key) || (x.is_string() && STRUCTURAL.contains(&key)) {
+                    continue;
+                }
+                path.push(Seg::Key(k.clone()));
+                if LOGPROBS.contains(&key) {
+                    let empty = match x {
+                        Value::Null => true,
+                        Value::Array(a) => a.is_empty(),
+                        _ => false,
+                    };
+                    if drop_logprobs && !empty {
+                        out.push((path.clone(), Leaf::Drop));
+                    }
+                } else {
+                    collect(x, path, drop_logprobs, out);
+                }
+                path.pop();
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::super::{mask_request, MaskingConfig};
+    use super::*;
+    use crate::policy::ContentPolicy;
+
+    pub(crate) fn guard_with(masking: &str, policy: &str, request: Option<&str>) -> ResponseGuard {
+        let cfg = MaskingConfig::from_json(masking.as_bytes()).unwrap();
+        let p = cfg.default_profile().unwrap();
+        let restore = match request {
+            Some(body) => mask_request(p, ApiKind::OpenaiChat, body.as_bytes()).unwrap().restore,
+            None => RestoreMap::default(),
+        };
+        let rules = ContentPolicy::from_json(policy.as_bytes()).unwrap().response_rules(&crate::policy::RequestFacts::default());
+        ResponseGuard::new(Some(p), restore, rules)
+    }
+
+    const MASKING: &str = r#"{"salt":"test-salt-0123456789","profiles":{"default":{"detectors":{"*":"redact","email":"pseudonymize","aws_access_key":"block"},"restore":true}}}"#;
+    const REQUEST: &str = r#"{"model":"m","messages":[{"role":"user","content":"mail jane@example.com"}]}"#;
+
+    fn pseudonym() -> String {
+        let cfg = MaskingConfig::from_json(MASKING.as_bytes()).unwrap();
+        let r = mask_request(cfg.default_profile().unwrap(), ApiKind::OpenaiChat, REQUEST.as_bytes()).unwrap();
+        let p = r.restore.iter().next().unwrap().0.to_string();
+        p
+    }
+
+    #[test]
+    fn plain_chat_response_is_masked_and_restored() {
+        let g = guard_with(MASKING, "{}", Some(REQUEST));
+        let p = pseudonym();
+        let body = format!(
+            r#"{{"id":"chatcmpl-1","object":"chat.completion","model":"m","choices":[{{"index":0,"message":{{"role":"assistant","content":"I wrote to {p}; call 415-555-0132","tool_calls":[{{"id":"c","type":"function","function":{{"name":"f","arguments":"{{\"ip\":\"10.1.2.3\"}}"}}}}]}},"logprobs":{{"content":[{{"token":"415","logprob":-0.1}}]}},"finish_reason":"stop"}}],"usage":{{"total_tokens":3}}}}"#
+        );
+        let out = mask_response_body(&g, ApiKind::OpenaiChat, body.as_bytes()).unwrap();
+        let v: Value = serde_json::from_slice(&out.body.unwrap()).unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"], "I wrote to jane@example.com; call [PHONE]");
+        assert_eq!(v["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"], r#"{"ip":"[IPV4]"}"#);
+        assert_eq!(v["choices"][0]["logprobs"], Value::Null);
+        assert_eq!(v["id"], "chatcmpl-1");
+        assert!(out.blocked.is_none());
+        assert_eq!(out.hits.iter().map(|h| h.detector.as_str()).collect::<Vec<_>>(), vec!["phone", "ipv4"]);
+    }
+
+    #[test]
+    fn every_api_shape_of_plain_response() {
+        let g = guard_with(MASKING, "{}", None);
+        for (api, body, path) in [
+            (ApiKind::OpenaiCompletions, r#"{"choices":[{"text":"x 123-45-6789","index":0}]}"#, "/choices/0/text"),
+            (ApiKind::AnthropicMessages, r#"{"id":"msg","type":"message","content":[{"type":"text","text":"x 123-45-6789"}]}"#, "/content/0/text"),
+            (
+                ApiKind::OpenaiResponses,
+                r#"{"id":"r","output":[{"type":"message","content":[{"type":"output_text","text":"x 123-45-6789","annotations":[]}]}],"output_text":"x 123-45-6789"}"#,
+                "/output/0/content/0/text",
+            ),
+            (ApiKind::GeminiGenerateContent, r#"{"candidates":[{"content":{"parts":[{"text":"x 123-45-6789"}],"role":"model"},"index":0}]}"#, "/candidates/0/content/parts/0/text"),
+        ] {
+            let out = mask_response_body(&g, api, body.as_bytes()).unwrap();
+            let v: Value = serde_json::from_slice(&out.body.unwrap()).unwrap();
+            assert_eq!(v.pointer(path).unwrap(), "x [US_SSN]", "{api:?}");
+        }
+    }
+
+    #[test]
+    fn block_detector_and_rule_replace_the_response() {
+        let g = guard_with(MASKING, r#"{"response_rules":[{"name":"no-launch-codes","phrases":["launch code"]}]}"#, None);
+        let body = br#"{"choices":[{"message":{"content":"use AKIAIOSFODNN7EXAMPLE"}}]}"#;
+        let out = mask_response_body(&g, ApiKind::OpenaiChat, body).unwrap();
+        let b = out.blocked.unwrap();
+        assert_eq!(b.by, BlockedBy::Detector("aws_access_key".into()));
+        assert!(out.body.is_none());
+        let err: Value = serde_json::from_slice(&b.error_body(ApiKind::OpenaiChat)).unwrap();
+        assert_eq!(err["error"]["code"], "response_blocked");
+        assert!(!err.to_string().contains("AKIA"));
+
+        let body = br#"{"content":[{"type":"text","text":"The LAUNCH   Code is 1234"}]}"#;
+        let out = mask_response_body(&g, ApiKind::AnthropicMessages, body).unwrap();
+        let b = out.blocked.unwrap();
+        assert_eq!(b.name(), "no-launch-codes");
+        let err: Value = serde_json::from_slice(&b.error_body(ApiKind::AnthropicMessages)).unwrap();
+        assert_eq!(err["error"]["type"], "permission_error");
+        let err: Value = serde_json::from_slice(&b.error_body(ApiKind::GeminiGenerateContent)).unwrap();
+        assert_eq!(err["error"]["status"], "PERMISSION_DENIED");
+    }
+
+    #[test]
+    fn monitor_rule_only_records() {
+        let g = guard_with(MASKING, r#"{"response_rules":[{"name":"watch","regex":["(?i-u:internal)"],"action":"monitor"}]}"#, None);
+        let body = br#"{"choices":[{"message":{"content":"internal only"}}]}"#;
+        let out = mask_response_body(&g, ApiKind::OpenaiChat, body).unwrap();
+        assert!(out.blocked.is_none() && out.body.is_none());
+        assert_eq!(out.monitored_rules, vec!["watch".to_string()]);
+    }
+
+    #[test]
+    fn inactive_guard_and_bad_json() {
+        assert!(!ResponseGuard::default().is_active());
+        assert!(mask_response_body(&ResponseGuard::default(), ApiKind::OpenaiChat, b"not json").is_err());
+    }
+}

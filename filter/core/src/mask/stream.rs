@@ -1,0 +1,1231 @@
+//! Streamed responses: an SSE rewriter that masks completion text with a
+//! bounded hold-back window, so that a value split over any number of
+//! chunks is still caught without buffering the whole answer.
+//!
+//! Text arrives per *channel* (an OpenAI choice, an Anthropic content block,
+//! a Gemini candidate, a Responses output part). Each channel keeps the text
+//! not yet released; after every event the part more than the window away
+//! from the end (and not inside a detection) is masked and released in the
+//! event's own text field. An event whose text is entirely held back is sent
+//! with empty text (clients concatenate deltas, so `""` is harmless and the
+//! event's other fields stay in order). Held text is flushed at the end of
+//! its choice or block (`finish_reason`, `content_block_stop`,
+//! `finishReason`, `*.done`), at `[DONE]` and at the end of the stream, in
+//! an extra event of the channel's kind placed before the event that ended
+//! it. Events without text (role, usage, pings, comments, unknown events)
+//! pass through untouched and in order, except that every other string in a
+//! JSON event is masked in full and `logprobs` are dropped when masking is on.
+
+use serde_json::{json, Value};
+
+use super::json_edit::{self, Edits, Seg};
+use super::response::{leaves, Blocked, BlockedBy, GuardTally, Leaf, ResponseGuard};
+use super::Hit;
+use crate::wire::ApiKind;
+
+/// Largest single SSE event accepted; a longer one blocks the stream.
+pub const MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
+/// Most characters one channel holds back while a detection (typically an
+/// unterminated PEM block) is still open; past that the held text is
+/// released masked.
+pub const MAX_HOLD_CHARS: usize = 16 * 1024;
+/// Characters of released text kept as look-behind context.
+const CONTEXT_CHARS: usize = 32;
+
+/// Counts and outcome of one stream, for the record.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StreamReport {
+    /// Detector matches (names and counts).
+    pub hits: Vec<Hit>,
+    /// Set when the stream was ended with an error event.
+    pub blocked: Option<Blocked>,
+    /// `monitor` response rules that matched.
+    pub monitored_rules: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ChanKey {
+    kind: &'static str,
+    a: u64,
+    b: u64,
+}
+
+/// How to build an extra event carrying text for a channel.
+#[derive(Debug, Clone)]
+struct Template {
+    event: Option<String>,
+    value: Value,
+    path: Vec<&'static str>,
+}
+
+impl Template {
+    fn render(&self, text: &str) -> Vec<u8> {
+        let mut v = self.value.clone();
+        let mut cur = &mut v;
+        for (i, seg) in self.path.iter().enumerate() {
+            let last = i + 1 == self.path.len();
+            let next = if let Ok(idx) = seg.parse::<usize>() {
+                cur.get_mut(idx)
+            } else if last {
+                if let Value::Object(o) = cur {
+                    o.insert((*seg).to_string(), Value::String(text.to_string()));
+                }
+                None
+            } else {
+                cur.get_mut(*seg)
+            };
+            match next {
+                Some(n) => cur = n,
+                None => break,
+            }
+        }
+        sse_bytes(self.event.as_deref(), &v.to_string())
+    }
+}
+
+#[derive(Debug)]
+struct Channel {
+    key: ChanKey,
+    /// Tail of the released raw text (look-behind for word boundaries).
+    ctx: String,
+    /// Text received and not yet released.
+    pending: String,
+    template: Template,
+    /// Characters in `pending`.
+    pending_chars: usize,
+    /// Inside an over-long PEM block already redacted: drop until its END.
+    swallow: bool,
+    /// An unterminated PEM block is held: skip analysis until its END.
+    open_pem: bool,
+}
+
+/// Rewrites one SSE response stream. Feed it the body chunks as they come
+/// ([`SseStreamMasker::push`]) and send what it returns; at the end of the
+/// stream send what [`SseStreamMasker::finish`] returns.
+#[derive(Debug)]
+pub struct SseStreamMasker {
+    api: ApiKind,
+    guard: ResponseGuard,
+    active: bool,
+    buf: Vec<u8>,
+    scan: usize,
+    channels: Vec<Channel>,
+    tally: GuardTally,
+    blocked: Option<Blocked>,
+    done: bool,
+}
+
+impl SseStreamMasker {
+    /// A masker for a stream of API `api` guarded by `guard`.
+    pub fn new(api: ApiKind, guard: ResponseGuard) -> SseStreamMasker {
+        let active = guard.is_active();
+        SseStreamMasker {
+            api,
+            guard,
+            active,
+            buf: Vec::new(),
+            scan: 0,
+            channels: Vec::new(),
+            tally: GuardTally::default(),
+            blocked: None,
+            done: false,
+        }
+    }
+
+    /// Takes the next body chunk (split anywhere); returns the bytes to send
+    /// now (possibly none).
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
+        if self.done || self.blocked.is_some() {
+            return Vec::new();
+        }
+        if !self.active {
+            return chunk.to_vec();
+        }
+        self.buf.extend_from_slice(chunk);
+        let mut out = Vec::new();
+        while let Some(event) = self.take_event(false) {
+            if let Err(b) = self.on_event(&event, &mut out) {
+                return self.block(b, out);
+            }
+        }
+        if self.buf.len() > MAX_EVENT_BYTES {
+            return self.block(Blocked { by: BlockedBy::Uninspectable }, out);
+        }
+        out
+    }
+
+    /// The end of the stream: releases everything still held (an
+    /// unterminated last event is completed), then nothing more.
+    pub fn finish(&mut self) -> Vec<u8> {
+        if self.done || self.blocked.is_some() {
+            return Vec::new();
+        }
+        self.done = true;
+        if !self.active {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        if !self.buf.is_empty() {
+            if self.buf.iter().all(u8::is_ascii_whitespace) {
+                out.append(&mut self.buf);
+            } else {
+                self.buf.extend_from_slice(b"\n\n");
+                while let Some(event) = self.take_event(true) {
+                    if let Err(b) = self.on_event(&event, &mut out) {
+                        return self.block(b, out);
+                    }
+                }
+                out.append(&mut self.buf);
+            }
+        }
+        if let Err(b) = self.flush(|_| true, &mut out) {
+            return self.block(b, out);
+        }
+        out
+    }
+
+    /// Whether the stream was blocked.
+    pub fn blocked(&self) -> Option<&Blocked> {
+        self.blocked.as_ref()
+    }
+
+    /// What happened so far.
+    pub fn report(&self) -> StreamReport {
+        StreamReport { hits: self.guard.hits(&self.tally), blocked: self.blocked.clone(), monitored_rules: self.tally.monitored_rules.clone() }
+    }
+
+    fn block(&mut self, b: Blocked, mut before: Vec<u8>) -> Vec<u8> {
+        // Text released earlier in this call is clean; the event that hit
+        // the block is not in `before`.
+        before.extend_from_slice(&b.sse_event(self.api));
+        self.blocked = Some(b);
+        self.buf.clear();
+        self.channels.clear();
+        before
+    }
+
+    /// Removes and returns the next complete event (through its blank line).
+    fn take_event(&mut self, at_end: bool) -> Option<Vec<u8>> {
+        let b = &self.buf;
+        let mut i = self.scan;
+        loop {
+            let mut j = i;
+            while j < b.len() && b.get(j) != Some(&b'\n') && b.get(j) != Some(&b'\r') {
+                j += 1;
+            }
+            if j >= b.len() {
+                self.scan = i;
+                return None;
+            }
+            let end = match (b.get(j), b.get(j + 1)) {
+                (Some(b'\r'), Some(b'\n')) => j + 2,
+                (Some(b'\r'), None) if !at_end => {
+                    self.scan = i;
+                    return None;
+                }
+                _ => j + 1,
+            };
+            if j == i {
+                let rest = self.buf.split_off(end);
+                let event = std::mem::replace(&mut self.buf, rest);
+                self.scan = 0;
+                return Some(event);
+            }
+            i = end;
+        }
+    }
+
+    fn on_event(&mut self, raw: &[u8], out: &mut Vec<u8>) -> Result<(), Blocked> {
+        let ev = parse_event(raw);
+        let Some(data) = ev.data else {
+            out.extend_from_slice(raw);
+            return Ok(());
+        };
+        if data.trim() == "[DONE]" {
+            self.flush(|_| true, out)?;
+            out.extend_from_slice(raw);
+            return Ok(());
+        }
+        let mut pre = Vec::new();
+        let new_data = match serde_json::from_str::<Value>(&data) {
+            Ok(value) => self.on_json(ev.event.as_deref(), &data, &value, &mut pre)?,
+            Err(_) => self.guard.process_full(&data, &mut self.tally, true)?,
+        };
+        out.extend_from_slice(&pre);
+        match new_data {
+            Some(d) => out.extend_from_slice(&rewrite_data(raw, &d)),
+            None => out.extend_from_slice(raw),
+        }
+        Ok(())
+    }
+
+    /// Handles one JSON data event; returns its new data when changed.
+    fn on_json(&mut self, event: Option<&str>, data: &str, value: &Value, pre: &mut Vec<u8>) -> Result<Option<String>, Blocked> {
+        let mut edits = Edits::new();
+        let mut handled: Vec<Vec<Seg>> = Vec::new();
+        let mut echo = false;
+        match self.api {
+            ApiKind::OpenaiChat | ApiKind::OpenaiCompletions | ApiKind::OpenaiEmbeddings => {
+                self.openai_chunk(value, &mut edits, &mut handled, pre)?;
+            }
+            ApiKind::AnthropicMessages => self.anthropic_event(value, &mut edits, &mut handled, pre)?,
+            ApiKind::GeminiGenerateContent => self.gemini_chunk(value, &mut edits, &mut handled, pre)?,
+            ApiKind::OpenaiResponses => echo = self.responses_event(event, value, &mut edits, &mut handled, pre)?,
+        }
+        for (path, leaf) in leaves(value, self.guard.masks()) {
+            if handled.iter().any(|h| path.starts_with(h)) {
+                continue;
+            }
+            match leaf {
+                Leaf::Drop => {
+                    let empty = if value_at(value, &path).is_some_and(Value::is_array) { "[]" } else { "null" };
+                    edits.insert(path, empty.into());
+                }
+                Leaf::Text(s) => {
+                    if let Some(new) = self.guard.process_full(s, &mut self.tally, !echo)? {
+                        edits.insert(path, json_edit::json_string(&new));
+                    }
+                }
+            }
+        }
+        if edits.is_empty() {
+            return Ok(None);
+        }
+        match json_edit::apply(data.as_bytes(), &edits) {
+            Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
+            Err(_) => Err(Blocked { by: BlockedBy::Uninspectable }),
+        }
+    }
+
+    fn channel(&mut self, key: ChanKey, template: impl FnOnce() -> Template) -> usize {
+        match self.channels.iter().position(|c| c.key == key) {
+            Some(i) => i,
+            None => {
+                self.channels.push(Channel {
+                    key,
+                    ctx: String::new(),
+                    pending: String::new(),
+                    template: template(),
+                    pending_chars: 0,
+                    swallow: false,
+                    open_pem: false,
+                });
+                self.channels.len() - 1
+            }
+        }
+    }
+
+    /// Feeds text to a channel and records the edit carrying what is released.
+    #[allow(clippy::too_many_arguments)]
+    fn feed_at(
+        &mut self,
+        key: ChanKey,
+        template: impl FnOnce() -> Template,
+        path: Vec<Seg>,
+        text: &str,
+        last: bool,
+        edits: &mut Edits,
+        handled: &mut Vec<Vec<Seg>>,
+    ) -> Result<(), Blocked> {
+        let i = self.channel(key, template);
+        let Some(ch) = self.channels.get_mut(i) else { return Ok(()) };
+        let released = feed(&self.guard, &mut self.tally, ch, text, last)?;
+        if released != text {
+            edits.insert(path.clone(), json_edit::json_string(&released));
+        }
+        handled.push(path);
+        Ok(())
+    }
+
+    /// Releases everything held by the channels selected by `pred`, as extra
+    /// events appended to `out`.
+    fn flush(&mut self, pred: impl Fn(&ChanKey) -> bool, out: &mut Vec<u8>) -> Result<(), Blocked> {
+        for ch in self.channels.iter_mut().filter(|c| pred(&c.key)) {
+            if ch.pending.is_empty() && !ch.swallow {
+                continue;
+            }
+            let text = feed(&self.guard, &mut self.tally, ch, "", true)?;
+            if !text.is_empty() {
+                out.extend_from_slice(&ch.template.render(&text));
+            }
+        }
+        Ok(())
+    }
+
+    // OpenAI chat.completion.chunk and text_completion -------------------
+
+    fn openai_chunk(&mut self, v: &Value, edits: &mut Edits, handled: &mut Vec<Vec<Seg>>, pre: &mut Vec<u8>) -> Result<(), Blocked> {
+        let Some(choices) = v.get("choices").and_then(Value::as_array) else { return Ok(()) };
+        let envelope = || {
+            let mut e = serde_json::Map::new();
+            for k in ["id", "object", "created", "model", "system_fingerprint"] {
+                if let Some(x) = v.get(k) {
+                    e.insert(k.to_string(), x.clone());
+                }
+            }
+            e
+        };
+        for (ci, choice) in choices.iter().enumerate() {
+            let idx = choice.get("index").and_then(Value::as_u64).unwrap_or(ci as u64);
+            let last = choice.get("finish_reason").is_some_and(|f| !f.is_null());
+            let base = vec![Seg::Key("choices".into()), Seg::Idx(ci)];
+            let mut fed: Vec<ChanKey> = Vec::new();
+            if let Some(Value::String(text)) = choice.get("text") {
+                let key = ChanKey { kind: "text", a: idx, b: 0 };
+                let mut env = envelope();
+                let tpl = move || {
+                    env.insert("choices".into(), json!([{"text": "", "index": idx, "logprobs": null, "finish_reason": null}]));
+                    Template { event: None, value: Value::Object(env), path: vec!["choices", "0", "text"] }
+                };
+                let mut path = base.clone();
+                path.push(Seg::Key("text".into()));
+                self.feed_at(key.clone(), tpl, path, text, last, edits, handled)?;
+                fed.push(key);
+            }
+            if let Some(Value::Object(delta)) = choice.get("delta") {
+                for (field, kind) in
+                    [("content", "content"), ("refusal", "refusal"), ("reasoning_content", "reasoning_content"), ("reasoning", "reasoning")]
+                {
+                    let Some(Value::String(text)) = delta.get(field) else { continue };
+                    let key = ChanKey { kind, a: idx, b: 0 };
+                    let mut env = envelope();
+                    let tpl = move || {
+                        env.insert(
+                            "choices".into(),
+                            json!([{"index": idx, "delta": {field: ""}, "logprobs": null, "finish_reason": null}]),
+                        );
+                        Template { event: None, value: Value::Object(env), path: vec!["choices", "0", "delta", field] }
+                    };
+                    let mut path = base.clone();
+                    path.extend([Seg::Key("delta".into()), Seg::Key(field.into())]);
+                    self.feed_at(key.clone(), tpl, path, text, last, edits, handled)?;
+                    fed.push(key);
+                }
+                if let Some(Value::Array(calls)) = delta.get("tool_calls") {
+                    for (ti, call) in calls.iter().enumerate() {
+                        let Some(Value::String(args)) = call.get("function").and_then(|f| f.get("arguments")) else { continue };
+                        let tidx = call.get("index").and_then(Value::as_u64).unwrap_or(ti as u64);
+                        let key = ChanKey { kind: "tool", a: idx, b: tidx };
+                        let mut env = envelope();
+                        let tpl = move || {
+                            env.insert(
+                                "choices".into(),
+                                json!([{"index": idx, "delta": {"tool_calls": [{"index": tidx, "function": {"arguments": ""}}]}, "logprobs": null, "finish_reason": null}]),
+                            );
+                            Template {
+                                event: None,
+                                value: Value::Object(env),
+                                path: vec!["choices", "0", "delta", "tool_calls", "0", "function", "arguments"],
+                            }
+                        };
+                        let mut path = base.clone();
+                        path.extend([
+                            Seg::Key("delta".into()),
+                            Seg::Key("tool_calls".into()),
+                            Seg::Idx(ti),
+                            Seg::Key("function".into()),
+                            Seg::Key("arguments".into()),
+                        ]);
+                        self.feed_at(key.clone(), tpl, path, args, last, edits, handled)?;
+                        fed.push(key);
+                    }
+                }
+            }
+            if last {
+                self.flush(|k| k.a == idx && !fed.contains(k), pre)?;
+            }
+        }
+        Ok(())
+    }
+
+    // Anthropic message events -------------------------------------------
+
+    fn anthropic_event(&mut self, v: &Value, edits: &mut Edits, handled: &mut Vec<Vec<Seg>>, pre: &mut Vec<u8>) -> Result<(), Blocked> {
+        let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
+        let index = v.get("index").and_then(Value::as_u64).unwrap_or(0);
+        let block_template = |delta_type: &'static str, field: &'static str| {
+            move || Template {
+                event: Some("content_block_delta".into()),
+                value: json!({"type": "content_block_delta", "index": index, "delta": {"type": delta_type, field: ""}}),
+                path: vec!["delta", field],
+            }
+        };
+        match kind {
+            "content_block_start" => {
+                let Some(block) = v.get("content_block") else { return Ok(()) };
+                let (field, delta_type) = match block.get("type").and_then(Value::as_str) {
+                    Some("text") => ("text", "text_delta"),
+                    Some("thinking") => ("thinking", "thinking_delta"),
+                    _ => return Ok(()),
+                };
+                if let Some(Value::String(text)) = block.get(field) {
+                    let path = vec![Seg::Key("content_block".into()), Seg::Key(field.into())];
+                    let key = ChanKey { kind: "block", a: index, b: 0 };
+                    self.feed_at(key, block_template(delta_type, field), path, text, false, edits, handled)?;
+                }
+            }
+            "content_block_delta" => {
+                let Some(delta) = v.get("delta") else { return Ok(()) };
+                let (field, delta_type) = match delta.get("type").and_then(Value::as_str) {
+                    Some("text_delta") => ("text", "text_delta"),
+                    Some("input_json_delta") => ("partial_json", "input_json_delta"),
+                    Some("thinking_delta") => ("thinking", "thinking_delta"),
+                    _ => return Ok(()),
+                };
+                if let Some(Value::String(text)) = delta.get(field) {
+                    let path = vec![Seg::Key("delta".into()), Seg::Key(field.into())];
+                    let key = ChanKey { kind: "block", a: index, b: 0 };
+                    self.feed_at(key, block_template(delta_type, field), path, text, false, edits, handled)?;
+                }
+            }
+            "content_block_stop" => self.flush(|k| k.a == index, pre)?,
+            "message_delta" | "message_stop" => self.flush(|_| true, pre)?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    // Gemini streamGenerateContent?alt=sse --------------------------------
+
+    fn gemini_chunk(&mut self, v: &Value, edits: &mut Edits, handled: &mut Vec<Vec<Seg>>, pre: &mut Vec<u8>) -> Result<(), Blocked> {
+        let Some(cands) = v.get("candidates").and_then(Value::as_array) else { return Ok(()) };
+        for (ci, cand) in cands.iter().enumerate() {
+            let idx = cand.get("index").and_then(Value::as_u64).unwrap_or(ci as u64);
+            let last = cand.get("finishReason").or_else(|| cand.get("finish_reason")).is_some_and(|f| !f.is_null());
+            let mut fed: Vec<ChanKey> = Vec::new();
+            if let Some(Value::Array(parts)) = cand.get("content").and_then(|c| c.get("parts")) {
+                for (pj, part) in parts.iter().enumerate() {
+                    let Some(Value::String(text)) = part.get("text") else { continue };
+                    let thought = part.get("thought").and_then(Value::as_bool).unwrap_or(false);
+                    let key = ChanKey { kind: if thought { "thought" } else { "text" }, a: idx, b: 0 };
+                    let mut env = serde_json::Map::new();
+                    for k in ["modelVersion", "responseId"] {
+                        if let Some(x) = v.get(k) {
+                            env.insert(k.to_string(), x.clone());
+                        }
+                    }
+                    let tpl = move || {
+                        let part = if thought { json!({"text": "", "thought": true}) } else { json!({"text": ""}) };
+                        env.insert("candidates".into(), json!([{"content": {"parts": [part], "role": "model"}, "index": idx}]));
+                        Template { event: None, value: Value::Object(env), path: vec!["candidates", "0", "content", "parts", "0", "text"] }
+                    };
+                    let path = vec![
+                        Seg::Key("candidates".into()),
+                        Seg::Idx(ci),
+                        Seg::Key("content".into()),
+                        Seg::Key("parts".into()),
+                        Seg::Idx(pj),
+                        Seg::Key("text".into()),
+                    ];
+                    self.feed_at(key.clone(), tpl, path, text, last, edits, handled)?;
+                    fed.push(key);
+                }
+            }
+            if last {
+                self.flush(|k| k.a == idx && !fed.contains(k), pre)?;
+            }
+        }
+        Ok(())
+    }
+
+    // OpenAI Responses events ---------------------------------------------
+
+    /// Returns whether the event repeats text already streamed (its strings
+    /// are masked again in full but not counted twice).
+    fn responses_event(
+        &mut self,
+        event: Option<&str>,
+        v: &Value,
+        edits: &mut Edits,
+        handled: &mut Vec<Vec<Seg>>,
+        pre: &mut Vec<u8>,
+    ) -> Result<bool, Blocked> {
+        let kind = v.get("type").and_then(Value::as_str).or(event).unwrap_or("").to_string();
+        let oi = v.get("output_index").and_then(Value::as_u64);
+        let ci = v.get("content_index").or_else(|| v.get("summary_index")).and_then(Value::as_u64).unwrap_or(0);
+        let channel_kind = match kind.as_str() {
+            "response.output_text.delta" => Some("text"),
+            "response.refusal.delta" => Some("refusal"),
+            "response.function_call_arguments.delta" | "response.custom_tool_call_input.delta" => Some("args"),
+            "response.reasoning_summary_text.delta" | "response.reasoning_text.delta" => Some("reasoning"),
+            _ => None,
+        };
+        if let (Some(ck), Some(Value::String(text))) = (channel_kind, v.get("delta")) {
+            let key = ChanKey { kind: ck, a: oi.unwrap_or(0), b: ci };
+            let mut value = v.clone();
+            if let Some(o) = value.as_object_mut() {
+                o.insert("delta".into(), Value::String(String::new()));
+                if o.get("logprobs").is_some_and(Value::is_array) {
+                    o.insert("logprobs".into(), json!([]));
+                }
+            }
+            let event_name = Some(kind.clone());
+            let tpl = move || Template { event: event_name, value, path: vec!["delta"] };
+            self.feed_at(key, tpl, vec![Seg::Key("delta".into())], text, false, edits, handled)?;
+            return Ok(false);
+        }
+        let ends = kind.ends_with(".done") || matches!(kind.as_str(), "response.completed" | "response.incomplete" | "response.failed");
+        if ends {
+            match oi {
+                Some(o) if kind.ends_with(".done") => self.flush(|k| k.a == o, pre)?,
+                _ => self.flush(|_| true, pre)?,
+            }
+        }
+        Ok(ends)
+    }
+}
+
+/// Feeds `text` to a channel; returns the masked text that can be released
+/// (everything when `last`).
+///
+/// Text is released in steps: once more than `window + window/4` characters
+/// are held, everything but the last `window` characters (and any detection
+/// straddling that point) goes out. Analysis thus runs once per step, not
+/// once per event.
+fn feed(guard: &ResponseGuard, tally: &mut GuardTally, ch: &mut Channel, text: &str, last: bool) -> Result<String, Blocked> {
+    let mut incoming = text.to_string();
+    if ch.swallow {
+        ch.pending.push_str(text);
+        match pem_end(&ch.pending) {
+            Some(end) => {
+                incoming = ch.pending.get(end..).unwrap_or("").to_string();
+                ch.pending.clear();
+                ch.pending_chars = 0;
+                ch.swallow = false;
+            }
+            None => {
+                if last {
+                    ch.pending.clear();
+                    ch.pending_chars = 0;
+                    ch.swallow = false;
+                } else {
+                    let keep = tail_start(&ch.pending, 80);
+                    ch.pending = ch.pending.get(keep..).unwrap_or("").to_string();
+                }
+                return Ok(String::new());
+            }
+        }
+    }
+    let before = ch.pending.len();
+    ch.pending.push_str(&incoming);
+    ch.pending_chars += incoming.chars().count();
+    let window = guard.window();
+    if !last {
+        if ch.open_pem {
+            // Waiting for the END line of a held PEM block: look only at the
+            // new text (and a little before it, for a split marker).
+            let mut from = before.saturating_sub(16);
+            while !ch.pending.is_char_boundary(from) {
+                from -= 1;
+            }
+            if !ch.pending.get(from..).unwrap_or("").contains("-----END") && ch.pending_chars <= MAX_HOLD_CHARS {
+                return Ok(String::new());
+            }
+            ch.open_pem = false;
+        }
+        if ch.pending_chars <= window + window / 4 {
+            return Ok(String::new());
+        }
+    }
+    let mut hay = String::with_capacity(ch.ctx.len() + ch.pending.len());
+    hay.push_str(&ch.ctx);
+    hay.push_str(&ch.pending);
+    let from = ch.ctx.len();
+    let an = guard.analyze(&hay, from);
+    let mut cut = if last { hay.len() } else { cut_point(&hay, from, &an, window) };
+    let mut swallow_after = false;
+    if !last && hay.get(cut..).map_or(0, |t| t.chars().count()) > MAX_HOLD_CHARS {
+        // Held too long: release up to the window, letting the detections
+        // that straddle it go out whole (masked).
+        cut = from + tail_start(hay.get(from..).unwrap_or(""), window);
+        loop {
+            let mut moved = false;
+            for (s, e) in an.spans() {
+                if s < cut && cut < e {
+                    cut = e;
+                    moved = true;
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+        swallow_after = an.open_end && cut == hay.len();
+    }
+    let out = guard.render(&hay, from, cut, &an, tally, true)?;
+    let released = hay.get(..cut).unwrap_or("");
+    ch.ctx = released.get(tail_start(released, CONTEXT_CHARS)..).unwrap_or("").to_string();
+    ch.pending = hay.get(cut..).unwrap_or("").to_string();
+    ch.pending_chars = ch.pending.chars().count();
+    ch.swallow = swallow_after;
+    ch.open_pem = !last && !swallow_after && an.open_end;
+    Ok(out)
+}
+
+/// Byte index where the last `n` characters of `s` begin (0 if shorter).
+fn tail_start(s: &str, n: usize) -> usize {
+    if n == 0 {
+        return s.len();
+    }
+    s.char_indices().rev().nth(n - 1).map_or(0, |(i, _)| i)
+}
+
+/// The release point: `window` characters before the end, moved back to the
+/// start of any detection (or restore, or rule match) that straddles it.
+fn cut_point(hay: &str, from: usize, an: &super::response::Analysis, window: usize) -> usize {
+    let rest = hay.get(from..).unwrap_or("");
+    if rest.chars().count() <= window {
+        return from;
+    }
+    let mut cut = from + tail_start(rest, window);
+    loop {
+        let mut moved = false;
+        for (s, e) in an.spans() {
+            if s < cut && cut < e {
+                cut = s;
+                moved = true;
+            }
+        }
+        if !moved {
+            break;
+        }
+    }
+    cut.max(from)
+}
+
+/// End of the first PEM END line in `s`.
+fn pem_end(s: &str) -> Option<usize> {
+    let start = s.find("-----END ")?;
+    let after = s.get(start + 9..)?;
+    let close = after.find("-----")?;
+    Some(start + 9 + close + 5)
+}
+
+struct ParsedEvent {
+    event: Option<String>,
+    data: Option<String>,
+}
+
+/// Splits raw event bytes into lines (`\r\n`, `\n` or `\r`), without the
+/// terminators.
+fn lines(raw: &[u8]) -> Vec<(&[u8], &[u8])> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < raw.len() {
+        let mut j = i;
+        while j < raw.len() && raw.get(j) != Some(&b'\n') && raw.get(j) != Some(&b'\r') {
+            j += 1;
+        }
+        let end = match (raw.get(j), raw.get(j + 1)) {
+            (Some(b'\r'), Some(b'\n')) => j + 2,
+            (Some(_), _) => j + 1,
+            (None, _) => j,
+        };
+        out.push((raw.get(i..j).unwrap_or_default(), raw.get(j..end).unwrap_or_default()));
+        i = end;
+    }
+    out
+}
+
+fn field(line: &[u8]) -> (&[u8], &[u8]) {
+    match line.iter().position(|&b| b == b':') {
+        Some(p) => {
+            let name = line.get(..p).unwrap_or_default();
+            let mut value = line.get(p + 1..).unwrap_or_default();
+            if value.first() == Some(&b' ') {
+                value = value.get(1..).unwrap_or_default();
+            }
+            (name, value)
+        }
+        None => (line, &[]),
+    }
+}
+
+fn parse_event(raw: &[u8]) -> ParsedEvent {
+    let mut event = None;
+    let mut has_data = false;
+    for (line, _) in lines(raw) {
+        if line.is_empty() || line.first() == Some(&b':') {
+            continue;
+        }
+        match field(line).0 {
+            b"event" => event = Some(String::from_utf8_lossy(field(line).1).into_owned()),
+            b"data" => has_data = true,
+            _ => {}
+        }
+    }
+    ParsedEvent { event, data: has_data.then(|| join_data(raw)) }
+}
+
+/// The data lines of an event joined with `\n`, as clients see them.
+fn join_data(raw: &[u8]) -> String {
+    let mut parts: Vec<&[u8]> = Vec::new();
+    for (line, _) in lines(raw) {
+        if line.first() == Some(&b':') {
+            continue;
+        }
+        let (name, value) = field(line);
+        if name == b"data" {
+            parts.push(value);
+        }
+    }
+    String::from_utf8_lossy(&parts.join(&b'\n')).into_owned()
+}
+
+/// Rewrites an event with new data: the data lines are replaced (at the
+/// place of the first one), every other line is kept as it was.
+fn rewrite_data(raw: &[u8], data: &str) -> Vec<u8> {
+    let all = lines(raw);
+    let nl: &[u8] = all.iter().map(|(_, t)| *t).find(|t| !t.is_empty()).unwrap_or(b"\n");
+    let mut out = Vec::with_capacity(raw.len() + data.len());
+    let mut wrote = false;
+    for (line, term) in all {
+        let is_data = line.first() != Some(&b':') && field(line).0 == b"data";
+        if is_data {
+            if !wrote {
+                for (k, piece) in data.split('\n').enumerate() {
+                    if k > 0 {
+                        out.extend_from_slice(nl);
+                    }
+                    out.extend_from_slice(b"data: ");
+                    out.extend_from_slice(piece.as_bytes());
+                }
+                out.extend_from_slice(if term.is_empty() { nl } else { term });
+                wrote = true;
+            }
+            continue;
+        }
+        out.extend_from_slice(line);
+        out.extend_from_slice(term);
+    }
+    out
+}
+
+fn sse_bytes(event: Option<&str>, data: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 32);
+    if let Some(e) = event {
+        out.extend_from_slice(b"event: ");
+        out.extend_from_slice(e.as_bytes());
+        out.push(b'\n');
+    }
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(data.as_bytes());
+    out.extend_from_slice(b"\n\n");
+    out
+}
+
+fn value_at<'v>(v: &'v Value, path: &[Seg]) -> Option<&'v Value> {
+    let mut cur = v;
+    for seg in path {
+        cur = match seg {
+            Seg::Key(k) => cur.get(k)?,
+            Seg::Idx(i) => cur.get(i)?,
+        };
+    }
+    Some(cur)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::super::{mask_request, MaskingConfig, RestoreMap};
+    use super::*;
+    use crate::policy::{ContentPolicy, RequestFacts};
+
+    const MASKING: &str = r#"{"salt":"test-salt-0123456789","profiles":{"default":{
+        "detectors":{"*":"redact","email":"pseudonymize","ipv4":"monitor"},"restore":true,"response_window_chars":128}}}"#;
+    const REQUEST: &str = r#"{"model":"m","messages":[{"role":"user","content":"write to bob@corp.example.org"}]}"#;
+    /// Values that must never reach the client.
+    const RAW: &[&str] = &["jane@example.com", "4111 1111 1111 1111", "AKIAIOSFODNN7EXAMPLE", "(415) 555-0132", "123-45-6789"];
+
+    fn guard(policy: &str) -> (ResponseGuard, String) {
+        let cfg = MaskingConfig::from_json(MASKING.as_bytes()).unwrap();
+        let p = cfg.default_profile().unwrap();
+        let r = mask_request(p, ApiKind::OpenaiChat, REQUEST.as_bytes()).unwrap();
+        let pseudonym = r.restore.iter().next().unwrap().0.to_string();
+        let rules = ContentPolicy::from_json(policy.as_bytes()).unwrap().response_rules(&RequestFacts::default());
+        (ResponseGuard::new(Some(p), r.restore, rules), pseudonym)
+    }
+
+    fn answer(pseudonym: &str) -> String {
+        format!(
+            "Sure. Mail jane@example.com, card 4111 1111 1111 1111, key AKIAIOSFODNN7EXAMPLE; call +1 (415) 555-0132 \
+             (ssn 123-45-6789) from 10.0.0.1. I told {pseudonym} — ünïcødé 😀 done."
+        )
+    }
+
+    fn chunks(text: &str, n: usize) -> Vec<String> {
+        let chars: Vec<char> = text.chars().collect();
+        chars.chunks(n).map(|c| c.iter().collect()).collect()
+    }
+
+    fn data(v: Value) -> String {
+        format!("data: {v}\n\n")
+    }
+
+    fn stream(api: ApiKind, tokens: &[String]) -> String {
+        let full: String = tokens.concat();
+        let mut s = String::new();
+        match api {
+            ApiKind::OpenaiChat => {
+                let env = |choice: Value| json!({"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[choice]});
+                s.push_str(": keep-alive comment\n\n");
+                s.push_str(&data(env(json!({"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}))));
+                for t in tokens {
+                    s.push_str(&data(env(json!({"index":0,"delta":{"content":t},"logprobs":null,"finish_reason":null}))));
+                }
+                s.push_str(&data(env(json!({"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}))));
+                s.push_str(&data(json!({"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[],"usage":{"total_tokens":9}})));
+                s.push_str("data: [DONE]\n\n");
+            }
+            ApiKind::OpenaiCompletions => {
+                for t in tokens {
+                    s.push_str(&data(json!({"id":"c","object":"text_completion","choices":[{"text":t,"index":0,"logprobs":null,"finish_reason":null}]})));
+                }
+                s.push_str(&data(json!({"id":"c","object":"text_completion","choices":[{"text":"","index":0,"logprobs":null,"finish_reason":"length"}]})));
+                s.push_str("data: [DONE]\n\n");
+            }
+            ApiKind::AnthropicMessages => {
+                s.push_str("event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"claude\"}}\n\n");
+                s.push_str("event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n");
+                s.push_str("event: ping\ndata: {\"type\": \"ping\"}\n\n");
+                for t in tokens {
+                    s.push_str(&format!("event: content_block_delta\n{}", data(json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":t}}))));
+                }
+                s.push_str("event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n");
+                s.push_str("event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":5}}\n\n");
+                s.push_str("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n");
+            }
+            ApiKind::GeminiGenerateContent => {
+                let n = tokens.len();
+                for (i, t) in tokens.iter().enumerate() {
+                    let mut cand = json!({"content":{"parts":[{"text":t}],"role":"model"},"index":0});
+                    if i + 1 == n {
+                        cand["finishReason"] = json!("STOP");
+                    }
+                    s.push_str(&format!("data: {}\r\n\r\n", json!({"candidates":[cand],"modelVersion":"gemini-x"})));
+                }
+            }
+            ApiKind::OpenaiResponses => {
+                let ev = |v: Value| format!("event: {}\n{}", v["type"].as_str().unwrap().to_string(), data(v.clone()));
+                s.push_str(&ev(json!({"type":"response.created","sequence_number":0,"response":{"id":"r","status":"in_progress","output":[]}})));
+                s.push_str(&ev(json!({"type":"response.content_part.added","sequence_number":1,"item_id":"i","output_index":0,"content_index":0,"part":{"type":"output_text","text":""}})));
+                for t in tokens {
+                    s.push_str(&ev(json!({"type":"response.output_text.delta","sequence_number":2,"item_id":"i","output_index":0,"content_index":0,"delta":t,"logprobs":[]})));
+                }
+                s.push_str(&ev(json!({"type":"response.output_text.done","sequence_number":3,"item_id":"i","output_index":0,"content_index":0,"text":full})));
+                s.push_str(&ev(json!({"type":"response.completed","sequence_number":4,"response":{"id":"r","status":"completed","output":[{"type":"message","id":"i","role":"assistant","content":[{"type":"output_text","text":full,"annotations":[]}]}]}})));
+            }
+            ApiKind::OpenaiEmbeddings => {}
+        }
+        s
+    }
+
+    /// Parses SSE output into (event, data) pairs; every JSON data must parse.
+    fn events(out: &[u8]) -> Vec<(Option<String>, String)> {
+        let text = String::from_utf8(out.to_vec()).unwrap().replace("\r\n", "\n");
+        let mut evs = Vec::new();
+        for block in text.split("\n\n") {
+            let mut ev = None;
+            let mut data: Vec<&str> = Vec::new();
+            for line in block.lines() {
+                if let Some(e) = line.strip_prefix("event: ") {
+                    ev = Some(e.to_string());
+                } else if let Some(d) = line.strip_prefix("data: ") {
+                    data.push(d);
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    data.push(d);
+                }
+            }
+            if !data.is_empty() {
+                evs.push((ev, data.join("\n")));
+            }
+        }
+        evs
+    }
+
+    /// The completion text a client assembles from the output.
+    fn assembled(api: ApiKind, out: &[u8]) -> (String, Option<Value>) {
+        let mut text = String::new();
+        let mut error = None;
+        for (_, d) in events(out) {
+            if d == "[DONE]" {
+                continue;
+            }
+            let v: Value = serde_json::from_str(&d).unwrap_or_else(|e| panic!("bad JSON {d:?}: {e}"));
+            if v.get("error").is_some() || v["type"] == "error" {
+                error = Some(v);
+                continue;
+            }
+            let piece = match api {
+                ApiKind::OpenaiChat => v["choices"][0]["delta"]["content"].as_str().map(str::to_string),
+                ApiKind::OpenaiCompletions => v["choices"][0]["text"].as_str().map(str::to_string),
+                ApiKind::AnthropicMessages => {
+                    v["delta"]["text"].as_str().or_else(|| v["content_block"]["text"].as_str()).map(str::to_string)
+                }
+                ApiKind::GeminiGenerateContent => v["candidates"][0]["content"]["parts"][0]["text"].as_str().map(str::to_string),
+                ApiKind::OpenaiResponses => {
+                    if v["type"] == "response.output_text.done" {
+                        assert_eq!(v["text"].as_str().unwrap(), text, "done event repeats the masked text");
+                    }
+                    if v["type"] == "response.completed" {
+                        assert_eq!(v["response"]["output"][0]["content"][0]["text"].as_str().unwrap(), text);
+                    }
+                    (v["type"] == "response.output_text.delta").then(|| v["delta"].as_str().unwrap().to_string())
+                }
+                ApiKind::OpenaiEmbeddings => None,
+            };
+            text.push_str(&piece.unwrap_or_default());
+        }
+        (text, error)
+    }
+
+    fn run(api: ApiKind, g: &ResponseGuard, parts: &[&[u8]]) -> (Vec<u8>, SseStreamMasker) {
+        let mut m = SseStreamMasker::new(api, g.clone());
+        let mut out = Vec::new();
+        for p in parts {
+            out.extend(m.push(p));
+        }
+        out.extend(m.finish());
+        (out, m)
+    }
+
+    const APIS: &[ApiKind] = &[
+        ApiKind::OpenaiChat,
+        ApiKind::OpenaiCompletions,
+        ApiKind::AnthropicMessages,
+        ApiKind::GeminiGenerateContent,
+        ApiKind::OpenaiResponses,
+    ];
+
+    fn check(api: ApiKind, out: &[u8], expected: &str, what: &str) {
+        let (text, error) = assembled(api, out);
+        assert!(error.is_none(), "{api:?} {what}: unexpected error {error:?}");
+        assert_eq!(text, expected, "{api:?} {what}");
+        let raw = String::from_utf8_lossy(out);
+        for secret in RAW {
+            assert!(!raw.contains(secret), "{api:?} {what}: {secret} leaked");
+        }
+    }
+
+    #[test]
+    fn streamed_text_equals_plain_masking_for_any_chunking() {
+        let (g, pseudonym) = guard("{}");
+        let text = answer(&pseudonym);
+        let expected = g.process_full(&text, &mut GuardTally::default(), false).unwrap().unwrap();
+        assert!(expected.contains("bob@corp.example.org"), "restored: {expected}");
+        assert!(expected.contains("<EMAIL_") && expected.contains("[CREDIT_CARD]") && expected.contains("10.0.0.1"), "{expected}");
+        for api in APIS {
+            for per_event in [1, 3, 11] {
+                let s = stream(*api, &chunks(&text, per_event));
+                let b = s.as_bytes();
+                let (out, m) = run(*api, &g, &[b]);
+                check(*api, &out, &expected, &format!("{per_event} chars/event"));
+                let report = m.report();
+                assert!(report.blocked.is_none());
+                let names: Vec<&str> = report.hits.iter().map(|h| h.detector.as_str()).collect();
+                for d in ["email", "credit_card", "aws_access_key", "phone", "us_ssn", "ipv4"] {
+                    assert!(names.contains(&d), "{api:?}: {d} not counted in {names:?}");
+                }
+                assert!(report.hits.iter().all(|h| h.count == 1), "{api:?}: {:?}", report.hits);
+                // One byte per chunk.
+                let singles: Vec<&[u8]> = b.chunks(1).collect();
+                let (out, _) = run(*api, &g, &singles);
+                check(*api, &out, &expected, "1 byte/chunk");
+            }
+        }
+    }
+
+    #[test]
+    fn split_at_every_byte_position() {
+        let (g, pseudonym) = guard("{}");
+        let text = format!(
+            "Mail jane@example.com or {pseudonym}, {} card 4111 1111 1111 1111 ok, then AKIAIOSFODNN7EXAMPLE {} jane@example.com!",
+            "x".repeat(60),
+            "y".repeat(40)
+        );
+        let expected = g.process_full(&text, &mut GuardTally::default(), false).unwrap().unwrap();
+        for api in APIS {
+            let s = stream(*api, &chunks(&text, 9));
+            let b = s.as_bytes();
+            for i in 0..=b.len() {
+                let (out, _) = run(*api, &g, &[&b[..i], &b[i..]]);
+                check(*api, &out, &expected, &format!("split at {i}"));
+            }
+        }
+    }
+
+    #[test]
+    fn events_without_text_pass_through_in_order() {
+        let (g, _) = guard("{}");
+        let s = stream(ApiKind::OpenaiChat, &chunks("hello jane@example.com", 4));
+        let (out, _) = run(ApiKind::OpenaiChat, &g, &[s.as_bytes()]);
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.starts_with(": keep-alive comment\n\n"), "{out}");
+        let evs = events(out.as_bytes());
+        let first: Value = serde_json::from_str(&evs[0].1).unwrap();
+        assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+        let n = evs.len();
+        assert_eq!(evs[n - 1].1, "[DONE]");
+        let usage: Value = serde_json::from_str(&evs[n - 2].1).unwrap();
+        assert_eq!(usage["usage"]["total_tokens"], 9);
+        let finish: Value = serde_json::from_str(&evs[n - 3].1).unwrap();
+        assert_eq!(finish["choices"][0]["finish_reason"], "stop");
+        let flushed: Value = serde_json::from_str(&evs[n - 4].1).unwrap();
+        assert!(flushed["choices"][0]["delta"]["content"].as_str().unwrap().ends_with("<EMAIL_") == false);
+        assert_eq!(assembled(ApiKind::OpenaiChat, out.as_bytes()).0.matches("<EMAIL_").count(), 1);
+        // Anthropic: ping and message events untouched.
+        let s = stream(ApiKind::AnthropicMessages, &chunks("hi", 1));
+        let (out, _) = run(ApiKind::AnthropicMessages, &g, &[s.as_bytes()]);
+        assert!(String::from_utf8(out).unwrap().contains("event: ping\ndata: {\"type\": \"ping\"}\n\n"));
+    }
+
+    #[test]
+    fn inactive_guard_is_a_pass_through() {
+        let s = stream(ApiKind::OpenaiChat, &chunks("jane@example.com", 3));
+        let (out, _) = run(ApiKind::OpenaiChat, &ResponseGuard::default(), &[s.as_bytes()]);
+        assert_eq!(out, s.as_bytes());
+    }
+
+    #[test]
+    fn response_rule_blocks_mid_stream_with_the_api_error_event() {
+        let (g, _) = guard(r#"{"response_rules":[{"name":"no-launch","phrases":["launch code"]}]}"#);
+        let text = format!("{} The LAUNCH code is 0000. {}", "a".repeat(300), "b".repeat(300));
+        for api in APIS {
+            for per_event in [1, 5] {
+                let s = stream(*api, &chunks(&text, per_event));
+                let (out, m) = run(*api, &g, &[s.as_bytes()]);
+                let (assembled_text, error) = assembled(*api, &out);
+                let error = error.unwrap_or_else(|| panic!("{api:?}: no error event"));
+                assert!(!assembled_text.to_lowercase().contains("launch"), "{api:?}");
+                assert!(assembled_text.starts_with(&"a".repeat(150)), "{api:?}: text before the match was released");
+                assert!(!assembled_text.contains('b'), "{api:?}: nothing after the block");
+                let out_s = String::from_utf8(out.clone()).unwrap();
+                let last = events(&out).pop().unwrap();
+                match api {
+                    ApiKind::AnthropicMessages => {
+                        assert_eq!(last.0.as_deref(), Some("error"));
+                        assert_eq!(error["error"]["type"], "permission_error");
+                    }
+                    ApiKind::OpenaiResponses => {
+                        assert_eq!(last.0.as_deref(), Some("error"));
+                        assert_eq!(error["error"]["code"], "response_blocked");
+                    }
+                    ApiKind::GeminiGenerateContent => assert_eq!(error["error"]["status"], "PERMISSION_DENIED"),
+                    _ => {
+                        assert_eq!(last.0, None);
+                        assert_eq!(error["error"]["code"], "response_blocked");
+                        assert!(!out_s.contains("[DONE]"));
+                    }
+                }
+                assert!(error.to_string().contains("no-launch"));
+                assert_eq!(m.report().blocked.unwrap().by, BlockedBy::Rule("no-launch".into()));
+                assert!(m.blocked().is_some());
+            }
+        }
+    }
+
+    #[test]
+    fn block_detector_and_monitor_rule_in_stream() {
+        let cfg = MaskingConfig::from_json(br#"{"profiles":{"default":{"detectors":{"aws_access_key":"block"}}}}"#).unwrap();
+        let rules = ContentPolicy::from_json(br#"{"response_rules":[{"name":"watch","phrases":["hello"],"action":"monitor"}]}"#)
+            .unwrap()
+            .response_rules(&RequestFacts::default());
+        let g = ResponseGuard::new(cfg.default_profile(), RestoreMap::default(), rules);
+        let s = stream(ApiKind::OpenaiChat, &chunks("hello world, key AKIAIOSFODNN7EXAMPLE here", 1));
+        let (out, m) = run(ApiKind::OpenaiChat, &g, &[s.as_bytes()]);
+        let (text, error) = assembled(ApiKind::OpenaiChat, &out);
+        assert!(error.is_some() && !String::from_utf8_lossy(&out).contains("AKIA"), "{text}");
+        let r = m.report();
+        assert_eq!(r.blocked.unwrap().by, BlockedBy::Detector("aws_access_key".into()));
+        assert_eq!(r.monitored_rules, vec!["watch".to_string()]);
+        assert!(m.clone_output_is_empty());
+    }
+
+    impl SseStreamMasker {
+        fn clone_output_is_empty(&self) -> bool {
+            self.buf.is_empty() && self.channels.is_empty()
+        }
+    }
+
+    #[test]
+    fn long_pem_block_is_held_then_swallowed() {
+        let (g, _) = guard("{}");
+        let body: String = (0..400).map(|i| format!("QUJD{i:060}\n")).collect();
+        let text = format!("Here:\n-----BEGIN RSA PRIVATE KEY-----\n{body}-----END RSA PRIVATE KEY-----\nThat was it.");
+        assert!(text.len() > MAX_HOLD_CHARS);
+        for api in [ApiKind::OpenaiChat, ApiKind::AnthropicMessages] {
+            let s = stream(api, &chunks(&text, 50));
+            let (out, _) = run(api, &g, &[s.as_bytes()]);
+            let (got, _) = assembled(api, &out);
+            assert_eq!(got, "Here:\n[PEM_PRIVATE_KEY]\nThat was it.", "{api:?}");
+            assert!(!String::from_utf8_lossy(&out).contains("QUJD"));
+        }
+        // A short block is masked whole.
+        let text = "k -----BEGIN PRIVATE KEY-----\nQUJDRA==\n-----END PRIVATE KEY----- end";
+        let s = stream(ApiKind::OpenaiChat, &chunks(text, 1));
+        let (out, _) = run(ApiKind::OpenaiChat, &g, &[s.as_bytes()]);
+        assert_eq!(assembled(ApiKind::OpenaiChat, &out).0, "k [PEM_PRIVATE_KEY] end");
+    }
+
+    #[test]
+    fn tool_call_arguments_and_multiple_choices() {
+        let (g, _) = guard("{}");
+        let mut s = String::new();
+        let env = |choices: Value| json!({"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":choices});
+        s.push_str(&data(env(json!([{"index":0,"delta":{"role":"assistant","tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"f","arguments":""}}]},"finish_reason":null}]))));
+        for piece in chunks(r#"{"to":"jane@example.com"}"#, 2) {
+            s.push_str(&data(env(json!([{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":piece}}]},"finish_reason":null}]))));
+            s.push_str(&data(env(json!([{"index":1,"delta":{"content":piece},"finish_reason":null}]))));
+        }
+        s.push_str(&data(env(json!([{"index":0,"delta":{},"finish_reason":"tool_calls"}]))));
+        s.push_str(&data(env(json!([{"index":1,"delta":{},"finish_reason":"stop"}]))));
+        s.push_str("data: [DONE]\n\n");
+        let (out, _) = run(ApiKind::OpenaiChat, &g, &[s.as_bytes()]);
+        let mut args = String::new();
+        let mut content = String::new();
+        for (_, d) in events(&out) {
+            if d == "[DONE]" {
+                continue;
+            }
+            let v: Value = serde_json::from_str(&d).unwrap();
+            for c in v["choices"].as_array().unwrap() {
+                if let Some(a) = c["delta"]["tool_calls"][0]["function"]["arguments"].as_str() {
+                    args.push_str(a);
+                }
+                if let Some(t) = c["delta"]["content"].as_str() {
+                    content.push_str(t);
+                }
+            }
+        }
+        assert!(args.starts_with(r#"{"to":"<EMAIL_"#) && args.ends_with(r#">"}"#), "{args}");
+        assert_eq!(args, content);
+        assert!(!String::from_utf8_lossy(&out).contains("jane"));
+    }
+
+    #[test]
+    fn garbage_never_panics_and_huge_events_block() {
+        let (g, _) = guard("{}");
+        for input in [&b"data: {\"choices\":[{\"delta\":{\"content\":5}}]}\n\n"[..], b"data: \xff\xfe\n\n", b"\r\r\r\n\n:x\ndata", b"data: [1,2]\n\ndata: \"jane@example.com\"\n\n"] {
+            for api in APIS {
+                let (out, _) = run(*api, &g, &[input]);
+                assert!(!String::from_utf8_lossy(&out).contains("jane@"), "{api:?}");
+            }
+        }
+        let mut m = SseStreamMasker::new(ApiKind::OpenaiChat, g);
+        let big = vec![b'a'; MAX_EVENT_BYTES + 1];
+        let out = m.push(&big);
+        assert_eq!(m.blocked().unwrap().by, BlockedBy::Uninspectable);
+        assert!(String::from_utf8(out).unwrap().contains("response_blocked"));
+        assert!(m.push(b"data: x\n\n").is_empty() && m.finish().is_empty());
+    }
+
+    #[test]
+    fn unterminated_last_event_is_completed_and_masked() {
+        let (g, _) = guard("{}");
+        let s = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"mail jane@example.com\"},\"finish_reason\":null}]}";
+        let (out, _) = run(ApiKind::OpenaiChat, &g, &[s.as_bytes()]);
+        let (text, _) = assembled(ApiKind::OpenaiChat, &out);
+        assert!(text.starts_with("mail <EMAIL_"), "{text}");
+    }
+}

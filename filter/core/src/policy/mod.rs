@@ -1,0 +1,683 @@
+//! Content policy: deny rules on requests and block rules on responses,
+//! each with a `monitor` mode that records what would have happened.
+//!
+//! # Configuration
+//!
+//! ```json
+//! "content_policy": {
+//!   "request_rules": [
+//!     {"name": "no-project-x", "phrases": ["project x", "codename falcon"], "regex": ["(?i-u:falcon-[0-9]+)"]},
+//!     {"name": "models", "models": {"allow": ["gpt-4o*", "claude-*"], "deny": ["*-preview"]}},
+//!     {"name": "cap", "max_tokens": 4096, "require_max_tokens": false, "routes": ["public-*"]},
+//!     {"name": "try-out", "phrases": ["password"], "callers": ["team-a-*"], "groups": ["interns"], "action": "monitor"}
+//!   ],
+//!   "response_rules": [
+//!     {"name": "no-internal", "phrases": ["internal only"], "action": "block"},
+//!     {"name": "watch", "regex": ["(?i-u:confidential)"], "models": ["gpt-*"], "action": "monitor"}
+//!   ]
+//! }
+//! ```
+//!
+//! * `phrases` match case-insensitively as substrings; a run of whitespace in
+//!   a phrase matches any run of whitespace. `regex` uses Rust regex syntax
+//!   (case-insensitive matching of ASCII with `(?i-u:...)`; Unicode `(?i)`
+//!   is not compiled into the filter).
+//! * Request rules deny when any of their conditions trips: a phrase or
+//!   regex in any prompt message, a model outside `models.allow` or inside
+//!   `models.deny` (globs), `max_tokens` above the cap (or missing, with
+//!   `require_max_tokens`). They are evaluated on the unmasked prompt, which
+//!   never leaves the filter.
+//! * `callers`, `groups` and `routes` (globs) scope a rule: each list given
+//!   must match (a request without caller or route does not match such a
+//!   list). Response rules may also be scoped by `models` (globs).
+//! * `action`: `deny` (request rules; also spelled `block`, the usual word
+//!   for response rules) or `monitor`. Default: enforce.
+//! * A request denial is a 403 in the API's own error format naming the
+//!   rule ([`PolicyOutcome::refusal`]). A response match replaces a plain
+//!   response by an error, or ends a stream with an error event
+//!   ([`crate::mask::ResponseGuard`], [`crate::mask::SseStreamMasker`]).
+
+use std::sync::Arc;
+
+use regex::Regex;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::ConfigError;
+use crate::glob::Glob;
+use crate::mask::compile_regex;
+use crate::refusal::{Refusal, RefusalKind};
+use crate::wire::{ApiKind, PromptMessage};
+
+/// Enforce or only record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleAction {
+    /// Deny the request / block the response.
+    #[serde(alias = "block")]
+    Deny,
+    /// Record what would have happened; change nothing.
+    Monitor,
+}
+
+/// `content_policy` as written in the configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawContentPolicy {
+    /// Rules on requests.
+    #[serde(default)]
+    pub request_rules: Vec<RawRequestRule>,
+    /// Rules on responses.
+    #[serde(default)]
+    pub response_rules: Vec<RawResponseRule>,
+}
+
+/// One request rule as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRequestRule {
+    /// Name shown in denials and records.
+    pub name: String,
+    /// Case-insensitive substrings of the prompt.
+    #[serde(default)]
+    pub phrases: Vec<String>,
+    /// Regexes over the prompt.
+    #[serde(default)]
+    pub regex: Vec<String>,
+    /// Model allow/deny lists.
+    #[serde(default)]
+    pub models: Option<RawModels>,
+    /// Largest `max_tokens` (or the API's equivalent) accepted.
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+    /// With `max_tokens`: deny requests that do not set a limit.
+    #[serde(default)]
+    pub require_max_tokens: bool,
+    /// Caller-name globs.
+    #[serde(default)]
+    pub callers: Option<Vec<String>>,
+    /// Caller-group globs.
+    #[serde(default)]
+    pub groups: Option<Vec<String>>,
+    /// Route-name globs.
+    #[serde(default)]
+    pub routes: Option<Vec<String>>,
+    /// `deny` (default) or `monitor`.
+    #[serde(default = "enforce")]
+    pub action: RuleAction,
+}
+
+/// Model lists of a request rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModels {
+    /// Only these models (globs) are allowed.
+    #[serde(default)]
+    pub allow: Option<Vec<String>>,
+    /// These models (globs) are denied.
+    #[serde(default)]
+    pub deny: Option<Vec<String>>,
+}
+
+/// One response rule as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawResponseRule {
+    /// Name shown in errors and records.
+    pub name: String,
+    /// Case-insensitive substrings of the completion.
+    #[serde(default)]
+    pub phrases: Vec<String>,
+    /// Regexes over the completion.
+    #[serde(default)]
+    pub regex: Vec<String>,
+    /// Caller-name globs.
+    #[serde(default)]
+    pub callers: Option<Vec<String>>,
+    /// Caller-group globs.
+    #[serde(default)]
+    pub groups: Option<Vec<String>>,
+    /// Route-name globs.
+    #[serde(default)]
+    pub routes: Option<Vec<String>>,
+    /// Model globs.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+    /// `block` (default) or `monitor`.
+    #[serde(default = "enforce")]
+    pub action: RuleAction,
+}
+
+fn enforce() -> RuleAction {
+    RuleAction::Deny
+}
+
+#[derive(Debug, Clone, Default)]
+struct Scope {
+    callers: Option<Vec<Glob>>,
+    groups: Option<Vec<Glob>>,
+    routes: Option<Vec<Glob>>,
+    models: Option<Vec<Glob>>,
+}
+
+impl Scope {
+    fn matches(&self, f: &RequestFacts<'_>) -> bool {
+        let any = |globs: &Option<Vec<Glob>>, value: Option<&str>| match (globs, value) {
+            (None, _) => true,
+            (Some(g), Some(v)) => g.iter().any(|g| g.matches(v)),
+            (Some(_), None) => false,
+        };
+        any(&self.callers, f.caller)
+            && any(&self.routes, f.route)
+            && any(&self.models, Some(f.model))
+            && self.groups.as_ref().is_none_or(|g| f.groups.iter().any(|grp| g.iter().any(|g| g.matches(grp))))
+    }
+}
+
+/// A compiled request rule.
+#[derive(Debug, Clone)]
+struct RequestRule {
+    name: String,
+    phrases: Option<Regex>,
+    regex: Vec<Regex>,
+    allow: Option<Vec<Glob>>,
+    deny: Option<Vec<Glob>>,
+    max_tokens: Option<u64>,
+    require_max_tokens: bool,
+    scope: Scope,
+    action: RuleAction,
+}
+
+/// A compiled response rule.
+#[derive(Debug)]
+pub struct ResponseRule {
+    pub(crate) name: String,
+    matchers: Vec<Regex>,
+    pub(crate) action: RuleAction,
+    scope: Scope,
+}
+
+impl ResponseRule {
+    /// Rule name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// Enforce or monitor.
+    pub fn action(&self) -> RuleAction {
+        self.action
+    }
+}
+
+/// The response rules in scope for one request. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct ResponseRules(Vec<Arc<ResponseRule>>);
+
+impl ResponseRules {
+    /// Whether no rule applies.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    /// The rules, in configuration order.
+    pub fn rules(&self) -> impl Iterator<Item = &ResponseRule> {
+        self.0.iter().map(|r| &**r)
+    }
+    pub(crate) fn get(&self, i: usize) -> Option<&ResponseRule> {
+        self.0.get(i).map(|r| &**r)
+    }
+    /// Appends `(rule index, start, end)` for every match in `hay[from..]`.
+    pub(crate) fn find(&self, hay: &str, from: usize, out: &mut Vec<(usize, usize, usize)>) {
+        for (i, r) in self.0.iter().enumerate() {
+            for m in &r.matchers {
+                let mut pos = from;
+                while pos <= hay.len() {
+                    let Some(found) = m.find_at(hay, pos) else { break };
+                    if found.end() > found.start() {
+                        out.push((i, found.start(), found.end()));
+                        pos = found.end();
+                    } else {
+                        pos = crate::mask::next_char_boundary(hay, found.start());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Facts about a request that rules match on, supplied by the filter.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestFacts<'a> {
+    /// Caller name, when identity is configured.
+    pub caller: Option<&'a str>,
+    /// Caller groups.
+    pub groups: &'a [String],
+    /// Envoy route name.
+    pub route: Option<&'a str>,
+    /// Model (from the body, or the path for Gemini).
+    pub model: &'a str,
+    /// Requested output limit ([`requested_max_tokens`]).
+    pub max_tokens: Option<u64>,
+}
+
+/// One rule that matched, and why (never the prompt text).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleMatch {
+    /// Rule name.
+    pub rule: String,
+    /// What tripped it, e.g. `the prompt contains a denied phrase`.
+    pub reason: String,
+}
+
+/// The verdict of the request rules.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyOutcome {
+    /// The first enforcing rule that matched.
+    pub denied_by: Option<String>,
+    /// Message for the caller when denied (names the rule and reason).
+    pub message: Option<String>,
+    /// `monitor` rules that matched: what would have been denied.
+    pub monitored: Vec<RuleMatch>,
+}
+
+impl PolicyOutcome {
+    /// The 403 to send when denied, in the API's error format.
+    pub fn refusal(&self, api: ApiKind) -> Option<Refusal> {
+        self.message.as_ref().map(|m| Refusal::new(RefusalKind::PolicyDenied, Some(api), m.clone()))
+    }
+}
+
+/// The validated `content_policy` section.
+#[derive(Debug, Clone, Default)]
+pub struct ContentPolicy {
+    request_rules: Vec<RequestRule>,
+    response_rules: Vec<Arc<ResponseRule>>,
+}
+
+fn err(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError { field: field.into(), message: message.into() }
+}
+
+/// A case-insensitive pattern for a literal phrase, built without Unicode
+/// case tables: each cased character becomes a class of its case forms.
+fn phrase_pattern(phrase: &str) -> String {
+    let mut out = String::new();
+    let mut in_space = false;
+    for c in phrase.trim().chars() {
+        if c.is_whitespace() {
+            if !in_space {
+                out.push_str(r"\s+");
+                in_space = true;
+            }
+            continue;
+        }
+        in_space = false;
+        let s = c.to_string();
+        let lower: String = c.to_lowercase().collect();
+        let upper: String = c.to_uppercase().collect();
+        if lower == s && upper == s {
+            out.push_str(&regex::escape(&s));
+            continue;
+        }
+        let mut forms: Vec<String> = vec![s, lower, upper];
+        forms.sort();
+        forms.dedup();
+        if forms.iter().all(|f| f.chars().count() == 1) {
+            out.push('[');
+            for f in &forms {
+                out.push_str(&regex::escape(f));
+            }
+            out.push(']');
+        } else {
+            out.push_str("(?:");
+            out.push_str(&forms.iter().map(|f| regex::escape(f)).collect::<Vec<_>>().join("|"));
+            out.push(')');
+        }
+    }
+    out
+}
+
+fn compile_phrases(field: &str, phrases: &[String]) -> Result<Option<Regex>, ConfigError> {
+    if phrases.is_empty() {
+        return Ok(None);
+    }
+    let mut parts = Vec::new();
+    for (i, p) in phrases.iter().enumerate() {
+        if p.trim().is_empty() {
+            return Err(err(format!("{field}[{i}]"), "must not be empty"));
+        }
+        parts.push(format!("(?:{})", phrase_pattern(p)));
+    }
+    compile_regex(&parts.join("|")).map(Some).map_err(|m| err(field, m))
+}
+
+fn compile_regexes(field: &str, list: &[String]) -> Result<Vec<Regex>, ConfigError> {
+    let mut out = Vec::new();
+    for (i, p) in list.iter().enumerate() {
+        let r = compile_regex(p).map_err(|m| err(format!("{field}[{i}]"), m))?;
+        if r.is_match("") {
+            return Err(err(format!("{field}[{i}]"), "must not match the empty string"));
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+fn globs(field: &str, list: &Option<Vec<String>>) -> Result<Option<Vec<Glob>>, ConfigError> {
+    match list {
+        None => Ok(None),
+        Some(l) if l.is_empty() => Err(err(field, "must not be empty (omit it to match anything)")),
+        Some(l) => {
+            for (i, g) in l.iter().enumerate() {
+                if g.is_empty() {
+                    return Err(err(format!("{field}[{i}]"), "must not be empty"));
+                }
+            }
+            Ok(Some(l.iter().map(|g| Glob::new(g)).collect()))
+        }
+    }
+}
+
+fn check_name(field: &str, name: &str, seen: &[&str]) -> Result<(), ConfigError> {
+    if name.trim().is_empty() {
+        return Err(err(field, "must not be empty"));
+    }
+    if seen.contains(&name) {
+        return Err(err(field, format!("duplicate rule name `{name}`")));
+    }
+    Ok(())
+}
+
+impl ContentPolicy {
+    /// Parses and validates a `content_policy` object on its own (field paths
+    /// start with `content_policy`).
+    pub fn from_json(bytes: &[u8]) -> Result<ContentPolicy, ConfigError> {
+        let raw: RawContentPolicy = serde_json::from_slice(bytes).map_err(|e| err("content_policy", e.to_string()))?;
+        ContentPolicy::validate(raw, "content_policy")
+    }
+
+    /// Validates and compiles `raw`; `field` is the section's path.
+    pub fn validate(raw: RawContentPolicy, field: &str) -> Result<ContentPolicy, ConfigError> {
+        let mut request_rules = Vec::new();
+        let mut names: Vec<&str> = Vec::new();
+        for (i, r) in raw.request_rules.iter().enumerate() {
+            let at = format!("{field}.request_rules[{i}]");
+            check_name(&format!("{at}.name"), &r.name, &names)?;
+            names.push(&r.name);
+            let (allow, deny) = match &r.models {
+                None => (None, None),
+                Some(m) => {
+                    if m.allow.is_none() && m.deny.is_none() {
+                        return Err(err(format!("{at}.models"), "give `allow`, `deny` or both"));
+                    }
+                    (globs(&format!("{at}.models.allow"), &m.allow)?, globs(&format!("{at}.models.deny"), &m.deny)?)
+                }
+            };
+            if r.max_tokens == Some(0) {
+                return Err(err(format!("{at}.max_tokens"), "must be at least 1"));
+            }
+            if r.require_max_tokens && r.max_tokens.is_none() {
+                return Err(err(format!("{at}.require_max_tokens"), "needs `max_tokens`"));
+            }
+            if r.phrases.is_empty() && r.regex.is_empty() && r.models.is_none() && r.max_tokens.is_none() {
+                return Err(err(&at, "has no condition (phrases, regex, models or max_tokens)"));
+            }
+            request_rules.push(RequestRule {
+                name: r.name.clone(),
+                phrases: compile_phrases(&format!("{at}.phrases"), &r.phrases)?,
+                regex: compile_regexes(&format!("{at}.regex"), &r.regex)?,
+                allow,
+                deny,
+                max_tokens: r.max_tokens,
+                require_max_tokens: r.require_max_tokens,
+                scope: Scope {
+                    callers: globs(&format!("{at}.callers"), &r.callers)?,
+                    groups: globs(&format!("{at}.groups"), &r.groups)?,
+                    routes: globs(&format!("{at}.routes"), &r.routes)?,
+                    models: None,
+                },
+                action: r.action,
+            });
+        }
+        let mut response_rules = Vec::new();
+        let mut names: Vec<&str> = Vec::new();
+        for (i, r) in raw.response_rules.iter().enumerate() {
+            let at = format!("{field}.response_rules[{i}]");
+            check_name(&format!("{at}.name"), &r.name, &names)?;
+            names.push(&r.name);
+            if r.phrases.is_empty() && r.regex.is_empty() {
+                return Err(err(&at, "has no condition (phrases or regex)"));
+            }
+            let mut matchers: Vec<Regex> = compile_phrases(&format!("{at}.phrases"), &r.phrases)?.into_iter().collect();
+            matchers.extend(compile_regexes(&format!("{at}.regex"), &r.regex)?);
+            response_rules.push(Arc::new(ResponseRule {
+                name: r.name.clone(),
+                matchers,
+                action: r.action,
+                scope: Scope {
+                    callers: globs(&format!("{at}.callers"), &r.callers)?,
+                    groups: globs(&format!("{at}.groups"), &r.groups)?,
+                    routes: globs(&format!("{at}.routes"), &r.routes)?,
+                    models: globs(&format!("{at}.models"), &r.models)?,
+                },
+            }));
+        }
+        Ok(ContentPolicy { request_rules, response_rules })
+    }
+
+    /// Whether there are no rules at all.
+    pub fn is_empty(&self) -> bool {
+        self.request_rules.is_empty() && self.response_rules.is_empty()
+    }
+
+    /// Evaluates the request rules in scope on the (unmasked) prompt.
+    pub fn evaluate_request(&self, facts: &RequestFacts<'_>, prompt: &[PromptMessage]) -> PolicyOutcome {
+        let mut out = PolicyOutcome::default();
+        for rule in &self.request_rules {
+            if !rule.scope.matches(facts) {
+                continue;
+            }
+            let Some(reason) = rule.trips(facts, prompt) else { continue };
+            match rule.action {
+                RuleAction::Monitor => out.monitored.push(RuleMatch { rule: rule.name.clone(), reason }),
+                RuleAction::Deny if out.denied_by.is_none() => {
+                    out.message = Some(format!("denied by content policy rule `{}`: {reason}", rule.name));
+                    out.denied_by = Some(rule.name.clone());
+                }
+                RuleAction::Deny => {}
+            }
+        }
+        out
+    }
+
+    /// The response rules in scope for a request.
+    pub fn response_rules(&self, facts: &RequestFacts<'_>) -> ResponseRules {
+        ResponseRules(self.response_rules.iter().filter(|r| r.scope.matches(facts)).cloned().collect())
+    }
+}
+
+impl RequestRule {
+    fn trips(&self, f: &RequestFacts<'_>, prompt: &[PromptMessage]) -> Option<String> {
+        if let Some(allow) = &self.allow {
+            if !allow.iter().any(|g| g.matches(f.model)) {
+                return Some(format!("model `{}` is not allowed", f.model));
+            }
+        }
+        if let Some(deny) = &self.deny {
+            if deny.iter().any(|g| g.matches(f.model)) {
+                return Some(format!("model `{}` is not allowed", f.model));
+            }
+        }
+        if let Some(cap) = self.max_tokens {
+            match f.max_tokens {
+                Some(n) if n > cap => return Some(format!("max_tokens {n} exceeds the cap of {cap}")),
+                None if self.require_max_tokens => return Some(format!("max_tokens is required (cap {cap})")),
+                _ => {}
+            }
+        }
+        if let Some(p) = &self.phrases {
+            if prompt.iter().any(|m| p.is_match(&m.text)) {
+                return Some("the prompt contains a denied phrase".into());
+            }
+        }
+        if self.regex.iter().any(|r| prompt.iter().any(|m| r.is_match(&m.text))) {
+            return Some("the prompt matches a denied pattern".into());
+        }
+        None
+    }
+}
+
+/// The output-token limit a request asks for (`max_tokens`,
+/// `max_completion_tokens`, `max_output_tokens`,
+/// `generationConfig.maxOutputTokens`), for [`RequestFacts::max_tokens`].
+/// Fractions round up; a value that is not a number counts as unlimited
+/// (`u64::MAX`), so that it cannot slip under a cap.
+pub fn requested_max_tokens(api: ApiKind, body: &[u8]) -> Option<u64> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let keys: &[&[&str]] = match api {
+        ApiKind::OpenaiChat => &[&["max_completion_tokens"], &["max_tokens"]],
+        ApiKind::OpenaiCompletions | ApiKind::AnthropicMessages => &[&["max_tokens"]],
+        ApiKind::OpenaiResponses => &[&["max_output_tokens"]],
+        ApiKind::GeminiGenerateContent => &[&["generationConfig", "maxOutputTokens"], &["generation_config", "max_output_tokens"]],
+        ApiKind::OpenaiEmbeddings => &[],
+    };
+    let mut best: Option<u64> = None;
+    for path in keys {
+        let mut cur = Some(&v);
+        for k in *path {
+            cur = cur.and_then(|c| c.get(*k));
+        }
+        let n = match cur {
+            None | Some(Value::Null) => continue,
+            Some(Value::Number(n)) => match (n.as_u64(), n.as_f64()) {
+                (Some(u), _) => u,
+                (None, Some(f)) if f <= 0.0 => 0,
+                (None, Some(f)) if f < 1.8e19 => f.ceil() as u64,
+                _ => u64::MAX,
+            },
+            Some(_) => u64::MAX,
+        };
+        best = Some(best.map_or(n, |b| b.max(n)));
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    fn msg(text: &str) -> Vec<PromptMessage> {
+        vec![PromptMessage { role: "user".into(), text: text.into() }]
+    }
+
+    fn facts<'a>(model: &'a str, max_tokens: Option<u64>) -> RequestFacts<'a> {
+        RequestFacts { model, max_tokens, ..Default::default() }
+    }
+
+    const POLICY: &str = r#"{"request_rules":[
+        {"name":"no-project-x","phrases":["project   x","Straße"],"regex":["falcon-[0-9]+"]},
+        {"name":"models","models":{"allow":["gpt-4o*","claude-*"],"deny":["*-preview"]}},
+        {"name":"cap","max_tokens":4096,"routes":["public-*"]},
+        {"name":"watch","phrases":["password"],"callers":["team-a-*"],"action":"monitor"},
+        {"name":"interns","phrases":["delete"],"groups":["interns"]}
+    ],"response_rules":[
+        {"name":"no-internal","phrases":["internal only"]},
+        {"name":"gpt-watch","regex":["confidential"],"models":["gpt-*"],"action":"monitor"}
+    ]}"#;
+
+    #[test]
+    fn request_rules_deny_with_reason() {
+        let p = ContentPolicy::from_json(POLICY.as_bytes()).unwrap();
+        let cases: &[(&str, Option<u64>, Option<&str>, &str, Option<&str>)] = &[
+            ("gpt-4o", None, None, "hello", None),
+            ("gpt-4o", None, None, "about PROJECT\n X today", Some("no-project-x")),
+            ("gpt-4o", None, None, "die STRASSE", Some("no-project-x")),
+            ("gpt-4o", None, None, "falcon-12", Some("no-project-x")),
+            ("llama", None, None, "hello", Some("models")),
+            ("gpt-4o-preview", None, None, "hello", Some("models")),
+            ("gpt-4o", Some(10_000), None, "hello", None),
+            ("gpt-4o", Some(10_000), Some("public-api"), "hello", Some("cap")),
+            ("gpt-4o", Some(4096), Some("public-api"), "hello", None),
+        ];
+        for (model, max, route, text, want) in cases {
+            let f = RequestFacts { route: *route, ..facts(model, *max) };
+            let out = p.evaluate_request(&f, &msg(text));
+            assert_eq!(out.denied_by.as_deref(), *want, "{model} {text}");
+            if let Some(rule) = want {
+                let r = out.refusal(ApiKind::AnthropicMessages).unwrap();
+                assert_eq!(r.status(), 403);
+                assert!(r.message.contains(rule));
+                assert!(!r.message.contains(text), "never echoes the prompt");
+            }
+        }
+        let out = p.evaluate_request(&facts("llama", None), &msg("project x"));
+        assert_eq!(out.message.unwrap(), "denied by content policy rule `no-project-x`: the prompt contains a denied phrase");
+    }
+
+    #[test]
+    fn scoping_and_monitor() {
+        let p = ContentPolicy::from_json(POLICY.as_bytes()).unwrap();
+        let out = p.evaluate_request(&facts("gpt-4o", None), &msg("my password"));
+        assert!(out.monitored.is_empty(), "no caller: callers-scoped rule does not apply");
+        let f = RequestFacts { caller: Some("team-a-bot"), ..facts("gpt-4o", None) };
+        let out = p.evaluate_request(&f, &msg("my password"));
+        assert_eq!(out.denied_by, None);
+        assert_eq!(out.monitored, vec![RuleMatch { rule: "watch".into(), reason: "the prompt contains a denied phrase".into() }]);
+        let groups = vec!["staff".to_string(), "interns".to_string()];
+        let f = RequestFacts { groups: &groups, ..facts("gpt-4o", None) };
+        assert_eq!(p.evaluate_request(&f, &msg("delete it")).denied_by.as_deref(), Some("interns"));
+        assert_eq!(p.evaluate_request(&facts("gpt-4o", None), &msg("delete it")).denied_by, None);
+        let rules = p.response_rules(&facts("claude-3", None));
+        assert_eq!(rules.rules().map(ResponseRule::name).collect::<Vec<_>>(), vec!["no-internal"]);
+        let rules = p.response_rules(&facts("gpt-4o", None));
+        assert_eq!(rules.rules().count(), 2);
+    }
+
+    #[test]
+    fn require_max_tokens() {
+        let p = ContentPolicy::from_json(br#"{"request_rules":[{"name":"cap","max_tokens":100,"require_max_tokens":true}]}"#).unwrap();
+        assert_eq!(p.evaluate_request(&facts("m", None), &[]).denied_by.as_deref(), Some("cap"));
+        assert_eq!(p.evaluate_request(&facts("m", Some(100)), &[]).denied_by, None);
+    }
+
+    #[test]
+    fn config_errors_name_the_field() {
+        for (json, field) in [
+            (r#"{"request_rules":[{"name":"a","phrases":["x"]},{"name":"a","phrases":["y"]}]}"#, "content_policy.request_rules[1].name"),
+            (r#"{"request_rules":[{"name":"a"}]}"#, "content_policy.request_rules[0]"),
+            (r#"{"request_rules":[{"name":"a","regex":["ok","(["]}]}"#, "content_policy.request_rules[0].regex[1]"),
+            (r#"{"request_rules":[{"name":"a","regex":["x*"]}]}"#, "content_policy.request_rules[0].regex[0]"),
+            (r#"{"request_rules":[{"name":"a","phrases":[" "]}]}"#, "content_policy.request_rules[0].phrases[0]"),
+            (r#"{"request_rules":[{"name":"a","models":{}}]}"#, "content_policy.request_rules[0].models"),
+            (r#"{"request_rules":[{"name":"a","models":{"allow":[]}}]}"#, "content_policy.request_rules[0].models.allow"),
+            (r#"{"request_rules":[{"name":"a","max_tokens":0}]}"#, "content_policy.request_rules[0].max_tokens"),
+            (r#"{"request_rules":[{"name":"a","phrases":["x"],"require_max_tokens":true}]}"#, "content_policy.request_rules[0].require_max_tokens"),
+            (r#"{"request_rules":[{"name":"a","phrases":["x"],"callers":[]}]}"#, "content_policy.request_rules[0].callers"),
+            (r#"{"response_rules":[{"name":"r"}]}"#, "content_policy.response_rules[0]"),
+            (r#"{"response_rules":[{"name":"","phrases":["x"]}]}"#, "content_policy.response_rules[0].name"),
+        ] {
+            assert_eq!(ContentPolicy::from_json(json.as_bytes()).unwrap_err().field, field, "{json}");
+        }
+        let e = ContentPolicy::from_json(br#"{"request_rules":[{"name":"a","phrase":["x"]}]}"#).unwrap_err();
+        assert!(e.message.contains("phrase"), "{e}");
+        let e = ContentPolicy::from_json(br#"{"request_rules":[{"name":"a","phrases":["x"],"action":"block"}]}"#);
+        assert!(e.is_ok(), "block is an alias of deny");
+    }
+
+    #[test]
+    fn max_tokens_per_api() {
+        assert_eq!(requested_max_tokens(ApiKind::OpenaiChat, br#"{"max_tokens":10,"max_completion_tokens":20}"#), Some(20));
+        assert_eq!(requested_max_tokens(ApiKind::OpenaiChat, br#"{"max_tokens":null}"#), None);
+        assert_eq!(requested_max_tokens(ApiKind::OpenaiResponses, br#"{"max_output_tokens":7.2}"#), Some(8));
+        assert_eq!(requested_max_tokens(ApiKind::AnthropicMessages, br#"{"max_tokens":"lots"}"#), Some(u64::MAX));
+        assert_eq!(requested_max_tokens(ApiKind::GeminiGenerateContent, br#"{"generationConfig":{"maxOutputTokens":64}}"#), Some(64));
+        assert_eq!(requested_max_tokens(ApiKind::OpenaiEmbeddings, br#"{"max_tokens":5}"#), None);
+        assert_eq!(requested_max_tokens(ApiKind::OpenaiChat, br#"{"max_tokens":-3}"#), Some(0));
+    }
+
+    #[test]
+    fn phrase_patterns_are_literal() {
+        let r = compile_regex(&phrase_pattern("a.b (c)*")).unwrap();
+        assert!(r.is_match("x A.B  (C)* y"));
+        assert!(!r.is_match("axb (c)"));
+    }
+}

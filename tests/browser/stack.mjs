@@ -1,0 +1,222 @@
+// Starts the real countersign stack (demo model + approval service + Envoy
+// with the wasm filter) on free loopback ports, and stops every process it
+// started by PID (each runs in its own process group).
+//
+// Needs the binaries from `./dev build`: target/release/countersign-approval,
+// target/release/demo-backend, target/wasm32-wasip1/wasm/countersign_filter.wasm
+// and .venv/bin/envoy.
+import { spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+const RELEASE = path.join(ROOT, 'target', 'release');
+const WASM = path.join(ROOT, 'target', 'wasm32-wasip1', 'wasm', 'countersign_filter.wasm');
+const ENVOY = path.join(ROOT, '.venv', 'bin', 'envoy');
+const TEMPLATE = path.join(ROOT, 'envoy', 'countersign.yaml');
+const FILTER_CONFIG = path.join(ROOT, 'envoy', 'filter-config.json');
+const BUFFER_LIMIT = 16 * 1024 * 1024;
+
+export const REVIEWERS = {
+  alice: 'alice-browser-token-0123456789',
+  bob: 'bob-browser-token-0123456789',
+};
+
+const children = new Set();
+
+// Last resort: never leave a process behind, even if the runner dies.
+process.on('exit', () => {
+  for (const child of children) {
+    try {
+      process.kill(-child.pid, 'SIGKILL');
+    } catch (_) {
+      try { child.kill('SIGKILL'); } catch (__) { /* gone */ }
+    }
+  }
+});
+
+export function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.unref();
+    srv.on('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+const sha256 = (text) => createHash('sha256').update(text).digest('hex');
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+async function waitHttp(url, what, timeoutMs = 20000) {
+  const deadline = Date.now() + timeoutMs;
+  let last = null;
+  while (Date.now() < deadline) {
+    try {
+      const res = await fetch(url, { signal: AbortSignal.timeout(1000) });
+      if (res.ok) return;
+      last = `HTTP ${res.status}`;
+    } catch (e) {
+      last = e.message;
+    }
+    await sleep(100);
+  }
+  throw new Error(`${what} did not come up at ${url} (${last})`);
+}
+
+class Proc {
+  constructor(name, cmd, args, log) {
+    Object.assign(this, { name, cmd, args, log, child: null, exited: null });
+  }
+
+  start() {
+    for (const file of [this.cmd]) {
+      if (!fs.existsSync(file)) throw new Error(`${file} is missing: run ./dev build first`);
+    }
+    const out = fs.openSync(this.log, 'a');
+    this.child = spawn(this.cmd, this.args, { stdio: ['ignore', out, out], detached: true });
+    fs.closeSync(out);
+    children.add(this.child);
+    this.exited = new Promise((resolve) => this.child.once('exit', (code, signal) => {
+      children.delete(this.child);
+      resolve({ code, signal });
+    }));
+    return this;
+  }
+
+  get alive() { return this.child && this.child.exitCode === null && this.child.signalCode === null; }
+
+  async stop() {
+    if (!this.alive) return;
+    const { pid } = this.child;
+    try { process.kill(-pid, 'SIGTERM'); } catch (_) { return; }
+    const done = await Promise.race([this.exited, sleep(5000).then(() => null)]);
+    if (!done) {
+      try { process.kill(-pid, 'SIGKILL'); } catch (_) { /* gone */ }
+      await this.exited;
+    }
+  }
+
+  logText() {
+    try { return fs.readFileSync(this.log, 'utf8'); } catch (_) { return ''; }
+  }
+}
+
+function renderTemplate(template, values) {
+  return template.replace(/\{\{([A-Z_]+)\}\}/g, (_, key) => {
+    if (!(key in values)) throw new Error(`no value for {{${key}}}`);
+    return String(values[key]);
+  });
+}
+
+export class Stack {
+  constructor() {
+    this.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'countersign-browser-'));
+    this.procs = [];
+  }
+
+  async start() {
+    const [modelPort, approvalPort, listenPort, adminPort] = await Promise.all([freePort(), freePort(), freePort(), freePort()]);
+    this.approvalUrl = `http://127.0.0.1:${approvalPort}`;
+    this.url = `http://127.0.0.1:${listenPort}`;
+    this.modelUrl = `http://127.0.0.1:${modelPort}`;
+
+    const toml = [
+      `listen = "127.0.0.1:${approvalPort}"`,
+      `database = "${path.join(this.dir, 'countersign.db')}"`,
+      `public_url = "${this.approvalUrl}"`,
+      ...Object.entries(REVIEWERS).flatMap(([name, token]) => [
+        '', '[[reviewers]]', `name = "${name}"`, `token_sha256 = "${sha256(token)}"`, 'groups = ["security"]',
+      ]),
+    ].join('\n');
+    fs.writeFileSync(path.join(this.dir, 'approval.toml'), `${toml}\n`);
+
+    const filterConfig = JSON.stringify(JSON.parse(fs.readFileSync(FILTER_CONFIG, 'utf8'))).replace(/'/g, "''");
+    fs.writeFileSync(path.join(this.dir, 'envoy.yaml'), renderTemplate(fs.readFileSync(TEMPLATE, 'utf8'), {
+      ADMIN_PORT: adminPort, LISTEN_PORT: listenPort, MODEL_PORT: modelPort, APPROVAL_PORT: approvalPort,
+      BUFFER_LIMIT, WASM_PATH: WASM, FILTER_CONFIG: filterConfig,
+    }));
+    if (!fs.existsSync(WASM)) throw new Error(`${WASM} is missing: run ./dev build first`);
+
+    const log = (name) => path.join(this.dir, `${name}.log`);
+    this.backend = new Proc('demo-backend', path.join(RELEASE, 'demo-backend'),
+      ['--listen', `127.0.0.1:${modelPort}`], log('demo-backend'));
+    this.approval = new Proc('countersign-approval', path.join(RELEASE, 'countersign-approval'),
+      ['serve', '--config', path.join(this.dir, 'approval.toml')], log('approval'));
+    this.envoy = new Proc('envoy', ENVOY,
+      ['-c', path.join(this.dir, 'envoy.yaml'), '--log-level', 'warn', '--component-log-level', 'wasm:info',
+        '--concurrency', '2', '--base-id', String(adminPort)], log('envoy'));
+    this.procs = [this.envoy, this.approval, this.backend];
+
+    this.backend.start();
+    this.approval.start();
+    await waitHttp(`${this.modelUrl}/_demo/stats`, 'demo backend');
+    await waitHttp(`${this.approvalUrl}/healthz`, 'approval service');
+    this.envoy.start();
+    await waitHttp(`http://127.0.0.1:${adminPort}/ready`, 'envoy', 30000);
+    return this;
+  }
+
+  async stop() {
+    for (const p of this.procs) await p.stop();
+  }
+
+  logs() {
+    return this.procs.map((p) => `----- ${p.name} (${p.log})\n${p.logText().slice(-4000)}`).join('\n');
+  }
+
+  // The reviewer API with a bearer token, as curl would use it.
+  async api(pathname, { method = 'GET', body, reviewer = 'alice' } = {}) {
+    const res = await fetch(this.approvalUrl + pathname, {
+      method,
+      headers: { authorization: `Bearer ${REVIEWERS[reviewer]}`, 'content-type': 'application/json' },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    return { status: res.status, json: await res.json().catch(() => null) };
+  }
+
+  async pending() {
+    const r = await this.api('/api/reviews?status=pending');
+    return r.json.reviews;
+  }
+
+  // Files a review directly through the filter API (for screenshots).
+  async fileReview(review) {
+    const res = await fetch(`${this.approvalUrl}/v1/reviews`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify(review),
+    });
+    if (res.status !== 201) throw new Error(`create failed: ${res.status} ${await res.text()}`);
+    return (await res.json()).id;
+  }
+}
+
+// A held request: `curl` against the Envoy listener, running until a
+// reviewer decides. Resolves with { code, status, body, stderr }.
+export function heldCurl(url, body, apiPath = '/v1/chat/completions') {
+  const child = spawn('curl', ['-sS', '-m', '120', '-o', '-', '-w', '\n%{http_code}',
+    '-H', 'content-type: application/json', '--data-binary', '@-', url + apiPath], { stdio: ['pipe', 'pipe', 'pipe'] });
+  children.add(child);
+  let out = '';
+  let err = '';
+  child.stdout.on('data', (d) => { out += d; });
+  child.stderr.on('data', (d) => { err += d; });
+  child.stdin.end(JSON.stringify(body));
+  const result = new Promise((resolve) => child.once('close', (code) => {
+    children.delete(child);
+    const cut = out.lastIndexOf('\n');
+    resolve({ code, status: Number(out.slice(cut + 1)), body: out.slice(0, cut), stderr: err });
+  }));
+  return {
+    result,
+    get done() { return child.exitCode !== null || child.signalCode !== null; },
+    kill() { try { child.kill('SIGKILL'); } catch (_) { /* gone */ } },
+  };
+}

@@ -1,0 +1,308 @@
+// Reviewer UI in a real headless Chromium (Debian's /usr/bin/chromium,
+// driven by playwright-core; no downloaded browser) against the real stack:
+// held `curl` requests -> Envoy + countersign filter -> approval service.
+//
+//   cd tests/browser && npm ci && npm test
+//
+// UPDATE_SCREENSHOTS=1 also writes docs/screenshots/{queue,review}.png.
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { chromium } from 'playwright-core';
+import { heldCurl, REVIEWERS, ROOT, Stack } from './stack.mjs';
+
+const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+const SHOT_DIR = process.env.UPDATE_SCREENSHOTS ? path.join(ROOT, 'docs', 'screenshots') : null;
+const T = { timeout: 120000 };
+
+let stack;
+let browser;
+let context;
+let page;
+const dialogs = [];
+const pageErrors = [];
+const cspViolations = [];
+
+before(async () => {
+  stack = await new Stack().start();
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+  });
+  context = await browser.newContext({ viewport: { width: 1360, height: 860 }, locale: 'en-GB', timezoneId: 'UTC' });
+  context.setDefaultTimeout(15000);
+  page = await context.newPage();
+  page.on('dialog', (d) => { dialogs.push(d.message()); d.dismiss().catch(() => {}); });
+  page.on('pageerror', (e) => pageErrors.push(String(e)));
+  page.on('console', (m) => { if (/Content Security Policy/i.test(m.text())) cspViolations.push(m.text()); });
+}, T);
+
+after(async () => {
+  if (browser) await browser.close();
+  if (stack) await stack.stop();
+});
+
+// Runs a test body; on failure, prints the stack's logs to help diagnose.
+function check(fn) {
+  return async (t) => {
+    try {
+      await fn(t);
+    } catch (e) {
+      console.error(stack ? stack.logs() : 'stack not started');
+      throw e;
+    }
+  };
+}
+
+const url = (p) => stack.approvalUrl + p;
+const live = () => page.locator('#live[data-state="live"]').waitFor();
+
+test('a wrong token does not sign in', T, check(async () => {
+  await page.goto(url('/'));
+  await page.waitForURL(/\/login\?next=/);
+  await page.fill('#token', 'not-a-reviewer-token');
+  await Promise.all([page.waitForURL(/error=invalid/), page.click('#sign-in')]);
+  const err = page.locator('#login-error');
+  await err.waitFor();
+  assert.match(await err.textContent(), /not accepted/);
+  const cookies = await context.cookies();
+  assert.equal(cookies.find((c) => c.name === 'cs_session'), undefined);
+  assert.equal(await page.evaluate(async () => (await fetch('/api/me')).status), 401);
+}));
+
+test('a reviewer signs in with a token and gets an HttpOnly, SameSite=Strict session', T, check(async () => {
+  await page.fill('#token', REVIEWERS.alice);
+  await Promise.all([page.waitForURL(url('/')), page.click('#sign-in')]);
+  await page.locator('#me', { hasText: 'alice' }).waitFor();
+  await page.locator('h1', { hasText: 'Pending reviews' }).waitFor();
+  const cookie = (await context.cookies()).find((c) => c.name === 'cs_session');
+  assert.ok(cookie, 'session cookie set');
+  assert.equal(cookie.httpOnly, true);
+  assert.equal(cookie.sameSite, 'Strict');
+  assert.equal(cookie.path, '/');
+  assert.equal(await page.evaluate(() => document.cookie.includes('cs_session')), false, 'not readable by script');
+  await live();
+}));
+
+test('a held curl request appears live, is edited and approved, and curl gets the edited answer', T, check(async () => {
+  await page.goto(url('/'));
+  await live();
+  await page.evaluate(() => { window.__sameDocument = true; });
+  const original = 'Summarise the Q3 plan for ACME Corp, account 4411-2233';
+  const held = heldCurl(stack.url, {
+    model: 'demo-echo',
+    temperature: 0.2,
+    max_tokens: 200,
+    messages: [
+      { role: 'system', content: 'You are a concise assistant.' },
+      { role: 'user', content: original },
+    ],
+  });
+
+  const row = page.locator('.qrow', { hasText: 'Summarise the Q3 plan for ACME' });
+  await row.waitFor();
+  assert.equal(await page.evaluate(() => window.__sameDocument), true, 'the queue updated without a reload');
+  await page.waitForFunction(() => document.title.startsWith('(1) countersign'));
+  assert.equal(held.done, false, 'curl is held while the review is pending');
+
+  // Keyboard: j selects the first row, Enter opens it.
+  await page.keyboard.press('j');
+  await Promise.all([page.waitForURL(/\/reviews\/rev_[0-9a-f]+$/), page.keyboard.press('Enter')]);
+  await page.locator('.msg-system', { hasText: 'You are a concise assistant.' }).waitFor();
+  assert.equal(await page.locator('.msg-user .msg-text').textContent(), original);
+  await page.locator('.param dt', { hasText: 'temperature' }).waitFor();
+  assert.equal(await page.locator('.param', { hasText: 'max_tokens' }).locator('dd').textContent(), '200');
+
+  // Edit, preview the diff, then confirm.
+  await page.keyboard.press('e');
+  const editor = page.locator('#edit-body');
+  await editor.waitFor();
+  const text = await editor.inputValue();
+  assert.ok(text.includes(`"content": "${original}"`), text);
+  await editor.fill(text.replace(original, 'Summarise the Q3 plan'));
+  await page.click('#preview-edit');
+  await page.locator('.diff-del', { hasText: 'ACME' }).waitFor();
+  await page.locator('.diff-add', { hasText: '"content": "Summarise the Q3 plan"' }).waitFor();
+  assert.equal(await page.locator('.diff-add').count(), 1);
+  assert.equal(held.done, false, 'nothing is decided before confirming');
+  await page.click('#confirm-edit');
+
+  const res = await held.result;
+  assert.equal(res.status, 200, `${res.body} ${res.stderr}`);
+  assert.equal(JSON.parse(res.body).choices[0].message.content, 'echo: Summarise the Q3 plan');
+  await page.locator('.decided .badge-approved', { hasText: 'edited' }).waitFor();
+  await page.locator('h2', { hasText: 'Edit applied' }).waitFor();
+  const stored = (await stack.api('/api/reviews?status=approved')).json.reviews[0];
+  assert.equal(stored.reviewer, 'alice');
+  assert.equal(stored.edited, true);
+  await page.waitForFunction(() => document.title.startsWith('countersign'));
+}));
+
+test('prompt text with <script> and <img onerror> payloads renders as text and runs nothing', T, check(async () => {
+  const payload = '<script>window.__pwned="script";alert("script")</script>'
+    + '<img src=x onerror="window.__pwned=\'img\';alert(\'img\')">'
+    + '<svg onload="window.__pwned=\'svg\'"></svg> & reach me at [EMAIL] or <EMAIL_3f2a9c>';
+  await page.goto(url('/'));
+  await live();
+  const held = heldCurl(stack.url, {
+    model: 'demo-echo',
+    messages: [{ role: 'system', content: payload }, { role: 'user', content: payload }],
+  });
+  const row = page.locator('.qrow', { hasText: '<script>window.__pwned' });
+  await row.waitFor();
+  assert.ok((await row.locator('.qpreview').textContent()).startsWith('<script>'));
+  await Promise.all([page.waitForURL(/\/reviews\//), row.click()]);
+
+  const user = page.locator('.msg-user .msg-text');
+  await user.waitFor();
+  assert.equal(await user.textContent(), payload, 'the literal text is shown');
+  assert.equal(await page.locator('.msg-system .msg-text').textContent(), payload);
+  await page.getByText('<img src=x onerror=', { exact: false }).first().waitFor();
+  const injected = await page.evaluate(() => document.querySelectorAll(
+    '#main script, #main img, #main svg, #main iframe, [onerror], [onload]').length);
+  assert.equal(injected, 0, 'no element was created from the prompt');
+  assert.deepEqual(await page.locator('.msg-user .masked').allTextContents(), ['[EMAIL]', '<EMAIL_3f2a9c>']);
+  await page.waitForTimeout(500);
+  assert.equal(await page.evaluate(() => window.__pwned), undefined, 'no payload ran');
+  assert.deepEqual(dialogs, [], 'no dialog opened');
+
+  // Reject from the keyboard: r focuses the reason, Ctrl+Enter sends.
+  await page.keyboard.press('r');
+  await page.keyboard.type('prompt injection attempt');
+  await page.keyboard.press('Control+Enter');
+  const res = await held.result;
+  assert.equal(res.status, 403, res.body);
+  assert.match(res.body, /prompt injection attempt/);
+  await page.locator('.decided .badge-rejected').waitFor();
+  assert.equal(await page.evaluate(() => window.__pwned), undefined);
+  assert.deepEqual(pageErrors, [], 'no script errors on the page');
+}));
+
+test('a decision without the CSRF token is refused', T, check(async () => {
+  const id = await stack.fileReview({
+    request_id: 'csrf-1', api: 'openai_chat', method: 'POST', path: '/v1/chat/completions', authority: 'llm',
+    model: 'demo-echo', prompt: [{ role: 'user', text: 'csrf probe' }],
+    body: JSON.stringify({ model: 'demo-echo', messages: [{ role: 'user', content: 'csrf probe' }] }),
+    hold_timeout_ms: 120000,
+  });
+  await page.goto(url(`/reviews/${id}`));
+  await page.locator('#approve').waitFor();
+  const statuses = await page.evaluate(async (rid) => {
+    const post = async (p, headers) => (await fetch(p, {
+      method: 'POST', credentials: 'same-origin', headers: { 'content-type': 'application/json', ...headers }, body: '{}',
+    })).status;
+    return [
+      await post(`/api/reviews/${rid}/approve`, {}),
+      await post(`/api/reviews/${rid}/approve`, { 'x-csrf-token': 'forged' }),
+      await post(`/api/reviews/${rid}/reject`, {}),
+      await post('/ui/logout', {}),
+    ];
+  }, id);
+  assert.deepEqual(statuses, [403, 403, 403, 403]);
+  assert.equal((await stack.api(`/api/reviews/${id}`)).json.status, 'pending');
+
+  // The page's own call (with its token) works: approve with a, a.
+  await page.keyboard.press('a');
+  await page.locator('#approve', { hasText: 'Press a again' }).waitFor();
+  await page.keyboard.press('a');
+  await page.locator('.decided .badge-approved').waitFor();
+  const r = (await stack.api(`/api/reviews/${id}`)).json;
+  assert.equal(r.status, 'approved');
+  assert.equal(r.reviewer, 'alice');
+}));
+
+test('history filters by text and decision and opens the full record', T, check(async () => {
+  await page.goto(url('/history'));
+  await page.locator('.hrow').first().waitFor();
+  assert.equal(await page.locator('.hrow').count(), 3);
+  await page.fill('#f-q', 'ACME');
+  await page.press('#f-q', 'Enter');
+  await page.waitForFunction(() => document.querySelectorAll('.hrow').length === 1);
+  await page.locator('.hrow .badge-approved', { hasText: 'edited' }).waitFor();
+  assert.match(page.url(), /\/history\?q=ACME$/);
+  await page.fill('#f-q', '');
+  await page.selectOption('#f-decision', 'rejected');
+  await page.waitForFunction(() => document.querySelectorAll('.hrow').length === 1
+    && document.querySelector('.hrow .badge-rejected'));
+  await Promise.all([page.waitForURL(/\/reviews\//), page.locator('.hrow').click()]);
+  await page.locator('.decided dd', { hasText: 'prompt injection attempt' }).waitFor();
+  assert.equal(await page.evaluate(() => window.__pwned), undefined);
+  assert.deepEqual(cspViolations, [], 'the UI itself needs no CSP exception');
+}));
+
+const SEEDS = [
+  {
+    model: 'gpt-4o', caller: 'svc-billing@prod', route: 'openai', rule: 'finance-data', hold: 600000,
+    system: 'You are the billing assistant. Answer from the ledger only.',
+    user: 'Refund order 88213 for [EMAIL] and explain the charge on card <CARD_9f3a21>.',
+    params: { temperature: 0.3, max_tokens: 800 },
+  },
+  {
+    model: 'claude-sonnet-4', caller: 'dana@corp.example', route: 'anthropic', rule: 'external-models', hold: 300000,
+    system: 'You draft customer replies.',
+    user: 'Draft a reply to the complaint in ticket #4812. Be apologetic but do not promise a refund.',
+    params: { max_tokens: 1024 },
+  },
+  {
+    model: 'gpt-4o-mini', caller: 'ci-runner/nightly', route: 'openai', rule: 'code-agents', hold: 900000,
+    system: 'You are a coding agent with shell access. Deploy key: <TOKEN_7c1e9a>.',
+    user: 'The build failed. Fix the failing test and push the branch.',
+    tool: '[tool_call run_shell: {"cmd":"cargo test -p billing 2>&1 | tail -20"}]',
+    toolResult: 'test ledger::rounding ... FAILED\nthread panicked at src/ledger.rs:88: left 10.01, right 10.00',
+    params: {
+      temperature: 0,
+      tool_choice: 'auto',
+      tools: [{ type: 'function', function: { name: 'run_shell', description: 'Run a shell command in the sandbox', parameters: { type: 'object', properties: { cmd: { type: 'string' } }, required: ['cmd'] } } },
+        { type: 'function', function: { name: 'git_push', description: 'Push the current branch', parameters: { type: 'object', properties: {} } } }],
+    },
+  },
+];
+
+function seedReview(s, i) {
+  const messages = [{ role: 'system', content: s.system }, { role: 'user', content: s.user }];
+  const prompt = [{ role: 'system', text: s.system }, { role: 'user', text: s.user }];
+  if (s.tool) {
+    messages.push({ role: 'assistant', content: null, tool_calls: [{ id: 'call_1', type: 'function', function: { name: 'run_shell', arguments: '{"cmd":"cargo test -p billing 2>&1 | tail -20"}' } }] });
+    messages.push({ role: 'tool', tool_call_id: 'call_1', content: s.toolResult });
+    prompt.push({ role: 'assistant', text: s.tool }, { role: 'tool', text: s.toolResult });
+  }
+  return {
+    request_id: `seed-${i}`, api: s.route === 'anthropic' ? 'anthropic_messages' : 'openai_chat', method: 'POST',
+    path: s.route === 'anthropic' ? '/v1/messages' : '/v1/chat/completions', authority: 'llm.internal',
+    route: s.route, caller: s.caller, model: s.model, rule: s.rule, stream: false, prompt,
+    body: JSON.stringify({ model: s.model, messages, ...s.params }), hold_timeout_ms: s.hold,
+  };
+}
+
+test('screenshots of the queue and a review page', T, check(async () => {
+  const dir = SHOT_DIR || stack.dir;
+  fs.mkdirSync(dir, { recursive: true });
+  await page.goto(url('/'));
+  await live();
+  const ids = [];
+  for (const [i, s] of SEEDS.entries()) {
+    ids.push(await stack.fileReview(seedReview(s, i)));
+    await page.waitForTimeout(1200);
+  }
+  await page.waitForFunction(() => document.querySelectorAll('.qrow').length === 3 && document.title.startsWith('(3) countersign'));
+  await page.locator('.qrow .masked').first().waitFor();
+  await page.keyboard.press('j');
+  await page.mouse.move(0, 0);
+  await page.waitForTimeout(2600); // let the arrival highlight fade
+  await page.screenshot({ path: path.join(dir, 'queue.png') });
+
+  await page.goto(url(`/reviews/${ids[2]}`));
+  await page.locator('.tool-call').waitFor();
+  await page.locator('.param', { hasText: 'tools' }).locator('summary', { hasText: '2 tools: run_shell, git_push' }).waitFor();
+  await page.locator('.msg-system .masked', { hasText: '<TOKEN_7c1e9a>' }).waitFor();
+  await page.evaluate(() => document.activeElement && document.activeElement.blur());
+  await page.mouse.move(0, 0);
+  await page.screenshot({ path: path.join(dir, 'review.png'), fullPage: true });
+  for (const name of ['queue.png', 'review.png']) {
+    assert.ok(fs.statSync(path.join(dir, name)).size > 10000, `${name} written`);
+  }
+  assert.equal(await page.evaluate(() => window.__pwned), undefined);
+}));

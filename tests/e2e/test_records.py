@@ -1,0 +1,179 @@
+"""Session records end to end: one durable record per inference request,
+written before the request is forwarded, with the response appended; a
+hash chain the verifier checks; Envoy stats and access-log fields."""
+import json
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import chat, post, send_later
+from stack import RELEASE, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def records(stack, **params):
+    """Every record matching the filters, following the pages."""
+    out, after = [], None
+    with stack.approval.client() as c:
+        while True:
+            page = {"limit": 500, **params, **({"after_seq": after} if after is not None else {})}
+            r = c.get("/api/records", params=page)
+            r.raise_for_status()
+            body = r.json()
+            out += body["records"]
+            after = body.get("next_after_seq")
+            if after is None:
+                return out
+
+
+def by_request_id(stack):
+    return {r["request"]["request_id"] if "request" in r else r["request_id"]: r for r in records(stack)}
+
+
+def field(rec, name):
+    """Merged record views nest the request part; accept both layouts."""
+    if "request" in rec and name in rec["request"]:
+        return rec["request"][name]
+    return rec.get(name)
+
+
+def response_part(rec):
+    return rec.get("response") or {}
+
+
+def verify(stack):
+    return subprocess.run([str(RELEASE / "countersign-approval"), "verify-records", "--database", str(stack.approval.db)],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_allowed_approved_edited_rejected_expired_and_streamed(make_stack, background):
+    stack = make_stack(filter_config={"hold_timeout_ms": 2000, "long_poll_ms": 500, "rules": [
+        {"name": "load-tests", "model": "demo-allow*", "action": "allow"}]})
+    rid = {}
+    r = post(stack.url, json=chat(model="demo-allow", text="plain allowed"))
+    assert r.status_code == 200
+    rid["allowed"] = r.headers.get("x-request-id") or None
+
+    fut = send_later(background, stack.url, chat(text="please approve"))
+    [rev] = stack.approval.wait_pending()
+    stack.approval.decide(rev["id"], "approve", reason="ok")
+    assert fut.result(10).status_code == 200
+
+    fut = send_later(background, stack.url, chat(text="edit me: secret plan"))
+    [rev_e] = stack.approval.wait_pending()
+    stack.approval.decide(rev_e["id"], "edit", body=chat(text="edit me"), reason="trimmed")
+    assert fut.result(10).status_code == 200
+
+    fut = send_later(background, stack.url, chat(text="reject me"))
+    [rev_r] = stack.approval.wait_pending()
+    stack.approval.decide(rev_r["id"], "reject", reason="nope")
+    assert fut.result(10).status_code == 403
+
+    fut = send_later(background, stack.url, chat(text="nobody decides"))
+    assert fut.result(15).status_code == 504
+
+    with httpx.stream("POST", stack.url + "/v1/chat/completions", timeout=30,
+                      json=chat(model="demo-allow", text="stream this please", stream=True,
+                                stream_options={"include_usage": True})) as s:
+        assert s.status_code == 200
+        s.read()
+
+    def all_written():
+        recs = records(stack)
+        return len(recs) >= 6 and all(response_part(x) or field(x, "decision") not in ("allowed", "approved", "edited")
+                                      for x in recs) and recs
+    recs = wait_until(all_written, timeout=10, what="six records with their responses")
+    decisions = sorted(field(x, "decision") for x in recs)
+    assert decisions == ["allowed", "allowed", "approved", "edited", "expired", "rejected"]
+
+    approved = next(x for x in recs if field(x, "decision") == "approved")
+    assert field(approved, "review_id") == rev["id"]
+    assert json.loads(field(approved, "body"))["messages"][0]["content"] == "please approve"
+    assert field(approved, "body_sha256")
+    assert field(approved, "held_ms") is not None
+    assert "alice" in json.dumps(approved)
+    assert response_part(approved)["status"] == 200
+    assert "echo: please approve" in response_part(approved)["body"]
+    assert response_part(approved)["usage"]["total_tokens"] > 0
+
+    edited = next(x for x in recs if field(x, "decision") == "edited")
+    assert "secret plan" not in field(edited, "body")
+    assert "secret plan" in json.dumps(edited)  # the diff shows what the reviewer removed
+    rejected = next(x for x in recs if field(x, "decision") == "rejected")
+    assert field(rejected, "refusal")["code"] == "review_rejected" and not response_part(rejected)
+
+    streamed = next(x for x in recs if field(x, "decision") == "allowed" and field(x, "stream"))
+    assert response_part(streamed)["body"] == "echo: stream this please"
+    assert response_part(streamed)["usage"]["completion_tokens"] == 4
+    assert response_part(streamed)["completion"] == "complete"
+
+    # Filters and export.
+    assert {field(x, "decision") for x in records(stack, decision="rejected")} == {"rejected"}
+    with stack.approval.client() as c:
+        lines = c.get("/api/records/export").text.strip().splitlines()
+    assert len(lines) == len(recs) and all(json.loads(line) for line in lines)
+
+    ok = verify(stack)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+    # Envoy's own view: stats and the access log carry the decisions.
+    stats = httpx.get(f"http://127.0.0.1:{stack.envoy.admin_port}/stats?filter=countersign_requests").text
+    assert "wasmcustom.countersign_requests_approved_total: 1" in stats
+    assert "wasmcustom.countersign_requests_rejected_total: 1" in stats
+    def logged_decisions():
+        lines = [json.loads(line) for line in stack.envoy.proc.log_text().splitlines() if line.startswith("{")]
+        return {x["countersign_decision"] for x in lines}
+    # Envoy flushes its access log about once a second.
+    wait_until(lambda: {"allowed", "approved", "edited", "rejected", "expired"} <= logged_decisions(),
+               timeout=10, what="access log lines with every decision")
+
+
+def test_no_forward_without_a_durable_record(make_stack):
+    stack = make_stack(filter_config={"rules": [{"name": "load-tests", "model": "demo-allow*", "action": "allow"}]})
+    stack.approval.proc.stop()
+    r = post(stack.url, json=chat(model="demo-allow"), timeout=20)
+    assert r.status_code == 503
+    assert stack.backend.stats()["started"] == 0
+    best = make_stack(filter_config={"rules": [
+        {"name": "lab", "model": "demo-allow*", "action": "allow", "record": "best_effort"}]})
+    best.approval.proc.stop()
+    assert post(best.url, json=chat(model="demo-allow"), timeout=20).status_code == 200
+
+
+def test_killing_the_service_under_traffic_loses_no_record(make_stack):
+    stack = make_stack(filter_config={"rules": [{"name": "load-tests", "model": "demo-allow*", "action": "allow"}]})
+    stop = threading.Event()
+    codes = []
+
+    def traffic():
+        with httpx.Client(timeout=10) as c:
+            while not stop.is_set():
+                try:
+                    codes.append(c.post(stack.url + "/v1/chat/completions", json=chat(model="demo-allow")).status_code)
+                except httpx.HTTPError:
+                    codes.append(0)
+
+    threads = [threading.Thread(target=traffic) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    stack.approval.proc.kill()
+    time.sleep(1.0)
+    stack.approval.start()
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join(15)
+    assert 503 in codes and 200 in codes, codes
+    # The backend keeps its last 200 requests: every one of them must be recorded.
+    forwarded = [r["headers"].get("x-request-id") for r in stack.backend.requests()]
+    assert forwarded and all(forwarded)
+    recorded = {field(r, "request_id") for r in records(stack)}
+    missing = [rid for rid in forwarded if rid not in recorded]
+    assert not missing, f"{len(missing)} forwarded requests have no record"
+    ok = verify(stack)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
