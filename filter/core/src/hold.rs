@@ -741,8 +741,10 @@ mod tests {
     #[test]
     fn status_lookup_passes_only_known_fields() {
         let c = Config::from_json(token_config().as_bytes()).unwrap();
-        let mut info = RequestInfo::default();
-        info.caller = Some(crate::identity::Caller { name: "ci bot".into(), groups: vec![] });
+        let info = RequestInfo {
+            caller: Some(crate::identity::Caller { name: "ci bot".into(), groups: vec![] }),
+            ..Default::default()
+        };
         let (mut h, step) = Hold::status(&c, info, "rev_1");
         assert_eq!(path_of(&step), "/v1/reviews/rev_1/status?caller=ci%20bot");
         let body = br#"{"id":"rev_1","status":"approved","expires_at_ms":5,"approval_token":"t","internal":"x"}"#;

@@ -230,7 +230,13 @@ pub(crate) fn replacement(policy: &PolicyInner, g: &Group, value: &str, restore:
 
 /// Masks a complete text. `None` when nothing changed (monitor-only hits are
 /// still counted).
-pub(crate) fn mask_full(policy: &PolicyInner, text: &str, tally: &mut Tally, mut restore: Option<&mut RestoreMap>) -> Option<String> {
+pub(crate) fn mask_full(
+    policy: &PolicyInner,
+    text: &str,
+    tally: &mut Tally,
+    mut restore: Option<&mut RestoreMap>,
+    mut written: Option<&mut Vec<String>>,
+) -> Option<String> {
     let found = find(&policy.active, text, 0);
     tally.count_found(&policy.active, &found);
     if found.groups.is_empty() {
@@ -241,7 +247,13 @@ pub(crate) fn mask_full(policy: &PolicyInner, text: &str, tally: &mut Tally, mut
     for g in &found.groups {
         out.push_str(text.get(at..g.start).unwrap_or(""));
         let value = text.get(g.start..g.end).unwrap_or("");
-        out.push_str(&replacement(policy, g, value, restore.as_deref_mut()));
+        let r = replacement(policy, g, value, restore.as_deref_mut());
+        if let Some(w) = written.as_deref_mut() {
+            if !w.contains(&r) {
+                w.push(r.clone());
+            }
+        }
+        out.push_str(&r);
         at = g.end;
     }
     out.push_str(text.get(at..).unwrap_or(""));

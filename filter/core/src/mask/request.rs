@@ -55,14 +55,7 @@ pub fn mask_request(policy: &MaskPolicy, api: ApiKind, body: &[u8]) -> Result<Re
             return;
         }
         let map = if inner.restore { Some(&mut restore) } else { None };
-        if let Some(masked) = engine::mask_full(inner, text, &mut tally, map) {
-            for (s, e) in engine::placeholder_spans(&masked, 0) {
-                if let Some(p) = masked.get(s..e) {
-                    if !placeholders.iter().any(|q| q == p) && !text.contains(p) {
-                        placeholders.push(p.to_string());
-                    }
-                }
-            }
+        if let Some(masked) = engine::mask_full(inner, text, &mut tally, map, Some(&mut placeholders)) {
             edits.insert(path.to_vec(), json_edit::json_string(&masked));
         }
     };

@@ -377,11 +377,7 @@ pub(crate) fn leaves(v: &Value, drop_logprobs: bool) -> Vec<(Vec<Seg>, Leaf<'_>)
 
 fn collect<'v>(v: &'v Value, path: &mut Vec<Seg>, drop_logprobs: bool, out: &mut Vec<(Vec<Seg>, Leaf<'v>)>) {
     match v {
-        Value::String(s) => {
-            if !s.is_empty() {
-                out.push((path.clone(), Leaf::Text(s)));
-            }
-        }
+        Value::String(s) if !s.is_empty() => out.push((path.clone(), Leaf::Text(s))),
         Value::Array(a) => {
             for (i, x) in a.iter().enumerate() {
                 path.push(Seg::Idx(i));

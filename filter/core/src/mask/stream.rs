@@ -907,7 +907,7 @@ mod tests {
                 }
             }
             ApiKind::OpenaiResponses => {
-                let ev = |v: Value| format!("event: {}\n{}", v["type"].as_str().unwrap().to_string(), data(v.clone()));
+                let ev = |v: Value| format!("event: {}\n{}", v["type"].as_str().unwrap(), data(v.clone()));
                 s.push_str(&ev(json!({"type":"response.created","sequence_number":0,"response":{"id":"r","status":"in_progress","output":[]}})));
                 s.push_str(&ev(json!({"type":"response.content_part.added","sequence_number":1,"item_id":"i","output_index":0,"content_index":0,"part":{"type":"output_text","text":""}})));
                 for t in tokens {
@@ -1072,7 +1072,7 @@ mod tests {
         let finish: Value = serde_json::from_str(&evs[n - 3].1).unwrap();
         assert_eq!(finish["choices"][0]["finish_reason"], "stop");
         let flushed: Value = serde_json::from_str(&evs[n - 4].1).unwrap();
-        assert!(flushed["choices"][0]["delta"]["content"].as_str().unwrap().ends_with("<EMAIL_") == false);
+        assert!(!flushed["choices"][0]["delta"]["content"].as_str().unwrap().ends_with("<EMAIL_"));
         assert_eq!(assembled(ApiKind::OpenaiChat, out.as_bytes()).0.matches("<EMAIL_").count(), 1);
         // Anthropic: ping and message events untouched.
         let s = stream(ApiKind::AnthropicMessages, &chunks("hi", 1));

@@ -148,6 +148,10 @@ pub struct RawResponseRule {
     pub action: RuleAction,
 }
 
+/// Longest response-rule phrase: the smallest stream window, so that a
+/// phrase split across chunks is always caught.
+pub const MAX_RESPONSE_PHRASE_CHARS: usize = crate::mask::MIN_WINDOW_CHARS;
+
 fn enforce() -> RuleAction {
     RuleAction::Deny
 }
@@ -446,6 +450,14 @@ impl ContentPolicy {
             if r.phrases.is_empty() && r.regex.is_empty() {
                 return Err(err(&at, "has no condition (phrases or regex)"));
             }
+            for (j, p) in r.phrases.iter().enumerate() {
+                if p.chars().count() > MAX_RESPONSE_PHRASE_CHARS {
+                    return Err(err(
+                        format!("{at}.phrases[{j}]"),
+                        format!("longer than {MAX_RESPONSE_PHRASE_CHARS} characters: could not be caught across stream chunks"),
+                    ));
+                }
+            }
             let mut matchers: Vec<Regex> = compile_phrases(&format!("{at}.phrases"), &r.phrases)?.into_iter().collect();
             matchers.extend(compile_regexes(&format!("{at}.regex"), &r.regex)?);
             response_rules.push(Arc::new(ResponseRule {
@@ -587,7 +599,8 @@ mod tests {
     #[test]
     fn request_rules_deny_with_reason() {
         let p = ContentPolicy::from_json(POLICY.as_bytes()).unwrap();
-        let cases: &[(&str, Option<u64>, Option<&str>, &str, Option<&str>)] = &[
+        type Case<'a> = (&'a str, Option<u64>, Option<&'a str>, &'a str, Option<&'a str>);
+        let cases: &[Case<'_>] = &[
             ("gpt-4o", None, None, "hello", None),
             ("gpt-4o", None, None, "about PROJECT\n X today", Some("no-project-x")),
             ("gpt-4o", None, None, "die STRASSE", Some("no-project-x")),
@@ -654,6 +667,7 @@ mod tests {
             (r#"{"request_rules":[{"name":"a","phrases":["x"],"callers":[]}]}"#, "content_policy.request_rules[0].callers"),
             (r#"{"response_rules":[{"name":"r"}]}"#, "content_policy.response_rules[0]"),
             (r#"{"response_rules":[{"name":"","phrases":["x"]}]}"#, "content_policy.response_rules[0].name"),
+            (format!(r#"{{"response_rules":[{{"name":"r","phrases":["{}"]}}]}}"#, "x".repeat(200)).as_str(), "content_policy.response_rules[0].phrases[0]"),
         ] {
             assert_eq!(ContentPolicy::from_json(json.as_bytes()).unwrap_err().field, field, "{json}");
         }

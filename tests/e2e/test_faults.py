@@ -1,0 +1,553 @@
+"""Faults, end to end: the approval channel slow, hanging or black-holed; the
+database read-only or out of space; Envoy restarted with requests held; an
+invalid plugin configuration pushed at run time; the service restarted while
+a two-person review has one approval. In every case: the caller gets a clear
+answer, nothing reaches the model unreviewed, and no record is lost or
+claimed that was not written."""
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from conftest import chat, post, send_later
+from stack import RELEASE, free_port, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# ---------------------------------------------------------------- helpers
+
+def records(stack, **params):
+    """Every request record matching the filters, following the pages."""
+    out, after = [], None
+    with stack.approval.client() as c:
+        while True:
+            page = {"limit": 500, **params, **({"after_seq": after} if after is not None else {})}
+            r = c.get("/api/records", params=page)
+            r.raise_for_status()
+            body = r.json()
+            out += body["records"]
+            after = body.get("next_after_seq")
+            if after is None:
+                return out
+
+
+def rec_field(rec, name):
+    if "request" in rec and name in rec["request"]:
+        return rec["request"][name]
+    return rec.get(name)
+
+
+def verify_chain(stack):
+    out = subprocess.run([str(RELEASE / "countersign-approval"), "verify-records", "--database",
+                          str(stack.approval.db)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def stat(stack, name) -> int:
+    text = httpx.get(f"http://127.0.0.1:{stack.envoy.admin_port}/stats?filter={name}$", timeout=5).text
+    m = re.search(rf"{re.escape(name)}: (-?\d+)", text)
+    return int(m.group(1)) if m else 0
+
+
+def forwarded_ids(stack) -> list[str]:
+    return [r["headers"].get("x-request-id") for r in stack.backend.requests()]
+
+
+class FaultProxy:
+    """A TCP proxy between Envoy and the approval service that can pass,
+    slow down (`delay` seconds per chunk, both ways), black-hole (accept and
+    read, never forward or answer) or drop the service's answers (forward
+    requests, swallow responses). It notes every request line it sees."""
+
+    def __init__(self, listen_port: int, target_port: int):
+        self.port, self.target = listen_port, target_port
+        self.mode = "pass"
+        self.delay = 0.0
+        self.seen: list[tuple[float, str]] = []
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server = None
+
+    def start(self) -> "FaultProxy":
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._conn, "127.0.0.1", self.port), self.loop).result(5)
+        return self
+
+    def stop(self):
+        async def close():
+            self.server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+        asyncio.run_coroutine_threadsafe(close(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+    def requests(self, pattern: str, since: float = 0.0) -> list[str]:
+        return [line for t, line in list(self.seen) if t >= since and re.search(pattern, line)]
+
+    async def _conn(self, reader, writer):
+        upstream = None
+        pump = None
+        try:
+            while True:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    break
+                for m in re.finditer(rb"(GET|POST) (/\S*) HTTP/1\.[01]", chunk):
+                    self.seen.append((time.monotonic(), f"{m.group(1).decode()} {m.group(2).decode()}"))
+                if self.mode == "blackhole":
+                    continue
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                if upstream is None:
+                    try:
+                        ureader, upstream = await asyncio.open_connection("127.0.0.1", self.target)
+                    except OSError:
+                        break
+                    pump = asyncio.ensure_future(self._answers(ureader, writer))
+                upstream.write(chunk)
+                await upstream.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            if pump is not None:
+                pump.cancel()
+            for w in (upstream, writer):
+                if w is not None:
+                    w.close()
+
+    async def _answers(self, ureader, writer):
+        try:
+            while True:
+                chunk = await ureader.read(65536)
+                if not chunk:
+                    break
+                if self.mode in ("blackhole", "drop_responses"):
+                    continue
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                writer.write(chunk)
+                await writer.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+def interpose(request):
+    """interpose(stack) -> FaultProxy: the service moves to a new port and the
+    proxy takes its old one, which Envoy's approval cluster points at. The
+    test's own reviewer calls go straight to the service."""
+    proxies = []
+
+    def put(stack) -> FaultProxy:
+        approval = stack.approval
+        old_port = approval.port
+        approval.proc.stop()
+        new_port = free_port()
+        approval.config.write_text(approval.config.read_text().replace(
+            f'listen = "127.0.0.1:{old_port}"', f'listen = "127.0.0.1:{new_port}"'))
+        approval.port, approval.url = new_port, f"http://127.0.0.1:{new_port}"
+        approval.start()
+        proxy = FaultProxy(old_port, new_port).start()
+        proxies.append(proxy)
+        return proxy
+
+    yield put
+    for p in proxies:
+        p.stop()
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """small_fs(size) -> a directory on its own tmpfs of that size (root only;
+    skipped where mounting is not possible). Unmounted at teardown, after the
+    stacks (fixture order) are stopped."""
+    mounts = []
+
+    def make(name: str, size: str) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(d)],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+        mounts.append(d)
+        return d
+
+    yield make
+    for d in mounts:
+        if subprocess.run(["umount", str(d)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def move_database(stack, directory: Path):
+    """Restart the service with its database in `directory`."""
+    approval = stack.approval
+    approval.proc.stop()
+    new_db = directory / "countersign.db"
+    approval.config.write_text(approval.config.read_text().replace(f'database = "{approval.db}"',
+                                                                   f'database = "{new_db}"'))
+    approval.db = new_db
+    approval.start()
+
+
+def assert_no_forward_without_record(stack):
+    """Every request the model saw has exactly one request record."""
+    recs = records(stack)
+    by_id: dict[str, int] = {}
+    for r in recs:
+        by_id[rec_field(r, "request_id")] = by_id.get(rec_field(r, "request_id"), 0) + 1
+    for rid in forwarded_ids(stack):
+        assert by_id.get(rid) == 1, f"forwarded request {rid} has {by_id.get(rid, 0)} records"
+
+
+FAST = {"callout_timeout_ms": 500, "long_poll_ms": 1000}
+
+
+# ---------------------------------------------------------------- slow / hanging service
+
+def test_hanging_create_fails_closed_within_the_callout_timeout(make_stack, interpose):
+    stack = make_stack(filter_config={**FAST, "hold_timeout_ms": 60000})
+    proxy = interpose(stack)
+    proxy.mode = "blackhole"
+    start = time.monotonic()
+    r = post(stack.url, json=chat(text="nobody answers"), timeout=30)
+    elapsed = time.monotonic() - start
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "approval_unavailable"
+    assert r.headers["x-countersign-outcome"] == "unavailable"
+    # Refused after the 0.5 s callout timeout, not after the 60 s hold.
+    assert elapsed < 10, elapsed
+    assert proxy.requests(r"^POST /v1/reviews$")
+    assert stack.backend.stats()["started"] == 0
+    assert stack.approval.pending() == []
+
+
+def test_lost_create_answer_leaves_an_orphan_review_that_releases_nothing(make_stack, interpose):
+    stack = make_stack(filter_config={**FAST, "hold_timeout_ms": 60000})
+    proxy = interpose(stack)
+    proxy.mode = "drop_responses"  # the service stores the review; its answer never arrives
+    r = post(stack.url, json=chat(text="answer lost"), timeout=30)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "approval_unavailable"
+    [orphan] = stack.approval.wait_pending()
+    # A reviewer can still approve it (the service cannot know nobody waits),
+    # but no Envoy holds the request any more: nothing is released.
+    assert stack.approval.decide(orphan["id"], "approve").status_code == 200
+    time.sleep(1.0)
+    assert stack.backend.stats()["started"] == 0
+    assert not [x for x in records(stack) if rec_field(x, "decision") in ("approved", "edited")]
+
+
+def test_hanging_long_poll_is_retried_and_the_hold_completes_once_healed(make_stack, interpose, background):
+    stack = make_stack(filter_config={"callout_timeout_ms": 1000, "long_poll_ms": 1000, "hold_timeout_ms": 60000})
+    proxy = interpose(stack)
+    fut = send_later(background, stack.url, chat(text="wait through an outage"))
+    [review] = stack.approval.wait_pending()
+    proxy.mode = "blackhole"
+    cut = time.monotonic()
+    # Each long poll hangs until Envoy's callout timeout (poll + callout
+    # timeout); the filter retries with backoff instead of giving up.
+    wait_until(lambda: len(proxy.requests(r"^GET /v1/reviews/rev_\w+/wait", since=cut)) >= 3, timeout=30,
+               what="three long polls during the outage")
+    # The decision is taken while the channel is down: nothing moves yet.
+    assert stack.approval.decide(review["id"], "approve", reason="ok").status_code == 200
+    time.sleep(1.0)
+    assert not fut.done()
+    assert stack.backend.stats()["started"] == 0
+    assert stat(stack, "wasmcustom.countersign_held") == 1
+    # The channel comes back slow (0.2 s per chunk each way) but working.
+    proxy.delay, proxy.mode = 0.2, "pass"
+    resp = fut.result(timeout=30)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-countersign-review-id"] == review["id"]
+    assert stack.backend.stats()["started"] == 1
+    wait_until(lambda: stat(stack, "wasmcustom.countersign_held") == 0, what="held gauge back to 0")
+    assert_no_forward_without_record(stack)
+
+
+def test_deadline_is_honoured_when_the_channel_never_heals(make_stack, interpose, background):
+    stack = make_stack(filter_config={**FAST, "hold_timeout_ms": 4000})
+    proxy = interpose(stack)
+    start = time.monotonic()
+    fut = send_later(background, stack.url, chat(text="stuck forever"))
+    [review] = stack.approval.wait_pending()
+    proxy.mode = "blackhole"
+    resp = fut.result(timeout=60)
+    elapsed = time.monotonic() - start
+    assert resp.status_code == 504, resp.text
+    assert resp.json()["error"]["code"] == "review_timeout"
+    # The 4 s deadline, plus at most one poll and one expire call in flight.
+    assert elapsed < 4 + 1 + 0.5 + 0.5 + 5, elapsed
+    # The service enforces the same deadline by itself: a late approval is refused.
+    wait_until(lambda: stack.approval.review(review["id"])["status"] == "expired", timeout=10,
+               what="the service expiring the review")
+    assert stack.approval.decide(review["id"], "approve").status_code == 409
+    assert stack.backend.stats()["started"] == 0
+    wait_until(lambda: stat(stack, "wasmcustom.countersign_held") == 0, what="held gauge back to 0")
+
+
+# ---------------------------------------------------------------- Envoy restarted with requests held
+
+def test_envoy_restart_with_requests_held_releases_nothing(make_stack, background):
+    stack = make_stack(filter_config={"hold_timeout_ms": 6000, "long_poll_ms": 1000,
+                                      "rules": [{"name": "load-tests", "model": "demo-allow*", "action": "allow"}]})
+    futs = [send_later(background, stack.url, chat(text=f"held {i}"), timeout=30) for i in range(3)]
+    held = stack.approval.wait_pending(count=3)
+    held_ids = {r["id"] for r in held}
+    held_request_ids = {r["request_id"] for r in held}
+    # Envoy dies abruptly (no drain, no cancel calls).
+    stack.envoy.proc.kill()
+    for f in futs:
+        with pytest.raises(httpx.HTTPError):
+            f.result(timeout=15).raise_for_status()
+    assert stack.backend.stats()["started"] == 0
+
+    # A new Envoy with the same configuration: nothing is carried over.
+    stack.envoy.start()
+    assert post(stack.url, json=chat(model="demo-allow", text="fresh")).status_code == 200
+    # Approving an old review now releases nothing: no Envoy holds it.
+    first, *rest = sorted(held_ids)
+    assert stack.approval.decide(first, "approve", reason="too late").status_code == 200
+    time.sleep(1.5)
+    assert stack.backend.stats()["started"] == 1  # only the fresh request
+    # The others expire by the service's own deadline and cannot be approved.
+    for rid in rest:
+        wait_until(lambda rid=rid: stack.approval.review(rid)["status"] == "expired", timeout=15,
+                   what=f"{rid} expired")
+        assert stack.approval.decide(rid, "approve").status_code == 409
+    # No held request has a record of being forwarded.
+    forwarded = {rec_field(x, "request_id") for x in records(stack)
+                 if rec_field(x, "decision") in ("approved", "edited", "allowed")}
+    assert not forwarded & held_request_ids
+    assert_no_forward_without_record(stack)
+    verify_chain(stack)
+
+
+# ---------------------------------------------------------------- invalid configuration pushed at run time
+
+def lds_stack(make_stack, config):
+    """A stack whose listener comes from a file (LDS) that the test rewrites."""
+    stack = make_stack(filter_config=config)
+    envoy = stack.envoy
+    envoy.stop()
+    doc = yaml.safe_load(envoy.yaml.read_text())
+    listeners = doc["static_resources"].pop("listeners")
+    lds_dir = envoy.yaml.parent / "lds"
+    lds_dir.mkdir()
+    doc["node"] = {"id": "countersign-test", "cluster": "countersign-test"}
+    doc["dynamic_resources"] = {"lds_config": {"resource_api_version": "V3", "path_config_source": {
+        "path": str(lds_dir / "lds.yaml"), "watched_directory": {"path": str(lds_dir)}}}}
+    envoy.yaml.write_text(yaml.safe_dump(doc))
+    stack.lds_template = listeners
+    stack.lds_dir = lds_dir
+    push_plugin_config(stack, config)
+    envoy.start()
+    return stack
+
+
+def push_plugin_config(stack, config):
+    """Atomically replaces the LDS file with one whose countersign plugin
+    configuration is `config` (a dict, or a raw string)."""
+    listeners = copy.deepcopy(stack.lds_template)
+    hcm = listeners[0]["filter_chains"][0]["filters"][0]["typed_config"]
+    [wasm] = [f for f in hcm["http_filters"] if f["name"] == "countersign"]
+    wasm["typed_config"]["config"]["configuration"]["value"] = (
+        config if isinstance(config, str) else json.dumps(config))
+    resources = [{"@type": "type.googleapis.com/envoy.config.listener.v3.Listener", **ls} for ls in listeners]
+    tmp = stack.lds_dir / ".lds.tmp"
+    tmp.write_text(yaml.safe_dump({"version_info": str(time.time_ns()), "resources": resources}))
+    os.rename(tmp, stack.lds_dir / "lds.yaml")
+
+
+def lds_counter(stack, name):
+    return stat(stack, f"listener_manager.lds.{name}")
+
+
+def test_invalid_plugin_configuration_pushed_at_run_time_is_rejected_loudly(make_stack, background):
+    allow = {"rules": [{"name": "load-tests", "model": "demo-allow*", "action": "allow"}]}
+    stack = lds_stack(make_stack, allow)
+    assert post(stack.url, json=chat(model="demo-allow")).status_code == 200
+
+    # A valid push is applied: the same model is now denied.
+    tighter = {"rules": [{"name": "lockdown", "model": "demo-allow*", "action": "deny"}]}
+    push_plugin_config(stack, tighter)
+    wait_until(lambda: lds_counter(stack, "update_success") >= 2, what="valid LDS update applied")
+    wait_until(lambda: post(stack.url, json=chat(model="demo-allow")).status_code == 403, timeout=10,
+               what="the new listener denying")
+    started = stack.backend.stats()["started"]
+
+    # Invalid pushes: an unknown field, and JSON that is not even JSON.
+    for bad, field in [({"rules": [{"name": "x", "model": "demo-allow*", "action": "allow", "modle": "x"}]},
+                        "rules[0].modle"),
+                       ('{"rules": [', None)]:
+        rejected = lds_counter(stack, "update_rejected")
+        push_plugin_config(stack, bad)
+        wait_until(lambda: lds_counter(stack, "update_rejected") > rejected, what="LDS update rejected")
+        log = stack.envoy.proc.log_text()
+        assert "invalid plugin configuration" in log
+        if field:
+            assert f"field `{field}`" in log
+        assert "config rejected: Unable to create Wasm plugin countersign" in log
+        # Envoy keeps the last good listener: the valid, stricter config still rules.
+        r = post(stack.url, json=chat(model="demo-allow"))
+        assert r.status_code == 403 and "lockdown" in r.json()["error"]["message"]
+        fut = send_later(background, stack.url, chat(model="demo-echo", text="still reviewed"))
+        [review] = stack.approval.wait_pending()
+        stack.approval.decide(review["id"], "reject", reason="no")
+        assert fut.result(15).status_code == 403
+        assert stack.envoy.proc.alive()
+    assert stack.backend.stats()["started"] == started
+
+    # Envoy restarted with the bad file in place: the listener is never
+    # created, so nothing is served at all (connection refused), rather
+    # than served unfiltered.
+    rejections = stack.envoy.proc.log_text().count("Filesystem config update rejected")
+    stack.envoy.stop()
+    stack.envoy.start()
+    wait_until(lambda: stack.envoy.proc.log_text().count("Filesystem config update rejected") > rejections,
+               what="the bad LDS file rejected at start-up")
+    with pytest.raises(httpx.ConnectError):
+        post(stack.url, json=chat(model="demo-allow"), timeout=5)
+    assert stack.backend.stats()["started"] == started
+
+
+# ---------------------------------------------------------------- quorum survives a restart
+
+def test_partial_approvals_of_a_two_person_review_survive_a_service_restart(make_stack, background):
+    stack = make_stack(filter_config={"long_poll_ms": 1000, "rules": [
+        {"name": "two-person", "model": "prod-*", "action": "review", "approvals": 2}]})
+    fut = send_later(background, stack.url, chat(model="prod-large", text="needs two"))
+    [review] = stack.approval.wait_pending()
+    assert stack.approval.decide(review["id"], "approve", reviewer="alice").status_code == 200
+    assert stack.approval.review(review["id"])["approval_count"] == 1
+    stack.approval.proc.kill()
+    time.sleep(1.5)
+    assert not fut.done()
+    stack.approval.start()
+    detail = stack.approval.review(review["id"])
+    assert detail["status"] == "pending" and detail["approval_count"] == 1
+    assert [a["reviewer"] for a in detail["approvals"]] == ["alice"]
+    # The same reviewer cannot count twice after the restart either.
+    assert stack.approval.decide(review["id"], "approve", reviewer="alice").status_code == 409
+    time.sleep(1.0)
+    assert not fut.done() and stack.backend.stats()["started"] == 0
+    assert stack.approval.decide(review["id"], "approve", reviewer="bob").status_code == 200
+    resp = fut.result(timeout=20)
+    assert resp.status_code == 200, resp.text
+    assert stack.backend.stats()["started"] == 1
+    final = stack.approval.review(review["id"])
+    assert final["status"] == "approved"
+    assert sorted(a["reviewer"] for a in final["approvals"]) == ["alice", "bob"]
+
+
+# ---------------------------------------------------------------- the database: read-only, full
+
+def test_read_only_database_fails_closed_and_loudly(small_fs, make_stack, background):
+    stack = make_stack(filter_config={"long_poll_ms": 1000, "hold_timeout_ms": 60000,
+                                      "rules": [{"name": "load-tests", "model": "demo-allow*", "action": "allow"}]})
+    d = small_fs("db", "8m")
+    move_database(stack, d)
+    assert post(stack.url, json=chat(model="demo-allow")).status_code == 200
+    fut = send_later(background, stack.url, chat(text="held across the outage"))
+    [review] = stack.approval.wait_pending()
+
+    # The volume turns read-only (as after a disk error); the service is
+    # restarted onto it and refuses to run rather than serve without writes.
+    stack.approval.proc.stop()
+    subprocess.run(["mount", "-o", "remount,ro", str(d)], check=True)
+    stack.approval.proc.start()
+    wait_until(lambda: not stack.approval.proc.alive(), timeout=10, what="service refusing to start")
+    assert stack.approval.proc.popen.returncode != 0
+    assert "countersign-approval: database:" in stack.approval.proc.log_text()
+
+    for body in (chat(text="new while read-only"), chat(model="demo-allow", text="allowed while read-only")):
+        r = post(stack.url, json=body, timeout=30)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] in ("approval_unavailable", "audit_record_unavailable")
+    assert not fut.done()  # the held request keeps waiting (the review is safe on disk)
+    assert stack.backend.stats()["started"] == 1
+
+    subprocess.run(["mount", "-o", "remount,rw", str(d)], check=True)
+    stack.approval.start()
+    assert stack.approval.decide(review["id"], "approve").status_code == 200
+    assert fut.result(timeout=20).status_code == 200
+    assert stack.backend.stats()["started"] == 2
+    assert_no_forward_without_record(stack)
+    verify_chain(stack)
+
+
+def fill(directory: Path) -> Path:
+    """Fills the filesystem of `directory` to the last byte."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass
+        try:
+            while True:
+                f.write(b"\0" * 512)
+        except OSError:
+            pass
+    return filler
+
+
+def test_full_disk_refuses_clearly_and_claims_no_record_it_did_not_write(small_fs, make_stack, background):
+    stack = make_stack(filter_config={"long_poll_ms": 1000, "rules": [
+        {"name": "load-tests", "model": "demo-allow*", "action": "allow"}]})
+    d = small_fs("db", "6m")
+    move_database(stack, d)
+    assert post(stack.url, json=chat(model="demo-allow", text="before")).status_code == 200
+    fut = send_later(background, stack.url, chat(text="held before the disk fills"))
+    [review] = stack.approval.wait_pending()
+    filler = fill(d)
+
+    big = "x" * 400_000  # far more than any slack left in the WAL
+    outcomes = []
+    for i in range(3):
+        r = post(stack.url, json=chat(model="demo-allow", text=f"allowed {i} {big}"), timeout=30)
+        outcomes.append(r.status_code)
+        assert r.status_code in (200, 503), r.text
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] == "audit_record_unavailable"
+        r = post(stack.url, json=chat(text=f"held {i} {big}"), timeout=30)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "approval_unavailable"
+    assert 503 in outcomes
+    # Reading still works, and the earlier review can still be decided? Not
+    # while the disk is full: the decision is a write. Either it is refused
+    # (500, nothing released) or it is stored and the request released.
+    decided = stack.approval.decide(review["id"], "approve")
+    assert decided.status_code in (200, 500), decided.text
+    assert stack.approval.proc.alive()
+    assert stack.approval.pending() is not None
+
+    filler.unlink()
+    if decided.status_code != 200:
+        assert not fut.done()
+        assert stack.approval.decide(review["id"], "approve").status_code == 200
+    assert fut.result(timeout=20).status_code == 200
+    # Service recovered without a restart.
+    assert post(stack.url, json=chat(model="demo-allow", text="after")).status_code == 200
+    assert_no_forward_without_record(stack)
+    verify_chain(stack)
+    log = stack.approval.proc.log_text()
+    assert "database or disk is full" in log
