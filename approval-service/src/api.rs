@@ -160,18 +160,28 @@ fn bearer_reviewer(parts: &Parts, state: &AppState) -> Result<Reviewer, ApiError
 pub(crate) fn parse_json<T: DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<T, ApiError> {
-    let bytes = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge("request body too large".into())
-        } else {
-            ApiError::BadRequest("cannot read request body".into())
-        }
-    })?;
+    let bytes = read_body(body)?;
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
         &bytes
     };
+    json_from_slice(bytes)
+}
+
+/// The request body, or our error for one too large or unreadable.
+pub(crate) fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge("request body too large".into())
+        } else {
+            ApiError::BadRequest("cannot read request body".into())
+        }
+    })
+}
+
+/// Deserialises JSON text, answering 400 with serde's message.
+pub(crate) fn json_from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
@@ -287,9 +297,7 @@ pub async fn wait_review(
             .await?
             .ok_or_else(not_found)?;
         if expired_now {
-            tracing::info!(review_id = %id, status = "expired", "review expired (hold timeout)");
-            state.wake(&id);
-            state.publish(&id, ReviewStatus::Expired);
+            state.announce_expiry(&id);
         }
         if current.status.is_final() {
             return Ok(Json(current));
@@ -324,8 +332,7 @@ async fn finish_review(
         .ok_or_else(not_found)?;
     if changed {
         tracing::info!(review_id = %id, status = status.as_str(), "review ended by filter");
-        state.wake(&id);
-        state.publish(&id, status);
+        state.announce(&id, status);
     }
     Ok(Json(current))
 }
@@ -408,7 +415,9 @@ pub struct ListParams {
 /// Longest accepted text filter, in characters.
 const MAX_FILTER_CHARS: usize = 500;
 
-fn text_filter(name: &str, v: Option<String>) -> Result<Option<String>, ApiError> {
+/// A text filter of a query string: trimmed, blank as none, refused when
+/// longer than [`MAX_FILTER_CHARS`].
+pub(crate) fn text_filter(name: &str, v: Option<String>) -> Result<Option<String>, ApiError> {
     match v {
         Some(t) if t.chars().count() > MAX_FILTER_CHARS => Err(ApiError::BadRequest(format!(
             "{name} is longer than {MAX_FILTER_CHARS} characters"
@@ -483,8 +492,7 @@ pub async fn get_review(
         .await?
         .ok_or_else(not_found)?;
     if expired_now {
-        state.wake(&id);
-        state.publish(&id, ReviewStatus::Expired);
+        state.announce(&id, ReviewStatus::Expired);
     }
     Ok(Json(detail))
 }
@@ -500,11 +508,21 @@ fn clean_reason(reason: Option<String>) -> Result<Option<String>, ApiError> {
     }
 }
 
+/// Records `reviewer`'s decision on review `id` and announces the outcome.
 async fn decide(
     state: AppState,
     id: String,
-    decision: Decision,
+    reviewer: Reviewer,
+    status: ReviewStatus,
+    reason: Option<String>,
+    edited_body: Option<String>,
 ) -> Result<Json<ReviewDetail>, ApiError> {
+    let decision = Decision {
+        status,
+        reviewer: reviewer.name,
+        reason,
+        edited_body,
+    };
     let now = crate::now_ms();
     let lookup_id = id.clone();
     let d = decision.clone();
@@ -521,26 +539,9 @@ async fn decide(
         .await?;
     // Wake in every case: a lost decision may have just persisted an expiry.
     state.wake(&id);
-    match &outcome {
-        DecideOutcome::Decided(detail) => state.publish(&id, detail.summary.status),
-        DecideOutcome::Partial(_) => state.publish_approval(&id),
-        DecideOutcome::Refused(_) => {}
-        DecideOutcome::NotPending(_) => {
-            // Tell live pages to re-read it (it may have just expired).
-            if let Ok(Some(current)) = state
-                .db({
-                    let id = id.clone();
-                    move |s| s.state(&id)
-                })
-                .await
-            {
-                state.publish(&id, current.status);
-            }
-        }
-        DecideOutcome::NotFound => {}
-    }
     match outcome {
         DecideOutcome::Decided(detail) => {
+            state.publish(&id, detail.summary.status);
             tracing::info!(
                 review_id = %id,
                 reviewer = %decision.reviewer,
@@ -551,6 +552,7 @@ async fn decide(
             Ok(Json(*detail))
         }
         DecideOutcome::Partial(detail) => {
+            state.publish_approval(&id);
             tracing::info!(
                 review_id = %id,
                 reviewer = %decision.reviewer,
@@ -573,6 +575,16 @@ async fn decide(
         }
         DecideOutcome::NotFound => Err(not_found()),
         DecideOutcome::NotPending(why) => {
+            // Tell live pages to re-read it (it may have just expired).
+            if let Ok(Some(current)) = state
+                .db({
+                    let id = id.clone();
+                    move |s| s.state(&id)
+                })
+                .await
+            {
+                state.publish(&id, current.status);
+            }
             tracing::info!(
                 review_id = %id,
                 reviewer = %decision.reviewer,
@@ -602,13 +614,8 @@ pub async fn approve(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<ReviewDetail>, ApiError> {
     let req: ReasonBody = parse_json(body)?;
-    let decision = Decision {
-        status: ReviewStatus::Approved,
-        reviewer: reviewer.name,
-        reason: clean_reason(req.reason)?,
-        edited_body: None,
-    };
-    decide(state, id, decision).await
+    let reason = clean_reason(req.reason)?;
+    decide(state, id, reviewer, ReviewStatus::Approved, reason, None).await
 }
 
 /// `POST /api/reviews/{id}/reject`.
@@ -621,13 +628,15 @@ pub async fn reject(
     let req: ReasonBody = parse_json(body)?;
     let reason = clean_reason(req.reason)?
         .ok_or_else(|| ApiError::BadRequest("a rejection needs a non-empty reason".into()))?;
-    let decision = Decision {
-        status: ReviewStatus::Rejected,
-        reviewer: reviewer.name,
-        reason: Some(reason),
-        edited_body: None,
-    };
-    decide(state, id, decision).await
+    decide(
+        state,
+        id,
+        reviewer,
+        ReviewStatus::Rejected,
+        Some(reason),
+        None,
+    )
+    .await
 }
 
 /// Body of `POST /api/reviews/{id}/edit`.
@@ -694,13 +703,16 @@ pub async fn edit(
 ) -> Result<Json<ReviewDetail>, ApiError> {
     let req: EditBody = parse_json(body)?;
     let edited = edited_body_text(&req.body)?;
-    let decision = Decision {
-        status: ReviewStatus::Approved,
-        reviewer: reviewer.name,
-        reason: clean_reason(req.reason)?,
-        edited_body: Some(edited),
-    };
-    decide(state, id, decision).await
+    let reason = clean_reason(req.reason)?;
+    decide(
+        state,
+        id,
+        reviewer,
+        ReviewStatus::Approved,
+        reason,
+        Some(edited),
+    )
+    .await
 }
 
 // ---------------------------------------------------------------- live feed

@@ -342,9 +342,7 @@ pub async fn caller_status(
         .await?
         .ok_or_else(no_such_review)?;
     if expired_now {
-        tracing::info!(review_id = %id, status = "expired", "review expired (hold timeout)");
-        state.wake(&id);
-        state.publish(&id, ReviewStatus::Expired);
+        state.announce_expiry(&id);
     }
     let approved = view.status == ReviewStatus::Approved;
     let config = state.config();

@@ -36,6 +36,8 @@ use countersign_core::config::Config as PluginConfig;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::args::Flags;
+
 /// Usage of the subcommand (also part of the binary's usage text).
 pub const USAGE: &str =
     "countersign-approval check-config [--plugin-config FILE.json]... [--envoy FILE.yaml]... \
@@ -91,23 +93,13 @@ pub fn parse_args(args: &[String]) -> Result<Options, String> {
         service_configs: Vec::new(),
         envoy_bin: EnvoyBin::Auto,
     };
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
-            _ => (arg.as_str(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .ok_or_else(|| format!("{flag} needs a value"))
-        };
+    let mut flags = Flags::new(args);
+    while let Some(flag) = flags.next_flag() {
         match flag {
-            "--plugin-config" => opts.plugin_configs.push(PathBuf::from(value()?)),
-            "--envoy" => opts.envoy_files.push(PathBuf::from(value()?)),
-            "--service-config" => opts.service_configs.push(PathBuf::from(value()?)),
-            "--envoy-bin" => opts.envoy_bin = EnvoyBin::Path(PathBuf::from(value()?)),
+            "--plugin-config" => opts.plugin_configs.push(PathBuf::from(flags.value()?)),
+            "--envoy" => opts.envoy_files.push(PathBuf::from(flags.value()?)),
+            "--service-config" => opts.service_configs.push(PathBuf::from(flags.value()?)),
+            "--envoy-bin" => opts.envoy_bin = EnvoyBin::Path(PathBuf::from(flags.value()?)),
             "--no-envoy" => opts.envoy_bin = EnvoyBin::Skip,
             other => return Err(format!("check-config: unknown argument {other:?}")),
         }
@@ -281,11 +273,7 @@ pub fn check(opts: &Options) -> Report {
     for file in &opts.plugin_configs {
         let Some(bytes) = c.read(file) else { continue };
         if let Some(config) = c.plugin_config(file, &bytes, "", &VmEnv::Unknown) {
-            c.plugins.push(SeenPlugin {
-                file: file.clone(),
-                place: String::new(),
-                config,
-            });
+            c.seen(file, String::new(), config);
         }
     }
     for file in &opts.service_configs {
@@ -339,7 +327,25 @@ fn in_place(place: &str) -> String {
     }
 }
 
+/// `place` as the start of an `ok` line (`"{place}: "`).
+fn place_prefix(place: &str) -> String {
+    if place.is_empty() {
+        String::new()
+    } else {
+        format!("{place}: ")
+    }
+}
+
 impl Checker {
+    /// Keeps a valid plugin configuration for the cross-checks.
+    fn seen(&mut self, file: &Path, place: String, config: PluginConfig) {
+        self.plugins.push(SeenPlugin {
+            file: file.to_path_buf(),
+            place,
+            config,
+        });
+    }
+
     fn read(&mut self, file: &Path) -> Option<Vec<u8>> {
         self.report.files += 1;
         match std::fs::read(file) {
@@ -389,14 +395,13 @@ impl Checker {
         }
         match parsed {
             Ok(config) => {
-                let what = if place.is_empty() {
-                    String::new()
-                } else {
-                    format!("{place}: ")
-                };
                 self.report.ok(
                     file,
-                    format!("{what}plugin configuration valid: {}", summary(&config)),
+                    format!(
+                        "{}plugin configuration valid: {}",
+                        place_prefix(place),
+                        summary(&config)
+                    ),
                 );
                 Some(config)
             }
@@ -410,15 +415,11 @@ impl Checker {
     fn service_config(&mut self, file: &Path, text: &str, place: &str) {
         match ServiceConfig::from_toml_str(text) {
             Ok(config) => {
-                let what = if place.is_empty() {
-                    String::new()
-                } else {
-                    format!("{place}: ")
-                };
                 self.report.ok(
                     file,
                     format!(
-                        "{what}service configuration valid: listen {}, database {}, {} reviewer(s), filter token {}",
+                        "{}service configuration valid: listen {}, database {}, {} reviewer(s), filter token {}",
+                        place_prefix(place),
                         config.listen,
                         config.database.display(),
                         config.reviewers.len(),
@@ -528,16 +529,9 @@ impl Checker {
             None
         } else {
             Some(
-                root.pointer("/static_resources/clusters")
-                    .and_then(Value::as_array)
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|c| {
-                                c.get("name").and_then(Value::as_str).map(str::to_string)
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default(),
+                array(root, "/static_resources/clusters")
+                    .filter_map(|c| c.get("name").and_then(Value::as_str).map(str::to_string))
+                    .collect(),
             )
         };
         if root.pointer("/dynamic_resources/lds_config").is_some() {
@@ -547,10 +541,7 @@ impl Checker {
             );
         }
         let mut found = 0;
-        let listeners = root
-            .pointer("/static_resources/listeners")
-            .and_then(Value::as_array);
-        for (li, listener) in listeners.into_iter().flatten().enumerate() {
+        for (li, listener) in array(root, "/static_resources/listeners").enumerate() {
             let name = listener
                 .get("name")
                 .and_then(Value::as_str)
@@ -642,20 +633,13 @@ impl Checker {
                 Some(_) => {}
                 None => self.report.note(file, "clusters come from CDS: approval_cluster not checked"),
             }
-            self.plugins.push(SeenPlugin {
-                file: file.to_path_buf(),
-                place,
-                config,
-            });
+            self.seen(file, place, config);
         }
         found
     }
 
     fn wasm_vm(&mut self, file: &Path, wasm: &Value, place: &str) {
-        let runtime = wasm
-            .pointer("/vm_config/runtime")
-            .and_then(Value::as_str)
-            .unwrap_or("");
+        let runtime = str_at(wasm, "/vm_config/runtime");
         if runtime != V8_RUNTIME {
             self.report.warning(
                 file,
@@ -750,12 +734,8 @@ impl Checker {
             );
             return;
         }
-        let hosts = hcm
-            .pointer("/route_config/virtual_hosts")
-            .and_then(Value::as_array);
-        for (vi, vhost) in hosts.into_iter().flatten().enumerate() {
-            let routes = vhost.get("routes").and_then(Value::as_array);
-            for (ri, route) in routes.into_iter().flatten().enumerate() {
+        for (vi, vhost) in array(hcm, "/route_config/virtual_hosts").enumerate() {
+            for (ri, route) in array(vhost, "/routes").enumerate() {
                 let Some(action) = route.get("route") else {
                     continue;
                 };
@@ -829,7 +809,7 @@ impl Checker {
 
     /// Checks one manifest; returns whether its kind is one this command knows.
     fn manifest(&mut self, file: &Path, index: usize, doc: &Value) -> bool {
-        let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("");
+        let kind = str_at(doc, "/kind");
         let name = doc
             .pointer("/metadata/name")
             .and_then(Value::as_str)
@@ -881,11 +861,7 @@ impl Checker {
                         if let Some(config) =
                             self.plugin_config(file, text.as_bytes(), &key_place, &VmEnv::Unknown)
                         {
-                            self.plugins.push(SeenPlugin {
-                                file: file.to_path_buf(),
-                                place: key_place,
-                                config,
-                            });
+                            self.seen(file, key_place, config);
                         }
                     }
                 }
@@ -897,10 +873,7 @@ impl Checker {
     }
 
     fn istio_wasm_plugin(&mut self, file: &Path, spec: &Value, ns: &str, name: &str, place: &str) {
-        let json = match spec.get("pluginConfig") {
-            None | Some(Value::Null) => String::new(),
-            Some(v) => v.to_string(),
-        };
+        let json = json_text(spec.get("pluginConfig"));
         let env = VmEnv::Declared(istio_vm_env(spec));
         let Some(config) = self.plugin_config(
             file,
@@ -934,11 +907,7 @@ impl Checker {
             format!("{ns}.{name}"),
             longest_hold_ms(&config),
         ));
-        self.plugins.push(SeenPlugin {
-            file: file.to_path_buf(),
-            place: place.to_string(),
-            config,
-        });
+        self.seen(file, place.to_string(), config);
     }
 
     fn image_pin(&mut self, file: &Path, url: Option<&str>, sha: Option<&str>, place: &str) {
@@ -960,17 +929,9 @@ impl Checker {
     }
 
     fn istio_envoy_filter(&mut self, spec: &Value) {
-        for patch in spec
-            .get("configPatches")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let apply_to = patch.get("applyTo").and_then(Value::as_str).unwrap_or("");
-            let op = patch
-                .pointer("/patch/operation")
-                .and_then(Value::as_str)
-                .unwrap_or("");
+        for patch in array(spec, "/configPatches") {
+            let apply_to = str_at(patch, "/applyTo");
+            let op = str_at(patch, "/patch/operation");
             let value = patch.pointer("/patch/value").unwrap_or(&Value::Null);
             if apply_to == "HTTP_FILTER" && op == "INSERT_AFTER" && is_buffer(value) {
                 if let Some(after) = patch
@@ -989,13 +950,7 @@ impl Checker {
     }
 
     fn virtual_service(&mut self, file: &Path, spec: &Value, place: &str) {
-        for (i, route) in spec
-            .get("http")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .enumerate()
-        {
+        for (i, route) in array(spec, "/http").enumerate() {
             if let Some(ms) = route.get("timeout").and_then(duration_ms) {
                 if ms != 0 {
                     self.report.warning(
@@ -1008,13 +963,7 @@ impl Checker {
     }
 
     fn eg_extension_policy(&mut self, file: &Path, spec: &Value, place: &str) {
-        for (i, wasm) in spec
-            .get("wasm")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .enumerate()
-        {
+        for (i, wasm) in array(spec, "/wasm").enumerate() {
             let ids = [
                 wasm.get("name"),
                 wasm.get("rootID"),
@@ -1034,19 +983,12 @@ impl Checker {
                 continue;
             }
             let wasm_place = format!("{place}, spec.wasm[{i}].config");
-            let json = match wasm.get("config") {
-                None | Some(Value::Null) => String::new(),
-                Some(v) => v.to_string(),
-            };
+            let json = json_text(wasm.get("config"));
             let env = VmEnv::Declared(eg_vm_env(wasm));
             let Some(config) = self.plugin_config(file, json.as_bytes(), &wasm_place, &env) else {
                 continue;
             };
-            let code_type = wasm
-                .pointer("/code/type")
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            let (url, sha) = if code_type == "Image" {
+            let (url, sha) = if str_at(wasm, "/code/type") == "Image" {
                 (
                     wasm.pointer("/code/image/url"),
                     wasm.pointer("/code/image/sha256"),
@@ -1072,34 +1014,19 @@ impl Checker {
                 config.approval_cluster.clone(),
                 longest_hold_ms(&config),
             ));
-            self.plugins.push(SeenPlugin {
-                file: file.to_path_buf(),
-                place: wasm_place,
-                config,
-            });
+            self.seen(file, wasm_place, config);
         }
     }
 
     fn eg_patch_policy(&mut self, spec: &Value) {
-        for patch in spec
-            .get("jsonPatches")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let kind = patch.get("type").and_then(Value::as_str).unwrap_or("");
-            let op = patch
-                .pointer("/operation/op")
-                .and_then(Value::as_str)
-                .unwrap_or("");
+        for patch in array(spec, "/jsonPatches") {
+            let kind = str_at(patch, "/type");
+            let op = str_at(patch, "/operation/op");
             let value = patch.pointer("/operation/value").unwrap_or(&Value::Null);
             if op == "add" && is_buffer(value) {
                 self.mesh.eg_buffer = true;
             }
-            let path = patch
-                .pointer("/operation/path")
-                .and_then(Value::as_str)
-                .unwrap_or("");
+            let path = str_at(patch, "/operation/path");
             if kind.ends_with("envoy.config.cluster.v3.Cluster") && op == "add" && path.is_empty() {
                 if let Some(name) = value.get("name").and_then(Value::as_str) {
                     self.mesh.eg_clusters.push(name.to_string());
@@ -1109,13 +1036,7 @@ impl Checker {
     }
 
     fn http_route(&mut self, file: &Path, spec: &Value, place: &str) {
-        for (i, rule) in spec
-            .get("rules")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .enumerate()
-        {
+        for (i, rule) in array(spec, "/rules").enumerate() {
             match rule.pointer("/timeouts/request") {
                 None => self.report.warning(
                     file,
@@ -1278,12 +1199,7 @@ fn bootstrap_vm_env(wasm: &Value) -> BTreeMap<String, Option<String>> {
 /// `spec.vmConfig.env` of an Istio `WasmPlugin`.
 fn istio_vm_env(spec: &Value) -> BTreeMap<String, Option<String>> {
     let mut vars = BTreeMap::new();
-    for e in spec
-        .pointer("/vmConfig/env")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for e in array(spec, "/vmConfig/env") {
         let Some(name) = e.get("name").and_then(Value::as_str) else {
             continue;
         };
@@ -1304,10 +1220,7 @@ fn istio_vm_env(spec: &Value) -> BTreeMap<String, Option<String>> {
 
 /// `env.hostKeys` of an Envoy Gateway Wasm extension.
 fn eg_vm_env(wasm: &Value) -> BTreeMap<String, Option<String>> {
-    wasm.pointer("/env/hostKeys")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
+    array(wasm, "/env/hostKeys")
         .filter_map(Value::as_str)
         .map(|k| (k.to_string(), None))
         .collect()
@@ -1453,6 +1366,29 @@ fn configuration_text(wasm: &Value) -> Result<String, String> {
             }
         }
     }
+}
+
+/// A plugin configuration given inline in a manifest, as JSON text (empty
+/// when absent).
+fn json_text(v: Option<&Value>) -> String {
+    match v {
+        None | Some(Value::Null) => String::new(),
+        Some(v) => v.to_string(),
+    }
+}
+
+/// The items of the array at `pointer` (none when it is absent or not an
+/// array).
+fn array<'a>(v: &'a Value, pointer: &str) -> impl Iterator<Item = &'a Value> {
+    v.pointer(pointer)
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+}
+
+/// The string at `pointer`, or "" when it is absent or not a string.
+fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
+    v.pointer(pointer).and_then(Value::as_str).unwrap_or("")
 }
 
 /// A number, or a string holding one (protobuf JSON writes 64-bit integers

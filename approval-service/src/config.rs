@@ -444,6 +444,12 @@ mod tests {
 
     const H: &str = "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b";
 
+    /// Asserts that `text` is refused with an error naming `field`.
+    fn assert_refused(text: &str, field: &str) {
+        let e = Config::from_toml_str(text).unwrap_err().to_string();
+        assert!(e.contains(field), "{text}: {e}");
+    }
+
     #[test]
     fn empty_gives_defaults() {
         assert_eq!(Config::from_toml_str("").unwrap(), Config::default());
@@ -475,47 +481,41 @@ groups = ["security"]
 
     #[test]
     fn unknown_field_is_named() {
-        let e = Config::from_toml_str("lisen = \"x\"")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("lisen"), "{e}");
-        let e = Config::from_toml_str("[[reviewers]]\nname=\"a\"\ntoken_sha256=\"\"\ngroup=[]")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("group"), "{e}");
+        assert_refused("lisen = \"x\"", "lisen");
+        assert_refused(
+            "[[reviewers]]\nname=\"a\"\ntoken_sha256=\"\"\ngroup=[]",
+            "group",
+        );
     }
 
     #[test]
     fn bad_hex_is_named() {
-        let e = Config::from_toml_str("filter_token_sha256 = \"abc\"")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("filter_token_sha256"), "{e}");
-        let e = Config::from_toml_str(&format!(
-            "[[reviewers]]\nname=\"a\"\ntoken_sha256=\"{}\"",
-            H.replace('2', "g")
-        ))
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("reviewers[0].token_sha256"), "{e}");
+        assert_refused("filter_token_sha256 = \"abc\"", "filter_token_sha256");
+        assert_refused(
+            &format!(
+                "[[reviewers]]\nname=\"a\"\ntoken_sha256=\"{}\"",
+                H.replace('2', "g")
+            ),
+            "reviewers[0].token_sha256",
+        );
     }
 
     #[test]
     fn duplicates_rejected() {
         let other = "0".repeat(64);
-        let e = Config::from_toml_str(&format!(
-            "[[reviewers]]\nname=\"a\"\ntoken_sha256=\"{H}\"\n[[reviewers]]\nname=\"a\"\ntoken_sha256=\"{other}\""
-        ))
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("reviewers[1].name"), "{e}");
-        let e = Config::from_toml_str(&format!(
-            "[[reviewers]]\nname=\"a\"\ntoken_sha256=\"{H}\"\n[[reviewers]]\nname=\"b\"\ntoken_sha256=\"{}\"",
-            H.to_uppercase()
-        ))
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("reviewers[1].token_sha256"), "{e}");
+        assert_refused(
+            &format!(
+                "[[reviewers]]\nname=\"a\"\ntoken_sha256=\"{H}\"\n[[reviewers]]\nname=\"a\"\ntoken_sha256=\"{other}\""
+            ),
+            "reviewers[1].name",
+        );
+        assert_refused(
+            &format!(
+                "[[reviewers]]\nname=\"a\"\ntoken_sha256=\"{H}\"\n[[reviewers]]\nname=\"b\"\ntoken_sha256=\"{}\"",
+                H.to_uppercase()
+            ),
+            "reviewers[1].token_sha256",
+        );
     }
 
     #[test]
@@ -554,24 +554,18 @@ url = "http://127.0.0.1:9999/hook"
             ),
             ("[[webhooks]]\nurl = \"http://x\"\nsecret = \"s\"", "secret"),
         ] {
-            let e = Config::from_toml_str(bad).unwrap_err().to_string();
-            assert!(e.contains(field), "{bad}: {e}");
+            assert_refused(bad, field);
         }
     }
 
     #[test]
     fn bad_values_named() {
-        let e = Config::from_toml_str("listen = \"nope\"")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("listen"), "{e}");
-        let e = Config::from_toml_str("sqlite_synchronous = \"off\"")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("sqlite_synchronous"), "{e}");
-        let e = Config::from_toml_str("max_long_poll_ms = 0")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("max_long_poll_ms"), "{e}");
+        for (bad, field) in [
+            ("listen = \"nope\"", "listen"),
+            ("sqlite_synchronous = \"off\"", "sqlite_synchronous"),
+            ("max_long_poll_ms = 0", "max_long_poll_ms"),
+        ] {
+            assert_refused(bad, field);
+        }
     }
 }

@@ -10,8 +10,11 @@ use std::process::ExitCode;
 
 use countersign_approval::{run, AppState, Config, TokenHash};
 
+mod args;
 mod check_config;
 mod records_cli;
+
+use args::Flags;
 
 const USAGE: &str = "usage:
   countersign-approval serve --config FILE [--listen ADDR] [--database PATH]
@@ -37,29 +40,18 @@ fn parse_serve(args: &[String]) -> Result<ServeArgs, String> {
     let mut config = None;
     let mut listen = None;
     let mut database = None;
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        // Accept both `--flag value` and `--flag=value`.
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
-            _ => (arg.as_str(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .ok_or_else(|| format!("{flag} needs a value"))
-        };
+    let mut flags = Flags::new(args);
+    while let Some(flag) = flags.next_flag() {
         match flag {
-            "--config" => config = Some(PathBuf::from(value()?)),
+            "--config" => config = Some(PathBuf::from(flags.value()?)),
             "--listen" => {
-                let v = value()?;
+                let v = flags.value()?;
                 listen = Some(
                     v.parse()
                         .map_err(|_| format!("--listen: {v:?} is not an IP:port address"))?,
                 );
             }
-            "--database" => database = Some(PathBuf::from(value()?)),
+            "--database" => database = Some(PathBuf::from(flags.value()?)),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }

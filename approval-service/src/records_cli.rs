@@ -11,6 +11,8 @@ use std::process::ExitCode;
 use countersign_approval::records::{self, RecordQuery};
 use countersign_approval::Config;
 
+use crate::args::Flags;
+
 pub const USAGE: &str = "  countersign-approval verify-records (--database PATH | --config FILE)
   countersign-approval export-records (--database PATH | --config FILE) [--since-ms N] [--until-ms N] [--caller NAME] [--model NAME] [--decision D] [--review-id ID] [--after-seq N]";
 
@@ -36,29 +38,19 @@ fn parse(args: &[String], filters: bool) -> Result<Args, String> {
         config: None,
         query: RecordQuery::default(),
     };
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
-            _ => (arg.as_str(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .ok_or_else(|| format!("{flag} needs a value"))
-        };
+    let mut flags = Flags::new(args);
+    while let Some(flag) = flags.next_flag() {
         let q = &mut out.query;
         match flag {
-            "--database" => out.database = Some(PathBuf::from(value()?)),
-            "--config" => out.config = Some(PathBuf::from(value()?)),
-            "--since-ms" if filters => q.since_ms = Some(number(flag, &value()?)?),
-            "--until-ms" if filters => q.until_ms = Some(number(flag, &value()?)?),
-            "--after-seq" if filters => q.after_seq = Some(number(flag, &value()?)?),
-            "--caller" if filters => q.caller = Some(value()?),
-            "--model" if filters => q.model = Some(value()?),
-            "--decision" if filters => q.decision = Some(value()?),
-            "--review-id" if filters => q.review_id = Some(value()?),
+            "--database" => out.database = Some(PathBuf::from(flags.value()?)),
+            "--config" => out.config = Some(PathBuf::from(flags.value()?)),
+            "--since-ms" if filters => q.since_ms = Some(number(flag, &flags.value()?)?),
+            "--until-ms" if filters => q.until_ms = Some(number(flag, &flags.value()?)?),
+            "--after-seq" if filters => q.after_seq = Some(number(flag, &flags.value()?)?),
+            "--caller" if filters => q.caller = Some(flags.value()?),
+            "--model" if filters => q.model = Some(flags.value()?),
+            "--decision" if filters => q.decision = Some(flags.value()?),
+            "--review-id" if filters => q.review_id = Some(flags.value()?),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -84,14 +76,17 @@ fn open(args: &Args) -> Result<rusqlite::Connection, String> {
     }
 }
 
+/// Parses the arguments and opens the database they name.
+fn parse_and_open(args: &[String], filters: bool) -> Result<(Args, rusqlite::Connection), String> {
+    let args = parse(args, filters)?;
+    let conn = open(&args)?;
+    Ok((args, conn))
+}
+
 /// `verify-records`.
 pub fn verify(args: &[String]) -> ExitCode {
-    let args = match parse(args, false) {
-        Ok(a) => a,
-        Err(e) => return fail(&e),
-    };
-    let conn = match open(&args) {
-        Ok(c) => c,
+    let conn = match parse_and_open(args, false) {
+        Ok((_, c)) => c,
         Err(e) => return fail(&e),
     };
     match records::verify_chain(&conn) {
@@ -112,12 +107,8 @@ pub fn verify(args: &[String]) -> ExitCode {
 
 /// `export-records`: merged records as JSON Lines on stdout.
 pub fn export(args: &[String]) -> ExitCode {
-    let args = match parse(args, true) {
+    let (args, conn) = match parse_and_open(args, true) {
         Ok(a) => a,
-        Err(e) => return fail(&e),
-    };
-    let conn = match open(&args) {
-        Ok(c) => c,
         Err(e) => return fail(&e),
     };
     let stdout = std::io::stdout();

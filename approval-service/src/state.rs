@@ -221,6 +221,18 @@ impl AppState {
         }
     }
 
+    /// Wakes the waiters of `id` and tells live pages its status changed.
+    pub(crate) fn announce(&self, id: &str, status: ReviewStatus) {
+        self.wake(id);
+        self.publish(id, status);
+    }
+
+    /// [`AppState::announce`]s (and logs) a review a read found overdue.
+    pub(crate) fn announce_expiry(&self, id: &str) {
+        tracing::info!(review_id = %id, status = "expired", "review expired (hold timeout)");
+        self.announce(id, ReviewStatus::Expired);
+    }
+
     /// Number of reviews with waiters (for tests and diagnostics).
     pub fn waiting_reviews(&self) -> usize {
         self.waiters().len()
@@ -236,9 +248,7 @@ impl AppState {
         let now = crate::now_ms();
         let ids = self.db(move |s| s.expire_overdue(now)).await?;
         for id in &ids {
-            tracing::info!(review_id = %id, status = "expired", "review expired (hold timeout)");
-            self.wake(id);
-            self.publish(id, ReviewStatus::Expired);
+            self.announce_expiry(id);
         }
         Ok(ids.len())
     }

@@ -2,102 +2,41 @@
 //! HTTP behaviour of the approval service, through `app(state)` in-process
 //! and through `run` on a real socket.
 
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::StatusCode;
 use axum::Router;
-use countersign_approval::{app, run, AppState, Config, TokenHash};
-use http_body_util::BodyExt;
+use common::{
+    assert_error, bearer, call, decide, get_as, send, spawn_wait, wait, Fixture, ALICE, BOB,
+    FILTER_HEADER,
+};
+use countersign_approval::{app, AppState};
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
-const ALICE: &str = "alice-secret-token";
-const BOB: &str = "bob-secret-token";
-const FILTER: &str = "filter-secret";
-
-fn config_toml(db: &Path, extra: &str) -> String {
-    format!(
-        r#"
-database = "{}"
-{extra}
-[[reviewers]]
-name = "alice"
-token_sha256 = "{}"
-groups = ["security"]
-[[reviewers]]
-name = "bob"
-token_sha256 = "{}"
-"#,
-        db.display(),
-        TokenHash::of_token(ALICE).to_hex(),
-        TokenHash::of_token(BOB).to_hex()
-    )
-}
+/// alice (group `security`) and bob.
+const REVIEWERS: [(&str, &str, &str); 2] = [
+    ("alice", ALICE, "groups = [\"security\"]"),
+    ("bob", BOB, ""),
+];
 
 fn open_state(db: &Path, extra: &str) -> AppState {
-    AppState::open(Config::from_toml_str(&config_toml(db, extra)).unwrap()).unwrap()
-}
-
-struct Fixture {
-    _dir: tempfile::TempDir,
-    state: AppState,
-    app: Router,
+    common::open_state(&common::config_toml(db, extra, &REVIEWERS))
 }
 
 fn fixture(extra: &str) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let state = open_state(&dir.path().join("sub/dir/test.db"), extra);
-    let app = app(state.clone());
-    Fixture {
-        _dir: dir,
-        state,
-        app,
-    }
+    common::fixture("sub/dir/test.db", |db| {
+        common::config_toml(db, extra, &REVIEWERS)
+    })
 }
 
-async fn call(
-    app: &Router,
-    method: &str,
-    uri: &str,
-    headers: &[(&str, &str)],
-    body: Option<Value>,
-) -> (StatusCode, Value) {
-    let mut req = Request::builder().method(method).uri(uri);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let body = match body {
-        Some(v) => Body::from(v.to_string()),
-        None => Body::empty(),
-    };
-    let resp = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let value = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| panic!("non-JSON body: {}", String::from_utf8_lossy(&bytes)))
-    };
-    (status, value)
-}
-
-fn bearer(token: &str) -> String {
-    format!("Bearer {token}")
-}
-
+/// A review of a four-message conversation.
 fn create_body(hold_timeout_ms: u64) -> Value {
-    json!({
-        "request_id": "req-1",
-        "api": "openai_chat",
-        "method": "POST",
-        "path": "/v1/chat/completions",
+    common::review_request(json!({
         "authority": "llm.internal",
         "route": "chat",
-        "caller": "svc-a",
-        "model": "gpt-x",
         "stream": true,
         "rule": "all",
         "prompt": [
@@ -106,48 +45,25 @@ fn create_body(hold_timeout_ms: u64) -> Value {
             {"role": "assistant", "text": "answer"},
             {"role": "user", "text": "x".repeat(300)}
         ],
-        "body": "{\"model\":\"gpt-x\",\"messages\":[]}",
         "hold_timeout_ms": hold_timeout_ms
-    })
+    }))
 }
 
 async fn create(app: &Router, hold_timeout_ms: u64) -> String {
-    let (status, v) = call(
-        app,
-        "POST",
-        "/v1/reviews",
-        &[],
-        Some(create_body(hold_timeout_ms)),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{v}");
-    assert_eq!(v["status"], "pending");
-    let id = v["id"].as_str().unwrap().to_string();
-    assert!(id.starts_with("rev_") && id.len() == 36, "{id}");
-    id
+    common::create_review(app, &[], create_body(hold_timeout_ms)).await
 }
 
-async fn decide(
-    app: &Router,
-    id: &str,
-    token: &str,
-    action: &str,
-    body: Value,
-) -> (StatusCode, Value) {
-    let auth = bearer(token);
+/// The filter ends a review: `POST /v1/reviews/{id}/{action}` (`expire`,
+/// `cancel`).
+async fn end_review(app: &Router, id: &str, action: &str) -> (StatusCode, Value) {
     call(
         app,
         "POST",
-        &format!("/api/reviews/{id}/{action}"),
-        &[("authorization", &auth)],
-        Some(body),
+        &format!("/v1/reviews/{id}/{action}"),
+        &[],
+        None,
     )
     .await
-}
-
-fn assert_error(v: &Value, code: &str) {
-    assert_eq!(v["error"]["code"], code, "{v}");
-    assert!(v["error"]["message"].is_string(), "{v}");
 }
 
 #[tokio::test]
@@ -178,22 +94,13 @@ async fn create_validates_and_clamps() {
     let exp = v["expires_at_ms"].as_u64().unwrap();
     assert!(exp >= before + 86_400_000 && exp <= countersign_approval::now_ms() + 86_400_000);
 
-    let mut bad = create_body(1000);
-    bad["body"] = json!("not json {");
-    let (s, v) = call(&f.app, "POST", "/v1/reviews", &[], Some(bad)).await;
-    assert_eq!(s, StatusCode::BAD_REQUEST);
-    assert_error(&v, "bad_request");
-
-    let (s, v) = call(
-        &f.app,
-        "POST",
-        "/v1/reviews",
-        &[],
-        Some(json!({"model": "x"})),
-    )
-    .await;
-    assert_eq!(s, StatusCode::BAD_REQUEST);
-    assert_error(&v, "bad_request");
+    let mut bad_body = create_body(1000);
+    bad_body["body"] = json!("not json {");
+    for bad in [bad_body, json!({"model": "x"})] {
+        let (s, v) = call(&f.app, "POST", "/v1/reviews", &[], Some(bad)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_error(&v, "bad_request");
+    }
 }
 
 #[tokio::test]
@@ -201,14 +108,7 @@ async fn wait_returns_pending_after_timeout() {
     let f = fixture("");
     let id = create(&f.app, 60_000).await;
     let t = Instant::now();
-    let (s, v) = call(
-        &f.app,
-        "GET",
-        &format!("/v1/reviews/{id}/wait?timeout_ms=200"),
-        &[],
-        None,
-    )
-    .await;
+    let (s, v) = wait(&f.app, &id, Some(200)).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["status"], "pending");
     assert!(
@@ -218,14 +118,7 @@ async fn wait_returns_pending_after_timeout() {
     );
     assert_eq!(f.state.waiting_reviews(), 0);
 
-    let (s, v) = call(
-        &f.app,
-        "GET",
-        "/v1/reviews/rev_nope/wait?timeout_ms=10",
-        &[],
-        None,
-    )
-    .await;
+    let (s, v) = wait(&f.app, "rev_nope", Some(10)).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert_error(&v, "not_found");
 }
@@ -235,14 +128,7 @@ async fn wait_is_capped_by_max_long_poll() {
     let f = fixture("max_long_poll_ms = 150");
     let id = create(&f.app, 60_000).await;
     let t = Instant::now();
-    let (_, v) = call(
-        &f.app,
-        "GET",
-        &format!("/v1/reviews/{id}/wait?timeout_ms=20000"),
-        &[],
-        None,
-    )
-    .await;
+    let (_, v) = wait(&f.app, &id, Some(20000)).await;
     assert_eq!(v["status"], "pending");
     assert!(t.elapsed() < Duration::from_secs(5));
 }
@@ -251,10 +137,8 @@ async fn wait_is_capped_by_max_long_poll() {
 async fn wait_is_woken_by_approve() {
     let f = fixture("");
     let id = create(&f.app, 60_000).await;
-    let app = f.app.clone();
-    let uri = format!("/v1/reviews/{id}/wait?timeout_ms=10000");
     let t = Instant::now();
-    let waiter = tokio::spawn(async move { call(&app, "GET", &uri, &[], None).await });
+    let waiter = spawn_wait(&f.app, &id, 10000);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(f.state.waiting_reviews(), 1);
     let (s, d) = decide(&f.app, &id, ALICE, "approve", json!({"reason": "fine"})).await;
@@ -272,14 +156,7 @@ async fn wait_is_woken_by_approve() {
 
     // A decided review answers a wait at once.
     let t = Instant::now();
-    let (_, v) = call(
-        &f.app,
-        "GET",
-        &format!("/v1/reviews/{id}/wait?timeout_ms=10000"),
-        &[],
-        None,
-    )
-    .await;
+    let (_, v) = wait(&f.app, &id, Some(10000)).await;
     assert_eq!(v["status"], "approved");
     assert!(t.elapsed() < Duration::from_secs(2));
 }
@@ -291,11 +168,10 @@ async fn many_waiters_all_woken_only_for_their_review() {
     let b = create(&f.app, 60_000).await;
     let mut waiters = Vec::new();
     for id in [&a, &a, &a, &b] {
-        let app = f.app.clone();
-        let uri = format!("/v1/reviews/{id}/wait?timeout_ms=1500");
+        let (app, id) = (f.app.clone(), id.clone());
         waiters.push(tokio::spawn(async move {
             let t = Instant::now();
-            let (_, v) = call(&app, "GET", &uri, &[], None).await;
+            let (_, v) = wait(&app, &id, Some(1500)).await;
             (v["status"].as_str().unwrap().to_string(), t.elapsed())
         }));
     }
@@ -321,14 +197,7 @@ async fn pending_review_expires_during_wait() {
     let f = fixture("");
     let id = create(&f.app, 300).await;
     let t = Instant::now();
-    let (_, v) = call(
-        &f.app,
-        "GET",
-        &format!("/v1/reviews/{id}/wait?timeout_ms=10000"),
-        &[],
-        None,
-    )
-    .await;
+    let (_, v) = wait(&f.app, &id, Some(10000)).await;
     assert_eq!(v["status"], "expired");
     assert_eq!(v["reason"], "hold timeout");
     assert_eq!(v["reviewer"], Value::Null);
@@ -347,7 +216,7 @@ async fn sweeper_expires_overdue_reviews() {
     let id = create(&f.app, 1).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(f.state.sweep_once().await.unwrap(), 1);
-    let (_, v) = call(&f.app, "GET", &format!("/v1/reviews/{id}/wait"), &[], None).await;
+    let (_, v) = wait(&f.app, &id, None).await;
     assert_eq!(v["status"], "expired");
 }
 
@@ -355,20 +224,17 @@ async fn sweeper_expires_overdue_reviews() {
 async fn reject_needs_reason() {
     let f = fixture("");
     let id = create(&f.app, 60_000).await;
-    for body in [json!({}), json!({"reason": ""}), json!({"reason": "   "})] {
+    // No reason, a blank one, one too long.
+    for body in [
+        json!({}),
+        json!({"reason": ""}),
+        json!({"reason": "   "}),
+        json!({"reason": "x".repeat(2001)}),
+    ] {
         let (s, v) = decide(&f.app, &id, ALICE, "reject", body).await;
-        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
         assert_error(&v, "bad_request");
     }
-    let (s, v) = decide(
-        &f.app,
-        &id,
-        ALICE,
-        "reject",
-        json!({"reason": "x".repeat(2001)}),
-    )
-    .await;
-    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     let (s, v) = decide(
         &f.app,
         &id,
@@ -414,7 +280,7 @@ async fn edit_stores_edited_body() {
     assert_eq!(v["status"], "approved");
     assert_eq!(v["edited_body"], "{\"model\":\"small\",\"messages\":[]}");
     assert_eq!(v["body"], "{\"model\":\"gpt-x\",\"messages\":[]}");
-    let (_, w) = call(&f.app, "GET", &format!("/v1/reviews/{id}/wait"), &[], None).await;
+    let (_, w) = wait(&f.app, &id, None).await;
     assert_eq!(w["edited_body"], "{\"model\":\"small\",\"messages\":[]}");
     assert_eq!(w["reason"], "smaller model");
 
@@ -450,62 +316,46 @@ async fn reviewer_api_needs_valid_token() {
             ("GET", format!("/api/reviews/{id}")),
             ("POST", format!("/api/reviews/{id}/approve")),
         ] {
-            let req = Request::builder().method(method).uri(&uri);
-            let req = headers.iter().fold(req, |r, (k, v)| r.header(*k, *v));
-            let resp = f
-                .app
-                .clone()
-                .oneshot(req.body(Body::from("{}")).unwrap())
-                .await
-                .unwrap();
+            let r = send(&f.app, method, &uri, headers, "{}").await;
             assert_eq!(
-                resp.status(),
+                r.status,
                 StatusCode::UNAUTHORIZED,
                 "{method} {uri} {headers:?}"
             );
-            assert_eq!(resp.headers()["www-authenticate"], "Bearer");
+            assert_eq!(r.header("www-authenticate"), "Bearer");
         }
     }
-    let auth = bearer(ALICE);
-    let (s, v) = call(&f.app, "GET", "/api/me", &[("authorization", &auth)], None).await;
+    let (s, v) = get_as(&f.app, ALICE, "/api/me").await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v, json!({"name": "alice", "groups": ["security"]}));
     // The review is untouched.
-    let (_, v) = call(&f.app, "GET", &format!("/v1/reviews/{id}/wait"), &[], None).await;
+    let (_, v) = wait(&f.app, &id, None).await;
     assert_eq!(v["status"], "pending");
 }
 
 #[tokio::test]
 async fn filter_token_enforced_when_configured() {
-    let f = fixture(&format!(
-        "filter_token_sha256 = \"{}\"",
-        TokenHash::of_token(FILTER).to_hex()
-    ));
-    let (s, v) = call(&f.app, "POST", "/v1/reviews", &[], Some(create_body(1000))).await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED);
-    assert_error(&v, "unauthorized");
-    let (s, _) = call(
-        &f.app,
-        "POST",
-        "/v1/reviews",
-        &[("x-countersign-filter-token", "wrong")],
-        Some(create_body(1000)),
-    )
-    .await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED);
-    // A reviewer token is not a filter token.
+    let f = fixture(&common::filter_token_setting());
     let auth = bearer(ALICE);
-    let (s, _) = call(
-        &f.app,
-        "POST",
-        "/v1/reviews",
+    for headers in [
+        &[][..],
+        &[("x-countersign-filter-token", "wrong")],
+        // A reviewer token is not a filter token.
         &[("authorization", &auth)],
-        Some(create_body(1000)),
-    )
-    .await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    ] {
+        let (s, v) = call(
+            &f.app,
+            "POST",
+            "/v1/reviews",
+            headers,
+            Some(create_body(1000)),
+        )
+        .await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{headers:?}");
+        assert_error(&v, "unauthorized");
+    }
 
-    let ok = [("x-countersign-filter-token", FILTER)];
+    let ok = [FILTER_HEADER];
     let (s, v) = call(&f.app, "POST", "/v1/reviews", &ok, Some(create_body(1000))).await;
     assert_eq!(s, StatusCode::CREATED);
     let id = v["id"].as_str().unwrap().to_string();
@@ -557,7 +407,7 @@ async fn concurrent_decisions_have_one_winner() {
     }
     assert_eq!(ok.len(), 1);
     assert_eq!(conflicts, 19);
-    let (_, w) = call(&f.app, "GET", &format!("/v1/reviews/{id}/wait"), &[], None).await;
+    let (_, w) = wait(&f.app, &id, None).await;
     assert_eq!(w["status"], ok[0]["status"]);
     assert_eq!(w["reason"], ok[0]["reason"]);
 }
@@ -567,14 +417,7 @@ async fn expire_and_cancel_give_one_outcome() {
     let f = fixture("");
     // Pending -> expired; later approve conflicts.
     let id = create(&f.app, 60_000).await;
-    let (s, v) = call(
-        &f.app,
-        "POST",
-        &format!("/v1/reviews/{id}/expire"),
-        &[],
-        None,
-    )
-    .await;
+    let (s, v) = end_review(&f.app, &id, "expire").await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["status"], "expired");
     assert_eq!(v["reviewer"], Value::Null);
@@ -582,28 +425,14 @@ async fn expire_and_cancel_give_one_outcome() {
     let (s, _) = decide(&f.app, &id, ALICE, "approve", json!({})).await;
     assert_eq!(s, StatusCode::CONFLICT);
     // Cancel of an expired review keeps it expired.
-    let (_, v) = call(
-        &f.app,
-        "POST",
-        &format!("/v1/reviews/{id}/cancel"),
-        &[],
-        None,
-    )
-    .await;
+    let (_, v) = end_review(&f.app, &id, "cancel").await;
     assert_eq!(v["status"], "expired");
 
     // Approved -> expire returns the approval unchanged.
     let id = create(&f.app, 60_000).await;
     let (s, _) = decide(&f.app, &id, BOB, "approve", json!({"reason": "ok"})).await;
     assert_eq!(s, StatusCode::OK);
-    let (s, v) = call(
-        &f.app,
-        "POST",
-        &format!("/v1/reviews/{id}/expire"),
-        &[],
-        None,
-    )
-    .await;
+    let (s, v) = end_review(&f.app, &id, "expire").await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["status"], "approved");
     assert_eq!(v["reviewer"], "bob");
@@ -611,14 +440,7 @@ async fn expire_and_cancel_give_one_outcome() {
 
     // Cancel of pending.
     let id = create(&f.app, 60_000).await;
-    let (_, v) = call(
-        &f.app,
-        "POST",
-        &format!("/v1/reviews/{id}/cancel"),
-        &[],
-        None,
-    )
-    .await;
+    let (_, v) = end_review(&f.app, &id, "cancel").await;
     assert_eq!(v["status"], "cancelled");
     let (s, v) = decide(&f.app, &id, ALICE, "reject", json!({"reason": "r"})).await;
     assert_eq!(s, StatusCode::CONFLICT);
@@ -627,7 +449,7 @@ async fn expire_and_cancel_give_one_outcome() {
         .unwrap()
         .contains("cancelled"));
 
-    let (s, _) = call(&f.app, "POST", "/v1/reviews/rev_nope/expire", &[], None).await;
+    let (s, _) = end_review(&f.app, "rev_nope", "expire").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
 
@@ -638,10 +460,8 @@ async fn list_and_detail() {
     tokio::time::sleep(Duration::from_millis(5)).await;
     let b = create(&f.app, 60_000).await;
     decide(&f.app, &a, ALICE, "approve", json!({})).await;
-    let auth = bearer(BOB);
-    let h = [("authorization", auth.as_str())];
 
-    let (s, v) = call(&f.app, "GET", "/api/reviews", &h, None).await;
+    let (s, v) = get_as(&f.app, BOB, "/api/reviews").await;
     assert_eq!(s, StatusCode::OK);
     let list = v["reviews"].as_array().unwrap();
     assert_eq!(list.len(), 2);
@@ -654,28 +474,21 @@ async fn list_and_detail() {
     assert_eq!(first["stream"], true);
     assert!(first.get("body").is_none());
 
-    let (_, v) = call(&f.app, "GET", "/api/reviews?status=pending", &h, None).await;
+    let (_, v) = get_as(&f.app, BOB, "/api/reviews?status=pending").await;
     assert_eq!(v["reviews"].as_array().unwrap().len(), 1);
     assert_eq!(v["reviews"][0]["id"], b.as_str());
-    let (_, v) = call(&f.app, "GET", "/api/reviews?limit=1", &h, None).await;
+    let (_, v) = get_as(&f.app, BOB, "/api/reviews?limit=1").await;
     assert_eq!(v["reviews"].as_array().unwrap().len(), 1);
     let before = v["reviews"][0]["created_at_ms"].as_u64().unwrap();
-    let (_, v) = call(
-        &f.app,
-        "GET",
-        &format!("/api/reviews?before_ms={before}"),
-        &h,
-        None,
-    )
-    .await;
+    let (_, v) = get_as(&f.app, BOB, &format!("/api/reviews?before_ms={before}")).await;
     assert_eq!(v["reviews"][0]["id"], a.as_str());
-    let (s, v) = call(&f.app, "GET", "/api/reviews?status=bogus", &h, None).await;
+    let (s, v) = get_as(&f.app, BOB, "/api/reviews?status=bogus").await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert_error(&v, "bad_request");
-    let (s, _) = call(&f.app, "GET", "/api/reviews?limit=-1", &h, None).await;
+    let (s, _) = get_as(&f.app, BOB, "/api/reviews?limit=-1").await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
 
-    let (s, d) = call(&f.app, "GET", &format!("/api/reviews/{b}"), &h, None).await;
+    let (s, d) = get_as(&f.app, BOB, &format!("/api/reviews/{b}")).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(d["prompt"].as_array().unwrap().len(), 4);
     assert_eq!(d["prompt"][0], json!({"role": "system", "text": "be nice"}));
@@ -687,7 +500,7 @@ async fn list_and_detail() {
     assert_eq!(d["caller"], "svc-a");
     assert_eq!(d["rule"], "all");
     assert_eq!(d["request_id"], "req-1");
-    let (s, _) = call(&f.app, "GET", "/api/reviews/rev_nope", &h, None).await;
+    let (s, _) = get_as(&f.app, BOB, "/api/reviews/rev_nope").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
 
@@ -703,22 +516,11 @@ async fn reviews_survive_restart() {
     };
     let state = open_state(&db, "");
     let app = app(state.clone());
-    let (s, v) = call(
-        &app,
-        "GET",
-        &format!("/v1/reviews/{id}/wait?timeout_ms=0"),
-        &[],
-        None,
-    )
-    .await;
+    let (s, v) = wait(&app, &id, Some(0)).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["status"], "pending");
 
-    let waiter = {
-        let app = app.clone();
-        let uri = format!("/v1/reviews/{id}/wait?timeout_ms=10000");
-        tokio::spawn(async move { call(&app, "GET", &uri, &[], None).await })
-    };
+    let waiter = spawn_wait(&app, &id, 10000);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let t = Instant::now();
     let (s, _) = decide(&app, &id, ALICE, "approve", json!({})).await;
@@ -743,13 +545,8 @@ async fn body_limit_and_bad_json() {
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
     assert_error(&v, "payload_too_large");
 
-    let req = Request::builder()
-        .method("POST")
-        .uri("/v1/reviews")
-        .body(Body::from("{not json"))
-        .unwrap();
-    let resp = f.app.clone().oneshot(req).await.unwrap();
-    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let r = send(&f.app, "POST", "/v1/reviews", &[], "{not json").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
 }
 
 // ------------------------------------------------------------ real socket
@@ -784,13 +581,8 @@ async fn raw_http(
 #[tokio::test]
 async fn run_serves_and_shuts_down_promptly() {
     let dir = tempfile::tempdir().unwrap();
-    let state = open_state(&dir.path().join("tcp.db"), "");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(run(listener, state, async {
-        let _ = stop_rx.await;
-    }));
+    let server = common::serve(open_state(&dir.path().join("tcp.db"), "")).await;
+    let addr = server.addr;
 
     let (s, v) = raw_http(addr, "GET", "/healthz", "").await;
     assert_eq!((s, v), (200, json!({"status": "ok"})));
@@ -816,14 +608,9 @@ async fn run_serves_and_shuts_down_promptly() {
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
     let t = Instant::now();
-    stop_tx.send(()).unwrap();
+    server.shut_down().await;
     let (s, v) = waiter.await.unwrap();
     assert_eq!(s, 200);
     assert_eq!(v["status"], "pending");
-    tokio::time::timeout(Duration::from_secs(5), server)
-        .await
-        .expect("server did not stop")
-        .unwrap()
-        .unwrap();
     assert!(t.elapsed() < Duration::from_secs(5));
 }

@@ -1,29 +1,28 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! Separation of duties, quorum, and approval tokens for asynchronous callers.
 
+mod common;
+
 use std::path::Path;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::StatusCode;
 use axum::Router;
-use countersign_approval::{app, AppState, Config, TokenHash};
+use common::{
+    assert_error, call, decide, get_as, spawn_wait, wait, Fixture, ALICE, BOB, FILTER_HEADER,
+};
+use countersign_approval::{app, Config};
 use countersign_core::token::{body_hash, verify, TokenError, TokenKey};
-use http_body_util::BodyExt;
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
-const ALICE: &str = "alice-secret-token";
-const BOB: &str = "bob-secret-token";
 const CAROL: &str = "carol-secret-token";
 const DANA: &str = "dana-secret-token";
-const FILTER: &str = "filter-secret";
 
 /// base64 of 32 bytes of `A` and of `B`.
 const SECRET_A: &str = "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=";
 const SECRET_B: &str = "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=";
 
-const BODY: &str = "{\"model\":\"gpt-x\",\"messages\":[]}";
+const BODY: &str = common::REVIEW_BODY;
 
 fn key_a() -> TokenKey {
     TokenKey {
@@ -39,137 +38,46 @@ fn key_b() -> TokenKey {
     }
 }
 
-/// `top`: top-level settings; `tables`: extra tables (e.g. `[[token_keys]]`).
-fn config_toml(db: &Path, top: &str, tables: &str) -> String {
-    format!(
-        r#"
-database = "{}"
-{top}
-{tables}
-[[reviewers]]
-name = "alice"
-token_sha256 = "{}"
-groups = ["security"]
-[[reviewers]]
-name = "bob"
-token_sha256 = "{}"
-[[reviewers]]
-name = "carol"
-token_sha256 = "{}"
-groups = ["security"]
-[[reviewers]]
-name = "dana"
-token_sha256 = "{}"
-groups = ["security"]
-callers = ["ci-dana"]
-"#,
-        db.display(),
-        TokenHash::of_token(ALICE).to_hex(),
-        TokenHash::of_token(BOB).to_hex(),
-        TokenHash::of_token(CAROL).to_hex(),
-        TokenHash::of_token(DANA).to_hex(),
-    )
+/// The `[[token_keys]]` table of [`key_a`].
+fn key_a_table() -> String {
+    format!("[[token_keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n")
 }
 
-struct Fixture {
-    _dir: tempfile::TempDir,
-    app: Router,
+/// alice, carol and dana in `security` (dana also sends as `ci-dana`), bob
+/// in no group.
+const REVIEWERS: [(&str, &str, &str); 4] = [
+    ("alice", ALICE, "groups = [\"security\"]"),
+    ("bob", BOB, ""),
+    ("carol", CAROL, "groups = [\"security\"]"),
+    (
+        "dana",
+        DANA,
+        "groups = [\"security\"]\ncallers = [\"ci-dana\"]",
+    ),
+];
+
+/// `top`: top-level settings; `tables`: extra tables (e.g. `[[token_keys]]`).
+fn config_toml(db: &Path, top: &str, tables: &str) -> String {
+    common::config_toml(db, &format!("{top}\n{tables}"), &REVIEWERS)
 }
 
 fn fixture(top: &str, tables: &str) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let text = config_toml(&dir.path().join("test.db"), top, tables);
-    let state = AppState::open(Config::from_toml_str(&text).unwrap()).unwrap();
-    Fixture {
-        app: app(state),
-        _dir: dir,
-    }
+    common::fixture("test.db", |db| config_toml(db, top, tables))
 }
 
-fn with_key() -> Fixture {
-    fixture(
-        "",
-        &format!("[[token_keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n"),
-    )
-}
-
-async fn call(
-    app: &Router,
-    method: &str,
-    uri: &str,
-    headers: &[(&str, &str)],
-    body: Option<Value>,
-) -> (StatusCode, Value) {
-    let mut req = Request::builder().method(method).uri(uri);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let body = match body {
-        Some(v) => Body::from(v.to_string()),
-        None => Body::empty(),
-    };
-    let resp = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let value = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| panic!("non-JSON body: {}", String::from_utf8_lossy(&bytes)))
-    };
-    (status, value)
+/// A service with [`key_a`] signing approval tokens.
+fn with_key(top: &str) -> Fixture {
+    fixture(top, &key_a_table())
 }
 
 /// Creates a review; `extra` fields override the defaults.
 async fn create(app: &Router, extra: Value) -> String {
-    let mut body = json!({
-        "request_id": "req-1",
-        "api": "openai_chat",
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "caller": "svc-a",
-        "caller_groups": ["bots", "team-a"],
-        "model": "gpt-x",
-        "prompt": [{"role": "user", "text": "hello"}],
-        "body": BODY,
-        "hold_timeout_ms": 60_000
-    });
-    for (k, v) in extra.as_object().unwrap() {
-        body[k] = v.clone();
-    }
-    let (status, v) = call(app, "POST", "/v1/reviews", &[], Some(body)).await;
-    assert_eq!(status, StatusCode::CREATED, "{v}");
-    v["id"].as_str().unwrap().to_string()
-}
-
-async fn decide(
-    app: &Router,
-    id: &str,
-    token: &str,
-    action: &str,
-    body: Value,
-) -> (StatusCode, Value) {
-    let auth = format!("Bearer {token}");
-    call(
-        app,
-        "POST",
-        &format!("/api/reviews/{id}/{action}"),
-        &[("authorization", &auth)],
-        Some(body),
-    )
-    .await
+    let fields = common::merged(json!({"caller_groups": ["bots", "team-a"]}), extra);
+    common::create_review(app, &[], common::review_request(fields)).await
 }
 
 async fn detail(app: &Router, id: &str) -> Value {
-    let auth = format!("Bearer {ALICE}");
-    let (s, v) = call(
-        app,
-        "GET",
-        &format!("/api/reviews/{id}"),
-        &[("authorization", &auth)],
-        None,
-    )
-    .await;
+    let (s, v) = get_as(app, ALICE, &format!("/api/reviews/{id}")).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     v
 }
@@ -195,11 +103,6 @@ async fn consume(app: &Router, id: &str, caller: &str, body: &str) -> (StatusCod
         Some(req),
     )
     .await
-}
-
-fn assert_error(v: &Value, code: &str) {
-    assert_eq!(v["error"]["code"], code, "{v}");
-    assert!(v["error"]["message"].is_string(), "{v}");
 }
 
 #[tokio::test]
@@ -266,20 +169,7 @@ async fn approver_group_restricts_every_decision() {
 async fn two_person_rule() {
     let f = fixture("", "");
     let id = create(&f.app, json!({"required_approvals": 2})).await;
-    let waiter = {
-        let app = f.app.clone();
-        let id = id.clone();
-        tokio::spawn(async move {
-            call(
-                &app,
-                "GET",
-                &format!("/v1/reviews/{id}/wait?timeout_ms=10000"),
-                &[],
-                None,
-            )
-            .await
-        })
-    };
+    let waiter = spawn_wait(&f.app, &id, 10000);
     tokio::time::sleep(Duration::from_millis(50)).await;
 
     let (s, v) = decide(
@@ -398,7 +288,7 @@ async fn edit_discards_earlier_approvals() {
     assert_eq!(v["approvals"][1]["edited"], true);
     assert_eq!(v["approvals"][1]["superseded_at_ms"], Value::Null);
     // The filter still waits.
-    let (_, w) = call(&f.app, "GET", &format!("/v1/reviews/{id}/wait"), &[], None).await;
+    let (_, w) = wait(&f.app, &id, None).await;
     assert_eq!(w["status"], "pending");
 
     // alice approves the edited body now.
@@ -407,7 +297,7 @@ async fn edit_discards_earlier_approvals() {
     assert_eq!(v["status"], "approved");
     assert_eq!(v["reason"], "bob: smaller; alice: edit ok");
     assert_eq!(v["approvals"].as_array().unwrap().len(), 3);
-    let (_, w) = call(&f.app, "GET", &format!("/v1/reviews/{id}/wait"), &[], None).await;
+    let (_, w) = wait(&f.app, &id, None).await;
     assert_eq!(w["edited_body"], "{\"model\":\"small\",\"messages\":[]}");
     assert_eq!(w["reviewer"], "alice");
 }
@@ -421,15 +311,7 @@ async fn list_shows_quorum_fields() {
     )
     .await;
     decide(&f.app, &id, ALICE, "approve", json!({})).await;
-    let auth = format!("Bearer {ALICE}");
-    let (s, v) = call(
-        &f.app,
-        "GET",
-        "/api/reviews",
-        &[("authorization", &auth)],
-        None,
-    )
-    .await;
+    let (s, v) = get_as(&f.app, ALICE, "/api/reviews").await;
     assert_eq!(s, StatusCode::OK);
     let r = &v["reviews"][0];
     assert_eq!(r["id"], id.as_str());
@@ -442,7 +324,7 @@ async fn list_shows_quorum_fields() {
 
 #[tokio::test]
 async fn status_is_only_for_the_caller_and_carries_a_verifiable_token() {
-    let f = with_key();
+    let f = with_key("");
     let id = create(&f.app, json!({"async_review": true})).await;
     for other in ["svc-b", "SVC-A", ""] {
         let (s, v) = status_of(&f.app, &id, other).await;
@@ -533,7 +415,7 @@ async fn no_keys_no_token() {
 
 #[tokio::test]
 async fn token_covers_the_edited_body() {
-    let f = with_key();
+    let f = with_key("");
     let id = create(&f.app, json!({"async_review": true})).await;
     let (s, _) = decide(
         &f.app,
@@ -563,20 +445,22 @@ async fn token_covers_the_edited_body() {
 
 #[tokio::test]
 async fn consume_is_single_use() {
-    let f = with_key();
+    let f = with_key("");
     let id = create(&f.app, json!({"async_review": true})).await;
     // Not approved yet.
     let (s, _) = consume(&f.app, &id, "svc-a", BODY).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     decide(&f.app, &id, ALICE, "approve", json!({})).await;
-    let (s, v) = consume(&f.app, &id, "svc-b", BODY).await;
-    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
-    let (s, _) = consume(&f.app, &id, "", BODY).await;
-    assert_eq!(s, StatusCode::NOT_FOUND);
-    let (s, _) = consume(&f.app, &id, "svc-a", "{\"model\":\"other\"}").await;
-    assert_eq!(s, StatusCode::NOT_FOUND);
-    let (s, _) = consume(&f.app, "rev_unknown", "svc-a", BODY).await;
-    assert_eq!(s, StatusCode::NOT_FOUND);
+    // Another caller, no caller, another body, another review.
+    for (id, caller, body) in [
+        (id.as_str(), "svc-b", BODY),
+        (&id, "", BODY),
+        (&id, "svc-a", "{\"model\":\"other\"}"),
+        ("rev_unknown", "svc-a", BODY),
+    ] {
+        let (s, v) = consume(&f.app, id, caller, body).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{id} {caller:?} {body}: {v}");
+    }
     let (s, v) = call(
         &f.app,
         "POST",
@@ -598,10 +482,7 @@ async fn consume_is_single_use() {
 
 #[tokio::test]
 async fn concurrent_consumes_spend_each_use_once() {
-    let f = fixture(
-        "token_max_uses = 3",
-        &format!("[[token_keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n"),
-    );
+    let f = with_key("token_max_uses = 3");
     let id = create(&f.app, json!({"async_review": true})).await;
     decide(&f.app, &id, ALICE, "approve", json!({})).await;
     let mut tasks = Vec::new();
@@ -625,10 +506,7 @@ async fn concurrent_consumes_spend_each_use_once() {
 
 #[tokio::test]
 async fn n_uses() {
-    let f = fixture(
-        "token_max_uses = 2",
-        &format!("[[token_keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n"),
-    );
+    let f = with_key("token_max_uses = 2");
     let id = create(&f.app, json!({"async_review": true})).await;
     decide(&f.app, &id, ALICE, "approve", json!({})).await;
     for n in 1..=2 {
@@ -641,10 +519,7 @@ async fn n_uses() {
 
 #[tokio::test]
 async fn expired_token_cannot_be_consumed() {
-    let f = fixture(
-        "token_ttl_ms = 1",
-        &format!("[[token_keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n"),
-    );
+    let f = with_key("token_ttl_ms = 1");
     let id = create(&f.app, json!({"async_review": true})).await;
     decide(&f.app, &id, ALICE, "approve", json!({})).await;
     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -655,7 +530,8 @@ async fn expired_token_cannot_be_consumed() {
 #[tokio::test]
 async fn key_rotation_signs_with_the_last_key() {
     let tables = format!(
-        "[[token_keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n[[token_keys]]\nid = \"k2\"\nsecret_env = \"COUNTERSIGN_TEST_KEY_B\"\n"
+        "{}[[token_keys]]\nid = \"k2\"\nsecret_env = \"COUNTERSIGN_TEST_KEY_B\"\n",
+        key_a_table()
     );
     std::env::set_var("COUNTERSIGN_TEST_KEY_B", SECRET_B);
     let f = fixture("", &tables);
@@ -677,44 +553,22 @@ async fn key_rotation_signs_with_the_last_key() {
 
 #[tokio::test]
 async fn filter_token_guards_status_and_consume() {
-    let f = fixture(
-        &format!(
-            "filter_token_sha256 = \"{}\"",
-            TokenHash::of_token(FILTER).to_hex()
-        ),
-        "",
-    );
-    let ok = [("x-countersign-filter-token", FILTER)];
-    let (s, v) = call(&f.app, "POST", "/v1/reviews", &ok, Some(json!({
-        "request_id": "r", "api": "openai_chat", "method": "POST", "path": "/v1/chat/completions",
-        "caller": "svc-a", "model": "m", "prompt": [], "body": BODY, "hold_timeout_ms": 60_000, "async_review": true
-    }))).await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
-    let id = v["id"].as_str().unwrap();
-    let uri = format!("/v1/reviews/{id}/status?caller=svc-a");
-    let (s, _) = call(&f.app, "GET", &uri, &[], None).await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED);
-    let (s, _) = call(&f.app, "GET", &uri, &ok, None).await;
-    assert_eq!(s, StatusCode::OK);
+    let f = fixture(&common::filter_token_setting(), "");
+    let request = json!({"request_id": "r", "model": "m", "prompt": [], "async_review": true});
+    let id = common::create_review(&f.app, &[FILTER_HEADER], common::review_request(request)).await;
+    let status_uri = format!("/v1/reviews/{id}/status?caller=svc-a");
+    let consume_uri = format!("/v1/reviews/{id}/consume");
     let body = json!({"caller": "svc-a", "body_sha256": body_hash(BODY.as_bytes())});
-    let (s, _) = call(
-        &f.app,
-        "POST",
-        &format!("/v1/reviews/{id}/consume"),
-        &[],
-        Some(body.clone()),
-    )
-    .await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED);
-    let (s, _) = call(
-        &f.app,
-        "POST",
-        &format!("/v1/reviews/{id}/consume"),
-        &ok,
-        Some(body),
-    )
-    .await;
-    assert_eq!(s, StatusCode::NOT_FOUND, "authorised but not approved");
+    // With the token, consume is authorised but finds no approved review.
+    for (headers, status, consumed) in [
+        (&[][..], StatusCode::UNAUTHORIZED, StatusCode::UNAUTHORIZED),
+        (&[FILTER_HEADER], StatusCode::OK, StatusCode::NOT_FOUND),
+    ] {
+        let (s, _) = call(&f.app, "GET", &status_uri, headers, None).await;
+        assert_eq!(s, status, "{headers:?}");
+        let (s, _) = call(&f.app, "POST", &consume_uri, headers, Some(body.clone())).await;
+        assert_eq!(s, consumed, "{headers:?}");
+    }
 }
 
 #[test]
@@ -747,7 +601,7 @@ fn config_errors_name_the_field() {
     let c = Config::from_toml_str(&config_toml(
         &db,
         "token_ttl_ms = 60000\ntoken_max_uses = 5",
-        &format!("[[token_keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\""),
+        &key_a_table(),
     ))
     .unwrap();
     assert_eq!((c.token_ttl_ms, c.token_max_uses), (60_000, 5));
@@ -787,8 +641,7 @@ fn old_database_files_are_migrated() {
         .unwrap();
     }
     let text = config_toml(&db, "", "");
-    let state = AppState::open(Config::from_toml_str(&text).unwrap()).unwrap();
-    let app = app(state);
+    let app = app(common::open_state(&text));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -806,5 +659,5 @@ fn old_database_files_are_migrated() {
         );
     });
     // Opening again (already migrated) works too.
-    AppState::open(Config::from_toml_str(&text).unwrap()).unwrap();
+    common::open_state(&text);
 }

@@ -3,110 +3,32 @@
 //! the query/export API, metrics, the hash chain and its verifier (also
 //! against direct tampering with the SQLite file), retention, and the CLI.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::StatusCode;
 use axum::Router;
+use common::{bearer, call, decide_ok, get_as, send, Fixture, ALICE, BOB, FILTER_HEADER};
 use countersign_approval::records::{self, chain_hash, ChainProblem};
-use countersign_approval::{app, AppState, Config, TokenHash};
+use countersign_approval::AppState;
 use countersign_core::wire::NewRecord;
-use http_body_util::BodyExt;
 use rusqlite::Connection;
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
-const ALICE: &str = "alice-secret-token";
-const BOB: &str = "bob-secret-token";
-const FILTER: &str = "filter-secret";
 const BIN: &str = env!("CARGO_BIN_EXE_countersign-approval");
 const DAY_MS: u64 = 86_400_000;
 
+/// A filter token is required; alice and bob review.
 fn config_toml(db: &Path, extra: &str) -> String {
-    format!(
-        r#"
-database = "{}"
-filter_token_sha256 = "{}"
-{extra}
-[[reviewers]]
-name = "alice"
-token_sha256 = "{}"
-[[reviewers]]
-name = "bob"
-token_sha256 = "{}"
-"#,
-        db.display(),
-        TokenHash::of_token(FILTER).to_hex(),
-        TokenHash::of_token(ALICE).to_hex(),
-        TokenHash::of_token(BOB).to_hex()
-    )
-}
-
-struct Fixture {
-    dir: tempfile::TempDir,
-    db: PathBuf,
-    app: Router,
+    let settings = format!("{}\n{extra}", common::filter_token_setting());
+    common::config_toml(db, &settings, &[("alice", ALICE, ""), ("bob", BOB, "")])
 }
 
 fn fixture(extra: &str) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("records.db");
-    let state = AppState::open(Config::from_toml_str(&config_toml(&db, extra)).unwrap()).unwrap();
-    let app = app(state.clone());
-    Fixture { dir, db, app }
-}
-
-async fn raw_call(
-    app: &Router,
-    method: &str,
-    uri: &str,
-    headers: &[(&str, &str)],
-    body: Option<Value>,
-) -> (StatusCode, String, Vec<u8>) {
-    let mut req = Request::builder().method(method).uri(uri);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let body = body.map_or_else(Body::empty, |v| Body::from(v.to_string()));
-    let resp = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
-    let status = resp.status();
-    let ctype = resp
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, ctype, bytes.to_vec())
-}
-
-async fn call(
-    app: &Router,
-    method: &str,
-    uri: &str,
-    headers: &[(&str, &str)],
-    body: Option<Value>,
-) -> (StatusCode, Value) {
-    let (status, _, bytes) = raw_call(app, method, uri, headers, body).await;
-    let v = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| panic!("non-JSON body: {}", String::from_utf8_lossy(&bytes)))
-    };
-    (status, v)
-}
-
-const FT: (&str, &str) = ("x-countersign-filter-token", FILTER);
-
-fn alice() -> (&'static str, String) {
-    ("authorization", format!("Bearer {ALICE}"))
-}
-
-async fn reviewer_get(app: &Router, uri: &str) -> (StatusCode, Value) {
-    let (k, v) = alice();
-    call(app, "GET", uri, &[(k, &v)], None).await
+    common::fixture("records.db", |db| config_toml(db, extra))
 }
 
 const BODY: &str = r#"{"model":"gpt-x","messages":[{"role":"user","content":"hello"}]}"#;
@@ -133,8 +55,19 @@ fn record(decision: &str, caller: &str, review_id: Option<&str>, body: Option<&s
     })
 }
 
+/// `POST /v1/records` with the filter token.
+async fn post_record(app: &Router, rec: Value) -> (StatusCode, Value) {
+    call(app, "POST", "/v1/records", &[FILTER_HEADER], Some(rec)).await
+}
+
+/// `POST /v1/records/{id}/response` with the filter token.
+async fn post_response(app: &Router, id: &str, resp: Value) -> (StatusCode, Value) {
+    let uri = format!("/v1/records/{id}/response");
+    call(app, "POST", &uri, &[FILTER_HEADER], Some(resp)).await
+}
+
 async fn write(app: &Router, rec: Value) -> String {
-    let (status, v) = call(app, "POST", "/v1/records", &[FT], Some(rec)).await;
+    let (status, v) = post_record(app, rec).await;
     assert_eq!(status, StatusCode::CREATED, "{v}");
     let id = v["record_id"].as_str().unwrap().to_string();
     assert!(id.starts_with("rec_") && id.len() == 36, "{id}");
@@ -142,33 +75,8 @@ async fn write(app: &Router, rec: Value) -> String {
 }
 
 async fn create_review(app: &Router, body: &str) -> String {
-    let req = json!({
-        "request_id": "req-r",
-        "api": "openai_chat",
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "caller": "svc-a",
-        "model": "gpt-x",
-        "prompt": [{"role": "user", "text": "hello"}],
-        "body": body,
-        "hold_timeout_ms": 60_000
-    });
-    let (status, v) = call(app, "POST", "/v1/reviews", &[FT], Some(req)).await;
-    assert_eq!(status, StatusCode::CREATED, "{v}");
-    v["id"].as_str().unwrap().to_string()
-}
-
-async fn decide(app: &Router, id: &str, token: &str, action: &str, body: Value) {
-    let auth = format!("Bearer {token}");
-    let (status, v) = call(
-        app,
-        "POST",
-        &format!("/api/reviews/{id}/{action}"),
-        &[("authorization", &auth)],
-        Some(body),
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{v}");
+    let req = common::review_request(json!({"request_id": "req-r", "body": body}));
+    common::create_review(app, &[FILTER_HEADER], req).await
 }
 
 fn verify(db: &Path) -> Result<records::ChainOk, ChainProblem> {
@@ -182,48 +90,30 @@ async fn records_written_enriched_queried_and_exported() {
     let app = &f.app;
 
     // Filter token on both write endpoints.
-    let (status, _) = call(
-        app,
-        "POST",
-        "/v1/records",
-        &[],
-        Some(record("allowed", "svc-a", None, None)),
-    )
-    .await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
     let bad = ("x-countersign-filter-token", "nope");
-    let (status, _) = call(
-        app,
-        "POST",
-        "/v1/records",
-        &[bad],
-        Some(record("allowed", "svc-a", None, None)),
-    )
-    .await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let (status, _) = call(
-        app,
-        "POST",
-        "/v1/records/rec_x/response",
-        &[],
-        Some(json!({})),
-    )
-    .await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    for (uri, headers, body) in [
+        (
+            "/v1/records",
+            &[][..],
+            record("allowed", "svc-a", None, None),
+        ),
+        (
+            "/v1/records",
+            &[bad],
+            record("allowed", "svc-a", None, None),
+        ),
+        ("/v1/records/rec_x/response", &[], json!({})),
+    ] {
+        let (status, _) = call(app, "POST", uri, headers, Some(body)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{uri} {headers:?}");
+    }
 
     // Invalid records.
-    let (status, v) = call(
-        app,
-        "POST",
-        "/v1/records",
-        &[FT],
-        Some(json!({"request_id": "x"})),
-    )
-    .await;
+    let (status, v) = post_record(app, json!({"request_id": "x"})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
     let mut wrong_hash = record("allowed", "svc-a", None, Some(BODY));
     wrong_hash["body_sha256"] = json!("AAAA");
-    let (status, v) = call(app, "POST", "/v1/records", &[FT], Some(wrong_hash)).await;
+    let (status, v) = post_record(app, wrong_hash).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
     assert!(
         v["error"]["message"]
@@ -241,7 +131,7 @@ async fn records_written_enriched_queried_and_exported() {
 
     // 2. Approved by a reviewer.
     let approved_review = create_review(app, BODY).await;
-    decide(
+    decide_ok(
         app,
         &approved_review,
         ALICE,
@@ -259,7 +149,7 @@ async fn records_written_enriched_queried_and_exported() {
     let edited_review = create_review(app, BODY).await;
     let edited_body =
         r#"{"model":"gpt-x","messages":[{"role":"user","content":"hello, politely"}]}"#;
-    decide(
+    decide_ok(
         app,
         &edited_review,
         BOB,
@@ -283,43 +173,18 @@ async fn records_written_enriched_queried_and_exported() {
         "status": 200, "body": "hi there", "usage": {"prompt_tokens": 3, "completion_tokens": 2},
         "ttfb_ms": 40, "total_ms": 90, "completion": "complete"
     });
-    let (status, v) = call(
-        app,
-        "POST",
-        &format!("/v1/records/{allowed_id}/response"),
-        &[FT],
-        Some(resp.clone()),
-    )
-    .await;
+    let (status, v) = post_response(app, &allowed_id, resp.clone()).await;
     assert_eq!(status, StatusCode::CREATED, "{v}");
     let response_id = v["record_id"].as_str().unwrap().to_string();
-    let (status, v) = call(
-        app,
-        "POST",
-        &format!("/v1/records/{allowed_id}/response"),
-        &[FT],
-        Some(resp.clone()),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CONFLICT, "{v}");
-    let (status, _) = call(
-        app,
-        "POST",
-        "/v1/records/rec_nope/response",
-        &[FT],
-        Some(resp.clone()),
-    )
-    .await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
-    let (status, _) = call(
-        app,
-        "POST",
-        &format!("/v1/records/{allowed_id}/response"),
-        &[FT],
-        Some(json!({"status": 200})),
-    )
-    .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
+    // A second response part, an unknown record, an incomplete response.
+    for (id, resp, expected) in [
+        (allowed_id.as_str(), resp.clone(), StatusCode::CONFLICT),
+        ("rec_nope", resp, StatusCode::NOT_FOUND),
+        (&allowed_id, json!({"status": 200}), StatusCode::BAD_REQUEST),
+    ] {
+        let (status, v) = post_response(app, id, resp).await;
+        assert_eq!(status, expected, "{id}: {v}");
+    }
 
     // Reviewer auth on the query API.
     let (status, _) = call(app, "GET", "/api/records", &[], None).await;
@@ -334,7 +199,7 @@ async fn records_written_enriched_queried_and_exported() {
     .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 
-    let (status, v) = reviewer_get(app, "/api/records").await;
+    let (status, v) = get_as(app, ALICE, "/api/records").await;
     assert_eq!(status, StatusCode::OK, "{v}");
     let all = v["records"].as_array().unwrap();
     let ids: Vec<&str> = all
@@ -411,7 +276,7 @@ async fn records_written_enriched_queried_and_exported() {
             vec![&allowed_id, &approved_id, &edited_id, &refused_id],
         ),
     ] {
-        let (status, v) = reviewer_get(app, &format!("/api/records?{query}")).await;
+        let (status, v) = get_as(app, ALICE, &format!("/api/records?{query}")).await;
         assert_eq!(status, StatusCode::OK, "{query}: {v}");
         let got: Vec<String> = v["records"]
             .as_array()
@@ -422,40 +287,39 @@ async fn records_written_enriched_queried_and_exported() {
         let expected: Vec<String> = expected.into_iter().cloned().collect();
         assert_eq!(got, expected, "{query}");
     }
-    let (status, _) = reviewer_get(app, "/api/records?since_ms=abc").await;
+    let (status, _) = get_as(app, ALICE, "/api/records?since_ms=abc").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 
     // Paging.
-    let (_, p1) = reviewer_get(app, "/api/records?limit=3").await;
+    let (_, p1) = get_as(app, ALICE, "/api/records?limit=3").await;
     assert_eq!(p1["records"].as_array().unwrap().len(), 3);
     let next = p1["next_after_seq"].as_i64().unwrap();
-    let (_, p2) = reviewer_get(app, &format!("/api/records?limit=3&after_seq={next}")).await;
+    let (_, p2) = get_as(
+        app,
+        ALICE,
+        &format!("/api/records?limit=3&after_seq={next}"),
+    )
+    .await;
     assert_eq!(p2["records"].as_array().unwrap().len(), 1);
     assert_eq!(p2["records"][0]["record_id"], refused_id.as_str());
     assert!(p2["next_after_seq"].is_null());
 
     // One record, by its id or by its response's id.
-    let (status, one) = reviewer_get(app, &format!("/api/records/{allowed_id}")).await;
+    let (status, one) = get_as(app, ALICE, &format!("/api/records/{allowed_id}")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(one, all[0]);
-    let (_, by_resp) = reviewer_get(app, &format!("/api/records/{response_id}")).await;
+    let (_, by_resp) = get_as(app, ALICE, &format!("/api/records/{response_id}")).await;
     assert_eq!(by_resp, all[0]);
-    let (status, _) = reviewer_get(app, "/api/records/rec_unknown").await;
+    let (status, _) = get_as(app, ALICE, "/api/records/rec_unknown").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
     // Export: JSON Lines of the same merged records.
-    let (k, v) = alice();
-    let (status, ctype, bytes) = raw_call(
-        app,
-        "GET",
-        "/api/records/export?caller=svc-a",
-        &[(k, &v)],
-        None,
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(ctype, "application/x-ndjson");
-    let text = String::from_utf8(bytes).unwrap();
+    let auth = bearer(ALICE);
+    let uri = "/api/records/export?caller=svc-a";
+    let r = send(app, "GET", uri, &[("authorization", &auth)], "").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.header("content-type"), "application/x-ndjson");
+    let text = String::from_utf8(r.body.to_vec()).unwrap();
     let lines: Vec<Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -465,10 +329,11 @@ async fn records_written_enriched_queried_and_exported() {
     assert_eq!(lines[1], all[1]);
 
     // Metrics.
-    let (status, ctype, bytes) = raw_call(app, "GET", "/metrics", &[], None).await;
-    assert_eq!(status, StatusCode::OK);
+    let r = send(app, "GET", "/metrics", &[], "").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let ctype = r.header("content-type");
     assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
-    let text = String::from_utf8(bytes).unwrap();
+    let text = String::from_utf8(r.body.to_vec()).unwrap();
     for line in [
         "# TYPE countersign_reviews_created_total counter",
         "countersign_reviews_created_total 2",
@@ -507,10 +372,10 @@ async fn metrics_can_require_a_reviewer() {
     let f = fixture("metrics_public = false");
     let (status, _) = call(&f.app, "GET", "/metrics", &[], None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let (k, v) = alice();
-    let (status, _, bytes) = raw_call(&f.app, "GET", "/metrics", &[(k, &v)], None).await;
-    assert_eq!(status, StatusCode::OK);
-    assert!(String::from_utf8(bytes)
+    let auth = bearer(ALICE);
+    let r = send(&f.app, "GET", "/metrics", &[("authorization", &auth)], "").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(String::from_utf8(r.body.to_vec())
         .unwrap()
         .contains("countersign_reviews_pending 0"));
 }
@@ -525,14 +390,7 @@ async fn write_failure_is_a_quick_503() {
          BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
     )
     .unwrap();
-    let (status, v) = call(
-        &f.app,
-        "POST",
-        "/v1/records",
-        &[FT],
-        Some(record("allowed", "a", None, Some(BODY))),
-    )
-    .await;
+    let (status, v) = post_record(&f.app, record("allowed", "a", None, Some(BODY))).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     assert_eq!(v["error"]["code"], "unavailable");
     conn.execute_batch("DROP TRIGGER fail_insert").unwrap();
@@ -541,14 +399,7 @@ async fn write_failure_is_a_quick_503() {
     // timeout instead of hanging past the filter's callout timeout.
     conn.execute_batch("BEGIN IMMEDIATE").unwrap();
     let start = Instant::now();
-    let (status, _) = call(
-        &f.app,
-        "POST",
-        "/v1/records",
-        &[FT],
-        Some(record("allowed", "a", None, Some(BODY))),
-    )
-    .await;
+    let (status, _) = post_record(&f.app, record("allowed", "a", None, Some(BODY))).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(
         start.elapsed() < Duration::from_millis(4500),
@@ -557,8 +408,8 @@ async fn write_failure_is_a_quick_503() {
     );
     conn.execute_batch("ROLLBACK").unwrap();
 
-    let (_, _, bytes) = raw_call(&f.app, "GET", "/metrics", &[], None).await;
-    let text = String::from_utf8(bytes).unwrap();
+    let r = send(&f.app, "GET", "/metrics", &[], "").await;
+    let text = String::from_utf8(r.body.to_vec()).unwrap();
     assert!(
         text.contains("countersign_record_write_failures_total 2"),
         "{text}"
@@ -575,7 +426,7 @@ fn new_record(caller: &str) -> NewRecord {
 /// A database with `n` request records written at `at_ms`; returns its path.
 fn chain(dir: &Path, n: usize, extra: &str) -> (AppState, PathBuf) {
     let db = dir.join("chain.db");
-    let state = AppState::open(Config::from_toml_str(&config_toml(&db, extra)).unwrap()).unwrap();
+    let state = common::open_state(&config_toml(&db, extra));
     for k in 0..n {
         state
             .records()
@@ -801,14 +652,10 @@ fn verifier_finds_altered_missing_and_inserted_records() {
 async fn retention_deletes_a_prefix_and_the_chain_still_verifies() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("ret.db");
-    let state = AppState::open(
-        Config::from_toml_str(&config_toml(
-            &db,
-            "record_retention_days = 1\nsqlite_synchronous = \"normal\"",
-        ))
-        .unwrap(),
-    )
-    .unwrap();
+    let state = common::open_state(&config_toml(
+        &db,
+        "record_retention_days = 1\nsqlite_synchronous = \"normal\"",
+    ));
     let store = state.records();
     let now = countersign_approval::now_ms();
     let old = now - 3 * DAY_MS;

@@ -2,6 +2,8 @@
 //! The reviewer UI's server side: sign-in sessions, CSRF, pages and security
 //! headers, history filters, the live event feed, and webhooks.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -10,31 +12,19 @@ use std::time::{Duration, Instant};
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Request, StatusCode};
 use axum::Router;
-use countersign_approval::{app, run, AppState, Config, TokenHash};
+use common::{bearer, decide_ok, send, Fixture, Resp, ALICE, BOB};
+use countersign_approval::{app, AppState, TokenHash};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-const ALICE: &str = "alice-secret-token";
-const BOB: &str = "bob-secret-token";
-
+/// alice (groups `security`, `leads`; her token is `alice_token`) and bob.
 fn config_toml(db: &Path, extra: &str, alice_token: &str) -> String {
-    format!(
-        r#"
-database = "{}"
-{extra}
-[[reviewers]]
-name = "alice"
-token_sha256 = "{}"
-groups = ["security", "leads"]
-[[reviewers]]
-name = "bob"
-token_sha256 = "{}"
-"#,
-        db.display(),
-        TokenHash::of_token(alice_token).to_hex(),
-        TokenHash::of_token(BOB).to_hex()
-    )
+    let reviewers = [
+        ("alice", alice_token, "groups = [\"security\", \"leads\"]"),
+        ("bob", BOB, ""),
+    ];
+    common::config_toml(db, extra, &reviewers)
 }
 
 fn open_state(db: &Path, extra: &str) -> AppState {
@@ -42,73 +32,16 @@ fn open_state(db: &Path, extra: &str) -> AppState {
 }
 
 fn open_state_with(db: &Path, extra: &str, alice_token: &str) -> AppState {
-    AppState::open(Config::from_toml_str(&config_toml(db, extra, alice_token)).unwrap()).unwrap()
-}
-
-struct Fixture {
-    dir: tempfile::TempDir,
-    app: Router,
-}
-
-impl Fixture {
-    fn db(&self) -> std::path::PathBuf {
-        self.dir.path().join("ui.db")
-    }
+    common::open_state(&config_toml(db, extra, alice_token))
 }
 
 fn fixture(extra: &str) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let state = open_state(&dir.path().join("ui.db"), extra);
-    Fixture {
-        app: app(state),
-        dir,
-    }
+    common::fixture("ui.db", |db| config_toml(db, extra, ALICE))
 }
 
-struct Resp {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Resp {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
-    }
-    fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .map(|v| v.to_str().unwrap())
-            .unwrap_or("")
-    }
-}
-
-async fn send(app: &Router, method: &str, uri: &str, headers: &[(&str, &str)], body: &str) -> Resp {
-    let mut req = Request::builder().method(method).uri(uri);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = app
-        .clone()
-        .oneshot(req.body(Body::from(body.to_string())).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    Resp {
-        status,
-        headers,
-        body,
-    }
-}
-
-fn create_body(model: &str, caller: &str, text: &str) -> String {
-    json!({
+fn create_body(model: &str, caller: &str, text: &str) -> Value {
+    common::review_request(json!({
         "request_id": format!("req-{model}"),
-        "api": "openai_chat",
-        "method": "POST",
-        "path": "/v1/chat/completions",
         "authority": "llm.internal",
         "route": "chat",
         "caller": caller,
@@ -116,22 +49,16 @@ fn create_body(model: &str, caller: &str, text: &str) -> String {
         "rule": "all",
         "prompt": [{"role": "user", "text": text}],
         "body": json!({"model": model, "messages": [{"role": "user", "content": text}]}).to_string(),
-        "hold_timeout_ms": 60_000
-    })
-    .to_string()
+    }))
 }
 
 async fn create(app: &Router, model: &str, caller: &str, text: &str) -> String {
-    let r = send(
-        app,
-        "POST",
-        "/v1/reviews",
-        &[],
-        &create_body(model, caller, text),
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::CREATED);
-    r.json()["id"].as_str().unwrap().to_string()
+    common::create_review(app, &[], create_body(model, caller, text)).await
+}
+
+/// `GET /api/me` with a session cookie.
+async fn me(app: &Router, cookie: &str) -> Resp {
+    send(app, "GET", "/api/me", &[("cookie", cookie)], "").await
 }
 
 /// A signed-in browser: the cookie header value and the CSRF token.
@@ -147,7 +74,7 @@ async fn login(app: &Router, token: &str, next: &str) -> Resp {
         "POST",
         "/ui/login",
         &[("content-type", "application/x-www-form-urlencoded")],
-        &form,
+        form,
     )
     .await
 }
@@ -158,7 +85,7 @@ async fn sign_in(app: &Router, token: &str) -> Browser {
     let set = r.header("set-cookie");
     let cookie = set.split(';').next().unwrap().to_string();
     assert!(cookie.starts_with("cs_session="), "{set}");
-    let me = send(app, "GET", "/api/me", &[("cookie", &cookie)], "").await;
+    let me = me(app, &cookie).await;
     assert_eq!(me.status, StatusCode::OK);
     let csrf = me.json()["csrf_token"].as_str().unwrap().to_string();
     Browser { cookie, csrf }
@@ -186,7 +113,7 @@ async fn sign_in_sets_a_strict_http_only_session_cookie() {
     assert!(!cookie.contains("Secure"), "{cookie}");
 
     // The database holds only the hash of the id.
-    let conn = rusqlite::Connection::open(f.db()).unwrap();
+    let conn = rusqlite::Connection::open(&f.db).unwrap();
     let stored: String = conn
         .query_row("SELECT id_sha256 FROM sessions", [], |r| r.get(0))
         .unwrap();
@@ -201,14 +128,7 @@ async fn sign_in_sets_a_strict_http_only_session_cookie() {
     assert_eq!(raw, 0);
 
     // /api/me with the cookie: name, groups and the CSRF token.
-    let me = send(
-        &f.app,
-        "GET",
-        "/api/me",
-        &[("cookie", &format!("cs_session={id}"))],
-        "",
-    )
-    .await;
+    let me = me(&f.app, &format!("cs_session={id}")).await;
     assert_eq!(me.status, StatusCode::OK);
     let v = me.json();
     assert_eq!(v["name"], "alice");
@@ -356,24 +276,14 @@ async fn bearer_api_is_unchanged_and_wins_over_a_cookie() {
         &f.app,
         "POST",
         &format!("/api/reviews/{id}/reject"),
-        &[
-            ("authorization", &format!("Bearer {BOB}")),
-            ("cookie", &alice.cookie),
-        ],
+        &[("authorization", &bearer(BOB)), ("cookie", &alice.cookie)],
         r#"{"reason":"no"}"#,
     )
     .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.json()["reviewer"], "bob");
-    let me = send(
-        &f.app,
-        "GET",
-        "/api/me",
-        &[("authorization", &format!("Bearer {BOB}"))],
-        "",
-    )
-    .await;
-    assert_eq!(me.json(), json!({"name": "bob", "groups": []}));
+    let (_, me) = common::get_as(&f.app, BOB, "/api/me").await;
+    assert_eq!(me, json!({"name": "bob", "groups": []}));
     // A wrong bearer token is not rescued by a valid cookie.
     let r = send(
         &f.app,
@@ -392,7 +302,7 @@ async fn logout_needs_csrf_and_ends_the_session() {
     let b = sign_in(&f.app, ALICE).await;
     let r = send(&f.app, "POST", "/ui/logout", &[("cookie", &b.cookie)], "").await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
-    let r = send(&f.app, "GET", "/api/me", &[("cookie", &b.cookie)], "").await;
+    let r = me(&f.app, &b.cookie).await;
     assert_eq!(
         r.status,
         StatusCode::OK,
@@ -409,7 +319,7 @@ async fn logout_needs_csrf_and_ends_the_session() {
     .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
     assert!(r.header("set-cookie").contains("Max-Age=0"));
-    let r = send(&f.app, "GET", "/api/me", &[("cookie", &b.cookie)], "").await;
+    let r = me(&f.app, &b.cookie).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     let r = send(&f.app, "GET", "/", &[("cookie", &b.cookie)], "").await;
     assert_eq!(r.status, StatusCode::SEE_OTHER);
@@ -421,32 +331,33 @@ async fn sessions_survive_restart_but_not_token_rotation_or_expiry() {
     let b = sign_in(&f.app, ALICE).await;
     let Fixture {
         dir: _dir,
+        db,
+        state,
         app: first,
     } = f;
-    let db = _dir.path().join("ui.db");
-    drop(first);
+    drop((state, first));
 
     // Same config, new process: still signed in, same CSRF token.
     let again = app(open_state(&db, ""));
-    let r = send(&again, "GET", "/api/me", &[("cookie", &b.cookie)], "").await;
+    let r = me(&again, &b.cookie).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.json()["csrf_token"], b.csrf.as_str());
     drop(again);
 
     // Alice's token was rotated: her old sessions are void.
     let rotated = app(open_state_with(&db, "", "alice-new-token"));
-    let r = send(&rotated, "GET", "/api/me", &[("cookie", &b.cookie)], "").await;
+    let r = me(&rotated, &b.cookie).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     drop(rotated);
 
     // Expired sessions are refused.
     let restored = app(open_state(&db, ""));
-    let r = send(&restored, "GET", "/api/me", &[("cookie", &b.cookie)], "").await;
+    let r = me(&restored, &b.cookie).await;
     assert_eq!(r.status, StatusCode::OK);
-    let conn = rusqlite::Connection::open(db.clone()).unwrap();
+    let conn = rusqlite::Connection::open(&db).unwrap();
     conn.execute("UPDATE sessions SET expires_at_ms = 1", [])
         .unwrap();
-    let r = send(&restored, "GET", "/api/me", &[("cookie", &b.cookie)], "").await;
+    let r = me(&restored, &b.cookie).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
 }
 
@@ -520,111 +431,65 @@ async fn assets_are_embedded() {
 #[tokio::test]
 async fn history_filters() {
     let f = fixture("");
-    let auth = format!("Bearer {ALICE}");
     let a = create(&f.app, "gpt-4o", "svc-billing", "refund 100% of order_77").await;
     let b = create(&f.app, "claude-x", "svc-support", "summarise ticket").await;
     let c = create(&f.app, "gpt-4o-mini", "svc-support", "translate hello").await;
-    let decide = |id: String, action: &'static str, token: &'static str, body: Value| {
-        let app = f.app.clone();
-        async move {
-            let r = send(
-                &app,
-                "POST",
-                &format!("/api/reviews/{id}/{action}"),
-                &[("authorization", &format!("Bearer {token}"))],
-                &body.to_string(),
-            )
-            .await;
-            assert_eq!(r.status, StatusCode::OK, "{action}");
-        }
-    };
-    decide(a.clone(), "approve", ALICE, json!({})).await;
-    decide(b.clone(), "reject", BOB, json!({"reason": "pii inside"})).await;
-    decide(
-        c.clone(),
-        "edit",
-        ALICE,
-        json!({"body": {"model": "gpt-4o-mini", "messages": []}}),
-    )
-    .await;
+    decide_ok(&f.app, &a, ALICE, "approve", json!({})).await;
+    decide_ok(&f.app, &b, BOB, "reject", json!({"reason": "pii inside"})).await;
+    let edit = json!({"body": {"model": "gpt-4o-mini", "messages": []}});
+    decide_ok(&f.app, &c, ALICE, "edit", edit).await;
 
-    let ids = |query: &str| {
-        let app = f.app.clone();
-        let auth = auth.clone();
-        let uri = format!("/api/reviews?{query}");
-        async move {
-            let r = send(&app, "GET", &uri, &[("authorization", &auth)], "").await;
-            assert_eq!(r.status, StatusCode::OK, "{uri}: {:?}", r.json());
-            let mut v: Vec<String> = r.json()["reviews"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x["id"].as_str().unwrap().to_string())
-                .collect();
-            v.sort();
-            v
-        }
-    };
-    let sorted = |mut v: Vec<String>| {
-        v.sort();
-        v
-    };
-    assert_eq!(
-        ids("model=gpt-4o").await,
-        sorted(vec![a.clone(), c.clone()])
-    );
-    assert_eq!(ids("model=GPT-4O-MINI").await, vec![c.clone()]);
-    assert_eq!(
-        ids("caller=support").await,
-        sorted(vec![b.clone(), c.clone()])
-    );
-    assert_eq!(ids("reviewer=bob").await, vec![b.clone()]);
-    assert_eq!(ids("status=approved&edited=true").await, vec![c.clone()]);
-    assert_eq!(ids("status=approved&edited=false").await, vec![a.clone()]);
-    assert_eq!(ids("q=ticket").await, vec![b.clone()]);
-    assert_eq!(ids("q=PII").await, vec![b.clone()], "reason is searched");
-    assert_eq!(
-        ids(&format!("q={}", &c[4..12])).await,
-        vec![c.clone()],
-        "id is searched"
-    );
-    // LIKE wildcards in user text are literal.
-    assert_eq!(ids("q=100%25").await, vec![a.clone()]);
-    assert_eq!(ids("q=%25").await, vec![a.clone()]);
-    assert_eq!(ids("q=order_7").await, vec![a.clone()]);
-    assert_eq!(ids("q=r_er").await, Vec::<String>::new());
-    // SQL in a filter is just text.
-    assert!(ids("caller=%27%20OR%201%3D1%20--").await.is_empty());
-    // Time range, and empty values mean "no filter".
+    let (a, b, c) = (a.as_str(), b.as_str(), c.as_str());
+    let by_id = format!("q={}", &c[4..12]);
     let now = countersign_approval::now_ms();
-    assert_eq!(ids(&format!("since_ms={}", now + 60_000)).await.len(), 0);
-    assert_eq!(
-        ids(&format!("until_ms={}&caller=&q=", now + 60_000))
-            .await
-            .len(),
-        3
-    );
-    assert_eq!(ids("until_ms=1").await.len(), 0);
-    let r = send(
+    let since_later = format!("since_ms={}", now + 60_000);
+    let until_later_blank = format!("until_ms={}&caller=&q=", now + 60_000);
+    for (query, mut expected) in [
+        ("model=gpt-4o", vec![a, c]),
+        ("model=GPT-4O-MINI", vec![c]),
+        ("caller=support", vec![b, c]),
+        ("reviewer=bob", vec![b]),
+        ("status=approved&edited=true", vec![c]),
+        ("status=approved&edited=false", vec![a]),
+        ("q=ticket", vec![b]),
+        // The reason and the id are searched too.
+        ("q=PII", vec![b]),
+        (&by_id, vec![c]),
+        // LIKE wildcards in user text are literal.
+        ("q=100%25", vec![a]),
+        ("q=%25", vec![a]),
+        ("q=order_7", vec![a]),
+        ("q=r_er", vec![]),
+        // SQL in a filter is just text.
+        ("caller=%27%20OR%201%3D1%20--", vec![]),
+        // Time range, and empty values mean "no filter".
+        (&since_later, vec![]),
+        (&until_later_blank, vec![a, b, c]),
+        ("until_ms=1", vec![]),
+    ] {
+        let (s, v) = common::get_as(&f.app, ALICE, &format!("/api/reviews?{query}")).await;
+        assert_eq!(s, StatusCode::OK, "{query}: {v}");
+        let mut got: Vec<&str> = v["reviews"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["id"].as_str().unwrap())
+            .collect();
+        got.sort();
+        expected.sort();
+        assert_eq!(got, expected, "{query}");
+    }
+    let (s, _) = common::get_as(
         &f.app,
-        "GET",
+        ALICE,
         &format!("/api/reviews?q={}", "x".repeat(501)),
-        &[("authorization", &auth)],
-        "",
     )
     .await;
-    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(s, StatusCode::BAD_REQUEST);
     // Summaries say whether an approval was edited.
-    let r = send(
-        &f.app,
-        "GET",
-        "/api/reviews?status=approved",
-        &[("authorization", &auth)],
-        "",
-    )
-    .await;
-    for s in r.json()["reviews"].as_array().unwrap() {
-        assert_eq!(s["edited"], s["id"] == c.as_str());
+    let (_, v) = common::get_as(&f.app, ALICE, "/api/reviews?status=approved").await;
+    for s in v["reviews"].as_array().unwrap() {
+        assert_eq!(s["edited"], s["id"] == c);
     }
 }
 
@@ -687,24 +552,10 @@ async fn event_feed_reports_created_decided_and_expired() {
     read_until(&mut body, r#""type":"decided""#).await;
 
     // An expiry found by the filter's long poll is reported too.
-    let short = send(
-        &f.app,
-        "POST",
-        "/v1/reviews",
-        &[],
-        &create_body("m", "c", "t").replace("60000", "50"),
-    )
-    .await;
-    let short_id = short.json()["id"].as_str().unwrap().to_string();
+    let short = common::merged(create_body("m", "c", "t"), json!({"hold_timeout_ms": 50}));
+    let short_id = common::create_review(&f.app, &[], short).await;
     tokio::time::sleep(Duration::from_millis(80)).await;
-    send(
-        &f.app,
-        "GET",
-        &format!("/v1/reviews/{short_id}/wait"),
-        &[],
-        "",
-    )
-    .await;
+    common::wait(&f.app, &short_id, None).await;
     let seen = read_until(&mut body, r#""type":"expired""#).await;
     assert!(seen.contains(&short_id), "{seen}");
 }
@@ -737,13 +588,8 @@ fn raw_read(stream: &mut std::net::TcpStream, needle: &str) -> String {
 async fn open_event_streams_do_not_hold_shutdown() {
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
-    let state = open_state(&dir.path().join("sse.db"), "");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(run(listener, state, async {
-        let _ = stop_rx.await;
-    }));
+    let server = common::serve(open_state(&dir.path().join("sse.db"), "")).await;
+    let addr = server.addr;
     let reader = tokio::task::spawn_blocking(move || {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
         write!(
@@ -758,12 +604,8 @@ async fn open_event_streams_do_not_hold_shutdown() {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let t = Instant::now();
-    stop_tx.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(5), server)
-        .await
-        .expect("server did not stop with an open event stream")
-        .unwrap()
-        .unwrap();
+    // With an event stream open.
+    server.shut_down().await;
     assert!(t.elapsed() < Duration::from_secs(5));
     reader.await.unwrap();
 }
@@ -873,73 +715,42 @@ format = "slack"
 
 #[tokio::test]
 async fn webhook_delivery_retries_only_what_can_recover() {
-    use countersign_approval::webhook::deliver;
-    let short = [
-        Duration::from_millis(10),
-        Duration::from_millis(10),
-        Duration::from_millis(10),
-    ];
+    // Three quick retries: four attempts at most.
+    let deliver = |url: String| async move {
+        let backoff = [Duration::from_millis(10); 3];
+        countersign_approval::webhook::deliver(&url, Bytes::from_static(b"{}"), &backoff).await
+    };
 
-    // 503, 429, 500, then success on the fourth and last attempt.
-    let (addr, rx) = receiver(vec![503, 429, 500]).await;
-    let status = deliver(
-        &format!("http://{addr}/h"),
-        Bytes::from_static(b"{}"),
-        &short,
-    )
-    .await;
-    assert_eq!(status.unwrap(), StatusCode::OK);
-    assert_eq!(rx.lock().unwrap().len(), 4);
-
-    // Four failures: give up.
-    let (addr, rx) = receiver(vec![500, 500, 500, 500, 500]).await;
-    let err = deliver(
-        &format!("http://{addr}/h"),
-        Bytes::from_static(b"{}"),
-        &short,
-    )
-    .await
-    .unwrap_err();
-    assert!(err.contains("4 attempt"), "{err}");
-    assert_eq!(rx.lock().unwrap().len(), 4);
-
-    // A 4xx other than 408/429 is final.
-    let (addr, rx) = receiver(vec![404]).await;
-    let err = deliver(
-        &format!("http://{addr}/h"),
-        Bytes::from_static(b"{}"),
-        &short,
-    )
-    .await
-    .unwrap_err();
-    assert!(err.contains("404"), "{err}");
-    assert_eq!(rx.lock().unwrap().len(), 1);
-
-    // https:// goes through TLS: a plain-HTTP server fails the handshake
-    // (retried as a connection failure), and nothing is sent in clear.
-    let (addr, rx) = receiver(vec![]).await;
-    let err = deliver(
-        &format!("https://{addr}/h"),
-        Bytes::from_static(b"{}"),
-        &short,
-    )
-    .await
-    .unwrap_err();
-    assert!(err.contains("TLS"), "{err}");
-    assert!(rx.lock().unwrap().is_empty());
+    // (receiver's answers, scheme, outcome: the status or a word of the
+    // error, calls the receiver saw)
+    for (statuses, scheme, outcome, calls) in [
+        // 503, 429, 500, then success on the fourth and last attempt.
+        (vec![503, 429, 500], "http", Ok(StatusCode::OK), 4),
+        // Four failures: give up.
+        (vec![500, 500, 500, 500, 500], "http", Err("4 attempt"), 4),
+        // A 4xx other than 408/429 is final.
+        (vec![404], "http", Err("404"), 1),
+        // https:// goes through TLS: a plain-HTTP server fails the handshake
+        // (retried as a connection failure), and nothing is sent in clear.
+        (vec![], "https", Err("TLS"), 0),
+    ] {
+        let (addr, rx) = receiver(statuses.clone()).await;
+        match (deliver(format!("{scheme}://{addr}/h")).await, outcome) {
+            (Ok(got), Ok(want)) => assert_eq!(got, want),
+            (Err(e), Err(want)) => assert!(e.contains(want), "{e}"),
+            (got, want) => panic!("{statuses:?}: {got:?}, expected {want:?}"),
+        }
+        assert_eq!(rx.lock().unwrap().len(), calls, "{statuses:?}");
+    }
 
     // Nobody listening: retried, then an error (not a hang).
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = free.local_addr().unwrap().port();
     drop(free);
     let t = Instant::now();
-    let err = deliver(
-        &format!("http://127.0.0.1:{port}/h"),
-        Bytes::from_static(b"{}"),
-        &short,
-    )
-    .await
-    .unwrap_err();
+    let err = deliver(format!("http://127.0.0.1:{port}/h"))
+        .await
+        .unwrap_err();
     assert!(err.contains("4 attempt"), "{err}");
     assert!(t.elapsed() < Duration::from_secs(5));
 }

@@ -76,6 +76,9 @@ class FaultProxy:
         self.port, self.target = listen_port, target_port
         self.mode = "pass"
         self.delay = 0.0
+        # With mode "drop_responses_to": only answers to requests whose
+        # request line matches this pattern are swallowed.
+        self.drop_pattern = ""
         self.seen: list[tuple[float, str]] = []
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -103,13 +106,16 @@ class FaultProxy:
     async def _conn(self, reader, writer):
         upstream = None
         pump = None
+        state = {"last": ""}
         try:
             while True:
                 chunk = await reader.read(65536)
                 if not chunk:
                     break
                 for m in re.finditer(rb"(GET|POST) (/\S*) HTTP/1\.[01]", chunk):
-                    self.seen.append((time.monotonic(), f"{m.group(1).decode()} {m.group(2).decode()}"))
+                    line = f"{m.group(1).decode()} {m.group(2).decode()}"
+                    self.seen.append((time.monotonic(), line))
+                    state["last"] = line
                 if self.mode == "blackhole":
                     continue
                 if self.delay:
@@ -119,7 +125,7 @@ class FaultProxy:
                         ureader, upstream = await asyncio.open_connection("127.0.0.1", self.target)
                     except OSError:
                         break
-                    pump = asyncio.ensure_future(self._answers(ureader, writer))
+                    pump = asyncio.ensure_future(self._answers(ureader, writer, state))
                 upstream.write(chunk)
                 await upstream.drain()
         except (OSError, asyncio.CancelledError):
@@ -131,13 +137,15 @@ class FaultProxy:
                 if w is not None:
                     w.close()
 
-    async def _answers(self, ureader, writer):
+    async def _answers(self, ureader, writer, state):
         try:
             while True:
                 chunk = await ureader.read(65536)
                 if not chunk:
                     break
                 if self.mode in ("blackhole", "drop_responses"):
+                    continue
+                if self.mode == "drop_responses_to" and re.search(self.drop_pattern, state["last"]):
                     continue
                 if self.delay:
                     await asyncio.sleep(self.delay)
@@ -301,6 +309,36 @@ def test_deadline_is_honoured_when_the_channel_never_heals(make_stack, interpose
     assert stack.approval.decide(review["id"], "approve").status_code == 409
     assert stack.backend.stats()["started"] == 0
     wait_until(lambda: stat(stack, "wasmcustom.countersign_held") == 0, what="held gauge back to 0")
+
+
+def lose_record_answer(make_stack, interpose, request_id):
+    """An allowed request whose record is stored but whose answer is lost."""
+    stack = make_stack(filter_config={**FAST, "rules": [{"name": "load-tests", "model": "demo-allow*", "action": "allow"}]})
+    proxy = interpose(stack)
+    proxy.mode, proxy.drop_pattern = "drop_responses_to", r"^POST /v1/records$"
+    r = post(stack.url, json=chat(model="demo-allow", text="record answer lost"), timeout=30,
+             headers={"x-request-id": request_id})
+    proxy.mode = "pass"
+    return stack, r
+
+
+def test_lost_record_answer_fails_closed(make_stack, interpose):
+    stack, r = lose_record_answer(make_stack, interpose, "lost-record-answer")
+    # No confirmed record, no forward.
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "audit_record_unavailable"
+    assert stack.backend.stats()["started"] == 0
+    verify_chain(stack)
+
+
+@pytest.mark.xfail(strict=True, reason="known bug: the record stored before its answer was lost still says "
+                   "`allowed` (the request was never forwarded), and the refusal adds a second record")
+def test_lost_record_answer_leaves_exactly_one_truthful_record(make_stack, interpose):
+    stack, r = lose_record_answer(make_stack, interpose, "lost-record-answer")
+    assert r.status_code == 503
+    time.sleep(1.0)  # the refusal's own record is written best effort
+    recs = records(stack, request_id="lost-record-answer")
+    assert [rec_field(x, "decision") for x in recs] == ["unavailable"], recs
 
 
 # ---------------------------------------------------------------- Envoy restarted with requests held
@@ -532,13 +570,13 @@ def test_full_disk_refuses_clearly_and_claims_no_record_it_did_not_write(small_f
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "approval_unavailable"
     assert 503 in outcomes
-    # Reading still works, and the earlier review can still be decided? Not
-    # while the disk is full: the decision is a write. Either it is refused
-    # (500, nothing released) or it is stored and the request released.
+    # A decision is a write too: it is refused (500, nothing released) unless
+    # it still fits in the space SQLite already holds. Reads keep working.
     decided = stack.approval.decide(review["id"], "approve")
     assert decided.status_code in (200, 500), decided.text
     assert stack.approval.proc.alive()
-    assert stack.approval.pending() is not None
+    expected = "approved" if decided.status_code == 200 else "pending"
+    assert stack.approval.review(review["id"])["status"] == expected
 
     filler.unlink()
     if decided.status_code != 200:

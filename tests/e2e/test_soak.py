@@ -188,10 +188,15 @@ def run_soak(stack, seconds: float, threads: int, seed: int = 1):
             raise AssertionError("workers did not finish")
     reviewer.stop.set()
     reviewer.join(10)
-    return results, reviewer, baseline, peak
+    # Memory once the traffic is over (measured before the checks, whose own
+    # record queries the service's allocator keeps for a while).
+    wait_until(lambda: stat(stack, "wasmcustom.countersign_held") == 0, timeout=20, what="held gauge 0")
+    time.sleep(2.0)
+    after = {"envoy": rss_kb(stack.envoy.proc.pid), "service": rss_kb(stack.approval.proc.pid)}
+    return results, reviewer, {"baseline": baseline, "peak": peak, "after": after}
 
 
-def check(stack, results, reviewer, baseline, peak, label):
+def check(stack, results, reviewer, memory, label):
     assert not reviewer.errors, reviewer.errors[:5]
     errors = [r for r in results if r["status"] is None]
     assert not errors, errors[:5]
@@ -254,13 +259,12 @@ def check(stack, results, reviewer, baseline, peak, label):
     seen_soak = [s for s in seen if s and s.startswith("soak-")]
     assert len(seen_soak) == len(set(seen_soak)) and set(seen_soak) <= forwarded
 
-    # Nothing is still held, and memory is back near where it started.
-    wait_until(lambda: stat(stack, "wasmcustom.countersign_held") == 0, timeout=20, what="held gauge 0")
-    time.sleep(2.0)
-    after = {"envoy": rss_kb(stack.envoy.proc.pid), "service": rss_kb(stack.approval.proc.pid)}
+    # Nothing is still held, and memory came back near where it started.
+    assert stat(stack, "wasmcustom.countersign_held") == 0
+    baseline, after = memory["baseline"], memory["after"]
     report = (f"{label}: {len(results)} requests {dict(by_kind)}; held outcomes "
               f"{dict(Counter(r['outcome'] for r in results if r['kind'] == 'held'))}; RSS KiB baseline {baseline} "
-              f"peak {peak} after {after}")
+              f"peak {memory['peak']} after {after}")
     print(report)
     for proc in ("envoy", "service"):
         assert after[proc] < baseline[proc] + RSS_SLACK_KB, report
@@ -274,9 +278,9 @@ def check(stack, results, reviewer, baseline, peak, label):
 @pytest.mark.timeout(180)
 def test_short_soak(make_stack):
     stack = make_stack(filter_config=CONFIG)
-    results, reviewer, baseline, peak = run_soak(stack, seconds=25, threads=16)
+    results, reviewer, memory = run_soak(stack, seconds=25, threads=16)
     assert len(results) > 500
-    check(stack, results, reviewer, baseline, peak, "short soak")
+    check(stack, results, reviewer, memory, "short soak")
 
 
 @pytest.mark.soak
@@ -286,5 +290,5 @@ def test_soak(make_stack):
     stack = make_stack(filter_config=CONFIG)
     seconds = float(os.environ.get("COUNTERSIGN_SOAK_SECONDS", "300"))
     threads = int(os.environ.get("COUNTERSIGN_SOAK_THREADS", "64"))
-    results, reviewer, baseline, peak = run_soak(stack, seconds=seconds, threads=threads, seed=7)
-    check(stack, results, reviewer, baseline, peak, f"soak {seconds:.0f}s x {threads} threads")
+    results, reviewer, memory = run_soak(stack, seconds=seconds, threads=threads, seed=7)
+    check(stack, results, reviewer, memory, f"soak {seconds:.0f}s x {threads} threads")

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{RecordError, RecordQuery, RecordStore, DEFAULT_PAGE, MAX_PAGE};
-use crate::api::{FilterAuth, Reviewer};
+use crate::api::{json_from_slice, parse_query, read_body, text_filter, FilterAuth, Reviewer};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -67,17 +67,14 @@ fn record_error(e: RecordError) -> Response {
 }
 
 /// Parses a JSON body (any content type), answering in the service's error
-/// shape.
+/// shape. Unlike [`crate::api::parse_json`], a blank body is not read as `{}`.
 fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    let bytes = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge("request body too large".into())
-        } else {
-            ApiError::BadRequest("cannot read request body".into())
-        }
-    })?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+    json_from_slice(&read_body(body)?)
+}
+
+/// 201 with the id of the entry just written.
+fn created(record_id: String) -> Response {
+    (StatusCode::CREATED, Json(RecordCreated { record_id })).into_response()
 }
 
 async fn blocking<T, F>(store: &Arc<RecordStore>, f: F) -> Result<T, RecordError>
@@ -116,13 +113,7 @@ pub async fn create_record(
                 decision = %decision,
                 "record written"
             );
-            (
-                StatusCode::CREATED,
-                Json(RecordCreated {
-                    record_id: w.record_id,
-                }),
-            )
-                .into_response()
+            created(w.record_id)
         }
         Err(e) => record_error(e),
     }
@@ -155,13 +146,7 @@ pub async fn create_response(
                 upstream_status = status,
                 "record response written"
             );
-            (
-                StatusCode::CREATED,
-                Json(RecordCreated {
-                    record_id: w.record_id,
-                }),
-            )
-                .into_response()
+            created(w.record_id)
         }
         Err(e) => record_error(e),
     }
@@ -191,39 +176,21 @@ pub struct RecordParams {
     pub after_seq: Option<i64>,
 }
 
-const MAX_FILTER_CHARS: usize = 500;
-
-fn text(name: &str, v: Option<String>) -> Result<Option<String>, ApiError> {
-    match v {
-        Some(t) if t.chars().count() > MAX_FILTER_CHARS => Err(ApiError::BadRequest(format!(
-            "{name} is longer than {MAX_FILTER_CHARS} characters"
-        ))),
-        Some(t) if t.trim().is_empty() => Ok(None),
-        Some(t) => Ok(Some(t.trim().to_string())),
-        None => Ok(None),
-    }
-}
-
 impl RecordParams {
     /// The store query.
     pub fn to_query(self) -> Result<RecordQuery, ApiError> {
         Ok(RecordQuery {
-            caller: text("caller", self.caller)?,
-            model: text("model", self.model)?,
-            decision: text("decision", self.decision)?,
-            review_id: text("review_id", self.review_id)?,
-            request_id: text("request_id", self.request_id)?,
+            caller: text_filter("caller", self.caller)?,
+            model: text_filter("model", self.model)?,
+            decision: text_filter("decision", self.decision)?,
+            review_id: text_filter("review_id", self.review_id)?,
+            request_id: text_filter("request_id", self.request_id)?,
             since_ms: self.since_ms,
             until_ms: self.until_ms,
             after_seq: self.after_seq,
             limit: self.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE),
         })
     }
-}
-
-fn parse_query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
-    q.map(|Query(t)| t)
-        .map_err(|e| ApiError::BadRequest(format!("invalid query string: {}", e.body_text())))
 }
 
 /// Body of `GET /api/records`.

@@ -290,6 +290,43 @@ pub fn split_words(s: &str) -> Vec<&str> {
     pieces
 }
 
+/// `x-demo-reply: TEXT` makes the model answer TEXT instead of the echo:
+/// tests use it to put values into a response that never were in a prompt.
+pub const REPLY_HEADER: &str = "x-demo-reply";
+/// `x-demo-chunk-chars: N` streams the answer N characters per event instead
+/// of one word per event (N = 1 splits every value across many events).
+pub const CHUNK_CHARS_HEADER: &str = "x-demo-chunk-chars";
+
+fn reply_for(headers: &HeaderMap, echoed: String) -> String {
+    headers
+        .get(REPLY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .unwrap_or(echoed)
+}
+
+/// The streamed pieces of `reply`: words, or fixed-size character runs.
+fn pieces<'a>(reply: &'a str, headers: &HeaderMap) -> Vec<&'a str> {
+    let n = headers
+        .get(CHUNK_CHARS_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0);
+    let Some(n) = n else { return split_words(reply) };
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (count, (i, _)) in reply.char_indices().enumerate() {
+        if count > 0 && count % n == 0 {
+            out.push(&reply[start..i]);
+            start = i;
+        }
+    }
+    if start < reply.len() {
+        out.push(&reply[start..]);
+    }
+    out
+}
+
 fn echo(prompt: &str) -> String {
     let mut reply = String::with_capacity(prompt.len() + 6);
     reply.push_str("echo: ");
@@ -338,7 +375,7 @@ async fn chat_completions(State(demo): State<Shared>, headers: HeaderMap, body: 
     };
     let model = model_of(&req);
     let messages = req.get("messages");
-    let reply = echo(&last_user_text(messages));
+    let reply = reply_for(&headers, echo(&last_user_text(messages)));
     let prompt_tokens = messages_word_count(messages);
     let completion_tokens = word_count(&reply);
     let usage = json!({
@@ -382,7 +419,7 @@ async fn chat_completions(State(demo): State<Shared>, headers: HeaderMap, body: 
         }
         sse_data(&c)
     };
-    let words = split_words(&reply);
+    let words = pieces(&reply, &headers);
     let mut events = Vec::with_capacity(words.len() + 4);
     events.push(chunk(
         json!({"role": "assistant", "content": ""}),
@@ -422,7 +459,7 @@ async fn completions(State(demo): State<Shared>, headers: HeaderMap, body: Bytes
         },
         _ => String::new(),
     };
-    let reply = echo(&prompt);
+    let reply = reply_for(&headers, echo(&prompt));
     let prompt_tokens = word_count(&prompt);
     let completion_tokens = word_count(&reply);
     let usage = json!({
@@ -454,7 +491,7 @@ async fn completions(State(demo): State<Shared>, headers: HeaderMap, body: Bytes
             "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}],
         }))
     };
-    let words = split_words(&reply);
+    let words = pieces(&reply, &headers);
     let mut events = Vec::with_capacity(words.len() + 3);
     for w in words {
         events.push(chunk(w, Value::Null));
@@ -497,7 +534,7 @@ async fn responses(State(demo): State<Shared>, headers: HeaderMap, body: Bytes) 
         Err(e) => return e.into_response(),
     };
     let model = model_of(&req);
-    let reply = echo(&responses_input_text(req.get("input")));
+    let reply = reply_for(&headers, echo(&responses_input_text(req.get("input"))));
     let input_tokens = responses_input_words(req.get("input"));
     let output_tokens = word_count(&reply);
     let id = demo.id("resp_demo");
@@ -534,7 +571,7 @@ async fn responses(State(demo): State<Shared>, headers: HeaderMap, body: Bytes) 
     }
 
     // Minimal Responses streaming: created, one text delta per word, done, completed.
-    let words = split_words(&reply);
+    let words = pieces(&reply, &headers);
     let mut events = Vec::with_capacity(words.len() + 3);
     let mut seq = 0u64;
     let mut push = |events: &mut Vec<Bytes>, name: &str, mut v: Value| {
@@ -681,7 +718,7 @@ async fn messages(State(demo): State<Shared>, headers: HeaderMap, body: Bytes) -
     };
     let model = model_of(&req);
     let messages = req.get("messages");
-    let reply = echo(&last_user_text(messages));
+    let reply = reply_for(&headers, echo(&last_user_text(messages)));
     let input_tokens = messages_word_count(messages) + word_count(&content_text(req.get("system")));
     let output_tokens = word_count(&reply);
     let id = demo.id("msg_demo");
@@ -700,7 +737,7 @@ async fn messages(State(demo): State<Shared>, headers: HeaderMap, body: Bytes) -
         .into_response();
     }
 
-    let words = split_words(&reply);
+    let words = pieces(&reply, &headers);
     let mut events = Vec::with_capacity(words.len() + 6);
     events.push(sse_event(
         "message_start",

@@ -11,6 +11,8 @@ use serde::Deserialize;
 use std::collections::HashMap;
 
 use crate::glob::Glob;
+use crate::mask::{MaskPolicy, MaskingConfig, RawMasking};
+use crate::policy::{ContentPolicy, RawContentPolicy};
 use crate::identity::{Caller, IdentitySource, UpstreamCredential};
 use crate::token::{decode_secret, TokenKey, MIN_KEY_BYTES};
 use crate::wire::ApiKind;
@@ -109,6 +111,9 @@ pub struct Rule {
     pub approver_group: Option<String>,
     /// Overrides the global `records` mode.
     pub record: Option<RecordMode>,
+    /// Masking profile for requests this rule matches (`none` for no
+    /// masking); the `default` profile otherwise.
+    pub masking: Option<String>,
 }
 
 /// How approval tokens are checked.
@@ -165,6 +170,22 @@ pub struct Config {
     pub extra_fields: Vec<String>,
     /// Treatment of prompts with attachments.
     pub attachments: Attachments,
+    /// Detectors and masking profiles.
+    pub masking: Option<MaskingConfig>,
+    /// Request and response content rules.
+    pub content_policy: ContentPolicy,
+}
+
+impl Config {
+    /// The masking profile for a rule: its own, `none`, or the default.
+    pub fn mask_profile(&self, rule_profile: Option<&str>) -> Option<&MaskPolicy> {
+        let masking = self.masking.as_ref()?;
+        match rule_profile {
+            Some("none") => None,
+            Some(name) => masking.profile(name),
+            None => masking.default_profile(),
+        }
+    }
 }
 
 /// A configuration error, naming the field at fault.
@@ -251,6 +272,10 @@ struct RawConfig {
     extra_fields: Vec<String>,
     #[serde(default = "default_attachments")]
     attachments: Attachments,
+    #[serde(default)]
+    masking: Option<RawMasking>,
+    #[serde(default)]
+    content_policy: Option<RawContentPolicy>,
 }
 
 fn default_attachments() -> Attachments {
@@ -372,6 +397,8 @@ struct RawRule {
     approver_group: Option<String>,
     #[serde(default)]
     record: Option<RecordMode>,
+    #[serde(default)]
+    masking: Option<String>,
 }
 
 fn default_approvals() -> u32 {
@@ -548,9 +575,22 @@ impl Config {
                 approvals: r.approvals,
                 approver_group: r.approver_group,
                 record: r.record,
+                masking: r.masking,
             });
         }
 
+        let masking = raw.masking.map(|m| MaskingConfig::validate(m, "masking")).transpose()?;
+        for (i, r) in rules.iter().enumerate() {
+            if let Some(name) = r.masking.as_deref().filter(|n| *n != "none") {
+                if masking.as_ref().and_then(|m| m.profile(name)).is_none() {
+                    return Err(err(format!("rules[{i}].masking"), format!("no masking profile named `{name}`")));
+                }
+            }
+        }
+        let content_policy = match raw.content_policy {
+            Some(p) => ContentPolicy::validate(p, "content_policy")?,
+            None => ContentPolicy::default(),
+        };
         let identity = raw.identity.map(validate_identity).transpose()?;
         let upstream_credential = raw.upstream_credential.map(|c| validate_credential(c, env)).transpose()?;
         let approval_tokens = raw.approval_tokens.map(|t| validate_tokens(t, env)).transpose()?;
@@ -573,6 +613,8 @@ impl Config {
             records: raw.records,
             extra_fields: raw.extra_fields,
             attachments: raw.attachments,
+            masking,
+            content_policy,
             approval_cluster: raw.approval_cluster,
             approval_authority: raw.approval_authority,
             approval_token: raw.approval_token,

@@ -116,6 +116,8 @@ pub struct Hold {
     started_ms: u64,
     /// A release waiting for its record to be written.
     pending: Option<Release>,
+    /// `body` differs from what the caller sent (masked): forward `body`.
+    replace_body: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +159,7 @@ impl Hold {
             body: plan.review.body.clone().into_bytes(),
             started_ms: now_ms,
             pending: None,
+            replace_body: false,
         };
         let body = serde_json::to_vec(&plan.review).ok();
         let step = HoldStep::Call(Callout {
@@ -169,14 +172,25 @@ impl Hold {
     }
 
     /// Forwards an allowed request once its record is written.
-    pub fn forward(config: &Config, api: ApiKind, info: RequestInfo, rule: &RuleChoice, facts: Parsed, body: &[u8], now_ms: u64) -> (Hold, HoldStep) {
+    pub fn forward(
+        config: &Config,
+        api: ApiKind,
+        info: RequestInfo,
+        rule: &RuleChoice,
+        facts: Parsed,
+        body: &[u8],
+        masked: Option<&[u8]>,
+        now_ms: u64,
+    ) -> (Hold, HoldStep) {
         let mut info = info;
         info.model = facts.model;
         info.stream = facts.stream;
-        let mut hold = Hold::bare(config, Mode::Forward, api, info, None);
+        let mut hold = Hold::bare(config, Mode::Forward, api, info, None).with_masked_body(masked);
         hold.record_mode = rule.record;
         hold.rule = Some(rule.name.clone());
-        hold.body = body.to_vec();
+        if masked.is_none() {
+            hold.body = body.to_vec();
+        }
         hold.started_ms = now_ms;
         let release = Release { review_id: None, reviewer: None, edited_body: None, record_id: None, decision: "allowed" };
         let step = hold.release(config, release, now_ms);
@@ -242,11 +256,26 @@ impl Hold {
             body: Vec::new(),
             started_ms: 0,
             pending: None,
+            replace_body: false,
         }
+    }
+
+    /// Forward `body` (masked) instead of what the caller sent, unless a
+    /// reviewer's edit replaces it.
+    pub fn with_masked_body(mut self, masked: Option<&[u8]>) -> Hold {
+        if let Some(m) = masked {
+            self.body = m.to_vec();
+            self.replace_body = true;
+        }
+        self
     }
 
     /// Releases now, or first writes the record when records are on.
     fn release(&mut self, config: &Config, release: Release, now_ms: u64) -> HoldStep {
+        let mut release = release;
+        if release.edited_body.is_none() && self.replace_body {
+            release.edited_body = Some(self.body.clone());
+        }
         if self.record_mode == RecordMode::Off {
             return HoldStep::Release(release);
         }
@@ -455,10 +484,11 @@ impl Hold {
         match state.status {
             ReviewStatus::Pending => self.next_wait(config, now_ms),
             ReviewStatus::Approved => {
-                let edited_body = state.edited_body.map(String::into_bytes);
+                let mut edited_body = state.edited_body.map(String::into_bytes);
                 if let Some(body) = &edited_body {
-                    if let Err(refusal) = check_edited_body(config, self.api, &self.info, body) {
-                        return HoldStep::Refuse(refusal.with_review(state.id));
+                    match check_edited_body(config, self.api, &self.info, body) {
+                        Ok(forward) => edited_body = Some(forward),
+                        Err(refusal) => return HoldStep::Refuse(refusal.with_review(state.id)),
                     }
                 }
                 let decision = if edited_body.is_some() { "edited" } else { "approved" };

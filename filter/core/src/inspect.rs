@@ -4,9 +4,11 @@
 use crate::config::{Action, Attachments, Config, Endpoint, RecordMode};
 use crate::extract::{parse_request_at, ParsedRequest};
 use crate::identity::Caller;
+use crate::mask::{mask_request, MaskPolicy, RestoreMap};
+use crate::policy::{requested_max_tokens, RequestFacts, ResponseRules};
 use crate::refusal::{Refusal, RefusalKind};
 use crate::token::{body_hash, verify, TokenClaims};
-use crate::wire::{ApiKind, CreateReview};
+use crate::wire::{ApiKind, CreateReview, HitCount};
 
 /// Request facts known from the head and Envoy's properties.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -35,6 +37,8 @@ pub struct RequestInfo {
     pub model: Option<String>,
     /// Whether a streamed answer was asked for.
     pub stream: bool,
+    /// Detector and policy hits on the request (names and counts only).
+    pub hits: Vec<HitCount>,
 }
 
 /// The rule that applies to a request.
@@ -56,6 +60,8 @@ pub struct RuleChoice {
     pub approver_group: Option<String>,
     /// Whether the record must be durable before forwarding.
     pub record: RecordMode,
+    /// Masking profile named by the rule.
+    pub masking: Option<String>,
 }
 
 /// Facts from the parsed body that the record needs.
@@ -112,6 +118,7 @@ pub fn choose_rule(config: &Config, info: &RequestInfo, model: &str) -> RuleChoi
                 approvals: rule.approvals,
                 approver_group: rule.approver_group.clone(),
                 record: rule.record.unwrap_or(config.records),
+                masking: rule.masking.clone(),
             };
         }
     }
@@ -124,37 +131,96 @@ pub fn choose_rule(config: &Config, info: &RequestInfo, model: &str) -> RuleChoi
         approvals: 1,
         approver_group: None,
         record: config.records,
+        masking: None,
     }
+}
+
+/// What screening found and changed in a request body, kept by the filter
+/// for the response (restore, response rules) and the record (hits).
+#[derive(Debug, Clone, Default)]
+pub struct Screening {
+    /// Masking profile applied (also applied to the response).
+    pub profile: Option<MaskPolicy>,
+    /// Pseudonym → original, for restoring values in the response.
+    pub restore: RestoreMap,
+    /// Content-policy response rules in scope for this request.
+    pub response_rules: ResponseRules,
+    /// Detector and policy hits (names and counts).
+    pub hits: Vec<HitCount>,
+    /// The masked body to forward (and review) when masking changed it.
+    pub masked_body: Option<Vec<u8>>,
 }
 
 /// Decides on a complete request body.
 pub fn inspect_body(config: &Config, endpoint: &Endpoint, info: &RequestInfo, body: &[u8], now_ms: u64) -> BodyVerdict {
+    screen_body(config, endpoint, info, body, now_ms).0
+}
+
+/// Applies content policy and masking to a body of shape `api`; the body to
+/// forward comes back in [`Screening::masked_body`] when it changed.
+fn screen(config: &Config, api: ApiKind, info: &RequestInfo, rule: &RuleChoice, parsed: &ParsedRequest, body: &[u8]) -> Result<Screening, Refusal> {
+    let caller = info.caller.as_ref();
+    let facts = RequestFacts {
+        caller: caller.map(|c| c.name.as_str()),
+        groups: caller.map(|c| c.groups.as_slice()).unwrap_or(&[]),
+        route: info.route.as_deref(),
+        model: &parsed.model,
+        max_tokens: requested_max_tokens(api, body),
+    };
+    let mut screening = Screening::default();
+    let outcome = config.content_policy.evaluate_request(&facts, &parsed.prompt);
+    if let Some(refusal) = outcome.refusal(api) {
+        return Err(refusal);
+    }
+    for m in outcome.monitored {
+        screening.hits.push(HitCount { name: m.rule, action: "monitor".into(), count: 1 });
+    }
+    screening.response_rules = config.content_policy.response_rules(&facts);
+    let Some(profile) = config.mask_profile(rule.masking.as_deref()) else {
+        return Ok(screening);
+    };
+    screening.profile = Some(profile.clone());
+    if profile.is_noop() {
+        return Ok(screening);
+    }
+    let masked = mask_request(profile, api, body)
+        .map_err(|e| Refusal::new(RefusalKind::BadRequest, Some(api), format!("request cannot be masked, so it is refused: {e}")))?;
+    for h in &masked.hits {
+        screening.hits.push(HitCount {
+            name: h.detector.clone(),
+            action: h.action.as_str().into(),
+            count: u32::try_from(h.count).unwrap_or(u32::MAX),
+        });
+    }
+    if let Some(message) = masked.block_message() {
+        return Err(Refusal::new(RefusalKind::PolicyDenied, Some(api), message));
+    }
+    screening.restore = masked.restore;
+    screening.masked_body = masked.body;
+    Ok(screening)
+}
+
+/// [`inspect_body`], also returning what screening found and changed.
+pub fn screen_body(config: &Config, endpoint: &Endpoint, info: &RequestInfo, body: &[u8], now_ms: u64) -> (BodyVerdict, Screening) {
     let api = endpoint.api;
+    let refuse = |r: Refusal| (BodyVerdict::Refuse(r), Screening::default());
     if body.len() > config.max_body_bytes {
-        return BodyVerdict::Refuse(Refusal::too_large(Some(api), config.max_body_bytes));
+        return refuse(Refusal::too_large(Some(api), config.max_body_bytes));
     }
     let parsed = match parse_request_at(api, &info.path, body) {
         Ok(p) => p,
-        Err(e) => return BodyVerdict::Refuse(Refusal::new(RefusalKind::BadRequest, Some(api), e)),
+        Err(e) => return refuse(Refusal::new(RefusalKind::BadRequest, Some(api), e)),
     };
     if let Some(field) = parsed.unknown_fields.iter().find(|f| !config.extra_fields.contains(f)) {
-        return BodyVerdict::Refuse(Refusal::new(
+        return refuse(Refusal::new(
             RefusalKind::BadRequest,
             Some(api),
             format!("field `{field}` is not reviewable by this gateway; ask the operator to list it in `extra_fields` if it is safe"),
         ));
     }
     if parsed.attachments && config.attachments == Attachments::Deny {
-        return BodyVerdict::Refuse(Refusal::new(
-            RefusalKind::PolicyDenied,
-            Some(api),
-            "prompts with images, audio, files or documents are not allowed here",
-        ));
+        return refuse(Refusal::new(RefusalKind::PolicyDenied, Some(api), "prompts with images, audio, files or documents are not allowed here"));
     }
-    // parse_request accepted it, so it is valid UTF-8 JSON.
-    let Ok(text) = std::str::from_utf8(body) else {
-        return BodyVerdict::Refuse(Refusal::new(RefusalKind::BadRequest, Some(api), "request body is not UTF-8"));
-    };
     let facts = Parsed { model: Some(parsed.model.clone()), stream: parsed.stream };
     let mut rule = choose_rule(config, info, &parsed.model);
     if parsed.attachments && config.attachments == Attachments::Review && rule.action == Action::Allow {
@@ -165,22 +231,37 @@ pub fn inspect_body(config: &Config, endpoint: &Endpoint, info: &RequestInfo, bo
     if rule.action == Action::Deny {
         // Deny rules win even over a valid approval token: policy may have
         // changed since the approval.
-        return BodyVerdict::Refuse(denied(api, &rule.name, &parsed.model));
+        return refuse(denied(api, &rule.name, &parsed.model));
     }
+    let screening = match screen(config, api, info, &rule, &parsed, body) {
+        Ok(s) => s,
+        Err(r) => return refuse(r),
+    };
     if let Some(token) = &info.approval_token {
-        return check_token(config, api, info, token, body, now_ms, facts);
+        return (check_token(config, api, info, token, body, now_ms, facts), screening);
     }
-    match rule.action {
-        Action::Allow => BodyVerdict::Forward(rule, facts),
-        Action::Deny => BodyVerdict::Refuse(denied(api, &rule.name, &parsed.model)),
+    let verdict = match rule.action {
+        Action::Allow | Action::Deny => BodyVerdict::Forward(rule, facts),
         Action::Review => {
             let mut rule = rule;
             if info.prefer_async && config.approval_tokens.is_some() {
                 rule.async_review = true;
             }
-            BodyVerdict::Hold(Box::new(HoldPlan { review: review_for(api, info, &parsed, text, &rule), rule }))
+            // The reviewer sees what the model would see: the masked body.
+            let (text, parsed) = match &screening.masked_body {
+                Some(masked) => match (std::str::from_utf8(masked), parse_request_at(api, &info.path, masked)) {
+                    (Ok(t), Ok(p)) => (t.to_string(), p),
+                    _ => return refuse(Refusal::new(RefusalKind::BadRequest, Some(api), "masked request is unreadable")),
+                },
+                None => match std::str::from_utf8(body) {
+                    Ok(t) => (t.to_string(), parsed),
+                    Err(_) => return refuse(Refusal::new(RefusalKind::BadRequest, Some(api), "request body is not UTF-8")),
+                },
+            };
+            BodyVerdict::Hold(Box::new(HoldPlan { review: review_for(api, info, &parsed, &text, &rule), rule }))
         }
-    }
+    };
+    (verdict, screening)
 }
 
 fn check_token(config: &Config, api: ApiKind, info: &RequestInfo, token: &str, body: &[u8], now_ms: u64, facts: Parsed) -> BodyVerdict {
@@ -202,6 +283,7 @@ fn check_token(config: &Config, api: ApiKind, info: &RequestInfo, token: &str, b
             approvals: 1,
             approver_group: None,
             record: config.records,
+            masking: None,
         }, facts),
     }
 }
@@ -238,8 +320,9 @@ fn review_for(api: ApiKind, info: &RequestInfo, parsed: &ParsedRequest, body: &s
 }
 
 /// Checks a reviewer's edited body before it replaces the original: it must
-/// parse as the same API, and policy deny rules still apply to it.
-pub fn check_edited_body(config: &Config, api: ApiKind, info: &RequestInfo, body: &[u8]) -> Result<(), Refusal> {
+/// parse as the same API, policy deny rules still apply to it, and it is
+/// masked like any request. Returns the body to forward.
+pub fn check_edited_body(config: &Config, api: ApiKind, info: &RequestInfo, body: &[u8]) -> Result<Vec<u8>, Refusal> {
     let parsed = parse_request_at(api, &info.path, body).map_err(|e| {
         Refusal::new(RefusalKind::ApprovalUnavailable, Some(api), format!("the reviewer's edited request is invalid: {e}"))
     })?;
@@ -247,7 +330,8 @@ pub fn check_edited_body(config: &Config, api: ApiKind, info: &RequestInfo, body
     if rule.action == Action::Deny {
         return Err(denied(api, &rule.name, &parsed.model));
     }
-    Ok(())
+    let screening = screen(config, api, info, &rule, &parsed, body)?;
+    Ok(screening.masked_body.unwrap_or_else(|| body.to_vec()))
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ pub fn new_record(info: &RequestInfo, api: Option<ApiKind>, decision: &str) -> N
         review_id: None,
         body: None,
         body_sha256: None,
-        hits: Vec::new(),
+        hits: info.hits.clone(),
         refusal: None,
         held_ms: None,
     }
@@ -202,6 +202,7 @@ impl ResponseRecorder {
             ttfb_ms,
             total_ms,
             blocked_by: None,
+            hits: Vec::new(),
             completion: completion.to_string(),
         }
     }

@@ -346,9 +346,12 @@ pub struct RecordResponse {
     /// Time from forwarding to the end of the response, ms.
     #[serde(default)]
     pub total_ms: Option<u64>,
-    /// Response rule that blocked the answer, if one did.
+    /// Response rule or detector that blocked the answer, if one did.
     #[serde(default)]
     pub blocked_by: Option<String>,
+    /// Detector and rule hits in the response (names and counts).
+    #[serde(default)]
+    pub hits: Vec<HitCount>,
     /// `complete`, or how it ended otherwise (`reset`).
     pub completion: String,
 }

@@ -21,7 +21,9 @@ use countersign_core::hold::{
 use countersign_core::record::{refusal_record, ResponseRecorder, MAX_RECORDED_RESPONSE};
 use countersign_core::wire::FILTER_TOKEN_HEADER;
 use countersign_core::identity::{forward_header_edits, identify};
-use countersign_core::inspect::{inspect_body, BodyVerdict, RequestInfo};
+use countersign_core::inspect::{screen_body, BodyVerdict, RequestInfo, Screening};
+use countersign_core::mask::{mask_response_body, MaskAction, ResponseGuard, SseStreamMasker};
+use countersign_core::wire::{ApiKind, HitCount};
 use countersign_core::refusal::{Refusal, RefusalKind};
 use countersign_core::request::{api_for_path, classify, path_only, HeadVerdict, RequestHead};
 use proxy_wasm::hostcalls;
@@ -167,6 +169,9 @@ impl RootContext for Root {
             outcome: None,
             refused: false,
             response: None,
+            screening: None,
+            guard: None,
+            record_guard: None,
         }))
     }
 
@@ -188,6 +193,60 @@ struct Stream {
     refused: bool,
     /// The response part of the record, while the response flows.
     response: Option<ResponseCapture>,
+    /// What masking and policy did to the request (for the response).
+    screening: Option<Screening>,
+    /// Masking / restore / response rules on the response, when active.
+    guard: Option<ResponseFilter>,
+    /// The same without restore, for the record (only when restoring).
+    record_guard: Option<ResponseFilter>,
+}
+
+/// What guarding a response found, for the record.
+struct GuardReport {
+    blocked_by: Option<String>,
+    hits: Vec<HitCount>,
+}
+
+impl ResponseFilter {
+    fn new(guard: ResponseGuard, api: ApiKind, sse: bool) -> ResponseFilter {
+        if sse {
+            ResponseFilter::Sse(Box::new(SseStreamMasker::new(api, guard)))
+        } else {
+            ResponseFilter::Plain(guard, api)
+        }
+    }
+
+    /// Rewrites one chunk (a plain body: the whole body, at its end).
+    fn apply(&mut self, chunk: &[u8], end_of_stream: bool) -> (Vec<u8>, GuardReport) {
+        let (out, blocked_by, mut hits, monitored) = match self {
+            ResponseFilter::Sse(masker) => {
+                let mut out = masker.push(chunk);
+                if end_of_stream {
+                    out.extend(masker.finish());
+                }
+                let r = masker.report();
+                (out, r.blocked.map(|b| b.name().to_string()), hits_of(&r.hits), r.monitored_rules)
+            }
+            ResponseFilter::Plain(guard, api) => match mask_response_body(guard, *api, chunk) {
+                Ok(m) => match &m.blocked {
+                    Some(b) => (b.error_body(*api), Some(b.name().to_string()), hits_of(&m.hits), m.monitored_rules),
+                    None => (m.body.clone().unwrap_or_else(|| chunk.to_vec()), None, hits_of(&m.hits), m.monitored_rules),
+                },
+                // Unreadable: nothing unchecked leaves (fail closed).
+                Err(_) => (unreadable_response(*api), Some("unreadable_response".to_string()), Vec::new(), Vec::new()),
+            },
+        };
+        hits.extend(monitored.into_iter().map(|name| HitCount { name, action: "monitor".into(), count: 1 }));
+        (out, GuardReport { blocked_by, hits })
+    }
+}
+
+/// How a response is guarded.
+enum ResponseFilter {
+    /// Server-sent events, rewritten event by event with a hold-back window.
+    Sse(Box<SseStreamMasker>),
+    /// A plain body, buffered whole and rewritten once.
+    Plain(ResponseGuard, ApiKind),
 }
 
 /// What the filter notes about a response for its record.
@@ -198,6 +257,8 @@ struct ResponseCapture {
     forwarded_at_ms: u64,
     ttfb_ms: Option<u64>,
     complete: bool,
+    blocked_by: Option<String>,
+    hits: Vec<HitCount>,
 }
 
 impl Stream {
@@ -217,6 +278,29 @@ impl Stream {
 
     fn header(&self, name: &str) -> Option<String> {
         self.get_http_request_header(name)
+    }
+
+    /// Sets up masking, restore and response rules for the response, when
+    /// the request was forwarded and any of them applies.
+    fn start_response_guard(&mut self) {
+        let (Some(screening), Some(endpoint)) = (&self.screening, &self.endpoint) else { return };
+        if self.refused {
+            return;
+        }
+        let guard = ResponseGuard::new(screening.profile.as_ref(), screening.restore.clone(), screening.response_rules.clone());
+        if !guard.is_active() {
+            return;
+        }
+        // The body will change length.
+        self.set_http_response_header("content-length", None);
+        let sse = self
+            .get_http_response_header("content-type")
+            .is_some_and(|c| c.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
+        if !screening.restore.is_empty() {
+            let plain = ResponseGuard::new(screening.profile.as_ref(), Default::default(), screening.response_rules.clone());
+            self.record_guard = Some(ResponseFilter::new(plain, endpoint.api, sse));
+        }
+        self.guard = Some(ResponseFilter::new(guard, endpoint.api, sse));
     }
 
     fn start_hold(&mut self, config: &Rc<Config>, hold: Hold, step: HoldStep, body_len: usize) {
@@ -306,6 +390,7 @@ impl HttpContext for Stream {
             received_at_ms: now_ms(),
             model: None,
             stream: false,
+            hits: Vec::new(),
         };
         match verdict {
             HeadVerdict::Refuse(r) => {
@@ -359,11 +444,28 @@ impl HttpContext for Stream {
             return WasmAction::Pause;
         }
         let body = self.get_http_request_body(0, body_size).unwrap_or_default();
-        match inspect_body(&config, &endpoint, &self.info, &body, now_ms()) {
+        let (verdict, screening) = screen_body(&config, &endpoint, &self.info, &body, now_ms());
+        self.info.hits = screening.hits.clone();
+        let masked_values: u32 = screening
+            .hits
+            .iter()
+            .filter(|h| h.action == MaskAction::Redact.as_str() || h.action == MaskAction::Pseudonymize.as_str())
+            .map(|h| h.count)
+            .sum();
+        if masked_values > 0 {
+            count("countersign_masked_values_total", i64::from(masked_values));
+        }
+        let masked = screening.masked_body.clone();
+        self.screening = Some(screening);
+        match verdict {
             BodyVerdict::Forward(rule, facts) => {
-                let (hold, step) = Hold::forward(&config, endpoint.api, self.info.clone(), &rule, facts, &body, now_ms());
-                if let HoldStep::Release(_) = step {
+                let (hold, step) =
+                    Hold::forward(&config, endpoint.api, self.info.clone(), &rule, facts, &body, masked.as_deref(), now_ms());
+                if let HoldStep::Release(release) = step {
                     // Records off: nothing to wait for.
+                    if let Some(b) = &release.edited_body {
+                        let _ = self.set_http_request_body(0, body.len(), b);
+                    }
                     self.outcome = Some("allowed");
                     note_outcome("allowed");
                     return WasmAction::Continue;
@@ -377,12 +479,14 @@ impl HttpContext for Stream {
             }
             BodyVerdict::Hold(plan) => {
                 let (hold, step) = Hold::start(&config, &plan, self.info.clone(), now_ms());
+                let hold = hold.with_masked_body(masked.as_deref());
                 log::info!("countersign: {} held for review (rule `{}`)", self.info.request_id, plan.rule.name);
                 self.start_hold(&config, hold, step, body.len());
                 WasmAction::Pause
             }
             BodyVerdict::Consume(claims, facts) => {
                 let (hold, step) = Hold::consume(&config, endpoint.api, self.info.clone(), &claims, facts, &body, now_ms());
+                let hold = hold.with_masked_body(masked.as_deref());
                 log::info!("countersign: {} presents the approval token of review {}", self.info.request_id, claims.rid);
                 self.start_hold(&config, hold, step, body.len());
                 WasmAction::Pause
@@ -404,6 +508,7 @@ impl HttpContext for Stream {
         } else if let Some(outcome) = self.outcome {
             self.set_http_response_header("x-countersign-outcome", Some(outcome));
         }
+        self.start_response_guard();
         if let Some(record_id) = record_id {
             let now = now_ms();
             let forwarded_at_ms = self.hold.as_ref().map(|e| e.borrow().released_at_ms).unwrap_or(now);
@@ -415,20 +520,52 @@ impl HttpContext for Stream {
                 forwarded_at_ms,
                 ttfb_ms: Some(now.saturating_sub(forwarded_at_ms)),
                 complete: false,
+                blocked_by: None,
+                hits: Vec::new(),
             });
         }
         WasmAction::Continue
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> WasmAction {
-        if self.response.is_some() {
-            let chunk = self.get_http_response_body(0, body_size);
-            if let Some(capture) = &mut self.response {
-                if let Some(chunk) = chunk {
-                    capture.recorder.feed(&chunk);
-                }
-                capture.complete |= end_of_stream;
+        if matches!(self.guard, Some(ResponseFilter::Plain(..))) && !end_of_stream {
+            // A plain body is judged whole: buffer until the end.
+            return WasmAction::Pause;
+        }
+        if self.guard.is_none() && self.response.is_none() {
+            return WasmAction::Continue;
+        }
+        let chunk = self.get_http_response_body(0, body_size).unwrap_or_default();
+        let (out, report) = match &mut self.guard {
+            Some(filter) => {
+                let (out, report) = filter.apply(&chunk, end_of_stream);
+                (Some(out), Some(report))
             }
+            None => (None, None),
+        };
+        // With restore on, the caller gets original values back, but the
+        // record must keep them masked: a second, restore-free pass.
+        let recorded = match &mut self.record_guard {
+            Some(filter) => Some(filter.apply(&chunk, end_of_stream).0),
+            None => None,
+        };
+        if let (Some(report), Some(capture)) = (report, &mut self.response) {
+            if report.blocked_by.is_some() && capture.blocked_by.is_none() {
+                count("countersign_responses_blocked_total", 1);
+            }
+            capture.blocked_by = report.blocked_by;
+            capture.hits = report.hits;
+        }
+        let sent = match out {
+            Some(out) => {
+                let _ = self.set_http_response_body(0, body_size, &out);
+                out
+            }
+            None => chunk,
+        };
+        if let Some(capture) = &mut self.response {
+            capture.recorder.feed(recorded.as_deref().unwrap_or(&sent));
+            capture.complete |= end_of_stream;
         }
         WasmAction::Continue
     }
@@ -439,7 +576,9 @@ impl HttpContext for Stream {
         };
         let total = now_ms().saturating_sub(capture.forwarded_at_ms);
         let completion = if capture.complete { "complete" } else { "reset" };
-        let response = capture.recorder.finish(capture.status, capture.ttfb_ms, Some(total), completion);
+        let mut response = capture.recorder.finish(capture.status, capture.ttfb_ms, Some(total), completion);
+        response.blocked_by = capture.blocked_by;
+        response.hits = capture.hits;
         let Ok(body) = serde_json::to_vec(&response) else { return };
         let mut headers = vec![
             (":method".to_string(), "POST".to_string()),
@@ -603,6 +742,21 @@ fn dispatch(config: &Config, call: &Callout) -> Result<u32, String> {
         Duration::from_millis(call.timeout_ms),
     )
     .map_err(|s| format!("{s:?}"))
+}
+
+fn hits_of(hits: &[countersign_core::mask::Hit]) -> Vec<HitCount> {
+    hits.iter()
+        .map(|h| HitCount {
+            name: h.detector.clone(),
+            action: h.action.as_str().to_string(),
+            count: u32::try_from(h.count).unwrap_or(u32::MAX),
+        })
+        .collect()
+}
+
+/// Replacement for a response that could not be inspected.
+fn unreadable_response(api: ApiKind) -> Vec<u8> {
+    Refusal::new(RefusalKind::ApprovalUnavailable, Some(api), "the model's response could not be inspected, so it was withheld").body()
 }
 
 fn send_reply(reply: &LocalReply) {

@@ -66,21 +66,47 @@
 //! # Limits
 //!
 //! * Streams: a value is caught whatever the chunking as long as it is no
-//!   longer than `response_window_chars`. A PEM private key is held from its
-//!   `-----BEGIN` line until its END line, up to [`MAX_HOLD_CHARS`]; past
-//!   that the held part is redacted and the rest of the block is dropped up
-//!   to the END line. Other values longer than the window that straddle a
-//!   release point may be masked only in part.
-//! * The first streamed characters are delayed by up to the window (not by
-//!   the length of the answer): text is released as soon as it is more than
-//!   the window away from the end, and everything is flushed at the end of a
-//!   choice / content block and at the end of the stream.
+//!   longer than `response_window_chars` (W). Text is released in steps: once
+//!   more than 1.25 W characters are held, all but the last W go out (moved
+//!   back to the start of any detection straddling that point), so the first
+//!   characters of an answer are delayed by about 1.25 W characters, never by
+//!   the length of the answer. Everything is flushed at the end of a choice /
+//!   content block / output part and at the end of the stream.
+//! * A PEM private key is held from its `-----BEGIN` line until its END line,
+//!   up to [`MAX_HOLD_CHARS`]; past that the held part is redacted and the
+//!   rest of the block is dropped up to the END line. Other values longer
+//!   than W that straddle a release point may be masked only in part.
+//! * An event whose text is entirely held back is still sent, with empty
+//!   text; held text is flushed in extra events of the same kind (for the
+//!   Responses API these repeat the last `sequence_number`).
 //! * Detection works on the decoded text as written: look-alike characters
 //!   (full-width digits, zero-width spaces inside a value) are not normalised.
-//! * Anthropic `thinking` blocks in requests are not masked (they are signed
-//!   by the API and are the model's own, already masked, output).
+//! * Not masked in requests: Anthropic `thinking` blocks (signed by the API;
+//!   the model's own, already masked, output), message `name`s, images,
+//!   audio and files, tool parameter schemas other than `description`s, and
+//!   non-prompt fields (`user`, `metadata`, stop sequences).
+//! * Response rules see the model's text before pseudonyms are restored.
 //! * Gemini streams must use `alt=sse`; the JSON-array stream format is not
 //!   parsed by [`SseStreamMasker`] (treat it as a plain body).
+//!
+//! # Wiring (filter side)
+//!
+//! 1. Configuration: deserialize [`RawMasking`] and
+//!    [`crate::policy::RawContentPolicy`], then [`MaskingConfig::validate`] /
+//!    [`crate::policy::ContentPolicy::validate`] with the section's field
+//!    path; check rule references with [`MaskingConfig::profile_names`].
+//! 2. Request: run [`crate::policy::ContentPolicy::evaluate_request`] on the
+//!    unmasked prompt (refuse with [`crate::policy::PolicyOutcome::refusal`]),
+//!    then [`mask_request`]: an error is a refusal (fail closed),
+//!    `blocked_by` a 403 with [`RequestMasking::block_message`], `body` the
+//!    body to review and forward. Keep `restore` for the response.
+//! 3. Response: [`ResponseGuard::new`] with the profile, the restore map and
+//!    [`crate::policy::ContentPolicy::response_rules`]; skip everything when
+//!    not [`ResponseGuard::is_active`]. Plain bodies: buffer, then
+//!    [`mask_response_body`] (replace a blocked one by
+//!    [`Blocked::error_body`] with [`BLOCKED_STATUS`]). SSE: an
+//!    [`SseStreamMasker`] per response. Either way drop `content-length`, and
+//!    record the hits, `blocked` and monitored rules.
 
 mod config;
 mod detectors;

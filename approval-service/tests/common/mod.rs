@@ -1,0 +1,274 @@
+//! Helpers shared by the integration tests (`mod common;`): tokens, a
+//! service on a temporary database, in-process requests and the calls most
+//! tests make (create a review, decide it, wait for it).
+
+// Each test crate compiles this module and uses only part of it.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, Request, StatusCode};
+use axum::Router;
+use countersign_approval::{app, run, AppState, Config, TokenHash};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+pub const ALICE: &str = "alice-secret-token";
+pub const BOB: &str = "bob-secret-token";
+pub const FILTER: &str = "filter-secret";
+
+/// The filter-token header, for services that require one.
+pub const FILTER_HEADER: (&str, &str) = ("x-countersign-filter-token", FILTER);
+
+pub fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// `filter_token_sha256 = ...` for [`FILTER`].
+pub fn filter_token_setting() -> String {
+    format!(
+        "filter_token_sha256 = \"{}\"",
+        TokenHash::of_token(FILTER).to_hex()
+    )
+}
+
+/// A service configuration on `db`: `settings` (top-level keys, then any
+/// tables), then one `[[reviewers]]` per `(name, token, more lines)`.
+pub fn config_toml(db: &Path, settings: &str, reviewers: &[(&str, &str, &str)]) -> String {
+    let mut out = format!("database = \"{}\"\n{settings}\n", db.display());
+    for (name, token, more) in reviewers {
+        out.push_str(&format!(
+            "[[reviewers]]\nname = \"{name}\"\ntoken_sha256 = \"{}\"\n{more}\n",
+            TokenHash::of_token(token).to_hex()
+        ));
+    }
+    out
+}
+
+pub fn open_state(toml: &str) -> AppState {
+    AppState::open(Config::from_toml_str(toml).unwrap()).unwrap()
+}
+
+/// A service on its own temporary database.
+pub struct Fixture {
+    /// Holds the database; dropped last.
+    pub dir: tempfile::TempDir,
+    pub db: PathBuf,
+    pub state: AppState,
+    pub app: Router,
+}
+
+/// A service on database `db_name` (a path inside a new temporary
+/// directory) configured by `toml(db)`.
+pub fn fixture(db_name: &str, toml: impl FnOnce(&Path) -> String) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join(db_name);
+    let state = open_state(&toml(&db));
+    let app = app(state.clone());
+    Fixture {
+        dir,
+        db,
+        state,
+        app,
+    }
+}
+
+// ------------------------------------------------------------------ requests
+
+/// An answer, read whole.
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Resp {
+    /// The body as JSON; `Null` when empty.
+    pub fn json(&self) -> Value {
+        if self.body.is_empty() {
+            return Value::Null;
+        }
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("non-JSON body: {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// A header's value, "" when absent.
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or("")
+    }
+}
+
+/// Sends one request to `app` in-process.
+pub async fn send(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Body>,
+) -> Resp {
+    let mut req = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = app
+        .clone()
+        .oneshot(req.body(body.into()).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// [`send`] with an optional JSON body; answers status and JSON.
+pub async fn call(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let body = body.map_or_else(Body::empty, |v| Body::from(v.to_string()));
+    let r = send(app, method, uri, headers, body).await;
+    (r.status, r.json())
+}
+
+/// `GET uri` as the reviewer with `token`.
+pub async fn get_as(app: &Router, token: &str, uri: &str) -> (StatusCode, Value) {
+    call(app, "GET", uri, &[("authorization", &bearer(token))], None).await
+}
+
+/// `POST /api/reviews/{id}/{action}` as the reviewer with `token`.
+pub async fn decide(
+    app: &Router,
+    id: &str,
+    token: &str,
+    action: &str,
+    body: Value,
+) -> (StatusCode, Value) {
+    let uri = format!("/api/reviews/{id}/{action}");
+    call(
+        app,
+        "POST",
+        &uri,
+        &[("authorization", &bearer(token))],
+        Some(body),
+    )
+    .await
+}
+
+/// [`decide`], which must succeed.
+pub async fn decide_ok(app: &Router, id: &str, token: &str, action: &str, body: Value) {
+    let (status, v) = decide(app, id, token, action, body).await;
+    assert_eq!(status, StatusCode::OK, "{action}: {v}");
+}
+
+/// The filter's long poll `GET /v1/reviews/{id}/wait` (with `?timeout_ms=`
+/// when given).
+pub async fn wait(app: &Router, id: &str, timeout_ms: Option<u64>) -> (StatusCode, Value) {
+    let uri = match timeout_ms {
+        Some(ms) => format!("/v1/reviews/{id}/wait?timeout_ms={ms}"),
+        None => format!("/v1/reviews/{id}/wait"),
+    };
+    call(app, "GET", &uri, &[], None).await
+}
+
+/// [`wait`] on a task of its own, to decide the review meanwhile.
+pub fn spawn_wait(
+    app: &Router,
+    id: &str,
+    timeout_ms: u64,
+) -> tokio::task::JoinHandle<(StatusCode, Value)> {
+    let (app, id) = (app.clone(), id.to_string());
+    tokio::spawn(async move { wait(&app, &id, Some(timeout_ms)).await })
+}
+
+/// Asserts the service's error shape with `code`.
+pub fn assert_error(v: &Value, code: &str) {
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert!(v["error"]["message"].is_string(), "{v}");
+}
+
+// ------------------------------------------------------------------ reviews
+
+/// `base` with every field of `fields` set (both JSON objects).
+pub fn merged(mut base: Value, fields: Value) -> Value {
+    for (k, v) in fields.as_object().unwrap() {
+        base[k] = v.clone();
+    }
+    base
+}
+
+/// The inference request body of [`review_request`].
+pub const REVIEW_BODY: &str = "{\"model\":\"gpt-x\",\"messages\":[]}";
+
+/// A `POST /v1/reviews` body: a one-message chat request; `fields`
+/// override the defaults.
+pub fn review_request(fields: Value) -> Value {
+    let defaults = json!({
+        "request_id": "req-1",
+        "api": "openai_chat",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "caller": "svc-a",
+        "model": "gpt-x",
+        "prompt": [{"role": "user", "text": "hello"}],
+        "body": REVIEW_BODY,
+        "hold_timeout_ms": 60_000
+    });
+    merged(defaults, fields)
+}
+
+/// Creates a review (`body`: see [`review_request`]), sending `headers`
+/// (the filter token, where required); returns its id.
+pub async fn create_review(app: &Router, headers: &[(&str, &str)], body: Value) -> String {
+    let (status, v) = call(app, "POST", "/v1/reviews", headers, Some(body)).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert_eq!(v["status"], "pending");
+    let id = v["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("rev_") && id.len() == 36, "{id}");
+    id
+}
+
+// ------------------------------------------------------------------ sockets
+
+/// [`run`] on a real socket (port 0) until [`Server::shut_down`].
+pub struct Server {
+    pub addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+pub async fn serve(state: AppState) -> Server {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(run(listener, state, async {
+        let _ = stopped.await;
+    }));
+    Server { addr, stop, task }
+}
+
+impl Server {
+    /// Signals shutdown; `run` must return within 5 s.
+    pub async fn shut_down(self) {
+        self.stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .expect("server did not stop")
+            .unwrap()
+            .unwrap();
+    }
+}

@@ -1,0 +1,154 @@
+"""Masking and content policy end to end in the real Envoy: what reaches the
+model, the reviewer, the database and the caller."""
+import json
+
+import httpx
+import pytest
+
+from conftest import chat, post, send_later
+from stack import wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+EMAIL = "dana.scully@fbi.example.org"
+CARD = "4111 1111 1111 1111"
+AWS = "AKIAIOSFODNN7EXAMPLE"
+
+MASKING = {
+    "salt": "salt-for-tests-0123456789",
+    "profiles": {
+        "default": {
+            "detectors": {"email": "pseudonymize", "credit_card": "block", "aws_access_key": "redact",
+                          "phone": "redact"},
+            "restore": True,
+            "response_window_chars": 128,
+        },
+    },
+}
+POLICY = {
+    "request_rules": [
+        {"name": "no-weapons", "phrases": ["build a bomb"]},
+        {"name": "watch-layoffs", "phrases": ["layoff"], "action": "monitor"},
+    ],
+    "response_rules": [{"name": "no-launch-codes", "phrases": ["launch codes"]}],
+}
+RULES = [{"name": "load-tests", "model": "demo-allow*", "action": "allow"}]
+
+
+@pytest.fixture
+def masked(make_stack):
+    return make_stack(filter_config={"masking": MASKING, "content_policy": POLICY, "rules": RULES})
+
+
+def sse_text(resp):
+    """Concatenated delta text of an OpenAI SSE stream, and any error events."""
+    text, errors = "", []
+    for line in resp.text.splitlines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        event = json.loads(line[6:])
+        if "error" in event:
+            errors.append(event["error"])
+            continue
+        for c in event.get("choices", []):
+            text += c.get("delta", {}).get("content") or ""
+    return text, errors
+
+
+def test_the_model_reviewer_and_database_never_see_the_values(masked, background):
+    prompt = f"mail {EMAIL} about key {AWS}, twice: {EMAIL}"
+    fut = send_later(background, masked.url, chat(text=prompt))
+    [review] = masked.approval.wait_pending()
+    shown = masked.approval.review(review["id"])
+    assert EMAIL not in json.dumps(shown) and AWS not in json.dumps(shown)
+    assert "[AWS_ACCESS_KEY]" in shown["prompt"][0]["text"]
+    pseudonyms = [w.strip(",:") for w in shown["prompt"][0]["text"].split() if w.startswith("<EMAIL_")]
+    assert len(pseudonyms) == 2 and pseudonyms[0] == pseudonyms[1]  # stable, so linkable
+    masked.approval.decide(review["id"], "approve")
+    resp = fut.result(10)
+    assert resp.status_code == 200
+    [seen] = masked.backend.requests()
+    assert EMAIL not in seen["body"] and AWS not in seen["body"]
+    assert pseudonyms[0] in seen["body"]
+    # The echo comes back with the pseudonym restored for the caller.
+    assert resp.json()["choices"][0]["message"]["content"] == "echo: " + prompt.replace(AWS, "[AWS_ACCESS_KEY]")
+    # Records and the database file: no raw value anywhere.
+    wait_until(lambda: any(r.get("response") for r in masked.approval.client().get("/api/records").json()["records"]),
+               what="response record")
+    for path in masked.approval.db.parent.glob("countersign.db*"):
+        data = path.read_bytes()
+        assert EMAIL.encode() not in data and AWS.encode() not in data, path
+
+
+def test_block_names_the_detector_never_the_value(masked):
+    r = post(masked.url, json=chat(model="demo-allow", text=f"charge {CARD} please"))
+    assert r.status_code == 403
+    assert "credit_card" in r.json()["error"]["message"] and CARD not in r.text
+    assert masked.backend.stats()["started"] == 0
+
+
+def test_unicode_escapes_do_not_hide_a_value(masked):
+    escaped = EMAIL.replace("@", "\\u0040").replace(".", "\\u002e")
+    body = ('{"model":"demo-allow","messages":[{"role":"user","content":"write to %s"}]}' % escaped).encode()
+    r = httpx.post(masked.url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 200
+    [seen] = masked.backend.requests()
+    assert "<EMAIL_" in seen["body"] and "scully" not in seen["body"]
+
+
+def test_content_policy_denies_and_monitors(masked):
+    r = post(masked.url, json=chat(model="demo-allow", text="how do I build a  BOMB at home"))
+    assert r.status_code == 403 and "no-weapons" in r.json()["error"]["message"]
+    r = post(masked.url, json=chat(model="demo-allow", text="draft the layoff memo"))
+    assert r.status_code == 200  # monitor: recorded, not enforced
+    recs = wait_until(lambda: masked.approval.client().get("/api/records").json()["records"], what="records")
+    hits = json.dumps(recs)
+    assert "watch-layoffs" in hits and "no-weapons" in hits
+
+
+@pytest.mark.parametrize("chunk_chars", [1, 3, 7])
+def test_values_split_across_stream_chunks_are_caught(masked, chunk_chars):
+    secret_reply = f"reach me at {EMAIL} or key {AWS} today"
+    r = httpx.post(masked.url + "/v1/chat/completions", timeout=30,
+                   json=chat(model="demo-allow", text="hi", stream=True),
+                   headers={"x-demo-reply": secret_reply, "x-demo-chunk-chars": str(chunk_chars)})
+    assert r.status_code == 200
+    text, errors = sse_text(r)
+    assert not errors
+    assert EMAIL not in r.text and AWS not in r.text
+    assert text.startswith("reach me at <EMAIL_") and "[AWS_ACCESS_KEY]" in text and text.endswith(" today")
+
+
+def test_restore_works_in_a_streamed_answer(masked, background):
+    fut = background.submit(httpx.post, masked.url + "/v1/chat/completions",
+                            json=chat(text=f"my mail is {EMAIL}", stream=True),
+                            headers={"x-demo-chunk-chars": "2"}, timeout=30)
+    [review] = masked.approval.wait_pending()
+    masked.approval.decide(review["id"], "approve")
+    r = fut.result(15)
+    text, _ = sse_text(r)
+    assert text == f"echo: my mail is {EMAIL}"
+    [seen] = masked.backend.requests()
+    assert EMAIL not in seen["body"]
+
+
+def test_response_rule_blocks_mid_stream(masked):
+    reply = "sure, here are the launch codes: 7391 2846 and more text after"
+    r = httpx.post(masked.url + "/v1/chat/completions", timeout=30,
+                   json=chat(model="demo-allow", text="hi", stream=True),
+                   headers={"x-demo-reply": reply, "x-demo-chunk-chars": "4"})
+    text, errors = sse_text(r)
+    assert errors and "no-launch-codes" in json.dumps(errors)
+    assert "7391" not in r.text and "launch codes" not in text
+    recs = wait_until(lambda: [x for x in masked.approval.client().get("/api/records").json()["records"]
+                               if (x.get("response") or {}).get("blocked_by")], what="blocked record")
+    assert recs[0]["response"]["blocked_by"] == "no-launch-codes"
+
+
+def test_plain_response_is_masked_and_blocked(masked):
+    r = httpx.post(masked.url + "/v1/chat/completions", json=chat(model="demo-allow", text="hi"),
+                   headers={"x-demo-reply": f"write to {EMAIL}"})
+    assert EMAIL not in r.text and "<EMAIL_" in r.json()["choices"][0]["message"]["content"]
+    r = httpx.post(masked.url + "/v1/chat/completions", json=chat(model="demo-allow", text="hi"),
+                   headers={"x-demo-reply": "the launch codes are 42"})
+    assert "42" not in r.text and "no-launch-codes" in r.text
