@@ -64,7 +64,10 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/reviews/{id}/wait", get(api::wait_review))
         .route("/v1/reviews/{id}/expire", post(api::expire_review))
         .route("/v1/reviews/{id}/cancel", post(api::cancel_review))
-        .route("/v1/reviews/{id}/status", get(approval_tokens::caller_status))
+        .route(
+            "/v1/reviews/{id}/status",
+            get(approval_tokens::caller_status),
+        )
         .route("/v1/reviews/{id}/consume", post(approval_tokens::consume))
         .route("/api/me", get(api::me))
         .route("/api/reviews", get(api::list_reviews))

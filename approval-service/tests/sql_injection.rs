@@ -74,12 +74,28 @@ async fn call(app: &Router, method: &str, uri: &str, body: Option<Value>) -> (St
     let body = body.map_or_else(Body::empty, |v| Body::from(v.to_string()));
     let resp = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
     let status = resp.status();
-    (status, resp.into_body().collect().await.unwrap().to_bytes().to_vec())
+    (
+        status,
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
 }
 
-async fn json_call(app: &Router, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
+async fn json_call(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
     let (status, bytes) = call(app, method, uri, body).await;
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 async fn seed(app: &Router) {
@@ -113,8 +129,13 @@ async fn seed(app: &Router) {
     }
     let (_, list) = json_call(app, "GET", "/api/reviews", None).await;
     let id = list["reviews"][0]["id"].as_str().unwrap().to_string();
-    let (status, v) =
-        json_call(app, "POST", &format!("/api/reviews/{id}/reject"), Some(json!({"reason": "no"}))).await;
+    let (status, v) = json_call(
+        app,
+        "POST",
+        &format!("/api/reviews/{id}/reject"),
+        Some(json!({"reason": "no"})),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{v}");
 }
 
@@ -135,33 +156,48 @@ async fn totals(app: &Router) -> (usize, usize, Vec<Value>) {
     let (_, reviews) = json_call(app, "GET", "/api/reviews?limit=500", None).await;
     let (_, records) = json_call(app, "GET", "/api/records?limit=500", None).await;
     let reviews = reviews["reviews"].as_array().unwrap().clone();
-    (reviews.len(), records["records"].as_array().unwrap().len(), reviews)
+    (
+        reviews.len(),
+        records["records"].as_array().unwrap().len(),
+        reviews,
+    )
 }
 
 #[tokio::test]
 async fn injection_in_every_filter_matches_nothing_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let state = AppState::open(Config::from_toml_str(&config_toml(&dir.path().join("t.db"))).unwrap()).unwrap();
+    let state =
+        AppState::open(Config::from_toml_str(&config_toml(&dir.path().join("t.db"))).unwrap())
+            .unwrap();
     let app = app(state);
     seed(&app).await;
     let (reviews_before, records_before, snapshot) = totals(&app).await;
     assert_eq!((reviews_before, records_before), (2, 2));
 
     let review_text = ["caller", "model", "reviewer", "q"];
-    let review_typed = ["status", "limit", "before_ms", "since_ms", "until_ms", "edited"];
+    let review_typed = [
+        "status",
+        "limit",
+        "before_ms",
+        "since_ms",
+        "until_ms",
+        "edited",
+    ];
     let record_text = ["caller", "model", "decision", "review_id", "request_id"];
     let record_typed = ["since_ms", "until_ms", "limit", "after_seq"];
     let mut checked = 0;
     for payload in PAYLOADS {
         let v = enc(payload);
         for f in review_text {
-            let (status, body) = json_call(&app, "GET", &format!("/api/reviews?{f}={v}"), None).await;
+            let (status, body) =
+                json_call(&app, "GET", &format!("/api/reviews?{f}={v}"), None).await;
             assert_eq!(status, StatusCode::OK, "{f}={payload}: {body}");
             only_literal_matches(body["reviews"].as_array().unwrap(), payload, f);
             checked += 1;
         }
         for f in review_typed {
-            let (status, body) = json_call(&app, "GET", &format!("/api/reviews?{f}={v}"), None).await;
+            let (status, body) =
+                json_call(&app, "GET", &format!("/api/reviews?{f}={v}"), None).await;
             assert_eq!(status, StatusCode::BAD_REQUEST, "{f}={payload}: {body}");
             checked += 1;
         }
@@ -172,9 +208,16 @@ async fn injection_in_every_filter_matches_nothing_and_changes_nothing() {
                 let text = String::from_utf8(bytes).unwrap();
                 if path == "/api/records" {
                     let body: Value = serde_json::from_str(&text).unwrap();
-                    assert_eq!(body["records"].as_array().unwrap().len(), 0, "{f}={payload} matched: {body}");
+                    assert_eq!(
+                        body["records"].as_array().unwrap().len(),
+                        0,
+                        "{f}={payload} matched: {body}"
+                    );
                 } else {
-                    assert!(text.trim().is_empty(), "export {f}={payload} matched: {text}");
+                    assert!(
+                        text.trim().is_empty(),
+                        "export {f}={payload} matched: {text}"
+                    );
                 }
                 // Record filters are exact matches: nothing here equals a payload.
                 checked += 1;
@@ -201,14 +244,16 @@ async fn injection_in_every_filter_matches_nothing_and_changes_nothing() {
         }
         for action in ["approve", "reject", "edit"] {
             let uri = format!("/api/reviews/{v}/{action}");
-            let (status, body) = json_call(&app, "POST", &uri, Some(json!({"reason": payload}))).await;
+            let (status, body) =
+                json_call(&app, "POST", &uri, Some(json!({"reason": payload}))).await;
             assert!(
                 status == StatusCode::NOT_FOUND || status == StatusCode::BAD_REQUEST,
                 "{uri}: {status} {body}"
             );
         }
         for action in ["expire", "cancel"] {
-            let (status, body) = json_call(&app, "POST", &format!("/v1/reviews/{v}/{action}"), None).await;
+            let (status, body) =
+                json_call(&app, "POST", &format!("/v1/reviews/{v}/{action}"), None).await;
             assert!(
                 status == StatusCode::NOT_FOUND || status == StatusCode::BAD_REQUEST,
                 "{action} {payload}: {status} {body}"
@@ -219,7 +264,10 @@ async fn injection_in_every_filter_matches_nothing_and_changes_nothing() {
 
     // Nothing changed: same rows, same statuses, and the chain still verifies.
     let (reviews_after, records_after, after) = totals(&app).await;
-    assert_eq!((reviews_after, records_after), (reviews_before, records_before));
+    assert_eq!(
+        (reviews_after, records_after),
+        (reviews_before, records_before)
+    );
     assert_eq!(after, snapshot);
     // A value that is a legitimate substring still matches (the filters work).
     let (_, body) = json_call(&app, "GET", "/api/reviews?caller=svc-a", None).await;

@@ -312,7 +312,9 @@ fn pieces<'a>(reply: &'a str, headers: &HeaderMap) -> Vec<&'a str> {
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.trim().parse::<usize>().ok())
         .filter(|n| *n > 0);
-    let Some(n) = n else { return split_words(reply) };
+    let Some(n) = n else {
+        return split_words(reply);
+    };
     let mut out = Vec::new();
     let mut start = 0;
     for (count, (i, _)) in reply.char_indices().enumerate() {

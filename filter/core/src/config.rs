@@ -11,9 +11,9 @@ use serde::Deserialize;
 use std::collections::HashMap;
 
 use crate::glob::Glob;
+use crate::identity::{Caller, IdentitySource, UpstreamCredential};
 use crate::mask::{MaskPolicy, MaskingConfig, RawMasking};
 use crate::policy::{ContentPolicy, RawContentPolicy};
-use crate::identity::{Caller, IdentitySource, UpstreamCredential};
 use crate::token::{decode_secret, TokenKey, MIN_KEY_BYTES};
 use crate::wire::ApiKind;
 
@@ -210,7 +210,10 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 fn err(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError { field: field.into(), message: message.into() }
+    ConfigError {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 /// Default inference endpoints: OpenAI and Anthropic.
@@ -221,13 +224,28 @@ pub fn default_endpoints() -> Vec<Endpoint> {
         ("/v1/responses", ApiKind::OpenaiResponses),
         ("/v1/embeddings", ApiKind::OpenaiEmbeddings),
         ("/v1/messages", ApiKind::AnthropicMessages),
-        ("/v1beta/models/*:generateContent", ApiKind::GeminiGenerateContent),
-        ("/v1beta/models/*:streamGenerateContent", ApiKind::GeminiGenerateContent),
-        ("/v1/models/*:generateContent", ApiKind::GeminiGenerateContent),
-        ("/v1/models/*:streamGenerateContent", ApiKind::GeminiGenerateContent),
+        (
+            "/v1beta/models/*:generateContent",
+            ApiKind::GeminiGenerateContent,
+        ),
+        (
+            "/v1beta/models/*:streamGenerateContent",
+            ApiKind::GeminiGenerateContent,
+        ),
+        (
+            "/v1/models/*:generateContent",
+            ApiKind::GeminiGenerateContent,
+        ),
+        (
+            "/v1/models/*:streamGenerateContent",
+            ApiKind::GeminiGenerateContent,
+        ),
     ]
     .into_iter()
-    .map(|(path, api)| Endpoint { path: path.to_string(), api })
+    .map(|(path, api)| Endpoint {
+        path: path.to_string(),
+        api,
+    })
     .collect()
 }
 
@@ -454,7 +472,10 @@ impl Config {
 
     /// Like [`Config::from_json`], with `*_env` fields looked up by `env`
     /// (inside Envoy: the wasm VM's environment, `vm_config.environment_variables`).
-    pub fn from_json_with_env(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    pub fn from_json_with_env(
+        bytes: &[u8],
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let trimmed = bytes.iter().all(|b| b.is_ascii_whitespace());
         let input: &[u8] = if trimmed { b"{}" } else { bytes };
         let mut de = serde_json::Deserializer::from_slice(input);
@@ -465,7 +486,11 @@ impl Config {
             // For an unknown field the path stops at its parent object.
             let named = field_from_serde(&inner);
             if !named.is_empty() && !field.ends_with(&named) {
-                field = if field.is_empty() { named } else { format!("{field}.{named}") };
+                field = if field.is_empty() {
+                    named
+                } else {
+                    format!("{field}.{named}")
+                };
             }
             err(field, inner.to_string())
         })?;
@@ -473,7 +498,10 @@ impl Config {
         Config::validate(raw, env)
     }
 
-    fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    fn validate(
+        raw: RawConfig,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         if raw.approval_cluster.trim().is_empty() {
             return Err(err("approval_cluster", "must not be empty"));
         }
@@ -482,11 +510,19 @@ impl Config {
         }
         if let Some(t) = &raw.approval_token {
             if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(err("approval_token", "must be non-empty printable ASCII without spaces"));
+                return Err(err(
+                    "approval_token",
+                    "must be non-empty printable ASCII without spaces",
+                ));
             }
         }
         range("callout_timeout_ms", raw.callout_timeout_ms, 100, 600_000)?;
-        range("hold_timeout_ms", raw.hold_timeout_ms, 1_000, MAX_HOLD_TIMEOUT_MS)?;
+        range(
+            "hold_timeout_ms",
+            raw.hold_timeout_ms,
+            1_000,
+            MAX_HOLD_TIMEOUT_MS,
+        )?;
         range("long_poll_ms", raw.long_poll_ms, 100, 300_000)?;
         range("max_body_bytes", raw.max_body_bytes, 1, 256 * 1024 * 1024)?;
 
@@ -503,7 +539,10 @@ impl Config {
                     if out.iter().any(|o| o.path.eq_ignore_ascii_case(&e.path)) {
                         return Err(err(field, format!("duplicate endpoint `{}`", e.path)));
                     }
-                    out.push(Endpoint { path: e.path, api: e.api });
+                    out.push(Endpoint {
+                        path: e.path,
+                        api: e.api,
+                    });
                 }
                 out
             }
@@ -511,8 +550,14 @@ impl Config {
 
         let passthrough = match raw.passthrough {
             None => vec![
-                Passthrough { path: Glob::new("/v1/models"), methods: vec!["GET".into()] },
-                Passthrough { path: Glob::new("/v1/models/*"), methods: vec!["GET".into()] },
+                Passthrough {
+                    path: Glob::new("/v1/models"),
+                    methods: vec!["GET".into()],
+                },
+                Passthrough {
+                    path: Glob::new("/v1/models/*"),
+                    methods: vec!["GET".into()],
+                },
             ],
             Some(list) => {
                 let mut out = Vec::new();
@@ -521,11 +566,17 @@ impl Config {
                     let mut methods = Vec::new();
                     for (j, m) in p.methods.iter().enumerate() {
                         if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
-                            return Err(err(format!("passthrough[{i}].methods[{j}]"), "not an HTTP method"));
+                            return Err(err(
+                                format!("passthrough[{i}].methods[{j}]"),
+                                "not an HTTP method",
+                            ));
                         }
                         methods.push(m.to_ascii_uppercase());
                     }
-                    out.push(Passthrough { path: Glob::new(&p.path), methods });
+                    out.push(Passthrough {
+                        path: Glob::new(&p.path),
+                        methods,
+                    });
                 }
                 out
             }
@@ -534,33 +585,66 @@ impl Config {
         let mut rules = Vec::new();
         for (i, r) in raw.rules.into_iter().enumerate() {
             let name = match r.name {
-                Some(n) if n.trim().is_empty() => return Err(err(format!("rules[{i}].name"), "must not be empty")),
+                Some(n) if n.trim().is_empty() => {
+                    return Err(err(format!("rules[{i}].name"), "must not be empty"))
+                }
                 Some(n) => n,
                 None => format!("rules[{i}]"),
             };
-            for (field, value) in [("route", &r.route), ("path", &r.path), ("model", &r.model), ("caller", &r.caller), ("group", &r.group), ("approver_group", &r.approver_group)] {
+            for (field, value) in [
+                ("route", &r.route),
+                ("path", &r.path),
+                ("model", &r.model),
+                ("caller", &r.caller),
+                ("group", &r.group),
+                ("approver_group", &r.approver_group),
+            ] {
                 if let Some(v) = value {
                     if v.is_empty() {
-                        return Err(err(format!("rules[{i}].{field}"), "must not be empty (omit it to match anything)"));
+                        return Err(err(
+                            format!("rules[{i}].{field}"),
+                            "must not be empty (omit it to match anything)",
+                        ));
                     }
                 }
             }
             if let Some(t) = r.hold_timeout_ms {
-                range(&format!("rules[{i}].hold_timeout_ms"), t, 1_000, MAX_HOLD_TIMEOUT_MS)?;
+                range(
+                    &format!("rules[{i}].hold_timeout_ms"),
+                    t,
+                    1_000,
+                    MAX_HOLD_TIMEOUT_MS,
+                )?;
             }
             if r.fail_open && r.action != Action::Review {
-                return Err(err(format!("rules[{i}].fail_open"), "only applies to rules with action `review`"));
+                return Err(err(
+                    format!("rules[{i}].fail_open"),
+                    "only applies to rules with action `review`",
+                ));
             }
-            if r.fail_open && !matches!(r.record.unwrap_or(raw.records), RecordMode::BestEffort | RecordMode::Off) {
+            if r.fail_open
+                && !matches!(
+                    r.record.unwrap_or(raw.records),
+                    RecordMode::BestEffort | RecordMode::Off
+                )
+            {
                 return Err(err(
                     format!("rules[{i}].record"),
                     "a `fail_open` rule forwards while the approval service (which stores records) is down: set `record` to `best_effort` or `off`",
                 ));
             }
             if r.async_review && r.action != Action::Review {
-                return Err(err(format!("rules[{i}].async"), "only applies to rules with action `review`"));
+                return Err(err(
+                    format!("rules[{i}].async"),
+                    "only applies to rules with action `review`",
+                ));
             }
-            range(&format!("rules[{i}].approvals"), u64::from(r.approvals), 1, 5)?;
+            range(
+                &format!("rules[{i}].approvals"),
+                u64::from(r.approvals),
+                1,
+                5,
+            )?;
             rules.push(Rule {
                 name,
                 route: r.route.as_deref().map(Glob::new),
@@ -579,11 +663,17 @@ impl Config {
             });
         }
 
-        let masking = raw.masking.map(|m| MaskingConfig::validate(m, "masking")).transpose()?;
+        let masking = raw
+            .masking
+            .map(|m| MaskingConfig::validate(m, "masking"))
+            .transpose()?;
         for (i, r) in rules.iter().enumerate() {
             if let Some(name) = r.masking.as_deref().filter(|n| *n != "none") {
                 if masking.as_ref().and_then(|m| m.profile(name)).is_none() {
-                    return Err(err(format!("rules[{i}].masking"), format!("no masking profile named `{name}`")));
+                    return Err(err(
+                        format!("rules[{i}].masking"),
+                        format!("no masking profile named `{name}`"),
+                    ));
                 }
             }
         }
@@ -592,10 +682,19 @@ impl Config {
             None => ContentPolicy::default(),
         };
         let identity = raw.identity.map(validate_identity).transpose()?;
-        let upstream_credential = raw.upstream_credential.map(|c| validate_credential(c, env)).transpose()?;
-        let approval_tokens = raw.approval_tokens.map(|t| validate_tokens(t, env)).transpose()?;
+        let upstream_credential = raw
+            .upstream_credential
+            .map(|c| validate_credential(c, env))
+            .transpose()?;
+        let approval_tokens = raw
+            .approval_tokens
+            .map(|t| validate_tokens(t, env))
+            .transpose()?;
         if approval_tokens.is_some() && identity.is_none() {
-            return Err(err("approval_tokens", "needs `identity`: a token is bound to a caller"));
+            return Err(err(
+                "approval_tokens",
+                "needs `identity`: a token is bound to a caller",
+            ));
         }
         if rules.iter().any(|r| r.async_review) && approval_tokens.is_none() {
             return Err(err("approval_tokens", "required when a rule sets `async`"));
@@ -632,13 +731,18 @@ impl Config {
 }
 
 fn is_header_name(h: &str) -> bool {
-    !h.is_empty() && h.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    !h.is_empty()
+        && h.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 fn validate_identity(raw: RawIdentity) -> Result<IdentitySource, ConfigError> {
     let unused = |field: &str, set: bool| -> Result<(), ConfigError> {
         if set {
-            return Err(err(format!("identity.{field}"), "does not apply to this `source`"));
+            return Err(err(
+                format!("identity.{field}"),
+                "does not apply to this `source`",
+            ));
         }
         Ok(())
     };
@@ -646,13 +750,18 @@ fn validate_identity(raw: RawIdentity) -> Result<IdentitySource, ConfigError> {
         RawIdentitySource::ApiKey => {
             unused("header", raw.header.is_some())?;
             unused("metadata_path", raw.metadata_path.is_some())?;
-            let key_headers = raw.key_headers.unwrap_or_else(|| vec!["authorization".into(), "x-api-key".into()]);
+            let key_headers = raw
+                .key_headers
+                .unwrap_or_else(|| vec!["authorization".into(), "x-api-key".into()]);
             if key_headers.is_empty() {
                 return Err(err("identity.key_headers", "must name at least one header"));
             }
             for (i, h) in key_headers.iter().enumerate() {
                 if !is_header_name(h) {
-                    return Err(err(format!("identity.key_headers[{i}]"), "must be a lower-case header name"));
+                    return Err(err(
+                        format!("identity.key_headers[{i}]"),
+                        "must be a lower-case header name",
+                    ));
                 }
             }
             if raw.api_keys.is_empty() {
@@ -662,13 +771,31 @@ fn validate_identity(raw: RawIdentity) -> Result<IdentitySource, ConfigError> {
             for (i, k) in raw.api_keys.into_iter().enumerate() {
                 let hash = k.sha256.to_ascii_lowercase();
                 if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return Err(err(format!("identity.api_keys[{i}].sha256"), "must be 64 hex digits (the SHA-256 of the key, never the key)"));
+                    return Err(err(
+                        format!("identity.api_keys[{i}].sha256"),
+                        "must be 64 hex digits (the SHA-256 of the key, never the key)",
+                    ));
                 }
                 if k.caller.trim().is_empty() {
-                    return Err(err(format!("identity.api_keys[{i}].caller"), "must not be empty"));
+                    return Err(err(
+                        format!("identity.api_keys[{i}].caller"),
+                        "must not be empty",
+                    ));
                 }
-                if keys.insert(hash, Caller { name: k.caller, groups: k.groups }).is_some() {
-                    return Err(err(format!("identity.api_keys[{i}].sha256"), "duplicate key"));
+                if keys
+                    .insert(
+                        hash,
+                        Caller {
+                            name: k.caller,
+                            groups: k.groups,
+                        },
+                    )
+                    .is_some()
+                {
+                    return Err(err(
+                        format!("identity.api_keys[{i}].sha256"),
+                        "duplicate key",
+                    ));
                 }
             }
             Ok(IdentitySource::ApiKey { key_headers, keys })
@@ -676,50 +803,95 @@ fn validate_identity(raw: RawIdentity) -> Result<IdentitySource, ConfigError> {
         RawIdentitySource::Header => {
             unused("api_keys", !raw.api_keys.is_empty())?;
             unused("metadata_path", raw.metadata_path.is_some())?;
-            let name = raw.header.ok_or_else(|| err("identity.header", "required when `source` is `header`"))?;
+            let name = raw
+                .header
+                .ok_or_else(|| err("identity.header", "required when `source` is `header`"))?;
             if !is_header_name(&name) {
                 return Err(err("identity.header", "must be a lower-case header name"));
             }
             if let Some(g) = &raw.groups_header {
                 if !is_header_name(g) {
-                    return Err(err("identity.groups_header", "must be a lower-case header name"));
+                    return Err(err(
+                        "identity.groups_header",
+                        "must be a lower-case header name",
+                    ));
                 }
             }
-            Ok(IdentitySource::Header { name, groups_header: raw.groups_header })
+            Ok(IdentitySource::Header {
+                name,
+                groups_header: raw.groups_header,
+            })
         }
         RawIdentitySource::Metadata => {
             unused("api_keys", !raw.api_keys.is_empty())?;
             unused("header", raw.header.is_some())?;
-            let path = raw.metadata_path.ok_or_else(|| err("identity.metadata_path", "required when `source` is `metadata`"))?;
+            let path = raw.metadata_path.ok_or_else(|| {
+                err(
+                    "identity.metadata_path",
+                    "required when `source` is `metadata`",
+                )
+            })?;
             if path.is_empty() || path.iter().any(String::is_empty) {
-                return Err(err("identity.metadata_path", "must be a non-empty list of non-empty names"));
+                return Err(err(
+                    "identity.metadata_path",
+                    "must be a non-empty list of non-empty names",
+                ));
             }
-            Ok(IdentitySource::Metadata { path, groups_path: raw.groups_metadata_path })
+            Ok(IdentitySource::Metadata {
+                path,
+                groups_path: raw.groups_metadata_path,
+            })
         }
     }
 }
 
-fn validate_credential(raw: RawCredential, env: &dyn Fn(&str) -> Option<String>) -> Result<UpstreamCredential, ConfigError> {
+fn validate_credential(
+    raw: RawCredential,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<UpstreamCredential, ConfigError> {
     if !is_header_name(&raw.header) {
-        return Err(err("upstream_credential.header", "must be a lower-case header name"));
+        return Err(err(
+            "upstream_credential.header",
+            "must be a lower-case header name",
+        ));
     }
     let value = match (raw.value, raw.value_env) {
         (Some(v), None) => v,
         (None, Some(name)) => env(&name).filter(|v| !v.is_empty()).ok_or_else(|| {
-            err("upstream_credential.value_env", format!("environment variable `{name}` is not set in the wasm VM"))
+            err(
+                "upstream_credential.value_env",
+                format!("environment variable `{name}` is not set in the wasm VM"),
+            )
         })?,
-        _ => return Err(err("upstream_credential", "set exactly one of `value` and `value_env`")),
+        _ => {
+            return Err(err(
+                "upstream_credential",
+                "set exactly one of `value` and `value_env`",
+            ))
+        }
     };
     let value = format!("{}{}", raw.prefix, value);
     if value.bytes().any(|b| b.is_ascii_control()) {
-        return Err(err("upstream_credential.value", "must not contain control characters"));
+        return Err(err(
+            "upstream_credential.value",
+            "must not contain control characters",
+        ));
     }
-    Ok(UpstreamCredential { header: raw.header, value })
+    Ok(UpstreamCredential {
+        header: raw.header,
+        value,
+    })
 }
 
-fn validate_tokens(raw: RawTokens, env: &dyn Fn(&str) -> Option<String>) -> Result<TokenConfig, ConfigError> {
+fn validate_tokens(
+    raw: RawTokens,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<TokenConfig, ConfigError> {
     if !is_header_name(&raw.header) {
-        return Err(err("approval_tokens.header", "must be a lower-case header name"));
+        return Err(err(
+            "approval_tokens.header",
+            "must be a lower-case header name",
+        ));
     }
     if raw.keys.is_empty() {
         return Err(err("approval_tokens.keys", "must list at least one key"));
@@ -727,7 +899,12 @@ fn validate_tokens(raw: RawTokens, env: &dyn Fn(&str) -> Option<String>) -> Resu
     let mut keys: Vec<TokenKey> = Vec::new();
     for (i, k) in raw.keys.into_iter().enumerate() {
         let at = format!("approval_tokens.keys[{i}]");
-        if k.id.is_empty() || !k.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        if k.id.is_empty()
+            || !k
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
             return Err(err(format!("{at}.id"), "must be non-empty [A-Za-z0-9_-]"));
         }
         if keys.iter().any(|o| o.id == k.id) {
@@ -735,17 +912,29 @@ fn validate_tokens(raw: RawTokens, env: &dyn Fn(&str) -> Option<String>) -> Resu
         }
         let text = match (k.secret, k.secret_env) {
             (Some(s), None) => s,
-            (None, Some(name)) => env(&name)
-                .ok_or_else(|| err(format!("{at}.secret_env"), format!("environment variable `{name}` is not set in the wasm VM")))?,
+            (None, Some(name)) => env(&name).ok_or_else(|| {
+                err(
+                    format!("{at}.secret_env"),
+                    format!("environment variable `{name}` is not set in the wasm VM"),
+                )
+            })?,
             _ => return Err(err(at, "set exactly one of `secret` and `secret_env`")),
         };
-        let secret = decode_secret(&text).ok_or_else(|| err(format!("{at}.secret"), "must be base64"))?;
+        let secret =
+            decode_secret(&text).ok_or_else(|| err(format!("{at}.secret"), "must be base64"))?;
         if secret.len() < MIN_KEY_BYTES {
-            return Err(err(format!("{at}.secret"), format!("must decode to at least {MIN_KEY_BYTES} bytes")));
+            return Err(err(
+                format!("{at}.secret"),
+                format!("must decode to at least {MIN_KEY_BYTES} bytes"),
+            ));
         }
         keys.push(TokenKey { id: k.id, secret });
     }
-    Ok(TokenConfig { keys, header: raw.header, consume: raw.single_use })
+    Ok(TokenConfig {
+        keys,
+        header: raw.header,
+        consume: raw.single_use,
+    })
 }
 
 fn range(field: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
@@ -756,8 +945,15 @@ fn range(field: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError>
 }
 
 fn check_path(field: &str, path: &str) -> Result<(), ConfigError> {
-    if !path.starts_with('/') || path.contains('?') || path.contains("//") || path.bytes().any(|b| b.is_ascii_control() || b == b' ') {
-        return Err(err(field, format!("`{path}` is not an absolute path without query")));
+    if !path.starts_with('/')
+        || path.contains('?')
+        || path.contains("//")
+        || path.bytes().any(|b| b.is_ascii_control() || b == b' ')
+    {
+        return Err(err(
+            field,
+            format!("`{path}` is not an absolute path without query"),
+        ));
     }
     Ok(())
 }
@@ -801,28 +997,50 @@ mod tests {
 
     #[test]
     fn bad_rule_field_is_named_with_index() {
-        let e = Config::from_json(br#"{"rules":[{"action":"allow"},{"action":"allow","hold_timeout_ms":5}]}"#).unwrap_err();
+        let e = Config::from_json(
+            br#"{"rules":[{"action":"allow"},{"action":"allow","hold_timeout_ms":5}]}"#,
+        )
+        .unwrap_err();
         assert_eq!(e.field, "rules[1].hold_timeout_ms");
         let e = Config::from_json(br#"{"rules":[{"action":"maybe"}]}"#).unwrap_err();
         assert!(e.to_string().contains("maybe"), "{e}");
         assert_eq!(e.field, "rules[0].action");
-        let e = Config::from_json(br#"{"rules":[{"action":"allow"},{"action":"allow","modle":"x"}]}"#).unwrap_err();
+        let e =
+            Config::from_json(br#"{"rules":[{"action":"allow"},{"action":"allow","modle":"x"}]}"#)
+                .unwrap_err();
         assert_eq!(e.field, "rules[1].modle");
         let e = Config::from_json(br#"{"hold_timeout_ms":"soon"}"#).unwrap_err();
         assert_eq!(e.field, "hold_timeout_ms");
-        let e = Config::from_json(br#"{"rules":[{"action":"allow","fail_open":true}]}"#).unwrap_err();
+        let e =
+            Config::from_json(br#"{"rules":[{"action":"allow","fail_open":true}]}"#).unwrap_err();
         assert_eq!(e.field, "rules[0].fail_open");
-        let e = Config::from_json(br#"{"rules":[{"action":"review","fail_open":true}]}"#).unwrap_err();
+        let e =
+            Config::from_json(br#"{"rules":[{"action":"review","fail_open":true}]}"#).unwrap_err();
         assert_eq!(e.field, "rules[0].record");
-        assert!(Config::from_json(br#"{"rules":[{"action":"review","fail_open":true,"record":"best_effort"}]}"#).is_ok());
+        assert!(Config::from_json(
+            br#"{"rules":[{"action":"review","fail_open":true,"record":"best_effort"}]}"#
+        )
+        .is_ok());
     }
 
     #[test]
     fn out_of_range_and_bad_paths_are_refused() {
-        assert_eq!(Config::from_json(br#"{"hold_timeout_ms": 10}"#).unwrap_err().field, "hold_timeout_ms");
-        assert_eq!(Config::from_json(br#"{"max_body_bytes": 0}"#).unwrap_err().field, "max_body_bytes");
         assert_eq!(
-            Config::from_json(br#"{"endpoints":[{"path":"v1/x","api":"openai_chat"}]}"#).unwrap_err().field,
+            Config::from_json(br#"{"hold_timeout_ms": 10}"#)
+                .unwrap_err()
+                .field,
+            "hold_timeout_ms"
+        );
+        assert_eq!(
+            Config::from_json(br#"{"max_body_bytes": 0}"#)
+                .unwrap_err()
+                .field,
+            "max_body_bytes"
+        );
+        assert_eq!(
+            Config::from_json(br#"{"endpoints":[{"path":"v1/x","api":"openai_chat"}]}"#)
+                .unwrap_err()
+                .field,
             "endpoints[0].path"
         );
         assert_eq!(
@@ -851,20 +1069,45 @@ mod tests {
             &KEY_HASH[1..]
         );
         let c = Config::from_json_with_env(cfg.as_bytes(), &env).unwrap();
-        assert_eq!(c.upstream_credential.as_ref().unwrap().value, "Bearer sk-live");
+        assert_eq!(
+            c.upstream_credential.as_ref().unwrap().value,
+            "Bearer sk-live"
+        );
         assert!(!format!("{c:?}").contains("sk-live"));
         assert_eq!(c.approval_tokens.as_ref().unwrap().keys[0].secret.len(), 32);
         assert_eq!(c.rules[0].approvals, 2);
 
         let missing_env = cfg.replace("MODEL_KEY", "NOPE");
-        assert_eq!(Config::from_json_with_env(missing_env.as_bytes(), &env).unwrap_err().field, "upstream_credential.value_env");
+        assert_eq!(
+            Config::from_json_with_env(missing_env.as_bytes(), &env)
+                .unwrap_err()
+                .field,
+            "upstream_credential.value_env"
+        );
         let bad_hash = cfg.replace(&KEY_HASH[1..], "sk-plaintext-key");
-        assert_eq!(Config::from_json_with_env(bad_hash.as_bytes(), &env).unwrap_err().field, "identity.api_keys[0].sha256");
+        assert_eq!(
+            Config::from_json_with_env(bad_hash.as_bytes(), &env)
+                .unwrap_err()
+                .field,
+            "identity.api_keys[0].sha256"
+        );
         let short = cfg.replace(r#""secret_env":"TOKEN_KEY""#, r#""secret":"AAAA""#);
-        assert_eq!(Config::from_json_with_env(short.as_bytes(), &env).unwrap_err().field, "approval_tokens.keys[0].secret");
+        assert_eq!(
+            Config::from_json_with_env(short.as_bytes(), &env)
+                .unwrap_err()
+                .field,
+            "approval_tokens.keys[0].secret"
+        );
         let no_tokens = r#"{"rules":[{"action":"review","async":true}]}"#;
-        assert_eq!(Config::from_json(no_tokens.as_bytes()).unwrap_err().field, "approval_tokens");
-        let header_src = r#"{"identity":{"source":"header","api_keys":[{"sha256":"x","caller":"y"}]}}"#;
-        assert_eq!(Config::from_json(header_src.as_bytes()).unwrap_err().field, "identity.api_keys");
+        assert_eq!(
+            Config::from_json(no_tokens.as_bytes()).unwrap_err().field,
+            "approval_tokens"
+        );
+        let header_src =
+            r#"{"identity":{"source":"header","api_keys":[{"sha256":"x","caller":"y"}]}}"#;
+        assert_eq!(
+            Config::from_json(header_src.as_bytes()).unwrap_err().field,
+            "identity.api_keys"
+        );
     }
 }

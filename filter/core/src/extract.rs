@@ -32,31 +32,116 @@ pub struct ParsedRequest {
 fn known_fields(api: ApiKind) -> &'static [&'static str] {
     match api {
         ApiKind::OpenaiChat => &[
-            "model", "messages", "stream", "stream_options", "temperature", "top_p", "n", "stop", "max_tokens",
-            "max_completion_tokens", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
-            "top_logprobs", "user", "seed", "tools", "tool_choice", "parallel_tool_calls", "response_format",
-            "functions", "function_call", "service_tier", "store", "metadata", "reasoning_effort", "modalities",
-            "audio", "prediction", "web_search_options", "safety_identifier", "prompt_cache_key", "verbosity",
+            "model",
+            "messages",
+            "stream",
+            "stream_options",
+            "temperature",
+            "top_p",
+            "n",
+            "stop",
+            "max_tokens",
+            "max_completion_tokens",
+            "presence_penalty",
+            "frequency_penalty",
+            "logit_bias",
+            "logprobs",
+            "top_logprobs",
+            "user",
+            "seed",
+            "tools",
+            "tool_choice",
+            "parallel_tool_calls",
+            "response_format",
+            "functions",
+            "function_call",
+            "service_tier",
+            "store",
+            "metadata",
+            "reasoning_effort",
+            "modalities",
+            "audio",
+            "prediction",
+            "web_search_options",
+            "safety_identifier",
+            "prompt_cache_key",
+            "verbosity",
         ],
         ApiKind::OpenaiCompletions => &[
-            "model", "prompt", "suffix", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options",
-            "logprobs", "echo", "stop", "presence_penalty", "frequency_penalty", "best_of", "logit_bias", "user",
+            "model",
+            "prompt",
+            "suffix",
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "n",
+            "stream",
+            "stream_options",
+            "logprobs",
+            "echo",
+            "stop",
+            "presence_penalty",
+            "frequency_penalty",
+            "best_of",
+            "logit_bias",
+            "user",
             "seed",
         ],
         ApiKind::OpenaiEmbeddings => &["model", "input", "encoding_format", "dimensions", "user"],
         ApiKind::OpenaiResponses => &[
-            "model", "input", "instructions", "stream", "stream_options", "temperature", "top_p",
-            "max_output_tokens", "tools", "tool_choice", "parallel_tool_calls", "store", "metadata", "reasoning",
-            "text", "truncation", "user", "include", "service_tier", "max_tool_calls", "top_logprobs",
-            "safety_identifier", "prompt_cache_key", "background",
+            "model",
+            "input",
+            "instructions",
+            "stream",
+            "stream_options",
+            "temperature",
+            "top_p",
+            "max_output_tokens",
+            "tools",
+            "tool_choice",
+            "parallel_tool_calls",
+            "store",
+            "metadata",
+            "reasoning",
+            "text",
+            "truncation",
+            "user",
+            "include",
+            "service_tier",
+            "max_tool_calls",
+            "top_logprobs",
+            "safety_identifier",
+            "prompt_cache_key",
+            "background",
         ],
         ApiKind::AnthropicMessages => &[
-            "model", "messages", "system", "max_tokens", "metadata", "stop_sequences", "stream", "temperature",
-            "top_k", "top_p", "tools", "tool_choice", "thinking", "service_tier",
+            "model",
+            "messages",
+            "system",
+            "max_tokens",
+            "metadata",
+            "stop_sequences",
+            "stream",
+            "temperature",
+            "top_k",
+            "top_p",
+            "tools",
+            "tool_choice",
+            "thinking",
+            "service_tier",
         ],
         ApiKind::GeminiGenerateContent => &[
-            "contents", "systemInstruction", "system_instruction", "tools", "toolConfig", "tool_config",
-            "generationConfig", "generation_config", "safetySettings", "safety_settings", "labels",
+            "contents",
+            "systemInstruction",
+            "system_instruction",
+            "tools",
+            "toolConfig",
+            "tool_config",
+            "generationConfig",
+            "generation_config",
+            "safetySettings",
+            "safety_settings",
+            "labels",
         ],
     }
 }
@@ -67,15 +152,23 @@ pub fn parse_request_at(api: ApiKind, path: &str, body: &[u8]) -> Result<ParsedR
     if api != ApiKind::GeminiGenerateContent {
         return parse_request(api, body);
     }
-    let (model, stream) = gemini_model(path).ok_or_else(|| "the path does not name a model".to_string())?;
+    let (model, stream) =
+        gemini_model(path).ok_or_else(|| "the path does not name a model".to_string())?;
     let value = parse_strict(body).map_err(|e| format!("request body is not valid JSON: {e}"))?;
     let Value::Object(obj) = value else {
         return Err("request body must be a JSON object".into());
     };
     let mut prompt = Vec::new();
     let mut attachments = false;
-    if let Some(sys) = obj.get("systemInstruction").or_else(|| obj.get("system_instruction")) {
-        let text = gemini_parts(sys.get("parts"), "systemInstruction.parts", &mut attachments)?;
+    if let Some(sys) = obj
+        .get("systemInstruction")
+        .or_else(|| obj.get("system_instruction"))
+    {
+        let text = gemini_parts(
+            sys.get("parts"),
+            "systemInstruction.parts",
+            &mut attachments,
+        )?;
         push(&mut prompt, "system", text);
     }
     let Some(Value::Array(contents)) = obj.get("contents") else {
@@ -86,11 +179,21 @@ pub fn parse_request_at(api: ApiKind, path: &str, body: &[u8]) -> Result<ParsedR
     }
     for (i, c) in contents.iter().enumerate() {
         let role = c.get("role").and_then(Value::as_str).unwrap_or("user");
-        let text = gemini_parts(c.get("parts"), &format!("contents[{i}].parts"), &mut attachments)?;
+        let text = gemini_parts(
+            c.get("parts"),
+            &format!("contents[{i}].parts"),
+            &mut attachments,
+        )?;
         push(&mut prompt, role, text);
     }
     tools(&obj, &mut prompt)?;
-    Ok(ParsedRequest { model, stream, prompt, unknown_fields: unknown(api, &obj), attachments })
+    Ok(ParsedRequest {
+        model,
+        stream,
+        prompt,
+        unknown_fields: unknown(api, &obj),
+        attachments,
+    })
 }
 
 /// `(model, streaming)` from a Gemini path.
@@ -116,19 +219,46 @@ fn gemini_parts(parts: Option<&Value>, at: &str, attachments: &mut bool) -> Resu
     let mut text = String::new();
     for (i, p) in parts.iter().enumerate() {
         let piece = if let Some(t) = p.get("text") {
-            t.as_str().ok_or_else(|| format!("`{at}[{i}].text` must be a string"))?.to_string()
+            t.as_str()
+                .ok_or_else(|| format!("`{at}[{i}].text` must be a string"))?
+                .to_string()
         } else if let Some(d) = p.get("inlineData").or_else(|| p.get("inline_data")) {
             *attachments = true;
-            format!("[inline_data: {}]", d.get("mimeType").or_else(|| d.get("mime_type")).map(value_text).unwrap_or_default())
+            format!(
+                "[inline_data: {}]",
+                d.get("mimeType")
+                    .or_else(|| d.get("mime_type"))
+                    .map(value_text)
+                    .unwrap_or_default()
+            )
         } else if let Some(f) = p.get("fileData").or_else(|| p.get("file_data")) {
             *attachments = true;
-            format!("[file_data: {}]", f.get("fileUri").or_else(|| f.get("file_uri")).map(value_text).unwrap_or_default())
+            format!(
+                "[file_data: {}]",
+                f.get("fileUri")
+                    .or_else(|| f.get("file_uri"))
+                    .map(value_text)
+                    .unwrap_or_default()
+            )
         } else if let Some(f) = p.get("functionCall").or_else(|| p.get("function_call")) {
-            format!("[tool_call {}: {}]", f.get("name").map(value_text).unwrap_or_default(), f.get("args").map(value_text).unwrap_or_default())
-        } else if let Some(f) = p.get("functionResponse").or_else(|| p.get("function_response")) {
-            format!("[tool_result {}: {}]", f.get("name").map(value_text).unwrap_or_default(), f.get("response").map(value_text).unwrap_or_default())
+            format!(
+                "[tool_call {}: {}]",
+                f.get("name").map(value_text).unwrap_or_default(),
+                f.get("args").map(value_text).unwrap_or_default()
+            )
+        } else if let Some(f) = p
+            .get("functionResponse")
+            .or_else(|| p.get("function_response"))
+        {
+            format!(
+                "[tool_result {}: {}]",
+                f.get("name").map(value_text).unwrap_or_default(),
+                f.get("response").map(value_text).unwrap_or_default()
+            )
         } else {
-            return Err(format!("`{at}[{i}]` has no part type this gateway can review"));
+            return Err(format!(
+                "`{at}[{i}]` has no part type this gateway can review"
+            ));
         };
         append(&mut text, &piece);
     }
@@ -137,7 +267,10 @@ fn gemini_parts(parts: Option<&Value>, at: &str, attachments: &mut bool) -> Resu
 
 fn unknown(api: ApiKind, obj: &Map<String, Value>) -> Vec<String> {
     let known = known_fields(api);
-    obj.keys().filter(|k| !known.contains(&k.as_str())).cloned().collect()
+    obj.keys()
+        .filter(|k| !known.contains(&k.as_str()))
+        .cloned()
+        .collect()
 }
 
 /// Parses `body` as a request of shape `api`.
@@ -178,22 +311,41 @@ pub fn parse_request(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, String>
         ApiKind::OpenaiEmbeddings => text_or_list(&obj, "input", true, &mut prompt)?,
         ApiKind::OpenaiResponses => openai_responses(&obj, &mut prompt)?,
         ApiKind::AnthropicMessages => anthropic_messages(&obj, &mut prompt)?,
-        ApiKind::GeminiGenerateContent => return Err("Gemini requests need their path (use parse_request_at)".into()),
+        ApiKind::GeminiGenerateContent => {
+            return Err("Gemini requests need their path (use parse_request_at)".into())
+        }
     }
     tools(&obj, &mut prompt)?;
     let attachments = prompt.iter().any(|m| has_attachment_marker(&m.text));
-    Ok(ParsedRequest { model, stream, prompt, unknown_fields: unknown(api, &obj), attachments })
+    Ok(ParsedRequest {
+        model,
+        stream,
+        prompt,
+        unknown_fields: unknown(api, &obj),
+        attachments,
+    })
 }
 
 /// Non-text parts are rendered as bracketed markers by [`content_text`].
 fn has_attachment_marker(text: &str) -> bool {
-    ["[image_url:", "[input_audio]", "[file]", "[input_image:", "[input_file]", "[image]", "[document]"]
-        .iter()
-        .any(|m| text.contains(m))
+    [
+        "[image_url:",
+        "[input_audio]",
+        "[file]",
+        "[input_image:",
+        "[input_file]",
+        "[image]",
+        "[document]",
+    ]
+    .iter()
+    .any(|m| text.contains(m))
 }
 
 fn push(prompt: &mut Vec<PromptMessage>, role: &str, text: impl Into<String>) {
-    prompt.push(PromptMessage { role: role.to_string(), text: text.into() });
+    prompt.push(PromptMessage {
+        role: role.to_string(),
+        text: text.into(),
+    });
 }
 
 fn opt_str<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>, String> {
@@ -206,7 +358,12 @@ fn opt_str<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>
 
 /// `prompt` / `input` of completions and embeddings: a string or a list of
 /// strings. Token-id arrays cannot be reviewed as text, so they are refused.
-fn text_or_list(obj: &Map<String, Value>, key: &str, required: bool, prompt: &mut Vec<PromptMessage>) -> Result<(), String> {
+fn text_or_list(
+    obj: &Map<String, Value>,
+    key: &str,
+    required: bool,
+    prompt: &mut Vec<PromptMessage>,
+) -> Result<(), String> {
     match obj.get(key) {
         None | Some(Value::Null) if !required => Ok(()),
         None | Some(Value::Null) => Err(format!("`{key}` is required")),
@@ -218,12 +375,18 @@ fn text_or_list(obj: &Map<String, Value>, key: &str, required: bool, prompt: &mu
             for (i, item) in items.iter().enumerate() {
                 match item {
                     Value::String(s) => push(prompt, "input", s.as_str()),
-                    _ => return Err(format!("`{key}[{i}]` must be a string (token-id prompts cannot be reviewed)")),
+                    _ => {
+                        return Err(format!(
+                            "`{key}[{i}]` must be a string (token-id prompts cannot be reviewed)"
+                        ))
+                    }
                 }
             }
             Ok(())
         }
-        Some(_) => Err(format!("`{key}` must be a string or a non-empty list of strings")),
+        Some(_) => Err(format!(
+            "`{key}` must be a string or a non-empty list of strings"
+        )),
     }
 }
 
@@ -236,19 +399,29 @@ fn openai_chat(obj: &Map<String, Value>, prompt: &mut Vec<PromptMessage>) -> Res
     }
     for (i, m) in messages.iter().enumerate() {
         let at = format!("messages[{i}]");
-        let Value::Object(m) = m else { return Err(format!("`{at}` must be an object")) };
+        let Value::Object(m) = m else {
+            return Err(format!("`{at}` must be an object"));
+        };
         let role = match m.get("role") {
             Some(Value::String(r)) => r.clone(),
             _ => return Err(format!("`{at}.role` must be a string")),
         };
-        let mut text = content_text(m.get("content"), &format!("{at}.content"), ContentStyle::OpenAi)?;
+        let mut text = content_text(
+            m.get("content"),
+            &format!("{at}.content"),
+            ContentStyle::OpenAi,
+        )?;
         if let Some(r) = opt_str(m, "refusal")? {
             append(&mut text, &format!("[refusal: {r}]"));
         }
         if let Some(calls) = m.get("tool_calls") {
-            let Value::Array(calls) = calls else { return Err(format!("`{at}.tool_calls` must be a list")) };
+            let Value::Array(calls) = calls else {
+                return Err(format!("`{at}.tool_calls` must be a list"));
+            };
             for (j, call) in calls.iter().enumerate() {
-                let f = call.get("function").ok_or_else(|| format!("`{at}.tool_calls[{j}].function` is required"))?;
+                let f = call
+                    .get("function")
+                    .ok_or_else(|| format!("`{at}.tool_calls[{j}].function` is required"))?;
                 let name = f.get("name").and_then(Value::as_str).unwrap_or("?");
                 let args = f.get("arguments").map(value_text).unwrap_or_default();
                 append(&mut text, &format!("[tool_call {name}: {args}]"));
@@ -264,7 +437,10 @@ fn openai_chat(obj: &Map<String, Value>, prompt: &mut Vec<PromptMessage>) -> Res
     Ok(())
 }
 
-fn openai_responses(obj: &Map<String, Value>, prompt: &mut Vec<PromptMessage>) -> Result<(), String> {
+fn openai_responses(
+    obj: &Map<String, Value>,
+    prompt: &mut Vec<PromptMessage>,
+) -> Result<(), String> {
     if let Some(s) = opt_str(obj, "instructions")? {
         push(prompt, "instructions", s);
     }
@@ -273,12 +449,24 @@ fn openai_responses(obj: &Map<String, Value>, prompt: &mut Vec<PromptMessage>) -
         Some(Value::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
                 let at = format!("input[{i}]");
-                let Value::Object(item) = item else { return Err(format!("`{at}` must be an object")) };
-                let kind = item.get("type").and_then(Value::as_str).unwrap_or("message");
+                let Value::Object(item) = item else {
+                    return Err(format!("`{at}` must be an object"));
+                };
+                let kind = item
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("message");
                 match kind {
                     "message" => {
-                        let role = item.get("role").and_then(Value::as_str).ok_or_else(|| format!("`{at}.role` must be a string"))?;
-                        let text = content_text(item.get("content"), &format!("{at}.content"), ContentStyle::Responses)?;
+                        let role = item
+                            .get("role")
+                            .and_then(Value::as_str)
+                            .ok_or_else(|| format!("`{at}.role` must be a string"))?;
+                        let text = content_text(
+                            item.get("content"),
+                            &format!("{at}.content"),
+                            ContentStyle::Responses,
+                        )?;
                         push(prompt, role, text);
                     }
                     "function_call" => {
@@ -290,7 +478,9 @@ fn openai_responses(obj: &Map<String, Value>, prompt: &mut Vec<PromptMessage>) -
                         let out = item.get("output").map(value_text).unwrap_or_default();
                         push(prompt, "tool", out);
                     }
-                    other => return Err(format!("`{at}.type` `{other}` is not supported for review")),
+                    other => {
+                        return Err(format!("`{at}.type` `{other}` is not supported for review"))
+                    }
                 }
             }
         }
@@ -300,10 +490,17 @@ fn openai_responses(obj: &Map<String, Value>, prompt: &mut Vec<PromptMessage>) -
     Ok(())
 }
 
-fn anthropic_messages(obj: &Map<String, Value>, prompt: &mut Vec<PromptMessage>) -> Result<(), String> {
+fn anthropic_messages(
+    obj: &Map<String, Value>,
+    prompt: &mut Vec<PromptMessage>,
+) -> Result<(), String> {
     match obj.get("system") {
         None | Some(Value::Null) => {}
-        Some(v) => push(prompt, "system", content_text(Some(v), "system", ContentStyle::Anthropic)?),
+        Some(v) => push(
+            prompt,
+            "system",
+            content_text(Some(v), "system", ContentStyle::Anthropic)?,
+        ),
     }
     let Some(Value::Array(messages)) = obj.get("messages") else {
         return Err("`messages` must be a list".into());
@@ -313,8 +510,15 @@ fn anthropic_messages(obj: &Map<String, Value>, prompt: &mut Vec<PromptMessage>)
     }
     for (i, m) in messages.iter().enumerate() {
         let at = format!("messages[{i}]");
-        let role = m.get("role").and_then(Value::as_str).ok_or_else(|| format!("`{at}.role` must be a string"))?;
-        let text = content_text(m.get("content"), &format!("{at}.content"), ContentStyle::Anthropic)?;
+        let role = m
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("`{at}.role` must be a string"))?;
+        let text = content_text(
+            m.get("content"),
+            &format!("{at}.content"),
+            ContentStyle::Anthropic,
+        )?;
         push(prompt, role, text);
     }
     Ok(())
@@ -352,18 +556,29 @@ fn content_text(content: Option<&Value>, at: &str, style: ContentStyle) -> Resul
     let mut text = String::new();
     for (i, part) in parts.iter().enumerate() {
         let pat = format!("{at}[{i}]");
-        let kind = part.get("type").and_then(Value::as_str).ok_or_else(|| format!("`{pat}.type` must be a string"))?;
+        let kind = part
+            .get("type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("`{pat}.type` must be a string"))?;
         let piece = match (style, kind) {
             (_, "text") | (ContentStyle::Responses, "input_text" | "output_text") => part
                 .get("text")
                 .and_then(Value::as_str)
                 .ok_or_else(|| format!("`{pat}.text` must be a string"))?
                 .to_string(),
-            (ContentStyle::OpenAi, "refusal") => format!("[refusal: {}]", part.get("refusal").map(value_text).unwrap_or_default()),
-            (ContentStyle::OpenAi, "image_url") => format!("[image_url: {}]", short_url(part.get("image_url").and_then(|u| u.get("url")))),
+            (ContentStyle::OpenAi, "refusal") => format!(
+                "[refusal: {}]",
+                part.get("refusal").map(value_text).unwrap_or_default()
+            ),
+            (ContentStyle::OpenAi, "image_url") => format!(
+                "[image_url: {}]",
+                short_url(part.get("image_url").and_then(|u| u.get("url")))
+            ),
             (ContentStyle::OpenAi, "input_audio") => "[input_audio]".to_string(),
             (ContentStyle::OpenAi, "file") => "[file]".to_string(),
-            (ContentStyle::Responses, "input_image") => format!("[input_image: {}]", short_url(part.get("image_url"))),
+            (ContentStyle::Responses, "input_image") => {
+                format!("[input_image: {}]", short_url(part.get("image_url")))
+            }
             (ContentStyle::Responses, "input_file") => "[input_file]".to_string(),
             (ContentStyle::Anthropic, "image") => "[image]".to_string(),
             (ContentStyle::Anthropic, "document") => "[document]".to_string(),
@@ -375,16 +590,24 @@ fn content_text(content: Option<&Value>, at: &str, style: ContentStyle) -> Resul
             (ContentStyle::Anthropic, "tool_result") => format!(
                 "[tool_result: {}]",
                 match part.get("content") {
-                    Some(c @ Value::Array(_)) => content_text(Some(c), &format!("{pat}.content"), style)?,
+                    Some(c @ Value::Array(_)) =>
+                        content_text(Some(c), &format!("{pat}.content"), style)?,
                     Some(c) => value_text(c),
                     None => String::new(),
                 }
             ),
             (ContentStyle::Anthropic, "thinking") => {
-                format!("[thinking: {}]", part.get("thinking").and_then(Value::as_str).unwrap_or(""))
+                format!(
+                    "[thinking: {}]",
+                    part.get("thinking").and_then(Value::as_str).unwrap_or("")
+                )
             }
             (ContentStyle::Anthropic, "redacted_thinking") => "[redacted_thinking]".to_string(),
-            (_, other) => return Err(format!("`{pat}.type` `{other}` is not supported for review")),
+            (_, other) => {
+                return Err(format!(
+                    "`{pat}.type` `{other}` is not supported for review"
+                ))
+            }
         };
         append(&mut text, &piece);
     }
@@ -425,7 +648,12 @@ mod tests {
     use super::*;
 
     fn texts(api: ApiKind, body: &str) -> Vec<(String, String)> {
-        parse_request(api, body.as_bytes()).unwrap().prompt.into_iter().map(|m| (m.role, m.text)).collect()
+        parse_request(api, body.as_bytes())
+            .unwrap()
+            .prompt
+            .into_iter()
+            .map(|m| (m.role, m.text))
+            .collect()
     }
 
     #[test]
@@ -451,29 +679,78 @@ mod tests {
             r#"{"model":"claude","max_tokens":5,"system":[{"type":"text","text":"sys"}],"messages":[
                 {"role":"user","content":[{"type":"text","text":"q"},{"type":"tool_result","tool_use_id":"t","content":[{"type":"text","text":"r"}]}]}]}"#,
         );
-        assert_eq!(got, vec![("system".into(), "sys".into()), ("user".into(), "q\n[tool_result: r]".into())]);
+        assert_eq!(
+            got,
+            vec![
+                ("system".into(), "sys".into()),
+                ("user".into(), "q\n[tool_result: r]".into())
+            ]
+        );
     }
 
     #[test]
     fn completions_embeddings_and_responses() {
-        assert_eq!(texts(ApiKind::OpenaiCompletions, r#"{"model":"m","prompt":["a","b"]}"#).len(), 2);
-        assert_eq!(texts(ApiKind::OpenaiEmbeddings, r#"{"model":"m","input":"x"}"#)[0].1, "x");
-        let r = texts(ApiKind::OpenaiResponses, r#"{"model":"m","instructions":"i","input":[{"role":"user","content":[{"type":"input_text","text":"t"}]}]}"#);
-        assert_eq!(r, vec![("instructions".into(), "i".into()), ("user".into(), "t".into())]);
+        assert_eq!(
+            texts(
+                ApiKind::OpenaiCompletions,
+                r#"{"model":"m","prompt":["a","b"]}"#
+            )
+            .len(),
+            2
+        );
+        assert_eq!(
+            texts(ApiKind::OpenaiEmbeddings, r#"{"model":"m","input":"x"}"#)[0].1,
+            "x"
+        );
+        let r = texts(
+            ApiKind::OpenaiResponses,
+            r#"{"model":"m","instructions":"i","input":[{"role":"user","content":[{"type":"input_text","text":"t"}]}]}"#,
+        );
+        assert_eq!(
+            r,
+            vec![
+                ("instructions".into(), "i".into()),
+                ("user".into(), "t".into())
+            ]
+        );
     }
 
     #[test]
     fn what_cannot_be_reviewed_is_an_error() {
         for (api, body) in [
-            (ApiKind::OpenaiChat, r#"{"messages":[{"role":"user","content":"x"}]}"#),
+            (
+                ApiKind::OpenaiChat,
+                r#"{"messages":[{"role":"user","content":"x"}]}"#,
+            ),
             (ApiKind::OpenaiChat, r#"{"model":"m","messages":[]}"#),
-            (ApiKind::OpenaiChat, r#"{"model":"m","messages":[{"role":"user","content":[{"type":"mystery"}]}]}"#),
-            (ApiKind::OpenaiChat, r#"{"model":"m","messages":[{"role":"user","content":5}]}"#),
-            (ApiKind::OpenaiChat, r#"{"model":"m","stream":"yes","messages":[{"role":"user","content":"x"}]}"#),
-            (ApiKind::OpenaiCompletions, r#"{"model":"m","prompt":[1,2,3]}"#),
-            (ApiKind::OpenaiEmbeddings, r#"{"model":"m","input":[[1,2]]}"#),
-            (ApiKind::OpenaiResponses, r#"{"model":"m","input":[{"type":"computer_call"}]}"#),
-            (ApiKind::AnthropicMessages, r#"{"model":"m","messages":"hi"}"#),
+            (
+                ApiKind::OpenaiChat,
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"mystery"}]}]}"#,
+            ),
+            (
+                ApiKind::OpenaiChat,
+                r#"{"model":"m","messages":[{"role":"user","content":5}]}"#,
+            ),
+            (
+                ApiKind::OpenaiChat,
+                r#"{"model":"m","stream":"yes","messages":[{"role":"user","content":"x"}]}"#,
+            ),
+            (
+                ApiKind::OpenaiCompletions,
+                r#"{"model":"m","prompt":[1,2,3]}"#,
+            ),
+            (
+                ApiKind::OpenaiEmbeddings,
+                r#"{"model":"m","input":[[1,2]]}"#,
+            ),
+            (
+                ApiKind::OpenaiResponses,
+                r#"{"model":"m","input":[{"type":"computer_call"}]}"#,
+            ),
+            (
+                ApiKind::AnthropicMessages,
+                r#"{"model":"m","messages":"hi"}"#,
+            ),
             (ApiKind::OpenaiChat, r#"[1]"#),
             (ApiKind::OpenaiChat, ""),
         ] {
@@ -489,7 +766,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.unknown_fields, vec!["chat_template".to_string()]);
-        let r = parse_request(ApiKind::OpenaiResponses, br#"{"model":"m","input":"x","previous_response_id":"resp_1"}"#).unwrap();
+        let r = parse_request(
+            ApiKind::OpenaiResponses,
+            br#"{"model":"m","input":"x","previous_response_id":"resp_1"}"#,
+        )
+        .unwrap();
         assert_eq!(r.unknown_fields, vec!["previous_response_id".to_string()]);
         let img = parse_request(
             ApiKind::OpenaiChat,
@@ -504,19 +785,43 @@ mod tests {
     #[test]
     fn gemini_model_and_stream_come_from_the_path() {
         let body = br#"{"systemInstruction":{"parts":[{"text":"sys"}]},"contents":[{"role":"user","parts":[{"text":"hi"},{"inlineData":{"mimeType":"image/png","data":"AAAA"}}]}]}"#;
-        let p = parse_request_at(ApiKind::GeminiGenerateContent, "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse", body).unwrap();
+        let p = parse_request_at(
+            ApiKind::GeminiGenerateContent,
+            "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
+            body,
+        )
+        .unwrap();
         assert_eq!(p.model, "gemini-2.0-flash");
         assert!(p.stream && p.attachments);
         assert_eq!(p.prompt[0].text, "sys");
-        assert!(parse_request_at(ApiKind::GeminiGenerateContent, "/v1beta/models/x:countTokens", body).is_err());
-        assert!(parse_request_at(ApiKind::GeminiGenerateContent, "/v1beta/models/x:generateContent", br#"{"contents":[{"parts":[{"mystery":1}]}]}"#).is_err());
-        let cached = parse_request_at(ApiKind::GeminiGenerateContent, "/v1beta/models/x:generateContent", br#"{"contents":[{"parts":[{"text":"a"}]}],"cachedContent":"c/1"}"#).unwrap();
+        assert!(parse_request_at(
+            ApiKind::GeminiGenerateContent,
+            "/v1beta/models/x:countTokens",
+            body
+        )
+        .is_err());
+        assert!(parse_request_at(
+            ApiKind::GeminiGenerateContent,
+            "/v1beta/models/x:generateContent",
+            br#"{"contents":[{"parts":[{"mystery":1}]}]}"#
+        )
+        .is_err());
+        let cached = parse_request_at(
+            ApiKind::GeminiGenerateContent,
+            "/v1beta/models/x:generateContent",
+            br#"{"contents":[{"parts":[{"text":"a"}]}],"cachedContent":"c/1"}"#,
+        )
+        .unwrap();
         assert_eq!(cached.unknown_fields, vec!["cachedContent".to_string()]);
     }
 
     #[test]
     fn stream_flag_and_model() {
-        let p = parse_request(ApiKind::OpenaiChat, br#"{"model":"m1","stream":true,"messages":[{"role":"user","content":"x"}]}"#).unwrap();
+        let p = parse_request(
+            ApiKind::OpenaiChat,
+            br#"{"model":"m1","stream":true,"messages":[{"role":"user","content":"x"}]}"#,
+        )
+        .unwrap();
         assert!(p.stream);
         assert_eq!(p.model, "m1");
     }

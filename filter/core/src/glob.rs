@@ -14,7 +14,11 @@ impl Glob {
     /// Compiles a pattern. Any string is a valid pattern.
     pub fn new(pattern: &str) -> Glob {
         Glob {
-            parts: pattern.split('*').filter(|p| !p.is_empty()).map(str::to_string).collect(),
+            parts: pattern
+                .split('*')
+                .filter(|p| !p.is_empty())
+                .map(str::to_string)
+                .collect(),
             anchored_start: !pattern.starts_with('*'),
             anchored_end: !pattern.ends_with('*'),
         }
@@ -77,7 +81,11 @@ mod tests {
             ("/v1/models/*", "/v1/models", false),
         ];
         for (pattern, text, want) in cases {
-            assert_eq!(Glob::new(pattern).matches(text), *want, "{pattern} vs {text}");
+            assert_eq!(
+                Glob::new(pattern).matches(text),
+                *want,
+                "{pattern} vs {text}"
+            );
         }
     }
 }

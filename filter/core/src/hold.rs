@@ -9,13 +9,15 @@
 use serde_json::json;
 
 use crate::config::{Config, RecordMode};
-use crate::inspect::{check_edited_body, token_body_hash, HoldPlan, Parsed, RequestInfo, RuleChoice};
+use crate::inspect::{
+    check_edited_body, token_body_hash, HoldPlan, Parsed, RequestInfo, RuleChoice,
+};
 use crate::record::new_record;
 use crate::refusal::{Refusal, RefusalKind};
 use crate::token::TokenClaims;
 use crate::wire::{
-    ApiKind, CallerReviewStatus, ConsumeToken, NewRecord, RecordCreated, ReviewState, ReviewStatus, FILTER_API_PREFIX,
-    FILTER_TOKEN_HEADER,
+    ApiKind, CallerReviewStatus, ConsumeToken, NewRecord, RecordCreated, ReviewState, ReviewStatus,
+    FILTER_API_PREFIX, FILTER_TOKEN_HEADER,
 };
 
 /// Which call a response belongs to.
@@ -141,12 +143,21 @@ pub const RETRY_MAX_MS: u64 = 2_000;
 
 impl Hold {
     /// Starts a hold: the first step is creating the review.
-    pub fn start(config: &Config, plan: &HoldPlan, info: RequestInfo, now_ms: u64) -> (Hold, HoldStep) {
+    pub fn start(
+        config: &Config,
+        plan: &HoldPlan,
+        info: RequestInfo,
+        now_ms: u64,
+    ) -> (Hold, HoldStep) {
         let mut info = info;
         info.model = Some(plan.review.model.clone());
         info.stream = plan.review.stream;
         let hold = Hold {
-            mode: if plan.rule.async_review { Mode::Async } else { Mode::Wait },
+            mode: if plan.rule.async_review {
+                Mode::Async
+            } else {
+                Mode::Wait
+            },
             status_path: config.status_path.clone(),
             api: plan.review.api,
             info,
@@ -172,19 +183,16 @@ impl Hold {
     }
 
     /// Forwards an allowed request once its record is written.
+    /// `info` carries the parsed model and stream flag ([`Parsed::into_info`]).
     pub fn forward(
         config: &Config,
         api: ApiKind,
         info: RequestInfo,
         rule: &RuleChoice,
-        facts: Parsed,
         body: &[u8],
         masked: Option<&[u8]>,
         now_ms: u64,
     ) -> (Hold, HoldStep) {
-        let mut info = info;
-        info.model = facts.model;
-        info.stream = facts.stream;
         let mut hold = Hold::bare(config, Mode::Forward, api, info, None).with_masked_body(masked);
         hold.record_mode = rule.record;
         hold.rule = Some(rule.name.clone());
@@ -192,14 +200,32 @@ impl Hold {
             hold.body = body.to_vec();
         }
         hold.started_ms = now_ms;
-        let release = Release { review_id: None, reviewer: None, edited_body: None, record_id: None, decision: "allowed" };
+        let release = Release {
+            review_id: None,
+            reviewer: None,
+            edited_body: None,
+            record_id: None,
+            decision: "allowed",
+        };
         let step = hold.release(config, release, now_ms);
         (hold, step)
     }
 
     /// Spends one use of a verified approval token before release.
-    pub fn consume(config: &Config, api: ApiKind, info: RequestInfo, claims: &TokenClaims, facts: Parsed, body: &[u8], now_ms: u64) -> (Hold, HoldStep) {
-        let caller = info.caller.as_ref().map(|c| c.name.clone()).unwrap_or_default();
+    pub fn consume(
+        config: &Config,
+        api: ApiKind,
+        info: RequestInfo,
+        claims: &TokenClaims,
+        facts: Parsed,
+        body: &[u8],
+        now_ms: u64,
+    ) -> (Hold, HoldStep) {
+        let caller = info
+            .caller
+            .as_ref()
+            .map(|c| c.name.clone())
+            .unwrap_or_default();
         let mut info = info;
         info.model = facts.model;
         info.stream = facts.stream;
@@ -207,30 +233,54 @@ impl Hold {
         hold.body = body.to_vec();
         hold.started_ms = now_ms;
         hold.rule = Some("approval_token".into());
-        let request = ConsumeToken { caller, body_sha256: token_body_hash(body) };
+        let request = ConsumeToken {
+            caller,
+            body_sha256: token_body_hash(body),
+        };
         let step = match valid_review_id(&claims.rid) {
             true => HoldStep::Call(Callout {
                 kind: CalloutKind::Consume,
-                headers: service_headers(config, "POST", format!("{FILTER_API_PREFIX}/{}/consume", claims.rid)),
+                headers: service_headers(
+                    config,
+                    "POST",
+                    format!("{FILTER_API_PREFIX}/{}/consume", claims.rid),
+                ),
                 body: serde_json::to_vec(&request).ok(),
                 timeout_ms: config.callout_timeout_ms,
             }),
-            false => HoldStep::Refuse(Refusal::new(RefusalKind::InvalidToken, Some(api), "approval token is malformed")),
+            false => HoldStep::Refuse(Refusal::new(
+                RefusalKind::InvalidToken,
+                Some(api),
+                "approval token is malformed",
+            )),
         };
         (hold, step)
     }
 
     /// Looks up the caller's own review for `GET <status_path><id>`.
     pub fn status(config: &Config, info: RequestInfo, review_id: &str) -> (Hold, HoldStep) {
-        let caller = info.caller.as_ref().map(|c| c.name.clone()).unwrap_or_default();
-        let hold = Hold::bare(config, Mode::Status, ApiKind::OpenaiChat, info, Some(review_id.to_string()));
+        let caller = info
+            .caller
+            .as_ref()
+            .map(|c| c.name.clone())
+            .unwrap_or_default();
+        let hold = Hold::bare(
+            config,
+            Mode::Status,
+            ApiKind::OpenaiChat,
+            info,
+            Some(review_id.to_string()),
+        );
         let step = if valid_review_id(review_id) {
             HoldStep::Call(Callout {
                 kind: CalloutKind::Status,
                 headers: service_headers(
                     config,
                     "GET",
-                    format!("{FILTER_API_PREFIX}/{review_id}/status?caller={}", percent_encode(&caller)),
+                    format!(
+                        "{FILTER_API_PREFIX}/{review_id}/status?caller={}",
+                        percent_encode(&caller)
+                    ),
                 ),
                 body: None,
                 timeout_ms: config.callout_timeout_ms,
@@ -241,7 +291,13 @@ impl Hold {
         (hold, step)
     }
 
-    fn bare(config: &Config, mode: Mode, api: ApiKind, info: RequestInfo, review_id: Option<String>) -> Hold {
+    fn bare(
+        config: &Config,
+        mode: Mode,
+        api: ApiKind,
+        info: RequestInfo,
+        review_id: Option<String>,
+    ) -> Hold {
         Hold {
             mode,
             status_path: config.status_path.clone(),
@@ -294,7 +350,10 @@ impl Hold {
 
     fn after_record(&mut self, result: &CalloutResult) -> HoldStep {
         let Some(mut release) = self.pending.take() else {
-            return HoldStep::Refuse(self.refusal(RefusalKind::RecordUnavailable, "internal: no pending release".into()));
+            return HoldStep::Refuse(self.refusal(
+                RefusalKind::RecordUnavailable,
+                "internal: no pending release".into(),
+            ));
         };
         let created = match result.status {
             Some(200..=299) => serde_json::from_slice::<RecordCreated>(&result.body).ok(),
@@ -342,7 +401,13 @@ impl Hold {
     }
 
     /// Feeds the result of a call made for this hold.
-    pub fn on_response(&mut self, config: &Config, kind: CalloutKind, result: &CalloutResult, now_ms: u64) -> HoldStep {
+    pub fn on_response(
+        &mut self,
+        config: &Config,
+        kind: CalloutKind,
+        result: &CalloutResult,
+        now_ms: u64,
+    ) -> HoldStep {
         match kind {
             CalloutKind::Consume => return self.after_consume(config, result, now_ms),
             CalloutKind::Status => return self.after_status(result),
@@ -457,15 +522,32 @@ impl Hold {
         match result.status {
             Some(200) => match serde_json::from_slice::<CallerReviewStatus>(&result.body) {
                 // Re-serialised from the typed value: only known fields pass.
-                Ok(status) if Some(status.id.as_str()) == self.review_id.as_deref() => HoldStep::Respond(LocalReply {
-                    status: 200,
-                    headers: vec![("content-type".into(), "application/json".into()), ("cache-control".into(), "no-store".into())],
-                    body: serde_json::to_vec(&status).unwrap_or_default(),
-                }),
-                _ => HoldStep::Refuse(Refusal::new(RefusalKind::ApprovalUnavailable, None, "unreadable answer from the approval service")),
+                Ok(status) if Some(status.id.as_str()) == self.review_id.as_deref() => {
+                    HoldStep::Respond(LocalReply {
+                        status: 200,
+                        headers: vec![
+                            ("content-type".into(), "application/json".into()),
+                            ("cache-control".into(), "no-store".into()),
+                        ],
+                        body: serde_json::to_vec(&status).unwrap_or_default(),
+                    })
+                }
+                _ => HoldStep::Refuse(Refusal::new(
+                    RefusalKind::ApprovalUnavailable,
+                    None,
+                    "unreadable answer from the approval service",
+                )),
             },
-            Some(404) => HoldStep::Refuse(Refusal::new(RefusalKind::NotFound, None, "no such review for this caller")),
-            _ => HoldStep::Refuse(Refusal::new(RefusalKind::ApprovalUnavailable, None, "the approval service is unavailable")),
+            Some(404) => HoldStep::Refuse(Refusal::new(
+                RefusalKind::NotFound,
+                None,
+                "no such review for this caller",
+            )),
+            _ => HoldStep::Refuse(Refusal::new(
+                RefusalKind::ApprovalUnavailable,
+                None,
+                "the approval service is unavailable",
+            )),
         }
     }
 
@@ -491,8 +573,18 @@ impl Hold {
                         Err(refusal) => return HoldStep::Refuse(refusal.with_review(state.id)),
                     }
                 }
-                let decision = if edited_body.is_some() { "edited" } else { "approved" };
-                let release = Release { review_id: Some(state.id), reviewer: state.reviewer, edited_body, record_id: None, decision };
+                let decision = if edited_body.is_some() {
+                    "edited"
+                } else {
+                    "approved"
+                };
+                let release = Release {
+                    review_id: Some(state.id),
+                    reviewer: state.reviewer,
+                    edited_body,
+                    record_id: None,
+                    decision,
+                };
                 self.release(config, release, now_ms)
             }
             ReviewStatus::Rejected => {
@@ -506,7 +598,10 @@ impl Hold {
             ReviewStatus::Expired => HoldStep::Refuse(self.timeout_refusal()),
             ReviewStatus::Cancelled => HoldStep::Refuse(self.refusal(
                 RefusalKind::Rejected,
-                format!("review {} was cancelled; the request was not forwarded", state.id),
+                format!(
+                    "review {} was cancelled; the request was not forwarded",
+                    state.id
+                ),
             )),
         }
     }
@@ -518,7 +613,11 @@ impl Hold {
         if now_ms >= self.deadline_ms {
             return HoldStep::Call(Callout {
                 kind: CalloutKind::Expire,
-                headers: service_headers(config, "POST", format!("{FILTER_API_PREFIX}/{id}/expire")),
+                headers: service_headers(
+                    config,
+                    "POST",
+                    format!("{FILTER_API_PREFIX}/{id}/expire"),
+                ),
                 body: None,
                 timeout_ms: config.callout_timeout_ms,
             });
@@ -526,7 +625,11 @@ impl Hold {
         let wait = (self.deadline_ms - now_ms).min(config.long_poll_ms);
         HoldStep::Call(Callout {
             kind: CalloutKind::Wait,
-            headers: service_headers(config, "GET", format!("{FILTER_API_PREFIX}/{id}/wait?timeout_ms={wait}")),
+            headers: service_headers(
+                config,
+                "GET",
+                format!("{FILTER_API_PREFIX}/{id}/wait?timeout_ms={wait}"),
+            ),
             body: None,
             timeout_ms: wait.saturating_add(config.callout_timeout_ms),
         })
@@ -566,7 +669,11 @@ pub fn cancel_callout(config: &Config, review_id: &str) -> Option<Callout> {
     }
     Some(Callout {
         kind: CalloutKind::Expire,
-        headers: service_headers(config, "POST", format!("{FILTER_API_PREFIX}/{review_id}/cancel")),
+        headers: service_headers(
+            config,
+            "POST",
+            format!("{FILTER_API_PREFIX}/{review_id}/cancel"),
+        ),
         body: None,
         timeout_ms: config.callout_timeout_ms,
     })
@@ -588,7 +695,9 @@ fn service_headers(config: &Config, method: &str, path: String) -> Vec<(String, 
 fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -596,7 +705,11 @@ fn percent_encode(s: &str) -> String {
 
 /// Ids go into paths, so only a conservative alphabet is accepted.
 pub fn valid_review_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 fn parse_state(result: &CalloutResult) -> Result<ReviewState, String> {
@@ -604,7 +717,8 @@ fn parse_state(result: &CalloutResult) -> Result<ReviewState, String> {
     if !(200..300).contains(&status) {
         return Err(format!("status {status}"));
     }
-    let state: ReviewState = serde_json::from_slice(&result.body).map_err(|_| "unreadable answer".to_string())?;
+    let state: ReviewState =
+        serde_json::from_slice(&result.body).map_err(|_| "unreadable answer".to_string())?;
     if !valid_review_id(&state.id) {
         return Err("invalid review id".into());
     }
@@ -622,16 +736,28 @@ mod tests {
 
     fn setup(cfg: &str) -> (Config, Hold, HoldStep) {
         // Records off: the record phase has its own test below.
-        let cfg = cfg.replacen('{', r#"{"records":"off","#, 1).replace(",}", "}");
+        let cfg = cfg
+            .replacen('{', r#"{"records":"off","#, 1)
+            .replace(",}", "}");
         let c = Config::from_json(cfg.as_bytes()).unwrap();
-        let info = RequestInfo { path: "/v1/chat/completions".into(), method: "POST".into(), ..Default::default() };
-        let BodyVerdict::Hold(plan) = inspect_body(&c, &default_endpoints()[0], &info, BODY, 0) else { panic!() };
+        let info = RequestInfo {
+            path: "/v1/chat/completions".into(),
+            method: "POST".into(),
+            ..Default::default()
+        };
+        let BodyVerdict::Hold(plan) = inspect_body(&c, &default_endpoints()[0], &info, BODY, 0)
+        else {
+            panic!()
+        };
         let (h, s) = Hold::start(&c, &plan, info, 1_000);
         (c, h, s)
     }
 
     fn ok(state: &str) -> CalloutResult {
-        CalloutResult { status: Some(200), body: state.as_bytes().to_vec() }
+        CalloutResult {
+            status: Some(200),
+            body: state.as_bytes().to_vec(),
+        }
     }
 
     fn state(status: &str, extra: &str) -> String {
@@ -640,7 +766,13 @@ mod tests {
 
     fn path_of(step: &HoldStep) -> String {
         match step {
-            HoldStep::Call(c) => c.headers.iter().find(|(k, _)| k == ":path").unwrap().1.clone(),
+            HoldStep::Call(c) => c
+                .headers
+                .iter()
+                .find(|(k, _)| k == ":path")
+                .unwrap()
+                .1
+                .clone(),
             other => panic!("{other:?}"),
         }
     }
@@ -656,7 +788,12 @@ mod tests {
         // Near the deadline, the poll shrinks to what is left.
         let s = h.on_response(&c, CalloutKind::Wait, &ok(&state("pending", "")), 51_000);
         assert_eq!(path_of(&s), "/v1/reviews/rev_1/wait?timeout_ms=10000");
-        let s = h.on_response(&c, CalloutKind::Wait, &ok(&state("approved", r#","reviewer":"alice""#)), 52_000);
+        let s = h.on_response(
+            &c,
+            CalloutKind::Wait,
+            &ok(&state("approved", r#","reviewer":"alice""#)),
+            52_000,
+        );
         assert_eq!(
             s,
             HoldStep::Release(Release {
@@ -673,10 +810,22 @@ mod tests {
     fn reject_names_reviewer_and_reason() {
         let (c, mut h, _) = setup("{}");
         h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000);
-        let s = h.on_response(&c, CalloutKind::Wait, &ok(&state("rejected", r#","reviewer":"bob","reason":"leaks data""#)), 2_000);
+        let s = h.on_response(
+            &c,
+            CalloutKind::Wait,
+            &ok(&state(
+                "rejected",
+                r#","reviewer":"bob","reason":"leaks data""#,
+            )),
+            2_000,
+        );
         let HoldStep::Refuse(r) = s else { panic!() };
         assert_eq!(r.status(), 403);
-        assert!(r.message.contains("bob") && r.message.contains("leaks data") && r.message.contains("rev_1"));
+        assert!(
+            r.message.contains("bob")
+                && r.message.contains("leaks data")
+                && r.message.contains("rev_1")
+        );
         assert_eq!(r.review_id.as_deref(), Some("rev_1"));
     }
 
@@ -686,7 +835,11 @@ mod tests {
         h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000);
         let s = h.on_response(&c, CalloutKind::Wait, &ok(&state("pending", "")), 6_000);
         assert_eq!(path_of(&s), "/v1/reviews/rev_1/expire");
-        let HoldStep::Refuse(r) = h.on_response(&c, CalloutKind::Expire, &ok(&state("expired", "")), 6_001) else { panic!() };
+        let HoldStep::Refuse(r) =
+            h.on_response(&c, CalloutKind::Expire, &ok(&state("expired", "")), 6_001)
+        else {
+            panic!()
+        };
         assert_eq!(r.status(), 504);
         // An approval that won the race against expiry is honoured.
         let (c, mut h, _) = setup(r#"{"hold_timeout_ms":5000}"#);
@@ -698,11 +851,20 @@ mod tests {
     #[test]
     fn service_down_fails_closed_unless_fail_open() {
         let (c, mut h, _) = setup("{}");
-        let down = CalloutResult { status: Some(503), body: b"upstream connect error".to_vec() };
-        let HoldStep::Refuse(r) = h.on_response(&c, CalloutKind::Create, &down, 1_000) else { panic!() };
+        let down = CalloutResult {
+            status: Some(503),
+            body: b"upstream connect error".to_vec(),
+        };
+        let HoldStep::Refuse(r) = h.on_response(&c, CalloutKind::Create, &down, 1_000) else {
+            panic!()
+        };
         assert_eq!(r.status(), 503);
-        let (c, mut h, _) = setup(r#"{"rules":[{"action":"review","fail_open":true,"record":"off"}]}"#);
-        assert!(matches!(h.on_response(&c, CalloutKind::Create, &down, 1_000), HoldStep::Release(_)));
+        let (c, mut h, _) =
+            setup(r#"{"rules":[{"action":"review","fail_open":true,"record":"off"}]}"#);
+        assert!(matches!(
+            h.on_response(&c, CalloutKind::Create, &down, 1_000),
+            HoldStep::Release(_)
+        ));
         // fail_open never applies once the review exists.
         h.review_id = Some("rev_1".into());
         let s = h.on_response(&c, CalloutKind::Wait, &ok(&state("rejected", "")), 2_000);
@@ -713,11 +875,25 @@ mod tests {
     fn wait_failures_back_off_until_the_deadline() {
         let (c, mut h, _) = setup(r#"{"hold_timeout_ms":10000}"#);
         h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000);
-        let none = CalloutResult { status: None, body: vec![] };
-        assert_eq!(h.on_response(&c, CalloutKind::Wait, &none, 2_000), HoldStep::RetryAt(2_250));
-        assert_eq!(h.on_response(&c, CalloutKind::Wait, &none, 2_250), HoldStep::RetryAt(2_750));
-        assert_eq!(path_of(&h.on_retry(&c, 2_750)), "/v1/reviews/rev_1/wait?timeout_ms=8250");
-        let HoldStep::Refuse(r) = h.on_response(&c, CalloutKind::Wait, &none, 11_000) else { panic!() };
+        let none = CalloutResult {
+            status: None,
+            body: vec![],
+        };
+        assert_eq!(
+            h.on_response(&c, CalloutKind::Wait, &none, 2_000),
+            HoldStep::RetryAt(2_250)
+        );
+        assert_eq!(
+            h.on_response(&c, CalloutKind::Wait, &none, 2_250),
+            HoldStep::RetryAt(2_750)
+        );
+        assert_eq!(
+            path_of(&h.on_retry(&c, 2_750)),
+            "/v1/reviews/rev_1/wait?timeout_ms=8250"
+        );
+        let HoldStep::Refuse(r) = h.on_response(&c, CalloutKind::Wait, &none, 11_000) else {
+            panic!()
+        };
         assert_eq!(r.status(), 504);
     }
 
@@ -726,8 +902,17 @@ mod tests {
         let (c, mut h, _) = setup("{}");
         h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000);
         let edited = r#","edited_body":"{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"safe\"}]}""#;
-        let HoldStep::Release(rel) = h.on_response(&c, CalloutKind::Wait, &ok(&state("approved", edited)), 2_000) else { panic!() };
-        assert!(String::from_utf8(rel.edited_body.unwrap()).unwrap().contains("safe"));
+        let HoldStep::Release(rel) = h.on_response(
+            &c,
+            CalloutKind::Wait,
+            &ok(&state("approved", edited)),
+            2_000,
+        ) else {
+            panic!()
+        };
+        assert!(String::from_utf8(rel.edited_body.unwrap())
+            .unwrap()
+            .contains("safe"));
         let bad = r#","edited_body":"{\"messages\":[]}""#;
         let s = h.on_response(&c, CalloutKind::Wait, &ok(&state("approved", bad)), 2_000);
         assert!(matches!(s, HoldStep::Refuse(_)));
@@ -744,44 +929,119 @@ mod tests {
     fn async_review_answers_202_with_the_status_url() {
         let (c, mut h, _) = setup(&token_config());
         assert_eq!(h.cancellable_review(), None);
-        let HoldStep::Respond(reply) = h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000) else { panic!() };
+        let HoldStep::Respond(reply) =
+            h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000)
+        else {
+            panic!()
+        };
         assert_eq!(reply.status, 202);
-        assert!(reply.headers.contains(&("location".into(), "/countersign/reviews/rev_1".into())));
+        assert!(reply
+            .headers
+            .contains(&("location".into(), "/countersign/reviews/rev_1".into())));
         let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
         assert_eq!(body["id"], "rev_1");
     }
 
     #[test]
     fn consume_outcomes() {
-        let c = Config::from_json(token_config().replacen('{', r#"{"records":"off","#, 1).as_bytes()).unwrap();
-        let claims = TokenClaims { rid: "rev_9".into(), sub: "ci".into(), bh: String::new(), exp: 0 };
+        let c = Config::from_json(
+            token_config()
+                .replacen('{', r#"{"records":"off","#, 1)
+                .as_bytes(),
+        )
+        .unwrap();
+        let claims = TokenClaims {
+            rid: "rev_9".into(),
+            sub: "ci".into(),
+            bh: String::new(),
+            exp: 0,
+        };
         let info = RequestInfo::default();
-        let (mut h, step) = Hold::consume(&c, ApiKind::OpenaiChat, info.clone(), &claims, Parsed::default(), BODY, 0);
+        let (mut h, step) = Hold::consume(
+            &c,
+            ApiKind::OpenaiChat,
+            info.clone(),
+            &claims,
+            Parsed::default(),
+            BODY,
+            0,
+        );
         assert_eq!(path_of(&step), "/v1/reviews/rev_9/consume");
-        let r = |status| CalloutResult { status: Some(status), body: vec![] };
-        assert!(matches!(h.on_response(&c, CalloutKind::Consume, &r(200), 0), HoldStep::Release(_)));
-        let HoldStep::Refuse(replay) = h.on_response(&c, CalloutKind::Consume, &r(409), 0) else { panic!() };
-        assert_eq!((replay.status(), replay.kind.code()), (403, "approval_token_used"));
-        let HoldStep::Refuse(down) = h.on_response(&c, CalloutKind::Consume, &r(503), 0) else { panic!() };
+        let r = |status| CalloutResult {
+            status: Some(status),
+            body: vec![],
+        };
+        assert!(matches!(
+            h.on_response(&c, CalloutKind::Consume, &r(200), 0),
+            HoldStep::Release(_)
+        ));
+        let HoldStep::Refuse(replay) = h.on_response(&c, CalloutKind::Consume, &r(409), 0) else {
+            panic!()
+        };
+        assert_eq!(
+            (replay.status(), replay.kind.code()),
+            (403, "approval_token_used")
+        );
+        let HoldStep::Refuse(down) = h.on_response(&c, CalloutKind::Consume, &r(503), 0) else {
+            panic!()
+        };
         assert_eq!(down.status(), 503);
-        let evil = TokenClaims { rid: "../x".into(), ..claims };
-        assert!(matches!(Hold::consume(&c, ApiKind::OpenaiChat, info, &evil, Parsed::default(), BODY, 0).1, HoldStep::Refuse(_)));
+        let evil = TokenClaims {
+            rid: "../x".into(),
+            ..claims
+        };
+        assert!(matches!(
+            Hold::consume(
+                &c,
+                ApiKind::OpenaiChat,
+                info,
+                &evil,
+                Parsed::default(),
+                BODY,
+                0
+            )
+            .1,
+            HoldStep::Refuse(_)
+        ));
     }
 
     #[test]
     fn status_lookup_passes_only_known_fields() {
         let c = Config::from_json(token_config().as_bytes()).unwrap();
         let info = RequestInfo {
-            caller: Some(crate::identity::Caller { name: "ci bot".into(), groups: vec![] }),
+            caller: Some(crate::identity::Caller {
+                name: "ci bot".into(),
+                groups: vec![],
+            }),
             ..Default::default()
         };
         let (mut h, step) = Hold::status(&c, info, "rev_1");
         assert_eq!(path_of(&step), "/v1/reviews/rev_1/status?caller=ci%20bot");
         let body = br#"{"id":"rev_1","status":"approved","expires_at_ms":5,"approval_token":"t","internal":"x"}"#;
-        let HoldStep::Respond(reply) = h.on_response(&c, CalloutKind::Status, &CalloutResult { status: Some(200), body: body.to_vec() }, 0) else { panic!() };
+        let HoldStep::Respond(reply) = h.on_response(
+            &c,
+            CalloutKind::Status,
+            &CalloutResult {
+                status: Some(200),
+                body: body.to_vec(),
+            },
+            0,
+        ) else {
+            panic!()
+        };
         let text = String::from_utf8(reply.body).unwrap();
         assert!(text.contains("\"approval_token\":\"t\"") && !text.contains("internal"));
-        let HoldStep::Refuse(nf) = h.on_response(&c, CalloutKind::Status, &CalloutResult { status: Some(404), body: vec![] }, 0) else { panic!() };
+        let HoldStep::Refuse(nf) = h.on_response(
+            &c,
+            CalloutKind::Status,
+            &CalloutResult {
+                status: Some(404),
+                body: vec![],
+            },
+            0,
+        ) else {
+            panic!()
+        };
         assert_eq!(nf.status(), 404);
     }
 
@@ -789,32 +1049,77 @@ mod tests {
     fn approval_waits_for_a_durable_record() {
         for (mode, ok_without_record) in [("required", false), ("best_effort", true)] {
             let c = Config::from_json(format!(r#"{{"records":"{mode}"}}"#).as_bytes()).unwrap();
-            let info = RequestInfo { path: "/v1/chat/completions".into(), method: "POST".into(), ..Default::default() };
-            let BodyVerdict::Hold(plan) = inspect_body(&c, &default_endpoints()[0], &info, BODY, 0) else { panic!() };
+            let info = RequestInfo {
+                path: "/v1/chat/completions".into(),
+                method: "POST".into(),
+                ..Default::default()
+            };
+            let BodyVerdict::Hold(plan) = inspect_body(&c, &default_endpoints()[0], &info, BODY, 0)
+            else {
+                panic!()
+            };
             let (mut h, _) = Hold::start(&c, &plan, info, 1_000);
             h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000);
-            let step = h.on_response(&c, CalloutKind::Wait, &ok(&state("approved", r#","reviewer":"alice""#)), 4_000);
-            let HoldStep::Call(call) = step else { panic!("{step:?}") };
+            let step = h.on_response(
+                &c,
+                CalloutKind::Wait,
+                &ok(&state("approved", r#","reviewer":"alice""#)),
+                4_000,
+            );
+            let HoldStep::Call(call) = step else {
+                panic!("{step:?}")
+            };
             assert_eq!(call.kind, CalloutKind::Record);
             let rec: NewRecord = serde_json::from_slice(call.body.as_ref().unwrap()).unwrap();
-            assert_eq!((rec.decision.as_str(), rec.review_id.as_deref(), rec.held_ms), ("approved", Some("rev_1"), Some(3_000)));
+            assert_eq!(
+                (rec.decision.as_str(), rec.review_id.as_deref(), rec.held_ms),
+                ("approved", Some("rev_1"), Some(3_000))
+            );
             assert_eq!(rec.body.as_deref().map(str::as_bytes), Some(BODY));
             let mut h2 = h.clone();
-            let HoldStep::Release(rel) = h.on_response(&c, CalloutKind::Record, &ok(r#"{"record_id":"rec_7"}"#), 4_001) else { panic!() };
+            let HoldStep::Release(rel) = h.on_response(
+                &c,
+                CalloutKind::Record,
+                &ok(r#"{"record_id":"rec_7"}"#),
+                4_001,
+            ) else {
+                panic!()
+            };
             assert_eq!(rel.record_id.as_deref(), Some("rec_7"));
-            let failed = h2.on_response(&c, CalloutKind::Record, &CalloutResult { status: Some(500), body: vec![] }, 4_001);
-            assert_eq!(matches!(failed, HoldStep::Release(_)), ok_without_record, "{mode}");
+            let failed = h2.on_response(
+                &c,
+                CalloutKind::Record,
+                &CalloutResult {
+                    status: Some(500),
+                    body: vec![],
+                },
+                4_001,
+            );
+            assert_eq!(
+                matches!(failed, HoldStep::Release(_)),
+                ok_without_record,
+                "{mode}"
+            );
         }
     }
 
     #[test]
     fn answers_for_other_reviews_or_odd_ids_are_refused() {
         let (c, mut h, _) = setup("{}");
-        let evil = CalloutResult { status: Some(201), body: br#"{"id":"../admin","status":"pending","expires_at_ms":0}"#.to_vec() };
-        assert!(matches!(h.on_response(&c, CalloutKind::Create, &evil, 1_000), HoldStep::Refuse(_)));
+        let evil = CalloutResult {
+            status: Some(201),
+            body: br#"{"id":"../admin","status":"pending","expires_at_ms":0}"#.to_vec(),
+        };
+        assert!(matches!(
+            h.on_response(&c, CalloutKind::Create, &evil, 1_000),
+            HoldStep::Refuse(_)
+        ));
         let (c, mut h, _) = setup("{}");
         h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000);
         let other = ok(r#"{"id":"rev_2","status":"approved","expires_at_ms":0}"#);
-        assert!(matches!(h.on_response(&c, CalloutKind::Wait, &other, 2_000), HoldStep::Refuse(_)));
+        assert!(matches!(
+            h.on_response(&c, CalloutKind::Wait, &other, 2_000),
+            HoldStep::Refuse(_)
+        ));
     }
 }

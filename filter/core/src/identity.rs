@@ -56,7 +56,11 @@ pub struct UpstreamCredential {
 
 impl std::fmt::Debug for UpstreamCredential {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "UpstreamCredential {{ header: {:?}, value: <redacted> }}", self.header)
+        write!(
+            f,
+            "UpstreamCredential {{ header: {:?}, value: <redacted> }}",
+            self.header
+        )
     }
 }
 
@@ -65,7 +69,12 @@ impl std::fmt::Debug for UpstreamCredential {
 pub struct IdentityError(pub String);
 
 fn split_groups(value: &str) -> Vec<String> {
-    value.split(',').map(str::trim).filter(|g| !g.is_empty()).map(str::to_string).collect()
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|g| !g.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// A caller name from a header or metadata must be printable and short: it
@@ -85,34 +94,66 @@ pub fn identify(
         IdentitySource::ApiKey { key_headers, keys } => {
             let presented = key_headers.iter().find_map(|h| header(h).map(|v| (h, v)));
             let Some((name, value)) = presented else {
-                return Err(IdentityError(format!("missing API key (send it in `{}`)", key_headers.join("` or `"))));
+                return Err(IdentityError(format!(
+                    "missing API key (send it in `{}`)",
+                    key_headers.join("` or `")
+                )));
             };
             let value = value.trim();
             let key = if name.eq_ignore_ascii_case("authorization") {
                 match value.split_once(' ') {
                     Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
-                    _ => return Err(IdentityError("`authorization` must be `Bearer <key>`".into())),
+                    _ => {
+                        return Err(IdentityError(
+                            "`authorization` must be `Bearer <key>`".into(),
+                        ))
+                    }
                 }
             } else {
                 value
             };
-            keys.get(&sha256_hex(key.as_bytes())).cloned().ok_or_else(|| IdentityError("invalid API key".into()))
+            keys.get(&sha256_hex(key.as_bytes()))
+                .cloned()
+                .ok_or_else(|| IdentityError("invalid API key".into()))
         }
-        IdentitySource::Header { name, groups_header } => {
-            let caller = header(name).map(|v| v.trim().to_string()).filter(|v| valid_name(v));
+        IdentitySource::Header {
+            name,
+            groups_header,
+        } => {
+            let caller = header(name)
+                .map(|v| v.trim().to_string())
+                .filter(|v| valid_name(v));
             let Some(caller) = caller else {
-                return Err(IdentityError(format!("missing caller identity (`{name}` not set by the authentication filter)")));
+                return Err(IdentityError(format!(
+                    "missing caller identity (`{name}` not set by the authentication filter)"
+                )));
             };
-            let groups = groups_header.as_deref().and_then(header).map(|g| split_groups(&g)).unwrap_or_default();
-            Ok(Caller { name: caller, groups })
+            let groups = groups_header
+                .as_deref()
+                .and_then(header)
+                .map(|g| split_groups(&g))
+                .unwrap_or_default();
+            Ok(Caller {
+                name: caller,
+                groups,
+            })
         }
         IdentitySource::Metadata { path, groups_path } => {
-            let caller = property(path).map(|v| v.trim().to_string()).filter(|v| valid_name(v));
+            let caller = property(path)
+                .map(|v| v.trim().to_string())
+                .filter(|v| valid_name(v));
             let Some(caller) = caller else {
                 return Err(IdentityError("missing caller identity in metadata".into()));
             };
-            let groups = groups_path.as_deref().and_then(property).map(|g| split_groups(&g)).unwrap_or_default();
-            Ok(Caller { name: caller, groups })
+            let groups = groups_path
+                .as_deref()
+                .and_then(property)
+                .map(|g| split_groups(&g))
+                .unwrap_or_default();
+            Ok(Caller {
+                name: caller,
+                groups,
+            })
         }
     }
 }
@@ -145,7 +186,10 @@ pub fn forward_header_edits(
     }
     remove.sort();
     remove.dedup();
-    HeaderEdits { remove, set: credential.map(|c| (c.header.clone(), c.value.clone())) }
+    HeaderEdits {
+        remove,
+        set: credential.map(|c| (c.header.clone(), c.value.clone())),
+    }
 }
 
 #[cfg(test)]
@@ -155,8 +199,17 @@ mod tests {
 
     fn keys() -> IdentitySource {
         let mut keys = HashMap::new();
-        keys.insert(sha256_hex(b"key-ci"), Caller { name: "ci".into(), groups: vec!["bots".into()] });
-        IdentitySource::ApiKey { key_headers: vec!["authorization".into(), "x-api-key".into()], keys }
+        keys.insert(
+            sha256_hex(b"key-ci"),
+            Caller {
+                name: "ci".into(),
+                groups: vec!["bots".into()],
+            },
+        );
+        IdentitySource::ApiKey {
+            key_headers: vec!["authorization".into(), "x-api-key".into()],
+            keys,
+        }
     }
 
     fn none(_: &[String]) -> Option<String> {
@@ -171,30 +224,56 @@ mod tests {
         let x = |h: &str| (h == "x-api-key").then(|| "key-ci".to_string());
         assert_eq!(identify(&src, &x, &none).unwrap().groups, vec!["bots"]);
         let wrong = |h: &str| (h == "authorization").then(|| "Bearer key-cj".to_string());
-        assert_eq!(identify(&src, &wrong, &none).unwrap_err().0, "invalid API key");
+        assert_eq!(
+            identify(&src, &wrong, &none).unwrap_err().0,
+            "invalid API key"
+        );
         let basic = |h: &str| (h == "authorization").then(|| "Basic a2V5".to_string());
         assert!(identify(&src, &basic, &none).is_err());
-        assert!(identify(&src, &|_| None, &none).unwrap_err().0.contains("missing"));
+        assert!(identify(&src, &|_| None, &none)
+            .unwrap_err()
+            .0
+            .contains("missing"));
     }
 
     #[test]
     fn trusted_header_and_metadata() {
-        let src = IdentitySource::Header { name: "x-user".into(), groups_header: Some("x-groups".into()) };
+        let src = IdentitySource::Header {
+            name: "x-user".into(),
+            groups_header: Some("x-groups".into()),
+        };
         let h = |h: &str| match h {
             "x-user" => Some("alice@corp".to_string()),
             "x-groups" => Some("eng, security,".to_string()),
             _ => None,
         };
-        assert_eq!(identify(&src, &h, &none).unwrap(), Caller { name: "alice@corp".into(), groups: vec!["eng".into(), "security".into()] });
+        assert_eq!(
+            identify(&src, &h, &none).unwrap(),
+            Caller {
+                name: "alice@corp".into(),
+                groups: vec!["eng".into(), "security".into()]
+            }
+        );
         assert!(identify(&src, &|_| Some("bad\nname".into()), &none).is_err());
-        let md = IdentitySource::Metadata { path: vec!["metadata".into(), "x".into()], groups_path: None };
-        assert_eq!(identify(&md, &|_| None, &|_| Some("svc-a".into())).unwrap().name, "svc-a");
+        let md = IdentitySource::Metadata {
+            path: vec!["metadata".into(), "x".into()],
+            groups_path: None,
+        };
+        assert_eq!(
+            identify(&md, &|_| None, &|_| Some("svc-a".into()))
+                .unwrap()
+                .name,
+            "svc-a"
+        );
         assert!(identify(&md, &|_| None, &none).is_err());
     }
 
     #[test]
     fn debug_hides_the_credential() {
-        let c = UpstreamCredential { header: "authorization".into(), value: "Bearer sk-secret".into() };
+        let c = UpstreamCredential {
+            header: "authorization".into(),
+            value: "Bearer sk-secret".into(),
+        };
         assert!(!format!("{c:?}").contains("sk-secret"));
     }
 }

@@ -73,6 +73,17 @@ pub struct Parsed {
     pub stream: bool,
 }
 
+impl Parsed {
+    /// `info` with these facts filled in.
+    pub fn into_info(self, info: &RequestInfo) -> RequestInfo {
+        RequestInfo {
+            model: self.model,
+            stream: self.stream,
+            ..info.clone()
+        }
+    }
+}
+
 /// Everything needed to start a hold.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HoldPlan {
@@ -106,8 +117,14 @@ pub fn choose_rule(config: &Config, info: &RequestInfo, model: &str) -> RuleChoi
         };
         let path_ok = rule.path.as_ref().is_none_or(|g| g.matches(&info.path));
         let model_ok = rule.model.as_ref().is_none_or(|g| g.matches(model));
-        let caller_ok = rule.caller.as_ref().is_none_or(|g| caller.is_some_and(|c| g.matches(&c.name)));
-        let group_ok = rule.group.as_ref().is_none_or(|g| caller.is_some_and(|c| c.groups.contains(g)));
+        let caller_ok = rule
+            .caller
+            .as_ref()
+            .is_none_or(|g| caller.is_some_and(|c| g.matches(&c.name)));
+        let group_ok = rule
+            .group
+            .as_ref()
+            .is_none_or(|g| caller.is_some_and(|c| c.groups.contains(g)));
         if route_ok && path_ok && model_ok && caller_ok && group_ok {
             return RuleChoice {
                 name: rule.name.clone(),
@@ -152,13 +169,26 @@ pub struct Screening {
 }
 
 /// Decides on a complete request body.
-pub fn inspect_body(config: &Config, endpoint: &Endpoint, info: &RequestInfo, body: &[u8], now_ms: u64) -> BodyVerdict {
+pub fn inspect_body(
+    config: &Config,
+    endpoint: &Endpoint,
+    info: &RequestInfo,
+    body: &[u8],
+    now_ms: u64,
+) -> BodyVerdict {
     screen_body(config, endpoint, info, body, now_ms).0
 }
 
 /// Applies content policy and masking to a body of shape `api`; the body to
 /// forward comes back in [`Screening::masked_body`] when it changed.
-fn screen(config: &Config, api: ApiKind, info: &RequestInfo, rule: &RuleChoice, parsed: &ParsedRequest, body: &[u8]) -> Result<Screening, Refusal> {
+fn screen(
+    config: &Config,
+    api: ApiKind,
+    info: &RequestInfo,
+    rule: &RuleChoice,
+    parsed: &ParsedRequest,
+    body: &[u8],
+) -> Result<Screening, Refusal> {
     let caller = info.caller.as_ref();
     let facts = RequestFacts {
         caller: caller.map(|c| c.name.as_str()),
@@ -168,12 +198,18 @@ fn screen(config: &Config, api: ApiKind, info: &RequestInfo, rule: &RuleChoice, 
         max_tokens: requested_max_tokens(api, body),
     };
     let mut screening = Screening::default();
-    let outcome = config.content_policy.evaluate_request(&facts, &parsed.prompt);
+    let outcome = config
+        .content_policy
+        .evaluate_request(&facts, &parsed.prompt);
     if let Some(refusal) = outcome.refusal(api) {
         return Err(refusal);
     }
     for m in outcome.monitored {
-        screening.hits.push(HitCount { name: m.rule, action: "monitor".into(), count: 1 });
+        screening.hits.push(HitCount {
+            name: m.rule,
+            action: "monitor".into(),
+            count: 1,
+        });
     }
     screening.response_rules = config.content_policy.response_rules(&facts);
     let Some(profile) = config.mask_profile(rule.masking.as_deref()) else {
@@ -183,8 +219,13 @@ fn screen(config: &Config, api: ApiKind, info: &RequestInfo, rule: &RuleChoice, 
     if profile.is_noop() {
         return Ok(screening);
     }
-    let masked = mask_request(profile, api, body)
-        .map_err(|e| Refusal::new(RefusalKind::BadRequest, Some(api), format!("request cannot be masked, so it is refused: {e}")))?;
+    let masked = mask_request(profile, api, body).map_err(|e| {
+        Refusal::new(
+            RefusalKind::BadRequest,
+            Some(api),
+            format!("request cannot be masked, so it is refused: {e}"),
+        )
+    })?;
     for h in &masked.hits {
         screening.hits.push(HitCount {
             name: h.detector.clone(),
@@ -201,7 +242,13 @@ fn screen(config: &Config, api: ApiKind, info: &RequestInfo, rule: &RuleChoice, 
 }
 
 /// [`inspect_body`], also returning what screening found and changed.
-pub fn screen_body(config: &Config, endpoint: &Endpoint, info: &RequestInfo, body: &[u8], now_ms: u64) -> (BodyVerdict, Screening) {
+pub fn screen_body(
+    config: &Config,
+    endpoint: &Endpoint,
+    info: &RequestInfo,
+    body: &[u8],
+    now_ms: u64,
+) -> (BodyVerdict, Screening) {
     let api = endpoint.api;
     let refuse = |r: Refusal| (BodyVerdict::Refuse(r), Screening::default());
     if body.len() > config.max_body_bytes {
@@ -211,7 +258,11 @@ pub fn screen_body(config: &Config, endpoint: &Endpoint, info: &RequestInfo, bod
         Ok(p) => p,
         Err(e) => return refuse(Refusal::new(RefusalKind::BadRequest, Some(api), e)),
     };
-    if let Some(field) = parsed.unknown_fields.iter().find(|f| !config.extra_fields.contains(f)) {
+    if let Some(field) = parsed
+        .unknown_fields
+        .iter()
+        .find(|f| !config.extra_fields.contains(f))
+    {
         return refuse(Refusal::new(
             RefusalKind::BadRequest,
             Some(api),
@@ -219,11 +270,21 @@ pub fn screen_body(config: &Config, endpoint: &Endpoint, info: &RequestInfo, bod
         ));
     }
     if parsed.attachments && config.attachments == Attachments::Deny {
-        return refuse(Refusal::new(RefusalKind::PolicyDenied, Some(api), "prompts with images, audio, files or documents are not allowed here"));
+        return refuse(Refusal::new(
+            RefusalKind::PolicyDenied,
+            Some(api),
+            "prompts with images, audio, files or documents are not allowed here",
+        ));
     }
-    let facts = Parsed { model: Some(parsed.model.clone()), stream: parsed.stream };
+    let facts = Parsed {
+        model: Some(parsed.model.clone()),
+        stream: parsed.stream,
+    };
     let mut rule = choose_rule(config, info, &parsed.model);
-    if parsed.attachments && config.attachments == Attachments::Review && rule.action == Action::Allow {
+    if parsed.attachments
+        && config.attachments == Attachments::Review
+        && rule.action == Action::Allow
+    {
         // Attachments cannot be judged by rules on text: a human looks.
         rule.action = Action::Review;
         rule.name = format!("{} (attachments need review)", rule.name);
@@ -238,7 +299,10 @@ pub fn screen_body(config: &Config, endpoint: &Endpoint, info: &RequestInfo, bod
         Err(r) => return refuse(r),
     };
     if let Some(token) = &info.approval_token {
-        return (check_token(config, api, info, token, body, now_ms, facts), screening);
+        return (
+            check_token(config, api, info, token, body, now_ms, facts),
+            screening,
+        );
     }
     let verdict = match rule.action {
         Action::Allow | Action::Deny => BodyVerdict::Forward(rule, facts),
@@ -249,42 +313,83 @@ pub fn screen_body(config: &Config, endpoint: &Endpoint, info: &RequestInfo, bod
             }
             // The reviewer sees what the model would see: the masked body.
             let (text, parsed) = match &screening.masked_body {
-                Some(masked) => match (std::str::from_utf8(masked), parse_request_at(api, &info.path, masked)) {
+                Some(masked) => match (
+                    std::str::from_utf8(masked),
+                    parse_request_at(api, &info.path, masked),
+                ) {
                     (Ok(t), Ok(p)) => (t.to_string(), p),
-                    _ => return refuse(Refusal::new(RefusalKind::BadRequest, Some(api), "masked request is unreadable")),
+                    _ => {
+                        return refuse(Refusal::new(
+                            RefusalKind::BadRequest,
+                            Some(api),
+                            "masked request is unreadable",
+                        ))
+                    }
                 },
                 None => match std::str::from_utf8(body) {
                     Ok(t) => (t.to_string(), parsed),
-                    Err(_) => return refuse(Refusal::new(RefusalKind::BadRequest, Some(api), "request body is not UTF-8")),
+                    Err(_) => {
+                        return refuse(Refusal::new(
+                            RefusalKind::BadRequest,
+                            Some(api),
+                            "request body is not UTF-8",
+                        ))
+                    }
                 },
             };
-            BodyVerdict::Hold(Box::new(HoldPlan { review: review_for(api, info, &parsed, &text, &rule), rule }))
+            BodyVerdict::Hold(Box::new(HoldPlan {
+                review: review_for(api, info, &parsed, &text, &rule),
+                rule,
+            }))
         }
     };
     (verdict, screening)
 }
 
-fn check_token(config: &Config, api: ApiKind, info: &RequestInfo, token: &str, body: &[u8], now_ms: u64, facts: Parsed) -> BodyVerdict {
+fn check_token(
+    config: &Config,
+    api: ApiKind,
+    info: &RequestInfo,
+    token: &str,
+    body: &[u8],
+    now_ms: u64,
+    facts: Parsed,
+) -> BodyVerdict {
     let Some(tokens) = &config.approval_tokens else {
-        return BodyVerdict::Refuse(Refusal::new(RefusalKind::BadRequest, Some(api), "approval tokens are not enabled on this gateway"));
+        return BodyVerdict::Refuse(Refusal::new(
+            RefusalKind::BadRequest,
+            Some(api),
+            "approval tokens are not enabled on this gateway",
+        ));
     };
     let Some(caller) = &info.caller else {
-        return BodyVerdict::Refuse(Refusal::new(RefusalKind::Unauthenticated, Some(api), "an approval token needs an identified caller"));
+        return BodyVerdict::Refuse(Refusal::new(
+            RefusalKind::Unauthenticated,
+            Some(api),
+            "an approval token needs an identified caller",
+        ));
     };
     match verify(token, &tokens.keys, &caller.name, body, now_ms) {
-        Err(e) => BodyVerdict::Refuse(Refusal::new(RefusalKind::InvalidToken, Some(api), e.message())),
+        Err(e) => BodyVerdict::Refuse(Refusal::new(
+            RefusalKind::InvalidToken,
+            Some(api),
+            e.message(),
+        )),
         Ok(claims) if tokens.consume => BodyVerdict::Consume(Box::new(claims), facts),
-        Ok(claims) => BodyVerdict::Forward(RuleChoice {
-            name: format!("approval token for {}", claims.rid),
-            action: Action::Allow,
-            fail_open: false,
-            hold_timeout_ms: 0,
-            async_review: false,
-            approvals: 1,
-            approver_group: None,
-            record: config.records,
-            masking: None,
-        }, facts),
+        Ok(claims) => BodyVerdict::Forward(
+            RuleChoice {
+                name: format!("approval token for {}", claims.rid),
+                action: Action::Allow,
+                fail_open: false,
+                hold_timeout_ms: 0,
+                async_review: false,
+                approvals: 1,
+                approver_group: None,
+                record: config.records,
+                masking: None,
+            },
+            facts,
+        ),
     }
 }
 
@@ -294,10 +399,20 @@ pub fn token_body_hash(body: &[u8]) -> String {
 }
 
 fn denied(api: ApiKind, rule: &str, model: &str) -> Refusal {
-    Refusal::new(RefusalKind::PolicyDenied, Some(api), format!("denied by policy rule `{rule}` (model `{model}`)"))
+    Refusal::new(
+        RefusalKind::PolicyDenied,
+        Some(api),
+        format!("denied by policy rule `{rule}` (model `{model}`)"),
+    )
 }
 
-fn review_for(api: ApiKind, info: &RequestInfo, parsed: &ParsedRequest, body: &str, rule: &RuleChoice) -> CreateReview {
+fn review_for(
+    api: ApiKind,
+    info: &RequestInfo,
+    parsed: &ParsedRequest,
+    body: &str,
+    rule: &RuleChoice,
+) -> CreateReview {
     CreateReview {
         request_id: info.request_id.clone(),
         api,
@@ -306,7 +421,11 @@ fn review_for(api: ApiKind, info: &RequestInfo, parsed: &ParsedRequest, body: &s
         authority: info.authority.clone(),
         route: info.route.clone(),
         caller: info.caller.as_ref().map(|c| c.name.clone()),
-        caller_groups: info.caller.as_ref().map(|c| c.groups.clone()).unwrap_or_default(),
+        caller_groups: info
+            .caller
+            .as_ref()
+            .map(|c| c.groups.clone())
+            .unwrap_or_default(),
         required_approvals: rule.approvals,
         approver_group: rule.approver_group.clone(),
         async_review: rule.async_review,
@@ -322,9 +441,18 @@ fn review_for(api: ApiKind, info: &RequestInfo, parsed: &ParsedRequest, body: &s
 /// Checks a reviewer's edited body before it replaces the original: it must
 /// parse as the same API, policy deny rules still apply to it, and it is
 /// masked like any request. Returns the body to forward.
-pub fn check_edited_body(config: &Config, api: ApiKind, info: &RequestInfo, body: &[u8]) -> Result<Vec<u8>, Refusal> {
+pub fn check_edited_body(
+    config: &Config,
+    api: ApiKind,
+    info: &RequestInfo,
+    body: &[u8],
+) -> Result<Vec<u8>, Refusal> {
     let parsed = parse_request_at(api, &info.path, body).map_err(|e| {
-        Refusal::new(RefusalKind::ApprovalUnavailable, Some(api), format!("the reviewer's edited request is invalid: {e}"))
+        Refusal::new(
+            RefusalKind::ApprovalUnavailable,
+            Some(api),
+            format!("the reviewer's edited request is invalid: {e}"),
+        )
     })?;
     let rule = choose_rule(config, info, &parsed.model);
     if rule.action == Action::Deny {
@@ -341,7 +469,12 @@ mod tests {
     use crate::config::default_endpoints;
 
     fn info(path: &str, route: Option<&str>) -> RequestInfo {
-        RequestInfo { path: path.into(), method: "POST".into(), route: route.map(str::to_string), ..Default::default() }
+        RequestInfo {
+            path: path.into(),
+            method: "POST".into(),
+            route: route.map(str::to_string),
+            ..Default::default()
+        }
     }
 
     const CHAT: &[u8] = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
@@ -357,7 +490,13 @@ mod tests {
         )
         .unwrap();
         let ep = &default_endpoints()[0];
-        match inspect_body(&c, ep, &info("/v1/chat/completions", Some("bench-route")), CHAT, 0) {
+        match inspect_body(
+            &c,
+            ep,
+            &info("/v1/chat/completions", Some("bench-route")),
+            CHAT,
+            0,
+        ) {
             BodyVerdict::Forward(r, _) => assert_eq!(r.name, "bench"),
             other => panic!("{other:?}"),
         }
@@ -379,14 +518,21 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let other = br#"{"model":"llama","messages":[{"role":"user","content":"hi"}]}"#;
-        assert!(matches!(inspect_body(&c, ep, &info("/v1/chat/completions", None), other, 0), BodyVerdict::Refuse(_)));
+        assert!(matches!(
+            inspect_body(&c, ep, &info("/v1/chat/completions", None), other, 0),
+            BodyVerdict::Refuse(_)
+        ));
     }
 
     #[test]
     fn bad_bodies_are_refused_with_400() {
         let c = Config::from_json(b"").unwrap();
         let ep = &default_endpoints()[0];
-        for body in [&b"{"[..], b"{}", br#"{"model":"m","model":"n","messages":[{"role":"user","content":"x"}]}"#] {
+        for body in [
+            &b"{"[..],
+            b"{}",
+            br#"{"model":"m","model":"n","messages":[{"role":"user","content":"x"}]}"#,
+        ] {
             match inspect_body(&c, ep, &info("/v1/chat/completions", None), body, 0) {
                 BodyVerdict::Refuse(r) => assert_eq!(r.status(), 400),
                 other => panic!("{other:?}"),
@@ -403,25 +549,55 @@ mod tests {
             "0".repeat(64)
         );
         let c = Config::from_json(cfg.as_bytes()).unwrap();
-        let key = TokenKey { id: "k1".into(), secret: vec![b'A'; 32] };
+        let key = TokenKey {
+            id: "k1".into(),
+            secret: vec![b'A'; 32],
+        };
         // "QUFB..." is base64 of 32 'A' bytes.
         assert_eq!(c.approval_tokens.as_ref().unwrap().keys[0], key);
-        let token = mint(&key, &TokenClaims { rid: "rev_1".into(), sub: "ci".into(), bh: body_hash(CHAT), exp: 100 }).unwrap();
+        let token = mint(
+            &key,
+            &TokenClaims {
+                rid: "rev_1".into(),
+                sub: "ci".into(),
+                bh: body_hash(CHAT),
+                exp: 100,
+            },
+        )
+        .unwrap();
         let mut i = info("/v1/chat/completions", None);
-        i.caller = Some(Caller { name: "ci".into(), groups: vec![] });
+        i.caller = Some(Caller {
+            name: "ci".into(),
+            groups: vec![],
+        });
         i.approval_token = Some(token.clone());
         let ep = &default_endpoints()[0];
-        assert!(matches!(inspect_body(&c, ep, &i, CHAT, 50), BodyVerdict::Consume(..)));
-        let other = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"something else"}]}"#;
-        let BodyVerdict::Refuse(r) = inspect_body(&c, ep, &i, other, 50) else { panic!() };
+        assert!(matches!(
+            inspect_body(&c, ep, &i, CHAT, 50),
+            BodyVerdict::Consume(..)
+        ));
+        let other =
+            br#"{"model":"gpt-4o","messages":[{"role":"user","content":"something else"}]}"#;
+        let BodyVerdict::Refuse(r) = inspect_body(&c, ep, &i, other, 50) else {
+            panic!()
+        };
         assert_eq!((r.status(), r.kind.code()), (403, "invalid_approval_token"));
-        let BodyVerdict::Refuse(r) = inspect_body(&c, ep, &i, CHAT, 100) else { panic!() };
+        let BodyVerdict::Refuse(r) = inspect_body(&c, ep, &i, CHAT, 100) else {
+            panic!()
+        };
         assert!(r.message.contains("expired"));
-        i.caller = Some(Caller { name: "mallory".into(), groups: vec![] });
-        let BodyVerdict::Refuse(r) = inspect_body(&c, ep, &i, CHAT, 50) else { panic!() };
+        i.caller = Some(Caller {
+            name: "mallory".into(),
+            groups: vec![],
+        });
+        let BodyVerdict::Refuse(r) = inspect_body(&c, ep, &i, CHAT, 50) else {
+            panic!()
+        };
         assert!(r.message.contains("another caller"));
         let plain = Config::from_json(b"").unwrap();
-        let BodyVerdict::Refuse(r) = inspect_body(&plain, ep, &i, CHAT, 50) else { panic!() };
+        let BodyVerdict::Refuse(r) = inspect_body(&plain, ep, &i, CHAT, 50) else {
+            panic!()
+        };
         assert_eq!(r.status(), 400);
     }
 
@@ -429,9 +605,15 @@ mod tests {
     fn rules_match_callers_and_groups() {
         let c = Config::from_json(br#"{"rules":[{"caller":"ci-*","action":"allow"},{"group":"interns","action":"deny"}]}"#).unwrap();
         let mut i = info("/v1/chat/completions", None);
-        i.caller = Some(Caller { name: "ci-nightly".into(), groups: vec![] });
+        i.caller = Some(Caller {
+            name: "ci-nightly".into(),
+            groups: vec![],
+        });
         assert_eq!(choose_rule(&c, &i, "m").action, Action::Allow);
-        i.caller = Some(Caller { name: "bob".into(), groups: vec!["interns".into()] });
+        i.caller = Some(Caller {
+            name: "bob".into(),
+            groups: vec!["interns".into()],
+        });
         assert_eq!(choose_rule(&c, &i, "m").action, Action::Deny);
         i.caller = None;
         assert_eq!(choose_rule(&c, &i, "m").action, Action::Review);
@@ -444,6 +626,11 @@ mod tests {
         assert!(check_edited_body(&c, ApiKind::OpenaiChat, &i, CHAT).is_ok());
         assert!(check_edited_body(&c, ApiKind::OpenaiChat, &i, b"{}").is_err());
         let bad = br#"{"model":"bad","messages":[{"role":"user","content":"hi"}]}"#;
-        assert_eq!(check_edited_body(&c, ApiKind::OpenaiChat, &i, bad).unwrap_err().status(), 403);
+        assert_eq!(
+            check_edited_body(&c, ApiKind::OpenaiChat, &i, bad)
+                .unwrap_err()
+                .status(),
+            403
+        );
     }
 }

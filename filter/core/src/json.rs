@@ -45,7 +45,9 @@ impl<'de> Visitor<'de> for StrictVisitor {
         Ok(Value::from(v))
     }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
-        serde_json::Number::from_f64(v).map(Value::Number).ok_or_else(|| E::custom("number out of range"))
+        serde_json::Number::from_f64(v)
+            .map(Value::Number)
+            .ok_or_else(|| E::custom("number out of range"))
     }
     fn visit_str<E>(self, v: &str) -> Result<Value, E> {
         Ok(Value::String(v.to_string()))
@@ -102,7 +104,11 @@ mod tests {
             br#"{"a":1e999}"#,
             b"",
         ] {
-            assert!(parse_strict(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_strict(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
         let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
         assert!(parse_strict(deep.as_bytes()).is_err());

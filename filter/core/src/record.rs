@@ -14,7 +14,11 @@ pub fn new_record(info: &RequestInfo, api: Option<ApiKind>, decision: &str) -> N
         request_id: info.request_id.clone(),
         received_at_ms: info.received_at_ms,
         caller: info.caller.as_ref().map(|c| c.name.clone()),
-        caller_groups: info.caller.as_ref().map(|c| c.groups.clone()).unwrap_or_default(),
+        caller_groups: info
+            .caller
+            .as_ref()
+            .map(|c| c.groups.clone())
+            .unwrap_or_default(),
         source_address: info.source_address.clone(),
         route: info.route.clone(),
         method: info.method.clone(),
@@ -37,7 +41,11 @@ pub fn new_record(info: &RequestInfo, api: Option<ApiKind>, decision: &str) -> N
 pub fn refusal_record(info: &RequestInfo, api: Option<ApiKind>, refusal: &Refusal) -> NewRecord {
     let mut r = new_record(info, api, refusal.kind.outcome());
     r.review_id = refusal.review_id.clone();
-    r.refusal = Some(RecordedRefusal { status: refusal.status(), code: refusal.kind.code().to_string(), message: refusal.message.clone() });
+    r.refusal = Some(RecordedRefusal {
+        status: refusal.status(),
+        code: refusal.kind.code().to_string(),
+        message: refusal.message.clone(),
+    });
     r
 }
 
@@ -60,8 +68,20 @@ pub struct ResponseRecorder {
 impl ResponseRecorder {
     /// A recorder for a response with this `content-type`.
     pub fn new(content_type: Option<&str>, cap: usize) -> ResponseRecorder {
-        let sse = content_type.is_some_and(|c| c.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
-        ResponseRecorder { sse, cap, raw: Vec::new(), pending: Vec::new(), parts: Vec::new(), usage: None, truncated: false }
+        let sse = content_type.is_some_and(|c| {
+            c.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("text/event-stream")
+        });
+        ResponseRecorder {
+            sse,
+            cap,
+            raw: Vec::new(),
+            pending: Vec::new(),
+            parts: Vec::new(),
+            usage: None,
+            truncated: false,
+        }
     }
 
     /// Feeds the next body chunk.
@@ -100,7 +120,9 @@ impl ResponseRecorder {
         if data.trim() == "[DONE]" {
             return;
         }
-        let Ok(v) = serde_json::from_str::<Value>(&data) else { return };
+        let Ok(v) = serde_json::from_str::<Value>(&data) else {
+            return;
+        };
         self.take_usage(&v);
         // OpenAI chat and completions chunks.
         if let Some(choices) = v.get("choices").and_then(Value::as_array) {
@@ -111,7 +133,8 @@ impl ResponseRecorder {
                 }
                 if let Some(calls) = c.pointer("/delta/tool_calls").and_then(Value::as_array) {
                     for call in calls {
-                        if let Some(a) = call.pointer("/function/arguments").and_then(Value::as_str) {
+                        if let Some(a) = call.pointer("/function/arguments").and_then(Value::as_str)
+                        {
                             self.push(idx, a);
                         }
                     }
@@ -180,14 +203,24 @@ impl ResponseRecorder {
     }
 
     /// The response part of the record.
-    pub fn finish(mut self, status: u16, ttfb_ms: Option<u64>, total_ms: Option<u64>, completion: &str) -> RecordResponse {
+    pub fn finish(
+        mut self,
+        status: u16,
+        ttfb_ms: Option<u64>,
+        total_ms: Option<u64>,
+        completion: &str,
+    ) -> RecordResponse {
         if self.sse && !self.pending.is_empty() {
             let rest = std::mem::take(&mut self.pending);
             self.sse_event(&rest);
         }
         let body = if self.sse {
             self.parts.sort_by_key(|(i, _)| *i);
-            self.parts.into_iter().map(|(_, t)| t).collect::<Vec<_>>().join("\n")
+            self.parts
+                .into_iter()
+                .map(|(_, t)| t)
+                .collect::<Vec<_>>()
+                .join("\n")
         } else {
             if let Ok(v) = serde_json::from_slice::<Value>(&self.raw) {
                 self.take_usage(&v);
@@ -211,8 +244,14 @@ impl ResponseRecorder {
 /// Where the first complete SSE event ends: (end of its text, end including
 /// the blank line).
 fn event_end(buf: &[u8]) -> Option<(usize, usize)> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|p| (p, p + 2));
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| (p, p + 4));
+    let lf = buf
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .map(|p| (p, p + 2));
+    let crlf = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| (p, p + 4));
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
         (a, b) => a.or(b),
@@ -237,7 +276,10 @@ mod tests {
     fn stream_reassembled_at_any_split() {
         let bytes = OPENAI_STREAM.as_bytes();
         for split in 0..bytes.len() {
-            let mut r = ResponseRecorder::new(Some("text/event-stream; charset=utf-8"), MAX_RECORDED_RESPONSE);
+            let mut r = ResponseRecorder::new(
+                Some("text/event-stream; charset=utf-8"),
+                MAX_RECORDED_RESPONSE,
+            );
             r.feed(&bytes[..split]);
             r.feed(&bytes[split..]);
             let out = r.finish(200, Some(1), Some(2), "complete");
@@ -257,14 +299,20 @@ mod tests {
         r.feed(s.as_bytes());
         let out = r.finish(200, None, None, "complete");
         assert_eq!(out.body, "Hi");
-        assert_eq!(out.usage.unwrap(), serde_json::json!({"input_tokens": 7, "output_tokens": 4}));
+        assert_eq!(
+            out.usage.unwrap(),
+            serde_json::json!({"input_tokens": 7, "output_tokens": 4})
+        );
     }
 
     #[test]
     fn plain_json_and_truncation() {
         let mut r = ResponseRecorder::new(Some("application/json"), MAX_RECORDED_RESPONSE);
         r.feed(br#"{"choices":[],"usage":{"total_tokens":9}}"#);
-        assert_eq!(r.finish(200, None, None, "complete").usage.unwrap()["total_tokens"], 9);
+        assert_eq!(
+            r.finish(200, None, None, "complete").usage.unwrap()["total_tokens"],
+            9
+        );
         let mut r = ResponseRecorder::new(None, 4);
         r.feed(b"abcdef");
         let out = r.finish(200, None, None, "complete");

@@ -52,7 +52,10 @@ impl RefusalKind {
             RefusalKind::Unauthenticated => 401,
             RefusalKind::InvalidToken | RefusalKind::TokenReplayed => 403,
             RefusalKind::NotFound => 404,
-            RefusalKind::NotInference | RefusalKind::IndirectPrompt | RefusalKind::PolicyDenied | RefusalKind::Rejected => 403,
+            RefusalKind::NotInference
+            | RefusalKind::IndirectPrompt
+            | RefusalKind::PolicyDenied
+            | RefusalKind::Rejected => 403,
             RefusalKind::MethodNotAllowed => 405,
             RefusalKind::TooLarge => 413,
             RefusalKind::UnsupportedMediaType => 415,
@@ -91,7 +94,9 @@ impl RefusalKind {
             RefusalKind::Rejected => "rejected",
             RefusalKind::Expired => "expired",
             RefusalKind::ApprovalUnavailable | RefusalKind::RecordUnavailable => "unavailable",
-            RefusalKind::PolicyDenied | RefusalKind::NotInference | RefusalKind::IndirectPrompt => "denied",
+            RefusalKind::PolicyDenied | RefusalKind::NotInference | RefusalKind::IndirectPrompt => {
+                "denied"
+            }
             RefusalKind::Misconfigured => "misconfigured",
             RefusalKind::Unauthenticated => "unauthenticated",
             RefusalKind::InvalidToken | RefusalKind::TokenReplayed => "denied",
@@ -141,12 +146,21 @@ pub struct Refusal {
 impl Refusal {
     /// A refusal with no review attached.
     pub fn new(kind: RefusalKind, api: Option<ApiKind>, message: impl Into<String>) -> Refusal {
-        Refusal { kind, api, message: message.into(), review_id: None }
+        Refusal {
+            kind,
+            api,
+            message: message.into(),
+            review_id: None,
+        }
     }
 
     /// 413 naming the limit.
     pub fn too_large(api: Option<ApiKind>, limit: usize) -> Refusal {
-        Refusal::new(RefusalKind::TooLarge, api, format!("request body exceeds the gateway limit of {limit} bytes"))
+        Refusal::new(
+            RefusalKind::TooLarge,
+            api,
+            format!("request body exceeds the gateway limit of {limit} bytes"),
+        )
     }
 
     /// Attaches a review id.
@@ -206,18 +220,25 @@ mod tests {
 
     #[test]
     fn openai_format() {
-        let r = Refusal::new(RefusalKind::Rejected, Some(ApiKind::OpenaiChat), "no").with_review("rev_1");
+        let r = Refusal::new(RefusalKind::Rejected, Some(ApiKind::OpenaiChat), "no")
+            .with_review("rev_1");
         let v: serde_json::Value = serde_json::from_slice(&r.body()).unwrap();
         assert_eq!(v["error"]["code"], "review_rejected");
         assert_eq!(v["error"]["review_id"], "rev_1");
         assert_eq!(v["error"]["message"], "no");
         assert_eq!(r.status(), 403);
-        assert!(r.headers().contains(&("x-countersign-review-id", "rev_1".to_string())));
+        assert!(r
+            .headers()
+            .contains(&("x-countersign-review-id", "rev_1".to_string())));
     }
 
     #[test]
     fn anthropic_format() {
-        let r = Refusal::new(RefusalKind::Expired, Some(ApiKind::AnthropicMessages), "late");
+        let r = Refusal::new(
+            RefusalKind::Expired,
+            Some(ApiKind::AnthropicMessages),
+            "late",
+        );
         let v: serde_json::Value = serde_json::from_slice(&r.body()).unwrap();
         assert_eq!(v["type"], "error");
         assert_eq!(v["error"]["type"], "timeout_error");
@@ -226,7 +247,12 @@ mod tests {
 
     #[test]
     fn statuses_are_distinct_for_reject_timeout_and_outage() {
-        let s = [RefusalKind::Rejected, RefusalKind::Expired, RefusalKind::ApprovalUnavailable].map(RefusalKind::status);
+        let s = [
+            RefusalKind::Rejected,
+            RefusalKind::Expired,
+            RefusalKind::ApprovalUnavailable,
+        ]
+        .map(RefusalKind::status);
         assert_eq!(s, [403, 504, 503]);
     }
 }

@@ -127,14 +127,20 @@ pub fn path_only(raw: &str) -> &str {
 }
 
 fn is_indirect_prompt_path(normalized: &str) -> bool {
-    INDIRECT_PROMPT_PREFIXES.iter().any(|p| normalized == *p || normalized.starts_with(&format!("{p}/")))
+    INDIRECT_PROMPT_PREFIXES
+        .iter()
+        .any(|p| normalized == *p || normalized.starts_with(&format!("{p}/")))
 }
 
 /// Decides what to do with a request from its head alone.
 pub fn classify(config: &Config, head: &RequestHead<'_>) -> HeadVerdict {
     let raw_path = path_only(head.path);
     let Some(normalized) = normalize_path(head.path) else {
-        return HeadVerdict::Refuse(Refusal::new(RefusalKind::BadPath, None, "request path is not a valid absolute path"));
+        return HeadVerdict::Refuse(Refusal::new(
+            RefusalKind::BadPath,
+            None,
+            "request path is not a valid absolute path",
+        ));
     };
 
     if config.approval_tokens.is_some() {
@@ -142,10 +148,18 @@ pub fn classify(config: &Config, head: &RequestHead<'_>) -> HeadVerdict {
         if normalized.starts_with(&prefix) || normalized == prefix.trim_end_matches('/') {
             // Only the exact spelling is served, so a variant cannot reach a
             // different handler behind the gateway.
-            let raw_id = raw_path.strip_prefix(config.status_path.as_str()).unwrap_or("");
-            let canonical = raw_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            let raw_id = raw_path
+                .strip_prefix(config.status_path.as_str())
+                .unwrap_or("");
+            let canonical = raw_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
             if head.method != "GET" || raw_id.is_empty() || !canonical {
-                return HeadVerdict::Refuse(Refusal::new(RefusalKind::BadRequest, None, "use GET on the status URL returned with the 202"));
+                return HeadVerdict::Refuse(Refusal::new(
+                    RefusalKind::BadRequest,
+                    None,
+                    "use GET on the status URL returned with the 202",
+                ));
             }
             return HeadVerdict::Status(raw_id.to_string());
         }
@@ -158,9 +172,10 @@ pub fn classify(config: &Config, head: &RequestHead<'_>) -> HeadVerdict {
     // Not an inference endpoint. Passthrough entries must match the raw path
     // exactly as written, so a variant spelling cannot ride on them.
     let method = head.method.to_ascii_uppercase();
-    let listed = config.passthrough.iter().any(|p| {
-        p.path.matches(raw_path) && (p.methods.is_empty() || p.methods.contains(&method))
-    });
+    let listed = config
+        .passthrough
+        .iter()
+        .any(|p| p.path.matches(raw_path) && (p.methods.is_empty() || p.methods.contains(&method)));
     if listed && head.method_override.is_none() {
         return HeadVerdict::Pass;
     }
@@ -176,17 +191,29 @@ pub fn classify(config: &Config, head: &RequestHead<'_>) -> HeadVerdict {
         OtherRequests::Deny => HeadVerdict::Refuse(Refusal::new(
             RefusalKind::NotInference,
             None,
-            format!("{} {raw_path} is not an inference endpoint this gateway serves", head.method),
+            format!(
+                "{} {raw_path} is not an inference endpoint this gateway serves",
+                head.method
+            ),
         )),
     }
 }
 
 /// The endpoint a normalised (lower-case) path belongs to.
 fn find_endpoint(config: &Config, normalized: &str) -> Option<Endpoint> {
-    config.endpoints.iter().find(|e| Glob::new(&e.path.to_ascii_lowercase()).matches(normalized)).cloned()
+    config
+        .endpoints
+        .iter()
+        .find(|e| Glob::new(&e.path.to_ascii_lowercase()).matches(normalized))
+        .cloned()
 }
 
-fn classify_inference(config: &Config, head: &RequestHead<'_>, raw_path: &str, endpoint: Endpoint) -> HeadVerdict {
+fn classify_inference(
+    config: &Config,
+    head: &RequestHead<'_>,
+    raw_path: &str,
+    endpoint: Endpoint,
+) -> HeadVerdict {
     let api = Some(endpoint.api);
     // The path must be spelled exactly as the endpoint (case included) and
     // already be in normal form, so the backend routes what was inspected.
@@ -199,16 +226,27 @@ fn classify_inference(config: &Config, head: &RequestHead<'_>, raw_path: &str, e
         ));
     }
     if head.method_override.is_some() {
-        return HeadVerdict::Refuse(Refusal::new(RefusalKind::BadRequest, api, "method override headers are not accepted"));
+        return HeadVerdict::Refuse(Refusal::new(
+            RefusalKind::BadRequest,
+            api,
+            "method override headers are not accepted",
+        ));
     }
     if head.upgrade.is_some() {
-        return HeadVerdict::Refuse(Refusal::new(RefusalKind::BadRequest, api, "protocol upgrades are not accepted on inference endpoints"));
+        return HeadVerdict::Refuse(Refusal::new(
+            RefusalKind::BadRequest,
+            api,
+            "protocol upgrades are not accepted on inference endpoints",
+        ));
     }
     if head.method != "POST" {
         return HeadVerdict::Refuse(Refusal::new(
             RefusalKind::MethodNotAllowed,
             api,
-            format!("{} is not allowed on {}; use POST", head.method, endpoint.path),
+            format!(
+                "{} is not allowed on {}; use POST",
+                head.method, endpoint.path
+            ),
         ));
     }
     if let Some(enc) = head.content_encoding {
@@ -216,7 +254,10 @@ fn classify_inference(config: &Config, head: &RequestHead<'_>, raw_path: &str, e
             return HeadVerdict::Refuse(Refusal::new(
                 RefusalKind::UnsupportedMediaType,
                 api,
-                format!("content-encoding `{}` is not accepted; send the body uncompressed", enc.trim()),
+                format!(
+                    "content-encoding `{}` is not accepted; send the body uncompressed",
+                    enc.trim()
+                ),
             ));
         }
     }
@@ -233,7 +274,13 @@ fn classify_inference(config: &Config, head: &RequestHead<'_>, raw_path: &str, e
                 return HeadVerdict::Refuse(Refusal::too_large(api, config.max_body_bytes));
             }
             Ok(_) => {}
-            Err(_) => return HeadVerdict::Refuse(Refusal::new(RefusalKind::BadRequest, api, "invalid content-length")),
+            Err(_) => {
+                return HeadVerdict::Refuse(Refusal::new(
+                    RefusalKind::BadRequest,
+                    api,
+                    "invalid content-length",
+                ))
+            }
         }
     }
     HeadVerdict::Inspect(endpoint)
@@ -244,7 +291,10 @@ fn classify_inference(config: &Config, head: &RequestHead<'_>, raw_path: &str, e
 fn is_json_content_type(ct: Option<&str>) -> bool {
     let Some(ct) = ct else { return false };
     let mut parts = ct.split(';').map(str::trim);
-    if !parts.next().is_some_and(|m| m.eq_ignore_ascii_case("application/json")) {
+    if !parts
+        .next()
+        .is_some_and(|m| m.eq_ignore_ascii_case("application/json"))
+    {
         return false;
     }
     parts.all(|p| {
@@ -265,7 +315,12 @@ mod tests {
     use super::*;
 
     fn head<'a>(method: &'a str, path: &'a str) -> RequestHead<'a> {
-        RequestHead { method, path, content_type: Some("application/json"), ..Default::default() }
+        RequestHead {
+            method,
+            path,
+            content_type: Some("application/json"),
+            ..Default::default()
+        }
     }
 
     fn status(v: &HeadVerdict) -> u16 {
@@ -293,7 +348,11 @@ mod tests {
             "/v1/chat/completions;jsessionid=1",
             "/v1/chat/completions?x=1",
         ] {
-            assert_eq!(normalize_path(raw).as_deref(), Some("/v1/chat/completions"), "{raw}");
+            assert_eq!(
+                normalize_path(raw).as_deref(),
+                Some("/v1/chat/completions"),
+                "{raw}"
+            );
         }
         assert_eq!(normalize_path("/a%zz"), None);
         assert_eq!(normalize_path("/a%00b"), None);
@@ -307,13 +366,22 @@ mod tests {
             HeadVerdict::Inspect(e) => assert_eq!(e.api, ApiKind::OpenaiChat),
             other => panic!("{other:?}"),
         }
-        assert_eq!(status(&classify(&c, &head("POST", "/v1/messages?beta=true"))), 1);
+        assert_eq!(
+            status(&classify(&c, &head("POST", "/v1/messages?beta=true"))),
+            1
+        );
     }
 
     #[test]
     fn variant_spellings_of_inference_paths_are_refused() {
         let c = Config::from_json(br#"{"other_requests":"pass"}"#).unwrap();
-        for p in ["//v1/chat/completions", "/v1/chat/completions/", "/V1/CHAT/COMPLETIONS", "/v1/chat%2fcompletions", "/v1/x/../messages"] {
+        for p in [
+            "//v1/chat/completions",
+            "/v1/chat/completions/",
+            "/V1/CHAT/COMPLETIONS",
+            "/v1/chat%2fcompletions",
+            "/v1/x/../messages",
+        ] {
             assert_eq!(status(&classify(&c, &head("POST", p))), 400, "{p}");
         }
     }
@@ -321,10 +389,31 @@ mod tests {
     #[test]
     fn gemini_paths_by_pattern() {
         let c = Config::from_json(b"").unwrap();
-        let v = classify(&c, &head("POST", "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse"));
-        assert!(matches!(v, HeadVerdict::Inspect(ref e) if e.api == ApiKind::GeminiGenerateContent), "{v:?}");
-        assert_eq!(status(&classify(&c, &head("POST", "/v1beta/models/x:GENERATECONTENT"))), 400);
-        assert_eq!(status(&classify(&c, &head("POST", "/v1beta//models/x:generateContent"))), 400);
+        let v = classify(
+            &c,
+            &head(
+                "POST",
+                "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
+            ),
+        );
+        assert!(
+            matches!(v, HeadVerdict::Inspect(ref e) if e.api == ApiKind::GeminiGenerateContent),
+            "{v:?}"
+        );
+        assert_eq!(
+            status(&classify(
+                &c,
+                &head("POST", "/v1beta/models/x:GENERATECONTENT")
+            )),
+            400
+        );
+        assert_eq!(
+            status(&classify(
+                &c,
+                &head("POST", "/v1beta//models/x:generateContent")
+            )),
+            400
+        );
         // Listing models is not an inference endpoint.
         assert_eq!(status(&classify(&c, &head("GET", "/v1/models/x"))), 0);
     }
@@ -332,7 +421,10 @@ mod tests {
     #[test]
     fn wrong_method_encoding_type_or_override_is_refused() {
         let c = Config::from_json(b"").unwrap();
-        assert_eq!(status(&classify(&c, &head("GET", "/v1/chat/completions"))), 405);
+        assert_eq!(
+            status(&classify(&c, &head("GET", "/v1/chat/completions"))),
+            405
+        );
         let mut h = head("POST", "/v1/chat/completions");
         h.content_encoding = Some("gzip");
         assert_eq!(status(&classify(&c, &h)), 415);
@@ -372,19 +464,40 @@ mod tests {
             r#"{{"identity":{{"source":"api_key","api_keys":[{{"sha256":"{hash}","caller":"c"}}]}},"approval_tokens":{{"keys":[{{"id":"k","secret":"{key}"}}]}}}}"#
         );
         let c = Config::from_json(cfg.as_bytes()).unwrap();
-        assert_eq!(classify(&c, &head("GET", "/countersign/reviews/rev_abc")), HeadVerdict::Status("rev_abc".into()));
-        assert_eq!(status(&classify(&c, &head("POST", "/countersign/reviews/rev_abc"))), 400);
+        assert_eq!(
+            classify(&c, &head("GET", "/countersign/reviews/rev_abc")),
+            HeadVerdict::Status("rev_abc".into())
+        );
+        assert_eq!(
+            status(&classify(&c, &head("POST", "/countersign/reviews/rev_abc"))),
+            400
+        );
         let plain = Config::from_json(b"").unwrap();
-        assert_eq!(status(&classify(&plain, &head("GET", "/countersign/reviews/rev_abc"))), 403);
+        assert_eq!(
+            status(&classify(
+                &plain,
+                &head("GET", "/countersign/reviews/rev_abc")
+            )),
+            403
+        );
     }
 
     #[test]
     fn indirect_prompt_carriers_are_refused_even_under_pass() {
         let pass = Config::from_json(br#"{"other_requests":"pass"}"#).unwrap();
-        for p in ["/v1/files", "/v1/batches/abc", "/v1/threads/t/runs", "/V1/Realtime", "/v1/messages/batches"] {
+        for p in [
+            "/v1/files",
+            "/v1/batches/abc",
+            "/v1/threads/t/runs",
+            "/V1/Realtime",
+            "/v1/messages/batches",
+        ] {
             assert_eq!(status(&classify(&pass, &head("POST", p))), 403, "{p}");
         }
-        let allowed = Config::from_json(br#"{"other_requests":"pass","passthrough":[{"path":"/v1/files","methods":["GET"]}]}"#).unwrap();
+        let allowed = Config::from_json(
+            br#"{"other_requests":"pass","passthrough":[{"path":"/v1/files","methods":["GET"]}]}"#,
+        )
+        .unwrap();
         assert_eq!(status(&classify(&allowed, &head("GET", "/v1/files"))), 0);
         assert_eq!(status(&classify(&allowed, &head("POST", "/v1/files"))), 403);
     }

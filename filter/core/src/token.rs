@@ -91,7 +91,10 @@ pub fn body_hash(body: &[u8]) -> String {
 
 /// Lowercase hex SHA-256 (for hashed API keys and reviewer tokens).
 pub fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn mac(key: &TokenKey, signed: &str) -> Option<HmacSha256> {
@@ -109,26 +112,46 @@ pub fn mint(key: &TokenKey, claims: &TokenClaims) -> Option<String> {
 }
 
 /// Verifies a token for this caller and this exact body at time `now_ms`.
-pub fn verify(token: &str, keys: &[TokenKey], caller: &str, body: &[u8], now_ms: u64) -> Result<TokenClaims, TokenError> {
+pub fn verify(
+    token: &str,
+    keys: &[TokenKey],
+    caller: &str,
+    body: &[u8],
+    now_ms: u64,
+) -> Result<TokenClaims, TokenError> {
     let token = token.trim();
     if token.len() > MAX_TOKEN_LEN {
         return Err(TokenError::Malformed);
     }
     let mut parts = token.split('.');
-    let (Some(version), Some(kid), Some(payload), Some(tag), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let (Some(version), Some(kid), Some(payload), Some(tag), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
         return Err(TokenError::Malformed);
     };
     if version != VERSION || kid.is_empty() {
         return Err(TokenError::Malformed);
     }
-    let key = keys.iter().find(|k| k.id == kid).ok_or(TokenError::UnknownKey)?;
-    let tag = URL_SAFE_NO_PAD.decode(tag).map_err(|_| TokenError::Malformed)?;
+    let key = keys
+        .iter()
+        .find(|k| k.id == kid)
+        .ok_or(TokenError::UnknownKey)?;
+    let tag = URL_SAFE_NO_PAD
+        .decode(tag)
+        .map_err(|_| TokenError::Malformed)?;
     let signed = &token[..token.len() - token.rsplit('.').next().map_or(0, str::len) - 1];
-    mac(key, signed).ok_or(TokenError::BadSignature)?.verify_slice(&tag).map_err(|_| TokenError::BadSignature)?;
+    mac(key, signed)
+        .ok_or(TokenError::BadSignature)?
+        .verify_slice(&tag)
+        .map_err(|_| TokenError::BadSignature)?;
     // Only a signed payload is parsed.
-    let raw = URL_SAFE_NO_PAD.decode(payload).map_err(|_| TokenError::Malformed)?;
+    let raw = URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| TokenError::Malformed)?;
     let claims: TokenClaims = serde_json::from_slice(&raw).map_err(|_| TokenError::Malformed)?;
     if now_ms >= claims.exp {
         return Err(TokenError::Expired);
@@ -158,11 +181,19 @@ mod tests {
     use super::*;
 
     fn key(id: &str, b: u8) -> TokenKey {
-        TokenKey { id: id.into(), secret: vec![b; 32] }
+        TokenKey {
+            id: id.into(),
+            secret: vec![b; 32],
+        }
     }
 
     fn claims(body: &[u8]) -> TokenClaims {
-        TokenClaims { rid: "rev_1".into(), sub: "ci".into(), bh: body_hash(body), exp: 10_000 }
+        TokenClaims {
+            rid: "rev_1".into(),
+            sub: "ci".into(),
+            bh: body_hash(body),
+            exp: 10_000,
+        }
     }
 
     #[test]
@@ -178,25 +209,60 @@ mod tests {
         let k1 = key("k1", 7);
         let t = mint(&k1, &claims(b"body")).unwrap();
         let keys = [k1.clone(), key("k2", 9)];
-        assert_eq!(verify(&t, &keys, "ci", b"body2", 5_000), Err(TokenError::WrongBody));
-        assert_eq!(verify(&t, &keys, "other", b"body", 5_000), Err(TokenError::WrongCaller));
-        assert_eq!(verify(&t, &keys, "ci", b"body", 10_000), Err(TokenError::Expired));
-        assert_eq!(verify(&t, &keys[1..], "ci", b"body", 5_000), Err(TokenError::UnknownKey));
+        assert_eq!(
+            verify(&t, &keys, "ci", b"body2", 5_000),
+            Err(TokenError::WrongBody)
+        );
+        assert_eq!(
+            verify(&t, &keys, "other", b"body", 5_000),
+            Err(TokenError::WrongCaller)
+        );
+        assert_eq!(
+            verify(&t, &keys, "ci", b"body", 10_000),
+            Err(TokenError::Expired)
+        );
+        assert_eq!(
+            verify(&t, &keys[1..], "ci", b"body", 5_000),
+            Err(TokenError::UnknownKey)
+        );
         // Same token relabelled with another configured key id.
         let relabelled = t.replacen("cs1.k1.", "cs1.k2.", 1);
-        assert_eq!(verify(&relabelled, &keys, "ci", b"body", 5_000), Err(TokenError::BadSignature));
+        assert_eq!(
+            verify(&relabelled, &keys, "ci", b"body", 5_000),
+            Err(TokenError::BadSignature)
+        );
         // Truncated, tampered payload, tampered tag, garbage.
-        assert_eq!(verify(&t[..t.len() - 3], &keys, "ci", b"body", 5_000), Err(TokenError::BadSignature));
+        assert_eq!(
+            verify(&t[..t.len() - 3], &keys, "ci", b"body", 5_000),
+            Err(TokenError::BadSignature)
+        );
         let mut parts: Vec<String> = t.split('.').map(str::to_string).collect();
         let forged = claims(b"evil");
         parts[2] = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&forged).unwrap());
-        assert_eq!(verify(&parts.join("."), &keys, "ci", b"evil", 5_000), Err(TokenError::BadSignature));
-        for bad in ["", "cs1", "cs1.k1.x", "cs2.k1.a.b", "cs1..a.b", "cs1.k1.a.b.c", "cs1.k1.!!.??"] {
+        assert_eq!(
+            verify(&parts.join("."), &keys, "ci", b"evil", 5_000),
+            Err(TokenError::BadSignature)
+        );
+        for bad in [
+            "",
+            "cs1",
+            "cs1.k1.x",
+            "cs2.k1.a.b",
+            "cs1..a.b",
+            "cs1.k1.a.b.c",
+            "cs1.k1.!!.??",
+        ] {
             assert!(verify(bad, &keys, "ci", b"body", 5_000).is_err(), "{bad}");
         }
-        assert_eq!(verify(&"a".repeat(5000), &keys, "ci", b"body", 5_000), Err(TokenError::Malformed));
+        assert_eq!(
+            verify(&"a".repeat(5000), &keys, "ci", b"body", 5_000),
+            Err(TokenError::Malformed)
+        );
         // A key of the wrong value under the right id.
-        assert_eq!(verify(&t, &[key("k1", 8)], "ci", b"body", 5_000), Err(TokenError::BadSignature));
+        assert_eq!(
+            verify(&t, &[key("k1", 8)], "ci", b"body", 5_000),
+            Err(TokenError::BadSignature)
+        );
     }
 
     #[test]

@@ -32,17 +32,26 @@ fn wrap(section: &str, inner: Value) -> Value {
     if section.is_empty() {
         return inner;
     }
-    section.split('.').rev().fold(inner, |acc, part| match part.strip_suffix("[]") {
-        Some(name) => json!({ name: [acc] }),
-        None => json!({ part: acc }),
-    })
+    section
+        .split('.')
+        .rev()
+        .fold(inner, |acc, part| match part.strip_suffix("[]") {
+            Some(name) => json!({ name: [acc] }),
+            None => json!({ part: acc }),
+        })
 }
 
 /// The field names serde lists after "unknown field `zzz_probe`".
 fn expected_fields(message: &str) -> Option<Vec<String>> {
     let marker = format!("unknown field `{PROBE}`");
     let rest = &message[message.find(&marker)? + marker.len()..];
-    Some(rest.split('`').skip(1).step_by(2).map(str::to_string).collect())
+    Some(
+        rest.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect(),
+    )
 }
 
 /// The fields accepted in `section`, if it is an object section.
@@ -59,9 +68,14 @@ fn code_sections() -> BTreeMap<String, BTreeSet<String>> {
     let mut out = BTreeMap::new();
     let mut todo = vec![String::new()];
     while let Some(section) = todo.pop() {
-        let fields = fields_at(&section).unwrap_or_else(|| panic!("section `{section}` does not answer the probe"));
+        let fields = fields_at(&section)
+            .unwrap_or_else(|| panic!("section `{section}` does not answer the probe"));
         for field in &fields {
-            let child = if section.is_empty() { field.clone() } else { format!("{section}.{field}") };
+            let child = if section.is_empty() {
+                field.clone()
+            } else {
+                format!("{section}.{field}")
+            };
             for candidate in [child.clone(), format!("{child}[]")] {
                 if fields_at(&candidate).is_some() {
                     todo.push(candidate);
@@ -75,8 +89,12 @@ fn code_sections() -> BTreeMap<String, BTreeSet<String>> {
 }
 
 fn reference() -> &'static str {
-    let start = DOC.find(START).expect("docs/configuration.md has no <!-- reference:plugin --> marker");
-    let end = DOC.find(END).expect("docs/configuration.md has no <!-- /reference:plugin --> marker");
+    let start = DOC
+        .find(START)
+        .expect("docs/configuration.md has no <!-- reference:plugin --> marker");
+    let end = DOC
+        .find(END)
+        .expect("docs/configuration.md has no <!-- /reference:plugin --> marker");
     &DOC[start + START.len()..end]
 }
 
@@ -89,16 +107,28 @@ fn doc_sections() -> BTreeMap<String, BTreeSet<String>> {
             let name = if heading.trim() == "Top level" {
                 String::new()
             } else {
-                heading.split('`').nth(1).unwrap_or_else(|| panic!("heading without a `section`: {line}")).to_string()
+                heading
+                    .split('`')
+                    .nth(1)
+                    .unwrap_or_else(|| panic!("heading without a `section`: {line}"))
+                    .to_string()
             };
-            assert!(!out.contains_key(&name), "section `{name}` documented twice");
+            assert!(
+                !out.contains_key(&name),
+                "section `{name}` documented twice"
+            );
             out.insert(name.clone(), BTreeSet::new());
             current = Some(name);
         } else if let Some(row) = line.strip_prefix("| `") {
             let field = row.split('`').next().unwrap_or_default().to_string();
-            let section = current.as_ref().unwrap_or_else(|| panic!("table row before any ### heading: {line}"));
+            let section = current
+                .as_ref()
+                .unwrap_or_else(|| panic!("table row before any ### heading: {line}"));
             let fields = out.get_mut(section).unwrap();
-            assert!(fields.insert(field.clone()), "`{field}` documented twice in section `{section}`");
+            assert!(
+                fields.insert(field.clone()),
+                "`{field}` documented twice in section `{section}`"
+            );
         }
     }
     out
@@ -108,9 +138,18 @@ fn doc_sections() -> BTreeMap<String, BTreeSet<String>> {
 fn probe_finds_the_known_fields() {
     // Guards the probing itself against a serde wording change.
     let code = code_sections();
-    assert!(code[""].contains("hold_timeout_ms") && code[""].contains("rules"), "{code:?}");
-    assert!(code["rules[]"].contains("model") && code["rules[]"].contains("action"), "{code:?}");
-    assert!(code.contains_key("endpoints[]") && code.contains_key("passthrough[]"), "{code:?}");
+    assert!(
+        code[""].contains("hold_timeout_ms") && code[""].contains("rules"),
+        "{code:?}"
+    );
+    assert!(
+        code["rules[]"].contains("model") && code["rules[]"].contains("action"),
+        "{code:?}"
+    );
+    assert!(
+        code.contains_key("endpoints[]") && code.contains_key("passthrough[]"),
+        "{code:?}"
+    );
 }
 
 #[test]
@@ -122,7 +161,11 @@ fn every_accepted_field_is_documented() {
         let documented = doc.get(section);
         for field in fields {
             if !documented.is_some_and(|d| d.contains(field)) {
-                let at = if section.is_empty() { field.clone() } else { format!("{section}.{field}") };
+                let at = if section.is_empty() {
+                    field.clone()
+                } else {
+                    format!("{section}.{field}")
+                };
                 missing.push(at);
             }
         }
@@ -137,7 +180,10 @@ fn every_accepted_field_is_documented() {
 fn every_documented_field_is_accepted() {
     let code = code_sections();
     for (section, fields) in doc_sections() {
-        assert!(code.contains_key(&section), "docs/configuration.md documents section `{section}`, which the code does not have");
+        assert!(
+            code.contains_key(&section),
+            "docs/configuration.md documents section `{section}`, which the code does not have"
+        );
         for field in fields {
             // Present (as null) at its place, the field may be refused for its
             // value, never as unknown.
@@ -148,7 +194,10 @@ fn every_documented_field_is_accepted() {
                     "docs/configuration.md documents `{section}` `{field}`, which the code refuses: {e}"
                 );
             }
-            assert!(code[&section].contains(&field), "`{field}` is not a field of `{section}`");
+            assert!(
+                code[&section].contains(&field),
+                "`{field}` is not a field of `{section}`"
+            );
         }
     }
 }

@@ -16,19 +16,22 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use countersign_core::config::{Config, Endpoint, RecordMode};
 use countersign_core::hold::{
-    cancel_callout, record_callout, Callout, CalloutKind, CalloutResult, Hold, HoldStep, LocalReply, Release,
+    cancel_callout, record_callout, Callout, CalloutKind, CalloutResult, Hold, HoldStep,
+    LocalReply, Release,
 };
-use countersign_core::record::{refusal_record, ResponseRecorder, MAX_RECORDED_RESPONSE};
-use countersign_core::wire::FILTER_TOKEN_HEADER;
 use countersign_core::identity::{forward_header_edits, identify};
 use countersign_core::inspect::{screen_body, BodyVerdict, RequestInfo, Screening};
 use countersign_core::mask::{mask_response_body, MaskAction, ResponseGuard, SseStreamMasker};
-use countersign_core::wire::{ApiKind, HitCount};
+use countersign_core::record::{refusal_record, ResponseRecorder, MAX_RECORDED_RESPONSE};
 use countersign_core::refusal::{Refusal, RefusalKind};
 use countersign_core::request::{api_for_path, classify, path_only, HeadVerdict, RequestHead};
+use countersign_core::wire::FILTER_TOKEN_HEADER;
+use countersign_core::wire::{ApiKind, HitCount};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action as WasmAction, BufferType, ContextType, LogLevel, MapType, MetricType};
+use proxy_wasm::types::{
+    Action as WasmAction, BufferType, ContextType, LogLevel, MapType, MetricType,
+};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -75,7 +78,11 @@ fn count(name: &str, delta: i64) {
         if let Some(id) = m.get(name) {
             return Some(*id);
         }
-        let kind = if name.ends_with("_total") { MetricType::Counter } else { MetricType::Gauge };
+        let kind = if name.ends_with("_total") {
+            MetricType::Counter
+        } else {
+            MetricType::Gauge
+        };
         let id = hostcalls::define_metric(kind, name).ok()?;
         m.insert(name.to_string(), id);
         Some(id)
@@ -105,14 +112,23 @@ struct Root {
 }
 
 impl Context for Root {
-    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
         on_callout_response(token, body_size);
     }
 }
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let raw = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten().unwrap_or_default();
+        let raw = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
         match Config::from_json(&raw) {
             Ok(config) => {
                 self.config = Some(Rc::new(config));
@@ -150,7 +166,8 @@ impl RootContext for Root {
                 perform(ctx_id, &entry, step);
             }
         }
-        let cancels: Vec<(Rc<Config>, String)> = CANCELS.with(|c| c.borrow_mut().drain(..).collect());
+        let cancels: Vec<(Rc<Config>, String)> =
+            CANCELS.with(|c| c.borrow_mut().drain(..).collect());
         for (config, review_id) in cancels {
             if let Some(call) = cancel_callout(&config, &review_id) {
                 // Best effort: the answer is ignored (its token is unknown).
@@ -225,18 +242,42 @@ impl ResponseFilter {
                     out.extend(masker.finish());
                 }
                 let r = masker.report();
-                (out, r.blocked.map(|b| b.name().to_string()), hits_of(&r.hits), r.monitored_rules)
+                (
+                    out,
+                    r.blocked.map(|b| b.name().to_string()),
+                    hits_of(&r.hits),
+                    r.monitored_rules,
+                )
             }
             ResponseFilter::Plain(guard, api) => match mask_response_body(guard, *api, chunk) {
                 Ok(m) => match &m.blocked {
-                    Some(b) => (b.error_body(*api), Some(b.name().to_string()), hits_of(&m.hits), m.monitored_rules),
-                    None => (m.body.clone().unwrap_or_else(|| chunk.to_vec()), None, hits_of(&m.hits), m.monitored_rules),
+                    Some(b) => (
+                        b.error_body(*api),
+                        Some(b.name().to_string()),
+                        hits_of(&m.hits),
+                        m.monitored_rules,
+                    ),
+                    None => (
+                        m.body.clone().unwrap_or_else(|| chunk.to_vec()),
+                        None,
+                        hits_of(&m.hits),
+                        m.monitored_rules,
+                    ),
                 },
                 // Unreadable: nothing unchecked leaves (fail closed).
-                Err(_) => (unreadable_response(*api), Some("unreadable_response".to_string()), Vec::new(), Vec::new()),
+                Err(_) => (
+                    unreadable_response(*api),
+                    Some("unreadable_response".to_string()),
+                    Vec::new(),
+                    Vec::new(),
+                ),
             },
         };
-        hits.extend(monitored.into_iter().map(|name| HitCount { name, action: "monitor".into(), count: 1 }));
+        hits.extend(monitored.into_iter().map(|name| HitCount {
+            name,
+            action: "monitor".into(),
+            count: 1,
+        }));
         (out, GuardReport { blocked_by, hits })
     }
 }
@@ -269,7 +310,13 @@ impl Stream {
         // (best effort: the refusal does not wait for it).
         if let (Some(config), Some(endpoint)) = (&self.config, &self.endpoint) {
             if config.records != RecordMode::Off {
-                let _ = dispatch(config, &record_callout(config, &refusal_record(&self.info, Some(endpoint.api), refusal)));
+                let _ = dispatch(
+                    config,
+                    &record_callout(
+                        config,
+                        &refusal_record(&self.info, Some(endpoint.api), refusal),
+                    ),
+                );
             }
         }
         send_refusal(refusal);
@@ -283,11 +330,17 @@ impl Stream {
     /// Sets up masking, restore and response rules for the response, when
     /// the request was forwarded and any of them applies.
     fn start_response_guard(&mut self) {
-        let (Some(screening), Some(endpoint)) = (&self.screening, &self.endpoint) else { return };
+        let (Some(screening), Some(endpoint)) = (&self.screening, &self.endpoint) else {
+            return;
+        };
         if self.refused {
             return;
         }
-        let guard = ResponseGuard::new(screening.profile.as_ref(), screening.restore.clone(), screening.response_rules.clone());
+        let guard = ResponseGuard::new(
+            screening.profile.as_ref(),
+            screening.restore.clone(),
+            screening.response_rules.clone(),
+        );
         if !guard.is_active() {
             return;
         }
@@ -295,9 +348,17 @@ impl Stream {
         self.set_http_response_header("content-length", None);
         let sse = self
             .get_http_response_header("content-type")
-            .is_some_and(|c| c.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
+            .is_some_and(|c| {
+                c.trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("text/event-stream")
+            });
         if !screening.restore.is_empty() {
-            let plain = ResponseGuard::new(screening.profile.as_ref(), Default::default(), screening.response_rules.clone());
+            let plain = ResponseGuard::new(
+                screening.profile.as_ref(),
+                Default::default(),
+                screening.response_rules.clone(),
+            );
             self.record_guard = Some(ResponseFilter::new(plain, endpoint.api, sse));
         }
         self.guard = Some(ResponseFilter::new(guard, endpoint.api, sse));
@@ -320,7 +381,13 @@ impl Stream {
 }
 
 impl Context for Stream {
-    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
         on_callout_response(token, body_size);
     }
 }
@@ -351,17 +418,25 @@ impl HttpContext for Stream {
                 }
             }
         }
-        let approval_token = config.approval_tokens.as_ref().and_then(|t| self.header(&t.header));
-        let prefer_async = self
-            .header("prefer")
-            .is_some_and(|p| p.split(',').any(|v| v.trim().eq_ignore_ascii_case("respond-async")));
+        let approval_token = config
+            .approval_tokens
+            .as_ref()
+            .and_then(|t| self.header(&t.header));
+        let prefer_async = self.header("prefer").is_some_and(|p| {
+            p.split(',')
+                .any(|v| v.trim().eq_ignore_ascii_case("respond-async"))
+        });
         let content_type = self.header("content-type");
         let content_encoding = self.header("content-encoding");
         let content_length = self.header("content-length");
         let upgrade = self.header("upgrade");
-        let method_override = ["x-http-method-override", "x-http-method", "x-method-override"]
-            .iter()
-            .find_map(|h| self.header(h));
+        let method_override = [
+            "x-http-method-override",
+            "x-http-method",
+            "x-method-override",
+        ]
+        .iter()
+        .find_map(|h| self.header(h));
         let head = RequestHead {
             method: &method,
             path: &path,
@@ -394,7 +469,8 @@ impl HttpContext for Stream {
         };
         match verdict {
             HeadVerdict::Refuse(r) => {
-                self.endpoint = api_for_path(&config, &path).and_then(|api| config.endpoints.iter().find(|e| e.api == api).cloned());
+                self.endpoint = api_for_path(&config, &path)
+                    .and_then(|api| config.endpoints.iter().find(|e| e.api == api).cloned());
                 return self.refuse(&r);
             }
             HeadVerdict::Status(review_id) => {
@@ -407,7 +483,11 @@ impl HttpContext for Stream {
         // The caller's key and token never reach the model; the model's
         // credential is set here, the only place it exists.
         let tokens_header = config.approval_tokens.as_ref().map(|t| t.header.as_str());
-        let edits = forward_header_edits(config.identity.as_ref(), tokens_header, config.upstream_credential.as_ref());
+        let edits = forward_header_edits(
+            config.identity.as_ref(),
+            tokens_header,
+            config.upstream_credential.as_ref(),
+        );
         for name in &edits.remove {
             self.set_http_request_header(name, None);
         }
@@ -417,7 +497,11 @@ impl HttpContext for Stream {
         match verdict {
             HeadVerdict::Inspect(endpoint) => {
                 if end_of_stream {
-                    return self.refuse(&Refusal::new(RefusalKind::BadRequest, Some(endpoint.api), "request body is empty"));
+                    return self.refuse(&Refusal::new(
+                        RefusalKind::BadRequest,
+                        Some(endpoint.api),
+                        "request body is empty",
+                    ));
                 }
                 // The body may be replaced by a reviewer's edit; without a
                 // stale content-length, the buffer filter after this one
@@ -438,7 +522,10 @@ impl HttpContext for Stream {
             return WasmAction::Continue;
         };
         if body_size > config.max_body_bytes {
-            return self.refuse(&Refusal::too_large(Some(endpoint.api), config.max_body_bytes));
+            return self.refuse(&Refusal::too_large(
+                Some(endpoint.api),
+                config.max_body_bytes,
+            ));
         }
         if !end_of_stream {
             return WasmAction::Pause;
@@ -449,7 +536,10 @@ impl HttpContext for Stream {
         let masked_values: u32 = screening
             .hits
             .iter()
-            .filter(|h| h.action == MaskAction::Redact.as_str() || h.action == MaskAction::Pseudonymize.as_str())
+            .filter(|h| {
+                h.action == MaskAction::Redact.as_str()
+                    || h.action == MaskAction::Pseudonymize.as_str()
+            })
             .map(|h| h.count)
             .sum();
         if masked_values > 0 {
@@ -459,12 +549,20 @@ impl HttpContext for Stream {
         self.screening = Some(screening);
         match verdict {
             BodyVerdict::Forward(rule, facts) => {
-                let (hold, step) =
-                    Hold::forward(&config, endpoint.api, self.info.clone(), &rule, facts, &body, masked.as_deref(), now_ms());
+                let info = facts.into_info(&self.info);
+                let (hold, step) = Hold::forward(
+                    &config,
+                    endpoint.api,
+                    info,
+                    &rule,
+                    &body,
+                    masked.as_deref(),
+                    now_ms(),
+                );
                 if let HoldStep::Release(release) = step {
                     // Records off: nothing to wait for.
                     if let Some(b) = &release.edited_body {
-                        let _ = self.set_http_request_body(0, body.len(), b);
+                        self.set_http_request_body(0, body.len(), b);
                     }
                     self.outcome = Some("allowed");
                     note_outcome("allowed");
@@ -474,27 +572,51 @@ impl HttpContext for Stream {
                 WasmAction::Pause
             }
             BodyVerdict::Refuse(r) => {
-                log::info!("countersign: {} refused: {}", self.info.request_id, r.kind.code());
+                log::info!(
+                    "countersign: {} refused: {}",
+                    self.info.request_id,
+                    r.kind.code()
+                );
                 self.refuse(&r)
             }
             BodyVerdict::Hold(plan) => {
                 let (hold, step) = Hold::start(&config, &plan, self.info.clone(), now_ms());
                 let hold = hold.with_masked_body(masked.as_deref());
-                log::info!("countersign: {} held for review (rule `{}`)", self.info.request_id, plan.rule.name);
+                log::info!(
+                    "countersign: {} held for review (rule `{}`)",
+                    self.info.request_id,
+                    plan.rule.name
+                );
                 self.start_hold(&config, hold, step, body.len());
                 WasmAction::Pause
             }
             BodyVerdict::Consume(claims, facts) => {
-                let (hold, step) = Hold::consume(&config, endpoint.api, self.info.clone(), &claims, facts, &body, now_ms());
+                let (hold, step) = Hold::consume(
+                    &config,
+                    endpoint.api,
+                    self.info.clone(),
+                    &claims,
+                    facts,
+                    &body,
+                    now_ms(),
+                );
                 let hold = hold.with_masked_body(masked.as_deref());
-                log::info!("countersign: {} presents the approval token of review {}", self.info.request_id, claims.rid);
+                log::info!(
+                    "countersign: {} presents the approval token of review {}",
+                    self.info.request_id,
+                    claims.rid
+                );
                 self.start_hold(&config, hold, step, body.len());
                 WasmAction::Pause
             }
         }
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> WasmAction {
+    fn on_http_response_headers(
+        &mut self,
+        _num_headers: usize,
+        _end_of_stream: bool,
+    ) -> WasmAction {
         let mut record_id = None;
         if let Some(entry) = &self.hold {
             let e = entry.borrow();
@@ -511,12 +633,19 @@ impl HttpContext for Stream {
         self.start_response_guard();
         if let Some(record_id) = record_id {
             let now = now_ms();
-            let forwarded_at_ms = self.hold.as_ref().map(|e| e.borrow().released_at_ms).unwrap_or(now);
+            let forwarded_at_ms = self
+                .hold
+                .as_ref()
+                .map(|e| e.borrow().released_at_ms)
+                .unwrap_or(now);
             let content_type = self.get_http_response_header("content-type");
             self.response = Some(ResponseCapture {
                 record_id,
                 recorder: ResponseRecorder::new(content_type.as_deref(), MAX_RECORDED_RESPONSE),
-                status: self.get_http_response_header(":status").and_then(|s| s.parse().ok()).unwrap_or(0),
+                status: self
+                    .get_http_response_header(":status")
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0),
                 forwarded_at_ms,
                 ttfb_ms: Some(now.saturating_sub(forwarded_at_ms)),
                 complete: false,
@@ -535,7 +664,9 @@ impl HttpContext for Stream {
         if self.guard.is_none() && self.response.is_none() {
             return WasmAction::Continue;
         }
-        let chunk = self.get_http_response_body(0, body_size).unwrap_or_default();
+        let chunk = self
+            .get_http_response_body(0, body_size)
+            .unwrap_or_default();
         let (out, report) = match &mut self.guard {
             Some(filter) => {
                 let (out, report) = filter.apply(&chunk, end_of_stream);
@@ -545,10 +676,10 @@ impl HttpContext for Stream {
         };
         // With restore on, the caller gets original values back, but the
         // record must keep them masked: a second, restore-free pass.
-        let recorded = match &mut self.record_guard {
-            Some(filter) => Some(filter.apply(&chunk, end_of_stream).0),
-            None => None,
-        };
+        let recorded = self
+            .record_guard
+            .as_mut()
+            .map(|filter| filter.apply(&chunk, end_of_stream).0);
         if let (Some(report), Some(capture)) = (report, &mut self.response) {
             if report.blocked_by.is_some() && capture.blocked_by.is_none() {
                 count("countersign_responses_blocked_total", 1);
@@ -558,7 +689,7 @@ impl HttpContext for Stream {
         }
         let sent = match out {
             Some(out) => {
-                let _ = self.set_http_response_body(0, body_size, &out);
+                self.set_http_response_body(0, body_size, &out);
                 out
             }
             None => chunk,
@@ -575,23 +706,43 @@ impl HttpContext for Stream {
             return;
         };
         let total = now_ms().saturating_sub(capture.forwarded_at_ms);
-        let completion = if capture.complete { "complete" } else { "reset" };
-        let mut response = capture.recorder.finish(capture.status, capture.ttfb_ms, Some(total), completion);
+        let completion = if capture.complete {
+            "complete"
+        } else {
+            "reset"
+        };
+        let mut response =
+            capture
+                .recorder
+                .finish(capture.status, capture.ttfb_ms, Some(total), completion);
         response.blocked_by = capture.blocked_by;
         response.hits = capture.hits;
-        let Ok(body) = serde_json::to_vec(&response) else { return };
+        let Ok(body) = serde_json::to_vec(&response) else {
+            return;
+        };
         let mut headers = vec![
             (":method".to_string(), "POST".to_string()),
-            (":path".to_string(), format!("/v1/records/{}/response", capture.record_id)),
+            (
+                ":path".to_string(),
+                format!("/v1/records/{}/response", capture.record_id),
+            ),
             (":authority".to_string(), config.approval_authority.clone()),
             ("content-type".to_string(), "application/json".to_string()),
         ];
         if let Some(token) = &config.approval_token {
             headers.push((FILTER_TOKEN_HEADER.to_string(), token.clone()));
         }
-        let call = Callout { kind: CalloutKind::Record, headers, body: Some(body), timeout_ms: config.callout_timeout_ms };
+        let call = Callout {
+            kind: CalloutKind::Record,
+            headers,
+            body: Some(body),
+            timeout_ms: config.callout_timeout_ms,
+        };
         if let Err(e) = dispatch(&config, &call) {
-            log::warn!("countersign: could not append the response to record {}: {e}", capture.record_id);
+            log::warn!(
+                "countersign: could not append the response to record {}: {e}",
+                capture.record_id
+            );
         }
     }
 }
@@ -628,7 +779,10 @@ fn on_callout_response(token: u32, body_size: usize) {
         .ok()
         .flatten()
         .and_then(|s| s.parse::<u16>().ok());
-    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten().unwrap_or_default();
+    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
     let result = CalloutResult { status, body };
     let step = {
         let mut e = entry.borrow_mut();
@@ -654,8 +808,16 @@ fn perform(ctx_id: u32, entry: &SharedHold, step: HoldStep) {
                     }
                     Err(why) => {
                         log::warn!("countersign: call to the approval service failed: {why}");
-                        let no_answer = CalloutResult { status: None, body: Vec::new() };
-                        step = entry.borrow_mut().hold.on_response(&config, call.kind, &no_answer, now_ms());
+                        let no_answer = CalloutResult {
+                            status: None,
+                            body: Vec::new(),
+                        };
+                        step = entry.borrow_mut().hold.on_response(
+                            &config,
+                            call.kind,
+                            &no_answer,
+                            now_ms(),
+                        );
                     }
                 }
             }
@@ -675,8 +837,14 @@ fn perform(ctx_id: u32, entry: &SharedHold, step: HoldStep) {
                     return;
                 }
                 if let Some(body) = &release.edited_body {
-                    if hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_len, body).is_err() {
-                        let r = Refusal::new(RefusalKind::ApprovalUnavailable, None, "could not apply the reviewer's edit");
+                    if hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_len, body)
+                        .is_err()
+                    {
+                        let r = Refusal::new(
+                            RefusalKind::ApprovalUnavailable,
+                            None,
+                            "could not apply the reviewer's edit",
+                        );
                         send_refusal(&r);
                         return;
                     }
@@ -685,7 +853,11 @@ fn perform(ctx_id: u32, entry: &SharedHold, step: HoldStep) {
                     "countersign: review {} approved by {}{}",
                     release.review_id.as_deref().unwrap_or("-"),
                     release.reviewer.as_deref().unwrap_or("fail_open"),
-                    if release.edited_body.is_some() { " with an edit" } else { "" }
+                    if release.edited_body.is_some() {
+                        " with an edit"
+                    } else {
+                        ""
+                    }
                 );
                 note_outcome(release.decision);
                 {
@@ -710,7 +882,9 @@ fn perform(ctx_id: u32, entry: &SharedHold, step: HoldStep) {
                 let record = {
                     let mut e = entry.borrow_mut();
                     e.finished = true;
-                    e.hold.refusal_record(&refusal).map(|r| (e.config.clone(), r))
+                    e.hold
+                        .refusal_record(&refusal)
+                        .map(|r| (e.config.clone(), r))
                 };
                 if let Some((config, record)) = record {
                     let _ = dispatch(&config, &record_callout(&config, &record));
@@ -733,7 +907,11 @@ fn perform(ctx_id: u32, entry: &SharedHold, step: HoldStep) {
 }
 
 fn dispatch(config: &Config, call: &Callout) -> Result<u32, String> {
-    let headers: Vec<(&str, &str)> = call.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let headers: Vec<(&str, &str)> = call
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     hostcalls::dispatch_http_call(
         &config.approval_cluster,
         headers,
@@ -756,16 +934,26 @@ fn hits_of(hits: &[countersign_core::mask::Hit]) -> Vec<HitCount> {
 
 /// Replacement for a response that could not be inspected.
 fn unreadable_response(api: ApiKind) -> Vec<u8> {
-    Refusal::new(RefusalKind::ApprovalUnavailable, Some(api), "the model's response could not be inspected, so it was withheld").body()
+    Refusal::new(
+        RefusalKind::ApprovalUnavailable,
+        Some(api),
+        "the model's response could not be inspected, so it was withheld",
+    )
+    .body()
 }
 
 fn send_reply(reply: &LocalReply) {
-    let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let headers: Vec<(&str, &str)> = reply
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     let _ = hostcalls::send_http_response(u32::from(reply.status), headers, Some(&reply.body));
 }
 
 fn send_refusal(refusal: &Refusal) {
     let headers = refusal.headers();
     let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let _ = hostcalls::send_http_response(u32::from(refusal.status()), headers, Some(&refusal.body()));
+    let _ =
+        hostcalls::send_http_response(u32::from(refusal.status()), headers, Some(&refusal.body()));
 }

@@ -115,7 +115,11 @@ impl MaskPolicy {
     }
     /// The detectors that are on, in priority order, with their actions.
     pub fn detectors(&self) -> Vec<(&str, MaskAction)> {
-        self.0.active.iter().map(|a| (a.det.name.as_str(), a.action)).collect()
+        self.0
+            .active
+            .iter()
+            .map(|a| (a.det.name.as_str(), a.action))
+            .collect()
     }
     /// Whether pseudonyms are put back into responses.
     pub fn restore(&self) -> bool {
@@ -142,25 +146,33 @@ pub struct MaskingConfig {
 }
 
 fn err(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError { field: field.into(), message: message.into() }
+    ConfigError {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 fn valid_detector_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 32
-        && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
         && n.bytes().next().is_some_and(|b| b.is_ascii_lowercase())
 }
 
 fn valid_profile_name(n: &str) -> bool {
-    !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+    !n.is_empty()
+        && n.len() <= 64
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
 impl MaskingConfig {
     /// Parses and validates a `masking` object on its own (field paths start
     /// with `masking`).
     pub fn from_json(bytes: &[u8]) -> Result<MaskingConfig, ConfigError> {
-        let raw: RawMasking = serde_json::from_slice(bytes).map_err(|e| err("masking", e.to_string()))?;
+        let raw: RawMasking =
+            serde_json::from_slice(bytes).map_err(|e| err("masking", e.to_string()))?;
         MaskingConfig::validate(raw, "masking")
     }
 
@@ -172,26 +184,39 @@ impl MaskingConfig {
         for (i, c) in raw.custom_detectors.iter().enumerate() {
             let at = format!("{field}.custom_detectors[{i}]");
             if !valid_detector_name(&c.name) {
-                return Err(err(format!("{at}.name"), "must be 1 to 32 lower-case letters, digits and `_`, starting with a letter"));
+                return Err(err(
+                    format!("{at}.name"),
+                    "must be 1 to 32 lower-case letters, digits and `_`, starting with a letter",
+                ));
             }
             if BUILTIN_DETECTORS.contains(&c.name.as_str()) {
-                return Err(err(format!("{at}.name"), format!("`{}` is a built-in detector", c.name)));
+                return Err(err(
+                    format!("{at}.name"),
+                    format!("`{}` is a built-in detector", c.name),
+                ));
             }
             if customs.iter().any(|d| d.name == c.name) {
-                return Err(err(format!("{at}.name"), format!("duplicate detector `{}`", c.name)));
+                return Err(err(
+                    format!("{at}.name"),
+                    format!("duplicate detector `{}`", c.name),
+                ));
             }
             let check = match c.validator {
                 None | Some(ValidatorChoice::None) => Check::None,
                 Some(ValidatorChoice::Luhn) => Check::Luhn,
                 Some(ValidatorChoice::Iban) => Check::IbanAny,
             };
-            let det = Detector::custom(&c.name, &c.regex, check).map_err(|m| err(format!("{at}.regex"), m))?;
+            let det = Detector::custom(&c.name, &c.regex, check)
+                .map_err(|m| err(format!("{at}.regex"), m))?;
             customs.push(Arc::new(det));
         }
 
         let salt = match &raw.salt {
             Some(s) if s.len() < MIN_SALT_BYTES => {
-                return Err(err(format!("{field}.salt"), format!("must be at least {MIN_SALT_BYTES} bytes")));
+                return Err(err(
+                    format!("{field}.salt"),
+                    format!("must be at least {MIN_SALT_BYTES} bytes"),
+                ));
             }
             Some(s) => Some(s.as_bytes().to_vec()),
             None => None,
@@ -202,7 +227,10 @@ impl MaskingConfig {
         for (pname, p) in &raw.profiles {
             let at = format!("{field}.profiles.{pname}");
             if !valid_profile_name(pname) {
-                return Err(err(at, "profile names are letters, digits, `_`, `-` and `.`"));
+                return Err(err(
+                    at,
+                    "profile names are letters, digits, `_`, `-` and `.`",
+                ));
             }
             let mut actions: BTreeMap<&str, MaskAction> = BTreeMap::new();
             if let Some(all) = p.detectors.get(ALL_BUILTINS_KEY) {
@@ -214,10 +242,15 @@ impl MaskingConfig {
                 if dname == ALL_BUILTINS_KEY {
                     continue;
                 }
-                if !BUILTIN_DETECTORS.contains(&dname.as_str()) && !customs.iter().any(|c| &c.name == dname) {
+                if !BUILTIN_DETECTORS.contains(&dname.as_str())
+                    && !customs.iter().any(|c| &c.name == dname)
+                {
                     return Err(err(
                         format!("{at}.detectors.{dname}"),
-                        format!("unknown detector (built-in: {}; or define it in custom_detectors)", BUILTIN_DETECTORS.join(", ")),
+                        format!(
+                            "unknown detector (built-in: {}; or define it in custom_detectors)",
+                            BUILTIN_DETECTORS.join(", ")
+                        ),
                     ));
                 }
                 actions.insert(dname.as_str(), *action);
@@ -226,12 +259,17 @@ impl MaskingConfig {
             for c in &customs {
                 if let Some(&action) = actions.get(c.name.as_str()) {
                     if action != MaskAction::Off {
-                        active.push(Active { det: Arc::clone(c), action });
+                        active.push(Active {
+                            det: Arc::clone(c),
+                            action,
+                        });
                     }
                 }
             }
             for b in BUILTIN_DETECTORS {
-                let Some(&action) = actions.get(b) else { continue };
+                let Some(&action) = actions.get(b) else {
+                    continue;
+                };
                 if action == MaskAction::Off {
                     continue;
                 }
@@ -240,8 +278,15 @@ impl MaskingConfig {
                     None => {
                         let d = match Detector::builtin(b) {
                             Ok(Some(d)) => Arc::new(d),
-                            Ok(None) => return Err(err(format!("{at}.detectors.{b}"), "unknown detector")),
-                            Err(m) => return Err(err(format!("{at}.detectors.{b}"), format!("built-in pattern failed to compile: {m}"))),
+                            Ok(None) => {
+                                return Err(err(format!("{at}.detectors.{b}"), "unknown detector"))
+                            }
+                            Err(m) => {
+                                return Err(err(
+                                    format!("{at}.detectors.{b}"),
+                                    format!("built-in pattern failed to compile: {m}"),
+                                ))
+                            }
                         };
                         builtins.insert(b, Arc::clone(&d));
                         d
@@ -251,10 +296,16 @@ impl MaskingConfig {
             }
             let pseudonymizes = active.iter().any(|a| a.action == MaskAction::Pseudonymize);
             if pseudonymizes && salt.is_none() {
-                return Err(err(format!("{field}.salt"), format!("is required: profile `{pname}` pseudonymizes")));
+                return Err(err(
+                    format!("{field}.salt"),
+                    format!("is required: profile `{pname}` pseudonymizes"),
+                ));
             }
             if p.restore && !pseudonymizes {
-                return Err(err(format!("{at}.restore"), "needs at least one detector with action `pseudonymize`"));
+                return Err(err(
+                    format!("{at}.restore"),
+                    "needs at least one detector with action `pseudonymize`",
+                ));
             }
             let window = p.response_window_chars;
             if window < MIN_WINDOW_CHARS as u64 || window > MAX_WINDOW_CHARS as u64 {
@@ -322,7 +373,10 @@ mod tests {
         let l = c.profile("lenient").unwrap();
         assert_eq!(l.response_window_chars(), 128);
         assert!(!l.responses());
-        assert_eq!(c.profile_names().collect::<Vec<_>>(), vec!["default", "lenient"]);
+        assert_eq!(
+            c.profile_names().collect::<Vec<_>>(),
+            vec!["default", "lenient"]
+        );
         assert!(format!("{d:?}").contains("employee_id"));
         assert!(!format!("{d:?}").contains("salt\""));
     }
@@ -330,23 +384,52 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let cases: &[(&str, &str)] = &[
-            (r#"{"custom_detectors":[{"name":"ok","regex":"a"},{"name":"Bad","regex":"a"}]}"#, "masking.custom_detectors[1].name"),
-            (r#"{"custom_detectors":[{"name":"email","regex":"a"}]}"#, "masking.custom_detectors[0].name"),
-            (r#"{"custom_detectors":[{"name":"x","regex":"a"},{"name":"x","regex":"b"}]}"#, "masking.custom_detectors[1].name"),
-            (r#"{"custom_detectors":[{"name":"a","regex":"b"},{"name":"b","regex":"c"},{"name":"c","regex":"(["}]}"#, "masking.custom_detectors[2].regex"),
-            (r#"{"custom_detectors":[{"name":"x","regex":"a?"}]}"#, "masking.custom_detectors[0].regex"),
-            (r#"{"profiles":{"default":{"detectors":{"emial":"redact"}}}}"#, "masking.profiles.default.detectors.emial"),
-            (r#"{"profiles":{"default":{"detectors":{"email":"pseudonymize"}}}}"#, "masking.salt"),
+            (
+                r#"{"custom_detectors":[{"name":"ok","regex":"a"},{"name":"Bad","regex":"a"}]}"#,
+                "masking.custom_detectors[1].name",
+            ),
+            (
+                r#"{"custom_detectors":[{"name":"email","regex":"a"}]}"#,
+                "masking.custom_detectors[0].name",
+            ),
+            (
+                r#"{"custom_detectors":[{"name":"x","regex":"a"},{"name":"x","regex":"b"}]}"#,
+                "masking.custom_detectors[1].name",
+            ),
+            (
+                r#"{"custom_detectors":[{"name":"a","regex":"b"},{"name":"b","regex":"c"},{"name":"c","regex":"(["}]}"#,
+                "masking.custom_detectors[2].regex",
+            ),
+            (
+                r#"{"custom_detectors":[{"name":"x","regex":"a?"}]}"#,
+                "masking.custom_detectors[0].regex",
+            ),
+            (
+                r#"{"profiles":{"default":{"detectors":{"emial":"redact"}}}}"#,
+                "masking.profiles.default.detectors.emial",
+            ),
+            (
+                r#"{"profiles":{"default":{"detectors":{"email":"pseudonymize"}}}}"#,
+                "masking.salt",
+            ),
             (r#"{"salt":"short","profiles":{}}"#, "masking.salt"),
-            (r#"{"profiles":{"p":{"detectors":{"email":"redact"},"restore":true}}}"#, "masking.profiles.p.restore"),
-            (r#"{"profiles":{"p":{"response_window_chars":5}}}"#, "masking.profiles.p.response_window_chars"),
+            (
+                r#"{"profiles":{"p":{"detectors":{"email":"redact"},"restore":true}}}"#,
+                "masking.profiles.p.restore",
+            ),
+            (
+                r#"{"profiles":{"p":{"response_window_chars":5}}}"#,
+                "masking.profiles.p.response_window_chars",
+            ),
             (r#"{"profiles":{"a b":{}}}"#, "masking.profiles.a b"),
         ];
         for (json, field) in cases {
             let e = MaskingConfig::from_json(json.as_bytes()).unwrap_err();
             assert_eq!(e.field, *field, "{json}: {e}");
         }
-        let e = MaskingConfig::from_json(br#"{"profiles":{"p":{"detectors":{"email":"scramble"}}}}"#).unwrap_err();
+        let e =
+            MaskingConfig::from_json(br#"{"profiles":{"p":{"detectors":{"email":"scramble"}}}}"#)
+                .unwrap_err();
         assert!(e.message.contains("scramble"), "{e}");
         let e = MaskingConfig::from_json(br#"{"profile":{}}"#).unwrap_err();
         assert!(e.message.contains("profile"), "{e}");

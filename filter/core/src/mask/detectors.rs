@@ -87,15 +87,21 @@ impl Need {
             Need::Literal(l) => l.iter().any(|x| contains(run, x.as_bytes())),
             Need::LiteralNoCase(l) => l.iter().any(|x| {
                 let first = x.as_bytes().first().copied().unwrap_or(0);
-                run.windows(x.len()).any(|w| w.first().is_some_and(|c| c.eq_ignore_ascii_case(&first)) && w.eq_ignore_ascii_case(x.as_bytes()))
+                run.windows(x.len()).any(|w| {
+                    w.first().is_some_and(|c| c.eq_ignore_ascii_case(&first))
+                        && w.eq_ignore_ascii_case(x.as_bytes())
+                })
             }),
         }
     }
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    let Some(&first) = needle.first() else { return false };
-    hay.windows(needle.len()).any(|w| w.first() == Some(&first) && w == needle)
+    let Some(&first) = needle.first() else {
+        return false;
+    };
+    hay.windows(needle.len())
+        .any(|w| w.first() == Some(&first) && w == needle)
 }
 
 // Byte classes for candidate runs, one bit each, looked up in `CLASSES`.
@@ -312,20 +318,30 @@ fn builtin_spec(name: &str) -> Option<(String, Check, Cand, ValueGroup, bool)> {
 
 /// Compiles a regex with the limits used for every pattern.
 pub(crate) fn compile(pattern: &str) -> Result<Regex, String> {
-    RegexBuilder::new(pattern).size_limit(REGEX_SIZE_LIMIT).nest_limit(64).build().map_err(|e| one_line(&e.to_string()))
+    RegexBuilder::new(pattern)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .nest_limit(64)
+        .build()
+        .map_err(|e| one_line(&e.to_string()))
 }
 
 /// regex errors are multi-line with a caret diagram; configuration errors
 /// are one log line.
 pub(crate) fn one_line(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.chars().all(|c| c == '^' || c == ' ')).collect();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.chars().all(|c| c == '^' || c == ' '))
+        .collect();
     lines.join(" ")
 }
 
 impl Detector {
     /// A built-in detector by name.
     pub(crate) fn builtin(name: &str) -> Result<Option<Detector>, String> {
-        let Some((pattern, check, cand, value, open_ended)) = builtin_spec(name) else { return Ok(None) };
+        let Some((pattern, check, cand, value, open_ended)) = builtin_spec(name) else {
+            return Ok(None);
+        };
         Ok(Some(Detector {
             name: name.to_string(),
             label: name.to_ascii_uppercase(),
@@ -385,8 +401,14 @@ impl Detector {
                     while in_class(b, i, set) {
                         i += 1;
                     }
-                    if need.met(b.get(start..i).unwrap_or_default()) && (extend == 0 || assignment_follows(b, i)) {
-                        let mut end = if extend > 0 { (i + extend).min(b.len()) } else { next_char(hay, i).min(b.len()) };
+                    if need.met(b.get(start..i).unwrap_or_default())
+                        && (extend == 0 || assignment_follows(b, i))
+                    {
+                        let mut end = if extend > 0 {
+                            (i + extend).min(b.len())
+                        } else {
+                            next_char(hay, i).min(b.len())
+                        };
                         while !hay.is_char_boundary(end) {
                             end -= 1;
                         }
@@ -415,7 +437,9 @@ impl Detector {
                         None => break,
                     },
                     ValueGroup::FirstParticipating | ValueGroup::Index(_) => {
-                        let Some(m) = self.regex.captures_read_at(&mut locs, sub, pos) else { break };
+                        let Some(m) = self.regex.captures_read_at(&mut locs, sub, pos) else {
+                            break;
+                        };
                         let group = match self.value {
                             ValueGroup::Index(i) => locs.get(i),
                             _ => (1..locs.len()).find_map(|i| locs.get(i)),
@@ -433,10 +457,24 @@ impl Detector {
                 match self.validate(hay, vs, ve) {
                     Some(end) if end > vs => {
                         out.push((vs, end));
-                        let resume = if self.value == ValueGroup::Whole { end } else { me };
-                        pos = if resume > ms { resume } else { next_char(hay, ms) };
+                        let resume = if self.value == ValueGroup::Whole {
+                            end
+                        } else {
+                            me
+                        };
+                        pos = if resume > ms {
+                            resume
+                        } else {
+                            next_char(hay, ms)
+                        };
                     }
-                    _ => pos = if self.retry_inside() && me - ms <= RETRY_INSIDE_MAX { next_char(hay, ms) } else { me },
+                    _ => {
+                        pos = if self.retry_inside() && me - ms <= RETRY_INSIDE_MAX {
+                            next_char(hay, ms)
+                        } else {
+                            me
+                        }
+                    }
                 }
             }
         }
@@ -445,7 +483,17 @@ impl Detector {
     /// Whether a rejected candidate may hide a real value starting inside it
     /// (digit runs: `12345 4111 1111 1111 1111`).
     fn retry_inside(&self) -> bool {
-        matches!(self.check, Check::Luhn | Check::IbanAny | Check::Phone | Check::Card | Check::Iban | Check::Ssn | Check::Ipv4 | Check::Ipv6)
+        matches!(
+            self.check,
+            Check::Luhn
+                | Check::IbanAny
+                | Check::Phone
+                | Check::Card
+                | Check::Iban
+                | Check::Ssn
+                | Check::Ipv4
+                | Check::Ipv6
+        )
     }
 
     /// The accepted end of the value `hay[s..e]`, or `None` to reject it.
@@ -497,13 +545,17 @@ fn alnum(c: Option<char>) -> bool {
 /// a piece of a longer number such as `1.2.3.4.5` or `123-45-6789-0`.
 fn glued(hay: &str, s: usize, e: usize, sep: u8) -> bool {
     let b = hay.as_bytes();
-    let before = s >= 2 && b.get(s - 1) == Some(&sep) && b.get(s - 2).is_some_and(u8::is_ascii_digit);
+    let before =
+        s >= 2 && b.get(s - 1) == Some(&sep) && b.get(s - 2).is_some_and(u8::is_ascii_digit);
     let after = b.get(e) == Some(&sep) && b.get(e + 1).is_some_and(u8::is_ascii_digit);
     before || after
 }
 
 fn digits(v: &str) -> Vec<u8> {
-    v.bytes().filter(u8::is_ascii_digit).map(|b| b - b'0').collect()
+    v.bytes()
+        .filter(u8::is_ascii_digit)
+        .map(|b| b - b'0')
+        .collect()
 }
 
 /// The Luhn checksum over decimal digits (values 0..=9).
@@ -524,7 +576,9 @@ pub(crate) fn luhn(d: &[u8]) -> bool {
 }
 
 fn email_ok(v: &str) -> bool {
-    let Some((local, domain)) = v.rsplit_once('@') else { return false };
+    let Some((local, domain)) = v.rsplit_once('@') else {
+        return false;
+    };
     !local.is_empty()
         && !local.starts_with('.')
         && !local.ends_with('.')
@@ -557,7 +611,10 @@ fn phone_ok(v: &str) -> bool {
     }
     // North American: 10 digits; a separator other than the parenthesis
     // must be used consistently (415-555.0132 is not a phone number).
-    let plain: Vec<char> = v.chars().filter(|c| !c.is_ascii_digit() && *c != '(' && *c != ')' && *c != ' ').collect();
+    let plain: Vec<char> = v
+        .chars()
+        .filter(|c| !c.is_ascii_digit() && *c != '(' && *c != ')' && *c != ' ')
+        .collect();
     n == 10 && plain.windows(2).all(|w| w.first() == w.get(1))
 }
 
@@ -575,7 +632,11 @@ fn card_ok(v: &str) -> bool {
     if d.iter().all(|&x| Some(&x) == d.first()) {
         return false;
     }
-    let prefix = |n: usize| d.iter().take(n).fold(0u32, |acc, &x| acc * 10 + u32::from(x));
+    let prefix = |n: usize| {
+        d.iter()
+            .take(n)
+            .fold(0u32, |acc, &x| acc * 10 + u32::from(x))
+    };
     match d.first() {
         Some(4) => true,
         Some(3) => matches!(prefix(2), 30 | 34 | 35 | 36 | 37 | 38 | 39),
@@ -588,16 +649,95 @@ fn card_ok(v: &str) -> bool {
 
 /// IBAN lengths by country (SWIFT IBAN registry).
 const IBAN_LENGTHS: &[(&str, usize)] = &[
-    ("AD", 24), ("AE", 23), ("AL", 28), ("AT", 20), ("AZ", 28), ("BA", 20), ("BE", 16), ("BG", 22), ("BH", 22),
-    ("BI", 27), ("BR", 29), ("BY", 28), ("CH", 21), ("CR", 22), ("CY", 28), ("CZ", 24), ("DE", 22), ("DJ", 27),
-    ("DK", 18), ("DO", 28), ("EE", 20), ("EG", 29), ("ES", 24), ("FI", 18), ("FK", 18), ("FO", 18), ("FR", 27),
-    ("GB", 22), ("GE", 22), ("GI", 23), ("GL", 18), ("GR", 27), ("GT", 28), ("HN", 28), ("HR", 21), ("HU", 28),
-    ("IE", 22), ("IL", 23), ("IQ", 23), ("IS", 26), ("IT", 27), ("JO", 30), ("KW", 30), ("KZ", 20), ("LB", 28),
-    ("LC", 32), ("LI", 21), ("LT", 20), ("LU", 20), ("LV", 21), ("LY", 25), ("MC", 27), ("MD", 24), ("ME", 22),
-    ("MK", 19), ("MN", 20), ("MR", 27), ("MT", 31), ("MU", 30), ("NI", 28), ("NL", 18), ("NO", 15), ("OM", 23),
-    ("PK", 24), ("PL", 28), ("PS", 29), ("PT", 25), ("QA", 29), ("RO", 24), ("RS", 22), ("RU", 33), ("SA", 24),
-    ("SC", 31), ("SD", 18), ("SE", 24), ("SI", 19), ("SK", 24), ("SM", 27), ("SO", 23), ("ST", 25), ("SV", 28),
-    ("TL", 23), ("TN", 24), ("TR", 26), ("UA", 29), ("VA", 22), ("VG", 24), ("XK", 20), ("YE", 30),
+    ("AD", 24),
+    ("AE", 23),
+    ("AL", 28),
+    ("AT", 20),
+    ("AZ", 28),
+    ("BA", 20),
+    ("BE", 16),
+    ("BG", 22),
+    ("BH", 22),
+    ("BI", 27),
+    ("BR", 29),
+    ("BY", 28),
+    ("CH", 21),
+    ("CR", 22),
+    ("CY", 28),
+    ("CZ", 24),
+    ("DE", 22),
+    ("DJ", 27),
+    ("DK", 18),
+    ("DO", 28),
+    ("EE", 20),
+    ("EG", 29),
+    ("ES", 24),
+    ("FI", 18),
+    ("FK", 18),
+    ("FO", 18),
+    ("FR", 27),
+    ("GB", 22),
+    ("GE", 22),
+    ("GI", 23),
+    ("GL", 18),
+    ("GR", 27),
+    ("GT", 28),
+    ("HN", 28),
+    ("HR", 21),
+    ("HU", 28),
+    ("IE", 22),
+    ("IL", 23),
+    ("IQ", 23),
+    ("IS", 26),
+    ("IT", 27),
+    ("JO", 30),
+    ("KW", 30),
+    ("KZ", 20),
+    ("LB", 28),
+    ("LC", 32),
+    ("LI", 21),
+    ("LT", 20),
+    ("LU", 20),
+    ("LV", 21),
+    ("LY", 25),
+    ("MC", 27),
+    ("MD", 24),
+    ("ME", 22),
+    ("MK", 19),
+    ("MN", 20),
+    ("MR", 27),
+    ("MT", 31),
+    ("MU", 30),
+    ("NI", 28),
+    ("NL", 18),
+    ("NO", 15),
+    ("OM", 23),
+    ("PK", 24),
+    ("PL", 28),
+    ("PS", 29),
+    ("PT", 25),
+    ("QA", 29),
+    ("RO", 24),
+    ("RS", 22),
+    ("RU", 33),
+    ("SA", 24),
+    ("SC", 31),
+    ("SD", 18),
+    ("SE", 24),
+    ("SI", 19),
+    ("SK", 24),
+    ("SM", 27),
+    ("SO", 23),
+    ("ST", 25),
+    ("SV", 28),
+    ("TL", 23),
+    ("TN", 24),
+    ("TR", 26),
+    ("UA", 29),
+    ("VA", 22),
+    ("VG", 24),
+    ("XK", 20),
+    ("YE", 30),
 ];
 
 /// mod-97 over an IBAN given without spaces (country, check digits, BBAN).
@@ -614,7 +754,11 @@ pub(crate) fn iban_mod97(compact: &[u8]) -> bool {
             b'a'..=b'z' => u32::from(b - b'a') + 10,
             _ => return false,
         };
-        rem = if v >= 10 { (rem * 100 + v) % 97 } else { (rem * 10 + v) % 97 };
+        rem = if v >= 10 {
+            (rem * 100 + v) % 97
+        } else {
+            (rem * 10 + v) % 97
+        };
     }
     rem == 1
 }
@@ -624,7 +768,10 @@ pub(crate) fn iban_mod97(compact: &[u8]) -> bool {
 fn iban_end(hay: &str, s: usize, e: usize) -> Option<usize> {
     let v = hay.get(s..e)?.as_bytes();
     let country = std::str::from_utf8(v.get(..2)?).ok()?;
-    let want = IBAN_LENGTHS.iter().find(|(c, _)| *c == country).map(|(_, n)| *n)?;
+    let want = IBAN_LENGTHS
+        .iter()
+        .find(|(c, _)| *c == country)
+        .map(|(_, n)| *n)?;
     let mut compact = Vec::with_capacity(want);
     let mut end = None;
     for (i, &b) in v.iter().enumerate() {
@@ -638,7 +785,12 @@ fn iban_end(hay: &str, s: usize, e: usize) -> Option<usize> {
         }
     }
     let end = end?;
-    if hay.as_bytes().get(end).is_some_and(u8::is_ascii_alphanumeric) || !iban_mod97(&compact) {
+    if hay
+        .as_bytes()
+        .get(end)
+        .is_some_and(u8::is_ascii_alphanumeric)
+        || !iban_mod97(&compact)
+    {
         return None;
     }
     Some(end)
@@ -649,7 +801,10 @@ fn ssn_ok(v: &str) -> bool {
     if d.len() != 9 {
         return false;
     }
-    let num = |r: std::ops::Range<usize>| d.get(r).map_or(0u32, |x| x.iter().fold(0u32, |a, &b| a * 10 + u32::from(b)));
+    let num = |r: std::ops::Range<usize>| {
+        d.get(r)
+            .map_or(0u32, |x| x.iter().fold(0u32, |a, &b| a * 10 + u32::from(b)))
+    };
     let (area, group, serial) = (num(0..3), num(3..5), num(5..9));
     area != 0 && area != 666 && area < 900 && group != 0 && serial != 0
 }
@@ -682,7 +837,9 @@ fn ipv6_end(hay: &str, s: usize, e: usize) -> Option<usize> {
     let hex = v.chars().filter(char::is_ascii_hexdigit).count();
     let groups = v.split(':').filter(|g| !g.is_empty()).count();
     let next = next_of(hay, end);
-    if (hex < 2 || groups < 2) && v != "::1" || next.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+    if (hex < 2 || groups < 2) && v != "::1"
+        || next.is_some_and(|c| c.is_alphanumeric() || c == '_')
+    {
         return None;
     }
     Some(end)
@@ -690,7 +847,9 @@ fn ipv6_end(hay: &str, s: usize, e: usize) -> Option<usize> {
 
 fn sk_ok(v: &str) -> bool {
     let body = v.get(3..).unwrap_or("");
-    body.bytes().any(|b| b.is_ascii_digit()) && body.bytes().any(|b| b.is_ascii_uppercase()) && body.bytes().any(|b| b.is_ascii_lowercase())
+    body.bytes().any(|b| b.is_ascii_digit())
+        && body.bytes().any(|b| b.is_ascii_uppercase())
+        && body.bytes().any(|b| b.is_ascii_lowercase())
 }
 
 /// Decodes unpadded base64url; `None` on any other character.
@@ -719,20 +878,41 @@ fn b64url(s: &str) -> Option<Vec<u8>> {
 
 /// A JWT's header must decode to a JSON object naming its algorithm.
 fn jwt_ok(v: &str) -> bool {
-    let Some(header) = v.split('.').next() else { return false };
-    let Some(bytes) = b64url(header) else { return false };
+    let Some(header) = v.split('.').next() else {
+        return false;
+    };
+    let Some(bytes) = b64url(header) else {
+        return false;
+    };
     matches!(serde_json::from_slice::<serde_json::Value>(&bytes), Ok(serde_json::Value::Object(m)) if m.contains_key("alg"))
 }
 
 /// Rejects template values and placeholders (`<your password>`, `${PASS}`,
 /// `[REDACTED]`, `****`) that are not secrets.
 fn password_value_ok(v: &str) -> bool {
-    let Some(first) = v.chars().next() else { return false };
-    if v.chars().count() < 3 || matches!(first, '<' | '[' | '{' | '$' | '%') || v.chars().all(|c| c == first) {
+    let Some(first) = v.chars().next() else {
+        return false;
+    };
+    if v.chars().count() < 3
+        || matches!(first, '<' | '[' | '{' | '$' | '%')
+        || v.chars().all(|c| c == first)
+    {
         return false;
     }
     let lower = v.to_ascii_lowercase();
-    !matches!(lower.as_str(), "null" | "none" | "true" | "false" | "undefined" | "redacted" | "changeme" | "example" | "password" | "secret")
+    !matches!(
+        lower.as_str(),
+        "null"
+            | "none"
+            | "true"
+            | "false"
+            | "undefined"
+            | "redacted"
+            | "changeme"
+            | "example"
+            | "password"
+            | "secret"
+    )
 }
 
 #[cfg(test)]
@@ -744,7 +924,9 @@ mod tests {
         let d = Detector::builtin(name).unwrap().unwrap();
         let mut out = Vec::new();
         d.find(text, 0, &mut out);
-        out.into_iter().map(|(s, e)| text[s..e].to_string()).collect()
+        out.into_iter()
+            .map(|(s, e)| text[s..e].to_string())
+            .collect()
     }
 
     /// (detector, text, expected values). An empty list is a near miss.
@@ -890,8 +1072,14 @@ mod tests {
     fn every_builtin_compiles_and_has_cases() {
         for name in BUILTIN_DETECTORS {
             assert!(Detector::builtin(name).unwrap().is_some(), "{name}");
-            assert!(CASES.iter().any(|(n, _, w)| n == name && !w.is_empty()), "{name} has no true positive");
-            assert!(CASES.iter().any(|(n, _, w)| n == name && w.is_empty()), "{name} has no near miss");
+            assert!(
+                CASES.iter().any(|(n, _, w)| n == name && !w.is_empty()),
+                "{name} has no true positive"
+            );
+            assert!(
+                CASES.iter().any(|(n, _, w)| n == name && w.is_empty()),
+                "{name} has no near miss"
+            );
         }
         assert!(Detector::builtin("nope").unwrap().is_none());
     }
@@ -921,7 +1109,13 @@ mod tests {
         d.find(t, 0, &mut out);
         assert_eq!(out, vec![(5, 16)]);
         assert!(Detector::custom("e", "a*", Check::None).is_err());
-        assert!(Detector::custom("e", "(", Check::None).unwrap_err().lines().count() == 1);
+        assert!(
+            Detector::custom("e", "(", Check::None)
+                .unwrap_err()
+                .lines()
+                .count()
+                == 1
+        );
     }
 
     #[test]

@@ -95,7 +95,12 @@ pub(crate) fn find(active: &[Active], hay: &str, from: usize) -> Found {
             }
         }
         best_len = e - s;
-        found.groups.push(Group { start: s, end: e, best: i, members: vec![i] });
+        found.groups.push(Group {
+            start: s,
+            end: e,
+            best: i,
+            members: vec![i],
+        });
     }
     found
 }
@@ -132,7 +137,10 @@ pub(crate) fn placeholder_at(b: &[u8], i: usize) -> Option<usize> {
     };
     let label = |c: &u8| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == b'_';
     let mut j = i + 1;
-    while b.get(j).is_some_and(|c| label(c) || (open == b'<' && c.is_ascii_lowercase())) {
+    while b
+        .get(j)
+        .is_some_and(|c| label(c) || (open == b'<' && c.is_ascii_lowercase()))
+    {
         j += 1;
     }
     if b.get(j) != Some(&close) || !b.get(i + 1).is_some_and(u8::is_ascii_uppercase) {
@@ -146,7 +154,9 @@ pub(crate) fn placeholder_at(b: &[u8], i: usize) -> Option<usize> {
         if name.is_empty()
             || !name.iter().all(label)
             || !matches!(hex.len(), 8 | 16 | 64)
-            || !hex.iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+            || !hex
+                .iter()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
         {
             return None;
         }
@@ -169,7 +179,9 @@ impl Tally {
         if let Some(c) = self.counts.get_mut(i) {
             *c += 1;
         }
-        if self.first_block.is_none() && active.get(i).is_some_and(|a| a.action == MaskAction::Block) {
+        if self.first_block.is_none()
+            && active.get(i).is_some_and(|a| a.action == MaskAction::Block)
+        {
             self.first_block = Some(i);
         }
     }
@@ -190,14 +202,25 @@ impl Tally {
             .iter()
             .zip(active)
             .filter(|(c, _)| **c > 0)
-            .map(|(c, a)| Hit { detector: a.det.name.clone(), action: a.action, count: *c })
+            .map(|(c, a)| Hit {
+                detector: a.det.name.clone(),
+                action: a.action,
+                count: *c,
+            })
             .collect()
     }
 }
 
 /// The placeholder for a group's text.
-pub(crate) fn replacement(policy: &PolicyInner, g: &Group, value: &str, restore: Option<&mut RestoreMap>) -> String {
-    let Some(a) = policy.active.get(g.best) else { return "[REDACTED]".into() };
+pub(crate) fn replacement(
+    policy: &PolicyInner,
+    g: &Group,
+    value: &str,
+    restore: Option<&mut RestoreMap>,
+) -> String {
+    let Some(a) = policy.active.get(g.best) else {
+        return "[REDACTED]".into();
+    };
     if a.action != MaskAction::Pseudonymize {
         return format!("[{}]", a.det.label);
     }

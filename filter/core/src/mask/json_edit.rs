@@ -22,7 +22,13 @@ pub(crate) fn apply(src: &[u8], edits: &Edits) -> Result<Vec<u8>, String> {
     if edits.is_empty() {
         return Ok(src.to_vec());
     }
-    let mut s = Scanner { b: src, i: 0, path: Vec::new(), edits, ranges: Vec::new() };
+    let mut s = Scanner {
+        b: src,
+        i: 0,
+        path: Vec::new(),
+        edits,
+        ranges: Vec::new(),
+    };
     s.value(0)?;
     s.ws();
     if s.i != src.len() {
@@ -113,7 +119,12 @@ impl<'a> Scanner<'a> {
             let key = if raw.contains(&b'\\') {
                 serde_json::from_slice::<String>(raw).map_err(|e| e.to_string())?
             } else {
-                String::from_utf8(raw.get(1..raw.len().saturating_sub(1)).unwrap_or_default().to_vec()).map_err(|e| e.to_string())?
+                String::from_utf8(
+                    raw.get(1..raw.len().saturating_sub(1))
+                        .unwrap_or_default()
+                        .to_vec(),
+                )
+                .map_err(|e| e.to_string())?
             };
             self.expect(b':')?;
             self.path.push(Seg::Key(key));
@@ -209,10 +220,16 @@ mod tests {
     fn replaces_only_the_edited_values() {
         let src = br#" {"z": 1.50, "a\u0062": [ "x", {"t":"old"} ], "n": null } "#;
         let mut e = Edits::new();
-        e.insert(vec![key("ab"), Seg::Idx(1), key("t")], json_string("new \"q\""));
+        e.insert(
+            vec![key("ab"), Seg::Idx(1), key("t")],
+            json_string("new \"q\""),
+        );
         e.insert(vec![key("n")], "\"s\"".into());
         let out = apply(src, &e).unwrap();
-        assert_eq!(String::from_utf8(out).unwrap(), r#" {"z": 1.50, "a\u0062": [ "x", {"t":"new \"q\""} ], "n": "s" } "#);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#" {"z": 1.50, "a\u0062": [ "x", {"t":"new \"q\""} ], "n": "s" } "#
+        );
     }
 
     #[test]

@@ -122,13 +122,16 @@ use std::fmt;
 use serde::Deserialize;
 
 pub use config::{
-    MaskPolicy, MaskingConfig, RawCustomDetector, RawMasking, RawProfile, ValidatorChoice, ALL_BUILTINS_KEY, DEFAULT_PROFILE,
-    DEFAULT_WINDOW_CHARS, MAX_WINDOW_CHARS, MIN_SALT_BYTES, MIN_WINDOW_CHARS,
+    MaskPolicy, MaskingConfig, RawCustomDetector, RawMasking, RawProfile, ValidatorChoice,
+    ALL_BUILTINS_KEY, DEFAULT_PROFILE, DEFAULT_WINDOW_CHARS, MAX_WINDOW_CHARS, MIN_SALT_BYTES,
+    MIN_WINDOW_CHARS,
 };
 pub use detectors::BUILTIN_DETECTORS;
 pub(crate) use detectors::{compile as compile_regex, next_char as next_char_boundary};
 pub use request::{mask_request, RequestMasking};
-pub use response::{mask_response_body, Blocked, BlockedBy, ResponseGuard, ResponseMasking, BLOCKED_STATUS};
+pub use response::{
+    mask_response_body, Blocked, BlockedBy, ResponseGuard, ResponseMasking, BLOCKED_STATUS,
+};
 pub use stream::{SseStreamMasker, StreamReport, MAX_EVENT_BYTES, MAX_HOLD_CHARS};
 
 /// What a detector does with what it finds.
@@ -183,7 +186,10 @@ pub struct MaskError {
 
 impl MaskError {
     pub(crate) fn new(field: impl Into<String>, message: impl Into<String>) -> MaskError {
-        MaskError { field: field.into(), message: message.into() }
+        MaskError {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 

@@ -34,7 +34,9 @@ impl RequestMasking {
     /// The refusal message for a blocked request: names the detector, never
     /// the value.
     pub fn block_message(&self) -> Option<String> {
-        self.blocked_by.as_ref().map(|d| format!("request blocked by masking policy: it contains a value detected as `{d}`"))
+        self.blocked_by.as_ref().map(|d| {
+            format!("request blocked by masking policy: it contains a value detected as `{d}`")
+        })
     }
 }
 
@@ -43,8 +45,13 @@ impl RequestMasking {
 /// Fails (and the request must then be refused, never forwarded unmasked)
 /// when the body is not strict JSON or its prompt fields do not have a shape
 /// this function knows.
-pub fn mask_request(policy: &MaskPolicy, api: ApiKind, body: &[u8]) -> Result<RequestMasking, MaskError> {
-    let value = parse_strict(body).map_err(|e| MaskError::new("", format!("request body is not valid JSON: {e}")))?;
+pub fn mask_request(
+    policy: &MaskPolicy,
+    api: ApiKind,
+    body: &[u8],
+) -> Result<RequestMasking, MaskError> {
+    let value = parse_strict(body)
+        .map_err(|e| MaskError::new("", format!("request body is not valid JSON: {e}")))?;
     let inner = &*policy.0;
     let mut tally = Tally::default();
     let mut restore = RestoreMap::default();
@@ -54,8 +61,14 @@ pub fn mask_request(policy: &MaskPolicy, api: ApiKind, body: &[u8]) -> Result<Re
         if text.is_empty() {
             return;
         }
-        let map = if inner.restore { Some(&mut restore) } else { None };
-        if let Some(masked) = engine::mask_full(inner, text, &mut tally, map, Some(&mut placeholders)) {
+        let map = if inner.restore {
+            Some(&mut restore)
+        } else {
+            None
+        };
+        if let Some(masked) =
+            engine::mask_full(inner, text, &mut tally, map, Some(&mut placeholders))
+        {
             edits.insert(path.to_vec(), json_edit::json_string(&masked));
         }
     };
@@ -63,12 +76,18 @@ pub fn mask_request(policy: &MaskPolicy, api: ApiKind, body: &[u8]) -> Result<Re
     let body = if edits.is_empty() {
         None
     } else {
-        Some(json_edit::apply(body, &edits).map_err(|e| MaskError::new("", format!("could not rewrite the body: {e}")))?)
+        Some(
+            json_edit::apply(body, &edits)
+                .map_err(|e| MaskError::new("", format!("could not rewrite the body: {e}")))?,
+        )
     };
     Ok(RequestMasking {
         body,
         hits: tally.hits(&inner.active),
-        blocked_by: tally.first_block.and_then(|i| inner.active.get(i)).map(|a| a.det.name.clone()),
+        blocked_by: tally
+            .first_block
+            .and_then(|i| inner.active.get(i))
+            .map(|a| a.det.name.clone()),
         restore,
         placeholders,
     })
@@ -76,11 +95,18 @@ pub fn mask_request(policy: &MaskPolicy, api: ApiKind, body: &[u8]) -> Result<Re
 
 /// Calls `visit` with the path and text of every prompt-bearing string of a
 /// request of shape `api`. Errors on shapes that cannot be walked.
-pub(crate) fn visit_prompt(api: ApiKind, value: &Value, visit: &mut dyn FnMut(&[Seg], &str)) -> Result<(), MaskError> {
+pub(crate) fn visit_prompt(
+    api: ApiKind,
+    value: &Value,
+    visit: &mut dyn FnMut(&[Seg], &str),
+) -> Result<(), MaskError> {
     let Value::Object(obj) = value else {
         return Err(MaskError::new("", "request body must be a JSON object"));
     };
-    let mut w = Walk { path: Vec::new(), visit };
+    let mut w = Walk {
+        path: Vec::new(),
+        visit,
+    };
     match api {
         ApiKind::OpenaiChat => openai_chat(&mut w, obj),
         ApiKind::OpenaiCompletions => {
@@ -232,7 +258,12 @@ impl Walk<'_> {
                 for (i, item) in items.iter().enumerate() {
                     match item {
                         Value::String(s) => w.idx(i, |w| w.emit(s)),
-                        _ => return Err(w.err(&format!("[{i}]"), "must be a string (token-id prompts cannot be masked)")),
+                        _ => {
+                            return Err(w.err(
+                                &format!("[{i}]"),
+                                "must be a string (token-id prompts cannot be masked)",
+                            ))
+                        }
                     }
                 }
                 Ok(())
@@ -241,7 +272,11 @@ impl Walk<'_> {
         }
     }
 
-    fn list<'v>(&self, obj: &'v Map<String, Value>, key: &str) -> Result<&'v Vec<Value>, MaskError> {
+    fn list<'v>(
+        &self,
+        obj: &'v Map<String, Value>,
+        key: &str,
+    ) -> Result<&'v Vec<Value>, MaskError> {
         match obj.get(key) {
             Some(Value::Array(a)) if !a.is_empty() => Ok(a),
             _ => Err(self.err(key, "must be a non-empty list")),
@@ -268,7 +303,9 @@ impl Walk<'_> {
 }
 
 fn part_type<'v>(w: &Walk<'_>, part: &'v Map<String, Value>) -> Result<&'v str, MaskError> {
-    part.get("type").and_then(Value::as_str).ok_or_else(|| w.err("type", "must be a string"))
+    part.get("type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| w.err("type", "must be a string"))
 }
 
 fn unsupported(w: &Walk<'_>, kind: &str) -> MaskError {
@@ -319,12 +356,14 @@ fn chat_content(w: &mut Walk<'_>, m: &Map<String, Value>, key: &str) -> Result<(
             w.key(key, |w| w.emit(s));
             Ok(())
         }
-        Some(Value::Array(parts)) => w.each_object(key, parts, |w, part| match part_type(w, part)? {
-            "text" => w.req_text(part, "text"),
-            "refusal" => w.req_text(part, "refusal"),
-            "image_url" | "input_audio" | "file" => Ok(()),
-            other => Err(unsupported(w, other)),
-        }),
+        Some(Value::Array(parts)) => {
+            w.each_object(key, parts, |w, part| match part_type(w, part)? {
+                "text" => w.req_text(part, "text"),
+                "refusal" => w.req_text(part, "refusal"),
+                "image_url" | "input_audio" | "file" => Ok(()),
+                other => Err(unsupported(w, other)),
+            })
+        }
         Some(_) => Err(w.err(key, "must be a string or a list of parts")),
     }
 }
@@ -366,19 +405,25 @@ fn openai_responses(w: &mut Walk<'_>, obj: &Map<String, Value>) -> Result<(), Ma
     w.tools(obj)
 }
 
-fn responses_content(w: &mut Walk<'_>, item: &Map<String, Value>, key: &str) -> Result<(), MaskError> {
+fn responses_content(
+    w: &mut Walk<'_>,
+    item: &Map<String, Value>,
+    key: &str,
+) -> Result<(), MaskError> {
     match item.get(key) {
         None | Some(Value::Null) => Ok(()),
         Some(Value::String(s)) => {
             w.key(key, |w| w.emit(s));
             Ok(())
         }
-        Some(Value::Array(parts)) => w.each_object(key, parts, |w, part| match part_type(w, part)? {
-            "input_text" | "output_text" | "text" => w.req_text(part, "text"),
-            "refusal" => w.req_text(part, "refusal"),
-            "input_image" | "input_file" | "input_audio" => Ok(()),
-            other => Err(unsupported(w, other)),
-        }),
+        Some(Value::Array(parts)) => {
+            w.each_object(key, parts, |w, part| match part_type(w, part)? {
+                "input_text" | "output_text" | "text" => w.req_text(part, "text"),
+                "refusal" => w.req_text(part, "refusal"),
+                "input_image" | "input_file" | "input_audio" => Ok(()),
+                other => Err(unsupported(w, other)),
+            })
+        }
         Some(_) => Err(w.err(key, "must be a string or a list of parts")),
     }
 }
@@ -388,11 +433,17 @@ fn responses_content(w: &mut Walk<'_>, item: &Map<String, Value>, key: &str) -> 
 fn anthropic(w: &mut Walk<'_>, obj: &Map<String, Value>) -> Result<(), MaskError> {
     anthropic_content(w, obj, "system")?;
     let messages = w.list(obj, "messages")?;
-    w.each_object("messages", messages, |w, m| anthropic_content(w, m, "content"))?;
+    w.each_object("messages", messages, |w, m| {
+        anthropic_content(w, m, "content")
+    })?;
     w.tools(obj)
 }
 
-fn anthropic_content(w: &mut Walk<'_>, obj: &Map<String, Value>, key: &str) -> Result<(), MaskError> {
+fn anthropic_content(
+    w: &mut Walk<'_>,
+    obj: &Map<String, Value>,
+    key: &str,
+) -> Result<(), MaskError> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(()),
         Some(Value::String(s)) => {
@@ -414,10 +465,12 @@ fn anthropic_block(w: &mut Walk<'_>, block: &Map<String, Value>) -> Result<(), M
             w.opt_text(block, "title")?;
             w.opt_text(block, "context")?;
             if let Some(Value::Object(src)) = block.get("source") {
-                w.key("source", |w| match src.get("type").and_then(Value::as_str) {
-                    Some("text") => w.req_text(src, "data"),
-                    Some("content") => anthropic_content(w, src, "content"),
-                    _ => Ok(()),
+                w.key("source", |w| {
+                    match src.get("type").and_then(Value::as_str) {
+                        Some("text") => w.req_text(src, "data"),
+                        Some("content") => anthropic_content(w, src, "content"),
+                        _ => Ok(()),
+                    }
                 })?;
             }
             Ok(())
@@ -464,7 +517,12 @@ fn gemini_part(w: &mut Walk<'_>, part: &Map<String, Value>) -> Result<(), MaskEr
         known = true;
         w.req_text(part, "text")?;
     }
-    for key in ["functionCall", "function_call", "functionResponse", "function_response"] {
+    for key in [
+        "functionCall",
+        "function_call",
+        "functionResponse",
+        "function_response",
+    ] {
         if let Some(Value::Object(call)) = part.get(key) {
             known = true;
             w.key(key, |w| {
@@ -533,7 +591,11 @@ mod tests {
                 }
             }
             (Value::Object(x), Value::Object(y)) => {
-                assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>(), "{path}");
+                assert_eq!(
+                    x.keys().collect::<Vec<_>>(),
+                    y.keys().collect::<Vec<_>>(),
+                    "{path}"
+                );
                 for (k, p) in x {
                     diff_strings(p, &y[k], &format!("{path}.{k}"), out);
                 }
@@ -574,7 +636,11 @@ mod tests {
                 format!(r#"{{"model":"m","prompt":["a {s}","b"],"suffix":"{s}","user":"{s}"}}"#),
                 vec![".prompt[0]", ".suffix"],
             ),
-            (ApiKind::OpenaiEmbeddings, format!(r#"{{"model":"m","input":"{s}","user":"{s}"}}"#), vec![".input"]),
+            (
+                ApiKind::OpenaiEmbeddings,
+                format!(r#"{{"model":"m","input":"{s}","user":"{s}"}}"#),
+                vec![".input"],
+            ),
             (
                 ApiKind::OpenaiResponses,
                 format!(
@@ -584,7 +650,13 @@ mod tests {
                     {{"type":"function_call_output","call_id":"c","output":"got {s}"}},
                     {{"type":"message","role":"assistant","content":"{s}"}}]}}"#
                 ),
-                vec![".instructions", ".input[0].content[0].text", ".input[1].arguments", ".input[2].output", ".input[3].content"],
+                vec![
+                    ".instructions",
+                    ".input[0].content[0].text",
+                    ".input[1].arguments",
+                    ".input[2].output",
+                    ".input[3].content",
+                ],
             ),
             (
                 ApiKind::AnthropicMessages,
@@ -643,17 +715,34 @@ mod tests {
                 assert!(!path.is_empty());
             }
             assert!(text.contains("[EMAIL]"), "{api:?}");
-            assert_eq!(out.hits, vec![Hit { detector: "email".into(), action: super::super::MaskAction::Redact, count: want.len() }], "{api:?}");
+            assert_eq!(
+                out.hits,
+                vec![Hit {
+                    detector: "email".into(),
+                    action: super::super::MaskAction::Redact,
+                    count: want.len()
+                }],
+                "{api:?}"
+            );
             assert_eq!(out.placeholders, vec!["[EMAIL]".to_string()]);
             // Byte-identical outside the edited strings: same length delta.
             let replaced = text.matches("[EMAIL]").count();
-            assert_eq!(text.len() + replaced * (SECRET.len() - "[EMAIL]".len()), body.len(), "{api:?}");
+            assert_eq!(
+                text.len() + replaced * (SECRET.len() - "[EMAIL]".len()),
+                body.len(),
+                "{api:?}"
+            );
         }
     }
 
     #[test]
     fn nothing_to_mask_gives_no_body() {
-        let out = mask_request(&redact_all(), ApiKind::OpenaiChat, br#"{"model":"m","messages":[{"role":"user","content":"hello"}]}"#).unwrap();
+        let out = mask_request(
+            &redact_all(),
+            ApiKind::OpenaiChat,
+            br#"{"model":"m","messages":[{"role":"user","content":"hello"}]}"#,
+        )
+        .unwrap();
         assert_eq!(out.body, None);
         assert!(out.hits.is_empty() && out.blocked_by.is_none());
     }
@@ -663,7 +752,10 @@ mod tests {
         let body = br#"{"model":"m","messages":[{"role":"user","content":"mail jane\u0040example\u002ecom or 4111\u00201111 1111 1111 and \/x"}]}"#;
         let out = mask_request(&redact_all(), ApiKind::OpenaiChat, body).unwrap();
         let v: Value = serde_json::from_slice(&out.body.unwrap()).unwrap();
-        assert_eq!(v["messages"][0]["content"], "mail [EMAIL] or [CREDIT_CARD] and /x");
+        assert_eq!(
+            v["messages"][0]["content"],
+            "mail [EMAIL] or [CREDIT_CARD] and /x"
+        );
     }
 
     #[test]
@@ -672,12 +764,21 @@ mod tests {
         let out = mask_request(&pseudo(), ApiKind::OpenaiChat, body).unwrap();
         assert_eq!(out.blocked_by.as_deref(), Some("credit_card"));
         let msg = out.block_message().unwrap();
-        assert!(msg.contains("credit_card") && !msg.contains("4111"), "{msg}");
+        assert!(
+            msg.contains("credit_card") && !msg.contains("4111"),
+            "{msg}"
+        );
         let text = String::from_utf8(out.body.unwrap()).unwrap();
-        assert!(!text.contains("4111"), "blocked values are still redacted: {text}");
+        assert!(
+            !text.contains("4111"),
+            "blocked values are still redacted: {text}"
+        );
         assert!(text.contains("415-555-0132"), "monitor changes nothing");
         let phone = out.hits.iter().find(|h| h.detector == "phone").unwrap();
-        assert_eq!((phone.action, phone.count), (super::super::MaskAction::Monitor, 1));
+        assert_eq!(
+            (phone.action, phone.count),
+            (super::super::MaskAction::Monitor, 1)
+        );
         assert!(format!("{:?}", out.hits).find("4111").is_none());
     }
 
@@ -694,29 +795,44 @@ mod tests {
         assert_eq!(words[1], words[3]);
         assert_ne!(words[1], words[5]);
         assert_eq!(v["messages"][1]["content"], words[1]);
-        assert!(words[1].starts_with("<EMAIL_") && words[1].len() == "<EMAIL_>".len() + 8, "{}", words[1]);
+        assert!(
+            words[1].starts_with("<EMAIL_") && words[1].len() == "<EMAIL_>".len() + 8,
+            "{}",
+            words[1]
+        );
         assert_eq!(one.restore.len(), 2);
         assert_eq!(one.restore.get(words[1]), Some("jane@example.com"));
         assert_eq!(one.placeholders.len(), 2);
         // Another salt, another pseudonym.
-        let other = policy(r#"{"salt":"another-salt-01234567","profiles":{"default":{"detectors":{"email":"pseudonymize"}}}}"#);
+        let other = policy(
+            r#"{"salt":"another-salt-01234567","profiles":{"default":{"detectors":{"email":"pseudonymize"}}}}"#,
+        );
         let three = mask_request(&other, ApiKind::OpenaiChat, body).unwrap();
-        assert!(!String::from_utf8(three.body.unwrap()).unwrap().contains(words[1]));
+        assert!(!String::from_utf8(three.body.unwrap())
+            .unwrap()
+            .contains(words[1]));
         assert!(three.restore.is_empty(), "restore off: originals not kept");
     }
 
     #[test]
     fn existing_placeholders_are_not_masked_again() {
-        let p = policy(r#"{"custom_detectors":[{"name":"hexid","regex":"[0-9a-f]{8}"}],"profiles":{"default":{"detectors":{"hexid":"redact","email":"redact"}}}}"#);
+        let p = policy(
+            r#"{"custom_detectors":[{"name":"hexid","regex":"[0-9a-f]{8}"}],"profiles":{"default":{"detectors":{"hexid":"redact","email":"redact"}}}}"#,
+        );
         let body = br#"{"model":"m","messages":[{"role":"user","content":"<EMAIL_3f2a9c1b> [EMAIL] deadbeef"}]}"#;
         let out = mask_request(&p, ApiKind::OpenaiChat, body).unwrap();
         let v: Value = serde_json::from_slice(&out.body.unwrap()).unwrap();
-        assert_eq!(v["messages"][0]["content"], "<EMAIL_3f2a9c1b> [EMAIL] [HEXID]");
+        assert_eq!(
+            v["messages"][0]["content"],
+            "<EMAIL_3f2a9c1b> [EMAIL] [HEXID]"
+        );
     }
 
     #[test]
     fn overlapping_detections_merge() {
-        let p = policy(r#"{"custom_detectors":[{"name":"a","regex":"x[0-9]{4}"},{"name":"b","regex":"[0-9]{4}y[0-9]{6}"}],"profiles":{"default":{"detectors":{"a":"redact","b":"redact"}}}}"#);
+        let p = policy(
+            r#"{"custom_detectors":[{"name":"a","regex":"x[0-9]{4}"},{"name":"b","regex":"[0-9]{4}y[0-9]{6}"}],"profiles":{"default":{"detectors":{"a":"redact","b":"redact"}}}}"#,
+        );
         let body = br#"{"model":"m","messages":[{"role":"user","content":"id x1234y567890 end"}]}"#;
         let out = mask_request(&p, ApiKind::OpenaiChat, body).unwrap();
         let v: Value = serde_json::from_slice(&out.body.unwrap()).unwrap();
@@ -727,17 +843,47 @@ mod tests {
     fn unwalkable_requests_fail_closed() {
         let p = redact_all();
         for (api, body) in [
-            (ApiKind::OpenaiChat, r#"{"model":"m","messages":[{"role":"user","content":[{"type":"mystery","text":"x"}]}]}"#),
+            (
+                ApiKind::OpenaiChat,
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"mystery","text":"x"}]}]}"#,
+            ),
             (ApiKind::OpenaiChat, r#"{"model":"m","messages":[]}"#),
-            (ApiKind::OpenaiChat, r#"{"model":"m","messages":[{"role":"user","content":5}]}"#),
-            (ApiKind::OpenaiChat, r#"{"model":"m","messages":[{"role":"user","content":"a","content":"b"}]}"#),
-            (ApiKind::OpenaiCompletions, r#"{"model":"m","prompt":[1,2,3]}"#),
-            (ApiKind::OpenaiEmbeddings, r#"{"model":"m","input":[[1,2]]}"#),
-            (ApiKind::OpenaiResponses, r#"{"model":"m","input":[{"type":"computer_call"}]}"#),
-            (ApiKind::AnthropicMessages, r#"{"model":"m","messages":"hi"}"#),
-            (ApiKind::AnthropicMessages, r#"{"model":"m","messages":[{"role":"user","content":[{"type":"new_block"}]}]}"#),
-            (ApiKind::GeminiGenerateContent, r#"{"contents":[{"parts":[{"mystery":{}}]}]}"#),
-            (ApiKind::GeminiGenerateContent, r#"{"contents":[{"parts":[{"text":5}]}]}"#),
+            (
+                ApiKind::OpenaiChat,
+                r#"{"model":"m","messages":[{"role":"user","content":5}]}"#,
+            ),
+            (
+                ApiKind::OpenaiChat,
+                r#"{"model":"m","messages":[{"role":"user","content":"a","content":"b"}]}"#,
+            ),
+            (
+                ApiKind::OpenaiCompletions,
+                r#"{"model":"m","prompt":[1,2,3]}"#,
+            ),
+            (
+                ApiKind::OpenaiEmbeddings,
+                r#"{"model":"m","input":[[1,2]]}"#,
+            ),
+            (
+                ApiKind::OpenaiResponses,
+                r#"{"model":"m","input":[{"type":"computer_call"}]}"#,
+            ),
+            (
+                ApiKind::AnthropicMessages,
+                r#"{"model":"m","messages":"hi"}"#,
+            ),
+            (
+                ApiKind::AnthropicMessages,
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"new_block"}]}]}"#,
+            ),
+            (
+                ApiKind::GeminiGenerateContent,
+                r#"{"contents":[{"parts":[{"mystery":{}}]}]}"#,
+            ),
+            (
+                ApiKind::GeminiGenerateContent,
+                r#"{"contents":[{"parts":[{"text":5}]}]}"#,
+            ),
             (ApiKind::OpenaiChat, "[1]"),
             (ApiKind::OpenaiChat, ""),
         ] {
@@ -752,9 +898,17 @@ mod tests {
     fn pem_and_secrets_in_one_prompt() {
         let body = serde_json::json!({"model":"m","messages":[{"role":"user","content":
             "key -----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY----- aws AKIAIOSFODNN7EXAMPLE and password=hunter22"}]});
-        let out = mask_request(&redact_all(), ApiKind::OpenaiChat, body.to_string().as_bytes()).unwrap();
+        let out = mask_request(
+            &redact_all(),
+            ApiKind::OpenaiChat,
+            body.to_string().as_bytes(),
+        )
+        .unwrap();
         let v: Value = serde_json::from_slice(&out.body.unwrap()).unwrap();
-        assert_eq!(v["messages"][0]["content"], "key [PEM_PRIVATE_KEY] aws [AWS_ACCESS_KEY] and password=[PASSWORD_ASSIGNMENT]");
+        assert_eq!(
+            v["messages"][0]["content"],
+            "key [PEM_PRIVATE_KEY] aws [AWS_ACCESS_KEY] and password=[PASSWORD_ASSIGNMENT]"
+        );
     }
 
     /// Throughput on 2 KB and 20 KB chat bodies (`cargo test -p
@@ -784,7 +938,11 @@ mod tests {
                 }
                 let secs = start.elapsed().as_secs_f64();
                 let mbs = (body.len() * iters) as f64 / secs / 1e6;
-                println!("throughput {} B body, {label}: {mbs:.1} MB/s ({:.0} us/request)", body.len(), secs / iters as f64 * 1e6);
+                println!(
+                    "throughput {} B body, {label}: {mbs:.1} MB/s ({:.0} us/request)",
+                    body.len(),
+                    secs / iters as f64 * 1e6
+                );
             }
         }
     }

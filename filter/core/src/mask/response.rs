@@ -28,11 +28,27 @@ impl ResponseGuard {
     /// Builds the guard for one response. `restore` is the map returned by
     /// [`super::mask_request`] for the request; it is ignored unless the
     /// profile has `restore` on.
-    pub fn new(policy: Option<&MaskPolicy>, restore: RestoreMap, rules: ResponseRules) -> ResponseGuard {
-        let window = policy.map_or(super::DEFAULT_WINDOW_CHARS, MaskPolicy::response_window_chars);
-        let restore = if policy.is_some_and(MaskPolicy::restore) { restore } else { RestoreMap::default() };
+    pub fn new(
+        policy: Option<&MaskPolicy>,
+        restore: RestoreMap,
+        rules: ResponseRules,
+    ) -> ResponseGuard {
+        let window = policy.map_or(
+            super::DEFAULT_WINDOW_CHARS,
+            MaskPolicy::response_window_chars,
+        );
+        let restore = if policy.is_some_and(MaskPolicy::restore) {
+            restore
+        } else {
+            RestoreMap::default()
+        };
         let mask = policy.filter(|p| p.responses() && !p.is_noop()).cloned();
-        ResponseGuard { mask, restore, rules, window }
+        ResponseGuard {
+            mask,
+            restore,
+            rules,
+            window,
+        }
     }
 
     /// Whether the guard can change or block anything; when not, the
@@ -60,7 +76,9 @@ impl ResponseGuard {
         let mut restores = Vec::new();
         if !self.restore.is_empty() {
             for (s, e) in engine::placeholder_spans(hay, from) {
-                let Some(original) = hay.get(s..e).and_then(|p| self.restore.get(p)) else { continue };
+                let Some(original) = hay.get(s..e).and_then(|p| self.restore.get(p)) else {
+                    continue;
+                };
                 if found.groups.iter().any(|g| g.start < e && s < g.end) {
                     continue;
                 }
@@ -70,15 +88,32 @@ impl ResponseGuard {
         let mut rules = Vec::new();
         self.rules.find(hay, from, &mut rules);
         let open_end = self.mask.as_ref().is_some_and(|p| {
-            found.groups.iter().any(|g| g.end == hay.len() && p.0.active.get(g.best).is_some_and(|a| a.det.open_ended) && !ends_closed(hay, g))
+            found.groups.iter().any(|g| {
+                g.end == hay.len()
+                    && p.0.active.get(g.best).is_some_and(|a| a.det.open_ended)
+                    && !ends_closed(hay, g)
+            })
         });
-        Analysis { found, restores, rules, open_end }
+        Analysis {
+            found,
+            restores,
+            rules,
+            open_end,
+        }
     }
 
     /// Renders `hay[from..to]` with placeholders and restored values, counting
     /// what it contains into `tally` (unless `count` is off). A `block`
     /// detection or a blocking rule inside the range returns `Err` instead.
-    pub(crate) fn render(&self, hay: &str, from: usize, to: usize, an: &Analysis, tally: &mut GuardTally, count: bool) -> Result<String, Blocked> {
+    pub(crate) fn render(
+        &self,
+        hay: &str,
+        from: usize,
+        to: usize,
+        an: &Analysis,
+        tally: &mut GuardTally,
+        count: bool,
+    ) -> Result<String, Blocked> {
         let inside = |s: usize, e: usize| s >= from && e <= to;
         for &(r, s, e) in &an.rules {
             if !inside(s, e) {
@@ -86,7 +121,11 @@ impl ResponseGuard {
             }
             if let Some(rule) = self.rules.get(r) {
                 match rule.action {
-                    RuleAction::Deny => return Err(Blocked { by: BlockedBy::Rule(rule.name.clone()) }),
+                    RuleAction::Deny => {
+                        return Err(Blocked {
+                            by: BlockedBy::Rule(rule.name.clone()),
+                        })
+                    }
                     RuleAction::Monitor => {
                         if !tally.monitored_rules.contains(&rule.name) {
                             tally.monitored_rules.push(rule.name.clone());
@@ -98,8 +137,15 @@ impl ResponseGuard {
         let policy = self.mask.as_ref().map(|p| &*p.0);
         if let Some(p) = policy {
             for g in an.found.groups.iter().filter(|g| inside(g.start, g.end)) {
-                if let Some(a) = g.members.iter().filter_map(|&m| p.active.get(m)).find(|a| a.action == MaskAction::Block) {
-                    return Err(Blocked { by: BlockedBy::Detector(a.det.name.clone()) });
+                if let Some(a) = g
+                    .members
+                    .iter()
+                    .filter_map(|&m| p.active.get(m))
+                    .find(|a| a.action == MaskAction::Block)
+                {
+                    return Err(Blocked {
+                        by: BlockedBy::Detector(a.det.name.clone()),
+                    });
                 }
             }
         }
@@ -137,7 +183,12 @@ impl ResponseGuard {
             }
             out.push_str(hay.get(at..s).unwrap_or(""));
             match (r, policy) {
-                (Replacement::Group(g), Some(p)) => out.push_str(&engine::replacement(p, g, hay.get(s..e).unwrap_or(""), None)),
+                (Replacement::Group(g), Some(p)) => out.push_str(&engine::replacement(
+                    p,
+                    g,
+                    hay.get(s..e).unwrap_or(""),
+                    None,
+                )),
                 (Replacement::Group(_), None) => {}
                 (Replacement::Restore(o), _) => out.push_str(o),
             }
@@ -148,7 +199,12 @@ impl ResponseGuard {
     }
 
     /// Processes one complete text. `Ok(None)` when unchanged.
-    pub(crate) fn process_full(&self, text: &str, tally: &mut GuardTally, count: bool) -> Result<Option<String>, Blocked> {
+    pub(crate) fn process_full(
+        &self,
+        text: &str,
+        tally: &mut GuardTally,
+        count: bool,
+    ) -> Result<Option<String>, Blocked> {
         let an = self.analyze(text, 0);
         let out = self.render(text, 0, text.len(), &an, tally, count)?;
         Ok(if out == text { None } else { Some(out) })
@@ -163,7 +219,8 @@ impl ResponseGuard {
 }
 
 fn ends_closed(hay: &str, g: &engine::Group) -> bool {
-    hay.get(g.start..g.end).is_some_and(|t| t.contains("-----END ") && t.ends_with("-----"))
+    hay.get(g.start..g.end)
+        .is_some_and(|t| t.contains("-----END ") && t.ends_with("-----"))
 }
 
 enum Replacement<'a> {
@@ -234,7 +291,9 @@ impl Blocked {
     /// Message for the caller.
     pub fn message(&self) -> String {
         match &self.by {
-            BlockedBy::Detector(d) => format!("response blocked by masking policy: it contains a value detected as `{d}`"),
+            BlockedBy::Detector(d) => {
+                format!("response blocked by masking policy: it contains a value detected as `{d}`")
+            }
             BlockedBy::Rule(r) => format!("response blocked by content policy rule `{r}`"),
             BlockedBy::Uninspectable => "response blocked: it could not be inspected".into(),
         }
@@ -243,9 +302,15 @@ impl Blocked {
     fn error_value(&self, api: ApiKind) -> Value {
         let message = self.message();
         match api {
-            ApiKind::AnthropicMessages => json!({"type": "error", "error": {"type": "permission_error", "message": message}}),
-            ApiKind::GeminiGenerateContent => json!({"error": {"code": BLOCKED_STATUS, "message": message, "status": "PERMISSION_DENIED"}}),
-            _ => json!({"error": {"message": message, "type": "content_policy", "param": null, "code": "response_blocked"}}),
+            ApiKind::AnthropicMessages => {
+                json!({"type": "error", "error": {"type": "permission_error", "message": message}})
+            }
+            ApiKind::GeminiGenerateContent => {
+                json!({"error": {"code": BLOCKED_STATUS, "message": message, "status": "PERMISSION_DENIED"}})
+            }
+            _ => {
+                json!({"error": {"message": message, "type": "content_policy", "param": null, "code": "response_blocked"}})
+            }
         }
     }
 
@@ -301,9 +366,14 @@ pub struct ResponseMasking {
 /// Guards a complete response body of shape `api`: masks and restores every
 /// text string (see the module docs for what is skipped), applies response
 /// rules. An unparseable body is an error: block it.
-pub fn mask_response_body(guard: &ResponseGuard, api: ApiKind, body: &[u8]) -> Result<ResponseMasking, MaskError> {
+pub fn mask_response_body(
+    guard: &ResponseGuard,
+    api: ApiKind,
+    body: &[u8],
+) -> Result<ResponseMasking, MaskError> {
     let _ = api;
-    let value: Value = serde_json::from_slice(body).map_err(|e| MaskError::new("", format!("response body is not valid JSON: {e}")))?;
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| MaskError::new("", format!("response body is not valid JSON: {e}")))?;
     let mut tally = GuardTally::default();
     let mut edits = Edits::new();
     let mut blocked = None;
@@ -327,9 +397,17 @@ pub fn mask_response_body(guard: &ResponseGuard, api: ApiKind, body: &[u8]) -> R
     let body = if blocked.is_some() || edits.is_empty() {
         None
     } else {
-        Some(json_edit::apply(body, &edits).map_err(|e| MaskError::new("", format!("could not rewrite the response: {e}")))?)
+        Some(
+            json_edit::apply(body, &edits)
+                .map_err(|e| MaskError::new("", format!("could not rewrite the response: {e}")))?,
+        )
     };
-    Ok(ResponseMasking { body, hits: guard.hits(&tally), blocked, monitored_rules: tally.monitored_rules })
+    Ok(ResponseMasking {
+        body,
+        hits: guard.hits(&tally),
+        blocked,
+        monitored_rules: tally.monitored_rules,
+    })
 }
 
 /// A string of a response to guard, or a value to drop.
@@ -363,9 +441,23 @@ const STRUCTURAL: &[&str] = &[
     "event",
 ];
 /// Keys whose whole value is opaque (signatures, base64): never changed.
-const OPAQUE: &[&str] = &["signature", "thoughtSignature", "thought_signature", "encrypted_content", "b64_json", "data", "inlineData", "inline_data"];
+const OPAQUE: &[&str] = &[
+    "signature",
+    "thoughtSignature",
+    "thought_signature",
+    "encrypted_content",
+    "b64_json",
+    "data",
+    "inlineData",
+    "inline_data",
+];
 /// Keys holding token log-probabilities.
-const LOGPROBS: &[&str] = &["logprobs", "top_logprobs", "logprobsResult", "logprobs_result"];
+const LOGPROBS: &[&str] = &[
+    "logprobs",
+    "top_logprobs",
+    "logprobsResult",
+    "logprobs_result",
+];
 
 /// Every guarded string of a response value, with its path.
 pub(crate) fn leaves(v: &Value, drop_logprobs: bool) -> Vec<(Vec<Seg>, Leaf<'_>)> {
@@ -375,7 +467,12 @@ pub(crate) fn leaves(v: &Value, drop_logprobs: bool) -> Vec<(Vec<Seg>, Leaf<'_>)
     out
 }
 
-fn collect<'v>(v: &'v Value, path: &mut Vec<Seg>, drop_logprobs: bool, out: &mut Vec<(Vec<Seg>, Leaf<'v>)>) {
+fn collect<'v>(
+    v: &'v Value,
+    path: &mut Vec<Seg>,
+    drop_logprobs: bool,
+    out: &mut Vec<(Vec<Seg>, Leaf<'v>)>,
+) {
     match v {
         Value::String(s) if !s.is_empty() => out.push((path.clone(), Leaf::Text(s))),
         Value::Array(a) => {
@@ -422,19 +519,31 @@ mod tests {
         let cfg = MaskingConfig::from_json(masking.as_bytes()).unwrap();
         let p = cfg.default_profile().unwrap();
         let restore = match request {
-            Some(body) => mask_request(p, ApiKind::OpenaiChat, body.as_bytes()).unwrap().restore,
+            Some(body) => {
+                mask_request(p, ApiKind::OpenaiChat, body.as_bytes())
+                    .unwrap()
+                    .restore
+            }
             None => RestoreMap::default(),
         };
-        let rules = ContentPolicy::from_json(policy.as_bytes()).unwrap().response_rules(&crate::policy::RequestFacts::default());
+        let rules = ContentPolicy::from_json(policy.as_bytes())
+            .unwrap()
+            .response_rules(&crate::policy::RequestFacts::default());
         ResponseGuard::new(Some(p), restore, rules)
     }
 
     const MASKING: &str = r#"{"salt":"test-salt-0123456789","profiles":{"default":{"detectors":{"*":"redact","email":"pseudonymize","aws_access_key":"block"},"restore":true}}}"#;
-    const REQUEST: &str = r#"{"model":"m","messages":[{"role":"user","content":"mail jane@example.com"}]}"#;
+    const REQUEST: &str =
+        r#"{"model":"m","messages":[{"role":"user","content":"mail jane@example.com"}]}"#;
 
     fn pseudonym() -> String {
         let cfg = MaskingConfig::from_json(MASKING.as_bytes()).unwrap();
-        let r = mask_request(cfg.default_profile().unwrap(), ApiKind::OpenaiChat, REQUEST.as_bytes()).unwrap();
+        let r = mask_request(
+            cfg.default_profile().unwrap(),
+            ApiKind::OpenaiChat,
+            REQUEST.as_bytes(),
+        )
+        .unwrap();
         let p = r.restore.iter().next().unwrap().0.to_string();
         p
     }
@@ -448,26 +557,50 @@ mod tests {
         );
         let out = mask_response_body(&g, ApiKind::OpenaiChat, body.as_bytes()).unwrap();
         let v: Value = serde_json::from_slice(&out.body.unwrap()).unwrap();
-        assert_eq!(v["choices"][0]["message"]["content"], "I wrote to jane@example.com; call [PHONE]");
-        assert_eq!(v["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"], r#"{"ip":"[IPV4]"}"#);
+        assert_eq!(
+            v["choices"][0]["message"]["content"],
+            "I wrote to jane@example.com; call [PHONE]"
+        );
+        assert_eq!(
+            v["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"],
+            r#"{"ip":"[IPV4]"}"#
+        );
         assert_eq!(v["choices"][0]["logprobs"], Value::Null);
         assert_eq!(v["id"], "chatcmpl-1");
         assert!(out.blocked.is_none());
-        assert_eq!(out.hits.iter().map(|h| h.detector.as_str()).collect::<Vec<_>>(), vec!["phone", "ipv4"]);
+        assert_eq!(
+            out.hits
+                .iter()
+                .map(|h| h.detector.as_str())
+                .collect::<Vec<_>>(),
+            vec!["phone", "ipv4"]
+        );
     }
 
     #[test]
     fn every_api_shape_of_plain_response() {
         let g = guard_with(MASKING, "{}", None);
         for (api, body, path) in [
-            (ApiKind::OpenaiCompletions, r#"{"choices":[{"text":"x 123-45-6789","index":0}]}"#, "/choices/0/text"),
-            (ApiKind::AnthropicMessages, r#"{"id":"msg","type":"message","content":[{"type":"text","text":"x 123-45-6789"}]}"#, "/content/0/text"),
+            (
+                ApiKind::OpenaiCompletions,
+                r#"{"choices":[{"text":"x 123-45-6789","index":0}]}"#,
+                "/choices/0/text",
+            ),
+            (
+                ApiKind::AnthropicMessages,
+                r#"{"id":"msg","type":"message","content":[{"type":"text","text":"x 123-45-6789"}]}"#,
+                "/content/0/text",
+            ),
             (
                 ApiKind::OpenaiResponses,
                 r#"{"id":"r","output":[{"type":"message","content":[{"type":"output_text","text":"x 123-45-6789","annotations":[]}]}],"output_text":"x 123-45-6789"}"#,
                 "/output/0/content/0/text",
             ),
-            (ApiKind::GeminiGenerateContent, r#"{"candidates":[{"content":{"parts":[{"text":"x 123-45-6789"}],"role":"model"},"index":0}]}"#, "/candidates/0/content/parts/0/text"),
+            (
+                ApiKind::GeminiGenerateContent,
+                r#"{"candidates":[{"content":{"parts":[{"text":"x 123-45-6789"}],"role":"model"},"index":0}]}"#,
+                "/candidates/0/content/parts/0/text",
+            ),
         ] {
             let out = mask_response_body(&g, api, body.as_bytes()).unwrap();
             let v: Value = serde_json::from_slice(&out.body.unwrap()).unwrap();
@@ -477,7 +610,11 @@ mod tests {
 
     #[test]
     fn block_detector_and_rule_replace_the_response() {
-        let g = guard_with(MASKING, r#"{"response_rules":[{"name":"no-launch-codes","phrases":["launch code"]}]}"#, None);
+        let g = guard_with(
+            MASKING,
+            r#"{"response_rules":[{"name":"no-launch-codes","phrases":["launch code"]}]}"#,
+            None,
+        );
         let body = br#"{"choices":[{"message":{"content":"use AKIAIOSFODNN7EXAMPLE"}}]}"#;
         let out = mask_response_body(&g, ApiKind::OpenaiChat, body).unwrap();
         let b = out.blocked.unwrap();
@@ -493,13 +630,18 @@ mod tests {
         assert_eq!(b.name(), "no-launch-codes");
         let err: Value = serde_json::from_slice(&b.error_body(ApiKind::AnthropicMessages)).unwrap();
         assert_eq!(err["error"]["type"], "permission_error");
-        let err: Value = serde_json::from_slice(&b.error_body(ApiKind::GeminiGenerateContent)).unwrap();
+        let err: Value =
+            serde_json::from_slice(&b.error_body(ApiKind::GeminiGenerateContent)).unwrap();
         assert_eq!(err["error"]["status"], "PERMISSION_DENIED");
     }
 
     #[test]
     fn monitor_rule_only_records() {
-        let g = guard_with(MASKING, r#"{"response_rules":[{"name":"watch","regex":["(?i-u:internal)"],"action":"monitor"}]}"#, None);
+        let g = guard_with(
+            MASKING,
+            r#"{"response_rules":[{"name":"watch","regex":["(?i-u:internal)"],"action":"monitor"}]}"#,
+            None,
+        );
         let body = br#"{"choices":[{"message":{"content":"internal only"}}]}"#;
         let out = mask_response_body(&g, ApiKind::OpenaiChat, body).unwrap();
         assert!(out.blocked.is_none() && out.body.is_none());
@@ -509,6 +651,9 @@ mod tests {
     #[test]
     fn inactive_guard_and_bad_json() {
         assert!(!ResponseGuard::default().is_active());
-        assert!(mask_response_body(&ResponseGuard::default(), ApiKind::OpenaiChat, b"not json").is_err());
+        assert!(
+            mask_response_body(&ResponseGuard::default(), ApiKind::OpenaiChat, b"not json")
+                .is_err()
+        );
     }
 }

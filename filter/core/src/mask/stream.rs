@@ -154,7 +154,12 @@ impl SseStreamMasker {
         }
         self.compact();
         if self.buf.len() > MAX_EVENT_BYTES {
-            return self.block(Blocked { by: BlockedBy::Uninspectable }, out);
+            return self.block(
+                Blocked {
+                    by: BlockedBy::Uninspectable,
+                },
+                out,
+            );
         }
         out
     }
@@ -197,7 +202,11 @@ impl SseStreamMasker {
 
     /// What happened so far.
     pub fn report(&self) -> StreamReport {
-        StreamReport { hits: self.guard.hits(&self.tally), blocked: self.blocked.clone(), monitored_rules: self.tally.monitored_rules.clone() }
+        StreamReport {
+            hits: self.guard.hits(&self.tally),
+            blocked: self.blocked.clone(),
+            monitored_rules: self.tally.monitored_rules.clone(),
+        }
     }
 
     fn block(&mut self, b: Blocked, mut before: Vec<u8>) -> Vec<u8> {
@@ -277,7 +286,13 @@ impl SseStreamMasker {
     }
 
     /// Handles one JSON data event; returns its new data when changed.
-    fn on_json(&mut self, event: Option<&str>, data: &str, value: &Value, pre: &mut Vec<u8>) -> Result<Option<String>, Blocked> {
+    fn on_json(
+        &mut self,
+        event: Option<&str>,
+        data: &str,
+        value: &Value,
+        pre: &mut Vec<u8>,
+    ) -> Result<Option<String>, Blocked> {
         let mut edits = Edits::new();
         let mut handled: Vec<Vec<Seg>> = Vec::new();
         let mut echo = false;
@@ -285,9 +300,15 @@ impl SseStreamMasker {
             ApiKind::OpenaiChat | ApiKind::OpenaiCompletions | ApiKind::OpenaiEmbeddings => {
                 self.openai_chunk(value, &mut edits, &mut handled, pre)?;
             }
-            ApiKind::AnthropicMessages => self.anthropic_event(value, &mut edits, &mut handled, pre)?,
-            ApiKind::GeminiGenerateContent => self.gemini_chunk(value, &mut edits, &mut handled, pre)?,
-            ApiKind::OpenaiResponses => echo = self.responses_event(event, value, &mut edits, &mut handled, pre)?,
+            ApiKind::AnthropicMessages => {
+                self.anthropic_event(value, &mut edits, &mut handled, pre)?
+            }
+            ApiKind::GeminiGenerateContent => {
+                self.gemini_chunk(value, &mut edits, &mut handled, pre)?
+            }
+            ApiKind::OpenaiResponses => {
+                echo = self.responses_event(event, value, &mut edits, &mut handled, pre)?
+            }
         }
         for (path, leaf) in leaves(value, self.guard.masks()) {
             if handled.iter().any(|h| path.starts_with(h)) {
@@ -295,7 +316,11 @@ impl SseStreamMasker {
             }
             match leaf {
                 Leaf::Drop => {
-                    let empty = if value_at(value, &path).is_some_and(Value::is_array) { "[]" } else { "null" };
+                    let empty = if value_at(value, &path).is_some_and(Value::is_array) {
+                        "[]"
+                    } else {
+                        "null"
+                    };
                     edits.insert(path, empty.into());
                 }
                 Leaf::Text(s) => {
@@ -310,7 +335,9 @@ impl SseStreamMasker {
         }
         match json_edit::apply(data.as_bytes(), &edits) {
             Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
-            Err(_) => Err(Blocked { by: BlockedBy::Uninspectable }),
+            Err(_) => Err(Blocked {
+                by: BlockedBy::Uninspectable,
+            }),
         }
     }
 
@@ -345,7 +372,9 @@ impl SseStreamMasker {
         handled: &mut Vec<Vec<Seg>>,
     ) -> Result<(), Blocked> {
         let i = self.channel(key, template);
-        let Some(ch) = self.channels.get_mut(i) else { return Ok(()) };
+        let Some(ch) = self.channels.get_mut(i) else {
+            return Ok(());
+        };
         let released = feed(&self.guard, &mut self.tally, ch, text, last)?;
         if released != text {
             edits.insert(path.clone(), json_edit::json_string(&released));
@@ -371,8 +400,16 @@ impl SseStreamMasker {
 
     // OpenAI chat.completion.chunk and text_completion -------------------
 
-    fn openai_chunk(&mut self, v: &Value, edits: &mut Edits, handled: &mut Vec<Vec<Seg>>, pre: &mut Vec<u8>) -> Result<(), Blocked> {
-        let Some(choices) = v.get("choices").and_then(Value::as_array) else { return Ok(()) };
+    fn openai_chunk(
+        &mut self,
+        v: &Value,
+        edits: &mut Edits,
+        handled: &mut Vec<Vec<Seg>>,
+        pre: &mut Vec<u8>,
+    ) -> Result<(), Blocked> {
+        let Some(choices) = v.get("choices").and_then(Value::as_array) else {
+            return Ok(());
+        };
         let envelope = || {
             let mut e = serde_json::Map::new();
             for k in ["id", "object", "created", "model", "system_fingerprint"] {
@@ -383,16 +420,27 @@ impl SseStreamMasker {
             e
         };
         for (ci, choice) in choices.iter().enumerate() {
-            let idx = choice.get("index").and_then(Value::as_u64).unwrap_or(ci as u64);
+            let idx = choice
+                .get("index")
+                .and_then(Value::as_u64)
+                .unwrap_or(ci as u64);
             let last = choice.get("finish_reason").is_some_and(|f| !f.is_null());
             let base = vec![Seg::Key("choices".into()), Seg::Idx(ci)];
             let mut fed: Vec<ChanKey> = Vec::new();
             if let Some(Value::String(text)) = choice.get("text") {
-                let key = ChanKey { kind: "text", a: idx, b: 0 };
+                let key = ChanKey {
+                    kind: "text",
+                    a: idx,
+                    b: 0,
+                };
                 let mut env = envelope();
                 let tpl = move || {
                     env.insert("choices".into(), json!([{"text": "", "index": idx, "logprobs": null, "finish_reason": null}]));
-                    Template { event: None, value: Value::Object(env), path: vec!["choices", "0", "text"] }
+                    Template {
+                        event: None,
+                        value: Value::Object(env),
+                        path: vec!["choices", "0", "text"],
+                    }
                 };
                 let mut path = base.clone();
                 path.push(Seg::Key("text".into()));
@@ -400,10 +448,15 @@ impl SseStreamMasker {
                 fed.push(key);
             }
             if let Some(Value::Object(delta)) = choice.get("delta") {
-                for (field, kind) in
-                    [("content", "content"), ("refusal", "refusal"), ("reasoning_content", "reasoning_content"), ("reasoning", "reasoning")]
-                {
-                    let Some(Value::String(text)) = delta.get(field) else { continue };
+                for (field, kind) in [
+                    ("content", "content"),
+                    ("refusal", "refusal"),
+                    ("reasoning_content", "reasoning_content"),
+                    ("reasoning", "reasoning"),
+                ] {
+                    let Some(Value::String(text)) = delta.get(field) else {
+                        continue;
+                    };
                     let key = ChanKey { kind, a: idx, b: 0 };
                     let mut env = envelope();
                     let tpl = move || {
@@ -411,7 +464,11 @@ impl SseStreamMasker {
                             "choices".into(),
                             json!([{"index": idx, "delta": {field: ""}, "logprobs": null, "finish_reason": null}]),
                         );
-                        Template { event: None, value: Value::Object(env), path: vec!["choices", "0", "delta", field] }
+                        Template {
+                            event: None,
+                            value: Value::Object(env),
+                            path: vec!["choices", "0", "delta", field],
+                        }
                     };
                     let mut path = base.clone();
                     path.extend([Seg::Key("delta".into()), Seg::Key(field.into())]);
@@ -420,9 +477,20 @@ impl SseStreamMasker {
                 }
                 if let Some(Value::Array(calls)) = delta.get("tool_calls") {
                     for (ti, call) in calls.iter().enumerate() {
-                        let Some(Value::String(args)) = call.get("function").and_then(|f| f.get("arguments")) else { continue };
-                        let tidx = call.get("index").and_then(Value::as_u64).unwrap_or(ti as u64);
-                        let key = ChanKey { kind: "tool", a: idx, b: tidx };
+                        let Some(Value::String(args)) =
+                            call.get("function").and_then(|f| f.get("arguments"))
+                        else {
+                            continue;
+                        };
+                        let tidx = call
+                            .get("index")
+                            .and_then(Value::as_u64)
+                            .unwrap_or(ti as u64);
+                        let key = ChanKey {
+                            kind: "tool",
+                            a: idx,
+                            b: tidx,
+                        };
                         let mut env = envelope();
                         let tpl = move || {
                             env.insert(
@@ -432,7 +500,15 @@ impl SseStreamMasker {
                             Template {
                                 event: None,
                                 value: Value::Object(env),
-                                path: vec!["choices", "0", "delta", "tool_calls", "0", "function", "arguments"],
+                                path: vec![
+                                    "choices",
+                                    "0",
+                                    "delta",
+                                    "tool_calls",
+                                    "0",
+                                    "function",
+                                    "arguments",
+                                ],
                             }
                         };
                         let mut path = base.clone();
@@ -457,7 +533,13 @@ impl SseStreamMasker {
 
     // Anthropic message events -------------------------------------------
 
-    fn anthropic_event(&mut self, v: &Value, edits: &mut Edits, handled: &mut Vec<Vec<Seg>>, pre: &mut Vec<u8>) -> Result<(), Blocked> {
+    fn anthropic_event(
+        &mut self,
+        v: &Value,
+        edits: &mut Edits,
+        handled: &mut Vec<Vec<Seg>>,
+        pre: &mut Vec<u8>,
+    ) -> Result<(), Blocked> {
         let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
         let index = v.get("index").and_then(Value::as_u64).unwrap_or(0);
         let block_template = |delta_type: &'static str, field: &'static str| {
@@ -469,7 +551,9 @@ impl SseStreamMasker {
         };
         match kind {
             "content_block_start" => {
-                let Some(block) = v.get("content_block") else { return Ok(()) };
+                let Some(block) = v.get("content_block") else {
+                    return Ok(());
+                };
                 let (field, delta_type) = match block.get("type").and_then(Value::as_str) {
                     Some("text") => ("text", "text_delta"),
                     Some("thinking") => ("thinking", "thinking_delta"),
@@ -477,12 +561,26 @@ impl SseStreamMasker {
                 };
                 if let Some(Value::String(text)) = block.get(field) {
                     let path = vec![Seg::Key("content_block".into()), Seg::Key(field.into())];
-                    let key = ChanKey { kind: "block", a: index, b: 0 };
-                    self.feed_at(key, block_template(delta_type, field), path, text, false, edits, handled)?;
+                    let key = ChanKey {
+                        kind: "block",
+                        a: index,
+                        b: 0,
+                    };
+                    self.feed_at(
+                        key,
+                        block_template(delta_type, field),
+                        path,
+                        text,
+                        false,
+                        edits,
+                        handled,
+                    )?;
                 }
             }
             "content_block_delta" => {
-                let Some(delta) = v.get("delta") else { return Ok(()) };
+                let Some(delta) = v.get("delta") else {
+                    return Ok(());
+                };
                 let (field, delta_type) = match delta.get("type").and_then(Value::as_str) {
                     Some("text_delta") => ("text", "text_delta"),
                     Some("input_json_delta") => ("partial_json", "input_json_delta"),
@@ -491,8 +589,20 @@ impl SseStreamMasker {
                 };
                 if let Some(Value::String(text)) = delta.get(field) {
                     let path = vec![Seg::Key("delta".into()), Seg::Key(field.into())];
-                    let key = ChanKey { kind: "block", a: index, b: 0 };
-                    self.feed_at(key, block_template(delta_type, field), path, text, false, edits, handled)?;
+                    let key = ChanKey {
+                        kind: "block",
+                        a: index,
+                        b: 0,
+                    };
+                    self.feed_at(
+                        key,
+                        block_template(delta_type, field),
+                        path,
+                        text,
+                        false,
+                        edits,
+                        handled,
+                    )?;
                 }
             }
             "content_block_stop" => self.flush(|k| k.a == index, pre)?,
@@ -504,17 +614,40 @@ impl SseStreamMasker {
 
     // Gemini streamGenerateContent?alt=sse --------------------------------
 
-    fn gemini_chunk(&mut self, v: &Value, edits: &mut Edits, handled: &mut Vec<Vec<Seg>>, pre: &mut Vec<u8>) -> Result<(), Blocked> {
-        let Some(cands) = v.get("candidates").and_then(Value::as_array) else { return Ok(()) };
+    fn gemini_chunk(
+        &mut self,
+        v: &Value,
+        edits: &mut Edits,
+        handled: &mut Vec<Vec<Seg>>,
+        pre: &mut Vec<u8>,
+    ) -> Result<(), Blocked> {
+        let Some(cands) = v.get("candidates").and_then(Value::as_array) else {
+            return Ok(());
+        };
         for (ci, cand) in cands.iter().enumerate() {
-            let idx = cand.get("index").and_then(Value::as_u64).unwrap_or(ci as u64);
-            let last = cand.get("finishReason").or_else(|| cand.get("finish_reason")).is_some_and(|f| !f.is_null());
+            let idx = cand
+                .get("index")
+                .and_then(Value::as_u64)
+                .unwrap_or(ci as u64);
+            let last = cand
+                .get("finishReason")
+                .or_else(|| cand.get("finish_reason"))
+                .is_some_and(|f| !f.is_null());
             let mut fed: Vec<ChanKey> = Vec::new();
             if let Some(Value::Array(parts)) = cand.get("content").and_then(|c| c.get("parts")) {
                 for (pj, part) in parts.iter().enumerate() {
-                    let Some(Value::String(text)) = part.get("text") else { continue };
-                    let thought = part.get("thought").and_then(Value::as_bool).unwrap_or(false);
-                    let key = ChanKey { kind: if thought { "thought" } else { "text" }, a: idx, b: 0 };
+                    let Some(Value::String(text)) = part.get("text") else {
+                        continue;
+                    };
+                    let thought = part
+                        .get("thought")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false);
+                    let key = ChanKey {
+                        kind: if thought { "thought" } else { "text" },
+                        a: idx,
+                        b: 0,
+                    };
                     let mut env = serde_json::Map::new();
                     for k in ["modelVersion", "responseId"] {
                         if let Some(x) = v.get(k) {
@@ -522,9 +655,20 @@ impl SseStreamMasker {
                         }
                     }
                     let tpl = move || {
-                        let part = if thought { json!({"text": "", "thought": true}) } else { json!({"text": ""}) };
-                        env.insert("candidates".into(), json!([{"content": {"parts": [part], "role": "model"}, "index": idx}]));
-                        Template { event: None, value: Value::Object(env), path: vec!["candidates", "0", "content", "parts", "0", "text"] }
+                        let part = if thought {
+                            json!({"text": "", "thought": true})
+                        } else {
+                            json!({"text": ""})
+                        };
+                        env.insert(
+                            "candidates".into(),
+                            json!([{"content": {"parts": [part], "role": "model"}, "index": idx}]),
+                        );
+                        Template {
+                            event: None,
+                            value: Value::Object(env),
+                            path: vec!["candidates", "0", "content", "parts", "0", "text"],
+                        }
                     };
                     let path = vec![
                         Seg::Key("candidates".into()),
@@ -557,18 +701,35 @@ impl SseStreamMasker {
         handled: &mut Vec<Vec<Seg>>,
         pre: &mut Vec<u8>,
     ) -> Result<bool, Blocked> {
-        let kind = v.get("type").and_then(Value::as_str).or(event).unwrap_or("").to_string();
+        let kind = v
+            .get("type")
+            .and_then(Value::as_str)
+            .or(event)
+            .unwrap_or("")
+            .to_string();
         let oi = v.get("output_index").and_then(Value::as_u64);
-        let ci = v.get("content_index").or_else(|| v.get("summary_index")).and_then(Value::as_u64).unwrap_or(0);
+        let ci = v
+            .get("content_index")
+            .or_else(|| v.get("summary_index"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
         let channel_kind = match kind.as_str() {
             "response.output_text.delta" => Some("text"),
             "response.refusal.delta" => Some("refusal"),
-            "response.function_call_arguments.delta" | "response.custom_tool_call_input.delta" => Some("args"),
-            "response.reasoning_summary_text.delta" | "response.reasoning_text.delta" => Some("reasoning"),
+            "response.function_call_arguments.delta" | "response.custom_tool_call_input.delta" => {
+                Some("args")
+            }
+            "response.reasoning_summary_text.delta" | "response.reasoning_text.delta" => {
+                Some("reasoning")
+            }
             _ => None,
         };
         if let (Some(ck), Some(Value::String(text))) = (channel_kind, v.get("delta")) {
-            let key = ChanKey { kind: ck, a: oi.unwrap_or(0), b: ci };
+            let key = ChanKey {
+                kind: ck,
+                a: oi.unwrap_or(0),
+                b: ci,
+            };
             let mut value = v.clone();
             if let Some(o) = value.as_object_mut() {
                 o.insert("delta".into(), Value::String(String::new()));
@@ -577,11 +738,27 @@ impl SseStreamMasker {
                 }
             }
             let event_name = Some(kind.clone());
-            let tpl = move || Template { event: event_name, value, path: vec!["delta"] };
-            self.feed_at(key, tpl, vec![Seg::Key("delta".into())], text, false, edits, handled)?;
+            let tpl = move || Template {
+                event: event_name,
+                value,
+                path: vec!["delta"],
+            };
+            self.feed_at(
+                key,
+                tpl,
+                vec![Seg::Key("delta".into())],
+                text,
+                false,
+                edits,
+                handled,
+            )?;
             return Ok(false);
         }
-        let ends = kind.ends_with(".done") || matches!(kind.as_str(), "response.completed" | "response.incomplete" | "response.failed");
+        let ends = kind.ends_with(".done")
+            || matches!(
+                kind.as_str(),
+                "response.completed" | "response.incomplete" | "response.failed"
+            );
         if ends {
             match oi {
                 Some(o) if kind.ends_with(".done") => self.flush(|k| k.a == o, pre)?,
@@ -599,7 +776,13 @@ impl SseStreamMasker {
 /// are held, everything but the last `window` characters (and any detection
 /// straddling that point) goes out. Analysis thus runs once per step, not
 /// once per event.
-fn feed(guard: &ResponseGuard, tally: &mut GuardTally, ch: &mut Channel, text: &str, last: bool) -> Result<String, Blocked> {
+fn feed(
+    guard: &ResponseGuard,
+    tally: &mut GuardTally,
+    ch: &mut Channel,
+    text: &str,
+    last: bool,
+) -> Result<String, Blocked> {
     let mut incoming = text.to_string();
     if ch.swallow {
         ch.pending.push_str(text);
@@ -635,7 +818,9 @@ fn feed(guard: &ResponseGuard, tally: &mut GuardTally, ch: &mut Channel, text: &
             while !ch.pending.is_char_boundary(from) {
                 from -= 1;
             }
-            if !ch.pending.get(from..).unwrap_or("").contains("-----END") && ch.pending_chars <= MAX_HOLD_CHARS {
+            if !ch.pending.get(from..).unwrap_or("").contains("-----END")
+                && ch.pending_chars <= MAX_HOLD_CHARS
+            {
                 return Ok(String::new());
             }
             ch.open_pem = false;
@@ -649,7 +834,11 @@ fn feed(guard: &ResponseGuard, tally: &mut GuardTally, ch: &mut Channel, text: &
     hay.push_str(&ch.pending);
     let from = ch.ctx.len();
     let an = guard.analyze(&hay, from);
-    let mut cut = if last { hay.len() } else { cut_point(&hay, from, &an, window) };
+    let mut cut = if last {
+        hay.len()
+    } else {
+        cut_point(&hay, from, &an, window)
+    };
     let mut swallow_after = false;
     if !last && hay.get(cut..).map_or(0, |t| t.chars().count()) > MAX_HOLD_CHARS {
         // Held too long: release up to the window, letting the detections
@@ -671,7 +860,10 @@ fn feed(guard: &ResponseGuard, tally: &mut GuardTally, ch: &mut Channel, text: &
     }
     let out = guard.render(&hay, from, cut, &an, tally, true)?;
     let released = hay.get(..cut).unwrap_or("");
-    ch.ctx = released.get(tail_start(released, CONTEXT_CHARS)..).unwrap_or("").to_string();
+    ch.ctx = released
+        .get(tail_start(released, CONTEXT_CHARS)..)
+        .unwrap_or("")
+        .to_string();
     ch.pending = hay.get(cut..).unwrap_or("").to_string();
     ch.pending_chars = ch.pending.chars().count();
     ch.swallow = swallow_after;
@@ -738,7 +930,10 @@ fn lines(raw: &[u8]) -> Vec<(&[u8], &[u8])> {
             (Some(_), _) => j + 1,
             (None, _) => j,
         };
-        out.push((raw.get(i..j).unwrap_or_default(), raw.get(j..end).unwrap_or_default()));
+        out.push((
+            raw.get(i..j).unwrap_or_default(),
+            raw.get(j..end).unwrap_or_default(),
+        ));
         i = end;
     }
     out
@@ -771,7 +966,10 @@ fn parse_event(raw: &[u8]) -> ParsedEvent {
             _ => {}
         }
     }
-    ParsedEvent { event, data: has_data.then(|| join_data(raw)) }
+    ParsedEvent {
+        event,
+        data: has_data.then(|| join_data(raw)),
+    }
 }
 
 /// The data lines of an event joined with `\n`, as clients see them.
@@ -793,7 +991,11 @@ fn join_data(raw: &[u8]) -> String {
 /// place of the first one), every other line is kept as it was.
 fn rewrite_data(raw: &[u8], data: &str) -> Vec<u8> {
     let all = lines(raw);
-    let nl: &[u8] = all.iter().map(|(_, t)| *t).find(|t| !t.is_empty()).unwrap_or(b"\n");
+    let nl: &[u8] = all
+        .iter()
+        .map(|(_, t)| *t)
+        .find(|t| !t.is_empty())
+        .unwrap_or(b"\n");
     let mut out = Vec::with_capacity(raw.len() + data.len());
     let mut wrote = false;
     for (line, term) in all {
@@ -851,16 +1053,25 @@ mod tests {
 
     const MASKING: &str = r#"{"salt":"test-salt-0123456789","profiles":{"default":{
         "detectors":{"*":"redact","email":"pseudonymize","ipv4":"monitor"},"restore":true,"response_window_chars":128}}}"#;
-    const REQUEST: &str = r#"{"model":"m","messages":[{"role":"user","content":"write to bob@corp.example.org"}]}"#;
+    const REQUEST: &str =
+        r#"{"model":"m","messages":[{"role":"user","content":"write to bob@corp.example.org"}]}"#;
     /// Values that must never reach the client.
-    const RAW: &[&str] = &["jane@example.com", "4111 1111 1111 1111", "AKIAIOSFODNN7EXAMPLE", "(415) 555-0132", "123-45-6789"];
+    const RAW: &[&str] = &[
+        "jane@example.com",
+        "4111 1111 1111 1111",
+        "AKIAIOSFODNN7EXAMPLE",
+        "(415) 555-0132",
+        "123-45-6789",
+    ];
 
     fn guard(policy: &str) -> (ResponseGuard, String) {
         let cfg = MaskingConfig::from_json(MASKING.as_bytes()).unwrap();
         let p = cfg.default_profile().unwrap();
         let r = mask_request(p, ApiKind::OpenaiChat, REQUEST.as_bytes()).unwrap();
         let pseudonym = r.restore.iter().next().unwrap().0.to_string();
-        let rules = ContentPolicy::from_json(policy.as_bytes()).unwrap().response_rules(&RequestFacts::default());
+        let rules = ContentPolicy::from_json(policy.as_bytes())
+            .unwrap()
+            .response_rules(&RequestFacts::default());
         (ResponseGuard::new(Some(p), r.restore, rules), pseudonym)
     }
 
@@ -891,7 +1102,9 @@ mod tests {
                 for t in tokens {
                     s.push_str(&data(env(json!({"index":0,"delta":{"content":t},"logprobs":null,"finish_reason":null}))));
                 }
-                s.push_str(&data(env(json!({"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}))));
+                s.push_str(&data(env(
+                    json!({"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}),
+                )));
                 s.push_str(&data(json!({"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[],"usage":{"total_tokens":9}})));
                 s.push_str("data: [DONE]\n\n");
             }
@@ -916,15 +1129,25 @@ mod tests {
             ApiKind::GeminiGenerateContent => {
                 let n = tokens.len();
                 for (i, t) in tokens.iter().enumerate() {
-                    let mut cand = json!({"content":{"parts":[{"text":t}],"role":"model"},"index":0});
+                    let mut cand =
+                        json!({"content":{"parts":[{"text":t}],"role":"model"},"index":0});
                     if i + 1 == n {
                         cand["finishReason"] = json!("STOP");
                     }
-                    s.push_str(&format!("data: {}\r\n\r\n", json!({"candidates":[cand],"modelVersion":"gemini-x"})));
+                    s.push_str(&format!(
+                        "data: {}\r\n\r\n",
+                        json!({"candidates":[cand],"modelVersion":"gemini-x"})
+                    ));
                 }
             }
             ApiKind::OpenaiResponses => {
-                let ev = |v: Value| format!("event: {}\n{}", v["type"].as_str().unwrap(), data(v.clone()));
+                let ev = |v: Value| {
+                    format!(
+                        "event: {}\n{}",
+                        v["type"].as_str().unwrap(),
+                        data(v.clone())
+                    )
+                };
                 s.push_str(&ev(json!({"type":"response.created","sequence_number":0,"response":{"id":"r","status":"in_progress","output":[]}})));
                 s.push_str(&ev(json!({"type":"response.content_part.added","sequence_number":1,"item_id":"i","output_index":0,"content_index":0,"part":{"type":"output_text","text":""}})));
                 for t in tokens {
@@ -940,7 +1163,9 @@ mod tests {
 
     /// Parses SSE output into (event, data) pairs; every JSON data must parse.
     fn events(out: &[u8]) -> Vec<(Option<String>, String)> {
-        let text = String::from_utf8(out.to_vec()).unwrap().replace("\r\n", "\n");
+        let text = String::from_utf8(out.to_vec())
+            .unwrap()
+            .replace("\r\n", "\n");
         let mut evs = Vec::new();
         for block in text.split("\n\n") {
             let mut ev = None;
@@ -969,26 +1194,42 @@ mod tests {
             if d == "[DONE]" {
                 continue;
             }
-            let v: Value = serde_json::from_str(&d).unwrap_or_else(|e| panic!("bad JSON {d:?}: {e}"));
+            let v: Value =
+                serde_json::from_str(&d).unwrap_or_else(|e| panic!("bad JSON {d:?}: {e}"));
             if v.get("error").is_some() || v["type"] == "error" {
                 error = Some(v);
                 continue;
             }
             let piece = match api {
-                ApiKind::OpenaiChat => v["choices"][0]["delta"]["content"].as_str().map(str::to_string),
+                ApiKind::OpenaiChat => v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_string),
                 ApiKind::OpenaiCompletions => v["choices"][0]["text"].as_str().map(str::to_string),
-                ApiKind::AnthropicMessages => {
-                    v["delta"]["text"].as_str().or_else(|| v["content_block"]["text"].as_str()).map(str::to_string)
-                }
-                ApiKind::GeminiGenerateContent => v["candidates"][0]["content"]["parts"][0]["text"].as_str().map(str::to_string),
+                ApiKind::AnthropicMessages => v["delta"]["text"]
+                    .as_str()
+                    .or_else(|| v["content_block"]["text"].as_str())
+                    .map(str::to_string),
+                ApiKind::GeminiGenerateContent => v["candidates"][0]["content"]["parts"][0]["text"]
+                    .as_str()
+                    .map(str::to_string),
                 ApiKind::OpenaiResponses => {
                     if v["type"] == "response.output_text.done" {
-                        assert_eq!(v["text"].as_str().unwrap(), text, "done event repeats the masked text");
+                        assert_eq!(
+                            v["text"].as_str().unwrap(),
+                            text,
+                            "done event repeats the masked text"
+                        );
                     }
                     if v["type"] == "response.completed" {
-                        assert_eq!(v["response"]["output"][0]["content"][0]["text"].as_str().unwrap(), text);
+                        assert_eq!(
+                            v["response"]["output"][0]["content"][0]["text"]
+                                .as_str()
+                                .unwrap(),
+                            text
+                        );
                     }
-                    (v["type"] == "response.output_text.delta").then(|| v["delta"].as_str().unwrap().to_string())
+                    (v["type"] == "response.output_text.delta")
+                        .then(|| v["delta"].as_str().unwrap().to_string())
                 }
                 ApiKind::OpenaiEmbeddings => None,
             };
@@ -1017,7 +1258,10 @@ mod tests {
 
     fn check(api: ApiKind, out: &[u8], expected: &str, what: &str) {
         let (text, error) = assembled(api, out);
-        assert!(error.is_none(), "{api:?} {what}: unexpected error {error:?}");
+        assert!(
+            error.is_none(),
+            "{api:?} {what}: unexpected error {error:?}"
+        );
         assert_eq!(text, expected, "{api:?} {what}");
         let raw = String::from_utf8_lossy(out);
         for secret in RAW {
@@ -1029,9 +1273,20 @@ mod tests {
     fn streamed_text_equals_plain_masking_for_any_chunking() {
         let (g, pseudonym) = guard("{}");
         let text = answer(&pseudonym);
-        let expected = g.process_full(&text, &mut GuardTally::default(), false).unwrap().unwrap();
-        assert!(expected.contains("bob@corp.example.org"), "restored: {expected}");
-        assert!(expected.contains("<EMAIL_") && expected.contains("[CREDIT_CARD]") && expected.contains("10.0.0.1"), "{expected}");
+        let expected = g
+            .process_full(&text, &mut GuardTally::default(), false)
+            .unwrap()
+            .unwrap();
+        assert!(
+            expected.contains("bob@corp.example.org"),
+            "restored: {expected}"
+        );
+        assert!(
+            expected.contains("<EMAIL_")
+                && expected.contains("[CREDIT_CARD]")
+                && expected.contains("10.0.0.1"),
+            "{expected}"
+        );
         for api in APIS {
             for per_event in [1, 3, 11] {
                 let s = stream(*api, &chunks(&text, per_event));
@@ -1041,10 +1296,21 @@ mod tests {
                 let report = m.report();
                 assert!(report.blocked.is_none());
                 let names: Vec<&str> = report.hits.iter().map(|h| h.detector.as_str()).collect();
-                for d in ["email", "credit_card", "aws_access_key", "phone", "us_ssn", "ipv4"] {
+                for d in [
+                    "email",
+                    "credit_card",
+                    "aws_access_key",
+                    "phone",
+                    "us_ssn",
+                    "ipv4",
+                ] {
                     assert!(names.contains(&d), "{api:?}: {d} not counted in {names:?}");
                 }
-                assert!(report.hits.iter().all(|h| h.count == 1), "{api:?}: {:?}", report.hits);
+                assert!(
+                    report.hits.iter().all(|h| h.count == 1),
+                    "{api:?}: {:?}",
+                    report.hits
+                );
                 // One byte per chunk.
                 let singles: Vec<&[u8]> = b.chunks(1).collect();
                 let (out, _) = run(*api, &g, &singles);
@@ -1061,7 +1327,10 @@ mod tests {
             "x".repeat(60),
             "y".repeat(40)
         );
-        let expected = g.process_full(&text, &mut GuardTally::default(), false).unwrap().unwrap();
+        let expected = g
+            .process_full(&text, &mut GuardTally::default(), false)
+            .unwrap()
+            .unwrap();
         for api in APIS {
             let s = stream(*api, &chunks(&text, 9));
             let b = s.as_bytes();
@@ -1089,25 +1358,45 @@ mod tests {
         let finish: Value = serde_json::from_str(&evs[n - 3].1).unwrap();
         assert_eq!(finish["choices"][0]["finish_reason"], "stop");
         let flushed: Value = serde_json::from_str(&evs[n - 4].1).unwrap();
-        assert!(!flushed["choices"][0]["delta"]["content"].as_str().unwrap().ends_with("<EMAIL_"));
-        assert_eq!(assembled(ApiKind::OpenaiChat, out.as_bytes()).0.matches("<EMAIL_").count(), 1);
+        assert!(!flushed["choices"][0]["delta"]["content"]
+            .as_str()
+            .unwrap()
+            .ends_with("<EMAIL_"));
+        assert_eq!(
+            assembled(ApiKind::OpenaiChat, out.as_bytes())
+                .0
+                .matches("<EMAIL_")
+                .count(),
+            1
+        );
         // Anthropic: ping and message events untouched.
         let s = stream(ApiKind::AnthropicMessages, &chunks("hi", 1));
         let (out, _) = run(ApiKind::AnthropicMessages, &g, &[s.as_bytes()]);
-        assert!(String::from_utf8(out).unwrap().contains("event: ping\ndata: {\"type\": \"ping\"}\n\n"));
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("event: ping\ndata: {\"type\": \"ping\"}\n\n"));
     }
 
     #[test]
     fn inactive_guard_is_a_pass_through() {
         let s = stream(ApiKind::OpenaiChat, &chunks("jane@example.com", 3));
-        let (out, _) = run(ApiKind::OpenaiChat, &ResponseGuard::default(), &[s.as_bytes()]);
+        let (out, _) = run(
+            ApiKind::OpenaiChat,
+            &ResponseGuard::default(),
+            &[s.as_bytes()],
+        );
         assert_eq!(out, s.as_bytes());
     }
 
     #[test]
     fn response_rule_blocks_mid_stream_with_the_api_error_event() {
-        let (g, _) = guard(r#"{"response_rules":[{"name":"no-launch","phrases":["launch code"]}]}"#);
-        let text = format!("{} The LAUNCH code is 0000. {}", "a".repeat(300), "b".repeat(300));
+        let (g, _) =
+            guard(r#"{"response_rules":[{"name":"no-launch","phrases":["launch code"]}]}"#);
+        let text = format!(
+            "{} The LAUNCH code is 0000. {}",
+            "a".repeat(300),
+            "b".repeat(300)
+        );
         for api in APIS {
             for per_event in [1, 5] {
                 let s = stream(*api, &chunks(&text, per_event));
@@ -1115,8 +1404,14 @@ mod tests {
                 let (assembled_text, error) = assembled(*api, &out);
                 let error = error.unwrap_or_else(|| panic!("{api:?}: no error event"));
                 assert!(!assembled_text.to_lowercase().contains("launch"), "{api:?}");
-                assert!(assembled_text.starts_with(&"a".repeat(150)), "{api:?}: text before the match was released");
-                assert!(!assembled_text.contains('b'), "{api:?}: nothing after the block");
+                assert!(
+                    assembled_text.starts_with(&"a".repeat(150)),
+                    "{api:?}: text before the match was released"
+                );
+                assert!(
+                    !assembled_text.contains('b'),
+                    "{api:?}: nothing after the block"
+                );
                 let out_s = String::from_utf8(out.clone()).unwrap();
                 let last = events(&out).pop().unwrap();
                 match api {
@@ -1128,7 +1423,9 @@ mod tests {
                         assert_eq!(last.0.as_deref(), Some("error"));
                         assert_eq!(error["error"]["code"], "response_blocked");
                     }
-                    ApiKind::GeminiGenerateContent => assert_eq!(error["error"]["status"], "PERMISSION_DENIED"),
+                    ApiKind::GeminiGenerateContent => {
+                        assert_eq!(error["error"]["status"], "PERMISSION_DENIED")
+                    }
                     _ => {
                         assert_eq!(last.0, None);
                         assert_eq!(error["error"]["code"], "response_blocked");
@@ -1136,7 +1433,10 @@ mod tests {
                     }
                 }
                 assert!(error.to_string().contains("no-launch"));
-                assert_eq!(m.report().blocked.unwrap().by, BlockedBy::Rule("no-launch".into()));
+                assert_eq!(
+                    m.report().blocked.unwrap().by,
+                    BlockedBy::Rule("no-launch".into())
+                );
                 assert!(m.blocked().is_some());
             }
         }
@@ -1144,17 +1444,31 @@ mod tests {
 
     #[test]
     fn block_detector_and_monitor_rule_in_stream() {
-        let cfg = MaskingConfig::from_json(br#"{"profiles":{"default":{"detectors":{"aws_access_key":"block"}}}}"#).unwrap();
-        let rules = ContentPolicy::from_json(br#"{"response_rules":[{"name":"watch","phrases":["hello"],"action":"monitor"}]}"#)
-            .unwrap()
-            .response_rules(&RequestFacts::default());
+        let cfg = MaskingConfig::from_json(
+            br#"{"profiles":{"default":{"detectors":{"aws_access_key":"block"}}}}"#,
+        )
+        .unwrap();
+        let rules = ContentPolicy::from_json(
+            br#"{"response_rules":[{"name":"watch","phrases":["hello"],"action":"monitor"}]}"#,
+        )
+        .unwrap()
+        .response_rules(&RequestFacts::default());
         let g = ResponseGuard::new(cfg.default_profile(), RestoreMap::default(), rules);
-        let s = stream(ApiKind::OpenaiChat, &chunks("hello world, key AKIAIOSFODNN7EXAMPLE here", 1));
+        let s = stream(
+            ApiKind::OpenaiChat,
+            &chunks("hello world, key AKIAIOSFODNN7EXAMPLE here", 1),
+        );
         let (out, m) = run(ApiKind::OpenaiChat, &g, &[s.as_bytes()]);
         let (text, error) = assembled(ApiKind::OpenaiChat, &out);
-        assert!(error.is_some() && !String::from_utf8_lossy(&out).contains("AKIA"), "{text}");
+        assert!(
+            error.is_some() && !String::from_utf8_lossy(&out).contains("AKIA"),
+            "{text}"
+        );
         let r = m.report();
-        assert_eq!(r.blocked.unwrap().by, BlockedBy::Detector("aws_access_key".into()));
+        assert_eq!(
+            r.blocked.unwrap().by,
+            BlockedBy::Detector("aws_access_key".into())
+        );
         assert_eq!(r.monitored_rules, vec!["watch".to_string()]);
         assert!(m.clone_output_is_empty());
     }
@@ -1182,7 +1496,10 @@ mod tests {
         let text = "k -----BEGIN PRIVATE KEY-----\nQUJDRA==\n-----END PRIVATE KEY----- end";
         let s = stream(ApiKind::OpenaiChat, &chunks(text, 1));
         let (out, _) = run(ApiKind::OpenaiChat, &g, &[s.as_bytes()]);
-        assert_eq!(assembled(ApiKind::OpenaiChat, &out).0, "k [PEM_PRIVATE_KEY] end");
+        assert_eq!(
+            assembled(ApiKind::OpenaiChat, &out).0,
+            "k [PEM_PRIVATE_KEY] end"
+        );
     }
 
     #[test]
@@ -1193,10 +1510,16 @@ mod tests {
         s.push_str(&data(env(json!([{"index":0,"delta":{"role":"assistant","tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"f","arguments":""}}]},"finish_reason":null}]))));
         for piece in chunks(r#"{"to":"jane@example.com"}"#, 2) {
             s.push_str(&data(env(json!([{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":piece}}]},"finish_reason":null}]))));
-            s.push_str(&data(env(json!([{"index":1,"delta":{"content":piece},"finish_reason":null}]))));
+            s.push_str(&data(env(
+                json!([{"index":1,"delta":{"content":piece},"finish_reason":null}]),
+            )));
         }
-        s.push_str(&data(env(json!([{"index":0,"delta":{},"finish_reason":"tool_calls"}]))));
-        s.push_str(&data(env(json!([{"index":1,"delta":{},"finish_reason":"stop"}]))));
+        s.push_str(&data(env(
+            json!([{"index":0,"delta":{},"finish_reason":"tool_calls"}]),
+        )));
+        s.push_str(&data(env(
+            json!([{"index":1,"delta":{},"finish_reason":"stop"}]),
+        )));
         s.push_str("data: [DONE]\n\n");
         let (out, _) = run(ApiKind::OpenaiChat, &g, &[s.as_bytes()]);
         let mut args = String::new();
@@ -1215,7 +1538,10 @@ mod tests {
                 }
             }
         }
-        assert!(args.starts_with(r#"{"to":"<EMAIL_"#) && args.ends_with(r#">"}"#), "{args}");
+        assert!(
+            args.starts_with(r#"{"to":"<EMAIL_"#) && args.ends_with(r#">"}"#),
+            "{args}"
+        );
         assert_eq!(args, content);
         assert!(!String::from_utf8_lossy(&out).contains("jane"));
     }
@@ -1223,7 +1549,12 @@ mod tests {
     #[test]
     fn garbage_never_panics_and_huge_events_block() {
         let (g, _) = guard("{}");
-        for input in [&b"data: {\"choices\":[{\"delta\":{\"content\":5}}]}\n\n"[..], b"data: \xff\xfe\n\n", b"\r\r\r\n\n:x\ndata", b"data: [1,2]\n\ndata: \"jane@example.com\"\n\n"] {
+        for input in [
+            &b"data: {\"choices\":[{\"delta\":{\"content\":5}}]}\n\n"[..],
+            b"data: \xff\xfe\n\n",
+            b"\r\r\r\n\n:x\ndata",
+            b"data: [1,2]\n\ndata: \"jane@example.com\"\n\n",
+        ] {
             for api in APIS {
                 let (out, _) = run(*api, &g, &[input]);
                 assert!(!String::from_utf8_lossy(&out).contains("jane@"), "{api:?}");
@@ -1259,7 +1590,11 @@ mod bench {
     #[ignore]
     fn stream_throughput() {
         let cfg = MaskingConfig::from_json(br#"{"salt":"test-salt-0123456789","profiles":{"default":{"detectors":{"*":"redact","email":"pseudonymize"}}}}"#).unwrap();
-        let guard = ResponseGuard::new(cfg.default_profile(), Default::default(), Default::default());
+        let guard = ResponseGuard::new(
+            cfg.default_profile(),
+            Default::default(),
+            Default::default(),
+        );
         for (label, dirty) in [("no matches", false), ("with matches", true)] {
             let mut text = String::new();
             let mut i = 0;

@@ -174,7 +174,10 @@ impl Scope {
         any(&self.callers, f.caller)
             && any(&self.routes, f.route)
             && any(&self.models, Some(f.model))
-            && self.groups.as_ref().is_none_or(|g| f.groups.iter().any(|grp| g.iter().any(|g| g.matches(grp))))
+            && self
+                .groups
+                .as_ref()
+                .is_none_or(|g| f.groups.iter().any(|grp| g.iter().any(|g| g.matches(grp))))
     }
 }
 
@@ -234,7 +237,9 @@ impl ResponseRules {
             for m in &r.matchers {
                 let mut pos = from;
                 while pos <= hay.len() {
-                    let Some(found) = m.find_at(hay, pos) else { break };
+                    let Some(found) = m.find_at(hay, pos) else {
+                        break;
+                    };
                     if found.end() > found.start() {
                         out.push((i, found.start(), found.end()));
                         pos = found.end();
@@ -285,7 +290,9 @@ pub struct PolicyOutcome {
 impl PolicyOutcome {
     /// The 403 to send when denied, in the API's error format.
     pub fn refusal(&self, api: ApiKind) -> Option<Refusal> {
-        self.message.as_ref().map(|m| Refusal::new(RefusalKind::PolicyDenied, Some(api), m.clone()))
+        self.message
+            .as_ref()
+            .map(|m| Refusal::new(RefusalKind::PolicyDenied, Some(api), m.clone()))
     }
 }
 
@@ -297,7 +304,10 @@ pub struct ContentPolicy {
 }
 
 fn err(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError { field: field.into(), message: message.into() }
+    ConfigError {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 /// A case-insensitive pattern for a literal phrase, built without Unicode
@@ -332,7 +342,13 @@ fn phrase_pattern(phrase: &str) -> String {
             out.push(']');
         } else {
             out.push_str("(?:");
-            out.push_str(&forms.iter().map(|f| regex::escape(f)).collect::<Vec<_>>().join("|"));
+            out.push_str(
+                &forms
+                    .iter()
+                    .map(|f| regex::escape(f))
+                    .collect::<Vec<_>>()
+                    .join("|"),
+            );
             out.push(')');
         }
     }
@@ -350,7 +366,9 @@ fn compile_phrases(field: &str, phrases: &[String]) -> Result<Option<Regex>, Con
         }
         parts.push(format!("(?:{})", phrase_pattern(p)));
     }
-    compile_regex(&parts.join("|")).map(Some).map_err(|m| err(field, m))
+    compile_regex(&parts.join("|"))
+        .map(Some)
+        .map_err(|m| err(field, m))
 }
 
 fn compile_regexes(field: &str, list: &[String]) -> Result<Vec<Regex>, ConfigError> {
@@ -358,7 +376,10 @@ fn compile_regexes(field: &str, list: &[String]) -> Result<Vec<Regex>, ConfigErr
     for (i, p) in list.iter().enumerate() {
         let r = compile_regex(p).map_err(|m| err(format!("{field}[{i}]"), m))?;
         if r.is_match("") {
-            return Err(err(format!("{field}[{i}]"), "must not match the empty string"));
+            return Err(err(
+                format!("{field}[{i}]"),
+                "must not match the empty string",
+            ));
         }
         out.push(r);
     }
@@ -394,7 +415,8 @@ impl ContentPolicy {
     /// Parses and validates a `content_policy` object on its own (field paths
     /// start with `content_policy`).
     pub fn from_json(bytes: &[u8]) -> Result<ContentPolicy, ConfigError> {
-        let raw: RawContentPolicy = serde_json::from_slice(bytes).map_err(|e| err("content_policy", e.to_string()))?;
+        let raw: RawContentPolicy =
+            serde_json::from_slice(bytes).map_err(|e| err("content_policy", e.to_string()))?;
         ContentPolicy::validate(raw, "content_policy")
     }
 
@@ -412,17 +434,30 @@ impl ContentPolicy {
                     if m.allow.is_none() && m.deny.is_none() {
                         return Err(err(format!("{at}.models"), "give `allow`, `deny` or both"));
                     }
-                    (globs(&format!("{at}.models.allow"), &m.allow)?, globs(&format!("{at}.models.deny"), &m.deny)?)
+                    (
+                        globs(&format!("{at}.models.allow"), &m.allow)?,
+                        globs(&format!("{at}.models.deny"), &m.deny)?,
+                    )
                 }
             };
             if r.max_tokens == Some(0) {
                 return Err(err(format!("{at}.max_tokens"), "must be at least 1"));
             }
             if r.require_max_tokens && r.max_tokens.is_none() {
-                return Err(err(format!("{at}.require_max_tokens"), "needs `max_tokens`"));
+                return Err(err(
+                    format!("{at}.require_max_tokens"),
+                    "needs `max_tokens`",
+                ));
             }
-            if r.phrases.is_empty() && r.regex.is_empty() && r.models.is_none() && r.max_tokens.is_none() {
-                return Err(err(&at, "has no condition (phrases, regex, models or max_tokens)"));
+            if r.phrases.is_empty()
+                && r.regex.is_empty()
+                && r.models.is_none()
+                && r.max_tokens.is_none()
+            {
+                return Err(err(
+                    &at,
+                    "has no condition (phrases, regex, models or max_tokens)",
+                ));
             }
             request_rules.push(RequestRule {
                 name: r.name.clone(),
@@ -458,7 +493,9 @@ impl ContentPolicy {
                     ));
                 }
             }
-            let mut matchers: Vec<Regex> = compile_phrases(&format!("{at}.phrases"), &r.phrases)?.into_iter().collect();
+            let mut matchers: Vec<Regex> = compile_phrases(&format!("{at}.phrases"), &r.phrases)?
+                .into_iter()
+                .collect();
             matchers.extend(compile_regexes(&format!("{at}.regex"), &r.regex)?);
             response_rules.push(Arc::new(ResponseRule {
                 name: r.name.clone(),
@@ -472,7 +509,10 @@ impl ContentPolicy {
                 },
             }));
         }
-        Ok(ContentPolicy { request_rules, response_rules })
+        Ok(ContentPolicy {
+            request_rules,
+            response_rules,
+        })
     }
 
     /// Whether there are no rules at all.
@@ -481,17 +521,29 @@ impl ContentPolicy {
     }
 
     /// Evaluates the request rules in scope on the (unmasked) prompt.
-    pub fn evaluate_request(&self, facts: &RequestFacts<'_>, prompt: &[PromptMessage]) -> PolicyOutcome {
+    pub fn evaluate_request(
+        &self,
+        facts: &RequestFacts<'_>,
+        prompt: &[PromptMessage],
+    ) -> PolicyOutcome {
         let mut out = PolicyOutcome::default();
         for rule in &self.request_rules {
             if !rule.scope.matches(facts) {
                 continue;
             }
-            let Some(reason) = rule.trips(facts, prompt) else { continue };
+            let Some(reason) = rule.trips(facts, prompt) else {
+                continue;
+            };
             match rule.action {
-                RuleAction::Monitor => out.monitored.push(RuleMatch { rule: rule.name.clone(), reason }),
+                RuleAction::Monitor => out.monitored.push(RuleMatch {
+                    rule: rule.name.clone(),
+                    reason,
+                }),
                 RuleAction::Deny if out.denied_by.is_none() => {
-                    out.message = Some(format!("denied by content policy rule `{}`: {reason}", rule.name));
+                    out.message = Some(format!(
+                        "denied by content policy rule `{}`: {reason}",
+                        rule.name
+                    ));
                     out.denied_by = Some(rule.name.clone());
                 }
                 RuleAction::Deny => {}
@@ -502,7 +554,13 @@ impl ContentPolicy {
 
     /// The response rules in scope for a request.
     pub fn response_rules(&self, facts: &RequestFacts<'_>) -> ResponseRules {
-        ResponseRules(self.response_rules.iter().filter(|r| r.scope.matches(facts)).cloned().collect())
+        ResponseRules(
+            self.response_rules
+                .iter()
+                .filter(|r| r.scope.matches(facts))
+                .cloned()
+                .collect(),
+        )
     }
 }
 
@@ -520,8 +578,12 @@ impl RequestRule {
         }
         if let Some(cap) = self.max_tokens {
             match f.max_tokens {
-                Some(n) if n > cap => return Some(format!("max_tokens {n} exceeds the cap of {cap}")),
-                None if self.require_max_tokens => return Some(format!("max_tokens is required (cap {cap})")),
+                Some(n) if n > cap => {
+                    return Some(format!("max_tokens {n} exceeds the cap of {cap}"))
+                }
+                None if self.require_max_tokens => {
+                    return Some(format!("max_tokens is required (cap {cap})"))
+                }
                 _ => {}
             }
         }
@@ -530,7 +592,11 @@ impl RequestRule {
                 return Some("the prompt contains a denied phrase".into());
             }
         }
-        if self.regex.iter().any(|r| prompt.iter().any(|m| r.is_match(&m.text))) {
+        if self
+            .regex
+            .iter()
+            .any(|r| prompt.iter().any(|m| r.is_match(&m.text)))
+        {
             return Some("the prompt matches a denied pattern".into());
         }
         None
@@ -548,7 +614,10 @@ pub fn requested_max_tokens(api: ApiKind, body: &[u8]) -> Option<u64> {
         ApiKind::OpenaiChat => &[&["max_completion_tokens"], &["max_tokens"]],
         ApiKind::OpenaiCompletions | ApiKind::AnthropicMessages => &[&["max_tokens"]],
         ApiKind::OpenaiResponses => &[&["max_output_tokens"]],
-        ApiKind::GeminiGenerateContent => &[&["generationConfig", "maxOutputTokens"], &["generation_config", "max_output_tokens"]],
+        ApiKind::GeminiGenerateContent => &[
+            &["generationConfig", "maxOutputTokens"],
+            &["generation_config", "max_output_tokens"],
+        ],
         ApiKind::OpenaiEmbeddings => &[],
     };
     let mut best: Option<u64> = None;
@@ -578,11 +647,18 @@ mod tests {
     use super::*;
 
     fn msg(text: &str) -> Vec<PromptMessage> {
-        vec![PromptMessage { role: "user".into(), text: text.into() }]
+        vec![PromptMessage {
+            role: "user".into(),
+            text: text.into(),
+        }]
     }
 
     fn facts<'a>(model: &'a str, max_tokens: Option<u64>) -> RequestFacts<'a> {
-        RequestFacts { model, max_tokens, ..Default::default() }
+        RequestFacts {
+            model,
+            max_tokens,
+            ..Default::default()
+        }
     }
 
     const POLICY: &str = r#"{"request_rules":[
@@ -599,20 +675,41 @@ mod tests {
     #[test]
     fn request_rules_deny_with_reason() {
         let p = ContentPolicy::from_json(POLICY.as_bytes()).unwrap();
-        type Case<'a> = (&'a str, Option<u64>, Option<&'a str>, &'a str, Option<&'a str>);
+        type Case<'a> = (
+            &'a str,
+            Option<u64>,
+            Option<&'a str>,
+            &'a str,
+            Option<&'a str>,
+        );
         let cases: &[Case<'_>] = &[
             ("gpt-4o", None, None, "hello", None),
-            ("gpt-4o", None, None, "about PROJECT\n X today", Some("no-project-x")),
+            (
+                "gpt-4o",
+                None,
+                None,
+                "about PROJECT\n X today",
+                Some("no-project-x"),
+            ),
             ("gpt-4o", None, None, "die STRASSE", Some("no-project-x")),
             ("gpt-4o", None, None, "falcon-12", Some("no-project-x")),
             ("llama", None, None, "hello", Some("models")),
             ("gpt-4o-preview", None, None, "hello", Some("models")),
             ("gpt-4o", Some(10_000), None, "hello", None),
-            ("gpt-4o", Some(10_000), Some("public-api"), "hello", Some("cap")),
+            (
+                "gpt-4o",
+                Some(10_000),
+                Some("public-api"),
+                "hello",
+                Some("cap"),
+            ),
             ("gpt-4o", Some(4096), Some("public-api"), "hello", None),
         ];
         for (model, max, route, text, want) in cases {
-            let f = RequestFacts { route: *route, ..facts(model, *max) };
+            let f = RequestFacts {
+                route: *route,
+                ..facts(model, *max)
+            };
             let out = p.evaluate_request(&f, &msg(text));
             assert_eq!(out.denied_by.as_deref(), *want, "{model} {text}");
             if let Some(rule) = want {
@@ -623,69 +720,187 @@ mod tests {
             }
         }
         let out = p.evaluate_request(&facts("llama", None), &msg("project x"));
-        assert_eq!(out.message.unwrap(), "denied by content policy rule `no-project-x`: the prompt contains a denied phrase");
+        assert_eq!(
+            out.message.unwrap(),
+            "denied by content policy rule `no-project-x`: the prompt contains a denied phrase"
+        );
     }
 
     #[test]
     fn scoping_and_monitor() {
         let p = ContentPolicy::from_json(POLICY.as_bytes()).unwrap();
         let out = p.evaluate_request(&facts("gpt-4o", None), &msg("my password"));
-        assert!(out.monitored.is_empty(), "no caller: callers-scoped rule does not apply");
-        let f = RequestFacts { caller: Some("team-a-bot"), ..facts("gpt-4o", None) };
+        assert!(
+            out.monitored.is_empty(),
+            "no caller: callers-scoped rule does not apply"
+        );
+        let f = RequestFacts {
+            caller: Some("team-a-bot"),
+            ..facts("gpt-4o", None)
+        };
         let out = p.evaluate_request(&f, &msg("my password"));
         assert_eq!(out.denied_by, None);
-        assert_eq!(out.monitored, vec![RuleMatch { rule: "watch".into(), reason: "the prompt contains a denied phrase".into() }]);
+        assert_eq!(
+            out.monitored,
+            vec![RuleMatch {
+                rule: "watch".into(),
+                reason: "the prompt contains a denied phrase".into()
+            }]
+        );
         let groups = vec!["staff".to_string(), "interns".to_string()];
-        let f = RequestFacts { groups: &groups, ..facts("gpt-4o", None) };
-        assert_eq!(p.evaluate_request(&f, &msg("delete it")).denied_by.as_deref(), Some("interns"));
-        assert_eq!(p.evaluate_request(&facts("gpt-4o", None), &msg("delete it")).denied_by, None);
+        let f = RequestFacts {
+            groups: &groups,
+            ..facts("gpt-4o", None)
+        };
+        assert_eq!(
+            p.evaluate_request(&f, &msg("delete it"))
+                .denied_by
+                .as_deref(),
+            Some("interns")
+        );
+        assert_eq!(
+            p.evaluate_request(&facts("gpt-4o", None), &msg("delete it"))
+                .denied_by,
+            None
+        );
         let rules = p.response_rules(&facts("claude-3", None));
-        assert_eq!(rules.rules().map(ResponseRule::name).collect::<Vec<_>>(), vec!["no-internal"]);
+        assert_eq!(
+            rules.rules().map(ResponseRule::name).collect::<Vec<_>>(),
+            vec!["no-internal"]
+        );
         let rules = p.response_rules(&facts("gpt-4o", None));
         assert_eq!(rules.rules().count(), 2);
     }
 
     #[test]
     fn require_max_tokens() {
-        let p = ContentPolicy::from_json(br#"{"request_rules":[{"name":"cap","max_tokens":100,"require_max_tokens":true}]}"#).unwrap();
-        assert_eq!(p.evaluate_request(&facts("m", None), &[]).denied_by.as_deref(), Some("cap"));
-        assert_eq!(p.evaluate_request(&facts("m", Some(100)), &[]).denied_by, None);
+        let p = ContentPolicy::from_json(
+            br#"{"request_rules":[{"name":"cap","max_tokens":100,"require_max_tokens":true}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            p.evaluate_request(&facts("m", None), &[])
+                .denied_by
+                .as_deref(),
+            Some("cap")
+        );
+        assert_eq!(
+            p.evaluate_request(&facts("m", Some(100)), &[]).denied_by,
+            None
+        );
     }
 
     #[test]
     fn config_errors_name_the_field() {
         for (json, field) in [
-            (r#"{"request_rules":[{"name":"a","phrases":["x"]},{"name":"a","phrases":["y"]}]}"#, "content_policy.request_rules[1].name"),
-            (r#"{"request_rules":[{"name":"a"}]}"#, "content_policy.request_rules[0]"),
-            (r#"{"request_rules":[{"name":"a","regex":["ok","(["]}]}"#, "content_policy.request_rules[0].regex[1]"),
-            (r#"{"request_rules":[{"name":"a","regex":["x*"]}]}"#, "content_policy.request_rules[0].regex[0]"),
-            (r#"{"request_rules":[{"name":"a","phrases":[" "]}]}"#, "content_policy.request_rules[0].phrases[0]"),
-            (r#"{"request_rules":[{"name":"a","models":{}}]}"#, "content_policy.request_rules[0].models"),
-            (r#"{"request_rules":[{"name":"a","models":{"allow":[]}}]}"#, "content_policy.request_rules[0].models.allow"),
-            (r#"{"request_rules":[{"name":"a","max_tokens":0}]}"#, "content_policy.request_rules[0].max_tokens"),
-            (r#"{"request_rules":[{"name":"a","phrases":["x"],"require_max_tokens":true}]}"#, "content_policy.request_rules[0].require_max_tokens"),
-            (r#"{"request_rules":[{"name":"a","phrases":["x"],"callers":[]}]}"#, "content_policy.request_rules[0].callers"),
-            (r#"{"response_rules":[{"name":"r"}]}"#, "content_policy.response_rules[0]"),
-            (r#"{"response_rules":[{"name":"","phrases":["x"]}]}"#, "content_policy.response_rules[0].name"),
-            (format!(r#"{{"response_rules":[{{"name":"r","phrases":["{}"]}}]}}"#, "x".repeat(200)).as_str(), "content_policy.response_rules[0].phrases[0]"),
+            (
+                r#"{"request_rules":[{"name":"a","phrases":["x"]},{"name":"a","phrases":["y"]}]}"#,
+                "content_policy.request_rules[1].name",
+            ),
+            (
+                r#"{"request_rules":[{"name":"a"}]}"#,
+                "content_policy.request_rules[0]",
+            ),
+            (
+                r#"{"request_rules":[{"name":"a","regex":["ok","(["]}]}"#,
+                "content_policy.request_rules[0].regex[1]",
+            ),
+            (
+                r#"{"request_rules":[{"name":"a","regex":["x*"]}]}"#,
+                "content_policy.request_rules[0].regex[0]",
+            ),
+            (
+                r#"{"request_rules":[{"name":"a","phrases":[" "]}]}"#,
+                "content_policy.request_rules[0].phrases[0]",
+            ),
+            (
+                r#"{"request_rules":[{"name":"a","models":{}}]}"#,
+                "content_policy.request_rules[0].models",
+            ),
+            (
+                r#"{"request_rules":[{"name":"a","models":{"allow":[]}}]}"#,
+                "content_policy.request_rules[0].models.allow",
+            ),
+            (
+                r#"{"request_rules":[{"name":"a","max_tokens":0}]}"#,
+                "content_policy.request_rules[0].max_tokens",
+            ),
+            (
+                r#"{"request_rules":[{"name":"a","phrases":["x"],"require_max_tokens":true}]}"#,
+                "content_policy.request_rules[0].require_max_tokens",
+            ),
+            (
+                r#"{"request_rules":[{"name":"a","phrases":["x"],"callers":[]}]}"#,
+                "content_policy.request_rules[0].callers",
+            ),
+            (
+                r#"{"response_rules":[{"name":"r"}]}"#,
+                "content_policy.response_rules[0]",
+            ),
+            (
+                r#"{"response_rules":[{"name":"","phrases":["x"]}]}"#,
+                "content_policy.response_rules[0].name",
+            ),
+            (
+                format!(
+                    r#"{{"response_rules":[{{"name":"r","phrases":["{}"]}}]}}"#,
+                    "x".repeat(200)
+                )
+                .as_str(),
+                "content_policy.response_rules[0].phrases[0]",
+            ),
         ] {
-            assert_eq!(ContentPolicy::from_json(json.as_bytes()).unwrap_err().field, field, "{json}");
+            assert_eq!(
+                ContentPolicy::from_json(json.as_bytes()).unwrap_err().field,
+                field,
+                "{json}"
+            );
         }
-        let e = ContentPolicy::from_json(br#"{"request_rules":[{"name":"a","phrase":["x"]}]}"#).unwrap_err();
+        let e = ContentPolicy::from_json(br#"{"request_rules":[{"name":"a","phrase":["x"]}]}"#)
+            .unwrap_err();
         assert!(e.message.contains("phrase"), "{e}");
-        let e = ContentPolicy::from_json(br#"{"request_rules":[{"name":"a","phrases":["x"],"action":"block"}]}"#);
+        let e = ContentPolicy::from_json(
+            br#"{"request_rules":[{"name":"a","phrases":["x"],"action":"block"}]}"#,
+        );
         assert!(e.is_ok(), "block is an alias of deny");
     }
 
     #[test]
     fn max_tokens_per_api() {
-        assert_eq!(requested_max_tokens(ApiKind::OpenaiChat, br#"{"max_tokens":10,"max_completion_tokens":20}"#), Some(20));
-        assert_eq!(requested_max_tokens(ApiKind::OpenaiChat, br#"{"max_tokens":null}"#), None);
-        assert_eq!(requested_max_tokens(ApiKind::OpenaiResponses, br#"{"max_output_tokens":7.2}"#), Some(8));
-        assert_eq!(requested_max_tokens(ApiKind::AnthropicMessages, br#"{"max_tokens":"lots"}"#), Some(u64::MAX));
-        assert_eq!(requested_max_tokens(ApiKind::GeminiGenerateContent, br#"{"generationConfig":{"maxOutputTokens":64}}"#), Some(64));
-        assert_eq!(requested_max_tokens(ApiKind::OpenaiEmbeddings, br#"{"max_tokens":5}"#), None);
-        assert_eq!(requested_max_tokens(ApiKind::OpenaiChat, br#"{"max_tokens":-3}"#), Some(0));
+        assert_eq!(
+            requested_max_tokens(
+                ApiKind::OpenaiChat,
+                br#"{"max_tokens":10,"max_completion_tokens":20}"#
+            ),
+            Some(20)
+        );
+        assert_eq!(
+            requested_max_tokens(ApiKind::OpenaiChat, br#"{"max_tokens":null}"#),
+            None
+        );
+        assert_eq!(
+            requested_max_tokens(ApiKind::OpenaiResponses, br#"{"max_output_tokens":7.2}"#),
+            Some(8)
+        );
+        assert_eq!(
+            requested_max_tokens(ApiKind::AnthropicMessages, br#"{"max_tokens":"lots"}"#),
+            Some(u64::MAX)
+        );
+        assert_eq!(
+            requested_max_tokens(
+                ApiKind::GeminiGenerateContent,
+                br#"{"generationConfig":{"maxOutputTokens":64}}"#
+            ),
+            Some(64)
+        );
+        assert_eq!(
+            requested_max_tokens(ApiKind::OpenaiEmbeddings, br#"{"max_tokens":5}"#),
+            None
+        );
+        assert_eq!(
+            requested_max_tokens(ApiKind::OpenaiChat, br#"{"max_tokens":-3}"#),
+            Some(0)
+        );
     }
 
     #[test]
