@@ -10,6 +10,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from stack import Stack  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "soak: the long soak; runs only with COUNTERSIGN_SOAK=1")
+
+
 @pytest.fixture
 def make_stack(tmp_path):
     """Factory: make_stack(filter_config=None, filter_token=None) -> started Stack."""

@@ -214,7 +214,11 @@ def test_racing_decisions_have_exactly_one_winner(stack, background):
 def test_caller_going_away_cancels_the_review(stack):
     with pytest.raises(httpx.TimeoutException):
         post(stack.url, json=chat(text="never mind"), timeout=1.0)
-    [review] = stack.approval.wait_pending()
+    # The cancel may land before we look, so look at every review, not only pending ones.
+    def any_review():
+        with stack.approval.client() as c:
+            return c.get("/api/reviews").json()["reviews"]
+    [review] = wait_until(any_review, what="the review")
     wait_until(lambda: stack.approval.review(review["id"])["status"] == "cancelled", what="cancelled review")
     assert stack.approval.decide(review["id"], "approve").status_code == 409
 

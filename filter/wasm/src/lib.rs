@@ -850,14 +850,15 @@ fn perform(ctx_id: u32, entry: &SharedHold, step: HoldStep) {
                     }
                 }
                 log::info!(
-                    "countersign: review {} approved by {}{}",
-                    release.review_id.as_deref().unwrap_or("-"),
-                    release.reviewer.as_deref().unwrap_or("fail_open"),
+                    "countersign: {} {} (review {}, reviewer {})",
+                    release.decision,
                     if release.edited_body.is_some() {
-                        " with an edit"
+                        "with a replaced body"
                     } else {
-                        ""
-                    }
+                        "as sent"
+                    },
+                    release.review_id.as_deref().unwrap_or("-"),
+                    release.reviewer.as_deref().unwrap_or("-"),
                 );
                 note_outcome(release.decision);
                 {
