@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -100,6 +101,41 @@ def wait_until(check, timeout=10.0, interval=0.05, what="condition"):
             last = e
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+def records(stack, timeout: float = 10, **params) -> list[dict]:
+    """Every session record matching the filters, following the pages."""
+    out, after = [], None
+    with stack.approval.client() as c:
+        while True:
+            page = {"limit": 500, **params, **({"after_seq": after} if after is not None else {})}
+            r = c.get("/api/records", params=page, timeout=timeout)
+            r.raise_for_status()
+            body = r.json()
+            out += body["records"]
+            after = body.get("next_after_seq")
+            if after is None:
+                return out
+
+
+def rec_field(rec: dict, name: str):
+    """Merged record views nest the request part; accept both layouts."""
+    if "request" in rec and name in rec["request"]:
+        return rec["request"][name]
+    return rec.get(name)
+
+
+def verify_records(stack, timeout: float = 30) -> subprocess.CompletedProcess:
+    """Runs the hash-chain verifier over the service's database."""
+    return subprocess.run([str(RELEASE / "countersign-approval"), "verify-records", "--database",
+                           str(stack.approval.db)], capture_output=True, text=True, timeout=timeout)
+
+
+def stat(stack, name) -> int:
+    """An Envoy stat by exact name, 0 when absent."""
+    text = httpx.get(f"http://127.0.0.1:{stack.envoy.admin_port}/stats?filter={name}$", timeout=5).text
+    m = re.search(rf"{re.escape(name)}: (-?\d+)", text)
+    return int(m.group(1)) if m else 0
 
 
 class Backend:

@@ -22,44 +22,16 @@ import pytest
 import yaml
 
 from conftest import chat, post, send_later
-from stack import RELEASE, free_port, wait_until
+from stack import free_port, rec_field, records, stat, verify_records, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 
 # ---------------------------------------------------------------- helpers
 
-def records(stack, **params):
-    """Every request record matching the filters, following the pages."""
-    out, after = [], None
-    with stack.approval.client() as c:
-        while True:
-            page = {"limit": 500, **params, **({"after_seq": after} if after is not None else {})}
-            r = c.get("/api/records", params=page)
-            r.raise_for_status()
-            body = r.json()
-            out += body["records"]
-            after = body.get("next_after_seq")
-            if after is None:
-                return out
-
-
-def rec_field(rec, name):
-    if "request" in rec and name in rec["request"]:
-        return rec["request"][name]
-    return rec.get(name)
-
-
 def verify_chain(stack):
-    out = subprocess.run([str(RELEASE / "countersign-approval"), "verify-records", "--database",
-                          str(stack.approval.db)], capture_output=True, text=True, timeout=30)
+    out = verify_records(stack)
     assert out.returncode == 0, out.stdout + out.stderr
-
-
-def stat(stack, name) -> int:
-    text = httpx.get(f"http://127.0.0.1:{stack.envoy.admin_port}/stats?filter={name}$", timeout=5).text
-    m = re.search(rf"{re.escape(name)}: (-?\d+)", text)
-    return int(m.group(1)) if m else 0
 
 
 def forwarded_ids(stack) -> list[str]:

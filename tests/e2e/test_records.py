@@ -2,7 +2,6 @@
 written before the request is forwarded, with the response appended; a
 hash chain the verifier checks; Envoy stats and access-log fields."""
 import json
-import subprocess
 import threading
 import time
 
@@ -10,44 +9,17 @@ import httpx
 import pytest
 
 from conftest import chat, post, send_later
-from stack import RELEASE, wait_until
+from stack import rec_field, records, verify_records, wait_until
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def records(stack, **params):
-    """Every record matching the filters, following the pages."""
-    out, after = [], None
-    with stack.approval.client() as c:
-        while True:
-            page = {"limit": 500, **params, **({"after_seq": after} if after is not None else {})}
-            r = c.get("/api/records", params=page)
-            r.raise_for_status()
-            body = r.json()
-            out += body["records"]
-            after = body.get("next_after_seq")
-            if after is None:
-                return out
 
 
 def by_request_id(stack):
     return {r["request"]["request_id"] if "request" in r else r["request_id"]: r for r in records(stack)}
 
 
-def field(rec, name):
-    """Merged record views nest the request part; accept both layouts."""
-    if "request" in rec and name in rec["request"]:
-        return rec["request"][name]
-    return rec.get(name)
-
-
 def response_part(rec):
     return rec.get("response") or {}
-
-
-def verify(stack):
-    return subprocess.run([str(RELEASE / "countersign-approval"), "verify-records", "--database", str(stack.approval.db)],
-                          capture_output=True, text=True, timeout=30)
 
 
 def test_allowed_approved_edited_rejected_expired_and_streamed(make_stack, background):
@@ -84,40 +56,40 @@ def test_allowed_approved_edited_rejected_expired_and_streamed(make_stack, backg
 
     def all_written():
         recs = records(stack)
-        return len(recs) >= 6 and all(response_part(x) or field(x, "decision") not in ("allowed", "approved", "edited")
+        return len(recs) >= 6 and all(response_part(x) or rec_field(x, "decision") not in ("allowed", "approved", "edited")
                                       for x in recs) and recs
     recs = wait_until(all_written, timeout=10, what="six records with their responses")
-    decisions = sorted(field(x, "decision") for x in recs)
+    decisions = sorted(rec_field(x, "decision") for x in recs)
     assert decisions == ["allowed", "allowed", "approved", "edited", "expired", "rejected"]
 
-    approved = next(x for x in recs if field(x, "decision") == "approved")
-    assert field(approved, "review_id") == rev["id"]
-    assert json.loads(field(approved, "body"))["messages"][0]["content"] == "please approve"
-    assert field(approved, "body_sha256")
-    assert field(approved, "held_ms") is not None
+    approved = next(x for x in recs if rec_field(x, "decision") == "approved")
+    assert rec_field(approved, "review_id") == rev["id"]
+    assert json.loads(rec_field(approved, "body"))["messages"][0]["content"] == "please approve"
+    assert rec_field(approved, "body_sha256")
+    assert rec_field(approved, "held_ms") is not None
     assert "alice" in json.dumps(approved)
     assert response_part(approved)["status"] == 200
     assert "echo: please approve" in response_part(approved)["body"]
     assert response_part(approved)["usage"]["total_tokens"] > 0
 
-    edited = next(x for x in recs if field(x, "decision") == "edited")
-    assert "secret plan" not in field(edited, "body")
+    edited = next(x for x in recs if rec_field(x, "decision") == "edited")
+    assert "secret plan" not in rec_field(edited, "body")
     assert "secret plan" in json.dumps(edited)  # the diff shows what the reviewer removed
-    rejected = next(x for x in recs if field(x, "decision") == "rejected")
-    assert field(rejected, "refusal")["code"] == "review_rejected" and not response_part(rejected)
+    rejected = next(x for x in recs if rec_field(x, "decision") == "rejected")
+    assert rec_field(rejected, "refusal")["code"] == "review_rejected" and not response_part(rejected)
 
-    streamed = next(x for x in recs if field(x, "decision") == "allowed" and field(x, "stream"))
+    streamed = next(x for x in recs if rec_field(x, "decision") == "allowed" and rec_field(x, "stream"))
     assert response_part(streamed)["body"] == "echo: stream this please"
     assert response_part(streamed)["usage"]["completion_tokens"] == 4
     assert response_part(streamed)["completion"] == "complete"
 
     # Filters and export.
-    assert {field(x, "decision") for x in records(stack, decision="rejected")} == {"rejected"}
+    assert {rec_field(x, "decision") for x in records(stack, decision="rejected")} == {"rejected"}
     with stack.approval.client() as c:
         lines = c.get("/api/records/export").text.strip().splitlines()
     assert len(lines) == len(recs) and all(json.loads(line) for line in lines)
 
-    ok = verify(stack)
+    ok = verify_records(stack)
     assert ok.returncode == 0, ok.stdout + ok.stderr
 
     # Envoy's own view: stats and the access log carry the decisions.
@@ -172,8 +144,8 @@ def test_killing_the_service_under_traffic_loses_no_record(make_stack):
     # The backend keeps its last 200 requests: every one of them must be recorded.
     forwarded = [r["headers"].get("x-request-id") for r in stack.backend.requests()]
     assert forwarded and all(forwarded)
-    recorded = {field(r, "request_id") for r in records(stack)}
+    recorded = {rec_field(r, "request_id") for r in records(stack)}
     missing = [rid for rid in forwarded if rid not in recorded]
     assert not missing, f"{len(missing)} forwarded requests have no record"
-    ok = verify(stack)
+    ok = verify_records(stack)
     assert ok.returncode == 0, ok.stdout + ok.stderr

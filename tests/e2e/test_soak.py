@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
-import subprocess
 import threading
 import time
 import uuid
@@ -25,7 +23,7 @@ import httpx
 import pytest
 
 from conftest import chat
-from stack import RELEASE, wait_until
+from stack import rec_field, records, stat, verify_records, wait_until
 
 CONFIG = {
     "hold_timeout_ms": 5000,
@@ -51,32 +49,6 @@ def rss_kb(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError(f"no VmRSS for {pid}")
-
-
-def stat(stack, name) -> int:
-    text = httpx.get(f"http://127.0.0.1:{stack.envoy.admin_port}/stats?filter={name}$", timeout=5).text
-    m = re.search(rf"{re.escape(name)}: (-?\d+)", text)
-    return int(m.group(1)) if m else 0
-
-
-def all_records(stack) -> list[dict]:
-    out, after = [], None
-    with stack.approval.client() as c:
-        while True:
-            params = {"limit": 500, **({"after_seq": after} if after is not None else {})}
-            r = c.get("/api/records", params=params, timeout=30)
-            r.raise_for_status()
-            body = r.json()
-            out += body["records"]
-            after = body.get("next_after_seq")
-            if after is None:
-                return out
-
-
-def rec(r, name):
-    if "request" in r and name in r["request"]:
-        return r["request"][name]
-    return r.get(name)
 
 
 def one_request(client: httpx.Client, url: str, kind: str, rid: str):
@@ -236,14 +208,14 @@ def check(stack, results, reviewer, memory, label):
     forwarded = {r["rid"] for r in results if r["status"] == 200}
 
     def settled():
-        recs = [x for x in all_records(stack) if str(rec(x, "request_id")).startswith("soak-")]
-        done = all(x.get("response") for x in recs if rec(x, "request_id") in forwarded)
+        recs = [x for x in records(stack, timeout=30) if str(rec_field(x, "request_id")).startswith("soak-")]
+        done = all(x.get("response") for x in recs if rec_field(x, "request_id") in forwarded)
         return done and recs
     recs = wait_until(settled, timeout=60, interval=0.5, what="every forwarded record's response part")
-    per_id = Counter(rec(x, "request_id") for x in recs)
+    per_id = Counter(rec_field(x, "request_id") for x in recs)
     dup = [k for k, n in per_id.items() if n != 1]
     assert not dup, f"{len(dup)} request ids with more than one record: {dup[:5]}"
-    decision_of = {rec(x, "request_id"): rec(x, "decision") for x in recs}
+    decision_of = {rec_field(x, "request_id"): rec_field(x, "decision") for x in recs}
     missing = [r["rid"] for r in results if r["rid"] not in decision_of]
     assert not missing, f"{len(missing)} requests without a record: {missing[:5]}"
     wrong = [(r["rid"], r["outcome"], decision_of[r["rid"]]) for r in results
@@ -252,8 +224,8 @@ def check(stack, results, reviewer, memory, label):
 
     # The model saw exactly the forwarded requests, each once, each recorded.
     stats = stack.backend.stats()
-    warmups = sum(1 for x in all_records(stack) if str(rec(x, "request_id")).startswith("warmup-")
-                  and rec(x, "decision") in ("allowed", "approved", "edited"))
+    warmups = sum(1 for x in records(stack, timeout=30) if str(rec_field(x, "request_id")).startswith("warmup-")
+                  and rec_field(x, "decision") in ("allowed", "approved", "edited"))
     assert stats["started"] == stats["completed"] == len(forwarded) + warmups, (stats, len(forwarded), warmups)
     seen = [s["headers"].get("x-request-id") for s in stack.backend.requests()]
     seen_soak = [s for s in seen if s and s.startswith("soak-")]
@@ -269,8 +241,7 @@ def check(stack, results, reviewer, memory, label):
     for proc in ("envoy", "service"):
         assert after[proc] < baseline[proc] + RSS_SLACK_KB, report
 
-    out = subprocess.run([str(RELEASE / "countersign-approval"), "verify-records", "--database",
-                          str(stack.approval.db)], capture_output=True, text=True, timeout=120)
+    out = verify_records(stack, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     return report
 

@@ -370,6 +370,15 @@ fn sse_response(events: Vec<Bytes>, delay: Duration) -> Response {
 
 // ---------------------------------------------------------------- OpenAI
 
+/// The `usage` object of the OpenAI chat and completions APIs.
+fn openai_usage(prompt_tokens: u64, completion_tokens: u64) -> Value {
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    })
+}
+
 async fn chat_completions(State(demo): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match parse_body(&body) {
         Ok(v) => v,
@@ -378,13 +387,7 @@ async fn chat_completions(State(demo): State<Shared>, headers: HeaderMap, body: 
     let model = model_of(&req);
     let messages = req.get("messages");
     let reply = reply_for(&headers, echo(&last_user_text(messages)));
-    let prompt_tokens = messages_word_count(messages);
-    let completion_tokens = word_count(&reply);
-    let usage = json!({
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    });
+    let usage = openai_usage(messages_word_count(messages), word_count(&reply));
     let id = demo.id("chatcmpl-demo");
     let created = now_secs();
 
@@ -462,13 +465,7 @@ async fn completions(State(demo): State<Shared>, headers: HeaderMap, body: Bytes
         _ => String::new(),
     };
     let reply = reply_for(&headers, echo(&prompt));
-    let prompt_tokens = word_count(&prompt);
-    let completion_tokens = word_count(&reply);
-    let usage = json!({
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    });
+    let usage = openai_usage(word_count(&prompt), word_count(&reply));
     let id = demo.id("cmpl-demo");
     let created = now_secs();
 

@@ -212,6 +212,16 @@ pub fn gemini_model(path: &str) -> Option<(String, bool)> {
     Some((model.to_string(), stream))
 }
 
+/// Gemini accepts each field under its camelCase or its snake_case name.
+fn gemini_key<'a>(v: &'a Value, camel: &str, snake: &str) -> Option<&'a Value> {
+    v.get(camel).or_else(|| v.get(snake))
+}
+
+/// The text of an optional value, empty where it is absent.
+fn text_of(v: Option<&Value>) -> String {
+    v.map(value_text).unwrap_or_default()
+}
+
 fn gemini_parts(parts: Option<&Value>, at: &str, attachments: &mut bool) -> Result<String, String> {
     let Some(Value::Array(parts)) = parts else {
         return Err(format!("`{at}` must be a list"));
@@ -222,38 +232,29 @@ fn gemini_parts(parts: Option<&Value>, at: &str, attachments: &mut bool) -> Resu
             t.as_str()
                 .ok_or_else(|| format!("`{at}[{i}].text` must be a string"))?
                 .to_string()
-        } else if let Some(d) = p.get("inlineData").or_else(|| p.get("inline_data")) {
+        } else if let Some(d) = gemini_key(p, "inlineData", "inline_data") {
             *attachments = true;
             format!(
                 "[inline_data: {}]",
-                d.get("mimeType")
-                    .or_else(|| d.get("mime_type"))
-                    .map(value_text)
-                    .unwrap_or_default()
+                text_of(gemini_key(d, "mimeType", "mime_type"))
             )
-        } else if let Some(f) = p.get("fileData").or_else(|| p.get("file_data")) {
+        } else if let Some(f) = gemini_key(p, "fileData", "file_data") {
             *attachments = true;
             format!(
                 "[file_data: {}]",
-                f.get("fileUri")
-                    .or_else(|| f.get("file_uri"))
-                    .map(value_text)
-                    .unwrap_or_default()
+                text_of(gemini_key(f, "fileUri", "file_uri"))
             )
-        } else if let Some(f) = p.get("functionCall").or_else(|| p.get("function_call")) {
+        } else if let Some(f) = gemini_key(p, "functionCall", "function_call") {
             format!(
                 "[tool_call {}: {}]",
-                f.get("name").map(value_text).unwrap_or_default(),
-                f.get("args").map(value_text).unwrap_or_default()
+                text_of(f.get("name")),
+                text_of(f.get("args"))
             )
-        } else if let Some(f) = p
-            .get("functionResponse")
-            .or_else(|| p.get("function_response"))
-        {
+        } else if let Some(f) = gemini_key(p, "functionResponse", "function_response") {
             format!(
                 "[tool_result {}: {}]",
-                f.get("name").map(value_text).unwrap_or_default(),
-                f.get("response").map(value_text).unwrap_or_default()
+                text_of(f.get("name")),
+                text_of(f.get("response"))
             )
         } else {
             return Err(format!(
@@ -341,6 +342,23 @@ fn has_attachment_marker(text: &str) -> bool {
     .any(|m| text.contains(m))
 }
 
+/// Pushes the message at `at`: its role must be a string, its content one
+/// that `style` can read.
+fn push_message(
+    prompt: &mut Vec<PromptMessage>,
+    role: Option<&Value>,
+    content: Option<&Value>,
+    at: &str,
+    style: ContentStyle,
+) -> Result<(), String> {
+    let role = role
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("`{at}.role` must be a string"))?;
+    let text = content_text(content, &format!("{at}.content"), style)?;
+    push(prompt, role, text);
+    Ok(())
+}
+
 fn push(prompt: &mut Vec<PromptMessage>, role: &str, text: impl Into<String>) {
     prompt.push(PromptMessage {
         role: role.to_string(),
@@ -390,13 +408,19 @@ fn text_or_list(
     }
 }
 
-fn openai_chat(obj: &Map<String, Value>, prompt: &mut Vec<PromptMessage>) -> Result<(), String> {
+/// The non-empty `messages` list of a chat-style request.
+fn chat_messages(obj: &Map<String, Value>) -> Result<&Vec<Value>, String> {
     let Some(Value::Array(messages)) = obj.get("messages") else {
         return Err("`messages` must be a list".into());
     };
     if messages.is_empty() {
         return Err("`messages` must not be empty".into());
     }
+    Ok(messages)
+}
+
+fn openai_chat(obj: &Map<String, Value>, prompt: &mut Vec<PromptMessage>) -> Result<(), String> {
+    let messages = chat_messages(obj)?;
     for (i, m) in messages.iter().enumerate() {
         let at = format!("messages[{i}]");
         let Value::Object(m) = m else {
@@ -458,16 +482,13 @@ fn openai_responses(
                     .unwrap_or("message");
                 match kind {
                     "message" => {
-                        let role = item
-                            .get("role")
-                            .and_then(Value::as_str)
-                            .ok_or_else(|| format!("`{at}.role` must be a string"))?;
-                        let text = content_text(
+                        push_message(
+                            prompt,
+                            item.get("role"),
                             item.get("content"),
-                            &format!("{at}.content"),
+                            &at,
                             ContentStyle::Responses,
                         )?;
-                        push(prompt, role, text);
                     }
                     "function_call" => {
                         let name = item.get("name").and_then(Value::as_str).unwrap_or("?");
@@ -502,24 +523,16 @@ fn anthropic_messages(
             content_text(Some(v), "system", ContentStyle::Anthropic)?,
         ),
     }
-    let Some(Value::Array(messages)) = obj.get("messages") else {
-        return Err("`messages` must be a list".into());
-    };
-    if messages.is_empty() {
-        return Err("`messages` must not be empty".into());
-    }
+    let messages = chat_messages(obj)?;
     for (i, m) in messages.iter().enumerate() {
         let at = format!("messages[{i}]");
-        let role = m
-            .get("role")
-            .and_then(Value::as_str)
-            .ok_or_else(|| format!("`{at}.role` must be a string"))?;
-        let text = content_text(
+        push_message(
+            prompt,
+            m.get("role"),
             m.get("content"),
-            &format!("{at}.content"),
+            &at,
             ContentStyle::Anthropic,
         )?;
-        push(prompt, role, text);
     }
     Ok(())
 }

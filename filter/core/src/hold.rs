@@ -740,17 +740,22 @@ mod tests {
             .replacen('{', r#"{"records":"off","#, 1)
             .replace(",}", "}");
         let c = Config::from_json(cfg.as_bytes()).unwrap();
+        let (h, s) = start(&c);
+        (c, h, s)
+    }
+
+    /// Starts a hold of BODY under `c`.
+    fn start(c: &Config) -> (Hold, HoldStep) {
         let info = RequestInfo {
             path: "/v1/chat/completions".into(),
             method: "POST".into(),
             ..Default::default()
         };
-        let BodyVerdict::Hold(plan) = inspect_body(&c, &default_endpoints()[0], &info, BODY, 0)
+        let BodyVerdict::Hold(plan) = inspect_body(c, &default_endpoints()[0], &info, BODY, 0)
         else {
             panic!()
         };
-        let (h, s) = Hold::start(&c, &plan, info, 1_000);
-        (c, h, s)
+        Hold::start(c, &plan, info, 1_000)
     }
 
     fn ok(state: &str) -> CalloutResult {
@@ -1049,16 +1054,7 @@ mod tests {
     fn approval_waits_for_a_durable_record() {
         for (mode, ok_without_record) in [("required", false), ("best_effort", true)] {
             let c = Config::from_json(format!(r#"{{"records":"{mode}"}}"#).as_bytes()).unwrap();
-            let info = RequestInfo {
-                path: "/v1/chat/completions".into(),
-                method: "POST".into(),
-                ..Default::default()
-            };
-            let BodyVerdict::Hold(plan) = inspect_body(&c, &default_endpoints()[0], &info, BODY, 0)
-            else {
-                panic!()
-            };
-            let (mut h, _) = Hold::start(&c, &plan, info, 1_000);
+            let (mut h, _) = start(&c);
             h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000);
             let step = h.on_response(
                 &c,

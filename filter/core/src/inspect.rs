@@ -41,6 +41,21 @@ pub struct RequestInfo {
     pub hits: Vec<HitCount>,
 }
 
+impl RequestInfo {
+    /// The caller's name, as records and reviews carry it.
+    pub fn caller_name(&self) -> Option<String> {
+        self.caller.as_ref().map(|c| c.name.clone())
+    }
+
+    /// The caller's groups, empty when there is no caller.
+    pub fn caller_groups(&self) -> Vec<String> {
+        self.caller
+            .as_ref()
+            .map(|c| c.groups.clone())
+            .unwrap_or_default()
+    }
+}
+
 /// The rule that applies to a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleChoice {
@@ -420,12 +435,8 @@ fn review_for(
         path: info.path.clone(),
         authority: info.authority.clone(),
         route: info.route.clone(),
-        caller: info.caller.as_ref().map(|c| c.name.clone()),
-        caller_groups: info
-            .caller
-            .as_ref()
-            .map(|c| c.groups.clone())
-            .unwrap_or_default(),
+        caller: info.caller_name(),
+        caller_groups: info.caller_groups(),
         required_approvals: rule.approvals,
         approver_group: rule.approver_group.clone(),
         async_review: rule.async_review,

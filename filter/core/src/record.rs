@@ -13,12 +13,8 @@ pub fn new_record(info: &RequestInfo, api: Option<ApiKind>, decision: &str) -> N
     NewRecord {
         request_id: info.request_id.clone(),
         received_at_ms: info.received_at_ms,
-        caller: info.caller.as_ref().map(|c| c.name.clone()),
-        caller_groups: info
-            .caller
-            .as_ref()
-            .map(|c| c.groups.clone())
-            .unwrap_or_default(),
+        caller: info.caller_name(),
+        caller_groups: info.caller_groups(),
         source_address: info.source_address.clone(),
         route: info.route.clone(),
         method: info.method.clone(),

@@ -792,6 +792,14 @@ fn on_callout_response(token: u32, body_size: usize) {
     perform(ctx_id, &entry, step);
 }
 
+/// Marks a hold finished and reads what the host calls after it need; the
+/// borrow ends on return, before any of those calls.
+fn finish<T>(entry: &SharedHold, read: impl FnOnce(&mut HoldEntry) -> T) -> T {
+    let mut e = entry.borrow_mut();
+    e.finished = true;
+    read(&mut e)
+}
+
 /// Carries out one step of a hold.
 fn perform(ctx_id: u32, entry: &SharedHold, step: HoldStep) {
     let mut step = step;
@@ -828,11 +836,7 @@ fn perform(ctx_id: u32, entry: &SharedHold, step: HoldStep) {
             HoldStep::Release(release) => {
                 // No RefCell borrow may be held across host calls: Envoy can
                 // call back into this VM synchronously (local replies, resets).
-                let body_len = {
-                    let mut e = entry.borrow_mut();
-                    e.finished = true;
-                    e.body_len
-                };
+                let body_len = finish(entry, |e| e.body_len);
                 if hostcalls::set_effective_context(ctx_id).is_err() {
                     return;
                 }
@@ -870,7 +874,7 @@ fn perform(ctx_id: u32, entry: &SharedHold, step: HoldStep) {
                 return;
             }
             HoldStep::Respond(reply) => {
-                entry.borrow_mut().finished = true;
+                finish(entry, |_| ());
                 if hostcalls::set_effective_context(ctx_id).is_ok() {
                     if reply.status == 202 {
                         note_outcome("pending");
@@ -880,13 +884,11 @@ fn perform(ctx_id: u32, entry: &SharedHold, step: HoldStep) {
                 return;
             }
             HoldStep::Refuse(refusal) => {
-                let record = {
-                    let mut e = entry.borrow_mut();
-                    e.finished = true;
+                let record = finish(entry, |e| {
                     e.hold
                         .refusal_record(&refusal)
                         .map(|r| (e.config.clone(), r))
-                };
+                });
                 if let Some((config, record)) = record {
                     let _ = dispatch(&config, &record_callout(&config, &record));
                 }

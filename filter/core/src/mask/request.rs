@@ -284,6 +284,25 @@ impl Walk<'_> {
     }
 
     /// Runs `f` on each element of `items` (under `key`), which must be objects.
+    /// `obj[key]`: absent/null, a string, or a list of objects each walked by `f`.
+    fn text_or_objects(
+        &mut self,
+        obj: &Map<String, Value>,
+        key: &str,
+        items_are: &str,
+        f: impl FnMut(&mut Self, &Map<String, Value>) -> Result<(), MaskError>,
+    ) -> Result<(), MaskError> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(()),
+            Some(Value::String(s)) => {
+                self.key(key, |w| w.emit(s));
+                Ok(())
+            }
+            Some(Value::Array(items)) => self.each_object(key, items, f),
+            Some(_) => Err(self.err(key, format!("must be a string or a list of {items_are}"))),
+        }
+    }
+
     fn each_object(
         &mut self,
         key: &str,
@@ -350,22 +369,12 @@ fn arguments(w: &mut Walk<'_>, obj: &Map<String, Value>, key: &str) {
 }
 
 fn chat_content(w: &mut Walk<'_>, m: &Map<String, Value>, key: &str) -> Result<(), MaskError> {
-    match m.get(key) {
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::String(s)) => {
-            w.key(key, |w| w.emit(s));
-            Ok(())
-        }
-        Some(Value::Array(parts)) => {
-            w.each_object(key, parts, |w, part| match part_type(w, part)? {
-                "text" => w.req_text(part, "text"),
-                "refusal" => w.req_text(part, "refusal"),
-                "image_url" | "input_audio" | "file" => Ok(()),
-                other => Err(unsupported(w, other)),
-            })
-        }
-        Some(_) => Err(w.err(key, "must be a string or a list of parts")),
-    }
+    w.text_or_objects(m, key, "parts", |w, part| match part_type(w, part)? {
+        "text" => w.req_text(part, "text"),
+        "refusal" => w.req_text(part, "refusal"),
+        "image_url" | "input_audio" | "file" => Ok(()),
+        other => Err(unsupported(w, other)),
+    })
 }
 
 // OpenAI responses ----------------------------------------------------------
@@ -410,22 +419,12 @@ fn responses_content(
     item: &Map<String, Value>,
     key: &str,
 ) -> Result<(), MaskError> {
-    match item.get(key) {
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::String(s)) => {
-            w.key(key, |w| w.emit(s));
-            Ok(())
-        }
-        Some(Value::Array(parts)) => {
-            w.each_object(key, parts, |w, part| match part_type(w, part)? {
-                "input_text" | "output_text" | "text" => w.req_text(part, "text"),
-                "refusal" => w.req_text(part, "refusal"),
-                "input_image" | "input_file" | "input_audio" => Ok(()),
-                other => Err(unsupported(w, other)),
-            })
-        }
-        Some(_) => Err(w.err(key, "must be a string or a list of parts")),
-    }
+    w.text_or_objects(item, key, "parts", |w, part| match part_type(w, part)? {
+        "input_text" | "output_text" | "text" => w.req_text(part, "text"),
+        "refusal" => w.req_text(part, "refusal"),
+        "input_image" | "input_file" | "input_audio" => Ok(()),
+        other => Err(unsupported(w, other)),
+    })
 }
 
 // Anthropic messages --------------------------------------------------------
@@ -444,15 +443,7 @@ fn anthropic_content(
     obj: &Map<String, Value>,
     key: &str,
 ) -> Result<(), MaskError> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::String(s)) => {
-            w.key(key, |w| w.emit(s));
-            Ok(())
-        }
-        Some(Value::Array(blocks)) => w.each_object(key, blocks, anthropic_block),
-        Some(_) => Err(w.err(key, "must be a string or a list of content blocks")),
-    }
+    w.text_or_objects(obj, key, "content blocks", anthropic_block)
 }
 
 fn anthropic_block(w: &mut Walk<'_>, block: &Map<String, Value>) -> Result<(), MaskError> {

@@ -549,65 +549,45 @@ impl SseStreamMasker {
                 path: vec!["delta", field],
             }
         };
-        match kind {
-            "content_block_start" => {
-                let Some(block) = v.get("content_block") else {
-                    return Ok(());
-                };
-                let (field, delta_type) = match block.get("type").and_then(Value::as_str) {
-                    Some("text") => ("text", "text_delta"),
-                    Some("thinking") => ("thinking", "thinking_delta"),
-                    _ => return Ok(()),
-                };
-                if let Some(Value::String(text)) = block.get(field) {
-                    let path = vec![Seg::Key("content_block".into()), Seg::Key(field.into())];
-                    let key = ChanKey {
-                        kind: "block",
-                        a: index,
-                        b: 0,
-                    };
-                    self.feed_at(
-                        key,
-                        block_template(delta_type, field),
-                        path,
-                        text,
-                        false,
-                        edits,
-                        handled,
-                    )?;
-                }
-            }
-            "content_block_delta" => {
-                let Some(delta) = v.get("delta") else {
-                    return Ok(());
-                };
-                let (field, delta_type) = match delta.get("type").and_then(Value::as_str) {
-                    Some("text_delta") => ("text", "text_delta"),
-                    Some("input_json_delta") => ("partial_json", "input_json_delta"),
-                    Some("thinking_delta") => ("thinking", "thinking_delta"),
-                    _ => return Ok(()),
-                };
-                if let Some(Value::String(text)) = delta.get(field) {
-                    let path = vec![Seg::Key("delta".into()), Seg::Key(field.into())];
-                    let key = ChanKey {
-                        kind: "block",
-                        a: index,
-                        b: 0,
-                    };
-                    self.feed_at(
-                        key,
-                        block_template(delta_type, field),
-                        path,
-                        text,
-                        false,
-                        edits,
-                        handled,
-                    )?;
-                }
-            }
-            "content_block_stop" => self.flush(|k| k.a == index, pre)?,
-            "message_delta" | "message_stop" => self.flush(|_| true, pre)?,
-            _ => {}
+        let block_type = |container: &str| {
+            v.get(container)
+                .and_then(|c| c.get("type"))
+                .and_then(Value::as_str)
+        };
+        // Start events carry a block's first text and deltas carry the rest;
+        // both feed the same per-block channel.
+        let (container, field, delta_type) = match kind {
+            "content_block_start" => match block_type("content_block") {
+                Some("text") => ("content_block", "text", "text_delta"),
+                Some("thinking") => ("content_block", "thinking", "thinking_delta"),
+                _ => return Ok(()),
+            },
+            "content_block_delta" => match block_type("delta") {
+                Some("text_delta") => ("delta", "text", "text_delta"),
+                Some("input_json_delta") => ("delta", "partial_json", "input_json_delta"),
+                Some("thinking_delta") => ("delta", "thinking", "thinking_delta"),
+                _ => return Ok(()),
+            },
+            "content_block_stop" => return self.flush(|k| k.a == index, pre),
+            "message_delta" | "message_stop" => return self.flush(|_| true, pre),
+            _ => return Ok(()),
+        };
+        if let Some(Value::String(text)) = v.get(container).and_then(|c| c.get(field)) {
+            let path = vec![Seg::Key(container.into()), Seg::Key(field.into())];
+            let key = ChanKey {
+                kind: "block",
+                a: index,
+                b: 0,
+            };
+            self.feed_at(
+                key,
+                block_template(delta_type, field),
+                path,
+                text,
+                false,
+                edits,
+                handled,
+            )?;
         }
         Ok(())
     }

@@ -867,40 +867,33 @@ mod tests {
 
     #[test]
     fn max_tokens_per_api() {
-        assert_eq!(
-            requested_max_tokens(
+        for (api, body, want) in [
+            (
                 ApiKind::OpenaiChat,
-                br#"{"max_tokens":10,"max_completion_tokens":20}"#
+                r#"{"max_tokens":10,"max_completion_tokens":20}"#,
+                Some(20),
             ),
-            Some(20)
-        );
-        assert_eq!(
-            requested_max_tokens(ApiKind::OpenaiChat, br#"{"max_tokens":null}"#),
-            None
-        );
-        assert_eq!(
-            requested_max_tokens(ApiKind::OpenaiResponses, br#"{"max_output_tokens":7.2}"#),
-            Some(8)
-        );
-        assert_eq!(
-            requested_max_tokens(ApiKind::AnthropicMessages, br#"{"max_tokens":"lots"}"#),
-            Some(u64::MAX)
-        );
-        assert_eq!(
-            requested_max_tokens(
+            (ApiKind::OpenaiChat, r#"{"max_tokens":null}"#, None),
+            (
+                ApiKind::OpenaiResponses,
+                r#"{"max_output_tokens":7.2}"#,
+                Some(8),
+            ),
+            (
+                ApiKind::AnthropicMessages,
+                r#"{"max_tokens":"lots"}"#,
+                Some(u64::MAX),
+            ),
+            (
                 ApiKind::GeminiGenerateContent,
-                br#"{"generationConfig":{"maxOutputTokens":64}}"#
+                r#"{"generationConfig":{"maxOutputTokens":64}}"#,
+                Some(64),
             ),
-            Some(64)
-        );
-        assert_eq!(
-            requested_max_tokens(ApiKind::OpenaiEmbeddings, br#"{"max_tokens":5}"#),
-            None
-        );
-        assert_eq!(
-            requested_max_tokens(ApiKind::OpenaiChat, br#"{"max_tokens":-3}"#),
-            Some(0)
-        );
+            (ApiKind::OpenaiEmbeddings, r#"{"max_tokens":5}"#, None),
+            (ApiKind::OpenaiChat, r#"{"max_tokens":-3}"#, Some(0)),
+        ] {
+            assert_eq!(requested_max_tokens(api, body.as_bytes()), want, "{body}");
+        }
     }
 
     #[test]
