@@ -258,6 +258,8 @@ struct RawConfig {
     approval_authority: String,
     #[serde(default)]
     approval_token: Option<String>,
+    #[serde(default)]
+    approval_token_env: Option<String>,
     #[serde(default = "default_callout_timeout")]
     callout_timeout_ms: u64,
     #[serde(default = "default_hold_timeout")]
@@ -508,10 +510,31 @@ impl Config {
         if raw.approval_authority.trim().is_empty() {
             return Err(err("approval_authority", "must not be empty"));
         }
-        if let Some(t) = &raw.approval_token {
+        // The filter token may come from the wasm VM's environment, so it
+        // need not sit in the (widely readable) plugin configuration.
+        let (approval_token, token_field) = match (raw.approval_token, raw.approval_token_env) {
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "approval_token_env",
+                    "set at most one of `approval_token` and `approval_token_env`",
+                ))
+            }
+            (Some(t), None) => (Some(t), "approval_token"),
+            (None, Some(name)) => (
+                Some(env(&name).ok_or_else(|| {
+                    err(
+                        "approval_token_env",
+                        format!("environment variable `{name}` is not set in the wasm VM"),
+                    )
+                })?),
+                "approval_token_env",
+            ),
+            (None, None) => (None, "approval_token"),
+        };
+        if let Some(t) = &approval_token {
             if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(err(
-                    "approval_token",
+                    token_field,
                     "must be non-empty printable ASCII without spaces",
                 ));
             }
@@ -716,7 +739,7 @@ impl Config {
             content_policy,
             approval_cluster: raw.approval_cluster,
             approval_authority: raw.approval_authority,
-            approval_token: raw.approval_token,
+            approval_token,
             callout_timeout_ms: raw.callout_timeout_ms,
             hold_timeout_ms: raw.hold_timeout_ms,
             long_poll_ms: raw.long_poll_ms,
@@ -1077,6 +1100,20 @@ mod tests {
         assert_eq!(c.approval_tokens.as_ref().unwrap().keys[0].secret.len(), 32);
         assert_eq!(c.rules[0].approvals, 2);
 
+        let with_env_token = cfg.replacen('{', r#"{"approval_token_env":"MODEL_KEY","#, 1);
+        let c2 = Config::from_json_with_env(with_env_token.as_bytes(), &env).unwrap();
+        assert_eq!(c2.approval_token.as_deref(), Some("sk-live"));
+        let both = cfg.replacen(
+            '{',
+            r#"{"approval_token":"x","approval_token_env":"MODEL_KEY","#,
+            1,
+        );
+        assert_eq!(
+            Config::from_json_with_env(both.as_bytes(), &env)
+                .unwrap_err()
+                .field,
+            "approval_token_env"
+        );
         let missing_env = cfg.replace("MODEL_KEY", "NOPE");
         assert_eq!(
             Config::from_json_with_env(missing_env.as_bytes(), &env)
