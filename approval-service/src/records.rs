@@ -545,6 +545,27 @@ impl RecordStore {
     fn write_request_db(&self, rec: NewRecord, now_ms: u64) -> Result<Written, RecordError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // A retry after a lost answer carries the same key: answer with the
+        // record already written instead of appending a second one.
+        if let Some(key) = rec.idempotency_key.as_deref() {
+            let existing = tx
+                .query_row(
+                    "SELECT record_id, seq FROM records
+                     WHERE request_id IS ?1 AND kind = 'request'
+                       AND json_extract(entry, '$.request.idempotency_key') = ?2",
+                    params![rec.request_id, key],
+                    |r| {
+                        Ok(Written {
+                            record_id: r.get(0)?,
+                            seq: r.get(1)?,
+                        })
+                    },
+                )
+                .optional()?;
+            if let Some(written) = existing {
+                return Ok(written);
+            }
+        }
         let review = match rec.review_id.as_deref().filter(|s| !s.is_empty()) {
             Some(id) => review_snapshot(&tx, id, rec.body.as_deref())?,
             None => None,

@@ -773,3 +773,23 @@ fn cli_export_and_errors() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn a_retried_write_with_the_same_idempotency_key_returns_the_first_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, _db) = chain(dir.path(), 0, "");
+    let mut rec = new_record("svc");
+    rec.request_id = "req-1".into();
+    rec.idempotency_key = Some("req-1:00000000000000aa".into());
+    let first = state.records().write_request(rec.clone(), 1_000).unwrap();
+    let again = state.records().write_request(rec.clone(), 2_000).unwrap();
+    assert_eq!(
+        (first.record_id.clone(), first.seq),
+        (again.record_id, again.seq)
+    );
+    // Another key (another attempt, or the refusal record) is a new record.
+    rec.idempotency_key = Some("req-1:00000000000000aa:refusal".into());
+    let refusal = state.records().write_request(rec, 3_000).unwrap();
+    assert_ne!(refusal.record_id, first.record_id);
+    assert_eq!(state.records().entry_count().unwrap(), 2);
+}

@@ -120,7 +120,13 @@ pub struct Hold {
     pending: Option<Release>,
     /// `body` differs from what the caller sent (masked): forward `body`.
     replace_body: bool,
+    /// The record write, kept for retries.
+    record_call: Option<Callout>,
+    record_attempts: u32,
 }
+
+/// Attempts at writing a record before the request is refused.
+pub const RECORD_ATTEMPTS: u32 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -171,6 +177,8 @@ impl Hold {
             started_ms: now_ms,
             pending: None,
             replace_body: false,
+            record_call: None,
+            record_attempts: 0,
         };
         let body = serde_json::to_vec(&plan.review).ok();
         let step = HoldStep::Call(Callout {
@@ -313,6 +321,8 @@ impl Hold {
             started_ms: 0,
             pending: None,
             replace_body: false,
+            record_call: None,
+            record_attempts: 0,
         }
     }
 
@@ -345,7 +355,10 @@ impl Hold {
             record.held_ms = Some(now_ms.saturating_sub(self.started_ms));
         }
         self.pending = Some(release);
-        HoldStep::Call(record_callout(config, &record))
+        let call = record_callout(config, &record);
+        self.record_call = Some(call.clone());
+        self.record_attempts = 1;
+        HoldStep::Call(call)
     }
 
     fn after_record(&mut self, result: &CalloutResult) -> HoldStep {
@@ -364,6 +377,19 @@ impl Hold {
                 release.record_id = Some(c.record_id);
                 HoldStep::Release(release)
             }
+            // The write may have committed with its answer lost: the same
+            // idempotency key makes a retry return that record, not a second.
+            None if self.record_attempts < RECORD_ATTEMPTS => match self.record_call.clone() {
+                Some(call) => {
+                    self.record_attempts += 1;
+                    self.pending = Some(release);
+                    HoldStep::Call(call)
+                }
+                None => HoldStep::Refuse(self.refusal(
+                    RefusalKind::RecordUnavailable,
+                    "internal: no record call".into(),
+                )),
+            },
             None if self.record_mode == RecordMode::BestEffort => HoldStep::Release(release),
             None => HoldStep::Refuse(self.refusal(
                 RefusalKind::RecordUnavailable,
@@ -1082,15 +1108,16 @@ mod tests {
                 panic!()
             };
             assert_eq!(rel.record_id.as_deref(), Some("rec_7"));
-            let failed = h2.on_response(
-                &c,
-                CalloutKind::Record,
-                &CalloutResult {
-                    status: Some(500),
-                    body: vec![],
-                },
-                4_001,
-            );
+            let fail = CalloutResult {
+                status: Some(500),
+                body: vec![],
+            };
+            // Retried with the very same call (same idempotency key) first.
+            for _ in 1..RECORD_ATTEMPTS {
+                let retry = h2.on_response(&c, CalloutKind::Record, &fail, 4_001);
+                assert_eq!(retry, HoldStep::Call(call.clone()), "{mode}");
+            }
+            let failed = h2.on_response(&c, CalloutKind::Record, &fail, 4_001);
             assert_eq!(
                 matches!(failed, HoldStep::Release(_)),
                 ok_without_record,

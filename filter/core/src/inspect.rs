@@ -39,6 +39,9 @@ pub struct RequestInfo {
     pub stream: bool,
     /// Detector and policy hits on the request (names and counts only).
     pub hits: Vec<HitCount>,
+    /// A random number chosen by the filter for this request (record
+    /// idempotency keys; `x-request-id` alone can be chosen by callers).
+    pub nonce: u64,
 }
 
 impl RequestInfo {

@@ -30,12 +30,16 @@ pub fn new_record(info: &RequestInfo, api: Option<ApiKind>, decision: &str) -> N
         hits: info.hits.clone(),
         refusal: None,
         held_ms: None,
+        idempotency_key: (info.nonce != 0)
+            .then(|| format!("{}:{:016x}", info.request_id, info.nonce)),
     }
 }
 
 /// The record of a refused inference request.
 pub fn refusal_record(info: &RequestInfo, api: Option<ApiKind>, refusal: &Refusal) -> NewRecord {
     let mut r = new_record(info, api, refusal.kind.outcome());
+    // A refusal is a different record from a (possibly written) pre-forward one.
+    r.idempotency_key = r.idempotency_key.map(|k| k + ":refusal");
     r.review_id = refusal.review_id.clone();
     r.refusal = Some(RecordedRefusal {
         status: refusal.status(),

@@ -317,6 +317,10 @@ pub struct NewRecord {
     /// Time held for review, ms.
     #[serde(default)]
     pub held_ms: Option<u64>,
+    /// Chosen by the filter per request: writing the same key again returns
+    /// the record already written (a retry after a lost answer).
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
 }
 
 /// Answer to `POST /v1/records`.

@@ -99,6 +99,15 @@ fn note_outcome(outcome: &str) {
     let _ = hostcalls::set_property(vec!["countersign_decision"], Some(outcome.as_bytes()));
 }
 
+/// A random number per request. `RandomState` is seeded from the host's
+/// randomness (WASI `random_get`), so no extra crate is needed.
+fn nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(now_ms());
+    h.finish().max(1)
+}
+
 fn now_ms() -> u64 {
     hostcalls::get_current_time()
         .ok()
@@ -466,6 +475,7 @@ impl HttpContext for Stream {
             model: None,
             stream: false,
             hits: Vec::new(),
+            nonce: nonce(),
         };
         match verdict {
             HeadVerdict::Refuse(r) => {
