@@ -126,3 +126,42 @@ def test_gemini_requests_are_held_with_the_model_from_the_path(stack, background
     assert review["model"] == "gemini-2.0-flash" and "hello gemini" in review["preview"]
     stack.approval.decide(review["id"], "reject", reason="not today")
     assert fut.result(10).status_code == 403
+
+
+def h2_post_with_trailers(port, body: bytes, path="/v1/chat/completions"):
+    """An HTTP/2 POST whose stream ends with trailers instead of an empty DATA frame."""
+    import socket
+
+    import h2.config
+    import h2.connection
+    import h2.events
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "POST"), (":path", path), (":scheme", "http"), (":authority", "gw"),
+                              ("content-type", "application/json")])
+        conn.send_data(1, body)
+        conn.send_headers(1, [("x-trailer", "1")], end_stream=True)
+        sock.sendall(conn.data_to_send())
+        status, data = None, b""
+        while True:
+            chunk = sock.recv(65536)
+            assert chunk, "connection closed before the answer ended"
+            for event in conn.receive_data(chunk):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    data += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                elif isinstance(event, h2.events.StreamEnded):
+                    return status, data
+            sock.sendall(conn.data_to_send())
+
+
+def test_http2_trailers_cannot_carry_a_body_past_review(stack):
+    # Found in review: a body ended by trailers never got an end-of-stream
+    # body callback and went to the model unreviewed.
+    status, data = h2_post_with_trailers(stack.envoy.port, json.dumps(chat(text="smuggled")).encode())
+    assert status == 400, data
+    assert b"trailers" in data
+    assert_nothing_forwarded(stack)

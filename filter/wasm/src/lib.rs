@@ -622,6 +622,26 @@ impl HttpContext for Stream {
         }
     }
 
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> WasmAction {
+        // HTTP/2 trailers end a request without a body callback that says
+        // end of stream: without this, the buffered body would continue
+        // uninspected. Inference APIs do not use trailers, so refuse.
+        if self.refused || self.hold.is_some() {
+            return WasmAction::Pause;
+        }
+        match &self.endpoint {
+            Some(endpoint) => {
+                let api = endpoint.api;
+                self.refuse(&Refusal::new(
+                    RefusalKind::BadRequest,
+                    Some(api),
+                    "request trailers are not accepted on inference endpoints",
+                ))
+            }
+            None => WasmAction::Continue,
+        }
+    }
+
     fn on_http_response_headers(
         &mut self,
         _num_headers: usize,
