@@ -171,11 +171,9 @@ pub fn is_self(reviewer: &ReviewerConfig, caller: Option<&str>) -> bool {
     let Some(caller) = caller.map(str::trim).filter(|c| !c.is_empty()) else {
         return false;
     };
-    reviewer.name.eq_ignore_ascii_case(caller)
-        || reviewer
-            .callers
-            .iter()
-            .any(|c| c.eq_ignore_ascii_case(caller))
+    // Unicode case folding, not ASCII only: "Åsa" and "åsa" are one person.
+    let same = |name: &str| name.trim().to_lowercase() == caller.to_lowercase();
+    same(&reviewer.name) || reviewer.callers.iter().any(|c| same(c))
 }
 
 /// Whether `reviewer` may decide a review restricted to `group`.

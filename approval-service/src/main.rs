@@ -155,6 +155,13 @@ async fn serve_async(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         filter_token,
         "countersign-approval started"
     );
+    if !filter_token {
+        tracing::warn!(
+            "no filter_token_sha256 configured: anyone who can reach this port can create, \
+             cancel or expire reviews and write records; set it (and the filter's approval_token) \
+             or keep the port reachable by Envoy only"
+        );
+    }
     // Scripts wait for this line to learn the (possibly ephemeral) port.
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "countersign-approval listening on {local}")?;

@@ -661,3 +661,25 @@ fn old_database_files_are_migrated() {
     // Opening again (already migrated) works too.
     common::open_state(&text);
 }
+
+#[test]
+fn self_approval_check_folds_unicode_case() {
+    let reviewer = countersign_approval::ReviewerConfig {
+        name: "Åsa".into(),
+        token_sha256: countersign_approval::TokenHash::of_token("unused"),
+        groups: vec![],
+        callers: vec!["CI-Åsa".into()],
+    };
+    assert!(countersign_approval::approvals::is_self(
+        &reviewer,
+        Some("åsa")
+    ));
+    assert!(countersign_approval::approvals::is_self(
+        &reviewer,
+        Some("ci-åsa")
+    ));
+    assert!(!countersign_approval::approvals::is_self(
+        &reviewer,
+        Some("asa")
+    ));
+}
