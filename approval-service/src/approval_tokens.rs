@@ -28,12 +28,13 @@ use countersign_core::token::{
     body_hash, decode_secret, mint, TokenClaims, TokenKey, MIN_KEY_BYTES,
 };
 use countersign_core::wire::{CallerReviewStatus, ConsumeToken, ReviewStatus};
-use rusqlite::{params, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 
 use crate::api::{parse_json, parse_query, FilterAuth};
 use crate::config::ConfigError;
+use crate::db::{DbResult, Lock};
 use crate::error::ApiError;
+use crate::params;
 use crate::state::AppState;
 use crate::store::{expire_if_overdue, i, parse_status, u, Store};
 
@@ -186,40 +187,36 @@ impl Store {
         id: &str,
         caller: &str,
         now_ms: u64,
-    ) -> rusqlite::Result<Option<(CallerView, bool)>> {
+    ) -> DbResult<Option<(CallerView, bool)>> {
         if caller.is_empty() {
             return Ok(None);
         }
-        let conn = self.conn();
-        let found: Option<String> = conn
-            .query_row("SELECT caller FROM reviews WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })
-            .optional()?
-            .flatten();
+        let mut conn = self.conn();
+        let found: Option<String> =
+            match conn.query_opt("SELECT caller FROM reviews WHERE id = ?1", params![id])? {
+                Some(row) => row.get(0)?,
+                None => None,
+            };
         if found.as_deref() != Some(caller) {
             return Ok(None);
         }
-        let expired = expire_if_overdue(&conn, id, now_ms)?;
-        let view = conn.query_row(
+        let expired = expire_if_overdue(&mut conn, id, now_ms)?;
+        let r = conn.query_one(
             "SELECT status, expires_at_ms, decided_at_ms, reason, async_review,
                     COALESCE(edited_body, body)
              FROM reviews WHERE id = ?1",
-            [id],
-            |r| {
-                Ok(CallerView {
-                    status: parse_status(&r.get::<_, String>(0)?)?,
-                    expires_at_ms: u(r.get(1)?),
-                    decided_at_ms: r.get::<_, Option<i64>>(2)?.map(u),
-                    reason: r.get(3)?,
-                    async_review: r.get(4)?,
-                    approved_body: r.get(5)?,
-                    approvers: Vec::new(),
-                })
-            },
+            params![id],
         )?;
-        let approvers = crate::approvals::current_approvers(&conn, id)?;
-        Ok(Some((CallerView { approvers, ..view }, expired)))
+        let view = CallerView {
+            status: parse_status(&r.get::<String>(0)?)?,
+            expires_at_ms: u(r.get(1)?),
+            decided_at_ms: r.get::<Option<i64>>(2)?.map(u),
+            reason: r.get(3)?,
+            async_review: r.get(4)?,
+            approved_body: r.get(5)?,
+            approvers: crate::approvals::current_approvers(&mut conn, id)?,
+        };
+        Ok(Some((view, expired)))
     }
 
     /// Spends one use of the approval token of review `id`, atomically.
@@ -231,66 +228,60 @@ impl Store {
         max_uses: u32,
         ttl_ms: u64,
         now_ms: u64,
-    ) -> rusqlite::Result<ConsumeOutcome> {
+    ) -> DbResult<ConsumeOutcome> {
         if caller.is_empty() {
             return Ok(ConsumeOutcome::NotFound);
         }
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let row = tx
-            .query_row(
+        self.conn().transaction(Lock::Review(id), |tx| {
+            let row = tx.query_opt(
                 "SELECT caller, async_review, COALESCE(edited_body, body), decided_at_ms, token_uses
                  FROM reviews WHERE id = ?1 AND status = 'approved'",
-                [id],
-                |r| {
-                    Ok(Approved {
-                        owner: r.get(0)?,
-                        async_review: r.get(1)?,
-                        body: r.get(2)?,
-                        decided_at_ms: r.get(3)?,
-                        uses: r.get(4)?,
-                    })
-                },
-            )
-            .optional()?;
-        let Some(Approved {
-            owner,
-            async_review,
-            body,
-            decided_at_ms,
-            uses,
-        }) = row
-        else {
-            return Ok(ConsumeOutcome::NotFound);
-        };
-        let expired = decided_at_ms.is_none_or(|d| now_ms >= u(d).saturating_add(ttl_ms));
-        if owner.as_deref() != Some(caller)
-            || !async_review
-            || expired
-            || body_hash(body.as_bytes()) != body_sha256
-        {
-            return Ok(ConsumeOutcome::NotFound);
-        }
-        if uses >= i64::from(max_uses) {
-            return Ok(ConsumeOutcome::UsedUp);
-        }
-        let changed = tx.execute(
-            "UPDATE reviews SET token_uses = token_uses + 1
-             WHERE id = ?1 AND status = 'approved' AND caller = ?2 AND token_uses < ?3",
-            params![id, caller, i64::from(max_uses)],
-        )?;
-        if changed != 1 {
-            return Ok(ConsumeOutcome::UsedUp);
-        }
-        let use_no = uses + 1;
-        tx.execute(
-            "INSERT INTO token_consumptions (review_id, use_no, used_at_ms) VALUES (?1, ?2, ?3)",
-            params![id, use_no, i(now_ms)],
-        )?;
-        tx.commit()?;
-        Ok(ConsumeOutcome::Spent(
-            u32::try_from(use_no).unwrap_or(u32::MAX),
-        ))
+                params![id],
+            )?;
+            let Some(r) = row else {
+                return Ok(ConsumeOutcome::NotFound);
+            };
+            let Approved {
+                owner,
+                async_review,
+                body,
+                decided_at_ms,
+                uses,
+            } = Approved {
+                owner: r.get(0)?,
+                async_review: r.get(1)?,
+                body: r.get(2)?,
+                decided_at_ms: r.get(3)?,
+                uses: r.get(4)?,
+            };
+            let expired = decided_at_ms.is_none_or(|d| now_ms >= u(d).saturating_add(ttl_ms));
+            if owner.as_deref() != Some(caller)
+                || !async_review
+                || expired
+                || body_hash(body.as_bytes()) != body_sha256
+            {
+                return Ok(ConsumeOutcome::NotFound);
+            }
+            if uses >= i64::from(max_uses) {
+                return Ok(ConsumeOutcome::UsedUp);
+            }
+            let changed = tx.execute(
+                "UPDATE reviews SET token_uses = token_uses + 1
+                 WHERE id = ?1 AND status = 'approved' AND caller = ?2 AND token_uses < ?3",
+                params![id, caller, i64::from(max_uses)],
+            )?;
+            if changed != 1 {
+                return Ok(ConsumeOutcome::UsedUp);
+            }
+            let use_no = uses + 1;
+            tx.execute(
+                "INSERT INTO token_consumptions (review_id, use_no, used_at_ms) VALUES (?1, ?2, ?3)",
+                params![id, use_no, i(now_ms)],
+            )?;
+            Ok(ConsumeOutcome::Spent(
+                u32::try_from(use_no).unwrap_or(u32::MAX),
+            ))
+        })
     }
 }
 

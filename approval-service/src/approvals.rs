@@ -1,10 +1,11 @@
 //! Separation of duties and quorum: who may decide a review, and when the
 //! approvals collected so far make it approved.
 //!
-//! Every decision runs in one `BEGIN IMMEDIATE` transaction (on top of the
-//! store's connection mutex), so concurrent decisions, even from several
-//! processes sharing the file, have exactly one final outcome; a losing
-//! final decision gets 409.
+//! Every decision runs in one transaction that locks the review (SQLite's
+//! `BEGIN IMMEDIATE`, PostgreSQL's `SELECT ... FOR UPDATE`; see
+//! [`crate::db::Lock`]), so concurrent decisions, even from several
+//! replicas, have exactly one final outcome; a losing final decision gets
+//! 409.
 //!
 //! Rules:
 //! - **Eligibility.** When a review names an `approver_group`, only members
@@ -28,11 +29,13 @@
 //! - **Rejection** by an eligible reviewer rejects at once.
 
 use countersign_core::wire::{CreateReview, ReviewStatus};
-use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use rusqlite::{Connection, Transaction, TransactionBehavior};
 use serde::Serialize;
 
 use crate::config::{ConfigError, ReviewerConfig};
+use crate::db::{Conn, DbResult, Lock};
 use crate::error::ApiError;
+use crate::params;
 use crate::store::{
     detail_of, expire_if_overdue, i, state_of, u, why_not_pending, DecideOutcome, Decision,
 };
@@ -203,25 +206,28 @@ pub(crate) fn warn_if_unreachable(reviewers: &[ReviewerConfig], id: &str, req: &
 }
 
 /// The approvals of a review, oldest first.
-pub(crate) fn approvals_of(conn: &Connection, id: &str) -> rusqlite::Result<Vec<ApprovalEntry>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT reviewer, approved_at_ms, reason, edited_body IS NOT NULL, superseded_at_ms
+pub(crate) fn approvals_of(conn: &mut Conn, id: &str) -> DbResult<Vec<ApprovalEntry>> {
+    let rows = conn.query(
+        "SELECT reviewer, approved_at_ms, reason, CASE WHEN edited_body IS NULL THEN 0 ELSE 1 END,
+                superseded_at_ms
          FROM approvals WHERE review_id = ?1 ORDER BY id",
+        params![id],
     )?;
-    let rows = stmt.query_map([id], |r| {
-        Ok(ApprovalEntry {
-            reviewer: r.get(0)?,
-            approved_at_ms: u(r.get(1)?),
-            reason: r.get(2)?,
-            edited: r.get(3)?,
-            superseded_at_ms: r.get::<_, Option<i64>>(4)?.map(u),
+    rows.iter()
+        .map(|r| {
+            Ok(ApprovalEntry {
+                reviewer: r.get(0)?,
+                approved_at_ms: u(r.get(1)?),
+                reason: r.get(2)?,
+                edited: r.get(3)?,
+                superseded_at_ms: r.get::<Option<i64>>(4)?.map(u),
+            })
         })
-    })?;
-    rows.collect()
+        .collect()
 }
 
 /// Names of the approvers that count (of the current body), oldest first.
-pub(crate) fn current_approvers(conn: &Connection, id: &str) -> rusqlite::Result<Vec<String>> {
+pub(crate) fn current_approvers(conn: &mut Conn, id: &str) -> DbResult<Vec<String>> {
     Ok(approvals_of(conn, id)?
         .into_iter()
         .filter(|a| a.superseded_at_ms.is_none())
@@ -231,17 +237,16 @@ pub(crate) fn current_approvers(conn: &Connection, id: &str) -> rusqlite::Result
 
 /// See [`crate::store::Store::decide`].
 pub(crate) fn decide(
-    conn: &mut Connection,
+    conn: &mut Conn,
     id: &str,
     d: &Decision,
     reviewer: &ReviewerConfig,
     now_ms: u64,
-) -> rusqlite::Result<DecideOutcome> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let outcome = decide_in(&tx, id, d, reviewer, now_ms)?;
+) -> DbResult<DecideOutcome> {
     // Committed whatever the outcome: a lapsed expiry may have been persisted.
-    tx.commit()?;
-    Ok(outcome)
+    conn.transaction(Lock::Review(id), |tx| {
+        decide_in(tx, id, d, reviewer, now_ms)
+    })
 }
 
 struct Pending {
@@ -253,35 +258,29 @@ struct Pending {
 }
 
 fn decide_in(
-    tx: &Transaction<'_>,
+    tx: &mut Conn,
     id: &str,
     d: &Decision,
     reviewer: &ReviewerConfig,
     now_ms: u64,
-) -> rusqlite::Result<DecideOutcome> {
+) -> DbResult<DecideOutcome> {
     // Persist a lapsed expiry first, so the stored status matches our answer.
     expire_if_overdue(tx, id, now_ms)?;
-    let row = tx
-        .query_row(
-            "SELECT status, caller, required_approvals, approver_group, body, edited_body
-             FROM reviews WHERE id = ?1",
-            [id],
-            |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    Pending {
-                        caller: r.get(1)?,
-                        required: u32::try_from(r.get::<_, i64>(2)?).unwrap_or(1).max(1),
-                        approver_group: r.get(3)?,
-                        body: r.get(4)?,
-                        edited_body: r.get(5)?,
-                    },
-                ))
-            },
-        )
-        .optional()?;
-    let Some((status, p)) = row else {
+    let row = tx.query_opt(
+        "SELECT status, caller, required_approvals, approver_group, body, edited_body
+         FROM reviews WHERE id = ?1",
+        params![id],
+    )?;
+    let Some(r) = row else {
         return Ok(DecideOutcome::NotFound);
+    };
+    let status: String = r.get(0)?;
+    let p = Pending {
+        caller: r.get(1)?,
+        required: u32::try_from(r.get::<i64>(2)?).unwrap_or(1).max(1),
+        approver_group: r.get(3)?,
+        body: r.get(4)?,
+        edited_body: r.get(5)?,
     };
     if status != ReviewStatus::Pending.as_str() {
         return Ok(match state_of(tx, id)? {
@@ -299,7 +298,7 @@ fn decide_in(
         tx.execute(
             "UPDATE reviews SET status = 'rejected', reviewer = ?1, reason = ?2, decided_at_ms = ?3
              WHERE id = ?4 AND status = 'pending'",
-            params![reviewer.name, d.reason, i(now_ms), id],
+            params![&reviewer.name, &d.reason, i(now_ms), id],
         )?;
         return decided(tx, id, true);
     }
@@ -310,12 +309,13 @@ fn decide_in(
     let new_body = d.edited_body.as_deref().filter(|e| *e != current_body);
     match new_body {
         None => {
-            let already: bool = tx.query_row(
-                "SELECT EXISTS (SELECT 1 FROM approvals
-                 WHERE review_id = ?1 AND reviewer = ?2 AND superseded_at_ms IS NULL)",
-                params![id, reviewer.name],
-                |r| r.get(0),
-            )?;
+            let already: bool = tx
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM approvals
+                     WHERE review_id = ?1 AND reviewer = ?2 AND superseded_at_ms IS NULL)",
+                    params![id, &reviewer.name],
+                )?
+                .get(0)?;
             if already {
                 return Ok(DecideOutcome::Refused(DecisionRefused::AlreadyApproved));
             }
@@ -336,23 +336,25 @@ fn decide_in(
     tx.execute(
         "INSERT INTO approvals (review_id, reviewer, approved_at_ms, reason, edited_body)
          VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![id, reviewer.name, i(now_ms), d.reason, new_body],
+        params![id, &reviewer.name, i(now_ms), &d.reason, new_body],
     )?;
-    let counted: Vec<(String, Option<String>)> = {
-        let mut stmt = tx.prepare_cached(
+    let counted: Vec<(String, Option<String>)> = tx
+        .query(
             "SELECT reviewer, reason FROM approvals
              WHERE review_id = ?1 AND superseded_at_ms IS NULL ORDER BY id",
-        )?;
-        let rows = stmt.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
+            params![id],
+        )?
+        .iter()
+        .map(|r| Ok((r.get(0)?, r.get(1)?)))
+        .collect::<DbResult<_>>()?;
     if u32::try_from(counted.len()).unwrap_or(u32::MAX) < p.required {
         return decided(tx, id, false);
     }
+    let reason = joined_reason(&counted);
     tx.execute(
         "UPDATE reviews SET status = 'approved', reviewer = ?1, reason = ?2, decided_at_ms = ?3
          WHERE id = ?4 AND status = 'pending'",
-        params![reviewer.name, joined_reason(&counted), i(now_ms), id],
+        params![&reviewer.name, &reason, i(now_ms), id],
     )?;
     decided(tx, id, true)
 }
@@ -370,7 +372,7 @@ fn joined_reason(approvals: &[(String, Option<String>)]) -> Option<String> {
     (!parts.is_empty()).then(|| parts.join("; "))
 }
 
-fn decided(tx: &Transaction<'_>, id: &str, is_final: bool) -> rusqlite::Result<DecideOutcome> {
+fn decided(tx: &mut Conn, id: &str, is_final: bool) -> DbResult<DecideOutcome> {
     Ok(match detail_of(tx, id)? {
         Some(detail) if is_final => DecideOutcome::Decided(Box::new(detail)),
         Some(detail) => DecideOutcome::Partial(Box::new(detail)),
@@ -438,6 +440,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!((req, groups.as_str(), uses), (1, "[]", 0));
-        assert!(approvals_of(&conn, "rev_old").unwrap().is_empty());
+        let mut conn = Conn::from_sqlite(conn);
+        assert!(approvals_of(&mut conn, "rev_old").unwrap().is_empty());
     }
 }

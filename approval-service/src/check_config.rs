@@ -421,7 +421,7 @@ impl Checker {
                         "{}service configuration valid: listen {}, database {}, {} reviewer(s), filter token {}",
                         place_prefix(place),
                         config.listen,
-                        config.database.display(),
+                        config.database.redacted(),
                         config.reviewers.len(),
                         if config.filter_token_sha256.is_some() { "required" } else { "not required" }
                     ),

@@ -9,6 +9,8 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use crate::db::Location;
+
 use serde::Deserialize;
 
 use crate::token::TokenHash;
@@ -96,9 +98,11 @@ pub const MAX_UI_SESSION_HOURS: u64 = 24 * 30;
 pub struct Config {
     /// Address to listen on.
     pub listen: SocketAddr,
-    /// SQLite database file; its parent directory is created when missing.
-    /// A relative path is relative to the working directory.
-    pub database: PathBuf,
+    /// Where reviews and records live: a SQLite file (its parent directory
+    /// is created when missing; a relative path is relative to the working
+    /// directory) or a `postgresql://` URL, which several replicas may
+    /// share.
+    pub database: Location,
     /// SQLite durability level.
     pub sqlite_synchronous: SqliteSynchronous,
     /// When set, the filter API requires `x-countersign-filter-token` whose
@@ -150,7 +154,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
-            database: PathBuf::from("data/countersign.db"),
+            database: Location::Sqlite(PathBuf::from("data/countersign.db")),
             sqlite_synchronous: SqliteSynchronous::Full,
             filter_token_sha256: None,
             max_long_poll_ms: 60_000,
@@ -219,7 +223,9 @@ struct RawConfig {
     #[serde(default)]
     listen: Option<String>,
     #[serde(default)]
-    database: Option<PathBuf>,
+    database: Option<String>,
+    #[serde(default)]
+    database_env: Option<String>,
     #[serde(default)]
     sqlite_synchronous: SqliteSynchronous,
     #[serde(default)]
@@ -338,10 +344,10 @@ impl Config {
                 .parse()
                 .map_err(|_| invalid("listen", format!("{s:?} is not an IP:port address")))?,
         };
-        let database = raw.database.unwrap_or(defaults.database);
-        if database.as_os_str().is_empty() {
-            return Err(invalid("database", "must not be empty"));
-        }
+        let database = check_database(raw.database, raw.database_env, &|name| {
+            std::env::var(name).ok()
+        })?
+        .unwrap_or(defaults.database);
         let filter_token_sha256 = raw
             .filter_token_sha256
             .map(|h| {
@@ -435,6 +441,44 @@ impl Config {
             token_max_uses: crate::approval_tokens::check_max_uses(raw.token_max_uses)?,
         })
     }
+}
+
+/// Validates `database` / `database_env` (at most one; `env` reads the
+/// variable): a non-empty SQLite path, or a PostgreSQL URL that parses.
+pub(crate) fn check_database(
+    database: Option<String>,
+    database_env: Option<String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<Location>, ConfigError> {
+    let (field, value) = match (database, database_env) {
+        (None, None) => return Ok(None),
+        (Some(v), None) => ("database", v),
+        (None, Some(name)) => (
+            "database_env",
+            env(&name).ok_or_else(|| {
+                invalid(
+                    "database_env",
+                    format!("environment variable {name:?} is not set"),
+                )
+            })?,
+        ),
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "database",
+                "set at most one of `database` and `database_env`",
+            ))
+        }
+    };
+    if value.trim().is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    let location = Location::parse(&value);
+    if let Location::Postgres(url) = &location {
+        if let Err(e) = url.parse::<postgres::Config>() {
+            return Err(invalid(field, format!("not a valid PostgreSQL URL: {e}")));
+        }
+    }
+    Ok(Some(location))
 }
 
 #[cfg(test)]

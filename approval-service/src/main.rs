@@ -116,7 +116,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         config.listen = l;
     }
     if let Some(d) = args.database {
-        config.database = d;
+        config.database = countersign_approval::db::Location::parse(&d.to_string_lossy());
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -150,7 +150,7 @@ async fn serve_async(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let local = listener.local_addr()?;
     tracing::info!(
         listen = %local,
-        database = %database.display(),
+        database = %database.redacted(),
         reviewers,
         filter_token,
         "countersign-approval started"

@@ -4,9 +4,10 @@
 //!
 //! # Storage
 //!
-//! The records live in the service's SQLite file, in tables of their own,
-//! reached through a second connection ([`RecordStore`], its own mutex; WAL
-//! mode lets it coexist with [`crate::store::Store`]'s connection):
+//! The records live in the service's database (SQLite or PostgreSQL), in
+//! tables of their own, reached through a second connection
+//! ([`RecordStore`], its own mutex; on SQLite, WAL mode lets it coexist with
+//! [`crate::store::Store`]'s connection):
 //!
 //! * `records(seq INTEGER PRIMARY KEY, record_id TEXT UNIQUE, kind,
 //!   ref_record_id, created_at_ms, entry, prev_hash, hash)`: the log. `kind`
@@ -15,16 +16,19 @@
 //!   sorted keys; it repeats `kind`, `record_id`, `ref_record_id` and
 //!   `created_at_ms`, so the hash covers those columns too. A few virtual
 //!   generated columns (`caller`, `model`, `decision`, `review_id`,
-//!   `request_id`, computed from `entry`) serve the query filters.
+//!   `request_id`, computed from `entry`; stored on PostgreSQL) serve the
+//!   query filters.
 //! * `hash = hex(SHA-256(prev_hash ‖ "\n" ‖ seq ‖ "\n" ‖ entry))` with `seq`
 //!   in decimal; `prev_hash` is the previous entry's `hash`, 64 zeros for the
-//!   very first entry. Appends run in one `BEGIN IMMEDIATE` transaction that
-//!   reads the last link, so they serialise (also across processes) and
-//!   `seq` is always the previous `seq + 1`.
+//!   very first entry. Appends run in one transaction that takes the chain's
+//!   lock (SQLite's `BEGIN IMMEDIATE`, a PostgreSQL advisory lock) and then
+//!   reads the last link, so they serialise (also across processes and
+//!   replicas) and `seq` is always the previous `seq + 1`.
 //! * Triggers make the log append-only in SQL: every `UPDATE` aborts, and a
 //!   `DELETE` aborts unless `retention_gate.allow = 1`, which only the
 //!   retention code sets, inside its own transaction (other connections
-//!   never see it set).
+//!   never see it set). On PostgreSQL the same triggers are PL/pgSQL
+//!   functions, and `TRUNCATE` is refused too.
 //!
 //! # Retention
 //!
@@ -50,20 +54,19 @@ mod diff;
 pub mod http;
 
 use std::fmt;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use countersign_core::wire::{NewRecord, RecordResponse};
-use rusqlite::{
-    params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
-};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::config::SqliteSynchronous;
+use crate::db::{Backend, Conn, DbError, DbResult, Location, Lock, Row};
+use crate::params;
+use crate::store::{i, StoreError};
 
 pub use diff::unified_diff;
 
@@ -109,22 +112,14 @@ pub fn chain_hash(prev_hash: &str, seq: i64, entry: &str) -> String {
 }
 
 /// A new record id: `rec_` + 128 random bits in hex.
-fn new_record_id() -> rusqlite::Result<String> {
+fn new_record_id() -> DbResult<String> {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes)
-        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        .map_err(|e| DbError::Conversion(format!("no randomness for a record id: {e}")))?;
     Ok(format!("rec_{}", hex(&bytes)))
 }
 
-fn i(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn to_json_err(e: serde_json::Error) -> rusqlite::Error {
-    rusqlite::Error::ToSqlConversionFailure(Box::new(e))
-}
-
-const SCHEMA: &str = "
+const SQLITE_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS records (
     seq           INTEGER PRIMARY KEY,
     record_id     TEXT NOT NULL UNIQUE,
@@ -174,31 +169,92 @@ BEGIN
 END;
 ";
 
+/// The same tables and triggers on PostgreSQL. `entry` stays `TEXT`: the
+/// hash covers its exact bytes, which `jsonb` would not keep.
+const POSTGRES_SCHEMA: &str = "
+CREATE TABLE records (
+    seq           BIGINT PRIMARY KEY,
+    record_id     TEXT NOT NULL UNIQUE,
+    kind          TEXT NOT NULL,
+    ref_record_id TEXT,
+    created_at_ms BIGINT NOT NULL,
+    entry         TEXT NOT NULL,
+    prev_hash     TEXT NOT NULL,
+    hash          TEXT NOT NULL,
+    caller        TEXT GENERATED ALWAYS AS (entry::jsonb #>> '{request,caller}') STORED,
+    model         TEXT GENERATED ALWAYS AS (entry::jsonb #>> '{request,model}') STORED,
+    decision      TEXT GENERATED ALWAYS AS (entry::jsonb #>> '{request,decision}') STORED,
+    review_id     TEXT GENERATED ALWAYS AS (entry::jsonb #>> '{request,review_id}') STORED,
+    request_id    TEXT GENERATED ALWAYS AS (entry::jsonb #>> '{request,request_id}') STORED,
+    idempotency_key TEXT GENERATED ALWAYS AS (entry::jsonb #>> '{request,idempotency_key}') STORED
+);
+CREATE INDEX records_ref ON records (ref_record_id);
+CREATE INDEX records_created ON records (created_at_ms);
+CREATE INDEX records_caller ON records (caller, seq);
+CREATE INDEX records_review ON records (review_id);
+CREATE INDEX records_request ON records (request_id);
+CREATE TABLE retention_gate (
+    id    BIGINT PRIMARY KEY CHECK (id = 1),
+    allow BIGINT NOT NULL
+);
+INSERT INTO retention_gate (id, allow) VALUES (1, 0);
+CREATE TABLE chain_anchor (
+    through_seq   BIGINT PRIMARY KEY,
+    hash          TEXT NOT NULL,
+    created_at_ms BIGINT NOT NULL
+);
+CREATE FUNCTION countersign_records_no_update() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'records are append-only';
+END $$;
+CREATE FUNCTION countersign_records_no_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF (SELECT allow FROM retention_gate WHERE id = 1) IS DISTINCT FROM 1 THEN
+        RAISE EXCEPTION 'records are append-only (only retention deletes)';
+    END IF;
+    RETURN OLD;
+END $$;
+CREATE FUNCTION countersign_anchors_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'chain anchors are append-only';
+END $$;
+CREATE TRIGGER records_no_update BEFORE UPDATE ON records
+    FOR EACH ROW EXECUTE FUNCTION countersign_records_no_update();
+CREATE TRIGGER records_no_delete BEFORE DELETE ON records
+    FOR EACH ROW EXECUTE FUNCTION countersign_records_no_delete();
+CREATE TRIGGER records_no_truncate BEFORE TRUNCATE ON records
+    FOR EACH STATEMENT EXECUTE FUNCTION countersign_records_no_update();
+CREATE TRIGGER chain_anchor_no_update BEFORE UPDATE OR DELETE ON chain_anchor
+    FOR EACH ROW EXECUTE FUNCTION countersign_anchors_append_only();
+CREATE TRIGGER chain_anchor_no_truncate BEFORE TRUNCATE ON chain_anchor
+    FOR EACH STATEMENT EXECUTE FUNCTION countersign_anchors_append_only();
+";
+
 /// Creates the record tables and triggers when missing.
-pub fn ensure_schema(conn: &mut Connection) -> rusqlite::Result<()> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    tx.execute_batch(SCHEMA)?;
-    tx.commit()
+pub fn ensure_schema(conn: &mut Conn) -> Result<(), StoreError> {
+    match conn.backend() {
+        Backend::Sqlite => Ok(conn.transaction(Lock::RecordChain, |tx| tx.batch(SQLITE_SCHEMA))?),
+        Backend::Postgres => crate::store::migrate_postgres(conn, "records", POSTGRES_SCHEMA),
+    }
 }
 
-/// Opens `path` read-only (for `verify-records` and `export-records`).
-pub fn open_read_only(path: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    Ok(conn)
+/// Opens the database at `location` read-only where it can (for
+/// `verify-records` and `export-records`): a SQLite file read-only, a
+/// PostgreSQL session with read-only transactions.
+pub fn open_read_only(location: &Location) -> DbResult<Conn> {
+    match location {
+        Location::Sqlite(path) => Conn::open_sqlite_read_only(path),
+        Location::Postgres(url) => {
+            let mut conn = Conn::connect_postgres(url, Duration::from_secs(5))?;
+            conn.batch("SET default_transaction_read_only = on")?;
+            Ok(conn)
+        }
+    }
 }
 
 /// Whether `conn` has a `records` table.
-pub fn has_records_table(conn: &Connection) -> rusqlite::Result<bool> {
-    conn.query_row(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'records'",
-        [],
-        |r| r.get::<_, i64>(0),
-    )
-    .map(|n| n > 0)
+pub fn has_records_table(conn: &mut Conn) -> DbResult<bool> {
+    conn.table_exists("records")
 }
 
 // ---------------------------------------------------------------- entries
@@ -271,9 +327,9 @@ struct ResponseEntry {
 
 /// Compact JSON with sorted keys (through `serde_json::Value`, whose maps
 /// are ordered).
-fn canonical<T: Serialize>(v: &T) -> rusqlite::Result<String> {
-    let value = serde_json::to_value(v).map_err(to_json_err)?;
-    serde_json::to_string(&value).map_err(to_json_err)
+fn canonical<T: Serialize>(v: &T) -> DbResult<String> {
+    let value = serde_json::to_value(v)?;
+    Ok(serde_json::to_string(&value)?)
 }
 
 // ---------------------------------------------------------------- errors
@@ -288,7 +344,7 @@ pub enum RecordError {
     /// The request record already has a response part (409).
     Conflict(String),
     /// The database refused (503 on the filter API).
-    Db(rusqlite::Error),
+    Db(DbError),
 }
 
 impl fmt::Display for RecordError {
@@ -303,8 +359,8 @@ impl fmt::Display for RecordError {
 
 impl std::error::Error for RecordError {}
 
-impl From<rusqlite::Error> for RecordError {
-    fn from(e: rusqlite::Error) -> Self {
+impl From<DbError> for RecordError {
+    fn from(e: DbError) -> Self {
         RecordError::Db(e)
     }
 }
@@ -330,66 +386,54 @@ pub struct RecordCounters {
 
 /// The record log: a connection of its own to the service's database.
 pub struct RecordStore {
-    conn: Mutex<Connection>,
+    conn: Mutex<Conn>,
     counters: RecordCounters,
 }
 
 /// The last link of the chain: `(seq, hash)` of the newest entry, else of
 /// the newest retention anchor, else `(0, GENESIS_HASH)`.
-fn last_link(tx: &Transaction<'_>) -> rusqlite::Result<(i64, String)> {
-    let row = tx
-        .query_row(
-            "SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
-    if let Some(link) = row {
-        return Ok(link);
+fn last_link(tx: &mut Conn) -> DbResult<(i64, String)> {
+    let row = tx.query_opt(
+        "SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1",
+        params![],
+    )?;
+    if let Some(r) = row {
+        return Ok((r.get(0)?, r.get(1)?));
     }
-    let anchor = tx
-        .query_row(
-            "SELECT through_seq, hash FROM chain_anchor ORDER BY through_seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
-    Ok(anchor.unwrap_or((0, GENESIS_HASH.to_string())))
+    let anchor = tx.query_opt(
+        "SELECT through_seq, hash FROM chain_anchor ORDER BY through_seq DESC LIMIT 1",
+        params![],
+    )?;
+    match anchor {
+        Some(r) => Ok((r.get(0)?, r.get(1)?)),
+        None => Ok((0, GENESIS_HASH.to_string())),
+    }
 }
 
 /// Appends one entry whose JSON is `entry`; returns its `seq`.
 fn append(
-    tx: &Transaction<'_>,
+    tx: &mut Conn,
     record_id: &str,
     kind: &str,
     ref_record_id: Option<&str>,
     created_at_ms: u64,
     entry: &str,
-) -> rusqlite::Result<i64> {
+) -> DbResult<i64> {
     let (last_seq, prev_hash) = last_link(tx)?;
     let seq = last_seq + 1;
     let hash = chain_hash(&prev_hash, seq, entry);
     tx.execute(
         "INSERT INTO records (seq, record_id, kind, ref_record_id, created_at_ms, entry, prev_hash, hash)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![seq, record_id, kind, ref_record_id, i(created_at_ms), entry, prev_hash, hash],
+        params![seq, record_id, kind, ref_record_id, i(created_at_ms), entry, &prev_hash, &hash],
     )?;
     Ok(seq)
 }
 
-fn table_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
-    conn.query_row(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
-        [name],
-        |r| r.get::<_, i64>(0),
-    )
-    .map(|n| n > 0)
-}
-
 /// Every approval of a review (including ones a later edit superseded),
 /// from the review store's `approvals` table.
-fn approvals_of(conn: &Connection, review_id: &str) -> rusqlite::Result<Vec<ReviewerAction>> {
-    if !table_exists(conn, "approvals")? {
+fn approvals_of(conn: &mut Conn, review_id: &str) -> DbResult<Vec<ReviewerAction>> {
+    if !conn.table_exists("approvals")? {
         return Ok(Vec::new());
     }
     Ok(crate::approvals::approvals_of(conn, review_id)?
@@ -416,34 +460,28 @@ fn pretty(text: &str) -> String {
 /// The review row `review_id`, as recorded alongside a request whose
 /// forwarded body is `body`.
 fn review_snapshot(
-    conn: &Connection,
+    conn: &mut Conn,
     review_id: &str,
     body: Option<&str>,
-) -> rusqlite::Result<Option<ReviewSnapshot>> {
-    if !table_exists(conn, "reviews")? {
+) -> DbResult<Option<ReviewSnapshot>> {
+    if !conn.table_exists("reviews")? {
         return Ok(None);
     }
-    let row = conn
-        .query_row(
-            "SELECT status, created_at_ms, decided_at_ms, reviewer, reason, body, edited_body
-             FROM reviews WHERE id = ?1",
-            [review_id],
-            |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, Option<i64>>(2)?,
-                    r.get::<_, Option<String>>(3)?,
-                    r.get::<_, Option<String>>(4)?,
-                    r.get::<_, String>(5)?,
-                    r.get::<_, Option<String>>(6)?,
-                ))
-            },
-        )
-        .optional()?;
-    let Some((status, created, decided, reviewer, reason, original, edited_body)) = row else {
+    let row = conn.query_opt(
+        "SELECT status, created_at_ms, decided_at_ms, reviewer, reason, body, edited_body
+         FROM reviews WHERE id = ?1",
+        params![review_id],
+    )?;
+    let Some(r) = row else {
         return Ok(None);
     };
+    let status: String = r.get(0)?;
+    let created: i64 = r.get(1)?;
+    let decided: Option<i64> = r.get(2)?;
+    let reviewer: Option<String> = r.get(3)?;
+    let reason: Option<String> = r.get(4)?;
+    let original: String = r.get(5)?;
+    let edited_body: Option<String> = r.get(6)?;
     let decided_at_ms = decided.map(|v| u64::try_from(v).unwrap_or(0));
     let mut reviewers = approvals_of(conn, review_id)?;
     // The reviewer column names who decided: the rejecter, or (for reviews
@@ -488,14 +526,14 @@ pub struct Written {
 }
 
 impl RecordStore {
-    /// Opens a connection to the database at `path` (which the review store
-    /// has already created) and creates the record tables when missing.
-    pub fn open(path: &Path, synchronous: SqliteSynchronous) -> rusqlite::Result<RecordStore> {
-        let mut conn = Connection::open(path)?;
-        conn.busy_timeout(WRITE_BUSY_TIMEOUT)?;
-        let _mode: String =
-            conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
-        conn.pragma_update(None, "synchronous", synchronous.pragma_value())?;
+    /// Opens a connection to the database at `location` (which the review
+    /// store has already created) and creates the record tables when
+    /// missing. Blocking.
+    pub fn open(
+        location: &Location,
+        synchronous: SqliteSynchronous,
+    ) -> Result<RecordStore, StoreError> {
+        let mut conn = Conn::open(location, WRITE_BUSY_TIMEOUT, synchronous.pragma_value())?;
         ensure_schema(&mut conn)?;
         Ok(RecordStore {
             conn: Mutex::new(conn),
@@ -503,10 +541,12 @@ impl RecordStore {
         })
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
-        // Every change is one transaction, rolled back on drop: a panic
-        // cannot leave a half-written entry behind.
-        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    fn conn(&self) -> MutexGuard<'_, Conn> {
+        // Every change is one transaction; `recover` rolls back one that a
+        // panic interrupted, so no half-written entry is ever committed.
+        let mut guard = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        guard.recover();
+        guard
     }
 
     /// The counters.
@@ -543,46 +583,50 @@ impl RecordStore {
     }
 
     fn write_request_db(&self, rec: NewRecord, now_ms: u64) -> Result<Written, RecordError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        // A retry after a lost answer carries the same key: answer with the
-        // record already written instead of appending a second one.
-        if let Some(key) = rec.idempotency_key.as_deref() {
-            let existing = tx
-                .query_row(
-                    "SELECT record_id, seq FROM records
-                     WHERE request_id IS ?1 AND kind = 'request'
-                       AND json_extract(entry, '$.request.idempotency_key') = ?2",
-                    params![rec.request_id, key],
-                    |r| {
-                        Ok(Written {
-                            record_id: r.get(0)?,
-                            seq: r.get(1)?,
-                        })
-                    },
-                )
-                .optional()?;
-            if let Some(written) = existing {
-                return Ok(written);
+        let written = self.conn().transaction(Lock::RecordChain, |tx| {
+            // A retry after a lost answer carries the same key: answer with
+            // the record already written instead of appending a second one.
+            if let Some(key) = rec.idempotency_key.as_deref() {
+                let sql = match tx.backend() {
+                    Backend::Sqlite => {
+                        "SELECT record_id, seq FROM records
+                         WHERE request_id IS NOT DISTINCT FROM ?1 AND kind = 'request'
+                           AND json_extract(entry, '$.request.idempotency_key') = ?2"
+                    }
+                    Backend::Postgres => {
+                        "SELECT record_id, seq FROM records
+                         WHERE request_id IS NOT DISTINCT FROM ?1 AND kind = 'request'
+                           AND idempotency_key = ?2"
+                    }
+                };
+                if let Some(r) = tx.query_opt(sql, params![&rec.request_id, key])? {
+                    let existing = Written {
+                        record_id: r.get(0)?,
+                        seq: r.get(1)?,
+                    };
+                    return Ok((existing, false));
+                }
             }
-        }
-        let review = match rec.review_id.as_deref().filter(|s| !s.is_empty()) {
-            Some(id) => review_snapshot(&tx, id, rec.body.as_deref())?,
-            None => None,
-        };
-        let record_id = new_record_id()?;
-        let entry = canonical(&RequestEntry {
-            v: ENTRY_VERSION,
-            kind: "request".into(),
-            record_id: record_id.clone(),
-            created_at_ms: now_ms,
-            request: rec,
-            review,
+            let review = match rec.review_id.as_deref().filter(|s| !s.is_empty()) {
+                Some(id) => review_snapshot(tx, id, rec.body.as_deref())?,
+                None => None,
+            };
+            let record_id = new_record_id()?;
+            let entry = canonical(&RequestEntry {
+                v: ENTRY_VERSION,
+                kind: "request".into(),
+                record_id: record_id.clone(),
+                created_at_ms: now_ms,
+                request: rec,
+                review,
+            })?;
+            let seq = append(tx, &record_id, "request", None, now_ms, &entry)?;
+            Ok::<_, RecordError>((Written { record_id, seq }, true))
         })?;
-        let seq = append(&tx, &record_id, "request", None, now_ms, &entry)?;
-        tx.commit()?;
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        Ok(Written { record_id, seq })
+        if written.1 {
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(written.0)
     }
 
     /// Appends the response part of request record `ref_id`.
@@ -602,111 +646,62 @@ impl RecordStore {
         resp: RecordResponse,
         now_ms: u64,
     ) -> Result<Written, RecordError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let kind: Option<String> = tx
-            .query_row(
+        let written = self.conn().transaction(Lock::RecordChain, |tx| {
+            let kind: Option<String> = match tx.query_opt(
                 "SELECT kind FROM records WHERE record_id = ?1",
-                [ref_id],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if kind.as_deref() != Some("request") {
-            return Err(RecordError::NotFound);
-        }
-        let existing: Option<String> = tx
-            .query_row(
+                params![ref_id],
+            )? {
+                Some(r) => Some(r.get(0)?),
+                None => None,
+            };
+            if kind.as_deref() != Some("request") {
+                return Err(RecordError::NotFound);
+            }
+            if let Some(r) = tx.query_opt(
                 "SELECT record_id FROM records WHERE kind = 'response' AND ref_record_id = ?1 LIMIT 1",
-                [ref_id],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if let Some(existing) = existing {
-            return Err(RecordError::Conflict(format!(
-                "record {ref_id} already has a response part ({existing})"
-            )));
-        }
-        let record_id = new_record_id()?;
-        let entry = canonical(&ResponseEntry {
-            v: ENTRY_VERSION,
-            kind: "response".into(),
-            record_id: record_id.clone(),
-            ref_record_id: ref_id.to_string(),
-            created_at_ms: now_ms,
-            response: resp,
+                params![ref_id],
+            )? {
+                let existing: String = r.get(0)?;
+                return Err(RecordError::Conflict(format!(
+                    "record {ref_id} already has a response part ({existing})"
+                )));
+            }
+            let record_id = new_record_id()?;
+            let entry = canonical(&ResponseEntry {
+                v: ENTRY_VERSION,
+                kind: "response".into(),
+                record_id: record_id.clone(),
+                ref_record_id: ref_id.to_string(),
+                created_at_ms: now_ms,
+                response: resp,
+            })?;
+            let seq = append(tx, &record_id, "response", Some(ref_id), now_ms, &entry)?;
+            Ok(Written { record_id, seq })
         })?;
-        let seq = append(&tx, &record_id, "response", Some(ref_id), now_ms, &entry)?;
-        tx.commit()?;
         self.counters.responses.fetch_add(1, Ordering::Relaxed);
-        Ok(Written { record_id, seq })
+        Ok(written)
     }
 
     /// Deletes at most [`RETENTION_CHUNK`] of the oldest entries created
     /// before `cutoff_ms` (a prefix of the chain), anchoring the chain and
     /// appending a `retention` entry. Returns how many were deleted (0 when
     /// nothing is due).
-    pub fn retention_chunk(&self, cutoff_ms: u64, now_ms: u64) -> rusqlite::Result<usize> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let first: Option<i64> = tx.query_row("SELECT min(seq) FROM records", [], |r| r.get(0))?;
-        let Some(first) = first else { return Ok(0) };
-        let first_kept: Option<i64> = tx.query_row(
-            "SELECT min(seq) FROM records WHERE created_at_ms >= ?1",
-            [i(cutoff_ms)],
-            |r| r.get(0),
-        )?;
-        let last_due = match first_kept {
-            Some(s) => s - 1,
-            None => tx.query_row("SELECT max(seq) FROM records", [], |r| r.get(0))?,
-        };
-        let chunk = i64::try_from(RETENTION_CHUNK).unwrap_or(i64::MAX);
-        let through = last_due.min(first.saturating_add(chunk - 1));
-        if through < first {
-            return Ok(0);
+    pub fn retention_chunk(&self, cutoff_ms: u64, now_ms: u64) -> DbResult<usize> {
+        let deleted = self.conn().transaction(Lock::RecordChain, |tx| {
+            retention_chunk_in(tx, cutoff_ms, now_ms)
+        })?;
+        if deleted > 0 {
+            self.counters.retentions.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .retention_deleted
+                .fetch_add(u64::try_from(deleted).unwrap_or(0), Ordering::Relaxed);
         }
-        let Some((through, anchor_hash)) = tx
-            .query_row(
-                "SELECT seq, hash FROM records WHERE seq <= ?1 ORDER BY seq DESC LIMIT 1",
-                [through],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
-            )
-            .optional()?
-        else {
-            return Ok(0);
-        };
-        tx.execute("UPDATE retention_gate SET allow = 1 WHERE id = 1", [])?;
-        let deleted = tx.execute("DELETE FROM records WHERE seq <= ?1", [through])?;
-        tx.execute("UPDATE retention_gate SET allow = 0 WHERE id = 1", [])?;
-        tx.execute(
-            "INSERT INTO chain_anchor (through_seq, hash, created_at_ms) VALUES (?1, ?2, ?3)",
-            params![through, anchor_hash, i(now_ms)],
-        )?;
-        let record_id = new_record_id()?;
-        let entry = serde_json::to_string(&json!({
-            "v": ENTRY_VERSION,
-            "kind": "retention",
-            "record_id": record_id,
-            "created_at_ms": now_ms,
-            "retention": {
-                "deleted_through_seq": through,
-                "anchor_hash": anchor_hash,
-                "deleted": deleted,
-                "cutoff_ms": cutoff_ms,
-            },
-        }))
-        .map_err(to_json_err)?;
-        append(&tx, &record_id, "retention", None, now_ms, &entry)?;
-        tx.commit()?;
-        self.counters.retentions.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .retention_deleted
-            .fetch_add(u64::try_from(deleted).unwrap_or(0), Ordering::Relaxed);
         Ok(deleted)
     }
 
     /// Applies retention until nothing more is due; returns how many entries
     /// were deleted.
-    pub fn apply_retention(&self, cutoff_ms: u64, now_ms: u64) -> rusqlite::Result<usize> {
+    pub fn apply_retention(&self, cutoff_ms: u64, now_ms: u64) -> DbResult<usize> {
         let mut total = 0;
         loop {
             let n = self.retention_chunk(cutoff_ms, now_ms)?;
@@ -718,42 +713,107 @@ impl RecordStore {
     }
 
     /// One page of merged records.
-    pub fn query(&self, q: &RecordQuery) -> rusqlite::Result<Vec<Value>> {
-        query_records(&self.conn(), q)
+    pub fn query(&self, q: &RecordQuery) -> DbResult<Vec<Value>> {
+        query_records(&mut self.conn(), q)
     }
 
     /// The merged record `id` (a request record id, or the id of its
     /// response part).
-    pub fn get(&self, id: &str) -> rusqlite::Result<Option<Value>> {
-        get_record(&self.conn(), id)
+    pub fn get(&self, id: &str) -> DbResult<Option<Value>> {
+        get_record(&mut self.conn(), id)
     }
 
     /// Verifies the chain.
-    pub fn verify(&self) -> rusqlite::Result<Result<ChainOk, ChainProblem>> {
-        verify_chain(&self.conn())
+    pub fn verify(&self) -> DbResult<Result<ChainOk, ChainProblem>> {
+        verify_chain(&mut self.conn())
     }
 
     /// Review counts by status (for metrics).
-    pub fn review_counts(&self) -> rusqlite::Result<Vec<(String, u64)>> {
-        let conn = self.conn();
-        if !table_exists(&conn, "reviews")? {
+    pub fn review_counts(&self) -> DbResult<Vec<(String, u64)>> {
+        let mut conn = self.conn();
+        if !conn.table_exists("reviews")? {
             return Ok(Vec::new());
         }
-        let mut stmt = conn.prepare_cached(
+        let rows = conn.query(
             "SELECT status, count(*) FROM reviews GROUP BY status ORDER BY status",
+            params![],
         )?;
-        let rows = stmt.query_map([], |r| {
-            Ok((r.get(0)?, u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0)))
-        })?;
-        rows.collect()
+        rows.iter()
+            .map(|r| Ok((r.get(0)?, u64::try_from(r.get::<i64>(1)?).unwrap_or(0))))
+            .collect()
     }
 
     /// Number of entries in the log.
-    pub fn entry_count(&self) -> rusqlite::Result<u64> {
-        self.conn()
-            .query_row("SELECT count(*) FROM records", [], |r| r.get::<_, i64>(0))
-            .map(|n| u64::try_from(n).unwrap_or(0))
+    pub fn entry_count(&self) -> DbResult<u64> {
+        let n: i64 = self
+            .conn()
+            .query_one("SELECT count(*) FROM records", params![])?
+            .get(0)?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
+}
+
+/// One retention chunk inside the chain's transaction; see
+/// [`RecordStore::retention_chunk`].
+fn retention_chunk_in(tx: &mut Conn, cutoff_ms: u64, now_ms: u64) -> DbResult<usize> {
+    let first: Option<i64> = tx
+        .query_one("SELECT min(seq) FROM records", params![])?
+        .get(0)?;
+    let Some(first) = first else { return Ok(0) };
+    let first_kept: Option<i64> = tx
+        .query_one(
+            "SELECT min(seq) FROM records WHERE created_at_ms >= ?1",
+            params![i(cutoff_ms)],
+        )?
+        .get(0)?;
+    let last_due: i64 = match first_kept {
+        Some(s) => s - 1,
+        None => tx
+            .query_one("SELECT max(seq) FROM records", params![])?
+            .get::<Option<i64>>(0)?
+            .unwrap_or(0),
+    };
+    let chunk = i64::try_from(RETENTION_CHUNK).unwrap_or(i64::MAX);
+    let through = last_due.min(first.saturating_add(chunk - 1));
+    if through < first {
+        return Ok(0);
+    }
+    let Some(row) = tx.query_opt(
+        "SELECT seq, hash FROM records WHERE seq <= ?1 ORDER BY seq DESC LIMIT 1",
+        params![through],
+    )?
+    else {
+        return Ok(0);
+    };
+    let (through, anchor_hash): (i64, String) = (row.get(0)?, row.get(1)?);
+    tx.execute(
+        "UPDATE retention_gate SET allow = 1 WHERE id = 1",
+        params![],
+    )?;
+    let deleted = tx.execute("DELETE FROM records WHERE seq <= ?1", params![through])?;
+    tx.execute(
+        "UPDATE retention_gate SET allow = 0 WHERE id = 1",
+        params![],
+    )?;
+    tx.execute(
+        "INSERT INTO chain_anchor (through_seq, hash, created_at_ms) VALUES (?1, ?2, ?3)",
+        params![through, &anchor_hash, i(now_ms)],
+    )?;
+    let record_id = new_record_id()?;
+    let entry = serde_json::to_string(&json!({
+        "v": ENTRY_VERSION,
+        "kind": "retention",
+        "record_id": record_id,
+        "created_at_ms": now_ms,
+        "retention": {
+            "deleted_through_seq": through,
+            "anchor_hash": anchor_hash,
+            "deleted": deleted,
+            "cutoff_ms": cutoff_ms,
+        },
+    }))?;
+    append(tx, &record_id, "retention", None, now_ms, &entry)?;
+    Ok(deleted)
 }
 
 // ---------------------------------------------------------------- queries
@@ -787,21 +847,17 @@ FROM records q
 LEFT JOIN records r ON r.seq = (
     SELECT min(x.seq) FROM records x WHERE x.kind = 'response' AND x.ref_record_id = q.record_id)";
 
-fn merged_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Value> {
-    let parse = |idx: usize, text: String| {
-        serde_json::from_str::<Value>(&text).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
-        })
-    };
-    let mut merged = parse(1, row.get(1)?)?;
+fn merged_from_row(row: &Row) -> DbResult<Value> {
+    let parse = |text: String| serde_json::from_str::<Value>(&text).map_err(DbError::from);
+    let mut merged = parse(row.get(1)?)?;
     if let Value::Object(m) = &mut merged {
-        m.insert("seq".into(), Value::from(row.get::<_, i64>(0)?));
+        m.insert("seq".into(), Value::from(row.get::<i64>(0)?));
         m.insert("prev_hash".into(), Value::String(row.get(2)?));
         m.insert("hash".into(), Value::String(row.get(3)?));
-        let response = match row.get::<_, Option<i64>>(4)? {
+        let response = match row.get::<Option<i64>>(4)? {
             None => Value::Null,
             Some(seq) => {
-                let entry = parse(5, row.get(5)?)?;
+                let entry = parse(row.get(5)?)?;
                 let mut resp = entry.get("response").cloned().unwrap_or(Value::Null);
                 if let Value::Object(r) = &mut resp {
                     for key in ["record_id", "created_at_ms"] {
@@ -822,7 +878,7 @@ fn merged_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Value> {
 }
 
 /// One page of merged request records, oldest first.
-pub fn query_records(conn: &Connection, q: &RecordQuery) -> rusqlite::Result<Vec<Value>> {
+pub fn query_records(conn: &mut Conn, q: &RecordQuery) -> DbResult<Vec<Value>> {
     let sql = format!(
         "{MERGED_SELECT}
          WHERE q.kind = 'request'
@@ -836,38 +892,40 @@ pub fn query_records(conn: &Connection, q: &RecordQuery) -> rusqlite::Result<Vec
            AND q.seq > ?8
          ORDER BY q.seq LIMIT ?9"
     );
-    let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt.query_map(
+    let rows = conn.query(
+        &sql,
         params![
-            q.caller,
-            q.model,
-            q.decision,
-            q.review_id,
-            q.request_id,
+            &q.caller,
+            &q.model,
+            &q.decision,
+            &q.review_id,
+            &q.request_id,
             q.since_ms.map(i),
             q.until_ms.map(i),
             q.after_seq.unwrap_or(0),
             i64::from(q.limit),
         ],
-        merged_from_row,
     )?;
-    rows.collect()
+    rows.iter().map(merged_from_row).collect()
 }
 
 /// The merged record `id` (request id or its response's id).
-pub fn get_record(conn: &Connection, id: &str) -> rusqlite::Result<Option<Value>> {
+pub fn get_record(conn: &mut Conn, id: &str) -> DbResult<Option<Value>> {
     let sql = format!(
         "{MERGED_SELECT}
          WHERE q.kind = 'request' AND (q.record_id = ?1 OR q.record_id =
              (SELECT ref_record_id FROM records WHERE record_id = ?1 AND kind = 'response'))"
     );
-    conn.query_row(&sql, [id], merged_from_row).optional()
+    conn.query_opt(&sql, params![id])?
+        .as_ref()
+        .map(merged_from_row)
+        .transpose()
 }
 
 /// Writes every merged record matching `q` (ignoring its `limit`) as JSON
 /// Lines to `out`, reading `page` records at a time. Returns the count.
 pub fn export_jsonl(
-    conn: &Connection,
+    conn: &mut Conn,
     q: &RecordQuery,
     out: &mut dyn std::io::Write,
 ) -> Result<u64, Box<dyn std::error::Error>> {
@@ -1018,75 +1076,87 @@ fn attestation(entry: &str) -> Option<(i64, String)> {
     ))
 }
 
+/// Rows of the chain read per query by [`verify_chain`].
+const VERIFY_PAGE: i64 = 1000;
+
 /// Walks the whole chain in `seq` order and reports the first problem.
 /// Reads only the stored columns (the triggers are not trusted).
-pub fn verify_chain(conn: &Connection) -> rusqlite::Result<Result<ChainOk, ChainProblem>> {
-    let anchor: Option<(i64, String)> = if table_exists(conn, "chain_anchor")? {
-        conn.query_row(
+pub fn verify_chain(conn: &mut Conn) -> DbResult<Result<ChainOk, ChainProblem>> {
+    let anchor: Option<(i64, String)> = if conn.table_exists("chain_anchor")? {
+        match conn.query_opt(
             "SELECT through_seq, hash FROM chain_anchor ORDER BY through_seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?
+            params![],
+        )? {
+            Some(r) => Some((r.get(0)?, r.get(1)?)),
+            None => None,
+        }
     } else {
         None
     };
     let (mut prev_seq, mut prev_hash) = anchor.clone().unwrap_or((0, GENESIS_HASH.to_string()));
     let mut attested = false;
     let mut count = 0u64;
-    let mut stmt = conn.prepare(
-        "SELECT seq, record_id, kind, ref_record_id, created_at_ms, entry, prev_hash, hash
-         FROM records ORDER BY seq",
-    )?;
-    let mut rows = stmt.query([])?;
-    while let Some(row) = rows.next()? {
-        let seq: i64 = row.get(0)?;
-        let record_id: String = row.get(1)?;
-        let kind: String = row.get(2)?;
-        let ref_record_id: Option<String> = row.get(3)?;
-        let created_at_ms: i64 = row.get(4)?;
-        let entry: String = row.get(5)?;
-        let row_prev: String = row.get(6)?;
-        let hash: String = row.get(7)?;
-        if seq > prev_seq + 1 {
-            return Ok(Err(ChainProblem::Missing {
-                after: prev_seq,
-                next: seq,
-            }));
+    // Paged by `seq`, so a long log is never held in memory at once.
+    let mut after = i64::MIN;
+    loop {
+        let page = conn.query(
+            "SELECT seq, record_id, kind, ref_record_id, created_at_ms, entry, prev_hash, hash
+             FROM records WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            params![after, VERIFY_PAGE],
+        )?;
+        for row in &page {
+            let seq: i64 = row.get(0)?;
+            let record_id: String = row.get(1)?;
+            let kind: String = row.get(2)?;
+            let ref_record_id: Option<String> = row.get(3)?;
+            let created_at_ms: i64 = row.get(4)?;
+            let entry: String = row.get(5)?;
+            let row_prev: String = row.get(6)?;
+            let hash: String = row.get(7)?;
+            after = seq;
+            if seq > prev_seq + 1 {
+                return Ok(Err(ChainProblem::Missing {
+                    after: prev_seq,
+                    next: seq,
+                }));
+            }
+            if chain_hash(&row_prev, seq, &entry) != hash {
+                return Ok(Err(ChainProblem::Altered {
+                    seq,
+                    record_id,
+                    detail: "hash mismatch",
+                }));
+            }
+            if seq <= prev_seq || row_prev != prev_hash {
+                return Ok(Err(ChainProblem::Inserted {
+                    seq,
+                    record_id,
+                    after: prev_seq,
+                }));
+            }
+            if !columns_match(
+                &entry,
+                &record_id,
+                &kind,
+                ref_record_id.as_deref(),
+                created_at_ms,
+            ) {
+                return Ok(Err(ChainProblem::Altered {
+                    seq,
+                    record_id,
+                    detail: "columns do not match the hashed entry",
+                }));
+            }
+            if kind == "retention" && anchor.is_some() && attestation(&entry) == anchor {
+                attested = true;
+            }
+            count += 1;
+            prev_seq = seq;
+            prev_hash = hash;
         }
-        if chain_hash(&row_prev, seq, &entry) != hash {
-            return Ok(Err(ChainProblem::Altered {
-                seq,
-                record_id,
-                detail: "hash mismatch",
-            }));
+        if i64::try_from(page.len()).unwrap_or(i64::MAX) < VERIFY_PAGE {
+            break;
         }
-        if seq <= prev_seq || row_prev != prev_hash {
-            return Ok(Err(ChainProblem::Inserted {
-                seq,
-                record_id,
-                after: prev_seq,
-            }));
-        }
-        if !columns_match(
-            &entry,
-            &record_id,
-            &kind,
-            ref_record_id.as_deref(),
-            created_at_ms,
-        ) {
-            return Ok(Err(ChainProblem::Altered {
-                seq,
-                record_id,
-                detail: "columns do not match the hashed entry",
-            }));
-        }
-        if kind == "retention" && anchor.is_some() && attestation(&entry) == anchor {
-            attested = true;
-        }
-        count += 1;
-        prev_seq = seq;
-        prev_hash = hash;
     }
     if let Some((through_seq, _)) = &anchor {
         if !attested {

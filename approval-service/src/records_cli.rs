@@ -8,6 +8,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use countersign_approval::db::{Conn, Location};
 use countersign_approval::records::{self, RecordQuery};
 use countersign_approval::Config;
 
@@ -57,27 +58,31 @@ fn parse(args: &[String], filters: bool) -> Result<Args, String> {
     Ok(out)
 }
 
-/// Opens the database named by `--database` or by `--config`'s `database`.
-fn open(args: &Args) -> Result<rusqlite::Connection, String> {
-    let path = match (&args.database, &args.config) {
-        (Some(d), _) => d.clone(),
+/// Opens the database named by `--database` (a SQLite path or a
+/// PostgreSQL URL) or by `--config`'s `database`.
+fn open(args: &Args) -> Result<Conn, String> {
+    let location = match (&args.database, &args.config) {
+        (Some(d), _) => Location::parse(&d.to_string_lossy()),
         (None, Some(c)) => Config::load(c).map_err(|e| e.to_string())?.database,
-        (None, None) => return Err("--database PATH or --config FILE is required".into()),
+        (None, None) => return Err("--database PATH|URL or --config FILE is required".into()),
     };
-    if !path.exists() {
-        return Err(format!("no database at {}", path.display()));
+    let name = location.redacted();
+    if let Location::Sqlite(path) = &location {
+        if !path.exists() {
+            return Err(format!("no database at {name}"));
+        }
     }
-    let conn = records::open_read_only(&path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    match records::has_records_table(&conn) {
+    let mut conn =
+        records::open_read_only(&location).map_err(|e| format!("cannot open {name}: {e}"))?;
+    match records::has_records_table(&mut conn) {
         Ok(true) => Ok(conn),
-        Ok(false) => Err(format!("{} has no records table", path.display())),
-        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        Ok(false) => Err(format!("{name} has no records table")),
+        Err(e) => Err(format!("cannot read {name}: {e}")),
     }
 }
 
 /// Parses the arguments and opens the database they name.
-fn parse_and_open(args: &[String], filters: bool) -> Result<(Args, rusqlite::Connection), String> {
+fn parse_and_open(args: &[String], filters: bool) -> Result<(Args, Conn), String> {
     let args = parse(args, filters)?;
     let conn = open(&args)?;
     Ok((args, conn))
@@ -85,11 +90,11 @@ fn parse_and_open(args: &[String], filters: bool) -> Result<(Args, rusqlite::Con
 
 /// `verify-records`.
 pub fn verify(args: &[String]) -> ExitCode {
-    let conn = match parse_and_open(args, false) {
+    let mut conn = match parse_and_open(args, false) {
         Ok((_, c)) => c,
         Err(e) => return fail(&e),
     };
-    match records::verify_chain(&conn) {
+    match records::verify_chain(&mut conn) {
         Ok(Ok(ok)) => {
             println!("{ok}");
             ExitCode::SUCCESS
@@ -107,13 +112,13 @@ pub fn verify(args: &[String]) -> ExitCode {
 
 /// `export-records`: merged records as JSON Lines on stdout.
 pub fn export(args: &[String]) -> ExitCode {
-    let (args, conn) = match parse_and_open(args, true) {
+    let (args, mut conn) = match parse_and_open(args, true) {
         Ok(a) => a,
         Err(e) => return fail(&e),
     };
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let result = records::export_jsonl(&conn, &args.query, &mut out);
+    let result = records::export_jsonl(&mut conn, &args.query, &mut out);
     let flushed = out.flush();
     match (result, flushed) {
         (Ok(_), Ok(())) => ExitCode::SUCCESS,

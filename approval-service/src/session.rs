@@ -12,8 +12,10 @@
 use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
+use crate::db::DbResult;
+use crate::params;
+use crate::store::i as ms;
 use axum::http::header::{HeaderMap, COOKIE};
-use rusqlite::{params, OptionalExtension};
 
 use crate::store::Store;
 use crate::token::TokenHash;
@@ -85,10 +87,6 @@ pub fn csrf_matches(presented: &str, expected: &str) -> bool {
     TokenHash::of_token(presented).ct_eq(&TokenHash::of_token(expected))
 }
 
-fn ms(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
 impl Store {
     /// Stores a new session under the hash of its id.
     pub fn create_session(
@@ -96,16 +94,17 @@ impl Store {
         id_sha256: &TokenHash,
         session: &Session,
         now_ms: u64,
-    ) -> rusqlite::Result<()> {
+    ) -> DbResult<()> {
+        let (id_hex, token_hex) = (id_sha256.to_hex(), session.token_sha256.to_hex());
         self.conn().execute(
             "INSERT INTO sessions (id_sha256, reviewer, token_sha256, csrf_token, created_at_ms,
                  expires_at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
-                id_sha256.to_hex(),
-                session.reviewer,
-                session.token_sha256.to_hex(),
-                session.csrf_token,
+                &id_hex,
+                &session.reviewer,
+                &token_hex,
+                &session.csrf_token,
                 ms(now_ms),
                 ms(session.expires_at_ms),
             ],
@@ -114,41 +113,42 @@ impl Store {
     }
 
     /// The unexpired session whose id hashes to `id_sha256`.
-    pub fn session(&self, id_sha256: &TokenHash, now_ms: u64) -> rusqlite::Result<Option<Session>> {
-        self.conn()
-            .query_row(
-                "SELECT reviewer, token_sha256, csrf_token, expires_at_ms FROM sessions
-                 WHERE id_sha256 = ?1 AND expires_at_ms > ?2",
-                params![id_sha256.to_hex(), ms(now_ms)],
-                |row| {
-                    let token: String = row.get(1)?;
-                    Ok(Session {
-                        reviewer: row.get(0)?,
-                        // A malformed stored hash matches no reviewer.
-                        token_sha256: TokenHash::from_hex(&token)
-                            .unwrap_or_else(|| TokenHash::of_token("")),
-                        csrf_token: row.get(2)?,
-                        expires_at_ms: u64::try_from(row.get::<_, i64>(3)?).unwrap_or(0),
-                    })
-                },
-            )
-            .optional()
+    pub fn session(&self, id_sha256: &TokenHash, now_ms: u64) -> DbResult<Option<Session>> {
+        let id_hex = id_sha256.to_hex();
+        let row = self.conn().query_opt(
+            "SELECT reviewer, token_sha256, csrf_token, expires_at_ms FROM sessions
+             WHERE id_sha256 = ?1 AND expires_at_ms > ?2",
+            params![&id_hex, ms(now_ms)],
+        )?;
+        row.map(|row| {
+            let token: String = row.get(1)?;
+            Ok(Session {
+                reviewer: row.get(0)?,
+                // A malformed stored hash matches no reviewer.
+                token_sha256: TokenHash::from_hex(&token)
+                    .unwrap_or_else(|| TokenHash::of_token("")),
+                csrf_token: row.get(2)?,
+                expires_at_ms: u64::try_from(row.get::<i64>(3)?).unwrap_or(0),
+            })
+        })
+        .transpose()
     }
 
     /// Deletes a session (sign-out); returns whether it existed.
-    pub fn delete_session(&self, id_sha256: &TokenHash) -> rusqlite::Result<bool> {
+    pub fn delete_session(&self, id_sha256: &TokenHash) -> DbResult<bool> {
+        let id_hex = id_sha256.to_hex();
         let n = self.conn().execute(
             "DELETE FROM sessions WHERE id_sha256 = ?1",
-            [id_sha256.to_hex()],
+            params![&id_hex],
         )?;
         Ok(n > 0)
     }
 
     /// Deletes expired sessions; returns how many.
-    pub fn purge_sessions(&self, now_ms: u64) -> rusqlite::Result<usize> {
+    pub fn purge_sessions(&self, now_ms: u64) -> DbResult<usize> {
         self.conn().execute(
             "DELETE FROM sessions WHERE expires_at_ms <= ?1",
-            [ms(now_ms)],
+            params![ms(now_ms)],
         )
     }
 }

@@ -1,6 +1,7 @@
 //! Shared service state: configuration, the store, the per-review wake-up
 //! channels of long-polling waiters, the live event feed of the reviewer UI,
-//! and the sign-in rate limiter.
+//! the sign-in rate limiter, and (on PostgreSQL) the exchange of review
+//! changes with other replicas (see [`crate::replicas`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -11,7 +12,9 @@ use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
 use crate::config::{Config, ReviewerConfig};
+use crate::db::{Backend, Location};
 use crate::error::ApiError;
+use crate::replicas::{Change, Replica};
 use crate::session::{LoginLimiter, Session};
 use crate::store::{Store, StoreError};
 use crate::token::TokenHash;
@@ -80,16 +83,42 @@ struct Inner {
     events: broadcast::Sender<ReviewEvent>,
     /// Failed sign-ins.
     login_limiter: LoginLimiter,
+    /// This process's id among replicas (random per start).
+    replica_id: String,
+    /// Other replicas share the database (PostgreSQL): changes are sent
+    /// to them with `NOTIFY`.
+    shared: bool,
 }
 
 impl AppState {
-    /// Opens the database named in `config` (creating it when missing).
-    /// Blocks briefly; call it at start-up.
+    /// Opens the database named in `config` (creating a SQLite file when
+    /// missing; creating the schema in either database). On PostgreSQL it
+    /// also starts listening for other replicas' changes. Blocks briefly;
+    /// call it at start-up.
     pub fn open(config: Config) -> Result<AppState, StoreError> {
-        let store = Store::open(&config.database, config.sqlite_synchronous)?;
-        let records =
-            crate::records::RecordStore::open(&config.database, config.sqlite_synchronous)?;
-        Ok(AppState {
+        // The PostgreSQL client blocks on a runtime of its own, which tokio
+        // forbids on a runtime thread: open it on a plain thread, so this
+        // works from async code too (later calls go through `db`).
+        let location = config.database.clone();
+        let sync = config.sqlite_synchronous;
+        let (store, records) = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let store = Store::open(&location, sync)?;
+                    let records = crate::records::RecordStore::open(&location, sync)?;
+                    Ok::<_, StoreError>((store, records))
+                })
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Io(std::io::Error::other(
+                        "opening the database panicked",
+                    )))
+                })
+        })?;
+        let shared = store.backend() == Backend::Postgres;
+        let mut id = [0u8; 8];
+        getrandom::fill(&mut id).map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
+        let state = AppState {
             inner: Arc::new(Inner {
                 config,
                 store: Arc::new(store),
@@ -98,8 +127,18 @@ impl AppState {
                 shutdown: watch::Sender::new(false),
                 events: broadcast::Sender::new(EVENT_BUFFER),
                 login_limiter: LoginLimiter::new(LOGIN_BURST, LOGIN_REFILL_PER_S),
+                replica_id: id.iter().map(|b| format!("{b:02x}")).collect(),
+                shared,
             }),
-        })
+        };
+        if let Location::Postgres(url) = location {
+            let listener = Listener {
+                inner: Arc::downgrade(&state.inner),
+                origin: state.inner.replica_id.clone(),
+            };
+            crate::replicas::spawn_listener(url, listener).map_err(StoreError::Io)?;
+        }
+        Ok(state)
     }
 
     /// The configuration in force.
@@ -121,7 +160,7 @@ impl AppState {
     pub(crate) async fn db<T, F>(&self, f: F) -> Result<T, ApiError>
     where
         T: Send + 'static,
-        F: FnOnce(&Store) -> rusqlite::Result<T> + Send + 'static,
+        F: FnOnce(&Store) -> crate::db::DbResult<T> + Send + 'static,
     {
         let store = Arc::clone(&self.inner.store);
         Ok(tokio::task::spawn_blocking(move || f(&store)).await??)
@@ -171,19 +210,59 @@ impl AppState {
         }))
     }
 
-    /// Pushes a review change to live-feed subscribers (if any).
+    /// Pushes a review change to live-feed subscribers (if any), here and
+    /// on the other replicas.
     pub fn publish(&self, id: &str, status: ReviewStatus) {
-        // An error only means nobody is listening.
-        let _ = self.inner.events.send(ReviewEvent::new(id, status));
+        self.send_event(ReviewEvent::new(id, status));
     }
 
     /// Tells live-feed subscribers that `id` got an approval but still needs more.
     pub fn publish_approval(&self, id: &str) {
-        let _ = self.inner.events.send(ReviewEvent {
+        self.send_event(ReviewEvent {
             kind: "approval",
             id: id.to_string(),
             status: ReviewStatus::Pending,
         });
+    }
+
+    fn send_event(&self, event: ReviewEvent) {
+        if self.inner.shared {
+            self.notify_replicas(&event);
+        }
+        // An error only means nobody is listening.
+        let _ = self.inner.events.send(event);
+    }
+
+    /// Sends `event` to the other replicas, off the async runtime. A lost
+    /// notification only delays the other replicas' long polls until their
+    /// next re-read; the change itself is already committed.
+    fn notify_replicas(&self, event: &ReviewEvent) {
+        let change = Change {
+            origin: self.inner.replica_id.clone(),
+            kind: event.kind.to_string(),
+            id: event.id.clone(),
+            status: event.status,
+        };
+        let Ok(payload) = serde_json::to_string(&change) else {
+            return;
+        };
+        let store = Arc::clone(&self.inner.store);
+        let send = move || {
+            if let Err(e) = store.notify(crate::replicas::CHANNEL, &payload) {
+                tracing::warn!(error = %e, "cannot notify the other replicas");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(send)),
+            Err(_) => send(),
+        }
+    }
+
+    /// Wakes every long poll of this replica (each re-reads its review).
+    fn wake_all(&self) {
+        for tx in self.waiters().values() {
+            tx.send_replace(());
+        }
     }
 
     /// Subscribes to the live feed.
@@ -313,5 +392,64 @@ impl Drop for WaitGuard {
         if map.get(&self.id).is_some_and(|tx| tx.receiver_count() == 0) {
             map.remove(&self.id);
         }
+    }
+}
+
+/// The listener thread's view of the service: a weak reference, so the
+/// thread ends when the service is dropped.
+struct Listener {
+    inner: Weak<Inner>,
+    origin: String,
+}
+
+impl Listener {
+    fn state(&self) -> Option<AppState> {
+        let inner = self.inner.upgrade()?;
+        let down = *inner.shutdown.borrow();
+        (!down).then_some(AppState { inner })
+    }
+}
+
+impl Replica for Listener {
+    fn apply(&self, change: Change) -> bool {
+        let Some(state) = self.state() else {
+            return false;
+        };
+        let kind = match change.kind.as_str() {
+            "created" => "created",
+            "approval" => "approval",
+            "decided" => "decided",
+            "expired" => "expired",
+            "cancelled" => "cancelled",
+            other => {
+                tracing::warn!(kind = other, "ignored a change of unknown kind");
+                return true;
+            }
+        };
+        state.wake(&change.id);
+        let _ = state.inner.events.send(ReviewEvent {
+            kind,
+            id: change.id,
+            status: change.status,
+        });
+        true
+    }
+
+    fn wake_all(&self) -> bool {
+        match self.state() {
+            Some(state) => {
+                state.wake_all();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn alive(&self) -> bool {
+        self.state().is_some()
+    }
+
+    fn origin(&self) -> &str {
+        &self.origin
     }
 }

@@ -1,26 +1,26 @@
-//! SQLite persistence of reviews.
+//! Persistence of reviews, in SQLite or PostgreSQL (see [`crate::db`]).
 //!
-//! One file, WAL mode, one connection behind a std `Mutex`. Every method here
+//! One connection behind a std `Mutex` per process. Every method here
 //! blocks, so async code calls them through `tokio::task::spawn_blocking`
-//! (see [`crate::AppState`]). Holding the one mutex for a whole method makes
-//! each method atomic with respect to the others, and every state change is a
-//! single conditional `UPDATE ... WHERE status = 'pending'` (reviewer
-//! decisions, which also record approvals, run in one `BEGIN IMMEDIATE`
-//! transaction: see [`crate::approvals`]), so even with several processes on
-//! one file exactly one outcome wins.
+//! (see [`crate::AppState`]). Every state change is a single conditional
+//! `UPDATE ... WHERE status = 'pending'` (reviewer decisions, which also
+//! record approvals, run in one transaction that locks the review: see
+//! [`crate::approvals`]), so even with several processes on one database
+//! (replicas on PostgreSQL, or processes sharing a SQLite file) exactly one
+//! outcome wins.
 
-use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use countersign_core::wire::{ApiKind, PromptMessage, ReviewState, ReviewStatus};
-use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::Serialize;
 
 use crate::config::SqliteSynchronous;
+use crate::db::{Backend, Conn, DbError, DbResult, Location, Lock, Row};
+use crate::params;
 
-/// Schema version stored in `PRAGMA user_version`; bump it and add a step to
-/// [`migrate`] when the schema changes.
+/// Schema version stored in SQLite's `PRAGMA user_version`; bump it and add
+/// a step to [`migrate_sqlite`] when the schema changes.
 pub const SCHEMA_VERSION: i64 = 2;
 
 /// Characters of the last user message shown in list previews.
@@ -31,8 +31,8 @@ pub const PREVIEW_CHARS: usize = 200;
 pub enum StoreError {
     /// Creating the database's directory failed.
     Io(std::io::Error),
-    /// SQLite refused.
-    Sqlite(rusqlite::Error),
+    /// The database refused (or PostgreSQL could not be reached).
+    Db(DbError),
     /// The file was written by a newer version of this service.
     SchemaTooNew(i64),
 }
@@ -41,7 +41,7 @@ impl std::fmt::Display for StoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StoreError::Io(e) => write!(f, "cannot create database directory: {e}"),
-            StoreError::Sqlite(e) => write!(f, "database: {e}"),
+            StoreError::Db(e) => write!(f, "database: {e}"),
             StoreError::SchemaTooNew(v) => write!(
                 f,
                 "database schema version {v} is newer than this binary supports ({SCHEMA_VERSION})"
@@ -52,9 +52,15 @@ impl std::fmt::Display for StoreError {
 
 impl std::error::Error for StoreError {}
 
+impl From<DbError> for StoreError {
+    fn from(e: DbError) -> Self {
+        StoreError::Db(e)
+    }
+}
+
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        StoreError::Sqlite(e)
+        StoreError::Db(DbError::Sqlite(e))
     }
 }
 
@@ -218,7 +224,7 @@ fn like_pattern(text: &str) -> String {
 
 /// The database.
 pub struct Store {
-    conn: Mutex<Connection>,
+    conn: Mutex<Conn>,
 }
 
 /// SQLite stores signed 64-bit integers; times in ms fit with room to spare,
@@ -234,33 +240,26 @@ pub(crate) fn u(v: i64) -> u64 {
 const SUMMARY_COLS: &str =
     "id, status, created_at_ms, expires_at_ms, decided_at_ms, reviewer, reason, \
      model, api, path, route, caller, request_id, stream, rule, preview, \
-     edited_body IS NOT NULL, caller_groups_json, required_approvals, approver_group, \
+     CASE WHEN edited_body IS NULL THEN 0 ELSE 1 END, caller_groups_json, required_approvals, approver_group, \
      async_review, (SELECT COUNT(*) FROM approvals a \
                     WHERE a.review_id = reviews.id AND a.superseded_at_ms IS NULL)";
 
-pub(crate) fn parse_status(s: &str) -> rusqlite::Result<ReviewStatus> {
-    ReviewStatus::parse(s).ok_or_else(|| {
-        rusqlite::Error::FromSqlConversionFailure(
-            1,
-            rusqlite::types::Type::Text,
-            format!("unknown review status {s:?}").into(),
-        )
-    })
+pub(crate) fn parse_status(s: &str) -> DbResult<ReviewStatus> {
+    ReviewStatus::parse(s)
+        .ok_or_else(|| DbError::Conversion(format!("unknown review status {s:?}")))
 }
 
-fn parse_api(s: String) -> rusqlite::Result<ApiKind> {
-    serde_json::from_value(serde_json::Value::String(s)).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(8, rusqlite::types::Type::Text, Box::new(e))
-    })
+fn parse_api(s: String) -> DbResult<ApiKind> {
+    Ok(serde_json::from_value(serde_json::Value::String(s))?)
 }
 
-fn summary_from_row(row: &Row<'_>) -> rusqlite::Result<ReviewSummary> {
+fn summary_from_row(row: &Row) -> DbResult<ReviewSummary> {
     Ok(ReviewSummary {
         id: row.get(0)?,
-        status: parse_status(&row.get::<_, String>(1)?)?,
+        status: parse_status(&row.get::<String>(1)?)?,
         created_at_ms: u(row.get(2)?),
         expires_at_ms: u(row.get(3)?),
-        decided_at_ms: row.get::<_, Option<i64>>(4)?.map(u),
+        decided_at_ms: row.get::<Option<i64>>(4)?.map(u),
         reviewer: row.get(5)?,
         reason: row.get(6)?,
         model: row.get(7)?,
@@ -273,13 +272,11 @@ fn summary_from_row(row: &Row<'_>) -> rusqlite::Result<ReviewSummary> {
         rule: row.get(14)?,
         preview: row.get(15)?,
         edited: row.get(16)?,
-        caller_groups: serde_json::from_str(&row.get::<_, String>(17)?).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(17, rusqlite::types::Type::Text, Box::new(e))
-        })?,
-        required_approvals: u32::try_from(row.get::<_, i64>(18)?).unwrap_or(1),
+        caller_groups: serde_json::from_str(&row.get::<String>(17)?)?,
+        required_approvals: u32::try_from(row.get::<i64>(18)?).unwrap_or(1),
         approver_group: row.get(19)?,
         async_review: row.get(20)?,
-        approval_count: u32::try_from(row.get::<_, i64>(21)?).unwrap_or(0),
+        approval_count: u32::try_from(row.get::<i64>(21)?).unwrap_or(0),
     })
 }
 
@@ -296,7 +293,7 @@ pub fn preview_of(prompt: &[PromptMessage]) -> String {
         .unwrap_or_default()
 }
 
-fn migrate(conn: &Connection) -> Result<(), StoreError> {
+fn migrate_sqlite(conn: &rusqlite::Connection) -> Result<(), StoreError> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if version > SCHEMA_VERSION {
         return Err(StoreError::SchemaTooNew(version));
@@ -357,46 +354,170 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-impl Store {
-    /// Opens (creating when missing) the database file at `path`, its parent
-    /// directory, and the schema.
-    pub fn open(path: &Path, synchronous: SqliteSynchronous) -> Result<Store, StoreError> {
-        if let Some(parent) = path.parent() {
-            if !parent.as_os_str().is_empty() {
-                std::fs::create_dir_all(parent).map_err(StoreError::Io)?;
+/// The PostgreSQL schema of reviews, sessions, approvals and token uses:
+/// the SQLite schema after every migration step, in one piece (there are no
+/// older PostgreSQL databases to upgrade). Booleans are integers 0/1 as on
+/// SQLite, so statements bind the same values on both.
+const POSTGRES_REVIEWS_SCHEMA: &str = "
+CREATE TABLE reviews (
+    id                 TEXT PRIMARY KEY,
+    status             TEXT NOT NULL,
+    created_at_ms      BIGINT NOT NULL,
+    expires_at_ms      BIGINT NOT NULL,
+    decided_at_ms      BIGINT,
+    reviewer           TEXT,
+    reason             TEXT,
+    edited_body        TEXT,
+    request_id         TEXT NOT NULL,
+    api                TEXT NOT NULL,
+    method             TEXT NOT NULL,
+    path               TEXT NOT NULL,
+    authority          TEXT NOT NULL,
+    route              TEXT,
+    caller             TEXT,
+    model              TEXT NOT NULL,
+    stream             BIGINT NOT NULL,
+    rule               TEXT,
+    prompt_json        TEXT NOT NULL,
+    preview            TEXT NOT NULL,
+    body               TEXT NOT NULL,
+    hold_timeout_ms    BIGINT NOT NULL,
+    caller_groups_json TEXT NOT NULL DEFAULT '[]',
+    required_approvals BIGINT NOT NULL DEFAULT 1,
+    approver_group     TEXT,
+    async_review       BIGINT NOT NULL DEFAULT 0,
+    token_uses         BIGINT NOT NULL DEFAULT 0
+);
+CREATE INDEX reviews_created ON reviews (created_at_ms);
+CREATE INDEX reviews_status_created ON reviews (status, created_at_ms);
+CREATE TABLE sessions (
+    id_sha256      TEXT PRIMARY KEY,
+    reviewer       TEXT NOT NULL,
+    token_sha256   TEXT NOT NULL,
+    csrf_token     TEXT NOT NULL,
+    created_at_ms  BIGINT NOT NULL,
+    expires_at_ms  BIGINT NOT NULL
+);
+CREATE INDEX sessions_expires ON sessions (expires_at_ms);
+CREATE TABLE approvals (
+    id               BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    review_id        TEXT NOT NULL,
+    reviewer         TEXT NOT NULL,
+    approved_at_ms   BIGINT NOT NULL,
+    reason           TEXT,
+    edited_body      TEXT,
+    superseded_at_ms BIGINT
+);
+CREATE INDEX approvals_review ON approvals (review_id, id);
+CREATE UNIQUE INDEX approvals_current
+    ON approvals (review_id, reviewer) WHERE superseded_at_ms IS NULL;
+CREATE TABLE token_consumptions (
+    review_id   TEXT NOT NULL,
+    use_no      BIGINT NOT NULL,
+    used_at_ms  BIGINT NOT NULL,
+    PRIMARY KEY (review_id, use_no)
+);
+";
+
+/// The PostgreSQL schema version (table `countersign_schema`).
+pub const POSTGRES_SCHEMA_VERSION: i64 = 1;
+
+/// Creates the PostgreSQL schema part named `part` (`reviews` or
+/// `records`) once, under an advisory lock so replicas starting together do
+/// not race; refuses a database written by a newer version.
+pub(crate) fn migrate_postgres(conn: &mut Conn, part: &str, ddl: &str) -> Result<(), StoreError> {
+    conn.transaction(Lock::Schema, |c| {
+        c.batch(
+            "CREATE TABLE IF NOT EXISTS countersign_schema (
+                 part    TEXT PRIMARY KEY,
+                 version BIGINT NOT NULL
+             )",
+        )?;
+        let found = c.query_opt(
+            "SELECT version FROM countersign_schema WHERE part = ?1",
+            params![part],
+        )?;
+        match found {
+            Some(row) => {
+                let version: i64 = row.get(0)?;
+                if version > POSTGRES_SCHEMA_VERSION {
+                    return Err(StoreError::SchemaTooNew(version));
+                }
+            }
+            None => {
+                c.batch(ddl)?;
+                c.execute(
+                    "INSERT INTO countersign_schema (part, version) VALUES (?1, ?2)",
+                    params![part, POSTGRES_SCHEMA_VERSION],
+                )?;
             }
         }
-        let conn = Connection::open(path)?;
-        // Another process (an old instance still shutting down, an admin's
-        // sqlite3 shell) may briefly hold the write lock.
-        conn.busy_timeout(Duration::from_secs(5))?;
-        let _mode: String =
-            conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
-        conn.pragma_update(None, "synchronous", synchronous.pragma_value())?;
-        migrate(&conn)?;
+        Ok(())
+    })
+}
+
+/// How long a write waits for another process's lock (SQLite busy timeout,
+/// PostgreSQL `lock_timeout`).
+const WRITE_LOCK_WAIT: Duration = Duration::from_secs(5);
+
+impl Store {
+    /// Opens the database at `location`: a SQLite file (created with its
+    /// parent directory when missing) or a PostgreSQL database (which must
+    /// exist); creates or upgrades the schema. Blocking.
+    pub fn open(location: &Location, synchronous: SqliteSynchronous) -> Result<Store, StoreError> {
+        let conn = match location {
+            Location::Sqlite(path) => {
+                if let Some(parent) = path.parent() {
+                    if !parent.as_os_str().is_empty() {
+                        std::fs::create_dir_all(parent).map_err(StoreError::Io)?;
+                    }
+                }
+                let conn = rusqlite::Connection::open(path)?;
+                // Another process (an old instance still shutting down, an
+                // admin's sqlite3 shell) may briefly hold the write lock.
+                conn.busy_timeout(WRITE_LOCK_WAIT)?;
+                let _mode: String =
+                    conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+                conn.pragma_update(None, "synchronous", synchronous.pragma_value())?;
+                migrate_sqlite(&conn)?;
+                Conn::from_sqlite(conn)
+            }
+            Location::Postgres(url) => {
+                let mut conn = Conn::connect_postgres(url, WRITE_LOCK_WAIT)?;
+                migrate_postgres(&mut conn, "reviews", POSTGRES_REVIEWS_SCHEMA)?;
+                conn
+            }
+        };
         Ok(Store {
             conn: Mutex::new(conn),
         })
     }
 
-    pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
+    pub(crate) fn conn(&self) -> MutexGuard<'_, Conn> {
         // A panic while holding the lock cannot leave a half-applied change:
-        // each change is one SQL statement, so the connection stays usable.
-        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+        // each change is one statement or one transaction, which `recover`
+        // rolls back if the panic interrupted it.
+        let mut guard = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        guard.recover();
+        guard
+    }
+
+    /// Which database this is.
+    pub fn backend(&self) -> Backend {
+        self.conn().backend()
     }
 
     /// A trivial query, for readiness checks.
-    pub fn ping(&self) -> rusqlite::Result<()> {
-        self.conn().query_row("SELECT 1", [], |_| Ok(()))
+    pub fn ping(&self) -> DbResult<()> {
+        self.conn().query_one("SELECT 1", params![]).map(drop)
     }
 
     /// Inserts a new pending review.
-    pub fn insert(&self, r: &NewReview) -> Result<(), rusqlite::Error> {
+    pub fn insert(&self, r: &NewReview) -> DbResult<()> {
         let q = &r.request;
-        let prompt_json = serde_json::to_string(&q.prompt)
-            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-        let caller_groups_json = serde_json::to_string(&q.caller_groups)
-            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        let prompt_json = serde_json::to_string(&q.prompt)?;
+        let caller_groups_json = serde_json::to_string(&q.caller_groups)?;
+        let preview = preview_of(&q.prompt);
         self.conn().execute(
             "INSERT INTO reviews (id, status, created_at_ms, expires_at_ms, request_id, api, method,
                  path, authority, route, caller, model, stream, rule, prompt_json, preview, body,
@@ -404,26 +525,26 @@ impl Store {
              VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
                  ?18, ?19, ?20, ?21)",
             params![
-                r.id,
+                &r.id,
                 i(r.created_at_ms),
                 i(r.expires_at_ms),
-                q.request_id,
+                &q.request_id,
                 q.api.as_str(),
-                q.method,
-                q.path,
-                q.authority,
-                q.route,
-                q.caller,
-                q.model,
+                &q.method,
+                &q.path,
+                &q.authority,
+                &q.route,
+                &q.caller,
+                &q.model,
                 q.stream,
-                q.rule,
-                prompt_json,
-                preview_of(&q.prompt),
-                q.body,
+                &q.rule,
+                &prompt_json,
+                &preview,
+                &q.body,
                 i(r.hold_timeout_ms),
-                caller_groups_json,
+                &caller_groups_json,
                 i64::from(q.required_approvals.max(1)),
-                q.approver_group,
+                &q.approver_group,
                 q.async_review,
             ],
         )?;
@@ -431,18 +552,17 @@ impl Store {
     }
 
     /// The filter's view of a review.
-    pub fn state(&self, id: &str) -> rusqlite::Result<Option<ReviewState>> {
-        state_of(&self.conn(), id)
+    pub fn state(&self, id: &str) -> DbResult<Option<ReviewState>> {
+        state_of(&mut self.conn(), id)
     }
 
     /// The full view of a review.
-    pub fn detail(&self, id: &str) -> rusqlite::Result<Option<ReviewDetail>> {
-        detail_of(&self.conn(), id)
+    pub fn detail(&self, id: &str) -> DbResult<Option<ReviewDetail>> {
+        detail_of(&mut self.conn(), id)
     }
 
     /// Reviews newest first.
-    pub fn list(&self, q: &ListQuery) -> rusqlite::Result<Vec<ReviewSummary>> {
-        let conn = self.conn();
+    pub fn list(&self, q: &ListQuery) -> DbResult<Vec<ReviewSummary>> {
         // One fixed statement: every filter is a bound parameter that is
         // NULL when unused, so no user text is ever spliced into SQL.
         let sql = format!(
@@ -451,7 +571,7 @@ impl Store {
                AND (?4 IS NULL OR caller LIKE ?4 ESCAPE '\\')
                AND (?5 IS NULL OR model LIKE ?5 ESCAPE '\\')
                AND (?6 IS NULL OR reviewer LIKE ?6 ESCAPE '\\')
-               AND (?7 IS NULL OR (edited_body IS NOT NULL) = ?7)
+               AND (?7 IS NULL OR (CASE WHEN edited_body IS NULL THEN 0 ELSE 1 END) = ?7)
                AND (?8 IS NULL OR created_at_ms >= ?8)
                AND (?9 IS NULL OR created_at_ms < ?9)
                AND (?10 IS NULL OR preview LIKE ?10 ESCAPE '\\' OR id LIKE ?10 ESCAPE '\\'
@@ -461,23 +581,28 @@ impl Store {
              ORDER BY created_at_ms DESC, id DESC LIMIT ?3"
         );
         let text = |v: &Option<String>| v.as_deref().map(like_pattern);
-        let mut stmt = conn.prepare_cached(&sql)?;
-        let rows = stmt.query_map(
+        let (caller, model, reviewer, search) = (
+            text(&q.caller),
+            text(&q.model),
+            text(&q.reviewer),
+            text(&q.search),
+        );
+        let rows = self.conn().query(
+            &sql,
             params![
                 q.status.map(|s| s.as_str()),
                 q.before_ms.map(i),
                 i64::from(q.limit),
-                text(&q.caller),
-                text(&q.model),
-                text(&q.reviewer),
+                &caller,
+                &model,
+                &reviewer,
                 q.edited,
                 q.since_ms.map(i),
                 q.until_ms.map(i),
-                text(&q.search),
+                &search,
             ],
-            summary_from_row,
         )?;
-        rows.collect()
+        rows.iter().map(summary_from_row).collect()
     }
 
     /// Records `reviewer`'s decision if, and only if, the review is still
@@ -490,7 +615,7 @@ impl Store {
         d: &Decision,
         reviewer: &crate::config::ReviewerConfig,
         now_ms: u64,
-    ) -> rusqlite::Result<DecideOutcome> {
+    ) -> DbResult<DecideOutcome> {
         crate::approvals::decide(&mut self.conn(), id, d, reviewer, now_ms)
     }
 
@@ -503,39 +628,40 @@ impl Store {
         status: ReviewStatus,
         reason: &str,
         now_ms: u64,
-    ) -> rusqlite::Result<Option<(ReviewState, bool)>> {
-        let conn = self.conn();
+    ) -> DbResult<Option<(ReviewState, bool)>> {
+        let mut conn = self.conn();
         let changed = conn.execute(
             "UPDATE reviews SET status = ?1, reviewer = NULL, reason = ?2, decided_at_ms = ?3
              WHERE id = ?4 AND status = 'pending'",
             params![status.as_str(), reason, i(now_ms), id],
         )?;
-        Ok(state_of(&conn, id)?.map(|s| (s, changed == 1)))
+        Ok(state_of(&mut conn, id)?.map(|s| (s, changed == 1)))
     }
 
     /// Marks `id` expired if it is pending and past its expiry; returns the
     /// current state.
-    pub fn state_expiring(
-        &self,
-        id: &str,
-        now_ms: u64,
-    ) -> rusqlite::Result<Option<(ReviewState, bool)>> {
-        let conn = self.conn();
-        let changed = expire_if_overdue(&conn, id, now_ms)?;
-        Ok(state_of(&conn, id)?.map(|s| (s, changed)))
+    pub fn state_expiring(&self, id: &str, now_ms: u64) -> DbResult<Option<(ReviewState, bool)>> {
+        let mut conn = self.conn();
+        let changed = expire_if_overdue(&mut conn, id, now_ms)?;
+        Ok(state_of(&mut conn, id)?.map(|s| (s, changed)))
     }
 
     /// Marks every pending review past its expiry as expired; returns their ids.
-    pub fn expire_overdue(&self, now_ms: u64) -> rusqlite::Result<Vec<String>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
+    pub fn expire_overdue(&self, now_ms: u64) -> DbResult<Vec<String>> {
+        let rows = self.conn().query(
             "UPDATE reviews SET status = 'expired', reviewer = NULL, reason = ?1,
                  decided_at_ms = ?2
              WHERE status = 'pending' AND expires_at_ms <= ?2
              RETURNING id",
+            params![EXPIRED_REASON, i(now_ms)],
         )?;
-        let ids = stmt.query_map(params![EXPIRED_REASON, i(now_ms)], |r| r.get(0))?;
-        ids.collect()
+        rows.iter().map(|r| r.get(0)).collect()
+    }
+
+    /// Tells the other replicas (PostgreSQL `NOTIFY` on `channel`); nothing
+    /// on SQLite.
+    pub fn notify(&self, channel: &str, payload: &str) -> DbResult<()> {
+        self.conn().notify(channel, payload)
     }
 }
 
@@ -545,11 +671,7 @@ pub const EXPIRED_REASON: &str = "hold timeout";
 /// Reason recorded when the caller went away.
 pub const CANCELLED_REASON: &str = "caller went away";
 
-pub(crate) fn expire_if_overdue(
-    conn: &Connection,
-    id: &str,
-    now_ms: u64,
-) -> rusqlite::Result<bool> {
+pub(crate) fn expire_if_overdue(conn: &mut Conn, id: &str, now_ms: u64) -> DbResult<bool> {
     let changed = conn.execute(
         "UPDATE reviews SET status = 'expired', reviewer = NULL, reason = ?1, decided_at_ms = ?2
          WHERE id = ?3 AND status = 'pending' AND expires_at_ms <= ?2",
@@ -558,57 +680,45 @@ pub(crate) fn expire_if_overdue(
     Ok(changed == 1)
 }
 
-pub(crate) fn state_of(conn: &Connection, id: &str) -> rusqlite::Result<Option<ReviewState>> {
-    conn.query_row(
+pub(crate) fn state_of(conn: &mut Conn, id: &str) -> DbResult<Option<ReviewState>> {
+    let row = conn.query_opt(
         "SELECT id, status, expires_at_ms, reviewer, reason, edited_body FROM reviews WHERE id = ?1",
-        [id],
-        |row| {
-            Ok(ReviewState {
-                id: row.get(0)?,
-                status: parse_status(&row.get::<_, String>(1)?)?,
-                expires_at_ms: u(row.get(2)?),
-                reviewer: row.get(3)?,
-                reason: row.get(4)?,
-                edited_body: row.get(5)?,
-            })
-        },
-    )
-    .optional()
+        params![id],
+    )?;
+    row.map(|row| {
+        Ok(ReviewState {
+            id: row.get(0)?,
+            status: parse_status(&row.get::<String>(1)?)?,
+            expires_at_ms: u(row.get(2)?),
+            reviewer: row.get(3)?,
+            reason: row.get(4)?,
+            edited_body: row.get(5)?,
+        })
+    })
+    .transpose()
 }
 
-pub(crate) fn detail_of(conn: &Connection, id: &str) -> rusqlite::Result<Option<ReviewDetail>> {
+pub(crate) fn detail_of(conn: &mut Conn, id: &str) -> DbResult<Option<ReviewDetail>> {
     let sql = format!(
         "SELECT {SUMMARY_COLS}, prompt_json, body, edited_body, method, authority, hold_timeout_ms,
              token_uses
          FROM reviews WHERE id = ?1"
     );
-    let detail = conn
-        .query_row(&sql, [id], |row| {
-            let prompt_json: String = row.get(22)?;
-            let prompt = serde_json::from_str(&prompt_json).map_err(|e| {
-                rusqlite::Error::FromSqlConversionFailure(
-                    22,
-                    rusqlite::types::Type::Text,
-                    Box::new(e),
-                )
-            })?;
-            Ok(ReviewDetail {
-                summary: summary_from_row(row)?,
-                prompt,
-                body: row.get(23)?,
-                edited_body: row.get(24)?,
-                method: row.get(25)?,
-                authority: row.get(26)?,
-                hold_timeout_ms: u(row.get(27)?),
-                approvals: Vec::new(),
-                token_uses: u32::try_from(row.get::<_, i64>(28)?).unwrap_or(0),
-            })
-        })
-        .optional()?;
-    let Some(mut detail) = detail else {
+    let Some(row) = conn.query_opt(&sql, params![id])? else {
         return Ok(None);
     };
-    detail.approvals = crate::approvals::approvals_of(conn, id)?;
+    let prompt = serde_json::from_str(&row.get::<String>(22)?)?;
+    let detail = ReviewDetail {
+        summary: summary_from_row(&row)?,
+        prompt,
+        body: row.get(23)?,
+        edited_body: row.get(24)?,
+        method: row.get(25)?,
+        authority: row.get(26)?,
+        hold_timeout_ms: u(row.get(27)?),
+        approvals: crate::approvals::approvals_of(conn, id)?,
+        token_uses: u32::try_from(row.get::<i64>(28)?).unwrap_or(0),
+    };
     Ok(Some(detail))
 }
 

@@ -80,8 +80,15 @@ async fn create_review(app: &Router, body: &str) -> String {
 }
 
 fn verify(db: &Path) -> Result<records::ChainOk, ChainProblem> {
-    let conn = records::open_read_only(db).unwrap();
-    records::verify_chain(&conn).unwrap()
+    let location = countersign_approval::db::Location::parse(&common::database_setting(db));
+    // On a plain thread: the blocking PostgreSQL client may not run on a
+    // tokio thread.
+    std::thread::spawn(move || {
+        let mut conn = records::open_read_only(&location).unwrap();
+        records::verify_chain(&mut conn).unwrap()
+    })
+    .join()
+    .unwrap()
 }
 
 #[tokio::test]
@@ -383,21 +390,38 @@ async fn metrics_can_require_a_reviewer() {
 #[tokio::test]
 async fn write_failure_is_a_quick_503() {
     let f = fixture("");
+    let mut db = common::RawDb::open(&f.db);
+    let postgres = matches!(db, common::RawDb::Postgres(_));
     // The database refuses inserts (as on a full disk or a read-only file).
-    let conn = Connection::open(&f.db).unwrap();
-    conn.execute_batch(
+    db.exec(if postgres {
+        "CREATE FUNCTION fail_insert() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN RAISE EXCEPTION 'disk full'; END $$;
+         CREATE TRIGGER fail_insert BEFORE INSERT ON records
+             FOR EACH ROW EXECUTE FUNCTION fail_insert();"
+    } else {
         "CREATE TRIGGER fail_insert BEFORE INSERT ON records
-         BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
-    )
+         BEGIN SELECT RAISE(ABORT, 'disk full'); END;"
+    })
     .unwrap();
     let (status, v) = post_record(&f.app, record("allowed", "a", None, Some(BODY))).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     assert_eq!(v["error"]["code"], "unavailable");
-    conn.execute_batch("DROP TRIGGER fail_insert").unwrap();
+    db.exec(if postgres {
+        "DROP TRIGGER fail_insert ON records"
+    } else {
+        "DROP TRIGGER fail_insert"
+    })
+    .unwrap();
 
-    // Another writer holds the lock: the write gives up within the busy
-    // timeout instead of hanging past the filter's callout timeout.
-    conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+    // Another writer holds the lock (on PostgreSQL: another replica holds
+    // the record chain's lock): the write gives up within the busy timeout
+    // instead of hanging past the filter's callout timeout.
+    let lock = format!(
+        "BEGIN; SELECT pg_advisory_xact_lock({})",
+        countersign_approval::db::ADVISORY_RECORD_CHAIN
+    );
+    db.exec(if postgres { &lock } else { "BEGIN IMMEDIATE" })
+        .unwrap();
     let start = Instant::now();
     let (status, _) = post_record(&f.app, record("allowed", "a", None, Some(BODY))).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -406,7 +430,7 @@ async fn write_failure_is_a_quick_503() {
         "{:?}",
         start.elapsed()
     );
-    conn.execute_batch("ROLLBACK").unwrap();
+    db.exec("ROLLBACK").unwrap();
 
     let r = send(&f.app, "GET", "/metrics", &[], "").await;
     let text = String::from_utf8(r.body.to_vec()).unwrap();
@@ -448,7 +472,7 @@ fn row(conn: &Connection, seq: i64) -> (String, String, String) {
 fn verify_cli(db: &Path) -> (i32, String) {
     let out = Command::new(BIN)
         .args(["verify-records", "--database"])
-        .arg(db)
+        .arg(common::database_setting(db))
         .output()
         .unwrap();
     (
@@ -461,31 +485,33 @@ fn verify_cli(db: &Path) -> (i32, String) {
 fn triggers_refuse_update_and_delete() {
     let dir = tempfile::tempdir().unwrap();
     let (_state, db) = chain(dir.path(), 3, "");
-    let conn = Connection::open(&db).unwrap();
+    let mut conn = common::RawDb::open(&db);
     let e = conn
-        .execute("UPDATE records SET entry = '{}' WHERE seq = 2", [])
+        .exec("UPDATE records SET entry = '{}' WHERE seq = 2")
         .unwrap_err();
-    assert!(e.to_string().contains("append-only"), "{e}");
-    let e = conn
-        .execute("DELETE FROM records WHERE seq = 1", [])
-        .unwrap_err();
-    assert!(e.to_string().contains("append-only"), "{e}");
+    assert!(e.contains("append-only"), "{e}");
+    let e = conn.exec("DELETE FROM records WHERE seq = 1").unwrap_err();
+    assert!(e.contains("append-only"), "{e}");
+    if common::on_postgres() {
+        let e = conn.exec("TRUNCATE records").unwrap_err();
+        assert!(e.contains("append-only"), "{e}");
+    }
     assert_eq!(verify(&db).unwrap().records, 3);
-    conn.execute(
-        "INSERT INTO chain_anchor (through_seq, hash, created_at_ms) VALUES (0, 'x', 0)",
-        [],
-    )
-    .unwrap();
-    let e = conn.execute("DELETE FROM chain_anchor", []).unwrap_err();
-    assert!(e.to_string().contains("append-only"), "{e}");
-    let e = conn
-        .execute("UPDATE chain_anchor SET hash = 'y'", [])
-        .unwrap_err();
-    assert!(e.to_string().contains("append-only"), "{e}");
+    conn.exec("INSERT INTO chain_anchor (through_seq, hash, created_at_ms) VALUES (0, 'x', 0)")
+        .unwrap();
+    let e = conn.exec("DELETE FROM chain_anchor").unwrap_err();
+    assert!(e.contains("append-only"), "{e}");
+    let e = conn.exec("UPDATE chain_anchor SET hash = 'y'").unwrap_err();
+    assert!(e.contains("append-only"), "{e}");
 }
 
 #[test]
 fn verifier_finds_altered_missing_and_inserted_records() {
+    // Tampers with the SQLite file directly; the verifier reads both
+    // databases through the same code.
+    if common::on_postgres() {
+        return;
+    }
     // Altered entry (hash left as it was).
     let dir = tempfile::tempdir().unwrap();
     let (state, db) = chain(dir.path(), 5, "");
@@ -648,8 +674,14 @@ fn verifier_finds_altered_missing_and_inserted_records() {
     );
 }
 
-#[tokio::test]
-async fn retention_deletes_a_prefix_and_the_chain_still_verifies() {
+// Synchronous: the store is called directly, which the blocking PostgreSQL
+// client allows only off the async runtime.
+#[test]
+fn retention_deletes_a_prefix_and_the_chain_still_verifies() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("ret.db");
     let state = common::open_state(&config_toml(
@@ -681,8 +713,8 @@ async fn retention_deletes_a_prefix_and_the_chain_still_verifies() {
         .unwrap();
     assert_eq!(verify(&db).unwrap().records, n_old as u64 + 2);
 
-    let deleted = countersign_approval::records::http::retention_once(&state)
-        .await
+    let deleted = rt
+        .block_on(countersign_approval::records::http::retention_once(&state))
         .unwrap();
     assert_eq!(deleted, n_old);
     let ok = verify(&db).unwrap();
@@ -694,13 +726,12 @@ async fn retention_deletes_a_prefix_and_the_chain_still_verifies() {
     assert!(store.get(&recent.record_id).unwrap().is_some());
     // Nothing more is due; the gate is closed again.
     assert_eq!(
-        countersign_approval::records::http::retention_once(&state)
-            .await
+        rt.block_on(countersign_approval::records::http::retention_once(&state))
             .unwrap(),
         0
     );
-    let conn = Connection::open(&db).unwrap();
-    assert!(conn.execute("DELETE FROM records", []).is_err());
+    let mut conn = common::RawDb::open(&db);
+    assert!(conn.exec("DELETE FROM records").is_err());
     let (code, out) = verify_cli(&db);
     assert_eq!(code, 0, "{out}");
 
@@ -715,15 +746,21 @@ async fn retention_deletes_a_prefix_and_the_chain_still_verifies() {
     assert_eq!(verify(&db).unwrap().records, 2);
 
     // Deleting the attesting retention entry by hand is reported.
-    conn.execute_batch(
-        "DROP TRIGGER records_no_delete; DELETE FROM records WHERE kind = 'retention';",
-    )
+    conn.exec(if common::on_postgres() {
+        "DROP TRIGGER records_no_delete ON records; DELETE FROM records WHERE kind = 'retention';"
+    } else {
+        "DROP TRIGGER records_no_delete; DELETE FROM records WHERE kind = 'retention';"
+    })
     .unwrap();
     assert!(verify(&db).is_err());
 }
 
 #[test]
 fn cli_export_and_errors() {
+    // Names SQLite files on the command line.
+    if common::on_postgres() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let (state, db) = chain(dir.path(), 3, "");
     drop(state);

@@ -5,6 +5,8 @@
 //! result (every filter here matches nothing legitimately), raise a 500, or
 //! change the database.
 
+mod common;
+
 use std::path::Path;
 
 use axum::body::Body;
@@ -48,7 +50,7 @@ filter_token_sha256 = "{}"
 name = "alice"
 token_sha256 = "{}"
 "#,
-        db.display(),
+        common::database_setting(db),
         TokenHash::of_token(FILTER).to_hex(),
         TokenHash::of_token(ALICE).to_hex(),
     )

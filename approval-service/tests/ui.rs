@@ -113,19 +113,14 @@ async fn sign_in_sets_a_strict_http_only_session_cookie() {
     assert!(!cookie.contains("Secure"), "{cookie}");
 
     // The database holds only the hash of the id.
-    let conn = rusqlite::Connection::open(&f.db).unwrap();
-    let stored: String = conn
-        .query_row("SELECT id_sha256 FROM sessions", [], |r| r.get(0))
-        .unwrap();
+    let mut conn = common::RawDb::open(&f.db);
+    let stored = conn.text("SELECT id_sha256 FROM sessions");
     assert_eq!(stored, TokenHash::of_token(id).to_hex());
-    let raw: i64 = conn
-        .query_row(
-            "SELECT count(*) FROM sessions WHERE id_sha256 = ?1 OR csrf_token = ?1",
-            [id],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(raw, 0);
+    // `id` is hex: nothing to escape in the literal.
+    let raw = conn.text(&format!(
+        "SELECT CAST(count(*) AS TEXT) FROM sessions WHERE id_sha256 = '{id}' OR csrf_token = '{id}'"
+    ));
+    assert_eq!(raw, "0");
 
     // /api/me with the cookie: name, groups and the CSRF token.
     let me = me(&f.app, &format!("cs_session={id}")).await;
@@ -354,9 +349,8 @@ async fn sessions_survive_restart_but_not_token_rotation_or_expiry() {
     let restored = app(open_state(&db, ""));
     let r = me(&restored, &b.cookie).await;
     assert_eq!(r.status, StatusCode::OK);
-    let conn = rusqlite::Connection::open(&db).unwrap();
-    conn.execute("UPDATE sessions SET expires_at_ms = 1", [])
-        .unwrap();
+    let mut conn = common::RawDb::open(&db);
+    conn.exec("UPDATE sessions SET expires_at_ms = 1").unwrap();
     let r = me(&restored, &b.cookie).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
 }

@@ -85,9 +85,9 @@ where
     let store = Arc::clone(store);
     match tokio::task::spawn_blocking(move || f(&store)).await {
         Ok(r) => r,
-        Err(e) => Err(RecordError::Db(rusqlite::Error::ToSqlConversionFailure(
-            Box::new(e),
-        ))),
+        Err(e) => Err(RecordError::Db(crate::db::DbError::Conversion(format!(
+            "blocking task failed: {e}"
+        )))),
     }
 }
 
@@ -205,7 +205,7 @@ pub struct RecordPage {
 async fn read<T, F>(state: &AppState, f: F) -> Result<T, ApiError>
 where
     T: Send + 'static,
-    F: FnOnce(&RecordStore) -> rusqlite::Result<T> + Send + 'static,
+    F: FnOnce(&RecordStore) -> crate::db::DbResult<T> + Send + 'static,
 {
     let store = Arc::clone(state.records());
     Ok(tokio::task::spawn_blocking(move || f(&store)).await??)

@@ -15,6 +15,7 @@ use axum::Router;
 use countersign_approval::{app, run, AppState, Config, TokenHash};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
+use sha2::Digest;
 use tower::ServiceExt;
 
 pub const ALICE: &str = "alice-secret-token";
@@ -36,10 +37,48 @@ pub fn filter_token_setting() -> String {
     )
 }
 
+/// Set to a PostgreSQL server URL (`postgresql://user@host:port`), the
+/// tests run on PostgreSQL: see [`database_setting`].
+pub const POSTGRES_ENV: &str = "COUNTERSIGN_TEST_POSTGRES_URL";
+
+/// Whether the tests run on PostgreSQL (tests that open the SQLite file
+/// themselves then skip that part).
+pub fn on_postgres() -> bool {
+    std::env::var_os(POSTGRES_ENV).is_some()
+}
+
+/// The `database` setting for a test database at `db`: the SQLite path, or
+/// with [`POSTGRES_ENV`] set, a PostgreSQL database of its own, named after
+/// the path (so reopening the same path reopens the same database) and
+/// created on first use.
+pub fn database_setting(db: &Path) -> String {
+    let Ok(server) = std::env::var(POSTGRES_ENV) else {
+        return db.display().to_string();
+    };
+    let digest = sha2::Sha256::digest(db.display().to_string().as_bytes());
+    let name: String = digest[..10].iter().map(|b| format!("{b:02x}")).collect();
+    let name = format!("cs_test_{name}");
+    let admin = format!("{}/postgres", server.trim_end_matches('/'));
+    let create = format!("CREATE DATABASE {name}");
+    // The blocking client may not run on a tokio thread: use a plain one.
+    std::thread::spawn(move || {
+        let mut client = postgres::Client::connect(&admin, postgres::NoTls).unwrap();
+        if let Err(e) = client.batch_execute(&create) {
+            let exists = e
+                .code()
+                .is_some_and(|c| *c == postgres::error::SqlState::DUPLICATE_DATABASE);
+            assert!(exists, "{create}: {e}");
+        }
+    })
+    .join()
+    .unwrap();
+    format!("{}/{name}", server.trim_end_matches('/'))
+}
+
 /// A service configuration on `db`: `settings` (top-level keys, then any
 /// tables), then one `[[reviewers]]` per `(name, token, more lines)`.
 pub fn config_toml(db: &Path, settings: &str, reviewers: &[(&str, &str, &str)]) -> String {
-    let mut out = format!("database = \"{}\"\n{settings}\n", db.display());
+    let mut out = format!("database = \"{}\"\n{settings}\n", database_setting(db));
     for (name, token, more) in reviewers {
         out.push_str(&format!(
             "[[reviewers]]\nname = \"{name}\"\ntoken_sha256 = \"{}\"\n{more}\n",
@@ -270,5 +309,76 @@ impl Server {
             .expect("server did not stop")
             .unwrap()
             .unwrap();
+    }
+}
+
+/// A connection of the test's own to a test database (SQLite file or
+/// PostgreSQL database, as [`database_setting`] chose), for changing it
+/// behind the service's back.
+pub enum RawDb {
+    Sqlite(rusqlite::Connection),
+    Postgres(postgres::Client),
+    /// Being closed on another thread (see `Drop`).
+    Gone,
+}
+
+impl Drop for RawDb {
+    fn drop(&mut self) {
+        // The blocking client may not even be dropped on a tokio thread.
+        if matches!(self, RawDb::Postgres(_)) && tokio::runtime::Handle::try_current().is_ok() {
+            let me = std::mem::replace(self, RawDb::Gone);
+            std::thread::spawn(move || drop(me)).join().unwrap();
+        }
+    }
+}
+
+impl RawDb {
+    /// Opens the database the service at `db` uses.
+    pub fn open(db: &Path) -> RawDb {
+        let setting = database_setting(db);
+        if on_postgres() {
+            // The blocking client may not run on a tokio thread.
+            let client = std::thread::spawn(move || {
+                postgres::Client::connect(&setting, postgres::NoTls).unwrap()
+            })
+            .join()
+            .unwrap();
+            RawDb::Postgres(client)
+        } else {
+            RawDb::Sqlite(rusqlite::Connection::open(setting).unwrap())
+        }
+    }
+
+    /// Runs `sql` (one or more statements); the database's error as text.
+    pub fn exec(&mut self, sql: &str) -> Result<(), String> {
+        match self {
+            RawDb::Gone => unreachable!(),
+            RawDb::Sqlite(c) => c.execute_batch(sql).map_err(|e| e.to_string()),
+            RawDb::Postgres(c) => std::thread::scope(|s| {
+                s.spawn(|| {
+                    c.batch_execute(sql).map_err(|e| match e.as_db_error() {
+                        Some(db) => db.message().to_string(),
+                        None => e.to_string(),
+                    })
+                })
+                .join()
+                .unwrap()
+            }),
+        }
+    }
+}
+
+impl RawDb {
+    /// The single text value `sql` selects (cast numbers in the SQL).
+    pub fn text(&mut self, sql: &str) -> String {
+        match self {
+            RawDb::Gone => unreachable!(),
+            RawDb::Sqlite(c) => c.query_row(sql, [], |r| r.get(0)).unwrap(),
+            RawDb::Postgres(c) => std::thread::scope(|s| {
+                s.spawn(|| c.query_one(sql, &[]).unwrap().get::<_, String>(0))
+                    .join()
+                    .unwrap()
+            }),
+        }
     }
 }
