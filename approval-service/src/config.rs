@@ -474,7 +474,9 @@ pub(crate) fn check_database(
     }
     let location = Location::parse(&value);
     if let Location::Postgres(url) = &location {
-        if let Err(e) = url.parse::<postgres::Config>() {
+        // The `sslrootcert` file is read when connecting (it may exist only
+        // where the service runs, not where `check-config` does).
+        if let Err(e) = crate::db::parse_postgres_url(url) {
             return Err(invalid(field, format!("not a valid PostgreSQL URL: {e}")));
         }
     }

@@ -110,7 +110,17 @@ impl fmt::Display for DbError {
             DbError::Sqlite(e) => write!(f, "sqlite: {e}"),
             DbError::Postgres(e) => match e.as_db_error() {
                 Some(db) => write!(f, "postgres: {}: {}", db.code().code(), db.message()),
-                None => write!(f, "postgres: {e}"),
+                None => {
+                    // The cause (a refused certificate, a refused connection)
+                    // is in the source chain, not in the top message.
+                    write!(f, "postgres: {e}")?;
+                    let mut source = std::error::Error::source(e);
+                    while let Some(cause) = source {
+                        write!(f, ": {cause}")?;
+                        source = cause.source();
+                    }
+                    Ok(())
+                }
             },
             DbError::Conversion(m) => write!(f, "stored value: {m}"),
         }
@@ -371,15 +381,62 @@ pub fn to_postgres_sql(sql: &str) -> String {
 /// How long a PostgreSQL connection attempt may take.
 const PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A PostgreSQL URL, parsed: the client configuration and the CA file
+/// named by `sslrootcert`.
+pub struct PostgresUrl {
+    /// Everything the client understands.
+    pub config: postgres::Config,
+    /// `sslrootcert=PATH`: CA certificates (PEM) trusted besides Mozilla's.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Parses a PostgreSQL URL. Beyond what the client parses itself, it takes
+/// libpq's `sslrootcert=PATH` and `sslmode=verify-ca|verify-full` (both
+/// mean `require` here: certificates are always verified, host name
+/// included).
+pub fn parse_postgres_url(url: &str) -> Result<PostgresUrl, String> {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, q),
+        None => (url, ""),
+    };
+    let mut kept = Vec::new();
+    let mut ca_file = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("sslrootcert", path)) => ca_file = Some(PathBuf::from(path)),
+            Some(("sslmode", "verify-ca" | "verify-full")) => kept.push("sslmode=require"),
+            _ => kept.push(pair),
+        }
+    }
+    let rest = if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    let config = rest
+        .parse::<postgres::Config>()
+        .map_err(|e| e.to_string())?;
+    Ok(PostgresUrl { config, ca_file })
+}
+
 fn pg_connect(url: &str) -> DbResult<postgres::Client> {
-    let mut config: postgres::Config = url.parse()?;
+    let PostgresUrl {
+        mut config,
+        ca_file,
+    } = parse_postgres_url(url).map_err(DbError::Conversion)?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(PG_CONNECT_TIMEOUT);
     }
     if config.get_application_name().is_none() {
         config.application_name("countersign-approval");
     }
-    Ok(config.connect(NoTls)?)
+    if config.get_ssl_mode() == postgres::config::SslMode::Disable {
+        return Ok(config.connect(NoTls)?);
+    }
+    // `prefer` (the default) and `require`: TLS when the server offers it
+    // (always, for `require`), with the certificate verified.
+    let tls = crate::tls::database_config(ca_file.as_deref()).map_err(DbError::Conversion)?;
+    Ok(config.connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))?)
 }
 
 /// Settings of every PostgreSQL session: how long to wait for a lock, and a

@@ -17,12 +17,12 @@ mod records_cli;
 use args::Flags;
 
 const USAGE: &str = "usage:
-  countersign-approval serve --config FILE [--listen ADDR] [--database PATH]
-  countersign-approval --config FILE [--listen ADDR] [--database PATH]
+  countersign-approval serve --config FILE [--listen ADDR] [--database PATH|URL]
+  countersign-approval --config FILE [--listen ADDR] [--database PATH|URL]
   countersign-approval hash-token TOKEN
   countersign-approval check-config [--plugin-config FILE.json]... [--envoy FILE.yaml]... [--service-config FILE.toml]... [--envoy-bin PATH | --no-envoy]
-  countersign-approval verify-records (--database PATH | --config FILE)
-  countersign-approval export-records (--database PATH | --config FILE) [--since-ms N] [--until-ms N] [--caller NAME] [--model NAME] [--decision D] [--review-id ID] [--after-seq N]";
+  countersign-approval verify-records (--database PATH|URL | --config FILE)
+  countersign-approval export-records (--database PATH|URL | --config FILE) [--since-ms N] [--until-ms N] [--caller NAME] [--model NAME] [--decision D] [--review-id ID] [--after-seq N]";
 
 /// Options of `serve`.
 struct ServeArgs {

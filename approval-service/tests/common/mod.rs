@@ -58,7 +58,12 @@ pub fn database_setting(db: &Path) -> String {
     let digest = sha2::Sha256::digest(db.display().to_string().as_bytes());
     let name: String = digest[..10].iter().map(|b| format!("{b:02x}")).collect();
     let name = format!("cs_test_{name}");
-    let admin = format!("{}/postgres", server.trim_end_matches('/'));
+    // `postgresql://user@host:port[?options]` → `.../NAME[?options]`.
+    let (base, query) = match server.split_once('?') {
+        Some((b, q)) => (b.trim_end_matches('/').to_string(), format!("?{q}")),
+        None => (server.trim_end_matches('/').to_string(), String::new()),
+    };
+    let admin = format!("{base}/postgres{query}");
     let create = format!("CREATE DATABASE {name}");
     // The blocking client may not run on a tokio thread: use a plain one.
     std::thread::spawn(move || {
@@ -72,7 +77,7 @@ pub fn database_setting(db: &Path) -> String {
     })
     .join()
     .unwrap();
-    format!("{}/{name}", server.trim_end_matches('/'))
+    format!("{base}/{name}{query}")
 }
 
 /// A service configuration on `db`: `settings` (top-level keys, then any
