@@ -10,6 +10,7 @@ import io
 import json
 import subprocess
 import tarfile
+import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -35,7 +36,7 @@ PLACEHOLDER_IMAGE = "registry.example.com/countersign/countersign-filter:0.1.0"
 
 
 def manifest_files(base=MESH):
-    return sorted(p for sub in ("istio", "envoy-gateway", "k8s") for p in (base / sub).glob("*.yaml"))
+    return sorted(p for sub in ("istio", "envoy-gateway", "k8s", "k8s-postgres") for p in (base / sub).glob("*.yaml"))
 
 
 def documents(path):
@@ -72,7 +73,7 @@ def test_manifest_validates(path, index, doc):
 def test_every_kind_is_covered():
     kinds = {d["kind"] for _, _, d in all_documents()}
     assert {"WasmPlugin", "EnvoyFilter", "EnvoyExtensionPolicy", "EnvoyPatchPolicy", "Namespace", "Deployment",
-            "Service", "Secret", "PersistentVolumeClaim"} <= kinds
+            "Service", "Secret", "PersistentVolumeClaim", "PodDisruptionBudget"} <= kinds
 
 
 def test_validators_catch_mistakes():
@@ -99,8 +100,17 @@ def test_validators_catch_mistakes():
         assert validate(doc), f"a broken {kind} passed validation"
 
 
+def deployment(variant):
+    return next(d for f, _, d in all_documents() if d["kind"] == "Deployment" and f.parent.name == variant)
+
+
+def service_config(variant):
+    secret = next(d for f, _, d in all_documents() if d["kind"] == "Secret" and f.parent.name == variant)
+    return tomllib.loads(secret["stringData"]["approval.toml"])
+
+
 def test_deployment_is_single_replica_with_probes_and_resources():
-    dep = next(d for _, _, d in all_documents() if d["kind"] == "Deployment")
+    dep = deployment("k8s")
     assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
     c = dep["spec"]["template"]["spec"]["containers"][0]
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -109,6 +119,19 @@ def test_deployment_is_single_replica_with_probes_and_resources():
     volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
     assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "countersign-data"
     assert volumes["config"]["secret"]["secretName"] == "countersign-approval"
+    assert not service_config("k8s")["database"].startswith("postgres")
+
+
+def test_postgres_deployment_runs_several_replicas_without_a_volume():
+    dep = deployment("k8s-postgres")
+    assert dep["spec"]["replicas"] >= 2
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    pod = dep["spec"]["template"]["spec"]
+    assert [v["name"] for v in pod["volumes"]] == ["config"], "replicas must not need a local volume"
+    assert pod["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert service_config("k8s-postgres")["database"].startswith("postgresql://")
+    pdb = next(d for _, _, d in all_documents() if d["kind"] == "PodDisruptionBudget")
+    assert pdb["spec"]["selector"] == dep["spec"]["selector"] and pdb["spec"]["minAvailable"] >= 1
 
 
 # ----- the OCI image layout -------------------------------------------------
@@ -190,7 +213,8 @@ def test_oci_build_is_reproducible(tmp_path):
 def test_pinned_manifests_carry_the_image_digest(tmp_path):
     digests = build_oci(tmp_path)
     pin = digests["IMAGE_SHA256"]
-    committed = {p.relative_to(MESH) for p in manifest_files() if not p.is_relative_to(MESH / "k8s")}
+    committed = {p.relative_to(MESH) for p in manifest_files()
+                 if not (p.is_relative_to(MESH / "k8s") or p.is_relative_to(MESH / "k8s-postgres"))}
     written = {p.relative_to(tmp_path) for p in manifest_files(tmp_path)}
     assert written == committed
     plugin = documents(tmp_path / "istio" / "wasmplugin.yaml")[0]
@@ -287,7 +311,8 @@ def test_check_config_accepts_the_mesh_examples(tmp_path):
     warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
     assert warnings and all("placeholder" in w for w in warnings), warnings
     build_oci(tmp_path)
-    pinned = [p for p in manifest_files(tmp_path)] + sorted((MESH / "k8s").glob("*.yaml"))
+    pinned = [p for p in manifest_files(tmp_path)] + sorted((MESH / "k8s").glob("*.yaml")) \
+        + sorted((MESH / "k8s-postgres").glob("*.yaml"))
     r = check_config(*[a for f in pinned for a in ("--envoy", f)])
     assert r.returncode == 0, r.stdout + r.stderr
     assert "0 error(s), 0 warning(s)" in r.stdout, r.stdout + r.stderr
