@@ -1,3 +1,6 @@
+import itertools
+import os
+import re
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -7,19 +10,46 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from stack import Stack  # noqa: E402
+from stack import Postgres, Stack  # noqa: E402
+
+# COUNTERSIGN_E2E_DB=postgres runs the standard stacks on PostgreSQL instead
+# of the service's default SQLite file.
+E2E_DB = os.environ.get("COUNTERSIGN_E2E_DB", "sqlite")
+assert E2E_DB in ("sqlite", "postgres"), f"COUNTERSIGN_E2E_DB={E2E_DB!r}: sqlite or postgres"
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "soak: the long soak; runs only with COUNTERSIGN_SOAK=1")
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """One throwaway PostgreSQL cluster for the whole run, started on first use."""
+    pg = Postgres().start()
+    yield pg
+    pg.stop()
+
+
+_db_numbers = itertools.count(1)
+
+
 @pytest.fixture
-def make_stack(tmp_path):
+def pg_database(postgres, request):
+    """Factory: a fresh, empty database in the session's cluster -> its URL."""
+    def make():
+        name = re.sub(r"[^a-z0-9_]+", "_", request.node.name.lower())[:40]
+        return postgres.create_database(f"t{next(_db_numbers)}_{name}")
+    return make
+
+
+@pytest.fixture
+def make_stack(tmp_path, request):
     """Factory: make_stack(filter_config=None, filter_token=None) -> started Stack."""
     stacks = []
 
     def make(**kwargs):
+        if E2E_DB == "postgres" and "database" not in kwargs:
+            kwargs["database"] = request.getfixturevalue("pg_database")()
         s = Stack(tmp_path, **kwargs)
         stacks.append(s)
         return s.start()

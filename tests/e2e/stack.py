@@ -10,13 +10,16 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
+import yaml
 
 from render import filter_config_value, render
 
@@ -45,9 +48,9 @@ def sha256_hex(text: str) -> str:
 class Proc:
     """A child process started in its own session, stopped by PID."""
 
-    def __init__(self, name: str, cmd: list[str], log: Path, env: dict | None = None):
+    def __init__(self, name: str, cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None):
         self.name, self.cmd, self.log = name, cmd, log
-        self.env = env
+        self.env, self.cwd = env, cwd
         self.popen: subprocess.Popen | None = None
 
     def start(self) -> "Proc":
@@ -55,7 +58,7 @@ class Proc:
             env = None if self.env is None else {**os.environ, **self.env}
             self.popen = subprocess.Popen(
                 self.cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                env=env,
+                env=env, cwd=self.cwd,
             )
         return self
 
@@ -126,7 +129,7 @@ def rec_field(rec: dict, name: str):
 
 
 def verify_records(stack, timeout: float = 30) -> subprocess.CompletedProcess:
-    """Runs the hash-chain verifier over the service's database."""
+    """Runs the hash-chain verifier over the service's database (SQLite file or PostgreSQL URL)."""
     return subprocess.run([str(RELEASE / "countersign-approval"), "verify-records", "--database",
                            str(stack.approval.db)], capture_output=True, text=True, timeout=timeout)
 
@@ -136,6 +139,112 @@ def stat(stack, name) -> int:
     text = httpx.get(f"http://127.0.0.1:{stack.envoy.admin_port}/stats?filter={name}$", timeout=5).text
     m = re.search(rf"{re.escape(name)}: (-?\d+)", text)
     return int(m.group(1)) if m else 0
+
+
+class Postgres:
+    """A throwaway PostgreSQL cluster (Debian's server) on a free loopback port.
+
+    initdb and postgres refuse to run as root: as root they run as the
+    `postgres` system user (setpriv execs, so the PID held is the
+    postmaster's), in a directory of their own outside pytest's root-only
+    temp tree. Stopped by PID: SIGINT is PostgreSQL's fast shutdown.
+    """
+
+    def __init__(self, tls: bool = False):
+        versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"),
+                          key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+        if not versions:
+            raise RuntimeError("PostgreSQL server not found in /usr/lib/postgresql/*/bin (./dev setup installs it)")
+        self.bin = versions[-1].parent
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="countersign-pg-"))
+        self.data = self.dir / "data"
+        self.as_user = ["setpriv", "--reuid=postgres", "--regid=postgres", "--clear-groups", "--"] \
+            if os.geteuid() == 0 else []
+        if self.as_user:
+            shutil.chown(self.dir, "postgres", "postgres")
+        # With tls: a CA of its own (ca_file) and a server certificate for
+        # 127.0.0.1 signed by it; plain connections stay allowed.
+        self.ca_file = self.dir / "ca.pem" if tls else None
+        ssl = ["-c", "ssl=on", "-c", f"ssl_cert_file={self.dir / 'server.pem'}",
+               "-c", f"ssl_key_file={self.dir / 'server.key'}"] if tls else []
+        self.proc = Proc("postgres", [*self.as_user, str(self.bin / "postgres"), "-D", str(self.data),
+                                      "-p", str(self.port), "-k", str(self.dir),
+                                      "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=300",
+                                      "-c", "fsync=off", "-c", "full_page_writes=off", *ssl],
+                         self.dir / "postgres.log", cwd=self.dir)
+
+    def _make_certificates(self):
+        def openssl(*args):
+            r = subprocess.run(["openssl", *args], cwd=self.dir, capture_output=True, text=True, timeout=60)
+            if r.returncode != 0:
+                raise RuntimeError(f"openssl {args[0]}: {r.stderr}")
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=countersign test CA",
+                "-keyout", "ca.key", "-out", "ca.pem")
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+                "-keyout", "server.key", "-out", "server.csr")
+        (self.dir / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
+                                             "extendedKeyUsage=serverAuth\n")
+        openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-days", "2", "-extfile", "server.ext", "-out", "server.pem")
+        # PostgreSQL refuses a key others can read; as root the server runs
+        # as `postgres`, which must own it.
+        key = self.dir / "server.key"
+        key.chmod(0o600)
+        if self.as_user:
+            for f in ("server.key", "server.pem"):
+                shutil.chown(self.dir / f, "postgres", "postgres")
+
+    def start(self) -> "Postgres":
+        def ready():
+            if not self.proc.alive():
+                raise RuntimeError(f"postgres exited: {self.proc.log_text()[-2000:]}")
+            return subprocess.run([str(self.bin / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)],
+                                  timeout=10).returncode == 0
+        try:
+            init = subprocess.run([*self.as_user, str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres",
+                                   "--auth=trust", "--no-locale", "-E", "UTF8", "--no-sync"],
+                                  cwd=self.dir, capture_output=True, text=True, timeout=120)
+            if init.returncode != 0:
+                raise RuntimeError(f"initdb failed: {init.stdout}{init.stderr}")
+            if self.ca_file:
+                self._make_certificates()
+            self.proc.start()
+            wait_until(ready, timeout=30, what="postgres accepting connections")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def psql(self, sql: str, dbname: str = "postgres") -> str:
+        r = subprocess.run([str(self.bin / "psql"), "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1",
+                            "-p", str(self.port), "-U", "postgres", "-d", dbname, "-c", sql],
+                           capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise RuntimeError(f"psql {sql!r}: {r.stderr}")
+        return r.stdout
+
+    def create_database(self, name: str) -> str:
+        """Creates an empty database; returns its URL."""
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
+            raise ValueError(f"bad database name {name!r}")
+        self.psql(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def url(self, dbname: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    def stop(self):
+        # SIGINT to the postmaster alone (its children have their own
+        # meanings for it); SIGKILL to the whole group if it hangs.
+        if self.proc.alive():
+            assert self.proc.popen is not None
+            os.kill(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Backend:
@@ -158,24 +267,29 @@ class Backend:
 
 
 class Approval:
-    def __init__(self, workdir: Path, filter_token: str | None = None, extra: str = ""):
+    """One approval service process. `database` is a PostgreSQL URL that
+    several replicas (each with its own `name`, hence files) may share;
+    without it the service uses a SQLite file in workdir."""
+
+    def __init__(self, workdir: Path, filter_token: str | None = None, extra: str = "", database: str | None = None,
+                 name: str = "approval"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.db = workdir / "countersign.db"
-        self.config = workdir / "approval.toml"
+        self.db = database or workdir / "countersign.db"
+        self.config = workdir / f"{name}.toml"
         lines = [f'listen = "127.0.0.1:{self.port}"', f'database = "{self.db}"']
         if filter_token:
             lines.append(f'filter_token_sha256 = "{sha256_hex(filter_token)}"')
         # Top-level keys must come before the first [[table]].
         if extra:
             lines.append(extra)
-        for name, token in REVIEWERS.items():
-            lines += ["", "[[reviewers]]", f'name = "{name}"', f'token_sha256 = "{sha256_hex(token)}"',
-                      f'groups = {json.dumps(REVIEWER_GROUPS[name])}']
+        for reviewer, token in REVIEWERS.items():
+            lines += ["", "[[reviewers]]", f'name = "{reviewer}"', f'token_sha256 = "{sha256_hex(token)}"',
+                      f'groups = {json.dumps(REVIEWER_GROUPS[reviewer])}']
         self.config.write_text("\n".join(lines) + "\n")
         self.proc = Proc("countersign-approval",
                          [str(RELEASE / "countersign-approval"), "serve", "--config", str(self.config)],
-                         workdir / "approval.log")
+                         workdir / f"{name}.log", cwd=workdir)
 
     def start(self):
         self.proc.start()
@@ -206,21 +320,45 @@ class Approval:
             return r.json()
 
 
+def with_approval_replicas(envoy_yaml: str, ports: list[int]) -> str:
+    """The rendered template with one approval endpoint per replica, checked
+    on /healthz every second and ejected after two failed calls, so a dead
+    replica is dropped at once and held requests re-attach to the others."""
+    config = yaml.safe_load(envoy_yaml)
+    [cluster] = [c for c in config["static_resources"]["clusters"] if c["name"] == "countersign_approval"]
+    cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": [
+        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
+        for port in ports]}]
+    cluster["health_checks"] = [{
+        "timeout": "1s", "interval": "1s", "no_traffic_interval": "1s",
+        "unhealthy_threshold": 1, "healthy_threshold": 1, "http_health_check": {"path": "/healthz"}}]
+    cluster["outlier_detection"] = {
+        "consecutive_5xx": 2, "interval": "1s", "base_ejection_time": "10s", "max_ejection_percent": 50}
+    return yaml.safe_dump(config, sort_keys=False)
+
+
 class Envoy:
-    def __init__(self, workdir: Path, backend: Backend, approval: Approval, filter_config: dict | str,
-                 env: dict | None = None):
+    """Envoy from the shipped template. `approval` is one service, or a list
+    of replicas that become the endpoints of the approval cluster."""
+
+    def __init__(self, workdir: Path, backend: Backend, approval: Approval | list[Approval],
+                 filter_config: dict | str, env: dict | None = None, name: str = "envoy"):
+        replicas = approval if isinstance(approval, list) else [approval]
         self.port, self.admin_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.yaml = workdir / "envoy.yaml"
-        self.yaml.write_text(render(TEMPLATE.read_text(), {
+        self.yaml = workdir / f"{name}.yaml"
+        text = render(TEMPLATE.read_text(), {
             "ADMIN_PORT": self.admin_port, "LISTEN_PORT": self.port, "MODEL_PORT": backend.port,
-            "APPROVAL_PORT": approval.port, "BUFFER_LIMIT": BUFFER_LIMIT, "WASM_PATH": WASM,
+            "APPROVAL_PORT": replicas[0].port, "BUFFER_LIMIT": BUFFER_LIMIT, "WASM_PATH": WASM,
             "FILTER_CONFIG": filter_config_value(filter_config),
-        }))
+        })
+        if isinstance(approval, list):
+            text = with_approval_replicas(text, [r.port for r in replicas])
+        self.yaml.write_text(text)
         self.proc = Proc("envoy", [str(ENVOY), "-c", str(self.yaml), "--log-level", "warn",
                                    "--component-log-level", "wasm:info", "--concurrency", "2",
                                    "--base-id", str(self.admin_port)],
-                         workdir / "envoy.log", env=env)
+                         workdir / f"{name}.log", env=env)
 
     def start(self, wait_ready=True):
         self.proc.start()
@@ -246,12 +384,12 @@ class Stack:
     """Demo backend + approval service + Envoy with the filter."""
 
     def __init__(self, workdir: Path, filter_config: dict | None = None, filter_token: str | None = None,
-                 envoy_env: dict | None = None, approval_extra: str = ""):
+                 envoy_env: dict | None = None, approval_extra: str = "", database: str | None = None):
         config = dict(DEFAULT_FILTER_CONFIG if filter_config is None else filter_config)
         if filter_token:
             config["approval_token"] = filter_token
         self.backend = Backend(workdir)
-        self.approval = Approval(workdir, filter_token=filter_token, extra=approval_extra)
+        self.approval = Approval(workdir, filter_token=filter_token, extra=approval_extra, database=database)
         self.envoy = Envoy(workdir, self.backend, self.approval, config, env=envoy_env)
 
     def start(self):
