@@ -251,6 +251,14 @@ pub async fn create_review(
         reason: None,
         edited_body: None,
     };
+    let stored = new.clone();
+    if let Some(existing) = state.db(move |s| s.insert(&stored)).await? {
+        // A retry whose first attempt created the review (its answer was
+        // lost): the same review, not a second one for reviewers.
+        tracing::info!(review_id = %existing.id, request_id = %new.request.request_id,
+            "review creation retried; answering with the existing review");
+        return Ok((StatusCode::OK, Json(existing)));
+    }
     tracing::info!(
         review_id = %new.id,
         request_id = %new.request.request_id,
@@ -261,8 +269,6 @@ pub async fn create_review(
         "review created"
     );
     crate::approvals::warn_if_unreachable(&state.config().reviewers, &new.id, &new.request);
-    let stored = new.clone();
-    state.db(move |s| s.insert(&stored)).await?;
     state.publish(&new.id, ReviewStatus::Pending);
     crate::webhook::notify_pending(&state, &new);
     Ok((StatusCode::CREATED, Json(state_out)))

@@ -103,12 +103,14 @@ pub struct ApprovalEntry {
 }
 
 /// Columns added to `reviews` by [`migrate`]: name and declaration.
-const REVIEW_COLUMNS: [(&str, &str); 5] = [
+const REVIEW_COLUMNS: [(&str, &str); 6] = [
     ("caller_groups_json", "TEXT NOT NULL DEFAULT '[]'"),
     ("required_approvals", "INTEGER NOT NULL DEFAULT 1"),
     ("approver_group", "TEXT"),
     ("async_review", "INTEGER NOT NULL DEFAULT 0"),
     ("token_uses", "INTEGER NOT NULL DEFAULT 0"),
+    // The filter's key for retried creations; see `Store::insert`.
+    ("idempotency_key", "TEXT"),
 ];
 
 /// Adds the approval and token columns and tables to a database that lacks
@@ -141,6 +143,8 @@ pub(crate) fn migrate(conn: &Connection) -> rusqlite::Result<()> {
          CREATE INDEX IF NOT EXISTS approvals_review ON approvals (review_id, id);
          CREATE UNIQUE INDEX IF NOT EXISTS approvals_current
              ON approvals (review_id, reviewer) WHERE superseded_at_ms IS NULL;
+         CREATE UNIQUE INDEX IF NOT EXISTS reviews_idempotency
+             ON reviews (idempotency_key) WHERE idempotency_key IS NOT NULL;
          CREATE TABLE IF NOT EXISTS token_consumptions (
              review_id   TEXT NOT NULL,
              use_no      INTEGER NOT NULL,

@@ -386,8 +386,11 @@ CREATE TABLE reviews (
     required_approvals BIGINT NOT NULL DEFAULT 1,
     approver_group     TEXT,
     async_review       BIGINT NOT NULL DEFAULT 0,
-    token_uses         BIGINT NOT NULL DEFAULT 0
+    token_uses         BIGINT NOT NULL DEFAULT 0,
+    idempotency_key    TEXT
 );
+CREATE UNIQUE INDEX reviews_idempotency
+    ON reviews (idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX reviews_created ON reviews (created_at_ms);
 CREATE INDEX reviews_status_created ON reviews (status, created_at_ms);
 CREATE TABLE sessions (
@@ -512,18 +515,24 @@ impl Store {
         self.conn().query_one("SELECT 1", params![]).map(drop)
     }
 
-    /// Inserts a new pending review.
-    pub fn insert(&self, r: &NewReview) -> DbResult<()> {
+    /// Inserts a new pending review. When the filter's idempotency key was
+    /// already used (a retry after a lost answer, possibly to another
+    /// replica), nothing is inserted and the review created then is
+    /// returned instead.
+    pub fn insert(&self, r: &NewReview) -> DbResult<Option<ReviewState>> {
         let q = &r.request;
         let prompt_json = serde_json::to_string(&q.prompt)?;
         let caller_groups_json = serde_json::to_string(&q.caller_groups)?;
         let preview = preview_of(&q.prompt);
-        self.conn().execute(
+        let mut conn = self.conn();
+        let inserted = conn.execute(
             "INSERT INTO reviews (id, status, created_at_ms, expires_at_ms, request_id, api, method,
                  path, authority, route, caller, model, stream, rule, prompt_json, preview, body,
-                 hold_timeout_ms, caller_groups_json, required_approvals, approver_group, async_review)
+                 hold_timeout_ms, caller_groups_json, required_approvals, approver_group, async_review,
+                 idempotency_key)
              VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                 ?18, ?19, ?20, ?21)",
+                 ?18, ?19, ?20, ?21, ?22)
+             ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
             params![
                 &r.id,
                 i(r.created_at_ms),
@@ -546,9 +555,23 @@ impl Store {
                 i64::from(q.required_approvals.max(1)),
                 &q.approver_group,
                 q.async_review,
+                &q.idempotency_key,
             ],
         )?;
-        Ok(())
+        if inserted == 1 {
+            return Ok(None);
+        }
+        let row = conn.query_opt(
+            "SELECT id FROM reviews WHERE idempotency_key = ?1",
+            params![&q.idempotency_key],
+        )?;
+        let Some(row) = row else {
+            return Err(DbError::Conversion(
+                "review neither inserted nor found by its idempotency key".into(),
+            ));
+        };
+        let id: String = row.get(0)?;
+        state_of(&mut conn, &id)
     }
 
     /// The filter's view of a review.

@@ -104,6 +104,46 @@ async fn create_validates_and_clamps() {
 }
 
 #[tokio::test]
+async fn a_retried_creation_with_the_same_key_returns_the_same_review() {
+    let f = fixture("");
+    let body = common::merged(
+        create_body(60_000),
+        json!({"idempotency_key": "req-1:00ab:review"}),
+    );
+    let (status, first) =
+        common::call(&f.app, "POST", "/v1/reviews", &[], Some(body.clone())).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    let (status, again) = common::call(&f.app, "POST", "/v1/reviews", &[], Some(body)).await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["id"], first["id"]);
+    assert_eq!(again["status"], "pending");
+    // Decided meanwhile: the retry answers with the decision.
+    let id = first["id"].as_str().unwrap();
+    common::decide_ok(&f.app, id, ALICE, "approve", json!({})).await;
+    let body = common::merged(
+        create_body(60_000),
+        json!({"idempotency_key": "req-1:00ab:review"}),
+    );
+    let (_, again) = common::call(&f.app, "POST", "/v1/reviews", &[], Some(body)).await;
+    assert_eq!(
+        (again["id"].as_str(), again["status"].as_str()),
+        (Some(id), Some("approved"))
+    );
+    // Another key, or none, is another review.
+    let other = common::merged(
+        create_body(60_000),
+        json!({"idempotency_key": "req-1:00ac:review"}),
+    );
+    let (status, v) = common::call(&f.app, "POST", "/v1/reviews", &[], Some(other)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_ne!(v["id"], first["id"]);
+    create(&f.app, 60_000).await;
+    create(&f.app, 60_000).await;
+    let (_, list) = common::get_as(&f.app, ALICE, "/api/reviews").await;
+    assert_eq!(list["reviews"].as_array().unwrap().len(), 4, "{list}");
+}
+
+#[tokio::test]
 async fn wait_returns_pending_after_timeout() {
     let f = fixture("");
     let id = create(&f.app, 60_000).await;

@@ -101,7 +101,9 @@ def test_content_policy_denies_and_monitors(masked):
     assert r.status_code == 403 and "no-weapons" in r.json()["error"]["message"]
     r = post(masked.url, json=chat(model="demo-allow", text="draft the layoff memo"))
     assert r.status_code == 200  # monitor: recorded, not enforced
-    recs = wait_until(lambda: masked.approval.client().get("/api/records").json()["records"], what="records")
+    # Both records: the refusal's is sent after the refusal (not waited for).
+    recs = wait_until(lambda: (r := masked.approval.client().get("/api/records").json()["records"])
+                      and len(r) >= 2 and r, what="both records")
     hits = json.dumps(recs)
     assert "watch-layoffs" in hits and "no-weapons" in hits
 

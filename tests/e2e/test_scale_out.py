@@ -181,9 +181,13 @@ def test_killing_a_replica_under_load_loses_no_held_request_or_decision(many, fl
     assert {r["status"] for r in stored} == {"approved"}
 
     # Every held request has its session record, written before it was
-    # forwarded, with the decision and who took it. (Not the answer appended
-    # afterwards: the filter sends that once, so one in flight to the
-    # replica as it dies is lost.)
+    # forwarded, with the decision and who took it, and (appended once the
+    # answer ended, retried past the dead replica) what the model answered.
+    def all_answers_recorded():
+        forwarded = [x for x in records(fleet) if rec_field(x, "decision") in ("approved", "allowed")]
+        return forwarded and all(x["response"] for x in forwarded) and forwarded
+    recorded_answers = wait_until(all_answers_recorded, timeout=20, what="every answer recorded")
+    assert {x["response"]["status"] for x in recorded_answers} == {200}
     recs = [x for x in records(fleet) if rec_field(x, "review_id")]
     assert sorted(rec_field(x, "review_id") for x in recs) == sorted(r["id"] for r in reviews)
     assert {rec_field(x, "decision") for x in recs} == {"approved"}

@@ -123,10 +123,19 @@ pub struct Hold {
     /// The record write, kept for retries.
     record_call: Option<Callout>,
     record_attempts: u32,
+    /// The review creation, kept for retries (it carries an idempotency
+    /// key, so a retry after a lost answer finds the review, not a second).
+    create_call: Option<Callout>,
+    create_attempts: u32,
 }
 
 /// Attempts at writing a record before the request is refused.
 pub const RECORD_ATTEMPTS: u32 = 3;
+
+/// Attempts at creating a review before the request is refused (or, with
+/// `fail_open`, released). Only failures that may be transient are retried:
+/// no answer, or a 5xx (a replica that died, Envoy finding no healthy one).
+pub const CREATE_ATTEMPTS: u32 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -179,15 +188,19 @@ impl Hold {
             replace_body: false,
             record_call: None,
             record_attempts: 0,
+            create_call: None,
+            create_attempts: 1,
         };
         let body = serde_json::to_vec(&plan.review).ok();
-        let step = HoldStep::Call(Callout {
+        let call = Callout {
             kind: CalloutKind::Create,
             headers: service_headers(config, "POST", FILTER_API_PREFIX.to_string()),
             body,
             timeout_ms: config.callout_timeout_ms,
-        });
-        (hold, step)
+        };
+        let mut hold = hold;
+        hold.create_call = Some(call.clone());
+        (hold, HoldStep::Call(call))
     }
 
     /// Forwards an allowed request once its record is written.
@@ -323,6 +336,8 @@ impl Hold {
             replace_body: false,
             record_call: None,
             record_attempts: 0,
+            create_call: None,
+            create_attempts: 0,
         }
     }
 
@@ -450,6 +465,13 @@ impl Hold {
                     }
                     self.after_state(config, state, now_ms)
                 }
+                Err(_)
+                    if transient(result)
+                        && self.create_attempts < CREATE_ATTEMPTS
+                        && now_ms < self.deadline_ms =>
+                {
+                    HoldStep::RetryAt(self.backoff(now_ms))
+                }
                 Err(_) if self.fail_open => {
                     let release = Release { review_id: None, reviewer: None, edited_body: None, record_id: None, decision: "fail_open" };
                     self.release(config, release, now_ms)
@@ -475,9 +497,7 @@ impl Hold {
                     if now_ms >= self.deadline_ms {
                         return HoldStep::Refuse(self.timeout_refusal());
                     }
-                    let delay = (RETRY_MIN_MS << self.failures.min(8)).min(RETRY_MAX_MS);
-                    self.failures = self.failures.saturating_add(1);
-                    HoldStep::RetryAt(now_ms.saturating_add(delay).min(self.deadline_ms))
+                    HoldStep::RetryAt(self.backoff(now_ms))
                 }
             },
             CalloutKind::Expire => match state {
@@ -579,7 +599,20 @@ impl Hold {
 
     /// Called at the time a previous [`HoldStep::RetryAt`] named.
     pub fn on_retry(&mut self, config: &Config, now_ms: u64) -> HoldStep {
+        if self.review_id.is_none() {
+            if let Some(call) = &self.create_call {
+                self.create_attempts = self.create_attempts.saturating_add(1);
+                return HoldStep::Call(call.clone());
+            }
+        }
         self.next_wait(config, now_ms)
+    }
+
+    /// The delay before retry number `failures + 1` (doubling, capped).
+    fn backoff(&mut self, now_ms: u64) -> u64 {
+        let delay = (RETRY_MIN_MS << self.failures.min(8)).min(RETRY_MAX_MS);
+        self.failures = self.failures.saturating_add(1);
+        now_ms.saturating_add(delay).min(self.deadline_ms)
     }
 
     fn after_state(&mut self, config: &Config, state: ReviewState, now_ms: u64) -> HoldStep {
@@ -688,6 +721,27 @@ pub fn record_callout(config: &Config, record: &NewRecord) -> Callout {
     }
 }
 
+/// The call that appends the response part of record `record_id`; `None`
+/// when the id is not a record id (nothing is sent then).
+pub fn response_record_callout(
+    config: &Config,
+    record_id: &str,
+    response: &crate::wire::RecordResponse,
+) -> Option<Callout> {
+    let valid = record_id.strip_prefix("rec_").is_some_and(|hex| {
+        !hex.is_empty() && hex.len() <= 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())
+    });
+    if !valid {
+        return None;
+    }
+    Some(Callout {
+        kind: CalloutKind::Record,
+        headers: service_headers(config, "POST", format!("/v1/records/{record_id}/response")),
+        body: Some(serde_json::to_vec(response).ok()?),
+        timeout_ms: config.callout_timeout_ms,
+    })
+}
+
 /// A call to the approval service to tell it the caller went away.
 pub fn cancel_callout(config: &Config, review_id: &str) -> Option<Callout> {
     if !valid_review_id(review_id) {
@@ -738,6 +792,13 @@ pub fn valid_review_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// Whether a failed call may succeed when tried again: no answer at all, or
+/// a server-side error (503 from Envoy when no replica is reachable, 500
+/// from a replica whose database blinked). A 4xx will not change.
+pub fn transient(result: &CalloutResult) -> bool {
+    result.status.is_none_or(|s| s >= 500)
+}
+
 fn parse_state(result: &CalloutResult) -> Result<ReviewState, String> {
     let status = result.status.ok_or_else(|| "no response".to_string())?;
     if !(200..300).contains(&status) {
@@ -775,6 +836,8 @@ mod tests {
         let info = RequestInfo {
             path: "/v1/chat/completions".into(),
             method: "POST".into(),
+            request_id: "req-1".into(),
+            nonce: 0xabc,
             ..Default::default()
         };
         let BodyVerdict::Hold(plan) = inspect_body(c, &default_endpoints()[0], &info, BODY, 0)
@@ -879,6 +942,26 @@ mod tests {
         assert!(matches!(s, HoldStep::Release(_)));
     }
 
+    /// Runs the creation of `h` into `down` until it gives up: the same
+    /// call is retried with backoff `CREATE_ATTEMPTS - 1` times first.
+    fn create_until_given_up(c: &Config, h: &mut Hold, down: &CalloutResult) -> HoldStep {
+        let first = h.create_call.clone().unwrap();
+        let mut now = 1_000;
+        for attempt in 1..CREATE_ATTEMPTS {
+            let HoldStep::RetryAt(at) = h.on_response(c, CalloutKind::Create, down, now) else {
+                panic!("attempt {attempt} was not retried")
+            };
+            assert!(at > now, "backs off");
+            now = at;
+            assert_eq!(
+                h.on_retry(c, now),
+                HoldStep::Call(first.clone()),
+                "same call, same key"
+            );
+        }
+        h.on_response(c, CalloutKind::Create, down, now)
+    }
+
     #[test]
     fn service_down_fails_closed_unless_fail_open() {
         let (c, mut h, _) = setup("{}");
@@ -886,20 +969,54 @@ mod tests {
             status: Some(503),
             body: b"upstream connect error".to_vec(),
         };
-        let HoldStep::Refuse(r) = h.on_response(&c, CalloutKind::Create, &down, 1_000) else {
+        let HoldStep::Refuse(r) = create_until_given_up(&c, &mut h, &down) else {
             panic!()
         };
         assert_eq!(r.status(), 503);
         let (c, mut h, _) =
             setup(r#"{"rules":[{"action":"review","fail_open":true,"record":"off"}]}"#);
         assert!(matches!(
-            h.on_response(&c, CalloutKind::Create, &down, 1_000),
+            create_until_given_up(&c, &mut h, &down),
             HoldStep::Release(_)
         ));
         // fail_open never applies once the review exists.
         h.review_id = Some("rev_1".into());
         let s = h.on_response(&c, CalloutKind::Wait, &ok(&state("rejected", "")), 2_000);
         assert!(matches!(s, HoldStep::Refuse(_)));
+    }
+
+    #[test]
+    fn creation_is_retried_only_for_transient_failures() {
+        // A refusal of the request itself (4xx) is final at once.
+        let (c, mut h, _) = setup("{}");
+        let bad = CalloutResult {
+            status: Some(400),
+            body: b"{}".to_vec(),
+        };
+        assert!(matches!(
+            h.on_response(&c, CalloutKind::Create, &bad, 1_000),
+            HoldStep::Refuse(_)
+        ));
+        // No answer (a replica died mid-call): retried, then the review the
+        // retry finds (same idempotency key) is waited for as usual.
+        let (c, mut h, step) = setup("{}");
+        let HoldStep::Call(call) = step else { panic!() };
+        let body: serde_json::Value =
+            serde_json::from_slice(call.body.as_deref().unwrap()).unwrap();
+        assert_eq!(body["idempotency_key"], "req-1:0000000000000abc:review");
+        let none = CalloutResult {
+            status: None,
+            body: Vec::new(),
+        };
+        let HoldStep::RetryAt(at) = h.on_response(&c, CalloutKind::Create, &none, 1_000) else {
+            panic!()
+        };
+        assert_eq!(h.on_retry(&c, at), HoldStep::Call(call));
+        let s = h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), at);
+        assert_eq!(
+            path_of(&s).split('?').next(),
+            Some("/v1/reviews/rev_1/wait")
+        );
     }
 
     #[test]

@@ -449,6 +449,8 @@ fn review_for(
         prompt: parsed.prompt.clone(),
         body: body.to_string(),
         hold_timeout_ms: rule.hold_timeout_ms,
+        idempotency_key: (info.nonce != 0)
+            .then(|| format!("{}:{:016x}:review", info.request_id, info.nonce)),
     }
 }
 

@@ -7,6 +7,7 @@
 //! approval service. Every refusal is a [`refusal::Refusal`].
 
 pub mod config;
+pub mod delivery;
 pub mod extract;
 pub mod glob;
 pub mod hold;

@@ -107,6 +107,11 @@ pub struct CreateReview {
     pub body: String,
     /// How long the filter holds the request; the review expires then.
     pub hold_timeout_ms: u64,
+    /// Chosen by the filter per request: creating a review with the same
+    /// key again returns the review already created (a retry after a lost
+    /// answer, e.g. when the replica that created it died), not a second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 fn one() -> u32 {

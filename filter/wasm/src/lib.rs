@@ -8,6 +8,10 @@
 //! the HTTP context, because retries after a failed long-poll are fired from
 //! the root context's timer: a call dispatched there calls back into the root
 //! context, which then finds the hold by its callout token.
+//!
+//! Calls that must land after their stream is gone (the response part of a
+//! record, refusal records, cancellations) go to an outbox that the root
+//! context sends and retries (`countersign_core::delivery`).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -15,9 +19,10 @@ use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use countersign_core::config::{Config, Endpoint, RecordMode};
+use countersign_core::delivery::{Delivery, DeliveryStep};
 use countersign_core::hold::{
-    cancel_callout, record_callout, Callout, CalloutKind, CalloutResult, Hold, HoldStep,
-    LocalReply, Release,
+    cancel_callout, record_callout, response_record_callout, Callout, CalloutKind, CalloutResult,
+    Hold, HoldStep, LocalReply, Release,
 };
 use countersign_core::identity::{forward_header_edits, identify};
 use countersign_core::inspect::{screen_body, BodyVerdict, RequestInfo, Screening};
@@ -25,7 +30,6 @@ use countersign_core::mask::{mask_response_body, MaskAction, ResponseGuard, SseS
 use countersign_core::record::{refusal_record, ResponseRecorder, MAX_RECORDED_RESPONSE};
 use countersign_core::refusal::{Refusal, RefusalKind};
 use countersign_core::request::{api_for_path, classify, path_only, HeadVerdict, RequestHead};
-use countersign_core::wire::FILTER_TOKEN_HEADER;
 use countersign_core::wire::{ApiKind, HitCount};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -66,8 +70,67 @@ thread_local! {
     static RETRIES: RefCell<Vec<(u64, u32)>> = const { RefCell::new(Vec::new()) };
     /// Metric ids by name.
     static METRICS: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
-    /// Reviews whose caller went away, to be cancelled by the root context.
-    static CANCELS: RefCell<Vec<(Rc<Config>, String)>> = const { RefCell::new(Vec::new()) };
+    /// Calls the root context must send, due at a time (ms): see
+    /// `countersign_core::delivery`.
+    static OUTBOX: RefCell<Vec<(u64, Rc<Config>, Delivery)>> = const { RefCell::new(Vec::new()) };
+    /// Deliveries sent and not yet answered, by callout token.
+    static DELIVERIES: RefCell<HashMap<u32, (Rc<Config>, Delivery)>> = RefCell::new(HashMap::new());
+}
+
+/// Queues `call` for the root context to send (at its next tick) and to
+/// retry until it lands.
+fn deliver(config: &Rc<Config>, call: Callout) {
+    OUTBOX.with(|o| {
+        o.borrow_mut()
+            .push((0, config.clone(), Delivery::new(call)))
+    });
+}
+
+/// Sends every due delivery; called from the root context's timer, so the
+/// answers come back to the root context, whatever became of the stream.
+fn send_deliveries(now: u64) {
+    let due: Vec<(Rc<Config>, Delivery)> = OUTBOX.with(|o| {
+        let mut o = o.borrow_mut();
+        let (due, later): (Vec<_>, Vec<_>) = o.drain(..).partition(|(at, _, _)| *at <= now);
+        *o = later;
+        due.into_iter().map(|(_, c, d)| (c, d)).collect()
+    });
+    for (config, mut delivery) in due {
+        delivery.sending();
+        match dispatch(&config, &delivery.call) {
+            Ok(token) => DELIVERIES.with(|d| {
+                d.borrow_mut().insert(token, (config, delivery));
+            }),
+            Err(e) => {
+                let failed = CalloutResult {
+                    status: None,
+                    body: e.into_bytes(),
+                };
+                let step = delivery.on_result(&failed, now);
+                after_delivery(config, delivery, step);
+            }
+        }
+    }
+}
+
+fn after_delivery(config: Rc<Config>, delivery: Delivery, step: DeliveryStep) {
+    match step {
+        DeliveryStep::Done => {}
+        DeliveryStep::RetryAt(at) => {
+            count("countersign_delivery_retries_total", 1);
+            OUTBOX.with(|o| o.borrow_mut().push((at, config, delivery)));
+        }
+        DeliveryStep::GiveUp(why) => {
+            count("countersign_deliveries_failed_total", 1);
+            let path = delivery
+                .call
+                .headers
+                .iter()
+                .find(|(k, _)| k == ":path")
+                .map_or("", |(_, v)| v.as_str());
+            log::warn!("countersign: gave up on POST {path} to the approval service: {why}");
+        }
+    }
 }
 
 /// Envoy stats (`/stats`, `/stats/prometheus` as `envoy_wasmcustom_...`).
@@ -175,14 +238,7 @@ impl RootContext for Root {
                 perform(ctx_id, &entry, step);
             }
         }
-        let cancels: Vec<(Rc<Config>, String)> =
-            CANCELS.with(|c| c.borrow_mut().drain(..).collect());
-        for (config, review_id) in cancels {
-            if let Some(call) = cancel_callout(&config, &review_id) {
-                // Best effort: the answer is ignored (its token is unknown).
-                let _ = dispatch(&config, &call);
-            }
-        }
+        send_deliveries(now);
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -319,13 +375,8 @@ impl Stream {
         // (best effort: the refusal does not wait for it).
         if let (Some(config), Some(endpoint)) = (&self.config, &self.endpoint) {
             if config.records != RecordMode::Off {
-                let _ = dispatch(
-                    config,
-                    &record_callout(
-                        config,
-                        &refusal_record(&self.info, Some(endpoint.api), refusal),
-                    ),
-                );
+                let record = refusal_record(&self.info, Some(endpoint.api), refusal);
+                deliver(config, record_callout(config, &record));
             }
         }
         send_refusal(refusal);
@@ -747,32 +798,12 @@ impl HttpContext for Stream {
                 .finish(capture.status, capture.ttfb_ms, Some(total), completion);
         response.blocked_by = capture.blocked_by;
         response.hits = capture.hits;
-        let Ok(body) = serde_json::to_vec(&response) else {
-            return;
-        };
-        let mut headers = vec![
-            (":method".to_string(), "POST".to_string()),
-            (
-                ":path".to_string(),
-                format!("/v1/records/{}/response", capture.record_id),
-            ),
-            (":authority".to_string(), config.approval_authority.clone()),
-            ("content-type".to_string(), "application/json".to_string()),
-        ];
-        if let Some(token) = &config.approval_token {
-            headers.push((FILTER_TOKEN_HEADER.to_string(), token.clone()));
-        }
-        let call = Callout {
-            kind: CalloutKind::Record,
-            headers,
-            body: Some(body),
-            timeout_ms: config.callout_timeout_ms,
-        };
-        if let Err(e) = dispatch(&config, &call) {
-            log::warn!(
-                "countersign: could not append the response to record {}: {e}",
+        match response_record_callout(&config, &capture.record_id, &response) {
+            Some(call) => deliver(&config, call),
+            None => log::warn!(
+                "countersign: not a record id, response not recorded: {:?}",
                 capture.record_id
-            );
+            ),
         }
     }
 }
@@ -787,9 +818,12 @@ impl Drop for Stream {
             if !e.finished {
                 // The caller went away mid-review: tell the service so
                 // reviewers do not decide on a request nobody waits for.
-                if let Some(id) = e.hold.cancellable_review() {
-                    let (config, id) = (e.config.clone(), id.to_string());
-                    CANCELS.with(|c| c.borrow_mut().push((config, id)));
+                if let Some(call) = e
+                    .hold
+                    .cancellable_review()
+                    .and_then(|id| cancel_callout(&e.config, id))
+                {
+                    deliver(&e.config, call);
                 }
             }
         }
@@ -798,13 +832,7 @@ impl Drop for Stream {
 
 /// Routes a callout answer to the hold that made the call, whichever
 /// context it was dispatched from.
-fn on_callout_response(token: u32, body_size: usize) {
-    let Some((ctx_id, kind)) = CALLOUTS.with(|c| c.borrow_mut().remove(&token)) else {
-        return;
-    };
-    let Some(entry) = HOLDS.with(|h| h.borrow().get(&ctx_id).cloned()) else {
-        return;
-    };
+fn callout_result(body_size: usize) -> CalloutResult {
     let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
         .ok()
         .flatten()
@@ -813,7 +841,22 @@ fn on_callout_response(token: u32, body_size: usize) {
         .ok()
         .flatten()
         .unwrap_or_default();
-    let result = CalloutResult { status, body };
+    CalloutResult { status, body }
+}
+
+fn on_callout_response(token: u32, body_size: usize) {
+    if let Some((config, delivery)) = DELIVERIES.with(|d| d.borrow_mut().remove(&token)) {
+        let step = delivery.on_result(&callout_result(body_size), now_ms());
+        after_delivery(config, delivery, step);
+        return;
+    }
+    let Some((ctx_id, kind)) = CALLOUTS.with(|c| c.borrow_mut().remove(&token)) else {
+        return;
+    };
+    let Some(entry) = HOLDS.with(|h| h.borrow().get(&ctx_id).cloned()) else {
+        return;
+    };
+    let result = callout_result(body_size);
     let step = {
         let mut e = entry.borrow_mut();
         let config = e.config.clone();
