@@ -133,7 +133,8 @@ CREATE TABLE IF NOT EXISTS records (
     model         TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.model')) VIRTUAL,
     decision      TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.decision')) VIRTUAL,
     review_id     TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.review_id')) VIRTUAL,
-    request_id    TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.request_id')) VIRTUAL
+    request_id    TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.request_id')) VIRTUAL,
+    idempotency_key TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.idempotency_key')) VIRTUAL
 );
 CREATE INDEX IF NOT EXISTS records_ref ON records (ref_record_id);
 CREATE INDEX IF NOT EXISTS records_created ON records (created_at_ms);
@@ -230,10 +231,26 @@ CREATE TRIGGER chain_anchor_no_truncate BEFORE TRUNCATE ON chain_anchor
     FOR EACH STATEMENT EXECUTE FUNCTION countersign_anchors_append_only();
 ";
 
+/// `records.idempotency_key` for SQLite files made before it existed (a
+/// virtual column: nothing is rewritten, and the triggers, which refuse
+/// UPDATE and DELETE, are not involved).
+const SQLITE_ADD_IDEMPOTENCY_KEY: &str = "ALTER TABLE records ADD COLUMN idempotency_key TEXT
+    GENERATED ALWAYS AS (json_extract(entry, '$.request.idempotency_key')) VIRTUAL";
+
 /// Creates the record tables and triggers when missing.
 pub fn ensure_schema(conn: &mut Conn) -> Result<(), StoreError> {
     match conn.backend() {
-        Backend::Sqlite => Ok(conn.transaction(Lock::RecordChain, |tx| tx.batch(SQLITE_SCHEMA))?),
+        Backend::Sqlite => Ok(conn.transaction(Lock::RecordChain, |tx| {
+            tx.batch(SQLITE_SCHEMA)?;
+            let has_key = tx.query_one(
+                "SELECT count(*) FROM pragma_table_xinfo('records') WHERE name = 'idempotency_key'",
+                params![],
+            )?;
+            if has_key.get::<i64>(0)? == 0 {
+                tx.batch(SQLITE_ADD_IDEMPOTENCY_KEY)?;
+            }
+            Ok::<_, DbError>(())
+        })?),
         Backend::Postgres => crate::store::migrate_postgres(conn, "records", POSTGRES_SCHEMA),
     }
 }
@@ -587,19 +604,12 @@ impl RecordStore {
             // A retry after a lost answer carries the same key: answer with
             // the record already written instead of appending a second one.
             if let Some(key) = rec.idempotency_key.as_deref() {
-                let sql = match tx.backend() {
-                    Backend::Sqlite => {
-                        "SELECT record_id, seq FROM records
-                         WHERE request_id IS NOT DISTINCT FROM ?1 AND kind = 'request'
-                           AND json_extract(entry, '$.request.idempotency_key') = ?2"
-                    }
-                    Backend::Postgres => {
-                        "SELECT record_id, seq FROM records
-                         WHERE request_id IS NOT DISTINCT FROM ?1 AND kind = 'request'
-                           AND idempotency_key = ?2"
-                    }
-                };
-                if let Some(r) = tx.query_opt(sql, params![&rec.request_id, key])? {
+                if let Some(r) = tx.query_opt(
+                    "SELECT record_id, seq FROM records
+                     WHERE request_id IS NOT DISTINCT FROM ?1 AND kind = 'request'
+                       AND idempotency_key = ?2",
+                    params![&rec.request_id, key],
+                )? {
                     let existing = Written {
                         record_id: r.get(0)?,
                         seq: r.get(1)?,
@@ -1185,6 +1195,30 @@ mod tests {
         ));
         assert_eq!(chain_hash(GENESIS_HASH, 1, "{}"), expected);
         assert_eq!(GENESIS_HASH.len(), 64);
+    }
+
+    #[test]
+    fn older_sqlite_files_gain_the_idempotency_column() {
+        let old_schema = SQLITE_SCHEMA.replace(
+            ",\n    idempotency_key TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.idempotency_key')) VIRTUAL",
+            "",
+        );
+        assert_ne!(old_schema, SQLITE_SCHEMA);
+        let mut conn = Conn::from_sqlite(rusqlite::Connection::open_in_memory().unwrap());
+        conn.batch(&old_schema).unwrap();
+        let columns = |c: &mut Conn| {
+            c.query_one(
+                "SELECT count(*) FROM pragma_table_xinfo('records') WHERE name = 'idempotency_key'",
+                params![],
+            )
+            .unwrap()
+            .get::<i64>(0)
+            .unwrap()
+        };
+        assert_eq!(columns(&mut conn), 0);
+        ensure_schema(&mut conn).unwrap();
+        ensure_schema(&mut conn).unwrap();
+        assert_eq!(columns(&mut conn), 1);
     }
 
     #[test]
