@@ -252,7 +252,10 @@ pub async fn create_review(
         edited_body: None,
     };
     let stored = new.clone();
-    if let Some(existing) = state.db(move |s| s.insert(&stored)).await? {
+    let found = state.db(move |s| s.insert(&stored)).await?;
+    // (Our own id back means our insert committed and only its answer was
+    // lost to a reconnect: it is the new review.)
+    if let Some(existing) = found.filter(|e| e.id != new.id) {
         // A retry whose first attempt created the review (its answer was
         // lost): the same review, not a second one for reviewers.
         tracing::info!(review_id = %existing.id, request_id = %new.request.request_id,

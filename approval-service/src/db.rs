@@ -57,11 +57,15 @@ impl Location {
         }
     }
 
-    /// The location for logs and errors, without a password.
+    /// The location for logs and errors, without a password: a PostgreSQL
+    /// URL is rebuilt from its parsed user, hosts, ports and database only.
     pub fn redacted(&self) -> String {
         match self {
             Location::Sqlite(p) => p.display().to_string(),
-            Location::Postgres(url) => redact_url(url),
+            Location::Postgres(url) => match parse_postgres_url(url) {
+                Ok(parsed) => describe_postgres(&parsed.config),
+                Err(_) => "postgresql://(a URL that does not parse)".to_string(),
+            },
         }
     }
 }
@@ -72,23 +76,31 @@ impl fmt::Debug for Location {
     }
 }
 
-/// `scheme://user:secret@host/db` → `scheme://user:***@host/db`.
-fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let (auth_end, tail) = match rest.find(['/', '?']) {
-        Some(i) => (i, &rest[i..]),
-        None => (rest.len(), ""),
-    };
-    let authority = &rest[..auth_end];
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_string(),
-        },
-        None => url.to_string(),
-    }
+/// `postgresql://user@host:port/db`, from a parsed configuration (never
+/// the password, nor any other option).
+fn describe_postgres(config: &postgres::Config) -> String {
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let host = match h {
+                postgres::config::Host::Tcp(name) => name.clone(),
+                #[cfg(unix)]
+                postgres::config::Host::Unix(path) => path.display().to_string(),
+            };
+            match config.get_ports().get(i).or(config.get_ports().first()) {
+                Some(port) => format!("{host}:{port}"),
+                None => host,
+            }
+        })
+        .collect();
+    let user = config
+        .get_user()
+        .map(|u| format!("{u}@"))
+        .unwrap_or_default();
+    let db = config.get_dbname().unwrap_or("");
+    format!("postgresql://{user}{}/{db}", hosts.join(","))
 }
 
 /// A database error. Its text may name tables and values, so it is logged,
@@ -218,15 +230,38 @@ impl rusqlite::ToSql for Param<'_> {
     }
 }
 
-impl ToSql for Param<'_> {
+/// A parameter as bound on PostgreSQL. Its `TEXT` cannot hold the NUL
+/// character, which a caller can put in a prompt (`"\u0000"`) or a model
+/// name: it is stored as U+FFFD instead, so such a request is reviewed and
+/// recorded like any other rather than failing with a database error.
+#[derive(Debug)]
+enum PgValue<'a> {
+    Int(Option<i64>),
+    Text(Option<std::borrow::Cow<'a, str>>),
+}
+
+impl<'a> PgValue<'a> {
+    fn of(p: &Param<'a>) -> PgValue<'a> {
+        match *p {
+            Param::Int(v) => PgValue::Int(v),
+            Param::Text(None) => PgValue::Text(None),
+            Param::Text(Some(t)) if t.contains('\0') => {
+                PgValue::Text(Some(std::borrow::Cow::Owned(t.replace('\0', "\u{FFFD}"))))
+            }
+            Param::Text(Some(t)) => PgValue::Text(Some(std::borrow::Cow::Borrowed(t))),
+        }
+    }
+}
+
+impl ToSql for PgValue<'_> {
     fn to_sql(
         &self,
         ty: &Type,
         out: &mut postgres::types::private::BytesMut,
     ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
         match self {
-            Param::Int(v) => v.to_sql(ty, out),
-            Param::Text(v) => v.to_sql(ty, out),
+            PgValue::Int(v) => v.to_sql(ty, out),
+            PgValue::Text(v) => v.as_deref().to_sql(ty, out),
         }
     }
 
@@ -327,6 +362,10 @@ pub enum Lock<'a> {
     RecordChain,
     /// Schema creation: replicas starting together create it once.
     Schema,
+    /// Nothing: a read-only transaction that sees one snapshot throughout
+    /// (a long read in pages must not see another replica's retention
+    /// half-way).
+    ReadSnapshot,
 }
 
 /// PostgreSQL advisory lock key of the record chain (any constant unique to
@@ -340,6 +379,8 @@ pub const ADVISORY_SCHEMA: i64 = 0x6373_0002;
 struct Pg {
     client: postgres::Client,
     lock_wait: Duration,
+    /// `SET ...` statements of [`Conn::set_session`], replayed on reconnect.
+    extra_settings: String,
     url: String,
     statements: HashMap<(String, Vec<Type>), Statement>,
 }
@@ -391,9 +432,12 @@ pub struct PostgresUrl {
 }
 
 /// Parses a PostgreSQL URL. Beyond what the client parses itself, it takes
-/// libpq's `sslrootcert=PATH` and `sslmode=verify-ca|verify-full` (both
-/// mean `require` here: certificates are always verified, host name
-/// included).
+/// libpq's `sslrootcert=PATH` and `sslmode=verify-ca|verify-full`. TLS is
+/// required unless the URL says `sslmode=disable`: libpq's default
+/// `prefer` would continue in plain text when the server (or someone in
+/// between) declines TLS, so here `prefer`, `require`, `verify-ca`,
+/// `verify-full` and no `sslmode` at all mean the same: TLS, with the
+/// certificate verified, host name included.
 pub fn parse_postgres_url(url: &str) -> Result<PostgresUrl, String> {
     let (base, query) = match url.split_once('?') {
         Some((b, q)) => (b, q),
@@ -401,18 +445,22 @@ pub fn parse_postgres_url(url: &str) -> Result<PostgresUrl, String> {
     };
     let mut kept = Vec::new();
     let mut ca_file = None;
+    let mut disable = false;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
             Some(("sslrootcert", path)) => ca_file = Some(PathBuf::from(path)),
-            Some(("sslmode", "verify-ca" | "verify-full")) => kept.push("sslmode=require"),
+            Some(("sslmode", "disable")) => disable = true,
+            Some(("sslmode", "prefer" | "require" | "verify-ca" | "verify-full")) => {}
+            Some(("sslmode", other)) => return Err(format!("unknown sslmode {other:?}")),
             _ => kept.push(pair),
         }
     }
-    let rest = if kept.is_empty() {
-        base.to_string()
+    kept.push(if disable {
+        "sslmode=disable"
     } else {
-        format!("{base}?{}", kept.join("&"))
-    };
+        "sslmode=require"
+    });
+    let rest = format!("{base}?{}", kept.join("&"));
     let config = rest
         .parse::<postgres::Config>()
         .map_err(|e| e.to_string())?;
@@ -430,21 +478,33 @@ fn pg_connect(url: &str) -> DbResult<postgres::Client> {
     if config.get_application_name().is_none() {
         config.application_name("countersign-approval");
     }
+    // A server that vanished without closing the connection (failover
+    // behind a virtual IP, a NAT that forgot the flow) is noticed in
+    // seconds, not after the system's two-hour keepalive.
+    config
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3);
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(Duration::from_secs(30));
+    }
     if config.get_ssl_mode() == postgres::config::SslMode::Disable {
         return Ok(config.connect(NoTls)?);
     }
-    // `prefer` (the default) and `require`: TLS when the server offers it
-    // (always, for `require`), with the certificate verified.
+    // Anything else is `require` (see `parse_postgres_url`): TLS, verified.
     let tls = crate::tls::database_config(ca_file.as_deref()).map_err(DbError::Conversion)?;
     Ok(config.connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))?)
 }
 
-/// Settings of every PostgreSQL session: how long to wait for a lock, and a
-/// bound on a transaction left idle (a hung replica must not hold the
-/// record chain's lock for long).
+/// Settings of every PostgreSQL session: how long to wait for a lock, a
+/// bound on any statement (a hung one would hold the connection's mutex,
+/// stalling the replica), and on a transaction left idle (a hung replica
+/// must not hold the record chain's lock for long).
 fn session_settings(lock_wait: Duration) -> String {
     format!(
-        "SET lock_timeout = {}; SET idle_in_transaction_session_timeout = 30000",
+        "SET lock_timeout = {}; SET statement_timeout = 30000; \
+         SET idle_in_transaction_session_timeout = 30000",
         lock_wait.as_millis().max(1)
     )
 }
@@ -498,10 +558,14 @@ impl Pg {
         Ok(s)
     }
 
-    /// Replaces a closed connection with a new one.
+    /// Replaces a closed connection with a new one, with the same session
+    /// settings.
     fn reconnect(&mut self) -> DbResult<()> {
         let mut client = pg_connect(&self.url)?;
         client.batch_execute(&session_settings(self.lock_wait))?;
+        if !self.extra_settings.is_empty() {
+            client.batch_execute(&self.extra_settings)?;
+        }
         self.client = client;
         self.statements.clear();
         tracing::info!("reconnected to PostgreSQL");
@@ -522,8 +586,12 @@ impl Pg {
         }
     }
 
-    fn bind<'p>(params: &'p [Param<'_>]) -> Vec<&'p (dyn ToSql + Sync)> {
-        params.iter().map(|p| p as &(dyn ToSql + Sync)).collect()
+    fn values<'p>(params: &[Param<'p>]) -> Vec<PgValue<'p>> {
+        params.iter().map(PgValue::of).collect()
+    }
+
+    fn bind<'v>(values: &'v [PgValue<'_>]) -> Vec<&'v (dyn ToSql + Sync)> {
+        values.iter().map(|v| v as &(dyn ToSql + Sync)).collect()
     }
 }
 
@@ -567,6 +635,7 @@ impl Conn {
             inner: Inner::Postgres(Box::new(Pg {
                 client,
                 lock_wait,
+                extra_settings: String::new(),
                 url: url.to_string(),
                 statements: HashMap::new(),
             })),
@@ -630,7 +699,7 @@ impl Conn {
             }
             Inner::Postgres(pg) => pg.run(self.in_transaction, |pg| {
                 let stmt = pg.statement(sql, params)?;
-                let n = pg.client.execute(&stmt, &Pg::bind(params))?;
+                let n = pg.client.execute(&stmt, &Pg::bind(&Pg::values(params)))?;
                 Ok(usize::try_from(n).unwrap_or(usize::MAX))
             }),
             Inner::Closed => Err(closed()),
@@ -656,7 +725,7 @@ impl Conn {
             }
             Inner::Postgres(pg) => pg.run(self.in_transaction, |pg| {
                 let stmt = pg.statement(sql, params)?;
-                let rows = pg.client.query(&stmt, &Pg::bind(params))?;
+                let rows = pg.client.query(&stmt, &Pg::bind(&Pg::values(params)))?;
                 rows.iter()
                     .map(|row| {
                         (0..row.len())
@@ -689,13 +758,17 @@ impl Conn {
         f: impl FnOnce(&mut Conn) -> Result<T, E>,
     ) -> Result<T, E> {
         self.recover();
-        match self.backend() {
-            Backend::Sqlite => self.batch("BEGIN IMMEDIATE")?,
-            Backend::Postgres => self.batch("BEGIN")?,
+        match (self.backend(), lock) {
+            (Backend::Sqlite, Lock::ReadSnapshot) => self.batch("BEGIN")?,
+            (Backend::Sqlite, _) => self.batch("BEGIN IMMEDIATE")?,
+            (Backend::Postgres, Lock::ReadSnapshot) => {
+                self.batch("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")?
+            }
+            (Backend::Postgres, _) => self.batch("BEGIN")?,
         }
         self.in_transaction = true;
         let locked = match (self.backend(), lock) {
-            (Backend::Sqlite, _) => Ok(()),
+            (Backend::Sqlite, _) | (Backend::Postgres, Lock::ReadSnapshot) => Ok(()),
             (Backend::Postgres, Lock::Review(id)) => self
                 .query(
                     "SELECT 1 FROM reviews WHERE id = ?1 FOR UPDATE",
@@ -730,6 +803,17 @@ impl Conn {
             }
             (Err(e), _) => Err(e),
         }
+    }
+
+    /// Runs `SET` statements that must hold for the whole session, also
+    /// after a reconnect (PostgreSQL; SQLite has no such settings here).
+    pub fn set_session(&mut self, settings: &str) -> DbResult<()> {
+        if let Inner::Postgres(pg) = &mut self.inner {
+            pg.client.batch_execute(settings)?;
+            pg.extra_settings.push_str(settings);
+            pg.extra_settings.push(';');
+        }
+        Ok(())
     }
 
     /// Whether a table exists.
@@ -777,9 +861,16 @@ impl Drop for Conn {
         if matches!(self.inner, Inner::Postgres(_)) && tokio::runtime::Handle::try_current().is_ok()
         {
             let inner = std::mem::replace(&mut self.inner, Inner::Closed);
-            let _ = std::thread::Builder::new()
+            let (tx, rx) = std::sync::mpsc::channel::<Inner>();
+            let spawned = std::thread::Builder::new()
                 .name("countersign-close".into())
-                .spawn(move || drop(inner));
+                .spawn(move || drop(rx.recv()));
+            match spawned {
+                Ok(_) => drop(tx.send(inner)),
+                // No thread to close it on: leave the socket to the OS
+                // rather than panic on this thread.
+                Err(_) => std::mem::forget(inner),
+            }
         }
     }
 }
@@ -807,14 +898,49 @@ mod tests {
             Location::parse("data/x.db"),
             Location::Sqlite(PathBuf::from("data/x.db"))
         );
-        assert_eq!(
-            Location::parse("postgresql://u:pw@h:5432/db").redacted(),
-            "postgresql://u:***@h:5432/db"
-        );
-        assert_eq!(
-            Location::parse("postgres://u@h/db").redacted(),
-            "postgres://u@h/db"
-        );
+        for (url, shown) in [
+            ("postgresql://u:pw@h:5432/db", "postgresql://u@h:5432/db"),
+            ("postgres://u@h/db", "postgresql://u@h:5432/db"),
+            // A password with '/' and '@', and one given as an option.
+            ("postgresql://u:a%2Fb@h/db", "postgresql://u@h:5432/db"),
+            ("postgresql://u:ab/cd@h/db", "postgresql://u@h:5432/db"),
+            (
+                "postgresql://h/db?user=u&password=s3cret",
+                "postgresql://u@h:5432/db",
+            ),
+        ] {
+            let r = Location::parse(url).redacted();
+            assert!(
+                !r.contains("pw") && !r.contains("s3cret") && !r.contains("cd"),
+                "{url}: {r}"
+            );
+            if !url.contains("ab/cd") {
+                assert_eq!(r, shown, "{url}");
+            }
+        }
+    }
+
+    #[test]
+    fn tls_is_required_unless_disabled() {
+        use postgres::config::SslMode;
+        for (url, mode) in [
+            ("postgresql://h/db", SslMode::Require),
+            ("postgresql://h/db?sslmode=prefer", SslMode::Require),
+            (
+                "postgresql://h/db?sslmode=verify-full&sslrootcert=/ca.pem",
+                SslMode::Require,
+            ),
+            ("postgresql://h/db?sslmode=disable", SslMode::Disable),
+        ] {
+            assert_eq!(
+                parse_postgres_url(url).unwrap().config.get_ssl_mode(),
+                mode,
+                "{url}"
+            );
+        }
+        let p = parse_postgres_url("postgresql://h/db?sslrootcert=/etc/ca.pem").unwrap();
+        assert_eq!(p.ca_file, Some(PathBuf::from("/etc/ca.pem")));
+        assert!(parse_postgres_url("postgresql://h/db?sslmode=allow").is_err());
     }
 
     #[test]

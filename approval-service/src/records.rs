@@ -16,8 +16,10 @@
 //!   sorted keys; it repeats `kind`, `record_id`, `ref_record_id` and
 //!   `created_at_ms`, so the hash covers those columns too. A few virtual
 //!   generated columns (`caller`, `model`, `decision`, `review_id`,
-//!   `request_id`, computed from `entry`; stored on PostgreSQL) serve the
-//!   query filters.
+//!   `request_id`, `idempotency_key`, computed from `entry`; stored on
+//!   PostgreSQL) serve the query filters and the idempotency lookup.
+//!   NUL characters in any string of the entry are written as U+FFFD
+//!   (PostgreSQL's `jsonb` refuses `\u0000`), on both databases.
 //! * `hash = hex(SHA-256(prev_hash ‖ "\n" ‖ seq ‖ "\n" ‖ entry))` with `seq`
 //!   in decimal; `prev_hash` is the previous entry's `hash`, 64 zeros for the
 //!   very first entry. Appends run in one transaction that takes the chain's
@@ -263,7 +265,7 @@ pub fn open_read_only(location: &Location) -> DbResult<Conn> {
         Location::Sqlite(path) => Conn::open_sqlite_read_only(path),
         Location::Postgres(url) => {
             let mut conn = Conn::connect_postgres(url, Duration::from_secs(5))?;
-            conn.batch("SET default_transaction_read_only = on")?;
+            conn.set_session("SET default_transaction_read_only = on")?;
             Ok(conn)
         }
     }
@@ -343,10 +345,29 @@ struct ResponseEntry {
 }
 
 /// Compact JSON with sorted keys (through `serde_json::Value`, whose maps
-/// are ordered).
+/// are ordered), with every NUL character as U+FFFD: PostgreSQL's `jsonb`
+/// (which the record's query columns read) refuses `\u0000`, and a caller
+/// can put one in a prompt; both databases store the same entry.
 fn canonical<T: Serialize>(v: &T) -> DbResult<String> {
-    let value = serde_json::to_value(v)?;
+    let mut value = serde_json::to_value(v)?;
+    without_nul(&mut value);
     Ok(serde_json::to_string(&value)?)
+}
+
+fn without_nul(v: &mut Value) {
+    let clean = |s: &str| s.replace('\0', "\u{FFFD}");
+    match v {
+        Value::String(s) if s.contains('\0') => *s = clean(s),
+        Value::Array(items) => items.iter_mut().for_each(without_nul),
+        Value::Object(map) => {
+            if map.keys().any(|k| k.contains('\0')) {
+                let old = std::mem::take(map);
+                map.extend(old.into_iter().map(|(k, v)| (clean(&k), v)));
+            }
+            map.values_mut().for_each(without_nul);
+        }
+        _ => {}
+    }
 }
 
 // ---------------------------------------------------------------- errors
@@ -1090,8 +1111,13 @@ fn attestation(entry: &str) -> Option<(i64, String)> {
 const VERIFY_PAGE: i64 = 1000;
 
 /// Walks the whole chain in `seq` order and reports the first problem.
-/// Reads only the stored columns (the triggers are not trusted).
+/// Reads only the stored columns (the triggers are not trusted), all in one
+/// snapshot.
 pub fn verify_chain(conn: &mut Conn) -> DbResult<Result<ChainOk, ChainProblem>> {
+    conn.transaction(Lock::ReadSnapshot, verify_chain_in)
+}
+
+fn verify_chain_in(conn: &mut Conn) -> DbResult<Result<ChainOk, ChainProblem>> {
     let anchor: Option<(i64, String)> = if conn.table_exists("chain_anchor")? {
         match conn.query_opt(
             "SELECT through_seq, hash FROM chain_anchor ORDER BY through_seq DESC LIMIT 1",

@@ -30,6 +30,11 @@ const POLL: Duration = Duration::from_millis(500);
 /// Wait before reconnecting a lost listening connection.
 const RECONNECT_DELAY: Duration = Duration::from_secs(1);
 
+/// How often an idle listening connection is checked with a query: a
+/// connection can die without closing (a failover behind a virtual IP),
+/// and waiting only for notifications would never notice.
+const PING_EVERY: Duration = Duration::from_secs(5);
+
 /// One review change, as sent between replicas.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
@@ -100,6 +105,7 @@ fn listen_loop<R: Replica>(url: &str, replica: &R, ready: std::sync::mpsc::Sende
         let Some(client) = conn.postgres_client() else {
             return;
         };
+        let mut last_ping = std::time::Instant::now();
         loop {
             if !replica.alive() {
                 return;
@@ -133,6 +139,13 @@ fn listen_loop<R: Replica>(url: &str, replica: &R, ready: std::sync::mpsc::Sende
             if client.is_closed() {
                 tracing::warn!("lost the connection that listens for other replicas");
                 break;
+            }
+            if last_ping.elapsed() >= PING_EVERY {
+                last_ping = std::time::Instant::now();
+                if let Err(e) = client.batch_execute("SELECT 1") {
+                    tracing::warn!(error = %e, "the connection that listens for other replicas stopped answering");
+                    break;
+                }
             }
         }
         std::thread::sleep(RECONNECT_DELAY);

@@ -99,7 +99,8 @@ impl Store {
         self.conn().execute(
             "INSERT INTO sessions (id_sha256, reviewer, token_sha256, csrf_token, created_at_ms,
                  expires_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (id_sha256) DO NOTHING",
             params![
                 &id_hex,
                 &session.reviewer,

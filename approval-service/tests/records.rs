@@ -830,3 +830,45 @@ fn a_retried_write_with_the_same_idempotency_key_returns_the_first_record() {
     assert_ne!(refusal.record_id, first.record_id);
     assert_eq!(state.records().entry_count().unwrap(), 2);
 }
+
+/// A caller can put NUL characters in a prompt or a model name. PostgreSQL
+/// text cannot hold them, and its `jsonb` refuses `\u0000`: the review and
+/// its records must still be written (NUL kept as U+FFFD), on both
+/// databases, or such a request would fail instead of being reviewed.
+#[tokio::test]
+async fn nul_characters_are_reviewed_and_recorded_like_any_text() {
+    let f = fixture("");
+    let body = r#"{"model":"gpt\u0000x","messages":[{"role":"user","content":"hi\u0000there"}]}"#;
+    let req = common::review_request(json!({
+        "request_id": "req-nul",
+        "model": "gpt\u{0}x",
+        "caller": "svc\u{0}a",
+        "prompt": [{"role": "user", "text": "hi\u{0}there"}],
+        "body": body,
+    }));
+    let id = common::create_review(&f.app, &[FILTER_HEADER], req).await;
+    let (status, detail) = common::get_as(&f.app, ALICE, &format!("/api/reviews/{id}")).await;
+    assert_eq!(status, StatusCode::OK, "{detail}");
+    // The body the reviewer sees is the JSON text as sent (its escapes are
+    // text, not NUL characters).
+    assert_eq!(detail["body"], body);
+    assert!(
+        detail["model"].as_str().unwrap().starts_with("gpt"),
+        "{detail}"
+    );
+
+    let mut rec = record("approved", "svc\u{0}a", Some(&id), Some(body));
+    rec["model"] = json!("gpt\u{0}x");
+    let record_id = write(&f.app, rec).await;
+    let (status, v) = post_response(
+        &f.app,
+        &record_id,
+        json!({"status": 200, "body": "answer\u{0}with NUL", "completion": "complete"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let (_, got) = common::get_as(&f.app, ALICE, &format!("/api/records/{record_id}")).await;
+    assert_eq!(got["request"]["model"], "gpt\u{FFFD}x", "{got}");
+    assert_eq!(got["response"]["body"], "answer\u{FFFD}with NUL", "{got}");
+    assert_eq!(verify(&f.db).unwrap().records, 2);
+}

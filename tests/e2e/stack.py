@@ -232,7 +232,9 @@ class Postgres:
         return self.url(name)
 
     def url(self, dbname: str) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+        # The service requires TLS unless told otherwise; this cluster
+        # speaks plain text on loopback (TLS is tested in the Rust tests).
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}?sslmode=disable"
 
     def stop(self):
         # SIGINT to the postmaster alone (its children have their own

@@ -20,6 +20,21 @@ pub const DELIVERY_ATTEMPTS: u32 = 4;
 /// Delay before the second attempt; doubles for each later one.
 pub const DELIVERY_RETRY_MS: u64 = 250;
 
+/// Most deliveries queued or in flight in one VM (one Envoy worker). While
+/// the approval service is unreachable they pile up for up to four callout
+/// timeouts; beyond this, new ones are dropped (and counted), so an outage
+/// plus a flood of refusals cannot exhaust Envoy's memory.
+pub const MAX_QUEUED: usize = 10_000;
+
+/// Most bytes of call bodies queued or in flight in one VM.
+pub const MAX_QUEUED_BYTES: usize = 64 << 20;
+
+/// Whether a delivery of `body_len` bytes may join `queued` others holding
+/// `queued_bytes`.
+pub fn admits(queued: usize, queued_bytes: usize, body_len: usize) -> bool {
+    queued < MAX_QUEUED && queued_bytes.saturating_add(body_len) <= MAX_QUEUED_BYTES
+}
+
 /// One call on its way, with the attempts made so far.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
@@ -43,6 +58,11 @@ impl Delivery {
     /// A delivery of `call`, not yet attempted.
     pub fn new(call: Callout) -> Delivery {
         Delivery { call, attempts: 0 }
+    }
+
+    /// Size of the call's body, for [`admits`].
+    pub fn size(&self) -> usize {
+        self.call.body.as_ref().map_or(0, Vec::len)
     }
 
     /// Attempts made so far.
@@ -130,6 +150,14 @@ mod tests {
             d.on_result(&answer(Some(503)), 0),
             DeliveryStep::RetryAt(250)
         ));
+    }
+
+    #[test]
+    fn the_queue_is_bounded_by_count_and_bytes() {
+        assert!(admits(0, 0, 1 << 20));
+        assert!(!admits(MAX_QUEUED, 0, 0));
+        assert!(!admits(1, MAX_QUEUED_BYTES - 10, 11));
+        assert!(admits(1, MAX_QUEUED_BYTES - 10, 10));
     }
 
     #[test]

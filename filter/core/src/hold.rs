@@ -472,7 +472,10 @@ impl Hold {
                 {
                     HoldStep::RetryAt(self.backoff(now_ms))
                 }
-                Err(_) if self.fail_open => {
+                // fail_open is for a service that cannot be reached, never
+                // for one that refused this request (a 4xx such as 413 for a
+                // body too large to review would otherwise let it through).
+                Err(_) if self.fail_open && transient(result) => {
                     let release = Release { review_id: None, reviewer: None, edited_body: None, record_id: None, decision: "fail_open" };
                     self.release(config, release, now_ms)
                 }
@@ -987,16 +990,25 @@ mod tests {
 
     #[test]
     fn creation_is_retried_only_for_transient_failures() {
-        // A refusal of the request itself (4xx) is final at once.
-        let (c, mut h, _) = setup("{}");
+        // A refusal of the request itself (4xx) is final at once, and
+        // fail_open does not turn it into a release.
         let bad = CalloutResult {
-            status: Some(400),
+            status: Some(413),
             body: b"{}".to_vec(),
         };
-        assert!(matches!(
-            h.on_response(&c, CalloutKind::Create, &bad, 1_000),
-            HoldStep::Refuse(_)
-        ));
+        for cfg in [
+            "{}",
+            r#"{"rules":[{"action":"review","fail_open":true,"record":"off"}]}"#,
+        ] {
+            let (c, mut h, _) = setup(cfg);
+            assert!(
+                matches!(
+                    h.on_response(&c, CalloutKind::Create, &bad, 1_000),
+                    HoldStep::Refuse(_)
+                ),
+                "{cfg}"
+            );
+        }
         // No answer (a replica died mid-call): retried, then the review the
         // retry finds (same idempotency key) is waited for as usual.
         let (c, mut h, step) = setup("{}");

@@ -19,7 +19,7 @@ use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use countersign_core::config::{Config, Endpoint, RecordMode};
-use countersign_core::delivery::{Delivery, DeliveryStep};
+use countersign_core::delivery::{admits, Delivery, DeliveryStep};
 use countersign_core::hold::{
     cancel_callout, record_callout, response_record_callout, Callout, CalloutKind, CalloutResult,
     Hold, HoldStep, LocalReply, Release,
@@ -75,14 +75,29 @@ thread_local! {
     static OUTBOX: RefCell<Vec<(u64, Rc<Config>, Delivery)>> = const { RefCell::new(Vec::new()) };
     /// Deliveries sent and not yet answered, by callout token.
     static DELIVERIES: RefCell<HashMap<u32, (Rc<Config>, Delivery)>> = RefCell::new(HashMap::new());
+    /// Deliveries queued or in flight, and the bytes of their bodies.
+    static QUEUED: std::cell::Cell<(usize, usize)> = const { std::cell::Cell::new((0, 0)) };
 }
 
 /// Queues `call` for the root context to send (at its next tick) and to
-/// retry until it lands.
+/// retry until it lands; drops it (counted) when the queue is full.
 fn deliver(config: &Rc<Config>, call: Callout) {
-    OUTBOX.with(|o| {
-        o.borrow_mut()
-            .push((0, config.clone(), Delivery::new(call)))
+    let delivery = Delivery::new(call);
+    let (n, bytes) = QUEUED.with(|q| q.get());
+    if !admits(n, bytes, delivery.size()) {
+        count("countersign_deliveries_dropped_total", 1);
+        log::warn!("countersign: delivery queue full ({n} calls, {bytes} bytes); one dropped");
+        return;
+    }
+    QUEUED.with(|q| q.set((n + 1, bytes.saturating_add(delivery.size()))));
+    OUTBOX.with(|o| o.borrow_mut().push((0, config.clone(), delivery)));
+}
+
+/// A delivery left the queue for good (landed or given up).
+fn delivered(delivery: &Delivery) {
+    QUEUED.with(|q| {
+        let (n, bytes) = q.get();
+        q.set((n.saturating_sub(1), bytes.saturating_sub(delivery.size())));
     });
 }
 
@@ -115,12 +130,13 @@ fn send_deliveries(now: u64) {
 
 fn after_delivery(config: Rc<Config>, delivery: Delivery, step: DeliveryStep) {
     match step {
-        DeliveryStep::Done => {}
+        DeliveryStep::Done => delivered(&delivery),
         DeliveryStep::RetryAt(at) => {
             count("countersign_delivery_retries_total", 1);
             OUTBOX.with(|o| o.borrow_mut().push((at, config, delivery)));
         }
         DeliveryStep::GiveUp(why) => {
+            delivered(&delivery);
             count("countersign_deliveries_failed_total", 1);
             let path = delivery
                 .call
