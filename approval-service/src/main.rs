@@ -143,7 +143,9 @@ async fn serve_async(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let database = config.database.clone();
     let reviewers = config.reviewers.len();
     let filter_token = config.filter_token_sha256.is_some();
-    let state = tokio::task::spawn_blocking(move || AppState::open(config)).await??;
+    let state = tokio::task::spawn_blocking(move || AppState::open(config))
+        .await?
+        .map_err(|e| format!("cannot open the database {}: {e}", database.redacted()))?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;

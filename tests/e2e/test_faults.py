@@ -506,7 +506,8 @@ def test_read_only_database_fails_closed_and_loudly(small_fs, make_stack, backgr
     stack.approval.proc.start()
     wait_until(lambda: not stack.approval.proc.alive(), timeout=10, what="service refusing to start")
     assert stack.approval.proc.popen.returncode != 0
-    assert "countersign-approval: database:" in stack.approval.proc.log_text()
+    assert f"countersign-approval: cannot open the database {stack.approval.db}: database:" \
+        in stack.approval.proc.log_text()
 
     for body in (chat(text="new while read-only"), chat(model="demo-allow", text="allowed while read-only")):
         r = post(stack.url, json=body, timeout=30)

@@ -3,6 +3,7 @@ database, several Envoys sharing them. A decision taken through any replica
 releases a hold on any Envoy at once (LISTEN/NOTIFY, not a slow poll), and
 killing a replica under load loses no held request, decision or session
 record."""
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +12,7 @@ import httpx
 import pytest
 
 from conftest import chat, send_later
-from stack import (DEFAULT_FILTER_CONFIG, Approval, Backend, Envoy, rec_field, records, verify_records,
+from stack import (DEFAULT_FILTER_CONFIG, RELEASE, Approval, Backend, Envoy, rec_field, records, verify_records,
                    wait_until)
 
 pytestmark = pytest.mark.timeout(180)
@@ -201,3 +202,19 @@ def test_killing_a_replica_under_load_loses_no_held_request_or_decision(many, fl
 
     ok = verify_records(fleet)
     assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_a_database_that_declines_tls_is_refused_unless_plain_text_is_asked_for(pg_database, tmp_path):
+    """This cluster speaks plain text only. Without `sslmode=disable` the
+    service refuses it (libpq's default `prefer` would quietly carry on in
+    plain text, which is what someone between the service and its database
+    would arrange)."""
+    url = pg_database()  # ends with ?sslmode=disable
+    plain_ok = Approval(tmp_path, database=url, name="plain").start()
+    plain_ok.proc.stop()
+    for insecure in (url.replace("?sslmode=disable", ""), url.replace("sslmode=disable", "sslmode=prefer")):
+        r = subprocess.run([str(RELEASE / "countersign-approval"), "serve", "--config", str(tmp_path / "plain.toml"),
+                            "--database", insecure], capture_output=True, text=True, timeout=30)
+        assert r.returncode != 0, r.stdout + r.stderr
+        assert "TLS" in r.stderr or "tls" in r.stderr, r.stderr
+        assert "postgres@" in r.stderr and ":" in r.stderr
