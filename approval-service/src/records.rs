@@ -425,7 +425,26 @@ pub struct RecordCounters {
 /// The record log: a connection of its own to the service's database.
 pub struct RecordStore {
     conn: Mutex<Conn>,
+    /// Appends waiting for the next group commit (see [`RecordStore::submit`]).
+    queue: Mutex<Vec<Queued>>,
     counters: RecordCounters,
+}
+
+/// Most appends one group commit writes in one transaction.
+pub const GROUP_COMMIT_MAX: usize = 256;
+
+/// An append to the chain.
+enum Append {
+    Request(Box<NewRecord>),
+    Response(String, Box<RecordResponse>),
+}
+
+/// An append waiting for a group commit, and where its outcome goes.
+struct Queued {
+    append: Append,
+    now_ms: u64,
+    /// `(written, newly appended)`; `false` for an idempotent repeat.
+    reply: std::sync::mpsc::Sender<Result<(Written, bool), RecordError>>,
 }
 
 /// The last link of the chain: `(seq, hash)` of the newest entry, else of
@@ -448,23 +467,27 @@ fn last_link(tx: &mut Conn) -> DbResult<(i64, String)> {
     }
 }
 
-/// Appends one entry whose JSON is `entry`; returns its `seq`.
+/// Appends one entry whose JSON is `entry` after `tail` (the chain's last
+/// link, read once per transaction under the chain's lock, then kept up to
+/// date here); returns its `seq`.
 fn append(
     tx: &mut Conn,
+    tail: &mut (i64, String),
     record_id: &str,
     kind: &str,
     ref_record_id: Option<&str>,
     created_at_ms: u64,
     entry: &str,
 ) -> DbResult<i64> {
-    let (last_seq, prev_hash) = last_link(tx)?;
+    let (last_seq, prev_hash) = (tail.0, &tail.1);
     let seq = last_seq + 1;
-    let hash = chain_hash(&prev_hash, seq, entry);
+    let hash = chain_hash(prev_hash, seq, entry);
     tx.execute(
         "INSERT INTO records (seq, record_id, kind, ref_record_id, created_at_ms, entry, prev_hash, hash)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![seq, record_id, kind, ref_record_id, i(created_at_ms), entry, &prev_hash, &hash],
+        params![seq, record_id, kind, ref_record_id, i(created_at_ms), entry, prev_hash, &hash],
     )?;
+    *tail = (seq, hash);
     Ok(seq)
 }
 
@@ -563,6 +586,140 @@ pub struct Written {
     pub seq: i64,
 }
 
+/// Writes `group` in one transaction and answers every member (before the
+/// caller lets go of the connection, so each submitter finds its answer).
+fn write_group(conn: &mut Conn, group: Vec<Queued>) {
+    if group.is_empty() {
+        return;
+    }
+    let results = conn.transaction(Lock::RecordChain, |tx| {
+        let mut results = Vec::with_capacity(group.len());
+        let mut tail = last_link(tx)?;
+        for q in &group {
+            let r = match &q.append {
+                Append::Request(rec) => append_request(tx, &mut tail, rec, q.now_ms),
+                Append::Response(ref_id, resp) => {
+                    append_response(tx, &mut tail, ref_id, resp, q.now_ms).map(|w| (w, true))
+                }
+            };
+            match r {
+                // The transaction is lost: the whole group fails.
+                Err(RecordError::Db(e)) => return Err(e),
+                other => results.push(other),
+            }
+        }
+        Ok(results)
+    });
+    match results {
+        Ok(results) => {
+            for (q, r) in group.into_iter().zip(results) {
+                let _ = q.reply.send(r);
+            }
+        }
+        // One append the database refuses must not fail the others with
+        // it: try each alone (an outage fails them all again, correctly).
+        Err(_) if group.len() > 1 => {
+            for q in group {
+                write_group(conn, vec![q]);
+            }
+        }
+        Err(e) => {
+            if let Some(q) = group.into_iter().next() {
+                let _ = q.reply.send(Err(RecordError::Db(e)));
+            }
+        }
+    }
+}
+
+/// Appends the request part of a record (inside the group's transaction);
+/// `false` when its idempotency key found the record already written.
+fn append_request(
+    tx: &mut Conn,
+    tail: &mut (i64, String),
+    rec: &NewRecord,
+    now_ms: u64,
+) -> Result<(Written, bool), RecordError> {
+    // A retry after a lost answer carries the same key: answer with the
+    // record already written instead of appending a second one.
+    if let Some(key) = rec.idempotency_key.as_deref() {
+        if let Some(r) = tx.query_opt(
+            "SELECT record_id, seq FROM records
+             WHERE request_id IS NOT DISTINCT FROM ?1 AND kind = 'request'
+               AND idempotency_key = ?2",
+            params![&rec.request_id, key],
+        )? {
+            let existing = Written {
+                record_id: r.get(0)?,
+                seq: r.get(1)?,
+            };
+            return Ok((existing, false));
+        }
+    }
+    let review = match rec.review_id.as_deref().filter(|s| !s.is_empty()) {
+        Some(id) => review_snapshot(tx, id, rec.body.as_deref())?,
+        None => None,
+    };
+    let record_id = new_record_id()?;
+    let entry = canonical(&RequestEntry {
+        v: ENTRY_VERSION,
+        kind: "request".into(),
+        record_id: record_id.clone(),
+        created_at_ms: now_ms,
+        request: rec.clone(),
+        review,
+    })?;
+    let seq = append(tx, tail, &record_id, "request", None, now_ms, &entry)?;
+    Ok((Written { record_id, seq }, true))
+}
+
+/// Appends the response part of request record `ref_id`.
+fn append_response(
+    tx: &mut Conn,
+    tail: &mut (i64, String),
+    ref_id: &str,
+    resp: &RecordResponse,
+    now_ms: u64,
+) -> Result<Written, RecordError> {
+    let kind: Option<String> = match tx.query_opt(
+        "SELECT kind FROM records WHERE record_id = ?1",
+        params![ref_id],
+    )? {
+        Some(r) => Some(r.get(0)?),
+        None => None,
+    };
+    if kind.as_deref() != Some("request") {
+        return Err(RecordError::NotFound);
+    }
+    if let Some(r) = tx.query_opt(
+        "SELECT record_id FROM records WHERE kind = 'response' AND ref_record_id = ?1 LIMIT 1",
+        params![ref_id],
+    )? {
+        let existing: String = r.get(0)?;
+        return Err(RecordError::Conflict(format!(
+            "record {ref_id} already has a response part ({existing})"
+        )));
+    }
+    let record_id = new_record_id()?;
+    let entry = canonical(&ResponseEntry {
+        v: ENTRY_VERSION,
+        kind: "response".into(),
+        record_id: record_id.clone(),
+        ref_record_id: ref_id.to_string(),
+        created_at_ms: now_ms,
+        response: resp.clone(),
+    })?;
+    let seq = append(
+        tx,
+        tail,
+        &record_id,
+        "response",
+        Some(ref_id),
+        now_ms,
+        &entry,
+    )?;
+    Ok(Written { record_id, seq })
+}
+
 impl RecordStore {
     /// Opens a connection to the database at `location` (which the review
     /// store has already created) and creates the record tables when
@@ -575,6 +732,7 @@ impl RecordStore {
         ensure_schema(&mut conn)?;
         Ok(RecordStore {
             conn: Mutex::new(conn),
+            queue: Mutex::new(Vec::new()),
             counters: RecordCounters::default(),
         })
     }
@@ -621,43 +779,50 @@ impl RecordStore {
     }
 
     fn write_request_db(&self, rec: NewRecord, now_ms: u64) -> Result<Written, RecordError> {
-        let written = self.conn().transaction(Lock::RecordChain, |tx| {
-            // A retry after a lost answer carries the same key: answer with
-            // the record already written instead of appending a second one.
-            if let Some(key) = rec.idempotency_key.as_deref() {
-                if let Some(r) = tx.query_opt(
-                    "SELECT record_id, seq FROM records
-                     WHERE request_id IS NOT DISTINCT FROM ?1 AND kind = 'request'
-                       AND idempotency_key = ?2",
-                    params![&rec.request_id, key],
-                )? {
-                    let existing = Written {
-                        record_id: r.get(0)?,
-                        seq: r.get(1)?,
-                    };
-                    return Ok((existing, false));
-                }
-            }
-            let review = match rec.review_id.as_deref().filter(|s| !s.is_empty()) {
-                Some(id) => review_snapshot(tx, id, rec.body.as_deref())?,
-                None => None,
-            };
-            let record_id = new_record_id()?;
-            let entry = canonical(&RequestEntry {
-                v: ENTRY_VERSION,
-                kind: "request".into(),
-                record_id: record_id.clone(),
-                created_at_ms: now_ms,
-                request: rec,
-                review,
-            })?;
-            let seq = append(tx, &record_id, "request", None, now_ms, &entry)?;
-            Ok::<_, RecordError>((Written { record_id, seq }, true))
-        })?;
-        if written.1 {
+        let (written, fresh) = self.submit(Append::Request(Box::new(rec)), now_ms)?;
+        if fresh {
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(written.0)
+        Ok(written)
+    }
+
+    /// Appends through a group commit: the append joins the queue, and
+    /// whichever writer holds the connection next appends everything queued
+    /// in one transaction (up to [`GROUP_COMMIT_MAX`]). The chain is one
+    /// sequence, so appends are serial anyway; one commit (one flush to
+    /// disk) for many of them is what lets records keep up with traffic.
+    /// Each append still gets its own outcome: a refusal (bad request, no
+    /// such record, conflict) is that append's alone, while a database error
+    /// fails the whole group, whose callers retry.
+    fn submit(&self, append: Append, now_ms: u64) -> Result<(Written, bool), RecordError> {
+        let (reply, outcome) = std::sync::mpsc::channel();
+        self.queue().push(Queued {
+            append,
+            now_ms,
+            reply,
+        });
+        loop {
+            if let Ok(r) = outcome.try_recv() {
+                return r;
+            }
+            let mut conn = self.conn();
+            // A writer that held the connection before us may have taken
+            // ours along: it answered before letting go of the connection.
+            if let Ok(r) = outcome.try_recv() {
+                return r;
+            }
+            let group: Vec<Queued> = {
+                let mut q = self.queue();
+                let n = q.len().min(GROUP_COMMIT_MAX);
+                q.drain(..n).collect()
+            };
+            write_group(&mut conn, group);
+        }
+    }
+
+    fn queue(&self) -> MutexGuard<'_, Vec<Queued>> {
+        // Pushes and drains cannot be interrupted halfway.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Appends the response part of request record `ref_id`.
@@ -677,38 +842,8 @@ impl RecordStore {
         resp: RecordResponse,
         now_ms: u64,
     ) -> Result<Written, RecordError> {
-        let written = self.conn().transaction(Lock::RecordChain, |tx| {
-            let kind: Option<String> = match tx.query_opt(
-                "SELECT kind FROM records WHERE record_id = ?1",
-                params![ref_id],
-            )? {
-                Some(r) => Some(r.get(0)?),
-                None => None,
-            };
-            if kind.as_deref() != Some("request") {
-                return Err(RecordError::NotFound);
-            }
-            if let Some(r) = tx.query_opt(
-                "SELECT record_id FROM records WHERE kind = 'response' AND ref_record_id = ?1 LIMIT 1",
-                params![ref_id],
-            )? {
-                let existing: String = r.get(0)?;
-                return Err(RecordError::Conflict(format!(
-                    "record {ref_id} already has a response part ({existing})"
-                )));
-            }
-            let record_id = new_record_id()?;
-            let entry = canonical(&ResponseEntry {
-                v: ENTRY_VERSION,
-                kind: "response".into(),
-                record_id: record_id.clone(),
-                ref_record_id: ref_id.to_string(),
-                created_at_ms: now_ms,
-                response: resp,
-            })?;
-            let seq = append(tx, &record_id, "response", Some(ref_id), now_ms, &entry)?;
-            Ok(Written { record_id, seq })
-        })?;
+        let (written, _) =
+            self.submit(Append::Response(ref_id.to_string(), Box::new(resp)), now_ms)?;
         self.counters.responses.fetch_add(1, Ordering::Relaxed);
         Ok(written)
     }
@@ -843,7 +978,8 @@ fn retention_chunk_in(tx: &mut Conn, cutoff_ms: u64, now_ms: u64) -> DbResult<us
             "cutoff_ms": cutoff_ms,
         },
     }))?;
-    append(tx, &record_id, "retention", None, now_ms, &entry)?;
+    let mut tail = last_link(tx)?;
+    append(tx, &mut tail, &record_id, "retention", None, now_ms, &entry)?;
     Ok(deleted)
 }
 

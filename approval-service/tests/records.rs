@@ -872,3 +872,42 @@ async fn nul_characters_are_reviewed_and_recorded_like_any_text() {
     assert_eq!(got["response"]["body"], "answer\u{FFFD}with NUL", "{got}");
     assert_eq!(verify(&f.db).unwrap().records, 2);
 }
+
+/// Many writers at once share group commits: every one gets its own
+/// record, the chain has no gap or fork, and two retries of one record
+/// (same idempotency key) in one group still make one record.
+#[test]
+fn concurrent_writers_share_group_commits_and_the_chain_stays_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, db) = chain(dir.path(), 0, "");
+    let store = state.records().clone();
+    let threads: Vec<_> = (0..48)
+        .map(|k| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let mut rec = new_record(&format!("svc-{k}"));
+                rec.request_id = format!("req-{}", k % 40);
+                // Threads 40..47 repeat the idempotency key of 0..7.
+                rec.idempotency_key = Some(format!("key-{}", k % 40));
+                let w = store.write_request(rec, 5_000).unwrap();
+                let resp = serde_json::from_value(
+                    json!({"status": 200, "body": "", "completion": "complete"}),
+                );
+                let r = store.write_response(&w.record_id, resp.unwrap(), 5_001);
+                (k, w, r.is_ok())
+            })
+        })
+        .collect();
+    let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let mut by_key = std::collections::HashMap::new();
+    for (k, w, _) in &results {
+        let first = by_key.entry(k % 40).or_insert_with(|| w.record_id.clone());
+        assert_eq!(*first, w.record_id, "one record per idempotency key");
+    }
+    // One response part per record: the repeat's is refused (409).
+    let responses = results.iter().filter(|(_, _, ok)| *ok).count();
+    assert_eq!(responses, 40);
+    let ok = verify(&db).unwrap();
+    assert_eq!(ok.records, 80, "{ok}");
+    assert_eq!(ok.last_seq, 80);
+}

@@ -150,7 +150,7 @@ class Postgres:
     temp tree. Stopped by PID: SIGINT is PostgreSQL's fast shutdown.
     """
 
-    def __init__(self, tls: bool = False):
+    def __init__(self, tls: bool = False, durable: bool = False):
         versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"),
                           key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
         if not versions:
@@ -171,7 +171,10 @@ class Postgres:
         self.proc = Proc("postgres", [*self.as_user, str(self.bin / "postgres"), "-D", str(self.data),
                                       "-p", str(self.port), "-k", str(self.dir),
                                       "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=300",
-                                      "-c", "fsync=off", "-c", "full_page_writes=off", *ssl],
+                                      # Tests skip the disk flushes; a benchmark
+                                      # (durable=True) keeps PostgreSQL's defaults.
+                                      *([] if durable else ["-c", "fsync=off", "-c", "full_page_writes=off"]),
+                                      *ssl],
                          self.dir / "postgres.log", cwd=self.dir)
 
     def _make_certificates(self):
