@@ -640,11 +640,13 @@ fn append_request(
     now_ms: u64,
 ) -> Result<(Written, bool), RecordError> {
     // A retry after a lost answer carries the same key: answer with the
-    // record already written instead of appending a second one.
+    // record already written instead of appending a second one. (`=`, not
+    // `IS NOT DISTINCT FROM`: a request id is never null, and only `=` lets
+    // PostgreSQL use the `records_request` index instead of a full scan.)
     if let Some(key) = rec.idempotency_key.as_deref() {
         if let Some(r) = tx.query_opt(
             "SELECT record_id, seq FROM records
-             WHERE request_id IS NOT DISTINCT FROM ?1 AND kind = 'request'
+             WHERE request_id = ?1 AND kind = 'request'
                AND idempotency_key = ?2",
             params![&rec.request_id, key],
         )? {
