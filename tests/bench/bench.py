@@ -1554,9 +1554,10 @@ def report(s: Suite, m: dict, command: str) -> str:
         a(f"- **Durable record on PostgreSQL** (row 3b): {pg32['rps']:,.0f} req/s at 32 connections"
           + (f" against {rec32['rps']:,.0f} on SQLite" if rec32 else "")
           + ". Appends serialise on the one hash chain (an advisory lock) and share transactions the same way, "
-          "but each one costs several round trips to the server and the six `jsonb` generated columns the query "
-          "API reads" + (f"; PostgreSQL used {pg_cpu / pg32['seconds'] * 100:.0f}% of a core" if pg_cpu is not None
-                         else "") + ". Moving those columns into the service is the next step.")
+          "but each one costs a few round trips to the server (the client sends one statement at a time) and "
+          "the `jsonb` generated columns the query API reads" + (
+              f"; PostgreSQL used {pg_cpu / pg32['seconds'] * 100:.0f}% of a core" if pg_cpu is not None else "")
+          + ".")
     tk = s.row("token-spent", 32)
     if tk:
         cm = R.get("token_callout_ms") or {}
