@@ -170,15 +170,6 @@ pub enum ConsumeOutcome {
     NotFound,
 }
 
-/// An approved review, as consumption checks it.
-struct Approved {
-    owner: Option<String>,
-    async_review: bool,
-    body: String,
-    decided_at_ms: Option<i64>,
-    uses: i64,
-}
-
 impl Store {
     /// The review `id` if its caller is `caller` (never for an empty caller),
     /// persisting a lapsed expiry first. The flag says whether it just expired.
@@ -241,19 +232,11 @@ impl Store {
             let Some(r) = row else {
                 return Ok(ConsumeOutcome::NotFound);
             };
-            let Approved {
-                owner,
-                async_review,
-                body,
-                decided_at_ms,
-                uses,
-            } = Approved {
-                owner: r.get(0)?,
-                async_review: r.get(1)?,
-                body: r.get(2)?,
-                decided_at_ms: r.get(3)?,
-                uses: r.get(4)?,
-            };
+            let owner: Option<String> = r.get(0)?;
+            let async_review: bool = r.get(1)?;
+            let body: String = r.get(2)?;
+            let decided_at_ms: Option<i64> = r.get(3)?;
+            let uses: i64 = r.get(4)?;
             let expired = decided_at_ms.is_none_or(|d| now_ms >= u(d).saturating_add(ttl_ms));
             if owner.as_deref() != Some(caller)
                 || !async_review

@@ -839,6 +839,14 @@ impl Conn {
         Ok(())
     }
 
+    /// The SQLite connection, for SQLite-only schema migrations.
+    pub(crate) fn sqlite(&self) -> Option<&rusqlite::Connection> {
+        match &self.inner {
+            Inner::Sqlite(c) => Some(c),
+            Inner::Postgres(_) | Inner::Closed => None,
+        }
+    }
+
     /// The PostgreSQL client, for `LISTEN` (see [`crate::replicas`]).
     pub(crate) fn postgres_client(&mut self) -> Option<&mut postgres::Client> {
         match &mut self.inner {

@@ -468,29 +468,18 @@ impl Store {
     /// parent directory when missing) or a PostgreSQL database (which must
     /// exist); creates or upgrades the schema. Blocking.
     pub fn open(location: &Location, synchronous: SqliteSynchronous) -> Result<Store, StoreError> {
-        let conn = match location {
-            Location::Sqlite(path) => {
-                if let Some(parent) = path.parent() {
-                    if !parent.as_os_str().is_empty() {
-                        std::fs::create_dir_all(parent).map_err(StoreError::Io)?;
-                    }
-                }
-                let conn = rusqlite::Connection::open(path)?;
-                // Another process (an old instance still shutting down, an
-                // admin's sqlite3 shell) may briefly hold the write lock.
-                conn.busy_timeout(WRITE_LOCK_WAIT)?;
-                let _mode: String =
-                    conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
-                conn.pragma_update(None, "synchronous", synchronous.pragma_value())?;
-                migrate_sqlite(&conn)?;
-                Conn::from_sqlite(conn)
+        if let Location::Sqlite(path) = location {
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(StoreError::Io)?;
             }
-            Location::Postgres(url) => {
-                let mut conn = Conn::connect_postgres(url, WRITE_LOCK_WAIT)?;
-                migrate_postgres(&mut conn, "reviews", POSTGRES_REVIEWS_SCHEMA)?;
-                conn
-            }
-        };
+        }
+        // Another process (an old instance still shutting down, an admin's
+        // sqlite3 shell, another replica) may briefly hold a lock.
+        let mut conn = Conn::open(location, WRITE_LOCK_WAIT, synchronous.pragma_value())?;
+        match conn.sqlite() {
+            Some(sqlite) => migrate_sqlite(sqlite)?,
+            None => migrate_postgres(&mut conn, "reviews", POSTGRES_REVIEWS_SCHEMA)?,
+        }
         Ok(Store {
             conn: Mutex::new(conn),
         })
