@@ -252,15 +252,25 @@ pub async fn create_review(
         edited_body: None,
     };
     let stored = new.clone();
-    let found = state.db(move |s| s.insert(&stored)).await?;
-    // (Our own id back means our insert committed and only its answer was
-    // lost to a reconnect: it is the new review.)
-    if let Some(existing) = found.filter(|e| e.id != new.id) {
-        // A retry whose first attempt created the review (its answer was
-        // lost): the same review, not a second one for reviewers.
-        tracing::info!(review_id = %existing.id, request_id = %new.request.request_id,
-            "review creation retried; answering with the existing review");
-        return Ok((StatusCode::OK, Json(existing)));
+    match state.db(move |s| s.insert(&stored)).await? {
+        crate::store::Inserted::New => {}
+        // Our own id back: our insert committed and only its answer was
+        // lost to a reconnect, so it is the new review.
+        crate::store::Inserted::Existing(e) if e.id == new.id => {}
+        crate::store::Inserted::Existing(existing) => {
+            // A retry whose first attempt created the review (its answer
+            // was lost): the same review, not a second one for reviewers.
+            tracing::info!(review_id = %existing.id, request_id = %new.request.request_id,
+                "review creation retried; answering with the existing review");
+            return Ok((StatusCode::OK, Json(existing)));
+        }
+        crate::store::Inserted::KeyOfAnotherRequest => {
+            tracing::warn!(request_id = %new.request.request_id,
+                "review creation refused: its idempotency key belongs to another request");
+            return Err(ApiError::Conflict(
+                "this idempotency key belongs to another request".into(),
+            ));
+        }
     }
     tracing::info!(
         review_id = %new.id,

@@ -492,11 +492,9 @@ fn append(
 }
 
 /// Every approval of a review (including ones a later edit superseded),
-/// from the review store's `approvals` table.
+/// from the review store's `approvals` table. (The review store's tables
+/// exist: the service opens it before the record store.)
 fn approvals_of(conn: &mut Conn, review_id: &str) -> DbResult<Vec<ReviewerAction>> {
-    if !conn.table_exists("approvals")? {
-        return Ok(Vec::new());
-    }
     Ok(crate::approvals::approvals_of(conn, review_id)?
         .into_iter()
         .map(|a| ReviewerAction {
@@ -525,9 +523,6 @@ fn review_snapshot(
     review_id: &str,
     body: Option<&str>,
 ) -> DbResult<Option<ReviewSnapshot>> {
-    if !conn.table_exists("reviews")? {
-        return Ok(None);
-    }
     let row = conn.query_opt(
         "SELECT status, created_at_ms, decided_at_ms, reviewer, reason, body, edited_body
          FROM reviews WHERE id = ?1",
@@ -803,14 +798,23 @@ impl RecordStore {
             now_ms,
             reply,
         });
+        // Our answer, if a writer already sent it; an error if the writer
+        // that took our append panicked (it can never answer then).
+        let answered = || match outcome.try_recv() {
+            Ok(r) => Some(r),
+            Err(std::sync::mpsc::TryRecvError::Empty) => None,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => Some(Err(RecordError::Db(
+                DbError::Conversion("the record writer failed".into()),
+            ))),
+        };
         loop {
-            if let Ok(r) = outcome.try_recv() {
+            if let Some(r) = answered() {
                 return r;
             }
             let mut conn = self.conn();
             // A writer that held the connection before us may have taken
             // ours along: it answered before letting go of the connection.
-            if let Ok(r) = outcome.try_recv() {
+            if let Some(r) = answered() {
                 return r;
             }
             let group: Vec<Queued> = {

@@ -181,6 +181,17 @@ pub enum DecideOutcome {
     Refused(crate::approvals::DecisionRefused),
 }
 
+/// What [`Store::insert`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inserted {
+    /// A new pending review.
+    New,
+    /// A retry: the review its first attempt created.
+    Existing(ReviewState),
+    /// The idempotency key belongs to a different request.
+    KeyOfAnotherRequest,
+}
+
 /// Filters of the list view. Text filters match case-insensitively
 /// (ASCII) anywhere in the field.
 #[derive(Debug, Clone, Default)]
@@ -430,12 +441,17 @@ pub const POSTGRES_SCHEMA_VERSION: i64 = 1;
 /// not race; refuses a database written by a newer version.
 pub(crate) fn migrate_postgres(conn: &mut Conn, part: &str, ddl: &str) -> Result<(), StoreError> {
     conn.transaction(Lock::Schema, |c| {
-        c.batch(
-            "CREATE TABLE IF NOT EXISTS countersign_schema (
-                 part    TEXT PRIMARY KEY,
-                 version BIGINT NOT NULL
-             )",
-        )?;
+        // Checked first, not `CREATE ... IF NOT EXISTS`: that needs the
+        // CREATE privilege on every start, and a service may be granted it
+        // only for the first one.
+        if !c.table_exists("countersign_schema")? {
+            c.batch(
+                "CREATE TABLE countersign_schema (
+                     part    TEXT PRIMARY KEY,
+                     version BIGINT NOT NULL
+                 )",
+            )?;
+        }
         let found = c.query_opt(
             "SELECT version FROM countersign_schema WHERE part = ?1",
             params![part],
@@ -507,8 +523,10 @@ impl Store {
     /// Inserts a new pending review. When the filter's idempotency key was
     /// already used (a retry after a lost answer, possibly to another
     /// replica), nothing is inserted and the review created then is
-    /// returned instead.
-    pub fn insert(&self, r: &NewReview) -> DbResult<Option<ReviewState>> {
+    /// returned instead, but only if it is the same request (request id,
+    /// caller and body): a key must never attach a request to another's
+    /// review, which may be approved.
+    pub fn insert(&self, r: &NewReview) -> DbResult<Inserted> {
         let q = &r.request;
         let prompt_json = serde_json::to_string(&q.prompt)?;
         let caller_groups_json = serde_json::to_string(&q.caller_groups)?;
@@ -548,19 +566,22 @@ impl Store {
             ],
         )?;
         if inserted == 1 {
-            return Ok(None);
+            return Ok(Inserted::New);
         }
         let row = conn.query_opt(
-            "SELECT id FROM reviews WHERE idempotency_key = ?1",
-            params![&q.idempotency_key],
+            "SELECT id FROM reviews
+             WHERE idempotency_key = ?1 AND request_id = ?2
+               AND caller IS NOT DISTINCT FROM ?3 AND body = ?4",
+            params![&q.idempotency_key, &q.request_id, &q.caller, &q.body],
         )?;
         let Some(row) = row else {
-            return Err(DbError::Conversion(
-                "review neither inserted nor found by its idempotency key".into(),
-            ));
+            return Ok(Inserted::KeyOfAnotherRequest);
         };
         let id: String = row.get(0)?;
-        state_of(&mut conn, &id)
+        Ok(match state_of(&mut conn, &id)? {
+            Some(state) => Inserted::Existing(state),
+            None => Inserted::KeyOfAnotherRequest,
+        })
     }
 
     /// The filter's view of a review.

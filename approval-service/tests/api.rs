@@ -129,6 +129,18 @@ async fn a_retried_creation_with_the_same_key_returns_the_same_review() {
         (again["id"].as_str(), again["status"].as_str()),
         (Some(id), Some("approved"))
     );
+    // The same key on another request (another body, request id or
+    // caller) never attaches it to this (approved) review.
+    for other in [
+        json!({"idempotency_key": "req-1:00ab:review", "body": "{\"model\":\"evil\",\"messages\":[]}"}),
+        json!({"idempotency_key": "req-1:00ab:review", "request_id": "req-2"}),
+        json!({"idempotency_key": "req-1:00ab:review", "caller": "svc-b"}),
+    ] {
+        let body = common::merged(create_body(60_000), other.clone());
+        let (status, v) = common::call(&f.app, "POST", "/v1/reviews", &[], Some(body)).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{other}: {v}");
+        assert!(v.get("id").is_none(), "{v}");
+    }
     // Another key, or none, is another review.
     let other = common::merged(
         create_body(60_000),

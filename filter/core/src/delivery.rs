@@ -35,6 +35,14 @@ pub fn admits(queued: usize, queued_bytes: usize, body_len: usize) -> bool {
     queued < MAX_QUEUED && queued_bytes.saturating_add(body_len) <= MAX_QUEUED_BYTES
 }
 
+/// [`admits`] for the calls that only complete an audit trail already
+/// started (refusal records, cancellations): they may fill half the queue,
+/// so a flood of cheap refusals during an outage cannot crowd out the
+/// response parts of forwarded requests.
+pub fn admits_routine(queued: usize, queued_bytes: usize, body_len: usize) -> bool {
+    queued < MAX_QUEUED / 2 && queued_bytes.saturating_add(body_len) <= MAX_QUEUED_BYTES / 2
+}
+
 /// One call on its way, with the attempts made so far.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
@@ -158,6 +166,11 @@ mod tests {
         assert!(!admits(MAX_QUEUED, 0, 0));
         assert!(!admits(1, MAX_QUEUED_BYTES - 10, 11));
         assert!(admits(1, MAX_QUEUED_BYTES - 10, 10));
+        // Routine calls leave the other half to response parts.
+        assert!(admits_routine(MAX_QUEUED / 2 - 1, 0, 0));
+        assert!(!admits_routine(MAX_QUEUED / 2, 0, 0));
+        assert!(!admits_routine(0, MAX_QUEUED_BYTES / 2, 1));
+        assert!(admits(MAX_QUEUED / 2, 0, 0));
     }
 
     #[test]

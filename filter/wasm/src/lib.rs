@@ -19,7 +19,7 @@ use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use countersign_core::config::{Config, Endpoint, RecordMode};
-use countersign_core::delivery::{admits, Delivery, DeliveryStep};
+use countersign_core::delivery::{admits, admits_routine, Delivery, DeliveryStep};
 use countersign_core::hold::{
     cancel_callout, record_callout, response_record_callout, Callout, CalloutKind, CalloutResult,
     Hold, HoldStep, LocalReply, Release,
@@ -80,11 +80,16 @@ thread_local! {
 }
 
 /// Queues `call` for the root context to send (at its next tick) and to
-/// retry until it lands; drops it (counted) when the queue is full.
-fn deliver(config: &Rc<Config>, call: Callout) {
+/// retry until it lands; drops it (counted) when the queue is full. A
+/// `routine` call (refusal record, cancellation) gets only half the queue.
+fn deliver(config: &Rc<Config>, call: Callout, routine: bool) {
     let delivery = Delivery::new(call);
     let (n, bytes) = QUEUED.with(|q| q.get());
-    if !admits(n, bytes, delivery.size()) {
+    let admitted = match routine {
+        true => admits_routine(n, bytes, delivery.size()),
+        false => admits(n, bytes, delivery.size()),
+    };
+    if !admitted {
         count("countersign_deliveries_dropped_total", 1);
         log::warn!("countersign: delivery queue full ({n} calls, {bytes} bytes); one dropped");
         return;
@@ -392,7 +397,7 @@ impl Stream {
         if let (Some(config), Some(endpoint)) = (&self.config, &self.endpoint) {
             if config.records != RecordMode::Off {
                 let record = refusal_record(&self.info, Some(endpoint.api), refusal);
-                deliver(config, record_callout(config, &record));
+                deliver(config, record_callout(config, &record), true);
             }
         }
         send_refusal(refusal);
@@ -815,7 +820,7 @@ impl HttpContext for Stream {
         response.blocked_by = capture.blocked_by;
         response.hits = capture.hits;
         match response_record_callout(&config, &capture.record_id, &response) {
-            Some(call) => deliver(&config, call),
+            Some(call) => deliver(&config, call, false),
             None => log::warn!(
                 "countersign: not a record id, response not recorded: {:?}",
                 capture.record_id
@@ -839,7 +844,7 @@ impl Drop for Stream {
                     .cancellable_review()
                     .and_then(|id| cancel_callout(&e.config, id))
                 {
-                    deliver(&e.config, call);
+                    deliver(&e.config, call, true);
                 }
             }
         }
