@@ -23,6 +23,9 @@ pub struct ParsedRequest {
     pub unknown_fields: Vec<String>,
     /// Images, audio, files or documents are part of the prompt.
     pub attachments: bool,
+    /// The field that asks for token log-probabilities, if any: they spell
+    /// the answer out, so they cannot leave where the answer is guarded.
+    pub logprobs: Option<&'static str>,
 }
 
 /// Top-level request fields understood per API shape. Anything else could
@@ -193,7 +196,62 @@ pub fn parse_request_at(api: ApiKind, path: &str, body: &[u8]) -> Result<ParsedR
         prompt,
         unknown_fields: unknown(api, &obj),
         attachments,
+        logprobs: logprobs_field(api, &obj),
     })
+}
+
+/// The field of a request that asks for token log-probabilities in the
+/// answer, per API. Any value but `null`, `false` (and `0` for a count of
+/// alternatives) asks: lenient backends coerce what OpenAI would refuse.
+fn logprobs_field(api: ApiKind, obj: &Map<String, Value>) -> Option<&'static str> {
+    let asks =
+        |v: Option<&Value>| !matches!(v, None | Some(Value::Null) | Some(Value::Bool(false)));
+    let asks_alternatives =
+        |v: Option<&Value>| asks(v) && !v.and_then(Value::as_f64).is_some_and(|n| n == 0.0);
+    match api {
+        ApiKind::OpenaiChat => {
+            if asks(obj.get("logprobs")) {
+                Some("logprobs")
+            } else if asks_alternatives(obj.get("top_logprobs")) {
+                Some("top_logprobs")
+            } else {
+                None
+            }
+        }
+        ApiKind::OpenaiCompletions => asks(obj.get("logprobs")).then_some("logprobs"),
+        ApiKind::OpenaiResponses => {
+            let include = obj
+                .get("include")
+                .and_then(Value::as_array)
+                .is_some_and(|a| {
+                    a.iter()
+                        .any(|i| i.as_str().is_some_and(|s| s.contains("logprobs")))
+                });
+            if include {
+                Some("include")
+            } else if asks_alternatives(obj.get("top_logprobs")) {
+                Some("top_logprobs")
+            } else {
+                None
+            }
+        }
+        ApiKind::GeminiGenerateContent => {
+            // Both spellings of the object and of the flag: a backend may
+            // read either.
+            let configs = [obj.get("generationConfig"), obj.get("generation_config")];
+            configs.into_iter().flatten().find_map(|config| {
+                [
+                    ("responseLogprobs", "generationConfig.responseLogprobs"),
+                    ("response_logprobs", "generationConfig.response_logprobs"),
+                    ("logprobs", "generationConfig.logprobs"),
+                ]
+                .into_iter()
+                .find(|(key, _)| asks(config.get(*key)))
+                .map(|(_, field)| field)
+            })
+        }
+        ApiKind::AnthropicMessages | ApiKind::OpenaiEmbeddings => None,
+    }
 }
 
 /// `(model, streaming)` from a Gemini path.
@@ -324,6 +382,7 @@ pub fn parse_request(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, String>
         prompt,
         unknown_fields: unknown(api, &obj),
         attachments,
+        logprobs: logprobs_field(api, &obj),
     })
 }
 
@@ -769,6 +828,77 @@ mod tests {
         ] {
             assert!(parse_request(api, body.as_bytes()).is_err(), "{body}");
         }
+    }
+
+    #[test]
+    fn requests_for_logprobs_are_named_in_every_api() {
+        let chat = |extra: &str| {
+            format!(r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}]{extra}}}"#)
+        };
+        let asked = |api, body: &str| parse_request(api, body.as_bytes()).unwrap().logprobs;
+        use ApiKind::*;
+        assert_eq!(asked(OpenaiChat, &chat("")), None);
+        assert_eq!(asked(OpenaiChat, &chat(r#","logprobs":false"#)), None);
+        assert_eq!(
+            asked(OpenaiChat, &chat(r#","logprobs":null,"top_logprobs":0"#)),
+            None
+        );
+        assert_eq!(
+            asked(OpenaiChat, &chat(r#","logprobs":true"#)),
+            Some("logprobs")
+        );
+        assert_eq!(
+            asked(OpenaiChat, &chat(r#","top_logprobs":3"#)),
+            Some("top_logprobs")
+        );
+        let completion = |extra: &str| format!(r#"{{"model":"m","prompt":"hi"{extra}}}"#);
+        assert_eq!(asked(OpenaiCompletions, &completion("")), None);
+        // `0` still returns the chosen tokens' log-probabilities.
+        assert_eq!(
+            asked(OpenaiCompletions, &completion(r#","logprobs":0"#)),
+            Some("logprobs")
+        );
+        let responses = |extra: &str| format!(r#"{{"model":"m","input":"hi"{extra}}}"#);
+        assert_eq!(
+            asked(
+                OpenaiResponses,
+                &responses(r#","include":["reasoning.encrypted_content"]"#)
+            ),
+            None
+        );
+        assert_eq!(
+            asked(
+                OpenaiResponses,
+                &responses(r#","include":["message.output_text.logprobs"]"#)
+            ),
+            Some("include")
+        );
+        assert_eq!(
+            asked(OpenaiResponses, &responses(r#","top_logprobs":5"#)),
+            Some("top_logprobs")
+        );
+        let gemini = |config: &str| {
+            let body = format!(r#"{{"contents":[{{"parts":[{{"text":"hi"}}]}}]{config}}}"#);
+            parse_request_at(
+                GeminiGenerateContent,
+                "/v1beta/models/g:generateContent",
+                body.as_bytes(),
+            )
+            .unwrap()
+            .logprobs
+        };
+        assert_eq!(gemini(r#","generationConfig":{"temperature":0}"#), None);
+        assert_eq!(
+            gemini(r#","generationConfig":{"responseLogprobs":true}"#),
+            Some("generationConfig.responseLogprobs")
+        );
+        assert_eq!(
+            gemini(r#","generation_config":{"logprobs":2}"#),
+            Some("generationConfig.logprobs")
+        );
+        let anthropic =
+            r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#;
+        assert_eq!(asked(AnthropicMessages, anthropic), None);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use crate::config::{Action, Attachments, Config, Endpoint, RecordMode};
 use crate::extract::{parse_request_at, ParsedRequest};
 use crate::identity::Caller;
-use crate::mask::{mask_request, MaskPolicy, RestoreMap};
+use crate::mask::{mask_request, MaskPolicy, ResponseGuard, RestoreMap};
 use crate::policy::{requested_max_tokens, RequestFacts, ResponseRules};
 use crate::refusal::{Refusal, RefusalKind};
 use crate::token::{body_hash, verify, TokenClaims};
@@ -197,9 +197,62 @@ pub fn inspect_body(
     screen_body(config, endpoint, info, body, now_ms).0
 }
 
+impl Screening {
+    /// What guards the answer to this request: masking, restore of
+    /// pseudonyms and response rules, as screening found them.
+    pub fn response_guard(&self) -> ResponseGuard {
+        ResponseGuard::new(
+            self.profile.as_ref(),
+            self.restore.clone(),
+            self.response_rules.clone(),
+        )
+    }
+
+    /// The same guard without restore: the record keeps values masked.
+    /// `None` when it would equal [`Screening::response_guard`].
+    pub fn record_guard(&self) -> Option<ResponseGuard> {
+        if self.restore.is_empty() {
+            return None;
+        }
+        Some(ResponseGuard::new(
+            self.profile.as_ref(),
+            RestoreMap::default(),
+            self.response_rules.clone(),
+        ))
+    }
+}
+
 /// Applies content policy and masking to a body of shape `api`; the body to
 /// forward comes back in [`Screening::masked_body`] when it changed.
+///
+/// Token log-probabilities spell the answer out token by token, around the
+/// hold-back window, masking and response rules alike: a request that asks
+/// for them is refused when anything guards its answer.
 fn screen(
+    config: &Config,
+    api: ApiKind,
+    info: &RequestInfo,
+    rule: &RuleChoice,
+    parsed: &ParsedRequest,
+    body: &[u8],
+) -> Result<Screening, Refusal> {
+    let screening = screen_prompt(config, api, info, rule, parsed, body)?;
+    if let Some(field) = parsed.logprobs {
+        if screening.response_guard().hides_text() {
+            return Err(Refusal::new(
+                RefusalKind::BadRequest,
+                Some(api),
+                format!(
+                    "`{field}` asks for token log-probabilities, which would spell out the answer that masking or response rules guard here; remove it"
+                ),
+            ));
+        }
+    }
+    Ok(screening)
+}
+
+/// Content policy and masking of the prompt, for [`screen`].
+fn screen_prompt(
     config: &Config,
     api: ApiKind,
     info: &RequestInfo,
@@ -633,6 +686,56 @@ mod tests {
         assert_eq!(choose_rule(&c, &i, "m").action, Action::Deny);
         i.caller = None;
         assert_eq!(choose_rule(&c, &i, "m").action, Action::Review);
+    }
+
+    #[test]
+    fn logprobs_are_refused_where_the_answer_is_guarded() {
+        let ep = &default_endpoints()[0];
+        let i = info("/v1/chat/completions", None);
+        let asks =
+            br#"{"model":"gpt-4o","logprobs":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        let masked = Config::from_json(
+            br#"{"default_action":"allow","masking":{"profiles":{"default":{"detectors":{"email":"redact"}}}}}"#,
+        )
+        .unwrap();
+        let blocking = Config::from_json(
+            br#"{"default_action":"allow","content_policy":{"response_rules":[{"name":"codes","phrases":["launch code"]}]}}"#,
+        )
+        .unwrap();
+        for c in [&masked, &blocking] {
+            match inspect_body(c, ep, &i, asks, 0) {
+                BodyVerdict::Refuse(r) => {
+                    assert_eq!(r.status(), 400);
+                    assert!(r.message.contains("`logprobs`"), "{}", r.message);
+                }
+                other => panic!("{other:?}"),
+            }
+            // Without the field the same request goes through.
+            assert!(matches!(
+                inspect_body(c, ep, &i, CHAT, 0),
+                BodyVerdict::Forward(..)
+            ));
+            // A reviewer's edit cannot add it either.
+            assert_eq!(
+                check_edited_body(c, ApiKind::OpenaiChat, &i, asks)
+                    .unwrap_err()
+                    .status(),
+                400
+            );
+        }
+        // Nothing guards the answer (or a profile that turned responses
+        // off): the caller gets what it asked for.
+        let open = Config::from_json(br#"{"default_action":"allow"}"#).unwrap();
+        let prompt_only = Config::from_json(
+            br#"{"default_action":"allow","masking":{"profiles":{"default":{"detectors":{"email":"redact"},"responses":false}}}}"#,
+        )
+        .unwrap();
+        for c in [&open, &prompt_only] {
+            assert!(matches!(
+                inspect_body(c, ep, &i, asks, 0),
+                BodyVerdict::Forward(..)
+            ));
+        }
     }
 
     #[test]

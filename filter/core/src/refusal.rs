@@ -42,6 +42,9 @@ pub enum RefusalKind {
     NotFound,
     /// The session record could not be written before forwarding.
     RecordUnavailable,
+    /// The model's answer could not be inspected (compressed, unreadable),
+    /// so it was withheld.
+    ResponseUninspectable,
 }
 
 impl RefusalKind {
@@ -60,6 +63,7 @@ impl RefusalKind {
             RefusalKind::TooLarge => 413,
             RefusalKind::UnsupportedMediaType => 415,
             RefusalKind::Misconfigured => 500,
+            RefusalKind::ResponseUninspectable => 502,
             RefusalKind::ApprovalUnavailable | RefusalKind::RecordUnavailable => 503,
             RefusalKind::Expired => 504,
         }
@@ -85,6 +89,7 @@ impl RefusalKind {
             RefusalKind::TokenReplayed => "approval_token_used",
             RefusalKind::NotFound => "not_found",
             RefusalKind::RecordUnavailable => "audit_record_unavailable",
+            RefusalKind::ResponseUninspectable => "response_uninspectable",
         }
     }
 
@@ -100,6 +105,7 @@ impl RefusalKind {
             RefusalKind::Misconfigured => "misconfigured",
             RefusalKind::Unauthenticated => "unauthenticated",
             RefusalKind::InvalidToken | RefusalKind::TokenReplayed => "denied",
+            RefusalKind::ResponseUninspectable => "withheld",
             _ => "invalid",
         }
     }
@@ -109,7 +115,7 @@ impl RefusalKind {
             401 => "authentication_error",
             404 => "not_found_error",
             403 => "permission_error",
-            500 => "server_error",
+            500 | 502 => "server_error",
             503 => "service_unavailable",
             504 => "timeout",
             _ => "invalid_request_error",
@@ -122,7 +128,7 @@ impl RefusalKind {
             404 => "not_found_error",
             403 => "permission_error",
             413 => "request_too_large",
-            500 => "api_error",
+            500 | 502 => "api_error",
             503 => "overloaded_error",
             504 => "timeout_error",
             _ => "invalid_request_error",

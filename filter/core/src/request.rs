@@ -132,6 +132,27 @@ fn is_indirect_prompt_path(normalized: &str) -> bool {
         .any(|p| normalized == *p || normalized.starts_with(&format!("{p}/")))
 }
 
+/// Header changes on a request whose body is inspected, before it goes on:
+/// `content-length` goes (the body may be replaced by a masked or edited
+/// one; the buffer filter after this one sets the right length), and the
+/// model is asked for an uncompressed answer, which is the only kind the
+/// response guard and the record can read.
+pub struct InspectedEdits {
+    /// Headers removed.
+    pub remove: &'static [&'static str],
+    /// Headers set (replacing the caller's).
+    pub set: &'static [(&'static str, &'static str)],
+}
+
+/// See [`InspectedEdits`].
+pub const INSPECTED_REQUEST_EDITS: InspectedEdits = InspectedEdits {
+    remove: &["content-length"],
+    set: &[(
+        "accept-encoding",
+        crate::response_head::UPSTREAM_ACCEPT_ENCODING,
+    )],
+};
+
 /// Decides what to do with a request from its head alone.
 pub fn classify(config: &Config, head: &RequestHead<'_>) -> HeadVerdict {
     let raw_path = path_only(head.path);

@@ -29,7 +29,10 @@ use countersign_core::inspect::{screen_body, BodyVerdict, RequestInfo, Screening
 use countersign_core::mask::{mask_response_body, MaskAction, ResponseGuard, SseStreamMasker};
 use countersign_core::record::{refusal_record, ResponseRecorder, MAX_RECORDED_RESPONSE};
 use countersign_core::refusal::{Refusal, RefusalKind};
-use countersign_core::request::{api_for_path, classify, path_only, HeadVerdict, RequestHead};
+use countersign_core::request::{
+    api_for_path, classify, path_only, HeadVerdict, RequestHead, INSPECTED_REQUEST_EDITS,
+};
+use countersign_core::response_head::{plan_response, ResponseHead, ResponsePlan, Withheld};
 use countersign_core::wire::{ApiKind, HitCount};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -275,6 +278,7 @@ impl RootContext for Root {
             screening: None,
             guard: None,
             record_guard: None,
+            withheld: None,
         }))
     }
 
@@ -302,6 +306,8 @@ struct Stream {
     guard: Option<ResponseFilter>,
     /// The same without restore, for the record (only when restoring).
     record_guard: Option<ResponseFilter>,
+    /// Set when the answer cannot be read and is replaced whole.
+    withheld: Option<Withheld>,
 }
 
 /// What guarding a response found, for the record.
@@ -408,41 +414,62 @@ impl Stream {
         self.get_http_request_header(name)
     }
 
-    /// Sets up masking, restore and response rules for the response, when
-    /// the request was forwarded and any of them applies.
-    fn start_response_guard(&mut self) {
-        let (Some(screening), Some(endpoint)) = (&self.screening, &self.endpoint) else {
+    /// The guard for the answer (masking, restore, response rules) when the
+    /// request was forwarded and any of them applies.
+    fn response_guard(&self) -> Option<ResponseGuard> {
+        let screening = self.screening.as_ref()?;
+        if self.refused || self.endpoint.is_none() {
+            return None;
+        }
+        let guard = screening.response_guard();
+        guard.is_active().then_some(guard)
+    }
+
+    /// Decides from the answer's head whether it is read (guarded,
+    /// recorded) and sets that up; an answer that cannot be read is
+    /// withheld (see `countersign_core::response_head`).
+    fn plan_answer(&mut self, recorded: bool) {
+        let Some(api) = self.endpoint.as_ref().map(|e| e.api) else {
             return;
         };
-        if self.refused {
-            return;
+        let guard = self.response_guard();
+        let content_type = self.get_http_response_header("content-type");
+        let content_encoding = self.get_http_response_header("content-encoding");
+        let head = ResponseHead {
+            content_type: content_type.as_deref(),
+            content_encoding: content_encoding.as_deref(),
+        };
+        match plan_response(api, &head, guard.is_some() || recorded) {
+            ResponsePlan::Pass => {}
+            ResponsePlan::Read { sse } => {
+                let Some(guard) = guard else { return };
+                // The body will change length.
+                self.set_http_response_header("content-length", None);
+                self.record_guard = self
+                    .screening
+                    .as_ref()
+                    .and_then(|s| s.record_guard())
+                    .map(|g| ResponseFilter::new(g, api, sse));
+                self.guard = Some(ResponseFilter::new(guard, api, sse));
+            }
+            ResponsePlan::Withhold(withheld) => {
+                count("countersign_responses_blocked_total", 1);
+                log::warn!(
+                    "countersign: {} answer withheld: {} (content-encoding {:?})",
+                    self.info.request_id,
+                    withheld.blocked_by,
+                    content_encoding.as_deref().unwrap_or("")
+                );
+                self.set_http_response_header(":status", Some(&withheld.status.to_string()));
+                for name in &withheld.remove {
+                    self.set_http_response_header(name, None);
+                }
+                for (name, value) in &withheld.set {
+                    self.set_http_response_header(name, Some(value));
+                }
+                self.withheld = Some(withheld);
+            }
         }
-        let guard = ResponseGuard::new(
-            screening.profile.as_ref(),
-            screening.restore.clone(),
-            screening.response_rules.clone(),
-        );
-        if !guard.is_active() {
-            return;
-        }
-        // The body will change length.
-        self.set_http_response_header("content-length", None);
-        let sse = self
-            .get_http_response_header("content-type")
-            .is_some_and(|c| {
-                c.trim_start()
-                    .to_ascii_lowercase()
-                    .starts_with("text/event-stream")
-            });
-        if !screening.restore.is_empty() {
-            let plain = ResponseGuard::new(
-                screening.profile.as_ref(),
-                Default::default(),
-                screening.response_rules.clone(),
-            );
-            self.record_guard = Some(ResponseFilter::new(plain, endpoint.api, sse));
-        }
-        self.guard = Some(ResponseFilter::new(guard, endpoint.api, sse));
     }
 
     fn start_hold(&mut self, config: &Rc<Config>, hold: Hold, step: HoldStep, body_len: usize) {
@@ -585,10 +612,12 @@ impl HttpContext for Stream {
                         "request body is empty",
                     ));
                 }
-                // The body may be replaced by a reviewer's edit; without a
-                // stale content-length, the buffer filter after this one
-                // sets the right one when it forwards.
-                self.set_http_request_header("content-length", None);
+                for name in INSPECTED_REQUEST_EDITS.remove {
+                    self.set_http_request_header(name, None);
+                }
+                for (name, value) in INSPECTED_REQUEST_EDITS.set {
+                    self.set_http_request_header(name, Some(value));
+                }
                 self.endpoint = Some(endpoint);
                 WasmAction::Continue
             }
@@ -732,7 +761,7 @@ impl HttpContext for Stream {
         } else if let Some(outcome) = self.outcome {
             self.set_http_response_header("x-countersign-outcome", Some(outcome));
         }
-        self.start_response_guard();
+        self.plan_answer(record_id.is_some());
         if let Some(record_id) = record_id {
             let now = now_ms();
             let forwarded_at_ms = self
@@ -751,7 +780,7 @@ impl HttpContext for Stream {
                 forwarded_at_ms,
                 ttfb_ms: Some(now.saturating_sub(forwarded_at_ms)),
                 complete: false,
-                blocked_by: None,
+                blocked_by: self.withheld.as_ref().map(|w| w.blocked_by.to_string()),
                 hits: Vec::new(),
             });
         }
@@ -759,6 +788,21 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> WasmAction {
+        if let Some(withheld) = &self.withheld {
+            // Nothing of an unreadable answer leaves; its replacement goes
+            // out at the end.
+            let out = if end_of_stream {
+                withheld.body.clone()
+            } else {
+                Vec::new()
+            };
+            self.set_http_response_body(0, body_size, &out);
+            if let Some(capture) = &mut self.response {
+                capture.recorder.feed(&out);
+                capture.complete |= end_of_stream;
+            }
+            return WasmAction::Continue;
+        }
         if matches!(self.guard, Some(ResponseFilter::Plain(..))) && !end_of_stream {
             // A plain body is judged whole: buffer until the end.
             return WasmAction::Pause;
@@ -1032,7 +1076,7 @@ fn hits_of(hits: &[countersign_core::mask::Hit]) -> Vec<HitCount> {
 /// Replacement for a response that could not be inspected.
 fn unreadable_response(api: ApiKind) -> Vec<u8> {
     Refusal::new(
-        RefusalKind::ApprovalUnavailable,
+        RefusalKind::ResponseUninspectable,
         Some(api),
         "the model's response could not be inspected, so it was withheld",
     )

@@ -59,9 +59,12 @@
 //!
 //! Responses ([`mask_response_body`], [`SseStreamMasker`]): every string of
 //! the response except structural fields (ids, model, roles, finish reasons,
-//! signatures, base64 payloads); `logprobs` are replaced by `null` when
-//! masking is on, since they spell the tokens out. Content-policy response
-//! rules ([`crate::policy`]) run on the same text.
+//! signatures, base64 payloads); `logprobs` are replaced by `null` (`[]`
+//! where they were a list) whenever the guard can hide text (a rewriting or
+//! blocking detector, a blocking response rule), since they spell the tokens
+//! out; a request that asks for them there is refused
+//! ([`crate::inspect`]). Content-policy response rules ([`crate::policy`])
+//! run on the same text.
 //!
 //! # Limits
 //!

@@ -22,6 +22,8 @@ pub struct ResponseGuard {
     restore: RestoreMap,
     rules: ResponseRules,
     window: usize,
+    /// See [`ResponseGuard::hides_text`].
+    hides: bool,
 }
 
 impl ResponseGuard {
@@ -43,11 +45,18 @@ impl ResponseGuard {
             RestoreMap::default()
         };
         let mask = policy.filter(|p| p.responses() && !p.is_noop()).cloned();
+        let masks = mask.as_ref().is_some_and(|p| {
+            p.0.active
+                .iter()
+                .any(|a| !matches!(a.action, MaskAction::Monitor | MaskAction::Off))
+        });
+        let hides = masks || rules.rules().any(|r| r.action() == RuleAction::Deny);
         ResponseGuard {
             mask,
             restore,
             rules,
             window,
+            hides,
         }
     }
 
@@ -57,14 +66,17 @@ impl ResponseGuard {
         self.mask.is_some() || !self.restore.is_empty() || !self.rules.is_empty()
     }
 
+    /// Whether the guard can hide or withhold answer text: a detector that
+    /// rewrites or blocks, or a response rule that blocks. Token
+    /// log-probabilities would spell such text out, so they cannot be
+    /// returned where this holds (monitoring and restore hide nothing).
+    pub fn hides_text(&self) -> bool {
+        self.hides
+    }
+
     /// Hold-back window for streams, in characters.
     pub(crate) fn window(&self) -> usize {
         self.window
-    }
-
-    /// Whether detectors run on the response (and logprobs are dropped).
-    pub(crate) fn masks(&self) -> bool {
-        self.mask.is_some()
     }
 
     /// Finds everything in `hay[from..]` (earlier text is context only).
@@ -377,7 +389,7 @@ pub fn mask_response_body(
     let mut tally = GuardTally::default();
     let mut edits = Edits::new();
     let mut blocked = None;
-    for (path, leaf) in leaves(&value, guard.masks()) {
+    for (path, leaf) in leaves(&value, guard.hides_text()) {
         match leaf {
             Leaf::Drop => {
                 edits.insert(path, "null".into());
@@ -646,6 +658,38 @@ mod tests {
         let out = mask_response_body(&g, ApiKind::OpenaiChat, body).unwrap();
         assert!(out.blocked.is_none() && out.body.is_none());
         assert_eq!(out.monitored_rules, vec!["watch".to_string()]);
+    }
+
+    /// A guard made of response rules only (no masking profile).
+    fn rules_only(policy: &str) -> ResponseGuard {
+        let rules = ContentPolicy::from_json(policy.as_bytes())
+            .unwrap()
+            .response_rules(&crate::policy::RequestFacts::default());
+        ResponseGuard::new(None, RestoreMap::default(), rules)
+    }
+
+    #[test]
+    fn logprobs_go_wherever_text_can_be_hidden_and_only_there() {
+        // The tokens spell the blocked phrase out: with a blocking rule and
+        // no masking at all they must not leave either.
+        let body = br#"{"choices":[{"message":{"content":"the weather"},"logprobs":{"content":[{"token":"launch","logprob":-0.1}]}}]}"#;
+        let block =
+            rules_only(r#"{"response_rules":[{"name":"codes","phrases":["launch code"]}]}"#);
+        assert!(block.hides_text());
+        let out = mask_response_body(&block, ApiKind::OpenaiChat, body).unwrap();
+        let v: Value = serde_json::from_slice(&out.body.unwrap()).unwrap();
+        assert_eq!(v["choices"][0]["logprobs"], Value::Null);
+        // Monitoring hides nothing, so the caller keeps what it asked for.
+        let watch =
+            rules_only(r#"{"response_rules":[{"name":"w","phrases":["x"],"action":"monitor"}]}"#);
+        assert!(watch.is_active() && !watch.hides_text());
+        let out = mask_response_body(&watch, ApiKind::OpenaiChat, body).unwrap();
+        assert!(out.body.is_none());
+        // Masking that rewrites hides text; a profile that only monitors
+        // does not.
+        assert!(guard_with(MASKING, "{}", None).hides_text());
+        let monitor_only = r#"{"profiles":{"default":{"detectors":{"*":"monitor"}}}}"#;
+        assert!(!guard_with(monitor_only, "{}", None).hides_text());
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //! an extra event of the channel's kind placed before the event that ended
 //! it. Events without text (role, usage, pings, comments, unknown events)
 //! pass through untouched and in order, except that every other string in a
-//! JSON event is masked in full and `logprobs` are dropped when masking is on.
+//! JSON event is masked in full and `logprobs` are dropped when the guard
+//! hides text (see [`ResponseGuard::hides_text`]).
 
 use serde_json::{json, Value};
 
@@ -310,7 +311,7 @@ impl SseStreamMasker {
                 echo = self.responses_event(event, value, &mut edits, &mut handled, pre)?
             }
         }
-        for (path, leaf) in leaves(value, self.guard.masks()) {
+        for (path, leaf) in leaves(value, self.guard.hides_text()) {
             if handled.iter().any(|h| path.starts_with(h)) {
                 continue;
             }

@@ -1,0 +1,182 @@
+//! The answer's head: whether the filter reads the answer, and what becomes
+//! of an answer it cannot read.
+//!
+//! Every forwarded inference request asks the model for an uncompressed
+//! answer ([`UPSTREAM_ACCEPT_ENCODING`]): masking, restore, response rules
+//! and the record all read the answer's text, and a compressed body would
+//! pass them unread. A backend that compresses anyway gets its answer
+//! withheld: the caller receives a 502 error in its API's format instead,
+//! with headers that describe that body (no `content-encoding`). Callers that
+//! want compression toward them put Envoy's compressor filter before
+//! countersign in the filter chain: it compresses what countersign let out.
+
+use crate::refusal::{Refusal, RefusalKind};
+use crate::wire::ApiKind;
+
+/// The `accept-encoding` sent upstream with every inspected request.
+pub const UPSTREAM_ACCEPT_ENCODING: &str = "identity";
+
+/// `blocked_by` in the record of an answer withheld because it was encoded.
+pub const ENCODED_RESPONSE: &str = "encoded_response";
+
+/// What the filter knows of an answer when its headers arrive.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ResponseHead<'a> {
+    /// `content-type`.
+    pub content_type: Option<&'a str>,
+    /// `content-encoding`.
+    pub content_encoding: Option<&'a str>,
+}
+
+/// What to do with an answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResponsePlan {
+    /// Nothing reads this answer: it passes as it comes.
+    Pass,
+    /// The answer is read (guarded, recorded or both); `sse` when it is a
+    /// server-sent event stream, read event by event.
+    Read {
+        /// `content-type: text/event-stream`.
+        sse: bool,
+    },
+    /// The answer cannot be read: it is replaced whole.
+    Withhold(Withheld),
+}
+
+/// An answer replaced because it could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Withheld {
+    /// The status the caller gets.
+    pub status: u16,
+    /// Headers to remove from the answer.
+    pub remove: Vec<&'static str>,
+    /// Headers to set on the answer.
+    pub set: Vec<(&'static str, String)>,
+    /// The body the caller gets instead of the answer's.
+    pub body: Vec<u8>,
+    /// What the record names as the reason.
+    pub blocked_by: &'static str,
+}
+
+/// Whether a `content-type` is a server-sent event stream.
+pub fn is_event_stream(content_type: Option<&str>) -> bool {
+    content_type.is_some_and(|c| {
+        c.trim_start()
+            .get(..17)
+            .is_some_and(|t| t.eq_ignore_ascii_case("text/event-stream"))
+    })
+}
+
+/// Whether a `content-encoding` leaves the body readable as it is.
+fn readable_encoding(encoding: Option<&str>) -> bool {
+    encoding.is_none_or(|e| {
+        let e = e.trim();
+        e.is_empty() || e.eq_ignore_ascii_case("identity")
+    })
+}
+
+/// Decides on an answer of API `api` from its head. `read` says whether
+/// anything needs the answer's text (a response guard, the record).
+pub fn plan_response(api: ApiKind, head: &ResponseHead, read: bool) -> ResponsePlan {
+    if !read {
+        return ResponsePlan::Pass;
+    }
+    if !readable_encoding(head.content_encoding) {
+        let refusal = Refusal::new(
+            RefusalKind::ResponseUninspectable,
+            Some(api),
+            "the model's answer was compressed, so it could not be inspected and was withheld; \
+             the gateway asks for uncompressed answers, so the backend ignored `accept-encoding`",
+        );
+        return ResponsePlan::Withhold(Withheld {
+            status: refusal.status(),
+            remove: vec!["content-encoding", "content-length", "etag"],
+            set: vec![("content-type", "application/json".to_string())],
+            body: refusal.body(),
+            blocked_by: ENCODED_RESPONSE,
+        });
+    }
+    ResponsePlan::Read {
+        sse: is_event_stream(head.content_type),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+
+    fn head<'a>(content_type: &'a str, encoding: Option<&'a str>) -> ResponseHead<'a> {
+        ResponseHead {
+            content_type: Some(content_type),
+            content_encoding: encoding,
+        }
+    }
+
+    #[test]
+    fn an_answer_nothing_reads_passes_even_compressed() {
+        let h = head("application/json", Some("gzip"));
+        assert_eq!(
+            plan_response(ApiKind::OpenaiChat, &h, false),
+            ResponsePlan::Pass
+        );
+    }
+
+    #[test]
+    fn plain_and_streamed_answers_are_read() {
+        for (ct, sse) in [
+            ("application/json", false),
+            ("text/event-stream", true),
+            ("Text/Event-Stream; charset=utf-8", true),
+            ("text/plain", false),
+        ] {
+            for enc in [None, Some("identity"), Some(" IDENTITY "), Some("")] {
+                assert_eq!(
+                    plan_response(ApiKind::OpenaiChat, &head(ct, enc), true),
+                    ResponsePlan::Read { sse },
+                    "{ct} {enc:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn compressed_answers_are_withheld_in_the_callers_format() {
+        for enc in [
+            "gzip",
+            "br",
+            "deflate",
+            "zstd",
+            "gzip, identity",
+            "x-custom",
+        ] {
+            for ct in ["application/json", "text/event-stream"] {
+                let ResponsePlan::Withhold(w) =
+                    plan_response(ApiKind::OpenaiChat, &head(ct, Some(enc)), true)
+                else {
+                    panic!("{enc} {ct} not withheld");
+                };
+                assert_eq!(w.status, 502);
+                assert!(w.remove.contains(&"content-encoding"));
+                assert!(w.remove.contains(&"content-length"));
+                assert_eq!(
+                    w.set,
+                    vec![("content-type", "application/json".to_string())]
+                );
+                let v: serde_json::Value = serde_json::from_slice(&w.body).unwrap();
+                assert_eq!(v["error"]["code"], "response_uninspectable");
+                assert_eq!(w.blocked_by, "encoded_response");
+            }
+        }
+        let ResponsePlan::Withhold(w) = plan_response(
+            ApiKind::AnthropicMessages,
+            &head("text/event-stream", Some("gzip")),
+            true,
+        ) else {
+            panic!("not withheld");
+        };
+        let v: serde_json::Value = serde_json::from_slice(&w.body).unwrap();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["type"], "api_error");
+    }
+}
