@@ -1,4 +1,6 @@
-//! Reads the model and the prompt out of a request body, per API shape.
+//! Reads the model and the prompt out of a request body, per API shape:
+//! one strict parse, the top-level fields here, the prompt by
+//! [`crate::shape`].
 //!
 //! Anything the extractor does not understand is an error, never skipped:
 //! an unknown content-part type or a token-id prompt would otherwise reach
@@ -7,6 +9,7 @@
 use serde_json::{Map, Value};
 
 use crate::json::parse_strict;
+use crate::shape::{self, AsIs};
 use crate::wire::{ApiKind, PromptMessage};
 
 /// What the filter knows about a parsed inference request.
@@ -26,6 +29,8 @@ pub struct ParsedRequest {
     /// The field that asks for token log-probabilities, if any: they spell
     /// the answer out, so they cannot leave where the answer is guarded.
     pub logprobs: Option<&'static str>,
+    /// The parsed body, for masking (so the body is parsed once).
+    pub(crate) body: Value,
 }
 
 /// Top-level request fields understood per API shape. Anything else could
@@ -161,42 +166,15 @@ pub fn parse_request_at(api: ApiKind, path: &str, body: &[u8]) -> Result<ParsedR
     let Value::Object(obj) = value else {
         return Err("request body must be a JSON object".into());
     };
-    let mut prompt = Vec::new();
-    let mut attachments = false;
-    if let Some(sys) = obj
-        .get("systemInstruction")
-        .or_else(|| obj.get("system_instruction"))
-    {
-        let text = gemini_parts(
-            sys.get("parts"),
-            "systemInstruction.parts",
-            &mut attachments,
-        )?;
-        push(&mut prompt, "system", text);
-    }
-    let Some(Value::Array(contents)) = obj.get("contents") else {
-        return Err("`contents` must be a list".into());
-    };
-    if contents.is_empty() {
-        return Err("`contents` must not be empty".into());
-    }
-    for (i, c) in contents.iter().enumerate() {
-        let role = c.get("role").and_then(Value::as_str).unwrap_or("user");
-        let text = gemini_parts(
-            c.get("parts"),
-            &format!("contents[{i}].parts"),
-            &mut attachments,
-        )?;
-        push(&mut prompt, role, text);
-    }
-    tools(&obj, &mut prompt)?;
+    let walked = shape::walk(api, &obj, &mut AsIs).map_err(|e| e.to_string())?;
     Ok(ParsedRequest {
         model,
         stream,
-        prompt,
+        prompt: walked.prompt,
         unknown_fields: unknown(api, &obj),
-        attachments,
+        attachments: walked.attachments,
         logprobs: logprobs_field(api, &obj),
+        body: Value::Object(obj),
     })
 }
 
@@ -270,60 +248,6 @@ pub fn gemini_model(path: &str) -> Option<(String, bool)> {
     Some((model.to_string(), stream))
 }
 
-/// Gemini accepts each field under its camelCase or its snake_case name.
-fn gemini_key<'a>(v: &'a Value, camel: &str, snake: &str) -> Option<&'a Value> {
-    v.get(camel).or_else(|| v.get(snake))
-}
-
-/// The text of an optional value, empty where it is absent.
-fn text_of(v: Option<&Value>) -> String {
-    v.map(value_text).unwrap_or_default()
-}
-
-fn gemini_parts(parts: Option<&Value>, at: &str, attachments: &mut bool) -> Result<String, String> {
-    let Some(Value::Array(parts)) = parts else {
-        return Err(format!("`{at}` must be a list"));
-    };
-    let mut text = String::new();
-    for (i, p) in parts.iter().enumerate() {
-        let piece = if let Some(t) = p.get("text") {
-            t.as_str()
-                .ok_or_else(|| format!("`{at}[{i}].text` must be a string"))?
-                .to_string()
-        } else if let Some(d) = gemini_key(p, "inlineData", "inline_data") {
-            *attachments = true;
-            format!(
-                "[inline_data: {}]",
-                text_of(gemini_key(d, "mimeType", "mime_type"))
-            )
-        } else if let Some(f) = gemini_key(p, "fileData", "file_data") {
-            *attachments = true;
-            format!(
-                "[file_data: {}]",
-                text_of(gemini_key(f, "fileUri", "file_uri"))
-            )
-        } else if let Some(f) = gemini_key(p, "functionCall", "function_call") {
-            format!(
-                "[tool_call {}: {}]",
-                text_of(f.get("name")),
-                text_of(f.get("args"))
-            )
-        } else if let Some(f) = gemini_key(p, "functionResponse", "function_response") {
-            format!(
-                "[tool_result {}: {}]",
-                text_of(f.get("name")),
-                text_of(f.get("response"))
-            )
-        } else {
-            return Err(format!(
-                "`{at}[{i}]` has no part type this gateway can review"
-            ));
-        };
-        append(&mut text, &piece);
-    }
-    Ok(text)
-}
-
 fn unknown(api: ApiKind, obj: &Map<String, Value>) -> Vec<String> {
     let known = known_fields(api);
     obj.keys()
@@ -351,367 +275,19 @@ pub fn parse_request(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, String>
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err("`stream` must be a boolean".into()),
     };
-    let mut prompt = Vec::new();
-    match api {
-        ApiKind::OpenaiChat => {
-            openai_chat(&obj, &mut prompt)?;
-            // Predicted outputs are text the model is steered with.
-            if let Some(p) = obj.get("prediction").and_then(|p| p.get("content")) {
-                let text = content_text(Some(p), "prediction.content", ContentStyle::OpenAi)?;
-                push(&mut prompt, "prediction", text);
-            }
-        }
-        ApiKind::OpenaiCompletions => {
-            text_or_list(&obj, "prompt", true, &mut prompt)?;
-            if let Some(s) = opt_str(&obj, "suffix")? {
-                push(&mut prompt, "suffix", s);
-            }
-        }
-        ApiKind::OpenaiEmbeddings => text_or_list(&obj, "input", true, &mut prompt)?,
-        ApiKind::OpenaiResponses => openai_responses(&obj, &mut prompt)?,
-        ApiKind::AnthropicMessages => anthropic_messages(&obj, &mut prompt)?,
-        ApiKind::GeminiGenerateContent => {
-            return Err("Gemini requests need their path (use parse_request_at)".into())
-        }
+    if api == ApiKind::GeminiGenerateContent {
+        return Err("Gemini requests need their path (use parse_request_at)".into());
     }
-    tools(&obj, &mut prompt)?;
-    let attachments = prompt.iter().any(|m| has_attachment_marker(&m.text));
+    let walked = shape::walk(api, &obj, &mut AsIs).map_err(|e| e.to_string())?;
     Ok(ParsedRequest {
         model,
         stream,
-        prompt,
+        prompt: walked.prompt,
         unknown_fields: unknown(api, &obj),
-        attachments,
+        attachments: walked.attachments,
         logprobs: logprobs_field(api, &obj),
+        body: Value::Object(obj),
     })
-}
-
-/// Non-text parts are rendered as bracketed markers by [`content_text`].
-fn has_attachment_marker(text: &str) -> bool {
-    [
-        "[image_url:",
-        "[input_audio]",
-        "[file]",
-        "[input_image:",
-        "[input_file]",
-        "[image]",
-        "[document]",
-    ]
-    .iter()
-    .any(|m| text.contains(m))
-}
-
-/// Pushes the message at `at`: its role must be a string, its content one
-/// that `style` can read.
-fn push_message(
-    prompt: &mut Vec<PromptMessage>,
-    role: Option<&Value>,
-    content: Option<&Value>,
-    at: &str,
-    style: ContentStyle,
-) -> Result<(), String> {
-    let role = role
-        .and_then(Value::as_str)
-        .ok_or_else(|| format!("`{at}.role` must be a string"))?;
-    let text = content_text(content, &format!("{at}.content"), style)?;
-    push(prompt, role, text);
-    Ok(())
-}
-
-fn push(prompt: &mut Vec<PromptMessage>, role: &str, text: impl Into<String>) {
-    prompt.push(PromptMessage {
-        role: role.to_string(),
-        text: text.into(),
-    });
-}
-
-fn opt_str<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>, String> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(format!("`{key}` must be a string")),
-    }
-}
-
-/// `prompt` / `input` of completions and embeddings: a string or a list of
-/// strings. Token-id arrays cannot be reviewed as text, so they are refused.
-fn text_or_list(
-    obj: &Map<String, Value>,
-    key: &str,
-    required: bool,
-    prompt: &mut Vec<PromptMessage>,
-) -> Result<(), String> {
-    match obj.get(key) {
-        None | Some(Value::Null) if !required => Ok(()),
-        None | Some(Value::Null) => Err(format!("`{key}` is required")),
-        Some(Value::String(s)) => {
-            push(prompt, "input", s.as_str());
-            Ok(())
-        }
-        Some(Value::Array(items)) if !items.is_empty() => {
-            for (i, item) in items.iter().enumerate() {
-                match item {
-                    Value::String(s) => push(prompt, "input", s.as_str()),
-                    _ => {
-                        return Err(format!(
-                            "`{key}[{i}]` must be a string (token-id prompts cannot be reviewed)"
-                        ))
-                    }
-                }
-            }
-            Ok(())
-        }
-        Some(_) => Err(format!(
-            "`{key}` must be a string or a non-empty list of strings"
-        )),
-    }
-}
-
-/// The non-empty `messages` list of a chat-style request.
-fn chat_messages(obj: &Map<String, Value>) -> Result<&Vec<Value>, String> {
-    let Some(Value::Array(messages)) = obj.get("messages") else {
-        return Err("`messages` must be a list".into());
-    };
-    if messages.is_empty() {
-        return Err("`messages` must not be empty".into());
-    }
-    Ok(messages)
-}
-
-fn openai_chat(obj: &Map<String, Value>, prompt: &mut Vec<PromptMessage>) -> Result<(), String> {
-    let messages = chat_messages(obj)?;
-    for (i, m) in messages.iter().enumerate() {
-        let at = format!("messages[{i}]");
-        let Value::Object(m) = m else {
-            return Err(format!("`{at}` must be an object"));
-        };
-        let role = match m.get("role") {
-            Some(Value::String(r)) => r.clone(),
-            _ => return Err(format!("`{at}.role` must be a string")),
-        };
-        let mut text = content_text(
-            m.get("content"),
-            &format!("{at}.content"),
-            ContentStyle::OpenAi,
-        )?;
-        if let Some(r) = opt_str(m, "refusal")? {
-            append(&mut text, &format!("[refusal: {r}]"));
-        }
-        if let Some(calls) = m.get("tool_calls") {
-            let Value::Array(calls) = calls else {
-                return Err(format!("`{at}.tool_calls` must be a list"));
-            };
-            for (j, call) in calls.iter().enumerate() {
-                let f = call
-                    .get("function")
-                    .ok_or_else(|| format!("`{at}.tool_calls[{j}].function` is required"))?;
-                let name = f.get("name").and_then(Value::as_str).unwrap_or("?");
-                let args = f.get("arguments").map(value_text).unwrap_or_default();
-                append(&mut text, &format!("[tool_call {name}: {args}]"));
-            }
-        }
-        if let Some(fc) = m.get("function_call") {
-            let name = fc.get("name").and_then(Value::as_str).unwrap_or("?");
-            let args = fc.get("arguments").map(value_text).unwrap_or_default();
-            append(&mut text, &format!("[function_call {name}: {args}]"));
-        }
-        push(prompt, &role, text);
-    }
-    Ok(())
-}
-
-fn openai_responses(
-    obj: &Map<String, Value>,
-    prompt: &mut Vec<PromptMessage>,
-) -> Result<(), String> {
-    if let Some(s) = opt_str(obj, "instructions")? {
-        push(prompt, "instructions", s);
-    }
-    match obj.get("input") {
-        Some(Value::String(s)) => push(prompt, "user", s.as_str()),
-        Some(Value::Array(items)) => {
-            for (i, item) in items.iter().enumerate() {
-                let at = format!("input[{i}]");
-                let Value::Object(item) = item else {
-                    return Err(format!("`{at}` must be an object"));
-                };
-                let kind = item
-                    .get("type")
-                    .and_then(Value::as_str)
-                    .unwrap_or("message");
-                match kind {
-                    "message" => {
-                        push_message(
-                            prompt,
-                            item.get("role"),
-                            item.get("content"),
-                            &at,
-                            ContentStyle::Responses,
-                        )?;
-                    }
-                    "function_call" => {
-                        let name = item.get("name").and_then(Value::as_str).unwrap_or("?");
-                        let args = item.get("arguments").map(value_text).unwrap_or_default();
-                        push(prompt, "assistant", format!("[tool_call {name}: {args}]"));
-                    }
-                    "function_call_output" => {
-                        let out = item.get("output").map(value_text).unwrap_or_default();
-                        push(prompt, "tool", out);
-                    }
-                    other => {
-                        return Err(format!("`{at}.type` `{other}` is not supported for review"))
-                    }
-                }
-            }
-        }
-        None | Some(Value::Null) => return Err("`input` is required".into()),
-        Some(_) => return Err("`input` must be a string or a list".into()),
-    }
-    Ok(())
-}
-
-fn anthropic_messages(
-    obj: &Map<String, Value>,
-    prompt: &mut Vec<PromptMessage>,
-) -> Result<(), String> {
-    match obj.get("system") {
-        None | Some(Value::Null) => {}
-        Some(v) => push(
-            prompt,
-            "system",
-            content_text(Some(v), "system", ContentStyle::Anthropic)?,
-        ),
-    }
-    let messages = chat_messages(obj)?;
-    for (i, m) in messages.iter().enumerate() {
-        let at = format!("messages[{i}]");
-        push_message(
-            prompt,
-            m.get("role"),
-            m.get("content"),
-            &at,
-            ContentStyle::Anthropic,
-        )?;
-    }
-    Ok(())
-}
-
-/// Tool definitions steer the model as much as the messages do.
-fn tools(obj: &Map<String, Value>, prompt: &mut Vec<PromptMessage>) -> Result<(), String> {
-    match obj.get("tools") {
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::Array(tools)) => {
-            for t in tools {
-                push(prompt, "tools", value_text(t));
-            }
-            Ok(())
-        }
-        Some(_) => Err("`tools` must be a list".into()),
-    }
-}
-
-#[derive(Clone, Copy)]
-enum ContentStyle {
-    OpenAi,
-    Responses,
-    Anthropic,
-}
-
-/// Text of a message `content`: a string, or a list of typed parts.
-fn content_text(content: Option<&Value>, at: &str, style: ContentStyle) -> Result<String, String> {
-    let parts = match content {
-        None | Some(Value::Null) => return Ok(String::new()),
-        Some(Value::String(s)) => return Ok(s.clone()),
-        Some(Value::Array(parts)) => parts,
-        Some(_) => return Err(format!("`{at}` must be a string or a list of parts")),
-    };
-    let mut text = String::new();
-    for (i, part) in parts.iter().enumerate() {
-        let pat = format!("{at}[{i}]");
-        let kind = part
-            .get("type")
-            .and_then(Value::as_str)
-            .ok_or_else(|| format!("`{pat}.type` must be a string"))?;
-        let piece = match (style, kind) {
-            (_, "text") | (ContentStyle::Responses, "input_text" | "output_text") => part
-                .get("text")
-                .and_then(Value::as_str)
-                .ok_or_else(|| format!("`{pat}.text` must be a string"))?
-                .to_string(),
-            (ContentStyle::OpenAi, "refusal") => format!(
-                "[refusal: {}]",
-                part.get("refusal").map(value_text).unwrap_or_default()
-            ),
-            (ContentStyle::OpenAi, "image_url") => format!(
-                "[image_url: {}]",
-                short_url(part.get("image_url").and_then(|u| u.get("url")))
-            ),
-            (ContentStyle::OpenAi, "input_audio") => "[input_audio]".to_string(),
-            (ContentStyle::OpenAi, "file") => "[file]".to_string(),
-            (ContentStyle::Responses, "input_image") => {
-                format!("[input_image: {}]", short_url(part.get("image_url")))
-            }
-            (ContentStyle::Responses, "input_file") => "[input_file]".to_string(),
-            (ContentStyle::Anthropic, "image") => "[image]".to_string(),
-            (ContentStyle::Anthropic, "document") => "[document]".to_string(),
-            (ContentStyle::Anthropic, "tool_use") => format!(
-                "[tool_use {}: {}]",
-                part.get("name").and_then(Value::as_str).unwrap_or("?"),
-                part.get("input").map(value_text).unwrap_or_default()
-            ),
-            (ContentStyle::Anthropic, "tool_result") => format!(
-                "[tool_result: {}]",
-                match part.get("content") {
-                    Some(c @ Value::Array(_)) =>
-                        content_text(Some(c), &format!("{pat}.content"), style)?,
-                    Some(c) => value_text(c),
-                    None => String::new(),
-                }
-            ),
-            (ContentStyle::Anthropic, "thinking") => {
-                format!(
-                    "[thinking: {}]",
-                    part.get("thinking").and_then(Value::as_str).unwrap_or("")
-                )
-            }
-            (ContentStyle::Anthropic, "redacted_thinking") => "[redacted_thinking]".to_string(),
-            (_, other) => {
-                return Err(format!(
-                    "`{pat}.type` `{other}` is not supported for review"
-                ))
-            }
-        };
-        append(&mut text, &piece);
-    }
-    Ok(text)
-}
-
-fn append(text: &mut String, piece: &str) {
-    if !text.is_empty() && !piece.is_empty() {
-        text.push('\n');
-    }
-    text.push_str(piece);
-}
-
-/// Strings as themselves, anything else as compact JSON.
-fn value_text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
-/// Data URLs are shown by their media type only: the reviewer cannot read
-/// base64 and the service need not store it twice.
-fn short_url(v: Option<&Value>) -> String {
-    match v.and_then(Value::as_str) {
-        Some(u) if u.starts_with("data:") => {
-            let media = u[5..].split([';', ',']).next().unwrap_or("");
-            format!("inline {media}, {} bytes", u.len())
-        }
-        Some(u) => u.chars().take(200).collect(),
-        None => "?".into(),
-    }
 }
 
 #[cfg(test)]

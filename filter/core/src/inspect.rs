@@ -4,10 +4,11 @@
 use crate::config::{Action, Attachments, Config, Endpoint, RecordMode};
 use crate::extract::{parse_request_at, ParsedRequest};
 use crate::identity::Caller;
-use crate::mask::{mask_request, MaskPolicy, ResponseGuard, RestoreMap};
+use crate::mask::{mask_parsed, MaskPolicy, ResponseGuard, RestoreMap};
 use crate::policy::{requested_max_tokens, RequestFacts, ResponseRules};
 use crate::refusal::{Refusal, RefusalKind};
 use crate::token::{body_hash, verify, TokenClaims};
+use crate::wire::PromptMessage;
 use crate::wire::{ApiKind, CreateReview, HitCount};
 
 /// Request facts known from the head and Envoy's properties.
@@ -184,6 +185,9 @@ pub struct Screening {
     pub hits: Vec<HitCount>,
     /// The masked body to forward (and review) when masking changed it.
     pub masked_body: Option<Vec<u8>>,
+    /// The prompt of the masked body, as the same walk that masked it saw
+    /// it (set with `masked_body`).
+    pub masked_prompt: Option<Vec<PromptMessage>>,
 }
 
 /// Decides on a complete request body.
@@ -290,7 +294,7 @@ fn screen_prompt(
     if profile.is_noop() {
         return Ok(screening);
     }
-    let masked = mask_request(profile, api, body).map_err(|e| {
+    let masked = mask_parsed(profile, api, &parsed.body, body).map_err(|e| {
         Refusal::new(
             RefusalKind::BadRequest,
             Some(api),
@@ -308,6 +312,9 @@ fn screen_prompt(
         return Err(Refusal::new(RefusalKind::PolicyDenied, Some(api), message));
     }
     screening.restore = masked.restore;
+    if masked.body.is_some() {
+        screening.masked_prompt = Some(masked.prompt);
+    }
     screening.masked_body = masked.body;
     Ok(screening)
 }
@@ -382,34 +389,22 @@ pub fn screen_body(
             if info.prefer_async && config.approval_tokens.is_some() {
                 rule.async_review = true;
             }
-            // The reviewer sees what the model would see: the masked body.
-            let (text, parsed) = match &screening.masked_body {
-                Some(masked) => match (
-                    std::str::from_utf8(masked),
-                    parse_request_at(api, &info.path, masked),
-                ) {
-                    (Ok(t), Ok(p)) => (t.to_string(), p),
-                    _ => {
-                        return refuse(Refusal::new(
-                            RefusalKind::BadRequest,
-                            Some(api),
-                            "masked request is unreadable",
-                        ))
-                    }
-                },
-                None => match std::str::from_utf8(body) {
-                    Ok(t) => (t.to_string(), parsed),
-                    Err(_) => {
-                        return refuse(Refusal::new(
-                            RefusalKind::BadRequest,
-                            Some(api),
-                            "request body is not UTF-8",
-                        ))
-                    }
-                },
+            // The reviewer sees what the model would see: the masked body,
+            // and its prompt as the masking walk produced it.
+            let shown = screening.masked_body.as_deref().unwrap_or(body);
+            let Ok(text) = std::str::from_utf8(shown) else {
+                return refuse(Refusal::new(
+                    RefusalKind::BadRequest,
+                    Some(api),
+                    "request body is not UTF-8",
+                ));
             };
+            let mut parsed = parsed;
+            if let Some(prompt) = &screening.masked_prompt {
+                parsed.prompt = prompt.clone();
+            }
             BodyVerdict::Hold(Box::new(HoldPlan {
-                review: review_for(api, info, &parsed, &text, &rule),
+                review: review_for(api, info, &parsed, text, &rule),
                 rule,
             }))
         }

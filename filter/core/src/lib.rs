@@ -20,5 +20,6 @@ pub mod record;
 pub mod refusal;
 pub mod request;
 pub mod response_head;
+pub mod shape;
 pub mod token;
 pub mod wire;

@@ -114,7 +114,7 @@
 mod config;
 mod detectors;
 mod engine;
-mod json_edit;
+pub(crate) mod json_edit;
 mod request;
 mod response;
 mod stream;
@@ -131,6 +131,7 @@ pub use config::{
 };
 pub use detectors::BUILTIN_DETECTORS;
 pub(crate) use detectors::{compile as compile_regex, next_char as next_char_boundary};
+pub(crate) use request::mask_parsed;
 pub use request::{mask_request, RequestMasking};
 pub use response::{
     mask_response_body, Blocked, BlockedBy, ResponseGuard, ResponseMasking, BLOCKED_STATUS,

@@ -1,13 +1,15 @@
-//! Request masking: find exactly the prompt-bearing strings of each API
-//! shape, mask them, and splice the new strings into the original bytes.
+//! Request masking: the prompt-bearing strings of each API shape (as
+//! [`crate::shape`] walks them) are masked and spliced into the original
+//! bytes; strings that cannot be rewritten refuse the request on a hit.
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-use super::engine::{self, Tally};
+use super::engine::{self, PolicyInner, Tally};
 use super::json_edit::{self, Edits, Seg};
-use super::{Hit, MaskError, MaskPolicy, RestoreMap};
+use super::{Hit, MaskAction, MaskError, MaskPolicy, RestoreMap};
 use crate::json::parse_strict;
-use crate::wire::ApiKind;
+use crate::shape::{self, Screen};
+use crate::wire::{ApiKind, PromptMessage};
 
 /// The result of masking one request body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +30,8 @@ pub struct RequestMasking {
     /// strings in the masked prompt (placeholders are `[LABEL]` or
     /// `<LABEL_xxxxxxxx>`, upper-case detector name and lower-case hex).
     pub placeholders: Vec<String>,
+    /// The prompt as the masked body carries it: what the reviewer sees.
+    pub prompt: Vec<PromptMessage>,
 }
 
 impl RequestMasking {
@@ -43,8 +47,9 @@ impl RequestMasking {
 /// Masks the prompt of `body`, a request of shape `api`.
 ///
 /// Fails (and the request must then be refused, never forwarded unmasked)
-/// when the body is not strict JSON or its prompt fields do not have a shape
-/// this function knows.
+/// when the body is not strict JSON, its prompt fields do not have a shape
+/// [`crate::shape`] knows, or a value to rewrite sits where it cannot be
+/// rewritten (a tool name, an enum, a signed thinking block).
 pub fn mask_request(
     policy: &MaskPolicy,
     api: ApiKind,
@@ -52,497 +57,102 @@ pub fn mask_request(
 ) -> Result<RequestMasking, MaskError> {
     let value = parse_strict(body)
         .map_err(|e| MaskError::new("", format!("request body is not valid JSON: {e}")))?;
-    let inner = &*policy.0;
-    let mut tally = Tally::default();
-    let mut restore = RestoreMap::default();
-    let mut edits = Edits::new();
-    let mut placeholders: Vec<String> = Vec::new();
-    let mut visit = |path: &[Seg], text: &str| {
-        if text.is_empty() {
-            return;
-        }
-        let map = if inner.restore {
-            Some(&mut restore)
-        } else {
-            None
-        };
-        if let Some(masked) =
-            engine::mask_full(inner, text, &mut tally, map, Some(&mut placeholders))
-        {
-            edits.insert(path.to_vec(), json_edit::json_string(&masked));
-        }
+    mask_parsed(policy, api, &value, body)
+}
+
+/// [`mask_request`] on a body already parsed (strictly) into `value`.
+pub(crate) fn mask_parsed(
+    policy: &MaskPolicy,
+    api: ApiKind,
+    value: &Value,
+    body: &[u8],
+) -> Result<RequestMasking, MaskError> {
+    let Value::Object(obj) = value else {
+        return Err(MaskError::new("", "request body must be a JSON object"));
     };
-    visit_prompt(api, &value, &mut visit)?;
-    let body = if edits.is_empty() {
+    let inner = &*policy.0;
+    let mut screen = MaskScreen {
+        inner,
+        tally: Tally::default(),
+        restore: RestoreMap::default(),
+        edits: Edits::new(),
+        placeholders: Vec::new(),
+    };
+    let walked =
+        shape::walk(api, obj, &mut screen).map_err(|e| MaskError::new(e.field, e.message))?;
+    let body = if screen.edits.is_empty() {
         None
     } else {
         Some(
-            json_edit::apply(body, &edits)
+            json_edit::apply(body, &screen.edits)
                 .map_err(|e| MaskError::new("", format!("could not rewrite the body: {e}")))?,
         )
     };
     Ok(RequestMasking {
         body,
-        hits: tally.hits(&inner.active),
-        blocked_by: tally
+        hits: screen.tally.hits(&inner.active),
+        blocked_by: screen
+            .tally
             .first_block
             .and_then(|i| inner.active.get(i))
             .map(|a| a.det.name.clone()),
-        restore,
-        placeholders,
+        restore: screen.restore,
+        placeholders: screen.placeholders,
+        prompt: walked.prompt,
     })
 }
 
-/// Calls `visit` with the path and text of every prompt-bearing string of a
-/// request of shape `api`. Errors on shapes that cannot be walked.
-pub(crate) fn visit_prompt(
-    api: ApiKind,
-    value: &Value,
-    visit: &mut dyn FnMut(&[Seg], &str),
-) -> Result<(), MaskError> {
-    let Value::Object(obj) = value else {
-        return Err(MaskError::new("", "request body must be a JSON object"));
-    };
-    let mut w = Walk {
-        path: Vec::new(),
-        visit,
-    };
-    match api {
-        ApiKind::OpenaiChat => openai_chat(&mut w, obj),
-        ApiKind::OpenaiCompletions => {
-            w.text_or_list(obj, "prompt")?;
-            w.opt_text(obj, "suffix")
-        }
-        ApiKind::OpenaiEmbeddings => w.text_or_list(obj, "input"),
-        ApiKind::OpenaiResponses => openai_responses(&mut w, obj),
-        ApiKind::AnthropicMessages => anthropic(&mut w, obj),
-        ApiKind::GeminiGenerateContent => gemini(&mut w, obj),
-    }
+/// Masks what the walk visits, and collects the edits to the body.
+struct MaskScreen<'p> {
+    inner: &'p PolicyInner,
+    tally: Tally,
+    restore: RestoreMap,
+    edits: Edits,
+    placeholders: Vec<String>,
 }
 
-struct Walk<'f> {
-    path: Vec<Seg>,
-    visit: &'f mut dyn FnMut(&[Seg], &str),
-}
-
-fn path_text(path: &[Seg]) -> String {
-    let mut s = String::new();
-    for seg in path {
-        match seg {
-            Seg::Key(k) => {
-                if !s.is_empty() {
-                    s.push('.');
+impl Screen for MaskScreen<'_> {
+    fn text(&mut self, path: &[Seg], text: &str) -> String {
+        let restore = if self.inner.restore {
+            Some(&mut self.restore)
+        } else {
+            None
+        };
+        match engine::mask_full(
+            self.inner,
+            text,
+            &mut self.tally,
+            restore,
+            Some(&mut self.placeholders),
+        ) {
+            Some(masked) => {
+                if masked != text {
+                    self.edits
+                        .insert(path.to_vec(), json_edit::json_string(&masked));
                 }
-                s.push_str(k);
+                masked
             }
-            Seg::Idx(i) => s.push_str(&format!("[{i}]")),
-        }
-    }
-    s
-}
-
-impl Walk<'_> {
-    fn err(&self, key: &str, message: impl Into<String>) -> MaskError {
-        let mut p = self.path.clone();
-        if !key.is_empty() {
-            p.push(Seg::Key(key.into()));
-        }
-        MaskError::new(path_text(&p), message)
-    }
-
-    fn key<T>(&mut self, k: &str, f: impl FnOnce(&mut Self) -> T) -> T {
-        self.path.push(Seg::Key(k.to_string()));
-        let r = f(self);
-        self.path.pop();
-        r
-    }
-
-    fn idx<T>(&mut self, i: usize, f: impl FnOnce(&mut Self) -> T) -> T {
-        self.path.push(Seg::Idx(i));
-        let r = f(self);
-        self.path.pop();
-        r
-    }
-
-    fn emit(&mut self, s: &str) {
-        (self.visit)(&self.path, s);
-    }
-
-    /// `obj[key]`: a string, or absent/null.
-    fn opt_text(&mut self, obj: &Map<String, Value>, key: &str) -> Result<(), MaskError> {
-        match obj.get(key) {
-            None | Some(Value::Null) => Ok(()),
-            Some(Value::String(s)) => {
-                self.key(key, |w| w.emit(s));
-                Ok(())
-            }
-            Some(_) => Err(self.err(key, "must be a string")),
+            None => text.to_string(),
         }
     }
 
-    /// `obj[key]`: a string.
-    fn req_text(&mut self, obj: &Map<String, Value>, key: &str) -> Result<(), MaskError> {
-        match obj.get(key) {
-            Some(Value::String(s)) => {
-                self.key(key, |w| w.emit(s));
-                Ok(())
-            }
-            _ => Err(self.err(key, "must be a string")),
-        }
-    }
-
-    /// Every string leaf under `v` (object keys excluded).
-    fn all_strings(&mut self, v: &Value) {
-        match v {
-            Value::String(s) => self.emit(s),
-            Value::Array(a) => {
-                for (i, x) in a.iter().enumerate() {
-                    self.idx(i, |w| w.all_strings(x));
-                }
-            }
-            Value::Object(o) => {
-                for (k, x) in o {
-                    self.key(k, |w| w.all_strings(x));
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// `obj[key]` when present: every string leaf.
-    fn all_strings_at(&mut self, obj: &Map<String, Value>, key: &str) {
-        if let Some(v) = obj.get(key) {
-            self.key(key, |w| w.all_strings(v));
-        }
-    }
-
-    /// Strings under a `description` key anywhere in `v` (tool definitions).
-    fn descriptions(&mut self, v: &Value) {
-        match v {
-            Value::Array(a) => {
-                for (i, x) in a.iter().enumerate() {
-                    self.idx(i, |w| w.descriptions(x));
-                }
-            }
-            Value::Object(o) => {
-                for (k, x) in o {
-                    match x {
-                        Value::String(s) if k == "description" => self.key(k, |w| w.emit(s)),
-                        _ => self.key(k, |w| w.descriptions(x)),
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-
-    fn tools(&mut self, obj: &Map<String, Value>) -> Result<(), MaskError> {
-        for key in ["tools", "functions"] {
-            match obj.get(key) {
-                None | Some(Value::Null) => {}
-                Some(v @ Value::Array(_)) => self.key(key, |w| w.descriptions(v)),
-                Some(_) => return Err(self.err(key, "must be a list")),
-            }
-        }
-        Ok(())
-    }
-
-    /// `prompt` / `input`: a string or a non-empty list of strings.
-    fn text_or_list(&mut self, obj: &Map<String, Value>, key: &str) -> Result<(), MaskError> {
-        match obj.get(key) {
-            Some(Value::String(s)) => {
-                self.key(key, |w| w.emit(s));
-                Ok(())
-            }
-            Some(Value::Array(items)) if !items.is_empty() => self.key(key, |w| {
-                for (i, item) in items.iter().enumerate() {
-                    match item {
-                        Value::String(s) => w.idx(i, |w| w.emit(s)),
-                        _ => {
-                            return Err(w.err(
-                                &format!("[{i}]"),
-                                "must be a string (token-id prompts cannot be masked)",
-                            ))
-                        }
-                    }
-                }
-                Ok(())
-            }),
-            _ => Err(self.err(key, "must be a string or a non-empty list of strings")),
-        }
-    }
-
-    fn list<'v>(
-        &self,
-        obj: &'v Map<String, Value>,
-        key: &str,
-    ) -> Result<&'v Vec<Value>, MaskError> {
-        match obj.get(key) {
-            Some(Value::Array(a)) if !a.is_empty() => Ok(a),
-            _ => Err(self.err(key, "must be a non-empty list")),
-        }
-    }
-
-    /// Runs `f` on each element of `items` (under `key`), which must be objects.
-    /// `obj[key]`: absent/null, a string, or a list of objects each walked by `f`.
-    fn text_or_objects(
-        &mut self,
-        obj: &Map<String, Value>,
-        key: &str,
-        items_are: &str,
-        f: impl FnMut(&mut Self, &Map<String, Value>) -> Result<(), MaskError>,
-    ) -> Result<(), MaskError> {
-        match obj.get(key) {
-            None | Some(Value::Null) => Ok(()),
-            Some(Value::String(s)) => {
-                self.key(key, |w| w.emit(s));
-                Ok(())
-            }
-            Some(Value::Array(items)) => self.each_object(key, items, f),
-            Some(_) => Err(self.err(key, format!("must be a string or a list of {items_are}"))),
-        }
-    }
-
-    fn each_object(
-        &mut self,
-        key: &str,
-        items: &[Value],
-        mut f: impl FnMut(&mut Self, &Map<String, Value>) -> Result<(), MaskError>,
-    ) -> Result<(), MaskError> {
-        self.key(key, |w| {
-            for (i, item) in items.iter().enumerate() {
-                w.idx(i, |w| match item {
-                    Value::Object(o) => f(w, o),
-                    _ => Err(w.err("", "must be an object")),
-                })?;
-            }
-            Ok(())
-        })
-    }
-}
-
-fn part_type<'v>(w: &Walk<'_>, part: &'v Map<String, Value>) -> Result<&'v str, MaskError> {
-    part.get("type")
-        .and_then(Value::as_str)
-        .ok_or_else(|| w.err("type", "must be a string"))
-}
-
-fn unsupported(w: &Walk<'_>, kind: &str) -> MaskError {
-    w.err("type", format!("`{kind}` is not supported for masking"))
-}
-
-// OpenAI chat completions ---------------------------------------------------
-
-fn openai_chat(w: &mut Walk<'_>, obj: &Map<String, Value>) -> Result<(), MaskError> {
-    let messages = w.list(obj, "messages")?;
-    w.each_object("messages", messages, |w, m| {
-        chat_content(w, m, "content")?;
-        w.opt_text(m, "refusal")?;
-        match m.get("tool_calls") {
-            None | Some(Value::Null) => {}
-            Some(Value::Array(calls)) => w.each_object("tool_calls", calls, |w, call| {
-                match call.get("function") {
-                    Some(Value::Object(f)) => w.key("function", |w| arguments(w, f, "arguments")),
-                    None => {}
-                    Some(_) => return Err(w.err("function", "must be an object")),
-                }
-                Ok(())
-            })?,
-            Some(_) => return Err(w.err("tool_calls", "must be a list")),
-        }
-        match m.get("function_call") {
-            None | Some(Value::Null) => {}
-            Some(Value::Object(f)) => w.key("function_call", |w| arguments(w, f, "arguments")),
-            Some(_) => return Err(w.err("function_call", "must be an object")),
-        }
-        Ok(())
-    })?;
-    if let Some(Value::Object(p)) = obj.get("prediction") {
-        w.key("prediction", |w| chat_content(w, p, "content"))?;
-    }
-    w.tools(obj)
-}
-
-/// Tool-call arguments: a JSON string, or (leniently) any value.
-fn arguments(w: &mut Walk<'_>, obj: &Map<String, Value>, key: &str) {
-    w.all_strings_at(obj, key);
-}
-
-fn chat_content(w: &mut Walk<'_>, m: &Map<String, Value>, key: &str) -> Result<(), MaskError> {
-    w.text_or_objects(m, key, "parts", |w, part| match part_type(w, part)? {
-        "text" => w.req_text(part, "text"),
-        "refusal" => w.req_text(part, "refusal"),
-        "image_url" | "input_audio" | "file" => Ok(()),
-        other => Err(unsupported(w, other)),
-    })
-}
-
-// OpenAI responses ----------------------------------------------------------
-
-fn openai_responses(w: &mut Walk<'_>, obj: &Map<String, Value>) -> Result<(), MaskError> {
-    w.opt_text(obj, "instructions")?;
-    match obj.get("input") {
-        Some(Value::String(s)) => w.key("input", |w| w.emit(s)),
-        Some(Value::Array(items)) => w.each_object("input", items, |w, item| {
-            let kind = match item.get("type") {
-                None | Some(Value::Null) => "message",
-                Some(Value::String(t)) => t.as_str(),
-                Some(_) => return Err(w.err("type", "must be a string")),
+    fn fixed(&mut self, _path: &[Seg], text: &str) -> Result<(), String> {
+        let found = engine::find(&self.inner.active, text, 0);
+        self.tally.count_found(&self.inner.active, &found);
+        for g in &found.groups {
+            let Some(active) = self.inner.active.get(g.best) else {
+                continue;
             };
-            match kind {
-                "message" => responses_content(w, item, "content"),
-                "function_call" => {
-                    arguments(w, item, "arguments");
-                    Ok(())
-                }
-                "custom_tool_call" => {
-                    arguments(w, item, "input");
-                    Ok(())
-                }
-                "function_call_output" | "custom_tool_call_output" => match item.get("output") {
-                    Some(Value::Array(_)) => responses_content(w, item, "output"),
-                    _ => {
-                        w.all_strings_at(item, "output");
-                        Ok(())
-                    }
-                },
-                other => Err(unsupported(w, other)),
+            // `block` is a refusal of its own (403 naming the detector).
+            if active.action != MaskAction::Block {
+                return Err(format!(
+                    "carries a value detected as `{}` where it cannot be masked without breaking the request",
+                    active.det.name
+                ));
             }
-        })?,
-        _ => return Err(w.err("input", "must be a string or a list")),
-    }
-    w.tools(obj)
-}
-
-fn responses_content(
-    w: &mut Walk<'_>,
-    item: &Map<String, Value>,
-    key: &str,
-) -> Result<(), MaskError> {
-    w.text_or_objects(item, key, "parts", |w, part| match part_type(w, part)? {
-        "input_text" | "output_text" | "text" => w.req_text(part, "text"),
-        "refusal" => w.req_text(part, "refusal"),
-        "input_image" | "input_file" | "input_audio" => Ok(()),
-        other => Err(unsupported(w, other)),
-    })
-}
-
-// Anthropic messages --------------------------------------------------------
-
-fn anthropic(w: &mut Walk<'_>, obj: &Map<String, Value>) -> Result<(), MaskError> {
-    anthropic_content(w, obj, "system")?;
-    let messages = w.list(obj, "messages")?;
-    w.each_object("messages", messages, |w, m| {
-        anthropic_content(w, m, "content")
-    })?;
-    w.tools(obj)
-}
-
-fn anthropic_content(
-    w: &mut Walk<'_>,
-    obj: &Map<String, Value>,
-    key: &str,
-) -> Result<(), MaskError> {
-    w.text_or_objects(obj, key, "content blocks", anthropic_block)
-}
-
-fn anthropic_block(w: &mut Walk<'_>, block: &Map<String, Value>) -> Result<(), MaskError> {
-    match part_type(w, block)? {
-        "text" => w.req_text(block, "text"),
-        // Thinking blocks are signed by the API: changing them is an error,
-        // and they are the model's own (already masked) output.
-        "image" | "thinking" | "redacted_thinking" => Ok(()),
-        "document" => {
-            w.opt_text(block, "title")?;
-            w.opt_text(block, "context")?;
-            if let Some(Value::Object(src)) = block.get("source") {
-                w.key("source", |w| {
-                    match src.get("type").and_then(Value::as_str) {
-                        Some("text") => w.req_text(src, "data"),
-                        Some("content") => anthropic_content(w, src, "content"),
-                        _ => Ok(()),
-                    }
-                })?;
-            }
-            Ok(())
         }
-        "search_result" => {
-            w.opt_text(block, "title")?;
-            anthropic_content(w, block, "content")
-        }
-        "tool_use" | "server_tool_use" => {
-            w.all_strings_at(block, "input");
-            Ok(())
-        }
-        "tool_result" => anthropic_content(w, block, "content"),
-        other => Err(unsupported(w, other)),
+        Ok(())
     }
-}
-
-// Gemini generateContent ----------------------------------------------------
-
-fn gemini(w: &mut Walk<'_>, obj: &Map<String, Value>) -> Result<(), MaskError> {
-    let contents = w.list(obj, "contents")?;
-    w.each_object("contents", contents, gemini_content)?;
-    for key in ["systemInstruction", "system_instruction"] {
-        match obj.get(key) {
-            None | Some(Value::Null) => {}
-            Some(Value::String(s)) => w.key(key, |w| w.emit(s)),
-            Some(Value::Object(c)) => w.key(key, |w| gemini_content(w, c))?,
-            Some(_) => return Err(w.err(key, "must be a content object")),
-        }
-    }
-    w.tools(obj)
-}
-
-fn gemini_content(w: &mut Walk<'_>, content: &Map<String, Value>) -> Result<(), MaskError> {
-    match content.get("parts") {
-        Some(Value::Array(parts)) => w.each_object("parts", parts, gemini_part),
-        _ => Err(w.err("parts", "must be a list")),
-    }
-}
-
-fn gemini_part(w: &mut Walk<'_>, part: &Map<String, Value>) -> Result<(), MaskError> {
-    let mut known = false;
-    if part.contains_key("text") {
-        known = true;
-        w.req_text(part, "text")?;
-    }
-    for key in [
-        "functionCall",
-        "function_call",
-        "functionResponse",
-        "function_response",
-    ] {
-        if let Some(Value::Object(call)) = part.get(key) {
-            known = true;
-            w.key(key, |w| {
-                for (k, v) in call {
-                    if k == "args" || k == "response" {
-                        w.key(k, |w| w.all_strings(v));
-                    }
-                }
-            });
-        }
-    }
-    for (key, field) in [
-        ("executableCode", "code"),
-        ("executable_code", "code"),
-        ("codeExecutionResult", "output"),
-        ("code_execution_result", "output"),
-    ] {
-        if let Some(Value::Object(o)) = part.get(key) {
-            known = true;
-            w.key(key, |w| w.opt_text(o, field))?;
-        }
-    }
-    for key in ["inlineData", "inline_data", "fileData", "file_data"] {
-        known |= part.contains_key(key);
-    }
-    if !known {
-        return Err(w.err("", "part has no field that can be masked or skipped (text, inlineData, fileData, functionCall, ...)"));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -607,10 +217,10 @@ mod tests {
                 format!(
                     r#"{{"model":"gpt-4o","user":"{s}","metadata":{{"m":"{s}"}},"messages":[
                     {{"role":"system","content":"sys {s}"}},
-                    {{"role":"user","name":"bob","content":[{{"type":"text","text":"hi {s}"}},{{"type":"image_url","image_url":{{"url":"https://x/{s}"}}}}]}},
+                    {{"role":"user","name":"bob","content":[{{"type":"text","text":"hi {s}"}},{{"type":"image_url","image_url":{{"url":"https://x/y.png"}}}}]}},
                     {{"role":"assistant","content":null,"tool_calls":[{{"id":"c1","type":"function","function":{{"name":"send","arguments":"{{\"to\":\"{s}\"}}"}}}}]}},
                     {{"role":"tool","tool_call_id":"c1","content":"sent to {s}"}}],
-                    "tools":[{{"type":"function","function":{{"name":"send","description":"mail {s}","parameters":{{"type":"object","properties":{{"to":{{"type":"string","description":"like {s}","enum":["{s}"]}}}}}}}}}}],
+                    "tools":[{{"type":"function","function":{{"name":"send","description":"mail {s}","parameters":{{"type":"object","properties":{{"to":{{"type":"string","description":"like {s}","enum":["a","b"]}}}}}}}}}}],
                     "temperature":0.50}}"#
                 ),
                 vec![
@@ -636,7 +246,7 @@ mod tests {
                 ApiKind::OpenaiResponses,
                 format!(
                     r#"{{"model":"m","instructions":"be {s}","metadata":{{"k":"{s}"}},"input":[
-                    {{"role":"user","content":[{{"type":"input_text","text":"{s}"}},{{"type":"input_image","image_url":"https://{s}"}}]}},
+                    {{"role":"user","content":[{{"type":"input_text","text":"{s}"}},{{"type":"input_image","image_url":"https://x/y.png"}}]}},
                     {{"type":"function_call","call_id":"{s}","name":"f","arguments":"{{\"a\":\"{s}\"}}"}},
                     {{"type":"function_call_output","call_id":"c","output":"got {s}"}},
                     {{"type":"message","role":"assistant","content":"{s}"}}]}}"#
@@ -654,8 +264,8 @@ mod tests {
                 format!(
                     r#"{{"model":"claude","max_tokens":10,"metadata":{{"user_id":"{s}"}},"system":[{{"type":"text","text":"sys {s}","cache_control":{{"type":"ephemeral"}}}}],
                     "messages":[{{"role":"user","content":"{s}"}},
-                    {{"role":"assistant","content":[{{"type":"thinking","thinking":"t {s}","signature":"sig"}},{{"type":"tool_use","id":"t1","name":"f","input":{{"to":["{s}"],"n":1}}}}]}},
-                    {{"role":"user","content":[{{"type":"tool_result","tool_use_id":"t1","content":[{{"type":"text","text":"ok {s}"}}]}},{{"type":"image","source":{{"type":"url","url":"https://{s}"}}}}]}}],
+                    {{"role":"assistant","content":[{{"type":"thinking","thinking":"t","signature":"sig"}},{{"type":"tool_use","id":"t1","name":"f","input":{{"to":["{s}"],"n":1}}}}]}},
+                    {{"role":"user","content":[{{"type":"tool_result","tool_use_id":"t1","content":[{{"type":"text","text":"ok {s}"}}]}},{{"type":"image","source":{{"type":"url","url":"https://x/y.png"}}}}]}}],
                     "tools":[{{"name":"f","description":"{s}","input_schema":{{"type":"object"}}}}]}}"#
                 ),
                 vec![
@@ -724,6 +334,97 @@ mod tests {
                 "{api:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_reviewer_sees_exactly_the_text_the_model_gets() {
+        // The prompt the masking walk shows the reviewer equals the prompt
+        // read back from the masked body the model receives, in every API
+        // and content kind.
+        let p = redact_all();
+        for (api, body, _) in api_cases() {
+            let out = mask_request(&p, api, body.as_bytes()).unwrap();
+            let masked: Value = serde_json::from_slice(out.body.as_deref().unwrap()).unwrap();
+            let Value::Object(obj) = &masked else {
+                panic!()
+            };
+            let forwarded = shape::walk(api, obj, &mut shape::AsIs).unwrap().prompt;
+            assert_eq!(out.prompt, forwarded, "{api:?}");
+            let shown: String = out.prompt.iter().map(|m| m.text.as_str()).collect();
+            assert!(!shown.contains(SECRET), "{api:?}: {shown}");
+            assert!(shown.contains("[EMAIL]"), "{api:?}");
+        }
+    }
+
+    #[test]
+    fn values_where_they_cannot_be_masked_refuse_the_request() {
+        let p = redact_all();
+        let s = SECRET;
+        for (api, body, field) in [
+            (
+                ApiKind::OpenaiChat,
+                format!(
+                    r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],"tools":[{{"type":"function","function":{{"name":"f","parameters":{{"type":"object","properties":{{"to":{{"type":"string","enum":["{s}"]}}}}}}}}}}]}}"#
+                ),
+                "tools[0].function.parameters.properties.to.enum[0]",
+            ),
+            (
+                ApiKind::OpenaiChat,
+                format!(
+                    r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],"tools":[{{"type":"function","function":{{"name":"f","parameters":{{"type":"object","properties":{{"{s}":{{"type":"string"}}}}}}}}}}]}}"#
+                ),
+                "tools[0].function.parameters.properties.jane@example.com",
+            ),
+            (
+                ApiKind::OpenaiChat,
+                format!(
+                    r#"{{"model":"m","messages":[{{"role":"assistant","tool_calls":[{{"id":"c","type":"function","function":{{"name":"{s}","arguments":"{{}}"}}}}]}}]}}"#
+                ),
+                "messages[0].tool_calls[0].function.name",
+            ),
+            (
+                ApiKind::AnthropicMessages,
+                format!(
+                    r#"{{"model":"m","max_tokens":5,"messages":[{{"role":"assistant","content":[{{"type":"thinking","thinking":"t {s}","signature":"sig"}}]}}]}}"#
+                ),
+                "messages[0].content[0].thinking",
+            ),
+            (
+                ApiKind::OpenaiResponses,
+                format!(
+                    r#"{{"model":"m","input":"x","tools":[{{"type":"mcp","server_label":"s","server_url":"https://mcp.example","headers":{{"Authorization":"{s}"}}}}]}}"#
+                ),
+                "tools[0].headers.Authorization",
+            ),
+            (
+                ApiKind::OpenaiChat,
+                format!(
+                    r#"{{"model":"m","messages":[{{"role":"user","content":[{{"type":"image_url","image_url":{{"url":"https://x/{s}"}}}}]}}]}}"#
+                ),
+                "messages[0].content[0].image_url.url",
+            ),
+            (
+                ApiKind::AnthropicMessages,
+                format!(
+                    r#"{{"model":"m","max_tokens":5,"messages":[{{"role":"user","content":[{{"type":"image","source":{{"type":"url","url":"https://{s}"}}}}]}}]}}"#
+                ),
+                "messages[0].content[0].source.url",
+            ),
+        ] {
+            let e = mask_request(&p, api, body.as_bytes()).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+            assert!(
+                e.message.contains("`email`") && !e.message.contains(s),
+                "{e}"
+            );
+        }
+        // A `block` detector there is the usual 403, naming the detector.
+        let block = policy(r#"{"profiles":{"default":{"detectors":{"email":"block"}}}}"#);
+        let body = format!(
+            r#"{{"model":"m","messages":[{{"role":"assistant","tool_calls":[{{"id":"c","type":"function","function":{{"name":"{s}","arguments":"{{}}"}}}}]}}]}}"#
+        );
+        let out = mask_request(&block, ApiKind::OpenaiChat, body.as_bytes()).unwrap();
+        assert_eq!(out.blocked_by.as_deref(), Some("email"));
     }
 
     #[test]
