@@ -242,12 +242,12 @@ fn screen(
 ) -> Result<Screening, Refusal> {
     let screening = screen_prompt(config, api, info, rule, parsed, body)?;
     if let Some(field) = parsed.logprobs {
-        if screening.response_guard().hides_text() {
+        if screening.response_guard().changes_text() {
             return Err(Refusal::new(
                 RefusalKind::BadRequest,
                 Some(api),
                 format!(
-                    "`{field}` asks for token log-probabilities, which would spell out the answer that masking or response rules guard here; remove it"
+                    "`{field}` asks for token log-probabilities, which would spell out the answer as the model wrote it, where masking, restore or response rules change it here; remove it"
                 ),
             ));
         }

@@ -401,6 +401,27 @@ impl Walker<'_> {
         }
     }
 
+    /// Refuses any key of `obj` not in `known`: a field the walk does not
+    /// read could still reach the model. A key that differs from a known one
+    /// only by case gets its own message: decoders that match keys
+    /// case-insensitively (Go's, used by Ollama) read it as the known one.
+    fn known_keys(&self, obj: &Map<String, Value>, known: &[&str]) -> Result<(), ShapeError> {
+        for k in obj.keys() {
+            if known.contains(&k.as_str()) {
+                continue;
+            }
+            let folded = k.to_lowercase();
+            let message = match known.iter().find(|a| a.to_lowercase() == folded) {
+                Some(a) => format!(
+                    "differs from `{a}` only by case; some backends read it as `{a}`, so it is refused"
+                ),
+                None => "is not a field this gateway can review, so it is refused".to_string(),
+            };
+            return Err(self.err(k, message));
+        }
+        Ok(())
+    }
+
     /// The role of a message: a string.
     fn role<'v>(&self, m: &'v Map<String, Value>) -> Result<&'v str, ShapeError> {
         self.req_str(m, "role")
@@ -498,23 +519,59 @@ fn tool_definition(w: &mut Walker<'_>, v: &Value) -> Result<Value, ShapeError> {
 
 // OpenAI chat completions -------------------------------------------------
 
+/// Fields of a chat message. `audio` (an earlier answer's audio id) and the
+/// ids are not text; everything else is walked.
+const CHAT_MESSAGE_KEYS: &[&str] = &[
+    "role",
+    "content",
+    "name",
+    "refusal",
+    "tool_calls",
+    "tool_call_id",
+    "function_call",
+    "audio",
+    "annotations",
+    "reasoning_content",
+    "reasoning",
+];
+
 fn openai_chat(w: &mut Walker<'_>, obj: &Map<String, Value>) -> Result<(), ShapeError> {
     let messages = w.list(obj, "messages")?;
     w.each_object("messages", messages, |w, m| {
+        w.known_keys(m, CHAT_MESSAGE_KEYS)?;
         let role = w.role(m)?;
         w.begin(role);
+        if let Some(name) = w.opt_str(m, "name")? {
+            // Chat templates put the participant's name before the text.
+            w.key("name", |w| w.fixed(name))?;
+            w.put(&format!("[name: {name}]"));
+        }
         chat_content(w, m, "content")?;
         let refusal = w.screened_at(m, "refusal")?;
         if !refusal.is_empty() {
             w.put(&format!("[refusal: {refusal}]"));
         }
+        // Reasoning of earlier turns, which several open-model chat
+        // templates render back into the prompt.
+        for key in ["reasoning_content", "reasoning"] {
+            let reasoning = w.screened_at(m, key)?;
+            if !reasoning.is_empty() {
+                w.put(&format!("[reasoning: {reasoning}]"));
+            }
+        }
+        if m.get("annotations").is_some_and(|a| !a.is_null()) {
+            let shown = w.value_at(m, "annotations");
+            w.put(&format!("[annotations: {shown}]"));
+        }
         match m.get("tool_calls") {
             None | Some(Value::Null) => {}
             Some(Value::Array(calls)) => w.each_object("tool_calls", calls, |w, call| {
+                w.known_keys(call, &["id", "type", "function", "index"])?;
                 let Some(Value::Object(f)) = call.get("function") else {
                     return Err(w.err("function", "must be an object"));
                 };
                 w.key("function", |w| {
+                    w.known_keys(f, &["name", "arguments"])?;
                     let name = w.name_at(f, "name")?;
                     let args = w.value_at(f, "arguments");
                     w.put(&format!("[tool_call {name}: {args}]"));
@@ -526,6 +583,7 @@ fn openai_chat(w: &mut Walker<'_>, obj: &Map<String, Value>) -> Result<(), Shape
         match m.get("function_call") {
             None | Some(Value::Null) => {}
             Some(Value::Object(f)) => w.key("function_call", |w| {
+                w.known_keys(f, &["name", "arguments"])?;
                 let name = w.name_at(f, "name")?;
                 let args = w.value_at(f, "arguments");
                 w.put(&format!("[function_call {name}: {args}]"));
@@ -539,6 +597,7 @@ fn openai_chat(w: &mut Walker<'_>, obj: &Map<String, Value>) -> Result<(), Shape
     match obj.get("prediction") {
         None | Some(Value::Null) => {}
         Some(Value::Object(p)) => {
+            w.key("prediction", |w| w.known_keys(p, &["type", "content"]))?;
             w.begin("prediction");
             w.key("prediction", |w| chat_content(w, p, "content"))?;
         }
@@ -548,7 +607,19 @@ fn openai_chat(w: &mut Walker<'_>, obj: &Map<String, Value>) -> Result<(), Shape
 }
 
 fn chat_content(w: &mut Walker<'_>, m: &Map<String, Value>, key: &str) -> Result<(), ShapeError> {
-    w.text_or_objects(m, key, "parts", |w, part| match part_type(w, part)? {
+    w.text_or_objects(m, key, "parts", |w, part| {
+        let kind = part_type(w, part)?;
+        let payload = match kind {
+            "text" | "refusal" | "image_url" | "input_audio" | "file" => kind,
+            other => return Err(unsupported(w, other)),
+        };
+        w.known_keys(part, &["type", payload, "cache_control"])?;
+        chat_part(w, kind, part)
+    })
+}
+
+fn chat_part(w: &mut Walker<'_>, kind: &str, part: &Map<String, Value>) -> Result<(), ShapeError> {
+    match kind {
         "text" => {
             let s = w.req_str(part, "text")?;
             w.key("text", |w| w.text(s));
@@ -562,7 +633,10 @@ fn chat_content(w: &mut Walker<'_>, m: &Map<String, Value>, key: &str) -> Result
         }
         "image_url" => {
             let shown = match part.get("image_url") {
-                Some(Value::Object(image)) => w.key("image_url", |w| w.url_at(image, "url"))?,
+                Some(Value::Object(image)) => w.key("image_url", |w| {
+                    w.known_keys(image, &["url", "detail"])?;
+                    w.url_at(image, "url")
+                })?,
                 _ => return Err(w.err("image_url", "must be an object")),
             };
             w.attachment(&format!("[image_url: {shown}]"));
@@ -577,7 +651,7 @@ fn chat_content(w: &mut Walker<'_>, m: &Map<String, Value>, key: &str) -> Result
             Ok(())
         }
         other => Err(unsupported(w, other)),
-    })
+    }
 }
 
 // OpenAI responses ----------------------------------------------------------
@@ -598,6 +672,16 @@ fn openai_responses(w: &mut Walker<'_>, obj: &Map<String, Value>) -> Result<(), 
                 Some(Value::String(t)) => t.as_str(),
                 Some(_) => return Err(w.err("type", "must be a string")),
             };
+            let known: &[&str] = match kind {
+                "message" => &["type", "role", "content", "id", "status"],
+                "function_call" => &["type", "id", "call_id", "name", "arguments", "status"],
+                "custom_tool_call" => &["type", "id", "call_id", "name", "input"],
+                "function_call_output" | "custom_tool_call_output" => {
+                    &["type", "id", "call_id", "output", "status"]
+                }
+                other => return Err(unsupported(w, other)),
+            };
+            w.known_keys(item, known)?;
             match kind {
                 "message" => {
                     let role = w.role(item)?;
@@ -641,7 +725,28 @@ fn responses_content(
     item: &Map<String, Value>,
     key: &str,
 ) -> Result<(), ShapeError> {
-    w.text_or_objects(item, key, "parts", |w, part| match part_type(w, part)? {
+    w.text_or_objects(item, key, "parts", |w, part| {
+        let kind = part_type(w, part)?;
+        let known: &[&str] = match kind {
+            "input_text" | "text" => &["type", "text"],
+            "output_text" => &["type", "text", "annotations", "logprobs"],
+            "refusal" => &["type", "refusal"],
+            "input_image" => &["type", "image_url", "file_id", "detail"],
+            "input_file" => &["type", "file_id", "file_data", "file_url", "filename"],
+            "input_audio" => &["type", "input_audio"],
+            other => return Err(unsupported(w, other)),
+        };
+        w.known_keys(part, known)?;
+        responses_part(w, kind, part)
+    })
+}
+
+fn responses_part(
+    w: &mut Walker<'_>,
+    kind: &str,
+    part: &Map<String, Value>,
+) -> Result<(), ShapeError> {
+    match kind {
         "input_text" | "output_text" | "text" => {
             let s = w.req_str(part, "text")?;
             w.key("text", |w| w.text(s));
@@ -672,7 +777,7 @@ fn responses_content(
             Ok(())
         }
         other => Err(unsupported(w, other)),
-    })
+    }
 }
 
 // Anthropic messages --------------------------------------------------------
@@ -684,6 +789,7 @@ fn anthropic(w: &mut Walker<'_>, obj: &Map<String, Value>) -> Result<(), ShapeEr
     }
     let messages = w.list(obj, "messages")?;
     w.each_object("messages", messages, |w, m| {
+        w.known_keys(m, &["role", "content"])?;
         let role = w.role(m)?;
         w.begin(role);
         anthropic_content(w, m, "content")
@@ -713,7 +819,45 @@ fn anthropic_source_url(
 }
 
 fn anthropic_block(w: &mut Walker<'_>, block: &Map<String, Value>) -> Result<(), ShapeError> {
-    match part_type(w, block)? {
+    let kind = part_type(w, block)?;
+    let known: &[&str] = match kind {
+        "text" => &["type", "text", "cache_control", "citations"],
+        "image" => &["type", "source", "cache_control"],
+        "thinking" => &["type", "thinking", "signature"],
+        "redacted_thinking" => &["type", "data"],
+        "document" => &[
+            "type",
+            "source",
+            "title",
+            "context",
+            "citations",
+            "cache_control",
+        ],
+        "search_result" => &[
+            "type",
+            "source",
+            "title",
+            "content",
+            "citations",
+            "cache_control",
+        ],
+        "tool_use" | "server_tool_use" => &["type", "id", "name", "input", "cache_control"],
+        "tool_result" => &[
+            "type",
+            "tool_use_id",
+            "content",
+            "is_error",
+            "cache_control",
+        ],
+        other => return Err(unsupported(w, other)),
+    };
+    w.known_keys(block, known)?;
+    if block.get("citations").is_some_and(|c| c.is_array()) {
+        // Cited passages of earlier answers are text the model reads again.
+        let shown = w.value_at(block, "citations");
+        w.put(&format!("[citations: {shown}]"));
+    }
+    match kind {
         "text" => {
             let s = w.req_str(block, "text")?;
             w.key("text", |w| w.text(s));
@@ -796,6 +940,19 @@ fn anthropic_block(w: &mut Walker<'_>, block: &Map<String, Value>) -> Result<(),
 // Gemini generateContent ----------------------------------------------------
 
 fn gemini(w: &mut Walker<'_>, obj: &Map<String, Value>) -> Result<(), ShapeError> {
+    for (camel, snake) in [
+        ("systemInstruction", "system_instruction"),
+        ("generationConfig", "generation_config"),
+        ("toolConfig", "tool_config"),
+        ("safetySettings", "safety_settings"),
+    ] {
+        if obj.contains_key(camel) && obj.contains_key(snake) {
+            return Err(w.err(
+                snake,
+                format!("and `{camel}` are two spellings of one field; send one"),
+            ));
+        }
+    }
     for key in ["systemInstruction", "system_instruction"] {
         match obj.get(key) {
             None | Some(Value::Null) => {}
@@ -818,7 +975,44 @@ fn gemini(w: &mut Walker<'_>, obj: &Map<String, Value>) -> Result<(), ShapeError
     })
 }
 
+/// `camelCase` as Gemini's other spelling, `snake_case`.
+fn snake_case(camel: &str) -> String {
+    let mut out = String::with_capacity(camel.len() + 4);
+    for c in camel.chars() {
+        if c.is_ascii_uppercase() {
+            out.push('_');
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Gemini reads each field under its camelCase or snake_case name: both
+/// spellings are known, and one object carrying both is refused (the
+/// gateway and the backend could each read a different one).
+fn gemini_keys(
+    w: &Walker<'_>,
+    obj: &Map<String, Value>,
+    camel: &[&'static str],
+) -> Result<(), ShapeError> {
+    let snakes: Vec<String> = camel.iter().map(|c| snake_case(c)).collect();
+    for (c, s) in camel.iter().zip(&snakes) {
+        if c != s && obj.contains_key(*c) && obj.contains_key(s.as_str()) {
+            return Err(w.err(
+                s,
+                format!("and `{c}` are two spellings of one field; send one"),
+            ));
+        }
+    }
+    let mut known: Vec<&str> = camel.to_vec();
+    known.extend(snakes.iter().map(String::as_str));
+    w.known_keys(obj, &known)
+}
+
 fn gemini_content(w: &mut Walker<'_>, content: &Map<String, Value>) -> Result<(), ShapeError> {
+    gemini_keys(w, content, &["role", "parts"])?;
     match content.get("parts") {
         Some(Value::Array(parts)) => w.each_object("parts", parts, gemini_part),
         _ => Err(w.err("parts", "must be a list")),
@@ -844,6 +1038,22 @@ const GEMINI_PAYLOADS: &[&str] = &[
 ];
 
 fn gemini_part(w: &mut Walker<'_>, part: &Map<String, Value>) -> Result<(), ShapeError> {
+    gemini_keys(
+        w,
+        part,
+        &[
+            "text",
+            "inlineData",
+            "fileData",
+            "functionCall",
+            "functionResponse",
+            "executableCode",
+            "codeExecutionResult",
+            "thought",
+            "thoughtSignature",
+            "videoMetadata",
+        ],
+    )?;
     let payloads: Vec<&str> = GEMINI_PAYLOADS
         .iter()
         .copied()
@@ -864,8 +1074,11 @@ fn gemini_part(w: &mut Walker<'_>, part: &Map<String, Value>) -> Result<(), Shap
             ))
         }
     };
-    let object = |w: &Walker<'_>| match part.get(key) {
-        Some(Value::Object(o)) => Ok(o),
+    let object = |w: &mut Walker<'_>, fields: &[&'static str]| match part.get(key) {
+        Some(Value::Object(o)) => {
+            w.key(key, |w| gemini_keys(w, o, fields))?;
+            Ok(o)
+        }
         _ => Err(w.err(key, "must be an object")),
     };
     match key {
@@ -874,7 +1087,7 @@ fn gemini_part(w: &mut Walker<'_>, part: &Map<String, Value>) -> Result<(), Shap
             w.key("text", |w| w.text(s));
         }
         "inlineData" | "inline_data" => {
-            let d = object(w)?;
+            let d = object(w, &["mimeType", "data", "displayName"])?;
             let mime = d
                 .get("mimeType")
                 .or_else(|| d.get("mime_type"))
@@ -883,7 +1096,7 @@ fn gemini_part(w: &mut Walker<'_>, part: &Map<String, Value>) -> Result<(), Shap
             w.attachment(&format!("[inline_data: {mime}]"));
         }
         "fileData" | "file_data" => {
-            let f = object(w)?;
+            let f = object(w, &["mimeType", "fileUri", "displayName"])?;
             let uri_key = if f.contains_key("fileUri") {
                 "fileUri"
             } else {
@@ -893,12 +1106,15 @@ fn gemini_part(w: &mut Walker<'_>, part: &Map<String, Value>) -> Result<(), Shap
             w.attachment(&format!("[file_data: {uri}]"));
         }
         "functionCall" | "function_call" | "functionResponse" | "function_response" => {
-            let call = object(w)?;
             let (label, payload) = if key.starts_with("functionC") || key == "function_call" {
                 ("tool_call", "args")
             } else {
                 ("tool_result", "response")
             };
+            let call = object(
+                w,
+                &["id", "name", payload, "willContinue", "scheduling", "parts"],
+            )?;
             w.key(key, |w| {
                 let name = w.name_at(call, "name")?;
                 let shown = w.value_at(call, payload);
@@ -908,12 +1124,12 @@ fn gemini_part(w: &mut Walker<'_>, part: &Map<String, Value>) -> Result<(), Shap
         }
         _ => {
             // executableCode / codeExecutionResult
-            let o = object(w)?;
             let (label, field) = if key.starts_with("executable") {
                 ("code", "code")
             } else {
                 ("code_result", "output")
             };
+            let o = object(w, &["language", "outcome", field])?;
             let shown = w.key(key, |w| w.screened_at(o, field))?;
             w.put(&format!("[{label}: {shown}]"));
         }
@@ -982,6 +1198,101 @@ mod tests {
             functions.contains("tools: {\"description\":\"legacy\",\"name\":\"f\"}"),
             "{functions}"
         );
+    }
+
+    #[test]
+    fn unknown_and_case_variant_keys_are_refused_at_every_level() {
+        use ApiKind::*;
+        for (api, body, field, says) in [
+            // Go's decoder (Ollama) reads `Content` as `content`.
+            (
+                OpenaiChat,
+                r#"{"messages":[{"role":"user","content":"hi","Content":"hidden"}]}"#,
+                "messages[0].Content",
+                "only by case",
+            ),
+            (
+                OpenaiChat,
+                r#"{"messages":[{"role":"user","CONTENT":"hidden"}]}"#,
+                "messages[0].CONTENT",
+                "only by case",
+            ),
+            (
+                OpenaiChat,
+                r#"{"messages":[{"role":"user","content":"hi","thoughts":"hidden"}]}"#,
+                "messages[0].thoughts",
+                "not a field",
+            ),
+            (
+                OpenaiChat,
+                r#"{"messages":[{"role":"user","content":[{"type":"text","text":"hi","Text":"hidden"}]}]}"#,
+                "messages[0].content[0].Text",
+                "only by case",
+            ),
+            (
+                OpenaiChat,
+                r#"{"messages":[{"role":"assistant","tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{}","Arguments":"x"}}]}]}"#,
+                "messages[0].tool_calls[0].function.Arguments",
+                "only by case",
+            ),
+            (
+                OpenaiResponses,
+                r#"{"input":[{"role":"user","content":"hi","extra":"hidden"}]}"#,
+                "input[0].extra",
+                "not a field",
+            ),
+            (
+                OpenaiResponses,
+                r#"{"input":[{"role":"user","content":[{"type":"input_text","text":"a","note":"hidden"}]}]}"#,
+                "input[0].content[0].note",
+                "not a field",
+            ),
+            (
+                AnthropicMessages,
+                r#"{"messages":[{"role":"user","content":"hi","system":"hidden"}]}"#,
+                "messages[0].system",
+                "not a field",
+            ),
+            (
+                AnthropicMessages,
+                r#"{"messages":[{"role":"user","content":[{"type":"text","text":"a","Text":"b"}]}]}"#,
+                "messages[0].content[0].Text",
+                "only by case",
+            ),
+            (
+                GeminiGenerateContent,
+                r#"{"contents":[{"parts":[{"text":"a","Text":"b"}]}]}"#,
+                "contents[0].parts[0].Text",
+                "only by case",
+            ),
+            (
+                GeminiGenerateContent,
+                r#"{"contents":[{"parts":[{"functionCall":{"name":"f","args":{},"function_call":1}}]}]}"#,
+                "contents[0].parts[0].functionCall.function_call",
+                "not a field",
+            ),
+            (
+                GeminiGenerateContent,
+                r#"{"contents":[{"parts":[{"inlineData":{"mimeType":"image/png","mime_type":"text/plain","data":"AA"}}]}]}"#,
+                "contents[0].parts[0].inlineData.mime_type",
+                "two spellings",
+            ),
+            (
+                GeminiGenerateContent,
+                r#"{"contents":[{"parts":[{"text":"a"}]}],"systemInstruction":{"parts":[{"text":"a"}]},"system_instruction":{"parts":[{"text":"b"}]}}"#,
+                "system_instruction",
+                "two spellings",
+            ),
+        ] {
+            let e = shown(api, body).unwrap_err();
+            assert_eq!(e.field, field, "{body}: {e}");
+            assert!(e.message.contains(says), "{body}: {e}");
+        }
+        // The fields real clients send at those levels still pass.
+        shown(OpenaiChat, r#"{"messages":[{"role":"assistant","content":null,"name":"bot","refusal":null,"audio":{"id":"a"},"tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}]},{"role":"tool","tool_call_id":"c","content":"ok"},{"role":"user","content":[{"type":"text","text":"x","cache_control":{"type":"ephemeral"}},{"type":"image_url","image_url":{"url":"https://x/y.png","detail":"low"}}]}]}"#).unwrap();
+        shown(OpenaiResponses, r#"{"input":[{"type":"message","id":"m","status":"completed","role":"assistant","content":[{"type":"output_text","text":"a","annotations":[],"logprobs":[]}]},{"type":"function_call","id":"fc","call_id":"c","name":"f","arguments":"{}","status":"completed"},{"type":"function_call_output","call_id":"c","output":"ok"}]}"#).unwrap();
+        shown(AnthropicMessages, r#"{"system":[{"type":"text","text":"s","cache_control":{"type":"ephemeral"}}],"messages":[{"role":"assistant","content":[{"type":"thinking","thinking":"t","signature":"s"},{"type":"tool_use","id":"t","name":"f","input":{}}]},{"role":"user","content":[{"type":"tool_result","tool_use_id":"t","content":"ok","is_error":false}]}]}"#).unwrap();
+        shown(GeminiGenerateContent, r#"{"contents":[{"role":"model","parts":[{"text":"t","thought":true,"thoughtSignature":"c2ln"},{"functionCall":{"id":"1","name":"f","args":{"a":1}}}]},{"role":"user","parts":[{"function_response":{"name":"f","response":{"r":1}}}]}]}"#).unwrap();
     }
 
     #[test]

@@ -60,8 +60,8 @@
 //! Responses ([`mask_response_body`], [`SseStreamMasker`]): every string of
 //! the response except structural fields (ids, model, roles, finish reasons,
 //! signatures, base64 payloads); `logprobs` are replaced by `null` (`[]`
-//! where they were a list) whenever the guard can hide text (a rewriting or
-//! blocking detector, a blocking response rule), since they spell the tokens
+//! where they were a list) whenever the guard can change text (a rewriting or
+//! blocking detector, restore, a blocking response rule), since they spell the tokens
 //! out; a request that asks for them there is refused
 //! ([`crate::inspect`]). Content-policy response rules ([`crate::policy`])
 //! run on the same text.

@@ -22,7 +22,7 @@ pub struct ResponseGuard {
     restore: RestoreMap,
     rules: ResponseRules,
     window: usize,
-    /// See [`ResponseGuard::hides_text`].
+    /// See [`ResponseGuard::changes_text`].
     hides: bool,
 }
 
@@ -50,7 +50,8 @@ impl ResponseGuard {
                 .iter()
                 .any(|a| !matches!(a.action, MaskAction::Monitor | MaskAction::Off))
         });
-        let hides = masks || rules.rules().any(|r| r.action() == RuleAction::Deny);
+        let hides =
+            masks || !restore.is_empty() || rules.rules().any(|r| r.action() == RuleAction::Deny);
         ResponseGuard {
             mask,
             restore,
@@ -66,11 +67,13 @@ impl ResponseGuard {
         self.mask.is_some() || !self.restore.is_empty() || !self.rules.is_empty()
     }
 
-    /// Whether the guard can hide or withhold answer text: a detector that
-    /// rewrites or blocks, or a response rule that blocks. Token
-    /// log-probabilities would spell such text out, so they cannot be
-    /// returned where this holds (monitoring and restore hide nothing).
-    pub fn hides_text(&self) -> bool {
+    /// Whether the guard can change or withhold answer text: a detector
+    /// that rewrites or blocks, restore of pseudonyms, or a response rule
+    /// that blocks. Token log-probabilities spell out the text as the model
+    /// wrote it (values masked, pseudonyms where the caller gets originals),
+    /// so they cannot be returned where this holds; monitoring changes
+    /// nothing.
+    pub fn changes_text(&self) -> bool {
         self.hides
     }
 
@@ -389,7 +392,7 @@ pub fn mask_response_body(
     let mut tally = GuardTally::default();
     let mut edits = Edits::new();
     let mut blocked = None;
-    for (path, leaf) in leaves(&value, guard.hides_text()) {
+    for (path, leaf) in leaves(&value, guard.changes_text()) {
         match leaf {
             Leaf::Drop => {
                 edits.insert(path, "null".into());
@@ -675,21 +678,26 @@ mod tests {
         let body = br#"{"choices":[{"message":{"content":"the weather"},"logprobs":{"content":[{"token":"launch","logprob":-0.1}]}}]}"#;
         let block =
             rules_only(r#"{"response_rules":[{"name":"codes","phrases":["launch code"]}]}"#);
-        assert!(block.hides_text());
+        assert!(block.changes_text());
         let out = mask_response_body(&block, ApiKind::OpenaiChat, body).unwrap();
         let v: Value = serde_json::from_slice(&out.body.unwrap()).unwrap();
         assert_eq!(v["choices"][0]["logprobs"], Value::Null);
         // Monitoring hides nothing, so the caller keeps what it asked for.
         let watch =
             rules_only(r#"{"response_rules":[{"name":"w","phrases":["x"],"action":"monitor"}]}"#);
-        assert!(watch.is_active() && !watch.hides_text());
+        assert!(watch.is_active() && !watch.changes_text());
         let out = mask_response_body(&watch, ApiKind::OpenaiChat, body).unwrap();
         assert!(out.body.is_none());
         // Masking that rewrites hides text; a profile that only monitors
         // does not.
-        assert!(guard_with(MASKING, "{}", None).hides_text());
+        assert!(guard_with(MASKING, "{}", None).changes_text());
         let monitor_only = r#"{"profiles":{"default":{"detectors":{"*":"monitor"}}}}"#;
-        assert!(!guard_with(monitor_only, "{}", None).hides_text());
+        assert!(!guard_with(monitor_only, "{}", None).changes_text());
+        // Restore puts originals where the tokens spell pseudonyms: the two
+        // side by side would link them.
+        let restore_only = r#"{"salt":"test-salt-0123456789","profiles":{"default":{"detectors":{"email":"pseudonymize"},"restore":true,"responses":false}}}"#;
+        assert!(!guard_with(restore_only, "{}", None).changes_text());
+        assert!(guard_with(restore_only, "{}", Some(REQUEST)).changes_text());
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! it. Events without text (role, usage, pings, comments, unknown events)
 //! pass through untouched and in order, except that every other string in a
 //! JSON event is masked in full and `logprobs` are dropped when the guard
-//! hides text (see [`ResponseGuard::hides_text`]).
+//! hides text (see [`ResponseGuard::changes_text`]).
 
 use serde_json::{json, Value};
 
@@ -311,7 +311,7 @@ impl SseStreamMasker {
                 echo = self.responses_event(event, value, &mut edits, &mut handled, pre)?
             }
         }
-        for (path, leaf) in leaves(value, self.guard.hides_text()) {
+        for (path, leaf) in leaves(value, self.guard.changes_text()) {
             if handled.iter().any(|h| path.starts_with(h)) {
                 continue;
             }
