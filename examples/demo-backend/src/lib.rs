@@ -3,23 +3,30 @@
 //! Every endpoint echoes the prompt back (`"echo: " + prompt`), streams SSE
 //! when asked to, and records what it received so end-to-end tests can check
 //! what actually reached the upstream (see [`app`] and the `/_demo/*` routes).
+//! Like a real server it compresses answers with gzip when the request
+//! accepts it, and returns logprobs when asked for them; control headers
+//! (`x-demo-*`) make it misbehave on purpose.
 //!
 //! The hot path holds no lock except one short push onto the request log;
 //! counters are atomics.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use flate2::write::GzEncoder;
+use flate2::Compression;
+use futures_util::{Stream, StreamExt};
 use serde_json::{json, Map, Value};
 
 /// How many requests `/_demo/requests` keeps (oldest dropped first).
@@ -34,6 +41,13 @@ const MAX_CHUNK_DELAY_MS: u64 = 60_000;
 pub const DEFAULT_MODEL: &str = "demo-echo";
 /// Dimension of `/v1/embeddings` vectors.
 pub const EMBEDDING_DIM: usize = 8;
+/// `x-demo-content-encoding: gzip` compresses the answer whatever the
+/// request's `accept-encoding` says (a backend that ignores it);
+/// `identity` never compresses.
+pub const CONTENT_ENCODING_HEADER: &str = "x-demo-content-encoding";
+/// `x-demo-logprobs: always` adds logprobs to answers that did not ask for
+/// them (a backend that returns them unasked).
+pub const LOGPROBS_HEADER: &str = "x-demo-logprobs";
 
 /// Shared state: counters and the request log.
 #[derive(Default)]
@@ -89,10 +103,14 @@ pub fn app_with_state(state: Shared) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/messages", post(messages))
         .route("/v1/models", get(models))
+        .route("/v1beta/models/{target}", post(gemini))
+        // Only Gemini's POSTs; other methods get the 404 they always got.
+        .route("/v1/models/{target}", post(gemini).get(not_found))
         .route("/_demo/stats", get(stats))
         .route("/_demo/requests", get(requests))
         .route("/_demo/reset", post(reset))
         .fallback(not_found)
+        .layer(middleware::from_fn(encode))
         // The tracking middleware has already read (and bounded) the body.
         .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn_with_state(state.clone(), track))
@@ -138,6 +156,219 @@ async fn track(State(demo): State<Shared>, req: Request, next: Next) -> Response
         .await;
     demo.completed.fetch_add(1, Ordering::Relaxed);
     response
+}
+
+// ---------------------------------------------------------------- gzip
+
+/// How a request wants its answer encoded: `x-demo-content-encoding` if
+/// given, else whether `accept-encoding` accepts gzip.
+fn wants_gzip(headers: &HeaderMap) -> Result<bool, BadRequest> {
+    if let Some(forced) = headers.get(CONTENT_ENCODING_HEADER) {
+        return match forced.to_str().map(str::trim) {
+            Ok(v) if v.eq_ignore_ascii_case("gzip") => Ok(true),
+            Ok(v) if v.eq_ignore_ascii_case("identity") => Ok(false),
+            _ => Err(BadRequest(format!(
+                "{CONTENT_ENCODING_HEADER} must be `gzip` or `identity`"
+            ))),
+        };
+    }
+    Ok(accepts_gzip(headers))
+}
+
+/// Whether `accept-encoding` accepts gzip: `gzip` (or `x-gzip`) listed with
+/// a non-zero quality, or else `*` with a non-zero quality.
+pub fn accepts_gzip(headers: &HeaderMap) -> bool {
+    let mut gzip = None;
+    let mut any = None;
+    let items = headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','));
+    for item in items {
+        let mut params = item.split(';');
+        let coding = params.next().unwrap_or_default().trim();
+        let accepted = params
+            .filter_map(|p| {
+                let (k, v) = p.split_once('=')?;
+                k.trim().eq_ignore_ascii_case("q").then(|| v.trim())
+            })
+            .all(|q| q.parse::<f32>().map_or(true, |q| q > 0.0));
+        if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
+            gzip = Some(accepted);
+        } else if coding == "*" {
+            any = Some(accepted);
+        }
+    }
+    gzip.or(any).unwrap_or(false)
+}
+
+/// Compresses model answers with gzip when the request asks for it (see
+/// [`wants_gzip`]). `/_demo/*` answers are never compressed.
+async fn encode(req: Request, next: Next) -> Response {
+    if is_introspection(req.uri().path()) {
+        return next.run(req).await;
+    }
+    let compress = match wants_gzip(req.headers()) {
+        Ok(g) => g,
+        Err(e) => return e.into_response(),
+    };
+    let response = next.run(req).await;
+    if !compress || response.headers().contains_key(header::CONTENT_ENCODING) {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let streamed = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts
+        .headers
+        .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    parts
+        .headers
+        .append(header::VARY, HeaderValue::from_static("accept-encoding"));
+    let body = if streamed {
+        Body::from_stream(gzip_stream(body))
+    } else {
+        let compressed = match axum::body::to_bytes(body, usize::MAX).await {
+            Ok(bytes) => gzip(&bytes),
+            Err(e) => Err(io::Error::other(e)),
+        };
+        match compressed {
+            Ok(bytes) => Body::from(bytes),
+            Err(e) => {
+                return error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("could not compress the answer: {e}"),
+                )
+            }
+        }
+    };
+    Response::from_parts(parts, body)
+}
+
+/// `bytes` as one gzip member.
+pub fn gzip(bytes: &[u8]) -> io::Result<Vec<u8>> {
+    let mut enc = GzEncoder::new(Vec::new(), Compression::default());
+    enc.write_all(bytes)?;
+    enc.finish()
+}
+
+/// A body stream as one gzip stream, sync-flushed after every frame so each
+/// SSE event can be decoded as soon as it arrives; the gzip trailer is the
+/// last frame.
+fn gzip_stream(body: Body) -> impl Stream<Item = io::Result<Bytes>> {
+    let state = Some((
+        body.into_data_stream(),
+        GzEncoder::new(Vec::new(), Compression::default()),
+    ));
+    futures_util::stream::unfold(state, |state| async move {
+        let (mut frames, mut enc) = state?;
+        match frames.next().await {
+            Some(Ok(frame)) => {
+                let out = enc
+                    .write_all(&frame)
+                    .and_then(|()| enc.flush())
+                    .map(|()| Bytes::from(std::mem::take(enc.get_mut())));
+                let next = out.is_ok().then_some((frames, enc));
+                Some((out, next))
+            }
+            Some(Err(e)) => Some((Err(io::Error::other(e)), None)),
+            None => Some((enc.finish().map(Bytes::from), None)),
+        }
+    })
+}
+
+// ---------------------------------------------------------------- logprobs
+
+/// How many alternatives per token a request gets (`Some(0)`: logprobs
+/// without alternatives), or `None` for no logprobs: what the request
+/// `asked` for, or `Some(0)` when `x-demo-logprobs: always` forces them.
+fn logprobs_for(headers: &HeaderMap, asked: Option<u64>) -> Result<Option<u64>, BadRequest> {
+    match headers
+        .get(LOGPROBS_HEADER)
+        .map(|v| v.to_str().map(str::trim))
+    {
+        None => Ok(asked),
+        Some(Ok(v)) if v.eq_ignore_ascii_case("always") => Ok(Some(asked.unwrap_or(0))),
+        Some(_) => Err(BadRequest(format!("{LOGPROBS_HEADER} must be `always`"))),
+    }
+}
+
+/// The demo's log-probability of the `i`-th token of an answer (exact in
+/// binary, so it prints short).
+fn token_logprob(i: usize) -> f64 {
+    -0.0625 * ((i % 5) as f64 + 1.0)
+}
+
+/// The `top` most likely tokens at position `i`: the chosen token first, then
+/// made-up alternatives.
+fn alternatives(token: &str, i: usize, top: u64) -> Vec<(String, f64)> {
+    (0..top)
+        .map(|k| {
+            let lp = token_logprob(i) - 0.5 * k as f64;
+            if k == 0 {
+                (token.to_owned(), lp)
+            } else {
+                (format!("alt{k}"), lp)
+            }
+        })
+        .collect()
+}
+
+/// One token of OpenAI chat / Responses logprobs, numbered from `i`:
+/// `{"token","logprob","bytes","top_logprobs":[{"token","logprob","bytes"}]}`.
+fn token_entry(token: &str, i: usize, top: u64) -> Value {
+    let top: Vec<Value> = alternatives(token, i, top)
+        .into_iter()
+        .map(|(t, lp)| json!({"token": t, "logprob": lp, "bytes": t.as_bytes()}))
+        .collect();
+    json!({"token": token, "logprob": token_logprob(i), "bytes": token.as_bytes(), "top_logprobs": top})
+}
+
+/// Logprob entries for `tokens`, the first being token number `first`.
+fn token_entries(tokens: &[&str], first: usize, top: u64) -> Vec<Value> {
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(n, t)| token_entry(t, first + n, top))
+        .collect()
+}
+
+/// `choices[].logprobs` of the chat API.
+fn chat_logprobs(tokens: &[&str], first: usize, top: u64) -> Value {
+    json!({"content": token_entries(tokens, first, top), "refusal": null})
+}
+
+/// `choices[].logprobs` of the legacy completions API, for `tokens` starting
+/// at token number `first` and character `offset` of the answer.
+fn completion_logprobs(tokens: &[&str], first: usize, offset: usize, top: u64) -> Value {
+    let mut at = offset;
+    let mut text_offset = Vec::with_capacity(tokens.len());
+    let mut token_logprobs = Vec::with_capacity(tokens.len());
+    let mut top_logprobs = Vec::with_capacity(tokens.len());
+    for (n, t) in tokens.iter().enumerate() {
+        text_offset.push(at);
+        at += t.chars().count();
+        token_logprobs.push(token_logprob(first + n));
+        let alts: Map<String, Value> = alternatives(t, first + n, top)
+            .into_iter()
+            .map(|(t, lp)| (t, json!(lp)))
+            .collect();
+        top_logprobs.push(Value::Object(alts));
+    }
+    json!({
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": if top == 0 { Value::Null } else { json!(top_logprobs) },
+        "text_offset": text_offset,
+    })
+}
+
+fn as_count(v: Option<&Value>) -> Option<u64> {
+    v.and_then(Value::as_u64)
 }
 
 // ---------------------------------------------------------------- helpers
@@ -384,6 +615,13 @@ async fn chat_completions(State(demo): State<Shared>, headers: HeaderMap, body: 
         Ok(v) => v,
         Err(e) => return e.into_response(),
     };
+    // `"logprobs": true`, with `top_logprobs` alternatives per token.
+    let asked = (req.get("logprobs").and_then(Value::as_bool) == Some(true))
+        .then(|| as_count(req.get("top_logprobs")).unwrap_or(0));
+    let logprobs = match logprobs_for(&headers, asked) {
+        Ok(l) => l,
+        Err(e) => return e.into_response(),
+    };
     let model = model_of(&req);
     let messages = req.get("messages");
     let reply = reply_for(&headers, echo(&last_user_text(messages)));
@@ -392,6 +630,9 @@ async fn chat_completions(State(demo): State<Shared>, headers: HeaderMap, body: 
     let created = now_secs();
 
     if !wants_stream(&req) {
+        let logprobs = logprobs.map_or(Value::Null, |top| {
+            chat_logprobs(&split_words(&reply), 0, top)
+        });
         return Json(json!({
             "id": id,
             "object": "chat.completion",
@@ -400,7 +641,7 @@ async fn chat_completions(State(demo): State<Shared>, headers: HeaderMap, body: 
             "choices": [{
                 "index": 0,
                 "message": {"role": "assistant", "content": reply, "refusal": null},
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": "stop",
             }],
             "usage": usage,
@@ -410,14 +651,14 @@ async fn chat_completions(State(demo): State<Shared>, headers: HeaderMap, body: 
     }
 
     let with_usage = include_usage(&req);
-    let chunk = |delta: Value, finish: Value| {
+    let chunk = |delta: Value, logprobs: Value, finish: Value| {
         let mut c = json!({
             "id": id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
             "system_fingerprint": null,
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
         });
         if with_usage {
             c["usage"] = Value::Null;
@@ -429,11 +670,14 @@ async fn chat_completions(State(demo): State<Shared>, headers: HeaderMap, body: 
     events.push(chunk(
         json!({"role": "assistant", "content": ""}),
         Value::Null,
+        Value::Null,
     ));
-    for w in words {
-        events.push(chunk(json!({"content": w}), Value::Null));
+    // Each chunk's logprobs cover that chunk's text, one token per chunk.
+    for (i, w) in words.into_iter().enumerate() {
+        let logprobs = logprobs.map_or(Value::Null, |top| chat_logprobs(&[w], i, top));
+        events.push(chunk(json!({"content": w}), logprobs, Value::Null));
     }
-    events.push(chunk(json!({}), json!("stop")));
+    events.push(chunk(json!({}), Value::Null, json!("stop")));
     if with_usage {
         events.push(sse_data(&json!({
             "id": id,
@@ -464,38 +708,50 @@ async fn completions(State(demo): State<Shared>, headers: HeaderMap, body: Bytes
         },
         _ => String::new(),
     };
+    // `"logprobs": N`: logprobs with N alternatives per token.
+    let logprobs = match logprobs_for(&headers, as_count(req.get("logprobs"))) {
+        Ok(l) => l,
+        Err(e) => return e.into_response(),
+    };
     let reply = reply_for(&headers, echo(&prompt));
     let usage = openai_usage(word_count(&prompt), word_count(&reply));
     let id = demo.id("cmpl-demo");
     let created = now_secs();
 
     if !wants_stream(&req) {
+        let logprobs = logprobs.map_or(Value::Null, |top| {
+            completion_logprobs(&split_words(&reply), 0, 0, top)
+        });
         return Json(json!({
             "id": id,
             "object": "text_completion",
             "created": created,
             "model": model,
-            "choices": [{"text": reply, "index": 0, "logprobs": null, "finish_reason": "stop"}],
+            "choices": [{"text": reply, "index": 0, "logprobs": logprobs, "finish_reason": "stop"}],
             "usage": usage,
         }))
         .into_response();
     }
 
-    let chunk = |text: &str, finish: Value| {
+    let chunk = |text: &str, logprobs: Value, finish: Value| {
         sse_data(&json!({
             "id": id,
             "object": "text_completion",
             "created": created,
             "model": model,
-            "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}],
+            "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}],
         }))
     };
     let words = pieces(&reply, &headers);
     let mut events = Vec::with_capacity(words.len() + 3);
-    for w in words {
-        events.push(chunk(w, Value::Null));
+    let mut offset = 0;
+    for (i, w) in words.into_iter().enumerate() {
+        let logprobs =
+            logprobs.map_or(Value::Null, |top| completion_logprobs(&[w], i, offset, top));
+        offset += w.chars().count();
+        events.push(chunk(w, logprobs, Value::Null));
     }
-    events.push(chunk("", json!("stop")));
+    events.push(chunk("", Value::Null, json!("stop")));
     if include_usage(&req) {
         events.push(sse_data(&json!({
             "id": id,
@@ -532,6 +788,17 @@ async fn responses(State(demo): State<Shared>, headers: HeaderMap, body: Bytes) 
         Ok(v) => v,
         Err(e) => return e.into_response(),
     };
+    // `top_logprobs: N`, or `include: ["message.output_text.logprobs"]`.
+    let top = as_count(req.get("top_logprobs"));
+    let included = req
+        .get("include")
+        .and_then(Value::as_array)
+        .is_some_and(|i| i.iter().any(|x| x == "message.output_text.logprobs"));
+    let asked = top.or(included.then_some(0));
+    let logprobs = match logprobs_for(&headers, asked) {
+        Ok(l) => l,
+        Err(e) => return e.into_response(),
+    };
     let model = model_of(&req);
     let reply = reply_for(&headers, echo(&responses_input_text(req.get("input"))));
     let input_tokens = responses_input_words(req.get("input"));
@@ -551,12 +818,16 @@ async fn responses(State(demo): State<Shared>, headers: HeaderMap, body: Bytes) 
             "usage": usage,
         })
     };
+    let mut output_text = json!({"type": "output_text", "text": reply, "annotations": []});
+    if let Some(top) = logprobs {
+        output_text["logprobs"] = json!(token_entries(&split_words(&reply), 0, top));
+    }
     let message = json!({
         "type": "message",
         "id": msg_id,
         "status": "completed",
         "role": "assistant",
-        "content": [{"type": "output_text", "text": reply, "annotations": []}],
+        "content": [output_text],
     });
     let usage = json!({
         "input_tokens": input_tokens,
@@ -584,12 +855,13 @@ async fn responses(State(demo): State<Shared>, headers: HeaderMap, body: Bytes) 
         "response.created",
         json!({"response": response_object("in_progress", json!([]), "", Value::Null)}),
     );
-    for w in words {
-        push(
-            &mut events,
-            "response.output_text.delta",
-            json!({"item_id": msg_id, "output_index": 0, "content_index": 0, "delta": w}),
-        );
+    for (i, w) in words.into_iter().enumerate() {
+        let mut delta =
+            json!({"item_id": msg_id, "output_index": 0, "content_index": 0, "delta": w});
+        if let Some(top) = logprobs {
+            delta["logprobs"] = json!(token_entries(&[w], i, top));
+        }
+        push(&mut events, "response.output_text.delta", delta);
     }
     push(
         &mut events,
@@ -779,6 +1051,150 @@ async fn messages(State(demo): State<Shared>, headers: HeaderMap, body: Bytes) -
     ));
     events.push(sse_event("message_stop", &json!({"type": "message_stop"})));
     sse_response(events, chunk_delay(&headers))
+}
+
+// ---------------------------------------------------------------- Gemini
+
+/// Gemini accepts each field under its camelCase or its snake_case name.
+fn gemini_key<'a>(v: &'a Value, camel: &str, snake: &str) -> Option<&'a Value> {
+    v.get(camel).or_else(|| v.get(snake))
+}
+
+/// Concatenated `text` of a Gemini `parts` list.
+fn gemini_text(content: Option<&Value>) -> String {
+    content
+        .and_then(|c| c.get("parts"))
+        .and_then(Value::as_array)
+        .map(|parts| {
+            parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// One `logprobsResult` of the Gemini API for `tokens`, the first being
+/// token number `first`, with `top` candidates per token.
+fn gemini_logprobs(tokens: &[&str], first: usize, top: u64) -> Value {
+    let chosen: Vec<Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(n, t)| json!({"token": t, "logProbability": token_logprob(first + n)}))
+        .collect();
+    let top: Vec<Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(n, t)| {
+            let candidates: Vec<Value> = alternatives(t, first + n, top)
+                .into_iter()
+                .map(|(t, lp)| json!({"token": t, "logProbability": lp}))
+                .collect();
+            json!({"candidates": candidates})
+        })
+        .collect();
+    json!({"topCandidates": top, "chosenCandidates": chosen})
+}
+
+/// `POST /v1beta/models/{model}:generateContent` and
+/// `:streamGenerateContent` (SSE with `?alt=sse`, else one JSON array of the
+/// chunks), also under `/v1/models/`.
+async fn gemini(
+    State(demo): State<Shared>,
+    Path(target): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (model, stream) = match target.rsplit_once(':') {
+        Some((model, "generateContent")) if !model.is_empty() => (model.to_owned(), false),
+        Some((model, "streamGenerateContent")) if !model.is_empty() => (model.to_owned(), true),
+        _ => {
+            return error_response(
+                StatusCode::NOT_FOUND,
+                &format!("demo-backend has no Gemini method {target}"),
+            )
+        }
+    };
+    let req = match parse_body(&body) {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    // `generationConfig.responseLogprobs`, with `logprobs` candidates per token.
+    let config = gemini_key(&req, "generationConfig", "generation_config");
+    let asked = config
+        .and_then(|c| gemini_key(c, "responseLogprobs", "response_logprobs"))
+        .and_then(Value::as_bool)
+        .filter(|asked| *asked)
+        .map(|_| as_count(config.and_then(|c| c.get("logprobs"))).unwrap_or(0));
+    let logprobs = match logprobs_for(&headers, asked) {
+        Ok(l) => l,
+        Err(e) => return e.into_response(),
+    };
+    let contents: &[Value] = req
+        .get("contents")
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice);
+    let prompt = contents
+        .iter()
+        .rev()
+        .find(|c| c.get("role").and_then(Value::as_str).unwrap_or("user") == "user")
+        .map(|c| gemini_text(Some(c)))
+        .unwrap_or_default();
+    let system = gemini_key(&req, "systemInstruction", "system_instruction");
+    let prompt_tokens = contents
+        .iter()
+        .map(|c| word_count(&gemini_text(Some(c))))
+        .sum::<u64>()
+        + word_count(&gemini_text(system));
+    let reply = reply_for(&headers, echo(&prompt));
+    let reply_tokens = word_count(&reply);
+    let usage = json!({
+        "promptTokenCount": prompt_tokens,
+        "candidatesTokenCount": reply_tokens,
+        "totalTokenCount": prompt_tokens + reply_tokens,
+    });
+    let id = demo.id("gemini-demo");
+    let chunk = |text: &str, first: usize, tokens: &[&str], last: bool| {
+        let mut candidate = json!({
+            "content": {"role": "model", "parts": [{"text": text}]},
+            "index": 0,
+        });
+        if last {
+            candidate["finishReason"] = json!("STOP");
+        }
+        if let Some(top) = logprobs {
+            candidate["logprobsResult"] = gemini_logprobs(tokens, first, top);
+            candidate["avgLogprobs"] = json!(token_logprob(first));
+        }
+        let mut c = json!({"candidates": [candidate], "modelVersion": model, "responseId": id});
+        if last {
+            c["usageMetadata"] = usage.clone();
+        }
+        c
+    };
+
+    if !stream {
+        return Json(chunk(&reply, 0, &split_words(&reply), true)).into_response();
+    }
+    let words = pieces(&reply, &headers);
+    let count = words.len();
+    let chunks: Vec<Value> = if count == 0 {
+        vec![chunk("", 0, &[], true)]
+    } else {
+        words
+            .into_iter()
+            .enumerate()
+            .map(|(i, w)| chunk(w, i, &[w], i + 1 == count))
+            .collect()
+    };
+    let sse = query
+        .as_deref()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "alt=sse"));
+    if !sse {
+        return Json(Value::Array(chunks)).into_response();
+    }
+    sse_response(chunks.iter().map(sse_data).collect(), chunk_delay(&headers))
 }
 
 // ---------------------------------------------------------------- fallback & introspection

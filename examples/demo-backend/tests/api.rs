@@ -517,3 +517,683 @@ async fn binary_prints_listen_line_and_exits_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+// ---------------------------------------------------------------- gzip
+
+fn gunzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes)
+        .read_to_end(&mut out)
+        .unwrap();
+    out
+}
+
+fn post_with(path: &str, body: &Value, headers: &[(&str, &str)]) -> Request<Body> {
+    let mut req = post(path, body);
+    for (k, v) in headers {
+        req.headers_mut().append(
+            axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            axum::http::HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    req
+}
+
+/// Status, headers and raw (undecoded) body bytes.
+async fn call_raw(
+    app: &Router,
+    req: Request<Body>,
+) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let bytes = to_bytes(body, usize::MAX).await.unwrap();
+    (parts.status, parts.headers, bytes.to_vec())
+}
+
+#[test]
+fn accept_encoding_parsing() {
+    let accepts = |v: &str| {
+        let mut h = axum::http::HeaderMap::new();
+        h.insert("accept-encoding", v.parse().unwrap());
+        demo_backend::accepts_gzip(&h)
+    };
+    assert!(accepts("gzip"));
+    assert!(accepts("gzip, deflate, br, zstd"));
+    assert!(accepts("deflate, GZIP;q=0.5"));
+    assert!(accepts("x-gzip"));
+    assert!(accepts("*"));
+    assert!(!accepts("identity"));
+    assert!(!accepts("deflate, br"));
+    assert!(!accepts("gzip;q=0"));
+    assert!(!accepts("*, gzip; q=0.0"));
+    assert!(!accepts("*;q=0"));
+    assert!(!demo_backend::accepts_gzip(&axum::http::HeaderMap::new()));
+}
+
+#[tokio::test]
+async fn plain_answers_are_gzipped_when_accepted_or_forced() {
+    let app = demo_backend::app();
+    let bodies = [
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "zip me"}]}),
+        ),
+        ("/v1/completions", json!({"prompt": "zip me"})),
+        ("/v1/responses", json!({"input": "zip me"})),
+        (
+            "/v1/messages",
+            json!({"max_tokens": 5, "messages": [{"role": "user", "content": "zip me"}]}),
+        ),
+        ("/v1/embeddings", json!({"input": "zip me"})),
+        (
+            "/v1beta/models/g:generateContent",
+            json!({"contents": [{"parts": [{"text": "zip me"}]}]}),
+        ),
+    ];
+    for (path, body) in &bodies {
+        let (_, plain) = call(&app, post(path, body)).await;
+        for headers in [
+            &[("accept-encoding", "gzip, deflate")][..],
+            &[("x-demo-content-encoding", "gzip")][..],
+            &[
+                ("accept-encoding", "identity"),
+                ("x-demo-content-encoding", "gzip"),
+            ][..],
+        ] {
+            let (status, h, raw) = call_raw(&app, post_with(path, body, headers)).await;
+            assert_eq!(status, StatusCode::OK, "{path} {headers:?}");
+            assert_eq!(h["content-encoding"], "gzip", "{path} {headers:?}");
+            assert_eq!(h["vary"], "accept-encoding");
+            assert_eq!(h["content-type"], "application/json");
+            assert_eq!(&raw[..2], [0x1f, 0x8b], "gzip magic");
+            assert!(!String::from_utf8_lossy(&raw).contains("zip me"));
+            let v: Value = serde_json::from_slice(&gunzip(&raw)).unwrap();
+            // Ids differ per request; the answer itself is the same.
+            assert_eq!(v["model"], plain["model"], "{path}");
+            assert_eq!(v["usage"], plain["usage"], "{path}");
+            assert_eq!(v.get("choices"), plain.get("choices"), "{path}");
+            assert_eq!(v.get("content"), plain.get("content"), "{path}");
+            assert_eq!(v.get("output_text"), plain.get("output_text"), "{path}");
+            assert_eq!(v.get("data"), plain.get("data"), "{path}");
+            assert_eq!(v.get("candidates"), plain.get("candidates"), "{path}");
+        }
+        for headers in [
+            &[][..],
+            &[("accept-encoding", "identity")][..],
+            &[("accept-encoding", "br, gzip;q=0")][..],
+            &[
+                ("accept-encoding", "gzip"),
+                ("x-demo-content-encoding", "identity"),
+            ][..],
+        ] {
+            let (status, h, raw) = call_raw(&app, post_with(path, body, headers)).await;
+            assert_eq!(status, StatusCode::OK, "{path} {headers:?}");
+            assert!(h.get("content-encoding").is_none(), "{path} {headers:?}");
+            serde_json::from_slice::<Value>(&raw).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn errors_are_gzipped_too_and_a_bad_control_header_is_400() {
+    let app = demo_backend::app();
+    let req = Request::post("/v1/chat/completions")
+        .header("accept-encoding", "gzip")
+        .body(Body::from("{not json"))
+        .unwrap();
+    let (status, h, raw) = call_raw(&app, req).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(h["content-encoding"], "gzip");
+    let v: Value = serde_json::from_slice(&gunzip(&raw)).unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+
+    let (status, v) = call(
+        &app,
+        post_with(
+            "/v1/chat/completions",
+            &json!({"messages": []}),
+            &[("x-demo-content-encoding", "br")],
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("x-demo-content-encoding"));
+}
+
+#[tokio::test]
+async fn introspection_is_never_gzipped() {
+    let app = demo_backend::app();
+    for path in ["/_demo/stats", "/_demo/requests"] {
+        let req = Request::get(path)
+            .header("accept-encoding", "gzip")
+            .header("x-demo-content-encoding", "gzip")
+            .body(Body::empty())
+            .unwrap();
+        let (status, h, raw) = call_raw(&app, req).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(h.get("content-encoding").is_none(), "{path}");
+        serde_json::from_slice::<Value>(&raw).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn streams_are_one_gzip_stream_decodable_event_by_event() {
+    let app = demo_backend::app();
+    let secret = "dana.scully@fbi.example.org";
+    for (path, body) in [
+        (
+            "/v1/chat/completions",
+            json!({"stream": true, "messages": [{"role": "user", "content": "hi"}]}),
+        ),
+        ("/v1/completions", json!({"stream": true, "prompt": "hi"})),
+        ("/v1/responses", json!({"stream": true, "input": "hi"})),
+        (
+            "/v1/messages",
+            json!({"stream": true, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}),
+        ),
+        (
+            "/v1beta/models/g:streamGenerateContent?alt=sse",
+            json!({"contents": [{"parts": [{"text": "hi"}]}]}),
+        ),
+    ] {
+        let reply = format!("write to {secret} now");
+        let plain = frames(&app, post_with(path, &body, &[("x-demo-reply", &reply)]))
+            .await
+            .concat();
+        let req = post_with(
+            path,
+            &body,
+            &[("accept-encoding", "gzip"), ("x-demo-reply", &reply)],
+        );
+        let resp = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        assert_eq!(resp.headers()["content-encoding"], "gzip");
+        assert!(resp.headers().get("content-length").is_none());
+        let mut stream = resp.into_body().into_data_stream();
+        let mut raw = Vec::new();
+        let mut decoder = flate2::write::GzDecoder::new(Vec::new());
+        let mut frames = 0;
+        while let Some(frame) = stream.next().await {
+            let frame = frame.unwrap();
+            raw.extend_from_slice(&frame);
+            std::io::Write::write_all(&mut decoder, &frame).unwrap();
+            std::io::Write::flush(&mut decoder).unwrap();
+            let so_far = String::from_utf8(decoder.get_ref().clone()).unwrap();
+            // Every frame but the gzip trailer completes an event.
+            assert!(so_far.ends_with("\n\n"), "{path}: {so_far:?}");
+            frames += 1;
+        }
+        let decoded = decoder.finish().unwrap();
+        assert!(frames > 3, "{path}");
+        assert!(!String::from_utf8_lossy(&raw).contains(secret), "{path}");
+        let decoded = String::from_utf8(decoded).unwrap();
+        assert_eq!(gunzip(&raw), decoded.as_bytes());
+        // The same events as uncompressed (ids aside).
+        assert_eq!(
+            decoded.matches("\n\n").count(),
+            plain.matches("\n\n").count(),
+            "{path}"
+        );
+        assert!(decoded.contains(secret), "{path}");
+    }
+}
+
+// ---------------------------------------------------------------- logprobs
+
+/// Concatenated `token`s of a list of logprob entries.
+fn tokens(entries: &Value) -> String {
+    entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let t = e["token"].as_str().unwrap();
+            assert_eq!(e["bytes"], json!(t.as_bytes()), "bytes spell the token");
+            assert!(e["logprob"].as_f64().unwrap() <= 0.0);
+            t.to_owned()
+        })
+        .collect()
+}
+
+/// `data:` payloads of an SSE stream (without `[DONE]`).
+fn sse_json(frames: &[String]) -> Vec<Value> {
+    frames
+        .concat()
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn chat_logprobs_spell_the_answer() {
+    let app = demo_backend::app();
+    let reply = "card 4111 1111 1111 1111 ok";
+    let body = json!({"logprobs": true, "top_logprobs": 2, "messages": [{"role": "user", "content": "hi"}]});
+    let (_, v) = call(
+        &app,
+        post_with("/v1/chat/completions", &body, &[("x-demo-reply", reply)]),
+    )
+    .await;
+    let lp = &v["choices"][0]["logprobs"];
+    assert_eq!(lp["refusal"], Value::Null);
+    assert_eq!(tokens(&lp["content"]), reply);
+    let first = &lp["content"][0];
+    assert_eq!(first["top_logprobs"].as_array().unwrap().len(), 2);
+    assert_eq!(first["top_logprobs"][0]["token"], first["token"]);
+    assert_eq!(first["top_logprobs"][0]["logprob"], first["logprob"]);
+
+    // Not asked: null, as before; `top_logprobs` alone does not ask.
+    for body in [
+        json!({"messages": [{"role": "user", "content": "hi"}]}),
+        json!({"logprobs": false, "top_logprobs": 2, "messages": [{"role": "user", "content": "hi"}]}),
+    ] {
+        let (_, v) = call(&app, post("/v1/chat/completions", &body)).await;
+        assert_eq!(v["choices"][0]["logprobs"], Value::Null);
+    }
+
+    // Streamed: each chunk's logprobs cover that chunk's text.
+    let mut stream = body.clone();
+    stream["stream"] = json!(true);
+    let chunks = sse_json(
+        &frames(
+            &app,
+            post_with(
+                "/v1/chat/completions",
+                &stream,
+                &[("x-demo-reply", reply), ("x-demo-chunk-chars", "3")],
+            ),
+        )
+        .await,
+    );
+    let mut text = String::new();
+    let mut spelled = String::new();
+    for c in &chunks {
+        let choice = &c["choices"][0];
+        if let Some(t) = choice["delta"]["content"]
+            .as_str()
+            .filter(|t| !t.is_empty())
+        {
+            assert_eq!(tokens(&choice["logprobs"]["content"]), t);
+            text.push_str(t);
+        } else {
+            assert_eq!(choice["logprobs"], Value::Null);
+        }
+        if let Some(content) = choice["logprobs"]["content"].as_array() {
+            spelled += &tokens(&json!(content));
+        }
+    }
+    assert_eq!(text, reply);
+    assert_eq!(spelled, reply);
+}
+
+#[tokio::test]
+async fn completions_logprobs_spell_the_answer() {
+    let app = demo_backend::app();
+    let reply = "the launch codes are 42";
+    let (_, v) = call(
+        &app,
+        post_with(
+            "/v1/completions",
+            &json!({"prompt": "p", "logprobs": 2}),
+            &[("x-demo-reply", reply)],
+        ),
+    )
+    .await;
+    let lp = &v["choices"][0]["logprobs"];
+    let toks: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(toks.concat(), reply);
+    assert_eq!(lp["text_offset"], json!([0, 4, 11, 17, 21]));
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), toks.len());
+    let top = lp["top_logprobs"].as_array().unwrap();
+    assert_eq!(top.len(), toks.len());
+    assert_eq!(top[0].as_object().unwrap().len(), 2);
+    assert_eq!(top[0][toks[0]], lp["token_logprobs"][0]);
+
+    let (_, v) = call(&app, post("/v1/completions", &json!({"prompt": "p"}))).await;
+    assert_eq!(v["choices"][0]["logprobs"], Value::Null);
+
+    let chunks = sse_json(
+        &frames(
+            &app,
+            post_with(
+                "/v1/completions",
+                &json!({"prompt": "p", "logprobs": 0, "stream": true}),
+                &[("x-demo-reply", reply)],
+            ),
+        )
+        .await,
+    );
+    let mut spelled = String::new();
+    let mut offsets = Vec::new();
+    for c in &chunks {
+        let choice = &c["choices"][0];
+        let text = choice["text"].as_str().unwrap();
+        if text.is_empty() {
+            assert_eq!(choice["logprobs"], Value::Null);
+            continue;
+        }
+        assert_eq!(choice["logprobs"]["tokens"], json!([text]));
+        assert_eq!(choice["logprobs"]["top_logprobs"], Value::Null);
+        offsets.push(choice["logprobs"]["text_offset"][0].clone());
+        spelled.push_str(text);
+    }
+    assert_eq!(spelled, reply);
+    assert_eq!(json!(offsets), json!([0, 4, 11, 17, 21]));
+}
+
+#[tokio::test]
+async fn responses_logprobs_spell_the_answer() {
+    let app = demo_backend::app();
+    let reply = "mail dana.scully@fbi.example.org today";
+    for body in [
+        json!({"input": "hi", "top_logprobs": 1}),
+        json!({"input": "hi", "include": ["message.output_text.logprobs"]}),
+    ] {
+        let (_, v) = call(
+            &app,
+            post_with("/v1/responses", &body, &[("x-demo-reply", reply)]),
+        )
+        .await;
+        let part = &v["output"][0]["content"][0];
+        assert_eq!(part["type"], "output_text");
+        assert_eq!(tokens(&part["logprobs"]), reply);
+        let want_top = body["top_logprobs"].as_u64().unwrap_or(0) as usize;
+        assert_eq!(
+            part["logprobs"][0]["top_logprobs"]
+                .as_array()
+                .unwrap()
+                .len(),
+            want_top
+        );
+
+        let mut stream = body.clone();
+        stream["stream"] = json!(true);
+        let events = sse_json(
+            &frames(
+                &app,
+                post_with("/v1/responses", &stream, &[("x-demo-reply", reply)]),
+            )
+            .await,
+        );
+        let mut spelled = String::new();
+        for e in &events {
+            if e["type"] == "response.output_text.delta" {
+                assert_eq!(tokens(&e["logprobs"]), e["delta"].as_str().unwrap());
+                spelled += &tokens(&e["logprobs"]);
+            }
+        }
+        assert_eq!(spelled, reply);
+        let completed = events.last().unwrap();
+        assert_eq!(completed["type"], "response.completed");
+        assert_eq!(
+            tokens(&completed["response"]["output"][0]["content"][0]["logprobs"]),
+            reply
+        );
+    }
+    let (_, v) = call(
+        &app,
+        post(
+            "/v1/responses",
+            &json!({"input": "hi", "include": ["reasoning.encrypted_content"]}),
+        ),
+    )
+    .await;
+    assert!(v["output"][0]["content"][0].get("logprobs").is_none());
+}
+
+#[tokio::test]
+async fn forced_logprobs_come_unasked() {
+    let app = demo_backend::app();
+    let forced = [("x-demo-logprobs", "always"), ("x-demo-reply", "a b")];
+    let (_, v) = call(
+        &app,
+        post_with(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "hi"}]}),
+            &forced,
+        ),
+    )
+    .await;
+    assert_eq!(tokens(&v["choices"][0]["logprobs"]["content"]), "a b");
+    assert_eq!(
+        v["choices"][0]["logprobs"]["content"][0]["top_logprobs"],
+        json!([])
+    );
+    let (_, v) = call(
+        &app,
+        post_with("/v1/completions", &json!({"prompt": "hi"}), &forced),
+    )
+    .await;
+    assert_eq!(v["choices"][0]["logprobs"]["tokens"], json!(["a ", "b"]));
+    let (_, v) = call(
+        &app,
+        post_with("/v1/responses", &json!({"input": "hi"}), &forced),
+    )
+    .await;
+    assert_eq!(tokens(&v["output"][0]["content"][0]["logprobs"]), "a b");
+    // Streamed too.
+    let chunks = sse_json(
+        &frames(
+            &app,
+            post_with(
+                "/v1/chat/completions",
+                &json!({"stream": true, "messages": [{"role": "user", "content": "hi"}]}),
+                &forced,
+            ),
+        )
+        .await,
+    );
+    let spelled: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array())
+        .map(|c| tokens(&json!(c)))
+        .collect();
+    assert_eq!(spelled, "a b");
+
+    let (status, v) = call(
+        &app,
+        post_with(
+            "/v1/chat/completions",
+            &json!({"messages": []}),
+            &[("x-demo-logprobs", "sometimes")],
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("x-demo-logprobs"));
+}
+
+#[tokio::test]
+async fn request_log_shows_accept_encoding() {
+    let app = demo_backend::app();
+    call_raw(
+        &app,
+        post_with(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "hi"}]}),
+            &[("accept-encoding", "identity")],
+        ),
+    )
+    .await;
+    let (_, log) = call(
+        &app,
+        Request::get("/_demo/requests").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(log[0]["headers"]["accept-encoding"], "identity");
+}
+
+// ---------------------------------------------------------------- Gemini
+
+#[tokio::test]
+async fn gemini_generate_content_echoes_and_streams() {
+    let app = demo_backend::app();
+    let req = json!({
+        "systemInstruction": {"parts": [{"text": "be brief"}]},
+        "contents": [
+            {"role": "user", "parts": [{"text": "old"}]},
+            {"role": "model", "parts": [{"text": "ok"}]},
+            {"role": "user", "parts": [{"text": "hello "}, {"text": "gemini"}]}
+        ]
+    });
+    for prefix in ["/v1beta/models", "/v1/models"] {
+        let (status, v) = call(
+            &app,
+            post(&format!("{prefix}/gemini-x:generateContent"), &req),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let c = &v["candidates"][0];
+        assert_eq!(
+            c["content"],
+            json!({"role": "model", "parts": [{"text": "echo: hello gemini"}]})
+        );
+        assert_eq!(c["finishReason"], "STOP");
+        assert!(c.get("logprobsResult").is_none());
+        assert_eq!(v["modelVersion"], "gemini-x");
+        // prompt: "be brief" + "old" + "ok" + "hello gemini" = 6 words
+        assert_eq!(
+            v["usageMetadata"],
+            json!({"promptTokenCount": 6, "candidatesTokenCount": 3, "totalTokenCount": 9})
+        );
+    }
+
+    // ?alt=sse: one SSE event per word, the last one finished with usage.
+    let frames = frames(
+        &app,
+        post(
+            "/v1beta/models/gemini-x:streamGenerateContent?alt=sse",
+            &req,
+        ),
+    )
+    .await;
+    assert_eq!(frames.len(), 3, "{frames:?}");
+    let chunks = sse_json(&frames);
+    let text: String = chunks
+        .iter()
+        .map(|c| {
+            c["candidates"][0]["content"]["parts"][0]["text"]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(text, "echo: hello gemini");
+    assert!(chunks[..2]
+        .iter()
+        .all(|c| c["candidates"][0].get("finishReason").is_none()));
+    assert_eq!(chunks[2]["candidates"][0]["finishReason"], "STOP");
+    assert_eq!(chunks[2]["usageMetadata"]["totalTokenCount"], 9);
+
+    // Without alt=sse: the same chunks as one JSON array.
+    let (status, v) = call(
+        &app,
+        post("/v1beta/models/gemini-x:streamGenerateContent", &req),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v.as_array().unwrap().len(), 3);
+    assert_eq!(
+        v[2]["candidates"][0]["content"]["parts"][0]["text"],
+        "gemini"
+    );
+
+    for path in [
+        "/v1beta/models/gemini-x:countTokens",
+        "/v1beta/models/:generateContent",
+        "/v1beta/models/gemini-x",
+    ] {
+        let (status, _) = call(&app, post(path, &req)).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+    }
+    // Other methods on /v1/models/{id} still get a 404.
+    let (status, _) = call(
+        &app,
+        Request::get("/v1/models/demo-echo")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn gemini_logprobs_spell_the_answer() {
+    let app = demo_backend::app();
+    let reply = "mail dana.scully@fbi.example.org now";
+    let spelled = |result: &Value| -> String {
+        result["chosenCandidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["token"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    for (config, headers) in [
+        (
+            json!({"responseLogprobs": true, "logprobs": 2}),
+            vec![("x-demo-reply", reply)],
+        ),
+        (
+            json!({"response_logprobs": true}),
+            vec![("x-demo-reply", reply)],
+        ),
+        (
+            json!({}),
+            vec![("x-demo-reply", reply), ("x-demo-logprobs", "always")],
+        ),
+    ] {
+        let req = json!({"contents": [{"parts": [{"text": "hi"}]}], "generationConfig": config});
+        let (_, v) = call(
+            &app,
+            post_with("/v1beta/models/g:generateContent", &req, &headers),
+        )
+        .await;
+        let result = &v["candidates"][0]["logprobsResult"];
+        assert_eq!(spelled(result), reply, "{config}");
+        let top = result["topCandidates"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        let want = config["logprobs"].as_u64().unwrap_or(0) as usize;
+        assert_eq!(top[0]["candidates"].as_array().unwrap().len(), want);
+
+        let chunks = sse_json(
+            &frames(
+                &app,
+                post_with(
+                    "/v1beta/models/g:streamGenerateContent?alt=sse",
+                    &req,
+                    &headers,
+                ),
+            )
+            .await,
+        );
+        let streamed: String = chunks
+            .iter()
+            .map(|c| spelled(&c["candidates"][0]["logprobsResult"]))
+            .collect();
+        assert_eq!(streamed, reply);
+    }
+    let (_, v) = call(
+        &app,
+        post(
+            "/v1beta/models/g:generateContent",
+            &json!({"contents": [{"parts": [{"text": "hi"}]}], "generationConfig": {"responseLogprobs": false}}),
+        ),
+    )
+    .await;
+    assert!(v["candidates"][0].get("logprobsResult").is_none());
+}

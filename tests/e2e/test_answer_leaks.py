@@ -1,0 +1,396 @@
+"""Answers that must not leave the gateway unmasked, end to end in the real
+Envoy: compressed answers (the caller's `accept-encoding` never reaches the
+model; an answer compressed anyway is refused with a 502, never passed) and
+token log-probabilities (which spell the answer out: refused in requests
+whose answer is guarded, and dropped from answers that carry them unasked).
+
+Every check on what the caller got is made on the raw bytes off the socket
+(`iter_raw`: httpx would otherwise decode a gzip body for us)."""
+import json
+import re
+import uuid
+import zlib
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from conftest import E2E_DB
+from stack import Stack, records, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+EMAIL = "dana.scully@fbi.example.org"
+CARD = "4111-1111-1111-1111"
+SECRET_REPLY = f"write to {EMAIL} and charge {CARD} today"
+BLOCKED_REPLY = "sure, the launch codes are 7391-2846 as asked"
+BLOCKED_PHRASE = "launch codes"
+CODES = "7391-2846"
+
+MASKING = {
+    "salt": "salt-for-tests-0123456789",
+    "profiles": {
+        # Masks prompts and answers, restores pseudonyms for the caller.
+        "default": {"detectors": {"email": "pseudonymize", "credit_card": "redact"}, "restore": True},
+        # Masks prompts only; answers are touched only to restore pseudonyms.
+        "restore_only": {"detectors": {"email": "pseudonymize"}, "restore": True, "responses": False},
+    },
+}
+# Models name what guards the answer (all `allow`, so nothing is held):
+GUARDED = "demo-allow-guarded"  # masking (default profile) and a response rule
+RULES_ONLY = "demo-allow-rules"  # a response rule, no masking
+RESTORE_ONLY = "demo-allow-restore"  # restore of pseudonyms, no response masking, no rule
+OPEN = "demo-allow-open"  # nothing guards the answer; it is recorded (the default)
+BARE = "demo-allow-bare"  # nothing inspects the answer at all: no guard, no record
+CONFIG = {
+    "hold_timeout_ms": 5000,
+    "masking": MASKING,
+    "content_policy": {"response_rules": [
+        {"name": "no-launch-codes", "phrases": [BLOCKED_PHRASE], "models": [f"{GUARDED}*", f"{RULES_ONLY}*"]},
+    ]},
+    "rules": [
+        {"name": "guarded", "model": f"{GUARDED}*", "action": "allow"},
+        {"name": "rules-only", "model": f"{RULES_ONLY}*", "action": "allow", "masking": "none"},
+        {"name": "restore-only", "model": f"{RESTORE_ONLY}*", "action": "allow", "masking": "restore_only"},
+        {"name": "open", "model": f"{OPEN}*", "action": "allow", "masking": "none"},
+        {"name": "bare", "model": f"{BARE}*", "action": "allow", "masking": "none", "record": "off"},
+    ],
+}
+
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "responses": "/v1/responses",
+         "messages": "/v1/messages", "gemini": "/v1beta/models/{model}:{method}"}
+LOGPROB_KEYS = ("logprobs", "top_logprobs", "logprobsResult", "logprobs_result")
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, request):
+    """One stack for the whole module (every test tells its requests apart by
+    x-request-id, and resets the model's request log first)."""
+    kwargs = {}
+    if E2E_DB == "postgres":
+        kwargs["database"] = request.getfixturevalue("postgres").create_database("t_answer_leaks")
+    stack = Stack(tmp_path_factory.mktemp("answer-leaks"), filter_config=CONFIG, **kwargs)
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def stack(gw):
+    """The module's stack (overrides conftest's), with the model's request log emptied."""
+    httpx.post(gw.backend.url + "/_demo/reset").raise_for_status()
+    return gw
+
+
+def req(api: str, model: str, stream: bool = False, prompt: str = "hi", **extra) -> tuple[str, dict]:
+    """(path, body) of a request to `api` (Gemini names the model and
+    streaming in the path)."""
+    path = PATHS[api]
+    if api == "chat":
+        b = {"model": model, "messages": [{"role": "user", "content": prompt}]}
+    elif api == "completions":
+        b = {"model": model, "prompt": prompt}
+    elif api == "responses":
+        b = {"model": model, "input": prompt}
+    elif api == "messages":
+        b = {"model": model, "max_tokens": 50, "messages": [{"role": "user", "content": prompt}]}
+    else:
+        path = path.format(model=model, method="streamGenerateContent?alt=sse" if stream else "generateContent")
+        return path, {"contents": [{"role": "user", "parts": [{"text": prompt}]}], **extra}
+    if stream:
+        b["stream"] = True
+    return path, {**b, **extra}
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: httpx.Headers
+    raw: bytes  # exactly the bytes received, not decoded
+    request_id: str
+
+    def json(self):
+        return json.loads(self.raw)
+
+
+def send(stack, request: tuple[str, dict], headers: dict | None = None) -> Answer:
+    """POSTs `request`; the caller accepts only identity unless `headers` say
+    otherwise (httpx would send gzip), so the logprobs tests test logprobs."""
+    request_id = f"leaks-{uuid.uuid4()}"
+    hs = {"x-request-id": request_id, "accept-encoding": "identity", **(headers or {})}
+    path, payload = request
+    with httpx.Client(timeout=30) as c, c.stream("POST", stack.url + path, json=payload, headers=hs) as r:
+        raw = b"".join(r.iter_raw())
+    return Answer(r.status_code, r.headers, raw, request_id)
+
+
+def assert_nowhere(raw: bytes, *secrets: str):
+    """None of `secrets` in the bytes received, nor in them decompressed if
+    they are gzip (a truncated gzip stream is decoded as far as it goes)."""
+    views = [raw]
+    if raw[:2] == b"\x1f\x8b":
+        views.append(zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(raw))
+    for view in views:
+        for s in secrets:
+            assert s.encode() not in view, f"{s!r} leaked: {view[:600]!r}"
+
+
+def sse_events(raw: bytes) -> list[dict]:
+    out = []
+    for line in raw.decode().splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            out.append(json.loads(line[6:]))
+    return out
+
+
+def answer_text(api: str, raw: bytes, stream: bool) -> str:
+    """The answer's text as the caller reads it (streams reassembled)."""
+    if not stream:
+        v = json.loads(raw)
+        return {"chat": lambda: v["choices"][0]["message"]["content"],
+                "completions": lambda: v["choices"][0]["text"],
+                "responses": lambda: v["output"][0]["content"][0]["text"],
+                "messages": lambda: v["content"][0]["text"],
+                "gemini": lambda: v["candidates"][0]["content"]["parts"][0]["text"]}[api]()
+    text = ""
+    for e in sse_events(raw):
+        if api == "chat":
+            text += "".join((c.get("delta") or {}).get("content") or "" for c in e.get("choices", []))
+        elif api == "completions":
+            text += "".join(c.get("text") or "" for c in e.get("choices", []))
+        elif api == "responses" and e.get("type") == "response.output_text.delta":
+            text += e["delta"]
+        elif api == "messages" and e.get("type") == "content_block_delta":
+            text += e["delta"].get("text", "")
+        elif api == "gemini":
+            text += "".join(p.get("text", "") for c in e.get("candidates", [])
+                            for p in (c.get("content") or {}).get("parts", []))
+    return text
+
+
+def logprob_values(v, path="$"):
+    """(path, value) of every logprobs-like field anywhere in `v`."""
+    if isinstance(v, dict):
+        for k, x in v.items():
+            if k in LOGPROB_KEYS:
+                yield f"{path}.{k}", x
+            yield from logprob_values(x, f"{path}.{k}")
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            yield from logprob_values(x, f"{path}[{i}]")
+
+
+def assert_no_logprobs(documents: list):
+    leaked = [(p, x) for d in documents for p, x in logprob_values(d) if x not in (None, [])]
+    assert not leaked, f"logprobs left in the answer: {leaked[:5]}"
+
+
+def seen_by_model(stack, request_id: str) -> dict:
+    [seen] = [r for r in stack.backend.requests() if r["headers"].get("x-request-id") == request_id]
+    return seen
+
+
+def response_record(stack, request_id: str) -> dict:
+    """The response part of the request's session record, once written."""
+    def find():
+        recs = records(stack, request_id=request_id)
+        return recs and recs[0].get("response")
+    return wait_until(find, timeout=10, what=f"the response part of {request_id}'s record")
+
+
+def assert_uninspectable_refusal(api: str, a: Answer, *secrets: str):
+    assert a.status == 502, (a.status, a.raw[:300])
+    assert "content-encoding" not in a.headers, a.headers
+    assert a.headers["content-type"].startswith("application/json"), a.headers
+    assert a.raw[:2] != b"\x1f\x8b"
+    assert_nowhere(a.raw, *secrets)
+    err = a.json()
+    if api == "messages":
+        assert err["type"] == "error" and isinstance(err["error"]["type"], str), err
+        assert err["error"]["message"], err
+    elif api == "gemini":
+        # No Gemini error format is promised; an error with a message.
+        assert err["error"]["message"], err
+    else:
+        assert err["error"]["code"] == "response_uninspectable", err
+        assert err["error"]["message"] and err["error"]["type"], err
+
+
+API_STREAMS = [(api, stream) for api in PATHS for stream in (False, True)]
+IDS = [f"{api}-{'stream' if stream else 'plain'}" for api, stream in API_STREAMS]
+# The APIs that have logprobs (Anthropic's has none).
+LOGPROB_APIS = [x for x in API_STREAMS if x[0] != "messages"]
+LOGPROB_IDS = [i for i in IDS if not i.startswith("messages")]
+
+
+# ------------------------------------------------------------------ compressed answers
+
+@pytest.mark.parametrize(("api", "stream"), API_STREAMS, ids=IDS)
+def test_caller_accept_encoding_never_reaches_the_model(stack, api, stream):
+    a = send(stack, req(api, GUARDED, stream),
+             headers={"accept-encoding": "gzip, deflate", "x-demo-reply": SECRET_REPLY})
+    assert a.status == 200, a.raw[:300]
+    assert seen_by_model(stack, a.request_id)["headers"].get("accept-encoding") == "identity"
+    # Uncompressed, masked.
+    assert a.headers.get("content-encoding", "identity") == "identity", a.headers
+    assert a.raw[:2] != b"\x1f\x8b"
+    assert_nowhere(a.raw, EMAIL, CARD)
+    text = answer_text(api, a.raw, stream)
+    assert text.startswith("write to <EMAIL_") and "[CREDIT_CARD]" in text and text.endswith(" today"), text
+
+
+def test_accept_encoding_is_replaced_even_where_nothing_inspects_the_answer(stack):
+    for model in (OPEN, BARE):
+        a = send(stack, req("chat", model, prompt="plain words"),
+                 headers={"accept-encoding": "br, gzip;q=0.9, zstd, deflate"})
+        assert a.status == 200, a.raw[:300]
+        assert seen_by_model(stack, a.request_id)["headers"].get("accept-encoding") == "identity", model
+        assert "content-encoding" not in a.headers
+        assert a.json()["choices"][0]["message"]["content"] == "echo: plain words"
+
+
+@pytest.mark.parametrize(("api", "stream"), API_STREAMS, ids=IDS)
+def test_a_compressed_answer_is_refused_not_passed(stack, api, stream):
+    a = send(stack, req(api, GUARDED, stream),
+             headers={"accept-encoding": "gzip", "x-demo-content-encoding": "gzip", "x-demo-reply": SECRET_REPLY})
+    assert_uninspectable_refusal(api, a, EMAIL, CARD, "write to", "charge")
+    if stream:
+        assert b"data:" not in a.raw  # replaced whole, not a stream with an error at the end
+    assert seen_by_model(stack, a.request_id)["headers"].get("accept-encoding") == "identity"
+    part = response_record(stack, a.request_id)
+    assert part["status"] == 502, part
+    assert part["blocked_by"] == "encoded_response", part
+    assert EMAIL not in json.dumps(part) and CARD not in json.dumps(part)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_compressed_answer_is_refused_where_it_is_only_recorded(stack, stream):
+    a = send(stack, req("chat", OPEN, stream),
+             headers={"x-demo-content-encoding": "gzip", "x-demo-reply": SECRET_REPLY})
+    assert_uninspectable_refusal("chat", a, EMAIL, CARD)
+    part = response_record(stack, a.request_id)
+    assert (part["status"], part["blocked_by"]) == (502, "encoded_response"), part
+
+
+def test_a_compressed_answer_passes_where_nothing_inspects_it(stack):
+    # No masking, no response rule and no record: the filter never reads the
+    # answer, so it has nothing to refuse.
+    a = send(stack, req("chat", BARE, prompt="zip this"),
+             headers={"accept-encoding": "gzip", "x-demo-content-encoding": "gzip"})
+    assert a.status == 200, a.raw[:300]
+    assert a.headers["content-encoding"] == "gzip"
+    assert json.loads(zlib.decompress(a.raw, 16 + zlib.MAX_WBITS))["choices"][0]["message"]["content"] \
+        == "echo: zip this"
+
+
+# ------------------------------------------------------------------ logprobs asked for
+
+# (api, request fields asking for logprobs, field the refusal must name)
+ASKING = [
+    ("chat", {"logprobs": True}, "logprobs"),
+    ("chat", {"logprobs": True, "top_logprobs": 3}, "logprobs"),
+    ("completions", {"logprobs": 2}, "logprobs"),
+    ("responses", {"top_logprobs": 2}, "top_logprobs"),
+    ("responses", {"include": ["message.output_text.logprobs"]}, "include"),
+    ("gemini", {"generationConfig": {"responseLogprobs": True, "logprobs": 2}}, "generationConfig.responseLogprobs"),
+]
+GUARDS = {
+    "masking": (GUARDED, "hi"),
+    "response-rule": (RULES_ONLY, "hi"),
+    # Restore has something to put back only when the prompt had a value.
+    "restore": (RESTORE_ONLY, f"mail {EMAIL} please"),
+}
+
+
+@pytest.mark.parametrize("guard", list(GUARDS))
+def test_asking_for_logprobs_is_refused_where_the_answer_is_guarded(stack, guard):
+    model, prompt = GUARDS[guard]
+    for api, fields, field in ASKING:
+        for stream in (False, True):
+            httpx.post(stack.backend.url + "/_demo/reset").raise_for_status()
+            a = send(stack, req(api, model, stream, prompt=prompt, **fields))
+            case = f"{guard} {api} {fields} stream={stream}"
+            assert a.status == 400, (case, a.raw[:300])
+            err = a.json()["error"]
+            assert err["code"] == "invalid_request", (case, err)
+            # Names the field and why ("... token log-probabilities, which would spell out the answer").
+            assert f"`{field}`" in err["message"] and re.search(r"log-?prob", err["message"]), (case, err)
+            assert EMAIL not in err["message"]
+            assert stack.backend.stats()["started"] == 0, case
+
+
+def test_not_asking_for_logprobs_passes_under_a_guard(stack):
+    for api, fields in [("chat", {"logprobs": False}),
+                        ("responses", {"include": ["reasoning.encrypted_content"]}),
+                        ("gemini", {"generationConfig": {"responseLogprobs": False, "temperature": 0.5}})]:
+        a = send(stack, req(api, GUARDED, **fields))
+        assert a.status == 200, (api, fields, a.raw[:300])
+        assert_no_logprobs([a.json()])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_asking_for_logprobs_passes_where_nothing_guards_the_answer(stack, stream):
+    reply = "all is well here"
+    for api, fields, _ in ASKING:
+        a = send(stack, req(api, OPEN, stream, **fields), headers={"x-demo-reply": reply})
+        case = f"{api} {fields}"
+        assert a.status == 200, (case, a.raw[:300])
+        assert len([r for r in stack.backend.requests() if r["headers"].get("x-request-id") == a.request_id]) == 1
+        docs = sse_events(a.raw) if stream else [a.json()]
+        assert any(v not in (None, []) for d in docs for _, v in logprob_values(d)), (case, docs)
+        assert answer_text(api, a.raw, stream) == reply
+
+
+# ------------------------------------------------------------------ logprobs unasked
+
+@pytest.mark.parametrize("chunking", ["words", "whole"])
+@pytest.mark.parametrize(("api", "stream"), LOGPROB_APIS, ids=LOGPROB_IDS)
+def test_unasked_logprobs_leave_nothing_a_response_rule_blocks(stack, api, stream, chunking):
+    headers = {"x-demo-logprobs": "always", "x-demo-reply": BLOCKED_REPLY}
+    if chunking == "whole":
+        headers["x-demo-chunk-chars"] = "1000"  # one event, one token: the whole reply
+    a = send(stack, req(api, RULES_ONLY, stream), headers=headers)
+    assert_nowhere(a.raw, BLOCKED_PHRASE, CODES)
+    assert "no-launch-codes" in a.raw.decode()
+    docs = sse_events(a.raw) if stream else [a.json()]
+    assert_no_logprobs(docs)
+
+
+@pytest.mark.parametrize(("api", "stream"), LOGPROB_APIS, ids=LOGPROB_IDS)
+def test_unasked_logprobs_are_dropped_where_only_a_response_rule_guards(stack, api, stream):
+    reply = "nothing to see, all is well 4242"
+    a = send(stack, req(api, RULES_ONLY, stream),
+             headers={"x-demo-logprobs": "always", "x-demo-reply": reply})
+    assert a.status == 200, a.raw[:300]
+    assert answer_text(api, a.raw, stream) == reply
+    assert_no_logprobs(sse_events(a.raw) if stream else [a.json()])
+
+
+@pytest.mark.parametrize("chunk_chars", [None, "5"], ids=["words", "5-chars"])
+@pytest.mark.parametrize(("api", "stream"), LOGPROB_APIS, ids=LOGPROB_IDS)
+def test_unasked_logprobs_leave_no_masked_value(stack, api, stream, chunk_chars):
+    headers = {"x-demo-logprobs": "always", "x-demo-reply": SECRET_REPLY}
+    if chunk_chars:
+        headers["x-demo-chunk-chars"] = chunk_chars
+    a = send(stack, req(api, GUARDED, stream), headers=headers)
+    assert a.status == 200, a.raw[:300]
+    assert_nowhere(a.raw, EMAIL, CARD, "scully", "4111")
+    text = answer_text(api, a.raw, stream)
+    assert text.startswith("write to <EMAIL_") and "[CREDIT_CARD]" in text, text
+    assert_no_logprobs(sse_events(a.raw) if stream else [a.json()])
+
+
+@pytest.mark.parametrize(("api", "stream"), LOGPROB_APIS, ids=LOGPROB_IDS)
+def test_unasked_logprobs_are_dropped_where_pseudonyms_are_restored(stack, api, stream):
+    # The model sees, and answers with, the pseudonym; the caller gets the
+    # value back in the text and nothing else: logprobs would spell out the
+    # pseudonym next to it (linking value and pseudonym).
+    a = send(stack, req(api, RESTORE_ONLY, stream, prompt=f"my mail is {EMAIL}"),
+             headers={"x-demo-logprobs": "always"})
+    assert a.status == 200, a.raw[:300]
+    assert EMAIL not in seen_by_model(stack, a.request_id)["body"]
+    assert answer_text(api, a.raw, stream) == f"echo: my mail is {EMAIL}"
+    assert b"<EMAIL_" not in a.raw, a.raw[:600]
+    assert_no_logprobs(sse_events(a.raw) if stream else [a.json()])
