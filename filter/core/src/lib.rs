@@ -19,5 +19,6 @@ pub mod policy;
 pub mod record;
 pub mod refusal;
 pub mod request;
+pub mod sse;
 pub mod token;
 pub mod wire;

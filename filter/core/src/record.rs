@@ -6,6 +6,7 @@ use serde_json::Value;
 
 use crate::inspect::RequestInfo;
 use crate::refusal::Refusal;
+use crate::sse;
 use crate::wire::{ApiKind, NewRecord, RecordResponse, RecordedRefusal};
 
 /// The request part of a record, from what the filter knows.
@@ -59,6 +60,8 @@ pub struct ResponseRecorder {
     cap: usize,
     raw: Vec<u8>,
     pending: Vec<u8>,
+    /// Where to resume looking for the end of the event in `pending`.
+    scan: usize,
     /// Completion text per choice / content block index.
     parts: Vec<(u64, String)>,
     usage: Option<Value>,
@@ -68,16 +71,13 @@ pub struct ResponseRecorder {
 impl ResponseRecorder {
     /// A recorder for a response with this `content-type`.
     pub fn new(content_type: Option<&str>, cap: usize) -> ResponseRecorder {
-        let sse = content_type.is_some_and(|c| {
-            c.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("text/event-stream")
-        });
+        let sse = content_type.is_some_and(sse::is_event_stream);
         ResponseRecorder {
             sse,
             cap,
             raw: Vec::new(),
             pending: Vec::new(),
+            scan: 0,
             parts: Vec::new(),
             usage: None,
             truncated: false,
@@ -95,28 +95,37 @@ impl ResponseRecorder {
             return;
         }
         self.pending.extend_from_slice(chunk);
-        while let Some(end) = event_end(&self.pending) {
-            let event: Vec<u8> = self.pending.drain(..end.1).collect();
-            self.sse_event(&event[..end.0]);
+        let pending = std::mem::take(&mut self.pending);
+        let mut pos = 0;
+        let mut scan = self.scan;
+        loop {
+            match sse::event_end(&pending, scan.max(pos), false) {
+                Ok(end) => {
+                    self.sse_event(pending.get(pos..end).unwrap_or_default());
+                    pos = end;
+                    scan = end;
+                }
+                Err(resume) => {
+                    scan = resume;
+                    break;
+                }
+            }
         }
+        self.pending = pending;
+        self.pending.drain(..pos);
+        self.scan = scan - pos;
         if self.pending.len() > self.cap {
             // An event larger than the whole record budget: drop it.
             self.pending.clear();
+            self.scan = 0;
             self.truncated = true;
         }
     }
 
     fn sse_event(&mut self, event: &[u8]) {
-        let text = String::from_utf8_lossy(event);
-        let data: Vec<&str> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("data:"))
-            .map(|d| d.strip_prefix(' ').unwrap_or(d))
-            .collect();
-        if data.is_empty() {
+        let Some(data) = sse::parse_event(event).data else {
             return;
-        }
-        let data = data.join("\n");
+        };
         if data.trim() == "[DONE]" {
             return;
         }
@@ -211,8 +220,14 @@ impl ResponseRecorder {
         completion: &str,
     ) -> RecordResponse {
         if self.sse && !self.pending.is_empty() {
-            let rest = std::mem::take(&mut self.pending);
-            self.sse_event(&rest);
+            // The unterminated last event, completed as the masker does.
+            let mut rest = std::mem::take(&mut self.pending);
+            rest.extend_from_slice(b"\n\n");
+            let mut pos = 0;
+            while let Ok(end) = sse::event_end(&rest, pos, true) {
+                self.sse_event(rest.get(pos..end).unwrap_or_default());
+                pos = end;
+            }
         }
         let body = if self.sse {
             self.parts.sort_by_key(|(i, _)| *i);
@@ -238,23 +253,6 @@ impl ResponseRecorder {
             hits: Vec::new(),
             completion: completion.to_string(),
         }
-    }
-}
-
-/// Where the first complete SSE event ends: (end of its text, end including
-/// the blank line).
-fn event_end(buf: &[u8]) -> Option<(usize, usize)> {
-    let lf = buf
-        .windows(2)
-        .position(|w| w == b"\n\n")
-        .map(|p| (p, p + 2));
-    let crlf = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| (p, p + 4));
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
-        (a, b) => a.or(b),
     }
 }
 

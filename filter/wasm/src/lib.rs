@@ -429,11 +429,7 @@ impl Stream {
         self.set_http_response_header("content-length", None);
         let sse = self
             .get_http_response_header("content-type")
-            .is_some_and(|c| {
-                c.trim_start()
-                    .to_ascii_lowercase()
-                    .starts_with("text/event-stream")
-            });
+            .is_some_and(|c| countersign_core::sse::is_event_stream(&c));
         if !screening.restore.is_empty() {
             let plain = ResponseGuard::new(
                 screening.profile.as_ref(),

@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 use super::json_edit::{self, Edits, Seg};
 use super::response::{leaves, Blocked, BlockedBy, GuardTally, Leaf, ResponseGuard};
 use super::Hit;
+use crate::sse;
 use crate::wire::ApiKind;
 
 /// Largest single SSE event accepted; a longer one blocks the stream.
@@ -79,7 +80,7 @@ impl Template {
                 None => break,
             }
         }
-        sse_bytes(self.event.as_deref(), &v.to_string())
+        sse::event_bytes(self.event.as_deref(), &v.to_string())
     }
 }
 
@@ -224,32 +225,17 @@ impl SseStreamMasker {
     /// Returns the next complete event (through its blank line) and marks
     /// it consumed; [`SseStreamMasker::compact`] drops consumed bytes.
     fn take_event(&mut self, at_end: bool) -> Option<Vec<u8>> {
-        let b = &self.buf;
-        let mut i = self.scan.max(self.pos);
-        loop {
-            let mut j = i;
-            while j < b.len() && b.get(j) != Some(&b'\n') && b.get(j) != Some(&b'\r') {
-                j += 1;
-            }
-            if j >= b.len() {
-                self.scan = i;
-                return None;
-            }
-            let end = match (b.get(j), b.get(j + 1)) {
-                (Some(b'\r'), Some(b'\n')) => j + 2,
-                (Some(b'\r'), None) if !at_end => {
-                    self.scan = i;
-                    return None;
-                }
-                _ => j + 1,
-            };
-            if j == i {
-                let event = b.get(self.pos..end).unwrap_or_default().to_vec();
+        match sse::event_end(&self.buf, self.scan.max(self.pos), at_end) {
+            Ok(end) => {
+                let event = self.buf.get(self.pos..end).unwrap_or_default().to_vec();
                 self.pos = end;
                 self.scan = end;
-                return Some(event);
+                Some(event)
             }
-            i = end;
+            Err(resume) => {
+                self.scan = resume;
+                None
+            }
         }
     }
 
@@ -262,7 +248,7 @@ impl SseStreamMasker {
     }
 
     fn on_event(&mut self, raw: &[u8], out: &mut Vec<u8>) -> Result<(), Blocked> {
-        let ev = parse_event(raw);
+        let ev = sse::parse_event(raw);
         let Some(data) = ev.data else {
             out.extend_from_slice(raw);
             return Ok(());
@@ -279,7 +265,7 @@ impl SseStreamMasker {
         };
         out.extend_from_slice(&pre);
         match new_data {
-            Some(d) => out.extend_from_slice(&rewrite_data(raw, &d)),
+            Some(d) => out.extend_from_slice(&sse::rewrite_data(raw, &d)),
             None => out.extend_from_slice(raw),
         }
         Ok(())
@@ -888,129 +874,6 @@ fn pem_end(s: &str) -> Option<usize> {
     let after = s.get(start + 9..)?;
     let close = after.find("-----")?;
     Some(start + 9 + close + 5)
-}
-
-struct ParsedEvent {
-    event: Option<String>,
-    data: Option<String>,
-}
-
-/// Splits raw event bytes into lines (`\r\n`, `\n` or `\r`), without the
-/// terminators.
-fn lines(raw: &[u8]) -> Vec<(&[u8], &[u8])> {
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < raw.len() {
-        let mut j = i;
-        while j < raw.len() && raw.get(j) != Some(&b'\n') && raw.get(j) != Some(&b'\r') {
-            j += 1;
-        }
-        let end = match (raw.get(j), raw.get(j + 1)) {
-            (Some(b'\r'), Some(b'\n')) => j + 2,
-            (Some(_), _) => j + 1,
-            (None, _) => j,
-        };
-        out.push((
-            raw.get(i..j).unwrap_or_default(),
-            raw.get(j..end).unwrap_or_default(),
-        ));
-        i = end;
-    }
-    out
-}
-
-fn field(line: &[u8]) -> (&[u8], &[u8]) {
-    match line.iter().position(|&b| b == b':') {
-        Some(p) => {
-            let name = line.get(..p).unwrap_or_default();
-            let mut value = line.get(p + 1..).unwrap_or_default();
-            if value.first() == Some(&b' ') {
-                value = value.get(1..).unwrap_or_default();
-            }
-            (name, value)
-        }
-        None => (line, &[]),
-    }
-}
-
-fn parse_event(raw: &[u8]) -> ParsedEvent {
-    let mut event = None;
-    let mut has_data = false;
-    for (line, _) in lines(raw) {
-        if line.is_empty() || line.first() == Some(&b':') {
-            continue;
-        }
-        match field(line).0 {
-            b"event" => event = Some(String::from_utf8_lossy(field(line).1).into_owned()),
-            b"data" => has_data = true,
-            _ => {}
-        }
-    }
-    ParsedEvent {
-        event,
-        data: has_data.then(|| join_data(raw)),
-    }
-}
-
-/// The data lines of an event joined with `\n`, as clients see them.
-fn join_data(raw: &[u8]) -> String {
-    let mut parts: Vec<&[u8]> = Vec::new();
-    for (line, _) in lines(raw) {
-        if line.first() == Some(&b':') {
-            continue;
-        }
-        let (name, value) = field(line);
-        if name == b"data" {
-            parts.push(value);
-        }
-    }
-    String::from_utf8_lossy(&parts.join(&b'\n')).into_owned()
-}
-
-/// Rewrites an event with new data: the data lines are replaced (at the
-/// place of the first one), every other line is kept as it was.
-fn rewrite_data(raw: &[u8], data: &str) -> Vec<u8> {
-    let all = lines(raw);
-    let nl: &[u8] = all
-        .iter()
-        .map(|(_, t)| *t)
-        .find(|t| !t.is_empty())
-        .unwrap_or(b"\n");
-    let mut out = Vec::with_capacity(raw.len() + data.len());
-    let mut wrote = false;
-    for (line, term) in all {
-        let is_data = line.first() != Some(&b':') && field(line).0 == b"data";
-        if is_data {
-            if !wrote {
-                for (k, piece) in data.split('\n').enumerate() {
-                    if k > 0 {
-                        out.extend_from_slice(nl);
-                    }
-                    out.extend_from_slice(b"data: ");
-                    out.extend_from_slice(piece.as_bytes());
-                }
-                out.extend_from_slice(if term.is_empty() { nl } else { term });
-                wrote = true;
-            }
-            continue;
-        }
-        out.extend_from_slice(line);
-        out.extend_from_slice(term);
-    }
-    out
-}
-
-fn sse_bytes(event: Option<&str>, data: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len() + 32);
-    if let Some(e) = event {
-        out.extend_from_slice(b"event: ");
-        out.extend_from_slice(e.as_bytes());
-        out.push(b'\n');
-    }
-    out.extend_from_slice(b"data: ");
-    out.extend_from_slice(data.as_bytes());
-    out.extend_from_slice(b"\n\n");
-    out
 }
 
 fn value_at<'v>(v: &'v Value, path: &[Seg]) -> Option<&'v Value> {
