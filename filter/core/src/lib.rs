@@ -6,6 +6,7 @@
 //! on the complete body, then a [`hold::Hold`] drives the calls to the
 //! approval service. Every refusal is a [`refusal::Refusal`].
 
+pub mod answer;
 pub mod config;
 pub mod delivery;
 pub mod extract;
