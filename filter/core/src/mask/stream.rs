@@ -3,7 +3,9 @@
 //! chunks is still caught without buffering the whole answer.
 //!
 //! Text arrives per *channel* (an OpenAI choice, an Anthropic content block,
-//! a Gemini candidate, a Responses output part). Each channel keeps the text
+//! a Gemini candidate, a Responses output part; which fields carry it and
+//! where a channel ends is [`crate::answer`]'s table, also read by the
+//! recorder; SSE framing is [`crate::sse`]). Each channel keeps the text
 //! not yet released; after every event the part more than the window away
 //! from the end (and not inside a detection) is masked and released in the
 //! event's own text field. An event whose text is entirely held back is sent
