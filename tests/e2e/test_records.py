@@ -149,3 +149,22 @@ def test_killing_the_service_under_traffic_loses_no_record(make_stack):
     assert not missing, f"{len(missing)} forwarded requests have no record"
     ok = verify_records(stack)
     assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_streamed_responses_answer_is_recorded_with_text_and_usage(make_stack):
+    stack = make_stack(filter_config={"rules": [{"name": "load-tests", "model": "demo-allow*", "action": "allow"}]})
+    with httpx.stream("POST", stack.url + "/v1/responses", timeout=30,
+                      json={"model": "demo-allow", "input": "stream this response", "stream": True}) as s:
+        assert s.status_code == 200
+        assert "response.output_text.delta" in s.read().decode()
+
+    def written():
+        recs = [x for x in records(stack) if rec_field(x, "stream") and response_part(x)]
+        return recs and recs[0]
+    rec = wait_until(written, timeout=10, what="the streamed Responses record with its response")
+    assert rec_field(rec, "api") == "openai_responses"
+    part = response_part(rec)
+    assert part["body"] == "echo: stream this response"
+    assert part["usage"]["output_tokens"] == 4
+    assert part["usage"]["total_tokens"] == part["usage"]["input_tokens"] + 4
+    assert part["completion"] == "complete"

@@ -6,6 +6,7 @@
 //! on the complete body, then a [`hold::Hold`] drives the calls to the
 //! approval service. Every refusal is a [`refusal::Refusal`].
 
+pub mod answer;
 pub mod config;
 pub mod delivery;
 pub mod extract;
@@ -21,5 +22,6 @@ pub mod refusal;
 pub mod request;
 pub mod response_head;
 pub mod shape;
+pub mod sse;
 pub mod token;
 pub mod wire;

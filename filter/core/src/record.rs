@@ -2,10 +2,15 @@
 //! request is forwarded, and the assembly of the response part (a streamed
 //! answer is put back together from its SSE events) within a size limit.
 
+use std::convert::Infallible;
+
 use serde_json::Value;
+
+use crate::answer::{self, Channel, Item};
 
 use crate::inspect::RequestInfo;
 use crate::refusal::Refusal;
+use crate::sse;
 use crate::wire::{ApiKind, NewRecord, RecordResponse, RecordedRefusal};
 
 /// The request part of a record, from what the filter knows.
@@ -53,32 +58,45 @@ pub fn refusal_record(info: &RequestInfo, api: Option<ApiKind>, refusal: &Refusa
 pub const MAX_RECORDED_RESPONSE: usize = 1024 * 1024;
 
 /// Collects a response, chunk by chunk, without holding it back.
+///
+/// A streamed answer is put back together from exactly the fields the
+/// stream masker treats as answer text ([`crate::answer`]): per channel
+/// (choice, content block, candidate or output part, and kind: content,
+/// refusal, reasoning, thinking, tool arguments), the channels in order of
+/// their choice / block / output index and then of arrival, joined with
+/// `\n`. Usage is taken where each API reports it. A plain body is kept as
+/// it came.
 #[derive(Debug)]
 pub struct ResponseRecorder {
+    api: Option<ApiKind>,
     sse: bool,
     cap: usize,
     raw: Vec<u8>,
     pending: Vec<u8>,
-    /// Completion text per choice / content block index.
-    parts: Vec<(u64, String)>,
+    /// Where to resume looking for the end of the event in `pending`.
+    scan: usize,
+    /// Answer text per channel, in order of arrival.
+    parts: Vec<(Channel, String)>,
+    /// Bytes of text in `parts`.
+    used: usize,
     usage: Option<Value>,
     truncated: bool,
 }
 
 impl ResponseRecorder {
-    /// A recorder for a response with this `content-type`.
-    pub fn new(content_type: Option<&str>, cap: usize) -> ResponseRecorder {
-        let sse = content_type.is_some_and(|c| {
-            c.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("text/event-stream")
-        });
+    /// A recorder for a response of API `api` (guessed per event when not
+    /// known) with this `content-type`.
+    pub fn new(api: Option<ApiKind>, content_type: Option<&str>, cap: usize) -> ResponseRecorder {
+        let sse = content_type.is_some_and(sse::is_event_stream);
         ResponseRecorder {
+            api,
             sse,
             cap,
             raw: Vec::new(),
             pending: Vec::new(),
+            scan: 0,
             parts: Vec::new(),
+            used: 0,
             usage: None,
             truncated: false,
         }
@@ -95,99 +113,74 @@ impl ResponseRecorder {
             return;
         }
         self.pending.extend_from_slice(chunk);
-        while let Some(end) = event_end(&self.pending) {
-            let event: Vec<u8> = self.pending.drain(..end.1).collect();
-            self.sse_event(&event[..end.0]);
+        let pending = std::mem::take(&mut self.pending);
+        let mut pos = 0;
+        let mut scan = self.scan;
+        loop {
+            match sse::event_end(&pending, scan.max(pos), false) {
+                Ok(end) => {
+                    self.sse_event(pending.get(pos..end).unwrap_or_default());
+                    pos = end;
+                    scan = end;
+                }
+                Err(resume) => {
+                    scan = resume;
+                    break;
+                }
+            }
         }
+        self.pending = pending;
+        self.pending.drain(..pos);
+        self.scan = scan.saturating_sub(pos);
         if self.pending.len() > self.cap {
             // An event larger than the whole record budget: drop it.
             self.pending.clear();
+            self.scan = 0;
             self.truncated = true;
         }
     }
 
-    fn sse_event(&mut self, event: &[u8]) {
-        let text = String::from_utf8_lossy(event);
-        let data: Vec<&str> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("data:"))
-            .map(|d| d.strip_prefix(' ').unwrap_or(d))
-            .collect();
-        if data.is_empty() {
+    fn sse_event(&mut self, raw: &[u8]) {
+        let ev = sse::parse_event(raw);
+        let Some(data) = ev.data else {
             return;
-        }
-        let data = data.join("\n");
+        };
         if data.trim() == "[DONE]" {
             return;
         }
         let Ok(v) = serde_json::from_str::<Value>(&data) else {
             return;
         };
-        self.take_usage(&v);
-        // OpenAI chat and completions chunks.
-        if let Some(choices) = v.get("choices").and_then(Value::as_array) {
-            for (i, c) in choices.iter().enumerate() {
-                let idx = c.get("index").and_then(Value::as_u64).unwrap_or(i as u64);
-                if let Some(t) = c.pointer("/delta/content").and_then(Value::as_str) {
-                    self.push(idx, t);
-                }
-                if let Some(calls) = c.pointer("/delta/tool_calls").and_then(Value::as_array) {
-                    for call in calls {
-                        if let Some(a) = call.pointer("/function/arguments").and_then(Value::as_str)
-                        {
-                            self.push(idx, a);
-                        }
-                    }
-                }
-                if let Some(t) = c.get("text").and_then(Value::as_str) {
-                    self.push(idx, t);
+        let event = ev.event.as_deref();
+        let api = self.api.unwrap_or_else(|| answer::guess_api(event, &v));
+        let _ = answer::stream_event(api, event, &v, &mut |item| {
+            match item {
+                Item::Text(p) => self.push(p.channel, p.text),
+                Item::Usage(u) => self.merge_usage(u),
+                Item::End(_) | Item::EndAll => {}
+            }
+            Ok::<(), Infallible>(())
+        });
+    }
+
+    /// Later usage objects update the keys of earlier ones (Anthropic
+    /// reports input tokens first and output tokens at the end).
+    fn merge_usage(&mut self, u: &Value) {
+        match (&mut self.usage, u) {
+            (Some(Value::Object(prev)), Value::Object(new)) => {
+                for (k, val) in new {
+                    prev.insert(k.clone(), val.clone());
                 }
             }
-        }
-        // Anthropic content block deltas.
-        if v.get("type").and_then(Value::as_str) == Some("content_block_delta") {
-            let idx = v.get("index").and_then(Value::as_u64).unwrap_or(0);
-            for key in ["/delta/text", "/delta/partial_json"] {
-                if let Some(t) = v.pointer(key).and_then(Value::as_str) {
-                    self.push(idx, t);
-                }
-            }
-        }
-        // Gemini stream chunks.
-        if let Some(cands) = v.get("candidates").and_then(Value::as_array) {
-            for (i, c) in cands.iter().enumerate() {
-                if let Some(parts) = c.pointer("/content/parts").and_then(Value::as_array) {
-                    for p in parts {
-                        if let Some(t) = p.get("text").and_then(Value::as_str) {
-                            self.push(i as u64, t);
-                        }
-                    }
-                }
-            }
+            _ => self.usage = Some(u.clone()),
         }
     }
 
-    fn take_usage(&mut self, v: &Value) {
-        for key in ["/usage", "/usageMetadata", "/message/usage"] {
-            if let Some(u) = v.pointer(key).filter(|u| u.is_object()) {
-                match &mut self.usage {
-                    // Anthropic reports input tokens first, output tokens at the end.
-                    Some(Value::Object(prev)) => {
-                        if let Value::Object(new) = u {
-                            for (k, val) in new {
-                                prev.insert(k.clone(), val.clone());
-                            }
-                        }
-                    }
-                    _ => self.usage = Some(u.clone()),
-                }
-            }
+    fn push(&mut self, channel: Channel, text: &str) {
+        if text.is_empty() {
+            return;
         }
-    }
-
-    fn push(&mut self, idx: u64, text: &str) {
-        let used: usize = self.parts.iter().map(|(_, t)| t.len()).sum();
-        let room = self.cap.saturating_sub(used);
+        let room = self.cap.saturating_sub(self.used);
         let mut take = text.len().min(room);
         while take < text.len() && !text.is_char_boundary(take) {
             take -= 1;
@@ -195,10 +188,14 @@ impl ResponseRecorder {
         if take < text.len() {
             self.truncated = true;
         }
-        let piece = &text[..take];
-        match self.parts.iter_mut().find(|(i, _)| *i == idx) {
+        let piece = text.get(..take).unwrap_or_default();
+        if piece.is_empty() {
+            return;
+        }
+        self.used += piece.len();
+        match self.parts.iter_mut().find(|(c, _)| *c == channel) {
             Some((_, t)) => t.push_str(piece),
-            None => self.parts.push((idx, piece.to_string())),
+            None => self.parts.push((channel, piece.to_string())),
         }
     }
 
@@ -211,11 +208,17 @@ impl ResponseRecorder {
         completion: &str,
     ) -> RecordResponse {
         if self.sse && !self.pending.is_empty() {
-            let rest = std::mem::take(&mut self.pending);
-            self.sse_event(&rest);
+            // The unterminated last event, completed as the masker does.
+            let mut rest = std::mem::take(&mut self.pending);
+            rest.extend_from_slice(b"\n\n");
+            let mut pos = 0;
+            while let Ok(end) = sse::event_end(&rest, pos, true) {
+                self.sse_event(rest.get(pos..end).unwrap_or_default());
+                pos = end;
+            }
         }
         let body = if self.sse {
-            self.parts.sort_by_key(|(i, _)| *i);
+            self.parts.sort_by_key(|(c, _)| c.a);
             self.parts
                 .into_iter()
                 .map(|(_, t)| t)
@@ -223,7 +226,10 @@ impl ResponseRecorder {
                 .join("\n")
         } else {
             if let Ok(v) = serde_json::from_slice::<Value>(&self.raw) {
-                self.take_usage(&v);
+                let api = self.api.unwrap_or(ApiKind::OpenaiChat);
+                self.usage = answer::plain_usage(api, &v)
+                    .or_else(|| answer::plain_usage(ApiKind::GeminiGenerateContent, &v))
+                    .cloned();
             }
             String::from_utf8_lossy(&self.raw).into_owned()
         };
@@ -238,23 +244,6 @@ impl ResponseRecorder {
             hits: Vec::new(),
             completion: completion.to_string(),
         }
-    }
-}
-
-/// Where the first complete SSE event ends: (end of its text, end including
-/// the blank line).
-fn event_end(buf: &[u8]) -> Option<(usize, usize)> {
-    let lf = buf
-        .windows(2)
-        .position(|w| w == b"\n\n")
-        .map(|p| (p, p + 2));
-    let crlf = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| (p, p + 4));
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
-        (a, b) => a.or(b),
     }
 }
 
@@ -277,6 +266,7 @@ mod tests {
         let bytes = OPENAI_STREAM.as_bytes();
         for split in 0..bytes.len() {
             let mut r = ResponseRecorder::new(
+                Some(ApiKind::OpenaiChat),
                 Some("text/event-stream; charset=utf-8"),
                 MAX_RECORDED_RESPONSE,
             );
@@ -295,7 +285,11 @@ mod tests {
             "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
             "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":4}}\n\n",
         );
-        let mut r = ResponseRecorder::new(Some("text/event-stream"), MAX_RECORDED_RESPONSE);
+        let mut r = ResponseRecorder::new(
+            Some(ApiKind::AnthropicMessages),
+            Some("text/event-stream"),
+            MAX_RECORDED_RESPONSE,
+        );
         r.feed(s.as_bytes());
         let out = r.finish(200, None, None, "complete");
         assert_eq!(out.body, "Hi");
@@ -305,15 +299,290 @@ mod tests {
         );
     }
 
+    /// A streamed OpenAI Responses answer, as the API sends it.
+    const RESPONSES_STREAM: &str = concat!(
+        "event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"in_progress\",\"output\":[],\"usage\":null}}\n\n",
+        "event: response.in_progress\ndata: {\"type\":\"response.in_progress\",\"sequence_number\":1,\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"in_progress\",\"output\":[],\"usage\":null}}\n\n",
+        "event: response.output_item.added\ndata: {\"type\":\"response.output_item.added\",\"sequence_number\":2,\"output_index\":0,\"item\":{\"id\":\"msg_1\",\"type\":\"message\",\"status\":\"in_progress\",\"role\":\"assistant\",\"content\":[]}}\n\n",
+        "event: response.content_part.added\ndata: {\"type\":\"response.content_part.added\",\"sequence_number\":3,\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"part\":{\"type\":\"output_text\",\"text\":\"\",\"annotations\":[]}}\n\n",
+        "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"sequence_number\":4,\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\"Hel\",\"logprobs\":[]}\n\n",
+        "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"sequence_number\":5,\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\"lo \\u00e9\",\"logprobs\":[]}\n\n",
+        "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"sequence_number\":6,\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\" world\",\"logprobs\":[]}\n\n",
+        "event: response.output_text.done\ndata: {\"type\":\"response.output_text.done\",\"sequence_number\":7,\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"text\":\"Hello \\u00e9 world\",\"logprobs\":[]}\n\n",
+        "event: response.content_part.done\ndata: {\"type\":\"response.content_part.done\",\"sequence_number\":8,\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"part\":{\"type\":\"output_text\",\"text\":\"Hello \\u00e9 world\",\"annotations\":[]}}\n\n",
+        "event: response.output_item.done\ndata: {\"type\":\"response.output_item.done\",\"sequence_number\":9,\"output_index\":0,\"item\":{\"id\":\"msg_1\",\"type\":\"message\",\"status\":\"completed\",\"role\":\"assistant\",\"content\":[{\"type\":\"output_text\",\"text\":\"Hello \\u00e9 world\",\"annotations\":[]}]}}\n\n",
+        "event: response.completed\ndata: {\"type\":\"response.completed\",\"sequence_number\":10,\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"completed\",\"output\":[{\"id\":\"msg_1\",\"type\":\"message\",\"status\":\"completed\",\"role\":\"assistant\",\"content\":[{\"type\":\"output_text\",\"text\":\"Hello \\u00e9 world\",\"annotations\":[]}]}],\"usage\":{\"input_tokens\":12,\"output_tokens\":4,\"total_tokens\":16}}}\n\n",
+    );
+
+    #[test]
+    fn responses_stream_is_recorded_with_text_and_usage() {
+        let bytes = RESPONSES_STREAM.as_bytes();
+        for split in 0..bytes.len() {
+            let mut r = ResponseRecorder::new(
+                Some(ApiKind::OpenaiResponses),
+                Some("text/event-stream"),
+                MAX_RECORDED_RESPONSE,
+            );
+            r.feed(&bytes[..split]);
+            r.feed(&bytes[split..]);
+            let out = r.finish(200, None, None, "complete");
+            assert_eq!(out.body, "Hello é world", "split at {split}");
+            assert_eq!(
+                out.usage,
+                Some(
+                    serde_json::json!({"input_tokens": 12, "output_tokens": 4, "total_tokens": 16})
+                ),
+                "split at {split}"
+            );
+        }
+    }
+
+    /// Masks `stream` as the filter does (an email split over two events
+    /// in every text field) and records the masker's output.
+    fn masked_then_recorded(api: ApiKind, stream: &str) -> (String, RecordResponse) {
+        use crate::mask::{MaskingConfig, ResponseGuard, SseStreamMasker};
+        let cfg = MaskingConfig::from_json(
+            br#"{"profiles":{"default":{"detectors":{"email":"redact"}}}}"#,
+        )
+        .unwrap();
+        let guard = ResponseGuard::new(
+            cfg.default_profile(),
+            Default::default(),
+            Default::default(),
+        );
+        let mut m = SseStreamMasker::new(api, guard);
+        let mut r =
+            ResponseRecorder::new(Some(api), Some("text/event-stream"), MAX_RECORDED_RESPONSE);
+        let mut out = Vec::new();
+        for chunk in stream.as_bytes().chunks(7) {
+            let sent = m.push(chunk);
+            r.feed(&sent);
+            out.extend(sent);
+        }
+        let sent = m.finish();
+        r.feed(&sent);
+        out.extend(sent);
+        (
+            String::from_utf8(out).unwrap(),
+            r.finish(200, None, None, "complete"),
+        )
+    }
+
+    fn ev(v: serde_json::Value) -> String {
+        match v.get("type").and_then(Value::as_str) {
+            Some(t) if !t.starts_with("ping") => format!("event: {t}\ndata: {v}\n\n"),
+            _ => format!("data: {v}\n\n"),
+        }
+    }
+
+    /// Every field the masker treats as answer text, per API: each carries
+    /// `K<name> jane@exa` + `mple.com ok` in two events. The masker must
+    /// catch the split email (so it reads the field as a stream of text) and
+    /// the record must hold `K<name> [EMAIL] ok` (so the recorder reads the
+    /// same field), with the usage.
+    #[test]
+    fn recorder_records_every_text_field_the_masker_masks() {
+        use serde_json::json;
+        let (a, b) = ("jane@exa", "mple.com ok");
+        let chat = |delta: Value| json!({"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":delta,"finish_reason":null}]});
+        let mut cases: Vec<(ApiKind, String, Vec<&str>, Value)> = Vec::new();
+
+        let mut s = String::new();
+        for field in ["content", "refusal", "reasoning_content", "reasoning"] {
+            s += &format!(
+                "data: {}\n\n",
+                chat(json!({ field: format!("K{field} {a}") }))
+            );
+            s += &format!("data: {}\n\n", chat(json!({ field: b })));
+        }
+        for t in [format!("Ktool {a}"), b.to_string()] {
+            s += &format!(
+                "data: {}\n\n",
+                chat(json!({"tool_calls":[{"index":0,"function":{"arguments":t}}]}))
+            );
+        }
+        s += "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n";
+        s += "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n";
+        cases.push((
+            ApiKind::OpenaiChat,
+            s,
+            vec![
+                "content",
+                "refusal",
+                "reasoning_content",
+                "reasoning",
+                "tool",
+            ],
+            json!({"prompt_tokens":1,"completion_tokens":2}),
+        ));
+
+        let mut s = String::new();
+        for t in [format!("Ktext {a}"), b.to_string()] {
+            s += &format!(
+                "data: {}\n\n",
+                json!({"choices":[{"index":0,"text":t,"finish_reason":null}]})
+            );
+        }
+        s += "data: {\"choices\":[{\"index\":0,\"text\":\"\",\"finish_reason\":\"length\"}],\"usage\":{\"total_tokens\":3}}\n\ndata: [DONE]\n\n";
+        cases.push((
+            ApiKind::OpenaiCompletions,
+            s,
+            vec!["text"],
+            json!({"total_tokens":3}),
+        ));
+
+        let mut s = ev(
+            json!({"type":"message_start","message":{"id":"m","role":"assistant","content":[],"usage":{"input_tokens":5,"output_tokens":1}}}),
+        );
+        s += &ev(
+            json!({"type":"content_block_start","index":0,"content_block":{"type":"thinking","thinking":""}}),
+        );
+        s += &ev(
+            json!({"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":format!("Kthinking {a}")}}),
+        );
+        s += &ev(
+            json!({"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":b}}),
+        );
+        s += &ev(
+            json!({"type":"content_block_delta","index":0,"delta":{"type":"signature_delta","signature":"sig"}}),
+        );
+        s += &ev(json!({"type":"content_block_stop","index":0}));
+        s += &ev(
+            json!({"type":"content_block_start","index":1,"content_block":{"type":"text","text":format!("Ktext {a}")}}),
+        );
+        s += &ev(json!({"type":"ping"}));
+        s += &ev(
+            json!({"type":"content_block_delta","index":1,"delta":{"type":"text_delta","text":b}}),
+        );
+        s += &ev(json!({"type":"content_block_stop","index":1}));
+        s += &ev(
+            json!({"type":"content_block_start","index":2,"content_block":{"type":"tool_use","id":"t","name":"f","input":{}}}),
+        );
+        s += &ev(
+            json!({"type":"content_block_delta","index":2,"delta":{"type":"input_json_delta","partial_json":format!("Ktool {a}")}}),
+        );
+        s += &ev(
+            json!({"type":"content_block_delta","index":2,"delta":{"type":"input_json_delta","partial_json":b}}),
+        );
+        s += &ev(json!({"type":"content_block_stop","index":2}));
+        s += &ev(
+            json!({"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":9}}),
+        );
+        s += &ev(json!({"type":"message_stop"}));
+        cases.push((
+            ApiKind::AnthropicMessages,
+            s,
+            vec!["thinking", "text", "tool"],
+            json!({"input_tokens":5,"output_tokens":9}),
+        ));
+
+        let mut s = String::new();
+        for (i, (thought, text)) in [
+            (true, format!("Kthought {a}")),
+            (true, b.to_string()),
+            (false, format!("Ktext {a}")),
+            (false, b.to_string()),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut cand = json!({"content":{"parts":[{"text":text,"thought":thought}],"role":"model"},"index":0});
+            if i == 3 {
+                cand["finishReason"] = json!("STOP");
+            }
+            s += &format!(
+                "data: {}\r\n\r\n",
+                json!({"candidates":[cand],"usageMetadata":{"totalTokenCount":i}})
+            );
+        }
+        cases.push((
+            ApiKind::GeminiGenerateContent,
+            s,
+            vec!["thought", "text"],
+            json!({"totalTokenCount":3}),
+        ));
+
+        let mut s =
+            ev(json!({"type":"response.created","response":{"id":"r","output":[],"usage":null}}));
+        for (kind, name, oi, ci) in [
+            ("response.reasoning_summary_text.delta", "summary", 0, 0),
+            ("response.reasoning_text.delta", "reasoning", 0, 1),
+            ("response.output_text.delta", "text", 1, 0),
+            ("response.refusal.delta", "refusal", 1, 1),
+            ("response.function_call_arguments.delta", "tool", 2, 0),
+            ("response.custom_tool_call_input.delta", "custom", 3, 0),
+        ] {
+            let idx = if kind.contains("summary") {
+                "summary_index"
+            } else {
+                "content_index"
+            };
+            for t in [format!("K{name} {a}"), b.to_string()] {
+                s += &ev(json!({"type":kind,"item_id":"i","output_index":oi,idx:ci,"delta":t}));
+            }
+            let done = kind.replace(".delta", ".done");
+            s += &ev(
+                json!({"type":done,"item_id":"i","output_index":oi,idx:ci,"text":format!("K{name} {a}{b}")}),
+            );
+        }
+        s += &ev(
+            json!({"type":"response.completed","response":{"id":"r","output":[],"usage":{"input_tokens":4,"output_tokens":6}}}),
+        );
+        cases.push((
+            ApiKind::OpenaiResponses,
+            s,
+            vec!["summary", "reasoning", "text", "refusal", "tool", "custom"],
+            json!({"input_tokens":4,"output_tokens":6}),
+        ));
+
+        for (api, stream, names, usage) in cases {
+            let (out, rec) = masked_then_recorded(api, &stream);
+            assert!(!out.contains(a) && !out.contains("jane"), "{api:?}: {out}");
+            for name in &names {
+                let want = format!("K{name} [EMAIL] ok");
+                assert!(
+                    rec.body.contains(&want),
+                    "{api:?}: {want} not in {:?}",
+                    rec.body
+                );
+            }
+            assert_eq!(
+                rec.body.matches("[EMAIL]").count(),
+                names.len(),
+                "{api:?}: nothing else recorded: {:?}",
+                rec.body
+            );
+            assert_eq!(rec.usage.as_ref(), Some(&usage), "{api:?}");
+        }
+    }
+
+    #[test]
+    fn cr_line_ends_comments_and_unknown_api() {
+        // Lone CR line ends, a comment, a `data:` without a space, no
+        // blank line at the very end; the API guessed from the events.
+        let s = ": hi\r\revent: response.output_text.delta\rdata:{\"type\":\"response.output_text.delta\",\"output_index\":0,\"delta\":\"A\"}\r\r\
+                 data: {\"type\":\"response.output_text.delta\",\"output_index\":0,\"delta\":\"B\"}\r\r\
+                 data: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"total_tokens\":2}}}";
+        for split in 0..s.len() {
+            let mut r =
+                ResponseRecorder::new(None, Some("text/event-stream"), MAX_RECORDED_RESPONSE);
+            r.feed(&s.as_bytes()[..split]);
+            r.feed(&s.as_bytes()[split..]);
+            let out = r.finish(200, None, None, "complete");
+            assert_eq!(out.body, "AB", "split at {split}");
+            assert_eq!(out.usage.unwrap()["total_tokens"], 2, "split at {split}");
+        }
+    }
+
     #[test]
     fn plain_json_and_truncation() {
-        let mut r = ResponseRecorder::new(Some("application/json"), MAX_RECORDED_RESPONSE);
+        let mut r = ResponseRecorder::new(None, Some("application/json"), MAX_RECORDED_RESPONSE);
         r.feed(br#"{"choices":[],"usage":{"total_tokens":9}}"#);
         assert_eq!(
             r.finish(200, None, None, "complete").usage.unwrap()["total_tokens"],
             9
         );
-        let mut r = ResponseRecorder::new(None, 4);
+        let mut r = ResponseRecorder::new(None, None, 4);
         r.feed(b"abcdef");
         let out = r.finish(200, None, None, "complete");
         assert!(out.truncated);

@@ -11,6 +11,7 @@
 //! countersign in the filter chain: it compresses what countersign let out.
 
 use crate::refusal::{Refusal, RefusalKind};
+use crate::sse::is_event_stream;
 use crate::wire::ApiKind;
 
 /// The `accept-encoding` sent upstream with every inspected request.
@@ -58,15 +59,6 @@ pub struct Withheld {
     pub blocked_by: &'static str,
 }
 
-/// Whether a `content-type` is a server-sent event stream.
-pub fn is_event_stream(content_type: Option<&str>) -> bool {
-    content_type.is_some_and(|c| {
-        c.trim_start()
-            .get(..17)
-            .is_some_and(|t| t.eq_ignore_ascii_case("text/event-stream"))
-    })
-}
-
 /// Whether a `content-encoding` leaves the body readable as it is.
 fn readable_encoding(encoding: Option<&str>) -> bool {
     encoding.is_none_or(|e| {
@@ -97,7 +89,7 @@ pub fn plan_response(api: ApiKind, head: &ResponseHead, read: bool) -> ResponseP
         });
     }
     ResponsePlan::Read {
-        sse: is_event_stream(head.content_type),
+        sse: head.content_type.is_some_and(is_event_stream),
     }
 }
 

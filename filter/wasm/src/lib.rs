@@ -772,7 +772,11 @@ impl HttpContext for Stream {
             let content_type = self.get_http_response_header("content-type");
             self.response = Some(ResponseCapture {
                 record_id,
-                recorder: ResponseRecorder::new(content_type.as_deref(), MAX_RECORDED_RESPONSE),
+                recorder: ResponseRecorder::new(
+                    self.endpoint.as_ref().map(|e| e.api),
+                    content_type.as_deref(),
+                    MAX_RECORDED_RESPONSE,
+                ),
                 status: self
                     .get_http_response_header(":status")
                     .and_then(|s| s.parse().ok())

@@ -352,16 +352,7 @@ impl Blocked {
             }
             _ => (None, self.error_value(api)),
         };
-        let mut out = String::new();
-        if let Some(e) = event {
-            out.push_str("event: ");
-            out.push_str(e);
-            out.push('\n');
-        }
-        out.push_str("data: ");
-        out.push_str(&data.to_string());
-        out.push_str("\n\n");
-        out.into_bytes()
+        crate::sse::event_bytes(event, &data.to_string())
     }
 }
 

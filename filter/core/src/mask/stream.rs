@@ -3,7 +3,9 @@
 //! chunks is still caught without buffering the whole answer.
 //!
 //! Text arrives per *channel* (an OpenAI choice, an Anthropic content block,
-//! a Gemini candidate, a Responses output part). Each channel keeps the text
+//! a Gemini candidate, a Responses output part; which fields carry it and
+//! where a channel ends is [`crate::answer`]'s table, also read by the
+//! recorder; SSE framing is [`crate::sse`]). Each channel keeps the text
 //! not yet released; after every event the part more than the window away
 //! from the end (and not inside a detection) is masked and released in the
 //! event's own text field. An event whose text is entirely held back is sent
@@ -22,6 +24,8 @@ use serde_json::{json, Value};
 use super::json_edit::{self, Edits, Seg};
 use super::response::{leaves, Blocked, BlockedBy, GuardTally, Leaf, ResponseGuard};
 use super::Hit;
+use crate::answer::{self, Channel as ChanKey, Item, Piece, Step, TextKind};
+use crate::sse;
 use crate::wire::ApiKind;
 
 /// Largest single SSE event accepted; a longer one blocks the stream.
@@ -42,13 +46,6 @@ pub struct StreamReport {
     pub blocked: Option<Blocked>,
     /// `monitor` response rules that matched.
     pub monitored_rules: Vec<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct ChanKey {
-    kind: &'static str,
-    a: u64,
-    b: u64,
 }
 
 /// How to build an extra event carrying text for a channel.
@@ -80,7 +77,7 @@ impl Template {
                 None => break,
             }
         }
-        sse_bytes(self.event.as_deref(), &v.to_string())
+        sse::event_bytes(self.event.as_deref(), &v.to_string())
     }
 }
 
@@ -225,32 +222,17 @@ impl SseStreamMasker {
     /// Returns the next complete event (through its blank line) and marks
     /// it consumed; [`SseStreamMasker::compact`] drops consumed bytes.
     fn take_event(&mut self, at_end: bool) -> Option<Vec<u8>> {
-        let b = &self.buf;
-        let mut i = self.scan.max(self.pos);
-        loop {
-            let mut j = i;
-            while j < b.len() && b.get(j) != Some(&b'\n') && b.get(j) != Some(&b'\r') {
-                j += 1;
-            }
-            if j >= b.len() {
-                self.scan = i;
-                return None;
-            }
-            let end = match (b.get(j), b.get(j + 1)) {
-                (Some(b'\r'), Some(b'\n')) => j + 2,
-                (Some(b'\r'), None) if !at_end => {
-                    self.scan = i;
-                    return None;
-                }
-                _ => j + 1,
-            };
-            if j == i {
-                let event = b.get(self.pos..end).unwrap_or_default().to_vec();
+        match sse::event_end(&self.buf, self.scan.max(self.pos), at_end) {
+            Ok(end) => {
+                let event = self.buf.get(self.pos..end).unwrap_or_default().to_vec();
                 self.pos = end;
                 self.scan = end;
-                return Some(event);
+                Some(event)
             }
-            i = end;
+            Err(resume) => {
+                self.scan = resume;
+                None
+            }
         }
     }
 
@@ -263,7 +245,7 @@ impl SseStreamMasker {
     }
 
     fn on_event(&mut self, raw: &[u8], out: &mut Vec<u8>) -> Result<(), Blocked> {
-        let ev = parse_event(raw);
+        let ev = sse::parse_event(raw);
         let Some(data) = ev.data else {
             out.extend_from_slice(raw);
             return Ok(());
@@ -280,7 +262,7 @@ impl SseStreamMasker {
         };
         out.extend_from_slice(&pre);
         match new_data {
-            Some(d) => out.extend_from_slice(&rewrite_data(raw, &d)),
+            Some(d) => out.extend_from_slice(&sse::rewrite_data(raw, &d)),
             None => out.extend_from_slice(raw),
         }
         Ok(())
@@ -296,21 +278,25 @@ impl SseStreamMasker {
     ) -> Result<Option<String>, Blocked> {
         let mut edits = Edits::new();
         let mut handled: Vec<Vec<Seg>> = Vec::new();
-        let mut echo = false;
-        match self.api {
-            ApiKind::OpenaiChat | ApiKind::OpenaiCompletions | ApiKind::OpenaiEmbeddings => {
-                self.openai_chunk(value, &mut edits, &mut handled, pre)?;
+        let api = self.api;
+        let echo = answer::stream_event(api, event, value, &mut |item| match item {
+            Item::Text(p) => {
+                let path = p.path.steps().iter().map(seg).collect();
+                let tpl = || template(api, event, value, &p);
+                self.feed_at(
+                    p.channel,
+                    tpl,
+                    path,
+                    p.text,
+                    p.last,
+                    &mut edits,
+                    &mut handled,
+                )
             }
-            ApiKind::AnthropicMessages => {
-                self.anthropic_event(value, &mut edits, &mut handled, pre)?
-            }
-            ApiKind::GeminiGenerateContent => {
-                self.gemini_chunk(value, &mut edits, &mut handled, pre)?
-            }
-            ApiKind::OpenaiResponses => {
-                echo = self.responses_event(event, value, &mut edits, &mut handled, pre)?
-            }
-        }
+            Item::End(a) => self.flush(|k| k.a == a, pre),
+            Item::EndAll => self.flush(|_| true, pre),
+            Item::Usage(_) => Ok(()),
+        })?;
         for (path, leaf) in leaves(value, self.guard.changes_text()) {
             if handled.iter().any(|h| path.starts_with(h)) {
                 continue;
@@ -398,319 +384,96 @@ impl SseStreamMasker {
         }
         Ok(())
     }
+}
 
-    // OpenAI chat.completion.chunk and text_completion -------------------
+/// A path step of the answer table as a JSON edit step.
+fn seg(step: &Step) -> Seg {
+    match step {
+        Step::Key(k) => Seg::Key((*k).to_string()),
+        Step::Idx(i) => Seg::Idx(*i),
+    }
+}
 
-    fn openai_chunk(
-        &mut self,
-        v: &Value,
-        edits: &mut Edits,
-        handled: &mut Vec<Vec<Seg>>,
-        pre: &mut Vec<u8>,
-    ) -> Result<(), Blocked> {
-        let Some(choices) = v.get("choices").and_then(Value::as_array) else {
-            return Ok(());
-        };
-        let envelope = || {
-            let mut e = serde_json::Map::new();
-            for k in ["id", "object", "created", "model", "system_fingerprint"] {
-                if let Some(x) = v.get(k) {
-                    e.insert(k.to_string(), x.clone());
-                }
-            }
-            e
-        };
-        for (ci, choice) in choices.iter().enumerate() {
-            let idx = choice
-                .get("index")
-                .and_then(Value::as_u64)
-                .unwrap_or(ci as u64);
-            let last = choice.get("finish_reason").is_some_and(|f| !f.is_null());
-            let base = vec![Seg::Key("choices".into()), Seg::Idx(ci)];
-            let mut fed: Vec<ChanKey> = Vec::new();
-            if let Some(Value::String(text)) = choice.get("text") {
-                let key = ChanKey {
-                    kind: "text",
-                    a: idx,
-                    b: 0,
-                };
-                let mut env = envelope();
-                let tpl = move || {
-                    env.insert("choices".into(), json!([{"text": "", "index": idx, "logprobs": null, "finish_reason": null}]));
-                    Template {
-                        event: None,
-                        value: Value::Object(env),
-                        path: vec!["choices", "0", "text"],
-                    }
-                };
-                let mut path = base.clone();
-                path.push(Seg::Key("text".into()));
-                self.feed_at(key.clone(), tpl, path, text, last, edits, handled)?;
-                fed.push(key);
-            }
-            if let Some(Value::Object(delta)) = choice.get("delta") {
-                for (field, kind) in [
-                    ("content", "content"),
-                    ("refusal", "refusal"),
-                    ("reasoning_content", "reasoning_content"),
-                    ("reasoning", "reasoning"),
-                ] {
-                    let Some(Value::String(text)) = delta.get(field) else {
-                        continue;
-                    };
-                    let key = ChanKey { kind, a: idx, b: 0 };
-                    let mut env = envelope();
-                    let tpl = move || {
-                        env.insert(
-                            "choices".into(),
-                            json!([{"index": idx, "delta": {field: ""}, "logprobs": null, "finish_reason": null}]),
-                        );
-                        Template {
-                            event: None,
-                            value: Value::Object(env),
-                            path: vec!["choices", "0", "delta", field],
-                        }
-                    };
-                    let mut path = base.clone();
-                    path.extend([Seg::Key("delta".into()), Seg::Key(field.into())]);
-                    self.feed_at(key.clone(), tpl, path, text, last, edits, handled)?;
-                    fed.push(key);
-                }
-                if let Some(Value::Array(calls)) = delta.get("tool_calls") {
-                    for (ti, call) in calls.iter().enumerate() {
-                        let Some(Value::String(args)) =
-                            call.get("function").and_then(|f| f.get("arguments"))
-                        else {
-                            continue;
-                        };
-                        let tidx = call
-                            .get("index")
-                            .and_then(Value::as_u64)
-                            .unwrap_or(ti as u64);
-                        let key = ChanKey {
-                            kind: "tool",
-                            a: idx,
-                            b: tidx,
-                        };
-                        let mut env = envelope();
-                        let tpl = move || {
-                            env.insert(
-                                "choices".into(),
-                                json!([{"index": idx, "delta": {"tool_calls": [{"index": tidx, "function": {"arguments": ""}}]}, "logprobs": null, "finish_reason": null}]),
-                            );
-                            Template {
-                                event: None,
-                                value: Value::Object(env),
-                                path: vec![
-                                    "choices",
-                                    "0",
-                                    "delta",
-                                    "tool_calls",
-                                    "0",
-                                    "function",
-                                    "arguments",
-                                ],
-                            }
-                        };
-                        let mut path = base.clone();
-                        path.extend([
-                            Seg::Key("delta".into()),
-                            Seg::Key("tool_calls".into()),
-                            Seg::Idx(ti),
-                            Seg::Key("function".into()),
-                            Seg::Key("arguments".into()),
-                        ]);
-                        self.feed_at(key.clone(), tpl, path, args, last, edits, handled)?;
-                        fed.push(key);
-                    }
-                }
-            }
-            if last {
-                self.flush(|k| k.a == idx && !fed.contains(k), pre)?;
+/// How to build an extra event carrying more text of `p`'s channel, from
+/// the event `v` that opened it.
+fn template(api: ApiKind, event: Option<&str>, v: &Value, p: &Piece<'_>) -> Template {
+    let ChanKey { kind, a: idx, b } = p.channel;
+    let field = p.path.field();
+    let envelope = |keys: &[&str]| {
+        let mut e = serde_json::Map::new();
+        for k in keys {
+            if let Some(x) = v.get(*k) {
+                e.insert((*k).to_string(), x.clone());
             }
         }
-        Ok(())
-    }
-
-    // Anthropic message events -------------------------------------------
-
-    fn anthropic_event(
-        &mut self,
-        v: &Value,
-        edits: &mut Edits,
-        handled: &mut Vec<Vec<Seg>>,
-        pre: &mut Vec<u8>,
-    ) -> Result<(), Blocked> {
-        let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
-        let index = v.get("index").and_then(Value::as_u64).unwrap_or(0);
-        let block_template = |delta_type: &'static str, field: &'static str| {
-            move || Template {
+        e
+    };
+    match api {
+        // OpenAI chat.completion.chunk and text_completion.
+        ApiKind::OpenaiChat | ApiKind::OpenaiCompletions | ApiKind::OpenaiEmbeddings => {
+            let mut env = envelope(&["id", "object", "created", "model", "system_fingerprint"]);
+            let (choice, path) = match kind {
+                TextKind::Text => (
+                    json!({"text": "", "index": idx, "logprobs": null, "finish_reason": null}),
+                    vec!["choices", "0", "text"],
+                ),
+                TextKind::ToolArguments => (
+                    json!({"index": idx, "delta": {"tool_calls": [{"index": b, "function": {"arguments": ""}}]}, "logprobs": null, "finish_reason": null}),
+                    vec![
+                        "choices",
+                        "0",
+                        "delta",
+                        "tool_calls",
+                        "0",
+                        "function",
+                        "arguments",
+                    ],
+                ),
+                _ => (
+                    json!({"index": idx, "delta": {field: ""}, "logprobs": null, "finish_reason": null}),
+                    vec!["choices", "0", "delta", field],
+                ),
+            };
+            env.insert("choices".into(), Value::Array(vec![choice]));
+            Template {
+                event: None,
+                value: Value::Object(env),
+                path,
+            }
+        }
+        // Anthropic message events: a content_block_delta of the block.
+        ApiKind::AnthropicMessages => {
+            let delta_type = match kind {
+                TextKind::Thinking => "thinking_delta",
+                TextKind::ToolArguments => "input_json_delta",
+                _ => "text_delta",
+            };
+            Template {
                 event: Some("content_block_delta".into()),
-                value: json!({"type": "content_block_delta", "index": index, "delta": {"type": delta_type, field: ""}}),
+                value: json!({"type": "content_block_delta", "index": idx, "delta": {"type": delta_type, field: ""}}),
                 path: vec!["delta", field],
             }
-        };
-        let block_type = |container: &str| {
-            v.get(container)
-                .and_then(|c| c.get("type"))
-                .and_then(Value::as_str)
-        };
-        // Start events carry a block's first text and deltas carry the rest;
-        // both feed the same per-block channel.
-        let (container, field, delta_type) = match kind {
-            "content_block_start" => match block_type("content_block") {
-                Some("text") => ("content_block", "text", "text_delta"),
-                Some("thinking") => ("content_block", "thinking", "thinking_delta"),
-                _ => return Ok(()),
-            },
-            "content_block_delta" => match block_type("delta") {
-                Some("text_delta") => ("delta", "text", "text_delta"),
-                Some("input_json_delta") => ("delta", "partial_json", "input_json_delta"),
-                Some("thinking_delta") => ("delta", "thinking", "thinking_delta"),
-                _ => return Ok(()),
-            },
-            "content_block_stop" => return self.flush(|k| k.a == index, pre),
-            "message_delta" | "message_stop" => return self.flush(|_| true, pre),
-            _ => return Ok(()),
-        };
-        if let Some(Value::String(text)) = v.get(container).and_then(|c| c.get(field)) {
-            let path = vec![Seg::Key(container.into()), Seg::Key(field.into())];
-            let key = ChanKey {
-                kind: "block",
-                a: index,
-                b: 0,
-            };
-            self.feed_at(
-                key,
-                block_template(delta_type, field),
-                path,
-                text,
-                false,
-                edits,
-                handled,
-            )?;
         }
-        Ok(())
-    }
-
-    // Gemini streamGenerateContent?alt=sse --------------------------------
-
-    fn gemini_chunk(
-        &mut self,
-        v: &Value,
-        edits: &mut Edits,
-        handled: &mut Vec<Vec<Seg>>,
-        pre: &mut Vec<u8>,
-    ) -> Result<(), Blocked> {
-        let Some(cands) = v.get("candidates").and_then(Value::as_array) else {
-            return Ok(());
-        };
-        for (ci, cand) in cands.iter().enumerate() {
-            let idx = cand
-                .get("index")
-                .and_then(Value::as_u64)
-                .unwrap_or(ci as u64);
-            let last = cand
-                .get("finishReason")
-                .or_else(|| cand.get("finish_reason"))
-                .is_some_and(|f| !f.is_null());
-            let mut fed: Vec<ChanKey> = Vec::new();
-            if let Some(Value::Array(parts)) = cand.get("content").and_then(|c| c.get("parts")) {
-                for (pj, part) in parts.iter().enumerate() {
-                    let Some(Value::String(text)) = part.get("text") else {
-                        continue;
-                    };
-                    let thought = part
-                        .get("thought")
-                        .and_then(Value::as_bool)
-                        .unwrap_or(false);
-                    let key = ChanKey {
-                        kind: if thought { "thought" } else { "text" },
-                        a: idx,
-                        b: 0,
-                    };
-                    let mut env = serde_json::Map::new();
-                    for k in ["modelVersion", "responseId"] {
-                        if let Some(x) = v.get(k) {
-                            env.insert(k.to_string(), x.clone());
-                        }
-                    }
-                    let tpl = move || {
-                        let part = if thought {
-                            json!({"text": "", "thought": true})
-                        } else {
-                            json!({"text": ""})
-                        };
-                        env.insert(
-                            "candidates".into(),
-                            json!([{"content": {"parts": [part], "role": "model"}, "index": idx}]),
-                        );
-                        Template {
-                            event: None,
-                            value: Value::Object(env),
-                            path: vec!["candidates", "0", "content", "parts", "0", "text"],
-                        }
-                    };
-                    let path = vec![
-                        Seg::Key("candidates".into()),
-                        Seg::Idx(ci),
-                        Seg::Key("content".into()),
-                        Seg::Key("parts".into()),
-                        Seg::Idx(pj),
-                        Seg::Key("text".into()),
-                    ];
-                    self.feed_at(key.clone(), tpl, path, text, last, edits, handled)?;
-                    fed.push(key);
-                }
-            }
-            if last {
-                self.flush(|k| k.a == idx && !fed.contains(k), pre)?;
+        // Gemini streamGenerateContent?alt=sse.
+        ApiKind::GeminiGenerateContent => {
+            let mut env = envelope(&["modelVersion", "responseId"]);
+            let part = if kind == TextKind::Thinking {
+                json!({"text": "", "thought": true})
+            } else {
+                json!({"text": ""})
+            };
+            env.insert(
+                "candidates".into(),
+                json!([{"content": {"parts": [part], "role": "model"}, "index": idx}]),
+            );
+            Template {
+                event: None,
+                value: Value::Object(env),
+                path: vec!["candidates", "0", "content", "parts", "0", "text"],
             }
         }
-        Ok(())
-    }
-
-    // OpenAI Responses events ---------------------------------------------
-
-    /// Returns whether the event repeats text already streamed (its strings
-    /// are masked again in full but not counted twice).
-    fn responses_event(
-        &mut self,
-        event: Option<&str>,
-        v: &Value,
-        edits: &mut Edits,
-        handled: &mut Vec<Vec<Seg>>,
-        pre: &mut Vec<u8>,
-    ) -> Result<bool, Blocked> {
-        let kind = v
-            .get("type")
-            .and_then(Value::as_str)
-            .or(event)
-            .unwrap_or("")
-            .to_string();
-        let oi = v.get("output_index").and_then(Value::as_u64);
-        let ci = v
-            .get("content_index")
-            .or_else(|| v.get("summary_index"))
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
-        let channel_kind = match kind.as_str() {
-            "response.output_text.delta" => Some("text"),
-            "response.refusal.delta" => Some("refusal"),
-            "response.function_call_arguments.delta" | "response.custom_tool_call_input.delta" => {
-                Some("args")
-            }
-            "response.reasoning_summary_text.delta" | "response.reasoning_text.delta" => {
-                Some("reasoning")
-            }
-            _ => None,
-        };
-        if let (Some(ck), Some(Value::String(text))) = (channel_kind, v.get("delta")) {
-            let key = ChanKey {
-                kind: ck,
-                a: oi.unwrap_or(0),
-                b: ci,
-            };
+        // OpenAI Responses: the same event with empty text.
+        ApiKind::OpenaiResponses => {
             let mut value = v.clone();
             if let Some(o) = value.as_object_mut() {
                 o.insert("delta".into(), Value::String(String::new()));
@@ -718,35 +481,12 @@ impl SseStreamMasker {
                     o.insert("logprobs".into(), json!([]));
                 }
             }
-            let event_name = Some(kind.clone());
-            let tpl = move || Template {
-                event: event_name,
+            Template {
+                event: Some(answer::responses_type(event, v).to_string()),
                 value,
                 path: vec!["delta"],
-            };
-            self.feed_at(
-                key,
-                tpl,
-                vec![Seg::Key("delta".into())],
-                text,
-                false,
-                edits,
-                handled,
-            )?;
-            return Ok(false);
-        }
-        let ends = kind.ends_with(".done")
-            || matches!(
-                kind.as_str(),
-                "response.completed" | "response.incomplete" | "response.failed"
-            );
-        if ends {
-            match oi {
-                Some(o) if kind.ends_with(".done") => self.flush(|k| k.a == o, pre)?,
-                _ => self.flush(|_| true, pre)?,
             }
         }
-        Ok(ends)
     }
 }
 
@@ -889,129 +629,6 @@ fn pem_end(s: &str) -> Option<usize> {
     let after = s.get(start + 9..)?;
     let close = after.find("-----")?;
     Some(start + 9 + close + 5)
-}
-
-struct ParsedEvent {
-    event: Option<String>,
-    data: Option<String>,
-}
-
-/// Splits raw event bytes into lines (`\r\n`, `\n` or `\r`), without the
-/// terminators.
-fn lines(raw: &[u8]) -> Vec<(&[u8], &[u8])> {
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < raw.len() {
-        let mut j = i;
-        while j < raw.len() && raw.get(j) != Some(&b'\n') && raw.get(j) != Some(&b'\r') {
-            j += 1;
-        }
-        let end = match (raw.get(j), raw.get(j + 1)) {
-            (Some(b'\r'), Some(b'\n')) => j + 2,
-            (Some(_), _) => j + 1,
-            (None, _) => j,
-        };
-        out.push((
-            raw.get(i..j).unwrap_or_default(),
-            raw.get(j..end).unwrap_or_default(),
-        ));
-        i = end;
-    }
-    out
-}
-
-fn field(line: &[u8]) -> (&[u8], &[u8]) {
-    match line.iter().position(|&b| b == b':') {
-        Some(p) => {
-            let name = line.get(..p).unwrap_or_default();
-            let mut value = line.get(p + 1..).unwrap_or_default();
-            if value.first() == Some(&b' ') {
-                value = value.get(1..).unwrap_or_default();
-            }
-            (name, value)
-        }
-        None => (line, &[]),
-    }
-}
-
-fn parse_event(raw: &[u8]) -> ParsedEvent {
-    let mut event = None;
-    let mut has_data = false;
-    for (line, _) in lines(raw) {
-        if line.is_empty() || line.first() == Some(&b':') {
-            continue;
-        }
-        match field(line).0 {
-            b"event" => event = Some(String::from_utf8_lossy(field(line).1).into_owned()),
-            b"data" => has_data = true,
-            _ => {}
-        }
-    }
-    ParsedEvent {
-        event,
-        data: has_data.then(|| join_data(raw)),
-    }
-}
-
-/// The data lines of an event joined with `\n`, as clients see them.
-fn join_data(raw: &[u8]) -> String {
-    let mut parts: Vec<&[u8]> = Vec::new();
-    for (line, _) in lines(raw) {
-        if line.first() == Some(&b':') {
-            continue;
-        }
-        let (name, value) = field(line);
-        if name == b"data" {
-            parts.push(value);
-        }
-    }
-    String::from_utf8_lossy(&parts.join(&b'\n')).into_owned()
-}
-
-/// Rewrites an event with new data: the data lines are replaced (at the
-/// place of the first one), every other line is kept as it was.
-fn rewrite_data(raw: &[u8], data: &str) -> Vec<u8> {
-    let all = lines(raw);
-    let nl: &[u8] = all
-        .iter()
-        .map(|(_, t)| *t)
-        .find(|t| !t.is_empty())
-        .unwrap_or(b"\n");
-    let mut out = Vec::with_capacity(raw.len() + data.len());
-    let mut wrote = false;
-    for (line, term) in all {
-        let is_data = line.first() != Some(&b':') && field(line).0 == b"data";
-        if is_data {
-            if !wrote {
-                for (k, piece) in data.split('\n').enumerate() {
-                    if k > 0 {
-                        out.extend_from_slice(nl);
-                    }
-                    out.extend_from_slice(b"data: ");
-                    out.extend_from_slice(piece.as_bytes());
-                }
-                out.extend_from_slice(if term.is_empty() { nl } else { term });
-                wrote = true;
-            }
-            continue;
-        }
-        out.extend_from_slice(line);
-        out.extend_from_slice(term);
-    }
-    out
-}
-
-fn sse_bytes(event: Option<&str>, data: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len() + 32);
-    if let Some(e) = event {
-        out.extend_from_slice(b"event: ");
-        out.extend_from_slice(e.as_bytes());
-        out.push(b'\n');
-    }
-    out.extend_from_slice(b"data: ");
-    out.extend_from_slice(data.as_bytes());
-    out.extend_from_slice(b"\n\n");
-    out
 }
 
 fn value_at<'v>(v: &'v Value, path: &[Seg]) -> Option<&'v Value> {

@@ -1,0 +1,745 @@
+//! Where the answer's text and the token usage live, per API: the one table
+//! read by the stream masker ([`crate::mask::SseStreamMasker`], which masks
+//! exactly these fields with a hold-back window) and by the response
+//! recorder ([`crate::record::ResponseRecorder`], which records them), so
+//! the two cannot disagree about what the answer is.
+//!
+//! Streamed (SSE) events, [`stream_event`]:
+//!
+//! | API | text (channel `a` / `b`) | usage |
+//! |-----|--------------------------|-------|
+//! | OpenAI chat, completions | `choices[].text`, `choices[].delta.{content, refusal, reasoning_content, reasoning}`, `choices[].delta.tool_calls[].function.arguments` (choice `index` / tool-call `index`) | `usage` |
+//! | OpenAI Responses | `delta` of `response.{output_text, refusal, function_call_arguments, custom_tool_call_input, reasoning_text, reasoning_summary_text}.delta` (`output_index` / `content_index` or `summary_index`) | `response.usage` (`response.completed`, `response.incomplete`, `response.failed`) |
+//! | Anthropic messages | `content_block.{text, thinking}` of `content_block_start`, `delta.{text, thinking, partial_json}` of `content_block_delta` (block `index`) | `message.usage` of `message_start`, merged with `usage` of `message_delta` |
+//! | Gemini | `candidates[].content.parts[].text`, `thought` parts apart (candidate `index`) | `usageMetadata` |
+//!
+//! A choice / candidate ends at its `finish_reason` / `finishReason`, a
+//! block at `content_block_stop`, everything at `message_delta` or
+//! `message_stop`; a Responses output at a `*.done` event with its
+//! `output_index`, everything at `response.completed` / `incomplete` /
+//! `failed`. The `*.done` and final Responses events repeat text already
+//! streamed: they are *echoes*, not new text.
+
+use serde_json::Value;
+
+use crate::wire::ApiKind;
+
+/// What a piece of answer text is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TextKind {
+    /// A `text` field: completions choice text, Anthropic text block,
+    /// Gemini part, Responses output text.
+    Text,
+    /// Chat `delta.content`.
+    Content,
+    /// A refusal: chat `delta.refusal`, Responses `response.refusal.delta`.
+    Refusal,
+    /// Chat `delta.reasoning_content` (DeepSeek and compatible servers).
+    ReasoningContent,
+    /// Chat `delta.reasoning`, Responses reasoning text and summaries.
+    Reasoning,
+    /// Anthropic thinking blocks, Gemini `thought` parts.
+    Thinking,
+    /// Tool-call arguments: chat `function.arguments`, Anthropic
+    /// `partial_json`, Responses function-call arguments and custom tool
+    /// input.
+    ToolArguments,
+}
+
+/// The stream of text a piece belongs to: `kind` within `a` (choice,
+/// candidate, content block or output index) and `b` (tool-call index for
+/// chat, content or summary index for Responses, else 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Channel {
+    /// What the text is.
+    pub kind: TextKind,
+    /// Choice, candidate, content block or output index.
+    pub a: u64,
+    /// Tool-call, content-part or summary index.
+    pub b: u64,
+}
+
+/// One step of a [`Path`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// An object key.
+    Key(&'static str),
+    /// An array index.
+    Idx(usize),
+}
+
+const MAX_STEPS: usize = 7;
+
+/// Where a piece of text is in its JSON event (no allocation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Path {
+    steps: [Step; MAX_STEPS],
+    len: usize,
+}
+
+impl Path {
+    fn new(steps: &[Step]) -> Path {
+        let mut p = Path {
+            steps: [Step::Idx(0); MAX_STEPS],
+            len: 0,
+        };
+        for (slot, s) in p.steps.iter_mut().zip(steps) {
+            *slot = *s;
+            p.len += 1;
+        }
+        p
+    }
+
+    /// The steps from the root of the event.
+    pub fn steps(&self) -> &[Step] {
+        self.steps.get(..self.len).unwrap_or_default()
+    }
+
+    /// The name of the field holding the text.
+    pub fn field(&self) -> &'static str {
+        match self.steps().last() {
+            Some(Step::Key(k)) => k,
+            _ => "",
+        }
+    }
+}
+
+/// A piece of answer text in a streamed event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece<'v> {
+    /// The text.
+    pub text: &'v str,
+    /// The channel it continues.
+    pub channel: Channel,
+    /// Where it is in the event.
+    pub path: Path,
+    /// Its choice / candidate ends with this event.
+    pub last: bool,
+}
+
+/// What one streamed event says, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Item<'v> {
+    /// Answer text.
+    Text(Piece<'v>),
+    /// Every channel with this `a` ends (after the event's own text).
+    End(u64),
+    /// Every channel ends.
+    EndAll,
+    /// Token usage (an object; later ones update earlier keys).
+    Usage(&'v Value),
+}
+
+/// Walks one streamed JSON event of API `api` (`event` is the SSE event
+/// name), calling `f` with its [`Item`]s in order; stops at the first error.
+/// Returns whether the event is an echo of text already streamed (its
+/// strings are not new answer text).
+pub fn stream_event<'v, E>(
+    api: ApiKind,
+    event: Option<&str>,
+    v: &'v Value,
+    f: &mut impl FnMut(Item<'v>) -> Result<(), E>,
+) -> Result<bool, E> {
+    match api {
+        ApiKind::OpenaiChat | ApiKind::OpenaiCompletions | ApiKind::OpenaiEmbeddings => {
+            openai_chunk(v, f).map(|()| false)
+        }
+        ApiKind::AnthropicMessages => anthropic_event(v, f).map(|()| false),
+        ApiKind::GeminiGenerateContent => gemini_chunk(v, f).map(|()| false),
+        ApiKind::OpenaiResponses => responses_event(event, v, f),
+    }
+}
+
+/// The API a streamed event looks like it comes from, when not known.
+pub fn guess_api(event: Option<&str>, v: &Value) -> ApiKind {
+    let kind = v
+        .get("type")
+        .and_then(Value::as_str)
+        .or(event)
+        .unwrap_or("");
+    if v.get("choices").is_some() {
+        ApiKind::OpenaiChat
+    } else if v.get("candidates").is_some() || v.get("usageMetadata").is_some() {
+        ApiKind::GeminiGenerateContent
+    } else if kind.starts_with("response.") {
+        ApiKind::OpenaiResponses
+    } else {
+        ApiKind::AnthropicMessages
+    }
+}
+
+/// Chat `delta` fields carrying text.
+const CHAT_DELTA_FIELDS: [(&str, TextKind); 4] = [
+    ("content", TextKind::Content),
+    ("refusal", TextKind::Refusal),
+    ("reasoning_content", TextKind::ReasoningContent),
+    ("reasoning", TextKind::Reasoning),
+];
+
+fn object_usage(u: Option<&Value>) -> Option<&Value> {
+    u.filter(|u| u.is_object())
+}
+
+fn openai_chunk<'v, E>(
+    v: &'v Value,
+    f: &mut impl FnMut(Item<'v>) -> Result<(), E>,
+) -> Result<(), E> {
+    if let Some(choices) = v.get("choices").and_then(Value::as_array) {
+        for (ci, choice) in choices.iter().enumerate() {
+            let idx = choice
+                .get("index")
+                .and_then(Value::as_u64)
+                .unwrap_or(ci as u64);
+            let last = choice.get("finish_reason").is_some_and(|f| !f.is_null());
+            let piece = |text, kind, b, path: &[Step]| {
+                Item::Text(Piece {
+                    text,
+                    channel: Channel { kind, a: idx, b },
+                    path: Path::new(path),
+                    last,
+                })
+            };
+            if let Some(Value::String(text)) = choice.get("text") {
+                f(piece(
+                    text,
+                    TextKind::Text,
+                    0,
+                    &[Step::Key("choices"), Step::Idx(ci), Step::Key("text")],
+                ))?;
+            }
+            if let Some(Value::Object(delta)) = choice.get("delta") {
+                for (field, kind) in CHAT_DELTA_FIELDS {
+                    if let Some(Value::String(text)) = delta.get(field) {
+                        f(piece(
+                            text,
+                            kind,
+                            0,
+                            &[
+                                Step::Key("choices"),
+                                Step::Idx(ci),
+                                Step::Key("delta"),
+                                Step::Key(field),
+                            ],
+                        ))?;
+                    }
+                }
+                if let Some(Value::Array(calls)) = delta.get("tool_calls") {
+                    for (ti, call) in calls.iter().enumerate() {
+                        let Some(Value::String(args)) =
+                            call.get("function").and_then(|f| f.get("arguments"))
+                        else {
+                            continue;
+                        };
+                        let tidx = call
+                            .get("index")
+                            .and_then(Value::as_u64)
+                            .unwrap_or(ti as u64);
+                        f(piece(
+                            args,
+                            TextKind::ToolArguments,
+                            tidx,
+                            &[
+                                Step::Key("choices"),
+                                Step::Idx(ci),
+                                Step::Key("delta"),
+                                Step::Key("tool_calls"),
+                                Step::Idx(ti),
+                                Step::Key("function"),
+                                Step::Key("arguments"),
+                            ],
+                        ))?;
+                    }
+                }
+            }
+            if last {
+                f(Item::End(idx))?;
+            }
+        }
+    }
+    if let Some(u) = object_usage(v.get("usage")) {
+        f(Item::Usage(u))?;
+    }
+    Ok(())
+}
+
+fn anthropic_event<'v, E>(
+    v: &'v Value,
+    f: &mut impl FnMut(Item<'v>) -> Result<(), E>,
+) -> Result<(), E> {
+    let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
+    let index = v.get("index").and_then(Value::as_u64).unwrap_or(0);
+    let block_type = |container: &str| {
+        v.get(container)
+            .and_then(|c| c.get("type"))
+            .and_then(Value::as_str)
+    };
+    // Start events carry a block's first text and deltas carry the rest;
+    // both continue the same per-block channel.
+    let (container, field, text_kind) = match kind {
+        "content_block_start" => match block_type("content_block") {
+            Some("text") => ("content_block", "text", TextKind::Text),
+            Some("thinking") => ("content_block", "thinking", TextKind::Thinking),
+            _ => return Ok(()),
+        },
+        "content_block_delta" => match block_type("delta") {
+            Some("text_delta") => ("delta", "text", TextKind::Text),
+            Some("input_json_delta") => ("delta", "partial_json", TextKind::ToolArguments),
+            Some("thinking_delta") => ("delta", "thinking", TextKind::Thinking),
+            _ => return Ok(()),
+        },
+        "content_block_stop" => return f(Item::End(index)),
+        "message_start" => {
+            if let Some(u) = object_usage(v.get("message").and_then(|m| m.get("usage"))) {
+                f(Item::Usage(u))?;
+            }
+            return Ok(());
+        }
+        "message_delta" | "message_stop" => {
+            if let Some(u) = object_usage(v.get("usage")) {
+                f(Item::Usage(u))?;
+            }
+            return f(Item::EndAll);
+        }
+        _ => return Ok(()),
+    };
+    if let Some(Value::String(text)) = v.get(container).and_then(|c| c.get(field)) {
+        f(Item::Text(Piece {
+            text,
+            channel: Channel {
+                kind: text_kind,
+                a: index,
+                b: 0,
+            },
+            path: Path::new(&[Step::Key(container), Step::Key(field)]),
+            last: false,
+        }))?;
+    }
+    Ok(())
+}
+
+fn gemini_chunk<'v, E>(
+    v: &'v Value,
+    f: &mut impl FnMut(Item<'v>) -> Result<(), E>,
+) -> Result<(), E> {
+    if let Some(cands) = v.get("candidates").and_then(Value::as_array) {
+        for (ci, cand) in cands.iter().enumerate() {
+            let idx = cand
+                .get("index")
+                .and_then(Value::as_u64)
+                .unwrap_or(ci as u64);
+            let last = cand
+                .get("finishReason")
+                .or_else(|| cand.get("finish_reason"))
+                .is_some_and(|f| !f.is_null());
+            if let Some(Value::Array(parts)) = cand.get("content").and_then(|c| c.get("parts")) {
+                for (pj, part) in parts.iter().enumerate() {
+                    let Some(Value::String(text)) = part.get("text") else {
+                        continue;
+                    };
+                    let thought = part
+                        .get("thought")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false);
+                    f(Item::Text(Piece {
+                        text,
+                        channel: Channel {
+                            kind: if thought {
+                                TextKind::Thinking
+                            } else {
+                                TextKind::Text
+                            },
+                            a: idx,
+                            b: 0,
+                        },
+                        path: Path::new(&[
+                            Step::Key("candidates"),
+                            Step::Idx(ci),
+                            Step::Key("content"),
+                            Step::Key("parts"),
+                            Step::Idx(pj),
+                            Step::Key("text"),
+                        ]),
+                        last,
+                    }))?;
+                }
+            }
+            if last {
+                f(Item::End(idx))?;
+            }
+        }
+    }
+    if let Some(u) = object_usage(v.get("usageMetadata")) {
+        f(Item::Usage(u))?;
+    }
+    Ok(())
+}
+
+/// Responses stream events whose `delta` is answer text.
+pub const RESPONSES_DELTA_EVENTS: [(&str, TextKind); 6] = [
+    ("response.output_text.delta", TextKind::Text),
+    ("response.refusal.delta", TextKind::Refusal),
+    (
+        "response.function_call_arguments.delta",
+        TextKind::ToolArguments,
+    ),
+    (
+        "response.custom_tool_call_input.delta",
+        TextKind::ToolArguments,
+    ),
+    ("response.reasoning_summary_text.delta", TextKind::Reasoning),
+    ("response.reasoning_text.delta", TextKind::Reasoning),
+];
+
+/// The type of a Responses stream event (its `type`, else the SSE event
+/// name).
+pub fn responses_type<'a>(event: Option<&'a str>, v: &'a Value) -> &'a str {
+    v.get("type")
+        .and_then(Value::as_str)
+        .or(event)
+        .unwrap_or("")
+}
+
+fn responses_event<'v, E>(
+    event: Option<&str>,
+    v: &'v Value,
+    f: &mut impl FnMut(Item<'v>) -> Result<(), E>,
+) -> Result<bool, E> {
+    let kind = responses_type(event, v);
+    let oi = v.get("output_index").and_then(Value::as_u64);
+    let ci = v
+        .get("content_index")
+        .or_else(|| v.get("summary_index"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let text_kind = RESPONSES_DELTA_EVENTS
+        .iter()
+        .find(|(t, _)| *t == kind)
+        .map(|(_, k)| *k);
+    if let (Some(k), Some(Value::String(text))) = (text_kind, v.get("delta")) {
+        f(Item::Text(Piece {
+            text,
+            channel: Channel {
+                kind: k,
+                a: oi.unwrap_or(0),
+                b: ci,
+            },
+            path: Path::new(&[Step::Key("delta")]),
+            last: false,
+        }))?;
+        return Ok(false);
+    }
+    let ends = kind.ends_with(".done")
+        || matches!(
+            kind,
+            "response.completed" | "response.incomplete" | "response.failed"
+        );
+    if let Some(u) = object_usage(v.get("response").and_then(|r| r.get("usage"))) {
+        f(Item::Usage(u))?;
+    }
+    if ends {
+        match oi {
+            Some(o) if kind.ends_with(".done") => f(Item::End(o))?,
+            _ => f(Item::EndAll)?,
+        }
+    }
+    Ok(ends)
+}
+
+/// The usage object of a plain (non-streamed) response body: `usage`
+/// (OpenAI, Responses, Anthropic) or `usageMetadata` (Gemini). For a JSON
+/// array (a Gemini stream without `alt=sse`), the last element's.
+pub fn plain_usage(api: ApiKind, v: &Value) -> Option<&Value> {
+    if let Value::Array(items) = v {
+        return items.iter().rev().find_map(|x| plain_usage(api, x));
+    }
+    let key = match api {
+        ApiKind::GeminiGenerateContent => "usageMetadata",
+        _ => "usage",
+    };
+    object_usage(v.get(key))
+}
+
+/// Calls `f` with the answer text of a plain (non-streamed) response body,
+/// in order: the same fields as [`stream_event`] yields for a stream.
+pub fn plain_text<'v>(api: ApiKind, v: &'v Value, f: &mut impl FnMut(TextKind, &'v str)) {
+    let s = |x: Option<&'v Value>| x.and_then(Value::as_str);
+    let arr = |x: Option<&'v Value>| x.and_then(Value::as_array).into_iter().flatten();
+    match api {
+        ApiKind::OpenaiChat | ApiKind::OpenaiCompletions | ApiKind::OpenaiEmbeddings => {
+            for c in arr(v.get("choices")) {
+                if let Some(t) = s(c.get("text")) {
+                    f(TextKind::Text, t);
+                }
+                let Some(m) = c.get("message") else {
+                    continue;
+                };
+                for (field, kind) in CHAT_DELTA_FIELDS {
+                    if let Some(t) = s(m.get(field)) {
+                        f(kind, t);
+                    }
+                }
+                for call in arr(m.get("tool_calls")) {
+                    if let Some(t) = s(call.get("function").and_then(|x| x.get("arguments"))) {
+                        f(TextKind::ToolArguments, t);
+                    }
+                }
+            }
+        }
+        ApiKind::OpenaiResponses => {
+            for item in arr(v.get("output")) {
+                match s(item.get("type")) {
+                    Some("message") => {
+                        for part in arr(item.get("content")) {
+                            match s(part.get("type")) {
+                                Some("output_text") => {
+                                    if let Some(t) = s(part.get("text")) {
+                                        f(TextKind::Text, t);
+                                    }
+                                }
+                                Some("refusal") => {
+                                    if let Some(t) = s(part.get("refusal")) {
+                                        f(TextKind::Refusal, t);
+                                    }
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                    Some("function_call") => {
+                        if let Some(t) = s(item.get("arguments")) {
+                            f(TextKind::ToolArguments, t);
+                        }
+                    }
+                    Some("custom_tool_call") => {
+                        if let Some(t) = s(item.get("input")) {
+                            f(TextKind::ToolArguments, t);
+                        }
+                    }
+                    Some("reasoning") => {
+                        for part in arr(item.get("summary")).chain(arr(item.get("content"))) {
+                            if let Some(t) = s(part.get("text")) {
+                                f(TextKind::Reasoning, t);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        ApiKind::AnthropicMessages => {
+            for block in arr(v.get("content")) {
+                match s(block.get("type")) {
+                    Some("text") => {
+                        if let Some(t) = s(block.get("text")) {
+                            f(TextKind::Text, t);
+                        }
+                    }
+                    Some("thinking") => {
+                        if let Some(t) = s(block.get("thinking")) {
+                            f(TextKind::Thinking, t);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        ApiKind::GeminiGenerateContent => {
+            let chunks: Vec<&Value> = match v {
+                Value::Array(items) => items.iter().collect(),
+                one => vec![one],
+            };
+            for chunk in chunks {
+                for c in arr(chunk.get("candidates")) {
+                    for part in arr(c.get("content").and_then(|x| x.get("parts"))) {
+                        if let Some(t) = s(part.get("text")) {
+                            let thought = part
+                                .get("thought")
+                                .and_then(Value::as_bool)
+                                .unwrap_or(false);
+                            f(
+                                if thought {
+                                    TextKind::Thinking
+                                } else {
+                                    TextKind::Text
+                                },
+                                t,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use serde_json::json;
+    use std::convert::Infallible;
+
+    fn items<'v>(api: ApiKind, event: Option<&str>, v: &'v Value) -> (Vec<Item<'v>>, bool) {
+        let mut out = Vec::new();
+        let echo = stream_event(api, event, v, &mut |i| {
+            out.push(i);
+            Ok::<(), Infallible>(())
+        })
+        .unwrap();
+        (out, echo)
+    }
+
+    fn texts(items: &[Item<'_>]) -> Vec<(TextKind, u64, u64, String, bool)> {
+        items
+            .iter()
+            .filter_map(|i| match i {
+                Item::Text(p) => Some((
+                    p.channel.kind,
+                    p.channel.a,
+                    p.channel.b,
+                    p.text.to_string(),
+                    p.last,
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn openai_chat_fields_and_ends() {
+        let v = json!({"choices":[{"index":1,"delta":{"content":"c","refusal":"r","reasoning_content":"rc","reasoning":"re",
+            "tool_calls":[{"index":2,"function":{"arguments":"{}"}}]},"finish_reason":"stop"}],"usage":{"total_tokens":3}});
+        let (it, echo) = items(ApiKind::OpenaiChat, None, &v);
+        assert!(!echo);
+        assert_eq!(
+            texts(&it),
+            vec![
+                (TextKind::Content, 1, 0, "c".into(), true),
+                (TextKind::Refusal, 1, 0, "r".into(), true),
+                (TextKind::ReasoningContent, 1, 0, "rc".into(), true),
+                (TextKind::Reasoning, 1, 0, "re".into(), true),
+                (TextKind::ToolArguments, 1, 2, "{}".into(), true),
+            ]
+        );
+        assert_eq!(it[5], Item::End(1));
+        assert_eq!(it[6], Item::Usage(&v["usage"]));
+        match it[4] {
+            Item::Text(p) => assert_eq!(p.path.field(), "arguments"),
+            _ => unreachable!(),
+        }
+        // `usage: null` is no usage.
+        let v = json!({"choices":[],"usage":null});
+        assert!(items(ApiKind::OpenaiChat, None, &v).0.is_empty());
+    }
+
+    #[test]
+    fn responses_deltas_echoes_and_usage() {
+        let v = json!({"type":"response.reasoning_summary_text.delta","output_index":2,"summary_index":1,"delta":"hm"});
+        let (it, echo) = items(ApiKind::OpenaiResponses, None, &v);
+        assert!(!echo);
+        assert_eq!(
+            texts(&it),
+            vec![(TextKind::Reasoning, 2, 1, "hm".into(), false)]
+        );
+        // The event name stands in for a missing type.
+        let v = json!({"output_index":0,"delta":"x"});
+        let (it, _) = items(
+            ApiKind::OpenaiResponses,
+            Some("response.function_call_arguments.delta"),
+            &v,
+        );
+        assert_eq!(
+            texts(&it),
+            vec![(TextKind::ToolArguments, 0, 0, "x".into(), false)]
+        );
+        let v = json!({"type":"response.output_text.done","output_index":3,"text":"all"});
+        let (it, echo) = items(ApiKind::OpenaiResponses, None, &v);
+        assert!(echo);
+        assert_eq!(it, vec![Item::End(3)]);
+        let v = json!({"type":"response.completed","response":{"output":[],"usage":{"input_tokens":1}}});
+        let (it, echo) = items(ApiKind::OpenaiResponses, None, &v);
+        assert!(echo);
+        assert_eq!(it, vec![Item::Usage(&v["response"]["usage"]), Item::EndAll]);
+    }
+
+    #[test]
+    fn anthropic_and_gemini() {
+        let v = json!({"type":"content_block_start","index":1,"content_block":{"type":"thinking","thinking":"t"}});
+        let (it, _) = items(ApiKind::AnthropicMessages, None, &v);
+        assert_eq!(
+            texts(&it),
+            vec![(TextKind::Thinking, 1, 0, "t".into(), false)]
+        );
+        let v = json!({"type":"content_block_delta","index":2,"delta":{"type":"input_json_delta","partial_json":"{"}});
+        let (it, _) = items(ApiKind::AnthropicMessages, None, &v);
+        assert_eq!(
+            texts(&it),
+            vec![(TextKind::ToolArguments, 2, 0, "{".into(), false)]
+        );
+        let v = json!({"type":"content_block_delta","index":2,"delta":{"type":"signature_delta","signature":"s"}});
+        assert!(items(ApiKind::AnthropicMessages, None, &v).0.is_empty());
+        let v = json!({"type":"message_delta","usage":{"output_tokens":4}});
+        assert_eq!(
+            items(ApiKind::AnthropicMessages, None, &v).0,
+            vec![Item::Usage(&v["usage"]), Item::EndAll]
+        );
+        let v = json!({"candidates":[{"content":{"parts":[{"text":"a","thought":true},{"text":"b"}]},"finishReason":"STOP"}],"usageMetadata":{"totalTokenCount":5}});
+        let (it, _) = items(ApiKind::GeminiGenerateContent, None, &v);
+        assert_eq!(
+            texts(&it),
+            vec![
+                (TextKind::Thinking, 0, 0, "a".into(), true),
+                (TextKind::Text, 0, 0, "b".into(), true)
+            ]
+        );
+        assert_eq!(it[2], Item::End(0));
+        assert_eq!(it[3], Item::Usage(&v["usageMetadata"]));
+    }
+
+    #[test]
+    fn plain_bodies() {
+        let collect = |api, v: &Value| {
+            let mut out = Vec::new();
+            plain_text(api, v, &mut |k, t| out.push((k, t.to_string())));
+            out
+        };
+        let v = json!({"choices":[{"message":{"content":"a","tool_calls":[{"function":{"arguments":"{}"}}]}}],"usage":{"total_tokens":1}});
+        assert_eq!(
+            collect(ApiKind::OpenaiChat, &v),
+            vec![
+                (TextKind::Content, "a".into()),
+                (TextKind::ToolArguments, "{}".into())
+            ]
+        );
+        assert_eq!(plain_usage(ApiKind::OpenaiChat, &v), Some(&v["usage"]));
+        let v = json!({"output":[{"type":"reasoning","summary":[{"type":"summary_text","text":"s"}]},
+            {"type":"message","content":[{"type":"output_text","text":"t"},{"type":"refusal","refusal":"no"}]},
+            {"type":"function_call","arguments":"{}"}],"usage":{"total_tokens":2}});
+        assert_eq!(
+            collect(ApiKind::OpenaiResponses, &v),
+            vec![
+                (TextKind::Reasoning, "s".into()),
+                (TextKind::Text, "t".into()),
+                (TextKind::Refusal, "no".into()),
+                (TextKind::ToolArguments, "{}".into())
+            ]
+        );
+        let v = json!({"content":[{"type":"thinking","thinking":"h"},{"type":"text","text":"x"}],"usage":{"output_tokens":1}});
+        assert_eq!(
+            collect(ApiKind::AnthropicMessages, &v),
+            vec![
+                (TextKind::Thinking, "h".into()),
+                (TextKind::Text, "x".into())
+            ]
+        );
+        let v = json!([{"candidates":[{"content":{"parts":[{"text":"g"}]}}]},{"usageMetadata":{"totalTokenCount":3}}]);
+        assert_eq!(
+            collect(ApiKind::GeminiGenerateContent, &v),
+            vec![(TextKind::Text, "g".into())]
+        );
+        assert_eq!(
+            plain_usage(ApiKind::GeminiGenerateContent, &v),
+            Some(&v[1]["usageMetadata"])
+        );
+    }
+}
