@@ -57,7 +57,16 @@ pub(crate) fn find(active: &[Active], hay: &str, from: usize) -> Found {
     if active.is_empty() {
         return found;
     }
-    let protected = placeholder_spans(hay, from);
+    // Only the filter's own placeholders are kept as they are: a span
+    // shaped like one but with another label (`[AKIAIOSFODNN7EXAMPLE]`,
+    // `[DE89370400440532013000]`) is text like any other.
+    let protected: Vec<(usize, usize)> = placeholder_spans(hay, from)
+        .into_iter()
+        .filter(|&(s, e)| {
+            hay.get(s..e)
+                .is_some_and(|p| active.iter().any(|a| a.det.label == placeholder_label(p)))
+        })
+        .collect();
     let mut acting: Vec<(usize, usize, usize)> = Vec::new();
     let mut buf = Vec::new();
     for (i, a) in active.iter().enumerate() {
@@ -125,6 +134,17 @@ pub(crate) fn placeholder_spans(hay: &str, from: usize) -> Vec<(usize, usize)> {
         i += 1;
     }
     out
+}
+
+/// The label of a placeholder-shaped span: `EMAIL` for `[EMAIL]` and
+/// `<EMAIL_3f2a9c1b>`.
+fn placeholder_label(p: &str) -> &str {
+    let inner = p.get(1..p.len().saturating_sub(1)).unwrap_or("");
+    if p.starts_with('<') {
+        inner.rsplit_once('_').map_or(inner, |(label, _)| label)
+    } else {
+        inner
+    }
 }
 
 /// If a placeholder starts at `i`, its end.

@@ -521,6 +521,20 @@ mod tests {
     }
 
     #[test]
+    fn look_alike_placeholders_are_text_like_any_other() {
+        // Upper-case values in brackets look like placeholders; only the
+        // filter's own labels are kept as they are.
+        let p = redact_all();
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"[AKIAIOSFODNN7EXAMPLE] <DE89370400440532013000> [DE89370400440532013000] [EMAIL]"}]}"#;
+        let out = mask_request(&p, ApiKind::OpenaiChat, body).unwrap();
+        let v: Value = serde_json::from_slice(&out.body.unwrap()).unwrap();
+        let text = v["messages"][0]["content"].as_str().unwrap();
+        assert!(!text.contains("AKIAIOSFODNN7EXAMPLE"), "{text}");
+        assert!(!text.contains("DE89370400440532013000"), "{text}");
+        assert!(text.ends_with("[EMAIL]"), "{text}");
+    }
+
+    #[test]
     fn overlapping_detections_merge() {
         let p = policy(
             r#"{"custom_detectors":[{"name":"a","regex":"x[0-9]{4}"},{"name":"b","regex":"[0-9]{4}y[0-9]{6}"}],"profiles":{"default":{"detectors":{"a":"redact","b":"redact"}}}}"#,
