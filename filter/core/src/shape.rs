@@ -24,7 +24,7 @@ use std::fmt;
 
 use serde_json::{Map, Value};
 
-use crate::mask::json_edit::Seg;
+use crate::mask::json_edit::{json_string, Seg};
 use crate::wire::{ApiKind, PromptMessage};
 
 /// A body whose prompt cannot be walked: names the field.
@@ -49,22 +49,20 @@ impl fmt::Display for ShapeError {
 
 /// What a walk does with each string the model reads.
 pub(crate) trait Screen {
-    /// A string that may be rewritten: returns the text to show (and, when
-    /// it differs, to forward in its place).
-    fn text(&mut self, path: &[Seg], text: &str) -> String;
-    /// A string that cannot be rewritten: `Err` (a message) refuses the
-    /// request.
-    fn fixed(&mut self, path: &[Seg], text: &str) -> Result<(), String>;
+    /// Text that may be rewritten: the new text, when it changes.
+    fn rewrite(&mut self, text: &str) -> Option<String>;
+    /// Text that cannot be rewritten: `Err` (a message) refuses the request.
+    fn check(&mut self, text: &str) -> Result<(), String>;
 }
 
 /// Screens nothing: the prompt as sent.
 pub(crate) struct AsIs;
 
 impl Screen for AsIs {
-    fn text(&mut self, _path: &[Seg], text: &str) -> String {
-        text.to_string()
+    fn rewrite(&mut self, _text: &str) -> Option<String> {
+        None
     }
-    fn fixed(&mut self, _path: &[Seg], _text: &str) -> Result<(), String> {
+    fn check(&mut self, _text: &str) -> Result<(), String> {
         Ok(())
     }
 }
@@ -76,6 +74,9 @@ pub(crate) struct Walked {
     pub prompt: Vec<PromptMessage>,
     /// Images, audio, files or documents are part of the prompt.
     pub attachments: bool,
+    /// What the screen rewrote: the body's value at each path is to be
+    /// replaced by this JSON text.
+    pub edits: Vec<(Vec<Seg>, String)>,
 }
 
 /// Walks the prompt of `obj`, a request body of shape `api`.
@@ -89,6 +90,7 @@ pub(crate) fn walk(
         screen,
         done: Walked::default(),
         current: None,
+        nested: 0,
     };
     match api {
         ApiKind::OpenaiChat => openai_chat(&mut w, obj)?,
@@ -115,6 +117,9 @@ struct Walker<'s> {
     done: Walked,
     /// The message being built.
     current: Option<PromptMessage>,
+    /// Inside JSON carried in a string (tool-call arguments): rewrites
+    /// change that string as a whole, not the body at these paths.
+    nested: usize,
 }
 
 /// `messages[0].content` from a path.
@@ -217,7 +222,21 @@ impl Walker<'_> {
         if s.is_empty() {
             return String::new();
         }
-        self.screen.text(&self.path, s)
+        match self.screen.rewrite(s) {
+            Some(new) => {
+                self.replace_here(json_string(&new));
+                new
+            }
+            None => s.to_string(),
+        }
+    }
+
+    /// The body's value at the current path becomes `json` (outside
+    /// nested JSON, whose string is replaced whole instead).
+    fn replace_here(&mut self, json: String) {
+        if self.nested == 0 {
+            self.done.edits.push((self.path.clone(), json));
+        }
     }
 
     /// The string at the current path, as a fixed string.
@@ -225,9 +244,7 @@ impl Walker<'_> {
         if s.is_empty() {
             return Ok(());
         }
-        self.screen
-            .fixed(&self.path, s)
-            .map_err(|m| self.err("", m))
+        self.screen.check(s).map_err(|m| self.err("", m))
     }
 
     /// An attachment marker.
@@ -290,34 +307,74 @@ impl Walker<'_> {
         }
     }
 
-    /// Any value whose every string is text the model reads (tool-call
-    /// arguments and inputs, tool results): each string leaf is screened,
-    /// and the value is shown as compact JSON (a string as itself).
-    fn screened_value(&mut self, v: &Value) -> Value {
-        match v {
-            Value::String(s) => Value::String(self.screened(s)),
-            Value::Array(a) => Value::Array(
-                a.iter()
-                    .enumerate()
-                    .map(|(i, x)| self.idx(i, |w| w.screened_value(x)))
-                    .collect(),
-            ),
-            Value::Object(o) => Value::Object(
-                o.iter()
-                    .map(|(k, x)| (k.clone(), self.key(k, |w| w.screened_value(x))))
-                    .collect(),
-            ),
+    /// Any value the model reads whole (tool-call arguments and inputs,
+    /// tool results, citations): every string and number is screened as
+    /// text (a number that changes becomes a string), every key is fixed,
+    /// and JSON carried in a string (tool-call `arguments`) is decoded,
+    /// escapes included, and screened the same way: if anything in it
+    /// changes, the string is replaced by the re-encoded JSON. The value is
+    /// shown as compact JSON (a string as itself).
+    fn screened_value(&mut self, v: &Value) -> Result<Value, ShapeError> {
+        Ok(match v {
+            Value::String(s) => match nested_json(s) {
+                Nested::No => Value::String(self.screened(s)),
+                Nested::Ambiguous => {
+                    return Err(self.err(
+                        "",
+                        "carries JSON with duplicate keys, which the model and the gateway could read differently",
+                    ))
+                }
+                Nested::Yes(inner) => {
+                    self.nested += 1;
+                    let shown = self.screened_value(&inner);
+                    self.nested -= 1;
+                    let shown = shown?;
+                    let text = shown.to_string();
+                    if shown != inner {
+                        self.replace_here(json_string(&text));
+                    }
+                    Value::String(text)
+                }
+            },
+            Value::Number(n) => {
+                let text = n.to_string();
+                match self.screen.rewrite(&text) {
+                    Some(new) => {
+                        self.replace_here(json_string(&new));
+                        Value::String(new)
+                    }
+                    None => v.clone(),
+                }
+            }
+            Value::Array(a) => {
+                let mut out = Vec::with_capacity(a.len());
+                for (i, x) in a.iter().enumerate() {
+                    out.push(self.idx(i, |w| w.screened_value(x))?);
+                }
+                Value::Array(out)
+            }
+            Value::Object(o) => {
+                let mut out = Map::new();
+                for (k, x) in o {
+                    let shown = self.key(k, |w| {
+                        w.fixed(k)?;
+                        w.screened_value(x)
+                    })?;
+                    out.insert(k.clone(), shown);
+                }
+                Value::Object(out)
+            }
             other => other.clone(),
-        }
+        })
     }
 
     /// [`Walker::screened_value`] of `obj[key]`, rendered; `""` when absent.
-    fn value_at(&mut self, obj: &Map<String, Value>, key: &str) -> String {
+    fn value_at(&mut self, obj: &Map<String, Value>, key: &str) -> Result<String, ShapeError> {
         match obj.get(key) {
-            None | Some(Value::Null) => String::new(),
+            None | Some(Value::Null) => Ok(String::new()),
             Some(v) => {
-                let shown = self.key(key, |w| w.screened_value(v));
-                value_text(&shown)
+                let shown = self.key(key, |w| w.screened_value(v))?;
+                Ok(value_text(&shown))
             }
         }
     }
@@ -434,6 +491,31 @@ fn part_type<'v>(w: &Walker<'_>, part: &'v Map<String, Value>) -> Result<&'v str
 
 fn unsupported(w: &Walker<'_>, kind: &str) -> ShapeError {
     w.err("type", format!("`{kind}` is not supported for review"))
+}
+
+/// What a string holds, as JSON.
+enum Nested {
+    /// Not a JSON object or array: text.
+    No,
+    /// A JSON object or array, parsed.
+    Yes(Value),
+    /// JSON only to a lenient reader (duplicate keys): refused.
+    Ambiguous,
+}
+
+/// Whether `s` is a JSON object or array (tool-call arguments are JSON in
+/// a string; the model reads them decoded).
+fn nested_json(s: &str) -> Nested {
+    let t = s.trim_start();
+    if !(t.starts_with('{') || t.starts_with('[')) {
+        return Nested::No;
+    }
+    match crate::json::parse_strict(s.as_bytes()) {
+        Ok(v @ (Value::Object(_) | Value::Array(_))) => Nested::Yes(v),
+        Ok(_) => Nested::No,
+        Err(_) if serde_json::from_str::<Value>(s).is_ok() => Nested::Ambiguous,
+        Err(_) => Nested::No,
+    }
 }
 
 /// Strings as themselves, anything else as compact JSON.
@@ -560,7 +642,7 @@ fn openai_chat(w: &mut Walker<'_>, obj: &Map<String, Value>) -> Result<(), Shape
             }
         }
         if m.get("annotations").is_some_and(|a| !a.is_null()) {
-            let shown = w.value_at(m, "annotations");
+            let shown = w.value_at(m, "annotations")?;
             w.put(&format!("[annotations: {shown}]"));
         }
         match m.get("tool_calls") {
@@ -573,7 +655,7 @@ fn openai_chat(w: &mut Walker<'_>, obj: &Map<String, Value>) -> Result<(), Shape
                 w.key("function", |w| {
                     w.known_keys(f, &["name", "arguments"])?;
                     let name = w.name_at(f, "name")?;
-                    let args = w.value_at(f, "arguments");
+                    let args = w.value_at(f, "arguments")?;
                     w.put(&format!("[tool_call {name}: {args}]"));
                     Ok(())
                 })
@@ -585,7 +667,7 @@ fn openai_chat(w: &mut Walker<'_>, obj: &Map<String, Value>) -> Result<(), Shape
             Some(Value::Object(f)) => w.key("function_call", |w| {
                 w.known_keys(f, &["name", "arguments"])?;
                 let name = w.name_at(f, "name")?;
-                let args = w.value_at(f, "arguments");
+                let args = w.value_at(f, "arguments")?;
                 w.put(&format!("[function_call {name}: {args}]"));
                 Ok::<(), ShapeError>(())
             })?,
@@ -696,7 +778,7 @@ fn openai_responses(w: &mut Walker<'_>, obj: &Map<String, Value>) -> Result<(), 
                     };
                     w.begin("assistant");
                     let name = w.name_at(item, "name")?;
-                    let shown = w.value_at(item, args);
+                    let shown = w.value_at(item, args)?;
                     w.put(&format!("[tool_call {name}: {shown}]"));
                     Ok(())
                 }
@@ -705,7 +787,7 @@ fn openai_responses(w: &mut Walker<'_>, obj: &Map<String, Value>) -> Result<(), 
                     match item.get("output") {
                         Some(Value::Array(_)) => responses_content(w, item, "output"),
                         _ => {
-                            let shown = w.value_at(item, "output");
+                            let shown = w.value_at(item, "output")?;
                             w.put(&shown);
                             Ok(())
                         }
@@ -854,7 +936,7 @@ fn anthropic_block(w: &mut Walker<'_>, block: &Map<String, Value>) -> Result<(),
     w.known_keys(block, known)?;
     if block.get("citations").is_some_and(|c| c.is_array()) {
         // Cited passages of earlier answers are text the model reads again.
-        let shown = w.value_at(block, "citations");
+        let shown = w.value_at(block, "citations")?;
         w.put(&format!("[citations: {shown}]"));
     }
     match kind {
@@ -916,7 +998,7 @@ fn anthropic_block(w: &mut Walker<'_>, block: &Map<String, Value>) -> Result<(),
         }
         "tool_use" | "server_tool_use" => {
             let name = w.name_at(block, "name")?;
-            let input = w.value_at(block, "input");
+            let input = w.value_at(block, "input")?;
             w.put(&format!("[tool_use {name}: {input}]"));
             Ok(())
         }
@@ -927,7 +1009,7 @@ fn anthropic_block(w: &mut Walker<'_>, block: &Map<String, Value>) -> Result<(),
                     w.put(&format!("[tool_result: {inner}]"));
                 }
                 _ => {
-                    let shown = w.value_at(block, "content");
+                    let shown = w.value_at(block, "content")?;
                     w.put(&format!("[tool_result: {shown}]"));
                 }
             }
@@ -1117,7 +1199,7 @@ fn gemini_part(w: &mut Walker<'_>, part: &Map<String, Value>) -> Result<(), Shap
             )?;
             w.key(key, |w| {
                 let name = w.name_at(call, "name")?;
-                let shown = w.value_at(call, payload);
+                let shown = w.value_at(call, payload)?;
                 w.put(&format!("[{label} {name}: {shown}]"));
                 Ok::<(), ShapeError>(())
             })?;
@@ -1314,35 +1396,36 @@ mod tests {
 
     #[test]
     fn fixed_strings_reach_the_screen_with_their_path() {
-        struct Names(Vec<String>);
-        impl Screen for Names {
-            fn text(&mut self, _: &[Seg], text: &str) -> String {
-                text.to_string()
+        // Refuses one fixed string, so the error names where it sits.
+        struct Refuse(&'static str);
+        impl Screen for Refuse {
+            fn rewrite(&mut self, _: &str) -> Option<String> {
+                None
             }
-            fn fixed(&mut self, path: &[Seg], text: &str) -> Result<(), String> {
-                self.0.push(format!("{}={text}", path_text(path)));
-                Ok(())
+            fn check(&mut self, text: &str) -> Result<(), String> {
+                if text == self.0 {
+                    Err("refused".into())
+                } else {
+                    Ok(())
+                }
             }
         }
         let v: Value = serde_json::from_str(
-            r#"{"messages":[{"role":"assistant","tool_calls":[{"id":"c","type":"function","function":{"name":"lookup","arguments":"{}"}}]}],
-                "tools":[{"type":"function","function":{"name":"lookup","parameters":{"type":"object","properties":{"who":{"type":"string","enum":["a"]}}}}}]}"#,
+            r#"{"messages":[{"role":"assistant","tool_calls":[{"id":"c","type":"function","function":{"name":"lookup","arguments":"{\"who\":\"x\"}"}}]}],
+                "tools":[{"type":"function","function":{"name":"find","parameters":{"type":"object","properties":{"whom":{"type":"string","enum":["e1"]}}}}}]}"#,
         )
         .unwrap();
         let Value::Object(obj) = v else { panic!() };
-        let mut names = Names(Vec::new());
-        walk(ApiKind::OpenaiChat, &obj, &mut names).unwrap();
-        for want in [
-            "messages[0].tool_calls[0].function.name=lookup",
-            "tools[0].function.name=lookup",
-            "tools[0].function.parameters.properties.who=who",
-            "tools[0].function.parameters.properties.who.enum[0]=a",
+        for (text, field) in [
+            ("lookup", "messages[0].tool_calls[0].function.name"),
+            // A key of the JSON carried in `arguments`.
+            ("who", "messages[0].tool_calls[0].function.arguments.who"),
+            ("find", "tools[0].function.name"),
+            ("whom", "tools[0].function.parameters.properties.whom"),
+            ("e1", "tools[0].function.parameters.properties.whom.enum[0]"),
         ] {
-            assert!(
-                names.0.iter().any(|n| n == want),
-                "{want} not in {:?}",
-                names.0
-            );
+            let e = walk(ApiKind::OpenaiChat, &obj, &mut Refuse(text)).unwrap_err();
+            assert_eq!(e.field, field, "{text}");
         }
     }
 }

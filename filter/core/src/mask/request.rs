@@ -5,7 +5,7 @@
 use serde_json::Value;
 
 use super::engine::{self, PolicyInner, Tally};
-use super::json_edit::{self, Edits, Seg};
+use super::json_edit::{self, Edits};
 use super::{Hit, MaskAction, MaskError, MaskPolicy, RestoreMap};
 use crate::json::parse_strict;
 use crate::shape::{self, Screen};
@@ -75,16 +75,19 @@ pub(crate) fn mask_parsed(
         inner,
         tally: Tally::default(),
         restore: RestoreMap::default(),
-        edits: Edits::new(),
         placeholders: Vec::new(),
     };
     let walked =
         shape::walk(api, obj, &mut screen).map_err(|e| MaskError::new(e.field, e.message))?;
-    let body = if screen.edits.is_empty() {
+    let mut edits = Edits::new();
+    for (path, json) in walked.edits {
+        edits.insert(path, json);
+    }
+    let body = if edits.is_empty() {
         None
     } else {
         Some(
-            json_edit::apply(body, &screen.edits)
+            json_edit::apply(body, &edits)
                 .map_err(|e| MaskError::new("", format!("could not rewrite the body: {e}")))?,
         )
     };
@@ -102,41 +105,32 @@ pub(crate) fn mask_parsed(
     })
 }
 
-/// Masks what the walk visits, and collects the edits to the body.
+/// Masks what the walk visits.
 struct MaskScreen<'p> {
     inner: &'p PolicyInner,
     tally: Tally,
     restore: RestoreMap,
-    edits: Edits,
     placeholders: Vec<String>,
 }
 
 impl Screen for MaskScreen<'_> {
-    fn text(&mut self, path: &[Seg], text: &str) -> String {
+    fn rewrite(&mut self, text: &str) -> Option<String> {
         let restore = if self.inner.restore {
             Some(&mut self.restore)
         } else {
             None
         };
-        match engine::mask_full(
+        engine::mask_full(
             self.inner,
             text,
             &mut self.tally,
             restore,
             Some(&mut self.placeholders),
-        ) {
-            Some(masked) => {
-                if masked != text {
-                    self.edits
-                        .insert(path.to_vec(), json_edit::json_string(&masked));
-                }
-                masked
-            }
-            None => text.to_string(),
-        }
+        )
+        .filter(|masked| masked != text)
     }
 
-    fn fixed(&mut self, _path: &[Seg], text: &str) -> Result<(), String> {
+    fn check(&mut self, text: &str) -> Result<(), String> {
         let found = engine::find(&self.inner.active, text, 0);
         self.tally.count_found(&self.inner.active, &found);
         for g in &found.groups {
@@ -518,6 +512,49 @@ mod tests {
             v["messages"][0]["content"],
             "<EMAIL_3f2a9c1b> [EMAIL] [HEXID]"
         );
+    }
+
+    #[test]
+    fn json_inside_tool_arguments_is_decoded_numbers_and_keys_included() {
+        let p = redact_all();
+        // `\\u0040` inside the arguments string is `\u0040` in the JSON the
+        // model decodes: an `@`.
+        let body = br#"{"model":"m","messages":[{"role":"assistant","tool_calls":[{"id":"c","type":"function","function":{"name":"pay","arguments":"{\"to\":\"jane\\u0040example.com\",\"card\":4111111111111111,\"n\":2}"}}]},
+            {"role":"tool","tool_call_id":"c","content":"{\"paid_from\": \"DE89 3704 0044 0532 0130 00\"}"}]}"#;
+        let out = mask_request(&p, ApiKind::OpenaiChat, body).unwrap();
+        let v: Value = serde_json::from_slice(&out.body.unwrap()).unwrap();
+        let args: Value = serde_json::from_str(
+            v["messages"][0]["tool_calls"][0]["function"]["arguments"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(args["to"], "[EMAIL]");
+        assert_eq!(args["card"], "[CREDIT_CARD]");
+        assert_eq!(args["n"], 2);
+        let result: Value =
+            serde_json::from_str(v["messages"][1]["content"].as_str().unwrap()).unwrap();
+        assert_eq!(result["paid_from"], "[IBAN]");
+        // A key the model reads cannot be renamed: refused, naming it.
+        let keyed = br#"{"model":"m","messages":[{"role":"assistant","tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{\"jane@example.com\":1}"}}]}]}"#;
+        let e = mask_request(&p, ApiKind::OpenaiChat, keyed).unwrap_err();
+        assert_eq!(
+            e.field,
+            "messages[0].tool_calls[0].function.arguments.jane@example.com"
+        );
+        // JSON a lenient reader takes (last duplicate wins) is refused.
+        let dup = br#"{"model":"m","messages":[{"role":"assistant","tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{\"a\":\"x\",\"a\":\"jane\\u0040example.com\"}"}}]}]}"#;
+        let e = mask_request(&p, ApiKind::OpenaiChat, dup).unwrap_err();
+        assert!(e.message.contains("duplicate keys"), "{e}");
+        // Numbers directly in the body (Anthropic tool input) as well.
+        let anthropic = br#"{"model":"m","max_tokens":5,"messages":[{"role":"assistant","content":[{"type":"tool_use","id":"t","name":"f","input":{"card":4111111111111111,"qty":3}}]}]}"#;
+        let out = mask_request(&p, ApiKind::AnthropicMessages, anthropic).unwrap();
+        let v: Value = serde_json::from_slice(&out.body.unwrap()).unwrap();
+        assert_eq!(
+            v["messages"][0]["content"][0]["input"]["card"],
+            "[CREDIT_CARD]"
+        );
+        assert_eq!(v["messages"][0]["content"][0]["input"]["qty"], 3);
     }
 
     #[test]
