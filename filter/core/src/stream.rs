@@ -810,6 +810,19 @@ mod tests {
     }
 
     #[test]
+    fn an_allowed_request_whose_masked_body_cannot_be_written_is_refused() {
+        let (_worker, mut host, mut stream) = setup(&format!(
+            "{{{MASKING},\"default_action\":\"allow\",\"records\":\"off\"}}"
+        ));
+        host.body_write_fails = true;
+        let body =
+            br#"{"model":"m","messages":[{"role":"user","content":"mail bob@example.com"}]}"#;
+        assert_eq!(send(&mut host, &mut stream, CHAT, body), Action::Pause);
+        assert_eq!(host.replies[0].status, 503);
+        assert_eq!(host.outcome().as_deref(), Some("unavailable"));
+    }
+
+    #[test]
     fn a_rejection_is_answered_in_the_callers_api_format() {
         let (worker, mut host, mut stream) = setup("{}");
         let body =
