@@ -5,6 +5,9 @@
 //! Flow: [`request::classify`] on the request head, [`inspect::inspect_body`]
 //! on the complete body, then a [`hold::Hold`] drives the calls to the
 //! approval service. Every refusal is a [`refusal::Refusal`].
+//! [`stream::StreamFilter`] (one HTTP stream) and [`worker::Worker`] (one
+//! VM's holds and outbox) tie these together and talk to Envoy only through
+//! the [`host::Host`] trait, so the Envoy adapter is glue only.
 
 pub mod answer;
 pub mod config;
@@ -12,6 +15,7 @@ pub mod delivery;
 pub mod extract;
 pub mod glob;
 pub mod hold;
+pub mod host;
 pub mod identity;
 pub mod inspect;
 pub mod json;
@@ -20,8 +24,14 @@ pub mod policy;
 pub mod record;
 pub mod refusal;
 pub mod request;
+pub mod response_filter;
 pub mod response_head;
 pub mod shape;
 pub mod sse;
+pub mod stream;
 pub mod token;
 pub mod wire;
+pub mod worker;
+
+#[cfg(test)]
+mod testing;

@@ -1,0 +1,89 @@
+//! What the filter needs from Envoy, as a trait: the adapter implements it
+//! with proxy-wasm host calls, the tests with a mock that records what was
+//! done. [`crate::stream::StreamFilter`] (one HTTP stream) and
+//! [`crate::worker::Worker`] (one VM's holds and outbox) only talk to Envoy
+//! through it, so every decision they make is tested without Envoy.
+//!
+//! Calls that act on "the current stream" (headers, bodies, replies, resume,
+//! the decision property) act on the stream whose callback is running, or,
+//! from the root context, on the stream last chosen with
+//! [`Host::set_effective_context`] — as in proxy-wasm.
+//!
+//! Re-entrancy: a local reply or a resume may make Envoy call back into the
+//! same VM before the call returns. The worker's state is a `RefCell`, and
+//! no borrow of it is held across any host call (`worker.rs` keeps every
+//! borrow in a short scope that makes no host call; the mock host checks it
+//! on every call).
+
+use crate::hold::{Callout, CalloutResult};
+
+/// What Envoy does with the stream after a callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Let the headers or body continue down the filter chain.
+    Continue,
+    /// Stop here (buffering, held, or answered locally).
+    Pause,
+}
+
+/// Log levels the filter uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// Decisions worth a line.
+    Info,
+    /// Something went wrong and was handled.
+    Warn,
+    /// The filter cannot work as configured.
+    Error,
+}
+
+/// The host (Envoy) as the filter sees it.
+pub trait Host {
+    /// A request header of the current stream.
+    fn request_header(&self, name: &str) -> Option<String>;
+    /// Sets (`Some`) or removes (`None`) a request header.
+    fn set_request_header(&mut self, name: &str, value: Option<&str>);
+    /// The first `size` bytes of the buffered request body.
+    fn request_body(&self, size: usize) -> Vec<u8>;
+    /// Replaces the first `replaced` bytes of the request body with `body`.
+    fn set_request_body(&mut self, replaced: usize, body: &[u8]) -> Result<(), String>;
+    /// A response header of the current stream.
+    fn response_header(&self, name: &str) -> Option<String>;
+    /// Sets (`Some`) or removes (`None`) a response header.
+    fn set_response_header(&mut self, name: &str, value: Option<&str>);
+    /// The first `size` bytes of the current response chunk.
+    fn response_body(&self, size: usize) -> Vec<u8>;
+    /// Replaces the first `replaced` bytes of the response chunk with `body`.
+    fn set_response_body(&mut self, replaced: usize, body: &[u8]);
+    /// A property (`["source", "address"]`, `["route_name"]`, identity paths).
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
+    /// Sets a filter-state property of the current stream.
+    fn set_property(&mut self, name: &str, value: &[u8]);
+    /// Milliseconds since the epoch.
+    fn now_ms(&self) -> u64;
+    /// A random number (never 0).
+    fn nonce(&mut self) -> u64;
+    /// Sends `call` to `cluster`; the answer comes back with the returned
+    /// token to the context that dispatched it.
+    fn dispatch(&mut self, cluster: &str, call: &Callout) -> Result<u32, String>;
+    /// The answer to a call, read while its callback runs.
+    fn callout_result(&self, body_size: usize) -> CalloutResult;
+    /// Makes `context_id` the current stream (from the root context).
+    fn set_effective_context(&mut self, context_id: u32) -> Result<(), String>;
+    /// Answers the current stream locally. May re-enter the VM.
+    fn send_reply(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]);
+    /// Lets the current stream's paused request continue. May re-enter the VM.
+    fn resume_request(&mut self);
+    /// Adds `delta` to a counter (`*_total`) or gauge.
+    fn count(&mut self, name: &str, delta: i64);
+    /// Writes a log line (never prompt text or tokens).
+    fn log(&mut self, level: Level, message: &str);
+}
+
+/// Outcome of a request on the current stream: a metric and a filter-state
+/// value that access logs can print
+/// (`%FILTER_STATE(wasm.countersign_decision:PLAIN)%`).
+pub fn note_outcome(host: &mut dyn Host, outcome: &str) {
+    host.count(&format!("countersign_requests_{outcome}_total"), 1);
+    host.set_property("countersign_decision", outcome.as_bytes());
+}

@@ -1,0 +1,130 @@
+//! The answer's body as it flows: the guard that rewrites it (masking,
+//! restore, response rules) and what the filter notes for the response part
+//! of the record. Pure: [`crate::stream::StreamFilter`] feeds the chunks. (Where
+//! the text sits in each API's answer is [`crate::answer`].)
+
+use crate::mask::{mask_response_body, Hit, ResponseGuard, SseStreamMasker};
+use crate::record::ResponseRecorder;
+use crate::refusal::{Refusal, RefusalKind};
+use crate::wire::{ApiKind, HitCount};
+
+/// What guarding a response found, for the record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuardReport {
+    /// The response rule or detector that blocked the answer.
+    pub blocked_by: Option<String>,
+    /// Detector and monitor-rule hits so far.
+    pub hits: Vec<HitCount>,
+}
+
+/// How a response is guarded.
+pub enum ResponseFilter {
+    /// Server-sent events, rewritten event by event with a hold-back window.
+    Sse(Box<SseStreamMasker>),
+    /// A plain body, buffered whole and rewritten once.
+    Plain(ResponseGuard, ApiKind),
+}
+
+impl ResponseFilter {
+    /// A filter for an answer of API `api`; `sse` for an event stream.
+    pub fn new(guard: ResponseGuard, api: ApiKind, sse: bool) -> ResponseFilter {
+        if sse {
+            ResponseFilter::Sse(Box::new(SseStreamMasker::new(api, guard)))
+        } else {
+            ResponseFilter::Plain(guard, api)
+        }
+    }
+
+    /// Whether the whole body is needed before anything can be let out.
+    pub fn buffers(&self) -> bool {
+        matches!(self, ResponseFilter::Plain(..))
+    }
+
+    /// Rewrites one chunk (a plain body: the whole body, at its end).
+    pub fn apply(&mut self, chunk: &[u8], end_of_stream: bool) -> (Vec<u8>, GuardReport) {
+        let (out, blocked_by, mut hits, monitored) = match self {
+            ResponseFilter::Sse(masker) => {
+                let mut out = masker.push(chunk);
+                if end_of_stream {
+                    out.extend(masker.finish());
+                }
+                let r = masker.report();
+                (
+                    out,
+                    r.blocked.map(|b| b.name().to_string()),
+                    hits_of(&r.hits),
+                    r.monitored_rules,
+                )
+            }
+            ResponseFilter::Plain(guard, api) => match mask_response_body(guard, *api, chunk) {
+                Ok(m) => match &m.blocked {
+                    Some(b) => (
+                        b.error_body(*api),
+                        Some(b.name().to_string()),
+                        hits_of(&m.hits),
+                        m.monitored_rules,
+                    ),
+                    None => (
+                        m.body.clone().unwrap_or_else(|| chunk.to_vec()),
+                        None,
+                        hits_of(&m.hits),
+                        m.monitored_rules,
+                    ),
+                },
+                // Unreadable: nothing unchecked leaves (fail closed).
+                Err(_) => (
+                    unreadable_response(*api),
+                    Some("unreadable_response".to_string()),
+                    Vec::new(),
+                    Vec::new(),
+                ),
+            },
+        };
+        hits.extend(monitored.into_iter().map(|name| HitCount {
+            name,
+            action: "monitor".into(),
+            count: 1,
+        }));
+        (out, GuardReport { blocked_by, hits })
+    }
+}
+
+/// What the filter notes about a response for its record.
+pub struct ResponseCapture {
+    /// The record the response part is appended to.
+    pub record_id: String,
+    /// The answer as recorded (masked, reassembled).
+    pub recorder: ResponseRecorder,
+    /// `:status` of the answer.
+    pub status: u16,
+    /// When the request was forwarded (ms).
+    pub forwarded_at_ms: u64,
+    /// Forward → response headers.
+    pub ttfb_ms: Option<u64>,
+    /// Set when the answer reached its end (not reset).
+    pub complete: bool,
+    /// What blocked or withheld the answer.
+    pub blocked_by: Option<String>,
+    /// Hits of the response guard.
+    pub hits: Vec<HitCount>,
+}
+
+fn hits_of(hits: &[Hit]) -> Vec<HitCount> {
+    hits.iter()
+        .map(|h| HitCount {
+            name: h.detector.clone(),
+            action: h.action.as_str().to_string(),
+            count: u32::try_from(h.count).unwrap_or(u32::MAX),
+        })
+        .collect()
+}
+
+/// Replacement for a response that could not be inspected.
+fn unreadable_response(api: ApiKind) -> Vec<u8> {
+    Refusal::new(
+        RefusalKind::ResponseUninspectable,
+        Some(api),
+        "the model's response could not be inspected, so it was withheld",
+    )
+    .body()
+}

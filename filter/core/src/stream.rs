@@ -1,0 +1,986 @@
+//! One HTTP stream through the filter: the request head (identity,
+//! classification, header edits), the body (size limit, screening, the
+//! verdict), trailers, the answer's head and body (outcome headers, the
+//! response plan, the guard, the capture for the record) and the end of the
+//! stream (the response part of the record, cancelling an open review).
+//!
+//! Everything it needs from Envoy goes through [`Host`]; holds and the
+//! outbox are the VM's, in [`Worker`].
+
+use std::rc::Rc;
+
+use crate::config::{Config, Endpoint, RecordMode};
+use crate::hold::{record_callout, response_record_callout, Hold, HoldStep};
+use crate::host::{note_outcome, Action, Host, Level};
+use crate::identity::{forward_header_edits, identify};
+use crate::inspect::{screen_body, BodyVerdict, RequestInfo, Screening};
+use crate::mask::{MaskAction, ResponseGuard};
+use crate::record::{refusal_record, ResponseRecorder, MAX_RECORDED_RESPONSE};
+use crate::refusal::{Refusal, RefusalKind};
+use crate::request::{
+    api_for_path, classify, path_only, HeadVerdict, RequestHead, INSPECTED_REQUEST_EDITS,
+};
+use crate::response_filter::{ResponseCapture, ResponseFilter};
+use crate::response_head::{plan_response, ResponseHead, ResponsePlan, Withheld};
+use crate::worker::{send_refusal, Worker};
+
+/// Headers that ask for another method than the request line's; an
+/// inference request carrying one is refused.
+pub const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// Whether a `prefer` header asks for an asynchronous answer
+/// (`respond-async`, RFC 7240) among its comma-separated preferences.
+pub fn prefers_async(prefer: Option<&str>) -> bool {
+    prefer.is_some_and(|p| {
+        p.split(',')
+            .any(|v| v.trim().eq_ignore_ascii_case("respond-async"))
+    })
+}
+
+/// One HTTP stream's state.
+pub struct StreamFilter {
+    id: u32,
+    worker: Worker,
+    config: Option<Rc<Config>>,
+    /// Set when the request is an inference request being inspected.
+    endpoint: Option<Endpoint>,
+    info: RequestInfo,
+    /// Set once the request is held (its state is in the worker).
+    held: bool,
+    /// `x-countersign-outcome` for the response, once decided.
+    outcome: Option<&'static str>,
+    refused: bool,
+    /// The response part of the record, while the response flows.
+    response: Option<ResponseCapture>,
+    /// What masking and policy did to the request (for the response).
+    screening: Option<Screening>,
+    /// Masking / restore / response rules on the response, when active.
+    guard: Option<ResponseFilter>,
+    /// The same without restore, for the record (only when restoring).
+    record_guard: Option<ResponseFilter>,
+    /// Set when the answer cannot be read and is replaced whole.
+    withheld: Option<Withheld>,
+}
+
+impl StreamFilter {
+    /// The stream of HTTP context `id`; `config` is `None` when the plugin
+    /// configuration was invalid (every request is then refused).
+    pub fn new(id: u32, config: Option<Rc<Config>>, worker: Worker) -> StreamFilter {
+        StreamFilter {
+            id,
+            worker,
+            config,
+            endpoint: None,
+            info: RequestInfo::default(),
+            held: false,
+            outcome: None,
+            refused: false,
+            response: None,
+            screening: None,
+            guard: None,
+            record_guard: None,
+            withheld: None,
+        }
+    }
+
+    fn refuse(&mut self, host: &mut dyn Host, refusal: &Refusal) -> Action {
+        self.refused = true;
+        note_outcome(host, refusal.kind.outcome());
+        // Every inference request leaves a record, refused ones included
+        // (best effort: the refusal does not wait for it).
+        if let (Some(config), Some(endpoint)) = (&self.config, &self.endpoint) {
+            if config.records != RecordMode::Off {
+                let record = refusal_record(&self.info, Some(endpoint.api), refusal);
+                self.worker
+                    .deliver(host, config, record_callout(config, &record), true);
+            }
+        }
+        send_refusal(host, refusal);
+        Action::Pause
+    }
+
+    fn start_hold(
+        &mut self,
+        host: &mut dyn Host,
+        config: &Rc<Config>,
+        (hold, step): (Hold, HoldStep),
+        body_len: usize,
+    ) -> Action {
+        self.held = true;
+        self.worker
+            .start_hold(host, self.id, config, hold, step, body_len);
+        Action::Pause
+    }
+
+    /// The request head.
+    pub fn on_request_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Action {
+        let Some(config) = self.config.clone() else {
+            return self.refuse(
+                host,
+                &Refusal::new(
+                    RefusalKind::Misconfigured,
+                    None,
+                    "the countersign filter has no valid configuration; see the Envoy log",
+                ),
+            );
+        };
+        let method = host.request_header(":method").unwrap_or_default();
+        let path = host.request_header(":path").unwrap_or_default();
+        let mut caller = None;
+        if let Some(source) = &config.identity {
+            let header = |name: &str| host.request_header(name);
+            let property = |path: &[String]| {
+                let path: Vec<&str> = path.iter().map(String::as_str).collect();
+                host.property(&path).and_then(|b| String::from_utf8(b).ok())
+            };
+            match identify(source, &header, &property) {
+                Ok(c) => caller = Some(c),
+                Err(e) => {
+                    let api = api_for_path(&config, &path);
+                    let refusal = Refusal::new(RefusalKind::Unauthenticated, api, e.0);
+                    return self.refuse(host, &refusal);
+                }
+            }
+        }
+        let approval_token = config
+            .approval_tokens
+            .as_ref()
+            .and_then(|t| host.request_header(&t.header));
+        let content_type = host.request_header("content-type");
+        let content_encoding = host.request_header("content-encoding");
+        let content_length = host.request_header("content-length");
+        let upgrade = host.request_header("upgrade");
+        let method_override = METHOD_OVERRIDE_HEADERS
+            .iter()
+            .find_map(|h| host.request_header(h));
+        let head = RequestHead {
+            method: &method,
+            path: &path,
+            content_type: content_type.as_deref(),
+            content_encoding: content_encoding.as_deref(),
+            content_length: content_length.as_deref(),
+            upgrade: upgrade.as_deref(),
+            method_override: method_override.as_deref(),
+        };
+        let verdict = classify(&config, &head);
+        let utf8 = |b: Vec<u8>| String::from_utf8(b).ok();
+        self.info = RequestInfo {
+            request_id: host.request_header("x-request-id").unwrap_or_default(),
+            method: method.clone(),
+            path: path_only(&path).to_string(),
+            authority: host.request_header(":authority").unwrap_or_default(),
+            route: host
+                .property(&["route_name"])
+                .and_then(utf8)
+                .filter(|s| !s.is_empty()),
+            caller,
+            approval_token,
+            prefer_async: prefers_async(host.request_header("prefer").as_deref()),
+            source_address: host.property(&["source", "address"]).and_then(utf8),
+            received_at_ms: host.now_ms(),
+            model: None,
+            stream: false,
+            hits: Vec::new(),
+            nonce: host.nonce(),
+        };
+        match verdict {
+            HeadVerdict::Refuse(r) => {
+                self.endpoint = api_for_path(&config, &path)
+                    .and_then(|api| config.endpoints.iter().find(|e| e.api == api).cloned());
+                return self.refuse(host, &r);
+            }
+            HeadVerdict::Status(review_id) => {
+                let started = Hold::status(&config, self.info.clone(), &review_id);
+                return self.start_hold(host, &config, started, 0);
+            }
+            HeadVerdict::Pass | HeadVerdict::Inspect(_) => {}
+        }
+        // The caller's key and token never reach the model; the model's
+        // credential is set here, the only place it exists.
+        let tokens_header = config.approval_tokens.as_ref().map(|t| t.header.as_str());
+        let edits = forward_header_edits(
+            config.identity.as_ref(),
+            tokens_header,
+            config.upstream_credential.as_ref(),
+        );
+        for name in &edits.remove {
+            host.set_request_header(name, None);
+        }
+        if let Some((name, value)) = &edits.set {
+            host.set_request_header(name, Some(value));
+        }
+        if let HeadVerdict::Inspect(endpoint) = verdict {
+            if end_of_stream {
+                let refusal = Refusal::new(
+                    RefusalKind::BadRequest,
+                    Some(endpoint.api),
+                    "request body is empty",
+                );
+                return self.refuse(host, &refusal);
+            }
+            for name in INSPECTED_REQUEST_EDITS.remove {
+                host.set_request_header(name, None);
+            }
+            for (name, value) in INSPECTED_REQUEST_EDITS.set {
+                host.set_request_header(name, Some(value));
+            }
+            self.endpoint = Some(endpoint);
+        }
+        Action::Continue
+    }
+
+    /// A request body chunk; the body is judged whole, at its end.
+    pub fn on_request_body(
+        &mut self,
+        host: &mut dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Action {
+        if self.refused || self.held {
+            return Action::Pause;
+        }
+        let (Some(config), Some(endpoint)) = (self.config.clone(), self.endpoint.clone()) else {
+            return Action::Continue;
+        };
+        if body_size > config.max_body_bytes {
+            let refusal = Refusal::too_large(Some(endpoint.api), config.max_body_bytes);
+            return self.refuse(host, &refusal);
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = host.request_body(body_size);
+        let now = host.now_ms();
+        let (verdict, screening) = screen_body(&config, &endpoint, &self.info, &body, now);
+        self.info.hits = screening.hits.clone();
+        let masked_values: u32 = screening
+            .hits
+            .iter()
+            .filter(|h| {
+                h.action == MaskAction::Redact.as_str()
+                    || h.action == MaskAction::Pseudonymize.as_str()
+            })
+            .map(|h| h.count)
+            .sum();
+        if masked_values > 0 {
+            host.count("countersign_masked_values_total", i64::from(masked_values));
+        }
+        let masked = screening.masked_body.clone();
+        self.screening = Some(screening);
+        let id = self.info.request_id.clone();
+        match verdict {
+            BodyVerdict::Forward(rule, facts) => {
+                let info = facts.into_info(&self.info);
+                let api = endpoint.api;
+                let (hold, step) =
+                    Hold::forward(&config, api, info, &rule, &body, masked.as_deref(), now);
+                if let HoldStep::Release(release) = step {
+                    // Records off: nothing to wait for.
+                    if let Some(b) = &release.edited_body {
+                        // The masked body could not replace the caller's:
+                        // nothing unmasked goes to the model.
+                        if host.set_request_body(body.len(), b).is_err() {
+                            let refusal = Refusal::new(
+                                RefusalKind::ApprovalUnavailable,
+                                Some(api),
+                                "could not apply the masked body",
+                            );
+                            return self.refuse(host, &refusal);
+                        }
+                    }
+                    self.outcome = Some("allowed");
+                    note_outcome(host, "allowed");
+                    return Action::Continue;
+                }
+                self.start_hold(host, &config, (hold, step), body.len())
+            }
+            BodyVerdict::Refuse(r) => {
+                let msg = format!("countersign: {id} refused: {}", r.kind.code());
+                host.log(Level::Info, &msg);
+                self.refuse(host, &r)
+            }
+            BodyVerdict::Hold(plan) => {
+                let (hold, step) = Hold::start(&config, &plan, self.info.clone(), now);
+                let hold = hold.with_masked_body(masked.as_deref());
+                let msg = format!(
+                    "countersign: {id} held for review (rule `{}`)",
+                    plan.rule.name
+                );
+                host.log(Level::Info, &msg);
+                self.start_hold(host, &config, (hold, step), body.len())
+            }
+            BodyVerdict::Consume(claims, facts) => {
+                let api = endpoint.api;
+                let info = self.info.clone();
+                let (hold, step) = Hold::consume(&config, api, info, &claims, facts, &body, now);
+                let hold = hold.with_masked_body(masked.as_deref());
+                let msg = format!(
+                    "countersign: {id} presents the approval token of review {}",
+                    claims.rid
+                );
+                host.log(Level::Info, &msg);
+                self.start_hold(host, &config, (hold, step), body.len())
+            }
+        }
+    }
+
+    /// Request trailers. HTTP/2 trailers end a request without a body
+    /// callback that says end of stream: without this, the buffered body
+    /// would continue uninspected. Inference APIs do not use trailers, so
+    /// they are refused there.
+    pub fn on_request_trailers(&mut self, host: &mut dyn Host) -> Action {
+        if self.refused || self.held {
+            return Action::Pause;
+        }
+        match &self.endpoint {
+            Some(endpoint) => {
+                let refusal = Refusal::new(
+                    RefusalKind::BadRequest,
+                    Some(endpoint.api),
+                    "request trailers are not accepted on inference endpoints",
+                );
+                self.refuse(host, &refusal)
+            }
+            None => Action::Continue,
+        }
+    }
+
+    /// The answer's head: outcome headers, the response plan, and the
+    /// capture for the record when the request was recorded.
+    pub fn on_response_headers(&mut self, host: &mut dyn Host) -> Action {
+        let mut record_id = None;
+        let mut forwarded_at_ms = None;
+        if self.held {
+            if let Some((release, at)) = self.worker.released(self.id) {
+                host.set_response_header("x-countersign-outcome", Some(release.decision));
+                if let Some(id) = &release.review_id {
+                    host.set_response_header("x-countersign-review-id", Some(id));
+                }
+                record_id = release.record_id;
+                forwarded_at_ms = Some(at);
+            }
+        } else if let Some(outcome) = self.outcome {
+            host.set_response_header("x-countersign-outcome", Some(outcome));
+        }
+        self.plan_answer(host, record_id.is_some());
+        if let Some(record_id) = record_id {
+            let now = host.now_ms();
+            // A record id is only set on a release, which sets the time.
+            let forwarded_at_ms = forwarded_at_ms.unwrap_or(now);
+            let content_type = host.response_header("content-type");
+            self.response = Some(ResponseCapture {
+                record_id,
+                recorder: ResponseRecorder::new(
+                    self.endpoint.as_ref().map(|e| e.api),
+                    content_type.as_deref(),
+                    MAX_RECORDED_RESPONSE,
+                ),
+                status: host
+                    .response_header(":status")
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0),
+                forwarded_at_ms,
+                ttfb_ms: Some(now.saturating_sub(forwarded_at_ms)),
+                complete: false,
+                blocked_by: self.withheld.as_ref().map(|w| w.blocked_by.to_string()),
+                hits: Vec::new(),
+            });
+        }
+        Action::Continue
+    }
+
+    /// The guard for the answer (masking, restore, response rules) when the
+    /// request was forwarded and any of them applies.
+    fn response_guard(&self) -> Option<ResponseGuard> {
+        let screening = self.screening.as_ref()?;
+        if self.refused || self.endpoint.is_none() {
+            return None;
+        }
+        let guard = screening.response_guard();
+        guard.is_active().then_some(guard)
+    }
+
+    /// Decides from the answer's head whether it is read (guarded,
+    /// recorded) and sets that up; an answer that cannot be read is
+    /// withheld (see [`crate::response_head`]).
+    fn plan_answer(&mut self, host: &mut dyn Host, recorded: bool) {
+        let Some(api) = self.endpoint.as_ref().map(|e| e.api) else {
+            return;
+        };
+        let guard = self.response_guard();
+        let content_type = host.response_header("content-type");
+        let content_encoding = host.response_header("content-encoding");
+        let head = ResponseHead {
+            content_type: content_type.as_deref(),
+            content_encoding: content_encoding.as_deref(),
+        };
+        match plan_response(api, &head, guard.is_some() || recorded) {
+            ResponsePlan::Pass => {}
+            ResponsePlan::Read { sse } => {
+                let Some(guard) = guard else { return };
+                // The body will change length.
+                host.set_response_header("content-length", None);
+                self.record_guard = self
+                    .screening
+                    .as_ref()
+                    .and_then(|s| s.record_guard())
+                    .map(|g| ResponseFilter::new(g, api, sse));
+                self.guard = Some(ResponseFilter::new(guard, api, sse));
+            }
+            ResponsePlan::Withhold(withheld) => {
+                host.count("countersign_responses_blocked_total", 1);
+                let msg = format!(
+                    "countersign: {} answer withheld: {} (content-encoding {:?})",
+                    self.info.request_id,
+                    withheld.blocked_by,
+                    content_encoding.as_deref().unwrap_or("")
+                );
+                host.log(Level::Warn, &msg);
+                host.set_response_header(":status", Some(&withheld.status.to_string()));
+                for name in &withheld.remove {
+                    host.set_response_header(name, None);
+                }
+                for (name, value) in &withheld.set {
+                    host.set_response_header(name, Some(value));
+                }
+                self.withheld = Some(withheld);
+            }
+        }
+    }
+
+    /// An answer body chunk.
+    pub fn on_response_body(
+        &mut self,
+        host: &mut dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Action {
+        if let Some(withheld) = &self.withheld {
+            // Nothing of an unreadable answer leaves; its replacement goes
+            // out at the end.
+            let out = if end_of_stream {
+                withheld.body.clone()
+            } else {
+                Vec::new()
+            };
+            host.set_response_body(body_size, &out);
+            if let Some(capture) = &mut self.response {
+                capture.recorder.feed(&out);
+                capture.complete |= end_of_stream;
+            }
+            return Action::Continue;
+        }
+        if self.guard.as_ref().is_some_and(ResponseFilter::buffers) && !end_of_stream {
+            // A plain body is judged whole: buffer until the end.
+            return Action::Pause;
+        }
+        if self.guard.is_none() && self.response.is_none() {
+            return Action::Continue;
+        }
+        let chunk = host.response_body(body_size);
+        let (out, report) = match &mut self.guard {
+            Some(filter) => {
+                let (out, report) = filter.apply(&chunk, end_of_stream);
+                (Some(out), Some(report))
+            }
+            None => (None, None),
+        };
+        // With restore on, the caller gets original values back, but the
+        // record must keep them masked: a second, restore-free pass.
+        let recorded = self
+            .record_guard
+            .as_mut()
+            .map(|filter| filter.apply(&chunk, end_of_stream).0);
+        if let (Some(report), Some(capture)) = (report, &mut self.response) {
+            if report.blocked_by.is_some() && capture.blocked_by.is_none() {
+                host.count("countersign_responses_blocked_total", 1);
+            }
+            capture.blocked_by = report.blocked_by;
+            capture.hits = report.hits;
+        }
+        let sent = match out {
+            Some(out) => {
+                host.set_response_body(body_size, &out);
+                out
+            }
+            None => chunk,
+        };
+        if let Some(capture) = &mut self.response {
+            capture.recorder.feed(recorded.as_deref().unwrap_or(&sent));
+            capture.complete |= end_of_stream;
+        }
+        Action::Continue
+    }
+
+    /// The access-log phase: the response part of the record goes to the
+    /// outbox (the stream may be gone before it lands).
+    pub fn on_log(&mut self, host: &mut dyn Host) {
+        let (Some(capture), Some(config)) = (self.response.take(), self.config.clone()) else {
+            return;
+        };
+        let total = host.now_ms().saturating_sub(capture.forwarded_at_ms);
+        let completion = if capture.complete {
+            "complete"
+        } else {
+            "reset"
+        };
+        let mut response =
+            capture
+                .recorder
+                .finish(capture.status, capture.ttfb_ms, Some(total), completion);
+        response.blocked_by = capture.blocked_by;
+        response.hits = capture.hits;
+        match response_record_callout(&config, &capture.record_id, &response) {
+            Some(call) => self.worker.deliver(host, &config, call, false),
+            None => {
+                let msg = format!(
+                    "countersign: not a record id, response not recorded: {:?}",
+                    capture.record_id
+                );
+                host.log(Level::Warn, &msg);
+            }
+        }
+    }
+
+    /// The stream's context is gone: its hold ends, and an open review is
+    /// cancelled.
+    pub fn on_drop(&mut self, host: &mut dyn Host) {
+        self.worker.end_stream(host, self.id);
+    }
+
+    /// A callout answer that came back to this stream's context.
+    pub fn on_callout_response(&mut self, host: &mut dyn Host, token: u32, body_size: usize) {
+        self.worker.on_callout_response(host, token, body_size);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+    use crate::hold::CalloutResult;
+    use crate::testing::MockHost;
+
+    const CHAT: &str = "/v1/chat/completions";
+    const BODY: &[u8] = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    const MASKING: &str = r#""masking":{"profiles":{"default":{"detectors":{"email":"redact"}}}}"#;
+    const PENDING: &str = r#"{"id":"rev_1","status":"pending","expires_at_ms":0}"#;
+    const ID: u32 = 7;
+
+    fn setup(config: &str) -> (Worker, MockHost, StreamFilter) {
+        let config = Rc::new(Config::from_json(config.as_bytes()).unwrap());
+        let worker = Worker::new();
+        let host = MockHost::new(&worker);
+        let stream = StreamFilter::new(ID, Some(config), worker.clone());
+        (worker, host, stream)
+    }
+
+    /// The request head of `body` to `path`, then the whole body.
+    fn send(host: &mut MockHost, stream: &mut StreamFilter, path: &str, body: &[u8]) -> Action {
+        host.request("POST", path, body);
+        assert_eq!(stream.on_request_headers(host, false), Action::Continue);
+        stream.on_request_body(host, body.len(), true)
+    }
+
+    /// The approval service answers the last call.
+    fn answer(host: &mut MockHost, worker: &Worker, status: u16, body: &str) {
+        host.answer = Some(CalloutResult {
+            status: Some(status),
+            body: body.as_bytes().to_vec(),
+        });
+        host.effective = None;
+        let token = host.last_token();
+        worker.on_callout_response(host, token, body.len());
+    }
+
+    fn approved(extra: &str) -> String {
+        format!(
+            r#"{{"id":"rev_1","status":"approved","expires_at_ms":0,"reviewer":"alice"{extra}}}"#
+        )
+    }
+
+    /// The answer's head arrives.
+    fn respond(host: &mut MockHost, stream: &mut StreamFilter, content_type: &str) {
+        host.response_headers = [(":status", "200"), ("content-type", content_type)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        host.response_headers
+            .insert("content-length".into(), "10".into());
+        assert_eq!(stream.on_response_headers(host), Action::Continue);
+    }
+
+    fn chunk(host: &mut MockHost, stream: &mut StreamFilter, data: &[u8], eos: bool) -> Action {
+        host.response_chunk = data.to_vec();
+        stream.on_response_body(host, data.len(), eos)
+    }
+
+    #[test]
+    fn a_body_over_the_limit_is_refused_and_recorded() {
+        let (worker, mut host, mut stream) = setup(r#"{"max_body_bytes":20}"#);
+        host.request("POST", CHAT, BODY);
+        assert_eq!(
+            stream.on_request_headers(&mut host, false),
+            Action::Continue
+        );
+        // The body is buffered while it fits.
+        assert_eq!(stream.on_request_body(&mut host, 10, false), Action::Pause);
+        assert!(host.replies.is_empty());
+        assert_eq!(stream.on_request_body(&mut host, 21, false), Action::Pause);
+        let reply = &host.replies[0];
+        assert_eq!(reply.status, 413);
+        assert_eq!(reply.json()["error"]["code"], "request_too_large");
+        assert_eq!(host.metric("countersign_requests_invalid_total"), 1);
+        assert_eq!(host.outcome().as_deref(), Some("invalid"));
+        // The refusal record waits in the outbox; nothing else happens.
+        assert_eq!(worker.queued().0, 1);
+        assert!(host.dispatched.is_empty());
+        assert_eq!(stream.on_request_body(&mut host, 40, true), Action::Pause);
+        assert_eq!(host.replies.len(), 1);
+        assert_eq!(host.violations.get(), 0);
+    }
+
+    #[test]
+    fn an_empty_body_is_refused() {
+        let (worker, mut host, mut stream) = setup(r#"{"records":"off"}"#);
+        host.request("POST", CHAT, b"");
+        assert_eq!(stream.on_request_headers(&mut host, true), Action::Pause);
+        assert_eq!(host.replies[0].status, 400);
+        assert!(host.replies[0].json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("empty"));
+        assert_eq!(worker.queued().0, 0);
+    }
+
+    #[test]
+    fn trailers_are_refused_on_inference_endpoints_only() {
+        let (_worker, mut host, mut stream) = setup(r#"{"records":"off"}"#);
+        host.request("POST", CHAT, BODY);
+        stream.on_request_headers(&mut host, false);
+        assert_eq!(stream.on_request_body(&mut host, 5, false), Action::Pause);
+        assert_eq!(stream.on_request_trailers(&mut host), Action::Pause);
+        assert_eq!(host.replies[0].status, 400);
+        assert!(host.replies[0].json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("trailers"));
+
+        let (_worker, mut host, mut stream) = setup(r#"{"records":"off","other_requests":"pass"}"#);
+        host.request("GET", "/healthz", b"");
+        assert_eq!(
+            stream.on_request_headers(&mut host, false),
+            Action::Continue
+        );
+        assert_eq!(stream.on_request_body(&mut host, 3, true), Action::Continue);
+        assert_eq!(stream.on_request_trailers(&mut host), Action::Continue);
+        assert!(host.replies.is_empty());
+    }
+
+    #[test]
+    fn head_edits_prefer_and_method_override() {
+        assert!(prefers_async(Some("return=minimal, Respond-Async")));
+        assert!(!prefers_async(Some("respond-asynchronously")));
+        assert!(!prefers_async(None));
+
+        let (_worker, mut host, mut stream) = setup(r#"{"records":"off"}"#);
+        host.request("POST", CHAT, BODY);
+        host.request_headers
+            .insert("content-length".into(), BODY.len().to_string());
+        host.request_headers
+            .insert("accept-encoding".into(), "gzip".into());
+        assert_eq!(
+            stream.on_request_headers(&mut host, false),
+            Action::Continue
+        );
+        // The body may be replaced, and the answer must be readable.
+        assert!(!host.request_headers.contains_key("content-length"));
+        assert_eq!(host.request_headers["accept-encoding"], "identity");
+
+        for header in METHOD_OVERRIDE_HEADERS {
+            let (_worker, mut host, mut stream) = setup(r#"{"records":"off"}"#);
+            host.request("POST", CHAT, BODY);
+            host.request_headers.insert(header.into(), "GET".into());
+            assert_eq!(stream.on_request_headers(&mut host, false), Action::Pause);
+            assert!(host.replies[0].status >= 400, "{header}");
+        }
+    }
+
+    #[test]
+    fn an_allowed_request_waits_for_its_record_then_continues() {
+        let (worker, mut host, mut stream) = setup(r#"{"default_action":"allow"}"#);
+        assert_eq!(send(&mut host, &mut stream, CHAT, BODY), Action::Pause);
+        assert_eq!(host.paths(), ["/v1/records"]);
+        assert!(host.resumed.is_empty());
+        assert_eq!(host.metric("countersign_held"), 1);
+        answer(&mut host, &worker, 201, r#"{"record_id":"rec_1"}"#);
+        assert_eq!(host.resumed, [Some(ID)]);
+        assert_eq!(host.outcome().as_deref(), Some("allowed"));
+        assert_eq!(host.metric("countersign_requests_allowed_total"), 1);
+        assert_eq!(worker.outstanding_callouts(), 0);
+
+        // The answer is recorded as it passes, unchanged.
+        respond(&mut host, &mut stream, "application/json");
+        assert_eq!(host.response_headers["x-countersign-outcome"], "allowed");
+        assert_eq!(host.response_headers["content-length"], "10");
+        let answer_body = br#"{"choices":[]}"#;
+        assert_eq!(
+            chunk(&mut host, &mut stream, answer_body, true),
+            Action::Continue
+        );
+        assert_eq!(host.response_chunk, answer_body);
+        stream.on_log(&mut host);
+        stream.on_drop(&mut host);
+        assert_eq!(host.metric("countersign_held"), 0);
+        // The root context's timer sends the response part of the record.
+        worker.on_tick(&mut host);
+        assert_eq!(host.last_path(), "/v1/records/rec_1/response");
+        let (_, call) = host.dispatched.last().unwrap();
+        let part: serde_json::Value = serde_json::from_slice(call.body.as_ref().unwrap()).unwrap();
+        assert_eq!(part["completion"], "complete");
+        answer(&mut host, &worker, 201, "{}");
+        assert_eq!(worker.queued(), (0, 0));
+        assert_eq!(host.violations.get(), 0);
+    }
+
+    #[test]
+    fn an_allowed_request_without_records_continues_at_once() {
+        let (worker, mut host, mut stream) = setup(r#"{"default_action":"allow","records":"off"}"#);
+        assert_eq!(send(&mut host, &mut stream, CHAT, BODY), Action::Continue);
+        assert!(host.dispatched.is_empty());
+        assert_eq!(worker.held(), 0);
+        respond(&mut host, &mut stream, "application/json");
+        assert_eq!(host.response_headers["x-countersign-outcome"], "allowed");
+    }
+
+    #[test]
+    fn a_held_request_is_released_masked_after_approval() {
+        let (worker, mut host, mut stream) = setup(&format!("{{{MASKING}}}"));
+        let body =
+            br#"{"model":"m","messages":[{"role":"user","content":"mail bob@example.com"}]}"#;
+        assert_eq!(send(&mut host, &mut stream, CHAT, body), Action::Pause);
+        assert_eq!(host.metric("countersign_masked_values_total"), 1);
+        assert_eq!(host.paths(), ["/v1/reviews"]);
+        // The reviewer sees the masked body only.
+        let (_, create) = &host.dispatched[0];
+        let create = String::from_utf8(create.body.clone().unwrap()).unwrap();
+        assert!(!create.contains("bob@example.com"), "{create}");
+        answer(&mut host, &worker, 201, PENDING);
+        assert!(host.last_path().starts_with("/v1/reviews/rev_1/wait"));
+        answer(&mut host, &worker, 200, PENDING);
+        assert!(host.last_path().starts_with("/v1/reviews/rev_1/wait"));
+        answer(&mut host, &worker, 200, &approved(""));
+        assert_eq!(host.last_path(), "/v1/records");
+        assert!(host.resumed.is_empty());
+        answer(&mut host, &worker, 201, r#"{"record_id":"rec_2"}"#);
+        // Resumed from the root context, on the stream's own context.
+        assert_eq!(host.resumed, [Some(ID)]);
+        let forwarded = String::from_utf8(host.request_body.clone()).unwrap();
+        assert!(!forwarded.contains("bob@example.com"), "{forwarded}");
+        assert!(forwarded.contains("[EMAIL"), "{forwarded}");
+        assert_eq!(host.metric("countersign_requests_approved_total"), 1);
+        // Body and trailer callbacks after the hold change nothing.
+        assert_eq!(stream.on_request_body(&mut host, 3, true), Action::Pause);
+        assert_eq!(stream.on_request_trailers(&mut host), Action::Pause);
+
+        respond(&mut host, &mut stream, "application/json");
+        assert_eq!(host.response_headers["x-countersign-outcome"], "approved");
+        assert_eq!(host.response_headers["x-countersign-review-id"], "rev_1");
+        // The answer is rewritten: its length changes.
+        assert!(!host.response_headers.contains_key("content-length"));
+        stream.on_drop(&mut host);
+        // Nothing to cancel: the review was decided.
+        assert_eq!(worker.queued().0, 0);
+        assert!(host.replies.is_empty());
+        assert_eq!(host.violations.get(), 0);
+    }
+
+    #[test]
+    fn a_failed_body_write_refuses_instead_of_forwarding_unmasked() {
+        let (worker, mut host, mut stream) = setup(&format!("{{{MASKING},\"records\":\"off\"}}"));
+        let body =
+            br#"{"model":"m","messages":[{"role":"user","content":"mail bob@example.com"}]}"#;
+        send(&mut host, &mut stream, CHAT, body);
+        answer(&mut host, &worker, 201, PENDING);
+        host.body_write_fails = true;
+        answer(&mut host, &worker, 200, &approved(""));
+        assert!(host.resumed.is_empty());
+        assert_eq!(host.replies[0].status, 503);
+        assert_eq!(host.replies[0].context, Some(ID));
+    }
+
+    #[test]
+    fn an_allowed_request_whose_masked_body_cannot_be_written_is_refused() {
+        let (_worker, mut host, mut stream) = setup(&format!(
+            "{{{MASKING},\"default_action\":\"allow\",\"records\":\"off\"}}"
+        ));
+        host.body_write_fails = true;
+        let body =
+            br#"{"model":"m","messages":[{"role":"user","content":"mail bob@example.com"}]}"#;
+        assert_eq!(send(&mut host, &mut stream, CHAT, body), Action::Pause);
+        assert_eq!(host.replies[0].status, 503);
+        assert_eq!(host.outcome().as_deref(), Some("unavailable"));
+    }
+
+    #[test]
+    fn a_rejection_is_answered_in_the_callers_api_format() {
+        let (worker, mut host, mut stream) = setup("{}");
+        let body =
+            br#"{"model":"claude","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#;
+        send(&mut host, &mut stream, "/v1/messages", body);
+        answer(&mut host, &worker, 201, PENDING);
+        let rejected = r#"{"id":"rev_1","status":"rejected","expires_at_ms":0,"reviewer":"alice"}"#;
+        answer(&mut host, &worker, 200, rejected);
+        let reply = &host.replies[0];
+        assert_eq!(reply.context, Some(ID));
+        assert_eq!(reply.status, 403);
+        let v = reply.json();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["type"], "permission_error");
+        assert_eq!(reply.header("content-type"), Some("application/json"));
+        assert_eq!(reply.header("x-countersign-outcome"), Some("rejected"));
+        assert_eq!(reply.header("x-countersign-review-id"), Some("rev_1"));
+        assert_eq!(host.outcome().as_deref(), Some("rejected"));
+        assert_eq!(host.metric("countersign_requests_rejected_total"), 1);
+        // The refusal is recorded too (sent at once, not waited for).
+        assert_eq!(host.last_path(), "/v1/records");
+        assert!(host.resumed.is_empty());
+        assert_eq!(host.violations.get(), 0);
+    }
+
+    #[test]
+    fn a_compressed_answer_is_withheld_with_502() {
+        let (worker, mut host, mut stream) = setup(r#"{"default_action":"allow"}"#);
+        send(&mut host, &mut stream, CHAT, BODY);
+        answer(&mut host, &worker, 201, r#"{"record_id":"rec_3"}"#);
+        host.response_headers = [
+            (":status", "200"),
+            ("content-type", "application/json"),
+            ("content-encoding", "gzip"),
+            ("content-length", "99"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        stream.on_response_headers(&mut host);
+        assert_eq!(host.response_headers[":status"], "502");
+        assert!(!host.response_headers.contains_key("content-encoding"));
+        assert!(!host.response_headers.contains_key("content-length"));
+        assert_eq!(host.metric("countersign_responses_blocked_total"), 1);
+        // Nothing of it leaves; the replacement goes out at the end.
+        assert_eq!(
+            chunk(&mut host, &mut stream, b"\x1f\x8b\x08gz", false),
+            Action::Continue
+        );
+        assert!(host.response_chunk.is_empty());
+        chunk(&mut host, &mut stream, b"more", true);
+        let v: serde_json::Value = serde_json::from_slice(&host.response_chunk).unwrap();
+        assert_eq!(v["error"]["code"], "response_uninspectable");
+        stream.on_log(&mut host);
+        worker.on_tick(&mut host);
+        let (_, call) = host.dispatched.last().unwrap();
+        let part: serde_json::Value = serde_json::from_slice(call.body.as_ref().unwrap()).unwrap();
+        assert_eq!(part["blocked_by"], "encoded_response");
+        assert_eq!(part["status"], 502);
+    }
+
+    #[test]
+    fn a_streamed_answer_is_masked_event_by_event() {
+        let (_worker, mut host, mut stream) = setup(&format!(
+            "{{{MASKING},\"default_action\":\"allow\",\"records\":\"off\"}}"
+        ));
+        assert_eq!(send(&mut host, &mut stream, CHAT, BODY), Action::Continue);
+        respond(&mut host, &mut stream, "text/event-stream");
+        assert!(!host.response_headers.contains_key("content-length"));
+        let event = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"write to carol@example.com now\"}}]}\n\n";
+        let mut out = Vec::new();
+        assert_eq!(
+            chunk(&mut host, &mut stream, event, false),
+            Action::Continue
+        );
+        out.extend(host.response_chunk.clone());
+        chunk(&mut host, &mut stream, b"data: [DONE]\n\n", true);
+        out.extend(host.response_chunk.clone());
+        let out = String::from_utf8(out).unwrap();
+        assert!(!out.contains("carol@example.com"), "{out}");
+        assert!(out.contains("[DONE]"), "{out}");
+    }
+
+    #[test]
+    fn a_plain_guarded_answer_is_buffered_then_masked_whole() {
+        let (_worker, mut host, mut stream) = setup(&format!(
+            "{{{MASKING},\"default_action\":\"allow\",\"records\":\"off\"}}"
+        ));
+        send(&mut host, &mut stream, CHAT, BODY);
+        respond(&mut host, &mut stream, "application/json");
+        let body = br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"dave@example.com"}}]}"#;
+        assert_eq!(
+            chunk(&mut host, &mut stream, &body[..10], false),
+            Action::Pause
+        );
+        assert_eq!(chunk(&mut host, &mut stream, body, true), Action::Continue);
+        let out = String::from_utf8(host.response_chunk.clone()).unwrap();
+        assert!(!out.contains("dave@example.com"), "{out}");
+    }
+
+    #[test]
+    fn the_caller_going_away_cancels_the_review() {
+        let (worker, mut host, mut stream) = setup(r#"{"records":"off"}"#);
+        send(&mut host, &mut stream, CHAT, BODY);
+        answer(&mut host, &worker, 201, PENDING);
+        assert_eq!(worker.held(), 1);
+        stream.on_drop(&mut host);
+        assert_eq!(worker.held(), 0);
+        assert_eq!(host.metric("countersign_held"), 0);
+        // The answer to the wait in flight finds no hold and is dropped.
+        answer(&mut host, &worker, 200, &approved(""));
+        assert!(host.resumed.is_empty());
+        worker.on_tick(&mut host);
+        assert_eq!(host.last_path(), "/v1/reviews/rev_1/cancel");
+        assert_eq!(host.violations.get(), 0);
+    }
+
+    #[test]
+    fn an_async_caller_gets_202_once_the_review_exists() {
+        let config = r#"{"records":"off","rules":[{"action":"review","async":true}],
+            "identity":{"source":"metadata","metadata_path":["metadata","authn","sub"]},
+            "approval_tokens":{"keys":[{"id":"k1","secret":"MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="}]}}"#;
+        let (_worker, mut host, mut stream) = setup(config);
+        // No identity: 401, in the API's format.
+        host.request("POST", CHAT, BODY);
+        assert_eq!(stream.on_request_headers(&mut host, false), Action::Pause);
+        assert_eq!(host.replies[0].status, 401);
+        assert_eq!(host.outcome().as_deref(), Some("unauthenticated"));
+
+        let (worker, mut host, mut stream) = setup(config);
+        let path = ["metadata", "authn", "sub"].map(String::from).to_vec();
+        host.properties.insert(path, b"ci-bot".to_vec());
+        send(&mut host, &mut stream, CHAT, BODY);
+        let (_, create) = &host.dispatched[0];
+        let create: serde_json::Value =
+            serde_json::from_slice(create.body.as_ref().unwrap()).unwrap();
+        assert_eq!(create["caller"], "ci-bot", "{create}");
+        answer(&mut host, &worker, 201, PENDING);
+        assert_eq!(host.replies[0].status, 202);
+        assert_eq!(host.outcome().as_deref(), Some("pending"));
+        assert_eq!(host.metric("countersign_requests_pending_total"), 1);
+        // The caller polls later: nothing to cancel.
+        stream.on_drop(&mut host);
+        assert_eq!(worker.queued().0, 0);
+    }
+
+    #[test]
+    fn a_stream_without_configuration_is_refused() {
+        let worker = Worker::new();
+        let mut host = MockHost::new(&worker);
+        let mut stream = StreamFilter::new(ID, None, worker);
+        host.request("POST", CHAT, BODY);
+        assert_eq!(stream.on_request_headers(&mut host, false), Action::Pause);
+        assert_eq!(host.replies[0].status, 500);
+        assert_eq!(host.metric("countersign_requests_misconfigured_total"), 1);
+    }
+}

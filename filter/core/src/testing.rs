@@ -1,0 +1,261 @@
+//! A mock [`Host`] for unit tests: it serves headers, bodies, properties and
+//! callout answers set by the test, and records what the filter did
+//! (headers set, bodies written, replies, resumes, dispatched calls,
+//! metrics, logs). It also checks the re-entrancy rule: no host call is made
+//! while the watched worker's state is borrowed.
+
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap};
+
+use crate::hold::{Callout, CalloutResult};
+use crate::host::{Host, Level};
+use crate::worker::Worker;
+
+/// A local reply the filter sent.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// The stream it went to (`None`: the stream whose callback ran).
+    pub context: Option<u32>,
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Default)]
+pub struct MockHost {
+    pub request_headers: BTreeMap<String, String>,
+    pub request_body: Vec<u8>,
+    pub response_headers: BTreeMap<String, String>,
+    /// The current response chunk (replaced by `set_response_body`).
+    pub response_chunk: Vec<u8>,
+    pub properties: HashMap<Vec<String>, Vec<u8>>,
+    /// Filter-state properties set, with the stream they were set on.
+    pub state: Vec<(Option<u32>, String, Vec<u8>)>,
+    pub now: u64,
+    next_token: u32,
+    /// Calls dispatched, with their tokens.
+    pub dispatched: Vec<(u32, Callout)>,
+    /// Makes every dispatch fail.
+    pub dispatch_fails: bool,
+    /// Makes writing the request body fail.
+    pub body_write_fails: bool,
+    /// The answer served by `callout_result`.
+    pub answer: Option<CalloutResult>,
+    /// The stream chosen with `set_effective_context`.
+    pub effective: Option<u32>,
+    pub replies: Vec<Reply>,
+    /// Streams resumed.
+    pub resumed: Vec<Option<u32>>,
+    pub metrics: HashMap<String, i64>,
+    pub logs: Vec<(Level, String)>,
+    /// The worker whose state must not be borrowed during host calls.
+    pub watch: Option<Worker>,
+    /// Host calls made while the watched state was borrowed.
+    pub violations: Cell<u32>,
+}
+
+impl MockHost {
+    pub fn new(watch: &Worker) -> MockHost {
+        MockHost {
+            now: 1_000_000,
+            watch: Some(watch.clone()),
+            next_token: 100,
+            ..MockHost::default()
+        }
+    }
+
+    fn check(&self) {
+        if self.watch.as_ref().is_some_and(Worker::is_borrowed) {
+            self.violations.set(self.violations.get() + 1);
+        }
+    }
+
+    pub fn request(&mut self, method: &str, path: &str, body: &[u8]) {
+        self.request_headers = [
+            (":method", method),
+            (":path", path),
+            (":authority", "gw"),
+            ("content-type", "application/json"),
+            ("x-request-id", "req-1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        self.request_body = body.to_vec();
+    }
+
+    pub fn metric(&self, name: &str) -> i64 {
+        self.metrics.get(name).copied().unwrap_or(0)
+    }
+
+    /// The `:path` of the last call dispatched.
+    pub fn last_path(&self) -> String {
+        let (_, call) = self.dispatched.last().unwrap();
+        path_of(call)
+    }
+
+    pub fn last_token(&self) -> u32 {
+        self.dispatched.last().unwrap().0
+    }
+
+    pub fn paths(&self) -> Vec<String> {
+        self.dispatched.iter().map(|(_, c)| path_of(c)).collect()
+    }
+
+    pub fn outcome(&self) -> Option<String> {
+        self.state
+            .iter()
+            .rev()
+            .find(|(_, k, _)| k == "countersign_decision")
+            .map(|(_, _, v)| String::from_utf8(v.clone()).unwrap())
+    }
+}
+
+pub fn path_of(call: &Callout) -> String {
+    call.headers
+        .iter()
+        .find(|(k, _)| k == ":path")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default()
+}
+
+impl Host for MockHost {
+    fn request_header(&self, name: &str) -> Option<String> {
+        self.check();
+        self.request_headers.get(name).cloned()
+    }
+
+    fn set_request_header(&mut self, name: &str, value: Option<&str>) {
+        self.check();
+        match value {
+            Some(v) => self.request_headers.insert(name.into(), v.into()),
+            None => self.request_headers.remove(name),
+        };
+    }
+
+    fn request_body(&self, size: usize) -> Vec<u8> {
+        self.check();
+        self.request_body[..size.min(self.request_body.len())].to_vec()
+    }
+
+    fn set_request_body(&mut self, replaced: usize, body: &[u8]) -> Result<(), String> {
+        self.check();
+        if self.body_write_fails {
+            return Err("BadArgument".into());
+        }
+        let replaced = replaced.min(self.request_body.len());
+        self.request_body.splice(..replaced, body.iter().copied());
+        Ok(())
+    }
+
+    fn response_header(&self, name: &str) -> Option<String> {
+        self.check();
+        self.response_headers.get(name).cloned()
+    }
+
+    fn set_response_header(&mut self, name: &str, value: Option<&str>) {
+        self.check();
+        match value {
+            Some(v) => self.response_headers.insert(name.into(), v.into()),
+            None => self.response_headers.remove(name),
+        };
+    }
+
+    fn response_body(&self, size: usize) -> Vec<u8> {
+        self.check();
+        self.response_chunk[..size.min(self.response_chunk.len())].to_vec()
+    }
+
+    fn set_response_body(&mut self, replaced: usize, body: &[u8]) {
+        self.check();
+        let replaced = replaced.min(self.response_chunk.len());
+        self.response_chunk.splice(..replaced, body.iter().copied());
+    }
+
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.check();
+        let path: Vec<String> = path.iter().map(|s| s.to_string()).collect();
+        self.properties.get(&path).cloned()
+    }
+
+    fn set_property(&mut self, name: &str, value: &[u8]) {
+        self.check();
+        self.state
+            .push((self.effective, name.into(), value.to_vec()));
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.check();
+        self.now
+    }
+
+    fn nonce(&mut self) -> u64 {
+        self.check();
+        0xabc
+    }
+
+    fn dispatch(&mut self, cluster: &str, call: &Callout) -> Result<u32, String> {
+        self.check();
+        assert_eq!(cluster, "countersign_approval");
+        if self.dispatch_fails {
+            return Err("BadArgument".into());
+        }
+        self.next_token += 1;
+        self.dispatched.push((self.next_token, call.clone()));
+        Ok(self.next_token)
+    }
+
+    fn callout_result(&self, _body_size: usize) -> CalloutResult {
+        self.check();
+        self.answer.clone().unwrap()
+    }
+
+    fn set_effective_context(&mut self, context_id: u32) -> Result<(), String> {
+        self.check();
+        self.effective = Some(context_id);
+        Ok(())
+    }
+
+    fn send_reply(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) {
+        self.check();
+        self.replies.push(Reply {
+            context: self.effective,
+            status,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: body.to_vec(),
+        });
+    }
+
+    fn resume_request(&mut self) {
+        self.check();
+        self.resumed.push(self.effective);
+    }
+
+    fn count(&mut self, name: &str, delta: i64) {
+        self.check();
+        *self.metrics.entry(name.to_string()).or_default() += delta;
+    }
+
+    fn log(&mut self, level: Level, message: &str) {
+        self.check();
+        self.logs.push((level, message.to_string()));
+    }
+}

@@ -1,0 +1,628 @@
+//! One VM's (one Envoy worker's) shared state: the holds by HTTP context
+//! id, the outstanding callouts by token, the retries due, and the outbox of
+//! calls that must land after their stream is gone ([`crate::delivery`]).
+//!
+//! It is shared between the root context and the HTTP contexts of one VM
+//! (a [`Worker`] is a cheap handle to it): a retry after a failed long poll
+//! is dispatched from the root context's timer, so its answer comes back to
+//! the root context, which finds the hold by the callout token; context ids
+//! are unique within a VM only, and every VM has its own worker.
+//!
+//! No borrow of the state is held across a host call: a local reply or a
+//! resume can make Envoy call back into this VM synchronously (see
+//! [`crate::host`]). Every borrow below lives in a scope without host calls.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use crate::config::Config;
+use crate::delivery::{admits, admits_routine, Delivery, DeliveryStep};
+use crate::hold::{
+    cancel_callout, record_callout, Callout, CalloutKind, CalloutResult, Hold, HoldStep, Release,
+};
+use crate::host::{note_outcome, Host, Level};
+use crate::refusal::{Refusal, RefusalKind};
+
+/// A held request's state.
+struct HoldEntry {
+    hold: Hold,
+    config: Rc<Config>,
+    /// Size of the buffered body, replaced whole by an edited body.
+    body_len: usize,
+    /// Set once the hold is over, either way.
+    finished: bool,
+    /// Set when the request was released to the model, with the time.
+    released: Option<(Release, u64)>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Holds by HTTP context id.
+    holds: HashMap<u32, HoldEntry>,
+    /// Outstanding hold callouts: token → (HTTP context id, which call).
+    callouts: HashMap<u32, (u32, CalloutKind)>,
+    /// Retries due: (time in ms, HTTP context id).
+    retries: Vec<(u64, u32)>,
+    /// Deliveries to send, due at a time (ms).
+    outbox: Vec<(u64, Rc<Config>, Delivery)>,
+    /// Deliveries sent and not yet answered, by callout token.
+    deliveries: HashMap<u32, (Rc<Config>, Delivery)>,
+    /// Deliveries queued or in flight, and the bytes of their bodies.
+    queued: (usize, usize),
+}
+
+/// A handle to one VM's shared state.
+#[derive(Clone, Default)]
+pub struct Worker(Rc<RefCell<State>>);
+
+impl Worker {
+    /// An empty worker.
+    pub fn new() -> Worker {
+        Worker::default()
+    }
+
+    /// Runs `f` on the state. Callers never make host calls inside `f`.
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        f(&mut self.0.borrow_mut())
+    }
+
+    /// Whether the state is free to borrow (for tests of re-entrancy).
+    pub fn is_borrowed(&self) -> bool {
+        self.0.try_borrow_mut().is_err()
+    }
+
+    /// Requests held in this VM.
+    pub fn held(&self) -> usize {
+        self.with(|s| s.holds.len())
+    }
+
+    /// Hold callouts waiting for an answer.
+    pub fn outstanding_callouts(&self) -> usize {
+        self.with(|s| s.callouts.len())
+    }
+
+    /// Deliveries queued or in flight, and the bytes of their bodies.
+    pub fn queued(&self) -> (usize, usize) {
+        self.with(|s| s.queued)
+    }
+
+    /// Queues `call` for the root context to send (at its next tick) and to
+    /// retry until it lands; drops it (counted) when the queue is full. A
+    /// `routine` call (refusal record, cancellation) gets only half the queue.
+    pub fn deliver(&self, host: &mut dyn Host, config: &Rc<Config>, call: Callout, routine: bool) {
+        let delivery = Delivery::new(call);
+        let size = delivery.size();
+        let refused = self.with(|s| {
+            let (n, bytes) = s.queued;
+            let admitted = match routine {
+                true => admits_routine(n, bytes, size),
+                false => admits(n, bytes, size),
+            };
+            if !admitted {
+                return Some((n, bytes));
+            }
+            s.queued = (n + 1, bytes.saturating_add(size));
+            s.outbox.push((0, config.clone(), delivery));
+            None
+        });
+        if let Some((n, bytes)) = refused {
+            host.count("countersign_deliveries_dropped_total", 1);
+            host.log(
+                Level::Warn,
+                &format!(
+                    "countersign: delivery queue full ({n} calls, {bytes} bytes); one dropped"
+                ),
+            );
+        }
+    }
+
+    /// The root context's timer: fires the retries due, then sends the due
+    /// deliveries (their answers come back to the root context, whatever
+    /// became of the stream).
+    pub fn on_tick(&self, host: &mut dyn Host) {
+        let now = host.now_ms();
+        let due: Vec<u32> = self.with(|s| {
+            let (due, later): (Vec<_>, Vec<_>) =
+                s.retries.drain(..).partition(|(at, _)| *at <= now);
+            s.retries = later;
+            due.into_iter().map(|(_, id)| id).collect()
+        });
+        for ctx in due {
+            let step = self.with(|s| {
+                let e = s.holds.get_mut(&ctx)?;
+                let config = e.config.clone();
+                Some(e.hold.on_retry(&config, now))
+            });
+            if let Some(step) = step {
+                self.perform(host, ctx, step);
+            }
+        }
+        self.send_deliveries(host, now);
+    }
+
+    fn send_deliveries(&self, host: &mut dyn Host, now: u64) {
+        let due: Vec<(Rc<Config>, Delivery)> = self.with(|s| {
+            let (due, later): (Vec<_>, Vec<_>) =
+                s.outbox.drain(..).partition(|(at, _, _)| *at <= now);
+            s.outbox = later;
+            due.into_iter().map(|(_, c, d)| (c, d)).collect()
+        });
+        for (config, mut delivery) in due {
+            delivery.sending();
+            match host.dispatch(&config.approval_cluster, &delivery.call) {
+                Ok(token) => self.with(|s| {
+                    s.deliveries.insert(token, (config, delivery));
+                }),
+                Err(e) => {
+                    let failed = CalloutResult {
+                        status: None,
+                        body: e.into_bytes(),
+                    };
+                    let step = delivery.on_result(&failed, now);
+                    self.after_delivery(host, config, delivery, step);
+                }
+            }
+        }
+    }
+
+    fn after_delivery(
+        &self,
+        host: &mut dyn Host,
+        config: Rc<Config>,
+        delivery: Delivery,
+        step: DeliveryStep,
+    ) {
+        match step {
+            DeliveryStep::Done => self.delivered(&delivery),
+            DeliveryStep::RetryAt(at) => {
+                host.count("countersign_delivery_retries_total", 1);
+                self.with(|s| s.outbox.push((at, config, delivery)));
+            }
+            DeliveryStep::GiveUp(why) => {
+                self.delivered(&delivery);
+                host.count("countersign_deliveries_failed_total", 1);
+                let path = delivery
+                    .call
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == ":path")
+                    .map_or("", |(_, v)| v.as_str());
+                host.log(
+                    Level::Warn,
+                    &format!("countersign: gave up on POST {path} to the approval service: {why}"),
+                );
+            }
+        }
+    }
+
+    /// A delivery left the queue for good (landed or given up).
+    fn delivered(&self, delivery: &Delivery) {
+        self.with(|s| {
+            let (n, bytes) = s.queued;
+            s.queued = (n.saturating_sub(1), bytes.saturating_sub(delivery.size()));
+        });
+    }
+
+    /// Routes a callout answer to the delivery or the hold that made the
+    /// call, whichever context it was dispatched from.
+    pub fn on_callout_response(&self, host: &mut dyn Host, token: u32, body_size: usize) {
+        if let Some((config, delivery)) = self.with(|s| s.deliveries.remove(&token)) {
+            let step = delivery.on_result(&host.callout_result(body_size), host.now_ms());
+            self.after_delivery(host, config, delivery, step);
+            return;
+        }
+        let Some((ctx, kind)) = self.with(|s| s.callouts.remove(&token)) else {
+            return;
+        };
+        if !self.with(|s| s.holds.contains_key(&ctx)) {
+            return;
+        }
+        let result = host.callout_result(body_size);
+        let now = host.now_ms();
+        let step = self.with(|s| {
+            let e = s.holds.get_mut(&ctx)?;
+            let config = e.config.clone();
+            Some(e.hold.on_response(&config, kind, &result, now))
+        });
+        if let Some(step) = step {
+            self.perform(host, ctx, step);
+        }
+    }
+
+    /// Starts holding the request of HTTP context `ctx` (its body of
+    /// `body_len` bytes is buffered) and carries out the hold's first step.
+    pub fn start_hold(
+        &self,
+        host: &mut dyn Host,
+        ctx: u32,
+        config: &Rc<Config>,
+        hold: Hold,
+        step: HoldStep,
+        body_len: usize,
+    ) {
+        let entry = HoldEntry {
+            hold,
+            config: config.clone(),
+            body_len,
+            finished: false,
+            released: None,
+        };
+        self.with(|s| s.holds.insert(ctx, entry));
+        host.count("countersign_held", 1);
+        self.perform(host, ctx, step);
+    }
+
+    /// The release of `ctx`'s request, and when it happened, once released.
+    pub fn released(&self, ctx: u32) -> Option<(Release, u64)> {
+        self.with(|s| s.holds.get(&ctx).and_then(|e| e.released.clone()))
+    }
+
+    /// HTTP context `ctx` is gone. If its review was still open, the caller
+    /// went away mid-review: the service is told, so reviewers do not decide
+    /// on a request nobody waits for.
+    pub fn end_stream(&self, host: &mut dyn Host, ctx: u32) {
+        let Some(entry) = self.with(|s| s.holds.remove(&ctx)) else {
+            return;
+        };
+        host.count("countersign_held", -1);
+        if entry.finished {
+            return;
+        }
+        if let Some(call) = entry
+            .hold
+            .cancellable_review()
+            .and_then(|id| cancel_callout(&entry.config, id))
+        {
+            self.deliver(host, &entry.config, call, true);
+        }
+    }
+
+    /// Marks `ctx`'s hold finished and reads what the host calls after it
+    /// need; the borrow ends on return, before any of those calls.
+    fn finish<T>(&self, ctx: u32, read: impl FnOnce(&mut HoldEntry) -> T) -> Option<T> {
+        self.with(|s| {
+            let e = s.holds.get_mut(&ctx)?;
+            e.finished = true;
+            Some(read(e))
+        })
+    }
+
+    /// Carries out one step of `ctx`'s hold.
+    fn perform(&self, host: &mut dyn Host, ctx: u32, step: HoldStep) {
+        let Some(config) = self.with(|s| s.holds.get(&ctx).map(|e| e.config.clone())) else {
+            return;
+        };
+        let mut step = step;
+        // A failed dispatch is fed back as "no response"; the hold machine
+        // always ends such a chain in a retry or a refusal.
+        for _ in 0..4 {
+            match step {
+                HoldStep::Call(call) => match host.dispatch(&config.approval_cluster, &call) {
+                    Ok(token) => {
+                        self.with(|s| s.callouts.insert(token, (ctx, call.kind)));
+                        return;
+                    }
+                    Err(why) => {
+                        host.log(
+                            Level::Warn,
+                            &format!("countersign: call to the approval service failed: {why}"),
+                        );
+                        let no_answer = CalloutResult {
+                            status: None,
+                            body: Vec::new(),
+                        };
+                        let now = host.now_ms();
+                        let next = self.with(|s| {
+                            let e = s.holds.get_mut(&ctx)?;
+                            Some(e.hold.on_response(&config, call.kind, &no_answer, now))
+                        });
+                        let Some(next) = next else { return };
+                        step = next;
+                    }
+                },
+                HoldStep::RetryAt(at) => {
+                    self.with(|s| s.retries.push((at, ctx)));
+                    return;
+                }
+                HoldStep::Release(release) => return self.release(host, ctx, release),
+                HoldStep::Respond(reply) => {
+                    self.finish(ctx, |_| ());
+                    if host.set_effective_context(ctx).is_ok() {
+                        if reply.status == 202 {
+                            note_outcome(host, "pending");
+                        }
+                        let headers: Vec<(&str, &str)> = reply
+                            .headers
+                            .iter()
+                            .map(|(k, v)| (k.as_str(), v.as_str()))
+                            .collect();
+                        host.send_reply(reply.status, &headers, &reply.body);
+                    }
+                    return;
+                }
+                HoldStep::Refuse(refusal) => {
+                    let record = self
+                        .finish(ctx, |e| e.hold.refusal_record(&refusal))
+                        .flatten();
+                    if let Some(record) = record {
+                        let _ = host
+                            .dispatch(&config.approval_cluster, &record_callout(&config, &record));
+                    }
+                    if host.set_effective_context(ctx).is_ok() {
+                        if refusal.kind != RefusalKind::NotFound {
+                            note_outcome(host, refusal.kind.outcome());
+                        }
+                        host.log(
+                            Level::Info,
+                            &format!(
+                                "countersign: review {} ended: {}",
+                                refusal.review_id.as_deref().unwrap_or("-"),
+                                refusal.kind.code()
+                            ),
+                        );
+                        send_refusal(host, &refusal);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Lets a held request go to the model, with the masked or edited body.
+    fn release(&self, host: &mut dyn Host, ctx: u32, release: Release) {
+        let Some(body_len) = self.finish(ctx, |e| e.body_len) else {
+            return;
+        };
+        if host.set_effective_context(ctx).is_err() {
+            return;
+        }
+        if let Some(body) = &release.edited_body {
+            if host.set_request_body(body_len, body).is_err() {
+                let r = Refusal::new(
+                    RefusalKind::ApprovalUnavailable,
+                    None,
+                    "could not apply the reviewer's edit",
+                );
+                send_refusal(host, &r);
+                return;
+            }
+        }
+        host.log(
+            Level::Info,
+            &format!(
+                "countersign: {} {} (review {}, reviewer {})",
+                release.decision,
+                if release.edited_body.is_some() {
+                    "with a replaced body"
+                } else {
+                    "as sent"
+                },
+                release.review_id.as_deref().unwrap_or("-"),
+                release.reviewer.as_deref().unwrap_or("-"),
+            ),
+        );
+        note_outcome(host, release.decision);
+        let now = host.now_ms();
+        self.with(|s| {
+            if let Some(e) = s.holds.get_mut(&ctx) {
+                e.released = Some((release, now));
+            }
+        });
+        host.resume_request();
+    }
+}
+
+/// Answers the current stream with `refusal`, in its API's format.
+pub fn send_refusal(host: &mut dyn Host, refusal: &Refusal) {
+    let headers = refusal.headers();
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    host.send_reply(refusal.status(), &headers, &refusal.body());
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+    use crate::delivery::{MAX_QUEUED, MAX_QUEUED_BYTES};
+    use crate::host::Action;
+    use crate::stream::StreamFilter;
+    use crate::testing::MockHost;
+
+    const CHAT: &str = "/v1/chat/completions";
+    const BODY: &[u8] = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    const PENDING: &str = r#"{"id":"rev_1","status":"pending","expires_at_ms":0}"#;
+
+    fn config(json: &str) -> Rc<Config> {
+        Rc::new(Config::from_json(json.as_bytes()).unwrap())
+    }
+
+    fn call(path: &str, body_len: usize) -> Callout {
+        Callout {
+            kind: CalloutKind::Record,
+            headers: vec![(":path".into(), path.into())],
+            body: Some(vec![b'x'; body_len]),
+            timeout_ms: 1_000,
+        }
+    }
+
+    fn answer(host: &mut MockHost, worker: &Worker, token: u32, status: Option<u16>, body: &str) {
+        host.answer = Some(CalloutResult {
+            status,
+            body: body.as_bytes().to_vec(),
+        });
+        host.effective = None;
+        worker.on_callout_response(host, token, body.len());
+    }
+
+    #[test]
+    fn the_outbox_admits_within_bounds_and_keeps_half_for_responses() {
+        let c = config("{}");
+        let worker = Worker::new();
+        let mut host = MockHost::new(&worker);
+        for _ in 0..MAX_QUEUED / 2 {
+            worker.deliver(&mut host, &c, call("/v1/records", 1), true);
+        }
+        assert_eq!(worker.queued(), (MAX_QUEUED / 2, MAX_QUEUED / 2));
+        // Routine calls (refusal records, cancellations) are full...
+        worker.deliver(&mut host, &c, call("/v1/records", 1), true);
+        assert_eq!(host.metric("countersign_deliveries_dropped_total"), 1);
+        assert!(host
+            .logs
+            .iter()
+            .any(|(l, m)| *l == Level::Warn && m.contains("queue full")));
+        // ...response parts still get in, up to the byte bound.
+        worker.deliver(&mut host, &c, call("/v1/records/rec_1/response", 1), false);
+        assert_eq!(worker.queued().0, MAX_QUEUED / 2 + 1);
+        worker.deliver(
+            &mut host,
+            &c,
+            call("/v1/records/rec_1/response", MAX_QUEUED_BYTES),
+            false,
+        );
+        assert_eq!(host.metric("countersign_deliveries_dropped_total"), 2);
+        assert_eq!(host.violations.get(), 0);
+    }
+
+    #[test]
+    fn deliveries_are_retried_with_backoff_then_given_up() {
+        let c = config("{}");
+        let worker = Worker::new();
+        let mut host = MockHost::new(&worker);
+        worker.deliver(&mut host, &c, call("/v1/records/rec_1/response", 10), false);
+        assert!(host.dispatched.is_empty());
+        let start = host.now;
+        let mut sent_at = Vec::new();
+        for step in 0..40 {
+            host.now = start + step * 50;
+            let before = host.dispatched.len();
+            worker.on_tick(&mut host);
+            if host.dispatched.len() > before {
+                sent_at.push(host.now - start);
+                let token = host.last_token();
+                answer(&mut host, &worker, token, Some(503), "");
+            }
+        }
+        // Sent at once, then after 250, 500 and 1,000 ms; then given up.
+        assert_eq!(sent_at, [0, 250, 750, 1_750]);
+        assert_eq!(host.metric("countersign_delivery_retries_total"), 3);
+        assert_eq!(host.metric("countersign_deliveries_failed_total"), 1);
+        assert_eq!(worker.queued(), (0, 0));
+        assert!(host
+            .logs
+            .iter()
+            .any(|(_, m)| m.contains("gave up on POST /v1/records/rec_1/response")));
+    }
+
+    #[test]
+    fn a_delivery_that_cannot_be_sent_counts_as_no_answer() {
+        let c = config("{}");
+        let worker = Worker::new();
+        let mut host = MockHost::new(&worker);
+        worker.deliver(&mut host, &c, call("/v1/reviews/rev_1/cancel", 0), true);
+        host.dispatch_fails = true;
+        worker.on_tick(&mut host);
+        assert_eq!(host.metric("countersign_delivery_retries_total"), 1);
+        host.dispatch_fails = false;
+        host.now += 250;
+        worker.on_tick(&mut host);
+        let token = host.last_token();
+        answer(&mut host, &worker, token, Some(200), "");
+        assert_eq!(worker.queued(), (0, 0));
+        assert_eq!(host.metric("countersign_deliveries_failed_total"), 0);
+    }
+
+    fn held_stream(worker: &Worker, host: &mut MockHost, c: &Rc<Config>, id: u32) -> StreamFilter {
+        let mut s = StreamFilter::new(id, Some(c.clone()), worker.clone());
+        host.request("POST", CHAT, BODY);
+        host.effective = None;
+        assert_eq!(s.on_request_headers(host, false), Action::Continue);
+        assert_eq!(s.on_request_body(host, BODY.len(), true), Action::Pause);
+        s
+    }
+
+    #[test]
+    fn callout_answers_go_to_the_hold_that_made_the_call() {
+        let c = config(r#"{"records":"off"}"#);
+        let worker = Worker::new();
+        let mut host = MockHost::new(&worker);
+        let _a = held_stream(&worker, &mut host, &c, 7);
+        let create_a = host.last_token();
+        let _b = held_stream(&worker, &mut host, &c, 8);
+        let create_b = host.last_token();
+        assert_eq!(worker.held(), 2);
+        assert_eq!(worker.outstanding_callouts(), 2);
+        // An unknown token changes nothing.
+        answer(&mut host, &worker, 9_999, Some(200), PENDING);
+        assert_eq!(worker.outstanding_callouts(), 2);
+        // B's review is created and approved first; A keeps waiting.
+        answer(&mut host, &worker, create_b, Some(201), PENDING);
+        let wait_b = host.last_token();
+        let approved = r#"{"id":"rev_1","status":"approved","expires_at_ms":0}"#;
+        answer(&mut host, &worker, wait_b, Some(200), approved);
+        assert_eq!(host.resumed, [Some(8)]);
+        answer(&mut host, &worker, create_a, Some(201), PENDING);
+        let rejected = r#"{"id":"rev_1","status":"rejected","expires_at_ms":0}"#;
+        let wait_a = host.last_token();
+        answer(&mut host, &worker, wait_a, Some(200), rejected);
+        assert_eq!(host.resumed, [Some(8)]);
+        assert_eq!(host.replies.len(), 1);
+        assert_eq!(host.replies[0].context, Some(7));
+        assert_eq!(host.replies[0].status, 403);
+        assert_eq!(host.violations.get(), 0);
+    }
+
+    #[test]
+    fn a_failed_poll_is_retried_from_the_root_timer() {
+        let c = config(r#"{"records":"off"}"#);
+        let worker = Worker::new();
+        let mut host = MockHost::new(&worker);
+        let _s = held_stream(&worker, &mut host, &c, 7);
+        let token = host.last_token();
+        answer(&mut host, &worker, token, Some(201), PENDING);
+        let token = host.last_token();
+        // The service is restarting: no answer to the long poll.
+        answer(&mut host, &worker, token, None, "");
+        let polls = host.dispatched.len();
+        worker.on_tick(&mut host);
+        assert_eq!(host.dispatched.len(), polls, "not due yet");
+        host.now += 2_000;
+        worker.on_tick(&mut host);
+        assert_eq!(host.dispatched.len(), polls + 1);
+        assert!(host.last_path().starts_with("/v1/reviews/rev_1/wait"));
+        // The retry's answer comes back to the root context, which resumes
+        // the stream through its context id.
+        let token = host.last_token();
+        let approved = r#"{"id":"rev_1","status":"approved","expires_at_ms":0}"#;
+        answer(&mut host, &worker, token, Some(200), approved);
+        assert_eq!(host.resumed, [Some(7)]);
+        assert_eq!(host.violations.get(), 0);
+    }
+
+    #[test]
+    fn a_dispatch_that_fails_at_once_is_retried_then_refused() {
+        let c = config(r#"{"records":"off"}"#);
+        let worker = Worker::new();
+        let mut host = MockHost::new(&worker);
+        host.dispatch_fails = true;
+        let _s = held_stream(&worker, &mut host, &c, 7);
+        // Review creation is retried a bounded number of times, then the
+        // request is refused (fail closed).
+        for _ in 0..10 {
+            host.now += 5_000;
+            worker.on_tick(&mut host);
+        }
+        assert_eq!(host.replies.len(), 1);
+        assert_eq!(host.replies[0].status, 503);
+        assert_eq!(host.replies[0].context, Some(7));
+        assert_eq!(host.metric("countersign_requests_unavailable_total"), 1);
+    }
+
+    #[test]
+    fn the_mock_host_sees_a_borrow_held_across_a_host_call() {
+        let worker = Worker::new();
+        let mut host = MockHost::new(&worker);
+        worker.with(|_| host.count("x", 1));
+        assert_eq!(host.violations.get(), 1);
+    }
+}
