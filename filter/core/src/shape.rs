@@ -700,19 +700,25 @@ fn chat_content(w: &mut Walker<'_>, m: &Map<String, Value>, key: &str) -> Result
     })
 }
 
+/// A `text` (or `input_text` / `output_text`) part: its `text` is text.
+fn text_part(w: &mut Walker<'_>, part: &Map<String, Value>) -> Result<(), ShapeError> {
+    let s = w.req_str(part, "text")?;
+    w.key("text", |w| w.text(s));
+    Ok(())
+}
+
+/// A `refusal` part of an earlier answer.
+fn refusal_part(w: &mut Walker<'_>, part: &Map<String, Value>) -> Result<(), ShapeError> {
+    let s = w.req_str(part, "refusal")?;
+    let shown = w.key("refusal", |w| w.screened(s));
+    w.put(&format!("[refusal: {shown}]"));
+    Ok(())
+}
+
 fn chat_part(w: &mut Walker<'_>, kind: &str, part: &Map<String, Value>) -> Result<(), ShapeError> {
     match kind {
-        "text" => {
-            let s = w.req_str(part, "text")?;
-            w.key("text", |w| w.text(s));
-            Ok(())
-        }
-        "refusal" => {
-            let s = w.req_str(part, "refusal")?;
-            let shown = w.key("refusal", |w| w.screened(s));
-            w.put(&format!("[refusal: {shown}]"));
-            Ok(())
-        }
+        "text" => text_part(w, part),
+        "refusal" => refusal_part(w, part),
         "image_url" => {
             let shown = match part.get("image_url") {
                 Some(Value::Object(image)) => w.key("image_url", |w| {
@@ -829,17 +835,8 @@ fn responses_part(
     part: &Map<String, Value>,
 ) -> Result<(), ShapeError> {
     match kind {
-        "input_text" | "output_text" | "text" => {
-            let s = w.req_str(part, "text")?;
-            w.key("text", |w| w.text(s));
-            Ok(())
-        }
-        "refusal" => {
-            let s = w.req_str(part, "refusal")?;
-            let shown = w.key("refusal", |w| w.screened(s));
-            w.put(&format!("[refusal: {shown}]"));
-            Ok(())
-        }
+        "input_text" | "output_text" | "text" => text_part(w, part),
+        "refusal" => refusal_part(w, part),
         "input_image" => {
             let shown = w.url_at(part, "image_url")?;
             w.attachment(&format!("[input_image: {shown}]"));
@@ -940,11 +937,7 @@ fn anthropic_block(w: &mut Walker<'_>, block: &Map<String, Value>) -> Result<(),
         w.put(&format!("[citations: {shown}]"));
     }
     match kind {
-        "text" => {
-            let s = w.req_str(block, "text")?;
-            w.key("text", |w| w.text(s));
-            Ok(())
-        }
+        "text" => text_part(w, block),
         "image" => {
             let url = anthropic_source_url(w, block)?;
             w.attachment(&format!("[image{url}]"));
@@ -1164,10 +1157,7 @@ fn gemini_part(w: &mut Walker<'_>, part: &Map<String, Value>) -> Result<(), Shap
         _ => Err(w.err(key, "must be an object")),
     };
     match key {
-        "text" => {
-            let s = w.req_str(part, "text")?;
-            w.key("text", |w| w.text(s));
-        }
+        "text" => text_part(w, part)?,
         "inlineData" | "inline_data" => {
             let d = object(w, &["mimeType", "data", "displayName"])?;
             let mime = d
