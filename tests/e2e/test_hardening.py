@@ -165,3 +165,48 @@ def test_http2_trailers_cannot_carry_a_body_past_review(stack):
     assert status == 400, data
     assert b"trailers" in data
     assert_nothing_forwarded(stack)
+
+
+@pytest.fixture(scope="module")
+def passing(tmp_path_factory):
+    """A gateway whose backend serves other endpoints too (`other_requests: pass`)."""
+    from stack import Stack
+    stack = Stack(tmp_path_factory.mktemp("passing"), filter_config={"other_requests": "pass"})
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+
+
+OLLAMA_CHAT = {"model": "llama3", "messages": [{"role": "user", "content": "unreviewed"}], "stream": False}
+
+
+@pytest.mark.parametrize("name,path,method,body", [
+    ("ollama native chat", "/api/chat", "POST", OLLAMA_CHAT),
+    ("ollama native generate", "/api/generate", "POST", {"model": "llama3", "prompt": "unreviewed"}),
+    ("openai path under a prefix", "/openai/v1/chat/completions", "POST", chat(text="unreviewed")),
+    ("openai path without /v1", "/chat/completions", "POST", chat(text="unreviewed")),
+    ("legacy engines path", "/v1/engines/davinci/completions", "POST", {"prompt": "unreviewed"}),
+    ("case-variant key", "/api/chat", "POST", {"model": "llama3", "Messages": [{"role": "user", "content": "x"}]}),
+    ("bedrock converse", "/model/anthropic.claude-3/converse", "POST", {"messages": [{"role": "user", "content": [{"text": "x"}]}]}),
+    ("GET carrying a prompt", "/api/chat", "GET", OLLAMA_CHAT),
+])
+def test_prompts_on_unlisted_paths_are_refused(passing, name, path, method, body):
+    before = passing.backend.stats()["started"]
+    r = raw(passing, json.dumps(body).encode(), path=path, method=method)
+    assert r.status_code == 403, (name, r.status_code, r.text)
+    err = r.json()["error"]
+    assert err["code"] == "endpoint_not_allowed" and path in err["message"], err
+    assert passing.backend.stats()["started"] == before, name
+
+
+def test_other_bodies_still_pass_on_unlisted_paths(passing):
+    before = passing.backend.stats()["started"]
+    # JSON that is not a prompt, and a body that is not JSON, reach the backend
+    # (which has no such routes: 404 from the backend, not a refusal).
+    r = raw(passing, json.dumps({"model": "llama3"}).encode(), path="/api/pull")
+    assert r.status_code == 404, r.text
+    r = raw(passing, b"name=llama3", path="/api/pull", headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 404, r.text
+    assert passing.backend.stats()["started"] == before + 2

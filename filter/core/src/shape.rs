@@ -1209,6 +1209,76 @@ fn gemini_part(w: &mut Walker<'_>, part: &Map<String, Value>) -> Result<(), Shap
     Ok(())
 }
 
+// Prompts on paths that are not inference endpoints ---------------------
+
+/// Top-level keys under which LLM APIs take a prompt (OpenAI, Anthropic,
+/// Gemini, Ollama's native API, Bedrock's model families, TGI, Cohere).
+/// Compared without case: Go decoders match keys that way.
+const PROMPT_KEYS: &[&str] = &[
+    "messages",
+    "prompt",
+    "prompts",
+    "input",
+    "inputs",
+    "inputtext",
+    "contents",
+    "system",
+    "systeminstruction",
+    "system_instruction",
+    "instructions",
+    "suffix",
+    "conversation",
+    "chat_history",
+];
+
+/// What a body sent to a path that is not an inference endpoint is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sniffed {
+    /// Not JSON: it passes.
+    NotJson,
+    /// JSON, but no prompt field: it passes.
+    NotAPrompt,
+    /// A prompt, under this key: refused unless the path is an endpoint.
+    Prompt(String),
+    /// Starts like JSON but does not parse: it cannot be told apart from a
+    /// prompt that a lenient backend reads, so it is refused.
+    Unreadable,
+}
+
+/// Whether a body that begins with `start` may be JSON: `None` while only
+/// white space (or a byte-order mark) has arrived.
+pub fn may_be_json(start: &[u8]) -> Option<bool> {
+    let rest = start.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(start);
+    rest.iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .map(|b| *b == b'{' || *b == b'[')
+}
+
+/// Looks at a whole body sent to a path that is not an inference endpoint.
+pub fn sniff_prompt(body: &[u8]) -> Sniffed {
+    if may_be_json(body) != Some(true) {
+        return Sniffed::NotJson;
+    }
+    let rest = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    let Ok(value) = serde_json::from_slice::<Value>(rest) else {
+        return Sniffed::Unreadable;
+    };
+    let objects: Vec<&Map<String, Value>> = match &value {
+        Value::Object(o) => vec![o],
+        Value::Array(a) => a.iter().filter_map(Value::as_object).collect(),
+        _ => Vec::new(),
+    };
+    for o in objects {
+        if let Some(k) = o
+            .keys()
+            .find(|k| PROMPT_KEYS.contains(&k.to_lowercase().as_str()))
+        {
+            return Sniffed::Prompt(k.clone());
+        }
+    }
+    Sniffed::NotAPrompt
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
@@ -1365,6 +1435,31 @@ mod tests {
         shown(OpenaiResponses, r#"{"input":[{"type":"message","id":"m","status":"completed","role":"assistant","content":[{"type":"output_text","text":"a","annotations":[],"logprobs":[]}]},{"type":"function_call","id":"fc","call_id":"c","name":"f","arguments":"{}","status":"completed"},{"type":"function_call_output","call_id":"c","output":"ok"}]}"#).unwrap();
         shown(AnthropicMessages, r#"{"system":[{"type":"text","text":"s","cache_control":{"type":"ephemeral"}}],"messages":[{"role":"assistant","content":[{"type":"thinking","thinking":"t","signature":"s"},{"type":"tool_use","id":"t","name":"f","input":{}}]},{"role":"user","content":[{"type":"tool_result","tool_use_id":"t","content":"ok","is_error":false}]}]}"#).unwrap();
         shown(GeminiGenerateContent, r#"{"contents":[{"role":"model","parts":[{"text":"t","thought":true,"thoughtSignature":"c2ln"},{"functionCall":{"id":"1","name":"f","args":{"a":1}}}]},{"role":"user","parts":[{"function_response":{"name":"f","response":{"r":1}}}]}]}"#).unwrap();
+    }
+
+    #[test]
+    fn prompts_are_recognised_on_any_path() {
+        for body in [
+            &br#"{"model":"llama3","messages":[{"role":"user","content":"hi"}]}"#[..],
+            br#"{"model":"llama3","prompt":"hi","stream":false}"#,
+            br#"  {"Messages":[]}"#,
+            b"\xEF\xBB\xBF{\"inputText\":\"hi\"}",
+            br#"[{"id":1,"contents":[]}]"#,
+            br#"{"anthropic_version":"bedrock-2023-05-31","system":"s","max_tokens":5}"#,
+        ] {
+            assert!(
+                matches!(sniff_prompt(body), Sniffed::Prompt(_)),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert_eq!(sniff_prompt(br#"{"name":"llama3"}"#), Sniffed::NotAPrompt);
+        assert_eq!(sniff_prompt(b"name=llama3&x=1"), Sniffed::NotJson);
+        assert_eq!(sniff_prompt(b"\x00\x00\x00\x00\x05grpc"), Sniffed::NotJson);
+        assert_eq!(sniff_prompt(br#"{"messages": NaN}"#), Sniffed::Unreadable);
+        assert_eq!(may_be_json(b"  \n"), None);
+        assert_eq!(may_be_json(b" {"), Some(true));
+        assert_eq!(may_be_json(b"x"), Some(false));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::request::{
 };
 use crate::response_filter::{ResponseCapture, ResponseFilter};
 use crate::response_head::{plan_response, ResponseHead, ResponsePlan, Withheld};
+use crate::shape::{may_be_json, sniff_prompt, Sniffed};
 use crate::worker::{send_refusal, Worker};
 
 /// Headers that ask for another method than the request line's; an
@@ -64,6 +65,9 @@ pub struct StreamFilter {
     record_guard: Option<ResponseFilter>,
     /// Set when the answer cannot be read and is replaced whole.
     withheld: Option<Withheld>,
+    /// A request to a path that is not an inference endpoint, whose body is
+    /// being looked at: a prompt there is refused (see `shape::sniff_prompt`).
+    sniffing: bool,
 }
 
 impl StreamFilter {
@@ -84,6 +88,7 @@ impl StreamFilter {
             guard: None,
             record_guard: None,
             withheld: None,
+            sniffing: false,
         }
     }
 
@@ -91,10 +96,12 @@ impl StreamFilter {
         self.refused = true;
         note_outcome(host, refusal.kind.outcome());
         // Every inference request leaves a record, refused ones included
-        // (best effort: the refusal does not wait for it).
-        if let (Some(config), Some(endpoint)) = (&self.config, &self.endpoint) {
-            if config.records != RecordMode::Off {
-                let record = refusal_record(&self.info, Some(endpoint.api), refusal);
+        // (best effort: the refusal does not wait for it), and so does a
+        // prompt sent to a path that is not an inference endpoint.
+        let api = self.endpoint.as_ref().map(|e| e.api);
+        if let Some(config) = &self.config {
+            if config.records != RecordMode::Off && (api.is_some() || self.sniffing) {
+                let record = refusal_record(&self.info, api, refusal);
                 self.worker
                     .deliver(host, config, record_callout(config, &record), true);
             }
@@ -213,6 +220,9 @@ impl StreamFilter {
         if let Some((name, value)) = &edits.set {
             host.set_request_header(name, Some(value));
         }
+        // A body on a path that is not an inference endpoint is looked at:
+        // a prompt there would reach the model unreviewed.
+        self.sniffing = matches!(verdict, HeadVerdict::Pass) && !end_of_stream;
         if let HeadVerdict::Inspect(endpoint) = verdict {
             if end_of_stream {
                 let refusal = Refusal::new(
@@ -233,6 +243,60 @@ impl StreamFilter {
         Action::Continue
     }
 
+    /// A body chunk of a request to a path that is not an inference
+    /// endpoint: a body that cannot be JSON passes at once; a JSON body is
+    /// read whole (up to `max_body_bytes`) and refused if it is a prompt.
+    fn sniff_body(&mut self, host: &mut dyn Host, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(config) = self.config.clone() else {
+            return Action::Continue;
+        };
+        // The first bytes tell whether it can be JSON at all.
+        match may_be_json(&host.request_body(body_size.min(64))) {
+            Some(false) => {
+                self.sniffing = false;
+                return Action::Continue;
+            }
+            None if !end_of_stream => return Action::Pause,
+            _ => {}
+        }
+        let path = self.info.path.clone();
+        if body_size > config.max_body_bytes {
+            let refusal = Refusal::new(
+                RefusalKind::TooLarge,
+                None,
+                format!(
+                    "`{path}` is not an inference endpoint, and its JSON body is larger than {} bytes, too large to check for a prompt",
+                    config.max_body_bytes
+                ),
+            );
+            return self.refuse(host, &refusal);
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let refusal = match sniff_prompt(&host.request_body(body_size)) {
+            Sniffed::Prompt(key) => Refusal::new(
+                RefusalKind::NotInference,
+                None,
+                format!(
+                    "`{path}` is not an inference endpoint of this gateway, but the body is a prompt (`{key}`); ask the operator to configure the path as an endpoint to have it reviewed"
+                ),
+            ),
+            Sniffed::Unreadable => Refusal::new(
+                RefusalKind::BadRequest,
+                None,
+                format!("the body sent to `{path}` starts like JSON but is not valid JSON, so it cannot be checked for a prompt"),
+            ),
+            Sniffed::NotJson | Sniffed::NotAPrompt => {
+                self.sniffing = false;
+                return Action::Continue;
+            }
+        };
+        let action = self.refuse(host, &refusal);
+        self.sniffing = false;
+        action
+    }
+
     /// A request body chunk; the body is judged whole, at its end.
     pub fn on_request_body(
         &mut self,
@@ -242,6 +306,9 @@ impl StreamFilter {
     ) -> Action {
         if self.refused || self.held {
             return Action::Pause;
+        }
+        if self.sniffing {
+            return self.sniff_body(host, body_size, end_of_stream);
         }
         let (Some(config), Some(endpoint)) = (self.config.clone(), self.endpoint.clone()) else {
             return Action::Continue;
@@ -342,6 +409,15 @@ impl StreamFilter {
                     RefusalKind::BadRequest,
                     Some(endpoint.api),
                     "request trailers are not accepted on inference endpoints",
+                );
+                self.refuse(host, &refusal)
+            }
+            // Trailers would end a JSON body before it was looked at.
+            None if self.sniffing => {
+                let refusal = Refusal::new(
+                    RefusalKind::BadRequest,
+                    None,
+                    "request trailers are not accepted on a JSON body that may be a prompt",
                 );
                 self.refuse(host, &refusal)
             }
@@ -679,6 +755,80 @@ mod tests {
         assert_eq!(stream.on_request_body(&mut host, 3, true), Action::Continue);
         assert_eq!(stream.on_request_trailers(&mut host), Action::Continue);
         assert!(host.replies.is_empty());
+    }
+
+    #[test]
+    fn prompts_on_paths_that_are_not_endpoints_are_refused() {
+        let config = r#"{"records":"off","other_requests":"pass"}"#;
+        // Ollama's native chat path, an OpenAI path under a prefix: prompts.
+        for (path, body) in [
+            (
+                "/api/chat",
+                &br#"{"model":"llama3","messages":[{"role":"user","content":"hi"}]}"#[..],
+            ),
+            (
+                "/proxy/v1/chat/completions",
+                br#"{"model":"m","messages":[]}"#,
+            ),
+            ("/api/generate", br#"  {"model":"llama3","Prompt":"hi"}"#),
+        ] {
+            let (_worker, mut host, mut stream) = setup(config);
+            host.request("POST", path, body);
+            assert_eq!(
+                stream.on_request_headers(&mut host, false),
+                Action::Continue
+            );
+            // Undecided while only the first bytes are in.
+            assert_eq!(stream.on_request_body(&mut host, 1, false), Action::Pause);
+            assert_eq!(
+                stream.on_request_body(&mut host, body.len(), true),
+                Action::Pause
+            );
+            let reply = &host.replies[0];
+            assert_eq!(reply.status, 403, "{path}");
+            let message = reply.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            assert!(
+                message.contains(path) && message.contains("prompt"),
+                "{message}"
+            );
+        }
+        // Other bodies pass: JSON without a prompt, and anything not JSON
+        // (at its first byte, without buffering the rest).
+        let (_worker, mut host, mut stream) = setup(config);
+        host.request("POST", "/api/pull", br#"{"model":"llama3"}"#);
+        stream.on_request_headers(&mut host, false);
+        assert_eq!(
+            stream.on_request_body(&mut host, 18, true),
+            Action::Continue
+        );
+        let (_worker, mut host, mut stream) = setup(config);
+        host.request("POST", "/upload", b"--boundary\r\n...");
+        stream.on_request_headers(&mut host, false);
+        assert_eq!(
+            stream.on_request_body(&mut host, 4, false),
+            Action::Continue
+        );
+        assert!(host.replies.is_empty());
+        // JSON a lenient backend reads but a strict parser does not: refused.
+        let (_worker, mut host, mut stream) = setup(config);
+        host.request("POST", "/api/chat", br#"{"messages":NaN}"#);
+        stream.on_request_headers(&mut host, false);
+        assert_eq!(stream.on_request_body(&mut host, 16, true), Action::Pause);
+        assert_eq!(host.replies[0].status, 400);
+        // Too large to look at: refused, not passed.
+        let (_worker, mut host, mut stream) =
+            setup(r#"{"records":"off","other_requests":"pass","max_body_bytes":1024}"#);
+        let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(2000));
+        host.request("POST", "/api/chat", big.as_bytes());
+        stream.on_request_headers(&mut host, false);
+        assert_eq!(
+            stream.on_request_body(&mut host, big.len(), false),
+            Action::Pause
+        );
+        assert_eq!(host.replies[0].status, 413);
     }
 
     #[test]
