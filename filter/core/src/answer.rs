@@ -8,8 +8,8 @@
 //!
 //! | API | text (channel `a` / `b`) | usage |
 //! |-----|--------------------------|-------|
-//! | OpenAI chat, completions | `choices[].text`, `choices[].delta.{content, refusal, reasoning_content, reasoning}`, `choices[].delta.tool_calls[].function.arguments` (choice `index` / tool-call `index`) | `usage` |
-//! | OpenAI Responses | `delta` of `response.{output_text, refusal, function_call_arguments, custom_tool_call_input, reasoning_text, reasoning_summary_text}.delta` (`output_index` / `content_index` or `summary_index`) | `response.usage` (`response.completed`, `response.incomplete`, `response.failed`) |
+//! | OpenAI chat, completions | `choices[].text`, `choices[].delta.{content, refusal, reasoning_content, reasoning}`, `choices[].delta.content[].text` (content as parts), `choices[].delta.tool_calls[].function.arguments`, `choices[].delta.function_call.arguments` (legacy), `choices[].delta.audio.transcript` (choice `index` / tool-call `index`) | `usage` |
+//! | OpenAI Responses | `delta` of `response.{output_text, refusal, function_call_arguments, custom_tool_call_input, reasoning_text, reasoning_summary_text, audio.transcript, output_audio_transcript}.delta` (`output_index` / `content_index` or `summary_index`) | `response.usage` (`response.completed`, `response.incomplete`, `response.failed`) |
 //! | Anthropic messages | `content_block.{text, thinking}` of `content_block_start`, `delta.{text, thinking, partial_json}` of `content_block_delta` (block `index`) | `message.usage` of `message_start`, merged with `usage` of `message_delta` |
 //! | Gemini | `candidates[].content.parts[].text`, `thought` parts apart (candidate `index`) | `usageMetadata` |
 //!
@@ -40,11 +40,19 @@ pub enum TextKind {
     Reasoning,
     /// Anthropic thinking blocks, Gemini `thought` parts.
     Thinking,
-    /// Tool-call arguments: chat `function.arguments`, Anthropic
-    /// `partial_json`, Responses function-call arguments and custom tool
-    /// input.
+    /// Tool-call arguments: chat `function.arguments` (and the legacy
+    /// `function_call.arguments`, on tool-call index [`LEGACY_FUNCTION_CALL`]),
+    /// Anthropic `partial_json`, Responses function-call arguments and custom
+    /// tool input.
     ToolArguments,
+    /// The transcript of an audio answer: chat `delta.audio.transcript`,
+    /// Responses `response.audio.transcript.delta`.
+    AudioTranscript,
 }
+
+/// The `b` of the channel of a chat choice's legacy `function_call`
+/// arguments (apart from its `tool_calls`).
+pub const LEGACY_FUNCTION_CALL: u64 = u64::MAX;
 
 /// The stream of text a piece belongs to: `kind` within `a` (choice,
 /// candidate, content block or output index) and `b` (tool-call index for
@@ -208,6 +216,59 @@ fn openai_chunk<'v, E>(
                 ))?;
             }
             if let Some(Value::Object(delta)) = choice.get("delta") {
+                // Content sent as a list of parts continues the same
+                // channel as content sent as a string.
+                if let Some(Value::Array(parts)) = delta.get("content") {
+                    for (pj, part) in parts.iter().enumerate() {
+                        if let Some(Value::String(text)) = part.get("text") {
+                            f(piece(
+                                text,
+                                TextKind::Content,
+                                0,
+                                &[
+                                    Step::Key("choices"),
+                                    Step::Idx(ci),
+                                    Step::Key("delta"),
+                                    Step::Key("content"),
+                                    Step::Idx(pj),
+                                    Step::Key("text"),
+                                ],
+                            ))?;
+                        }
+                    }
+                }
+                if let Some(Value::String(args)) =
+                    delta.get("function_call").and_then(|c| c.get("arguments"))
+                {
+                    f(piece(
+                        args,
+                        TextKind::ToolArguments,
+                        LEGACY_FUNCTION_CALL,
+                        &[
+                            Step::Key("choices"),
+                            Step::Idx(ci),
+                            Step::Key("delta"),
+                            Step::Key("function_call"),
+                            Step::Key("arguments"),
+                        ],
+                    ))?;
+                }
+                if let Some(Value::String(text)) =
+                    delta.get("audio").and_then(|a| a.get("transcript"))
+                {
+                    f(piece(
+                        text,
+                        TextKind::AudioTranscript,
+                        0,
+                        &[
+                            Step::Key("choices"),
+                            Step::Idx(ci),
+                            Step::Key("delta"),
+                            Step::Key("audio"),
+                            Step::Key("transcript"),
+                        ],
+                    ))?;
+                }
                 for (field, kind) in CHAT_DELTA_FIELDS {
                     if let Some(Value::String(text)) = delta.get(field) {
                         f(piece(
@@ -375,7 +436,7 @@ fn gemini_chunk<'v, E>(
 }
 
 /// Responses stream events whose `delta` is answer text.
-pub const RESPONSES_DELTA_EVENTS: [(&str, TextKind); 6] = [
+pub const RESPONSES_DELTA_EVENTS: [(&str, TextKind); 8] = [
     ("response.output_text.delta", TextKind::Text),
     ("response.refusal.delta", TextKind::Refusal),
     (
@@ -388,6 +449,11 @@ pub const RESPONSES_DELTA_EVENTS: [(&str, TextKind); 6] = [
     ),
     ("response.reasoning_summary_text.delta", TextKind::Reasoning),
     ("response.reasoning_text.delta", TextKind::Reasoning),
+    ("response.audio.transcript.delta", TextKind::AudioTranscript),
+    (
+        "response.output_audio_transcript.delta",
+        TextKind::AudioTranscript,
+    ),
 ];
 
 /// The type of a Responses stream event (its `type`, else the SSE event

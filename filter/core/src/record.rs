@@ -401,6 +401,21 @@ mod tests {
                 chat(json!({"tool_calls":[{"index":0,"function":{"arguments":t}}]}))
             );
         }
+        for t in [format!("Klegacy {a}"), b.to_string()] {
+            s += &format!(
+                "data: {}\n\n",
+                chat(json!({"function_call":{"arguments":t}}))
+            );
+        }
+        for t in [format!("Kaudio {a}"), b.to_string()] {
+            s += &format!("data: {}\n\n", chat(json!({"audio":{"transcript":t}})));
+        }
+        for t in [format!("Kparts {a}"), b.to_string()] {
+            s += &format!(
+                "data: {}\n\n",
+                chat(json!({"content":[{"type":"text","text":t}]}))
+            );
+        }
         s += "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n";
         s += "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n";
         cases.push((
@@ -412,6 +427,9 @@ mod tests {
                 "reasoning_content",
                 "reasoning",
                 "tool",
+                "legacy",
+                "audio",
+                "parts",
             ],
             json!({"prompt_tokens":1,"completion_tokens":2}),
         ));
@@ -511,6 +529,7 @@ mod tests {
             ("response.refusal.delta", "refusal", 1, 1),
             ("response.function_call_arguments.delta", "tool", 2, 0),
             ("response.custom_tool_call_input.delta", "custom", 3, 0),
+            ("response.audio.transcript.delta", "audio", 4, 0),
         ] {
             let idx = if kind.contains("summary") {
                 "summary_index"
@@ -531,7 +550,15 @@ mod tests {
         cases.push((
             ApiKind::OpenaiResponses,
             s,
-            vec!["summary", "reasoning", "text", "refusal", "tool", "custom"],
+            vec![
+                "summary",
+                "reasoning",
+                "text",
+                "refusal",
+                "tool",
+                "custom",
+                "audio",
+            ],
             json!({"input_tokens":4,"output_tokens":6}),
         ));
 

@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use super::json_edit::{self, Edits, Seg};
 use super::response::{leaves, Blocked, BlockedBy, GuardTally, Leaf, ResponseGuard};
 use super::Hit;
-use crate::answer::{self, Channel as ChanKey, Item, Piece, Step, TextKind};
+use crate::answer::{self, Channel as ChanKey, Item, Piece, Step, TextKind, LEGACY_FUNCTION_CALL};
 use crate::sse;
 use crate::wire::ApiKind;
 
@@ -416,6 +416,18 @@ fn template(api: ApiKind, event: Option<&str>, v: &Value, p: &Piece<'_>) -> Temp
                 TextKind::Text => (
                     json!({"text": "", "index": idx, "logprobs": null, "finish_reason": null}),
                     vec!["choices", "0", "text"],
+                ),
+                TextKind::ToolArguments if b == LEGACY_FUNCTION_CALL => (
+                    json!({"index": idx, "delta": {"function_call": {"arguments": ""}}, "logprobs": null, "finish_reason": null}),
+                    vec!["choices", "0", "delta", "function_call", "arguments"],
+                ),
+                TextKind::AudioTranscript => (
+                    json!({"index": idx, "delta": {"audio": {"transcript": ""}}, "logprobs": null, "finish_reason": null}),
+                    vec!["choices", "0", "delta", "audio", "transcript"],
+                ),
+                TextKind::Content => (
+                    json!({"index": idx, "delta": {"content": ""}, "logprobs": null, "finish_reason": null}),
+                    vec!["choices", "0", "delta", "content"],
                 ),
                 TextKind::ToolArguments => (
                     json!({"index": idx, "delta": {"tool_calls": [{"index": b, "function": {"arguments": ""}}]}, "logprobs": null, "finish_reason": null}),
