@@ -53,6 +53,12 @@ pub(crate) trait Screen {
     fn rewrite(&mut self, text: &str) -> Option<String>;
     /// Text that cannot be rewritten: `Err` (a message) refuses the request.
     fn check(&mut self, text: &str) -> Result<(), String>;
+    /// The text parts of one message, which the model reads one after the
+    /// other: `Err` refuses a value that only shows when they are joined
+    /// (each part was already screened alone).
+    fn check_joined(&mut self, _parts: &[&str]) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Screens nothing: the prompt as sent.
@@ -453,9 +459,27 @@ impl Walker<'_> {
                 self.key(key, |w| w.text(s));
                 Ok(())
             }
-            Some(Value::Array(items)) => self.each_object(key, items, f),
+            Some(Value::Array(items)) => {
+                self.each_object(key, items, f)?;
+                self.key(key, |w| w.joined_texts(items))
+            }
             Some(_) => Err(self.err(key, format!("must be a string or a list of {items_are}"))),
         }
+    }
+
+    /// Screens the `text` of the parts in `items` joined: a value split
+    /// over two adjacent parts is read whole by the model.
+    fn joined_texts(&mut self, items: &[Value]) -> Result<(), ShapeError> {
+        let texts: Vec<&str> = items
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect();
+        if texts.len() < 2 {
+            return Ok(());
+        }
+        self.screen
+            .check_joined(&texts)
+            .map_err(|m| self.err("", m))
     }
 
     /// Refuses any key of `obj` not in `known`: a field the walk does not
@@ -1089,7 +1113,10 @@ fn gemini_keys(
 fn gemini_content(w: &mut Walker<'_>, content: &Map<String, Value>) -> Result<(), ShapeError> {
     gemini_keys(w, content, &["role", "parts"])?;
     match content.get("parts") {
-        Some(Value::Array(parts)) => w.each_object("parts", parts, gemini_part),
+        Some(Value::Array(parts)) => {
+            w.each_object("parts", parts, gemini_part)?;
+            w.key("parts", |w| w.joined_texts(parts))
+        }
         _ => Err(w.err("parts", "must be a list")),
     }
 }

@@ -130,6 +130,39 @@ impl Screen for MaskScreen<'_> {
         .filter(|masked| masked != text)
     }
 
+    fn check_joined(&mut self, parts: &[&str]) -> Result<(), String> {
+        // Only what crosses a boundary is new: each part was masked alone.
+        // A joined match that overlaps one found inside a part is that
+        // match running on into the next part's first word: already masked.
+        let joined = parts.concat();
+        let mut boundaries = Vec::with_capacity(parts.len());
+        let mut inside = Vec::new();
+        let mut at = 0;
+        for p in parts {
+            for g in engine::find(&self.inner.active, p, 0).groups {
+                inside.push((at + g.start, at + g.end));
+            }
+            at += p.len();
+            boundaries.push(at);
+        }
+        let found = engine::find(&self.inner.active, &joined, 0);
+        for g in &found.groups {
+            if !boundaries.iter().any(|&b| g.start < b && b < g.end)
+                || inside.iter().any(|&(s, e)| s < g.end && g.start < e)
+            {
+                continue;
+            }
+            let Some(active) = self.inner.active.get(g.best) else {
+                continue;
+            };
+            return Err(format!(
+                "has a value detected as `{}` split over two of its parts, which cannot be masked in place; send it in one part",
+                active.det.name
+            ));
+        }
+        Ok(())
+    }
+
     fn check(&mut self, text: &str) -> Result<(), String> {
         let found = engine::find(&self.inner.active, text, 0);
         self.tally.count_found(&self.inner.active, &found);
@@ -555,6 +588,36 @@ mod tests {
             "[CREDIT_CARD]"
         );
         assert_eq!(v["messages"][0]["content"][0]["input"]["qty"], 3);
+    }
+
+    #[test]
+    fn a_value_split_over_two_parts_of_a_message_is_refused() {
+        let p = redact_all();
+        for (api, body, field) in [
+            (
+                ApiKind::OpenaiChat,
+                &br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"mail jane@exa"},{"type":"text","text":"mple.com now"}]}]}"#[..],
+                "messages[0].content",
+            ),
+            (
+                ApiKind::AnthropicMessages,
+                br#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":[{"type":"text","text":"card 4111 1111"},{"type":"text","text":" 1111 1111"}]}]}"#,
+                "messages[0].content",
+            ),
+            (
+                ApiKind::GeminiGenerateContent,
+                br#"{"contents":[{"role":"user","parts":[{"text":"jane@"},{"text":"example.com"}]}]}"#,
+                "contents[0].parts",
+            ),
+        ] {
+            let e = mask_request(&p, api, body).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.message.contains("split over two"), "{e}");
+        }
+        // Values inside one part are masked as usual, however many parts.
+        let ok = br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"mail jane@example.com"},{"type":"text","text":"and bob@example.com"}]}]}"#;
+        let out = mask_request(&p, ApiKind::OpenaiChat, ok).unwrap();
+        assert_eq!(out.hits.iter().map(|h| h.count).sum::<usize>(), 2);
     }
 
     #[test]
