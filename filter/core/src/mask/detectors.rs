@@ -105,7 +105,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 }
 
 // Byte classes for candidate runs, one bit each, looked up in `CLASSES`.
-const CARD: u16 = 1; // digits, space, hyphen (also SSNs)
+const CARD: u16 = 1; // digits, space, hyphen, dot (also SSNs)
 const PHONE: u16 = 1 << 1; // digits, space, . - ( ) +
 const IPV4: u16 = 1 << 2; // digits, dot
 const IPV6: u16 = 1 << 3; // hex digits, colon, dot
@@ -121,7 +121,7 @@ const fn class_of(b: u8) -> u16 {
     let upper = b.is_ascii_uppercase();
     let alnum = b.is_ascii_alphanumeric();
     let mut c = 0;
-    if digit || b == b' ' || b == b'-' {
+    if digit || b == b' ' || b == b'-' || b == b'.' {
         c |= CARD;
     }
     if digit || matches!(b, b' ' | b'.' | b'-' | b'(' | b')' | b'+') {
@@ -232,7 +232,7 @@ fn builtin_spec(name: &str) -> Option<(String, Check, Cand, ValueGroup, bool)> {
             whole,
             false,
         ),
-        "credit_card" => (r"\b[0-9](?:[ \-]?[0-9]){12,18}\b".into(), Check::Card, Cand::Run { set: CARD, need: Need::Digits(13), extend: 0 }, whole, false),
+        "credit_card" => (r"\b[0-9](?:[ .\-]?[0-9]){12,18}\b".into(), Check::Card, Cand::Run { set: CARD, need: Need::Digits(13), extend: 0 }, whole, false),
         "iban" => (
             r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,32}\b".into(),
             Check::Iban,

@@ -52,7 +52,25 @@ pub(crate) struct Found {
 /// only) and resolves overlaps: a detection inside another is dropped (the
 /// earliest, then longest, then highest-priority one wins), partially
 /// overlapping ones are merged so that no part of either leaks.
+///
+/// Detectors read the text as the model does ([`super::normalize`]): a
+/// full-width, zero-width-split or escaped value is found, and its span in
+/// `hay` is what gets masked.
 pub(crate) fn find(active: &[Active], hay: &str, from: usize) -> Found {
+    let Some(n) = super::normalize::normalize(hay) else {
+        return find_plain(active, hay, from);
+    };
+    let mut found = find_plain(active, &n.text, n.position(from));
+    for g in &mut found.groups {
+        (g.start, g.end) = n.original(g.start, g.end);
+    }
+    for (_, s, e) in &mut found.monitors {
+        (*s, *e) = n.original(*s, *e);
+    }
+    found
+}
+
+fn find_plain(active: &[Active], hay: &str, from: usize) -> Found {
     let mut found = Found::default();
     if active.is_empty() {
         return found;

@@ -115,6 +115,7 @@ mod config;
 mod detectors;
 mod engine;
 pub(crate) mod json_edit;
+mod normalize;
 mod request;
 mod response;
 mod stream;

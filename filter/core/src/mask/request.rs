@@ -621,6 +621,35 @@ mod tests {
     }
 
     #[test]
+    fn obfuscations_the_model_still_reads_are_masked() {
+        let p = redact_all();
+        for (text, label) in [
+            ("ｊａｎｅ＠ｅｘａｍｐｌｅ．ｃｏｍ", "[EMAIL]"),
+            ("ja\\u200bne@exa\\u00admple.com", "[EMAIL]"),
+            ("jane%40example.com", "[EMAIL]"),
+            ("jane&#64;example.com", "[EMAIL]"),
+            ("jane&commat;example&period;com", "[EMAIL]"),
+            ("4111.1111.1111.1111", "[CREDIT_CARD]"),
+            ("4111\\u00a01111\\u00a01111\\u00a01111", "[CREDIT_CARD]"),
+            (
+                "ＡＫＩＡＩＯＳＦＯＤＮＮ７ＥＸＡＭＰＬＥ",
+                "[AWS_ACCESS_KEY]",
+            ),
+        ] {
+            let body = format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"see {text} now"}}]}}"#
+            );
+            let out = mask_request(&p, ApiKind::OpenaiChat, body.as_bytes()).unwrap();
+            let v: Value = serde_json::from_slice(out.body.as_deref().unwrap()).unwrap();
+            assert_eq!(
+                v["messages"][0]["content"],
+                format!("see {label} now"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
     fn look_alike_placeholders_are_text_like_any_other() {
         // Upper-case values in brackets look like placeholders; only the
         // filter's own labels are kept as they are.

@@ -1,0 +1,201 @@
+//! Text as the model reads it, for the detectors: compatibility forms folded
+//! (full-width `ｊａｎｅ＠ｅｘａｍｐｌｅ．ｃｏｍ`, non-breaking spaces),
+//! invisible characters dropped (zero-width spaces and joiners, soft hyphens,
+//! byte-order marks), and percent and HTML-entity escapes decoded
+//! (`jane%40example.com`, `jane&#64;example.com`). Every byte of the
+//! normalised text remembers the span of the original it came from, so a
+//! match is masked in the original text and the request stays valid.
+
+use unicode_normalization::char::decompose_compatible;
+
+/// Normalised text and, per byte of it, the original span it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Normalized {
+    pub text: String,
+    /// Original start offset of the source of each byte of `text`.
+    starts: Vec<usize>,
+    /// Original end offset of the source of each byte of `text`.
+    ends: Vec<usize>,
+}
+
+impl Normalized {
+    /// The original span of the normalised span `start..end`.
+    pub(crate) fn original(&self, start: usize, end: usize) -> (usize, usize) {
+        let s = self
+            .starts
+            .get(start)
+            .copied()
+            .unwrap_or(self.original_len());
+        let e = end
+            .checked_sub(1)
+            .and_then(|i| self.ends.get(i).copied())
+            .unwrap_or(s);
+        (s, e.max(s))
+    }
+
+    /// The normalised offset of the first byte at or after original `at`.
+    pub(crate) fn position(&self, at: usize) -> usize {
+        self.starts.partition_point(|&s| s < at)
+    }
+
+    fn original_len(&self) -> usize {
+        self.ends.last().copied().unwrap_or(0)
+    }
+
+    fn push(&mut self, c: char, start: usize, end: usize) {
+        let mut buf = [0u8; 4];
+        let n = c.encode_utf8(&mut buf).len();
+        self.text.push(c);
+        for _ in 0..n {
+            self.starts.push(start);
+            self.ends.push(end);
+        }
+    }
+}
+
+/// Characters the model does not see as text.
+fn invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}'
+    )
+}
+
+/// `s` as the detectors should read it, or `None` when that is `s` itself.
+pub(crate) fn normalize(s: &str) -> Option<Normalized> {
+    if s.is_ascii() && !s.contains(['%', '&']) {
+        return None;
+    }
+    let mut out = Normalized {
+        text: String::with_capacity(s.len()),
+        starts: Vec::with_capacity(s.len()),
+        ends: Vec::with_capacity(s.len()),
+    };
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < s.len() {
+        if b.get(i) == Some(&b'%') {
+            if let Some(c) = percent_at(b, i) {
+                out.push(c, i, i + 3);
+                i += 3;
+                continue;
+            }
+        }
+        if b.get(i) == Some(&b'&') {
+            if let Some((c, len)) = entity_at(s, i) {
+                fold(&mut out, c, i, i + len);
+                i += len;
+                continue;
+            }
+        }
+        let Some(c) = s.get(i..).and_then(|r| r.chars().next()) else {
+            break;
+        };
+        let len = c.len_utf8();
+        fold(&mut out, c, i, i + len);
+        i += len;
+    }
+    (out.text != s).then_some(out)
+}
+
+/// Pushes `c` folded to its compatibility form (dropped when invisible).
+fn fold(out: &mut Normalized, c: char, start: usize, end: usize) {
+    if c.is_ascii() {
+        out.push(c, start, end);
+    } else if !invisible(c) {
+        decompose_compatible(c, |d| {
+            // Combining marks left by the decomposition are not text.
+            if !('\u{0300}'..='\u{036F}').contains(&d) {
+                out.push(d, start, end);
+            }
+        });
+    }
+}
+
+/// An ASCII character written `%XX` at `i`.
+fn percent_at(b: &[u8], i: usize) -> Option<char> {
+    let hex = b.get(i + 1..i + 3)?;
+    let s = std::str::from_utf8(hex).ok()?;
+    let v = u8::from_str_radix(s, 16).ok()?;
+    (v.is_ascii() && !v.is_ascii_control()).then_some(char::from(v))
+}
+
+/// Named entities that spell characters detectors look for.
+const ENTITIES: &[(&str, char)] = &[
+    ("amp", '&'),
+    ("commat", '@'),
+    ("period", '.'),
+    ("colon", ':'),
+    ("sol", '/'),
+    ("plus", '+'),
+    ("hyphen", '-'),
+    ("dash", '-'),
+    ("lowbar", '_'),
+    ("nbsp", ' '),
+    ("num", '#'),
+    ("lpar", '('),
+    ("rpar", ')'),
+    ("equals", '='),
+    ("quot", '"'),
+    ("apos", '\''),
+    ("lt", '<'),
+    ("gt", '>'),
+];
+
+/// An HTML entity (`&#64;`, `&#x40;`, `&commat;`) at `i`: the character
+/// and the entity's length.
+fn entity_at(s: &str, i: usize) -> Option<(char, usize)> {
+    let rest = s.get(i + 1..)?;
+    let end = rest.get(..rest.len().min(12))?.find(';')?;
+    let name = rest.get(..end)?;
+    let c = if let Some(num) = name.strip_prefix('#') {
+        let v = match num.strip_prefix(['x', 'X']) {
+            Some(hex) => u32::from_str_radix(hex, 16).ok()?,
+            None => num.parse::<u32>().ok()?,
+        };
+        char::from_u32(v)?
+    } else {
+        ENTITIES.iter().find(|(n, _)| *n == name)?.1
+    };
+    Some((c, end + 2))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn norm(s: &str) -> String {
+        normalize(s).map_or_else(|| s.to_string(), |n| n.text)
+    }
+
+    #[test]
+    fn what_the_model_reads() {
+        assert_eq!(norm("ｊａｎｅ＠ｅｘａｍｐｌｅ．ｃｏｍ"), "jane@example.com");
+        assert_eq!(norm("ja\u{200B}ne@exa\u{00AD}mple.com"), "jane@example.com");
+        assert_eq!(norm("jane%40example.com"), "jane@example.com");
+        assert_eq!(norm("jane&#64;example&#x2E;com"), "jane@example.com");
+        assert_eq!(norm("jane&commat;example&period;com"), "jane@example.com");
+        assert_eq!(
+            norm("4111\u{00A0}1111\u{202F}1111 1111"),
+            "4111 1111 1111 1111"
+        );
+        // Nothing to do: no copy.
+        assert!(normalize("plain text, 100% sure & fine").is_none());
+        assert_eq!(norm("50%off &nbsp"), "50%off &nbsp");
+    }
+
+    #[test]
+    fn spans_map_back_to_the_original() {
+        let s = "mail: ｊａｎｅ＠ｅｘ.com%21";
+        let n = normalize(s).unwrap();
+        let at = n.text.find("jane").unwrap();
+        let end = n.text.find(".com").unwrap() + 4;
+        let (os, oe) = n.original(at, end);
+        assert_eq!(&s[os..oe], "ｊａｎｅ＠ｅｘ.com");
+        let (os, oe) = n.original(end, n.text.len());
+        assert_eq!(&s[os..oe], "%21");
+        assert_eq!(n.position(0), 0);
+        assert_eq!(n.position(os), end);
+    }
+}
