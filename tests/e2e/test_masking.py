@@ -154,3 +154,45 @@ def test_plain_response_is_masked_and_blocked(masked):
     r = httpx.post(masked.url + "/v1/chat/completions", json=chat(model="demo-allow", text="hi"),
                    headers={"x-demo-reply": "the launch codes are 42"})
     assert "42" not in r.text and "no-launch-codes" in r.text
+
+
+# What the model reads although it is not written plainly: each of these
+# reached the model unmasked before masking read text as the model does.
+OBFUSCATED = {
+    "full-width": "ｄａｎａ．ｓｃｕｌｌｙ＠ｆｂｉ．ｅｘａｍｐｌｅ．ｏｒｇ",
+    "zero-width and soft hyphen": "dana.scu\u200blly@fbi.exa\u00admple.org",
+    "percent escape": "dana.scully%40fbi.example.org",
+    "html entity": "dana.scully&#64;fbi.example.org",
+}
+
+
+@pytest.mark.parametrize("form", list(OBFUSCATED))
+def test_obfuscated_values_are_masked_before_the_model(masked, form):
+    value = OBFUSCATED[form]
+    r = post(masked.url, json=chat(model="demo-allow", text=f"write to {value} today"))
+    assert r.status_code == 200, r.text
+    [seen] = masked.backend.requests()
+    sent = json.loads(seen["body"])["messages"][0]["content"]
+    assert sent.startswith("write to <EMAIL_") and sent.endswith("> today"), sent
+
+
+def test_tool_arguments_are_read_decoded_and_split_values_refused(masked):
+    # `\u0040` inside the JSON that `arguments` carries is an `@` to the model.
+    args = json.dumps({"to": "dana.scully\\u0040fbi.example.org"}).replace("\\\\u", "\\u")
+    body = {"model": "demo-allow", "messages": [
+        {"role": "user", "content": "mail her"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "send", "arguments": args}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sent"},
+        {"role": "user", "content": "thanks"}]}
+    r = post(masked.url, json=body)
+    assert r.status_code == 200, r.text
+    [seen] = masked.backend.requests()
+    forwarded = json.loads(json.loads(seen["body"])["messages"][1]["tool_calls"][0]["function"]["arguments"])
+    assert forwarded["to"].startswith("<EMAIL_"), forwarded
+    # A value split over two text parts of one message cannot be masked in place.
+    split = chat(model="demo-allow", text=[{"type": "text", "text": "write to dana.scully@fbi"},
+                                           {"type": "text", "text": ".example.org"}])
+    r = post(masked.url, json=split)
+    assert r.status_code == 400 and "split over two" in r.json()["error"]["message"], r.text
+    assert len(masked.backend.requests()) == 1
