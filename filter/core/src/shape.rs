@@ -37,6 +37,15 @@ pub struct ShapeError {
     pub message: String,
 }
 
+impl ShapeError {
+    pub(crate) fn new(field: impl Into<String>, message: impl Into<String>) -> ShapeError {
+        ShapeError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
 impl fmt::Display for ShapeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.field.is_empty() {

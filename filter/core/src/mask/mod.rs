@@ -179,34 +179,9 @@ pub struct Hit {
     pub count: usize,
 }
 
-/// Why a body could not be masked. Never contains prompt text.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MaskError {
-    /// JSON path of the offending field (e.g. `messages[2].content[0].type`),
-    /// empty for the whole body.
-    pub field: String,
-    /// What is wrong.
-    pub message: String,
-}
-
-impl MaskError {
-    pub(crate) fn new(field: impl Into<String>, message: impl Into<String>) -> MaskError {
-        MaskError {
-            field: field.into(),
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for MaskError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.field.is_empty() {
-            write!(f, "{}", self.message)
-        } else {
-            write!(f, "`{}` {}", self.field, self.message)
-        }
-    }
-}
+/// Why a body could not be masked (the same as why it could not be walked:
+/// it names the field). Never contains prompt text.
+pub type MaskError = crate::shape::ShapeError;
 
 impl std::error::Error for MaskError {}
 

@@ -77,8 +77,7 @@ pub(crate) fn mask_parsed(
         restore: RestoreMap::default(),
         placeholders: Vec::new(),
     };
-    let walked =
-        shape::walk(api, obj, &mut screen).map_err(|e| MaskError::new(e.field, e.message))?;
+    let walked = shape::walk(api, obj, &mut screen)?;
     let mut edits = Edits::new();
     for (path, json) in walked.edits {
         edits.insert(path, json);
