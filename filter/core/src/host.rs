@@ -1,6 +1,6 @@
 //! What the filter needs from Envoy, as a trait: the adapter implements it
 //! with proxy-wasm host calls, the tests with a mock that records what was
-//! done. [`crate::stream::StreamFilter`] (one HTTP stream) and
+//! done. [`crate::stream_filter::StreamFilter`] (one HTTP stream) and
 //! [`crate::worker::Worker`] (one VM's holds and outbox) only talk to Envoy
 //! through it, so every decision they make is tested without Envoy.
 //!

@@ -5,7 +5,7 @@
 //! Flow: [`request::classify`] on the request head, [`inspect::inspect_body`]
 //! on the complete body, then a [`hold::Hold`] drives the calls to the
 //! approval service. Every refusal is a [`refusal::Refusal`].
-//! [`stream::StreamFilter`] (one HTTP stream) and [`worker::Worker`] (one
+//! [`stream_filter::StreamFilter`] (one HTTP stream) and [`worker::Worker`] (one
 //! VM's holds and outbox) tie these together and talk to Envoy only through
 //! the [`host::Host`] trait, so the Envoy adapter is glue only.
 
@@ -28,7 +28,7 @@ pub mod response_filter;
 pub mod response_head;
 pub mod shape;
 pub mod sse;
-pub mod stream;
+pub mod stream_filter;
 pub mod token;
 pub mod wire;
 pub mod worker;

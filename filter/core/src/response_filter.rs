@@ -1,6 +1,6 @@
 //! The answer's body as it flows: the guard that rewrites it (masking,
 //! restore, response rules) and what the filter notes for the response part
-//! of the record. Pure: [`crate::stream::StreamFilter`] feeds the chunks. (Where
+//! of the record. Pure: [`crate::stream_filter::StreamFilter`] feeds the chunks. (Where
 //! the text sits in each API's answer is [`crate::answer`].)
 
 use crate::mask::{mask_response_body, Hit, ResponseGuard, SseStreamMasker};

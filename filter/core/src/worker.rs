@@ -426,7 +426,7 @@ mod tests {
     use super::*;
     use crate::delivery::{MAX_QUEUED, MAX_QUEUED_BYTES};
     use crate::host::Action;
-    use crate::stream::StreamFilter;
+    use crate::stream_filter::StreamFilter;
     use crate::testing::MockHost;
 
     const CHAT: &str = "/v1/chat/completions";

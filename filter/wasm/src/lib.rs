@@ -19,7 +19,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use countersign_core::config::Config;
 use countersign_core::hold::{Callout, CalloutResult};
 use countersign_core::host::{Action, Host, Level};
-use countersign_core::stream::StreamFilter;
+use countersign_core::stream_filter::StreamFilter;
 use countersign_core::worker::Worker;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
