@@ -342,34 +342,62 @@ def with_approval_replicas(envoy_yaml: str, ports: list[int]) -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
+class EnvoyExited(Exception):
+    """Envoy exited while it was awaited."""
+
+
 class Envoy:
     """Envoy from the shipped template. `approval` is one service, or a list
     of replicas that become the endpoints of the approval cluster."""
 
     def __init__(self, workdir: Path, backend: Backend, approval: Approval | list[Approval],
                  filter_config: dict | str, env: dict | None = None, name: str = "envoy"):
-        replicas = approval if isinstance(approval, list) else [approval]
+        self.replicas = approval if isinstance(approval, list) else [approval]
+        self.several = isinstance(approval, list)
+        self.workdir, self.backend, self.filter_config = workdir, backend, filter_config
+        self.env, self.name = env, name
+        self.yaml = workdir / f"{name}.yaml"
+        self.configure()
+
+    def configure(self):
+        """Chooses free ports and writes the configuration for them."""
         self.port, self.admin_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.yaml = workdir / f"{name}.yaml"
         text = render(TEMPLATE.read_text(), {
-            "ADMIN_PORT": self.admin_port, "LISTEN_PORT": self.port, "MODEL_PORT": backend.port,
-            "APPROVAL_PORT": replicas[0].port, "BUFFER_LIMIT": BUFFER_LIMIT, "WASM_PATH": WASM,
-            "FILTER_CONFIG": filter_config_value(filter_config),
+            "ADMIN_PORT": self.admin_port, "LISTEN_PORT": self.port, "MODEL_PORT": self.backend.port,
+            "APPROVAL_PORT": self.replicas[0].port, "BUFFER_LIMIT": BUFFER_LIMIT, "WASM_PATH": WASM,
+            "FILTER_CONFIG": filter_config_value(self.filter_config),
         })
-        if isinstance(approval, list):
-            text = with_approval_replicas(text, [r.port for r in replicas])
+        if self.several:
+            text = with_approval_replicas(text, [r.port for r in self.replicas])
         self.yaml.write_text(text)
+        self.rendered = text
         self.proc = Proc("envoy", [str(ENVOY), "-c", str(self.yaml), "--log-level", "warn",
                                    "--component-log-level", "wasm:info", "--concurrency", "2",
                                    "--base-id", str(self.admin_port)],
-                         workdir / f"{name}.log", env=env)
+                         self.workdir / f"{self.name}.log", env=self.env)
+
+    def ready(self) -> bool:
+        if not self.proc.alive():
+            raise EnvoyExited()
+        return httpx.get(f"http://127.0.0.1:{self.admin_port}/ready").status_code == 200
 
     def start(self, wait_ready=True):
-        self.proc.start()
-        if wait_ready:
-            wait_until(lambda: httpx.get(f"http://127.0.0.1:{self.admin_port}/ready").status_code == 200,
-                       timeout=20, what="envoy ready")
+        # A port chosen free can be taken by another socket before Envoy binds
+        # it: then Envoy exits, and it is started again on other ports.
+        for attempt in range(3):
+            self.proc.start()
+            if not wait_ready:
+                return self
+            try:
+                wait_until(self.ready, timeout=20, what="envoy ready")
+                return self
+            except EnvoyExited:
+                # (Not when a test rewrote the configuration: it names the ports.)
+                if (attempt == 2 or "Address already in use" not in self.proc.log_text()
+                        or self.yaml.read_text() != self.rendered):
+                    raise AssertionError(f"envoy exited at start; see {self.proc.log}") from None
+                self.configure()
         return self
 
     def stop(self):
