@@ -525,119 +525,6 @@ pub fn plain_usage(api: ApiKind, v: &Value) -> Option<&Value> {
     object_usage(v.get(key))
 }
 
-/// Calls `f` with the answer text of a plain (non-streamed) response body,
-/// in order: the same fields as [`stream_event`] yields for a stream.
-pub fn plain_text<'v>(api: ApiKind, v: &'v Value, f: &mut impl FnMut(TextKind, &'v str)) {
-    let s = |x: Option<&'v Value>| x.and_then(Value::as_str);
-    let arr = |x: Option<&'v Value>| x.and_then(Value::as_array).into_iter().flatten();
-    match api {
-        ApiKind::OpenaiChat | ApiKind::OpenaiCompletions | ApiKind::OpenaiEmbeddings => {
-            for c in arr(v.get("choices")) {
-                if let Some(t) = s(c.get("text")) {
-                    f(TextKind::Text, t);
-                }
-                let Some(m) = c.get("message") else {
-                    continue;
-                };
-                for (field, kind) in CHAT_DELTA_FIELDS {
-                    if let Some(t) = s(m.get(field)) {
-                        f(kind, t);
-                    }
-                }
-                for call in arr(m.get("tool_calls")) {
-                    if let Some(t) = s(call.get("function").and_then(|x| x.get("arguments"))) {
-                        f(TextKind::ToolArguments, t);
-                    }
-                }
-            }
-        }
-        ApiKind::OpenaiResponses => {
-            for item in arr(v.get("output")) {
-                match s(item.get("type")) {
-                    Some("message") => {
-                        for part in arr(item.get("content")) {
-                            match s(part.get("type")) {
-                                Some("output_text") => {
-                                    if let Some(t) = s(part.get("text")) {
-                                        f(TextKind::Text, t);
-                                    }
-                                }
-                                Some("refusal") => {
-                                    if let Some(t) = s(part.get("refusal")) {
-                                        f(TextKind::Refusal, t);
-                                    }
-                                }
-                                _ => {}
-                            }
-                        }
-                    }
-                    Some("function_call") => {
-                        if let Some(t) = s(item.get("arguments")) {
-                            f(TextKind::ToolArguments, t);
-                        }
-                    }
-                    Some("custom_tool_call") => {
-                        if let Some(t) = s(item.get("input")) {
-                            f(TextKind::ToolArguments, t);
-                        }
-                    }
-                    Some("reasoning") => {
-                        for part in arr(item.get("summary")).chain(arr(item.get("content"))) {
-                            if let Some(t) = s(part.get("text")) {
-                                f(TextKind::Reasoning, t);
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
-        ApiKind::AnthropicMessages => {
-            for block in arr(v.get("content")) {
-                match s(block.get("type")) {
-                    Some("text") => {
-                        if let Some(t) = s(block.get("text")) {
-                            f(TextKind::Text, t);
-                        }
-                    }
-                    Some("thinking") => {
-                        if let Some(t) = s(block.get("thinking")) {
-                            f(TextKind::Thinking, t);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
-        ApiKind::GeminiGenerateContent => {
-            let chunks: Vec<&Value> = match v {
-                Value::Array(items) => items.iter().collect(),
-                one => vec![one],
-            };
-            for chunk in chunks {
-                for c in arr(chunk.get("candidates")) {
-                    for part in arr(c.get("content").and_then(|x| x.get("parts"))) {
-                        if let Some(t) = s(part.get("text")) {
-                            let thought = part
-                                .get("thought")
-                                .and_then(Value::as_bool)
-                                .unwrap_or(false);
-                            f(
-                                if thought {
-                                    TextKind::Thinking
-                                } else {
-                                    TextKind::Text
-                                },
-                                t,
-                            );
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -763,46 +650,10 @@ mod tests {
     }
 
     #[test]
-    fn plain_bodies() {
-        let collect = |api, v: &Value| {
-            let mut out = Vec::new();
-            plain_text(api, v, &mut |k, t| out.push((k, t.to_string())));
-            out
-        };
+    fn plain_usage_per_api() {
         let v = json!({"choices":[{"message":{"content":"a","tool_calls":[{"function":{"arguments":"{}"}}]}}],"usage":{"total_tokens":1}});
-        assert_eq!(
-            collect(ApiKind::OpenaiChat, &v),
-            vec![
-                (TextKind::Content, "a".into()),
-                (TextKind::ToolArguments, "{}".into())
-            ]
-        );
         assert_eq!(plain_usage(ApiKind::OpenaiChat, &v), Some(&v["usage"]));
-        let v = json!({"output":[{"type":"reasoning","summary":[{"type":"summary_text","text":"s"}]},
-            {"type":"message","content":[{"type":"output_text","text":"t"},{"type":"refusal","refusal":"no"}]},
-            {"type":"function_call","arguments":"{}"}],"usage":{"total_tokens":2}});
-        assert_eq!(
-            collect(ApiKind::OpenaiResponses, &v),
-            vec![
-                (TextKind::Reasoning, "s".into()),
-                (TextKind::Text, "t".into()),
-                (TextKind::Refusal, "no".into()),
-                (TextKind::ToolArguments, "{}".into())
-            ]
-        );
-        let v = json!({"content":[{"type":"thinking","thinking":"h"},{"type":"text","text":"x"}],"usage":{"output_tokens":1}});
-        assert_eq!(
-            collect(ApiKind::AnthropicMessages, &v),
-            vec![
-                (TextKind::Thinking, "h".into()),
-                (TextKind::Text, "x".into())
-            ]
-        );
         let v = json!([{"candidates":[{"content":{"parts":[{"text":"g"}]}}]},{"usageMetadata":{"totalTokenCount":3}}]);
-        assert_eq!(
-            collect(ApiKind::GeminiGenerateContent, &v),
-            vec![(TextKind::Text, "g".into())]
-        );
         assert_eq!(
             plain_usage(ApiKind::GeminiGenerateContent, &v),
             Some(&v[1]["usageMetadata"])
