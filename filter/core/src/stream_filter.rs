@@ -488,13 +488,17 @@ impl StreamFilter {
             return;
         };
         let guard = self.response_guard();
+        if guard.is_none() && !recorded {
+            // Nothing reads this answer: it passes without a look.
+            return;
+        }
         let content_type = host.response_header("content-type");
         let content_encoding = host.response_header("content-encoding");
         let head = ResponseHead {
             content_type: content_type.as_deref(),
             content_encoding: content_encoding.as_deref(),
         };
-        match plan_response(api, &head, guard.is_some() || recorded) {
+        match plan_response(api, &head, true) {
             ResponsePlan::Pass => {}
             ResponsePlan::Read { sse } => {
                 let Some(guard) = guard else { return };
