@@ -1221,7 +1221,9 @@ fn gemini_part(w: &mut Walker<'_>, part: &Map<String, Value>) -> Result<(), Shap
             };
             let call = object(
                 w,
-                &["id", "name", payload, "willContinue", "scheduling", "parts"],
+                // (A function response's own `parts` would carry media the
+                // walk does not read: refused as unknown.)
+                &["id", "name", payload, "willContinue", "scheduling"],
             )?;
             w.key(key, |w| {
                 let name = w.name_at(call, "name")?;
@@ -1454,6 +1456,12 @@ mod tests {
                 r#"{"contents":[{"parts":[{"inlineData":{"mimeType":"image/png","mime_type":"text/plain","data":"AA"}}]}]}"#,
                 "contents[0].parts[0].inlineData.mime_type",
                 "two spellings",
+            ),
+            (
+                GeminiGenerateContent,
+                r#"{"contents":[{"parts":[{"functionResponse":{"name":"f","response":{},"parts":[{"inlineData":{"mimeType":"image/png","data":"AA"}}]}}]}]}"#,
+                "contents[0].parts[0].functionResponse.parts",
+                "not a field",
             ),
             (
                 GeminiGenerateContent,
