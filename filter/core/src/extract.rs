@@ -154,18 +154,21 @@ fn known_fields(api: ApiKind) -> &'static [&'static str] {
     }
 }
 
-/// Parses `body` of a request to `path` (Gemini carries the model and the
-/// streaming choice in the path: `/v1beta/models/{model}:streamGenerateContent`).
-pub fn parse_request_at(api: ApiKind, path: &str, body: &[u8]) -> Result<ParsedRequest, String> {
-    if api != ApiKind::GeminiGenerateContent {
-        return parse_request(api, body);
+/// The one strict parse of a request body, which must be a JSON object.
+fn parse_object(body: &[u8]) -> Result<Map<String, Value>, String> {
+    match parse_strict(body).map_err(|e| format!("request body is not valid JSON: {e}"))? {
+        Value::Object(obj) => Ok(obj),
+        _ => Err("request body must be a JSON object".into()),
     }
-    let (model, stream) =
-        gemini_model(path).ok_or_else(|| "the path does not name a model".to_string())?;
-    let value = parse_strict(body).map_err(|e| format!("request body is not valid JSON: {e}"))?;
-    let Value::Object(obj) = value else {
-        return Err("request body must be a JSON object".into());
-    };
+}
+
+/// Walks the parsed body once and keeps it with its top-level facts.
+fn walked(
+    api: ApiKind,
+    model: String,
+    stream: bool,
+    obj: Map<String, Value>,
+) -> Result<ParsedRequest, String> {
     let walked = shape::walk(api, &obj, &mut AsIs).map_err(|e| e.to_string())?;
     Ok(ParsedRequest {
         model,
@@ -176,6 +179,18 @@ pub fn parse_request_at(api: ApiKind, path: &str, body: &[u8]) -> Result<ParsedR
         logprobs: logprobs_field(api, &obj),
         body: Value::Object(obj),
     })
+}
+
+/// Parses `body` of a request to `path` (Gemini carries the model and the
+/// streaming choice in the path: `/v1beta/models/{model}:streamGenerateContent`).
+pub fn parse_request_at(api: ApiKind, path: &str, body: &[u8]) -> Result<ParsedRequest, String> {
+    if api != ApiKind::GeminiGenerateContent {
+        return parse_request(api, body);
+    }
+    let (model, stream) =
+        gemini_model(path).ok_or_else(|| "the path does not name a model".to_string())?;
+    let obj = parse_object(body)?;
+    walked(api, model, stream, obj)
 }
 
 /// The field of a request that asks for token log-probabilities in the
@@ -261,10 +276,7 @@ pub fn parse_request(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, String>
     if body.is_empty() {
         return Err("request body is empty".into());
     }
-    let value = parse_strict(body).map_err(|e| format!("request body is not valid JSON: {e}"))?;
-    let Value::Object(obj) = value else {
-        return Err("request body must be a JSON object".into());
-    };
+    let obj = parse_object(body)?;
     let model = match obj.get("model") {
         Some(Value::String(m)) if !m.trim().is_empty() => m.clone(),
         Some(_) => return Err("`model` must be a non-empty string".into()),
@@ -278,16 +290,7 @@ pub fn parse_request(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, String>
     if api == ApiKind::GeminiGenerateContent {
         return Err("Gemini requests need their path (use parse_request_at)".into());
     }
-    let walked = shape::walk(api, &obj, &mut AsIs).map_err(|e| e.to_string())?;
-    Ok(ParsedRequest {
-        model,
-        stream,
-        prompt: walked.prompt,
-        unknown_fields: unknown(api, &obj),
-        attachments: walked.attachments,
-        logprobs: logprobs_field(api, &obj),
-        body: Value::Object(obj),
-    })
+    walked(api, model, stream, obj)
 }
 
 #[cfg(test)]
@@ -364,40 +367,17 @@ mod tests {
     }
 
     #[test]
-    fn what_cannot_be_reviewed_is_an_error() {
+    fn top_level_facts_that_cannot_be_read_are_an_error() {
+        // Shapes the walk refuses are tested once, for reader and masker
+        // alike, in mask::request's `unwalkable_requests_fail_closed`.
         for (api, body) in [
             (
                 ApiKind::OpenaiChat,
                 r#"{"messages":[{"role":"user","content":"x"}]}"#,
             ),
-            (ApiKind::OpenaiChat, r#"{"model":"m","messages":[]}"#),
-            (
-                ApiKind::OpenaiChat,
-                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"mystery"}]}]}"#,
-            ),
-            (
-                ApiKind::OpenaiChat,
-                r#"{"model":"m","messages":[{"role":"user","content":5}]}"#,
-            ),
             (
                 ApiKind::OpenaiChat,
                 r#"{"model":"m","stream":"yes","messages":[{"role":"user","content":"x"}]}"#,
-            ),
-            (
-                ApiKind::OpenaiCompletions,
-                r#"{"model":"m","prompt":[1,2,3]}"#,
-            ),
-            (
-                ApiKind::OpenaiEmbeddings,
-                r#"{"model":"m","input":[[1,2]]}"#,
-            ),
-            (
-                ApiKind::OpenaiResponses,
-                r#"{"model":"m","input":[{"type":"computer_call"}]}"#,
-            ),
-            (
-                ApiKind::AnthropicMessages,
-                r#"{"model":"m","messages":"hi"}"#,
             ),
             (ApiKind::OpenaiChat, r#"[1]"#),
             (ApiKind::OpenaiChat, ""),

@@ -226,21 +226,26 @@ impl Screening {
     }
 }
 
+/// One request as screening reads it.
+#[derive(Clone, Copy)]
+struct ScreenInput<'a> {
+    config: &'a Config,
+    api: ApiKind,
+    info: &'a RequestInfo,
+    rule: &'a RuleChoice,
+    parsed: &'a ParsedRequest,
+    body: &'a [u8],
+}
+
 /// Applies content policy and masking to a body of shape `api`; the body to
 /// forward comes back in [`Screening::masked_body`] when it changed.
 ///
 /// Token log-probabilities spell the answer out token by token, around the
 /// hold-back window, masking and response rules alike: a request that asks
 /// for them is refused when anything guards its answer.
-fn screen(
-    config: &Config,
-    api: ApiKind,
-    info: &RequestInfo,
-    rule: &RuleChoice,
-    parsed: &ParsedRequest,
-    body: &[u8],
-) -> Result<Screening, Refusal> {
-    let screening = screen_prompt(config, api, info, rule, parsed, body)?;
+fn screen(input: ScreenInput<'_>) -> Result<Screening, Refusal> {
+    let ScreenInput { api, parsed, .. } = input;
+    let screening = screen_prompt(input)?;
     if let Some(field) = parsed.logprobs {
         if screening.response_guard().changes_text() {
             return Err(Refusal::new(
@@ -256,14 +261,15 @@ fn screen(
 }
 
 /// Content policy and masking of the prompt, for [`screen`].
-fn screen_prompt(
-    config: &Config,
-    api: ApiKind,
-    info: &RequestInfo,
-    rule: &RuleChoice,
-    parsed: &ParsedRequest,
-    body: &[u8],
-) -> Result<Screening, Refusal> {
+fn screen_prompt(input: ScreenInput<'_>) -> Result<Screening, Refusal> {
+    let ScreenInput {
+        config,
+        api,
+        info,
+        rule,
+        parsed,
+        body,
+    } = input;
     let caller = info.caller.as_ref();
     let facts = RequestFacts {
         caller: caller.map(|c| c.name.as_str()),
@@ -372,7 +378,14 @@ pub fn screen_body(
         // changed since the approval.
         return refuse(denied(api, &rule.name, &parsed.model));
     }
-    let screening = match screen(config, api, info, &rule, &parsed, body) {
+    let screening = match screen(ScreenInput {
+        config,
+        api,
+        info,
+        rule: &rule,
+        parsed: &parsed,
+        body,
+    }) {
         Ok(s) => s,
         Err(r) => return refuse(r),
     };
@@ -522,7 +535,14 @@ pub fn check_edited_body(
     if rule.action == Action::Deny {
         return Err(denied(api, &rule.name, &parsed.model));
     }
-    let screening = screen(config, api, info, &rule, &parsed, body)?;
+    let screening = screen(ScreenInput {
+        config,
+        api,
+        info,
+        rule: &rule,
+        parsed: &parsed,
+        body,
+    })?;
     Ok(screening.masked_body.unwrap_or_else(|| body.to_vec()))
 }
 

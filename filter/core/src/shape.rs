@@ -763,12 +763,9 @@ fn chat_part(w: &mut Walker<'_>, kind: &str, part: &Map<String, Value>) -> Resul
             w.attachment(&format!("[image_url: {shown}]"));
             Ok(())
         }
-        "input_audio" => {
-            w.attachment("[input_audio]");
-            Ok(())
-        }
-        "file" => {
-            w.attachment("[file]");
+        // Shown by kind only: their payload is not text.
+        "input_audio" | "file" => {
+            w.attachment(&format!("[{kind}]"));
             Ok(())
         }
         other => Err(unsupported(w, other)),
@@ -875,17 +872,14 @@ fn responses_part(
             w.attachment(&format!("[input_image: {shown}]"));
             Ok(())
         }
-        "input_file" => {
-            if part.contains_key("file_url") {
-                let shown = w.url_at(part, "file_url")?;
-                w.attachment(&format!("[input_file: {shown}]"));
-            } else {
-                w.attachment("[input_file]");
-            }
+        "input_file" if part.contains_key("file_url") => {
+            let shown = w.url_at(part, "file_url")?;
+            w.attachment(&format!("[input_file: {shown}]"));
             Ok(())
         }
-        "input_audio" => {
-            w.attachment("[input_audio]");
+        // Shown by kind only: their payload is not text.
+        "input_file" | "input_audio" => {
+            w.attachment(&format!("[{kind}]"));
             Ok(())
         }
         other => Err(unsupported(w, other)),

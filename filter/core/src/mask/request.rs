@@ -681,6 +681,10 @@ mod tests {
                 ApiKind::OpenaiChat,
                 r#"{"model":"m","messages":[{"role":"user","content":[{"type":"mystery","text":"x"}]}]}"#,
             ),
+            (
+                ApiKind::OpenaiChat,
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"mystery"}]}]}"#,
+            ),
             (ApiKind::OpenaiChat, r#"{"model":"m","messages":[]}"#),
             (
                 ApiKind::OpenaiChat,
@@ -723,6 +727,12 @@ mod tests {
         ] {
             let e = mask_request(&p, api, body.as_bytes()).unwrap_err();
             assert!(!e.to_string().contains("jane"), "{e}");
+            // One walk: what masking cannot walk, the reviewer's reader
+            // cannot show either.
+            assert!(
+                crate::extract::parse_request(api, body.as_bytes()).is_err(),
+                "{body}"
+            );
         }
         let e = mask_request(&p, ApiKind::OpenaiChat, br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"x"},{"type":"video"}]}]}"#).unwrap_err();
         assert_eq!(e.field, "messages[0].content[1].type");
