@@ -29,6 +29,9 @@ pub struct ParsedRequest {
     /// The field that asks for token log-probabilities, if any: they spell
     /// the answer out, so they cannot leave where the answer is guarded.
     pub logprobs: Option<&'static str>,
+    /// Text parts of one message joined without a break
+    /// (as a chat template may join them), for content-policy rules.
+    pub glued_parts: Vec<String>,
     /// The parsed body, for masking (so the body is parsed once).
     pub(crate) body: Value,
 }
@@ -177,6 +180,7 @@ fn walked(
         unknown_fields: unknown(api, &obj),
         attachments: walked.attachments,
         logprobs: logprobs_field(api, &obj),
+        glued_parts: walked.glued,
         body: Value::Object(obj),
     })
 }
@@ -479,6 +483,24 @@ mod tests {
         assert!(img.attachments);
         let pred = parse_request(ApiKind::OpenaiChat, br#"{"model":"m","messages":[{"role":"user","content":"x"}],"prediction":{"type":"content","content":"hidden"}}"#).unwrap();
         assert_eq!(pred.prompt.last().unwrap().text, "hidden");
+    }
+
+    #[test]
+    fn text_parts_of_one_message_are_also_kept_glued() {
+        let chat = parse_request(
+            ApiKind::OpenaiChat,
+            br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"proj"},{"type":"text","text":"ect x"}]},{"role":"user","content":"alone"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(chat.glued_parts, vec!["project x".to_string()]);
+        assert_eq!(chat.prompt[0].text, "proj\nect x");
+        let gemini = parse_request_at(
+            ApiKind::GeminiGenerateContent,
+            "/v1beta/models/g:generateContent",
+            br#"{"contents":[{"parts":[{"text":"a"},{"text":"b"}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(gemini.glued_parts, vec!["ab".to_string()]);
     }
 
     #[test]

@@ -276,12 +276,13 @@ fn screen_prompt(input: ScreenInput<'_>) -> Result<Screening, Refusal> {
         groups: caller.map(|c| c.groups.as_slice()).unwrap_or(&[]),
         route: info.route.as_deref(),
         model: &parsed.model,
-        max_tokens: requested_max_tokens(api, body),
+        max_tokens: requested_max_tokens(api, &parsed.body),
     };
     let mut screening = Screening::default();
-    let outcome = config
-        .content_policy
-        .evaluate_request(&facts, &parsed.prompt);
+    let outcome =
+        config
+            .content_policy
+            .evaluate_request(&facts, &parsed.prompt, &parsed.glued_parts);
     if let Some(refusal) = outcome.refusal(api) {
         return Err(refusal);
     }

@@ -20,6 +20,7 @@ pub mod identity;
 pub mod inspect;
 pub mod json;
 pub mod mask;
+mod normalize;
 pub mod policy;
 pub mod record;
 pub mod refusal;

@@ -92,6 +92,11 @@ pub(crate) struct Walked {
     /// What the screen rewrote: the body's value at each path is to be
     /// replaced by this JSON text.
     pub edits: Vec<(Vec<Seg>, String)>,
+    /// The text parts of each message with more than one, joined with
+    /// nothing between them as a chat template may join them: a phrase
+    /// split over two parts is whole here (the prompt puts a line break
+    /// between parts).
+    pub glued: Vec<String>,
 }
 
 /// Walks the prompt of `obj`, a request body of shape `api`.
@@ -486,6 +491,7 @@ impl Walker<'_> {
         if texts.len() < 2 {
             return Ok(());
         }
+        self.done.glued.push(texts.concat());
         self.screen
             .check_joined(&texts)
             .map_err(|m| self.err("", m))

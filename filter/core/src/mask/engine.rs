@@ -53,11 +53,11 @@ pub(crate) struct Found {
 /// earliest, then longest, then highest-priority one wins), partially
 /// overlapping ones are merged so that no part of either leaks.
 ///
-/// Detectors read the text as the model does ([`super::normalize`]): a
+/// Detectors read the text as the model does ([`crate::normalize`]): a
 /// full-width, zero-width-split or escaped value is found, and its span in
 /// `hay` is what gets masked.
 pub(crate) fn find(active: &[Active], hay: &str, from: usize) -> Found {
-    let Some(n) = super::normalize::normalize(hay) else {
+    let Some(n) = crate::normalize::normalize(hay) else {
         return find_plain(active, hay, from);
     };
     let mut found = find_plain(active, &n.text, n.position(from));

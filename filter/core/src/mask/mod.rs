@@ -115,7 +115,6 @@ mod config;
 mod detectors;
 mod engine;
 pub(crate) mod json_edit;
-mod normalize;
 mod request;
 mod response;
 mod stream;

@@ -18,7 +18,9 @@
 //! }
 //! ```
 //!
-//! * `phrases` match case-insensitively as substrings; a run of whitespace in
+//! * `phrases` match case-insensitively as substrings, on the prompt as the
+//!   model reads it (`PromptText`: folded, unescaped, look-alikes as one,
+//!   across messages and parts); a run of whitespace in
 //!   a phrase matches any run of whitespace. `regex` uses Rust regex syntax
 //!   (case-insensitive matching of ASCII with `(?i-u:...)`; Unicode `(?i)`
 //!   is not compiled into the filter).
@@ -37,6 +39,7 @@
 //!   response by an error, or ends a stream with an error event
 //!   ([`crate::mask::ResponseGuard`], [`crate::mask::SseStreamMasker`]).
 
+use std::cell::OnceCell;
 use std::sync::Arc;
 
 use regex::Regex;
@@ -46,6 +49,7 @@ use serde_json::Value;
 use crate::config::ConfigError;
 use crate::glob::Glob;
 use crate::mask::compile_regex;
+use crate::normalize::{as_read, skeleton};
 use crate::refusal::{Refusal, RefusalKind};
 use crate::wire::{ApiKind, PromptMessage};
 
@@ -186,6 +190,8 @@ impl Scope {
 struct RequestRule {
     name: String,
     phrases: Option<Regex>,
+    /// The phrases' confusable skeletons, matched on the prompt's skeleton.
+    phrase_skeletons: Option<Regex>,
     regex: Vec<Regex>,
     allow: Option<Vec<Glob>>,
     deny: Option<Vec<Glob>>,
@@ -462,6 +468,10 @@ impl ContentPolicy {
             request_rules.push(RequestRule {
                 name: r.name.clone(),
                 phrases: compile_phrases(&format!("{at}.phrases"), &r.phrases)?,
+                phrase_skeletons: compile_phrases(
+                    &format!("{at}.phrases"),
+                    &r.phrases.iter().map(|p| skeleton(p)).collect::<Vec<_>>(),
+                )?,
                 regex: compile_regexes(&format!("{at}.regex"), &r.regex)?,
                 allow,
                 deny,
@@ -520,18 +530,23 @@ impl ContentPolicy {
         self.request_rules.is_empty() && self.response_rules.is_empty()
     }
 
-    /// Evaluates the request rules in scope on the (unmasked) prompt.
+    /// Evaluates the request rules in scope on the (unmasked) prompt;
+    /// `glued` are text parts of one message joined without a break.
     pub fn evaluate_request(
         &self,
         facts: &RequestFacts<'_>,
         prompt: &[PromptMessage],
+        glued: &[String],
     ) -> PolicyOutcome {
         let mut out = PolicyOutcome::default();
+        // Built once, and only when a rule in scope reads text.
+        let text = OnceCell::new();
+        let text = || text.get_or_init(|| PromptText::new(prompt, glued));
         for rule in &self.request_rules {
             if !rule.scope.matches(facts) {
                 continue;
             }
-            let Some(reason) = rule.trips(facts, prompt) else {
+            let Some(reason) = rule.trips(facts, text) else {
                 continue;
             };
             match rule.action {
@@ -565,7 +580,7 @@ impl ContentPolicy {
 }
 
 impl RequestRule {
-    fn trips(&self, f: &RequestFacts<'_>, prompt: &[PromptMessage]) -> Option<String> {
+    fn trips<'t>(&self, f: &RequestFacts<'_>, text: impl Fn() -> &'t PromptText) -> Option<String> {
         if let Some(allow) = &self.allow {
             if !allow.iter().any(|g| g.matches(f.model)) {
                 return Some(format!("model `{}` is not allowed", f.model));
@@ -588,14 +603,20 @@ impl RequestRule {
             }
         }
         if let Some(p) = &self.phrases {
-            if prompt.iter().any(|m| p.is_match(&m.text)) {
+            let text = text();
+            let in_skeleton = self
+                .phrase_skeletons
+                .as_ref()
+                .is_some_and(|s| text.skeletons.iter().any(|t| s.is_match(t)));
+            if in_skeleton || text.views.iter().any(|t| p.is_match(t)) {
                 return Some("the prompt contains a denied phrase".into());
             }
         }
-        if self
-            .regex
-            .iter()
-            .any(|r| prompt.iter().any(|m| r.is_match(&m.text)))
+        if !self.regex.is_empty()
+            && self
+                .regex
+                .iter()
+                .any(|r| text().views.iter().any(|t| r.is_match(t)))
         {
             return Some("the prompt matches a denied pattern".into());
         }
@@ -603,26 +624,59 @@ impl RequestRule {
     }
 }
 
-/// The output-token limit a request asks for (`max_tokens`,
-/// `max_completion_tokens`, `max_output_tokens`,
-/// `generationConfig.maxOutputTokens`), for [`RequestFacts::max_tokens`].
-/// Fractions round up; a value that is not a number counts as unlimited
-/// (`u64::MAX`), so that it cannot slip under a cap.
-pub fn requested_max_tokens(api: ApiKind, body: &[u8]) -> Option<u64> {
-    let v: Value = serde_json::from_slice(body).ok()?;
+/// The prompt as request rules read it: each message as sent and as the
+/// model reads it ([`crate::normalize`]: compatibility forms, invisible
+/// characters, percent and entity escapes), the whole prompt in one text
+/// (a phrase may run across parts and messages), text parts joined without
+/// a break, and the confusable skeletons of the whole.
+struct PromptText {
+    views: Vec<String>,
+    skeletons: Vec<String>,
+}
+
+impl PromptText {
+    fn new(prompt: &[PromptMessage], glued: &[String]) -> PromptText {
+        let mut views: Vec<String> = Vec::with_capacity(prompt.len() * 2 + glued.len() + 1);
+        for m in prompt {
+            views.push(m.text.clone());
+            let read = as_read(&m.text);
+            if read != m.text {
+                views.push(read);
+            }
+        }
+        let whole: Vec<&str> = prompt.iter().map(|m| m.text.as_str()).collect();
+        let mut wholes = vec![as_read(&whole.join("\n"))];
+        wholes.extend(glued.iter().map(|g| as_read(g)));
+        let skeletons = wholes.iter().map(|w| skeleton(w)).collect();
+        views.extend(wholes);
+        PromptText { views, skeletons }
+    }
+}
+
+/// The output-token limit a request asks for, in every spelling its API
+/// accepts (`max_tokens`, `max_completion_tokens`, `max_output_tokens`;
+/// Gemini's `generationConfig.maxOutputTokens` with either spelling of
+/// either name, as protobuf JSON reads both), for
+/// [`RequestFacts::max_tokens`]. The largest wins. Fractions round up; a
+/// value that is not a number counts as unlimited (`u64::MAX`), so that it
+/// cannot slip under a cap.
+pub fn requested_max_tokens(api: ApiKind, body: &Value) -> Option<u64> {
+    let v = body;
     let keys: &[&[&str]] = match api {
         ApiKind::OpenaiChat => &[&["max_completion_tokens"], &["max_tokens"]],
         ApiKind::OpenaiCompletions | ApiKind::AnthropicMessages => &[&["max_tokens"]],
         ApiKind::OpenaiResponses => &[&["max_output_tokens"]],
         ApiKind::GeminiGenerateContent => &[
             &["generationConfig", "maxOutputTokens"],
+            &["generationConfig", "max_output_tokens"],
             &["generation_config", "max_output_tokens"],
+            &["generation_config", "maxOutputTokens"],
         ],
         ApiKind::OpenaiEmbeddings => &[],
     };
     let mut best: Option<u64> = None;
     for path in keys {
-        let mut cur = Some(&v);
+        let mut cur = Some(v);
         for k in *path {
             cur = cur.and_then(|c| c.get(*k));
         }
@@ -710,7 +764,7 @@ mod tests {
                 route: *route,
                 ..facts(model, *max)
             };
-            let out = p.evaluate_request(&f, &msg(text));
+            let out = p.evaluate_request(&f, &msg(text), &[]);
             assert_eq!(out.denied_by.as_deref(), *want, "{model} {text}");
             if let Some(rule) = want {
                 let r = out.refusal(ApiKind::AnthropicMessages).unwrap();
@@ -719,7 +773,7 @@ mod tests {
                 assert!(!r.message.contains(text), "never echoes the prompt");
             }
         }
-        let out = p.evaluate_request(&facts("llama", None), &msg("project x"));
+        let out = p.evaluate_request(&facts("llama", None), &msg("project x"), &[]);
         assert_eq!(
             out.message.unwrap(),
             "denied by content policy rule `no-project-x`: the prompt contains a denied phrase"
@@ -727,9 +781,58 @@ mod tests {
     }
 
     #[test]
+    fn phrases_are_read_as_the_model_reads_them() {
+        let p = ContentPolicy::from_json(
+            br#"{"request_rules":[{"name":"x","phrases":["project falcon"]},{"name":"r","regex":["secret-[0-9]+"]}]}"#,
+        )
+        .unwrap();
+        let denied = |prompt: &[PromptMessage], glued: &[String]| {
+            p.evaluate_request(&facts("m", None), prompt, glued)
+                .denied_by
+        };
+        let one = |t: &str| denied(&msg(t), &[]);
+        for t in [
+            // Full-width letters, zero-width space, soft hyphen.
+            "ｐｒｏｊｅｃｔ ｆａｌｃｏｎ",
+            "proj\u{200b}ect fal\u{ad}con",
+            // Percent and HTML-entity escapes.
+            "project%20falcon",
+            "project&#32;falcon",
+            // Look-alikes: Cyrillic о and а, digit 0 for O.
+            "pr\u{43e}ject f\u{430}lcon",
+            "PR0JECT FALCON",
+            // Regexes read the normalised text too.
+            "ｓｅｃｒｅｔ-１２",
+        ] {
+            assert!(one(t).is_some(), "{t:?}");
+        }
+        assert_eq!(one("projects, falcons"), None);
+        assert_eq!(one("a project about a falcon"), None);
+        // Across messages: the phrase's space is the break between them.
+        let two = vec![
+            PromptMessage {
+                role: "system".into(),
+                text: "this is project".into(),
+            },
+            PromptMessage {
+                role: "user".into(),
+                text: "falcon".into(),
+            },
+        ];
+        assert_eq!(denied(&two, &[]).as_deref(), Some("x"));
+        // Across text parts joined without a break, as a template may.
+        let parts = msg("project fal\ncon");
+        assert_eq!(denied(&parts, &[]), None);
+        assert_eq!(
+            denied(&parts, &["project falcon".to_string()]).as_deref(),
+            Some("x")
+        );
+    }
+
+    #[test]
     fn scoping_and_monitor() {
         let p = ContentPolicy::from_json(POLICY.as_bytes()).unwrap();
-        let out = p.evaluate_request(&facts("gpt-4o", None), &msg("my password"));
+        let out = p.evaluate_request(&facts("gpt-4o", None), &msg("my password"), &[]);
         assert!(
             out.monitored.is_empty(),
             "no caller: callers-scoped rule does not apply"
@@ -738,7 +841,7 @@ mod tests {
             caller: Some("team-a-bot"),
             ..facts("gpt-4o", None)
         };
-        let out = p.evaluate_request(&f, &msg("my password"));
+        let out = p.evaluate_request(&f, &msg("my password"), &[]);
         assert_eq!(out.denied_by, None);
         assert_eq!(
             out.monitored,
@@ -753,13 +856,13 @@ mod tests {
             ..facts("gpt-4o", None)
         };
         assert_eq!(
-            p.evaluate_request(&f, &msg("delete it"))
+            p.evaluate_request(&f, &msg("delete it"), &[])
                 .denied_by
                 .as_deref(),
             Some("interns")
         );
         assert_eq!(
-            p.evaluate_request(&facts("gpt-4o", None), &msg("delete it"))
+            p.evaluate_request(&facts("gpt-4o", None), &msg("delete it"), &[])
                 .denied_by,
             None
         );
@@ -779,13 +882,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            p.evaluate_request(&facts("m", None), &[])
+            p.evaluate_request(&facts("m", None), &[], &[])
                 .denied_by
                 .as_deref(),
             Some("cap")
         );
         assert_eq!(
-            p.evaluate_request(&facts("m", Some(100)), &[]).denied_by,
+            p.evaluate_request(&facts("m", Some(100)), &[], &[])
+                .denied_by,
             None
         );
     }
@@ -889,10 +993,21 @@ mod tests {
                 r#"{"generationConfig":{"maxOutputTokens":64}}"#,
                 Some(64),
             ),
+            (
+                ApiKind::GeminiGenerateContent,
+                r#"{"generationConfig":{"maxOutputTokens":64},"generation_config":{"maxOutputTokens":9000}}"#,
+                Some(9000),
+            ),
+            (
+                ApiKind::GeminiGenerateContent,
+                r#"{"generationConfig":{"max_output_tokens":9000}}"#,
+                Some(9000),
+            ),
             (ApiKind::OpenaiEmbeddings, r#"{"max_tokens":5}"#, None),
             (ApiKind::OpenaiChat, r#"{"max_tokens":-3}"#, Some(0)),
         ] {
-            assert_eq!(requested_max_tokens(api, body.as_bytes()), want, "{body}");
+            let body: Value = serde_json::from_str(body).unwrap();
+            assert_eq!(requested_max_tokens(api, &body), want, "{body}");
         }
     }
 

@@ -98,6 +98,19 @@ pub(crate) fn normalize(s: &str) -> Option<Normalized> {
     (out.text != s).then_some(out)
 }
 
+/// `s` as the model reads it, for content-policy rules (no map back).
+pub(crate) fn as_read(s: &str) -> String {
+    normalize(s).map_or_else(|| s.to_string(), |n| n.text)
+}
+
+/// The confusable skeleton (Unicode TS #39) of `s` lower-cased: letters
+/// that look alike (Cyrillic `о` and Latin `o`, `0` and `O`) fold to one,
+/// so a phrase spelled with look-alikes is the same phrase. Lower-casing
+/// first keeps phrases case-insensitive: the skeleton itself is not.
+pub(crate) fn skeleton(s: &str) -> String {
+    unicode_security::confusable_detection::skeleton(&s.to_lowercase()).collect()
+}
+
 /// Pushes `c` folded to its compatibility form (dropped when invisible).
 fn fold(out: &mut Normalized, c: char, start: usize, end: usize) {
     if c.is_ascii() {
