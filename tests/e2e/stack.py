@@ -325,6 +325,20 @@ class Approval:
             return r.json()
 
 
+def with_http2_model(envoy_yaml: str) -> str:
+    """The model cluster spoken to over HTTP/2 (h2c), as to vLLM or a
+    gRPC-style server: answers may then end with trailers."""
+    config = yaml.safe_load(envoy_yaml)
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] == "model":
+            cluster["typed_extension_protocol_options"] = {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                }}
+    return yaml.safe_dump(config, sort_keys=False)
+
+
 def with_approval_replicas(envoy_yaml: str, ports: list[int]) -> str:
     """The rendered template with one approval endpoint per replica, checked
     on /healthz every second and ejected after two failed calls, so a dead
@@ -351,7 +365,9 @@ class Envoy:
     of replicas that become the endpoints of the approval cluster."""
 
     def __init__(self, workdir: Path, backend: Backend, approval: Approval | list[Approval],
-                 filter_config: dict | str, env: dict | None = None, name: str = "envoy"):
+                 filter_config: dict | str, env: dict | None = None, name: str = "envoy",
+                 model_http2: bool = False):
+        self.model_http2 = model_http2
         self.replicas = approval if isinstance(approval, list) else [approval]
         self.several = isinstance(approval, list)
         self.workdir, self.backend, self.filter_config = workdir, backend, filter_config
@@ -370,6 +386,8 @@ class Envoy:
         })
         if self.several:
             text = with_approval_replicas(text, [r.port for r in self.replicas])
+        if self.model_http2:
+            text = with_http2_model(text)
         self.yaml.write_text(text)
         self.rendered = text
         self.proc = Proc("envoy", [str(ENVOY), "-c", str(self.yaml), "--log-level", "warn",
@@ -417,13 +435,15 @@ class Stack:
     """Demo backend + approval service + Envoy with the filter."""
 
     def __init__(self, workdir: Path, filter_config: dict | None = None, filter_token: str | None = None,
-                 envoy_env: dict | None = None, approval_extra: str = "", database: str | None = None):
+                 envoy_env: dict | None = None, approval_extra: str = "", database: str | None = None,
+                 model_http2: bool = False):
         config = dict(DEFAULT_FILTER_CONFIG if filter_config is None else filter_config)
         if filter_token:
             config["approval_token"] = filter_token
         self.backend = Backend(workdir)
         self.approval = Approval(workdir, filter_token=filter_token, extra=approval_extra, database=database)
-        self.envoy = Envoy(workdir, self.backend, self.approval, config, env=envoy_env)
+        self.envoy = Envoy(workdir, self.backend, self.approval, config, env=envoy_env,
+                           model_http2=model_http2)
 
     def start(self):
         self.backend.start()

@@ -394,3 +394,52 @@ def test_unasked_logprobs_are_dropped_where_pseudonyms_are_restored(stack, api, 
     assert answer_text(api, a.raw, stream) == f"echo: my mail is {EMAIL}"
     assert b"<EMAIL_" not in a.raw, a.raw[:600]
     assert_no_logprobs(sse_events(a.raw) if stream else [a.json()])
+
+
+# ------------------------------------------------------------------ answers ended by trailers
+
+@pytest.fixture(scope="module")
+def h2_gw(tmp_path_factory, request):
+    """The same gateway with the model spoken to over HTTP/2, where an answer
+    can end with trailers instead of an end-of-stream data frame."""
+    kwargs = {}
+    if E2E_DB == "postgres":
+        kwargs["database"] = request.getfixturevalue("postgres").create_database("t_answer_leaks_h2")
+    stack = Stack(tmp_path_factory.mktemp("answer-leaks-h2"), filter_config=CONFIG, model_http2=True, **kwargs)
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+
+
+TRAILER_APIS = [("chat", False), ("chat", True), ("messages", False), ("gemini", False), ("responses", True)]
+
+
+@pytest.mark.parametrize(("api", "stream"), TRAILER_APIS, ids=[f"{a}-{'stream' if s else 'plain'}" for a, s in TRAILER_APIS])
+def test_an_answer_ended_by_trailers_is_masked_and_blocked(h2_gw, api, stream):
+    # Before: the body buffered for the guard went out with the trailers,
+    # unread (no end-of-stream body callback comes when trailers end it).
+    a = send(h2_gw, req(api, GUARDED, stream), headers={"x-demo-trailers": "1", "x-demo-reply": SECRET_REPLY})
+    assert a.status == 200, a.raw[:300]
+    assert_nowhere(a.raw, EMAIL, CARD, "scully", "4111")
+    text = answer_text(api, a.raw, stream)
+    assert text.startswith("write to <EMAIL_") and "[CREDIT_CARD]" in text, text
+    # The model did answer with trailers, over HTTP/2.
+    seen = seen_by_model(h2_gw, a.request_id)
+    assert seen["headers"].get("x-demo-trailers") == "1"
+    blocked = send(h2_gw, req(api, GUARDED, stream), headers={"x-demo-trailers": "1", "x-demo-reply": BLOCKED_REPLY})
+    assert_nowhere(blocked.raw, BLOCKED_PHRASE, CODES)
+    assert "no-launch-codes" in blocked.raw.decode()
+    # The record reads the answer whole and masked.
+    recorded = json.dumps(response_record(h2_gw, a.request_id))
+    assert EMAIL not in recorded and "complete" in recorded, recorded[:600]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_compressed_answer_ended_by_trailers_is_still_refused(h2_gw, stream):
+    a = send(h2_gw, req("chat", GUARDED, stream), headers={
+        "x-demo-trailers": "1", "x-demo-content-encoding": "gzip", "x-demo-reply": SECRET_REPLY})
+    assert a.status == 502, a.raw[:300]
+    assert_nowhere(a.raw, EMAIL, CARD)
+    assert a.json()["error"]["code"] == "response_uninspectable"

@@ -27,6 +27,7 @@ use axum::{Json, Router};
 use flate2::write::GzEncoder;
 use flate2::Compression;
 use futures_util::{Stream, StreamExt};
+use http_body_util::BodyExt;
 use serde_json::{json, Map, Value};
 
 /// How many requests `/_demo/requests` keeps (oldest dropped first).
@@ -48,6 +49,10 @@ pub const CONTENT_ENCODING_HEADER: &str = "x-demo-content-encoding";
 /// `x-demo-logprobs: always` adds logprobs to answers that did not ask for
 /// them (a backend that returns them unasked).
 pub const LOGPROBS_HEADER: &str = "x-demo-logprobs";
+/// `x-demo-trailers` (any value) ends the answer with a trailer
+/// `x-demo-finished: true` (sent over HTTP/2, and over HTTP/1.1 chunked
+/// when the request says `te: trailers`), as gRPC-style servers do.
+pub const TRAILERS_HEADER: &str = "x-demo-trailers";
 
 /// Shared state: counters and the request log.
 #[derive(Default)]
@@ -111,6 +116,7 @@ pub fn app_with_state(state: Shared) -> Router {
         .route("/_demo/reset", post(reset))
         .fallback(not_found)
         .layer(middleware::from_fn(encode))
+        .layer(middleware::from_fn(trailers))
         // The tracking middleware has already read (and bounded) the body.
         .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn_with_state(state.clone(), track))
@@ -201,6 +207,22 @@ pub fn accepts_gzip(headers: &HeaderMap) -> bool {
         }
     }
     gzip.or(any).unwrap_or(false)
+}
+
+/// Ends the answer with trailers when the request asks for them
+/// ([`TRAILERS_HEADER`]).
+async fn trailers(req: Request, next: Next) -> Response {
+    let wanted = req.headers().contains_key(TRAILERS_HEADER);
+    let response = next.run(req).await;
+    if !wanted {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-demo-finished", HeaderValue::from_static("true"));
+    let body = body.with_trailers(async move { Some(Ok(trailers)) });
+    Response::from_parts(parts, Body::new(body))
 }
 
 /// Compresses model answers with gzip when the request asks for it (see

@@ -65,6 +65,9 @@ pub struct StreamFilter {
     record_guard: Option<ResponseFilter>,
     /// Set when the answer cannot be read and is replaced whole.
     withheld: Option<Withheld>,
+    /// The answer's body is being buffered in Envoy (plain answers under a
+    /// guard, withheld answers): trailers can still change it.
+    response_buffered: bool,
     /// A request to a path that is not an inference endpoint, whose body is
     /// being looked at: a prompt there is refused (see `shape::sniff_prompt`).
     sniffing: bool,
@@ -88,6 +91,7 @@ impl StreamFilter {
             guard: None,
             record_guard: None,
             withheld: None,
+            response_buffered: false,
             sniffing: false,
         }
     }
@@ -539,32 +543,74 @@ impl StreamFilter {
         body_size: usize,
         end_of_stream: bool,
     ) -> Action {
+        let buffers =
+            self.withheld.is_some() || self.guard.as_ref().is_some_and(ResponseFilter::buffers);
+        if buffers && !end_of_stream {
+            // A plain body is judged whole, and nothing of an unreadable
+            // answer leaves (its replacement goes out at the end): buffer.
+            // Envoy then keeps the body for the end, or for the trailers.
+            if self.withheld.is_some() {
+                host.set_response_body(body_size, &[]);
+            }
+            self.response_buffered = true;
+            return Action::Pause;
+        }
+        if self.withheld.is_none() && self.guard.is_none() && self.response.is_none() {
+            return Action::Continue;
+        }
+        let chunk = host.response_body(body_size);
+        if let Some(out) = self.answer_chunk(host, chunk, end_of_stream) {
+            host.set_response_body(body_size, &out);
+        }
+        Action::Continue
+    }
+
+    /// Response trailers end the answer without an end-of-stream body
+    /// callback (HTTP/2, or HTTP/1.1 chunked with trailers): what the guard
+    /// buffered would otherwise go out with them unread. A buffered body is
+    /// judged here as at its end. A streamed answer went out chunk by chunk
+    /// and Envoy keeps no body to add to: text the stream masker still held
+    /// back cannot be sent before the trailers, and is dropped (never sent
+    /// unmasked), with a warning and a metric.
+    pub fn on_response_trailers(&mut self, host: &mut dyn Host) -> Action {
+        if self.withheld.is_none() && self.guard.is_none() && self.response.is_none() {
+            return Action::Continue;
+        }
+        if self.response_buffered {
+            let buffered = host.response_body(usize::MAX).len();
+            return self.on_response_body(host, buffered, true);
+        }
+        let unsent = self
+            .answer_chunk(host, Vec::new(), true)
+            .map_or(0, |tail| tail.len());
+        if unsent > 0 {
+            host.count("countersign_response_tails_dropped_total", 1);
+            let msg = format!(
+                "countersign: a streamed answer ended with trailers while {unsent} bytes were held back for masking; they were not sent"
+            );
+            host.log(Level::Warn, &msg);
+        }
+        Action::Continue
+    }
+
+    /// Runs the guard and the recorder over an answer chunk; the bytes to
+    /// send instead of it, when the guard (or a withheld answer) changes it.
+    fn answer_chunk(&mut self, host: &mut dyn Host, chunk: Vec<u8>, end: bool) -> Option<Vec<u8>> {
         if let Some(withheld) = &self.withheld {
-            // Nothing of an unreadable answer leaves; its replacement goes
-            // out at the end.
-            let out = if end_of_stream {
+            let out = if end {
                 withheld.body.clone()
             } else {
                 Vec::new()
             };
-            host.set_response_body(body_size, &out);
             if let Some(capture) = &mut self.response {
                 capture.recorder.feed(&out);
-                capture.complete |= end_of_stream;
+                capture.complete |= end;
             }
-            return Action::Continue;
+            return Some(out);
         }
-        if self.guard.as_ref().is_some_and(ResponseFilter::buffers) && !end_of_stream {
-            // A plain body is judged whole: buffer until the end.
-            return Action::Pause;
-        }
-        if self.guard.is_none() && self.response.is_none() {
-            return Action::Continue;
-        }
-        let chunk = host.response_body(body_size);
         let (out, report) = match &mut self.guard {
             Some(filter) => {
-                let (out, report) = filter.apply(&chunk, end_of_stream);
+                let (out, report) = filter.apply(&chunk, end);
                 (Some(out), Some(report))
             }
             None => (None, None),
@@ -574,7 +620,7 @@ impl StreamFilter {
         let recorded = self
             .record_guard
             .as_mut()
-            .map(|filter| filter.apply(&chunk, end_of_stream).0);
+            .map(|filter| filter.apply(&chunk, end).0);
         if let (Some(report), Some(capture)) = (report, &mut self.response) {
             if report.blocked_by.is_some() && capture.blocked_by.is_none() {
                 host.count("countersign_responses_blocked_total", 1);
@@ -582,18 +628,12 @@ impl StreamFilter {
             capture.blocked_by = report.blocked_by;
             capture.hits = report.hits;
         }
-        let sent = match out {
-            Some(out) => {
-                host.set_response_body(body_size, &out);
-                out
-            }
-            None => chunk,
-        };
         if let Some(capture) = &mut self.response {
-            capture.recorder.feed(recorded.as_deref().unwrap_or(&sent));
-            capture.complete |= end_of_stream;
+            let sent = out.as_deref().unwrap_or(&chunk);
+            capture.recorder.feed(recorded.as_deref().unwrap_or(sent));
+            capture.complete |= end;
         }
-        Action::Continue
+        out
     }
 
     /// The access-log phase: the response part of the record goes to the
@@ -1025,10 +1065,11 @@ mod tests {
         assert!(!host.response_headers.contains_key("content-encoding"));
         assert!(!host.response_headers.contains_key("content-length"));
         assert_eq!(host.metric("countersign_responses_blocked_total"), 1);
-        // Nothing of it leaves; the replacement goes out at the end.
+        // Nothing of it leaves; the replacement goes out at the end (or
+        // before trailers: Envoy keeps the emptied body buffered for them).
         assert_eq!(
             chunk(&mut host, &mut stream, b"\x1f\x8b\x08gz", false),
-            Action::Continue
+            Action::Pause
         );
         assert!(host.response_chunk.is_empty());
         chunk(&mut host, &mut stream, b"more", true);
@@ -1079,6 +1120,34 @@ mod tests {
         assert_eq!(chunk(&mut host, &mut stream, body, true), Action::Continue);
         let out = String::from_utf8(host.response_chunk.clone()).unwrap();
         assert!(!out.contains("dave@example.com"), "{out}");
+    }
+
+    #[test]
+    fn a_plain_answer_ended_by_trailers_is_masked_before_them() {
+        let (_worker, mut host, mut stream) = setup(&format!(
+            "{{{MASKING},\"default_action\":\"allow\",\"records\":\"off\"}}"
+        ));
+        send(&mut host, &mut stream, CHAT, BODY);
+        respond(&mut host, &mut stream, "application/json");
+        let body = br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"dave@example.com"}}]}"#;
+        // The last data frame does not end the stream: trailers do.
+        assert_eq!(chunk(&mut host, &mut stream, body, false), Action::Pause);
+        host.response_chunk = body.to_vec();
+        assert_eq!(stream.on_response_trailers(&mut host), Action::Continue);
+        let out = String::from_utf8(host.response_chunk.clone()).unwrap();
+        assert!(!out.contains("dave@example.com"), "{out}");
+        assert!(out.contains("choices"), "{out}");
+    }
+
+    #[test]
+    fn trailers_on_an_answer_nothing_reads_change_nothing() {
+        let (_worker, mut host, mut stream) =
+            setup(r#"{"default_action":"allow","records":"off"}"#);
+        send(&mut host, &mut stream, CHAT, BODY);
+        respond(&mut host, &mut stream, "application/json");
+        host.response_chunk = b"{}".to_vec();
+        assert_eq!(stream.on_response_trailers(&mut host), Action::Continue);
+        assert_eq!(host.response_chunk, b"{}");
     }
 
     #[test]

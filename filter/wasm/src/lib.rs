@@ -270,6 +270,10 @@ impl HttpContext for Stream {
         )
     }
 
+    fn on_http_response_trailers(&mut self, _: usize) -> WasmAction {
+        wasm(self.0.on_response_trailers(&mut Envoy))
+    }
+
     fn on_log(&mut self) {
         self.0.on_log(&mut Envoy);
     }
