@@ -144,6 +144,8 @@ pub struct Config {
     pub hold_timeout_ms: u64,
     /// Longest single long-poll to the service.
     pub long_poll_ms: u64,
+    /// How many requests may wait for review at once in one Envoy worker.
+    pub hold_limits: HoldLimits,
     /// Largest request body accepted (413 beyond).
     pub max_body_bytes: usize,
     /// Treatment of requests that are not inference requests.
@@ -266,6 +268,8 @@ struct RawConfig {
     hold_timeout_ms: u64,
     #[serde(default = "default_long_poll")]
     long_poll_ms: u64,
+    #[serde(default)]
+    hold_limits: HoldLimits,
     #[serde(default = "default_max_body")]
     max_body_bytes: u64,
     #[serde(default = "default_other")]
@@ -449,6 +453,31 @@ fn default_callout_timeout() -> u64 {
 fn default_hold_timeout() -> u64 {
     300_000
 }
+/// How many requests may wait for a reviewer at once, per Envoy worker (each
+/// worker holds its own requests in memory): beyond either limit a request
+/// that would be held is refused with 429 and `retry-after`, and recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HoldLimits {
+    /// Held requests of one caller (requests without a caller count as one
+    /// caller).
+    pub per_caller: u32,
+    /// Held requests in all.
+    pub total: u32,
+    /// The `retry-after` sent with the refusal, in seconds.
+    pub retry_after_s: u64,
+}
+
+impl Default for HoldLimits {
+    fn default() -> HoldLimits {
+        HoldLimits {
+            per_caller: 1_000,
+            total: 10_000,
+            retry_after_s: 30,
+        }
+    }
+}
+
 fn default_long_poll() -> u64 {
     25_000
 }
@@ -547,6 +576,15 @@ impl Config {
             MAX_HOLD_TIMEOUT_MS,
         )?;
         range("long_poll_ms", raw.long_poll_ms, 100, 300_000)?;
+        let limits = raw.hold_limits;
+        range("hold_limits.total", limits.total.into(), 1, 1_000_000)?;
+        range(
+            "hold_limits.per_caller",
+            limits.per_caller.into(),
+            1,
+            limits.total.into(),
+        )?;
+        range("hold_limits.retry_after_s", limits.retry_after_s, 1, 86_400)?;
         range("max_body_bytes", raw.max_body_bytes, 1, 256 * 1024 * 1024)?;
 
         let endpoints = match raw.endpoints {
@@ -743,6 +781,7 @@ impl Config {
             callout_timeout_ms: raw.callout_timeout_ms,
             hold_timeout_ms: raw.hold_timeout_ms,
             long_poll_ms: raw.long_poll_ms,
+            hold_limits: raw.hold_limits,
             max_body_bytes: usize::try_from(raw.max_body_bytes).unwrap_or(usize::MAX),
             other_requests: raw.other_requests,
             passthrough,

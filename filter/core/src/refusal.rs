@@ -45,6 +45,9 @@ pub enum RefusalKind {
     /// The model's answer could not be inspected (compressed, unreadable),
     /// so it was withheld.
     ResponseUninspectable,
+    /// The caller (or everyone) already has as many requests held for
+    /// review in this worker as `hold_limits` allows.
+    TooManyHolds,
 }
 
 impl RefusalKind {
@@ -62,6 +65,7 @@ impl RefusalKind {
             RefusalKind::MethodNotAllowed => 405,
             RefusalKind::TooLarge => 413,
             RefusalKind::UnsupportedMediaType => 415,
+            RefusalKind::TooManyHolds => 429,
             RefusalKind::Misconfigured => 500,
             RefusalKind::ResponseUninspectable => 502,
             RefusalKind::ApprovalUnavailable | RefusalKind::RecordUnavailable => 503,
@@ -90,6 +94,7 @@ impl RefusalKind {
             RefusalKind::NotFound => "not_found",
             RefusalKind::RecordUnavailable => "audit_record_unavailable",
             RefusalKind::ResponseUninspectable => "response_uninspectable",
+            RefusalKind::TooManyHolds => "too_many_held_requests",
         }
     }
 
@@ -106,6 +111,7 @@ impl RefusalKind {
             RefusalKind::Unauthenticated => "unauthenticated",
             RefusalKind::InvalidToken | RefusalKind::TokenReplayed => "denied",
             RefusalKind::ResponseUninspectable => "withheld",
+            RefusalKind::TooManyHolds => "throttled",
             _ => "invalid",
         }
     }
@@ -115,6 +121,7 @@ impl RefusalKind {
             401 => "authentication_error",
             404 => "not_found_error",
             403 => "permission_error",
+            429 => "rate_limit_exceeded",
             500 | 502 => "server_error",
             503 => "service_unavailable",
             504 => "timeout",
@@ -128,6 +135,7 @@ impl RefusalKind {
             404 => "not_found_error",
             403 => "permission_error",
             413 => "request_too_large",
+            429 => "rate_limit_error",
             500 | 502 => "api_error",
             503 => "overloaded_error",
             504 => "timeout_error",
@@ -147,6 +155,8 @@ pub struct Refusal {
     pub message: String,
     /// The review this refusal concerns, if any.
     pub review_id: Option<String>,
+    /// Seconds after which the caller may try again (`retry-after`).
+    pub retry_after_s: Option<u64>,
 }
 
 impl Refusal {
@@ -157,6 +167,7 @@ impl Refusal {
             api,
             message: message.into(),
             review_id: None,
+            retry_after_s: None,
         }
     }
 
@@ -194,6 +205,9 @@ impl Refusal {
         }
         if self.kind == RefusalKind::Unauthenticated {
             h.push(("www-authenticate", "Bearer".to_string()));
+        }
+        if let Some(s) = self.retry_after_s {
+            h.push(("retry-after", s.to_string()));
         }
         h
     }

@@ -23,6 +23,7 @@ use crate::request::{
 use crate::response_filter::{ResponseCapture, ResponseFilter};
 use crate::response_head::{plan_response, ResponseHead, ResponsePlan, Withheld};
 use crate::shape::{may_be_json, sniff_prompt, Sniffed};
+use crate::wire::ApiKind;
 use crate::worker::{send_refusal, Worker};
 
 /// Headers that ask for another method than the request line's; an
@@ -120,11 +121,40 @@ impl StreamFilter {
         config: &Rc<Config>,
         (hold, step): (Hold, HoldStep),
         body_len: usize,
+        waits_for_review: Option<String>,
     ) -> Action {
         self.held = true;
-        self.worker
-            .start_hold(host, self.id, config, hold, step, body_len);
+        self.worker.start_hold(
+            host,
+            self.id,
+            config,
+            (hold, step),
+            body_len,
+            waits_for_review,
+        );
         Action::Pause
+    }
+
+    /// Who would wait for a reviewer (`""`: no caller), or the refusal when
+    /// `hold_limits` are reached.
+    fn review_slot(&self, config: &Config, api: ApiKind) -> Result<String, Refusal> {
+        let caller = self.info.caller.as_ref().map_or("", |c| c.name.as_str());
+        let (mine, all) = self.worker.waiting_for_review(caller);
+        let limits = config.hold_limits;
+        let who = if all >= limits.total as usize {
+            "in this gateway worker"
+        } else if mine >= limits.per_caller as usize {
+            "for this caller"
+        } else {
+            return Ok(caller.to_string());
+        };
+        let mut refusal = Refusal::new(
+            RefusalKind::TooManyHolds,
+            Some(api),
+            format!("too many requests are already waiting for review {who}; try again later"),
+        );
+        refusal.retry_after_s = Some(limits.retry_after_s);
+        Err(refusal)
     }
 
     /// The request head.
@@ -206,7 +236,7 @@ impl StreamFilter {
             }
             HeadVerdict::Status(review_id) => {
                 let started = Hold::status(&config, self.info.clone(), &review_id);
-                return self.start_hold(host, &config, started, 0);
+                return self.start_hold(host, &config, started, 0, None);
             }
             HeadVerdict::Pass | HeadVerdict::Inspect(_) => {}
         }
@@ -367,7 +397,7 @@ impl StreamFilter {
                     note_outcome(host, "allowed");
                     return Action::Continue;
                 }
-                self.start_hold(host, &config, (hold, step), body.len())
+                self.start_hold(host, &config, (hold, step), body.len(), None)
             }
             BodyVerdict::Refuse(r) => {
                 let msg = format!("countersign: {id} refused: {}", r.kind.code());
@@ -375,6 +405,16 @@ impl StreamFilter {
                 self.refuse(host, &r)
             }
             BodyVerdict::Hold(plan) => {
+                let waiter = match self.review_slot(&config, endpoint.api) {
+                    Ok(w) => w,
+                    Err(r) => {
+                        host.log(
+                            Level::Warn,
+                            &format!("countersign: {id} refused: {}", r.message),
+                        );
+                        return self.refuse(host, &r);
+                    }
+                };
                 let (hold, step) = Hold::start(&config, &plan, self.info.clone(), now);
                 let hold = hold.with_masked_body(masked.as_deref());
                 let msg = format!(
@@ -382,7 +422,7 @@ impl StreamFilter {
                     plan.rule.name
                 );
                 host.log(Level::Info, &msg);
-                self.start_hold(host, &config, (hold, step), body.len())
+                self.start_hold(host, &config, (hold, step), body.len(), Some(waiter))
             }
             BodyVerdict::Consume(claims, facts) => {
                 let api = endpoint.api;
@@ -394,7 +434,7 @@ impl StreamFilter {
                     claims.rid
                 );
                 host.log(Level::Info, &msg);
-                self.start_hold(host, &config, (hold, step), body.len())
+                self.start_hold(host, &config, (hold, step), body.len(), None)
             }
         }
     }
@@ -1148,6 +1188,52 @@ mod tests {
         host.response_chunk = b"{}".to_vec();
         assert_eq!(stream.on_response_trailers(&mut host), Action::Continue);
         assert_eq!(host.response_chunk, b"{}");
+    }
+
+    #[test]
+    fn holds_for_review_are_limited_per_caller_and_in_all() {
+        let config = Rc::new(
+            Config::from_json(
+                br#"{"records":"off","hold_limits":{"per_caller":1,"total":2,"retry_after_s":7},
+                "identity":{"source":"metadata","metadata_path":["metadata","authn","sub"]}}"#,
+            )
+            .unwrap(),
+        );
+        let worker = Worker::new();
+        let mut host = MockHost::new(&worker);
+        let path = ["metadata", "authn", "sub"].map(String::from).to_vec();
+        let hold = |ctx: u32, caller: &str, host: &mut MockHost| {
+            host.properties
+                .insert(path.clone(), caller.as_bytes().to_vec());
+            let mut stream = StreamFilter::new(ctx, Some(config.clone()), worker.clone());
+            host.replies.clear();
+            let action = send(host, &mut stream, CHAT, BODY);
+            (action, stream)
+        };
+        let (first, _a) = hold(1, "ann", &mut host);
+        assert_eq!(first, Action::Pause);
+        assert!(host.replies.is_empty(), "held, not refused");
+        // A second request of the same caller: 429 with retry-after.
+        let (_, _b) = hold(2, "ann", &mut host);
+        let reply = &host.replies[0];
+        assert_eq!(reply.status, 429);
+        assert!(reply
+            .headers
+            .contains(&("retry-after".to_string(), "7".to_string())));
+        let v: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(v["error"]["code"], "too_many_held_requests");
+        assert_eq!(host.outcome().as_deref(), Some("throttled"));
+        // Another caller still gets a slot; then the total is reached.
+        let (_, _c) = hold(3, "bob", &mut host);
+        assert!(host.replies.is_empty());
+        let (_, _d) = hold(4, "cy", &mut host);
+        assert_eq!(host.replies[0].status, 429);
+        assert_eq!(worker.waiting_for_review("ann"), (1, 2));
+        // A hold that ends frees its slot.
+        drop(_a);
+        worker.end_stream(&mut host, 1);
+        let (_, _e) = hold(5, "ann", &mut host);
+        assert!(host.replies.is_empty(), "{:?}", host.replies);
     }
 
     #[test]

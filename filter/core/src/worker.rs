@@ -34,6 +34,9 @@ struct HoldEntry {
     finished: bool,
     /// Set when the request was released to the model, with the time.
     released: Option<(Release, u64)>,
+    /// Whose request waits for a reviewer (`None`: not waiting for one, such
+    /// as a record written before forwarding), for `hold_limits`.
+    waits_for_review: Option<String>,
 }
 
 #[derive(Default)]
@@ -75,6 +78,20 @@ impl Worker {
     /// Requests held in this VM.
     pub fn held(&self) -> usize {
         self.with(|s| s.holds.len())
+    }
+
+    /// Requests of `caller` (`""`: no caller) and of everyone that wait for
+    /// a reviewer in this worker.
+    pub fn waiting_for_review(&self, caller: &str) -> (usize, usize) {
+        self.with(|s| {
+            let waiting = s
+                .holds
+                .values()
+                .filter_map(|e| e.waits_for_review.as_deref());
+            waiting.fold((0, 0), |(mine, all), c| {
+                (mine + usize::from(c == caller), all + 1)
+            })
+        })
     }
 
     /// Hold callouts waiting for an answer.
@@ -237,9 +254,9 @@ impl Worker {
         host: &mut dyn Host,
         ctx: u32,
         config: &Rc<Config>,
-        hold: Hold,
-        step: HoldStep,
+        (hold, step): (Hold, HoldStep),
         body_len: usize,
+        waits_for_review: Option<String>,
     ) {
         let entry = HoldEntry {
             hold,
@@ -247,6 +264,7 @@ impl Worker {
             body_len,
             finished: false,
             released: None,
+            waits_for_review,
         };
         self.with(|s| s.holds.insert(ctx, entry));
         host.count("countersign_held", 1);
