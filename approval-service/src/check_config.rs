@@ -36,13 +36,6 @@ use countersign_core::config::Config as PluginConfig;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::args::Flags;
-
-/// Usage of the subcommand (also part of the binary's usage text).
-pub const USAGE: &str =
-    "countersign-approval check-config [--plugin-config FILE.json]... [--envoy FILE.yaml]... \
-[--service-config FILE.toml]... [--envoy-bin PATH | --no-envoy]";
-
 const WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
 const HCM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const BUFFER_NAME: &str = "envoy.filters.http.buffer";
@@ -85,47 +78,49 @@ pub struct Options {
     pub envoy_bin: EnvoyBin,
 }
 
-/// Parses the arguments after `check-config`.
-pub fn parse_args(args: &[String]) -> Result<Options, String> {
-    let mut opts = Options {
-        plugin_configs: Vec::new(),
-        envoy_files: Vec::new(),
-        service_configs: Vec::new(),
-        envoy_bin: EnvoyBin::Auto,
-    };
-    let mut flags = Flags::new(args);
-    while let Some(flag) = flags.next_flag() {
-        match flag {
-            "--plugin-config" => opts.plugin_configs.push(PathBuf::from(flags.value()?)),
-            "--envoy" => opts.envoy_files.push(PathBuf::from(flags.value()?)),
-            "--service-config" => opts.service_configs.push(PathBuf::from(flags.value()?)),
-            "--envoy-bin" => opts.envoy_bin = EnvoyBin::Path(PathBuf::from(flags.value()?)),
-            "--no-envoy" => opts.envoy_bin = EnvoyBin::Skip,
-            other => return Err(format!("check-config: unknown argument {other:?}")),
-        }
-    }
-    if opts.plugin_configs.is_empty()
-        && opts.envoy_files.is_empty()
-        && opts.service_configs.is_empty()
-    {
-        return Err(
-            "check-config needs at least one of --plugin-config, --envoy, --service-config".into(),
-        );
-    }
-    Ok(opts)
+/// The command line of `check-config`.
+#[derive(clap::Args)]
+#[group(skip)]
+#[command(group = clap::ArgGroup::new("files").required(true).multiple(true))]
+pub struct Args {
+    /// A plugin configuration (JSON), as the filter reads it.
+    #[arg(long = "plugin-config", value_name = "FILE.json", group = "files")]
+    plugin_configs: Vec<PathBuf>,
+    /// An Envoy bootstrap, or Kubernetes manifests (Istio, Envoy Gateway,
+    /// a Secret or ConfigMap holding a configuration).
+    #[arg(long = "envoy", value_name = "FILE.yaml", group = "files")]
+    envoy_files: Vec<PathBuf>,
+    /// An approval service configuration (TOML).
+    #[arg(long = "service-config", value_name = "FILE.toml", group = "files")]
+    service_configs: Vec<PathBuf>,
+    /// The Envoy binary for `envoy --mode validate` [default: `envoy` on
+    /// PATH, else .venv/bin/envoy]
+    #[arg(long, value_name = "PATH")]
+    envoy_bin: Option<PathBuf>,
+    /// Do not run `envoy --mode validate`.
+    #[arg(long, conflicts_with = "envoy_bin")]
+    no_envoy: bool,
 }
 
-/// Entry point of the subcommand: prints the report, exits 1 on errors and
-/// 2 on a bad command line.
-pub fn run(args: &[String]) -> ExitCode {
-    let opts = match parse_args(args) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("countersign-approval: {e}\nusage: {USAGE}");
-            return ExitCode::from(2);
+impl From<Args> for Options {
+    fn from(args: Args) -> Self {
+        let envoy_bin = match (args.no_envoy, args.envoy_bin) {
+            (true, _) => EnvoyBin::Skip,
+            (false, Some(path)) => EnvoyBin::Path(path),
+            (false, None) => EnvoyBin::Auto,
+        };
+        Options {
+            plugin_configs: args.plugin_configs,
+            envoy_files: args.envoy_files,
+            service_configs: args.service_configs,
+            envoy_bin,
         }
-    };
-    let report = check(&opts);
+    }
+}
+
+/// Entry point of the subcommand: prints the report, exits 1 on errors.
+pub fn run(opts: &Options) -> ExitCode {
+    let report = check(opts);
     for line in &report.lines {
         match line.level {
             Level::Error | Level::Warning => eprintln!("{line}"),
@@ -1681,31 +1676,54 @@ static_resources:
         BOOTSTRAP.replace("CONFIG", config)
     }
 
+    /// `check-config`'s arguments as the binary parses them.
+    fn parse_args(args: &[&str]) -> Result<Options, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        let argv = std::iter::once("check-config").chain(args.iter().copied());
+        <Cli as clap::Parser>::try_parse_from(argv).map(|c| c.args.into())
+    }
+
     #[test]
     fn args_parse() {
-        let a: Vec<String> = [
+        let o = parse_args(&[
             "--plugin-config",
             "a.json",
             "--envoy=b.yaml",
+            "--envoy",
+            "c.yaml",
             "--envoy-bin",
             "/x/envoy",
-        ]
-        .map(String::from)
-        .into();
-        let o = parse_args(&a).unwrap();
-        assert_eq!(o.plugin_configs, vec![PathBuf::from("a.json")]);
-        assert_eq!(o.envoy_files, vec![PathBuf::from("b.yaml")]);
-        assert_eq!(o.envoy_bin, EnvoyBin::Path("/x/envoy".into()));
-        assert!(parse_args(&[]).is_err());
-        assert!(parse_args(&["--bogus".to_string()]).is_err());
-        assert!(parse_args(&["--envoy".to_string()]).is_err());
-        let o = parse_args(&[
-            "--no-envoy".into(),
-            "--service-config".into(),
-            "s.toml".into(),
         ])
         .unwrap();
+        assert_eq!(o.plugin_configs, vec![PathBuf::from("a.json")]);
+        assert_eq!(
+            o.envoy_files,
+            vec![PathBuf::from("b.yaml"), PathBuf::from("c.yaml")]
+        );
+        assert_eq!(o.envoy_bin, EnvoyBin::Path("/x/envoy".into()));
+        let o = parse_args(&["--no-envoy", "--service-config", "s.toml"]).unwrap();
         assert_eq!(o.envoy_bin, EnvoyBin::Skip);
+        assert_eq!(
+            parse_args(&["--service-config", "s.toml"])
+                .unwrap()
+                .envoy_bin,
+            EnvoyBin::Auto
+        );
+        // Nothing to check, an unknown flag, a flag without its value, two
+        // Envoy choices: usage errors.
+        for bad in [
+            &[][..],
+            &["--no-envoy"],
+            &["--bogus"],
+            &["--envoy"],
+            &["--envoy", "a.yaml", "--no-envoy", "--envoy-bin", "/x"],
+        ] {
+            assert!(parse_args(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
