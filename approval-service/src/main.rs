@@ -56,7 +56,15 @@ struct ServeArgs {
     /// Address to listen on (IP:port), instead of the configuration's `listen`.
     #[arg(long, value_name = "ADDR", env = "COUNTERSIGN_LISTEN")]
     listen: Option<SocketAddr>,
+    #[command(flatten)]
+    database: DatabaseArg,
+}
+
+/// `--database`, of `serve` and the records commands.
+#[derive(Args)]
+struct DatabaseArg {
     /// A SQLite file or a PostgreSQL URL, instead of the configuration's `database`.
+    // The variable's value is never shown in --help: a URL may hold a password.
     #[arg(
         long,
         value_name = "PATH|URL",
@@ -125,7 +133,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Some(l) = args.listen {
         config.listen = l;
     }
-    if let Some(d) = args.database {
+    if let Some(d) = args.database.database {
         config.database = countersign_approval::db::Location::parse(&d);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -14,19 +14,14 @@ use countersign_approval::db::{Conn, Location};
 use countersign_approval::records::{self, RecordQuery};
 use countersign_approval::Config;
 
+use crate::DatabaseArg;
+
 /// Which database to read: `--database`, else `--config`'s `database`. A
 /// flag on the command line wins over either environment variable.
 #[derive(clap::Args)]
-#[group(required = true, multiple = true)]
 pub struct Source {
-    /// The database: a SQLite file or a PostgreSQL URL.
-    #[arg(
-        long,
-        value_name = "PATH|URL",
-        env = "COUNTERSIGN_DATABASE",
-        hide_env_values = true
-    )]
-    database: Option<String>,
+    #[command(flatten)]
+    database: DatabaseArg,
     /// The service's TOML configuration, whose `database` is read.
     #[arg(long, value_name = "FILE", env = "COUNTERSIGN_CONFIG")]
     config: Option<PathBuf>,
@@ -101,7 +96,7 @@ impl Source {
             matches.is_some_and(|m| m.value_source(id) == Some(ValueSource::CommandLine))
         };
         let config_first = on_command_line("config") && !on_command_line("database");
-        match (&self.database, &self.config) {
+        match (&self.database.database, &self.config) {
             (Some(_), Some(c)) if config_first => load_database(c),
             (Some(d), _) => Ok(Location::parse(d)),
             (None, Some(c)) => load_database(c),

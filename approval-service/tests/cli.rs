@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -44,7 +44,16 @@ fn run_with_stdin(args: &[&str], input: &str) -> Output {
     child.wait_with_output().unwrap()
 }
 
-/// Starts `serve` and returns it with the address it printed.
+/// A configuration whose own address (port 1) the tests replace with
+/// 127.0.0.1:0, so that a served port shows where the address came from.
+fn config_in(dir: &Path) -> PathBuf {
+    let cfg = dir.join("c.toml");
+    std::fs::write(&cfg, "listen = \"127.0.0.1:1\"\n").unwrap();
+    cfg
+}
+
+/// Starts `serve` (told to listen on 127.0.0.1:0) and returns it with the
+/// address it printed.
 fn start_serving(cmd: &mut Command) -> (Child, String) {
     let mut child = cmd
         .stdout(Stdio::piped())
@@ -64,6 +73,10 @@ fn start_serving(cmd: &mut Command) -> (Child, String) {
         let _ = child.wait();
         panic!("unexpected line {line:?}");
     };
+    assert!(
+        addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
+        "{addr}"
+    );
     (child, addr)
 }
 
@@ -246,8 +259,7 @@ fn bad_config_names_the_field() {
 #[test]
 fn serve_prints_address_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("c.toml");
-    std::fs::write(&cfg, "listen = \"127.0.0.1:1\"\n").unwrap();
+    let cfg = config_in(dir.path());
     let db = dir.path().join("nested/db.sqlite");
     // Without the `serve` command, as scripts and manifests call it.
     let (child, addr) = start_serving(
@@ -256,10 +268,6 @@ fn serve_prints_address_and_stops_on_sigterm() {
             .arg(&cfg)
             .args(["--listen", "127.0.0.1:0", "--database"])
             .arg(&db),
-    );
-    assert!(
-        addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
-        "{addr}"
     );
 
     let mut s = TcpStream::connect(&addr).unwrap();
@@ -291,19 +299,14 @@ fn verify_records(args: &[&str], env: &[(&str, &Path)]) -> i32 {
 #[test]
 fn options_fall_back_to_the_environment() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("c.toml");
-    std::fs::write(&cfg, "listen = \"127.0.0.1:1\"\n").unwrap();
+    let cfg = config_in(dir.path());
     let env_db = dir.path().join("env.db");
     // No arguments at all: configuration, address and database from the environment.
-    let (child, addr) = start_serving(
+    let (child, _) = start_serving(
         bin()
             .env("COUNTERSIGN_CONFIG", &cfg)
             .env("COUNTERSIGN_LISTEN", "127.0.0.1:0")
             .env("COUNTERSIGN_DATABASE", &env_db),
-    );
-    assert!(
-        addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
-        "{addr}"
     );
     stop(child);
     assert!(env_db.exists());
