@@ -100,7 +100,9 @@ impl Source {
             (Some(_), Some(c)) if config_first => load_database(c),
             (Some(d), _) => Ok(Location::parse(d)),
             (None, Some(c)) => load_database(c),
-            (None, None) => Err("--database PATH|URL or --config FILE is required".into()),
+            (None, None) => Err("--database PATH|URL or --config FILE is required \
+                                 (or COUNTERSIGN_DATABASE / COUNTERSIGN_CONFIG)"
+                .into()),
         }
     }
 
