@@ -1,93 +1,111 @@
-//! `countersign-approval`: the approval service binary.
+//! `countersign-approval`: the approval service binary and its tools.
 //!
-//! Arguments are parsed by hand: the CLI is tiny and a parser crate would
-//! cost more build time than it saves.
+//! The command line is clap's: every command has `--help`, the binary has
+//! `--version`, usage errors exit 2, and serve's options and the records
+//! commands' database fall back to environment variables. Without a command
+//! the options are serve's (`countersign-approval --config FILE`), as
+//! scripts, manifests and container images call it.
 
+use std::ffi::OsString;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use countersign_approval::{run, AppState, Config, TokenHash};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use countersign_approval::{run, AppState, Config};
 
-mod args;
 mod check_config;
+mod hash_token;
 mod records_cli;
 
-use args::Flags;
+/// countersign's approval service: holds inference requests for human review.
+#[derive(Parser)]
+#[command(
+    name = "countersign-approval",
+    version,
+    after_help = "Without a command, `serve` is meant: \
+                  `countersign-approval --config FILE` serves."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-const USAGE: &str = "usage:
-  countersign-approval serve --config FILE [--listen ADDR] [--database PATH|URL]
-  countersign-approval --config FILE [--listen ADDR] [--database PATH|URL]
-  countersign-approval hash-token TOKEN
-  countersign-approval check-config [--plugin-config FILE.json]... [--envoy FILE.yaml]... [--service-config FILE.toml]... [--envoy-bin PATH | --no-envoy]
-  countersign-approval verify-records (--database PATH|URL | --config FILE)
-  countersign-approval export-records (--database PATH|URL | --config FILE) [--since-ms N] [--until-ms N] [--caller NAME] [--model NAME] [--decision D] [--review-id ID] [--after-seq N]";
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the filter's API, the reviewers' API and the web UI.
+    Serve(ServeArgs),
+    /// Print the SHA-256 of a token, as the configurations want it.
+    HashToken(hash_token::Args),
+    /// Check plugin, Envoy, Kubernetes and service configurations before deploying them.
+    CheckConfig(check_config::Args),
+    /// Verify the hash chain of the session records (read-only).
+    VerifyRecords(records_cli::VerifyArgs),
+    /// Write session records as JSON Lines to stdout (read-only).
+    ExportRecords(records_cli::ExportArgs),
+}
 
-/// Options of `serve`.
+/// Options of `serve`. A flag wins over its environment variable, which
+/// wins over the configuration file.
+#[derive(Args)]
 struct ServeArgs {
+    /// The service's TOML configuration.
+    #[arg(long, value_name = "FILE", env = "COUNTERSIGN_CONFIG")]
     config: PathBuf,
+    /// Address to listen on (IP:port), instead of the configuration's `listen`.
+    #[arg(long, value_name = "ADDR", env = "COUNTERSIGN_LISTEN")]
     listen: Option<SocketAddr>,
-    database: Option<PathBuf>,
+    #[command(flatten)]
+    database: DatabaseArg,
 }
 
-fn usage_error(msg: &str) -> ExitCode {
-    eprintln!("countersign-approval: {msg}\n{USAGE}");
-    ExitCode::from(2)
+/// `--database`, of `serve` and the records commands.
+#[derive(Args)]
+struct DatabaseArg {
+    /// A SQLite file or a PostgreSQL URL, instead of the configuration's `database`.
+    // The variable's value is never shown in --help: a URL may hold a password.
+    #[arg(
+        long,
+        value_name = "PATH|URL",
+        env = "COUNTERSIGN_DATABASE",
+        hide_env_values = true
+    )]
+    database: Option<String>,
 }
 
-fn parse_serve(args: &[String]) -> Result<ServeArgs, String> {
-    let mut config = None;
-    let mut listen = None;
-    let mut database = None;
-    let mut flags = Flags::new(args);
-    while let Some(flag) = flags.next_flag() {
-        match flag {
-            "--config" => config = Some(PathBuf::from(flags.value()?)),
-            "--listen" => {
-                let v = flags.value()?;
-                listen = Some(
-                    v.parse()
-                        .map_err(|_| format!("--listen: {v:?} is not an IP:port address"))?,
-                );
-            }
-            "--database" => database = Some(PathBuf::from(flags.value()?)),
-            other => return Err(format!("unknown argument {other:?}")),
+/// The arguments with `serve` inserted when they start with an option (or
+/// there are none) rather than a command: the form scripts, manifests and
+/// images used before there were commands. `--help` and `--version` stay
+/// the binary's own.
+fn with_default_command(mut args: Vec<OsString>) -> Vec<OsString> {
+    let serve_meant = match args.get(1).map(|a| a.to_string_lossy()) {
+        None => !args.is_empty(),
+        Some(first) => {
+            first.starts_with('-') && !matches!(&*first, "-h" | "--help" | "-V" | "--version")
         }
+    };
+    if serve_meant {
+        args.insert(1, OsString::from("serve"));
     }
-    Ok(ServeArgs {
-        config: config.ok_or("--config FILE is required")?,
-        listen,
-        database,
-    })
+    args
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("check-config") => check_config::run(&args[1..]),
-        Some("verify-records") => records_cli::verify(&args[1..]),
-        Some("export-records") => records_cli::export(&args[1..]),
-        Some("hash-token") => match args.get(1..) {
-            Some([token]) => {
-                println!("{}", TokenHash::of_token(token).to_hex());
-                ExitCode::SUCCESS
-            }
-            _ => usage_error("hash-token takes exactly one TOKEN"),
-        },
-        Some("-h" | "--help" | "help") => {
-            println!("{USAGE}");
-            ExitCode::SUCCESS
-        }
-        Some("serve") => match parse_serve(&args[1..]) {
-            Ok(a) => serve(a),
-            Err(e) => usage_error(&e),
-        },
-        Some(a) if a.starts_with("--") => match parse_serve(&args) {
-            Ok(a) => serve(a),
-            Err(e) => usage_error(&e),
-        },
-        _ => usage_error("missing command"),
+    let args = with_default_command(std::env::args_os().collect());
+    let matches = Cli::command().get_matches_from(args);
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    // The records commands ask where a value came from (flag or environment).
+    let sub = |name: &str| matches.subcommand_matches(name);
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::HashToken(args) => hash_token::run(&args),
+        Command::CheckConfig(args) => check_config::run(&args.into()),
+        Command::VerifyRecords(args) => records_cli::verify(&args, sub("verify-records")),
+        Command::ExportRecords(args) => records_cli::export(&args, sub("export-records")),
     }
 }
 
@@ -115,8 +133,8 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Some(l) = args.listen {
         config.listen = l;
     }
-    if let Some(d) = args.database {
-        config.database = countersign_approval::db::Location::parse(&d.to_string_lossy());
+    if let Some(d) = args.database.database {
+        config.database = countersign_approval::db::Location::parse(&d);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -164,38 +182,70 @@ async fn serve_async(config: Config) -> Result<(), Box<dyn std::error::Error>> {
              or keep the port reachable by Envoy only"
         );
     }
+    let shutdown =
+        shutdown_signal().map_err(|e| format!("cannot listen for SIGINT and SIGTERM: {e}"))?;
     // Scripts wait for this line to learn the (possibly ephemeral) port.
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "countersign-approval listening on {local}")?;
     stdout.flush()?;
     drop(stdout);
-    run(listener, state, shutdown_signal()).await?;
+    run(listener, state, shutdown).await?;
     tracing::info!("countersign-approval stopped");
     Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
+/// Resolves on SIGINT or SIGTERM, listened for from this call on: before
+/// the address is printed, since a script may stop the service as soon as
+/// it has read it.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = term.recv() => {}
         }
-    };
-    let interrupt = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
-    tokio::select! {
-        () = interrupt => {}
-        () = term => {}
+        tracing::info!("shutdown signal received; finishing in-flight requests");
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
     }
-    tracing::info!("shutdown signal received; finishing in-flight requests");
+
+    fn argv(args: &[&str]) -> Vec<OsString> {
+        args.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn without_a_command_serve_is_meant() {
+        let bin = "countersign-approval";
+        for (given, meant) in [
+            (&[bin][..], &[bin, "serve"][..]),
+            (
+                &[bin, "--config", "c.toml"],
+                &[bin, "serve", "--config", "c.toml"],
+            ),
+            (
+                &[bin, "--config=c.toml"],
+                &[bin, "serve", "--config=c.toml"],
+            ),
+            (
+                &[bin, "serve", "--config", "c"],
+                &[bin, "serve", "--config", "c"],
+            ),
+            (&[bin, "hash-token"], &[bin, "hash-token"]),
+            (&[bin, "--help"], &[bin, "--help"]),
+            (&[bin, "-V"], &[bin, "-V"]),
+            (&[], &[]),
+        ] {
+            assert_eq!(with_default_command(argv(given)), argv(meant), "{given:?}");
+        }
+    }
 }

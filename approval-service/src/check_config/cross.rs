@@ -1,0 +1,197 @@
+//! What only several files together say: an Istio `WasmPlugin` and the
+//! `EnvoyFilter` that completes it, an Envoy Gateway `EnvoyExtensionPolicy`
+//! and its `EnvoyPatchPolicy` and `ClientTrafficPolicy`, the stream idle
+//! timeout against the longest hold, and the filter token shared by a plugin
+//! configuration and a service configuration.
+
+use std::path::{Path, PathBuf};
+
+use countersign_approval::TokenHash;
+
+use super::bootstrap::DEFAULT_STREAM_IDLE_MS;
+use super::yaml::show_ms;
+use super::{in_place, Checker, Level};
+
+/// Facts gathered from Kubernetes manifests, checked once all files are read
+/// (the `WasmPlugin` and its `EnvoyFilter` may come in different files).
+#[derive(Default)]
+pub(super) struct MeshFacts {
+    /// Istio `WasmPlugin`s.
+    pub(super) wasm_plugins: Vec<IstioPlugin>,
+    /// HTTP filter names after which an `EnvoyFilter` inserts the buffer filter.
+    pub(super) istio_buffer_after: Vec<String>,
+    /// `stream_idle_timeout`s set by `EnvoyFilter`s (ms).
+    pub(super) istio_stream_idle: Vec<u64>,
+    /// Envoy Gateway `EnvoyExtensionPolicy` Wasm entries.
+    pub(super) eg_policies: Vec<GatewayPolicy>,
+    /// Whether an `EnvoyPatchPolicy` adds the buffer filter.
+    pub(super) eg_buffer: bool,
+    /// Clusters added by `EnvoyPatchPolicy`s.
+    pub(super) eg_clusters: Vec<String>,
+    /// `streamIdleTimeout`s of `ClientTrafficPolicy`s (ms).
+    pub(super) eg_stream_idle: Vec<u64>,
+}
+
+/// An Istio `WasmPlugin` with a valid plugin configuration.
+pub(super) struct IstioPlugin {
+    pub(super) file: PathBuf,
+    /// `namespace.name`: the name of the HTTP filter Istio makes of it.
+    pub(super) filter_name: String,
+    pub(super) longest_hold: u64,
+}
+
+/// An Envoy Gateway Wasm entry with a valid plugin configuration.
+pub(super) struct GatewayPolicy {
+    pub(super) file: PathBuf,
+    pub(super) place: String,
+    /// Its `approval_cluster`.
+    pub(super) cluster: String,
+    pub(super) longest_hold: u64,
+}
+
+impl Checker {
+    pub(super) fn mesh_cross_checks(&mut self) {
+        let facts = std::mem::take(&mut self.mesh);
+        for IstioPlugin {
+            file,
+            filter_name,
+            longest_hold: hold,
+        } in &facts.wasm_plugins
+        {
+            if facts.istio_buffer_after.iter().any(|n| n == filter_name) {
+                self.report.ok(
+                    file,
+                    format!(
+                        "an EnvoyFilter inserts envoy.filters.http.buffer after `{filter_name}`"
+                    ),
+                );
+            } else {
+                self.report.warning(
+                    file,
+                    format!(
+                        "no EnvoyFilter (among the files given) inserts envoy.filters.http.buffer INSERT_AFTER `{filter_name}`: \
+                         the model would see held requests' headers"
+                    ),
+                );
+            }
+            self.mesh_idle(file, &facts.istio_stream_idle, *hold, "EnvoyFilter");
+        }
+        for GatewayPolicy {
+            file,
+            place,
+            cluster,
+            longest_hold: hold,
+        } in &facts.eg_policies
+        {
+            if !facts.eg_buffer {
+                self.report.warning(
+                    file,
+                    format!("no EnvoyPatchPolicy (among the files given) adds envoy.filters.http.buffer ({place})"),
+                );
+            }
+            if !facts.eg_clusters.iter().any(|c| c == cluster) {
+                self.report.warning(
+                    file,
+                    format!("no EnvoyPatchPolicy (among the files given) adds the cluster `{cluster}` named by approval_cluster ({place})"),
+                );
+            }
+            self.mesh_idle(file, &facts.eg_stream_idle, *hold, "ClientTrafficPolicy");
+        }
+    }
+
+    fn mesh_idle(&mut self, file: &Path, set: &[u64], hold: u64, source: &str) {
+        if set.is_empty() {
+            if hold >= DEFAULT_STREAM_IDLE_MS {
+                self.report.warning(
+                    file,
+                    format!(
+                        "no {source} (among the files given) raises the stream idle timeout: Envoy's default {} is not above \
+                         the longest hold ({})",
+                        show_ms(DEFAULT_STREAM_IDLE_MS),
+                        show_ms(hold)
+                    ),
+                );
+            }
+        } else if let Some(&short) = set.iter().find(|&&ms| ms != 0 && ms <= hold) {
+            self.report.warning(
+                file,
+                format!("a {source} sets the stream idle timeout to {}: not above the longest hold ({})", show_ms(short), show_ms(hold)),
+            );
+        }
+    }
+
+    pub(super) fn token_cross_checks(&mut self) {
+        let mut lines = Vec::new();
+        for p in &self.plugins {
+            for (sfile, s) in &self.services {
+                let at = in_place(&p.place);
+                match (&s.filter_token_sha256, &p.config.approval_token) {
+                    (Some(_), None) => lines.push((
+                        Level::Error,
+                        p.file.clone(),
+                        format!(
+                            "field `approval_token`: not set, but {} requires a filter token: every call to the service \
+                             would be refused{at}",
+                            sfile.display()
+                        ),
+                    )),
+                    (Some(hash), Some(token)) if TokenHash::of_token(token) != *hash => lines.push((
+                        Level::Error,
+                        p.file.clone(),
+                        format!("field `approval_token`: its SHA-256 is not filter_token_sha256 of {}{at}", sfile.display()),
+                    )),
+                    (Some(_), Some(_)) => lines.push((
+                        Level::Ok,
+                        p.file.clone(),
+                        format!("approval_token matches filter_token_sha256 of {}{at}", sfile.display()),
+                    )),
+                    (None, Some(_)) => lines.push((
+                        Level::Warning,
+                        p.file.clone(),
+                        format!("approval_token is set but {} does not check it (no filter_token_sha256){at}", sfile.display()),
+                    )),
+                    (None, None) => {}
+                }
+            }
+        }
+        for (level, file, message) in lines {
+            self.report.push(level, &file, message);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::super::testing::{check_texts, messages};
+    use super::super::Level;
+    use countersign_approval::TokenHash;
+
+    #[test]
+    fn token_cross_check() {
+        let hash = TokenHash::of_token("secret-token").to_hex();
+        let service = format!("filter_token_sha256 = \"{hash}\"\n");
+        let r = check_texts(&[
+            ("p.json", r#"{"approval_token":"secret-token"}"#),
+            ("s.toml", &service),
+        ]);
+        assert!(!r.has_errors(), "{:?}", r.lines);
+        let r = check_texts(&[
+            ("p.json", r#"{"approval_token":"other-token"}"#),
+            ("s.toml", &service),
+        ]);
+        assert!(
+            messages(&r, Level::Error)
+                .join("")
+                .contains("field `approval_token`"),
+            "{:?}",
+            r.lines
+        );
+        let r = check_texts(&[("p.json", "{}"), ("s.toml", &service)]);
+        assert!(
+            messages(&r, Level::Error).join("").contains("not set"),
+            "{:?}",
+            r.lines
+        );
+    }
+}
