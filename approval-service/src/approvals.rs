@@ -29,10 +29,9 @@
 //! - **Rejection** by an eligible reviewer rejects at once.
 
 use countersign_core::wire::{CreateReview, ReviewStatus};
-use rusqlite::{Connection, Transaction, TransactionBehavior};
 use serde::Serialize;
 
-use crate::config::{ConfigError, ReviewerConfig};
+use crate::config::ReviewerConfig;
 use crate::db::{Conn, DbResult, Lock};
 use crate::error::ApiError;
 use crate::params;
@@ -100,77 +99,6 @@ pub struct ApprovalEntry {
     /// When a later edit discarded this approval (it approved another body);
     /// `None` for approvals that count.
     pub superseded_at_ms: Option<u64>,
-}
-
-/// Columns added to `reviews` by [`migrate`]: name and declaration.
-const REVIEW_COLUMNS: [(&str, &str); 6] = [
-    ("caller_groups_json", "TEXT NOT NULL DEFAULT '[]'"),
-    ("required_approvals", "INTEGER NOT NULL DEFAULT 1"),
-    ("approver_group", "TEXT"),
-    ("async_review", "INTEGER NOT NULL DEFAULT 0"),
-    ("token_uses", "INTEGER NOT NULL DEFAULT 0"),
-    // The filter's key for retried creations; see `Store::insert`.
-    ("idempotency_key", "TEXT"),
-];
-
-/// Adds the approval and token columns and tables to a database that lacks
-/// them. Guarded by a column check rather than `user_version`, so it composes
-/// with other schema steps; idempotent, and run under `BEGIN IMMEDIATE` so
-/// two processes opening one old file do not both alter it.
-pub(crate) fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
-    let existing: Vec<String> = {
-        let mut stmt = tx.prepare("SELECT name FROM pragma_table_info('reviews')")?;
-        let names = stmt.query_map([], |r| r.get(0))?;
-        names.collect::<rusqlite::Result<_>>()?
-    };
-    for (name, decl) in REVIEW_COLUMNS {
-        if !existing.iter().any(|c| c == name) {
-            // Both parts are constants above: nothing user-supplied here.
-            tx.execute_batch(&format!("ALTER TABLE reviews ADD COLUMN {name} {decl};"))?;
-        }
-    }
-    tx.execute_batch(
-        "CREATE TABLE IF NOT EXISTS approvals (
-             id               INTEGER PRIMARY KEY,
-             review_id        TEXT NOT NULL,
-             reviewer         TEXT NOT NULL,
-             approved_at_ms   INTEGER NOT NULL,
-             reason           TEXT,
-             edited_body      TEXT,
-             superseded_at_ms INTEGER
-         );
-         CREATE INDEX IF NOT EXISTS approvals_review ON approvals (review_id, id);
-         CREATE UNIQUE INDEX IF NOT EXISTS approvals_current
-             ON approvals (review_id, reviewer) WHERE superseded_at_ms IS NULL;
-         CREATE UNIQUE INDEX IF NOT EXISTS reviews_idempotency
-             ON reviews (idempotency_key) WHERE idempotency_key IS NOT NULL;
-         CREATE TABLE IF NOT EXISTS token_consumptions (
-             review_id   TEXT NOT NULL,
-             use_no      INTEGER NOT NULL,
-             used_at_ms  INTEGER NOT NULL,
-             PRIMARY KEY (review_id, use_no)
-         );",
-    )?;
-    tx.commit()
-}
-
-/// Checks `reviewers[i].callers`: trimmed, non-empty.
-pub(crate) fn check_callers(i: usize, callers: Vec<String>) -> Result<Vec<String>, ConfigError> {
-    callers
-        .into_iter()
-        .enumerate()
-        .map(|(j, c)| {
-            let c = c.trim().to_string();
-            if c.is_empty() {
-                return Err(ConfigError::Invalid {
-                    field: format!("reviewers[{i}].callers[{j}]"),
-                    message: "must not be empty".into(),
-                });
-            }
-            Ok(c)
-        })
-        .collect()
 }
 
 /// Whether `reviewer` is, or sends requests as, `caller`.
@@ -424,27 +352,5 @@ mod tests {
         assert_eq!(joined_reason(&two).as_deref(), Some("a: ok"));
         let none = [("a".to_string(), None), ("b".to_string(), None)];
         assert_eq!(joined_reason(&none), None);
-    }
-
-    #[test]
-    fn migration_is_idempotent_and_upgrades_old_files() {
-        let conn = Connection::open_in_memory().unwrap();
-        conn.execute_batch(
-            "CREATE TABLE reviews (id TEXT PRIMARY KEY, status TEXT NOT NULL);
-             INSERT INTO reviews VALUES ('rev_old', 'pending');",
-        )
-        .unwrap();
-        migrate(&conn).unwrap();
-        migrate(&conn).unwrap();
-        let (req, groups, uses): (i64, String, i64) = conn
-            .query_row(
-                "SELECT required_approvals, caller_groups_json, token_uses FROM reviews",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .unwrap();
-        assert_eq!((req, groups.as_str(), uses), (1, "[]", 0));
-        let mut conn = Conn::from_sqlite(conn);
-        assert!(approvals_of(&mut conn, "rev_old").unwrap().is_empty());
     }
 }

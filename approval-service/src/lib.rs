@@ -37,9 +37,10 @@ use axum::Router;
 pub use config::{
     Config, ConfigError, ReviewerConfig, SqliteSynchronous, WebhookConfig, WebhookFormat,
 };
+pub use db::OpenError;
 pub use error::ApiError;
 pub use state::{AppState, ReviewEvent};
-pub use store::{ReviewDetail, ReviewSummary, StoreError};
+pub use store::{ReviewDetail, ReviewSummary};
 pub use token::TokenHash;
 
 /// Largest accepted request body. The filter forwards whole inference

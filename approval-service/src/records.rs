@@ -66,9 +66,9 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::config::SqliteSynchronous;
-use crate::db::{Backend, Conn, DbError, DbResult, Location, Lock, Row};
+use crate::db::{Conn, DbError, DbResult, Location, Lock, Row};
 use crate::params;
-use crate::store::{i, StoreError};
+use crate::store::i;
 
 pub use diff::unified_diff;
 
@@ -119,142 +119,6 @@ fn new_record_id() -> DbResult<String> {
     getrandom::fill(&mut bytes)
         .map_err(|e| DbError::Conversion(format!("no randomness for a record id: {e}")))?;
     Ok(format!("rec_{}", hex(&bytes)))
-}
-
-const SQLITE_SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS records (
-    seq           INTEGER PRIMARY KEY,
-    record_id     TEXT NOT NULL UNIQUE,
-    kind          TEXT NOT NULL,
-    ref_record_id TEXT,
-    created_at_ms INTEGER NOT NULL,
-    entry         TEXT NOT NULL,
-    prev_hash     TEXT NOT NULL,
-    hash          TEXT NOT NULL,
-    caller        TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.caller')) VIRTUAL,
-    model         TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.model')) VIRTUAL,
-    decision      TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.decision')) VIRTUAL,
-    review_id     TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.review_id')) VIRTUAL,
-    request_id    TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.request_id')) VIRTUAL,
-    idempotency_key TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.idempotency_key')) VIRTUAL
-);
-CREATE INDEX IF NOT EXISTS records_ref ON records (ref_record_id);
-CREATE INDEX IF NOT EXISTS records_created ON records (created_at_ms);
-CREATE INDEX IF NOT EXISTS records_caller ON records (caller, seq);
-CREATE INDEX IF NOT EXISTS records_review ON records (review_id);
-CREATE INDEX IF NOT EXISTS records_request ON records (request_id);
-CREATE TABLE IF NOT EXISTS retention_gate (
-    id    INTEGER PRIMARY KEY CHECK (id = 1),
-    allow INTEGER NOT NULL
-);
-INSERT OR IGNORE INTO retention_gate (id, allow) VALUES (1, 0);
-CREATE TABLE IF NOT EXISTS chain_anchor (
-    through_seq   INTEGER PRIMARY KEY,
-    hash          TEXT NOT NULL,
-    created_at_ms INTEGER NOT NULL
-);
-CREATE TRIGGER IF NOT EXISTS records_no_update BEFORE UPDATE ON records
-BEGIN
-    SELECT RAISE(ABORT, 'records are append-only');
-END;
-CREATE TRIGGER IF NOT EXISTS records_no_delete BEFORE DELETE ON records
-WHEN (SELECT allow FROM retention_gate WHERE id = 1) IS NOT 1
-BEGIN
-    SELECT RAISE(ABORT, 'records are append-only (only retention deletes)');
-END;
-CREATE TRIGGER IF NOT EXISTS chain_anchor_no_update BEFORE UPDATE ON chain_anchor
-BEGIN
-    SELECT RAISE(ABORT, 'chain anchors are append-only');
-END;
-CREATE TRIGGER IF NOT EXISTS chain_anchor_no_delete BEFORE DELETE ON chain_anchor
-BEGIN
-    SELECT RAISE(ABORT, 'chain anchors are append-only');
-END;
-";
-
-/// The same tables and triggers on PostgreSQL. `entry` stays `TEXT`: the
-/// hash covers its exact bytes, which `jsonb` would not keep.
-const POSTGRES_SCHEMA: &str = "
-CREATE TABLE records (
-    seq           BIGINT PRIMARY KEY,
-    record_id     TEXT NOT NULL UNIQUE,
-    kind          TEXT NOT NULL,
-    ref_record_id TEXT,
-    created_at_ms BIGINT NOT NULL,
-    entry         TEXT NOT NULL,
-    prev_hash     TEXT NOT NULL,
-    hash          TEXT NOT NULL,
-    caller        TEXT GENERATED ALWAYS AS (entry::jsonb #>> '{request,caller}') STORED,
-    model         TEXT GENERATED ALWAYS AS (entry::jsonb #>> '{request,model}') STORED,
-    decision      TEXT GENERATED ALWAYS AS (entry::jsonb #>> '{request,decision}') STORED,
-    review_id     TEXT GENERATED ALWAYS AS (entry::jsonb #>> '{request,review_id}') STORED,
-    request_id    TEXT GENERATED ALWAYS AS (entry::jsonb #>> '{request,request_id}') STORED,
-    idempotency_key TEXT GENERATED ALWAYS AS (entry::jsonb #>> '{request,idempotency_key}') STORED
-);
-CREATE INDEX records_ref ON records (ref_record_id);
-CREATE INDEX records_created ON records (created_at_ms);
-CREATE INDEX records_caller ON records (caller, seq);
-CREATE INDEX records_review ON records (review_id);
-CREATE INDEX records_request ON records (request_id);
-CREATE TABLE retention_gate (
-    id    BIGINT PRIMARY KEY CHECK (id = 1),
-    allow BIGINT NOT NULL
-);
-INSERT INTO retention_gate (id, allow) VALUES (1, 0);
-CREATE TABLE chain_anchor (
-    through_seq   BIGINT PRIMARY KEY,
-    hash          TEXT NOT NULL,
-    created_at_ms BIGINT NOT NULL
-);
-CREATE FUNCTION countersign_records_no_update() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION 'records are append-only';
-END $$;
-CREATE FUNCTION countersign_records_no_delete() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF (SELECT allow FROM retention_gate WHERE id = 1) IS DISTINCT FROM 1 THEN
-        RAISE EXCEPTION 'records are append-only (only retention deletes)';
-    END IF;
-    RETURN OLD;
-END $$;
-CREATE FUNCTION countersign_anchors_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION 'chain anchors are append-only';
-END $$;
-CREATE TRIGGER records_no_update BEFORE UPDATE ON records
-    FOR EACH ROW EXECUTE FUNCTION countersign_records_no_update();
-CREATE TRIGGER records_no_delete BEFORE DELETE ON records
-    FOR EACH ROW EXECUTE FUNCTION countersign_records_no_delete();
-CREATE TRIGGER records_no_truncate BEFORE TRUNCATE ON records
-    FOR EACH STATEMENT EXECUTE FUNCTION countersign_records_no_update();
-CREATE TRIGGER chain_anchor_no_update BEFORE UPDATE OR DELETE ON chain_anchor
-    FOR EACH ROW EXECUTE FUNCTION countersign_anchors_append_only();
-CREATE TRIGGER chain_anchor_no_truncate BEFORE TRUNCATE ON chain_anchor
-    FOR EACH STATEMENT EXECUTE FUNCTION countersign_anchors_append_only();
-";
-
-/// `records.idempotency_key` for SQLite files made before it existed (a
-/// virtual column: nothing is rewritten, and the triggers, which refuse
-/// UPDATE and DELETE, are not involved).
-const SQLITE_ADD_IDEMPOTENCY_KEY: &str = "ALTER TABLE records ADD COLUMN idempotency_key TEXT
-    GENERATED ALWAYS AS (json_extract(entry, '$.request.idempotency_key')) VIRTUAL";
-
-/// Creates the record tables and triggers when missing.
-pub fn ensure_schema(conn: &mut Conn) -> Result<(), StoreError> {
-    match conn.backend() {
-        Backend::Sqlite => Ok(conn.transaction(Lock::RecordChain, |tx| {
-            tx.batch(SQLITE_SCHEMA)?;
-            let has_key = tx.query_one(
-                "SELECT count(*) FROM pragma_table_xinfo('records') WHERE name = 'idempotency_key'",
-                params![],
-            )?;
-            if has_key.get::<i64>(0)? == 0 {
-                tx.batch(SQLITE_ADD_IDEMPOTENCY_KEY)?;
-            }
-            Ok::<_, DbError>(())
-        })?),
-        Backend::Postgres => crate::store::migrate_postgres(conn, "records", POSTGRES_SCHEMA),
-    }
 }
 
 /// Opens the database at `location` read-only where it can (for
@@ -718,15 +582,11 @@ fn append_response(
 }
 
 impl RecordStore {
-    /// Opens a connection to the database at `location` (which the review
-    /// store has already created) and creates the record tables when
-    /// missing. Blocking.
-    pub fn open(
-        location: &Location,
-        synchronous: SqliteSynchronous,
-    ) -> Result<RecordStore, StoreError> {
-        let mut conn = Conn::open(location, WRITE_BUSY_TIMEOUT, synchronous.pragma_value())?;
-        ensure_schema(&mut conn)?;
+    /// Opens a connection to the database at `location`, whose schema the
+    /// review store has already created (see [`crate::db::schema`]).
+    /// Blocking.
+    pub fn open(location: &Location, synchronous: SqliteSynchronous) -> DbResult<RecordStore> {
+        let conn = Conn::open(location, WRITE_BUSY_TIMEOUT, synchronous.pragma_value())?;
         Ok(RecordStore {
             conn: Mutex::new(conn),
             queue: Mutex::new(Vec::new()),
@@ -1363,30 +1223,6 @@ mod tests {
         ));
         assert_eq!(chain_hash(GENESIS_HASH, 1, "{}"), expected);
         assert_eq!(GENESIS_HASH.len(), 64);
-    }
-
-    #[test]
-    fn older_sqlite_files_gain_the_idempotency_column() {
-        let old_schema = SQLITE_SCHEMA.replace(
-            ",\n    idempotency_key TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.idempotency_key')) VIRTUAL",
-            "",
-        );
-        assert_ne!(old_schema, SQLITE_SCHEMA);
-        let mut conn = Conn::from_sqlite(rusqlite::Connection::open_in_memory().unwrap());
-        conn.batch(&old_schema).unwrap();
-        let columns = |c: &mut Conn| {
-            c.query_one(
-                "SELECT count(*) FROM pragma_table_xinfo('records') WHERE name = 'idempotency_key'",
-                params![],
-            )
-            .unwrap()
-            .get::<i64>(0)
-            .unwrap()
-        };
-        assert_eq!(columns(&mut conn), 0);
-        ensure_schema(&mut conn).unwrap();
-        ensure_schema(&mut conn).unwrap();
-        assert_eq!(columns(&mut conn), 1);
     }
 
     #[test]

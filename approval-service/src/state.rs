@@ -12,11 +12,11 @@ use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
 use crate::config::{Config, ReviewerConfig};
-use crate::db::{Backend, Location};
+use crate::db::{Backend, Location, OpenError};
 use crate::error::ApiError;
 use crate::replicas::{Change, Replica};
 use crate::session::{LoginLimiter, Session};
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 use crate::token::TokenHash;
 
 /// How many events a slow live-feed subscriber may fall behind before it
@@ -95,7 +95,7 @@ impl AppState {
     /// missing; creating the schema in either database). On PostgreSQL it
     /// also starts listening for other replicas' changes. Blocks briefly;
     /// call it at start-up.
-    pub fn open(config: Config) -> Result<AppState, StoreError> {
+    pub fn open(config: Config) -> Result<AppState, OpenError> {
         // The PostgreSQL client blocks on a runtime of its own, which tokio
         // forbids on a runtime thread: open it on a plain thread, so this
         // works from async code too (later calls go through `db`).
@@ -106,18 +106,18 @@ impl AppState {
                 .spawn(|| {
                     let store = Store::open(&location, sync)?;
                     let records = crate::records::RecordStore::open(&location, sync)?;
-                    Ok::<_, StoreError>((store, records))
+                    Ok::<_, OpenError>((store, records))
                 })
                 .join()
                 .unwrap_or_else(|_| {
-                    Err(StoreError::Io(std::io::Error::other(
+                    Err(OpenError::Io(std::io::Error::other(
                         "opening the database panicked",
                     )))
                 })
         })?;
         let shared = store.backend() == Backend::Postgres;
         let mut id = [0u8; 8];
-        getrandom::fill(&mut id).map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
+        getrandom::fill(&mut id).map_err(|e| OpenError::Io(std::io::Error::other(e)))?;
         let state = AppState {
             inner: Arc::new(Inner {
                 config,
@@ -136,7 +136,7 @@ impl AppState {
                 inner: Arc::downgrade(&state.inner),
                 origin: state.inner.replica_id.clone(),
             };
-            crate::replicas::spawn_listener(url, listener).map_err(StoreError::Io)?;
+            crate::replicas::spawn_listener(url, listener).map_err(OpenError::Io)?;
         }
         Ok(state)
     }

@@ -16,53 +16,11 @@ use countersign_core::wire::{ApiKind, PromptMessage, ReviewState, ReviewStatus};
 use serde::Serialize;
 
 use crate::config::SqliteSynchronous;
-use crate::db::{Backend, Conn, DbError, DbResult, Location, Lock, Row};
+use crate::db::{Backend, Conn, DbError, DbResult, Location, OpenError, Row};
 use crate::params;
-
-/// Schema version stored in SQLite's `PRAGMA user_version`; bump it and add
-/// a step to [`migrate_sqlite`] when the schema changes.
-pub const SCHEMA_VERSION: i64 = 2;
 
 /// Characters of the last user message shown in list previews.
 pub const PREVIEW_CHARS: usize = 200;
-
-/// Why the store could not be opened.
-#[derive(Debug)]
-pub enum StoreError {
-    /// Creating the database's directory failed.
-    Io(std::io::Error),
-    /// The database refused (or PostgreSQL could not be reached).
-    Db(DbError),
-    /// The file was written by a newer version of this service.
-    SchemaTooNew(i64),
-}
-
-impl std::fmt::Display for StoreError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StoreError::Io(e) => write!(f, "cannot create database directory: {e}"),
-            StoreError::Db(e) => write!(f, "database: {e}"),
-            StoreError::SchemaTooNew(v) => write!(
-                f,
-                "database schema version {v} is newer than this binary supports ({SCHEMA_VERSION})"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for StoreError {}
-
-impl From<DbError> for StoreError {
-    fn from(e: DbError) -> Self {
-        StoreError::Db(e)
-    }
-}
-
-impl From<rusqlite::Error> for StoreError {
-    fn from(e: rusqlite::Error) -> Self {
-        StoreError::Db(DbError::Sqlite(e))
-    }
-}
 
 /// A review to insert (everything the filter sent, plus service-chosen fields).
 #[derive(Debug, Clone)]
@@ -304,177 +262,6 @@ pub fn preview_of(prompt: &[PromptMessage]) -> String {
         .unwrap_or_default()
 }
 
-fn migrate_sqlite(conn: &rusqlite::Connection) -> Result<(), StoreError> {
-    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    if version > SCHEMA_VERSION {
-        return Err(StoreError::SchemaTooNew(version));
-    }
-    if version < 1 {
-        conn.execute_batch(
-            "BEGIN;
-             CREATE TABLE IF NOT EXISTS reviews (
-                 id              TEXT PRIMARY KEY,
-                 status          TEXT NOT NULL,
-                 created_at_ms   INTEGER NOT NULL,
-                 expires_at_ms   INTEGER NOT NULL,
-                 decided_at_ms   INTEGER,
-                 reviewer        TEXT,
-                 reason          TEXT,
-                 edited_body     TEXT,
-                 request_id      TEXT NOT NULL,
-                 api             TEXT NOT NULL,
-                 method          TEXT NOT NULL,
-                 path            TEXT NOT NULL,
-                 authority       TEXT NOT NULL,
-                 route           TEXT,
-                 caller          TEXT,
-                 model           TEXT NOT NULL,
-                 stream          INTEGER NOT NULL,
-                 rule            TEXT,
-                 prompt_json     TEXT NOT NULL,
-                 preview         TEXT NOT NULL,
-                 body            TEXT NOT NULL,
-                 hold_timeout_ms INTEGER NOT NULL
-             );
-             CREATE INDEX IF NOT EXISTS reviews_created ON reviews (created_at_ms);
-             CREATE INDEX IF NOT EXISTS reviews_status_created ON reviews (status, created_at_ms);
-             PRAGMA user_version = 1;
-             COMMIT;",
-        )?;
-    }
-    if version < 2 {
-        // Reviewer browser sessions; see `crate::session`.
-        conn.execute_batch(
-            "BEGIN;
-             CREATE TABLE IF NOT EXISTS sessions (
-                 id_sha256      TEXT PRIMARY KEY,
-                 reviewer       TEXT NOT NULL,
-                 token_sha256   TEXT NOT NULL,
-                 csrf_token     TEXT NOT NULL,
-                 created_at_ms  INTEGER NOT NULL,
-                 expires_at_ms  INTEGER NOT NULL
-             );
-             CREATE INDEX IF NOT EXISTS sessions_expires ON sessions (expires_at_ms);
-             PRAGMA user_version = 2;
-             COMMIT;",
-        )?;
-    }
-    // Approvals and approval tokens: added by column check, independent of
-    // `user_version`; see `crate::approvals::migrate`.
-    crate::approvals::migrate(conn)?;
-    Ok(())
-}
-
-/// The PostgreSQL schema of reviews, sessions, approvals and token uses:
-/// the SQLite schema after every migration step, in one piece (there are no
-/// older PostgreSQL databases to upgrade). Booleans are integers 0/1 as on
-/// SQLite, so statements bind the same values on both.
-const POSTGRES_REVIEWS_SCHEMA: &str = "
-CREATE TABLE reviews (
-    id                 TEXT PRIMARY KEY,
-    status             TEXT NOT NULL,
-    created_at_ms      BIGINT NOT NULL,
-    expires_at_ms      BIGINT NOT NULL,
-    decided_at_ms      BIGINT,
-    reviewer           TEXT,
-    reason             TEXT,
-    edited_body        TEXT,
-    request_id         TEXT NOT NULL,
-    api                TEXT NOT NULL,
-    method             TEXT NOT NULL,
-    path               TEXT NOT NULL,
-    authority          TEXT NOT NULL,
-    route              TEXT,
-    caller             TEXT,
-    model              TEXT NOT NULL,
-    stream             BIGINT NOT NULL,
-    rule               TEXT,
-    prompt_json        TEXT NOT NULL,
-    preview            TEXT NOT NULL,
-    body               TEXT NOT NULL,
-    hold_timeout_ms    BIGINT NOT NULL,
-    caller_groups_json TEXT NOT NULL DEFAULT '[]',
-    required_approvals BIGINT NOT NULL DEFAULT 1,
-    approver_group     TEXT,
-    async_review       BIGINT NOT NULL DEFAULT 0,
-    token_uses         BIGINT NOT NULL DEFAULT 0,
-    idempotency_key    TEXT
-);
-CREATE UNIQUE INDEX reviews_idempotency
-    ON reviews (idempotency_key) WHERE idempotency_key IS NOT NULL;
-CREATE INDEX reviews_created ON reviews (created_at_ms);
-CREATE INDEX reviews_status_created ON reviews (status, created_at_ms);
-CREATE TABLE sessions (
-    id_sha256      TEXT PRIMARY KEY,
-    reviewer       TEXT NOT NULL,
-    token_sha256   TEXT NOT NULL,
-    csrf_token     TEXT NOT NULL,
-    created_at_ms  BIGINT NOT NULL,
-    expires_at_ms  BIGINT NOT NULL
-);
-CREATE INDEX sessions_expires ON sessions (expires_at_ms);
-CREATE TABLE approvals (
-    id               BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    review_id        TEXT NOT NULL,
-    reviewer         TEXT NOT NULL,
-    approved_at_ms   BIGINT NOT NULL,
-    reason           TEXT,
-    edited_body      TEXT,
-    superseded_at_ms BIGINT
-);
-CREATE INDEX approvals_review ON approvals (review_id, id);
-CREATE UNIQUE INDEX approvals_current
-    ON approvals (review_id, reviewer) WHERE superseded_at_ms IS NULL;
-CREATE TABLE token_consumptions (
-    review_id   TEXT NOT NULL,
-    use_no      BIGINT NOT NULL,
-    used_at_ms  BIGINT NOT NULL,
-    PRIMARY KEY (review_id, use_no)
-);
-";
-
-/// The PostgreSQL schema version (table `countersign_schema`).
-pub const POSTGRES_SCHEMA_VERSION: i64 = 1;
-
-/// Creates the PostgreSQL schema part named `part` (`reviews` or
-/// `records`) once, under an advisory lock so replicas starting together do
-/// not race; refuses a database written by a newer version.
-pub(crate) fn migrate_postgres(conn: &mut Conn, part: &str, ddl: &str) -> Result<(), StoreError> {
-    conn.transaction(Lock::Schema, |c| {
-        // Checked first, not `CREATE ... IF NOT EXISTS`: that needs the
-        // CREATE privilege on every start, and a service may be granted it
-        // only for the first one.
-        if !c.table_exists("countersign_schema")? {
-            c.batch(
-                "CREATE TABLE countersign_schema (
-                     part    TEXT PRIMARY KEY,
-                     version BIGINT NOT NULL
-                 )",
-            )?;
-        }
-        let found = c.query_opt(
-            "SELECT version FROM countersign_schema WHERE part = ?1",
-            params![part],
-        )?;
-        match found {
-            Some(row) => {
-                let version: i64 = row.get(0)?;
-                if version > POSTGRES_SCHEMA_VERSION {
-                    return Err(StoreError::SchemaTooNew(version));
-                }
-            }
-            None => {
-                c.batch(ddl)?;
-                c.execute(
-                    "INSERT INTO countersign_schema (part, version) VALUES (?1, ?2)",
-                    params![part, POSTGRES_SCHEMA_VERSION],
-                )?;
-            }
-        }
-        Ok(())
-    })
-}
-
 /// How long a write waits for another process's lock (SQLite busy timeout,
 /// PostgreSQL `lock_timeout`).
 const WRITE_LOCK_WAIT: Duration = Duration::from_secs(5);
@@ -482,20 +269,18 @@ const WRITE_LOCK_WAIT: Duration = Duration::from_secs(5);
 impl Store {
     /// Opens the database at `location`: a SQLite file (created with its
     /// parent directory when missing) or a PostgreSQL database (which must
-    /// exist); creates or upgrades the schema. Blocking.
-    pub fn open(location: &Location, synchronous: SqliteSynchronous) -> Result<Store, StoreError> {
+    /// exist); creates or upgrades the whole schema (see
+    /// [`crate::db::schema`]). Blocking.
+    pub fn open(location: &Location, synchronous: SqliteSynchronous) -> Result<Store, OpenError> {
         if let Location::Sqlite(path) = location {
             if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent).map_err(StoreError::Io)?;
+                std::fs::create_dir_all(parent).map_err(OpenError::Io)?;
             }
         }
         // Another process (an old instance still shutting down, an admin's
         // sqlite3 shell, another replica) may briefly hold a lock.
         let mut conn = Conn::open(location, WRITE_LOCK_WAIT, synchronous.pragma_value())?;
-        match conn.sqlite() {
-            Some(sqlite) => migrate_sqlite(sqlite)?,
-            None => migrate_postgres(&mut conn, "reviews", POSTGRES_REVIEWS_SCHEMA)?,
-        }
+        crate::db::schema::migrate(&mut conn)?;
         Ok(Store {
             conn: Mutex::new(conn),
         })
