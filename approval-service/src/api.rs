@@ -23,13 +23,13 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::approvals::{DecideOutcome, Decision};
 use crate::config::MAX_HOLD_TIMEOUT_MS;
 use crate::error::ApiError;
 use crate::session::{csrf_matches, session_cookie, CSRF_HEADER};
 use crate::state::AppState;
 use crate::store::{
-    DecideOutcome, Decision, ListQuery, NewReview, ReviewDetail, ReviewSummary, CANCELLED_REASON,
-    EXPIRED_REASON,
+    ListQuery, NewReview, ReviewDetail, ReviewSummary, CANCELLED_REASON, EXPIRED_REASON,
 };
 use crate::token::TokenHash;
 

@@ -34,7 +34,7 @@ use crate::db::{DbResult, Lock};
 use crate::error::ApiError;
 use crate::params;
 use crate::state::AppState;
-use crate::store::{expire_if_overdue, i, parse_status, u, Store};
+use crate::store::{expire_if_overdue, parse_status, Store};
 
 /// What the store knows of a review, for its caller.
 #[derive(Debug, Clone)]
@@ -96,8 +96,8 @@ impl Store {
         )?;
         let view = CallerView {
             status: parse_status(&r.get::<String>(0)?)?,
-            expires_at_ms: u(r.get(1)?),
-            decided_at_ms: r.get::<Option<i64>>(2)?.map(u),
+            expires_at_ms: r.get(1)?,
+            decided_at_ms: r.get::<Option<u64>>(2)?,
             reason: r.get(3)?,
             async_review: r.get(4)?,
             approved_body: r.get(5)?,
@@ -131,9 +131,9 @@ impl Store {
             let owner: Option<String> = r.get(0)?;
             let async_review: bool = r.get(1)?;
             let body: String = r.get(2)?;
-            let decided_at_ms: Option<i64> = r.get(3)?;
+            let decided_at_ms: Option<u64> = r.get(3)?;
             let uses: i64 = r.get(4)?;
-            let expired = decided_at_ms.is_none_or(|d| now_ms >= u(d).saturating_add(ttl_ms));
+            let expired = decided_at_ms.is_none_or(|d| now_ms >= d.saturating_add(ttl_ms));
             if owner.as_deref() != Some(caller)
                 || !async_review
                 || expired
@@ -155,7 +155,7 @@ impl Store {
             let use_no = uses + 1;
             tx.execute(
                 "INSERT INTO token_consumptions (review_id, use_no, used_at_ms) VALUES (?1, ?2, ?3)",
-                params![id, use_no, i(now_ms)],
+                params![id, use_no, now_ms],
             )?;
             Ok(ConsumeOutcome::Spent(
                 u32::try_from(use_no).unwrap_or(u32::MAX),

@@ -29,14 +29,13 @@
 //! - **Rejection** by an eligible reviewer rejects at once.
 
 use countersign_core::wire::{CreateReview, ReviewStatus};
-use serde::Serialize;
 
 use crate::config::ReviewerConfig;
 use crate::db::{Conn, DbResult, Lock};
 use crate::error::ApiError;
 use crate::params;
 use crate::store::{
-    detail_of, expire_if_overdue, i, state_of, u, why_not_pending, DecideOutcome, Decision,
+    approvals_of, detail_of, expire_if_overdue, state_of, why_not_pending, ReviewDetail, Store,
 };
 
 /// Why a reviewer may not take a decision.
@@ -85,20 +84,32 @@ impl DecisionRefused {
     }
 }
 
-/// One approval, as listed in a review's detail.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ApprovalEntry {
+/// A reviewer's decision.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// `Approved` or `Rejected`.
+    pub status: ReviewStatus,
     /// Reviewer name.
     pub reviewer: String,
-    /// When they approved, Unix ms.
-    pub approved_at_ms: u64,
-    /// Their reason, if any.
+    /// Reason, if any.
     pub reason: Option<String>,
-    /// They approved with an edit of the body.
-    pub edited: bool,
-    /// When a later edit discarded this approval (it approved another body);
-    /// `None` for approvals that count.
-    pub superseded_at_ms: Option<u64>,
+    /// Replacement body (approvals only).
+    pub edited_body: Option<String>,
+}
+
+/// What happened to a decision ([`Store::decide`]).
+#[derive(Debug, Clone)]
+pub enum DecideOutcome {
+    /// The decision was recorded.
+    Decided(Box<ReviewDetail>),
+    /// No such review.
+    NotFound,
+    /// The review was no longer pending; this is why.
+    NotPending(String),
+    /// An approval was recorded; more are needed, so it is still pending.
+    Partial(Box<ReviewDetail>),
+    /// This reviewer may not take this decision.
+    Refused(DecisionRefused),
 }
 
 /// Whether `reviewer` is, or sends requests as, `caller`.
@@ -137,27 +148,6 @@ pub(crate) fn warn_if_unreachable(reviewers: &[ReviewerConfig], id: &str, req: &
     }
 }
 
-/// The approvals of a review, oldest first.
-pub(crate) fn approvals_of(conn: &mut Conn, id: &str) -> DbResult<Vec<ApprovalEntry>> {
-    let rows = conn.query(
-        "SELECT reviewer, approved_at_ms, reason, CASE WHEN edited_body IS NULL THEN 0 ELSE 1 END,
-                superseded_at_ms
-         FROM approvals WHERE review_id = ?1 ORDER BY id",
-        params![id],
-    )?;
-    rows.iter()
-        .map(|r| {
-            Ok(ApprovalEntry {
-                reviewer: r.get(0)?,
-                approved_at_ms: u(r.get(1)?),
-                reason: r.get(2)?,
-                edited: r.get(3)?,
-                superseded_at_ms: r.get::<Option<i64>>(4)?.map(u),
-            })
-        })
-        .collect()
-}
-
 /// Names of the approvers that count (of the current body), oldest first.
 pub(crate) fn current_approvers(conn: &mut Conn, id: &str) -> DbResult<Vec<String>> {
     Ok(approvals_of(conn, id)?
@@ -167,18 +157,23 @@ pub(crate) fn current_approvers(conn: &mut Conn, id: &str) -> DbResult<Vec<Strin
         .collect())
 }
 
-/// See [`crate::store::Store::decide`].
-pub(crate) fn decide(
-    conn: &mut Conn,
-    id: &str,
-    d: &Decision,
-    reviewer: &ReviewerConfig,
-    now_ms: u64,
-) -> DbResult<DecideOutcome> {
-    // Committed whatever the outcome: a lapsed expiry may have been persisted.
-    conn.transaction(Lock::Review(id), |tx| {
-        decide_in(tx, id, d, reviewer, now_ms)
-    })
+impl Store {
+    /// Records `reviewer`'s decision if, and only if, the review is still
+    /// pending, not past its expiry, and the reviewer may take it (see the
+    /// rules above). An approval makes the review approved only once it has
+    /// its required number of distinct approvals.
+    pub fn decide(
+        &self,
+        id: &str,
+        d: &Decision,
+        reviewer: &ReviewerConfig,
+        now_ms: u64,
+    ) -> DbResult<DecideOutcome> {
+        // Committed whatever the outcome: a lapsed expiry may have been persisted.
+        self.conn().transaction(Lock::Review(id), |tx| {
+            decide_in(tx, id, d, reviewer, now_ms)
+        })
+    }
 }
 
 struct Pending {
@@ -230,7 +225,7 @@ fn decide_in(
         tx.execute(
             "UPDATE reviews SET status = 'rejected', reviewer = ?1, reason = ?2, decided_at_ms = ?3
              WHERE id = ?4 AND status = 'pending'",
-            params![&reviewer.name, &d.reason, i(now_ms), id],
+            params![&reviewer.name, &d.reason, now_ms, id],
         )?;
         return decided(tx, id, true);
     }
@@ -257,7 +252,7 @@ fn decide_in(
             tx.execute(
                 "UPDATE approvals SET superseded_at_ms = ?1
                  WHERE review_id = ?2 AND superseded_at_ms IS NULL",
-                params![i(now_ms), id],
+                params![now_ms, id],
             )?;
             tx.execute(
                 "UPDATE reviews SET edited_body = ?1 WHERE id = ?2",
@@ -268,7 +263,7 @@ fn decide_in(
     tx.execute(
         "INSERT INTO approvals (review_id, reviewer, approved_at_ms, reason, edited_body)
          VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![id, &reviewer.name, i(now_ms), &d.reason, new_body],
+        params![id, &reviewer.name, now_ms, &d.reason, new_body],
     )?;
     let counted: Vec<(String, Option<String>)> = tx
         .query(
@@ -286,7 +281,7 @@ fn decide_in(
     tx.execute(
         "UPDATE reviews SET status = 'approved', reviewer = ?1, reason = ?2, decided_at_ms = ?3
          WHERE id = ?4 AND status = 'pending'",
-        params![&reviewer.name, &reason, i(now_ms), id],
+        params![&reviewer.name, &reason, now_ms, id],
     )?;
     decided(tx, id, true)
 }

@@ -68,7 +68,6 @@ use sha2::{Digest, Sha256};
 use crate::config::SqliteSynchronous;
 use crate::db::{Conn, DbError, DbResult, Location, Lock, Row};
 use crate::params;
-use crate::store::i;
 
 pub use diff::unified_diff;
 
@@ -349,17 +348,15 @@ fn append(
     tx.execute(
         "INSERT INTO records (seq, record_id, kind, ref_record_id, created_at_ms, entry, prev_hash, hash)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![seq, record_id, kind, ref_record_id, i(created_at_ms), entry, prev_hash, &hash],
+        params![seq, record_id, kind, ref_record_id, created_at_ms, entry, prev_hash, &hash],
     )?;
     *tail = (seq, hash);
     Ok(seq)
 }
 
-/// Every approval of a review (including ones a later edit superseded),
-/// from the review store's `approvals` table. (The review store's tables
-/// exist: the service opens it before the record store.)
+/// Every approval of a review (including ones a later edit superseded).
 fn approvals_of(conn: &mut Conn, review_id: &str) -> DbResult<Vec<ReviewerAction>> {
-    Ok(crate::approvals::approvals_of(conn, review_id)?
+    Ok(crate::store::approvals_of(conn, review_id)?
         .into_iter()
         .map(|a| ReviewerAction {
             name: a.reviewer,
@@ -396,13 +393,12 @@ fn review_snapshot(
         return Ok(None);
     };
     let status: String = r.get(0)?;
-    let created: i64 = r.get(1)?;
-    let decided: Option<i64> = r.get(2)?;
+    let created_at_ms: u64 = r.get(1)?;
+    let decided_at_ms: Option<u64> = r.get(2)?;
     let reviewer: Option<String> = r.get(3)?;
     let reason: Option<String> = r.get(4)?;
     let original: String = r.get(5)?;
     let edited_body: Option<String> = r.get(6)?;
-    let decided_at_ms = decided.map(|v| u64::try_from(v).unwrap_or(0));
     let mut reviewers = approvals_of(conn, review_id)?;
     // The reviewer column names who decided: the rejecter, or (for reviews
     // decided before approvals were kept per reviewer) the one approver.
@@ -425,7 +421,7 @@ fn review_snapshot(
     Ok(Some(ReviewSnapshot {
         id: review_id.to_string(),
         status,
-        created_at_ms: u64::try_from(created).unwrap_or(0),
+        created_at_ms,
         decided_at_ms,
         reason,
         reviewers,
@@ -795,7 +791,7 @@ fn retention_chunk_in(tx: &mut Conn, cutoff_ms: u64, now_ms: u64) -> DbResult<us
     let first_kept: Option<i64> = tx
         .query_one(
             "SELECT min(seq) FROM records WHERE created_at_ms >= ?1",
-            params![i(cutoff_ms)],
+            params![cutoff_ms],
         )?
         .get(0)?;
     let last_due: i64 = match first_kept {
@@ -829,7 +825,7 @@ fn retention_chunk_in(tx: &mut Conn, cutoff_ms: u64, now_ms: u64) -> DbResult<us
     )?;
     tx.execute(
         "INSERT INTO chain_anchor (through_seq, hash, created_at_ms) VALUES (?1, ?2, ?3)",
-        params![through, &anchor_hash, i(now_ms)],
+        params![through, &anchor_hash, now_ms],
     )?;
     let record_id = new_record_id()?;
     let entry = serde_json::to_string(&json!({
@@ -933,8 +929,8 @@ pub fn query_records(conn: &mut Conn, q: &RecordQuery) -> DbResult<Vec<Value>> {
             &q.decision,
             &q.review_id,
             &q.request_id,
-            q.since_ms.map(i),
-            q.until_ms.map(i),
+            q.since_ms,
+            q.until_ms,
             q.after_seq.unwrap_or(0),
             i64::from(q.limit),
         ],

@@ -14,7 +14,6 @@ use std::time::Instant;
 
 use crate::db::DbResult;
 use crate::params;
-use crate::store::i as ms;
 use axum::http::header::{HeaderMap, COOKIE};
 
 use crate::store::Store;
@@ -106,8 +105,8 @@ impl Store {
                 &session.reviewer,
                 &token_hex,
                 &session.csrf_token,
-                ms(now_ms),
-                ms(session.expires_at_ms),
+                now_ms,
+                session.expires_at_ms,
             ],
         )?;
         Ok(())
@@ -119,7 +118,7 @@ impl Store {
         let row = self.conn().query_opt(
             "SELECT reviewer, token_sha256, csrf_token, expires_at_ms FROM sessions
              WHERE id_sha256 = ?1 AND expires_at_ms > ?2",
-            params![&id_hex, ms(now_ms)],
+            params![&id_hex, now_ms],
         )?;
         row.map(|row| {
             let token: String = row.get(1)?;
@@ -129,7 +128,7 @@ impl Store {
                 token_sha256: TokenHash::from_hex(&token)
                     .unwrap_or_else(|| TokenHash::of_token("")),
                 csrf_token: row.get(2)?,
-                expires_at_ms: u64::try_from(row.get::<i64>(3)?).unwrap_or(0),
+                expires_at_ms: row.get(3)?,
             })
         })
         .transpose()
@@ -149,7 +148,7 @@ impl Store {
     pub fn purge_sessions(&self, now_ms: u64) -> DbResult<usize> {
         self.conn().execute(
             "DELETE FROM sessions WHERE expires_at_ms <= ?1",
-            params![ms(now_ms)],
+            params![now_ms],
         )
     }
 }

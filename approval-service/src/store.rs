@@ -22,6 +22,22 @@ use crate::params;
 /// Characters of the last user message shown in list previews.
 pub const PREVIEW_CHARS: usize = 200;
 
+/// One approval, as listed in a review's detail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ApprovalEntry {
+    /// Reviewer name.
+    pub reviewer: String,
+    /// When they approved, Unix ms.
+    pub approved_at_ms: u64,
+    /// Their reason, if any.
+    pub reason: Option<String>,
+    /// They approved with an edit of the body.
+    pub edited: bool,
+    /// When a later edit discarded this approval (it approved another body);
+    /// `None` for approvals that count.
+    pub superseded_at_ms: Option<u64>,
+}
+
 /// A review to insert (everything the filter sent, plus service-chosen fields).
 #[derive(Debug, Clone)]
 pub struct NewReview {
@@ -106,37 +122,9 @@ pub struct ReviewDetail {
     /// The hold timeout in force.
     pub hold_timeout_ms: u64,
     /// Every approval, oldest first, including ones a later edit discarded.
-    pub approvals: Vec<crate::approvals::ApprovalEntry>,
+    pub approvals: Vec<ApprovalEntry>,
     /// How many times the approval token was spent.
     pub token_uses: u32,
-}
-
-/// A reviewer's decision.
-#[derive(Debug, Clone)]
-pub struct Decision {
-    /// `Approved` or `Rejected`.
-    pub status: ReviewStatus,
-    /// Reviewer name.
-    pub reviewer: String,
-    /// Reason, if any.
-    pub reason: Option<String>,
-    /// Replacement body (approvals only).
-    pub edited_body: Option<String>,
-}
-
-/// What happened to a decision.
-#[derive(Debug, Clone)]
-pub enum DecideOutcome {
-    /// The decision was recorded.
-    Decided(Box<ReviewDetail>),
-    /// No such review.
-    NotFound,
-    /// The review was no longer pending; this is why.
-    NotPending(String),
-    /// An approval was recorded; more are needed, so it is still pending.
-    Partial(Box<ReviewDetail>),
-    /// This reviewer may not take this decision.
-    Refused(crate::approvals::DecisionRefused),
 }
 
 /// What [`Store::insert`] did.
@@ -196,16 +184,6 @@ pub struct Store {
     conn: Mutex<Conn>,
 }
 
-/// SQLite stores signed 64-bit integers; times in ms fit with room to spare,
-/// saturation only guards against absurd inputs.
-pub(crate) fn i(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-pub(crate) fn u(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
-
 const SUMMARY_COLS: &str =
     "id, status, created_at_ms, expires_at_ms, decided_at_ms, reviewer, reason, \
      model, api, path, route, caller, request_id, stream, rule, preview, \
@@ -226,9 +204,9 @@ fn summary_from_row(row: &Row) -> DbResult<ReviewSummary> {
     Ok(ReviewSummary {
         id: row.get(0)?,
         status: parse_status(&row.get::<String>(1)?)?,
-        created_at_ms: u(row.get(2)?),
-        expires_at_ms: u(row.get(3)?),
-        decided_at_ms: row.get::<Option<i64>>(4)?.map(u),
+        created_at_ms: row.get(2)?,
+        expires_at_ms: row.get(3)?,
+        decided_at_ms: row.get::<Option<u64>>(4)?,
         reviewer: row.get(5)?,
         reason: row.get(6)?,
         model: row.get(7)?,
@@ -327,8 +305,8 @@ impl Store {
              ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
             params![
                 &r.id,
-                i(r.created_at_ms),
-                i(r.expires_at_ms),
+                r.created_at_ms,
+                r.expires_at_ms,
                 &q.request_id,
                 q.api.as_str(),
                 &q.method,
@@ -342,7 +320,7 @@ impl Store {
                 &prompt_json,
                 &preview,
                 &q.body,
-                i(r.hold_timeout_ms),
+                r.hold_timeout_ms,
                 &caller_groups_json,
                 i64::from(q.required_approvals.max(1)),
                 &q.approver_group,
@@ -409,32 +387,18 @@ impl Store {
             &sql,
             params![
                 q.status.map(|s| s.as_str()),
-                q.before_ms.map(i),
+                q.before_ms,
                 i64::from(q.limit),
                 &caller,
                 &model,
                 &reviewer,
                 q.edited,
-                q.since_ms.map(i),
-                q.until_ms.map(i),
+                q.since_ms,
+                q.until_ms,
                 &search,
             ],
         )?;
         rows.iter().map(summary_from_row).collect()
-    }
-
-    /// Records `reviewer`'s decision if, and only if, the review is still
-    /// pending, not past its expiry, and the reviewer may take it. An
-    /// approval makes the review approved only once it has its required
-    /// number of distinct approvals; see [`crate::approvals`] for the rules.
-    pub fn decide(
-        &self,
-        id: &str,
-        d: &Decision,
-        reviewer: &crate::config::ReviewerConfig,
-        now_ms: u64,
-    ) -> DbResult<DecideOutcome> {
-        crate::approvals::decide(&mut self.conn(), id, d, reviewer, now_ms)
     }
 
     /// Ends a still-pending review with `status` (`Expired` or `Cancelled`)
@@ -451,7 +415,7 @@ impl Store {
         let changed = conn.execute(
             "UPDATE reviews SET status = ?1, reviewer = NULL, reason = ?2, decided_at_ms = ?3
              WHERE id = ?4 AND status = 'pending'",
-            params![status.as_str(), reason, i(now_ms), id],
+            params![status.as_str(), reason, now_ms, id],
         )?;
         Ok(state_of(&mut conn, id)?.map(|s| (s, changed == 1)))
     }
@@ -471,7 +435,7 @@ impl Store {
                  decided_at_ms = ?2
              WHERE status = 'pending' AND expires_at_ms <= ?2
              RETURNING id",
-            params![EXPIRED_REASON, i(now_ms)],
+            params![EXPIRED_REASON, now_ms],
         )?;
         rows.iter().map(|r| r.get(0)).collect()
     }
@@ -493,7 +457,7 @@ pub(crate) fn expire_if_overdue(conn: &mut Conn, id: &str, now_ms: u64) -> DbRes
     let changed = conn.execute(
         "UPDATE reviews SET status = 'expired', reviewer = NULL, reason = ?1, decided_at_ms = ?2
          WHERE id = ?3 AND status = 'pending' AND expires_at_ms <= ?2",
-        params![EXPIRED_REASON, i(now_ms), id],
+        params![EXPIRED_REASON, now_ms, id],
     )?;
     Ok(changed == 1)
 }
@@ -507,7 +471,7 @@ pub(crate) fn state_of(conn: &mut Conn, id: &str) -> DbResult<Option<ReviewState
         Ok(ReviewState {
             id: row.get(0)?,
             status: parse_status(&row.get::<String>(1)?)?,
-            expires_at_ms: u(row.get(2)?),
+            expires_at_ms: row.get(2)?,
             reviewer: row.get(3)?,
             reason: row.get(4)?,
             edited_body: row.get(5)?,
@@ -533,11 +497,32 @@ pub(crate) fn detail_of(conn: &mut Conn, id: &str) -> DbResult<Option<ReviewDeta
         edited_body: row.get(24)?,
         method: row.get(25)?,
         authority: row.get(26)?,
-        hold_timeout_ms: u(row.get(27)?),
-        approvals: crate::approvals::approvals_of(conn, id)?,
+        hold_timeout_ms: row.get(27)?,
+        approvals: approvals_of(conn, id)?,
         token_uses: u32::try_from(row.get::<i64>(28)?).unwrap_or(0),
     };
     Ok(Some(detail))
+}
+
+/// The approvals of a review, oldest first.
+pub(crate) fn approvals_of(conn: &mut Conn, id: &str) -> DbResult<Vec<ApprovalEntry>> {
+    let rows = conn.query(
+        "SELECT reviewer, approved_at_ms, reason, CASE WHEN edited_body IS NULL THEN 0 ELSE 1 END,
+                superseded_at_ms
+         FROM approvals WHERE review_id = ?1 ORDER BY id",
+        params![id],
+    )?;
+    rows.iter()
+        .map(|r| {
+            Ok(ApprovalEntry {
+                reviewer: r.get(0)?,
+                approved_at_ms: r.get(1)?,
+                reason: r.get(2)?,
+                edited: r.get(3)?,
+                superseded_at_ms: r.get::<Option<u64>>(4)?,
+            })
+        })
+        .collect()
 }
 
 /// The 409 message for a review that can no longer be decided.

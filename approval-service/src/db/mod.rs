@@ -152,6 +152,18 @@ impl From<Option<i64>> for Param<'_> {
         Param::Int(v)
     }
 }
+/// Times and counts: SQL integers are signed 64-bit; times in ms fit with
+/// room to spare, and saturation only guards against absurd inputs.
+impl From<u64> for Param<'_> {
+    fn from(v: u64) -> Self {
+        Param::Int(Some(i64::try_from(v).unwrap_or(i64::MAX)))
+    }
+}
+impl From<Option<u64>> for Param<'_> {
+    fn from(v: Option<u64>) -> Self {
+        Param::Int(v.map(|v| i64::try_from(v).unwrap_or(i64::MAX)))
+    }
+}
 impl From<bool> for Param<'_> {
     fn from(v: bool) -> Self {
         Param::Int(Some(i64::from(v)))
@@ -274,6 +286,15 @@ impl FromValue for i64 {
     fn from_value(v: &Value) -> Option<Self> {
         match v {
             Value::Int(i) => Some(*i),
+            _ => None,
+        }
+    }
+}
+/// A time or count written from a `u64` (a negative value reads as 0).
+impl FromValue for u64 {
+    fn from_value(v: &Value) -> Option<Self> {
+        match v {
+            Value::Int(i) => Some(u64::try_from(*i).unwrap_or(0)),
             _ => None,
         }
     }
