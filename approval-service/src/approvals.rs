@@ -32,7 +32,6 @@ use countersign_core::wire::{CreateReview, ReviewStatus};
 
 use crate::config::ReviewerConfig;
 use crate::db::{Conn, DbResult, Lock};
-use crate::error::ApiError;
 use crate::params;
 use crate::store::{
     approvals_of, detail_of, expire_if_overdue, state_of, why_not_pending, ReviewDetail, Store,
@@ -58,28 +57,21 @@ impl DecisionRefused {
             DecisionRefused::AlreadyApproved => "already_approved",
         }
     }
+}
 
-    /// The HTTP error answered for it.
-    pub fn to_api_error(&self) -> ApiError {
-        use axum::http::StatusCode;
-        let (status, message) = match self {
-            DecisionRefused::SelfApproval => (
-                StatusCode::FORBIDDEN,
-                "you cannot approve a request you sent; another reviewer must decide".to_string(),
+impl std::fmt::Display for DecisionRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecisionRefused::SelfApproval => {
+                f.write_str("you cannot approve a request you sent; another reviewer must decide")
+            }
+            DecisionRefused::NotInApproverGroup(g) => write!(
+                f,
+                "this review must be decided by a member of the {g:?} group"
             ),
-            DecisionRefused::NotInApproverGroup(g) => (
-                StatusCode::FORBIDDEN,
-                format!("this review must be decided by a member of the {g:?} group"),
-            ),
-            DecisionRefused::AlreadyApproved => (
-                StatusCode::CONFLICT,
-                "you already approved this review; it needs another reviewer".to_string(),
-            ),
-        };
-        ApiError::Coded {
-            status,
-            code: self.code(),
-            message,
+            DecisionRefused::AlreadyApproved => {
+                f.write_str("you already approved this review; it needs another reviewer")
+            }
         }
     }
 }

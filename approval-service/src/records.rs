@@ -53,7 +53,6 @@
 //! `verify-records` (or exported records) somewhere else to detect that.
 
 mod diff;
-pub mod http;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -263,6 +262,12 @@ impl std::error::Error for RecordError {}
 impl From<DbError> for RecordError {
     fn from(e: DbError) -> Self {
         RecordError::Db(e)
+    }
+}
+
+impl From<tokio::task::JoinError> for RecordError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        RecordError::Db(DbError::Conversion(format!("blocking task failed: {e}")))
     }
 }
 
@@ -847,8 +852,9 @@ fn retention_chunk_in(tx: &mut Conn, cutoff_ms: u64, now_ms: u64) -> DbResult<us
 
 // ---------------------------------------------------------------- queries
 
-/// Filters of the query API and the export. Exact matches; all optional.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Filters of the query API (its query string, field by field) and the
+/// export. Exact matches; all optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct RecordQuery {
     /// Caller name.
     pub caller: Option<String>,
@@ -864,10 +870,29 @@ pub struct RecordQuery {
     pub since_ms: Option<u64>,
     /// Written before (Unix ms).
     pub until_ms: Option<u64>,
-    /// Only records after this `seq` (paging).
+    /// Only records after this `seq` (paging: the previous page's
+    /// `next_after_seq`).
     pub after_seq: Option<i64>,
-    /// Page size.
+    /// Page size, 1..=[`MAX_PAGE`] ([`DEFAULT_PAGE`] when not given);
+    /// ignored by the export.
+    #[serde(default = "default_page")]
     pub limit: u32,
+}
+
+fn default_page() -> u32 {
+    DEFAULT_PAGE
+}
+
+impl RecordQuery {
+    /// The query of the page after `page` (what this query returned), or
+    /// `None` when `page` was the last one.
+    pub fn next_page(&self, page: &[Value]) -> Option<RecordQuery> {
+        let seq = page.last()?.get("seq")?.as_i64()?;
+        (page.len() == self.limit as usize).then(|| RecordQuery {
+            after_seq: Some(seq),
+            ..self.clone()
+        })
+    }
 }
 
 const MERGED_SELECT: &str = "
@@ -968,13 +993,9 @@ pub fn export_jsonl(
             out.write_all(b"\n")?;
             n += 1;
         }
-        match page
-            .last()
-            .and_then(|r| r.get("seq"))
-            .and_then(Value::as_i64)
-        {
-            Some(seq) if page.len() == MAX_PAGE as usize => q.after_seq = Some(seq),
-            _ => return Ok(n),
+        match q.next_page(&page) {
+            Some(next) => q = next,
+            None => return Ok(n),
         }
     }
 }

@@ -1,9 +1,9 @@
 //! Reviewer browser sessions and CSRF tokens.
 //!
 //! Signing in (`POST /ui/login` with a reviewer token) creates a session: a
-//! random 256-bit id sent to the browser in the `cs_session` cookie
-//! (`HttpOnly; SameSite=Strict; Path=/`), stored in SQLite only as its
-//! SHA-256 so a copy of the database does not hold live credentials. Each
+//! random 256-bit id sent to the browser in a cookie (see the HTTP layer's
+//! `cookies`), stored in the database only as its SHA-256 so a copy of the
+//! database does not hold live credentials. Each
 //! session also has a random CSRF token, handed to the page by `GET /api/me`
 //! and required in the `x-csrf-token` header of every state-changing call
 //! made with the cookie. Sessions survive restarts and end at their expiry,
@@ -14,16 +14,8 @@ use std::time::Instant;
 
 use crate::db::DbResult;
 use crate::params;
-use axum::http::header::{HeaderMap, COOKIE};
-
 use crate::store::Store;
 use crate::token::TokenHash;
-
-/// Name of the session cookie.
-pub const SESSION_COOKIE: &str = "cs_session";
-
-/// Header that must carry the session's CSRF token on state-changing calls.
-pub const CSRF_HEADER: &str = "x-csrf-token";
 
 /// A live session, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,33 +44,6 @@ pub fn random_token() -> Result<String, getrandom::Error> {
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
-
-/// The value of the session cookie in `headers`, if any. Only well-formed
-/// ids (64 hex digits) are returned, so junk never reaches the database.
-pub fn session_cookie(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get_all(COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == SESSION_COOKIE)
-        .map(|(_, value)| value.trim().trim_matches('"'))
-        .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
-}
-
-/// The `Set-Cookie` value that stores session `id` for `max_age_s` seconds.
-pub fn set_cookie(id: &str, max_age_s: u64, secure: bool) -> String {
-    format!(
-        "{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age_s}{}",
-        if secure { "; Secure" } else { "" }
-    )
-}
-
-/// The `Set-Cookie` value that deletes the session cookie.
-pub fn clear_cookie(secure: bool) -> String {
-    set_cookie("", 0, secure)
-}
 
 /// Constant-time comparison of a presented CSRF token with the session's.
 pub fn csrf_matches(presented: &str, expected: &str) -> bool {
@@ -200,7 +165,6 @@ impl LoginLimiter {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
-    use axum::http::HeaderValue;
 
     #[test]
     fn random_tokens_are_hex_and_distinct() {
@@ -209,36 +173,6 @@ mod tests {
         assert_eq!(a.len(), 64);
         assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(a, b);
-    }
-
-    #[test]
-    fn cookie_parsing() {
-        let id = "ab".repeat(32);
-        let mut h = HeaderMap::new();
-        assert_eq!(session_cookie(&h), None);
-        h.append(COOKIE, HeaderValue::from_static("theme=dark"));
-        h.append(
-            COOKIE,
-            HeaderValue::from_str(&format!("x=1; {SESSION_COOKIE}={id}; y=2")).unwrap(),
-        );
-        assert_eq!(session_cookie(&h), Some(id.as_str()));
-        let mut bad = HeaderMap::new();
-        bad.insert(
-            COOKIE,
-            HeaderValue::from_static("cs_session=../../etc; other=1"),
-        );
-        assert_eq!(session_cookie(&bad), None);
-    }
-
-    #[test]
-    fn cookie_attributes() {
-        let c = set_cookie("abc", 60, false);
-        assert_eq!(
-            c,
-            "cs_session=abc; HttpOnly; SameSite=Strict; Path=/; Max-Age=60"
-        );
-        assert!(set_cookie("abc", 60, true).ends_with("; Secure"));
-        assert!(clear_cookie(false).contains("Max-Age=0"));
     }
 
     #[test]

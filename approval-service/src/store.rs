@@ -13,7 +13,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use countersign_core::wire::{ApiKind, PromptMessage, ReviewState, ReviewStatus};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::SqliteSynchronous;
 use crate::db::{Backend, Conn, DbError, DbResult, Location, OpenError, Row};
@@ -138,15 +138,24 @@ pub enum Inserted {
     KeyOfAnotherRequest,
 }
 
-/// Filters of the list view. Text filters match case-insensitively
+/// Default page size of the list view.
+pub const DEFAULT_LIST_LIMIT: u32 = 50;
+/// Largest page of the list view.
+pub const MAX_LIST_LIMIT: u32 = 500;
+
+/// Filters of the list view (the reviewer API's query string, field by
+/// field; `status` is parsed apart). Text filters match case-insensitively
 /// (ASCII) anywhere in the field.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct ListQuery {
     /// Only this status.
+    #[serde(skip)]
     pub status: Option<ReviewStatus>,
     /// Only reviews created strictly before this (for paging).
     pub before_ms: Option<u64>,
-    /// At most this many (already clamped by the caller).
+    /// At most this many, 1..=[`MAX_LIST_LIMIT`] ([`DEFAULT_LIST_LIMIT`]
+    /// when not given).
+    #[serde(default = "default_list_limit")]
     pub limit: u32,
     /// Caller contains this.
     pub caller: Option<String>,
@@ -160,9 +169,14 @@ pub struct ListQuery {
     pub since_ms: Option<u64>,
     /// Only reviews created strictly before this time (Unix ms).
     pub until_ms: Option<u64>,
-    /// Free text: found in the prompt, preview, id, request id, caller,
-    /// model, reviewer or reason.
+    /// Free text (`q`): found in the prompt, preview, id, request id,
+    /// caller, model, reviewer or reason.
+    #[serde(rename = "q")]
     pub search: Option<String>,
+}
+
+fn default_list_limit() -> u32 {
+    DEFAULT_LIST_LIMIT
 }
 
 /// `%text%` for `LIKE ... ESCAPE '\'`, with the wildcards of `text` escaped.
