@@ -2,30 +2,29 @@
 //!
 //! The Envoy filter holds an inference request and asks this service for a
 //! human decision (`/v1/reviews...`); reviewers list, approve, reject or edit
-//! held requests in the web UI (`/`, [`ui`]) or through the reviewer API
-//! (`/api/...`). Reviews and browser sessions live in one SQLite file so a
-//! restarted service still knows every pending review and signed-in
-//! reviewer. New pending reviews can be announced to webhooks ([`webhook`]).
+//! held requests in the web UI (`/`, [`http::ui`]) or through the reviewer
+//! API (`/api/...`). Reviews, approvals, browser sessions and the session
+//! records live in the database (a SQLite file for one replica, PostgreSQL
+//! for several), so a restarted service still knows every pending review
+//! and signed-in reviewer. New pending reviews can be announced to webhooks
+//! ([`webhook`]).
+//!
+//! This crate is the top layer: HTTP ([`http`]: the router, extractors, the
+//! mapping of domain errors to answers, the handlers), the webhook client
+//! and the binary. Everything below it (configuration, database, domain,
+//! state) is the `countersign-approval-domain` crate, re-exported here under
+//! the same paths (`countersign_approval::store`, `::db`, `::records`, ...).
 //!
 //! Entry points: [`Config`] (parsed once from TOML), [`AppState::open`],
 //! [`app`] (the router, usable in tests with `tower::ServiceExt::oneshot`),
 //! and [`run`] (serve until a shutdown future resolves).
 
-pub mod approval_tokens;
-pub mod approvals;
-pub mod config;
-pub mod db;
 pub mod http;
-pub mod records;
-pub mod replicas;
-pub mod session;
-pub mod state;
-pub mod store;
-mod tls;
-pub mod token;
 pub mod webhook;
 
-use std::time::{SystemTime, UNIX_EPOCH};
+pub use countersign_approval_domain::{
+    approval_tokens, approvals, config, db, now_ms, records, replicas, session, state, store, token,
+};
 
 pub use config::{
     Config, ConfigError, ReviewerConfig, SqliteSynchronous, WebhookConfig, WebhookFormat,
@@ -36,11 +35,3 @@ pub use http::{app, run, MAX_BODY_BYTES};
 pub use state::{AppState, ReviewEvent, StorageError, SWEEP_PERIOD};
 pub use store::{ReviewDetail, ReviewSummary};
 pub use token::TokenHash;
-
-/// Current Unix time in milliseconds (0 if the clock is before 1970).
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}

@@ -313,7 +313,7 @@ fn check_url(field: &str, url: &str) -> Result<String, ConfigError> {
     if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(invalid(field, format!("{url:?} contains whitespace")));
     }
-    if url.parse::<axum::http::Uri>().is_err() {
+    if url.parse::<http::Uri>().is_err() {
         return Err(invalid(field, format!("{url:?} is not a valid URL")));
     }
     Ok(url.to_string())

@@ -121,7 +121,7 @@ pub fn in_group(reviewer: &ReviewerConfig, group: Option<&str>) -> bool {
 
 /// Logs a warning when no configured set of reviewers could ever approve
 /// `req` (too few eligible reviewers for its quorum); it will expire.
-pub(crate) fn warn_if_unreachable(reviewers: &[ReviewerConfig], id: &str, req: &CreateReview) {
+pub fn warn_if_unreachable(reviewers: &[ReviewerConfig], id: &str, req: &CreateReview) {
     let eligible = reviewers
         .iter()
         .filter(|r| {
