@@ -1,122 +1,72 @@
-//! A small unified line diff (longest common subsequence), for recording a
-//! reviewer's edit of a request body.
+//! The unified line diff of a reviewer's edit of a request body, kept in
+//! its record (`edit_diff`).
+//!
+//! The diff itself is the `similar` crate's (Myers, with a time bound);
+//! this module only renders it in the format the records have always had:
+//! `--- original` / `+++ edited`, hunks with three lines of context whose
+//! headers always give both start and length (`@@ -2,1 +2,1 @@`, where a
+//! classic unified diff would write `@@ -2 +2 @@`), and no "no newline at
+//! end of file" markers (the texts are compared line by line).
+
+use std::ops::Range;
+use std::time::Duration;
+
+use similar::{Algorithm, ChangeTag, TextDiff};
 
 /// Lines of context around each change.
 const CONTEXT: usize = 3;
 
-/// Largest LCS table (cells) computed; beyond it the differing middle part
-/// is shown as removed then added, which is still a correct diff.
-const MAX_CELLS: usize = 4_000_000;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Op {
-    Equal,
-    Delete,
-    Insert,
-}
-
-/// The edit script turning `a` into `b`: `(op, line index in a or b)`.
-fn script<'a>(a: &[&'a str], b: &[&'a str]) -> Vec<(Op, usize)> {
-    let prefix = a.iter().zip(b).take_while(|(x, y)| x == y).count();
-    let suffix = a[prefix..]
-        .iter()
-        .rev()
-        .zip(b[prefix..].iter().rev())
-        .take_while(|(x, y)| x == y)
-        .count();
-    let (am, bm) = (&a[prefix..a.len() - suffix], &b[prefix..b.len() - suffix]);
-    let mut ops: Vec<(Op, usize)> = (0..prefix).map(|k| (Op::Equal, k)).collect();
-    let (n, m) = (am.len(), bm.len());
-    if n.saturating_mul(m) <= MAX_CELLS {
-        // lcs[i][j]: length of the LCS of am[i..] and bm[j..].
-        let width = m + 1;
-        let mut lcs = vec![0u32; (n + 1) * width];
-        for i in (0..n).rev() {
-            for j in (0..m).rev() {
-                lcs[i * width + j] = if am[i] == bm[j] {
-                    lcs[(i + 1) * width + j + 1] + 1
-                } else {
-                    lcs[(i + 1) * width + j].max(lcs[i * width + j + 1])
-                };
-            }
-        }
-        let (mut i, mut j) = (0, 0);
-        while i < n || j < m {
-            if i < n && j < m && am[i] == bm[j] {
-                ops.push((Op::Equal, prefix + i));
-                i += 1;
-                j += 1;
-            } else if j == m || (i < n && lcs[(i + 1) * width + j] >= lcs[i * width + j + 1]) {
-                ops.push((Op::Delete, prefix + i));
-                i += 1;
-            } else {
-                ops.push((Op::Insert, prefix + j));
-                j += 1;
-            }
-        }
-    } else {
-        ops.extend((0..n).map(|k| (Op::Delete, prefix + k)));
-        ops.extend((0..m).map(|k| (Op::Insert, prefix + k)));
-    }
-    ops.extend((0..suffix).map(|k| (Op::Equal, a.len() - suffix + k)));
-    ops
-}
+/// Longest the diff may take: it runs inside the record chain's
+/// transaction. Past it the differing middle part is shown as removed then
+/// added, which is still a correct diff.
+const MAX_DIFF_TIME: Duration = Duration::from_millis(100);
 
 /// A unified diff (`--- original` / `+++ edited`, hunks with three lines of
 /// context) from `a` to `b`; empty when the texts have the same lines.
 pub fn unified_diff(a: &str, b: &str) -> String {
-    let al: Vec<&str> = a.lines().collect();
-    let bl: Vec<&str> = b.lines().collect();
-    let ops = script(&al, &bl);
-    // Position in a and b before each op.
-    let mut pos = Vec::with_capacity(ops.len() + 1);
-    let (mut pa, mut pb) = (0usize, 0usize);
-    for (op, _) in &ops {
-        pos.push((pa, pb));
-        match op {
-            Op::Equal => {
-                pa += 1;
-                pb += 1;
-            }
-            Op::Delete => pa += 1,
-            Op::Insert => pb += 1,
-        }
-    }
-    pos.push((pa, pb));
-
-    let changes: Vec<usize> = (0..ops.len()).filter(|&k| ops[k].0 != Op::Equal).collect();
-    if changes.is_empty() {
+    let old: Vec<&str> = a.lines().collect();
+    let new: Vec<&str> = b.lines().collect();
+    let diff = TextDiff::configure()
+        .algorithm(Algorithm::Myers)
+        .timeout(MAX_DIFF_TIME)
+        .diff_slices(&old, &new);
+    let hunks = diff.grouped_ops(CONTEXT);
+    if hunks.is_empty() {
         return String::new();
     }
     let mut out = String::from("--- original\n+++ edited\n");
-    let mut k = 0;
-    while k < changes.len() {
-        let start = changes[k].saturating_sub(CONTEXT);
-        let mut last = changes[k];
-        while k + 1 < changes.len() && changes[k + 1] - last <= 2 * CONTEXT {
-            k += 1;
-            last = changes[k];
-        }
-        let end = (last + CONTEXT + 1).min(ops.len());
-        let (a0, b0) = pos[start];
-        let (a1, b1) = pos[end];
-        let (alen, blen) = (a1 - a0, b1 - b0);
-        let astart = if alen == 0 { a0 } else { a0 + 1 };
-        let bstart = if blen == 0 { b0 } else { b0 + 1 };
-        out.push_str(&format!("@@ -{astart},{alen} +{bstart},{blen} @@\n"));
-        for (op, idx) in &ops[start..end] {
-            let (mark, line) = match op {
-                Op::Equal => (' ', al[*idx]),
-                Op::Delete => ('-', al[*idx]),
-                Op::Insert => ('+', bl[*idx]),
-            };
-            out.push(mark);
-            out.push_str(line);
+    for hunk in &hunks {
+        let (Some(first), Some(last)) = (hunk.first(), hunk.last()) else {
+            continue;
+        };
+        out.push_str(&format!(
+            "@@ -{} +{} @@\n",
+            hunk_range(first.old_range().start..last.old_range().end),
+            hunk_range(first.new_range().start..last.new_range().end),
+        ));
+        for change in hunk.iter().flat_map(|op| diff.iter_changes(op)) {
+            out.push(match change.tag() {
+                ChangeTag::Equal => ' ',
+                ChangeTag::Delete => '-',
+                ChangeTag::Insert => '+',
+            });
+            out.push_str(change.value());
             out.push('\n');
         }
-        k += 1;
     }
     out
+}
+
+/// `start,length` of a hunk's lines (1-based; an empty range starts at the
+/// line before it).
+fn hunk_range(lines: Range<usize>) -> String {
+    let len = lines.len();
+    let start = if len == 0 {
+        lines.start
+    } else {
+        lines.start + 1
+    };
+    format!("{start},{len}")
 }
 
 #[cfg(test)]
@@ -160,6 +110,29 @@ mod tests {
         assert_eq!(
             unified_diff("", "x\n"),
             "--- original\n+++ edited\n@@ -0,0 +1,1 @@\n+x\n"
+        );
+    }
+
+    #[test]
+    fn hunks_merge_as_in_diff_u() {
+        // As `diff -u`: changes at most six unchanged lines apart share a
+        // hunk, seven apart do not.
+        let a: String = (1..=20).map(|n| format!("{n}\n")).collect();
+        let changed = |at: [u32; 2]| -> String {
+            (1..=20)
+                .map(|n| match n {
+                    n if at.contains(&n) => format!("x{n}\n"),
+                    n => format!("{n}\n"),
+                })
+                .collect()
+        };
+        let six_apart = unified_diff(&a, &changed([3, 10]));
+        assert_eq!(six_apart.matches("@@ -").count(), 1, "{six_apart}");
+        assert!(six_apart.contains("@@ -1,13 +1,13 @@\n"), "{six_apart}");
+        let seven_apart = unified_diff(&a, &changed([3, 11]));
+        assert!(
+            seven_apart.contains("@@ -1,6 +1,6 @@\n") && seven_apart.contains("@@ -8,7 +8,7 @@\n"),
+            "{seven_apart}"
         );
     }
 
