@@ -1,14 +1,20 @@
 //! The whole schema, in one place: reviews, sessions, approvals, approval
 //! token uses and the session records, on SQLite and on PostgreSQL.
 //!
+//! Each table is written once for both databases; `{int}` and `{id}` stand
+//! for what their dialects call a 64-bit integer and an integer key the
+//! database assigns ([`dialect`]). What is not the same SQL is written per
+//! database: the record log's query columns (computed from the JSON entry)
+//! and its append-only triggers.
+//!
 //! SQLite files of older releases are upgraded in steps: `user_version` 1
 //! (reviews) and 2 (sessions), then columns and tables added by a check of
-//! what exists (approvals, token uses, idempotency keys), which composes with
-//! any version. PostgreSQL has no older databases: its schema is the SQLite
-//! schema after every step, in two parts (`reviews`, `records`) whose
-//! versions live in `countersign_schema`. Both databases must end with the
-//! same tables and columns (a statement is written once for both; tested in
-//! `tests/postgres_schema.rs`).
+//! what exists (approvals, token uses, idempotency keys), which composes
+//! with any version. PostgreSQL has no older databases: it gets the same
+//! tables after every step at once, in two parts (`reviews`, `records`)
+//! whose versions live in `countersign_schema`. Both databases end with the
+//! same tables and columns (tested in `tests/postgres_schema.rs`), so a
+//! statement is written once for both.
 //!
 //! The record tables are append-only in SQL: triggers refuse `UPDATE` and
 //! `DELETE` (unless `retention_gate.allow = 1`, which only retention sets
@@ -35,11 +41,178 @@ pub fn migrate(conn: &mut Conn) -> Result<(), OpenError> {
             create_sqlite_records(conn)?;
         }
         Backend::Postgres => {
-            migrate_postgres(conn, "reviews", POSTGRES_REVIEWS_SCHEMA)?;
-            migrate_postgres(conn, "records", POSTGRES_RECORDS_SCHEMA)?;
+            migrate_postgres(conn, "reviews", &postgres_reviews())?;
+            migrate_postgres(conn, "records", &postgres_records())?;
         }
     }
     Ok(())
+}
+
+/// `template` in the dialect of `backend`: `{int}` is a 64-bit integer,
+/// `{id}` an integer primary key the database assigns. (SQL text of this
+/// module only: nothing user-supplied is ever spliced in.)
+fn dialect(template: &str, backend: Backend) -> String {
+    let (int, id) = match backend {
+        Backend::Sqlite => ("INTEGER", "INTEGER PRIMARY KEY"),
+        Backend::Postgres => ("BIGINT", "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"),
+    };
+    template.replace("{int}", int).replace("{id}", id)
+}
+
+// ---------------------------------------------------------------- tables
+
+/// The reviews, as the first release made them ([`REVIEW_COLUMNS`] were
+/// added since).
+const REVIEWS: &str = "
+CREATE TABLE IF NOT EXISTS reviews (
+    id              TEXT PRIMARY KEY,
+    status          TEXT NOT NULL,
+    created_at_ms   {int} NOT NULL,
+    expires_at_ms   {int} NOT NULL,
+    decided_at_ms   {int},
+    reviewer        TEXT,
+    reason          TEXT,
+    edited_body     TEXT,
+    request_id      TEXT NOT NULL,
+    api             TEXT NOT NULL,
+    method          TEXT NOT NULL,
+    path            TEXT NOT NULL,
+    authority       TEXT NOT NULL,
+    route           TEXT,
+    caller          TEXT,
+    model           TEXT NOT NULL,
+    stream          {int} NOT NULL,
+    rule            TEXT,
+    prompt_json     TEXT NOT NULL,
+    preview         TEXT NOT NULL,
+    body            TEXT NOT NULL,
+    hold_timeout_ms {int} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reviews_created ON reviews (created_at_ms);
+CREATE INDEX IF NOT EXISTS reviews_status_created ON reviews (status, created_at_ms);
+";
+
+/// Reviewer browser sessions (see [`crate::session`]).
+const SESSIONS: &str = "
+CREATE TABLE IF NOT EXISTS sessions (
+    id_sha256      TEXT PRIMARY KEY,
+    reviewer       TEXT NOT NULL,
+    token_sha256   TEXT NOT NULL,
+    csrf_token     TEXT NOT NULL,
+    created_at_ms  {int} NOT NULL,
+    expires_at_ms  {int} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_expires ON sessions (expires_at_ms);
+";
+
+/// Columns added to `reviews` for approvals and tokens: name and
+/// declaration.
+const REVIEW_COLUMNS: [(&str, &str); 6] = [
+    ("caller_groups_json", "TEXT NOT NULL DEFAULT '[]'"),
+    ("required_approvals", "{int} NOT NULL DEFAULT 1"),
+    ("approver_group", "TEXT"),
+    ("async_review", "{int} NOT NULL DEFAULT 0"),
+    ("token_uses", "{int} NOT NULL DEFAULT 0"),
+    // The filter's key for retried creations; see `Store::insert`.
+    ("idempotency_key", "TEXT"),
+];
+
+/// `ALTER TABLE reviews ADD COLUMN` for one of [`REVIEW_COLUMNS`].
+fn add_review_column(name: &str, declaration: &str, backend: Backend) -> String {
+    dialect(
+        &format!("ALTER TABLE reviews ADD COLUMN {name} {declaration};\n"),
+        backend,
+    )
+}
+
+/// Every approval (see [`crate::approvals`]), the idempotency keys of
+/// review creations, and the uses of approval tokens.
+const APPROVALS: &str = "
+CREATE TABLE IF NOT EXISTS approvals (
+    id               {id},
+    review_id        TEXT NOT NULL,
+    reviewer         TEXT NOT NULL,
+    approved_at_ms   {int} NOT NULL,
+    reason           TEXT,
+    edited_body      TEXT,
+    superseded_at_ms {int}
+);
+CREATE INDEX IF NOT EXISTS approvals_review ON approvals (review_id, id);
+CREATE UNIQUE INDEX IF NOT EXISTS approvals_current
+    ON approvals (review_id, reviewer) WHERE superseded_at_ms IS NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS reviews_idempotency
+    ON reviews (idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS token_consumptions (
+    review_id   TEXT NOT NULL,
+    use_no      {int} NOT NULL,
+    used_at_ms  {int} NOT NULL,
+    PRIMARY KEY (review_id, use_no)
+);
+";
+
+/// The record log (`{query_columns}`: see [`record_query_column`]), the
+/// retention gate and the retention anchors.
+const RECORDS: &str = "
+CREATE TABLE IF NOT EXISTS records (
+    seq           {int} PRIMARY KEY,
+    record_id     TEXT NOT NULL UNIQUE,
+    kind          TEXT NOT NULL,
+    ref_record_id TEXT,
+    created_at_ms {int} NOT NULL,
+    entry         TEXT NOT NULL,
+    prev_hash     TEXT NOT NULL,
+    hash          TEXT NOT NULL,
+{query_columns}
+);
+CREATE INDEX IF NOT EXISTS records_ref ON records (ref_record_id);
+CREATE INDEX IF NOT EXISTS records_created ON records (created_at_ms);
+CREATE INDEX IF NOT EXISTS records_caller ON records (caller, seq);
+CREATE INDEX IF NOT EXISTS records_review ON records (review_id);
+CREATE INDEX IF NOT EXISTS records_request ON records (request_id);
+CREATE TABLE IF NOT EXISTS retention_gate (
+    id    {int} PRIMARY KEY CHECK (id = 1),
+    allow {int} NOT NULL
+);
+INSERT INTO retention_gate (id, allow) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
+CREATE TABLE IF NOT EXISTS chain_anchor (
+    through_seq   {int} PRIMARY KEY,
+    hash          TEXT NOT NULL,
+    created_at_ms {int} NOT NULL
+);
+";
+
+/// The record log's query columns: each is the entry's `request.<name>`,
+/// serving the query filters and the idempotency lookup.
+const RECORD_QUERY_COLUMNS: [&str; 6] = [
+    "caller",
+    "model",
+    "decision",
+    "review_id",
+    "request_id",
+    "idempotency_key",
+];
+
+/// A query column of the record log, computed from the entry: virtual on
+/// SQLite, stored on PostgreSQL. `entry` stays `TEXT` on both: the hash
+/// covers its exact bytes, which `jsonb` would not keep.
+fn record_query_column(name: &str, backend: Backend) -> String {
+    match backend {
+        Backend::Sqlite => format!(
+            "{name} TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.{name}')) VIRTUAL"
+        ),
+        Backend::Postgres => format!(
+            "{name} TEXT GENERATED ALWAYS AS (entry::jsonb #>> '{{request,{name}}}') STORED"
+        ),
+    }
+}
+
+/// The record tables with the query columns `columns`.
+fn records(columns: &[&str], backend: Backend) -> String {
+    let query_columns: Vec<String> = columns
+        .iter()
+        .map(|c| format!("    {}", record_query_column(c, backend)))
+        .collect();
+    dialect(RECORDS, backend).replace("{query_columns}", &query_columns.join(",\n"))
 }
 
 // ---------------------------------------------------------------- SQLite
@@ -49,71 +222,17 @@ fn migrate_sqlite(conn: &mut Conn) -> Result<(), OpenError> {
     if version > SCHEMA_VERSION {
         return Err(OpenError::SchemaTooNew(version));
     }
-    if version < 1 {
-        conn.batch(
-            "BEGIN;
-             CREATE TABLE IF NOT EXISTS reviews (
-                 id              TEXT PRIMARY KEY,
-                 status          TEXT NOT NULL,
-                 created_at_ms   INTEGER NOT NULL,
-                 expires_at_ms   INTEGER NOT NULL,
-                 decided_at_ms   INTEGER,
-                 reviewer        TEXT,
-                 reason          TEXT,
-                 edited_body     TEXT,
-                 request_id      TEXT NOT NULL,
-                 api             TEXT NOT NULL,
-                 method          TEXT NOT NULL,
-                 path            TEXT NOT NULL,
-                 authority       TEXT NOT NULL,
-                 route           TEXT,
-                 caller          TEXT,
-                 model           TEXT NOT NULL,
-                 stream          INTEGER NOT NULL,
-                 rule            TEXT,
-                 prompt_json     TEXT NOT NULL,
-                 preview         TEXT NOT NULL,
-                 body            TEXT NOT NULL,
-                 hold_timeout_ms INTEGER NOT NULL
-             );
-             CREATE INDEX IF NOT EXISTS reviews_created ON reviews (created_at_ms);
-             CREATE INDEX IF NOT EXISTS reviews_status_created ON reviews (status, created_at_ms);
-             PRAGMA user_version = 1;
-             COMMIT;",
-        )?;
-    }
-    if version < 2 {
-        // Reviewer browser sessions; see `crate::session`.
-        conn.batch(
-            "BEGIN;
-             CREATE TABLE IF NOT EXISTS sessions (
-                 id_sha256      TEXT PRIMARY KEY,
-                 reviewer       TEXT NOT NULL,
-                 token_sha256   TEXT NOT NULL,
-                 csrf_token     TEXT NOT NULL,
-                 created_at_ms  INTEGER NOT NULL,
-                 expires_at_ms  INTEGER NOT NULL
-             );
-             CREATE INDEX IF NOT EXISTS sessions_expires ON sessions (expires_at_ms);
-             PRAGMA user_version = 2;
-             COMMIT;",
-        )?;
+    for (step, tables) in [(1, REVIEWS), (2, SESSIONS)] {
+        if version < step {
+            let tables = dialect(tables, Backend::Sqlite);
+            conn.batch(&format!(
+                "BEGIN;{tables}PRAGMA user_version = {step};\nCOMMIT;"
+            ))?;
+        }
     }
     add_approval_tables(conn)?;
     Ok(())
 }
-
-/// Columns added to `reviews` by [`add_approval_tables`]: name and
-/// declaration.
-const REVIEW_COLUMNS: [(&str, &str); 6] = [
-    ("caller_groups_json", "TEXT NOT NULL DEFAULT '[]'"),
-    ("required_approvals", "INTEGER NOT NULL DEFAULT 1"),
-    ("approver_group", "TEXT"),
-    ("async_review", "INTEGER NOT NULL DEFAULT 0"),
-    ("token_uses", "INTEGER NOT NULL DEFAULT 0"),
-    // The filter's key for retried creations; see `Store::insert`.
-    ("idempotency_key", "TEXT"),
-];
 
 /// Adds the approval and token columns and tables to a file that lacks
 /// them. Guarded by a column check rather than `user_version`, so it
@@ -126,69 +245,16 @@ fn add_approval_tables(conn: &mut Conn) -> Result<(), DbError> {
             .iter()
             .map(|r| r.get(0))
             .collect::<Result<_, DbError>>()?;
-        for (name, decl) in REVIEW_COLUMNS {
+        for (name, declaration) in REVIEW_COLUMNS {
             if !existing.iter().any(|c| c == name) {
-                // Both parts are constants above: nothing user-supplied here.
-                tx.batch(&format!("ALTER TABLE reviews ADD COLUMN {name} {decl};"))?;
+                tx.batch(&add_review_column(name, declaration, Backend::Sqlite))?;
             }
         }
-        tx.batch(
-            "CREATE TABLE IF NOT EXISTS approvals (
-                 id               INTEGER PRIMARY KEY,
-                 review_id        TEXT NOT NULL,
-                 reviewer         TEXT NOT NULL,
-                 approved_at_ms   INTEGER NOT NULL,
-                 reason           TEXT,
-                 edited_body      TEXT,
-                 superseded_at_ms INTEGER
-             );
-             CREATE INDEX IF NOT EXISTS approvals_review ON approvals (review_id, id);
-             CREATE UNIQUE INDEX IF NOT EXISTS approvals_current
-                 ON approvals (review_id, reviewer) WHERE superseded_at_ms IS NULL;
-             CREATE UNIQUE INDEX IF NOT EXISTS reviews_idempotency
-                 ON reviews (idempotency_key) WHERE idempotency_key IS NOT NULL;
-             CREATE TABLE IF NOT EXISTS token_consumptions (
-                 review_id   TEXT NOT NULL,
-                 use_no      INTEGER NOT NULL,
-                 used_at_ms  INTEGER NOT NULL,
-                 PRIMARY KEY (review_id, use_no)
-             );",
-        )
+        tx.batch(&dialect(APPROVALS, Backend::Sqlite))
     })
 }
 
-const SQLITE_RECORDS_SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS records (
-    seq           INTEGER PRIMARY KEY,
-    record_id     TEXT NOT NULL UNIQUE,
-    kind          TEXT NOT NULL,
-    ref_record_id TEXT,
-    created_at_ms INTEGER NOT NULL,
-    entry         TEXT NOT NULL,
-    prev_hash     TEXT NOT NULL,
-    hash          TEXT NOT NULL,
-    caller        TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.caller')) VIRTUAL,
-    model         TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.model')) VIRTUAL,
-    decision      TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.decision')) VIRTUAL,
-    review_id     TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.review_id')) VIRTUAL,
-    request_id    TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.request_id')) VIRTUAL,
-    idempotency_key TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.idempotency_key')) VIRTUAL
-);
-CREATE INDEX IF NOT EXISTS records_ref ON records (ref_record_id);
-CREATE INDEX IF NOT EXISTS records_created ON records (created_at_ms);
-CREATE INDEX IF NOT EXISTS records_caller ON records (caller, seq);
-CREATE INDEX IF NOT EXISTS records_review ON records (review_id);
-CREATE INDEX IF NOT EXISTS records_request ON records (request_id);
-CREATE TABLE IF NOT EXISTS retention_gate (
-    id    INTEGER PRIMARY KEY CHECK (id = 1),
-    allow INTEGER NOT NULL
-);
-INSERT OR IGNORE INTO retention_gate (id, allow) VALUES (1, 0);
-CREATE TABLE IF NOT EXISTS chain_anchor (
-    through_seq   INTEGER PRIMARY KEY,
-    hash          TEXT NOT NULL,
-    created_at_ms INTEGER NOT NULL
-);
+const SQLITE_RECORD_TRIGGERS: &str = "
 CREATE TRIGGER IF NOT EXISTS records_no_update BEFORE UPDATE ON records
 BEGIN
     SELECT RAISE(ABORT, 'records are append-only');
@@ -208,23 +274,24 @@ BEGIN
 END;
 ";
 
-/// `records.idempotency_key` for SQLite files made before it existed (a
-/// virtual column: nothing is rewritten, and the triggers, which refuse
-/// UPDATE and DELETE, are not involved).
-const SQLITE_ADD_IDEMPOTENCY_KEY: &str = "ALTER TABLE records ADD COLUMN idempotency_key TEXT
-    GENERATED ALWAYS AS (json_extract(entry, '$.request.idempotency_key')) VIRTUAL";
-
 /// Creates the record tables and triggers when missing (under the chain's
-/// lock, so it never interleaves with an append).
+/// lock, so it never interleaves with an append), and adds
+/// `records.idempotency_key` to files made before it existed (a virtual
+/// column: nothing is rewritten, and the triggers, which refuse UPDATE and
+/// DELETE, are not involved).
 fn create_sqlite_records(conn: &mut Conn) -> Result<(), DbError> {
     conn.transaction(Lock::RecordChain, |tx| {
-        tx.batch(SQLITE_RECORDS_SCHEMA)?;
+        tx.batch(&records(&RECORD_QUERY_COLUMNS, Backend::Sqlite))?;
+        tx.batch(SQLITE_RECORD_TRIGGERS)?;
         let has_key = tx.query_one(
             "SELECT count(*) FROM pragma_table_xinfo('records') WHERE name = 'idempotency_key'",
             params![],
         )?;
         if has_key.get::<i64>(0)? == 0 {
-            tx.batch(SQLITE_ADD_IDEMPOTENCY_KEY)?;
+            tx.batch(&format!(
+                "ALTER TABLE records ADD COLUMN {}",
+                record_query_column("idempotency_key", Backend::Sqlite)
+            ))?;
         }
         Ok(())
     })
@@ -232,106 +299,18 @@ fn create_sqlite_records(conn: &mut Conn) -> Result<(), DbError> {
 
 // ---------------------------------------------------------------- PostgreSQL
 
-/// Reviews, sessions, approvals and token uses. Booleans are integers 0/1
-/// as on SQLite, so statements bind the same values on both.
-const POSTGRES_REVIEWS_SCHEMA: &str = "
-CREATE TABLE reviews (
-    id                 TEXT PRIMARY KEY,
-    status             TEXT NOT NULL,
-    created_at_ms      BIGINT NOT NULL,
-    expires_at_ms      BIGINT NOT NULL,
-    decided_at_ms      BIGINT,
-    reviewer           TEXT,
-    reason             TEXT,
-    edited_body        TEXT,
-    request_id         TEXT NOT NULL,
-    api                TEXT NOT NULL,
-    method             TEXT NOT NULL,
-    path               TEXT NOT NULL,
-    authority          TEXT NOT NULL,
-    route              TEXT,
-    caller             TEXT,
-    model              TEXT NOT NULL,
-    stream             BIGINT NOT NULL,
-    rule               TEXT,
-    prompt_json        TEXT NOT NULL,
-    preview            TEXT NOT NULL,
-    body               TEXT NOT NULL,
-    hold_timeout_ms    BIGINT NOT NULL,
-    caller_groups_json TEXT NOT NULL DEFAULT '[]',
-    required_approvals BIGINT NOT NULL DEFAULT 1,
-    approver_group     TEXT,
-    async_review       BIGINT NOT NULL DEFAULT 0,
-    token_uses         BIGINT NOT NULL DEFAULT 0,
-    idempotency_key    TEXT
-);
-CREATE UNIQUE INDEX reviews_idempotency
-    ON reviews (idempotency_key) WHERE idempotency_key IS NOT NULL;
-CREATE INDEX reviews_created ON reviews (created_at_ms);
-CREATE INDEX reviews_status_created ON reviews (status, created_at_ms);
-CREATE TABLE sessions (
-    id_sha256      TEXT PRIMARY KEY,
-    reviewer       TEXT NOT NULL,
-    token_sha256   TEXT NOT NULL,
-    csrf_token     TEXT NOT NULL,
-    created_at_ms  BIGINT NOT NULL,
-    expires_at_ms  BIGINT NOT NULL
-);
-CREATE INDEX sessions_expires ON sessions (expires_at_ms);
-CREATE TABLE approvals (
-    id               BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    review_id        TEXT NOT NULL,
-    reviewer         TEXT NOT NULL,
-    approved_at_ms   BIGINT NOT NULL,
-    reason           TEXT,
-    edited_body      TEXT,
-    superseded_at_ms BIGINT
-);
-CREATE INDEX approvals_review ON approvals (review_id, id);
-CREATE UNIQUE INDEX approvals_current
-    ON approvals (review_id, reviewer) WHERE superseded_at_ms IS NULL;
-CREATE TABLE token_consumptions (
-    review_id   TEXT NOT NULL,
-    use_no      BIGINT NOT NULL,
-    used_at_ms  BIGINT NOT NULL,
-    PRIMARY KEY (review_id, use_no)
-);
-";
+/// The `reviews` part: every table of the SQLite steps, at once.
+fn postgres_reviews() -> String {
+    let columns: String = REVIEW_COLUMNS
+        .iter()
+        .map(|(name, declaration)| add_review_column(name, declaration, Backend::Postgres))
+        .collect();
+    let tables = dialect(&format!("{REVIEWS}{SESSIONS}"), Backend::Postgres);
+    let approvals = dialect(APPROVALS, Backend::Postgres);
+    format!("{tables}{columns}{approvals}")
+}
 
-/// The record tables and triggers. `entry` stays `TEXT`: the hash covers
-/// its exact bytes, which `jsonb` would not keep.
-const POSTGRES_RECORDS_SCHEMA: &str = "
-CREATE TABLE records (
-    seq           BIGINT PRIMARY KEY,
-    record_id     TEXT NOT NULL UNIQUE,
-    kind          TEXT NOT NULL,
-    ref_record_id TEXT,
-    created_at_ms BIGINT NOT NULL,
-    entry         TEXT NOT NULL,
-    prev_hash     TEXT NOT NULL,
-    hash          TEXT NOT NULL,
-    caller        TEXT GENERATED ALWAYS AS (entry::jsonb #>> '{request,caller}') STORED,
-    model         TEXT GENERATED ALWAYS AS (entry::jsonb #>> '{request,model}') STORED,
-    decision      TEXT GENERATED ALWAYS AS (entry::jsonb #>> '{request,decision}') STORED,
-    review_id     TEXT GENERATED ALWAYS AS (entry::jsonb #>> '{request,review_id}') STORED,
-    request_id    TEXT GENERATED ALWAYS AS (entry::jsonb #>> '{request,request_id}') STORED,
-    idempotency_key TEXT GENERATED ALWAYS AS (entry::jsonb #>> '{request,idempotency_key}') STORED
-);
-CREATE INDEX records_ref ON records (ref_record_id);
-CREATE INDEX records_created ON records (created_at_ms);
-CREATE INDEX records_caller ON records (caller, seq);
-CREATE INDEX records_review ON records (review_id);
-CREATE INDEX records_request ON records (request_id);
-CREATE TABLE retention_gate (
-    id    BIGINT PRIMARY KEY CHECK (id = 1),
-    allow BIGINT NOT NULL
-);
-INSERT INTO retention_gate (id, allow) VALUES (1, 0);
-CREATE TABLE chain_anchor (
-    through_seq   BIGINT PRIMARY KEY,
-    hash          TEXT NOT NULL,
-    created_at_ms BIGINT NOT NULL
-);
+const POSTGRES_RECORD_TRIGGERS: &str = "
 CREATE FUNCTION countersign_records_no_update() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION 'records are append-only';
@@ -358,6 +337,11 @@ CREATE TRIGGER chain_anchor_no_update BEFORE UPDATE OR DELETE ON chain_anchor
 CREATE TRIGGER chain_anchor_no_truncate BEFORE TRUNCATE ON chain_anchor
     FOR EACH STATEMENT EXECUTE FUNCTION countersign_anchors_append_only();
 ";
+
+/// The `records` part.
+fn postgres_records() -> String {
+    records(&RECORD_QUERY_COLUMNS, Backend::Postgres) + POSTGRES_RECORD_TRIGGERS
+}
 
 /// Creates the PostgreSQL schema part named `part` once, under an advisory
 /// lock so replicas starting together do not race; refuses a database
@@ -437,13 +421,12 @@ mod tests {
 
     #[test]
     fn older_record_tables_gain_the_idempotency_column() {
-        let old_schema = SQLITE_RECORDS_SCHEMA.replace(
-            ",\n    idempotency_key TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.idempotency_key')) VIRTUAL",
-            "",
-        );
-        assert_ne!(old_schema, SQLITE_RECORDS_SCHEMA);
+        // The record tables as they were before `idempotency_key`.
+        let old_schema = records(&RECORD_QUERY_COLUMNS[..5], Backend::Sqlite);
+        assert!(!old_schema.contains("idempotency_key"));
         let mut conn = memory();
         conn.batch(&old_schema).unwrap();
+        conn.batch(SQLITE_RECORD_TRIGGERS).unwrap();
         let columns = |c: &mut Conn| {
             c.query_one(
                 "SELECT count(*) FROM pragma_table_xinfo('records') WHERE name = 'idempotency_key'",
@@ -460,19 +443,12 @@ mod tests {
     }
 
     #[test]
-    fn a_new_file_gets_every_table_and_a_newer_one_is_refused() {
+    fn a_new_file_gets_every_step_and_a_newer_one_is_refused() {
         let mut conn = memory();
         migrate(&mut conn).unwrap();
         migrate(&mut conn).unwrap();
-        for table in [
-            "reviews",
-            "sessions",
-            "approvals",
-            "token_consumptions",
-            "records",
-            "retention_gate",
-            "chain_anchor",
-        ] {
+        // One table of each step: first release, sessions, approvals, records.
+        for table in ["reviews", "sessions", "token_consumptions", "chain_anchor"] {
             assert!(conn.table_exists(table).unwrap(), "{table}");
         }
         conn.batch("PRAGMA user_version = 3").unwrap();
