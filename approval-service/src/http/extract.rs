@@ -83,7 +83,7 @@ const MAX_FILTER_CHARS: usize = 500;
 
 /// Cleans the text filters of a query string in place, in order: each is
 /// trimmed, a blank one counts as absent, and one longer than
-/// [`MAX_FILTER_CHARS`] is refused, naming its parameter.
+/// `MAX_FILTER_CHARS` is refused, naming its parameter.
 pub fn clean_text_filters<'a>(
     filters: impl IntoIterator<Item = (&'static str, &'a mut Option<String>)>,
 ) -> Result<(), ApiError> {

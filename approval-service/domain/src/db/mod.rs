@@ -41,7 +41,7 @@ pub enum Backend {
 }
 
 /// A database error. Its text may name tables and values, so it is logged,
-/// never shown to clients (see [`crate::error::ApiError`]).
+/// never shown to clients (the HTTP layer answers 500 and logs it).
 #[derive(Debug)]
 pub enum DbError {
     /// SQLite refused.

@@ -3,7 +3,7 @@
 //!
 //! Each table is written once for both databases; `{int}` and `{id}` stand
 //! for what their dialects call a 64-bit integer and an integer key the
-//! database assigns ([`dialect`]). What is not the same SQL is written per
+//! database assigns (`dialect`). What is not the same SQL is written per
 //! database: the record log's query columns (computed from the JSON entry)
 //! and its append-only triggers.
 //!
@@ -25,7 +25,7 @@ use super::{Backend, Conn, DbError, Lock, OpenError};
 use crate::params;
 
 /// Schema version stored in SQLite's `PRAGMA user_version`; bump it and add
-/// a step to [`migrate_sqlite`] when the schema changes.
+/// a step to `migrate_sqlite` when the schema changes.
 pub const SCHEMA_VERSION: i64 = 2;
 
 /// The PostgreSQL schema version (table `countersign_schema`).
