@@ -67,6 +67,7 @@ use sha2::{Digest, Sha256};
 use crate::config::SqliteSynchronous;
 use crate::db::{Conn, DbError, DbResult, Location, Lock, Row};
 use crate::params;
+use crate::token::hex;
 
 pub use diff::unified_diff;
 
@@ -88,17 +89,6 @@ pub const WRITE_BUSY_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_PAGE: u32 = 50;
 /// Largest page of the query API.
 pub const MAX_PAGE: u32 = 500;
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
-fn hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(HEX[usize::from(b >> 4)]));
-        s.push(char::from(HEX[usize::from(b & 0x0f)]));
-    }
-    s
-}
 
 /// `hex(SHA-256(prev_hash ‖ "\n" ‖ seq ‖ "\n" ‖ entry))`.
 pub fn chain_hash(prev_hash: &str, seq: i64, entry: &str) -> String {

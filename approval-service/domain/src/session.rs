@@ -15,7 +15,7 @@ use std::time::Instant;
 use crate::db::DbResult;
 use crate::params;
 use crate::store::Store;
-use crate::token::TokenHash;
+use crate::token::{hex, TokenHash};
 
 /// A live session, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,15 +35,8 @@ pub struct Session {
 pub fn random_token() -> Result<String, getrandom::Error> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes)?;
-    let mut s = String::with_capacity(64);
-    for b in bytes {
-        s.push(char::from(HEX[usize::from(b >> 4)]));
-        s.push(char::from(HEX[usize::from(b & 0x0f)]));
-    }
-    Ok(s)
+    Ok(hex(&bytes))
 }
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// Constant-time comparison of a presented CSRF token with the session's.
 pub fn csrf_matches(presented: &str, expected: &str) -> bool {
