@@ -9,6 +9,7 @@
 //! The client is hyper's own HTTP/1.1 connection (one connection per
 //! attempt; notifications are rare, so no pool).
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -16,8 +17,13 @@ use axum::http::{header, Request, StatusCode, Uri};
 use countersign_core::wire::ApiKind;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
 use serde::Serialize;
 use serde_json::json;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 
 use crate::config::WebhookFormat;
 use crate::state::AppState;
@@ -249,7 +255,7 @@ async fn post_once(uri: &Uri, body: Bytes) -> Result<StatusCode, AttemptError> {
         .body(Full::new(body))
         .map_err(|e| fatal(format!("cannot build request: {e}")))?;
     if https {
-        let tls = crate::tls::connect(connect_host, tcp)
+        let tls = tls_connect(connect_host, tcp)
             .await
             .map_err(connect_error)?;
         send(TokioIo::new(tls), request).await
@@ -271,6 +277,28 @@ where
     let result = sender.send_request(request).await;
     driver.abort();
     result.map(|r| r.status()).map_err(connect_error)
+}
+
+/// The webhook client's TLS configuration (Mozilla's roots; HTTP/1.1).
+fn client_config() -> Result<Arc<ClientConfig>, String> {
+    static CONFIG: OnceLock<Result<Arc<ClientConfig>, String>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let mut config = countersign_approval_domain::tls::config_with_roots(&[])?;
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Ok(Arc::new(config))
+        })
+        .clone()
+}
+
+/// Runs a TLS handshake for `host` over `tcp`, verifying the certificate.
+async fn tls_connect(host: &str, tcp: TcpStream) -> Result<TlsStream<TcpStream>, String> {
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|e| format!("invalid TLS server name {host:?}: {e}"))?;
+    TlsConnector::from(client_config()?)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS handshake with {host}: {e}"))
 }
 
 #[cfg(test)]

@@ -713,9 +713,7 @@ fn retention_deletes_a_prefix_and_the_chain_still_verifies() {
         .unwrap();
     assert_eq!(verify(&db).unwrap().records, n_old as u64 + 2);
 
-    let deleted = rt
-        .block_on(countersign_approval::records::http::retention_once(&state))
-        .unwrap();
+    let deleted = rt.block_on(state.retention_once()).unwrap();
     assert_eq!(deleted, n_old);
     let ok = verify(&db).unwrap();
     // Two chunks: two retention entries, plus the recent request and response.
@@ -725,11 +723,7 @@ fn retention_deletes_a_prefix_and_the_chain_still_verifies() {
     assert!(store.get(&first_old).unwrap().is_none());
     assert!(store.get(&recent.record_id).unwrap().is_some());
     // Nothing more is due; the gate is closed again.
-    assert_eq!(
-        rt.block_on(countersign_approval::records::http::retention_once(&state))
-            .unwrap(),
-        0
-    );
+    assert_eq!(rt.block_on(state.retention_once()).unwrap(), 0);
     let mut conn = common::RawDb::open(&db);
     assert!(conn.exec("DELETE FROM records").is_err());
     let (code, out) = verify_cli(&db);

@@ -1,5 +1,6 @@
 """The approval path end to end: curl-like clients -> real Envoy with the
-countersign wasm filter -> real approval service on SQLite -> demo model."""
+countersign wasm filter -> real approval service (on SQLite, or on
+PostgreSQL with COUNTERSIGN_E2E_DB=postgres) -> demo model."""
 import json
 import threading
 import time

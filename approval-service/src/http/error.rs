@@ -1,4 +1,5 @@
-//! The one error type of every HTTP handler.
+//! The one error type of every HTTP handler, and the one place where the
+//! domain's errors become HTTP answers.
 //!
 //! Responses always carry [`countersign_core::wire::ServiceError`] so the
 //! filter and the reviewer UI parse a single shape. Internal failures are
@@ -9,6 +10,10 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use countersign_core::wire::{ServiceError, ServiceErrorDetail};
+
+use crate::approvals::DecisionRefused;
+use crate::records::RecordError;
+use crate::state::StorageError;
 
 /// An error answered to an HTTP client.
 #[derive(Debug)]
@@ -99,15 +104,49 @@ impl std::fmt::Display for ApiError {
 
 impl std::error::Error for ApiError {}
 
-impl From<crate::db::DbError> for ApiError {
-    fn from(e: crate::db::DbError) -> Self {
-        ApiError::internal(format!("database: {e}"))
+/// A database call that failed: 500, the detail logged.
+impl From<StorageError> for ApiError {
+    fn from(e: StorageError) -> Self {
+        ApiError::internal(e)
     }
 }
 
-impl From<tokio::task::JoinError> for ApiError {
-    fn from(e: tokio::task::JoinError) -> Self {
-        ApiError::internal(format!("blocking task failed: {e}"))
+/// A reviewer who may not take a decision: 403 (not theirs to take) or
+/// 409 (they already approved), with the refusal's stable code.
+impl From<DecisionRefused> for ApiError {
+    fn from(refused: DecisionRefused) -> Self {
+        let status = match refused {
+            DecisionRefused::SelfApproval | DecisionRefused::NotInApproverGroup(_) => {
+                StatusCode::FORBIDDEN
+            }
+            DecisionRefused::AlreadyApproved => StatusCode::CONFLICT,
+        };
+        ApiError::Coded {
+            status,
+            code: refused.code(),
+            message: refused.to_string(),
+        }
+    }
+}
+
+/// A record write that was refused (400, 404, 409), or that the database
+/// could not take: 503 `unavailable`, so the filter refuses the request
+/// rather than forward it without a record.
+impl From<RecordError> for ApiError {
+    fn from(e: RecordError) -> Self {
+        match e {
+            RecordError::BadRequest(m) => ApiError::BadRequest(m),
+            RecordError::NotFound => ApiError::NotFound("no such record".into()),
+            RecordError::Conflict(m) => ApiError::Conflict(m),
+            RecordError::Db(e) => {
+                tracing::error!(error = %e, "record write failed");
+                ApiError::Coded {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    code: "unavailable",
+                    message: "the record could not be stored".into(),
+                }
+            }
+        }
     }
 }
 

@@ -13,55 +13,29 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use countersign_core::wire::{ApiKind, PromptMessage, ReviewState, ReviewStatus};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::SqliteSynchronous;
-use crate::db::{Backend, Conn, DbError, DbResult, Location, Lock, Row};
+use crate::db::{Backend, Conn, DbError, DbResult, Location, OpenError, Row};
 use crate::params;
-
-/// Schema version stored in SQLite's `PRAGMA user_version`; bump it and add
-/// a step to [`migrate_sqlite`] when the schema changes.
-pub const SCHEMA_VERSION: i64 = 2;
 
 /// Characters of the last user message shown in list previews.
 pub const PREVIEW_CHARS: usize = 200;
 
-/// Why the store could not be opened.
-#[derive(Debug)]
-pub enum StoreError {
-    /// Creating the database's directory failed.
-    Io(std::io::Error),
-    /// The database refused (or PostgreSQL could not be reached).
-    Db(DbError),
-    /// The file was written by a newer version of this service.
-    SchemaTooNew(i64),
-}
-
-impl std::fmt::Display for StoreError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StoreError::Io(e) => write!(f, "cannot create database directory: {e}"),
-            StoreError::Db(e) => write!(f, "database: {e}"),
-            StoreError::SchemaTooNew(v) => write!(
-                f,
-                "database schema version {v} is newer than this binary supports ({SCHEMA_VERSION})"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for StoreError {}
-
-impl From<DbError> for StoreError {
-    fn from(e: DbError) -> Self {
-        StoreError::Db(e)
-    }
-}
-
-impl From<rusqlite::Error> for StoreError {
-    fn from(e: rusqlite::Error) -> Self {
-        StoreError::Db(DbError::Sqlite(e))
-    }
+/// One approval, as listed in a review's detail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ApprovalEntry {
+    /// Reviewer name.
+    pub reviewer: String,
+    /// When they approved, Unix ms.
+    pub approved_at_ms: u64,
+    /// Their reason, if any.
+    pub reason: Option<String>,
+    /// They approved with an edit of the body.
+    pub edited: bool,
+    /// When a later edit discarded this approval (it approved another body);
+    /// `None` for approvals that count.
+    pub superseded_at_ms: Option<u64>,
 }
 
 /// A review to insert (everything the filter sent, plus service-chosen fields).
@@ -148,37 +122,9 @@ pub struct ReviewDetail {
     /// The hold timeout in force.
     pub hold_timeout_ms: u64,
     /// Every approval, oldest first, including ones a later edit discarded.
-    pub approvals: Vec<crate::approvals::ApprovalEntry>,
+    pub approvals: Vec<ApprovalEntry>,
     /// How many times the approval token was spent.
     pub token_uses: u32,
-}
-
-/// A reviewer's decision.
-#[derive(Debug, Clone)]
-pub struct Decision {
-    /// `Approved` or `Rejected`.
-    pub status: ReviewStatus,
-    /// Reviewer name.
-    pub reviewer: String,
-    /// Reason, if any.
-    pub reason: Option<String>,
-    /// Replacement body (approvals only).
-    pub edited_body: Option<String>,
-}
-
-/// What happened to a decision.
-#[derive(Debug, Clone)]
-pub enum DecideOutcome {
-    /// The decision was recorded.
-    Decided(Box<ReviewDetail>),
-    /// No such review.
-    NotFound,
-    /// The review was no longer pending; this is why.
-    NotPending(String),
-    /// An approval was recorded; more are needed, so it is still pending.
-    Partial(Box<ReviewDetail>),
-    /// This reviewer may not take this decision.
-    Refused(crate::approvals::DecisionRefused),
 }
 
 /// What [`Store::insert`] did.
@@ -192,15 +138,24 @@ pub enum Inserted {
     KeyOfAnotherRequest,
 }
 
-/// Filters of the list view. Text filters match case-insensitively
+/// Default page size of the list view.
+pub const DEFAULT_LIST_LIMIT: u32 = 50;
+/// Largest page of the list view.
+pub const MAX_LIST_LIMIT: u32 = 500;
+
+/// Filters of the list view (the reviewer API's query string, field by
+/// field; `status` is parsed apart). Text filters match case-insensitively
 /// (ASCII) anywhere in the field.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct ListQuery {
     /// Only this status.
+    #[serde(skip)]
     pub status: Option<ReviewStatus>,
     /// Only reviews created strictly before this (for paging).
     pub before_ms: Option<u64>,
-    /// At most this many (already clamped by the caller).
+    /// At most this many, 1..=[`MAX_LIST_LIMIT`] ([`DEFAULT_LIST_LIMIT`]
+    /// when not given).
+    #[serde(default = "default_list_limit")]
     pub limit: u32,
     /// Caller contains this.
     pub caller: Option<String>,
@@ -214,9 +169,14 @@ pub struct ListQuery {
     pub since_ms: Option<u64>,
     /// Only reviews created strictly before this time (Unix ms).
     pub until_ms: Option<u64>,
-    /// Free text: found in the prompt, preview, id, request id, caller,
-    /// model, reviewer or reason.
+    /// Free text (`q`): found in the prompt, preview, id, request id,
+    /// caller, model, reviewer or reason.
+    #[serde(rename = "q")]
     pub search: Option<String>,
+}
+
+fn default_list_limit() -> u32 {
+    DEFAULT_LIST_LIMIT
 }
 
 /// `%text%` for `LIKE ... ESCAPE '\'`, with the wildcards of `text` escaped.
@@ -236,16 +196,6 @@ fn like_pattern(text: &str) -> String {
 /// The database.
 pub struct Store {
     conn: Mutex<Conn>,
-}
-
-/// SQLite stores signed 64-bit integers; times in ms fit with room to spare,
-/// saturation only guards against absurd inputs.
-pub(crate) fn i(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-pub(crate) fn u(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
 }
 
 const SUMMARY_COLS: &str =
@@ -268,9 +218,9 @@ fn summary_from_row(row: &Row) -> DbResult<ReviewSummary> {
     Ok(ReviewSummary {
         id: row.get(0)?,
         status: parse_status(&row.get::<String>(1)?)?,
-        created_at_ms: u(row.get(2)?),
-        expires_at_ms: u(row.get(3)?),
-        decided_at_ms: row.get::<Option<i64>>(4)?.map(u),
+        created_at_ms: row.get(2)?,
+        expires_at_ms: row.get(3)?,
+        decided_at_ms: row.get::<Option<u64>>(4)?,
         reviewer: row.get(5)?,
         reason: row.get(6)?,
         model: row.get(7)?,
@@ -304,177 +254,6 @@ pub fn preview_of(prompt: &[PromptMessage]) -> String {
         .unwrap_or_default()
 }
 
-fn migrate_sqlite(conn: &rusqlite::Connection) -> Result<(), StoreError> {
-    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    if version > SCHEMA_VERSION {
-        return Err(StoreError::SchemaTooNew(version));
-    }
-    if version < 1 {
-        conn.execute_batch(
-            "BEGIN;
-             CREATE TABLE IF NOT EXISTS reviews (
-                 id              TEXT PRIMARY KEY,
-                 status          TEXT NOT NULL,
-                 created_at_ms   INTEGER NOT NULL,
-                 expires_at_ms   INTEGER NOT NULL,
-                 decided_at_ms   INTEGER,
-                 reviewer        TEXT,
-                 reason          TEXT,
-                 edited_body     TEXT,
-                 request_id      TEXT NOT NULL,
-                 api             TEXT NOT NULL,
-                 method          TEXT NOT NULL,
-                 path            TEXT NOT NULL,
-                 authority       TEXT NOT NULL,
-                 route           TEXT,
-                 caller          TEXT,
-                 model           TEXT NOT NULL,
-                 stream          INTEGER NOT NULL,
-                 rule            TEXT,
-                 prompt_json     TEXT NOT NULL,
-                 preview         TEXT NOT NULL,
-                 body            TEXT NOT NULL,
-                 hold_timeout_ms INTEGER NOT NULL
-             );
-             CREATE INDEX IF NOT EXISTS reviews_created ON reviews (created_at_ms);
-             CREATE INDEX IF NOT EXISTS reviews_status_created ON reviews (status, created_at_ms);
-             PRAGMA user_version = 1;
-             COMMIT;",
-        )?;
-    }
-    if version < 2 {
-        // Reviewer browser sessions; see `crate::session`.
-        conn.execute_batch(
-            "BEGIN;
-             CREATE TABLE IF NOT EXISTS sessions (
-                 id_sha256      TEXT PRIMARY KEY,
-                 reviewer       TEXT NOT NULL,
-                 token_sha256   TEXT NOT NULL,
-                 csrf_token     TEXT NOT NULL,
-                 created_at_ms  INTEGER NOT NULL,
-                 expires_at_ms  INTEGER NOT NULL
-             );
-             CREATE INDEX IF NOT EXISTS sessions_expires ON sessions (expires_at_ms);
-             PRAGMA user_version = 2;
-             COMMIT;",
-        )?;
-    }
-    // Approvals and approval tokens: added by column check, independent of
-    // `user_version`; see `crate::approvals::migrate`.
-    crate::approvals::migrate(conn)?;
-    Ok(())
-}
-
-/// The PostgreSQL schema of reviews, sessions, approvals and token uses:
-/// the SQLite schema after every migration step, in one piece (there are no
-/// older PostgreSQL databases to upgrade). Booleans are integers 0/1 as on
-/// SQLite, so statements bind the same values on both.
-const POSTGRES_REVIEWS_SCHEMA: &str = "
-CREATE TABLE reviews (
-    id                 TEXT PRIMARY KEY,
-    status             TEXT NOT NULL,
-    created_at_ms      BIGINT NOT NULL,
-    expires_at_ms      BIGINT NOT NULL,
-    decided_at_ms      BIGINT,
-    reviewer           TEXT,
-    reason             TEXT,
-    edited_body        TEXT,
-    request_id         TEXT NOT NULL,
-    api                TEXT NOT NULL,
-    method             TEXT NOT NULL,
-    path               TEXT NOT NULL,
-    authority          TEXT NOT NULL,
-    route              TEXT,
-    caller             TEXT,
-    model              TEXT NOT NULL,
-    stream             BIGINT NOT NULL,
-    rule               TEXT,
-    prompt_json        TEXT NOT NULL,
-    preview            TEXT NOT NULL,
-    body               TEXT NOT NULL,
-    hold_timeout_ms    BIGINT NOT NULL,
-    caller_groups_json TEXT NOT NULL DEFAULT '[]',
-    required_approvals BIGINT NOT NULL DEFAULT 1,
-    approver_group     TEXT,
-    async_review       BIGINT NOT NULL DEFAULT 0,
-    token_uses         BIGINT NOT NULL DEFAULT 0,
-    idempotency_key    TEXT
-);
-CREATE UNIQUE INDEX reviews_idempotency
-    ON reviews (idempotency_key) WHERE idempotency_key IS NOT NULL;
-CREATE INDEX reviews_created ON reviews (created_at_ms);
-CREATE INDEX reviews_status_created ON reviews (status, created_at_ms);
-CREATE TABLE sessions (
-    id_sha256      TEXT PRIMARY KEY,
-    reviewer       TEXT NOT NULL,
-    token_sha256   TEXT NOT NULL,
-    csrf_token     TEXT NOT NULL,
-    created_at_ms  BIGINT NOT NULL,
-    expires_at_ms  BIGINT NOT NULL
-);
-CREATE INDEX sessions_expires ON sessions (expires_at_ms);
-CREATE TABLE approvals (
-    id               BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    review_id        TEXT NOT NULL,
-    reviewer         TEXT NOT NULL,
-    approved_at_ms   BIGINT NOT NULL,
-    reason           TEXT,
-    edited_body      TEXT,
-    superseded_at_ms BIGINT
-);
-CREATE INDEX approvals_review ON approvals (review_id, id);
-CREATE UNIQUE INDEX approvals_current
-    ON approvals (review_id, reviewer) WHERE superseded_at_ms IS NULL;
-CREATE TABLE token_consumptions (
-    review_id   TEXT NOT NULL,
-    use_no      BIGINT NOT NULL,
-    used_at_ms  BIGINT NOT NULL,
-    PRIMARY KEY (review_id, use_no)
-);
-";
-
-/// The PostgreSQL schema version (table `countersign_schema`).
-pub const POSTGRES_SCHEMA_VERSION: i64 = 1;
-
-/// Creates the PostgreSQL schema part named `part` (`reviews` or
-/// `records`) once, under an advisory lock so replicas starting together do
-/// not race; refuses a database written by a newer version.
-pub(crate) fn migrate_postgres(conn: &mut Conn, part: &str, ddl: &str) -> Result<(), StoreError> {
-    conn.transaction(Lock::Schema, |c| {
-        // Checked first, not `CREATE ... IF NOT EXISTS`: that needs the
-        // CREATE privilege on every start, and a service may be granted it
-        // only for the first one.
-        if !c.table_exists("countersign_schema")? {
-            c.batch(
-                "CREATE TABLE countersign_schema (
-                     part    TEXT PRIMARY KEY,
-                     version BIGINT NOT NULL
-                 )",
-            )?;
-        }
-        let found = c.query_opt(
-            "SELECT version FROM countersign_schema WHERE part = ?1",
-            params![part],
-        )?;
-        match found {
-            Some(row) => {
-                let version: i64 = row.get(0)?;
-                if version > POSTGRES_SCHEMA_VERSION {
-                    return Err(StoreError::SchemaTooNew(version));
-                }
-            }
-            None => {
-                c.batch(ddl)?;
-                c.execute(
-                    "INSERT INTO countersign_schema (part, version) VALUES (?1, ?2)",
-                    params![part, POSTGRES_SCHEMA_VERSION],
-                )?;
-            }
-        }
-        Ok(())
-    })
-}
-
 /// How long a write waits for another process's lock (SQLite busy timeout,
 /// PostgreSQL `lock_timeout`).
 const WRITE_LOCK_WAIT: Duration = Duration::from_secs(5);
@@ -482,20 +261,18 @@ const WRITE_LOCK_WAIT: Duration = Duration::from_secs(5);
 impl Store {
     /// Opens the database at `location`: a SQLite file (created with its
     /// parent directory when missing) or a PostgreSQL database (which must
-    /// exist); creates or upgrades the schema. Blocking.
-    pub fn open(location: &Location, synchronous: SqliteSynchronous) -> Result<Store, StoreError> {
+    /// exist); creates or upgrades the whole schema (see
+    /// [`crate::db::schema`]). Blocking.
+    pub fn open(location: &Location, synchronous: SqliteSynchronous) -> Result<Store, OpenError> {
         if let Location::Sqlite(path) = location {
             if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent).map_err(StoreError::Io)?;
+                std::fs::create_dir_all(parent).map_err(OpenError::Io)?;
             }
         }
         // Another process (an old instance still shutting down, an admin's
         // sqlite3 shell, another replica) may briefly hold a lock.
         let mut conn = Conn::open(location, WRITE_LOCK_WAIT, synchronous.pragma_value())?;
-        match conn.sqlite() {
-            Some(sqlite) => migrate_sqlite(sqlite)?,
-            None => migrate_postgres(&mut conn, "reviews", POSTGRES_REVIEWS_SCHEMA)?,
-        }
+        crate::db::schema::migrate(&mut conn)?;
         Ok(Store {
             conn: Mutex::new(conn),
         })
@@ -542,8 +319,8 @@ impl Store {
              ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
             params![
                 &r.id,
-                i(r.created_at_ms),
-                i(r.expires_at_ms),
+                r.created_at_ms,
+                r.expires_at_ms,
                 &q.request_id,
                 q.api.as_str(),
                 &q.method,
@@ -557,7 +334,7 @@ impl Store {
                 &prompt_json,
                 &preview,
                 &q.body,
-                i(r.hold_timeout_ms),
+                r.hold_timeout_ms,
                 &caller_groups_json,
                 i64::from(q.required_approvals.max(1)),
                 &q.approver_group,
@@ -624,32 +401,18 @@ impl Store {
             &sql,
             params![
                 q.status.map(|s| s.as_str()),
-                q.before_ms.map(i),
+                q.before_ms,
                 i64::from(q.limit),
                 &caller,
                 &model,
                 &reviewer,
                 q.edited,
-                q.since_ms.map(i),
-                q.until_ms.map(i),
+                q.since_ms,
+                q.until_ms,
                 &search,
             ],
         )?;
         rows.iter().map(summary_from_row).collect()
-    }
-
-    /// Records `reviewer`'s decision if, and only if, the review is still
-    /// pending, not past its expiry, and the reviewer may take it. An
-    /// approval makes the review approved only once it has its required
-    /// number of distinct approvals; see [`crate::approvals`] for the rules.
-    pub fn decide(
-        &self,
-        id: &str,
-        d: &Decision,
-        reviewer: &crate::config::ReviewerConfig,
-        now_ms: u64,
-    ) -> DbResult<DecideOutcome> {
-        crate::approvals::decide(&mut self.conn(), id, d, reviewer, now_ms)
     }
 
     /// Ends a still-pending review with `status` (`Expired` or `Cancelled`)
@@ -666,7 +429,7 @@ impl Store {
         let changed = conn.execute(
             "UPDATE reviews SET status = ?1, reviewer = NULL, reason = ?2, decided_at_ms = ?3
              WHERE id = ?4 AND status = 'pending'",
-            params![status.as_str(), reason, i(now_ms), id],
+            params![status.as_str(), reason, now_ms, id],
         )?;
         Ok(state_of(&mut conn, id)?.map(|s| (s, changed == 1)))
     }
@@ -686,7 +449,7 @@ impl Store {
                  decided_at_ms = ?2
              WHERE status = 'pending' AND expires_at_ms <= ?2
              RETURNING id",
-            params![EXPIRED_REASON, i(now_ms)],
+            params![EXPIRED_REASON, now_ms],
         )?;
         rows.iter().map(|r| r.get(0)).collect()
     }
@@ -708,7 +471,7 @@ pub(crate) fn expire_if_overdue(conn: &mut Conn, id: &str, now_ms: u64) -> DbRes
     let changed = conn.execute(
         "UPDATE reviews SET status = 'expired', reviewer = NULL, reason = ?1, decided_at_ms = ?2
          WHERE id = ?3 AND status = 'pending' AND expires_at_ms <= ?2",
-        params![EXPIRED_REASON, i(now_ms), id],
+        params![EXPIRED_REASON, now_ms, id],
     )?;
     Ok(changed == 1)
 }
@@ -722,7 +485,7 @@ pub(crate) fn state_of(conn: &mut Conn, id: &str) -> DbResult<Option<ReviewState
         Ok(ReviewState {
             id: row.get(0)?,
             status: parse_status(&row.get::<String>(1)?)?,
-            expires_at_ms: u(row.get(2)?),
+            expires_at_ms: row.get(2)?,
             reviewer: row.get(3)?,
             reason: row.get(4)?,
             edited_body: row.get(5)?,
@@ -748,11 +511,32 @@ pub(crate) fn detail_of(conn: &mut Conn, id: &str) -> DbResult<Option<ReviewDeta
         edited_body: row.get(24)?,
         method: row.get(25)?,
         authority: row.get(26)?,
-        hold_timeout_ms: u(row.get(27)?),
-        approvals: crate::approvals::approvals_of(conn, id)?,
+        hold_timeout_ms: row.get(27)?,
+        approvals: approvals_of(conn, id)?,
         token_uses: u32::try_from(row.get::<i64>(28)?).unwrap_or(0),
     };
     Ok(Some(detail))
+}
+
+/// The approvals of a review, oldest first.
+pub(crate) fn approvals_of(conn: &mut Conn, id: &str) -> DbResult<Vec<ApprovalEntry>> {
+    let rows = conn.query(
+        "SELECT reviewer, approved_at_ms, reason, CASE WHEN edited_body IS NULL THEN 0 ELSE 1 END,
+                superseded_at_ms
+         FROM approvals WHERE review_id = ?1 ORDER BY id",
+        params![id],
+    )?;
+    rows.iter()
+        .map(|r| {
+            Ok(ApprovalEntry {
+                reviewer: r.get(0)?,
+                approved_at_ms: r.get(1)?,
+                reason: r.get(2)?,
+                edited: r.get(3)?,
+                superseded_at_ms: r.get::<Option<u64>>(4)?,
+            })
+        })
+        .collect()
 }
 
 /// The 409 message for a review that can no longer be decided.

@@ -16,9 +16,10 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 
-use crate::api::{AuthMethod, Reviewer};
-use crate::error::ApiError;
-use crate::session::{clear_cookie, random_token, session_cookie, set_cookie, Session};
+use super::auth::{AuthMethod, Reviewer};
+use super::cookies::{clear_cookie, session_cookie, set_cookie};
+use super::error::ApiError;
+use crate::session::{random_token, Session};
 use crate::state::AppState;
 use crate::token::TokenHash;
 
@@ -27,11 +28,11 @@ pub const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; 
      img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; \
      form-action 'self'";
 
-const APP_HTML: &str = include_str!("../ui/app.html");
-const LOGIN_HTML: &str = include_str!("../ui/login.html");
-const APP_JS: &str = include_str!("../ui/app.js");
-const APP_CSS: &str = include_str!("../ui/app.css");
-const FAVICON_SVG: &str = include_str!("../ui/favicon.svg");
+const APP_HTML: &str = include_str!("../../ui/app.html");
+const LOGIN_HTML: &str = include_str!("../../ui/login.html");
+const APP_JS: &str = include_str!("../../ui/app.js");
+const APP_CSS: &str = include_str!("../../ui/app.css");
+const FAVICON_SVG: &str = include_str!("../../ui/favicon.svg");
 
 /// Adds the security headers to every response: CSP, no sniffing, no
 /// referrer (review URLs carry ids), no framing, and `no-store` caching

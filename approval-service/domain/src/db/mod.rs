@@ -21,11 +21,15 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use postgres::{NoTls, Statement};
+
+pub mod schema;
+
+pub use crate::config::database::{parse_postgres_url, Location, PostgresUrl};
 
 /// Which database a [`Conn`] talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,75 +40,8 @@ pub enum Backend {
     Postgres,
 }
 
-/// Where the database is: the `database` setting, parsed.
-#[derive(Clone, PartialEq, Eq)]
-pub enum Location {
-    /// A SQLite file.
-    Sqlite(PathBuf),
-    /// A PostgreSQL connection URL (`postgresql://user:pass@host:port/db`).
-    Postgres(String),
-}
-
-impl Location {
-    /// `postgres://` and `postgresql://` URLs select PostgreSQL; anything
-    /// else is a SQLite file path.
-    pub fn parse(setting: &str) -> Location {
-        let lower = setting.trim_start().to_ascii_lowercase();
-        if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
-            Location::Postgres(setting.trim().to_string())
-        } else {
-            Location::Sqlite(PathBuf::from(setting))
-        }
-    }
-
-    /// The location for logs and errors, without a password: a PostgreSQL
-    /// URL is rebuilt from its parsed user, hosts, ports and database only.
-    pub fn redacted(&self) -> String {
-        match self {
-            Location::Sqlite(p) => p.display().to_string(),
-            Location::Postgres(url) => match parse_postgres_url(url) {
-                Ok(parsed) => describe_postgres(&parsed.config),
-                Err(_) => "postgresql://(a URL that does not parse)".to_string(),
-            },
-        }
-    }
-}
-
-impl fmt::Debug for Location {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted())
-    }
-}
-
-/// `postgresql://user@host:port/db`, from a parsed configuration (never
-/// the password, nor any other option).
-fn describe_postgres(config: &postgres::Config) -> String {
-    let hosts: Vec<String> = config
-        .get_hosts()
-        .iter()
-        .enumerate()
-        .map(|(i, h)| {
-            let host = match h {
-                postgres::config::Host::Tcp(name) => name.clone(),
-                #[cfg(unix)]
-                postgres::config::Host::Unix(path) => path.display().to_string(),
-            };
-            match config.get_ports().get(i).or(config.get_ports().first()) {
-                Some(port) => format!("{host}:{port}"),
-                None => host,
-            }
-        })
-        .collect();
-    let user = config
-        .get_user()
-        .map(|u| format!("{u}@"))
-        .unwrap_or_default();
-    let db = config.get_dbname().unwrap_or("");
-    format!("postgresql://{user}{}/{db}", hosts.join(","))
-}
-
 /// A database error. Its text may name tables and values, so it is logged,
-/// never shown to clients (see [`crate::error::ApiError`]).
+/// never shown to clients (the HTTP layer answers 500 and logs it).
 #[derive(Debug)]
 pub enum DbError {
     /// SQLite refused.
@@ -162,6 +99,39 @@ impl From<serde_json::Error> for DbError {
 /// Result of a database call.
 pub type DbResult<T> = Result<T, DbError>;
 
+/// Why the database could not be opened.
+#[derive(Debug)]
+pub enum OpenError {
+    /// Creating the database's directory failed.
+    Io(std::io::Error),
+    /// The database refused (or PostgreSQL could not be reached).
+    Db(DbError),
+    /// The database was written by a newer version of this service.
+    SchemaTooNew(i64),
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OpenError::Io(e) => write!(f, "cannot create database directory: {e}"),
+            OpenError::Db(e) => write!(f, "database: {e}"),
+            OpenError::SchemaTooNew(v) => write!(
+                f,
+                "database schema version {v} is newer than this binary supports ({})",
+                schema::SCHEMA_VERSION
+            ),
+        }
+    }
+}
+
+impl std::error::Error for OpenError {}
+
+impl From<DbError> for OpenError {
+    fn from(e: DbError) -> Self {
+        OpenError::Db(e)
+    }
+}
+
 /// A bound parameter: a (possibly null) integer or text. Typed even when
 /// null, so PostgreSQL never has to guess.
 #[derive(Debug, Clone, Copy)]
@@ -180,6 +150,18 @@ impl From<i64> for Param<'_> {
 impl From<Option<i64>> for Param<'_> {
     fn from(v: Option<i64>) -> Self {
         Param::Int(v)
+    }
+}
+/// Times and counts: SQL integers are signed 64-bit; times in ms fit with
+/// room to spare, and saturation only guards against absurd inputs.
+impl From<u64> for Param<'_> {
+    fn from(v: u64) -> Self {
+        Param::Int(Some(i64::try_from(v).unwrap_or(i64::MAX)))
+    }
+}
+impl From<Option<u64>> for Param<'_> {
+    fn from(v: Option<u64>) -> Self {
+        Param::Int(v.map(|v| i64::try_from(v).unwrap_or(i64::MAX)))
     }
 }
 impl From<bool> for Param<'_> {
@@ -308,6 +290,15 @@ impl FromValue for i64 {
         }
     }
 }
+/// A time or count written from a `u64` (a negative value reads as 0).
+impl FromValue for u64 {
+    fn from_value(v: &Value) -> Option<Self> {
+        match v {
+            Value::Int(i) => Some(u64::try_from(*i).unwrap_or(0)),
+            _ => None,
+        }
+    }
+}
 impl FromValue for bool {
     fn from_value(v: &Value) -> Option<Self> {
         match v {
@@ -421,51 +412,6 @@ pub fn to_postgres_sql(sql: &str) -> String {
 
 /// How long a PostgreSQL connection attempt may take.
 const PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A PostgreSQL URL, parsed: the client configuration and the CA file
-/// named by `sslrootcert`.
-pub struct PostgresUrl {
-    /// Everything the client understands.
-    pub config: postgres::Config,
-    /// `sslrootcert=PATH`: CA certificates (PEM) trusted besides Mozilla's.
-    pub ca_file: Option<PathBuf>,
-}
-
-/// Parses a PostgreSQL URL. Beyond what the client parses itself, it takes
-/// libpq's `sslrootcert=PATH` and `sslmode=verify-ca|verify-full`. TLS is
-/// required unless the URL says `sslmode=disable`: libpq's default
-/// `prefer` would continue in plain text when the server (or someone in
-/// between) declines TLS, so here `prefer`, `require`, `verify-ca`,
-/// `verify-full` and no `sslmode` at all mean the same: TLS, with the
-/// certificate verified, host name included.
-pub fn parse_postgres_url(url: &str) -> Result<PostgresUrl, String> {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, q),
-        None => (url, ""),
-    };
-    let mut kept = Vec::new();
-    let mut ca_file = None;
-    let mut disable = false;
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        match pair.split_once('=') {
-            Some(("sslrootcert", path)) => ca_file = Some(PathBuf::from(path)),
-            Some(("sslmode", "disable")) => disable = true,
-            Some(("sslmode", "prefer" | "require" | "verify-ca" | "verify-full")) => {}
-            Some(("sslmode", other)) => return Err(format!("unknown sslmode {other:?}")),
-            _ => kept.push(pair),
-        }
-    }
-    kept.push(if disable {
-        "sslmode=disable"
-    } else {
-        "sslmode=require"
-    });
-    let rest = format!("{base}?{}", kept.join("&"));
-    let config = rest
-        .parse::<postgres::Config>()
-        .map_err(|e| e.to_string())?;
-    Ok(PostgresUrl { config, ca_file })
-}
 
 fn pg_connect(url: &str) -> DbResult<postgres::Client> {
     let PostgresUrl {
@@ -839,14 +785,6 @@ impl Conn {
         Ok(())
     }
 
-    /// The SQLite connection, for SQLite-only schema migrations.
-    pub(crate) fn sqlite(&self) -> Option<&rusqlite::Connection> {
-        match &self.inner {
-            Inner::Sqlite(c) => Some(c),
-            Inner::Postgres(_) | Inner::Closed => None,
-        }
-    }
-
     /// The PostgreSQL client, for `LISTEN` (see [`crate::replicas`]).
     pub(crate) fn postgres_client(&mut self) -> Option<&mut postgres::Client> {
         match &mut self.inner {
@@ -894,61 +832,6 @@ mod tests {
             to_postgres_sql("SELECT a FROM t WHERE b = ?1 AND c LIKE ?12 ESCAPE '\\' AND d = '?3'"),
             "SELECT a FROM t WHERE b = $1 AND c ILIKE $12 ESCAPE '\\' AND d = '?3'"
         );
-    }
-
-    #[test]
-    fn locations() {
-        assert_eq!(
-            Location::parse("postgresql://u:pw@h:5432/db"),
-            Location::Postgres("postgresql://u:pw@h:5432/db".into())
-        );
-        assert_eq!(
-            Location::parse("data/x.db"),
-            Location::Sqlite(PathBuf::from("data/x.db"))
-        );
-        for (url, shown) in [
-            ("postgresql://u:pw@h:5432/db", "postgresql://u@h:5432/db"),
-            ("postgres://u@h/db", "postgresql://u@h:5432/db"),
-            // A password with '/' and '@', and one given as an option.
-            ("postgresql://u:a%2Fb@h/db", "postgresql://u@h:5432/db"),
-            ("postgresql://u:ab/cd@h/db", "postgresql://u@h:5432/db"),
-            (
-                "postgresql://h/db?user=u&password=s3cret",
-                "postgresql://u@h:5432/db",
-            ),
-        ] {
-            let r = Location::parse(url).redacted();
-            assert!(
-                !r.contains("pw") && !r.contains("s3cret") && !r.contains("cd"),
-                "{url}: {r}"
-            );
-            if !url.contains("ab/cd") {
-                assert_eq!(r, shown, "{url}");
-            }
-        }
-    }
-
-    #[test]
-    fn tls_is_required_unless_disabled() {
-        use postgres::config::SslMode;
-        for (url, mode) in [
-            ("postgresql://h/db", SslMode::Require),
-            ("postgresql://h/db?sslmode=prefer", SslMode::Require),
-            (
-                "postgresql://h/db?sslmode=verify-full&sslrootcert=/ca.pem",
-                SslMode::Require,
-            ),
-            ("postgresql://h/db?sslmode=disable", SslMode::Disable),
-        ] {
-            assert_eq!(
-                parse_postgres_url(url).unwrap().config.get_ssl_mode(),
-                mode,
-                "{url}"
-            );
-        }
-        let p = parse_postgres_url("postgresql://h/db?sslrootcert=/etc/ca.pem").unwrap();
-        assert_eq!(p.ca_file, Some(PathBuf::from("/etc/ca.pem")));
-        assert!(parse_postgres_url("postgresql://h/db?sslmode=allow").is_err());
     }
 
     #[test]

@@ -35,12 +35,7 @@ impl TokenHash {
 
     /// Lowercase hex form.
     pub fn to_hex(&self) -> String {
-        use fmt::Write;
-        let mut s = String::with_capacity(64);
-        for b in self.0 {
-            let _ = write!(s, "{b:02x}");
-        }
-        s
+        hex(&self.0)
     }
 
     /// Constant-time equality: always looks at all 32 bytes.
@@ -60,6 +55,17 @@ impl fmt::Debug for TokenHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "TokenHash({}..)", &self.to_hex()[..8])
     }
+}
+
+/// `bytes` as lowercase hex digits (hashes, record ids, session ids).
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    s
 }
 
 fn hex_val(c: u8) -> Option<u8> {

@@ -1,225 +1,36 @@
-//! HTTP handlers: the filter API (`/v1/reviews...`), the reviewer API
-//! (`/api/...`, including the live feed `/api/events`) and health checks.
-//!
-//! The reviewer API accepts either `Authorization: Bearer <token>` (curl,
-//! scripts) or the browser session cookie of the reviewer UI; with the
-//! cookie, every state-changing call also needs the session's CSRF token in
-//! `x-csrf-token` (see [`crate::session`]).
+//! The reviews: the filter's API (`/v1/reviews...`: create, long poll,
+//! expire, cancel), the reviewer API (`/api/me`, `/api/reviews...`: list,
+//! read, approve, reject, edit) and its live feed (`/api/events`).
 
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{FromRequestParts, Path, Query, State};
-use axum::http::request::Parts;
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use countersign_core::wire::{CreateReview, ReviewState, ReviewStatus, FILTER_TOKEN_HEADER};
+use countersign_core::wire::{CreateReview, ReviewState, ReviewStatus};
 use futures_util::Stream;
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use super::auth::{AuthMethod, FilterAuth, Reviewer};
+use super::error::ApiError;
+use super::extract::{clean_text_filters, JsonBody, QueryParams};
+use crate::approvals::{DecideOutcome, Decision};
 use crate::config::MAX_HOLD_TIMEOUT_MS;
-use crate::error::ApiError;
-use crate::session::{csrf_matches, session_cookie, CSRF_HEADER};
 use crate::state::AppState;
 use crate::store::{
-    DecideOutcome, Decision, ListQuery, NewReview, ReviewDetail, ReviewSummary, CANCELLED_REASON,
-    EXPIRED_REASON,
+    Inserted, ListQuery, NewReview, ReviewDetail, ReviewSummary, CANCELLED_REASON, EXPIRED_REASON,
+    MAX_LIST_LIMIT,
 };
-use crate::token::TokenHash;
 
 /// Longest accepted decision reason, in characters.
 pub const MAX_REASON_CHARS: usize = 2000;
 
-/// Default and maximum page size of `GET /api/reviews`.
-const DEFAULT_LIST_LIMIT: u32 = 50;
-const MAX_LIST_LIMIT: u32 = 500;
-
-// ---------------------------------------------------------------- extractors
-
-/// Proof that the caller is the filter: the configured filter token was
-/// presented (or none is configured).
-pub struct FilterAuth;
-
-impl FromRequestParts<AppState> for FilterAuth {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let Some(expected) = state.config().filter_token_sha256 else {
-            return Ok(FilterAuth);
-        };
-        let presented = parts
-            .headers
-            .get(FILTER_TOKEN_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| {
-                ApiError::Unauthorized(format!("missing {FILTER_TOKEN_HEADER} header"))
-            })?;
-        if TokenHash::of_token(presented).ct_eq(&expected) {
-            Ok(FilterAuth)
-        } else {
-            Err(ApiError::Unauthorized("invalid filter token".into()))
-        }
-    }
-}
-
-/// How a reviewer-API call authenticated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AuthMethod {
-    /// `Authorization: Bearer <reviewer token>`.
-    Bearer,
-    /// The UI session cookie (and, for state-changing calls, its CSRF token).
-    Session {
-        /// SHA-256 of the session id.
-        id_sha256: TokenHash,
-        /// The session's CSRF token.
-        csrf_token: String,
-    },
-}
-
-/// The authenticated reviewer of a reviewer-API call.
-pub struct Reviewer {
-    /// Configured name.
-    pub name: String,
-    /// Configured groups.
-    pub groups: Vec<String>,
-    /// How the call authenticated.
-    pub via: AuthMethod,
-}
-
-impl FromRequestParts<AppState> for Reviewer {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        // An Authorization header always wins: a script's token must never
-        // be overridden by a cookie the same client happens to hold.
-        if parts.headers.contains_key(header::AUTHORIZATION) {
-            return bearer_reviewer(parts, state);
-        }
-        let Some(id) = session_cookie(&parts.headers) else {
-            return Err(ApiError::Unauthorized(
-                "missing bearer token (or sign-in session)".into(),
-            ));
-        };
-        let (session, reviewer) = state.session(id).await?.ok_or_else(|| {
-            ApiError::Unauthorized("session expired or signed out; sign in again".into())
-        })?;
-        if !parts.method.is_safe() {
-            let presented = parts
-                .headers
-                .get(CSRF_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            if presented.is_empty() || !csrf_matches(presented, &session.csrf_token) {
-                return Err(ApiError::Forbidden(format!(
-                    "missing or invalid {CSRF_HEADER} header"
-                )));
-            }
-        }
-        Ok(Reviewer {
-            name: reviewer.name,
-            groups: reviewer.groups,
-            via: AuthMethod::Session {
-                id_sha256: TokenHash::of_token(id),
-                csrf_token: session.csrf_token,
-            },
-        })
-    }
-}
-
-fn bearer_reviewer(parts: &Parts, state: &AppState) -> Result<Reviewer, ApiError> {
-    let value = parts
-        .headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| ApiError::Unauthorized("missing bearer token".into()))?;
-    let token = value
-        .split_once(' ')
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| t.trim())
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| ApiError::Unauthorized("expected Authorization: Bearer <token>".into()))?;
-    let reviewer = state
-        .reviewer_for(&TokenHash::of_token(token))
-        .ok_or_else(|| ApiError::Unauthorized("invalid token".into()))?;
-    Ok(Reviewer {
-        name: reviewer.name.clone(),
-        groups: reviewer.groups.clone(),
-        via: AuthMethod::Bearer,
-    })
-}
-
-/// Parses a JSON body ourselves rather than with `axum::Json`, so errors
-/// use our error shape and a missing `Content-Type` is not an error (the
-/// filter's HTTP client may not set one). An empty body reads as `{}`.
-pub(crate) fn parse_json<T: DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
-) -> Result<T, ApiError> {
-    let bytes = read_body(body)?;
-    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
-        b"{}"
-    } else {
-        &bytes
-    };
-    json_from_slice(bytes)
-}
-
-/// The request body, or our error for one too large or unreadable.
-pub(crate) fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge("request body too large".into())
-        } else {
-            ApiError::BadRequest("cannot read request body".into())
-        }
-    })
-}
-
-/// Deserialises JSON text, answering 400 with serde's message.
-pub(crate) fn json_from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
-}
-
-pub(crate) fn parse_query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
-    q.map(|Query(t)| t)
-        .map_err(|e| ApiError::BadRequest(format!("invalid query string: {}", e.body_text())))
-}
-
 fn not_found() -> ApiError {
     ApiError::NotFound("no such review".into())
-}
-
-// ---------------------------------------------------------------- health
-
-/// `GET /healthz`: the process is up.
-pub async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "ok"}))
-}
-
-/// `GET /readyz`: the database answers.
-pub async fn readyz(State(state): State<AppState>) -> Response {
-    match state.db(|s| s.ping()).await {
-        Ok(()) => Json(serde_json::json!({"status": "ready"})).into_response(),
-        Err(e) => {
-            tracing::error!(error = %e, "readiness check failed");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(serde_json::json!({"status": "unavailable"})),
-            )
-                .into_response()
-        }
-    }
-}
-
-/// Any unknown path.
-pub async fn fallback() -> ApiError {
-    ApiError::NotFound("no such endpoint".into())
 }
 
 // ---------------------------------------------------------------- filter API
@@ -228,9 +39,8 @@ pub async fn fallback() -> ApiError {
 pub async fn create_review(
     State(state): State<AppState>,
     _auth: FilterAuth,
-    body: Result<Bytes, BytesRejection>,
+    JsonBody(req): JsonBody<CreateReview>,
 ) -> Result<(StatusCode, Json<ReviewState>), ApiError> {
-    let req: CreateReview = parse_json(body)?;
     if serde_json::from_str::<serde::de::IgnoredAny>(&req.body).is_err() {
         return Err(ApiError::BadRequest("body is not a JSON document".into()));
     }
@@ -253,18 +63,18 @@ pub async fn create_review(
     };
     let stored = new.clone();
     match state.db(move |s| s.insert(&stored)).await? {
-        crate::store::Inserted::New => {}
+        Inserted::New => {}
         // Our own id back: our insert committed and only its answer was
         // lost to a reconnect, so it is the new review.
-        crate::store::Inserted::Existing(e) if e.id == new.id => {}
-        crate::store::Inserted::Existing(existing) => {
+        Inserted::Existing(e) if e.id == new.id => {}
+        Inserted::Existing(existing) => {
             // A retry whose first attempt created the review (its answer
             // was lost): the same review, not a second one for reviewers.
             tracing::info!(review_id = %existing.id, request_id = %new.request.request_id,
                 "review creation retried; answering with the existing review");
             return Ok((StatusCode::OK, Json(existing)));
         }
-        crate::store::Inserted::KeyOfAnotherRequest => {
+        Inserted::KeyOfAnotherRequest => {
             tracing::warn!(request_id = %new.request.request_id,
                 "review creation refused: its idempotency key belongs to another request");
             return Err(ApiError::Conflict(
@@ -300,9 +110,8 @@ pub async fn wait_review(
     State(state): State<AppState>,
     _auth: FilterAuth,
     Path(id): Path<String>,
-    query: Result<Query<WaitParams>, QueryRejection>,
+    QueryParams(params): QueryParams<WaitParams>,
 ) -> Result<Json<ReviewState>, ApiError> {
-    let params = parse_query(query)?;
     let budget = Duration::from_millis(params.timeout_ms.min(state.config().max_long_poll_ms));
     let deadline = tokio::time::Instant::now() + budget;
     // Subscribe before the first read so no decision slips in between.
@@ -405,46 +214,13 @@ pub async fn me(reviewer: Reviewer) -> Response {
         .into_response()
 }
 
-/// Query of `GET /api/reviews`. Empty values count as absent.
+/// The `status` parameter of `GET /api/reviews`, parsed apart from the
+/// other filters ([`ListQuery`]) so that an unknown status is answered with
+/// the statuses there are.
 #[derive(Debug, Deserialize)]
-pub struct ListParams {
-    /// Only this status.
+pub struct StatusParam {
+    /// Only this status; empty counts as absent.
     pub status: Option<String>,
-    /// Page size, clamped to 1..=500 (default 50).
-    pub limit: Option<u32>,
-    /// Only reviews created before this time (Unix ms), for paging.
-    pub before_ms: Option<u64>,
-    /// Caller contains this (case-insensitive).
-    pub caller: Option<String>,
-    /// Model contains this (case-insensitive).
-    pub model: Option<String>,
-    /// Deciding reviewer contains this (case-insensitive).
-    pub reviewer: Option<String>,
-    /// `true`: only approvals with an edited body; `false`: only without.
-    pub edited: Option<bool>,
-    /// Only reviews created at or after this time (Unix ms).
-    pub since_ms: Option<u64>,
-    /// Only reviews created before this time (Unix ms).
-    pub until_ms: Option<u64>,
-    /// Free-text search in the prompt, preview, ids, caller, model,
-    /// reviewer and reason.
-    pub q: Option<String>,
-}
-
-/// Longest accepted text filter, in characters.
-const MAX_FILTER_CHARS: usize = 500;
-
-/// A text filter of a query string: trimmed, blank as none, refused when
-/// longer than [`MAX_FILTER_CHARS`].
-pub(crate) fn text_filter(name: &str, v: Option<String>) -> Result<Option<String>, ApiError> {
-    match v {
-        Some(t) if t.chars().count() > MAX_FILTER_CHARS => Err(ApiError::BadRequest(format!(
-            "{name} is longer than {MAX_FILTER_CHARS} characters"
-        ))),
-        Some(t) if t.trim().is_empty() => Ok(None),
-        Some(t) => Ok(Some(t.trim().to_string())),
-        None => Ok(None),
-    }
 }
 
 /// Body of `GET /api/reviews`.
@@ -458,10 +234,10 @@ pub struct ReviewList {
 pub async fn list_reviews(
     State(state): State<AppState>,
     _reviewer: Reviewer,
-    query: Result<Query<ListParams>, QueryRejection>,
+    QueryParams(mut q): QueryParams<ListQuery>,
+    QueryParams(status): QueryParams<StatusParam>,
 ) -> Result<Json<ReviewList>, ApiError> {
-    let params = parse_query(query)?;
-    let status = params
+    q.status = status
         .status
         .as_deref()
         .filter(|s| !s.is_empty())
@@ -473,21 +249,13 @@ pub async fn list_reviews(
             })
         })
         .transpose()?;
-    let q = ListQuery {
-        status,
-        before_ms: params.before_ms,
-        limit: params
-            .limit
-            .unwrap_or(DEFAULT_LIST_LIMIT)
-            .clamp(1, MAX_LIST_LIMIT),
-        caller: text_filter("caller", params.caller)?,
-        model: text_filter("model", params.model)?,
-        reviewer: text_filter("reviewer", params.reviewer)?,
-        edited: params.edited,
-        since_ms: params.since_ms,
-        until_ms: params.until_ms,
-        search: text_filter("q", params.q)?,
-    };
+    q.limit = q.limit.clamp(1, MAX_LIST_LIMIT);
+    clean_text_filters([
+        ("caller", &mut q.caller),
+        ("model", &mut q.model),
+        ("reviewer", &mut q.reviewer),
+        ("q", &mut q.search),
+    ])?;
     // Expire overdue reviews first so the list never offers a review that
     // can no longer be approved (the sweeper may be up to a second behind).
     state.sweep_once().await?;
@@ -590,7 +358,7 @@ async fn decide(
                 refused = refused.code(),
                 "decision refused"
             );
-            Err(refused.to_api_error())
+            Err(refused.into())
         }
         DecideOutcome::NotFound => Err(not_found()),
         DecideOutcome::NotPending(why) => {
@@ -630,9 +398,8 @@ pub async fn approve(
     State(state): State<AppState>,
     reviewer: Reviewer,
     Path(id): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    JsonBody(req): JsonBody<ReasonBody>,
 ) -> Result<Json<ReviewDetail>, ApiError> {
-    let req: ReasonBody = parse_json(body)?;
     let reason = clean_reason(req.reason)?;
     decide(state, id, reviewer, ReviewStatus::Approved, reason, None).await
 }
@@ -642,9 +409,8 @@ pub async fn reject(
     State(state): State<AppState>,
     reviewer: Reviewer,
     Path(id): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    JsonBody(req): JsonBody<ReasonBody>,
 ) -> Result<Json<ReviewDetail>, ApiError> {
-    let req: ReasonBody = parse_json(body)?;
     let reason = clean_reason(req.reason)?
         .ok_or_else(|| ApiError::BadRequest("a rejection needs a non-empty reason".into()))?;
     decide(
@@ -718,9 +484,8 @@ pub async fn edit(
     State(state): State<AppState>,
     reviewer: Reviewer,
     Path(id): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    JsonBody(req): JsonBody<EditBody>,
 ) -> Result<Json<ReviewDetail>, ApiError> {
-    let req: EditBody = parse_json(body)?;
     let edited = edited_body_text(&req.body)?;
     let reason = clean_reason(req.reason)?;
     decide(

@@ -9,11 +9,15 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use crate::db::Location;
-
 use serde::Deserialize;
 
 use crate::token::TokenHash;
+
+pub mod database;
+pub mod token_keys;
+
+pub use database::Location;
+pub use token_keys::{DEFAULT_TOKEN_TTL_MS, MAX_TOKEN_TTL_MS, MAX_TOKEN_USES};
 
 /// Longest hold a review may have: one day. Longer holds would pin an
 /// upstream connection in Envoy for an unreasonable time.
@@ -166,7 +170,7 @@ impl Default for Config {
             record_retention_days: 0,
             metrics_public: true,
             token_keys: Vec::new(),
-            token_ttl_ms: crate::approval_tokens::DEFAULT_TOKEN_TTL_MS,
+            token_ttl_ms: DEFAULT_TOKEN_TTL_MS,
             token_max_uses: 1,
         }
     }
@@ -247,7 +251,7 @@ struct RawConfig {
     #[serde(default = "default_true")]
     metrics_public: bool,
     #[serde(default)]
-    token_keys: Vec<crate::approval_tokens::RawTokenKey>,
+    token_keys: Vec<token_keys::RawTokenKey>,
     #[serde(default)]
     token_ttl_ms: Option<u64>,
     #[serde(default)]
@@ -309,10 +313,28 @@ fn check_url(field: &str, url: &str) -> Result<String, ConfigError> {
     if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(invalid(field, format!("{url:?} contains whitespace")));
     }
-    if url.parse::<axum::http::Uri>().is_err() {
+    if url.parse::<http::Uri>().is_err() {
         return Err(invalid(field, format!("{url:?} is not a valid URL")));
     }
     Ok(url.to_string())
+}
+
+/// Checks `reviewers[i].callers`: trimmed, non-empty.
+fn check_callers(i: usize, callers: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    callers
+        .into_iter()
+        .enumerate()
+        .map(|(j, c)| {
+            let c = c.trim().to_string();
+            if c.is_empty() {
+                return Err(invalid(
+                    format!("reviewers[{i}].callers[{j}]"),
+                    "must not be empty",
+                ));
+            }
+            Ok(c)
+        })
+        .collect()
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -344,7 +366,7 @@ impl Config {
                 .parse()
                 .map_err(|_| invalid("listen", format!("{s:?} is not an IP:port address")))?,
         };
-        let database = check_database(raw.database, raw.database_env, &|name| {
+        let database = database::check_database(raw.database, raw.database_env, &|name| {
             std::env::var(name).ok()
         })?
         .unwrap_or(defaults.database);
@@ -388,7 +410,7 @@ impl Config {
                     "duplicate token hash (already used by another reviewer)",
                 ));
             }
-            let callers = crate::approvals::check_callers(i, r.callers)?;
+            let callers = check_callers(i, r.callers)?;
             reviewers.push(ReviewerConfig {
                 name,
                 token_sha256,
@@ -434,53 +456,11 @@ impl Config {
             webhooks,
             record_retention_days: check_retention_days(raw.record_retention_days)?,
             metrics_public: raw.metrics_public,
-            token_keys: crate::approval_tokens::check_keys(raw.token_keys, &|name| {
-                std::env::var(name).ok()
-            })?,
-            token_ttl_ms: crate::approval_tokens::check_ttl(raw.token_ttl_ms)?,
-            token_max_uses: crate::approval_tokens::check_max_uses(raw.token_max_uses)?,
+            token_keys: token_keys::check_keys(raw.token_keys, &|name| std::env::var(name).ok())?,
+            token_ttl_ms: token_keys::check_ttl(raw.token_ttl_ms)?,
+            token_max_uses: token_keys::check_max_uses(raw.token_max_uses)?,
         })
     }
-}
-
-/// Validates `database` / `database_env` (at most one; `env` reads the
-/// variable): a non-empty SQLite path, or a PostgreSQL URL that parses.
-pub(crate) fn check_database(
-    database: Option<String>,
-    database_env: Option<String>,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Option<Location>, ConfigError> {
-    let (field, value) = match (database, database_env) {
-        (None, None) => return Ok(None),
-        (Some(v), None) => ("database", v),
-        (None, Some(name)) => (
-            "database_env",
-            env(&name).ok_or_else(|| {
-                invalid(
-                    "database_env",
-                    format!("environment variable {name:?} is not set"),
-                )
-            })?,
-        ),
-        (Some(_), Some(_)) => {
-            return Err(invalid(
-                "database",
-                "set at most one of `database` and `database_env`",
-            ))
-        }
-    };
-    if value.trim().is_empty() {
-        return Err(invalid(field, "must not be empty"));
-    }
-    let location = Location::parse(&value);
-    if let Location::Postgres(url) = &location {
-        // The `sslrootcert` file is read when connecting (it may exist only
-        // where the service runs, not where `check-config` does).
-        if let Err(e) = crate::db::parse_postgres_url(url) {
-            return Err(invalid(field, format!("not a valid PostgreSQL URL: {e}")));
-        }
-    }
-    Ok(Some(location))
 }
 
 #[cfg(test)]

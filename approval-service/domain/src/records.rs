@@ -53,7 +53,6 @@
 //! `verify-records` (or exported records) somewhere else to detect that.
 
 mod diff;
-pub mod http;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,9 +65,9 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::config::SqliteSynchronous;
-use crate::db::{Backend, Conn, DbError, DbResult, Location, Lock, Row};
+use crate::db::{Conn, DbError, DbResult, Location, Lock, Row};
 use crate::params;
-use crate::store::{i, StoreError};
+use crate::token::hex;
 
 pub use diff::unified_diff;
 
@@ -91,17 +90,6 @@ pub const DEFAULT_PAGE: u32 = 50;
 /// Largest page of the query API.
 pub const MAX_PAGE: u32 = 500;
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
-fn hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(HEX[usize::from(b >> 4)]));
-        s.push(char::from(HEX[usize::from(b & 0x0f)]));
-    }
-    s
-}
-
 /// `hex(SHA-256(prev_hash ‖ "\n" ‖ seq ‖ "\n" ‖ entry))`.
 pub fn chain_hash(prev_hash: &str, seq: i64, entry: &str) -> String {
     let mut h = Sha256::new();
@@ -119,142 +107,6 @@ fn new_record_id() -> DbResult<String> {
     getrandom::fill(&mut bytes)
         .map_err(|e| DbError::Conversion(format!("no randomness for a record id: {e}")))?;
     Ok(format!("rec_{}", hex(&bytes)))
-}
-
-const SQLITE_SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS records (
-    seq           INTEGER PRIMARY KEY,
-    record_id     TEXT NOT NULL UNIQUE,
-    kind          TEXT NOT NULL,
-    ref_record_id TEXT,
-    created_at_ms INTEGER NOT NULL,
-    entry         TEXT NOT NULL,
-    prev_hash     TEXT NOT NULL,
-    hash          TEXT NOT NULL,
-    caller        TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.caller')) VIRTUAL,
-    model         TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.model')) VIRTUAL,
-    decision      TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.decision')) VIRTUAL,
-    review_id     TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.review_id')) VIRTUAL,
-    request_id    TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.request_id')) VIRTUAL,
-    idempotency_key TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.idempotency_key')) VIRTUAL
-);
-CREATE INDEX IF NOT EXISTS records_ref ON records (ref_record_id);
-CREATE INDEX IF NOT EXISTS records_created ON records (created_at_ms);
-CREATE INDEX IF NOT EXISTS records_caller ON records (caller, seq);
-CREATE INDEX IF NOT EXISTS records_review ON records (review_id);
-CREATE INDEX IF NOT EXISTS records_request ON records (request_id);
-CREATE TABLE IF NOT EXISTS retention_gate (
-    id    INTEGER PRIMARY KEY CHECK (id = 1),
-    allow INTEGER NOT NULL
-);
-INSERT OR IGNORE INTO retention_gate (id, allow) VALUES (1, 0);
-CREATE TABLE IF NOT EXISTS chain_anchor (
-    through_seq   INTEGER PRIMARY KEY,
-    hash          TEXT NOT NULL,
-    created_at_ms INTEGER NOT NULL
-);
-CREATE TRIGGER IF NOT EXISTS records_no_update BEFORE UPDATE ON records
-BEGIN
-    SELECT RAISE(ABORT, 'records are append-only');
-END;
-CREATE TRIGGER IF NOT EXISTS records_no_delete BEFORE DELETE ON records
-WHEN (SELECT allow FROM retention_gate WHERE id = 1) IS NOT 1
-BEGIN
-    SELECT RAISE(ABORT, 'records are append-only (only retention deletes)');
-END;
-CREATE TRIGGER IF NOT EXISTS chain_anchor_no_update BEFORE UPDATE ON chain_anchor
-BEGIN
-    SELECT RAISE(ABORT, 'chain anchors are append-only');
-END;
-CREATE TRIGGER IF NOT EXISTS chain_anchor_no_delete BEFORE DELETE ON chain_anchor
-BEGIN
-    SELECT RAISE(ABORT, 'chain anchors are append-only');
-END;
-";
-
-/// The same tables and triggers on PostgreSQL. `entry` stays `TEXT`: the
-/// hash covers its exact bytes, which `jsonb` would not keep.
-const POSTGRES_SCHEMA: &str = "
-CREATE TABLE records (
-    seq           BIGINT PRIMARY KEY,
-    record_id     TEXT NOT NULL UNIQUE,
-    kind          TEXT NOT NULL,
-    ref_record_id TEXT,
-    created_at_ms BIGINT NOT NULL,
-    entry         TEXT NOT NULL,
-    prev_hash     TEXT NOT NULL,
-    hash          TEXT NOT NULL,
-    caller        TEXT GENERATED ALWAYS AS (entry::jsonb #>> '{request,caller}') STORED,
-    model         TEXT GENERATED ALWAYS AS (entry::jsonb #>> '{request,model}') STORED,
-    decision      TEXT GENERATED ALWAYS AS (entry::jsonb #>> '{request,decision}') STORED,
-    review_id     TEXT GENERATED ALWAYS AS (entry::jsonb #>> '{request,review_id}') STORED,
-    request_id    TEXT GENERATED ALWAYS AS (entry::jsonb #>> '{request,request_id}') STORED,
-    idempotency_key TEXT GENERATED ALWAYS AS (entry::jsonb #>> '{request,idempotency_key}') STORED
-);
-CREATE INDEX records_ref ON records (ref_record_id);
-CREATE INDEX records_created ON records (created_at_ms);
-CREATE INDEX records_caller ON records (caller, seq);
-CREATE INDEX records_review ON records (review_id);
-CREATE INDEX records_request ON records (request_id);
-CREATE TABLE retention_gate (
-    id    BIGINT PRIMARY KEY CHECK (id = 1),
-    allow BIGINT NOT NULL
-);
-INSERT INTO retention_gate (id, allow) VALUES (1, 0);
-CREATE TABLE chain_anchor (
-    through_seq   BIGINT PRIMARY KEY,
-    hash          TEXT NOT NULL,
-    created_at_ms BIGINT NOT NULL
-);
-CREATE FUNCTION countersign_records_no_update() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION 'records are append-only';
-END $$;
-CREATE FUNCTION countersign_records_no_delete() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF (SELECT allow FROM retention_gate WHERE id = 1) IS DISTINCT FROM 1 THEN
-        RAISE EXCEPTION 'records are append-only (only retention deletes)';
-    END IF;
-    RETURN OLD;
-END $$;
-CREATE FUNCTION countersign_anchors_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION 'chain anchors are append-only';
-END $$;
-CREATE TRIGGER records_no_update BEFORE UPDATE ON records
-    FOR EACH ROW EXECUTE FUNCTION countersign_records_no_update();
-CREATE TRIGGER records_no_delete BEFORE DELETE ON records
-    FOR EACH ROW EXECUTE FUNCTION countersign_records_no_delete();
-CREATE TRIGGER records_no_truncate BEFORE TRUNCATE ON records
-    FOR EACH STATEMENT EXECUTE FUNCTION countersign_records_no_update();
-CREATE TRIGGER chain_anchor_no_update BEFORE UPDATE OR DELETE ON chain_anchor
-    FOR EACH ROW EXECUTE FUNCTION countersign_anchors_append_only();
-CREATE TRIGGER chain_anchor_no_truncate BEFORE TRUNCATE ON chain_anchor
-    FOR EACH STATEMENT EXECUTE FUNCTION countersign_anchors_append_only();
-";
-
-/// `records.idempotency_key` for SQLite files made before it existed (a
-/// virtual column: nothing is rewritten, and the triggers, which refuse
-/// UPDATE and DELETE, are not involved).
-const SQLITE_ADD_IDEMPOTENCY_KEY: &str = "ALTER TABLE records ADD COLUMN idempotency_key TEXT
-    GENERATED ALWAYS AS (json_extract(entry, '$.request.idempotency_key')) VIRTUAL";
-
-/// Creates the record tables and triggers when missing.
-pub fn ensure_schema(conn: &mut Conn) -> Result<(), StoreError> {
-    match conn.backend() {
-        Backend::Sqlite => Ok(conn.transaction(Lock::RecordChain, |tx| {
-            tx.batch(SQLITE_SCHEMA)?;
-            let has_key = tx.query_one(
-                "SELECT count(*) FROM pragma_table_xinfo('records') WHERE name = 'idempotency_key'",
-                params![],
-            )?;
-            if has_key.get::<i64>(0)? == 0 {
-                tx.batch(SQLITE_ADD_IDEMPOTENCY_KEY)?;
-            }
-            Ok::<_, DbError>(())
-        })?),
-        Backend::Postgres => crate::store::migrate_postgres(conn, "records", POSTGRES_SCHEMA),
-    }
 }
 
 /// Opens the database at `location` read-only where it can (for
@@ -403,6 +255,12 @@ impl From<DbError> for RecordError {
     }
 }
 
+impl From<tokio::task::JoinError> for RecordError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        RecordError::Db(DbError::Conversion(format!("blocking task failed: {e}")))
+    }
+}
+
 // ---------------------------------------------------------------- metrics
 
 /// Counters of the record store (exported on `/metrics`).
@@ -485,17 +343,15 @@ fn append(
     tx.execute(
         "INSERT INTO records (seq, record_id, kind, ref_record_id, created_at_ms, entry, prev_hash, hash)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![seq, record_id, kind, ref_record_id, i(created_at_ms), entry, prev_hash, &hash],
+        params![seq, record_id, kind, ref_record_id, created_at_ms, entry, prev_hash, &hash],
     )?;
     *tail = (seq, hash);
     Ok(seq)
 }
 
-/// Every approval of a review (including ones a later edit superseded),
-/// from the review store's `approvals` table. (The review store's tables
-/// exist: the service opens it before the record store.)
+/// Every approval of a review (including ones a later edit superseded).
 fn approvals_of(conn: &mut Conn, review_id: &str) -> DbResult<Vec<ReviewerAction>> {
-    Ok(crate::approvals::approvals_of(conn, review_id)?
+    Ok(crate::store::approvals_of(conn, review_id)?
         .into_iter()
         .map(|a| ReviewerAction {
             name: a.reviewer,
@@ -532,13 +388,12 @@ fn review_snapshot(
         return Ok(None);
     };
     let status: String = r.get(0)?;
-    let created: i64 = r.get(1)?;
-    let decided: Option<i64> = r.get(2)?;
+    let created_at_ms: u64 = r.get(1)?;
+    let decided_at_ms: Option<u64> = r.get(2)?;
     let reviewer: Option<String> = r.get(3)?;
     let reason: Option<String> = r.get(4)?;
     let original: String = r.get(5)?;
     let edited_body: Option<String> = r.get(6)?;
-    let decided_at_ms = decided.map(|v| u64::try_from(v).unwrap_or(0));
     let mut reviewers = approvals_of(conn, review_id)?;
     // The reviewer column names who decided: the rejecter, or (for reviews
     // decided before approvals were kept per reviewer) the one approver.
@@ -561,7 +416,7 @@ fn review_snapshot(
     Ok(Some(ReviewSnapshot {
         id: review_id.to_string(),
         status,
-        created_at_ms: u64::try_from(created).unwrap_or(0),
+        created_at_ms,
         decided_at_ms,
         reason,
         reviewers,
@@ -718,15 +573,11 @@ fn append_response(
 }
 
 impl RecordStore {
-    /// Opens a connection to the database at `location` (which the review
-    /// store has already created) and creates the record tables when
-    /// missing. Blocking.
-    pub fn open(
-        location: &Location,
-        synchronous: SqliteSynchronous,
-    ) -> Result<RecordStore, StoreError> {
-        let mut conn = Conn::open(location, WRITE_BUSY_TIMEOUT, synchronous.pragma_value())?;
-        ensure_schema(&mut conn)?;
+    /// Opens a connection to the database at `location`, whose schema the
+    /// review store has already created (see [`crate::db::schema`]).
+    /// Blocking.
+    pub fn open(location: &Location, synchronous: SqliteSynchronous) -> DbResult<RecordStore> {
+        let conn = Conn::open(location, WRITE_BUSY_TIMEOUT, synchronous.pragma_value())?;
         Ok(RecordStore {
             conn: Mutex::new(conn),
             queue: Mutex::new(Vec::new()),
@@ -935,7 +786,7 @@ fn retention_chunk_in(tx: &mut Conn, cutoff_ms: u64, now_ms: u64) -> DbResult<us
     let first_kept: Option<i64> = tx
         .query_one(
             "SELECT min(seq) FROM records WHERE created_at_ms >= ?1",
-            params![i(cutoff_ms)],
+            params![cutoff_ms],
         )?
         .get(0)?;
     let last_due: i64 = match first_kept {
@@ -969,7 +820,7 @@ fn retention_chunk_in(tx: &mut Conn, cutoff_ms: u64, now_ms: u64) -> DbResult<us
     )?;
     tx.execute(
         "INSERT INTO chain_anchor (through_seq, hash, created_at_ms) VALUES (?1, ?2, ?3)",
-        params![through, &anchor_hash, i(now_ms)],
+        params![through, &anchor_hash, now_ms],
     )?;
     let record_id = new_record_id()?;
     let entry = serde_json::to_string(&json!({
@@ -991,8 +842,9 @@ fn retention_chunk_in(tx: &mut Conn, cutoff_ms: u64, now_ms: u64) -> DbResult<us
 
 // ---------------------------------------------------------------- queries
 
-/// Filters of the query API and the export. Exact matches; all optional.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Filters of the query API (its query string, field by field) and the
+/// export. Exact matches; all optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct RecordQuery {
     /// Caller name.
     pub caller: Option<String>,
@@ -1008,10 +860,29 @@ pub struct RecordQuery {
     pub since_ms: Option<u64>,
     /// Written before (Unix ms).
     pub until_ms: Option<u64>,
-    /// Only records after this `seq` (paging).
+    /// Only records after this `seq` (paging: the previous page's
+    /// `next_after_seq`).
     pub after_seq: Option<i64>,
-    /// Page size.
+    /// Page size, 1..=[`MAX_PAGE`] ([`DEFAULT_PAGE`] when not given);
+    /// ignored by the export.
+    #[serde(default = "default_page")]
     pub limit: u32,
+}
+
+fn default_page() -> u32 {
+    DEFAULT_PAGE
+}
+
+impl RecordQuery {
+    /// The query of the page after `page` (what this query returned), or
+    /// `None` when `page` was the last one.
+    pub fn next_page(&self, page: &[Value]) -> Option<RecordQuery> {
+        let seq = page.last()?.get("seq")?.as_i64()?;
+        (page.len() == self.limit as usize).then(|| RecordQuery {
+            after_seq: Some(seq),
+            ..self.clone()
+        })
+    }
 }
 
 const MERGED_SELECT: &str = "
@@ -1073,8 +944,8 @@ pub fn query_records(conn: &mut Conn, q: &RecordQuery) -> DbResult<Vec<Value>> {
             &q.decision,
             &q.review_id,
             &q.request_id,
-            q.since_ms.map(i),
-            q.until_ms.map(i),
+            q.since_ms,
+            q.until_ms,
             q.after_seq.unwrap_or(0),
             i64::from(q.limit),
         ],
@@ -1112,13 +983,9 @@ pub fn export_jsonl(
             out.write_all(b"\n")?;
             n += 1;
         }
-        match page
-            .last()
-            .and_then(|r| r.get("seq"))
-            .and_then(Value::as_i64)
-        {
-            Some(seq) if page.len() == MAX_PAGE as usize => q.after_seq = Some(seq),
-            _ => return Ok(n),
+        match q.next_page(&page) {
+            Some(next) => q = next,
+            None => return Ok(n),
         }
     }
 }
@@ -1363,30 +1230,6 @@ mod tests {
         ));
         assert_eq!(chain_hash(GENESIS_HASH, 1, "{}"), expected);
         assert_eq!(GENESIS_HASH.len(), 64);
-    }
-
-    #[test]
-    fn older_sqlite_files_gain_the_idempotency_column() {
-        let old_schema = SQLITE_SCHEMA.replace(
-            ",\n    idempotency_key TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.idempotency_key')) VIRTUAL",
-            "",
-        );
-        assert_ne!(old_schema, SQLITE_SCHEMA);
-        let mut conn = Conn::from_sqlite(rusqlite::Connection::open_in_memory().unwrap());
-        conn.batch(&old_schema).unwrap();
-        let columns = |c: &mut Conn| {
-            c.query_one(
-                "SELECT count(*) FROM pragma_table_xinfo('records') WHERE name = 'idempotency_key'",
-                params![],
-            )
-            .unwrap()
-            .get::<i64>(0)
-            .unwrap()
-        };
-        assert_eq!(columns(&mut conn), 0);
-        ensure_schema(&mut conn).unwrap();
-        ensure_schema(&mut conn).unwrap();
-        assert_eq!(columns(&mut conn), 1);
     }
 
     #[test]

@@ -1,22 +1,20 @@
-//! TLS for outgoing webhook calls (`https://` targets such as Slack) and
-//! for PostgreSQL connections.
+//! TLS client configurations, for PostgreSQL connections and for outgoing
+//! webhook calls (`https://` targets such as Slack; the client is in the
+//! HTTP crate).
 //!
 //! rustls with the `ring` provider and Mozilla's root certificates
 //! (webpki-roots), so it works the same in a minimal container without a
 //! system certificate store. Certificates are always verified.
 
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::CertificateDer;
 use rustls::{ClientConfig, RootCertStore};
-use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
 
 /// A client configuration trusting Mozilla's roots plus `extra_roots`.
-fn config_with_roots(extra_roots: &[CertificateDer<'static>]) -> Result<ClientConfig, String> {
+pub fn config_with_roots(extra_roots: &[CertificateDer<'static>]) -> Result<ClientConfig, String> {
     let mut roots = RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
@@ -33,20 +31,9 @@ fn config_with_roots(extra_roots: &[CertificateDer<'static>]) -> Result<ClientCo
         .with_no_client_auth())
 }
 
-fn client_config() -> Result<Arc<ClientConfig>, String> {
-    static CONFIG: OnceLock<Result<Arc<ClientConfig>, String>> = OnceLock::new();
-    CONFIG
-        .get_or_init(|| {
-            let mut config = config_with_roots(&[])?;
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
-            Ok(Arc::new(config))
-        })
-        .clone()
-}
-
 /// The TLS configuration of PostgreSQL connections: Mozilla's roots, plus
 /// the CA certificates in the PEM file `ca_file` (libpq's `sslrootcert`).
-pub(crate) fn database_config(ca_file: Option<&Path>) -> Result<ClientConfig, String> {
+pub fn database_config(ca_file: Option<&Path>) -> Result<ClientConfig, String> {
     let extra = match ca_file {
         None => Vec::new(),
         Some(path) => {
@@ -64,14 +51,4 @@ pub(crate) fn database_config(ca_file: Option<&Path>) -> Result<ClientConfig, St
         }
     };
     config_with_roots(&extra)
-}
-
-/// Runs a TLS handshake for `host` over `tcp`, verifying the certificate.
-pub(crate) async fn connect(host: &str, tcp: TcpStream) -> Result<TlsStream<TcpStream>, String> {
-    let name = ServerName::try_from(host.to_string())
-        .map_err(|e| format!("invalid TLS server name {host:?}: {e}"))?;
-    TlsConnector::from(client_config()?)
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("TLS handshake with {host}: {e}"))
 }

@@ -12,12 +12,20 @@ use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
 use crate::config::{Config, ReviewerConfig};
-use crate::db::{Backend, Location};
-use crate::error::ApiError;
+use crate::db::{Backend, DbError, DbResult, Location, OpenError};
+use crate::records::{RecordError, RecordStore};
 use crate::replicas::{Change, Replica};
 use crate::session::{LoginLimiter, Session};
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 use crate::token::TokenHash;
+
+/// How often the background sweeper expires overdue reviews.
+pub const SWEEP_PERIOD: Duration = Duration::from_secs(1);
+
+/// How often record retention runs (it also runs at start).
+pub const RETENTION_PERIOD: Duration = Duration::from_secs(3600);
+
+const MS_PER_DAY: u64 = 86_400_000;
 
 /// How many events a slow live-feed subscriber may fall behind before it
 /// is told to re-fetch (`resync`).
@@ -61,6 +69,57 @@ impl ReviewEvent {
     }
 }
 
+/// A database call made from async code that failed: the database refused,
+/// or the blocking task that ran the call failed. Its text may name tables
+/// and values: log it, never show it to a client.
+#[derive(Debug)]
+pub enum StorageError {
+    /// The database refused.
+    Db(DbError),
+    /// The blocking task panicked or was cancelled.
+    Task(tokio::task::JoinError),
+}
+
+impl std::fmt::Display for StorageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StorageError::Db(e) => write!(f, "database: {e}"),
+            StorageError::Task(e) => write!(f, "blocking task failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StorageError {}
+
+impl From<DbError> for StorageError {
+    fn from(e: DbError) -> Self {
+        StorageError::Db(e)
+    }
+}
+
+impl From<tokio::task::JoinError> for StorageError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        StorageError::Task(e)
+    }
+}
+
+/// Runs `f` on `store` on a blocking thread: both database clients block.
+async fn blocking<S, T, E>(
+    store: &Arc<S>,
+    f: impl FnOnce(&S) -> Result<T, E> + Send + 'static,
+) -> Result<T, E>
+where
+    S: Send + Sync + 'static,
+    T: Send + 'static,
+    E: From<tokio::task::JoinError> + Send + 'static,
+{
+    let store = Arc::clone(store);
+    match tokio::task::spawn_blocking(move || f(&store)).await {
+        Ok(result) => result,
+        Err(e) => Err(E::from(e)),
+    }
+}
+
 /// Everything the handlers share; cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
@@ -71,7 +130,7 @@ struct Inner {
     config: Config,
     store: Arc<Store>,
     /// The session record log (its own connection; see `crate::records`).
-    records: Arc<crate::records::RecordStore>,
+    records: Arc<RecordStore>,
     /// One channel per review that currently has waiters. A decision wakes
     /// only that review's waiters; the entry is removed with its last waiter
     /// so the map does not grow with the number of reviews ever created.
@@ -95,7 +154,7 @@ impl AppState {
     /// missing; creating the schema in either database). On PostgreSQL it
     /// also starts listening for other replicas' changes. Blocks briefly;
     /// call it at start-up.
-    pub fn open(config: Config) -> Result<AppState, StoreError> {
+    pub fn open(config: Config) -> Result<AppState, OpenError> {
         // The PostgreSQL client blocks on a runtime of its own, which tokio
         // forbids on a runtime thread: open it on a plain thread, so this
         // works from async code too (later calls go through `db`).
@@ -105,19 +164,19 @@ impl AppState {
             scope
                 .spawn(|| {
                     let store = Store::open(&location, sync)?;
-                    let records = crate::records::RecordStore::open(&location, sync)?;
-                    Ok::<_, StoreError>((store, records))
+                    let records = RecordStore::open(&location, sync)?;
+                    Ok::<_, OpenError>((store, records))
                 })
                 .join()
                 .unwrap_or_else(|_| {
-                    Err(StoreError::Io(std::io::Error::other(
+                    Err(OpenError::Io(std::io::Error::other(
                         "opening the database panicked",
                     )))
                 })
         })?;
         let shared = store.backend() == Backend::Postgres;
         let mut id = [0u8; 8];
-        getrandom::fill(&mut id).map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
+        getrandom::fill(&mut id).map_err(|e| OpenError::Io(std::io::Error::other(e)))?;
         let state = AppState {
             inner: Arc::new(Inner {
                 config,
@@ -136,7 +195,7 @@ impl AppState {
                 inner: Arc::downgrade(&state.inner),
                 origin: state.inner.replica_id.clone(),
             };
-            crate::replicas::spawn_listener(url, listener).map_err(StoreError::Io)?;
+            crate::replicas::spawn_listener(url, listener).map_err(OpenError::Io)?;
         }
         Ok(state)
     }
@@ -147,7 +206,7 @@ impl AppState {
     }
 
     /// The session record log.
-    pub fn records(&self) -> &Arc<crate::records::RecordStore> {
+    pub fn records(&self) -> &Arc<RecordStore> {
         &self.inner.records
     }
 
@@ -156,20 +215,37 @@ impl AppState {
         self.inner.shutdown.send_replace(true);
     }
 
-    /// Runs a blocking store operation off the async runtime.
-    pub(crate) async fn db<T, F>(&self, f: F) -> Result<T, ApiError>
+    /// Runs a blocking review-store call off the async runtime.
+    pub async fn db<T, F>(&self, f: F) -> Result<T, StorageError>
     where
         T: Send + 'static,
-        F: FnOnce(&Store) -> crate::db::DbResult<T> + Send + 'static,
+        F: FnOnce(&Store) -> DbResult<T> + Send + 'static,
     {
-        let store = Arc::clone(&self.inner.store);
-        Ok(tokio::task::spawn_blocking(move || f(&store)).await??)
+        blocking(&self.inner.store, move |s| f(s).map_err(StorageError::Db)).await
+    }
+
+    /// Runs a blocking record-log read off the async runtime.
+    pub async fn records_db<T, F>(&self, f: F) -> Result<T, StorageError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&RecordStore) -> DbResult<T> + Send + 'static,
+    {
+        blocking(&self.inner.records, move |s| f(s).map_err(StorageError::Db)).await
+    }
+
+    /// Runs a blocking record write off the async runtime.
+    pub async fn write_record<T, F>(&self, f: F) -> Result<T, RecordError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&RecordStore) -> Result<T, RecordError> + Send + 'static,
+    {
+        blocking(&self.inner.records, f).await
     }
 
     /// Finds the reviewer whose token hashes to `presented`. Every configured
     /// hash is compared (constant time each, no early exit), so timing does
     /// not reveal which reviewer, if any, matched.
-    pub(crate) fn reviewer_for(&self, presented: &TokenHash) -> Option<&ReviewerConfig> {
+    pub fn reviewer_for(&self, presented: &TokenHash) -> Option<&ReviewerConfig> {
         let mut found = None;
         for r in &self.inner.config.reviewers {
             if r.token_sha256.ct_eq(presented) && found.is_none() {
@@ -180,7 +256,7 @@ impl AppState {
     }
 
     /// The reviewer with this name whose configured token hash is `token`.
-    pub(crate) fn reviewer_named(&self, name: &str, token: &TokenHash) -> Option<&ReviewerConfig> {
+    pub fn reviewer_named(&self, name: &str, token: &TokenHash) -> Option<&ReviewerConfig> {
         self.inner
             .config
             .reviewers
@@ -189,16 +265,16 @@ impl AppState {
     }
 
     /// The sign-in rate limiter.
-    pub(crate) fn login_limiter(&self) -> &LoginLimiter {
+    pub fn login_limiter(&self) -> &LoginLimiter {
         &self.inner.login_limiter
     }
 
     /// The live session with cookie value `id`, if its reviewer still has
     /// the same token configured.
-    pub(crate) async fn session(
+    pub async fn session(
         &self,
         id: &str,
-    ) -> Result<Option<(Session, ReviewerConfig)>, ApiError> {
+    ) -> Result<Option<(Session, ReviewerConfig)>, StorageError> {
         let hash = TokenHash::of_token(id);
         let now = crate::now_ms();
         let found = self.db(move |s| s.session(&hash, now)).await?;
@@ -280,7 +356,7 @@ impl AppState {
 
     /// Registers interest in `id`. Subscribe *before* reading the review, so
     /// a decision committed between the read and the wait is not missed.
-    pub(crate) fn subscribe(&self, id: &str) -> WaitGuard {
+    pub fn subscribe(&self, id: &str) -> WaitGuard {
         let rx = self
             .waiters()
             .entry(id.to_string())
@@ -294,20 +370,20 @@ impl AppState {
     }
 
     /// Wakes the waiters of `id`, if any.
-    pub(crate) fn wake(&self, id: &str) {
+    pub fn wake(&self, id: &str) {
         if let Some(tx) = self.waiters().get(id) {
             tx.send_replace(());
         }
     }
 
     /// Wakes the waiters of `id` and tells live pages its status changed.
-    pub(crate) fn announce(&self, id: &str, status: ReviewStatus) {
+    pub fn announce(&self, id: &str, status: ReviewStatus) {
         self.wake(id);
         self.publish(id, status);
     }
 
     /// [`AppState::announce`]s (and logs) a review a read found overdue.
-    pub(crate) fn announce_expiry(&self, id: &str) {
+    pub fn announce_expiry(&self, id: &str) {
         tracing::info!(review_id = %id, status = "expired", "review expired (hold timeout)");
         self.announce(id, ReviewStatus::Expired);
     }
@@ -317,13 +393,14 @@ impl AppState {
         self.waiters().len()
     }
 
-    pub(crate) fn shutdown_receiver(&self) -> watch::Receiver<bool> {
+    /// Turns `true` when the service begins shutting down.
+    pub fn shutdown_receiver(&self) -> watch::Receiver<bool> {
         self.inner.shutdown.subscribe()
     }
 
     /// Marks every overdue pending review expired and wakes its waiters.
     /// Returns how many were expired.
-    pub async fn sweep_once(&self) -> Result<usize, ApiError> {
+    pub async fn sweep_once(&self) -> Result<usize, StorageError> {
         let now = crate::now_ms();
         let ids = self.db(move |s| s.expire_overdue(now)).await?;
         for id in &ids {
@@ -358,10 +435,47 @@ impl AppState {
             }
         })
     }
+
+    /// Applies `record_retention_days` once; returns how many entries were
+    /// deleted (0 when retention is off).
+    pub async fn retention_once(&self) -> Result<usize, StorageError> {
+        let days = self.config().record_retention_days;
+        if days == 0 {
+            return Ok(0);
+        }
+        let now = crate::now_ms();
+        let cutoff = now.saturating_sub(days.saturating_mul(MS_PER_DAY));
+        let deleted = self
+            .records_db(move |s| s.apply_retention(cutoff, now))
+            .await?;
+        if deleted > 0 {
+            tracing::info!(deleted, cutoff_ms = cutoff, "record retention applied");
+        }
+        Ok(deleted)
+    }
+
+    /// Starts the task applying retention at start and every `period` (does
+    /// nothing when `record_retention_days = 0`). Abort it on shutdown.
+    pub fn spawn_retention(&self, period: Duration) -> tokio::task::JoinHandle<()> {
+        let state = self.clone();
+        tokio::spawn(async move {
+            if state.config().record_retention_days == 0 {
+                return;
+            }
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = state.retention_once().await {
+                    tracing::error!(error = %e, "record retention failed");
+                }
+            }
+        })
+    }
 }
 
 /// A long-poll waiter's registration; unregisters on drop.
-pub(crate) struct WaitGuard {
+pub struct WaitGuard {
     state: AppState,
     id: String,
     rx: Option<watch::Receiver<()>>,
@@ -369,7 +483,7 @@ pub(crate) struct WaitGuard {
 
 impl WaitGuard {
     /// Resolves on the next wake-up of this review.
-    pub(crate) async fn changed(&mut self) {
+    pub async fn changed(&mut self) {
         match self.rx.as_mut() {
             Some(rx) => {
                 if rx.changed().await.is_err() {

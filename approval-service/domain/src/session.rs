@@ -1,9 +1,9 @@
 //! Reviewer browser sessions and CSRF tokens.
 //!
 //! Signing in (`POST /ui/login` with a reviewer token) creates a session: a
-//! random 256-bit id sent to the browser in the `cs_session` cookie
-//! (`HttpOnly; SameSite=Strict; Path=/`), stored in SQLite only as its
-//! SHA-256 so a copy of the database does not hold live credentials. Each
+//! random 256-bit id sent to the browser in a cookie (see the HTTP layer's
+//! `cookies`), stored in the database only as its SHA-256 so a copy of the
+//! database does not hold live credentials. Each
 //! session also has a random CSRF token, handed to the page by `GET /api/me`
 //! and required in the `x-csrf-token` header of every state-changing call
 //! made with the cookie. Sessions survive restarts and end at their expiry,
@@ -14,17 +14,8 @@ use std::time::Instant;
 
 use crate::db::DbResult;
 use crate::params;
-use crate::store::i as ms;
-use axum::http::header::{HeaderMap, COOKIE};
-
 use crate::store::Store;
-use crate::token::TokenHash;
-
-/// Name of the session cookie.
-pub const SESSION_COOKIE: &str = "cs_session";
-
-/// Header that must carry the session's CSRF token on state-changing calls.
-pub const CSRF_HEADER: &str = "x-csrf-token";
+use crate::token::{hex, TokenHash};
 
 /// A live session, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,41 +35,7 @@ pub struct Session {
 pub fn random_token() -> Result<String, getrandom::Error> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes)?;
-    let mut s = String::with_capacity(64);
-    for b in bytes {
-        s.push(char::from(HEX[usize::from(b >> 4)]));
-        s.push(char::from(HEX[usize::from(b & 0x0f)]));
-    }
-    Ok(s)
-}
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
-/// The value of the session cookie in `headers`, if any. Only well-formed
-/// ids (64 hex digits) are returned, so junk never reaches the database.
-pub fn session_cookie(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get_all(COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == SESSION_COOKIE)
-        .map(|(_, value)| value.trim().trim_matches('"'))
-        .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
-}
-
-/// The `Set-Cookie` value that stores session `id` for `max_age_s` seconds.
-pub fn set_cookie(id: &str, max_age_s: u64, secure: bool) -> String {
-    format!(
-        "{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age_s}{}",
-        if secure { "; Secure" } else { "" }
-    )
-}
-
-/// The `Set-Cookie` value that deletes the session cookie.
-pub fn clear_cookie(secure: bool) -> String {
-    set_cookie("", 0, secure)
+    Ok(hex(&bytes))
 }
 
 /// Constant-time comparison of a presented CSRF token with the session's.
@@ -106,8 +63,8 @@ impl Store {
                 &session.reviewer,
                 &token_hex,
                 &session.csrf_token,
-                ms(now_ms),
-                ms(session.expires_at_ms),
+                now_ms,
+                session.expires_at_ms,
             ],
         )?;
         Ok(())
@@ -119,7 +76,7 @@ impl Store {
         let row = self.conn().query_opt(
             "SELECT reviewer, token_sha256, csrf_token, expires_at_ms FROM sessions
              WHERE id_sha256 = ?1 AND expires_at_ms > ?2",
-            params![&id_hex, ms(now_ms)],
+            params![&id_hex, now_ms],
         )?;
         row.map(|row| {
             let token: String = row.get(1)?;
@@ -129,7 +86,7 @@ impl Store {
                 token_sha256: TokenHash::from_hex(&token)
                     .unwrap_or_else(|| TokenHash::of_token("")),
                 csrf_token: row.get(2)?,
-                expires_at_ms: u64::try_from(row.get::<i64>(3)?).unwrap_or(0),
+                expires_at_ms: row.get(3)?,
             })
         })
         .transpose()
@@ -149,7 +106,7 @@ impl Store {
     pub fn purge_sessions(&self, now_ms: u64) -> DbResult<usize> {
         self.conn().execute(
             "DELETE FROM sessions WHERE expires_at_ms <= ?1",
-            params![ms(now_ms)],
+            params![now_ms],
         )
     }
 }
@@ -201,7 +158,6 @@ impl LoginLimiter {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
-    use axum::http::HeaderValue;
 
     #[test]
     fn random_tokens_are_hex_and_distinct() {
@@ -210,36 +166,6 @@ mod tests {
         assert_eq!(a.len(), 64);
         assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(a, b);
-    }
-
-    #[test]
-    fn cookie_parsing() {
-        let id = "ab".repeat(32);
-        let mut h = HeaderMap::new();
-        assert_eq!(session_cookie(&h), None);
-        h.append(COOKIE, HeaderValue::from_static("theme=dark"));
-        h.append(
-            COOKIE,
-            HeaderValue::from_str(&format!("x=1; {SESSION_COOKIE}={id}; y=2")).unwrap(),
-        );
-        assert_eq!(session_cookie(&h), Some(id.as_str()));
-        let mut bad = HeaderMap::new();
-        bad.insert(
-            COOKIE,
-            HeaderValue::from_static("cs_session=../../etc; other=1"),
-        );
-        assert_eq!(session_cookie(&bad), None);
-    }
-
-    #[test]
-    fn cookie_attributes() {
-        let c = set_cookie("abc", 60, false);
-        assert_eq!(
-            c,
-            "cs_session=abc; HttpOnly; SameSite=Strict; Path=/; Max-Age=60"
-        );
-        assert!(set_cookie("abc", 60, true).ends_with("; Secure"));
-        assert!(clear_cookie(false).contains("Max-Age=0"));
     }
 
     #[test]

@@ -29,15 +29,12 @@
 //! - **Rejection** by an eligible reviewer rejects at once.
 
 use countersign_core::wire::{CreateReview, ReviewStatus};
-use rusqlite::{Connection, Transaction, TransactionBehavior};
-use serde::Serialize;
 
-use crate::config::{ConfigError, ReviewerConfig};
+use crate::config::ReviewerConfig;
 use crate::db::{Conn, DbResult, Lock};
-use crate::error::ApiError;
 use crate::params;
 use crate::store::{
-    detail_of, expire_if_overdue, i, state_of, u, why_not_pending, DecideOutcome, Decision,
+    approvals_of, detail_of, expire_if_overdue, state_of, why_not_pending, ReviewDetail, Store,
 };
 
 /// Why a reviewer may not take a decision.
@@ -60,117 +57,51 @@ impl DecisionRefused {
             DecisionRefused::AlreadyApproved => "already_approved",
         }
     }
+}
 
-    /// The HTTP error answered for it.
-    pub fn to_api_error(&self) -> ApiError {
-        use axum::http::StatusCode;
-        let (status, message) = match self {
-            DecisionRefused::SelfApproval => (
-                StatusCode::FORBIDDEN,
-                "you cannot approve a request you sent; another reviewer must decide".to_string(),
+impl std::fmt::Display for DecisionRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecisionRefused::SelfApproval => {
+                f.write_str("you cannot approve a request you sent; another reviewer must decide")
+            }
+            DecisionRefused::NotInApproverGroup(g) => write!(
+                f,
+                "this review must be decided by a member of the {g:?} group"
             ),
-            DecisionRefused::NotInApproverGroup(g) => (
-                StatusCode::FORBIDDEN,
-                format!("this review must be decided by a member of the {g:?} group"),
-            ),
-            DecisionRefused::AlreadyApproved => (
-                StatusCode::CONFLICT,
-                "you already approved this review; it needs another reviewer".to_string(),
-            ),
-        };
-        ApiError::Coded {
-            status,
-            code: self.code(),
-            message,
+            DecisionRefused::AlreadyApproved => {
+                f.write_str("you already approved this review; it needs another reviewer")
+            }
         }
     }
 }
 
-/// One approval, as listed in a review's detail.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ApprovalEntry {
+/// A reviewer's decision.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// `Approved` or `Rejected`.
+    pub status: ReviewStatus,
     /// Reviewer name.
     pub reviewer: String,
-    /// When they approved, Unix ms.
-    pub approved_at_ms: u64,
-    /// Their reason, if any.
+    /// Reason, if any.
     pub reason: Option<String>,
-    /// They approved with an edit of the body.
-    pub edited: bool,
-    /// When a later edit discarded this approval (it approved another body);
-    /// `None` for approvals that count.
-    pub superseded_at_ms: Option<u64>,
+    /// Replacement body (approvals only).
+    pub edited_body: Option<String>,
 }
 
-/// Columns added to `reviews` by [`migrate`]: name and declaration.
-const REVIEW_COLUMNS: [(&str, &str); 6] = [
-    ("caller_groups_json", "TEXT NOT NULL DEFAULT '[]'"),
-    ("required_approvals", "INTEGER NOT NULL DEFAULT 1"),
-    ("approver_group", "TEXT"),
-    ("async_review", "INTEGER NOT NULL DEFAULT 0"),
-    ("token_uses", "INTEGER NOT NULL DEFAULT 0"),
-    // The filter's key for retried creations; see `Store::insert`.
-    ("idempotency_key", "TEXT"),
-];
-
-/// Adds the approval and token columns and tables to a database that lacks
-/// them. Guarded by a column check rather than `user_version`, so it composes
-/// with other schema steps; idempotent, and run under `BEGIN IMMEDIATE` so
-/// two processes opening one old file do not both alter it.
-pub(crate) fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
-    let existing: Vec<String> = {
-        let mut stmt = tx.prepare("SELECT name FROM pragma_table_info('reviews')")?;
-        let names = stmt.query_map([], |r| r.get(0))?;
-        names.collect::<rusqlite::Result<_>>()?
-    };
-    for (name, decl) in REVIEW_COLUMNS {
-        if !existing.iter().any(|c| c == name) {
-            // Both parts are constants above: nothing user-supplied here.
-            tx.execute_batch(&format!("ALTER TABLE reviews ADD COLUMN {name} {decl};"))?;
-        }
-    }
-    tx.execute_batch(
-        "CREATE TABLE IF NOT EXISTS approvals (
-             id               INTEGER PRIMARY KEY,
-             review_id        TEXT NOT NULL,
-             reviewer         TEXT NOT NULL,
-             approved_at_ms   INTEGER NOT NULL,
-             reason           TEXT,
-             edited_body      TEXT,
-             superseded_at_ms INTEGER
-         );
-         CREATE INDEX IF NOT EXISTS approvals_review ON approvals (review_id, id);
-         CREATE UNIQUE INDEX IF NOT EXISTS approvals_current
-             ON approvals (review_id, reviewer) WHERE superseded_at_ms IS NULL;
-         CREATE UNIQUE INDEX IF NOT EXISTS reviews_idempotency
-             ON reviews (idempotency_key) WHERE idempotency_key IS NOT NULL;
-         CREATE TABLE IF NOT EXISTS token_consumptions (
-             review_id   TEXT NOT NULL,
-             use_no      INTEGER NOT NULL,
-             used_at_ms  INTEGER NOT NULL,
-             PRIMARY KEY (review_id, use_no)
-         );",
-    )?;
-    tx.commit()
-}
-
-/// Checks `reviewers[i].callers`: trimmed, non-empty.
-pub(crate) fn check_callers(i: usize, callers: Vec<String>) -> Result<Vec<String>, ConfigError> {
-    callers
-        .into_iter()
-        .enumerate()
-        .map(|(j, c)| {
-            let c = c.trim().to_string();
-            if c.is_empty() {
-                return Err(ConfigError::Invalid {
-                    field: format!("reviewers[{i}].callers[{j}]"),
-                    message: "must not be empty".into(),
-                });
-            }
-            Ok(c)
-        })
-        .collect()
+/// What happened to a decision ([`Store::decide`]).
+#[derive(Debug, Clone)]
+pub enum DecideOutcome {
+    /// The decision was recorded.
+    Decided(Box<ReviewDetail>),
+    /// No such review.
+    NotFound,
+    /// The review was no longer pending; this is why.
+    NotPending(String),
+    /// An approval was recorded; more are needed, so it is still pending.
+    Partial(Box<ReviewDetail>),
+    /// This reviewer may not take this decision.
+    Refused(DecisionRefused),
 }
 
 /// Whether `reviewer` is, or sends requests as, `caller`.
@@ -190,7 +121,7 @@ pub fn in_group(reviewer: &ReviewerConfig, group: Option<&str>) -> bool {
 
 /// Logs a warning when no configured set of reviewers could ever approve
 /// `req` (too few eligible reviewers for its quorum); it will expire.
-pub(crate) fn warn_if_unreachable(reviewers: &[ReviewerConfig], id: &str, req: &CreateReview) {
+pub fn warn_if_unreachable(reviewers: &[ReviewerConfig], id: &str, req: &CreateReview) {
     let eligible = reviewers
         .iter()
         .filter(|r| {
@@ -209,27 +140,6 @@ pub(crate) fn warn_if_unreachable(reviewers: &[ReviewerConfig], id: &str, req: &
     }
 }
 
-/// The approvals of a review, oldest first.
-pub(crate) fn approvals_of(conn: &mut Conn, id: &str) -> DbResult<Vec<ApprovalEntry>> {
-    let rows = conn.query(
-        "SELECT reviewer, approved_at_ms, reason, CASE WHEN edited_body IS NULL THEN 0 ELSE 1 END,
-                superseded_at_ms
-         FROM approvals WHERE review_id = ?1 ORDER BY id",
-        params![id],
-    )?;
-    rows.iter()
-        .map(|r| {
-            Ok(ApprovalEntry {
-                reviewer: r.get(0)?,
-                approved_at_ms: u(r.get(1)?),
-                reason: r.get(2)?,
-                edited: r.get(3)?,
-                superseded_at_ms: r.get::<Option<i64>>(4)?.map(u),
-            })
-        })
-        .collect()
-}
-
 /// Names of the approvers that count (of the current body), oldest first.
 pub(crate) fn current_approvers(conn: &mut Conn, id: &str) -> DbResult<Vec<String>> {
     Ok(approvals_of(conn, id)?
@@ -239,18 +149,23 @@ pub(crate) fn current_approvers(conn: &mut Conn, id: &str) -> DbResult<Vec<Strin
         .collect())
 }
 
-/// See [`crate::store::Store::decide`].
-pub(crate) fn decide(
-    conn: &mut Conn,
-    id: &str,
-    d: &Decision,
-    reviewer: &ReviewerConfig,
-    now_ms: u64,
-) -> DbResult<DecideOutcome> {
-    // Committed whatever the outcome: a lapsed expiry may have been persisted.
-    conn.transaction(Lock::Review(id), |tx| {
-        decide_in(tx, id, d, reviewer, now_ms)
-    })
+impl Store {
+    /// Records `reviewer`'s decision if, and only if, the review is still
+    /// pending, not past its expiry, and the reviewer may take it (see the
+    /// rules above). An approval makes the review approved only once it has
+    /// its required number of distinct approvals.
+    pub fn decide(
+        &self,
+        id: &str,
+        d: &Decision,
+        reviewer: &ReviewerConfig,
+        now_ms: u64,
+    ) -> DbResult<DecideOutcome> {
+        // Committed whatever the outcome: a lapsed expiry may have been persisted.
+        self.conn().transaction(Lock::Review(id), |tx| {
+            decide_in(tx, id, d, reviewer, now_ms)
+        })
+    }
 }
 
 struct Pending {
@@ -302,7 +217,7 @@ fn decide_in(
         tx.execute(
             "UPDATE reviews SET status = 'rejected', reviewer = ?1, reason = ?2, decided_at_ms = ?3
              WHERE id = ?4 AND status = 'pending'",
-            params![&reviewer.name, &d.reason, i(now_ms), id],
+            params![&reviewer.name, &d.reason, now_ms, id],
         )?;
         return decided(tx, id, true);
     }
@@ -329,7 +244,7 @@ fn decide_in(
             tx.execute(
                 "UPDATE approvals SET superseded_at_ms = ?1
                  WHERE review_id = ?2 AND superseded_at_ms IS NULL",
-                params![i(now_ms), id],
+                params![now_ms, id],
             )?;
             tx.execute(
                 "UPDATE reviews SET edited_body = ?1 WHERE id = ?2",
@@ -340,7 +255,7 @@ fn decide_in(
     tx.execute(
         "INSERT INTO approvals (review_id, reviewer, approved_at_ms, reason, edited_body)
          VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![id, &reviewer.name, i(now_ms), &d.reason, new_body],
+        params![id, &reviewer.name, now_ms, &d.reason, new_body],
     )?;
     let counted: Vec<(String, Option<String>)> = tx
         .query(
@@ -358,7 +273,7 @@ fn decide_in(
     tx.execute(
         "UPDATE reviews SET status = 'approved', reviewer = ?1, reason = ?2, decided_at_ms = ?3
          WHERE id = ?4 AND status = 'pending'",
-        params![&reviewer.name, &reason, i(now_ms), id],
+        params![&reviewer.name, &reason, now_ms, id],
     )?;
     decided(tx, id, true)
 }
@@ -424,27 +339,5 @@ mod tests {
         assert_eq!(joined_reason(&two).as_deref(), Some("a: ok"));
         let none = [("a".to_string(), None), ("b".to_string(), None)];
         assert_eq!(joined_reason(&none), None);
-    }
-
-    #[test]
-    fn migration_is_idempotent_and_upgrades_old_files() {
-        let conn = Connection::open_in_memory().unwrap();
-        conn.execute_batch(
-            "CREATE TABLE reviews (id TEXT PRIMARY KEY, status TEXT NOT NULL);
-             INSERT INTO reviews VALUES ('rev_old', 'pending');",
-        )
-        .unwrap();
-        migrate(&conn).unwrap();
-        migrate(&conn).unwrap();
-        let (req, groups, uses): (i64, String, i64) = conn
-            .query_row(
-                "SELECT required_approvals, caller_groups_json, token_uses FROM reviews",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .unwrap();
-        assert_eq!((req, groups.as_str(), uses), (1, "[]", 0));
-        let mut conn = Conn::from_sqlite(conn);
-        assert!(approvals_of(&mut conn, "rev_old").unwrap().is_empty());
     }
 }

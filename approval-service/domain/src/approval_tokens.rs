@@ -1,0 +1,201 @@
+//! Asynchronous callers: the status lookup and approval-token consumption of
+//! the filter API (the keys are configured in `[[token_keys]]`, see
+//! [`crate::config::token_keys`]).
+//!
+//! A caller that asked not to wait is answered 202 by the filter and polls
+//! `GET /v1/reviews/{id}/status?caller=NAME` (through the filter). Once the
+//! review is approved the answer carries the exact approved body and an
+//! approval token minted with [`countersign_core::token::mint`] (the one
+//! implementation shared with the filter) over that body's hash, the caller,
+//! the review id and an expiry (`decided_at_ms + token_ttl_ms`). Minting is
+//! deterministic, so no token is stored. Tokens are only issued for reviews
+//! created with `async_review`: a synchronous caller was already answered
+//! with its approved request, and a token would let it send it again.
+//!
+//! Before forwarding a retried request, the filter spends one use at
+//! `POST /v1/reviews/{id}/consume`: 200 when spent, 409 when used up
+//! (`token_max_uses`, default 1), 404 when unknown, not approved, not this
+//! caller's, not asynchronous, expired or for another body.
+//!
+//! Keys rotate by id: the last `[[token_keys]]` entry signs. Add a new key to
+//! the filter first, then to the end of the service's list; remove the old
+//! key from the service, then (after `token_ttl_ms`) from the filter.
+
+use countersign_core::token::{body_hash, mint, TokenClaims, TokenKey};
+use countersign_core::wire::ReviewStatus;
+
+use crate::db::{DbResult, Lock};
+use crate::params;
+use crate::store::{expire_if_overdue, parse_status, Store};
+
+/// What the store knows of a review, for its caller.
+#[derive(Debug, Clone)]
+pub struct CallerView {
+    /// Current status.
+    pub status: ReviewStatus,
+    /// Expiry of a pending review.
+    pub expires_at_ms: u64,
+    /// When it was decided.
+    pub decided_at_ms: Option<u64>,
+    /// Reason of the decision.
+    pub reason: Option<String>,
+    /// Created with `async_review`.
+    pub async_review: bool,
+    /// The body as approved (the edit, if any).
+    pub approved_body: String,
+    /// Approvers that count.
+    pub approvers: Vec<String>,
+}
+
+/// Result of [`Store::consume_token`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsumeOutcome {
+    /// One use spent; this many uses so far.
+    Spent(u32),
+    /// Every allowed use was already spent.
+    UsedUp,
+    /// No approved asynchronous review of this caller for this body.
+    NotFound,
+}
+
+impl Store {
+    /// The review `id` if its caller is `caller` (never for an empty caller),
+    /// persisting a lapsed expiry first. The flag says whether it just expired.
+    pub fn caller_view(
+        &self,
+        id: &str,
+        caller: &str,
+        now_ms: u64,
+    ) -> DbResult<Option<(CallerView, bool)>> {
+        if caller.is_empty() {
+            return Ok(None);
+        }
+        let mut conn = self.conn();
+        let found: Option<String> =
+            match conn.query_opt("SELECT caller FROM reviews WHERE id = ?1", params![id])? {
+                Some(row) => row.get(0)?,
+                None => None,
+            };
+        if found.as_deref() != Some(caller) {
+            return Ok(None);
+        }
+        let expired = expire_if_overdue(&mut conn, id, now_ms)?;
+        let r = conn.query_one(
+            "SELECT status, expires_at_ms, decided_at_ms, reason, async_review,
+                    COALESCE(edited_body, body)
+             FROM reviews WHERE id = ?1",
+            params![id],
+        )?;
+        let view = CallerView {
+            status: parse_status(&r.get::<String>(0)?)?,
+            expires_at_ms: r.get(1)?,
+            decided_at_ms: r.get::<Option<u64>>(2)?,
+            reason: r.get(3)?,
+            async_review: r.get(4)?,
+            approved_body: r.get(5)?,
+            approvers: crate::approvals::current_approvers(&mut conn, id)?,
+        };
+        Ok(Some((view, expired)))
+    }
+
+    /// Spends one use of the approval token of review `id`, atomically.
+    pub fn consume_token(
+        &self,
+        id: &str,
+        caller: &str,
+        body_sha256: &str,
+        max_uses: u32,
+        ttl_ms: u64,
+        now_ms: u64,
+    ) -> DbResult<ConsumeOutcome> {
+        if caller.is_empty() {
+            return Ok(ConsumeOutcome::NotFound);
+        }
+        self.conn().transaction(Lock::Review(id), |tx| {
+            let row = tx.query_opt(
+                "SELECT caller, async_review, COALESCE(edited_body, body), decided_at_ms, token_uses
+                 FROM reviews WHERE id = ?1 AND status = 'approved'",
+                params![id],
+            )?;
+            let Some(r) = row else {
+                return Ok(ConsumeOutcome::NotFound);
+            };
+            let owner: Option<String> = r.get(0)?;
+            let async_review: bool = r.get(1)?;
+            let body: String = r.get(2)?;
+            let decided_at_ms: Option<u64> = r.get(3)?;
+            let uses: i64 = r.get(4)?;
+            let expired = decided_at_ms.is_none_or(|d| now_ms >= d.saturating_add(ttl_ms));
+            if owner.as_deref() != Some(caller)
+                || !async_review
+                || expired
+                || body_hash(body.as_bytes()) != body_sha256
+            {
+                return Ok(ConsumeOutcome::NotFound);
+            }
+            if uses >= i64::from(max_uses) {
+                return Ok(ConsumeOutcome::UsedUp);
+            }
+            let changed = tx.execute(
+                "UPDATE reviews SET token_uses = token_uses + 1
+                 WHERE id = ?1 AND status = 'approved' AND caller = ?2 AND token_uses < ?3",
+                params![id, caller, i64::from(max_uses)],
+            )?;
+            if changed != 1 {
+                return Ok(ConsumeOutcome::UsedUp);
+            }
+            let use_no = uses + 1;
+            tx.execute(
+                "INSERT INTO token_consumptions (review_id, use_no, used_at_ms) VALUES (?1, ?2, ?3)",
+                params![id, use_no, now_ms],
+            )?;
+            Ok(ConsumeOutcome::Spent(
+                u32::try_from(use_no).unwrap_or(u32::MAX),
+            ))
+        })
+    }
+}
+
+/// The token for an approved review, with its expiry; `None` without keys.
+pub fn token_for(
+    keys: &[TokenKey],
+    ttl_ms: u64,
+    id: &str,
+    caller: &str,
+    approved_body: &str,
+    decided_at_ms: u64,
+) -> Option<(String, u64)> {
+    let key = keys.last()?;
+    let exp = decided_at_ms.saturating_add(ttl_ms);
+    let claims = TokenClaims {
+        rid: id.to_string(),
+        sub: caller.to_string(),
+        bh: body_hash(approved_body.as_bytes()),
+        exp,
+    };
+    mint(key, &claims).map(|t| (t, exp))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn token_for_uses_the_last_key() {
+        let keys = [
+            TokenKey {
+                id: "old".into(),
+                secret: vec![1; 32],
+            },
+            TokenKey {
+                id: "new".into(),
+                secret: vec![2; 32],
+            },
+        ];
+        let (t, exp) = token_for(&keys, 100, "rev_1", "ci", "{}", 1000).unwrap();
+        assert_eq!(exp, 1100);
+        assert!(t.starts_with("cs1.new."), "{t}");
+        assert!(token_for(&[], 100, "rev_1", "ci", "{}", 1000).is_none());
+    }
+}

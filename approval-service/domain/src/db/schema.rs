@@ -1,0 +1,460 @@
+//! The whole schema, in one place: reviews, sessions, approvals, approval
+//! token uses and the session records, on SQLite and on PostgreSQL.
+//!
+//! Each table is written once for both databases; `{int}` and `{id}` stand
+//! for what their dialects call a 64-bit integer and an integer key the
+//! database assigns (`dialect`). What is not the same SQL is written per
+//! database: the record log's query columns (computed from the JSON entry)
+//! and its append-only triggers.
+//!
+//! SQLite files of older releases are upgraded in steps: `user_version` 1
+//! (reviews) and 2 (sessions), then columns and tables added by a check of
+//! what exists (approvals, token uses, idempotency keys), which composes
+//! with any version. PostgreSQL has no older databases: it gets the same
+//! tables after every step at once, in two parts (`reviews`, `records`)
+//! whose versions live in `countersign_schema`. Both databases end with the
+//! same tables and columns (tested in `tests/postgres_schema.rs`), so a
+//! statement is written once for both.
+//!
+//! The record tables are append-only in SQL: triggers refuse `UPDATE` and
+//! `DELETE` (unless `retention_gate.allow = 1`, which only retention sets
+//! inside its own transaction), and on PostgreSQL `TRUNCATE` too. See
+//! [`crate::records`].
+
+use super::{Backend, Conn, DbError, Lock, OpenError};
+use crate::params;
+
+/// Schema version stored in SQLite's `PRAGMA user_version`; bump it and add
+/// a step to `migrate_sqlite` when the schema changes.
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// The PostgreSQL schema version (table `countersign_schema`).
+pub const POSTGRES_SCHEMA_VERSION: i64 = 1;
+
+/// Creates the schema when missing and upgrades an older SQLite file;
+/// refuses a database written by a newer version. Idempotent, and safe when
+/// several processes open one database together.
+pub fn migrate(conn: &mut Conn) -> Result<(), OpenError> {
+    match conn.backend() {
+        Backend::Sqlite => {
+            migrate_sqlite(conn)?;
+            create_sqlite_records(conn)?;
+        }
+        Backend::Postgres => {
+            migrate_postgres(conn, "reviews", &postgres_reviews())?;
+            migrate_postgres(conn, "records", &postgres_records())?;
+        }
+    }
+    Ok(())
+}
+
+/// `template` in the dialect of `backend`: `{int}` is a 64-bit integer,
+/// `{id}` an integer primary key the database assigns. (SQL text of this
+/// module only: nothing user-supplied is ever spliced in.)
+fn dialect(template: &str, backend: Backend) -> String {
+    let (int, id) = match backend {
+        Backend::Sqlite => ("INTEGER", "INTEGER PRIMARY KEY"),
+        Backend::Postgres => ("BIGINT", "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"),
+    };
+    template.replace("{int}", int).replace("{id}", id)
+}
+
+// ---------------------------------------------------------------- tables
+
+/// The reviews, as the first release made them ([`REVIEW_COLUMNS`] were
+/// added since).
+const REVIEWS: &str = "
+CREATE TABLE IF NOT EXISTS reviews (
+    id              TEXT PRIMARY KEY,
+    status          TEXT NOT NULL,
+    created_at_ms   {int} NOT NULL,
+    expires_at_ms   {int} NOT NULL,
+    decided_at_ms   {int},
+    reviewer        TEXT,
+    reason          TEXT,
+    edited_body     TEXT,
+    request_id      TEXT NOT NULL,
+    api             TEXT NOT NULL,
+    method          TEXT NOT NULL,
+    path            TEXT NOT NULL,
+    authority       TEXT NOT NULL,
+    route           TEXT,
+    caller          TEXT,
+    model           TEXT NOT NULL,
+    stream          {int} NOT NULL,
+    rule            TEXT,
+    prompt_json     TEXT NOT NULL,
+    preview         TEXT NOT NULL,
+    body            TEXT NOT NULL,
+    hold_timeout_ms {int} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reviews_created ON reviews (created_at_ms);
+CREATE INDEX IF NOT EXISTS reviews_status_created ON reviews (status, created_at_ms);
+";
+
+/// Reviewer browser sessions (see [`crate::session`]).
+const SESSIONS: &str = "
+CREATE TABLE IF NOT EXISTS sessions (
+    id_sha256      TEXT PRIMARY KEY,
+    reviewer       TEXT NOT NULL,
+    token_sha256   TEXT NOT NULL,
+    csrf_token     TEXT NOT NULL,
+    created_at_ms  {int} NOT NULL,
+    expires_at_ms  {int} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_expires ON sessions (expires_at_ms);
+";
+
+/// Columns added to `reviews` for approvals and tokens: name and
+/// declaration.
+const REVIEW_COLUMNS: [(&str, &str); 6] = [
+    ("caller_groups_json", "TEXT NOT NULL DEFAULT '[]'"),
+    ("required_approvals", "{int} NOT NULL DEFAULT 1"),
+    ("approver_group", "TEXT"),
+    ("async_review", "{int} NOT NULL DEFAULT 0"),
+    ("token_uses", "{int} NOT NULL DEFAULT 0"),
+    // The filter's key for retried creations; see `Store::insert`.
+    ("idempotency_key", "TEXT"),
+];
+
+/// `ALTER TABLE reviews ADD COLUMN` for one of [`REVIEW_COLUMNS`].
+fn add_review_column(name: &str, declaration: &str, backend: Backend) -> String {
+    dialect(
+        &format!("ALTER TABLE reviews ADD COLUMN {name} {declaration};\n"),
+        backend,
+    )
+}
+
+/// Every approval (see [`crate::approvals`]), the idempotency keys of
+/// review creations, and the uses of approval tokens.
+const APPROVALS: &str = "
+CREATE TABLE IF NOT EXISTS approvals (
+    id               {id},
+    review_id        TEXT NOT NULL,
+    reviewer         TEXT NOT NULL,
+    approved_at_ms   {int} NOT NULL,
+    reason           TEXT,
+    edited_body      TEXT,
+    superseded_at_ms {int}
+);
+CREATE INDEX IF NOT EXISTS approvals_review ON approvals (review_id, id);
+CREATE UNIQUE INDEX IF NOT EXISTS approvals_current
+    ON approvals (review_id, reviewer) WHERE superseded_at_ms IS NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS reviews_idempotency
+    ON reviews (idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS token_consumptions (
+    review_id   TEXT NOT NULL,
+    use_no      {int} NOT NULL,
+    used_at_ms  {int} NOT NULL,
+    PRIMARY KEY (review_id, use_no)
+);
+";
+
+/// The record log (`{query_columns}`: see [`record_query_column`]), the
+/// retention gate and the retention anchors.
+const RECORDS: &str = "
+CREATE TABLE IF NOT EXISTS records (
+    seq           {int} PRIMARY KEY,
+    record_id     TEXT NOT NULL UNIQUE,
+    kind          TEXT NOT NULL,
+    ref_record_id TEXT,
+    created_at_ms {int} NOT NULL,
+    entry         TEXT NOT NULL,
+    prev_hash     TEXT NOT NULL,
+    hash          TEXT NOT NULL,
+{query_columns}
+);
+CREATE INDEX IF NOT EXISTS records_ref ON records (ref_record_id);
+CREATE INDEX IF NOT EXISTS records_created ON records (created_at_ms);
+CREATE INDEX IF NOT EXISTS records_caller ON records (caller, seq);
+CREATE INDEX IF NOT EXISTS records_review ON records (review_id);
+CREATE INDEX IF NOT EXISTS records_request ON records (request_id);
+CREATE TABLE IF NOT EXISTS retention_gate (
+    id    {int} PRIMARY KEY CHECK (id = 1),
+    allow {int} NOT NULL
+);
+INSERT INTO retention_gate (id, allow) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
+CREATE TABLE IF NOT EXISTS chain_anchor (
+    through_seq   {int} PRIMARY KEY,
+    hash          TEXT NOT NULL,
+    created_at_ms {int} NOT NULL
+);
+";
+
+/// The record log's query columns: each is the entry's `request.<name>`,
+/// serving the query filters and the idempotency lookup.
+const RECORD_QUERY_COLUMNS: [&str; 6] = [
+    "caller",
+    "model",
+    "decision",
+    "review_id",
+    "request_id",
+    "idempotency_key",
+];
+
+/// A query column of the record log, computed from the entry: virtual on
+/// SQLite, stored on PostgreSQL. `entry` stays `TEXT` on both: the hash
+/// covers its exact bytes, which `jsonb` would not keep.
+fn record_query_column(name: &str, backend: Backend) -> String {
+    match backend {
+        Backend::Sqlite => format!(
+            "{name} TEXT GENERATED ALWAYS AS (json_extract(entry, '$.request.{name}')) VIRTUAL"
+        ),
+        Backend::Postgres => format!(
+            "{name} TEXT GENERATED ALWAYS AS (entry::jsonb #>> '{{request,{name}}}') STORED"
+        ),
+    }
+}
+
+/// The record tables with the query columns `columns`.
+fn records(columns: &[&str], backend: Backend) -> String {
+    let query_columns: Vec<String> = columns
+        .iter()
+        .map(|c| format!("    {}", record_query_column(c, backend)))
+        .collect();
+    dialect(RECORDS, backend).replace("{query_columns}", &query_columns.join(",\n"))
+}
+
+// ---------------------------------------------------------------- SQLite
+
+fn migrate_sqlite(conn: &mut Conn) -> Result<(), OpenError> {
+    let version: i64 = conn.query_one("PRAGMA user_version", params![])?.get(0)?;
+    if version > SCHEMA_VERSION {
+        return Err(OpenError::SchemaTooNew(version));
+    }
+    for (step, tables) in [(1, REVIEWS), (2, SESSIONS)] {
+        if version < step {
+            let tables = dialect(tables, Backend::Sqlite);
+            conn.batch(&format!(
+                "BEGIN;{tables}PRAGMA user_version = {step};\nCOMMIT;"
+            ))?;
+        }
+    }
+    add_approval_tables(conn)?;
+    Ok(())
+}
+
+/// Adds the approval and token columns and tables to a file that lacks
+/// them. Guarded by a column check rather than `user_version`, so it
+/// composes with the other steps; idempotent, and run under `BEGIN
+/// IMMEDIATE` so two processes opening one old file do not both alter it.
+fn add_approval_tables(conn: &mut Conn) -> Result<(), DbError> {
+    conn.transaction(Lock::Schema, |tx| {
+        let existing: Vec<String> = tx
+            .query("SELECT name FROM pragma_table_info('reviews')", params![])?
+            .iter()
+            .map(|r| r.get(0))
+            .collect::<Result<_, DbError>>()?;
+        for (name, declaration) in REVIEW_COLUMNS {
+            if !existing.iter().any(|c| c == name) {
+                tx.batch(&add_review_column(name, declaration, Backend::Sqlite))?;
+            }
+        }
+        tx.batch(&dialect(APPROVALS, Backend::Sqlite))
+    })
+}
+
+const SQLITE_RECORD_TRIGGERS: &str = "
+CREATE TRIGGER IF NOT EXISTS records_no_update BEFORE UPDATE ON records
+BEGIN
+    SELECT RAISE(ABORT, 'records are append-only');
+END;
+CREATE TRIGGER IF NOT EXISTS records_no_delete BEFORE DELETE ON records
+WHEN (SELECT allow FROM retention_gate WHERE id = 1) IS NOT 1
+BEGIN
+    SELECT RAISE(ABORT, 'records are append-only (only retention deletes)');
+END;
+CREATE TRIGGER IF NOT EXISTS chain_anchor_no_update BEFORE UPDATE ON chain_anchor
+BEGIN
+    SELECT RAISE(ABORT, 'chain anchors are append-only');
+END;
+CREATE TRIGGER IF NOT EXISTS chain_anchor_no_delete BEFORE DELETE ON chain_anchor
+BEGIN
+    SELECT RAISE(ABORT, 'chain anchors are append-only');
+END;
+";
+
+/// Creates the record tables and triggers when missing (under the chain's
+/// lock, so it never interleaves with an append), and adds
+/// `records.idempotency_key` to files made before it existed (a virtual
+/// column: nothing is rewritten, and the triggers, which refuse UPDATE and
+/// DELETE, are not involved).
+fn create_sqlite_records(conn: &mut Conn) -> Result<(), DbError> {
+    conn.transaction(Lock::RecordChain, |tx| {
+        tx.batch(&records(&RECORD_QUERY_COLUMNS, Backend::Sqlite))?;
+        tx.batch(SQLITE_RECORD_TRIGGERS)?;
+        let has_key = tx.query_one(
+            "SELECT count(*) FROM pragma_table_xinfo('records') WHERE name = 'idempotency_key'",
+            params![],
+        )?;
+        if has_key.get::<i64>(0)? == 0 {
+            tx.batch(&format!(
+                "ALTER TABLE records ADD COLUMN {}",
+                record_query_column("idempotency_key", Backend::Sqlite)
+            ))?;
+        }
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------- PostgreSQL
+
+/// The `reviews` part: every table of the SQLite steps, at once.
+fn postgres_reviews() -> String {
+    let columns: String = REVIEW_COLUMNS
+        .iter()
+        .map(|(name, declaration)| add_review_column(name, declaration, Backend::Postgres))
+        .collect();
+    let tables = dialect(&format!("{REVIEWS}{SESSIONS}"), Backend::Postgres);
+    let approvals = dialect(APPROVALS, Backend::Postgres);
+    format!("{tables}{columns}{approvals}")
+}
+
+const POSTGRES_RECORD_TRIGGERS: &str = "
+CREATE FUNCTION countersign_records_no_update() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'records are append-only';
+END $$;
+CREATE FUNCTION countersign_records_no_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF (SELECT allow FROM retention_gate WHERE id = 1) IS DISTINCT FROM 1 THEN
+        RAISE EXCEPTION 'records are append-only (only retention deletes)';
+    END IF;
+    RETURN OLD;
+END $$;
+CREATE FUNCTION countersign_anchors_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'chain anchors are append-only';
+END $$;
+CREATE TRIGGER records_no_update BEFORE UPDATE ON records
+    FOR EACH ROW EXECUTE FUNCTION countersign_records_no_update();
+CREATE TRIGGER records_no_delete BEFORE DELETE ON records
+    FOR EACH ROW EXECUTE FUNCTION countersign_records_no_delete();
+CREATE TRIGGER records_no_truncate BEFORE TRUNCATE ON records
+    FOR EACH STATEMENT EXECUTE FUNCTION countersign_records_no_update();
+CREATE TRIGGER chain_anchor_no_update BEFORE UPDATE OR DELETE ON chain_anchor
+    FOR EACH ROW EXECUTE FUNCTION countersign_anchors_append_only();
+CREATE TRIGGER chain_anchor_no_truncate BEFORE TRUNCATE ON chain_anchor
+    FOR EACH STATEMENT EXECUTE FUNCTION countersign_anchors_append_only();
+";
+
+/// The `records` part.
+fn postgres_records() -> String {
+    records(&RECORD_QUERY_COLUMNS, Backend::Postgres) + POSTGRES_RECORD_TRIGGERS
+}
+
+/// Creates the PostgreSQL schema part named `part` once, under an advisory
+/// lock so replicas starting together do not race; refuses a database
+/// written by a newer version.
+fn migrate_postgres(conn: &mut Conn, part: &str, ddl: &str) -> Result<(), OpenError> {
+    conn.transaction(Lock::Schema, |c| {
+        // Checked first, not `CREATE ... IF NOT EXISTS`: that needs the
+        // CREATE privilege on every start, and a service may be granted it
+        // only for the first one.
+        if !c.table_exists("countersign_schema")? {
+            c.batch(
+                "CREATE TABLE countersign_schema (
+                     part    TEXT PRIMARY KEY,
+                     version BIGINT NOT NULL
+                 )",
+            )?;
+        }
+        let found = c.query_opt(
+            "SELECT version FROM countersign_schema WHERE part = ?1",
+            params![part],
+        )?;
+        match found {
+            Some(row) => {
+                let version: i64 = row.get(0)?;
+                if version > POSTGRES_SCHEMA_VERSION {
+                    return Err(OpenError::SchemaTooNew(version));
+                }
+            }
+            None => {
+                c.batch(ddl)?;
+                c.execute(
+                    "INSERT INTO countersign_schema (part, version) VALUES (?1, ?2)",
+                    params![part, POSTGRES_SCHEMA_VERSION],
+                )?;
+            }
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    fn memory() -> Conn {
+        Conn::from_sqlite(rusqlite::Connection::open_in_memory().unwrap())
+    }
+
+    #[test]
+    fn approval_tables_are_added_to_old_files_once() {
+        let mut conn = memory();
+        conn.batch(
+            "CREATE TABLE reviews (id TEXT PRIMARY KEY, status TEXT NOT NULL);
+             INSERT INTO reviews VALUES ('rev_old', 'pending');",
+        )
+        .unwrap();
+        add_approval_tables(&mut conn).unwrap();
+        add_approval_tables(&mut conn).unwrap();
+        let row = conn
+            .query_one(
+                "SELECT required_approvals, caller_groups_json, token_uses FROM reviews",
+                params![],
+            )
+            .unwrap();
+        let (req, groups, uses): (i64, String, i64) = (
+            row.get(0).unwrap(),
+            row.get(1).unwrap(),
+            row.get(2).unwrap(),
+        );
+        assert_eq!((req, groups.as_str(), uses), (1, "[]", 0));
+        let approvals = conn
+            .query_one("SELECT count(*) FROM approvals", params![])
+            .unwrap();
+        assert_eq!(approvals.get::<i64>(0).unwrap(), 0);
+    }
+
+    #[test]
+    fn older_record_tables_gain_the_idempotency_column() {
+        // The record tables as they were before `idempotency_key`.
+        let old_schema = records(&RECORD_QUERY_COLUMNS[..5], Backend::Sqlite);
+        assert!(!old_schema.contains("idempotency_key"));
+        let mut conn = memory();
+        conn.batch(&old_schema).unwrap();
+        conn.batch(SQLITE_RECORD_TRIGGERS).unwrap();
+        let columns = |c: &mut Conn| {
+            c.query_one(
+                "SELECT count(*) FROM pragma_table_xinfo('records') WHERE name = 'idempotency_key'",
+                params![],
+            )
+            .unwrap()
+            .get::<i64>(0)
+            .unwrap()
+        };
+        assert_eq!(columns(&mut conn), 0);
+        create_sqlite_records(&mut conn).unwrap();
+        create_sqlite_records(&mut conn).unwrap();
+        assert_eq!(columns(&mut conn), 1);
+    }
+
+    #[test]
+    fn a_new_file_gets_every_step_and_a_newer_one_is_refused() {
+        let mut conn = memory();
+        migrate(&mut conn).unwrap();
+        migrate(&mut conn).unwrap();
+        // One table of each step: first release, sessions, approvals, records.
+        for table in ["reviews", "sessions", "token_consumptions", "chain_anchor"] {
+            assert!(conn.table_exists(table).unwrap(), "{table}");
+        }
+        conn.batch("PRAGMA user_version = 3").unwrap();
+        assert!(matches!(
+            migrate(&mut conn),
+            Err(OpenError::SchemaTooNew(3))
+        ));
+    }
+}

@@ -1,0 +1,121 @@
+//! The HTTP layer, the top of the service: the router ([`app`]), the server
+//! ([`run`]), request extraction ([`extract`], [`auth`]), the one mapping of
+//! domain errors to HTTP answers ([`error`]), and the handlers by area:
+//! [`reviews`], [`approval_tokens`], [`records`], [`metrics`], and the
+//! reviewer web UI ([`ui`], with its session cookie in [`cookies`]).
+//!
+//! Handlers parse and check what the client sent, call the domain through
+//! [`AppState`], and turn its answer into a response; the decisions are
+//! made below (see the domain crate's layers).
+
+pub mod approval_tokens;
+pub mod auth;
+pub mod cookies;
+pub mod error;
+pub mod extract;
+pub mod metrics;
+pub mod records;
+pub mod reviews;
+pub mod ui;
+
+use std::future::Future;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+use crate::state::{AppState, RETENTION_PERIOD, SWEEP_PERIOD};
+use error::ApiError;
+
+/// Largest accepted request body. The filter forwards whole inference
+/// bodies (several MiB with images or long contexts) inside its JSON.
+pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+/// The HTTP API.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/reviews", post(reviews::create_review))
+        .route("/v1/reviews/{id}/wait", get(reviews::wait_review))
+        .route("/v1/reviews/{id}/expire", post(reviews::expire_review))
+        .route("/v1/reviews/{id}/cancel", post(reviews::cancel_review))
+        .route(
+            "/v1/reviews/{id}/status",
+            get(approval_tokens::caller_status),
+        )
+        .route("/v1/reviews/{id}/consume", post(approval_tokens::consume))
+        .route("/api/me", get(reviews::me))
+        .route("/api/reviews", get(reviews::list_reviews))
+        .route("/api/reviews/{id}", get(reviews::get_review))
+        .route("/api/reviews/{id}/approve", post(reviews::approve))
+        .route("/api/reviews/{id}/reject", post(reviews::reject))
+        .route("/api/reviews/{id}/edit", post(reviews::edit))
+        .route("/api/events", get(reviews::events))
+        .route("/v1/records", post(records::create_record))
+        .route("/v1/records/{id}/response", post(records::create_response))
+        .route("/api/records", get(records::list_records))
+        .route("/api/records/export", get(records::export_records))
+        .route("/api/records/{id}", get(records::get_record))
+        .route("/metrics", get(metrics::metrics))
+        .route("/", get(ui::queue_page))
+        .route("/reviews/{id}", get(ui::review_page))
+        .route("/history", get(ui::history_page))
+        .route("/login", get(ui::login_page))
+        .route("/ui/login", post(ui::login))
+        .route("/ui/logout", post(ui::logout))
+        .route("/ui/{asset}", get(ui::ui_asset))
+        .fallback(fallback)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(ui::security_headers))
+        .with_state(state)
+}
+
+/// Serves [`app`] on `listener` with the expiry sweeper (and record
+/// retention) running, until `shutdown` resolves; then pending long polls
+/// answer at once and in-flight requests finish before this returns.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let sweeper = state.spawn_sweeper(SWEEP_PERIOD);
+    let retention = state.spawn_retention(RETENTION_PERIOD);
+    let on_shutdown = state.clone();
+    let result = axum::serve(listener, app(state))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            on_shutdown.begin_shutdown();
+        })
+        .await;
+    sweeper.abort();
+    retention.abort();
+    result
+}
+
+/// `GET /healthz`: the process is up.
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+/// `GET /readyz`: the database answers.
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    match state.db(|s| s.ping()).await {
+        Ok(()) => Json(serde_json::json!({"status": "ready"})).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "readiness check failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(serde_json::json!({"status": "unavailable"})),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// Any unknown path.
+pub async fn fallback() -> ApiError {
+    ApiError::NotFound("no such endpoint".into())
+}
