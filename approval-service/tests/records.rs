@@ -825,6 +825,47 @@ fn a_retried_write_with_the_same_idempotency_key_returns_the_first_record() {
     assert_eq!(state.records().entry_count().unwrap(), 2);
 }
 
+/// Every answer to a pre-forward record write was lost, so the filter
+/// refused the request it never forwarded: its refusal becomes the written
+/// record's outcome, not a second record that contradicts it.
+#[test]
+fn a_refusal_after_a_lost_record_answer_completes_that_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, _db) = chain(dir.path(), 0, "");
+    let mut rec = new_record("svc");
+    rec.request_id = "req-lost".into();
+    rec.idempotency_key = Some("req-lost:00000000000000bb".into());
+    let written = state.records().write_request(rec.clone(), 1_000).unwrap();
+    let mut refusal = rec.clone();
+    refusal.decision = "unavailable".into();
+    refusal.idempotency_key = Some("req-lost:00000000000000bb:refusal".into());
+    refusal.refusal = Some(countersign_core::wire::RecordedRefusal {
+        status: 503,
+        code: "audit_record_unavailable".into(),
+        message: "the session record could not be written".into(),
+    });
+    let first = state
+        .records()
+        .write_request(refusal.clone(), 2_000)
+        .unwrap();
+    assert_eq!(first.record_id, written.record_id);
+    // The refusal, retried after its own lost answer: still one record.
+    let again = state.records().write_request(refusal, 3_000).unwrap();
+    assert_eq!(again.record_id, written.record_id);
+    let got = state.records().get(&written.record_id).unwrap().unwrap();
+    assert_eq!(got["response"]["completion"], "not_forwarded", "{got}");
+    assert_eq!(got["response"]["status"], 503, "{got}");
+    assert_eq!(
+        got["response"]["blocked_by"], "audit_record_unavailable",
+        "{got}"
+    );
+    assert_eq!(
+        state.records().entry_count().unwrap(),
+        2,
+        "request + outcome"
+    );
+}
+
 /// A caller can put NUL characters in a prompt or a model name. PostgreSQL
 /// text cannot hold them, and its `jsonb` refuses `\u0000`: the review and
 /// its records must still be written (NUL kept as U+FFFD), on both

@@ -308,14 +308,23 @@ def test_lost_record_answer_fails_closed(make_stack, interpose):
     verify_chain(stack)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: when every attempt's answer is lost, the record stored still says "
-                   "`allowed` (the request was never forwarded), and the refusal adds a second record")
 def test_lost_record_answer_leaves_exactly_one_truthful_record(make_stack, interpose):
+    # The pre-forward record was stored, every answer to it lost: the filter
+    # refused the request it never forwarded. The record must not say
+    # "allowed" and stop there, nor may a second record contradict it: the
+    # refusal becomes that record's outcome.
     stack, r = lose_record_answer(make_stack, interpose, "lost-record-answer")
     assert r.status_code == 503
-    time.sleep(1.0)  # the refusal's own record is written best effort
-    recs = records(stack, request_id="lost-record-answer")
-    assert [rec_field(x, "decision") for x in recs] == ["unavailable"], recs
+    recs = wait_until(lambda: (x := records(stack, request_id="lost-record-answer"))
+                      and x[0].get("response") and x, what="the record's outcome")
+    assert len(recs) == 1, recs
+    [rec] = recs
+    assert rec_field(rec, "decision") == "allowed"  # what policy decided
+    outcome = rec["response"]
+    assert (outcome["completion"], outcome["status"], outcome["blocked_by"]) == (
+        "not_forwarded", 503, "audit_record_unavailable"), outcome
+    assert stack.backend.stats()["started"] == 0
+    verify_chain(stack)
 
 
 def test_one_lost_record_answer_is_retried_without_a_second_record(make_stack, interpose):

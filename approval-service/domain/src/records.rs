@@ -507,6 +507,9 @@ fn append_request(
             return Ok((existing, false));
         }
     }
+    if let Some(outcome) = refusal_of_written_record(tx, tail, rec, now_ms)? {
+        return Ok((outcome, false));
+    }
     let review = match rec.review_id.as_deref().filter(|s| !s.is_empty()) {
         Some(id) => review_snapshot(tx, id, rec.body.as_deref())?,
         None => None,
@@ -522,6 +525,56 @@ fn append_request(
     })?;
     let seq = append(tx, tail, &record_id, "request", None, now_ms, &entry)?;
     Ok((Written { record_id, seq }, true))
+}
+
+/// The filter refused a request after its pre-forward record was written
+/// but every answer to that write was lost: the request was never
+/// forwarded, and the record already written would say it was allowed with
+/// no word of what happened. The refusal (whose idempotency key is the
+/// pre-forward record's plus `:refusal`) then becomes that record's
+/// response part (`completion: not_forwarded`, the refusal's status, code
+/// and message), so one record tells the whole story. A retry of the
+/// refusal finds the part already there and is answered with the record.
+fn refusal_of_written_record(
+    tx: &mut Conn,
+    tail: &mut (i64, String),
+    rec: &NewRecord,
+    now_ms: u64,
+) -> Result<Option<Written>, RecordError> {
+    let (Some(key), Some(refusal)) = (rec.idempotency_key.as_deref(), &rec.refusal) else {
+        return Ok(None);
+    };
+    let Some(forward_key) = key.strip_suffix(":refusal") else {
+        return Ok(None);
+    };
+    let Some(row) = tx.query_opt(
+        "SELECT record_id, seq FROM records
+         WHERE request_id = ?1 AND kind = 'request'
+           AND idempotency_key = ?2",
+        params![&rec.request_id, forward_key],
+    )?
+    else {
+        return Ok(None);
+    };
+    let written = Written {
+        record_id: row.get(0)?,
+        seq: row.get(1)?,
+    };
+    let outcome = RecordResponse {
+        status: refusal.status,
+        body: refusal.message.clone(),
+        truncated: false,
+        usage: None,
+        ttfb_ms: None,
+        total_ms: None,
+        blocked_by: Some(refusal.code.clone()),
+        hits: Vec::new(),
+        completion: "not_forwarded".into(),
+    };
+    match append_response(tx, tail, &written.record_id, &outcome, now_ms) {
+        Ok(_) | Err(RecordError::Conflict(_)) => Ok(Some(written)),
+        Err(e) => Err(e),
+    }
 }
 
 /// Appends the response part of request record `ref_id`.
