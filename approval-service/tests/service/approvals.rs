@@ -1,16 +1,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! Separation of duties, quorum, and approval tokens for asynchronous callers.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;
 
-use axum::http::StatusCode;
-use axum::Router;
-use common::{
+use crate::common::{
     assert_error, call, decide, get_as, spawn_wait, wait, Fixture, ALICE, BOB, FILTER_HEADER,
 };
+use axum::http::StatusCode;
+use axum::Router;
 use countersign_approval::{app, Config};
 use countersign_core::token::{body_hash, verify, TokenError, TokenKey};
 use serde_json::{json, Value};

@@ -5,7 +5,7 @@
 //! result (every filter here matches nothing legitimately), raise a 500, or
 //! change the database.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -5,7 +5,7 @@
 //!
 //! Runs in the PostgreSQL pass of the tests; returns at once otherwise.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

@@ -7,7 +7,7 @@
 //! (`COUNTERSIGN_TEST_POSTGRES_CA` names its CA certificate); returns at
 //! once otherwise.
 
-mod common;
+use crate::common;
 
 use countersign_approval::{AppState, Config};
 
@@ -37,10 +37,13 @@ fn tls_connections_verify_the_server_certificate() {
     // Trusting the server's CA: the service connects over TLS.
     let state = open(&url_with(&db, &format!("sslmode=require&sslrootcert={ca}"))).unwrap();
     let mut raw = common::RawDb::open(&db);
+    // This test's database only: other tests' services, in the same test
+    // binary and cluster, connect in plain text.
     let encrypted = raw.text(
         "SELECT CAST(bool_and(s.ssl) AS TEXT) FROM pg_stat_ssl s
          JOIN pg_stat_activity a ON a.pid = s.pid
-         WHERE a.application_name = 'countersign-approval'",
+         WHERE a.application_name = 'countersign-approval'
+           AND a.datname = current_database()",
     );
     assert_eq!(encrypted, "true", "every service connection uses TLS");
     drop(state);

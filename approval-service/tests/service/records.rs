@@ -3,15 +3,15 @@
 //! the query/export API, metrics, the hash chain and its verifier (also
 //! against direct tampering with the SQLite file), retention, and the CLI.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::common::{bearer, call, decide_ok, get_as, send, Fixture, ALICE, BOB, FILTER_HEADER};
 use axum::http::StatusCode;
 use axum::Router;
-use common::{bearer, call, decide_ok, get_as, send, Fixture, ALICE, BOB, FILTER_HEADER};
 use countersign_approval::records::{self, chain_hash, ChainProblem};
 use countersign_approval::AppState;
 use countersign_core::wire::NewRecord;

@@ -7,14 +7,14 @@
 //! (`COUNTERSIGN_TEST_POSTGRES_URL`, set by `./dev test`); with SQLite there
 //! is only ever one replica, and they return at once.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::common::{ALICE, BOB};
 use axum::http::StatusCode;
 use axum::Router;
-use common::{ALICE, BOB};
 use countersign_approval::{app, AppState};
 use serde_json::json;
 

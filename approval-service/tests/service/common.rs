@@ -1,9 +1,6 @@
-//! Helpers shared by the integration tests (`mod common;`): tokens, a
+//! Helpers shared by the integration tests (`use crate::common;`): tokens, a
 //! service on a temporary database, in-process requests and the calls most
 //! tests make (create a review, decide it, wait for it).
-
-// Each test crate compiles this module and uses only part of it.
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -2,17 +2,17 @@
 //! The reviewer UI's server side: sign-in sessions, CSRF, pages and security
 //! headers, history filters, the live event feed, and webhooks.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::{bearer, decide_ok, send, Fixture, Resp, ALICE, BOB};
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Request, StatusCode};
 use axum::Router;
-use common::{bearer, decide_ok, send, Fixture, Resp, ALICE, BOB};
 use countersign_approval::{app, AppState, TokenHash};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use countersign_approval::Config;
 
 const PROBE: &str = "zzz_probe";
-const DOC: &str = include_str!("../../docs/configuration.md");
+const DOC: &str = include_str!("../../../docs/configuration.md");
 const START: &str = "<!-- reference:service -->";
 const END: &str = "<!-- /reference:service -->";
 

@@ -2,17 +2,17 @@
 //! HTTP behaviour of the approval service, through `app(state)` in-process
 //! and through `run` on a real socket.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
-use axum::Router;
-use common::{
+use crate::common::{
     assert_error, bearer, call, decide, get_as, send, spawn_wait, wait, Fixture, ALICE, BOB,
     FILTER_HEADER,
 };
+use axum::http::StatusCode;
+use axum::Router;
 use countersign_approval::{app, AppState};
 use serde_json::{json, Value};
 

@@ -1,0 +1,18 @@
+//! The approval service's integration tests, one test binary: the helpers in
+//! `common` are compiled and linked once, not once per test file. Each module
+//! is one subject; run one with `cargo test -p countersign-approval --test
+//! service -- records::` (a test's name starts with its module).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod api;
+mod approvals;
+mod cli;
+mod common;
+mod config_reference;
+mod postgres_schema;
+mod postgres_tls;
+mod records;
+mod replicas;
+mod sql_injection;
+mod ui;
