@@ -2,8 +2,9 @@
 
 Starts the release binaries and Envoy on loopback, drives them with wrk (and
 small asyncio clients where wrk cannot measure what is asked), and writes a
-markdown report to stdout and docs/benchmarks.md. Every process it starts
-runs in its own session and is stopped by PID at the end, also on Ctrl-C.
+markdown report to stdout and docs/benchmarks.md. Processes are started with
+the e2e tests' harness (tests/e2e/stack.py): each runs in its own session on
+free loopback ports and is stopped by PID at the end, also on Ctrl-C.
 """
 from __future__ import annotations
 
@@ -17,38 +18,32 @@ import platform
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-try:  # from .venv-bench (tests/bench/run sets it up); --help works without them
-    import httpx
-    import yaml
-except ImportError:  # pragma: no cover
-    httpx = yaml = None
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 sys.path.insert(0, str(HERE))
 
-from render import filter_config_value, render  # noqa: E402
+try:  # from .venv-bench (tests/bench/run sets it up); --help works without them
+    import httpx
+    import yaml
+    from stack import (DEFAULT_FILTER_CONFIG, ENVOY, REVIEWERS, Approval, Backend, Envoy, Proc, StartError, free_port,
+                       stop_all, wait_started, without_wasm_filter)
+except ImportError:  # pragma: no cover
+    httpx = yaml = None
+
 from benchhttp import Conn, percentile, raise_nofile  # noqa: E402
 from workloads import PROSE, chat_body, create_review_body  # noqa: E402
 
-RELEASE = ROOT / "target" / "release"
-WASM = ROOT / "target" / "wasm32-wasip1" / "wasm" / "countersign_filter.wasm"
-ENVOY = ROOT / ".venv" / "bin" / "envoy"
-TEMPLATE = ROOT / "envoy" / "countersign.yaml"
-FILTER_CONFIG = ROOT / "envoy" / "filter-config.json"
 LITELLM = ROOT / ".venv-bench" / "bin" / "litellm"
 LITELLM_VERSION = "1.89.7"
 POST_LUA = HERE / "wrk" / "post.lua"
 APPROVE_LUA = HERE / "wrk" / "approve.lua"
-BUFFER_LIMIT = 16 * 1024 * 1024
-REVIEWER, REVIEWER_TOKEN = "bench", "bench-reviewer-token-0123456789"
+REVIEWER_AUTH = f"Bearer {REVIEWERS['alice']}"  # a reviewer the harness configures in every service
 LITELLM_KEY = "sk-bench-master-key-0123456789"
 ALLOW_MODEL = "demo-allow-bench"  # matched by the demo config's `demo-allow*` allow rule
 HELD_MODEL = "demo-echo-held"  # no rule matches: default_action review
@@ -65,91 +60,10 @@ def log(msg: str):
 
 # ------------------------------------------------------------------ processes
 
-PROCS: list["Proc"] = []
-
-
-class StartError(Exception):
-    pass
-
-
-class Proc:
-    """A child in its own session (so a terminal's Ctrl-C does not reach it), stopped by PID."""
-
-    def __init__(self, name: str, cmd: list[str], logfile: Path, env: dict | None = None,
-                 stdout=None, stdin=subprocess.DEVNULL):
-        self.name, self.cmd, self.logfile, self.env = name, cmd, logfile, env
-        self.stdout, self.stdin = stdout, stdin
-        self.popen: subprocess.Popen | None = None
-
-    def start(self) -> "Proc":
-        out = open(self.logfile, "ab")
-        env = None if self.env is None else {**os.environ, **self.env}
-        self.popen = subprocess.Popen(self.cmd, stdout=self.stdout or out, stderr=out, stdin=self.stdin,
-                                      start_new_session=True, env=env, cwd=str(ROOT))
-        out.close()
-        PROCS.append(self)
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def stop(self, timeout: float = 8.0):
-        if self.popen is None:
-            return
-        if self.popen.poll() is None:
-            try:
-                os.killpg(self.popen.pid, signal.SIGTERM)  # its own session: pgid == its pid
-            except ProcessLookupError:
-                pass
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(self.popen.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.popen.wait(5)
-        if self in PROCS:
-            PROCS.remove(self)
-
-    def log_tail(self, n: int = 4000) -> str:
-        try:
-            return self.logfile.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-
-def stop_all():
-    for p in list(reversed(PROCS)):
-        try:
-            p.stop()
-        except Exception as e:  # keep stopping the others
-            log(f"stopping {p.name} (pid {p.pid}): {e!r}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: Proc, timeout: float = 20.0, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            raise StartError(f"{proc.name} exited during start-up:\n{proc.log_tail()}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise StartError(f"{what or proc.name} not ready after {timeout:.0f} s:\n{proc.log_tail()}")
+def stop_everything():
+    """Stops every process the harness started and has not stopped yet."""
+    for failure in stop_all():
+        log(failure)
 
 
 def tree(pid: int) -> list[int]:
@@ -197,156 +111,68 @@ def rss_bytes(pid: int) -> int:
 
 # ------------------------------------------------------------------ components
 
-class Backend:
-    def __init__(self, work: Path, name="demo-backend"):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = Proc(name, [str(RELEASE / "demo-backend"), "--listen", f"127.0.0.1:{self.port}"],
-                         work / f"{name}.log")
-
-    def start(self):
-        self.proc.start()
-        wait_http(f"{self.url}/_demo/stats", self.proc)
-        return self
-
-    def stats(self) -> dict:
-        return httpx.get(f"{self.url}/_demo/stats", timeout=5).json()
-
-    def last_request(self) -> dict | None:
-        r = httpx.get(f"{self.url}/_demo/requests", timeout=5).json()
-        return r[-1] if r else None
-
-
-class Approval:
-    def __init__(self, work: Path, name="approval", extra_top: str = "", extra_tables: str = "",
-                 database: str | None = None):
-        import hashlib
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.db = work / f"{name}.db"
+def approval_service(work: Path, name: str, extra: str = "", database: str | None = None) -> Approval:
+    """An approval service on `database`, or on a SQLite file of its own, emptied first (.run/bench outlives a
+    run). It logs warnings only: a log line per request would be measured too."""
+    if database is None:
+        db = work / f"{name}.db"
         for suffix in ("", "-wal", "-shm"):
-            Path(str(self.db) + suffix).unlink(missing_ok=True)
-        config = work / f"{name}.toml"
-        config.write_text(
-            f'listen = "127.0.0.1:{self.port}"\ndatabase = "{database or self.db}"\n{extra_top}\n\n[[reviewers]]\n'
-            f'name = "{REVIEWER}"\ntoken_sha256 = "{hashlib.sha256(REVIEWER_TOKEN.encode()).hexdigest()}"\n'
-            f'groups = ["security"]\n\n{extra_tables}\n')
-        self.proc = Proc(name, [str(RELEASE / "countersign-approval"), "serve", "--config", str(config)],
-                         work / f"{name}.log", env={"RUST_LOG": "warn"})
-
-    def start(self):
-        self.proc.start()
-        wait_http(f"{self.url}/healthz", self.proc)
-        return self
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {REVIEWER_TOKEN}"}, timeout=30)
-
-    def reviews(self, status: str) -> dict[str, dict]:
-        """Every review with this status, by id (pages through the reviewer API, newest first)."""
-        seen: dict[str, dict] = {}
-        before = None
-        with self.client() as c:
-            while True:
-                params = {"status": status, "limit": 500}
-                if before is not None:
-                    params["before_ms"] = before
-                r = c.get("/api/reviews", params=params)
-                r.raise_for_status()
-                page = r.json()["reviews"]
-                new = [x for x in page if x["id"] not in seen]
-                for x in page:
-                    seen[x["id"]] = x
-                if len(page) < 500 or not new:
-                    break
-                # +1 so that reviews created in the same millisecond as the page's last are not skipped
-                before = min(x["created_at_ms"] for x in page) + 1
-        return seen
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        database = str(db)
+    return Approval(work, extra=extra, database=database, name=name, env={"RUST_LOG": "warn"})
 
 
-class Envoy:
-    """Envoy rendered from the project's template. `wasm=False` removes the countersign wasm
-    filter (same listener, routes, buffer filter and clusters: the "plain Envoy" baseline)."""
-
-    base_ids = iter(range(int(time.time()) % 10000 * 10 + 1000, 10**9))
-
-    def __init__(self, work: Path, name: str, backend: Backend, approval_port: int,
-                 filter_config: dict | None = None, wasm: bool = True, mutate=None):
-        self.name = name
-        self.port, self.admin_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.admin = f"http://127.0.0.1:{self.admin_port}"
-        text = render(TEMPLATE.read_text(), {
-            "ADMIN_PORT": self.admin_port, "LISTEN_PORT": self.port, "MODEL_PORT": backend.port,
-            "APPROVAL_PORT": approval_port, "BUFFER_LIMIT": BUFFER_LIMIT, "WASM_PATH": WASM,
-            "FILTER_CONFIG": filter_config_value(filter_config or load_filter_config()),
-        })
-        cfg = yaml.safe_load(text)
-        if not wasm:
-            removed = remove_wasm_filters(cfg)
-            assert removed, "no wasm filter found in the template"
-        if mutate:
-            mutate(cfg)
-        self.config_path = work / f"{name}.json"
-        self.config_path.write_text(json.dumps(cfg, indent=1))
-        self.proc = Proc(name, [str(ENVOY), "-c", str(self.config_path), "--log-level", "warn",
-                                "--component-log-level", "wasm:info", "--concurrency", "2",
-                                "--base-id", str(next(Envoy.base_ids))], work / f"{name}.log")
-
-    def start(self):
-        self.proc.start()
-        wait_http(f"{self.admin}/ready", self.proc, what=f"{self.name} /ready")
-        return self
-
-    def stop(self):
-        if self.proc.alive():
-            try:
-                httpx.post(f"{self.admin}/quitquitquit", timeout=2)
-                self.proc.popen.wait(5)
-            except (httpx.HTTPError, subprocess.TimeoutExpired):
-                pass
-        self.proc.stop()
-
-    def histogram(self, name: str) -> dict | None:
-        """Cumulative P50/P99 of one Envoy histogram (ms for *_time), from the admin /stats."""
-        try:
-            text = httpx.get(f"{self.admin}/stats", params={"filter": f"^{re.escape(name)}$"}, timeout=10).text
-        except httpx.HTTPError:
-            return None
-        out = {}
-        for q in ("P50", "P99"):
-            m = re.search(rf"{q}\(([^,]+),([^)]+)\)", text)
-            if m and m.group(2) != "nan":
-                out[q.lower()] = float(m.group(2))
-        return out or None
-
-    def stats(self, pattern: str = "") -> dict[str, int]:
-        r = httpx.get(f"{self.admin}/stats", params={"filter": pattern} if pattern else None, timeout=5)
-        out = {}
-        for line in r.text.splitlines():
-            k, _, v = line.partition(": ")
-            if v.strip().lstrip("-").isdigit():
-                out[k] = int(v)
-        return out
+def reviews(approval: Approval, status: str) -> dict[str, dict]:
+    """Every review with this status, by id (pages through the reviewer API, newest first)."""
+    seen: dict[str, dict] = {}
+    before = None
+    with approval.client(timeout=30) as c:
+        while True:
+            params = {"status": status, "limit": 500}
+            if before is not None:
+                params["before_ms"] = before
+            r = c.get("/api/reviews", params=params)
+            r.raise_for_status()
+            page = r.json()["reviews"]
+            new = [x for x in page if x["id"] not in seen]
+            for x in page:
+                seen[x["id"]] = x
+            if len(page) < 500 or not new:
+                break
+            # +1 so that reviews created in the same millisecond as the page's last are not skipped
+            before = min(x["created_at_ms"] for x in page) + 1
+    return seen
 
 
-def load_filter_config() -> dict:
-    return json.loads(FILTER_CONFIG.read_text())
+def last_request(backend: Backend) -> dict | None:
+    """The last request the demo backend received."""
+    seen = backend.requests()
+    return seen[-1] if seen else None
 
 
-def remove_wasm_filters(cfg: dict) -> int:
-    removed = 0
-    for listener in cfg.get("static_resources", {}).get("listeners", []):
-        for chain in listener.get("filter_chains", []):
-            for f in chain.get("filters", []):
-                tc = f.get("typed_config", {})
-                http_filters = tc.get("http_filters")
-                if http_filters is None:
-                    continue
-                keep = [h for h in http_filters if not h.get("typed_config", {}).get("@type", "").endswith(".wasm.v3.Wasm")]
-                removed += len(http_filters) - len(keep)
-                tc["http_filters"] = keep
-    return removed
+def histogram(envoy: Envoy, name: str) -> dict | None:
+    """Cumulative P50/P99 of one Envoy histogram (ms for *_time), from the admin /stats."""
+    try:
+        text = httpx.get(f"{envoy.admin}/stats", params={"filter": f"^{re.escape(name)}$"}, timeout=10).text
+    except httpx.HTTPError:
+        return None
+    out = {}
+    for q in ("P50", "P99"):
+        m = re.search(rf"{q}\(([^,]+),([^)]+)\)", text)
+        if m and m.group(2) != "nan":
+            out[q.lower()] = float(m.group(2))
+    return out or None
+
+
+def counters(envoy: Envoy, pattern: str = "") -> dict[str, int]:
+    """Envoy's counters and gauges whose names match `pattern`."""
+    r = httpx.get(f"{envoy.admin}/stats", params={"filter": pattern} if pattern else None, timeout=5)
+    out = {}
+    for line in r.text.splitlines():
+        k, _, v = line.partition(": ")
+        if v.strip().lstrip("-").isdigit():
+            out[k] = int(v)
+    return out
 
 
 def raise_circuit_breakers(limit: int):
@@ -440,7 +266,7 @@ class Wrk:
         text = out.read_text(errors="replace")
         m = re.search(r"^BENCH_JSON (\{.*\})$", text, re.M)
         if not m:
-            raise RuntimeError(f"wrk gave no result ({' '.join(cmd)}):\n{text}\n{p.log_tail()}")
+            raise RuntimeError(f"wrk gave no result ({' '.join(cmd)}):\n{text}\n{p.log_text()[-4000:]}")
         r = json.loads(m.group(1))
         r["seconds"] = r["duration_us"] / 1e6
         r["rps"] = r["requests"] / r["seconds"] if r["seconds"] else 0.0
@@ -528,12 +354,12 @@ class Suite:
         """Starts an Envoy with the feature's configuration; (envoy, "") if it works, else (None, why)."""
         spec = json.loads((HERE / "features.json").read_text())[name]
         cfg = deep_merge(self.allow_config, spec["filter_config"])
-        envoy = Envoy(self.work, f"envoy-{name}", backend, approval.port, filter_config=cfg)
+        envoy = Envoy(self.work, backend, approval, cfg, name=f"envoy-{name}")
         try:
             envoy.start()
-        except StartError as e:
+        except StartError:
             envoy.stop()
-            reason = "not yet available: " + config_rejection(str(e), spec["filter_config"])
+            reason = "not yet available: " + config_rejection(envoy.proc.log_text(), spec["filter_config"])
             self.results["features"][name] = {"available": False, "reason": reason}
             log(f"feature {name}: {reason}")
             return None, reason
@@ -545,7 +371,7 @@ class Suite:
         if r.status_code != 200:
             reason = f"not yet available: configuration accepted but a probe request got {r.status_code}: {r.text[:120]}"
         elif spec.get("probe") == "masks":
-            seen = backend.last_request()
+            seen = last_request(backend)
             if seen is None or seen["body"].encode() == body:
                 reason = "not yet available: configuration accepted but the model received the prompt unmasked"
         if reason:
@@ -563,10 +389,10 @@ class Suite:
         """Backend ceiling, plain Envoy, scenarios 1-5."""
         w = self.work
         backend = Backend(w).start()
-        approval = Approval(w).start()
-        plain = Envoy(w, "envoy-plain", backend, approval.port, wasm=False).start()
-        allow = Envoy(w, "envoy-filter", backend, approval.port,
-                      filter_config=self.baseline_config(backend, approval)).start()
+        approval = approval_service(w, "approval").start()
+        plain = Envoy(w, backend, approval, DEFAULT_FILTER_CONFIG, name="envoy-plain",
+                      mutate=without_wasm_filter).start()
+        allow = Envoy(w, backend, approval, self.baseline_config(backend, approval), name="envoy-filter").start()
         chat = "/v1/chat/completions"
         env_rss = {}
 
@@ -615,7 +441,7 @@ class Suite:
             else:
                 self.pending_row("3. `allow` + durable pre-forward record", "filter", "record", why, c)
         if record:
-            self.results["record_callout_ms"] = record.histogram("cluster.countersign_approval.upstream_rq_time")
+            self.results["record_callout_ms"] = histogram(record, "cluster.countersign_approval.upstream_rq_time")
             record.stop()
             self.record_on_postgres(backend, chat)
 
@@ -641,7 +467,7 @@ class Suite:
             return
         approval = envoy = None
         try:
-            approval = Approval(self.work, name="approval-pg", database=pg.create_database("bench")).start()
+            approval = approval_service(self.work, "approval-pg", database=pg.create_database("bench")).start()
             envoy, why = self.feature("record", backend, approval)
             for c in (1, 32):
                 if envoy:
@@ -663,10 +489,10 @@ class Suite:
         accepts, so scenario 1 and the held requests measure the policy and the hold alone."""
         if self.allow_config is not None:
             return self.allow_config
-        cfg, used = load_filter_config(), []
+        cfg, used = copy.deepcopy(DEFAULT_FILTER_CONFIG), []
         for overlay in json.loads((HERE / "features.json").read_text())["allow_baseline"]["overlays"]:
             trial = deep_merge(cfg, overlay)
-            probe = Envoy(self.work, "envoy-baseline-probe", backend, approval.port, filter_config=trial)
+            probe = Envoy(self.work, backend, approval, trial, name="envoy-baseline-probe")
             try:
                 probe.start()
                 cfg = trial
@@ -694,27 +520,27 @@ class Suite:
                     self.pending_row(labels[single], "filter", "token", reason, c)
             self.stop_all_of(*things)
 
-        svc = Approval(self.work, "approval-tokens", extra_top=spec["service_toml_top"],
-                       extra_tables=spec["service_toml_tables"])
+        svc = approval_service(self.work, "approval-tokens",
+                               extra=f"{spec['service_toml_top']}\n\n{spec['service_toml_tables']}")
         things.append(svc)
         try:
             svc.start()
-        except StartError as e:
-            m = re.search(r"unknown field `([^`]+)`", str(e))
+        except StartError:
+            m = re.search(r"unknown field `([^`]+)`", svc.proc.log_text())
             return pending("not yet available: the approval service " + (
                 f"does not know `{m.group(1)}` yet" if m else "does not start with the token settings"))
         cfg = deep_merge(self.allow_config, spec["filter_config"])
         cfg["rules"] = spec["prepend_rules"] + cfg.get("rules", [])
         envoys = {}
         for single in (True, False):
-            e = Envoy(self.work, f"envoy-tokens-{'spent' if single else 'offline'}", backend, svc.port,
-                      filter_config=deep_merge(cfg, {"approval_tokens": {"single_use": single}}))
+            e = Envoy(self.work, backend, svc, deep_merge(cfg, {"approval_tokens": {"single_use": single}}),
+                      name=f"envoy-tokens-{'spent' if single else 'offline'}")
             things.append(e)
             try:
                 e.start()
-            except StartError as err:
+            except StartError:
                 overlay = dict(spec["filter_config"], rules=spec["prepend_rules"])
-                return pending("not yet available: " + config_rejection(str(err), overlay))
+                return pending("not yet available: " + config_rejection(e.proc.log_text(), overlay))
             envoys[single] = e
         who = {spec["caller_header"]: spec["caller"], "content-type": "application/json"}
         gw = envoys[True].url
@@ -751,7 +577,7 @@ class Suite:
                 self.measure(labels[single], "filter", e.url + chat, c, body="2k-token", env=env,
                              watch={"envoy": e.proc.pid, "backend": backend.proc.pid, "approval": svc.proc.pid},
                              backend=backend, scenario="token-spent" if single else "token-offline")
-        self.results["token_callout_ms"] = envoys[True].histogram("cluster.countersign_approval.upstream_rq_time")
+        self.results["token_callout_ms"] = histogram(envoys[True], "cluster.countersign_approval.upstream_rq_time")
         self.stop_all_of(*things)
 
     def results_allow_missed(self) -> bool:
@@ -865,12 +691,12 @@ class Suite:
         full = n > 1000
         log(f"held capacity: {n} requests")
         backend = Backend(w, f"demo-backend-held{n}").start()
-        approval = Approval(w, f"approval-held{n}").start()
+        approval = approval_service(w, f"approval-held{n}").start()
         access_log = w / f"held-{n}-access.log"
         access_log.unlink(missing_ok=True)
         mutate = chain(raise_circuit_breakers(4 * n) if full else None, add_access_log(access_log))
-        envoy = Envoy(w, f"envoy-held{n}", backend, approval.port, mutate=mutate,
-                      filter_config=self.baseline_config(backend, approval)).start()
+        envoy = Envoy(w, backend, approval, self.baseline_config(backend, approval), name=f"envoy-held{n}",
+                      mutate=mutate).start()
         res = {"n": n, "status": "ok", "circuit_breakers_raised": full}
         try:
             # Warm up: a few allowed requests and two reviewed ones, so code paths and pools exist.
@@ -924,12 +750,12 @@ class Suite:
         line = client.popen.stdout.readline().decode()
         if not line.startswith("SENT"):
             client.stop()
-            raise RuntimeError(f"hold client failed: {line!r} {client.log_tail()}")
+            raise RuntimeError(f"hold client failed: {line!r} {client.log_text()[-4000:]}")
         # Wait until the service has every review (or the count stops growing).
         ids: list[str] = []
         last_change, last_len = time.monotonic(), -1
         while True:
-            ids = list(approval.reviews("pending"))
+            ids = list(reviews(approval, "pending"))
             if len(ids) != last_len:
                 last_change, last_len = time.monotonic(), len(ids)
             if len(ids) >= n or time.monotonic() - last_change > 10 or not client.alive():
@@ -945,7 +771,7 @@ class Suite:
                 mem = httpx.get(f"{envoy.admin}/memory", timeout=5).json()
                 r["envoy_memory"] = {k: int(mem[k]) for k in ("allocated", "heap_size", "pageheap_unmapped",
                                                               "pageheap_free", "total_thread_cache") if k in mem}
-                st = envoy.stats("downstream_cx_active|upstream_rq_active|overflow|rq_pending_active")
+                st = counters(envoy, "downstream_cx_active|upstream_rq_active|overflow|rq_pending_active")
                 r["envoy_stats_held"] = {k: v for k, v in st.items() if v and (
                     "inference" in k or "countersign_approval" in k or "cluster.model" in k)}
             except (httpx.HTTPError, ValueError) as e:
@@ -956,7 +782,7 @@ class Suite:
         ids_file.write_text("\n".join(ids) + "\n")
         t_approve = time.monotonic()
         ap = self.wrk.run(approval.url, 32, 300, None, script=APPROVE_LUA,
-                          env={"BENCH_IDS": str(ids_file), "BENCH_AUTH": f"Bearer {REVIEWER_TOKEN}"})
+                          env={"BENCH_IDS": str(ids_file), "BENCH_AUTH": REVIEWER_AUTH})
         client.popen.wait(600)
         client.stop()
         t_end = time.monotonic()
@@ -964,7 +790,7 @@ class Suite:
         to_wall = got["clock"]["wall"] - got["clock"]["mono"]
         records = got["results"]
         # The decision's time is when the service recorded it (decided_at_ms, wall clock).
-        decided = {k: v["decided_at_ms"] / 1000 for k, v in approval.reviews("approved").items() if v.get("decided_at_ms")}
+        decided = {k: v["decided_at_ms"] / 1000 for k, v in reviews(approval, "approved").items() if v.get("decided_at_ms")}
         envoy_fb = read_access_log(access_log, n) if access_log else {}
         lat_client, lat_envoy, bad, seg = [], [], [], {"release": [], "model": [], "envoy": [], "client": []}
         for rec in records:
@@ -1009,7 +835,7 @@ class Suite:
     def approval_alone(self):
         """Reviews created and decided per second, straight at the service (SQLite)."""
         w = self.work
-        approval = Approval(w, "approval-alone").start()
+        approval = approval_service(w, "approval-alone").start()
         res: dict = {"status": "ok"}
         try:
             create = w / "body-create.json"
@@ -1022,13 +848,13 @@ class Suite:
                 res[f"create_c{c}"] = {**r, "cpu_s": cpu_seconds(pid) - cpu0}
                 log(f"approval alone: create c={c} {r['rps']:.0f}/s p50 {r['p50_us']/1000:.2f} ms "
                     f"p99 {r['p99_us']/1000:.2f} ms errors {r['errors']}")
-            ids = list(approval.reviews("pending"))
+            ids = list(reviews(approval, "pending"))
             res["pending_before_decide"] = len(ids)
             ids_file = w / "approval-alone-ids.txt"
             ids_file.write_text("\n".join(ids) + "\n")
             cpu0 = cpu_seconds(pid)
             r = self.wrk.run(approval.url, 32, self.d, None, script=APPROVE_LUA,
-                             env={"BENCH_IDS": str(ids_file), "BENCH_AUTH": f"Bearer {REVIEWER_TOKEN}"})
+                             env={"BENCH_IDS": str(ids_file), "BENCH_AUTH": REVIEWER_AUTH})
             r["decided_per_s"] = r["decided"] / r["seconds"] if r["seconds"] else 0
             res["decide_c32"] = {**r, "cpu_s": cpu_seconds(pid) - cpu0}
             log(f"approval alone: decide c=32 {r['decided_per_s']:.0f}/s ({r['decided']} of {len(ids)}, "
@@ -1064,7 +890,7 @@ class Suite:
                          "NO_PROXY": "*", "no_proxy": "*"})
         try:
             proc.start()
-            wait_http(f"http://127.0.0.1:{port}/health/liveliness", proc, timeout=120, what="LiteLLM")
+            wait_started(proc, f"http://127.0.0.1:{port}/health/liveliness", "LiteLLM", timeout=120)
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             env = {"BENCH_AUTH": f"Bearer {LITELLM_KEY}"}
             # Its first requests load modules lazily: warm it up well first.
@@ -1668,6 +1494,9 @@ def main():
     parts = set(args.only.split(","))
     sizes = args.held or ([1000, 10000] if args.full else [1000])
     suite = Suite(args)
+    # The harness appends to a process's log, and start-up failures are read from it: each run starts afresh.
+    for old in suite.work.glob("*.log"):
+        old.unlink()
     import resource
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     suite.results["nofile"] = nofile
@@ -1698,10 +1527,10 @@ def main():
             suite.litellm()
     except KeyboardInterrupt:
         log("interrupted: stopping everything")
-        stop_all()
+        stop_everything()
         sys.exit(130)
     finally:
-        stop_all()
+        stop_everything()
     m["load_after"] = open("/proc/loadavg").read().split()[:3]
     (suite.work / "results.json").write_text(json.dumps(
         {"machine": m, "duration": suite.d, "command": command, **suite.results}, indent=1, default=str))

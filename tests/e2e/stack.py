@@ -2,7 +2,8 @@
 
 Every process runs in its own session on free loopback ports and is stopped
 by PID when the test ends, so tests never collide and never leave anything
-behind.
+behind. The benchmarks (tests/bench/bench.py) start their processes with
+this harness too.
 """
 from __future__ import annotations
 
@@ -45,21 +46,34 @@ def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-class Proc:
-    """A child process started in its own session, stopped by PID."""
+class StartError(AssertionError):
+    """A process exited during start-up, or was not ready in time; says why
+    with the end of its log."""
 
-    def __init__(self, name: str, cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None):
+
+class Proc:
+    """A child process started in its own session, stopped by PID. Its
+    output goes to `log`, or with `stdout` (a file or subprocess.PIPE) only
+    its stderr does."""
+
+    running: list["Proc"] = []
+    """Every process started and not stopped yet: what `stop_all` stops."""
+
+    def __init__(self, name: str, cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None,
+                 stdout=None):
         self.name, self.cmd, self.log = name, cmd, log
-        self.env, self.cwd = env, cwd
+        self.env, self.cwd, self.stdout = env, cwd, stdout
         self.popen: subprocess.Popen | None = None
 
     def start(self) -> "Proc":
         with open(self.log, "ab") as out:
             env = None if self.env is None else {**os.environ, **self.env}
             self.popen = subprocess.Popen(
-                self.cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                env=env, cwd=self.cwd,
+                self.cmd, stdout=out if self.stdout is None else self.stdout,
+                stderr=subprocess.STDOUT if self.stdout is None else out, stdin=subprocess.DEVNULL,
+                start_new_session=True, env=env, cwd=self.cwd,
             )
+        Proc.running.append(self)
         return self
 
     @property
@@ -71,18 +85,22 @@ class Proc:
         return self.popen is not None and self.popen.poll() is None
 
     def stop(self, sig=signal.SIGTERM, timeout=5.0):
-        if not self.alive():
-            return
-        assert self.popen is not None
         try:
-            os.killpg(self.popen.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait(5)
+            if not self.alive():
+                return
+            assert self.popen is not None
+            try:
+                os.killpg(self.popen.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(5)
+        finally:
+            if self in Proc.running:
+                Proc.running.remove(self)
 
     def kill(self):
         """Abrupt death (SIGKILL), as in a crash."""
@@ -90,6 +108,18 @@ class Proc:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def stop_all() -> list[str]:
+    """Stops every process still running, newest first (for a program's
+    exit path, e.g. on Ctrl-C). Keeps going past a failure; returns them."""
+    failures = []
+    for proc in reversed(list(Proc.running)):
+        try:
+            proc.stop()
+        except Exception as e:  # stop the others all the same
+            failures.append(f"stopping {proc.name} (pid {proc.pid}): {e!r}")
+    return failures
 
 
 def wait_until(check, timeout=10.0, interval=0.05, what="condition"):
@@ -104,6 +134,21 @@ def wait_until(check, timeout=10.0, interval=0.05, what="condition"):
             last = e
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+def wait_started(proc: Proc, url: str, what: str, timeout: float = 10.0):
+    """Waits until `url` answers 200. A process that exits meanwhile fails
+    at once; either failure is a StartError with the end of its log."""
+    def ready():
+        if not proc.alive():
+            raise StartError(f"{what} exited during start-up; end of {proc.log}:\n{proc.log_text()[-4000:]}")
+        return httpx.get(url).status_code == 200
+    try:
+        wait_until(ready, timeout=timeout, what=what)
+    except StartError:
+        raise
+    except AssertionError as e:
+        raise StartError(f"{e}; end of {proc.log}:\n{proc.log_text()[-4000:]}") from None
 
 
 def records(stack, timeout: float = 10, **params) -> list[dict]:
@@ -253,15 +298,15 @@ class Postgres:
 
 
 class Backend:
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, name: str = "demo-backend"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = Proc("demo-backend", [str(RELEASE / "demo-backend"), "--listen", f"127.0.0.1:{self.port}"],
-                         workdir / "demo-backend.log")
+        self.proc = Proc(name, [str(RELEASE / "demo-backend"), "--listen", f"127.0.0.1:{self.port}"],
+                         workdir / f"{name}.log")
 
     def start(self):
         self.proc.start()
-        wait_until(lambda: httpx.get(f"{self.url}/_demo/stats").status_code == 200, what="demo backend")
+        wait_started(self.proc, f"{self.url}/_demo/stats", "demo backend")
         return self
 
     def stats(self) -> dict:
@@ -273,11 +318,12 @@ class Backend:
 
 class Approval:
     """One approval service process. `database` is a PostgreSQL URL that
-    several replicas (each with its own `name`, hence files) may share;
-    without it the service uses a SQLite file in workdir."""
+    several replicas (each with its own `name`, hence files) may share, or a
+    SQLite file; without it the service uses countersign.db in workdir.
+    `extra` is TOML put before the reviewers: top-level keys, then tables."""
 
     def __init__(self, workdir: Path, filter_token: str | None = None, extra: str = "", database: str | None = None,
-                 name: str = "approval"):
+                 name: str = "approval", env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.db = database or workdir / "countersign.db"
@@ -294,15 +340,16 @@ class Approval:
         self.config.write_text("\n".join(lines) + "\n")
         self.proc = Proc("countersign-approval",
                          [str(RELEASE / "countersign-approval"), "serve", "--config", str(self.config)],
-                         workdir / f"{name}.log", cwd=workdir)
+                         workdir / f"{name}.log", env=env, cwd=workdir)
 
     def start(self):
         self.proc.start()
-        wait_until(lambda: httpx.get(f"{self.url}/healthz").status_code == 200, what="approval service")
+        wait_started(self.proc, f"{self.url}/healthz", "approval service")
         return self
 
-    def client(self, reviewer="alice") -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {REVIEWERS[reviewer]}"}, timeout=10)
+    def client(self, reviewer="alice", timeout: float = 10) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {REVIEWERS[reviewer]}"},
+                            timeout=timeout)
 
     def pending(self, reviewer="alice") -> list[dict]:
         with self.client(reviewer) as c:
@@ -325,10 +372,9 @@ class Approval:
             return r.json()
 
 
-def with_http2_model(envoy_yaml: str) -> str:
+def with_http2_model(config: dict):
     """The model cluster spoken to over HTTP/2 (h2c), as to vLLM or a
     gRPC-style server: answers may then end with trailers."""
-    config = yaml.safe_load(envoy_yaml)
     for cluster in config["static_resources"]["clusters"]:
         if cluster["name"] == "model":
             cluster["typed_extension_protocol_options"] = {
@@ -336,14 +382,12 @@ def with_http2_model(envoy_yaml: str) -> str:
                     "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
                     "explicit_http_config": {"http2_protocol_options": {}},
                 }}
-    return yaml.safe_dump(config, sort_keys=False)
 
 
-def with_approval_replicas(envoy_yaml: str, ports: list[int]) -> str:
-    """The rendered template with one approval endpoint per replica, checked
-    on /healthz every second and ejected after two failed calls, so a dead
-    replica is dropped at once and held requests re-attach to the others."""
-    config = yaml.safe_load(envoy_yaml)
+def with_approval_replicas(config: dict, ports: list[int]):
+    """One approval endpoint per replica, checked on /healthz every second
+    and ejected after two failed calls, so a dead replica is dropped at once
+    and held requests re-attach to the others."""
     [cluster] = [c for c in config["static_resources"]["clusters"] if c["name"] == "countersign_approval"]
     cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": [
         {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
@@ -353,25 +397,42 @@ def with_approval_replicas(envoy_yaml: str, ports: list[int]) -> str:
         "unhealthy_threshold": 1, "healthy_threshold": 1, "http_health_check": {"path": "/healthz"}}]
     cluster["outlier_detection"] = {
         "consecutive_5xx": 2, "interval": "1s", "base_ejection_time": "10s", "max_ejection_percent": 50}
-    return yaml.safe_dump(config, sort_keys=False)
 
 
-class EnvoyExited(Exception):
-    """Envoy exited while it was awaited."""
+def without_wasm_filter(config: dict):
+    """Takes the countersign wasm filter out of the HTTP filters: the same
+    listener, routes, buffer filter and clusters without it (plain Envoy,
+    the benchmarks' baseline)."""
+    removed = 0
+    for listener in config.get("static_resources", {}).get("listeners", []):
+        for chain in listener.get("filter_chains", []):
+            for f in chain.get("filters", []):
+                typed = f.get("typed_config", {})
+                http_filters = typed.get("http_filters")
+                if http_filters is None:
+                    continue
+                keep = [h for h in http_filters
+                        if not h.get("typed_config", {}).get("@type", "").endswith(".wasm.v3.Wasm")]
+                removed += len(http_filters) - len(keep)
+                typed["http_filters"] = keep
+    if not removed:
+        raise ValueError("no wasm filter found in the Envoy configuration")
 
 
 class Envoy:
     """Envoy from the shipped template. `approval` is one service, or a list
-    of replicas that become the endpoints of the approval cluster."""
+    of replicas that become the endpoints of the approval cluster. `mutate`
+    changes the rendered configuration (a dict) before it is written, e.g.
+    `without_wasm_filter`."""
 
     def __init__(self, workdir: Path, backend: Backend, approval: Approval | list[Approval],
                  filter_config: dict | str, env: dict | None = None, name: str = "envoy",
-                 model_http2: bool = False):
+                 model_http2: bool = False, mutate=None):
         self.model_http2 = model_http2
         self.replicas = approval if isinstance(approval, list) else [approval]
         self.several = isinstance(approval, list)
         self.workdir, self.backend, self.filter_config = workdir, backend, filter_config
-        self.env, self.name = env, name
+        self.env, self.name, self.mutate = env, name, mutate
         self.yaml = workdir / f"{name}.yaml"
         self.configure()
 
@@ -379,26 +440,27 @@ class Envoy:
         """Chooses free ports and writes the configuration for them."""
         self.port, self.admin_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.admin = f"http://127.0.0.1:{self.admin_port}"
         text = render(TEMPLATE.read_text(), {
             "ADMIN_PORT": self.admin_port, "LISTEN_PORT": self.port, "MODEL_PORT": self.backend.port,
             "APPROVAL_PORT": self.replicas[0].port, "BUFFER_LIMIT": BUFFER_LIMIT, "WASM_PATH": WASM,
             "FILTER_CONFIG": filter_config_value(self.filter_config),
         })
-        if self.several:
-            text = with_approval_replicas(text, [r.port for r in self.replicas])
-        if self.model_http2:
-            text = with_http2_model(text)
+        if self.several or self.model_http2 or self.mutate:
+            config = yaml.safe_load(text)
+            if self.several:
+                with_approval_replicas(config, [r.port for r in self.replicas])
+            if self.model_http2:
+                with_http2_model(config)
+            if self.mutate:
+                self.mutate(config)
+            text = yaml.safe_dump(config, sort_keys=False)
         self.yaml.write_text(text)
         self.rendered = text
         self.proc = Proc("envoy", [str(ENVOY), "-c", str(self.yaml), "--log-level", "warn",
                                    "--component-log-level", "wasm:info", "--concurrency", "2",
                                    "--base-id", str(self.admin_port)],
                          self.workdir / f"{self.name}.log", env=self.env)
-
-    def ready(self) -> bool:
-        if not self.proc.alive():
-            raise EnvoyExited()
-        return httpx.get(f"http://127.0.0.1:{self.admin_port}/ready").status_code == 200
 
     def start(self, wait_ready=True):
         # A port chosen free can be taken by another socket before Envoy binds
@@ -408,20 +470,21 @@ class Envoy:
             if not wait_ready:
                 return self
             try:
-                wait_until(self.ready, timeout=20, what="envoy ready")
+                wait_started(self.proc, f"{self.admin}/ready", "envoy", timeout=20)
                 return self
-            except EnvoyExited:
+            except StartError:
                 # (Not when a test rewrote the configuration: it names the ports.)
-                if (attempt == 2 or "Address already in use" not in self.proc.log_text()
+                if (self.proc.alive() or attempt == 2 or "Address already in use" not in self.proc.log_text()
                         or self.yaml.read_text() != self.rendered):
-                    raise AssertionError(f"envoy exited at start; see {self.proc.log}") from None
+                    raise
+                self.proc.stop()  # exited: only forgets it
                 self.configure()
         return self
 
     def stop(self):
         if self.proc.alive():
             try:
-                httpx.post(f"http://127.0.0.1:{self.admin_port}/quitquitquit", timeout=2)
+                httpx.post(f"{self.admin}/quitquitquit", timeout=2)
                 self.proc.popen.wait(5)
             except (httpx.HTTPError, subprocess.TimeoutExpired):
                 pass
