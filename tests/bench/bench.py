@@ -35,6 +35,7 @@ try:  # from .venv-bench (tests/bench/run sets it up); --help works without them
                        stop_all, wait_started, without_wasm_filter)
 except ImportError:  # pragma: no cover
     httpx = yaml = None
+    REVIEWERS = {}
 
 from benchhttp import Conn, percentile, raise_nofile  # noqa: E402
 from workloads import PROSE, chat_body, create_review_body  # noqa: E402
@@ -43,7 +44,7 @@ LITELLM = ROOT / ".venv-bench" / "bin" / "litellm"
 LITELLM_VERSION = "1.89.7"
 POST_LUA = HERE / "wrk" / "post.lua"
 APPROVE_LUA = HERE / "wrk" / "approve.lua"
-REVIEWER_AUTH = f"Bearer {REVIEWERS['alice']}"  # a reviewer the harness configures in every service
+REVIEWER_AUTH = f"Bearer {REVIEWERS.get('alice', '')}"  # a reviewer the harness configures in every service
 LITELLM_KEY = "sk-bench-master-key-0123456789"
 ALLOW_MODEL = "demo-allow-bench"  # matched by the demo config's `demo-allow*` allow rule
 HELD_MODEL = "demo-echo-held"  # no rule matches: default_action review
