@@ -212,29 +212,34 @@ def test_other_bodies_still_pass_on_unlisted_paths(passing):
     assert passing.backend.stats()["started"] == before + 2
 
 
-def test_held_requests_are_limited_per_caller_with_429_and_retry_after(make_stack, background):
+def test_held_requests_are_limited_per_caller_with_429_and_retry_after(make_stack):
     # One HTTP/2 connection: every stream lands on the same Envoy worker,
-    # whose held requests the limit counts.
+    # whose held requests the limit counts. (asyncio: one httpx client
+    # shared by threads can stall its HTTP/2 connection.)
+    import asyncio
     from stack import records, wait_until
     stack = make_stack(filter_config={"hold_limits": {"per_caller": 1, "total": 5, "retry_after_s": 9}})
-    with httpx.Client(http1=False, http2=True, timeout=30) as c:
-        first = background.submit(c.post, stack.url + "/v1/chat/completions", json=chat(text="first"),
-                                  headers={"x-request-id": "limit-first"})
-        [review] = stack.approval.wait_pending()
-        r = c.post(stack.url + "/v1/chat/completions", json=chat(text="second"),
-                   headers={"x-request-id": "limit-second"})
-        assert r.status_code == 429, r.text
-        assert r.headers["retry-after"] == "9"
-        assert r.headers["x-countersign-outcome"] == "throttled"
-        assert r.json()["error"]["code"] == "too_many_held_requests"
-        assert len(stack.approval.pending()) == 1
-        # The refusal is recorded.
-        recs = wait_until(lambda: records(stack, request_id="limit-second"), what="the refusal's record")
-        assert "too_many_held_requests" in json.dumps(recs), recs
-        # Once the first is decided, the slot is free again.
-        stack.approval.decide(review["id"], "approve")
-        assert first.result(15).status_code == 200
-        third = background.submit(c.post, stack.url + "/v1/chat/completions", json=chat(text="third"))
-        [again] = stack.approval.wait_pending()
-        stack.approval.decide(again["id"], "reject", reason="done")
-        assert third.result(15).status_code == 403
+    url = stack.url + "/v1/chat/completions"
+
+    async def scenario():
+        async with httpx.AsyncClient(http1=False, http2=True, timeout=30) as c:
+            first = asyncio.create_task(c.post(url, json=chat(text="first"), headers={"x-request-id": "limit-first"}))
+            [review] = await asyncio.to_thread(stack.approval.wait_pending)
+            r = await c.post(url, json=chat(text="second"), headers={"x-request-id": "limit-second"})
+            assert r.status_code == 429, r.text
+            assert r.headers["retry-after"] == "9"
+            assert r.headers["x-countersign-outcome"] == "throttled"
+            assert r.json()["error"]["code"] == "too_many_held_requests"
+            assert len(await asyncio.to_thread(stack.approval.pending)) == 1
+            # Once the first is decided, the slot is free again.
+            await asyncio.to_thread(stack.approval.decide, review["id"], "approve")
+            assert (await first).status_code == 200
+            third = asyncio.create_task(c.post(url, json=chat(text="third")))
+            [again] = await asyncio.to_thread(stack.approval.wait_pending)
+            await asyncio.to_thread(stack.approval.decide, again["id"], "reject", reason="done")
+            assert (await third).status_code == 403
+
+    asyncio.run(scenario())
+    # The refusal is recorded.
+    recs = wait_until(lambda: records(stack, request_id="limit-second"), what="the refusal's record")
+    assert "too_many_held_requests" in json.dumps(recs), recs
