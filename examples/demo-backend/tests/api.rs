@@ -1197,3 +1197,100 @@ async fn gemini_logprobs_spell_the_answer() {
     .await;
     assert!(v["candidates"][0].get("logprobsResult").is_none());
 }
+
+// ---------------------------------------------------------------- Ollama
+
+/// The lines of an Ollama answer (JSON lines), each parsed.
+async fn ndjson(app: &Router, req: Request<Body>) -> Vec<Value> {
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
+    let bytes = to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    assert!(text.ends_with('\n'), "{text}");
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn ollama_chat_streams_json_lines_by_default() {
+    let app = demo_backend::app();
+    let req = json!({"model": "llama3", "think": true, "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hello ollama"}]});
+    let lines = ndjson(&app, post("/api/chat", &req)).await;
+    assert_eq!(
+        lines[0]["message"]["thinking"],
+        "thinking about: hello ollama"
+    );
+    let text: String = lines
+        .iter()
+        .map(|l| l["message"]["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, "echo: hello ollama");
+    let last = lines.last().unwrap();
+    assert_eq!(last["done"], true);
+    assert_eq!(last["done_reason"], "stop");
+    assert_eq!(
+        (
+            last["prompt_eval_count"].as_u64(),
+            last["eval_count"].as_u64()
+        ),
+        (Some(4), Some(3))
+    );
+    assert!(lines[..lines.len() - 1].iter().all(|l| l["done"] == false));
+    assert!(last["created_at"].as_str().unwrap().ends_with('Z'));
+
+    // `stream: false`: one object.
+    let (status, v) = call(
+        &app,
+        post(
+            "/api/chat",
+            &json!({"model": "llama3", "stream": false, "messages": [{"role": "user", "content": "hi"}]}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        v["message"],
+        json!({"role": "assistant", "content": "echo: hi"})
+    );
+    assert_eq!(v["done"], true);
+    // No messages: the model is loaded, nothing is generated.
+    let (_, v) = call(
+        &app,
+        post("/api/chat", &json!({"model": "llama3", "messages": []})),
+    )
+    .await;
+    assert_eq!(
+        (v["done_reason"].as_str(), v["done"].as_bool()),
+        (Some("load"), Some(true))
+    );
+    let (status, v) = call(&app, post("/api/chat", &json!({"messages": []}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(v["error"], "model is required");
+}
+
+#[tokio::test]
+async fn ollama_generate_answers_with_context_and_logprobs() {
+    let app = demo_backend::app();
+    let req = json!({"model": "llama3", "system": "be brief", "prompt": "say hi", "stream": false,
+                     "logprobs": true, "top_logprobs": 2});
+    let (status, v) = call(&app, post("/api/generate", &req)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["response"], "echo: say hi");
+    assert_eq!(v["prompt_eval_count"], 4);
+    assert_eq!(v["context"].as_array().unwrap().len(), 7);
+    assert_eq!(tokens(&v["logprobs"]), "echo: say hi");
+    let mut streamed = req.clone();
+    streamed["stream"] = json!(true);
+    let lines = ndjson(&app, post("/api/generate", &streamed)).await;
+    let text: String = lines
+        .iter()
+        .map(|l| l["response"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, "echo: say hi");
+    assert!(lines.last().unwrap()["context"].is_array());
+    assert!(lines[0]["logprobs"][0]["top_logprobs"].is_array());
+}

@@ -218,7 +218,8 @@ fn err(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     }
 }
 
-/// Default inference endpoints: OpenAI and Anthropic.
+/// Default inference endpoints: OpenAI, Anthropic, Gemini and Ollama's
+/// native API (whose users put the gateway in front of Ollama's port).
 pub fn default_endpoints() -> Vec<Endpoint> {
     [
         ("/v1/chat/completions", ApiKind::OpenaiChat),
@@ -242,6 +243,8 @@ pub fn default_endpoints() -> Vec<Endpoint> {
             "/v1/models/*:streamGenerateContent",
             ApiKind::GeminiGenerateContent,
         ),
+        ("/api/chat", ApiKind::OllamaChat),
+        ("/api/generate", ApiKind::OllamaGenerate),
     ]
     .into_iter()
     .map(|(path, api)| Endpoint {
@@ -1046,7 +1049,7 @@ mod tests {
         assert_eq!(c.default_action, Action::Review);
         assert_eq!(c.other_requests, OtherRequests::Deny);
         assert_eq!(c.hold_timeout_ms, 300_000);
-        assert_eq!(c.endpoints.len(), 9);
+        assert_eq!(c.endpoints.len(), 11);
         assert!(c.rules.is_empty());
     }
 

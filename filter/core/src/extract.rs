@@ -154,7 +154,47 @@ fn known_fields(api: ApiKind) -> &'static [&'static str] {
             "safety_settings",
             "labels",
         ],
+        ApiKind::OllamaChat => &[
+            "model",
+            "messages",
+            "tools",
+            "format",
+            "options",
+            "stream",
+            "keep_alive",
+            "think",
+            "truncate",
+            "shift",
+            "logprobs",
+            "top_logprobs",
+        ],
+        ApiKind::OllamaGenerate => &[
+            "model",
+            "prompt",
+            "suffix",
+            "system",
+            // Refused by the walk unless empty, naming why.
+            "template",
+            "context",
+            "images",
+            "raw",
+            "format",
+            "options",
+            "stream",
+            "keep_alive",
+            "think",
+            "truncate",
+            "shift",
+            "logprobs",
+            "top_logprobs",
+        ],
     }
+}
+
+/// Whether an answer is streamed when the request does not say: Ollama's
+/// native API streams unless `stream` is `false`.
+fn streams_by_default(api: ApiKind) -> bool {
+    matches!(api, ApiKind::OllamaChat | ApiKind::OllamaGenerate)
 }
 
 /// The one strict parse of a request body, which must be a JSON object.
@@ -206,7 +246,7 @@ fn logprobs_field(api: ApiKind, obj: &Map<String, Value>) -> Option<&'static str
     let asks_alternatives =
         |v: Option<&Value>| asks(v) && !v.and_then(Value::as_f64).is_some_and(|n| n == 0.0);
     match api {
-        ApiKind::OpenaiChat => {
+        ApiKind::OpenaiChat | ApiKind::OllamaChat | ApiKind::OllamaGenerate => {
             if asks(obj.get("logprobs")) {
                 Some("logprobs")
             } else if asks_alternatives(obj.get("top_logprobs")) {
@@ -287,7 +327,7 @@ pub fn parse_request(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, String>
         None => return Err("`model` is required".into()),
     };
     let stream = match obj.get("stream") {
-        None | Some(Value::Null) => false,
+        None | Some(Value::Null) => streams_by_default(api),
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err("`stream` must be a boolean".into()),
     };
@@ -534,6 +574,36 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cached.unknown_fields, vec!["cachedContent".to_string()]);
+    }
+
+    #[test]
+    fn ollama_streams_unless_told_not_to() {
+        let chat = |extra: &str| {
+            parse_request(
+                ApiKind::OllamaChat,
+                format!(
+                    r#"{{"model":"llama3","messages":[{{"role":"user","content":"x"}}]{extra}}}"#
+                )
+                .as_bytes(),
+            )
+            .unwrap()
+        };
+        assert!(chat("").stream);
+        assert!(chat(r#","stream":null"#).stream);
+        assert!(!chat(r#","stream":false"#).stream);
+        assert_eq!(chat(r#","logprobs":true"#).logprobs, Some("logprobs"));
+        assert_eq!(chat(r#","top_logprobs":2"#).logprobs, Some("top_logprobs"));
+        assert_eq!(
+            chat(r#","_debug_render_only":true"#).unknown_fields,
+            vec!["_debug_render_only".to_string()]
+        );
+        let generate = parse_request(
+            ApiKind::OllamaGenerate,
+            br#"{"model":"llama3","prompt":"p"}"#,
+        )
+        .unwrap();
+        assert!(generate.stream && generate.unknown_fields.is_empty());
+        assert!(parse_request(ApiKind::OllamaGenerate, br#"{"prompt":"p"}"#).is_err());
     }
 
     #[test]

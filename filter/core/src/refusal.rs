@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use crate::wire::ApiKind;
+use crate::wire::{ApiKind, ErrorFormat};
 
 /// Why a request is refused. Each kind has one HTTP status and one code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,20 +214,32 @@ impl Refusal {
 
     /// The JSON error body in the API's own format.
     pub fn body(&self) -> Vec<u8> {
-        let value = if self.api.is_some_and(ApiKind::is_anthropic) {
-            let mut error = json!({"type": self.kind.anthropic_type(), "message": self.message});
-            if let Some(id) = &self.review_id {
-                error["review_id"] = json!(id);
+        let format = self.api.map_or(ErrorFormat::Openai, ApiKind::error_format);
+        let value = match format {
+            ErrorFormat::Anthropic => {
+                let mut error =
+                    json!({"type": self.kind.anthropic_type(), "message": self.message});
+                if let Some(id) = &self.review_id {
+                    error["review_id"] = json!(id);
+                }
+                json!({"type": "error", "error": error})
             }
-            json!({"type": "error", "error": error})
-        } else {
-            json!({"error": {
+            // Ollama's clients read `error` as a string; the other keys are
+            // ignored by them and kept for callers that look.
+            ErrorFormat::Ollama => json!({
+                "error": self.message,
+                "code": self.kind.code(),
+                "review_id": self.review_id,
+            }),
+            // Gemini callers get the OpenAI envelope: its `message` is
+            // where their clients look too.
+            ErrorFormat::Openai | ErrorFormat::Gemini => json!({"error": {
                 "message": self.message,
                 "type": self.kind.openai_type(),
                 "param": null,
                 "code": self.kind.code(),
                 "review_id": self.review_id,
-            }})
+            }}),
         };
         value.to_string().into_bytes()
     }
@@ -263,6 +275,16 @@ mod tests {
         assert_eq!(v["type"], "error");
         assert_eq!(v["error"]["type"], "timeout_error");
         assert_eq!(r.status(), 504);
+    }
+
+    #[test]
+    fn ollama_format_has_the_message_as_a_string() {
+        let r = Refusal::new(RefusalKind::Rejected, Some(ApiKind::OllamaChat), "no")
+            .with_review("rev_2");
+        let v: serde_json::Value = serde_json::from_slice(&r.body()).unwrap();
+        assert_eq!(v["error"], "no");
+        assert_eq!(v["code"], "review_rejected");
+        assert_eq!(v["review_id"], "rev_2");
     }
 
     #[test]

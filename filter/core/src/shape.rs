@@ -125,6 +125,8 @@ pub(crate) fn walk(
         ApiKind::OpenaiResponses => openai_responses(&mut w, obj)?,
         ApiKind::AnthropicMessages => anthropic(&mut w, obj)?,
         ApiKind::GeminiGenerateContent => gemini(&mut w, obj)?,
+        ApiKind::OllamaChat => ollama_chat(&mut w, obj)?,
+        ApiKind::OllamaGenerate => ollama_generate(&mut w, obj)?,
     }
     tools(&mut w, obj)?;
     w.end();
@@ -1247,6 +1249,121 @@ fn gemini_part(w: &mut Walker<'_>, part: &Map<String, Value>) -> Result<(), Shap
     Ok(())
 }
 
+// Ollama --------------------------------------------------------------------
+
+/// Fields of an Ollama chat message.
+const OLLAMA_MESSAGE_KEYS: &[&str] = &[
+    "role",
+    "content",
+    "thinking",
+    "images",
+    "tool_calls",
+    "tool_name",
+    "tool_call_id",
+];
+
+/// Ollama's `/api/chat`. `messages` may be absent or empty: such a request
+/// only loads (or, with `keep_alive: 0`, unloads) the model.
+fn ollama_chat(w: &mut Walker<'_>, obj: &Map<String, Value>) -> Result<(), ShapeError> {
+    let messages = match obj.get("messages") {
+        None | Some(Value::Null) => return Ok(()),
+        Some(Value::Array(m)) => m,
+        Some(_) => return Err(w.err("messages", "must be a list")),
+    };
+    w.each_object("messages", messages, |w, m| {
+        w.known_keys(m, OLLAMA_MESSAGE_KEYS)?;
+        let role = w.role(m)?;
+        w.begin(role);
+        if let Some(name) = w.opt_str(m, "tool_name")? {
+            // Templates put the tool's name before its result.
+            w.key("tool_name", |w| w.fixed(name))?;
+            w.put(&format!("[tool_name: {name}]"));
+        }
+        if let Some(s) = w.opt_str(m, "content")? {
+            w.key("content", |w| w.text(s));
+        }
+        // Thinking of earlier turns, which templates render back.
+        let thinking = w.screened_at(m, "thinking")?;
+        if !thinking.is_empty() {
+            w.put(&format!("[thinking: {thinking}]"));
+        }
+        ollama_images(w, m)?;
+        match m.get("tool_calls") {
+            None | Some(Value::Null) => Ok(()),
+            Some(Value::Array(calls)) => w.each_object("tool_calls", calls, |w, call| {
+                w.known_keys(call, &["id", "function"])?;
+                let Some(Value::Object(f)) = call.get("function") else {
+                    return Err(w.err("function", "must be an object"));
+                };
+                w.key("function", |w| {
+                    w.known_keys(f, &["index", "name", "arguments"])?;
+                    let name = w.name_at(f, "name")?;
+                    let args = w.value_at(f, "arguments")?;
+                    w.put(&format!("[tool_call {name}: {args}]"));
+                    Ok(())
+                })
+            }),
+            Some(_) => Err(w.err("tool_calls", "must be a list")),
+        }
+    })
+}
+
+/// Ollama's `/api/generate`. `prompt` may be absent or empty (a request
+/// that only loads or unloads the model). A caller's `template` and the
+/// token ids of `context` are refused: the model would read text that no
+/// reviewer saw.
+fn ollama_generate(w: &mut Walker<'_>, obj: &Map<String, Value>) -> Result<(), ShapeError> {
+    if w.opt_str(obj, "template")?.is_some_and(|t| !t.is_empty()) {
+        return Err(w.err(
+            "template",
+            "replaces the model's prompt template, and a template can compute text that no reviewer sees; it is refused",
+        ));
+    }
+    match obj.get("context") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(ids)) if ids.is_empty() => {}
+        Some(_) => {
+            return Err(w.err(
+                "context",
+                "carries the token ids of an earlier exchange, which the model reads as text no reviewer can see; it is refused (send the conversation as text to /api/chat)",
+            ))
+        }
+    }
+    if let Some(s) = w.opt_str(obj, "system")? {
+        w.begin("system");
+        w.key("system", |w| w.text(s));
+    }
+    w.begin("user");
+    if let Some(s) = w.opt_str(obj, "prompt")? {
+        w.key("prompt", |w| w.text(s));
+    }
+    ollama_images(w, obj)?;
+    if let Some(s) = w.opt_str(obj, "suffix")? {
+        w.begin("suffix");
+        w.key("suffix", |w| w.text(s));
+    }
+    Ok(())
+}
+
+/// `images`: a list of base64 images, each an attachment.
+fn ollama_images(w: &mut Walker<'_>, obj: &Map<String, Value>) -> Result<(), ShapeError> {
+    match obj.get("images") {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::Array(images)) => w.key("images", |w| {
+            for (i, image) in images.iter().enumerate() {
+                match image {
+                    Value::String(data) => {
+                        w.attachment(&format!("[image: {} bytes of base64]", data.len()))
+                    }
+                    _ => return Err(w.idx(i, |w| w.err("", "must be a base64 string"))),
+                }
+            }
+            Ok(())
+        }),
+        Some(_) => Err(w.err("images", "must be a list of base64 strings")),
+    }
+}
+
 // Prompts on paths that are not inference endpoints ---------------------
 
 /// Top-level keys under which LLM APIs take a prompt (OpenAI, Anthropic,
@@ -1479,6 +1596,102 @@ mod tests {
         shown(OpenaiResponses, r#"{"input":[{"type":"message","id":"m","status":"completed","role":"assistant","content":[{"type":"output_text","text":"a","annotations":[],"logprobs":[]}]},{"type":"function_call","id":"fc","call_id":"c","name":"f","arguments":"{}","status":"completed"},{"type":"function_call_output","call_id":"c","output":"ok"}]}"#).unwrap();
         shown(AnthropicMessages, r#"{"system":[{"type":"text","text":"s","cache_control":{"type":"ephemeral"}}],"messages":[{"role":"assistant","content":[{"type":"thinking","thinking":"t","signature":"s"},{"type":"tool_use","id":"t","name":"f","input":{}}]},{"role":"user","content":[{"type":"tool_result","tool_use_id":"t","content":"ok","is_error":false}]}]}"#).unwrap();
         shown(GeminiGenerateContent, r#"{"contents":[{"role":"model","parts":[{"text":"t","thought":true,"thoughtSignature":"c2ln"},{"functionCall":{"id":"1","name":"f","args":{"a":1}}}]},{"role":"user","parts":[{"function_response":{"name":"f","response":{"r":1}}}]}]}"#).unwrap();
+    }
+
+    #[test]
+    fn ollama_chat_and_generate_are_shown() {
+        let chat = text(
+            ApiKind::OllamaChat,
+            r#"{"model":"llama3","messages":[
+                {"role":"system","content":"be brief"},
+                {"role":"user","content":"look","images":["iVBORw0KGgo="]},
+                {"role":"assistant","content":"","thinking":"hmm","tool_calls":[{"function":{"index":0,"name":"weather","arguments":{"city":"Paris"}}}]},
+                {"role":"tool","tool_name":"weather","tool_call_id":"c1","content":"sunny"}],
+              "tools":[{"type":"function","function":{"name":"weather","description":"get it","parameters":{"type":"object"}}}]}"#,
+        );
+        assert_eq!(
+            chat,
+            "system: be brief\nuser: look\n[image: 12 bytes of base64]\nassistant: [thinking: hmm]\n[tool_call weather: {\"city\":\"Paris\"}]\ntool: [tool_name: weather]\nsunny\ntools: {\"function\":{\"description\":\"get it\",\"name\":\"weather\",\"parameters\":{\"type\":\"object\"}},\"type\":\"function\"}\n"
+        );
+        let generate = shown(
+            ApiKind::OllamaGenerate,
+            r#"{"model":"m","system":"s","prompt":"p","suffix":"x","images":["AA=="],"raw":false,"template":"","context":[]}"#,
+        )
+        .unwrap();
+        assert!(generate.attachments);
+        let lines: Vec<(&str, &str)> = generate
+            .prompt
+            .iter()
+            .map(|m| (m.role.as_str(), m.text.as_str()))
+            .collect();
+        assert_eq!(
+            lines,
+            vec![
+                ("system", "s"),
+                ("user", "p\n[image: 4 bytes of base64]"),
+                ("suffix", "x")
+            ]
+        );
+        // Loading or unloading a model carries no prompt.
+        assert!(
+            shown(ApiKind::OllamaChat, r#"{"model":"m","keep_alive":0}"#)
+                .unwrap()
+                .prompt
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn what_ollama_would_read_unseen_is_refused() {
+        use ApiKind::*;
+        for (api, body, field, says) in [
+            (
+                OllamaGenerate,
+                r#"{"model":"m","prompt":"p","template":"{{ .Prompt }} and more"}"#,
+                "template",
+                "can compute text",
+            ),
+            (
+                OllamaGenerate,
+                r#"{"model":"m","prompt":"p","context":[128000,9906,1917]}"#,
+                "context",
+                "token ids",
+            ),
+            (
+                OllamaChat,
+                r#"{"model":"m","messages":[{"role":"user","content":"hi","Content":"hidden"}]}"#,
+                "messages[0].Content",
+                "only by case",
+            ),
+            (
+                OllamaChat,
+                r#"{"model":"m","messages":[{"role":"user","content":"hi","name":"x"}]}"#,
+                "messages[0].name",
+                "not a field",
+            ),
+            (
+                OllamaChat,
+                r#"{"model":"m","messages":[{"role":"user","images":[{"url":"x"}]}]}"#,
+                "messages[0].images[0]",
+                "base64",
+            ),
+            (
+                OllamaChat,
+                r#"{"model":"m","messages":[{"role":"assistant","tool_calls":[{"function":{"name":"f","arguments":{},"Arguments":{"x":1}}}]}]}"#,
+                "messages[0].tool_calls[0].function.Arguments",
+                "only by case",
+            ),
+            (
+                OllamaChat,
+                r#"{"model":"m","messages":[{"role":"user","content":["a"]}]}"#,
+                "messages[0].content",
+                "must be a string",
+            ),
+        ] {
+            let e = shown(api, body).unwrap_err();
+            assert_eq!(e.field, field, "{body}: {e}");
+            assert!(e.message.contains(says), "{body}: {e}");
+        }
     }
 
     #[test]

@@ -29,6 +29,12 @@ pub enum ApiKind {
     /// Google Gemini `POST /v1beta/models/{model}:generateContent` and
     /// `:streamGenerateContent` (the model is in the path, not the body).
     GeminiGenerateContent,
+    /// Ollama's native `POST /api/chat` (streams NDJSON unless `stream` is
+    /// `false`).
+    OllamaChat,
+    /// Ollama's native `POST /api/generate` (streams NDJSON unless
+    /// `stream` is `false`).
+    OllamaGenerate,
 }
 
 impl ApiKind {
@@ -41,13 +47,36 @@ impl ApiKind {
             ApiKind::OpenaiEmbeddings => "openai_embeddings",
             ApiKind::AnthropicMessages => "anthropic_messages",
             ApiKind::GeminiGenerateContent => "gemini_generate_content",
+            ApiKind::OllamaChat => "ollama_chat",
+            ApiKind::OllamaGenerate => "ollama_generate",
         }
     }
 
-    /// Whether errors for this API use Anthropic's error envelope.
-    pub fn is_anthropic(self) -> bool {
-        matches!(self, ApiKind::AnthropicMessages)
+    /// The error body this API's clients read.
+    pub fn error_format(self) -> ErrorFormat {
+        match self {
+            ApiKind::AnthropicMessages => ErrorFormat::Anthropic,
+            ApiKind::GeminiGenerateContent => ErrorFormat::Gemini,
+            ApiKind::OllamaChat | ApiKind::OllamaGenerate => ErrorFormat::Ollama,
+            ApiKind::OpenaiChat
+            | ApiKind::OpenaiCompletions
+            | ApiKind::OpenaiResponses
+            | ApiKind::OpenaiEmbeddings => ErrorFormat::Openai,
+        }
     }
+}
+
+/// The shape of an API's error body, as its clients parse it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorFormat {
+    /// `{"error": {"message", "type", "code", ...}}`.
+    Openai,
+    /// `{"type": "error", "error": {"type", "message"}}`.
+    Anthropic,
+    /// `{"error": {"code", "message", "status"}}`.
+    Gemini,
+    /// `{"error": "message"}`: Ollama's clients read `error` as a string.
+    Ollama,
 }
 
 /// One piece of the prompt as a reviewer should read it.

@@ -320,6 +320,32 @@ mod tests {
                     ".tools[0].functionDeclarations[0].description",
                 ],
             ),
+            (
+                ApiKind::OllamaChat,
+                format!(
+                    r#"{{"model":"llama3","options":{{"stop":["{s}"]}},"messages":[
+                    {{"role":"system","content":"sys {s}"}},
+                    {{"role":"user","content":"hi {s}","images":["iVBORw0KGgo="]}},
+                    {{"role":"assistant","content":"","thinking":"maybe {s}","tool_calls":[{{"function":{{"index":0,"name":"send","arguments":{{"to":"{s}"}}}}}}]}},
+                    {{"role":"tool","tool_name":"send","content":"sent to {s}"}}],
+                    "tools":[{{"type":"function","function":{{"name":"send","description":"mail {s}","parameters":{{"type":"object"}}}}}}]}}"#
+                ),
+                vec![
+                    ".messages[0].content",
+                    ".messages[1].content",
+                    ".messages[2].thinking",
+                    ".messages[2].tool_calls[0].function.arguments.to",
+                    ".messages[3].content",
+                    ".tools[0].function.description",
+                ],
+            ),
+            (
+                ApiKind::OllamaGenerate,
+                format!(
+                    r#"{{"model":"llama3","system":"sys {s}","prompt":"hi {s}","suffix":"end {s}","images":["AA=="],"stream":false}}"#
+                ),
+                vec![".system", ".prompt", ".suffix"],
+            ),
         ]
     }
 

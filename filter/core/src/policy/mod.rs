@@ -656,7 +656,8 @@ impl PromptText {
 /// The output-token limit a request asks for, in every spelling its API
 /// accepts (`max_tokens`, `max_completion_tokens`, `max_output_tokens`;
 /// Gemini's `generationConfig.maxOutputTokens` with either spelling of
-/// either name, as protobuf JSON reads both), for
+/// either name, as protobuf JSON reads both; Ollama's
+/// `options.num_predict`), for
 /// [`RequestFacts::max_tokens`]. The largest wins. Fractions round up; a
 /// value that is not a number counts as unlimited (`u64::MAX`), so that it
 /// cannot slip under a cap.
@@ -672,8 +673,11 @@ pub fn requested_max_tokens(api: ApiKind, body: &Value) -> Option<u64> {
             &["generation_config", "max_output_tokens"],
             &["generation_config", "maxOutputTokens"],
         ],
+        ApiKind::OllamaChat | ApiKind::OllamaGenerate => &[&["options", "num_predict"]],
         ApiKind::OpenaiEmbeddings => &[],
     };
+    // Ollama reads a negative `num_predict` as no limit at all.
+    let negative_is_unlimited = matches!(api, ApiKind::OllamaChat | ApiKind::OllamaGenerate);
     let mut best: Option<u64> = None;
     for path in keys {
         let mut cur = Some(v);
@@ -684,6 +688,7 @@ pub fn requested_max_tokens(api: ApiKind, body: &Value) -> Option<u64> {
             None | Some(Value::Null) => continue,
             Some(Value::Number(n)) => match (n.as_u64(), n.as_f64()) {
                 (Some(u), _) => u,
+                (None, Some(f)) if f < 0.0 && negative_is_unlimited => u64::MAX,
                 (None, Some(f)) if f <= 0.0 => 0,
                 (None, Some(f)) if f < 1.8e19 => f.ceil() as u64,
                 _ => u64::MAX,
@@ -1005,6 +1010,17 @@ mod tests {
             ),
             (ApiKind::OpenaiEmbeddings, r#"{"max_tokens":5}"#, None),
             (ApiKind::OpenaiChat, r#"{"max_tokens":-3}"#, Some(0)),
+            (
+                ApiKind::OllamaChat,
+                r#"{"options":{"num_predict":128}}"#,
+                Some(128),
+            ),
+            // Ollama reads -1 (and -2) as no limit.
+            (
+                ApiKind::OllamaGenerate,
+                r#"{"options":{"num_predict":-1}}"#,
+                Some(u64::MAX),
+            ),
         ] {
             let body: Value = serde_json::from_str(body).unwrap();
             assert_eq!(requested_max_tokens(api, &body), want, "{body}");

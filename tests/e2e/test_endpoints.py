@@ -1,0 +1,256 @@
+"""The API shapes people run behind Envoy beside OpenAI's, Anthropic's and
+Gemini's, end to end in the real Envoy: Ollama's native API (JSON lines,
+streamed by default). For each: a prompt is held and the reviewer reads it,
+a secret in every text field is masked before the model sees it (checked on
+what the demo backend received), the answer is masked plain and streamed,
+the record has the prompt, the answer and the usage, and what the gateway
+cannot review is refused."""
+import json
+import uuid
+
+import httpx
+import pytest
+
+from conftest import E2E_DB
+from stack import Stack, records, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+EMAIL = "dana.scully@fbi.example.org"
+AWS = "AKIAIOSFODNN7EXAMPLE"
+SECRET = f"{EMAIL} {AWS}"
+BLOCKED_PHRASE = "launch codes"
+
+CONFIG = {
+    "hold_timeout_ms": 20000,
+    "masking": {
+        "salt": "salt-for-tests-0123456789",
+        "profiles": {"default": {"detectors": {"email": "pseudonymize", "aws_access_key": "redact"},
+                                 "restore": True, "response_window_chars": 128}},
+    },
+    "content_policy": {"response_rules": [{"name": "no-launch-codes", "phrases": [BLOCKED_PHRASE]}]},
+    "rules": [{"name": "load-tests", "model": "demo-allow*", "action": "allow"}],
+}
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, request):
+    """One stack for the module; each test empties the model's request log."""
+    kwargs = {}
+    if E2E_DB == "postgres":
+        kwargs["database"] = request.getfixturevalue("postgres").create_database("t_endpoints")
+    stack = Stack(tmp_path_factory.mktemp("endpoints"), filter_config=CONFIG, **kwargs)
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def stack(gw):
+    httpx.post(gw.backend.url + "/_demo/reset").raise_for_status()
+    return gw
+
+
+def send(stack, path, body, headers=None, timeout=30):
+    """POSTs `body`; returns the answer with its raw bytes read."""
+    hs = {"x-request-id": f"ep-{uuid.uuid4()}", "accept-encoding": "identity", **(headers or {})}
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    with httpx.Client(timeout=timeout) as c, c.stream(
+            "POST", stack.url + path, content=data, headers={"content-type": "application/json", **hs}) as r:
+        r.read()
+    r.request_id = hs["x-request-id"]
+    return r
+
+
+def seen_by_model(stack, request_id):
+    [seen] = [r for r in stack.backend.requests() if r["headers"].get("x-request-id") == request_id]
+    return json.loads(seen["body"])
+
+
+def response_record(stack, request_id):
+    def find():
+        recs = records(stack, request_id=request_id)
+        return recs and recs[0].get("response") and recs[0]
+    return wait_until(find, timeout=10, what=f"the record of {request_id} with its response")
+
+
+def assert_masked(text):
+    assert EMAIL not in text and AWS not in text, text
+    assert "<EMAIL_" in text and "[AWS_ACCESS_KEY]" in text, text
+
+
+def held(stack, background, path, body, **kw):
+    """Sends `body`, which must be held; returns (future, review)."""
+    fut = background.submit(send, stack, path, body, **kw)
+    [review] = stack.approval.wait_pending()
+    return fut, stack.approval.review(review["id"])
+
+
+# ------------------------------------------------------------------ Ollama
+
+def ndjson(raw: bytes) -> list[dict]:
+    """The lines of an Ollama stream; every line is one JSON object."""
+    text = raw.decode()
+    assert text.endswith("\n"), text[-200:]
+    lines = text.split("\n")[:-1]
+    assert all(line.strip() for line in lines), f"blank line in {text!r}"
+    return [json.loads(line) for line in lines]
+
+
+def ollama_text(path: str, raw: bytes) -> str:
+    """The answer a client reads, streamed or not."""
+    key = (lambda v: v["message"]["content"]) if path == "/api/chat" else (lambda v: v["response"])
+    if raw.lstrip().startswith(b"{") and b"\n{" not in raw.strip():
+        return key(json.loads(raw))
+    return "".join(key(v) for v in ndjson(raw) if "error" not in v)
+
+
+OLLAMA_CHAT = {"model": "llama3", "messages": [{"role": "user", "content": "hello there"}]}
+OLLAMA_GENERATE = {"model": "llama3", "system": "be brief", "prompt": "hello there"}
+
+
+@pytest.mark.parametrize("path,body,api", [("/api/chat", OLLAMA_CHAT, "ollama_chat"),
+                                           ("/api/generate", OLLAMA_GENERATE, "ollama_generate")])
+def test_ollama_prompt_is_held_shown_and_streamed_by_default(stack, background, path, body, api):
+    fut, review = held(stack, background, path, body)
+    assert review["api"] == api and review["model"] == "llama3", review
+    assert review["stream"] is True  # Ollama streams unless told not to
+    assert "hello there" in json.dumps(review["prompt"])
+    if path == "/api/generate":
+        assert {"role": "system", "text": "be brief"} in review["prompt"]
+    assert stack.backend.stats()["started"] == 0
+    stack.approval.decide(review["id"], "approve")
+    r = fut.result(15)
+    assert r.status_code == 200, r.content
+    assert r.headers["content-type"] == "application/x-ndjson"
+    lines = ndjson(r.content)
+    assert lines[-1]["done"] is True and len(lines) > 2
+    assert ollama_text(path, r.content) == "echo: hello there"
+
+
+def test_ollama_refusals_use_its_error_format(stack, background):
+    fut, review = held(stack, background, "/api/chat", {**OLLAMA_CHAT, "stream": False})
+    stack.approval.decide(review["id"], "reject", reason="not today")
+    r = fut.result(15)
+    assert r.status_code == 403
+    err = r.json()
+    assert isinstance(err["error"], str) and "not today" in err["error"], err
+    assert err["code"] == "review_rejected"
+
+
+def test_ollama_secrets_in_every_text_field_are_masked_before_the_model(stack):
+    chat = {"model": "demo-allow", "stream": False, "messages": [
+        {"role": "system", "content": f"sys {SECRET}"},
+        {"role": "user", "content": f"hi {SECRET}"},
+        {"role": "assistant", "content": f"said {SECRET}", "thinking": f"thought {SECRET}",
+         "tool_calls": [{"function": {"name": "send", "arguments": {"to": EMAIL, "key": AWS}}}]},
+        {"role": "tool", "tool_name": "send", "content": f"sent to {SECRET}"},
+        {"role": "user", "content": "thanks"}],
+        "tools": [{"type": "function", "function": {"name": "send", "description": f"mail {SECRET}",
+                                                     "parameters": {"type": "object"}}}]}
+    r = send(stack, "/api/chat", chat)
+    assert r.status_code == 200, r.content
+    seen = seen_by_model(stack, r.request_id)
+    m = seen["messages"]
+    for text in (m[0]["content"], m[1]["content"], m[2]["content"], m[2]["thinking"], m[3]["content"],
+                 seen["tools"][0]["function"]["description"]):
+        assert_masked(text)
+    args = m[2]["tool_calls"][0]["function"]["arguments"]
+    assert args["to"].startswith("<EMAIL_") and args["key"] == "[AWS_ACCESS_KEY]", args
+    generate = {"model": "demo-allow", "stream": False, "system": f"sys {SECRET}", "prompt": f"hi {SECRET}",
+                "suffix": f"end {SECRET}"}
+    r = send(stack, "/api/generate", generate)
+    assert r.status_code == 200, r.content
+    seen = seen_by_model(stack, r.request_id)
+    for key in ("system", "prompt", "suffix"):
+        assert_masked(seen[key])
+    # The echo comes back with the pseudonym restored for the caller, the
+    # redacted key stays redacted.
+    assert ollama_text("/api/generate", r.content).startswith(f"echo: hi {EMAIL} [AWS_ACCESS_KEY]")
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/api/generate"])
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_ollama_answers_are_masked_plain_and_streamed(stack, path, stream):
+    body = {"model": "demo-allow", "stream": stream, **(
+        {"messages": [{"role": "user", "content": "hi"}]} if path == "/api/chat" else {"prompt": "hi"})}
+    reply = f"reach me at {EMAIL} or key {AWS} today"
+    r = send(stack, path, body, headers={"x-demo-reply": reply, "x-demo-chunk-chars": "3"})
+    assert r.status_code == 200, r.content
+    assert EMAIL.encode() not in r.content and AWS.encode() not in r.content
+    text = ollama_text(path, r.content)
+    assert text.startswith("reach me at <EMAIL_") and "[AWS_ACCESS_KEY]" in text and text.endswith(" today"), text
+    if stream:
+        lines = ndjson(r.content)
+        assert lines[-1]["done"] is True and lines[-1]["eval_count"] > 0
+    if path == "/api/generate":
+        # `context` holds the answer's token ids: gone where the text changed.
+        last = ndjson(r.content)[-1] if stream else json.loads(r.content)
+        assert last["context"] in ([], None), last
+    # A response rule ends the stream with Ollama's error line.
+    r = send(stack, path, body, headers={"x-demo-reply": f"here are the {BLOCKED_PHRASE}: 7391",
+                                         "x-demo-chunk-chars": "4"})
+    assert b"7391" not in r.content and BLOCKED_PHRASE.encode() not in r.content
+    if stream:
+        last = ndjson(r.content)[-1]
+        assert "no-launch-codes" in last["error"], last
+    else:
+        # (The status went out with the head, before the body was read.)
+        assert "no-launch-codes" in r.json()["error"], r.content
+
+
+def test_ollama_records_have_prompt_answer_and_usage(stack):
+    r = send(stack, "/api/chat", {"model": "demo-allow", "messages": [{"role": "user", "content": f"mail {EMAIL}"}]})
+    assert r.status_code == 200
+    rec = response_record(stack, r.request_id)
+    req, resp = rec.get("request", rec), rec["response"]
+    assert req["api"] == "ollama_chat" and req["stream"] is True and req["model"] == "demo-allow"
+    assert "<EMAIL_" in req["body"] and EMAIL not in json.dumps(rec)
+    assert resp["body"].startswith("echo: mail <EMAIL_"), resp
+    assert resp["usage"]["prompt_eval_count"] == 2 and resp["usage"]["eval_count"] == 3, resp
+    assert resp["completion"] == "complete"
+    r = send(stack, "/api/generate", {"model": "demo-allow", "prompt": "say hi", "stream": False})
+    resp = response_record(stack, r.request_id)["response"]
+    assert json.loads(resp["body"])["response"] == "echo: say hi"
+    assert resp["usage"]["eval_count"] == 3 and resp["usage"]["prompt_eval_count"] == 2, resp
+
+
+@pytest.mark.parametrize("path,body,says", [
+    ("/api/chat", b'{"model":"demo-allow","messages":[{"role":"user","content":"hi","Content":"hidden"}]}',
+     "only by case"),
+    ("/api/chat", b'{"model":"demo-allow","Messages":[{"role":"user","content":"hidden"}]}', "Messages"),
+    ("/api/chat", b'{"model":"demo-allow","messages":[{"role":"user","content":"hi","reasoning":"hidden"}]}',
+     "not a field"),
+    ("/api/generate", b'{"model":"demo-allow","prompt":"hi","template":"{{ .Prompt }} and obey"}', "template"),
+    ("/api/generate", b'{"model":"demo-allow","prompt":"hi","context":[128000,9906,1917]}', "token ids"),
+    ("/api/generate", b'{"model":"demo-allow","prompt":"hi","logprobs":true}', "log-probabilities"),
+    ("/api/generate", b'{"model":"demo-allow","prompt":"hi","_debug_render_only":true}', "_debug_render_only"),
+])
+def test_ollama_what_cannot_be_reviewed_is_refused(stack, path, body, says):
+    r = send(stack, path, body)
+    assert r.status_code == 400, (body, r.content)
+    assert says in r.json()["error"], r.json()
+    assert stack.backend.stats()["started"] == 0
+    assert stack.approval.pending() == []
+
+
+# ------------------------------------------------------------------ Gemini without alt=sse
+
+def test_gemini_json_array_stream_is_masked_element_by_element(stack):
+    # streamGenerateContent without alt=sse: one JSON array, sent element by
+    # element; read and masked as it comes, not buffered whole.
+    reply = f"reach me at {EMAIL} or key {AWS} today"
+    r = send(stack, "/v1beta/models/demo-allow:streamGenerateContent",
+             {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]},
+             headers={"x-demo-reply": reply, "x-demo-chunk-chars": "3"})
+    assert r.status_code == 200, r.content
+    assert EMAIL.encode() not in r.content and AWS.encode() not in r.content
+    elements = json.loads(r.content)
+    text = "".join(p["text"] for e in elements for c in e["candidates"] for p in c["content"]["parts"])
+    assert text.startswith("reach me at <EMAIL_") and "[AWS_ACCESS_KEY]" in text and text.endswith(" today"), text
+    rec = response_record(stack, r.request_id)
+    assert rec["response"]["body"] == text
+    assert rec["response"]["usage"]["totalTokenCount"] > 0
+
