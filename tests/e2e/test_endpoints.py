@@ -1,6 +1,7 @@
 """The API shapes people run behind Envoy beside OpenAI's, Anthropic's and
 Gemini's, end to end in the real Envoy: Ollama's native API (JSON lines,
-streamed by default). For each: a prompt is held and the reviewer reads it,
+streamed by default) and Azure OpenAI's deployments (the deployment in the
+path is the model). For each: a prompt is held and the reviewer reads it,
 a secret in every text field is masked before the model sees it (checked on
 what the demo backend received), the answer is masked plain and streamed,
 the record has the prompt, the answer and the usage, and what the gateway
@@ -254,3 +255,105 @@ def test_gemini_json_array_stream_is_masked_element_by_element(stack):
     assert rec["response"]["body"] == text
     assert rec["response"]["usage"]["totalTokenCount"] > 0
 
+
+
+# ------------------------------------------------------------------ Azure OpenAI
+
+def azure(deployment, operation="chat/completions", version="2024-10-21"):
+    path = f"/openai/deployments/{deployment}/{operation}"
+    return f"{path}?api-version={version}" if version else path
+
+
+def sse_content(raw: bytes) -> str:
+    text = ""
+    for line in raw.decode().splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            for c in json.loads(line[6:]).get("choices", []):
+                text += (c.get("delta") or {}).get("content") or ""
+    return text
+
+
+def test_azure_prompt_is_held_with_the_deployment_as_the_model(stack, background):
+    body = {"messages": [{"role": "user", "content": "hello azure"}]}
+    fut, review = held(stack, background, azure("gpt-4o-prod"), body)
+    assert (review["api"], review["model"]) == ("azure_openai_chat", "gpt-4o-prod"), review
+    assert review["path"] == "/openai/deployments/gpt-4o-prod/chat/completions"
+    assert "hello azure" in json.dumps(review["prompt"])
+    stack.approval.decide(review["id"], "approve")
+    r = fut.result(15)
+    assert r.status_code == 200, r.content
+    assert r.json()["choices"][0]["message"]["content"] == "echo: hello azure"
+    [seen] = stack.backend.requests()
+    assert seen["path"] == azure("gpt-4o-prod")  # the query string goes on as sent
+    # The body's `model` does not choose the rule: the deployment does.
+    fut, review = held(stack, background, azure("gpt-4o-prod"), {**body, "model": "demo-allow"})
+    assert review["model"] == "gpt-4o-prod"
+    stack.approval.decide(review["id"], "reject", reason="no")
+    assert fut.result(15).status_code == 403
+    # ...and a deployment the rules allow is allowed whatever the body says.
+    r = send(stack, azure("demo-allow-azure"), {**body, "model": "gpt-4o-prod"})
+    assert r.status_code == 200 and r.json()["model"] == "demo-allow-azure"
+    # Azure's v1 paths are OpenAI's API.
+    fut, review = held(stack, background, "/openai/v1/chat/completions", {**body, "model": "gpt-4o"})
+    assert (review["api"], review["model"]) == ("openai_chat", "gpt-4o")
+    stack.approval.decide(review["id"], "reject", reason="no")
+    assert fut.result(15).status_code == 403
+
+
+def test_azure_secrets_are_masked_in_prompts_and_answers_and_recorded(stack):
+    chat = {"messages": [
+        {"role": "system", "content": f"sys {SECRET}"},
+        {"role": "user", "content": [{"type": "text", "text": f"hi {SECRET}"}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "send", "arguments": json.dumps({"to": EMAIL})}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": f"sent to {SECRET}"}]}
+    r = send(stack, azure("demo-allow-azure"), chat)
+    assert r.status_code == 200, r.content
+    m = seen_by_model(stack, r.request_id)["messages"]
+    for text in (m[0]["content"], m[1]["content"][0]["text"], m[3]["content"]):
+        assert_masked(text)
+    assert json.loads(m[2]["tool_calls"][0]["function"]["arguments"])["to"].startswith("<EMAIL_")
+    for operation, body, field in [("completions", {"prompt": f"p {SECRET}"}, "prompt"),
+                                   ("embeddings", {"input": f"i {SECRET}"}, "input")]:
+        r = send(stack, azure("demo-allow-azure", operation), body)
+        assert r.status_code == 200, r.content
+        assert_masked(seen_by_model(stack, r.request_id)[field])
+    reply = f"reach me at {EMAIL} or key {AWS} today"
+    for stream in (False, True):
+        r = send(stack, azure("demo-allow-azure"), {"messages": [{"role": "user", "content": "hi"}], "stream": stream,
+                                                    "stream_options": {"include_usage": True}} if stream else
+                 {"messages": [{"role": "user", "content": "hi"}]},
+                 headers={"x-demo-reply": reply, "x-demo-chunk-chars": "3"})
+        assert r.status_code == 200, r.content
+        assert EMAIL.encode() not in r.content and AWS.encode() not in r.content
+        text = sse_content(r.content) if stream else r.json()["choices"][0]["message"]["content"]
+        assert text.startswith("reach me at <EMAIL_") and "[AWS_ACCESS_KEY]" in text and text.endswith(" today")
+        rec = response_record(stack, r.request_id)
+        req, resp = rec.get("request", rec), rec["response"]
+        assert (req["api"], req["model"], req["stream"]) == ("azure_openai_chat", "demo-allow-azure", stream)
+        assert resp["usage"]["total_tokens"] > 0, resp
+        if stream:
+            assert resp["body"] == text
+
+
+def test_azure_api_version_is_the_apis_own_business(stack):
+    # Without `api-version` Azure answers 404 itself: the gateway forwards
+    # the request (it is reviewed like any other) and the API's own answer.
+    r = send(stack, azure("demo-allow-azure", version=None), {"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 404
+    assert r.json() == {"error": {"code": "404", "message": "Resource not found"}}
+
+
+@pytest.mark.parametrize("path,body,says", [
+    (azure("a/b"), b'{"messages":[{"role":"user","content":"hi"}]}', "deployment"),
+    (azure("demo-allow-azure"),
+     b'{"messages":[{"role":"user","content":"hi"}],"data_sources":[{"type":"azure_search","parameters":{}}]}',
+     "data_sources"),
+    (azure("demo-allow-azure"), b'{"messages":[{"role":"user","content":"hi","Content":"hidden"}]}', "only by case"),
+    (azure("demo-allow-azure", "completions"), b'{"prompt":[1,2,3]}', "token-id"),
+])
+def test_azure_what_cannot_be_reviewed_is_refused(stack, path, body, says):
+    r = send(stack, path, body)
+    assert r.status_code == 400, (path, r.content)
+    assert says in r.json()["error"]["message"], r.json()
+    assert stack.backend.stats()["started"] == 0

@@ -1,5 +1,5 @@
-//! A small model stand-in speaking the OpenAI, Anthropic, Gemini and
-//! Ollama protocols.
+//! A small model stand-in speaking the OpenAI (and Azure OpenAI),
+//! Anthropic, Gemini and Ollama protocols.
 //!
 //! Every endpoint echoes the prompt back (`"echo: " + prompt`), streams SSE
 //! when asked to, and records what it received so end-to-end tests can check
@@ -112,6 +112,15 @@ pub fn app_with_state(state: Shared) -> Router {
         .route("/v1beta/models/{target}", post(gemini))
         // Only Gemini's POSTs; other methods get the 404 they always got.
         .route("/v1/models/{target}", post(gemini).get(not_found))
+        .route(
+            "/openai/deployments/{deployment}/{*operation}",
+            post(azure_deployment),
+        )
+        // Azure's v1 paths take OpenAI's requests as they are.
+        .route("/openai/v1/chat/completions", post(chat_completions))
+        .route("/openai/v1/completions", post(completions))
+        .route("/openai/v1/responses", post(responses))
+        .route("/openai/v1/embeddings", post(embeddings))
         .route("/api/chat", post(ollama_chat))
         .route("/api/generate", post(ollama_generate))
         .route("/_demo/stats", get(stats))
@@ -1237,6 +1246,99 @@ async fn gemini(
         return streamed_response("application/json", elements, chunk_delay(&headers));
     }
     sse_response(chunks.iter().map(sse_data).collect(), chunk_delay(&headers))
+}
+
+// ---------------------------------------------------------------- Azure OpenAI
+
+/// Azure's error body: `{"error": {"code", "message"}}`.
+fn azure_error(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        Json(json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
+}
+
+/// What Azure's content filter says of a text it let through.
+fn content_filter_results() -> Value {
+    let safe = json!({"filtered": false, "severity": "safe"});
+    json!({"hate": safe, "self_harm": safe, "sexual": safe, "violence": safe})
+}
+
+/// Azure OpenAI's `POST /openai/deployments/{deployment}/{operation}`:
+/// OpenAI's bodies, the deployment as the model (a body's own `model` is
+/// ignored, as Azure does). Without `api-version` the service answers 404
+/// "Resource not found", as Azure does. Chat answers carry Azure's content
+/// filter results: `prompt_filter_results` (streamed: in a first chunk
+/// without choices) and each choice's `content_filter_results`.
+async fn azure_deployment(
+    State(demo): State<Shared>,
+    Path((deployment, operation)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let versioned = query.as_deref().is_some_and(|q| {
+        q.split('&').any(|kv| {
+            kv.strip_prefix("api-version=")
+                .is_some_and(|v| !v.is_empty())
+        })
+    });
+    if !versioned {
+        return azure_error(StatusCode::NOT_FOUND, "404", "Resource not found");
+    }
+    let mut req = match parse_body(&body) {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    req["model"] = json!(deployment);
+    let body = Bytes::from(req.to_string());
+    let answer = match operation.as_str() {
+        "chat/completions" => chat_completions(State(demo), headers, body).await,
+        "completions" => return completions(State(demo), headers, body).await,
+        "embeddings" => return embeddings(body).await,
+        _ => return azure_error(StatusCode::NOT_FOUND, "404", "Resource not found"),
+    };
+    with_content_filter_results(answer).await
+}
+
+async fn with_content_filter_results(answer: Response) -> Response {
+    let prompt_results =
+        json!([{"prompt_index": 0, "content_filter_results": content_filter_results()}]);
+    let (parts, body) = answer.into_parts();
+    if !parts.status.is_success() {
+        return Response::from_parts(parts, body);
+    }
+    if parts.headers.get(header::CONTENT_TYPE)
+        == Some(&HeaderValue::from_static("text/event-stream"))
+    {
+        let first = sse_data(&json!({
+            "id": "", "object": "", "created": 0, "model": "", "choices": [],
+            "prompt_filter_results": prompt_results,
+        }));
+        let rest = body.into_data_stream();
+        let stream =
+            futures_util::stream::once(async move { Ok::<_, axum::Error>(first) }).chain(rest);
+        return Response::from_parts(parts, Body::from_stream(stream));
+    }
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY_BYTES).await else {
+        return error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "could not read the answer",
+        );
+    };
+    let Ok(mut v) = serde_json::from_slice::<Value>(&bytes) else {
+        return Response::from_parts(parts, Body::from(bytes));
+    };
+    v["prompt_filter_results"] = prompt_results;
+    if let Some(choices) = v.get_mut("choices").and_then(Value::as_array_mut) {
+        for c in choices {
+            c["content_filter_results"] = content_filter_results();
+        }
+    }
+    let mut parts = parts;
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(v.to_string()))
 }
 
 // ---------------------------------------------------------------- Ollama

@@ -1294,3 +1294,71 @@ async fn ollama_generate_answers_with_context_and_logprobs() {
     assert!(lines.last().unwrap()["context"].is_array());
     assert!(lines[0]["logprobs"][0]["top_logprobs"].is_array());
 }
+
+// ---------------------------------------------------------------- Azure OpenAI
+
+#[tokio::test]
+async fn azure_deployments_need_an_api_version_and_name_the_model() {
+    let app = demo_backend::app();
+    let req = json!({"model": "ignored", "messages": [{"role": "user", "content": "hi azure"}]});
+    let (status, v) = call(
+        &app,
+        post("/openai/deployments/gpt-4o-prod/chat/completions", &req),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        v,
+        json!({"error": {"code": "404", "message": "Resource not found"}})
+    );
+    let (status, v) = call(
+        &app,
+        post(
+            "/openai/deployments/gpt-4o-prod/chat/completions?api-version=2024-10-21",
+            &req,
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["model"], "gpt-4o-prod");
+    assert_eq!(v["choices"][0]["message"]["content"], "echo: hi azure");
+    assert_eq!(
+        v["choices"][0]["content_filter_results"]["hate"]["severity"],
+        "safe"
+    );
+    assert_eq!(v["prompt_filter_results"][0]["prompt_index"], 0);
+    let mut streamed = req.clone();
+    streamed["stream"] = json!(true);
+    let chunks = sse_json(
+        &frames(
+            &app,
+            post(
+                "/openai/deployments/gpt-4o-prod/chat/completions?api-version=2024-10-21",
+                &streamed,
+            ),
+        )
+        .await,
+    );
+    assert_eq!(chunks[0]["choices"], json!([]));
+    assert!(chunks[0]["prompt_filter_results"].is_array());
+    let text: String = chunks[1..]
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "echo: hi azure");
+    let (status, v) = call(
+        &app,
+        post(
+            "/openai/deployments/ada/embeddings?api-version=2024-10-21",
+            &json!({"input": "x"}),
+        ),
+    )
+    .await;
+    assert_eq!((status, v["model"].as_str()), (StatusCode::OK, Some("ada")));
+    // The v1 paths take OpenAI's requests as they are.
+    let (status, v) = call(&app, post("/openai/v1/chat/completions", &req)).await;
+    assert_eq!(
+        (status, v["model"].as_str()),
+        (StatusCode::OK, Some("ignored"))
+    );
+}

@@ -214,9 +214,12 @@ pub fn stream_event<'v, E>(
     f: &mut impl FnMut(Item<'v>) -> Result<(), E>,
 ) -> Result<bool, E> {
     match api {
-        ApiKind::OpenaiChat | ApiKind::OpenaiCompletions | ApiKind::OpenaiEmbeddings => {
-            openai_chunk(v, f).map(|()| false)
-        }
+        ApiKind::OpenaiChat
+        | ApiKind::OpenaiCompletions
+        | ApiKind::OpenaiEmbeddings
+        | ApiKind::AzureOpenaiChat
+        | ApiKind::AzureOpenaiCompletions
+        | ApiKind::AzureOpenaiEmbeddings => openai_chunk(v, f).map(|()| false),
         ApiKind::AnthropicMessages => anthropic_event(v, f).map(|()| false),
         ApiKind::GeminiGenerateContent => gemini_chunk(v, f).map(|()| false),
         ApiKind::OpenaiResponses => responses_event(event, v, f),

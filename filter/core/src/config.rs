@@ -218,8 +218,9 @@ fn err(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     }
 }
 
-/// Default inference endpoints: OpenAI, Anthropic, Gemini and Ollama's
-/// native API (whose users put the gateway in front of Ollama's port).
+/// Default inference endpoints: OpenAI, Anthropic, Gemini, Ollama's native
+/// API (whose users put the gateway in front of Ollama's port) and Azure
+/// OpenAI's paths.
 pub fn default_endpoints() -> Vec<Endpoint> {
     [
         ("/v1/chat/completions", ApiKind::OpenaiChat),
@@ -245,6 +246,23 @@ pub fn default_endpoints() -> Vec<Endpoint> {
         ),
         ("/api/chat", ApiKind::OllamaChat),
         ("/api/generate", ApiKind::OllamaGenerate),
+        // Azure OpenAI: chat before completions, which its `*` also matches.
+        (
+            "/openai/deployments/*/chat/completions",
+            ApiKind::AzureOpenaiChat,
+        ),
+        (
+            "/openai/deployments/*/completions",
+            ApiKind::AzureOpenaiCompletions,
+        ),
+        (
+            "/openai/deployments/*/embeddings",
+            ApiKind::AzureOpenaiEmbeddings,
+        ),
+        ("/openai/v1/chat/completions", ApiKind::OpenaiChat),
+        ("/openai/v1/completions", ApiKind::OpenaiCompletions),
+        ("/openai/v1/responses", ApiKind::OpenaiResponses),
+        ("/openai/v1/embeddings", ApiKind::OpenaiEmbeddings),
     ]
     .into_iter()
     .map(|(path, api)| Endpoint {
@@ -1049,7 +1067,7 @@ mod tests {
         assert_eq!(c.default_action, Action::Review);
         assert_eq!(c.other_requests, OtherRequests::Deny);
         assert_eq!(c.hold_timeout_ms, 300_000);
-        assert_eq!(c.endpoints.len(), 11);
+        assert_eq!(c.endpoints.len(), 18);
         assert!(c.rules.is_empty());
     }
 

@@ -42,7 +42,7 @@ pub struct ParsedRequest {
 /// state), so it is refused unless the operator lists it in `extra_fields`.
 fn known_fields(api: ApiKind) -> &'static [&'static str] {
     match api {
-        ApiKind::OpenaiChat => &[
+        ApiKind::OpenaiChat | ApiKind::AzureOpenaiChat => &[
             "model",
             "messages",
             "stream",
@@ -78,7 +78,7 @@ fn known_fields(api: ApiKind) -> &'static [&'static str] {
             "prompt_cache_key",
             "verbosity",
         ],
-        ApiKind::OpenaiCompletions => &[
+        ApiKind::OpenaiCompletions | ApiKind::AzureOpenaiCompletions => &[
             "model",
             "prompt",
             "suffix",
@@ -98,7 +98,9 @@ fn known_fields(api: ApiKind) -> &'static [&'static str] {
             "user",
             "seed",
         ],
-        ApiKind::OpenaiEmbeddings => &["model", "input", "encoding_format", "dimensions", "user"],
+        ApiKind::OpenaiEmbeddings | ApiKind::AzureOpenaiEmbeddings => {
+            &["model", "input", "encoding_format", "dimensions", "user"]
+        }
         ApiKind::OpenaiResponses => &[
             "model",
             "input",
@@ -225,16 +227,84 @@ fn walked(
     })
 }
 
-/// Parses `body` of a request to `path` (Gemini carries the model and the
-/// streaming choice in the path: `/v1beta/models/{model}:streamGenerateContent`).
+/// Parses `body` of a request to `path`: APIs that name the model (and
+/// streaming) in the path read them there (Gemini's
+/// `/v1beta/models/{model}:streamGenerateContent`, Azure OpenAI's
+/// `/openai/deployments/{deployment}/chat/completions`).
 pub fn parse_request_at(api: ApiKind, path: &str, body: &[u8]) -> Result<ParsedRequest, String> {
-    if api != ApiKind::GeminiGenerateContent {
-        return parse_request(api, body);
+    let facts = path_facts(api, path)?;
+    parse(api, body, facts)
+}
+
+/// What a request's path says, for APIs that name the model there.
+struct PathFacts {
+    /// The model: Gemini's `models/{model}`, an Azure deployment.
+    model: String,
+    /// Whether the path asks for a streamed answer; `None` when the body
+    /// says.
+    stream: Option<bool>,
+}
+
+/// Where a request of an API names its model.
+enum ModelIn {
+    /// The body's `model`.
+    Body,
+    /// Gemini's `models/{model}:{method}`, which also says whether to
+    /// stream.
+    GeminiPath,
+    /// An Azure deployment, followed by this operation.
+    Deployment(&'static str),
+}
+
+fn model_in(api: ApiKind) -> ModelIn {
+    match api {
+        ApiKind::GeminiGenerateContent => ModelIn::GeminiPath,
+        ApiKind::AzureOpenaiChat => ModelIn::Deployment("/chat/completions"),
+        ApiKind::AzureOpenaiCompletions => ModelIn::Deployment("/completions"),
+        ApiKind::AzureOpenaiEmbeddings => ModelIn::Deployment("/embeddings"),
+        _ => ModelIn::Body,
     }
-    let (model, stream) =
-        gemini_model(path).ok_or_else(|| "the path does not name a model".to_string())?;
-    let obj = parse_object(body)?;
-    walked(api, model, stream, obj)
+}
+
+/// The [`PathFacts`] of a request of API `api` to `path`, `None` for APIs
+/// whose body names the model; an error when the path names none.
+fn path_facts(api: ApiKind, path: &str) -> Result<Option<PathFacts>, String> {
+    match model_in(api) {
+        ModelIn::Body => Ok(None),
+        ModelIn::GeminiPath => {
+            let (model, stream) =
+                gemini_model(path).ok_or_else(|| "the path does not name a model".to_string())?;
+            Ok(Some(PathFacts {
+                model,
+                stream: Some(stream),
+            }))
+        }
+        ModelIn::Deployment(operation) => match azure_deployment(path, operation) {
+            Some(model) => Ok(Some(PathFacts {
+                model,
+                stream: None,
+            })),
+            None => Err(format!(
+                "the path does not name a deployment (`.../deployments/{{deployment}}{operation}`)"
+            )),
+        },
+    }
+}
+
+/// The deployment an Azure OpenAI path names
+/// (`.../deployments/{deployment}{operation}`): what the request runs on,
+/// whatever the body's `model` says. Deployment names are letters, digits,
+/// `-`, `_` and `.`, one path segment.
+pub fn azure_deployment(path: &str, operation: &str) -> Option<String> {
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    let (_, rest) = path.split_once("/deployments/")?;
+    let deployment = rest.strip_suffix(operation)?;
+    let valid = !deployment.is_empty()
+        && !deployment.starts_with('.')
+        && deployment
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    valid.then(|| deployment.to_string())
 }
 
 /// The field of a request that asks for token log-probabilities in the
@@ -246,7 +316,10 @@ fn logprobs_field(api: ApiKind, obj: &Map<String, Value>) -> Option<&'static str
     let asks_alternatives =
         |v: Option<&Value>| asks(v) && !v.and_then(Value::as_f64).is_some_and(|n| n == 0.0);
     match api {
-        ApiKind::OpenaiChat | ApiKind::OllamaChat | ApiKind::OllamaGenerate => {
+        ApiKind::OpenaiChat
+        | ApiKind::AzureOpenaiChat
+        | ApiKind::OllamaChat
+        | ApiKind::OllamaGenerate => {
             if asks(obj.get("logprobs")) {
                 Some("logprobs")
             } else if asks_alternatives(obj.get("top_logprobs")) {
@@ -255,7 +328,9 @@ fn logprobs_field(api: ApiKind, obj: &Map<String, Value>) -> Option<&'static str
                 None
             }
         }
-        ApiKind::OpenaiCompletions => asks(obj.get("logprobs")).then_some("logprobs"),
+        ApiKind::OpenaiCompletions | ApiKind::AzureOpenaiCompletions => {
+            asks(obj.get("logprobs")).then_some("logprobs")
+        }
         ApiKind::OpenaiResponses => {
             let include = obj
                 .get("include")
@@ -287,7 +362,9 @@ fn logprobs_field(api: ApiKind, obj: &Map<String, Value>) -> Option<&'static str
                 .map(|(_, field)| field)
             })
         }
-        ApiKind::AnthropicMessages | ApiKind::OpenaiEmbeddings => None,
+        ApiKind::AnthropicMessages | ApiKind::OpenaiEmbeddings | ApiKind::AzureOpenaiEmbeddings => {
+            None
+        }
     }
 }
 
@@ -315,25 +392,35 @@ fn unknown(api: ApiKind, obj: &Map<String, Value>) -> Vec<String> {
         .collect()
 }
 
-/// Parses `body` as a request of shape `api`.
+/// Parses `body` as a request of shape `api` (one whose body names the
+/// model; see [`parse_request_at`]).
 pub fn parse_request(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, String> {
+    if !matches!(model_in(api), ModelIn::Body) {
+        return Err(format!(
+            "{} requests name the model in their path (use parse_request_at)",
+            api.as_str()
+        ));
+    }
+    parse(api, body, None)
+}
+
+fn parse(api: ApiKind, body: &[u8], facts: Option<PathFacts>) -> Result<ParsedRequest, String> {
     if body.is_empty() {
         return Err("request body is empty".into());
     }
     let obj = parse_object(body)?;
-    let model = match obj.get("model") {
-        Some(Value::String(m)) if !m.trim().is_empty() => m.clone(),
-        Some(_) => return Err("`model` must be a non-empty string".into()),
-        None => return Err("`model` is required".into()),
+    let model = match (&facts, obj.get("model")) {
+        (Some(f), _) => f.model.clone(),
+        (None, Some(Value::String(m))) if !m.trim().is_empty() => m.clone(),
+        (None, Some(_)) => return Err("`model` must be a non-empty string".into()),
+        (None, None) => return Err("`model` is required".into()),
     };
-    let stream = match obj.get("stream") {
-        None | Some(Value::Null) => streams_by_default(api),
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err("`stream` must be a boolean".into()),
+    let stream = match (facts.and_then(|f| f.stream), obj.get("stream")) {
+        (Some(from_path), _) => from_path,
+        (None, None | Some(Value::Null)) => streams_by_default(api),
+        (None, Some(Value::Bool(b))) => *b,
+        (None, Some(_)) => return Err("`stream` must be a boolean".into()),
     };
-    if api == ApiKind::GeminiGenerateContent {
-        return Err("Gemini requests need their path (use parse_request_at)".into());
-    }
     walked(api, model, stream, obj)
 }
 
@@ -604,6 +691,61 @@ mod tests {
         .unwrap();
         assert!(generate.stream && generate.unknown_fields.is_empty());
         assert!(parse_request(ApiKind::OllamaGenerate, br#"{"prompt":"p"}"#).is_err());
+    }
+
+    #[test]
+    fn an_azure_deployment_is_the_model() {
+        use ApiKind::*;
+        let chat = br#"{"messages":[{"role":"user","content":"hi"}],"stream":true}"#;
+        let path = "/openai/deployments/gpt-4o.prod_2/chat/completions?api-version=2024-10-21";
+        let p = parse_request_at(AzureOpenaiChat, path, chat).unwrap();
+        assert_eq!(p.model, "gpt-4o.prod_2");
+        assert!(p.stream);
+        assert_eq!(p.prompt[0].text, "hi");
+        // The body's model does not choose what runs, nor the rules.
+        let named = br#"{"model":"cheap","messages":[{"role":"user","content":"hi"}]}"#;
+        assert_eq!(
+            parse_request_at(AzureOpenaiChat, path, named)
+                .unwrap()
+                .model,
+            "gpt-4o.prod_2"
+        );
+        let p = parse_request_at(
+            AzureOpenaiEmbeddings,
+            "/proxy/openai/deployments/emb/embeddings",
+            br#"{"input":["a","b"]}"#,
+        )
+        .unwrap();
+        assert_eq!((p.model.as_str(), p.prompt.len()), ("emb", 2));
+        assert_eq!(
+            parse_request_at(
+                AzureOpenaiCompletions,
+                "/openai/deployments/d/completions",
+                br#"{"prompt":"p","logprobs":1}"#
+            )
+            .unwrap()
+            .logprobs,
+            Some("logprobs")
+        );
+        // On Your Data retrieves documents into the prompt: not reviewable.
+        let data = br#"{"messages":[{"role":"user","content":"hi"}],"data_sources":[{"type":"azure_search"}]}"#;
+        assert_eq!(
+            parse_request_at(AzureOpenaiChat, path, data)
+                .unwrap()
+                .unknown_fields,
+            vec!["data_sources".to_string()]
+        );
+        for bad in [
+            "/openai/deployments/a/b/chat/completions",
+            "/openai/deployments//chat/completions",
+            "/openai/deployments/../chat/completions",
+            "/openai/deployments/a%2Fb/chat/completions",
+            "/openai/chat/completions",
+        ] {
+            let e = parse_request_at(AzureOpenaiChat, bad, chat).unwrap_err();
+            assert!(e.contains("deployment"), "{bad}: {e}");
+        }
+        assert!(parse_request(AzureOpenaiChat, chat).is_err());
     }
 
     #[test]

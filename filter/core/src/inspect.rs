@@ -610,6 +610,32 @@ mod tests {
     }
 
     #[test]
+    fn rules_match_the_azure_deployment_not_the_body_model() {
+        let c = Config::from_json(
+            br#"{"rules":[{"name":"small","model":"small-*","action":"allow"},{"name":"big","model":"big-*","action":"deny"}]}"#,
+        )
+        .unwrap();
+        let ep = default_endpoints()
+            .into_iter()
+            .find(|e| e.api == ApiKind::AzureOpenaiChat)
+            .unwrap();
+        let body = br#"{"model":"small-1","messages":[{"role":"user","content":"hi"}]}"#;
+        let i = info("/openai/deployments/big-1/chat/completions", None);
+        match inspect_body(&c, &ep, &i, body, 0) {
+            BodyVerdict::Refuse(r) => assert!(r.message.contains("`big`"), "{}", r.message),
+            other => panic!("{other:?}"),
+        }
+        let i = info("/openai/deployments/small-2/chat/completions", None);
+        match inspect_body(&c, &ep, &i, body, 0) {
+            BodyVerdict::Forward(rule, facts) => {
+                assert_eq!(rule.name, "small");
+                assert_eq!(facts.model.as_deref(), Some("small-2"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn bad_bodies_are_refused_with_400() {
         let c = Config::from_json(b"").unwrap();
         let ep = &default_endpoints()[0];

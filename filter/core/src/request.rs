@@ -440,6 +440,42 @@ mod tests {
     }
 
     #[test]
+    fn azure_paths_keep_their_query_out_of_matching() {
+        let c = Config::from_json(b"").unwrap();
+        for (path, api) in [
+            (
+                "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+                ApiKind::AzureOpenaiChat,
+            ),
+            (
+                "/openai/deployments/gpt-35-turbo-instruct/completions?api-version=2024-10-21",
+                ApiKind::AzureOpenaiCompletions,
+            ),
+            (
+                "/openai/deployments/ada/embeddings?api-version=2024-10-21&x=/chat/completions",
+                ApiKind::AzureOpenaiEmbeddings,
+            ),
+            ("/openai/v1/chat/completions", ApiKind::OpenaiChat),
+            (
+                "/openai/v1/responses?api-version=preview",
+                ApiKind::OpenaiResponses,
+            ),
+        ] {
+            match classify(&c, &head("POST", path)) {
+                HeadVerdict::Inspect(e) => assert_eq!(e.api, api, "{path}"),
+                other => panic!("{path}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            status(&classify(
+                &c,
+                &head("POST", "/openai/deployments/gpt%2D4o/chat/completions")
+            )),
+            400
+        );
+    }
+
+    #[test]
     fn wrong_method_encoding_type_or_override_is_refused() {
         let c = Config::from_json(b"").unwrap();
         assert_eq!(

@@ -113,15 +113,17 @@ pub(crate) fn walk(
         nested: 0,
     };
     match api {
-        ApiKind::OpenaiChat => openai_chat(&mut w, obj)?,
-        ApiKind::OpenaiCompletions => {
+        ApiKind::OpenaiChat | ApiKind::AzureOpenaiChat => openai_chat(&mut w, obj)?,
+        ApiKind::OpenaiCompletions | ApiKind::AzureOpenaiCompletions => {
             w.text_or_list(obj, "prompt")?;
             if let Some(s) = w.opt_str(obj, "suffix")? {
                 w.begin("suffix");
                 w.key("suffix", |w| w.text(s));
             }
         }
-        ApiKind::OpenaiEmbeddings => w.text_or_list(obj, "input")?,
+        ApiKind::OpenaiEmbeddings | ApiKind::AzureOpenaiEmbeddings => {
+            w.text_or_list(obj, "input")?
+        }
         ApiKind::OpenaiResponses => openai_responses(&mut w, obj)?,
         ApiKind::AnthropicMessages => anthropic(&mut w, obj)?,
         ApiKind::GeminiGenerateContent => gemini(&mut w, obj)?,

@@ -35,6 +35,13 @@ pub enum ApiKind {
     /// Ollama's native `POST /api/generate` (streams NDJSON unless
     /// `stream` is `false`).
     OllamaGenerate,
+    /// Azure OpenAI `POST /openai/deployments/{deployment}/chat/completions`:
+    /// OpenAI's chat body; the deployment in the path is the model.
+    AzureOpenaiChat,
+    /// Azure OpenAI `POST /openai/deployments/{deployment}/completions`.
+    AzureOpenaiCompletions,
+    /// Azure OpenAI `POST /openai/deployments/{deployment}/embeddings`.
+    AzureOpenaiEmbeddings,
 }
 
 impl ApiKind {
@@ -49,6 +56,9 @@ impl ApiKind {
             ApiKind::GeminiGenerateContent => "gemini_generate_content",
             ApiKind::OllamaChat => "ollama_chat",
             ApiKind::OllamaGenerate => "ollama_generate",
+            ApiKind::AzureOpenaiChat => "azure_openai_chat",
+            ApiKind::AzureOpenaiCompletions => "azure_openai_completions",
+            ApiKind::AzureOpenaiEmbeddings => "azure_openai_embeddings",
         }
     }
 
@@ -61,7 +71,10 @@ impl ApiKind {
             ApiKind::OpenaiChat
             | ApiKind::OpenaiCompletions
             | ApiKind::OpenaiResponses
-            | ApiKind::OpenaiEmbeddings => ErrorFormat::Openai,
+            | ApiKind::OpenaiEmbeddings
+            | ApiKind::AzureOpenaiChat
+            | ApiKind::AzureOpenaiCompletions
+            | ApiKind::AzureOpenaiEmbeddings => ErrorFormat::Openai,
         }
     }
 }

@@ -434,7 +434,12 @@ fn template(api: ApiKind, event: Option<&str>, v: &Value, p: &Piece<'_>) -> Temp
     };
     match api {
         // OpenAI chat.completion.chunk and text_completion.
-        ApiKind::OpenaiChat | ApiKind::OpenaiCompletions | ApiKind::OpenaiEmbeddings => {
+        ApiKind::OpenaiChat
+        | ApiKind::OpenaiCompletions
+        | ApiKind::OpenaiEmbeddings
+        | ApiKind::AzureOpenaiChat
+        | ApiKind::AzureOpenaiCompletions
+        | ApiKind::AzureOpenaiEmbeddings => {
             let mut env = envelope(&["id", "object", "created", "model", "system_fingerprint"]);
             let (choice, path) = match kind {
                 TextKind::Text => (
@@ -759,7 +764,7 @@ mod tests {
         let full: String = tokens.concat();
         let mut s = String::new();
         match api {
-            ApiKind::OpenaiChat => {
+            ApiKind::OpenaiChat | ApiKind::AzureOpenaiChat => {
                 let env = |choice: Value| json!({"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[choice]});
                 s.push_str(": keep-alive comment\n\n");
                 s.push_str(&data(env(json!({"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}))));
@@ -772,7 +777,7 @@ mod tests {
                 s.push_str(&data(json!({"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[],"usage":{"total_tokens":9}})));
                 s.push_str("data: [DONE]\n\n");
             }
-            ApiKind::OpenaiCompletions => {
+            ApiKind::OpenaiCompletions | ApiKind::AzureOpenaiCompletions => {
                 for t in tokens {
                     s.push_str(&data(json!({"id":"c","object":"text_completion","choices":[{"text":t,"index":0,"logprobs":null,"finish_reason":null}]})));
                 }
@@ -839,7 +844,7 @@ mod tests {
                 }
                 s.push_str(&line("", true));
             }
-            ApiKind::OpenaiEmbeddings => {}
+            ApiKind::OpenaiEmbeddings | ApiKind::AzureOpenaiEmbeddings => {}
         }
         s
     }
@@ -904,10 +909,13 @@ mod tests {
                 continue;
             }
             let piece = match api {
-                ApiKind::OpenaiChat => v["choices"][0]["delta"]["content"]
+                ApiKind::OpenaiChat | ApiKind::AzureOpenaiChat => v["choices"][0]["delta"]
+                    ["content"]
                     .as_str()
                     .map(str::to_string),
-                ApiKind::OpenaiCompletions => v["choices"][0]["text"].as_str().map(str::to_string),
+                ApiKind::OpenaiCompletions | ApiKind::AzureOpenaiCompletions => {
+                    v["choices"][0]["text"].as_str().map(str::to_string)
+                }
                 ApiKind::AnthropicMessages => v["delta"]["text"]
                     .as_str()
                     .or_else(|| v["content_block"]["text"].as_str())
@@ -936,7 +944,7 @@ mod tests {
                 }
                 ApiKind::OllamaChat => v["message"]["content"].as_str().map(str::to_string),
                 ApiKind::OllamaGenerate => v["response"].as_str().map(str::to_string),
-                ApiKind::OpenaiEmbeddings => None,
+                ApiKind::OpenaiEmbeddings | ApiKind::AzureOpenaiEmbeddings => None,
             };
             text.push_str(&piece.unwrap_or_default());
         }
@@ -961,6 +969,7 @@ mod tests {
         ApiKind::OpenaiResponses,
         ApiKind::OllamaChat,
         ApiKind::OllamaGenerate,
+        ApiKind::AzureOpenaiChat,
     ];
 
     fn check(api: ApiKind, out: &[u8], expected: &str, what: &str) {

@@ -664,8 +664,12 @@ impl PromptText {
 pub fn requested_max_tokens(api: ApiKind, body: &Value) -> Option<u64> {
     let v = body;
     let keys: &[&[&str]] = match api {
-        ApiKind::OpenaiChat => &[&["max_completion_tokens"], &["max_tokens"]],
-        ApiKind::OpenaiCompletions | ApiKind::AnthropicMessages => &[&["max_tokens"]],
+        ApiKind::OpenaiChat | ApiKind::AzureOpenaiChat => {
+            &[&["max_completion_tokens"], &["max_tokens"]]
+        }
+        ApiKind::OpenaiCompletions
+        | ApiKind::AzureOpenaiCompletions
+        | ApiKind::AnthropicMessages => &[&["max_tokens"]],
         ApiKind::OpenaiResponses => &[&["max_output_tokens"]],
         ApiKind::GeminiGenerateContent => &[
             &["generationConfig", "maxOutputTokens"],
@@ -674,7 +678,7 @@ pub fn requested_max_tokens(api: ApiKind, body: &Value) -> Option<u64> {
             &["generation_config", "maxOutputTokens"],
         ],
         ApiKind::OllamaChat | ApiKind::OllamaGenerate => &[&["options", "num_predict"]],
-        ApiKind::OpenaiEmbeddings => &[],
+        ApiKind::OpenaiEmbeddings | ApiKind::AzureOpenaiEmbeddings => &[],
     };
     // Ollama reads a negative `num_predict` as no limit at all.
     let negative_is_unlimited = matches!(api, ApiKind::OllamaChat | ApiKind::OllamaGenerate);
