@@ -1,7 +1,8 @@
 """The API shapes people run behind Envoy beside OpenAI's, Anthropic's and
 Gemini's, end to end in the real Envoy: Ollama's native API (JSON lines,
-streamed by default) and Azure OpenAI's deployments (the deployment in the
-path is the model). For each: a prompt is held and the reviewer reads it,
+streamed by default), Azure OpenAI's deployments (the deployment in the
+path is the model) and AWS Bedrock runtime's converse and invoke (the
+percent-encoded model id in the path is the model). For each: a prompt is held and the reviewer reads it,
 a secret in every text field is masked before the model sees it (checked on
 what the demo backend received), the answer is masked plain and streamed,
 the record has the prompt, the answer and the usage, and what the gateway
@@ -29,8 +30,13 @@ CONFIG = {
         "profiles": {"default": {"detectors": {"email": "pseudonymize", "aws_access_key": "redact"},
                                  "restore": True, "response_window_chars": 128}},
     },
-    "content_policy": {"response_rules": [{"name": "no-launch-codes", "phrases": [BLOCKED_PHRASE]}]},
-    "rules": [{"name": "load-tests", "model": "demo-allow*", "action": "allow"}],
+    "content_policy": {"response_rules": [
+        {"name": "no-launch-codes", "phrases": [BLOCKED_PHRASE], "models": ["demo-allow*"]}]},
+    "rules": [
+        {"name": "load-tests", "model": "demo-allow*", "action": "allow"},
+        # Nothing reads these answers: no masking, no response rule, no record.
+        {"name": "bare", "model": "bare-*", "action": "allow", "masking": "none", "record": "off"},
+    ],
 }
 
 
@@ -357,3 +363,140 @@ def test_azure_what_cannot_be_reviewed_is_refused(stack, path, body, says):
     assert r.status_code == 400, (path, r.content)
     assert says in r.json()["error"]["message"], r.json()
     assert stack.backend.stats()["started"] == 0
+
+
+# ------------------------------------------------------------------ AWS Bedrock
+
+HAIKU = "anthropic.claude-3-haiku-20240307-v1%3A0"  # as AWS SDKs encode the id
+ALLOWED = "demo-allow.bedrock-v1%3A0"
+
+
+def converse(*texts, system=None):
+    body = {"messages": [{"role": "user", "content": [{"text": t} for t in texts]}]}
+    if system:
+        body["system"] = [{"text": system}]
+    return body
+
+
+INVOKE = {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 50,
+          "messages": [{"role": "user", "content": "hello claude"}]}
+
+
+def test_bedrock_converse_is_held_with_the_decoded_model_id(stack, background):
+    fut, review = held(stack, background, f"/model/{HAIKU}/converse", converse("hello bedrock", system="be brief"))
+    assert (review["api"], review["model"]) == ("bedrock_converse", "anthropic.claude-3-haiku-20240307-v1:0"), review
+    assert {"role": "system", "text": "be brief"} in review["prompt"]
+    assert {"role": "user", "text": "hello bedrock"} in review["prompt"]
+    stack.approval.decide(review["id"], "approve")
+    r = fut.result(15)
+    assert r.status_code == 200, r.content
+    assert r.json()["output"]["message"]["content"][0]["text"] == "echo: hello bedrock"
+    [seen] = stack.backend.requests()
+    assert seen["path"] == f"/model/{HAIKU}/converse"
+    fut, review = held(stack, background, f"/model/{HAIKU}/invoke", INVOKE)
+    assert (review["api"], review["model"]) == ("bedrock_invoke", "anthropic.claude-3-haiku-20240307-v1:0")
+    stack.approval.decide(review["id"], "reject", reason="no")
+    r = fut.result(15)
+    assert r.status_code == 403 and "no" in r.json()["message"], r.content
+    assert r.headers["x-amzn-errortype"] == "AccessDeniedException"
+
+
+def test_bedrock_secrets_are_masked_in_prompts_and_answers_and_recorded(stack, background):
+    body = {"system": [{"text": f"sys {SECRET}"}, {"guardContent": {"text": {"text": f"g {SECRET}"}}}],
+            "messages": [
+                {"role": "user", "content": [{"text": f"hi {SECRET}"}, {"document": {
+                    "format": "txt", "name": "notes", "source": {"text": f"doc {SECRET}"}}}]},
+                {"role": "assistant", "content": [{"toolUse": {"toolUseId": "t1", "name": "send",
+                                                               "input": {"to": EMAIL, "key": AWS}}}]},
+                {"role": "user", "content": [{"toolResult": {"toolUseId": "t1", "content": [
+                    {"text": f"sent {SECRET}"}, {"json": {"echo": EMAIL}}]}}]}],
+            "toolConfig": {"tools": [{"toolSpec": {"name": "send", "description": f"mail {SECRET}",
+                                                   "inputSchema": {"json": {"type": "object"}}}}]},
+            "inferenceConfig": {"maxTokens": 100}}
+    # A document is an attachment: reviewed even under an allow rule.
+    fut, review = held(stack, background, f"/model/{ALLOWED}/converse", body)
+    assert "[document notes: txt]" in json.dumps(review["prompt"])
+    assert EMAIL not in json.dumps(review) and AWS not in json.dumps(review)
+    stack.approval.decide(review["id"], "approve")
+    r = fut.result(15)
+    assert r.status_code == 200, r.content
+    seen = seen_by_model(stack, r.request_id)
+    m = seen["messages"]
+    for text in (seen["system"][0]["text"], seen["system"][1]["guardContent"]["text"]["text"],
+                 m[0]["content"][0]["text"], m[0]["content"][1]["document"]["source"]["text"],
+                 m[2]["content"][0]["toolResult"]["content"][0]["text"],
+                 seen["toolConfig"]["tools"][0]["toolSpec"]["description"]):
+        assert_masked(text)
+    assert m[1]["content"][0]["toolUse"]["input"] == {"to": m[1]["content"][0]["toolUse"]["input"]["to"],
+                                                      "key": "[AWS_ACCESS_KEY]"}
+    assert m[1]["content"][0]["toolUse"]["input"]["to"].startswith("<EMAIL_")
+    assert m[2]["content"][0]["toolResult"]["content"][1]["json"]["echo"].startswith("<EMAIL_")
+    # Answers: masked, recorded with Bedrock's usage; a blocked one is
+    # replaced by Bedrock's error body.
+    reply = f"reach me at {EMAIL} or key {AWS} today"
+    r = send(stack, f"/model/{ALLOWED}/converse", converse("hi"), headers={"x-demo-reply": reply})
+    text = r.json()["output"]["message"]["content"][0]["text"]
+    assert text.startswith("reach me at <EMAIL_") and "[AWS_ACCESS_KEY]" in text, text
+    rec = response_record(stack, r.request_id)
+    req, resp = rec.get("request", rec), rec["response"]
+    assert (req["api"], req["model"]) == ("bedrock_converse", "demo-allow.bedrock-v1:0")
+    assert resp["usage"] == {"inputTokens": 1, "outputTokens": 8, "totalTokens": 9}, resp
+    assert EMAIL not in json.dumps(rec)
+    r = send(stack, f"/model/{ALLOWED}/converse", converse("hi"),
+             headers={"x-demo-reply": f"the {BLOCKED_PHRASE} are 7391"})
+    assert b"7391" not in r.content and "no-launch-codes" in r.json()["message"], r.content
+    # invoke: Anthropic's body and answer.
+    r = send(stack, f"/model/{ALLOWED}/invoke", {**INVOKE, "system": f"sys {SECRET}",
+                                                  "messages": [{"role": "user", "content": f"hi {SECRET}"}]})
+    assert r.status_code == 200, r.content
+    seen = seen_by_model(stack, r.request_id)
+    assert_masked(seen["system"])
+    assert_masked(seen["messages"][0]["content"])
+    answer = r.json()["content"][0]["text"]
+    assert answer.startswith(f"echo: hi {EMAIL} [AWS_ACCESS_KEY]"), answer  # pseudonym restored
+    resp = response_record(stack, r.request_id)["response"]
+    assert resp["usage"]["output_tokens"] > 0 and EMAIL not in resp["body"]
+
+
+@pytest.mark.parametrize("operation,body", [("converse-stream", converse("hi")),
+                                            ("invoke-with-response-stream", INVOKE)])
+def test_bedrock_streams_are_refused_where_the_answer_is_read(stack, operation, body):
+    # AWS event-stream frames cannot be read here: where the answer is
+    # masked, checked or recorded, the request is refused before the model.
+    r = send(stack, f"/model/{ALLOWED}/{operation}", body)
+    assert r.status_code == 400, r.content
+    assert "event-stream" in r.json()["message"] and r.headers["x-amzn-errortype"] == "ValidationException"
+    assert stack.backend.stats()["started"] == 0
+    # Where nothing reads it, the stream passes as it comes.
+    r = send(stack, f"/model/bare-model/{operation}", body)
+    assert r.status_code == 200, r.content
+    assert r.headers["content-type"] == "application/vnd.amazon.eventstream"
+    assert (b"contentBlockDelta" if operation == "converse-stream" else b"chunk") in r.content
+
+
+@pytest.mark.parametrize("path,body,says", [
+    (f"/model/{ALLOWED}/converse",
+     {**converse("hi"), "additionalModelRequestFields": {"system": "obey me"}}, "additionalModelRequestFields.system"),
+    (f"/model/{ALLOWED}/converse",
+     {**converse("hi"), "additionalModelRequestFields": {"thinking": {"type": "enabled", "messages": [
+         {"role": "user", "content": "hidden"}]}}}, "take a prompt"),
+    (f"/model/{ALLOWED}/converse", {**converse("hi"), "promptVariables": {"topic": {"text": "x"}}},
+     "Prompt management"),
+    (f"/model/{ALLOWED}/converse",
+     {"messages": [{"role": "user", "content": [{"text": "a", "image": {"format": "png", "source": {"bytes": "AA"}}}]}]},
+     "at once"),
+    (f"/model/{ALLOWED}/converse", {"messages": [{"role": "user", "content": [{"text": "a", "Text": "b"}]}]},
+     "only by case"),
+    # (A prompt stored at the provider, named by an ARN with `%2F`, is refused
+    # by the gateway too: unit-tested, since the shipped Envoy template
+    # already rejects escaped slashes.)
+    (f"/model/{ALLOWED}/invoke", {"inputText": "hi", "textGenerationConfig": {"maxTokenCount": 5}},
+     "anthropic_version"),
+])
+def test_bedrock_what_cannot_be_reviewed_is_refused(stack, path, body, says):
+    r = send(stack, path, body)
+    assert r.status_code == 400, (path, r.content)
+    assert says in r.json()["message"], r.json()
+    assert r.headers["x-amzn-errortype"] == "ValidationException"
+    assert stack.backend.stats()["started"] == 0
+

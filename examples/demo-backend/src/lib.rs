@@ -1,5 +1,5 @@
 //! A small model stand-in speaking the OpenAI (and Azure OpenAI),
-//! Anthropic, Gemini and Ollama protocols.
+//! Anthropic, Gemini, Ollama and AWS Bedrock runtime protocols.
 //!
 //! Every endpoint echoes the prompt back (`"echo: " + prompt`), streams SSE
 //! when asked to, and records what it received so end-to-end tests can check
@@ -121,6 +121,7 @@ pub fn app_with_state(state: Shared) -> Router {
         .route("/openai/v1/completions", post(completions))
         .route("/openai/v1/responses", post(responses))
         .route("/openai/v1/embeddings", post(embeddings))
+        .route("/model/{model}/{operation}", post(bedrock))
         .route("/api/chat", post(ollama_chat))
         .route("/api/generate", post(ollama_generate))
         .route("/_demo/stats", get(stats))
@@ -939,8 +940,13 @@ pub fn embed(text: &str) -> [f32; EMBEDDING_DIM] {
 }
 
 fn base64_f32(v: &[f32]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    base64(&bytes)
+}
+
+/// Standard base64, with padding.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for group in bytes.chunks(3) {
         let b = [
@@ -1339,6 +1345,205 @@ async fn with_content_filter_results(answer: Response) -> Response {
     let mut parts = parts;
     parts.headers.remove(header::CONTENT_LENGTH);
     Response::from_parts(parts, Body::from(v.to_string()))
+}
+
+// ---------------------------------------------------------------- AWS Bedrock
+
+/// Bedrock's error: `{"message"}`, its type in `x-amzn-errortype`.
+fn bedrock_error(status: StatusCode, kind: &'static str, message: &str) -> Response {
+    let mut r = (status, Json(json!({"message": message}))).into_response();
+    r.headers_mut()
+        .insert("x-amzn-errortype", HeaderValue::from_static(kind));
+    r
+}
+
+/// The text of a converse message's content blocks.
+fn converse_text(content: Option<&Value>) -> String {
+    content
+        .and_then(Value::as_array)
+        .map(|blocks| {
+            blocks
+                .iter()
+                .filter_map(|b| b.get("text").and_then(Value::as_str))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// CRC-32 (IEEE), as AWS event-stream frames carry it.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// One AWS event-stream message (`application/vnd.amazon.eventstream`):
+/// prelude (total and header lengths, CRC), string headers
+/// `:event-type`, `:content-type`, `:message-type`, the JSON payload and
+/// the message CRC.
+pub fn event_stream_message(event_type: &str, payload: &Value) -> Bytes {
+    let payload = payload.to_string();
+    let mut headers = Vec::new();
+    for (name, value) in [
+        (":event-type", event_type),
+        (":content-type", "application/json"),
+        (":message-type", "event"),
+    ] {
+        headers.push(name.len() as u8);
+        headers.extend_from_slice(name.as_bytes());
+        headers.push(7); // a string
+        headers.extend_from_slice(&(value.len() as u16).to_be_bytes());
+        headers.extend_from_slice(value.as_bytes());
+    }
+    let total = 12 + headers.len() + payload.len() + 4;
+    let mut out = Vec::with_capacity(total);
+    out.extend_from_slice(&(total as u32).to_be_bytes());
+    out.extend_from_slice(&(headers.len() as u32).to_be_bytes());
+    let prelude = crc32(&out);
+    out.extend_from_slice(&prelude.to_be_bytes());
+    out.extend_from_slice(&headers);
+    out.extend_from_slice(payload.as_bytes());
+    let crc = crc32(&out);
+    out.extend_from_slice(&crc.to_be_bytes());
+    Bytes::from(out)
+}
+
+/// Bedrock runtime's `POST /model/{modelId}/{operation}`: `converse` and
+/// `converse-stream` (Converse's bodies), `invoke` and
+/// `invoke-with-response-stream` (an Anthropic messages body). Streams are
+/// AWS event-stream frames. The model id arrives percent-decoded.
+async fn bedrock(
+    State(demo): State<Shared>,
+    Path((model, operation)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let req = match parse_body(&body) {
+        Ok(v) => v,
+        Err(e) => return bedrock_error(StatusCode::BAD_REQUEST, "ValidationException", &e.0),
+    };
+    match operation.as_str() {
+        "converse" | "converse-stream" => {
+            bedrock_converse(&req, operation == "converse-stream", &headers)
+        }
+        "invoke" | "invoke-with-response-stream" => {
+            if req
+                .get("anthropic_version")
+                .and_then(Value::as_str)
+                .is_none()
+            {
+                return bedrock_error(
+                    StatusCode::BAD_REQUEST,
+                    "ValidationException",
+                    "Malformed input request: required key [anthropic_version] not found",
+                );
+            }
+            let mut anthropic = req;
+            anthropic["model"] = json!(model);
+            let streamed = operation == "invoke-with-response-stream";
+            anthropic["stream"] = json!(streamed);
+            let answer = messages(
+                State(demo),
+                headers.clone(),
+                Bytes::from(anthropic.to_string()),
+            )
+            .await;
+            if !streamed {
+                return answer;
+            }
+            // The Anthropic events, each base64 in a `chunk` message.
+            let Ok(events) = axum::body::to_bytes(answer.into_body(), MAX_BODY_BYTES).await else {
+                return bedrock_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalServerException",
+                    "no answer",
+                );
+            };
+            let chunks = String::from_utf8_lossy(&events)
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .map(|data| {
+                    event_stream_message("chunk", &json!({"bytes": base64(data.as_bytes())}))
+                })
+                .collect();
+            streamed_response(
+                "application/vnd.amazon.eventstream",
+                chunks,
+                chunk_delay(&headers),
+            )
+        }
+        _ => bedrock_error(
+            StatusCode::NOT_FOUND,
+            "UnknownOperationException",
+            "unknown operation",
+        ),
+    }
+}
+
+fn bedrock_converse(req: &Value, stream: bool, headers: &HeaderMap) -> Response {
+    let messages: &[Value] = req
+        .get("messages")
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice);
+    let prompt = messages
+        .iter()
+        .rev()
+        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        .map(|m| converse_text(m.get("content")))
+        .unwrap_or_default();
+    let input_tokens = messages
+        .iter()
+        .map(|m| word_count(&converse_text(m.get("content"))))
+        .sum::<u64>()
+        + word_count(&converse_text(req.get("system")));
+    let reply = reply_for(headers, echo(&prompt));
+    let output_tokens = word_count(&reply);
+    let usage = json!({"inputTokens": input_tokens, "outputTokens": output_tokens, "totalTokens": input_tokens + output_tokens});
+    if !stream {
+        return Json(json!({
+            "output": {"message": {"role": "assistant", "content": [{"text": reply}]}},
+            "stopReason": "end_turn",
+            "usage": usage,
+            "metrics": {"latencyMs": 0},
+        }))
+        .into_response();
+    }
+    let mut events = vec![event_stream_message(
+        "messageStart",
+        &json!({"role": "assistant"}),
+    )];
+    for w in pieces(&reply, headers) {
+        events.push(event_stream_message(
+            "contentBlockDelta",
+            &json!({"contentBlockIndex": 0, "delta": {"text": w}}),
+        ));
+    }
+    events.push(event_stream_message(
+        "contentBlockStop",
+        &json!({"contentBlockIndex": 0}),
+    ));
+    events.push(event_stream_message(
+        "messageStop",
+        &json!({"stopReason": "end_turn"}),
+    ));
+    events.push(event_stream_message(
+        "metadata",
+        &json!({"usage": usage, "metrics": {"latencyMs": 0}}),
+    ));
+    streamed_response(
+        "application/vnd.amazon.eventstream",
+        events,
+        chunk_delay(headers),
+    )
 }
 
 // ---------------------------------------------------------------- Ollama

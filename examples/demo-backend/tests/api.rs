@@ -1362,3 +1362,131 @@ async fn azure_deployments_need_an_api_version_and_name_the_model() {
         (StatusCode::OK, Some("ignored"))
     );
 }
+
+// ---------------------------------------------------------------- AWS Bedrock
+
+/// The messages of an AWS event-stream body, CRCs checked: (event type,
+/// JSON payload).
+fn event_stream(bytes: &[u8]) -> Vec<(String, Value)> {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+    let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let (total, header_len) = (be(&rest[0..4]), be(&rest[4..8]));
+        let msg = &rest[..total];
+        assert_eq!(be(&msg[8..12]) as u32, crc32(&msg[..8]), "prelude CRC");
+        assert_eq!(
+            be(&msg[total - 4..]) as u32,
+            crc32(&msg[..total - 4]),
+            "message CRC"
+        );
+        let mut h = &msg[12..12 + header_len];
+        let mut event = String::new();
+        while !h.is_empty() {
+            let n = h[0] as usize;
+            let name = std::str::from_utf8(&h[1..1 + n]).unwrap();
+            assert_eq!(h[1 + n], 7);
+            let len = u16::from_be_bytes([h[2 + n], h[3 + n]]) as usize;
+            let value = std::str::from_utf8(&h[4 + n..4 + n + len]).unwrap();
+            if name == ":event-type" {
+                event = value.to_owned();
+            }
+            h = &h[4 + n + len..];
+        }
+        let payload = serde_json::from_slice(&msg[12 + header_len..total - 4]).unwrap();
+        out.push((event, payload));
+        rest = &rest[total..];
+    }
+    out
+}
+
+#[tokio::test]
+async fn bedrock_converse_and_invoke_plain_and_streamed() {
+    let app = demo_backend::app();
+    let req = json!({"system": [{"text": "be brief"}],
+                     "messages": [{"role": "user", "content": [{"text": "hello bedrock"}]}]});
+    let (status, v) = call(
+        &app,
+        post(
+            "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse",
+            &req,
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        v["output"]["message"]["content"][0]["text"],
+        "echo: hello bedrock"
+    );
+    assert_eq!(
+        v["usage"],
+        json!({"inputTokens": 4, "outputTokens": 3, "totalTokens": 7})
+    );
+    assert_eq!(v["stopReason"], "end_turn");
+
+    let resp = app
+        .clone()
+        .oneshot(post("/model/amazon.nova-lite-v1%3A0/converse-stream", &req))
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers()["content-type"],
+        "application/vnd.amazon.eventstream"
+    );
+    let bytes = to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+    let events = event_stream(&bytes);
+    assert_eq!(events[0].0, "messageStart");
+    let text: String = events
+        .iter()
+        .filter(|(e, _)| e == "contentBlockDelta")
+        .map(|(_, p)| p["delta"]["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(text, "echo: hello bedrock");
+    assert_eq!(events.last().unwrap().1["usage"]["totalTokens"], 7);
+
+    let invoke = json!({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 20,
+                        "messages": [{"role": "user", "content": "hello claude"}]});
+    let (status, v) = call(
+        &app,
+        post(
+            "/model/anthropic.claude-3-haiku-20240307-v1%3A0/invoke",
+            &invoke,
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["model"], "anthropic.claude-3-haiku-20240307-v1:0");
+    assert_eq!(v["content"][0]["text"], "echo: hello claude");
+    let resp = app
+        .clone()
+        .oneshot(post("/model/m/invoke-with-response-stream", &invoke))
+        .await
+        .unwrap();
+    let bytes = to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+    let events = event_stream(&bytes);
+    assert!(events
+        .iter()
+        .all(|(e, p)| e == "chunk" && p["bytes"].is_string()));
+
+    let resp = app
+        .clone()
+        .oneshot(post("/model/m/invoke", &json!({"inputText": "hi"})))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(resp.headers()["x-amzn-errortype"], "ValidationException");
+}

@@ -220,7 +220,14 @@ pub fn stream_event<'v, E>(
         | ApiKind::AzureOpenaiChat
         | ApiKind::AzureOpenaiCompletions
         | ApiKind::AzureOpenaiEmbeddings => openai_chunk(v, f).map(|()| false),
-        ApiKind::AnthropicMessages => anthropic_event(v, f).map(|()| false),
+        // Bedrock's streams come in AWS event-stream frames, which the
+        // gateway does not read ([`crate::framing::streams_readable`]): a
+        // request for one is refused wherever its answer would be read. The
+        // events inside invoke's stream are Anthropic's.
+        ApiKind::AnthropicMessages | ApiKind::BedrockInvoke => {
+            anthropic_event(v, f).map(|()| false)
+        }
+        ApiKind::BedrockConverse => Ok(false),
         ApiKind::GeminiGenerateContent => gemini_chunk(v, f).map(|()| false),
         ApiKind::OpenaiResponses => responses_event(event, v, f),
         ApiKind::OllamaChat | ApiKind::OllamaGenerate => ollama_line(api, v, f).map(|()| false),

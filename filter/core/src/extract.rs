@@ -156,6 +156,36 @@ fn known_fields(api: ApiKind) -> &'static [&'static str] {
             "safety_settings",
             "labels",
         ],
+        ApiKind::BedrockConverse => &[
+            "messages",
+            "system",
+            "inferenceConfig",
+            "toolConfig",
+            "guardrailConfig",
+            "additionalModelRequestFields",
+            "additionalModelResponseFieldPaths",
+            "requestMetadata",
+            "performanceConfig",
+            "serviceTier",
+            // Refused by the walk, naming why.
+            "promptVariables",
+        ],
+        // Anthropic's messages body as Bedrock takes it: the model is in
+        // the path, the version in the body, streaming in the operation.
+        ApiKind::BedrockInvoke => &[
+            "anthropic_version",
+            "anthropic_beta",
+            "messages",
+            "system",
+            "max_tokens",
+            "stop_sequences",
+            "temperature",
+            "top_k",
+            "top_p",
+            "tools",
+            "tool_choice",
+            "thinking",
+        ],
         ApiKind::OllamaChat => &[
             "model",
             "messages",
@@ -254,6 +284,9 @@ enum ModelIn {
     GeminiPath,
     /// An Azure deployment, followed by this operation.
     Deployment(&'static str),
+    /// A Bedrock model id, followed by one of these operations (the second
+    /// streams).
+    BedrockModel(&'static str, &'static str),
 }
 
 fn model_in(api: ApiKind) -> ModelIn {
@@ -262,6 +295,8 @@ fn model_in(api: ApiKind) -> ModelIn {
         ApiKind::AzureOpenaiChat => ModelIn::Deployment("/chat/completions"),
         ApiKind::AzureOpenaiCompletions => ModelIn::Deployment("/completions"),
         ApiKind::AzureOpenaiEmbeddings => ModelIn::Deployment("/embeddings"),
+        ApiKind::BedrockConverse => ModelIn::BedrockModel("/converse", "/converse-stream"),
+        ApiKind::BedrockInvoke => ModelIn::BedrockModel("/invoke", "/invoke-with-response-stream"),
         _ => ModelIn::Body,
     }
 }
@@ -288,7 +323,98 @@ fn path_facts(api: ApiKind, path: &str) -> Result<Option<PathFacts>, String> {
                 "the path does not name a deployment (`.../deployments/{{deployment}}{operation}`)"
             )),
         },
+        ModelIn::BedrockModel(plain, streamed) => {
+            let found = [(plain, false), (streamed, true)]
+                .into_iter()
+                .find_map(|(op, stream)| Some((bedrock_model(path, op)?, stream)));
+            match found {
+                Some((Ok(model), stream)) => Ok(Some(PathFacts {
+                    model,
+                    stream: Some(stream),
+                })),
+                Some((Err(why), _)) => Err(why),
+                None => Err(format!(
+                    "the path does not name a model (`.../model/{{modelId}}{plain}`)"
+                )),
+            }
+        }
     }
+}
+
+/// The model id a Bedrock path names (`.../model/{modelId}{operation}`),
+/// percent-decoded once: AWS SDKs encode the `:` of model ids and the `:`
+/// and `/` of ARNs. `None` when the path is not such a path; an error
+/// naming why when the id is not one the gateway can take as the model:
+/// anything but letters, digits and `.-_:/` once decoded (a second round of
+/// escapes, a control character), an empty id or `..`, and a prompt stored
+/// at the provider (Prompt management), whose text no reviewer sees.
+pub fn bedrock_model(path: &str, operation: &str) -> Option<Result<String, String>> {
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    let (_, rest) = path.split_once("/model/")?;
+    let raw = rest.strip_suffix(operation)?;
+    if raw.contains('/') {
+        return Some(Err(
+            "the model id must be one path segment (a `/` in an ARN is sent as `%2F`)".into(),
+        ));
+    }
+    let decoded = percent_decode_once(raw).filter(|id| {
+        !id.is_empty()
+            && !id
+                .split('/')
+                .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'/'))
+    });
+    Some(match decoded {
+        None => Err(format!("`{raw}` is not a Bedrock model id or ARN")),
+        Some(id) if id.contains(":prompt/") => Err(
+            "the model id names a prompt stored at the provider (Prompt management), whose text no reviewer sees; it is refused".into(),
+        ),
+        Some(id) => Ok(id),
+    })
+}
+
+/// `raw_path` as a backend routes it: with a Bedrock model id
+/// percent-decoded (SDKs encode the `:` and `/` of ids and ARNs, the one
+/// place a canonical path carries escapes). `None` for a bad escape there.
+pub fn path_with_model_decoded(api: ApiKind, raw_path: &str) -> Option<String> {
+    let ModelIn::BedrockModel(plain, streamed) = model_in(api) else {
+        return Some(raw_path.to_string());
+    };
+    let path = raw_path.split(['?', '#']).next().unwrap_or("");
+    let Some((prefix, rest)) = path.split_once("/model/") else {
+        return Some(path.to_string());
+    };
+    let Some((id, operation)) = [plain, streamed]
+        .into_iter()
+        .find_map(|op| Some((rest.strip_suffix(op)?, op)))
+    else {
+        return Some(path.to_string());
+    };
+    Some(format!(
+        "{prefix}/model/{}{operation}",
+        percent_decode_once(id)?
+    ))
+}
+
+/// `%XX` escapes decoded once; `None` for a bad escape or bytes that are not
+/// UTF-8.
+fn percent_decode_once(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        if b == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// The deployment an Azure OpenAI path names
@@ -362,9 +488,11 @@ fn logprobs_field(api: ApiKind, obj: &Map<String, Value>) -> Option<&'static str
                 .map(|(_, field)| field)
             })
         }
-        ApiKind::AnthropicMessages | ApiKind::OpenaiEmbeddings | ApiKind::AzureOpenaiEmbeddings => {
-            None
-        }
+        ApiKind::AnthropicMessages
+        | ApiKind::OpenaiEmbeddings
+        | ApiKind::AzureOpenaiEmbeddings
+        | ApiKind::BedrockConverse
+        | ApiKind::BedrockInvoke => None,
     }
 }
 
@@ -746,6 +874,67 @@ mod tests {
             assert!(e.contains("deployment"), "{bad}: {e}");
         }
         assert!(parse_request(AzureOpenaiChat, chat).is_err());
+    }
+
+    #[test]
+    fn a_bedrock_model_id_is_decoded_from_the_path() {
+        use ApiKind::*;
+        let converse = br#"{"messages":[{"role":"user","content":[{"text":"hi"}]}]}"#;
+        for (path, model, stream) in [
+            (
+                "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse",
+                "anthropic.claude-3-haiku-20240307-v1:0",
+                false,
+            ),
+            ("/model/amazon.nova-lite-v1:0/converse-stream", "amazon.nova-lite-v1:0", true),
+            (
+                "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Ainference-profile%2Fus.anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse",
+                "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-3-5-sonnet-20240620-v1:0",
+                false,
+            ),
+        ] {
+            let p = parse_request_at(BedrockConverse, path, converse).unwrap();
+            assert_eq!((p.model.as_str(), p.stream), (model, stream), "{path}");
+        }
+        for (path, says) in [
+            ("/model/a/b/converse", "one path segment"),
+            ("/model/a%252Fb/converse", "not a Bedrock model id"),
+            ("/model/a%2F..%2Fb/converse", "not a Bedrock model id"),
+            ("/model/%2Fa/converse", "not a Bedrock model id"),
+            ("/model//converse", "not a Bedrock model id"),
+            ("/model/a%zz/converse", "not a Bedrock model id"),
+            (
+                "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A1%3Aprompt%2FPROMPT12345%3A1/converse",
+                "Prompt management",
+            ),
+            ("/model/x/converse-streaming", "does not name a model"),
+        ] {
+            let e = parse_request_at(BedrockConverse, path, converse).unwrap_err();
+            assert!(e.contains(says), "{path}: {e}");
+        }
+        let invoke = parse_request_at(
+            BedrockInvoke,
+            "/model/anthropic.claude-3-haiku-20240307-v1%3A0/invoke-with-response-stream",
+            br#"{"anthropic_version":"bedrock-2023-05-31","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .unwrap();
+        assert!(invoke.stream && invoke.unknown_fields.is_empty());
+        // A body of another family is not read as one.
+        let e = parse_request_at(
+            BedrockInvoke,
+            "/model/amazon.titan-text-express-v1/invoke",
+            br#"{"inputText":"hi","textGenerationConfig":{"maxTokenCount":5}}"#,
+        )
+        .unwrap_err();
+        assert!(e.contains("`anthropic_version` is required"), "{e}");
+        assert_eq!(
+            path_with_model_decoded(BedrockInvoke, "/model/a%3A1/invoke").as_deref(),
+            Some("/model/a:1/invoke")
+        );
+        assert_eq!(
+            path_with_model_decoded(BedrockInvoke, "/model/a%zz/invoke"),
+            None
+        );
     }
 
     #[test]

@@ -9,6 +9,15 @@ use std::ops::Range;
 
 use crate::json_stream::{End, Layout, Scan, Scanner};
 use crate::sse;
+use crate::wire::ApiKind;
+
+/// Whether the streamed answers of `api` come in a framing the splitter
+/// reads. Bedrock's (`converse-stream`, `invoke-with-response-stream`) come
+/// in AWS event-stream binary frames, which it does not: a request for one
+/// is refused wherever its answer would be read (guarded or recorded).
+pub fn streams_readable(api: ApiKind) -> bool {
+    !matches!(api, ApiKind::BedrockConverse | ApiKind::BedrockInvoke)
+}
 
 /// How a streamed answer is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

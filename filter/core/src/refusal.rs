@@ -144,6 +144,19 @@ impl RefusalKind {
     }
 }
 
+/// The AWS error type SDKs raise for a status (Bedrock's error types).
+fn aws_error_type(status: u16) -> &'static str {
+    match status {
+        401 | 403 => "AccessDeniedException",
+        404 => "ResourceNotFoundException",
+        429 => "ThrottlingException",
+        503 => "ServiceUnavailableException",
+        504 => "ModelTimeoutException",
+        500..=599 => "InternalServerException",
+        _ => "ValidationException",
+    }
+}
+
 /// A refusal ready to be sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
@@ -209,6 +222,12 @@ impl Refusal {
         if let Some(s) = self.retry_after_s {
             h.push(("retry-after", s.to_string()));
         }
+        if self.api.map(ApiKind::error_format) == Some(ErrorFormat::Bedrock) {
+            h.push((
+                "x-amzn-errortype",
+                aws_error_type(self.status()).to_string(),
+            ));
+        }
         h
     }
 
@@ -228,6 +247,12 @@ impl Refusal {
             // ignored by them and kept for callers that look.
             ErrorFormat::Ollama => json!({
                 "error": self.message,
+                "code": self.kind.code(),
+                "review_id": self.review_id,
+            }),
+            // AWS SDKs read `message` (and the type from a header).
+            ErrorFormat::Bedrock => json!({
+                "message": self.message,
                 "code": self.kind.code(),
                 "review_id": self.review_id,
             }),
@@ -285,6 +310,29 @@ mod tests {
         assert_eq!(v["error"], "no");
         assert_eq!(v["code"], "review_rejected");
         assert_eq!(v["review_id"], "rev_2");
+    }
+
+    #[test]
+    fn bedrock_format_is_what_aws_sdks_read() {
+        let r = Refusal::new(
+            RefusalKind::PolicyDenied,
+            Some(ApiKind::BedrockConverse),
+            "no",
+        );
+        let v: serde_json::Value = serde_json::from_slice(&r.body()).unwrap();
+        assert_eq!(v["message"], "no");
+        assert!(r
+            .headers()
+            .contains(&("x-amzn-errortype", "AccessDeniedException".to_string())));
+        let r = Refusal::new(RefusalKind::BadRequest, Some(ApiKind::BedrockInvoke), "bad");
+        assert!(r
+            .headers()
+            .contains(&("x-amzn-errortype", "ValidationException".to_string())));
+        let openai = Refusal::new(RefusalKind::BadRequest, Some(ApiKind::OpenaiChat), "bad");
+        assert!(openai
+            .headers()
+            .iter()
+            .all(|(k, _)| *k != "x-amzn-errortype"));
     }
 
     #[test]

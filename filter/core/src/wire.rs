@@ -42,6 +42,12 @@ pub enum ApiKind {
     AzureOpenaiCompletions,
     /// Azure OpenAI `POST /openai/deployments/{deployment}/embeddings`.
     AzureOpenaiEmbeddings,
+    /// AWS Bedrock `POST /model/{modelId}/converse` (and `converse-stream`):
+    /// the model id (percent-encoded) is in the path.
+    BedrockConverse,
+    /// AWS Bedrock `POST /model/{modelId}/invoke` (and
+    /// `invoke-with-response-stream`) with an Anthropic messages body.
+    BedrockInvoke,
 }
 
 impl ApiKind {
@@ -59,6 +65,8 @@ impl ApiKind {
             ApiKind::AzureOpenaiChat => "azure_openai_chat",
             ApiKind::AzureOpenaiCompletions => "azure_openai_completions",
             ApiKind::AzureOpenaiEmbeddings => "azure_openai_embeddings",
+            ApiKind::BedrockConverse => "bedrock_converse",
+            ApiKind::BedrockInvoke => "bedrock_invoke",
         }
     }
 
@@ -68,6 +76,7 @@ impl ApiKind {
             ApiKind::AnthropicMessages => ErrorFormat::Anthropic,
             ApiKind::GeminiGenerateContent => ErrorFormat::Gemini,
             ApiKind::OllamaChat | ApiKind::OllamaGenerate => ErrorFormat::Ollama,
+            ApiKind::BedrockConverse | ApiKind::BedrockInvoke => ErrorFormat::Bedrock,
             ApiKind::OpenaiChat
             | ApiKind::OpenaiCompletions
             | ApiKind::OpenaiResponses
@@ -90,6 +99,9 @@ pub enum ErrorFormat {
     Gemini,
     /// `{"error": "message"}`: Ollama's clients read `error` as a string.
     Ollama,
+    /// `{"message": "..."}` with the error's type in the `x-amzn-errortype`
+    /// header, as AWS SDKs read it.
+    Bedrock,
 }
 
 /// One piece of the prompt as a reviewer should read it.

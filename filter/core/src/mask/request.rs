@@ -340,6 +340,35 @@ mod tests {
                 ],
             ),
             (
+                ApiKind::BedrockConverse,
+                format!(
+                    r#"{{"requestMetadata":{{"who":"{s}"}},"system":[{{"text":"sys {s}"}},{{"guardContent":{{"text":{{"text":"g {s}"}}}}}}],
+                    "inferenceConfig":{{"stopSequences":["{s}"]}},
+                    "messages":[{{"role":"user","content":[{{"text":"hi {s}"}},{{"document":{{"format":"txt","name":"notes","source":{{"text":"doc {s}"}},"context":"ctx {s}"}}}}]}},
+                    {{"role":"assistant","content":[{{"toolUse":{{"toolUseId":"t1","name":"send","input":{{"to":"{s}"}}}}}}]}},
+                    {{"role":"user","content":[{{"toolResult":{{"toolUseId":"t1","content":[{{"text":"sent {s}"}},{{"json":{{"r":"{s}"}}}}]}}}}]}}],
+                    "toolConfig":{{"tools":[{{"toolSpec":{{"name":"send","description":"mail {s}","inputSchema":{{"json":{{"type":"object"}}}}}}}}]}}}}"#
+                ),
+                vec![
+                    ".system[0].text",
+                    ".system[1].guardContent.text.text",
+                    ".messages[0].content[0].text",
+                    ".messages[0].content[1].document.source.text",
+                    ".messages[0].content[1].document.context",
+                    ".messages[1].content[0].toolUse.input.to",
+                    ".messages[2].content[0].toolResult.content[0].text",
+                    ".messages[2].content[0].toolResult.content[1].json.r",
+                    ".toolConfig.tools[0].toolSpec.description",
+                ],
+            ),
+            (
+                ApiKind::BedrockInvoke,
+                format!(
+                    r#"{{"anthropic_version":"bedrock-2023-05-31","max_tokens":10,"system":"sys {s}","messages":[{{"role":"user","content":[{{"type":"text","text":"hi {s}"}}]}}]}}"#
+                ),
+                vec![".system", ".messages[0].content[0].text"],
+            ),
+            (
                 ApiKind::OllamaGenerate,
                 format!(
                     r#"{{"model":"llama3","system":"sys {s}","prompt":"hi {s}","suffix":"end {s}","images":["AA=="],"stream":false}}"#

@@ -327,6 +327,7 @@ impl Blocked {
             }
             // Ollama's clients read `error` as a string, mid-stream too.
             ErrorFormat::Ollama => json!({"error": message, "code": "response_blocked"}),
+            ErrorFormat::Bedrock => json!({"message": message, "code": "response_blocked"}),
             ErrorFormat::Openai => {
                 json!({"error": {"message": message, "type": "content_policy", "param": null, "code": "response_blocked"}})
             }
@@ -447,6 +448,8 @@ const STRUCTURAL: &[&str] = &[
     "modelVersion",
     "responseId",
     "finishReason",
+    "stopReason",
+    "toolUseId",
     "created",
     "created_at",
     "done_reason",

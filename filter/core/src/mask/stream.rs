@@ -483,7 +483,9 @@ fn template(api: ApiKind, event: Option<&str>, v: &Value, p: &Piece<'_>) -> Temp
             }
         }
         // Anthropic message events: a content_block_delta of the block.
-        ApiKind::AnthropicMessages => {
+        // (Bedrock's streams are never read as events: see
+        // `framing::streams_readable`.)
+        ApiKind::AnthropicMessages | ApiKind::BedrockInvoke | ApiKind::BedrockConverse => {
             let delta_type = match kind {
                 TextKind::Thinking => "thinking_delta",
                 TextKind::ToolArguments => "input_json_delta",
@@ -844,7 +846,12 @@ mod tests {
                 }
                 s.push_str(&line("", true));
             }
-            ApiKind::OpenaiEmbeddings | ApiKind::AzureOpenaiEmbeddings => {}
+            // No streams of their own here: embeddings have none, and
+            // Bedrock's are refused where anything reads them.
+            ApiKind::OpenaiEmbeddings
+            | ApiKind::AzureOpenaiEmbeddings
+            | ApiKind::BedrockConverse
+            | ApiKind::BedrockInvoke => {}
         }
         s
     }
@@ -944,7 +951,10 @@ mod tests {
                 }
                 ApiKind::OllamaChat => v["message"]["content"].as_str().map(str::to_string),
                 ApiKind::OllamaGenerate => v["response"].as_str().map(str::to_string),
-                ApiKind::OpenaiEmbeddings | ApiKind::AzureOpenaiEmbeddings => None,
+                ApiKind::OpenaiEmbeddings
+                | ApiKind::AzureOpenaiEmbeddings
+                | ApiKind::BedrockConverse
+                | ApiKind::BedrockInvoke => None,
             };
             text.push_str(&piece.unwrap_or_default());
         }

@@ -669,7 +669,9 @@ pub fn requested_max_tokens(api: ApiKind, body: &Value) -> Option<u64> {
         }
         ApiKind::OpenaiCompletions
         | ApiKind::AzureOpenaiCompletions
-        | ApiKind::AnthropicMessages => &[&["max_tokens"]],
+        | ApiKind::AnthropicMessages
+        | ApiKind::BedrockInvoke => &[&["max_tokens"]],
+        ApiKind::BedrockConverse => &[&["inferenceConfig", "maxTokens"]],
         ApiKind::OpenaiResponses => &[&["max_output_tokens"]],
         ApiKind::GeminiGenerateContent => &[
             &["generationConfig", "maxOutputTokens"],
@@ -1018,6 +1020,11 @@ mod tests {
                 ApiKind::OllamaChat,
                 r#"{"options":{"num_predict":128}}"#,
                 Some(128),
+            ),
+            (
+                ApiKind::BedrockConverse,
+                r#"{"inferenceConfig":{"maxTokens":300}}"#,
+                Some(300),
             ),
             // Ollama reads -1 (and -2) as no limit.
             (
