@@ -13,8 +13,8 @@ import uuid
 import httpx
 import pytest
 
-from conftest import E2E_DB
-from stack import Stack, records, wait_until
+from conftest import emptied, module_stack
+from stack import records, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -42,22 +42,14 @@ CONFIG = {
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory, request):
-    """One stack for the module; each test empties the model's request log."""
-    kwargs = {}
-    if E2E_DB == "postgres":
-        kwargs["database"] = request.getfixturevalue("postgres").create_database("t_endpoints")
-    stack = Stack(tmp_path_factory.mktemp("endpoints"), filter_config=CONFIG, **kwargs)
-    try:
-        stack.start()
-        yield stack
-    finally:
-        stack.stop()
+    with module_stack(tmp_path_factory, request, "endpoints", CONFIG) as s:
+        yield s
 
 
 @pytest.fixture
 def stack(gw):
-    httpx.post(gw.backend.url + "/_demo/reset").raise_for_status()
-    return gw
+    """The module's stack, with the model's request log emptied."""
+    return emptied(gw)
 
 
 def send(stack, path, body, headers=None, timeout=30):

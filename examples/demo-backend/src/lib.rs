@@ -1371,7 +1371,7 @@ fn converse_text(content: Option<&Value>) -> String {
 }
 
 /// CRC-32 (IEEE), as AWS event-stream frames carry it.
-fn crc32(bytes: &[u8]) -> u32 {
+pub fn crc32(bytes: &[u8]) -> u32 {
     let mut crc = !0u32;
     for &b in bytes {
         crc ^= u32::from(b);
@@ -1689,6 +1689,13 @@ struct OllamaAsk {
     logprobs: Option<u64>,
 }
 
+/// An Ollama request and its asks, or the message of a 400.
+fn ollama_request(headers: &HeaderMap, body: &[u8]) -> Result<(Value, OllamaAsk), String> {
+    let req = parse_body(body).map_err(|e| e.0)?;
+    let ask = ollama_ask(headers, &req)?;
+    Ok((req, ask))
+}
+
 /// The request's asks, or the message of a 400.
 fn ollama_ask(headers: &HeaderMap, req: &Value) -> Result<OllamaAsk, String> {
     let model = match req.get("model").and_then(Value::as_str) {
@@ -1731,12 +1738,8 @@ fn ollama_load(api: OllamaApi, model: String, req: &Value) -> Response {
 /// Ollama's native `POST /api/chat`: JSON lines (`application/x-ndjson`)
 /// unless `stream` is `false`.
 async fn ollama_chat(headers: HeaderMap, body: Bytes) -> Response {
-    let req = match parse_body(&body) {
-        Ok(v) => v,
-        Err(e) => return ollama_error(StatusCode::BAD_REQUEST, &e.0),
-    };
-    let ask = match ollama_ask(&headers, &req) {
-        Ok(a) => a,
+    let (req, ask) = match ollama_request(&headers, &body) {
+        Ok(r) => r,
         Err(m) => return ollama_error(StatusCode::BAD_REQUEST, &m),
     };
     let messages = req.get("messages");
@@ -1759,12 +1762,8 @@ async fn ollama_chat(headers: HeaderMap, body: Bytes) -> Response {
 /// Ollama's native `POST /api/generate`: `system`, `prompt`, `suffix`; the
 /// answer is `response`, with the exchange's token ids in `context`.
 async fn ollama_generate(headers: HeaderMap, body: Bytes) -> Response {
-    let req = match parse_body(&body) {
-        Ok(v) => v,
-        Err(e) => return ollama_error(StatusCode::BAD_REQUEST, &e.0),
-    };
-    let ask = match ollama_ask(&headers, &req) {
-        Ok(a) => a,
+    let (req, ask) = match ollama_request(&headers, &body) {
+        Ok(r) => r,
         Err(m) => return ollama_error(StatusCode::BAD_REQUEST, &m),
     };
     let text = |k: &str| req.get(k).and_then(Value::as_str).unwrap_or("").to_owned();

@@ -1368,20 +1368,9 @@ async fn azure_deployments_need_an_api_version_and_name_the_model() {
 /// The messages of an AWS event-stream body, CRCs checked: (event type,
 /// JSON payload).
 fn event_stream(bytes: &[u8]) -> Vec<(String, Value)> {
-    fn crc32(bytes: &[u8]) -> u32 {
-        let mut crc = !0u32;
-        for &b in bytes {
-            crc ^= u32::from(b);
-            for _ in 0..8 {
-                crc = if crc & 1 == 1 {
-                    (crc >> 1) ^ 0xEDB8_8320
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
-    }
+    use demo_backend::crc32;
+    // (The CRC-32 check value: of "123456789".)
+    assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
     let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
     let mut out = Vec::new();
     let mut rest = bytes;

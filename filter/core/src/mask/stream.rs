@@ -753,6 +753,13 @@ mod tests {
         )
     }
 
+    /// `text` masked whole, as a plain answer would be.
+    fn plainly_masked(g: &ResponseGuard, text: &str) -> String {
+        g.process_full(text, &mut GuardTally::default(), false)
+            .unwrap()
+            .unwrap()
+    }
+
     fn chunks(text: &str, n: usize) -> Vec<String> {
         let chars: Vec<char> = text.chars().collect();
         chars.chunks(n).map(|c| c.iter().collect()).collect()
@@ -999,10 +1006,7 @@ mod tests {
     fn streamed_text_equals_plain_masking_for_any_chunking() {
         let (g, pseudonym) = guard("{}");
         let text = answer(&pseudonym);
-        let expected = g
-            .process_full(&text, &mut GuardTally::default(), false)
-            .unwrap()
-            .unwrap();
+        let expected = plainly_masked(&g, &text);
         assert!(
             expected.contains("bob@corp.example.org"),
             "restored: {expected}"
@@ -1053,10 +1057,7 @@ mod tests {
             "x".repeat(60),
             "y".repeat(40)
         );
-        let expected = g
-            .process_full(&text, &mut GuardTally::default(), false)
-            .unwrap()
-            .unwrap();
+        let expected = plainly_masked(&g, &text);
         for api in APIS {
             let s = stream(*api, &chunks(&text, 9));
             let b = s.as_bytes();
@@ -1341,10 +1342,7 @@ mod tests {
     fn a_gemini_array_stream_is_masked_element_by_element() {
         let (g, pseudonym) = guard("{}");
         let text = answer(&pseudonym);
-        let expected = g
-            .process_full(&text, &mut GuardTally::default(), false)
-            .unwrap()
-            .unwrap();
+        let expected = plainly_masked(&g, &text);
         let array = Framing::Json(Layout::Array);
         for per_element in [1, 4, 13] {
             let s = gemini_array(&chunks(&text, per_element));
