@@ -1,6 +1,6 @@
-//! Server-sent events framing, the one implementation used by the stream
-//! masker ([`crate::mask::SseStreamMasker`]) and the response recorder
-//! ([`crate::record::ResponseRecorder`]).
+//! Server-sent events syntax, read through [`crate::framing`] by the stream
+//! masker ([`crate::mask::StreamMasker`]) and the response recorder
+//! ([`crate::record::ResponseRecorder`]) alike.
 //!
 //! Per the WHATWG `text/event-stream` format, lines end with CRLF, LF or a
 //! lone CR; an event ends at a blank line; a line starting with `:` is a

@@ -37,7 +37,7 @@
 //! * A request denial is a 403 in the API's own error format naming the
 //!   rule ([`PolicyOutcome::refusal`]). A response match replaces a plain
 //!   response by an error, or ends a stream with an error event
-//!   ([`crate::mask::ResponseGuard`], [`crate::mask::SseStreamMasker`]).
+//!   ([`crate::mask::ResponseGuard`], [`crate::mask::StreamMasker`]).
 
 use std::cell::OnceCell;
 use std::sync::Arc;
