@@ -66,10 +66,10 @@ def stack(make_stack):
 
 
 @contextmanager
-def module_stack(tmp_path_factory, request, name: str, filter_config: dict):
+def module_stack(tmp_path_factory, request, name: str, filter_config: dict, **kwargs):
     """One stack for a whole module (on PostgreSQL when the run asks for it),
-    stopped at the end; tests tell their requests apart by x-request-id."""
-    kwargs = {}
+    stopped at the end; tests tell their requests apart by x-request-id.
+    `kwargs` go to `Stack`."""
     if E2E_DB == "postgres":
         kwargs["database"] = request.getfixturevalue("postgres").create_database(
             "t_" + re.sub(r"[^a-z0-9_]+", "_", name))

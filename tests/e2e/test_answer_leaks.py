@@ -394,15 +394,8 @@ def test_unasked_logprobs_are_dropped_where_pseudonyms_are_restored(stack, api, 
 def h2_gw(tmp_path_factory, request):
     """The same gateway with the model spoken to over HTTP/2, where an answer
     can end with trailers instead of an end-of-stream data frame."""
-    kwargs = {}
-    if E2E_DB == "postgres":
-        kwargs["database"] = request.getfixturevalue("postgres").create_database("t_answer_leaks_h2")
-    stack = Stack(tmp_path_factory.mktemp("answer-leaks-h2"), filter_config=CONFIG, model_http2=True, **kwargs)
-    try:
-        stack.start()
-        yield stack
-    finally:
-        stack.stop()
+    with module_stack(tmp_path_factory, request, "answer_leaks_h2", CONFIG, model_http2=True) as s:
+        yield s
 
 
 TRAILER_APIS = [("chat", False), ("chat", True), ("messages", False), ("gemini", False), ("responses", True)]
