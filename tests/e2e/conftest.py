@@ -3,6 +3,7 @@ import os
 import re
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -62,6 +63,28 @@ def make_stack(tmp_path, request):
 @pytest.fixture
 def stack(make_stack):
     return make_stack()
+
+
+@contextmanager
+def module_stack(tmp_path_factory, request, name: str, filter_config: dict, **kwargs):
+    """One stack for a whole module (on PostgreSQL when the run asks for it),
+    stopped at the end; tests tell their requests apart by x-request-id.
+    `kwargs` go to `Stack`."""
+    if E2E_DB == "postgres":
+        kwargs["database"] = request.getfixturevalue("postgres").create_database(
+            "t_" + re.sub(r"[^a-z0-9_]+", "_", name))
+    s = Stack(tmp_path_factory.mktemp(name), filter_config=filter_config, **kwargs)
+    try:
+        s.start()
+        yield s
+    finally:
+        s.stop()
+
+
+def emptied(stack):
+    """`stack` with the model's request log emptied."""
+    httpx.post(stack.backend.url + "/_demo/reset").raise_for_status()
+    return stack
 
 
 @pytest.fixture

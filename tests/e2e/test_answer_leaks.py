@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from conftest import E2E_DB
-from stack import Stack, records, wait_until
+from conftest import emptied, module_stack
+from stack import records, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -66,22 +66,14 @@ LOGPROB_KEYS = ("logprobs", "top_logprobs", "logprobsResult", "logprobs_result")
 def gw(tmp_path_factory, request):
     """One stack for the whole module (every test tells its requests apart by
     x-request-id, and resets the model's request log first)."""
-    kwargs = {}
-    if E2E_DB == "postgres":
-        kwargs["database"] = request.getfixturevalue("postgres").create_database("t_answer_leaks")
-    stack = Stack(tmp_path_factory.mktemp("answer-leaks"), filter_config=CONFIG, **kwargs)
-    try:
-        stack.start()
-        yield stack
-    finally:
-        stack.stop()
+    with module_stack(tmp_path_factory, request, "answer_leaks", CONFIG) as s:
+        yield s
 
 
 @pytest.fixture
 def stack(gw):
     """The module's stack (overrides conftest's), with the model's request log emptied."""
-    httpx.post(gw.backend.url + "/_demo/reset").raise_for_status()
-    return gw
+    return emptied(gw)
 
 
 def req(api: str, model: str, stream: bool = False, prompt: str = "hi", **extra) -> tuple[str, dict]:
@@ -402,15 +394,8 @@ def test_unasked_logprobs_are_dropped_where_pseudonyms_are_restored(stack, api, 
 def h2_gw(tmp_path_factory, request):
     """The same gateway with the model spoken to over HTTP/2, where an answer
     can end with trailers instead of an end-of-stream data frame."""
-    kwargs = {}
-    if E2E_DB == "postgres":
-        kwargs["database"] = request.getfixturevalue("postgres").create_database("t_answer_leaks_h2")
-    stack = Stack(tmp_path_factory.mktemp("answer-leaks-h2"), filter_config=CONFIG, model_http2=True, **kwargs)
-    try:
-        stack.start()
-        yield stack
-    finally:
-        stack.stop()
+    with module_stack(tmp_path_factory, request, "answer_leaks_h2", CONFIG, model_http2=True) as s:
+        yield s
 
 
 TRAILER_APIS = [("chat", False), ("chat", True), ("messages", False), ("gemini", False), ("responses", True)]

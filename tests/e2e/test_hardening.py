@@ -169,9 +169,12 @@ def test_http2_trailers_cannot_carry_a_body_past_review(stack):
 
 @pytest.fixture(scope="module")
 def passing(tmp_path_factory):
-    """A gateway whose backend serves other endpoints too (`other_requests: pass`)."""
+    """A gateway whose backend serves other endpoints too (`other_requests: pass`),
+    with only OpenAI's chat path listed: the native paths of the other APIs
+    are not endpoints here."""
     from stack import Stack
-    stack = Stack(tmp_path_factory.mktemp("passing"), filter_config={"other_requests": "pass"})
+    stack = Stack(tmp_path_factory.mktemp("passing"), filter_config={
+        "other_requests": "pass", "endpoints": [{"path": "/v1/chat/completions", "api": "openai_chat"}]})
     try:
         stack.start()
         yield stack

@@ -1,4 +1,5 @@
-//! A small OpenAI- and Anthropic-compatible model stand-in.
+//! A small model stand-in speaking the OpenAI (and Azure OpenAI),
+//! Anthropic, Gemini, Ollama and AWS Bedrock runtime protocols.
 //!
 //! Every endpoint echoes the prompt back (`"echo: " + prompt`), streams SSE
 //! when asked to, and records what it received so end-to-end tests can check
@@ -111,6 +112,18 @@ pub fn app_with_state(state: Shared) -> Router {
         .route("/v1beta/models/{target}", post(gemini))
         // Only Gemini's POSTs; other methods get the 404 they always got.
         .route("/v1/models/{target}", post(gemini).get(not_found))
+        .route(
+            "/openai/deployments/{deployment}/{*operation}",
+            post(azure_deployment),
+        )
+        // Azure's v1 paths take OpenAI's requests as they are.
+        .route("/openai/v1/chat/completions", post(chat_completions))
+        .route("/openai/v1/completions", post(completions))
+        .route("/openai/v1/responses", post(responses))
+        .route("/openai/v1/embeddings", post(embeddings))
+        .route("/model/{model}/{operation}", post(bedrock))
+        .route("/api/chat", post(ollama_chat))
+        .route("/api/generate", post(ollama_generate))
         .route("/_demo/stats", get(stats))
         .route("/_demo/requests", get(requests))
         .route("/_demo/reset", post(reset))
@@ -600,24 +613,30 @@ fn sse_event(name: &str, v: &Value) -> Bytes {
 /// A `text/event-stream` response sending each event as its own body chunk,
 /// pausing `delay` between events.
 fn sse_response(events: Vec<Bytes>, delay: Duration) -> Response {
+    let mut response = streamed_response("text/event-stream", events, delay);
+    let h = response.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+/// A response of `content_type` sending each of `chunks` as its own body
+/// chunk, pausing `delay` between them.
+fn streamed_response(content_type: &'static str, chunks: Vec<Bytes>, delay: Duration) -> Response {
     let stream = futures_util::stream::unfold(
-        (events.into_iter(), true),
-        move |(mut events, first)| async move {
-            let event = events.next()?;
+        (chunks.into_iter(), true),
+        move |(mut chunks, first)| async move {
+            let chunk = chunks.next()?;
             if !first && !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            Some((Ok::<_, Infallible>(event), (events, false)))
+            Some((Ok::<_, Infallible>(chunk), (chunks, false)))
         },
     );
     let mut response = Response::new(Body::from_stream(stream));
-    let h = response.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
 
@@ -921,8 +940,13 @@ pub fn embed(text: &str) -> [f32; EMBEDDING_DIM] {
 }
 
 fn base64_f32(v: &[f32]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    base64(&bytes)
+}
+
+/// Standard base64, with padding.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for group in bytes.chunks(3) {
         let b = [
@@ -1214,9 +1238,554 @@ async fn gemini(
         .as_deref()
         .is_some_and(|q| q.split('&').any(|kv| kv == "alt=sse"));
     if !sse {
-        return Json(Value::Array(chunks)).into_response();
+        // One JSON array, sent element by element as Gemini does.
+        let count = chunks.len();
+        let elements = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let open = if i == 0 { "[" } else { ",\r\n" };
+                let close = if i + 1 == count { "]" } else { "" };
+                Bytes::from(format!("{open}{c}{close}"))
+            })
+            .collect();
+        return streamed_response("application/json", elements, chunk_delay(&headers));
     }
     sse_response(chunks.iter().map(sse_data).collect(), chunk_delay(&headers))
+}
+
+// ---------------------------------------------------------------- Azure OpenAI
+
+/// Azure's error body: `{"error": {"code", "message"}}`.
+fn azure_error(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        Json(json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
+}
+
+/// What Azure's content filter says of a text it let through.
+fn content_filter_results() -> Value {
+    let safe = json!({"filtered": false, "severity": "safe"});
+    json!({"hate": safe, "self_harm": safe, "sexual": safe, "violence": safe})
+}
+
+/// Azure OpenAI's `POST /openai/deployments/{deployment}/{operation}`:
+/// OpenAI's bodies, the deployment as the model (a body's own `model` is
+/// ignored, as Azure does). Without `api-version` the service answers 404
+/// "Resource not found", as Azure does. Chat answers carry Azure's content
+/// filter results: `prompt_filter_results` (streamed: in a first chunk
+/// without choices) and each choice's `content_filter_results`.
+async fn azure_deployment(
+    State(demo): State<Shared>,
+    Path((deployment, operation)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let versioned = query.as_deref().is_some_and(|q| {
+        q.split('&').any(|kv| {
+            kv.strip_prefix("api-version=")
+                .is_some_and(|v| !v.is_empty())
+        })
+    });
+    if !versioned {
+        return azure_error(StatusCode::NOT_FOUND, "404", "Resource not found");
+    }
+    let mut req = match parse_body(&body) {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    req["model"] = json!(deployment);
+    let body = Bytes::from(req.to_string());
+    let answer = match operation.as_str() {
+        "chat/completions" => chat_completions(State(demo), headers, body).await,
+        "completions" => return completions(State(demo), headers, body).await,
+        "embeddings" => return embeddings(body).await,
+        _ => return azure_error(StatusCode::NOT_FOUND, "404", "Resource not found"),
+    };
+    with_content_filter_results(answer).await
+}
+
+async fn with_content_filter_results(answer: Response) -> Response {
+    let prompt_results =
+        json!([{"prompt_index": 0, "content_filter_results": content_filter_results()}]);
+    let (parts, body) = answer.into_parts();
+    if !parts.status.is_success() {
+        return Response::from_parts(parts, body);
+    }
+    if parts.headers.get(header::CONTENT_TYPE)
+        == Some(&HeaderValue::from_static("text/event-stream"))
+    {
+        let first = sse_data(&json!({
+            "id": "", "object": "", "created": 0, "model": "", "choices": [],
+            "prompt_filter_results": prompt_results,
+        }));
+        let rest = body.into_data_stream();
+        let stream =
+            futures_util::stream::once(async move { Ok::<_, axum::Error>(first) }).chain(rest);
+        return Response::from_parts(parts, Body::from_stream(stream));
+    }
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY_BYTES).await else {
+        return error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "could not read the answer",
+        );
+    };
+    let Ok(mut v) = serde_json::from_slice::<Value>(&bytes) else {
+        return Response::from_parts(parts, Body::from(bytes));
+    };
+    v["prompt_filter_results"] = prompt_results;
+    if let Some(choices) = v.get_mut("choices").and_then(Value::as_array_mut) {
+        for c in choices {
+            c["content_filter_results"] = content_filter_results();
+        }
+    }
+    let mut parts = parts;
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(v.to_string()))
+}
+
+// ---------------------------------------------------------------- AWS Bedrock
+
+/// Bedrock's error: `{"message"}`, its type in `x-amzn-errortype`.
+fn bedrock_error(status: StatusCode, kind: &'static str, message: &str) -> Response {
+    let mut r = (status, Json(json!({"message": message}))).into_response();
+    r.headers_mut()
+        .insert("x-amzn-errortype", HeaderValue::from_static(kind));
+    r
+}
+
+/// The text of a converse message's content blocks.
+fn converse_text(content: Option<&Value>) -> String {
+    content
+        .and_then(Value::as_array)
+        .map(|blocks| {
+            blocks
+                .iter()
+                .filter_map(|b| b.get("text").and_then(Value::as_str))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// CRC-32 (IEEE), as AWS event-stream frames carry it.
+pub fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// One AWS event-stream message (`application/vnd.amazon.eventstream`):
+/// prelude (total and header lengths, CRC), string headers
+/// `:event-type`, `:content-type`, `:message-type`, the JSON payload and
+/// the message CRC.
+pub fn event_stream_message(event_type: &str, payload: &Value) -> Bytes {
+    let payload = payload.to_string();
+    let mut headers = Vec::new();
+    for (name, value) in [
+        (":event-type", event_type),
+        (":content-type", "application/json"),
+        (":message-type", "event"),
+    ] {
+        headers.push(name.len() as u8);
+        headers.extend_from_slice(name.as_bytes());
+        headers.push(7); // a string
+        headers.extend_from_slice(&(value.len() as u16).to_be_bytes());
+        headers.extend_from_slice(value.as_bytes());
+    }
+    let total = 12 + headers.len() + payload.len() + 4;
+    let mut out = Vec::with_capacity(total);
+    out.extend_from_slice(&(total as u32).to_be_bytes());
+    out.extend_from_slice(&(headers.len() as u32).to_be_bytes());
+    let prelude = crc32(&out);
+    out.extend_from_slice(&prelude.to_be_bytes());
+    out.extend_from_slice(&headers);
+    out.extend_from_slice(payload.as_bytes());
+    let crc = crc32(&out);
+    out.extend_from_slice(&crc.to_be_bytes());
+    Bytes::from(out)
+}
+
+/// Bedrock runtime's `POST /model/{modelId}/{operation}`: `converse` and
+/// `converse-stream` (Converse's bodies), `invoke` and
+/// `invoke-with-response-stream` (an Anthropic messages body). Streams are
+/// AWS event-stream frames. The model id arrives percent-decoded.
+async fn bedrock(
+    State(demo): State<Shared>,
+    Path((model, operation)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let req = match parse_body(&body) {
+        Ok(v) => v,
+        Err(e) => return bedrock_error(StatusCode::BAD_REQUEST, "ValidationException", &e.0),
+    };
+    match operation.as_str() {
+        "converse" | "converse-stream" => {
+            bedrock_converse(&req, operation == "converse-stream", &headers)
+        }
+        "invoke" | "invoke-with-response-stream" => {
+            if req
+                .get("anthropic_version")
+                .and_then(Value::as_str)
+                .is_none()
+            {
+                return bedrock_error(
+                    StatusCode::BAD_REQUEST,
+                    "ValidationException",
+                    "Malformed input request: required key [anthropic_version] not found",
+                );
+            }
+            let mut anthropic = req;
+            anthropic["model"] = json!(model);
+            let streamed = operation == "invoke-with-response-stream";
+            anthropic["stream"] = json!(streamed);
+            let answer = messages(
+                State(demo),
+                headers.clone(),
+                Bytes::from(anthropic.to_string()),
+            )
+            .await;
+            if !streamed {
+                return answer;
+            }
+            // The Anthropic events, each base64 in a `chunk` message.
+            let Ok(events) = axum::body::to_bytes(answer.into_body(), MAX_BODY_BYTES).await else {
+                return bedrock_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalServerException",
+                    "no answer",
+                );
+            };
+            let chunks = String::from_utf8_lossy(&events)
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .map(|data| {
+                    event_stream_message("chunk", &json!({"bytes": base64(data.as_bytes())}))
+                })
+                .collect();
+            streamed_response(
+                "application/vnd.amazon.eventstream",
+                chunks,
+                chunk_delay(&headers),
+            )
+        }
+        _ => bedrock_error(
+            StatusCode::NOT_FOUND,
+            "UnknownOperationException",
+            "unknown operation",
+        ),
+    }
+}
+
+fn bedrock_converse(req: &Value, stream: bool, headers: &HeaderMap) -> Response {
+    let messages: &[Value] = req
+        .get("messages")
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice);
+    let prompt = messages
+        .iter()
+        .rev()
+        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        .map(|m| converse_text(m.get("content")))
+        .unwrap_or_default();
+    let input_tokens = messages
+        .iter()
+        .map(|m| word_count(&converse_text(m.get("content"))))
+        .sum::<u64>()
+        + word_count(&converse_text(req.get("system")));
+    let reply = reply_for(headers, echo(&prompt));
+    let output_tokens = word_count(&reply);
+    let usage = json!({"inputTokens": input_tokens, "outputTokens": output_tokens, "totalTokens": input_tokens + output_tokens});
+    if !stream {
+        return Json(json!({
+            "output": {"message": {"role": "assistant", "content": [{"text": reply}]}},
+            "stopReason": "end_turn",
+            "usage": usage,
+            "metrics": {"latencyMs": 0},
+        }))
+        .into_response();
+    }
+    let mut events = vec![event_stream_message(
+        "messageStart",
+        &json!({"role": "assistant"}),
+    )];
+    for w in pieces(&reply, headers) {
+        events.push(event_stream_message(
+            "contentBlockDelta",
+            &json!({"contentBlockIndex": 0, "delta": {"text": w}}),
+        ));
+    }
+    events.push(event_stream_message(
+        "contentBlockStop",
+        &json!({"contentBlockIndex": 0}),
+    ));
+    events.push(event_stream_message(
+        "messageStop",
+        &json!({"stopReason": "end_turn"}),
+    ));
+    events.push(event_stream_message(
+        "metadata",
+        &json!({"usage": usage, "metrics": {"latencyMs": 0}}),
+    ));
+    streamed_response(
+        "application/vnd.amazon.eventstream",
+        events,
+        chunk_delay(headers),
+    )
+}
+
+// ---------------------------------------------------------------- Ollama
+
+/// Ollama's error body: `{"error": "..."}`, a string.
+fn ollama_error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({"error": message}))).into_response()
+}
+
+/// Days since 1970-01-01 as a civil date (proleptic Gregorian).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Now, as Ollama writes `created_at` (RFC 3339, nanoseconds, UTC).
+fn ollama_time() -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs() as i64;
+    let (y, mo, d) = civil_from_days(secs.div_euclid(86_400));
+    let t = secs.rem_euclid(86_400);
+    format!(
+        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{:09}Z",
+        t / 3600,
+        t % 3600 / 60,
+        t % 60,
+        now.subsec_nanos()
+    )
+}
+
+/// Which of Ollama's two native APIs an answer is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OllamaApi {
+    Chat,
+    Generate,
+}
+
+/// One Ollama answer to give.
+struct OllamaTurn {
+    api: OllamaApi,
+    model: String,
+    reply: String,
+    /// With `think`: the model's thinking, given before the answer.
+    thinking: Option<String>,
+    prompt_tokens: u64,
+    /// Generate: the token ids of the exchange (`context`).
+    context: Option<Vec<u64>>,
+    /// Log-probabilities with this many alternatives per token.
+    logprobs: Option<u64>,
+}
+
+impl OllamaTurn {
+    /// One line (or the whole answer): `text` and `thinking` in the API's
+    /// place for them.
+    fn line(&self, text: &str, thinking: Option<&str>, created_at: &str) -> Value {
+        let mut v = json!({"model": self.model, "created_at": created_at});
+        match self.api {
+            OllamaApi::Chat => {
+                let mut message = json!({"role": "assistant", "content": text});
+                if let Some(t) = thinking {
+                    message["thinking"] = json!(t);
+                }
+                v["message"] = message;
+            }
+            OllamaApi::Generate => {
+                v["response"] = json!(text);
+                if let Some(t) = thinking {
+                    v["thinking"] = json!(t);
+                }
+            }
+        }
+        v["done"] = json!(false);
+        v
+    }
+
+    /// Marks `v` as the last line: reason, counts, durations (the demo
+    /// takes none) and generate's `context`.
+    fn done(&self, mut v: Value) -> Value {
+        v["done_reason"] = json!("stop");
+        v["done"] = json!(true);
+        for (k, n) in [
+            ("total_duration", 0),
+            ("load_duration", 0),
+            ("prompt_eval_count", self.prompt_tokens),
+            ("prompt_eval_duration", 0),
+            ("eval_count", word_count(&self.reply)),
+            ("eval_duration", 0),
+        ] {
+            v[k] = json!(n);
+        }
+        if let Some(ids) = &self.context {
+            v["context"] = json!(ids);
+        }
+        v
+    }
+
+    fn respond(self, stream: bool, headers: &HeaderMap) -> Response {
+        let created_at = ollama_time();
+        if !stream {
+            let mut v = self.done(self.line(&self.reply, self.thinking.as_deref(), &created_at));
+            if let Some(top) = self.logprobs {
+                v["logprobs"] = json!(token_entries(&split_words(&self.reply), 0, top));
+            }
+            return Json(v).into_response();
+        }
+        let mut lines = Vec::new();
+        if let Some(t) = &self.thinking {
+            lines.push(self.line("", Some(t), &created_at));
+        }
+        let words = pieces(&self.reply, headers);
+        for (i, w) in words.iter().enumerate() {
+            let mut v = self.line(w, None, &created_at);
+            if let Some(top) = self.logprobs {
+                v["logprobs"] = json!([token_entry(w, i, top)]);
+            }
+            lines.push(v);
+        }
+        lines.push(self.done(self.line("", None, &created_at)));
+        let chunks = lines
+            .iter()
+            .map(|v| Bytes::from(format!("{v}\n")))
+            .collect();
+        streamed_response("application/x-ndjson", chunks, chunk_delay(headers))
+    }
+}
+
+/// What an Ollama request asks for beyond its prompt: the model (required),
+/// streaming (the default), thinking, log-probabilities.
+struct OllamaAsk {
+    model: String,
+    stream: bool,
+    think: bool,
+    logprobs: Option<u64>,
+}
+
+/// An Ollama request and its asks, or the message of a 400.
+fn ollama_request(headers: &HeaderMap, body: &[u8]) -> Result<(Value, OllamaAsk), String> {
+    let req = parse_body(body).map_err(|e| e.0)?;
+    let ask = ollama_ask(headers, &req)?;
+    Ok((req, ask))
+}
+
+/// The request's asks, or the message of a 400.
+fn ollama_ask(headers: &HeaderMap, req: &Value) -> Result<OllamaAsk, String> {
+    let model = match req.get("model").and_then(Value::as_str) {
+        Some(m) if !m.is_empty() => m.to_owned(),
+        _ => return Err("model is required".to_owned()),
+    };
+    let asked = (req.get("logprobs").and_then(Value::as_bool) == Some(true))
+        .then(|| as_count(req.get("top_logprobs")).unwrap_or(0));
+    let logprobs = logprobs_for(headers, asked).map_err(|e| e.0)?;
+    Ok(OllamaAsk {
+        model,
+        stream: req.get("stream").and_then(Value::as_bool).unwrap_or(true),
+        think: match req.get("think") {
+            Some(Value::Bool(b)) => *b,
+            Some(Value::String(_)) => true,
+            _ => false,
+        },
+        logprobs,
+    })
+}
+
+/// A request without a prompt loads the model (`keep_alive: 0` unloads it).
+fn ollama_load(api: OllamaApi, model: String, req: &Value) -> Response {
+    let unload = req.get("keep_alive").and_then(Value::as_f64) == Some(0.0);
+    let turn = OllamaTurn {
+        api,
+        model,
+        reply: String::new(),
+        thinking: None,
+        prompt_tokens: 0,
+        context: None,
+        logprobs: None,
+    };
+    let mut v = turn.line("", None, &ollama_time());
+    v["done_reason"] = json!(if unload { "unload" } else { "load" });
+    v["done"] = json!(true);
+    Json(v).into_response()
+}
+
+/// Ollama's native `POST /api/chat`: JSON lines (`application/x-ndjson`)
+/// unless `stream` is `false`.
+async fn ollama_chat(headers: HeaderMap, body: Bytes) -> Response {
+    let (req, ask) = match ollama_request(&headers, &body) {
+        Ok(r) => r,
+        Err(m) => return ollama_error(StatusCode::BAD_REQUEST, &m),
+    };
+    let messages = req.get("messages");
+    if messages.and_then(Value::as_array).is_none_or(Vec::is_empty) {
+        return ollama_load(OllamaApi::Chat, ask.model, &req);
+    }
+    let prompt = last_user_text(messages);
+    let turn = OllamaTurn {
+        api: OllamaApi::Chat,
+        model: ask.model,
+        reply: reply_for(&headers, echo(&prompt)),
+        thinking: ask.think.then(|| format!("thinking about: {prompt}")),
+        prompt_tokens: messages_word_count(messages),
+        context: None,
+        logprobs: ask.logprobs,
+    };
+    turn.respond(ask.stream, &headers)
+}
+
+/// Ollama's native `POST /api/generate`: `system`, `prompt`, `suffix`; the
+/// answer is `response`, with the exchange's token ids in `context`.
+async fn ollama_generate(headers: HeaderMap, body: Bytes) -> Response {
+    let (req, ask) = match ollama_request(&headers, &body) {
+        Ok(r) => r,
+        Err(m) => return ollama_error(StatusCode::BAD_REQUEST, &m),
+    };
+    let text = |k: &str| req.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+    let (prompt, system, suffix) = (text("prompt"), text("system"), text("suffix"));
+    if prompt.is_empty() {
+        return ollama_load(OllamaApi::Generate, ask.model, &req);
+    }
+    let reply = reply_for(&headers, echo(&format!("{prompt}{suffix}")));
+    let prompt_tokens = word_count(&system) + word_count(&prompt) + word_count(&suffix);
+    let ids = (1..=prompt_tokens + word_count(&reply))
+        .map(|i| 1000 + i)
+        .collect();
+    let turn = OllamaTurn {
+        api: OllamaApi::Generate,
+        model: ask.model,
+        reply,
+        thinking: ask.think.then(|| format!("thinking about: {prompt}")),
+        prompt_tokens,
+        context: Some(ids),
+        logprobs: ask.logprobs,
+    };
+    turn.respond(ask.stream, &headers)
 }
 
 // ---------------------------------------------------------------- fallback & introspection

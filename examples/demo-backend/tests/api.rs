@@ -1197,3 +1197,285 @@ async fn gemini_logprobs_spell_the_answer() {
     .await;
     assert!(v["candidates"][0].get("logprobsResult").is_none());
 }
+
+// ---------------------------------------------------------------- Ollama
+
+/// The lines of an Ollama answer (JSON lines), each parsed.
+async fn ndjson(app: &Router, req: Request<Body>) -> Vec<Value> {
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
+    let bytes = to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    assert!(text.ends_with('\n'), "{text}");
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn ollama_chat_streams_json_lines_by_default() {
+    let app = demo_backend::app();
+    let req = json!({"model": "llama3", "think": true, "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hello ollama"}]});
+    let lines = ndjson(&app, post("/api/chat", &req)).await;
+    assert_eq!(
+        lines[0]["message"]["thinking"],
+        "thinking about: hello ollama"
+    );
+    let text: String = lines
+        .iter()
+        .map(|l| l["message"]["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, "echo: hello ollama");
+    let last = lines.last().unwrap();
+    assert_eq!(last["done"], true);
+    assert_eq!(last["done_reason"], "stop");
+    assert_eq!(
+        (
+            last["prompt_eval_count"].as_u64(),
+            last["eval_count"].as_u64()
+        ),
+        (Some(4), Some(3))
+    );
+    assert!(lines[..lines.len() - 1].iter().all(|l| l["done"] == false));
+    assert!(last["created_at"].as_str().unwrap().ends_with('Z'));
+
+    // `stream: false`: one object.
+    let (status, v) = call(
+        &app,
+        post(
+            "/api/chat",
+            &json!({"model": "llama3", "stream": false, "messages": [{"role": "user", "content": "hi"}]}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        v["message"],
+        json!({"role": "assistant", "content": "echo: hi"})
+    );
+    assert_eq!(v["done"], true);
+    // No messages: the model is loaded, nothing is generated.
+    let (_, v) = call(
+        &app,
+        post("/api/chat", &json!({"model": "llama3", "messages": []})),
+    )
+    .await;
+    assert_eq!(
+        (v["done_reason"].as_str(), v["done"].as_bool()),
+        (Some("load"), Some(true))
+    );
+    let (status, v) = call(&app, post("/api/chat", &json!({"messages": []}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(v["error"], "model is required");
+}
+
+#[tokio::test]
+async fn ollama_generate_answers_with_context_and_logprobs() {
+    let app = demo_backend::app();
+    let req = json!({"model": "llama3", "system": "be brief", "prompt": "say hi", "stream": false,
+                     "logprobs": true, "top_logprobs": 2});
+    let (status, v) = call(&app, post("/api/generate", &req)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["response"], "echo: say hi");
+    assert_eq!(v["prompt_eval_count"], 4);
+    assert_eq!(v["context"].as_array().unwrap().len(), 7);
+    assert_eq!(tokens(&v["logprobs"]), "echo: say hi");
+    let mut streamed = req.clone();
+    streamed["stream"] = json!(true);
+    let lines = ndjson(&app, post("/api/generate", &streamed)).await;
+    let text: String = lines
+        .iter()
+        .map(|l| l["response"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, "echo: say hi");
+    assert!(lines.last().unwrap()["context"].is_array());
+    assert!(lines[0]["logprobs"][0]["top_logprobs"].is_array());
+}
+
+// ---------------------------------------------------------------- Azure OpenAI
+
+#[tokio::test]
+async fn azure_deployments_need_an_api_version_and_name_the_model() {
+    let app = demo_backend::app();
+    let req = json!({"model": "ignored", "messages": [{"role": "user", "content": "hi azure"}]});
+    let (status, v) = call(
+        &app,
+        post("/openai/deployments/gpt-4o-prod/chat/completions", &req),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        v,
+        json!({"error": {"code": "404", "message": "Resource not found"}})
+    );
+    let (status, v) = call(
+        &app,
+        post(
+            "/openai/deployments/gpt-4o-prod/chat/completions?api-version=2024-10-21",
+            &req,
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["model"], "gpt-4o-prod");
+    assert_eq!(v["choices"][0]["message"]["content"], "echo: hi azure");
+    assert_eq!(
+        v["choices"][0]["content_filter_results"]["hate"]["severity"],
+        "safe"
+    );
+    assert_eq!(v["prompt_filter_results"][0]["prompt_index"], 0);
+    let mut streamed = req.clone();
+    streamed["stream"] = json!(true);
+    let chunks = sse_json(
+        &frames(
+            &app,
+            post(
+                "/openai/deployments/gpt-4o-prod/chat/completions?api-version=2024-10-21",
+                &streamed,
+            ),
+        )
+        .await,
+    );
+    assert_eq!(chunks[0]["choices"], json!([]));
+    assert!(chunks[0]["prompt_filter_results"].is_array());
+    let text: String = chunks[1..]
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "echo: hi azure");
+    let (status, v) = call(
+        &app,
+        post(
+            "/openai/deployments/ada/embeddings?api-version=2024-10-21",
+            &json!({"input": "x"}),
+        ),
+    )
+    .await;
+    assert_eq!((status, v["model"].as_str()), (StatusCode::OK, Some("ada")));
+    // The v1 paths take OpenAI's requests as they are.
+    let (status, v) = call(&app, post("/openai/v1/chat/completions", &req)).await;
+    assert_eq!(
+        (status, v["model"].as_str()),
+        (StatusCode::OK, Some("ignored"))
+    );
+}
+
+// ---------------------------------------------------------------- AWS Bedrock
+
+/// The messages of an AWS event-stream body, CRCs checked: (event type,
+/// JSON payload).
+fn event_stream(bytes: &[u8]) -> Vec<(String, Value)> {
+    use demo_backend::crc32;
+    // (The CRC-32 check value: of "123456789".)
+    assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let (total, header_len) = (be(&rest[0..4]), be(&rest[4..8]));
+        let msg = &rest[..total];
+        assert_eq!(be(&msg[8..12]) as u32, crc32(&msg[..8]), "prelude CRC");
+        assert_eq!(
+            be(&msg[total - 4..]) as u32,
+            crc32(&msg[..total - 4]),
+            "message CRC"
+        );
+        let mut h = &msg[12..12 + header_len];
+        let mut event = String::new();
+        while !h.is_empty() {
+            let n = h[0] as usize;
+            let name = std::str::from_utf8(&h[1..1 + n]).unwrap();
+            assert_eq!(h[1 + n], 7);
+            let len = u16::from_be_bytes([h[2 + n], h[3 + n]]) as usize;
+            let value = std::str::from_utf8(&h[4 + n..4 + n + len]).unwrap();
+            if name == ":event-type" {
+                event = value.to_owned();
+            }
+            h = &h[4 + n + len..];
+        }
+        let payload = serde_json::from_slice(&msg[12 + header_len..total - 4]).unwrap();
+        out.push((event, payload));
+        rest = &rest[total..];
+    }
+    out
+}
+
+#[tokio::test]
+async fn bedrock_converse_and_invoke_plain_and_streamed() {
+    let app = demo_backend::app();
+    let req = json!({"system": [{"text": "be brief"}],
+                     "messages": [{"role": "user", "content": [{"text": "hello bedrock"}]}]});
+    let (status, v) = call(
+        &app,
+        post(
+            "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse",
+            &req,
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        v["output"]["message"]["content"][0]["text"],
+        "echo: hello bedrock"
+    );
+    assert_eq!(
+        v["usage"],
+        json!({"inputTokens": 4, "outputTokens": 3, "totalTokens": 7})
+    );
+    assert_eq!(v["stopReason"], "end_turn");
+
+    let resp = app
+        .clone()
+        .oneshot(post("/model/amazon.nova-lite-v1%3A0/converse-stream", &req))
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers()["content-type"],
+        "application/vnd.amazon.eventstream"
+    );
+    let bytes = to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+    let events = event_stream(&bytes);
+    assert_eq!(events[0].0, "messageStart");
+    let text: String = events
+        .iter()
+        .filter(|(e, _)| e == "contentBlockDelta")
+        .map(|(_, p)| p["delta"]["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(text, "echo: hello bedrock");
+    assert_eq!(events.last().unwrap().1["usage"]["totalTokens"], 7);
+
+    let invoke = json!({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 20,
+                        "messages": [{"role": "user", "content": "hello claude"}]});
+    let (status, v) = call(
+        &app,
+        post(
+            "/model/anthropic.claude-3-haiku-20240307-v1%3A0/invoke",
+            &invoke,
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["model"], "anthropic.claude-3-haiku-20240307-v1:0");
+    assert_eq!(v["content"][0]["text"], "echo: hello claude");
+    let resp = app
+        .clone()
+        .oneshot(post("/model/m/invoke-with-response-stream", &invoke))
+        .await
+        .unwrap();
+    let bytes = to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+    let events = event_stream(&bytes);
+    assert!(events
+        .iter()
+        .all(|(e, p)| e == "chunk" && p["bytes"].is_string()));
+
+    let resp = app
+        .clone()
+        .oneshot(post("/model/m/invoke", &json!({"inputText": "hi"})))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(resp.headers()["x-amzn-errortype"], "ValidationException");
+}

@@ -1,5 +1,5 @@
 //! Where the answer's text and the token usage live, per API: the one table
-//! read by the stream masker ([`crate::mask::SseStreamMasker`], which masks
+//! read by the stream masker ([`crate::mask::StreamMasker`], which masks
 //! exactly these fields with a hold-back window) and by the response
 //! recorder ([`crate::record::ResponseRecorder`], which records them), so
 //! the two cannot disagree about what the answer is.
@@ -12,13 +12,20 @@
 //! | OpenAI Responses | `delta` of `response.{output_text, refusal, function_call_arguments, custom_tool_call_input, reasoning_text, reasoning_summary_text, audio.transcript, output_audio_transcript}.delta` (`output_index` / `content_index` or `summary_index`) | `response.usage` (`response.completed`, `response.incomplete`, `response.failed`) |
 //! | Anthropic messages | `content_block.{text, thinking}` of `content_block_start`, `delta.{text, thinking, partial_json}` of `content_block_delta` (block `index`) | `message.usage` of `message_start`, merged with `usage` of `message_delta` |
 //! | Gemini | `candidates[].content.parts[].text`, `thought` parts apart (candidate `index`) | `usageMetadata` |
+//! | Ollama chat (JSON lines) | `message.content`, `message.thinking` | `prompt_eval_count`, `eval_count` and the durations of the `done` line |
+//! | Ollama generate (JSON lines) | `response`, `thinking` | as chat |
 //!
 //! A choice / candidate ends at its `finish_reason` / `finishReason`, a
 //! block at `content_block_stop`, everything at `message_delta` or
 //! `message_stop`; a Responses output at a `*.done` event with its
 //! `output_index`, everything at `response.completed` / `incomplete` /
-//! `failed`. The `*.done` and final Responses events repeat text already
-//! streamed: they are *echoes*, not new text.
+//! `failed`; an Ollama answer at its `done: true` line. The `*.done` and
+//! final Responses events repeat text already streamed: they are *echoes*,
+//! not new text.
+//!
+//! Some fields spell the answer out token by token ([`token_fields`]:
+//! log-probabilities, Ollama's `context` token ids): they are never read as
+//! text, and are dropped wherever the answer's text is changed.
 
 use serde_json::Value;
 
@@ -134,8 +141,66 @@ pub enum Item<'v> {
     End(u64),
     /// Every channel ends.
     EndAll,
-    /// Token usage (an object; later ones update earlier keys).
-    Usage(&'v Value),
+    /// Token usage (later ones update earlier keys).
+    Usage(Usage<'v>),
+}
+
+/// Where an event reports token usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage<'v> {
+    /// An object of counts.
+    Object(&'v Value),
+    /// These keys of the event itself (Ollama puts its counts at the top).
+    Fields(&'v Value, &'static [&'static str]),
+}
+
+impl Usage<'_> {
+    /// The usage as one object.
+    pub fn to_value(self) -> Value {
+        match self {
+            Usage::Object(v) => v.clone(),
+            Usage::Fields(v, keys) => Value::Object(
+                keys.iter()
+                    .filter_map(|k| v.get(*k).map(|x| ((*k).to_string(), x.clone())))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// Ollama's counts, at the top of its last line (and of a plain answer).
+const OLLAMA_USAGE: &[&str] = &[
+    "prompt_eval_count",
+    "eval_count",
+    "total_duration",
+    "load_duration",
+    "prompt_eval_duration",
+    "eval_duration",
+];
+
+/// Keys holding token log-probabilities, in every API.
+const LOGPROBS: &[&str] = &[
+    "logprobs",
+    "top_logprobs",
+    "logprobsResult",
+    "logprobs_result",
+];
+
+/// The fields of an answer of API `api` that spell it out token by token:
+/// log-probabilities, and the token ids of Ollama's `context` (which hold
+/// the answer too). Never read as text; dropped where the answer's text is
+/// changed, since they would give it as the model wrote it.
+pub fn token_fields(api: ApiKind) -> &'static [&'static str] {
+    match api {
+        ApiKind::OllamaGenerate => &[
+            "logprobs",
+            "top_logprobs",
+            "logprobsResult",
+            "logprobs_result",
+            "context",
+        ],
+        _ => LOGPROBS,
+    }
 }
 
 /// Walks one streamed JSON event of API `api` (`event` is the SSE event
@@ -149,12 +214,23 @@ pub fn stream_event<'v, E>(
     f: &mut impl FnMut(Item<'v>) -> Result<(), E>,
 ) -> Result<bool, E> {
     match api {
-        ApiKind::OpenaiChat | ApiKind::OpenaiCompletions | ApiKind::OpenaiEmbeddings => {
-            openai_chunk(v, f).map(|()| false)
+        ApiKind::OpenaiChat
+        | ApiKind::OpenaiCompletions
+        | ApiKind::OpenaiEmbeddings
+        | ApiKind::AzureOpenaiChat
+        | ApiKind::AzureOpenaiCompletions
+        | ApiKind::AzureOpenaiEmbeddings => openai_chunk(v, f).map(|()| false),
+        // Bedrock's streams come in AWS event-stream frames, which the
+        // gateway does not read ([`crate::framing::streams_readable`]): a
+        // request for one is refused wherever its answer would be read. The
+        // events inside invoke's stream are Anthropic's.
+        ApiKind::AnthropicMessages | ApiKind::BedrockInvoke => {
+            anthropic_event(v, f).map(|()| false)
         }
-        ApiKind::AnthropicMessages => anthropic_event(v, f).map(|()| false),
+        ApiKind::BedrockConverse => Ok(false),
         ApiKind::GeminiGenerateContent => gemini_chunk(v, f).map(|()| false),
         ApiKind::OpenaiResponses => responses_event(event, v, f),
+        ApiKind::OllamaChat | ApiKind::OllamaGenerate => ollama_line(api, v, f).map(|()| false),
     }
 }
 
@@ -171,6 +247,10 @@ pub fn guess_api(event: Option<&str>, v: &Value) -> ApiKind {
         ApiKind::GeminiGenerateContent
     } else if kind.starts_with("response.") {
         ApiKind::OpenaiResponses
+    } else if v.get("done").is_some() && v.get("message").is_some() {
+        ApiKind::OllamaChat
+    } else if v.get("done").is_some() {
+        ApiKind::OllamaGenerate
     } else {
         ApiKind::AnthropicMessages
     }
@@ -184,8 +264,8 @@ const CHAT_DELTA_FIELDS: [(&str, TextKind); 4] = [
     ("reasoning", TextKind::Reasoning),
 ];
 
-fn object_usage(u: Option<&Value>) -> Option<&Value> {
-    u.filter(|u| u.is_object())
+fn object_usage(u: Option<&Value>) -> Option<Usage<'_>> {
+    u.filter(|u| u.is_object()).map(Usage::Object)
 }
 
 fn openai_chunk<'v, E>(
@@ -319,6 +399,52 @@ fn openai_chunk<'v, E>(
     }
     if let Some(u) = object_usage(v.get("usage")) {
         f(Item::Usage(u))?;
+    }
+    Ok(())
+}
+
+/// One line of an Ollama answer: the text of chat's `message` or
+/// generate's top level; the `done` line ends it and carries the counts.
+fn ollama_line<'v, E>(
+    api: ApiKind,
+    v: &'v Value,
+    f: &mut impl FnMut(Item<'v>) -> Result<(), E>,
+) -> Result<(), E> {
+    let last = v.get("done").and_then(Value::as_bool) == Some(true);
+    let (holder, container) = if api == ApiKind::OllamaChat {
+        (v.get("message"), Some("message"))
+    } else {
+        (Some(v), None)
+    };
+    let fields = if api == ApiKind::OllamaChat {
+        [
+            ("content", TextKind::Content),
+            ("thinking", TextKind::Thinking),
+        ]
+    } else {
+        [
+            ("response", TextKind::Text),
+            ("thinking", TextKind::Thinking),
+        ]
+    };
+    for (field, kind) in fields {
+        let Some(Value::String(text)) = holder.and_then(|h| h.get(field)) else {
+            continue;
+        };
+        let path = match container {
+            Some(c) => Path::new(&[Step::Key(c), Step::Key(field)]),
+            None => Path::new(&[Step::Key(field)]),
+        };
+        f(Item::Text(Piece {
+            text,
+            channel: Channel { kind, a: 0, b: 0 },
+            path,
+            last,
+        }))?;
+    }
+    if last {
+        f(Item::Usage(Usage::Fields(v, OLLAMA_USAGE)))?;
+        f(Item::EndAll)?;
     }
     Ok(())
 }
@@ -511,18 +637,23 @@ fn responses_event<'v, E>(
     Ok(ends)
 }
 
-/// The usage object of a plain (non-streamed) response body: `usage`
-/// (OpenAI, Responses, Anthropic) or `usageMetadata` (Gemini). For a JSON
-/// array (a Gemini stream without `alt=sse`), the last element's.
-pub fn plain_usage(api: ApiKind, v: &Value) -> Option<&Value> {
+/// The usage of a plain (non-streamed) response body: `usage` (OpenAI,
+/// Responses, Anthropic), `usageMetadata` (Gemini), the counts at the top
+/// (Ollama). For a JSON array (a Gemini stream read whole), the last
+/// element's.
+pub fn plain_usage(api: ApiKind, v: &Value) -> Option<Value> {
     if let Value::Array(items) = v {
         return items.iter().rev().find_map(|x| plain_usage(api, x));
     }
-    let key = match api {
-        ApiKind::GeminiGenerateContent => "usageMetadata",
-        _ => "usage",
+    let usage = match api {
+        ApiKind::GeminiGenerateContent => object_usage(v.get("usageMetadata")),
+        ApiKind::OllamaChat | ApiKind::OllamaGenerate => OLLAMA_USAGE
+            .iter()
+            .any(|k| v.get(*k).is_some())
+            .then_some(Usage::Fields(v, OLLAMA_USAGE)),
+        _ => object_usage(v.get("usage")),
     };
-    object_usage(v.get(key))
+    usage.map(Usage::to_value)
 }
 
 #[cfg(test)]
@@ -575,7 +706,7 @@ mod tests {
             ]
         );
         assert_eq!(it[5], Item::End(1));
-        assert_eq!(it[6], Item::Usage(&v["usage"]));
+        assert_eq!(it[6], Item::Usage(Usage::Object(&v["usage"])));
         match it[4] {
             Item::Text(p) => assert_eq!(p.path.field(), "arguments"),
             _ => unreachable!(),
@@ -612,7 +743,13 @@ mod tests {
         let v = json!({"type":"response.completed","response":{"output":[],"usage":{"input_tokens":1}}});
         let (it, echo) = items(ApiKind::OpenaiResponses, None, &v);
         assert!(echo);
-        assert_eq!(it, vec![Item::Usage(&v["response"]["usage"]), Item::EndAll]);
+        assert_eq!(
+            it,
+            vec![
+                Item::Usage(Usage::Object(&v["response"]["usage"])),
+                Item::EndAll
+            ]
+        );
     }
 
     #[test]
@@ -634,7 +771,7 @@ mod tests {
         let v = json!({"type":"message_delta","usage":{"output_tokens":4}});
         assert_eq!(
             items(ApiKind::AnthropicMessages, None, &v).0,
-            vec![Item::Usage(&v["usage"]), Item::EndAll]
+            vec![Item::Usage(Usage::Object(&v["usage"])), Item::EndAll]
         );
         let v = json!({"candidates":[{"content":{"parts":[{"text":"a","thought":true},{"text":"b"}]},"finishReason":"STOP"}],"usageMetadata":{"totalTokenCount":5}});
         let (it, _) = items(ApiKind::GeminiGenerateContent, None, &v);
@@ -646,17 +783,64 @@ mod tests {
             ]
         );
         assert_eq!(it[2], Item::End(0));
-        assert_eq!(it[3], Item::Usage(&v["usageMetadata"]));
+        assert_eq!(it[3], Item::Usage(Usage::Object(&v["usageMetadata"])));
     }
 
     #[test]
     fn plain_usage_per_api() {
         let v = json!({"choices":[{"message":{"content":"a","tool_calls":[{"function":{"arguments":"{}"}}]}}],"usage":{"total_tokens":1}});
-        assert_eq!(plain_usage(ApiKind::OpenaiChat, &v), Some(&v["usage"]));
+        assert_eq!(
+            plain_usage(ApiKind::OpenaiChat, &v),
+            Some(v["usage"].clone())
+        );
         let v = json!([{"candidates":[{"content":{"parts":[{"text":"g"}]}}]},{"usageMetadata":{"totalTokenCount":3}}]);
         assert_eq!(
             plain_usage(ApiKind::GeminiGenerateContent, &v),
-            Some(&v[1]["usageMetadata"])
+            Some(v[1]["usageMetadata"].clone())
         );
+        let v = json!({"model":"llama3","response":"hi","done":true,"context":[1,2],"prompt_eval_count":3,"eval_count":2});
+        assert_eq!(
+            plain_usage(ApiKind::OllamaGenerate, &v),
+            Some(json!({"prompt_eval_count":3,"eval_count":2}))
+        );
+        assert_eq!(
+            plain_usage(ApiKind::OllamaChat, &json!({"message":{}})),
+            None
+        );
+    }
+
+    #[test]
+    fn ollama_lines() {
+        let v = json!({"model":"m","created_at":"t","message":{"role":"assistant","content":"a","thinking":"t"},"done":false});
+        let (it, echo) = items(ApiKind::OllamaChat, None, &v);
+        assert!(!echo);
+        assert_eq!(
+            texts(&it),
+            vec![
+                (TextKind::Content, 0, 0, "a".into(), false),
+                (TextKind::Thinking, 0, 0, "t".into(), false)
+            ]
+        );
+        match it[0] {
+            Item::Text(p) => assert_eq!(
+                p.path.steps(),
+                &[Step::Key("message"), Step::Key("content")]
+            ),
+            _ => unreachable!(),
+        }
+        let v = json!({"model":"m","response":"","done":true,"done_reason":"stop","context":[1],"prompt_eval_count":4,"eval_count":2,"eval_duration":9});
+        let (it, _) = items(ApiKind::OllamaGenerate, None, &v);
+        assert_eq!(texts(&it), vec![(TextKind::Text, 0, 0, "".into(), true)]);
+        let Item::Usage(u) = it[1] else {
+            unreachable!()
+        };
+        assert_eq!(
+            u.to_value(),
+            json!({"prompt_eval_count":4,"eval_count":2,"eval_duration":9})
+        );
+        assert_eq!(it[2], Item::EndAll);
+        assert_eq!(guess_api(None, &v), ApiKind::OllamaGenerate);
+        assert!(token_fields(ApiKind::OllamaGenerate).contains(&"context"));
+        assert!(!token_fields(ApiKind::OllamaChat).contains(&"context"));
     }
 }

@@ -218,7 +218,9 @@ fn err(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     }
 }
 
-/// Default inference endpoints: OpenAI and Anthropic.
+/// Default inference endpoints: OpenAI, Anthropic, Gemini, Ollama's native
+/// API (whose users put the gateway in front of Ollama's port), Azure
+/// OpenAI's and AWS Bedrock runtime's paths.
 pub fn default_endpoints() -> Vec<Endpoint> {
     [
         ("/v1/chat/completions", ApiKind::OpenaiChat),
@@ -241,6 +243,32 @@ pub fn default_endpoints() -> Vec<Endpoint> {
         (
             "/v1/models/*:streamGenerateContent",
             ApiKind::GeminiGenerateContent,
+        ),
+        ("/api/chat", ApiKind::OllamaChat),
+        ("/api/generate", ApiKind::OllamaGenerate),
+        // Azure OpenAI: chat before completions, which its `*` also matches.
+        (
+            "/openai/deployments/*/chat/completions",
+            ApiKind::AzureOpenaiChat,
+        ),
+        (
+            "/openai/deployments/*/completions",
+            ApiKind::AzureOpenaiCompletions,
+        ),
+        (
+            "/openai/deployments/*/embeddings",
+            ApiKind::AzureOpenaiEmbeddings,
+        ),
+        ("/openai/v1/chat/completions", ApiKind::OpenaiChat),
+        ("/openai/v1/completions", ApiKind::OpenaiCompletions),
+        ("/openai/v1/responses", ApiKind::OpenaiResponses),
+        ("/openai/v1/embeddings", ApiKind::OpenaiEmbeddings),
+        ("/model/*/converse", ApiKind::BedrockConverse),
+        ("/model/*/converse-stream", ApiKind::BedrockConverse),
+        ("/model/*/invoke", ApiKind::BedrockInvoke),
+        (
+            "/model/*/invoke-with-response-stream",
+            ApiKind::BedrockInvoke,
         ),
     ]
     .into_iter()
@@ -1046,7 +1074,7 @@ mod tests {
         assert_eq!(c.default_action, Action::Review);
         assert_eq!(c.other_requests, OtherRequests::Deny);
         assert_eq!(c.hold_timeout_ms, 300_000);
-        assert_eq!(c.endpoints.len(), 9);
+        assert_eq!(c.endpoints.len(), 22);
         assert!(c.rules.is_empty());
     }
 

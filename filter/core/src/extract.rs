@@ -42,7 +42,7 @@ pub struct ParsedRequest {
 /// state), so it is refused unless the operator lists it in `extra_fields`.
 fn known_fields(api: ApiKind) -> &'static [&'static str] {
     match api {
-        ApiKind::OpenaiChat => &[
+        ApiKind::OpenaiChat | ApiKind::AzureOpenaiChat => &[
             "model",
             "messages",
             "stream",
@@ -78,7 +78,7 @@ fn known_fields(api: ApiKind) -> &'static [&'static str] {
             "prompt_cache_key",
             "verbosity",
         ],
-        ApiKind::OpenaiCompletions => &[
+        ApiKind::OpenaiCompletions | ApiKind::AzureOpenaiCompletions => &[
             "model",
             "prompt",
             "suffix",
@@ -98,7 +98,9 @@ fn known_fields(api: ApiKind) -> &'static [&'static str] {
             "user",
             "seed",
         ],
-        ApiKind::OpenaiEmbeddings => &["model", "input", "encoding_format", "dimensions", "user"],
+        ApiKind::OpenaiEmbeddings | ApiKind::AzureOpenaiEmbeddings => {
+            &["model", "input", "encoding_format", "dimensions", "user"]
+        }
         ApiKind::OpenaiResponses => &[
             "model",
             "input",
@@ -154,7 +156,77 @@ fn known_fields(api: ApiKind) -> &'static [&'static str] {
             "safety_settings",
             "labels",
         ],
+        ApiKind::BedrockConverse => &[
+            "messages",
+            "system",
+            "inferenceConfig",
+            "toolConfig",
+            "guardrailConfig",
+            "additionalModelRequestFields",
+            "additionalModelResponseFieldPaths",
+            "requestMetadata",
+            "performanceConfig",
+            "serviceTier",
+            // Refused by the walk, naming why.
+            "promptVariables",
+        ],
+        // Anthropic's messages body as Bedrock takes it: the model is in
+        // the path, the version in the body, streaming in the operation.
+        ApiKind::BedrockInvoke => &[
+            "anthropic_version",
+            "anthropic_beta",
+            "messages",
+            "system",
+            "max_tokens",
+            "stop_sequences",
+            "temperature",
+            "top_k",
+            "top_p",
+            "tools",
+            "tool_choice",
+            "thinking",
+        ],
+        ApiKind::OllamaChat => &[
+            "model",
+            "messages",
+            "tools",
+            "format",
+            "options",
+            "stream",
+            "keep_alive",
+            "think",
+            "truncate",
+            "shift",
+            "logprobs",
+            "top_logprobs",
+        ],
+        ApiKind::OllamaGenerate => &[
+            "model",
+            "prompt",
+            "suffix",
+            "system",
+            // Refused by the walk unless empty, naming why.
+            "template",
+            "context",
+            "images",
+            "raw",
+            "format",
+            "options",
+            "stream",
+            "keep_alive",
+            "think",
+            "truncate",
+            "shift",
+            "logprobs",
+            "top_logprobs",
+        ],
     }
+}
+
+/// Whether an answer is streamed when the request does not say: Ollama's
+/// native API streams unless `stream` is `false`.
+fn streams_by_default(api: ApiKind) -> bool {
+    matches!(api, ApiKind::OllamaChat | ApiKind::OllamaGenerate)
 }
 
 /// The one strict parse of a request body, which must be a JSON object.
@@ -185,16 +257,180 @@ fn walked(
     })
 }
 
-/// Parses `body` of a request to `path` (Gemini carries the model and the
-/// streaming choice in the path: `/v1beta/models/{model}:streamGenerateContent`).
+/// Parses `body` of a request to `path`: APIs that name the model (and
+/// streaming) in the path read them there (Gemini's
+/// `/v1beta/models/{model}:streamGenerateContent`, Azure OpenAI's
+/// `/openai/deployments/{deployment}/chat/completions`).
 pub fn parse_request_at(api: ApiKind, path: &str, body: &[u8]) -> Result<ParsedRequest, String> {
-    if api != ApiKind::GeminiGenerateContent {
-        return parse_request(api, body);
+    let facts = path_facts(api, path)?;
+    parse(api, body, facts)
+}
+
+/// What a request's path says, for APIs that name the model there.
+struct PathFacts {
+    /// The model: Gemini's `models/{model}`, an Azure deployment.
+    model: String,
+    /// Whether the path asks for a streamed answer; `None` when the body
+    /// says.
+    stream: Option<bool>,
+}
+
+/// Where a request of an API names its model.
+enum ModelIn {
+    /// The body's `model`.
+    Body,
+    /// Gemini's `models/{model}:{method}`, which also says whether to
+    /// stream.
+    GeminiPath,
+    /// An Azure deployment, followed by this operation.
+    Deployment(&'static str),
+    /// A Bedrock model id, followed by one of these operations (the second
+    /// streams).
+    BedrockModel(&'static str, &'static str),
+}
+
+fn model_in(api: ApiKind) -> ModelIn {
+    match api {
+        ApiKind::GeminiGenerateContent => ModelIn::GeminiPath,
+        ApiKind::AzureOpenaiChat => ModelIn::Deployment("/chat/completions"),
+        ApiKind::AzureOpenaiCompletions => ModelIn::Deployment("/completions"),
+        ApiKind::AzureOpenaiEmbeddings => ModelIn::Deployment("/embeddings"),
+        ApiKind::BedrockConverse => ModelIn::BedrockModel("/converse", "/converse-stream"),
+        ApiKind::BedrockInvoke => ModelIn::BedrockModel("/invoke", "/invoke-with-response-stream"),
+        _ => ModelIn::Body,
     }
-    let (model, stream) =
-        gemini_model(path).ok_or_else(|| "the path does not name a model".to_string())?;
-    let obj = parse_object(body)?;
-    walked(api, model, stream, obj)
+}
+
+/// The [`PathFacts`] of a request of API `api` to `path`, `None` for APIs
+/// whose body names the model; an error when the path names none.
+fn path_facts(api: ApiKind, path: &str) -> Result<Option<PathFacts>, String> {
+    match model_in(api) {
+        ModelIn::Body => Ok(None),
+        ModelIn::GeminiPath => {
+            let (model, stream) =
+                gemini_model(path).ok_or_else(|| "the path does not name a model".to_string())?;
+            Ok(Some(PathFacts {
+                model,
+                stream: Some(stream),
+            }))
+        }
+        ModelIn::Deployment(operation) => match azure_deployment(path, operation) {
+            Some(model) => Ok(Some(PathFacts {
+                model,
+                stream: None,
+            })),
+            None => Err(format!(
+                "the path does not name a deployment (`.../deployments/{{deployment}}{operation}`)"
+            )),
+        },
+        ModelIn::BedrockModel(plain, streamed) => {
+            let found = [(plain, false), (streamed, true)]
+                .into_iter()
+                .find_map(|(op, stream)| Some((bedrock_model(path, op)?, stream)));
+            match found {
+                Some((Ok(model), stream)) => Ok(Some(PathFacts {
+                    model,
+                    stream: Some(stream),
+                })),
+                Some((Err(why), _)) => Err(why),
+                None => Err(format!(
+                    "the path does not name a model (`.../model/{{modelId}}{plain}`)"
+                )),
+            }
+        }
+    }
+}
+
+/// The model id a Bedrock path names (`.../model/{modelId}{operation}`),
+/// percent-decoded once: AWS SDKs encode the `:` of model ids and the `:`
+/// and `/` of ARNs. `None` when the path is not such a path; an error
+/// naming why when the id is not one the gateway can take as the model:
+/// anything but letters, digits and `.-_:/` once decoded (a second round of
+/// escapes, a control character), an empty id or `..`, and a prompt stored
+/// at the provider (Prompt management), whose text no reviewer sees.
+pub fn bedrock_model(path: &str, operation: &str) -> Option<Result<String, String>> {
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    let (_, rest) = path.split_once("/model/")?;
+    let raw = rest.strip_suffix(operation)?;
+    if raw.contains('/') {
+        return Some(Err(
+            "the model id must be one path segment (a `/` in an ARN is sent as `%2F`)".into(),
+        ));
+    }
+    let decoded = percent_decode_once(raw).filter(|id| {
+        !id.is_empty()
+            && !id
+                .split('/')
+                .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'/'))
+    });
+    Some(match decoded {
+        None => Err(format!("`{raw}` is not a Bedrock model id or ARN")),
+        Some(id) if id.contains(":prompt/") => Err(
+            "the model id names a prompt stored at the provider (Prompt management), whose text no reviewer sees; it is refused".into(),
+        ),
+        Some(id) => Ok(id),
+    })
+}
+
+/// `raw_path` as a backend routes it: with a Bedrock model id
+/// percent-decoded (SDKs encode the `:` and `/` of ids and ARNs, the one
+/// place a canonical path carries escapes). `None` for a bad escape there.
+pub fn path_with_model_decoded(api: ApiKind, raw_path: &str) -> Option<String> {
+    let ModelIn::BedrockModel(plain, streamed) = model_in(api) else {
+        return Some(raw_path.to_string());
+    };
+    let path = raw_path.split(['?', '#']).next().unwrap_or("");
+    let Some((prefix, rest)) = path.split_once("/model/") else {
+        return Some(path.to_string());
+    };
+    let Some((id, operation)) = [plain, streamed]
+        .into_iter()
+        .find_map(|op| Some((rest.strip_suffix(op)?, op)))
+    else {
+        return Some(path.to_string());
+    };
+    Some(format!(
+        "{prefix}/model/{}{operation}",
+        percent_decode_once(id)?
+    ))
+}
+
+/// `%XX` escapes decoded once; `None` for a bad escape or bytes that are not
+/// UTF-8.
+fn percent_decode_once(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        if b == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The deployment an Azure OpenAI path names
+/// (`.../deployments/{deployment}{operation}`): what the request runs on,
+/// whatever the body's `model` says. Deployment names are letters, digits,
+/// `-`, `_` and `.`, one path segment.
+pub fn azure_deployment(path: &str, operation: &str) -> Option<String> {
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    let (_, rest) = path.split_once("/deployments/")?;
+    let deployment = rest.strip_suffix(operation)?;
+    let valid = !deployment.is_empty()
+        && !deployment.starts_with('.')
+        && deployment
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    valid.then(|| deployment.to_string())
 }
 
 /// The field of a request that asks for token log-probabilities in the
@@ -206,7 +442,10 @@ fn logprobs_field(api: ApiKind, obj: &Map<String, Value>) -> Option<&'static str
     let asks_alternatives =
         |v: Option<&Value>| asks(v) && !v.and_then(Value::as_f64).is_some_and(|n| n == 0.0);
     match api {
-        ApiKind::OpenaiChat => {
+        ApiKind::OpenaiChat
+        | ApiKind::AzureOpenaiChat
+        | ApiKind::OllamaChat
+        | ApiKind::OllamaGenerate => {
             if asks(obj.get("logprobs")) {
                 Some("logprobs")
             } else if asks_alternatives(obj.get("top_logprobs")) {
@@ -215,7 +454,9 @@ fn logprobs_field(api: ApiKind, obj: &Map<String, Value>) -> Option<&'static str
                 None
             }
         }
-        ApiKind::OpenaiCompletions => asks(obj.get("logprobs")).then_some("logprobs"),
+        ApiKind::OpenaiCompletions | ApiKind::AzureOpenaiCompletions => {
+            asks(obj.get("logprobs")).then_some("logprobs")
+        }
         ApiKind::OpenaiResponses => {
             let include = obj
                 .get("include")
@@ -247,7 +488,11 @@ fn logprobs_field(api: ApiKind, obj: &Map<String, Value>) -> Option<&'static str
                 .map(|(_, field)| field)
             })
         }
-        ApiKind::AnthropicMessages | ApiKind::OpenaiEmbeddings => None,
+        ApiKind::AnthropicMessages
+        | ApiKind::OpenaiEmbeddings
+        | ApiKind::AzureOpenaiEmbeddings
+        | ApiKind::BedrockConverse
+        | ApiKind::BedrockInvoke => None,
     }
 }
 
@@ -275,25 +520,35 @@ fn unknown(api: ApiKind, obj: &Map<String, Value>) -> Vec<String> {
         .collect()
 }
 
-/// Parses `body` as a request of shape `api`.
+/// Parses `body` as a request of shape `api` (one whose body names the
+/// model; see [`parse_request_at`]).
 pub fn parse_request(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, String> {
+    if !matches!(model_in(api), ModelIn::Body) {
+        return Err(format!(
+            "{} requests name the model in their path (use parse_request_at)",
+            api.as_str()
+        ));
+    }
+    parse(api, body, None)
+}
+
+fn parse(api: ApiKind, body: &[u8], facts: Option<PathFacts>) -> Result<ParsedRequest, String> {
     if body.is_empty() {
         return Err("request body is empty".into());
     }
     let obj = parse_object(body)?;
-    let model = match obj.get("model") {
-        Some(Value::String(m)) if !m.trim().is_empty() => m.clone(),
-        Some(_) => return Err("`model` must be a non-empty string".into()),
-        None => return Err("`model` is required".into()),
+    let model = match (&facts, obj.get("model")) {
+        (Some(f), _) => f.model.clone(),
+        (None, Some(Value::String(m))) if !m.trim().is_empty() => m.clone(),
+        (None, Some(_)) => return Err("`model` must be a non-empty string".into()),
+        (None, None) => return Err("`model` is required".into()),
     };
-    let stream = match obj.get("stream") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err("`stream` must be a boolean".into()),
+    let stream = match (facts.and_then(|f| f.stream), obj.get("stream")) {
+        (Some(from_path), _) => from_path,
+        (None, None | Some(Value::Null)) => streams_by_default(api),
+        (None, Some(Value::Bool(b))) => *b,
+        (None, Some(_)) => return Err("`stream` must be a boolean".into()),
     };
-    if api == ApiKind::GeminiGenerateContent {
-        return Err("Gemini requests need their path (use parse_request_at)".into());
-    }
     walked(api, model, stream, obj)
 }
 
@@ -534,6 +789,152 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cached.unknown_fields, vec!["cachedContent".to_string()]);
+    }
+
+    #[test]
+    fn ollama_streams_unless_told_not_to() {
+        let chat = |extra: &str| {
+            parse_request(
+                ApiKind::OllamaChat,
+                format!(
+                    r#"{{"model":"llama3","messages":[{{"role":"user","content":"x"}}]{extra}}}"#
+                )
+                .as_bytes(),
+            )
+            .unwrap()
+        };
+        assert!(chat("").stream);
+        assert!(chat(r#","stream":null"#).stream);
+        assert!(!chat(r#","stream":false"#).stream);
+        assert_eq!(chat(r#","logprobs":true"#).logprobs, Some("logprobs"));
+        assert_eq!(chat(r#","top_logprobs":2"#).logprobs, Some("top_logprobs"));
+        assert_eq!(
+            chat(r#","_debug_render_only":true"#).unknown_fields,
+            vec!["_debug_render_only".to_string()]
+        );
+        let generate = parse_request(
+            ApiKind::OllamaGenerate,
+            br#"{"model":"llama3","prompt":"p"}"#,
+        )
+        .unwrap();
+        assert!(generate.stream && generate.unknown_fields.is_empty());
+        assert!(parse_request(ApiKind::OllamaGenerate, br#"{"prompt":"p"}"#).is_err());
+    }
+
+    #[test]
+    fn an_azure_deployment_is_the_model() {
+        use ApiKind::*;
+        let chat = br#"{"messages":[{"role":"user","content":"hi"}],"stream":true}"#;
+        let path = "/openai/deployments/gpt-4o.prod_2/chat/completions?api-version=2024-10-21";
+        let p = parse_request_at(AzureOpenaiChat, path, chat).unwrap();
+        assert_eq!(p.model, "gpt-4o.prod_2");
+        assert!(p.stream);
+        assert_eq!(p.prompt[0].text, "hi");
+        // The body's model does not choose what runs, nor the rules.
+        let named = br#"{"model":"cheap","messages":[{"role":"user","content":"hi"}]}"#;
+        assert_eq!(
+            parse_request_at(AzureOpenaiChat, path, named)
+                .unwrap()
+                .model,
+            "gpt-4o.prod_2"
+        );
+        let p = parse_request_at(
+            AzureOpenaiEmbeddings,
+            "/proxy/openai/deployments/emb/embeddings",
+            br#"{"input":["a","b"]}"#,
+        )
+        .unwrap();
+        assert_eq!((p.model.as_str(), p.prompt.len()), ("emb", 2));
+        assert_eq!(
+            parse_request_at(
+                AzureOpenaiCompletions,
+                "/openai/deployments/d/completions",
+                br#"{"prompt":"p","logprobs":1}"#
+            )
+            .unwrap()
+            .logprobs,
+            Some("logprobs")
+        );
+        // On Your Data retrieves documents into the prompt: not reviewable.
+        let data = br#"{"messages":[{"role":"user","content":"hi"}],"data_sources":[{"type":"azure_search"}]}"#;
+        assert_eq!(
+            parse_request_at(AzureOpenaiChat, path, data)
+                .unwrap()
+                .unknown_fields,
+            vec!["data_sources".to_string()]
+        );
+        for bad in [
+            "/openai/deployments/a/b/chat/completions",
+            "/openai/deployments//chat/completions",
+            "/openai/deployments/../chat/completions",
+            "/openai/deployments/a%2Fb/chat/completions",
+            "/openai/chat/completions",
+        ] {
+            let e = parse_request_at(AzureOpenaiChat, bad, chat).unwrap_err();
+            assert!(e.contains("deployment"), "{bad}: {e}");
+        }
+        assert!(parse_request(AzureOpenaiChat, chat).is_err());
+    }
+
+    #[test]
+    fn a_bedrock_model_id_is_decoded_from_the_path() {
+        use ApiKind::*;
+        let converse = br#"{"messages":[{"role":"user","content":[{"text":"hi"}]}]}"#;
+        for (path, model, stream) in [
+            (
+                "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse",
+                "anthropic.claude-3-haiku-20240307-v1:0",
+                false,
+            ),
+            ("/model/amazon.nova-lite-v1:0/converse-stream", "amazon.nova-lite-v1:0", true),
+            (
+                "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Ainference-profile%2Fus.anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse",
+                "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-3-5-sonnet-20240620-v1:0",
+                false,
+            ),
+        ] {
+            let p = parse_request_at(BedrockConverse, path, converse).unwrap();
+            assert_eq!((p.model.as_str(), p.stream), (model, stream), "{path}");
+        }
+        for (path, says) in [
+            ("/model/a/b/converse", "one path segment"),
+            ("/model/a%252Fb/converse", "not a Bedrock model id"),
+            ("/model/a%2F..%2Fb/converse", "not a Bedrock model id"),
+            ("/model/%2Fa/converse", "not a Bedrock model id"),
+            ("/model//converse", "not a Bedrock model id"),
+            ("/model/a%zz/converse", "not a Bedrock model id"),
+            (
+                "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A1%3Aprompt%2FPROMPT12345%3A1/converse",
+                "Prompt management",
+            ),
+            ("/model/x/converse-streaming", "does not name a model"),
+        ] {
+            let e = parse_request_at(BedrockConverse, path, converse).unwrap_err();
+            assert!(e.contains(says), "{path}: {e}");
+        }
+        let invoke = parse_request_at(
+            BedrockInvoke,
+            "/model/anthropic.claude-3-haiku-20240307-v1%3A0/invoke-with-response-stream",
+            br#"{"anthropic_version":"bedrock-2023-05-31","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .unwrap();
+        assert!(invoke.stream && invoke.unknown_fields.is_empty());
+        // A body of another family is not read as one.
+        let e = parse_request_at(
+            BedrockInvoke,
+            "/model/amazon.titan-text-express-v1/invoke",
+            br#"{"inputText":"hi","textGenerationConfig":{"maxTokenCount":5}}"#,
+        )
+        .unwrap_err();
+        assert!(e.contains("`anthropic_version` is required"), "{e}");
+        assert_eq!(
+            path_with_model_decoded(BedrockInvoke, "/model/a%3A1/invoke").as_deref(),
+            Some("/model/a:1/invoke")
+        );
+        assert_eq!(
+            path_with_model_decoded(BedrockInvoke, "/model/a%zz/invoke"),
+            None
+        );
     }
 
     #[test]

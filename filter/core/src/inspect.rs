@@ -3,6 +3,7 @@
 
 use crate::config::{Action, Attachments, Config, Endpoint, RecordMode};
 use crate::extract::{parse_request_at, ParsedRequest};
+use crate::framing::streams_readable;
 use crate::identity::Caller;
 use crate::mask::{mask_parsed, MaskPolicy, ResponseGuard, RestoreMap};
 use crate::policy::{requested_max_tokens, RequestFacts, ResponseRules};
@@ -390,6 +391,18 @@ pub fn screen_body(
         Ok(s) => s,
         Err(r) => return refuse(r),
     };
+    if parsed.stream
+        && !streams_readable(api)
+        && (screening.response_guard().is_active() || rule.record != RecordMode::Off)
+    {
+        // Fail closed: an answer nobody can read must not pass where
+        // masking, response rules or the record need it.
+        return refuse(Refusal::new(
+            RefusalKind::BadRequest,
+            Some(api),
+            "the streamed answer of this operation comes in AWS event-stream frames, which this gateway cannot read, and here the answer is masked, checked or recorded; use the operation without streaming (`converse`, `invoke`)",
+        ));
+    }
     if let Some(token) = &info.approval_token {
         return (
             check_token(config, api, info, token, body, now_ms, facts),
@@ -606,6 +619,73 @@ mod tests {
         assert!(matches!(
             inspect_body(&c, ep, &info("/v1/chat/completions", None), other, 0),
             BodyVerdict::Refuse(_)
+        ));
+    }
+
+    #[test]
+    fn rules_match_the_azure_deployment_not_the_body_model() {
+        let c = Config::from_json(
+            br#"{"rules":[{"name":"small","model":"small-*","action":"allow"},{"name":"big","model":"big-*","action":"deny"}]}"#,
+        )
+        .unwrap();
+        let ep = default_endpoints()
+            .into_iter()
+            .find(|e| e.api == ApiKind::AzureOpenaiChat)
+            .unwrap();
+        let body = br#"{"model":"small-1","messages":[{"role":"user","content":"hi"}]}"#;
+        let i = info("/openai/deployments/big-1/chat/completions", None);
+        match inspect_body(&c, &ep, &i, body, 0) {
+            BodyVerdict::Refuse(r) => assert!(r.message.contains("`big`"), "{}", r.message),
+            other => panic!("{other:?}"),
+        }
+        let i = info("/openai/deployments/small-2/chat/completions", None);
+        match inspect_body(&c, &ep, &i, body, 0) {
+            BodyVerdict::Forward(rule, facts) => {
+                assert_eq!(rule.name, "small");
+                assert_eq!(facts.model.as_deref(), Some("small-2"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bedrock_streams_pass_only_where_nothing_reads_the_answer() {
+        let ep = default_endpoints()
+            .into_iter()
+            .find(|e| e.path == "/model/*/converse-stream")
+            .unwrap();
+        let i = info("/model/amazon.nova-lite-v1%3A0/converse-stream", None);
+        let body = br#"{"messages":[{"role":"user","content":[{"text":"hi"}]}]}"#;
+        let recorded = Config::from_json(br#"{"default_action":"allow"}"#).unwrap();
+        match inspect_body(&recorded, &ep, &i, body, 0) {
+            BodyVerdict::Refuse(r) => {
+                assert_eq!(r.status(), 400);
+                assert!(r.message.contains("event-stream"), "{}", r.message);
+            }
+            other => panic!("{other:?}"),
+        }
+        let guarded = Config::from_json(
+            br#"{"default_action":"allow","records":"off","content_policy":{"response_rules":[{"name":"x","phrases":["x"]}]}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            inspect_body(&guarded, &ep, &i, body, 0),
+            BodyVerdict::Refuse(_)
+        ));
+        let unread = Config::from_json(br#"{"default_action":"allow","records":"off"}"#).unwrap();
+        assert!(matches!(
+            inspect_body(&unread, &ep, &i, body, 0),
+            BodyVerdict::Forward(..)
+        ));
+        // Not streamed: read like any answer.
+        let ep = default_endpoints()
+            .into_iter()
+            .find(|e| e.path == "/model/*/converse")
+            .unwrap();
+        let i = info("/model/amazon.nova-lite-v1%3A0/converse", None);
+        assert!(matches!(
+            inspect_body(&recorded, &ep, &i, body, 0),
+            BodyVerdict::Forward(..)
         ));
     }
 

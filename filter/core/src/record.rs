@@ -1,12 +1,13 @@
 //! Session records, filter side: what goes into the record written before a
 //! request is forwarded, and the assembly of the response part (a streamed
-//! answer is put back together from its SSE events) within a size limit.
+//! answer is put back together from its events) within a size limit.
 
 use std::convert::Infallible;
 
 use serde_json::Value;
 
 use crate::answer::{self, Channel, Item};
+use crate::framing::{Framing, Splitter, Unit};
 
 use crate::inspect::RequestInfo;
 use crate::refusal::Refusal;
@@ -59,8 +60,9 @@ pub const MAX_RECORDED_RESPONSE: usize = 1024 * 1024;
 
 /// Collects a response, chunk by chunk, without holding it back.
 ///
-/// A streamed answer is put back together from exactly the fields the
-/// stream masker treats as answer text ([`crate::answer`]): per channel
+/// A streamed answer is cut into events by the same splitter as the stream
+/// masker ([`crate::framing`]) and put back together from exactly the fields
+/// the masker treats as answer text ([`crate::answer`]): per channel
 /// (choice, content block, candidate or output part, and kind: content,
 /// refusal, reasoning, thinking, tool arguments), the channels in order of
 /// their choice / block / output index and then of arrival, joined with
@@ -69,12 +71,12 @@ pub const MAX_RECORDED_RESPONSE: usize = 1024 * 1024;
 #[derive(Debug)]
 pub struct ResponseRecorder {
     api: Option<ApiKind>,
-    sse: bool,
+    /// `None` for a plain body.
+    splitter: Option<Splitter>,
+    /// The stream stopped being readable: nothing more is taken from it.
+    stopped: bool,
     cap: usize,
     raw: Vec<u8>,
-    pending: Vec<u8>,
-    /// Where to resume looking for the end of the event in `pending`.
-    scan: usize,
     /// Answer text per channel, in order of arrival.
     parts: Vec<(Channel, String)>,
     /// Bytes of text in `parts`.
@@ -85,16 +87,14 @@ pub struct ResponseRecorder {
 
 impl ResponseRecorder {
     /// A recorder for a response of API `api` (guessed per event when not
-    /// known) with this `content-type`.
-    pub fn new(api: Option<ApiKind>, content_type: Option<&str>, cap: usize) -> ResponseRecorder {
-        let sse = content_type.is_some_and(sse::is_event_stream);
+    /// known), a stream framed as `framing` or a plain body (`None`).
+    pub fn new(api: Option<ApiKind>, framing: Option<Framing>, cap: usize) -> ResponseRecorder {
         ResponseRecorder {
             api,
-            sse,
+            splitter: framing.map(Splitter::new),
+            stopped: false,
             cap,
             raw: Vec::new(),
-            pending: Vec::new(),
-            scan: 0,
             parts: Vec::new(),
             used: 0,
             usage: None,
@@ -104,59 +104,63 @@ impl ResponseRecorder {
 
     /// Feeds the next body chunk.
     pub fn feed(&mut self, chunk: &[u8]) {
-        if !self.sse {
+        let Some(mut splitter) = self.splitter.take() else {
             let room = self.cap.saturating_sub(self.raw.len());
             if chunk.len() > room {
                 self.truncated = true;
             }
             self.raw.extend_from_slice(&chunk[..chunk.len().min(room)]);
             return;
-        }
-        self.pending.extend_from_slice(chunk);
-        let pending = std::mem::take(&mut self.pending);
-        let mut pos = 0;
-        let mut scan = self.scan;
-        loop {
-            match sse::event_end(&pending, scan.max(pos), false) {
-                Ok(end) => {
-                    self.sse_event(pending.get(pos..end).unwrap_or_default());
-                    pos = end;
-                    scan = end;
-                }
-                Err(resume) => {
-                    scan = resume;
-                    break;
+        };
+        if !self.stopped {
+            splitter.push(chunk);
+            loop {
+                match splitter.next_complete() {
+                    Ok(Some(unit)) => self.unit(&unit),
+                    Ok(None) => break,
+                    Err(_) => {
+                        self.stop(&mut splitter);
+                        break;
+                    }
                 }
             }
+            if splitter.buffered() > self.cap {
+                // An event larger than the whole record budget.
+                self.stop(&mut splitter);
+            }
         }
-        self.pending = pending;
-        self.pending.drain(..pos);
-        self.scan = scan.saturating_sub(pos);
-        if self.pending.len() > self.cap {
-            // An event larger than the whole record budget: drop it.
-            self.pending.clear();
-            self.scan = 0;
-            self.truncated = true;
-        }
+        self.splitter = Some(splitter);
     }
 
-    fn sse_event(&mut self, raw: &[u8]) {
-        let ev = sse::parse_event(raw);
-        let Some(data) = ev.data else {
-            return;
+    fn stop(&mut self, splitter: &mut Splitter) {
+        splitter.clear();
+        self.stopped = true;
+        self.truncated = true;
+    }
+
+    fn unit(&mut self, unit: &Unit) {
+        let (event, data) = match unit {
+            Unit::Event(raw) => {
+                let ev = sse::parse_event(raw);
+                match ev.data {
+                    Some(data) if data.trim() != "[DONE]" => (ev.event, data),
+                    _ => return,
+                }
+            }
+            Unit::Value { raw, value } => (
+                None,
+                String::from_utf8_lossy(raw.get(value.clone()).unwrap_or_default()).into_owned(),
+            ),
         };
-        if data.trim() == "[DONE]" {
-            return;
-        }
         let Ok(v) = serde_json::from_str::<Value>(&data) else {
             return;
         };
-        let event = ev.event.as_deref();
+        let event = event.as_deref();
         let api = self.api.unwrap_or_else(|| answer::guess_api(event, &v));
         let _ = answer::stream_event(api, event, &v, &mut |item| {
             match item {
                 Item::Text(p) => self.push(p.channel, p.text),
-                Item::Usage(u) => self.merge_usage(u),
+                Item::Usage(u) => self.merge_usage(u.to_value()),
                 Item::End(_) | Item::EndAll => {}
             }
             Ok::<(), Infallible>(())
@@ -165,14 +169,14 @@ impl ResponseRecorder {
 
     /// Later usage objects update the keys of earlier ones (Anthropic
     /// reports input tokens first and output tokens at the end).
-    fn merge_usage(&mut self, u: &Value) {
+    fn merge_usage(&mut self, u: Value) {
         match (&mut self.usage, u) {
             (Some(Value::Object(prev)), Value::Object(new)) => {
                 for (k, val) in new {
-                    prev.insert(k.clone(), val.clone());
+                    prev.insert(k, val);
                 }
             }
-            _ => self.usage = Some(u.clone()),
+            (_, u) => self.usage = Some(u),
         }
     }
 
@@ -207,31 +211,31 @@ impl ResponseRecorder {
         total_ms: Option<u64>,
         completion: &str,
     ) -> RecordResponse {
-        if self.sse && !self.pending.is_empty() {
-            // The unterminated last event, completed as the masker does.
-            let mut rest = std::mem::take(&mut self.pending);
-            rest.extend_from_slice(b"\n\n");
-            let mut pos = 0;
-            while let Ok(end) = sse::event_end(&rest, pos, true) {
-                self.sse_event(rest.get(pos..end).unwrap_or_default());
-                pos = end;
+        let body = match self.splitter.take() {
+            Some(mut splitter) => {
+                if !self.stopped {
+                    // The unterminated last event, completed as the masker
+                    // does.
+                    match splitter.finish() {
+                        Ok((units, _)) => units.iter().for_each(|u| self.unit(u)),
+                        Err(_) => self.truncated = true,
+                    }
+                }
+                self.parts.sort_by_key(|(c, _)| c.a);
+                self.parts
+                    .into_iter()
+                    .map(|(_, t)| t)
+                    .collect::<Vec<_>>()
+                    .join("\n")
             }
-        }
-        let body = if self.sse {
-            self.parts.sort_by_key(|(c, _)| c.a);
-            self.parts
-                .into_iter()
-                .map(|(_, t)| t)
-                .collect::<Vec<_>>()
-                .join("\n")
-        } else {
-            if let Ok(v) = serde_json::from_slice::<Value>(&self.raw) {
-                let api = self.api.unwrap_or(ApiKind::OpenaiChat);
-                self.usage = answer::plain_usage(api, &v)
-                    .or_else(|| answer::plain_usage(ApiKind::GeminiGenerateContent, &v))
-                    .cloned();
+            None => {
+                if let Ok(v) = serde_json::from_slice::<Value>(&self.raw) {
+                    let api = self.api.unwrap_or(ApiKind::OpenaiChat);
+                    self.usage = answer::plain_usage(api, &v)
+                        .or_else(|| answer::plain_usage(ApiKind::GeminiGenerateContent, &v));
+                }
+                String::from_utf8_lossy(&self.raw).into_owned()
             }
-            String::from_utf8_lossy(&self.raw).into_owned()
         };
         RecordResponse {
             status,
@@ -251,6 +255,7 @@ impl ResponseRecorder {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::json_stream::Layout;
 
     const OPENAI_STREAM: &str = concat!(
         "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",
@@ -267,7 +272,7 @@ mod tests {
         for split in 0..bytes.len() {
             let mut r = ResponseRecorder::new(
                 Some(ApiKind::OpenaiChat),
-                Some("text/event-stream; charset=utf-8"),
+                Some(Framing::Sse),
                 MAX_RECORDED_RESPONSE,
             );
             r.feed(&bytes[..split]);
@@ -287,7 +292,7 @@ mod tests {
         );
         let mut r = ResponseRecorder::new(
             Some(ApiKind::AnthropicMessages),
-            Some("text/event-stream"),
+            Some(Framing::Sse),
             MAX_RECORDED_RESPONSE,
         );
         r.feed(s.as_bytes());
@@ -320,7 +325,7 @@ mod tests {
         for split in 0..bytes.len() {
             let mut r = ResponseRecorder::new(
                 Some(ApiKind::OpenaiResponses),
-                Some("text/event-stream"),
+                Some(Framing::Sse),
                 MAX_RECORDED_RESPONSE,
             );
             r.feed(&bytes[..split]);
@@ -340,7 +345,7 @@ mod tests {
     /// Masks `stream` as the filter does (an email split over two events
     /// in every text field) and records the masker's output.
     fn masked_then_recorded(api: ApiKind, stream: &str) -> (String, RecordResponse) {
-        use crate::mask::{MaskingConfig, ResponseGuard, SseStreamMasker};
+        use crate::mask::{MaskingConfig, ResponseGuard, StreamMasker};
         let cfg = MaskingConfig::from_json(
             br#"{"profiles":{"default":{"detectors":{"email":"redact"}}}}"#,
         )
@@ -350,9 +355,8 @@ mod tests {
             Default::default(),
             Default::default(),
         );
-        let mut m = SseStreamMasker::new(api, guard);
-        let mut r =
-            ResponseRecorder::new(Some(api), Some("text/event-stream"), MAX_RECORDED_RESPONSE);
+        let mut m = StreamMasker::new(api, guard, Framing::Sse);
+        let mut r = ResponseRecorder::new(Some(api), Some(Framing::Sse), MAX_RECORDED_RESPONSE);
         let mut out = Vec::new();
         for chunk in stream.as_bytes().chunks(7) {
             let sent = m.push(chunk);
@@ -591,8 +595,7 @@ mod tests {
                  data: {\"type\":\"response.output_text.delta\",\"output_index\":0,\"delta\":\"B\"}\r\r\
                  data: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"total_tokens\":2}}}";
         for split in 0..s.len() {
-            let mut r =
-                ResponseRecorder::new(None, Some("text/event-stream"), MAX_RECORDED_RESPONSE);
+            let mut r = ResponseRecorder::new(None, Some(Framing::Sse), MAX_RECORDED_RESPONSE);
             r.feed(&s.as_bytes()[..split]);
             r.feed(&s.as_bytes()[split..]);
             let out = r.finish(200, None, None, "complete");
@@ -602,8 +605,48 @@ mod tests {
     }
 
     #[test]
+    fn json_lines_and_arrays_are_recorded_like_events() {
+        let lines = concat!(
+            "{\"model\":\"llama3\",\"created_at\":\"t\",\"message\":{\"role\":\"assistant\",\"content\":\"Hel\"},\"done\":false}\n",
+            "{\"model\":\"llama3\",\"created_at\":\"t\",\"message\":{\"role\":\"assistant\",\"content\":\"lo\",\"thinking\":\"hm\"},\"done\":false}\n",
+            "{\"model\":\"llama3\",\"created_at\":\"t\",\"message\":{\"role\":\"assistant\",\"content\":\"\"},\"done\":true,\"done_reason\":\"stop\",\"prompt_eval_count\":5,\"eval_count\":2,\"total_duration\":9}",
+        );
+        let array = "[{\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"Hel\"}]}}]}\r\n,\r\n{\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"lo\"}]},\"finishReason\":\"STOP\"}],\"usageMetadata\":{\"totalTokenCount\":7}}]";
+        for (api, framing, input, body, usage) in [
+            (
+                ApiKind::OllamaChat,
+                Framing::Json(Layout::Lines),
+                lines,
+                "Hello\nhm",
+                serde_json::json!({"prompt_eval_count":5,"eval_count":2,"total_duration":9}),
+            ),
+            (
+                ApiKind::GeminiGenerateContent,
+                Framing::Json(Layout::Array),
+                array,
+                "Hello",
+                serde_json::json!({"totalTokenCount":7}),
+            ),
+        ] {
+            for split in 0..input.len() {
+                let mut r = ResponseRecorder::new(Some(api), Some(framing), MAX_RECORDED_RESPONSE);
+                r.feed(&input.as_bytes()[..split]);
+                r.feed(&input.as_bytes()[split..]);
+                let out = r.finish(200, None, None, "complete");
+                assert_eq!(out.body, body, "{api:?} split at {split}");
+                assert_eq!(out.usage.as_ref(), Some(&usage), "{api:?} split at {split}");
+                assert!(!out.truncated);
+            }
+        }
+        // What is not such a stream stops the recording, marked truncated.
+        let mut r = ResponseRecorder::new(None, Some(Framing::Json(Layout::Lines)), 1000);
+        r.feed(b"data: {}\n\n");
+        assert!(r.finish(200, None, None, "complete").truncated);
+    }
+
+    #[test]
     fn plain_json_and_truncation() {
-        let mut r = ResponseRecorder::new(None, Some("application/json"), MAX_RECORDED_RESPONSE);
+        let mut r = ResponseRecorder::new(None, None, MAX_RECORDED_RESPONSE);
         r.feed(br#"{"choices":[],"usage":{"total_tokens":9}}"#);
         assert_eq!(
             r.finish(200, None, None, "complete").usage.unwrap()["total_tokens"],

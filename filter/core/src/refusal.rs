@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use crate::wire::ApiKind;
+use crate::wire::{ApiKind, ErrorFormat};
 
 /// Why a request is refused. Each kind has one HTTP status and one code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +144,19 @@ impl RefusalKind {
     }
 }
 
+/// The AWS error type SDKs raise for a status (Bedrock's error types).
+fn aws_error_type(status: u16) -> &'static str {
+    match status {
+        401 | 403 => "AccessDeniedException",
+        404 => "ResourceNotFoundException",
+        429 => "ThrottlingException",
+        503 => "ServiceUnavailableException",
+        504 => "ModelTimeoutException",
+        500..=599 => "InternalServerException",
+        _ => "ValidationException",
+    }
+}
+
 /// A refusal ready to be sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
@@ -209,25 +222,49 @@ impl Refusal {
         if let Some(s) = self.retry_after_s {
             h.push(("retry-after", s.to_string()));
         }
+        if self.api.map(ApiKind::error_format) == Some(ErrorFormat::Bedrock) {
+            h.push((
+                "x-amzn-errortype",
+                aws_error_type(self.status()).to_string(),
+            ));
+        }
         h
     }
 
     /// The JSON error body in the API's own format.
     pub fn body(&self) -> Vec<u8> {
-        let value = if self.api.is_some_and(ApiKind::is_anthropic) {
-            let mut error = json!({"type": self.kind.anthropic_type(), "message": self.message});
-            if let Some(id) = &self.review_id {
-                error["review_id"] = json!(id);
+        let format = self.api.map_or(ErrorFormat::Openai, ApiKind::error_format);
+        let value = match format {
+            ErrorFormat::Anthropic => {
+                let mut error =
+                    json!({"type": self.kind.anthropic_type(), "message": self.message});
+                if let Some(id) = &self.review_id {
+                    error["review_id"] = json!(id);
+                }
+                json!({"type": "error", "error": error})
             }
-            json!({"type": "error", "error": error})
-        } else {
-            json!({"error": {
+            // Ollama's clients read `error` as a string; the other keys are
+            // ignored by them and kept for callers that look.
+            ErrorFormat::Ollama => json!({
+                "error": self.message,
+                "code": self.kind.code(),
+                "review_id": self.review_id,
+            }),
+            // AWS SDKs read `message` (and the type from a header).
+            ErrorFormat::Bedrock => json!({
+                "message": self.message,
+                "code": self.kind.code(),
+                "review_id": self.review_id,
+            }),
+            // Gemini callers get the OpenAI envelope: its `message` is
+            // where their clients look too.
+            ErrorFormat::Openai | ErrorFormat::Gemini => json!({"error": {
                 "message": self.message,
                 "type": self.kind.openai_type(),
                 "param": null,
                 "code": self.kind.code(),
                 "review_id": self.review_id,
-            }})
+            }}),
         };
         value.to_string().into_bytes()
     }
@@ -263,6 +300,39 @@ mod tests {
         assert_eq!(v["type"], "error");
         assert_eq!(v["error"]["type"], "timeout_error");
         assert_eq!(r.status(), 504);
+    }
+
+    #[test]
+    fn ollama_format_has_the_message_as_a_string() {
+        let r = Refusal::new(RefusalKind::Rejected, Some(ApiKind::OllamaChat), "no")
+            .with_review("rev_2");
+        let v: serde_json::Value = serde_json::from_slice(&r.body()).unwrap();
+        assert_eq!(v["error"], "no");
+        assert_eq!(v["code"], "review_rejected");
+        assert_eq!(v["review_id"], "rev_2");
+    }
+
+    #[test]
+    fn bedrock_format_is_what_aws_sdks_read() {
+        let r = Refusal::new(
+            RefusalKind::PolicyDenied,
+            Some(ApiKind::BedrockConverse),
+            "no",
+        );
+        let v: serde_json::Value = serde_json::from_slice(&r.body()).unwrap();
+        assert_eq!(v["message"], "no");
+        assert!(r
+            .headers()
+            .contains(&("x-amzn-errortype", "AccessDeniedException".to_string())));
+        let r = Refusal::new(RefusalKind::BadRequest, Some(ApiKind::BedrockInvoke), "bad");
+        assert!(r
+            .headers()
+            .contains(&("x-amzn-errortype", "ValidationException".to_string())));
+        let openai = Refusal::new(RefusalKind::BadRequest, Some(ApiKind::OpenaiChat), "bad");
+        assert!(openai
+            .headers()
+            .iter()
+            .all(|(k, _)| *k != "x-amzn-errortype"));
     }
 
     #[test]

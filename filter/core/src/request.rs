@@ -238,7 +238,11 @@ fn classify_inference(
     let api = Some(endpoint.api);
     // The path must be spelled exactly as the endpoint (case included) and
     // already be in normal form, so the backend routes what was inspected.
-    let canonical = normalize_path(raw_path).is_some_and(|n| n == raw_path.to_ascii_lowercase());
+    // A Bedrock model id is the one place escapes belong.
+    let routed = crate::extract::path_with_model_decoded(endpoint.api, raw_path);
+    let canonical = routed
+        .zip(normalize_path(raw_path))
+        .is_some_and(|(r, n)| n == r.to_ascii_lowercase());
     if !canonical || !Glob::new(&endpoint.path).matches(raw_path) {
         return HeadVerdict::Refuse(Refusal::new(
             RefusalKind::BadPath,
@@ -437,6 +441,80 @@ mod tests {
         );
         // Listing models is not an inference endpoint.
         assert_eq!(status(&classify(&c, &head("GET", "/v1/models/x"))), 0);
+    }
+
+    #[test]
+    fn azure_paths_keep_their_query_out_of_matching() {
+        let c = Config::from_json(b"").unwrap();
+        for (path, api) in [
+            (
+                "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+                ApiKind::AzureOpenaiChat,
+            ),
+            (
+                "/openai/deployments/gpt-35-turbo-instruct/completions?api-version=2024-10-21",
+                ApiKind::AzureOpenaiCompletions,
+            ),
+            (
+                "/openai/deployments/ada/embeddings?api-version=2024-10-21&x=/chat/completions",
+                ApiKind::AzureOpenaiEmbeddings,
+            ),
+            ("/openai/v1/chat/completions", ApiKind::OpenaiChat),
+            (
+                "/openai/v1/responses?api-version=preview",
+                ApiKind::OpenaiResponses,
+            ),
+        ] {
+            match classify(&c, &head("POST", path)) {
+                HeadVerdict::Inspect(e) => assert_eq!(e.api, api, "{path}"),
+                other => panic!("{path}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            status(&classify(
+                &c,
+                &head("POST", "/openai/deployments/gpt%2D4o/chat/completions")
+            )),
+            400
+        );
+    }
+
+    #[test]
+    fn bedrock_model_ids_may_be_escaped_and_nothing_else() {
+        let c = Config::from_json(b"").unwrap();
+        for (path, api) in [
+            (
+                "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse",
+                ApiKind::BedrockConverse,
+            ),
+            (
+                "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A1%3Ainference-profile%2Fus.x-v1%3A0/converse-stream",
+                ApiKind::BedrockConverse,
+            ),
+            ("/model/anthropic.claude-v2:1/invoke", ApiKind::BedrockInvoke),
+            (
+                "/model/m/invoke-with-response-stream",
+                ApiKind::BedrockInvoke,
+            ),
+        ] {
+            match classify(&c, &head("POST", path)) {
+                HeadVerdict::Inspect(e) => assert_eq!(e.api, api, "{path}"),
+                other => panic!("{path}: {other:?}"),
+            }
+        }
+        for (path, refused) in [
+            ("/model/a%252Fb/converse", 400),
+            ("/%6Dodel/a/converse", 400),
+            ("/model/a/Converse", 400),
+            // Resolves to a path that is not an endpoint at all.
+            ("/model/a%2F..%2F..%2Fv1%2Fchat/converse", 403),
+        ] {
+            assert_eq!(
+                status(&classify(&c, &head("POST", path))),
+                refused,
+                "{path}"
+            );
+        }
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! of the record. Pure: [`crate::stream_filter::StreamFilter`] feeds the chunks. (Where
 //! the text sits in each API's answer is [`crate::answer`].)
 
-use crate::mask::{mask_response_body, Hit, ResponseGuard, SseStreamMasker};
+use crate::framing::Framing;
+use crate::mask::{mask_response_body, Hit, ResponseGuard, StreamMasker};
 use crate::record::ResponseRecorder;
 use crate::refusal::{Refusal, RefusalKind};
 use crate::wire::{ApiKind, HitCount};
@@ -19,19 +20,21 @@ pub struct GuardReport {
 
 /// How a response is guarded.
 pub enum ResponseFilter {
-    /// Server-sent events, rewritten event by event with a hold-back window.
-    Sse(Box<SseStreamMasker>),
+    /// A stream, rewritten event by event with a hold-back window.
+    Stream(Box<StreamMasker>),
     /// A plain body, buffered whole and rewritten once.
     Plain(ResponseGuard, ApiKind),
 }
 
 impl ResponseFilter {
-    /// A filter for an answer of API `api`; `sse` for an event stream.
-    pub fn new(guard: ResponseGuard, api: ApiKind, sse: bool) -> ResponseFilter {
-        if sse {
-            ResponseFilter::Sse(Box::new(SseStreamMasker::new(api, guard)))
-        } else {
-            ResponseFilter::Plain(guard, api)
+    /// A filter for an answer of API `api`: a stream framed as `framing`,
+    /// or a plain body (`None`).
+    pub fn new(guard: ResponseGuard, api: ApiKind, framing: Option<Framing>) -> ResponseFilter {
+        match framing {
+            Some(framing) => {
+                ResponseFilter::Stream(Box::new(StreamMasker::new(api, guard, framing)))
+            }
+            None => ResponseFilter::Plain(guard, api),
         }
     }
 
@@ -43,7 +46,7 @@ impl ResponseFilter {
     /// Rewrites one chunk (a plain body: the whole body, at its end).
     pub fn apply(&mut self, chunk: &[u8], end_of_stream: bool) -> (Vec<u8>, GuardReport) {
         let (out, blocked_by, mut hits, monitored) = match self {
-            ResponseFilter::Sse(masker) => {
+            ResponseFilter::Stream(masker) => {
                 let mut out = masker.push(chunk);
                 if end_of_stream {
                     out.extend(masker.finish());

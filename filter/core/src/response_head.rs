@@ -10,8 +10,8 @@
 //! want compression toward them put Envoy's compressor filter before
 //! countersign in the filter chain: it compresses what countersign let out.
 
+use crate::framing::Framing;
 use crate::refusal::{Refusal, RefusalKind};
-use crate::sse::is_event_stream;
 use crate::wire::ApiKind;
 
 /// The `accept-encoding` sent upstream with every inspected request.
@@ -27,6 +27,9 @@ pub struct ResponseHead<'a> {
     pub content_type: Option<&'a str>,
     /// `content-encoding`.
     pub content_encoding: Option<&'a str>,
+    /// A JSON body is one array sent element by element (a successful
+    /// answer to Gemini's `streamGenerateContent` without `alt=sse`).
+    pub array_stream: bool,
 }
 
 /// What to do with an answer.
@@ -34,11 +37,11 @@ pub struct ResponseHead<'a> {
 pub enum ResponsePlan {
     /// Nothing reads this answer: it passes as it comes.
     Pass,
-    /// The answer is read (guarded, recorded or both); `sse` when it is a
-    /// server-sent event stream, read event by event.
+    /// The answer is read (guarded, recorded or both): a stream event by
+    /// event, or a plain body whole.
     Read {
-        /// `content-type: text/event-stream`.
-        sse: bool,
+        /// How the stream is framed; `None` for a plain body.
+        framing: Option<Framing>,
     },
     /// The answer cannot be read: it is replaced whole.
     Withhold(Withheld),
@@ -89,7 +92,7 @@ pub fn plan_response(api: ApiKind, head: &ResponseHead, read: bool) -> ResponseP
         });
     }
     ResponsePlan::Read {
-        sse: head.content_type.is_some_and(is_event_stream),
+        framing: Framing::of(head.content_type, head.array_stream),
     }
 }
 
@@ -97,11 +100,13 @@ pub fn plan_response(api: ApiKind, head: &ResponseHead, read: bool) -> ResponseP
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
+    use crate::json_stream::Layout;
 
     fn head<'a>(content_type: &'a str, encoding: Option<&'a str>) -> ResponseHead<'a> {
         ResponseHead {
             content_type: Some(content_type),
             content_encoding: encoding,
+            array_stream: false,
         }
     }
 
@@ -116,20 +121,35 @@ mod tests {
 
     #[test]
     fn plain_and_streamed_answers_are_read() {
-        for (ct, sse) in [
-            ("application/json", false),
-            ("text/event-stream", true),
-            ("Text/Event-Stream; charset=utf-8", true),
-            ("text/plain", false),
+        let lines = Some(Framing::Json(Layout::Lines));
+        for (ct, framing) in [
+            ("application/json", None),
+            ("text/event-stream", Some(Framing::Sse)),
+            ("Text/Event-Stream; charset=utf-8", Some(Framing::Sse)),
+            ("text/plain", None),
+            ("application/x-ndjson", lines),
+            ("application/ndjson; charset=utf-8", lines),
         ] {
             for enc in [None, Some("identity"), Some(" IDENTITY "), Some("")] {
                 assert_eq!(
                     plan_response(ApiKind::OpenaiChat, &head(ct, enc), true),
-                    ResponsePlan::Read { sse },
+                    ResponsePlan::Read { framing },
                     "{ct} {enc:?}"
                 );
             }
         }
+        // A JSON body is an array stream only where the request asked for
+        // one.
+        let array = ResponseHead {
+            array_stream: true,
+            ..head("application/json; charset=UTF-8", None)
+        };
+        assert_eq!(
+            plan_response(ApiKind::GeminiGenerateContent, &array, true),
+            ResponsePlan::Read {
+                framing: Some(Framing::Json(Layout::Array))
+            }
+        );
     }
 
     #[test]

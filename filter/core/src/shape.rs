@@ -113,18 +113,24 @@ pub(crate) fn walk(
         nested: 0,
     };
     match api {
-        ApiKind::OpenaiChat => openai_chat(&mut w, obj)?,
-        ApiKind::OpenaiCompletions => {
+        ApiKind::OpenaiChat | ApiKind::AzureOpenaiChat => openai_chat(&mut w, obj)?,
+        ApiKind::OpenaiCompletions | ApiKind::AzureOpenaiCompletions => {
             w.text_or_list(obj, "prompt")?;
             if let Some(s) = w.opt_str(obj, "suffix")? {
                 w.begin("suffix");
                 w.key("suffix", |w| w.text(s));
             }
         }
-        ApiKind::OpenaiEmbeddings => w.text_or_list(obj, "input")?,
+        ApiKind::OpenaiEmbeddings | ApiKind::AzureOpenaiEmbeddings => {
+            w.text_or_list(obj, "input")?
+        }
         ApiKind::OpenaiResponses => openai_responses(&mut w, obj)?,
         ApiKind::AnthropicMessages => anthropic(&mut w, obj)?,
         ApiKind::GeminiGenerateContent => gemini(&mut w, obj)?,
+        ApiKind::OllamaChat => ollama_chat(&mut w, obj)?,
+        ApiKind::OllamaGenerate => ollama_generate(&mut w, obj)?,
+        ApiKind::BedrockConverse => bedrock_converse(&mut w, obj)?,
+        ApiKind::BedrockInvoke => bedrock_invoke(&mut w, obj)?,
     }
     tools(&mut w, obj)?;
     w.end();
@@ -1247,6 +1253,456 @@ fn gemini_part(w: &mut Walker<'_>, part: &Map<String, Value>) -> Result<(), Shap
     Ok(())
 }
 
+// Ollama --------------------------------------------------------------------
+
+/// Fields of an Ollama chat message.
+const OLLAMA_MESSAGE_KEYS: &[&str] = &[
+    "role",
+    "content",
+    "thinking",
+    "images",
+    "tool_calls",
+    "tool_name",
+    "tool_call_id",
+];
+
+/// Ollama's `/api/chat`. `messages` may be absent or empty: such a request
+/// only loads (or, with `keep_alive: 0`, unloads) the model.
+fn ollama_chat(w: &mut Walker<'_>, obj: &Map<String, Value>) -> Result<(), ShapeError> {
+    let messages = match obj.get("messages") {
+        None | Some(Value::Null) => return Ok(()),
+        Some(Value::Array(m)) => m,
+        Some(_) => return Err(w.err("messages", "must be a list")),
+    };
+    w.each_object("messages", messages, |w, m| {
+        w.known_keys(m, OLLAMA_MESSAGE_KEYS)?;
+        let role = w.role(m)?;
+        w.begin(role);
+        if let Some(name) = w.opt_str(m, "tool_name")? {
+            // Templates put the tool's name before its result.
+            w.key("tool_name", |w| w.fixed(name))?;
+            w.put(&format!("[tool_name: {name}]"));
+        }
+        if let Some(s) = w.opt_str(m, "content")? {
+            w.key("content", |w| w.text(s));
+        }
+        // Thinking of earlier turns, which templates render back.
+        let thinking = w.screened_at(m, "thinking")?;
+        if !thinking.is_empty() {
+            w.put(&format!("[thinking: {thinking}]"));
+        }
+        ollama_images(w, m)?;
+        match m.get("tool_calls") {
+            None | Some(Value::Null) => Ok(()),
+            Some(Value::Array(calls)) => w.each_object("tool_calls", calls, |w, call| {
+                w.known_keys(call, &["id", "function"])?;
+                let Some(Value::Object(f)) = call.get("function") else {
+                    return Err(w.err("function", "must be an object"));
+                };
+                w.key("function", |w| {
+                    w.known_keys(f, &["index", "name", "arguments"])?;
+                    let name = w.name_at(f, "name")?;
+                    let args = w.value_at(f, "arguments")?;
+                    w.put(&format!("[tool_call {name}: {args}]"));
+                    Ok(())
+                })
+            }),
+            Some(_) => Err(w.err("tool_calls", "must be a list")),
+        }
+    })
+}
+
+/// Ollama's `/api/generate`. `prompt` may be absent or empty (a request
+/// that only loads or unloads the model). A caller's `template` and the
+/// token ids of `context` are refused: the model would read text that no
+/// reviewer saw.
+fn ollama_generate(w: &mut Walker<'_>, obj: &Map<String, Value>) -> Result<(), ShapeError> {
+    if w.opt_str(obj, "template")?.is_some_and(|t| !t.is_empty()) {
+        return Err(w.err(
+            "template",
+            "replaces the model's prompt template, and a template can compute text that no reviewer sees; it is refused",
+        ));
+    }
+    match obj.get("context") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(ids)) if ids.is_empty() => {}
+        Some(_) => {
+            return Err(w.err(
+                "context",
+                "carries the token ids of an earlier exchange, which the model reads as text no reviewer can see; it is refused (send the conversation as text to /api/chat)",
+            ))
+        }
+    }
+    if let Some(s) = w.opt_str(obj, "system")? {
+        w.begin("system");
+        w.key("system", |w| w.text(s));
+    }
+    w.begin("user");
+    if let Some(s) = w.opt_str(obj, "prompt")? {
+        w.key("prompt", |w| w.text(s));
+    }
+    ollama_images(w, obj)?;
+    if let Some(s) = w.opt_str(obj, "suffix")? {
+        w.begin("suffix");
+        w.key("suffix", |w| w.text(s));
+    }
+    Ok(())
+}
+
+/// `images`: a list of base64 images, each an attachment.
+fn ollama_images(w: &mut Walker<'_>, obj: &Map<String, Value>) -> Result<(), ShapeError> {
+    match obj.get("images") {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::Array(images)) => w.key("images", |w| {
+            for (i, image) in images.iter().enumerate() {
+                match image {
+                    Value::String(data) => {
+                        w.attachment(&format!("[image: {} bytes of base64]", data.len()))
+                    }
+                    _ => return Err(w.idx(i, |w| w.err("", "must be a base64 string"))),
+                }
+            }
+            Ok(())
+        }),
+        Some(_) => Err(w.err("images", "must be a list of base64 strings")),
+    }
+}
+
+// AWS Bedrock ---------------------------------------------------------------
+
+/// Members of a converse content block in a message.
+const BEDROCK_MESSAGE_BLOCK: &[&str] = &[
+    "text",
+    "image",
+    "document",
+    "video",
+    "audio",
+    "toolUse",
+    "toolResult",
+    "guardContent",
+    "cachePoint",
+    "reasoningContent",
+    "citationsContent",
+];
+/// Members of a system block.
+const BEDROCK_SYSTEM_BLOCK: &[&str] = &["text", "guardContent", "cachePoint"];
+/// Members of a block of a tool result.
+const BEDROCK_TOOL_RESULT_BLOCK: &[&str] = &["text", "json", "image", "document", "video"];
+/// What `additionalModelRequestFields` may carry: inference parameters that
+/// Bedrock hands to a model family as they are and that carry no prompt
+/// (sampling, reasoning budgets, beta flags). Anything else there (a
+/// `system`, `messages`) could reach the model unseen.
+const BEDROCK_MODEL_FIELDS: &[&str] = &[
+    "top_k",
+    "thinking",
+    "anthropic_beta",
+    "inferenceConfig",
+    "reasoningConfig",
+    "reasoning_config",
+    "reasoning_effort",
+];
+
+/// Bedrock's `converse`: `system` and message content blocks (unions:
+/// exactly one member each), tool specifications, and the model family's
+/// own parameters.
+fn bedrock_converse(w: &mut Walker<'_>, obj: &Map<String, Value>) -> Result<(), ShapeError> {
+    if obj.contains_key("promptVariables") {
+        return Err(w.err(
+            "promptVariables",
+            "fills a prompt stored at the provider (Prompt management), whose text no reviewer sees; it is refused",
+        ));
+    }
+    match obj.get("system") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(blocks)) => {
+            w.begin("system");
+            w.each_object("system", blocks, |w, b| {
+                bedrock_block(w, b, BEDROCK_SYSTEM_BLOCK)
+            })?;
+            w.key("system", |w| w.joined_texts(blocks))?;
+        }
+        Some(_) => return Err(w.err("system", "must be a list of content blocks")),
+    }
+    let messages = w.list(obj, "messages")?;
+    w.each_object("messages", messages, |w, m| {
+        w.known_keys(m, &["role", "content"])?;
+        let role = w.role(m)?;
+        w.begin(role);
+        let content = w.list(m, "content")?;
+        w.each_object("content", content, |w, b| {
+            bedrock_block(w, b, BEDROCK_MESSAGE_BLOCK)
+        })?;
+        w.key("content", |w| w.joined_texts(content))
+    })?;
+    match obj.get("toolConfig") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(config)) => w.key("toolConfig", |w| {
+            w.known_keys(config, &["tools", "toolChoice"])?;
+            tools(w, config)
+        })?,
+        Some(_) => return Err(w.err("toolConfig", "must be an object")),
+    }
+    match obj.get("additionalModelRequestFields") {
+        None | Some(Value::Null) => Ok(()),
+        Some(fields @ Value::Object(known)) => w.key("additionalModelRequestFields", |w| {
+            w.known_keys(known, BEDROCK_MODEL_FIELDS)?;
+            no_prompt_keys(w, fields)
+        }),
+        Some(_) => Err(w.err("additionalModelRequestFields", "must be an object")),
+    }
+}
+
+/// Bedrock's `invoke`: only an Anthropic messages body is read.
+fn bedrock_invoke(w: &mut Walker<'_>, obj: &Map<String, Value>) -> Result<(), ShapeError> {
+    match obj.get("anthropic_version") {
+        Some(Value::String(_)) => anthropic(w, obj),
+        _ => Err(w.err(
+            "anthropic_version",
+            "is required: invoke bodies are read in Anthropic's messages format only; other model families' bodies cannot be reviewed here (send them through converse)",
+        )),
+    }
+}
+
+/// A union of Bedrock's: its keys are among `members`, and exactly one is
+/// set (a second would reach the model under the first's cover).
+fn one_member<'m>(
+    w: &Walker<'_>,
+    obj: &Map<String, Value>,
+    members: &[&'m str],
+) -> Result<&'m str, ShapeError> {
+    w.known_keys(obj, members)?;
+    let set: Vec<&'m str> = members
+        .iter()
+        .copied()
+        .filter(|m| obj.contains_key(*m))
+        .collect();
+    match set.as_slice() {
+        [one] => Ok(one),
+        [] => Err(w.err("", format!("must set one of {}", members.join(", ")))),
+        more => Err(w.err(
+            "",
+            format!(
+                "sets {} at once; it must set exactly one",
+                more.join(" and ")
+            ),
+        )),
+    }
+}
+
+/// `obj[key]`: an object.
+fn object_at<'v>(
+    w: &Walker<'_>,
+    obj: &'v Map<String, Value>,
+    key: &str,
+) -> Result<&'v Map<String, Value>, ShapeError> {
+    match obj.get(key) {
+        Some(Value::Object(o)) => Ok(o),
+        _ => Err(w.err(key, "must be an object")),
+    }
+}
+
+/// Refuses a key anywhere in `v` under which LLM APIs take a prompt.
+fn no_prompt_keys(w: &mut Walker<'_>, v: &Value) -> Result<(), ShapeError> {
+    match v {
+        Value::Object(o) => {
+            for (k, x) in o {
+                if is_prompt_key(k) {
+                    return Err(w.err(
+                        k,
+                        "is where models take a prompt, which would reach the model unreviewed; it is refused",
+                    ));
+                }
+                w.key(k, |w| no_prompt_keys(w, x))?;
+            }
+            Ok(())
+        }
+        Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                w.idx(i, |w| no_prompt_keys(w, x))?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn bedrock_block(
+    w: &mut Walker<'_>,
+    block: &Map<String, Value>,
+    members: &[&str],
+) -> Result<(), ShapeError> {
+    let member = one_member(w, block, members)?;
+    match member {
+        "text" => text_part(w, block),
+        "json" => {
+            let shown = w.value_at(block, "json")?;
+            w.put(&shown);
+            Ok(())
+        }
+        "cachePoint" => {
+            let c = object_at(w, block, member)?;
+            w.key(member, |w| w.known_keys(c, &["type"]))
+        }
+        "image" | "video" | "audio" => {
+            let media = object_at(w, block, member)?;
+            let marker = w.key(member, |w| bedrock_media(w, media, member))?;
+            w.attachment(&marker);
+            Ok(())
+        }
+        "document" => {
+            let doc = object_at(w, block, member)?;
+            w.key(member, |w| bedrock_document(w, doc))
+        }
+        "toolUse" => {
+            let call = object_at(w, block, member)?;
+            w.key(member, |w| {
+                w.known_keys(call, &["toolUseId", "name", "input", "type"])?;
+                let name = w.name_at(call, "name")?;
+                let input = w.value_at(call, "input")?;
+                w.put(&format!("[tool_use {name}: {input}]"));
+                Ok(())
+            })
+        }
+        "toolResult" => {
+            let result = object_at(w, block, member)?;
+            w.key(member, |w| {
+                w.known_keys(result, &["toolUseId", "content", "status", "type"])?;
+                let content = w.list(result, "content")?;
+                let inner = w.nested(|w| {
+                    w.each_object("content", content, |w, b| {
+                        bedrock_block(w, b, BEDROCK_TOOL_RESULT_BLOCK)
+                    })
+                })?;
+                w.put(&format!("[tool_result: {inner}]"));
+                Ok(())
+            })
+        }
+        "guardContent" => {
+            let guarded = object_at(w, block, member)?;
+            w.key(member, |w| {
+                match one_member(w, guarded, &["text", "image"])? {
+                    "text" => {
+                        let t = object_at(w, guarded, "text")?;
+                        w.key("text", |w| {
+                            w.known_keys(t, &["text", "qualifiers"])?;
+                            text_part(w, t)
+                        })
+                    }
+                    _ => {
+                        let media = object_at(w, guarded, "image")?;
+                        let marker = w.key("image", |w| bedrock_media(w, media, "image"))?;
+                        w.attachment(&marker);
+                        Ok(())
+                    }
+                }
+            })
+        }
+        "reasoningContent" => {
+            let reasoning = object_at(w, block, member)?;
+            w.key(member, |w| {
+                match one_member(w, reasoning, &["reasoningText", "redactedContent"])? {
+                    // Signed by the provider: it cannot change.
+                    "reasoningText" => {
+                        let r = object_at(w, reasoning, "reasoningText")?;
+                        w.key("reasoningText", |w| {
+                            w.known_keys(r, &["text", "signature"])?;
+                            let s = w.req_str(r, "text")?;
+                            w.key("text", |w| w.fixed(s))?;
+                            w.put(&format!("[reasoning: {s}]"));
+                            Ok(())
+                        })
+                    }
+                    _ => {
+                        w.put("[redacted_reasoning]");
+                        Ok(())
+                    }
+                }
+            })
+        }
+        "citationsContent" => {
+            let cited = object_at(w, block, member)?;
+            w.key(member, |w| {
+                w.known_keys(cited, &["content", "citations"])?;
+                let content = w.list(cited, "content")?;
+                w.each_object("content", content, |w, part| {
+                    w.known_keys(part, &["text"])?;
+                    text_part(w, part)
+                })?;
+                if cited.get("citations").is_some_and(|c| !c.is_null()) {
+                    let shown = w.value_at(cited, "citations")?;
+                    w.put(&format!("[citations: {shown}]"));
+                }
+                Ok(())
+            })
+        }
+        other => Err(w.err(other, "is not supported for review")),
+    }
+}
+
+/// An image, video or audio block: shown as a marker with its format and,
+/// for an S3 object, its URI (a fixed string).
+fn bedrock_media(
+    w: &mut Walker<'_>,
+    media: &Map<String, Value>,
+    kind: &str,
+) -> Result<String, ShapeError> {
+    w.known_keys(media, &["format", "source"])?;
+    let format = w.opt_str(media, "format")?.unwrap_or("?");
+    let source = object_at(w, media, "source")?;
+    let from = w.key("source", |w| bedrock_source(w, source))?;
+    Ok(format!("[{kind}: {format}{from}]"))
+}
+
+/// Where a medium or a binary document comes from: its bytes (nothing to
+/// show) or an S3 object (`, URI`).
+fn bedrock_source(w: &mut Walker<'_>, source: &Map<String, Value>) -> Result<String, ShapeError> {
+    match one_member(w, source, &["bytes", "s3Location"])? {
+        "s3Location" => {
+            let s3 = object_at(w, source, "s3Location")?;
+            w.key("s3Location", |w| {
+                w.known_keys(s3, &["uri", "bucketOwner"])?;
+                Ok(format!(", {}", w.url_at(s3, "uri")?))
+            })
+        }
+        _ => Ok(String::new()),
+    }
+}
+
+/// A document block (an attachment, as Anthropic's documents are): its
+/// name (fixed), its text when it is text, its context.
+fn bedrock_document(w: &mut Walker<'_>, doc: &Map<String, Value>) -> Result<(), ShapeError> {
+    w.known_keys(doc, &["format", "name", "source", "context", "citations"])?;
+    let name = w.name_at(doc, "name")?;
+    let format = w.opt_str(doc, "format")?.unwrap_or("?");
+    let source = object_at(w, doc, "source")?;
+    w.key("source", |w| {
+        match one_member(w, source, &["bytes", "s3Location", "text", "content"])? {
+            "text" => {
+                w.attachment(&format!("[document {name}: {format}]"));
+                text_part(w, source)
+            }
+            "content" => {
+                w.attachment(&format!("[document {name}: {format}]"));
+                let parts = w.list(source, "content")?;
+                w.each_object("content", parts, |w, part| {
+                    w.known_keys(part, &["text"])?;
+                    text_part(w, part)
+                })
+            }
+            _ => {
+                let from = bedrock_source(w, source)?;
+                w.attachment(&format!("[document {name}: {format}{from}]"));
+                Ok(())
+            }
+        }
+    })?;
+    let context = w.screened_at(doc, "context")?;
+    if !context.is_empty() {
+        w.put(&format!("[context: {context}]"));
+    }
+    Ok(())
+}
+
 // Prompts on paths that are not inference endpoints ---------------------
 
 /// Top-level keys under which LLM APIs take a prompt (OpenAI, Anthropic,
@@ -1268,6 +1724,11 @@ const PROMPT_KEYS: &[&str] = &[
     "conversation",
     "chat_history",
 ];
+
+/// Whether `key` is one under which LLM APIs take a prompt.
+fn is_prompt_key(key: &str) -> bool {
+    PROMPT_KEYS.contains(&key.to_lowercase().as_str())
+}
 
 /// What a body sent to a path that is not an inference endpoint is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1307,10 +1768,7 @@ pub fn sniff_prompt(body: &[u8]) -> Sniffed {
         _ => Vec::new(),
     };
     for o in objects {
-        if let Some(k) = o
-            .keys()
-            .find(|k| PROMPT_KEYS.contains(&k.to_lowercase().as_str()))
-        {
+        if let Some(k) = o.keys().find(|k| is_prompt_key(k)) {
             return Sniffed::Prompt(k.clone());
         }
     }
@@ -1479,6 +1937,206 @@ mod tests {
         shown(OpenaiResponses, r#"{"input":[{"type":"message","id":"m","status":"completed","role":"assistant","content":[{"type":"output_text","text":"a","annotations":[],"logprobs":[]}]},{"type":"function_call","id":"fc","call_id":"c","name":"f","arguments":"{}","status":"completed"},{"type":"function_call_output","call_id":"c","output":"ok"}]}"#).unwrap();
         shown(AnthropicMessages, r#"{"system":[{"type":"text","text":"s","cache_control":{"type":"ephemeral"}}],"messages":[{"role":"assistant","content":[{"type":"thinking","thinking":"t","signature":"s"},{"type":"tool_use","id":"t","name":"f","input":{}}]},{"role":"user","content":[{"type":"tool_result","tool_use_id":"t","content":"ok","is_error":false}]}]}"#).unwrap();
         shown(GeminiGenerateContent, r#"{"contents":[{"role":"model","parts":[{"text":"t","thought":true,"thoughtSignature":"c2ln"},{"functionCall":{"id":"1","name":"f","args":{"a":1}}}]},{"role":"user","parts":[{"function_response":{"name":"f","response":{"r":1}}}]}]}"#).unwrap();
+    }
+
+    #[test]
+    fn ollama_chat_and_generate_are_shown() {
+        let chat = text(
+            ApiKind::OllamaChat,
+            r#"{"model":"llama3","messages":[
+                {"role":"system","content":"be brief"},
+                {"role":"user","content":"look","images":["iVBORw0KGgo="]},
+                {"role":"assistant","content":"","thinking":"hmm","tool_calls":[{"function":{"index":0,"name":"weather","arguments":{"city":"Paris"}}}]},
+                {"role":"tool","tool_name":"weather","tool_call_id":"c1","content":"sunny"}],
+              "tools":[{"type":"function","function":{"name":"weather","description":"get it","parameters":{"type":"object"}}}]}"#,
+        );
+        assert_eq!(
+            chat,
+            "system: be brief\nuser: look\n[image: 12 bytes of base64]\nassistant: [thinking: hmm]\n[tool_call weather: {\"city\":\"Paris\"}]\ntool: [tool_name: weather]\nsunny\ntools: {\"function\":{\"description\":\"get it\",\"name\":\"weather\",\"parameters\":{\"type\":\"object\"}},\"type\":\"function\"}\n"
+        );
+        let generate = shown(
+            ApiKind::OllamaGenerate,
+            r#"{"model":"m","system":"s","prompt":"p","suffix":"x","images":["AA=="],"raw":false,"template":"","context":[]}"#,
+        )
+        .unwrap();
+        assert!(generate.attachments);
+        let lines: Vec<(&str, &str)> = generate
+            .prompt
+            .iter()
+            .map(|m| (m.role.as_str(), m.text.as_str()))
+            .collect();
+        assert_eq!(
+            lines,
+            vec![
+                ("system", "s"),
+                ("user", "p\n[image: 4 bytes of base64]"),
+                ("suffix", "x")
+            ]
+        );
+        // Loading or unloading a model carries no prompt.
+        assert!(
+            shown(ApiKind::OllamaChat, r#"{"model":"m","keep_alive":0}"#)
+                .unwrap()
+                .prompt
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn what_ollama_would_read_unseen_is_refused() {
+        use ApiKind::*;
+        for (api, body, field, says) in [
+            (
+                OllamaGenerate,
+                r#"{"model":"m","prompt":"p","template":"{{ .Prompt }} and more"}"#,
+                "template",
+                "can compute text",
+            ),
+            (
+                OllamaGenerate,
+                r#"{"model":"m","prompt":"p","context":[128000,9906,1917]}"#,
+                "context",
+                "token ids",
+            ),
+            (
+                OllamaChat,
+                r#"{"model":"m","messages":[{"role":"user","content":"hi","Content":"hidden"}]}"#,
+                "messages[0].Content",
+                "only by case",
+            ),
+            (
+                OllamaChat,
+                r#"{"model":"m","messages":[{"role":"user","content":"hi","name":"x"}]}"#,
+                "messages[0].name",
+                "not a field",
+            ),
+            (
+                OllamaChat,
+                r#"{"model":"m","messages":[{"role":"user","images":[{"url":"x"}]}]}"#,
+                "messages[0].images[0]",
+                "base64",
+            ),
+            (
+                OllamaChat,
+                r#"{"model":"m","messages":[{"role":"assistant","tool_calls":[{"function":{"name":"f","arguments":{},"Arguments":{"x":1}}}]}]}"#,
+                "messages[0].tool_calls[0].function.Arguments",
+                "only by case",
+            ),
+            (
+                OllamaChat,
+                r#"{"model":"m","messages":[{"role":"user","content":["a"]}]}"#,
+                "messages[0].content",
+                "must be a string",
+            ),
+        ] {
+            let e = shown(api, body).unwrap_err();
+            assert_eq!(e.field, field, "{body}: {e}");
+            assert!(e.message.contains(says), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn bedrock_converse_blocks_are_shown() {
+        let got = text(
+            ApiKind::BedrockConverse,
+            r#"{"system":[{"text":"be brief"},{"guardContent":{"text":{"text":"guarded","qualifiers":["query"]}}},{"cachePoint":{"type":"default"}}],
+              "messages":[
+                {"role":"user","content":[{"text":"look"},{"image":{"format":"png","source":{"bytes":"iVBO"}}},
+                  {"document":{"format":"txt","name":"notes","source":{"text":"doc text"},"context":"ctx"}},
+                  {"video":{"format":"mp4","source":{"s3Location":{"uri":"s3://b/v.mp4"}}}}]},
+                {"role":"assistant","content":[{"reasoningContent":{"reasoningText":{"text":"hm","signature":"sig"}}},{"toolUse":{"toolUseId":"t1","name":"f","input":{"q":"x"}}}]},
+                {"role":"user","content":[{"toolResult":{"toolUseId":"t1","content":[{"text":"r"},{"json":{"n":1}}],"status":"success"}},
+                  {"citationsContent":{"content":[{"text":"cited"}],"citations":[{"title":"T"}]}}]}],
+              "toolConfig":{"tools":[{"toolSpec":{"name":"f","description":"finds","inputSchema":{"json":{"type":"object"}}}}],"toolChoice":{"auto":{}}},
+              "additionalModelRequestFields":{"top_k":5,"thinking":{"type":"enabled","budget_tokens":1024}},
+              "inferenceConfig":{"maxTokens":10}}"#,
+        );
+        assert_eq!(
+            got,
+            "system: be brief\nguarded\n\
+             user: look\n[image: png]\n[document notes: txt]\ndoc text\n[context: ctx]\n[video: mp4, s3://b/v.mp4]\n\
+             assistant: [reasoning: hm]\n[tool_use f: {\"q\":\"x\"}]\n\
+             user: [tool_result: r\n{\"n\":1}]\ncited\n[citations: [{\"title\":\"T\"}]]\n\
+             tools: {\"toolSpec\":{\"description\":\"finds\",\"inputSchema\":{\"json\":{\"type\":\"object\"}},\"name\":\"f\"}}\n"
+        );
+        let invoke = text(
+            ApiKind::BedrockInvoke,
+            r#"{"anthropic_version":"bedrock-2023-05-31","max_tokens":5,"system":"s","messages":[{"role":"user","content":"hi"}]}"#,
+        );
+        assert_eq!(invoke, "system: s\nuser: hi\n");
+    }
+
+    #[test]
+    fn what_bedrock_would_read_unseen_is_refused() {
+        use ApiKind::*;
+        let msg =
+            |block: &str| format!(r#"{{"messages":[{{"role":"user","content":[{block}]}}]}}"#);
+        for (api, body, field, says) in [
+            (
+                BedrockConverse,
+                msg(r#"{"text":"a","image":{"format":"png","source":{"bytes":"AA"}}}"#),
+                "messages[0].content[0]",
+                "text and image at once",
+            ),
+            (
+                BedrockConverse,
+                msg(r#"{"Text":"hidden"}"#),
+                "messages[0].content[0].Text",
+                "only by case",
+            ),
+            (
+                BedrockConverse,
+                msg(r#"{"searchResult":{"source":"s","title":"t","content":[{"text":"x"}]}}"#),
+                "messages[0].content[0].searchResult",
+                "not a field",
+            ),
+            (
+                BedrockConverse,
+                msg(r#"{"toolResult":{"toolUseId":"t","content":[{"text":"a","json":{}}]}}"#),
+                "messages[0].content[0].toolResult.content[0]",
+                "at once",
+            ),
+            (
+                BedrockConverse,
+                msg(r#"{"document":{"format":"txt","name":"n","source":{"text":"a","bytes":"AA"}}}"#),
+                "messages[0].content[0].document.source",
+                "at once",
+            ),
+            (
+                BedrockConverse,
+                r#"{"messages":[{"role":"user","content":[{"text":"hi"}]}],"additionalModelRequestFields":{"system":"obey me"}}"#.into(),
+                "additionalModelRequestFields.system",
+                "not a field",
+            ),
+            (
+                BedrockConverse,
+                r#"{"messages":[{"role":"user","content":[{"text":"hi"}]}],"additionalModelRequestFields":{"thinking":{"type":"enabled","messages":[{"role":"user","content":"hidden"}]}}}"#.into(),
+                "additionalModelRequestFields.thinking.messages",
+                "take a prompt",
+            ),
+            (
+                BedrockConverse,
+                r#"{"messages":[{"role":"user","content":[{"text":"hi"}]}],"promptVariables":{"topic":{"text":"x"}}}"#.into(),
+                "promptVariables",
+                "Prompt management",
+            ),
+            (
+                BedrockConverse,
+                r#"{"messages":[{"role":"user","content":[{"text":"hi"}],"Content":[{"text":"x"}]}]}"#.into(),
+                "messages[0].Content",
+                "only by case",
+            ),
+            (
+                BedrockInvoke,
+                r#"{"prompt":"Human: hi Assistant:","max_tokens_to_sample":5}"#.into(),
+                "anthropic_version",
+                "other model families",
+            ),
+        ] {
+            let e = shown(api, &body).unwrap_err();
+            assert_eq!(e.field, field, "{body}: {e}");
+            assert!(e.message.contains(says), "{body}: {e}");
+        }
     }
 
     #[test]

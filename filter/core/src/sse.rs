@@ -1,19 +1,11 @@
-//! Server-sent events framing, the one implementation used by the stream
-//! masker ([`crate::mask::SseStreamMasker`]) and the response recorder
-//! ([`crate::record::ResponseRecorder`]).
+//! Server-sent events syntax, read through [`crate::framing`] by the stream
+//! masker ([`crate::mask::StreamMasker`]) and the response recorder
+//! ([`crate::record::ResponseRecorder`]) alike.
 //!
 //! Per the WHATWG `text/event-stream` format, lines end with CRLF, LF or a
 //! lone CR; an event ends at a blank line; a line starting with `:` is a
 //! comment; a field is `name: value` (one optional space after the colon)
 //! and the `data` lines of an event are joined with `\n`.
-
-/// Whether a `content-type` is `text/event-stream`.
-pub fn is_event_stream(content_type: &str) -> bool {
-    content_type
-        .trim_start()
-        .to_ascii_lowercase()
-        .starts_with("text/event-stream")
-}
 
 /// Looks for the end of the event at the start of `buf[from..]` (`from` is
 /// the start of a line: the event's start or a line already scanned).
@@ -251,7 +243,5 @@ mod tests {
             b"event: e\ndata: {}\n\n".to_vec()
         );
         assert_eq!(event_bytes(None, "x"), b"data: x\n\n".to_vec());
-        assert!(is_event_stream(" Text/Event-Stream; charset=utf-8"));
-        assert!(!is_event_stream("application/json"));
     }
 }

@@ -10,6 +10,8 @@
 use std::rc::Rc;
 
 use crate::config::{Config, Endpoint, RecordMode};
+use crate::extract::gemini_model;
+use crate::framing::Framing;
 use crate::hold::{record_callout, response_record_callout, Hold, HoldStep};
 use crate::host::{note_outcome, Action, Host, Level};
 use crate::identity::{forward_header_edits, identify};
@@ -486,17 +488,16 @@ impl StreamFilter {
         } else if let Some(outcome) = self.outcome {
             host.set_response_header("x-countersign-outcome", Some(outcome));
         }
-        self.plan_answer(host, record_id.is_some());
+        let framing = self.plan_answer(host, record_id.is_some());
         if let Some(record_id) = record_id {
             let now = host.now_ms();
             // A record id is only set on a release, which sets the time.
             let forwarded_at_ms = forwarded_at_ms.unwrap_or(now);
-            let content_type = host.response_header("content-type");
             self.response = Some(ResponseCapture {
                 record_id,
                 recorder: ResponseRecorder::new(
                     self.endpoint.as_ref().map(|e| e.api),
-                    content_type.as_deref(),
+                    framing,
                     MAX_RECORDED_RESPONSE,
                 ),
                 status: host
@@ -524,36 +525,54 @@ impl StreamFilter {
         guard.is_active().then_some(guard)
     }
 
+    /// Whether the answer is one JSON array sent element by element: a
+    /// successful answer to Gemini's `streamGenerateContent` (with
+    /// `alt=sse` it is an event stream instead, told by its content type).
+    fn array_stream(&self, host: &dyn Host) -> bool {
+        let success = host
+            .response_header(":status")
+            .and_then(|s| s.parse::<u16>().ok())
+            .is_some_and(|s| (200..300).contains(&s));
+        success
+            && self
+                .endpoint
+                .as_ref()
+                .is_some_and(|e| e.api == ApiKind::GeminiGenerateContent)
+            && gemini_model(&self.info.path).is_some_and(|(_, streamed)| streamed)
+    }
+
     /// Decides from the answer's head whether it is read (guarded,
     /// recorded) and sets that up; an answer that cannot be read is
-    /// withheld (see [`crate::response_head`]).
-    fn plan_answer(&mut self, host: &mut dyn Host, recorded: bool) {
-        let Some(api) = self.endpoint.as_ref().map(|e| e.api) else {
-            return;
-        };
+    /// withheld (see [`crate::response_head`]). Returns how a read stream
+    /// is framed (`None` for a plain body, or an answer not read as sent).
+    fn plan_answer(&mut self, host: &mut dyn Host, recorded: bool) -> Option<Framing> {
+        let api = self.endpoint.as_ref().map(|e| e.api)?;
         let guard = self.response_guard();
         if guard.is_none() && !recorded {
             // Nothing reads this answer: it passes without a look.
-            return;
+            return None;
         }
         let content_type = host.response_header("content-type");
         let content_encoding = host.response_header("content-encoding");
         let head = ResponseHead {
             content_type: content_type.as_deref(),
             content_encoding: content_encoding.as_deref(),
+            array_stream: self.array_stream(host),
         };
         match plan_response(api, &head, true) {
-            ResponsePlan::Pass => {}
-            ResponsePlan::Read { sse } => {
-                let Some(guard) = guard else { return };
-                // The body will change length.
-                host.set_response_header("content-length", None);
-                self.record_guard = self
-                    .screening
-                    .as_ref()
-                    .and_then(|s| s.record_guard())
-                    .map(|g| ResponseFilter::new(g, api, sse));
-                self.guard = Some(ResponseFilter::new(guard, api, sse));
+            ResponsePlan::Pass => None,
+            ResponsePlan::Read { framing } => {
+                if let Some(guard) = guard {
+                    // The body will change length.
+                    host.set_response_header("content-length", None);
+                    self.record_guard = self
+                        .screening
+                        .as_ref()
+                        .and_then(|s| s.record_guard())
+                        .map(|g| ResponseFilter::new(g, api, framing));
+                    self.guard = Some(ResponseFilter::new(guard, api, framing));
+                }
+                framing
             }
             ResponsePlan::Withhold(withheld) => {
                 host.count("countersign_responses_blocked_total", 1);
@@ -572,6 +591,7 @@ impl StreamFilter {
                     host.set_response_header(name, Some(value));
                 }
                 self.withheld = Some(withheld);
+                None
             }
         }
     }
@@ -844,17 +864,21 @@ mod tests {
     #[test]
     fn prompts_on_paths_that_are_not_endpoints_are_refused() {
         let config = r#"{"records":"off","other_requests":"pass"}"#;
-        // Ollama's native chat path, an OpenAI path under a prefix: prompts.
+        // Ollama's native chat path and an OpenAI path under a prefix:
+        // prompts.
         for (path, body) in [
             (
-                "/api/chat",
+                "/ollama/api/chat",
                 &br#"{"model":"llama3","messages":[{"role":"user","content":"hi"}]}"#[..],
             ),
             (
                 "/proxy/v1/chat/completions",
                 br#"{"model":"m","messages":[]}"#,
             ),
-            ("/api/generate", br#"  {"model":"llama3","Prompt":"hi"}"#),
+            (
+                "/ollama/api/generate",
+                br#"  {"model":"llama3","Prompt":"hi"}"#,
+            ),
         ] {
             let (_worker, mut host, mut stream) = setup(config);
             host.request("POST", path, body);
@@ -979,6 +1003,35 @@ mod tests {
         answer(&mut host, &worker, 201, "{}");
         assert_eq!(worker.queued(), (0, 0));
         assert_eq!(host.violations.get(), 0);
+    }
+
+    #[test]
+    fn an_unguarded_stream_is_recorded_event_by_event() {
+        let (worker, mut host, mut stream) = setup(r#"{"default_action":"allow"}"#);
+        let body = br#"{"model":"llama3","messages":[{"role":"user","content":"hi"}]}"#;
+        assert_eq!(
+            send(&mut host, &mut stream, "/api/chat", body),
+            Action::Pause
+        );
+        answer(&mut host, &worker, 201, r#"{"record_id":"rec_1"}"#);
+        respond(&mut host, &mut stream, "application/x-ndjson");
+        let lines = concat!(
+            "{\"message\":{\"role\":\"assistant\",\"content\":\"Hel\"},\"done\":false}\n",
+            "{\"message\":{\"role\":\"assistant\",\"content\":\"lo\"},\"done\":true,\"eval_count\":2}\n"
+        )
+        .as_bytes();
+        for (piece, eos) in [(&lines[..30], false), (&lines[30..], true)] {
+            assert_eq!(chunk(&mut host, &mut stream, piece, eos), Action::Continue);
+            // Nothing guards the answer: it passes as it came.
+            assert_eq!(host.response_chunk, piece);
+        }
+        stream.on_log(&mut host);
+        worker.on_tick(&mut host);
+        assert_eq!(host.last_path(), "/v1/records/rec_1/response");
+        let (_, call) = host.dispatched.last().unwrap();
+        let part: serde_json::Value = serde_json::from_slice(call.body.as_ref().unwrap()).unwrap();
+        assert_eq!(part["body"], "Hello");
+        assert_eq!(part["usage"]["eval_count"], 2);
     }
 
     #[test]

@@ -29,6 +29,25 @@ pub enum ApiKind {
     /// Google Gemini `POST /v1beta/models/{model}:generateContent` and
     /// `:streamGenerateContent` (the model is in the path, not the body).
     GeminiGenerateContent,
+    /// Ollama's native `POST /api/chat` (streams NDJSON unless `stream` is
+    /// `false`).
+    OllamaChat,
+    /// Ollama's native `POST /api/generate` (streams NDJSON unless
+    /// `stream` is `false`).
+    OllamaGenerate,
+    /// Azure OpenAI `POST /openai/deployments/{deployment}/chat/completions`:
+    /// OpenAI's chat body; the deployment in the path is the model.
+    AzureOpenaiChat,
+    /// Azure OpenAI `POST /openai/deployments/{deployment}/completions`.
+    AzureOpenaiCompletions,
+    /// Azure OpenAI `POST /openai/deployments/{deployment}/embeddings`.
+    AzureOpenaiEmbeddings,
+    /// AWS Bedrock `POST /model/{modelId}/converse` (and `converse-stream`):
+    /// the model id (percent-encoded) is in the path.
+    BedrockConverse,
+    /// AWS Bedrock `POST /model/{modelId}/invoke` (and
+    /// `invoke-with-response-stream`) with an Anthropic messages body.
+    BedrockInvoke,
 }
 
 impl ApiKind {
@@ -41,13 +60,48 @@ impl ApiKind {
             ApiKind::OpenaiEmbeddings => "openai_embeddings",
             ApiKind::AnthropicMessages => "anthropic_messages",
             ApiKind::GeminiGenerateContent => "gemini_generate_content",
+            ApiKind::OllamaChat => "ollama_chat",
+            ApiKind::OllamaGenerate => "ollama_generate",
+            ApiKind::AzureOpenaiChat => "azure_openai_chat",
+            ApiKind::AzureOpenaiCompletions => "azure_openai_completions",
+            ApiKind::AzureOpenaiEmbeddings => "azure_openai_embeddings",
+            ApiKind::BedrockConverse => "bedrock_converse",
+            ApiKind::BedrockInvoke => "bedrock_invoke",
         }
     }
 
-    /// Whether errors for this API use Anthropic's error envelope.
-    pub fn is_anthropic(self) -> bool {
-        matches!(self, ApiKind::AnthropicMessages)
+    /// The error body this API's clients read.
+    pub fn error_format(self) -> ErrorFormat {
+        match self {
+            ApiKind::AnthropicMessages => ErrorFormat::Anthropic,
+            ApiKind::GeminiGenerateContent => ErrorFormat::Gemini,
+            ApiKind::OllamaChat | ApiKind::OllamaGenerate => ErrorFormat::Ollama,
+            ApiKind::BedrockConverse | ApiKind::BedrockInvoke => ErrorFormat::Bedrock,
+            ApiKind::OpenaiChat
+            | ApiKind::OpenaiCompletions
+            | ApiKind::OpenaiResponses
+            | ApiKind::OpenaiEmbeddings
+            | ApiKind::AzureOpenaiChat
+            | ApiKind::AzureOpenaiCompletions
+            | ApiKind::AzureOpenaiEmbeddings => ErrorFormat::Openai,
+        }
     }
+}
+
+/// The shape of an API's error body, as its clients parse it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorFormat {
+    /// `{"error": {"message", "type", "code", ...}}`.
+    Openai,
+    /// `{"type": "error", "error": {"type", "message"}}`.
+    Anthropic,
+    /// `{"error": {"code", "message", "status"}}`.
+    Gemini,
+    /// `{"error": "message"}`: Ollama's clients read `error` as a string.
+    Ollama,
+    /// `{"message": "..."}` with the error's type in the `x-amzn-errortype`
+    /// header, as AWS SDKs read it.
+    Bedrock,
 }
 
 /// One piece of the prompt as a reviewer should read it.

@@ -1,5 +1,5 @@
 #![no_main]
-//! `mask::SseStreamMasker`: arbitrary bytes split at arbitrary points never
+//! `mask::StreamMasker` on server-sent events: arbitrary bytes split at arbitrary points never
 //! panic; a valid stream built from arbitrary text, split arbitrarily,
 //! yields only events whose JSON data parses.
 use libfuzzer_sys::fuzz_target;
@@ -24,7 +24,7 @@ fn split(bytes: &[u8], mut seed: u32) -> Vec<&[u8]> {
 
 fn run(api: ApiKind, stream: &[u8], seed: u32) -> Vec<u8> {
     let guard = countersign_core::mask::ResponseGuard::new(Some(policy()), Default::default(), rules());
-    let mut m = countersign_core::mask::SseStreamMasker::new(api, guard);
+    let mut m = countersign_core::mask::StreamMasker::new(api, guard, countersign_core::framing::Framing::Sse);
     let mut out = Vec::new();
     for c in split(stream, seed | 1) {
         out.extend(m.push(c));

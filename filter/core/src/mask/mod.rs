@@ -57,12 +57,13 @@
 //! (`\u0040`, `\/`) are decoded before detection. A body whose prompt cannot
 //! be walked is an error: refuse it.
 //!
-//! Responses ([`mask_response_body`], [`SseStreamMasker`]): every string of
+//! Responses ([`mask_response_body`], [`StreamMasker`]): every string of
 //! the response except structural fields (ids, model, roles, finish reasons,
-//! signatures, base64 payloads); `logprobs` are replaced by `null` (`[]`
-//! where they were a list) whenever the guard can change text (a rewriting or
-//! blocking detector, restore, a blocking response rule), since they spell the tokens
-//! out; a request that asks for them there is refused
+//! timestamps, signatures, base64 payloads); `logprobs` (and Ollama's
+//! `context` token ids) are replaced by `null` (`[]` where they were a list)
+//! whenever the guard can change text (a rewriting or blocking detector,
+//! restore, a blocking response rule), since they spell the tokens out; a
+//! request that asks for them there is refused
 //! ([`crate::inspect`]). Content-policy response rules ([`crate::policy`])
 //! run on the same text.
 //!
@@ -89,8 +90,9 @@
 //!   audio and files, tool parameter schemas other than `description`s, and
 //!   non-prompt fields (`user`, `metadata`, stop sequences).
 //! * Response rules see the model's text before pseudonyms are restored.
-//! * Gemini streams must use `alt=sse`; the JSON-array stream format is not
-//!   parsed by [`SseStreamMasker`] (treat it as a plain body).
+//! * Streams are server-sent events, JSON lines (Ollama) or one JSON array
+//!   sent element by element (Gemini without `alt=sse`), as
+//!   [`crate::framing`] cuts them; anything else is a plain body.
 //!
 //! # Wiring (filter side)
 //!
@@ -107,8 +109,8 @@
 //!    [`crate::policy::ContentPolicy::response_rules`]; skip everything when
 //!    not [`ResponseGuard::is_active`]. Plain bodies: buffer, then
 //!    [`mask_response_body`] (replace a blocked one by
-//!    [`Blocked::error_body`] with [`BLOCKED_STATUS`]). SSE: an
-//!    [`SseStreamMasker`] per response. Either way drop `content-length`, and
+//!    [`Blocked::error_body`] with [`BLOCKED_STATUS`]). Streams: a
+//!    [`StreamMasker`] per response. Either way drop `content-length`, and
 //!    record the hits, `blocked` and monitored rules.
 
 mod config;
@@ -136,7 +138,7 @@ pub use request::{mask_request, RequestMasking};
 pub use response::{
     mask_response_body, Blocked, BlockedBy, ResponseGuard, ResponseMasking, BLOCKED_STATUS,
 };
-pub use stream::{SseStreamMasker, StreamReport, MAX_EVENT_BYTES, MAX_HOLD_CHARS};
+pub use stream::{StreamMasker, StreamReport, MAX_EVENT_BYTES, MAX_HOLD_CHARS};
 
 /// What a detector does with what it finds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]

@@ -320,6 +320,61 @@ mod tests {
                     ".tools[0].functionDeclarations[0].description",
                 ],
             ),
+            (
+                ApiKind::OllamaChat,
+                format!(
+                    r#"{{"model":"llama3","options":{{"stop":["{s}"]}},"messages":[
+                    {{"role":"system","content":"sys {s}"}},
+                    {{"role":"user","content":"hi {s}","images":["iVBORw0KGgo="]}},
+                    {{"role":"assistant","content":"","thinking":"maybe {s}","tool_calls":[{{"function":{{"index":0,"name":"send","arguments":{{"to":"{s}"}}}}}}]}},
+                    {{"role":"tool","tool_name":"send","content":"sent to {s}"}}],
+                    "tools":[{{"type":"function","function":{{"name":"send","description":"mail {s}","parameters":{{"type":"object"}}}}}}]}}"#
+                ),
+                vec![
+                    ".messages[0].content",
+                    ".messages[1].content",
+                    ".messages[2].thinking",
+                    ".messages[2].tool_calls[0].function.arguments.to",
+                    ".messages[3].content",
+                    ".tools[0].function.description",
+                ],
+            ),
+            (
+                ApiKind::BedrockConverse,
+                format!(
+                    r#"{{"requestMetadata":{{"who":"{s}"}},"system":[{{"text":"sys {s}"}},{{"guardContent":{{"text":{{"text":"g {s}"}}}}}}],
+                    "inferenceConfig":{{"stopSequences":["{s}"]}},
+                    "messages":[{{"role":"user","content":[{{"text":"hi {s}"}},{{"document":{{"format":"txt","name":"notes","source":{{"text":"doc {s}"}},"context":"ctx {s}"}}}}]}},
+                    {{"role":"assistant","content":[{{"toolUse":{{"toolUseId":"t1","name":"send","input":{{"to":"{s}"}}}}}}]}},
+                    {{"role":"user","content":[{{"toolResult":{{"toolUseId":"t1","content":[{{"text":"sent {s}"}},{{"json":{{"r":"{s}"}}}}]}}}}]}}],
+                    "toolConfig":{{"tools":[{{"toolSpec":{{"name":"send","description":"mail {s}","inputSchema":{{"json":{{"type":"object"}}}}}}}}]}}}}"#
+                ),
+                vec![
+                    ".system[0].text",
+                    ".system[1].guardContent.text.text",
+                    ".messages[0].content[0].text",
+                    ".messages[0].content[1].document.source.text",
+                    ".messages[0].content[1].document.context",
+                    ".messages[1].content[0].toolUse.input.to",
+                    ".messages[2].content[0].toolResult.content[0].text",
+                    ".messages[2].content[0].toolResult.content[1].json.r",
+                    ".toolConfig.tools[0].toolSpec.description",
+                ],
+            ),
+            (
+                ApiKind::BedrockInvoke,
+                format!(
+                    r#"{{"anthropic_version":"bedrock-2023-05-31","max_tokens":10,"system":"sys {s}","messages":[{{"role":"user","content":[{{"type":"text","text":"hi {s}"}}]}}]}}"#
+                ),
+                vec![".system", ".messages[0].content[0].text"],
+            ),
+            (
+                ApiKind::OllamaGenerate,
+                format!(
+                    r#"{{"model":"llama3","system":"sys {s}","prompt":"hi {s}","suffix":"end {s}","images":["AA=="],"stream":false}}"#
+                ),
+                vec![".system", ".prompt", ".suffix"],
+            ),
         ]
     }
 

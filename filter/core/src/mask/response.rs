@@ -7,8 +7,9 @@ use serde_json::{json, Value};
 use super::engine::{self, Found, Tally};
 use super::json_edit::{self, Edits, Seg};
 use super::{Hit, MaskAction, MaskError, MaskPolicy, RestoreMap};
+use crate::answer::token_fields;
 use crate::policy::{ResponseRules, RuleAction};
-use crate::wire::ApiKind;
+use crate::wire::{ApiKind, ErrorFormat};
 
 /// HTTP status for a plain response replaced because it was blocked.
 pub const BLOCKED_STATUS: u16 = 403;
@@ -314,16 +315,20 @@ impl Blocked {
         }
     }
 
-    fn error_value(&self, api: ApiKind) -> Value {
+    /// The error in the API's format.
+    pub(crate) fn error_value(&self, api: ApiKind) -> Value {
         let message = self.message();
-        match api {
-            ApiKind::AnthropicMessages => {
+        match api.error_format() {
+            ErrorFormat::Anthropic => {
                 json!({"type": "error", "error": {"type": "permission_error", "message": message}})
             }
-            ApiKind::GeminiGenerateContent => {
+            ErrorFormat::Gemini => {
                 json!({"error": {"code": BLOCKED_STATUS, "message": message, "status": "PERMISSION_DENIED"}})
             }
-            _ => {
+            // Ollama's clients read `error` as a string, mid-stream too.
+            ErrorFormat::Ollama => json!({"error": message, "code": "response_blocked"}),
+            ErrorFormat::Bedrock => json!({"message": message, "code": "response_blocked"}),
+            ErrorFormat::Openai => {
                 json!({"error": {"message": message, "type": "content_policy", "param": null, "code": "response_blocked"}})
             }
         }
@@ -377,13 +382,12 @@ pub fn mask_response_body(
     api: ApiKind,
     body: &[u8],
 ) -> Result<ResponseMasking, MaskError> {
-    let _ = api;
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| MaskError::new("", format!("response body is not valid JSON: {e}")))?;
     let mut tally = GuardTally::default();
     let mut edits = Edits::new();
     let mut blocked = None;
-    for (path, leaf) in leaves(&value, guard.changes_text()) {
+    for (path, leaf) in leaves(&value, token_fields(api), guard.changes_text()) {
         match leaf {
             Leaf::Drop => {
                 edits.insert(path, "null".into());
@@ -419,11 +423,13 @@ pub fn mask_response_body(
 /// A string of a response to guard, or a value to drop.
 pub(crate) enum Leaf<'v> {
     Text(&'v str),
-    /// Token log-probabilities spell the raw text out: replaced by `null`.
+    /// A field that spells the answer out token by token
+    /// ([`crate::answer::token_fields`]): replaced by `null`.
     Drop,
 }
 
-/// Keys whose string values are identifiers or enums, never text.
+/// Keys whose string values are identifiers, enums or timestamps, never
+/// text.
 const STRUCTURAL: &[&str] = &[
     "id",
     "object",
@@ -442,7 +448,11 @@ const STRUCTURAL: &[&str] = &[
     "modelVersion",
     "responseId",
     "finishReason",
+    "stopReason",
+    "toolUseId",
     "created",
+    "created_at",
+    "done_reason",
     "index",
     "event",
 ];
@@ -457,26 +467,25 @@ const OPAQUE: &[&str] = &[
     "inlineData",
     "inline_data",
 ];
-/// Keys holding token log-probabilities.
-const LOGPROBS: &[&str] = &[
-    "logprobs",
-    "top_logprobs",
-    "logprobsResult",
-    "logprobs_result",
-];
 
-/// Every guarded string of a response value, with its path.
-pub(crate) fn leaves(v: &Value, drop_logprobs: bool) -> Vec<(Vec<Seg>, Leaf<'_>)> {
+/// Every guarded string of a response value, with its path. The `tokens`
+/// fields are not read as text; with `drop_tokens` they are dropped.
+pub(crate) fn leaves<'v>(
+    v: &'v Value,
+    tokens: &[&str],
+    drop_tokens: bool,
+) -> Vec<(Vec<Seg>, Leaf<'v>)> {
     let mut out = Vec::new();
     let mut path = Vec::new();
-    collect(v, &mut path, drop_logprobs, &mut out);
+    collect(v, &mut path, tokens, drop_tokens, &mut out);
     out
 }
 
 fn collect<'v>(
     v: &'v Value,
     path: &mut Vec<Seg>,
-    drop_logprobs: bool,
+    tokens: &[&str],
+    drop_tokens: bool,
     out: &mut Vec<(Vec<Seg>, Leaf<'v>)>,
 ) {
     match v {
@@ -484,7 +493,7 @@ fn collect<'v>(
         Value::Array(a) => {
             for (i, x) in a.iter().enumerate() {
                 path.push(Seg::Idx(i));
-                collect(x, path, drop_logprobs, out);
+                collect(x, path, tokens, drop_tokens, out);
                 path.pop();
             }
         }
@@ -495,17 +504,17 @@ fn collect<'v>(
                     continue;
                 }
                 path.push(Seg::Key(k.clone()));
-                if LOGPROBS.contains(&key) {
+                if tokens.contains(&key) {
                     let empty = match x {
                         Value::Null => true,
                         Value::Array(a) => a.is_empty(),
                         _ => false,
                     };
-                    if drop_logprobs && !empty {
+                    if drop_tokens && !empty {
                         out.push((path.clone(), Leaf::Drop));
                     }
                 } else {
-                    collect(x, path, drop_logprobs, out);
+                    collect(x, path, tokens, drop_tokens, out);
                 }
                 path.pop();
             }

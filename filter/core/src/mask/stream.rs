@@ -1,23 +1,28 @@
-//! Streamed responses: an SSE rewriter that masks completion text with a
+//! Streamed responses: a rewriter that masks completion text with a
 //! bounded hold-back window, so that a value split over any number of
 //! chunks is still caught without buffering the whole answer.
 //!
-//! Text arrives per *channel* (an OpenAI choice, an Anthropic content block,
-//! a Gemini candidate, a Responses output part; which fields carry it and
-//! where a channel ends is [`crate::answer`]'s table, also read by the
-//! recorder; SSE framing is [`crate::sse`]). Each channel keeps the text
-//! not yet released; after every event the part more than the window away
-//! from the end (and not inside a detection) is masked and released in the
-//! event's own text field. An event whose text is entirely held back is sent
-//! with empty text (clients concatenate deltas, so `""` is harmless and the
-//! event's other fields stay in order). Held text is flushed at the end of
-//! its choice or block (`finish_reason`, `content_block_stop`,
-//! `finishReason`, `*.done`), at `[DONE]` and at the end of the stream, in
-//! an extra event of the channel's kind placed before the event that ended
-//! it. Events without text (role, usage, pings, comments, unknown events)
-//! pass through untouched and in order, except that every other string in a
-//! JSON event is masked in full and `logprobs` are dropped when the guard
-//! hides text (see [`ResponseGuard::changes_text`]).
+//! The stream is cut into events by [`crate::framing`] (server-sent events,
+//! JSON lines, a JSON array sent element by element), the same splitter the
+//! recorder uses. Text arrives per *channel* (an OpenAI choice, an
+//! Anthropic content block, a Gemini candidate, a Responses output part, an
+//! Ollama message; which fields carry it and where a channel ends is
+//! [`crate::answer`]'s table, also read by the recorder). Each channel
+//! keeps the text not yet released; after every event the part more than
+//! the window away from the end (and not inside a detection) is masked and
+//! released in the event's own text field. An event whose text is entirely
+//! held back is sent with empty text (clients concatenate deltas, so `""`
+//! is harmless and the event's other fields stay in order). Held text is
+//! flushed at the end of its choice or block (`finish_reason`,
+//! `content_block_stop`, `finishReason`, `*.done`, `done`), at `[DONE]` and
+//! at the end of the stream, in an extra event of the channel's kind placed
+//! before the event that ended it. Events without text (role, usage, pings,
+//! comments, unknown events) pass through untouched and in order, except
+//! that every other string in a JSON event is masked in full and the fields
+//! that spell out tokens (`logprobs`, Ollama's `context`) are dropped when
+//! the guard hides text (see [`ResponseGuard::changes_text`]). A blocked
+//! stream ends with an error event in the API's format, framed like the
+//! rest.
 
 use serde_json::{json, Value};
 
@@ -25,10 +30,17 @@ use super::json_edit::{self, Edits, Seg};
 use super::response::{leaves, Blocked, BlockedBy, GuardTally, Leaf, ResponseGuard};
 use super::Hit;
 use crate::answer::{self, Channel as ChanKey, Item, Piece, Step, TextKind, LEGACY_FUNCTION_CALL};
+use crate::framing::{Framing, Splitter, Unit};
 use crate::sse;
 use crate::wire::ApiKind;
 
-/// Largest single SSE event accepted; a longer one blocks the stream.
+/// Why a stream that cannot be read is blocked.
+const UNINSPECTABLE: Blocked = Blocked {
+    by: BlockedBy::Uninspectable,
+};
+
+/// Largest single event (or JSON value) accepted; a longer one blocks the
+/// stream.
 pub const MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
 /// Most characters one channel holds back while a detection (typically an
 /// unterminated PEM block) is still open; past that the held text is
@@ -57,7 +69,8 @@ struct Template {
 }
 
 impl Template {
-    fn render(&self, text: &str) -> Vec<u8> {
+    /// The event's JSON with `text` in the channel's field.
+    fn json(&self, text: &str) -> String {
         let mut v = self.value.clone();
         let mut cur = &mut v;
         for (i, seg) in self.path.iter().enumerate() {
@@ -77,7 +90,7 @@ impl Template {
                 None => break,
             }
         }
-        sse::event_bytes(self.event.as_deref(), &v.to_string())
+        v.to_string()
     }
 }
 
@@ -97,40 +110,39 @@ struct Channel {
     open_pem: bool,
 }
 
-/// Rewrites one SSE response stream. Feed it the body chunks as they come
-/// ([`SseStreamMasker::push`]) and send what it returns; at the end of the
-/// stream send what [`SseStreamMasker::finish`] returns.
+/// Rewrites one streamed answer (server-sent events, JSON lines or a JSON
+/// array, as [`Framing`] says). Feed it the body chunks as they come
+/// ([`StreamMasker::push`]) and send what it returns; at the end of the
+/// stream send what [`StreamMasker::finish`] returns.
 #[derive(Debug)]
-pub struct SseStreamMasker {
+pub struct StreamMasker {
     api: ApiKind,
     guard: ResponseGuard,
     active: bool,
-    buf: Vec<u8>,
-    /// Start of the unconsumed bytes in `buf`.
-    pos: usize,
-    /// Where to resume looking for the end of the current event.
-    scan: usize,
+    splitter: Splitter,
     channels: Vec<Channel>,
     tally: GuardTally,
     blocked: Option<Blocked>,
     done: bool,
+    /// A unit went out (with an array's `[`).
+    sent: bool,
 }
 
-impl SseStreamMasker {
-    /// A masker for a stream of API `api` guarded by `guard`.
-    pub fn new(api: ApiKind, guard: ResponseGuard) -> SseStreamMasker {
+impl StreamMasker {
+    /// A masker for a stream of API `api` framed as `framing`, guarded by
+    /// `guard`.
+    pub fn new(api: ApiKind, guard: ResponseGuard, framing: Framing) -> StreamMasker {
         let active = guard.is_active();
-        SseStreamMasker {
+        StreamMasker {
             api,
             guard,
             active,
-            buf: Vec::new(),
-            pos: 0,
-            scan: 0,
+            splitter: Splitter::new(framing),
             channels: Vec::new(),
             tally: GuardTally::default(),
             blocked: None,
             done: false,
+            sent: false,
         }
     }
 
@@ -143,21 +155,20 @@ impl SseStreamMasker {
         if !self.active {
             return chunk.to_vec();
         }
-        self.buf.extend_from_slice(chunk);
+        self.splitter.push(chunk);
         let mut out = Vec::new();
-        while let Some(event) = self.take_event(false) {
-            if let Err(b) = self.on_event(&event, &mut out) {
+        loop {
+            let unit = match self.splitter.next_complete() {
+                Ok(Some(unit)) => unit,
+                Ok(None) => break,
+                Err(_) => return self.block(UNINSPECTABLE, out),
+            };
+            if let Err(b) = self.on_unit(&unit, &mut out) {
                 return self.block(b, out);
             }
         }
-        self.compact();
-        if self.buf.len() > MAX_EVENT_BYTES {
-            return self.block(
-                Blocked {
-                    by: BlockedBy::Uninspectable,
-                },
-                out,
-            );
+        if self.splitter.buffered() > MAX_EVENT_BYTES {
+            return self.block(UNINSPECTABLE, out);
         }
         out
     }
@@ -173,22 +184,27 @@ impl SseStreamMasker {
             return Vec::new();
         }
         let mut out = Vec::new();
-        if !self.buf.is_empty() {
-            if self.buf.iter().all(u8::is_ascii_whitespace) {
-                out.append(&mut self.buf);
-            } else {
-                self.buf.extend_from_slice(b"\n\n");
-                while let Some(event) = self.take_event(true) {
-                    if let Err(b) = self.on_event(&event, &mut out) {
-                        return self.block(b, out);
-                    }
-                }
-                self.compact();
-                out.append(&mut self.buf);
+        let Ok((units, rest)) = self.splitter.finish() else {
+            return self.block(UNINSPECTABLE, out);
+        };
+        for unit in &units {
+            if let Err(b) = self.on_unit(unit, &mut out) {
+                return self.block(b, out);
             }
         }
-        if let Err(b) = self.flush(|_| true, &mut out) {
+        if let Err(b) = self.flush(|_| true, true, &mut out) {
             return self.block(b, out);
+        }
+        if rest.partial {
+            // A value cut short: read as text.
+            let text = String::from_utf8_lossy(&rest.bytes);
+            match self.guard.process_full(&text, &mut self.tally, true) {
+                Ok(Some(masked)) => out.extend_from_slice(masked.as_bytes()),
+                Ok(None) => out.extend_from_slice(&rest.bytes),
+                Err(b) => return self.block(b, out),
+            }
+        } else {
+            out.extend_from_slice(&rest.bytes);
         }
         out
     }
@@ -208,40 +224,42 @@ impl SseStreamMasker {
     }
 
     fn block(&mut self, b: Blocked, mut before: Vec<u8>) -> Vec<u8> {
-        // Text released earlier in this call is clean; the event that hit
+        // Text released earlier in this call is clean; the unit that hit
         // the block is not in `before`.
-        before.extend_from_slice(&b.sse_event(self.api));
+        let framing = self.splitter.framing();
+        let end = framing.error_end(
+            b.sse_event(self.api),
+            &b.error_value(self.api).to_string(),
+            !self.sent,
+        );
+        before.extend_from_slice(&end);
         self.blocked = Some(b);
-        self.buf.clear();
-        self.pos = 0;
-        self.scan = 0;
+        self.splitter.clear();
         self.channels.clear();
         before
     }
 
-    /// Returns the next complete event (through its blank line) and marks
-    /// it consumed; [`SseStreamMasker::compact`] drops consumed bytes.
-    fn take_event(&mut self, at_end: bool) -> Option<Vec<u8>> {
-        match sse::event_end(&self.buf, self.scan.max(self.pos), at_end) {
-            Ok(end) => {
-                let event = self.buf.get(self.pos..end).unwrap_or_default().to_vec();
-                self.pos = end;
-                self.scan = end;
-                Some(event)
-            }
-            Err(resume) => {
-                self.scan = resume;
-                None
+    fn on_unit(&mut self, unit: &Unit, out: &mut Vec<u8>) -> Result<(), Blocked> {
+        match unit {
+            Unit::Event(raw) => self.on_event(raw, out)?,
+            Unit::Value { raw, value } => {
+                let data = String::from_utf8_lossy(raw.get(value.clone()).unwrap_or_default());
+                let mut pre = Vec::new();
+                let new_data = match serde_json::from_str::<Value>(&data) {
+                    Ok(v) => self.on_json(None, &data, &v, &mut pre)?,
+                    Err(_) => self.guard.process_full(&data, &mut self.tally, true)?,
+                };
+                out.extend_from_slice(raw.get(..value.start).unwrap_or_default());
+                out.extend_from_slice(&pre);
+                match new_data {
+                    Some(d) => out.extend_from_slice(d.as_bytes()),
+                    None => out.extend_from_slice(raw.get(value.clone()).unwrap_or_default()),
+                }
+                out.extend_from_slice(raw.get(value.end..).unwrap_or_default());
             }
         }
-    }
-
-    /// Forgets the bytes of events already handled.
-    fn compact(&mut self) {
-        let n = self.pos.min(self.buf.len());
-        self.buf.drain(..n);
-        self.scan = self.scan.saturating_sub(n);
-        self.pos = 0;
+        self.sent = true;
+        Ok(())
     }
 
     fn on_event(&mut self, raw: &[u8], out: &mut Vec<u8>) -> Result<(), Blocked> {
@@ -251,7 +269,7 @@ impl SseStreamMasker {
             return Ok(());
         };
         if data.trim() == "[DONE]" {
-            self.flush(|_| true, out)?;
+            self.flush(|_| true, false, out)?;
             out.extend_from_slice(raw);
             return Ok(());
         }
@@ -268,7 +286,7 @@ impl SseStreamMasker {
         Ok(())
     }
 
-    /// Handles one JSON data event; returns its new data when changed.
+    /// Handles one JSON event; returns its new JSON when changed.
     fn on_json(
         &mut self,
         event: Option<&str>,
@@ -293,11 +311,12 @@ impl SseStreamMasker {
                     &mut handled,
                 )
             }
-            Item::End(a) => self.flush(|k| k.a == a, pre),
-            Item::EndAll => self.flush(|_| true, pre),
+            Item::End(a) => self.flush(|k| k.a == a, false, pre),
+            Item::EndAll => self.flush(|_| true, false, pre),
             Item::Usage(_) => Ok(()),
         })?;
-        for (path, leaf) in leaves(value, self.guard.changes_text()) {
+        let tokens = answer::token_fields(api);
+        for (path, leaf) in leaves(value, tokens, self.guard.changes_text()) {
             if handled.iter().any(|h| path.starts_with(h)) {
                 continue;
             }
@@ -322,9 +341,7 @@ impl SseStreamMasker {
         }
         match json_edit::apply(data.as_bytes(), &edits) {
             Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
-            Err(_) => Err(Blocked {
-                by: BlockedBy::Uninspectable,
-            }),
+            Err(_) => Err(UNINSPECTABLE),
         }
     }
 
@@ -371,15 +388,22 @@ impl SseStreamMasker {
     }
 
     /// Releases everything held by the channels selected by `pred`, as extra
-    /// events appended to `out`.
-    fn flush(&mut self, pred: impl Fn(&ChanKey) -> bool, out: &mut Vec<u8>) -> Result<(), Blocked> {
+    /// units appended to `out` (`at_end`: after the stream's last unit).
+    fn flush(
+        &mut self,
+        pred: impl Fn(&ChanKey) -> bool,
+        at_end: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Blocked> {
+        let framing = self.splitter.framing();
         for ch in self.channels.iter_mut().filter(|c| pred(&c.key)) {
             if ch.pending.is_empty() && !ch.swallow {
                 continue;
             }
             let text = feed(&self.guard, &mut self.tally, ch, "", true)?;
             if !text.is_empty() {
-                out.extend_from_slice(&ch.template.render(&text));
+                let json = ch.template.json(&text);
+                out.extend_from_slice(&framing.extra(ch.template.event.as_deref(), &json, at_end));
             }
         }
         Ok(())
@@ -410,7 +434,12 @@ fn template(api: ApiKind, event: Option<&str>, v: &Value, p: &Piece<'_>) -> Temp
     };
     match api {
         // OpenAI chat.completion.chunk and text_completion.
-        ApiKind::OpenaiChat | ApiKind::OpenaiCompletions | ApiKind::OpenaiEmbeddings => {
+        ApiKind::OpenaiChat
+        | ApiKind::OpenaiCompletions
+        | ApiKind::OpenaiEmbeddings
+        | ApiKind::AzureOpenaiChat
+        | ApiKind::AzureOpenaiCompletions
+        | ApiKind::AzureOpenaiEmbeddings => {
             let mut env = envelope(&["id", "object", "created", "model", "system_fingerprint"]);
             let (choice, path) = match kind {
                 TextKind::Text => (
@@ -454,7 +483,9 @@ fn template(api: ApiKind, event: Option<&str>, v: &Value, p: &Piece<'_>) -> Temp
             }
         }
         // Anthropic message events: a content_block_delta of the block.
-        ApiKind::AnthropicMessages => {
+        // (Bedrock's streams are never read as events: see
+        // `framing::streams_readable`.)
+        ApiKind::AnthropicMessages | ApiKind::BedrockInvoke | ApiKind::BedrockConverse => {
             let delta_type = match kind {
                 TextKind::Thinking => "thinking_delta",
                 TextKind::ToolArguments => "input_json_delta",
@@ -482,6 +513,35 @@ fn template(api: ApiKind, event: Option<&str>, v: &Value, p: &Piece<'_>) -> Temp
                 event: None,
                 value: Value::Object(env),
                 path: vec!["candidates", "0", "content", "parts", "0", "text"],
+            }
+        }
+        // An Ollama line: its model and time, the text, not done.
+        ApiKind::OllamaChat | ApiKind::OllamaGenerate => {
+            let mut env = envelope(&["model", "created_at"]);
+            let mut text = serde_json::Map::new();
+            text.insert(
+                if api == ApiKind::OllamaChat {
+                    "content"
+                } else {
+                    "response"
+                }
+                .into(),
+                json!(""),
+            );
+            text.insert(field.into(), json!(""));
+            let path = if api == ApiKind::OllamaChat {
+                text.insert("role".into(), json!("assistant"));
+                env.insert("message".into(), Value::Object(text));
+                vec!["message", field]
+            } else {
+                env.extend(text);
+                vec![field]
+            };
+            env.insert("done".into(), json!(false));
+            Template {
+                event: None,
+                value: Value::Object(env),
+                path,
             }
         }
         // OpenAI Responses: the same event with empty text.
@@ -659,6 +719,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::super::{mask_request, MaskingConfig, RestoreMap};
     use super::*;
+    use crate::json_stream::Layout;
     use crate::policy::{ContentPolicy, RequestFacts};
 
     const MASKING: &str = r#"{"salt":"test-salt-0123456789","profiles":{"default":{
@@ -692,6 +753,13 @@ mod tests {
         )
     }
 
+    /// `text` masked whole, as a plain answer would be.
+    fn plainly_masked(g: &ResponseGuard, text: &str) -> String {
+        g.process_full(text, &mut GuardTally::default(), false)
+            .unwrap()
+            .unwrap()
+    }
+
     fn chunks(text: &str, n: usize) -> Vec<String> {
         let chars: Vec<char> = text.chars().collect();
         chars.chunks(n).map(|c| c.iter().collect()).collect()
@@ -705,7 +773,7 @@ mod tests {
         let full: String = tokens.concat();
         let mut s = String::new();
         match api {
-            ApiKind::OpenaiChat => {
+            ApiKind::OpenaiChat | ApiKind::AzureOpenaiChat => {
                 let env = |choice: Value| json!({"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[choice]});
                 s.push_str(": keep-alive comment\n\n");
                 s.push_str(&data(env(json!({"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}))));
@@ -718,7 +786,7 @@ mod tests {
                 s.push_str(&data(json!({"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[],"usage":{"total_tokens":9}})));
                 s.push_str("data: [DONE]\n\n");
             }
-            ApiKind::OpenaiCompletions => {
+            ApiKind::OpenaiCompletions | ApiKind::AzureOpenaiCompletions => {
                 for t in tokens {
                     s.push_str(&data(json!({"id":"c","object":"text_completion","choices":[{"text":t,"index":0,"logprobs":null,"finish_reason":null}]})));
                 }
@@ -766,13 +834,57 @@ mod tests {
                 s.push_str(&ev(json!({"type":"response.output_text.done","sequence_number":3,"item_id":"i","output_index":0,"content_index":0,"text":full})));
                 s.push_str(&ev(json!({"type":"response.completed","sequence_number":4,"response":{"id":"r","status":"completed","output":[{"type":"message","id":"i","role":"assistant","content":[{"type":"output_text","text":full,"annotations":[]}]}]}})));
             }
-            ApiKind::OpenaiEmbeddings => {}
+            ApiKind::OllamaChat | ApiKind::OllamaGenerate => {
+                let line = |text: &str, done: bool| {
+                    let mut v = if api == ApiKind::OllamaChat {
+                        json!({"model":"llama3","created_at":"2025-01-02T03:04:05.123456789Z","message":{"role":"assistant","content":text},"done":done})
+                    } else {
+                        json!({"model":"llama3","created_at":"2025-01-02T03:04:05.123456789Z","response":text,"done":done})
+                    };
+                    if done {
+                        v["done_reason"] = json!("stop");
+                        v["prompt_eval_count"] = json!(7);
+                        v["eval_count"] = json!(tokens.len());
+                    }
+                    format!("{v}\n")
+                };
+                for t in tokens {
+                    s.push_str(&line(t, false));
+                }
+                s.push_str(&line("", true));
+            }
+            // No streams of their own here: embeddings have none, and
+            // Bedrock's are refused where anything reads them.
+            ApiKind::OpenaiEmbeddings
+            | ApiKind::AzureOpenaiEmbeddings
+            | ApiKind::BedrockConverse
+            | ApiKind::BedrockInvoke => {}
         }
         s
     }
 
-    /// Parses SSE output into (event, data) pairs; every JSON data must parse.
-    fn events(out: &[u8]) -> Vec<(Option<String>, String)> {
+    /// How the answers of `api` are framed in these tests.
+    fn framing_of(api: ApiKind) -> Framing {
+        match api {
+            ApiKind::OllamaChat | ApiKind::OllamaGenerate => Framing::Json(Layout::Lines),
+            _ => Framing::Sse,
+        }
+    }
+
+    /// Parses output into (event, data) pairs (JSON lines: one per line);
+    /// every JSON data must parse.
+    fn events(api: ApiKind, out: &[u8]) -> Vec<(Option<String>, String)> {
+        if framing_of(api) != Framing::Sse {
+            let text = String::from_utf8(out.to_vec()).unwrap();
+            assert!(text.is_empty() || text.ends_with('\n'), "{text}");
+            return text
+                .lines()
+                .map(|l| {
+                    assert!(!l.trim().is_empty(), "a blank line in {text:?}");
+                    (None, l.to_string())
+                })
+                .collect();
+        }
         let text = String::from_utf8(out.to_vec())
             .unwrap()
             .replace("\r\n", "\n");
@@ -800,7 +912,7 @@ mod tests {
     fn assembled(api: ApiKind, out: &[u8]) -> (String, Option<Value>) {
         let mut text = String::new();
         let mut error = None;
-        for (_, d) in events(out) {
+        for (_, d) in events(api, out) {
             if d == "[DONE]" {
                 continue;
             }
@@ -811,10 +923,13 @@ mod tests {
                 continue;
             }
             let piece = match api {
-                ApiKind::OpenaiChat => v["choices"][0]["delta"]["content"]
+                ApiKind::OpenaiChat | ApiKind::AzureOpenaiChat => v["choices"][0]["delta"]
+                    ["content"]
                     .as_str()
                     .map(str::to_string),
-                ApiKind::OpenaiCompletions => v["choices"][0]["text"].as_str().map(str::to_string),
+                ApiKind::OpenaiCompletions | ApiKind::AzureOpenaiCompletions => {
+                    v["choices"][0]["text"].as_str().map(str::to_string)
+                }
                 ApiKind::AnthropicMessages => v["delta"]["text"]
                     .as_str()
                     .or_else(|| v["content_block"]["text"].as_str())
@@ -841,15 +956,20 @@ mod tests {
                     (v["type"] == "response.output_text.delta")
                         .then(|| v["delta"].as_str().unwrap().to_string())
                 }
-                ApiKind::OpenaiEmbeddings => None,
+                ApiKind::OllamaChat => v["message"]["content"].as_str().map(str::to_string),
+                ApiKind::OllamaGenerate => v["response"].as_str().map(str::to_string),
+                ApiKind::OpenaiEmbeddings
+                | ApiKind::AzureOpenaiEmbeddings
+                | ApiKind::BedrockConverse
+                | ApiKind::BedrockInvoke => None,
             };
             text.push_str(&piece.unwrap_or_default());
         }
         (text, error)
     }
 
-    fn run(api: ApiKind, g: &ResponseGuard, parts: &[&[u8]]) -> (Vec<u8>, SseStreamMasker) {
-        let mut m = SseStreamMasker::new(api, g.clone());
+    fn run(api: ApiKind, g: &ResponseGuard, parts: &[&[u8]]) -> (Vec<u8>, StreamMasker) {
+        let mut m = StreamMasker::new(api, g.clone(), framing_of(api));
         let mut out = Vec::new();
         for p in parts {
             out.extend(m.push(p));
@@ -864,6 +984,9 @@ mod tests {
         ApiKind::AnthropicMessages,
         ApiKind::GeminiGenerateContent,
         ApiKind::OpenaiResponses,
+        ApiKind::OllamaChat,
+        ApiKind::OllamaGenerate,
+        ApiKind::AzureOpenaiChat,
     ];
 
     fn check(api: ApiKind, out: &[u8], expected: &str, what: &str) {
@@ -883,10 +1006,7 @@ mod tests {
     fn streamed_text_equals_plain_masking_for_any_chunking() {
         let (g, pseudonym) = guard("{}");
         let text = answer(&pseudonym);
-        let expected = g
-            .process_full(&text, &mut GuardTally::default(), false)
-            .unwrap()
-            .unwrap();
+        let expected = plainly_masked(&g, &text);
         assert!(
             expected.contains("bob@corp.example.org"),
             "restored: {expected}"
@@ -937,10 +1057,7 @@ mod tests {
             "x".repeat(60),
             "y".repeat(40)
         );
-        let expected = g
-            .process_full(&text, &mut GuardTally::default(), false)
-            .unwrap()
-            .unwrap();
+        let expected = plainly_masked(&g, &text);
         for api in APIS {
             let s = stream(*api, &chunks(&text, 9));
             let b = s.as_bytes();
@@ -958,7 +1075,7 @@ mod tests {
         let (out, _) = run(ApiKind::OpenaiChat, &g, &[s.as_bytes()]);
         let out = String::from_utf8(out).unwrap();
         assert!(out.starts_with(": keep-alive comment\n\n"), "{out}");
-        let evs = events(out.as_bytes());
+        let evs = events(ApiKind::OpenaiChat, out.as_bytes());
         let first: Value = serde_json::from_str(&evs[0].1).unwrap();
         assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
         let n = evs.len();
@@ -1023,8 +1140,13 @@ mod tests {
                     "{api:?}: nothing after the block"
                 );
                 let out_s = String::from_utf8(out.clone()).unwrap();
-                let last = events(&out).pop().unwrap();
+                let last = events(*api, &out).pop().unwrap();
                 match api {
+                    ApiKind::OllamaChat | ApiKind::OllamaGenerate => {
+                        assert_eq!(last.0, None);
+                        assert_eq!(error["code"], "response_blocked");
+                        assert!(error["error"].as_str().unwrap().contains("no-launch"));
+                    }
                     ApiKind::AnthropicMessages => {
                         assert_eq!(last.0.as_deref(), Some("error"));
                         assert_eq!(error["error"]["type"], "permission_error");
@@ -1083,9 +1205,9 @@ mod tests {
         assert!(m.clone_output_is_empty());
     }
 
-    impl SseStreamMasker {
+    impl StreamMasker {
         fn clone_output_is_empty(&self) -> bool {
-            self.buf.is_empty() && self.channels.is_empty()
+            self.splitter.buffered() == 0 && self.channels.is_empty()
         }
     }
 
@@ -1134,7 +1256,7 @@ mod tests {
         let (out, _) = run(ApiKind::OpenaiChat, &g, &[s.as_bytes()]);
         let mut args = String::new();
         let mut content = String::new();
-        for (_, d) in events(&out) {
+        for (_, d) in events(ApiKind::OpenaiChat, &out) {
             if d == "[DONE]" {
                 continue;
             }
@@ -1170,12 +1292,128 @@ mod tests {
                 assert!(!String::from_utf8_lossy(&out).contains("jane@"), "{api:?}");
             }
         }
-        let mut m = SseStreamMasker::new(ApiKind::OpenaiChat, g);
+        let mut m = StreamMasker::new(ApiKind::OpenaiChat, g, Framing::Sse);
         let big = vec![b'a'; MAX_EVENT_BYTES + 1];
         let out = m.push(&big);
         assert_eq!(m.blocked().unwrap().by, BlockedBy::Uninspectable);
         assert!(String::from_utf8(out).unwrap().contains("response_blocked"));
         assert!(m.push(b"data: x\n\n").is_empty() && m.finish().is_empty());
+    }
+
+    /// Gemini's `streamGenerateContent` without `alt=sse`: one JSON array,
+    /// sent element by element.
+    fn gemini_array(tokens: &[String]) -> String {
+        let mut s = String::from("[");
+        for (i, t) in tokens.iter().enumerate() {
+            if i > 0 {
+                s.push_str("\r\n,\r\n");
+            }
+            let mut cand = json!({"content":{"parts":[{"text":t}],"role":"model"},"index":0});
+            if i + 1 == tokens.len() {
+                cand["finishReason"] = json!("STOP");
+            }
+            s.push_str(&json!({"candidates":[cand],"modelVersion":"gemini-x"}).to_string());
+        }
+        s.push_str("]\n");
+        s
+    }
+
+    fn array_text(out: &[u8]) -> (String, Option<Value>) {
+        let v: Value = serde_json::from_slice(out).unwrap_or_else(|e| {
+            panic!("not one JSON array ({e}): {}", String::from_utf8_lossy(out))
+        });
+        let mut text = String::new();
+        let mut error = None;
+        for element in v.as_array().unwrap() {
+            if element.get("error").is_some() {
+                error = Some(element.clone());
+                continue;
+            }
+            text.push_str(
+                element["candidates"][0]["content"]["parts"][0]["text"]
+                    .as_str()
+                    .unwrap(),
+            );
+        }
+        (text, error)
+    }
+
+    #[test]
+    fn a_gemini_array_stream_is_masked_element_by_element() {
+        let (g, pseudonym) = guard("{}");
+        let text = answer(&pseudonym);
+        let expected = plainly_masked(&g, &text);
+        let array = Framing::Json(Layout::Array);
+        for per_element in [1, 4, 13] {
+            let s = gemini_array(&chunks(&text, per_element));
+            for chunk in [1, 5, s.len()] {
+                let mut m = StreamMasker::new(ApiKind::GeminiGenerateContent, g.clone(), array);
+                let mut out = Vec::new();
+                for piece in s.as_bytes().chunks(chunk) {
+                    out.extend(m.push(piece));
+                }
+                out.extend(m.finish());
+                let (got, error) = array_text(&out);
+                assert!(error.is_none());
+                assert_eq!(got, expected, "{per_element} chars, {chunk}-byte chunks");
+                for secret in RAW {
+                    assert!(!String::from_utf8_lossy(&out).contains(secret));
+                }
+            }
+        }
+        // Blocked mid-array: the array is closed with the error.
+        let (g, _) =
+            guard(r#"{"response_rules":[{"name":"no-launch","phrases":["launch code"]}]}"#);
+        let s = gemini_array(&chunks(
+            &format!(
+                "{} the launch code is 1 {}",
+                "a".repeat(200),
+                "b".repeat(50)
+            ),
+            3,
+        ));
+        let mut m = StreamMasker::new(ApiKind::GeminiGenerateContent, g, array);
+        let mut out = m.push(s.as_bytes());
+        out.extend(m.finish());
+        let (got, error) = array_text(&out);
+        assert!(!got.contains("launch") && got.starts_with("aaa"), "{got}");
+        assert_eq!(error.unwrap()["error"]["status"], "PERMISSION_DENIED");
+    }
+
+    #[test]
+    fn ollama_context_token_ids_go_where_the_text_is_changed() {
+        let lines = concat!(
+            "{\"model\":\"m\",\"created_at\":\"2025-01-02T03:04:05Z\",\"response\":\"mail jane@example.com\",\"done\":false}\n",
+            "{\"model\":\"m\",\"created_at\":\"2025-01-02T03:04:05Z\",\"response\":\"\",\"done\":true,\"context\":[1,2,3],\"eval_count\":3}\n",
+        );
+        let (g, _) = guard("{}");
+        let (out, _) = run(ApiKind::OllamaGenerate, &g, &[lines.as_bytes()]);
+        let evs = events(ApiKind::OllamaGenerate, &out);
+        let last: Value = serde_json::from_str(&evs.last().unwrap().1).unwrap();
+        assert_eq!(last["context"], json!([]));
+        assert_eq!(last["eval_count"], 3);
+        assert_eq!(last["created_at"], "2025-01-02T03:04:05Z");
+        assert!(assembled(ApiKind::OllamaGenerate, &out)
+            .0
+            .starts_with("mail <EMAIL_"));
+        // Where nothing changes the text, the caller keeps them.
+        let monitor = MaskingConfig::from_json(
+            br#"{"profiles":{"default":{"detectors":{"email":"monitor"}}}}"#,
+        )
+        .unwrap();
+        let g = ResponseGuard::new(
+            monitor.default_profile(),
+            RestoreMap::default(),
+            Default::default(),
+        );
+        let (out, _) = run(ApiKind::OllamaGenerate, &g, &[lines.as_bytes()]);
+        let evs = events(ApiKind::OllamaGenerate, &out);
+        let last: Value = serde_json::from_str(&evs.last().unwrap().1).unwrap();
+        assert_eq!(last["context"], json!([1, 2, 3]));
+        assert_eq!(
+            assembled(ApiKind::OllamaGenerate, &out).0,
+            "mail jane@example.com"
+        );
     }
 
     #[test]
@@ -1230,7 +1468,7 @@ mod bench {
             let iters = 20;
             let start = std::time::Instant::now();
             for _ in 0..iters {
-                let mut m = SseStreamMasker::new(ApiKind::OpenaiChat, guard.clone());
+                let mut m = StreamMasker::new(ApiKind::OpenaiChat, guard.clone(), Framing::Sse);
                 let mut n = 0;
                 for chunk in sse.as_bytes().chunks(512) {
                     n += m.push(chunk).len();

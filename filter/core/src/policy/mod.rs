@@ -37,7 +37,7 @@
 //! * A request denial is a 403 in the API's own error format naming the
 //!   rule ([`PolicyOutcome::refusal`]). A response match replaces a plain
 //!   response by an error, or ends a stream with an error event
-//!   ([`crate::mask::ResponseGuard`], [`crate::mask::SseStreamMasker`]).
+//!   ([`crate::mask::ResponseGuard`], [`crate::mask::StreamMasker`]).
 
 use std::cell::OnceCell;
 use std::sync::Arc;
@@ -656,15 +656,22 @@ impl PromptText {
 /// The output-token limit a request asks for, in every spelling its API
 /// accepts (`max_tokens`, `max_completion_tokens`, `max_output_tokens`;
 /// Gemini's `generationConfig.maxOutputTokens` with either spelling of
-/// either name, as protobuf JSON reads both), for
+/// either name, as protobuf JSON reads both; Ollama's
+/// `options.num_predict`), for
 /// [`RequestFacts::max_tokens`]. The largest wins. Fractions round up; a
 /// value that is not a number counts as unlimited (`u64::MAX`), so that it
 /// cannot slip under a cap.
 pub fn requested_max_tokens(api: ApiKind, body: &Value) -> Option<u64> {
     let v = body;
     let keys: &[&[&str]] = match api {
-        ApiKind::OpenaiChat => &[&["max_completion_tokens"], &["max_tokens"]],
-        ApiKind::OpenaiCompletions | ApiKind::AnthropicMessages => &[&["max_tokens"]],
+        ApiKind::OpenaiChat | ApiKind::AzureOpenaiChat => {
+            &[&["max_completion_tokens"], &["max_tokens"]]
+        }
+        ApiKind::OpenaiCompletions
+        | ApiKind::AzureOpenaiCompletions
+        | ApiKind::AnthropicMessages
+        | ApiKind::BedrockInvoke => &[&["max_tokens"]],
+        ApiKind::BedrockConverse => &[&["inferenceConfig", "maxTokens"]],
         ApiKind::OpenaiResponses => &[&["max_output_tokens"]],
         ApiKind::GeminiGenerateContent => &[
             &["generationConfig", "maxOutputTokens"],
@@ -672,8 +679,11 @@ pub fn requested_max_tokens(api: ApiKind, body: &Value) -> Option<u64> {
             &["generation_config", "max_output_tokens"],
             &["generation_config", "maxOutputTokens"],
         ],
-        ApiKind::OpenaiEmbeddings => &[],
+        ApiKind::OllamaChat | ApiKind::OllamaGenerate => &[&["options", "num_predict"]],
+        ApiKind::OpenaiEmbeddings | ApiKind::AzureOpenaiEmbeddings => &[],
     };
+    // Ollama reads a negative `num_predict` as no limit at all.
+    let negative_is_unlimited = matches!(api, ApiKind::OllamaChat | ApiKind::OllamaGenerate);
     let mut best: Option<u64> = None;
     for path in keys {
         let mut cur = Some(v);
@@ -684,6 +694,7 @@ pub fn requested_max_tokens(api: ApiKind, body: &Value) -> Option<u64> {
             None | Some(Value::Null) => continue,
             Some(Value::Number(n)) => match (n.as_u64(), n.as_f64()) {
                 (Some(u), _) => u,
+                (None, Some(f)) if f < 0.0 && negative_is_unlimited => u64::MAX,
                 (None, Some(f)) if f <= 0.0 => 0,
                 (None, Some(f)) if f < 1.8e19 => f.ceil() as u64,
                 _ => u64::MAX,
@@ -1005,6 +1016,22 @@ mod tests {
             ),
             (ApiKind::OpenaiEmbeddings, r#"{"max_tokens":5}"#, None),
             (ApiKind::OpenaiChat, r#"{"max_tokens":-3}"#, Some(0)),
+            (
+                ApiKind::OllamaChat,
+                r#"{"options":{"num_predict":128}}"#,
+                Some(128),
+            ),
+            (
+                ApiKind::BedrockConverse,
+                r#"{"inferenceConfig":{"maxTokens":300}}"#,
+                Some(300),
+            ),
+            // Ollama reads -1 (and -2) as no limit.
+            (
+                ApiKind::OllamaGenerate,
+                r#"{"options":{"num_predict":-1}}"#,
+                Some(u64::MAX),
+            ),
         ] {
             let body: Value = serde_json::from_str(body).unwrap();
             assert_eq!(requested_max_tokens(api, &body), want, "{body}");
