@@ -173,6 +173,61 @@ def test_response_rule_blocks_mid_stream(masked):
     assert recs[0]["response"]["blocked_by"] == "no-launch-codes"
 
 
+# An answer as a model streams it, one word per event with a pause between
+# events: prose around an address, a phone number over three events and a key.
+STREAMED_REPLY = (f"Sure, here is what you asked for. Please write to {EMAIL} or call +1 (415) 555-0132 "
+                  f"about the invoice, and keep the key {AWS} out of the wiki. Thanks for waiting, have a nice day.")
+STREAM_HEADERS = {"x-demo-reply": STREAMED_REPLY, "x-demo-chunk-delay-ms": "150"}
+
+
+def check_streamed_answer(masked, pieces):
+    """`pieces`: (text, answers the model was still streaming) per text event
+    the SDK yielded."""
+    text = "".join(t for t, _ in pieces)
+    assert EMAIL not in text and AWS not in text and "555-0132" not in text
+    assert "<EMAIL_" in text and "[AWS_ACCESS_KEY]" in text and "[PHONE]" in text, text
+    assert text.startswith("Sure, here is what you asked for.") and text.endswith("have a nice day."), text
+    words = len(STREAMED_REPLY.split())
+    early = [t for t, streaming in pieces if streaming]
+    # Text goes out as the model writes it: most words arrive in their own
+    # event, and while the model is still answering (with a fixed hold-back
+    # window the first text came after some 160 characters; before that,
+    # at the end of the answer).
+    assert len(pieces) >= words * 2 // 3, pieces
+    assert len(early) >= words // 2, pieces
+    assert pieces[0][1] and pieces[0][0].startswith("Sure"), pieces
+
+
+def test_the_openai_sdk_streams_a_masked_answer_as_it_is_written(masked):
+    import openai
+
+    client = openai.OpenAI(base_url=masked.url + "/v1", api_key="unused", default_headers=STREAM_HEADERS)
+    pieces = []
+    stream = client.chat.completions.create(model="demo-allow", stream=True,
+                                            messages=[{"role": "user", "content": "the contact details?"}])
+    with stream:
+        for chunk in stream:
+            text = "".join(c.delta.content or "" for c in chunk.choices)
+            if text:
+                pieces.append((text, masked.backend.stats()["streaming"] > 0))
+    check_streamed_answer(masked, pieces)
+
+
+def test_the_anthropic_sdk_streams_a_masked_answer_as_it_is_written(masked):
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=masked.url, api_key="unused", default_headers=STREAM_HEADERS)
+    pieces = []
+    with client.messages.stream(model="demo-allow", max_tokens=200,
+                                messages=[{"role": "user", "content": "the contact details?"}]) as stream:
+        for text in stream.text_stream:
+            if text:
+                pieces.append((text, masked.backend.stats()["streaming"] > 0))
+        final = stream.get_final_message()
+    check_streamed_answer(masked, pieces)
+    assert final.content[0].text == "".join(t for t, _ in pieces)
+
+
 def test_plain_response_is_masked_and_blocked(masked):
     r = httpx.post(masked.url + "/v1/chat/completions", json=chat(model="demo-allow", text="hi"),
                    headers={"x-demo-reply": f"write to {EMAIL}"})

@@ -60,6 +60,8 @@ pub const TRAILERS_HEADER: &str = "x-demo-trailers";
 pub struct Demo {
     started: AtomicU64,
     completed: AtomicU64,
+    /// Streamed answers whose last event has not been sent yet.
+    streaming: AtomicU64,
     next_id: AtomicU64,
     log: Mutex<VecDeque<LoggedRequest>>,
 }
@@ -174,7 +176,34 @@ async fn track(State(demo): State<Shared>, req: Request, next: Next) -> Response
         .run(Request::from_parts(parts, Body::from(bytes)))
         .await;
     demo.completed.fetch_add(1, Ordering::Relaxed);
-    response
+    count_streaming(demo, response)
+}
+
+/// Counts an event stream in `streaming` until its body has been sent (or
+/// dropped), so a test can tell that an event reached it while the model
+/// was still answering.
+fn count_streaming(demo: Shared, response: Response) -> Response {
+    let is_stream = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if !is_stream {
+        return response;
+    }
+    struct Sending(Shared);
+    impl Drop for Sending {
+        fn drop(&mut self) {
+            self.0.streaming.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    demo.streaming.fetch_add(1, Ordering::Relaxed);
+    let sending = Sending(demo);
+    let (parts, body) = response.into_parts();
+    let body = body.into_data_stream().map(move |chunk| {
+        let _ = &sending;
+        chunk
+    });
+    Response::from_parts(parts, Body::from_stream(body))
 }
 
 // ---------------------------------------------------------------- gzip
@@ -1799,7 +1828,9 @@ async fn not_found(method: Method, uri: Uri) -> Response {
 
 async fn stats(State(demo): State<Shared>) -> Response {
     let (started, completed) = demo.counts();
-    Json(json!({"started": started, "completed": completed})).into_response()
+    let streaming = demo.streaming.load(Ordering::Relaxed);
+    Json(json!({"started": started, "completed": completed, "streaming": streaming}))
+        .into_response()
 }
 
 async fn requests(State(demo): State<Shared>) -> Response {

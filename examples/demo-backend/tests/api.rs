@@ -342,7 +342,7 @@ async fn request_log_and_reset() {
         Request::get("/_demo/stats").body(Body::empty()).unwrap(),
     )
     .await;
-    assert_eq!(stats, json!({"started": 2, "completed": 2}));
+    assert_eq!(stats, json!({"started": 2, "completed": 2, "streaming": 0}));
 
     call(
         &app,
@@ -354,13 +354,61 @@ async fn request_log_and_reset() {
         Request::get("/_demo/stats").body(Body::empty()).unwrap(),
     )
     .await;
-    assert_eq!(stats, json!({"started": 0, "completed": 0}));
+    assert_eq!(stats, json!({"started": 0, "completed": 0, "streaming": 0}));
     let (_, log) = call(
         &app,
         Request::get("/_demo/requests").body(Body::empty()).unwrap(),
     )
     .await;
     assert_eq!(log, json!([]));
+}
+
+#[tokio::test]
+async fn streaming_counts_answers_still_being_sent() {
+    let app = demo_backend::app();
+    let streaming = |app: Router| async move {
+        let (_, stats) = call(
+            &app,
+            Request::get("/_demo/stats").body(Body::empty()).unwrap(),
+        )
+        .await;
+        stats["streaming"].clone()
+    };
+    let resp = app
+        .clone()
+        .oneshot(post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "one two three"}], "stream": true}),
+        ))
+        .await
+        .unwrap();
+    let mut body = resp.into_body().into_data_stream();
+    body.next().await.unwrap().unwrap();
+    assert_eq!(streaming(app.clone()).await, 1, "events left to send");
+    while body.next().await.is_some() {}
+    drop(body);
+    assert_eq!(streaming(app.clone()).await, 0, "all sent");
+    // A caller that goes away ends the count too; plain answers never count.
+    let resp = app
+        .clone()
+        .oneshot(post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "one two"}], "stream": true}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(streaming(app.clone()).await, 1);
+    drop(resp);
+    assert_eq!(streaming(app.clone()).await, 0);
+    call(
+        &app,
+        post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "x"}]}),
+        ),
+    )
+    .await;
+    assert_eq!(streaming(app.clone()).await, 0);
 }
 
 #[tokio::test]
@@ -433,7 +481,10 @@ async fn started_counts_a_request_whose_body_never_finishes() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(stats(addr).await, json!({"started": 1, "completed": 0}));
+    assert_eq!(
+        stats(addr).await,
+        json!({"started": 1, "completed": 0, "streaming": 0})
+    );
     drop(s);
 }
 
@@ -500,7 +551,10 @@ async fn binary_prints_listen_line_and_exits_on_sigterm() {
         .unwrap_or_else(|| panic!("unexpected line {line:?}"))
         .parse()
         .unwrap();
-    assert_eq!(stats(addr).await, json!({"started": 0, "completed": 0}));
+    assert_eq!(
+        stats(addr).await,
+        json!({"started": 0, "completed": 0, "streaming": 0})
+    );
 
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

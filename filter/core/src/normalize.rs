@@ -71,31 +71,87 @@ pub(crate) fn normalize(s: &str) -> Option<Normalized> {
         starts: Vec::with_capacity(s.len()),
         ends: Vec::with_capacity(s.len()),
     };
-    let b = s.as_bytes();
     let mut i = 0;
-    while i < s.len() {
-        if b.get(i) == Some(&b'%') {
-            if let Some(c) = percent_at(b, i) {
-                out.push(c, i, i + 3);
-                i += 3;
-                continue;
-            }
-        }
-        if b.get(i) == Some(&b'&') {
-            if let Some((c, len)) = entity_at(s, i) {
-                fold(&mut out, c, i, i + len);
-                i += len;
-                continue;
-            }
-        }
-        let Some(c) = s.get(i..).and_then(|r| r.chars().next()) else {
-            break;
-        };
-        let len = c.len_utf8();
-        fold(&mut out, c, i, i + len);
+    while let Read::At(c, len) = read_at(s, i, false) {
+        fold(c, |d| out.push(d, i, i + len));
         i += len;
     }
     (out.text != s).then_some(out)
+}
+
+/// What the model reads at one byte offset of a text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Read {
+    /// This character (a percent or entity escape decoded, not yet
+    /// [`fold`]ed), spelled with this many bytes.
+    At(char, usize),
+    /// An escape that more text could still complete (`%4`, `&#6`).
+    Unfinished,
+    /// The end of the text.
+    End,
+}
+
+/// The character at byte `i` of `s` as the model reads it. With `more`
+/// (the text may still continue), an escape cut short by the end of `s`
+/// is [`Read::Unfinished`]; without it, it is read as written.
+pub(crate) fn read_at(s: &str, i: usize, more: bool) -> Read {
+    let b = s.as_bytes();
+    match b.get(i) {
+        None => return Read::End,
+        Some(b'%') => {
+            if let Some(c) = percent_at(b, i) {
+                return Read::At(c, 3);
+            }
+            if more && percent_may_follow(b.get(i + 1..).unwrap_or_default()) {
+                return Read::Unfinished;
+            }
+        }
+        Some(b'&') => {
+            if let Some((c, len)) = entity_at(s, i) {
+                return Read::At(c, len);
+            }
+            if more && entity_may_follow(b.get(i + 1..).unwrap_or_default()) {
+                return Read::Unfinished;
+            }
+        }
+        Some(_) => {}
+    }
+    match s.get(i..).and_then(|r| r.chars().next()) {
+        Some(c) => Read::At(c, c.len_utf8()),
+        None => Read::End,
+    }
+}
+
+/// Whether `s`, which may still continue, already reads as at least `n`
+/// bytes: invisible characters read as nothing, and an escape more text
+/// could complete as not yet known.
+pub(crate) fn reads_at_least(s: &str, n: usize) -> bool {
+    let mut seen = 0;
+    let mut i = 0;
+    while let Read::At(c, len) = read_at(s, i, true) {
+        fold(c, |d| seen += d.len_utf8());
+        if seen >= n {
+            return true;
+        }
+        i += len;
+    }
+    n == 0
+}
+
+/// Whether `rest`, all that follows a `%` so far, can still become the two
+/// hex digits of an escape.
+fn percent_may_follow(rest: &[u8]) -> bool {
+    rest.len() < 2 && rest.iter().all(u8::is_ascii_hexdigit)
+}
+
+/// Whether `rest`, all that follows a `&` so far, can still become an
+/// entity: shorter than [`entity_at`] looks, no `;` yet, and only
+/// characters an entity name or number is spelled with.
+fn entity_may_follow(rest: &[u8]) -> bool {
+    rest.len() < ENTITY_MAX_BYTES
+        && rest
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'#' || *c == b'+')
 }
 
 /// `s` as the model reads it, for content-policy rules (no map back).
@@ -111,15 +167,16 @@ pub(crate) fn skeleton(s: &str) -> String {
     unicode_security::confusable_detection::skeleton(&s.to_lowercase()).collect()
 }
 
-/// Pushes `c` folded to its compatibility form (dropped when invisible).
-fn fold(out: &mut Normalized, c: char, start: usize, end: usize) {
+/// Calls `emit` with `c` folded to its compatibility form (nothing when
+/// invisible).
+pub(crate) fn fold(c: char, mut emit: impl FnMut(char)) {
     if c.is_ascii() {
-        out.push(c, start, end);
+        emit(c);
     } else if !invisible(c) {
         decompose_compatible(c, |d| {
             // Combining marks left by the decomposition are not text.
             if !('\u{0300}'..='\u{036F}').contains(&d) {
-                out.push(d, start, end);
+                emit(d);
             }
         });
     }
@@ -155,11 +212,18 @@ const ENTITIES: &[(&str, char)] = &[
     ("gt", '>'),
 ];
 
+/// Bytes after the `&` within which an entity's `;` must come.
+const ENTITY_MAX_BYTES: usize = 12;
+
 /// An HTML entity (`&#64;`, `&#x40;`, `&commat;`) at `i`: the character
 /// and the entity's length.
 fn entity_at(s: &str, i: usize) -> Option<(char, usize)> {
     let rest = s.get(i + 1..)?;
-    let end = rest.get(..rest.len().min(12))?.find(';')?;
+    // By bytes: a character cut at the limit must not hide the `;` before it.
+    let end = rest
+        .bytes()
+        .take(ENTITY_MAX_BYTES)
+        .position(|b| b == b';')?;
     let name = rest.get(..end)?;
     let c = if let Some(num) = name.strip_prefix('#') {
         let v = match num.strip_prefix(['x', 'X']) {
@@ -189,12 +253,18 @@ mod tests {
         assert_eq!(norm("jane%40example.com"), "jane@example.com");
         assert_eq!(norm("jane&#64;example&#x2E;com"), "jane@example.com");
         assert_eq!(norm("jane&commat;example&period;com"), "jane@example.com");
+        // A character of several bytes after the entity is no reason to
+        // leave it undecoded.
+        assert_eq!(norm("jane&#64;example&#x2E;com😀"), "jane@example.com😀");
         assert_eq!(
             norm("4111\u{00A0}1111\u{202F}1111 1111"),
             "4111 1111 1111 1111"
         );
         // Nothing to do: no copy.
         assert!(normalize("plain text, 100% sure & fine").is_none());
+        assert!(reads_at_least("a", 1) && !reads_at_least("a", 2));
+        assert!(!reads_at_least("\u{200B}\u{00AD}%4", 1));
+        assert!(reads_at_least("\u{200B}&#64;", 1));
         assert_eq!(norm("50%off &nbsp"), "50%off &nbsp");
     }
 

@@ -8,11 +8,12 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use super::detectors::{Check, Detector, BUILTIN_DETECTORS};
-use super::engine::{Active, PolicyInner};
+use super::engine::{Active, PolicyInner, PLACEHOLDER_SHAPE};
+use super::prefixes::MatchPrefixes;
 use super::MaskAction;
 use crate::config::ConfigError;
 
-/// Default hold-back window for streamed responses, in characters.
+/// Default for the most a stream holds back, in characters.
 pub const DEFAULT_WINDOW_CHARS: usize = 256;
 /// Smallest window: must exceed the longest placeholder so that a
 /// placeholder split across chunks is still restored.
@@ -80,7 +81,8 @@ pub struct RawProfile {
     /// Also mask completion text (plain and streamed).
     #[serde(default = "yes")]
     pub responses: bool,
-    /// Hold-back window for streamed responses, in characters.
+    /// Most characters a stream holds back (text that may still grow into a
+    /// match waits up to this long).
     #[serde(default = "default_window")]
     pub response_window_chars: u64,
 }
@@ -129,7 +131,8 @@ impl MaskPolicy {
     pub fn responses(&self) -> bool {
         self.0.responses
     }
-    /// Hold-back window for streamed responses, in characters.
+    /// Most characters a stream holds back (text that may still grow into a
+    /// match waits up to this long).
     pub fn response_window_chars(&self) -> usize {
         self.0.window
     }
@@ -224,6 +227,7 @@ impl MaskingConfig {
 
         let mut builtins: BTreeMap<&str, Arc<Detector>> = BTreeMap::new();
         let mut profiles = BTreeMap::new();
+        let placeholders = Arc::new(MatchPrefixes::new(PLACEHOLDER_SHAPE));
         for (pname, p) in &raw.profiles {
             let at = format!("{field}.profiles.{pname}");
             if !valid_profile_name(pname) {
@@ -321,6 +325,7 @@ impl MaskingConfig {
                 restore: p.restore,
                 responses: p.responses,
                 window: usize::try_from(window).unwrap_or(DEFAULT_WINDOW_CHARS),
+                placeholders: Arc::clone(&placeholders),
             };
             profiles.insert(pname.clone(), MaskPolicy(Arc::new(inner)));
         }

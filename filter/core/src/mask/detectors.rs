@@ -7,8 +7,11 @@
 //! is used instead), `[0-9]` rather than `\d`.
 
 use std::net::Ipv6Addr;
+use std::sync::Arc;
 
 use regex::{Regex, RegexBuilder};
+
+use super::prefixes::MatchPrefixes;
 
 /// The built-in detector names, in priority order (when two detections cover
 /// the same text, the earlier detector names the placeholder).
@@ -68,7 +71,9 @@ enum Cand {
     Open(&'static str),
 }
 
-/// What a run must contain to be worth a regex search.
+/// What a run must contain to be worth a regex search. Every value a
+/// detector accepts contains what its run needs, so a run cut short where
+/// a stream released text finds the same values as the whole run would.
 #[derive(Debug, Clone, Copy)]
 enum Need {
     Digits(usize),
@@ -190,6 +195,19 @@ enum ValueGroup {
     Index(usize),
 }
 
+/// One candidate a detector's scan read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Detection {
+    /// The text the scan read as one piece: its regex match (which may
+    /// begin before the value, `password=`) through the value's end. What
+    /// is found after it depends on it, even when it was rejected (the scan
+    /// goes on after its end), so a stream releases none of it before all
+    /// of it is known.
+    pub read: (usize, usize),
+    /// The validated value; `None` when the check rejected the candidate.
+    pub value: Option<(usize, usize)>,
+}
+
 /// One compiled detector.
 #[derive(Debug)]
 pub(crate) struct Detector {
@@ -203,11 +221,23 @@ pub(crate) struct Detector {
     value: ValueGroup,
     /// Matches may run to the end of the text while unterminated (PEM).
     pub open_ended: bool,
+    /// What a stream holds back for this detector: the prefixes of its
+    /// matches (of an open-ended detector, of its opening line; the rest
+    /// is held while the analysis finds it unterminated).
+    pub prefixes: Arc<MatchPrefixes>,
 }
 
 const PASSWORD_KEYWORDS: &str = r"password|passwd|passphrase|secret|api_?key|apikey|access_?key|private_?key|client_?secret|auth_?token|access_?token|refresh_?token|bearer_?token|[_\-]token|[_\-]pwd";
 
-fn builtin_spec(name: &str) -> Option<(String, Check, Cand, ValueGroup, bool)> {
+/// The opening line of a PEM private key.
+const PEM_BEGIN: &str = r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----";
+
+/// Pattern, check, candidates, value group and, for a detector whose
+/// matches may stay open to the end of the text, the pattern of its
+/// opening.
+type Spec = (String, Check, Cand, ValueGroup, Option<&'static str>);
+
+fn builtin_spec(name: &str) -> Option<Spec> {
     let whole = ValueGroup::Whole;
     Some(match name {
         "email" => (
@@ -215,7 +245,7 @@ fn builtin_spec(name: &str) -> Option<(String, Check, Cand, ValueGroup, bool)> {
             Check::Email,
             Cand::Run { set: EMAIL, need: Need::Byte(b'@'), extend: 0 },
             whole,
-            false,
+            None,
         ),
         "phone" => (
             concat!(
@@ -230,78 +260,79 @@ fn builtin_spec(name: &str) -> Option<(String, Check, Cand, ValueGroup, bool)> {
             Check::Phone,
             Cand::Run { set: PHONE, need: Need::Digits(8), extend: 0 },
             whole,
-            false,
+            None,
         ),
-        "credit_card" => (r"\b[0-9](?:[ .\-]?[0-9]){12,18}\b".into(), Check::Card, Cand::Run { set: CARD, need: Need::Digits(13), extend: 0 }, whole, false),
+        "credit_card" => (r"\b[0-9](?:[ .\-]?[0-9]){12,18}\b".into(), Check::Card, Cand::Run { set: CARD, need: Need::Digits(13), extend: 0 }, whole, None),
         "iban" => (
             r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,32}\b".into(),
             Check::Iban,
-            Cand::Run { set: IBAN, need: Need::Digits(4), extend: 0 },
+            // Two: the check digits are all an IBAN is sure to have.
+            Cand::Run { set: IBAN, need: Need::Digits(2), extend: 0 },
             whole,
-            false,
+            None,
         ),
         "us_ssn" => (
             r"\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b|\b[0-9]{3} [0-9]{2} [0-9]{4}\b".into(),
             Check::Ssn,
             Cand::Run { set: CARD, need: Need::Digits(9), extend: 0 },
             whole,
-            false,
+            None,
         ),
         "ipv4" => (
             r"\b(?:[0-9]{1,3}\.){3}[0-9]{1,3}\b".into(),
             Check::Ipv4,
             Cand::Run { set: IPV4, need: Need::Digits(4), extend: 0 },
             whole,
-            false,
+            None,
         ),
         "ipv6" => (
             r"[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:\.[0-9]{1,3}){0,3}".into(),
             Check::Ipv6,
             Cand::Run { set: IPV6, need: Need::Colons(2), extend: 0 },
             whole,
-            false,
+            None,
         ),
         "aws_access_key" => (
             r"\b(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}\b".into(),
             Check::None,
             Cand::Run { set: UPPER_ALNUM, need: Need::Literal(&["AKIA", "ASIA", "ABIA", "ACCA"]), extend: 0 },
             whole,
-            false,
+            None,
         ),
         "openai_key" => (
             r"\bsk-[A-Za-z0-9_\-]{20,}".into(),
             Check::SkKey,
             Cand::Run { set: TOKEN, need: Need::Literal(&["sk-"]), extend: 0 },
             whole,
-            false,
+            None,
         ),
         "github_token" => (
             r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{30,})\b".into(),
             Check::None,
             Cand::Run { set: TOKEN, need: Need::Literal(&["gh", "github_pat_"]), extend: 0 },
             whole,
-            false,
+            None,
         ),
         "slack_token" => (
             r"\bxox[abeprs]-[A-Za-z0-9\-]{10,}|\bxapp-[0-9]-[A-Za-z0-9\-]{10,}|https://hooks\.slack\.com/services/[A-Za-z0-9/_\-]{20,}".into(),
             Check::Slack,
             Cand::Run { set: URL, need: Need::Literal(&["xox", "xapp-", "hooks.slack.com"]), extend: 0 },
             whole,
-            false,
+            None,
         ),
         "jwt" => (
             r"\beyJ[A-Za-z0-9_\-]{5,}\.eyJ[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]*".into(),
             Check::Jwt,
             Cand::Run { set: JWT, need: Need::Literal(&["eyJ"]), extend: 0 },
             whole,
-            false,
+            None,
         ),
         "pem_private_key" => (
-            r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----(?s:.*?)(?:-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|\z)".into(),
+            format!(r"{PEM_BEGIN}(?s:.*?)(?:-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|\z)"),
             Check::None,
             Cand::Open("-----BEGIN"),
             whole,
-            true,
+            Some(PEM_BEGIN),
         ),
         "password_assignment" => (
             format!(
@@ -310,7 +341,7 @@ fn builtin_spec(name: &str) -> Option<(String, Check, Cand, ValueGroup, bool)> {
             Check::Password,
             Cand::Run { set: TOKEN, need: Need::LiteralNoCase(&["pass", "secret", "key", "token", "pwd"]), extend: 300 },
             ValueGroup::FirstParticipating,
-            false,
+            None,
         ),
         _ => return None,
     })
@@ -339,7 +370,7 @@ pub(crate) fn one_line(text: &str) -> String {
 impl Detector {
     /// A built-in detector by name.
     pub(crate) fn builtin(name: &str) -> Result<Option<Detector>, String> {
-        let Some((pattern, check, cand, value, open_ended)) = builtin_spec(name) else {
+        let Some((pattern, check, cand, value, opening)) = builtin_spec(name) else {
             return Ok(None);
         };
         Ok(Some(Detector {
@@ -349,7 +380,8 @@ impl Detector {
             check,
             cand,
             value,
-            open_ended,
+            open_ended: opening.is_some(),
+            prefixes: Arc::new(MatchPrefixes::new(opening.unwrap_or(&pattern))),
         }))
     }
 
@@ -366,6 +398,7 @@ impl Detector {
         Ok(Detector {
             name: name.to_string(),
             label: name.to_ascii_uppercase(),
+            prefixes: Arc::new(MatchPrefixes::new(pattern)),
             regex,
             check,
             cand: Cand::Whole,
@@ -420,9 +453,10 @@ impl Detector {
         out
     }
 
-    /// Appends the `(start, end)` byte spans of every validated value in
-    /// `hay[from..]`. Text before `from` is context only (word boundaries).
-    pub(crate) fn find(&self, hay: &str, from: usize, out: &mut Vec<(usize, usize)>) {
+    /// Appends every candidate in `hay[from..]` and, when it passed the
+    /// check, its value. Text before `from` is context only (word
+    /// boundaries).
+    pub(crate) fn find(&self, hay: &str, from: usize, out: &mut Vec<Detection>) {
         if hay.len() <= from {
             return;
         }
@@ -456,7 +490,10 @@ impl Detector {
                 }
                 match self.validate(hay, vs, ve) {
                     Some(end) if end > vs => {
-                        out.push((vs, end));
+                        out.push(Detection {
+                            read: (ms.min(vs), me.max(end)),
+                            value: Some((vs, end)),
+                        });
                         let resume = if self.value == ValueGroup::Whole {
                             end
                         } else {
@@ -469,6 +506,10 @@ impl Detector {
                         };
                     }
                     _ => {
+                        out.push(Detection {
+                            read: (ms, me),
+                            value: None,
+                        });
                         pos = if self.retry_inside() && me - ms <= RETRY_INSIDE_MAX {
                             next_char(hay, ms)
                         } else {
@@ -925,6 +966,7 @@ mod tests {
         let mut out = Vec::new();
         d.find(text, 0, &mut out);
         out.into_iter()
+            .filter_map(|d| d.value)
             .map(|(s, e)| text[s..e].to_string())
             .collect()
     }
@@ -1102,12 +1144,19 @@ mod tests {
         let mut out = Vec::new();
         let t = "id EMP-123456 and EMP-12";
         d.find(t, 0, &mut out);
-        assert_eq!(out, vec![(3, 13)]);
+        type Span = (usize, usize);
+        let spans = |out: &[Detection]| -> Vec<(Span, Option<Span>)> {
+            out.iter().map(|d| (d.read, d.value)).collect()
+        };
+        assert_eq!(spans(&out), vec![((3, 13), Some((3, 13)))]);
         let d = Detector::custom("acct", r"acct#(?P<value>[0-9]{4,})", Check::Luhn).unwrap();
         let t = "acct#79927398713 acct#79927398710";
         let mut out = Vec::new();
         d.find(t, 0, &mut out);
-        assert_eq!(out, vec![(5, 16)]);
+        assert_eq!(
+            spans(&out),
+            vec![((0, 16), Some((5, 16))), ((17, 33), None)]
+        );
         assert!(Detector::custom("e", "a*", Check::None).is_err());
         assert!(
             Detector::custom("e", "(", Check::None)

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use super::detectors::Detector;
+use super::prefixes::MatchPrefixes;
 use super::{Hit, MaskAction, RestoreMap};
 
 /// A detector switched on in a profile, with its action.
@@ -25,6 +26,8 @@ pub(crate) struct PolicyInner {
     pub restore: bool,
     pub responses: bool,
     pub window: usize,
+    /// Prefixes of [`PLACEHOLDER_SHAPE`], for streams.
+    pub placeholders: Arc<MatchPrefixes>,
 }
 
 /// A run of overlapping detections, replaced by one placeholder.
@@ -46,6 +49,9 @@ pub(crate) struct Found {
     pub groups: Vec<Group>,
     /// `monitor` detections: `(active index, start, end)`.
     pub monitors: Vec<(usize, usize, usize)>,
+    /// Every candidate the detectors' scans read as one piece, accepted or
+    /// not ([`Detection::read`]): a stream must not release one in part.
+    pub read: Vec<(usize, usize)>,
 }
 
 /// Runs every active detector over `hay[from..]` (earlier text is context
@@ -65,6 +71,9 @@ pub(crate) fn find(active: &[Active], hay: &str, from: usize) -> Found {
         (g.start, g.end) = n.original(g.start, g.end);
     }
     for (_, s, e) in &mut found.monitors {
+        (*s, *e) = n.original(*s, *e);
+    }
+    for (s, e) in &mut found.read {
         (*s, *e) = n.original(*s, *e);
     }
     found
@@ -93,7 +102,11 @@ fn find_plain(active: &[Active], hay: &str, from: usize) -> Found {
         }
         buf.clear();
         a.det.find(hay, from, &mut buf);
-        for &(s, e) in &buf {
+        for d in &buf {
+            found.read.push(d.read);
+            let Some((s, e)) = d.value else {
+                continue;
+            };
             if protected.iter().any(|&(ps, pe)| ps <= s && e <= pe) {
                 continue;
             }
@@ -164,6 +177,11 @@ fn placeholder_label(p: &str) -> &str {
         inner
     }
 }
+
+/// A pattern matching every placeholder [`placeholder_at`] accepts (and
+/// more): what a stream holds back so that a placeholder split across
+/// events is still kept (or restored) whole.
+pub(crate) const PLACEHOLDER_SHAPE: &str = r"\[[A-Z][A-Z0-9_]*\]|<[A-Z][A-Za-z0-9_]*>";
 
 /// If a placeholder starts at `i`, its end.
 pub(crate) fn placeholder_at(b: &[u8], i: usize) -> Option<usize> {

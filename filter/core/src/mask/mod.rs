@@ -15,7 +15,7 @@
 //!                     "ipv4": "off", "employee_id": "monitor"},
 //!       "restore": false,                 // pseudonyms back to originals in responses
 //!       "responses": true,                // mask completion text too (default true)
-//!       "response_window_chars": 256      // stream hold-back window (128..=8192)
+//!       "response_window_chars": 256      // most a stream holds back (128..=8192)
 //!     },
 //!     "strict": {"detectors": {"*": "block"}}
 //!   }
@@ -69,13 +69,19 @@
 //!
 //! # Limits
 //!
-//! * Streams: a value is caught whatever the chunking as long as it is no
-//!   longer than `response_window_chars` (W). Text is released in steps: once
-//!   more than 1.25 W characters are held, all but the last W go out (moved
-//!   back to the start of any detection straddling that point), so the first
-//!   characters of an answer are delayed by about 1.25 W characters, never by
-//!   the length of the answer. Everything is flushed at the end of a choice /
-//!   content block / output part and at the end of the stream.
+//! * Streams: text is held back only while it may still grow into a match
+//!   (of a detector, a placeholder or a response rule): each pattern's
+//!   matches have a DFA of their prefixes, built at configuration time, and
+//!   everything before the first position where one may still begin is
+//!   released with the event that made that clear ([`prefixes`]). For prose
+//!   that is at most the word being written; a number, an address or a key
+//!   waits until it is complete. A value is caught whatever the chunking as
+//!   long as it is no longer than `response_window_chars` (W): W bounds the
+//!   hold, and once more than 1.25 W characters are held all but the last W
+//!   go out as if they could not match (moved back to the start of any
+//!   detection straddling that point). A pattern too large for a DFA (over
+//!   2 MiB) holds everything up to W. Everything is flushed at the end of a
+//!   choice / content block / output part and at the end of the stream.
 //! * A PEM private key is held from its `-----BEGIN` line until its END line,
 //!   up to [`MAX_HOLD_CHARS`]; past that the held part is redacted and the
 //!   rest of the block is dropped up to the END line. Other values longer
@@ -83,8 +89,9 @@
 //! * An event whose text is entirely held back is still sent, with empty
 //!   text; held text is flushed in extra events of the same kind (for the
 //!   Responses API these repeat the last `sequence_number`).
-//! * Detection works on the decoded text as written: look-alike characters
-//!   (full-width digits, zero-width spaces inside a value) are not normalised.
+//! * Detection reads the text as the model does ([`crate::normalize`]:
+//!   compatibility forms, invisible characters, percent and entity escapes);
+//!   look-alike letters of other scripts are not folded.
 //! * Not masked in requests: Anthropic `thinking` blocks (signed by the API;
 //!   the model's own, already masked, output), message `name`s, images,
 //!   audio and files, tool parameter schemas other than `description`s, and
@@ -117,6 +124,7 @@ mod config;
 mod detectors;
 mod engine;
 pub(crate) mod json_edit;
+pub(crate) mod prefixes;
 mod request;
 mod response;
 mod stream;

@@ -2,12 +2,16 @@
 //! response rules over completion text, for plain bodies (here) and streams
 //! ([`super::stream`]).
 
+use std::sync::Arc;
+
 use serde_json::{json, Value};
 
 use super::engine::{self, Found, Tally};
 use super::json_edit::{self, Edits, Seg};
+use super::prefixes::StreamPatterns;
 use super::{Hit, MaskAction, MaskError, MaskPolicy, RestoreMap};
 use crate::answer::token_fields;
+use crate::normalize::reads_at_least;
 use crate::policy::{ResponseRules, RuleAction};
 use crate::wire::{ApiKind, ErrorFormat};
 
@@ -25,6 +29,9 @@ pub struct ResponseGuard {
     window: usize,
     /// See [`ResponseGuard::changes_text`].
     hides: bool,
+    /// What a stream's held text is checked against: everything
+    /// [`ResponseGuard::analyze`] looks for.
+    patterns: StreamPatterns,
 }
 
 impl ResponseGuard {
@@ -53,12 +60,27 @@ impl ResponseGuard {
         });
         let hides =
             masks || !restore.is_empty() || rules.rules().any(|r| r.action() == RuleAction::Deny);
+        let mut patterns = StreamPatterns {
+            read: Vec::new(),
+            written: rules.prefixes().cloned().collect(),
+        };
+        if let Some(p) = &mask {
+            patterns
+                .read
+                .extend(p.0.active.iter().map(|a| Arc::clone(&a.det.prefixes)));
+        }
+        if let Some(p) = policy.filter(|_| mask.is_some() || !restore.is_empty()) {
+            // Placeholders already in the text are kept as they are, and
+            // pseudonyms restored: either needs them whole.
+            patterns.read.push(Arc::clone(&p.0.placeholders));
+        }
         ResponseGuard {
             mask,
             restore,
             rules,
             window,
             hides,
+            patterns,
         }
     }
 
@@ -78,9 +100,16 @@ impl ResponseGuard {
         self.hides
     }
 
-    /// Hold-back window for streams, in characters.
+    /// Most characters a stream holds back, in characters: text held
+    /// longer (it may still be part of a match) is released as if it were
+    /// not.
     pub(crate) fn window(&self) -> usize {
         self.window
+    }
+
+    /// The patterns a stream's held text may still grow into.
+    pub(crate) fn patterns(&self) -> &StreamPatterns {
+        &self.patterns
     }
 
     /// Finds everything in `hay[from..]` (earlier text is context only).
@@ -103,9 +132,11 @@ impl ResponseGuard {
         }
         let mut rules = Vec::new();
         self.rules.find(hay, from, &mut rules);
+        // A block runs to the end when only what reads as nothing (an
+        // invisible character, an unfinished escape) follows it.
         let open_end = self.mask.as_ref().is_some_and(|p| {
             found.groups.iter().any(|g| {
-                g.end == hay.len()
+                !reads_at_least(hay.get(g.end..).unwrap_or(""), 1)
                     && p.0.active.get(g.best).is_some_and(|a| a.det.open_ended)
                     && !ends_closed(hay, g)
             })
@@ -257,13 +288,20 @@ pub(crate) struct Analysis {
 }
 
 impl Analysis {
-    /// Every span that must not be cut.
-    pub(crate) fn spans(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+    /// Spans of detector matches (acting and monitored), and of every
+    /// candidate the detectors read (see [`engine::Found::read`]).
+    pub(crate) fn detections(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
         self.found
             .groups
             .iter()
             .map(|g| (g.start, g.end))
             .chain(self.found.monitors.iter().map(|&(_, s, e)| (s, e)))
+            .chain(self.found.read.iter().copied())
+    }
+
+    /// Every span that must not be cut.
+    pub(crate) fn spans(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.detections()
             .chain(self.restores.iter().map(|(s, e, _)| (*s, *e)))
             .chain(self.rules.iter().map(|&(_, s, e)| (s, e)))
     }

@@ -1,6 +1,7 @@
-//! Streamed responses: a rewriter that masks completion text with a
-//! bounded hold-back window, so that a value split over any number of
-//! chunks is still caught without buffering the whole answer.
+//! Streamed responses: a rewriter that masks completion text as it comes,
+//! holding back only what may still grow into a match, so that a value
+//! split over any number of chunks is still caught without buffering the
+//! whole answer or delaying the rest of it.
 //!
 //! The stream is cut into events by [`crate::framing`] (server-sent events,
 //! JSON lines, a JSON array sent element by element), the same splitter the
@@ -8,12 +9,15 @@
 //! Anthropic content block, a Gemini candidate, a Responses output part, an
 //! Ollama message; which fields carry it and where a channel ends is
 //! [`crate::answer`]'s table, also read by the recorder). Each channel
-//! keeps the text not yet released; after every event the part more than
-//! the window away from the end (and not inside a detection) is masked and
-//! released in the event's own text field. An event whose text is entirely
-//! held back is sent with empty text (clients concatenate deltas, so `""`
-//! is harmless and the event's other fields stay in order). Held text is
-//! flushed at the end of its choice or block (`finish_reason`,
+//! keeps the text not yet released; after every event everything before the
+//! first position where a detection, a placeholder or a response rule may
+//! still begin ([`super::prefixes`]; for prose, at most the word being
+//! written) is masked and released in the event's own text field. The
+//! window (`response_window_chars`) only bounds how much is held: text held
+//! longer goes out as if it could not match. An event whose text is
+//! entirely held back is sent with empty text (clients concatenate deltas,
+//! so `""` is harmless and the event's other fields stay in order). Held
+//! text is flushed at the end of its choice or block (`finish_reason`,
 //! `content_block_stop`, `finishReason`, `*.done`, `done`), at `[DONE]` and
 //! at the end of the stream, in an extra event of the channel's kind placed
 //! before the event that ended it. Events without text (role, usage, pings,
@@ -27,10 +31,12 @@
 use serde_json::{json, Value};
 
 use super::json_edit::{self, Edits, Seg};
+use super::prefixes::PrefixTracker;
 use super::response::{leaves, Blocked, BlockedBy, GuardTally, Leaf, ResponseGuard};
 use super::Hit;
 use crate::answer::{self, Channel as ChanKey, Item, Piece, Step, TextKind, LEGACY_FUNCTION_CALL};
 use crate::framing::{Framing, Splitter, Unit};
+use crate::normalize::reads_at_least;
 use crate::sse;
 use crate::wire::ApiKind;
 
@@ -48,6 +54,13 @@ pub const MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
 pub const MAX_HOLD_CHARS: usize = 16 * 1024;
 /// Characters of released text kept as look-behind context.
 const CONTEXT_CHARS: usize = 32;
+/// Bytes (as the model reads them) after a detection that its check may
+/// read (`1.2.3.4` is no IPv4 address in `1.2.3.4.5`): a detection closer
+/// than that to the end of the held text waits.
+const CONTEXT_AFTER_BYTES: usize = 2;
+/// New bytes after which an analysis that released nothing is tried again
+/// although the hold has not moved.
+const RETRY_BYTES: usize = 32;
 
 /// Counts and outcome of one stream, for the record.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -108,6 +121,11 @@ struct Channel {
     swallow: bool,
     /// An unterminated PEM block is held: skip analysis until its END.
     open_pem: bool,
+    /// Where the held text may still grow into a match.
+    prefixes: PrefixTracker,
+    /// `(hold, bytes held)` of an analysis that could release nothing: the
+    /// next waits until the hold moves or [`RETRY_BYTES`] more arrive.
+    stalled: Option<(usize, usize)>,
 }
 
 /// Rewrites one streamed answer (server-sent events, JSON lines or a JSON
@@ -357,6 +375,8 @@ impl StreamMasker {
                     pending_chars: 0,
                     swallow: false,
                     open_pem: false,
+                    prefixes: PrefixTracker::default(),
+                    stalled: None,
                 });
                 self.channels.len() - 1
             }
@@ -565,10 +585,13 @@ fn template(api: ApiKind, event: Option<&str>, v: &Value, p: &Piece<'_>) -> Temp
 /// Feeds `text` to a channel; returns the masked text that can be released
 /// (everything when `last`).
 ///
-/// Text is released in steps: once more than `window + window/4` characters
-/// are held, everything but the last `window` characters (and any detection
-/// straddling that point) goes out. Analysis thus runs once per step, not
-/// once per event.
+/// Text is released as soon as no match can begin in it any more: the
+/// channel's [`PrefixTracker`] knows from where the held text may still grow
+/// into a detection, a placeholder or a response-rule match, and everything
+/// before that goes out, analysed when a match may have begun in it and as
+/// written otherwise. Text held for longer than the window (more than
+/// `window + window/4` characters) is released down to the last `window`
+/// characters as if it could not match.
 fn feed(
     guard: &ResponseGuard,
     tally: &mut GuardTally,
@@ -603,7 +626,9 @@ fn feed(
     ch.pending.push_str(&incoming);
     ch.pending_chars += incoming.chars().count();
     let window = guard.window();
+    let mut hold = ch.pending.len();
     if !last {
+        ch.prefixes.advance(guard.patterns(), &ch.pending);
         if ch.open_pem {
             // Waiting for the END line of a held PEM block: look only at the
             // new text (and a little before it, for a split marker).
@@ -618,8 +643,18 @@ fn feed(
             }
             ch.open_pem = false;
         }
+        hold = ch.prefixes.hold();
         if ch.pending_chars <= window + window / 4 {
-            return Ok(String::new());
+            let stalled = ch
+                .stalled
+                .is_some_and(|(h, len)| h == hold && ch.pending.len() < len + RETRY_BYTES);
+            if hold == 0 || stalled {
+                return Ok(String::new());
+            }
+            if !ch.prefixes.matched_before(hold) {
+                // No match can begin in this text: it goes out as written.
+                return Ok(release_as_written(ch, hold));
+            }
         }
     }
     let mut hay = String::with_capacity(ch.ctx.len() + ch.pending.len());
@@ -630,7 +665,7 @@ fn feed(
     let mut cut = if last {
         hay.len()
     } else {
-        cut_point(&hay, from, &an, window)
+        cut_point(&hay, from, &an, from + hold, window)
     };
     let mut swallow_after = false;
     if !last && hay.get(cut..).map_or(0, |t| t.chars().count()) > MAX_HOLD_CHARS {
@@ -649,19 +684,43 @@ fn feed(
                 break;
             }
         }
-        swallow_after = an.open_end && cut == hay.len();
+        swallow_after = an.open_end && !reads_at_least(hay.get(cut..).unwrap_or(""), 1);
     }
     let out = guard.render(&hay, from, cut, &an, tally, true)?;
-    let released = hay.get(..cut).unwrap_or("");
-    ch.ctx = released
-        .get(tail_start(released, CONTEXT_CHARS)..)
-        .unwrap_or("")
-        .to_string();
+    let released = cut.saturating_sub(from);
+    keep_context(ch, hay.get(..cut).unwrap_or(""));
     ch.pending = hay.get(cut..).unwrap_or("").to_string();
     ch.pending_chars = ch.pending.chars().count();
     ch.swallow = swallow_after;
     ch.open_pem = !last && !swallow_after && an.open_end;
+    ch.stalled = (!last && released == 0).then_some((hold, ch.pending.len()));
+    if last || swallow_after {
+        ch.prefixes.reset();
+    } else {
+        ch.prefixes.released(released);
+    }
     Ok(out)
+}
+
+/// Releases the first `cut` bytes of the held text unchanged.
+fn release_as_written(ch: &mut Channel, cut: usize) -> String {
+    let rest = ch.pending.split_off(cut);
+    let out = std::mem::replace(&mut ch.pending, rest);
+    ch.pending_chars -= out.chars().count();
+    ch.stalled = None;
+    ch.prefixes.released(cut);
+    let mut context = std::mem::take(&mut ch.ctx);
+    context.push_str(&out);
+    keep_context(ch, &context);
+    out
+}
+
+/// Keeps the end of `released` as look-behind context.
+fn keep_context(ch: &mut Channel, released: &str) {
+    ch.ctx = released
+        .get(tail_start(released, CONTEXT_CHARS)..)
+        .unwrap_or("")
+        .to_string();
 }
 
 /// Byte index where the last `n` characters of `s` begin (0 if shorter).
@@ -672,18 +731,33 @@ fn tail_start(s: &str, n: usize) -> usize {
     s.char_indices().rev().nth(n - 1).map_or(0, |(i, _)| i)
 }
 
-/// The release point: `window` characters before the end, moved back to the
-/// start of any detection (or restore, or rule match) that straddles it.
-fn cut_point(hay: &str, from: usize, an: &super::response::Analysis, window: usize) -> usize {
+/// The release point: `hold` (where a match may still begin), or `window`
+/// characters before the end if that is later, moved back to the start of
+/// anything found that straddles it or ends too close to the end of the
+/// text for its check to have seen what follows.
+fn cut_point(
+    hay: &str,
+    from: usize,
+    an: &super::response::Analysis,
+    hold: usize,
+    window: usize,
+) -> usize {
     let rest = hay.get(from..).unwrap_or("");
-    if rest.chars().count() <= window {
-        return from;
+    let mut cut = hold.min(hay.len());
+    if rest.chars().count() > window {
+        cut = cut.max(from + tail_start(rest, window));
     }
-    let mut cut = from + tail_start(rest, window);
+    let near_end = |e: usize| !reads_at_least(hay.get(e..).unwrap_or(""), CONTEXT_AFTER_BYTES);
     loop {
         let mut moved = false;
         for (s, e) in an.spans() {
             if s < cut && cut < e {
+                cut = s;
+                moved = true;
+            }
+        }
+        for (s, e) in an.detections() {
+            if s < cut && near_end(e) {
                 cut = s;
                 moved = true;
             }
@@ -1423,6 +1497,269 @@ mod tests {
         let (out, _) = run(ApiKind::OpenaiChat, &g, &[s.as_bytes()]);
         let (text, _) = assembled(ApiKind::OpenaiChat, &out);
         assert!(text.starts_with("mail <EMAIL_"), "{text}");
+    }
+
+    /// The text of each delta event of `api` in `out`, in order (flushed
+    /// text included; role, start and finish events left out).
+    fn deltas(api: ApiKind, out: &[u8]) -> Vec<String> {
+        let mut pieces = Vec::new();
+        for (_, d) in events(api, out) {
+            let Ok(v) = serde_json::from_str::<Value>(&d) else {
+                continue;
+            };
+            let piece = match api {
+                ApiKind::OpenaiChat | ApiKind::AzureOpenaiChat
+                    if v["choices"][0]["delta"].get("role").is_none() =>
+                {
+                    v["choices"][0]["delta"]["content"].as_str()
+                }
+                ApiKind::OllamaChat if v["done"] == false => v["message"]["content"].as_str(),
+                ApiKind::OllamaGenerate if v["done"] == false => v["response"].as_str(),
+                ApiKind::OpenaiCompletions if v["choices"][0]["finish_reason"].is_null() => {
+                    v["choices"][0]["text"].as_str()
+                }
+                ApiKind::AnthropicMessages if v["type"] == "content_block_delta" => {
+                    v["delta"]["text"].as_str()
+                }
+                ApiKind::GeminiGenerateContent => {
+                    v["candidates"][0]["content"]["parts"][0]["text"].as_str()
+                }
+                ApiKind::OpenaiResponses if v["type"] == "response.output_text.delta" => {
+                    v["delta"].as_str()
+                }
+                _ => None,
+            };
+            if let Some(p) = piece {
+                pieces.push(p.to_string());
+            }
+        }
+        pieces
+    }
+
+    const PROSE: &str = "The quick brown fox jumps over the lazy dog while the farmer \
+                         watches from his porch until the sun sets";
+
+    #[test]
+    fn prose_streamed_word_by_word_goes_out_as_it_comes() {
+        let (g, _) = guard("{}");
+        let words: Vec<&str> = PROSE.split(' ').collect();
+        assert_eq!(words.len(), 20);
+        // Tokens as models send them, a space before each word: a word waits
+        // only until the next one shows that it was not the start of a value.
+        let tokens: Vec<String> = words
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                if i == 0 {
+                    w.to_string()
+                } else {
+                    format!(" {w}")
+                }
+            })
+            .collect();
+        for api in APIS {
+            let (out, _) = run(*api, &g, &[stream(*api, &tokens).as_bytes()]);
+            check(*api, &out, PROSE, "word by word");
+            let got = deltas(*api, &out);
+            assert_eq!(got.first().map(String::as_str), Some(""), "{api:?}");
+            for i in 1..tokens.len() - 1 {
+                assert_eq!(got[i], format!("{} ", words[i - 1]), "{api:?} event {i}");
+            }
+        }
+        // A space after each word: every event carries its own text at once,
+        // and the stream leaves as it came.
+        let tokens: Vec<String> = words.iter().map(|w| format!("{w} ")).collect();
+        for api in APIS {
+            let input = stream(*api, &tokens);
+            let (out, _) = run(*api, &g, &[input.as_bytes()]);
+            assert_eq!(deltas(*api, &out), tokens, "{api:?}");
+            if *api != ApiKind::OpenaiResponses {
+                assert_eq!(String::from_utf8(out).unwrap(), input, "{api:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn values_split_across_events_are_masked_while_the_prose_around_them_flows() {
+        let (g, _) = guard("{}");
+        let text = "Please write to jane@example.com or call +1 (415) 555-0132 today, \
+                    the card 4111 1111 1111 1111 is on file and we will reply soon. ";
+        let expected = g
+            .process_full(text, &mut GuardTally::default(), false)
+            .unwrap()
+            .unwrap();
+        // Words as tokens, values cut into three-character pieces.
+        let mut tokens = Vec::new();
+        for w in text.split_inclusive(' ') {
+            if w.len() > 6 && w.chars().any(|c| c.is_ascii_digit() || c == '@') {
+                tokens.extend(chunks(w, 3));
+            } else {
+                tokens.push(w.to_string());
+            }
+        }
+        for api in APIS {
+            let (out, _) = run(*api, &g, &[stream(*api, &tokens).as_bytes()]);
+            check(*api, &out, &expected, "values in pieces");
+            let got = deltas(*api, &out);
+            assert_eq!(got[0], "Please ", "{api:?}: the first word at once");
+            let carrying = got.iter().filter(|t| !t.is_empty()).count();
+            assert!(
+                carrying * 2 >= tokens.len(),
+                "{api:?}: only {carrying} of {} events carried text",
+                tokens.len()
+            );
+        }
+    }
+
+    /// Texts made of values, near misses, escapes and separators in random
+    /// order, streamed in random pieces: the same text and the same counts
+    /// as masking the whole (the window is large enough never to force a
+    /// release).
+    #[test]
+    fn random_texts_in_random_pieces_equal_plain_masking() {
+        const FRAGMENTS: &[&str] = &[
+            "jane@example.com", "jane%40example.com", "jane&#64;example&#x2E;com", "ja\u{200B}ne@ex",
+            "4111 1111 1111 1111", "4111-1111-1111-1111-", "5500005555555559", "4111 1111 1111 1112",
+            "DE89 3704 0044 0532 0130 00", "GB82WEST12345698765432", "123-45-6789", "123 45 6789",
+            "10.0.0.1", "1.2.3.4.5", "256.1.1.1", "::1", "fe80::1:", "2001:db8::8a2e:370:7334",
+            "+1 (415) 555-0132", "020 7946 0958", "06.12.34.56.78", "415-555.0132",
+            "AKIAIOSFODNN7EXAMPLE", "sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv", "ghp_1234567890abcdefghijklmnopqrstuvwxyzAB",
+            "xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOp",
+            "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N",
+            "-----BEGIN RSA PRIVATE KEY-----\nMIIEow\n-----END RSA PRIVATE KEY-----",
+            "password=hunter2", "api_key: \"abc123XYZ\"", "secretary: Jane", "[EMAIL]", "<EMAIL_0000abcd>",
+            "[NOT_A_LABEL", "<Ab", "%", "%4", "&", "&#", "&amp;", "100%", "launch code", "LAUNCH\ncode",
+            "ｊａｎｅ＠ｅｘａｍｐｌｅ．ｃｏｍ", "ünïcødé", "😀", "-", ".", ":", "=", " ", " ", " ", "\n", ", ", "word",
+            "Word", "x", "0", "42", "v1.2.3.4", "+", "(", ")", "password: 'p4ss w0rd'", "DB_PASSWORD: \"s3cr3t pass\"",
+            "-----BEGIN PRIVATE KEY-----\nQUJD", "-----END PRIVATE KEY-----", "+44 20 7946 0958", "xapp-1-AAAAAAAAAAAA",
+            "https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXX", "sk-ant-api03-AbCdEf0123456789_xyz-QWERTY",
+            "GB82WEST1234569876543", "DE89 3704 0044 0532 0130 01", "&#x40;", "&commat;", "%2E", "\u{FEFF}", "\u{00AD}",
+            "１２３-４５-６７８９", "\t", "'", "\"", ";", "&#", "&#x", "&#1", "%4",
+        ];
+        let masking = MASKING.replace("128", "8192");
+        let cfg = MaskingConfig::from_json(masking.as_bytes()).unwrap();
+        let p = cfg.default_profile().unwrap();
+        let r = mask_request(p, ApiKind::OpenaiChat, REQUEST.as_bytes()).unwrap();
+        let pseudonym = r.restore.iter().next().unwrap().0.to_string();
+        let rules = ContentPolicy::from_json(
+            br#"{"response_rules":[{"name":"watch","phrases":["launch code"],"action":"monitor"}]}"#,
+        )
+        .unwrap()
+        .response_rules(&RequestFacts::default());
+        let g = ResponseGuard::new(Some(p), r.restore, rules);
+        let counts = |hits: Vec<Hit>| -> Vec<(String, usize)> {
+            hits.into_iter().map(|h| (h.detector, h.count)).collect()
+        };
+        let mut seed = std::env::var("STREAM_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0x2545_f491_u32);
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed as usize % n
+        };
+        let rounds = std::env::var("STREAM_ROUNDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1000);
+        for _ in 0..rounds {
+            let mut text = String::new();
+            for _ in 0..5 + next(30) {
+                match next(20) {
+                    0 => text.push_str(&pseudonym),
+                    _ => text.push_str(FRAGMENTS[next(FRAGMENTS.len())]),
+                }
+            }
+            let mut tally = GuardTally::default();
+            let expected = g
+                .process_full(&text, &mut tally, true)
+                .unwrap()
+                .unwrap_or_else(|| text.clone());
+            let chars: Vec<char> = text.chars().collect();
+            let mut tokens = Vec::new();
+            let mut i = 0;
+            while i < chars.len() {
+                let n = 1 + next(8);
+                tokens.push(
+                    chars[i..(i + n).min(chars.len())]
+                        .iter()
+                        .collect::<String>(),
+                );
+                i += n;
+            }
+            let (out, m) = run(
+                ApiKind::OpenaiChat,
+                &g,
+                &[stream(ApiKind::OpenaiChat, &tokens).as_bytes()],
+            );
+            let (got, error) = assembled(ApiKind::OpenaiChat, &out);
+            assert!(error.is_none());
+            assert_eq!(got, expected, "pieces {tokens:?}");
+            assert_eq!(
+                counts(m.report().hits),
+                counts(g.hits(&tally)),
+                "pieces {tokens:?}"
+            );
+            assert_eq!(
+                m.report().monitored_rules,
+                tally.monitored_rules,
+                "pieces {tokens:?}"
+            );
+        }
+    }
+
+    /// Values next to what decides them, obfuscated, already masked or
+    /// pseudonymised: streamed in any pieces they come out as masked whole.
+    #[test]
+    fn tricky_values_split_anywhere_equal_plain_masking() {
+        let (g, pseudonym) = guard(
+            r#"{"response_rules":[{"name":"watch","phrases":["launch code"],"action":"monitor"}]}"#,
+        );
+        let text = format!(
+            "mail jane%40example.com, jane&#64;example.com or ja\u{200B}ne@example.com; \
+             ip 10.0.0.1.5 is a version, 10.0.0.1. is not; card 4111-1111-1111-1111-2 no, \
+             4111 1111 1111 1111. yes; IBAN DE89 3704 0044 0532 0130 00 BIC COBADEFF; \
+             password=hunter2x; pseudonym {pseudonym}, [CREDIT_CARD] stays, <EMAIL_00000000> \
+             too; the launch   code; ssn 321-45-6789-1 no, 123-45-6789 yes; ＡＫＩＡＩＯＳＦＯＤＮＮ７ＥＸＡＭＰＬＥ."
+        );
+        let mut tally = GuardTally::default();
+        let expected = g.process_full(&text, &mut tally, true).unwrap().unwrap();
+        assert!(expected.contains("bob@corp.example.org"), "{expected}");
+        let counts = |hits: Vec<Hit>| -> Vec<(String, usize)> {
+            hits.into_iter().map(|h| (h.detector, h.count)).collect()
+        };
+        let want = counts(g.hits(&tally));
+        let mut seed = 0x9e37_79b9_u32;
+        for api in APIS {
+            for per_event in 1..=4 {
+                let (out, m) = run(
+                    *api,
+                    &g,
+                    &[stream(*api, &chunks(&text, per_event)).as_bytes()],
+                );
+                check(*api, &out, &expected, &format!("{per_event} chars/event"));
+                let report = m.report();
+                assert_eq!(report.monitored_rules, vec!["watch".to_string()]);
+                assert_eq!(counts(report.hits), want, "{api:?} {per_event} chars/event");
+            }
+            for _ in 0..8 {
+                let chars: Vec<char> = text.chars().collect();
+                let mut tokens = Vec::new();
+                let mut i = 0;
+                while i < chars.len() {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 17;
+                    seed ^= seed << 5;
+                    let n = 1 + seed as usize % 9;
+                    tokens.push(chars[i..(i + n).min(chars.len())].iter().collect());
+                    i += n;
+                }
+                let (out, _) = run(*api, &g, &[stream(*api, &tokens).as_bytes()]);
+                check(*api, &out, &expected, &format!("random pieces {tokens:?}"));
+            }
+        }
     }
 }
 

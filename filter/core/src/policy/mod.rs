@@ -49,6 +49,7 @@ use serde_json::Value;
 use crate::config::ConfigError;
 use crate::glob::Glob;
 use crate::mask::compile_regex;
+use crate::mask::prefixes::MatchPrefixes;
 use crate::normalize::{as_read, skeleton};
 use crate::refusal::{Refusal, RefusalKind};
 use crate::wire::{ApiKind, PromptMessage};
@@ -206,6 +207,8 @@ struct RequestRule {
 pub struct ResponseRule {
     pub(crate) name: String,
     matchers: Vec<Regex>,
+    /// Prefixes of the matchers' matches, for streams.
+    prefixes: Vec<Arc<MatchPrefixes>>,
     pub(crate) action: RuleAction,
     scope: Scope,
 }
@@ -236,6 +239,10 @@ impl ResponseRules {
     }
     pub(crate) fn get(&self, i: usize) -> Option<&ResponseRule> {
         self.0.get(i).map(|r| &**r)
+    }
+    /// Prefixes of every rule's matches, for streams.
+    pub(crate) fn prefixes(&self) -> impl Iterator<Item = &Arc<MatchPrefixes>> {
+        self.0.iter().flat_map(|r| r.prefixes.iter())
     }
     /// Appends `(rule index, start, end)` for every match in `hay[from..]`.
     pub(crate) fn find(&self, hay: &str, from: usize, out: &mut Vec<(usize, usize, usize)>) {
@@ -507,9 +514,14 @@ impl ContentPolicy {
                 .into_iter()
                 .collect();
             matchers.extend(compile_regexes(&format!("{at}.regex"), &r.regex)?);
+            let prefixes = matchers
+                .iter()
+                .map(|m| Arc::new(MatchPrefixes::new(m.as_str())))
+                .collect();
             response_rules.push(Arc::new(ResponseRule {
                 name: r.name.clone(),
                 matchers,
+                prefixes,
                 action: r.action,
                 scope: Scope {
                     callers: globs(&format!("{at}.callers"), &r.callers)?,
