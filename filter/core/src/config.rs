@@ -71,6 +71,25 @@ pub struct Endpoint {
     pub path: String,
     /// The body shape expected there.
     pub api: ApiKind,
+    /// `path` lower-cased, compiled once: every request's path is matched
+    /// against every endpoint.
+    matcher: Glob,
+}
+
+impl Endpoint {
+    /// An endpoint at `path` (a glob) of shape `api`.
+    pub fn new(path: String, api: ApiKind) -> Endpoint {
+        Endpoint {
+            matcher: Glob::new(&path.to_ascii_lowercase()),
+            path,
+            api,
+        }
+    }
+
+    /// Whether a normalised (lower-case) request path is this endpoint's.
+    pub fn matches_normalized(&self, normalized: &str) -> bool {
+        self.matcher.matches(normalized)
+    }
 }
 
 /// A request that is forwarded untouched even when `other_requests` is `deny`.
@@ -272,10 +291,7 @@ pub fn default_endpoints() -> Vec<Endpoint> {
         ),
     ]
     .into_iter()
-    .map(|(path, api)| Endpoint {
-        path: path.to_string(),
-        api,
-    })
+    .map(|(path, api)| Endpoint::new(path.to_string(), api))
     .collect()
 }
 
@@ -628,10 +644,7 @@ impl Config {
                     if out.iter().any(|o| o.path.eq_ignore_ascii_case(&e.path)) {
                         return Err(err(field, format!("duplicate endpoint `{}`", e.path)));
                     }
-                    out.push(Endpoint {
-                        path: e.path,
-                        api: e.api,
-                    });
+                    out.push(Endpoint::new(e.path, e.api));
                 }
                 out
             }

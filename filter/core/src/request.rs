@@ -225,7 +225,7 @@ fn find_endpoint(config: &Config, normalized: &str) -> Option<Endpoint> {
     config
         .endpoints
         .iter()
-        .find(|e| Glob::new(&e.path.to_ascii_lowercase()).matches(normalized))
+        .find(|e| e.matches_normalized(normalized))
         .cloned()
 }
 
