@@ -374,14 +374,15 @@ async fn streaming_counts_answers_still_being_sent() {
         .await;
         stats["streaming"].clone()
     };
-    let resp = app
-        .clone()
-        .oneshot(post(
-            "/v1/chat/completions",
-            &json!({"messages": [{"role": "user", "content": "one two three"}], "stream": true}),
-        ))
-        .await
-        .unwrap();
+    let stream_of = |app: Router, words: &str| {
+        let body = json!({"messages": [{"role": "user", "content": words}], "stream": true});
+        async move {
+            app.oneshot(post("/v1/chat/completions", &body))
+                .await
+                .unwrap()
+        }
+    };
+    let resp = stream_of(app.clone(), "one two three").await;
     let mut body = resp.into_body().into_data_stream();
     body.next().await.unwrap().unwrap();
     assert_eq!(streaming(app.clone()).await, 1, "events left to send");
@@ -389,14 +390,7 @@ async fn streaming_counts_answers_still_being_sent() {
     drop(body);
     assert_eq!(streaming(app.clone()).await, 0, "all sent");
     // A caller that goes away ends the count too; plain answers never count.
-    let resp = app
-        .clone()
-        .oneshot(post(
-            "/v1/chat/completions",
-            &json!({"messages": [{"role": "user", "content": "one two"}], "stream": true}),
-        ))
-        .await
-        .unwrap();
+    let resp = stream_of(app.clone(), "one two").await;
     assert_eq!(streaming(app.clone()).await, 1);
     drop(resp);
     assert_eq!(streaming(app.clone()).await, 0);

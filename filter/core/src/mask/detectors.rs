@@ -200,9 +200,10 @@ enum ValueGroup {
 pub(crate) struct Detection {
     /// The text the scan read as one piece: its regex match (which may
     /// begin before the value, `password=`) through the value's end. What
-    /// is found after it depends on it, even when it was rejected (the scan
-    /// goes on after its end), so a stream releases none of it before all
-    /// of it is known.
+    /// is found after it depends on it, even when it was rejected, since
+    /// the scan goes on after its end, so a stream releases none of it
+    /// before all of it is known. (A rejected candidate the scan retries
+    /// inside is not reported: it decides nothing.)
     pub read: (usize, usize),
     /// The validated value; `None` when the check rejected the candidate.
     pub value: Option<(usize, usize)>,
@@ -506,14 +507,16 @@ impl Detector {
                         };
                     }
                     _ => {
-                        out.push(Detection {
-                            read: (ms, me),
-                            value: None,
-                        });
-                        pos = if self.retry_inside() && me - ms <= RETRY_INSIDE_MAX {
-                            next_char(hay, ms)
+                        if self.retry_inside() && me - ms <= RETRY_INSIDE_MAX {
+                            pos = next_char(hay, ms);
                         } else {
-                            me
+                            // The scan goes on after it: nothing found
+                            // starts inside it.
+                            out.push(Detection {
+                                read: (ms, me),
+                                value: None,
+                            });
+                            pos = me;
                         }
                     }
                 }
@@ -1153,10 +1156,13 @@ mod tests {
         let t = "acct#79927398713 acct#79927398710";
         let mut out = Vec::new();
         d.find(t, 0, &mut out);
-        assert_eq!(
-            spans(&out),
-            vec![((0, 16), Some((5, 16))), ((17, 33), None)]
-        );
+        assert_eq!(spans(&out), vec![((0, 16), Some((5, 16)))]);
+        // A rejected candidate the scan goes on after is reported, with no
+        // value; one it retries inside (the Luhn failure above) is not.
+        let d = Detector::builtin("email").unwrap().unwrap();
+        let mut out = Vec::new();
+        d.find("x .jane@example.com y", 0, &mut out);
+        assert_eq!(spans(&out), vec![((2, 19), None)]);
         assert!(Detector::custom("e", "a*", Check::None).is_err());
         assert!(
             Detector::custom("e", "(", Check::None)

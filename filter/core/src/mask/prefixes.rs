@@ -228,24 +228,41 @@ impl Lane {
     fn char(&mut self, patterns: &[Arc<MatchPrefixes>], c: char, at: usize) {
         let mut utf8 = [0u8; 4];
         let bytes = c.encode_utf8(&mut utf8).as_bytes();
+        let matched = &mut self.matched;
+        let mut record = |first: usize, last: usize| {
+            if matched.last() != Some(&(first, last)) {
+                matched.push((first, last));
+            }
+        };
         for (pattern, threads) in patterns.iter().zip(self.threads.iter_mut()) {
             let Some((dfa, start)) = &pattern.dfa else {
                 continue;
             };
-            threads.push(Thread {
-                first: at,
-                last: at,
-                state: *start,
-            });
+            // The thread starting at `c`, kept only if `c` does not end it.
+            let mut fresh = Some(*start);
             for &b in bytes {
                 for t in threads.iter_mut() {
                     t.state = dfa.next_state(t.state, b);
-                    if dfa.is_match_state(t.state)
-                        && self.matched.last() != Some(&(t.first, t.last))
-                    {
-                        self.matched.push((t.first, t.last));
+                    if dfa.is_match_state(t.state) {
+                        record(t.first, t.last);
                     }
                 }
+                fresh = fresh
+                    .map(|s| dfa.next_state(s, b))
+                    .filter(|&s| !dfa.is_dead_state(s));
+                if fresh.is_some_and(|s| dfa.is_match_state(s)) {
+                    record(at, at);
+                }
+            }
+            if let Some(state) = fresh {
+                threads.push(Thread {
+                    first: at,
+                    last: at,
+                    state,
+                });
+            }
+            if threads.is_empty() {
+                continue;
             }
             // Dead threads go; threads in one state become one.
             let mut kept = 0;
