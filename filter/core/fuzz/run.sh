@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every cargo-fuzz target of countersign-core for a bounded time each.
-# Not run by CI: fuzzing is open-ended; run it by hand or on a schedule.
+# Open-ended fuzzing is not run by CI; run it by hand or on a schedule.
 #
 #   filter/core/fuzz/run.sh                  # every target, 60 s each
+#   filter/core/fuzz/run.sh --replay 20000   # what `./dev test` runs (below)
 #   filter/core/fuzz/run.sh 300 token_verify # one target, 300 s
 #   filter/core/fuzz/run.sh --save 60        # and merge new coverage into seeds/
 #
@@ -14,7 +15,42 @@
 # committed corpus stays small and keeps what was found.
 # A crash leaves its input in artifacts/<target>/ and makes the exit status 1;
 # turn every finding into a regression test before fixing it.
+#
+# --replay RUNS needs only stable Rust and a C++ compiler: it builds the same
+# targets with plain cargo (libFuzzer linked, no coverage instrumentation),
+# runs every committed seed through each, then RUNS mutations of them. The
+# mutations are blind (nothing guides them without coverage), so this is a
+# bounded regression run of the properties each target checks, not fuzzing.
+# Seeds are only read: new inputs go to a temporary directory.
 set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+
+if [ "${1:-}" = "--replay" ]; then
+    runs="${2:-20000}"
+    case "$runs" in ''|*[!0-9]*) echo "usage: $0 --replay [RUNS]" >&2; exit 2 ;; esac
+    cargo build -q --release --locked --manifest-path "$here/Cargo.toml"
+    scratch="$(mktemp -d)"
+    trap 'rm -rf "$scratch"' EXIT
+    failed=()
+    for seeds in "$here"/seeds/*/; do
+        t="$(basename "$seeds")"
+        mkdir -p "$scratch/$t" "$scratch/artifacts-$t"
+        log="$scratch/$t.log"
+        if "$here/target/release/$t" -runs="$runs" -seed=1 -max_len=8192 \
+                -artifact_prefix="$scratch/artifacts-$t/" "$scratch/$t" "$seeds" >"$log" 2>&1; then
+            echo "fuzz: $t: $(find "$seeds" -type f | wc -l) seeds and $runs mutations, no failure"
+        else
+            failed+=("$t")
+            grep -E "^(==[0-9]+==|thread '|SUMMARY|panicked|Test unit written)" "$log" | head -20 || true
+            mkdir -p "$here/artifacts/$t"
+            cp "$scratch/artifacts-$t/"* "$here/artifacts/$t/" 2>/dev/null || true
+            echo "fuzz: $t FAILED; the input is in filter/core/fuzz/artifacts/$t/"
+        fi
+    done
+    [ "${#failed[@]}" -eq 0 ] || exit 1
+    exit 0
+fi
 
 save=0
 if [ "${1:-}" = "--save" ]; then save=1; shift; fi
@@ -22,7 +58,6 @@ seconds="${1:-${FUZZ_SECONDS:-60}}"
 shift || true
 case "$seconds" in ''|*[!0-9]*) echo "usage: $0 [--save] [SECONDS] [TARGET...]" >&2; exit 2 ;; esac
 
-here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here/.."   # filter/core: cargo fuzz looks for ./fuzz
 
 if ! cargo +nightly --version >/dev/null 2>&1; then

@@ -9,6 +9,11 @@
 //! VM's holds and outbox) tie these together and talk to Envoy only through
 //! the [`host::Host`] trait, so the Envoy adapter is glue only.
 
+// Every request and answer passes through this code inside Envoy: an index
+// out of range would abort the VM (panic = abort) and with it every stream
+// it serves. Tests may index.
+#![cfg_attr(not(test), deny(clippy::indexing_slicing))]
+
 pub mod answer;
 pub mod config;
 pub mod delivery;

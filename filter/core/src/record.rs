@@ -109,7 +109,8 @@ impl ResponseRecorder {
             if chunk.len() > room {
                 self.truncated = true;
             }
-            self.raw.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            self.raw
+                .extend_from_slice(chunk.get(..room).unwrap_or(chunk));
             return;
         };
         if !self.stopped {

@@ -239,7 +239,9 @@ impl Refusal {
                 let mut error =
                     json!({"type": self.kind.anthropic_type(), "message": self.message});
                 if let Some(id) = &self.review_id {
-                    error["review_id"] = json!(id);
+                    if let Some(fields) = error.as_object_mut() {
+                        fields.insert("review_id".into(), json!(id));
+                    }
                 }
                 json!({"type": "error", "error": error})
             }

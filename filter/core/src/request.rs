@@ -100,14 +100,14 @@ fn percent_decode(s: &str) -> Option<String> {
         let bytes = current.as_bytes();
         let mut out = Vec::with_capacity(bytes.len());
         let mut i = 0;
-        while i < bytes.len() {
-            if bytes[i] == b'%' {
+        while let Some(&byte) = bytes.get(i) {
+            if byte == b'%' {
                 let hex = bytes.get(i + 1..i + 3)?;
                 let hex = std::str::from_utf8(hex).ok()?;
                 out.push(u8::from_str_radix(hex, 16).ok()?);
                 i += 3;
             } else {
-                out.push(bytes[i]);
+                out.push(byte);
                 i += 1;
             }
         }

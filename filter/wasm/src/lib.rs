@@ -11,6 +11,9 @@
 //! their answers come back to the root context, which finds the hold or the
 //! delivery by its callout token.
 
+// A panic aborts the VM and every stream it serves (see the core's lib.rs).
+#![cfg_attr(not(test), deny(clippy::indexing_slicing))]
+
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;

@@ -159,6 +159,8 @@ const fn class_of(b: u8) -> u16 {
     c
 }
 
+// Evaluated at compile time: an index out of range fails the build.
+#[allow(clippy::indexing_slicing)]
 const CLASSES: [u16; 256] = {
     let mut t = [0u16; 256];
     let mut i = 0;
@@ -181,7 +183,9 @@ fn assignment_follows(b: &[u8], mut i: usize) -> bool {
 }
 
 fn in_class(b: &[u8], i: usize, set: u16) -> bool {
-    b.get(i).is_some_and(|&c| CLASSES[c as usize] & set != 0)
+    b.get(i)
+        .and_then(|&c| CLASSES.get(usize::from(c)))
+        .is_some_and(|class| class & set != 0)
 }
 
 /// Which part of a match is the value to mask.

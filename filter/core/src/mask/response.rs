@@ -390,7 +390,7 @@ impl Blocked {
                 let error = self.error_value(api);
                 (
                     Some("error"),
-                    json!({"type": "error", "code": "response_blocked", "message": message, "param": null, "error": error["error"]}),
+                    json!({"type": "error", "code": "response_blocked", "message": message, "param": null, "error": error.get("error")}),
                 )
             }
             _ => (None, self.error_value(api)),
