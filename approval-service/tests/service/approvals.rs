@@ -615,11 +615,9 @@ fn config_errors_name_the_field() {
 }
 
 #[test]
-fn old_database_files_are_migrated() {
+fn sqlite_only_old_database_files_are_migrated() {
     // SQLite files of older releases; PostgreSQL has no older schema.
-    if common::on_postgres() {
-        return;
-    }
+    common::require_sqlite();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("old.db");
     {
@@ -686,4 +684,52 @@ fn self_approval_check_folds_unicode_case() {
         &reviewer,
         Some("asa")
     ));
+}
+
+/// A review past its deadline that nothing has marked expired yet (no long
+/// poll, no sweep: the fixture runs neither) is expired by the decision
+/// itself: approve, edit, a quorum's last approval and a token consumption
+/// are each refused, and the review reads `expired` afterwards. Runs on
+/// SQLite and, in the PostgreSQL pass, on PostgreSQL.
+#[tokio::test]
+async fn nothing_approves_a_review_past_its_deadline_before_it_is_marked() {
+    let f = with_key("");
+    let overdue = |extra: Value| {
+        create(
+            &f.app,
+            common::merged(json!({"hold_timeout_ms": 50}), extra),
+        )
+    };
+    let edited =
+        json!({"body": {"model": "gpt-x", "messages": [{"role": "user", "content": "edited"}]}});
+    let plain = overdue(json!({})).await;
+    let to_edit = overdue(json!({})).await;
+    let quorum = overdue(json!({"required_approvals": 2})).await;
+    let async_review = overdue(json!({"async_review": true})).await;
+    // The first of a quorum's approvals lands in time.
+    let (s, v) = decide(&f.app, &quorum, ALICE, "approve", json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    tokio::time::sleep(Duration::from_millis(120)).await;
+
+    for (id, who, action, body) in [
+        (&plain, ALICE, "approve", json!({})),
+        (&to_edit, ALICE, "edit", edited.clone()),
+        (&quorum, BOB, "approve", json!({})),
+        (&async_review, ALICE, "approve", json!({})),
+    ] {
+        let (s, v) = decide(&f.app, id, who, action, body).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{action} {id}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("expired"),
+            "{action} {id}: {v}"
+        );
+        assert_eq!(detail(&f.app, id).await["status"], "expired", "{id}");
+    }
+    // The asynchronous caller's token was never issued, and nothing can be
+    // spent: the service answers as for any review that is not approved.
+    let (s, v) = consume(&f.app, &async_review, "svc-a", BODY).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    let (_, v) = status_of(&f.app, &async_review, "svc-a").await;
+    assert_eq!(v["status"], "expired", "{v}");
+    assert!(v.get("approval_token").is_none_or(Value::is_null), "{v}");
 }

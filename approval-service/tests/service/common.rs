@@ -44,6 +44,32 @@ pub fn on_postgres() -> bool {
     std::env::var_os(POSTGRES_ENV).is_some()
 }
 
+/// Why a test that needs PostgreSQL is ignored in the SQLite pass. The
+/// PostgreSQL pass (`./dev test`, under `tests/e2e/with_postgres.py`) runs
+/// the ignored tests with `--include-ignored`, so a skip says so in the
+/// output instead of passing. Each such test starts with
+/// [`require_postgres`], so running it without a server fails.
+pub const NEEDS_POSTGRES: &str =
+    "needs PostgreSQL: run under tests/e2e/with_postgres.py with --include-ignored";
+
+/// Fails the test unless it runs on PostgreSQL (see [`NEEDS_POSTGRES`]).
+pub fn require_postgres() {
+    assert!(
+        on_postgres(),
+        "this test needs PostgreSQL ({POSTGRES_ENV} unset): {NEEDS_POSTGRES}"
+    );
+}
+
+/// Fails a test that opens SQLite files itself when it runs on PostgreSQL.
+/// Such tests are named `sqlite_only_*`; the PostgreSQL pass leaves them
+/// out with `--skip sqlite_only_`, so they show as filtered out there.
+pub fn require_sqlite() {
+    assert!(
+        !on_postgres(),
+        "this test reads SQLite files itself: the PostgreSQL pass skips sqlite_only_*"
+    );
+}
+
 /// The `database` setting for a test database at `db`: the SQLite path, or
 /// with [`POSTGRES_ENV`] set, a PostgreSQL database of its own, named after
 /// the path (so reopening the same path reopens the same database) and

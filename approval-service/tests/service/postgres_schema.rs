@@ -65,10 +65,9 @@ fn postgres_columns(url: String) -> Columns {
 }
 
 #[test]
+#[ignore = "needs PostgreSQL: see common::NEEDS_POSTGRES"]
 fn both_databases_have_the_same_tables_and_columns() {
-    if !common::on_postgres() {
-        return;
-    }
+    common::require_postgres();
     let dir = tempfile::tempdir().unwrap();
     let sqlite = dir.path().join("schema.sqlite");
     let config = |database: String| {

@@ -15,7 +15,6 @@ use axum::Router;
 use countersign_approval::records::{self, chain_hash, ChainProblem};
 use countersign_approval::AppState;
 use countersign_core::wire::NewRecord;
-use rusqlite::Connection;
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_countersign-approval");
@@ -460,15 +459,6 @@ fn chain(dir: &Path, n: usize, extra: &str) -> (AppState, PathBuf) {
     (state, db)
 }
 
-fn row(conn: &Connection, seq: i64) -> (String, String, String) {
-    conn.query_row(
-        "SELECT entry, prev_hash, hash FROM records WHERE seq = ?1",
-        [seq],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-    )
-    .unwrap()
-}
-
 fn verify_cli(db: &Path) -> (i32, String) {
     let out = Command::new(BIN)
         .args(["verify-records", "--database"])
@@ -505,13 +495,38 @@ fn triggers_refuse_update_and_delete() {
     assert!(e.contains("append-only"), "{e}");
 }
 
+/// Drops the append-only trigger `name` on `table`, as someone with write
+/// access to the database would before tampering.
+fn drop_trigger(conn: &mut common::RawDb, name: &str, table: &str) {
+    let sql = if common::on_postgres() {
+        format!("DROP TRIGGER {name} ON {table}")
+    } else {
+        format!("DROP TRIGGER {name}")
+    };
+    conn.exec(&sql).unwrap();
+}
+
+/// Entry, previous hash and hash of record `seq`.
+fn row(conn: &mut common::RawDb, seq: i64) -> (String, String, String) {
+    let column = |conn: &mut common::RawDb, name: &str| {
+        conn.text(&format!("SELECT {name} FROM records WHERE seq = {seq}"))
+    };
+    (
+        column(conn, "entry"),
+        column(conn, "prev_hash"),
+        column(conn, "hash"),
+    )
+}
+
+/// `value` as an SQL string literal (the test's own values only).
+fn literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+// Tampers with the database directly, on SQLite and on PostgreSQL: the
+// verifier and the CLI must see every kind of change on both.
 #[test]
 fn verifier_finds_altered_missing_and_inserted_records() {
-    // Tampers with the SQLite file directly; the verifier reads both
-    // databases through the same code.
-    if common::on_postgres() {
-        return;
-    }
     // Altered entry (hash left as it was).
     let dir = tempfile::tempdir().unwrap();
     let (state, db) = chain(dir.path(), 5, "");
@@ -522,17 +537,11 @@ fn verifier_finds_altered_missing_and_inserted_records() {
         out.starts_with("ok: 5 records, chain intact, last hash "),
         "{out}"
     );
-    let conn = Connection::open(&db).unwrap();
-    let id3: String = conn
-        .query_row("SELECT record_id FROM records WHERE seq = 3", [], |r| {
-            r.get(0)
-        })
+    let mut conn = common::RawDb::open(&db);
+    let id3 = conn.text("SELECT record_id FROM records WHERE seq = 3");
+    drop_trigger(&mut conn, "records_no_update", "records");
+    conn.exec("UPDATE records SET entry = replace(entry, 'svc-2', 'svc-X') WHERE seq = 3")
         .unwrap();
-    conn.execute_batch(
-        "DROP TRIGGER records_no_update;
-         UPDATE records SET entry = replace(entry, 'svc-2', 'svc-X') WHERE seq = 3;",
-    )
-    .unwrap();
     assert_eq!(
         verify(&db).unwrap_err(),
         ChainProblem::Altered {
@@ -549,11 +558,11 @@ fn verifier_finds_altered_missing_and_inserted_records() {
     );
 
     // Altered with its own hash recomputed: the next link breaks.
-    let (entry, prev, _) = row(&conn, 3);
-    conn.execute(
-        "UPDATE records SET hash = ?1 WHERE seq = 3",
-        [chain_hash(&prev, 3, &entry)],
-    )
+    let (entry, prev, _) = row(&mut conn, 3);
+    conn.exec(&format!(
+        "UPDATE records SET hash = {} WHERE seq = 3",
+        literal(&chain_hash(&prev, 3, &entry))
+    ))
     .unwrap();
     assert!(matches!(
         verify(&db).unwrap_err(),
@@ -568,12 +577,10 @@ fn verifier_finds_altered_missing_and_inserted_records() {
     let dir = tempfile::tempdir().unwrap();
     let (state, db) = chain(dir.path(), 3, "");
     drop(state);
-    let conn = Connection::open(&db).unwrap();
-    conn.execute_batch(
-        "DROP TRIGGER records_no_update;
-         UPDATE records SET created_at_ms = 5 WHERE seq = 2;",
-    )
-    .unwrap();
+    let mut conn = common::RawDb::open(&db);
+    drop_trigger(&mut conn, "records_no_update", "records");
+    conn.exec("UPDATE records SET created_at_ms = 5 WHERE seq = 2")
+        .unwrap();
     assert!(matches!(
         verify(&db).unwrap_err(),
         ChainProblem::Altered {
@@ -587,9 +594,9 @@ fn verifier_finds_altered_missing_and_inserted_records() {
     let dir = tempfile::tempdir().unwrap();
     let (state, db) = chain(dir.path(), 5, "");
     drop(state);
-    let conn = Connection::open(&db).unwrap();
-    conn.execute_batch("DROP TRIGGER records_no_delete; DELETE FROM records WHERE seq = 3;")
-        .unwrap();
+    let mut conn = common::RawDb::open(&db);
+    drop_trigger(&mut conn, "records_no_delete", "records");
+    conn.exec("DELETE FROM records WHERE seq = 3").unwrap();
     assert_eq!(
         verify(&db).unwrap_err(),
         ChainProblem::Missing { after: 2, next: 4 }
@@ -602,16 +609,21 @@ fn verifier_finds_altered_missing_and_inserted_records() {
     let dir = tempfile::tempdir().unwrap();
     let (state, db) = chain(dir.path(), 4, "");
     drop(state);
-    let conn = Connection::open(&db).unwrap();
-    let (_, _, hash1) = row(&conn, 1);
+    let mut conn = common::RawDb::open(&db);
+    let (_, _, hash1) = row(&mut conn, 1);
     let entry =
         r#"{"created_at_ms":9,"kind":"request","record_id":"rec_forged","request":{},"v":1}"#;
-    conn.execute(
-        "INSERT INTO records (seq, record_id, kind, created_at_ms, entry, prev_hash, hash)
-         VALUES (5, 'rec_forged', 'request', 9, ?1, ?2, ?3)",
-        rusqlite::params![entry, hash1, chain_hash(&hash1, 5, entry)],
-    )
-    .unwrap();
+    let forge = |seq: i64, record_id: &str, prev: &str| {
+        format!(
+            "INSERT INTO records (seq, record_id, kind, created_at_ms, entry, prev_hash, hash)
+             VALUES ({seq}, {}, 'request', 9, {}, {}, {})",
+            literal(record_id),
+            literal(entry),
+            literal(prev),
+            literal(&chain_hash(prev, seq, entry))
+        )
+    };
+    conn.exec(&forge(5, "rec_forged", &hash1)).unwrap();
     assert_eq!(
         verify(&db).unwrap_err(),
         ChainProblem::Inserted {
@@ -631,17 +643,9 @@ fn verifier_finds_altered_missing_and_inserted_records() {
     let dir = tempfile::tempdir().unwrap();
     let (state, db) = chain(dir.path(), 2, "");
     drop(state);
-    let conn = Connection::open(&db).unwrap();
-    conn.execute(
-        "INSERT INTO records (seq, record_id, kind, created_at_ms, entry, prev_hash, hash)
-         VALUES (0, 'rec_zero', 'request', 9, ?1, ?2, ?3)",
-        rusqlite::params![
-            entry,
-            records::GENESIS_HASH,
-            chain_hash(records::GENESIS_HASH, 0, entry)
-        ],
-    )
-    .unwrap();
+    let mut conn = common::RawDb::open(&db);
+    conn.exec(&forge(0, "rec_zero", records::GENESIS_HASH))
+        .unwrap();
     assert_eq!(
         verify(&db).unwrap_err(),
         ChainProblem::Inserted {
@@ -655,18 +659,18 @@ fn verifier_finds_altered_missing_and_inserted_records() {
     let dir = tempfile::tempdir().unwrap();
     let (state, db) = chain(dir.path(), 5, "");
     drop(state);
-    let conn = Connection::open(&db).unwrap();
-    let (_, _, hash2) = row(&conn, 2);
-    conn.execute_batch("DROP TRIGGER records_no_delete; DELETE FROM records WHERE seq <= 2;")
-        .unwrap();
+    let mut conn = common::RawDb::open(&db);
+    let (_, _, hash2) = row(&mut conn, 2);
+    drop_trigger(&mut conn, "records_no_delete", "records");
+    conn.exec("DELETE FROM records WHERE seq <= 2").unwrap();
     assert_eq!(
         verify(&db).unwrap_err(),
         ChainProblem::Missing { after: 0, next: 3 }
     );
-    conn.execute(
-        "INSERT INTO chain_anchor (through_seq, hash, created_at_ms) VALUES (2, ?1, 0)",
-        [hash2],
-    )
+    conn.exec(&format!(
+        "INSERT INTO chain_anchor (through_seq, hash, created_at_ms) VALUES (2, {}, 0)",
+        literal(&hash2)
+    ))
     .unwrap();
     assert_eq!(
         verify(&db).unwrap_err(),
@@ -750,11 +754,9 @@ fn retention_deletes_a_prefix_and_the_chain_still_verifies() {
 }
 
 #[test]
-fn cli_export_and_errors() {
+fn sqlite_only_cli_export_and_errors() {
     // Names SQLite files on the command line.
-    if common::on_postgres() {
-        return;
-    }
+    common::require_sqlite();
     let dir = tempfile::tempdir().unwrap();
     let (state, db) = chain(dir.path(), 3, "");
     drop(state);

@@ -47,10 +47,9 @@ async fn next_event(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL: see common::NEEDS_POSTGRES"]
 async fn a_decision_through_one_replica_releases_a_long_poll_on_another_at_once() {
-    if !common::on_postgres() {
-        return;
-    }
+    common::require_postgres();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("shared.db");
     let (state_a, a) = replica(&db);
@@ -109,10 +108,9 @@ async fn a_decision_through_one_replica_releases_a_long_poll_on_another_at_once(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL: see common::NEEDS_POSTGRES"]
 async fn quorum_across_replicas_and_concurrent_decisions_have_one_winner() {
-    if !common::on_postgres() {
-        return;
-    }
+    common::require_postgres();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("quorum.db");
     let (_sa, a) = replica(&db);
@@ -164,10 +162,9 @@ async fn quorum_across_replicas_and_concurrent_decisions_have_one_winner() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL: see common::NEEDS_POSTGRES"]
 async fn replicas_recover_from_lost_database_connections() {
-    if !common::on_postgres() {
-        return;
-    }
+    common::require_postgres();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("lost.db");
     let (_sa, a) = replica(&db);
