@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from conftest import chat, send_later
-from stack import sha256_hex, wait_until
+from stack import sha256_hex
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -165,4 +165,3 @@ def test_self_approval_is_refused_and_two_person_rule(tokens, background):
 def test_status_of_unknown_review_is_404(tokens):
     assert status(tokens, "rev_doesnotexist").status_code == 404
     assert httpx.post(tokens.url + "/countersign/reviews/rev_x", headers=as_caller("ci-batch")).status_code == 400
-    wait_until(lambda: True)

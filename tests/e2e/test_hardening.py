@@ -43,7 +43,9 @@ def test_body_tricks_are_refused(stack, name, body, status):
     path = "/v1/completions" if name == "token-id prompt" else "/v1/chat/completions"
     r = raw(stack, body, path=path)
     assert r.status_code == status, (name, r.text)
-    assert r.json()["error"]["message"]
+    err = r.json()["error"]
+    assert err["code"] == "invalid_request" and err["message"], (name, err)
+    assert r.headers["x-countersign-outcome"] == "invalid", (name, r.headers)
     assert_nothing_forwarded(stack)
 
 
@@ -56,31 +58,54 @@ def test_unicode_escapes_are_decoded_for_review(stack, background):
     assert fut.result(10).status_code == 403
 
 
-@pytest.mark.parametrize("name,path,method,headers,status", [
-    ("case variant", "/V1/chat/completions", "POST", {}, 400),
-    ("trailing slash", "/v1/chat/completions/", "POST", {}, 400),
-    ("dot segment", "/v1/./chat/completions", "POST", {}, None),  # Envoy normalises; then reviewed or allowed
-    ("encoded slash", "/v1/chat%2Fcompletions", "POST", {}, 400),
-    ("method override", "/v1/chat/completions", "POST", {"x-http-method-override": "GET"}, 400),
-    ("GET with a body", "/v1/chat/completions", "GET", {}, 405),
-    ("websocket upgrade", "/v1/realtime", "GET", {"connection": "upgrade", "upgrade": "websocket"}, 403),
-    ("gzip body", "/v1/chat/completions", "POST", {"content-encoding": "gzip"}, 415),
-    ("br body", "/v1/chat/completions", "POST", {"content-encoding": "br"}, 415),
-    ("form content type", "/v1/chat/completions", "POST", {"content-type": "application/x-www-form-urlencoded"}, 415),
-    ("batch endpoint", "/v1/batches", "POST", {}, 403),
-    ("file upload", "/v1/files", "POST", {}, 403),
-    ("assistants", "/v1/threads/runs", "POST", {}, 403),
+@pytest.fixture(scope="module", params=["deny", "pass"])
+def gateway(request, tmp_path_factory):
+    """The default gateway under each `other_requests` setting: a trick that
+    turns a listed path into an unlisted one must not get through either."""
+    from conftest import module_stack
+    from stack import DEFAULT_FILTER_CONFIG
+    config = {**DEFAULT_FILTER_CONFIG, "other_requests": request.param}
+    with module_stack(tmp_path_factory, request, f"tricks_{request.param}", config) as s:
+        yield s
+
+
+# (status, error code, x-countersign-outcome); None, None for the refusals
+# Envoy itself answers before the filter runs (no JSON body, no outcome).
+ENVOY_REFUSES = (None, None)
+
+
+@pytest.mark.parametrize("name,path,method,headers,status,code,outcome", [
+    ("case variant", "/V1/chat/completions", "POST", {}, 400, "invalid_path", "invalid"),
+    ("trailing slash", "/v1/chat/completions/", "POST", {}, 400, "invalid_path", "invalid"),
+    ("dot segment", "/v1/./chat/completions", "POST", {}, 200, None, "allowed"),  # Envoy normalises; then allowed
+    # path_with_escaped_slashes_action: REJECT_REQUEST in the shipped template.
+    ("encoded slash", "/v1/chat%2Fcompletions", "POST", {}, 400, *ENVOY_REFUSES),
+    ("method override", "/v1/chat/completions", "POST", {"x-http-method-override": "GET"}, 400, "invalid_request", "invalid"),
+    ("GET with a body", "/v1/chat/completions", "GET", {}, 405, "method_not_allowed", "invalid"),
+    # No upgrade_configs on the route: Envoy refuses the upgrade itself.
+    ("websocket upgrade", "/v1/realtime", "GET", {"connection": "upgrade", "upgrade": "websocket"}, 403, *ENVOY_REFUSES),
+    ("gzip body", "/v1/chat/completions", "POST", {"content-encoding": "gzip"}, 415, "unsupported_media_type", "invalid"),
+    ("br body", "/v1/chat/completions", "POST", {"content-encoding": "br"}, 415, "unsupported_media_type", "invalid"),
+    ("form content type", "/v1/chat/completions", "POST", {"content-type": "application/x-www-form-urlencoded"}, 415,
+     "unsupported_media_type", "invalid"),
+    ("batch endpoint", "/v1/batches", "POST", {}, 403, "indirect_prompt_endpoint", "denied"),
+    ("file upload", "/v1/files", "POST", {}, 403, "indirect_prompt_endpoint", "denied"),
+    ("assistants", "/v1/threads/runs", "POST", {}, 403, "indirect_prompt_endpoint", "denied"),
 ])
-def test_routing_tricks(stack, name, path, method, headers, status):
-    r = raw(stack, GOOD, path=path, method=method, headers=headers)
-    if status is None:
-        # After Envoy's normalisation it is an ordinary, allowed request.
-        assert r.status_code == 200, r.text
-        [seen] = stack.backend.requests()
-        assert seen["path"] == "/v1/chat/completions"
-        return
+def test_routing_tricks(gateway, name, path, method, headers, status, code, outcome):
+    before = gateway.backend.stats()["started"]
+    r = raw(gateway, GOOD, path=path, method=method, headers=headers)
     assert r.status_code == status, (name, r.status_code, r.text)
-    assert stack.backend.stats()["started"] == 0
+    assert r.headers.get("x-countersign-outcome") == outcome, (name, r.headers)
+    if status == 200:
+        # After Envoy's normalisation it is an ordinary, allowed request.
+        assert gateway.backend.requests()[-1]["path"] == "/v1/chat/completions"
+        assert gateway.backend.stats()["started"] == before + 1
+        return
+    if code is not None:
+        err = r.json()["error"]
+        assert err["code"] == code and err["message"], (name, err)
+    assert gateway.backend.stats()["started"] == before, name
 
 
 def test_chunked_upload_and_expect_continue(stack, background):

@@ -5,7 +5,7 @@ import httpx
 import pytest
 
 from conftest import chat, send_later
-from stack import sha256_hex
+from stack import rec_field, records, sha256_hex, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -77,6 +77,19 @@ def test_policy_per_caller_group_and_caller_recorded(keyed, background):
     assert r.status_code == 200
     [seen] = keyed.backend.requests()
     assert seen["headers"]["authorization"] == f"Bearer {MODEL_KEY}"
+    # The record names the caller and its groups as the key mapped them,
+    # for the reviewed request and for the bot's allowed one.
+    assert httpx.post(keyed.url + "/v1/chat/completions", json=chat(text="bot asks"),
+                      headers=as_caller("ci-nightly"), timeout=10).status_code == 200
+    recs = wait_until(lambda: (rs := records(keyed)) and len(rs) >= 2 and rs, what="both records")
+    by_caller = {rec_field(x, "caller"): x for x in recs}
+    assert set(by_caller) == {"dana", "ci-nightly"}, recs
+    assert rec_field(by_caller["dana"], "caller_groups") == ["eng"]
+    assert rec_field(by_caller["dana"], "decision") == "approved"
+    assert rec_field(by_caller["ci-nightly"], "caller_groups") == ["bots"]
+    assert rec_field(by_caller["ci-nightly"], "decision") == "allowed"
+    # The caller's key is not in the record.
+    assert CALLERS["dana"] not in str(recs) and CALLERS["ci-nightly"] not in str(recs)
 
 
 def test_filter_token_from_the_environment_guards_the_approval_channel(make_stack, background):

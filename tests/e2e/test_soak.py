@@ -250,7 +250,10 @@ def check(stack, results, reviewer, memory, label):
 def test_short_soak(make_stack):
     stack = make_stack(filter_config=CONFIG)
     results, reviewer, memory = run_soak(stack, seconds=25, threads=16)
-    assert len(results) > 500
+    # Not a throughput floor (the benchmarks measure speed): every kind of
+    # request must have been sent concurrently with the others for the
+    # checks to mean anything.
+    assert {r["kind"] for r in results} == {kind for kind, _ in KINDS}, Counter(r["kind"] for r in results)
     check(stack, results, reviewer, memory, "short soak")
 
 
