@@ -261,6 +261,65 @@ async fn another_sessions_csrf_token_does_not_work() {
     assert_eq!(r.status, StatusCode::FORBIDDEN);
 }
 
+/// Separation of duties holds on the UI's path too (cookie session and
+/// CSRF token, as the page sends them): alice may not approve or edit what
+/// she sent, may reject it, and bob may approve it.
+#[tokio::test]
+async fn no_self_approval_with_a_cookie_session() {
+    let f = fixture("");
+    let alice = sign_in(&f.app, ALICE).await;
+    let as_alice = |action: &str, id: &str, body: &'static str| {
+        let uri = format!("/api/reviews/{id}/{action}");
+        let app = f.app.clone();
+        let (cookie, csrf) = (alice.cookie.clone(), alice.csrf.clone());
+        async move {
+            send(
+                &app,
+                "POST",
+                &uri,
+                &[("cookie", &cookie), ("x-csrf-token", &csrf)],
+                body,
+            )
+            .await
+        }
+    };
+    let id = create(&f.app, "gpt-x", "alice", "my own prompt").await;
+    for (action, body) in [
+        ("approve", r#"{"reason":"mine"}"#),
+        ("edit", r#"{"body":{"model":"gpt-x","messages":[]}}"#),
+    ] {
+        let r = as_alice(action, &id, body).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{action}");
+        assert_eq!(r.json()["error"]["code"], "self_approval", "{action}");
+    }
+    let r = send(
+        &f.app,
+        "GET",
+        &format!("/api/reviews/{id}"),
+        &[("cookie", &alice.cookie)],
+        "",
+    )
+    .await;
+    assert_eq!(r.json()["status"], "pending");
+    assert_eq!(r.json()["approvals"], json!([]));
+    let bob = sign_in(&f.app, BOB).await;
+    let r = send(
+        &f.app,
+        "POST",
+        &format!("/api/reviews/{id}/approve"),
+        &[("cookie", &bob.cookie), ("x-csrf-token", &bob.csrf)],
+        "{}",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["reviewer"], "bob");
+    // She may reject her own request.
+    let id = create(&f.app, "gpt-x", "alice", "on second thought").await;
+    let r = as_alice("reject", &id, r#"{"reason":"sent by mistake"}"#).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["status"], "rejected");
+}
+
 #[tokio::test]
 async fn bearer_api_is_unchanged_and_wins_over_a_cookie() {
     let f = fixture("");
