@@ -243,12 +243,21 @@ class Postgres:
             for f in ("server.key", "server.pem"):
                 shutil.chown(self.dir / f, "postgres", "postgres")
 
+    def _ready(self) -> bool:
+        if not self.proc.alive():
+            raise RuntimeError(f"postgres exited: {self.proc.log_text()[-2000:]}")
+        return subprocess.run([str(self.bin / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)],
+                              timeout=10).returncode == 0
+
+    def restart(self) -> "Postgres":
+        """Starts the server again on its data (after a stop or a kill -9:
+        it recovers from its write-ahead log first)."""
+        self.proc.start()
+        wait_until(self._ready, timeout=60, what="postgres accepting connections again")
+        return self
+
     def start(self) -> "Postgres":
-        def ready():
-            if not self.proc.alive():
-                raise RuntimeError(f"postgres exited: {self.proc.log_text()[-2000:]}")
-            return subprocess.run([str(self.bin / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)],
-                                  timeout=10).returncode == 0
+        ready = self._ready
         try:
             init = subprocess.run([*self.as_user, str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres",
                                    "--auth=trust", "--no-locale", "-E", "UTF8", "--no-sync"],

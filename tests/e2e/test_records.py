@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from conftest import chat, post, send_later
-from stack import rec_field, records, verify_records, wait_until
+from stack import Postgres, rec_field, records, verify_records, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -117,16 +117,17 @@ def test_no_forward_without_a_durable_record(make_stack):
     assert post(best.url, json=chat(model="demo-allow"), timeout=20).status_code == 200
 
 
-def test_killing_the_service_under_traffic_loses_no_record(make_stack):
-    stack = make_stack(filter_config={"rules": [{"name": "load-tests", "model": "demo-allow*", "action": "allow"}]})
+def traffic_through(stack, outage, workers: int = 4) -> list[tuple[str, int]]:
+    """Allowed requests from `workers` clients, each with its own id, while
+    `outage()` runs: [(request id, status its client got; 0 for none)]."""
     stop = threading.Event()
-    answers: list[tuple[str, int]] = []  # (the request's own id, the status its client got; 0: no answer)
+    answers: list[tuple[str, int]] = []
 
     def traffic(worker: int):
         with httpx.Client(timeout=10) as c:
             n = 0
             while not stop.is_set():
-                rid = f"kill-{worker}-{n}"
+                rid = f"traffic-{worker}-{n}"
                 n += 1
                 try:
                     answers.append((rid, c.post(stack.url + "/v1/chat/completions", json=chat(model="demo-allow"),
@@ -134,45 +135,90 @@ def test_killing_the_service_under_traffic_loses_no_record(make_stack):
                 except httpx.HTTPError:
                     answers.append((rid, 0))
 
-    threads = [threading.Thread(target=traffic, args=(w,)) for w in range(4)]
+    threads = [threading.Thread(target=traffic, args=(w,)) for w in range(workers)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
-    stack.approval.proc.kill()
-    time.sleep(1.0)
-    stack.approval.start()
-    time.sleep(1.0)
-    stop.set()
-    for t in threads:
-        t.join(15)
+    try:
+        time.sleep(1.0)
+        outage()
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(15)
+    return answers
+
+
+def assert_every_answer_recorded_once(stack, answers):
+    """Envoy stayed up, so the model saw exactly the requests whose callers
+    got their answer (the backend's counter is complete, unlike its request
+    log); each of those has exactly one record, and no record of a refused
+    request claims it was forwarded. The chain verifies."""
     codes = Counter(code for _, code in answers)
     assert set(codes) <= {200, 503} and codes[200] and codes[503], codes
     answered = {rid for rid, code in answers if code == 200}
     refused = {rid for rid, code in answers if code == 503}
-
-    # Envoy stayed up: the model saw exactly the requests whose callers got
-    # their answer (its counter is complete, unlike its request log).
     assert stack.backend.stats()["started"] == len(answered), (stack.backend.stats(), codes)
 
+    forwarding = ("allowed", "approved", "edited")
+
     def settled():
+        # A refused request has its own refusal record, or, where its
+        # record was written before the outage, that record gains a
+        # response part saying it was not forwarded (delivered later).
         recs = records(stack)
-        refusals_written = all(x.get("response") for x in recs if rec_field(x, "request_id") in refused)
-        return refusals_written and recs
-    recs = wait_until(settled, timeout=30, what="refusal parts of records written before the kill")
+        return all(x.get("response") for x in recs
+                   if rec_field(x, "request_id") in refused and rec_field(x, "decision") in forwarding) and recs
+    recs = wait_until(settled, timeout=30, what="refusal parts of records written before the outage")
     by_id: dict[str, list[dict]] = {}
     for x in recs:
         by_id.setdefault(rec_field(x, "request_id"), []).append(x)
-    # Every answer a caller got has exactly one record of its forwarding...
     missing = [rid for rid in answered if len(by_id.get(rid, [])) != 1]
     assert not missing, f"{len(missing)} answered requests without exactly one record: {missing[:5]}"
     assert {rec_field(by_id[rid][0], "decision") for rid in answered} == {"allowed"}
-    # ...and no refused request has a record claiming it was forwarded: a
-    # record written before the service died says it was not.
     for rid in refused:
         for x in by_id.get(rid, []):
-            assert x["response"]["completion"] == "not_forwarded", x
+            if rec_field(x, "decision") in forwarding:
+                assert x["response"]["completion"] == "not_forwarded", x
+            else:
+                assert rec_field(x, "refusal")["status"] == 503, x
     ok = verify_records(stack)
     assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+ALLOW_LOAD = {"rules": [{"name": "load-tests", "model": "demo-allow*", "action": "allow"}]}
+
+
+def test_killing_the_service_under_traffic_loses_no_record(make_stack):
+    stack = make_stack(filter_config=ALLOW_LOAD)
+
+    def outage():
+        stack.approval.proc.kill()
+        time.sleep(1.0)
+        stack.approval.start()
+    assert_every_answer_recorded_once(stack, traffic_through(stack, outage))
+
+
+def test_killing_postgresql_under_traffic_loses_no_record(make_stack):
+    """kill -9 of the whole database server under traffic, with PostgreSQL's
+    durability on (fsync, full-page writes: the other tests turn them off
+    for speed): no answered request loses its record, and the service
+    carries on once the server is back, without a restart."""
+    pg = Postgres(durable=True).start()
+    try:
+        stack = make_stack(filter_config=ALLOW_LOAD, database=pg.create_database("kill_nine"))
+
+        def outage():
+            pg.proc.kill()
+            time.sleep(1.0)
+            pg.restart()
+        assert_every_answer_recorded_once(stack, traffic_through(stack, outage))
+        assert stack.approval.proc.alive()
+        wait_until(lambda: post(stack.url, json=chat(model="demo-allow"), timeout=10).status_code == 200,
+                   timeout=15, what="allowed requests recorded again")
+    finally:
+        stack.stop()
+        pg.stop()
 
 
 def test_streamed_responses_answer_is_recorded_with_text_and_usage(make_stack):

@@ -6,23 +6,31 @@
 //! (Envoy drops a stream's context after its access log), so the adapter
 //! sends them from the root context, which lives as long as the VM, and
 //! asks a [`Delivery`] what an answer means. A call that got no answer or a
-//! 5xx is tried again with backoff ([`DELIVERY_ATTEMPTS`] in all): with
-//! several approval service replicas, a replica that died mid-call is
-//! replaced by another on the next attempt. Every such call is safe to
+//! 5xx is tried again with backoff ([`DELIVERY_ATTEMPTS`] in all, about a
+//! minute and a half): with several approval service replicas, a replica
+//! that died mid-call is replaced by another on the next attempt, and a
+//! single replica restarted (a crash, a rolling update, a database that
+//! blinked) still gets every record part. Giving up sooner would leave a
+//! request record that claims a forward for a request that was refused. Every such call is safe to
 //! repeat: record writes carry an idempotency key or are refused with 409
 //! once written, and cancelling a review twice changes nothing.
 
 use crate::hold::{transient, Callout, CalloutKind, CalloutResult};
 
-/// Attempts at one delivery before it is given up (and logged).
-pub const DELIVERY_ATTEMPTS: u32 = 4;
+/// Attempts at one delivery before it is given up (and logged): with the
+/// backoff below, the last one is about 92 s after the first.
+pub const DELIVERY_ATTEMPTS: u32 = 10;
 
-/// Delay before the second attempt; doubles for each later one.
+/// Delay before the second attempt; doubles for each later one, up to
+/// [`DELIVERY_RETRY_MAX_MS`].
 pub const DELIVERY_RETRY_MS: u64 = 250;
 
+/// Longest delay between two attempts.
+pub const DELIVERY_RETRY_MAX_MS: u64 = 30_000;
+
 /// Most deliveries queued or in flight in one VM (one Envoy worker). While
-/// the approval service is unreachable they pile up for up to four callout
-/// timeouts; beyond this, new ones are dropped (and counted), so an outage
+/// the approval service is unreachable they pile up for the whole retry
+/// span; beyond this, new ones are dropped (and counted), so an outage
 /// plus a flood of refusals cannot exhaust Envoy's memory.
 pub const MAX_QUEUED: usize = 10_000;
 
@@ -103,7 +111,8 @@ impl Delivery {
         if self.attempts >= DELIVERY_ATTEMPTS {
             return DeliveryStep::GiveUp(format!("{why} after {} attempts", self.attempts));
         }
-        let delay = DELIVERY_RETRY_MS << self.attempts.saturating_sub(1).min(6);
+        let delay = (DELIVERY_RETRY_MS << self.attempts.saturating_sub(1).min(16))
+            .min(DELIVERY_RETRY_MAX_MS);
         DeliveryStep::RetryAt(now_ms.saturating_add(delay))
     }
 }
@@ -142,13 +151,16 @@ mod tests {
                     now = at;
                 }
                 DeliveryStep::GiveUp(why) => {
-                    assert!(why.contains("no answer after 4 attempts"), "{why}");
+                    assert!(why.contains("no answer after 10 attempts"), "{why}");
                     break;
                 }
                 DeliveryStep::Done => panic!(),
             }
         }
-        assert_eq!(delays, vec![250, 500, 1_000]);
+        assert_eq!(
+            delays,
+            vec![250, 500, 1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000]
+        );
         assert_eq!(d.attempts(), DELIVERY_ATTEMPTS);
         // A 5xx (Envoy finding no healthy replica, a replica's database
         // blinking) is retried like no answer.

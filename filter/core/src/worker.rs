@@ -364,8 +364,15 @@ impl Worker {
                         .finish(ctx, |e| e.hold.refusal_record(&refusal))
                         .flatten();
                     if let Some(record) = record {
-                        let _ = host
-                            .dispatch(&config.approval_cluster, &record_callout(&config, &record));
+                        // Through the outbox, retried like any delivery: the
+                        // refusal often comes from the approval service
+                        // being down, so one attempt now would be lost, and
+                        // where the pre-forward record was written before
+                        // its answer was lost, this is what tells that
+                        // record the request was never forwarded. Not
+                        // routine then: it must not be crowded out.
+                        let routine = refusal.kind != RefusalKind::RecordUnavailable;
+                        self.deliver(host, &config, record_callout(&config, &record), routine);
                     }
                     if host.set_effective_context(ctx).is_ok() {
                         if refusal.kind != RefusalKind::NotFound {
@@ -511,8 +518,8 @@ mod tests {
         assert!(host.dispatched.is_empty());
         let start = host.now;
         let mut sent_at = Vec::new();
-        for step in 0..40 {
-            host.now = start + step * 50;
+        for step in 0..500 {
+            host.now = start + step * 250;
             let before = host.dispatched.len();
             worker.on_tick(&mut host);
             if host.dispatched.len() > before {
@@ -521,9 +528,13 @@ mod tests {
                 answer(&mut host, &worker, token, Some(503), "");
             }
         }
-        // Sent at once, then after 250, 500 and 1,000 ms; then given up.
-        assert_eq!(sent_at, [0, 250, 750, 1_750]);
-        assert_eq!(host.metric("countersign_delivery_retries_total"), 3);
+        // Sent at once, then after 250 ms, doubling up to 30 s, ten times
+        // in all; then given up.
+        assert_eq!(
+            sent_at,
+            [0, 250, 750, 1_750, 3_750, 7_750, 15_750, 31_750, 61_750, 91_750]
+        );
+        assert_eq!(host.metric("countersign_delivery_retries_total"), 9);
         assert_eq!(host.metric("countersign_deliveries_failed_total"), 1);
         assert_eq!(worker.queued(), (0, 0));
         assert!(host
@@ -634,6 +645,49 @@ mod tests {
         assert_eq!(host.replies[0].status, 503);
         assert_eq!(host.replies[0].context, Some(7));
         assert_eq!(host.metric("countersign_requests_unavailable_total"), 1);
+    }
+
+    #[test]
+    fn a_refused_holds_record_survives_an_approval_service_outage() {
+        let c = config(r#"{"records":"required"}"#);
+        let worker = Worker::new();
+        let mut host = MockHost::new(&worker);
+        let _s = held_stream(&worker, &mut host, &c, 7);
+        // The service is down: creation is retried, then the request refused.
+        for _ in 0..10 {
+            let token = host.last_token();
+            answer(&mut host, &worker, token, None, "");
+            host.now += 5_000;
+            worker.on_tick(&mut host);
+            if !host.replies.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(host.replies.len(), 1);
+        assert_eq!(host.replies[0].status, 503);
+        // Its record went out from the outbox in the same tick...
+        assert_eq!(worker.queued().0, 1);
+        assert_eq!(host.last_path(), "/v1/records");
+        let mut attempts = 1;
+        let token = host.last_token();
+        answer(&mut host, &worker, token, None, "");
+        // ...and, the service still down, is sent again until it is back.
+        for _ in 0..20 {
+            host.now += 1_000;
+            let before = host.dispatched.len();
+            worker.on_tick(&mut host);
+            if host.dispatched.len() > before {
+                attempts += 1;
+                assert_eq!(host.last_path(), "/v1/records");
+                let token = host.last_token();
+                let status = if attempts < 3 { None } else { Some(201) };
+                answer(&mut host, &worker, token, status, "{}");
+            }
+        }
+        assert_eq!(attempts, 3);
+        assert_eq!(worker.queued(), (0, 0));
+        assert_eq!(host.metric("countersign_deliveries_failed_total"), 0);
+        assert_eq!(host.violations.get(), 0);
     }
 
     #[test]
