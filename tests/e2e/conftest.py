@@ -45,7 +45,7 @@ def pg_database(postgres, request):
 
 @pytest.fixture
 def make_stack(tmp_path, request):
-    """Factory: make_stack(filter_config=None, filter_token=None) -> started Stack."""
+    """Factory: make_stack(filter_config=None, filter_token=DEFAULT_FILTER_TOKEN, ...) -> started Stack."""
     stacks = []
 
     def make(**kwargs):

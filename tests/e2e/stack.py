@@ -502,15 +502,22 @@ class Envoy:
 
 DEFAULT_FILTER_CONFIG = json.loads((ROOT / "envoy" / "filter-config.json").read_text())
 
+# The stacks run as the README recommends: only the filter, holding this
+# token, may use the service's filter API. `filter_token=None` turns it off.
+DEFAULT_FILTER_TOKEN = "e2e-filter-token-0123456789abcdef"
+
 
 class Stack:
-    """Demo backend + approval service + Envoy with the filter."""
+    """Demo backend + approval service + Envoy with the filter (and the
+    filter token set, unless `filter_token=None`)."""
 
-    def __init__(self, workdir: Path, filter_config: dict | None = None, filter_token: str | None = None,
+    def __init__(self, workdir: Path, filter_config: dict | None = None,
+                 filter_token: str | None = DEFAULT_FILTER_TOKEN,
                  envoy_env: dict | None = None, approval_extra: str = "", database: str | None = None,
                  model_http2: bool = False):
+        self.filter_token = filter_token
         config = dict(DEFAULT_FILTER_CONFIG if filter_config is None else filter_config)
-        if filter_token:
+        if filter_token and "approval_token_env" not in config:
             config["approval_token"] = filter_token
         self.backend = Backend(workdir)
         self.approval = Approval(workdir, filter_token=filter_token, extra=approval_extra, database=database)

@@ -408,10 +408,13 @@ def lds_stack(make_stack, config):
 
 def push_plugin_config(stack, config):
     """Atomically replaces the LDS file with one whose countersign plugin
-    configuration is `config` (a dict, or a raw string)."""
+    configuration is `config` (a dict, given the stack's filter token, or a
+    raw string, sent as it is)."""
     listeners = copy.deepcopy(stack.lds_template)
     hcm = listeners[0]["filter_chains"][0]["filters"][0]["typed_config"]
     [wasm] = [f for f in hcm["http_filters"] if f["name"] == "countersign"]
+    if isinstance(config, dict) and stack.filter_token:
+        config = {**config, "approval_token": stack.filter_token}
     wasm["typed_config"]["config"]["configuration"]["value"] = (
         config if isinstance(config, str) else json.dumps(config))
     resources = [{"@type": "type.googleapis.com/envoy.config.listener.v3.Listener", **ls} for ls in listeners]

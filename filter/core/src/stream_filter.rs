@@ -1133,7 +1133,10 @@ mod tests {
         assert_eq!(reply.header("x-countersign-review-id"), Some("rev_1"));
         assert_eq!(host.outcome().as_deref(), Some("rejected"));
         assert_eq!(host.metric("countersign_requests_rejected_total"), 1);
-        // The refusal is recorded too (sent at once, not waited for).
+        // The refusal is recorded too: queued in the outbox, sent on the
+        // root context's next tick and retried, not waited for.
+        assert_eq!(worker.queued().0, 1);
+        worker.on_tick(&mut host);
         assert_eq!(host.last_path(), "/v1/records");
         assert!(host.resumed.is_empty());
         assert_eq!(host.violations.get(), 0);

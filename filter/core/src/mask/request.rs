@@ -247,6 +247,7 @@ mod tests {
                     {{"role":"assistant","content":null,"tool_calls":[{{"id":"c1","type":"function","function":{{"name":"send","arguments":"{{\"to\":\"{s}\"}}"}}}}]}},
                     {{"role":"tool","tool_call_id":"c1","content":"sent to {s}"}}],
                     "tools":[{{"type":"function","function":{{"name":"send","description":"mail {s}","parameters":{{"type":"object","properties":{{"to":{{"type":"string","description":"like {s}","enum":["a","b"]}}}}}}}}}}],
+                    "response_format":{{"type":"json_schema","json_schema":{{"name":"r","description":"for {s}","schema":{{"type":"object","description":"of {s}"}}}}}},
                     "temperature":0.50}}"#
                 ),
                 vec![
@@ -256,6 +257,8 @@ mod tests {
                     ".messages[3].content",
                     ".tools[0].function.description",
                     ".tools[0].function.parameters.properties.to.description",
+                    ".response_format.json_schema.description",
+                    ".response_format.json_schema.schema.description",
                 ],
             ),
             (
@@ -371,9 +374,10 @@ mod tests {
             (
                 ApiKind::OllamaGenerate,
                 format!(
-                    r#"{{"model":"llama3","system":"sys {s}","prompt":"hi {s}","suffix":"end {s}","images":["AA=="],"stream":false}}"#
+                    r#"{{"model":"llama3","system":"sys {s}","prompt":"hi {s}","suffix":"end {s}","images":["AA=="],"stream":false,
+                    "format":{{"type":"object","description":"about {s}"}}}}"#
                 ),
-                vec![".system", ".prompt", ".suffix"],
+                vec![".system", ".prompt", ".suffix", ".format.description"],
             ),
         ]
     }
