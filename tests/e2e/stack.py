@@ -320,10 +320,11 @@ class Approval:
     """One approval service process. `database` is a PostgreSQL URL that
     several replicas (each with its own `name`, hence files) may share, or a
     SQLite file; without it the service uses countersign.db in workdir.
-    `extra` is TOML put before the reviewers: top-level keys, then tables."""
+    `extra` is TOML put before the reviewers: top-level keys, then tables.
+    `reviewer_fields` adds TOML lines to a reviewer's table, by name."""
 
     def __init__(self, workdir: Path, filter_token: str | None = None, extra: str = "", database: str | None = None,
-                 name: str = "approval", env: dict | None = None):
+                 name: str = "approval", env: dict | None = None, reviewer_fields: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.db = database or workdir / "countersign.db"
@@ -337,6 +338,8 @@ class Approval:
         for reviewer, token in REVIEWERS.items():
             lines += ["", "[[reviewers]]", f'name = "{reviewer}"', f'token_sha256 = "{sha256_hex(token)}"',
                       f'groups = {json.dumps(REVIEWER_GROUPS[reviewer])}']
+            if reviewer_fields and reviewer in reviewer_fields:
+                lines.append(reviewer_fields[reviewer])
         self.config.write_text("\n".join(lines) + "\n")
         self.proc = Proc("countersign-approval",
                          [str(RELEASE / "countersign-approval"), "serve", "--config", str(self.config)],
@@ -499,12 +502,14 @@ class Stack:
 
     def __init__(self, workdir: Path, filter_config: dict | None = None, filter_token: str | None = None,
                  envoy_env: dict | None = None, approval_extra: str = "", database: str | None = None,
-                 model_http2: bool = False):
+                 model_http2: bool = False, approval_env: dict | None = None,
+                 reviewer_fields: dict[str, str] | None = None):
         config = dict(DEFAULT_FILTER_CONFIG if filter_config is None else filter_config)
         if filter_token:
             config["approval_token"] = filter_token
         self.backend = Backend(workdir)
-        self.approval = Approval(workdir, filter_token=filter_token, extra=approval_extra, database=database)
+        self.approval = Approval(workdir, filter_token=filter_token, extra=approval_extra, database=database,
+                                 env=approval_env, reviewer_fields=reviewer_fields)
         self.envoy = Envoy(workdir, self.backend, self.approval, config, env=envoy_env,
                            model_http2=model_http2)
 
