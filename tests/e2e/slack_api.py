@@ -26,6 +26,8 @@ class SlackApiStandIn:
         # channel -> {ts: message}, in posting order.
         self.channels: dict[str, dict[str, dict]] = {}
         self._ts = itertools.count(1)
+        # method -> seconds to wait before answering (a slow Slack).
+        self.delays: dict[str, float] = {}
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/api"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -99,6 +101,7 @@ class SlackApiStandIn:
                     args.update(json.loads(body))
                 elif body:
                     args.update(parse_qsl(body.decode()))
+                time.sleep(standin.delays.get(method, 0))
                 if self.headers.get("authorization") != f"Bearer {standin.bot_token}":
                     answer = {"ok": False, "error": "invalid_auth"}
                 else:

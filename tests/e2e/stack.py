@@ -186,6 +186,24 @@ def stat(stack, name) -> int:
     return int(m.group(1)) if m else 0
 
 
+def make_certificates(directory: Path, ca: str = "ca", name: str = "server"):
+    """A CA of its own (`{ca}.pem`, key `{ca}.key`) and a certificate for
+    127.0.0.1 and localhost signed by it (`{name}.pem`, key `{name}.key`),
+    made with openssl in `directory`."""
+    def openssl(*args):
+        r = subprocess.run(["openssl", *args], cwd=directory, capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError(f"openssl {args[0]}: {r.stderr}")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=countersign test CA {name}",
+            "-keyout", f"{ca}.key", "-out", f"{ca}.pem")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr")
+    (directory / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
+                                           "extendedKeyUsage=serverAuth\n")
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
+            "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
+
+
 class Postgres:
     """A throwaway PostgreSQL cluster (Debian's server) on a free loopback port.
 
@@ -223,18 +241,7 @@ class Postgres:
                          self.dir / "postgres.log", cwd=self.dir)
 
     def _make_certificates(self):
-        def openssl(*args):
-            r = subprocess.run(["openssl", *args], cwd=self.dir, capture_output=True, text=True, timeout=60)
-            if r.returncode != 0:
-                raise RuntimeError(f"openssl {args[0]}: {r.stderr}")
-        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=countersign test CA",
-                "-keyout", "ca.key", "-out", "ca.pem")
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-                "-keyout", "server.key", "-out", "server.csr")
-        (self.dir / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
-                                             "extendedKeyUsage=serverAuth\n")
-        openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-days", "2", "-extfile", "server.ext", "-out", "server.pem")
+        make_certificates(self.dir)
         # PostgreSQL refuses a key others can read; as root the server runs
         # as `postgres`, which must own it.
         key = self.dir / "server.key"

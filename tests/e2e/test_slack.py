@@ -5,10 +5,8 @@ interactivity requests signed exactly as Slack signs them (slack_sdk's
 SignatureVerifier). Also the signed webhooks, verified with the
 standardwebhooks package."""
 import json
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlencode
 
 import httpx
@@ -18,6 +16,7 @@ from slack_sdk.signature import SignatureVerifier
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from conftest import chat, module_stack, send_later
+from outbound import WebhookReceiver
 from slack_api import SlackApiStandIn
 from stack import wait_until
 
@@ -44,41 +43,10 @@ FILTER = {
 }
 
 
-class WebhookReceiver:
-    """Records each webhook call (headers, raw body) on a free loopback port."""
-
-    def __init__(self):
-        self.calls: list[tuple[dict, bytes]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                receiver.calls.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                self.send_response(204)
-                self.end_headers()
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
-
-    def events_for(self, review_id: str) -> list[tuple[dict, bytes]]:
-        return [(h, b) for h, b in list(self.calls) if review_id.encode() in b]
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, request):
     slack = SlackApiStandIn(BOT_TOKEN).start()
-    hooks = WebhookReceiver()
+    hooks = WebhookReceiver().start()
     extra = f"""
 [slack]
 channel = "{CHANNEL}"
@@ -120,17 +88,20 @@ def posted(slack, review_id) -> dict:
     return slack.wait_call("chat.postMessage", lambda a: review_id in json.dumps(a))
 
 
-def channel_message(slack, review_id) -> dict:
-    """The review's message as the channel shows it now, read with slack_sdk's client."""
+def channel_message(slack, review_id) -> dict | None:
+    """The review's message as the channel shows it now, read with
+    slack_sdk's client; None before it is posted."""
     client = WebClient(token=BOT_TOKEN, base_url=slack.url + "/")
     history = client.conversations_history(channel=CHANNEL)
     assert history["ok"]
-    [message] = [m for m in history["messages"] if review_id in json.dumps(m["blocks"])]
-    return message
+    found = [m for m in history["messages"] if review_id in json.dumps(m["blocks"])]
+    assert len(found) <= 1, found
+    return found[0] if found else None
 
 
 def head_text(message) -> str:
-    return message["blocks"][0]["text"]["text"]
+    """The message's first line, "" while there is no message."""
+    return message["blocks"][0]["text"]["text"] if message else ""
 
 
 def buttons(message) -> list[str]:
@@ -295,6 +266,52 @@ def test_slack_users_that_may_not_approve_cannot(env, background):
     assert not fut.done()
     assert stack.approval.decide(review["id"], "approve", reviewer="bob").status_code == 200
     assert fut.result(timeout=15).status_code == 200
+
+
+def test_one_winner_when_slack_and_the_api_decide_at_once(env, background):
+    stack, slack, hooks = env
+    for _ in range(3):
+        fut, review = hold(stack, background)
+        posted(slack, review["id"])
+        body = click_body(review["id"], "countersign_approve", SLACK_IDS["alice"])
+        headers = sign(body)
+        click = background.submit(interact, stack, body, headers)
+        api = background.submit(stack.approval.decide, review["id"], "reject", "bob", reason="race")
+        assert click.result(timeout=10).status_code == 200
+        api_status = api.result(timeout=10).status_code
+        stored = stack.approval.review(review["id"])
+        answer = fut.result(timeout=15)
+        if stored["status"] == "approved":
+            # The API lost: 409; the caller was answered.
+            assert (stored["reviewer"], api_status, answer.status_code) == ("alice", 409, 200)
+        else:
+            # Slack lost: alice is told, in a message only she sees.
+            assert (stored["status"], stored["reviewer"], api_status) == ("rejected", "bob", 200)
+            assert answer.status_code == 403
+            told = slack.wait_call("chat.postEphemeral",
+                                   lambda a: a.get("user") == SLACK_IDS["alice"] and "Not approved" in a["text"])
+            assert "rejected" in told["text"], told
+        outcome = "Approved by alice" if stored["status"] == "approved" else "Rejected by bob"
+        wait_until(lambda: outcome in head_text(channel_message(slack, review["id"])),
+                   what="the message showing the one outcome")
+
+
+def test_a_slow_slack_delays_neither_holds_nor_decisions(env, background):
+    stack, slack, hooks = env
+    slack.delays["chat.postMessage"] = 6
+    try:
+        started = time.monotonic()
+        fut, review = hold(stack, background)
+        assert stack.approval.decide(review["id"], "approve", reviewer="bob").status_code == 200
+        assert fut.result(timeout=5).status_code == 200
+        assert time.monotonic() - started < 6, "the caller waited for Slack"
+        assert not [a for a in slack.calls_of("chat.postMessage") if review["id"] in json.dumps(a)]
+        # The post lands late, and the message is brought up to the outcome
+        # decided meanwhile.
+        wait_until(lambda: "Approved by bob" in head_text(channel_message(slack, review["id"])),
+                   timeout=15, what="the late message updated with the outcome")
+    finally:
+        slack.delays.clear()
 
 
 def test_decisions_elsewhere_and_expiry_update_the_message(env, background):
