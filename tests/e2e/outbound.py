@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import select
 import socket
+import socketserver
 import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,7 +14,24 @@ from pathlib import Path
 from socketserver import StreamRequestHandler, ThreadingTCPServer
 
 
-class WebhookReceiver:
+class Served:
+    """A server (`self.server`, set by the subclass) run by a thread of the
+    test process until `stop`."""
+
+    server: socketserver.BaseServer
+
+    def start(self):
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+class WebhookReceiver(Served):
     """Records each call (lower-cased headers, raw body); answers 204. With
     `cert` and `key` (PEM files) it speaks HTTPS."""
 
@@ -41,22 +59,12 @@ class WebhookReceiver:
                                                      do_handshake_on_connect=False)
             scheme = "https"
         self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def start(self) -> "WebhookReceiver":
-        self.thread.start()
-        return self
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
 
     def events_for(self, review_id: str) -> list[tuple[dict, bytes]]:
         return [(h, b) for h, b in list(self.calls) if review_id.encode() in b]
 
 
-class ConnectProxy:
+class ConnectProxy(Served):
     """An HTTPS proxy: answers `CONNECT host:port` by tunnelling to it, and
     records each target."""
 
@@ -79,20 +87,9 @@ class ConnectProxy:
                     self.wfile.flush()
                     tunnel(self.connection, upstream)
 
-        ThreadingTCPServer.allow_reuse_address = True
         self.server = ThreadingTCPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def start(self) -> "ConnectProxy":
-        self.thread.start()
-        return self
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
 
 
 def tunnel(a: socket.socket, b: socket.socket):

@@ -17,8 +17,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
+from outbound import Served
 
-class SlackApiStandIn:
+
+class SlackApiStandIn(Served):
     def __init__(self, bot_token: str):
         self.bot_token = bot_token
         self.lock = threading.Lock()
@@ -30,16 +32,6 @@ class SlackApiStandIn:
         self.delays: dict[str, float] = {}
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/api"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def start(self) -> "SlackApiStandIn":
-        self.thread.start()
-        return self
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
 
     # ------------------------------------------------------------ for tests
 
