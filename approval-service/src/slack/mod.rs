@@ -59,11 +59,13 @@ impl SlackApi {
         let url = format!("{}/{method}", self.config.api_url);
         let mut attempt = 1;
         loop {
+            // Slack wants the charset named on JSON bodies.
             let sent = self
                 .client
                 .post(&url)
                 .bearer_auth(&self.config.bot_token.0)
-                .json(body)
+                .header("content-type", "application/json; charset=utf-8")
+                .body(body.to_string())
                 .send()
                 .await;
             let retry_after = match sent {
@@ -82,10 +84,12 @@ impl SlackApi {
                     return Err(format!("{method}: answered {}", r.status()))
                 }
                 Ok(r) => {
-                    let answer: Value = r
-                        .json()
+                    let bytes = r
+                        .bytes()
                         .await
                         .map_err(|e| format!("{method}: {}", crate::outbound::describe(&e)))?;
+                    let answer: Value = serde_json::from_slice(&bytes)
+                        .map_err(|e| format!("{method}: the answer is not JSON: {e}"))?;
                     if answer["ok"] == Value::Bool(true) {
                         return Ok(answer);
                     }

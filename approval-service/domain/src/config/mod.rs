@@ -592,6 +592,21 @@ url = "http://127.0.0.1:9999/hook"
     }
 
     #[test]
+    fn slack_fields_are_checked() {
+        let two = format!(
+            "[[reviewers]]\nname=\"a\"\ntoken_sha256=\"{H}\"\nslack_user_id=\"U1\"\n\
+             [[reviewers]]\nname=\"b\"\ntoken_sha256=\"{}\"\nslack_user_id=\"U1\"",
+            "0".repeat(64)
+        );
+        assert_refused(&two, "reviewers[1].slack_user_id");
+        assert_refused(
+            "[slack]\nchannel = \"C1\"\nbot_token_env = \"COUNTERSIGN_TEST_SURELY_UNSET\"",
+            "slack.bot_token_env",
+        );
+        assert_refused("[slack]\nchanel = \"C1\"", "chanel");
+    }
+
+    #[test]
     fn bad_values_named() {
         for (bad, field) in [
             ("listen = \"nope\"", "listen"),

@@ -1,0 +1,144 @@
+//! The Slack app's interactivity endpoint in-process: the checks a click
+//! must pass before it decides (signature, time, replay) and the rules the
+//! decision keeps (no self-approval, expiry), which the e2e tests with a
+//! real Envoy (tests/e2e/test_slack.py) do not reach.
+
+use crate::common::{self, send, Fixture, ALICE, BOB};
+
+use axum::http::StatusCode;
+use countersign_approval::slack::signature::sign;
+use serde_json::{json, Value};
+
+/// The variable both secrets are read from: any variable that is set
+/// serves, and PATH always is (setting one would race the other tests).
+const SECRET_ENV: &str = "PATH";
+
+fn secret() -> String {
+    std::env::var(SECRET_ENV).unwrap()
+}
+
+fn fixture(slack: bool) -> Fixture {
+    let settings = if slack {
+        format!(
+            "[slack]\nchannel = \"C1\"\napi_url = \"http://127.0.0.1:9/api\"\n\
+             bot_token_env = \"{SECRET_ENV}\"\nsigning_secret_env = \"{SECRET_ENV}\"\n"
+        )
+    } else {
+        String::new()
+    };
+    common::fixture("slack.db", |db| {
+        common::config_toml(
+            db,
+            &settings,
+            &[
+                ("alice", ALICE, "slack_user_id = \"U0ALICE\""),
+                ("bob", BOB, "slack_user_id = \"U0BOB\""),
+            ],
+        )
+    })
+}
+
+/// A signed click on `action` of review `id` by Slack user `user`; the
+/// form body and its headers.
+fn click(id: &str, user: &str, timestamp: u64) -> (String, Vec<(String, String)>) {
+    let payload = json!({
+        "type": "block_actions",
+        "user": {"id": user},
+        "channel": {"id": "C1"},
+        "trigger_id": "1.2.3",
+        "actions": [{"action_id": "countersign_approve", "value": id}],
+    });
+    let body = serde_urlencoded::to_string([("payload", payload.to_string())]).unwrap();
+    let stamp = timestamp.to_string();
+    let headers = vec![
+        (
+            "content-type".into(),
+            "application/x-www-form-urlencoded".into(),
+        ),
+        ("x-slack-request-timestamp".into(), stamp.clone()),
+        (
+            "x-slack-signature".into(),
+            sign(secret().as_bytes(), &stamp, body.as_bytes()),
+        ),
+    ];
+    (body, headers)
+}
+
+async fn post(f: &Fixture, body: &str, headers: &[(String, String)]) -> StatusCode {
+    let headers: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    send(
+        &f.app,
+        "POST",
+        "/slack/interactivity",
+        &headers,
+        body.to_string(),
+    )
+    .await
+    .status
+}
+
+async fn review(f: &Fixture, id: &str) -> Value {
+    common::get_as(&f.app, ALICE, &format!("/api/reviews/{id}"))
+        .await
+        .1
+}
+
+fn now_s() -> u64 {
+    countersign_approval::now_ms() / 1000
+}
+
+#[tokio::test]
+async fn without_a_slack_app_the_endpoint_is_not_there() {
+    let f = fixture(false);
+    let (body, headers) = click("rev_x", "U0ALICE", now_s());
+    assert_eq!(post(&f, &body, &headers).await, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_click_decides_only_within_the_rules() {
+    let f = fixture(true);
+    // alice sent this request: her click approves nothing; bob's does.
+    let id = common::create_review(
+        &f.app,
+        &[],
+        common::review_request(json!({"caller": "alice"})),
+    )
+    .await;
+    let (body, headers) = click(&id, "U0ALICE", now_s());
+    assert_eq!(post(&f, &body, &headers).await, StatusCode::OK);
+    let v = review(&f, &id).await;
+    assert_eq!(
+        (&v["status"], &v["approvals"]),
+        (&json!("pending"), &json!([])),
+        "{v}"
+    );
+    // A stale copy of bob's click (signed 6 minutes ago) is refused.
+    let (body, headers) = click(&id, "U0BOB", now_s() - 360);
+    assert_eq!(post(&f, &body, &headers).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(review(&f, &id).await["status"], "pending");
+    let (body, headers) = click(&id, "U0BOB", now_s());
+    assert_eq!(post(&f, &body, &headers).await, StatusCode::OK);
+    let v = review(&f, &id).await;
+    assert_eq!(
+        (&v["status"], &v["reviewer"]),
+        (&json!("approved"), &json!("bob")),
+        "{v}"
+    );
+    // The same request again: a replay, refused before anything else.
+    assert_eq!(post(&f, &body, &headers).await, StatusCode::UNAUTHORIZED);
+
+    // An expired review is not approved by a click.
+    let id = common::create_review(
+        &f.app,
+        &[],
+        common::review_request(json!({"request_id": "req-2", "hold_timeout_ms": 1})),
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let (body, headers) = click(&id, "U0BOB", now_s());
+    assert_eq!(post(&f, &body, &headers).await, StatusCode::OK);
+    assert_eq!(review(&f, &id).await["status"], "expired");
+}
