@@ -142,3 +142,89 @@ async fn a_click_decides_only_within_the_rules() {
     assert_eq!(post(&f, &body, &headers).await, StatusCode::OK);
     assert_eq!(review(&f, &id).await["status"], "expired");
 }
+
+type Calls = std::sync::Arc<std::sync::Mutex<Vec<(String, Value)>>>;
+
+/// A Slack Web API stand-in on port 0: records `(method, JSON body)` and
+/// answers `chat.postMessage` with channel and ts, the rest with `ok`.
+async fn slack_api() -> (String, Calls) {
+    let calls: Calls = Calls::default();
+    let recorded = calls.clone();
+    let handler = move |axum::extract::Path(method): axum::extract::Path<String>, body: String| {
+        let recorded = recorded.clone();
+        async move {
+            let args: Value = serde_json::from_str(&body).unwrap();
+            recorded
+                .lock()
+                .unwrap()
+                .push((method.clone(), args.clone()));
+            axum::Json(match method.as_str() {
+                "chat.postMessage" => {
+                    json!({"ok": true, "channel": args["channel"], "ts": "1.000001"})
+                }
+                _ => json!({"ok": true}),
+            })
+        }
+    };
+    let router = axum::Router::new().route("/api/{method}", axum::routing::post(handler));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/api", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    (url, calls)
+}
+
+fn calls_of(calls: &Calls, method: &str) -> Vec<Value> {
+    let calls = calls.lock().unwrap();
+    calls
+        .iter()
+        .filter(|(m, _)| m == method)
+        .map(|(_, a)| a.clone())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_on_another_replica_updates_the_message_once() {
+    let (url, calls) = slack_api().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("shared.db");
+    let replica = || {
+        let settings = format!(
+            "[slack]\nchannel = \"C1\"\napi_url = \"{url}\"\n\
+             bot_token_env = \"{SECRET_ENV}\"\nsigning_secret_env = \"{SECRET_ENV}\"\n"
+        );
+        let state = common::open_state(&common::config_toml(
+            &db,
+            &settings,
+            &[("alice", ALICE, ""), ("bob", BOB, "")],
+        ));
+        let client = countersign_approval::outbound::client(state.config()).unwrap();
+        let notifier = countersign_approval::notify::spawn(&state, client).unwrap();
+        (countersign_approval::app(state), notifier)
+    };
+    let (a, notify_a) = replica();
+    let (b, notify_b) = replica();
+
+    let id = common::create_review(&a, &[], common::review_request(json!({}))).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while calls_of(&calls, "chat.postMessage").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "not posted");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    common::decide_ok(&b, &id, BOB, "approve", json!({})).await;
+    while calls_of(&calls, "chat.update").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "not updated");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let [update] = calls_of(&calls, "chat.update").try_into().unwrap();
+    assert_eq!(
+        (&update["channel"], &update["ts"]),
+        (&json!("C1"), &json!("1.000001"))
+    );
+    assert!(update.to_string().contains("Approved by bob"), "{update}");
+    // Neither replica posts or updates a second time.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(calls_of(&calls, "chat.postMessage").len(), 1);
+    assert_eq!(calls_of(&calls, "chat.update").len(), 1);
+    notify_a.abort();
+    notify_b.abort();
+}
