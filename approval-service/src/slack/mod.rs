@@ -30,7 +30,8 @@ use crate::slack_messages::SlackMessage;
 use crate::state::AppState;
 use crate::store::ReviewSummary;
 
-/// Attempts of one Web API call that Slack rate-limits (429) or fails (5xx).
+/// Attempts of one Web API call that Slack rate-limits (429), fails (5xx)
+/// or that cannot connect.
 const ATTEMPTS: usize = 3;
 
 /// Longest wait on Slack's `Retry-After`.
@@ -68,8 +69,12 @@ impl SlackApi {
                 .body(body.to_string())
                 .send()
                 .await;
-            let retry_after = match sent {
-                Err(e) => Err(crate::outbound::describe(&e)),
+            // What failed, and how long to wait before trying again. Only
+            // failures that leave nothing done at Slack are retried (a lost
+            // answer to chat.postMessage could mean a second message).
+            let (problem, wait) = match sent {
+                Err(e) if e.is_connect() => (crate::outbound::describe(&e), Duration::from_secs(1)),
+                Err(e) => return Err(format!("{method}: {}", crate::outbound::describe(&e))),
                 Ok(r) if r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS => {
                     let wait = r
                         .headers()
@@ -77,9 +82,11 @@ impl SlackApi {
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.trim().parse::<u64>().ok())
                         .map_or(Duration::from_secs(1), Duration::from_secs);
-                    Ok(Some(wait.min(MAX_RETRY_AFTER)))
+                    ("rate limited".to_string(), wait.min(MAX_RETRY_AFTER))
                 }
-                Ok(r) if r.status().is_server_error() => Ok(Some(Duration::from_secs(1))),
+                Ok(r) if r.status().is_server_error() => {
+                    (format!("answered {}", r.status()), Duration::from_secs(1))
+                }
                 Ok(r) if !r.status().is_success() => {
                     return Err(format!("{method}: answered {}", r.status()))
                 }
@@ -97,15 +104,11 @@ impl SlackApi {
                     return Err(format!("{method}: {error}"));
                 }
             };
-            match retry_after {
-                Ok(Some(wait)) if attempt < ATTEMPTS => tokio::time::sleep(wait).await,
-                Ok(_) => return Err(format!("{method}: still failing after {attempt} attempts")),
-                Err(e) if attempt < ATTEMPTS => {
-                    tracing::warn!(method, error = %e, "Slack call failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                Err(e) => return Err(format!("{method}: {e}")),
+            if attempt >= ATTEMPTS {
+                return Err(format!("{method}: {problem} (after {attempt} attempts)"));
             }
+            tracing::warn!(method, error = %problem, attempt, "Slack call failed; retrying");
+            tokio::time::sleep(wait).await;
             attempt += 1;
         }
     }

@@ -228,3 +228,46 @@ async fn a_decision_on_another_replica_updates_the_message_once() {
     notify_a.abort();
     notify_b.abort();
 }
+
+#[tokio::test]
+async fn web_api_calls_wait_out_rate_limits_and_report_slack_errors() {
+    // 429 (Retry-After: 0), then ok; then Slack's own error.
+    let answers = std::sync::Arc::new(std::sync::Mutex::new(vec![
+        (429, json!({"ok": false, "error": "ratelimited"})),
+        (200, json!({"ok": true, "ts": "9.1"})),
+        (200, json!({"ok": false, "error": "channel_not_found"})),
+    ]));
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (plan, count) = (answers.clone(), seen.clone());
+    let handler = move || {
+        let (plan, count) = (plan.clone(), count.clone());
+        async move {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let (status, body) = plan.lock().unwrap().remove(0);
+            (
+                StatusCode::from_u16(status).unwrap(),
+                [("retry-after", "0")],
+                axum::Json(body),
+            )
+        }
+    };
+    let router = axum::Router::new().route("/api/chat.update", axum::routing::post(handler));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/api", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+
+    let toml = format!(
+        "[slack]\nchannel = \"C1\"\napi_url = \"{url}\"\n\
+         bot_token_env = \"{SECRET_ENV}\"\nsigning_secret_env = \"{SECRET_ENV}\"\n"
+    );
+    let config = countersign_approval::Config::from_toml_str(&toml).unwrap();
+    let api = countersign_approval::slack::SlackApi::new(
+        countersign_approval::outbound::client(&config).unwrap(),
+        config.slack.clone().unwrap(),
+    );
+    let answer = api.call("chat.update", &json!({})).await.unwrap();
+    assert_eq!(answer["ts"], "9.1");
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let e = api.call("chat.update", &json!({})).await.unwrap_err();
+    assert!(e.contains("channel_not_found"), "{e}");
+}
