@@ -17,12 +17,18 @@ fn secret() -> String {
     std::env::var(SECRET_ENV).unwrap()
 }
 
+/// `[slack]` calling the Web API at `api_url`, both secrets from [`SECRET_ENV`].
+fn slack_settings(api_url: &str) -> String {
+    format!(
+        "[slack]\nchannel = \"C1\"\napi_url = \"{api_url}\"\n\
+         bot_token_env = \"{SECRET_ENV}\"\nsigning_secret_env = \"{SECRET_ENV}\"\n"
+    )
+}
+
 fn fixture(slack: bool) -> Fixture {
     let settings = if slack {
-        format!(
-            "[slack]\nchannel = \"C1\"\napi_url = \"http://127.0.0.1:9/api\"\n\
-             bot_token_env = \"{SECRET_ENV}\"\nsigning_secret_env = \"{SECRET_ENV}\"\n"
-        )
+        // Nothing listens on the discard port: the Slack calls fail, logged.
+        slack_settings("http://127.0.0.1:9/api")
     } else {
         String::new()
     };
@@ -188,10 +194,7 @@ async fn a_decision_on_another_replica_updates_the_message_once() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("shared.db");
     let replica = || {
-        let settings = format!(
-            "[slack]\nchannel = \"C1\"\napi_url = \"{url}\"\n\
-             bot_token_env = \"{SECRET_ENV}\"\nsigning_secret_env = \"{SECRET_ENV}\"\n"
-        );
+        let settings = slack_settings(&url);
         let state = common::open_state(&common::config_toml(
             &db,
             &settings,
@@ -256,10 +259,7 @@ async fn web_api_calls_wait_out_rate_limits_and_report_slack_errors() {
     let url = format!("http://{}/api", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
 
-    let toml = format!(
-        "[slack]\nchannel = \"C1\"\napi_url = \"{url}\"\n\
-         bot_token_env = \"{SECRET_ENV}\"\nsigning_secret_env = \"{SECRET_ENV}\"\n"
-    );
+    let toml = slack_settings(&url);
     let config = countersign_approval::Config::from_toml_str(&toml).unwrap();
     let api = countersign_approval::slack::SlackApi::new(
         countersign_approval::outbound::client(&config).unwrap(),
