@@ -202,13 +202,14 @@ pub fn send(
     let message_id = format!("msg_{}", uuid::Uuid::new_v4().simple());
     tokio::spawn(async move {
         let result = deliver(&client, &hook, &message_id, body, &BACKOFF).await;
+        let webhook = origin(&hook.url);
         match result {
             Ok(status) => tracing::info!(
-                review_id = %notice.id, webhook = %hook.url, event = event.as_str(),
+                review_id = %notice.id, webhook, event = event.as_str(),
                 status, "webhook delivered"
             ),
             Err(e) => tracing::error!(
-                review_id = %notice.id, webhook = %hook.url, event = event.as_str(),
+                review_id = %notice.id, webhook, event = event.as_str(),
                 error = %e, "webhook failed; giving up"
             ),
         }
@@ -249,12 +250,17 @@ pub async fn deliver(
                         || status == reqwest::StatusCode::REQUEST_TIMEOUT,
                 )
             }
-            Err(e) => (crate::outbound::describe(&e), !e.is_builder()),
+            // The URL may hold a secret (an incoming-webhook URL): it stays
+            // out of errors and logs.
+            Err(e) => {
+                let retry = !e.is_builder();
+                (crate::outbound::describe(&e.without_url()), retry)
+            }
         };
         match backoff.get(attempt) {
             Some(wait) if retry => {
                 tracing::warn!(
-                    webhook = %hook.url, attempt = attempt + 1, error = %message,
+                    webhook = origin(&hook.url), attempt = attempt + 1, error = %message,
                     "webhook attempt failed; retrying"
                 );
                 tokio::time::sleep(*wait).await;
@@ -263,6 +269,15 @@ pub async fn deliver(
             _ => return Err(format!("after {} attempt(s): {message}", attempt + 1)),
         }
     }
+}
+
+/// How logs name a webhook: its scheme, host and port. The path and query
+/// stay out: an incoming-webhook URL carries its secret there.
+pub fn origin(url: &str) -> String {
+    reqwest::Url::parse(url).map_or_else(
+        |_| "(unparsable URL)".to_string(),
+        |u| u.origin().ascii_serialization(),
+    )
 }
 
 #[cfg(test)]
@@ -328,6 +343,15 @@ mod tests {
             v["blocks"][3]["elements"][0]["url"],
             "https://cs.example/reviews/rev_1"
         );
+    }
+
+    #[test]
+    fn logs_name_a_webhook_without_its_path() {
+        assert_eq!(
+            origin("https://hooks.slack.com/services/T0/B0/SECRET?x=1"),
+            "https://hooks.slack.com"
+        );
+        assert_eq!(origin("http://127.0.0.1:9/h"), "http://127.0.0.1:9");
     }
 
     #[test]
