@@ -6,12 +6,14 @@
 //! API (`/api/...`). Reviews, approvals, browser sessions and the session
 //! records live in the database (a SQLite file for one replica, PostgreSQL
 //! for several), so a restarted service still knows every pending review
-//! and signed-in reviewer. New pending reviews can be announced to webhooks
-//! ([`webhook`]).
+//! and signed-in reviewer. Review events go to signed webhooks ([`webhook`])
+//! and to a Slack app that also takes decisions ([`slack`]); both follow
+//! the review events ([`notify`]) and call out through one HTTP client
+//! ([`outbound`]).
 //!
 //! This crate is the top layer: HTTP ([`http`]: the router, extractors, the
-//! mapping of domain errors to answers, the handlers), the webhook client
-//! and the binary. Everything below it (configuration, database, domain,
+//! mapping of domain errors to answers, the handlers), webhooks, the Slack
+//! app and the binary. Everything below it (configuration, database, domain,
 //! state) is the `countersign-approval-domain` crate, re-exported here under
 //! the same paths (`countersign_approval::store`, `::db`, `::records`, ...).
 //!
@@ -20,14 +22,19 @@
 //! and [`run`] (serve until a shutdown future resolves).
 
 pub mod http;
+pub mod notify;
+pub mod outbound;
+pub mod slack;
 pub mod webhook;
 
 pub use countersign_approval_domain::{
-    approval_tokens, approvals, config, db, now_ms, records, replicas, session, state, store, token,
+    approval_tokens, approvals, config, db, now_ms, records, replicas, session, slack_messages,
+    state, store, token,
 };
 
 pub use config::{
-    Config, ConfigError, ReviewerConfig, SqliteSynchronous, WebhookConfig, WebhookFormat,
+    Config, ConfigError, ReviewerConfig, SqliteSynchronous, WebhookConfig, WebhookEvent,
+    WebhookFormat,
 };
 pub use db::OpenError;
 pub use http::error::ApiError;

@@ -1,33 +1,29 @@
-//! Notifications: a webhook call for each new pending review.
+//! Webhooks: a signed `POST` to each configured `[[webhooks]]` target for
+//! the review events it asks for (`review.created`, `review.decided`,
+//! `review.expired`; see [`crate::notify`], which calls [`send`]).
 //!
-//! Each configured `[[webhooks]]` target gets a JSON `POST`, either Slack
-//! incoming-webhook JSON (`format = "slack"`) or plain JSON
-//! (`format = "json"`), with a link to the review page. Delivery runs in a
-//! background task, never delaying the filter's create call, and retries
-//! connection failures, timeouts, 408, 429 and 5xx answers with backoff.
-//!
-//! The client is hyper's own HTTP/1.1 connection (one connection per
-//! attempt; notifications are rare, so no pool).
+//! Signed as [Standard Webhooks](https://www.standardwebhooks.com/) sign:
+//! `webhook-id` (one per event, the same on every retry),
+//! `webhook-timestamp` (Unix seconds of the attempt) and
+//! `webhook-signature: v1,<base64 HMAC-SHA256 over "id.timestamp.body">`
+//! with the bytes of the target's `whsec_` secret. The `json` payload is
+//! `{"type": event, "data": review}`; `slack` targets get Slack
+//! incoming-webhook JSON for `review.created` only. Delivery runs in a
+//! background task, never delaying a decision or the filter's create call,
+//! and retries connection failures, timeouts, 408, 429 and 5xx answers
+//! with backoff.
 
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::http::{header, Request, StatusCode, Uri};
-use countersign_core::wire::ApiKind;
-use http_body_util::Full;
-use hyper_util::rt::TokioIo;
-use rustls::pki_types::ServerName;
-use rustls::ClientConfig;
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
 use serde::Serialize;
 use serde_json::json;
-use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
+use sha2::Sha256;
 
-use crate::config::WebhookFormat;
-use crate::state::AppState;
-use crate::store::{preview_of, NewReview};
+use crate::config::{WebhookConfig, WebhookEvent, WebhookFormat};
+use crate::slack::message::escape as slack_escape;
+use crate::store::ReviewSummary;
 
 /// Waits between attempts: 4 attempts in all.
 pub const BACKOFF: [Duration; 3] = [
@@ -36,14 +32,13 @@ pub const BACKOFF: [Duration; 3] = [
     Duration::from_secs(2),
 ];
 
-/// Longest a single attempt (connect, send, answer) may take.
-pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What a notification says about a new pending review.
+/// What a webhook says about a review.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PendingNotice {
+pub struct ReviewNotice {
     /// Review id.
     pub id: String,
+    /// Status after the event.
+    pub status: countersign_core::wire::ReviewStatus,
     /// Requested model.
     pub model: String,
     /// Caller identity, when known.
@@ -53,288 +48,286 @@ pub struct PendingNotice {
     /// Policy rule that asked for review.
     pub rule: Option<String>,
     /// API shape.
-    pub api: ApiKind,
-    /// Start of the last user message (attacker-controlled text).
-    pub preview: String,
+    pub api: countersign_core::wire::ApiKind,
+    /// Start of the last user message, masked as the model gets it
+    /// (attacker-controlled text); absent with `include_preview = false`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preview: Option<String>,
     /// Creation time, Unix ms.
     pub created_at_ms: u64,
     /// Expiry, Unix ms.
     pub expires_at_ms: u64,
+    /// When it was decided or expired, Unix ms.
+    pub decided_at_ms: Option<u64>,
+    /// Who decided.
+    pub reviewer: Option<String>,
+    /// The decision's reason.
+    pub reason: Option<String>,
+    /// Distinct approvals needed.
+    pub required_approvals: u32,
+    /// Approvals that count so far.
+    pub approval_count: u32,
     /// The review page.
     pub url: String,
 }
 
-impl PendingNotice {
+impl ReviewNotice {
     /// The notice for `review`, linking below `link_base`.
-    pub fn new(review: &NewReview, link_base: &str) -> PendingNotice {
-        PendingNotice {
+    pub fn new(review: &ReviewSummary, link_base: &str, include_preview: bool) -> ReviewNotice {
+        ReviewNotice {
             id: review.id.clone(),
-            model: review.request.model.clone(),
-            caller: review.request.caller.clone(),
-            route: review.request.route.clone(),
-            rule: review.request.rule.clone(),
-            api: review.request.api,
-            preview: preview_of(&review.request.prompt),
+            status: review.status,
+            model: review.model.clone(),
+            caller: review.caller.clone(),
+            route: review.route.clone(),
+            rule: review.rule.clone(),
+            api: review.api,
+            preview: include_preview.then(|| review.preview.clone()),
             created_at_ms: review.created_at_ms,
             expires_at_ms: review.expires_at_ms,
+            decided_at_ms: review.decided_at_ms,
+            reviewer: review.reviewer.clone(),
+            reason: review.reason.clone(),
+            required_approvals: review.required_approvals,
+            approval_count: review.approval_count,
             url: format!("{link_base}/reviews/{}", review.id),
         }
     }
 }
 
-/// Escapes the three characters Slack's `mrkdwn` treats as control
-/// characters, so attacker text cannot form links or mentions.
-fn slack_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
-/// The JSON body sent for `notice` in `format`.
-pub fn payload(format: WebhookFormat, notice: &PendingNotice) -> serde_json::Value {
+/// The JSON body sent for `event` about `notice` in `format`; `None` when
+/// the format does not carry this event.
+pub fn payload(
+    format: WebhookFormat,
+    event: WebhookEvent,
+    notice: &ReviewNotice,
+) -> Option<serde_json::Value> {
     match format {
-        WebhookFormat::Json => json!({"event": "review.pending", "review": notice}),
-        WebhookFormat::Slack => {
-            let caller = notice.caller.as_deref().unwrap_or("unknown caller");
-            let mut facts = vec![format!("*Caller:* {}", slack_escape(caller))];
-            if let Some(route) = &notice.route {
-                facts.push(format!("*Route:* {}", slack_escape(route)));
-            }
-            if let Some(rule) = &notice.rule {
-                facts.push(format!("*Rule:* {}", slack_escape(rule)));
-            }
-            let preview = if notice.preview.trim().is_empty() {
-                "(no text)".to_string()
-            } else {
-                notice.preview.clone()
-            };
-            let expires_s = notice.expires_at_ms / 1000;
-            json!({
-                "text": format!(
-                    "Review pending: {} from {} <{}|Open review>",
-                    slack_escape(&notice.model),
-                    slack_escape(caller),
-                    notice.url
-                ),
-                "blocks": [
-                    {"type": "section", "text": {"type": "mrkdwn", "text": format!(
-                        "*Review pending* for model *{}*\n{}",
-                        slack_escape(&notice.model),
-                        facts.join("  ·  ")
-                    )}},
-                    // plain_text: the prompt is never interpreted as markup.
-                    {"type": "section", "text": {"type": "plain_text", "text": preview, "emoji": false}},
-                    {"type": "context", "elements": [{"type": "mrkdwn", "text": format!(
-                        "Expires <!date^{expires_s}^{{time}}|in {} s>  ·  `{}`",
-                        notice.expires_at_ms.saturating_sub(notice.created_at_ms) / 1000,
-                        notice.id
-                    )}]},
-                    {"type": "actions", "elements": [{
-                        "type": "button",
-                        "text": {"type": "plain_text", "text": "Open review"},
-                        "url": notice.url,
-                        "style": "primary"
-                    }]}
-                ]
-            })
-        }
+        WebhookFormat::Json => Some(json!({"type": event.as_str(), "data": notice})),
+        WebhookFormat::Slack if event == WebhookEvent::Created => Some(slack_payload(notice)),
+        WebhookFormat::Slack => None,
     }
 }
 
-/// Starts one background delivery per configured webhook for a review
-/// that was just created. Returns at once.
-pub fn notify_pending(state: &AppState, review: &NewReview) {
-    let config = state.config();
-    if config.webhooks.is_empty() {
+fn slack_payload(notice: &ReviewNotice) -> serde_json::Value {
+    let caller = notice.caller.as_deref().unwrap_or("unknown caller");
+    let mut facts = vec![format!("*Caller:* {}", slack_escape(caller))];
+    if let Some(route) = &notice.route {
+        facts.push(format!("*Route:* {}", slack_escape(route)));
+    }
+    if let Some(rule) = &notice.rule {
+        facts.push(format!("*Rule:* {}", slack_escape(rule)));
+    }
+    let mut blocks = vec![
+        json!({"type": "section", "text": {"type": "mrkdwn", "text": format!(
+            "*Review pending* for model *{}*\n{}",
+            slack_escape(&notice.model),
+            facts.join("  ·  ")
+        )}}),
+    ];
+    if let Some(preview) = &notice.preview {
+        let preview = if preview.trim().is_empty() {
+            "(no text)"
+        } else {
+            preview
+        };
+        // plain_text: the prompt is never interpreted as markup.
+        blocks.push(json!({"type": "section", "text": {"type": "plain_text", "text": preview, "emoji": false}}));
+    }
+    let expires_s = notice.expires_at_ms / 1000;
+    blocks.push(
+        json!({"type": "context", "elements": [{"type": "mrkdwn", "text": format!(
+            "Expires <!date^{expires_s}^{{time}}|in {} s>  ·  `{}`",
+            notice.expires_at_ms.saturating_sub(notice.created_at_ms) / 1000,
+            notice.id
+        )}]}),
+    );
+    blocks.push(json!({"type": "actions", "elements": [{
+        "type": "button",
+        "text": {"type": "plain_text", "text": "Open review"},
+        "url": notice.url,
+        "style": "primary"
+    }]}));
+    json!({
+        "text": format!(
+            "Review pending: {} from {} <{}|Open review>",
+            slack_escape(&notice.model),
+            slack_escape(caller),
+            notice.url
+        ),
+        "blocks": blocks,
+    })
+}
+
+/// The `webhook-signature` value: `v1,` and the base64 HMAC-SHA256 of
+/// `{id}.{timestamp}.{body}` under `key`.
+pub fn signature(key: &[u8], id: &str, timestamp: u64, body: &[u8]) -> String {
+    // HMAC takes a key of any length: this cannot fail.
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
+        return String::new();
+    };
+    mac.update(id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    let tag = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    format!("v1,{tag}")
+}
+
+/// Sends `event` about `notice` to `hook` (if it asked for that event), in
+/// a background task; returns at once.
+pub fn send(
+    client: &reqwest::Client,
+    hook: &WebhookConfig,
+    event: WebhookEvent,
+    review: &ReviewSummary,
+    link_base: &str,
+) {
+    if !hook.events.contains(&event) {
         return;
     }
-    let notice = PendingNotice::new(review, &config.link_base());
-    for hook in &config.webhooks {
-        let body = match serde_json::to_vec(&payload(hook.format, &notice)) {
-            Ok(b) => Bytes::from(b),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot encode webhook payload");
-                continue;
-            }
-        };
-        let url = hook.url.clone();
-        let review_id = notice.id.clone();
-        let format = hook.format;
-        tokio::spawn(async move {
-            match deliver(&url, body, &BACKOFF).await {
-                Ok(status) => tracing::info!(
-                    review_id = %review_id, webhook = %url, format = format.as_str(),
-                    status = status.as_u16(), "webhook delivered"
-                ),
-                Err(e) => tracing::error!(
-                    review_id = %review_id, webhook = %url, format = format.as_str(),
-                    error = %e, "webhook failed; giving up"
-                ),
-            }
-        });
-    }
+    let notice = ReviewNotice::new(review, link_base, hook.include_preview);
+    let Some(body) = payload(hook.format, event, &notice) else {
+        return;
+    };
+    let body = match serde_json::to_vec(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode webhook payload");
+            return;
+        }
+    };
+    let (client, hook) = (client.clone(), hook.clone());
+    let message_id = format!("msg_{}", uuid::Uuid::new_v4().simple());
+    tokio::spawn(async move {
+        let result = deliver(&client, &hook, &message_id, body, &BACKOFF).await;
+        let webhook = origin(&hook.url);
+        match result {
+            Ok(status) => tracing::info!(
+                review_id = %notice.id, webhook, event = event.as_str(),
+                status, "webhook delivered"
+            ),
+            Err(e) => tracing::error!(
+                review_id = %notice.id, webhook, event = event.as_str(),
+                error = %e, "webhook failed; giving up"
+            ),
+        }
+    });
 }
 
-/// Why one attempt failed, and whether another attempt may succeed.
-struct AttemptError {
-    message: String,
-    retry: bool,
-}
-
-/// POSTs `body` to `url`, retrying with the waits in `backoff` between
-/// attempts. Returns the final (2xx) status, or the last error.
-pub async fn deliver(url: &str, body: Bytes, backoff: &[Duration]) -> Result<StatusCode, String> {
-    let uri: Uri = url
-        .parse()
-        .map_err(|e| format!("invalid webhook URL: {e}"))?;
+/// POSTs `body` to `hook`, signed, retrying with the waits in `backoff`
+/// between attempts. Returns the final (2xx) status, or the last error.
+pub async fn deliver(
+    client: &reqwest::Client,
+    hook: &WebhookConfig,
+    message_id: &str,
+    body: Vec<u8>,
+    backoff: &[Duration],
+) -> Result<u16, String> {
     let mut attempt = 0;
     loop {
-        let e = match tokio::time::timeout(ATTEMPT_TIMEOUT, post_once(&uri, body.clone())).await {
-            Ok(Ok(status)) if status.is_success() => return Ok(status),
-            Ok(Ok(status)) => AttemptError {
-                message: format!("answered {status}"),
-                retry: status.is_server_error()
-                    || status == StatusCode::TOO_MANY_REQUESTS
-                    || status == StatusCode::REQUEST_TIMEOUT,
-            },
-            Ok(Err(e)) => e,
-            Err(_) => AttemptError {
-                message: format!("no answer within {} s", ATTEMPT_TIMEOUT.as_secs()),
-                retry: true,
-            },
+        let timestamp = crate::now_ms() / 1000;
+        let mut request = client
+            .post(&hook.url)
+            .header("content-type", "application/json")
+            .header("webhook-id", message_id)
+            .header("webhook-timestamp", timestamp.to_string());
+        if let Some(secret) = &hook.secret {
+            request = request.header(
+                "webhook-signature",
+                signature(&secret.0, message_id, timestamp, &body),
+            );
+        }
+        let (message, retry) = match request.body(body.clone()).send().await {
+            Ok(r) if r.status().is_success() => return Ok(r.status().as_u16()),
+            Ok(r) => {
+                let status = r.status();
+                (
+                    format!("answered {status}"),
+                    status.is_server_error()
+                        || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                        || status == reqwest::StatusCode::REQUEST_TIMEOUT,
+                )
+            }
+            // The URL may hold a secret (an incoming-webhook URL): it stays
+            // out of errors and logs.
+            Err(e) => {
+                let retry = !e.is_builder();
+                (crate::outbound::describe(&e.without_url()), retry)
+            }
         };
         match backoff.get(attempt) {
-            Some(wait) if e.retry => {
+            Some(wait) if retry => {
                 tracing::warn!(
-                    webhook = %url, attempt = attempt + 1, error = %e.message,
+                    webhook = origin(&hook.url), attempt = attempt + 1, error = %message,
                     "webhook attempt failed; retrying"
                 );
                 tokio::time::sleep(*wait).await;
                 attempt += 1;
             }
-            _ => return Err(format!("after {} attempt(s): {}", attempt + 1, e.message)),
+            _ => return Err(format!("after {} attempt(s): {message}", attempt + 1)),
         }
     }
 }
 
-fn connect_error(e: impl std::fmt::Display) -> AttemptError {
-    AttemptError {
-        message: e.to_string(),
-        retry: true,
-    }
-}
-
-async fn post_once(uri: &Uri, body: Bytes) -> Result<StatusCode, AttemptError> {
-    let fatal = |message: String| AttemptError {
-        message,
-        retry: false,
-    };
-    let host = uri
-        .host()
-        .ok_or_else(|| fatal("webhook URL has no host".into()))?;
-    let https = match uri.scheme_str() {
-        Some("http") => false,
-        Some("https") => true,
-        other => return Err(fatal(format!("unsupported URL scheme {other:?}"))),
-    };
-    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let authority = uri.authority().map_or(host, |a| a.as_str()).to_string();
-    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
-    let connect_host = host.trim_start_matches('[').trim_end_matches(']');
-    let tcp = tokio::net::TcpStream::connect((connect_host, port))
-        .await
-        .map_err(connect_error)?;
-    let _ = tcp.set_nodelay(true);
-    let request = Request::post(path)
-        .header(header::HOST, authority)
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(
-            header::USER_AGENT,
-            concat!("countersign-approval/", env!("CARGO_PKG_VERSION")),
-        )
-        .body(Full::new(body))
-        .map_err(|e| fatal(format!("cannot build request: {e}")))?;
-    if https {
-        let tls = tls_connect(connect_host, tcp)
-            .await
-            .map_err(connect_error)?;
-        send(TokioIo::new(tls), request).await
-    } else {
-        send(TokioIo::new(tcp), request).await
-    }
-}
-
-async fn send<T>(io: T, request: Request<Full<Bytes>>) -> Result<StatusCode, AttemptError>
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(connect_error)?;
-    let driver = tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let result = sender.send_request(request).await;
-    driver.abort();
-    result.map(|r| r.status()).map_err(connect_error)
-}
-
-/// The webhook client's TLS configuration (Mozilla's roots; HTTP/1.1).
-fn client_config() -> Result<Arc<ClientConfig>, String> {
-    static CONFIG: OnceLock<Result<Arc<ClientConfig>, String>> = OnceLock::new();
-    CONFIG
-        .get_or_init(|| {
-            let mut config = countersign_approval_domain::tls::config_with_roots(&[])?;
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
-            Ok(Arc::new(config))
-        })
-        .clone()
-}
-
-/// Runs a TLS handshake for `host` over `tcp`, verifying the certificate.
-async fn tls_connect(host: &str, tcp: TcpStream) -> Result<TlsStream<TcpStream>, String> {
-    let name = ServerName::try_from(host.to_string())
-        .map_err(|e| format!("invalid TLS server name {host:?}: {e}"))?;
-    TlsConnector::from(client_config()?)
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("TLS handshake with {host}: {e}"))
+/// How logs name a webhook: its scheme, host and port. The path and query
+/// stay out: an incoming-webhook URL carries its secret there.
+pub fn origin(url: &str) -> String {
+    reqwest::Url::parse(url).map_or_else(
+        |_| "(unparsable URL)".to_string(),
+        |u| u.origin().ascii_serialization(),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
+    use countersign_core::wire::{ApiKind, ReviewStatus};
 
-    fn notice() -> PendingNotice {
-        PendingNotice {
+    fn notice() -> ReviewNotice {
+        ReviewNotice {
             id: "rev_1".into(),
+            status: ReviewStatus::Pending,
             model: "gpt-<x>".into(),
             caller: Some("svc&<!channel>".into()),
             route: Some("chat".into()),
             rule: None,
             api: ApiKind::OpenaiChat,
-            preview: "<https://evil|click> *now*".into(),
+            preview: Some("<https://evil|click> *now*".into()),
             created_at_ms: 1_000,
             expires_at_ms: 301_000,
+            decided_at_ms: None,
+            reviewer: None,
+            reason: None,
+            required_approvals: 1,
+            approval_count: 0,
             url: "https://cs.example/reviews/rev_1".into(),
         }
     }
 
     #[test]
     fn json_payload_shape() {
-        let v = payload(WebhookFormat::Json, &notice());
-        assert_eq!(v["event"], "review.pending");
-        assert_eq!(v["review"]["id"], "rev_1");
-        assert_eq!(v["review"]["url"], "https://cs.example/reviews/rev_1");
-        assert_eq!(v["review"]["expires_at_ms"], 301_000);
-        assert_eq!(v["review"]["preview"], "<https://evil|click> *now*");
-        assert_eq!(v["review"]["api"], "openai_chat");
+        let v = payload(WebhookFormat::Json, WebhookEvent::Created, &notice()).unwrap();
+        assert_eq!(v["type"], "review.created");
+        assert_eq!(v["data"]["id"], "rev_1");
+        assert_eq!(v["data"]["url"], "https://cs.example/reviews/rev_1");
+        assert_eq!(v["data"]["expires_at_ms"], 301_000);
+        assert_eq!(v["data"]["preview"], "<https://evil|click> *now*");
+        assert_eq!(v["data"]["api"], "openai_chat");
+        let without = ReviewNotice {
+            preview: None,
+            ..notice()
+        };
+        let v = payload(WebhookFormat::Json, WebhookEvent::Expired, &without).unwrap();
+        assert!(v["data"].get("preview").is_none(), "{v}");
+        assert!(payload(WebhookFormat::Slack, WebhookEvent::Decided, &notice()).is_none());
     }
 
     #[test]
     fn slack_payload_escapes_attacker_text() {
-        let v = payload(WebhookFormat::Slack, &notice());
+        let v = payload(WebhookFormat::Slack, WebhookEvent::Created, &notice()).unwrap();
         let text = v["text"].as_str().unwrap();
         assert!(
             text.contains("<https://cs.example/reviews/rev_1|Open review>"),
@@ -349,6 +342,33 @@ mod tests {
         assert_eq!(
             v["blocks"][3]["elements"][0]["url"],
             "https://cs.example/reviews/rev_1"
+        );
+    }
+
+    #[test]
+    fn logs_name_a_webhook_without_its_path() {
+        assert_eq!(
+            origin("https://hooks.slack.com/services/T0/B0/SECRET?x=1"),
+            "https://hooks.slack.com"
+        );
+        assert_eq!(origin("http://127.0.0.1:9/h"), "http://127.0.0.1:9");
+    }
+
+    #[test]
+    fn signature_matches_the_standard_webhooks_example() {
+        // The example of the Standard Webhooks specification's reference
+        // libraries: secret whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw.
+        let key = base64::engine::general_purpose::STANDARD
+            .decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+            .unwrap();
+        assert_eq!(
+            signature(
+                &key,
+                "msg_p5jXN8AQM9LWM0D4loKWxJek",
+                1614265330,
+                br#"{"test": 2432232314}"#
+            ),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
         );
     }
 }

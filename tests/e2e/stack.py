@@ -186,6 +186,24 @@ def stat(stack, name) -> int:
     return int(m.group(1)) if m else 0
 
 
+def make_certificates(directory: Path, ca: str = "ca", name: str = "server"):
+    """A CA of its own (`{ca}.pem`, key `{ca}.key`) and a certificate for
+    127.0.0.1 and localhost signed by it (`{name}.pem`, key `{name}.key`),
+    made with openssl in `directory`."""
+    def openssl(*args):
+        r = subprocess.run(["openssl", *args], cwd=directory, capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError(f"openssl {args[0]}: {r.stderr}")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=countersign test CA {name}",
+            "-keyout", f"{ca}.key", "-out", f"{ca}.pem")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr")
+    (directory / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
+                                           "extendedKeyUsage=serverAuth\n")
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
+            "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
+
+
 class Postgres:
     """A throwaway PostgreSQL cluster (Debian's server) on a free loopback port.
 
@@ -223,18 +241,7 @@ class Postgres:
                          self.dir / "postgres.log", cwd=self.dir)
 
     def _make_certificates(self):
-        def openssl(*args):
-            r = subprocess.run(["openssl", *args], cwd=self.dir, capture_output=True, text=True, timeout=60)
-            if r.returncode != 0:
-                raise RuntimeError(f"openssl {args[0]}: {r.stderr}")
-        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=countersign test CA",
-                "-keyout", "ca.key", "-out", "ca.pem")
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-                "-keyout", "server.key", "-out", "server.csr")
-        (self.dir / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
-                                             "extendedKeyUsage=serverAuth\n")
-        openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-days", "2", "-extfile", "server.ext", "-out", "server.pem")
+        make_certificates(self.dir)
         # PostgreSQL refuses a key others can read; as root the server runs
         # as `postgres`, which must own it.
         key = self.dir / "server.key"
@@ -329,10 +336,11 @@ class Approval:
     """One approval service process. `database` is a PostgreSQL URL that
     several replicas (each with its own `name`, hence files) may share, or a
     SQLite file; without it the service uses countersign.db in workdir.
-    `extra` is TOML put before the reviewers: top-level keys, then tables."""
+    `extra` is TOML put before the reviewers: top-level keys, then tables.
+    `reviewer_fields` adds TOML lines to a reviewer's table, by name."""
 
     def __init__(self, workdir: Path, filter_token: str | None = None, extra: str = "", database: str | None = None,
-                 name: str = "approval", env: dict | None = None):
+                 name: str = "approval", env: dict | None = None, reviewer_fields: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.db = database or workdir / "countersign.db"
@@ -346,6 +354,8 @@ class Approval:
         for reviewer, token in REVIEWERS.items():
             lines += ["", "[[reviewers]]", f'name = "{reviewer}"', f'token_sha256 = "{sha256_hex(token)}"',
                       f'groups = {json.dumps(REVIEWER_GROUPS[reviewer])}']
+            if reviewer_fields and reviewer in reviewer_fields:
+                lines.append(reviewer_fields[reviewer])
         self.config.write_text("\n".join(lines) + "\n")
         self.proc = Proc("countersign-approval",
                          [str(RELEASE / "countersign-approval"), "serve", "--config", str(self.config)],
@@ -514,13 +524,15 @@ class Stack:
     def __init__(self, workdir: Path, filter_config: dict | None = None,
                  filter_token: str | None = DEFAULT_FILTER_TOKEN,
                  envoy_env: dict | None = None, approval_extra: str = "", database: str | None = None,
-                 model_http2: bool = False):
+                 model_http2: bool = False, approval_env: dict | None = None,
+                 reviewer_fields: dict[str, str] | None = None):
         self.filter_token = filter_token
         config = dict(DEFAULT_FILTER_CONFIG if filter_config is None else filter_config)
         if filter_token and "approval_token_env" not in config:
             config["approval_token"] = filter_token
         self.backend = Backend(workdir)
-        self.approval = Approval(workdir, filter_token=filter_token, extra=approval_extra, database=database)
+        self.approval = Approval(workdir, filter_token=filter_token, extra=approval_extra, database=database,
+                                 env=approval_env, reviewer_fields=reviewer_fields)
         self.envoy = Envoy(workdir, self.backend, self.approval, config, env=envoy_env,
                            model_http2=model_http2)
 

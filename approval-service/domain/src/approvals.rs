@@ -311,6 +311,7 @@ mod tests {
             token_sha256: TokenHash::of_token(name),
             groups: groups.iter().map(|s| s.to_string()).collect(),
             callers: callers.iter().map(|s| s.to_string()).collect(),
+            slack_user_id: None,
         }
     }
 

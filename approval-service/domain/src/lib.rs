@@ -30,6 +30,7 @@ pub mod db;
 pub mod records;
 pub mod replicas;
 pub mod session;
+pub mod slack_messages;
 pub mod state;
 pub mod store;
 pub mod tls;
@@ -38,7 +39,8 @@ pub mod token;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use config::{
-    Config, ConfigError, ReviewerConfig, SqliteSynchronous, WebhookConfig, WebhookFormat,
+    Config, ConfigError, ReviewerConfig, SqliteSynchronous, WebhookConfig, WebhookEvent,
+    WebhookFormat,
 };
 pub use state::AppState;
 

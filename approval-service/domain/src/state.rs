@@ -50,6 +50,11 @@ pub struct ReviewEvent {
     pub id: String,
     /// Status after the change.
     pub status: ReviewStatus,
+    /// The change was made by this replica (not applied from another's
+    /// notification): what acts once per change (webhooks, the Slack
+    /// message) acts on these only.
+    #[serde(skip)]
+    pub local: bool,
 }
 
 impl ReviewEvent {
@@ -65,6 +70,7 @@ impl ReviewEvent {
             kind,
             id: id.to_string(),
             status,
+            local: true,
         }
     }
 }
@@ -298,6 +304,7 @@ impl AppState {
             kind: "approval",
             id: id.to_string(),
             status: ReviewStatus::Pending,
+            local: true,
         });
     }
 
@@ -545,6 +552,7 @@ impl Replica for Listener {
             kind,
             id: change.id,
             status: change.status,
+            local: false,
         });
         true
     }

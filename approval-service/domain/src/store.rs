@@ -371,6 +371,15 @@ impl Store {
         detail_of(&mut self.conn(), id)
     }
 
+    /// The list view of one review (without its prompt and body).
+    pub fn summary(&self, id: &str) -> DbResult<Option<ReviewSummary>> {
+        let row = self.conn().query_opt(
+            &format!("SELECT {SUMMARY_COLS} FROM reviews WHERE id = ?1"),
+            params![id],
+        )?;
+        row.as_ref().map(summary_from_row).transpose()
+    }
+
     /// Reviews newest first.
     pub fn list(&self, q: &ListQuery) -> DbResult<Vec<ReviewSummary>> {
         // One fixed statement: every filter is a bound parameter that is

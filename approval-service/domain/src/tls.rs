@@ -31,24 +31,24 @@ pub fn config_with_roots(extra_roots: &[CertificateDer<'static>]) -> Result<Clie
         .with_no_client_auth())
 }
 
+/// The CA certificates in the PEM file `path`; at least one.
+pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate in it", path.display()));
+    }
+    Ok(certs)
+}
+
 /// The TLS configuration of PostgreSQL connections: Mozilla's roots, plus
 /// the CA certificates in the PEM file `ca_file` (libpq's `sslrootcert`).
 pub fn database_config(ca_file: Option<&Path>) -> Result<ClientConfig, String> {
     let extra = match ca_file {
         None => Vec::new(),
-        Some(path) => {
-            let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
-            if certs.is_empty() {
-                return Err(format!(
-                    "sslrootcert {}: no certificate in it",
-                    path.display()
-                ));
-            }
-            certs
-        }
+        Some(path) => read_ca_file(path).map_err(|e| format!("sslrootcert {e}"))?,
     };
     config_with_roots(&extra)
 }

@@ -35,6 +35,7 @@ mod envoy_gateway;
 mod envoy_validate;
 mod istio;
 mod manifests;
+mod notifications;
 mod plugin;
 mod service;
 mod yaml;

@@ -41,6 +41,7 @@ impl Checker {
                         format!("listen {} is loopback only: fine next to Envoy, not in a container (use 0.0.0.0){at}", config.listen),
                     );
                 }
+                self.notification_warnings(file, &config, &at);
                 self.services.push((file.to_path_buf(), config));
             }
             Err(e) => {

@@ -1,8 +1,9 @@
 //! The HTTP layer, the top of the service: the router ([`app`]), the server
 //! ([`run`]), request extraction ([`extract`], [`auth`]), the one mapping of
 //! domain errors to HTTP answers ([`error`]), and the handlers by area:
-//! [`reviews`], [`approval_tokens`], [`records`], [`metrics`], and the
-//! reviewer web UI ([`ui`], with its session cookie in [`cookies`]).
+//! [`reviews`], [`approval_tokens`], [`records`], [`metrics`], the
+//! reviewer web UI ([`ui`], with its session cookie in [`cookies`]), and
+//! the Slack app's interactivity endpoint ([`crate::slack::interact`]).
 //!
 //! Handlers parse and check what the client sent, call the domain through
 //! [`AppState`], and turn its answer into a response; the decisions are
@@ -24,8 +25,9 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 
+use crate::slack::interact as slack;
 use crate::state::{AppState, RETENTION_PERIOD, SWEEP_PERIOD};
 use error::ApiError;
 
@@ -35,6 +37,13 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
 /// The HTTP API.
 pub fn app(state: AppState) -> Router {
+    let client = crate::outbound::client(state.config())
+        .inspect_err(|e| tracing::error!(error = %e, "no outbound HTTP client"))
+        .ok();
+    router(state, client)
+}
+
+fn router(state: AppState, client: Option<reqwest::Client>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -67,24 +76,32 @@ pub fn app(state: AppState) -> Router {
         .route("/ui/login", post(ui::login))
         .route("/ui/logout", post(ui::logout))
         .route("/ui/{asset}", get(ui::ui_asset))
+        .route(
+            "/slack/interactivity",
+            post(slack::interactivity).layer(DefaultBodyLimit::max(slack::MAX_BODY_BYTES)),
+        )
         .fallback(fallback)
+        .layer(Extension(slack::OutboundClient(client)))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(ui::security_headers))
         .with_state(state)
 }
 
-/// Serves [`app`] on `listener` with the expiry sweeper (and record
-/// retention) running, until `shutdown` resolves; then pending long polls
-/// answer at once and in-flight requests finish before this returns.
+/// Serves [`app`] on `listener` with the expiry sweeper, record retention
+/// and notifications (webhooks, Slack: [`crate::notify`]) running, until
+/// `shutdown` resolves; then pending long polls answer at once and
+/// in-flight requests finish before this returns.
 pub async fn run(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let client = crate::outbound::client(state.config()).map_err(std::io::Error::other)?;
+    let notifier = crate::notify::spawn(&state, client.clone());
     let sweeper = state.spawn_sweeper(SWEEP_PERIOD);
     let retention = state.spawn_retention(RETENTION_PERIOD);
     let on_shutdown = state.clone();
-    let result = axum::serve(listener, app(state))
+    let result = axum::serve(listener, router(state, Some(client)))
         .with_graceful_shutdown(async move {
             shutdown.await;
             on_shutdown.begin_shutdown();
@@ -92,6 +109,9 @@ pub async fn run(
         .await;
     sweeper.abort();
     retention.abort();
+    if let Some(notifier) = notifier {
+        notifier.abort();
+    }
     result
 }
 

@@ -92,8 +92,8 @@ pub async fn create_review(
         "review created"
     );
     crate::approvals::warn_if_unreachable(&state.config().reviewers, &new.id, &new.request);
+    // Webhooks and the Slack app hear of it through this event (`notify`).
     state.publish(&new.id, ReviewStatus::Pending);
-    crate::webhook::notify_pending(&state, &new);
     Ok((StatusCode::CREATED, Json(state_out)))
 }
 
@@ -285,7 +285,7 @@ pub async fn get_review(
 }
 
 /// Checks a reason's length; blank reasons count as none.
-fn clean_reason(reason: Option<String>) -> Result<Option<String>, ApiError> {
+pub(crate) fn clean_reason(reason: Option<String>) -> Result<Option<String>, ApiError> {
     match reason {
         Some(r) if r.chars().count() > MAX_REASON_CHARS => Err(ApiError::BadRequest(format!(
             "reason is longer than {MAX_REASON_CHARS} characters"
@@ -295,18 +295,26 @@ fn clean_reason(reason: Option<String>) -> Result<Option<String>, ApiError> {
     }
 }
 
-/// Records `reviewer`'s decision on review `id` and announces the outcome.
-async fn decide(
+/// The reason of a rejection: required, and checked as [`clean_reason`] does.
+pub(crate) fn rejection_reason(reason: Option<String>) -> Result<String, ApiError> {
+    clean_reason(reason)?
+        .ok_or_else(|| ApiError::BadRequest("a rejection needs a non-empty reason".into()))
+}
+
+/// Records the decision of the reviewer named `reviewer` on review `id`
+/// and announces the outcome. Every path that decides (the reviewer API,
+/// the UI, the Slack app) comes through here.
+pub(crate) async fn decide(
     state: AppState,
     id: String,
-    reviewer: Reviewer,
+    reviewer: String,
     status: ReviewStatus,
     reason: Option<String>,
     edited_body: Option<String>,
-) -> Result<Json<ReviewDetail>, ApiError> {
+) -> Result<ReviewDetail, ApiError> {
     let decision = Decision {
         status,
-        reviewer: reviewer.name,
+        reviewer,
         reason,
         edited_body,
     };
@@ -336,7 +344,7 @@ async fn decide(
                 edited = decision.edited_body.is_some(),
                 "review decided"
             );
-            Ok(Json(*detail))
+            Ok(*detail)
         }
         DecideOutcome::Partial(detail) => {
             state.publish_approval(&id);
@@ -348,7 +356,7 @@ async fn decide(
                 edited = decision.edited_body.is_some(),
                 "approval recorded; more needed"
             );
-            Ok(Json(*detail))
+            Ok(*detail)
         }
         DecideOutcome::Refused(refused) => {
             tracing::info!(
@@ -401,7 +409,16 @@ pub async fn approve(
     JsonBody(req): JsonBody<ReasonBody>,
 ) -> Result<Json<ReviewDetail>, ApiError> {
     let reason = clean_reason(req.reason)?;
-    decide(state, id, reviewer, ReviewStatus::Approved, reason, None).await
+    decide(
+        state,
+        id,
+        reviewer.name,
+        ReviewStatus::Approved,
+        reason,
+        None,
+    )
+    .await
+    .map(Json)
 }
 
 /// `POST /api/reviews/{id}/reject`.
@@ -411,17 +428,17 @@ pub async fn reject(
     Path(id): Path<String>,
     JsonBody(req): JsonBody<ReasonBody>,
 ) -> Result<Json<ReviewDetail>, ApiError> {
-    let reason = clean_reason(req.reason)?
-        .ok_or_else(|| ApiError::BadRequest("a rejection needs a non-empty reason".into()))?;
+    let reason = rejection_reason(req.reason)?;
     decide(
         state,
         id,
-        reviewer,
+        reviewer.name,
         ReviewStatus::Rejected,
         Some(reason),
         None,
     )
     .await
+    .map(Json)
 }
 
 /// Body of `POST /api/reviews/{id}/edit`.
@@ -491,12 +508,13 @@ pub async fn edit(
     decide(
         state,
         id,
-        reviewer,
+        reviewer.name,
         ReviewStatus::Approved,
         reason,
         Some(edited),
     )
     .await
+    .map(Json)
 }
 
 // ---------------------------------------------------------------- live feed

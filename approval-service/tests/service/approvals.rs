@@ -671,6 +671,7 @@ fn self_approval_check_folds_unicode_case() {
         token_sha256: countersign_approval::TokenHash::of_token("unused"),
         groups: vec![],
         callers: vec!["CI-Åsa".into()],
+        slack_user_id: None,
     };
     assert!(countersign_approval::approvals::is_self(
         &reviewer,

@@ -14,5 +14,6 @@ mod postgres_schema;
 mod postgres_tls;
 mod records;
 mod replicas;
+mod slack;
 mod sql_injection;
 mod ui;

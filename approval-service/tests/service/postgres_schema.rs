@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 type Columns = BTreeMap<String, Vec<String>>;
 
-const TABLES: [&str; 7] = [
+const TABLES: [&str; 9] = [
     "reviews",
     "sessions",
     "approvals",
@@ -19,6 +19,8 @@ const TABLES: [&str; 7] = [
     "records",
     "retention_gate",
     "chain_anchor",
+    "slack_messages",
+    "slack_requests_seen",
 ];
 
 fn sqlite_columns(path: &std::path::Path) -> Columns {

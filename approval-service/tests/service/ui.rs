@@ -665,10 +665,10 @@ async fn open_event_streams_do_not_hold_shutdown() {
 
 // ---------------------------------------------------------------- webhooks
 
-type Received = Arc<Mutex<Vec<(String, Value)>>>;
+type Received = Arc<Mutex<Vec<(String, HeaderMap, Value)>>>;
 
 /// A local webhook receiver on port 0. Answers each request with the next
-/// status of `statuses` (then 200), and records path and JSON body.
+/// status of `statuses` (then 200), and records path, headers and JSON body.
 async fn receiver(statuses: Vec<u16>) -> (SocketAddr, Received) {
     let received: Received = Arc::default();
     let plan = Arc::new(Mutex::new(statuses.into_iter()));
@@ -679,7 +679,9 @@ async fn receiver(statuses: Vec<u16>) -> (SocketAddr, Received) {
         async move {
             assert_eq!(headers["content-type"], "application/json");
             let v: Value = serde_json::from_slice(&body).unwrap();
-            rec.lock().unwrap().push((uri.path().to_string(), v));
+            rec.lock()
+                .unwrap()
+                .push((uri.path().to_string(), headers, v));
             let status = plan.lock().unwrap().next().unwrap_or(200);
             StatusCode::from_u16(status).unwrap()
         }
@@ -693,7 +695,7 @@ async fn receiver(statuses: Vec<u16>) -> (SocketAddr, Received) {
     (addr, received)
 }
 
-async fn wait_for(received: &Received, count: usize) -> Vec<(String, Value)> {
+async fn wait_for(received: &Received, count: usize) -> Vec<(String, HeaderMap, Value)> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let got = received.lock().unwrap().clone();
@@ -709,21 +711,35 @@ async fn wait_for(received: &Received, count: usize) -> Vec<(String, Value)> {
     }
 }
 
+/// The Standard Webhooks example secret.
+const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+fn client() -> reqwest::Client {
+    countersign_approval::outbound::client(&countersign_approval::Config::default()).unwrap()
+}
+
 #[tokio::test]
-async fn webhooks_announce_pending_reviews_with_retries() {
+async fn webhooks_send_signed_review_events_with_retries() {
     // The JSON hook fails once with a 500, then succeeds.
     let (json_addr, json_rx) = receiver(vec![500]).await;
     let (slack_addr, slack_rx) = receiver(vec![]).await;
+    let (quiet_addr, quiet_rx) = receiver(vec![]).await;
     let f = fixture(&format!(
         r#"public_url = "https://review.example.com/"
 [[webhooks]]
 url = "http://{json_addr}/hooks/json"
 format = "json"
+secret = "{WHSEC}"
 [[webhooks]]
 url = "http://{slack_addr}/services/T0/B0/x"
 format = "slack"
+[[webhooks]]
+url = "http://{quiet_addr}/decided"
+events = ["review.decided"]
+include_preview = false
 "#
     ));
+    let notifier = countersign_approval::notify::spawn(&f.state, client()).unwrap();
     let t = Instant::now();
     let id = create(&f.app, "gpt-x", "svc-<b>", "please <https://evil|click>").await;
     // Creating did not wait for the webhooks (the first one needs a retry).
@@ -734,12 +750,36 @@ format = "slack"
     );
 
     let got = wait_for(&json_rx, 2).await;
-    assert_eq!(got[0], got[1], "the retry sends the same payload");
-    let (path, v) = &got[1];
+    let (first, retry) = (&got[0], &got[1]);
+    assert_eq!(first.2, retry.2, "the retry sends the same payload");
+    assert_eq!(
+        first.1["webhook-id"], retry.1["webhook-id"],
+        "the retry keeps the message id"
+    );
+    let (path, headers, v) = retry;
     assert_eq!(path, "/hooks/json");
-    assert_eq!(v["event"], "review.pending");
-    let r = &v["review"];
+    // The signature is over id.timestamp.body with the secret's bytes.
+    let key = base64_decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+    let body = serde_json::to_vec(v).unwrap();
+    let stamp: u64 = headers["webhook-timestamp"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(stamp.abs_diff(countersign_approval::now_ms() / 1000) < 60);
+    assert_eq!(
+        headers["webhook-signature"].to_str().unwrap(),
+        countersign_approval::webhook::signature(
+            &key,
+            headers["webhook-id"].to_str().unwrap(),
+            stamp,
+            &body
+        )
+    );
+    assert_eq!(v["type"], "review.created");
+    let r = &v["data"];
     assert_eq!(r["id"], id.as_str());
+    assert_eq!(r["status"], "pending");
     assert_eq!(r["model"], "gpt-x");
     assert_eq!(r["caller"], "svc-<b>");
     assert_eq!(r["route"], "chat");
@@ -748,8 +788,12 @@ format = "slack"
     assert_eq!(r["url"], format!("https://review.example.com/reviews/{id}"));
 
     let got = wait_for(&slack_rx, 1).await;
-    let (path, v) = &got[0];
+    let (path, headers, v) = &got[0];
     assert_eq!(path, "/services/T0/B0/x");
+    assert!(
+        headers.get("webhook-signature").is_none(),
+        "no secret, no signature"
+    );
     let text = v["text"].as_str().unwrap();
     assert!(
         text.contains(&format!(
@@ -760,10 +804,30 @@ format = "slack"
     assert!(text.contains("svc-&lt;b&gt;"), "{text}");
     assert!(v["blocks"].as_array().unwrap().len() >= 3);
     assert_eq!(v["blocks"][1]["text"]["type"], "plain_text");
+
+    // The decision: review.decided to the JSON hook and the quiet one
+    // (which asked for nothing else, without the preview); not to Slack.
+    decide_ok(&f.app, &id, ALICE, "reject", json!({"reason": "no"})).await;
+    let got = wait_for(&json_rx, 3).await;
+    assert_eq!(got[2].2["type"], "review.decided");
+    assert_eq!(got[2].2["data"]["status"], "rejected");
+    assert_eq!(got[2].2["data"]["reason"], "no");
+    let got = wait_for(&quiet_rx, 1).await;
+    assert_eq!(got[0].2["type"], "review.decided");
+    assert!(got[0].2["data"].get("preview").is_none(), "{:?}", got[0].2);
     // Exactly one call each: no duplicate deliveries after success.
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(json_rx.lock().unwrap().len(), 2);
+    assert_eq!(json_rx.lock().unwrap().len(), 3);
     assert_eq!(slack_rx.lock().unwrap().len(), 1);
+    assert_eq!(quiet_rx.lock().unwrap().len(), 1);
+    notifier.abort();
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .unwrap()
 }
 
 #[tokio::test]
@@ -771,21 +835,29 @@ async fn webhook_delivery_retries_only_what_can_recover() {
     // Three quick retries: four attempts at most.
     let deliver = |url: String| async move {
         let backoff = [Duration::from_millis(10); 3];
-        countersign_approval::webhook::deliver(&url, Bytes::from_static(b"{}"), &backoff).await
+        let hook = countersign_approval::WebhookConfig {
+            url,
+            format: countersign_approval::WebhookFormat::Json,
+            secret: None,
+            events: countersign_approval::WebhookEvent::ALL.to_vec(),
+            include_preview: true,
+        };
+        countersign_approval::webhook::deliver(&client(), &hook, "msg_1", b"{}".to_vec(), &backoff)
+            .await
     };
 
     // (receiver's answers, scheme, outcome: the status or a word of the
     // error, calls the receiver saw)
     for (statuses, scheme, outcome, calls) in [
         // 503, 429, 500, then success on the fourth and last attempt.
-        (vec![503, 429, 500], "http", Ok(StatusCode::OK), 4),
+        (vec![503, 429, 500], "http", Ok(200), 4),
         // Four failures: give up.
         (vec![500, 500, 500, 500, 500], "http", Err("4 attempt"), 4),
         // A 4xx other than 408/429 is final.
         (vec![404], "http", Err("404"), 1),
         // https:// goes through TLS: a plain-HTTP server fails the handshake
         // (retried as a connection failure), and nothing is sent in clear.
-        (vec![], "https", Err("TLS"), 0),
+        (vec![], "https", Err("4 attempt"), 0),
     ] {
         let (addr, rx) = receiver(statuses.clone()).await;
         match (deliver(format!("{scheme}://{addr}/h")).await, outcome) {
@@ -795,7 +867,6 @@ async fn webhook_delivery_retries_only_what_can_recover() {
         }
         assert_eq!(rx.lock().unwrap().len(), calls, "{statuses:?}");
     }
-
     // Nobody listening: retried, then an error (not a hang).
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = free.local_addr().unwrap().port();

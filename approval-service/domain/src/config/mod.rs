@@ -14,10 +14,14 @@ use serde::Deserialize;
 use crate::token::TokenHash;
 
 pub mod database;
+pub mod slack;
 pub mod token_keys;
+pub mod webhooks;
 
 pub use database::Location;
+pub use slack::SlackConfig;
 pub use token_keys::{DEFAULT_TOKEN_TTL_MS, MAX_TOKEN_TTL_MS, MAX_TOKEN_USES};
+pub use webhooks::{WebhookConfig, WebhookEvent, WebhookFormat};
 
 /// Longest hold a review may have: one day. Longer holds would pin an
 /// upstream connection in Envoy for an unreasonable time.
@@ -58,37 +62,20 @@ pub struct ReviewerConfig {
     /// Caller identities this person sends requests as (besides `name`):
     /// they can never approve a review from any of them.
     pub callers: Vec<String>,
+    /// The reviewer's Slack member id: decisions taken with the Slack app's
+    /// buttons by this Slack user are this reviewer's.
+    pub slack_user_id: Option<String>,
 }
 
-/// Payload shape of a webhook.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WebhookFormat {
-    /// `{"event":"review.pending","review":{...}}` (default).
-    #[default]
-    Json,
-    /// Slack incoming-webhook JSON (`text` + `blocks`); also understood by
-    /// Mattermost, Rocket.Chat and most chat tools.
-    Slack,
-}
+/// A secret read from the configuration's environment: `Debug` does not
+/// show it, so a logged configuration leaks nothing.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret<T = String>(pub T);
 
-impl WebhookFormat {
-    /// The configuration name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WebhookFormat::Json => "json",
-            WebhookFormat::Slack => "slack",
-        }
+impl<T> fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
     }
-}
-
-/// One notification target, called on every new pending review.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WebhookConfig {
-    /// `http://` or `https://` URL that receives a JSON `POST`.
-    pub url: String,
-    /// Payload shape.
-    pub format: WebhookFormat,
 }
 
 /// Default lifetime of a reviewer's browser session.
@@ -128,6 +115,11 @@ pub struct Config {
     pub ui_session_hours: u64,
     /// Notification targets.
     pub webhooks: Vec<WebhookConfig>,
+    /// The Slack app (`[slack]`), when configured.
+    pub slack: Option<SlackConfig>,
+    /// CA certificates (from the PEM file `outbound_ca_file`) trusted, besides
+    /// Mozilla's roots, by the calls to webhooks and Slack.
+    pub outbound_ca: Vec<rustls::pki_types::CertificateDer<'static>>,
     /// Session records older than this many days are deleted (the oldest
     /// part of the chain; see [`crate::records`]). 0 keeps them forever.
     pub record_retention_days: u64,
@@ -167,6 +159,8 @@ impl Default for Config {
             ui_secure_cookies: false,
             ui_session_hours: DEFAULT_UI_SESSION_HOURS,
             webhooks: Vec::new(),
+            slack: None,
+            outbound_ca: Vec::new(),
             record_retention_days: 0,
             metrics_public: true,
             token_keys: Vec::new(),
@@ -245,7 +239,11 @@ struct RawConfig {
     #[serde(default)]
     ui_session_hours: Option<u64>,
     #[serde(default)]
-    webhooks: Vec<RawWebhook>,
+    webhooks: Vec<webhooks::RawWebhook>,
+    #[serde(default)]
+    slack: Option<slack::RawSlack>,
+    #[serde(default)]
+    outbound_ca_file: Option<PathBuf>,
     #[serde(default)]
     record_retention_days: u64,
     #[serde(default = "default_true")]
@@ -260,14 +258,6 @@ struct RawConfig {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawWebhook {
-    url: String,
-    #[serde(default)]
-    format: WebhookFormat,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawReviewer {
     name: String,
     token_sha256: String,
@@ -275,6 +265,8 @@ struct RawReviewer {
     groups: Vec<String>,
     #[serde(default)]
     callers: Vec<String>,
+    #[serde(default)]
+    slack_user_id: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -411,11 +403,24 @@ impl Config {
                 ));
             }
             let callers = check_callers(i, r.callers)?;
+            let slack_user_id = slack::check_slack_user_id(i, r.slack_user_id)?;
+            if let Some(id) = &slack_user_id {
+                if reviewers
+                    .iter()
+                    .any(|o: &ReviewerConfig| o.slack_user_id.as_ref() == Some(id))
+                {
+                    return Err(invalid(
+                        format!("reviewers[{i}].slack_user_id"),
+                        format!("{id} is already another reviewer's"),
+                    ));
+                }
+            }
             reviewers.push(ReviewerConfig {
                 name,
                 token_sha256,
                 groups: r.groups,
                 callers,
+                slack_user_id,
             });
         }
 
@@ -430,18 +435,14 @@ impl Config {
                 format!("must be between 1 and {MAX_UI_SESSION_HOURS}"),
             ));
         }
-        let webhooks = raw
-            .webhooks
-            .into_iter()
-            .enumerate()
-            .map(|(i, w)| {
-                let url = check_url(&format!("webhooks[{i}].url"), &w.url)?;
-                Ok(WebhookConfig {
-                    url,
-                    format: w.format,
-                })
-            })
-            .collect::<Result<Vec<_>, ConfigError>>()?;
+        let env = |name: &str| std::env::var(name).ok();
+        let webhooks = webhooks::check_webhooks(raw.webhooks, &env)?;
+        let slack = slack::check_slack(raw.slack, &env)?;
+        let outbound_ca = match raw.outbound_ca_file {
+            None => Vec::new(),
+            Some(path) => crate::tls::read_ca_file(&path)
+                .map_err(|message| invalid("outbound_ca_file", message))?,
+        };
 
         Ok(Config {
             listen,
@@ -454,6 +455,8 @@ impl Config {
             ui_secure_cookies: raw.ui_secure_cookies,
             ui_session_hours,
             webhooks,
+            slack,
+            outbound_ca,
             record_retention_days: check_retention_days(raw.record_retention_days)?,
             metrics_public: raw.metrics_public,
             token_keys: token_keys::check_keys(raw.token_keys, &|name| std::env::var(name).ok())?,
@@ -579,9 +582,28 @@ url = "http://127.0.0.1:9999/hook"
                 "format",
             ),
             ("[[webhooks]]\nurl = \"http://x\"\nsecret = \"s\"", "secret"),
+            (
+                "outbound_ca_file = \"/nonexistent/ca.pem\"",
+                "outbound_ca_file",
+            ),
         ] {
             assert_refused(bad, field);
         }
+    }
+
+    #[test]
+    fn slack_fields_are_checked() {
+        let two = format!(
+            "[[reviewers]]\nname=\"a\"\ntoken_sha256=\"{H}\"\nslack_user_id=\"U1\"\n\
+             [[reviewers]]\nname=\"b\"\ntoken_sha256=\"{}\"\nslack_user_id=\"U1\"",
+            "0".repeat(64)
+        );
+        assert_refused(&two, "reviewers[1].slack_user_id");
+        assert_refused(
+            "[slack]\nchannel = \"C1\"\nbot_token_env = \"COUNTERSIGN_TEST_SURELY_UNSET\"",
+            "slack.bot_token_env",
+        );
+        assert_refused("[slack]\nchanel = \"C1\"", "chanel");
     }
 
     #[test]

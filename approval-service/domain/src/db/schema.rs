@@ -1,5 +1,6 @@
 //! The whole schema, in one place: reviews, sessions, approvals, approval
-//! token uses and the session records, on SQLite and on PostgreSQL.
+//! token uses, the session records and the Slack app's messages, on SQLite
+//! and on PostgreSQL.
 //!
 //! Each table is written once for both databases; `{int}` and `{id}` stand
 //! for what their dialects call a 64-bit integer and an integer key the
@@ -12,7 +13,8 @@
 //! what exists (approvals, token uses, idempotency keys), which composes
 //! with any version. PostgreSQL has no older databases: it gets the same
 //! tables after every step at once, in two parts (`reviews`, `records`)
-//! whose versions live in `countersign_schema`. Both databases end with the
+//! whose versions live in `countersign_schema` (a third, `slack`, added
+//! later, is created on its own when missing). Both databases end with the
 //! same tables and columns (tested in `tests/postgres_schema.rs`), so a
 //! statement is written once for both.
 //!
@@ -39,10 +41,14 @@ pub fn migrate(conn: &mut Conn) -> Result<(), OpenError> {
         Backend::Sqlite => {
             migrate_sqlite(conn)?;
             create_sqlite_records(conn)?;
+            conn.transaction(Lock::Schema, |tx| {
+                tx.batch(&dialect(SLACK, Backend::Sqlite))
+            })?;
         }
         Backend::Postgres => {
             migrate_postgres(conn, "reviews", &postgres_reviews())?;
             migrate_postgres(conn, "records", &postgres_records())?;
+            migrate_postgres(conn, "slack", &dialect(SLACK, Backend::Postgres))?;
         }
     }
     Ok(())
@@ -148,6 +154,22 @@ CREATE TABLE IF NOT EXISTS token_consumptions (
     used_at_ms  {int} NOT NULL,
     PRIMARY KEY (review_id, use_no)
 );
+";
+
+/// The Slack app (see [`crate::slack_messages`]): the message posted for each
+/// review, and the signatures of the interactivity requests taken (a
+/// replayed request is refused).
+const SLACK: &str = "
+CREATE TABLE IF NOT EXISTS slack_messages (
+    review_id  TEXT PRIMARY KEY,
+    channel    TEXT NOT NULL,
+    ts         TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS slack_requests_seen (
+    signature_sha256 TEXT PRIMARY KEY,
+    seen_at_ms       {int} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS slack_requests_seen_at ON slack_requests_seen (seen_at_ms);
 ";
 
 /// The record log (`{query_columns}`: see [`record_query_column`]), the

@@ -1,0 +1,180 @@
+//! What the Slack app shows: the review message (Block Kit), rendered from
+//! the review as stored, so a re-render after any change shows the outcome,
+//! and the modal that asks for a rejection's reason.
+
+use countersign_core::wire::ReviewStatus;
+use serde_json::{json, Value};
+
+use crate::store::ReviewSummary;
+
+/// `action_id` of the Approve button.
+pub const APPROVE_ACTION: &str = "countersign_approve";
+/// `action_id` of the Reject button (opens [`reject_modal`]).
+pub const REJECT_ACTION: &str = "countersign_reject";
+/// `action_id` of the Open button (a link; Slack reports its clicks too).
+pub const OPEN_ACTION: &str = "countersign_open";
+/// `callback_id` of the rejection modal.
+pub const REJECT_CALLBACK: &str = "countersign_reject";
+/// `block_id` and `action_id` of the modal's reason input.
+pub const REASON_INPUT: &str = "reason";
+
+/// Escapes the three characters Slack's `mrkdwn` treats as control
+/// characters, so attacker text cannot form links or mentions.
+pub fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// The message for `review`: `{"text", "blocks"}` (for `chat.postMessage`
+/// and `chat.update`). Buttons while it is pending, the outcome after.
+pub fn review_message(review: &ReviewSummary, url: &str) -> Value {
+    let caller = review.caller.as_deref().unwrap_or("unknown caller");
+    let mut facts = vec![
+        format!("*Caller:* {}", escape(caller)),
+        format!("*Model:* {}", escape(&review.model)),
+    ];
+    if let Some(rule) = &review.rule {
+        facts.push(format!("*Rule:* {}", escape(rule)));
+    }
+    if let Some(group) = &review.approver_group {
+        facts.push(format!("*Approvers:* {}", escape(group)));
+    }
+    if review.required_approvals > 1 {
+        facts.push(format!(
+            "*Approvals:* {} of {}",
+            review.approval_count, review.required_approvals
+        ));
+    }
+    let preview = if review.preview.trim().is_empty() {
+        "(no text)"
+    } else {
+        &review.preview
+    };
+    let outcome = outcome_line(review);
+    let mut blocks = vec![
+        json!({"type": "section", "text": {"type": "mrkdwn", "text": format!(
+            "*{}*\n{}", escape(&outcome), facts.join("  ·  "))}}),
+        // plain_text: the prompt (masked as the model gets it) is never
+        // interpreted as markup.
+        json!({"type": "section", "text": {"type": "plain_text", "text": preview, "emoji": false}}),
+        json!({"type": "context", "elements": [{"type": "mrkdwn", "text": format!("`{}`", review.id)}]}),
+    ];
+    let open = json!({"type": "button", "action_id": OPEN_ACTION,
+        "text": {"type": "plain_text", "text": "Open"}, "url": url});
+    let elements = if review.status == ReviewStatus::Pending {
+        vec![
+            json!({"type": "button", "action_id": APPROVE_ACTION, "style": "primary",
+                "text": {"type": "plain_text", "text": "Approve"}, "value": review.id}),
+            json!({"type": "button", "action_id": REJECT_ACTION, "style": "danger",
+                "text": {"type": "plain_text", "text": "Reject"}, "value": review.id}),
+            open,
+        ]
+    } else {
+        vec![open]
+    };
+    blocks
+        .push(json!({"type": "actions", "block_id": "countersign_actions", "elements": elements}));
+    json!({
+        "text": format!("{}: {} from {}", escape(&outcome), escape(&review.model), escape(caller)),
+        "blocks": blocks,
+        "unfurl_links": false,
+    })
+}
+
+/// One line saying where the review stands.
+fn outcome_line(review: &ReviewSummary) -> String {
+    let who = review.reviewer.as_deref().unwrap_or("?");
+    let because = review
+        .reason
+        .as_deref()
+        .map(|r| format!(": {r}"))
+        .unwrap_or_default();
+    match review.status {
+        ReviewStatus::Pending => "Review pending".to_string(),
+        ReviewStatus::Approved => format!("Approved by {who}{because}"),
+        ReviewStatus::Rejected => format!("Rejected by {who}{because}"),
+        ReviewStatus::Expired => "Expired: nobody decided in time".to_string(),
+        ReviewStatus::Cancelled => "Cancelled: the caller went away".to_string(),
+    }
+}
+
+/// The modal asking for the reason of rejecting review `id`.
+pub fn reject_modal(id: &str) -> Value {
+    json!({
+        "type": "modal",
+        "callback_id": REJECT_CALLBACK,
+        "private_metadata": id,
+        "title": {"type": "plain_text", "text": "Reject request"},
+        "submit": {"type": "plain_text", "text": "Reject"},
+        "close": {"type": "plain_text", "text": "Cancel"},
+        "blocks": [
+            {"type": "context", "elements": [{"type": "mrkdwn", "text": format!("`{}`", escape(id))}]},
+            {"type": "input", "block_id": REASON_INPUT,
+             "label": {"type": "plain_text", "text": "Reason (the caller sees it)"},
+             "element": {"type": "plain_text_input", "action_id": REASON_INPUT, "multiline": true,
+                         "max_length": crate::http::reviews::MAX_REASON_CHARS}},
+        ],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use countersign_core::wire::ApiKind;
+
+    fn review(status: ReviewStatus) -> ReviewSummary {
+        ReviewSummary {
+            id: "rev_1".into(),
+            status,
+            created_at_ms: 1,
+            expires_at_ms: 2,
+            decided_at_ms: None,
+            reviewer: Some("bob".into()),
+            reason: Some("<!here> no".into()),
+            model: "m".into(),
+            api: ApiKind::OpenaiChat,
+            path: "/v1/chat/completions".into(),
+            route: None,
+            caller: Some("<@U1>".into()),
+            request_id: "r".into(),
+            stream: false,
+            rule: Some("pii".into()),
+            preview: "*hi* <https://x|y>".into(),
+            edited: false,
+            caller_groups: vec![],
+            required_approvals: 2,
+            approver_group: Some("security".into()),
+            async_review: false,
+            approval_count: 1,
+        }
+    }
+
+    #[test]
+    fn pending_has_buttons_and_escapes() {
+        let m = review_message(&review(ReviewStatus::Pending), "https://cs/reviews/rev_1");
+        let all = m.to_string();
+        assert!(!all.contains("<@U1>"), "{all}");
+        assert!(all.contains("1 of 2"), "{all}");
+        let actions = &m["blocks"][3]["elements"];
+        assert_eq!(actions[0]["action_id"], APPROVE_ACTION);
+        assert_eq!(actions[0]["value"], "rev_1");
+        assert_eq!(actions[1]["action_id"], REJECT_ACTION);
+        assert_eq!(actions[2]["url"], "https://cs/reviews/rev_1");
+        assert_eq!(m["blocks"][1]["text"]["type"], "plain_text");
+    }
+
+    #[test]
+    fn decided_shows_outcome_without_buttons() {
+        let m = review_message(&review(ReviewStatus::Rejected), "u");
+        let head = m["blocks"][0]["text"]["text"].as_str().unwrap();
+        assert!(
+            head.starts_with("*Rejected by bob: &lt;!here&gt; no*"),
+            "{head}"
+        );
+        let actions = m["blocks"][3]["elements"].as_array().unwrap();
+        assert_eq!(actions.len(), 1);
+        assert_eq!(actions[0]["action_id"], OPEN_ACTION);
+    }
+}
