@@ -257,6 +257,24 @@ def test_plain_response_is_masked_and_blocked(masked):
     assert "42" not in r.text and "no-launch-codes" in r.text
 
 
+# A blocked phrase in an answer written so that a reader still reads it:
+# each of these left the gateway before response rules read answers so.
+DISGUISED_ANSWERS = {
+    "full-width": "ｌａｕｎｃｈ ｃｏｄｅｓ",
+    "look-alike letters and digits": "l\u0430unch c0des",
+    "zero-width and soft hyphen": "lau\u200bnch co\u00addes",
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+@pytest.mark.parametrize("form", list(DISGUISED_ANSWERS))
+def test_response_rules_read_answers_as_a_reader_does(masked, form, stream):
+    # The demo model echoes the prompt: the answer carries the phrase.
+    r = post(masked.url, json=chat(model="demo-allow", text=f"the {DISGUISED_ANSWERS[form]} are 42", stream=stream))
+    assert "42" not in r.text, r.text
+    assert "no-launch-codes" in r.text, r.text
+
+
 # What the model reads although it is not written plainly: each of these
 # reached the model unmasked before masking read text as the model does.
 OBFUSCATED = {

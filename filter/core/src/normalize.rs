@@ -167,6 +167,66 @@ pub(crate) fn skeleton(s: &str) -> String {
     unicode_security::confusable_detection::skeleton(&s.to_lowercase()).collect()
 }
 
+/// Where [`reads_as`] looks for characters a reader takes for another:
+/// ASCII and Latin, Greek and Cyrillic, phonetic letters, letterlike
+/// symbols, full-width forms and mathematical alphanumerics.
+const LOOK_ALIKE_RANGES: &[(u32, u32)] = &[
+    (0x21, 0x24F),
+    (0x370, 0x4FF),
+    (0x1D00, 0x1DBF),
+    (0x2100, 0x218F),
+    (0xFF01, 0xFF5E),
+    (0x1D400, 0x1D7FF),
+];
+
+/// The case-insensitive skeleton of what `c` reads as, or `None` when it
+/// reads as nothing or as more than one character.
+fn read_key(c: char) -> Option<String> {
+    let mut folded = String::new();
+    fold(c, |d| folded.push(d));
+    let mut chars = folded.chars();
+    match (chars.next(), chars.next()) {
+        (Some(_), None) => Some(skeleton(&folded).to_lowercase()),
+        _ => None,
+    }
+}
+
+/// Every character (in [`LOOK_ALIKE_RANGES`]) that reads as `c`, in any
+/// case: its compatibility form has `c`'s confusable skeleton (`o`: `O`,
+/// `0`, Cyrillic `о`, Greek `ο`, full-width `ｏ`, mathematical `𝐨` ...),
+/// `c` itself included. For patterns that find a phrase in text as it is
+/// written, where [`as_read`] cannot be applied first (answers, whose
+/// matches must be located in the original text).
+pub(crate) fn reads_as(c: char) -> Vec<char> {
+    static TABLE: std::sync::OnceLock<std::collections::HashMap<String, Vec<char>>> =
+        std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let mut t: std::collections::HashMap<String, Vec<char>> = std::collections::HashMap::new();
+        for &(from, to) in LOOK_ALIKE_RANGES {
+            for d in (from..=to).filter_map(char::from_u32) {
+                if let Some(key) = read_key(d) {
+                    t.entry(key).or_default().push(d);
+                }
+            }
+        }
+        t
+    });
+    let mut out: Vec<char> = read_key(c)
+        .and_then(|key| table.get(&key).cloned())
+        .unwrap_or_default();
+    out.extend(c.to_lowercase().chain(c.to_uppercase()));
+    out.push(c);
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// A regex class of the characters a reader does not see (soft hyphen,
+/// zero-width characters, word joiners, byte-order mark): what may sit
+/// between the letters of a phrase as written.
+pub(crate) const INVISIBLE_CLASS: &str =
+    "[\\x{00AD}\\x{180E}\\x{200B}-\\x{200F}\\x{2060}-\\x{2064}\\x{FEFF}]";
+
 /// Calls `emit` with `c` folded to its compatibility form (nothing when
 /// invisible).
 pub(crate) fn fold(c: char, mut emit: impl FnMut(char)) {
@@ -241,6 +301,26 @@ fn entity_at(s: &str, i: usize) -> Option<(char, usize)> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn the_invisible_class_is_what_fold_drops() {
+        let class = regex::Regex::new(&format!("^{INVISIBLE_CLASS}$")).unwrap();
+        for c in (0..0x3_0000).filter_map(char::from_u32) {
+            assert_eq!(class.is_match(&c.to_string()), invisible(c), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn look_alikes_read_as_the_letter() {
+        let o = reads_as('o');
+        for c in ['o', 'O', '0', '\u{43e}', '\u{3bf}', '\u{ff4f}', '\u{1d428}'] {
+            assert!(o.contains(&c), "{c:?} in {o:?}");
+        }
+        assert!(!o.contains(&'a'));
+        assert!(reads_as('a').contains(&'\u{430}'));
+        // A character outside the tables still reads as itself.
+        assert_eq!(reads_as('\u{4e2d}'), vec!['\u{4e2d}']);
+    }
 
     fn norm(s: &str) -> String {
         normalize(s).map_or_else(|| s.to_string(), |n| n.text)

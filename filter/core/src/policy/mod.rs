@@ -50,7 +50,7 @@ use crate::config::ConfigError;
 use crate::glob::Glob;
 use crate::mask::compile_regex;
 use crate::mask::prefixes::MatchPrefixes;
-use crate::normalize::{as_read, skeleton};
+use crate::normalize::{as_read, reads_as, skeleton, INVISIBLE_CLASS};
 use crate::refusal::{Refusal, RefusalKind};
 use crate::wire::{ApiKind, PromptMessage};
 
@@ -368,7 +368,49 @@ fn phrase_pattern(phrase: &str) -> String {
     out
 }
 
+/// A pattern for a phrase as a reader sees it in text as written: each
+/// character matches everything that reads as it ([`reads_as`]: look-alike
+/// letters and digits, full-width and mathematical forms, any case), and
+/// invisible characters may sit between them. Answers are matched this
+/// way: their matches must be found in the text as sent, to be blocked or
+/// redacted there, so the text cannot be normalised first as prompts are.
+fn phrase_pattern_as_written(phrase: &str) -> String {
+    let mut out = String::new();
+    let mut in_space = false;
+    let mut after_char = false;
+    for c in phrase.trim().chars() {
+        if c.is_whitespace() {
+            if !in_space {
+                out.push_str(r"\s+");
+                in_space = true;
+            }
+            after_char = false;
+            continue;
+        }
+        in_space = false;
+        if after_char {
+            out.push_str(INVISIBLE_CLASS);
+            out.push('*');
+        }
+        out.push('[');
+        for d in reads_as(c) {
+            out.push_str(&regex::escape(&d.to_string()));
+        }
+        out.push(']');
+        after_char = true;
+    }
+    out
+}
+
 fn compile_phrases(field: &str, phrases: &[String]) -> Result<Option<Regex>, ConfigError> {
+    compile_phrase_patterns(field, phrases, phrase_pattern)
+}
+
+fn compile_phrase_patterns(
+    field: &str,
+    phrases: &[String],
+    pattern: fn(&str) -> String,
+) -> Result<Option<Regex>, ConfigError> {
     if phrases.is_empty() {
         return Ok(None);
     }
@@ -377,7 +419,7 @@ fn compile_phrases(field: &str, phrases: &[String]) -> Result<Option<Regex>, Con
         if p.trim().is_empty() {
             return Err(err(format!("{field}[{i}]"), "must not be empty"));
         }
-        parts.push(format!("(?:{})", phrase_pattern(p)));
+        parts.push(format!("(?:{})", pattern(p)));
     }
     compile_regex(&parts.join("|"))
         .map(Some)
@@ -510,9 +552,13 @@ impl ContentPolicy {
                     ));
                 }
             }
-            let mut matchers: Vec<Regex> = compile_phrases(&format!("{at}.phrases"), &r.phrases)?
-                .into_iter()
-                .collect();
+            let mut matchers: Vec<Regex> = compile_phrase_patterns(
+                &format!("{at}.phrases"),
+                &r.phrases,
+                phrase_pattern_as_written,
+            )?
+            .into_iter()
+            .collect();
             matchers.extend(compile_regexes(&format!("{at}.regex"), &r.regex)?);
             let prefixes = matchers
                 .iter()
@@ -1055,5 +1101,38 @@ mod tests {
         let r = compile_regex(&phrase_pattern("a.b (c)*")).unwrap();
         assert!(r.is_match("x A.B  (C)* y"));
         assert!(!r.is_match("axb (c)"));
+        let r = compile_regex(&phrase_pattern_as_written("a.b (c)*")).unwrap();
+        assert!(r.is_match("x A.B  (C)* y"));
+        assert!(!r.is_match("axb (c)"));
+    }
+
+    #[test]
+    fn response_phrases_are_found_as_a_reader_sees_them() {
+        let p = ContentPolicy::from_json(
+            br#"{"response_rules":[{"name":"codes","phrases":["launch codes"]}]}"#,
+        )
+        .unwrap();
+        let rules = p.response_rules(&facts("m", None));
+        let found = |t: &str| {
+            let mut out = Vec::new();
+            rules.find(t, 0, &mut out);
+            out.into_iter()
+                .map(|(_, a, b)| t.get(a..b).unwrap_or_default().to_string())
+                .collect::<Vec<_>>()
+        };
+        for (written, span) in [
+            ("the Launch Codes are", "Launch Codes"),
+            // Full-width, mathematical bold, look-alike letters and digits.
+            ("ｌａｕｎｃｈ ｃｏｄｅｓ!", "ｌａｕｎｃｈ ｃｏｄｅｓ"),
+            ("\u{1d425}aunch codes", "\u{1d425}aunch codes"),
+            ("l\u{430}unch c0des", "l\u{430}unch c0des"),
+            ("1aunch codes", "1aunch codes"),
+            // Invisible characters between the letters.
+            ("lau\u{200b}nch co\u{ad}des.", "lau\u{200b}nch co\u{ad}des"),
+        ] {
+            assert_eq!(found(written), vec![span.to_string()], "{written:?}");
+        }
+        assert!(found("launched codes").is_empty());
+        assert!(found("lunch codes").is_empty());
     }
 }
