@@ -11,11 +11,12 @@ use countersign_core::wire::ReviewStatus;
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
+use crate::approvals::Approver;
 use crate::config::{Config, ReviewerConfig};
 use crate::db::{Backend, DbError, DbResult, Location, OpenError};
 use crate::records::{RecordError, RecordStore};
 use crate::replicas::{Change, Replica};
-use crate::session::{LoginLimiter, Session};
+use crate::session::{LoginLimiter, Session, SignedInWith};
 use crate::store::Store;
 use crate::token::TokenHash;
 
@@ -269,21 +270,48 @@ impl AppState {
         &self.inner.login_limiter
     }
 
-    /// The live session with cookie value `id`, if its reviewer still has
-    /// the same token configured.
-    pub async fn session(
-        &self,
-        id: &str,
-    ) -> Result<Option<(Session, ReviewerConfig)>, StorageError> {
+    /// The live session with cookie value `id` and who it is: a token
+    /// session while its reviewer still has the same token configured; an
+    /// OpenID Connect session while sign-in with the provider is configured
+    /// and the person has its required group (if any).
+    pub async fn session(&self, id: &str) -> Result<Option<(Session, Approver)>, StorageError> {
         let hash = TokenHash::of_token(id);
         let now = crate::now_ms();
         let found = self.db(move |s| s.session(&hash, now)).await?;
         Ok(found.and_then(|session| {
-            let reviewer = self
-                .reviewer_named(&session.reviewer, &session.token_sha256)?
-                .clone();
-            Some((session, reviewer))
+            let approver = self.session_approver(&session)?;
+            Some((session, approver))
         }))
+    }
+
+    fn session_approver(&self, session: &Session) -> Option<Approver> {
+        match &session.with {
+            SignedInWith::Token(token) => self
+                .reviewer_named(&session.reviewer, token)
+                .map(Approver::from),
+            SignedInWith::Oidc { groups } => {
+                let oidc = self.config().oidc.as_ref()?;
+                if let Some(required) = &oidc.required_group {
+                    if !groups.contains(required) {
+                        return None;
+                    }
+                }
+                // A `[[reviewers]]` entry of the same name says which caller
+                // identities this person sends requests as.
+                let callers = self
+                    .config()
+                    .reviewers
+                    .iter()
+                    .find(|r| r.name == session.reviewer)
+                    .map(|r| r.callers.clone())
+                    .unwrap_or_default();
+                Some(Approver {
+                    name: session.reviewer.clone(),
+                    groups: groups.clone(),
+                    callers,
+                })
+            }
+        }
     }
 
     /// Pushes a review change to live-feed subscribers (if any), here and

@@ -12,6 +12,7 @@ use countersign_core::wire::FILTER_TOKEN_HEADER;
 
 use super::cookies::{session_cookie, CSRF_HEADER};
 use super::error::ApiError;
+use crate::approvals::Approver;
 use crate::session::csrf_matches;
 use crate::state::AppState;
 use crate::token::TokenHash;
@@ -58,10 +59,9 @@ pub enum AuthMethod {
 
 /// The authenticated reviewer of a reviewer-API call.
 pub struct Reviewer {
-    /// Configured name.
-    pub name: String,
-    /// Configured groups.
-    pub groups: Vec<String>,
+    /// Who it is: name, groups and caller identities, from the
+    /// configuration (token) or the OpenID Connect provider (session).
+    pub who: Approver,
     /// How the call authenticated.
     pub via: AuthMethod,
 }
@@ -96,8 +96,7 @@ impl FromRequestParts<AppState> for Reviewer {
             }
         }
         Ok(Reviewer {
-            name: reviewer.name,
-            groups: reviewer.groups,
+            who: reviewer,
             via: AuthMethod::Session {
                 id_sha256: TokenHash::of_token(id),
                 csrf_token: session.csrf_token,
@@ -122,8 +121,7 @@ fn bearer_reviewer(parts: &Parts, state: &AppState) -> Result<Reviewer, ApiError
         .reviewer_for(&TokenHash::of_token(token))
         .ok_or_else(|| ApiError::Unauthorized("invalid token".into()))?;
     Ok(Reviewer {
-        name: reviewer.name.clone(),
-        groups: reviewer.groups.clone(),
+        who: Approver::from(reviewer),
         via: AuthMethod::Bearer,
     })
 }

@@ -2,7 +2,8 @@
 //! ([`run`]), request extraction ([`extract`], [`auth`]), the one mapping of
 //! domain errors to HTTP answers ([`error`]), and the handlers by area:
 //! [`reviews`], [`approval_tokens`], [`records`], [`metrics`], and the
-//! reviewer web UI ([`ui`], with its session cookie in [`cookies`]).
+//! reviewer web UI ([`ui`], with its session cookie in [`cookies`], and
+//! sign-in through the OpenID Connect provider in [`oidc`]).
 //!
 //! Handlers parse and check what the client sent, call the domain through
 //! [`AppState`], and turn its answer into a response; the decisions are
@@ -14,6 +15,7 @@ pub mod cookies;
 pub mod error;
 pub mod extract;
 pub mod metrics;
+pub mod oidc;
 pub mod records;
 pub mod reviews;
 pub mod ui;
@@ -67,6 +69,7 @@ pub fn app(state: AppState) -> Router {
         .route("/ui/login", post(ui::login))
         .route("/ui/logout", post(ui::logout))
         .route("/ui/{asset}", get(ui::ui_asset))
+        .merge(oidc::routes(&state))
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(ui::security_headers))
@@ -84,7 +87,9 @@ pub async fn run(
     let sweeper = state.spawn_sweeper(SWEEP_PERIOD);
     let retention = state.spawn_retention(RETENTION_PERIOD);
     let on_shutdown = state.clone();
-    let result = axum::serve(listener, app(state))
+    // The peer address limits failed sign-ins per client (`ui::login`).
+    let service = app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let result = axum::serve(listener, service)
         .with_graceful_shutdown(async move {
             shutdown.await;
             on_shutdown.begin_shutdown();

@@ -91,7 +91,11 @@ pub async fn create_review(
         hold_timeout_ms,
         "review created"
     );
-    crate::approvals::warn_if_unreachable(&state.config().reviewers, &new.id, &new.request);
+    // With OIDC sign-in, who may approve is up to the provider: the
+    // configured reviewers are not all there are.
+    if state.config().oidc.is_none() {
+        crate::approvals::warn_if_unreachable(&state.config().reviewers, &new.id, &new.request);
+    }
     state.publish(&new.id, ReviewStatus::Pending);
     crate::webhook::notify_pending(&state, &new);
     Ok((StatusCode::CREATED, Json(state_out)))
@@ -206,8 +210,8 @@ pub async fn me(reviewer: Reviewer) -> Response {
     (
         [(header::CACHE_CONTROL, "no-store")],
         Json(Me {
-            name: reviewer.name,
-            groups: reviewer.groups,
+            name: reviewer.who.name,
+            groups: reviewer.who.groups,
             csrf_token,
         }),
     )
@@ -306,21 +310,16 @@ async fn decide(
 ) -> Result<Json<ReviewDetail>, ApiError> {
     let decision = Decision {
         status,
-        reviewer: reviewer.name,
+        reviewer: reviewer.who.name.clone(),
         reason,
         edited_body,
     };
     let now = crate::now_ms();
     let lookup_id = id.clone();
     let d = decision.clone();
-    // Groups and `callers` come from the configuration (names are unique).
-    let who = state
-        .config()
-        .reviewers
-        .iter()
-        .find(|r| r.name == decision.reviewer)
-        .cloned()
-        .ok_or_else(|| ApiError::Forbidden("reviewer is no longer configured".into()))?;
+    // Groups and `callers` as authentication found them (the configuration
+    // for a token, the provider's groups for an OIDC session).
+    let who = reviewer.who;
     let outcome = state
         .db(move |s| s.decide(&lookup_id, &d, &who, now))
         .await?;

@@ -8,8 +8,11 @@
 //! Routes: `GET /` (queue), `GET /reviews/{id}`, `GET /history`,
 //! `GET /login`, `POST /ui/login`, `POST /ui/logout`, `GET /ui/{asset}`.
 
+use std::net::{IpAddr, SocketAddr};
+
 use axum::body::Bytes;
-use axum::extract::{Path, Request, State};
+use axum::extract::rejection::ExtensionRejection;
+use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::http::{StatusCode, Uri};
 use axum::middleware::Next;
@@ -19,7 +22,7 @@ use serde::Deserialize;
 use super::auth::{AuthMethod, Reviewer};
 use super::cookies::{clear_cookie, session_cookie, set_cookie};
 use super::error::ApiError;
-use crate::session::{random_token, Session};
+use crate::session::{random_token, Session, SignedInWith};
 use crate::state::AppState;
 use crate::token::TokenHash;
 
@@ -66,7 +69,7 @@ fn html(status: StatusCode, body: &'static str) -> Response {
 
 /// Where to go after signing in: a local path only (never `//host` or a
 /// scheme), so the login form cannot be used as an open redirect.
-fn safe_next(next: Option<&str>) -> &str {
+pub(super) fn safe_next(next: Option<&str>) -> &str {
     match next {
         Some(n)
             if n.starts_with('/')
@@ -130,9 +133,44 @@ pub async fn history_page(State(state): State<AppState>, headers: HeaderMap, uri
     app_page(&state, &headers, &uri).await
 }
 
-/// `GET /login`.
-pub async fn login_page() -> Response {
-    html(StatusCode::OK, LOGIN_HTML)
+/// `GET /login`: the token form, and the button that signs in through the
+/// OpenID Connect provider when one is configured.
+pub async fn login_page(State(state): State<AppState>) -> Response {
+    let Some(oidc) = &state.config().oidc else {
+        return html(StatusCode::OK, LOGIN_HTML);
+    };
+    let button = format!(
+        "<div class=\"login-sso\"><a class=\"btn btn-primary btn-block\" id=\"oidc-sign-in\" \
+         href=\"{}\">Sign in with {}</a><p class=\"muted\">or paste a reviewer token</p></div>",
+        super::oidc::LOGIN_PATH,
+        escape_html(&oidc.display_name)
+    );
+    let page = LOGIN_HTML.replace(OIDC_MARKER, &button);
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        page,
+    )
+        .into_response()
+}
+
+/// Where the sign-in page gets its provider button.
+const OIDC_MARKER: &str = "<!--oidc-->";
+
+/// Text for an HTML text node or attribute.
+fn escape_html(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
@@ -168,7 +206,7 @@ pub struct LoginForm {
     pub next: Option<String>,
 }
 
-fn login_failed(error: &str, next: &str) -> Response {
+pub(super) fn login_failed(error: &str, next: &str) -> Response {
     let mut target = format!("/login?error={error}");
     if next != "/" {
         target.push_str("&next=");
@@ -180,14 +218,28 @@ fn login_failed(error: &str, next: &str) -> Response {
 /// `POST /ui/login` (form: `token`, `next`): checks the reviewer token and
 /// starts a session. Success and failure both answer with a redirect
 /// (`303`): to `next` with the session cookie set, or back to the sign-in
-/// page with `?error=invalid` (wrong token) or `?error=rate` (too many
-/// failures; try again shortly).
-pub async fn login(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+/// page with `?error=invalid` (wrong token), `?error=rate` (too many
+/// failures from this client address; try again shortly) or
+/// `?error=origin` (the form was posted from another site: login CSRF,
+/// which would sign the victim in as the attacker).
+pub async fn login(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    client: Result<ConnectInfo<SocketAddr>, ExtensionRejection>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let form: LoginForm = serde_urlencoded::from_bytes(&body)
         .map_err(|_| ApiError::BadRequest("expected a form with token=...".into()))?;
     let next = safe_next(form.next.as_deref()).to_string();
+    if !same_origin(&state, &headers) {
+        tracing::warn!("sign-in refused: the form was posted from another origin");
+        return Ok(login_failed("origin", &next));
+    }
+    // Without the peer address (a test calling the router directly) every
+    // attempt counts as one unknown client.
+    let client = client.map_or(IpAddr::from([0, 0, 0, 0]), |ConnectInfo(a)| a.ip());
     let token = form.token.trim();
-    let outcome = state.login_limiter().attempt(|| {
+    let outcome = state.login_limiter().attempt(client, || {
         if token.is_empty() {
             return None;
         }
@@ -205,14 +257,61 @@ pub async fn login(State(state): State<AppState>, body: Bytes) -> Result<Respons
         }
         Some(Some(found)) => found,
     };
+    start_session(
+        &state,
+        reviewer.name.clone(),
+        SignedInWith::Token(token_sha256),
+        &next,
+    )
+    .await
+}
+
+/// Whether a state-changing form came from this service's own pages: no
+/// `Origin` (not a browser, which always sends one with a POST form), or
+/// the origin of `public_url` or of the `Host` the request was sent to.
+fn same_origin(state: &AppState, headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    let origin = origin.trim_end_matches('/').to_ascii_lowercase();
+    let base = state.config().link_base().to_ascii_lowercase();
+    let after_scheme = base.find("://").map_or(0, |i| i + 3);
+    let public_origin = match base[after_scheme..].find('/') {
+        Some(end) => &base[..after_scheme + end],
+        None => &base,
+    };
+    if origin == public_origin {
+        return true;
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_ascii_lowercase);
+    host.is_some_and(|host| {
+        origin == format!("http://{host}") || origin == format!("https://{host}")
+    })
+}
+
+/// Starts a session for `reviewer` (signed in `with` a token or the
+/// provider): stores it, and answers with a redirect to `next` that sets
+/// the session cookie.
+pub(super) async fn start_session(
+    state: &AppState,
+    reviewer: String,
+    with: SignedInWith,
+    next: &str,
+) -> Result<Response, ApiError> {
     let id = random_token().map_err(ApiError::internal)?;
     let csrf_token = random_token().map_err(ApiError::internal)?;
     let config = state.config();
     let max_age_s = config.ui_session_hours * 3600;
     let now = crate::now_ms();
     let session = Session {
-        reviewer: reviewer.name.clone(),
-        token_sha256,
+        reviewer: reviewer.clone(),
+        with,
         csrf_token,
         expires_at_ms: now + max_age_s * 1000,
     };
@@ -220,9 +319,9 @@ pub async fn login(State(state): State<AppState>, body: Bytes) -> Result<Respons
     state
         .db(move |s| s.create_session(&id_sha256, &session, now))
         .await?;
-    tracing::info!(reviewer = %reviewer.name, "reviewer signed in");
-    let cookie = set_cookie(&id, max_age_s, config.ui_secure_cookies);
-    Ok(([(header::SET_COOKIE, cookie)], Redirect::to(&next)).into_response())
+    tracing::info!(reviewer = %reviewer, "reviewer signed in");
+    let cookie = set_cookie(&id, max_age_s, config.secure_cookies());
+    Ok(([(header::SET_COOKIE, cookie)], Redirect::to(next)).into_response())
 }
 
 /// `POST /ui/logout`: ends the session. Needs the session cookie and its
@@ -237,8 +336,8 @@ pub async fn logout(
         ));
     };
     state.db(move |s| s.delete_session(&id_sha256)).await?;
-    tracing::info!(reviewer = %reviewer.name, "reviewer signed out");
-    let cookie = clear_cookie(state.config().ui_secure_cookies);
+    tracing::info!(reviewer = %reviewer.who.name, "reviewer signed out");
+    let cookie = clear_cookie(state.config().secure_cookies());
     Ok((StatusCode::NO_CONTENT, [(header::SET_COOKIE, cookie)]).into_response())
 }
 

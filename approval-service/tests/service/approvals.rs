@@ -668,9 +668,8 @@ fn old_database_files_are_migrated() {
 
 #[test]
 fn self_approval_check_folds_unicode_case() {
-    let reviewer = countersign_approval::ReviewerConfig {
+    let reviewer = countersign_approval::approvals::Approver {
         name: "Åsa".into(),
-        token_sha256: countersign_approval::TokenHash::of_token("unused"),
         groups: vec![],
         callers: vec!["CI-Åsa".into()],
     };

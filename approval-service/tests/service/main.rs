@@ -10,6 +10,7 @@ mod approvals;
 mod cli;
 mod common;
 mod config_reference;
+mod oidc;
 mod postgres_schema;
 mod postgres_tls;
 mod records;

@@ -11,9 +11,10 @@ use std::collections::BTreeMap;
 
 type Columns = BTreeMap<String, Vec<String>>;
 
-const TABLES: [&str; 7] = [
+const TABLES: [&str; 8] = [
     "reviews",
     "sessions",
+    "oidc_logins",
     "approvals",
     "token_consumptions",
     "records",

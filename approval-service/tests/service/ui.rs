@@ -142,6 +142,62 @@ async fn secure_cookie_flag_and_session_length_follow_config() {
 }
 
 #[tokio::test]
+async fn an_https_public_url_makes_the_cookie_secure() {
+    let f = fixture("public_url = \"https://review.example.com\"");
+    let r = login(&f.app, ALICE, "/").await;
+    let cookie = r.header("set-cookie");
+    assert!(cookie.ends_with("; Secure"), "{cookie}");
+    let f = fixture("public_url = \"http://127.0.0.1:8081\"");
+    let r = login(&f.app, ALICE, "/").await;
+    assert!(!r.header("set-cookie").contains("Secure"));
+}
+
+/// `POST /ui/login` as a browser sends it, with `Origin` and `Host`.
+async fn login_from(app: &Router, token: &str, origin: &str, host: &str) -> Resp {
+    let form = serde_urlencoded::to_string([("token", token), ("next", "/")]).unwrap();
+    send(
+        app,
+        "POST",
+        "/ui/login",
+        &[
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("origin", origin),
+            ("host", host),
+        ],
+        form,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_login_form_is_refused_from_another_origin() {
+    let f = fixture("public_url = \"https://review.example.com\"");
+    for (origin, host) in [
+        ("https://evil.example", "review.example.com"),
+        ("null", "review.example.com"),
+        (
+            "https://review.example.com.evil.example",
+            "review.example.com",
+        ),
+    ] {
+        let r = login_from(&f.app, ALICE, origin, host).await;
+        assert_eq!(r.header("location"), "/login?error=origin", "{origin}");
+        assert!(r.headers.get("set-cookie").is_none(), "{origin}");
+    }
+    for (origin, host) in [
+        ("https://review.example.com", "internal:8081"),
+        ("http://127.0.0.1:8081", "127.0.0.1:8081"),
+    ] {
+        let r = login_from(&f.app, ALICE, origin, host).await;
+        assert_eq!(r.header("location"), "/", "{origin}");
+        assert!(
+            r.header("set-cookie").starts_with("cs_session="),
+            "{origin}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn wrong_token_is_refused_without_a_cookie() {
     let f = fixture("");
     for token in ["wrong", "", ALICE.trim_end_matches('n')] {
@@ -185,6 +241,35 @@ async fn failed_sign_ins_are_rate_limited() {
     let r = login(&f.app, ALICE, "/").await;
     assert!(r.header("location").starts_with("/login?error=rate"));
     assert!(r.headers.get("set-cookie").is_none());
+}
+
+#[tokio::test]
+async fn one_clients_failed_sign_ins_do_not_lock_out_another() {
+    use axum::extract::connect_info::MockConnectInfo;
+    let f = fixture("");
+    let from = |ip: [u8; 4]| {
+        f.app
+            .clone()
+            .layer(MockConnectInfo(SocketAddr::from((ip, 40000))))
+    };
+    let attacker = from([192, 0, 2, 66]);
+    let mut limited = false;
+    for _ in 0..30 {
+        let r = login(&attacker, "guess", "/").await;
+        if r.header("location").starts_with("/login?error=rate") {
+            limited = true;
+            break;
+        }
+    }
+    assert!(limited, "30 quick failures were never limited");
+    assert!(login(&attacker, ALICE, "/")
+        .await
+        .header("location")
+        .starts_with("/login?error=rate"));
+    // Alice, elsewhere, signs in at once.
+    let r = login(&from([198, 51, 100, 7]), ALICE, "/").await;
+    assert_eq!(r.header("location"), "/");
+    assert!(r.header("set-cookie").starts_with("cs_session="));
 }
 
 // ------------------------------------------------------------------- CSRF

@@ -14,9 +14,11 @@ use serde::Deserialize;
 use crate::token::TokenHash;
 
 pub mod database;
+pub mod oidc;
 pub mod token_keys;
 
 pub use database::Location;
+pub use oidc::OidcConfig;
 pub use token_keys::{DEFAULT_TOKEN_TTL_MS, MAX_TOKEN_TTL_MS, MAX_TOKEN_USES};
 
 /// Longest hold a review may have: one day. Longer holds would pin an
@@ -141,6 +143,8 @@ pub struct Config {
     pub token_ttl_ms: u64,
     /// How many times one approval token may be spent.
     pub token_max_uses: u32,
+    /// Sign-in with an OpenID Connect provider (`[oidc]`), if configured.
+    pub oidc: Option<OidcConfig>,
 }
 
 impl Config {
@@ -150,6 +154,17 @@ impl Config {
             Some(u) => u.clone(),
             None => format!("http://{}", self.listen),
         }
+    }
+
+    /// Whether the session cookie is `Secure`: when `ui_secure_cookies` is
+    /// set, and whenever reviewers reach the service over `https` (an
+    /// `https` `public_url`), so the two cannot disagree.
+    pub fn secure_cookies(&self) -> bool {
+        self.ui_secure_cookies
+            || self
+                .public_url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("https://"))
     }
 }
 
@@ -172,6 +187,7 @@ impl Default for Config {
             token_keys: Vec::new(),
             token_ttl_ms: DEFAULT_TOKEN_TTL_MS,
             token_max_uses: 1,
+            oidc: None,
         }
     }
 }
@@ -256,6 +272,8 @@ struct RawConfig {
     token_ttl_ms: Option<u64>,
     #[serde(default)]
     token_max_uses: Option<u32>,
+    #[serde(default)]
+    oidc: Option<oidc::RawOidc>,
 }
 
 #[derive(Deserialize)]
@@ -443,6 +461,11 @@ impl Config {
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
 
+        let oidc = raw
+            .oidc
+            .map(|o| oidc::check_oidc(o, public_url.as_deref(), &|name| std::env::var(name).ok()))
+            .transpose()?;
+
         Ok(Config {
             listen,
             database,
@@ -459,6 +482,7 @@ impl Config {
             token_keys: token_keys::check_keys(raw.token_keys, &|name| std::env::var(name).ok())?,
             token_ttl_ms: token_keys::check_ttl(raw.token_ttl_ms)?,
             token_max_uses: token_keys::check_max_uses(raw.token_max_uses)?,
+            oidc,
         })
     }
 }
