@@ -38,19 +38,25 @@ const APP_CSS: &str = include_str!("../../ui/app.css");
 const FAVICON_SVG: &str = include_str!("../../ui/favicon.svg");
 
 /// Adds the security headers to every response: CSP, no sniffing, no
-/// referrer (review URLs carry ids), no framing, and `no-store` caching
-/// unless the handler chose otherwise (reviews are sensitive).
+/// referrer (review URLs carry ids) unless the handler chose a policy, no
+/// framing, and `no-store` caching unless the handler chose otherwise
+/// (reviews are sensitive).
 pub async fn security_headers(request: Request, next: Next) -> Response {
     let mut response = next.run(request).await;
     let headers = response.headers_mut();
-    let fixed: [(HeaderName, &'static str); 4] = [
+    let fixed: [(HeaderName, &'static str); 3] = [
         (header::CONTENT_SECURITY_POLICY, CSP),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        (header::REFERRER_POLICY, "no-referrer"),
         (header::X_FRAME_OPTIONS, "DENY"),
     ];
     for (name, value) in fixed {
         headers.insert(name, HeaderValue::from_static(value));
+    }
+    if !headers.contains_key(header::REFERRER_POLICY) {
+        headers.insert(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        );
     }
     if !headers.contains_key(header::CACHE_CONTROL) {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -137,7 +143,7 @@ pub async fn history_page(State(state): State<AppState>, headers: HeaderMap, uri
 /// OpenID Connect provider when one is configured.
 pub async fn login_page(State(state): State<AppState>) -> Response {
     let Some(oidc) = &state.config().oidc else {
-        return html(StatusCode::OK, LOGIN_HTML);
+        return with_origin_referrer(html(StatusCode::OK, LOGIN_HTML));
     };
     let button = format!(
         "<div class=\"login-sso\"><a class=\"btn btn-primary btn-block\" id=\"oidc-sign-in\" \
@@ -146,12 +152,26 @@ pub async fn login_page(State(state): State<AppState>) -> Response {
         escape_html(&oidc.display_name)
     );
     let page = LOGIN_HTML.replace(OIDC_MARKER, &button);
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        page,
+    with_origin_referrer(
+        (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            page,
+        )
+            .into_response(),
     )
-        .into_response()
+}
+
+/// The sign-in page's referrer policy: `same-origin`, not `no-referrer`,
+/// under which a browser sends `Origin: null` with the form and the login
+/// CSRF check could not tell our own page from another site's. (The page's
+/// URL may name a review; other sites still get no referrer.)
+fn with_origin_referrer(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    response
 }
 
 /// Where the sign-in page gets its provider button.
@@ -266,10 +286,17 @@ pub async fn login(
     .await
 }
 
-/// Whether a state-changing form came from this service's own pages: no
-/// `Origin` (not a browser, which always sends one with a POST form), or
-/// the origin of `public_url` or of the `Host` the request was sent to.
+/// Whether a state-changing form came from this service's own pages. A
+/// browser says where a request comes from in `Sec-Fetch-Site`, which no
+/// page can forge: it must be `same-origin`. Browsers without it send
+/// `Origin` with a POST form (the sign-in page's referrer policy lets them
+/// name it), which must be the origin of `public_url` or of the `Host` the
+/// request was sent to. A client sending neither is not a browser, and not
+/// the victim of a forged form.
 fn same_origin(state: &AppState, headers: &HeaderMap) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site") {
+        return site.as_bytes() == b"same-origin";
+    }
     let Some(origin) = headers.get(header::ORIGIN) else {
         return true;
     };
