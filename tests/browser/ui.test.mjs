@@ -87,6 +87,45 @@ test('a reviewer signs in with a token and gets an HttpOnly, SameSite=Strict ses
   await live();
 }));
 
+test('the sign-in page forwards a signed-in reviewer to a local path only', T, check(async () => {
+  // A tab or newline is dropped by the URL parser: "/<TAB>/host" would
+  // become "//host", another site.
+  for (const next of ['/\t/evil.example/', '/\n/evil.example/', '/\\evil.example', '//evil.example']) {
+    await page.goto(url(`/login?next=${encodeURIComponent(next)}`));
+    await page.waitForURL(url('/'));
+    assert.equal(new URL(page.url()).host, new URL(stack.approvalUrl).host, JSON.stringify(next));
+  }
+  await page.goto(url(`/login?next=${encodeURIComponent('/history?q=a')}`));
+  await page.waitForURL(url('/history?q=a'));
+}));
+
+test('the sign-in form posted from another site signs nobody in', T, check(async () => {
+  const other = await browser.newContext();
+  try {
+    const attacker = await other.newPage();
+    await attacker.goto(`${stack.modelUrl}/_demo/stats`);
+    await Promise.all([
+      attacker.waitForURL(/\/login\?error=origin/),
+      attacker.evaluate(({ action, token }) => {
+        const form = document.createElement('form');
+        form.method = 'post';
+        form.action = action;
+        for (const [name, value] of [['token', token], ['next', '/']]) {
+          const input = document.createElement('input');
+          Object.assign(input, { type: 'hidden', name, value });
+          form.append(input);
+        }
+        document.body.append(form);
+        form.submit();
+      }, { action: url('/ui/login'), token: REVIEWERS.bob }),
+    ]);
+    assert.equal((await other.cookies()).find((c) => c.name === 'cs_session'), undefined);
+    assert.match(await attacker.locator('#login-error').textContent(), /another site/);
+  } finally {
+    await other.close();
+  }
+}));
+
 test('a held curl request appears live, is edited and approved, and curl gets the edited answer', T, check(async () => {
   await page.goto(url('/'));
   await live();
