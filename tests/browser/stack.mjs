@@ -12,6 +12,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const RELEASE = path.join(ROOT, 'target', 'release');
@@ -25,6 +26,31 @@ export const REVIEWERS = {
   alice: 'alice-browser-token-0123456789',
   bob: 'bob-browser-token-0123456789',
 };
+
+const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+
+// Debian's Chromium, headless, without anything that phones home.
+export function launchChromium() {
+  return chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+  });
+}
+
+// Wraps a test body: on failure, prints what `logs()` returns (the
+// processes' logs) to help diagnose.
+export function withLogs(logs) {
+  return (fn) => async (t) => {
+    try {
+      await fn(t);
+    } catch (e) {
+      console.error(logs());
+      throw e;
+    }
+  };
+}
 
 const children = new Set();
 

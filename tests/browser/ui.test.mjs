@@ -9,10 +9,8 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { chromium } from 'playwright-core';
-import { heldCurl, REVIEWERS, ROOT, Stack } from './stack.mjs';
+import { heldCurl, launchChromium, REVIEWERS, ROOT, Stack, withLogs } from './stack.mjs';
 
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const SHOT_DIR = process.env.UPDATE_SCREENSHOTS ? path.join(ROOT, 'docs', 'screenshots') : null;
 const T = { timeout: 120000 };
 
@@ -26,12 +24,7 @@ const cspViolations = [];
 
 before(async () => {
   stack = await new Stack().start();
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: true,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  });
+  browser = await launchChromium();
   context = await browser.newContext({ viewport: { width: 1360, height: 860 }, locale: 'en-GB', timezoneId: 'UTC' });
   context.setDefaultTimeout(15000);
   page = await context.newPage();
@@ -45,17 +38,7 @@ after(async () => {
   if (stack) await stack.stop();
 });
 
-// Runs a test body; on failure, prints the stack's logs to help diagnose.
-function check(fn) {
-  return async (t) => {
-    try {
-      await fn(t);
-    } catch (e) {
-      console.error(stack ? stack.logs() : 'stack not started');
-      throw e;
-    }
-  };
-}
+const check = withLogs(() => (stack ? stack.logs() : 'stack not started'));
 
 const url = (p) => stack.approvalUrl + p;
 const live = () => page.locator('#live[data-state="live"]').waitFor();

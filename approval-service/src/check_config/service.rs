@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use countersign_approval::config::{is_loopback_url, url_origin};
 use countersign_approval::{Config as ServiceConfig, ConfigError as ServiceConfigError};
 
 use super::{in_place, place_prefix, Checker};
@@ -62,22 +63,6 @@ impl Checker {
     }
 }
 
-/// The origin (`scheme://host[:port]`) of a checked URL.
-fn origin(url: &str) -> &str {
-    let after_scheme = url.find("://").map_or(0, |i| i + 3);
-    match url[after_scheme..].find(['/', '?', '#']) {
-        Some(end) => &url[..after_scheme + end],
-        None => url,
-    }
-}
-
-/// Whether a checked URL's host is a loopback address.
-fn is_loopback_url(url: &str) -> bool {
-    let host = origin(url).rsplit("://").next().unwrap_or("");
-    let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
-    matches!(host, "localhost" | "[::1]") || host.starts_with("127.")
-}
-
 impl Checker {
     /// Settings of the reviewer sign-in that contradict each other.
     fn sign_in_settings(&mut self, file: &Path, config: &ServiceConfig, at: &str) {
@@ -119,7 +104,7 @@ impl Checker {
                     oidc.redirect_url,
                 ),
             );
-            if let Some(url) = public.filter(|u| origin(u) != origin(&oidc.redirect_url)) {
+            if let Some(url) = public.filter(|u| url_origin(u) != url_origin(&oidc.redirect_url)) {
                 self.report.warning(
                     file,
                     format!("oidc.redirect_url {} is not on public_url {url}: the session cookie set by the callback would belong to another site{at}", oidc.redirect_url),

@@ -29,6 +29,7 @@ use axum::routing::get;
 use axum::Router;
 use serde::Deserialize;
 
+use super::cookies::id_cookie;
 use super::error::ApiError;
 use super::ui::{login_failed, safe_next, start_session};
 use crate::config::oidc::CALLBACK_PATH;
@@ -82,17 +83,6 @@ fn browser_cookie(value: &str, max_age_s: u64, secure: bool) -> String {
         "{BROWSER_COOKIE}={value}; HttpOnly; SameSite=Lax; Path=/ui/oidc/; Max-Age={max_age_s}{}",
         if secure { "; Secure" } else { "" }
     )
-}
-
-fn browser_cookie_value(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == BROWSER_COOKIE)
-        .map(|(_, value)| value.trim())
 }
 
 /// Query of `GET /ui/oidc/login`.
@@ -200,7 +190,7 @@ async fn finish(
         )));
     };
     let next = login.next.clone();
-    let same_browser = browser_cookie_value(headers)
+    let same_browser = id_cookie(headers, BROWSER_COOKIE)
         .is_some_and(|b| TokenHash::of_token(b).ct_eq(&login.browser_sha256));
     if !same_browser {
         return Ok(Err((

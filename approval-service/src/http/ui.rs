@@ -22,6 +22,7 @@ use serde::Deserialize;
 use super::auth::{AuthMethod, Reviewer};
 use super::cookies::{clear_cookie, session_cookie, set_cookie};
 use super::error::ApiError;
+use crate::config::url_origin;
 use crate::session::{random_token, Session, SignedInWith};
 use crate::state::AppState;
 use crate::token::TokenHash;
@@ -305,11 +306,7 @@ fn same_origin(state: &AppState, headers: &HeaderMap) -> bool {
     };
     let origin = origin.trim_end_matches('/').to_ascii_lowercase();
     let base = state.config().link_base().to_ascii_lowercase();
-    let after_scheme = base.find("://").map_or(0, |i| i + 3);
-    let public_origin = match base[after_scheme..].find('/') {
-        Some(end) => &base[..after_scheme + end],
-        None => &base,
-    };
+    let public_origin = url_origin(&base);
     if origin == public_origin {
         return true;
     }

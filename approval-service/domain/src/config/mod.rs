@@ -337,6 +337,26 @@ fn check_url(field: &str, url: &str) -> Result<String, ConfigError> {
     Ok(url.to_string())
 }
 
+/// The origin (`scheme://host[:port]`) of a URL [`check_url`] accepted.
+pub fn url_origin(url: &str) -> &str {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    match url[after_scheme..].find(['/', '?', '#']) {
+        Some(end) => &url[..after_scheme + end],
+        None => url,
+    }
+}
+
+/// Whether the host of a URL [`check_url`] accepted is a loopback address.
+pub fn is_loopback_url(url: &str) -> bool {
+    let origin = url_origin(url);
+    let authority = origin.split_once("://").map_or(origin, |(_, a)| a);
+    let host = match authority.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    };
+    matches!(host, "localhost" | "[::1]") || host.starts_with("127.")
+}
+
 /// Checks `reviewers[i].callers`: trimmed, non-empty.
 fn check_callers(i: usize, callers: Vec<String>) -> Result<Vec<String>, ConfigError> {
     callers

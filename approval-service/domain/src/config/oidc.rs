@@ -5,7 +5,7 @@
 
 use serde::Deserialize;
 
-use super::{check_url, invalid, ConfigError};
+use super::{check_url, invalid, is_loopback_url, ConfigError};
 
 /// Path of the redirect URI the provider sends reviewers back to (under
 /// `public_url` unless `redirect_url` names it).
@@ -82,22 +82,10 @@ pub(super) struct RawOidc {
     display_name: Option<String>,
 }
 
-/// Whether `url`'s host is a loopback address (where plain `http` is
-/// acceptable: the traffic never leaves the machine).
-fn is_loopback(url: &str) -> bool {
-    let rest = url.strip_prefix("http://").unwrap_or(url);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host = match authority.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => authority,
-    };
-    matches!(host, "localhost" | "[::1]") || host.starts_with("127.")
-}
-
 /// An `https://` URL, or `http://` on a loopback host.
 fn check_secure_url(field: &str, url: &str) -> Result<String, ConfigError> {
     let url = check_url(field, url)?;
-    if url.starts_with("http://") && !is_loopback(&url) {
+    if url.starts_with("http://") && !is_loopback_url(&url) {
         return Err(invalid(
             field,
             format!("{url:?} must be https:// (plain http only on a loopback address)"),
