@@ -275,7 +275,14 @@ impl AppState {
     /// OpenID Connect session while sign-in with the provider is configured
     /// and the person has its required group (if any).
     pub async fn session(&self, id: &str) -> Result<Option<(Session, Approver)>, StorageError> {
-        let hash = TokenHash::of_token(id);
+        self.session_by_hash(TokenHash::of_token(id)).await
+    }
+
+    /// [`AppState::session`] by the hash of the cookie value.
+    pub async fn session_by_hash(
+        &self,
+        hash: TokenHash,
+    ) -> Result<Option<(Session, Approver)>, StorageError> {
         let now = crate::now_ms();
         let found = self.db(move |s| s.session(&hash, now)).await?;
         Ok(found.and_then(|session| {

@@ -47,7 +47,10 @@ impl FromRequestParts<AppState> for FilterAuth {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthMethod {
     /// `Authorization: Bearer <reviewer token>`.
-    Bearer,
+    Bearer {
+        /// SHA-256 of the token.
+        token_sha256: TokenHash,
+    },
     /// The UI session cookie (and, for state-changing calls, its CSRF token).
     Session {
         /// SHA-256 of the session id.
@@ -105,6 +108,24 @@ impl FromRequestParts<AppState> for Reviewer {
     }
 }
 
+impl Reviewer {
+    /// Whether the credential this reviewer authenticated with still holds
+    /// now (for a long-lived call such as the live feed): the token is
+    /// still configured for them, or the session still exists and is still
+    /// theirs. A database error counts as no.
+    pub async fn still_signed_in(&self, state: &AppState) -> bool {
+        match &self.via {
+            AuthMethod::Bearer { token_sha256 } => state
+                .reviewer_for(token_sha256)
+                .is_some_and(|r| r.name == self.who.name),
+            AuthMethod::Session { id_sha256, .. } => {
+                matches!(state.session_by_hash(*id_sha256).await,
+                    Ok(Some((_, who))) if who == self.who)
+            }
+        }
+    }
+}
+
 fn bearer_reviewer(parts: &Parts, state: &AppState) -> Result<Reviewer, ApiError> {
     let value = parts
         .headers
@@ -117,11 +138,12 @@ fn bearer_reviewer(parts: &Parts, state: &AppState) -> Result<Reviewer, ApiError
         .map(|(_, t)| t.trim())
         .filter(|t| !t.is_empty())
         .ok_or_else(|| ApiError::Unauthorized("expected Authorization: Bearer <token>".into()))?;
+    let token_sha256 = TokenHash::of_token(token);
     let reviewer = state
-        .reviewer_for(&TokenHash::of_token(token))
+        .reviewer_for(&token_sha256)
         .ok_or_else(|| ApiError::Unauthorized("invalid token".into()))?;
     Ok(Reviewer {
         who: Approver::from(reviewer),
-        via: AuthMethod::Bearer,
+        via: AuthMethod::Bearer { token_sha256 },
     })
 }

@@ -204,7 +204,7 @@ pub struct Me {
 /// `GET /api/me`.
 pub async fn me(reviewer: Reviewer) -> Response {
     let csrf_token = match reviewer.via {
-        AuthMethod::Bearer => None,
+        AuthMethod::Bearer { .. } => None,
         AuthMethod::Session { csrf_token, .. } => Some(csrf_token),
     };
     (
@@ -503,40 +503,78 @@ pub async fn edit(
 /// `GET /api/events`: server-sent events for the reviewer UI. Sends `hello`
 /// at once, then a `review` event (`{"type","id","status"}`) for every
 /// change, and `resync` when this subscriber fell behind and should
-/// re-fetch. Ends when the server shuts down.
+/// re-fetch. Ends when the server shuts down, and when the reviewer's
+/// credential no longer holds (signed out, session expired, token or
+/// sign-in configuration changed): checked before each event and every
+/// [`FEED_RECHECK`].
 pub async fn events(
     State(state): State<AppState>,
-    _reviewer: Reviewer,
+    reviewer: Reviewer,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let rx = state.subscribe_events();
-    let shutdown = state.shutdown_receiver();
-    let stream = futures_util::stream::unfold(
-        (rx, shutdown, true),
-        |(mut rx, mut shutdown, first)| async move {
-            if first {
-                let hello = Event::default().event("hello").data("{}");
-                return Some((Ok(hello), (rx, shutdown, false)));
-            }
-            if *shutdown.borrow() {
+    let feed = Feed {
+        rx: state.subscribe_events(),
+        shutdown: state.shutdown_receiver(),
+        recheck: tokio::time::interval_at(tokio::time::Instant::now() + FEED_RECHECK, FEED_RECHECK),
+        state,
+        reviewer,
+        first: true,
+    };
+    let stream = futures_util::stream::unfold(feed, |mut feed| async move {
+        let event = feed.next().await?;
+        Some((Ok(event), feed))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+/// How often an idle live feed re-checks its reviewer's credential.
+pub const FEED_RECHECK: Duration = Duration::from_secs(30);
+
+/// One reviewer's live feed.
+struct Feed {
+    rx: tokio::sync::broadcast::Receiver<crate::state::ReviewEvent>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    recheck: tokio::time::Interval,
+    state: AppState,
+    reviewer: Reviewer,
+    first: bool,
+}
+
+impl Feed {
+    /// The next event to send, or `None` to end the feed.
+    async fn next(&mut self) -> Option<Event> {
+        if std::mem::take(&mut self.first) {
+            return Some(Event::default().event("hello").data("{}"));
+        }
+        loop {
+            if *self.shutdown.borrow() {
                 return None;
             }
+            // `None`: time to re-check only.
             let event = tokio::select! {
-                received = rx.recv() => match received {
-                    Ok(ev) => match serde_json::to_string(&ev) {
+                received = self.rx.recv() => match received {
+                    Ok(ev) => Some(match serde_json::to_string(&ev) {
                         Ok(json) => Event::default().event("review").data(json),
                         Err(_) => Event::default().event("resync").data("{}"),
-                    },
+                    }),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        Event::default().event("resync").data("{}")
+                        Some(Event::default().event("resync").data("{}"))
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
                 },
-                _ = shutdown.wait_for(|down| *down) => return None,
+                down = self.shutdown.wait_for(|down| *down) => {
+                    drop(down);
+                    return None;
+                }
+                _ = self.recheck.tick() => None,
             };
-            Some((Ok(event), (rx, shutdown, false)))
-        },
-    );
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+            if !self.reviewer.still_signed_in(&self.state).await {
+                return None;
+            }
+            if event.is_some() {
+                return event;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -646,6 +646,43 @@ async fn event_feed_reports_created_decided_and_expired() {
     assert!(seen.contains(&short_id), "{seen}");
 }
 
+#[tokio::test]
+async fn the_event_feed_ends_with_the_session() {
+    let f = fixture("");
+    let b = sign_in(&f.app, ALICE).await;
+    let req = Request::get("/api/events")
+        .header("cookie", &b.cookie)
+        .body(Body::empty())
+        .unwrap();
+    let mut body = f.app.clone().oneshot(req).await.unwrap().into_body();
+    read_until(&mut body, "event: hello").await;
+    let before = create(&f.app, "gpt-x", "svc-a", "while signed in").await;
+    read_until(&mut body, &before).await;
+
+    let out = send(
+        &f.app,
+        "POST",
+        "/ui/logout",
+        &[("cookie", &b.cookie), ("x-csrf-token", &b.csrf)],
+        "",
+    )
+    .await;
+    assert_eq!(out.status, StatusCode::NO_CONTENT);
+    let after = create(&f.app, "gpt-y", "svc-a", "after sign-out").await;
+    // The feed ends instead of sending it.
+    let mut rest = String::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.unwrap().into_data() {
+                rest.push_str(&String::from_utf8_lossy(&data));
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the feed went on after sign-out: {rest:?}");
+    assert!(!rest.contains(&after), "{rest}");
+}
+
 /// A minimal HTTP/1.1 exchange on a real socket that returns once the
 /// response head and at least `needle` arrived (or the server closed).
 fn raw_read(stream: &mut std::net::TcpStream, needle: &str) -> String {
