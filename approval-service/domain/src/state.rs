@@ -4,7 +4,7 @@
 //! changes with other replicas (see [`crate::replicas`]).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 use countersign_core::wire::ReviewStatus;
@@ -121,6 +121,16 @@ where
     }
 }
 
+/// What [`AppState::reload_reviewers`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// How many reviewers are now in force.
+    pub reviewers: usize,
+    /// Whether settings other than `[[reviewers]]` differ from those in
+    /// force (they were not applied).
+    pub others_changed: bool,
+}
+
 /// Everything the handlers share; cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
@@ -129,6 +139,9 @@ pub struct AppState {
 
 struct Inner {
     config: Config,
+    /// The `[[reviewers]]` in force (reloadable; `config.reviewers` is
+    /// what the service started with).
+    reviewers: RwLock<Arc<Vec<ReviewerConfig>>>,
     store: Arc<Store>,
     /// The session record log (its own connection; see `crate::records`).
     records: Arc<RecordStore>,
@@ -180,6 +193,7 @@ impl AppState {
         getrandom::fill(&mut id).map_err(|e| OpenError::Io(std::io::Error::other(e)))?;
         let state = AppState {
             inner: Arc::new(Inner {
+                reviewers: RwLock::new(Arc::new(config.reviewers.clone())),
                 config,
                 store: Arc::new(store),
                 records: Arc::new(records),
@@ -246,23 +260,58 @@ impl AppState {
     /// Finds the reviewer whose token hashes to `presented`. Every configured
     /// hash is compared (constant time each, no early exit), so timing does
     /// not reveal which reviewer, if any, matched.
-    pub fn reviewer_for(&self, presented: &TokenHash) -> Option<&ReviewerConfig> {
+    pub fn reviewer_for(&self, presented: &TokenHash) -> Option<ReviewerConfig> {
         let mut found = None;
-        for r in &self.inner.config.reviewers {
+        for r in self.reviewers().iter() {
             if r.token_sha256.ct_eq(presented) && found.is_none() {
-                found = Some(r);
+                found = Some(r.clone());
             }
         }
         found
     }
 
     /// The reviewer with this name whose configured token hash is `token`.
-    pub fn reviewer_named(&self, name: &str, token: &TokenHash) -> Option<&ReviewerConfig> {
-        self.inner
-            .config
-            .reviewers
+    pub fn reviewer_named(&self, name: &str, token: &TokenHash) -> Option<ReviewerConfig> {
+        self.reviewers()
             .iter()
             .find(|r| r.name == name && r.token_sha256.ct_eq(token))
+            .cloned()
+    }
+
+    /// The `[[reviewers]]` in force: those of the configuration at start,
+    /// or of the last successful [`AppState::reload_reviewers`].
+    pub fn reviewers(&self) -> Arc<Vec<ReviewerConfig>> {
+        let guard = self
+            .inner
+            .reviewers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(&guard)
+    }
+
+    /// Puts the `[[reviewers]]` of `new` (a configuration read and
+    /// validated again, e.g. on SIGHUP) in force: tokens added or revoked
+    /// without a restart; sessions and live feeds of a revoked token end at
+    /// their next request. Other settings are not applied: the answer says
+    /// whether they differ from those in force (a restart applies them).
+    pub fn reload_reviewers(&self, new: Config) -> Reloaded {
+        let others_changed = Config {
+            reviewers: Vec::new(),
+            ..new.clone()
+        } != Config {
+            reviewers: Vec::new(),
+            ..self.config().clone()
+        };
+        let count = new.reviewers.len();
+        *self
+            .inner
+            .reviewers
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(new.reviewers);
+        Reloaded {
+            reviewers: count,
+            others_changed,
+        }
     }
 
     /// The sign-in rate limiter.
@@ -295,7 +344,7 @@ impl AppState {
         match &session.with {
             SignedInWith::Token(token) => self
                 .reviewer_named(&session.reviewer, token)
-                .map(Approver::from),
+                .map(|r| Approver::from(&r)),
             SignedInWith::Oidc { groups } => {
                 let oidc = self.config().oidc.as_ref()?;
                 if let Some(required) = &oidc.required_group {
@@ -306,8 +355,7 @@ impl AppState {
                 // A `[[reviewers]]` entry of the same name says which caller
                 // identities this person sends requests as.
                 let callers = self
-                    .config()
-                    .reviewers
+                    .reviewers()
                     .iter()
                     .find(|r| r.name == session.reviewer)
                     .map(|r| r.callers.clone())

@@ -143,7 +143,7 @@ fn bearer_reviewer(parts: &Parts, state: &AppState) -> Result<Reviewer, ApiError
         .reviewer_for(&token_sha256)
         .ok_or_else(|| ApiError::Unauthorized("invalid token".into()))?;
     Ok(Reviewer {
-        who: Approver::from(reviewer),
+        who: Approver::from(&reviewer),
         via: AuthMethod::Bearer { token_sha256 },
     })
 }

@@ -94,7 +94,7 @@ pub async fn create_review(
     // With OIDC sign-in, who may approve is up to the provider: the
     // configured reviewers are not all there are.
     if state.config().oidc.is_none() {
-        crate::approvals::warn_if_unreachable(&state.config().reviewers, &new.id, &new.request);
+        crate::approvals::warn_if_unreachable(&state.reviewers(), &new.id, &new.request);
     }
     state.publish(&new.id, ReviewStatus::Pending);
     crate::webhook::notify_pending(&state, &new);

@@ -265,7 +265,7 @@ pub async fn login(
             return None;
         }
         let hash = TokenHash::of_token(token);
-        state.reviewer_for(&hash).map(|r| (r.clone(), hash))
+        state.reviewer_for(&hash).map(|r| (r, hash))
     });
     let (reviewer, token_sha256) = match outcome {
         None => {
