@@ -278,6 +278,23 @@ impl AppState {
             .cloned()
     }
 
+    /// A person named by the OpenID provider or the authenticating proxy,
+    /// with the groups it gave. A `[[reviewers]]` entry of the same name
+    /// says which caller identities they send requests as.
+    pub fn approver_named(&self, name: String, groups: Vec<String>) -> Approver {
+        let callers = self
+            .reviewers()
+            .iter()
+            .find(|r| r.name == name)
+            .map(|r| r.callers.clone())
+            .unwrap_or_default();
+        Approver {
+            name,
+            groups,
+            callers,
+        }
+    }
+
     /// The `[[reviewers]]` in force: those of the configuration at start,
     /// or of the last successful [`AppState::reload_reviewers`].
     pub fn reviewers(&self) -> Arc<Vec<ReviewerConfig>> {
@@ -352,19 +369,7 @@ impl AppState {
                         return None;
                     }
                 }
-                // A `[[reviewers]]` entry of the same name says which caller
-                // identities this person sends requests as.
-                let callers = self
-                    .reviewers()
-                    .iter()
-                    .find(|r| r.name == session.reviewer)
-                    .map(|r| r.callers.clone())
-                    .unwrap_or_default();
-                Some(Approver {
-                    name: session.reviewer.clone(),
-                    groups: groups.clone(),
-                    callers,
-                })
+                Some(self.approver_named(session.reviewer.clone(), groups.clone()))
             }
         }
     }

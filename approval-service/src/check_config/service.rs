@@ -88,6 +88,14 @@ impl Checker {
                 ),
             );
         }
+        if let Some(proxy) = &config.trusted_proxy {
+            if proxy.addresses.iter().any(|c| c.prefix() == 0) {
+                self.report.warning(
+                    file,
+                    format!("trusted_proxy.addresses trusts every address: anyone who reaches the service can name themselves a reviewer in `{}`{at}", proxy.user_header),
+                );
+            }
+        }
         if let Some(oidc) = &config.oidc {
             self.report.ok(
                 file,
@@ -164,6 +172,13 @@ mod tests {
             "{base}public_url = \"https://review.example.com\"\n{oidc}redirect_url = \"https://other.example.com/ui/oidc/callback\"\n"
         ));
         assert!(w.iter().any(|m| m.contains("oidc.redirect_url")), "{w:?}");
+        let w = warnings(&format!(
+            "{base}[trusted_proxy]\naddresses = [\"10.0.0.0/8\", \"::/0\"]\n"
+        ));
+        assert!(
+            w.iter().any(|m| m.contains("trusts every address")),
+            "{w:?}"
+        );
         // Consistent: https, redirect under public_url, OIDC instead of tokens.
         let r = check_texts(&[(
             "s.toml",

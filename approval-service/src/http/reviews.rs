@@ -205,7 +205,9 @@ pub struct Me {
 pub async fn me(reviewer: Reviewer) -> Response {
     let csrf_token = match reviewer.via {
         AuthMethod::Bearer { .. } => None,
-        AuthMethod::Session { csrf_token, .. } => Some(csrf_token),
+        AuthMethod::Session { csrf_token, .. } | AuthMethod::Proxy { csrf_token } => {
+            Some(csrf_token)
+        }
     };
     (
         [(header::CACHE_CONTROL, "no-store")],

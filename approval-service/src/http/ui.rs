@@ -19,7 +19,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 
-use super::auth::{AuthMethod, Reviewer};
+use super::auth::{proxy_approver, AuthMethod, Reviewer};
 use super::cookies::{clear_cookie, session_cookie, set_cookie};
 use super::error::ApiError;
 use crate::config::url_origin;
@@ -106,10 +106,11 @@ fn encode_component(s: &str) -> String {
 
 /// An app page: served to a signed-in reviewer, otherwise a redirect to
 /// the sign-in page that comes back here afterwards.
-async fn app_page(state: &AppState, headers: &HeaderMap, uri: &Uri) -> Response {
+async fn app_page(state: &AppState, headers: &HeaderMap, peer: Peer, uri: &Uri) -> Response {
+    let peer = peer.ok().map(|ConnectInfo(a)| a.ip());
     let signed_in = match session_cookie(headers) {
         Some(id) => matches!(state.session(id).await, Ok(Some(_))),
-        None => false,
+        None => proxy_approver(state, headers, peer).is_some(),
     };
     if signed_in {
         html(StatusCode::OK, APP_HTML)
@@ -121,23 +122,37 @@ async fn app_page(state: &AppState, headers: &HeaderMap, uri: &Uri) -> Response 
 }
 
 /// `GET /`: the queue of pending reviews.
-pub async fn queue_page(State(state): State<AppState>, headers: HeaderMap, uri: Uri) -> Response {
-    app_page(&state, &headers, &uri).await
+pub async fn queue_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    peer: Peer,
+    uri: Uri,
+) -> Response {
+    app_page(&state, &headers, peer, &uri).await
 }
+
+/// The client's address, when the server knows it.
+type Peer = Result<ConnectInfo<SocketAddr>, ExtensionRejection>;
 
 /// `GET /reviews/{id}`: one review.
 pub async fn review_page(
     State(state): State<AppState>,
     Path(_id): Path<String>,
     headers: HeaderMap,
+    peer: Peer,
     uri: Uri,
 ) -> Response {
-    app_page(&state, &headers, &uri).await
+    app_page(&state, &headers, peer, &uri).await
 }
 
 /// `GET /history`: past reviews.
-pub async fn history_page(State(state): State<AppState>, headers: HeaderMap, uri: Uri) -> Response {
-    app_page(&state, &headers, &uri).await
+pub async fn history_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    peer: Peer,
+    uri: Uri,
+) -> Response {
+    app_page(&state, &headers, peer, &uri).await
 }
 
 /// `GET /login`: the token form, and the button that signs in through the
@@ -246,7 +261,7 @@ pub(super) fn login_failed(error: &str, next: &str) -> Response {
 pub async fn login(
     State(state): State<AppState>,
     headers: HeaderMap,
-    client: Result<ConnectInfo<SocketAddr>, ExtensionRejection>,
+    client: Peer,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let form: LoginForm = serde_urlencoded::from_bytes(&body)
@@ -356,7 +371,8 @@ pub async fn logout(
 ) -> Result<Response, ApiError> {
     let AuthMethod::Session { id_sha256, .. } = reviewer.via else {
         return Err(ApiError::BadRequest(
-            "sign-out ends a browser session; bearer tokens have none".into(),
+            "sign-out ends a browser session; bearer tokens and the proxy's sign-in have none here"
+                .into(),
         ));
     };
     state.db(move |s| s.delete_session(&id_sha256)).await?;

@@ -16,4 +16,5 @@ mod postgres_tls;
 mod records;
 mod replicas;
 mod sql_injection;
+mod trusted_proxy;
 mod ui;

@@ -16,10 +16,12 @@ use crate::token::TokenHash;
 pub mod database;
 pub mod oidc;
 pub mod token_keys;
+pub mod trusted_proxy;
 
 pub use database::Location;
 pub use oidc::OidcConfig;
 pub use token_keys::{DEFAULT_TOKEN_TTL_MS, MAX_TOKEN_TTL_MS, MAX_TOKEN_USES};
+pub use trusted_proxy::TrustedProxyConfig;
 
 /// Longest hold a review may have: one day. Longer holds would pin an
 /// upstream connection in Envoy for an unreasonable time.
@@ -145,6 +147,9 @@ pub struct Config {
     pub token_max_uses: u32,
     /// Sign-in with an OpenID Connect provider (`[oidc]`), if configured.
     pub oidc: Option<OidcConfig>,
+    /// Reviewers named by an authenticating proxy (`[trusted_proxy]`), if
+    /// configured.
+    pub trusted_proxy: Option<TrustedProxyConfig>,
 }
 
 impl Config {
@@ -188,6 +193,7 @@ impl Default for Config {
             token_ttl_ms: DEFAULT_TOKEN_TTL_MS,
             token_max_uses: 1,
             oidc: None,
+            trusted_proxy: None,
         }
     }
 }
@@ -274,6 +280,8 @@ struct RawConfig {
     token_max_uses: Option<u32>,
     #[serde(default)]
     oidc: Option<oidc::RawOidc>,
+    #[serde(default)]
+    trusted_proxy: Option<trusted_proxy::RawTrustedProxy>,
 }
 
 #[derive(Deserialize)]
@@ -503,6 +511,10 @@ impl Config {
             token_ttl_ms: token_keys::check_ttl(raw.token_ttl_ms)?,
             token_max_uses: token_keys::check_max_uses(raw.token_max_uses)?,
             oidc,
+            trusted_proxy: raw
+                .trusted_proxy
+                .map(trusted_proxy::check_trusted_proxy)
+                .transpose()?,
         })
     }
 }
