@@ -91,6 +91,18 @@ async fn sign_in(app: &Router, token: &str) -> Browser {
     Browser { cookie, csrf }
 }
 
+/// `POST /ui/logout` as the page sends it.
+async fn sign_out(app: &Router, b: &Browser) -> Resp {
+    send(
+        app,
+        "POST",
+        "/ui/logout",
+        &[("cookie", &b.cookie), ("x-csrf-token", &b.csrf)],
+        "",
+    )
+    .await
+}
+
 // ------------------------------------------------------------------ sign-in
 
 #[tokio::test]
@@ -389,14 +401,7 @@ async fn logout_needs_csrf_and_ends_the_session() {
         "a refused logout keeps the session"
     );
 
-    let r = send(
-        &f.app,
-        "POST",
-        "/ui/logout",
-        &[("cookie", &b.cookie), ("x-csrf-token", &b.csrf)],
-        "",
-    )
-    .await;
+    let r = sign_out(&f.app, &b).await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
     assert!(r.header("set-cookie").contains("Max-Age=0"));
     let r = me(&f.app, &b.cookie).await;
@@ -659,15 +664,7 @@ async fn the_event_feed_ends_with_the_session() {
     let before = create(&f.app, "gpt-x", "svc-a", "while signed in").await;
     read_until(&mut body, &before).await;
 
-    let out = send(
-        &f.app,
-        "POST",
-        "/ui/logout",
-        &[("cookie", &b.cookie), ("x-csrf-token", &b.csrf)],
-        "",
-    )
-    .await;
-    assert_eq!(out.status, StatusCode::NO_CONTENT);
+    assert_eq!(sign_out(&f.app, &b).await.status, StatusCode::NO_CONTENT);
     let after = create(&f.app, "gpt-y", "svc-a", "after sign-out").await;
     // The feed ends instead of sending it.
     let mut rest = String::new();
