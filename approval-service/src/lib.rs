@@ -2,8 +2,9 @@
 //!
 //! The Envoy filter holds an inference request and asks this service for a
 //! human decision (`/v1/reviews...`); reviewers list, approve, reject or edit
-//! held requests in the web UI (`/`, [`http::ui`]) or through the reviewer
-//! API (`/api/...`). Reviews, approvals, browser sessions and the session
+//! held requests in the web UI (`/`, [`http::ui`]; signed in with a reviewer
+//! token or through the company's OpenID Connect provider, [`oidc`]) or
+//! through the reviewer API (`/api/...`). Reviews, approvals, browser sessions and the session
 //! records live in the database (a SQLite file for one replica, PostgreSQL
 //! for several), so a restarted service still knows every pending review
 //! and signed-in reviewer. Review events go to signed webhooks ([`webhook`])
@@ -23,6 +24,7 @@
 
 pub mod http;
 pub mod notify;
+pub mod oidc;
 pub mod outbound;
 pub mod slack;
 pub mod webhook;

@@ -120,9 +120,22 @@ fn init_logging() {
         .init();
 }
 
+/// The configuration `serve` runs with: the file, then the command line's
+/// `--listen` and `--database` over it.
+fn load_config(args: &ServeArgs) -> Result<Config, countersign_approval::ConfigError> {
+    let mut config = Config::load(&args.config)?;
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    if let Some(d) = &args.database.database {
+        config.database = countersign_approval::db::Location::parse(d);
+    }
+    Ok(config)
+}
+
 fn serve(args: ServeArgs) -> ExitCode {
     init_logging();
-    let mut config = match Config::load(&args.config) {
+    let config = match load_config(&args) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "cannot load config");
@@ -130,12 +143,6 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Some(l) = args.listen {
-        config.listen = l;
-    }
-    if let Some(d) = args.database.database {
-        config.database = countersign_approval::db::Location::parse(&d);
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -146,7 +153,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve_async(config)) {
+    match runtime.block_on(serve_async(config, args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "service failed");
@@ -156,7 +163,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-async fn serve_async(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+async fn serve_async(config: Config, args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     let listen = config.listen;
     let database = config.database.clone();
     let reviewers = config.reviewers.len();
@@ -184,14 +191,52 @@ async fn serve_async(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     }
     let shutdown =
         shutdown_signal().map_err(|e| format!("cannot listen for SIGINT and SIGTERM: {e}"))?;
+    let reload = reload_on_hangup(state.clone(), args)
+        .map_err(|e| format!("cannot listen for SIGHUP: {e}"))?;
     // Scripts wait for this line to learn the (possibly ephemeral) port.
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "countersign-approval listening on {local}")?;
     stdout.flush()?;
     drop(stdout);
-    run(listener, state, shutdown).await?;
+    let served = run(listener, state, shutdown).await;
+    reload.abort();
+    served?;
     tracing::info!("countersign-approval stopped");
     Ok(())
+}
+
+/// On each SIGHUP, reads the configuration again and puts its
+/// `[[reviewers]]` in force; an invalid file changes nothing (the reviewers
+/// in force stay) and is logged. Listened for from this call on.
+fn reload_on_hangup(
+    state: AppState,
+    args: ServeArgs,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = signal(SignalKind::hangup())?;
+    Ok(tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            match load_config(&args) {
+                Ok(config) => {
+                    let reloaded = state.reload_reviewers(config);
+                    tracing::info!(
+                        reviewers = reloaded.reviewers,
+                        "reviewers reloaded (SIGHUP)"
+                    );
+                    if reloaded.others_changed {
+                        tracing::warn!(
+                            "settings other than [[reviewers]] changed in the configuration; \
+                             only the reviewers were reloaded: restart to apply the rest"
+                        );
+                    }
+                }
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "reviewers not reloaded: the configuration is invalid; the reviewers in force stay"
+                ),
+            }
+        }
+    }))
 }
 
 /// Resolves on SIGINT or SIGTERM, listened for from this call on: before

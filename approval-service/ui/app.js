@@ -1214,17 +1214,29 @@
     connectEvents();
   }
 
+  // The server's rule (ui.rs `safe_next`): a local path of printable ASCII
+  // only. A tab or newline would be dropped by the URL parser, turning
+  // `/\t/evil.example` into `//evil.example`, another host.
+  function safeNext(next) {
+    return typeof next === 'string' && next.startsWith('/') && !next.startsWith('//')
+      && !next.startsWith('/\\') && next.length <= 512 && /^[\x21-\x7e]+$/.test(next) ? next : '/';
+  }
+
   async function initLogin() {
     const params = new URLSearchParams(location.search);
-    const next = params.get('next') || '/';
-    const safe = next.startsWith('/') && !next.startsWith('//') && !next.startsWith('/\\') ? next : '/';
+    const safe = safeNext(params.get('next') || '/');
     $('#next').value = safe;
+    const sso = $('#oidc-sign-in');
+    if (sso) sso.href = `/ui/oidc/login?next=${encodeURIComponent(safe)}`;
     const err = params.get('error');
     if (err) {
       const el = $('#login-error');
-      el.textContent = err === 'rate'
-        ? 'Too many failed attempts. Wait a minute, then try again.'
-        : 'That token was not accepted. Check it and try again.';
+      el.textContent = {
+        rate: 'Too many failed attempts. Wait a minute, then try again.',
+        oidc: 'Sign-in with your company account did not work. Try again, or ask your administrator.',
+        group: 'Your company account is not in the group allowed to review.',
+        origin: 'The sign-in form was sent from another site and was refused.',
+      }[err] || 'That token was not accepted. Check it and try again.';
       el.hidden = false;
     }
     // Already signed in (e.g. arrived from a chat link, where the

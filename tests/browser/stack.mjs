@@ -12,6 +12,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const RELEASE = path.join(ROOT, 'target', 'release');
@@ -25,6 +26,31 @@ export const REVIEWERS = {
   alice: 'alice-browser-token-0123456789',
   bob: 'bob-browser-token-0123456789',
 };
+
+const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+
+// Debian's Chromium, headless, without anything that phones home.
+export function launchChromium() {
+  return chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+  });
+}
+
+// Wraps a test body: on failure, prints what `logs()` returns (the
+// processes' logs) to help diagnose.
+export function withLogs(logs) {
+  return (fn) => async (t) => {
+    try {
+      await fn(t);
+    } catch (e) {
+      console.error(logs());
+      throw e;
+    }
+  };
+}
 
 const children = new Set();
 
@@ -71,8 +97,8 @@ async function waitHttp(url, what, timeoutMs = 20000) {
 }
 
 class Proc {
-  constructor(name, cmd, args, log) {
-    Object.assign(this, { name, cmd, args, log, child: null, exited: null });
+  constructor(name, cmd, args, log, env = undefined) {
+    Object.assign(this, { name, cmd, args, log, env, child: null, exited: null });
   }
 
   start() {
@@ -80,7 +106,9 @@ class Proc {
       if (!fs.existsSync(file)) throw new Error(`${file} is missing: run ./dev build first`);
     }
     const out = fs.openSync(this.log, 'a');
-    this.child = spawn(this.cmd, this.args, { stdio: ['ignore', out, out], detached: true });
+    this.child = spawn(this.cmd, this.args, {
+      stdio: ['ignore', out, out], detached: true, env: this.env ? { ...process.env, ...this.env } : process.env,
+    });
     fs.closeSync(out);
     children.add(this.child);
     this.exited = new Promise((resolve) => this.child.once('exit', (code, signal) => {
@@ -116,13 +144,18 @@ function renderTemplate(template, values) {
 }
 
 export class Stack {
-  constructor() {
+  // `approvalPort` may be chosen beforehand (an OpenID provider must know
+  // the redirect URI before the service starts); `extraToml` is appended to
+  // the service's configuration, `env` added to its environment.
+  constructor({ approvalPort = null, extraToml = '', env = undefined } = {}) {
     this.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'countersign-browser-'));
     this.procs = [];
+    Object.assign(this, { fixedApprovalPort: approvalPort, extraToml, env });
   }
 
   async start() {
-    const [modelPort, approvalPort, listenPort, adminPort] = await Promise.all([freePort(), freePort(), freePort(), freePort()]);
+    const [modelPort, freeApprovalPort, listenPort, adminPort] = await Promise.all([freePort(), freePort(), freePort(), freePort()]);
+    const approvalPort = this.fixedApprovalPort || freeApprovalPort;
     this.approvalUrl = `http://127.0.0.1:${approvalPort}`;
     this.url = `http://127.0.0.1:${listenPort}`;
     this.modelUrl = `http://127.0.0.1:${modelPort}`;
@@ -134,6 +167,8 @@ export class Stack {
       ...Object.entries(REVIEWERS).flatMap(([name, token]) => [
         '', '[[reviewers]]', `name = "${name}"`, `token_sha256 = "${sha256(token)}"`, 'groups = ["security"]',
       ]),
+      '',
+      this.extraToml,
     ].join('\n');
     fs.writeFileSync(path.join(this.dir, 'approval.toml'), `${toml}\n`);
 
@@ -148,7 +183,7 @@ export class Stack {
     this.backend = new Proc('demo-backend', path.join(RELEASE, 'demo-backend'),
       ['--listen', `127.0.0.1:${modelPort}`], log('demo-backend'));
     this.approval = new Proc('countersign-approval', path.join(RELEASE, 'countersign-approval'),
-      ['serve', '--config', path.join(this.dir, 'approval.toml')], log('approval'));
+      ['serve', '--config', path.join(this.dir, 'approval.toml')], log('approval'), this.env);
     this.envoy = new Proc('envoy', ENVOY,
       ['-c', path.join(this.dir, 'envoy.yaml'), '--log-level', 'warn', '--component-log-level', 'wasm:info',
         '--concurrency', '2', '--base-id', String(adminPort)], log('envoy'));
@@ -195,6 +230,45 @@ export class Stack {
     });
     if (res.status !== 201) throw new Error(`create failed: ${res.status} ${await res.text()}`);
     return (await res.json()).id;
+  }
+}
+
+// The OpenID Connect provider (oidc-provider.mjs) on 127.0.0.1:`port`, in
+// a process of its own; `rotate()` restarts it with a new signing key.
+export class Provider {
+  constructor({ port, clientId, clientSecret, redirectUri, users, dir }) {
+    Object.assign(this, { port, clientId, clientSecret, redirectUri, users, dir, generation: 0 });
+    this.url = `http://127.0.0.1:${port}`;
+  }
+
+  async start() {
+    this.generation += 1;
+    this.keyId = `key-${this.generation}`;
+    this.proc = new Proc(`oidc-provider-${this.generation}`, process.execPath,
+      [path.join(ROOT, 'tests', 'browser', 'oidc-provider.mjs')], path.join(this.dir, `oidc-provider-${this.generation}.log`), {
+        PORT: String(this.port), CLIENT_ID: this.clientId, CLIENT_SECRET: this.clientSecret,
+        REDIRECT_URI: this.redirectUri, KEY_ID: this.keyId, USERS: JSON.stringify(this.users),
+      }).start();
+    await waitHttp(`${this.url}/.well-known/openid-configuration`, 'oidc-provider');
+    return this;
+  }
+
+  async stop() {
+    if (this.proc) await this.proc.stop();
+  }
+
+  async rotate() {
+    await this.stop();
+    return this.start();
+  }
+
+  async setMode(mode) {
+    const res = await fetch(`${this.url}/_test/mode?mode=${encodeURIComponent(mode)}`, { method: 'POST' });
+    if (!res.ok) throw new Error(`mode ${mode}: ${res.status}`);
+  }
+
+  logText() {
+    return this.proc ? this.proc.logText() : '';
   }
 }
 

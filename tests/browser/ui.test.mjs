@@ -9,10 +9,8 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { chromium } from 'playwright-core';
-import { heldCurl, REVIEWERS, ROOT, Stack } from './stack.mjs';
+import { heldCurl, launchChromium, REVIEWERS, ROOT, Stack, withLogs } from './stack.mjs';
 
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const SHOT_DIR = process.env.UPDATE_SCREENSHOTS ? path.join(ROOT, 'docs', 'screenshots') : null;
 const T = { timeout: 120000 };
 
@@ -26,12 +24,7 @@ const cspViolations = [];
 
 before(async () => {
   stack = await new Stack().start();
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: true,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  });
+  browser = await launchChromium();
   context = await browser.newContext({ viewport: { width: 1360, height: 860 }, locale: 'en-GB', timezoneId: 'UTC' });
   context.setDefaultTimeout(15000);
   page = await context.newPage();
@@ -45,17 +38,7 @@ after(async () => {
   if (stack) await stack.stop();
 });
 
-// Runs a test body; on failure, prints the stack's logs to help diagnose.
-function check(fn) {
-  return async (t) => {
-    try {
-      await fn(t);
-    } catch (e) {
-      console.error(stack ? stack.logs() : 'stack not started');
-      throw e;
-    }
-  };
-}
+const check = withLogs(() => (stack ? stack.logs() : 'stack not started'));
 
 const url = (p) => stack.approvalUrl + p;
 const live = () => page.locator('#live[data-state="live"]').waitFor();
@@ -85,6 +68,45 @@ test('a reviewer signs in with a token and gets an HttpOnly, SameSite=Strict ses
   assert.equal(cookie.path, '/');
   assert.equal(await page.evaluate(() => document.cookie.includes('cs_session')), false, 'not readable by script');
   await live();
+}));
+
+test('the sign-in page forwards a signed-in reviewer to a local path only', T, check(async () => {
+  // A tab or newline is dropped by the URL parser: "/<TAB>/host" would
+  // become "//host", another site.
+  for (const next of ['/\t/evil.example/', '/\n/evil.example/', '/\\evil.example', '//evil.example']) {
+    await page.goto(url(`/login?next=${encodeURIComponent(next)}`));
+    await page.waitForURL(url('/'));
+    assert.equal(new URL(page.url()).host, new URL(stack.approvalUrl).host, JSON.stringify(next));
+  }
+  await page.goto(url(`/login?next=${encodeURIComponent('/history?q=a')}`));
+  await page.waitForURL(url('/history?q=a'));
+}));
+
+test('the sign-in form posted from another site signs nobody in', T, check(async () => {
+  const other = await browser.newContext();
+  try {
+    const attacker = await other.newPage();
+    await attacker.goto(`${stack.modelUrl}/_demo/stats`);
+    await Promise.all([
+      attacker.waitForURL(/\/login\?error=origin/),
+      attacker.evaluate(({ action, token }) => {
+        const form = document.createElement('form');
+        form.method = 'post';
+        form.action = action;
+        for (const [name, value] of [['token', token], ['next', '/']]) {
+          const input = document.createElement('input');
+          Object.assign(input, { type: 'hidden', name, value });
+          form.append(input);
+        }
+        document.body.append(form);
+        form.submit();
+      }, { action: url('/ui/login'), token: REVIEWERS.bob }),
+    ]);
+    assert.equal((await other.cookies()).find((c) => c.name === 'cs_session'), undefined);
+    assert.match(await attacker.locator('#login-error').textContent(), /another site/);
+  } finally {
+    await other.close();
+  }
 }));
 
 test('a held curl request appears live, is edited and approved, and curl gets the edited answer', T, check(async () => {

@@ -104,8 +104,30 @@ pub enum DecideOutcome {
     Refused(DecisionRefused),
 }
 
+/// Who is deciding: a configured reviewer (token) or a person signed in
+/// through the OpenID Connect provider, whose groups came from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Approver {
+    /// Name, recorded on each decision.
+    pub name: String,
+    /// Groups, for `approver_group`.
+    pub groups: Vec<String>,
+    /// Caller identities this person sends requests as (besides `name`).
+    pub callers: Vec<String>,
+}
+
+impl From<&ReviewerConfig> for Approver {
+    fn from(r: &ReviewerConfig) -> Approver {
+        Approver {
+            name: r.name.clone(),
+            groups: r.groups.clone(),
+            callers: r.callers.clone(),
+        }
+    }
+}
+
 /// Whether `reviewer` is, or sends requests as, `caller`.
-pub fn is_self(reviewer: &ReviewerConfig, caller: Option<&str>) -> bool {
+pub fn is_self(reviewer: &Approver, caller: Option<&str>) -> bool {
     let Some(caller) = caller.map(str::trim).filter(|c| !c.is_empty()) else {
         return false;
     };
@@ -115,7 +137,7 @@ pub fn is_self(reviewer: &ReviewerConfig, caller: Option<&str>) -> bool {
 }
 
 /// Whether `reviewer` may decide a review restricted to `group`.
-pub fn in_group(reviewer: &ReviewerConfig, group: Option<&str>) -> bool {
+pub fn in_group(reviewer: &Approver, group: Option<&str>) -> bool {
     group.is_none_or(|g| reviewer.groups.iter().any(|have| have == g))
 }
 
@@ -124,6 +146,7 @@ pub fn in_group(reviewer: &ReviewerConfig, group: Option<&str>) -> bool {
 pub fn warn_if_unreachable(reviewers: &[ReviewerConfig], id: &str, req: &CreateReview) {
     let eligible = reviewers
         .iter()
+        .map(Approver::from)
         .filter(|r| {
             in_group(r, req.approver_group.as_deref()) && !is_self(r, req.caller.as_deref())
         })
@@ -158,7 +181,7 @@ impl Store {
         &self,
         id: &str,
         d: &Decision,
-        reviewer: &ReviewerConfig,
+        reviewer: &Approver,
         now_ms: u64,
     ) -> DbResult<DecideOutcome> {
         // Committed whatever the outcome: a lapsed expiry may have been persisted.
@@ -180,7 +203,7 @@ fn decide_in(
     tx: &mut Conn,
     id: &str,
     d: &Decision,
-    reviewer: &ReviewerConfig,
+    reviewer: &Approver,
     now_ms: u64,
 ) -> DbResult<DecideOutcome> {
     // Persist a lapsed expiry first, so the stored status matches our answer.
@@ -303,15 +326,12 @@ fn decided(tx: &mut Conn, id: &str, is_final: bool) -> DbResult<DecideOutcome> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
-    use crate::token::TokenHash;
 
-    fn reviewer(name: &str, groups: &[&str], callers: &[&str]) -> ReviewerConfig {
-        ReviewerConfig {
+    fn reviewer(name: &str, groups: &[&str], callers: &[&str]) -> Approver {
+        Approver {
             name: name.into(),
-            token_sha256: TokenHash::of_token(name),
             groups: groups.iter().map(|s| s.to_string()).collect(),
             callers: callers.iter().map(|s| s.to_string()).collect(),
-            slack_user_id: None,
         }
     }
 

@@ -1,14 +1,24 @@
 //! Reviewer browser sessions and CSRF tokens.
 //!
-//! Signing in (`POST /ui/login` with a reviewer token) creates a session: a
+//! Signing in (`POST /ui/login` with a reviewer token, or through the
+//! OpenID Connect provider) creates a session: a
 //! random 256-bit id sent to the browser in a cookie (see the HTTP layer's
 //! `cookies`), stored in the database only as its SHA-256 so a copy of the
 //! database does not hold live credentials. Each
 //! session also has a random CSRF token, handed to the page by `GET /api/me`
 //! and required in the `x-csrf-token` header of every state-changing call
 //! made with the cookie. Sessions survive restarts and end at their expiry,
-//! on sign-out, or when the reviewer's configured token changes.
+//! on sign-out, or when the reviewer's configured token changes (token
+//! sessions) or sign-in with the provider is no longer configured or the
+//! person lacks its required group (OIDC sessions, whose groups are those
+//! the provider gave at sign-in).
+//!
+//! An OpenID Connect sign-in in progress is an [`OidcLogin`]: its state,
+//! nonce and PKCE verifier, kept in the database (so any replica can finish
+//! it) under the hash of the state, and taken exactly once.
 
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
@@ -17,14 +27,26 @@ use crate::params;
 use crate::store::Store;
 use crate::token::{hex, TokenHash};
 
+/// How a session was signed in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignedInWith {
+    /// A configured reviewer token, by its hash: a session whose reviewer
+    /// no longer has this token configured is void.
+    Token(TokenHash),
+    /// The OpenID Connect provider, which named these groups.
+    Oidc {
+        /// The groups from the provider's groups claim at sign-in.
+        groups: Vec<String>,
+    },
+}
+
 /// A live session, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
     /// Reviewer name at sign-in.
     pub reviewer: String,
-    /// Hash of the reviewer token used to sign in; a session whose reviewer
-    /// no longer has this token configured is void.
-    pub token_sha256: TokenHash,
+    /// How the reviewer signed in.
+    pub with: SignedInWith,
     /// The CSRF token of this session.
     pub csrf_token: String,
     /// Expiry, Unix ms.
@@ -52,11 +74,18 @@ impl Store {
         session: &Session,
         now_ms: u64,
     ) -> DbResult<()> {
-        let (id_hex, token_hex) = (id_sha256.to_hex(), session.token_sha256.to_hex());
+        let id_hex = id_sha256.to_hex();
+        // An OIDC session has no token: its hash column holds "", which no
+        // token hash equals.
+        let (kind, token_hex, groups) = match &session.with {
+            SignedInWith::Token(hash) => ("token", hash.to_hex(), Vec::new()),
+            SignedInWith::Oidc { groups } => ("oidc", String::new(), groups.clone()),
+        };
+        let groups_json = serde_json::to_string(&groups)?;
         self.conn().execute(
             "INSERT INTO sessions (id_sha256, reviewer, token_sha256, csrf_token, created_at_ms,
-                 expires_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 expires_at_ms, kind, groups_json)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
              ON CONFLICT (id_sha256) DO NOTHING",
             params![
                 &id_hex,
@@ -65,6 +94,8 @@ impl Store {
                 &session.csrf_token,
                 now_ms,
                 session.expires_at_ms,
+                kind,
+                &groups_json,
             ],
         )?;
         Ok(())
@@ -74,17 +105,27 @@ impl Store {
     pub fn session(&self, id_sha256: &TokenHash, now_ms: u64) -> DbResult<Option<Session>> {
         let id_hex = id_sha256.to_hex();
         let row = self.conn().query_opt(
-            "SELECT reviewer, token_sha256, csrf_token, expires_at_ms FROM sessions
-             WHERE id_sha256 = ?1 AND expires_at_ms > ?2",
+            "SELECT reviewer, token_sha256, csrf_token, expires_at_ms, kind, groups_json
+             FROM sessions WHERE id_sha256 = ?1 AND expires_at_ms > ?2",
             params![&id_hex, now_ms],
         )?;
         row.map(|row| {
-            let token: String = row.get(1)?;
+            let kind: String = row.get(4)?;
+            let with = if kind == "oidc" {
+                let groups: String = row.get(5)?;
+                SignedInWith::Oidc {
+                    groups: serde_json::from_str(&groups)?,
+                }
+            } else {
+                let token: String = row.get(1)?;
+                // A malformed stored hash matches no reviewer.
+                SignedInWith::Token(
+                    TokenHash::from_hex(&token).unwrap_or_else(|| TokenHash::of_token("")),
+                )
+            };
             Ok(Session {
                 reviewer: row.get(0)?,
-                // A malformed stored hash matches no reviewer.
-                token_sha256: TokenHash::from_hex(&token)
-                    .unwrap_or_else(|| TokenHash::of_token("")),
+                with,
                 csrf_token: row.get(2)?,
                 expires_at_ms: row.get(3)?,
             })
@@ -102,53 +143,191 @@ impl Store {
         Ok(n > 0)
     }
 
-    /// Deletes expired sessions; returns how many.
+    /// Deletes expired sessions and OIDC sign-ins; returns how many.
     pub fn purge_sessions(&self, now_ms: u64) -> DbResult<usize> {
-        self.conn().execute(
+        let sessions = self.conn().execute(
             "DELETE FROM sessions WHERE expires_at_ms <= ?1",
             params![now_ms],
-        )
+        )?;
+        let logins = self.conn().execute(
+            "DELETE FROM oidc_logins WHERE expires_at_ms <= ?1",
+            params![now_ms],
+        )?;
+        Ok(sessions + logins)
+    }
+
+    /// Stores an OIDC sign-in in progress under the hash of its state.
+    pub fn create_oidc_login(&self, state_sha256: &TokenHash, login: &OidcLogin) -> DbResult<()> {
+        self.conn().execute(
+            "INSERT INTO oidc_logins (state_sha256, browser_sha256, nonce, pkce_verifier, next,
+                 expires_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                &state_sha256.to_hex(),
+                &login.browser_sha256.to_hex(),
+                &login.nonce,
+                &login.pkce_verifier,
+                &login.next,
+                login.expires_at_ms,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Takes (reads and deletes, in one transaction) the unexpired OIDC
+    /// sign-in whose state hashes to `state_sha256`: a state is good for one
+    /// callback only, so a replayed one finds nothing.
+    pub fn take_oidc_login(
+        &self,
+        state_sha256: &TokenHash,
+        now_ms: u64,
+    ) -> DbResult<Option<OidcLogin>> {
+        // One statement: of two callbacks with the same state, only one
+        // gets the row back.
+        let row = self.conn().query_opt(
+            "DELETE FROM oidc_logins WHERE state_sha256 = ?1
+             RETURNING browser_sha256, nonce, pkce_verifier, next, expires_at_ms",
+            params![&state_sha256.to_hex()],
+        )?;
+        let Some(row) = row else { return Ok(None) };
+        let expires_at_ms: u64 = row.get(4)?;
+        if expires_at_ms <= now_ms {
+            return Ok(None);
+        }
+        let browser: String = row.get(0)?;
+        Ok(Some(OidcLogin {
+            browser_sha256: TokenHash::from_hex(&browser)
+                .unwrap_or_else(|| TokenHash::of_token("")),
+            nonce: row.get(1)?,
+            pkce_verifier: row.get(2)?,
+            next: row.get(3)?,
+            expires_at_ms,
+        }))
     }
 }
 
-/// A token bucket for failed sign-ins, shared by all clients: at most
+/// An OpenID Connect sign-in between the redirect to the provider and its
+/// callback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OidcLogin {
+    /// Hash of the random value in the browser's sign-in cookie: the
+    /// callback must come from the browser that started the sign-in (so
+    /// nobody can sign a victim in as themselves with their own code).
+    pub browser_sha256: TokenHash,
+    /// The nonce the ID token must carry.
+    pub nonce: String,
+    /// The PKCE code verifier.
+    pub pkce_verifier: String,
+    /// Local path to return to.
+    pub next: String,
+    /// Unix ms after which the callback is refused.
+    pub expires_at_ms: u64,
+}
+
+/// Token buckets for failed sign-ins, one per client address: at most
 /// `capacity` failures in a burst, refilled at `per_second`. A correct token
-/// never spends from it, so an attack slows guessing to a crawl without
-/// locking anyone out who knows their token (while the bucket has tokens).
+/// never spends from a bucket, and one client's failures never empty
+/// another's, so guessing from one address slows to a crawl without
+/// locking out anyone else (one global bucket let a dozen bad tokens lock
+/// every reviewer out). An IPv6 client counts by its /64, which one
+/// machine usually has whole. Behind a proxy every client has the proxy's
+/// address, and shares its bucket.
 pub struct LoginLimiter {
-    state: Mutex<(f64, Instant)>,
+    buckets: Mutex<Buckets>,
     capacity: f64,
     per_second: f64,
 }
 
+#[derive(Default)]
+struct Buckets {
+    by_client: HashMap<IpAddr, Bucket>,
+    /// Counts failures, to find the bucket touched longest ago.
+    failures: u64,
+}
+
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+    last_failure: u64,
+}
+
+/// Most client addresses tracked at once; beyond it, the bucket touched
+/// longest ago is forgotten (a forgotten bucket is a full one).
+const MAX_TRACKED_CLIENTS: usize = 10_000;
+
+/// The key of `client`'s bucket.
+fn client_key(client: IpAddr) -> IpAddr {
+    match client {
+        IpAddr::V4(_) => client,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut segments = v6.segments();
+                for s in &mut segments[4..] {
+                    *s = 0;
+                }
+                IpAddr::V6(Ipv6Addr::from(segments))
+            }
+        },
+    }
+}
+
 impl LoginLimiter {
-    /// A full bucket.
+    /// No client has failed yet.
     pub fn new(capacity: u32, per_second: f64) -> LoginLimiter {
         LoginLimiter {
-            state: Mutex::new((f64::from(capacity), Instant::now())),
+            buckets: Mutex::new(Buckets::default()),
             capacity: f64::from(capacity),
             per_second,
         }
     }
 
-    /// Runs `check` (which says whether the sign-in succeeded) if the bucket
-    /// is not empty, spending one unit when it fails. Returns `None` when the
-    /// bucket is empty (the attempt was not evaluated at all).
-    pub fn attempt<T>(&self, check: impl FnOnce() -> Option<T>) -> Option<Option<T>> {
+    /// Runs `check` (which says whether the sign-in succeeded) if
+    /// `client`'s bucket is not empty, spending one unit when it fails.
+    /// Returns `None` when the bucket is empty (the attempt was not
+    /// evaluated at all).
+    pub fn attempt<T>(
+        &self,
+        client: IpAddr,
+        check: impl FnOnce() -> Option<T>,
+    ) -> Option<Option<T>> {
         // The lock spans the check, so parallel guesses cannot all pass the
         // "not empty" test before any of them is counted.
-        let mut guard = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let (tokens, last) = &mut *guard;
+        let mut guard = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        let Buckets {
+            by_client: buckets,
+            failures,
+        } = &mut *guard;
+        let key = client_key(client);
         let now = Instant::now();
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.per_second)
-            .min(self.capacity);
-        *last = now;
-        if *tokens < 1.0 {
-            return None;
+        if let Some(bucket) = buckets.get_mut(&key) {
+            bucket.tokens = (bucket.tokens
+                + now.duration_since(bucket.last).as_secs_f64() * self.per_second)
+                .min(self.capacity);
+            bucket.last = now;
+            if bucket.tokens < 1.0 {
+                return None;
+            }
         }
         let result = check();
         if result.is_none() {
-            *tokens -= 1.0;
+            if !buckets.contains_key(&key) && buckets.len() >= MAX_TRACKED_CLIENTS {
+                let oldest = buckets
+                    .iter()
+                    .min_by_key(|(_, b)| b.last_failure)
+                    .map(|(k, _)| *k);
+                if let Some(oldest) = oldest {
+                    buckets.remove(&oldest);
+                }
+            }
+            *failures += 1;
+            let bucket = buckets.entry(key).or_insert(Bucket {
+                tokens: self.capacity,
+                last: now,
+                last_failure: 0,
+            });
+            bucket.tokens -= 1.0;
+            bucket.last_failure = *failures;
         }
         Some(result)
     }
@@ -178,12 +357,48 @@ mod tests {
     #[test]
     fn limiter_counts_failures_only() {
         let l = LoginLimiter::new(2, 0.0);
+        let client = IpAddr::from([192, 0, 2, 1]);
         for _ in 0..5 {
-            assert_eq!(l.attempt(|| Some(1)), Some(Some(1)));
+            assert_eq!(l.attempt(client, || Some(1)), Some(Some(1)));
         }
-        assert_eq!(l.attempt(|| None::<u8>), Some(None));
-        assert_eq!(l.attempt(|| None::<u8>), Some(None));
+        assert_eq!(l.attempt(client, || None::<u8>), Some(None));
+        assert_eq!(l.attempt(client, || None::<u8>), Some(None));
         // Empty: not even a correct token is evaluated.
-        assert_eq!(l.attempt(|| Some(1)), None);
+        assert_eq!(l.attempt(client, || Some(1)), None);
+    }
+
+    #[test]
+    fn one_clients_failures_do_not_lock_out_another() {
+        let l = LoginLimiter::new(2, 0.0);
+        let attacker: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        for _ in 0..2 {
+            assert_eq!(l.attempt(attacker, || None::<u8>), Some(None));
+        }
+        assert_eq!(l.attempt(attacker, || Some(1)), None);
+        // The rest of the attacker's /64 is the same client ...
+        let same_net: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        assert_eq!(l.attempt(same_net, || Some(1)), None);
+        // ... anyone else is not.
+        for other in ["2001:db8:1:3::1", "192.0.2.7", "::ffff:192.0.2.8"] {
+            let other: IpAddr = other.parse().unwrap();
+            assert_eq!(l.attempt(other, || Some(1)), Some(Some(1)), "{other}");
+        }
+    }
+
+    #[test]
+    fn limiter_forgets_the_oldest_client_when_full() {
+        let l = LoginLimiter::new(1, 0.0);
+        for i in 0..MAX_TRACKED_CLIENTS + 1 {
+            let ip = IpAddr::from(u32::try_from(i).unwrap().to_be_bytes());
+            assert_eq!(l.attempt(ip, || None::<u8>), Some(None));
+        }
+        let tracked = l.buckets.lock().unwrap().by_client.len();
+        assert_eq!(tracked, MAX_TRACKED_CLIENTS);
+        // The first client was forgotten: its bucket is full again.
+        assert_eq!(
+            l.attempt(IpAddr::from([0, 0, 0, 0]), || Some(1)),
+            Some(Some(1))
+        );
+        assert_eq!(l.attempt(IpAddr::from([0, 0, 0, 1]), || Some(1)), None);
     }
 }

@@ -4,18 +4,19 @@
 //! changes with other replicas (see [`crate::replicas`]).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 use countersign_core::wire::ReviewStatus;
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
+use crate::approvals::Approver;
 use crate::config::{Config, ReviewerConfig};
 use crate::db::{Backend, DbError, DbResult, Location, OpenError};
 use crate::records::{RecordError, RecordStore};
 use crate::replicas::{Change, Replica};
-use crate::session::{LoginLimiter, Session};
+use crate::session::{LoginLimiter, Session, SignedInWith};
 use crate::store::Store;
 use crate::token::TokenHash;
 
@@ -126,6 +127,16 @@ where
     }
 }
 
+/// What [`AppState::reload_reviewers`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// How many reviewers are now in force.
+    pub reviewers: usize,
+    /// Whether settings other than `[[reviewers]]` differ from those in
+    /// force (they were not applied).
+    pub others_changed: bool,
+}
+
 /// Everything the handlers share; cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
@@ -134,6 +145,9 @@ pub struct AppState {
 
 struct Inner {
     config: Config,
+    /// The `[[reviewers]]` in force (reloadable; `config.reviewers` is
+    /// what the service started with).
+    reviewers: RwLock<Arc<Vec<ReviewerConfig>>>,
     store: Arc<Store>,
     /// The session record log (its own connection; see `crate::records`).
     records: Arc<RecordStore>,
@@ -185,6 +199,7 @@ impl AppState {
         getrandom::fill(&mut id).map_err(|e| OpenError::Io(std::io::Error::other(e)))?;
         let state = AppState {
             inner: Arc::new(Inner {
+                reviewers: RwLock::new(Arc::new(config.reviewers.clone())),
                 config,
                 store: Arc::new(store),
                 records: Arc::new(records),
@@ -251,23 +266,75 @@ impl AppState {
     /// Finds the reviewer whose token hashes to `presented`. Every configured
     /// hash is compared (constant time each, no early exit), so timing does
     /// not reveal which reviewer, if any, matched.
-    pub fn reviewer_for(&self, presented: &TokenHash) -> Option<&ReviewerConfig> {
+    pub fn reviewer_for(&self, presented: &TokenHash) -> Option<ReviewerConfig> {
         let mut found = None;
-        for r in &self.inner.config.reviewers {
+        for r in self.reviewers().iter() {
             if r.token_sha256.ct_eq(presented) && found.is_none() {
-                found = Some(r);
+                found = Some(r.clone());
             }
         }
         found
     }
 
     /// The reviewer with this name whose configured token hash is `token`.
-    pub fn reviewer_named(&self, name: &str, token: &TokenHash) -> Option<&ReviewerConfig> {
-        self.inner
-            .config
-            .reviewers
+    pub fn reviewer_named(&self, name: &str, token: &TokenHash) -> Option<ReviewerConfig> {
+        self.reviewers()
             .iter()
             .find(|r| r.name == name && r.token_sha256.ct_eq(token))
+            .cloned()
+    }
+
+    /// A person named by the OpenID provider or the authenticating proxy,
+    /// with the groups it gave. A `[[reviewers]]` entry of the same name
+    /// says which caller identities they send requests as.
+    pub fn approver_named(&self, name: String, groups: Vec<String>) -> Approver {
+        let callers = self
+            .reviewers()
+            .iter()
+            .find(|r| r.name == name)
+            .map(|r| r.callers.clone())
+            .unwrap_or_default();
+        Approver {
+            name,
+            groups,
+            callers,
+        }
+    }
+
+    /// The `[[reviewers]]` in force: those of the configuration at start,
+    /// or of the last successful [`AppState::reload_reviewers`].
+    pub fn reviewers(&self) -> Arc<Vec<ReviewerConfig>> {
+        let guard = self
+            .inner
+            .reviewers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(&guard)
+    }
+
+    /// Puts the `[[reviewers]]` of `new` (a configuration read and
+    /// validated again, e.g. on SIGHUP) in force: tokens added or revoked
+    /// without a restart; sessions and live feeds of a revoked token end at
+    /// their next request. Other settings are not applied: the answer says
+    /// whether they differ from those in force (a restart applies them).
+    pub fn reload_reviewers(&self, new: Config) -> Reloaded {
+        let others_changed = Config {
+            reviewers: Vec::new(),
+            ..new.clone()
+        } != Config {
+            reviewers: Vec::new(),
+            ..self.config().clone()
+        };
+        let count = new.reviewers.len();
+        *self
+            .inner
+            .reviewers
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(new.reviewers);
+        Reloaded {
+            reviewers: count,
+            others_changed,
+        }
     }
 
     /// The sign-in rate limiter.
@@ -275,21 +342,42 @@ impl AppState {
         &self.inner.login_limiter
     }
 
-    /// The live session with cookie value `id`, if its reviewer still has
-    /// the same token configured.
-    pub async fn session(
+    /// The live session with cookie value `id` and who it is: a token
+    /// session while its reviewer still has the same token configured; an
+    /// OpenID Connect session while sign-in with the provider is configured
+    /// and the person has its required group (if any).
+    pub async fn session(&self, id: &str) -> Result<Option<(Session, Approver)>, StorageError> {
+        self.session_by_hash(TokenHash::of_token(id)).await
+    }
+
+    /// [`AppState::session`] by the hash of the cookie value.
+    pub async fn session_by_hash(
         &self,
-        id: &str,
-    ) -> Result<Option<(Session, ReviewerConfig)>, StorageError> {
-        let hash = TokenHash::of_token(id);
+        hash: TokenHash,
+    ) -> Result<Option<(Session, Approver)>, StorageError> {
         let now = crate::now_ms();
         let found = self.db(move |s| s.session(&hash, now)).await?;
         Ok(found.and_then(|session| {
-            let reviewer = self
-                .reviewer_named(&session.reviewer, &session.token_sha256)?
-                .clone();
-            Some((session, reviewer))
+            let approver = self.session_approver(&session)?;
+            Some((session, approver))
         }))
+    }
+
+    fn session_approver(&self, session: &Session) -> Option<Approver> {
+        match &session.with {
+            SignedInWith::Token(token) => self
+                .reviewer_named(&session.reviewer, token)
+                .map(|r| Approver::from(&r)),
+            SignedInWith::Oidc { groups } => {
+                let oidc = self.config().oidc.as_ref()?;
+                if let Some(required) = &oidc.required_group {
+                    if !groups.contains(required) {
+                        return None;
+                    }
+                }
+                Some(self.approver_named(session.reviewer.clone(), groups.clone()))
+            }
+        }
     }
 
     /// Pushes a review change to live-feed subscribers (if any), here and

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use countersign_approval::config::{is_loopback_url, url_origin};
 use countersign_approval::{Config as ServiceConfig, ConfigError as ServiceConfigError};
 
 use super::{in_place, place_prefix, Checker};
@@ -23,10 +24,13 @@ impl Checker {
                     ),
                 );
                 let at = in_place(place);
-                if config.reviewers.is_empty() {
+                self.sign_in_settings(file, &config, &at);
+                if config.reviewers.is_empty() && config.oidc.is_none() {
                     self.report.warning(
                         file,
-                        format!("no [[reviewers]]: nobody can decide a held request{at}"),
+                        format!(
+                            "no [[reviewers]] and no [oidc]: nobody can decide a held request{at}"
+                        ),
                     );
                 }
                 if config.filter_token_sha256.is_none() {
@@ -60,6 +64,65 @@ impl Checker {
     }
 }
 
+impl Checker {
+    /// Settings of the reviewer sign-in that contradict each other.
+    fn sign_in_settings(&mut self, file: &Path, config: &ServiceConfig, at: &str) {
+        let public = config.public_url.as_deref();
+        if let Some(url) = public.filter(|u| u.starts_with("http://") && !is_loopback_url(u)) {
+            if config.ui_secure_cookies {
+                self.report.warning(
+                    file,
+                    format!("ui_secure_cookies = true but public_url {url} is http: browsers will not send the Secure session cookie back, so sign-in cannot work{at}"),
+                );
+            } else {
+                self.report.warning(
+                    file,
+                    format!("public_url {url} is plain http: session cookies and reviewer tokens cross the network unencrypted (use https; the cookie is then Secure){at}"),
+                );
+            }
+        }
+        if public.is_some_and(|u| u.starts_with("https://")) && config.ui_secure_cookies {
+            self.report.note(
+                file,
+                format!(
+                    "ui_secure_cookies is implied by the https public_url and can be left out{at}"
+                ),
+            );
+        }
+        if let Some(proxy) = &config.trusted_proxy {
+            if proxy.addresses.iter().any(|c| c.prefix() == 0) {
+                self.report.warning(
+                    file,
+                    format!("trusted_proxy.addresses trusts every address: anyone who reaches the service can name themselves a reviewer in `{}`{at}", proxy.user_header),
+                );
+            }
+        }
+        if let Some(oidc) = &config.oidc {
+            self.report.ok(
+                file,
+                format!(
+                    "OpenID Connect sign-in: issuer {}, client {}, reviewer name from `{}`, groups from `{}`{}; register the redirect URI {} at the provider{at}",
+                    oidc.issuer_url,
+                    oidc.client_id,
+                    oidc.name_claim,
+                    oidc.groups_claim,
+                    oidc.required_group
+                        .as_deref()
+                        .map(|g| format!(", only members of {g:?}"))
+                        .unwrap_or_default(),
+                    oidc.redirect_url,
+                ),
+            );
+            if let Some(url) = public.filter(|u| url_origin(u) != url_origin(&oidc.redirect_url)) {
+                self.report.warning(
+                    file,
+                    format!("oidc.redirect_url {} is not on public_url {url}: the session cookie set by the callback would belong to another site{at}", oidc.redirect_url),
+                );
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -86,5 +149,48 @@ mod tests {
         let r = check_texts(&[("s.toml", "")]);
         assert!(!r.has_errors());
         assert_eq!(r.count(Level::Warning), 2, "{:?}", r.lines);
+    }
+
+    #[test]
+    fn inconsistent_sign_in_settings_are_warned_about() {
+        let warnings = |text: &str| messages(&check_texts(&[("s.toml", text)]), Level::Warning);
+        let base = "filter_token_sha256 = \"2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b\"\n";
+        let oidc = "[oidc]\nissuer_url = \"https://idp.example.com\"\nclient_id = \"c\"\n";
+
+        let w = warnings(&format!(
+            "{base}public_url = \"http://review.example.com\"\nui_secure_cookies = true\n"
+        ));
+        assert!(
+            w.iter()
+                .any(|m| m.contains("will not send the Secure session cookie")),
+            "{w:?}"
+        );
+        let w = warnings(&format!(
+            "{base}public_url = \"http://review.example.com\"\n"
+        ));
+        assert!(w.iter().any(|m| m.contains("plain http")), "{w:?}");
+        let w = warnings(&format!(
+            "{base}public_url = \"https://review.example.com\"\n{oidc}redirect_url = \"https://other.example.com/ui/oidc/callback\"\n"
+        ));
+        assert!(w.iter().any(|m| m.contains("oidc.redirect_url")), "{w:?}");
+        let w = warnings(&format!(
+            "{base}[trusted_proxy]\naddresses = [\"10.0.0.0/8\", \"::/0\"]\n"
+        ));
+        assert!(
+            w.iter().any(|m| m.contains("trusts every address")),
+            "{w:?}"
+        );
+        // Consistent: https, redirect under public_url, OIDC instead of tokens.
+        let r = check_texts(&[(
+            "s.toml",
+            &format!("{base}public_url = \"https://review.example.com\"\n{oidc}"),
+        )]);
+        assert_eq!(r.count(Level::Warning), 0, "{:?}", r.lines);
+        assert!(
+            messages(&r, Level::Ok).iter().any(|m| m
+                .contains("register the redirect URI https://review.example.com/ui/oidc/callback")),
+            "{:?}",
+            r.lines
+        );
     }
 }

@@ -1,17 +1,21 @@
 //! Who is calling: the filter (its token) or a reviewer.
 //!
-//! The reviewer API accepts either `Authorization: Bearer <token>` (curl,
-//! scripts) or the browser session cookie of the reviewer UI; with the
-//! cookie, every state-changing call also needs the session's CSRF token in
-//! `x-csrf-token` (see [`crate::session`]).
+//! The reviewer API accepts `Authorization: Bearer <token>` (curl,
+//! scripts), the headers of an authenticating proxy (`[trusted_proxy]`,
+//! only from its addresses), or the browser session cookie of the reviewer
+//! UI; with the proxy or the cookie, every state-changing call also needs a
+//! CSRF token in `x-csrf-token` (see [`crate::session`]).
 
-use axum::extract::FromRequestParts;
-use axum::http::header;
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::header::{self, HeaderMap};
 use axum::http::request::Parts;
 use countersign_core::wire::FILTER_TOKEN_HEADER;
 
 use super::cookies::{session_cookie, CSRF_HEADER};
 use super::error::ApiError;
+use crate::approvals::Approver;
 use crate::session::csrf_matches;
 use crate::state::AppState;
 use crate::token::TokenHash;
@@ -46,7 +50,16 @@ impl FromRequestParts<AppState> for FilterAuth {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthMethod {
     /// `Authorization: Bearer <reviewer token>`.
-    Bearer,
+    Bearer {
+        /// SHA-256 of the token.
+        token_sha256: TokenHash,
+    },
+    /// Named by the authenticating proxy (`[trusted_proxy]`), from one of
+    /// its addresses.
+    Proxy {
+        /// What state-changing calls must carry in `x-csrf-token`.
+        csrf_token: String,
+    },
     /// The UI session cookie (and, for state-changing calls, its CSRF token).
     Session {
         /// SHA-256 of the session id.
@@ -58,10 +71,9 @@ pub enum AuthMethod {
 
 /// The authenticated reviewer of a reviewer-API call.
 pub struct Reviewer {
-    /// Configured name.
-    pub name: String,
-    /// Configured groups.
-    pub groups: Vec<String>,
+    /// Who it is: name, groups and caller identities, from the
+    /// configuration (token) or the OpenID Connect provider (session).
+    pub who: Approver,
     /// How the call authenticated.
     pub via: AuthMethod,
 }
@@ -75,6 +87,20 @@ impl FromRequestParts<AppState> for Reviewer {
         if parts.headers.contains_key(header::AUTHORIZATION) {
             return bearer_reviewer(parts, state);
         }
+        let peer = ConnectInfo::<SocketAddr>::from_request_parts(parts, state)
+            .await
+            .ok()
+            .map(|ConnectInfo(a)| a.ip());
+        if let Some(who) = proxy_approver(state, &parts.headers, peer) {
+            let csrf_token = proxy_csrf_token(&who.name);
+            if !parts.method.is_safe() {
+                check_csrf(parts, &csrf_token)?;
+            }
+            return Ok(Reviewer {
+                who,
+                via: AuthMethod::Proxy { csrf_token },
+            });
+        }
         let Some(id) = session_cookie(&parts.headers) else {
             return Err(ApiError::Unauthorized(
                 "missing bearer token (or sign-in session)".into(),
@@ -84,25 +110,95 @@ impl FromRequestParts<AppState> for Reviewer {
             ApiError::Unauthorized("session expired or signed out; sign in again".into())
         })?;
         if !parts.method.is_safe() {
-            let presented = parts
-                .headers
-                .get(CSRF_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            if presented.is_empty() || !csrf_matches(presented, &session.csrf_token) {
-                return Err(ApiError::Forbidden(format!(
-                    "missing or invalid {CSRF_HEADER} header"
-                )));
-            }
+            check_csrf(parts, &session.csrf_token)?;
         }
         Ok(Reviewer {
-            name: reviewer.name,
-            groups: reviewer.groups,
+            who: reviewer,
             via: AuthMethod::Session {
                 id_sha256: TokenHash::of_token(id),
                 csrf_token: session.csrf_token,
             },
         })
+    }
+}
+
+/// Refuses a state-changing call without `expected` in `x-csrf-token`.
+fn check_csrf(parts: &Parts, expected: &str) -> Result<(), ApiError> {
+    let presented = parts
+        .headers
+        .get(CSRF_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if presented.is_empty() || !csrf_matches(presented, expected) {
+        return Err(ApiError::Forbidden(format!(
+            "missing or invalid {CSRF_HEADER} header"
+        )));
+    }
+    Ok(())
+}
+
+/// The person the authenticating proxy names in its headers, when
+/// `[trusted_proxy]` is configured and the request comes from one of its
+/// addresses (`peer`); from anywhere else the headers mean nothing.
+pub fn proxy_approver(
+    state: &AppState,
+    headers: &HeaderMap,
+    peer: Option<IpAddr>,
+) -> Option<Approver> {
+    let proxy = state.config().trusted_proxy.as_ref()?;
+    if !proxy.trusts(peer?) {
+        return None;
+    }
+    let name = headers
+        .get(&proxy.user_header)?
+        .to_str()
+        .ok()?
+        .trim()
+        .to_string();
+    if name.is_empty() {
+        return None;
+    }
+    let groups = proxy
+        .groups_header
+        .as_ref()
+        .and_then(|h| headers.get(h))
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|g| !g.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(state.approver_named(name, groups))
+}
+
+/// The CSRF token of a proxy-authenticated reviewer. It need not be
+/// secret: what stops a forged cross-site call is that another site cannot
+/// send a custom header at all (no CORS here); a value the page learns
+/// from `GET /api/me` keeps the UI's one way of sending it.
+fn proxy_csrf_token(name: &str) -> String {
+    TokenHash::of_token(&format!("countersign proxy csrf {name}")).to_hex()
+}
+
+impl Reviewer {
+    /// Whether the credential this reviewer authenticated with still holds
+    /// now (for a long-lived call such as the live feed): the token is
+    /// still configured for them, or the session still exists and is still
+    /// theirs. A database error counts as no.
+    pub async fn still_signed_in(&self, state: &AppState) -> bool {
+        match &self.via {
+            AuthMethod::Bearer { token_sha256 } => state
+                .reviewer_for(token_sha256)
+                .is_some_and(|r| r.name == self.who.name),
+            // The proxy vouches for every request anew.
+            AuthMethod::Proxy { .. } => true,
+            AuthMethod::Session { id_sha256, .. } => {
+                matches!(state.session_by_hash(*id_sha256).await,
+                    Ok(Some((_, who))) if who == self.who)
+            }
+        }
     }
 }
 
@@ -118,12 +214,12 @@ fn bearer_reviewer(parts: &Parts, state: &AppState) -> Result<Reviewer, ApiError
         .map(|(_, t)| t.trim())
         .filter(|t| !t.is_empty())
         .ok_or_else(|| ApiError::Unauthorized("expected Authorization: Bearer <token>".into()))?;
+    let token_sha256 = TokenHash::of_token(token);
     let reviewer = state
-        .reviewer_for(&TokenHash::of_token(token))
+        .reviewer_for(&token_sha256)
         .ok_or_else(|| ApiError::Unauthorized("invalid token".into()))?;
     Ok(Reviewer {
-        name: reviewer.name.clone(),
-        groups: reviewer.groups.clone(),
-        via: AuthMethod::Bearer,
+        who: Approver::from(&reviewer),
+        via: AuthMethod::Bearer { token_sha256 },
     })
 }

@@ -11,18 +11,23 @@ pub const SESSION_COOKIE: &str = "cs_session";
 /// Header that must carry the session's CSRF token on state-changing calls.
 pub const CSRF_HEADER: &str = "x-csrf-token";
 
-/// The value of the session cookie in `headers`, if any. Only well-formed
-/// ids (64 hex digits) are returned, so junk never reaches the database.
-pub fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+/// The value of the cookie `name` in `headers`, if it is a well-formed
+/// random id (64 hex digits), so junk never reaches the database.
+pub fn id_cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     headers
         .get_all(COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == SESSION_COOKIE)
+        .find(|(n, _)| *n == name)
         .map(|(_, value)| value.trim().trim_matches('"'))
         .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The value of the session cookie in `headers`, if any (well-formed).
+pub fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+    id_cookie(headers, SESSION_COOKIE)
 }
 
 /// The `Set-Cookie` value that stores session `id` for `max_age_s` seconds.

@@ -2,8 +2,9 @@
 //! ([`run`]), request extraction ([`extract`], [`auth`]), the one mapping of
 //! domain errors to HTTP answers ([`error`]), and the handlers by area:
 //! [`reviews`], [`approval_tokens`], [`records`], [`metrics`], the
-//! reviewer web UI ([`ui`], with its session cookie in [`cookies`]), and
-//! the Slack app's interactivity endpoint ([`crate::slack::interact`]).
+//! reviewer web UI ([`ui`], with its session cookie in [`cookies`], and
+//! sign-in through the OpenID Connect provider in [`oidc`]), and the Slack
+//! app's interactivity endpoint ([`crate::slack::interact`]).
 //!
 //! Handlers parse and check what the client sent, call the domain through
 //! [`AppState`], and turn its answer into a response; the decisions are
@@ -15,6 +16,7 @@ pub mod cookies;
 pub mod error;
 pub mod extract;
 pub mod metrics;
+pub mod oidc;
 pub mod records;
 pub mod reviews;
 pub mod ui;
@@ -80,6 +82,7 @@ fn router(state: AppState, client: Option<reqwest::Client>) -> Router {
             "/slack/interactivity",
             post(slack::interactivity).layer(DefaultBodyLimit::max(slack::MAX_BODY_BYTES)),
         )
+        .merge(oidc::routes(&state))
         .fallback(fallback)
         .layer(Extension(slack::OutboundClient(client)))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -101,7 +104,10 @@ pub async fn run(
     let sweeper = state.spawn_sweeper(SWEEP_PERIOD);
     let retention = state.spawn_retention(RETENTION_PERIOD);
     let on_shutdown = state.clone();
-    let result = axum::serve(listener, router(state, Some(client)))
+    // The peer address limits failed sign-ins per client (`ui::login`).
+    let service =
+        router(state, Some(client)).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let result = axum::serve(listener, service)
         .with_graceful_shutdown(async move {
             shutdown.await;
             on_shutdown.begin_shutdown();

@@ -18,7 +18,7 @@ use serde_json::value::RawValue;
 use super::auth::{AuthMethod, FilterAuth, Reviewer};
 use super::error::ApiError;
 use super::extract::{clean_text_filters, JsonBody, QueryParams};
-use crate::approvals::{DecideOutcome, Decision};
+use crate::approvals::{Approver, DecideOutcome, Decision};
 use crate::config::MAX_HOLD_TIMEOUT_MS;
 use crate::state::AppState;
 use crate::store::{
@@ -91,7 +91,11 @@ pub async fn create_review(
         hold_timeout_ms,
         "review created"
     );
-    crate::approvals::warn_if_unreachable(&state.config().reviewers, &new.id, &new.request);
+    // With OIDC sign-in, who may approve is up to the provider: the
+    // configured reviewers are not all there are.
+    if state.config().oidc.is_none() {
+        crate::approvals::warn_if_unreachable(&state.reviewers(), &new.id, &new.request);
+    }
     // Webhooks and the Slack app hear of it through this event (`notify`).
     state.publish(&new.id, ReviewStatus::Pending);
     Ok((StatusCode::CREATED, Json(state_out)))
@@ -200,14 +204,16 @@ pub struct Me {
 /// `GET /api/me`.
 pub async fn me(reviewer: Reviewer) -> Response {
     let csrf_token = match reviewer.via {
-        AuthMethod::Bearer => None,
-        AuthMethod::Session { csrf_token, .. } => Some(csrf_token),
+        AuthMethod::Bearer { .. } => None,
+        AuthMethod::Session { csrf_token, .. } | AuthMethod::Proxy { csrf_token } => {
+            Some(csrf_token)
+        }
     };
     (
         [(header::CACHE_CONTROL, "no-store")],
         Json(Me {
-            name: reviewer.name,
-            groups: reviewer.groups,
+            name: reviewer.who.name,
+            groups: reviewer.who.groups,
             csrf_token,
         }),
     )
@@ -301,34 +307,28 @@ pub(crate) fn rejection_reason(reason: Option<String>) -> Result<String, ApiErro
         .ok_or_else(|| ApiError::BadRequest("a rejection needs a non-empty reason".into()))
 }
 
-/// Records the decision of the reviewer named `reviewer` on review `id`
-/// and announces the outcome. Every path that decides (the reviewer API,
-/// the UI, the Slack app) comes through here.
+/// Records the decision of `who` on review `id` and announces the outcome.
+/// Every path that decides (the reviewer API, the UI, the Slack app) comes
+/// through here. `who` carries the groups and `callers` as authentication
+/// found them (the configuration for a token or a Slack user, the
+/// provider's groups for an OIDC session).
 pub(crate) async fn decide(
     state: AppState,
     id: String,
-    reviewer: String,
+    who: Approver,
     status: ReviewStatus,
     reason: Option<String>,
     edited_body: Option<String>,
 ) -> Result<ReviewDetail, ApiError> {
     let decision = Decision {
         status,
-        reviewer,
+        reviewer: who.name.clone(),
         reason,
         edited_body,
     };
     let now = crate::now_ms();
     let lookup_id = id.clone();
     let d = decision.clone();
-    // Groups and `callers` come from the configuration (names are unique).
-    let who = state
-        .config()
-        .reviewers
-        .iter()
-        .find(|r| r.name == decision.reviewer)
-        .cloned()
-        .ok_or_else(|| ApiError::Forbidden("reviewer is no longer configured".into()))?;
     let outcome = state
         .db(move |s| s.decide(&lookup_id, &d, &who, now))
         .await?;
@@ -412,7 +412,7 @@ pub async fn approve(
     decide(
         state,
         id,
-        reviewer.name,
+        reviewer.who,
         ReviewStatus::Approved,
         reason,
         None,
@@ -432,7 +432,7 @@ pub async fn reject(
     decide(
         state,
         id,
-        reviewer.name,
+        reviewer.who,
         ReviewStatus::Rejected,
         Some(reason),
         None,
@@ -508,7 +508,7 @@ pub async fn edit(
     decide(
         state,
         id,
-        reviewer.name,
+        reviewer.who,
         ReviewStatus::Approved,
         reason,
         Some(edited),
@@ -522,40 +522,78 @@ pub async fn edit(
 /// `GET /api/events`: server-sent events for the reviewer UI. Sends `hello`
 /// at once, then a `review` event (`{"type","id","status"}`) for every
 /// change, and `resync` when this subscriber fell behind and should
-/// re-fetch. Ends when the server shuts down.
+/// re-fetch. Ends when the server shuts down, and when the reviewer's
+/// credential no longer holds (signed out, session expired, token or
+/// sign-in configuration changed): checked before each event and every
+/// [`FEED_RECHECK`].
 pub async fn events(
     State(state): State<AppState>,
-    _reviewer: Reviewer,
+    reviewer: Reviewer,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let rx = state.subscribe_events();
-    let shutdown = state.shutdown_receiver();
-    let stream = futures_util::stream::unfold(
-        (rx, shutdown, true),
-        |(mut rx, mut shutdown, first)| async move {
-            if first {
-                let hello = Event::default().event("hello").data("{}");
-                return Some((Ok(hello), (rx, shutdown, false)));
-            }
-            if *shutdown.borrow() {
+    let feed = Feed {
+        rx: state.subscribe_events(),
+        shutdown: state.shutdown_receiver(),
+        recheck: tokio::time::interval_at(tokio::time::Instant::now() + FEED_RECHECK, FEED_RECHECK),
+        state,
+        reviewer,
+        first: true,
+    };
+    let stream = futures_util::stream::unfold(feed, |mut feed| async move {
+        let event = feed.next().await?;
+        Some((Ok(event), feed))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+/// How often an idle live feed re-checks its reviewer's credential.
+pub const FEED_RECHECK: Duration = Duration::from_secs(30);
+
+/// One reviewer's live feed.
+struct Feed {
+    rx: tokio::sync::broadcast::Receiver<crate::state::ReviewEvent>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    recheck: tokio::time::Interval,
+    state: AppState,
+    reviewer: Reviewer,
+    first: bool,
+}
+
+impl Feed {
+    /// The next event to send, or `None` to end the feed.
+    async fn next(&mut self) -> Option<Event> {
+        if std::mem::take(&mut self.first) {
+            return Some(Event::default().event("hello").data("{}"));
+        }
+        loop {
+            if *self.shutdown.borrow() {
                 return None;
             }
+            // `None`: time to re-check only.
             let event = tokio::select! {
-                received = rx.recv() => match received {
-                    Ok(ev) => match serde_json::to_string(&ev) {
+                received = self.rx.recv() => match received {
+                    Ok(ev) => Some(match serde_json::to_string(&ev) {
                         Ok(json) => Event::default().event("review").data(json),
                         Err(_) => Event::default().event("resync").data("{}"),
-                    },
+                    }),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        Event::default().event("resync").data("{}")
+                        Some(Event::default().event("resync").data("{}"))
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
                 },
-                _ = shutdown.wait_for(|down| *down) => return None,
+                down = self.shutdown.wait_for(|down| *down) => {
+                    drop(down);
+                    return None;
+                }
+                _ = self.recheck.tick() => None,
             };
-            Some((Ok(event), (rx, shutdown, false)))
-        },
-    );
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+            if !self.reviewer.still_signed_in(&self.state).await {
+                return None;
+            }
+            if event.is_some() {
+                return event;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -8,18 +8,22 @@
 //! Routes: `GET /` (queue), `GET /reviews/{id}`, `GET /history`,
 //! `GET /login`, `POST /ui/login`, `POST /ui/logout`, `GET /ui/{asset}`.
 
+use std::net::{IpAddr, SocketAddr};
+
 use axum::body::Bytes;
-use axum::extract::{Path, Request, State};
+use axum::extract::rejection::ExtensionRejection;
+use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::http::{StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 
-use super::auth::{AuthMethod, Reviewer};
+use super::auth::{proxy_approver, AuthMethod, Reviewer};
 use super::cookies::{clear_cookie, session_cookie, set_cookie};
 use super::error::ApiError;
-use crate::session::{random_token, Session};
+use crate::config::url_origin;
+use crate::session::{random_token, Session, SignedInWith};
 use crate::state::AppState;
 use crate::token::TokenHash;
 
@@ -35,19 +39,25 @@ const APP_CSS: &str = include_str!("../../ui/app.css");
 const FAVICON_SVG: &str = include_str!("../../ui/favicon.svg");
 
 /// Adds the security headers to every response: CSP, no sniffing, no
-/// referrer (review URLs carry ids), no framing, and `no-store` caching
-/// unless the handler chose otherwise (reviews are sensitive).
+/// referrer (review URLs carry ids) unless the handler chose a policy, no
+/// framing, and `no-store` caching unless the handler chose otherwise
+/// (reviews are sensitive).
 pub async fn security_headers(request: Request, next: Next) -> Response {
     let mut response = next.run(request).await;
     let headers = response.headers_mut();
-    let fixed: [(HeaderName, &'static str); 4] = [
+    let fixed: [(HeaderName, &'static str); 3] = [
         (header::CONTENT_SECURITY_POLICY, CSP),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        (header::REFERRER_POLICY, "no-referrer"),
         (header::X_FRAME_OPTIONS, "DENY"),
     ];
     for (name, value) in fixed {
         headers.insert(name, HeaderValue::from_static(value));
+    }
+    if !headers.contains_key(header::REFERRER_POLICY) {
+        headers.insert(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        );
     }
     if !headers.contains_key(header::CACHE_CONTROL) {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -66,7 +76,7 @@ fn html(status: StatusCode, body: &'static str) -> Response {
 
 /// Where to go after signing in: a local path only (never `//host` or a
 /// scheme), so the login form cannot be used as an open redirect.
-fn safe_next(next: Option<&str>) -> &str {
+pub(super) fn safe_next(next: Option<&str>) -> &str {
     match next {
         Some(n)
             if n.starts_with('/')
@@ -96,10 +106,11 @@ fn encode_component(s: &str) -> String {
 
 /// An app page: served to a signed-in reviewer, otherwise a redirect to
 /// the sign-in page that comes back here afterwards.
-async fn app_page(state: &AppState, headers: &HeaderMap, uri: &Uri) -> Response {
+async fn app_page(state: &AppState, headers: &HeaderMap, peer: Peer, uri: &Uri) -> Response {
+    let peer = peer.ok().map(|ConnectInfo(a)| a.ip());
     let signed_in = match session_cookie(headers) {
         Some(id) => matches!(state.session(id).await, Ok(Some(_))),
-        None => false,
+        None => proxy_approver(state, headers, peer).is_some(),
     };
     if signed_in {
         html(StatusCode::OK, APP_HTML)
@@ -111,28 +122,91 @@ async fn app_page(state: &AppState, headers: &HeaderMap, uri: &Uri) -> Response 
 }
 
 /// `GET /`: the queue of pending reviews.
-pub async fn queue_page(State(state): State<AppState>, headers: HeaderMap, uri: Uri) -> Response {
-    app_page(&state, &headers, &uri).await
+pub async fn queue_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    peer: Peer,
+    uri: Uri,
+) -> Response {
+    app_page(&state, &headers, peer, &uri).await
 }
+
+/// The client's address, when the server knows it.
+type Peer = Result<ConnectInfo<SocketAddr>, ExtensionRejection>;
 
 /// `GET /reviews/{id}`: one review.
 pub async fn review_page(
     State(state): State<AppState>,
     Path(_id): Path<String>,
     headers: HeaderMap,
+    peer: Peer,
     uri: Uri,
 ) -> Response {
-    app_page(&state, &headers, &uri).await
+    app_page(&state, &headers, peer, &uri).await
 }
 
 /// `GET /history`: past reviews.
-pub async fn history_page(State(state): State<AppState>, headers: HeaderMap, uri: Uri) -> Response {
-    app_page(&state, &headers, &uri).await
+pub async fn history_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    peer: Peer,
+    uri: Uri,
+) -> Response {
+    app_page(&state, &headers, peer, &uri).await
 }
 
-/// `GET /login`.
-pub async fn login_page() -> Response {
-    html(StatusCode::OK, LOGIN_HTML)
+/// `GET /login`: the token form, and the button that signs in through the
+/// OpenID Connect provider when one is configured.
+pub async fn login_page(State(state): State<AppState>) -> Response {
+    let Some(oidc) = &state.config().oidc else {
+        return with_origin_referrer(html(StatusCode::OK, LOGIN_HTML));
+    };
+    let button = format!(
+        "<div class=\"login-sso\"><a class=\"btn btn-primary btn-block\" id=\"oidc-sign-in\" \
+         href=\"{}\">Sign in with {}</a><p class=\"muted\">or paste a reviewer token</p></div>",
+        super::oidc::LOGIN_PATH,
+        escape_html(&oidc.display_name)
+    );
+    let page = LOGIN_HTML.replace(OIDC_MARKER, &button);
+    with_origin_referrer(
+        (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            page,
+        )
+            .into_response(),
+    )
+}
+
+/// The sign-in page's referrer policy: `same-origin`, not `no-referrer`,
+/// under which a browser sends `Origin: null` with the form and the login
+/// CSRF check could not tell our own page from another site's. (The page's
+/// URL may name a review; other sites still get no referrer.)
+fn with_origin_referrer(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    response
+}
+
+/// Where the sign-in page gets its provider button.
+const OIDC_MARKER: &str = "<!--oidc-->";
+
+/// Text for an HTML text node or attribute.
+fn escape_html(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
@@ -168,7 +242,7 @@ pub struct LoginForm {
     pub next: Option<String>,
 }
 
-fn login_failed(error: &str, next: &str) -> Response {
+pub(super) fn login_failed(error: &str, next: &str) -> Response {
     let mut target = format!("/login?error={error}");
     if next != "/" {
         target.push_str("&next=");
@@ -180,19 +254,33 @@ fn login_failed(error: &str, next: &str) -> Response {
 /// `POST /ui/login` (form: `token`, `next`): checks the reviewer token and
 /// starts a session. Success and failure both answer with a redirect
 /// (`303`): to `next` with the session cookie set, or back to the sign-in
-/// page with `?error=invalid` (wrong token) or `?error=rate` (too many
-/// failures; try again shortly).
-pub async fn login(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+/// page with `?error=invalid` (wrong token), `?error=rate` (too many
+/// failures from this client address; try again shortly) or
+/// `?error=origin` (the form was posted from another site: login CSRF,
+/// which would sign the victim in as the attacker).
+pub async fn login(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    client: Peer,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let form: LoginForm = serde_urlencoded::from_bytes(&body)
         .map_err(|_| ApiError::BadRequest("expected a form with token=...".into()))?;
     let next = safe_next(form.next.as_deref()).to_string();
+    if !same_origin(&state, &headers) {
+        tracing::warn!("sign-in refused: the form was posted from another origin");
+        return Ok(login_failed("origin", &next));
+    }
+    // Without the peer address (a test calling the router directly) every
+    // attempt counts as one unknown client.
+    let client = client.map_or(IpAddr::from([0, 0, 0, 0]), |ConnectInfo(a)| a.ip());
     let token = form.token.trim();
-    let outcome = state.login_limiter().attempt(|| {
+    let outcome = state.login_limiter().attempt(client, || {
         if token.is_empty() {
             return None;
         }
         let hash = TokenHash::of_token(token);
-        state.reviewer_for(&hash).map(|r| (r.clone(), hash))
+        state.reviewer_for(&hash).map(|r| (r, hash))
     });
     let (reviewer, token_sha256) = match outcome {
         None => {
@@ -205,14 +293,64 @@ pub async fn login(State(state): State<AppState>, body: Bytes) -> Result<Respons
         }
         Some(Some(found)) => found,
     };
+    start_session(
+        &state,
+        reviewer.name.clone(),
+        SignedInWith::Token(token_sha256),
+        &next,
+    )
+    .await
+}
+
+/// Whether a state-changing form came from this service's own pages. A
+/// browser says where a request comes from in `Sec-Fetch-Site`, which no
+/// page can forge: it must be `same-origin`. Browsers without it send
+/// `Origin` with a POST form (the sign-in page's referrer policy lets them
+/// name it), which must be the origin of `public_url` or of the `Host` the
+/// request was sent to. A client sending neither is not a browser, and not
+/// the victim of a forged form.
+fn same_origin(state: &AppState, headers: &HeaderMap) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site") {
+        return site.as_bytes() == b"same-origin";
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    let origin = origin.trim_end_matches('/').to_ascii_lowercase();
+    let base = state.config().link_base().to_ascii_lowercase();
+    let public_origin = url_origin(&base);
+    if origin == public_origin {
+        return true;
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_ascii_lowercase);
+    host.is_some_and(|host| {
+        origin == format!("http://{host}") || origin == format!("https://{host}")
+    })
+}
+
+/// Starts a session for `reviewer` (signed in `with` a token or the
+/// provider): stores it, and answers with a redirect to `next` that sets
+/// the session cookie.
+pub(super) async fn start_session(
+    state: &AppState,
+    reviewer: String,
+    with: SignedInWith,
+    next: &str,
+) -> Result<Response, ApiError> {
     let id = random_token().map_err(ApiError::internal)?;
     let csrf_token = random_token().map_err(ApiError::internal)?;
     let config = state.config();
     let max_age_s = config.ui_session_hours * 3600;
     let now = crate::now_ms();
     let session = Session {
-        reviewer: reviewer.name.clone(),
-        token_sha256,
+        reviewer: reviewer.clone(),
+        with,
         csrf_token,
         expires_at_ms: now + max_age_s * 1000,
     };
@@ -220,9 +358,9 @@ pub async fn login(State(state): State<AppState>, body: Bytes) -> Result<Respons
     state
         .db(move |s| s.create_session(&id_sha256, &session, now))
         .await?;
-    tracing::info!(reviewer = %reviewer.name, "reviewer signed in");
-    let cookie = set_cookie(&id, max_age_s, config.ui_secure_cookies);
-    Ok(([(header::SET_COOKIE, cookie)], Redirect::to(&next)).into_response())
+    tracing::info!(reviewer = %reviewer, "reviewer signed in");
+    let cookie = set_cookie(&id, max_age_s, config.secure_cookies());
+    Ok(([(header::SET_COOKIE, cookie)], Redirect::to(next)).into_response())
 }
 
 /// `POST /ui/logout`: ends the session. Needs the session cookie and its
@@ -233,12 +371,13 @@ pub async fn logout(
 ) -> Result<Response, ApiError> {
     let AuthMethod::Session { id_sha256, .. } = reviewer.via else {
         return Err(ApiError::BadRequest(
-            "sign-out ends a browser session; bearer tokens have none".into(),
+            "sign-out ends a browser session; bearer tokens and the proxy's sign-in have none here"
+                .into(),
         ));
     };
     state.db(move |s| s.delete_session(&id_sha256)).await?;
-    tracing::info!(reviewer = %reviewer.name, "reviewer signed out");
-    let cookie = clear_cookie(state.config().ui_secure_cookies);
+    tracing::info!(reviewer = %reviewer.who.name, "reviewer signed out");
+    let cookie = clear_cookie(state.config().secure_cookies());
     Ok((StatusCode::NO_CONTENT, [(header::SET_COOKIE, cookie)]).into_response())
 }
 

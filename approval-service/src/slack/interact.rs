@@ -21,6 +21,7 @@ use serde_json::json;
 use super::message::{self, APPROVE_ACTION, REASON_INPUT, REJECT_ACTION, REJECT_CALLBACK};
 use super::signature;
 use super::SlackApi;
+use crate::approvals::Approver;
 use crate::config::ReviewerConfig;
 use crate::http::error::ApiError;
 use crate::http::reviews::{decide, rejection_reason};
@@ -147,9 +148,9 @@ async fn handle(
         }
     }
     let slack = client.map(|c| SlackApi::new(c, config));
+    // The reviewers in force (reloaded on SIGHUP), not the start-up set.
     let reviewer = state
-        .config()
-        .reviewers
+        .reviewers()
         .iter()
         .find(|r| r.slack_user_id.as_deref() == Some(payload.user.id.as_str()))
         .cloned();
@@ -201,7 +202,7 @@ async fn block_actions(
         match decide(
             state,
             review_id,
-            reviewer.name,
+            Approver::from(&reviewer),
             ReviewStatus::Approved,
             None,
             None,
@@ -258,7 +259,7 @@ async fn view_submission(
     match decide(
         state,
         view.private_metadata,
-        reviewer.name,
+        Approver::from(&reviewer),
         ReviewStatus::Rejected,
         Some(reason),
         None,

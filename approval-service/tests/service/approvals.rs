@@ -666,12 +666,10 @@ fn sqlite_only_old_database_files_are_migrated() {
 
 #[test]
 fn self_approval_check_folds_unicode_case() {
-    let reviewer = countersign_approval::ReviewerConfig {
+    let reviewer = countersign_approval::approvals::Approver {
         name: "Åsa".into(),
-        token_sha256: countersign_approval::TokenHash::of_token("unused"),
         groups: vec![],
         callers: vec!["CI-Åsa".into()],
-        slack_user_id: None,
     };
     assert!(countersign_approval::approvals::is_self(
         &reviewer,

@@ -365,3 +365,76 @@ fn options_fall_back_to_the_environment() {
     assert_eq!(verify_records(&[], &[]), 2);
     assert!(!missing.exists());
 }
+
+/// The status of `GET /api/me` with `token` as a bearer token.
+fn me_status(addr: &str, token: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET /api/me HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp.split(' ').nth(1).unwrap_or("").to_string()
+}
+
+/// A configuration with one reviewer, `name`, whose token is `token`.
+fn one_reviewer(name: &str, token: &str) -> String {
+    let hash = countersign_approval::TokenHash::of_token(token).to_hex();
+    format!(
+        "listen = \"127.0.0.1:1\"\n[[reviewers]]\nname = \"{name}\"\ntoken_sha256 = \"{hash}\"\n"
+    )
+}
+
+/// Sends `signal` to `child`.
+fn signal(child: &Child, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn sighup_reloads_the_reviewers_and_keeps_them_when_the_file_is_invalid() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, one_reviewer("alice", "alice-token")).unwrap();
+    let (child, addr) = start_serving(
+        bin()
+            .arg("--config")
+            .arg(&cfg)
+            .args(["--listen", "127.0.0.1:0", "--database"])
+            .arg(dir.path().join("db.sqlite")),
+    );
+    assert_eq!(me_status(&addr, "alice-token"), "200");
+    assert_eq!(me_status(&addr, "bob-token"), "401");
+
+    // Bob replaces alice: no restart.
+    std::fs::write(&cfg, one_reviewer("bob", "bob-token")).unwrap();
+    signal(&child, "-HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while me_status(&addr, "bob-token") != "200" {
+        assert!(Instant::now() < deadline, "bob was never added");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(me_status(&addr, "alice-token"), "401");
+
+    // An invalid file changes nothing.
+    std::fs::write(
+        &cfg,
+        "[[reviewers]]\nname = \"carol\"\ntoken_sha256 = \"nope\"\n",
+    )
+    .unwrap();
+    signal(&child, "-HUP");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(me_status(&addr, "bob-token"), "200");
+
+    let logs = stop(child);
+    assert!(logs.contains("reviewers reloaded"), "{logs}");
+    assert!(
+        logs.contains("reviewers not reloaded") && logs.contains("reviewers[0].token_sha256"),
+        "{logs}"
+    );
+}

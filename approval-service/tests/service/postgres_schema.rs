@@ -11,9 +11,10 @@ use std::collections::BTreeMap;
 
 type Columns = BTreeMap<String, Vec<String>>;
 
-const TABLES: [&str; 9] = [
+const TABLES: [&str; 10] = [
     "reviews",
     "sessions",
+    "oidc_logins",
     "approvals",
     "token_consumptions",
     "records",

@@ -91,6 +91,18 @@ async fn sign_in(app: &Router, token: &str) -> Browser {
     Browser { cookie, csrf }
 }
 
+/// `POST /ui/logout` as the page sends it.
+async fn sign_out(app: &Router, b: &Browser) -> Resp {
+    send(
+        app,
+        "POST",
+        "/ui/logout",
+        &[("cookie", &b.cookie), ("x-csrf-token", &b.csrf)],
+        "",
+    )
+    .await
+}
+
 // ------------------------------------------------------------------ sign-in
 
 #[tokio::test]
@@ -142,6 +154,62 @@ async fn secure_cookie_flag_and_session_length_follow_config() {
 }
 
 #[tokio::test]
+async fn an_https_public_url_makes_the_cookie_secure() {
+    let f = fixture("public_url = \"https://review.example.com\"");
+    let r = login(&f.app, ALICE, "/").await;
+    let cookie = r.header("set-cookie");
+    assert!(cookie.ends_with("; Secure"), "{cookie}");
+    let f = fixture("public_url = \"http://127.0.0.1:8081\"");
+    let r = login(&f.app, ALICE, "/").await;
+    assert!(!r.header("set-cookie").contains("Secure"));
+}
+
+/// `POST /ui/login` as a browser sends it, with `Origin` and `Host`.
+async fn login_from(app: &Router, token: &str, origin: &str, host: &str) -> Resp {
+    let form = serde_urlencoded::to_string([("token", token), ("next", "/")]).unwrap();
+    send(
+        app,
+        "POST",
+        "/ui/login",
+        &[
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("origin", origin),
+            ("host", host),
+        ],
+        form,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_login_form_is_refused_from_another_origin() {
+    let f = fixture("public_url = \"https://review.example.com\"");
+    for (origin, host) in [
+        ("https://evil.example", "review.example.com"),
+        ("null", "review.example.com"),
+        (
+            "https://review.example.com.evil.example",
+            "review.example.com",
+        ),
+    ] {
+        let r = login_from(&f.app, ALICE, origin, host).await;
+        assert_eq!(r.header("location"), "/login?error=origin", "{origin}");
+        assert!(r.headers.get("set-cookie").is_none(), "{origin}");
+    }
+    for (origin, host) in [
+        ("https://review.example.com", "internal:8081"),
+        ("http://127.0.0.1:8081", "127.0.0.1:8081"),
+    ] {
+        let r = login_from(&f.app, ALICE, origin, host).await;
+        assert_eq!(r.header("location"), "/", "{origin}");
+        assert!(
+            r.header("set-cookie").starts_with("cs_session="),
+            "{origin}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn wrong_token_is_refused_without_a_cookie() {
     let f = fixture("");
     for token in ["wrong", "", ALICE.trim_end_matches('n')] {
@@ -185,6 +253,35 @@ async fn failed_sign_ins_are_rate_limited() {
     let r = login(&f.app, ALICE, "/").await;
     assert!(r.header("location").starts_with("/login?error=rate"));
     assert!(r.headers.get("set-cookie").is_none());
+}
+
+#[tokio::test]
+async fn one_clients_failed_sign_ins_do_not_lock_out_another() {
+    use axum::extract::connect_info::MockConnectInfo;
+    let f = fixture("");
+    let from = |ip: [u8; 4]| {
+        f.app
+            .clone()
+            .layer(MockConnectInfo(SocketAddr::from((ip, 40000))))
+    };
+    let attacker = from([192, 0, 2, 66]);
+    let mut limited = false;
+    for _ in 0..30 {
+        let r = login(&attacker, "guess", "/").await;
+        if r.header("location").starts_with("/login?error=rate") {
+            limited = true;
+            break;
+        }
+    }
+    assert!(limited, "30 quick failures were never limited");
+    assert!(login(&attacker, ALICE, "/")
+        .await
+        .header("location")
+        .starts_with("/login?error=rate"));
+    // Alice, elsewhere, signs in at once.
+    let r = login(&from([198, 51, 100, 7]), ALICE, "/").await;
+    assert_eq!(r.header("location"), "/");
+    assert!(r.header("set-cookie").starts_with("cs_session="));
 }
 
 // ------------------------------------------------------------------- CSRF
@@ -363,14 +460,7 @@ async fn logout_needs_csrf_and_ends_the_session() {
         "a refused logout keeps the session"
     );
 
-    let r = send(
-        &f.app,
-        "POST",
-        "/ui/logout",
-        &[("cookie", &b.cookie), ("x-csrf-token", &b.csrf)],
-        "",
-    )
-    .await;
+    let r = sign_out(&f.app, &b).await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
     assert!(r.header("set-cookie").contains("Max-Age=0"));
     let r = me(&f.app, &b.cookie).await;
@@ -441,7 +531,14 @@ async fn pages_need_a_session_and_carry_a_strict_csp() {
         );
         assert!(!csp.contains("unsafe"));
         assert_eq!(r.header("x-content-type-options"), "nosniff");
-        assert_eq!(r.header("referrer-policy"), "no-referrer");
+        // The sign-in page names its origin to itself (the login CSRF
+        // check reads it), and to nobody else.
+        let policy = if path == "/login" {
+            "same-origin"
+        } else {
+            "no-referrer"
+        };
+        assert_eq!(r.header("referrer-policy"), policy, "{path}");
         assert_eq!(r.header("cache-control"), "no-store");
     }
     // API answers carry the headers too.
@@ -611,6 +708,35 @@ async fn event_feed_reports_created_decided_and_expired() {
     common::wait(&f.app, &short_id, None).await;
     let seen = read_until(&mut body, r#""type":"expired""#).await;
     assert!(seen.contains(&short_id), "{seen}");
+}
+
+#[tokio::test]
+async fn the_event_feed_ends_with_the_session() {
+    let f = fixture("");
+    let b = sign_in(&f.app, ALICE).await;
+    let req = Request::get("/api/events")
+        .header("cookie", &b.cookie)
+        .body(Body::empty())
+        .unwrap();
+    let mut body = f.app.clone().oneshot(req).await.unwrap().into_body();
+    read_until(&mut body, "event: hello").await;
+    let before = create(&f.app, "gpt-x", "svc-a", "while signed in").await;
+    read_until(&mut body, &before).await;
+
+    assert_eq!(sign_out(&f.app, &b).await.status, StatusCode::NO_CONTENT);
+    let after = create(&f.app, "gpt-y", "svc-a", "after sign-out").await;
+    // The feed ends instead of sending it.
+    let mut rest = String::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.unwrap().into_data() {
+                rest.push_str(&String::from_utf8_lossy(&data));
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the feed went on after sign-out: {rest:?}");
+    assert!(!rest.contains(&after), "{rest}");
 }
 
 /// A minimal HTTP/1.1 exchange on a real socket that returns once the

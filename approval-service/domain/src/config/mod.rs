@@ -14,13 +14,17 @@ use serde::Deserialize;
 use crate::token::TokenHash;
 
 pub mod database;
+pub mod oidc;
 pub mod slack;
 pub mod token_keys;
+pub mod trusted_proxy;
 pub mod webhooks;
 
 pub use database::Location;
+pub use oidc::OidcConfig;
 pub use slack::SlackConfig;
 pub use token_keys::{DEFAULT_TOKEN_TTL_MS, MAX_TOKEN_TTL_MS, MAX_TOKEN_USES};
+pub use trusted_proxy::TrustedProxyConfig;
 pub use webhooks::{WebhookConfig, WebhookEvent, WebhookFormat};
 
 /// Longest hold a review may have: one day. Longer holds would pin an
@@ -133,6 +137,11 @@ pub struct Config {
     pub token_ttl_ms: u64,
     /// How many times one approval token may be spent.
     pub token_max_uses: u32,
+    /// Sign-in with an OpenID Connect provider (`[oidc]`), if configured.
+    pub oidc: Option<OidcConfig>,
+    /// Reviewers named by an authenticating proxy (`[trusted_proxy]`), if
+    /// configured.
+    pub trusted_proxy: Option<TrustedProxyConfig>,
 }
 
 impl Config {
@@ -142,6 +151,17 @@ impl Config {
             Some(u) => u.clone(),
             None => format!("http://{}", self.listen),
         }
+    }
+
+    /// Whether the session cookie is `Secure`: when `ui_secure_cookies` is
+    /// set, and whenever reviewers reach the service over `https` (an
+    /// `https` `public_url`), so the two cannot disagree.
+    pub fn secure_cookies(&self) -> bool {
+        self.ui_secure_cookies
+            || self
+                .public_url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("https://"))
     }
 }
 
@@ -166,6 +186,8 @@ impl Default for Config {
             token_keys: Vec::new(),
             token_ttl_ms: DEFAULT_TOKEN_TTL_MS,
             token_max_uses: 1,
+            oidc: None,
+            trusted_proxy: None,
         }
     }
 }
@@ -254,6 +276,10 @@ struct RawConfig {
     token_ttl_ms: Option<u64>,
     #[serde(default)]
     token_max_uses: Option<u32>,
+    #[serde(default)]
+    oidc: Option<oidc::RawOidc>,
+    #[serde(default)]
+    trusted_proxy: Option<trusted_proxy::RawTrustedProxy>,
 }
 
 #[derive(Deserialize)]
@@ -309,6 +335,26 @@ fn check_url(field: &str, url: &str) -> Result<String, ConfigError> {
         return Err(invalid(field, format!("{url:?} is not a valid URL")));
     }
     Ok(url.to_string())
+}
+
+/// The origin (`scheme://host[:port]`) of a URL [`check_url`] accepted.
+pub fn url_origin(url: &str) -> &str {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    match url[after_scheme..].find(['/', '?', '#']) {
+        Some(end) => &url[..after_scheme + end],
+        None => url,
+    }
+}
+
+/// Whether the host of a URL [`check_url`] accepted is a loopback address.
+pub fn is_loopback_url(url: &str) -> bool {
+    let origin = url_origin(url);
+    let authority = origin.split_once("://").map_or(origin, |(_, a)| a);
+    let host = match authority.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    };
+    matches!(host, "localhost" | "[::1]") || host.starts_with("127.")
 }
 
 /// Checks `reviewers[i].callers`: trimmed, non-empty.
@@ -444,6 +490,11 @@ impl Config {
                 .map_err(|message| invalid("outbound_ca_file", message))?,
         };
 
+        let oidc = raw
+            .oidc
+            .map(|o| oidc::check_oidc(o, public_url.as_deref(), &|name| std::env::var(name).ok()))
+            .transpose()?;
+
         Ok(Config {
             listen,
             database,
@@ -462,6 +513,11 @@ impl Config {
             token_keys: token_keys::check_keys(raw.token_keys, &|name| std::env::var(name).ok())?,
             token_ttl_ms: token_keys::check_ttl(raw.token_ttl_ms)?,
             token_max_uses: token_keys::check_max_uses(raw.token_max_uses)?,
+            oidc,
+            trusted_proxy: raw
+                .trusted_proxy
+                .map(trusted_proxy::check_trusted_proxy)
+                .transpose()?,
         })
     }
 }

@@ -47,6 +47,11 @@ pub fn migrate(conn: &mut Conn) -> Result<(), OpenError> {
         }
         Backend::Postgres => {
             migrate_postgres(conn, "reviews", &postgres_reviews())?;
+            migrate_postgres(
+                conn,
+                "sign_in",
+                &sign_in(Backend::Postgres, &SESSION_COLUMNS),
+            )?;
             migrate_postgres(conn, "records", &postgres_records())?;
             migrate_postgres(conn, "slack", &dialect(SLACK, Backend::Postgres))?;
         }
@@ -110,6 +115,41 @@ CREATE TABLE IF NOT EXISTS sessions (
 );
 CREATE INDEX IF NOT EXISTS sessions_expires ON sessions (expires_at_ms);
 ";
+
+/// Columns added to `sessions` for OpenID Connect sign-in: how the session
+/// was signed in (`token` or `oidc`) and the provider's groups.
+const SESSION_COLUMNS: [(&str, &str); 2] = [
+    ("kind", "TEXT NOT NULL DEFAULT 'token'"),
+    ("groups_json", "TEXT NOT NULL DEFAULT '[]'"),
+];
+
+/// OpenID Connect sign-ins in progress (see [`crate::session::OidcLogin`]).
+const OIDC_LOGINS: &str = "
+CREATE TABLE IF NOT EXISTS oidc_logins (
+    state_sha256   TEXT PRIMARY KEY,
+    browser_sha256 TEXT NOT NULL,
+    nonce          TEXT NOT NULL,
+    pkce_verifier  TEXT NOT NULL,
+    next           TEXT NOT NULL,
+    expires_at_ms  {int} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS oidc_logins_expires ON oidc_logins (expires_at_ms);
+";
+
+/// The sign-in part: [`SESSION_COLUMNS`] and [`OIDC_LOGINS`] in `backend`'s
+/// dialect.
+fn sign_in(backend: Backend, missing: &[(&str, &str)]) -> String {
+    let columns: String = missing
+        .iter()
+        .map(|(name, declaration)| {
+            dialect(
+                &format!("ALTER TABLE sessions ADD COLUMN {name} {declaration};\n"),
+                backend,
+            )
+        })
+        .collect();
+    format!("{columns}{}", dialect(OIDC_LOGINS, backend))
+}
 
 /// Columns added to `reviews` for approvals and tokens: name and
 /// declaration.
@@ -256,8 +296,8 @@ fn migrate_sqlite(conn: &mut Conn) -> Result<(), OpenError> {
     Ok(())
 }
 
-/// Adds the approval and token columns and tables to a file that lacks
-/// them. Guarded by a column check rather than `user_version`, so it
+/// Adds the approval and token columns and tables, and the sign-in columns
+/// and table, to a file that lacks them. Guarded by a column check rather than `user_version`, so it
 /// composes with the other steps; idempotent, and run under `BEGIN
 /// IMMEDIATE` so two processes opening one old file do not both alter it.
 fn add_approval_tables(conn: &mut Conn) -> Result<(), DbError> {
@@ -272,7 +312,17 @@ fn add_approval_tables(conn: &mut Conn) -> Result<(), DbError> {
                 tx.batch(&add_review_column(name, declaration, Backend::Sqlite))?;
             }
         }
-        tx.batch(&dialect(APPROVALS, Backend::Sqlite))
+        tx.batch(&dialect(APPROVALS, Backend::Sqlite))?;
+        let existing: Vec<String> = tx
+            .query("SELECT name FROM pragma_table_info('sessions')", params![])?
+            .iter()
+            .map(|r| r.get(0))
+            .collect::<Result<_, DbError>>()?;
+        let missing: Vec<(&str, &str)> = SESSION_COLUMNS
+            .into_iter()
+            .filter(|(name, _)| !existing.iter().any(|c| c == name))
+            .collect();
+        tx.batch(&sign_in(Backend::Sqlite, &missing))
     })
 }
 
@@ -418,7 +468,9 @@ mod tests {
         let mut conn = memory();
         conn.batch(
             "CREATE TABLE reviews (id TEXT PRIMARY KEY, status TEXT NOT NULL);
-             INSERT INTO reviews VALUES ('rev_old', 'pending');",
+             INSERT INTO reviews VALUES ('rev_old', 'pending');
+             CREATE TABLE sessions (id_sha256 TEXT PRIMARY KEY, reviewer TEXT NOT NULL);
+             INSERT INTO sessions VALUES ('s', 'dana');",
         )
         .unwrap();
         add_approval_tables(&mut conn).unwrap();
@@ -439,6 +491,12 @@ mod tests {
             .query_one("SELECT count(*) FROM approvals", params![])
             .unwrap();
         assert_eq!(approvals.get::<i64>(0).unwrap(), 0);
+        // An old session was signed in with a token.
+        let session = conn
+            .query_one("SELECT kind, groups_json FROM sessions", params![])
+            .unwrap();
+        let (kind, groups): (String, String) = (session.get(0).unwrap(), session.get(1).unwrap());
+        assert_eq!((kind.as_str(), groups.as_str()), ("token", "[]"));
     }
 
     #[test]

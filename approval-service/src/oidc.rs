@@ -1,0 +1,335 @@
+//! The OpenID Connect relying party: reviewers sign in with the company's
+//! identity provider (authorization code flow with PKCE, state and nonce).
+//!
+//! The protocol is the `openidconnect` crate's: discovery (whose issuer must
+//! equal the configured one), the authorization URL, the code exchange, and
+//! the ID token's verification (signature against the provider's JWKS,
+//! issuer, audience = our client id, expiry, nonce). Nothing here parses or
+//! checks a JWT by hand. What this module adds:
+//! - the provider's metadata and keys are cached, re-fetched after
+//!   [`METADATA_TTL`], and at once when an ID token is signed with a key id
+//!   the cached set lacks (the provider rotated its keys), at most every
+//!   [`MIN_REFRESH`];
+//! - the configured claims become the person: `name_claim` the reviewer's
+//!   name, `groups_claim` their groups.
+//!
+//! Where the state, nonce and PKCE verifier wait between the redirect and
+//! the callback is the HTTP layer's business (`http::oidc`, in the database).
+
+use std::time::{Duration, Instant};
+
+use openidconnect::core::{
+    CoreAuthDisplay, CoreAuthPrompt, CoreAuthenticationFlow, CoreErrorResponseType,
+    CoreGenderClaim, CoreJsonWebKey, CoreJweContentEncryptionAlgorithm, CoreJwsSigningAlgorithm,
+    CoreProviderMetadata, CoreRevocableToken, CoreRevocationErrorResponse,
+    CoreTokenIntrospectionResponse, CoreTokenType,
+};
+use openidconnect::{
+    reqwest, AdditionalClaims, AuthorizationCode, ClaimsVerificationError, Client, ClientId,
+    ClientSecret, CsrfToken, EmptyExtraTokenFields, EndpointMaybeSet, EndpointNotSet, EndpointSet,
+    IdTokenClaims, IdTokenFields, IssuerUrl, Nonce, PkceCodeChallenge, PkceCodeVerifier,
+    RedirectUrl, Scope, SignatureVerificationError, StandardErrorResponse, StandardTokenResponse,
+    TokenResponse,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::config::OidcConfig;
+
+/// How long the provider's metadata and keys are used before re-fetching.
+pub const METADATA_TTL: Duration = Duration::from_secs(3600);
+
+/// Shortest time between two fetches forced by an unknown signing key, so
+/// tokens with made-up key ids cannot make us hammer the provider.
+pub const MIN_REFRESH: Duration = Duration::from_secs(5);
+
+/// How long one call to the provider may take.
+const PROVIDER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The claims of an ID token besides the standard ones (the groups claim,
+/// or a custom name claim).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ExtraClaims {
+    #[serde(flatten)]
+    claims: serde_json::Map<String, serde_json::Value>,
+}
+
+impl AdditionalClaims for ExtraClaims {}
+
+type Claims = IdTokenClaims<ExtraClaims, CoreGenderClaim>;
+
+type IdFields = IdTokenFields<
+    ExtraClaims,
+    EmptyExtraTokenFields,
+    CoreGenderClaim,
+    CoreJweContentEncryptionAlgorithm,
+    CoreJwsSigningAlgorithm,
+>;
+
+type ProviderClient = Client<
+    ExtraClaims,
+    CoreAuthDisplay,
+    CoreGenderClaim,
+    CoreJweContentEncryptionAlgorithm,
+    CoreJsonWebKey,
+    CoreAuthPrompt,
+    StandardErrorResponse<CoreErrorResponseType>,
+    StandardTokenResponse<IdFields, CoreTokenType>,
+    CoreTokenIntrospectionResponse,
+    CoreRevocableToken,
+    CoreRevocationErrorResponse,
+    EndpointSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointMaybeSet,
+    EndpointMaybeSet,
+>;
+
+/// Why a sign-in through the provider did not work.
+#[derive(Debug)]
+pub enum OidcError {
+    /// The provider could not be reached or answered nonsense (discovery,
+    /// keys, token endpoint).
+    Provider(String),
+    /// The provider's answer was refused: the code exchange failed or the
+    /// ID token did not verify (signature, issuer, audience, expiry, nonce).
+    Refused(String),
+    /// The ID token lacks the configured name claim.
+    NoName(String),
+    /// The person lacks the group `required_group` names.
+    NotInGroup(String),
+}
+
+impl std::fmt::Display for OidcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OidcError::Provider(m) => write!(f, "identity provider unavailable: {m}"),
+            OidcError::Refused(m) => write!(f, "sign-in refused: {m}"),
+            OidcError::NoName(claim) => write!(f, "the ID token has no usable {claim:?} claim"),
+            OidcError::NotInGroup(g) => write!(f, "not a member of the required group {g:?}"),
+        }
+    }
+}
+
+/// A sign-in sent to the provider: where to send the browser, and what the
+/// callback will need (the state names it; nonce and verifier stay secret).
+pub struct Started {
+    /// The provider's authorization URL with all parameters.
+    pub authorize_url: String,
+    /// The `state` parameter.
+    pub state: String,
+    /// The nonce the ID token must carry.
+    pub nonce: String,
+    /// The PKCE code verifier.
+    pub pkce_verifier: String,
+}
+
+/// Who signed in, from the verified ID token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Person {
+    /// The value of `name_claim`.
+    pub name: String,
+    /// The values of `groups_claim`.
+    pub groups: Vec<String>,
+}
+
+struct Cached {
+    metadata: CoreProviderMetadata,
+    fetched: Instant,
+}
+
+/// The relying party: the configuration, an HTTP client that follows no
+/// redirects (the crate's advice against SSRF), and the cached metadata.
+pub struct RelyingParty {
+    config: OidcConfig,
+    http: reqwest::Client,
+    cache: Mutex<Option<Cached>>,
+}
+
+impl RelyingParty {
+    /// A relying party for `config`; nothing is fetched yet (the provider
+    /// may be down at start: token sign-in keeps working).
+    pub fn new(config: OidcConfig) -> Result<RelyingParty, OidcError> {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(PROVIDER_TIMEOUT)
+            .build()
+            .map_err(|e| OidcError::Provider(format!("HTTP client: {e}")))?;
+        Ok(RelyingParty {
+            config,
+            http,
+            cache: Mutex::new(None),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &OidcConfig {
+        &self.config
+    }
+
+    /// The provider's metadata: cached, or fetched when older than
+    /// [`METADATA_TTL`], or when `stale_keys` and older than [`MIN_REFRESH`].
+    async fn metadata(&self, stale_keys: bool) -> Result<CoreProviderMetadata, OidcError> {
+        let mut cache = self.cache.lock().await;
+        if let Some(c) = cache.as_ref() {
+            let age = c.fetched.elapsed();
+            let fresh = if stale_keys {
+                age < MIN_REFRESH
+            } else {
+                age < METADATA_TTL
+            };
+            if fresh {
+                return Ok(c.metadata.clone());
+            }
+        }
+        let issuer = IssuerUrl::new(self.config.issuer_url.clone())
+            .map_err(|e| OidcError::Provider(format!("issuer URL: {e}")))?;
+        let metadata = CoreProviderMetadata::discover_async(issuer, &self.http)
+            .await
+            .map_err(|e| OidcError::Provider(format!("discovery: {}", error_chain(&e))))?;
+        *cache = Some(Cached {
+            metadata: metadata.clone(),
+            fetched: Instant::now(),
+        });
+        Ok(metadata)
+    }
+
+    fn client(&self, metadata: CoreProviderMetadata) -> Result<ProviderClient, OidcError> {
+        let redirect = RedirectUrl::new(self.config.redirect_url.clone())
+            .map_err(|e| OidcError::Provider(format!("redirect URL: {e}")))?;
+        Ok(ProviderClient::from_provider_metadata(
+            metadata,
+            ClientId::new(self.config.client_id.clone()),
+            self.config.client_secret.clone().map(ClientSecret::new),
+        )
+        .set_redirect_uri(redirect))
+    }
+
+    /// Starts a sign-in: fresh state, nonce and PKCE pair, and the URL.
+    pub async fn start(&self) -> Result<Started, OidcError> {
+        let client = self.client(self.metadata(false).await?)?;
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let mut request = client.authorize_url(
+            CoreAuthenticationFlow::AuthorizationCode,
+            CsrfToken::new_random,
+            Nonce::new_random,
+        );
+        // The crate always asks for `openid`.
+        for scope in self.config.scopes.iter().filter(|s| *s != "openid") {
+            request = request.add_scope(Scope::new(scope.clone()));
+        }
+        let (url, state, nonce) = request.set_pkce_challenge(challenge).url();
+        Ok(Started {
+            authorize_url: url.to_string(),
+            state: state.secret().clone(),
+            nonce: nonce.secret().clone(),
+            pkce_verifier: verifier.secret().clone(),
+        })
+    }
+
+    /// Finishes a sign-in: exchanges `code` (with the PKCE verifier),
+    /// verifies the ID token (with `nonce`), and reads the person from it.
+    pub async fn finish(
+        &self,
+        code: String,
+        nonce: &str,
+        pkce_verifier: String,
+    ) -> Result<Person, OidcError> {
+        let client = self.client(self.metadata(false).await?)?;
+        let response = client
+            .exchange_code(AuthorizationCode::new(code))
+            .map_err(|e| OidcError::Provider(format!("token endpoint: {e}")))?
+            .set_pkce_verifier(PkceCodeVerifier::new(pkce_verifier))
+            .request_async(&self.http)
+            .await
+            .map_err(|e| OidcError::Refused(format!("code exchange: {}", error_chain(&e))))?;
+        let id_token = response
+            .id_token()
+            .ok_or_else(|| OidcError::Refused("the token response has no ID token".into()))?;
+        let nonce = Nonce::new(nonce.to_string());
+        let verifier = client.id_token_verifier();
+        let claims = match id_token.claims(&verifier, &nonce) {
+            Ok(claims) => claims.clone(),
+            Err(ClaimsVerificationError::SignatureVerification(
+                SignatureVerificationError::NoMatchingKey,
+            )) => {
+                // Signed with a key we have not seen: the provider may have
+                // rotated its keys since we fetched them.
+                let fresh = self.client(self.metadata(true).await?)?;
+                let verifier = fresh.id_token_verifier();
+                id_token
+                    .claims(&verifier, &nonce)
+                    .map_err(|e| OidcError::Refused(format!("ID token: {e}")))?
+                    .clone()
+            }
+            Err(e) => return Err(OidcError::Refused(format!("ID token: {e}"))),
+        };
+        self.person(&claims)
+    }
+
+    /// The person the verified `claims` name.
+    fn person(&self, claims: &Claims) -> Result<Person, OidcError> {
+        let name = claim_text(claims, &self.config.name_claim)
+            .map(|n| n.trim().to_string())
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| OidcError::NoName(self.config.name_claim.clone()))?;
+        let groups = claim_list(claims, &self.config.groups_claim);
+        if let Some(required) = &self.config.required_group {
+            if !groups.contains(required) {
+                return Err(OidcError::NotInGroup(required.clone()));
+            }
+        }
+        Ok(Person { name, groups })
+    }
+}
+
+/// A string claim: the standard ones by their typed accessors, any other
+/// from the extra claims.
+fn claim_text(claims: &Claims, name: &str) -> Option<String> {
+    match name {
+        "sub" => Some(claims.subject().to_string()),
+        // An address the provider says it has not verified names nobody.
+        "email" => claims
+            .email()
+            .filter(|_| claims.email_verified() != Some(false))
+            .map(|e| e.to_string()),
+        "preferred_username" => claims.preferred_username().map(|u| u.to_string()),
+        "name" => claims
+            .name()
+            .and_then(|n| n.get(None))
+            .map(|n| n.to_string()),
+        other => claims
+            .additional_claims()
+            .claims
+            .get(other)
+            .and_then(|v| v.as_str())
+            .map(str::to_string),
+    }
+}
+
+/// A list-of-strings claim (one string counts as a list of one; other
+/// values are ignored).
+fn claim_list(claims: &Claims, name: &str) -> Vec<String> {
+    match claims.additional_claims().claims.get(name) {
+        Some(serde_json::Value::Array(items)) => items
+            .iter()
+            .filter_map(|v| v.as_str())
+            .map(str::to_string)
+            .collect(),
+        Some(serde_json::Value::String(one)) => vec![one.clone()],
+        _ => Vec::new(),
+    }
+}
+
+/// An error and its sources, for logs.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -1,0 +1,141 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! Sign-in through an OpenID Connect provider, the parts that need no
+//! provider: the sign-in page's button, refused callbacks, an unreachable
+//! provider, and what an OIDC session is worth when the configuration
+//! changes. The whole flow through a real provider is in the browser tests
+//! (`tests/browser/oidc.test.mjs`).
+
+use crate::common;
+
+use axum::http::StatusCode;
+use countersign_approval::session::{Session, SignedInWith};
+use countersign_approval::TokenHash;
+
+use crate::common::{send, ALICE};
+
+/// `[oidc]` with an issuer nothing listens on.
+fn oidc(extra: &str) -> String {
+    format!(
+        "public_url = \"http://127.0.0.1:8081\"\n[oidc]\nissuer_url = \"http://127.0.0.1:9\"\n\
+         client_id = \"countersign\"\ndisplay_name = \"Example <SSO>\"\n{extra}"
+    )
+}
+
+fn fixture(settings: &str) -> common::Fixture {
+    common::fixture("oidc.db", |db| {
+        common::config_toml(db, settings, &[("alice", ALICE, "groups = [\"security\"]")])
+    })
+}
+
+#[tokio::test]
+async fn the_sign_in_page_offers_the_provider_only_when_configured() {
+    let f = fixture(&oidc(""));
+    let page = send(&f.app, "GET", "/login", &[], "").await;
+    let text = String::from_utf8(page.body.to_vec()).unwrap();
+    assert!(text.contains("id=\"oidc-sign-in\""), "{text}");
+    assert!(text.contains("Sign in with Example &lt;SSO&gt;"), "{text}");
+
+    let plain = fixture("");
+    let page = send(&plain.app, "GET", "/login", &[], "").await;
+    let text = String::from_utf8(page.body.to_vec()).unwrap();
+    assert!(!text.contains("oidc-sign-in"));
+    let start = send(&plain.app, "GET", "/ui/oidc/login", &[], "").await;
+    assert_eq!(start.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn an_unreachable_provider_sends_the_browser_back_with_an_error() {
+    let f = fixture(&oidc(""));
+    let r = send(&f.app, "GET", "/ui/oidc/login?next=/history", &[], "").await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    assert_eq!(r.header("location"), "/login?error=oidc&next=/history");
+    assert!(r.headers.get("set-cookie").is_none());
+}
+
+#[tokio::test]
+async fn a_callback_with_an_unknown_state_starts_no_session() {
+    let f = fixture(&oidc(""));
+    for query in [
+        "state=0123&code=abc",
+        "code=abc",
+        "state=&code=abc",
+        "state=0123&error=access_denied",
+    ] {
+        let r = send(
+            &f.app,
+            "GET",
+            &format!("/ui/oidc/callback?{query}"),
+            &[("cookie", "cs_oidc=00")],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER, "{query}");
+        assert_eq!(r.header("location"), "/login?error=oidc", "{query}");
+        let cookies: Vec<&str> = r
+            .headers
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(cookies.len(), 1, "{query}: {cookies:?}");
+        assert!(cookies[0].starts_with("cs_oidc=; "), "{cookies:?}");
+        assert!(cookies[0].contains("Max-Age=0"), "{cookies:?}");
+    }
+}
+
+/// Stores an OIDC session for `name` with `groups`; returns its cookie.
+async fn oidc_session(f: &common::Fixture, name: &str, groups: &[&str]) -> String {
+    let id = "ab".repeat(32);
+    let session = Session {
+        reviewer: name.to_string(),
+        with: SignedInWith::Oidc {
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+        },
+        csrf_token: "c".repeat(64),
+        expires_at_ms: countersign_approval::now_ms() + 3_600_000,
+    };
+    let hash = TokenHash::of_token(&id);
+    let now = countersign_approval::now_ms();
+    f.state
+        .db(move |s| s.create_session(&hash, &session, now))
+        .await
+        .unwrap();
+    format!("cs_session={id}")
+}
+
+#[tokio::test]
+async fn an_oidc_session_has_the_providers_groups_while_oidc_is_configured() {
+    let f = fixture(&oidc("required_group = \"reviewers\""));
+    let cookie = oidc_session(&f, "erin@example.com", &["reviewers", "security"]).await;
+    let me = send(&f.app, "GET", "/api/me", &[("cookie", &cookie)], "").await;
+    assert_eq!(me.status, StatusCode::OK);
+    assert_eq!(me.json()["name"], "erin@example.com");
+    assert_eq!(
+        me.json()["groups"],
+        serde_json::json!(["reviewers", "security"])
+    );
+
+    // The same database under other configurations.
+    let toml = |settings: &str| {
+        common::config_toml(
+            &f.db,
+            settings,
+            &[("alice", ALICE, "groups = [\"security\"]")],
+        )
+    };
+    for (settings, status) in [
+        // Sign-in with the provider switched off: its sessions end.
+        ("", StatusCode::UNAUTHORIZED),
+        // A group is now required that the provider did not name.
+        (
+            oidc("required_group = \"admins\"").as_str(),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (oidc("").as_str(), StatusCode::OK),
+    ] {
+        let state = common::open_state(&toml(settings));
+        let app = countersign_approval::app(state);
+        let me = send(&app, "GET", "/api/me", &[("cookie", &cookie)], "").await;
+        assert_eq!(me.status, status, "{settings}");
+    }
+}

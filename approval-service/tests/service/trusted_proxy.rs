@@ -1,0 +1,119 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! Reviewers named by an authenticating proxy (`[trusted_proxy]`): its
+//! headers count only from its addresses, give the person's groups, and
+//! state-changing calls still need the CSRF header.
+
+use crate::common;
+
+use std::net::SocketAddr;
+
+use axum::extract::connect_info::MockConnectInfo;
+use axum::http::StatusCode;
+use axum::Router;
+use serde_json::json;
+
+use crate::common::{send, ALICE};
+
+const PROXY: [u8; 4] = [10, 1, 2, 3];
+const ELSEWHERE: [u8; 4] = [192, 0, 2, 9];
+
+fn fixture() -> common::Fixture {
+    common::fixture("proxy.db", |db| {
+        common::config_toml(
+            db,
+            "[trusted_proxy]\naddresses = [\"10.0.0.0/8\"]",
+            &[("alice", ALICE, "groups = [\"security\"]")],
+        )
+    })
+}
+
+/// The app as reached from `ip`.
+fn from(f: &common::Fixture, ip: [u8; 4]) -> Router {
+    f.app
+        .clone()
+        .layer(MockConnectInfo(SocketAddr::from((ip, 40000))))
+}
+
+const ERIN: [(&str, &str); 2] = [
+    ("x-auth-request-email", "erin@example.com"),
+    ("x-auth-request-groups", "security, ops"),
+];
+
+#[tokio::test]
+async fn the_proxys_headers_name_the_reviewer_only_from_its_addresses() {
+    let f = fixture();
+    let me = send(&from(&f, PROXY), "GET", "/api/me", &ERIN, "").await;
+    assert_eq!(me.status, StatusCode::OK);
+    let v = me.json();
+    assert_eq!(v["name"], "erin@example.com");
+    assert_eq!(v["groups"], json!(["security", "ops"]));
+    assert_eq!(v["csrf_token"].as_str().unwrap().len(), 64);
+
+    // The same headers from anywhere else, or from an unknown address.
+    for app in [from(&f, ELSEWHERE), f.app.clone()] {
+        let me = send(&app, "GET", "/api/me", &ERIN, "").await;
+        assert_eq!(me.status, StatusCode::UNAUTHORIZED);
+    }
+    // Pages: served through the proxy, sign-in elsewhere.
+    let page = send(&from(&f, PROXY), "GET", "/", &ERIN, "").await;
+    assert_eq!(page.status, StatusCode::OK);
+    let page = send(&from(&f, ELSEWHERE), "GET", "/", &ERIN, "").await;
+    assert_eq!(page.header("location"), "/login?next=/");
+}
+
+#[tokio::test]
+async fn a_proxy_named_reviewer_decides_with_the_csrf_header_and_the_usual_rules() {
+    let f = fixture();
+    let proxy = from(&f, PROXY);
+    let csrf = send(&proxy, "GET", "/api/me", &ERIN, "").await.json()["csrf_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let needs_security = common::review_request(json!({"approver_group": "security"}));
+    let id = common::create_review(&f.app, &[], needs_security).await;
+    let approve = format!("/api/reviews/{id}/approve");
+    let without = send(&proxy, "POST", &approve, &ERIN, "{}").await;
+    assert_eq!(without.status, StatusCode::FORBIDDEN, "no CSRF header");
+
+    // Someone the proxy puts in no such group.
+    let mut dave = vec![
+        ("x-auth-request-email", "dave@example.com"),
+        ("x-auth-request-groups", "ops"),
+    ];
+    let dave_csrf = send(&proxy, "GET", "/api/me", &dave, "").await.json()["csrf_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    dave.push(("x-csrf-token", &dave_csrf));
+    dave.push(("content-type", "application/json"));
+    let r = send(&proxy, "POST", &approve, &dave, "{}").await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        r.json()["error"]["code"],
+        "not_in_approver_group",
+        "{:?}",
+        r.json()
+    );
+
+    let mut erin = ERIN.to_vec();
+    erin.push(("x-csrf-token", &csrf));
+    erin.push(("content-type", "application/json"));
+    let r = send(&proxy, "POST", &approve, &erin, "{}").await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.json());
+    assert_eq!(r.json()["reviewer"], "erin@example.com");
+
+    // Separation of duties: nobody approves what they sent.
+    let own =
+        common::review_request(json!({"request_id": "req-own", "caller": "erin@example.com"}));
+    let own_id = common::create_review(&f.app, &[], own).await;
+    let r = send(
+        &proxy,
+        "POST",
+        &format!("/api/reviews/{own_id}/approve"),
+        &erin,
+        "{}",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(r.json()["error"]["code"], "self_approval");
+}

@@ -1,0 +1,251 @@
+// Sign-in through a real OpenID Connect provider (the `oidc-provider`
+// package, started on a free loopback port by these tests and stopped by
+// PID), in headless Chromium, against the real stack: a reviewer signs in
+// with the provider and approves a request held by Envoy; the provider's
+// groups decide who may sign in and who may approve; a wrong audience, an
+// expired ID token, a replayed state and a callback in another browser are
+// refused; a rotated signing key is picked up.
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { freePort, heldCurl, launchChromium, Provider, Stack, withLogs } from './stack.mjs';
+
+const T = { timeout: 120000 };
+const CLIENT_ID = 'countersign';
+const CLIENT_SECRET = 'browser-test-client-secret-0123456789';
+const USERS = {
+  erin: ['reviewers', 'security'],
+  dave: ['reviewers'],
+  mallory: [],
+};
+
+let stack;
+let provider;
+let browser;
+const contexts = [];
+
+before(async () => {
+  const [approvalPort, providerPort] = await Promise.all([freePort(), freePort()]);
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'countersign-oidc-'));
+  provider = await new Provider({
+    port: providerPort, clientId: CLIENT_ID, clientSecret: CLIENT_SECRET,
+    redirectUri: `http://127.0.0.1:${approvalPort}/ui/oidc/callback`, users: USERS, dir,
+  }).start();
+  stack = await new Stack({
+    approvalPort,
+    extraToml: [
+      '[oidc]',
+      `issuer_url = "${provider.url}"`,
+      `client_id = "${CLIENT_ID}"`,
+      'client_secret_env = "COUNTERSIGN_TEST_OIDC_SECRET"',
+      'scopes = ["openid", "email", "profile", "groups"]',
+      'name_claim = "email"',
+      'groups_claim = "groups"',
+      'required_group = "reviewers"',
+      'display_name = "Example SSO"',
+    ].join('\n'),
+    env: { COUNTERSIGN_TEST_OIDC_SECRET: CLIENT_SECRET },
+  }).start();
+  browser = await launchChromium();
+}, T);
+
+after(async () => {
+  if (browser) await browser.close();
+  if (stack) await stack.stop();
+  if (provider) await provider.stop();
+});
+
+const check = withLogs(() => [
+  stack ? stack.logs() : 'stack not started',
+  provider ? provider.logText().slice(-3000) : 'provider not started',
+].join('\n'));
+
+const url = (p) => stack.approvalUrl + p;
+
+async function newPage() {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 800 }, locale: 'en-GB', timezoneId: 'UTC' });
+  context.setDefaultTimeout(15000);
+  contexts.push(context);
+  return { context, page: await context.newPage() };
+}
+
+const sessionCookie = async (context) => (await context.cookies()).find((c) => c.name === 'cs_session');
+
+// From the service's sign-in page to the provider's login form, filled in
+// as `login`; stops before the callback when `holdCallback` (returning its
+// URL and the sign-in cookie the service set), otherwise lets it through.
+async function signIn(page, login, { next = '/', holdCallback = false } = {}) {
+  let browserCookie = null;
+  page.on('response', async (res) => {
+    if (res.url().includes('/ui/oidc/login')) {
+      const set = await res.headerValue('set-cookie');
+      const m = set && /cs_oidc=([0-9a-f]+)/.exec(set);
+      if (m) [, browserCookie] = m;
+    }
+  });
+  // The callback is the last of the provider's redirects, which a route
+  // does not see: hold the login form's post instead, and follow the
+  // provider's redirects here (with the context's cookies) up to it.
+  let callbackUrl = null;
+  const held = new Promise((resolve) => {
+    if (!holdCallback) return;
+    page.route(`${provider.url}/interaction/**`, async (route) => {
+      if (route.request().method() !== 'POST') return route.continue();
+      let res = await route.fetch({ maxRedirects: 0 });
+      let location = res.headers().location;
+      while (location && !location.startsWith(`${stack.approvalUrl}/ui/oidc/callback`)) {
+        res = await page.context().request.get(new URL(location, provider.url).toString(), { maxRedirects: 0 });
+        location = res.headers().location;
+      }
+      callbackUrl = location;
+      await route.fulfill({ status: 200, contentType: 'text/plain', body: 'callback held' });
+      resolve();
+    });
+  });
+  await page.goto(url(next));
+  await page.waitForURL(/\/login\?next=/);
+  const sso = page.locator('#oidc-sign-in');
+  assert.equal((await sso.textContent()).trim(), 'Sign in with Example SSO');
+  await Promise.all([page.waitForURL(`${provider.url}/**`), sso.click()]);
+  await page.fill('input[name="login"]', login);
+  await page.fill('input[name="password"]', 'any password');
+  if (holdCallback) {
+    await Promise.all([held, page.click('button[type="submit"]')]);
+    await page.unroute(`${provider.url}/interaction/**`);
+  } else {
+    await Promise.all([page.waitForURL(`${stack.approvalUrl}/**`), page.click('button[type="submit"]')]);
+  }
+  return { callbackUrl, browserCookie };
+}
+
+async function expectRefused(page, context, error) {
+  await page.waitForURL(new RegExp(`/login\\?error=${error}`));
+  await page.locator('#login-error').waitFor();
+  assert.equal(await sessionCookie(context), undefined, 'no session');
+  assert.equal(await page.evaluate(async () => (await fetch('/api/me')).status), 401);
+}
+
+test('a reviewer signs in through the provider and approves a request held by Envoy', T, check(async () => {
+  const { context, page } = await newPage();
+  await signIn(page, 'erin');
+  await page.waitForURL(url('/'));
+  await page.locator('#me', { hasText: 'erin@example.com' }).waitFor();
+  const cookie = await sessionCookie(context);
+  assert.ok(cookie, 'the same session cookie as token sign-in');
+  assert.equal(cookie.httpOnly, true);
+  assert.equal(cookie.sameSite, 'Strict');
+  const me = await page.evaluate(async () => (await fetch('/api/me')).json());
+  assert.equal(me.name, 'erin@example.com');
+  assert.deepEqual(me.groups, ['reviewers', 'security']);
+  await page.locator('#live[data-state="live"]').waitFor();
+
+  const held = heldCurl(stack.url, { model: 'demo-echo', messages: [{ role: 'user', content: 'Signed in with SSO' }] });
+  const row = page.locator('.qrow', { hasText: 'Signed in with SSO' });
+  await row.waitFor();
+  await Promise.all([page.waitForURL(/\/reviews\//), row.click()]);
+  await page.click('#approve');
+  const res = await held.result;
+  assert.equal(res.status, 200, `${res.body} ${res.stderr}`);
+  assert.equal(JSON.parse(res.body).choices[0].message.content, 'echo: Signed in with SSO');
+  const stored = (await stack.api('/api/reviews?status=approved')).json.reviews[0];
+  assert.equal(stored.reviewer, 'erin@example.com');
+}));
+
+test('a person the provider puts in no approver group signs in but cannot approve', T, check(async () => {
+  const id = await stack.fileReview({
+    request_id: 'oidc-group-1', api: 'openai_chat', method: 'POST', path: '/v1/chat/completions', authority: 'llm',
+    model: 'demo-echo', prompt: [{ role: 'user', text: 'needs security' }], approver_group: 'security',
+    body: JSON.stringify({ model: 'demo-echo', messages: [{ role: 'user', content: 'needs security' }] }),
+    hold_timeout_ms: 120000,
+  });
+  const { page } = await newPage();
+  await signIn(page, 'dave', { next: `/reviews/${id}` });
+  await page.waitForURL(url(`/reviews/${id}`));
+  await page.locator('#me', { hasText: 'dave@example.com' }).waitFor();
+  const status = await page.evaluate(async (rid) => {
+    const me = await (await fetch('/api/me')).json();
+    return (await fetch(`/api/reviews/${rid}/approve`, {
+      method: 'POST', headers: { 'content-type': 'application/json', 'x-csrf-token': me.csrf_token }, body: '{}',
+    })).status;
+  }, id);
+  assert.equal(status, 403);
+  assert.equal((await stack.api(`/api/reviews/${id}`)).json.status, 'pending');
+
+  // Someone in the group can.
+  const erin = await newPage();
+  await signIn(erin.page, 'erin', { next: `/reviews/${id}` });
+  await erin.page.waitForURL(url(`/reviews/${id}`));
+  await erin.page.click('#approve');
+  await erin.page.locator('.decided .badge-approved').waitFor();
+  assert.equal((await stack.api(`/api/reviews/${id}`)).json.reviewer, 'erin@example.com');
+}));
+
+test('a person outside required_group is refused sign-in', T, check(async () => {
+  const { context, page } = await newPage();
+  await signIn(page, 'mallory');
+  await expectRefused(page, context, 'group');
+  assert.match(await page.locator('#login-error').textContent(), /not in the group/);
+}));
+
+// The provider re-signs its ID token with its own key with one claim
+// wrong, so the service has only that to refuse it for.
+for (const [mode, what, logged] of [
+  ['wrong-audience', 'an ID token for another audience', /OpenID Connect sign-in failed.*another-application/],
+  ['expired', 'an expired ID token', /OpenID Connect sign-in failed.*[Ee]xpire/],
+]) {
+  test(`${what} is refused`, T, check(async () => {
+    await provider.setMode(mode);
+    try {
+      const { context, page } = await newPage();
+      await signIn(page, 'erin');
+      await expectRefused(page, context, 'oidc');
+    } finally {
+      await provider.setMode('normal');
+    }
+    assert.match(stack.approval.logText(), logged);
+  }));
+}
+
+test('a callback works once, and only in the browser that started the sign-in', T, check(async () => {
+  const first = await newPage();
+  const { callbackUrl, browserCookie } = await signIn(first.page, 'erin', { holdCallback: true });
+  assert.ok(callbackUrl && browserCookie, 'callback held');
+
+  // Another browser (no sign-in cookie) with this callback: refused.
+  const other = await newPage();
+  await other.page.goto(callbackUrl);
+  await expectRefused(other.page, other.context, 'oidc');
+  assert.match(stack.approval.logText(), /did not start this sign-in/);
+
+  // That attempt used the state up: the browser that started it is refused too.
+  await first.page.goto(callbackUrl);
+  await expectRefused(first.page, first.context, 'oidc');
+
+  // A complete sign-in, then its callback replayed with its own cookie.
+  const again = await newPage();
+  const held = await signIn(again.page, 'erin', { holdCallback: true });
+  await again.page.goto(held.callbackUrl);
+  await again.page.waitForURL(url('/'));
+  assert.ok(await sessionCookie(again.context));
+  const replay = await newPage();
+  await replay.context.addCookies([{
+    name: 'cs_oidc', value: held.browserCookie, url: `${stack.approvalUrl}/ui/oidc/`,
+  }]);
+  await replay.page.goto(held.callbackUrl);
+  await expectRefused(replay.page, replay.context, 'oidc');
+  assert.match(stack.approval.logText(), /already used state/);
+}));
+
+test('a rotated provider signing key is fetched when a token names it', T, check(async () => {
+  const before = (await (await fetch(`${provider.url}/jwks`)).json()).keys.map((k) => k.kid);
+  await provider.rotate();
+  const afterKeys = (await (await fetch(`${provider.url}/jwks`)).json()).keys.map((k) => k.kid);
+  assert.notDeepEqual(afterKeys, before);
+  const { context, page } = await newPage();
+  await signIn(page, 'erin');
+  await page.waitForURL(url('/'));
+  await page.locator('#me', { hasText: 'erin@example.com' }).waitFor();
+  assert.ok(await sessionCookie(context));
+}));
