@@ -204,12 +204,13 @@ test('prompt text with <script> and <img onerror> payloads renders as text and r
 }));
 
 test('a decision without the CSRF token is refused', T, check(async () => {
-  const id = await stack.fileReview({
-    request_id: 'csrf-1', api: 'openai_chat', method: 'POST', path: '/v1/chat/completions', authority: 'llm',
-    model: 'demo-echo', prompt: [{ role: 'user', text: 'csrf probe' }],
-    body: JSON.stringify({ model: 'demo-echo', messages: [{ role: 'user', content: 'csrf probe' }] }),
-    hold_timeout_ms: 120000,
-  });
+  const held = heldCurl(stack.url, { model: 'demo-echo', messages: [{ role: 'user', content: 'csrf probe' }] });
+  let id;
+  for (let i = 0; i < 100 && !id; i += 1) {
+    id = (await stack.pending()).find((r) => r.preview === 'csrf probe')?.id;
+    if (!id) await new Promise((r) => setTimeout(r, 100));
+  }
+  assert.ok(id, 'the held request became a review');
   await page.goto(url(`/reviews/${id}`));
   await page.locator('#approve').waitFor();
   const statuses = await page.evaluate(async (rid) => {
@@ -234,6 +235,8 @@ test('a decision without the CSRF token is refused', T, check(async () => {
   const r = (await stack.api(`/api/reviews/${id}`)).json;
   assert.equal(r.status, 'approved');
   assert.equal(r.reviewer, 'alice');
+  const res = await held.result;
+  assert.equal(res.status, 200, res.body);
 }));
 
 test('history filters by text and decision and opens the full record', T, check(async () => {
