@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from conftest import chat, post, send_later
-from stack import wait_until
+from stack import stat, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -19,8 +19,9 @@ def test_held_request_is_approved_and_answered(stack, background):
     [review] = stack.approval.wait_pending()
     assert review["model"] == "demo-echo"
     assert "summarise the plan" in review["preview"]
-    # While held, the model has not seen the request at all, not even its headers.
-    time.sleep(0.3)
+    # Held by the filter (its gauge says so), the model has not seen the
+    # request at all, not even its headers.
+    wait_until(lambda: stat(stack, "wasmcustom.countersign_held") == 1, what="the request held by the filter")
     assert stack.backend.stats()["started"] == 0
     assert not fut.done()
 
