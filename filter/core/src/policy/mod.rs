@@ -21,7 +21,9 @@
 //! * `phrases` match case-insensitively as substrings, on the prompt as the
 //!   model reads it (`PromptText`: folded, unescaped, look-alikes as one,
 //!   across messages and parts); a run of whitespace in
-//!   a phrase matches any run of whitespace. `regex` uses Rust regex syntax
+//!   a phrase matches any run of whitespace. Response rules' phrases are
+//!   found in the answer as written, each letter matching what reads as it
+//!   (`phrase_pattern_as_written`). `regex` uses Rust regex syntax
 //!   (case-insensitive matching of ASCII with `(?i-u:...)`; Unicode `(?i)`
 //!   is not compiled into the filter).
 //! * Request rules deny when any of their conditions trips: a phrase or
