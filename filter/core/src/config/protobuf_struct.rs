@@ -165,9 +165,27 @@ fn deeper(depth: usize) -> Result<usize, String> {
 
 /// `Struct { map<string, Value> fields = 1; }` as a JSON object.
 fn write_struct(bytes: &[u8], out: &mut String, depth: usize) -> Result<(), String> {
+    write_repeated(bytes, out, depth, ('{', '}'), "a Struct", write_entry)
+}
+
+/// `ListValue { repeated Value values = 1; }` as a JSON array.
+fn write_list(bytes: &[u8], out: &mut String, depth: usize) -> Result<(), String> {
+    write_repeated(bytes, out, depth, ('[', ']'), "a ListValue", write_value)
+}
+
+/// A message whose only field (1) is repeated and length delimited: each
+/// item written by `write_item`, comma separated, between `brackets`.
+fn write_repeated(
+    bytes: &[u8],
+    out: &mut String,
+    depth: usize,
+    brackets: (char, char),
+    message: &str,
+    write_item: fn(&[u8], &mut String, usize) -> Result<(), String>,
+) -> Result<(), String> {
     let depth = deeper(depth)?;
     let mut reader = Reader::new(bytes);
-    out.push('{');
+    out.push(brackets.0);
     let mut first = true;
     while !reader.is_empty() {
         match reader.tag()? {
@@ -176,12 +194,12 @@ fn write_struct(bytes: &[u8], out: &mut String, depth: usize) -> Result<(), Stri
                     out.push(',');
                 }
                 first = false;
-                write_entry(reader.length_delimited()?, out, depth)?;
+                write_item(reader.length_delimited()?, out, depth)?;
             }
-            (number, wire_type) => return Err(unexpected("a Struct", number, wire_type)),
+            (number, wire_type) => return Err(unexpected(message, number, wire_type)),
         }
     }
-    out.push('}');
+    out.push(brackets.1);
     Ok(())
 }
 
@@ -237,28 +255,6 @@ fn write_value(bytes: &[u8], out: &mut String, depth: usize) -> Result<(), Strin
     if !reader.is_empty() {
         return Err("a Value with more than one kind set".into());
     }
-    Ok(())
-}
-
-/// `ListValue { repeated Value values = 1; }` as a JSON array.
-fn write_list(bytes: &[u8], out: &mut String, depth: usize) -> Result<(), String> {
-    let depth = deeper(depth)?;
-    let mut reader = Reader::new(bytes);
-    out.push('[');
-    let mut first = true;
-    while !reader.is_empty() {
-        match reader.tag()? {
-            (1, LENGTH_DELIMITED) => {
-                if !first {
-                    out.push(',');
-                }
-                first = false;
-                write_value(reader.length_delimited()?, out, depth)?;
-            }
-            (number, wire_type) => return Err(unexpected("a ListValue", number, wire_type)),
-        }
-    }
-    out.push(']');
     Ok(())
 }
 
