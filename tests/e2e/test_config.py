@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from conftest import chat
-from stack import ENVOY, RELEASE, ROOT, TEMPLATE, Approval, Backend, Envoy, render
+from stack import DEFAULT_FILTER_TOKEN, ENVOY, RELEASE, ROOT, TEMPLATE, Approval, Backend, Envoy, render
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -87,8 +87,9 @@ def test_plugin_config_as_a_struct_runs_with_traffic(tmp_path, background):
     config = {"approval_cluster": "countersign_approval", "hold_timeout_ms": 420000, "max_body_bytes": 1048576,
               "rules": [{"name": "Bob's blocked models", "model": "forbidden-*", "action": "deny"},
                         {"name": "load-tests", "model": "demo-allow*", "action": "allow"}],
-              "default_action": "review"}
-    backend, approval = Backend(tmp_path).start(), Approval(tmp_path).start()
+              "default_action": "review", "approval_token": DEFAULT_FILTER_TOKEN}
+    backend = Backend(tmp_path).start()
+    approval = Approval(tmp_path, filter_token=DEFAULT_FILTER_TOKEN).start()
     envoy = Envoy(tmp_path, backend, approval, config, mutate=as_struct)
     try:
         assert STRUCT_TYPE in envoy.yaml.read_text()
