@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use countersign_core::config::Config as PluginConfig;
+use countersign_core::config::{struct_json_text, Config as PluginConfig};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -18,6 +18,7 @@ const HCM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.htt
 const BUFFER_NAME: &str = "envoy.filters.http.buffer";
 const BUFFER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer";
 const STRING_VALUE_TYPE: &str = "type.googleapis.com/google.protobuf.StringValue";
+const STRUCT_TYPE: &str = "type.googleapis.com/google.protobuf.Struct";
 const V8_RUNTIME: &str = "envoy.wasm.runtime.v8";
 /// Envoy's default `stream_idle_timeout`.
 pub(super) const DEFAULT_STREAM_IDLE_MS: u64 = 300_000;
@@ -228,10 +229,11 @@ struct EnvironmentVariables {
     key_values: Option<serde_json::Map<String, Value>>,
 }
 
-/// A `google.protobuf.StringValue` holding the JSON plugin configuration.
+/// The plugin configuration's `Any`: a `google.protobuf.StringValue`
+/// holding JSON text, or a `google.protobuf.Struct` (a YAML map).
 #[derive(Deserialize, Default)]
 #[serde(default)]
-struct StringValue {
+struct ConfigurationAny {
     #[serde(rename = "@type", deserialize_with = "lenient")]
     type_url: Option<String>,
     #[serde(deserialize_with = "present")]
@@ -306,23 +308,29 @@ impl WasmConfig {
         vars
     }
 
-    /// The JSON text in `configuration` (a `google.protobuf.StringValue`).
+    /// The JSON text the filter reads from `configuration`: a
+    /// `google.protobuf.StringValue`'s text, or a `google.protobuf.Struct`
+    /// as the filter reads it (numbers as Envoy carries them).
     fn configuration_text(&self) -> Result<String, String> {
         match &self.configuration {
             None | Some(Value::Null) => Ok(String::new()),
             Some(c) => {
-                let c: StringValue = view(c);
+                let c: ConfigurationAny = view(c);
                 let ty = c.type_url.as_deref().unwrap_or("");
-                if ty != STRING_VALUE_TYPE {
-                    return Err(format!(
-                        "configuration must be a {STRING_VALUE_TYPE} holding the JSON plugin configuration, not `{ty}`"
-                    ));
-                }
-                match c.value {
-                    None | Some(Value::Null) => Ok(String::new()),
-                    Some(Value::String(s)) => Ok(s),
-                    Some(other) => Err(format!(
-                        "configuration.value must be a string of JSON, not {other}"
+                match (ty, c.value) {
+                    (STRING_VALUE_TYPE | STRUCT_TYPE, None | Some(Value::Null)) => Ok(String::new()),
+                    (STRING_VALUE_TYPE, Some(Value::String(s))) => Ok(s),
+                    (STRING_VALUE_TYPE, Some(other)) => Err(format!(
+                        "configuration.value must be a string of JSON, not {other} (or use {STRUCT_TYPE} for a YAML map)"
+                    )),
+                    (STRUCT_TYPE, Some(Value::Object(map))) => struct_json_text(&map)
+                        .map_err(|e| format!("configuration.value: {e}")),
+                    (STRUCT_TYPE, Some(other)) => Err(format!(
+                        "configuration.value must be a map (the plugin configuration's fields), not {other}"
+                    )),
+                    _ => Err(format!(
+                        "configuration must be a {STRING_VALUE_TYPE} holding the JSON plugin configuration \
+                         or a {STRUCT_TYPE} holding it as a map, not `{ty}`"
                     )),
                 }
             }
@@ -700,6 +708,50 @@ static_resources:
         assert!(errors[0].contains("field `rules[1].model`"), "{errors:?}");
         assert!(
             errors[0].contains("http filter `countersign` in listener `inference`"),
+            "{errors:?}"
+        );
+    }
+
+    /// The bootstrap with its configuration as a `google.protobuf.Struct`
+    /// holding `value` (YAML, indented under `value:`).
+    fn struct_bootstrap(value: &str) -> String {
+        bootstrap("").replace(
+            "\"@type\": type.googleapis.com/google.protobuf.StringValue\n                  value: ''",
+            &format!("\"@type\": type.googleapis.com/google.protobuf.Struct\n                  value:{value}"),
+        )
+    }
+
+    #[test]
+    fn a_struct_configuration_is_read_as_the_filter_reads_it() {
+        // A YAML map: a `'` needs no escaping, and a number written as a
+        // float reaches the filter as the integer Envoy's double holds.
+        let good = struct_bootstrap(
+            "\n                    hold_timeout_ms: 600000.0\n                    rules:\n                    - { name: \"Bob's models\", model: \"bob-*\", action: deny }",
+        );
+        assert!(good.contains("google.protobuf.Struct"), "{good}");
+        let r = check_texts(&[("envoy.yaml", &good)]);
+        assert!(!r.has_errors(), "{:?}", r.lines);
+        assert_eq!(messages(&r, Level::Warning), Vec::<String>::new());
+
+        let misspelt = struct_bootstrap(
+            "\n                    rules:\n                    - { action: allow, modle: x }",
+        );
+        let errors = messages(&check_texts(&[("envoy.yaml", &misspelt)]), Level::Error);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].contains("field `rules[0].modle`"), "{errors:?}");
+
+        let not_a_map = struct_bootstrap(" '{\"rules\":[]}'");
+        let errors = messages(&check_texts(&[("envoy.yaml", &not_a_map)]), Level::Error);
+        assert!(
+            errors[0].contains("configuration.value must be a map"),
+            "{errors:?}"
+        );
+
+        let other_type =
+            bootstrap("{}").replace("google.protobuf.StringValue", "google.protobuf.BytesValue");
+        let errors = messages(&check_texts(&[("envoy.yaml", &other_type)]), Level::Error);
+        assert!(
+            errors[0].contains("or a type.googleapis.com/google.protobuf.Struct"),
             "{errors:?}"
         );
     }

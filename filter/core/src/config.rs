@@ -1,10 +1,15 @@
-//! The filter's configuration: parsed once from the JSON string in the Envoy
-//! YAML (`typed_config.config.configuration`), validated, and then immutable.
+//! The filter's configuration: parsed once from the Envoy YAML's
+//! `typed_config.config.configuration` (a JSON string, or a YAML map that
+//! Envoy hands over as a `google.protobuf.Struct`), validated, and then
+//! immutable.
 //!
 //! Every validation error names the offending field, because the operator
 //! only sees it as one line in Envoy's log.
 
 use std::fmt;
+
+mod protobuf_struct;
+pub use protobuf_struct::struct_json_text;
 
 use serde::Deserialize;
 
@@ -539,8 +544,21 @@ fn default_action() -> Action {
 pub const MAX_HOLD_TIMEOUT_MS: u64 = 86_400_000;
 
 impl Config {
-    /// Parses and validates the plugin configuration. An empty input means
+    /// Parses and validates the plugin configuration as Envoy hands it to
+    /// the filter: JSON text (a `StringValue` configuration) or the
+    /// protobuf encoding of a `google.protobuf.Struct` (a YAML map), which
+    /// becomes the JSON it holds ([`protobuf_struct`]). An empty input means
     /// "all defaults".
+    pub fn from_plugin_configuration(bytes: &[u8]) -> Result<Config, ConfigError> {
+        match protobuf_struct::json_text(bytes) {
+            None => Config::from_json(bytes),
+            Some(Ok(json)) => Config::from_json(json.as_bytes()),
+            Some(Err(message)) => Err(err("", message)),
+        }
+    }
+
+    /// Parses and validates the plugin configuration from JSON text. An
+    /// empty input means "all defaults".
     pub fn from_json(bytes: &[u8]) -> Result<Config, ConfigError> {
         Config::from_json_with_env(bytes, &|name| std::env::var(name).ok())
     }

@@ -207,7 +207,7 @@ impl RootContext for Root {
             .ok()
             .flatten()
             .unwrap_or_default();
-        match Config::from_json(&raw) {
+        match Config::from_plugin_configuration(&raw) {
             Ok(config) => {
                 self.config = Some(Rc::new(config));
                 if hostcalls::set_tick_period(TICK).is_err() {
