@@ -130,7 +130,15 @@ pub struct Hold {
 }
 
 /// Attempts at writing a record before the request is refused.
-pub const RECORD_ATTEMPTS: u32 = 3;
+pub const RECORD_ATTEMPTS: u32 = 5;
+
+/// Delay before the second record attempt; doubles for each later one (the
+/// last is 1.5 s after the first), so a replica's death does not refuse a
+/// request another replica could record. Not at
+/// once: a replica that has just died stays in Envoy's pool until a failed
+/// connection or outlier detection takes it out, so an immediate retry can
+/// meet the same dead replica.
+pub const RECORD_RETRY_MS: u64 = 100;
 
 /// Attempts at creating a review before the request is refused (or, with
 /// `fail_open`, released). Only failures that may be transient are retried:
@@ -376,7 +384,7 @@ impl Hold {
         HoldStep::Call(call)
     }
 
-    fn after_record(&mut self, result: &CalloutResult) -> HoldStep {
+    fn after_record(&mut self, result: &CalloutResult, now_ms: u64) -> HoldStep {
         let Some(mut release) = self.pending.take() else {
             return HoldStep::Refuse(self.refusal(
                 RefusalKind::RecordUnavailable,
@@ -394,11 +402,12 @@ impl Hold {
             }
             // The write may have committed with its answer lost: the same
             // idempotency key makes a retry return that record, not a second.
-            None if self.record_attempts < RECORD_ATTEMPTS => match self.record_call.clone() {
-                Some(call) => {
-                    self.record_attempts += 1;
+            // Sent again by `on_retry`, after RECORD_RETRY_MS (doubling).
+            None if self.record_attempts < RECORD_ATTEMPTS => match self.record_call {
+                Some(_) => {
+                    let delay = RECORD_RETRY_MS << self.record_attempts.saturating_sub(1).min(8);
                     self.pending = Some(release);
-                    HoldStep::Call(call)
+                    HoldStep::RetryAt(now_ms.saturating_add(delay))
                 }
                 None => HoldStep::Refuse(self.refusal(
                     RefusalKind::RecordUnavailable,
@@ -452,7 +461,7 @@ impl Hold {
         match kind {
             CalloutKind::Consume => return self.after_consume(config, result, now_ms),
             CalloutKind::Status => return self.after_status(result),
-            CalloutKind::Record => return self.after_record(result),
+            CalloutKind::Record => return self.after_record(result, now_ms),
             _ => {}
         }
         let state = parse_state(result);
@@ -602,6 +611,13 @@ impl Hold {
 
     /// Called at the time a previous [`HoldStep::RetryAt`] named.
     pub fn on_retry(&mut self, config: &Config, now_ms: u64) -> HoldStep {
+        // A record write waiting to be tried again (the release waits on it).
+        if self.pending.is_some() {
+            if let Some(call) = &self.record_call {
+                self.record_attempts = self.record_attempts.saturating_add(1);
+                return HoldStep::Call(call.clone());
+            }
+        }
         if self.review_id.is_none() {
             if let Some(call) = &self.create_call {
                 self.create_attempts = self.create_attempts.saturating_add(1);
@@ -1241,12 +1257,17 @@ mod tests {
                 status: Some(500),
                 body: vec![],
             };
-            // Retried with the very same call (same idempotency key) first.
-            for _ in 1..RECORD_ATTEMPTS {
-                let retry = h2.on_response(&c, CalloutKind::Record, &fail, 4_001);
-                assert_eq!(retry, HoldStep::Call(call.clone()), "{mode}");
+            // Retried with the very same call (same idempotency key) first,
+            // after 100, 200, 400 and 800 ms.
+            let mut now = 4_001;
+            for k in 0..RECORD_ATTEMPTS - 1 {
+                let delay = RECORD_RETRY_MS << k;
+                let retry = h2.on_response(&c, CalloutKind::Record, &fail, now);
+                assert_eq!(retry, HoldStep::RetryAt(now + delay), "{mode}");
+                now += delay;
+                assert_eq!(h2.on_retry(&c, now), HoldStep::Call(call.clone()), "{mode}");
             }
-            let failed = h2.on_response(&c, CalloutKind::Record, &fail, 4_001);
+            let failed = h2.on_response(&c, CalloutKind::Record, &fail, now);
             assert_eq!(
                 matches!(failed, HoldStep::Release(_)),
                 ok_without_record,
