@@ -154,8 +154,10 @@ def assert_every_answer_recorded_once(stack, answers):
     got their answer (the backend's counter is complete, unlike its request
     log); each of those has exactly one record, and no record of a refused
     request claims it was forwarded. The chain verifies."""
+    # Refusals (503) are allowed, not required: the filter's record retries
+    # (five over 1.5 s) may ride out a short outage entirely.
     codes = Counter(code for _, code in answers)
-    assert set(codes) <= {200, 503} and codes[200] and codes[503], codes
+    assert set(codes) <= {200, 503} and codes[200], codes
     answered = {rid for rid, code in answers if code == 200}
     refused = {rid for rid, code in answers if code == 503}
     assert stack.backend.stats()["started"] == len(answered), (stack.backend.stats(), codes)
