@@ -325,58 +325,10 @@ fn err(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     }
 }
 
-/// A case-insensitive pattern for a literal phrase, built without Unicode
-/// case tables: each cased character becomes a class of its case forms.
-fn phrase_pattern(phrase: &str) -> String {
-    let mut out = String::new();
-    let mut in_space = false;
-    for c in phrase.trim().chars() {
-        if c.is_whitespace() {
-            if !in_space {
-                out.push_str(r"\s+");
-                in_space = true;
-            }
-            continue;
-        }
-        in_space = false;
-        let s = c.to_string();
-        let lower: String = c.to_lowercase().collect();
-        let upper: String = c.to_uppercase().collect();
-        if lower == s && upper == s {
-            out.push_str(&regex::escape(&s));
-            continue;
-        }
-        let mut forms: Vec<String> = vec![s, lower, upper];
-        forms.sort();
-        forms.dedup();
-        if forms.iter().all(|f| f.chars().count() == 1) {
-            out.push('[');
-            for f in &forms {
-                out.push_str(&regex::escape(f));
-            }
-            out.push(']');
-        } else {
-            out.push_str("(?:");
-            out.push_str(
-                &forms
-                    .iter()
-                    .map(|f| regex::escape(f))
-                    .collect::<Vec<_>>()
-                    .join("|"),
-            );
-            out.push(')');
-        }
-    }
-    out
-}
-
-/// A pattern for a phrase as a reader sees it in text as written: each
-/// character matches everything that reads as it ([`reads_as`]: look-alike
-/// letters and digits, full-width and mathematical forms, any case), and
-/// invisible characters may sit between them. Answers are matched this
-/// way: their matches must be found in the text as sent, to be blocked or
-/// redacted there, so the text cannot be normalised first as prompts are.
-fn phrase_pattern_as_written(phrase: &str) -> String {
+/// A pattern for a literal phrase: each character becomes `letter(c)`,
+/// `between` goes between two characters of a word, and a run of
+/// whitespace matches any run of whitespace.
+fn phrase_pattern_with(phrase: &str, letter: impl Fn(char) -> String, between: &str) -> String {
     let mut out = String::new();
     let mut in_space = false;
     let mut after_char = false;
@@ -391,17 +343,55 @@ fn phrase_pattern_as_written(phrase: &str) -> String {
         }
         in_space = false;
         if after_char {
-            out.push_str(INVISIBLE_CLASS);
-            out.push('*');
+            out.push_str(between);
         }
-        out.push('[');
-        for d in reads_as(c) {
-            out.push_str(&regex::escape(&d.to_string()));
-        }
-        out.push(']');
+        out.push_str(&letter(c));
         after_char = true;
     }
     out
+}
+
+/// A case-insensitive pattern for a literal phrase, built without Unicode
+/// case tables: each cased character becomes a class of its case forms.
+fn phrase_pattern(phrase: &str) -> String {
+    phrase_pattern_with(phrase, case_forms, "")
+}
+
+/// `c` and its case forms, as a regex.
+fn case_forms(c: char) -> String {
+    let s = c.to_string();
+    let lower: String = c.to_lowercase().collect();
+    let upper: String = c.to_uppercase().collect();
+    if lower == s && upper == s {
+        return regex::escape(&s);
+    }
+    let mut forms: Vec<String> = vec![s, lower, upper];
+    forms.sort();
+    forms.dedup();
+    if forms.iter().all(|f| f.chars().count() == 1) {
+        let class: String = forms.iter().map(|f| regex::escape(f)).collect();
+        format!("[{class}]")
+    } else {
+        let alternatives: Vec<String> = forms.iter().map(|f| regex::escape(f)).collect();
+        format!("(?:{})", alternatives.join("|"))
+    }
+}
+
+/// A pattern for a phrase as a reader sees it in text as written: each
+/// character matches everything that reads as it ([`reads_as`]: look-alike
+/// letters and digits, full-width and mathematical forms, any case), and
+/// invisible characters may sit between them. Answers are matched this
+/// way: their matches must be found in the text as sent, to be blocked or
+/// redacted there, so the text cannot be normalised first as prompts are.
+fn phrase_pattern_as_written(phrase: &str) -> String {
+    let look_alikes = |c: char| {
+        let class: String = reads_as(c)
+            .into_iter()
+            .map(|d| regex::escape(&d.to_string()))
+            .collect();
+        format!("[{class}]")
+    };
+    phrase_pattern_with(phrase, look_alikes, &format!("{INVISIBLE_CLASS}*"))
 }
 
 fn compile_phrases(field: &str, phrases: &[String]) -> Result<Option<Regex>, ConfigError> {
