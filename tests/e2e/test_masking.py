@@ -248,13 +248,18 @@ def test_the_anthropic_sdk_streams_a_masked_answer_as_it_is_written(masked):
     assert final.content[0].text == "".join(t for t, _ in pieces)
 
 
+# The secret a blocked answer carries. A word, not digits: digits can turn up
+# in a response's own `created` timestamp and fail the test by chance.
+LAUNCH_CODE = "tangerine-walrus"
+
+
 def test_plain_response_is_masked_and_blocked(masked):
     r = httpx.post(masked.url + "/v1/chat/completions", json=chat(model="demo-allow", text="hi"),
                    headers={"x-demo-reply": f"write to {EMAIL}"})
     assert EMAIL not in r.text and "<EMAIL_" in r.json()["choices"][0]["message"]["content"]
     r = httpx.post(masked.url + "/v1/chat/completions", json=chat(model="demo-allow", text="hi"),
-                   headers={"x-demo-reply": "the launch codes are 42"})
-    assert "42" not in r.text and "no-launch-codes" in r.text
+                   headers={"x-demo-reply": f"the launch codes are {LAUNCH_CODE}"})
+    assert LAUNCH_CODE not in r.text and "no-launch-codes" in r.text
 
 
 # A blocked phrase in an answer written so that a reader still reads it:
@@ -270,8 +275,8 @@ DISGUISED_ANSWERS = {
 @pytest.mark.parametrize("form", list(DISGUISED_ANSWERS))
 def test_response_rules_read_answers_as_a_reader_does(masked, form, stream):
     # The demo model echoes the prompt: the answer carries the phrase.
-    r = post(masked.url, json=chat(model="demo-allow", text=f"the {DISGUISED_ANSWERS[form]} are 42", stream=stream))
-    assert "42" not in r.text, r.text
+    r = post(masked.url, json=chat(model="demo-allow", text=f"the {DISGUISED_ANSWERS[form]} are {LAUNCH_CODE}", stream=stream))
+    assert LAUNCH_CODE not in r.text, r.text
     assert "no-launch-codes" in r.text, r.text
 
 
