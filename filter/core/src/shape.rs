@@ -134,6 +134,7 @@ pub(crate) fn walk(
     }
     tools(&mut w, obj)?;
     answer_schemas(&mut w, api, obj)?;
+    provider_fields(&mut w, api, obj)?;
     w.end();
     Ok(w.done)
 }
@@ -687,6 +688,131 @@ fn answer_schemas(
         }
         _ => Ok(()),
     }
+}
+
+// Fields the provider receives but the model does not read ---------------
+
+/// Where an API keeps stop sequences (a path of keys from the top level)
+/// and the caller's ids and labels (`user`, `metadata`, ...).
+struct ProviderFields {
+    stop: &'static [&'static [&'static str]],
+    ids: &'static [&'static str],
+}
+
+fn provider_field_paths(api: ApiKind) -> ProviderFields {
+    const OPENAI_IDS: &[&str] = &["user", "safety_identifier", "prompt_cache_key", "metadata"];
+    match api {
+        ApiKind::OpenaiChat | ApiKind::AzureOpenaiChat => ProviderFields {
+            stop: &[&["stop"]],
+            ids: OPENAI_IDS,
+        },
+        ApiKind::OpenaiCompletions | ApiKind::AzureOpenaiCompletions => ProviderFields {
+            stop: &[&["stop"]],
+            ids: &["user"],
+        },
+        ApiKind::OpenaiEmbeddings | ApiKind::AzureOpenaiEmbeddings => ProviderFields {
+            stop: &[],
+            ids: &["user"],
+        },
+        ApiKind::OpenaiResponses => ProviderFields {
+            stop: &[],
+            ids: OPENAI_IDS,
+        },
+        ApiKind::AnthropicMessages => ProviderFields {
+            stop: &[&["stop_sequences"]],
+            ids: &["metadata"],
+        },
+        ApiKind::BedrockInvoke => ProviderFields {
+            stop: &[&["stop_sequences"]],
+            ids: &[],
+        },
+        // Google's JSON takes either spelling of each field.
+        ApiKind::GeminiGenerateContent => ProviderFields {
+            stop: &[
+                &["generationConfig", "stopSequences"],
+                &["generationConfig", "stop_sequences"],
+                &["generation_config", "stopSequences"],
+                &["generation_config", "stop_sequences"],
+            ],
+            ids: &["labels"],
+        },
+        ApiKind::OllamaChat | ApiKind::OllamaGenerate => ProviderFields {
+            stop: &[&["options", "stop"]],
+            ids: &[],
+        },
+        ApiKind::BedrockConverse => ProviderFields {
+            stop: &[&["inferenceConfig", "stopSequences"]],
+            ids: &["requestMetadata"],
+        },
+    }
+}
+
+/// Strings that leave with the request although the model does not read
+/// them as prompt: masked or refused like prompt text, since the provider
+/// stores them, but not shown to the reviewer.
+/// * Stop sequences are fixed: a masked stop sequence would silently stop
+///   the answer somewhere else, so a detection refuses the request.
+/// * The caller's ids and labels (`user`, `metadata`, Gemini's `labels`,
+///   Bedrock's `requestMetadata`) are rewritten: a placeholder is as good an
+///   id for the provider's abuse monitoring, and the request keeps working.
+///   Their keys are fixed.
+fn provider_fields(
+    w: &mut Walker<'_>,
+    api: ApiKind,
+    obj: &Map<String, Value>,
+) -> Result<(), ShapeError> {
+    let fields = provider_field_paths(api);
+    for path in fields.stop {
+        stop_sequences_at(w, obj, path)?;
+    }
+    for key in fields.ids {
+        if let Some(v) = obj.get(*key) {
+            w.key(key, |w| w.screened_value(v))?;
+        }
+    }
+    Ok(())
+}
+
+/// The stop sequences at `path` below `obj`: absent, a string or a list of
+/// strings, each fixed.
+fn stop_sequences_at(
+    w: &mut Walker<'_>,
+    obj: &Map<String, Value>,
+    path: &[&str],
+) -> Result<(), ShapeError> {
+    let Some((last, parents)) = path.split_last() else {
+        return Ok(());
+    };
+    let mut at = obj;
+    for (depth, key) in parents.iter().enumerate() {
+        match at.get(*key) {
+            Some(Value::Object(inner)) => at = inner,
+            None | Some(Value::Null) => return Ok(()),
+            Some(_) => {
+                let field = parents.get(..=depth).unwrap_or_default().join(".");
+                return Err(ShapeError::new(field, "must be an object"));
+            }
+        }
+    }
+    let within = parents.iter().map(|k| Seg::Key((*k).to_string()));
+    let depth = parents.len();
+    w.path.extend(within);
+    let result = match at.get(*last) {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(s)) => w.key(last, |w| w.fixed(s)),
+        Some(Value::Array(items)) => w.key(last, |w| {
+            items
+                .iter()
+                .enumerate()
+                .try_for_each(|(i, item)| match item {
+                    Value::String(s) => w.idx(i, |w| w.fixed(s)),
+                    _ => Err(w.err("", format!("[{i}] must be a string"))),
+                })
+        }),
+        Some(_) => Err(w.err(last, "must be a string or a list of strings")),
+    };
+    w.path.truncate(w.path.len().saturating_sub(depth));
+    result
 }
 
 /// `obj[key]` as a `schema` message; a plain string (Ollama's `"json"`) is
@@ -2322,5 +2448,112 @@ mod tests {
             let e = walk(ApiKind::OpenaiChat, &obj, &mut Refuse(text)).unwrap_err();
             assert_eq!(e.field, field, "{text}");
         }
+    }
+
+    /// Rewrites and refuses one value, wherever the walk meets it.
+    struct OneValue(&'static str);
+    impl Screen for OneValue {
+        fn rewrite(&mut self, text: &str) -> Option<String> {
+            text.contains(self.0)
+                .then(|| text.replace(self.0, "<EMAIL_1>"))
+        }
+        fn check(&mut self, text: &str) -> Result<(), String> {
+            if text.contains(self.0) {
+                Err("carries an e-mail address".into())
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    #[test]
+    fn ids_sent_to_the_provider_are_masked_and_stop_sequences_refused() {
+        const V: &str = "dana@fbi.example.org";
+        let walk_of = |api, body: &str| {
+            let Value::Object(obj) = serde_json::from_str::<Value>(&body.replace("V", V)).unwrap()
+            else {
+                panic!()
+            };
+            walk(api, &obj, &mut OneValue(V))
+        };
+        // Rewritten where they sit, not shown to the reviewer.
+        for (api, body, paths) in [
+            (
+                ApiKind::OpenaiChat,
+                r#"{"messages":[{"role":"user","content":"hi"}],"user":"V","safety_identifier":"V","prompt_cache_key":"V","metadata":{"team":"V"}}"#,
+                &[
+                    "user",
+                    "safety_identifier",
+                    "prompt_cache_key",
+                    "metadata.team",
+                ][..],
+            ),
+            (
+                ApiKind::AnthropicMessages,
+                r#"{"messages":[{"role":"user","content":"hi"}],"metadata":{"user_id":"V"}}"#,
+                &["metadata.user_id"][..],
+            ),
+            (
+                ApiKind::GeminiGenerateContent,
+                r#"{"contents":[{"parts":[{"text":"hi"}]}],"labels":{"owner":"V"}}"#,
+                &["labels.owner"][..],
+            ),
+            (
+                ApiKind::BedrockConverse,
+                r#"{"messages":[{"role":"user","content":[{"text":"hi"}]}],"requestMetadata":{"who":"V"}}"#,
+                &["requestMetadata.who"][..],
+            ),
+        ] {
+            let walked = walk_of(api, body).unwrap();
+            let edited: Vec<String> = walked.edits.iter().map(|(p, _)| path_text(p)).collect();
+            assert_eq!(edited, paths, "{api:?}");
+            assert!(walked.edits.iter().all(|(_, json)| json == "\"<EMAIL_1>\""));
+            assert!(
+                walked.prompt.iter().all(|m| !m.text.contains("EMAIL")),
+                "{api:?}"
+            );
+        }
+        // Refused, naming the field.
+        for (api, body, field) in [
+            (
+                ApiKind::OpenaiChat,
+                r#"{"messages":[{"role":"user","content":"hi"}],"stop":["x","V"]}"#,
+                "stop[1]",
+            ),
+            (
+                ApiKind::OpenaiCompletions,
+                r#"{"prompt":"hi","stop":"V"}"#,
+                "stop",
+            ),
+            (
+                ApiKind::AnthropicMessages,
+                r#"{"messages":[{"role":"user","content":"hi"}],"stop_sequences":["V"]}"#,
+                "stop_sequences[0]",
+            ),
+            (
+                ApiKind::GeminiGenerateContent,
+                r#"{"contents":[{"parts":[{"text":"hi"}]}],"generationConfig":{"stopSequences":["V"]}}"#,
+                "generationConfig.stopSequences[0]",
+            ),
+            (
+                ApiKind::OllamaChat,
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"options":{"stop":["V"]}}"#,
+                "options.stop[0]",
+            ),
+            (
+                ApiKind::BedrockConverse,
+                r#"{"messages":[{"role":"user","content":[{"text":"hi"}]}],"inferenceConfig":{"stopSequences":["V"]}}"#,
+                "inferenceConfig.stopSequences[0]",
+            ),
+        ] {
+            let e = walk_of(api, body).unwrap_err();
+            assert_eq!(e.field, field, "{api:?}");
+        }
+        let e = walk_of(
+            ApiKind::OpenaiChat,
+            r#"{"messages":[{"role":"user","content":"hi"}],"stop":{"x":1}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "stop");
     }
 }

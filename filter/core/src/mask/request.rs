@@ -251,6 +251,8 @@ mod tests {
                     "temperature":0.50}}"#
                 ),
                 vec![
+                    ".user",
+                    ".metadata.m",
                     ".messages[0].content",
                     ".messages[1].content[0].text",
                     ".messages[2].tool_calls[0].function.arguments",
@@ -264,12 +266,12 @@ mod tests {
             (
                 ApiKind::OpenaiCompletions,
                 format!(r#"{{"model":"m","prompt":["a {s}","b"],"suffix":"{s}","user":"{s}"}}"#),
-                vec![".prompt[0]", ".suffix"],
+                vec![".prompt[0]", ".suffix", ".user"],
             ),
             (
                 ApiKind::OpenaiEmbeddings,
                 format!(r#"{{"model":"m","input":"{s}","user":"{s}"}}"#),
-                vec![".input"],
+                vec![".input", ".user"],
             ),
             (
                 ApiKind::OpenaiResponses,
@@ -281,6 +283,7 @@ mod tests {
                     {{"type":"message","role":"assistant","content":"{s}"}}]}}"#
                 ),
                 vec![
+                    ".metadata.k",
                     ".instructions",
                     ".input[0].content[0].text",
                     ".input[1].arguments",
@@ -298,6 +301,7 @@ mod tests {
                     "tools":[{{"name":"f","description":"{s}","input_schema":{{"type":"object"}}}}]}}"#
                 ),
                 vec![
+                    ".metadata.user_id",
                     ".system[0].text",
                     ".messages[0].content",
                     ".messages[1].content[1].input.to[0]",
@@ -313,7 +317,7 @@ mod tests {
                     {{"role":"user","parts":[{{"functionResponse":{{"name":"f","response":{{"r":"{s}"}}}}}}]}}],
                     "systemInstruction":{{"parts":[{{"text":"sys {s}"}}]}},
                     "tools":[{{"functionDeclarations":[{{"name":"f","description":"{s}"}}]}}],
-                    "generationConfig":{{"maxOutputTokens":5,"stopSequences":["{s}"]}}}}"#
+                    "generationConfig":{{"maxOutputTokens":5,"stopSequences":["END"]}}}}"#
                 ),
                 vec![
                     ".contents[0].parts[0].text",
@@ -326,7 +330,7 @@ mod tests {
             (
                 ApiKind::OllamaChat,
                 format!(
-                    r#"{{"model":"llama3","options":{{"stop":["{s}"]}},"messages":[
+                    r#"{{"model":"llama3","options":{{"stop":["END"]}},"messages":[
                     {{"role":"system","content":"sys {s}"}},
                     {{"role":"user","content":"hi {s}","images":["iVBORw0KGgo="]}},
                     {{"role":"assistant","content":"","thinking":"maybe {s}","tool_calls":[{{"function":{{"index":0,"name":"send","arguments":{{"to":"{s}"}}}}}}]}},
@@ -346,13 +350,14 @@ mod tests {
                 ApiKind::BedrockConverse,
                 format!(
                     r#"{{"requestMetadata":{{"who":"{s}"}},"system":[{{"text":"sys {s}"}},{{"guardContent":{{"text":{{"text":"g {s}"}}}}}}],
-                    "inferenceConfig":{{"stopSequences":["{s}"]}},
+                    "inferenceConfig":{{"stopSequences":["END"]}},
                     "messages":[{{"role":"user","content":[{{"text":"hi {s}"}},{{"document":{{"format":"txt","name":"notes","source":{{"text":"doc {s}"}},"context":"ctx {s}"}}}}]}},
                     {{"role":"assistant","content":[{{"toolUse":{{"toolUseId":"t1","name":"send","input":{{"to":"{s}"}}}}}}]}},
                     {{"role":"user","content":[{{"toolResult":{{"toolUseId":"t1","content":[{{"text":"sent {s}"}},{{"json":{{"r":"{s}"}}}}]}}}}]}}],
                     "toolConfig":{{"tools":[{{"toolSpec":{{"name":"send","description":"mail {s}","inputSchema":{{"json":{{"type":"object"}}}}}}}}]}}}}"#
                 ),
                 vec![
+                    ".requestMetadata.who",
                     ".system[0].text",
                     ".system[1].guardContent.text.text",
                     ".messages[0].content[0].text",
