@@ -299,6 +299,18 @@ impl Analysis {
             .chain(self.found.read.iter().copied())
     }
 
+    /// Spans of what was found: detector matches (acting and monitored),
+    /// pseudonyms to restore, response-rule matches.
+    fn matches(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.found
+            .groups
+            .iter()
+            .map(|g| (g.start, g.end))
+            .chain(self.found.monitors.iter().map(|&(_, s, e)| (s, e)))
+            .chain(self.restores.iter().map(|(s, e, _)| (*s, *e)))
+            .chain(self.rules.iter().map(|&(_, s, e)| (s, e)))
+    }
+
     /// Every span that must not be cut.
     pub(crate) fn spans(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
         self.detections()
@@ -425,21 +437,19 @@ pub fn mask_response_body(
     let mut tally = GuardTally::default();
     let mut edits = Edits::new();
     let mut blocked = None;
-    for (path, leaf) in leaves(&value, token_fields(api), guard.changes_text()) {
-        match leaf {
-            Leaf::Drop => {
-                edits.insert(path, "null".into());
+    let leaves = leaves(&value, token_fields(api), guard.changes_text());
+    for run in sibling_runs(&leaves) {
+        match guard_run(guard, run) {
+            Ok((run_edits, run_tally)) => {
+                for (path, json) in run_edits {
+                    edits.insert(path, json);
+                }
+                tally.absorb(run_tally);
             }
-            Leaf::Text(s) => match guard.process_full(s, &mut tally, true) {
-                Ok(Some(new)) => {
-                    edits.insert(path, json_edit::json_string(&new));
-                }
-                Ok(None) => {}
-                Err(b) => {
-                    blocked = Some(b);
-                    break;
-                }
-            },
+            Err(b) => {
+                blocked = Some(b);
+                break;
+            }
         }
     }
     let body = if blocked.is_some() || edits.is_empty() {
@@ -456,6 +466,126 @@ pub fn mask_response_body(
         blocked,
         monitored_rules: tally.monitored_rules,
     })
+}
+
+impl GuardTally {
+    fn absorb(&mut self, other: GuardTally) {
+        self.mask.absorb(other.mask);
+        for rule in other.monitored_rules {
+            if !self.monitored_rules.contains(&rule) {
+                self.monitored_rules.push(rule);
+            }
+        }
+    }
+}
+
+/// The leaves in runs: text strings under the same key of consecutive
+/// elements of one array (`content[0].text`, `content[1].text`: an
+/// Anthropic answer's text blocks, Gemini's parts), which a reader reads
+/// one after the other; every other leaf is a run of its own.
+fn sibling_runs<'l, 'v>(leaves: &'l [(Vec<Seg>, Leaf<'v>)]) -> Vec<&'l [(Vec<Seg>, Leaf<'v>)]> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    for i in 1..=leaves.len() {
+        let joins = match (leaves.get(i.wrapping_sub(1)), leaves.get(i)) {
+            (Some((a, Leaf::Text(_))), Some((b, Leaf::Text(_)))) => next_sibling(a, b),
+            _ => false,
+        };
+        if !joins {
+            if let Some(run) = leaves.get(start..i) {
+                runs.push(run);
+            }
+            start = i;
+        }
+    }
+    runs
+}
+
+/// `b` is `a` one array element further: `…[i].key` then `…[i+1].key`.
+fn next_sibling(a: &[Seg], b: &[Seg]) -> bool {
+    match (a, b) {
+        (
+            [prefix_a @ .., Seg::Idx(i), Seg::Key(ka)],
+            [prefix_b @ .., Seg::Idx(j), Seg::Key(kb)],
+        ) => prefix_a == prefix_b && ka == kb && i.checked_add(1) == Some(*j),
+        _ => false,
+    }
+}
+
+/// The value at a path of a body becomes this JSON text.
+type BodyEdit = (Vec<Seg>, String);
+
+/// Guards one run of leaves: each text alone and, for a run of several,
+/// the texts joined. A value or phrase that only shows joined (split over
+/// two blocks) is caught: a blocking match blocks, and a masked one makes
+/// the run's first text carry the whole guarded text and the others
+/// empty, so the answer reads the same, masked. Returns the edits and the
+/// run's tally.
+fn guard_run(
+    guard: &ResponseGuard,
+    run: &[(Vec<Seg>, Leaf<'_>)],
+) -> Result<(Vec<BodyEdit>, GuardTally), Blocked> {
+    let mut edits = Vec::new();
+    let mut tally = GuardTally::default();
+    let mut pieces = Vec::with_capacity(run.len());
+    for (path, leaf) in run {
+        match leaf {
+            Leaf::Drop => edits.push((path.clone(), "null".to_string())),
+            Leaf::Text(s) => {
+                let new = guard.process_full(s, &mut tally, true)?;
+                if let Some(new) = &new {
+                    edits.push((path.clone(), json_edit::json_string(new)));
+                }
+                pieces.push(new.unwrap_or_else(|| (*s).to_string()));
+            }
+        }
+    }
+    if run.len() < 2 {
+        return Ok((edits, tally));
+    }
+    let texts: Vec<&str> = run
+        .iter()
+        .filter_map(|(_, leaf)| match leaf {
+            Leaf::Text(s) => Some(*s),
+            Leaf::Drop => None,
+        })
+        .collect();
+    let mut boundaries = Vec::with_capacity(texts.len());
+    let mut inside = Vec::new();
+    let mut at = 0;
+    for text in &texts {
+        inside.extend(
+            guard
+                .analyze(text, 0)
+                .matches()
+                .map(|(s, e)| (at + s, at + e)),
+        );
+        at += text.len();
+        boundaries.push(at);
+    }
+    let joined = texts.concat();
+    let an = guard.analyze(&joined, 0);
+    // Only what crosses a boundary is new. A joined match that overlaps one
+    // found inside a text is that match running on into the next text's
+    // first word (`a@b.org` + `next`): already guarded.
+    let split = an.matches().any(|(s, e)| {
+        boundaries.iter().any(|&b| s < b && b < e)
+            && !inside.iter().any(|&(is, ie)| is < e && s < ie)
+    });
+    if !split {
+        return Ok((edits, tally));
+    }
+    let mut joined_tally = GuardTally::default();
+    let whole = guard.render(&joined, 0, joined.len(), &an, &mut joined_tally, true)?;
+    let edits = run
+        .iter()
+        .enumerate()
+        .map(|(i, (path, _))| {
+            let text = if i == 0 { whole.as_str() } else { "" };
+            (path.clone(), json_edit::json_string(text))
+        })
+        .collect();
+    Ok((edits, joined_tally))
 }
 
 /// A string of a response to guard, or a value to drop.
@@ -686,6 +816,40 @@ mod tests {
         let err: Value =
             serde_json::from_slice(&b.error_body(ApiKind::GeminiGenerateContent)).unwrap();
         assert_eq!(err["error"]["status"], "PERMISSION_DENIED");
+    }
+
+    #[test]
+    fn values_and_phrases_split_over_two_blocks_are_caught_joined() {
+        let g = guard_with(
+            r#"{"profiles":{"default":{"detectors":{"*":"redact"}}}}"#,
+            r#"{"response_rules":[{"name":"no-launch-codes","phrases":["launch code"]}]}"#,
+            None,
+        );
+        // An e-mail address split over two Anthropic text blocks: the
+        // first block carries the whole masked text, the next is emptied.
+        let body = br#"{"content":[{"type":"text","text":"write to dana.scully@fbi."},{"type":"text","text":"example.org today"},{"type":"tool_use","id":"t","name":"f","input":{}}]}"#;
+        let out = mask_response_body(&g, ApiKind::AnthropicMessages, body).unwrap();
+        let v: Value = serde_json::from_slice(&out.body.unwrap()).unwrap();
+        assert_eq!(v["content"][0]["text"], "write to [EMAIL] today");
+        assert_eq!(v["content"][1]["text"], "");
+        assert_eq!(v["content"][2]["name"], "f");
+        assert_eq!(out.hits.len(), 1);
+        assert_eq!(out.hits[0].count, 1);
+        // Values inside one block stay where they are, each block alone.
+        let body = br#"{"content":[{"type":"text","text":"a dana.scully@fbi.example.org"},{"type":"text","text":"b 10.1.2.3"}]}"#;
+        let out = mask_response_body(&g, ApiKind::AnthropicMessages, body).unwrap();
+        let v: Value = serde_json::from_slice(&out.body.unwrap()).unwrap();
+        assert_eq!(v["content"][0]["text"], "a [EMAIL]");
+        assert_eq!(v["content"][1]["text"], "b [IPV4]");
+        assert_eq!(out.hits.iter().map(|h| h.count).sum::<usize>(), 2);
+        // A blocked phrase split over two Gemini parts blocks the answer.
+        let body = br#"{"candidates":[{"content":{"role":"model","parts":[{"text":"the launch"},{"text":" codes are here"}]}}]}"#;
+        let out = mask_response_body(&g, ApiKind::GeminiGenerateContent, body).unwrap();
+        assert_eq!(out.blocked.unwrap().name(), "no-launch-codes");
+        // Two choices are two answers, not one text.
+        let body = br#"{"choices":[{"index":0,"message":{"content":"the launch"}},{"index":1,"message":{"content":" codes"}}]}"#;
+        let out = mask_response_body(&g, ApiKind::OpenaiChat, body).unwrap();
+        assert!(out.blocked.is_none());
     }
 
     #[test]
