@@ -350,7 +350,9 @@ def test_one_lost_record_answer_is_retried_without_a_second_record(make_stack, i
 # ---------------------------------------------------------------- Envoy restarted with requests held
 
 def test_envoy_restart_with_requests_held_releases_nothing(make_stack, background):
-    stack = make_stack(filter_config={"hold_timeout_ms": 6000, "long_poll_ms": 1000,
+    # The deadline leaves room for an Envoy restart on a busy machine: the
+    # first review must still be pending when it is approved below.
+    stack = make_stack(filter_config={"hold_timeout_ms": 15000, "long_poll_ms": 1000,
                                       "rules": [{"name": "load-tests", "model": "demo-allow*", "action": "allow"}]})
     futs = [send_later(background, stack.url, chat(text=f"held {i}"), timeout=30) for i in range(3)]
     held = stack.approval.wait_pending(count=3)
@@ -373,7 +375,7 @@ def test_envoy_restart_with_requests_held_releases_nothing(make_stack, backgroun
     assert stack.backend.stats()["started"] == 1  # only the fresh request
     # The others expire by the service's own deadline and cannot be approved.
     for rid in rest:
-        wait_until(lambda rid=rid: stack.approval.review(rid)["status"] == "expired", timeout=15,
+        wait_until(lambda rid=rid: stack.approval.review(rid)["status"] == "expired", timeout=30,
                    what=f"{rid} expired")
         assert stack.approval.decide(rid, "approve").status_code == 409
     # No held request has a record of being forwarded.
