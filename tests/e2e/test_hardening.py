@@ -229,6 +229,18 @@ def test_prompts_on_unlisted_paths_are_refused(passing, name, path, method, body
     assert passing.backend.stats()["started"] == before, name
 
 
+def test_compressed_prompts_on_unlisted_paths_are_refused(passing):
+    # A gzip body cannot be checked for a prompt, and a backend that
+    # decompresses requests would read one nobody reviewed.
+    import gzip
+    before = passing.backend.stats()["started"]
+    r = raw(passing, gzip.compress(json.dumps(OLLAMA_CHAT).encode()), path="/api/chat",
+            headers={"content-encoding": "gzip"})
+    assert r.status_code == 415, r.text
+    assert "/api/chat" in r.json()["error"]["message"] and "compressed" in r.json()["error"]["message"]
+    assert passing.backend.stats()["started"] == before
+
+
 def test_other_bodies_still_pass_on_unlisted_paths(passing):
     before = passing.backend.stats()["started"]
     # JSON that is not a prompt, and a body that is not JSON, reach the backend

@@ -207,9 +207,19 @@ pub fn classify(config: &Config, head: &RequestHead<'_>) -> HeadVerdict {
             format!("`{raw_path}` carries prompts the gateway cannot review; it is refused unless listed in `passthrough`"),
         ));
     }
-    match config.other_requests {
-        OtherRequests::Pass => HeadVerdict::Pass,
-        OtherRequests::Deny => HeadVerdict::Refuse(Refusal::new(
+    match (config.other_requests, non_identity_encoding(head.content_encoding)) {
+        // A body on an unlisted path is looked at for a prompt (the stream
+        // filter sniffs it); a compressed one cannot be, and a backend that
+        // decompresses requests would read a prompt nobody reviewed.
+        (OtherRequests::Pass, Some(enc)) => HeadVerdict::Refuse(Refusal::new(
+            RefusalKind::UnsupportedMediaType,
+            None,
+            format!(
+                "`{raw_path}` is not an inference endpoint, and its body is compressed (content-encoding `{enc}`), so it cannot be checked for a prompt; send it uncompressed, or ask the operator to list the path in `passthrough`"
+            ),
+        )),
+        (OtherRequests::Pass, None) => HeadVerdict::Pass,
+        (OtherRequests::Deny, _) => HeadVerdict::Refuse(Refusal::new(
             RefusalKind::NotInference,
             None,
             format!(
@@ -218,6 +228,14 @@ pub fn classify(config: &Config, head: &RequestHead<'_>) -> HeadVerdict {
             ),
         )),
     }
+}
+
+/// A `content-encoding` other than `identity` (a body the filter cannot
+/// read), trimmed.
+fn non_identity_encoding(content_encoding: Option<&str>) -> Option<&str> {
+    content_encoding
+        .map(str::trim)
+        .filter(|enc| !enc.eq_ignore_ascii_case("identity"))
 }
 
 /// The endpoint a normalised (lower-case) path belongs to.
@@ -274,17 +292,12 @@ fn classify_inference(
             ),
         ));
     }
-    if let Some(enc) = head.content_encoding {
-        if !enc.trim().eq_ignore_ascii_case("identity") {
-            return HeadVerdict::Refuse(Refusal::new(
-                RefusalKind::UnsupportedMediaType,
-                api,
-                format!(
-                    "content-encoding `{}` is not accepted; send the body uncompressed",
-                    enc.trim()
-                ),
-            ));
-        }
+    if let Some(enc) = non_identity_encoding(head.content_encoding) {
+        return HeadVerdict::Refuse(Refusal::new(
+            RefusalKind::UnsupportedMediaType,
+            api,
+            format!("content-encoding `{enc}` is not accepted; send the body uncompressed"),
+        ));
     }
     if !is_json_content_type(head.content_type) {
         return HeadVerdict::Refuse(Refusal::new(
@@ -553,6 +566,20 @@ mod tests {
         assert_eq!(status(&classify(&deny, &head("GET", "/v1/models/demo"))), 0);
         assert_eq!(status(&classify(&deny, &head("POST", "/v1/models"))), 403);
         assert_eq!(status(&classify(&deny, &head("GET", "//v1/models"))), 403);
+        // A compressed body on an unlisted path cannot be checked for a
+        // prompt: refused; listed, it is the operator's choice.
+        let mut gz = head("POST", "/internal/jobs");
+        gz.content_encoding = Some("gzip");
+        assert_eq!(status(&classify(&pass, &gz)), 415);
+        gz.content_encoding = Some(" Identity ");
+        assert_eq!(status(&classify(&pass, &gz)), 0);
+        let listed = Config::from_json(
+            br#"{"other_requests":"pass","passthrough":[{"path":"/v1/uploads","methods":["POST"]}]}"#,
+        )
+        .unwrap();
+        let mut gz = head("POST", "/v1/uploads");
+        gz.content_encoding = Some("gzip");
+        assert_eq!(status(&classify(&listed, &gz)), 0);
     }
 
     #[test]
