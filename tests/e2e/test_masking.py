@@ -320,3 +320,20 @@ def test_tool_arguments_are_read_decoded_and_split_values_refused(masked):
     r = post(masked.url, json=split)
     assert r.status_code == 400 and "split over two" in r.json()["error"]["message"], r.text
     assert len(masked.backend.requests()) == 1
+
+
+def test_ids_sent_to_the_provider_are_masked_and_stop_sequences_refused(masked):
+    # `user` and `metadata` leave for the provider, which stores them: masked
+    # in place (the request still works). A masked stop sequence would end
+    # the answer somewhere else: refused, naming the field.
+    email = "dana.scully@fbi.example.org"
+    body = {**chat(model="demo-allow", text="hi"), "user": email, "metadata": {"owner": email}}
+    r = post(masked.url, json=body)
+    assert r.status_code == 200, r.text
+    [seen] = masked.backend.requests()
+    assert email not in seen["body"], seen["body"]
+    sent = json.loads(seen["body"])
+    assert sent["user"].startswith("<EMAIL_") and sent["metadata"]["owner"] == sent["user"], sent
+    r = post(masked.url, json={**chat(model="demo-allow", text="hi"), "stop": ["END", email]})
+    assert r.status_code == 400 and "stop[1]" in r.json()["error"]["message"], r.text
+    assert len(masked.backend.requests()) == 1
