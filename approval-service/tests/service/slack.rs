@@ -271,3 +271,51 @@ async fn web_api_calls_wait_out_rate_limits_and_report_slack_errors() {
     let e = api.call("chat.update", &json!({})).await.unwrap_err();
     assert!(e.contains("channel_not_found"), "{e}");
 }
+
+#[tokio::test]
+async fn a_slack_user_taken_out_of_the_approver_group_by_a_reload_cannot_approve() {
+    let settings = slack_settings("http://127.0.0.1:9/api");
+    let reviewers = |bob_groups: &str| {
+        vec![
+            ("alice", ALICE, "slack_user_id = \"U0ALICE\"".to_string()),
+            (
+                "bob",
+                BOB,
+                format!("slack_user_id = \"U0BOB\"\ngroups = [{bob_groups}]"),
+            ),
+        ]
+    };
+    let toml = |db: &std::path::Path, bob_groups: &str| {
+        let list = reviewers(bob_groups);
+        let list: Vec<(&str, &str, &str)> = list
+            .iter()
+            .map(|(n, t, more)| (*n, *t, more.as_str()))
+            .collect();
+        common::config_toml(db, &settings, &list)
+    };
+    let f = common::fixture("slack.db", |db| toml(db, "\"security\""));
+    let id = common::create_review(
+        &f.app,
+        &[],
+        common::review_request(json!({"approver_group": "security"})),
+    )
+    .await;
+    // bob leaves `security`; his Slack id stays mapped to him.
+    let reloaded = countersign_approval::Config::from_toml_str(&toml(&f.db, "")).unwrap();
+    f.state.reload_reviewers(reloaded);
+    let (body, headers) = click(&id, "U0BOB", now_s());
+    assert_eq!(post(&f, &body, &headers).await, StatusCode::OK);
+    let v = review(&f, &id).await;
+    assert_eq!(
+        (&v["status"], &v["approvals"]),
+        (&json!("pending"), &json!([])),
+        "{v}"
+    );
+    // Back in the group, the same click (signed anew) approves.
+    let reloaded =
+        countersign_approval::Config::from_toml_str(&toml(&f.db, "\"security\"")).unwrap();
+    f.state.reload_reviewers(reloaded);
+    let (body, headers) = click(&id, "U0BOB", now_s() - 1);
+    assert_eq!(post(&f, &body, &headers).await, StatusCode::OK);
+    assert_eq!(review(&f, &id).await["status"], "approved");
+}
