@@ -297,6 +297,7 @@ pub async fn login(
         &state,
         reviewer.name.clone(),
         SignedInWith::Token(token_sha256),
+        None,
         &next,
     )
     .await
@@ -335,15 +336,20 @@ fn same_origin(state: &AppState, headers: &HeaderMap) -> bool {
 }
 
 /// Starts a session for `reviewer` (signed in `with` a token or the
-/// provider): stores it, and answers with a redirect to `next` that sets
-/// the session cookie.
+/// provider, whose refresh token `refresh_token` is sealed with the new
+/// session's id before it is stored): stores it, and answers with a
+/// redirect to `next` that sets the session cookie.
 pub(super) async fn start_session(
     state: &AppState,
     reviewer: String,
-    with: SignedInWith,
+    mut with: SignedInWith,
+    refresh_token: Option<String>,
     next: &str,
 ) -> Result<Response, ApiError> {
     let id = random_token().map_err(ApiError::internal)?;
+    if let (SignedInWith::Oidc { refresh_sealed, .. }, Some(token)) = (&mut with, refresh_token) {
+        *refresh_sealed = Some(crate::session::seal(&id, &token).map_err(ApiError::internal)?);
+    }
     let csrf_token = random_token().map_err(ApiError::internal)?;
     let config = state.config();
     let max_age_s = config.ui_session_hours * 3600;
