@@ -396,20 +396,27 @@ fn signal(child: &Child, signal: &str) {
     assert!(status.success());
 }
 
+/// Serves `cfg` (whose one reviewer is alice) on a database in `dir`;
+/// alice's token works, bob's not yet.
+fn serve_alice(cfg: &Path, dir: &Path) -> (Child, String) {
+    let (child, addr) = start_serving(
+        bin()
+            .arg("--config")
+            .arg(cfg)
+            .args(["--listen", "127.0.0.1:0", "--database"])
+            .arg(dir.join("db.sqlite")),
+    );
+    assert_eq!(me_status(&addr, "alice-token"), "200");
+    assert_eq!(me_status(&addr, "bob-token"), "401");
+    (child, addr)
+}
+
 #[test]
 fn sighup_reloads_the_reviewers_and_keeps_them_when_the_file_is_invalid() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("c.toml");
     std::fs::write(&cfg, one_reviewer("alice", "alice-token")).unwrap();
-    let (child, addr) = start_serving(
-        bin()
-            .arg("--config")
-            .arg(&cfg)
-            .args(["--listen", "127.0.0.1:0", "--database"])
-            .arg(dir.path().join("db.sqlite")),
-    );
-    assert_eq!(me_status(&addr, "alice-token"), "200");
-    assert_eq!(me_status(&addr, "bob-token"), "401");
+    let (child, addr) = serve_alice(&cfg, dir.path());
 
     // Bob replaces alice: no restart.
     std::fs::write(&cfg, one_reviewer("bob", "bob-token")).unwrap();
@@ -463,15 +470,7 @@ fn a_changed_file_reloads_the_reviewers_without_a_signal() {
     swap_symlink(std::path::Path::new("v1"), &volume.join("..data"));
     let cfg = volume.join("c.toml");
     std::os::unix::fs::symlink("..data/c.toml", &cfg).unwrap();
-    let (child, addr) = start_serving(
-        bin()
-            .arg("--config")
-            .arg(&cfg)
-            .args(["--listen", "127.0.0.1:0", "--database"])
-            .arg(dir.path().join("db.sqlite")),
-    );
-    assert_eq!(me_status(&addr, "alice-token"), "200");
-    assert_eq!(me_status(&addr, "bob-token"), "401");
+    let (child, addr) = serve_alice(&cfg, dir.path());
 
     // The volume is swapped to v2: bob replaces alice, no signal sent.
     swap_symlink(std::path::Path::new("v2"), &volume.join("..data"));

@@ -157,6 +157,16 @@ async fn an_oidc_session_has_the_providers_groups_while_oidc_is_configured() {
     }
 }
 
+/// Whether session `id` is stored (and unexpired).
+async fn session_exists(f: &common::Fixture, id: &str) -> bool {
+    let hash = TokenHash::of_token(id);
+    f.state
+        .db(move |s| s.session(&hash, now_ms()))
+        .await
+        .unwrap()
+        .is_some()
+}
+
 #[tokio::test]
 async fn a_session_due_for_a_recheck_is_refused_when_the_provider_cannot_confirm_it() {
     // The provider (nothing listens on its port) cannot be asked: the
@@ -175,13 +185,7 @@ async fn a_session_due_for_a_recheck_is_refused_when_the_provider_cannot_confirm
     let me = send(&f.app, "GET", "/api/me", &[("cookie", &cookie)], "").await;
     assert_eq!(me.status, StatusCode::SERVICE_UNAVAILABLE);
     common::assert_error(&me.json(), "identity_provider_unavailable");
-    let hash = TokenHash::of_token(&"cd".repeat(32));
-    let kept = f
-        .state
-        .db(move |s| s.session(&hash, now_ms()))
-        .await
-        .unwrap();
-    assert!(kept.is_some());
+    assert!(session_exists(&f, &"cd".repeat(32)).await);
 
     // Without a refresh token it cannot be re-checked at all: it ends.
     let cookie = stored_oidc_session(
@@ -195,13 +199,7 @@ async fn a_session_due_for_a_recheck_is_refused_when_the_provider_cannot_confirm
     .await;
     let me = send(&f.app, "GET", "/api/me", &[("cookie", &cookie)], "").await;
     assert_eq!(me.status, StatusCode::UNAUTHORIZED);
-    let hash = TokenHash::of_token(&"ef".repeat(32));
-    let gone = f
-        .state
-        .db(move |s| s.session(&hash, now_ms()))
-        .await
-        .unwrap();
-    assert!(gone.is_none());
+    assert!(!session_exists(&f, &"ef".repeat(32)).await);
 
     // Within the interval nothing is asked.
     let cookie = stored_oidc_session(

@@ -92,6 +92,19 @@ async fn review(f: &Fixture, id: &str) -> Value {
         .1
 }
 
+/// A signed click by `user` on review `id` is taken (200) and decides
+/// nothing: the review stays pending, with no approval.
+async fn click_decides_nothing(f: &Fixture, id: &str, user: &str) {
+    let (body, headers) = click(id, user, now_s());
+    assert_eq!(post(f, &body, &headers).await, StatusCode::OK);
+    let v = review(f, id).await;
+    assert_eq!(
+        (&v["status"], &v["approvals"]),
+        (&json!("pending"), &json!([])),
+        "{v}"
+    );
+}
+
 fn now_s() -> u64 {
     countersign_approval::now_ms() / 1000
 }
@@ -113,14 +126,7 @@ async fn a_click_decides_only_within_the_rules() {
         common::review_request(json!({"caller": "alice"})),
     )
     .await;
-    let (body, headers) = click(&id, "U0ALICE", now_s());
-    assert_eq!(post(&f, &body, &headers).await, StatusCode::OK);
-    let v = review(&f, &id).await;
-    assert_eq!(
-        (&v["status"], &v["approvals"]),
-        (&json!("pending"), &json!([])),
-        "{v}"
-    );
+    click_decides_nothing(&f, &id, "U0ALICE").await;
     // A stale copy of bob's click (signed 6 minutes ago) is refused.
     let (body, headers) = click(&id, "U0BOB", now_s() - 360);
     assert_eq!(post(&f, &body, &headers).await, StatusCode::UNAUTHORIZED);
@@ -303,14 +309,7 @@ async fn a_slack_user_taken_out_of_the_approver_group_by_a_reload_cannot_approve
     // bob leaves `security`; his Slack id stays mapped to him.
     let reloaded = countersign_approval::Config::from_toml_str(&toml(&f.db, "")).unwrap();
     f.state.reload_reviewers(reloaded);
-    let (body, headers) = click(&id, "U0BOB", now_s());
-    assert_eq!(post(&f, &body, &headers).await, StatusCode::OK);
-    let v = review(&f, &id).await;
-    assert_eq!(
-        (&v["status"], &v["approvals"]),
-        (&json!("pending"), &json!([])),
-        "{v}"
-    );
+    click_decides_nothing(&f, &id, "U0BOB").await;
     // Back in the group, the same click (signed anew) approves.
     let reloaded =
         countersign_approval::Config::from_toml_str(&toml(&f.db, "\"security\"")).unwrap();
