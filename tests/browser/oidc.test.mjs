@@ -299,30 +299,36 @@ for (const [login, change, what] of [
   ['frank', { groups: ['security'] }, 'taken out of the required group'],
   ['heidi', { removed: true }, 'removed at the provider (the refresh is refused)'],
 ]) {
-  test(`a person ${what} is signed out everywhere at their next request`, T, check(async () => {
+  test(`a person ${what} is signed out everywhere by the re-check of a live feed`, T, check(async () => {
     const id = await securityReview(`oidc-recheck-${login}`);
-    // Two browsers, two sessions.
+    // Two browsers, two sessions, the second watching the live feed.
     const first = await newPage();
     await signIn(first.page, login, { next: `/reviews/${id}` });
     await first.page.waitForURL(url(`/reviews/${id}`));
-    await first.page.locator('#live[data-state="live"]').waitFor();
     const second = await newPage();
     await signIn(second.page, login);
     await second.page.waitForURL(url('/'));
-    assert.ok(await sessionCookie(second.context));
+    await second.page.locator('#live[data-state="live"]').waitFor();
 
     await provider.changeUser(login, change);
     await pastRecheck();
-    const tried = await tryToApprove(first.page, id);
-    assert.deepEqual([tried.me, tried.approve], [401, 401]);
-    assert.equal((await stack.api(`/api/reviews/${id}`)).json.status, 'pending');
+    // A new review reaches the feed, which re-checks before it sends
+    // anything: the provider says no, every session of the person ends,
+    // and the page is sent to the sign-in page.
+    await securityReview(`oidc-recheck-${login}-2`);
+    await second.page.waitForURL(/\/login\?next=/);
+    // (Each page's feed may have asked; together they ended both sessions.)
     const ended = stack.approval.logText().split('\n')
-      .filter((l) => l.includes('no longer vouches') && l.includes(`${login}@example.com`));
-    assert.equal(ended.length, 1, stack.approval.logText());
-    assert.match(ended[0], /"sessions":2/);
-    // The other browser's session ended too, without asking the provider.
-    const other = await second.page.evaluate(async () => (await fetch('/api/me')).status);
-    assert.equal(other, 401);
+      .filter((l) => l.includes('no longer vouches') && l.includes(`${login}@example.com`))
+      .map((l) => Number(/"sessions":(\d+)/.exec(l)[1]));
+    assert.equal(ended.reduce((a, b) => a + b, 0), 2, stack.approval.logText());
+    // The first browser's session ended with it: it approves nothing.
+    const me = await first.context.request.get(url('/api/me'));
+    const approve = await first.context.request.post(url(`/api/reviews/${id}/approve`), {
+      headers: { 'content-type': 'application/json', 'x-csrf-token': 'any' }, data: '{}',
+    });
+    assert.deepEqual([me.status(), approve.status()], [401, 401]);
+    assert.equal((await stack.api(`/api/reviews/${id}`)).json.status, 'pending');
     if (!change.removed) {
       // Signing in again is refused: the provider no longer names the group.
       const again = await newPage();
