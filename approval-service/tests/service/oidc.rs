@@ -201,6 +201,21 @@ async fn a_session_due_for_a_recheck_is_refused_when_the_provider_cannot_confirm
     assert_eq!(me.status, StatusCode::UNAUTHORIZED);
     assert!(!session_exists(&f, &"ef".repeat(32)).await);
 
+    // A page load re-checks as the API does.
+    let cookie = stored_oidc_session(
+        &f,
+        &"ab".repeat(32),
+        "erin@example.com",
+        &["security"],
+        None,
+        stale,
+    )
+    .await;
+    let page = send(&f.app, "GET", "/history", &[("cookie", &cookie)], "").await;
+    assert_eq!(page.status, StatusCode::SEE_OTHER);
+    assert!(page.header("location").starts_with("/login?next="));
+    assert!(!session_exists(&f, &"ab".repeat(32)).await);
+
     // Within the interval nothing is asked.
     let cookie = stored_oidc_session(
         &f,
