@@ -191,7 +191,7 @@ async fn serve_async(config: Config, args: ServeArgs) -> Result<(), Box<dyn std:
     }
     let shutdown =
         shutdown_signal().map_err(|e| format!("cannot listen for SIGINT and SIGTERM: {e}"))?;
-    let reload = reload_on_hangup(state.clone(), args)
+    let reload = reload_on_change(state.clone(), args)
         .map_err(|e| format!("cannot listen for SIGHUP: {e}"))?;
     // Scripts wait for this line to learn the (possibly ephemeral) port.
     let mut stdout = std::io::stdout().lock();
@@ -205,38 +205,81 @@ async fn serve_async(config: Config, args: ServeArgs) -> Result<(), Box<dyn std:
     Ok(())
 }
 
-/// On each SIGHUP, reads the configuration again and puts its
-/// `[[reviewers]]` in force; an invalid file changes nothing (the reviewers
-/// in force stay) and is logged. Listened for from this call on.
-fn reload_on_hangup(
+/// How often the configuration file is looked at for a change.
+const CONFIG_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reloads the reviewers on each SIGHUP and whenever the configuration
+/// file's content changes (looked at every [`CONFIG_POLL`]). Both call
+/// [`reload_reviewers`]. The file is read by its path each time, through
+/// any symlink, and compared by content hash, not by modification time: a
+/// Kubernetes ConfigMap or Secret volume swaps a symlink to a new directory
+/// (the file's own mtime may not move), an editor renames a new file over
+/// the old one, and either is seen the same way. A half-written file is
+/// invalid (logged, nothing changes) and is read again once it changes
+/// again. SIGHUP is listened for from this call on.
+fn reload_on_change(
     state: AppState,
     args: ServeArgs,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hangup = signal(SignalKind::hangup())?;
+    let mut seen = config_fingerprint(&args.config);
     Ok(tokio::spawn(async move {
-        while hangup.recv().await.is_some() {
-            match load_config(&args) {
-                Ok(config) => {
-                    let reloaded = state.reload_reviewers(config);
-                    tracing::info!(
-                        reviewers = reloaded.reviewers,
-                        "reviewers reloaded (SIGHUP)"
-                    );
-                    if reloaded.others_changed {
-                        tracing::warn!(
-                            "settings other than [[reviewers]] changed in the configuration; \
-                             only the reviewers were reloaded: restart to apply the rest"
-                        );
+        let mut poll = tokio::time::interval(CONFIG_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let trigger = tokio::select! {
+                signalled = hangup.recv() => match signalled {
+                    Some(()) => "SIGHUP",
+                    None => return,
+                },
+                _ = poll.tick() => {
+                    let now = config_fingerprint(&args.config);
+                    if now == seen {
+                        continue;
                     }
+                    seen = now;
+                    "file changed"
                 }
-                Err(e) => tracing::error!(
-                    error = %e,
-                    "reviewers not reloaded: the configuration is invalid; the reviewers in force stay"
-                ),
-            }
+            };
+            reload_reviewers(&state, &args, trigger);
         }
     }))
+}
+
+/// The SHA-256 of the configuration file's content, `None` while it cannot
+/// be read (a swap in progress, a removed file: nothing is reloaded then).
+fn config_fingerprint(path: &std::path::Path) -> Option<Vec<u8>> {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).ok()?;
+    Some(sha2::Sha256::digest(&bytes).to_vec())
+}
+
+/// Reads the configuration again and puts its `[[reviewers]]` in force; an
+/// invalid file changes nothing (the reviewers in force stay) and is
+/// logged. `trigger` says why, for the log.
+fn reload_reviewers(state: &AppState, args: &ServeArgs, trigger: &str) {
+    match load_config(args) {
+        Ok(config) => {
+            let reloaded = state.reload_reviewers(config);
+            tracing::info!(
+                reviewers = reloaded.reviewers,
+                trigger,
+                "reviewers reloaded"
+            );
+            if reloaded.others_changed {
+                tracing::warn!(
+                    "settings other than [[reviewers]] changed in the configuration; \
+                     only the reviewers were reloaded: restart to apply the rest"
+                );
+            }
+        }
+        Err(e) => tracing::error!(
+            error = %e,
+            trigger,
+            "reviewers not reloaded: the configuration is invalid; the reviewers in force stay"
+        ),
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM, listened for from this call on: before

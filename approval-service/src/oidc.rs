@@ -11,7 +11,11 @@
 //!   the cached set lacks (the provider rotated its keys), at most every
 //!   [`MIN_REFRESH`];
 //! - the configured claims become the person: `name_claim` the reviewer's
-//!   name, `groups_claim` their groups.
+//!   name, `groups_claim` their groups;
+//! - [`RelyingParty::recheck`]: the refresh token grant that asks the
+//!   provider again, after sign-in, whether the person is still who they
+//!   were and in `required_group` (the HTTP layer calls it at most every
+//!   `recheck_seconds` per session: `http::oidc::SessionChecks`).
 //!
 //! Where the state, nonce and PKCE verifier wait between the redirect and
 //! the callback is the HTTP layer's business (`http::oidc`, in the database).
@@ -27,9 +31,9 @@ use openidconnect::core::{
 use openidconnect::{
     reqwest, AdditionalClaims, AuthorizationCode, ClaimsVerificationError, Client, ClientId,
     ClientSecret, CsrfToken, EmptyExtraTokenFields, EndpointMaybeSet, EndpointNotSet, EndpointSet,
-    IdTokenClaims, IdTokenFields, IssuerUrl, Nonce, PkceCodeChallenge, PkceCodeVerifier,
-    RedirectUrl, Scope, SignatureVerificationError, StandardErrorResponse, StandardTokenResponse,
-    TokenResponse,
+    IdTokenClaims, IdTokenFields, IssuerUrl, Nonce, NonceVerifier, OAuth2TokenResponse,
+    PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RefreshToken, Scope,
+    SignatureVerificationError, StandardErrorResponse, StandardTokenResponse, TokenResponse,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
@@ -123,6 +127,27 @@ pub struct Started {
     pub nonce: String,
     /// The PKCE code verifier.
     pub pkce_verifier: String,
+}
+
+/// A finished sign-in: the person, and the refresh token the provider
+/// gave (if any) to ask for their groups again later.
+pub struct SignedIn {
+    /// Who signed in.
+    pub person: Person,
+    /// The refresh token; a secret: seal it before storing, never log it.
+    pub refresh_token: Option<String>,
+}
+
+/// Accepts any nonce: an ID token from a refresh answers no sign-in of
+/// ours, so there is no nonce to compare (signature, issuer, audience and
+/// expiry are still checked).
+#[derive(Clone, Copy)]
+struct AnyNonce;
+
+impl NonceVerifier for AnyNonce {
+    fn verify(self, _nonce: Option<&Nonce>) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Who signed in, from the verified ID token.
@@ -235,7 +260,7 @@ impl RelyingParty {
         code: String,
         nonce: &str,
         pkce_verifier: String,
-    ) -> Result<Person, OidcError> {
+    ) -> Result<SignedIn, OidcError> {
         let client = self.client(self.metadata(false).await?)?;
         let response = client
             .exchange_code(AuthorizationCode::new(code))
@@ -247,29 +272,95 @@ impl RelyingParty {
         let id_token = response
             .id_token()
             .ok_or_else(|| OidcError::Refused("the token response has no ID token".into()))?;
-        let nonce = Nonce::new(nonce.to_string());
+        let claims = self
+            .verified_claims(&client, id_token, &Nonce::new(nonce.to_string()))
+            .await?;
+        Ok(SignedIn {
+            person: self.person(&claims_json(&claims)?)?,
+            refresh_token: response.refresh_token().map(|t| t.secret().clone()),
+        })
+    }
+
+    /// Asks the provider again who the holder of `refresh_token` is (the
+    /// refresh token grant): the person, from the new ID token or, when
+    /// the answer has none, the userinfo endpoint; and the refresh token
+    /// to use next time (a new one when the provider rotates them).
+    /// `Refused` when the provider no longer honours the token (the person
+    /// was removed, their grant revoked), `NotInGroup` when they lost
+    /// `required_group`, `Provider` when it could not be asked.
+    pub async fn recheck(&self, refresh_token: String) -> Result<SignedIn, OidcError> {
+        let client = self.client(self.metadata(false).await?)?;
+        let presented = RefreshToken::new(refresh_token);
+        let response = client
+            .exchange_refresh_token(&presented)
+            .map_err(|e| OidcError::Provider(format!("token endpoint: {e}")))?
+            .request_async(&self.http)
+            .await
+            .map_err(|e| match e {
+                openidconnect::RequestTokenError::ServerResponse(r) => {
+                    OidcError::Refused(format!("refresh: {}", r.error()))
+                }
+                other => OidcError::Provider(format!("refresh: {}", error_chain(&other))),
+            })?;
+        let claims = match response.id_token() {
+            Some(id_token) => {
+                claims_json(&self.verified_claims(&client, id_token, AnyNonce).await?)?
+            }
+            None => {
+                let info: openidconnect::UserInfoClaims<ExtraClaims, CoreGenderClaim> = client
+                    .user_info(response.access_token().clone(), None)
+                    .map_err(|e| OidcError::Provider(format!("userinfo endpoint: {e}")))?
+                    .request_async(&self.http)
+                    .await
+                    .map_err(|e| OidcError::Refused(format!("userinfo: {}", error_chain(&e))))?;
+                serde_json::to_value(&info)
+                    .map_err(|e| OidcError::Provider(format!("userinfo: {e}")))?
+            }
+        };
+        Ok(SignedIn {
+            person: self.person(&claims)?,
+            refresh_token: Some(
+                response
+                    .refresh_token()
+                    .map_or_else(|| presented.secret().clone(), |t| t.secret().clone()),
+            ),
+        })
+    }
+
+    /// The claims of `id_token`, verified (signature, issuer, audience,
+    /// expiry, `nonce`); keys re-fetched once when it is signed with a key
+    /// id we have not seen (the provider may have rotated its keys).
+    async fn verified_claims<N: NonceVerifier + Clone>(
+        &self,
+        client: &ProviderClient,
+        id_token: &openidconnect::IdToken<
+            ExtraClaims,
+            CoreGenderClaim,
+            CoreJweContentEncryptionAlgorithm,
+            CoreJwsSigningAlgorithm,
+        >,
+        nonce: N,
+    ) -> Result<Claims, OidcError> {
         let verifier = client.id_token_verifier();
-        let claims = match id_token.claims(&verifier, &nonce) {
-            Ok(claims) => claims.clone(),
+        match id_token.claims(&verifier, nonce.clone()) {
+            Ok(claims) => Ok(claims.clone()),
             Err(ClaimsVerificationError::SignatureVerification(
                 SignatureVerificationError::NoMatchingKey,
             )) => {
-                // Signed with a key we have not seen: the provider may have
-                // rotated its keys since we fetched them.
                 let fresh = self.client(self.metadata(true).await?)?;
                 let verifier = fresh.id_token_verifier();
-                id_token
-                    .claims(&verifier, &nonce)
+                Ok(id_token
+                    .claims(&verifier, nonce)
                     .map_err(|e| OidcError::Refused(format!("ID token: {e}")))?
-                    .clone()
+                    .clone())
             }
-            Err(e) => return Err(OidcError::Refused(format!("ID token: {e}"))),
-        };
-        self.person(&claims)
+            Err(e) => Err(OidcError::Refused(format!("ID token: {e}"))),
+        }
     }
 
-    /// The person the verified `claims` name.
-    fn person(&self, claims: &Claims) -> Result<Person, OidcError> {
+    /// The person the verified `claims` (as JSON: an ID token's or the
+    /// userinfo endpoint's) name.
+    fn person(&self, claims: &serde_json::Value) -> Result<Person, OidcError> {
         let name = claim_text(claims, &self.config.name_claim)
             .map(|n| n.trim().to_string())
             .filter(|n| !n.is_empty())
@@ -284,34 +375,24 @@ impl RelyingParty {
     }
 }
 
-/// A string claim: the standard ones by their typed accessors, any other
-/// from the extra claims.
-fn claim_text(claims: &Claims, name: &str) -> Option<String> {
-    match name {
-        "sub" => Some(claims.subject().to_string()),
-        // An address the provider says it has not verified names nobody.
-        "email" => claims
-            .email()
-            .filter(|_| claims.email_verified() != Some(false))
-            .map(|e| e.to_string()),
-        "preferred_username" => claims.preferred_username().map(|u| u.to_string()),
-        "name" => claims
-            .name()
-            .and_then(|n| n.get(None))
-            .map(|n| n.to_string()),
-        other => claims
-            .additional_claims()
-            .claims
-            .get(other)
-            .and_then(|v| v.as_str())
-            .map(str::to_string),
+/// Verified claims as JSON, the one form both sources of claims read as.
+fn claims_json(claims: &Claims) -> Result<serde_json::Value, OidcError> {
+    serde_json::to_value(claims).map_err(|e| OidcError::Refused(format!("ID token claims: {e}")))
+}
+
+/// A string claim. An address the provider says it has not verified names
+/// nobody.
+fn claim_text(claims: &serde_json::Value, name: &str) -> Option<String> {
+    if name == "email" && claims.get("email_verified") == Some(&serde_json::Value::Bool(false)) {
+        return None;
     }
+    claims.get(name)?.as_str().map(str::to_string)
 }
 
 /// A list-of-strings claim (one string counts as a list of one; other
 /// values are ignored).
-fn claim_list(claims: &Claims, name: &str) -> Vec<String> {
-    match claims.additional_claims().claims.get(name) {
+fn claim_list(claims: &serde_json::Value, name: &str) -> Vec<String> {
+    match claims.get(name) {
         Some(serde_json::Value::Array(items)) => items
             .iter()
             .filter_map(|v| v.as_str())

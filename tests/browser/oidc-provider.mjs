@@ -11,6 +11,14 @@
 // the next token responses, re-signing the ID token with its own key so
 // that exactly one thing is wrong: `wrong-audience` (aud is another
 // client), `expired` (exp in the past); `normal` undoes it.
+//
+// `POST /_test/user?login=...` with a JSON body changes a person at the
+// provider from now on: `{"groups": [...]}` sets their groups, `{"removed":
+// true}` removes the account (their refresh tokens then fail with
+// `invalid_grant`, as when an administrator deletes or disables someone).
+//
+// Refresh tokens are issued at every sign-in (the service asks the
+// provider again for a person's groups with them).
 import { generateKeyPairSync } from 'node:crypto';
 import http from 'node:http';
 import { decodeJwt, importJWK, SignJWT } from 'jose';
@@ -29,7 +37,7 @@ const provider = new Provider(issuer, {
     client_id: CLIENT_ID,
     client_secret: CLIENT_SECRET,
     redirect_uris: [REDIRECT_URI],
-    grant_types: ['authorization_code'],
+    grant_types: ['authorization_code', 'refresh_token'],
     response_types: ['code'],
   }],
   jwks: { keys: [jwk] },
@@ -45,6 +53,11 @@ const provider = new Provider(issuer, {
   // The claims go into the ID token itself (the service reads them there).
   conformIdTokenClaims: false,
   features: { devInteractions: { enabled: true } },
+  // Without asking for `offline_access`: what the tests check is the use
+  // of a refresh token, not how a provider is talked into issuing one.
+  async issueRefreshToken(_ctx, client) {
+    return client.grantTypeAllowed('refresh_token');
+  },
   // A first-party app: the reviewer is not asked to consent.
   async loadExistingGrant(ctx) {
     const grant = new ctx.oidc.provider.Grant({ clientId: ctx.oidc.client.clientId, accountId: ctx.oidc.session.accountId });
@@ -53,6 +66,7 @@ const provider = new Provider(issuer, {
     return grant;
   },
   async findAccount(_ctx, id) {
+    if (!(id in USERS)) return undefined;
     return {
       accountId: id,
       async claims() {
@@ -72,6 +86,15 @@ const provider = new Provider(issuer, {
 let mode = 'normal';
 
 provider.use(async (ctx, next) => {
+  if (ctx.path === '/_test/user' && ctx.method === 'POST') {
+    let body = '';
+    for await (const chunk of ctx.req) body += chunk;
+    const change = JSON.parse(body);
+    if (change.removed) delete USERS[ctx.query.login];
+    else USERS[ctx.query.login] = change.groups;
+    ctx.body = { users: USERS };
+    return;
+  }
   if (ctx.path === '/_test/mode' && ctx.method === 'POST') {
     mode = ctx.query.mode;
     ctx.body = { mode };

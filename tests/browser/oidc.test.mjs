@@ -19,7 +19,13 @@ const USERS = {
   erin: ['reviewers', 'security'],
   dave: ['reviewers'],
   mallory: [],
+  // Changed at the provider by the tests below.
+  grace: ['reviewers', 'security'],
+  frank: ['reviewers', 'security'],
+  heidi: ['reviewers', 'security'],
 };
+// How old a session's groups may get before the provider is asked again.
+const RECHECK_S = 1;
 
 let stack;
 let provider;
@@ -45,6 +51,7 @@ before(async () => {
       'groups_claim = "groups"',
       'required_group = "reviewers"',
       'display_name = "Example SSO"',
+      `recheck_seconds = ${RECHECK_S}`,
     ].join('\n'),
     env: { COUNTERSIGN_TEST_OIDC_SECRET: CLIENT_SECRET },
   }).start();
@@ -237,6 +244,100 @@ test('a callback works once, and only in the browser that started the sign-in', 
   await expectRefused(replay.page, replay.context, 'oidc');
   assert.match(stack.approval.logText(), /already used state/);
 }));
+
+// A held review for `security`, filed as the filter does.
+async function securityReview(requestId) {
+  return stack.fileReview({
+    request_id: requestId, api: 'openai_chat', method: 'POST', path: '/v1/chat/completions', authority: 'llm',
+    model: 'demo-echo', prompt: [{ role: 'user', text: requestId }], approver_group: 'security',
+    body: JSON.stringify({ model: 'demo-echo', messages: [{ role: 'user', content: requestId }] }),
+    hold_timeout_ms: 120000,
+  });
+}
+
+// The signed-in page's own calls: /api/me, then a decision with its CSRF
+// token; their statuses (and the decision's error code).
+async function tryToApprove(page, id) {
+  return page.evaluate(async (rid) => {
+    const meRes = await fetch('/api/me');
+    const me = meRes.ok ? await meRes.json() : {};
+    const res = await fetch(`/api/reviews/${rid}/approve`, {
+      method: 'POST', headers: { 'content-type': 'application/json', 'x-csrf-token': me.csrf_token || '' }, body: '{}',
+    });
+    const body = await res.json().catch(() => ({}));
+    return { me: meRes.status, groups: me.groups, approve: res.status, code: body.error && body.error.code };
+  }, id);
+}
+
+const pastRecheck = () => new Promise((r) => { setTimeout(r, RECHECK_S * 1000 + 300); });
+
+test('a person the provider takes out of the approver group cannot approve once the groups are re-checked', T, check(async () => {
+  const id = await securityReview('oidc-recheck-group');
+  const { page } = await newPage();
+  await signIn(page, 'grace', { next: `/reviews/${id}` });
+  await page.waitForURL(url(`/reviews/${id}`));
+  await page.locator('#approve').waitFor();
+
+  await provider.changeUser('grace', { groups: ['reviewers'] });
+  await pastRecheck();
+  const tried = await tryToApprove(page, id);
+  // Still a reviewer (the session lives), no longer in `security`.
+  assert.deepEqual(tried, { me: 200, groups: ['reviewers'], approve: 403, code: 'not_in_approver_group' });
+  // The page's own button goes the same way.
+  await page.click('#approve');
+  await page.waitForTimeout(500);
+  assert.equal((await stack.api(`/api/reviews/${id}`)).json.status, 'pending');
+
+  // Back in the group at the provider: she can again.
+  await provider.changeUser('grace', { groups: ['reviewers', 'security'] });
+  await pastRecheck();
+  assert.equal((await tryToApprove(page, id)).approve, 200);
+  assert.equal((await stack.api(`/api/reviews/${id}`)).json.reviewer, 'grace@example.com');
+}));
+
+for (const [login, change, what] of [
+  ['frank', { groups: ['security'] }, 'taken out of the required group'],
+  ['heidi', { removed: true }, 'removed at the provider (the refresh is refused)'],
+]) {
+  test(`a person ${what} is signed out everywhere by the re-check of a live feed`, T, check(async () => {
+    const id = await securityReview(`oidc-recheck-${login}`);
+    // Two browsers, two sessions, the second watching the live feed.
+    const first = await newPage();
+    await signIn(first.page, login, { next: `/reviews/${id}` });
+    await first.page.waitForURL(url(`/reviews/${id}`));
+    const second = await newPage();
+    await signIn(second.page, login);
+    await second.page.waitForURL(url('/'));
+    await second.page.locator('#live[data-state="live"]').waitFor();
+
+    await provider.changeUser(login, change);
+    await pastRecheck();
+    // A new review reaches the feed, which re-checks before it sends
+    // anything: the provider says no, every session of the person ends,
+    // and the page is sent to the sign-in page.
+    await securityReview(`oidc-recheck-${login}-2`);
+    await second.page.waitForURL(/\/login\?next=/);
+    // (Each page's feed may have asked; together they ended both sessions.)
+    const ended = stack.approval.logText().split('\n')
+      .filter((l) => l.includes('no longer vouches') && l.includes(`${login}@example.com`))
+      .map((l) => Number(/"sessions":(\d+)/.exec(l)[1]));
+    assert.equal(ended.reduce((a, b) => a + b, 0), 2, stack.approval.logText());
+    // The first browser's session ended with it: it approves nothing.
+    const me = await first.context.request.get(url('/api/me'));
+    const approve = await first.context.request.post(url(`/api/reviews/${id}/approve`), {
+      headers: { 'content-type': 'application/json', 'x-csrf-token': 'any' }, data: '{}',
+    });
+    assert.deepEqual([me.status(), approve.status()], [401, 401]);
+    assert.equal((await stack.api(`/api/reviews/${id}`)).json.status, 'pending');
+    if (!change.removed) {
+      // Signing in again is refused: the provider no longer names the group.
+      const again = await newPage();
+      await signIn(again.page, login);
+      await expectRefused(again.page, again.context, 'group');
+    }
+    assert.equal((await stack.api(`/api/reviews/${id}`)).json.status, 'pending');
+  }));
+}
 
 test('a rotated provider signing key is fetched when a token names it', T, check(async () => {
   const before = (await (await fetch(`${provider.url}/jwks`)).json()).keys.map((k) => k.kid);

@@ -275,6 +275,14 @@ export class Provider {
     if (!res.ok) throw new Error(`mode ${mode}: ${res.status}`);
   }
 
+  // Changes `login` at the provider: `{ groups }` or `{ removed: true }`.
+  async changeUser(login, change) {
+    const res = await fetch(`${this.url}/_test/user?login=${encodeURIComponent(login)}`, {
+      method: 'POST', body: JSON.stringify(change),
+    });
+    if (!res.ok) throw new Error(`user ${login}: ${res.status}`);
+  }
+
   logText() {
     return this.proc ? this.proc.logText() : '';
   }

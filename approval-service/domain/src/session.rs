@@ -35,8 +35,15 @@ pub enum SignedInWith {
     Token(TokenHash),
     /// The OpenID Connect provider, which named these groups.
     Oidc {
-        /// The groups from the provider's groups claim at sign-in.
+        /// The groups from the provider's groups claim, as it last
+        /// confirmed them (at sign-in or a re-check).
         groups: Vec<String>,
+        /// The provider's refresh token, [`seal`]ed with the session id:
+        /// `None` when the provider gave none (the session then ends at
+        /// its first re-check).
+        refresh_sealed: Option<String>,
+        /// When the provider last confirmed the groups, Unix ms.
+        checked_at_ms: u64,
     },
 }
 
@@ -60,6 +67,76 @@ pub fn random_token() -> Result<String, getrandom::Error> {
     Ok(hex(&bytes))
 }
 
+/// Why a secret could not be sealed.
+#[derive(Debug)]
+pub struct SealError;
+
+impl std::fmt::Display for SealError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("cannot seal a secret (no randomness or bad key)")
+    }
+}
+
+/// The key that seals a session's secrets: derived from the session id
+/// (the cookie value), which the database never holds (it keeps only its
+/// hash). So a refresh token at rest opens only on a request that carries
+/// that session's cookie: a copy of the database, an export or a log
+/// holds nothing usable. The id is 256 random bits: one SHA-256 with a
+/// purpose label is a sound derivation.
+fn sealing_key(session_id: &str) -> Result<ring::aead::LessSafeKey, SealError> {
+    let digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        format!("countersign session sealing key\0{session_id}").as_bytes(),
+    );
+    let key = ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, digest.as_ref())
+        .map_err(|_| SealError)?;
+    Ok(ring::aead::LessSafeKey::new(key))
+}
+
+/// `secret` encrypted and authenticated (ChaCha20-Poly1305, random nonce)
+/// under the key of session `session_id`, as hex (nonce, then ciphertext
+/// and tag).
+pub fn seal(session_id: &str, secret: &str) -> Result<String, SealError> {
+    let key = sealing_key(session_id)?;
+    let mut nonce = [0u8; ring::aead::NONCE_LEN];
+    getrandom::fill(&mut nonce).map_err(|_| SealError)?;
+    let mut data = secret.as_bytes().to_vec();
+    key.seal_in_place_append_tag(
+        ring::aead::Nonce::assume_unique_for_key(nonce),
+        ring::aead::Aad::empty(),
+        &mut data,
+    )
+    .map_err(|_| SealError)?;
+    Ok(format!("{}{}", hex(&nonce), hex(&data)))
+}
+
+/// The secret [`seal`] sealed for `session_id`; `None` when `sealed` was
+/// sealed for another session, altered, or is not hex.
+pub fn open_sealed(session_id: &str, sealed: &str) -> Option<String> {
+    let bytes = unhex(sealed)?;
+    if bytes.len() < ring::aead::NONCE_LEN {
+        return None;
+    }
+    let (nonce, data) = bytes.split_at(ring::aead::NONCE_LEN);
+    let nonce = ring::aead::Nonce::try_assume_unique_for_key(nonce).ok()?;
+    let mut data = data.to_vec();
+    let key = sealing_key(session_id).ok()?;
+    let plain = key
+        .open_in_place(nonce, ring::aead::Aad::empty(), &mut data)
+        .ok()?;
+    String::from_utf8(plain.to_vec()).ok()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
 /// Constant-time comparison of a presented CSRF token with the session's.
 pub fn csrf_matches(presented: &str, expected: &str) -> bool {
     // Hashing first gives equal-length inputs to the constant-time compare.
@@ -77,15 +154,25 @@ impl Store {
         let id_hex = id_sha256.to_hex();
         // An OIDC session has no token: its hash column holds "", which no
         // token hash equals.
-        let (kind, token_hex, groups) = match &session.with {
-            SignedInWith::Token(hash) => ("token", hash.to_hex(), Vec::new()),
-            SignedInWith::Oidc { groups } => ("oidc", String::new(), groups.clone()),
+        let (kind, token_hex, groups, refresh_sealed, checked_at_ms) = match &session.with {
+            SignedInWith::Token(hash) => ("token", hash.to_hex(), Vec::new(), String::new(), 0),
+            SignedInWith::Oidc {
+                groups,
+                refresh_sealed,
+                checked_at_ms,
+            } => (
+                "oidc",
+                String::new(),
+                groups.clone(),
+                refresh_sealed.clone().unwrap_or_default(),
+                *checked_at_ms,
+            ),
         };
         let groups_json = serde_json::to_string(&groups)?;
         self.conn().execute(
             "INSERT INTO sessions (id_sha256, reviewer, token_sha256, csrf_token, created_at_ms,
-                 expires_at_ms, kind, groups_json)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 expires_at_ms, kind, groups_json, refresh_sealed, checked_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
              ON CONFLICT (id_sha256) DO NOTHING",
             params![
                 &id_hex,
@@ -96,16 +183,52 @@ impl Store {
                 session.expires_at_ms,
                 kind,
                 &groups_json,
+                &refresh_sealed,
+                checked_at_ms,
             ],
         )?;
         Ok(())
+    }
+
+    /// Stores what the provider said at a re-check of OIDC session
+    /// `id_sha256`: the groups, the (new, sealed) refresh token, and when.
+    pub fn record_oidc_check(
+        &self,
+        id_sha256: &TokenHash,
+        groups: &[String],
+        refresh_sealed: &str,
+        checked_at_ms: u64,
+    ) -> DbResult<()> {
+        let groups_json = serde_json::to_string(groups)?;
+        self.conn().execute(
+            "UPDATE sessions SET groups_json = ?2, refresh_sealed = ?3, checked_at_ms = ?4
+             WHERE id_sha256 = ?1 AND kind = 'oidc'",
+            params![
+                &id_sha256.to_hex(),
+                &groups_json,
+                refresh_sealed,
+                checked_at_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Ends every OpenID Connect session of `reviewer` (sign-out
+    /// everywhere: the provider no longer vouches for them); returns how
+    /// many there were.
+    pub fn end_oidc_sessions_of(&self, reviewer: &str) -> DbResult<usize> {
+        self.conn().execute(
+            "DELETE FROM sessions WHERE reviewer = ?1 AND kind = 'oidc'",
+            params![reviewer],
+        )
     }
 
     /// The unexpired session whose id hashes to `id_sha256`.
     pub fn session(&self, id_sha256: &TokenHash, now_ms: u64) -> DbResult<Option<Session>> {
         let id_hex = id_sha256.to_hex();
         let row = self.conn().query_opt(
-            "SELECT reviewer, token_sha256, csrf_token, expires_at_ms, kind, groups_json
+            "SELECT reviewer, token_sha256, csrf_token, expires_at_ms, kind, groups_json,
+                 refresh_sealed, checked_at_ms
              FROM sessions WHERE id_sha256 = ?1 AND expires_at_ms > ?2",
             params![&id_hex, now_ms],
         )?;
@@ -113,8 +236,11 @@ impl Store {
             let kind: String = row.get(4)?;
             let with = if kind == "oidc" {
                 let groups: String = row.get(5)?;
+                let refresh_sealed: String = row.get(6)?;
                 SignedInWith::Oidc {
                     groups: serde_json::from_str(&groups)?,
+                    refresh_sealed: Some(refresh_sealed).filter(|r| !r.is_empty()),
+                    checked_at_ms: row.get(7)?,
                 }
             } else {
                 let token: String = row.get(1)?;
@@ -345,6 +471,30 @@ mod tests {
         assert_eq!(a.len(), 64);
         assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn a_sealed_secret_opens_only_with_its_session_id() {
+        let sealed = seal("session-a", "refresh-token-1").unwrap();
+        assert!(!sealed.contains("refresh"));
+        assert_eq!(
+            open_sealed("session-a", &sealed).as_deref(),
+            Some("refresh-token-1")
+        );
+        assert_eq!(open_sealed("session-b", &sealed), None);
+        let mut altered = sealed.clone().into_bytes();
+        let last = altered.len() - 1;
+        altered[last] = if altered[last] == b'0' { b'1' } else { b'0' };
+        assert_eq!(
+            open_sealed("session-a", &String::from_utf8(altered).unwrap()),
+            None
+        );
+        assert_eq!(open_sealed("session-a", "zz"), None);
+        assert_ne!(
+            seal("session-a", "refresh-token-1").unwrap(),
+            sealed,
+            "fresh nonce"
+        );
     }
 
     #[test]

@@ -363,12 +363,25 @@ impl AppState {
         }))
     }
 
+    /// Whether `session` must be re-checked with the OpenID provider before
+    /// it is used: an OIDC session whose groups the provider confirmed more
+    /// than `[oidc] recheck_seconds` ago. (Without `[oidc]` an OIDC session
+    /// is void anyway.)
+    pub fn oidc_recheck_due(&self, session: &Session, now_ms: u64) -> bool {
+        match (&session.with, &self.config().oidc) {
+            (SignedInWith::Oidc { checked_at_ms, .. }, Some(oidc)) => {
+                now_ms.saturating_sub(*checked_at_ms) >= oidc.recheck_seconds * 1000
+            }
+            _ => false,
+        }
+    }
+
     fn session_approver(&self, session: &Session) -> Option<Approver> {
         match &session.with {
             SignedInWith::Token(token) => self
                 .reviewer_named(&session.reviewer, token)
                 .map(|r| Approver::from(&r)),
-            SignedInWith::Oidc { groups } => {
+            SignedInWith::Oidc { groups, .. } => {
                 let oidc = self.config().oidc.as_ref()?;
                 if let Some(required) = &oidc.required_group {
                     if !groups.contains(required) {

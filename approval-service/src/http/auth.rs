@@ -15,6 +15,7 @@ use countersign_core::wire::FILTER_TOKEN_HEADER;
 
 use super::cookies::{session_cookie, CSRF_HEADER};
 use super::error::ApiError;
+use super::oidc::SessionChecks;
 use crate::approvals::Approver;
 use crate::session::csrf_matches;
 use crate::state::AppState;
@@ -66,7 +67,20 @@ pub enum AuthMethod {
         id_sha256: TokenHash,
         /// The session's CSRF token.
         csrf_token: String,
+        /// The cookie value, to re-check the session later (the live feed).
+        cookie: SessionCookie,
     },
+}
+
+/// A session cookie's value: it opens the session's sealed refresh token,
+/// so it is never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SessionCookie(String);
+
+impl std::fmt::Debug for SessionCookie {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionCookie(***)")
+    }
 }
 
 /// The authenticated reviewer of a reviewer-API call.
@@ -76,6 +90,8 @@ pub struct Reviewer {
     pub who: Approver,
     /// How the call authenticated.
     pub via: AuthMethod,
+    /// What re-checks an OpenID Connect session with the provider.
+    checks: SessionChecks,
 }
 
 impl FromRequestParts<AppState> for Reviewer {
@@ -84,8 +100,13 @@ impl FromRequestParts<AppState> for Reviewer {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         // An Authorization header always wins: a script's token must never
         // be overridden by a cookie the same client happens to hold.
+        let checks = parts
+            .extensions
+            .get::<SessionChecks>()
+            .cloned()
+            .unwrap_or_default();
         if parts.headers.contains_key(header::AUTHORIZATION) {
-            return bearer_reviewer(parts, state);
+            return bearer_reviewer(parts, state, checks);
         }
         let peer = ConnectInfo::<SocketAddr>::from_request_parts(parts, state)
             .await
@@ -99,6 +120,7 @@ impl FromRequestParts<AppState> for Reviewer {
             return Ok(Reviewer {
                 who,
                 via: AuthMethod::Proxy { csrf_token },
+                checks,
             });
         }
         let Some(id) = session_cookie(&parts.headers) else {
@@ -106,7 +128,7 @@ impl FromRequestParts<AppState> for Reviewer {
                 "missing bearer token (or sign-in session)".into(),
             ));
         };
-        let (session, reviewer) = state.session(id).await?.ok_or_else(|| {
+        let (session, reviewer) = checks.session(state, id).await?.ok_or_else(|| {
             ApiError::Unauthorized("session expired or signed out; sign in again".into())
         })?;
         if !parts.method.is_safe() {
@@ -117,7 +139,9 @@ impl FromRequestParts<AppState> for Reviewer {
             via: AuthMethod::Session {
                 id_sha256: TokenHash::of_token(id),
                 csrf_token: session.csrf_token,
+                cookie: SessionCookie(id.to_string()),
             },
+            checks,
         })
     }
 }
@@ -186,7 +210,8 @@ impl Reviewer {
     /// Whether the credential this reviewer authenticated with still holds
     /// now (for a long-lived call such as the live feed): the token is
     /// still configured for them, or the session still exists and is still
-    /// theirs. A database error counts as no.
+    /// theirs (an OpenID Connect session re-checked with the provider when
+    /// due). A database or provider error counts as no.
     pub async fn still_signed_in(&self, state: &AppState) -> bool {
         match &self.via {
             AuthMethod::Bearer { token_sha256 } => state
@@ -194,15 +219,19 @@ impl Reviewer {
                 .is_some_and(|r| r.name == self.who.name),
             // The proxy vouches for every request anew.
             AuthMethod::Proxy { .. } => true,
-            AuthMethod::Session { id_sha256, .. } => {
-                matches!(state.session_by_hash(*id_sha256).await,
+            AuthMethod::Session { cookie, .. } => {
+                matches!(self.checks.session(state, &cookie.0).await,
                     Ok(Some((_, who))) if who == self.who)
             }
         }
     }
 }
 
-fn bearer_reviewer(parts: &Parts, state: &AppState) -> Result<Reviewer, ApiError> {
+fn bearer_reviewer(
+    parts: &Parts,
+    state: &AppState,
+    checks: SessionChecks,
+) -> Result<Reviewer, ApiError> {
     let value = parts
         .headers
         .get(header::AUTHORIZATION)
@@ -221,5 +250,6 @@ fn bearer_reviewer(parts: &Parts, state: &AppState) -> Result<Reviewer, ApiError
     Ok(Reviewer {
         who: Approver::from(&reviewer),
         via: AuthMethod::Bearer { token_sha256 },
+        checks,
     })
 }

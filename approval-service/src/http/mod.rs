@@ -46,6 +46,8 @@ pub fn app(state: AppState) -> Router {
 }
 
 fn router(state: AppState, client: Option<reqwest::Client>) -> Router {
+    let relying_party = oidc::relying_party(&state);
+    let session_checks = oidc::SessionChecks::new(relying_party.clone());
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -82,9 +84,10 @@ fn router(state: AppState, client: Option<reqwest::Client>) -> Router {
             "/slack/interactivity",
             post(slack::interactivity).layer(DefaultBodyLimit::max(slack::MAX_BODY_BYTES)),
         )
-        .merge(oidc::routes(&state))
+        .merge(oidc::routes(&state, relying_party))
         .fallback(fallback)
         .layer(Extension(slack::OutboundClient(client)))
+        .layer(Extension(session_checks))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(ui::security_headers))
         .with_state(state)

@@ -20,10 +20,12 @@
 //! (`?error=group` for a person outside `required_group`); the reason is
 //! logged, never shown.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError};
 
 use axum::extract::{Query, State};
 use axum::http::header::{self, HeaderMap, HeaderValue};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::Router;
@@ -32,9 +34,10 @@ use serde::Deserialize;
 use super::cookies::id_cookie;
 use super::error::ApiError;
 use super::ui::{login_failed, safe_next, start_session};
+use crate::approvals::Approver;
 use crate::config::oidc::CALLBACK_PATH;
 use crate::oidc::{OidcError, RelyingParty};
-use crate::session::{random_token, OidcLogin, SignedInWith};
+use crate::session::{open_sealed, random_token, seal, OidcLogin, Session, SignedInWith};
 use crate::state::AppState;
 use crate::token::TokenHash;
 
@@ -53,18 +56,22 @@ struct OidcState {
     relying_party: Arc<RelyingParty>,
 }
 
-/// The sign-in routes, when `[oidc]` is configured (otherwise none, and the
-/// paths are 404).
-pub fn routes(state: &AppState) -> Router<AppState> {
-    let Some(config) = state.config().oidc.clone() else {
+/// The relying party, when `[oidc]` is configured and its HTTP client
+/// could be built. Built once: the sign-in routes and the session
+/// re-checks share it (and its cached metadata).
+pub fn relying_party(state: &AppState) -> Option<Arc<RelyingParty>> {
+    let config = state.config().oidc.clone()?;
+    RelyingParty::new(config)
+        .inspect_err(|e| tracing::error!(error = %e, "OpenID Connect sign-in is not available"))
+        .ok()
+        .map(Arc::new)
+}
+
+/// The sign-in routes, when there is a relying party (otherwise none, and
+/// the paths are 404).
+pub fn routes(state: &AppState, relying_party: Option<Arc<RelyingParty>>) -> Router<AppState> {
+    let Some(relying_party) = relying_party else {
         return Router::new();
-    };
-    let relying_party = match RelyingParty::new(config) {
-        Ok(rp) => Arc::new(rp),
-        Err(e) => {
-            tracing::error!(error = %e, "OpenID Connect sign-in is not available");
-            return Router::new();
-        }
     };
     Router::new()
         .route(LOGIN_PATH, get(login))
@@ -221,22 +228,172 @@ async fn finish(
     let Some(code) = query.code.filter(|c| !c.is_empty()) else {
         return Ok(Err((refused("the callback has no code"), next)));
     };
-    let person = match state
+    let signed_in = match state
         .relying_party
         .finish(code, &login.nonce, login.pkce_verifier)
         .await
     {
-        Ok(p) => p,
+        Ok(s) => s,
         Err(e) => return Ok(Err((e, next))),
     };
     let response = start_session(
         &state.app,
-        person.name,
+        signed_in.person.name,
         SignedInWith::Oidc {
-            groups: person.groups,
+            groups: signed_in.person.groups,
+            refresh_sealed: None,
+            checked_at_ms: crate::now_ms(),
         },
+        signed_in.refresh_token,
         &next,
     )
     .await?;
     Ok(Ok(response))
+}
+
+/// Re-checks OpenID Connect sessions with the provider: a session whose
+/// groups the provider confirmed more than `[oidc] recheck_seconds` ago is
+/// asked about again (the refresh token grant) before its request is
+/// served, so no decision, page or live feed acts on older groups. A
+/// person the provider no longer vouches for (the refresh is refused: the
+/// grant was revoked or the account removed; or they lost `required_group`
+/// or their name changed) is signed out everywhere: all their OIDC
+/// sessions end. An unreachable provider refuses the request (503) and
+/// ends nothing. Shared by every request (an axum `Extension`).
+#[derive(Clone, Default)]
+pub struct SessionChecks {
+    relying_party: Option<Arc<RelyingParty>>,
+    /// One lock per session being re-checked: two requests of one session
+    /// arriving together make one refresh (a provider that rotates refresh
+    /// tokens takes a second use of one as theft and revokes the grant).
+    in_progress: Arc<std::sync::Mutex<HashMap<TokenHash, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl SessionChecks {
+    /// Re-checks with `relying_party` (none: a due session cannot be
+    /// re-checked, and ends).
+    pub fn new(relying_party: Option<Arc<RelyingParty>>) -> SessionChecks {
+        SessionChecks {
+            relying_party,
+            in_progress: Arc::default(),
+        }
+    }
+
+    /// The live session with cookie value `id` and who it is, re-checked
+    /// with the provider first when due; `None` when there is none (or it
+    /// ended now).
+    pub async fn session(
+        &self,
+        state: &AppState,
+        id: &str,
+    ) -> Result<Option<(Session, Approver)>, ApiError> {
+        let Some((session, who)) = state.session(id).await? else {
+            return Ok(None);
+        };
+        if !state.oidc_recheck_due(&session, crate::now_ms()) {
+            return Ok(Some((session, who)));
+        }
+        let hash = TokenHash::of_token(id);
+        let lock = Arc::clone(
+            self.in_progress
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(hash)
+                .or_default(),
+        );
+        let guard = lock.lock().await;
+        // Another request of this session may have re-checked meanwhile.
+        let result = match state.session(id).await {
+            Ok(Some((session, _))) if state.oidc_recheck_due(&session, crate::now_ms()) => {
+                self.recheck(state, id, hash, session).await
+            }
+            other => other.map_err(ApiError::from),
+        };
+        drop(guard);
+        self.in_progress
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&hash);
+        result
+    }
+
+    async fn recheck(
+        &self,
+        state: &AppState,
+        id: &str,
+        hash: TokenHash,
+        session: Session,
+    ) -> Result<Option<(Session, Approver)>, ApiError> {
+        let name = session.reviewer.clone();
+        let refresh_token = match &session.with {
+            SignedInWith::Oidc { refresh_sealed, .. } => {
+                refresh_sealed.as_deref().and_then(|s| open_sealed(id, s))
+            }
+            SignedInWith::Token(_) => None,
+        };
+        let (Some(relying_party), Some(refresh_token)) = (&self.relying_party, refresh_token)
+        else {
+            tracing::info!(
+                reviewer = %name,
+                "OpenID Connect session ended: its groups are due for a re-check and there is \
+                 no refresh token (or provider) to ask with; sign in again"
+            );
+            state.db(move |s| s.delete_session(&hash)).await?;
+            return Ok(None);
+        };
+        match relying_party.recheck(refresh_token).await {
+            Ok(signed_in) if signed_in.person.name == name => {
+                let now = crate::now_ms();
+                let sealed = match signed_in.refresh_token {
+                    Some(t) => Some(seal(id, &t).map_err(ApiError::internal)?),
+                    None => None,
+                };
+                let groups = signed_in.person.groups;
+                let (stored_groups, stored_sealed) =
+                    (groups.clone(), sealed.clone().unwrap_or_default());
+                state
+                    .db(move |s| s.record_oidc_check(&hash, &stored_groups, &stored_sealed, now))
+                    .await?;
+                let who = state.approver_named(name, groups.clone());
+                let session = Session {
+                    with: SignedInWith::Oidc {
+                        groups,
+                        refresh_sealed: sealed,
+                        checked_at_ms: now,
+                    },
+                    ..session
+                };
+                Ok(Some((session, who)))
+            }
+            Err(OidcError::Provider(e)) => {
+                tracing::error!(
+                    reviewer = %name,
+                    error = %e,
+                    "cannot re-check an OpenID Connect session: the provider is unavailable; \
+                     request refused"
+                );
+                Err(ApiError::Coded {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    code: "identity_provider_unavailable",
+                    message: "the identity provider cannot confirm your sign-in now; try again"
+                        .into(),
+                })
+            }
+            outcome => {
+                let reason = match outcome {
+                    Ok(signed_in) => format!("the provider now names {:?}", signed_in.person.name),
+                    Err(e) => e.to_string(),
+                };
+                let who = name.clone();
+                let ended = state.db(move |s| s.end_oidc_sessions_of(&who)).await?;
+                tracing::warn!(
+                    reviewer = %name,
+                    reason = %reason,
+                    sessions = ended,
+                    "the identity provider no longer vouches for this reviewer: signed out everywhere"
+                );
+                Ok(None)
+            }
+        }
+    }
 }

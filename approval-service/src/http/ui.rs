@@ -17,11 +17,13 @@ use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::http::{StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
+use axum::Extension;
 use serde::Deserialize;
 
 use super::auth::{proxy_approver, AuthMethod, Reviewer};
 use super::cookies::{clear_cookie, session_cookie, set_cookie};
 use super::error::ApiError;
+use super::oidc::SessionChecks;
 use crate::config::url_origin;
 use crate::session::{random_token, Session, SignedInWith};
 use crate::state::AppState;
@@ -106,10 +108,18 @@ fn encode_component(s: &str) -> String {
 
 /// An app page: served to a signed-in reviewer, otherwise a redirect to
 /// the sign-in page that comes back here afterwards.
-async fn app_page(state: &AppState, headers: &HeaderMap, peer: Peer, uri: &Uri) -> Response {
+/// A session is looked up as the API does (an OpenID Connect session
+/// re-checked with the provider when due).
+async fn app_page(
+    state: &AppState,
+    checks: &SessionChecks,
+    headers: &HeaderMap,
+    peer: Peer,
+    uri: &Uri,
+) -> Response {
     let peer = peer.ok().map(|ConnectInfo(a)| a.ip());
     let signed_in = match session_cookie(headers) {
-        Some(id) => matches!(state.session(id).await, Ok(Some(_))),
+        Some(id) => matches!(checks.session(state, id).await, Ok(Some(_))),
         None => proxy_approver(state, headers, peer).is_some(),
     };
     if signed_in {
@@ -124,11 +134,12 @@ async fn app_page(state: &AppState, headers: &HeaderMap, peer: Peer, uri: &Uri) 
 /// `GET /`: the queue of pending reviews.
 pub async fn queue_page(
     State(state): State<AppState>,
+    Extension(checks): Extension<SessionChecks>,
     headers: HeaderMap,
     peer: Peer,
     uri: Uri,
 ) -> Response {
-    app_page(&state, &headers, peer, &uri).await
+    app_page(&state, &checks, &headers, peer, &uri).await
 }
 
 /// The client's address, when the server knows it.
@@ -137,22 +148,24 @@ type Peer = Result<ConnectInfo<SocketAddr>, ExtensionRejection>;
 /// `GET /reviews/{id}`: one review.
 pub async fn review_page(
     State(state): State<AppState>,
+    Extension(checks): Extension<SessionChecks>,
     Path(_id): Path<String>,
     headers: HeaderMap,
     peer: Peer,
     uri: Uri,
 ) -> Response {
-    app_page(&state, &headers, peer, &uri).await
+    app_page(&state, &checks, &headers, peer, &uri).await
 }
 
 /// `GET /history`: past reviews.
 pub async fn history_page(
     State(state): State<AppState>,
+    Extension(checks): Extension<SessionChecks>,
     headers: HeaderMap,
     peer: Peer,
     uri: Uri,
 ) -> Response {
-    app_page(&state, &headers, peer, &uri).await
+    app_page(&state, &checks, &headers, peer, &uri).await
 }
 
 /// `GET /login`: the token form, and the button that signs in through the
@@ -297,6 +310,7 @@ pub async fn login(
         &state,
         reviewer.name.clone(),
         SignedInWith::Token(token_sha256),
+        None,
         &next,
     )
     .await
@@ -335,15 +349,20 @@ fn same_origin(state: &AppState, headers: &HeaderMap) -> bool {
 }
 
 /// Starts a session for `reviewer` (signed in `with` a token or the
-/// provider): stores it, and answers with a redirect to `next` that sets
-/// the session cookie.
+/// provider, whose refresh token `refresh_token` is sealed with the new
+/// session's id before it is stored): stores it, and answers with a
+/// redirect to `next` that sets the session cookie.
 pub(super) async fn start_session(
     state: &AppState,
     reviewer: String,
-    with: SignedInWith,
+    mut with: SignedInWith,
+    refresh_token: Option<String>,
     next: &str,
 ) -> Result<Response, ApiError> {
     let id = random_token().map_err(ApiError::internal)?;
+    if let (SignedInWith::Oidc { refresh_sealed, .. }, Some(token)) = (&mut with, refresh_token) {
+        *refresh_sealed = Some(crate::session::seal(&id, &token).map_err(ApiError::internal)?);
+    }
     let csrf_token = random_token().map_err(ApiError::internal)?;
     let config = state.config();
     let max_age_s = config.ui_session_hours * 3600;

@@ -145,6 +145,28 @@ async fn self_approval_is_refused_but_rejection_allowed() {
 }
 
 #[tokio::test]
+async fn a_reviewer_taken_out_of_the_approver_group_by_a_reload_cannot_decide() {
+    let f = fixture("", "");
+    let id = create(&f.app, json!({"approver_group": "security"})).await;
+    // carol leaves `security` (the file is edited and reloaded; her token stays).
+    let reviewers: Vec<_> = REVIEWERS
+        .iter()
+        .map(|&(name, token, more)| (name, token, if name == "carol" { "" } else { more }))
+        .collect();
+    let reloaded = Config::from_toml_str(&common::config_toml(&f.db, "", &reviewers)).unwrap();
+    f.state.reload_reviewers(reloaded);
+    for action in ["approve", "reject"] {
+        let (s, v) = decide(&f.app, &id, CAROL, action, json!({"reason": "r"})).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{action}: {v}");
+        assert_error(&v, "not_in_approver_group");
+    }
+    assert_eq!(detail(&f.app, &id).await["status"], "pending");
+    // Those still in the group can.
+    let (s, v) = decide(&f.app, &id, ALICE, "approve", json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}
+
+#[tokio::test]
 async fn approver_group_restricts_every_decision() {
     let f = fixture("", "");
     let id = create(&f.app, json!({"approver_group": "security"})).await;

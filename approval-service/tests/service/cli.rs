@@ -396,20 +396,27 @@ fn signal(child: &Child, signal: &str) {
     assert!(status.success());
 }
 
+/// Serves `cfg` (whose one reviewer is alice) on a database in `dir`;
+/// alice's token works, bob's not yet.
+fn serve_alice(cfg: &Path, dir: &Path) -> (Child, String) {
+    let (child, addr) = start_serving(
+        bin()
+            .arg("--config")
+            .arg(cfg)
+            .args(["--listen", "127.0.0.1:0", "--database"])
+            .arg(dir.join("db.sqlite")),
+    );
+    assert_eq!(me_status(&addr, "alice-token"), "200");
+    assert_eq!(me_status(&addr, "bob-token"), "401");
+    (child, addr)
+}
+
 #[test]
 fn sighup_reloads_the_reviewers_and_keeps_them_when_the_file_is_invalid() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("c.toml");
     std::fs::write(&cfg, one_reviewer("alice", "alice-token")).unwrap();
-    let (child, addr) = start_serving(
-        bin()
-            .arg("--config")
-            .arg(&cfg)
-            .args(["--listen", "127.0.0.1:0", "--database"])
-            .arg(dir.path().join("db.sqlite")),
-    );
-    assert_eq!(me_status(&addr, "alice-token"), "200");
-    assert_eq!(me_status(&addr, "bob-token"), "401");
+    let (child, addr) = serve_alice(&cfg, dir.path());
 
     // Bob replaces alice: no restart.
     std::fs::write(&cfg, one_reviewer("bob", "bob-token")).unwrap();
@@ -433,6 +440,61 @@ fn sighup_reloads_the_reviewers_and_keeps_them_when_the_file_is_invalid() {
 
     let logs = stop(child);
     assert!(logs.contains("reviewers reloaded"), "{logs}");
+    assert!(
+        logs.contains("reviewers not reloaded") && logs.contains("reviewers[0].token_sha256"),
+        "{logs}"
+    );
+}
+
+/// Points `link` at `target` atomically: a new symlink renamed over the
+/// old one, as Kubernetes swaps a ConfigMap volume's `..data`.
+fn swap_symlink(target: &std::path::Path, link: &std::path::Path) {
+    let tmp = link.with_file_name("..data_tmp");
+    std::os::unix::fs::symlink(target, &tmp).unwrap();
+    std::fs::rename(&tmp, link).unwrap();
+}
+
+#[test]
+fn a_changed_file_reloads_the_reviewers_without_a_signal() {
+    // A ConfigMap volume: c.toml -> ..data/c.toml, ..data -> v1.
+    let dir = tempfile::tempdir().unwrap();
+    let volume = dir.path().join("volume");
+    for (version, reviewer) in [("v1", "alice"), ("v2", "bob")] {
+        std::fs::create_dir_all(volume.join(version)).unwrap();
+        std::fs::write(
+            volume.join(version).join("c.toml"),
+            one_reviewer(reviewer, &format!("{reviewer}-token")),
+        )
+        .unwrap();
+    }
+    swap_symlink(std::path::Path::new("v1"), &volume.join("..data"));
+    let cfg = volume.join("c.toml");
+    std::os::unix::fs::symlink("..data/c.toml", &cfg).unwrap();
+    let (child, addr) = serve_alice(&cfg, dir.path());
+
+    // The volume is swapped to v2: bob replaces alice, no signal sent.
+    swap_symlink(std::path::Path::new("v2"), &volume.join("..data"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while me_status(&addr, "bob-token") != "200" {
+        assert!(Instant::now() < deadline, "bob was never added");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(me_status(&addr, "alice-token"), "401");
+
+    // An invalid file written in place changes nothing, and is logged.
+    std::fs::write(
+        volume.join("v2").join("c.toml"),
+        "[[reviewers]]\nname = \"carol\"\ntoken_sha256 = \"nope\"\n",
+    )
+    .unwrap();
+    // Two and a half looks at the file (every 2 s) later, bob still works.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(me_status(&addr, "bob-token"), "200");
+    let logs = stop(child);
+    assert!(
+        logs.contains("reviewers reloaded") && logs.contains("file changed"),
+        "{logs}"
+    );
     assert!(
         logs.contains("reviewers not reloaded") && logs.contains("reviewers[0].token_sha256"),
         "{logs}"

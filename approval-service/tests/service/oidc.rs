@@ -8,7 +8,8 @@
 use crate::common;
 
 use axum::http::StatusCode;
-use countersign_approval::session::{Session, SignedInWith};
+use countersign_approval::now_ms;
+use countersign_approval::session::{seal, Session, SignedInWith};
 use countersign_approval::TokenHash;
 
 use crate::common::{send, ALICE};
@@ -83,19 +84,35 @@ async fn a_callback_with_an_unknown_state_starts_no_session() {
     }
 }
 
-/// Stores an OIDC session for `name` with `groups`; returns its cookie.
+/// Stores an OIDC session for `name` with `groups`, confirmed by the
+/// provider now; returns its cookie.
 async fn oidc_session(f: &common::Fixture, name: &str, groups: &[&str]) -> String {
-    let id = "ab".repeat(32);
+    stored_oidc_session(f, &"ab".repeat(32), name, groups, None, now_ms()).await
+}
+
+/// Stores an OIDC session `id` for `name` with `groups`, whose refresh
+/// token is `refresh_token` and whose groups were confirmed at
+/// `checked_at_ms`; returns its cookie.
+async fn stored_oidc_session(
+    f: &common::Fixture,
+    id: &str,
+    name: &str,
+    groups: &[&str],
+    refresh_token: Option<&str>,
+    checked_at_ms: u64,
+) -> String {
     let session = Session {
         reviewer: name.to_string(),
         with: SignedInWith::Oidc {
             groups: groups.iter().map(|g| g.to_string()).collect(),
+            refresh_sealed: refresh_token.map(|t| seal(id, t).unwrap()),
+            checked_at_ms,
         },
         csrf_token: "c".repeat(64),
-        expires_at_ms: countersign_approval::now_ms() + 3_600_000,
+        expires_at_ms: now_ms() + 3_600_000,
     };
-    let hash = TokenHash::of_token(&id);
-    let now = countersign_approval::now_ms();
+    let hash = TokenHash::of_token(id);
+    let now = now_ms();
     f.state
         .db(move |s| s.create_session(&hash, &session, now))
         .await
@@ -138,4 +155,77 @@ async fn an_oidc_session_has_the_providers_groups_while_oidc_is_configured() {
         let me = send(&app, "GET", "/api/me", &[("cookie", &cookie)], "").await;
         assert_eq!(me.status, status, "{settings}");
     }
+}
+
+/// Whether session `id` is stored (and unexpired).
+async fn session_exists(f: &common::Fixture, id: &str) -> bool {
+    let hash = TokenHash::of_token(id);
+    f.state
+        .db(move |s| s.session(&hash, now_ms()))
+        .await
+        .unwrap()
+        .is_some()
+}
+
+#[tokio::test]
+async fn a_session_due_for_a_recheck_is_refused_when_the_provider_cannot_confirm_it() {
+    // The provider (nothing listens on its port) cannot be asked: the
+    // request is refused, and the session stays for when it is back.
+    let f = fixture(&oidc("recheck_seconds = 30"));
+    let stale = now_ms() - 31_000;
+    let cookie = stored_oidc_session(
+        &f,
+        &"cd".repeat(32),
+        "erin@example.com",
+        &["security"],
+        Some("rt-1"),
+        stale,
+    )
+    .await;
+    let me = send(&f.app, "GET", "/api/me", &[("cookie", &cookie)], "").await;
+    assert_eq!(me.status, StatusCode::SERVICE_UNAVAILABLE);
+    common::assert_error(&me.json(), "identity_provider_unavailable");
+    assert!(session_exists(&f, &"cd".repeat(32)).await);
+
+    // Without a refresh token it cannot be re-checked at all: it ends.
+    let cookie = stored_oidc_session(
+        &f,
+        &"ef".repeat(32),
+        "erin@example.com",
+        &["security"],
+        None,
+        stale,
+    )
+    .await;
+    let me = send(&f.app, "GET", "/api/me", &[("cookie", &cookie)], "").await;
+    assert_eq!(me.status, StatusCode::UNAUTHORIZED);
+    assert!(!session_exists(&f, &"ef".repeat(32)).await);
+
+    // A page load re-checks as the API does.
+    let cookie = stored_oidc_session(
+        &f,
+        &"ab".repeat(32),
+        "erin@example.com",
+        &["security"],
+        None,
+        stale,
+    )
+    .await;
+    let page = send(&f.app, "GET", "/history", &[("cookie", &cookie)], "").await;
+    assert_eq!(page.status, StatusCode::SEE_OTHER);
+    assert!(page.header("location").starts_with("/login?next="));
+    assert!(!session_exists(&f, &"ab".repeat(32)).await);
+
+    // Within the interval nothing is asked.
+    let cookie = stored_oidc_session(
+        &f,
+        &"01".repeat(32),
+        "erin@example.com",
+        &["security"],
+        None,
+        now_ms() - 5_000,
+    )
+    .await;
+    let me = send(&f.app, "GET", "/api/me", &[("cookie", &cookie)], "").await;
+    assert_eq!(me.status, StatusCode::OK);
 }

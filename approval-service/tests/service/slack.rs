@@ -92,6 +92,19 @@ async fn review(f: &Fixture, id: &str) -> Value {
         .1
 }
 
+/// A signed click by `user` on review `id` is taken (200) and decides
+/// nothing: the review stays pending, with no approval.
+async fn click_decides_nothing(f: &Fixture, id: &str, user: &str) {
+    let (body, headers) = click(id, user, now_s());
+    assert_eq!(post(f, &body, &headers).await, StatusCode::OK);
+    let v = review(f, id).await;
+    assert_eq!(
+        (&v["status"], &v["approvals"]),
+        (&json!("pending"), &json!([])),
+        "{v}"
+    );
+}
+
 fn now_s() -> u64 {
     countersign_approval::now_ms() / 1000
 }
@@ -113,14 +126,7 @@ async fn a_click_decides_only_within_the_rules() {
         common::review_request(json!({"caller": "alice"})),
     )
     .await;
-    let (body, headers) = click(&id, "U0ALICE", now_s());
-    assert_eq!(post(&f, &body, &headers).await, StatusCode::OK);
-    let v = review(&f, &id).await;
-    assert_eq!(
-        (&v["status"], &v["approvals"]),
-        (&json!("pending"), &json!([])),
-        "{v}"
-    );
+    click_decides_nothing(&f, &id, "U0ALICE").await;
     // A stale copy of bob's click (signed 6 minutes ago) is refused.
     let (body, headers) = click(&id, "U0BOB", now_s() - 360);
     assert_eq!(post(&f, &body, &headers).await, StatusCode::UNAUTHORIZED);
@@ -270,4 +276,45 @@ async fn web_api_calls_wait_out_rate_limits_and_report_slack_errors() {
     assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 2);
     let e = api.call("chat.update", &json!({})).await.unwrap_err();
     assert!(e.contains("channel_not_found"), "{e}");
+}
+
+#[tokio::test]
+async fn a_slack_user_taken_out_of_the_approver_group_by_a_reload_cannot_approve() {
+    let settings = slack_settings("http://127.0.0.1:9/api");
+    let reviewers = |bob_groups: &str| {
+        vec![
+            ("alice", ALICE, "slack_user_id = \"U0ALICE\"".to_string()),
+            (
+                "bob",
+                BOB,
+                format!("slack_user_id = \"U0BOB\"\ngroups = [{bob_groups}]"),
+            ),
+        ]
+    };
+    let toml = |db: &std::path::Path, bob_groups: &str| {
+        let list = reviewers(bob_groups);
+        let list: Vec<(&str, &str, &str)> = list
+            .iter()
+            .map(|(n, t, more)| (*n, *t, more.as_str()))
+            .collect();
+        common::config_toml(db, &settings, &list)
+    };
+    let f = common::fixture("slack.db", |db| toml(db, "\"security\""));
+    let id = common::create_review(
+        &f.app,
+        &[],
+        common::review_request(json!({"approver_group": "security"})),
+    )
+    .await;
+    // bob leaves `security`; his Slack id stays mapped to him.
+    let reloaded = countersign_approval::Config::from_toml_str(&toml(&f.db, "")).unwrap();
+    f.state.reload_reviewers(reloaded);
+    click_decides_nothing(&f, &id, "U0BOB").await;
+    // Back in the group, the same click (signed anew) approves.
+    let reloaded =
+        countersign_approval::Config::from_toml_str(&toml(&f.db, "\"security\"")).unwrap();
+    f.state.reload_reviewers(reloaded);
+    let (body, headers) = click(&id, "U0BOB", now_s() - 1);
+    assert_eq!(post(&f, &body, &headers).await, StatusCode::OK);
+    assert_eq!(review(&f, &id).await["status"], "approved");
 }

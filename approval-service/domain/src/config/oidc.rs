@@ -40,6 +40,10 @@ pub struct OidcConfig {
     pub required_group: Option<String>,
     /// The label of the sign-in button.
     pub display_name: String,
+    /// How often a signed-in person's groups are asked of the provider
+    /// again (with the refresh token it gave at sign-in), in seconds: no
+    /// decision acts on groups older than this.
+    pub recheck_seconds: u64,
 }
 
 impl std::fmt::Debug for OidcConfig {
@@ -54,6 +58,7 @@ impl std::fmt::Debug for OidcConfig {
             .field("name_claim", &self.name_claim)
             .field("groups_claim", &self.groups_claim)
             .field("required_group", &self.required_group)
+            .field("recheck_seconds", &self.recheck_seconds)
             .finish()
     }
 }
@@ -80,7 +85,16 @@ pub(super) struct RawOidc {
     required_group: Option<String>,
     #[serde(default)]
     display_name: Option<String>,
+    #[serde(default)]
+    recheck_seconds: Option<u64>,
 }
+
+/// `recheck_seconds` when not set.
+pub const DEFAULT_RECHECK_SECONDS: u64 = 60;
+
+/// The longest `recheck_seconds` allowed: how long a person removed from
+/// the provider's group may at most keep deciding.
+pub const MAX_RECHECK_SECONDS: u64 = 3600;
 
 /// An `https://` URL, or `http://` on a loopback host.
 fn check_secure_url(field: &str, url: &str) -> Result<String, ConfigError> {
@@ -171,7 +185,15 @@ pub(super) fn check_oidc(
         }
         other => other.map(|g| g.trim().to_string()),
     };
+    let recheck_seconds = raw.recheck_seconds.unwrap_or(DEFAULT_RECHECK_SECONDS);
+    if !(1..=MAX_RECHECK_SECONDS).contains(&recheck_seconds) {
+        return Err(invalid(
+            "oidc.recheck_seconds",
+            format!("must be 1 to {MAX_RECHECK_SECONDS}"),
+        ));
+    }
     Ok(OidcConfig {
+        recheck_seconds,
         issuer_url,
         client_id,
         client_secret,
@@ -269,6 +291,16 @@ mod tests {
                 "oidc.name_claim",
             ),
             (https, Some("http://review.example.com"), "public_url"),
+            (
+                &format!("{https}recheck_seconds = 0"),
+                Some("https://r"),
+                "oidc.recheck_seconds",
+            ),
+            (
+                &format!("{https}recheck_seconds = 3601"),
+                Some("https://r"),
+                "oidc.recheck_seconds",
+            ),
         ] {
             let e = parse(text, public_url).unwrap_err().to_string();
             assert!(e.contains(field), "{text}: {e}");

@@ -54,6 +54,11 @@ pub fn migrate(conn: &mut Conn) -> Result<(), OpenError> {
             )?;
             migrate_postgres(conn, "records", &postgres_records())?;
             migrate_postgres(conn, "slack", &dialect(SLACK, Backend::Postgres))?;
+            migrate_postgres(
+                conn,
+                "oidc_recheck",
+                &session_columns(Backend::Postgres, &SESSION_RECHECK_COLUMNS),
+            )?;
         }
     }
     Ok(())
@@ -123,6 +128,16 @@ const SESSION_COLUMNS: [(&str, &str); 2] = [
     ("groups_json", "TEXT NOT NULL DEFAULT '[]'"),
 ];
 
+/// Columns added to `sessions` to re-check an OpenID Connect session's
+/// groups with the provider: its refresh token, sealed (see
+/// [`crate::session::seal`]; `''` when the provider gave none), and when
+/// the provider last confirmed the groups (0: never, so an older session
+/// is re-checked at its next request).
+const SESSION_RECHECK_COLUMNS: [(&str, &str); 2] = [
+    ("refresh_sealed", "TEXT NOT NULL DEFAULT ''"),
+    ("checked_at_ms", "{int} NOT NULL DEFAULT 0"),
+];
+
 /// OpenID Connect sign-ins in progress (see [`crate::session::OidcLogin`]).
 const OIDC_LOGINS: &str = "
 CREATE TABLE IF NOT EXISTS oidc_logins (
@@ -139,7 +154,16 @@ CREATE INDEX IF NOT EXISTS oidc_logins_expires ON oidc_logins (expires_at_ms);
 /// The sign-in part: [`SESSION_COLUMNS`] and [`OIDC_LOGINS`] in `backend`'s
 /// dialect.
 fn sign_in(backend: Backend, missing: &[(&str, &str)]) -> String {
-    let columns: String = missing
+    format!(
+        "{}{}",
+        session_columns(backend, missing),
+        dialect(OIDC_LOGINS, backend)
+    )
+}
+
+/// `ALTER TABLE sessions ADD COLUMN` for each of `columns`.
+fn session_columns(backend: Backend, columns: &[(&str, &str)]) -> String {
+    columns
         .iter()
         .map(|(name, declaration)| {
             dialect(
@@ -147,8 +171,7 @@ fn sign_in(backend: Backend, missing: &[(&str, &str)]) -> String {
                 backend,
             )
         })
-        .collect();
-    format!("{columns}{}", dialect(OIDC_LOGINS, backend))
+        .collect()
 }
 
 /// Columns added to `reviews` for approvals and tokens: name and
@@ -318,11 +341,18 @@ fn add_approval_tables(conn: &mut Conn) -> Result<(), DbError> {
             .iter()
             .map(|r| r.get(0))
             .collect::<Result<_, DbError>>()?;
-        let missing: Vec<(&str, &str)> = SESSION_COLUMNS
-            .into_iter()
-            .filter(|(name, _)| !existing.iter().any(|c| c == name))
-            .collect();
-        tx.batch(&sign_in(Backend::Sqlite, &missing))
+        let missing = |columns: &[(&'static str, &'static str)]| -> Vec<(&str, &str)> {
+            columns
+                .iter()
+                .copied()
+                .filter(|(name, _)| !existing.iter().any(|c| c == name))
+                .collect()
+        };
+        tx.batch(&sign_in(Backend::Sqlite, &missing(&SESSION_COLUMNS)))?;
+        tx.batch(&session_columns(
+            Backend::Sqlite,
+            &missing(&SESSION_RECHECK_COLUMNS),
+        ))
     })
 }
 
