@@ -20,6 +20,8 @@
 //! Where the state, nonce and PKCE verifier wait between the redirect and
 //! the callback is the HTTP layer's business (`http::oidc`, in the database).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use openidconnect::core::{
@@ -29,11 +31,11 @@ use openidconnect::core::{
     CoreTokenIntrospectionResponse, CoreTokenType,
 };
 use openidconnect::{
-    reqwest, AdditionalClaims, AuthorizationCode, ClaimsVerificationError, Client, ClientId,
-    ClientSecret, CsrfToken, EmptyExtraTokenFields, EndpointMaybeSet, EndpointNotSet, EndpointSet,
-    IdTokenClaims, IdTokenFields, IssuerUrl, Nonce, NonceVerifier, OAuth2TokenResponse,
-    PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RefreshToken, Scope,
-    SignatureVerificationError, StandardErrorResponse, StandardTokenResponse, TokenResponse,
+    AdditionalClaims, AuthorizationCode, ClaimsVerificationError, Client, ClientId, ClientSecret,
+    CsrfToken, EmptyExtraTokenFields, EndpointMaybeSet, EndpointNotSet, EndpointSet, IdTokenClaims,
+    IdTokenFields, IssuerUrl, Nonce, NonceVerifier, OAuth2TokenResponse, PkceCodeChallenge,
+    PkceCodeVerifier, RedirectUrl, RefreshToken, Scope, SignatureVerificationError,
+    StandardErrorResponse, StandardTokenResponse, TokenResponse,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
@@ -46,9 +48,6 @@ pub const METADATA_TTL: Duration = Duration::from_secs(3600);
 /// Shortest time between two fetches forced by an unknown signing key, so
 /// tokens with made-up key ids cannot make us hammer the provider.
 pub const MIN_REFRESH: Duration = Duration::from_secs(5);
-
-/// How long one call to the provider may take.
-const PROVIDER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The claims of an ID token besides the standard ones (the groups claim,
 /// or a custom name claim).
@@ -159,31 +158,55 @@ pub struct Person {
     pub groups: Vec<String>,
 }
 
+/// The service's one HTTP client (`crate::outbound`) as the openidconnect
+/// crate calls it, so the crate brings no HTTP client of its own.
+struct ProviderHttp(reqwest::Client);
+
+impl<'c> openidconnect::AsyncHttpClient<'c> for ProviderHttp {
+    type Error = openidconnect::HttpClientError<reqwest::Error>;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<openidconnect::HttpResponse, Self::Error>> + Send + 'c>>;
+
+    fn call(&'c self, request: openidconnect::HttpRequest) -> Self::Future {
+        Box::pin(async move {
+            let request = reqwest::Request::try_from(request).map_err(Box::new)?;
+            let response = self.0.execute(request).await.map_err(Box::new)?;
+            let mut answer = openidconnect::http::Response::builder()
+                .status(response.status())
+                .version(response.version());
+            for (name, value) in response.headers() {
+                answer = answer.header(name, value);
+            }
+            let body = response.bytes().await.map_err(Box::new)?;
+            answer
+                .body(body.to_vec())
+                .map_err(openidconnect::HttpClientError::Http)
+        })
+    }
+}
+
 struct Cached {
     metadata: CoreProviderMetadata,
     fetched: Instant,
 }
 
-/// The relying party: the configuration, an HTTP client that follows no
-/// redirects (the crate's advice against SSRF), and the cached metadata.
+/// The relying party: the configuration, the service's outbound HTTP
+/// client (its CA file and proxy settings; it follows no redirects, the
+/// crate's advice against SSRF), and the cached metadata.
 pub struct RelyingParty {
     config: OidcConfig,
-    http: reqwest::Client,
+    http: ProviderHttp,
     cache: Mutex<Option<Cached>>,
 }
 
 impl RelyingParty {
-    /// A relying party for `config`; nothing is fetched yet (the provider
-    /// may be down at start: token sign-in keeps working).
-    pub fn new(config: OidcConfig) -> Result<RelyingParty, OidcError> {
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(PROVIDER_TIMEOUT)
-            .build()
-            .map_err(|e| OidcError::Provider(format!("HTTP client: {e}")))?;
+    /// A relying party for `config` calling the provider with `http`;
+    /// nothing is fetched yet (the provider may be down at start: token
+    /// sign-in keeps working).
+    pub fn new(config: OidcConfig, http: reqwest::Client) -> Result<RelyingParty, OidcError> {
         Ok(RelyingParty {
             config,
-            http,
+            http: ProviderHttp(http),
             cache: Mutex::new(None),
         })
     }

@@ -15,14 +15,20 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Builds the client for `config`.
 pub fn client(config: &Config) -> Result<reqwest::Client, String> {
+    builder(config)?
+        .build()
+        .map_err(|e| format!("cannot set up the HTTP client: {}", describe(&e)))
+}
+
+/// The client's settings, for a caller that needs one more (the OpenID
+/// relying party follows no redirects).
+pub fn builder(config: &Config) -> Result<reqwest::ClientBuilder, String> {
     let tls = countersign_approval_domain::tls::config_with_roots(&config.outbound_ca)?;
-    reqwest::Client::builder()
+    Ok(reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
         .timeout(CALL_TIMEOUT)
         .connect_timeout(CONNECT_TIMEOUT)
-        .user_agent(concat!("countersign-approval/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| format!("cannot set up the HTTP client: {}", describe(&e)))
+        .user_agent(concat!("countersign-approval/", env!("CARGO_PKG_VERSION"))))
 }
 
 /// An error with its causes (reqwest's own text leaves them out: a refused

@@ -60,8 +60,16 @@ struct OidcState {
 /// could be built. Built once: the sign-in routes and the session
 /// re-checks share it (and its cached metadata).
 pub fn relying_party(state: &AppState) -> Option<Arc<RelyingParty>> {
-    let config = state.config().oidc.clone()?;
-    RelyingParty::new(config)
+    let config = state.config();
+    let http = crate::outbound::builder(config).and_then(|b| {
+        // No redirects: the openidconnect crate's advice against SSRF.
+        b.redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| format!("HTTP client: {}", crate::outbound::describe(&e)))
+    });
+    let oidc = config.oidc.clone()?;
+    http.map_err(crate::oidc::OidcError::Provider)
+        .and_then(|http| RelyingParty::new(oidc, http))
         .inspect_err(|e| tracing::error!(error = %e, "OpenID Connect sign-in is not available"))
         .ok()
         .map(Arc::new)
