@@ -10,7 +10,9 @@
 //! and signed-in reviewer. Review events go to signed webhooks ([`webhook`])
 //! and to a Slack app that also takes decisions ([`slack`]); both follow
 //! the review events ([`notify`]) and call out through one HTTP client
-//! ([`outbound`]).
+//! ([`outbound`]). New reviews are shown to the `[[assessors]]`
+//! ([`assess`]), whose report may let the rule decide automatically
+//! ([`auto_decision`]).
 //!
 //! This crate is the top layer: HTTP ([`http`]: the router, extractors, the
 //! mapping of domain errors to answers, the handlers), webhooks, the Slack
@@ -22,6 +24,8 @@
 //! [`app`] (the router, usable in tests with `tower::ServiceExt::oneshot`),
 //! and [`run`] (serve until a shutdown future resolves).
 
+pub mod assess;
+pub mod auto_decision;
 pub mod http;
 pub mod notify;
 pub mod oidc;
@@ -30,8 +34,8 @@ pub mod slack;
 pub mod webhook;
 
 pub use countersign_approval_domain::{
-    approval_tokens, approvals, config, db, now_ms, records, replicas, session, slack_messages,
-    state, store, token,
+    approval_tokens, approvals, assessment, config, db, now_ms, records, replicas, session,
+    slack_messages, state, store, token,
 };
 
 pub use config::{

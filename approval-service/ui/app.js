@@ -472,7 +472,7 @@
     mainCol.append(conversationCard(r), parametersCard(r));
     if (S.records && S.records.length) mainCol.append(recordsCard(S.records));
 
-    const side = h('aside', { class: 'col-side' }, decisionCard(r), detailsCard(r));
+    const side = h('aside', { class: 'col-side' }, decisionCard(r), assessorsCard(r), detailsCard(r));
     replace(main, title, h('div', { class: 'review-grid' }, mainCol, side));
     renderQueuePosition();
     const reason = $('#reason');
@@ -597,6 +597,76 @@
     return h('span', { class: 'chips' }, asList(list).map((x) => h('span', { class: `chip ${cls || ''}` }, typeof x === 'object' ? hitLabel(x) : String(x))));
   }
 
+  // What the filter found besides the prompt, as one sentence:
+  // "2 e-mail addresses masked, tool run_shell offered".
+  const HIT_NOUNS = {
+    email: ['e-mail address', 'e-mail addresses'], phone: ['phone number', 'phone numbers'],
+    credit_card: ['card number', 'card numbers'], iban: ['IBAN', 'IBANs'], us_ssn: ['SSN', 'SSNs'],
+    ipv4: ['IPv4 address', 'IPv4 addresses'], ipv6: ['IPv6 address', 'IPv6 addresses'],
+    jwt: ['JWT', 'JWTs'], password_assignment: ['password', 'passwords'],
+  };
+  const ACTION_WORDS = { redact: 'masked', pseudonymize: 'pseudonymized', monitor: 'matched (monitor)', block: 'blocked', deny: 'denied' };
+
+  function evidenceParts(ev) {
+    if (!ev || typeof ev !== 'object') return [];
+    const parts = [];
+    for (const hit of asList(ev.hits)) {
+      if (!hit || typeof hit !== 'object') continue;
+      const n = Number(hit.count) || 0;
+      const noun = HIT_NOUNS[hit.name];
+      const what = noun ? noun[n === 1 ? 0 : 1] : `× ${String(hit.name)}`;
+      parts.push(`${n} ${what} ${ACTION_WORDS[hit.action] || String(hit.action || '')}`.trim());
+    }
+    const tools = asList(ev.tools).map(String);
+    if (tools.length) {
+      parts.push([`tool${tools.length === 1 ? '' : 's'} `, tools.map((t, i) => [i ? ', ' : '', h('code', null, t)]), ' offered']);
+    }
+    if (ev.attachments) parts.push('attachments');
+    if (typeof ev.prompt_chars === 'number' && ev.prompt_chars > 0) {
+      parts.push(`${ev.prompt_chars.toLocaleString()} characters in ${ev.prompt_messages || 0} message${ev.prompt_messages === 1 ? '' : 's'}`);
+    }
+    return parts;
+  }
+
+  function evidenceLine(ev) {
+    const parts = evidenceParts(ev);
+    if (!parts.length) return null;
+    return h('span', { class: 'evidence' }, parts.map((p, i) => [i ? ', ' : '', p]));
+  }
+
+  function labelChip(l) {
+    const score = typeof l.score === 'number' ? ` ${l.score.toFixed(2)}` : '';
+    return h('span', { class: `chip ${l.flagged ? 'chip-hit' : ''}`, title: l.flagged ? 'flagged by the assessor' : 'score' }, `${String(l.name)}${score}`);
+  }
+
+  // The assessors' report: each assessor's labels (or why it failed) and
+  // what the rule made of them.
+  function assessorsCard(r) {
+    const report = r.assessment;
+    if (!report || typeof report !== 'object') {
+      if (!r.auto_decision) return null;
+      return h('section', { class: 'card' }, h('h2', { class: 'card-title' }, 'Assessors'),
+        h('p', { class: 'muted small' }, r.status === 'pending' ? 'Asking the assessors…' : 'No assessment was stored.'));
+    }
+    const out = report.outcome || {};
+    const verdict = out.decision === 'for_people'
+      ? h('p', { class: 'small assessment-why' }, 'Left for people: ', String(out.why || ''))
+      : h('p', { class: 'small assessment-why' }, out.decision === 'approve' ? 'Approved automatically: ' : 'Rejected automatically: ', String(out.reason || ''));
+    const rows = asList(report.assessments).filter((a) => a && typeof a === 'object').map((a) => {
+      const labels = asList(a.labels).filter((l) => l && typeof l === 'object');
+      const body = a.error
+        ? h('span', { class: 'chip chip-hit' }, `failed: ${String(a.error)}`)
+        : labels.length
+          ? h('span', { class: 'chips' }, labels.map(labelChip))
+          : h('span', { class: 'muted' }, a.flagged ? 'flagged' : 'nothing found');
+      return detailRow(`${String(a.assessor)} (${String(a.kind)})`, body);
+    });
+    return h('section', { class: 'card' },
+      h('h2', { class: 'card-title' }, 'Assessors'),
+      verdict,
+      rows.length ? h('dl', { class: 'details' }, rows) : null);
+  }
+
   function detailsCard(r) {
     const masked = asList(r.masked).length ? chipList(r.masked.map((m) => (typeof m === 'object' ? (m.placeholder || m.kind || hitLabel(m)) : m)), 'chip-masked') : null;
     return h('section', { class: 'card' },
@@ -608,6 +678,7 @@
         detailRow('Model', r.model),
         detailRow('API', r.api),
         detailRow('Rule', r.rule),
+        detailRow('Evidence', evidenceLine(r.evidence)),
         detailRow('Approvals', r.required_approvals > 1 ? `${r.approval_count || 0} of ${r.required_approvals}` : null),
         detailRow('Approvers', r.approver_group ? `group ${r.approver_group}` : null),
         detailRow('Policy hits', asList(r.policy_hits).length ? chipList(r.policy_hits, 'chip-hit') : null),
@@ -663,7 +734,7 @@
         h('h2', { class: 'card-title' }, 'Decision'),
         h('div', { class: 'decided-status' }, badge(r.status, r.edited)),
         h('dl', { class: 'details' },
-          detailRow('By', who),
+          detailRow('By', r.automatic ? [who, h('span', { class: 'muted' }, ' (automatic, not a person)')] : who),
           detailRow('When', r.decided_at_ms ? fmtFull(r.decided_at_ms) : null),
           detailRow('Reason', r.reason ? h('span', { class: 'reason-text' }, r.reason) : null)),
         asList(r.approvals).length > 1 ? approvalsList(r) : null,

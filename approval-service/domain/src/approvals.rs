@@ -46,6 +46,8 @@ pub enum DecisionRefused {
     NotInApproverGroup(String),
     /// This reviewer already approved the current body.
     AlreadyApproved,
+    /// Assessors may not approve a review that needs several people.
+    AssessorNotAPerson,
 }
 
 impl DecisionRefused {
@@ -55,6 +57,7 @@ impl DecisionRefused {
             DecisionRefused::SelfApproval => "self_approval",
             DecisionRefused::NotInApproverGroup(_) => "not_in_approver_group",
             DecisionRefused::AlreadyApproved => "already_approved",
+            DecisionRefused::AssessorNotAPerson => "assessor_not_a_person",
         }
     }
 }
@@ -72,6 +75,9 @@ impl std::fmt::Display for DecisionRefused {
             DecisionRefused::AlreadyApproved => {
                 f.write_str("you already approved this review; it needs another reviewer")
             }
+            DecisionRefused::AssessorNotAPerson => f.write_str(
+                "this review needs several people's approvals; an assessor is not a person",
+            ),
         }
     }
 }
@@ -114,6 +120,23 @@ pub struct Approver {
     pub groups: Vec<String>,
     /// Caller identities this person sends requests as (besides `name`).
     pub callers: Vec<String>,
+    /// Not a person: assessors deciding under a rule's automatic-decision
+    /// policy (see [`crate::assessment`]). Never counted in a quorum of
+    /// people; the rule's own policy, so not held to its `approver_group`.
+    pub assessor: bool,
+}
+
+impl Approver {
+    /// The assessors named `decider` (`assessor:<name>`), deciding
+    /// automatically.
+    pub fn assessor(decider: &str) -> Approver {
+        Approver {
+            name: decider.to_string(),
+            groups: Vec::new(),
+            callers: Vec::new(),
+            assessor: true,
+        }
+    }
 }
 
 impl From<&ReviewerConfig> for Approver {
@@ -122,6 +145,7 @@ impl From<&ReviewerConfig> for Approver {
             name: r.name.clone(),
             groups: r.groups.clone(),
             callers: r.callers.clone(),
+            assessor: false,
         }
     }
 }
@@ -230,7 +254,7 @@ fn decide_in(
             None => DecideOutcome::NotFound,
         });
     }
-    if !in_group(reviewer, p.approver_group.as_deref()) {
+    if !reviewer.assessor && !in_group(reviewer, p.approver_group.as_deref()) {
         let group = p.approver_group.unwrap_or_default();
         return Ok(DecideOutcome::Refused(DecisionRefused::NotInApproverGroup(
             group,
@@ -238,14 +262,18 @@ fn decide_in(
     }
     if d.status == ReviewStatus::Rejected {
         tx.execute(
-            "UPDATE reviews SET status = 'rejected', reviewer = ?1, reason = ?2, decided_at_ms = ?3
+            "UPDATE reviews SET status = 'rejected', reviewer = ?1, reason = ?2, decided_at_ms = ?3,
+                 automatic = ?5
              WHERE id = ?4 AND status = 'pending'",
-            params![&reviewer.name, &d.reason, now_ms, id],
+            params![&reviewer.name, &d.reason, now_ms, id, reviewer.assessor],
         )?;
         return decided(tx, id, true);
     }
     if is_self(reviewer, p.caller.as_deref()) {
         return Ok(DecideOutcome::Refused(DecisionRefused::SelfApproval));
+    }
+    if reviewer.assessor && (p.required > 1 || d.edited_body.is_some()) {
+        return Ok(DecideOutcome::Refused(DecisionRefused::AssessorNotAPerson));
     }
     let current_body = p.edited_body.as_deref().unwrap_or(&p.body);
     let new_body = d.edited_body.as_deref().filter(|e| *e != current_body);
@@ -294,9 +322,10 @@ fn decide_in(
     }
     let reason = joined_reason(&counted);
     tx.execute(
-        "UPDATE reviews SET status = 'approved', reviewer = ?1, reason = ?2, decided_at_ms = ?3
+        "UPDATE reviews SET status = 'approved', reviewer = ?1, reason = ?2, decided_at_ms = ?3,
+             automatic = ?5
          WHERE id = ?4 AND status = 'pending'",
-        params![&reviewer.name, &reason, now_ms, id],
+        params![&reviewer.name, &reason, now_ms, id, reviewer.assessor],
     )?;
     decided(tx, id, true)
 }
@@ -332,6 +361,7 @@ mod tests {
             name: name.into(),
             groups: groups.iter().map(|s| s.to_string()).collect(),
             callers: callers.iter().map(|s| s.to_string()).collect(),
+            assessor: false,
         }
     }
 

@@ -25,6 +25,7 @@
 
 pub mod approval_tokens;
 pub mod approvals;
+pub mod assessment;
 pub mod config;
 pub mod db;
 pub mod records;

@@ -59,11 +59,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use countersign_core::wire::{NewRecord, RecordResponse};
+use countersign_core::wire::{Evidence, NewRecord, RecordResponse};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use crate::assessment::AssessmentReport;
 use crate::config::SqliteSynchronous;
 use crate::db::{Conn, DbError, DbResult, Location, Lock, Row};
 use crate::params;
@@ -149,7 +150,7 @@ pub struct ReviewerAction {
 
 /// The review behind a record, copied from the review row when the record
 /// is written.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReviewSnapshot {
     /// Review id.
     pub id: String,
@@ -172,6 +173,15 @@ pub struct ReviewSnapshot {
     /// When edited: unified line diff from the original to the edited body
     /// (both pretty-printed JSON).
     pub edit_diff: Option<String>,
+    /// What the filter found in the request besides its prompt.
+    #[serde(default)]
+    pub evidence: Evidence,
+    /// What the assessors said and what came of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assessment: Option<AssessmentReport>,
+    /// Decided by assessors, not a person.
+    #[serde(default)]
+    pub automatic: bool,
 }
 
 /// A request entry (`kind = "request"`).
@@ -380,7 +390,8 @@ fn review_snapshot(
     body: Option<&str>,
 ) -> DbResult<Option<ReviewSnapshot>> {
     let row = conn.query_opt(
-        "SELECT status, created_at_ms, decided_at_ms, reviewer, reason, body, edited_body
+        "SELECT status, created_at_ms, decided_at_ms, reviewer, reason, body, edited_body,
+             evidence_json, assessment_json, automatic
          FROM reviews WHERE id = ?1",
         params![review_id],
     )?;
@@ -394,6 +405,13 @@ fn review_snapshot(
     let reason: Option<String> = r.get(4)?;
     let original: String = r.get(5)?;
     let edited_body: Option<String> = r.get(6)?;
+    let evidence = serde_json::from_str(&r.get::<String>(7)?)?;
+    let assessment = r
+        .get::<Option<String>>(8)?
+        .as_deref()
+        .map(serde_json::from_str)
+        .transpose()?;
+    let automatic: bool = r.get(9)?;
     let mut reviewers = approvals_of(conn, review_id)?;
     // The reviewer column names who decided: the rejecter, or (for reviews
     // decided before approvals were kept per reviewer) the one approver.
@@ -424,6 +442,9 @@ fn review_snapshot(
         original_body_sha256: countersign_core::token::body_hash(original.as_bytes()),
         original_body: (body != Some(original.as_str())).then_some(original),
         edit_diff,
+        evidence,
+        assessment,
+        automatic,
     }))
 }
 

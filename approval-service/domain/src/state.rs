@@ -298,6 +298,7 @@ impl AppState {
             name,
             groups,
             callers,
+            assessor: false,
         }
     }
 
@@ -397,6 +398,16 @@ impl AppState {
     /// on the other replicas.
     pub fn publish(&self, id: &str, status: ReviewStatus) {
         self.send_event(ReviewEvent::new(id, status));
+    }
+
+    /// Tells live-feed subscribers that the assessors' report on `id` is in.
+    pub fn publish_assessment(&self, id: &str) {
+        self.send_event(ReviewEvent {
+            kind: "assessment",
+            id: id.to_string(),
+            status: ReviewStatus::Pending,
+            local: true,
+        });
     }
 
     /// Tells live-feed subscribers that `id` got an approval but still needs more.

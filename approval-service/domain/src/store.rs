@@ -12,9 +12,12 @@
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use countersign_core::wire::{ApiKind, PromptMessage, ReviewState, ReviewStatus};
+use countersign_core::wire::{
+    ApiKind, AutoDecision, Evidence, PromptMessage, ReviewState, ReviewStatus,
+};
 use serde::{Deserialize, Serialize};
 
+use crate::assessment::AssessmentReport;
 use crate::config::SqliteSynchronous;
 use crate::db::{Backend, Conn, DbError, DbResult, Location, OpenError, Row};
 use crate::params;
@@ -101,10 +104,13 @@ pub struct ReviewSummary {
     pub async_review: bool,
     /// Approvals that count so far (of the current body).
     pub approval_count: u32,
+    /// Decided by assessors under the rule's automatic-decision policy,
+    /// not by a person (`reviewer` is then `assessor:<name>`).
+    pub automatic: bool,
 }
 
 /// The full view of one review.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ReviewDetail {
     /// The list fields.
     #[serde(flatten)]
@@ -125,6 +131,13 @@ pub struct ReviewDetail {
     pub approvals: Vec<ApprovalEntry>,
     /// How many times the approval token was spent.
     pub token_uses: u32,
+    /// What the filter found in the request besides its prompt.
+    pub evidence: Evidence,
+    /// What the rule lets assessors decide, if anything.
+    pub auto_decision: Option<AutoDecision>,
+    /// What the assessors said and what came of it; `None` while they are
+    /// being asked, or when none is configured.
+    pub assessment: Option<AssessmentReport>,
 }
 
 /// What [`Store::insert`] did.
@@ -203,7 +216,7 @@ const SUMMARY_COLS: &str =
      model, api, path, route, caller, request_id, stream, rule, preview, \
      CASE WHEN edited_body IS NULL THEN 0 ELSE 1 END, caller_groups_json, required_approvals, approver_group, \
      async_review, (SELECT COUNT(*) FROM approvals a \
-                    WHERE a.review_id = reviews.id AND a.superseded_at_ms IS NULL)";
+                    WHERE a.review_id = reviews.id AND a.superseded_at_ms IS NULL), automatic";
 
 pub(crate) fn parse_status(s: &str) -> DbResult<ReviewStatus> {
     ReviewStatus::parse(s)
@@ -238,6 +251,7 @@ fn summary_from_row(row: &Row) -> DbResult<ReviewSummary> {
         approver_group: row.get(19)?,
         async_review: row.get(20)?,
         approval_count: u32::try_from(row.get::<i64>(21)?).unwrap_or(0),
+        automatic: row.get(22)?,
     })
 }
 
@@ -308,14 +322,20 @@ impl Store {
         let prompt_json = serde_json::to_string(&q.prompt)?;
         let caller_groups_json = serde_json::to_string(&q.caller_groups)?;
         let preview = preview_of(&q.prompt);
+        let evidence_json = serde_json::to_string(&q.evidence)?;
+        let auto_decision_json = q
+            .auto_decision
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()?;
         let mut conn = self.conn();
         let inserted = conn.execute(
             "INSERT INTO reviews (id, status, created_at_ms, expires_at_ms, request_id, api, method,
                  path, authority, route, caller, model, stream, rule, prompt_json, preview, body,
                  hold_timeout_ms, caller_groups_json, required_approvals, approver_group, async_review,
-                 idempotency_key)
+                 idempotency_key, evidence_json, auto_decision_json)
              VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                 ?18, ?19, ?20, ?21, ?22)
+                 ?18, ?19, ?20, ?21, ?22, ?23, ?24)
              ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
             params![
                 &r.id,
@@ -340,6 +360,8 @@ impl Store {
                 &q.approver_group,
                 q.async_review,
                 &q.idempotency_key,
+                &evidence_json,
+                &auto_decision_json,
             ],
         )?;
         if inserted == 1 {
@@ -359,6 +381,17 @@ impl Store {
             Some(state) => Inserted::Existing(state),
             None => Inserted::KeyOfAnotherRequest,
         })
+    }
+
+    /// Stores what the assessors said about review `id` (whatever its
+    /// status now: the record of a decision taken meanwhile keeps it too).
+    pub fn set_assessment(&self, id: &str, report: &AssessmentReport) -> DbResult<()> {
+        let json = serde_json::to_string(report)?;
+        self.conn().execute(
+            "UPDATE reviews SET assessment_json = ?1 WHERE id = ?2",
+            params![&json, id],
+        )?;
+        Ok(())
     }
 
     /// The filter's view of a review.
@@ -506,25 +539,33 @@ pub(crate) fn state_of(conn: &mut Conn, id: &str) -> DbResult<Option<ReviewState
 pub(crate) fn detail_of(conn: &mut Conn, id: &str) -> DbResult<Option<ReviewDetail>> {
     let sql = format!(
         "SELECT {SUMMARY_COLS}, prompt_json, body, edited_body, method, authority, hold_timeout_ms,
-             token_uses
+             token_uses, evidence_json, auto_decision_json, assessment_json
          FROM reviews WHERE id = ?1"
     );
     let Some(row) = conn.query_opt(&sql, params![id])? else {
         return Ok(None);
     };
-    let prompt = serde_json::from_str(&row.get::<String>(22)?)?;
+    let prompt = serde_json::from_str(&row.get::<String>(23)?)?;
     let detail = ReviewDetail {
         summary: summary_from_row(&row)?,
         prompt,
-        body: row.get(23)?,
-        edited_body: row.get(24)?,
-        method: row.get(25)?,
-        authority: row.get(26)?,
-        hold_timeout_ms: row.get(27)?,
+        body: row.get(24)?,
+        edited_body: row.get(25)?,
+        method: row.get(26)?,
+        authority: row.get(27)?,
+        hold_timeout_ms: row.get(28)?,
         approvals: approvals_of(conn, id)?,
-        token_uses: u32::try_from(row.get::<i64>(28)?).unwrap_or(0),
+        token_uses: u32::try_from(row.get::<i64>(29)?).unwrap_or(0),
+        evidence: serde_json::from_str(&row.get::<String>(30)?)?,
+        auto_decision: json_opt(row.get(31)?)?,
+        assessment: json_opt(row.get(32)?)?,
     };
     Ok(Some(detail))
+}
+
+/// JSON text of a nullable column, parsed.
+fn json_opt<T: serde::de::DeserializeOwned>(text: Option<String>) -> DbResult<Option<T>> {
+    Ok(text.as_deref().map(serde_json::from_str).transpose()?)
 }
 
 /// The approvals of a review, oldest first.

@@ -116,9 +116,9 @@ impl From<StorageError> for ApiError {
 impl From<DecisionRefused> for ApiError {
     fn from(refused: DecisionRefused) -> Self {
         let status = match refused {
-            DecisionRefused::SelfApproval | DecisionRefused::NotInApproverGroup(_) => {
-                StatusCode::FORBIDDEN
-            }
+            DecisionRefused::SelfApproval
+            | DecisionRefused::NotInApproverGroup(_)
+            | DecisionRefused::AssessorNotAPerson => StatusCode::FORBIDDEN,
             DecisionRefused::AlreadyApproved => StatusCode::CONFLICT,
         };
         ApiError::Coded {

@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use countersign_core::wire::{CreateReview, ReviewState, ReviewStatus};
 use futures_util::Stream;
 use serde::{Deserialize, Serialize};
@@ -20,6 +20,7 @@ use super::error::ApiError;
 use super::extract::{clean_text_filters, JsonBody, QueryParams};
 use crate::approvals::{Approver, DecideOutcome, Decision};
 use crate::config::MAX_HOLD_TIMEOUT_MS;
+use crate::slack::interact::OutboundClient;
 use crate::state::AppState;
 use crate::store::{
     Inserted, ListQuery, NewReview, ReviewDetail, ReviewSummary, CANCELLED_REASON, EXPIRED_REASON,
@@ -39,6 +40,7 @@ fn not_found() -> ApiError {
 pub async fn create_review(
     State(state): State<AppState>,
     _auth: FilterAuth,
+    Extension(OutboundClient(client)): Extension<OutboundClient>,
     JsonBody(req): JsonBody<CreateReview>,
 ) -> Result<(StatusCode, Json<ReviewState>), ApiError> {
     if serde_json::from_str::<serde::de::IgnoredAny>(&req.body).is_err() {
@@ -98,6 +100,8 @@ pub async fn create_review(
     }
     // Webhooks and the Slack app hear of it through this event (`notify`).
     state.publish(&new.id, ReviewStatus::Pending);
+    // The assessors are asked in a task of their own: creation never waits.
+    crate::auto_decision::spawn(&state, client, &new.id, &new.request);
     Ok((StatusCode::CREATED, Json(state_out)))
 }
 

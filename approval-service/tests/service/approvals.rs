@@ -692,6 +692,7 @@ fn self_approval_check_folds_unicode_case() {
         name: "Åsa".into(),
         groups: vec![],
         callers: vec!["CI-Åsa".into()],
+        assessor: false,
     };
     assert!(countersign_approval::approvals::is_self(
         &reviewer,

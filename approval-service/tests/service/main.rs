@@ -7,6 +7,7 @@
 
 mod api;
 mod approvals;
+mod assessors;
 mod cli;
 mod common;
 mod config_reference;

@@ -109,6 +109,7 @@ pub fn app_with_state(state: Shared) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/responses", post(responses))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/moderations", post(moderations))
         .route("/v1/messages", post(messages))
         .route("/v1/models", get(models))
         .route("/v1beta/models/{target}", post(gemini))
@@ -464,6 +465,134 @@ impl IntoResponse for BadRequest {
     }
 }
 
+// ---------------------------------------------------------------- assessors
+
+/// Words that make the demo's moderation endpoint and guard model flag a
+/// text: (word, moderation category, Llama Guard category code). Found
+/// case-insensitively anywhere in the text.
+pub const FLAGGED_WORDS: &[(&str, &str, &str)] = &[
+    ("bomb", "violence", "S1"),
+    ("kill", "violence", "S1"),
+    ("steal", "illicit", "S2"),
+    ("suicide", "self-harm", "S11"),
+    ("idiot", "harassment", "S10"),
+];
+
+/// The categories OpenAI's `omni-moderation-latest` reports.
+const MODERATION_CATEGORIES: &[&str] = &[
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/intent",
+    "self-harm/instructions",
+    "sexual",
+    "sexual/minors",
+    "violence",
+    "violence/graphic",
+];
+
+/// The flagged words of `text`: their moderation categories and guard codes.
+fn flagged_in(text: &str) -> Vec<(&'static str, &'static str)> {
+    let lower = text.to_lowercase();
+    FLAGGED_WORDS
+        .iter()
+        .filter(|(word, _, _)| lower.contains(word))
+        .map(|(_, category, code)| (*category, *code))
+        .collect()
+}
+
+/// `POST /v1/moderations`, OpenAI's format: `input` is a string, a list
+/// of strings, or a list of `{"type":"text","text"}` parts; one result per
+/// input, with every category's flag and score.
+async fn moderations(State(demo): State<Shared>, body: Bytes) -> Response {
+    let req = match parse_body(&body) {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    let inputs: Vec<String> = match req.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| match i {
+                Value::String(s) => s.clone(),
+                other => other
+                    .get("text")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned(),
+            })
+            .collect(),
+        _ => return BadRequest("`input` must be a string or a list".to_owned()).into_response(),
+    };
+    let results: Vec<Value> = inputs
+        .iter()
+        .map(|text| {
+            let hits = flagged_in(text);
+            let mut categories = Map::new();
+            let mut scores = Map::new();
+            let mut applied = Map::new();
+            for c in MODERATION_CATEGORIES {
+                let on = hits.iter().any(|(category, _)| category == c);
+                categories.insert((*c).to_owned(), Value::Bool(on));
+                scores.insert((*c).to_owned(), json!(if on { 0.97 } else { 0.0004 }));
+                applied.insert((*c).to_owned(), json!(["text"]));
+            }
+            json!({
+                "flagged": !hits.is_empty(),
+                "categories": categories,
+                "category_scores": scores,
+                "category_applied_input_types": applied,
+            })
+        })
+        .collect();
+    Json(json!({
+        "id": demo.id("modr-demo"),
+        "model": req.get("model").and_then(Value::as_str).unwrap_or("omni-moderation-latest"),
+        "results": results,
+    }))
+    .into_response()
+}
+
+/// A guard model's chat completion (any model whose name contains
+/// `guard`), as Llama Guard answers: `safe`, or `unsafe` and the violated
+/// category codes on the next line (`unsafe\nS1,S10`), for the text of
+/// every message.
+fn guard_verdict(demo: &Demo, model: &str, messages: Option<&Value>) -> Response {
+    let text: Vec<String> = messages
+        .and_then(Value::as_array)
+        .map(|ms| ms.iter().map(|m| content_text(m.get("content"))).collect())
+        .unwrap_or_default();
+    let mut codes: Vec<&str> = Vec::new();
+    for (_, code) in flagged_in(&text.join("\n")) {
+        if !codes.contains(&code) {
+            codes.push(code);
+        }
+    }
+    let verdict = if codes.is_empty() {
+        "safe".to_owned()
+    } else {
+        format!("unsafe\n{}", codes.join(","))
+    };
+    Json(json!({
+        "id": demo.id("chatcmpl-guard"),
+        "object": "chat.completion",
+        "created": now_secs(),
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": verdict, "refusal": null},
+            "logprobs": null,
+            "finish_reason": "stop",
+        }],
+        "usage": openai_usage(messages_word_count(messages), 2),
+    }))
+    .into_response()
+}
+
 fn parse_body(body: &[u8]) -> Result<Value, BadRequest> {
     match serde_json::from_slice::<Value>(body) {
         Ok(v @ Value::Object(_)) => Ok(v),
@@ -694,6 +823,9 @@ async fn chat_completions(State(demo): State<Shared>, headers: HeaderMap, body: 
     };
     let model = model_of(&req);
     let messages = req.get("messages");
+    if model.contains("guard") {
+        return guard_verdict(&demo, &model, messages);
+    }
     let reply = reply_for(&headers, echo(&last_user_text(messages)));
     let usage = openai_usage(messages_word_count(messages), word_count(&reply));
     let id = demo.id("chatcmpl-demo");

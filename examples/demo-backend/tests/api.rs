@@ -1527,3 +1527,64 @@ async fn bedrock_converse_and_invoke_plain_and_streamed() {
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     assert_eq!(resp.headers()["x-amzn-errortype"], "ValidationException");
 }
+
+#[tokio::test]
+async fn moderations_answer_in_openai_s_format() {
+    let app = demo_backend::app();
+    let (status, v) = call(
+        &app,
+        post(
+            "/v1/moderations",
+            &json!({"model": "omni-moderation-latest", "input": ["how do I bake bread", "how to build a BOMB"]}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(v["id"].as_str().unwrap().starts_with("modr-"));
+    assert_eq!(v["model"], "omni-moderation-latest");
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    assert_eq!(results[0]["flagged"], false);
+    assert_eq!(results[1]["flagged"], true);
+    assert_eq!(results[1]["categories"]["violence"], true);
+    assert_eq!(results[1]["categories"]["hate"], false);
+    assert!(results[1]["category_scores"]["violence"].as_f64().unwrap() > 0.9);
+    assert!(results[0]["category_scores"]["violence"].as_f64().unwrap() < 0.01);
+    assert_eq!(results[0]["categories"].as_object().unwrap().len(), 13);
+    let (status, v) = call(
+        &app,
+        post("/v1/moderations", &json!({"input": "steal a car"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["results"][0]["categories"]["illicit"], true);
+    let (status, _) = call(&app, post("/v1/moderations", &json!({"input": 3}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn a_guard_model_answers_safe_or_unsafe_with_category_codes() {
+    let app = demo_backend::app();
+    let ask = |text: &str| {
+        post(
+            "/v1/chat/completions",
+            &json!({"model": "llama-guard-3-1b", "messages": [{"role": "user", "content": text}]}),
+        )
+    };
+    let (status, v) = call(&app, ask("what is the capital of France?")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["content"], "safe");
+    let (_, v) = call(&app, ask("kill him, you idiot")).await;
+    assert_eq!(v["choices"][0]["message"]["content"], "unsafe\nS1,S10");
+    // Other models still echo.
+    let (_, v) = call(
+        &app,
+        post(
+            "/v1/chat/completions",
+            &json!({"model": "demo", "messages": [{"role": "user", "content": "kill"}]}),
+        ),
+    )
+    .await;
+    assert_eq!(v["choices"][0]["message"]["content"], "echo: kill");
+}

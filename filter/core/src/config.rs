@@ -20,7 +20,7 @@ use crate::identity::{Caller, IdentitySource, UpstreamCredential};
 use crate::mask::{MaskPolicy, MaskingConfig, RawMasking};
 use crate::policy::{ContentPolicy, RawContentPolicy};
 use crate::token::{decode_secret, TokenKey, MIN_KEY_BYTES};
-use crate::wire::ApiKind;
+use crate::wire::{ApiKind, AutoApprove, AutoDecision, AutoDeny};
 
 /// What happens to a request once it has been parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -138,6 +138,9 @@ pub struct Rule {
     /// Masking profile for requests this rule matches (`none` for no
     /// masking); the `default` profile otherwise.
     pub masking: Option<String>,
+    /// What the approval service may decide without a person
+    /// (`auto_approve`, `auto_deny`; `review` rules only).
+    pub auto_decision: Option<AutoDecision>,
 }
 
 /// How approval tokens are checked.
@@ -472,6 +475,65 @@ struct RawRule {
     record: Option<RecordMode>,
     #[serde(default)]
     masking: Option<String>,
+    #[serde(default)]
+    auto_approve: Option<AutoApprove>,
+    #[serde(default)]
+    auto_deny: Option<AutoDeny>,
+}
+
+/// A rule's `auto_approve` and `auto_deny`, checked: `review` rules only,
+/// scores within 0..=1, names not empty, and no automatic approval where
+/// a quorum of people is asked for (an assessor is never a person).
+fn auto_decision(i: usize, r: &RawRule) -> Result<Option<AutoDecision>, ConfigError> {
+    if r.auto_approve.is_none() && r.auto_deny.is_none() {
+        return Ok(None);
+    }
+    for (field, given) in [
+        ("auto_approve", r.auto_approve.is_some()),
+        ("auto_deny", r.auto_deny.is_some()),
+    ] {
+        if given && r.action != Action::Review {
+            return Err(err(
+                format!("rules[{i}].{field}"),
+                "only applies to rules with action `review`",
+            ));
+        }
+    }
+    let score = |field: String, v: f64| {
+        if (0.0..=1.0).contains(&v) {
+            Ok(())
+        } else {
+            Err(err(field, "must be a score from 0 to 1"))
+        }
+    };
+    let names = |field: &str, list: &[String]| match list.iter().position(|n| n.trim().is_empty()) {
+        Some(j) => Err(err(format!("rules[{i}].{field}[{j}]"), "must not be empty")),
+        None => Ok(()),
+    };
+    if let Some(a) = &r.auto_approve {
+        score(format!("rules[{i}].auto_approve.max_score"), a.max_score)?;
+        names("auto_approve.unless_hits", &a.unless_hits)?;
+        if r.approvals > 1 {
+            return Err(err(
+                format!("rules[{i}].auto_approve"),
+                "an assessor never counts as a person, so a rule that asks for several approvals cannot approve automatically",
+            ));
+        }
+    }
+    if let Some(d) = &r.auto_deny {
+        score(format!("rules[{i}].auto_deny.min_score"), d.min_score)?;
+        if d.labels.is_empty() {
+            return Err(err(
+                format!("rules[{i}].auto_deny.labels"),
+                "must name at least one label",
+            ));
+        }
+        names("auto_deny.labels", &d.labels)?;
+    }
+    Ok(Some(AutoDecision {
+        approve: r.auto_approve.clone(),
+        deny: r.auto_deny.clone(),
+    }))
 }
 
 fn default_approvals() -> u32 {
@@ -704,6 +766,7 @@ impl Config {
 
         let mut rules = Vec::new();
         for (i, r) in raw.rules.into_iter().enumerate() {
+            let auto_decision = auto_decision(i, &r)?;
             let name = match r.name {
                 Some(n) if n.trim().is_empty() => {
                     return Err(err(format!("rules[{i}].name"), "must not be empty"))
@@ -780,6 +843,7 @@ impl Config {
                 approver_group: r.approver_group,
                 record: r.record,
                 masking: r.masking,
+                auto_decision,
             });
         }
 

@@ -36,6 +36,45 @@ pub struct ParsedRequest {
     pub(crate) body: Value,
 }
 
+/// Names of the tools (functions) a request offers the model, in the
+/// spellings of the APIs `shape` reads: OpenAI chat and Ollama
+/// (`tools[].function.name`, legacy `functions[].name`), OpenAI responses
+/// and Anthropic (`tools[].name`), Gemini (`tools[].functionDeclarations`
+/// or `function_declarations`), Bedrock converse
+/// (`toolConfig.tools[].toolSpec.name`). Evidence for reviewers: names
+/// only, each once, in order of appearance.
+pub fn tool_names(body: &Value) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    let mut add = |v: Option<&Value>| {
+        if let Some(Value::String(name)) = v {
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+    };
+    let lists = [
+        body.get("tools"),
+        body.get("functions"),
+        body.get("toolConfig").and_then(|c| c.get("tools")),
+    ];
+    for def in lists
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_array)
+        .flatten()
+    {
+        add(def.get("name"));
+        add(def.get("function").and_then(|f| f.get("name")));
+        add(def.get("toolSpec").and_then(|f| f.get("name")));
+        for key in ["functionDeclarations", "function_declarations"] {
+            for decl in def.get(key).and_then(Value::as_array).into_iter().flatten() {
+                add(decl.get("name"));
+            }
+        }
+    }
+    names
+}
+
 /// Top-level request fields understood per API shape. Anything else could
 /// steer the model without a reviewer seeing it (vLLM's `chat_template`,
 /// `documents`; OpenAI's `previous_response_id` pointing at server-side

@@ -2,7 +2,7 @@
 //! forward, hold for review, or refuse.
 
 use crate::config::{Action, Attachments, Config, Endpoint, RecordMode};
-use crate::extract::{parse_request_at, ParsedRequest};
+use crate::extract::{parse_request_at, tool_names, ParsedRequest};
 use crate::framing::streams_readable;
 use crate::identity::Caller;
 use crate::mask::{mask_parsed, MaskPolicy, ResponseGuard, RestoreMap};
@@ -10,7 +10,7 @@ use crate::policy::{requested_max_tokens, RequestFacts, ResponseRules};
 use crate::refusal::{Refusal, RefusalKind};
 use crate::token::{body_hash, verify, TokenClaims};
 use crate::wire::PromptMessage;
-use crate::wire::{ApiKind, CreateReview, HitCount};
+use crate::wire::{ApiKind, AutoDecision, CreateReview, Evidence, HitCount};
 
 /// Request facts known from the head and Envoy's properties.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -62,7 +62,7 @@ impl RequestInfo {
 }
 
 /// The rule that applies to a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RuleChoice {
     /// Rule name (`default` when none matched).
     pub name: String,
@@ -82,6 +82,8 @@ pub struct RuleChoice {
     pub record: RecordMode,
     /// Masking profile named by the rule.
     pub masking: Option<String>,
+    /// What the service may decide without a person.
+    pub auto_decision: Option<AutoDecision>,
 }
 
 /// Facts from the parsed body that the record needs.
@@ -156,6 +158,7 @@ pub fn choose_rule(config: &Config, info: &RequestInfo, model: &str) -> RuleChoi
                 approver_group: rule.approver_group.clone(),
                 record: rule.record.unwrap_or(config.records),
                 masking: rule.masking.clone(),
+                auto_decision: rule.auto_decision.clone(),
             };
         }
     }
@@ -169,6 +172,7 @@ pub fn choose_rule(config: &Config, info: &RequestInfo, model: &str) -> RuleChoi
         approver_group: None,
         record: config.records,
         masking: None,
+        auto_decision: None,
     }
 }
 
@@ -431,7 +435,7 @@ pub fn screen_body(
                 parsed.prompt = prompt.clone();
             }
             BodyVerdict::Hold(Box::new(HoldPlan {
-                review: review_for(api, info, &parsed, text, &rule),
+                review: review_for(api, info, &parsed, text, &rule, &screening.hits),
                 rule,
             }))
         }
@@ -480,6 +484,7 @@ fn check_token(
                 approver_group: None,
                 record: config.records,
                 masking: None,
+                auto_decision: None,
             },
             facts,
         ),
@@ -505,7 +510,19 @@ fn review_for(
     parsed: &ParsedRequest,
     body: &str,
     rule: &RuleChoice,
+    hits: &[HitCount],
 ) -> CreateReview {
+    let evidence = Evidence {
+        hits: hits.to_vec(),
+        tools: tool_names(&parsed.body),
+        attachments: parsed.attachments,
+        prompt_messages: u32::try_from(parsed.prompt.len()).unwrap_or(u32::MAX),
+        prompt_chars: parsed
+            .prompt
+            .iter()
+            .map(|m| u64::try_from(m.text.chars().count()).unwrap_or(u64::MAX))
+            .sum(),
+    };
     CreateReview {
         request_id: info.request_id.clone(),
         api,
@@ -526,6 +543,8 @@ fn review_for(
         hold_timeout_ms: rule.hold_timeout_ms,
         idempotency_key: (info.nonce != 0)
             .then(|| format!("{}:{:016x}:review", info.request_id, info.nonce)),
+        evidence,
+        auto_decision: rule.auto_decision.clone(),
     }
 }
 
@@ -620,6 +639,119 @@ mod tests {
             inspect_body(&c, ep, &info("/v1/chat/completions", None), other, 0),
             BodyVerdict::Refuse(_)
         ));
+    }
+
+    #[test]
+    fn a_review_carries_its_evidence_and_its_rule_s_automatic_decisions() {
+        let c = Config::from_json(
+            br#"{"default_action":"allow",
+                "masking":{"profiles":{"default":{"detectors":{"email":"redact"}}}},
+                "content_policy":{"request_rules":[{"name":"watch","phrases":["deploy"],"action":"monitor"}]},
+                "rules":[{"name":"tools","action":"review",
+                          "auto_approve":{"max_score":0.4,"unless_hits":["email"]},
+                          "auto_deny":{"labels":["S1"]}}]}"#,
+        )
+        .unwrap();
+        let body = br#"{"model":"gpt-4o","tools":[{"type":"function","function":{"name":"run_shell","parameters":{}}}],
+            "messages":[{"role":"user","content":"deploy now, mail a@example.com and b@example.com"}]}"#;
+        let BodyVerdict::Hold(plan) = inspect_body(
+            &c,
+            &default_endpoints()[0],
+            &info("/v1/chat/completions", None),
+            body,
+            0,
+        ) else {
+            panic!("not held");
+        };
+        let evidence = &plan.review.evidence;
+        assert_eq!(evidence.tools, ["run_shell"]);
+        assert!(!evidence.attachments);
+        let hit = |name: &str| evidence.hits.iter().find(|h| h.name == name).cloned();
+        assert_eq!(
+            hit("email").map(|h| (h.action, h.count)),
+            Some(("redact".into(), 2))
+        );
+        assert_eq!(hit("watch").map(|h| h.action), Some("monitor".into()));
+        // The prompt as the reviewer sees it: masked, with the tool shown.
+        assert_eq!(
+            evidence.prompt_messages,
+            u32::try_from(plan.review.prompt.len()).unwrap()
+        );
+        let shown: u64 = plan
+            .review
+            .prompt
+            .iter()
+            .map(|m| m.text.chars().count() as u64)
+            .sum();
+        assert_eq!(evidence.prompt_chars, shown);
+        let auto = plan.review.auto_decision.as_ref().unwrap();
+        assert_eq!(auto.approve.as_ref().unwrap().unless_hits, ["email"]);
+        assert_eq!(auto.deny.as_ref().unwrap().labels, ["S1"]);
+        assert!((auto.deny.as_ref().unwrap().min_score - 0.5).abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn tool_names_are_read_in_every_api_s_spelling() {
+        let names = |json: &str| tool_names(&serde_json::from_str(json).unwrap());
+        assert_eq!(
+            names(
+                r#"{"tools":[{"type":"function","function":{"name":"a"}},{"name":"b"}],"functions":[{"name":"c"},{"name":"a"}]}"#
+            ),
+            ["a", "b", "c"]
+        );
+        assert_eq!(
+            names(
+                r#"{"tools":[{"functionDeclarations":[{"name":"g1"}]},{"function_declarations":[{"name":"g2"}]}]}"#
+            ),
+            ["g1", "g2"]
+        );
+        assert_eq!(
+            names(r#"{"toolConfig":{"tools":[{"toolSpec":{"name":"br"}}]}}"#),
+            ["br"]
+        );
+        assert!(names(r#"{"tools":"x","messages":[]}"#).is_empty());
+    }
+
+    #[test]
+    fn automatic_decisions_are_checked_where_configured() {
+        let fails = |rule: &str, field: &str| {
+            let json = format!(r#"{{"rules":[{rule}]}}"#);
+            let e = Config::from_json(json.as_bytes()).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+        };
+        fails(
+            r#"{"action":"allow","auto_approve":{"max_score":0.5}}"#,
+            "rules[0].auto_approve",
+        );
+        fails(
+            r#"{"action":"review","auto_approve":{"max_score":1.5}}"#,
+            "rules[0].auto_approve.max_score",
+        );
+        fails(
+            r#"{"action":"review","approvals":2,"auto_approve":{"max_score":0.5}}"#,
+            "rules[0].auto_approve",
+        );
+        fails(
+            r#"{"action":"review","auto_deny":{"labels":[]}}"#,
+            "rules[0].auto_deny.labels",
+        );
+        fails(
+            r#"{"action":"review","auto_deny":{"labels":["S1",""]}}"#,
+            "rules[0].auto_deny.labels[1]",
+        );
+        fails(
+            r#"{"action":"review","auto_deny":{"labels":["S1"],"min_score":-1}}"#,
+            "rules[0].auto_deny.min_score",
+        );
+        let ok =
+            Config::from_json(br#"{"rules":[{"action":"review","auto_deny":{"labels":["S1"]}}]}"#)
+                .unwrap();
+        assert!(ok.rules[0]
+            .auto_decision
+            .as_ref()
+            .unwrap()
+            .approve
+            .is_none());
     }
 
     #[test]

@@ -166,6 +166,83 @@ pub struct CreateReview {
     /// answer, e.g. when the replica that created it died), not a second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// What the filter found in the request besides its prompt, for the
+    /// reviewer and for automatic decisions.
+    #[serde(default)]
+    pub evidence: Evidence,
+    /// What the rule lets the service decide without a person; `None`:
+    /// every decision is a person's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_decision: Option<AutoDecision>,
+}
+
+/// What the filter knows about a held request besides its prompt, sent
+/// with the review (the model, caller and groups are fields of the review
+/// itself). Names and counts only: never a masked value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Evidence {
+    /// Masking detector hits and content-policy rule hits (`monitor`), by
+    /// name, with what was done and how often.
+    #[serde(default)]
+    pub hits: Vec<HitCount>,
+    /// Names of the tools (functions) the request offers the model.
+    #[serde(default)]
+    pub tools: Vec<String>,
+    /// Images, audio, files or documents are part of the prompt.
+    #[serde(default)]
+    pub attachments: bool,
+    /// Messages in the prompt as the reviewer sees it.
+    #[serde(default)]
+    pub prompt_messages: u32,
+    /// Characters of prompt text (Unicode scalar values).
+    #[serde(default)]
+    pub prompt_chars: u64,
+}
+
+/// A `review` rule's policy for decisions the service may take without a
+/// person, from the assessors' labels and the filter's [`Evidence`]. The
+/// same type is the rule's configuration (`auto_approve`, `auto_deny`), so
+/// the filter's configuration and the service's reading cannot drift.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoDecision {
+    /// Approve when every assessor answered and nothing is flagged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approve: Option<AutoApprove>,
+    /// Reject when an assessor names one of these labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny: Option<AutoDeny>,
+}
+
+/// `auto_approve`: the conditions of an automatic approval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoApprove {
+    /// No assessor label may score this or more (0..=1), and none may be
+    /// flagged by its assessor.
+    pub max_score: f64,
+    /// Hits (masking detectors or content-policy rules, by name) any of
+    /// which rules the automatic approval out.
+    #[serde(default)]
+    pub unless_hits: Vec<String>,
+}
+
+/// `auto_deny`: the labels that reject at once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoDeny {
+    /// Label names (`S1`, `violence`, `CREDIT_CARD`, ...), exactly as the
+    /// assessors name them.
+    pub labels: Vec<String>,
+    /// A label without a flag of its own (a score only) counts from this
+    /// score on (0..=1).
+    #[serde(default = "default_deny_score")]
+    pub min_score: f64,
+}
+
+fn default_deny_score() -> f64 {
+    0.5
 }
 
 fn one() -> u32 {

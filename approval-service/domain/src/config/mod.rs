@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use crate::token::TokenHash;
 
+pub mod assessors;
 pub mod database;
 pub mod oidc;
 pub mod slack;
@@ -20,6 +21,7 @@ pub mod token_keys;
 pub mod trusted_proxy;
 pub mod webhooks;
 
+pub use assessors::{AssessorConfig, AssessorKind};
 pub use database::Location;
 pub use oidc::OidcConfig;
 pub use slack::SlackConfig;
@@ -119,6 +121,8 @@ pub struct Config {
     pub ui_session_hours: u64,
     /// Notification targets.
     pub webhooks: Vec<WebhookConfig>,
+    /// Services asked about every new review (`[[assessors]]`).
+    pub assessors: Vec<AssessorConfig>,
     /// The Slack app (`[slack]`), when configured.
     pub slack: Option<SlackConfig>,
     /// CA certificates (from the PEM file `outbound_ca_file`) trusted, besides
@@ -179,6 +183,7 @@ impl Default for Config {
             ui_secure_cookies: false,
             ui_session_hours: DEFAULT_UI_SESSION_HOURS,
             webhooks: Vec::new(),
+            assessors: Vec::new(),
             slack: None,
             outbound_ca: Vec::new(),
             record_retention_days: 0,
@@ -262,6 +267,8 @@ struct RawConfig {
     ui_session_hours: Option<u64>,
     #[serde(default)]
     webhooks: Vec<webhooks::RawWebhook>,
+    #[serde(default)]
+    assessors: Vec<assessors::RawAssessor>,
     #[serde(default)]
     slack: Option<slack::RawSlack>,
     #[serde(default)]
@@ -483,6 +490,7 @@ impl Config {
         }
         let env = |name: &str| std::env::var(name).ok();
         let webhooks = webhooks::check_webhooks(raw.webhooks, &env)?;
+        let assessors = assessors::check_assessors(raw.assessors, &env)?;
         let slack = slack::check_slack(raw.slack, &env)?;
         let outbound_ca = match raw.outbound_ca_file {
             None => Vec::new(),
@@ -506,6 +514,7 @@ impl Config {
             ui_secure_cookies: raw.ui_secure_cookies,
             ui_session_hours,
             webhooks,
+            assessors,
             slack,
             outbound_ca,
             record_retention_days: check_retention_days(raw.record_retention_days)?,

@@ -13,8 +13,9 @@
 //! what exists (approvals, token uses, idempotency keys), which composes
 //! with any version. PostgreSQL has no older databases: it gets the same
 //! tables after every step at once, in two parts (`reviews`, `records`)
-//! whose versions live in `countersign_schema` (a third, `slack`, added
-//! later, is created on its own when missing). Both databases end with the
+//! whose versions live in `countersign_schema` (a third, `slack`, and a
+//! fourth, `assessments`, added later, are created on their own when
+//! missing). Both databases end with the
 //! same tables and columns (tested in `tests/postgres_schema.rs`), so a
 //! statement is written once for both.
 //!
@@ -59,6 +60,7 @@ pub fn migrate(conn: &mut Conn) -> Result<(), OpenError> {
                 "oidc_recheck",
                 &session_columns(Backend::Postgres, &SESSION_RECHECK_COLUMNS),
             )?;
+            migrate_postgres(conn, "assessments", &postgres_assessments())?;
         }
     }
     Ok(())
@@ -186,7 +188,20 @@ const REVIEW_COLUMNS: [(&str, &str); 6] = [
     ("idempotency_key", "TEXT"),
 ];
 
-/// `ALTER TABLE reviews ADD COLUMN` for one of [`REVIEW_COLUMNS`].
+/// Columns added to `reviews` for assessors and automatic decisions: the
+/// filter's evidence and the rule's policy (JSON of
+/// `countersign_core::wire::{Evidence, AutoDecision}`), the assessors'
+/// report (JSON of `crate::assessment::AssessmentReport`, NULL until they
+/// answered) and whether the decision was automatic.
+const ASSESSMENT_COLUMNS: [(&str, &str); 4] = [
+    ("evidence_json", "TEXT NOT NULL DEFAULT '{}'"),
+    ("auto_decision_json", "TEXT"),
+    ("assessment_json", "TEXT"),
+    ("automatic", "{int} NOT NULL DEFAULT 0"),
+];
+
+/// `ALTER TABLE reviews ADD COLUMN` for one of [`REVIEW_COLUMNS`] or
+/// [`ASSESSMENT_COLUMNS`].
 fn add_review_column(name: &str, declaration: &str, backend: Backend) -> String {
     dialect(
         &format!("ALTER TABLE reviews ADD COLUMN {name} {declaration};\n"),
@@ -330,7 +345,7 @@ fn add_approval_tables(conn: &mut Conn) -> Result<(), DbError> {
             .iter()
             .map(|r| r.get(0))
             .collect::<Result<_, DbError>>()?;
-        for (name, declaration) in REVIEW_COLUMNS {
+        for (name, declaration) in REVIEW_COLUMNS.into_iter().chain(ASSESSMENT_COLUMNS) {
             if !existing.iter().any(|c| c == name) {
                 tx.batch(&add_review_column(name, declaration, Backend::Sqlite))?;
             }
@@ -410,6 +425,20 @@ fn postgres_reviews() -> String {
     let tables = dialect(&format!("{REVIEWS}{SESSIONS}"), Backend::Postgres);
     let approvals = dialect(APPROVALS, Backend::Postgres);
     format!("{tables}{columns}{approvals}")
+}
+
+/// The `assessments` part: [`ASSESSMENT_COLUMNS`], added to the reviews
+/// of a database made before them.
+fn postgres_assessments() -> String {
+    ASSESSMENT_COLUMNS
+        .iter()
+        .map(|(name, declaration)| {
+            dialect(
+                &format!("ALTER TABLE reviews ADD COLUMN IF NOT EXISTS {name} {declaration};\n"),
+                Backend::Postgres,
+            )
+        })
+        .collect()
 }
 
 const POSTGRES_RECORD_TRIGGERS: &str = "
