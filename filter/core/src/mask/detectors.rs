@@ -263,7 +263,7 @@ const PASSWORD_SHORT_KEYS: &str = r"pass|pwd|pw|mdp|clave|contrasena";
 /// Words for a password in prose, before `is`/`ist`/`est`/`es` and the
 /// value: `the wifi password is …`, `das Passwort lautet …`, `le mot de
 /// passe du wifi est …`, `la contraseña es …`.
-const PASSWORD_WORDS: &str = r"(?:(?i-u:password|passwort|kennwort|passcode|passphrase|mot de passe|mdp|clave|contrasena)|(?i-u:contrase)[\x{F1}\x{D1}](?i-u:a))";
+const PASSWORD_WORDS: &str = r"(?:(?i-u:password|passwort|kennwort|passcode|passphrase|mot de passe|mdp|pw|clave|contrasena)|(?i-u:contrase)[\x{F1}\x{D1}](?i-u:a))";
 /// The verbs between them and the value.
 const PASSWORD_VERBS: &str =
     r"(?:(?i-u:is|was|lautet|ist|war|est|c'est|es|era|sera)|c\x{2019}est|\x{E9}tait)";
@@ -393,7 +393,7 @@ fn builtin_spec(name: &str) -> Option<Spec> {
                     r#"\b(?i-u:[a-z0-9_\-]*(?:{kw})|(?:[a-z0-9_\-]*[_\-])?(?:{short}))["']?[ \t]*(?:[:=]|=>)[ \t]*"#,
                     r#"(?:"([^"\r\n]+)"|'([^'\r\n]+)'|([^\s"',;\\<>|]+))"#,
                     // Prose: a password word, a few words, a verb, the value.
-                    r#"|{words}(?:[ \t]+[^\s:=.!?,;]+){{0,4}}?[ \t]+{verbs}[ \t]*:?[ \t]+"#,
+                    r#"|{words}(?:[ \t]+[^\s:=.!?,;]+){{0,4}}?(?:[ \t]+{verbs}[ \t]*:?|[ \t]*:)[ \t]+"#,
                     r#"(?:"([^"\r\n]+)"|'([^'\r\n]+)'|\x{{AB}}[ \t]?([^\x{{BB}}\r\n]+?)[ \t]?\x{{BB}}|([^\s"'<>|]+))"#,
                 ),
                 kw = PASSWORD_KEYWORDS,
@@ -1429,6 +1429,8 @@ mod tests {
         ("password_assignment", "DB_PASS=Tr0ub4dor&3 LOG=1", &["Tr0ub4dor&3"]),
         ("password_assignment", "$c = ['db_pass' => 'x9y8z7'];", &["x9y8z7"]),
         ("password_assignment", "mdp : Bienvenue2023", &["Bienvenue2023"]),
+        ("password_assignment", "identifiant m.durand, mot de passe : Lune2024!", &["Lune2024!"]),
+        ("password_assignment", "the local admin pw is Falcon#2291, thanks", &["Falcon#2291"]),
         ("password_assignment", "bypass: yes, compass = north", &[]),
     ];
 
