@@ -19,6 +19,7 @@ pub const BUILTIN_DETECTORS: &[&str] = &[
     "pem_private_key",
     "jwt",
     "aws_access_key",
+    "aws_secret_key",
     "openai_key",
     "github_token",
     "slack_token",
@@ -55,6 +56,7 @@ pub(crate) enum Check {
     Slack,
     Jwt,
     Password,
+    AwsSecret,
 }
 
 /// Where a detector's regex needs to run: small windows found by a plain
@@ -69,6 +71,15 @@ enum Cand {
     Run { set: u16, need: Need, extend: usize },
     /// From each occurrence of the literal to the end of the text.
     Open(&'static str),
+    /// From the start of the token (alphanumerics, `_`, `-`) holding an
+    /// occurrence of one of `words` (ASCII case ignored with `no_case`),
+    /// plus `extend` bytes: a key name or a word that gives a value away
+    /// (`password is …`, an AWS key id before its secret).
+    Near {
+        words: &'static [&'static str],
+        no_case: bool,
+        extend: usize,
+    },
 }
 
 /// What a run must contain to be worth a regex search. Every value a
@@ -80,7 +91,6 @@ enum Need {
     Byte(u8),
     Colons(usize),
     Literal(&'static [&'static str]),
-    LiteralNoCase(&'static [&'static str]),
 }
 
 impl Need {
@@ -90,15 +100,27 @@ impl Need {
             Need::Byte(c) => run.contains(&c),
             Need::Colons(n) => run.iter().filter(|&&b| b == b':').count() >= n,
             Need::Literal(l) => l.iter().any(|x| contains(run, x.as_bytes())),
-            Need::LiteralNoCase(l) => l.iter().any(|x| {
-                let first = x.as_bytes().first().copied().unwrap_or(0);
-                run.windows(x.len()).any(|w| {
-                    w.first().is_some_and(|c| c.eq_ignore_ascii_case(&first))
-                        && w.eq_ignore_ascii_case(x.as_bytes())
-                })
-            }),
         }
     }
+}
+
+/// Byte offsets in `b[from..]` where one of `words` starts, in order.
+fn word_occurrences(b: &[u8], from: usize, words: &[&str], no_case: bool) -> Vec<usize> {
+    let same = |x: &u8, y: &u8| {
+        if no_case {
+            x.eq_ignore_ascii_case(y)
+        } else {
+            x == y
+        }
+    };
+    (from..b.len())
+        .filter(|&i| {
+            words.iter().any(|w| {
+                b.get(i..i + w.len())
+                    .is_some_and(|t| t.iter().zip(w.as_bytes()).all(|(x, y)| same(x, y)))
+            })
+        })
+        .collect()
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
@@ -232,7 +254,19 @@ pub(crate) struct Detector {
     pub prefixes: Arc<MatchPrefixes>,
 }
 
-const PASSWORD_KEYWORDS: &str = r"password|passwd|passphrase|secret|api_?key|apikey|access_?key|private_?key|client_?secret|auth_?token|access_?token|refresh_?token|bearer_?token|[_\-]token|[_\-]pwd";
+/// Key names whose value is a secret, anywhere in a longer name
+/// (`DB_PASSWORD`, `aws_secret_access_key`).
+const PASSWORD_KEYWORDS: &str = r"password|passwd|passwort|kennwort|passphrase|secret|api_?key|apikey|access_?key|private_?key|client_?secret|auth_?token|access_?token|refresh_?token|bearer_?token|[_\-]token";
+/// Short key names, only whole or after `_`, `-`, `.` (`pwd`, `DB_PASS`),
+/// since inside a word they are other words (`bypass`, `compass`).
+const PASSWORD_SHORT_KEYS: &str = r"pass|pwd|pw|mdp|clave|contrasena";
+/// Words for a password in prose, before `is`/`ist`/`est`/`es` and the
+/// value: `the wifi password is …`, `das Passwort lautet …`, `le mot de
+/// passe du wifi est …`, `la contraseña es …`.
+const PASSWORD_WORDS: &str = r"(?:(?i-u:password|passwort|kennwort|passcode|passphrase|mot de passe|mdp|pw|clave|contrasena)|(?i-u:contrase)[\x{F1}\x{D1}](?i-u:a))";
+/// The verbs between them and the value.
+const PASSWORD_VERBS: &str =
+    r"(?:(?i-u:is|was|lautet|ist|war|est|c'est|es|era|sera)|c\x{2019}est|\x{E9}tait)";
 
 /// The opening line of a PEM private key.
 const PEM_BEGIN: &str = r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----";
@@ -260,6 +294,8 @@ fn builtin_spec(name: &str) -> Option<Spec> {
                 r"|(?:\B\(|\b)[2-9][0-9]{2}(?:\)[ .\-]?|[.\-])[2-9][0-9]{2}[ .\-][0-9]{4}\b",
                 // National with a trunk 0: 020 7946 0958, 06 12 34 56 78, 030-1234567.
                 r"|\b0[1-9][0-9]{0,4}(?:[ .\-][0-9]{2,8}){1,4}\b",
+                // Spanish mobiles, written without a trunk prefix: 612 345 678, 612 34 56 78.
+                r"|\b[67][0-9]{2}(?: [0-9]{3} [0-9]{3}| [0-9]{2} [0-9]{2} [0-9]{2})\b",
             )
             .into(),
             Check::Phone,
@@ -304,6 +340,16 @@ fn builtin_spec(name: &str) -> Option<Spec> {
             whole,
             None,
         ),
+        "aws_secret_key" => (
+            // A 40-character secret access key within a few lines after its
+            // key id, whatever (if anything) names it: a CSV export, `aws
+            // configure`'s prompts, positional arguments.
+            r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b(?s:.){0,80}?[^A-Za-z0-9/+=]([A-Za-z0-9/+]{40})(?:[^A-Za-z0-9/+=]|\z)".into(),
+            Check::AwsSecret,
+            Cand::Near { words: &["AKIA", "ASIA"], no_case: false, extend: 200 },
+            ValueGroup::FirstParticipating,
+            None,
+        ),
         "openai_key" => (
             r"\bsk-[A-Za-z0-9_\-]{20,}".into(),
             Check::SkKey,
@@ -341,10 +387,26 @@ fn builtin_spec(name: &str) -> Option<Spec> {
         ),
         "password_assignment" => (
             format!(
-                r#"\b(?i-u:[a-z0-9_\-]*(?:{PASSWORD_KEYWORDS}))["']?[ \t]*[:=][ \t]*(?:"([^"\r\n]+)"|'([^'\r\n]+)'|([^\s"',;&\\]+))"#
+                concat!(
+                    // A key and its value: `DB_PASS=…`, `"pwd": "…"`,
+                    // `'db_pass' => '…'`, `Kennwort: …`.
+                    r#"\b(?i-u:[a-z0-9_\-]*(?:{kw})|(?:[a-z0-9_\-]*[_\-])?(?:{short}))["']?[ \t]*(?:[:=]|=>)[ \t]*"#,
+                    r#"(?:"([^"\r\n]+)"|'([^'\r\n]+)'|([^\s"',;\\<>|]+))"#,
+                    // Prose: a password word, a few words, a verb, the value.
+                    r#"|{words}(?:[ \t]+[^\s:=.!?,;]+){{0,4}}?(?:[ \t]+{verbs}[ \t]*:?|[ \t]*:)[ \t]+"#,
+                    r#"(?:"([^"\r\n]+)"|'([^'\r\n]+)'|\x{{AB}}[ \t]?([^\x{{BB}}\r\n]+?)[ \t]?\x{{BB}}|([^\s"'<>|]+))"#,
+                ),
+                kw = PASSWORD_KEYWORDS,
+                short = PASSWORD_SHORT_KEYS,
+                words = PASSWORD_WORDS,
+                verbs = PASSWORD_VERBS,
             ),
             Check::Password,
-            Cand::Run { set: TOKEN, need: Need::LiteralNoCase(&["pass", "secret", "key", "token", "pwd"]), extend: 300 },
+            Cand::Near {
+                words: &["pass", "secret", "key", "token", "pwd", "pw", "kennwort", "mdp", "clave", "contrase", "mot de passe"],
+                no_case: true,
+                extend: 300,
+            },
             ValueGroup::FirstParticipating,
             None,
         ),
@@ -426,6 +488,23 @@ impl Detector {
             Cand::Open(lit) => {
                 if let Some(i) = hay.get(from..).and_then(|r| r.find(lit)) {
                     push(from + i, hay.len());
+                }
+            }
+            Cand::Near {
+                words,
+                no_case,
+                extend,
+            } => {
+                for at in word_occurrences(b, from, words, no_case) {
+                    let mut start = at;
+                    while start > from && in_class(b, start - 1, TOKEN) {
+                        start -= 1;
+                    }
+                    let mut end = (at + extend).min(b.len());
+                    while !hay.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    push(start, end);
                 }
             }
             Cand::Run { set, need, extend } => {
@@ -555,15 +634,30 @@ impl Detector {
             }
             Check::IbanAny | Check::Iban => return iban_end(hay, s, e),
             Check::Email => email_ok(v),
-            Check::Phone => phone_ok(v) && !alnum(next_of(hay, e)),
-            Check::Card => card_ok(v) && !glued(hay, s, e, b'-'),
+            Check::Phone => {
+                phone_ok(v)
+                    && !alnum(next_of(hay, e))
+                    && !glued_group(hay, s, e)
+                    && !digit_group_context(hay, s)
+            }
+            Check::Card => {
+                card_ok(v)
+                    && !glued(hay, s, e, b'-')
+                    && !hay.get(..s).is_some_and(|b| b.ends_with('+'))
+                    && !digit_group_context(hay, s)
+            }
             Check::Ssn => ssn_ok(v) && !glued(hay, s, e, b'-') && !glued(hay, s, e, b' '),
-            Check::Ipv4 => ipv4_ok(v) && !glued(hay, s, e, b'.'),
+            Check::Ipv4 => ipv4_ok(v) && !glued(hay, s, e, b'.') && !version_context(hay, s),
             Check::Ipv6 => return ipv6_end(hay, s, e),
             Check::SkKey => sk_ok(v),
             Check::Slack => !v.starts_with("xox") || v.bytes().any(|b| b.is_ascii_digit()),
             Check::Jwt => jwt_ok(v),
-            Check::Password => password_value_ok(v),
+            Check::Password => return password_end(hay, s, e),
+            Check::AwsSecret => {
+                v.bytes().any(|b| b.is_ascii_digit())
+                    && v.bytes().any(|b| b.is_ascii_uppercase())
+                    && v.bytes().any(|b| b.is_ascii_lowercase())
+            }
         };
         ok.then_some(e)
     }
@@ -599,6 +693,126 @@ fn glued(hay: &str, s: usize, e: usize, sep: u8) -> bool {
     before || after
 }
 
+/// Whether a phone-shaped group is a piece of a longer group of digits
+/// (`4576-0220-5203-2916`, `12 0171 2345678`).
+fn glued_group(hay: &str, s: usize, e: usize) -> bool {
+    let b = hay.as_bytes();
+    let sep = |c: Option<&u8>| matches!(c, Some(b' ' | b'-' | b'.' | b'/'));
+    let digit = |c: Option<&u8>| c.is_some_and(u8::is_ascii_digit);
+    let before = s >= 2 && sep(b.get(s - 1)) && digit(b.get(s - 2));
+    let after = sep(b.get(e)) && digit(b.get(e + 1));
+    before || after
+}
+
+/// Whether a group of digits is something other than a phone or card
+/// number by where it stands: inside an IBAN-shaped run (`DE89 3704 0044 …`
+/// with wrong check digits is still no phone number), or after a word
+/// naming an order, invoice or reference number.
+fn digit_group_context(hay: &str, s: usize) -> bool {
+    let b = hay.as_bytes();
+    // The run of upper-case letters, digits and spaces the value is in.
+    let mut start = s;
+    while start > 0
+        && b.get(start - 1)
+            .is_some_and(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == b' ')
+    {
+        start -= 1;
+    }
+    let iban_shaped = hay.get(start..s).unwrap_or("").split(' ').any(|t| {
+        let t = t.as_bytes();
+        t.len() >= 4
+            && t.iter().skip(2).take(2).all(u8::is_ascii_digit)
+            && IBAN_LENGTHS
+                .iter()
+                .any(|(c, _)| Some(c.as_bytes()) == t.get(..2))
+    });
+    iban_shaped || previous_word_in(hay, s, 1, REFERENCE_WORDS)
+}
+
+/// Words after which a number is a reference, not a phone or card number.
+const REFERENCE_WORDS: &[&str] = &[
+    "order",
+    "invoice",
+    "ref",
+    "reference",
+    "ticket",
+    "tracking",
+    "bestellung",
+    "bestellnummer",
+    "rechnung",
+    "rechnungsnummer",
+    "auftrag",
+    "auftragsnummer",
+    "kundennummer",
+    "commande",
+    "facture",
+    "devis",
+    "dossier",
+    "pedido",
+    "factura",
+    "referencia",
+    "expediente",
+];
+
+/// Words after which four dotted numbers are a version, not an address.
+const VERSION_WORDS: &[&str] = &[
+    "version",
+    "versión",
+    "versão",
+    "ver",
+    "v",
+    "build",
+    "release",
+    "firmware",
+    "fw",
+    "rev",
+    "revision",
+    "révision",
+    "patch",
+    "update",
+    "mise",
+    "jour",
+    "actualización",
+];
+
+/// Whether four dotted numbers at `s` are a version by context: one of
+/// [`VERSION_WORDS`] among the three words before them (`version 1.2.3.4`,
+/// `la versión actual es la 1.2.3.4`), or an image or package tag
+/// (`registry/app:1.2.3.4`, `pkg@1.2.3.4`).
+fn version_context(hay: &str, s: usize) -> bool {
+    let before = hay.get(..s).unwrap_or("");
+    if before.ends_with('@') {
+        return true;
+    }
+    if let Some(tag) = before.strip_suffix(':') {
+        let token = tag
+            .rsplit(|c: char| c.is_whitespace() || c == '"' || c == '\'')
+            .next()
+            .unwrap_or("");
+        if token.contains('/') {
+            return true;
+        }
+    }
+    previous_word_in(hay, s, 4, VERSION_WORDS)
+}
+
+/// Whether one of the `n` words before `s` (within one clause: no digits,
+/// no sentence punctuation in between) is in `words`, ignoring case.
+fn previous_word_in(hay: &str, s: usize, n: usize, words: &[&str]) -> bool {
+    let before = hay.get(..s).unwrap_or("");
+    let clause = before
+        .rsplit(['.', ',', ';', '!', '?', '\n', '(', '['])
+        .next()
+        .unwrap_or("");
+    clause
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .rev()
+        .take(n)
+        .take_while(|w| !w.chars().any(|c| c.is_ascii_digit()))
+        .any(|w| words.iter().any(|x| x.to_lowercase() == w.to_lowercase()))
+}
+
 fn digits(v: &str) -> Vec<u8> {
     v.bytes()
         .filter(u8::is_ascii_digit)
@@ -627,7 +841,23 @@ fn email_ok(v: &str) -> bool {
     let Some((local, domain)) = v.rsplit_once('@') else {
         return false;
     };
+    // A long random user name is a token in a URL's user part
+    // (`https://ghp_…@github.com`), not a mailbox.
+    let token = local.len() >= 30
+        && !local.contains('.')
+        && local.bytes().any(|b| b.is_ascii_digit())
+        && local.bytes().any(|b| b.is_ascii_uppercase())
+        && local.bytes().any(|b| b.is_ascii_lowercase());
+    // `logo@2x.png` is an image at double resolution.
+    let image = domain.rsplit('.').next().is_some_and(|tld| {
+        matches!(
+            tld,
+            "png" | "jpg" | "jpeg" | "gif" | "svg" | "webp" | "avif"
+        )
+    });
     !local.is_empty()
+        && !token
+        && !image
         && !local.starts_with('.')
         && !local.ends_with('.')
         && !local.contains("..")
@@ -655,7 +885,15 @@ fn phone_ok(v: &str) -> bool {
         if first == Some('.') {
             return v.split('.').all(|g| g.len() == 2);
         }
+        // 123-45-6789 is the shape of a US social security number.
+        if first == Some('-') && v.split('-').map(str::len).eq([3, 2, 4]) {
+            return false;
+        }
         return true;
+    }
+    if n == 9 {
+        // Spanish mobile (the pattern allows only its two groupings).
+        return v.starts_with(['6', '7']);
     }
     // North American: 10 digits; a separator other than the parenthesis
     // must be used consistently (415-555.0132 is not a phone number).
@@ -674,6 +912,15 @@ fn card_ok(v: &str) -> bool {
     let mut seps = separators(v);
     if let Some(first) = seps.next() {
         if !seps.all(|c| c == first) {
+            return false;
+        }
+        // Cards are printed 4-4-4-4(-3), or 4-6-5 / 4-6-4 (Amex, Diners):
+        // other groupings are order or reference numbers.
+        let groups: Vec<usize> = v.split(first).map(str::len).collect();
+        if !matches!(
+            groups.as_slice(),
+            [4, 4, 4, 4] | [4, 4, 4, 4, 3] | [4, 4, 4, 4, 2] | [4, 4, 4, 1] | [4, 6, 5] | [4, 6, 4]
+        ) {
             return false;
         }
     }
@@ -935,6 +1182,47 @@ fn jwt_ok(v: &str) -> bool {
     matches!(serde_json::from_slice::<serde_json::Value>(&bytes), Ok(serde_json::Value::Object(m)) if m.contains_key("alg"))
 }
 
+/// The end of a password value `hay[s..e]`, or `None`. A value written
+/// after a key (`pwd=…`, `"pass": "…"`) or in quotes is taken as it is; one
+/// written bare in prose (`the password is …`) loses the sentence's final
+/// punctuation and must look like a password (a digit, a symbol or an inner
+/// capital), since `the password is wrong` names no password.
+fn password_end(hay: &str, s: usize, e: usize) -> Option<usize> {
+    let before = hay.get(..s)?.trim_end_matches([' ', '\t']);
+    let quoted = before.ends_with(['"', '\'', '\u{ab}']);
+    let assigned = before.ends_with([':', '=', '>']);
+    let mut v = hay.get(s..e)?;
+    if !quoted {
+        // In a query string `&` starts the next parameter (`pass=x&user=y`);
+        // elsewhere it may be part of the value (`Tr0ub4dor&3`).
+        let next_param = v.match_indices('&').find(|&(i, _)| {
+            let rest = v.get(i + 1..).unwrap_or("");
+            let key = rest.split('=').next().unwrap_or("");
+            rest.len() > key.len()
+                && !key.is_empty()
+                && key
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        });
+        if let Some((i, _)) = next_param {
+            v = v.get(..i)?;
+        }
+        v = v.trim_end_matches(['.', ',', ';', ':', '?', ')', ']', '}']);
+    }
+    if !password_value_ok(v) || !(quoted || assigned || prose_password_ok(v)) {
+        return None;
+    }
+    Some(s + v.len())
+}
+
+/// A bare word in prose that reads as a password rather than a word.
+fn prose_password_ok(v: &str) -> bool {
+    let symbol = |c: char| !c.is_alphanumeric() && c != '-';
+    (v.chars().any(|c| c.is_ascii_digit() || symbol(c))
+        || v.chars().skip(1).any(char::is_uppercase))
+        && !v.contains("://")
+}
+
 /// Rejects template values and placeholders (`<your password>`, `${PASS}`,
 /// `[REDACTED]`, `****`) that are not secrets.
 fn password_value_ok(v: &str) -> bool {
@@ -988,6 +1276,8 @@ mod tests {
         ("email", "first..last@example.com", &[]),
         ("email", "a@b.c", &[]),
         ("email", "name@-bad.com", &[]),
+        ("email", "see logo@2x.png", &[]),
+        ("email", "https://ghp_MISDRFpYLgtkxNkHEwJ4Es98y4C2LVmhLb9z@github.com/a", &[]),
         // phone
         ("phone", "call +1 (415) 555-0132 now", &["+1 (415) 555-0132"]),
         ("phone", "+44 20 7946 0958", &["+44 20 7946 0958"]),
@@ -1009,6 +1299,11 @@ mod tests {
         ("phone", "order 0123", &[]),
         ("phone", "version 1.2.3", &[]),
         ("phone", "x+1234567890123456789", &[]),
+        ("phone", "llámame al 612 345 678 hoy", &["612 345 678"]),
+        ("phone", "IBAN DE89 3704 0044 0532 0130 01", &[]),
+        ("phone", "card 4576-0220-5203-2916", &[]),
+        ("phone", "Bestellung 0592 6273 2587", &[]),
+        ("phone", "SSN 065-85-3585", &[]),
         // credit cards
         ("credit_card", "card 4111 1111 1111 1111 exp", &["4111 1111 1111 1111"]),
         ("credit_card", "4111-1111-1111-1111", &["4111-1111-1111-1111"]),
@@ -1021,6 +1316,9 @@ mod tests {
         ("credit_card", "4111 1111-1111 1111", &[]),
         ("credit_card", "id 4111111111111111111111", &[]),
         ("credit_card", "ref 1111-4111-1111-1111-1111", &[]),
+        ("credit_card", "order 638-3139819-0187709", &[]),
+        ("credit_card", "tel +49 151 45930694", &[]),
+        ("credit_card", "IBAN ES86 6934 4398 8366 9468 2997", &[]),
         // IBAN
         ("iban", "IBAN DE89 3704 0044 0532 0130 00 please", &["DE89 3704 0044 0532 0130 00"]),
         ("iban", "GB82WEST12345698765432", &["GB82WEST12345698765432"]),
@@ -1046,6 +1344,9 @@ mod tests {
         ("ipv4", "1.2.3", &[]),
         ("ipv4", "1.2.3.4.5", &[]),
         ("ipv4", "v1.2.3.4", &[]),
+        ("ipv4", "agent version 1.2.3.4 on 10.0.0.7", &["10.0.0.7"]),
+        ("ipv4", "La versión actual es la 4.1.2.150", &[]),
+        ("ipv4", "image: registry/app:2.0.1.7", &[]),
         // IPv6
         ("ipv6", "addr 2001:db8:85a3::8a2e:370:7334 ok", &["2001:db8:85a3::8a2e:370:7334"]),
         ("ipv6", "fe80::1: link", &["fe80::1"]),
@@ -1062,6 +1363,20 @@ mod tests {
         ("aws_access_key", "AKIAIOSFODNN7EXAMPLEX", &[]),
         ("aws_access_key", "akiaiosfodnn7example", &[]),
         ("aws_access_key", "AKIA1234", &[]),
+        (
+            "aws_secret_key",
+            "Access key ID,Secret access key\nAKIAIOSFODNN7EXAMPLE,wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n",
+            &["wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"],
+        ),
+        (
+            "aws_secret_key",
+            "AWS Access Key ID [None]: AKIAIOSFODNN7EXAMPLE\nAWS Secret Access Key [None]: wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+            &["wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"],
+        ),
+        // No id before it, a hash (no upper case), or part of a longer token.
+        ("aws_secret_key", "secret wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", &[]),
+        ("aws_secret_key", "AKIAIOSFODNN7EXAMPLE sha1 2fd4e1c67a2d28fced849ee1bb76e7391b93eb12", &[]),
+        ("aws_secret_key", "AKIAIOSFODNN7EXAMPLE wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEYx9", &[]),
         ("openai_key", "OPENAI_API_KEY=sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv", &["sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv"]),
         ("openai_key", "sk-ant-api03-AbCdEf0123456789_xyz-QWERTY", &["sk-ant-api03-AbCdEf0123456789_xyz-QWERTY"]),
         ("openai_key", "T3BlbkFJ sk-abcdefghijklmnopqrstuvwxyz", &[]),
@@ -1103,6 +1418,20 @@ mod tests {
         ("password_assignment", r#"{"cmd":"login --password=abc123\"x"}"#, &["abc123"]),
         ("password_assignment", "max_tokens=500", &[]),
         ("password_assignment", "secretary: Jane", &[]),
+        ("password_assignment", "the wifi password is Gr33nTea! and checkout is at 11", &["Gr33nTea!"]),
+        ("password_assignment", "Das WLAN-Passwort lautet Sommer2024.", &["Sommer2024"]),
+        ("password_assignment", "Le mot de passe du wifi est Soleil_2024, merci", &["Soleil_2024"]),
+        ("password_assignment", "La contraseña de la alarma es Playa$2023.", &["Playa$2023"]),
+        ("password_assignment", "le mot de passe c'est \u{ab} tournesol \u{bb}", &["tournesol"]),
+        ("password_assignment", "Das Passwort ist falsch", &[]),
+        ("password_assignment", "the password reset link is https://x.io/r?t=a1", &[]),
+        ("password_assignment", "{'user': 'app', 'pwd': 'Tr0ub4dor&3'}", &["Tr0ub4dor&3"]),
+        ("password_assignment", "DB_PASS=Tr0ub4dor&3 LOG=1", &["Tr0ub4dor&3"]),
+        ("password_assignment", "$c = ['db_pass' => 'x9y8z7'];", &["x9y8z7"]),
+        ("password_assignment", "mdp : Bienvenue2023", &["Bienvenue2023"]),
+        ("password_assignment", "identifiant m.durand, mot de passe : Lune2024!", &["Lune2024!"]),
+        ("password_assignment", "the local admin pw is Falcon#2291, thanks", &["Falcon#2291"]),
+        ("password_assignment", "bypass: yes, compass = north", &[]),
     ];
 
     #[test]
@@ -1131,6 +1460,16 @@ mod tests {
             );
         }
         assert!(Detector::builtin("nope").unwrap().is_none());
+    }
+
+    /// A detector without a DFA of its prefixes would make every stream
+    /// wait for its window.
+    #[test]
+    fn every_builtin_has_a_prefix_dfa() {
+        for name in BUILTIN_DETECTORS {
+            let d = Detector::builtin(name).unwrap().unwrap();
+            assert!(!d.prefixes.blind(), "{name}");
+        }
     }
 
     #[test]

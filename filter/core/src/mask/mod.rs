@@ -30,9 +30,12 @@
 //! * Built-ins (see [`BUILTIN_DETECTORS`]): `email`, `phone`, `credit_card`
 //!   (Luhn + issuer prefix), `iban` (country length + mod-97), `us_ssn`
 //!   (valid ranges), `ipv4`, `ipv6` (`std::net`), `aws_access_key`,
-//!   `openai_key` (`sk-…`, also Anthropic `sk-ant-…`), `github_token`,
+//!   `aws_secret_key` (40 characters after its key id), `openai_key`
+//!   (`sk-…`, also Anthropic `sk-ant-…`), `github_token`,
 //!   `slack_token`, `jwt` (header must decode to JSON with `alg`),
-//!   `pem_private_key`, `password_assignment` (masks the value only).
+//!   `pem_private_key`, `password_assignment` (masks the value only; key
+//!   names and prose in English, German, French, Spanish). Scored on the
+//!   corpus in `tests/corpus/` (`tests/corpus.rs`).
 //! * Custom detectors: a name (`[a-z][a-z0-9_]*`), a regex (Rust syntax;
 //!   a group named `value` masks only that part) and an optional validator
 //!   (`luhn`, `iban` or `none`). Custom detectors take priority over built-ins.

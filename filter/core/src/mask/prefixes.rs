@@ -58,7 +58,7 @@ impl MatchPrefixes {
     }
 
     /// Whether the DFA could not be built: nothing can be told apart.
-    fn blind(&self) -> bool {
+    pub(crate) fn blind(&self) -> bool {
         self.dfa.is_none()
     }
 }
