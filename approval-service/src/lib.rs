@@ -31,7 +31,7 @@ pub mod webhook;
 
 pub use countersign_approval_domain::{
     approval_tokens, approvals, config, db, now_ms, records, replicas, session, slack_messages,
-    state, store, token,
+    standing, state, store, token,
 };
 
 pub use config::{

@@ -33,6 +33,7 @@ use countersign_core::wire::{CreateReview, ReviewStatus};
 use crate::config::ReviewerConfig;
 use crate::db::{Conn, DbResult, Lock};
 use crate::params;
+use crate::standing::StandingTerms;
 use crate::store::{
     approvals_of, detail_of, expire_if_overdue, state_of, why_not_pending, ReviewDetail, Store,
 };
@@ -46,6 +47,9 @@ pub enum DecisionRefused {
     NotInApproverGroup(String),
     /// This reviewer already approved the current body.
     AlreadyApproved,
+    /// The standing-approval terms of this approval cannot be taken (other
+    /// terms already proposed, a group the caller is not in, ...): why.
+    StandingTerms(String),
 }
 
 impl DecisionRefused {
@@ -55,6 +59,7 @@ impl DecisionRefused {
             DecisionRefused::SelfApproval => "self_approval",
             DecisionRefused::NotInApproverGroup(_) => "not_in_approver_group",
             DecisionRefused::AlreadyApproved => "already_approved",
+            DecisionRefused::StandingTerms(_) => "standing_terms",
         }
     }
 }
@@ -72,6 +77,9 @@ impl std::fmt::Display for DecisionRefused {
             DecisionRefused::AlreadyApproved => {
                 f.write_str("you already approved this review; it needs another reviewer")
             }
+            DecisionRefused::StandingTerms(why) => {
+                write!(f, "standing approval refused: {why}")
+            }
         }
     }
 }
@@ -87,6 +95,12 @@ pub struct Decision {
     pub reason: Option<String>,
     /// Replacement body (approvals only).
     pub edited_body: Option<String>,
+    /// Terms of a standing approval this approval agrees to (approvals
+    /// without an edit only; see [`crate::standing`]).
+    pub standing: Option<StandingTerms>,
+    /// The standing approval deciding (not a person): its creators were the
+    /// rule's quorum, so its approval decides alone.
+    pub standing_approval: Option<String>,
 }
 
 /// What happened to a decision ([`Store::decide`]).
@@ -199,7 +213,9 @@ struct Pending {
     edited_body: Option<String>,
 }
 
-fn decide_in(
+/// [`Store::decide`] inside the caller's transaction, which locked the
+/// review (also used by [`crate::standing`]).
+pub(crate) fn decide_in(
     tx: &mut Conn,
     id: &str,
     d: &Decision,
@@ -249,6 +265,11 @@ fn decide_in(
     }
     let current_body = p.edited_body.as_deref().unwrap_or(&p.body);
     let new_body = d.edited_body.as_deref().filter(|e| *e != current_body);
+    if d.standing.is_some() && new_body.is_some() {
+        return Ok(DecideOutcome::Refused(DecisionRefused::StandingTerms(
+            "a standing approval cannot be made with an edit".into(),
+        )));
+    }
     match new_body {
         None => {
             let already: bool = tx
@@ -275,6 +296,11 @@ fn decide_in(
             )?;
         }
     }
+    if let Some(terms) = &d.standing {
+        if let Err(refused) = crate::standing::agree(tx, id, terms, reviewer, now_ms)? {
+            return Ok(DecideOutcome::Refused(refused));
+        }
+    }
     tx.execute(
         "INSERT INTO approvals (review_id, reviewer, approved_at_ms, reason, edited_body)
          VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -289,8 +315,14 @@ fn decide_in(
         .iter()
         .map(|r| Ok((r.get(0)?, r.get(1)?)))
         .collect::<DbResult<_>>()?;
-    if u32::try_from(counted.len()).unwrap_or(u32::MAX) < p.required {
+    let quorum = u32::try_from(counted.len()).unwrap_or(u32::MAX) >= p.required;
+    if !quorum && d.standing_approval.is_none() {
         return decided(tx, id, false);
+    }
+    if d.standing_approval.is_none() {
+        let names: Vec<String> = counted.iter().map(|(who, _)| who.clone()).collect();
+        let edited = p.edited_body.is_some() || new_body.is_some();
+        crate::standing::on_review_approved(tx, id, &names, edited, now_ms)?;
     }
     let reason = joined_reason(&counted);
     tx.execute(

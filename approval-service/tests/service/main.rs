@@ -17,5 +17,6 @@ mod records;
 mod replicas;
 mod slack;
 mod sql_injection;
+mod standing;
 mod trusted_proxy;
 mod ui;

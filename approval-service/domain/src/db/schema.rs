@@ -13,8 +13,8 @@
 //! what exists (approvals, token uses, idempotency keys), which composes
 //! with any version. PostgreSQL has no older databases: it gets the same
 //! tables after every step at once, in two parts (`reviews`, `records`)
-//! whose versions live in `countersign_schema` (a third, `slack`, added
-//! later, is created on its own when missing). Both databases end with the
+//! whose versions live in `countersign_schema` (later ones, `slack` and
+//! `standing`, are created on their own when missing). Both databases end with the
 //! same tables and columns (tested in `tests/postgres_schema.rs`), so a
 //! statement is written once for both.
 //!
@@ -42,7 +42,8 @@ pub fn migrate(conn: &mut Conn) -> Result<(), OpenError> {
             migrate_sqlite(conn)?;
             create_sqlite_records(conn)?;
             conn.transaction(Lock::Schema, |tx| {
-                tx.batch(&dialect(SLACK, Backend::Sqlite))
+                tx.batch(&dialect(SLACK, Backend::Sqlite))?;
+                tx.batch(&dialect(STANDING, Backend::Sqlite))
             })?;
         }
         Backend::Postgres => {
@@ -54,6 +55,7 @@ pub fn migrate(conn: &mut Conn) -> Result<(), OpenError> {
             )?;
             migrate_postgres(conn, "records", &postgres_records())?;
             migrate_postgres(conn, "slack", &dialect(SLACK, Backend::Postgres))?;
+            migrate_postgres(conn, "standing", &dialect(STANDING, Backend::Postgres))?;
         }
     }
     Ok(())
@@ -210,6 +212,44 @@ CREATE TABLE IF NOT EXISTS slack_requests_seen (
     seen_at_ms       {int} NOT NULL
 );
 CREATE INDEX IF NOT EXISTS slack_requests_seen_at ON slack_requests_seen (seen_at_ms);
+";
+
+/// Standing approvals (see [`crate::standing`]): the terms reviewers
+/// agreed to while approving a review, and every use, one row each (the
+/// review it approved). `uses` counts them; the conditional
+/// `UPDATE ... WHERE uses < max_uses` that spends one is what keeps
+/// concurrent matches within `max_uses`.
+const STANDING: &str = "
+CREATE TABLE IF NOT EXISTS standing_approvals (
+    id              TEXT PRIMARY KEY,
+    review_id       TEXT NOT NULL UNIQUE,
+    status          TEXT NOT NULL,
+    created_at_ms   {int} NOT NULL,
+    live_at_ms      {int},
+    expires_at_ms   {int},
+    valid_ms        {int} NOT NULL,
+    max_uses        {int} NOT NULL,
+    uses            {int} NOT NULL DEFAULT 0,
+    scope_caller    TEXT,
+    scope_group     TEXT,
+    model           TEXT NOT NULL,
+    rule            TEXT,
+    approver_group  TEXT,
+    vary_json       TEXT NOT NULL,
+    shape_sha256    TEXT NOT NULL,
+    approvers_json  TEXT NOT NULL,
+    revoked_at_ms   {int},
+    revoked_by      TEXT,
+    revoke_reason   TEXT
+);
+CREATE INDEX IF NOT EXISTS standing_approvals_model ON standing_approvals (model, status);
+CREATE TABLE IF NOT EXISTS standing_uses (
+    standing_id  TEXT NOT NULL,
+    use_no       {int} NOT NULL,
+    review_id    TEXT NOT NULL UNIQUE,
+    used_at_ms   {int} NOT NULL,
+    PRIMARY KEY (standing_id, use_no)
+);
 ";
 
 /// The record log (`{query_columns}`: see [`record_query_column`]), the
@@ -528,7 +568,13 @@ mod tests {
         migrate(&mut conn).unwrap();
         migrate(&mut conn).unwrap();
         // One table of each step: first release, sessions, approvals, records.
-        for table in ["reviews", "sessions", "token_consumptions", "chain_anchor"] {
+        for table in [
+            "reviews",
+            "sessions",
+            "token_consumptions",
+            "chain_anchor",
+            "standing_uses",
+        ] {
             assert!(conn.table_exists(table).unwrap(), "{table}");
         }
         conn.batch("PRAGMA user_version = 3").unwrap();
