@@ -315,6 +315,7 @@ struct ReviewShape {
     caller_groups: Vec<String>,
     approver_group: Option<String>,
     required: u32,
+    kind: String,
 }
 
 impl ReviewShape {
@@ -332,7 +333,7 @@ impl ReviewShape {
 fn review_shape(tx: &mut Conn, review_id: &str) -> DbResult<Option<ReviewShape>> {
     let row = tx.query_opt(
         "SELECT status, api, path, model, rule, prompt_json, caller, caller_groups_json,
-                approver_group, required_approvals
+                approver_group, required_approvals, kind
          FROM reviews WHERE id = ?1",
         params![review_id],
     )?;
@@ -348,6 +349,7 @@ fn review_shape(tx: &mut Conn, review_id: &str) -> DbResult<Option<ReviewShape>>
             caller_groups: serde_json::from_str(&r.get::<String>(7)?)?,
             approver_group: r.get(8)?,
             required: count(r.get(9)?).max(1),
+            kind: r.get(10)?,
         })
     })
     .transpose()
@@ -375,6 +377,9 @@ pub(crate) fn agree(
     let Some(review) = review_shape(tx, review_id)? else {
         return refuse("no such review".into());
     };
+    if review.kind != "review" {
+        return refuse("an audit was forwarded already: it cannot make a standing approval".into());
+    }
     let (scope_caller, scope_group) = match &terms.group {
         Some(g) if review.caller_groups.contains(g) => (None, Some(g.clone())),
         Some(g) => return refuse(format!("the caller is not in the group {g:?}")),
@@ -655,7 +660,8 @@ fn use_in(tx: &mut Conn, review_id: &str, now_ms: u64) -> Result<Option<AutoAppr
     let Some(review) = review_shape(tx, review_id)? else {
         return Ok(None);
     };
-    if review.status != ReviewStatus::Pending.as_str() {
+    // Audits were forwarded already: they are for people to look at.
+    if review.status != ReviewStatus::Pending.as_str() || review.kind != "review" {
         return Ok(None);
     }
     let candidates: Vec<Candidate> = tx

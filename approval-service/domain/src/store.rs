@@ -12,7 +12,9 @@
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use countersign_core::wire::{ApiKind, PromptMessage, ReviewState, ReviewStatus};
+use countersign_core::wire::{
+    ApiKind, PromptMessage, ReviewKind, ReviewState, ReviewStatus, SpotCheckDraw,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::config::SqliteSynchronous;
@@ -101,10 +103,13 @@ pub struct ReviewSummary {
     pub async_review: bool,
     /// Approvals that count so far (of the current body).
     pub approval_count: u32,
+    /// `review`, or `audit`: forwarded already (a spot check), looked at
+    /// afterwards (approve = fine, reject = flagged for follow-up).
+    pub kind: ReviewKind,
 }
 
 /// The full view of one review.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ReviewDetail {
     /// The list fields.
     #[serde(flatten)]
@@ -125,6 +130,8 @@ pub struct ReviewDetail {
     pub approvals: Vec<ApprovalEntry>,
     /// How many times the approval token was spent.
     pub token_uses: u32,
+    /// The spot check that picked this request, with its draw.
+    pub spot_check: Option<SpotCheckDraw>,
 }
 
 /// What [`Store::insert`] did.
@@ -173,6 +180,8 @@ pub struct ListQuery {
     /// caller, model, reviewer or reason.
     #[serde(rename = "q")]
     pub search: Option<String>,
+    /// Only reviews of this kind (`review`, `audit`).
+    pub kind: Option<ReviewKind>,
 }
 
 fn default_list_limit() -> u32 {
@@ -203,11 +212,21 @@ const SUMMARY_COLS: &str =
      model, api, path, route, caller, request_id, stream, rule, preview, \
      CASE WHEN edited_body IS NULL THEN 0 ELSE 1 END, caller_groups_json, required_approvals, approver_group, \
      async_review, (SELECT COUNT(*) FROM approvals a \
-                    WHERE a.review_id = reviews.id AND a.superseded_at_ms IS NULL)";
+                    WHERE a.review_id = reviews.id AND a.superseded_at_ms IS NULL), kind";
 
 pub(crate) fn parse_status(s: &str) -> DbResult<ReviewStatus> {
     ReviewStatus::parse(s)
         .ok_or_else(|| DbError::Conversion(format!("unknown review status {s:?}")))
+}
+
+fn parse_kind(s: &str) -> DbResult<ReviewKind> {
+    match s {
+        "review" => Ok(ReviewKind::Review),
+        "audit" => Ok(ReviewKind::Audit),
+        other => Err(DbError::Conversion(format!(
+            "unknown review kind {other:?}"
+        ))),
+    }
 }
 
 fn parse_api(s: String) -> DbResult<ApiKind> {
@@ -238,6 +257,7 @@ fn summary_from_row(row: &Row) -> DbResult<ReviewSummary> {
         approver_group: row.get(19)?,
         async_review: row.get(20)?,
         approval_count: u32::try_from(row.get::<i64>(21)?).unwrap_or(0),
+        kind: parse_kind(&row.get::<String>(22)?)?,
     })
 }
 
@@ -308,14 +328,18 @@ impl Store {
         let prompt_json = serde_json::to_string(&q.prompt)?;
         let caller_groups_json = serde_json::to_string(&q.caller_groups)?;
         let preview = preview_of(&q.prompt);
+        let spot_check_json = q
+            .spot_check
+            .map(|d| serde_json::to_string(&d))
+            .transpose()?;
         let mut conn = self.conn();
         let inserted = conn.execute(
             "INSERT INTO reviews (id, status, created_at_ms, expires_at_ms, request_id, api, method,
                  path, authority, route, caller, model, stream, rule, prompt_json, preview, body,
                  hold_timeout_ms, caller_groups_json, required_approvals, approver_group, async_review,
-                 idempotency_key)
+                 idempotency_key, kind, spot_check_json)
              VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                 ?18, ?19, ?20, ?21, ?22)
+                 ?18, ?19, ?20, ?21, ?22, ?23, ?24)
              ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
             params![
                 &r.id,
@@ -340,6 +364,8 @@ impl Store {
                 &q.approver_group,
                 q.async_review,
                 &q.idempotency_key,
+                q.kind.as_str(),
+                &spot_check_json,
             ],
         )?;
         if inserted == 1 {
@@ -397,6 +423,7 @@ impl Store {
                     OR request_id LIKE ?10 ESCAPE '\\' OR caller LIKE ?10 ESCAPE '\\'
                     OR model LIKE ?10 ESCAPE '\\' OR reviewer LIKE ?10 ESCAPE '\\'
                     OR reason LIKE ?10 ESCAPE '\\' OR prompt_json LIKE ?10 ESCAPE '\\')
+               AND (?11 IS NULL OR kind = ?11)
              ORDER BY created_at_ms DESC, id DESC LIMIT ?3"
         );
         let text = |v: &Option<String>| v.as_deref().map(like_pattern);
@@ -419,6 +446,7 @@ impl Store {
                 q.since_ms,
                 q.until_ms,
                 &search,
+                q.kind.map(ReviewKind::as_str),
             ],
         )?;
         rows.iter().map(summary_from_row).collect()
@@ -506,23 +534,28 @@ pub(crate) fn state_of(conn: &mut Conn, id: &str) -> DbResult<Option<ReviewState
 pub(crate) fn detail_of(conn: &mut Conn, id: &str) -> DbResult<Option<ReviewDetail>> {
     let sql = format!(
         "SELECT {SUMMARY_COLS}, prompt_json, body, edited_body, method, authority, hold_timeout_ms,
-             token_uses
+             token_uses, spot_check_json
          FROM reviews WHERE id = ?1"
     );
     let Some(row) = conn.query_opt(&sql, params![id])? else {
         return Ok(None);
     };
-    let prompt = serde_json::from_str(&row.get::<String>(22)?)?;
+    let prompt = serde_json::from_str(&row.get::<String>(23)?)?;
+    let spot_check = row
+        .get::<Option<String>>(30)?
+        .map(|j| serde_json::from_str(&j))
+        .transpose()?;
     let detail = ReviewDetail {
         summary: summary_from_row(&row)?,
         prompt,
-        body: row.get(23)?,
-        edited_body: row.get(24)?,
-        method: row.get(25)?,
-        authority: row.get(26)?,
-        hold_timeout_ms: row.get(27)?,
+        body: row.get(24)?,
+        edited_body: row.get(25)?,
+        method: row.get(26)?,
+        authority: row.get(27)?,
+        hold_timeout_ms: row.get(28)?,
         approvals: approvals_of(conn, id)?,
-        token_uses: u32::try_from(row.get::<i64>(28)?).unwrap_or(0),
+        token_uses: u32::try_from(row.get::<i64>(29)?).unwrap_or(0),
+        spot_check,
     };
     Ok(Some(detail))
 }

@@ -399,3 +399,45 @@ async fn concurrent_matches_never_exceed_max_uses() {
     assert_eq!(detail["uses"], 3, "{detail}");
     assert_eq!(detail["used_by"].as_array().unwrap().len(), 3);
 }
+
+/// An audit (a spot check of an allowed request, forwarded already) is
+/// stored with its kind and draw, listed apart, never approved by a
+/// standing approval, and cannot make one.
+#[tokio::test]
+async fn audits_keep_their_draw_and_are_for_people() {
+    let f = fixture();
+    live_standing(&f.app, 10).await;
+    let draw = json!({"share": 0.02, "mode": "audit", "nonce": 12345u64, "draw": 0.0125});
+    let mut audit = ci_review("build 2");
+    audit["kind"] = json!("audit");
+    audit["spot_check"] = draw.clone();
+    let id = create_pending(&f.app, audit).await;
+    let (_, detail) = get_as(&f.app, ALICE, &format!("/api/reviews/{id}")).await;
+    assert_eq!(detail["kind"], "audit");
+    assert_eq!(detail["spot_check"], draw);
+    let (_, audits) = get_as(&f.app, ALICE, "/api/reviews?kind=audit").await;
+    let ids: Vec<&Value> = audits["reviews"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| &r["id"])
+        .collect();
+    assert_eq!(ids, [&json!(id)]);
+    let (s, v) = decide(&f.app, &id, ALICE, "approve", json!({"standing": terms(3)})).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_error(&v, "standing_terms");
+    // Flagged: a rejection with the reason for follow-up.
+    let (s, v) = decide(
+        &f.app,
+        &id,
+        ALICE,
+        "reject",
+        json!({"reason": "caller sends secrets"}),
+    )
+    .await;
+    assert_eq!(
+        (s, &v["status"]),
+        (StatusCode::OK, &json!("rejected")),
+        "{v}"
+    );
+}

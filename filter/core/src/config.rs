@@ -21,6 +21,7 @@ use crate::mask::{MaskPolicy, MaskingConfig, RawMasking};
 use crate::policy::{ContentPolicy, RawContentPolicy};
 use crate::token::{decode_secret, TokenKey, MIN_KEY_BYTES};
 use crate::wire::ApiKind;
+pub use crate::wire::SpotCheckMode;
 
 /// What happens to a request once it has been parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -138,6 +139,24 @@ pub struct Rule {
     /// Masking profile for requests this rule matches (`none` for no
     /// masking); the `default` profile otherwise.
     pub masking: Option<String>,
+    /// `allow` rules only: the share of their requests people look at too.
+    pub spot_check: Option<SpotCheck>,
+}
+
+/// A random share of an `allow` rule's requests that people look at.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SpotCheck {
+    /// Share of the requests, in (0, 1].
+    pub share: f64,
+    /// Held for a decision, or forwarded and audited afterwards.
+    pub mode: SpotCheckMode,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpotCheck {
+    share: f64,
+    mode: SpotCheckMode,
 }
 
 /// How approval tokens are checked.
@@ -472,6 +491,8 @@ struct RawRule {
     record: Option<RecordMode>,
     #[serde(default)]
     masking: Option<String>,
+    #[serde(default)]
+    spot_check: Option<RawSpotCheck>,
 }
 
 fn default_approvals() -> u32 {
@@ -765,6 +786,25 @@ impl Config {
                 1,
                 5,
             )?;
+            let spot_check = match r.spot_check {
+                None => None,
+                Some(_) if r.action != Action::Allow => {
+                    return Err(err(
+                        format!("rules[{i}].spot_check"),
+                        "only applies to rules with action `allow`",
+                    ))
+                }
+                Some(sc) if !(sc.share > 0.0 && sc.share <= 1.0) => {
+                    return Err(err(
+                        format!("rules[{i}].spot_check.share"),
+                        "must be more than 0 and at most 1 (0.02 for 2%)",
+                    ))
+                }
+                Some(sc) => Some(SpotCheck {
+                    share: sc.share,
+                    mode: sc.mode,
+                }),
+            };
             rules.push(Rule {
                 name,
                 route: r.route.as_deref().map(Glob::new),
@@ -780,6 +820,7 @@ impl Config {
                 approver_group: r.approver_group,
                 record: r.record,
                 masking: r.masking,
+                spot_check,
             });
         }
 
@@ -1098,6 +1139,42 @@ fn field_from_serde(e: &serde_json::Error) -> String {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
+
+    #[test]
+    fn spot_checks_are_validated_naming_the_field() {
+        let rule = |extra: &str| format!(r#"{{"rules":[{{"action":"allow",{extra}}}]}}"#);
+        let ok =
+            Config::from_json(rule(r#""spot_check":{"share":0.02,"mode":"audit"}"#).as_bytes())
+                .unwrap();
+        assert_eq!(
+            ok.rules[0].spot_check,
+            Some(SpotCheck {
+                share: 0.02,
+                mode: SpotCheckMode::Audit
+            })
+        );
+        for (body, field) in [
+            (
+                rule(r#""spot_check":{"share":0,"mode":"hold"}"#),
+                "rules[0].spot_check.share",
+            ),
+            (
+                rule(r#""spot_check":{"share":1.5,"mode":"hold"}"#),
+                "rules[0].spot_check.share",
+            ),
+            (
+                r#"{"rules":[{"action":"review","spot_check":{"share":0.5,"mode":"hold"}}]}"#
+                    .to_string(),
+                "rules[0].spot_check",
+            ),
+        ] {
+            let e = Config::from_json(body.as_bytes()).unwrap_err();
+            assert!(e.to_string().contains(field), "{body}: {e}");
+        }
+        let e = Config::from_json(rule(r#""spot_check":{"share":0.5,"mode":"later"}"#).as_bytes())
+            .unwrap_err();
+        assert!(e.to_string().contains("later"), "{e}");
+    }
 
     #[test]
     fn empty_config_gives_safe_defaults() {

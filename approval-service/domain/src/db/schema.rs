@@ -43,7 +43,18 @@ pub fn migrate(conn: &mut Conn) -> Result<(), OpenError> {
             create_sqlite_records(conn)?;
             conn.transaction(Lock::Schema, |tx| {
                 tx.batch(&dialect(SLACK, Backend::Sqlite))?;
-                tx.batch(&dialect(STANDING, Backend::Sqlite))
+                tx.batch(&dialect(STANDING, Backend::Sqlite))?;
+                let existing: Vec<String> = tx
+                    .query("SELECT name FROM pragma_table_info('reviews')", params![])?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect::<Result<_, DbError>>()?;
+                for (name, declaration) in SPOT_CHECK_COLUMNS {
+                    if !existing.iter().any(|c| c == name) {
+                        tx.batch(&add_review_column(name, declaration, Backend::Sqlite))?;
+                    }
+                }
+                Ok::<(), DbError>(())
             })?;
         }
         Backend::Postgres => {
@@ -55,7 +66,12 @@ pub fn migrate(conn: &mut Conn) -> Result<(), OpenError> {
             )?;
             migrate_postgres(conn, "records", &postgres_records())?;
             migrate_postgres(conn, "slack", &dialect(SLACK, Backend::Postgres))?;
-            migrate_postgres(conn, "standing", &dialect(STANDING, Backend::Postgres))?;
+            let spot_checks: String = SPOT_CHECK_COLUMNS
+                .iter()
+                .map(|(name, declaration)| add_review_column(name, declaration, Backend::Postgres))
+                .collect();
+            let standing = dialect(STANDING, Backend::Postgres);
+            migrate_postgres(conn, "standing", &format!("{standing}{spot_checks}"))?;
         }
     }
     Ok(())
@@ -165,7 +181,15 @@ const REVIEW_COLUMNS: [(&str, &str); 6] = [
     ("idempotency_key", "TEXT"),
 ];
 
-/// `ALTER TABLE reviews ADD COLUMN` for one of [`REVIEW_COLUMNS`].
+/// Columns added to `reviews` for spot checks (added with the standing
+/// approvals' part): `review` or `audit`, and the spot check's draw.
+const SPOT_CHECK_COLUMNS: [(&str, &str); 2] = [
+    ("kind", "TEXT NOT NULL DEFAULT 'review'"),
+    ("spot_check_json", "TEXT"),
+];
+
+/// `ALTER TABLE reviews ADD COLUMN` for one of [`REVIEW_COLUMNS`] or
+/// [`SPOT_CHECK_COLUMNS`].
 fn add_review_column(name: &str, declaration: &str, backend: Backend) -> String {
     dialect(
         &format!("ALTER TABLE reviews ADD COLUMN {name} {declaration};\n"),
