@@ -74,7 +74,7 @@ def test_standing_approval_releases_templated_runs_and_holds_near_misses(ci, bac
         detail = c.get(f"/api/standing-approvals/{sa['id']}").json()
     assert (detail["uses"], detail["status"], len(detail["used_by"])) == (10, "used_up", 10), detail
 
-    # Revoke nothing yet: make a second standing approval with room left, so
+    # A second standing approval with room left, so
     # the near misses below are refused for their shape, not for the uses.
     again = send_later(background, ci.url, ci_request("summarise build 200"),
                        headers={"authorization": f"Bearer {CALLERS['ci-nightly']}"})
@@ -107,3 +107,31 @@ def test_standing_approval_releases_templated_runs_and_holds_near_misses(ci, bac
         assert resp.status_code == 403, (what, resp.text)
         assert resp.headers["x-countersign-outcome"] == "rejected", what
     wait_until(lambda: ci.approval.pending() == [], what="no review left pending")
+
+
+def test_an_audit_spot_check_does_not_delay_the_caller(make_stack):
+    """share 1: every allowed request is audited; the caller gets its answer
+    at once and the audit waits for a person afterwards."""
+    stack = make_stack(filter_config={
+        "approval_cluster": "countersign_approval",
+        "rules": [{"name": "open", "action": "allow", "spot_check": {"share": 1, "mode": "audit"}}],
+        "default_action": "deny",
+    })
+    resp = httpx.post(stack.url + "/v1/chat/completions", timeout=30,
+                      json={"model": "demo-echo", "messages": [{"role": "user", "content": "audit me"}]})
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-countersign-outcome"] == "allowed"
+    assert resp.json()["choices"][0]["message"]["content"] == "echo: audit me"
+
+    def audits():
+        with stack.approval.client() as c:
+            return c.get("/api/reviews", params={"kind": "audit"}).json()["reviews"]
+
+    [audit] = wait_until(lambda: audits() or None, what="the audit review")
+    assert (audit["kind"], audit["status"], audit["rule"]) == ("audit", "pending", "open"), audit
+    detail = stack.approval.review(audit["id"])
+    assert detail["spot_check"]["mode"] == "audit" and detail["spot_check"]["share"] == 1
+    assert 0 <= detail["spot_check"]["draw"] < 1
+    assert detail["prompt"] == [{"role": "user", "text": "audit me"}]
+    r = stack.approval.decide(audit["id"], "reject", reason="flag: caller sends customer data")
+    assert r.status_code == 200, r.text

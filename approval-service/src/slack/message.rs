@@ -148,6 +148,7 @@ mod tests {
             approver_group: Some("security".into()),
             async_review: false,
             approval_count: 1,
+            kind: countersign_core::wire::ReviewKind::Review,
         }
     }
 

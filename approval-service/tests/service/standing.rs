@@ -5,26 +5,12 @@
 
 use crate::common;
 
-use crate::common::{assert_error, call, decide, get_as, wait, Fixture, RawDb, ALICE, BOB};
+use crate::common::{
+    assert_error, call, decide, get_as, wait, Fixture, RawDb, ALICE, BOB, CAROL, DANA, REVIEWERS,
+};
 use axum::http::StatusCode;
 use axum::Router;
 use serde_json::{json, Value};
-
-const CAROL: &str = "carol-secret-token";
-const DANA: &str = "dana-secret-token";
-
-/// alice, carol and dana in `security` (dana also sends as `ci-dana`), bob
-/// in no group.
-const REVIEWERS: [(&str, &str, &str); 4] = [
-    ("alice", ALICE, "groups = [\"security\"]"),
-    ("bob", BOB, ""),
-    ("carol", CAROL, "groups = [\"security\"]"),
-    (
-        "dana",
-        DANA,
-        "groups = [\"security\"]\ncallers = [\"ci-dana\"]",
-    ),
-];
 
 fn fixture() -> Fixture {
     common::fixture("test.db", |db| common::config_toml(db, "", &REVIEWERS))

@@ -438,7 +438,6 @@ pub fn screen_body(
             screening,
         );
     }
-    let mut rule = rule;
     let drawn = spot_check(&rule, info.nonce);
     if let Some(SpotCheckDraw {
         mode: SpotCheckMode::Hold,

@@ -44,11 +44,7 @@ pub fn migrate(conn: &mut Conn) -> Result<(), OpenError> {
             conn.transaction(Lock::Schema, |tx| {
                 tx.batch(&dialect(SLACK, Backend::Sqlite))?;
                 tx.batch(&dialect(STANDING, Backend::Sqlite))?;
-                let existing: Vec<String> = tx
-                    .query("SELECT name FROM pragma_table_info('reviews')", params![])?
-                    .iter()
-                    .map(|r| r.get(0))
-                    .collect::<Result<_, DbError>>()?;
+                let existing = sqlite_columns(tx, "reviews")?;
                 for (name, declaration) in SPOT_CHECK_COLUMNS {
                     if !existing.iter().any(|c| c == name) {
                         tx.batch(&add_review_column(name, declaration, Backend::Sqlite))?;
@@ -360,28 +356,28 @@ fn migrate_sqlite(conn: &mut Conn) -> Result<(), OpenError> {
     Ok(())
 }
 
+/// The columns of a SQLite table.
+fn sqlite_columns(tx: &mut Conn, table: &str) -> Result<Vec<String>, DbError> {
+    tx.query("SELECT name FROM pragma_table_info(?1)", params![table])?
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// Adds the approval and token columns and tables, and the sign-in columns
 /// and table, to a file that lacks them. Guarded by a column check rather than `user_version`, so it
 /// composes with the other steps; idempotent, and run under `BEGIN
 /// IMMEDIATE` so two processes opening one old file do not both alter it.
 fn add_approval_tables(conn: &mut Conn) -> Result<(), DbError> {
     conn.transaction(Lock::Schema, |tx| {
-        let existing: Vec<String> = tx
-            .query("SELECT name FROM pragma_table_info('reviews')", params![])?
-            .iter()
-            .map(|r| r.get(0))
-            .collect::<Result<_, DbError>>()?;
+        let existing = sqlite_columns(tx, "reviews")?;
         for (name, declaration) in REVIEW_COLUMNS {
             if !existing.iter().any(|c| c == name) {
                 tx.batch(&add_review_column(name, declaration, Backend::Sqlite))?;
             }
         }
         tx.batch(&dialect(APPROVALS, Backend::Sqlite))?;
-        let existing: Vec<String> = tx
-            .query("SELECT name FROM pragma_table_info('sessions')", params![])?
-            .iter()
-            .map(|r| r.get(0))
-            .collect::<Result<_, DbError>>()?;
+        let existing = sqlite_columns(tx, "sessions")?;
         let missing: Vec<(&str, &str)> = SESSION_COLUMNS
             .into_iter()
             .filter(|(name, _)| !existing.iter().any(|c| c == name))
