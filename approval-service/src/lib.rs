@@ -35,7 +35,7 @@ pub mod webhook;
 
 pub use countersign_approval_domain::{
     approval_tokens, approvals, assessment, config, db, now_ms, records, replicas, session,
-    slack_messages, state, store, token,
+    slack_messages, standing, state, store, token,
 };
 
 pub use config::{

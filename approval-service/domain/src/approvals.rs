@@ -33,6 +33,7 @@ use countersign_core::wire::{CreateReview, ReviewStatus};
 use crate::config::ReviewerConfig;
 use crate::db::{Conn, DbResult, Lock};
 use crate::params;
+use crate::standing::StandingTerms;
 use crate::store::{
     approvals_of, detail_of, expire_if_overdue, state_of, why_not_pending, ReviewDetail, Store,
 };
@@ -48,6 +49,9 @@ pub enum DecisionRefused {
     AlreadyApproved,
     /// Assessors may not approve a review that needs several people.
     AssessorNotAPerson,
+    /// The standing-approval terms of this approval cannot be taken (other
+    /// terms already proposed, a group the caller is not in, ...): why.
+    StandingTerms(String),
 }
 
 impl DecisionRefused {
@@ -58,6 +62,7 @@ impl DecisionRefused {
             DecisionRefused::NotInApproverGroup(_) => "not_in_approver_group",
             DecisionRefused::AlreadyApproved => "already_approved",
             DecisionRefused::AssessorNotAPerson => "assessor_not_a_person",
+            DecisionRefused::StandingTerms(_) => "standing_terms",
         }
     }
 }
@@ -78,6 +83,9 @@ impl std::fmt::Display for DecisionRefused {
             DecisionRefused::AssessorNotAPerson => f.write_str(
                 "this review needs several people's approvals; an assessor is not a person",
             ),
+            DecisionRefused::StandingTerms(why) => {
+                write!(f, "standing approval refused: {why}")
+            }
         }
     }
 }
@@ -93,6 +101,12 @@ pub struct Decision {
     pub reason: Option<String>,
     /// Replacement body (approvals only).
     pub edited_body: Option<String>,
+    /// Terms of a standing approval this approval agrees to (approvals
+    /// without an edit only; see [`crate::standing`]).
+    pub standing: Option<StandingTerms>,
+    /// The standing approval deciding (not a person): its creators were the
+    /// rule's quorum, so its approval decides alone.
+    pub standing_approval: Option<String>,
 }
 
 /// What happened to a decision ([`Store::decide`]).
@@ -223,7 +237,9 @@ struct Pending {
     edited_body: Option<String>,
 }
 
-fn decide_in(
+/// [`Store::decide`] inside the caller's transaction, which locked the
+/// review (also used by [`crate::standing`]).
+pub(crate) fn decide_in(
     tx: &mut Conn,
     id: &str,
     d: &Decision,
@@ -277,6 +293,11 @@ fn decide_in(
     }
     let current_body = p.edited_body.as_deref().unwrap_or(&p.body);
     let new_body = d.edited_body.as_deref().filter(|e| *e != current_body);
+    if d.standing.is_some() && new_body.is_some() {
+        return Ok(DecideOutcome::Refused(DecisionRefused::StandingTerms(
+            "a standing approval cannot be made with an edit".into(),
+        )));
+    }
     match new_body {
         None => {
             let already: bool = tx
@@ -303,6 +324,11 @@ fn decide_in(
             )?;
         }
     }
+    if let Some(terms) = &d.standing {
+        if let Err(refused) = crate::standing::agree(tx, id, terms, reviewer, now_ms)? {
+            return Ok(DecideOutcome::Refused(refused));
+        }
+    }
     tx.execute(
         "INSERT INTO approvals (review_id, reviewer, approved_at_ms, reason, edited_body)
          VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -317,8 +343,14 @@ fn decide_in(
         .iter()
         .map(|r| Ok((r.get(0)?, r.get(1)?)))
         .collect::<DbResult<_>>()?;
-    if u32::try_from(counted.len()).unwrap_or(u32::MAX) < p.required {
+    let quorum = u32::try_from(counted.len()).unwrap_or(u32::MAX) >= p.required;
+    if !quorum && d.standing_approval.is_none() {
         return decided(tx, id, false);
+    }
+    if d.standing_approval.is_none() {
+        let names: Vec<String> = counted.iter().map(|(who, _)| who.clone()).collect();
+        let edited = p.edited_body.is_some() || new_body.is_some();
+        crate::standing::on_review_approved(tx, id, &names, edited, now_ms)?;
     }
     let reason = joined_reason(&counted);
     tx.execute(

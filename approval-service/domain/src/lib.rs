@@ -9,7 +9,9 @@
 //! 3. **Domain**: the reviews ([`store`]), who may decide them and when
 //!    they are approved ([`approvals`]), approval tokens
 //!    ([`approval_tokens`]), reviewer sessions ([`session`]), the
-//!    hash-chained session records ([`records`]), and the exchange of
+//!    hash-chained session records ([`records`]), standing approvals
+//!    ([`standing`]: the one entry point of their automatic decisions is
+//!    [`store::Store::decide_by_standing`]), and the exchange of
 //!    review changes between replicas ([`replicas`]).
 //! 4. **State** ([`state::AppState`]): what the HTTP handlers share; runs
 //!    the blocking database calls off the async runtime, wakes long polls,
@@ -32,6 +34,7 @@ pub mod records;
 pub mod replicas;
 pub mod session;
 pub mod slack_messages;
+pub mod standing;
 pub mod state;
 pub mod store;
 pub mod tls;

@@ -13,7 +13,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use countersign_core::wire::{
-    ApiKind, AutoDecision, Evidence, PromptMessage, ReviewState, ReviewStatus,
+    ApiKind, AutoDecision, Evidence, PromptMessage, ReviewKind, ReviewState, ReviewStatus,
+    SpotCheckDraw,
 };
 use serde::{Deserialize, Serialize};
 
@@ -107,6 +108,9 @@ pub struct ReviewSummary {
     /// Decided by assessors under the rule's automatic-decision policy,
     /// not by a person (`reviewer` is then `assessor:<name>`).
     pub automatic: bool,
+    /// `review`, or `audit`: forwarded already (a spot check), looked at
+    /// afterwards (approve = fine, reject = flagged for follow-up).
+    pub kind: ReviewKind,
 }
 
 /// The full view of one review.
@@ -138,6 +142,8 @@ pub struct ReviewDetail {
     /// What the assessors said and what came of it; `None` while they are
     /// being asked, or when none is configured.
     pub assessment: Option<AssessmentReport>,
+    /// The spot check that picked this request, with its draw.
+    pub spot_check: Option<SpotCheckDraw>,
 }
 
 /// What [`Store::insert`] did.
@@ -186,6 +192,8 @@ pub struct ListQuery {
     /// caller, model, reviewer or reason.
     #[serde(rename = "q")]
     pub search: Option<String>,
+    /// Only reviews of this kind (`review`, `audit`).
+    pub kind: Option<ReviewKind>,
 }
 
 fn default_list_limit() -> u32 {
@@ -216,11 +224,21 @@ const SUMMARY_COLS: &str =
      model, api, path, route, caller, request_id, stream, rule, preview, \
      CASE WHEN edited_body IS NULL THEN 0 ELSE 1 END, caller_groups_json, required_approvals, approver_group, \
      async_review, (SELECT COUNT(*) FROM approvals a \
-                    WHERE a.review_id = reviews.id AND a.superseded_at_ms IS NULL), automatic";
+                    WHERE a.review_id = reviews.id AND a.superseded_at_ms IS NULL), automatic, kind";
 
 pub(crate) fn parse_status(s: &str) -> DbResult<ReviewStatus> {
     ReviewStatus::parse(s)
         .ok_or_else(|| DbError::Conversion(format!("unknown review status {s:?}")))
+}
+
+fn parse_kind(s: &str) -> DbResult<ReviewKind> {
+    match s {
+        "review" => Ok(ReviewKind::Review),
+        "audit" => Ok(ReviewKind::Audit),
+        other => Err(DbError::Conversion(format!(
+            "unknown review kind {other:?}"
+        ))),
+    }
 }
 
 fn parse_api(s: String) -> DbResult<ApiKind> {
@@ -252,6 +270,7 @@ fn summary_from_row(row: &Row) -> DbResult<ReviewSummary> {
         async_review: row.get(20)?,
         approval_count: u32::try_from(row.get::<i64>(21)?).unwrap_or(0),
         automatic: row.get(22)?,
+        kind: parse_kind(&row.get::<String>(23)?)?,
     })
 }
 
@@ -328,14 +347,18 @@ impl Store {
             .as_ref()
             .map(serde_json::to_string)
             .transpose()?;
+        let spot_check_json = q
+            .spot_check
+            .map(|d| serde_json::to_string(&d))
+            .transpose()?;
         let mut conn = self.conn();
         let inserted = conn.execute(
             "INSERT INTO reviews (id, status, created_at_ms, expires_at_ms, request_id, api, method,
                  path, authority, route, caller, model, stream, rule, prompt_json, preview, body,
                  hold_timeout_ms, caller_groups_json, required_approvals, approver_group, async_review,
-                 idempotency_key, evidence_json, auto_decision_json)
+                 idempotency_key, evidence_json, auto_decision_json, kind, spot_check_json)
              VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                 ?18, ?19, ?20, ?21, ?22, ?23, ?24)
+                 ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)
              ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
             params![
                 &r.id,
@@ -362,6 +385,8 @@ impl Store {
                 &q.idempotency_key,
                 &evidence_json,
                 &auto_decision_json,
+                q.kind.as_str(),
+                &spot_check_json,
             ],
         )?;
         if inserted == 1 {
@@ -430,6 +455,7 @@ impl Store {
                     OR request_id LIKE ?10 ESCAPE '\\' OR caller LIKE ?10 ESCAPE '\\'
                     OR model LIKE ?10 ESCAPE '\\' OR reviewer LIKE ?10 ESCAPE '\\'
                     OR reason LIKE ?10 ESCAPE '\\' OR prompt_json LIKE ?10 ESCAPE '\\')
+               AND (?11 IS NULL OR kind = ?11)
              ORDER BY created_at_ms DESC, id DESC LIMIT ?3"
         );
         let text = |v: &Option<String>| v.as_deref().map(like_pattern);
@@ -452,6 +478,7 @@ impl Store {
                 q.since_ms,
                 q.until_ms,
                 &search,
+                q.kind.map(ReviewKind::as_str),
             ],
         )?;
         rows.iter().map(summary_from_row).collect()
@@ -539,26 +566,31 @@ pub(crate) fn state_of(conn: &mut Conn, id: &str) -> DbResult<Option<ReviewState
 pub(crate) fn detail_of(conn: &mut Conn, id: &str) -> DbResult<Option<ReviewDetail>> {
     let sql = format!(
         "SELECT {SUMMARY_COLS}, prompt_json, body, edited_body, method, authority, hold_timeout_ms,
-             token_uses, evidence_json, auto_decision_json, assessment_json
+             token_uses, evidence_json, auto_decision_json, assessment_json, spot_check_json
          FROM reviews WHERE id = ?1"
     );
     let Some(row) = conn.query_opt(&sql, params![id])? else {
         return Ok(None);
     };
-    let prompt = serde_json::from_str(&row.get::<String>(23)?)?;
+    let prompt = serde_json::from_str(&row.get::<String>(24)?)?;
+    let spot_check = row
+        .get::<Option<String>>(34)?
+        .map(|j| serde_json::from_str(&j))
+        .transpose()?;
     let detail = ReviewDetail {
         summary: summary_from_row(&row)?,
         prompt,
-        body: row.get(24)?,
-        edited_body: row.get(25)?,
-        method: row.get(26)?,
-        authority: row.get(27)?,
-        hold_timeout_ms: row.get(28)?,
+        body: row.get(25)?,
+        edited_body: row.get(26)?,
+        method: row.get(27)?,
+        authority: row.get(28)?,
+        hold_timeout_ms: row.get(29)?,
         approvals: approvals_of(conn, id)?,
-        token_uses: u32::try_from(row.get::<i64>(29)?).unwrap_or(0),
-        evidence: serde_json::from_str(&row.get::<String>(30)?)?,
-        auto_decision: json_opt(row.get(31)?)?,
-        assessment: json_opt(row.get(32)?)?,
+        token_uses: u32::try_from(row.get::<i64>(30)?).unwrap_or(0),
+        evidence: serde_json::from_str(&row.get::<String>(31)?)?,
+        auto_decision: json_opt(row.get(32)?)?,
+        assessment: json_opt(row.get(33)?)?,
+        spot_check,
     };
     Ok(Some(detail))
 }

@@ -119,7 +119,9 @@ impl From<DecisionRefused> for ApiError {
             DecisionRefused::SelfApproval
             | DecisionRefused::NotInApproverGroup(_)
             | DecisionRefused::AssessorNotAPerson => StatusCode::FORBIDDEN,
-            DecisionRefused::AlreadyApproved => StatusCode::CONFLICT,
+            DecisionRefused::AlreadyApproved | DecisionRefused::StandingTerms(_) => {
+                StatusCode::CONFLICT
+            }
         };
         ApiError::Coded {
             status,

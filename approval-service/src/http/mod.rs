@@ -1,7 +1,8 @@
 //! The HTTP layer, the top of the service: the router ([`app`]), the server
 //! ([`run`]), request extraction ([`extract`], [`auth`]), the one mapping of
 //! domain errors to HTTP answers ([`error`]), and the handlers by area:
-//! [`reviews`], [`approval_tokens`], [`records`], [`metrics`], the
+//! [`reviews`], [`standing`] (standing approvals: their automatic
+//! decisions, list, revocation), [`approval_tokens`], [`records`], [`metrics`], the
 //! reviewer web UI ([`ui`], with its session cookie in [`cookies`], and
 //! sign-in through the OpenID Connect provider in [`oidc`]), and the Slack
 //! app's interactivity endpoint ([`crate::slack::interact`]).
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod oidc;
 pub mod records;
 pub mod reviews;
+pub mod standing;
 pub mod ui;
 
 use std::future::Future;
@@ -67,6 +69,12 @@ fn router(state: AppState, client: Option<reqwest::Client>) -> Router {
         .route("/api/reviews/{id}/reject", post(reviews::reject))
         .route("/api/reviews/{id}/edit", post(reviews::edit))
         .route("/api/events", get(reviews::events))
+        .route("/api/standing-approvals", get(standing::list))
+        .route("/api/standing-approvals/{id}", get(standing::get))
+        .route(
+            "/api/standing-approvals/{id}/revoke",
+            post(standing::revoke),
+        )
         .route("/v1/records", post(records::create_record))
         .route("/v1/records/{id}/response", post(records::create_response))
         .route("/api/records", get(records::list_records))

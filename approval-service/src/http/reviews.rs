@@ -21,6 +21,7 @@ use super::extract::{clean_text_filters, JsonBody, QueryParams};
 use crate::approvals::{Approver, DecideOutcome, Decision};
 use crate::config::MAX_HOLD_TIMEOUT_MS;
 use crate::slack::interact::OutboundClient;
+use crate::standing::StandingTerms;
 use crate::state::AppState;
 use crate::store::{
     Inserted, ListQuery, NewReview, ReviewDetail, ReviewSummary, CANCELLED_REASON, EXPIRED_REASON,
@@ -100,6 +101,11 @@ pub async fn create_review(
     }
     // Webhooks and the Slack app hear of it through this event (`notify`).
     state.publish(&new.id, ReviewStatus::Pending);
+    // A live standing approval of this shape decides it at once (the filter
+    // takes an approved answer to its creation as the decision).
+    if let Some(approved) = super::standing::decide_if_standing(&state, &new.id).await {
+        return Ok((StatusCode::CREATED, Json(approved)));
+    }
     // The assessors are asked in a task of their own: creation never waits.
     crate::auto_decision::spawn(&state, client, &new.id, &new.request);
     Ok((StatusCode::CREATED, Json(state_out)))
@@ -329,7 +335,19 @@ pub(crate) async fn decide(
         reviewer: who.name.clone(),
         reason,
         edited_body,
+        standing: None,
+        standing_approval: None,
     };
+    decide_as(state, id, who, decision).await
+}
+
+/// [`decide`] with a whole [`Decision`] (an approval with standing terms).
+async fn decide_as(
+    state: AppState,
+    id: String,
+    who: Approver,
+    decision: Decision,
+) -> Result<ReviewDetail, ApiError> {
     let now = crate::now_ms();
     let lookup_id = id.clone();
     let d = decision.clone();
@@ -405,24 +423,40 @@ pub struct ReasonBody {
     pub reason: Option<String>,
 }
 
+/// Body of `POST /api/reviews/{id}/approve`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApproveBody {
+    /// Optional reason.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Also agree to a standing approval of this request's shape.
+    #[serde(default)]
+    pub standing: Option<StandingTerms>,
+}
+
 /// `POST /api/reviews/{id}/approve`.
 pub async fn approve(
     State(state): State<AppState>,
     reviewer: Reviewer,
     Path(id): Path<String>,
-    JsonBody(req): JsonBody<ReasonBody>,
+    JsonBody(req): JsonBody<ApproveBody>,
 ) -> Result<Json<ReviewDetail>, ApiError> {
     let reason = clean_reason(req.reason)?;
-    decide(
-        state,
-        id,
-        reviewer.who,
-        ReviewStatus::Approved,
+    let standing = req
+        .standing
+        .map(StandingTerms::validated)
+        .transpose()
+        .map_err(ApiError::BadRequest)?;
+    let decision = Decision {
+        status: ReviewStatus::Approved,
+        reviewer: reviewer.who.name.clone(),
         reason,
-        None,
-    )
-    .await
-    .map(Json)
+        edited_body: None,
+        standing,
+        standing_approval: None,
+    };
+    decide_as(state, id, reviewer.who, decision).await.map(Json)
 }
 
 /// `POST /api/reviews/{id}/reject`.

@@ -149,6 +149,7 @@ mod tests {
             async_review: false,
             approval_count: 1,
             automatic: false,
+            kind: countersign_core::wire::ReviewKind::Review,
         }
     }
 

@@ -7,16 +7,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::common::{
-    assert_error, call, decide, get_as, spawn_wait, wait, Fixture, ALICE, BOB, FILTER_HEADER,
+    assert_error, call, decide, get_as, spawn_wait, wait, Fixture, ALICE, BOB, CAROL, DANA,
+    FILTER_HEADER, REVIEWERS,
 };
 use axum::http::StatusCode;
 use axum::Router;
 use countersign_approval::{app, Config};
 use countersign_core::token::{body_hash, verify, TokenError, TokenKey};
 use serde_json::{json, Value};
-
-const CAROL: &str = "carol-secret-token";
-const DANA: &str = "dana-secret-token";
 
 /// base64 of 32 bytes of `A` and of `B`.
 const SECRET_A: &str = "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=";
@@ -42,19 +40,6 @@ fn key_b() -> TokenKey {
 fn key_a_table() -> String {
     format!("[[token_keys]]\nid = \"k1\"\nsecret = \"{SECRET_A}\"\n")
 }
-
-/// alice, carol and dana in `security` (dana also sends as `ci-dana`), bob
-/// in no group.
-const REVIEWERS: [(&str, &str, &str); 4] = [
-    ("alice", ALICE, "groups = [\"security\"]"),
-    ("bob", BOB, ""),
-    ("carol", CAROL, "groups = [\"security\"]"),
-    (
-        "dana",
-        DANA,
-        "groups = [\"security\"]\ncallers = [\"ci-dana\"]",
-    ),
-];
 
 /// `top`: top-level settings; `tables`: extra tables (e.g. `[[token_keys]]`).
 fn config_toml(db: &Path, top: &str, tables: &str) -> String {

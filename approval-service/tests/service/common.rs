@@ -18,6 +18,21 @@ use tower::ServiceExt;
 pub const ALICE: &str = "alice-secret-token";
 pub const BOB: &str = "bob-secret-token";
 pub const FILTER: &str = "filter-secret";
+pub const CAROL: &str = "carol-secret-token";
+pub const DANA: &str = "dana-secret-token";
+
+/// alice, carol and dana in `security` (dana also sends as `ci-dana`), bob
+/// in no group.
+pub const REVIEWERS: [(&str, &str, &str); 4] = [
+    ("alice", ALICE, "groups = [\"security\"]"),
+    ("bob", BOB, ""),
+    ("carol", CAROL, "groups = [\"security\"]"),
+    (
+        "dana",
+        DANA,
+        "groups = [\"security\"]\ncallers = [\"ci-dana\"]",
+    ),
+];
 
 /// The filter-token header, for services that require one.
 pub const FILTER_HEADER: (&str, &str) = ("x-countersign-filter-token", FILTER);

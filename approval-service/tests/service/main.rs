@@ -18,5 +18,6 @@ mod records;
 mod replicas;
 mod slack;
 mod sql_injection;
+mod standing;
 mod trusted_proxy;
 mod ui;

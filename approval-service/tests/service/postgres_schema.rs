@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 type Columns = BTreeMap<String, Vec<String>>;
 
-const TABLES: [&str; 10] = [
+const TABLES: [&str; 12] = [
     "reviews",
     "sessions",
     "oidc_logins",
@@ -22,6 +22,8 @@ const TABLES: [&str; 10] = [
     "chain_anchor",
     "slack_messages",
     "slack_requests_seen",
+    "standing_approvals",
+    "standing_uses",
 ];
 
 fn sqlite_columns(path: &std::path::Path) -> Columns {

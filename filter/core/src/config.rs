@@ -20,6 +20,7 @@ use crate::identity::{Caller, IdentitySource, UpstreamCredential};
 use crate::mask::{MaskPolicy, MaskingConfig, RawMasking};
 use crate::policy::{ContentPolicy, RawContentPolicy};
 use crate::token::{decode_secret, TokenKey, MIN_KEY_BYTES};
+pub use crate::wire::SpotCheckMode;
 use crate::wire::{ApiKind, AutoApprove, AutoDecision, AutoDeny};
 
 /// What happens to a request once it has been parsed.
@@ -141,6 +142,24 @@ pub struct Rule {
     /// What the approval service may decide without a person
     /// (`auto_approve`, `auto_deny`; `review` rules only).
     pub auto_decision: Option<AutoDecision>,
+    /// `allow` rules only: the share of their requests people look at too.
+    pub spot_check: Option<SpotCheck>,
+}
+
+/// A random share of an `allow` rule's requests that people look at.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SpotCheck {
+    /// Share of the requests, in (0, 1].
+    pub share: f64,
+    /// Held for a decision, or forwarded and audited afterwards.
+    pub mode: SpotCheckMode,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpotCheck {
+    share: f64,
+    mode: SpotCheckMode,
 }
 
 /// How approval tokens are checked.
@@ -479,6 +498,8 @@ struct RawRule {
     auto_approve: Option<AutoApprove>,
     #[serde(default)]
     auto_deny: Option<AutoDeny>,
+    #[serde(default)]
+    spot_check: Option<RawSpotCheck>,
 }
 
 /// A rule's `auto_approve` and `auto_deny`, checked: `review` rules only,
@@ -828,6 +849,25 @@ impl Config {
                 1,
                 5,
             )?;
+            let spot_check = match r.spot_check {
+                None => None,
+                Some(_) if r.action != Action::Allow => {
+                    return Err(err(
+                        format!("rules[{i}].spot_check"),
+                        "only applies to rules with action `allow`",
+                    ))
+                }
+                Some(sc) if !(sc.share > 0.0 && sc.share <= 1.0) => {
+                    return Err(err(
+                        format!("rules[{i}].spot_check.share"),
+                        "must be more than 0 and at most 1 (0.02 for 2%)",
+                    ))
+                }
+                Some(sc) => Some(SpotCheck {
+                    share: sc.share,
+                    mode: sc.mode,
+                }),
+            };
             rules.push(Rule {
                 name,
                 route: r.route.as_deref().map(Glob::new),
@@ -844,6 +884,7 @@ impl Config {
                 record: r.record,
                 masking: r.masking,
                 auto_decision,
+                spot_check,
             });
         }
 
@@ -1162,6 +1203,42 @@ fn field_from_serde(e: &serde_json::Error) -> String {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
+
+    #[test]
+    fn spot_checks_are_validated_naming_the_field() {
+        let rule = |extra: &str| format!(r#"{{"rules":[{{"action":"allow",{extra}}}]}}"#);
+        let ok =
+            Config::from_json(rule(r#""spot_check":{"share":0.02,"mode":"audit"}"#).as_bytes())
+                .unwrap();
+        assert_eq!(
+            ok.rules[0].spot_check,
+            Some(SpotCheck {
+                share: 0.02,
+                mode: SpotCheckMode::Audit
+            })
+        );
+        for (body, field) in [
+            (
+                rule(r#""spot_check":{"share":0,"mode":"hold"}"#),
+                "rules[0].spot_check.share",
+            ),
+            (
+                rule(r#""spot_check":{"share":1.5,"mode":"hold"}"#),
+                "rules[0].spot_check.share",
+            ),
+            (
+                r#"{"rules":[{"action":"review","spot_check":{"share":0.5,"mode":"hold"}}]}"#
+                    .to_string(),
+                "rules[0].spot_check",
+            ),
+        ] {
+            let e = Config::from_json(body.as_bytes()).unwrap_err();
+            assert!(e.to_string().contains(field), "{body}: {e}");
+        }
+        let e = Config::from_json(rule(r#""spot_check":{"share":0.5,"mode":"later"}"#).as_bytes())
+            .unwrap_err();
+        assert!(e.to_string().contains("later"), "{e}");
+    }
 
     #[test]
     fn empty_config_gives_safe_defaults() {

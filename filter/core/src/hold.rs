@@ -16,8 +16,8 @@ use crate::record::new_record;
 use crate::refusal::{Refusal, RefusalKind};
 use crate::token::TokenClaims;
 use crate::wire::{
-    ApiKind, CallerReviewStatus, ConsumeToken, NewRecord, RecordCreated, ReviewState, ReviewStatus,
-    FILTER_API_PREFIX, FILTER_TOKEN_HEADER,
+    ApiKind, CallerReviewStatus, ConsumeToken, CreateReview, NewRecord, RecordCreated, ReviewState,
+    ReviewStatus, FILTER_API_PREFIX, FILTER_TOKEN_HEADER,
 };
 
 /// Which call a response belongs to.
@@ -774,6 +774,18 @@ pub fn cancel_callout(config: &Config, review_id: &str) -> Option<Callout> {
             format!("{FILTER_API_PREFIX}/{review_id}/cancel"),
         ),
         body: None,
+        timeout_ms: config.callout_timeout_ms,
+    })
+}
+
+/// The call that queues an `audit` review (a spot check of a forwarded
+/// request): sent through the delivery outbox, so the caller never waits
+/// for it. `None` when it cannot be encoded.
+pub fn audit_call(config: &Config, review: &CreateReview) -> Option<Callout> {
+    Some(Callout {
+        kind: CalloutKind::Create,
+        headers: service_headers(config, "POST", FILTER_API_PREFIX.to_string()),
+        body: Some(serde_json::to_vec(review).ok()?),
         timeout_ms: config.callout_timeout_ms,
     })
 }

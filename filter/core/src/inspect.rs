@@ -1,7 +1,7 @@
 //! The body decision: parse the request, pick the policy rule, and say
 //! forward, hold for review, or refuse.
 
-use crate::config::{Action, Attachments, Config, Endpoint, RecordMode};
+use crate::config::{Action, Attachments, Config, Endpoint, RecordMode, SpotCheck};
 use crate::extract::{parse_request_at, tool_names, ParsedRequest};
 use crate::framing::streams_readable;
 use crate::identity::Caller;
@@ -10,7 +10,10 @@ use crate::policy::{requested_max_tokens, RequestFacts, ResponseRules};
 use crate::refusal::{Refusal, RefusalKind};
 use crate::token::{body_hash, verify, TokenClaims};
 use crate::wire::PromptMessage;
-use crate::wire::{ApiKind, AutoDecision, CreateReview, Evidence, HitCount};
+use crate::wire::{
+    ApiKind, AutoDecision, CreateReview, Evidence, HitCount, ReviewKind, SpotCheckDraw,
+    SpotCheckMode,
+};
 
 /// Request facts known from the head and Envoy's properties.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -84,6 +87,8 @@ pub struct RuleChoice {
     pub masking: Option<String>,
     /// What the service may decide without a person.
     pub auto_decision: Option<AutoDecision>,
+    /// The rule's spot check (`allow` rules).
+    pub spot_check: Option<SpotCheck>,
 }
 
 /// Facts from the parsed body that the record needs.
@@ -120,6 +125,9 @@ pub struct HoldPlan {
 pub enum BodyVerdict {
     /// Forward as is (after the record, when records are on).
     Forward(RuleChoice, Parsed),
+    /// Forward as is, and queue this `audit` review (a spot check): the
+    /// caller does not wait for it.
+    ForwardAudited(RuleChoice, Parsed, Box<CreateReview>),
     /// Hold for a human decision.
     Hold(Box<HoldPlan>),
     /// A valid approval token: spend it at the service, then forward.
@@ -159,6 +167,7 @@ pub fn choose_rule(config: &Config, info: &RequestInfo, model: &str) -> RuleChoi
                 record: rule.record.unwrap_or(config.records),
                 masking: rule.masking.clone(),
                 auto_decision: rule.auto_decision.clone(),
+                spot_check: rule.spot_check,
             };
         }
     }
@@ -173,7 +182,30 @@ pub fn choose_rule(config: &Config, info: &RequestInfo, model: &str) -> RuleChoi
         record: config.records,
         masking: None,
         auto_decision: None,
+        spot_check: None,
     }
+}
+
+/// The draw of a spot check from the host's random nonce of a request: its
+/// high 32 bits as a fraction in [0, 1). Recorded with the nonce, so anyone
+/// can recompute it.
+pub fn spot_check_draw(nonce: u64) -> f64 {
+    let high = u32::try_from(nonce >> 32).unwrap_or(u32::MAX);
+    f64::from(high) / 4_294_967_296.0
+}
+
+/// Whether the spot check of `rule` picks this request, and its draw. A
+/// request without a nonce (the host gave no randomness) is picked: when in
+/// doubt, a person looks.
+fn spot_check(rule: &RuleChoice, nonce: u64) -> Option<SpotCheckDraw> {
+    let check = rule.spot_check.filter(|_| rule.action == Action::Allow)?;
+    let draw = spot_check_draw(nonce);
+    (nonce == 0 || draw < check.share).then_some(SpotCheckDraw {
+        share: check.share,
+        mode: check.mode,
+        nonce,
+        draw,
+    })
 }
 
 /// What screening found and changed in a request body, kept by the filter
@@ -413,31 +445,58 @@ pub fn screen_body(
             screening,
         );
     }
+    let drawn = spot_check(&rule, info.nonce);
+    if let Some(SpotCheckDraw {
+        mode: SpotCheckMode::Hold,
+        ..
+    }) = drawn
+    {
+        rule.action = Action::Review;
+        rule.name = format!("{} (spot check)", rule.name);
+    }
+    // The reviewer sees what the model would see: the masked body, and its
+    // prompt as the masking walk produced it.
+    let review = |rule: &RuleChoice| {
+        let shown = screening.masked_body.as_deref().unwrap_or(body);
+        let Ok(text) = std::str::from_utf8(shown) else {
+            return Err(Refusal::new(
+                RefusalKind::BadRequest,
+                Some(api),
+                "request body is not UTF-8",
+            ));
+        };
+        let mut parsed = parsed.clone();
+        if let Some(prompt) = &screening.masked_prompt {
+            parsed.prompt = prompt.clone();
+        }
+        let mut review = review_for(api, info, &parsed, text, rule, &screening.hits);
+        review.spot_check = drawn;
+        Ok(review)
+    };
     let verdict = match rule.action {
-        Action::Allow | Action::Deny => BodyVerdict::Forward(rule, facts),
+        Action::Allow | Action::Deny => match drawn {
+            Some(_) => match review(&rule) {
+                Ok(mut audit) => {
+                    audit.kind = ReviewKind::Audit;
+                    // Nobody waits for it: it stays for people as long
+                    // as the service keeps any review.
+                    audit.hold_timeout_ms = crate::config::MAX_HOLD_TIMEOUT_MS;
+                    audit.async_review = false;
+                    audit.idempotency_key = audit.idempotency_key.map(|k| format!("{k}:audit"));
+                    BodyVerdict::ForwardAudited(rule, facts, Box::new(audit))
+                }
+                Err(r) => return refuse(r),
+            },
+            None => BodyVerdict::Forward(rule, facts),
+        },
         Action::Review => {
-            let mut rule = rule;
             if info.prefer_async && config.approval_tokens.is_some() {
                 rule.async_review = true;
             }
-            // The reviewer sees what the model would see: the masked body,
-            // and its prompt as the masking walk produced it.
-            let shown = screening.masked_body.as_deref().unwrap_or(body);
-            let Ok(text) = std::str::from_utf8(shown) else {
-                return refuse(Refusal::new(
-                    RefusalKind::BadRequest,
-                    Some(api),
-                    "request body is not UTF-8",
-                ));
-            };
-            let mut parsed = parsed;
-            if let Some(prompt) = &screening.masked_prompt {
-                parsed.prompt = prompt.clone();
+            match review(&rule) {
+                Ok(review) => BodyVerdict::Hold(Box::new(HoldPlan { review, rule })),
+                Err(r) => return refuse(r),
             }
-            BodyVerdict::Hold(Box::new(HoldPlan {
-                review: review_for(api, info, &parsed, text, &rule, &screening.hits),
-                rule,
-            }))
         }
     };
     (verdict, screening)
@@ -485,6 +544,7 @@ fn check_token(
                 record: config.records,
                 masking: None,
                 auto_decision: None,
+                spot_check: None,
             },
             facts,
         ),
@@ -545,6 +605,8 @@ fn review_for(
             .then(|| format!("{}:{:016x}:review", info.request_id, info.nonce)),
         evidence,
         auto_decision: rule.auto_decision.clone(),
+        kind: ReviewKind::Review,
+        spot_check: None,
     }
 }
 

@@ -15,7 +15,7 @@ use crate::framing::Framing;
 use crate::hold::{record_callout, response_record_callout, Hold, HoldStep};
 use crate::host::{note_outcome, Action, Host, Level};
 use crate::identity::{forward_header_edits, identify};
-use crate::inspect::{screen_body, BodyVerdict, RequestInfo, Screening};
+use crate::inspect::{screen_body, BodyVerdict, Parsed, RequestInfo, RuleChoice, Screening};
 use crate::mask::{MaskAction, ResponseGuard};
 use crate::record::{refusal_record, ResponseRecorder, MAX_RECORDED_RESPONSE};
 use crate::refusal::{Refusal, RefusalKind};
@@ -333,6 +333,43 @@ impl StreamFilter {
         action
     }
 
+    /// Forwards an allowed request (once its record is durable, when
+    /// records are required).
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &mut self,
+        host: &mut dyn Host,
+        config: &Rc<Config>,
+        api: ApiKind,
+        rule: RuleChoice,
+        facts: Parsed,
+        body: &[u8],
+        masked: Option<Vec<u8>>,
+        now: u64,
+    ) -> Action {
+        let info = facts.into_info(&self.info);
+        let (hold, step) = Hold::forward(config, api, info, &rule, body, masked.as_deref(), now);
+        if let HoldStep::Release(release) = step {
+            // Records off: nothing to wait for.
+            if let Some(b) = &release.edited_body {
+                // The masked body could not replace the caller's:
+                // nothing unmasked goes to the model.
+                if host.set_request_body(body.len(), b).is_err() {
+                    let refusal = Refusal::new(
+                        RefusalKind::ApprovalUnavailable,
+                        Some(api),
+                        "could not apply the masked body",
+                    );
+                    return self.refuse(host, &refusal);
+                }
+            }
+            self.outcome = Some("allowed");
+            note_outcome(host, "allowed");
+            return Action::Continue;
+        }
+        self.start_hold(host, config, (hold, step), body.len(), None)
+    }
+
     /// A request body chunk; the body is judged whole, at its end.
     pub fn on_request_body(
         &mut self,
@@ -376,30 +413,27 @@ impl StreamFilter {
         self.screening = Some(screening);
         let id = self.info.request_id.clone();
         match verdict {
-            BodyVerdict::Forward(rule, facts) => {
-                let info = facts.into_info(&self.info);
-                let api = endpoint.api;
-                let (hold, step) =
-                    Hold::forward(&config, api, info, &rule, &body, masked.as_deref(), now);
-                if let HoldStep::Release(release) = step {
-                    // Records off: nothing to wait for.
-                    if let Some(b) = &release.edited_body {
-                        // The masked body could not replace the caller's:
-                        // nothing unmasked goes to the model.
-                        if host.set_request_body(body.len(), b).is_err() {
-                            let refusal = Refusal::new(
-                                RefusalKind::ApprovalUnavailable,
-                                Some(api),
-                                "could not apply the masked body",
-                            );
-                            return self.refuse(host, &refusal);
-                        }
+            BodyVerdict::ForwardAudited(rule, facts, audit) => {
+                match crate::hold::audit_call(&config, &audit) {
+                    Some(call) => {
+                        self.worker.deliver(host, &config, call, false);
+                        host.count("countersign_spot_checks_total", 1);
                     }
-                    self.outcome = Some("allowed");
-                    note_outcome(host, "allowed");
-                    return Action::Continue;
+                    // Fail closed: a spot check that cannot be queued
+                    // does not let the request through unseen.
+                    None => {
+                        let refusal = Refusal::new(
+                            RefusalKind::ApprovalUnavailable,
+                            Some(endpoint.api),
+                            "could not queue the audit of this request",
+                        );
+                        return self.refuse(host, &refusal);
+                    }
                 }
-                self.start_hold(host, &config, (hold, step), body.len(), None)
+                self.forward(host, &config, endpoint.api, rule, facts, &body, masked, now)
+            }
+            BodyVerdict::Forward(rule, facts) => {
+                self.forward(host, &config, endpoint.api, rule, facts, &body, masked, now)
             }
             BodyVerdict::Refuse(r) => {
                 let msg = format!("countersign: {id} refused: {}", r.kind.code());
@@ -822,6 +856,93 @@ mod tests {
         assert_eq!(stream.on_request_body(&mut host, 40, true), Action::Pause);
         assert_eq!(host.replies.len(), 1);
         assert_eq!(host.violations.get(), 0);
+    }
+
+    /// A configuration whose one rule allows everything, with a spot check.
+    fn spot_checked(share: f64, mode: &str) -> String {
+        format!(
+            r#"{{"records":"off","rules":[{{"name":"open","action":"allow","spot_check":{{"share":{share},"mode":"{mode}"}}}}]}}"#
+        )
+    }
+
+    /// A nonce whose draw is `draw` (to 32 bits).
+    fn nonce_drawing(draw: f64) -> u64 {
+        let high = (draw * 4_294_967_296.0) as u64;
+        (high << 32) | 0x1234
+    }
+
+    #[test]
+    fn spot_check_draws_come_from_the_nonce() {
+        assert_eq!(crate::inspect::spot_check_draw(0), 0.0);
+        assert_eq!(crate::inspect::spot_check_draw(nonce_drawing(0.5)), 0.5);
+        assert!(crate::inspect::spot_check_draw(u64::MAX) < 1.0);
+    }
+
+    #[test]
+    fn an_audit_spot_check_forwards_at_once_and_queues_an_audit_review() {
+        let (worker, mut host, mut stream) = setup(&spot_checked(0.25, "audit"));
+        host.nonce = Some(nonce_drawing(0.2));
+        assert_eq!(send(&mut host, &mut stream, CHAT, BODY), Action::Continue);
+        assert_eq!(host.outcome().as_deref(), Some("allowed"));
+        assert!(host.replies.is_empty());
+        // The review goes out through the outbox, not on the caller's path.
+        assert!(host.dispatched.is_empty());
+        assert_eq!(worker.queued().0, 1);
+        worker.on_tick(&mut host);
+        let (_, call) = host.dispatched.last().unwrap();
+        assert_eq!(host.last_path(), "/v1/reviews");
+        let review: serde_json::Value =
+            serde_json::from_slice(call.body.as_deref().unwrap()).unwrap();
+        assert_eq!(review["kind"], "audit");
+        assert_eq!(review["rule"], "open");
+        assert_eq!(review["spot_check"]["mode"], "audit");
+        assert_eq!(review["spot_check"]["share"], 0.25);
+        assert_eq!(review["spot_check"]["nonce"], nonce_drawing(0.2));
+        assert_eq!(
+            review["spot_check"]["draw"],
+            crate::inspect::spot_check_draw(nonce_drawing(0.2))
+        );
+        assert_eq!(host.metric("countersign_spot_checks_total"), 1);
+    }
+
+    #[test]
+    fn a_hold_spot_check_holds_the_request_like_a_review() {
+        let (worker, mut host, mut stream) = setup(&spot_checked(0.25, "hold"));
+        host.nonce = Some(nonce_drawing(0.1));
+        assert_eq!(send(&mut host, &mut stream, CHAT, BODY), Action::Pause);
+        assert_eq!(host.last_path(), "/v1/reviews");
+        let (_, call) = host.dispatched.last().unwrap();
+        let review: serde_json::Value =
+            serde_json::from_slice(call.body.as_deref().unwrap()).unwrap();
+        assert_eq!(review["rule"], "open (spot check)");
+        assert_eq!(
+            review.get("kind"),
+            None,
+            "a held review is an ordinary review"
+        );
+        assert_eq!(review["spot_check"]["mode"], "hold");
+        answer(&mut host, &worker, 201, PENDING);
+        assert!(host.resumed.is_empty());
+    }
+
+    #[test]
+    fn requests_outside_the_share_are_only_forwarded() {
+        for mode in ["audit", "hold"] {
+            let (worker, mut host, mut stream) = setup(&spot_checked(0.25, mode));
+            host.nonce = Some(nonce_drawing(0.75));
+            assert_eq!(send(&mut host, &mut stream, CHAT, BODY), Action::Continue);
+            assert!(host.dispatched.is_empty(), "{mode}");
+            assert_eq!(worker.queued().0, 0, "{mode}");
+            assert_eq!(host.metric("countersign_spot_checks_total"), 0);
+        }
+    }
+
+    #[test]
+    fn without_a_random_nonce_every_request_is_spot_checked() {
+        let (worker, mut host, mut stream) = setup(&spot_checked(0.01, "audit"));
+        host.nonce = Some(0);
+        assert_eq!(send(&mut host, &mut stream, CHAT, BODY), Action::Continue);
+        assert_eq!(worker.queued().0, 1);
     }
 
     #[test]

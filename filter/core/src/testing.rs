@@ -67,6 +67,8 @@ pub struct MockHost {
     pub watch: Option<Worker>,
     /// Host calls made while the watched state was borrowed.
     pub violations: Cell<u32>,
+    /// What `nonce` answers (`0xabc` by default).
+    pub nonce: Option<u64>,
 }
 
 impl MockHost {
@@ -206,7 +208,7 @@ impl Host for MockHost {
 
     fn nonce(&mut self) -> u64 {
         self.check();
-        0xabc
+        self.nonce.unwrap_or(0xabc)
     }
 
     fn dispatch(&mut self, cluster: &str, call: &Callout) -> Result<u32, String> {

@@ -174,6 +174,13 @@ pub struct CreateReview {
     /// every decision is a person's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_decision: Option<AutoDecision>,
+    /// `review` (someone decides before anything is forwarded) or `audit`
+    /// (forwarded already; someone looks afterwards).
+    #[serde(default, skip_serializing_if = "ReviewKind::is_review")]
+    pub kind: ReviewKind,
+    /// The spot check that sent this request of an `allow` rule to people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spot_check: Option<SpotCheckDraw>,
 }
 
 /// What the filter knows about a held request besides its prompt, sent
@@ -243,6 +250,58 @@ pub struct AutoDeny {
 
 fn default_deny_score() -> f64 {
     0.5
+}
+
+/// What a review is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReviewKind {
+    /// The request waits for the decision.
+    #[default]
+    Review,
+    /// The request was forwarded at once; approve = fine, reject = flagged
+    /// for follow-up.
+    Audit,
+}
+
+impl ReviewKind {
+    /// The name stored and sent.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReviewKind::Review => "review",
+            ReviewKind::Audit => "audit",
+        }
+    }
+
+    fn is_review(&self) -> bool {
+        *self == ReviewKind::Review
+    }
+}
+
+/// How a spot check shows a request to people.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpotCheckMode {
+    /// Held like any review.
+    Hold,
+    /// Forwarded at once, queued as an `audit` review.
+    Audit,
+}
+
+/// A spot check's draw, recorded so it can be checked: `draw` is computed
+/// from `nonce` alone (`countersign_core::inspect::spot_check_draw`), and
+/// the request was chosen because `draw < share` (or because the host had
+/// no random nonce: then every request is chosen).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SpotCheckDraw {
+    /// The configured share.
+    pub share: f64,
+    /// The configured mode.
+    pub mode: SpotCheckMode,
+    /// The host's random nonce for this request.
+    pub nonce: u64,
+    /// The draw, in [0, 1).
+    pub draw: f64,
 }
 
 fn one() -> u32 {

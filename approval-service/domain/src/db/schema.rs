@@ -13,9 +13,9 @@
 //! what exists (approvals, token uses, idempotency keys), which composes
 //! with any version. PostgreSQL has no older databases: it gets the same
 //! tables after every step at once, in two parts (`reviews`, `records`)
-//! whose versions live in `countersign_schema` (a third, `slack`, and a
-//! fourth, `assessments`, added later, are created on their own when
-//! missing). Both databases end with the
+//! whose versions live in `countersign_schema` (later ones, `slack`,
+//! `oidc_recheck`, `assessments` and `standing`, are created on their own
+//! when missing). Both databases end with the
 //! same tables and columns (tested in `tests/postgres_schema.rs`), so a
 //! statement is written once for both.
 //!
@@ -43,7 +43,15 @@ pub fn migrate(conn: &mut Conn) -> Result<(), OpenError> {
             migrate_sqlite(conn)?;
             create_sqlite_records(conn)?;
             conn.transaction(Lock::Schema, |tx| {
-                tx.batch(&dialect(SLACK, Backend::Sqlite))
+                tx.batch(&dialect(SLACK, Backend::Sqlite))?;
+                tx.batch(&dialect(STANDING, Backend::Sqlite))?;
+                let existing = sqlite_columns(tx, "reviews")?;
+                for (name, declaration) in SPOT_CHECK_COLUMNS {
+                    if !existing.iter().any(|c| c == name) {
+                        tx.batch(&add_review_column(name, declaration, Backend::Sqlite))?;
+                    }
+                }
+                Ok::<(), DbError>(())
             })?;
         }
         Backend::Postgres => {
@@ -61,6 +69,12 @@ pub fn migrate(conn: &mut Conn) -> Result<(), OpenError> {
                 &session_columns(Backend::Postgres, &SESSION_RECHECK_COLUMNS),
             )?;
             migrate_postgres(conn, "assessments", &postgres_assessments())?;
+            let spot_checks: String = SPOT_CHECK_COLUMNS
+                .iter()
+                .map(|(name, declaration)| add_review_column(name, declaration, Backend::Postgres))
+                .collect();
+            let standing = dialect(STANDING, Backend::Postgres);
+            migrate_postgres(conn, "standing", &format!("{standing}{spot_checks}"))?;
         }
     }
     Ok(())
@@ -200,8 +214,15 @@ const ASSESSMENT_COLUMNS: [(&str, &str); 4] = [
     ("automatic", "{int} NOT NULL DEFAULT 0"),
 ];
 
-/// `ALTER TABLE reviews ADD COLUMN` for one of [`REVIEW_COLUMNS`] or
-/// [`ASSESSMENT_COLUMNS`].
+/// Columns added to `reviews` for spot checks (added with the standing
+/// approvals' part): `review` or `audit`, and the spot check's draw.
+const SPOT_CHECK_COLUMNS: [(&str, &str); 2] = [
+    ("kind", "TEXT NOT NULL DEFAULT 'review'"),
+    ("spot_check_json", "TEXT"),
+];
+
+/// `ALTER TABLE reviews ADD COLUMN` for one of [`REVIEW_COLUMNS`],
+/// [`ASSESSMENT_COLUMNS`] or [`SPOT_CHECK_COLUMNS`].
 fn add_review_column(name: &str, declaration: &str, backend: Backend) -> String {
     dialect(
         &format!("ALTER TABLE reviews ADD COLUMN {name} {declaration};\n"),
@@ -248,6 +269,44 @@ CREATE TABLE IF NOT EXISTS slack_requests_seen (
     seen_at_ms       {int} NOT NULL
 );
 CREATE INDEX IF NOT EXISTS slack_requests_seen_at ON slack_requests_seen (seen_at_ms);
+";
+
+/// Standing approvals (see [`crate::standing`]): the terms reviewers
+/// agreed to while approving a review, and every use, one row each (the
+/// review it approved). `uses` counts them; the conditional
+/// `UPDATE ... WHERE uses < max_uses` that spends one is what keeps
+/// concurrent matches within `max_uses`.
+const STANDING: &str = "
+CREATE TABLE IF NOT EXISTS standing_approvals (
+    id              TEXT PRIMARY KEY,
+    review_id       TEXT NOT NULL UNIQUE,
+    status          TEXT NOT NULL,
+    created_at_ms   {int} NOT NULL,
+    live_at_ms      {int},
+    expires_at_ms   {int},
+    valid_ms        {int} NOT NULL,
+    max_uses        {int} NOT NULL,
+    uses            {int} NOT NULL DEFAULT 0,
+    scope_caller    TEXT,
+    scope_group     TEXT,
+    model           TEXT NOT NULL,
+    rule            TEXT,
+    approver_group  TEXT,
+    vary_json       TEXT NOT NULL,
+    shape_sha256    TEXT NOT NULL,
+    approvers_json  TEXT NOT NULL,
+    revoked_at_ms   {int},
+    revoked_by      TEXT,
+    revoke_reason   TEXT
+);
+CREATE INDEX IF NOT EXISTS standing_approvals_model ON standing_approvals (model, status);
+CREATE TABLE IF NOT EXISTS standing_uses (
+    standing_id  TEXT NOT NULL,
+    use_no       {int} NOT NULL,
+    review_id    TEXT NOT NULL UNIQUE,
+    used_at_ms   {int} NOT NULL,
+    PRIMARY KEY (standing_id, use_no)
+);
 ";
 
 /// The record log (`{query_columns}`: see [`record_query_column`]), the
@@ -334,28 +393,28 @@ fn migrate_sqlite(conn: &mut Conn) -> Result<(), OpenError> {
     Ok(())
 }
 
+/// The columns of a SQLite table.
+fn sqlite_columns(tx: &mut Conn, table: &str) -> Result<Vec<String>, DbError> {
+    tx.query("SELECT name FROM pragma_table_info(?1)", params![table])?
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// Adds the approval and token columns and tables, and the sign-in columns
 /// and table, to a file that lacks them. Guarded by a column check rather than `user_version`, so it
 /// composes with the other steps; idempotent, and run under `BEGIN
 /// IMMEDIATE` so two processes opening one old file do not both alter it.
 fn add_approval_tables(conn: &mut Conn) -> Result<(), DbError> {
     conn.transaction(Lock::Schema, |tx| {
-        let existing: Vec<String> = tx
-            .query("SELECT name FROM pragma_table_info('reviews')", params![])?
-            .iter()
-            .map(|r| r.get(0))
-            .collect::<Result<_, DbError>>()?;
+        let existing = sqlite_columns(tx, "reviews")?;
         for (name, declaration) in REVIEW_COLUMNS.into_iter().chain(ASSESSMENT_COLUMNS) {
             if !existing.iter().any(|c| c == name) {
                 tx.batch(&add_review_column(name, declaration, Backend::Sqlite))?;
             }
         }
         tx.batch(&dialect(APPROVALS, Backend::Sqlite))?;
-        let existing: Vec<String> = tx
-            .query("SELECT name FROM pragma_table_info('sessions')", params![])?
-            .iter()
-            .map(|r| r.get(0))
-            .collect::<Result<_, DbError>>()?;
+        let existing = sqlite_columns(tx, "sessions")?;
         let missing = |columns: &[(&'static str, &'static str)]| -> Vec<(&str, &str)> {
             columns
                 .iter()
@@ -587,7 +646,13 @@ mod tests {
         migrate(&mut conn).unwrap();
         migrate(&mut conn).unwrap();
         // One table of each step: first release, sessions, approvals, records.
-        for table in ["reviews", "sessions", "token_consumptions", "chain_anchor"] {
+        for table in [
+            "reviews",
+            "sessions",
+            "token_consumptions",
+            "chain_anchor",
+            "standing_uses",
+        ] {
             assert!(conn.table_exists(table).unwrap(), "{table}");
         }
         conn.batch("PRAGMA user_version = 3").unwrap();

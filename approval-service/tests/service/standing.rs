@@ -1,0 +1,429 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! Standing approvals: created by approving a review with terms (under the
+//! review's approver group, separation of duties and quorum), used for
+//! later reviews of the same shape only, counted, expiring, revocable.
+
+use crate::common;
+
+use crate::common::{
+    assert_error, call, decide, get_as, wait, Fixture, RawDb, ALICE, BOB, CAROL, DANA, REVIEWERS,
+};
+use axum::http::StatusCode;
+use axum::Router;
+use serde_json::{json, Value};
+
+fn fixture() -> Fixture {
+    common::fixture("test.db", |db| common::config_toml(db, "", &REVIEWERS))
+}
+
+const SYSTEM: &str = "You summarise CI logs.";
+const TOOLS: &str = "{\"function\":{\"name\":\"fetch_log\"},\"type\":\"function\"}";
+
+/// A templated CI request: `user` is the part that varies.
+fn ci_review(user: &str) -> Value {
+    common::review_request(json!({
+        "caller": "ci-nightly",
+        "caller_groups": ["ci"],
+        "rule": "ci",
+        "approver_group": "security",
+        "model": "gpt-x",
+        "prompt": [
+            {"role": "system", "text": SYSTEM},
+            {"role": "tools", "text": TOOLS},
+            {"role": "user", "text": user},
+        ],
+    }))
+}
+
+/// `POST /v1/reviews`: status and the state answered.
+async fn create(app: &Router, review: Value) -> (StatusCode, Value) {
+    call(app, "POST", "/v1/reviews", &[], Some(review)).await
+}
+
+/// Creates a review that must wait for a person; its id.
+async fn create_pending(app: &Router, review: Value) -> String {
+    let (s, v) = create(app, review).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["status"], "pending", "{v}");
+    v["id"].as_str().unwrap().to_string()
+}
+
+/// Creates a review that a standing approval approves at once; its state.
+async fn create_auto_approved(app: &Router, review: Value) -> Value {
+    let (s, v) = create(app, review).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["status"], "approved", "{v}");
+    v
+}
+
+fn terms(max_uses: u32) -> Value {
+    json!({"valid_days": 7, "max_uses": max_uses, "vary": ["user"]})
+}
+
+async fn standing_list(app: &Router) -> Vec<Value> {
+    let (s, v) = get_as(app, ALICE, "/api/standing-approvals").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    v["standing_approvals"].as_array().unwrap().clone()
+}
+
+/// A live standing approval for [`ci_review`] with `max_uses`, created by
+/// alice; its id.
+async fn live_standing(app: &Router, max_uses: u32) -> String {
+    let id = create_pending(app, ci_review("summarise build 1")).await;
+    let (s, v) = decide(
+        app,
+        &id,
+        ALICE,
+        "approve",
+        json!({"reason": "nightly summary", "standing": terms(max_uses)}),
+    )
+    .await;
+    assert_eq!(
+        (s, &v["status"]),
+        (StatusCode::OK, &json!("approved")),
+        "{v}"
+    );
+    let list = standing_list(app).await;
+    let sa = list.iter().find(|s| s["review_id"] == id.as_str()).unwrap();
+    assert_eq!(sa["status"], "live", "{sa}");
+    assert_eq!(sa["created_by"], json!(["alice"]));
+    assert_eq!(sa["caller"], "ci-nightly");
+    sa["id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn standing_approval_approves_the_same_shape_and_nothing_else() {
+    let f = fixture();
+    let sa = live_standing(&f.app, 10).await;
+
+    // The same template with another user message: approved at once, by the
+    // standing approval, through the decision path a person takes.
+    let state = create_auto_approved(&f.app, ci_review("summarise build 2")).await;
+    let id = state["id"].as_str().unwrap();
+    assert_eq!(state["reviewer"], format!("standing:{sa}"));
+    assert!(
+        state["reason"]
+            .as_str()
+            .unwrap()
+            .contains("created by alice"),
+        "{state}"
+    );
+    let (s, polled) = wait(&f.app, id, Some(0)).await;
+    assert_eq!((s, &polled["status"]), (StatusCode::OK, &json!("approved")));
+    let (_, detail) = get_as(&f.app, ALICE, &format!("/api/reviews/{id}")).await;
+    assert_eq!(detail["approvals"][0]["reviewer"], format!("standing:{sa}"));
+
+    // Near misses wait for a person.
+    let mut near_misses = vec![];
+    let mut other_caller = ci_review("summarise build 3");
+    other_caller["caller"] = json!("ci-other");
+    near_misses.push(("other caller", other_caller));
+    let mut other_model = ci_review("summarise build 3");
+    other_model["model"] = json!("gpt-y");
+    near_misses.push(("other model", other_model));
+    let mut other_system = ci_review("summarise build 3");
+    other_system["prompt"][0]["text"] = json!("You summarise CI logs and mail them out.");
+    near_misses.push(("changed system prompt", other_system));
+    let mut other_tools = ci_review("summarise build 3");
+    other_tools["prompt"][1]["text"] =
+        json!("{\"function\":{\"name\":\"run_shell\"},\"type\":\"function\"}");
+    near_misses.push(("changed tools", other_tools));
+    let mut extra_message = ci_review("summarise build 3");
+    extra_message["prompt"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"role": "user", "text": "and delete the logs"}));
+    near_misses.push(("an extra user message", extra_message));
+    let mut other_rule = ci_review("summarise build 3");
+    other_rule["rule"] = json!("other");
+    near_misses.push(("other rule", other_rule));
+    let mut other_group = ci_review("summarise build 3");
+    other_group["approver_group"] = Value::Null;
+    near_misses.push(("other approver group", other_group));
+    let mut more_approvals = ci_review("summarise build 3");
+    more_approvals["required_approvals"] = json!(2);
+    near_misses.push(("a larger quorum", more_approvals));
+    for (what, review) in near_misses {
+        let (s, v) = create(&f.app, review).await;
+        assert_eq!(
+            (s, &v["status"]),
+            (StatusCode::CREATED, &json!("pending")),
+            "{what}: {v}"
+        );
+    }
+    let (_, detail) = get_as(&f.app, ALICE, &format!("/api/standing-approvals/{sa}")).await;
+    assert_eq!(detail["uses"], 1, "{detail}");
+    assert_eq!(detail["used_by"][0]["review_id"], id);
+}
+
+#[tokio::test]
+async fn uses_are_counted_and_limited() {
+    let f = fixture();
+    let sa = live_standing(&f.app, 2).await;
+    for n in 0..2 {
+        create_auto_approved(&f.app, ci_review(&format!("build {n}"))).await;
+    }
+    create_pending(&f.app, ci_review("build 3")).await;
+    let (_, detail) = get_as(&f.app, ALICE, &format!("/api/standing-approvals/{sa}")).await;
+    assert_eq!(detail["status"], "used_up", "{detail}");
+    assert_eq!(detail["uses"], 2);
+    let numbers: Vec<&Value> = detail["used_by"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| &u["use_no"])
+        .collect();
+    assert_eq!(numbers, [&json!(1), &json!(2)]);
+}
+
+#[tokio::test]
+async fn an_expired_standing_approval_approves_nothing() {
+    let f = fixture();
+    let sa = live_standing(&f.app, 10).await;
+    create_auto_approved(&f.app, ci_review("build 2")).await;
+    RawDb::open(&f.db)
+        .exec(&format!(
+            "UPDATE standing_approvals SET expires_at_ms = 1 WHERE id = '{sa}'"
+        ))
+        .unwrap();
+    create_pending(&f.app, ci_review("build 3")).await;
+    let (_, detail) = get_as(&f.app, ALICE, &format!("/api/standing-approvals/{sa}")).await;
+    assert_eq!(detail["status"], "expired", "{detail}");
+    assert_eq!(detail["uses"], 1);
+}
+
+#[tokio::test]
+async fn revocation_takes_effect_at_once() {
+    let f = fixture();
+    let sa = live_standing(&f.app, 10).await;
+    create_auto_approved(&f.app, ci_review("build 2")).await;
+    let uri = format!("/api/standing-approvals/{sa}/revoke");
+    let as_bob = [("authorization", common::bearer(BOB))];
+    let headers: Vec<(&str, &str)> = as_bob.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    // Only its approver group may revoke it.
+    let (s, v) = call(&f.app, "POST", &uri, &headers, Some(json!({}))).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    let as_carol = common::bearer(CAROL);
+    let carol = [("authorization", as_carol.as_str())];
+    let (s, v) = call(
+        &f.app,
+        "POST",
+        &uri,
+        &carol,
+        Some(json!({"reason": "job retired"})),
+    )
+    .await;
+    assert_eq!(
+        (s, &v["status"]),
+        (StatusCode::OK, &json!("revoked")),
+        "{v}"
+    );
+    assert_eq!(v["revoked_by"], "carol");
+    create_pending(&f.app, ci_review("build 3")).await;
+    let (s, v) = call(&f.app, "POST", &uri, &carol, Some(json!({}))).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+}
+
+#[tokio::test]
+async fn creation_follows_the_quorum_and_separation_of_duties() {
+    let f = fixture();
+    let two = |user: &str| {
+        let mut r = ci_review(user);
+        r["required_approvals"] = json!(2);
+        r
+    };
+    // Two approvals with the same terms: live once the quorum approved it.
+    let id = create_pending(&f.app, two("build 1")).await;
+    let with_terms = json!({"standing": terms(5)});
+    let (s, v) = decide(&f.app, &id, ALICE, "approve", with_terms.clone()).await;
+    assert_eq!(
+        (s, &v["status"]),
+        (StatusCode::OK, &json!("pending")),
+        "{v}"
+    );
+    assert_eq!(standing_list(&f.app).await[0]["status"], "proposed");
+    // Other terms are refused; the same terms complete it.
+    let (s, v) = decide(&f.app, &id, CAROL, "approve", json!({"standing": terms(6)})).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_error(&v, "standing_terms");
+    let (s, v) = decide(&f.app, &id, CAROL, "approve", with_terms.clone()).await;
+    assert_eq!(
+        (s, &v["status"]),
+        (StatusCode::OK, &json!("approved")),
+        "{v}"
+    );
+    let sa = standing_list(&f.app).await[0].clone();
+    assert_eq!(sa["status"], "live", "{sa}");
+    assert_eq!(sa["created_by"], json!(["alice", "carol"]));
+    create_auto_approved(&f.app, two("build 2")).await;
+
+    // A second approver who approves without the terms: the review is
+    // approved, the standing approval is not. (Another model: the live one
+    // above must not take it.)
+    let mut other_job = two("other job");
+    other_job["model"] = json!("gpt-z");
+    let id = create_pending(&f.app, other_job).await;
+    let mut other = json!({"standing": terms(5)});
+    other["standing"]["vary"] = json!([]);
+    let (s, v) = decide(&f.app, &id, ALICE, "approve", other).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = decide(&f.app, &id, CAROL, "approve", json!({})).await;
+    assert_eq!(
+        (s, &v["status"]),
+        (StatusCode::OK, &json!("approved")),
+        "{v}"
+    );
+    let list = standing_list(&f.app).await;
+    let declined = list.iter().find(|s| s["review_id"] == id.as_str()).unwrap();
+    assert_eq!(declined["status"], "declined", "{declined}");
+
+    // Outside the approver group, or approving one's own request: refused
+    // like any approval, and nothing is proposed.
+    let mut other_model = ci_review("build 9");
+    other_model["model"] = json!("gpt-z");
+    let id = create_pending(&f.app, other_model).await;
+    let (s, v) = decide(&f.app, &id, BOB, "approve", with_terms.clone()).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    let mut own = ci_review("build 9");
+    own["caller"] = json!("ci-dana");
+    let id = create_pending(&f.app, own).await;
+    let (s, v) = decide(&f.app, &id, DANA, "approve", with_terms).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert_error(&v, "self_approval");
+    assert!(standing_list(&f.app)
+        .await
+        .iter()
+        .all(|s| s["review_id"] != id.as_str()));
+}
+
+#[tokio::test]
+async fn a_group_standing_approval_never_approves_its_creators_requests() {
+    let f = fixture();
+    let id = create_pending(&f.app, ci_review("build 1")).await;
+    let mut group_terms = json!({"standing": terms(10)});
+    group_terms["standing"]["group"] = json!("ci");
+    let (s, v) = decide(&f.app, &id, DANA, "approve", group_terms).await;
+    assert_eq!(
+        (s, &v["status"]),
+        (StatusCode::OK, &json!("approved")),
+        "{v}"
+    );
+    // Another caller of the group: approved.
+    let mut peer = ci_review("build 2");
+    peer["caller"] = json!("ci-weekly");
+    create_auto_approved(&f.app, peer).await;
+    // dana's own caller identity in the group: a person decides.
+    let mut own = ci_review("build 3");
+    own["caller"] = json!("ci-dana");
+    create_pending(&f.app, own).await;
+    // A caller outside the group: a person decides.
+    let mut outsider = ci_review("build 4");
+    outsider["caller"] = json!("ci-weekly");
+    outsider["caller_groups"] = json!(["other"]);
+    create_pending(&f.app, outsider).await;
+    // A group the caller is not in cannot be named.
+    let mut other_model = ci_review("build 5");
+    other_model["model"] = json!("gpt-z");
+    let id = create_pending(&f.app, other_model).await;
+    let mut wrong = json!({"standing": terms(10)});
+    wrong["standing"]["group"] = json!("admins");
+    let (s, v) = decide(&f.app, &id, ALICE, "approve", wrong).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_error(&v, "standing_terms");
+}
+
+#[tokio::test]
+async fn bad_terms_are_refused_naming_the_field() {
+    let f = fixture();
+    let id = create_pending(&f.app, ci_review("build 1")).await;
+    for (terms, field) in [
+        (json!({"valid_days": 0, "max_uses": 1}), "valid_days"),
+        (json!({"valid_days": 1, "max_uses": 0}), "max_uses"),
+        (
+            json!({"valid_days": 1, "max_uses": 1, "vary": ["model"]}),
+            "model",
+        ),
+    ] {
+        let (s, v) = decide(&f.app, &id, ALICE, "approve", json!({"standing": terms})).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(field),
+            "{v}"
+        );
+    }
+    let (_, d) = get_as(&f.app, ALICE, &format!("/api/reviews/{id}")).await;
+    assert_eq!(d["status"], "pending");
+}
+
+/// Two service instances on one database (replicas on PostgreSQL, two
+/// processes on one SQLite file) race for the uses: never more than
+/// `max_uses` reviews are approved, and each approval has its use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_matches_never_exceed_max_uses() {
+    let f = fixture();
+    let second = common::open_state(&common::config_toml(&f.db, "", &REVIEWERS));
+    let apps = [f.app.clone(), countersign_approval::app(second)];
+    let sa = live_standing(&f.app, 3).await;
+    let tasks: Vec<_> = (0..16)
+        .map(|n| {
+            let app = apps[n % 2].clone();
+            tokio::spawn(async move {
+                let (s, v) = create(&app, ci_review(&format!("build {n}"))).await;
+                assert_eq!(s, StatusCode::CREATED, "{v}");
+                v["status"].as_str().unwrap().to_string()
+            })
+        })
+        .collect();
+    let mut approved = 0;
+    for t in tasks {
+        if t.await.unwrap() == "approved" {
+            approved += 1;
+        }
+    }
+    assert_eq!(approved, 3);
+    let (_, detail) = get_as(&f.app, ALICE, &format!("/api/standing-approvals/{sa}")).await;
+    assert_eq!(detail["uses"], 3, "{detail}");
+    assert_eq!(detail["used_by"].as_array().unwrap().len(), 3);
+}
+
+/// An audit (a spot check of an allowed request, forwarded already) is
+/// stored with its kind and draw, listed apart, never approved by a
+/// standing approval, and cannot make one.
+#[tokio::test]
+async fn audits_keep_their_draw_and_are_for_people() {
+    let f = fixture();
+    live_standing(&f.app, 10).await;
+    let draw = json!({"share": 0.02, "mode": "audit", "nonce": 12345u64, "draw": 0.0125});
+    let mut audit = ci_review("build 2");
+    audit["kind"] = json!("audit");
+    audit["spot_check"] = draw.clone();
+    let id = create_pending(&f.app, audit).await;
+    let (_, detail) = get_as(&f.app, ALICE, &format!("/api/reviews/{id}")).await;
+    assert_eq!(detail["kind"], "audit");
+    assert_eq!(detail["spot_check"], draw);
+    let (_, audits) = get_as(&f.app, ALICE, "/api/reviews?kind=audit").await;
+    let ids: Vec<&Value> = audits["reviews"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| &r["id"])
+        .collect();
+    assert_eq!(ids, [&json!(id)]);
+    let (s, v) = decide(&f.app, &id, ALICE, "approve", json!({"standing": terms(3)})).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_error(&v, "standing_terms");
+    // Flagged: a rejection with the reason for follow-up.
+    let (s, v) = decide(
+        &f.app,
+        &id,
+        ALICE,
+        "reject",
+        json!({"reason": "caller sends secrets"}),
+    )
+    .await;
+    assert_eq!(
+        (s, &v["status"]),
+        (StatusCode::OK, &json!("rejected")),
+        "{v}"
+    );
+}
