@@ -18,6 +18,7 @@ use countersign_approval::{run, AppState, Config};
 mod check_config;
 mod hash_token;
 mod records_cli;
+mod replay;
 
 /// countersign's approval service: holds inference requests for human review.
 #[derive(Parser)]
@@ -44,6 +45,8 @@ enum Command {
     VerifyRecords(records_cli::VerifyArgs),
     /// Write session records as JSON Lines to stdout (read-only).
     ExportRecords(records_cli::ExportArgs),
+    /// Try a draft plugin configuration on the recorded requests: what would change (read-only).
+    Replay(replay::Args),
 }
 
 /// Options of `serve`. A flag wins over its environment variable, which
@@ -106,6 +109,7 @@ fn main() -> ExitCode {
         Command::CheckConfig(args) => check_config::run(&args.into()),
         Command::VerifyRecords(args) => records_cli::verify(&args, sub("verify-records")),
         Command::ExportRecords(args) => records_cli::export(&args, sub("export-records")),
+        Command::Replay(args) => replay::run(&args, sub("replay")),
     }
 }
 
