@@ -325,3 +325,54 @@ fn a_draft_that_does_not_parse_is_refused_naming_the_field() {
     assert!(err.contains("rules[0]"), "{err}");
     assert!(!dir.path().join("none.db").exists());
 }
+
+/// On PostgreSQL, replay runs as a role that may only read the records: it
+/// needs nothing else, so it writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL: see common::NEEDS_POSTGRES"]
+async fn on_postgres_replay_runs_as_a_role_that_may_only_select() {
+    common::require_postgres();
+    let f: Fixture = common::fixture("replay-reader.db", |db| {
+        let settings = common::filter_token_setting();
+        common::config_toml(db, &settings, &[("alice", ALICE, ""), ("bob", BOB, "")])
+    });
+    recorded_traffic(&f.app).await;
+    let url = common::database_setting(&f.db);
+    let role = format!(
+        "reader_{}",
+        url.rsplit('/').next().unwrap().split('?').next().unwrap()
+    );
+    let admin = url.clone();
+    let grant = format!(
+        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN;
+         GRANT SELECT ON records TO {role};"
+    );
+    std::thread::spawn(move || {
+        let mut client = postgres::Client::connect(&admin, postgres::NoTls).unwrap();
+        client.batch_execute(&grant).unwrap();
+    })
+    .join()
+    .unwrap();
+    let reader_url = url.replacen("postgres@", &format!("{role}@"), 1);
+    assert_ne!(reader_url, url);
+    let draft = f.dir.path().join("loose.json");
+    std::fs::write(&draft, r#"{"default_action":"allow"}"#).unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "replay",
+            "--json",
+            "--database",
+            &reader_url,
+            "--plugin-config",
+        ])
+        .arg(&draft)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(flips(&report).len(), 3, "{report:#}");
+}
