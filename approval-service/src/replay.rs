@@ -26,7 +26,9 @@ use clap::ArgMatches;
 use countersign_approval::records::{self, RecordQuery};
 use countersign_core::config::Config as PluginConfig;
 use countersign_core::identity::Caller;
-use countersign_core::inspect::{decide_request, Decision, Outcome, RequestInfo};
+use countersign_core::inspect::{
+    decide_request, Decision, Outcome, RequestInfo, TOKEN_RULE_PREFIX,
+};
 use countersign_core::request::RequestHead;
 use countersign_core::wire::NewRecord;
 use serde::Serialize;
@@ -165,8 +167,12 @@ enum Replay {
 /// The outcome a record had: a request with a review was reviewed (its
 /// decision says how that ended), one allowed by a rule was allowed.
 fn recorded_outcome(rec: &NewRecord, reviewed: bool) -> Option<Outcome> {
+    let by_token = rec
+        .rule
+        .as_deref()
+        .is_some_and(|r| r.starts_with(TOKEN_RULE_PREFIX));
     match rec.decision.as_str() {
-        _ if reviewed || rec.review_id.is_some() => Some(Outcome::Review),
+        _ if reviewed || by_token || rec.review_id.is_some() => Some(Outcome::Review),
         "allowed" => Some(Outcome::Allow),
         // A token spends an approval; fail_open forwarded what a rule
         // wanted reviewed.
@@ -491,6 +497,18 @@ mod tests {
         assert_eq!(outcome(deny_hi, &e), Ok(("deny", Some("no-hi".into()))));
         let e = entry(request("allowed", None, Some(EDITED)), Value::Null);
         assert_eq!(outcome(deny_hi, &e), Ok(("review", Some("default".into()))));
+    }
+
+    #[test]
+    fn a_request_forwarded_with_an_approval_token_had_been_reviewed() {
+        let mut rec: NewRecord =
+            serde_json::from_value(request("allowed", None, Some(HI))).unwrap();
+        assert_eq!(recorded_outcome(&rec, false), Some(Outcome::Allow));
+        rec.rule = Some(format!("{TOKEN_RULE_PREFIX}rev_1"));
+        assert_eq!(recorded_outcome(&rec, false), Some(Outcome::Review));
+        rec.decision = "token".into();
+        rec.rule = Some("approval_token".into());
+        assert_eq!(recorded_outcome(&rec, false), Some(Outcome::Review));
     }
 
     #[test]

@@ -63,6 +63,10 @@ impl RequestInfo {
     }
 }
 
+/// How the rule of a request forwarded with a valid approval token (not
+/// spent at the service) begins; the review id follows.
+pub const TOKEN_RULE_PREFIX: &str = "approval token for ";
+
 /// The rule that applies to a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleChoice {
@@ -520,7 +524,7 @@ impl Decision {
             BodyVerdict::Forward(rule, _) => (Outcome::Allow, rule.name),
             BodyVerdict::Hold(plan) => (Outcome::Review, plan.rule.name),
             BodyVerdict::Consume(claims, _) => {
-                (Outcome::Allow, format!("approval token for {}", claims.rid))
+                (Outcome::Allow, format!("{TOKEN_RULE_PREFIX}{}", claims.rid))
             }
         };
         Decision {
@@ -608,7 +612,7 @@ fn check_token(
         Ok(claims) if tokens.consume => BodyVerdict::Consume(Box::new(claims), facts),
         Ok(claims) => BodyVerdict::Forward(
             RuleChoice {
-                name: format!("approval token for {}", claims.rid),
+                name: format!("{TOKEN_RULE_PREFIX}{}", claims.rid),
                 action: Action::Allow,
                 fail_open: false,
                 hold_timeout_ms: 0,
