@@ -18,6 +18,7 @@ use countersign_approval::{run, AppState, Config};
 mod check_config;
 mod hash_token;
 mod records_cli;
+mod replay;
 
 /// countersign's approval service: holds inference requests for human review.
 #[derive(Parser)]
@@ -44,6 +45,8 @@ enum Command {
     VerifyRecords(records_cli::VerifyArgs),
     /// Write session records as JSON Lines to stdout (read-only).
     ExportRecords(records_cli::ExportArgs),
+    /// Try a draft plugin configuration on the recorded requests: what would change (read-only).
+    Replay(replay::Args),
 }
 
 /// Options of `serve`. A flag wins over its environment variable, which
@@ -106,6 +109,7 @@ fn main() -> ExitCode {
         Command::CheckConfig(args) => check_config::run(&args.into()),
         Command::VerifyRecords(args) => records_cli::verify(&args, sub("verify-records")),
         Command::ExportRecords(args) => records_cli::export(&args, sub("export-records")),
+        Command::Replay(args) => replay::run(&args, sub("replay")),
     }
 }
 
@@ -175,6 +179,14 @@ async fn serve_async(config: Config, args: ServeArgs) -> Result<(), Box<dyn std:
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let local = listener.local_addr()?;
+    let metrics_listener = match state.config().metrics_listen {
+        None => None,
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr} (metrics_listen): {e}"))?,
+        ),
+    };
     tracing::info!(
         listen = %local,
         database = %database.redacted(),
@@ -195,11 +207,29 @@ async fn serve_async(config: Config, args: ServeArgs) -> Result<(), Box<dyn std:
         .map_err(|e| format!("cannot listen for SIGHUP: {e}"))?;
     // Scripts wait for this line to learn the (possibly ephemeral) port.
     let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "countersign-approval listening on {local}")?;
+    // One write: a script that reads the first line and closes the pipe
+    // cannot make the second fail.
+    let mut lines = format!("countersign-approval listening on {local}\n");
+    // /metrics on its own address: served until the service stops.
+    let metrics = match metrics_listener {
+        None => None,
+        Some(l) => {
+            lines.push_str(&format!(
+                "countersign-approval metrics on {}\n",
+                l.local_addr()?
+            ));
+            let app = countersign_approval::http::metrics_app(state.clone());
+            Some(tokio::spawn(async move { axum::serve(l, app).await }))
+        }
+    };
+    stdout.write_all(lines.as_bytes())?;
     stdout.flush()?;
     drop(stdout);
     let served = run(listener, state, shutdown).await;
     reload.abort();
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     served?;
     tracing::info!("countersign-approval stopped");
     Ok(())

@@ -107,7 +107,7 @@ impl Source {
     }
 
     /// Opens the database read-only, after checking it has records.
-    fn open(&self, matches: Option<&ArgMatches>) -> Result<Conn, String> {
+    pub(crate) fn open(&self, matches: Option<&ArgMatches>) -> Result<Conn, String> {
         let location = self.location(matches)?;
         let name = location.redacted();
         if let Location::Sqlite(path) = &location {

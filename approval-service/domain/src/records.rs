@@ -1047,17 +1047,32 @@ pub fn export_jsonl(
     q: &RecordQuery,
     out: &mut dyn std::io::Write,
 ) -> Result<u64, Box<dyn std::error::Error>> {
+    for_each_record(conn, q, |rec| -> Result<(), Box<dyn std::error::Error>> {
+        serde_json::to_writer(&mut *out, &rec)?;
+        out.write_all(b"\n")?;
+        Ok(())
+    })
+}
+
+/// Calls `each` with every merged record matching `q` (ignoring its
+/// `limit`), oldest first, reading [`MAX_PAGE`] records at a time (SELECT
+/// only). Returns the count.
+pub fn for_each_record<E: From<DbError>>(
+    conn: &mut Conn,
+    q: &RecordQuery,
+    mut each: impl FnMut(Value) -> Result<(), E>,
+) -> Result<u64, E> {
     let mut q = q.clone();
     q.limit = MAX_PAGE;
     let mut n = 0;
     loop {
         let page = query_records(conn, &q)?;
-        for rec in &page {
-            serde_json::to_writer(&mut *out, rec)?;
-            out.write_all(b"\n")?;
+        let next = q.next_page(&page);
+        for rec in page {
+            each(rec)?;
             n += 1;
         }
-        match q.next_page(&page) {
+        match next {
             Some(next) => q = next,
             None => return Ok(n),
         }

@@ -36,7 +36,7 @@ mod envoy_validate;
 mod istio;
 mod manifests;
 mod notifications;
-mod plugin;
+pub(crate) mod plugin;
 mod service;
 mod yaml;
 

@@ -31,6 +31,12 @@ pub(super) enum VmEnv {
 /// `*_env` value is (non-empty, base64 of 32 bytes).
 const STAND_IN_SECRET: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 
+/// The value of a `*_env` field of a bare plugin configuration, whose VM
+/// environment is unknown: the process environment's, else a stand-in.
+pub(crate) fn unknown_env_value(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| STAND_IN_SECRET.to_string())
+}
+
 /// The longest hold a configuration allows (global or per rule).
 pub(super) fn longest_hold_ms(c: &PluginConfig) -> u64 {
     c.rules
@@ -81,7 +87,7 @@ impl Checker {
                 },
                 VmEnv::Unknown => {
                     unchecked.borrow_mut().push(name.to_string());
-                    Some(std::env::var(name).unwrap_or_else(|_| STAND_IN_SECRET.to_string()))
+                    Some(unknown_env_value(name))
                 }
             }
         };

@@ -1,5 +1,7 @@
-//! `GET /metrics`: Prometheus text format; public unless
-//! `metrics_public = false`, then reviewer authentication is required.
+//! `GET /metrics`: Prometheus text format. On the service's address:
+//! public unless `metrics_public = false`, then reviewer authentication is
+//! required; with `metrics_listen`, only on that address (and not on the
+//! service's), without authentication.
 
 use std::sync::atomic::Ordering;
 
@@ -102,7 +104,8 @@ pub async fn render_metrics(state: &AppState) -> Result<String, ApiError> {
     Ok(out)
 }
 
-/// `GET /metrics`.
+/// `GET /metrics` on the service's address (when `metrics_listen` is not
+/// set).
 pub async fn metrics(
     State(state): State<AppState>,
     reviewer: Result<Reviewer, ApiError>,
@@ -110,7 +113,16 @@ pub async fn metrics(
     if !state.config().metrics_public {
         reviewer?;
     }
-    let text = render_metrics(&state).await?;
+    metrics_answer(&state).await
+}
+
+/// `GET /metrics` on `metrics_listen`, an address only the scraper reaches.
+pub async fn metrics_only(State(state): State<AppState>) -> Result<Response, ApiError> {
+    metrics_answer(&state).await
+}
+
+async fn metrics_answer(state: &AppState) -> Result<Response, ApiError> {
+    let text = render_metrics(state).await?;
     Ok((
         [
             (

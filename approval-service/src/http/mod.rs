@@ -47,10 +47,20 @@ pub fn app(state: AppState) -> Router {
     router(state, client)
 }
 
+/// The router of `metrics_listen`: `GET /metrics` and nothing else.
+pub fn metrics_app(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics::metrics_only))
+        .fallback(fallback)
+        .with_state(state)
+}
+
 fn router(state: AppState, client: Option<reqwest::Client>) -> Router {
+    // With `metrics_listen`, /metrics lives there only.
+    let metrics_here = state.config().metrics_listen.is_none();
     let relying_party = oidc::relying_party(&state);
     let session_checks = oidc::SessionChecks::new(relying_party.clone());
-    Router::new()
+    let routes = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/reviews", post(reviews::create_review))
@@ -80,7 +90,6 @@ fn router(state: AppState, client: Option<reqwest::Client>) -> Router {
         .route("/api/records", get(records::list_records))
         .route("/api/records/export", get(records::export_records))
         .route("/api/records/{id}", get(records::get_record))
-        .route("/metrics", get(metrics::metrics))
         .route("/", get(ui::queue_page))
         .route("/reviews/{id}", get(ui::review_page))
         .route("/history", get(ui::history_page))
@@ -92,7 +101,12 @@ fn router(state: AppState, client: Option<reqwest::Client>) -> Router {
             "/slack/interactivity",
             post(slack::interactivity).layer(DefaultBodyLimit::max(slack::MAX_BODY_BYTES)),
         )
-        .merge(oidc::routes(&state, relying_party))
+        .merge(oidc::routes(&state, relying_party));
+    let routes = match metrics_here {
+        true => routes.route("/metrics", get(metrics::metrics)),
+        false => routes,
+    };
+    routes
         .fallback(fallback)
         .layer(Extension(slack::OutboundClient(client)))
         .layer(Extension(session_checks))

@@ -285,6 +285,62 @@ fn serve_prints_address_and_stops_on_sigterm() {
     assert_eq!(v["level"], "INFO", "{first}");
 }
 
+/// `GET path` on `addr`, the whole answer.
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp
+}
+
+#[test]
+fn metrics_listen_moves_metrics_to_an_address_of_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, "metrics_listen = \"127.0.0.1:0\"\n").unwrap();
+    let mut child = bin()
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&cfg)
+        .arg("--database")
+        .arg(dir.path().join("db.sqlite"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut printed = String::new();
+    for _ in 0..2 {
+        out.read_line(&mut printed).unwrap();
+    }
+    let address = |prefix: &str| {
+        printed
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(str::to_string)
+    };
+    let (Some(service), Some(metrics)) = (
+        address("countersign-approval listening on "),
+        address("countersign-approval metrics on "),
+    ) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("unexpected output {printed:?}");
+    };
+    let scraped = http_get(&metrics, "/metrics");
+    let on_service = http_get(&service, "/metrics");
+    let elsewhere = http_get(&metrics, "/healthz");
+    stop(child);
+    assert!(scraped.starts_with("HTTP/1.1 200"), "{scraped}");
+    assert!(
+        scraped.contains("countersign_reviews_pending 0"),
+        "{scraped}"
+    );
+    assert!(on_service.starts_with("HTTP/1.1 404"), "{on_service}");
+    assert!(elsewhere.starts_with("HTTP/1.1 404"), "{elsewhere}");
+}
+
 /// Exit code of `verify-records` with these arguments and environment.
 fn verify_records(args: &[&str], env: &[(&str, &Path)]) -> i32 {
     let out = bin()

@@ -15,6 +15,7 @@ mod oidc;
 mod postgres_schema;
 mod postgres_tls;
 mod records;
+mod replay;
 mod replicas;
 mod slack;
 mod sql_injection;

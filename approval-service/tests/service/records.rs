@@ -387,6 +387,30 @@ async fn metrics_can_require_a_reviewer() {
 }
 
 #[tokio::test]
+async fn metrics_listen_takes_metrics_off_the_service_address() {
+    let f = fixture("metrics_listen = \"127.0.0.1:0\"");
+    let auth = bearer(ALICE);
+    let r = send(&f.app, "GET", "/metrics", &[("authorization", &auth)], "").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let metrics = countersign_approval::http::metrics_app(f.state.clone());
+    let r = send(&metrics, "GET", "/metrics", &[], "").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(String::from_utf8(r.body.to_vec())
+        .unwrap()
+        .contains("countersign_reviews_pending 0"));
+    // Nothing else is served there.
+    let r = send(
+        &metrics,
+        "GET",
+        "/api/records",
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
 async fn write_failure_is_a_quick_503() {
     let f = fixture("");
     let mut db = common::RawDb::open(&f.db);

@@ -7,7 +7,9 @@ use crate::framing::streams_readable;
 use crate::identity::Caller;
 use crate::mask::{mask_parsed, MaskPolicy, ResponseGuard, RestoreMap};
 use crate::policy::{requested_max_tokens, RequestFacts, ResponseRules};
-use crate::refusal::{Refusal, RefusalKind};
+use crate::refusal::{Refusal, RefusalKind, StopKind};
+use crate::request::{classify, sniffed_refusal, HeadVerdict, RequestHead};
+use crate::shape::sniff_prompt;
 use crate::token::{body_hash, verify, TokenClaims};
 use crate::wire::PromptMessage;
 use crate::wire::{
@@ -63,6 +65,10 @@ impl RequestInfo {
             .unwrap_or_default()
     }
 }
+
+/// How the rule of a request forwarded with a valid approval token (not
+/// spent at the service) begins; the review id follows.
+pub const TOKEN_RULE_PREFIX: &str = "approval token for ";
 
 /// The rule that applies to a request.
 #[derive(Debug, Clone, PartialEq)]
@@ -352,8 +358,9 @@ fn screen_prompt(input: ScreenInput<'_>) -> Result<Screening, Refusal> {
             count: u32::try_from(h.count).unwrap_or(u32::MAX),
         });
     }
-    if let Some(message) = masked.block_message() {
-        return Err(Refusal::new(RefusalKind::PolicyDenied, Some(api), message));
+    if let (Some(message), Some(detector)) = (masked.block_message(), &masked.blocked_by) {
+        return Err(Refusal::new(RefusalKind::PolicyDenied, Some(api), message)
+            .stopped_by(StopKind::Block, detector.clone()));
     }
     screening.restore = masked.restore;
     if masked.body.is_some() {
@@ -392,11 +399,14 @@ pub fn screen_body(
         ));
     }
     if parsed.attachments && config.attachments == Attachments::Deny {
-        return refuse(Refusal::new(
-            RefusalKind::PolicyDenied,
-            Some(api),
-            "prompts with images, audio, files or documents are not allowed here",
-        ));
+        return refuse(
+            Refusal::new(
+                RefusalKind::PolicyDenied,
+                Some(api),
+                "prompts with images, audio, files or documents are not allowed here",
+            )
+            .stopped_by(StopKind::Deny, "attachments"),
+        );
     }
     let facts = Parsed {
         model: Some(parsed.model.clone()),
@@ -502,6 +512,140 @@ pub fn screen_body(
     (verdict, screening)
 }
 
+/// What the filter does with a request, in one word: the outcomes that
+/// policy replay counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Outcome {
+    /// Forwarded without a review (an `allow` rule, or a path that passes).
+    Allow,
+    /// Held for a reviewer.
+    Review,
+    /// Refused by policy: a `deny` rule, a content rule, `attachments: deny`.
+    Deny,
+    /// Refused by a masking detector whose action is `block`.
+    Block,
+    /// Refused for another reason (malformed body, unknown field, path,
+    /// method, a request for logprobs where the answer is guarded, ...).
+    Refuse,
+}
+
+impl Outcome {
+    /// The name printed and serialised.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allow => "allow",
+            Outcome::Review => "review",
+            Outcome::Deny => "deny",
+            Outcome::Block => "block",
+            Outcome::Refuse => "refuse",
+        }
+    }
+
+    /// Every outcome, in the order reports list them.
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Allow,
+        Outcome::Review,
+        Outcome::Deny,
+        Outcome::Block,
+        Outcome::Refuse,
+    ];
+}
+
+/// The decision on a whole request ([`decide_request`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// What happens to the request.
+    pub outcome: Outcome,
+    /// The rule that chose it (a policy rule, a content rule or a
+    /// detector for deny and block); `None` for other refusals and for
+    /// paths that pass.
+    pub rule: Option<String>,
+    /// The refusal sent, for refused requests.
+    pub refusal: Option<Refusal>,
+    /// Detector and policy hits on the request (names and counts).
+    pub hits: Vec<HitCount>,
+}
+
+impl Decision {
+    fn refused(refusal: Refusal) -> Decision {
+        let (outcome, rule) = match &refusal.stopped_by {
+            Some(stop) if stop.kind == StopKind::Deny => (Outcome::Deny, Some(stop.by.clone())),
+            Some(stop) => (Outcome::Block, Some(stop.by.clone())),
+            None => (Outcome::Refuse, None),
+        };
+        Decision {
+            outcome,
+            rule,
+            refusal: Some(refusal),
+            hits: Vec::new(),
+        }
+    }
+
+    fn of(verdict: BodyVerdict, screening: Screening) -> Decision {
+        let (outcome, rule) = match verdict {
+            BodyVerdict::Refuse(r) => return Decision::refused(r),
+            // A spot check's audit does not hold the request: allowed.
+            BodyVerdict::Forward(rule, _) | BodyVerdict::ForwardAudited(rule, _, _) => {
+                (Outcome::Allow, rule.name)
+            }
+            BodyVerdict::Hold(plan) => (Outcome::Review, plan.rule.name),
+            BodyVerdict::Consume(claims, _) => {
+                (Outcome::Allow, format!("{TOKEN_RULE_PREFIX}{}", claims.rid))
+            }
+        };
+        Decision {
+            outcome,
+            rule: Some(rule),
+            refusal: None,
+            hits: screening.hits,
+        }
+    }
+}
+
+/// The refusal of an inference request that came without a body.
+pub fn empty_body(api: ApiKind) -> Refusal {
+    Refusal::new(RefusalKind::BadRequest, Some(api), "request body is empty")
+}
+
+/// Decides on a whole request at once, head and body, by the filter's own
+/// steps: [`classify`] on the head, then for an inference endpoint
+/// [`screen_body`] on the body, for another path the prompt sniffing of
+/// [`sniff_prompt`]. The filter takes the same steps one callback at a time
+/// (headers, then the body); policy replay takes them here, on recorded
+/// requests. `info` carries the caller as identity found it.
+pub fn decide_request(
+    config: &Config,
+    head: &RequestHead<'_>,
+    info: &RequestInfo,
+    body: &[u8],
+    now_ms: u64,
+) -> Decision {
+    match classify(config, head) {
+        HeadVerdict::Refuse(r) => Decision::refused(r),
+        HeadVerdict::Status(_) => Decision::refused(Refusal::new(
+            RefusalKind::BadRequest,
+            None,
+            "the path is the status URL of asynchronous reviews here",
+        )),
+        HeadVerdict::Pass => match sniffed_refusal(&info.path, &sniff_prompt(body)) {
+            Some(r) => Decision::refused(r),
+            None => Decision {
+                outcome: Outcome::Allow,
+                rule: None,
+                refusal: None,
+                hits: Vec::new(),
+            },
+        },
+        HeadVerdict::Inspect(endpoint) if body.is_empty() => {
+            Decision::refused(empty_body(endpoint.api))
+        }
+        HeadVerdict::Inspect(endpoint) => {
+            let (verdict, screening) = screen_body(config, &endpoint, info, body, now_ms);
+            Decision::of(verdict, screening)
+        }
+    }
+}
+
 fn check_token(
     config: &Config,
     api: ApiKind,
@@ -534,7 +678,7 @@ fn check_token(
         Ok(claims) if tokens.consume => BodyVerdict::Consume(Box::new(claims), facts),
         Ok(claims) => BodyVerdict::Forward(
             RuleChoice {
-                name: format!("approval token for {}", claims.rid),
+                name: format!("{TOKEN_RULE_PREFIX}{}", claims.rid),
                 action: Action::Allow,
                 fail_open: false,
                 hold_timeout_ms: 0,
@@ -562,6 +706,7 @@ fn denied(api: ApiKind, rule: &str, model: &str) -> Refusal {
         Some(api),
         format!("denied by policy rule `{rule}` (model `{model}`)"),
     )
+    .stopped_by(StopKind::Deny, rule)
 }
 
 fn review_for(
@@ -1026,6 +1171,73 @@ mod tests {
                 BodyVerdict::Forward(..)
             ));
         }
+    }
+
+    #[test]
+    fn a_whole_request_is_decided_with_the_policy_that_stopped_it() {
+        let c = Config::from_json(
+            br#"{"other_requests":"pass","rules":[
+                {"name":"open","caller":"ci","action":"allow"},
+                {"name":"no-o1","model":"o1*","action":"deny"}
+            ],
+            "content_policy":{"request_rules":[{"name":"secrets","phrases":["launch code"]}]},
+            "masking":{"profiles":{"default":{"detectors":{"email":"block"}}}}}"#,
+        )
+        .unwrap();
+        let chat = |text: &str, model: &str| {
+            format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"{text}"}}]}}"#)
+        };
+        let decide = |caller: Option<&str>, path: &str, body: &str| {
+            let mut i = info(path, None);
+            i.caller = caller.map(|name| Caller {
+                name: name.into(),
+                groups: vec![],
+            });
+            let head = RequestHead {
+                method: "POST",
+                path,
+                content_type: Some("application/json"),
+                ..Default::default()
+            };
+            decide_request(&c, &head, &i, body.as_bytes(), 0)
+        };
+        let chat_path = "/v1/chat/completions";
+        let d = decide(Some("ci"), chat_path, &chat("hi", "gpt-4o"));
+        assert_eq!(
+            (d.outcome, d.rule.as_deref()),
+            (Outcome::Allow, Some("open"))
+        );
+        let d = decide(None, chat_path, &chat("hi", "gpt-4o"));
+        assert_eq!(
+            (d.outcome, d.rule.as_deref()),
+            (Outcome::Review, Some("default"))
+        );
+        let d = decide(None, chat_path, &chat("hi", "o1-mini"));
+        assert_eq!(
+            (d.outcome, d.rule.as_deref()),
+            (Outcome::Deny, Some("no-o1"))
+        );
+        let d = decide(None, chat_path, &chat("the launch code", "gpt-4o"));
+        assert_eq!(
+            (d.outcome, d.rule.as_deref()),
+            (Outcome::Deny, Some("secrets"))
+        );
+        let d = decide(Some("ci"), chat_path, &chat("mail a@example.com", "gpt-4o"));
+        assert_eq!(
+            (d.outcome, d.rule.as_deref()),
+            (Outcome::Block, Some("email"))
+        );
+        assert_eq!(d.refusal.unwrap().status(), 403);
+        let d = decide(None, chat_path, "{");
+        assert_eq!((d.outcome, d.rule), (Outcome::Refuse, None));
+        assert_eq!(decide(None, chat_path, "").outcome, Outcome::Refuse);
+        // The head is checked as the filter checks it.
+        let d = decide(None, "/v1/chat//completions", &chat("hi", "gpt-4o"));
+        assert_eq!(d.refusal.unwrap().kind, RefusalKind::BadPath);
+        // Another path: a prompt there is refused, anything else passes.
+        let d = decide(None, "/v1/models", &chat("hi", "gpt-4o"));
+        assert_eq!(d.refusal.unwrap().kind, RefusalKind::NotInference);
+        assert_eq!(decide(None, "/v1/models", "{}").outcome, Outcome::Allow);
     }
 
     #[test]

@@ -170,6 +170,28 @@ pub struct Refusal {
     pub review_id: Option<String>,
     /// Seconds after which the caller may try again (`retry-after`).
     pub retry_after_s: Option<u64>,
+    /// The policy that stopped the request, when one did (a deny rule, a
+    /// content rule, a masking detector that blocks); `None` for every
+    /// other refusal (malformed, wrong path, service down, ...).
+    pub stopped_by: Option<PolicyStop>,
+}
+
+/// How a policy stopped a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StopKind {
+    /// A rule's `deny`, a content-policy rule, or `attachments: deny`.
+    Deny,
+    /// A masking detector whose action is `block`.
+    Block,
+}
+
+/// The policy that stopped a request: how, and the rule or detector's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyStop {
+    /// Denied or blocked.
+    pub kind: StopKind,
+    /// Rule or detector name (`attachments` for `attachments: deny`).
+    pub by: String,
 }
 
 impl Refusal {
@@ -181,7 +203,17 @@ impl Refusal {
             message: message.into(),
             review_id: None,
             retry_after_s: None,
+            stopped_by: None,
         }
+    }
+
+    /// Names the policy that stopped the request.
+    pub fn stopped_by(mut self, kind: StopKind, by: impl Into<String>) -> Refusal {
+        self.stopped_by = Some(PolicyStop {
+            kind,
+            by: by.into(),
+        });
+        self
     }
 
     /// 413 naming the limit.

@@ -4,6 +4,7 @@
 use crate::config::{Config, Endpoint, OtherRequests};
 use crate::glob::Glob;
 use crate::refusal::{Refusal, RefusalKind};
+use crate::shape::Sniffed;
 use crate::wire::ApiKind;
 
 /// The parts of the request head the decision needs.
@@ -339,6 +340,27 @@ fn is_json_content_type(ct: Option<&str>) -> bool {
         let p = p.to_ascii_lowercase().replace(' ', "");
         p.is_empty() || p == "charset=utf-8" || p == "charset=\"utf-8\""
     })
+}
+
+/// The refusal of a body sent to `path`, a path that is not an inference
+/// endpoint, as [`crate::shape::sniff_prompt`] found it: a prompt, or JSON
+/// that cannot be read; `None` when it passes.
+pub fn sniffed_refusal(path: &str, sniffed: &Sniffed) -> Option<Refusal> {
+    match sniffed {
+        Sniffed::Prompt(key) => Some(Refusal::new(
+            RefusalKind::NotInference,
+            None,
+            format!(
+                "`{path}` is not an inference endpoint of this gateway, but the body is a prompt (`{key}`); ask the operator to configure the path as an endpoint to have it reviewed"
+            ),
+        )),
+        Sniffed::Unreadable => Some(Refusal::new(
+            RefusalKind::BadRequest,
+            None,
+            format!("the body sent to `{path}` starts like JSON but is not valid JSON, so it cannot be checked for a prompt"),
+        )),
+        Sniffed::NotJson | Sniffed::NotAPrompt => None,
+    }
 }
 
 /// The API an error for `raw_path` should be phrased in, when it is known.

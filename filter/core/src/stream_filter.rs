@@ -15,16 +15,19 @@ use crate::framing::Framing;
 use crate::hold::{record_callout, response_record_callout, Hold, HoldStep};
 use crate::host::{note_outcome, Action, Host, Level};
 use crate::identity::{forward_header_edits, identify};
-use crate::inspect::{screen_body, BodyVerdict, Parsed, RequestInfo, RuleChoice, Screening};
+use crate::inspect::{
+    empty_body, screen_body, BodyVerdict, Parsed, RequestInfo, RuleChoice, Screening,
+};
 use crate::mask::{MaskAction, ResponseGuard};
 use crate::record::{refusal_record, ResponseRecorder, MAX_RECORDED_RESPONSE};
 use crate::refusal::{Refusal, RefusalKind};
 use crate::request::{
-    api_for_path, classify, path_only, HeadVerdict, RequestHead, INSPECTED_REQUEST_EDITS,
+    api_for_path, classify, path_only, sniffed_refusal, HeadVerdict, RequestHead,
+    INSPECTED_REQUEST_EDITS,
 };
 use crate::response_filter::{ResponseCapture, ResponseFilter};
 use crate::response_head::{plan_response, ResponseHead, ResponsePlan, Withheld};
-use crate::shape::{may_be_json, sniff_prompt, Sniffed};
+use crate::shape::{may_be_json, sniff_prompt};
 use crate::wire::ApiKind;
 use crate::worker::{send_refusal, Worker};
 
@@ -261,12 +264,7 @@ impl StreamFilter {
         self.sniffing = matches!(verdict, HeadVerdict::Pass) && !end_of_stream;
         if let HeadVerdict::Inspect(endpoint) = verdict {
             if end_of_stream {
-                let refusal = Refusal::new(
-                    RefusalKind::BadRequest,
-                    Some(endpoint.api),
-                    "request body is empty",
-                );
-                return self.refuse(host, &refusal);
+                return self.refuse(host, &empty_body(endpoint.api));
             }
             for name in INSPECTED_REQUEST_EDITS.remove {
                 host.set_request_header(name, None);
@@ -310,23 +308,10 @@ impl StreamFilter {
         if !end_of_stream {
             return Action::Pause;
         }
-        let refusal = match sniff_prompt(&host.request_body(body_size)) {
-            Sniffed::Prompt(key) => Refusal::new(
-                RefusalKind::NotInference,
-                None,
-                format!(
-                    "`{path}` is not an inference endpoint of this gateway, but the body is a prompt (`{key}`); ask the operator to configure the path as an endpoint to have it reviewed"
-                ),
-            ),
-            Sniffed::Unreadable => Refusal::new(
-                RefusalKind::BadRequest,
-                None,
-                format!("the body sent to `{path}` starts like JSON but is not valid JSON, so it cannot be checked for a prompt"),
-            ),
-            Sniffed::NotJson | Sniffed::NotAPrompt => {
-                self.sniffing = false;
-                return Action::Continue;
-            }
+        let Some(refusal) = sniffed_refusal(&path, &sniff_prompt(&host.request_body(body_size)))
+        else {
+            self.sniffing = false;
+            return Action::Continue;
         };
         let action = self.refuse(host, &refusal);
         self.sniffing = false;

@@ -134,6 +134,9 @@ pub struct Config {
     /// Serve `GET /metrics` without authentication (default). When false,
     /// reviewer authentication is required.
     pub metrics_public: bool,
+    /// Serve `GET /metrics` on this address only (without authentication:
+    /// an address that only the scraper reaches), not on `listen`.
+    pub metrics_listen: Option<SocketAddr>,
     /// Approval-token keys (`[[token_keys]]`); the last one signs. Empty:
     /// no tokens are issued.
     pub token_keys: Vec<countersign_core::token::TokenKey>,
@@ -188,6 +191,7 @@ impl Default for Config {
             outbound_ca: Vec::new(),
             record_retention_days: 0,
             metrics_public: true,
+            metrics_listen: None,
             token_keys: Vec::new(),
             token_ttl_ms: DEFAULT_TOKEN_TTL_MS,
             token_max_uses: 1,
@@ -277,6 +281,8 @@ struct RawConfig {
     record_retention_days: u64,
     #[serde(default = "default_true")]
     metrics_public: bool,
+    #[serde(default)]
+    metrics_listen: Option<String>,
     #[serde(default)]
     token_keys: Vec<token_keys::RawTokenKey>,
     #[serde(default)]
@@ -411,6 +417,21 @@ impl Config {
                 .parse()
                 .map_err(|_| invalid("listen", format!("{s:?} is not an IP:port address")))?,
         };
+        let metrics_listen = match raw.metrics_listen {
+            None => None,
+            Some(s) => match s.parse::<SocketAddr>() {
+                Err(_) => {
+                    let message = format!("{s:?} is not an IP:port address");
+                    return Err(invalid("metrics_listen", message));
+                }
+                Ok(a) if a == listen && a.port() != 0 => {
+                    let message =
+                        "must differ from `listen`: /metrics moves off the service's address";
+                    return Err(invalid("metrics_listen", message));
+                }
+                Ok(a) => Some(a),
+            },
+        };
         let database = database::check_database(raw.database, raw.database_env, &|name| {
             std::env::var(name).ok()
         })?
@@ -519,6 +540,7 @@ impl Config {
             outbound_ca,
             record_retention_days: check_retention_days(raw.record_retention_days)?,
             metrics_public: raw.metrics_public,
+            metrics_listen,
             token_keys: token_keys::check_keys(raw.token_keys, &|name| std::env::var(name).ok())?,
             token_ttl_ms: token_keys::check_ttl(raw.token_ttl_ms)?,
             token_max_uses: token_keys::check_max_uses(raw.token_max_uses)?,
@@ -677,6 +699,11 @@ url = "http://127.0.0.1:9999/hook"
             ("listen = \"nope\"", "listen"),
             ("sqlite_synchronous = \"off\"", "sqlite_synchronous"),
             ("max_long_poll_ms = 0", "max_long_poll_ms"),
+            ("metrics_listen = \"9090\"", "metrics_listen"),
+            (
+                "listen = \"127.0.0.1:9000\"\nmetrics_listen = \"127.0.0.1:9000\"",
+                "metrics_listen",
+            ),
         ] {
             assert_refused(bad, field);
         }

@@ -53,7 +53,7 @@ use crate::glob::Glob;
 use crate::mask::compile_regex;
 use crate::mask::prefixes::MatchPrefixes;
 use crate::normalize::{as_read, reads_as, skeleton, INVISIBLE_CLASS};
-use crate::refusal::{Refusal, RefusalKind};
+use crate::refusal::{Refusal, RefusalKind, StopKind};
 use crate::wire::{ApiKind, PromptMessage};
 
 /// Enforce or only record.
@@ -305,9 +305,13 @@ pub struct PolicyOutcome {
 impl PolicyOutcome {
     /// The 403 to send when denied, in the API's error format.
     pub fn refusal(&self, api: ApiKind) -> Option<Refusal> {
-        self.message
-            .as_ref()
-            .map(|m| Refusal::new(RefusalKind::PolicyDenied, Some(api), m.clone()))
+        self.message.as_ref().map(|m| {
+            let refusal = Refusal::new(RefusalKind::PolicyDenied, Some(api), m.clone());
+            match &self.denied_by {
+                Some(rule) => refusal.stopped_by(StopKind::Deny, rule.clone()),
+                None => refusal,
+            }
+        })
     }
 }
 
