@@ -558,7 +558,7 @@ async fn moderations(State(demo): State<Shared>, body: Bytes) -> Response {
 }
 
 /// A guard model's chat completion (any model whose name contains
-/// `guard`), as Llama Guard answers: `safe`, or `unsafe` and the violated
+/// `llama-guard`: not `guard` alone, which names other test models), as Llama Guard answers: `safe`, or `unsafe` and the violated
 /// category codes on the next line (`unsafe\nS1,S10`), for the text of
 /// every message.
 fn guard_verdict(demo: &Demo, model: &str, messages: Option<&Value>) -> Response {
@@ -823,7 +823,7 @@ async fn chat_completions(State(demo): State<Shared>, headers: HeaderMap, body: 
     };
     let model = model_of(&req);
     let messages = req.get("messages");
-    if model.contains("guard") {
+    if model.contains("llama-guard") {
         return guard_verdict(&demo, &model, messages);
     }
     let reply = reply_for(&headers, echo(&last_user_text(messages)));
