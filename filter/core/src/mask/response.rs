@@ -527,41 +527,29 @@ fn guard_run(
 ) -> Result<(Vec<BodyEdit>, GuardTally), Blocked> {
     let mut edits = Vec::new();
     let mut tally = GuardTally::default();
-    let mut pieces = Vec::with_capacity(run.len());
-    for (path, leaf) in run {
-        match leaf {
-            Leaf::Drop => edits.push((path.clone(), "null".to_string())),
-            Leaf::Text(s) => {
-                let new = guard.process_full(s, &mut tally, true)?;
-                if let Some(new) = &new {
-                    edits.push((path.clone(), json_edit::json_string(new)));
-                }
-                pieces.push(new.unwrap_or_else(|| (*s).to_string()));
-            }
-        }
-    }
-    if run.len() < 2 {
-        return Ok((edits, tally));
-    }
-    let texts: Vec<&str> = run
-        .iter()
-        .filter_map(|(_, leaf)| match leaf {
-            Leaf::Text(s) => Some(*s),
-            Leaf::Drop => None,
-        })
-        .collect();
-    let mut boundaries = Vec::with_capacity(texts.len());
+    // Each text alone (as `process_full` does), keeping where its matches
+    // lie in the joined text and where each text ends.
+    let mut texts = Vec::with_capacity(run.len());
+    let mut boundaries = Vec::with_capacity(run.len());
     let mut inside = Vec::new();
     let mut at = 0;
-    for text in &texts {
-        inside.extend(
-            guard
-                .analyze(text, 0)
-                .matches()
-                .map(|(s, e)| (at + s, at + e)),
-        );
+    for (path, leaf) in run {
+        let Leaf::Text(text) = leaf else {
+            edits.push((path.clone(), "null".to_string()));
+            continue;
+        };
+        let an = guard.analyze(text, 0);
+        let out = guard.render(text, 0, text.len(), &an, &mut tally, true)?;
+        if out != *text {
+            edits.push((path.clone(), json_edit::json_string(&out)));
+        }
+        inside.extend(an.matches().map(|(s, e)| (at + s, at + e)));
         at += text.len();
         boundaries.push(at);
+        texts.push(*text);
+    }
+    if texts.len() < 2 {
+        return Ok((edits, tally));
     }
     let joined = texts.concat();
     let an = guard.analyze(&joined, 0);
