@@ -41,6 +41,12 @@ async fn run(state: AppState, client: Option<reqwest::Client>, job: Job) {
     let Job { id, text, review } = job;
     let assessments =
         crate::assess::assess_all(client.as_ref(), &state.config().assessors, &text).await;
+    for a in &assessments {
+        let seconds = a.took_ms as f64 / 1000.0;
+        state
+            .metrics()
+            .observe_assessor(&a.assessor, a.error.is_none(), seconds);
+    }
     let outcome = decide(
         review.auto_decision.as_ref(),
         &review.evidence,

@@ -49,6 +49,10 @@ pub struct ReviewNotice {
     pub rule: Option<String>,
     /// API shape.
     pub api: countersign_core::wire::ApiKind,
+    /// What is reviewed: `prompt`, `tool_call` or `response`.
+    pub kind: countersign_core::wire::ReviewKind,
+    /// `hold` (the caller waits) or `audit` (forwarded already).
+    pub mode: countersign_core::wire::ReviewMode,
     /// Start of the last user message, masked as the model gets it
     /// (attacker-controlled text); absent with `include_preview = false`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -82,6 +86,8 @@ impl ReviewNotice {
             route: review.route.clone(),
             rule: review.rule.clone(),
             api: review.api,
+            kind: review.kind,
+            mode: review.mode,
             preview: include_preview.then(|| review.preview.clone()),
             created_at_ms: review.created_at_ms,
             expires_at_ms: review.expires_at_ms,
@@ -110,6 +116,7 @@ pub fn payload(
 }
 
 fn slack_payload(notice: &ReviewNotice) -> serde_json::Value {
+    let title = crate::store::review_title(notice.kind, notice.mode);
     let caller = notice.caller.as_deref().unwrap_or("unknown caller");
     let mut facts = vec![format!("*Caller:* {}", slack_escape(caller))];
     if let Some(route) = &notice.route {
@@ -120,7 +127,7 @@ fn slack_payload(notice: &ReviewNotice) -> serde_json::Value {
     }
     let mut blocks = vec![
         json!({"type": "section", "text": {"type": "mrkdwn", "text": format!(
-            "*Review pending* for model *{}*\n{}",
+            "*{title} pending* for model *{}*\n{}",
             slack_escape(&notice.model),
             facts.join("  ·  ")
         )}}),
@@ -150,7 +157,7 @@ fn slack_payload(notice: &ReviewNotice) -> serde_json::Value {
     }]}));
     json!({
         "text": format!(
-            "Review pending: {} from {} <{}|Open review>",
+            "{title} pending: {} from {} <{}|Open review>",
             slack_escape(&notice.model),
             slack_escape(caller),
             notice.url
@@ -284,7 +291,7 @@ pub fn origin(url: &str) -> String {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
-    use countersign_core::wire::{ApiKind, ReviewStatus};
+    use countersign_core::wire::{ApiKind, ReviewKind, ReviewMode, ReviewStatus};
 
     fn notice() -> ReviewNotice {
         ReviewNotice {
@@ -295,6 +302,8 @@ mod tests {
             route: Some("chat".into()),
             rule: None,
             api: ApiKind::OpenaiChat,
+            kind: ReviewKind::Prompt,
+            mode: ReviewMode::Hold,
             preview: Some("<https://evil|click> *now*".into()),
             created_at_ms: 1_000,
             expires_at_ms: 301_000,
@@ -323,6 +332,41 @@ mod tests {
         let v = payload(WebhookFormat::Json, WebhookEvent::Expired, &without).unwrap();
         assert!(v["data"].get("preview").is_none(), "{v}");
         assert!(payload(WebhookFormat::Slack, WebhookEvent::Decided, &notice()).is_none());
+    }
+
+    #[test]
+    fn notices_say_what_is_reviewed() {
+        let tool_call = ReviewNotice {
+            kind: ReviewKind::ToolCall,
+            ..notice()
+        };
+        let v = payload(WebhookFormat::Json, WebhookEvent::Created, &tool_call).unwrap();
+        assert_eq!(
+            (&v["data"]["kind"], &v["data"]["mode"]),
+            (&json!("tool_call"), &json!("hold"))
+        );
+        let v = payload(WebhookFormat::Slack, WebhookEvent::Created, &tool_call).unwrap();
+        assert!(
+            v["text"]
+                .as_str()
+                .unwrap()
+                .starts_with("Tool-call review pending: "),
+            "{v}"
+        );
+        let audit = ReviewNotice {
+            mode: ReviewMode::Audit,
+            ..notice()
+        };
+        let v = payload(WebhookFormat::Slack, WebhookEvent::Created, &audit).unwrap();
+        assert!(
+            v["text"].as_str().unwrap().starts_with("Audit pending: "),
+            "{v}"
+        );
+        let v = payload(WebhookFormat::Slack, WebhookEvent::Created, &notice()).unwrap();
+        assert!(
+            v["text"].as_str().unwrap().starts_with("Review pending: "),
+            "{v}"
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@
   const PROMPT_KEYS = new Set(['messages', 'input', 'prompt', 'contents', 'system', 'systemInstruction', 'instructions']);
   const STATUS_LABEL = {
     pending: 'Pending', approved: 'Approved', rejected: 'Rejected', expired: 'Expired', cancelled: 'Cancelled',
+    abandoned: 'Abandoned',
   };
 
   const S = {
@@ -323,6 +324,8 @@
 
   function policyChips(r) {
     const chips = [];
+    if (r.kind && r.kind !== 'prompt') chips.push(h('span', { class: 'chip chip-hit', title: 'What is reviewed' }, r.kind === 'tool_call' ? 'tool call' : r.kind));
+    if (r.mode === 'audit') chips.push(h('span', { class: 'chip', title: 'A spot check: forwarded already, looked at afterwards' }, 'audit'));
     if (r.rule) chips.push(h('span', { class: 'chip', title: 'Policy rule that asked for review' }, r.rule));
     if (r.required_approvals > 1) {
       chips.push(h('span', { class: 'chip', title: 'Approvals so far / needed' }, `${r.approval_count || 0}/${r.required_approvals} approvals`));
@@ -469,7 +472,8 @@
     const mainCol = h('div', { class: 'col-main' });
     if (S.editing) mainCol.append(editorCard());
     if (r.edited_body) mainCol.append(appliedEditCard(r));
-    mainCol.append(conversationCard(r), parametersCard(r));
+    if (r.kind === 'tool_call') mainCol.append(toolCallsCard(r));
+    mainCol.append(...[conversationCard(r), parametersCard(r)].filter(Boolean));
     if (S.records && S.records.length) mainCol.append(recordsCard(S.records));
 
     const side = h('aside', { class: 'col-side' }, decisionCard(r), assessorsCard(r), detailsCard(r));
@@ -514,6 +518,12 @@
   }
 
   function conversationCard(r) {
+    if (r.body_purged_at_ms) {
+      return h('section', { class: 'card' },
+        h('h2', { class: 'card-title' }, 'Conversation'),
+        h('p', { class: 'muted purged' },
+          `The prompt and request body were removed by retention on ${new Date(r.body_purged_at_ms).toISOString().slice(0, 10)}.`));
+    }
     const msgs = (r.prompt || []).map((m, i) => h('div', { class: `msg msg-${roleClass(m.role)}`, dataset: { index: String(i) } },
       h('div', { class: 'msg-role' }, m.role || 'message'),
       messageBody(m.text || '')));
@@ -524,6 +534,19 @@
         h('h2', { class: 'card-title' }, 'Conversation'),
         h('span', { class: 'muted small' }, `${count} · ${how}`)),
       msgs.length ? h('div', { class: 'messages', id: 'messages' }, msgs) : h('p', { class: 'muted' }, 'This request has no prompt text.'));
+  }
+
+  // A review of the model's answer: the tool calls it would send to the
+  // caller's agent, each with its arguments (text only, never markup).
+  function toolCallsCard(r) {
+    const calls = asList(r.tool_calls).map((c) => h('div', { class: 'msg msg-tool' },
+      h('div', { class: 'msg-role' }, `tool call · ${c.name || '(no name)'}`),
+      h('pre', { class: 'code' }, prettyJson(c.arguments || '{}'))));
+    return h('section', { class: 'card', id: 'tool-calls' },
+      h('div', { class: 'card-title-row' },
+        h('h2', { class: 'card-title' }, 'Tool calls in the answer'),
+        h('span', { class: 'muted small' }, 'held before they reach the caller; editing changes only their arguments')),
+      calls.length ? h('div', { class: 'messages' }, calls) : h('p', { class: 'muted' }, 'No tool calls.'));
   }
 
   function roleClass(role) {
@@ -538,6 +561,7 @@
   }
 
   function parametersCard(r) {
+    if (r.body_purged_at_ms) return null;
     const body = parseBody(r.body);
     const rows = [];
     if (body) {
@@ -728,7 +752,8 @@
 
   function decisionCard(r) {
     if (r.status !== 'pending') {
-      const who = r.reviewer ? r.reviewer : r.status === 'expired' ? 'nobody (hold timeout)' : r.status === 'cancelled' ? 'the caller went away' : '—';
+      const who = r.reviewer ? r.reviewer : r.status === 'expired' ? 'nobody (hold timeout)' : r.status === 'cancelled' ? 'the caller went away'
+        : r.status === 'abandoned' ? 'nobody: the held request was gone, nothing was released' : '—';
       const next = S.pending.find((p) => p.id !== r.id);
       return h('section', { class: 'card decision decided' },
         h('h2', { class: 'card-title' }, 'Decision'),
@@ -1061,21 +1086,27 @@
 
   // -------------------------------------------------------------- history
 
-  const HISTORY_FIELDS = ['q', 'caller', 'model', 'decision', 'reviewer', 'from', 'to'];
+  const HISTORY_FIELDS = ['q', 'caller', 'model', 'decision', 'what', 'reviewer', 'from', 'to'];
 
   function renderHistoryShell() {
     const params = new URLSearchParams(location.search);
     const v = (k) => params.get(k) || '';
     const decision = h('select', { name: 'decision', id: 'f-decision' },
       [['', 'All'], ['pending', 'Pending'], ['approved', 'Approved'], ['edited', 'Approved with edit'],
-        ['rejected', 'Rejected'], ['expired', 'Expired'], ['cancelled', 'Cancelled']]
+        ['rejected', 'Rejected'], ['expired', 'Expired'], ['cancelled', 'Cancelled'],
+        ['abandoned', 'Abandoned']]
         .map(([val, label]) => h('option', { value: val, selected: v('decision') === val }, label)));
+    // What is reviewed (`kind`), or the spot checks forwarded already (`mode`).
+    const what = h('select', { name: 'what', id: 'f-what' },
+      [['', 'All'], ['prompt', 'Requests'], ['tool_call', 'Tool calls'], ['response', 'Answers'], ['audit', 'Audits']]
+        .map(([val, label]) => h('option', { value: val, selected: v('what') === val }, label)));
     const field = (name, label, input) => h('label', { class: `field field-${name}` }, h('span', null, label), input);
     const form = h('form', { class: 'card filters', id: 'filters', onsubmit: (e) => { e.preventDefault(); applyFilters(); } },
       field('q', 'Search', h('input', { type: 'search', name: 'q', id: 'f-q', value: v('q'), placeholder: 'Prompt text, id, reason…' })),
       field('caller', 'Caller', h('input', { name: 'caller', id: 'f-caller', value: v('caller') })),
       field('model', 'Model', h('input', { name: 'model', id: 'f-model', value: v('model') })),
       field('decision', 'Decision', decision),
+      field('what', 'Reviewed', what),
       field('reviewer', 'Reviewer', h('input', { name: 'reviewer', id: 'f-reviewer', value: v('reviewer') })),
       field('from', 'From', h('input', { type: 'datetime-local', name: 'from', id: 'f-from', value: v('from') })),
       field('to', 'To', h('input', { type: 'datetime-local', name: 'to', id: 'f-to', value: v('to') })),
@@ -1088,7 +1119,7 @@
       form,
       h('div', { class: 'card history', id: 'history' }),
       h('div', { class: 'more-row' }, h('button', { type: 'button', class: 'btn', id: 'more', hidden: true, onclick: () => loadHistory(true) }, 'Load more')));
-    for (const sel of ['#f-decision']) $(sel).addEventListener('change', applyFilters);
+    for (const sel of ['#f-decision', '#f-what']) $(sel).addEventListener('change', applyFilters);
     loadHistory(false);
   }
 
@@ -1129,6 +1160,8 @@
     if (f.reviewer) p.set('reviewer', f.reviewer);
     if (f.decision === 'edited') { p.set('status', 'approved'); p.set('edited', 'true'); }
     else if (f.decision) p.set('status', f.decision);
+    if (f.what === 'audit') p.set('mode', 'audit');
+    else if (f.what) p.set('kind', f.what);
     const from = f.from ? new Date(f.from).getTime() : NaN;
     const to = f.to ? new Date(f.to).getTime() : NaN;
     if (!Number.isNaN(from)) p.set('since_ms', String(from));

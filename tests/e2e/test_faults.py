@@ -23,6 +23,8 @@ import yaml
 
 from conftest import chat, post, send_later
 from stack import free_port, rec_field, records, stat, verify_records, wait_until
+from test_async_tokens import K1, approved_status, retry, service_extra
+from test_async_tokens import filter_config as async_filter_config
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -347,19 +349,53 @@ def test_one_lost_record_answer_is_retried_without_a_second_record(make_stack, i
     verify_chain(stack)
 
 
+# ---------------------------------------------------------------- lost answer to a token consume
+
+def test_a_lost_consume_answer_does_not_burn_the_token(make_stack, interpose):
+    stack = make_stack(filter_config=async_filter_config([("k1", K1)], **FAST),
+                       approval_extra=service_extra([("k1", K1)]))
+    proxy = interpose(stack)
+    accepted, st = approved_status(stack, chat(text="consume answer lost"))
+    # The service spends the use; its answer never reaches the filter.
+    consume = rf"^POST /v1/reviews/{accepted['id']}/consume$"
+    proxy.mode, proxy.drop_pattern, proxy.drop_budget = "drop_responses_to", consume, 1
+    r = retry(stack, st)
+    proxy.mode = "pass"
+    assert proxy.drop_budget == 0, "the first answer was not dropped"
+    # The filter asked again with the same idempotency key and was told the
+    # use it had spent: the request went through, once.
+    assert r.status_code == 200, r.text
+    assert len(proxy.requests(consume)) == 2
+    assert stack.approval.review(accepted["id"])["token_uses"] == 1
+    assert stack.backend.stats()["completed"] == 1
+    # Another request with the same token is still a replay.
+    again = retry(stack, st)
+    assert again.status_code == 403, again.text
+    assert again.json()["error"]["code"] == "approval_token_used"
+    assert stack.backend.stats()["started"] == 1
+    verify_chain(stack)
+
+
 # ---------------------------------------------------------------- Envoy restarted with requests held
+
+# The service's hold_grace_ms in the Envoy-restart test: a hold counts as
+# gone this long after its last long poll.
+HOLD_GRACE_MS = 2000
+
 
 def test_envoy_restart_with_requests_held_releases_nothing(make_stack, background):
     # The deadline leaves room for an Envoy restart on a busy machine: the
     # first review must still be pending when it is approved below.
     stack = make_stack(filter_config={"hold_timeout_ms": 15000, "long_poll_ms": 1000,
-                                      "rules": [{"name": "load-tests", "model": "demo-allow*", "action": "allow"}]})
+                                      "rules": [{"name": "load-tests", "model": "demo-allow*", "action": "allow"}]},
+                       approval_extra=f"hold_grace_ms = {HOLD_GRACE_MS}")
     futs = [send_later(background, stack.url, chat(text=f"held {i}"), timeout=30) for i in range(3)]
     held = stack.approval.wait_pending(count=3)
     held_ids = {r["id"] for r in held}
     held_request_ids = {r["request_id"] for r in held}
     # Envoy dies abruptly (no drain, no cancel calls).
     stack.envoy.proc.kill()
+    killed_at = time.monotonic()
     for f in futs:
         with pytest.raises(httpx.HTTPError):
             f.result(timeout=15).raise_for_status()
@@ -368,9 +404,18 @@ def test_envoy_restart_with_requests_held_releases_nothing(make_stack, backgroun
     # A new Envoy with the same configuration: nothing is carried over.
     stack.envoy.start()
     assert post(stack.url, json=chat(model="demo-allow", text="fresh")).status_code == 200
-    # Approving an old review now releases nothing: no Envoy holds it.
+    # Approving an old review now releases nothing, as no Envoy holds it,
+    # and the reviewer is told so: once the grace after the last long poll
+    # (at most one long poll before the kill) has passed, the review is
+    # abandoned, not approved.
+    time.sleep(max(0.0, killed_at + 1.0 + HOLD_GRACE_MS / 1000 + 0.5 - time.monotonic()))
     first, *rest = sorted(held_ids)
-    assert stack.approval.decide(first, "approve", reason="too late").status_code == 200
+    r = stack.approval.decide(first, "approve", reason="too late")
+    assert r.status_code == 409, r.text
+    assert r.json()["error"]["code"] == "review_abandoned", r.text
+    assert "nothing was released" in r.json()["error"]["message"]
+    abandoned = stack.approval.review(first)
+    assert (abandoned["status"], abandoned["reviewer"]) == ("abandoned", None), abandoned
     time.sleep(1.5)
     assert stack.backend.stats()["started"] == 1  # only the fresh request
     # The others expire by the service's own deadline and cannot be approved.

@@ -197,7 +197,10 @@ def test_response_rule_blocks_mid_stream(masked):
 # events: prose around an address, a phone number over three events and a key.
 STREAMED_REPLY = (f"Sure, here is what you asked for. Please write to {EMAIL} or call +1 (415) 555-0132 "
                   f"about the invoice, and keep the key {AWS} out of the wiki. Thanks for waiting, have a nice day.")
-STREAM_HEADERS = {"x-demo-reply": STREAMED_REPLY, "x-demo-chunk-delay-ms": "150"}
+# 300 ms between events: the client must read each event (and ask the
+# backend whether it is still streaming) within that time, also on a loaded
+# machine running another test file in parallel.
+STREAM_HEADERS = {"x-demo-reply": STREAMED_REPLY, "x-demo-chunk-delay-ms": "300"}
 
 
 def check_streamed_answer(masked, pieces):

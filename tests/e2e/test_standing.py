@@ -125,10 +125,11 @@ def test_an_audit_spot_check_does_not_delay_the_caller(make_stack):
 
     def audits():
         with stack.approval.client() as c:
-            return c.get("/api/reviews", params={"kind": "audit"}).json()["reviews"]
+            return c.get("/api/reviews", params={"mode": "audit"}).json()["reviews"]
 
     [audit] = wait_until(lambda: audits() or None, what="the audit review")
-    assert (audit["kind"], audit["status"], audit["rule"]) == ("audit", "pending", "open"), audit
+    assert (audit["mode"], audit["kind"], audit["status"], audit["rule"]) == (
+        "audit", "prompt", "pending", "open"), audit
     detail = stack.approval.review(audit["id"])
     assert detail["spot_check"]["mode"] == "audit" and detail["spot_check"]["share"] == 1
     assert 0 <= detail["spot_check"]["draw"] < 1

@@ -15,7 +15,11 @@
 //! Before forwarding a retried request, the filter spends one use at
 //! `POST /v1/reviews/{id}/consume`: 200 when spent, 409 when used up
 //! (`token_max_uses`, default 1), 404 when unknown, not approved, not this
-//! caller's, not asynchronous, expired or for another body.
+//! caller's, not asynchronous, expired or for another body. The filter sends
+//! an idempotency key per request: when the answer to a spent use is lost
+//! and the filter asks again with the same key (and the same body, checked
+//! as above), it gets the same 200 with the use it spent, and no second use
+//! is spent; any other key after the last use is refused as a replay.
 //!
 //! Keys rotate by id: the last `[[token_keys]]` entry signs. Add a new key to
 //! the filter first, then to the end of the service's list; remove the old
@@ -52,6 +56,9 @@ pub struct CallerView {
 pub enum ConsumeOutcome {
     /// One use spent; this many uses so far.
     Spent(u32),
+    /// A repeat of a consumption already spent with the same idempotency
+    /// key (its answer was lost): that use's number, nothing spent now.
+    Repeated(u32),
     /// Every allowed use was already spent.
     UsedUp,
     /// No approved asynchronous review of this caller for this body.
@@ -98,12 +105,16 @@ impl Store {
         Ok(Some((view, expired)))
     }
 
-    /// Spends one use of the approval token of review `id`, atomically.
+    /// Spends one use of the approval token of review `id`, atomically;
+    /// a repeat with the `idempotency_key` of a use already spent spends
+    /// nothing and answers that use.
+    #[allow(clippy::too_many_arguments)]
     pub fn consume_token(
         &self,
         id: &str,
         caller: &str,
         body_sha256: &str,
+        idempotency_key: Option<&str>,
         max_uses: u32,
         ttl_ms: u64,
         now_ms: u64,
@@ -133,6 +144,18 @@ impl Store {
             {
                 return Ok(ConsumeOutcome::NotFound);
             }
+            if let Some(key) = idempotency_key {
+                let spent = tx.query_opt(
+                    "SELECT use_no FROM token_consumptions WHERE review_id = ?1 AND idempotency_key = ?2",
+                    params![id, key],
+                )?;
+                if let Some(row) = spent {
+                    let use_no: i64 = row.get(0)?;
+                    return Ok(ConsumeOutcome::Repeated(
+                        u32::try_from(use_no).unwrap_or(u32::MAX),
+                    ));
+                }
+            }
             if uses >= i64::from(max_uses) {
                 return Ok(ConsumeOutcome::UsedUp);
             }
@@ -146,8 +169,9 @@ impl Store {
             }
             let use_no = uses + 1;
             tx.execute(
-                "INSERT INTO token_consumptions (review_id, use_no, used_at_ms) VALUES (?1, ?2, ?3)",
-                params![id, use_no, now_ms],
+                "INSERT INTO token_consumptions (review_id, use_no, used_at_ms, idempotency_key)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![id, use_no, now_ms, idempotency_key],
             )?;
             Ok(ConsumeOutcome::Spent(
                 u32::try_from(use_no).unwrap_or(u32::MAX),

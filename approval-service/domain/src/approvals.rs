@@ -35,7 +35,8 @@ use crate::db::{Conn, DbResult, Lock};
 use crate::params;
 use crate::standing::StandingTerms;
 use crate::store::{
-    approvals_of, detail_of, expire_if_overdue, state_of, why_not_pending, ReviewDetail, Store,
+    abandon_if_gone, approvals_of, detail_of, expire_if_overdue, state_of, why_not_pending,
+    ReviewDetail, Store,
 };
 
 /// Why a reviewer may not take a decision.
@@ -122,6 +123,10 @@ pub enum DecideOutcome {
     Partial(Box<ReviewDetail>),
     /// This reviewer may not take this decision.
     Refused(DecisionRefused),
+    /// An approval came after the held request was gone (its filter
+    /// stopped polling for longer than `hold_grace_ms`): nothing can be
+    /// released, so the review is now `abandoned`.
+    Abandoned(Box<ReviewDetail>),
 }
 
 /// Who is deciding: a configured reviewer (token) or a person signed in
@@ -214,7 +219,8 @@ impl Store {
     /// Records `reviewer`'s decision if, and only if, the review is still
     /// pending, not past its expiry, and the reviewer may take it (see the
     /// rules above). An approval makes the review approved only once it has
-    /// its required number of distinct approvals.
+    /// its required number of distinct approvals. An approval of a review
+    /// whose hold is gone (see [`Store::hold_polled`]) abandons it instead.
     pub fn decide(
         &self,
         id: &str,
@@ -222,8 +228,15 @@ impl Store {
         reviewer: &Approver,
         now_ms: u64,
     ) -> DbResult<DecideOutcome> {
+        let judge_hold = d.status == ReviewStatus::Approved && self.judges_holds_at(now_ms);
         // Committed whatever the outcome: a lapsed expiry may have been persisted.
         self.conn().transaction(Lock::Review(id), |tx| {
+            if judge_hold && abandon_if_gone(tx, id, now_ms)? {
+                return Ok(match detail_of(tx, id)? {
+                    Some(detail) => DecideOutcome::Abandoned(Box::new(detail)),
+                    None => DecideOutcome::NotFound,
+                });
+            }
             decide_in(tx, id, d, reviewer, now_ms)
         })
     }

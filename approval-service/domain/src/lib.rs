@@ -16,7 +16,7 @@
 //! 4. **State** ([`state::AppState`]): what the HTTP handlers share; runs
 //!    the blocking database calls off the async runtime, wakes long polls,
 //!    feeds the live event stream, expires reviews and applies record
-//!    retention.
+//!    retention; and the Prometheus [`metrics`] it keeps.
 //!
 //! The HTTP layer (the `countersign-approval` crate) sits on top. This
 //! crate does not depend on axum, so no HTTP request, response or status
@@ -30,6 +30,7 @@ pub mod approvals;
 pub mod assessment;
 pub mod config;
 pub mod db;
+pub mod metrics;
 pub mod records;
 pub mod replicas;
 pub mod session;

@@ -591,6 +591,8 @@ fn refusal_of_written_record(
         blocked_by: Some(refusal.code.clone()),
         hits: Vec::new(),
         completion: "not_forwarded".into(),
+        answer_review_id: None,
+        answer_decision: None,
     };
     match append_response(tx, tail, &written.record_id, &outcome, now_ms) {
         Ok(_) | Err(RecordError::Conflict(_)) => Ok(Some(written)),
@@ -809,6 +811,22 @@ impl RecordStore {
         }
     }
 
+    /// Appends a `retention` entry saying that retention dropped the prompt
+    /// and bodies of `purged` reviews created before `cutoff_ms` (see
+    /// [`crate::store::Store::purge_review_bodies`]): reviews are not part
+    /// of the chain, so the chain keeps the word of what retention did.
+    pub fn note_review_retention(
+        &self,
+        purged: usize,
+        cutoff_ms: u64,
+        now_ms: u64,
+    ) -> DbResult<()> {
+        let retention = json!({"review_bodies_purged": purged, "cutoff_ms": cutoff_ms});
+        self.conn().transaction(Lock::RecordChain, |tx| {
+            append_retention(tx, retention, now_ms).map(drop)
+        })
+    }
+
     /// One page of merged records.
     pub fn query(&self, q: &RecordQuery) -> DbResult<Vec<Value>> {
         query_records(&mut self.conn(), q)
@@ -825,19 +843,33 @@ impl RecordStore {
         verify_chain(&mut self.conn())
     }
 
-    /// Review counts by status (for metrics).
-    pub fn review_counts(&self) -> DbResult<Vec<(String, u64)>> {
+    /// The reviews by status, kind and mode, with the oldest of each (for
+    /// metrics).
+    pub fn review_load(&self) -> DbResult<crate::store::ReviewLoad> {
         let mut conn = self.conn();
         if !conn.table_exists("reviews")? {
-            return Ok(Vec::new());
+            return Ok(crate::store::ReviewLoad::default());
         }
         let rows = conn.query(
-            "SELECT status, count(*) FROM reviews GROUP BY status ORDER BY status",
+            "SELECT status, kind, mode, async_review, count(*), min(created_at_ms) FROM reviews
+             GROUP BY status, kind, mode, async_review ORDER BY status, kind, mode, async_review",
             params![],
         )?;
-        rows.iter()
-            .map(|r| Ok((r.get(0)?, u64::try_from(r.get::<i64>(1)?).unwrap_or(0))))
-            .collect()
+        let unsigned = |n: i64| u64::try_from(n).unwrap_or(0);
+        let groups = rows
+            .iter()
+            .map(|r| {
+                Ok(crate::store::ReviewGroup {
+                    status: r.get(0)?,
+                    kind: r.get(1)?,
+                    mode: r.get(2)?,
+                    async_review: r.get::<i64>(3)? != 0,
+                    count: unsigned(r.get(4)?),
+                    oldest_created_at_ms: unsigned(r.get(5)?),
+                })
+            })
+            .collect::<DbResult<Vec<_>>>()?;
+        Ok(crate::store::ReviewLoad { groups })
     }
 
     /// Number of entries in the log.
@@ -896,22 +928,28 @@ fn retention_chunk_in(tx: &mut Conn, cutoff_ms: u64, now_ms: u64) -> DbResult<us
         "INSERT INTO chain_anchor (through_seq, hash, created_at_ms) VALUES (?1, ?2, ?3)",
         params![through, &anchor_hash, now_ms],
     )?;
+    let retention = json!({
+        "deleted_through_seq": through,
+        "anchor_hash": anchor_hash,
+        "deleted": deleted,
+        "cutoff_ms": cutoff_ms,
+    });
+    append_retention(tx, retention, now_ms)?;
+    Ok(deleted)
+}
+
+/// Appends a `retention` entry saying `retention` (what it removed).
+fn append_retention(tx: &mut Conn, retention: Value, now_ms: u64) -> DbResult<i64> {
     let record_id = new_record_id()?;
     let entry = serde_json::to_string(&json!({
         "v": ENTRY_VERSION,
         "kind": "retention",
         "record_id": record_id,
         "created_at_ms": now_ms,
-        "retention": {
-            "deleted_through_seq": through,
-            "anchor_hash": anchor_hash,
-            "deleted": deleted,
-            "cutoff_ms": cutoff_ms,
-        },
+        "retention": retention,
     }))?;
     let mut tail = last_link(tx)?;
-    append(tx, &mut tail, &record_id, "retention", None, now_ms, &entry)?;
-    Ok(deleted)
+    append(tx, &mut tail, &record_id, "retention", None, now_ms, &entry)
 }
 
 // ---------------------------------------------------------------- queries

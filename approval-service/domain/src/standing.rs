@@ -34,7 +34,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use countersign_core::wire::{PromptMessage, ReviewStatus};
+use countersign_core::wire::{PromptMessage, ReviewKind, ReviewMode, ReviewStatus};
 
 use crate::approvals::{decide_in, is_self, Approver, DecideOutcome, Decision, DecisionRefused};
 use crate::db::{Conn, DbError, DbResult, Lock, Row};
@@ -48,6 +48,9 @@ pub const MAX_VALID_DAYS: u32 = 90;
 pub const MAX_USES: u32 = 100_000;
 
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// How a standing approval signs its decisions: `standing:<id>`.
+pub const DECIDER_PREFIX: &str = "standing:";
 
 /// A part of a prompt that a reviewer may let vary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -316,6 +319,23 @@ struct ReviewShape {
     approver_group: Option<String>,
     required: u32,
     kind: String,
+    mode: String,
+}
+
+impl ReviewShape {
+    /// Why a standing approval cannot come from or apply to this review:
+    /// an audit was forwarded already, and the shape of a standing approval
+    /// is a request's (a review of an answer's tool calls or text would be
+    /// matched by its conversation alone, whatever the model answered).
+    fn not_standing(&self) -> Option<&'static str> {
+        if self.mode != ReviewMode::Hold.as_str() {
+            Some("an audit was forwarded already: it cannot make a standing approval")
+        } else if self.kind != ReviewKind::Prompt.as_str() {
+            Some("a review of a model's answer cannot make a standing approval")
+        } else {
+            None
+        }
+    }
 }
 
 impl ReviewShape {
@@ -333,7 +353,7 @@ impl ReviewShape {
 fn review_shape(tx: &mut Conn, review_id: &str) -> DbResult<Option<ReviewShape>> {
     let row = tx.query_opt(
         "SELECT status, api, path, model, rule, prompt_json, caller, caller_groups_json,
-                approver_group, required_approvals, kind
+                approver_group, required_approvals, kind, mode
          FROM reviews WHERE id = ?1",
         params![review_id],
     )?;
@@ -350,6 +370,7 @@ fn review_shape(tx: &mut Conn, review_id: &str) -> DbResult<Option<ReviewShape>>
             approver_group: r.get(8)?,
             required: count(r.get(9)?).max(1),
             kind: r.get(10)?,
+            mode: r.get(11)?,
         })
     })
     .transpose()
@@ -377,8 +398,8 @@ pub(crate) fn agree(
     let Some(review) = review_shape(tx, review_id)? else {
         return refuse("no such review".into());
     };
-    if review.kind != "review" {
-        return refuse("an audit was forwarded already: it cannot make a standing approval".into());
+    if let Some(why) = review.not_standing() {
+        return refuse(why.into());
     }
     let (scope_caller, scope_group) = match &terms.group {
         Some(g) if review.caller_groups.contains(g) => (None, Some(g.clone())),
@@ -662,7 +683,7 @@ fn use_in(tx: &mut Conn, review_id: &str, now_ms: u64) -> Result<Option<AutoAppr
         return Ok(None);
     };
     // Audits were forwarded already: they are for people to look at.
-    if review.status != ReviewStatus::Pending.as_str() || review.kind != "review" {
+    if review.status != ReviewStatus::Pending.as_str() || review.not_standing().is_some() {
         return Ok(None);
     }
     let candidates: Vec<Candidate> = tx
@@ -709,7 +730,7 @@ fn use_in(tx: &mut Conn, review_id: &str, now_ms: u64) -> Result<Option<AutoAppr
         )?;
         let creators: Vec<&str> = c.creators.iter().map(|c| c.name.as_str()).collect();
         let decider = Approver {
-            name: format!("standing:{}", c.id),
+            name: format!("{DECIDER_PREFIX}{}", c.id),
             groups: c.approver_group.iter().cloned().collect(),
             // It decides for the people who created it.
             assessor: false,

@@ -14,6 +14,7 @@ use tokio::sync::{broadcast, watch};
 use crate::approvals::Approver;
 use crate::config::{Config, ReviewerConfig};
 use crate::db::{Backend, DbError, DbResult, Location, OpenError};
+use crate::metrics::Metrics;
 use crate::records::{RecordError, RecordStore};
 use crate::replicas::{Change, Replica};
 use crate::session::{LoginLimiter, Session, SignedInWith};
@@ -44,7 +45,7 @@ const LOGIN_REFILL_PER_S: f64 = 0.5;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ReviewEvent {
     /// `created`, `approval` (a partial approval: more are needed),
-    /// `decided`, `expired` or `cancelled`.
+    /// `decided`, `expired`, `cancelled` or `abandoned`.
     #[serde(rename = "type")]
     pub kind: &'static str,
     /// Review id.
@@ -66,6 +67,7 @@ impl ReviewEvent {
             ReviewStatus::Approved | ReviewStatus::Rejected => "decided",
             ReviewStatus::Expired => "expired",
             ReviewStatus::Cancelled => "cancelled",
+            ReviewStatus::Abandoned => "abandoned",
         };
         ReviewEvent {
             kind,
@@ -164,6 +166,8 @@ struct Inner {
     login_limiter: LoginLimiter,
     /// This process's id among replicas (random per start).
     replica_id: String,
+    /// The Prometheus instruments of this process.
+    metrics: Metrics,
     /// Other replicas share the database (PostgreSQL): changes are sent
     /// to them with `NOTIFY`.
     shared: bool,
@@ -180,10 +184,12 @@ impl AppState {
         // works from async code too (later calls go through `db`).
         let location = config.database.clone();
         let sync = config.sqlite_synchronous;
+        let grace_ms = config.hold_grace_ms;
         let (store, records) = std::thread::scope(|scope| {
             scope
                 .spawn(|| {
                     let store = Store::open(&location, sync)?;
+                    store.set_hold_grace_ms(grace_ms);
                     let records = RecordStore::open(&location, sync)?;
                     Ok::<_, OpenError>((store, records))
                 })
@@ -195,6 +201,10 @@ impl AppState {
                 })
         })?;
         let shared = store.backend() == Backend::Postgres;
+        // Reviewers' names stay off metrics anyone may read.
+        let public_metrics = config.metrics_public && config.metrics_listen.is_none();
+        let metrics =
+            Metrics::new(!public_metrics).map_err(|e| OpenError::Io(std::io::Error::other(e)))?;
         let mut id = [0u8; 8];
         getrandom::fill(&mut id).map_err(|e| OpenError::Io(std::io::Error::other(e)))?;
         let state = AppState {
@@ -209,6 +219,7 @@ impl AppState {
                 login_limiter: LoginLimiter::new(LOGIN_BURST, LOGIN_REFILL_PER_S),
                 replica_id: id.iter().map(|b| format!("{b:02x}")).collect(),
                 shared,
+                metrics,
             }),
         };
         if let Location::Postgres(url) = location {
@@ -224,6 +235,11 @@ impl AppState {
     /// The configuration in force.
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// The Prometheus instruments of this process.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// The session record log.
@@ -254,13 +270,21 @@ impl AppState {
         blocking(&self.inner.records, move |s| f(s).map_err(StorageError::Db)).await
     }
 
-    /// Runs a blocking record write off the async runtime.
-    pub async fn write_record<T, F>(&self, f: F) -> Result<T, RecordError>
+    /// Runs a blocking record write off the async runtime, timed as an
+    /// append of `kind` (`request`, `response`) until it is durable.
+    pub async fn write_record<T, F>(&self, kind: &str, f: F) -> Result<T, RecordError>
     where
         T: Send + 'static,
         F: FnOnce(&RecordStore) -> Result<T, RecordError> + Send + 'static,
     {
-        blocking(&self.inner.records, f).await
+        let started = std::time::Instant::now();
+        let written = blocking(&self.inner.records, f).await;
+        self.metrics().observe_record_append(
+            kind,
+            written.is_ok(),
+            started.elapsed().as_secs_f64(),
+        );
+        written
     }
 
     /// Finds the reviewer whose token hashes to `presented`. Every configured
@@ -555,8 +579,48 @@ impl AppState {
         })
     }
 
-    /// Applies `record_retention_days` once; returns how many entries were
-    /// deleted (0 when retention is off).
+    /// Starts following this replica's review changes for the decision
+    /// metrics ([`Metrics::observe_decision`]): each review that leaves
+    /// `pending` here is read once, off the path of the decision. Abort it
+    /// on shutdown. Subscribes before returning, so no later decision is
+    /// missed (unless the feed falls behind, which is counted).
+    pub fn spawn_decision_metrics(&self) -> tokio::task::JoinHandle<()> {
+        let mut events = self.subscribe_events();
+        let state = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(event) if event.local && event.status != ReviewStatus::Pending => {
+                        let state = state.clone();
+                        tokio::spawn(async move { state.observe_decision(&event.id).await });
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::warn!(missed, "decision metrics fell behind the review events");
+                        state.metrics().missed_decisions(missed);
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        })
+    }
+
+    async fn observe_decision(&self, id: &str) {
+        let lookup = id.to_string();
+        match self.db(move |s| s.summary(&lookup)).await {
+            Ok(Some(review)) => self.metrics().observe_decision(&review),
+            Ok(None) => self.metrics().missed_decisions(1),
+            Err(e) => {
+                tracing::warn!(review_id = %id, error = %e,
+                    "decision not counted in the metrics: the review could not be read");
+                self.metrics().missed_decisions(1);
+            }
+        }
+    }
+
+    /// Applies `record_retention_days` once to records and to reviews (whose
+    /// prompt and bodies it drops, noting that in the chain); returns how
+    /// many record entries were deleted (0 when retention is off).
     pub async fn retention_once(&self) -> Result<usize, StorageError> {
         let days = self.config().record_retention_days;
         if days == 0 {
@@ -569,6 +633,12 @@ impl AppState {
             .await?;
         if deleted > 0 {
             tracing::info!(deleted, cutoff_ms = cutoff, "record retention applied");
+        }
+        let purged = self.db(move |s| s.purge_review_bodies(cutoff, now)).await?;
+        if purged > 0 {
+            self.records_db(move |s| s.note_review_retention(purged, cutoff, now))
+                .await?;
+            tracing::info!(purged, cutoff_ms = cutoff, "review retention applied");
         }
         Ok(deleted)
     }

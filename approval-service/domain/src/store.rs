@@ -9,12 +9,13 @@
 //! (replicas on PostgreSQL, or processes sharing a SQLite file) exactly one
 //! outcome wins.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use countersign_core::wire::{
-    ApiKind, AutoDecision, Evidence, PromptMessage, ReviewKind, ReviewState, ReviewStatus,
-    SpotCheckDraw,
+    ApiKind, AutoDecision, Evidence, PromptMessage, ReviewKind, ReviewMode, ReviewState,
+    ReviewStatus, SpotCheckDraw, ToolCall,
 };
 use serde::{Deserialize, Serialize};
 
@@ -108,9 +109,48 @@ pub struct ReviewSummary {
     /// Decided by assessors under the rule's automatic-decision policy,
     /// not by a person (`reviewer` is then `assessor:<name>`).
     pub automatic: bool,
-    /// `review`, or `audit`: forwarded already (a spot check), looked at
-    /// afterwards (approve = fine, reject = flagged for follow-up).
+    /// What is reviewed: the request (`prompt`), or the model's answer
+    /// (`tool_call`: its tool calls; `response`).
     pub kind: ReviewKind,
+    /// `hold`, or `audit`: forwarded already (a spot check), looked at
+    /// afterwards (approve = fine, reject = flagged for follow-up).
+    pub mode: ReviewMode,
+}
+
+/// What notifications call a review of `kind` in `mode`: `Review` for a
+/// held request, as before reviews of answers and audits existed.
+pub fn review_title(kind: ReviewKind, mode: ReviewMode) -> &'static str {
+    match (mode, kind) {
+        (ReviewMode::Audit, _) => "Audit",
+        (ReviewMode::Hold, ReviewKind::Prompt) => "Review",
+        (ReviewMode::Hold, ReviewKind::ToolCall) => "Tool-call review",
+        (ReviewMode::Hold, ReviewKind::Response) => "Answer review",
+    }
+}
+
+/// What the database says about the reviews, read at each scrape of the metrics.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReviewLoad {
+    /// One entry per (status, kind, async) present.
+    pub groups: Vec<ReviewGroup>,
+}
+
+/// Reviews of one status, kind and mode.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReviewGroup {
+    /// `pending`, `approved`, ...
+    pub status: String,
+    /// What is reviewed: `prompt`, `tool_call` or `response`.
+    pub kind: String,
+    /// `hold` (the request waits, or was answered already for an
+    /// asynchronous caller) or `audit` (a spot check forwarded it).
+    pub mode: String,
+    /// The caller did not wait (it retries with an approval token).
+    pub async_review: bool,
+    /// How many.
+    pub count: u64,
+    /// Creation of the oldest, Unix ms.
+    pub oldest_created_at_ms: u64,
 }
 
 /// The full view of one review.
@@ -121,8 +161,10 @@ pub struct ReviewDetail {
     pub summary: ReviewSummary,
     /// The prompt, message by message.
     pub prompt: Vec<PromptMessage>,
-    /// The original request body.
+    /// The original request body (for reviews of answers: the answer).
     pub body: String,
+    /// For `tool_call` reviews: the answer's tool calls.
+    pub tool_calls: Vec<ToolCall>,
     /// The body to forward instead, when approved with an edit.
     pub edited_body: Option<String>,
     /// HTTP method.
@@ -144,6 +186,9 @@ pub struct ReviewDetail {
     pub assessment: Option<AssessmentReport>,
     /// The spot check that picked this request, with its draw.
     pub spot_check: Option<SpotCheckDraw>,
+    /// When retention dropped its prompt and bodies (`prompt`, `body` and
+    /// `edited_body` are then empty).
+    pub body_purged_at_ms: Option<u64>,
 }
 
 /// What [`Store::insert`] did.
@@ -192,8 +237,10 @@ pub struct ListQuery {
     /// caller, model, reviewer or reason.
     #[serde(rename = "q")]
     pub search: Option<String>,
-    /// Only reviews of this kind (`review`, `audit`).
+    /// Only reviews of this kind (`prompt`, `tool_call`, `response`).
     pub kind: Option<ReviewKind>,
+    /// Only reviews of this mode (`hold`, `audit`).
+    pub mode: Option<ReviewMode>,
 }
 
 fn default_list_limit() -> u32 {
@@ -217,6 +264,12 @@ fn like_pattern(text: &str) -> String {
 /// The database.
 pub struct Store {
     conn: Mutex<Conn>,
+    /// `hold_grace_ms`: how long a hold counts as alive after its last poll.
+    hold_grace_ms: AtomicU64,
+    /// When this process opened the database: no hold is judged gone
+    /// within a grace of it (the filter may still be backing off from a
+    /// restart of this service).
+    opened_at_ms: u64,
 }
 
 const SUMMARY_COLS: &str =
@@ -224,7 +277,7 @@ const SUMMARY_COLS: &str =
      model, api, path, route, caller, request_id, stream, rule, preview, \
      CASE WHEN edited_body IS NULL THEN 0 ELSE 1 END, caller_groups_json, required_approvals, approver_group, \
      async_review, (SELECT COUNT(*) FROM approvals a \
-                    WHERE a.review_id = reviews.id AND a.superseded_at_ms IS NULL), automatic, kind";
+                    WHERE a.review_id = reviews.id AND a.superseded_at_ms IS NULL), automatic, kind, mode";
 
 pub(crate) fn parse_status(s: &str) -> DbResult<ReviewStatus> {
     ReviewStatus::parse(s)
@@ -232,13 +285,11 @@ pub(crate) fn parse_status(s: &str) -> DbResult<ReviewStatus> {
 }
 
 fn parse_kind(s: &str) -> DbResult<ReviewKind> {
-    match s {
-        "review" => Ok(ReviewKind::Review),
-        "audit" => Ok(ReviewKind::Audit),
-        other => Err(DbError::Conversion(format!(
-            "unknown review kind {other:?}"
-        ))),
-    }
+    ReviewKind::parse(s).ok_or_else(|| DbError::Conversion(format!("unknown review kind {s:?}")))
+}
+
+fn parse_mode(s: &str) -> DbResult<ReviewMode> {
+    ReviewMode::parse(s).ok_or_else(|| DbError::Conversion(format!("unknown review mode {s:?}")))
 }
 
 fn parse_api(s: String) -> DbResult<ApiKind> {
@@ -271,6 +322,7 @@ fn summary_from_row(row: &Row) -> DbResult<ReviewSummary> {
         approval_count: u32::try_from(row.get::<i64>(21)?).unwrap_or(0),
         automatic: row.get(22)?,
         kind: parse_kind(&row.get::<String>(23)?)?,
+        mode: parse_mode(&row.get::<String>(24)?)?,
     })
 }
 
@@ -308,7 +360,55 @@ impl Store {
         crate::db::schema::migrate(&mut conn)?;
         Ok(Store {
             conn: Mutex::new(conn),
+            hold_grace_ms: AtomicU64::new(crate::config::DEFAULT_HOLD_GRACE_MS),
+            opened_at_ms: crate::now_ms(),
         })
+    }
+
+    /// Sets `hold_grace_ms` (see [`Store::hold_polled`]).
+    pub fn set_hold_grace_ms(&self, grace_ms: u64) {
+        self.hold_grace_ms.store(grace_ms, Ordering::Relaxed);
+    }
+
+    /// `hold_grace_ms`.
+    pub fn hold_grace_ms(&self) -> u64 {
+        self.hold_grace_ms.load(Ordering::Relaxed)
+    }
+
+    /// Whether holds may be judged gone at `now_ms`: not within a grace of
+    /// this process opening the database.
+    pub(crate) fn judges_holds_at(&self, now_ms: u64) -> bool {
+        now_ms >= self.opened_at_ms.saturating_add(self.hold_grace_ms())
+    }
+
+    /// A long poll of the filter for pending review `id` began; its hold
+    /// is alive until `alive_until_ms` (the poll's end plus the grace).
+    /// Stored in the database, not in this replica's memory: an approval
+    /// may reach another replica. Reviews without a hold are left alone.
+    pub fn hold_polled(&self, id: &str, alive_until_ms: u64) -> DbResult<()> {
+        self.conn().execute(
+            "UPDATE reviews SET hold_alive_until_ms = ?2
+             WHERE id = ?1 AND status = 'pending' AND hold_alive_until_ms IS NOT NULL",
+            params![id, alive_until_ms],
+        )?;
+        Ok(())
+    }
+
+    /// The long poll that set `polled_until_ms` ended (answered, or its
+    /// connection closed: Envoy may be gone) at `now_ms`: the hold is alive
+    /// for a grace from now, unless a later poll has begun meanwhile (it
+    /// set another time, which stays).
+    pub fn hold_poll_ended(&self, id: &str, polled_until_ms: u64, now_ms: u64) -> DbResult<()> {
+        self.conn().execute(
+            "UPDATE reviews SET hold_alive_until_ms = ?3
+             WHERE id = ?1 AND hold_alive_until_ms = ?2",
+            params![
+                id,
+                polled_until_ms,
+                now_ms.saturating_add(self.hold_grace_ms())
+            ],
+        )?;
+        Ok(())
     }
 
     pub(crate) fn conn(&self) -> MutexGuard<'_, Conn> {
@@ -340,6 +440,7 @@ impl Store {
         let q = &r.request;
         let prompt_json = serde_json::to_string(&q.prompt)?;
         let caller_groups_json = serde_json::to_string(&q.caller_groups)?;
+        let tool_calls_json = serde_json::to_string(&q.tool_calls)?;
         let preview = preview_of(&q.prompt);
         let evidence_json = serde_json::to_string(&q.evidence)?;
         let auto_decision_json = q
@@ -351,14 +452,20 @@ impl Store {
             .spot_check
             .map(|d| serde_json::to_string(&d))
             .transpose()?;
+        // A caller that waits is held; an asynchronous caller or a spot
+        // check's audit (forwarded already) is not.
+        let held = !q.async_review && q.mode == ReviewMode::Hold;
+        let hold_alive_until_ms =
+            held.then(|| r.created_at_ms.saturating_add(self.hold_grace_ms()));
         let mut conn = self.conn();
         let inserted = conn.execute(
             "INSERT INTO reviews (id, status, created_at_ms, expires_at_ms, request_id, api, method,
                  path, authority, route, caller, model, stream, rule, prompt_json, preview, body,
                  hold_timeout_ms, caller_groups_json, required_approvals, approver_group, async_review,
-                 idempotency_key, evidence_json, auto_decision_json, kind, spot_check_json)
+                 idempotency_key, evidence_json, auto_decision_json, kind, spot_check_json,
+                 mode, tool_calls_json, hold_alive_until_ms)
              VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                 ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)
+                 ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29)
              ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
             params![
                 &r.id,
@@ -387,6 +494,9 @@ impl Store {
                 &auto_decision_json,
                 q.kind.as_str(),
                 &spot_check_json,
+                q.mode.as_str(),
+                &tool_calls_json,
+                hold_alive_until_ms,
             ],
         )?;
         if inserted == 1 {
@@ -456,6 +566,7 @@ impl Store {
                     OR model LIKE ?10 ESCAPE '\\' OR reviewer LIKE ?10 ESCAPE '\\'
                     OR reason LIKE ?10 ESCAPE '\\' OR prompt_json LIKE ?10 ESCAPE '\\')
                AND (?11 IS NULL OR kind = ?11)
+               AND (?12 IS NULL OR mode = ?12)
              ORDER BY created_at_ms DESC, id DESC LIMIT ?3"
         );
         let text = |v: &Option<String>| v.as_deref().map(like_pattern);
@@ -479,6 +590,7 @@ impl Store {
                 q.until_ms,
                 &search,
                 q.kind.map(ReviewKind::as_str),
+                q.mode.map(ReviewMode::as_str),
             ],
         )?;
         rows.iter().map(summary_from_row).collect()
@@ -523,6 +635,32 @@ impl Store {
         rows.iter().map(|r| r.get(0)).collect()
     }
 
+    /// Retention of reviews: drops the prompt, the request body, the
+    /// preview and every edited body of the reviews created before
+    /// `cutoff_ms` that have ended, keeping the rest (status, who decided,
+    /// why, evidence counts, assessments' labels) and when it happened.
+    /// Whether an edit was made stays visible (an edit becomes `''`, not
+    /// NULL). Returns how many reviews it purged.
+    pub fn purge_review_bodies(&self, cutoff_ms: u64, now_ms: u64) -> DbResult<usize> {
+        let mut conn = self.conn();
+        // Approvals first: a run cut short between the two is completed by
+        // the next one (both statements select the same ended reviews).
+        conn.execute(
+            "UPDATE approvals SET edited_body = ''
+             WHERE edited_body IS NOT NULL AND edited_body <> ''
+               AND review_id IN (SELECT id FROM reviews
+                                 WHERE created_at_ms < ?1 AND status <> 'pending')",
+            params![cutoff_ms],
+        )?;
+        conn.execute(
+            "UPDATE reviews SET prompt_json = '[]', body = '', preview = '',
+                 edited_body = CASE WHEN edited_body IS NULL THEN NULL ELSE '' END,
+                 body_purged_at_ms = ?2
+             WHERE created_at_ms < ?1 AND status <> 'pending' AND body_purged_at_ms IS NULL",
+            params![cutoff_ms, now_ms],
+        )
+    }
+
     /// Tells the other replicas (PostgreSQL `NOTIFY` on `channel`); nothing
     /// on SQLite.
     pub fn notify(&self, channel: &str, payload: &str) -> DbResult<()> {
@@ -535,6 +673,22 @@ pub const EXPIRED_REASON: &str = "hold timeout";
 
 /// Reason recorded when the caller went away.
 pub const CANCELLED_REASON: &str = "caller went away";
+
+/// Reason recorded when an approval came after the held request was gone.
+pub const ABANDONED_REASON: &str =
+    "the held request was gone (its filter stopped waiting, e.g. Envoy restarted) when it was approved";
+
+/// Marks review `id` abandoned if it is pending, not overdue, held, and its
+/// hold was last seen alive before `now_ms`; whether it did.
+pub(crate) fn abandon_if_gone(conn: &mut Conn, id: &str, now_ms: u64) -> DbResult<bool> {
+    let changed = conn.execute(
+        "UPDATE reviews SET status = 'abandoned', reviewer = NULL, reason = ?1, decided_at_ms = ?2
+         WHERE id = ?3 AND status = 'pending' AND expires_at_ms > ?2
+           AND hold_alive_until_ms IS NOT NULL AND hold_alive_until_ms < ?2",
+        params![ABANDONED_REASON, now_ms, id],
+    )?;
+    Ok(changed == 1)
+}
 
 pub(crate) fn expire_if_overdue(conn: &mut Conn, id: &str, now_ms: u64) -> DbResult<bool> {
     let changed = conn.execute(
@@ -566,31 +720,34 @@ pub(crate) fn state_of(conn: &mut Conn, id: &str) -> DbResult<Option<ReviewState
 pub(crate) fn detail_of(conn: &mut Conn, id: &str) -> DbResult<Option<ReviewDetail>> {
     let sql = format!(
         "SELECT {SUMMARY_COLS}, prompt_json, body, edited_body, method, authority, hold_timeout_ms,
-             token_uses, evidence_json, auto_decision_json, assessment_json, spot_check_json
+             token_uses, evidence_json, auto_decision_json, assessment_json, spot_check_json,
+             tool_calls_json, body_purged_at_ms
          FROM reviews WHERE id = ?1"
     );
     let Some(row) = conn.query_opt(&sql, params![id])? else {
         return Ok(None);
     };
-    let prompt = serde_json::from_str(&row.get::<String>(24)?)?;
+    let prompt = serde_json::from_str(&row.get::<String>(25)?)?;
     let spot_check = row
-        .get::<Option<String>>(34)?
+        .get::<Option<String>>(35)?
         .map(|j| serde_json::from_str(&j))
         .transpose()?;
     let detail = ReviewDetail {
         summary: summary_from_row(&row)?,
         prompt,
-        body: row.get(25)?,
-        edited_body: row.get(26)?,
-        method: row.get(27)?,
-        authority: row.get(28)?,
-        hold_timeout_ms: row.get(29)?,
+        body: row.get(26)?,
+        tool_calls: serde_json::from_str(&row.get::<String>(36)?)?,
+        edited_body: row.get(27)?,
+        method: row.get(28)?,
+        authority: row.get(29)?,
+        hold_timeout_ms: row.get(30)?,
         approvals: approvals_of(conn, id)?,
-        token_uses: u32::try_from(row.get::<i64>(30)?).unwrap_or(0),
-        evidence: serde_json::from_str(&row.get::<String>(31)?)?,
-        auto_decision: json_opt(row.get(32)?)?,
-        assessment: json_opt(row.get(33)?)?,
+        token_uses: u32::try_from(row.get::<i64>(31)?).unwrap_or(0),
+        evidence: serde_json::from_str(&row.get::<String>(32)?)?,
+        auto_decision: json_opt(row.get(33)?)?,
+        assessment: json_opt(row.get(34)?)?,
         spot_check,
+        body_purged_at_ms: row.get::<Option<u64>>(37)?,
     };
     Ok(Some(detail))
 }
@@ -632,6 +789,9 @@ pub(crate) fn why_not_pending(s: &ReviewState) -> String {
         ReviewStatus::Rejected => by("rejected"),
         ReviewStatus::Expired => "review expired (hold timeout) before a decision".to_string(),
         ReviewStatus::Cancelled => "review was cancelled: the caller went away".to_string(),
+        ReviewStatus::Abandoned => {
+            "review was abandoned: its held request was gone when it was approved".to_string()
+        }
         // Only reachable if a concurrent writer on the same file re-opened it.
         ReviewStatus::Pending => "review changed concurrently; retry".to_string(),
     }

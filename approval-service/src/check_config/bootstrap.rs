@@ -172,6 +172,8 @@ struct WasmConfig {
     fail_open: Option<bool>,
     #[serde(deserialize_with = "lenient")]
     failure_policy: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    allow_on_headers_stop_iteration: Option<bool>,
     /// The plugin configuration: see [`configuration_text`].
     #[serde(deserialize_with = "present")]
     configuration: Option<Value>,
@@ -441,6 +443,13 @@ impl Checker {
                 continue;
             };
             self.wasm_vm(file, &wasm, &place);
+            self.answers_held(
+                file,
+                &config,
+                Some(wasm.allow_on_headers_stop_iteration == Some(true)),
+                "set it in the filter's `config`, as envoy/countersign.yaml does",
+                &place,
+            );
             self.buffer_after(file, filters.get(i + 1), &config, &place);
             let max_body = u64::try_from(config.max_body_bytes).unwrap_or(u64::MAX);
             if conn_limit < max_body {
@@ -754,6 +763,41 @@ static_resources:
             errors[0].contains("or a type.googleapis.com/google.protobuf.Struct"),
             "{errors:?}"
         );
+    }
+
+    #[test]
+    fn answers_held_for_review_need_headers_stop_iteration() {
+        let reviews_answers = r#"{"content_policy":{"response_rules":[{"name":"tools","action":"review","tools":["delete_*"],"streams":"block"}]}}"#;
+        let r = check_texts(&[("envoy.yaml", &bootstrap(reviews_answers))]);
+        let errors = messages(&r, Level::Error);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].contains("response rule(s) `tools`")
+                && errors[0].contains("allow_on_headers_stop_iteration: true"),
+            "{errors:?}"
+        );
+        let allowed = bootstrap(reviews_answers).replace(
+            "root_id: countersign\n",
+            "root_id: countersign\n                allow_on_headers_stop_iteration: true\n",
+        );
+        let r = check_texts(&[("envoy.yaml", &allowed)]);
+        assert!(!r.has_errors(), "{:?}", r.lines);
+        assert!(
+            messages(&r, Level::Ok)
+                .iter()
+                .any(|m| m.contains("allow_on_headers_stop_iteration is set")),
+            "{:?}",
+            r.lines
+        );
+        // Set to false: the same as missing.
+        let r = check_texts(&[(
+            "envoy.yaml",
+            &allowed.replace("stop_iteration: true", "stop_iteration: false"),
+        )]);
+        assert_eq!(messages(&r, Level::Error).len(), 1, "{:?}", r.lines);
+        // Without `review` response rules the setting does not matter.
+        let r = check_texts(&[("envoy.yaml", &bootstrap("{}"))]);
+        assert!(!r.has_errors(), "{:?}", r.lines);
     }
 
     #[test]

@@ -206,6 +206,7 @@ impl Checker {
             if wasm.fail_open == Some(true) {
                 self.report.warning(file, format!("failOpen: true: if the plugin cannot load, requests go unreviewed ({wasm_place})"));
             }
+            self.answers_held_in_manifest(file, &config, "an EnvoyExtensionPolicy", &wasm_place);
             self.mesh.eg_policies.push(GatewayPolicy {
                 file: file.to_path_buf(),
                 place: wasm_place.clone(),
@@ -349,5 +350,18 @@ spec:
             "{all}"
         );
         assert!(all.contains("raises the stream idle timeout"), "{all}");
+
+        // An EnvoyExtensionPolicy cannot let a held answer's body through.
+        let reviews_answers = policy.replace("SHA", &sha).replace(
+            "      hold_timeout_ms: 300000\n",
+            "      hold_timeout_ms: 300000\n      content_policy:\n        response_rules:\n        - { name: tools, action: review, tools: [\"delete_*\"], streams: block }\n",
+        );
+        let r = check_texts(&[("policy.yaml", &reviews_answers), ("patch.yaml", patch)]);
+        let errors = messages(&r, Level::Error);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].contains("an EnvoyExtensionPolicy cannot set it"),
+            "{errors:?}"
+        );
     }
 }

@@ -146,6 +146,7 @@ impl Checker {
         if spec.fail_strategy.as_deref() == Some("FAIL_OPEN") {
             self.report.warning(file, format!("failStrategy FAIL_OPEN: if the plugin cannot load, requests go unreviewed ({place})"));
         }
+        self.answers_held_in_manifest(file, &config, "a WasmPlugin", place);
         self.mesh.wasm_plugins.push(IstioPlugin {
             file: file.to_path_buf(),
             filter_name: format!("{ns}.{name}"),
@@ -309,6 +310,21 @@ stringData:
         assert!(
             errors.contains("field `approval_token`: its SHA-256 is not filter_token_sha256"),
             "{errors}"
+        );
+    }
+
+    #[test]
+    fn a_wasm_plugin_cannot_hold_answers() {
+        let reviews_answers = ISTIO.replace("SHA", &"a".repeat(64)).replace("MODEL", "m").replace(
+            "    rules:\n",
+            "    content_policy:\n      response_rules:\n      - { name: tools, action: review, tools: [\"delete_*\"], streams: block }\n    rules:\n",
+        );
+        let r = check_texts(&[("istio.yaml", &reviews_answers)]);
+        let errors = messages(&r, Level::Error);
+        assert!(
+            errors.iter().any(|e| e.contains("response rule(s) `tools`")
+                && e.contains("a WasmPlugin cannot set it")),
+            "{errors:?}"
         );
     }
 }

@@ -37,12 +37,29 @@ pub(crate) fn unknown_env_value(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| STAND_IN_SECRET.to_string())
 }
 
-/// The longest hold a configuration allows (global or per rule).
+/// The longest hold a configuration allows (global, per rule, or per
+/// `review` response rule).
 pub(super) fn longest_hold_ms(c: &PluginConfig) -> u64 {
+    let answers = c
+        .content_policy
+        .answer_review_rules()
+        .filter_map(|r| r.hold_timeout_ms());
     c.rules
         .iter()
         .filter_map(|r| r.hold_timeout_ms)
+        .chain(answers)
         .fold(c.hold_timeout_ms, u64::max)
+}
+
+/// Where a plugin configuration's `review` response rules hold answers
+/// (their names, quoted), or `None` when it has none.
+fn answer_review_rules(c: &PluginConfig) -> Option<String> {
+    let names: Vec<String> = c
+        .content_policy
+        .answer_review_rules()
+        .map(|r| format!("`{}`", r.name()))
+        .collect();
+    (!names.is_empty()).then(|| names.join(", "))
 }
 
 fn summary(c: &PluginConfig) -> String {
@@ -56,6 +73,55 @@ fn summary(c: &PluginConfig) -> String {
 }
 
 impl Checker {
+    /// An answer held for review keeps its head back while its body still
+    /// reaches the filter; without `allow_on_headers_stop_iteration` Envoy
+    /// stops the body with the head, and the held answer would wait until
+    /// a timeout cut it. `allowed`: what the deployment sets (`None`: it
+    /// cannot set it, with `how` saying what to do instead).
+    pub(super) fn answers_held(
+        &mut self,
+        file: &Path,
+        config: &PluginConfig,
+        allowed: Option<bool>,
+        how: &str,
+        place: &str,
+    ) {
+        let Some(rules) = answer_review_rules(config) else {
+            return;
+        };
+        if allowed == Some(true) {
+            self.report.ok(
+                file,
+                format!("allow_on_headers_stop_iteration is set for the answers response rule(s) {rules} hold ({place})"),
+            );
+            return;
+        }
+        self.report.error(
+            file,
+            format!(
+                "response rule(s) {rules} with action `review` hold answers, which needs the Wasm filter's \
+                 `allow_on_headers_stop_iteration: true` (Envoy >= 1.35): without it Envoy stops an answer's body \
+                 with its head and a held answer never reaches the filter; {how} ({place})"
+            ),
+        );
+    }
+
+    /// [`Checker::answers_held`] for a mesh resource (`what`, with its
+    /// article) that has no field for `allow_on_headers_stop_iteration`.
+    pub(super) fn answers_held_in_manifest(
+        &mut self,
+        file: &Path,
+        config: &PluginConfig,
+        what: &str,
+        place: &str,
+    ) {
+        let how = format!(
+            "{what} cannot set it: review answers behind an Envoy you configure \
+             (envoy/countersign.yaml), or leave such rules out here"
+        );
+        self.answers_held(file, config, None, &how, place);
+    }
+
     /// Keeps a valid plugin configuration for the cross-checks.
     pub(super) fn seen(&mut self, file: &Path, place: String, config: PluginConfig) {
         self.plugins.push(SeenPlugin {

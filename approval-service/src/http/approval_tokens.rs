@@ -94,6 +94,7 @@ pub async fn consume(
                 &lookup_id,
                 &req.caller,
                 &req.body_sha256,
+                req.idempotency_key.as_deref(),
                 max_uses,
                 ttl_ms,
                 now,
@@ -103,6 +104,11 @@ pub async fn consume(
     match outcome {
         ConsumeOutcome::Spent(uses) => {
             tracing::info!(review_id = %id, caller = %caller, uses, "approval token spent");
+            Ok(Json(Consumed { id, uses }))
+        }
+        ConsumeOutcome::Repeated(uses) => {
+            tracing::info!(review_id = %id, caller = %caller, uses,
+                "approval token consumption repeated (its answer was lost); nothing more spent");
             Ok(Json(Consumed { id, uses }))
         }
         ConsumeOutcome::UsedUp => {

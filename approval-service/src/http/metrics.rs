@@ -3,8 +3,6 @@
 //! required; with `metrics_listen`, only on that address (and not on the
 //! service's), without authentication.
 
-use std::sync::atomic::Ordering;
-
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -13,95 +11,56 @@ use super::auth::Reviewer;
 use super::error::ApiError;
 use crate::state::AppState;
 
-/// Review statuses always reported by `countersign_reviews_decided_total`.
-const FINAL_STATUSES: [&str; 4] = ["approved", "rejected", "expired", "cancelled"];
-
-fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, u64)]) {
-    out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-    for (labels, v) in samples {
-        out.push_str(&format!("{name}{labels} {v}\n"));
-    }
+/// The metrics text (Prometheus exposition format 0.0.4): this process's
+/// instruments and the database's view of the reviews
+/// ([`crate::metrics::Metrics::render`]).
+pub async fn render_metrics(state: &AppState) -> Result<String, ApiError> {
+    let load = state.records_db(|s| s.review_load()).await?;
+    state
+        .metrics()
+        .render(
+            &load,
+            crate::now_ms(),
+            state.records().counters(),
+            state.waiting_reviews(),
+        )
+        .map_err(|e| ApiError::Internal(format!("metrics could not be written: {e}")))
 }
 
-/// The metrics text (Prometheus exposition format 0.0.4).
-pub async fn render_metrics(state: &AppState) -> Result<String, ApiError> {
-    let counts = state.records_db(|s| s.review_counts()).await?;
-    let total: u64 = counts.iter().map(|(_, n)| n).sum();
-    let pending = counts
-        .iter()
-        .find(|(s, _)| s == "pending")
-        .map_or(0, |(_, n)| *n);
-    let mut decided: Vec<(String, u64)> = FINAL_STATUSES
-        .iter()
-        .map(|s| {
-            let n = counts.iter().find(|(c, _)| c == s).map_or(0, |(_, n)| *n);
-            (format!("{{status=\"{s}\"}}"), n)
-        })
-        .collect();
-    for (s, n) in &counts {
-        let known = s == "pending" || FINAL_STATUSES.contains(&s.as_str());
-        // Status names come from our own database; keep them label-safe.
-        if !known && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            decided.push((format!("{{status=\"{s}\"}}"), *n));
-        }
-    }
-    let c = state.records().counters();
-    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let mut out = String::new();
-    metric(
-        &mut out,
-        "countersign_reviews_created_total",
-        "counter",
-        "Reviews created (counted from the database).",
-        &[(String::new(), total)],
+/// Times each request for `countersign_http_request_duration_seconds`, by
+/// the route's path pattern (never the path itself: ids would make a
+/// series each).
+pub async fn time_request(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_string();
+    // Methods outside HTTP's own are one label value, so no client can
+    // make a series per method it invents.
+    let method = match request.method().as_str() {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
+    };
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    state.metrics().observe_http(
+        &route,
+        method,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
     );
-    metric(
-        &mut out,
-        "countersign_reviews_decided_total",
-        "counter",
-        "Reviews that left pending, by final status (counted from the database).",
-        &decided,
-    );
-    metric(
-        &mut out,
-        "countersign_reviews_pending",
-        "gauge",
-        "Reviews waiting for a decision.",
-        &[(String::new(), pending)],
-    );
-    metric(
-        &mut out,
-        "countersign_records_written_total",
-        "counter",
-        "Session record entries written by this process, by kind.",
-        &[
-            ("{kind=\"request\"}".into(), load(&c.requests)),
-            ("{kind=\"response\"}".into(), load(&c.responses)),
-            ("{kind=\"retention\"}".into(), load(&c.retentions)),
-        ],
-    );
-    metric(
-        &mut out,
-        "countersign_record_write_failures_total",
-        "counter",
-        "Session record writes the database refused (the filter refuses those requests).",
-        &[(String::new(), load(&c.write_failures))],
-    );
-    metric(
-        &mut out,
-        "countersign_records_deleted_total",
-        "counter",
-        "Session record entries deleted by retention in this process.",
-        &[(String::new(), load(&c.retention_deleted))],
-    );
-    metric(
-        &mut out,
-        "countersign_long_polls_waiting",
-        "gauge",
-        "Reviews with at least one filter long poll waiting on them.",
-        &[(String::new(), state.waiting_reviews() as u64)],
-    );
-    Ok(out)
+    response
 }
 
 /// `GET /metrics` on the service's address (when `metrics_listen` is not

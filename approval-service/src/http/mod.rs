@@ -112,11 +112,15 @@ fn router(state: AppState, client: Option<reqwest::Client>) -> Router {
         .layer(Extension(session_checks))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(ui::security_headers))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::time_request,
+        ))
         .with_state(state)
 }
 
-/// Serves [`app`] on `listener` with the expiry sweeper, record retention
-/// and notifications (webhooks, Slack: [`crate::notify`]) running, until
+/// Serves [`app`] on `listener` with the expiry sweeper, record retention,
+/// the decision metrics and notifications (webhooks, Slack: [`crate::notify`]) running, until
 /// `shutdown` resolves; then pending long polls answer at once and
 /// in-flight requests finish before this returns.
 pub async fn run(
@@ -128,6 +132,7 @@ pub async fn run(
     let notifier = crate::notify::spawn(&state, client.clone());
     let sweeper = state.spawn_sweeper(SWEEP_PERIOD);
     let retention = state.spawn_retention(RETENTION_PERIOD);
+    let decision_metrics = state.spawn_decision_metrics();
     let on_shutdown = state.clone();
     // The peer address limits failed sign-ins per client (`ui::login`).
     let service =
@@ -140,6 +145,7 @@ pub async fn run(
         .await;
     sweeper.abort();
     retention.abort();
+    decision_metrics.abort();
     if let Some(notifier) = notifier {
         notifier.abort();
     }

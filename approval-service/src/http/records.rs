@@ -39,7 +39,7 @@ pub async fn create_record(
     let decision = rec.decision.clone();
     let now = crate::now_ms();
     let w = state
-        .write_record(move |s| s.write_request(rec, now))
+        .write_record("request", move |s| s.write_request(rec, now))
         .await?;
     tracing::info!(
         record_id = %w.record_id,
@@ -62,7 +62,7 @@ pub async fn create_response(
     let now = crate::now_ms();
     let ref_id = id.clone();
     let w = state
-        .write_record(move |s| s.write_response(&ref_id, resp, now))
+        .write_record("response", move |s| s.write_response(&ref_id, resp, now))
         .await?;
     tracing::info!(
         record_id = %w.record_id,

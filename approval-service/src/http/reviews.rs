@@ -85,6 +85,7 @@ pub async fn create_review(
             ));
         }
     }
+    state.metrics().observe_hits(&new.request.evidence.hits);
     tracing::info!(
         review_id = %new.id,
         request_id = %new.request.request_id,
@@ -128,6 +129,9 @@ pub async fn wait_review(
 ) -> Result<Json<ReviewState>, ApiError> {
     let budget = Duration::from_millis(params.timeout_ms.min(state.config().max_long_poll_ms));
     let deadline = tokio::time::Instant::now() + budget;
+    // The hold is alive while this poll lasts and a grace after it; stored
+    // for every replica (an approval may reach another one).
+    let _poll = HoldPoll::begin(&state, &id, budget).await?;
     // Subscribe before the first read so no decision slips in between.
     let mut guard = state.subscribe(&id);
     let mut shutdown = state.shutdown_receiver();
@@ -156,6 +160,51 @@ pub async fn wait_review(
             () = guard.changed() => {}
             () = tokio::time::sleep(remaining.min(until_expiry)) => {}
             _ = shutdown.wait_for(|down| *down) => return Ok(Json(current)),
+        }
+    }
+}
+
+/// One long poll of a held request: marks its hold alive until the poll's
+/// end plus `hold_grace_ms`, and, when dropped (answered, or cut off
+/// because the filter's connection closed: Envoy may be gone), alive for
+/// the grace from then.
+struct HoldPoll {
+    state: AppState,
+    id: String,
+    alive_until_ms: u64,
+}
+
+impl HoldPoll {
+    async fn begin(state: &AppState, id: &str, budget: Duration) -> Result<HoldPoll, ApiError> {
+        let budget_ms = u64::try_from(budget.as_millis()).unwrap_or(u64::MAX);
+        let alive_until_ms = crate::now_ms()
+            .saturating_add(budget_ms)
+            .saturating_add(state.config().hold_grace_ms);
+        let poll_id = id.to_string();
+        state
+            .db(move |s| s.hold_polled(&poll_id, alive_until_ms))
+            .await?;
+        Ok(HoldPoll {
+            state: state.clone(),
+            id: id.to_string(),
+            alive_until_ms,
+        })
+    }
+}
+
+impl Drop for HoldPoll {
+    fn drop(&mut self) {
+        let (state, id, until) = (self.state.clone(), self.id.clone(), self.alive_until_ms);
+        // Drop cannot wait: the write runs on its own (a handler is always
+        // dropped inside the runtime).
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let now = crate::now_ms();
+                let ended = state.db(move |s| s.hold_poll_ended(&id, until, now)).await;
+                if let Err(e) = ended {
+                    tracing::warn!(error = %e, "could not record the end of a long poll");
+                }
+            });
         }
     }
 }
@@ -260,7 +309,7 @@ pub async fn list_reviews(
         .map(|s| {
             ReviewStatus::parse(s).ok_or_else(|| {
                 ApiError::BadRequest(format!(
-                    "status must be one of pending, approved, rejected, expired, cancelled; got {s:?}"
+                    "status must be one of pending, approved, rejected, expired, cancelled, abandoned; got {s:?}"
                 ))
             })
         })
@@ -389,6 +438,21 @@ async fn decide_as(
                 "decision refused"
             );
             Err(refused.into())
+        }
+        DecideOutcome::Abandoned(detail) => {
+            state.publish(&id, detail.summary.status);
+            tracing::warn!(
+                review_id = %id,
+                reviewer = %decision.reviewer,
+                "approval refused: the held request is gone; review abandoned"
+            );
+            Err(ApiError::Coded {
+                status: StatusCode::CONFLICT,
+                code: "review_abandoned",
+                message: "the held request is gone (its gateway stopped waiting, e.g. Envoy \
+                          restarted): nothing was released, and the review is now abandoned"
+                    .into(),
+            })
         }
         DecideOutcome::NotFound => Err(not_found()),
         DecideOutcome::NotPending(why) => {

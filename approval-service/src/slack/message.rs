@@ -91,11 +91,15 @@ fn outcome_line(review: &ReviewSummary) -> String {
         .map(|r| format!(": {r}"))
         .unwrap_or_default();
     match review.status {
-        ReviewStatus::Pending => "Review pending".to_string(),
+        ReviewStatus::Pending => format!(
+            "{} pending",
+            crate::store::review_title(review.kind, review.mode)
+        ),
         ReviewStatus::Approved => format!("Approved by {who}{because}"),
         ReviewStatus::Rejected => format!("Rejected by {who}{because}"),
         ReviewStatus::Expired => "Expired: nobody decided in time".to_string(),
         ReviewStatus::Cancelled => "Cancelled: the caller went away".to_string(),
+        ReviewStatus::Abandoned => "Abandoned: the held request was gone when approved".to_string(),
     }
 }
 
@@ -149,7 +153,8 @@ mod tests {
             async_review: false,
             approval_count: 1,
             automatic: false,
-            kind: countersign_core::wire::ReviewKind::Review,
+            kind: countersign_core::wire::ReviewKind::Prompt,
+            mode: countersign_core::wire::ReviewMode::Hold,
         }
     }
 
@@ -165,6 +170,15 @@ mod tests {
         assert_eq!(actions[1]["action_id"], REJECT_ACTION);
         assert_eq!(actions[2]["url"], "https://cs/reviews/rev_1");
         assert_eq!(m["blocks"][1]["text"]["type"], "plain_text");
+    }
+
+    #[test]
+    fn pending_says_what_is_reviewed() {
+        let mut r = review(ReviewStatus::Pending);
+        r.kind = countersign_core::wire::ReviewKind::Response;
+        let m = review_message(&r, "u");
+        let head = m["blocks"][0]["text"]["text"].as_str().unwrap();
+        assert!(head.starts_with("*Answer review pending*"), "{head}");
     }
 
     #[test]

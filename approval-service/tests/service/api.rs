@@ -666,3 +666,49 @@ async fn run_serves_and_shuts_down_promptly() {
     assert_eq!(v["status"], "pending");
     assert!(t.elapsed() < Duration::from_secs(5));
 }
+
+#[tokio::test]
+async fn reviews_of_tool_calls_keep_their_kind_and_calls() {
+    let f = fixture("");
+    let prompt_review = create(&f.app, 60_000).await;
+    let answer = json!({"choices":[{"message":{"tool_calls":[
+        {"id":"call_1","type":"function","function":{"name":"delete_file","arguments":"{\"path\":\"/srv\"}"}}]}}]});
+    let tool_review = common::create_review(
+        &f.app,
+        &[],
+        common::merged(
+            create_body(60_000),
+            json!({
+                "kind": "tool_call",
+                "body": answer.to_string(),
+                "tool_calls": [{"id": "call_1", "name": "delete_file", "arguments": "{\"path\":\"/srv\"}"}],
+            }),
+        ),
+    )
+    .await;
+    let ids = |v: &Value| -> Vec<String> {
+        v["reviews"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (_, all) = get_as(&f.app, BOB, "/api/reviews").await;
+    assert_eq!(ids(&all), [tool_review.clone(), prompt_review.clone()]);
+    assert_eq!(all["reviews"][0]["kind"], "tool_call");
+    assert_eq!(all["reviews"][1]["kind"], "prompt");
+    let (_, tools) = get_as(&f.app, BOB, "/api/reviews?kind=tool_call").await;
+    assert_eq!(ids(&tools), vec![tool_review.clone()]);
+    let (_, prompts) = get_as(&f.app, BOB, "/api/reviews?kind=prompt&status=pending").await;
+    assert_eq!(ids(&prompts), vec![prompt_review.clone()]);
+    let (s, _) = get_as(&f.app, BOB, "/api/reviews?kind=bogus").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+
+    let (_, detail) = get_as(&f.app, BOB, &format!("/api/reviews/{tool_review}")).await;
+    assert_eq!(detail["kind"], "tool_call");
+    assert_eq!(detail["tool_calls"][0]["name"], "delete_file");
+    assert_eq!(detail["tool_calls"][0]["arguments"], "{\"path\":\"/srv\"}");
+    let (_, detail) = get_as(&f.app, BOB, &format!("/api/reviews/{prompt_review}")).await;
+    assert_eq!(detail["tool_calls"], json!([]));
+}

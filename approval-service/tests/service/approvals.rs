@@ -80,6 +80,10 @@ async fn status_of(app: &Router, id: &str, caller: &str) -> (StatusCode, Value) 
 
 async fn consume(app: &Router, id: &str, caller: &str, body: &str) -> (StatusCode, Value) {
     let req = json!({"caller": caller, "body_sha256": body_hash(body.as_bytes())});
+    consume_request(app, id, req).await
+}
+
+async fn consume_request(app: &Router, id: &str, req: Value) -> (StatusCode, Value) {
     call(
         app,
         "POST",
@@ -484,6 +488,71 @@ async fn consume_is_single_use() {
     let (s, v) = consume(&f.app, &id, "svc-a", BODY).await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
     assert_error(&v, "conflict");
+    assert_eq!(detail(&f.app, &id).await["token_uses"], 1);
+}
+
+/// [`consume`] with the filter's idempotency key.
+async fn consume_keyed(
+    app: &Router,
+    id: &str,
+    caller: &str,
+    body: &str,
+    key: &str,
+) -> (StatusCode, Value) {
+    let req = json!({"caller": caller, "body_sha256": body_hash(body.as_bytes()),
+                     "idempotency_key": key});
+    consume_request(app, id, req).await
+}
+
+#[tokio::test]
+async fn a_repeated_consume_with_its_key_answers_the_same_use_without_spending_another() {
+    let f = with_key("token_max_uses = 2");
+    let id = create(&f.app, json!({"async_review": true})).await;
+    decide(&f.app, &id, ALICE, "approve", json!({})).await;
+    // The first answer is lost; the filter asks again with the same key.
+    for _ in 0..3 {
+        let (s, v) = consume_keyed(&f.app, &id, "svc-a", BODY, "req-1:01:consume").await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v, json!({"id": id, "uses": 1}));
+    }
+    assert_eq!(detail(&f.app, &id).await["token_uses"], 1);
+    // The key is no pass: another caller or another body is still refused.
+    let (s, v) = consume_keyed(&f.app, &id, "svc-b", BODY, "req-1:01:consume").await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    let (s, v) = consume_keyed(&f.app, &id, "svc-a", "{}", "req-1:01:consume").await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    // Another request spends the second use; after that, a third request
+    // (another key) is a replay, while each spent key still gets its answer.
+    let (s, v) = consume_keyed(&f.app, &id, "svc-a", BODY, "req-2:02:consume").await;
+    assert_eq!((s, v["uses"].clone()), (StatusCode::OK, json!(2)), "{v}");
+    let (s, v) = consume_keyed(&f.app, &id, "svc-a", BODY, "req-3:03:consume").await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    let (s, v) = consume(&f.app, &id, "svc-a", BODY).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    for (key, uses) in [("req-1:01:consume", 1), ("req-2:02:consume", 2)] {
+        let (s, v) = consume_keyed(&f.app, &id, "svc-a", BODY, key).await;
+        assert_eq!((s, v["uses"].clone()), (StatusCode::OK, json!(uses)), "{v}");
+    }
+    assert_eq!(detail(&f.app, &id).await["token_uses"], 2);
+}
+
+#[tokio::test]
+async fn concurrent_consumes_with_one_key_spend_one_use() {
+    let f = with_key("token_max_uses = 3");
+    let id = create(&f.app, json!({"async_review": true})).await;
+    decide(&f.app, &id, ALICE, "approve", json!({})).await;
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            let (app, id) = (f.app.clone(), id.clone());
+            tokio::spawn(async move {
+                consume_keyed(&app, &id, "svc-a", BODY, "req-9:09:consume").await
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (s, v) = t.await.unwrap();
+        assert_eq!((s, v["uses"].clone()), (StatusCode::OK, json!(1)), "{v}");
+    }
     assert_eq!(detail(&f.app, &id).await["token_uses"], 1);
 }
 

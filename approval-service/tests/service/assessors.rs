@@ -146,6 +146,8 @@ async fn assessed(f: &Fixture, id: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_harmless_prompt_is_approved_by_the_assessors_and_released_through_the_long_poll() {
     let (f, seen) = service().await;
+    // `run` follows the review events for the decision metrics.
+    let server = common::serve(f.state.clone()).await;
     let id = common::create_review(&f.app, &[], review("what is 2+2?", json!({}))).await;
     let (status, state) = common::wait(&f.app, &id, Some(10_000)).await;
     assert_eq!(status, StatusCode::OK);
@@ -162,6 +164,26 @@ async fn a_harmless_prompt_is_approved_by_the_assessors_and_released_through_the
         .collect();
     assert_eq!(names, ["mod", "guard", "pii"]);
     assert_eq!(v["evidence"]["tools"], json!(["run_shell"]));
+    // The metrics: each assessor's call timed, the decision counted as
+    // the assessors'.
+    let assessor = [("decider", "assessor")];
+    let scraped = crate::metrics::until_decided(&f.app, &assessor, 1.0).await;
+    for name in ["mod", "guard", "pii"] {
+        let calls = [("assessor", name), ("result", "ok")];
+        let n = crate::metrics::value(
+            &scraped,
+            "countersign_assessor_request_duration_seconds_count",
+            &calls,
+        );
+        assert_eq!(n, 1.0, "{name}");
+    }
+    let by_assessor = [
+        ("decider", "assessor"),
+        ("outcome", "approved"),
+        ("reviewer", "assessor:mod+guard+pii"),
+    ];
+    let n = crate::metrics::value(&scraped, "countersign_review_decisions_total", &by_assessor);
+    assert_eq!(n, 1.0);
     // The exact request formats.
     let seen = seen.lock().unwrap().clone();
     let body_of = |path: &str| seen.iter().find(|(p, _)| p == path).unwrap().1.clone();
@@ -179,6 +201,7 @@ async fn a_harmless_prompt_is_approved_by_the_assessors_and_released_through_the
         chat["messages"],
         json!([{"role": "user", "content": "user: what is 2+2?"}])
     );
+    server.shut_down().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

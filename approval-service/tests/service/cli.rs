@@ -334,7 +334,7 @@ fn metrics_listen_moves_metrics_to_an_address_of_their_own() {
     stop(child);
     assert!(scraped.starts_with("HTTP/1.1 200"), "{scraped}");
     assert!(
-        scraped.contains("countersign_reviews_pending 0"),
+        scraped.contains("countersign_reviews_pending{kind=\"prompt\",mode=\"hold\"} 0"),
         "{scraped}"
     );
     assert!(on_service.starts_with("HTTP/1.1 404"), "{on_service}");

@@ -11,6 +11,8 @@ mod assessors;
 mod cli;
 mod common;
 mod config_reference;
+mod holds;
+mod metrics;
 mod oidc;
 mod postgres_schema;
 mod postgres_tls;

@@ -346,7 +346,7 @@ async fn records_written_enriched_queried_and_exported() {
         "countersign_reviews_decided_total{status=\"approved\"} 2",
         "countersign_reviews_decided_total{status=\"rejected\"} 0",
         "# TYPE countersign_reviews_pending gauge",
-        "countersign_reviews_pending 0",
+        "countersign_reviews_pending{kind=\"prompt\",mode=\"hold\"} 0",
         "countersign_records_written_total{kind=\"request\"} 4",
         "countersign_records_written_total{kind=\"response\"} 1",
         "countersign_record_write_failures_total 0",
@@ -360,7 +360,7 @@ async fn records_written_enriched_queried_and_exported() {
     for l in text.lines().filter(|l| !l.starts_with('#')) {
         let (name, value) = l.rsplit_once(' ').unwrap();
         assert!(name.starts_with("countersign_"), "{l}");
-        value.parse::<u64>().unwrap();
+        value.parse::<f64>().unwrap();
     }
 
     // The chain verifies: 4 requests + 1 response.
@@ -383,7 +383,7 @@ async fn metrics_can_require_a_reviewer() {
     assert_eq!(r.status, StatusCode::OK);
     assert!(String::from_utf8(r.body.to_vec())
         .unwrap()
-        .contains("countersign_reviews_pending 0"));
+        .contains("countersign_reviews_pending{kind=\"prompt\",mode=\"hold\"} 0"));
 }
 
 #[tokio::test]
@@ -397,7 +397,7 @@ async fn metrics_listen_takes_metrics_off_the_service_address() {
     assert_eq!(r.status, StatusCode::OK);
     assert!(String::from_utf8(r.body.to_vec())
         .unwrap()
-        .contains("countersign_reviews_pending 0"));
+        .contains("countersign_reviews_pending{kind=\"prompt\",mode=\"hold\"} 0"));
     // Nothing else is served there.
     let r = send(
         &metrics,
@@ -775,6 +775,121 @@ fn retention_deletes_a_prefix_and_the_chain_still_verifies() {
     })
     .unwrap();
     assert!(verify(&db).is_err());
+}
+
+#[test]
+fn review_retention_drops_old_bodies_and_the_chain_still_verifies() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("review-ret.db");
+    let state = common::open_state(&config_toml(&db, "record_retention_days = 1"));
+    let app = countersign_approval::app(state.clone());
+    let secret =
+        r#"{"model":"gpt-x","messages":[{"role":"user","content":"the old secret plan"}]}"#;
+    let review = |request_id: &'static str| {
+        let req = common::review_request(json!({"request_id": request_id, "body": secret,
+            "prompt": [{"role": "user", "text": "the old secret plan"}]}));
+        rt.block_on(common::create_review(&app, &[FILTER_HEADER], req))
+    };
+    // Old: one approved with an edit, one rejected, one still pending;
+    // recent: one approved.
+    let (edited, rejected, pending, recent) = (
+        review("r-edit"),
+        review("r-rej"),
+        review("r-pend"),
+        review("r-new"),
+    );
+    let edit = json!({"body": {"model": "gpt-x", "messages": []}});
+    rt.block_on(decide_ok(&app, &edited, ALICE, "edit", edit));
+    rt.block_on(decide_ok(
+        &app,
+        &rejected,
+        ALICE,
+        "reject",
+        json!({"reason": "no"}),
+    ));
+    rt.block_on(decide_ok(&app, &recent, ALICE, "approve", json!({})));
+    let old_record = rt.block_on(write(
+        &app,
+        record("approved", "svc", Some(&edited), Some(BODY)),
+    ));
+    let mut conn = common::RawDb::open(&db);
+    let three_days = 3 * DAY_MS;
+    for id in [&edited, &rejected, &pending] {
+        conn.exec(&format!(
+            "UPDATE reviews SET created_at_ms = created_at_ms - {three_days},
+                 expires_at_ms = expires_at_ms + {three_days} WHERE id = '{id}'"
+        ))
+        .unwrap();
+    }
+    assert_eq!(verify(&db).unwrap().records, 1);
+
+    let now = countersign_approval::now_ms();
+    // The old record is younger than the cutoff: records keep it; only
+    // the reviews' bodies go.
+    assert_eq!(rt.block_on(state.retention_once()).unwrap(), 0);
+    let detail = |id: &str| {
+        rt.block_on(get_as(&app, ALICE, &format!("/api/reviews/{id}")))
+            .1
+    };
+    for id in [&edited, &rejected] {
+        let d = detail(id);
+        assert_eq!(
+            (d["body"].as_str(), d["prompt"].clone()),
+            (Some(""), json!([])),
+            "{d}"
+        );
+        assert_eq!(d["preview"], "", "{d}");
+        assert!(d["body_purged_at_ms"].as_u64().unwrap() >= now, "{d}");
+        assert!(!d.to_string().contains("secret plan"), "{d}");
+    }
+    // What was decided, by whom and why stays; so does the fact of an edit.
+    let d = detail(&edited);
+    assert_eq!(
+        (d["status"].as_str(), d["reviewer"].as_str()),
+        (Some("approved"), Some("alice"))
+    );
+    assert_eq!(
+        (d["edited"].clone(), d["edited_body"].clone()),
+        (json!(true), json!("")),
+        "{d}"
+    );
+    assert_eq!(d["approvals"][0]["edited"], true, "{d}");
+    assert_eq!(detail(&rejected)["reason"], "no");
+    // A pending review and a recent one keep everything.
+    for id in [&pending, &recent] {
+        let d = detail(id);
+        assert!(d["body"].as_str().unwrap().contains("secret plan"), "{d}");
+        assert_eq!(d["body_purged_at_ms"], Value::Null, "{d}");
+    }
+    // The text search no longer finds the purged prompts.
+    let (_, found) = rt.block_on(get_as(&app, ALICE, "/api/reviews?q=secret%20plan"));
+    let mut ids: Vec<String> = found["reviews"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    let mut kept = vec![pending.clone(), recent.clone()];
+    kept.sort();
+    assert_eq!(ids, kept);
+
+    // The chain says so, and still verifies (library and CLI).
+    let ok = verify(&db).unwrap();
+    assert_eq!(ok.records, 2, "{ok}");
+    let note = conn.text("SELECT entry FROM records WHERE kind = 'retention'");
+    let note: Value = serde_json::from_str(&note).unwrap();
+    assert_eq!(note["retention"]["review_bodies_purged"], 2, "{note}");
+    assert!(state.records().get(&old_record).unwrap().is_some());
+    let (code, out) = verify_cli(&db);
+    assert_eq!(code, 0, "{out}");
+    // Nothing more is due: no second note.
+    assert_eq!(rt.block_on(state.retention_once()).unwrap(), 0);
+    assert_eq!(verify(&db).unwrap().records, 2);
 }
 
 #[test]

@@ -387,7 +387,7 @@ async fn concurrent_matches_never_exceed_max_uses() {
 }
 
 /// An audit (a spot check of an allowed request, forwarded already) is
-/// stored with its kind and draw, listed apart, never approved by a
+/// stored with its mode and draw, listed apart, never approved by a
 /// standing approval, and cannot make one.
 #[tokio::test]
 async fn audits_keep_their_draw_and_are_for_people() {
@@ -395,13 +395,16 @@ async fn audits_keep_their_draw_and_are_for_people() {
     live_standing(&f.app, 10).await;
     let draw = json!({"share": 0.02, "mode": "audit", "nonce": 12345u64, "draw": 0.0125});
     let mut audit = ci_review("build 2");
-    audit["kind"] = json!("audit");
+    audit["mode"] = json!("audit");
     audit["spot_check"] = draw.clone();
     let id = create_pending(&f.app, audit).await;
     let (_, detail) = get_as(&f.app, ALICE, &format!("/api/reviews/{id}")).await;
-    assert_eq!(detail["kind"], "audit");
+    assert_eq!(
+        (&detail["mode"], &detail["kind"]),
+        (&json!("audit"), &json!("prompt"))
+    );
     assert_eq!(detail["spot_check"], draw);
-    let (_, audits) = get_as(&f.app, ALICE, "/api/reviews?kind=audit").await;
+    let (_, audits) = get_as(&f.app, ALICE, "/api/reviews?mode=audit").await;
     let ids: Vec<&Value> = audits["reviews"]
         .as_array()
         .unwrap()
@@ -426,4 +429,22 @@ async fn audits_keep_their_draw_and_are_for_people() {
         (StatusCode::OK, &json!("rejected")),
         "{v}"
     );
+}
+
+/// A review of a model's tool calls is matched by nothing but its
+/// conversation, whatever the calls say: a standing approval neither
+/// approves it nor comes from it.
+#[tokio::test]
+async fn reviews_of_tool_calls_are_for_people() {
+    let f = fixture();
+    live_standing(&f.app, 10).await;
+    let mut tool_call = ci_review("build 2");
+    tool_call["kind"] = json!("tool_call");
+    tool_call["tool_calls"] = json!([{"id": "c1", "name": "deploy", "arguments": "{}"}]);
+    let id = create_pending(&f.app, tool_call).await;
+    let (s, v) = decide(&f.app, &id, ALICE, "approve", json!({"standing": terms(3)})).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_error(&v, "standing_terms");
+    // The same prompt as a review of the request is approved at once.
+    create_auto_approved(&f.app, ci_review("build 2")).await;
 }

@@ -54,6 +54,10 @@ pub const LOGPROBS_HEADER: &str = "x-demo-logprobs";
 /// `x-demo-finished: true` (sent over HTTP/2, and over HTTP/1.1 chunked
 /// when the request says `te: trailers`), as gRPC-style servers do.
 pub const TRAILERS_HEADER: &str = "x-demo-trailers";
+/// `x-demo-answer: JSON` answers with exactly this instead of the echo: a
+/// plain answer is the header's bytes verbatim; a streamed one is a JSON
+/// array of events sent in the API's framing (see [`scripted_answer`]).
+pub const ANSWER_HEADER: &str = "x-demo-answer";
 
 /// Shared state: counters and the request log.
 #[derive(Default)]
@@ -131,6 +135,7 @@ pub fn app_with_state(state: Shared) -> Router {
         .route("/_demo/requests", get(requests))
         .route("/_demo/reset", post(reset))
         .fallback(not_found)
+        .layer(middleware::from_fn(scripted_answer))
         .layer(middleware::from_fn(encode))
         .layer(middleware::from_fn(trailers))
         // The tracking middleware has already read (and bounded) the body.
@@ -344,6 +349,166 @@ fn gzip_stream(body: Body) -> impl Stream<Item = io::Result<Bytes>> {
             None => Some((enc.finish().map(Bytes::from), None)),
         }
     })
+}
+
+// ---------------------------------------------------------------- scripted answers
+
+/// How an API frames a streamed answer.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Framing {
+    /// `data: EVENT` (OpenAI chat and completions, Gemini with `alt=sse`).
+    Sse,
+    /// `event: TYPE` then `data: EVENT`, TYPE being the event's `type`
+    /// (Anthropic messages, the Responses API).
+    NamedSse,
+    /// One JSON value per line (Ollama).
+    JsonLines,
+    /// One JSON array, sent element by element (Gemini without `alt=sse`).
+    JsonArray,
+    /// AWS event-stream messages, each element `{"EVENT_TYPE": payload}`
+    /// (Bedrock `converse-stream`).
+    EventStream,
+    /// AWS event-stream `chunk` messages carrying each element base64
+    /// (Bedrock `invoke-with-response-stream`).
+    EventStreamChunks,
+}
+
+/// The framing of a streamed answer to `path` with `query` and request
+/// body `req`, or `None` for a plain answer.
+fn framing(path: &str, query: Option<&str>, req: &Value) -> Option<Framing> {
+    let streamed = wants_stream(req);
+    if path == "/api/chat" || path == "/api/generate" {
+        // Ollama streams unless told not to.
+        return (req.get("stream").and_then(Value::as_bool) != Some(false))
+            .then_some(Framing::JsonLines);
+    }
+    if path.starts_with("/model/") {
+        return if path.ends_with("/converse-stream") {
+            Some(Framing::EventStream)
+        } else if path.ends_with("/invoke-with-response-stream") {
+            Some(Framing::EventStreamChunks)
+        } else {
+            None
+        };
+    }
+    if path.ends_with(":streamGenerateContent") {
+        let sse = query.is_some_and(|q| q.split('&').any(|kv| kv == "alt=sse"));
+        return Some(if sse {
+            Framing::Sse
+        } else {
+            Framing::JsonArray
+        });
+    }
+    if path.ends_with(":generateContent") || !streamed {
+        return None;
+    }
+    if path.ends_with("/responses") || path == "/v1/messages" {
+        Some(Framing::NamedSse)
+    } else {
+        Some(Framing::Sse)
+    }
+}
+
+/// The text of one scripted event: a string element verbatim (so a test can
+/// send exact JSON text, escapes included), anything else serialised.
+fn event_text(event: &Value) -> String {
+    match event {
+        Value::String(s) => s.clone(),
+        v => v.to_string(),
+    }
+}
+
+/// The body chunks of a scripted stream of `events` framed as `framing`.
+fn scripted_chunks(framing: Framing, events: &[Value]) -> Result<Vec<Bytes>, BadRequest> {
+    let count = events.len();
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, event)| {
+            let text = event_text(event);
+            Ok(match framing {
+                Framing::Sse => Bytes::from(format!("data: {text}\n\n")),
+                Framing::NamedSse => {
+                    let parsed = serde_json::from_str::<Value>(&text).ok();
+                    match parsed.as_ref().and_then(|v| v.get("type")?.as_str()) {
+                        Some(name) => Bytes::from(format!("event: {name}\ndata: {text}\n\n")),
+                        None => Bytes::from(format!("data: {text}\n\n")),
+                    }
+                }
+                Framing::JsonLines => Bytes::from(format!("{text}\n")),
+                Framing::JsonArray => {
+                    let open = if i == 0 { "[" } else { ",\r\n" };
+                    let close = if i + 1 == count { "]" } else { "" };
+                    Bytes::from(format!("{open}{text}{close}"))
+                }
+                Framing::EventStream => match event.as_object() {
+                    Some(one) if one.len() == 1 => {
+                        let (kind, payload) = one.iter().next().ok_or_else(|| {
+                            BadRequest(format!("{ANSWER_HEADER}: event {i} is empty"))
+                        })?;
+                        event_stream_message(kind, payload)
+                    }
+                    _ => {
+                        return Err(BadRequest(format!(
+                            "{ANSWER_HEADER}: event {i} must be {{\"EVENT_TYPE\": payload}}"
+                        )))
+                    }
+                },
+                Framing::EventStreamChunks => {
+                    event_stream_message("chunk", &json!({"bytes": base64(text.as_bytes())}))
+                }
+            })
+        })
+        .collect()
+}
+
+/// Answers with [`ANSWER_HEADER`]'s script instead of the endpoint when the
+/// request carries it: a plain answer is the header's bytes verbatim
+/// (`application/json`, 200); a streamed one (as the endpoint would stream
+/// that request) is a JSON array of events, each sent as its own body chunk
+/// in the API's framing, `x-demo-chunk-delay-ms` apart. A script that is not
+/// JSON (or, for a stream, not an array) gets a 400.
+async fn scripted_answer(req: Request, next: Next) -> Response {
+    let Some(script) = req.headers().get(ANSWER_HEADER).cloned() else {
+        return next.run(req).await;
+    };
+    let delay = chunk_delay(req.headers());
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().map(str::to_owned);
+    let body = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+        .await
+        .unwrap_or_default();
+    let asked = serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null);
+    let parsed = match serde_json::from_slice::<Value>(script.as_bytes()) {
+        Ok(v) => v,
+        Err(e) => return BadRequest(format!("{ANSWER_HEADER} is not JSON: {e}")).into_response(),
+    };
+    let Some(framing) = framing(&path, query.as_deref(), &asked) else {
+        let mut response = Response::new(Body::from(Bytes::copy_from_slice(script.as_bytes())));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        return response;
+    };
+    let Value::Array(events) = parsed else {
+        return BadRequest(format!(
+            "{ANSWER_HEADER} must be a JSON array of events for a streamed answer"
+        ))
+        .into_response();
+    };
+    let chunks = match scripted_chunks(framing, &events) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    match framing {
+        Framing::Sse | Framing::NamedSse => sse_response(chunks, delay),
+        Framing::JsonLines => streamed_response("application/x-ndjson", chunks, delay),
+        Framing::JsonArray => streamed_response("application/json", chunks, delay),
+        Framing::EventStream | Framing::EventStreamChunks => {
+            streamed_response("application/vnd.amazon.eventstream", chunks, delay)
+        }
+    }
 }
 
 // ---------------------------------------------------------------- logprobs
@@ -798,6 +963,21 @@ fn streamed_response(content_type: &'static str, chunks: Vec<Bytes>, delay: Dura
     response
 }
 
+/// The tool call a request asks the demo model to make: with `tools` in
+/// the request, a last user message `call NAME {JSON arguments}` makes the
+/// answer call tool NAME with those arguments (`{}` when none are given).
+fn requested_tool_call(req: &Value, messages: Option<&Value>) -> Option<(String, Value)> {
+    req.get("tools")?;
+    let text = last_user_text(messages);
+    let rest = text.trim().strip_prefix("call ")?;
+    let (name, arguments) = rest.split_once(' ').unwrap_or((rest, ""));
+    let arguments = match arguments.trim() {
+        "" => json!({}),
+        a => serde_json::from_str(a).ok().filter(Value::is_object)?,
+    };
+    Some((name.to_string(), arguments))
+}
+
 // ---------------------------------------------------------------- OpenAI
 
 /// The `usage` object of the OpenAI chat and completions APIs.
@@ -832,6 +1012,25 @@ async fn chat_completions(State(demo): State<Shared>, headers: HeaderMap, body: 
     let created = now_secs();
 
     if !wants_stream(&req) {
+        if let Some((name, arguments)) = requested_tool_call(&req, messages) {
+            return Json(json!({
+                "id": id,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [{
+                    "index": 0,
+                    "message": {"role": "assistant", "content": null, "refusal": null,
+                        "tool_calls": [{"id": "call_demo_1", "type": "function",
+                            "function": {"name": name, "arguments": arguments.to_string()}}]},
+                    "logprobs": null,
+                    "finish_reason": "tool_calls",
+                }],
+                "usage": usage,
+                "system_fingerprint": null,
+            }))
+            .into_response();
+        }
         let logprobs = logprobs.map_or(Value::Null, |top| {
             chat_logprobs(&split_words(&reply), 0, top)
         });
@@ -1202,6 +1401,19 @@ async fn messages(State(demo): State<Shared>, headers: HeaderMap, body: Bytes) -
     let id = demo.id("msg_demo");
 
     if !wants_stream(&req) {
+        if let Some((name, input)) = requested_tool_call(&req, messages) {
+            return Json(json!({
+                "id": id,
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": [{"type": "tool_use", "id": "toolu_demo_1", "name": name, "input": input}],
+                "stop_reason": "tool_use",
+                "stop_sequence": null,
+                "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
+            }))
+            .into_response();
+        }
         return Json(json!({
             "id": id,
             "type": "message",

@@ -1588,3 +1588,182 @@ async fn a_guard_model_answers_safe_or_unsafe_with_category_codes() {
     .await;
     assert_eq!(v["choices"][0]["message"]["content"], "echo: kill");
 }
+
+/// Body frames of a response, raw, one entry per frame.
+async fn raw_frames(app: &Router, req: Request<Body>) -> (String, Vec<Vec<u8>>) {
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let content_type = resp.headers()["content-type"].to_str().unwrap().to_owned();
+    let mut stream = resp.into_body().into_data_stream();
+    let mut out = Vec::new();
+    while let Some(frame) = stream.next().await {
+        out.push(frame.unwrap().to_vec());
+    }
+    (content_type, out)
+}
+
+#[tokio::test]
+async fn scripted_answers_are_sent_verbatim_in_each_apis_framing() {
+    let app = demo_backend::app();
+    let answer = r#"{"choices":[{"message":{"content":"a\u0040b"}}]}"#;
+    // A plain answer: the header's bytes, escapes and all.
+    let (status, headers, body) = call_raw(
+        &app,
+        post_with(
+            "/v1/chat/completions",
+            &json!({"messages": []}),
+            &[("x-demo-answer", answer)],
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(body, answer.as_bytes());
+
+    let events = json!([{"type": "a", "n": 1}, r#"{"type":"b","t":"\u0040"}"#]).to_string();
+    let script = [("x-demo-answer", events.as_str())];
+    let stream = json!({"stream": true});
+    let cases: [(&str, Value, &str, Vec<&str>); 6] = [
+        (
+            "/v1/chat/completions",
+            stream.clone(),
+            "text/event-stream",
+            vec![
+                "data: {\"n\":1,\"type\":\"a\"}\n\n",
+                "data: {\"type\":\"b\",\"t\":\"\\u0040\"}\n\n",
+            ],
+        ),
+        (
+            "/v1/messages",
+            stream.clone(),
+            "text/event-stream",
+            vec![
+                "event: a\ndata: {\"n\":1,\"type\":\"a\"}\n\n",
+                "event: b\ndata: {\"type\":\"b\",\"t\":\"\\u0040\"}\n\n",
+            ],
+        ),
+        (
+            "/openai/deployments/d1/responses",
+            stream.clone(),
+            "text/event-stream",
+            vec![
+                "event: a\ndata: {\"n\":1,\"type\":\"a\"}\n\n",
+                "event: b\ndata: {\"type\":\"b\",\"t\":\"\\u0040\"}\n\n",
+            ],
+        ),
+        (
+            "/api/chat",
+            json!({"model": "m"}),
+            "application/x-ndjson",
+            vec![
+                "{\"n\":1,\"type\":\"a\"}\n",
+                "{\"type\":\"b\",\"t\":\"\\u0040\"}\n",
+            ],
+        ),
+        (
+            "/v1beta/models/g:streamGenerateContent",
+            json!({}),
+            "application/json",
+            vec![
+                "[{\"n\":1,\"type\":\"a\"}",
+                ",\r\n{\"type\":\"b\",\"t\":\"\\u0040\"}]",
+            ],
+        ),
+        (
+            "/v1beta/models/g:streamGenerateContent?alt=sse",
+            json!({}),
+            "text/event-stream",
+            vec![
+                "data: {\"n\":1,\"type\":\"a\"}\n\n",
+                "data: {\"type\":\"b\",\"t\":\"\\u0040\"}\n\n",
+            ],
+        ),
+    ];
+    for (path, body, content_type, expected) in cases {
+        let (ct, frames) = raw_frames(&app, post_with(path, &body, &script)).await;
+        assert_eq!(ct, content_type, "{path}");
+        let frames: Vec<String> = frames
+            .into_iter()
+            .map(|f| String::from_utf8(f).unwrap())
+            .collect();
+        assert_eq!(frames, expected, "{path}");
+    }
+    // Ollama with `stream: false` is plain.
+    let (_, _, body) = call_raw(
+        &app,
+        post_with(
+            "/api/generate",
+            &json!({"stream": false}),
+            &[("x-demo-answer", "{\"response\":\"x\"}")],
+        ),
+    )
+    .await;
+    assert_eq!(body, b"{\"response\":\"x\"}");
+
+    // Bedrock: event-stream messages naming each event, and Anthropic
+    // events base64 in `chunk` messages.
+    let converse = json!([{"contentBlockDelta": {"delta": {"text": "hi"}}}]).to_string();
+    let (ct, frames) = raw_frames(
+        &app,
+        post_with(
+            "/model/m1/converse-stream",
+            &json!({}),
+            &[("x-demo-answer", &converse)],
+        ),
+    )
+    .await;
+    assert_eq!(ct, "application/vnd.amazon.eventstream");
+    assert_eq!(
+        frames,
+        [demo_backend::event_stream_message(
+            "contentBlockDelta",
+            &json!({"delta": {"text": "hi"}})
+        )
+        .to_vec()]
+    );
+    let invoke = json!([{"type": "message_stop"}]).to_string();
+    let (_, frames) = raw_frames(
+        &app,
+        post_with(
+            "/model/m1/invoke-with-response-stream",
+            &json!({}),
+            &[("x-demo-answer", &invoke)],
+        ),
+    )
+    .await;
+    // base64 of {"type":"message_stop"}
+    assert_eq!(
+        frames,
+        [demo_backend::event_stream_message(
+            "chunk",
+            &json!({"bytes": "eyJ0eXBlIjoibWVzc2FnZV9zdG9wIn0="})
+        )
+        .to_vec()]
+    );
+
+    // Compressed like any answer when asked.
+    let (_, headers, body) = call_raw(
+        &app,
+        post_with(
+            "/v1/chat/completions",
+            &json!({}),
+            &[
+                ("x-demo-answer", answer),
+                ("x-demo-content-encoding", "gzip"),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(headers["content-encoding"], "gzip");
+    assert_eq!(body[..2], [0x1f, 0x8b]);
+
+    // Not JSON, or not an array for a stream: 400.
+    for (body, script) in [(json!({}), "{nope"), (json!({"stream": true}), "{}")] {
+        let (status, _) = call(
+            &app,
+            post_with("/v1/chat/completions", &body, &[("x-demo-answer", script)]),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{script}");
+    }
+}

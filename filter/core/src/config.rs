@@ -20,7 +20,7 @@ use crate::identity::{Caller, IdentitySource, UpstreamCredential};
 use crate::mask::{MaskPolicy, MaskingConfig, RawMasking};
 use crate::policy::{ContentPolicy, RawContentPolicy};
 use crate::token::{decode_secret, TokenKey, MIN_KEY_BYTES};
-pub use crate::wire::SpotCheckMode;
+pub use crate::wire::ReviewMode;
 use crate::wire::{ApiKind, AutoApprove, AutoDecision, AutoDeny};
 
 /// What happens to a request once it has been parsed.
@@ -152,14 +152,14 @@ pub struct SpotCheck {
     /// Share of the requests, in (0, 1].
     pub share: f64,
     /// Held for a decision, or forwarded and audited afterwards.
-    pub mode: SpotCheckMode,
+    pub mode: ReviewMode,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSpotCheck {
     share: f64,
-    mode: SpotCheckMode,
+    mode: ReviewMode,
 }
 
 /// How approval tokens are checked.
@@ -225,6 +225,12 @@ pub struct Config {
 }
 
 impl Config {
+    /// Whether choosing a request's rule or evaluating its content policy
+    /// reads the Envoy route name (some rule is scoped by route).
+    pub fn matches_routes(&self) -> bool {
+        self.rules.iter().any(|r| r.route.is_some()) || self.content_policy.scoped_by_route()
+    }
+
     /// The masking profile for a rule: its own, `none`, or the default.
     pub fn mask_profile(&self, rule_profile: Option<&str>) -> Option<&MaskPolicy> {
         let masking = self.masking.as_ref()?;
@@ -1163,7 +1169,7 @@ fn validate_tokens(
     })
 }
 
-fn range(field: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+pub(crate) fn range(field: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
     if value < min || value > max {
         return Err(err(field, format!("{value} is outside {min}..={max}")));
     }
@@ -1214,7 +1220,7 @@ mod tests {
             ok.rules[0].spot_check,
             Some(SpotCheck {
                 share: 0.02,
-                mode: SpotCheckMode::Audit
+                mode: ReviewMode::Audit
             })
         );
         for (body, field) in [

@@ -32,47 +32,10 @@ pub struct ParsedRequest {
     /// Text parts of one message joined without a break
     /// (as a chat template may join them), for content-policy rules.
     pub glued_parts: Vec<String>,
+    /// The names of the tools (functions) offered: evidence for reviewers.
+    pub tools: Vec<String>,
     /// The parsed body, for masking (so the body is parsed once).
     pub(crate) body: Value,
-}
-
-/// Names of the tools (functions) a request offers the model, in the
-/// spellings of the APIs `shape` reads: OpenAI chat and Ollama
-/// (`tools[].function.name`, legacy `functions[].name`), OpenAI responses
-/// and Anthropic (`tools[].name`), Gemini (`tools[].functionDeclarations`
-/// or `function_declarations`), Bedrock converse
-/// (`toolConfig.tools[].toolSpec.name`). Evidence for reviewers: names
-/// only, each once, in order of appearance.
-pub fn tool_names(body: &Value) -> Vec<String> {
-    let mut names: Vec<String> = Vec::new();
-    let mut add = |v: Option<&Value>| {
-        if let Some(Value::String(name)) = v {
-            if !names.contains(name) {
-                names.push(name.clone());
-            }
-        }
-    };
-    let lists = [
-        body.get("tools"),
-        body.get("functions"),
-        body.get("toolConfig").and_then(|c| c.get("tools")),
-    ];
-    for def in lists
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_array)
-        .flatten()
-    {
-        add(def.get("name"));
-        add(def.get("function").and_then(|f| f.get("name")));
-        add(def.get("toolSpec").and_then(|f| f.get("name")));
-        for key in ["functionDeclarations", "function_declarations"] {
-            for decl in def.get(key).and_then(Value::as_array).into_iter().flatten() {
-                add(decl.get("name"));
-            }
-        }
-    }
-    names
 }
 
 /// Top-level request fields understood per API shape. Anything else could
@@ -292,6 +255,7 @@ fn walked(
         attachments: walked.attachments,
         logprobs: logprobs_field(api, &obj),
         glued_parts: walked.glued,
+        tools: walked.tools,
         body: Value::Object(obj),
     })
 }
@@ -795,6 +759,60 @@ mod tests {
         )
         .unwrap();
         assert_eq!(gemini.glued_parts, vec!["ab".to_string()]);
+    }
+
+    #[test]
+    fn tool_names_are_read_in_every_api_s_spelling() {
+        let names = |api: ApiKind, path: &str, body: &str| {
+            parse_request_at(api, path, body.as_bytes()).unwrap().tools
+        };
+        let params = r#"{"type":"object","properties":{"name":{"type":"string"}}}"#;
+        assert_eq!(
+            names(
+                ApiKind::OpenaiChat,
+                "/v1/chat/completions",
+                &format!(
+                    r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],
+                       "tools":[{{"type":"function","function":{{"name":"a","parameters":{params}}}}}],
+                       "functions":[{{"name":"c","parameters":{params}}},{{"name":"a"}}]}}"#
+                )
+            ),
+            ["a", "c"],
+            "a property called `name` is not a tool"
+        );
+        assert_eq!(
+            names(
+                ApiKind::AnthropicMessages,
+                "/v1/messages",
+                r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"hi"}],
+                   "tools":[{"name":"b","input_schema":{"type":"object"}}]}"#
+            ),
+            ["b"]
+        );
+        assert_eq!(
+            names(
+                ApiKind::GeminiGenerateContent,
+                "/v1beta/models/g:generateContent",
+                r#"{"contents":[{"role":"user","parts":[{"text":"hi"}]}],
+                   "tools":[{"functionDeclarations":[{"name":"g1"}]},{"function_declarations":[{"name":"g2"}]}]}"#
+            ),
+            ["g1", "g2"]
+        );
+        assert_eq!(
+            names(
+                ApiKind::BedrockConverse,
+                "/model/m/converse",
+                r#"{"messages":[{"role":"user","content":[{"text":"hi"}]}],
+                   "toolConfig":{"tools":[{"toolSpec":{"name":"br","inputSchema":{"json":{"type":"object"}}}}]}}"#
+            ),
+            ["br"]
+        );
+        assert!(names(
+            ApiKind::OpenaiChat,
+            "/v1/chat/completions",
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#
+        )
+        .is_empty());
     }
 
     #[test]

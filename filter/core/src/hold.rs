@@ -8,10 +8,12 @@
 
 use serde_json::json;
 
+use crate::answer_review::{error_release, AnswerPlan, AnswerRelease, AnswerVersions};
 use crate::config::{Config, RecordMode};
 use crate::inspect::{
     check_edited_body, token_body_hash, HoldPlan, Parsed, RequestInfo, RuleChoice,
 };
+use crate::policy::OnReject;
 use crate::record::new_record;
 use crate::refusal::{Refusal, RefusalKind};
 use crate::token::TokenClaims;
@@ -63,6 +65,8 @@ pub enum HoldStep {
     Refuse(Refusal),
     /// Answer the caller with this response (202 accepted, a status lookup).
     Respond(LocalReply),
+    /// A held answer was decided: let it go on as this.
+    Answer(AnswerRelease),
 }
 
 /// A response the filter sends itself.
@@ -123,10 +127,13 @@ pub struct Hold {
     /// The record write, kept for retries.
     record_call: Option<Callout>,
     record_attempts: u32,
-    /// The review creation, kept for retries (it carries an idempotency
-    /// key, so a retry after a lost answer finds the review, not a second).
-    create_call: Option<Callout>,
-    create_attempts: u32,
+    /// The review creation or the token consumption, kept for retries
+    /// (each carries an idempotency key, so a retry after a lost answer
+    /// finds what the first attempt did: the review, the use it spent).
+    retry_call: Option<Callout>,
+    retry_attempts: u32,
+    /// A held answer (mode `Answer`) and what its rejection gives.
+    answer: Option<(AnswerVersions, OnReject)>,
 }
 
 /// Attempts at writing a record before the request is refused.
@@ -145,6 +152,10 @@ pub const RECORD_RETRY_MS: u64 = 100;
 /// no answer, or a 5xx (a replica that died, Envoy finding no healthy one).
 pub const CREATE_ATTEMPTS: u32 = 3;
 
+/// Attempts at spending an approval token, on the same terms as
+/// [`CREATE_ATTEMPTS`].
+pub const CONSUME_ATTEMPTS: u32 = 3;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     /// Hold the connection until a decision.
@@ -157,6 +168,8 @@ enum Mode {
     Status,
     /// Forward after writing the record (allow rules).
     Forward,
+    /// Hold the model's answer until a decision.
+    Answer,
 }
 
 /// First retry delay after a failed wait; doubles up to [`RETRY_MAX_MS`].
@@ -196,8 +209,9 @@ impl Hold {
             replace_body: false,
             record_call: None,
             record_attempts: 0,
-            create_call: None,
-            create_attempts: 1,
+            retry_call: None,
+            retry_attempts: 1,
+            answer: None,
         };
         let body = serde_json::to_vec(&plan.review).ok();
         let call = Callout {
@@ -207,7 +221,7 @@ impl Hold {
             timeout_ms: config.callout_timeout_ms,
         };
         let mut hold = hold;
-        hold.create_call = Some(call.clone());
+        hold.retry_call = Some(call.clone());
         (hold, HoldStep::Call(call))
     }
 
@@ -225,7 +239,9 @@ impl Hold {
         let mut hold = Hold::bare(config, Mode::Forward, api, info, None).with_masked_body(masked);
         hold.record_mode = rule.record;
         hold.rule = Some(rule.name.clone());
-        if masked.is_none() {
+        // The body is kept for the record only: without one, the request
+        // is released at once and the copy would be thrown away.
+        if masked.is_none() && rule.record != RecordMode::Off {
             hold.body = body.to_vec();
         }
         hold.started_ms = now_ms;
@@ -258,25 +274,36 @@ impl Hold {
         let mut info = info;
         info.model = facts.model;
         info.stream = facts.stream;
+        let idempotency_key =
+            (info.nonce != 0).then(|| format!("{}:{:016x}:consume", info.request_id, info.nonce));
         let mut hold = Hold::bare(config, Mode::Consume, api, info, Some(claims.rid.clone()));
         hold.body = body.to_vec();
         hold.started_ms = now_ms;
         hold.rule = Some("approval_token".into());
+        // Retries (after no answer or a 5xx) back off within this bound.
+        hold.deadline_ms =
+            now_ms.saturating_add(RETRY_MAX_MS.saturating_mul(u64::from(CONSUME_ATTEMPTS)));
         let request = ConsumeToken {
             caller,
             body_sha256: token_body_hash(body),
+            idempotency_key,
         };
         let step = match valid_review_id(&claims.rid) {
-            true => HoldStep::Call(Callout {
-                kind: CalloutKind::Consume,
-                headers: service_headers(
-                    config,
-                    "POST",
-                    format!("{FILTER_API_PREFIX}/{}/consume", claims.rid),
-                ),
-                body: serde_json::to_vec(&request).ok(),
-                timeout_ms: config.callout_timeout_ms,
-            }),
+            true => {
+                let call = Callout {
+                    kind: CalloutKind::Consume,
+                    headers: service_headers(
+                        config,
+                        "POST",
+                        format!("{FILTER_API_PREFIX}/{}/consume", claims.rid),
+                    ),
+                    body: serde_json::to_vec(&request).ok(),
+                    timeout_ms: config.callout_timeout_ms,
+                };
+                hold.retry_call = Some(call.clone());
+                hold.retry_attempts = 1;
+                HoldStep::Call(call)
+            }
             false => HoldStep::Refuse(Refusal::new(
                 RefusalKind::InvalidToken,
                 Some(api),
@@ -344,8 +371,64 @@ impl Hold {
             replace_body: false,
             record_call: None,
             record_attempts: 0,
-            create_call: None,
-            create_attempts: 0,
+            retry_call: None,
+            retry_attempts: 0,
+            answer: None,
+        }
+    }
+
+    /// Holds a model's answer for a review ([`crate::answer_review`]): the
+    /// first step creates the review; the last is [`HoldStep::Answer`].
+    pub fn answer(
+        config: &Config,
+        plan: AnswerPlan,
+        info: RequestInfo,
+        now_ms: u64,
+    ) -> (Hold, HoldStep) {
+        let mut hold = Hold::bare(config, Mode::Answer, plan.review.api, info, None);
+        hold.deadline_ms = now_ms.saturating_add(plan.review.hold_timeout_ms);
+        hold.rule = plan.review.rule.clone();
+        hold.started_ms = now_ms;
+        hold.retry_attempts = 1;
+        hold.answer = Some((plan.answer, plan.on_reject));
+        let call = Callout {
+            kind: CalloutKind::Create,
+            headers: service_headers(config, "POST", FILTER_API_PREFIX.to_string()),
+            body: serde_json::to_vec(&plan.review).ok(),
+            timeout_ms: config.callout_timeout_ms,
+        };
+        hold.retry_call = Some(call.clone());
+        (hold, HoldStep::Call(call))
+    }
+
+    /// Whether this hold holds a model's answer (not a request).
+    pub fn holds_answer(&self) -> bool {
+        self.mode == Mode::Answer
+    }
+
+    /// A held answer's end: every step that would refuse the request
+    /// becomes what the caller gets instead of the answer (the rejected
+    /// answer, or the error), since the answer's own headers are held.
+    fn answer_outcome(&self, step: HoldStep) -> HoldStep {
+        let Some((answer, on_reject)) = &self.answer else {
+            return step;
+        };
+        match step {
+            HoldStep::Refuse(refusal) => {
+                let decision = refusal.kind.outcome();
+                let release = match refusal.kind {
+                    RefusalKind::Rejected | RefusalKind::Expired => {
+                        answer.not_approved(self.api, *on_reject, decision, &refusal)
+                    }
+                    _ => error_release(
+                        refusal.review_id.clone().unwrap_or_default(),
+                        decision,
+                        &refusal,
+                    ),
+                };
+                HoldStep::Answer(release)
+            }
+            other => other,
         }
     }
 
@@ -426,7 +509,7 @@ impl Hold {
     /// caller is still waiting on.
     pub fn cancellable_review(&self) -> Option<&str> {
         match self.mode {
-            Mode::Wait => self.review_id.as_deref(),
+            Mode::Wait | Mode::Answer => self.review_id.as_deref(),
             _ => None,
         }
     }
@@ -458,6 +541,17 @@ impl Hold {
         result: &CalloutResult,
         now_ms: u64,
     ) -> HoldStep {
+        let step = self.next_step(config, kind, result, now_ms);
+        self.answer_outcome(step)
+    }
+
+    fn next_step(
+        &mut self,
+        config: &Config,
+        kind: CalloutKind,
+        result: &CalloutResult,
+        now_ms: u64,
+    ) -> HoldStep {
         match kind {
             CalloutKind::Consume => return self.after_consume(config, result, now_ms),
             CalloutKind::Status => return self.after_status(result),
@@ -476,7 +570,7 @@ impl Hold {
                 }
                 Err(_)
                     if transient(result)
-                        && self.create_attempts < CREATE_ATTEMPTS
+                        && self.retry_attempts < CREATE_ATTEMPTS
                         && now_ms < self.deadline_ms =>
                 {
                     HoldStep::RetryAt(self.backoff(now_ms))
@@ -566,6 +660,14 @@ impl Hold {
                 RefusalKind::InvalidToken,
                 "approval token does not match an approved review of this caller".into(),
             )),
+            // The use may have been spent with only its answer lost: the
+            // retry carries the same idempotency key, so it is not spent twice.
+            _ if transient(result)
+                && self.retry_attempts < CONSUME_ATTEMPTS
+                && now_ms < self.deadline_ms =>
+            {
+                HoldStep::RetryAt(self.backoff(now_ms))
+            }
             other => HoldStep::Refuse(self.refusal(
                 RefusalKind::ApprovalUnavailable,
                 format!(
@@ -611,6 +713,11 @@ impl Hold {
 
     /// Called at the time a previous [`HoldStep::RetryAt`] named.
     pub fn on_retry(&mut self, config: &Config, now_ms: u64) -> HoldStep {
+        let step = self.retry_step(config, now_ms);
+        self.answer_outcome(step)
+    }
+
+    fn retry_step(&mut self, config: &Config, now_ms: u64) -> HoldStep {
         // A record write waiting to be tried again (the release waits on it).
         if self.pending.is_some() {
             if let Some(call) = &self.record_call {
@@ -618,9 +725,9 @@ impl Hold {
                 return HoldStep::Call(call.clone());
             }
         }
-        if self.review_id.is_none() {
-            if let Some(call) = &self.create_call {
-                self.create_attempts = self.create_attempts.saturating_add(1);
+        if self.review_id.is_none() || self.mode == Mode::Consume {
+            if let Some(call) = &self.retry_call {
+                self.retry_attempts = self.retry_attempts.saturating_add(1);
                 return HoldStep::Call(call.clone());
             }
         }
@@ -643,6 +750,18 @@ impl Hold {
         }
         match state.status {
             ReviewStatus::Pending => self.next_wait(config, now_ms),
+            ReviewStatus::Approved if self.mode == Mode::Answer => {
+                let Some((answer, _)) = &self.answer else {
+                    return HoldStep::Refuse(self.refusal(
+                        RefusalKind::ApprovalUnavailable,
+                        "internal: no answer held".into(),
+                    ));
+                };
+                match answer.approved(self.api, &state.id, state.edited_body.as_deref()) {
+                    Ok(release) => HoldStep::Answer(release),
+                    Err(refusal) => HoldStep::Refuse(refusal),
+                }
+            }
             ReviewStatus::Approved => {
                 let mut edited_body = state.edited_body.map(String::into_bytes);
                 if let Some(body) = &edited_body {
@@ -668,9 +787,13 @@ impl Hold {
             ReviewStatus::Rejected => {
                 let who = state.reviewer.unwrap_or_else(|| "a reviewer".into());
                 let reason = state.reason.unwrap_or_else(|| "no reason given".into());
+                let what = match self.mode {
+                    Mode::Answer => "the model's tool calls were rejected",
+                    _ => "request rejected",
+                };
                 HoldStep::Refuse(self.refusal(
                     RefusalKind::Rejected,
-                    format!("request rejected by {who} (review {}): {reason}", state.id),
+                    format!("{what} by {who} (review {}): {reason}", state.id),
                 ))
             }
             ReviewStatus::Expired => HoldStep::Refuse(self.timeout_refusal()),
@@ -678,6 +801,15 @@ impl Hold {
                 RefusalKind::Rejected,
                 format!(
                     "review {} was cancelled; the request was not forwarded",
+                    state.id
+                ),
+            )),
+            // The service saw no poll for longer than its grace: only a
+            // filter that lost track of time gets here; refuse, never forward.
+            ReviewStatus::Abandoned => HoldStep::Refuse(self.refusal(
+                RefusalKind::Rejected,
+                format!(
+                    "review {} was abandoned (the approval service lost sight of this hold); the request was not forwarded",
                     state.id
                 ),
             )),
@@ -723,9 +855,15 @@ impl Hold {
 
     fn timeout_refusal(&self) -> Refusal {
         let id = self.review_id.as_deref().unwrap_or("?");
+        let what = match self.mode {
+            Mode::Answer => "the model's answer was not let out",
+            _ => "the request was not forwarded",
+        };
         self.refusal(
             RefusalKind::Expired,
-            format!("no reviewer decided on review {id} in time; the request was not forwarded and the review has expired"),
+            format!(
+                "no reviewer decided on review {id} in time; {what} and the review has expired"
+            ),
         )
     }
 }
@@ -955,6 +1093,19 @@ mod tests {
     }
 
     #[test]
+    fn abandoned_review_is_refused() {
+        let (c, mut h, _) = setup("{}");
+        h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000);
+        let s = h.on_response(&c, CalloutKind::Wait, &ok(&state("abandoned", "")), 2_000);
+        let HoldStep::Refuse(r) = s else {
+            panic!("{s:?}")
+        };
+        assert_eq!(r.status(), 403);
+        assert!(r.message.contains("abandoned"), "{}", r.message);
+        assert_eq!(r.review_id.as_deref(), Some("rev_1"));
+    }
+
+    #[test]
     fn deadline_expires_the_review_and_refuses() {
         let (c, mut h, _) = setup(r#"{"hold_timeout_ms":5000}"#);
         h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000);
@@ -976,7 +1127,7 @@ mod tests {
     /// Runs the creation of `h` into `down` until it gives up: the same
     /// call is retried with backoff `CREATE_ATTEMPTS - 1` times first.
     fn create_until_given_up(c: &Config, h: &mut Hold, down: &CalloutResult) -> HoldStep {
-        let first = h.create_call.clone().unwrap();
+        let first = h.retry_call.clone().unwrap();
         let mut now = 1_000;
         for attempt in 1..CREATE_ATTEMPTS {
             let HoldStep::RetryAt(at) = h.on_response(c, CalloutKind::Create, down, now) else {
@@ -1145,15 +1296,18 @@ mod tests {
             exp: 0,
         };
         let info = RequestInfo::default();
-        let (mut h, step) = Hold::consume(
-            &c,
-            ApiKind::OpenaiChat,
-            info.clone(),
-            &claims,
-            Parsed::default(),
-            BODY,
-            0,
-        );
+        let start = |info: &RequestInfo, claims: &TokenClaims, now| {
+            Hold::consume(
+                &c,
+                ApiKind::OpenaiChat,
+                info.clone(),
+                claims,
+                Parsed::default(),
+                BODY,
+                now,
+            )
+        };
+        let (mut h, step) = start(&info, &claims, 0);
         assert_eq!(path_of(&step), "/v1/reviews/rev_9/consume");
         let r = |status| CalloutResult {
             status: Some(status),
@@ -1170,27 +1324,45 @@ mod tests {
             (replay.status(), replay.kind.code()),
             (403, "approval_token_used")
         );
-        let HoldStep::Refuse(down) = h.on_response(&c, CalloutKind::Consume, &r(503), 0) else {
+        // No answer or a 5xx: the use may be spent with its answer lost, so
+        // the same call (same idempotency key) is sent again, then refused.
+        let mut info = info;
+        info.request_id = "req-1".into();
+        info.nonce = 0xabc;
+        let (mut h, HoldStep::Call(first)) = start(&info, &claims, 1_000) else {
+            panic!()
+        };
+        let sent: serde_json::Value = serde_json::from_slice(first.body.as_ref().unwrap()).unwrap();
+        assert_eq!(sent["idempotency_key"], "req-1:0000000000000abc:consume");
+        let lost = CalloutResult {
+            status: None,
+            body: vec![],
+        };
+        let mut now = 1_000;
+        for failure in [&lost, &r(503)] {
+            let HoldStep::RetryAt(at) = h.on_response(&c, CalloutKind::Consume, failure, now)
+            else {
+                panic!()
+            };
+            assert!(at > now);
+            now = at;
+            assert_eq!(h.on_retry(&c, now), HoldStep::Call(first.clone()));
+        }
+        let HoldStep::Refuse(down) = h.on_response(&c, CalloutKind::Consume, &r(503), now) else {
             panic!()
         };
         assert_eq!(down.status(), 503);
+        // A 4xx is an answer: never retried.
+        let (mut h, _) = start(&info, &claims, 0);
+        assert!(matches!(
+            h.on_response(&c, CalloutKind::Consume, &r(400), 0),
+            HoldStep::Refuse(_)
+        ));
         let evil = TokenClaims {
             rid: "../x".into(),
             ..claims
         };
-        assert!(matches!(
-            Hold::consume(
-                &c,
-                ApiKind::OpenaiChat,
-                info,
-                &evil,
-                Parsed::default(),
-                BODY,
-                0
-            )
-            .1,
-            HoldStep::Refuse(_)
-        ));
+        assert!(matches!(start(&info, &evil, 0).1, HoldStep::Refuse(_)));
     }
 
     #[test]

@@ -9,6 +9,11 @@
 //! from the root context, on the stream last chosen with
 //! [`Host::set_effective_context`] — as in proxy-wasm.
 //!
+//! Host calls are the filter's main cost on the `allow` path (each is a
+//! crossing out of the VM, and one that returns data also allocates in the
+//! VM and copies), so a stream reads each header map whole, once, and only
+//! the properties it needs; `host_budget.rs` counts them per callback.
+//!
 //! Re-entrancy: a local reply or a resume may make Envoy call back into the
 //! same VM before the call returns. The worker's state is a `RefCell`, and
 //! no borrow of it is held across any host call (`worker.rs` keeps every
@@ -37,18 +42,59 @@ pub enum Level {
     Error,
 }
 
-/// The host (Envoy) as the filter sees it.
+/// A header map read whole in one host call: names in lower case (as
+/// Envoy keeps them), in Envoy's order, a name repeated if it came more
+/// than once.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Headers(Vec<(String, String)>);
+
+impl Headers {
+    /// The map of these (name, value) pairs.
+    pub fn new(pairs: Vec<(String, String)>) -> Headers {
+        Headers(pairs)
+    }
+
+    /// The value of `name` (any case) as Envoy's one-header read gives it:
+    /// the first of its values.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// [`Headers::get`], owned.
+    pub fn value(&self, name: &str) -> Option<String> {
+        self.get(name).map(str::to_string)
+    }
+
+    /// Whether `name` (any case) is present.
+    pub fn contains(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// Whether `name` (any case) comes exactly once, with `value`: setting
+    /// it to `value` would change nothing.
+    pub fn is_only(&self, name: &str, value: &str) -> bool {
+        let mut values = self.0.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name));
+        values.next().is_some_and(|(_, v)| v == value) && values.next().is_none()
+    }
+}
+
+/// The host (Envoy) as the filter sees it. Each method is one host call,
+/// except [`Host::callout_result`] (two: status and body) and
+/// [`Host::nonce`] (none: the VM's own randomness).
 pub trait Host {
-    /// A request header of the current stream.
-    fn request_header(&self, name: &str) -> Option<String>;
+    /// The request headers of the current stream, whole.
+    fn request_headers(&self) -> Headers;
     /// Sets (`Some`) or removes (`None`) a request header.
     fn set_request_header(&mut self, name: &str, value: Option<&str>);
     /// The first `size` bytes of the buffered request body.
     fn request_body(&self, size: usize) -> Vec<u8>;
     /// Replaces the first `replaced` bytes of the request body with `body`.
     fn set_request_body(&mut self, replaced: usize, body: &[u8]) -> Result<(), String>;
-    /// A response header of the current stream.
-    fn response_header(&self, name: &str) -> Option<String>;
+    /// The response headers of the current stream, whole.
+    fn response_headers(&self) -> Headers;
     /// Sets (`Some`) or removes (`None`) a response header.
     fn set_response_header(&mut self, name: &str, value: Option<&str>);
     /// The first `size` bytes of the current response chunk.
@@ -74,6 +120,9 @@ pub trait Host {
     fn send_reply(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]);
     /// Lets the current stream's paused request continue. May re-enter the VM.
     fn resume_request(&mut self);
+    /// Lets the current stream's paused answer (headers and buffered body)
+    /// continue to the caller. May re-enter the VM.
+    fn resume_response(&mut self);
     /// Adds `delta` to a counter (`*_total`) or gauge.
     fn count(&mut self, name: &str, delta: i64);
     /// Writes a log line (never prompt text or tokens).
@@ -86,4 +135,43 @@ pub trait Host {
 pub fn note_outcome(host: &mut dyn Host, outcome: &str) {
     host.count(&format!("countersign_requests_{outcome}_total"), 1);
     host.set_property("countersign_decision", outcome.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> Headers {
+        Headers::new(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_header_reads_as_envoys_one_header_read_does() {
+        let h = headers(&[
+            (":path", "/v1/chat/completions"),
+            ("x-api-key", "first"),
+            ("x-api-key", "second"),
+        ]);
+        // The first value, whatever case the name is asked in.
+        assert_eq!(h.get("X-API-Key"), Some("first"));
+        assert_eq!(h.value(":path").as_deref(), Some("/v1/chat/completions"));
+        assert_eq!(h.get("authorization"), None);
+        assert!(h.contains("X-Api-Key"));
+        assert!(!h.contains("prefer"));
+    }
+
+    #[test]
+    fn a_header_is_only_a_value_when_it_comes_once_with_it() {
+        let once = headers(&[("accept-encoding", "identity")]);
+        assert!(once.is_only("Accept-Encoding", "identity"));
+        assert!(!once.is_only("accept-encoding", "gzip"));
+        let twice = headers(&[("accept-encoding", "identity"), ("accept-encoding", "gzip")]);
+        assert!(!twice.is_only("accept-encoding", "identity"));
+        assert!(!headers(&[]).is_only("accept-encoding", "identity"));
+    }
 }

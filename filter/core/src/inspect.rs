@@ -2,19 +2,18 @@
 //! forward, hold for review, or refuse.
 
 use crate::config::{Action, Attachments, Config, Endpoint, RecordMode, SpotCheck};
-use crate::extract::{parse_request_at, tool_names, ParsedRequest};
+use crate::extract::{parse_request_at, ParsedRequest};
 use crate::framing::streams_readable;
 use crate::identity::Caller;
 use crate::mask::{mask_parsed, MaskPolicy, ResponseGuard, RestoreMap};
-use crate::policy::{requested_max_tokens, RequestFacts, ResponseRules};
+use crate::policy::{requested_max_tokens, RequestFacts, ResponseRules, ReviewRules};
 use crate::refusal::{Refusal, RefusalKind, StopKind};
 use crate::request::{classify, sniffed_refusal, HeadVerdict, RequestHead};
 use crate::shape::sniff_prompt;
 use crate::token::{body_hash, verify, TokenClaims};
 use crate::wire::PromptMessage;
 use crate::wire::{
-    ApiKind, AutoDecision, CreateReview, Evidence, HitCount, ReviewKind, SpotCheckDraw,
-    SpotCheckMode,
+    ApiKind, AutoDecision, CreateReview, Evidence, HitCount, ReviewKind, ReviewMode, SpotCheckDraw,
 };
 
 /// Request facts known from the head and Envoy's properties.
@@ -224,6 +223,11 @@ pub struct Screening {
     pub restore: RestoreMap,
     /// Content-policy response rules in scope for this request.
     pub response_rules: ResponseRules,
+    /// Content-policy `review` response rules in scope for this request.
+    pub review_rules: ReviewRules,
+    /// With `review_rules`: the prompt as the model gets it (masked), for
+    /// the reviewer of the answer.
+    pub review_prompt: Vec<PromptMessage>,
     /// Detector and policy hits (names and counts).
     pub hits: Vec<HitCount>,
     /// The masked body to forward (and review) when masking changed it.
@@ -290,7 +294,7 @@ fn screen(input: ScreenInput<'_>) -> Result<Screening, Refusal> {
     let ScreenInput { api, parsed, .. } = input;
     let screening = screen_prompt(input)?;
     if let Some(field) = parsed.logprobs {
-        if screening.response_guard().changes_text() {
+        if screening.response_guard().changes_text() || !screening.review_rules.is_empty() {
             return Err(Refusal::new(
                 RefusalKind::BadRequest,
                 Some(api),
@@ -337,6 +341,7 @@ fn screen_prompt(input: ScreenInput<'_>) -> Result<Screening, Refusal> {
         });
     }
     screening.response_rules = config.content_policy.response_rules(&facts);
+    screening.review_rules = config.content_policy.review_rules(&facts);
     let Some(profile) = config.mask_profile(rule.masking.as_deref()) else {
         return Ok(screening);
     };
@@ -378,35 +383,65 @@ pub fn screen_body(
     body: &[u8],
     now_ms: u64,
 ) -> (BodyVerdict, Screening) {
-    let api = endpoint.api;
-    let refuse = |r: Refusal| (BodyVerdict::Refuse(r), Screening::default());
-    if body.len() > config.max_body_bytes {
-        return refuse(Refusal::too_large(Some(api), config.max_body_bytes));
+    match choose(config, endpoint, info, body) {
+        Ok(chosen) => screen_chosen(config, endpoint, info, body, chosen, now_ms),
+        Err(r) => (BodyVerdict::Refuse(r), Screening::default()),
     }
-    let parsed = match parse_request_at(api, &info.path, body) {
-        Ok(p) => p,
-        Err(e) => return refuse(Refusal::new(RefusalKind::BadRequest, Some(api), e)),
-    };
+}
+
+/// A body parsed and its rule chosen: the first half of [`screen_body`].
+pub struct Chosen {
+    parsed: ParsedRequest,
+    facts: Parsed,
+    rule: RuleChoice,
+}
+
+impl Chosen {
+    /// Whether the rest of screening may describe the request to the
+    /// approval service (a review, an audit, a token spent, a record), and
+    /// so needs all of its [`RequestInfo`]. Only a plain `allow` without a
+    /// record, spot check or token does not.
+    pub fn may_describe_request(&self, info: &RequestInfo) -> bool {
+        let rule = &self.rule;
+        rule.action != Action::Allow
+            || rule.record != RecordMode::Off
+            || rule.spot_check.is_some()
+            || info.approval_token.is_some()
+    }
+}
+
+/// The first half of [`screen_body`]: the strict parse, the fields and
+/// attachments allowed, the rule (a `deny` rule refuses here).
+pub fn choose(
+    config: &Config,
+    endpoint: &Endpoint,
+    info: &RequestInfo,
+    body: &[u8],
+) -> Result<Chosen, Refusal> {
+    let api = endpoint.api;
+    if body.len() > config.max_body_bytes {
+        return Err(Refusal::too_large(Some(api), config.max_body_bytes));
+    }
+    let parsed = parse_request_at(api, &info.path, body)
+        .map_err(|e| Refusal::new(RefusalKind::BadRequest, Some(api), e))?;
     if let Some(field) = parsed
         .unknown_fields
         .iter()
         .find(|f| !config.extra_fields.contains(f))
     {
-        return refuse(Refusal::new(
+        return Err(Refusal::new(
             RefusalKind::BadRequest,
             Some(api),
             format!("field `{field}` is not reviewable by this gateway; ask the operator to list it in `extra_fields` if it is safe"),
         ));
     }
     if parsed.attachments && config.attachments == Attachments::Deny {
-        return refuse(
-            Refusal::new(
-                RefusalKind::PolicyDenied,
-                Some(api),
-                "prompts with images, audio, files or documents are not allowed here",
-            )
-            .stopped_by(StopKind::Deny, "attachments"),
-        );
+        return Err(Refusal::new(
+            RefusalKind::PolicyDenied,
+            Some(api),
+            "prompts with images, audio, files or documents are not allowed here",
+        )
+        .stopped_by(StopKind::Deny, "attachments"));
     }
     let facts = Parsed {
         model: Some(parsed.model.clone()),
@@ -424,8 +459,32 @@ pub fn screen_body(
     if rule.action == Action::Deny {
         // Deny rules win even over a valid approval token: policy may have
         // changed since the approval.
-        return refuse(denied(api, &rule.name, &parsed.model));
+        return Err(denied(api, &rule.name, &parsed.model));
     }
+    Ok(Chosen {
+        parsed,
+        facts,
+        rule,
+    })
+}
+
+/// The second half of [`screen_body`]: content policy, masking, token,
+/// spot check and the verdict.
+pub fn screen_chosen(
+    config: &Config,
+    endpoint: &Endpoint,
+    info: &RequestInfo,
+    body: &[u8],
+    chosen: Chosen,
+    now_ms: u64,
+) -> (BodyVerdict, Screening) {
+    let api = endpoint.api;
+    let refuse = |r: Refusal| (BodyVerdict::Refuse(r), Screening::default());
+    let Chosen {
+        parsed,
+        facts,
+        mut rule,
+    } = chosen;
     let screening = match screen(ScreenInput {
         config,
         api,
@@ -437,6 +496,25 @@ pub fn screen_body(
         Ok(s) => s,
         Err(r) => return refuse(r),
     };
+    let mut screening = screening;
+    if let Some(rule) = screening.review_rules.rules().next() {
+        if parsed.stream {
+            // `streams: block`, the one choice so far: a streamed answer
+            // could not be held once its first byte left.
+            return refuse(Refusal::new(
+                RefusalKind::PolicyDenied,
+                Some(api),
+                format!(
+                    "content policy rule `{}` reviews this answer before it leaves, which a streamed answer does not allow; ask without streaming",
+                    rule.name()
+                ),
+            ));
+        }
+        screening.review_prompt = screening
+            .masked_prompt
+            .clone()
+            .unwrap_or_else(|| parsed.prompt.clone());
+    }
     if parsed.stream
         && !streams_readable(api)
         && (screening.response_guard().is_active() || rule.record != RecordMode::Off)
@@ -457,7 +535,7 @@ pub fn screen_body(
     }
     let drawn = spot_check(&rule, info.nonce);
     if let Some(SpotCheckDraw {
-        mode: SpotCheckMode::Hold,
+        mode: ReviewMode::Hold,
         ..
     }) = drawn
     {
@@ -487,7 +565,7 @@ pub fn screen_body(
         Action::Allow | Action::Deny => match drawn {
             Some(_) => match review(&rule) {
                 Ok(mut audit) => {
-                    audit.kind = ReviewKind::Audit;
+                    audit.mode = ReviewMode::Audit;
                     // Nobody waits for it: it stays for people as long
                     // as the service keeps any review.
                     audit.hold_timeout_ms = crate::config::MAX_HOLD_TIMEOUT_MS;
@@ -719,7 +797,7 @@ fn review_for(
 ) -> CreateReview {
     let evidence = Evidence {
         hits: hits.to_vec(),
-        tools: tool_names(&parsed.body),
+        tools: parsed.tools.clone(),
         attachments: parsed.attachments,
         prompt_messages: u32::try_from(parsed.prompt.len()).unwrap_or(u32::MAX),
         prompt_chars: parsed
@@ -729,14 +807,6 @@ fn review_for(
             .sum(),
     };
     CreateReview {
-        request_id: info.request_id.clone(),
-        api,
-        method: info.method.clone(),
-        path: info.path.clone(),
-        authority: info.authority.clone(),
-        route: info.route.clone(),
-        caller: info.caller_name(),
-        caller_groups: info.caller_groups(),
         required_approvals: rule.approvals,
         approver_group: rule.approver_group.clone(),
         async_review: rule.async_review,
@@ -746,11 +816,41 @@ fn review_for(
         prompt: parsed.prompt.clone(),
         body: body.to_string(),
         hold_timeout_ms: rule.hold_timeout_ms,
-        idempotency_key: (info.nonce != 0)
-            .then(|| format!("{}:{:016x}:review", info.request_id, info.nonce)),
         evidence,
         auto_decision: rule.auto_decision.clone(),
-        kind: ReviewKind::Review,
+        ..new_review(api, info, "review")
+    }
+}
+
+/// A review of `info`'s request, as far as the request itself says: who
+/// asked, where, and the idempotency key (`what` tells the reviews of one
+/// request apart); the rest empty for the caller to fill in.
+pub(crate) fn new_review(api: ApiKind, info: &RequestInfo, what: &str) -> CreateReview {
+    CreateReview {
+        request_id: info.request_id.clone(),
+        api,
+        method: info.method.clone(),
+        path: info.path.clone(),
+        authority: info.authority.clone(),
+        route: info.route.clone(),
+        caller: info.caller_name(),
+        caller_groups: info.caller_groups(),
+        required_approvals: 1,
+        approver_group: None,
+        async_review: false,
+        model: info.model.clone().unwrap_or_default(),
+        stream: info.stream,
+        rule: None,
+        prompt: Vec::new(),
+        body: String::new(),
+        kind: ReviewKind::Prompt,
+        tool_calls: Vec::new(),
+        hold_timeout_ms: 0,
+        idempotency_key: (info.nonce != 0)
+            .then(|| format!("{}:{:016x}:{what}", info.request_id, info.nonce)),
+        evidence: Evidence::default(),
+        auto_decision: None,
+        mode: ReviewMode::Hold,
         spot_check: None,
     }
 }
@@ -895,28 +995,6 @@ mod tests {
         assert_eq!(auto.approve.as_ref().unwrap().unless_hits, ["email"]);
         assert_eq!(auto.deny.as_ref().unwrap().labels, ["S1"]);
         assert!((auto.deny.as_ref().unwrap().min_score - 0.5).abs() < f64::EPSILON);
-    }
-
-    #[test]
-    fn tool_names_are_read_in_every_api_s_spelling() {
-        let names = |json: &str| tool_names(&serde_json::from_str(json).unwrap());
-        assert_eq!(
-            names(
-                r#"{"tools":[{"type":"function","function":{"name":"a"}},{"name":"b"}],"functions":[{"name":"c"},{"name":"a"}]}"#
-            ),
-            ["a", "b", "c"]
-        );
-        assert_eq!(
-            names(
-                r#"{"tools":[{"functionDeclarations":[{"name":"g1"}]},{"function_declarations":[{"name":"g2"}]}]}"#
-            ),
-            ["g1", "g2"]
-        );
-        assert_eq!(
-            names(r#"{"toolConfig":{"tools":[{"toolSpec":{"name":"br"}}]}}"#),
-            ["br"]
-        );
-        assert!(names(r#"{"tools":"x","messages":[]}"#).is_empty());
     }
 
     #[test]

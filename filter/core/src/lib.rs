@@ -15,6 +15,7 @@
 #![cfg_attr(not(test), deny(clippy::indexing_slicing))]
 
 pub mod answer;
+pub mod answer_review;
 pub mod config;
 pub mod delivery;
 pub mod extract;
@@ -41,5 +42,7 @@ pub mod token;
 pub mod wire;
 pub mod worker;
 
+#[cfg(test)]
+mod host_budget;
 #[cfg(test)]
 mod testing;

@@ -63,7 +63,7 @@ fn invisible(c: char) -> bool {
 
 /// `s` as the detectors should read it, or `None` when that is `s` itself.
 pub(crate) fn normalize(s: &str) -> Option<Normalized> {
-    if s.is_ascii() && !s.contains(['%', '&']) {
+    if s.is_ascii() && !s.contains(['%', '&', '\\']) {
         return None;
     }
     let mut out = Normalized {
@@ -111,6 +111,14 @@ pub(crate) fn read_at(s: &str, i: usize, more: bool) -> Read {
                 return Read::At(c, len);
             }
             if more && entity_may_follow(b.get(i + 1..).unwrap_or_default()) {
+                return Read::Unfinished;
+            }
+        }
+        Some(b'\\') => {
+            if let Some(c) = json_escape_at(b, i) {
+                return Read::At(c, 6);
+            }
+            if more && json_escape_may_follow(b.get(i + 1..).unwrap_or_default()) {
                 return Read::Unfinished;
             }
         }
@@ -250,6 +258,31 @@ fn percent_at(b: &[u8], i: usize) -> Option<char> {
     (v.is_ascii() && !v.is_ascii_control()).then_some(char::from(v))
 }
 
+/// A character written as a JSON escape `\\uXXXX` at `i`, as text carries
+/// it when it holds JSON (tool-call arguments as they stream): the model
+/// reads the character. Surrogates (half a pair) are read as written.
+fn json_escape_at(b: &[u8], i: usize) -> Option<char> {
+    if b.get(i + 1) != Some(&b'u') {
+        return None;
+    }
+    let hex = std::str::from_utf8(b.get(i + 2..i + 6)?).ok()?;
+    if !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let c = char::from_u32(u32::from_str_radix(hex, 16).ok()?)?;
+    (!c.is_control()).then_some(c)
+}
+
+/// Whether `rest`, all that follows a `\\` so far, can still become a
+/// `\\uXXXX` escape.
+fn json_escape_may_follow(rest: &[u8]) -> bool {
+    match rest.split_first() {
+        None => true,
+        Some((b'u', digits)) => digits.len() < 4 && digits.iter().all(u8::is_ascii_hexdigit),
+        Some(_) => false,
+    }
+}
+
 /// Named entities that spell characters detectors look for.
 const ENTITIES: &[(&str, char)] = &[
     ("amp", '&'),
@@ -346,6 +379,11 @@ mod tests {
         assert!(!reads_at_least("\u{200B}\u{00AD}%4", 1));
         assert!(reads_at_least("\u{200B}&#64;", 1));
         assert_eq!(norm("50%off &nbsp"), "50%off &nbsp");
+        // JSON escapes as text carrying JSON writes them (tool arguments).
+        assert_eq!(norm(r"jane\u0040example\u002Ecom"), "jane@example.com");
+        assert_eq!(norm(r"C:\users\u12 \n \ud83d"), r"C:\users\u12 \n \ud83d");
+        assert!(!reads_at_least(r"\u00", 1) && !reads_at_least("\\", 1));
+        assert!(reads_at_least(r"\x", 1) && reads_at_least(r"\u0040", 1));
     }
 
     #[test]

@@ -248,6 +248,8 @@ impl ResponseRecorder {
             blocked_by: None,
             hits: Vec::new(),
             completion: completion.to_string(),
+            answer_review_id: None,
+            answer_decision: None,
         }
     }
 }

@@ -97,6 +97,10 @@ pub(crate) struct Walked {
     /// split over two parts is whole here (the prompt puts a line break
     /// between parts).
     pub glued: Vec<String>,
+    /// The names of the tools (functions) offered, each once, in order of
+    /// appearance: evidence for reviewers, read where the walk reads each
+    /// tool definition.
+    pub tools: Vec<String>,
 }
 
 /// Walks the prompt of `obj`, a request body of shape `api`.
@@ -138,6 +142,14 @@ pub(crate) fn walk(
     w.end();
     Ok(w.done)
 }
+
+/// Ids of calls and their results (`call_id`, `tool_use_id`, ...): the
+/// provider stores them and matches a result to its call by them, so they
+/// are fixed wherever an object the walk reads carries one.
+const ID_KEYS: &[&str] = &["id", "call_id", "tool_call_id", "tool_use_id", "toolUseId"];
+
+/// How an error names a key that carries a detected value (never the key).
+const KEY_PLACEHOLDER: &str = "{key}";
 
 struct Walker<'s> {
     path: Vec<Seg>,
@@ -272,7 +284,21 @@ impl Walker<'_> {
         if s.is_empty() {
             return Ok(());
         }
-        self.screen.check(s).map_err(|m| self.err("", m))
+        self.screen.check(s).map_err(|m| {
+            // A key checked as itself (a property name, a key of tool-call
+            // arguments) carries the value: the error names its place, not
+            // the key, so the refusal (and its record) never repeats it.
+            let mut path = self.path.clone();
+            if let Some(last @ Seg::Key(_)) = path.last_mut() {
+                if matches!(last, Seg::Key(k) if k == s) {
+                    *last = Seg::Key(KEY_PLACEHOLDER.into());
+                }
+            }
+            ShapeError {
+                field: path_text(&path),
+                message: m,
+            }
+        })
     }
 
     /// An attachment marker.
@@ -509,9 +535,13 @@ impl Walker<'_> {
     /// read could still reach the model. A key that differs from a known one
     /// only by case gets its own message: decoders that match keys
     /// case-insensitively (Go's, used by Ollama) read it as the known one.
-    fn known_keys(&self, obj: &Map<String, Value>, known: &[&str]) -> Result<(), ShapeError> {
+    fn known_keys(&mut self, obj: &Map<String, Value>, known: &[&str]) -> Result<(), ShapeError> {
         for k in obj.keys() {
             if known.contains(&k.as_str()) {
+                if let (true, Some(Value::String(id))) = (ID_KEYS.contains(&k.as_str()), obj.get(k))
+                {
+                    self.key(k, |w| w.fixed(id))?;
+                }
                 continue;
             }
             let folded = k.to_lowercase();
@@ -596,13 +626,21 @@ fn short_url(v: Option<&Value>) -> String {
 /// key (names, enums, property names, types, headers for provider-side tool
 /// servers) is fixed, since changing it would break the tool.
 fn tools(w: &mut Walker<'_>, obj: &Map<String, Value>) -> Result<(), ShapeError> {
+    // Which tool to call names a tool the model must match (OpenAI's and
+    // Anthropic's `tool_choice`, Bedrock's `toolChoice`, chat's legacy
+    // `function_call`): every string fixed.
+    for key in TOOL_CHOICE_KEYS {
+        if let Some(choice) = obj.get(*key) {
+            w.key(key, |w| tool_definition(w, choice, Names::No))?;
+        }
+    }
     for key in ["tools", "functions"] {
         match obj.get(key) {
             None | Some(Value::Null) => {}
             Some(Value::Array(defs)) => w.key(key, |w| {
                 for (i, def) in defs.iter().enumerate() {
                     w.begin("tools");
-                    let shown = w.idx(i, |w| tool_definition(w, def))?;
+                    let shown = w.idx(i, |w| tool_definition(w, def, Names::Here))?;
                     w.put(&value_text(&shown));
                 }
                 Ok::<(), ShapeError>(())
@@ -613,24 +651,58 @@ fn tools(w: &mut Walker<'_>, obj: &Map<String, Value>) -> Result<(), ShapeError>
     Ok(())
 }
 
-fn tool_definition(w: &mut Walker<'_>, v: &Value) -> Result<Value, ShapeError> {
+/// Where an API says which tool to call (Gemini's `toolConfig` is read by
+/// [`gemini`]).
+const TOOL_CHOICE_KEYS: &[&str] = &["tool_choice", "toolChoice", "function_call"];
+
+/// Whether a tool definition's object at hand names a tool: the definition
+/// itself (OpenAI responses, Anthropic, legacy `functions`), its
+/// `function` (OpenAI chat, Ollama) or `toolSpec` (Bedrock), or an entry of
+/// Gemini's `functionDeclarations`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Names {
+    Here,
+    InEntries,
+    No,
+}
+
+fn tool_definition(w: &mut Walker<'_>, v: &Value, names: Names) -> Result<Value, ShapeError> {
     match v {
         Value::Array(a) => {
+            let entries = if names == Names::InEntries {
+                Names::Here
+            } else {
+                Names::No
+            };
             let mut out = Vec::with_capacity(a.len());
             for (i, x) in a.iter().enumerate() {
-                out.push(w.idx(i, |w| tool_definition(w, x))?);
+                out.push(w.idx(i, |w| tool_definition(w, x, entries))?);
             }
             Ok(Value::Array(out))
         }
         Value::Object(o) => {
+            if names == Names::Here {
+                if let Some(Value::String(name)) = o.get("name") {
+                    if !w.done.tools.contains(name) {
+                        w.done.tools.push(name.clone());
+                    }
+                }
+            }
             let mut out = Map::new();
             for (k, x) in o {
+                let inner = match (names, k.as_str()) {
+                    (Names::Here, "function" | "toolSpec") => Names::Here,
+                    (Names::Here, "functionDeclarations" | "function_declarations") => {
+                        Names::InEntries
+                    }
+                    _ => Names::No,
+                };
                 w.key(k, |w| {
                     // The key itself is read by the model (property names).
                     w.fixed(k)?;
                     let shown = match x {
                         Value::String(s) if k == "description" => Value::String(w.screened(s)),
-                        _ => tool_definition(w, x)?,
+                        _ => tool_definition(w, x, inner)?,
                     };
                     out.insert(k.clone(), shown);
                     Ok::<(), ShapeError>(())
@@ -823,7 +895,7 @@ fn schema_at(w: &mut Walker<'_>, obj: &Map<String, Value>, key: &str) -> Result<
         Some(Value::String(s)) => w.key(key, |w| w.fixed(s)),
         Some(v) => {
             w.begin("schema");
-            let shown = w.key(key, |w| tool_definition(w, v))?;
+            let shown = w.key(key, |w| tool_definition(w, v, Names::No))?;
             w.put(&format!("[{key}: {}]", value_text(&shown)));
             Ok(())
         }
@@ -1267,6 +1339,13 @@ fn gemini(w: &mut Walker<'_>, obj: &Map<String, Value>) -> Result<(), ShapeError
             Some(_) => return Err(w.err(key, "must be a content object")),
         }
     }
+    // `toolConfig.functionCallingConfig.allowedFunctionNames`: names the
+    // model must match, fixed like the tools'.
+    for key in ["toolConfig", "tool_config"] {
+        if let Some(config) = obj.get(key) {
+            w.key(key, |w| tool_definition(w, config, Names::No))?;
+        }
+    }
     let contents = w.list(obj, "contents")?;
     w.each_object("contents", contents, |w, c| {
         let role = w.opt_str(c, "role")?.unwrap_or("user");
@@ -1293,7 +1372,7 @@ fn snake_case(camel: &str) -> String {
 /// spellings are known, and one object carrying both is refused (the
 /// gateway and the backend could each read a different one).
 fn gemini_keys(
-    w: &Walker<'_>,
+    w: &mut Walker<'_>,
     obj: &Map<String, Value>,
     camel: &[&'static str],
 ) -> Result<(), ShapeError> {
@@ -1652,7 +1731,7 @@ fn bedrock_invoke(w: &mut Walker<'_>, obj: &Map<String, Value>) -> Result<(), Sh
 /// A union of Bedrock's: its keys are among `members`, and exactly one is
 /// set (a second would reach the model under the first's cover).
 fn one_member<'m>(
-    w: &Walker<'_>,
+    w: &mut Walker<'_>,
     obj: &Map<String, Value>,
     members: &[&'m str],
 ) -> Result<&'m str, ShapeError> {
@@ -2433,16 +2512,22 @@ mod tests {
         }
         let v: Value = serde_json::from_str(
             r#"{"messages":[{"role":"assistant","tool_calls":[{"id":"c","type":"function","function":{"name":"lookup","arguments":"{\"who\":\"x\"}"}}]}],
-                "tools":[{"type":"function","function":{"name":"find","parameters":{"type":"object","properties":{"whom":{"type":"string","enum":["e1"]}}}}}]}"#,
+                "tools":[{"type":"function","function":{"name":"find","parameters":{"type":"object","properties":{"whom":{"type":"string","enum":["e1"]}}}}}],
+                "tool_choice":"auto"}"#,
         )
         .unwrap();
         let Value::Object(obj) = v else { panic!() };
         for (text, field) in [
             ("lookup", "messages[0].tool_calls[0].function.name"),
             // A key of the JSON carried in `arguments`.
-            ("who", "messages[0].tool_calls[0].function.arguments.who"),
+            // A key is named by its place, never by itself (it carries the
+            // value).
+            ("who", "messages[0].tool_calls[0].function.arguments.{key}"),
             ("find", "tools[0].function.name"),
-            ("whom", "tools[0].function.parameters.properties.whom"),
+            ("whom", "tools[0].function.parameters.properties.{key}"),
+            // Ids of calls and which tool to call are fixed too.
+            ("c", "messages[0].tool_calls[0].id"),
+            ("auto", "tool_choice"),
             ("e1", "tools[0].function.parameters.properties.whom.enum[0]"),
         ] {
             let e = walk(ApiKind::OpenaiChat, &obj, &mut Refuse(text)).unwrap_err();

@@ -9,14 +9,15 @@
 
 use std::rc::Rc;
 
+use crate::answer_review::{error_release, plan_answer_review};
 use crate::config::{Config, Endpoint, RecordMode};
 use crate::extract::gemini_model;
 use crate::framing::Framing;
 use crate::hold::{record_callout, response_record_callout, Hold, HoldStep};
-use crate::host::{note_outcome, Action, Host, Level};
+use crate::host::{note_outcome, Action, Headers, Host, Level};
 use crate::identity::{forward_header_edits, identify};
 use crate::inspect::{
-    empty_body, screen_body, BodyVerdict, Parsed, RequestInfo, RuleChoice, Screening,
+    choose, empty_body, screen_chosen, BodyVerdict, Parsed, RequestInfo, RuleChoice, Screening,
 };
 use crate::mask::{MaskAction, ResponseGuard};
 use crate::record::{refusal_record, ResponseRecorder, MAX_RECORDED_RESPONSE};
@@ -74,9 +75,15 @@ pub struct StreamFilter {
     /// The answer's body is being buffered in Envoy (plain answers under a
     /// guard, withheld answers): trailers can still change it.
     response_buffered: bool,
+    /// A `review` response rule is in scope of a plain answer: its head
+    /// waits with its body, which is held for a reviewer when it calls a
+    /// tool the rule names ([`crate::answer_review`]).
+    reviews_answer: bool,
     /// A request to a path that is not an inference endpoint, whose body is
     /// being looked at: a prompt there is refused (see `shape::sniff_prompt`).
     sniffing: bool,
+    /// Whether `info` holds the request's Envoy properties yet.
+    properties_read: bool,
 }
 
 impl StreamFilter {
@@ -98,7 +105,9 @@ impl StreamFilter {
             record_guard: None,
             withheld: None,
             response_buffered: false,
+            reviews_answer: false,
             sniffing: false,
+            properties_read: false,
         }
     }
 
@@ -109,15 +118,33 @@ impl StreamFilter {
         // (best effort: the refusal does not wait for it), and so does a
         // prompt sent to a path that is not an inference endpoint.
         let api = self.endpoint.as_ref().map(|e| e.api);
-        if let Some(config) = &self.config {
+        if let Some(config) = self.config.clone() {
             if config.records != RecordMode::Off && (api.is_some() || self.sniffing) {
+                self.read_properties(host);
                 let record = refusal_record(&self.info, api, refusal);
                 self.worker
-                    .deliver(host, config, record_callout(config, &record), true);
+                    .deliver(host, &config, record_callout(&config, &record), true);
             }
         }
         send_refusal(host, refusal);
         Action::Pause
+    }
+
+    /// Reads the request's Envoy properties (route name, downstream
+    /// address) into its info, once. Only requests that are matched by
+    /// route, recorded, reviewed or audited need them: an `allow` without a
+    /// record makes no property read.
+    fn read_properties(&mut self, host: &mut dyn Host) {
+        if self.properties_read {
+            return;
+        }
+        self.properties_read = true;
+        let utf8 = |b: Vec<u8>| String::from_utf8(b).ok();
+        self.info.route = host
+            .property(&["route_name"])
+            .and_then(utf8)
+            .filter(|s| !s.is_empty());
+        self.info.source_address = host.property(&["source", "address"]).and_then(utf8);
     }
 
     fn start_hold(
@@ -174,11 +201,13 @@ impl StreamFilter {
                 ),
             );
         };
-        let method = host.request_header(":method").unwrap_or_default();
-        let path = host.request_header(":path").unwrap_or_default();
+        // One read of the whole map, not one host call per header.
+        let headers = host.request_headers();
+        let method = headers.value(":method").unwrap_or_default();
+        let path = headers.value(":path").unwrap_or_default();
         let mut caller = None;
         if let Some(source) = &config.identity {
-            let header = |name: &str| host.request_header(name);
+            let header = |name: &str| headers.value(name);
             let property = |path: &[String]| {
                 let path: Vec<&str> = path.iter().map(String::as_str).collect();
                 host.property(&path).and_then(|b| String::from_utf8(b).ok())
@@ -195,38 +224,28 @@ impl StreamFilter {
         let approval_token = config
             .approval_tokens
             .as_ref()
-            .and_then(|t| host.request_header(&t.header));
-        let content_type = host.request_header("content-type");
-        let content_encoding = host.request_header("content-encoding");
-        let content_length = host.request_header("content-length");
-        let upgrade = host.request_header("upgrade");
-        let method_override = METHOD_OVERRIDE_HEADERS
-            .iter()
-            .find_map(|h| host.request_header(h));
+            .and_then(|t| headers.value(&t.header));
         let head = RequestHead {
             method: &method,
             path: &path,
-            content_type: content_type.as_deref(),
-            content_encoding: content_encoding.as_deref(),
-            content_length: content_length.as_deref(),
-            upgrade: upgrade.as_deref(),
-            method_override: method_override.as_deref(),
+            content_type: headers.get("content-type"),
+            content_encoding: headers.get("content-encoding"),
+            content_length: headers.get("content-length"),
+            upgrade: headers.get("upgrade"),
+            method_override: METHOD_OVERRIDE_HEADERS.iter().find_map(|h| headers.get(h)),
         };
         let verdict = classify(&config, &head);
-        let utf8 = |b: Vec<u8>| String::from_utf8(b).ok();
         self.info = RequestInfo {
-            request_id: host.request_header("x-request-id").unwrap_or_default(),
+            request_id: headers.value("x-request-id").unwrap_or_default(),
             method: method.clone(),
             path: path_only(&path).to_string(),
-            authority: host.request_header(":authority").unwrap_or_default(),
-            route: host
-                .property(&["route_name"])
-                .and_then(utf8)
-                .filter(|s| !s.is_empty()),
+            authority: headers.value(":authority").unwrap_or_default(),
+            // Read when the request needs them (`read_properties`).
+            route: None,
             caller,
             approval_token,
-            prefer_async: prefers_async(host.request_header("prefer").as_deref()),
-            source_address: host.property(&["source", "address"]).and_then(utf8),
+            prefer_async: prefers_async(headers.get("prefer")),
+            source_address: None,
             received_at_ms: host.now_ms(),
             model: None,
             stream: false,
@@ -240,6 +259,7 @@ impl StreamFilter {
                 return self.refuse(host, &r);
             }
             HeadVerdict::Status(review_id) => {
+                self.read_properties(host);
                 let started = Hold::status(&config, self.info.clone(), &review_id);
                 return self.start_hold(host, &config, started, 0, None);
             }
@@ -253,7 +273,9 @@ impl StreamFilter {
             tokens_header,
             config.upstream_credential.as_ref(),
         );
-        for name in &edits.remove {
+        // Removing a header that is not there would be a host call for
+        // nothing.
+        for name in edits.remove.iter().filter(|n| headers.contains(n)) {
             host.set_request_header(name, None);
         }
         if let Some((name, value)) = &edits.set {
@@ -267,10 +289,14 @@ impl StreamFilter {
                 return self.refuse(host, &empty_body(endpoint.api));
             }
             for name in INSPECTED_REQUEST_EDITS.remove {
-                host.set_request_header(name, None);
+                if headers.contains(name) {
+                    host.set_request_header(name, None);
+                }
             }
             for (name, value) in INSPECTED_REQUEST_EDITS.set {
-                host.set_request_header(name, Some(value));
+                if !headers.is_only(name, value) {
+                    host.set_request_header(name, Some(value));
+                }
             }
             self.endpoint = Some(endpoint);
         }
@@ -380,7 +406,18 @@ impl StreamFilter {
         }
         let body = host.request_body(body_size);
         let now = host.now_ms();
-        let (verdict, screening) = screen_body(&config, &endpoint, &self.info, &body, now);
+        if config.matches_routes() {
+            self.read_properties(host);
+        }
+        let (verdict, screening) = match choose(&config, &endpoint, &self.info, &body) {
+            Ok(chosen) => {
+                if chosen.may_describe_request(&self.info) {
+                    self.read_properties(host);
+                }
+                screen_chosen(&config, &endpoint, &self.info, &body, chosen, now)
+            }
+            Err(r) => (BodyVerdict::Refuse(r), Screening::default()),
+        };
         self.info.hits = screening.hits.clone();
         let masked_values: u32 = screening
             .hits
@@ -507,7 +544,15 @@ impl StreamFilter {
         } else if let Some(outcome) = self.outcome {
             host.set_response_header("x-countersign-outcome", Some(outcome));
         }
-        let framing = self.plan_answer(host, record_id.is_some());
+        // The answer's head is read, whole and once, only when something
+        // reads the answer: otherwise it passes without a look.
+        let guard = self.response_guard();
+        let reads = guard.is_some() || record_id.is_some() || self.has_answer_review_rules();
+        let head = reads.then(|| host.response_headers());
+        let framing = match &head {
+            Some(head) => self.plan_answer(host, head, guard),
+            None => None,
+        };
         if let Some(record_id) = record_id {
             let now = host.now_ms();
             // A record id is only set on a release, which sets the time.
@@ -519,10 +564,15 @@ impl StreamFilter {
                     framing,
                     MAX_RECORDED_RESPONSE,
                 ),
-                status: host
-                    .response_header(":status")
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0),
+                // A withheld answer's status is the one that replaced it.
+                status: match &self.withheld {
+                    Some(withheld) => withheld.status,
+                    None => head
+                        .as_ref()
+                        .and_then(|h| h.get(":status"))
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0),
+                },
                 forwarded_at_ms,
                 ttfb_ms: Some(now.saturating_sub(forwarded_at_ms)),
                 complete: false,
@@ -530,7 +580,31 @@ impl StreamFilter {
                 hits: Vec::new(),
             });
         }
+        if self.reviews_answer {
+            // The head waits for the body's verdict: a rejection may make
+            // the answer an error, with another status.
+            return Action::Pause;
+        }
         Action::Continue
+    }
+
+    /// Whether `review` response rules apply to this forwarded request.
+    fn has_answer_review_rules(&self) -> bool {
+        !self.refused
+            && self
+                .screening
+                .as_ref()
+                .is_some_and(|s| !s.review_rules.is_empty())
+    }
+
+    /// Whether a `review` response rule is in scope of this answer: a
+    /// successful answer to a forwarded request.
+    fn answer_reviewable(&self, head: &Headers) -> bool {
+        let success = head
+            .get(":status")
+            .and_then(|s| s.parse::<u16>().ok())
+            .is_some_and(|s| (200..300).contains(&s));
+        success && self.has_answer_review_rules()
     }
 
     /// The guard for the answer (masking, restore, response rules) when the
@@ -547,9 +621,9 @@ impl StreamFilter {
     /// Whether the answer is one JSON array sent element by element: a
     /// successful answer to Gemini's `streamGenerateContent` (with
     /// `alt=sse` it is an event stream instead, told by its content type).
-    fn array_stream(&self, host: &dyn Host) -> bool {
-        let success = host
-            .response_header(":status")
+    fn array_stream(&self, head: &Headers) -> bool {
+        let success = head
+            .get(":status")
             .and_then(|s| s.parse::<u16>().ok())
             .is_some_and(|s| (200..300).contains(&s));
         success
@@ -560,23 +634,24 @@ impl StreamFilter {
             && gemini_model(&self.info.path).is_some_and(|(_, streamed)| streamed)
     }
 
-    /// Decides from the answer's head whether it is read (guarded,
-    /// recorded) and sets that up; an answer that cannot be read is
-    /// withheld (see [`crate::response_head`]). Returns how a read stream
-    /// is framed (`None` for a plain body, or an answer not read as sent).
-    fn plan_answer(&mut self, host: &mut dyn Host, recorded: bool) -> Option<Framing> {
+    /// Decides from the head of an answer that is read (guarded,
+    /// recorded) how it is read, and sets that up; an answer that cannot be
+    /// read is withheld (see [`crate::response_head`]). Returns how a read
+    /// stream is framed (`None` for a plain body, or an answer not read as
+    /// sent).
+    fn plan_answer(
+        &mut self,
+        host: &mut dyn Host,
+        headers: &Headers,
+        guard: Option<ResponseGuard>,
+    ) -> Option<Framing> {
         let api = self.endpoint.as_ref().map(|e| e.api)?;
-        let guard = self.response_guard();
-        if guard.is_none() && !recorded {
-            // Nothing reads this answer: it passes without a look.
-            return None;
-        }
-        let content_type = host.response_header("content-type");
-        let content_encoding = host.response_header("content-encoding");
+        let reviewable = self.answer_reviewable(headers);
+        let content_encoding = headers.get("content-encoding");
         let head = ResponseHead {
-            content_type: content_type.as_deref(),
-            content_encoding: content_encoding.as_deref(),
-            array_stream: self.array_stream(host),
+            content_type: headers.get("content-type"),
+            content_encoding,
+            array_stream: self.array_stream(headers),
         };
         match plan_response(api, &head, true) {
             ResponsePlan::Pass => None,
@@ -591,6 +666,10 @@ impl StreamFilter {
                         .map(|g| ResponseFilter::new(g, api, framing));
                     self.guard = Some(ResponseFilter::new(guard, api, framing));
                 }
+                if reviewable && framing.is_none() {
+                    host.set_response_header("content-length", None);
+                    self.reviews_answer = true;
+                }
                 framing
             }
             ResponsePlan::Withhold(withheld) => {
@@ -599,7 +678,7 @@ impl StreamFilter {
                     "countersign: {} answer withheld: {} (content-encoding {:?})",
                     self.info.request_id,
                     withheld.blocked_by,
-                    content_encoding.as_deref().unwrap_or("")
+                    content_encoding.unwrap_or("")
                 );
                 host.log(Level::Warn, &msg);
                 host.set_response_header(":status", Some(&withheld.status.to_string()));
@@ -622,8 +701,9 @@ impl StreamFilter {
         body_size: usize,
         end_of_stream: bool,
     ) -> Action {
-        let buffers =
-            self.withheld.is_some() || self.guard.as_ref().is_some_and(ResponseFilter::buffers);
+        let buffers = self.reviews_answer
+            || self.withheld.is_some()
+            || self.guard.as_ref().is_some_and(ResponseFilter::buffers);
         if buffers && !end_of_stream {
             // A plain body is judged whole, and nothing of an unreadable
             // answer leaves (its replacement goes out at the end): buffer.
@@ -634,10 +714,17 @@ impl StreamFilter {
             self.response_buffered = true;
             return Action::Pause;
         }
-        if self.withheld.is_none() && self.guard.is_none() && self.response.is_none() {
+        if self.withheld.is_none()
+            && self.guard.is_none()
+            && self.response.is_none()
+            && !self.reviews_answer
+        {
             return Action::Continue;
         }
         let chunk = host.response_body(body_size);
+        if self.reviews_answer {
+            return self.review_answer(host, body_size, chunk);
+        }
         if let Some(out) = self.answer_chunk(host, chunk, end_of_stream) {
             host.set_response_body(body_size, &out);
         }
@@ -687,9 +774,23 @@ impl StreamFilter {
             }
             return Some(out);
         }
+        let (out, recorded) = self.guard_chunk(host, &chunk, end);
+        self.capture_chunk(out.as_deref().unwrap_or(&chunk), recorded.as_deref(), end);
+        out
+    }
+
+    /// Runs the guard over an answer chunk and notes its report: the bytes
+    /// to send instead of the chunk (when the guard changes it), and the
+    /// bytes to record when they differ from those.
+    fn guard_chunk(
+        &mut self,
+        host: &mut dyn Host,
+        chunk: &[u8],
+        end: bool,
+    ) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
         let (out, report) = match &mut self.guard {
             Some(filter) => {
-                let (out, report) = filter.apply(&chunk, end);
+                let (out, report) = filter.apply(chunk, end);
                 (Some(out), Some(report))
             }
             None => (None, None),
@@ -699,7 +800,7 @@ impl StreamFilter {
         let recorded = self
             .record_guard
             .as_mut()
-            .map(|filter| filter.apply(&chunk, end).0);
+            .map(|filter| filter.apply(chunk, end).0);
         if let (Some(report), Some(capture)) = (report, &mut self.response) {
             if report.blocked_by.is_some() && capture.blocked_by.is_none() {
                 host.count("countersign_responses_blocked_total", 1);
@@ -707,20 +808,91 @@ impl StreamFilter {
             capture.blocked_by = report.blocked_by;
             capture.hits = report.hits;
         }
+        (out, recorded)
+    }
+
+    /// Feeds what was sent (or `recorded`, where it differs) to the record.
+    fn capture_chunk(&mut self, sent: &[u8], recorded: Option<&[u8]>, end: bool) {
         if let Some(capture) = &mut self.response {
-            let sent = out.as_deref().unwrap_or(&chunk);
-            capture.recorder.feed(recorded.as_deref().unwrap_or(sent));
+            capture.recorder.feed(recorded.unwrap_or(sent));
             capture.complete |= end;
         }
-        out
+    }
+
+    /// A plain answer under a `review` rule, complete: guarded as any, then
+    /// held for a reviewer when the rule asks for it (the head and body
+    /// wait in Envoy; the worker lets them go, see
+    /// [`Worker::answered`]), else let go at once.
+    fn review_answer(&mut self, host: &mut dyn Host, body_size: usize, chunk: Vec<u8>) -> Action {
+        let (out, recorded) = self.guard_chunk(host, &chunk, true);
+        let blocked = self
+            .response
+            .as_ref()
+            .is_some_and(|c| c.blocked_by.is_some());
+        let sent = out.unwrap_or(chunk);
+        let (Some(config), Some(api), Some(screening)) = (
+            self.config.clone(),
+            self.endpoint.as_ref().map(|e| e.api),
+            self.screening.as_ref(),
+        ) else {
+            return Action::Continue;
+        };
+        let plan = match blocked {
+            // Already an error: nothing of the answer is left to review.
+            true => Ok(None),
+            false => plan_answer_review(
+                &config,
+                api,
+                &self.info,
+                &screening.review_rules,
+                &screening.review_prompt,
+                &sent,
+                recorded.as_deref().unwrap_or(&sent),
+            ),
+        };
+        match plan {
+            Ok(Some(plan)) => {
+                let hold = Hold::answer(&config, plan, self.info.clone(), host.now_ms());
+                self.held = true;
+                self.worker
+                    .start_hold(host, self.id, &config, hold, body_size, None);
+                Action::Pause
+            }
+            Ok(None) => {
+                self.capture_chunk(&sent, recorded.as_deref(), true);
+                host.set_response_body(body_size, &sent);
+                Action::Continue
+            }
+            Err(refusal) => {
+                let release = error_release(String::new(), refusal.kind.outcome(), &refusal);
+                host.set_response_header(":status", Some(&refusal.status().to_string()));
+                for (name, value) in &release.headers {
+                    host.set_response_header(name, Some(value));
+                }
+                self.capture_chunk(&release.body, None, true);
+                if let Some(capture) = &mut self.response {
+                    capture.blocked_by = Some(refusal.kind.code().to_string());
+                }
+                host.set_response_body(body_size, &release.body);
+                Action::Continue
+            }
+        }
     }
 
     /// The access-log phase: the response part of the record goes to the
     /// outbox (the stream may be gone before it lands).
     pub fn on_log(&mut self, host: &mut dyn Host) {
-        let (Some(capture), Some(config)) = (self.response.take(), self.config.clone()) else {
+        let (Some(mut capture), Some(config)) = (self.response.take(), self.config.clone()) else {
             return;
         };
+        let answered = match self.reviews_answer {
+            true => self.worker.answered(self.id),
+            false => None,
+        };
+        if let Some(answered) = &answered {
+            capture.recorder.feed(&answered.recorded);
+            capture.complete = true;
+        }
         let total = host.now_ms().saturating_sub(capture.forwarded_at_ms);
         let completion = if capture.complete {
             "complete"
@@ -733,6 +905,10 @@ impl StreamFilter {
                 .finish(capture.status, capture.ttfb_ms, Some(total), completion);
         response.blocked_by = capture.blocked_by;
         response.hits = capture.hits;
+        if let Some(answered) = answered {
+            response.answer_review_id = Some(answered.review_id);
+            response.answer_decision = Some(answered.decision.to_string());
+        }
         match response_record_callout(&config, &capture.record_id, &response) {
             Some(call) => self.worker.deliver(host, &config, call, false),
             None => {
@@ -761,7 +937,6 @@ impl StreamFilter {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
-    use crate::hold::CalloutResult;
     use crate::testing::MockHost;
 
     const CHAT: &str = "/v1/chat/completions";
@@ -787,13 +962,7 @@ mod tests {
 
     /// The approval service answers the last call.
     fn answer(host: &mut MockHost, worker: &Worker, status: u16, body: &str) {
-        host.answer = Some(CalloutResult {
-            status: Some(status),
-            body: body.as_bytes().to_vec(),
-        });
-        host.effective = None;
-        let token = host.last_token();
-        worker.on_callout_response(host, token, body.len());
+        crate::testing::answer_last_call(host, worker, status, body);
     }
 
     fn approved(extra: &str) -> String {
@@ -878,7 +1047,9 @@ mod tests {
         assert_eq!(host.last_path(), "/v1/reviews");
         let review: serde_json::Value =
             serde_json::from_slice(call.body.as_deref().unwrap()).unwrap();
-        assert_eq!(review["kind"], "audit");
+        assert_eq!(review["mode"], "audit");
+        // A review of the request (kind `prompt`, the default, not sent).
+        assert_eq!(review.get("kind"), None);
         assert_eq!(review["rule"], "open");
         assert_eq!(review["spot_check"]["mode"], "audit");
         assert_eq!(review["spot_check"]["share"], 0.25);
@@ -1453,5 +1624,115 @@ mod tests {
         assert_eq!(stream.on_request_headers(&mut host, false), Action::Pause);
         assert_eq!(host.replies[0].status, 500);
         assert_eq!(host.metric("countersign_requests_misconfigured_total"), 1);
+    }
+
+    /// Envoy's properties of a request on route `route` from 10.0.0.7.
+    fn with_properties(host: &mut MockHost, route: &str) {
+        host.properties
+            .insert(vec!["route_name".into()], route.as_bytes().to_vec());
+        host.properties.insert(
+            vec!["source".into(), "address".into()],
+            b"10.0.0.7:5555".to_vec(),
+        );
+    }
+
+    fn properties_read(host: &MockHost) -> usize {
+        host.take_calls()
+            .iter()
+            .filter(|c| **c == "property")
+            .count()
+    }
+
+    #[test]
+    fn properties_are_read_once_and_only_where_the_request_needs_them() {
+        // Allowed without a record: nothing carries them.
+        let (_worker, mut host, mut stream) =
+            setup(r#"{"default_action":"allow","records":"off"}"#);
+        with_properties(&mut host, "model");
+        assert_eq!(send(&mut host, &mut stream, CHAT, BODY), Action::Continue);
+        assert_eq!(properties_read(&host), 0);
+
+        // The record carries them.
+        let (_worker, mut host, mut stream) = setup(r#"{"default_action":"allow"}"#);
+        with_properties(&mut host, "model");
+        assert_eq!(send(&mut host, &mut stream, CHAT, BODY), Action::Pause);
+        assert_eq!(properties_read(&host), 2);
+        let (_, call) = &host.dispatched[0];
+        let record: serde_json::Value =
+            serde_json::from_slice(call.body.as_ref().unwrap()).unwrap();
+        assert_eq!(record["route"], "model", "{record}");
+        assert_eq!(record["source_address"], "10.0.0.7:5555", "{record}");
+
+        // So does a review, and a refusal's record.
+        let (_worker, mut host, mut stream) = setup(r#"{"records":"off"}"#);
+        with_properties(&mut host, "model");
+        assert_eq!(send(&mut host, &mut stream, CHAT, BODY), Action::Pause);
+        let (_, call) = &host.dispatched[0];
+        let review: serde_json::Value =
+            serde_json::from_slice(call.body.as_ref().unwrap()).unwrap();
+        assert_eq!(review["route"], "model", "{review}");
+        let (worker, mut host, mut stream) = setup(r#"{"max_body_bytes":20}"#);
+        with_properties(&mut host, "model");
+        host.request("POST", CHAT, BODY);
+        stream.on_request_headers(&mut host, false);
+        assert_eq!(stream.on_request_body(&mut host, 21, false), Action::Pause);
+        assert_eq!(properties_read(&host), 2);
+        worker.on_tick(&mut host);
+        let (_, call) = host.dispatched.last().unwrap();
+        let record: serde_json::Value =
+            serde_json::from_slice(call.body.as_ref().unwrap()).unwrap();
+        assert_eq!(record["source_address"], "10.0.0.7:5555", "{record}");
+    }
+
+    #[test]
+    fn rules_scoped_by_route_read_the_route_before_choosing() {
+        let config = r#"{"records":"off","rules":[{"name":"internal","route":"internal-*","action":"allow"}]}"#;
+        for (route, verdict) in [
+            ("internal-chat", Action::Continue),
+            ("public", Action::Pause),
+        ] {
+            let (_worker, mut host, mut stream) = setup(config);
+            with_properties(&mut host, route);
+            assert_eq!(send(&mut host, &mut stream, CHAT, BODY), verdict, "{route}");
+            // Read once, also where the review then carries them.
+            assert_eq!(properties_read(&host), 2, "{route}");
+        }
+        // A content rule scoped by route, the same.
+        let config = r#"{"records":"off","default_action":"allow","content_policy":{"request_rules":[{"name":"no-hi","routes":["public"],"phrases":["hi"]}]}}"#;
+        for (route, status) in [("public", Some(403)), ("internal", None)] {
+            let (_worker, mut host, mut stream) = setup(config);
+            with_properties(&mut host, route);
+            send(&mut host, &mut stream, CHAT, BODY);
+            assert_eq!(host.replies.first().map(|r| r.status), status, "{route}");
+        }
+    }
+
+    #[test]
+    fn header_edits_that_change_nothing_are_not_made() {
+        let (_worker, mut host, mut stream) =
+            setup(r#"{"default_action":"allow","records":"off"}"#);
+        host.request("POST", CHAT, BODY);
+        host.request_headers
+            .insert("accept-encoding".into(), "identity".into());
+        assert_eq!(
+            stream.on_request_headers(&mut host, false),
+            Action::Continue
+        );
+        // No `content-length` to remove, `accept-encoding` already right.
+        let calls = host.take_calls();
+        assert!(!calls.contains(&"set_request_header"), "{calls:?}");
+        assert_eq!(host.request_headers["accept-encoding"], "identity");
+
+        host.request_headers
+            .insert("accept-encoding".into(), "gzip".into());
+        host.request_headers
+            .insert("content-length".into(), "55".into());
+        let (_worker, _, mut stream) = setup(r#"{"default_action":"allow","records":"off"}"#);
+        assert_eq!(
+            stream.on_request_headers(&mut host, false),
+            Action::Continue
+        );
+        assert_eq!(host.request_headers["accept-encoding"], "identity");
+        assert!(!host.request_headers.contains_key("content-length"));
     }
 }

@@ -2,15 +2,16 @@
 //! callout answers set by the test, and records what the filter did
 //! (headers set, bodies written, replies, resumes, dispatched calls,
 //! metrics, logs). It also checks the re-entrancy rule: no host call is made
-//! while the watched worker's state is borrowed.
+//! while the watched worker's state is borrowed, and counts every host call
+//! by name (the host-call budget, `host_budget.rs`).
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 
 use crate::hold::{Callout, CalloutResult};
-use crate::host::{Host, Level};
+use crate::host::{Headers, Host, Level};
 use crate::worker::Worker;
 
 /// A local reply the filter sent.
@@ -61,12 +62,16 @@ pub struct MockHost {
     pub replies: Vec<Reply>,
     /// Streams resumed.
     pub resumed: Vec<Option<u32>>,
+    /// Streams whose answer was resumed.
+    pub resumed_responses: Vec<Option<u32>>,
     pub metrics: HashMap<String, i64>,
     pub logs: Vec<(Level, String)>,
     /// The worker whose state must not be borrowed during host calls.
     pub watch: Option<Worker>,
     /// Host calls made while the watched state was borrowed.
     pub violations: Cell<u32>,
+    /// Every host call made, by name, in order (see [`MockHost::take_calls`]).
+    calls: RefCell<Vec<&'static str>>,
     /// What `nonce` answers (`0xabc` by default).
     pub nonce: Option<u64>,
 }
@@ -81,10 +86,18 @@ impl MockHost {
         }
     }
 
-    fn check(&self) {
+    /// Every host call goes through here: it is counted, and must not be
+    /// made while the watched worker's state is borrowed.
+    fn check(&self, call: &'static str) {
+        self.calls.borrow_mut().push(call);
         if self.watch.as_ref().is_some_and(Worker::is_borrowed) {
             self.violations.set(self.violations.get() + 1);
         }
+    }
+
+    /// The host calls made since the last time this was asked, by name.
+    pub fn take_calls(&self) -> Vec<&'static str> {
+        std::mem::take(&mut self.calls.borrow_mut())
     }
 
     pub fn request(&mut self, method: &str, path: &str, body: &[u8]) {
@@ -128,6 +141,22 @@ impl MockHost {
     }
 }
 
+fn pairs(map: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// The approval service answers the last call dispatched, as it reaches
+/// the worker (from the root context).
+pub fn answer_last_call(host: &mut MockHost, worker: &Worker, status: u16, body: &str) {
+    host.answer = Some(CalloutResult {
+        status: Some(status),
+        body: body.as_bytes().to_vec(),
+    });
+    host.effective = None;
+    let token = host.last_token();
+    worker.on_callout_response(host, token, body.len());
+}
+
 pub fn path_of(call: &Callout) -> String {
     call.headers
         .iter()
@@ -137,13 +166,13 @@ pub fn path_of(call: &Callout) -> String {
 }
 
 impl Host for MockHost {
-    fn request_header(&self, name: &str) -> Option<String> {
-        self.check();
-        self.request_headers.get(name).cloned()
+    fn request_headers(&self) -> Headers {
+        self.check("request_headers");
+        Headers::new(pairs(&self.request_headers))
     }
 
     fn set_request_header(&mut self, name: &str, value: Option<&str>) {
-        self.check();
+        self.check("set_request_header");
         match value {
             Some(v) => self.request_headers.insert(name.into(), v.into()),
             None => self.request_headers.remove(name),
@@ -151,12 +180,12 @@ impl Host for MockHost {
     }
 
     fn request_body(&self, size: usize) -> Vec<u8> {
-        self.check();
+        self.check("request_body");
         self.request_body[..size.min(self.request_body.len())].to_vec()
     }
 
     fn set_request_body(&mut self, replaced: usize, body: &[u8]) -> Result<(), String> {
-        self.check();
+        self.check("set_request_body");
         if self.body_write_fails {
             return Err("BadArgument".into());
         }
@@ -165,13 +194,13 @@ impl Host for MockHost {
         Ok(())
     }
 
-    fn response_header(&self, name: &str) -> Option<String> {
-        self.check();
-        self.response_headers.get(name).cloned()
+    fn response_headers(&self) -> Headers {
+        self.check("response_headers");
+        Headers::new(pairs(&self.response_headers))
     }
 
     fn set_response_header(&mut self, name: &str, value: Option<&str>) {
-        self.check();
+        self.check("set_response_header");
         match value {
             Some(v) => self.response_headers.insert(name.into(), v.into()),
             None => self.response_headers.remove(name),
@@ -179,40 +208,40 @@ impl Host for MockHost {
     }
 
     fn response_body(&self, size: usize) -> Vec<u8> {
-        self.check();
+        self.check("response_body");
         self.response_chunk[..size.min(self.response_chunk.len())].to_vec()
     }
 
     fn set_response_body(&mut self, replaced: usize, body: &[u8]) {
-        self.check();
+        self.check("set_response_body");
         let replaced = replaced.min(self.response_chunk.len());
         self.response_chunk.splice(..replaced, body.iter().copied());
     }
 
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-        self.check();
+        self.check("property");
         let path: Vec<String> = path.iter().map(|s| s.to_string()).collect();
         self.properties.get(&path).cloned()
     }
 
     fn set_property(&mut self, name: &str, value: &[u8]) {
-        self.check();
+        self.check("set_property");
         self.state
             .push((self.effective, name.into(), value.to_vec()));
     }
 
     fn now_ms(&self) -> u64 {
-        self.check();
+        self.check("now_ms");
         self.now
     }
 
     fn nonce(&mut self) -> u64 {
-        self.check();
+        self.check("nonce");
         self.nonce.unwrap_or(0xabc)
     }
 
     fn dispatch(&mut self, cluster: &str, call: &Callout) -> Result<u32, String> {
-        self.check();
+        self.check("dispatch");
         assert_eq!(cluster, "countersign_approval");
         if self.dispatch_fails {
             return Err("BadArgument".into());
@@ -223,18 +252,18 @@ impl Host for MockHost {
     }
 
     fn callout_result(&self, _body_size: usize) -> CalloutResult {
-        self.check();
+        self.check("callout_result");
         self.answer.clone().unwrap()
     }
 
     fn set_effective_context(&mut self, context_id: u32) -> Result<(), String> {
-        self.check();
+        self.check("set_effective_context");
         self.effective = Some(context_id);
         Ok(())
     }
 
     fn send_reply(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) {
-        self.check();
+        self.check("send_reply");
         self.replies.push(Reply {
             context: self.effective,
             status,
@@ -247,17 +276,22 @@ impl Host for MockHost {
     }
 
     fn resume_request(&mut self) {
-        self.check();
+        self.check("resume_request");
         self.resumed.push(self.effective);
     }
 
+    fn resume_response(&mut self) {
+        self.check("resume_response");
+        self.resumed_responses.push(self.effective);
+    }
+
     fn count(&mut self, name: &str, delta: i64) {
-        self.check();
+        self.check("count");
         *self.metrics.entry(name.to_string()).or_default() += delta;
     }
 
     fn log(&mut self, level: Level, message: &str) {
-        self.check();
+        self.check("log");
         self.logs.push((level, message.to_string()));
     }
 }

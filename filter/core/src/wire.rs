@@ -115,6 +115,52 @@ pub struct PromptMessage {
     pub text: String,
 }
 
+/// What a review is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReviewKind {
+    /// A request (its prompt) before it reaches the model.
+    #[default]
+    Prompt,
+    /// The tool calls in a model's answer before they reach the caller.
+    ToolCall,
+    /// A model's answer before it reaches the caller.
+    Response,
+}
+
+impl ReviewKind {
+    /// The name stored in the database and used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReviewKind::Prompt => "prompt",
+            ReviewKind::ToolCall => "tool_call",
+            ReviewKind::Response => "response",
+        }
+    }
+
+    /// Parses the name produced by [`ReviewKind::as_str`].
+    pub fn parse(s: &str) -> Option<ReviewKind> {
+        Some(match s {
+            "prompt" => ReviewKind::Prompt,
+            "tool_call" => ReviewKind::ToolCall,
+            "response" => ReviewKind::Response,
+            _ => return None,
+        })
+    }
+}
+
+/// One tool call of a model's answer, as a reviewer sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// The call's id, where the API gives one.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// The tool (function) name.
+    pub name: String,
+    /// The arguments as JSON text.
+    pub arguments: String,
+}
+
 /// `POST /v1/reviews`: the filter asks for a human decision on one request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CreateReview {
@@ -157,8 +203,16 @@ pub struct CreateReview {
     pub rule: Option<String>,
     /// The prompt, message by message, for display.
     pub prompt: Vec<PromptMessage>,
-    /// The exact request body that would be forwarded (UTF-8 JSON text).
+    /// The exact request body that would be forwarded (UTF-8 JSON text);
+    /// for a review of an answer (`tool_call`, `response`), the answer as
+    /// the caller would get it (masked as configured).
     pub body: String,
+    /// What is reviewed: the request (default) or the model's answer.
+    #[serde(default, skip_serializing_if = "is_prompt")]
+    pub kind: ReviewKind,
+    /// For `tool_call` reviews: the answer's tool calls.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
     /// How long the filter holds the request; the review expires then.
     pub hold_timeout_ms: u64,
     /// Chosen by the filter per request: creating a review with the same
@@ -174,10 +228,10 @@ pub struct CreateReview {
     /// every decision is a person's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_decision: Option<AutoDecision>,
-    /// `review` (someone decides before anything is forwarded) or `audit`
+    /// `hold` (someone decides before anything is forwarded) or `audit`
     /// (forwarded already; someone looks afterwards).
-    #[serde(default, skip_serializing_if = "ReviewKind::is_review")]
-    pub kind: ReviewKind,
+    #[serde(default, skip_serializing_if = "ReviewMode::is_hold")]
+    pub mode: ReviewMode,
     /// The spot check that sent this request of an `allow` rule to people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spot_check: Option<SpotCheckDraw>,
@@ -252,40 +306,41 @@ fn default_deny_score() -> f64 {
     0.5
 }
 
-/// What a review is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// Whether the request waits for a review's decision: a rule's `review`
+/// and a spot check of mode `hold` hold it; a spot check of mode `audit`
+/// forwards it at once and people look afterwards (approve = fine, reject
+/// = flagged for follow-up). The same words as `spot_check.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ReviewKind {
-    /// The request waits for the decision.
+pub enum ReviewMode {
+    /// Held until the decision.
     #[default]
-    Review,
-    /// The request was forwarded at once; approve = fine, reject = flagged
-    /// for follow-up.
+    Hold,
+    /// Forwarded at once, looked at afterwards.
     Audit,
 }
 
-impl ReviewKind {
+impl ReviewMode {
     /// The name stored and sent.
     pub fn as_str(self) -> &'static str {
         match self {
-            ReviewKind::Review => "review",
-            ReviewKind::Audit => "audit",
+            ReviewMode::Hold => "hold",
+            ReviewMode::Audit => "audit",
         }
     }
 
-    fn is_review(&self) -> bool {
-        *self == ReviewKind::Review
+    /// Parses the name produced by [`ReviewMode::as_str`].
+    pub fn parse(s: &str) -> Option<ReviewMode> {
+        Some(match s {
+            "hold" => ReviewMode::Hold,
+            "audit" => ReviewMode::Audit,
+            _ => return None,
+        })
     }
-}
 
-/// How a spot check shows a request to people.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SpotCheckMode {
-    /// Held like any review.
-    Hold,
-    /// Forwarded at once, queued as an `audit` review.
-    Audit,
+    fn is_hold(&self) -> bool {
+        *self == ReviewMode::Hold
+    }
 }
 
 /// A spot check's draw, recorded so it can be checked: `draw` is computed
@@ -297,7 +352,7 @@ pub struct SpotCheckDraw {
     /// The configured share.
     pub share: f64,
     /// The configured mode.
-    pub mode: SpotCheckMode,
+    pub mode: ReviewMode,
     /// The host's random nonce for this request.
     pub nonce: u64,
     /// The draw, in [0, 1).
@@ -306,6 +361,10 @@ pub struct SpotCheckDraw {
 
 fn one() -> u32 {
     1
+}
+
+fn is_prompt(kind: &ReviewKind) -> bool {
+    *kind == ReviewKind::Prompt
 }
 
 /// Where a review stands.
@@ -322,6 +381,9 @@ pub enum ReviewStatus {
     Expired,
     /// The caller went away before a decision.
     Cancelled,
+    /// A reviewer approved after the held request was gone (Envoy
+    /// restarted, the filter stopped polling): nothing was released.
+    Abandoned,
 }
 
 impl ReviewStatus {
@@ -333,6 +395,7 @@ impl ReviewStatus {
             ReviewStatus::Rejected => "rejected",
             ReviewStatus::Expired => "expired",
             ReviewStatus::Cancelled => "cancelled",
+            ReviewStatus::Abandoned => "abandoned",
         }
     }
 
@@ -344,6 +407,7 @@ impl ReviewStatus {
             "rejected" => ReviewStatus::Rejected,
             "expired" => ReviewStatus::Expired,
             "cancelled" => ReviewStatus::Cancelled,
+            "abandoned" => ReviewStatus::Abandoned,
             _ => return None,
         })
     }
@@ -429,6 +493,11 @@ pub struct ConsumeToken {
     pub caller: String,
     /// base64url SHA-256 of the retried body (must match the approved body).
     pub body_sha256: String,
+    /// One key per request (request id and the host's nonce): a repeat of
+    /// a consumption that was spent (its answer lost) answers the same
+    /// success again instead of spending a second use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// A count of one detector's or rule's hits: names, never values.
@@ -553,4 +622,11 @@ pub struct RecordResponse {
     pub hits: Vec<HitCount>,
     /// `complete`, or how it ended otherwise (`reset`).
     pub completion: String,
+    /// The review that held the answer (its tool calls), if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_review_id: Option<String>,
+    /// What that review decided: `approved`, `edited`, `rejected`,
+    /// `expired`, or why the answer was replaced by an error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_decision: Option<String>,
 }

@@ -16,6 +16,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use crate::answer_review::AnswerRelease;
 use crate::config::Config;
 use crate::delivery::{admits, admits_routine, Delivery, DeliveryStep};
 use crate::hold::{
@@ -37,6 +38,8 @@ struct HoldEntry {
     /// Whose request waits for a reviewer (`None`: not waiting for one, such
     /// as a record written before forwarding), for `hold_limits`.
     waits_for_review: Option<String>,
+    /// Set when a held answer was let go, with what the caller got.
+    answered: Option<AnswerRelease>,
 }
 
 #[derive(Default)]
@@ -265,10 +268,19 @@ impl Worker {
             finished: false,
             released: None,
             waits_for_review,
+            answered: None,
         };
-        self.with(|s| s.holds.insert(ctx, entry));
-        host.count("countersign_held", 1);
+        // An answer held after its request was: the request's entry is done.
+        let replaced = self.with(|s| s.holds.insert(ctx, entry)).is_some();
+        if !replaced {
+            host.count("countersign_held", 1);
+        }
         self.perform(host, ctx, step);
+    }
+
+    /// What the caller of `ctx` got instead of a held answer, once decided.
+    pub fn answered(&self, ctx: u32) -> Option<AnswerRelease> {
+        self.with(|s| s.holds.get(&ctx).and_then(|e| e.answered.clone()))
     }
 
     /// The release of `ctx`'s request, and when it happened, once released.
@@ -344,6 +356,7 @@ impl Worker {
                     return;
                 }
                 HoldStep::Release(release) => return self.release(host, ctx, release),
+                HoldStep::Answer(release) => return self.release_answer(host, ctx, release),
                 HoldStep::Respond(reply) => {
                     self.finish(ctx, |_| ());
                     if host.set_effective_context(ctx).is_ok() {
@@ -413,20 +426,25 @@ impl Worker {
                 return;
             }
         }
-        host.log(
-            Level::Info,
-            &format!(
-                "countersign: {} {} (review {}, reviewer {})",
-                release.decision,
-                if release.edited_body.is_some() {
-                    "with a replaced body"
-                } else {
-                    "as sent"
-                },
-                release.review_id.as_deref().unwrap_or("-"),
-                release.reviewer.as_deref().unwrap_or("-"),
-            ),
-        );
+        // A release after a review is worth a line; a request an `allow`
+        // rule forwarded once its record was written is not (the access
+        // log has its decision), and a log line per request is a host call
+        // and a write.
+        if let Some(review_id) = &release.review_id {
+            host.log(
+                Level::Info,
+                &format!(
+                    "countersign: {} {} (review {review_id}, reviewer {})",
+                    release.decision,
+                    if release.edited_body.is_some() {
+                        "with a replaced body"
+                    } else {
+                        "as sent"
+                    },
+                    release.reviewer.as_deref().unwrap_or("-"),
+                ),
+            );
+        }
         note_outcome(host, release.decision);
         let now = host.now_ms();
         self.with(|s| {
@@ -435,6 +453,46 @@ impl Worker {
             }
         });
         host.resume_request();
+    }
+}
+
+impl Worker {
+    /// Lets a held answer go on to the caller as the decision made it: the
+    /// buffered body (of the entry's `body_len`) replaced, the status and
+    /// headers set where it became an error.
+    fn release_answer(&self, host: &mut dyn Host, ctx: u32, release: AnswerRelease) {
+        let Some(body_len) = self.finish(ctx, |e| {
+            e.answered = Some(release.clone());
+            e.body_len
+        }) else {
+            return;
+        };
+        if host.set_effective_context(ctx).is_err() {
+            return;
+        }
+        if let Some(status) = release.status {
+            host.set_response_header(":status", Some(&status.to_string()));
+        }
+        for (name, value) in &release.headers {
+            host.set_response_header(name, Some(value));
+        }
+        host.set_response_header("x-countersign-answer-outcome", Some(release.decision));
+        if !release.review_id.is_empty() {
+            host.set_response_header("x-countersign-answer-review-id", Some(&release.review_id));
+        }
+        host.set_response_body(body_len, &release.body);
+        host.count(
+            &format!("countersign_answers_{}_total", release.decision),
+            1,
+        );
+        host.log(
+            Level::Info,
+            &format!(
+                "countersign: answer review {} ended: {}",
+                release.review_id, release.decision
+            ),
+        );
+        host.resume_response();
     }
 }
 

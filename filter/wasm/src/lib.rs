@@ -21,7 +21,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use countersign_core::config::Config;
 use countersign_core::hold::{Callout, CalloutResult};
-use countersign_core::host::{Action, Host, Level};
+use countersign_core::host::{Action, Headers, Host, Level};
 use countersign_core::stream_filter::StreamFilter;
 use countersign_core::worker::Worker;
 use proxy_wasm::hostcalls;
@@ -49,10 +49,8 @@ thread_local! {
 struct Envoy;
 
 impl Host for Envoy {
-    fn request_header(&self, name: &str) -> Option<String> {
-        hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
-            .ok()
-            .flatten()
+    fn request_headers(&self) -> Headers {
+        header_map(MapType::HttpRequestHeaders)
     }
 
     fn set_request_header(&mut self, name: &str, value: Option<&str>) {
@@ -71,10 +69,8 @@ impl Host for Envoy {
             .map_err(|s| format!("{s:?}"))
     }
 
-    fn response_header(&self, name: &str) -> Option<String> {
-        hostcalls::get_map_value(MapType::HttpResponseHeaders, name)
-            .ok()
-            .flatten()
+    fn response_headers(&self) -> Headers {
+        header_map(MapType::HttpResponseHeaders)
     }
 
     fn set_response_header(&mut self, name: &str, value: Option<&str>) {
@@ -108,13 +104,15 @@ impl Host for Envoy {
             .unwrap_or(0)
     }
 
-    /// `RandomState` is seeded from the host's randomness (WASI
-    /// `random_get`), so no extra crate is needed.
+    /// `RandomState` keys come from the host's randomness (WASI
+    /// `random_get`, once per VM) and each new one differs (std steps its
+    /// key), so a hash under a new one is a fresh random number without a
+    /// host call per request or an extra crate.
     fn nonce(&mut self) -> u64 {
-        use std::hash::{BuildHasher, Hasher};
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(self.now_ms());
-        h.finish().max(1)
+        use std::hash::BuildHasher;
+        std::collections::hash_map::RandomState::new()
+            .hash_one(0u8)
+            .max(1)
     }
 
     fn dispatch(&mut self, cluster: &str, call: &Callout) -> Result<u32, String> {
@@ -152,7 +150,12 @@ impl Host for Envoy {
         let _ = hostcalls::resume_http_request();
     }
 
-    /// Envoy stats (`/stats`, `/stats/prometheus` as `envoy_wasmcustom_...`).
+    fn resume_response(&mut self) {
+        let _ = hostcalls::resume_http_response();
+    }
+
+    /// Envoy stats (`/stats` as `wasmcustom.NAME`, `/stats/prometheus` as
+    /// `NAME`: Envoy drops its custom namespace there).
     /// Every worker VM defines the same names, so Envoy sums them.
     fn count(&mut self, name: &str, delta: i64) {
         let id = METRICS.with(|m| {
@@ -180,6 +183,24 @@ impl Host for Envoy {
             Level::Error => log::error!("{message}"),
         }
     }
+}
+
+/// A header map in one host call. Values are read as bytes: the SDK's
+/// string reads panic (abort the VM) on a value that is not UTF-8, which
+/// HTTP/1.1 allows; such a value is read with replacement characters, so it
+/// matches nothing it should not. Names are tokens, ASCII by Envoy's codecs.
+fn header_map(map: MapType) -> Headers {
+    let pairs = hostcalls::get_map_bytes(map).unwrap_or_default();
+    Headers::new(
+        pairs
+            .into_iter()
+            .map(|(name, value)| {
+                let value = String::from_utf8(value)
+                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+                (name, value)
+            })
+            .collect(),
+    )
 }
 
 fn wasm(action: Action) -> WasmAction {

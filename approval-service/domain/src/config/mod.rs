@@ -90,6 +90,14 @@ pub const DEFAULT_UI_SESSION_HOURS: u64 = 12;
 /// Longest allowed browser session: 30 days.
 pub const MAX_UI_SESSION_HOURS: u64 = 24 * 30;
 
+/// Default `hold_grace_ms`: well above the filter's longest retry delay
+/// (2 s) while the service is unreachable, plus its timer's period.
+pub const DEFAULT_HOLD_GRACE_MS: u64 = 10_000;
+/// Bounds of `hold_grace_ms`.
+pub const MIN_HOLD_GRACE_MS: u64 = 100;
+/// Bounds of `hold_grace_ms`.
+pub const MAX_HOLD_GRACE_MS: u64 = 600_000;
+
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -108,6 +116,10 @@ pub struct Config {
     /// Upper bound on a single long poll (`wait?timeout_ms=`), so idle
     /// connections are recycled and proxies in between do not time out.
     pub max_long_poll_ms: u64,
+    /// How long a held request counts as alive after its filter's last long
+    /// poll ended (and after this process started): an approval later than
+    /// that finds the hold gone and ends the review `abandoned`.
+    pub hold_grace_ms: u64,
     /// The reviewers.
     pub reviewers: Vec<ReviewerConfig>,
     /// Base URL reviewers use to reach this service (for links in webhook
@@ -181,6 +193,7 @@ impl Default for Config {
             sqlite_synchronous: SqliteSynchronous::Full,
             filter_token_sha256: None,
             max_long_poll_ms: 60_000,
+            hold_grace_ms: DEFAULT_HOLD_GRACE_MS,
             reviewers: Vec::new(),
             public_url: None,
             ui_secure_cookies: false,
@@ -261,6 +274,8 @@ struct RawConfig {
     filter_token_sha256: Option<String>,
     #[serde(default)]
     max_long_poll_ms: Option<u64>,
+    #[serde(default)]
+    hold_grace_ms: Option<u64>,
     #[serde(default)]
     reviewers: Vec<RawReviewer>,
     #[serde(default)]
@@ -447,6 +462,13 @@ impl Config {
         if max_long_poll_ms == 0 {
             return Err(invalid("max_long_poll_ms", "must be at least 1"));
         }
+        let hold_grace_ms = raw.hold_grace_ms.unwrap_or(defaults.hold_grace_ms);
+        if !(MIN_HOLD_GRACE_MS..=MAX_HOLD_GRACE_MS).contains(&hold_grace_ms) {
+            return Err(invalid(
+                "hold_grace_ms",
+                format!("must be {MIN_HOLD_GRACE_MS}..={MAX_HOLD_GRACE_MS}"),
+            ));
+        }
 
         let mut names = HashSet::new();
         let mut hashes = HashSet::new();
@@ -530,6 +552,7 @@ impl Config {
             sqlite_synchronous: raw.sqlite_synchronous,
             filter_token_sha256,
             max_long_poll_ms,
+            hold_grace_ms,
             reviewers,
             public_url,
             ui_secure_cookies: raw.ui_secure_cookies,
@@ -699,6 +722,8 @@ url = "http://127.0.0.1:9999/hook"
             ("listen = \"nope\"", "listen"),
             ("sqlite_synchronous = \"off\"", "sqlite_synchronous"),
             ("max_long_poll_ms = 0", "max_long_poll_ms"),
+            ("hold_grace_ms = 99", "hold_grace_ms"),
+            ("hold_grace_ms = 600001", "hold_grace_ms"),
             ("metrics_listen = \"9090\"", "metrics_listen"),
             (
                 "listen = \"127.0.0.1:9000\"\nmetrics_listen = \"127.0.0.1:9000\"",

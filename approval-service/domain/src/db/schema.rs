@@ -14,7 +14,7 @@
 //! with any version. PostgreSQL has no older databases: it gets the same
 //! tables after every step at once, in two parts (`reviews`, `records`)
 //! whose versions live in `countersign_schema` (later ones, `slack`,
-//! `oidc_recheck`, `assessments` and `standing`, are created on their own
+//! `oidc_recheck`, `assessments`, `standing` and `answer_reviews`, are created on their own
 //! when missing). Both databases end with the
 //! same tables and columns (tested in `tests/postgres_schema.rs`), so a
 //! statement is written once for both.
@@ -46,10 +46,23 @@ pub fn migrate(conn: &mut Conn) -> Result<(), OpenError> {
                 tx.batch(&dialect(SLACK, Backend::Sqlite))?;
                 tx.batch(&dialect(STANDING, Backend::Sqlite))?;
                 let existing = sqlite_columns(tx, "reviews")?;
-                for (name, declaration) in SPOT_CHECK_COLUMNS {
+                let later = ANSWER_REVIEW_COLUMNS
+                    .into_iter()
+                    .chain(HOLD_COLUMNS)
+                    .chain(RETENTION_COLUMNS);
+                for (name, declaration) in SPOT_CHECK_COLUMNS.into_iter().chain(later) {
                     if !existing.iter().any(|c| c == name) {
                         tx.batch(&add_review_column(name, declaration, Backend::Sqlite))?;
                     }
+                }
+                if !existing.iter().any(|c| c == "mode") {
+                    tx.batch(REVIEW_MODE_FROM_KIND)?;
+                }
+                if !sqlite_columns(tx, "token_consumptions")?
+                    .iter()
+                    .any(|c| c == "idempotency_key")
+                {
+                    tx.batch(CONSUME_KEYS)?;
                 }
                 Ok::<(), DbError>(())
             })?;
@@ -68,13 +81,22 @@ pub fn migrate(conn: &mut Conn) -> Result<(), OpenError> {
                 "oidc_recheck",
                 &session_columns(Backend::Postgres, &SESSION_RECHECK_COLUMNS),
             )?;
-            migrate_postgres(conn, "assessments", &postgres_assessments())?;
+            migrate_postgres(
+                conn,
+                "assessments",
+                &postgres_review_columns(&ASSESSMENT_COLUMNS),
+            )?;
             let spot_checks: String = SPOT_CHECK_COLUMNS
                 .iter()
                 .map(|(name, declaration)| add_review_column(name, declaration, Backend::Postgres))
                 .collect();
             let standing = dialect(STANDING, Backend::Postgres);
             migrate_postgres(conn, "standing", &format!("{standing}{spot_checks}"))?;
+            migrate_postgres(conn, "answer_reviews", &postgres_answer_reviews())?;
+            migrate_postgres(conn, "holds", &postgres_review_columns(&HOLD_COLUMNS))?;
+            migrate_postgres(conn, "consume_keys", CONSUME_KEYS)?;
+            let retention = postgres_review_columns(&RETENTION_COLUMNS);
+            migrate_postgres(conn, "review_retention", &retention)?;
         }
     }
     Ok(())
@@ -215,14 +237,52 @@ const ASSESSMENT_COLUMNS: [(&str, &str); 4] = [
 ];
 
 /// Columns added to `reviews` for spot checks (added with the standing
-/// approvals' part): `review` or `audit`, and the spot check's draw.
+/// approvals' part): what is reviewed (`prompt`, `tool_call`, `response`;
+/// databases of the spot checks' first release kept `review` or `audit`
+/// here, which [`REVIEW_MODE_FROM_KIND`] moves to `mode`), and the spot
+/// check's draw.
 const SPOT_CHECK_COLUMNS: [(&str, &str); 2] = [
-    ("kind", "TEXT NOT NULL DEFAULT 'review'"),
+    ("kind", "TEXT NOT NULL DEFAULT 'prompt'"),
     ("spot_check_json", "TEXT"),
 ];
 
+/// Columns added to `reviews` for reviews of answers: whether the request
+/// waits for the decision (`hold`) or was forwarded already (`audit`), and
+/// an answer's tool calls (JSON of `countersign_core::wire::ToolCall`s).
+const ANSWER_REVIEW_COLUMNS: [(&str, &str); 2] = [
+    ("mode", "TEXT NOT NULL DEFAULT 'hold'"),
+    ("tool_calls_json", "TEXT NOT NULL DEFAULT '[]'"),
+];
+
+/// Run once, when `mode` is added: the spot checks' first release stored
+/// `review` or `audit` in `kind`; both were reviews of prompts.
+const REVIEW_MODE_FROM_KIND: &str = "
+UPDATE reviews SET mode = 'audit' WHERE kind = 'audit';
+UPDATE reviews SET kind = 'prompt' WHERE kind IN ('review', 'audit');
+";
+
+/// Columns added to `reviews` to tell a live hold from a gone one (see
+/// [`crate::store::Store::hold_polled`]): until when the held request
+/// counts as alive; NULL when no hold is expected (asynchronous reviews,
+/// spot-check audits).
+const HOLD_COLUMNS: [(&str, &str); 1] = [("hold_alive_until_ms", "{int}")];
+
+/// Columns added to `reviews` for retention: when its prompt and bodies
+/// were dropped (see [`crate::store::Store::purge_review_bodies`]).
+const RETENTION_COLUMNS: [(&str, &str); 1] = [("body_purged_at_ms", "{int}")];
+
+/// The filter's key of each token consumption (see
+/// [`crate::approval_tokens`]): a repeat with the same key is answered
+/// with the use it spent, not a second one.
+const CONSUME_KEYS: &str = "
+ALTER TABLE token_consumptions ADD COLUMN idempotency_key TEXT;
+CREATE UNIQUE INDEX IF NOT EXISTS token_consumptions_key
+    ON token_consumptions (review_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+";
+
 /// `ALTER TABLE reviews ADD COLUMN` for one of [`REVIEW_COLUMNS`],
-/// [`ASSESSMENT_COLUMNS`] or [`SPOT_CHECK_COLUMNS`].
+/// [`ASSESSMENT_COLUMNS`], [`SPOT_CHECK_COLUMNS`],
+/// [`ANSWER_REVIEW_COLUMNS`], [`HOLD_COLUMNS`] or [`RETENTION_COLUMNS`].
 fn add_review_column(name: &str, declaration: &str, backend: Backend) -> String {
     dialect(
         &format!("ALTER TABLE reviews ADD COLUMN {name} {declaration};\n"),
@@ -486,10 +546,10 @@ fn postgres_reviews() -> String {
     format!("{tables}{columns}{approvals}")
 }
 
-/// The `assessments` part: [`ASSESSMENT_COLUMNS`], added to the reviews
-/// of a database made before them.
-fn postgres_assessments() -> String {
-    ASSESSMENT_COLUMNS
+/// `columns` (the `assessments` part: [`ASSESSMENT_COLUMNS`]; `holds`:
+/// [`HOLD_COLUMNS`]; `review_retention`: [`RETENTION_COLUMNS`]) added to the reviews of a PostgreSQL database made before them.
+fn postgres_review_columns(columns: &[(&str, &str)]) -> String {
+    columns
         .iter()
         .map(|(name, declaration)| {
             dialect(
@@ -498,6 +558,16 @@ fn postgres_assessments() -> String {
             )
         })
         .collect()
+}
+
+/// The `answer_reviews` part: [`ANSWER_REVIEW_COLUMNS`], and the spot
+/// checks' `review`/`audit` moved from `kind` to `mode`.
+fn postgres_answer_reviews() -> String {
+    let columns: String = ANSWER_REVIEW_COLUMNS
+        .iter()
+        .map(|(name, declaration)| add_review_column(name, declaration, Backend::Postgres))
+        .collect();
+    format!("{columns}{REVIEW_MODE_FROM_KIND}ALTER TABLE reviews ALTER COLUMN kind SET DEFAULT 'prompt';\n")
 }
 
 const POSTGRES_RECORD_TRIGGERS: &str = "
@@ -638,6 +708,47 @@ mod tests {
         create_sqlite_records(&mut conn).unwrap();
         create_sqlite_records(&mut conn).unwrap();
         assert_eq!(columns(&mut conn), 1);
+    }
+
+    #[test]
+    fn spot_checks_of_the_first_release_move_from_kind_to_mode() {
+        let mut conn = memory();
+        migrate(&mut conn).unwrap();
+        // A file of the spot checks' first release: `kind` said `review` or
+        // `audit`, and there was no `mode` (nor `tool_calls_json`).
+        conn.batch(
+            "ALTER TABLE reviews DROP COLUMN mode;
+             ALTER TABLE reviews DROP COLUMN tool_calls_json;",
+        )
+        .unwrap();
+        for (id, kind) in [("rev_held", "review"), ("rev_audit", "audit")] {
+            conn.execute(
+                "INSERT INTO reviews (id, status, created_at_ms, expires_at_ms, request_id, api,
+                     method, path, authority, model, stream, prompt_json, preview, body,
+                     hold_timeout_ms, kind)
+                 VALUES (?1, 'pending', 1, 2, 'r', 'openai_chat', 'POST', '/', 'a', 'm', 0,
+                     '[]', '', '{}', 1, ?2)",
+                params![id, kind],
+            )
+            .unwrap();
+        }
+        migrate(&mut conn).unwrap();
+        migrate(&mut conn).unwrap();
+        let rows: Vec<(String, String, String)> = conn
+            .query("SELECT id, kind, mode FROM reviews ORDER BY id", params![])
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0).unwrap(), r.get(1).unwrap(), r.get(2).unwrap()))
+            .collect();
+        let expected = [
+            ("rev_audit", "prompt", "audit"),
+            ("rev_held", "prompt", "hold"),
+        ];
+        let rows: Vec<(&str, &str, &str)> = rows
+            .iter()
+            .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str()))
+            .collect();
+        assert_eq!(rows, expected);
     }
 
     #[test]

@@ -278,7 +278,7 @@ mod tests {
                 format!(
                     r#"{{"model":"m","instructions":"be {s}","metadata":{{"k":"{s}"}},"input":[
                     {{"role":"user","content":[{{"type":"input_text","text":"{s}"}},{{"type":"input_image","image_url":"https://x/y.png"}}]}},
-                    {{"type":"function_call","call_id":"{s}","name":"f","arguments":"{{\"a\":\"{s}\"}}"}},
+                    {{"type":"function_call","call_id":"c","name":"f","arguments":"{{\"a\":\"{s}\"}}"}},
                     {{"type":"function_call_output","call_id":"c","output":"got {s}"}},
                     {{"type":"message","role":"assistant","content":"{s}"}}]}}"#
                 ),
@@ -463,7 +463,35 @@ mod tests {
                 format!(
                     r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],"tools":[{{"type":"function","function":{{"name":"f","parameters":{{"type":"object","properties":{{"{s}":{{"type":"string"}}}}}}}}}}]}}"#
                 ),
-                "tools[0].function.parameters.properties.jane@example.com",
+                "tools[0].function.parameters.properties.{key}",
+            ),
+            (
+                ApiKind::OpenaiChat,
+                format!(
+                    r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],"tools":[{{"type":"function","function":{{"name":"f"}}}}],"tool_choice":{{"type":"function","function":{{"name":"{s}"}}}}}}"#
+                ),
+                "tool_choice.function.name",
+            ),
+            (
+                ApiKind::AnthropicMessages,
+                format!(
+                    r#"{{"model":"m","max_tokens":5,"messages":[{{"role":"user","content":"x"}}],"tool_choice":{{"type":"tool","name":"{s}"}}}}"#
+                ),
+                "tool_choice.name",
+            ),
+            (
+                ApiKind::GeminiGenerateContent,
+                format!(
+                    r#"{{"contents":[{{"parts":[{{"text":"x"}}]}}],"toolConfig":{{"functionCallingConfig":{{"mode":"ANY","allowedFunctionNames":["{s}"]}}}}}}"#
+                ),
+                "toolConfig.functionCallingConfig.allowedFunctionNames[0]",
+            ),
+            (
+                ApiKind::OpenaiResponses,
+                format!(
+                    r#"{{"model":"m","input":[{{"type":"function_call_output","call_id":"{s}","output":"ok"}}]}}"#
+                ),
+                "input[0].call_id",
             ),
             (
                 ApiKind::OpenaiChat,
@@ -636,8 +664,9 @@ mod tests {
         let e = mask_request(&p, ApiKind::OpenaiChat, keyed).unwrap_err();
         assert_eq!(
             e.field,
-            "messages[0].tool_calls[0].function.arguments.jane@example.com"
+            "messages[0].tool_calls[0].function.arguments.{key}"
         );
+        assert!(!e.to_string().contains("jane@"), "{e}");
         // JSON a lenient reader takes (last duplicate wins) is refused.
         let dup = br#"{"model":"m","messages":[{"role":"assistant","tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{\"a\":\"x\",\"a\":\"jane\\u0040example.com\"}"}}]}]}"#;
         let e = mask_request(&p, ApiKind::OpenaiChat, dup).unwrap_err();

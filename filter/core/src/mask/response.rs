@@ -2,6 +2,7 @@
 //! response rules over completion text, for plain bodies (here) and streams
 //! ([`super::stream`]).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
@@ -255,6 +256,30 @@ impl ResponseGuard {
         let an = self.analyze(text, 0);
         let out = self.render(text, 0, text.len(), &an, tally, count)?;
         Ok(if out == text { None } else { Some(out) })
+    }
+
+    /// Guards a text of the answer that cannot be rewritten (see
+    /// [`Leaf::Fixed`]): a response rule or a `block` detector blocks as in
+    /// any text, and so does any detection that would be masked, naming
+    /// its detector. A pseudonym is left as it is (it is no secret).
+    pub(crate) fn check_fixed(
+        &self,
+        text: &str,
+        tally: &mut GuardTally,
+        count: bool,
+    ) -> Result<(), Blocked> {
+        let an = self.analyze(text, 0);
+        self.render(text, 0, text.len(), &an, tally, count)?;
+        let detected = an.found.groups.first().and_then(|g| {
+            let p = self.mask.as_ref()?;
+            p.0.active.get(g.best).map(|a| a.det.name.clone())
+        });
+        match detected {
+            Some(name) => Err(Blocked {
+                by: BlockedBy::Detector(name),
+            }),
+            None => Ok(()),
+        }
     }
 
     pub(crate) fn hits(&self, tally: &GuardTally) -> Vec<Hit> {
@@ -534,9 +559,16 @@ fn guard_run(
     let mut inside = Vec::new();
     let mut at = 0;
     for (path, leaf) in run {
-        let Leaf::Text(text) = leaf else {
-            edits.push((path.clone(), "null".to_string()));
-            continue;
+        let text = match leaf {
+            Leaf::Text(text) => text,
+            Leaf::Drop => {
+                edits.push((path.clone(), "null".to_string()));
+                continue;
+            }
+            Leaf::Fixed(text) => {
+                guard.check_fixed(text, &mut tally, true)?;
+                continue;
+            }
         };
         let an = guard.analyze(text, 0);
         let out = guard.render(text, 0, text.len(), &an, &mut tally, true)?;
@@ -579,6 +611,10 @@ fn guard_run(
 /// A string of a response to guard, or a value to drop.
 pub(crate) enum Leaf<'v> {
     Text(&'v str),
+    /// A key or a number inside a free-form object the model wrote (a tool
+    /// call's input or arguments, [`FREE_FORM`]): the tool reads it as it
+    /// is, so it is checked, never rewritten ([`ResponseGuard::check_fixed`]).
+    Fixed(Cow<'v, str>),
     /// A field that spells the answer out token by token
     /// ([`crate::answer::token_fields`]): replaced by `null`.
     Drop,
@@ -624,6 +660,12 @@ const OPAQUE: &[&str] = &[
     "inline_data",
 ];
 
+/// Keys whose object or array value is free-form JSON the model wrote: an
+/// Anthropic or Bedrock `tool_use` / `toolUse` `input`, Gemini's
+/// `functionCall.args`, Ollama's `tool_calls[].function.arguments`. Its
+/// keys and numbers are answer text as much as its strings.
+const FREE_FORM: &[&str] = &["input", "args", "arguments"];
+
 /// Every guarded string of a response value, with its path. The `tokens`
 /// fields are not read as text; with `drop_tokens` they are dropped.
 pub(crate) fn leaves<'v>(
@@ -633,49 +675,82 @@ pub(crate) fn leaves<'v>(
 ) -> Vec<(Vec<Seg>, Leaf<'v>)> {
     let mut out = Vec::new();
     let mut path = Vec::new();
-    collect(v, &mut path, tokens, drop_tokens, &mut out);
+    let walk = Walk {
+        tokens,
+        drop_tokens,
+    };
+    walk.collect(v, &mut path, false, &mut out);
     out
 }
 
-fn collect<'v>(
-    v: &'v Value,
-    path: &mut Vec<Seg>,
-    tokens: &[&str],
+struct Walk<'t> {
+    tokens: &'t [&'t str],
     drop_tokens: bool,
-    out: &mut Vec<(Vec<Seg>, Leaf<'v>)>,
-) {
-    match v {
-        Value::String(s) if !s.is_empty() => out.push((path.clone(), Leaf::Text(s))),
-        Value::Array(a) => {
-            for (i, x) in a.iter().enumerate() {
-                path.push(Seg::Idx(i));
-                collect(x, path, tokens, drop_tokens, out);
-                path.pop();
+}
+
+impl Walk<'_> {
+    /// `free`: `v` is inside a [`FREE_FORM`] value, where keys and numbers
+    /// are read too and no key is structural.
+    fn collect<'v>(
+        &self,
+        v: &'v Value,
+        path: &mut Vec<Seg>,
+        free: bool,
+        out: &mut Vec<(Vec<Seg>, Leaf<'v>)>,
+    ) {
+        match v {
+            Value::String(s) if !s.is_empty() => out.push((path.clone(), Leaf::Text(s))),
+            Value::Number(n) if free => {
+                out.push((path.clone(), Leaf::Fixed(Cow::Owned(n.to_string()))))
             }
-        }
-        Value::Object(o) => {
-            for (k, x) in o {
-                let key = k.as_str();
-                if OPAQUE.contains(&key) || (x.is_string() && STRUCTURAL.contains(&key)) {
-                    continue;
+            Value::Array(a) => {
+                for (i, x) in a.iter().enumerate() {
+                    path.push(Seg::Idx(i));
+                    self.collect(x, path, free, out);
+                    path.pop();
                 }
-                path.push(Seg::Key(k.clone()));
-                if tokens.contains(&key) {
-                    let empty = match x {
-                        Value::Null => true,
-                        Value::Array(a) => a.is_empty(),
-                        _ => false,
-                    };
-                    if drop_tokens && !empty {
-                        out.push((path.clone(), Leaf::Drop));
+            }
+            Value::Object(o) => {
+                for (k, x) in o {
+                    let key = k.as_str();
+                    path.push(Seg::Key(k.clone()));
+                    if free {
+                        out.push((path.clone(), Leaf::Fixed(Cow::Borrowed(key))));
+                        self.collect(x, path, true, out);
+                    } else {
+                        self.field(key, x, path, out);
                     }
-                } else {
-                    collect(x, path, tokens, drop_tokens, out);
+                    path.pop();
                 }
-                path.pop();
             }
+            _ => {}
         }
-        _ => {}
+    }
+
+    /// The field `key` of an answer object, its path in `path`.
+    fn field<'v>(
+        &self,
+        key: &str,
+        x: &'v Value,
+        path: &mut Vec<Seg>,
+        out: &mut Vec<(Vec<Seg>, Leaf<'v>)>,
+    ) {
+        if OPAQUE.contains(&key) || (x.is_string() && STRUCTURAL.contains(&key)) {
+            return;
+        }
+        if self.tokens.contains(&key) {
+            let empty = match x {
+                Value::Null => true,
+                Value::Array(a) => a.is_empty(),
+                _ => false,
+            };
+            if self.drop_tokens && !empty {
+                out.push((path.clone(), Leaf::Drop));
+            }
+        } else {
+            let free = FREE_FORM.contains(&key) && (x.is_object() || x.is_array());
+            self.collect(x, path, free, out);
+        }
     }
 }
 
@@ -777,6 +852,56 @@ mod tests {
             let v: Value = serde_json::from_slice(&out.body.unwrap()).unwrap();
             assert_eq!(v.pointer(path).unwrap(), "x [US_SSN]", "{api:?}");
         }
+    }
+
+    #[test]
+    fn keys_and_numbers_of_tool_input_are_checked_not_rewritten() {
+        let g = guard_with(
+            MASKING,
+            r#"{"response_rules":[{"name":"no-launch-codes","phrases":["launch code"]}]}"#,
+            None,
+        );
+        let blocked_by = |api: ApiKind, body: &str| {
+            mask_response_body(&g, api, body.as_bytes())
+                .unwrap()
+                .blocked
+                .map(|b| b.by)
+        };
+        // A detected value as a key of a tool's input (or as a number) would
+        // leave unmasked if rewritten nowhere: the answer is blocked.
+        assert_eq!(
+            blocked_by(
+                ApiKind::AnthropicMessages,
+                r#"{"content":[{"type":"tool_use","id":"t","name":"f","input":{"to":{"123-45-6789":1}}}]}"#
+            ),
+            Some(BlockedBy::Detector("us_ssn".into()))
+        );
+        assert_eq!(
+            blocked_by(
+                ApiKind::GeminiGenerateContent,
+                r#"{"candidates":[{"content":{"parts":[{"functionCall":{"name":"pay","args":{"card":4111111111111111}}}]}}]}"#
+            ),
+            Some(BlockedBy::Detector("credit_card".into()))
+        );
+        assert_eq!(
+            blocked_by(
+                ApiKind::OllamaChat,
+                r#"{"message":{"role":"assistant","content":"","tool_calls":[{"function":{"name":"f","arguments":{"the launch code":"x"}}}]},"done":true}"#
+            ),
+            Some(BlockedBy::Rule("no-launch-codes".into()))
+        );
+        // Values are still masked in place; keys and numbers outside a
+        // tool's input (usage counts, field names) are not answer text.
+        let out = mask_response_body(
+            &g,
+            ApiKind::AnthropicMessages,
+            br#"{"content":[{"type":"tool_use","id":"t","name":"f","input":{"ssn":"123-45-6789","n":7}}],"usage":{"input_tokens":4111111111111111}}"#,
+        )
+        .unwrap();
+        assert!(out.blocked.is_none());
+        let v: Value = serde_json::from_slice(&out.body.unwrap()).unwrap();
+        assert_eq!(v["content"][0]["input"]["ssn"], "[US_SSN]");
+        assert_eq!(v["content"][0]["input"]["n"], 7);
     }
 
     #[test]

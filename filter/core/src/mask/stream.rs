@@ -347,6 +347,7 @@ impl StreamMasker {
                     };
                     edits.insert(path, empty.into());
                 }
+                Leaf::Fixed(text) => self.guard.check_fixed(&text, &mut self.tally, !echo)?,
                 Leaf::Text(s) => {
                     if let Some(new) = self.guard.process_full(s, &mut self.tally, !echo)? {
                         edits.insert(path, json_edit::json_string(&new));
@@ -1135,10 +1136,15 @@ mod tests {
             "y".repeat(40)
         );
         let expected = plainly_masked(&g, &text);
-        for api in APIS {
+        // The native run tries every position. WASI runs tests on one
+        // thread, so the wasm32 run checks the same property at every
+        // fifth position (a different residue per API) to keep the suite
+        // within its time budget.
+        let step = if cfg!(target_os = "wasi") { 5 } else { 1 };
+        for (n, api) in APIS.iter().enumerate() {
             let s = stream(*api, &chunks(&text, 9));
             let b = s.as_bytes();
-            for i in 0..=b.len() {
+            for i in (n % step..=b.len()).step_by(step) {
                 let (out, _) = run(*api, &g, &[&b[..i], &b[i..]]);
                 check(*api, &out, &expected, &format!("split at {i}"));
             }

@@ -48,13 +48,13 @@ use regex::Regex;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::config::ConfigError;
+use crate::config::{range, ConfigError, MAX_HOLD_TIMEOUT_MS};
 use crate::glob::Glob;
 use crate::mask::compile_regex;
 use crate::mask::prefixes::MatchPrefixes;
 use crate::normalize::{as_read, reads_as, skeleton, INVISIBLE_CLASS};
 use crate::refusal::{Refusal, RefusalKind, StopKind};
-use crate::wire::{ApiKind, PromptMessage};
+use crate::wire::{ApiKind, PromptMessage, ToolCall};
 
 /// Enforce or only record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -150,9 +150,148 @@ pub struct RawResponseRule {
     /// Model globs.
     #[serde(default)]
     pub models: Option<Vec<String>>,
-    /// `block` (default) or `monitor`.
-    #[serde(default = "enforce")]
-    pub action: RuleAction,
+    /// `block` (default), `monitor` or `review`.
+    #[serde(default)]
+    pub action: ResponseAction,
+    /// `review` rules: tool (function) name globs; the rule reviews the
+    /// tool calls of answers that call one of these tools.
+    #[serde(default)]
+    pub tools: Option<Vec<String>>,
+    /// With `tools`: regexes over a call's arguments (JSON text); the call
+    /// matches when one of them does.
+    #[serde(default)]
+    pub arguments: Vec<String>,
+    /// `review` rules: what becomes of a streamed answer in scope.
+    #[serde(default)]
+    pub streams: Option<StreamHandling>,
+    /// `review` rules with `tools`: what the caller gets when the tool
+    /// calls are rejected (or nobody decides in time).
+    #[serde(default)]
+    pub on_reject: OnReject,
+    /// `review` rules: how long the answer is held (default: the global
+    /// `hold_timeout_ms`).
+    #[serde(default)]
+    pub hold_timeout_ms: Option<u64>,
+    /// `review` rules: distinct approvals needed.
+    #[serde(default = "one_approval")]
+    pub approvals: u32,
+    /// `review` rules: only members of this reviewer group may approve.
+    #[serde(default)]
+    pub approver_group: Option<String>,
+}
+
+/// What a response rule does when it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResponseAction {
+    /// Replace the answer by an error (end a stream with an error event).
+    #[default]
+    #[serde(alias = "deny")]
+    Block,
+    /// Record what would have happened; change nothing.
+    Monitor,
+    /// Hold the answer for a person (tool calls with `tools`, else the
+    /// answer's text).
+    Review,
+}
+
+/// What a `review` rule does with a streamed answer, which cannot be held
+/// after its first byte has left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamHandling {
+    /// Refuse a request in the rule's scope that asks for a streamed answer
+    /// (403 in the API's format, before it reaches the model).
+    Block,
+}
+
+/// What the caller gets when a reviewer rejects an answer's tool calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnReject {
+    /// A well-formed answer of the caller's API without the tool calls,
+    /// whose text says a reviewer rejected them and why (an agent carries
+    /// on).
+    #[default]
+    Answer,
+    /// An error in the API's format (403 `review_rejected`).
+    Error,
+}
+
+fn one_approval() -> u32 {
+    1
+}
+
+/// A compiled `review` response rule.
+#[derive(Debug)]
+pub struct ReviewRule {
+    name: String,
+    /// Tool-name globs (a tool-call rule), or `None` (a rule on the text).
+    tools: Option<Vec<Glob>>,
+    arguments: Vec<Regex>,
+    streams: StreamHandling,
+    on_reject: OnReject,
+    hold_timeout_ms: Option<u64>,
+    approvals: u32,
+    approver_group: Option<String>,
+    scope: Scope,
+}
+
+impl ReviewRule {
+    /// Rule name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// What becomes of a streamed answer in scope.
+    pub fn streams(&self) -> StreamHandling {
+        self.streams
+    }
+    /// What the caller gets on a rejection.
+    pub fn on_reject(&self) -> OnReject {
+        self.on_reject
+    }
+    /// The hold timeout, when the rule sets one.
+    pub fn hold_timeout_ms(&self) -> Option<u64> {
+        self.hold_timeout_ms
+    }
+    /// Distinct approvals needed.
+    pub fn approvals(&self) -> u32 {
+        self.approvals
+    }
+    /// The group approvers must belong to.
+    pub fn approver_group(&self) -> Option<&str> {
+        self.approver_group.as_deref()
+    }
+    /// Whether the rule asks for a review of a tool call.
+    pub fn matches_tool_call(&self, call: &ToolCall) -> bool {
+        let Some(tools) = &self.tools else {
+            return false;
+        };
+        tools.iter().any(|g| g.matches(&call.name))
+            && (self.arguments.is_empty()
+                || self.arguments.iter().any(|r| r.is_match(&call.arguments)))
+    }
+}
+
+/// The `review` response rules in scope for one request. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct ReviewRules(Vec<Arc<ReviewRule>>);
+
+impl ReviewRules {
+    /// Whether no rule applies.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    /// The rules, in configuration order.
+    pub fn rules(&self) -> impl Iterator<Item = &ReviewRule> {
+        self.0.iter().map(|r| &**r)
+    }
+    /// The first rule that asks for a review of `calls` (tool calls of one
+    /// answer) and the calls it matched.
+    pub fn for_tool_calls(&self, calls: &[ToolCall]) -> Option<&ReviewRule> {
+        self.rules()
+            .find(|r| calls.iter().any(|c| r.matches_tool_call(c)))
+    }
 }
 
 /// Longest response-rule phrase: the smallest stream window, so that a
@@ -320,6 +459,7 @@ impl PolicyOutcome {
 pub struct ContentPolicy {
     request_rules: Vec<RequestRule>,
     response_rules: Vec<Arc<ResponseRule>>,
+    review_rules: Vec<Arc<ReviewRule>>,
 }
 
 fn err(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -389,13 +529,37 @@ fn case_forms(c: char) -> String {
 /// redacted there, so the text cannot be normalised first as prompts are.
 fn phrase_pattern_as_written(phrase: &str) -> String {
     let look_alikes = |c: char| {
-        let class: String = reads_as(c)
-            .into_iter()
+        let forms = reads_as(c);
+        let class: String = forms
+            .iter()
             .map(|d| regex::escape(&d.to_string()))
             .collect();
-        format!("[{class}]")
+        let mut alternatives = vec![format!("[{class}]")];
+        alternatives.extend(forms.iter().filter_map(|&d| escaped_forms(d)));
+        format!("(?:{})", alternatives.join("|"))
     };
-    phrase_pattern_with(phrase, look_alikes, &format!("{INVISIBLE_CLASS}*"))
+    let pattern = phrase_pattern_with(phrase, look_alikes, &format!("{INVISIBLE_CLASS}*"));
+    // A space may be written as an escape too.
+    let space = escaped_forms(' ').unwrap_or_default();
+    pattern.replace(r"\s+", &format!(r"(?:\s|{space})+"))
+}
+
+/// The escapes a reader of an answer decodes for the ASCII character `c`:
+/// percent (`%61`), HTML numeric entities (`&#97;`, `&#x61;`) and JSON
+/// `\u0061` (as written in JSON carried inside a string: tool-call
+/// arguments), hex digits in any case; `None` for other characters.
+fn escaped_forms(c: char) -> Option<String> {
+    if !c.is_ascii() {
+        return None;
+    }
+    let n = u32::from(c);
+    let hex = |digits: String| -> String { digits.chars().map(case_forms).collect() };
+    Some(format!(
+        "%{}|&#0*{n};|&#[xX]0*{};|\\\\u00{}",
+        hex(format!("{n:02x}")),
+        hex(format!("{n:x}")),
+        hex(format!("{n:02x}")),
+    ))
 }
 
 fn compile_phrases(field: &str, phrases: &[String]) -> Result<Option<Regex>, ConfigError> {
@@ -463,6 +627,14 @@ fn check_name(field: &str, name: &str, seen: &[&str]) -> Result<(), ConfigError>
 }
 
 impl ContentPolicy {
+    /// Whether any rule is scoped by Envoy route: then the route is read
+    /// before the policy is evaluated.
+    pub fn scoped_by_route(&self) -> bool {
+        let requests = self.request_rules.iter().map(|r| &r.scope);
+        let responses = self.response_rules.iter().map(|r| &r.scope);
+        requests.chain(responses).any(|s| s.routes.is_some())
+    }
+
     /// Parses and validates a `content_policy` object on its own (field paths
     /// start with `content_policy`).
     pub fn from_json(bytes: &[u8]) -> Result<ContentPolicy, ConfigError> {
@@ -532,11 +704,27 @@ impl ContentPolicy {
             });
         }
         let mut response_rules = Vec::new();
+        let mut review_rules = Vec::new();
         let mut names: Vec<&str> = Vec::new();
         for (i, r) in raw.response_rules.iter().enumerate() {
             let at = format!("{field}.response_rules[{i}]");
             check_name(&format!("{at}.name"), &r.name, &names)?;
             names.push(&r.name);
+            let scope = Scope {
+                callers: globs(&format!("{at}.callers"), &r.callers)?,
+                groups: globs(&format!("{at}.groups"), &r.groups)?,
+                routes: globs(&format!("{at}.routes"), &r.routes)?,
+                models: globs(&format!("{at}.models"), &r.models)?,
+            };
+            let action = match r.action {
+                ResponseAction::Review => {
+                    review_rules.push(Arc::new(review_rule(r, &at, scope)?));
+                    continue;
+                }
+                ResponseAction::Block => RuleAction::Deny,
+                ResponseAction::Monitor => RuleAction::Monitor,
+            };
+            not_for_review(r, &at)?;
             if r.phrases.is_empty() && r.regex.is_empty() {
                 return Err(err(&at, "has no condition (phrases or regex)"));
             }
@@ -564,24 +752,40 @@ impl ContentPolicy {
                 name: r.name.clone(),
                 matchers,
                 prefixes,
-                action: r.action,
-                scope: Scope {
-                    callers: globs(&format!("{at}.callers"), &r.callers)?,
-                    groups: globs(&format!("{at}.groups"), &r.groups)?,
-                    routes: globs(&format!("{at}.routes"), &r.routes)?,
-                    models: globs(&format!("{at}.models"), &r.models)?,
-                },
+                action,
+                scope,
             }));
         }
         Ok(ContentPolicy {
             request_rules,
             response_rules,
+            review_rules,
         })
     }
 
     /// Whether there are no rules at all.
     pub fn is_empty(&self) -> bool {
-        self.request_rules.is_empty() && self.response_rules.is_empty()
+        self.request_rules.is_empty()
+            && self.response_rules.is_empty()
+            && self.review_rules.is_empty()
+    }
+
+    /// The `review` response rules, whatever their scope: the answers they
+    /// hold keep their head back while the body reaches the filter, which
+    /// the host must allow (`allow_on_headers_stop_iteration` in Envoy).
+    pub fn answer_review_rules(&self) -> impl Iterator<Item = &ReviewRule> {
+        self.review_rules.iter().map(|r| &**r)
+    }
+
+    /// The `review` response rules in scope for a request.
+    pub fn review_rules(&self, facts: &RequestFacts<'_>) -> ReviewRules {
+        ReviewRules(
+            self.review_rules
+                .iter()
+                .filter(|r| r.scope.matches(facts))
+                .cloned()
+                .collect(),
+        )
     }
 
     /// Evaluates the request rules in scope on the (unmasked) prompt;
@@ -631,6 +835,86 @@ impl ContentPolicy {
                 .collect(),
         )
     }
+}
+
+/// Fields only `review` rules take, refused on `block` and `monitor` rules.
+fn not_for_review(r: &RawResponseRule, at: &str) -> Result<(), ConfigError> {
+    let given = [
+        ("tools", r.tools.is_some()),
+        ("arguments", !r.arguments.is_empty()),
+        ("streams", r.streams.is_some()),
+        ("on_reject", r.on_reject != OnReject::Answer),
+        ("hold_timeout_ms", r.hold_timeout_ms.is_some()),
+        ("approvals", r.approvals != 1),
+        ("approver_group", r.approver_group.is_some()),
+    ];
+    match given.iter().find(|(_, set)| *set) {
+        Some((field, _)) => Err(err(
+            format!("{at}.{field}"),
+            "only applies to rules with action `review`",
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Compiles a `review` response rule.
+fn review_rule(r: &RawResponseRule, at: &str, scope: Scope) -> Result<ReviewRule, ConfigError> {
+    let tools = globs(&format!("{at}.tools"), &r.tools)?;
+    if tools.is_some() && !(r.phrases.is_empty() && r.regex.is_empty()) {
+        return Err(err(
+            format!("{at}.tools"),
+            "a rule reviews tool calls (`tools`, `arguments`) or the answer's text (`phrases`, `regex`), not both",
+        ));
+    }
+    if tools.is_none() {
+        if !r.arguments.is_empty() {
+            return Err(err(format!("{at}.arguments"), "needs `tools`"));
+        }
+        if r.on_reject != OnReject::Answer {
+            return Err(err(
+                format!("{at}.on_reject"),
+                "only applies to rules with `tools` (a rejected answer is always an error)",
+            ));
+        }
+        // Reviews of the answer's text are the next step; until then such
+        // a rule would hold nothing, which must not pass for a review.
+        return Err(err(
+            at,
+            "a `review` rule needs `tools` (reviews of the answer's text are not supported yet)",
+        ));
+    }
+    let Some(streams) = r.streams else {
+        return Err(err(
+            format!("{at}.streams"),
+            "required for `review` rules: a streamed answer cannot be held once its first byte has left; say `block` to refuse streamed requests in this rule's scope",
+        ));
+    };
+    if let Some(t) = r.hold_timeout_ms {
+        range(
+            &format!("{at}.hold_timeout_ms"),
+            t,
+            1_000,
+            MAX_HOLD_TIMEOUT_MS,
+        )?;
+    }
+    range(&format!("{at}.approvals"), u64::from(r.approvals), 1, 5)?;
+    if r.approver_group.as_deref().is_some_and(str::is_empty) {
+        return Err(err(
+            format!("{at}.approver_group"),
+            "must not be empty (omit it to let any reviewer approve)",
+        ));
+    }
+    Ok(ReviewRule {
+        name: r.name.clone(),
+        tools,
+        arguments: compile_regexes(&format!("{at}.arguments"), &r.arguments)?,
+        streams,
+        on_reject: r.on_reject,
+        hold_timeout_ms: r.hold_timeout_ms,
+        approvals: r.approvals,
+        approver_group: r.approver_group.clone(),
+        scope,
+    })
 }
 
 impl RequestRule {
@@ -1125,10 +1409,18 @@ mod tests {
             ("1aunch codes", "1aunch codes"),
             // Invisible characters between the letters.
             ("lau\u{200b}nch co\u{ad}des.", "lau\u{200b}nch co\u{ad}des"),
+            // Percent, HTML-entity and JSON escapes a reader decodes.
+            ("the launch%20codes", "launch%20codes"),
+            ("%4caunch%20CODES", "%4caunch%20CODES"),
+            ("launch&#32;codes", "launch&#32;codes"),
+            ("l&#x61;unch &#99;odes", "l&#x61;unch &#99;odes"),
+            (r#"{"q":"l\u0061unch codes"}"#, r"l\u0061unch codes"),
         ] {
             assert_eq!(found(written), vec![span.to_string()], "{written:?}");
         }
         assert!(found("launched codes").is_empty());
         assert!(found("lunch codes").is_empty());
+        assert!(found("launch%2codes").is_empty());
+        assert!(found("l&#98;unch codes").is_empty());
     }
 }

@@ -23,6 +23,9 @@
 //! final Responses events repeat text already streamed: they are *echoes*,
 //! not new text.
 //!
+//! The tool calls of a plain answer (read, edited, removed) are
+//! [`tool_calls`].
+//!
 //! Some fields spell the answer out token by token ([`token_fields`]:
 //! log-probabilities, Ollama's `context` token ids): they are never read as
 //! text, and are dropped wherever the answer's text is changed.
@@ -30,6 +33,8 @@
 use serde_json::Value;
 
 use crate::wire::ApiKind;
+
+pub mod tool_calls;
 
 /// What a piece of answer text is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
