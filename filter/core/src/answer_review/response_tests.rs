@@ -248,6 +248,12 @@ fn rules_on_the_answers_text_are_checked_at_load() {
             "content_policy.response_rules[0].streams",
             "first byte",
         ),
+        // Buffering a whole stream for review is not supported (yet).
+        (
+            r#"{"name":"r","action":"review","phrases":["p"],"streams":"buffer"}"#,
+            "content_policy.response_rules[0].streams",
+            "unknown variant `buffer`",
+        ),
         (
             r#"{"name":"r","action":"review","streams":"block"}"#,
             "content_policy.response_rules[0]",
