@@ -4,13 +4,12 @@ the prompt) until a reviewer approves, edits or rejects it, or nobody decides
 in time. Emails are masked in prompts and answers, so the reviewer sees the
 answer masked and an edit is masked again."""
 import json
-import threading
 import time
 
 import httpx
 import pytest
 
-from stack import records, wait_until
+from stack import HeldCaller, records, wait_until
 from test_tool_calls import openai_client
 
 pytestmark = pytest.mark.timeout(120)
@@ -44,26 +43,14 @@ def test_nothing_of_a_held_answer_reaches_the_caller_before_approval(answers):
     """Bytes counted at the client: neither the head nor the body arrives
     while the review is pending; after approval the answer arrives whole,
     masked."""
-    arrived = []  # (what, bytes, time)
     body = {"model": "demo-echo", "messages": [{"role": "user", "content": ASK}]}
-    head = {}
-
-    def call():
-        with httpx.stream("POST", answers.url + "/v1/chat/completions", json=body, timeout=60) as r:
-            head.update(r.headers)
-            arrived.append(("head", r.status_code, time.monotonic()))
-            for chunk in r.iter_bytes():
-                arrived.append(("body", chunk, time.monotonic()))
-
-    caller = threading.Thread(target=call)
-    caller.start()
-    try:
+    with HeldCaller(answers.url + "/v1/chat/completions", body) as caller:
         [review] = answers.approval.wait_pending()
         # The model has answered (the review holds its answer) ...
         assert len(answers.backend.requests()) == 1
         time.sleep(0.5)
         # ... and the caller has received nothing of it.
-        assert arrived == []
+        assert caller.arrived == []
         detail = answers.approval.review(review["id"])
         assert detail["kind"] == "response"
         assert detail["rule"] == "internal-answers"
@@ -73,14 +60,11 @@ def test_nothing_of_a_held_answer_reaches_the_caller_before_approval(answers):
         assert "bob@example.com" not in detail["body"]
         approved_at = time.monotonic()
         assert answers.approval.decide(review["id"], "approve").status_code == 200
-    finally:
-        caller.join(30)
-    assert arrived and arrived[0][0] == "head" and arrived[0][1] == 200
-    assert all(at >= approved_at for _, _, at in arrived)
-    answer = json.loads(b"".join(c for what, c, _ in arrived if what == "body"))
-    assert answer["choices"][0]["message"]["content"] == "echo: internal only: write to [EMAIL]"
-    assert head["x-countersign-answer-outcome"] == "approved"
-    assert head["x-countersign-answer-review-id"] == review["id"]
+    assert caller.arrived and caller.arrived[0][:2] == ("head", 200)
+    assert all(at >= approved_at for _, _, at in caller.arrived)
+    assert caller.answer()["choices"][0]["message"]["content"] == "echo: internal only: write to [EMAIL]"
+    assert caller.headers["x-countersign-answer-outcome"] == "approved"
+    assert caller.headers["x-countersign-answer-review-id"] == review["id"]
     [rec] = answer_records(answers)
     assert rec["response"]["answer_decision"] == "approved"
     assert rec["response"]["answer_review_id"] == review["id"]
