@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -164,6 +165,38 @@ def records(stack, timeout: float = 10, **params) -> list[dict]:
             after = body.get("next_after_seq")
             if after is None:
                 return out
+
+
+class HeldCaller:
+    """POSTs `body` to `url` from a thread of its own and notes when each
+    part of the answer arrives (`("head", status, time)`, then `("body",
+    chunk, time)`), to count what reached the client while a review was
+    pending. A context manager: the thread starts on entry and is joined on
+    exit."""
+
+    def __init__(self, url: str, body: dict):
+        self.url, self.body = url, body
+        self.arrived: list[tuple] = []
+        self.headers: dict = {}
+        self.thread = threading.Thread(target=self._call)
+
+    def _call(self):
+        with httpx.stream("POST", self.url, json=self.body, timeout=60) as r:
+            self.headers.update(r.headers)
+            self.arrived.append(("head", r.status_code, time.monotonic()))
+            for chunk in r.iter_bytes():
+                self.arrived.append(("body", chunk, time.monotonic()))
+
+    def __enter__(self) -> "HeldCaller":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.thread.join(30)
+
+    def answer(self) -> dict:
+        """The answer's body, as JSON."""
+        return json.loads(b"".join(c for what, c, _ in self.arrived if what == "body"))
 
 
 def rec_field(rec: dict, name: str):

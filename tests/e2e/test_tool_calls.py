@@ -3,13 +3,11 @@ OpenAI and Anthropic SDKs: the demo model answers with a tool call when the
 request has `tools` and the user says `call NAME {arguments}`; a `review`
 response rule holds answers that call `delete_*` until a reviewer decides."""
 import json
-import threading
 import time
 
-import httpx
 import pytest
 
-from stack import records, wait_until
+from stack import HeldCaller, records, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -44,24 +42,14 @@ def ask_openai(stack, text=ASK):
 def test_nothing_of_a_held_tool_call_reaches_the_caller_before_approval(agents):
     """Bytes counted at the client: neither the head nor the body arrives
     while the review is pending; after approval the answer arrives whole."""
-    arrived = []  # (what, bytes, time)
     body = {"model": "demo-echo", "messages": [{"role": "user", "content": ASK}], "tools": OPENAI_TOOLS}
-
-    def call():
-        with httpx.stream("POST", agents.url + "/v1/chat/completions", json=body, timeout=60) as r:
-            arrived.append(("head", r.status_code, time.monotonic()))
-            for chunk in r.iter_bytes():
-                arrived.append(("body", chunk, time.monotonic()))
-
-    caller = threading.Thread(target=call)
-    caller.start()
-    try:
+    with HeldCaller(agents.url + "/v1/chat/completions", body) as caller:
         [review] = agents.approval.wait_pending()
         # The model has answered (the review holds its answer) ...
         assert len(agents.backend.requests()) == 1
         time.sleep(0.5)
         # ... and the caller has received nothing of it.
-        assert arrived == []
+        assert caller.arrived == []
         detail = agents.approval.review(review["id"])
         assert detail["kind"] == "tool_call"
         assert detail["rule"] == "dangerous-tools"
@@ -70,11 +58,9 @@ def test_nothing_of_a_held_tool_call_reaches_the_caller_before_approval(agents):
         assert detail["prompt"][0]["text"] == ASK
         approved_at = time.monotonic()
         assert agents.approval.decide(review["id"], "approve").status_code == 200
-    finally:
-        caller.join(30)
-    assert arrived and arrived[0][0] == "head" and arrived[0][1] == 200
-    assert all(at >= approved_at for _, _, at in arrived)
-    answer = json.loads(b"".join(c for what, c, _ in arrived if what == "body"))
+    assert caller.arrived and caller.arrived[0][:2] == ("head", 200)
+    assert all(at >= approved_at for _, _, at in caller.arrived)
+    answer = caller.answer()
     [call_] = answer["choices"][0]["message"]["tool_calls"]
     assert call_["function"] == {"name": "delete_file", "arguments": '{"path":"/srv/data"}'}
 

@@ -11,10 +11,11 @@ use serde_json::Value;
 
 use crate::answer::tool_calls::{apply_edited_arguments, remove_tool_calls, tool_calls};
 use crate::config::Config;
-use crate::inspect::{new_review, RequestInfo};
+use crate::inspect::{new_review, RequestInfo, Screening};
+use crate::mask::{answer_texts, mask_response_body, only_texts_differ, ResponseGuard};
 use crate::policy::{OnReject, ReviewRules};
 use crate::refusal::{Refusal, RefusalKind};
-use crate::wire::{ApiKind, CreateReview, PromptMessage, ReviewKind};
+use crate::wire::{ApiKind, CreateReview, Evidence, HitCount, PromptMessage, ReviewKind};
 
 /// An answer to hold for a reviewer.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,13 +68,7 @@ pub fn plan_answer_review(
     caller: &[u8],
     recorded: &[u8],
 ) -> Result<Option<AnswerPlan>, Refusal> {
-    let unreadable = || {
-        Refusal::new(
-            RefusalKind::ResponseUninspectable,
-            Some(api),
-            "the model's answer could not be read for review, so it was withheld",
-        )
-    };
+    let unreadable = || unreadable_answer(api);
     let caller_value = crate::json::parse_strict(caller).map_err(|_| unreadable())?;
     let recorded_value = crate::json::parse_strict(recorded).map_err(|_| unreadable())?;
     let calls = tool_calls(api, &recorded_value);
@@ -198,8 +193,149 @@ pub fn error_release(
     }
 }
 
+/// The refusal for an answer that does not parse: it cannot be checked, so
+/// it does not leave.
+fn unreadable_answer(api: ApiKind) -> Refusal {
+    Refusal::new(
+        RefusalKind::ResponseUninspectable,
+        Some(api),
+        "the model's answer could not be read for review, so it was withheld",
+    )
+}
+
+/// What a reviewer's edit of an answer's text goes through before it
+/// replaces the answer: the answer's own guards again (masking, restore,
+/// `block` response rules), as a reviewer's edit of a prompt is masked and
+/// checked again.
+#[derive(Debug, Clone)]
+pub struct ResponseEdit {
+    /// The guard of the answer as the caller gets it (with restore).
+    guard: ResponseGuard,
+    /// The same without restore, for the record, when it differs.
+    record_guard: Option<ResponseGuard>,
+}
+
+/// A review of a plain answer's text (kind `response`): whether a `review`
+/// rule on the answer's text (`phrases`, `regex` over the answer's texts as
+/// the model wrote them, `raw`; `detectors` among `hits`, what the answer's
+/// guard found) holds it. The reviewer gets the prompt and the answer as
+/// recorded (masked); a rejection is always an error.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_response_review(
+    config: &Config,
+    api: ApiKind,
+    info: &RequestInfo,
+    screening: &Screening,
+    raw: &[u8],
+    caller: &[u8],
+    recorded: &[u8],
+    hits: &[HitCount],
+) -> Result<Option<(AnswerPlan, ResponseEdit)>, Refusal> {
+    let rules = &screening.review_rules;
+    if !rules.rules().any(|r| r.reviews_text()) {
+        return Ok(None);
+    }
+    let raw_value = crate::json::parse_strict(raw).map_err(|_| unreadable_answer(api))?;
+    let mut texts = answer_texts(api, &raw_value);
+    // A phrase may run across two texts (an answer's content blocks).
+    let joined = texts.concat();
+    texts.push(&joined);
+    let found: Vec<&str> = hits.iter().map(|h| h.name.as_str()).collect();
+    let Some(rule) = rules.for_answer_text(&texts, &found) else {
+        return Ok(None);
+    };
+    let caller_value = crate::json::parse_strict(caller).map_err(|_| unreadable_answer(api))?;
+    let recorded_value = crate::json::parse_strict(recorded).map_err(|_| unreadable_answer(api))?;
+    let review = CreateReview {
+        required_approvals: rule.approvals(),
+        approver_group: rule.approver_group().map(str::to_string),
+        stream: false,
+        rule: Some(rule.name().to_string()),
+        prompt: screening.review_prompt.clone(),
+        body: String::from_utf8_lossy(recorded).into_owned(),
+        kind: ReviewKind::Response,
+        hold_timeout_ms: rule.hold_timeout_ms().unwrap_or(config.hold_timeout_ms),
+        evidence: Evidence {
+            hits: hits.to_vec(),
+            ..Evidence::default()
+        },
+        ..new_review(api, info, "answer")
+    };
+    let plan = AnswerPlan {
+        review,
+        answer: AnswerVersions {
+            caller: caller_value,
+            recorded: recorded_value,
+        },
+        on_reject: OnReject::Error,
+    };
+    let edit = ResponseEdit {
+        guard: screening.response_guard(),
+        record_guard: screening.record_guard(),
+    };
+    Ok(Some((plan, edit)))
+}
+
+impl ResponseEdit {
+    /// Approved: the answer as it was, or the reviewer's edit of its text
+    /// (`edited`: the answer as the reviewer returned it). The edit may
+    /// change only the answer's texts, and is guarded again: masked (and
+    /// restored for the caller), and refused where a `block` rule or
+    /// detector finds something in it.
+    pub fn approved(
+        &self,
+        api: ApiKind,
+        answer: &AnswerVersions,
+        review_id: &str,
+        edited: Option<&str>,
+    ) -> Result<AnswerRelease, Refusal> {
+        let Some(text) = edited else {
+            return answer.approved(api, review_id, None);
+        };
+        let invalid = |why: String| {
+            Refusal::new(
+                RefusalKind::ApprovalUnavailable,
+                Some(api),
+                format!("the reviewer's edit of the answer is invalid: {why}"),
+            )
+            .with_review(review_id)
+        };
+        let value = crate::json::parse_strict(text.as_bytes()).map_err(invalid)?;
+        only_texts_differ(api, &answer.recorded, &value).map_err(invalid)?;
+        let bytes = serde_json::to_vec(&value).map_err(|e| invalid(e.to_string()))?;
+        let guarded = |guard: &ResponseGuard| -> Result<Vec<u8>, Refusal> {
+            let masked = mask_response_body(guard, api, &bytes).map_err(|e| invalid(e.message))?;
+            match masked.blocked {
+                Some(blocked) => Err(Refusal::new(
+                    RefusalKind::PolicyDenied,
+                    Some(api),
+                    format!("the reviewer's edit of the answer: {}", blocked.message()),
+                )
+                .with_review(review_id)),
+                None => Ok(masked.body.unwrap_or_else(|| bytes.clone())),
+            }
+        };
+        let body = guarded(&self.guard)?;
+        let recorded = match &self.record_guard {
+            Some(guard) => guarded(guard)?,
+            None => body.clone(),
+        };
+        Ok(AnswerRelease {
+            review_id: review_id.to_string(),
+            decision: "edited",
+            status: None,
+            headers: Vec::new(),
+            body,
+            recorded,
+        })
+    }
+}
+
 #[cfg(test)]
-mod tests {
+mod response_tests;
+
+#[cfg(test)]
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
     use std::rc::Rc;
 
@@ -211,7 +347,7 @@ mod tests {
     use crate::testing::{answer_last_call, MockHost};
     use crate::worker::Worker;
 
-    const ID: u32 = 9;
+    pub(crate) const ID: u32 = 9;
     const CHAT: &str = "/v1/chat/completions";
     const REQUEST: &[u8] = br#"{"model":"m","messages":[{"role":"user","content":"clean up"}]}"#;
 
@@ -228,7 +364,7 @@ mod tests {
             "tool_calls":[{"id":"call_1","type":"function","function":{"name":name,"arguments":arguments}}]}}]})
     }
 
-    fn state(status: &str, extra: &str) -> String {
+    pub(crate) fn state(status: &str, extra: &str) -> String {
         format!(
             r#"{{"id":"rev_a","status":"{status}","expires_at_ms":0,"reviewer":"alice"{extra}}}"#
         )
@@ -237,7 +373,7 @@ mod tests {
     /// A forwarded request (its record written) and the model's plain
     /// answer `answer`, complete: returns what the filter did with the
     /// answer's head and its last chunk.
-    fn forwarded_answer(
+    pub(crate) fn forwarded_answer(
         config: &str,
         answer: &Value,
     ) -> (Worker, MockHost, StreamFilter, Action, Action) {
@@ -278,12 +414,16 @@ mod tests {
         (worker, host, stream, head, last)
     }
 
-    fn sent(host: &MockHost) -> Value {
+    pub(crate) fn sent(host: &MockHost) -> Value {
         serde_json::from_slice(&host.response_chunk).unwrap()
     }
 
     /// The response part of the record, once the stream ended.
-    fn response_record(host: &mut MockHost, worker: &Worker, stream: &mut StreamFilter) -> Value {
+    pub(crate) fn response_record(
+        host: &mut MockHost,
+        worker: &Worker,
+        stream: &mut StreamFilter,
+    ) -> Value {
         stream.on_log(host);
         stream.on_drop(host);
         worker.on_tick(host);
@@ -537,10 +677,6 @@ mod tests {
             (
                 r#"{"name":"r","action":"review","arguments":["a"],"streams":"block"}"#.into(),
                 "content_policy.response_rules[0].arguments",
-            ),
-            (
-                r#"{"name":"r","action":"review","phrases":["p"],"streams":"block"}"#.into(),
-                "content_policy.response_rules[0]",
             ),
             (
                 r#"{"name":"r","phrases":["p"],"tools":["x"]}"#.into(),

@@ -912,6 +912,7 @@ impl Config {
             Some(p) => ContentPolicy::validate(p, "content_policy")?,
             None => ContentPolicy::default(),
         };
+        check_review_detectors(&content_policy, masking.as_ref())?;
         let identity = raw.identity.map(validate_identity).transpose()?;
         let upstream_credential = raw
             .upstream_credential
@@ -966,6 +967,38 @@ fn is_header_name(h: &str) -> bool {
     !h.is_empty()
         && h.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// A `review` rule's `detectors` must name a detector that some masking
+/// profile runs over answers (`responses` on, the detector not `off`):
+/// otherwise the rule could never find anything, which must not pass for a
+/// review.
+fn check_review_detectors(
+    policy: &ContentPolicy,
+    masking: Option<&MaskingConfig>,
+) -> Result<(), ConfigError> {
+    let reads_answers = |name: &str| {
+        masking.is_some_and(|m| {
+            m.profile_names()
+                .filter_map(|p| m.profile(p))
+                .filter(|p| p.responses())
+                .any(|p| p.detectors().iter().any(|(d, _)| *d == name))
+        })
+    };
+    for rule in policy.answer_review_rules() {
+        let (detectors, at) = rule.detectors();
+        if let Some((j, d)) = detectors
+            .iter()
+            .enumerate()
+            .find(|(_, d)| !reads_answers(d))
+        {
+            return Err(err(
+                format!("{at}.detectors[{j}]"),
+                format!("no masking profile with `responses` on runs a detector named `{d}`, so it would never find one in an answer"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn validate_identity(raw: RawIdentity) -> Result<IdentitySource, ConfigError> {

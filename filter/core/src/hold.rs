@@ -8,7 +8,9 @@
 
 use serde_json::json;
 
-use crate::answer_review::{error_release, AnswerPlan, AnswerRelease, AnswerVersions};
+use crate::answer_review::{
+    error_release, AnswerPlan, AnswerRelease, AnswerVersions, ResponseEdit,
+};
 use crate::config::{Config, RecordMode};
 use crate::inspect::{
     check_edited_body, token_body_hash, HoldPlan, Parsed, RequestInfo, RuleChoice,
@@ -134,6 +136,9 @@ pub struct Hold {
     retry_attempts: u32,
     /// A held answer (mode `Answer`) and what its rejection gives.
     answer: Option<(AnswerVersions, OnReject)>,
+    /// A held answer reviewed for its text (kind `response`): how an edit
+    /// of it is checked.
+    response_edit: Option<ResponseEdit>,
 }
 
 /// Attempts at writing a record before the request is refused.
@@ -212,6 +217,7 @@ impl Hold {
             retry_call: None,
             retry_attempts: 1,
             answer: None,
+            response_edit: None,
         };
         let body = serde_json::to_vec(&plan.review).ok();
         let call = Callout {
@@ -374,6 +380,7 @@ impl Hold {
             retry_call: None,
             retry_attempts: 0,
             answer: None,
+            response_edit: None,
         }
     }
 
@@ -399,6 +406,14 @@ impl Hold {
         };
         hold.retry_call = Some(call.clone());
         (hold, HoldStep::Call(call))
+    }
+
+    /// A held answer reviewed for its text (kind `response`, see
+    /// [`crate::answer_review::plan_response_review`]): a reviewer's edit is
+    /// checked by `edit`.
+    pub fn with_response_edit(mut self, edit: ResponseEdit) -> Hold {
+        self.response_edit = Some(edit);
+        self
     }
 
     /// Whether this hold holds a model's answer (not a request).
@@ -757,7 +772,12 @@ impl Hold {
                         "internal: no answer held".into(),
                     ));
                 };
-                match answer.approved(self.api, &state.id, state.edited_body.as_deref()) {
+                let edited = state.edited_body.as_deref();
+                let approved = match &self.response_edit {
+                    Some(check) => check.approved(self.api, answer, &state.id, edited),
+                    None => answer.approved(self.api, &state.id, edited),
+                };
+                match approved {
                     Ok(release) => HoldStep::Answer(release),
                     Err(refusal) => HoldStep::Refuse(refusal),
                 }
@@ -788,6 +808,9 @@ impl Hold {
                 let who = state.reviewer.unwrap_or_else(|| "a reviewer".into());
                 let reason = state.reason.unwrap_or_else(|| "no reason given".into());
                 let what = match self.mode {
+                    Mode::Answer if self.response_edit.is_some() => {
+                        "the model's answer was rejected"
+                    }
                     Mode::Answer => "the model's tool calls were rejected",
                     _ => "request rejected",
                 };

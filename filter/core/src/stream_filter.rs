@@ -9,7 +9,7 @@
 
 use std::rc::Rc;
 
-use crate::answer_review::{error_release, plan_answer_review};
+use crate::answer_review::{error_release, plan_answer_review, plan_response_review};
 use crate::config::{Config, Endpoint, RecordMode};
 use crate::extract::gemini_model;
 use crate::framing::Framing;
@@ -29,7 +29,7 @@ use crate::request::{
 use crate::response_filter::{ResponseCapture, ResponseFilter};
 use crate::response_head::{plan_response, ResponseHead, ResponsePlan, Withheld};
 use crate::shape::{may_be_json, sniff_prompt};
-use crate::wire::ApiKind;
+use crate::wire::{ApiKind, HitCount};
 use crate::worker::{send_refusal, Worker};
 
 /// Headers that ask for another method than the request line's; an
@@ -79,6 +79,9 @@ pub struct StreamFilter {
     /// waits with its body, which is held for a reviewer when it calls a
     /// tool the rule names ([`crate::answer_review`]).
     reviews_answer: bool,
+    /// With `reviews_answer`: what the answer's guard found in it (for
+    /// `review` rules on detectors).
+    answer_hits: Vec<HitCount>,
     /// A request to a path that is not an inference endpoint, whose body is
     /// being looked at: a prompt there is refused (see `shape::sniff_prompt`).
     sniffing: bool,
@@ -106,6 +109,7 @@ impl StreamFilter {
             withheld: None,
             response_buffered: false,
             reviews_answer: false,
+            answer_hits: Vec::new(),
             sniffing: false,
             properties_read: false,
         }
@@ -801,6 +805,9 @@ impl StreamFilter {
             .record_guard
             .as_mut()
             .map(|filter| filter.apply(chunk, end).0);
+        if let (Some(report), true) = (&report, self.reviews_answer) {
+            self.answer_hits.clone_from(&report.hits);
+        }
         if let (Some(report), Some(capture)) = (report, &mut self.response) {
             if report.blocked_by.is_some() && capture.blocked_by.is_none() {
                 host.count("countersign_responses_blocked_total", 1);
@@ -829,7 +836,7 @@ impl StreamFilter {
             .response
             .as_ref()
             .is_some_and(|c| c.blocked_by.is_some());
-        let sent = out.unwrap_or(chunk);
+        let sent = out.as_deref().unwrap_or(&chunk);
         let (Some(config), Some(api), Some(screening)) = (
             self.config.clone(),
             self.endpoint.as_ref().map(|e| e.api),
@@ -837,6 +844,7 @@ impl StreamFilter {
         ) else {
             return Action::Continue;
         };
+        let recorded_bytes = recorded.as_deref().unwrap_or(sent);
         let plan = match blocked {
             // Already an error: nothing of the answer is left to review.
             true => Ok(None),
@@ -846,19 +854,40 @@ impl StreamFilter {
                 &self.info,
                 &screening.review_rules,
                 &screening.review_prompt,
-                &sent,
-                recorded.as_deref().unwrap_or(&sent),
-            ),
+                sent,
+                recorded_bytes,
+            )
+            .map(|plan| plan.map(|plan| (plan, None))),
+        };
+        // No tool call to review: a rule on the answer's text may hold it.
+        let plan = match plan {
+            Ok(None) if !blocked => plan_response_review(
+                &config,
+                api,
+                &self.info,
+                screening,
+                &chunk,
+                sent,
+                recorded_bytes,
+                &self.answer_hits,
+            )
+            .map(|plan| plan.map(|(plan, edit)| (plan, Some(edit)))),
+            other => other,
         };
         match plan {
-            Ok(Some(plan)) => {
-                let hold = Hold::answer(&config, plan, self.info.clone(), host.now_ms());
+            Ok(Some((plan, edit))) => {
+                let (hold, step) = Hold::answer(&config, plan, self.info.clone(), host.now_ms());
+                let hold = match edit {
+                    Some(edit) => hold.with_response_edit(edit),
+                    None => hold,
+                };
                 self.held = true;
                 self.worker
-                    .start_hold(host, self.id, &config, hold, body_size, None);
+                    .start_hold(host, self.id, &config, (hold, step), body_size, None);
                 Action::Pause
             }
             Ok(None) => {
+                let sent = sent.to_vec();
                 self.capture_chunk(&sent, recorded.as_deref(), true);
                 host.set_response_body(body_size, &sent);
                 Action::Continue

@@ -146,6 +146,7 @@ pub use detectors::BUILTIN_DETECTORS;
 pub(crate) use detectors::{compile as compile_regex, next_char as next_char_boundary};
 pub(crate) use request::mask_parsed;
 pub use request::{mask_request, RequestMasking};
+pub(crate) use response::{answer_texts, only_texts_differ};
 pub use response::{
     mask_response_body, Blocked, BlockedBy, ResponseGuard, ResponseMasking, BLOCKED_STATUS,
 };

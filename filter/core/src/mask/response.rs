@@ -754,6 +754,69 @@ impl Walk<'_> {
     }
 }
 
+/// The texts of a plain answer of `api`, in order: every string its guard
+/// reads as text ([`leaves`]), what `review` rules on the answer's text
+/// match.
+pub(crate) fn answer_texts(api: ApiKind, answer: &Value) -> Vec<&str> {
+    leaves(answer, token_fields(api), false)
+        .into_iter()
+        .filter_map(|(_, leaf)| match leaf {
+            Leaf::Text(text) => Some(text),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether `edited` is `answer` with only its texts changed (the strings
+/// [`answer_texts`] reads, each still a string): a reviewer's edit of an
+/// answer's text. Anything else (ids, roles, finish reasons, tool names,
+/// keys, numbers, a text removed or added) is an error naming the first
+/// path that differs.
+pub(crate) fn only_texts_differ(
+    api: ApiKind,
+    answer: &Value,
+    edited: &Value,
+) -> Result<(), String> {
+    let mut put_back = edited.clone();
+    for (path, leaf) in leaves(answer, token_fields(api), false) {
+        let Leaf::Text(original) = leaf else {
+            continue;
+        };
+        match value_at_mut(&mut put_back, &path) {
+            Some(v @ Value::String(_)) => *v = Value::String(original.to_string()),
+            _ => {
+                return Err(format!(
+                    "the text at `{}` must stay a string",
+                    path_text(&path)
+                ))
+            }
+        }
+    }
+    if put_back == *answer {
+        Ok(())
+    } else {
+        Err("only the answer's text may change (not its ids, roles, finish reasons, tool calls or structure)".into())
+    }
+}
+
+fn value_at_mut<'v>(value: &'v mut Value, path: &[Seg]) -> Option<&'v mut Value> {
+    path.iter().try_fold(value, |v, seg| match seg {
+        Seg::Key(k) => v.get_mut(k.as_str()),
+        Seg::Idx(i) => v.get_mut(*i),
+    })
+}
+
+fn path_text(path: &[Seg]) -> String {
+    path.iter()
+        .map(|seg| match seg {
+            Seg::Key(k) => format!(".{k}"),
+            Seg::Idx(i) => format!("[{i}]"),
+        })
+        .collect::<String>()
+        .trim_start_matches('.')
+        .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]

@@ -161,6 +161,10 @@ pub struct RawResponseRule {
     /// matches when one of them does.
     #[serde(default)]
     pub arguments: Vec<String>,
+    /// `review` rules on the answer's text: masking detectors (by name)
+    /// whose finding in the answer asks for a review.
+    #[serde(default)]
+    pub detectors: Vec<String>,
     /// `review` rules: what becomes of a streamed answer in scope.
     #[serde(default)]
     pub streams: Option<StreamHandling>,
@@ -191,7 +195,7 @@ pub enum ResponseAction {
     /// Record what would have happened; change nothing.
     Monitor,
     /// Hold the answer for a person (tool calls with `tools`, else the
-    /// answer's text).
+    /// answer's text: `phrases`, `regex`, `detectors`).
     Review,
 }
 
@@ -229,6 +233,12 @@ pub struct ReviewRule {
     /// Tool-name globs (a tool-call rule), or `None` (a rule on the text).
     tools: Option<Vec<Glob>>,
     arguments: Vec<Regex>,
+    /// A rule on the answer's text: its phrases and regexes.
+    text: Vec<Regex>,
+    /// A rule on the answer's text: detector names.
+    detectors: Vec<String>,
+    /// Where the rule is in the configuration (`content_policy.response_rules[2]`).
+    field: String,
     streams: StreamHandling,
     on_reject: OnReject,
     hold_timeout_ms: Option<u64>,
@@ -271,6 +281,26 @@ impl ReviewRule {
             && (self.arguments.is_empty()
                 || self.arguments.iter().any(|r| r.is_match(&call.arguments)))
     }
+    /// Whether the rule reviews the answer's text (not its tool calls).
+    pub fn reviews_text(&self) -> bool {
+        self.tools.is_none()
+    }
+    /// The masking detectors the rule reviews answers for, and where the
+    /// rule is written (for the check against the masking profiles).
+    pub fn detectors(&self) -> (&[String], &str) {
+        (&self.detectors, &self.field)
+    }
+    /// Whether a rule on the answer's text asks for a review of an answer
+    /// whose texts are `texts` and whose guard found `hits` (detector
+    /// names).
+    pub fn matches_answer_text(&self, texts: &[&str], hits: &[&str]) -> bool {
+        self.reviews_text()
+            && (self
+                .text
+                .iter()
+                .any(|r| texts.iter().any(|t| r.is_match(t)))
+                || self.detectors.iter().any(|d| hits.contains(&d.as_str())))
+    }
 }
 
 /// The `review` response rules in scope for one request. Cheap to clone.
@@ -291,6 +321,11 @@ impl ReviewRules {
     pub fn for_tool_calls(&self, calls: &[ToolCall]) -> Option<&ReviewRule> {
         self.rules()
             .find(|r| calls.iter().any(|c| r.matches_tool_call(c)))
+    }
+    /// The first rule on the answer's text that asks for a review of an
+    /// answer ([`ReviewRule::matches_answer_text`]).
+    pub fn for_answer_text(&self, texts: &[&str], hits: &[&str]) -> Option<&ReviewRule> {
+        self.rules().find(|r| r.matches_answer_text(texts, hits))
     }
 }
 
@@ -736,14 +771,7 @@ impl ContentPolicy {
                     ));
                 }
             }
-            let mut matchers: Vec<Regex> = compile_phrase_patterns(
-                &format!("{at}.phrases"),
-                &r.phrases,
-                phrase_pattern_as_written,
-            )?
-            .into_iter()
-            .collect();
-            matchers.extend(compile_regexes(&format!("{at}.regex"), &r.regex)?);
+            let matchers = response_matchers(r, &at)?;
             let prefixes = matchers
                 .iter()
                 .map(|m| Arc::new(MatchPrefixes::new(m.as_str())))
@@ -842,6 +870,7 @@ fn not_for_review(r: &RawResponseRule, at: &str) -> Result<(), ConfigError> {
     let given = [
         ("tools", r.tools.is_some()),
         ("arguments", !r.arguments.is_empty()),
+        ("detectors", !r.detectors.is_empty()),
         ("streams", r.streams.is_some()),
         ("on_reject", r.on_reject != OnReject::Answer),
         ("hold_timeout_ms", r.hold_timeout_ms.is_some()),
@@ -860,10 +889,10 @@ fn not_for_review(r: &RawResponseRule, at: &str) -> Result<(), ConfigError> {
 /// Compiles a `review` response rule.
 fn review_rule(r: &RawResponseRule, at: &str, scope: Scope) -> Result<ReviewRule, ConfigError> {
     let tools = globs(&format!("{at}.tools"), &r.tools)?;
-    if tools.is_some() && !(r.phrases.is_empty() && r.regex.is_empty()) {
+    if tools.is_some() && !(r.phrases.is_empty() && r.regex.is_empty() && r.detectors.is_empty()) {
         return Err(err(
             format!("{at}.tools"),
-            "a rule reviews tool calls (`tools`, `arguments`) or the answer's text (`phrases`, `regex`), not both",
+            "a rule reviews tool calls (`tools`, `arguments`) or the answer's text (`phrases`, `regex`, `detectors`), not both",
         ));
     }
     if tools.is_none() {
@@ -876,12 +905,17 @@ fn review_rule(r: &RawResponseRule, at: &str, scope: Scope) -> Result<ReviewRule
                 "only applies to rules with `tools` (a rejected answer is always an error)",
             ));
         }
-        // Reviews of the answer's text are the next step; until then such
-        // a rule would hold nothing, which must not pass for a review.
-        return Err(err(
-            at,
-            "a `review` rule needs `tools` (reviews of the answer's text are not supported yet)",
-        ));
+        if r.phrases.is_empty() && r.regex.is_empty() && r.detectors.is_empty() {
+            return Err(err(
+                at,
+                "has no condition (`tools` for tool calls; `phrases`, `regex` or `detectors` for the answer's text)",
+            ));
+        }
+    }
+    for (j, d) in r.detectors.iter().enumerate() {
+        if d.trim().is_empty() {
+            return Err(err(format!("{at}.detectors[{j}]"), "must not be empty"));
+        }
     }
     let Some(streams) = r.streams else {
         return Err(err(
@@ -908,6 +942,9 @@ fn review_rule(r: &RawResponseRule, at: &str, scope: Scope) -> Result<ReviewRule
         name: r.name.clone(),
         tools,
         arguments: compile_regexes(&format!("{at}.arguments"), &r.arguments)?,
+        text: response_matchers(r, at)?,
+        detectors: r.detectors.clone(),
+        field: at.to_string(),
         streams,
         on_reject: r.on_reject,
         hold_timeout_ms: r.hold_timeout_ms,
@@ -915,6 +952,20 @@ fn review_rule(r: &RawResponseRule, at: &str, scope: Scope) -> Result<ReviewRule
         approver_group: r.approver_group.clone(),
         scope,
     })
+}
+
+/// The phrases and regexes of a response rule, compiled (phrases as
+/// written, [`phrase_pattern_as_written`]).
+fn response_matchers(r: &RawResponseRule, at: &str) -> Result<Vec<Regex>, ConfigError> {
+    let mut matchers: Vec<Regex> = compile_phrase_patterns(
+        &format!("{at}.phrases"),
+        &r.phrases,
+        phrase_pattern_as_written,
+    )?
+    .into_iter()
+    .collect();
+    matchers.extend(compile_regexes(&format!("{at}.regex"), &r.regex)?);
+    Ok(matchers)
 }
 
 impl RequestRule {
