@@ -13,8 +13,10 @@ two of them (`SPLIT_FIELDS`).
 Answers: each row of `ANSWER_FIELDS` makes the demo model answer (the
 `x-demo-answer` script, see examples/demo-backend/README.md) with the value
 or a blocked phrase in one answer field, plain or streamed, in every form
-and split over two streamed events at several places; no form of either
-reaches the caller. A new field is one row."""
+and split over two streamed events at several places (for the rows that
+stream each piece as a block or part of its own, over two adjacent text
+blocks or parts); no form of either reaches the caller. A new field is one
+row."""
 import html
 import json
 import re
@@ -655,6 +657,34 @@ def anthropic_stream(block: dict, delta_kind: str, key: str, pieces: list[str]) 
             {"type": "message_stop"}]
 
 
+def anthropic_blocks(pieces: list[str]) -> list:
+    """Each piece in a text block of its own: adjacent blocks, as Anthropic
+    cuts an answer where its citations change."""
+    events = anthropic_stream({"type": "text", "text": ""}, "text_delta", "text", pieces[:1])
+    for i, p in enumerate(pieces[1:], 1):
+        events[-2:-2] = [{"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}},
+                         {"type": "content_block_delta", "index": i, "delta": {"type": "text_delta", "text": p}},
+                         {"type": "content_block_stop", "index": i}]
+    return events
+
+
+def responses_parts(pieces: list[str]) -> list:
+    """Each piece in a content part of its own of one message, streamed
+    part after part; the final response repeats the parts."""
+    ids = {"item_id": "msg_1", "output_index": 0}
+    events = [{"type": "response.created", "response": {"id": "resp_1", "status": "in_progress", "output": []}}]
+    for i, p in enumerate(pieces):
+        events += [{"type": "response.content_part.added", **ids, "content_index": i,
+                    "part": {"type": "output_text", "text": "", "annotations": []}},
+                   {"type": "response.output_text.delta", **ids, "content_index": i, "delta": p},
+                   {"type": "response.content_part.done", **ids, "content_index": i,
+                    "part": {"type": "output_text", "annotations": []}}]
+    message = {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+               "content": [{"type": "output_text", "text": p, "annotations": []} for p in pieces]}
+    return events + [{"type": "response.completed", "response": {"id": "resp_1", "status": "completed",
+                                                                 "output": [message]}}]
+
+
 def gemini_chunk(part: dict, last=False) -> dict:
     c = {"candidates": [{"content": {"role": "model", "parts": [part]}, "index": 0}], "modelVersion": MODEL}
     if last:
@@ -690,6 +720,9 @@ ANSWER_FIELDS = [
      lambda ps: chat_stream([{"content": p} for p in ps])),
     ("chat.content-parts", "chat", TEXT, None,
      lambda ps: chat_stream([{"content": [{"type": "text", "text": p}]} for p in ps])),
+    # Both pieces as two parts of one delta.
+    ("chat.content-parts-one-delta", "chat", TEXT, None,
+     lambda ps: chat_stream([{"content": [{"type": "text", "text": p} for p in ps]}])),
     ("chat.refusal", "chat", TEXT, lambda t: chat_answer({"refusal": t}),
      lambda ps: chat_stream([{"refusal": p} for p in ps])),
     ("chat.reasoning_content", "chat", TEXT, lambda t: chat_answer({"content": "ok", "reasoning_content": t}),
@@ -714,6 +747,8 @@ ANSWER_FIELDS = [
         {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
          "content": [{"type": "output_text", "text": t, "annotations": []}]}),
      lambda ps: responses_stream("response.output_text.delta", ps, content_index=0)),
+    # Split over two content parts of one message (each piece a part).
+    ("responses.output_text-parts", "responses", TEXT, None, responses_parts),
     ("responses.refusal", "responses", TEXT, lambda t: responses_answer(
         {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
          "content": [{"type": "refusal", "refusal": t}]}),
@@ -728,6 +763,8 @@ ANSWER_FIELDS = [
      lambda ps: responses_stream("response.audio.transcript.delta", ps)),
     ("anthropic.text", "anthropic", TEXT, lambda t: anthropic_answer({"type": "text", "text": t}),
      lambda ps: anthropic_stream({"type": "text", "text": ""}, "text_delta", "text", ps)),
+    # Split over two adjacent text blocks (each piece a block): read joined.
+    ("anthropic.text-blocks", "anthropic", TEXT, None, anthropic_blocks),
     ("anthropic.thinking", "anthropic", TEXT, lambda t: anthropic_answer(
         {"type": "thinking", "thinking": t, "signature": "sig"}, {"type": "text", "text": "ok"}),
      lambda ps: anthropic_stream({"type": "thinking", "thinking": ""}, "thinking_delta", "thinking", ps)),
@@ -739,6 +776,10 @@ ANSWER_FIELDS = [
         {"type": "tool_use", "id": "t1", "name": "send", "input": {}}, "input_json_delta", "partial_json", ps)),
     ("gemini.text", "gemini", TEXT, lambda t: gemini_chunk({"text": t}, last=True),
      lambda ps: [gemini_chunk({"text": p}, last=i == len(ps) - 1) for i, p in enumerate(ps)]),
+    # Both pieces as two parts of one chunk.
+    ("gemini.text-parts-one-chunk", "gemini", TEXT, None, lambda ps: [
+        {**gemini_chunk({"text": ps[0]}, last=True), "candidates": [
+            {"content": {"role": "model", "parts": [{"text": p} for p in ps]}, "index": 0, "finishReason": "STOP"}]}]),
     ("gemini.thought", "gemini", TEXT, lambda t: gemini_chunk({"text": t, "thought": True}, last=True),
      lambda ps: [gemini_chunk({"text": p, "thought": True}, last=i == len(ps) - 1) for i, p in enumerate(ps)]),
     ("gemini.functionCall.args", "gemini", OBJECT, lambda t: gemini_chunk({"functionCall": {"name": "send", "args": t}}, True),

@@ -51,6 +51,21 @@ pub enum ApiKind {
 }
 
 impl ApiKind {
+    /// OpenAI's chat, completions and embeddings endpoints and their Azure
+    /// deployments: one answer shape (`choices`), streamed alike. The
+    /// Responses API is not of it.
+    pub fn is_openai_family(self) -> bool {
+        matches!(
+            self,
+            ApiKind::OpenaiChat
+                | ApiKind::OpenaiCompletions
+                | ApiKind::OpenaiEmbeddings
+                | ApiKind::AzureOpenaiChat
+                | ApiKind::AzureOpenaiCompletions
+                | ApiKind::AzureOpenaiEmbeddings
+        )
+    }
+
     /// The name used in configuration and in the wire format.
     pub fn as_str(self) -> &'static str {
         match self {

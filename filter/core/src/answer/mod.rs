@@ -23,6 +23,9 @@
 //! final Responses events repeat text already streamed: they are *echoes*,
 //! not new text.
 //!
+//! Text split over adjacent blocks or parts is one text to a reader:
+//! [`continues`] says which channels read on from which.
+//!
 //! The tool calls of a plain answer (read, edited, removed) are
 //! [`tool_calls`].
 //!
@@ -218,13 +221,10 @@ pub fn stream_event<'v, E>(
     v: &'v Value,
     f: &mut impl FnMut(Item<'v>) -> Result<(), E>,
 ) -> Result<bool, E> {
+    if api.is_openai_family() {
+        return openai_chunk(v, f).map(|()| false);
+    }
     match api {
-        ApiKind::OpenaiChat
-        | ApiKind::OpenaiCompletions
-        | ApiKind::OpenaiEmbeddings
-        | ApiKind::AzureOpenaiChat
-        | ApiKind::AzureOpenaiCompletions
-        | ApiKind::AzureOpenaiEmbeddings => openai_chunk(v, f).map(|()| false),
         // Bedrock's streams come in AWS event-stream frames, which the
         // gateway does not read ([`crate::framing::streams_readable`]): a
         // request for one is refused wherever its answer would be read. The
@@ -232,10 +232,32 @@ pub fn stream_event<'v, E>(
         ApiKind::AnthropicMessages | ApiKind::BedrockInvoke => {
             anthropic_event(v, f).map(|()| false)
         }
-        ApiKind::BedrockConverse => Ok(false),
         ApiKind::GeminiGenerateContent => gemini_chunk(v, f).map(|()| false),
         ApiKind::OpenaiResponses => responses_event(event, v, f),
         ApiKind::OllamaChat | ApiKind::OllamaGenerate => ollama_line(api, v, f).map(|()| false),
+        // Bedrock converse (see above), and the OpenAI family, read above.
+        _ => Ok(false),
+    }
+}
+
+/// Whether channel `next`'s text reads on from the end of channel `prev`'s:
+/// adjacent blocks or parts of one answer that a reader reads joined, as
+/// the plain answer's sibling texts are (`content[i].text`,
+/// `content[i + 1].text`). Anthropic: content blocks `i` and `i + 1` of one
+/// kind; Responses: parts `j` and `j + 1` of one output item (a message's
+/// content parts, a reasoning item's summary parts). Tool arguments never
+/// join (each is a JSON text of its own). The other APIs stream every part
+/// of a text in one channel already (chat content parts, Gemini parts).
+pub fn continues(api: ApiKind, prev: Channel, next: Channel) -> bool {
+    if prev.kind != next.kind || prev.kind == TextKind::ToolArguments {
+        return false;
+    }
+    match api {
+        ApiKind::AnthropicMessages | ApiKind::BedrockInvoke => {
+            prev.b == next.b && prev.a.checked_add(1) == Some(next.a)
+        }
+        ApiKind::OpenaiResponses => prev.a == next.a && prev.b.checked_add(1) == Some(next.b),
+        _ => false,
     }
 }
 
@@ -306,19 +328,30 @@ fn openai_chunk<'v, E>(
                 if let Some(Value::Array(parts)) = delta.get("content") {
                     for (pj, part) in parts.iter().enumerate() {
                         if let Some(Value::String(text)) = part.get("text") {
-                            f(piece(
+                            // Only the channel's last piece of the event
+                            // ends it: the parts before it go on into it.
+                            let more = parts
+                                .get(pj + 1..)
+                                .unwrap_or_default()
+                                .iter()
+                                .any(|p| p.get("text").is_some_and(Value::is_string));
+                            f(Item::Text(Piece {
                                 text,
-                                TextKind::Content,
-                                0,
-                                &[
+                                channel: Channel {
+                                    kind: TextKind::Content,
+                                    a: idx,
+                                    b: 0,
+                                },
+                                path: Path::new(&[
                                     Step::Key("choices"),
                                     Step::Idx(ci),
                                     Step::Key("delta"),
                                     Step::Key("content"),
                                     Step::Idx(pj),
                                     Step::Key("text"),
-                                ],
-                            ))?;
+                                ]),
+                                last: last && !more,
+                            }))?;
                         }
                     }
                 }
@@ -524,14 +557,21 @@ fn gemini_chunk<'v, E>(
                 .or_else(|| cand.get("finish_reason"))
                 .is_some_and(|f| !f.is_null());
             if let Some(Value::Array(parts)) = cand.get("content").and_then(|c| c.get("parts")) {
+                let is_thought = |part: &Value| {
+                    part.get("thought")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false)
+                };
                 for (pj, part) in parts.iter().enumerate() {
                     let Some(Value::String(text)) = part.get("text") else {
                         continue;
                     };
-                    let thought = part
-                        .get("thought")
-                        .and_then(Value::as_bool)
-                        .unwrap_or(false);
+                    let thought = is_thought(part);
+                    // Only the channel's last piece of the chunk ends it:
+                    // the parts before it go on into it.
+                    let more = parts.get(pj + 1..).unwrap_or_default().iter().any(|p| {
+                        p.get("text").is_some_and(Value::is_string) && is_thought(p) == thought
+                    });
                     f(Item::Text(Piece {
                         text,
                         channel: Channel {
@@ -551,7 +591,7 @@ fn gemini_chunk<'v, E>(
                             Step::Idx(pj),
                             Step::Key("text"),
                         ]),
-                        last,
+                        last: last && !more,
                     }))?;
                 }
             }

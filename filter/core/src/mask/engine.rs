@@ -242,17 +242,6 @@ impl Tally {
         }
     }
 
-    /// Adds another tally's counts to this one.
-    pub(crate) fn absorb(&mut self, other: Tally) {
-        if self.counts.len() < other.counts.len() {
-            self.counts.resize(other.counts.len(), 0);
-        }
-        for (mine, theirs) in self.counts.iter_mut().zip(other.counts) {
-            *mine += theirs;
-        }
-        self.first_block = self.first_block.or(other.first_block);
-    }
-
     pub(crate) fn count_found(&mut self, active: &[Active], found: &Found) {
         for g in &found.groups {
             for &m in &g.members {

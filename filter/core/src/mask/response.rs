@@ -3,6 +3,7 @@
 //! ([`super::stream`]).
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
@@ -324,23 +325,28 @@ impl Analysis {
             .chain(self.found.read.iter().copied())
     }
 
-    /// Spans of what was found: detector matches (acting and monitored),
-    /// pseudonyms to restore, response-rule matches.
-    fn matches(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
-        self.found
-            .groups
-            .iter()
-            .map(|g| (g.start, g.end))
-            .chain(self.found.monitors.iter().map(|&(_, s, e)| (s, e)))
-            .chain(self.restores.iter().map(|(s, e, _)| (*s, *e)))
-            .chain(self.rules.iter().map(|&(_, s, e)| (s, e)))
-    }
-
     /// Every span that must not be cut.
     pub(crate) fn spans(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
         self.detections()
             .chain(self.restores.iter().map(|(s, e, _)| (*s, *e)))
             .chain(self.rules.iter().map(|&(_, s, e)| (s, e)))
+    }
+
+    /// `at`, moved on past the end of every span across it: where the text
+    /// can be cut without cutting anything found.
+    pub(crate) fn past_spans(&self, mut at: usize) -> usize {
+        loop {
+            let mut moved = false;
+            for (s, e) in self.spans() {
+                if s < at && at < e {
+                    at = e;
+                    moved = true;
+                }
+            }
+            if !moved {
+                return at;
+            }
+        }
     }
 }
 
@@ -461,22 +467,22 @@ pub fn mask_response_body(
         .map_err(|e| MaskError::new("", format!("response body is not valid JSON: {e}")))?;
     let mut tally = GuardTally::default();
     let mut edits = Edits::new();
-    let mut blocked = None;
-    let leaves = leaves(&value, token_fields(api), guard.changes_text());
-    for run in sibling_runs(&leaves) {
-        match guard_run(guard, run) {
-            Ok((run_edits, run_tally)) => {
-                for (path, json) in run_edits {
-                    edits.insert(path, json);
-                }
-                tally.absorb(run_tally);
+    let mut texts = Vec::new();
+    let mut guarded = Ok(());
+    for (path, leaf) in leaves(&value, token_fields(api), guard.changes_text()) {
+        match leaf {
+            Leaf::Drop => {
+                edits.insert(path, "null".into());
             }
-            Err(b) => {
-                blocked = Some(b);
-                break;
+            Leaf::Fixed(text) => {
+                guarded = guarded.and_then(|()| guard.check_fixed(&text, &mut tally, true))
             }
+            Leaf::Text(text) => texts.push((path, text)),
         }
     }
+    let blocked = guarded
+        .and_then(|()| guard_texts(guard, &texts, &mut tally, true, &mut edits))
+        .err();
     let body = if blocked.is_some() || edits.is_empty() {
         None
     } else {
@@ -493,119 +499,70 @@ pub fn mask_response_body(
     })
 }
 
-impl GuardTally {
-    fn absorb(&mut self, other: GuardTally) {
-        self.mask.absorb(other.mask);
-        for rule in other.monitored_rules {
-            if !self.monitored_rules.contains(&rule) {
-                self.monitored_rules.push(rule);
+/// The texts in runs (indices into `texts`): strings under the same key of
+/// consecutive elements of one array (`content[0].text`, `content[1].text`:
+/// an Anthropic answer's text blocks, Gemini's parts, a Responses
+/// message's content parts), which a reader reads one after the other;
+/// every other text is a run of its own. Other leaves between them (a
+/// block's citations) do not part them.
+fn sibling_runs(texts: &[(Vec<Seg>, &str)]) -> Vec<Vec<usize>> {
+    let mut runs: Vec<Vec<usize>> = Vec::new();
+    // The path that would continue a run → that run.
+    let mut open: BTreeMap<Vec<Seg>, usize> = BTreeMap::new();
+    for (i, (path, _)) in texts.iter().enumerate() {
+        let run = match open.remove(path) {
+            Some(r) => r,
+            None => {
+                runs.push(Vec::new());
+                runs.len() - 1
             }
-        }
-    }
-}
-
-/// The leaves in runs: text strings under the same key of consecutive
-/// elements of one array (`content[0].text`, `content[1].text`: an
-/// Anthropic answer's text blocks, Gemini's parts), which a reader reads
-/// one after the other; every other leaf is a run of its own.
-fn sibling_runs<'l, 'v>(leaves: &'l [(Vec<Seg>, Leaf<'v>)]) -> Vec<&'l [(Vec<Seg>, Leaf<'v>)]> {
-    let mut runs = Vec::new();
-    let mut start = 0;
-    for i in 1..=leaves.len() {
-        let joins = match (leaves.get(i.wrapping_sub(1)), leaves.get(i)) {
-            (Some((a, Leaf::Text(_))), Some((b, Leaf::Text(_)))) => next_sibling(a, b),
-            _ => false,
         };
-        if !joins {
-            if let Some(run) = leaves.get(start..i) {
-                runs.push(run);
-            }
-            start = i;
+        if let Some(members) = runs.get_mut(run) {
+            members.push(i);
+        }
+        if let [prefix @ .., Seg::Idx(k), Seg::Key(key)] = path.as_slice() {
+            let mut next = prefix.to_vec();
+            next.push(Seg::Idx(k.saturating_add(1)));
+            next.push(Seg::Key(key.clone()));
+            open.insert(next, run);
         }
     }
     runs
 }
 
-/// `b` is `a` one array element further: `…[i].key` then `…[i+1].key`.
-fn next_sibling(a: &[Seg], b: &[Seg]) -> bool {
-    match (a, b) {
-        (
-            [prefix_a @ .., Seg::Idx(i), Seg::Key(ka)],
-            [prefix_b @ .., Seg::Idx(j), Seg::Key(kb)],
-        ) => prefix_a == prefix_b && ka == kb && i.checked_add(1) == Some(*j),
-        _ => false,
-    }
-}
-
-/// The value at a path of a body becomes this JSON text.
-type BodyEdit = (Vec<Seg>, String);
-
-/// Guards one run of leaves: each text alone and, for a run of several,
-/// the texts joined. A value or phrase that only shows joined (split over
-/// two blocks) is caught: a blocking match blocks, and a masked one makes
-/// the run's first text carry the whole guarded text and the others
-/// empty, so the answer reads the same, masked. Returns the edits and the
-/// run's tally.
-fn guard_run(
+/// Guards the texts of one answer (a plain body, or one streamed event's
+/// texts that no channel follows), adding the edits of those that change.
+/// A run of sibling texts ([`sibling_runs`]) is masked and checked as one
+/// text, so a value or phrase split over two blocks is caught; each text
+/// keeps its own part, and what was found across a boundary goes whole,
+/// masked, in the text where it begins (the next one goes on after it).
+pub(crate) fn guard_texts(
     guard: &ResponseGuard,
-    run: &[(Vec<Seg>, Leaf<'_>)],
-) -> Result<(Vec<BodyEdit>, GuardTally), Blocked> {
-    let mut edits = Vec::new();
-    let mut tally = GuardTally::default();
-    // Each text alone (as `process_full` does), keeping where its matches
-    // lie in the joined text and where each text ends.
-    let mut texts = Vec::with_capacity(run.len());
-    let mut boundaries = Vec::with_capacity(run.len());
-    let mut inside = Vec::new();
-    let mut at = 0;
-    for (path, leaf) in run {
-        let text = match leaf {
-            Leaf::Text(text) => text,
-            Leaf::Drop => {
-                edits.push((path.clone(), "null".to_string()));
-                continue;
+    texts: &[(Vec<Seg>, &str)],
+    tally: &mut GuardTally,
+    count: bool,
+    edits: &mut Edits,
+) -> Result<(), Blocked> {
+    for run in sibling_runs(texts) {
+        let members: Vec<&(Vec<Seg>, &str)> = run.iter().filter_map(|&i| texts.get(i)).collect();
+        let joined: String = members.iter().map(|(_, t)| *t).collect();
+        let an = guard.analyze(&joined, 0);
+        let (mut start, mut end) = (0, 0);
+        for (i, (path, text)) in members.iter().enumerate() {
+            end += text.len();
+            let cut = if i + 1 == members.len() {
+                joined.len()
+            } else {
+                an.past_spans(end).max(start)
+            };
+            let out = guard.render(&joined, start, cut, &an, tally, count)?;
+            if out != *text {
+                edits.insert(path.clone(), json_edit::json_string(&out));
             }
-            Leaf::Fixed(text) => {
-                guard.check_fixed(text, &mut tally, true)?;
-                continue;
-            }
-        };
-        let an = guard.analyze(text, 0);
-        let out = guard.render(text, 0, text.len(), &an, &mut tally, true)?;
-        if out != *text {
-            edits.push((path.clone(), json_edit::json_string(&out)));
+            start = cut;
         }
-        inside.extend(an.matches().map(|(s, e)| (at + s, at + e)));
-        at += text.len();
-        boundaries.push(at);
-        texts.push(*text);
     }
-    if texts.len() < 2 {
-        return Ok((edits, tally));
-    }
-    let joined = texts.concat();
-    let an = guard.analyze(&joined, 0);
-    // Only what crosses a boundary is new. A joined match that overlaps one
-    // found inside a text is that match running on into the next text's
-    // first word (`a@b.org` + `next`): already guarded.
-    let split = an.matches().any(|(s, e)| {
-        boundaries.iter().any(|&b| s < b && b < e)
-            && !inside.iter().any(|&(is, ie)| is < e && s < ie)
-    });
-    if !split {
-        return Ok((edits, tally));
-    }
-    let mut joined_tally = GuardTally::default();
-    let whole = guard.render(&joined, 0, joined.len(), &an, &mut joined_tally, true)?;
-    let edits = run
-        .iter()
-        .enumerate()
-        .map(|(i, (path, _))| {
-            let text = if i == 0 { whole.as_str() } else { "" };
-            (path.clone(), json_edit::json_string(text))
-        })
-        .collect();
-    Ok((edits, joined_tally))
+    Ok(())
 }
 
 /// A string of a response to guard, or a value to drop.
@@ -1001,23 +958,30 @@ mod tests {
             r#"{"response_rules":[{"name":"no-launch-codes","phrases":["launch code"]}]}"#,
             None,
         );
-        // An e-mail address split over two Anthropic text blocks: the
-        // first block carries the whole masked text, the next is emptied.
+        // An e-mail address split over two Anthropic text blocks: masked
+        // whole in the block it begins in; the next goes on after it.
         let body = br#"{"content":[{"type":"text","text":"write to dana.scully@fbi."},{"type":"text","text":"example.org today"},{"type":"tool_use","id":"t","name":"f","input":{}}]}"#;
         let out = mask_response_body(&g, ApiKind::AnthropicMessages, body).unwrap();
         let v: Value = serde_json::from_slice(&out.body.unwrap()).unwrap();
-        assert_eq!(v["content"][0]["text"], "write to [EMAIL] today");
-        assert_eq!(v["content"][1]["text"], "");
+        assert_eq!(v["content"][0]["text"], "write to [EMAIL]");
+        assert_eq!(v["content"][1]["text"], " today");
         assert_eq!(v["content"][2]["name"], "f");
         assert_eq!(out.hits.len(), 1);
         assert_eq!(out.hits[0].count, 1);
-        // Values inside one block stay where they are, each block alone.
+        // Values inside one block stay where they are.
+        let body = br#"{"content":[{"type":"text","text":"a dana.scully@fbi.example.org"},{"type":"text","text":" b 10.1.2.3"}]}"#;
+        let out = mask_response_body(&g, ApiKind::AnthropicMessages, body).unwrap();
+        let v: Value = serde_json::from_slice(&out.body.unwrap()).unwrap();
+        assert_eq!(v["content"][0]["text"], "a [EMAIL]");
+        assert_eq!(v["content"][1]["text"], " b [IPV4]");
+        assert_eq!(out.hits.iter().map(|h| h.count).sum::<usize>(), 2);
+        // Read joined, an address that runs on into the next block's first
+        // word is that longer address, masked whole.
         let body = br#"{"content":[{"type":"text","text":"a dana.scully@fbi.example.org"},{"type":"text","text":"b 10.1.2.3"}]}"#;
         let out = mask_response_body(&g, ApiKind::AnthropicMessages, body).unwrap();
         let v: Value = serde_json::from_slice(&out.body.unwrap()).unwrap();
         assert_eq!(v["content"][0]["text"], "a [EMAIL]");
-        assert_eq!(v["content"][1]["text"], "b [IPV4]");
-        assert_eq!(out.hits.iter().map(|h| h.count).sum::<usize>(), 2);
+        assert_eq!(v["content"][1]["text"], " [IPV4]");
         // A blocked phrase split over two Gemini parts blocks the answer.
         let body = br#"{"candidates":[{"content":{"role":"model","parts":[{"text":"the launch"},{"text":" codes are here"}]}}]}"#;
         let out = mask_response_body(&g, ApiKind::GeminiGenerateContent, body).unwrap();
@@ -1026,6 +990,101 @@ mod tests {
         let body = br#"{"choices":[{"index":0,"message":{"content":"the launch"}},{"index":1,"message":{"content":" codes"}}]}"#;
         let out = mask_response_body(&g, ApiKind::OpenaiChat, body).unwrap();
         assert!(out.blocked.is_none());
+    }
+
+    /// Blocks with citations (Anthropic's answers cut their text into
+    /// blocks where citations change): a value across two of them is
+    /// masked in the first, and each block keeps its own text and
+    /// citations (none is emptied); the citations' texts are read too.
+    #[test]
+    fn split_values_stay_in_their_blocks_with_citations() {
+        let g = guard_with(
+            r#"{"profiles":{"default":{"detectors":{"*":"redact"}}}}"#,
+            "{}",
+            None,
+        );
+        let cite = |t: &str| json!([{"type":"char_location","cited_text":t,"document_index":0,"start_char_index":0,"end_char_index":5}]);
+        let body = json!({"content":[
+            {"type":"text","text":"See "},
+            {"type":"text","text":"dana.scully@fbi.","citations":cite("a memo")},
+            {"type":"text","text":"example.org, and ","citations":cite("mail 10.1.2.3")},
+            {"type":"text","text":"more."}]});
+        let out = mask_response_body(&g, ApiKind::AnthropicMessages, body.to_string().as_bytes())
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.body.unwrap()).unwrap();
+        let texts: Vec<&str> = (0..4)
+            .map(|i| v["content"][i]["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(texts, ["See ", "[EMAIL]", ", and ", "more."]);
+        assert_eq!(v["content"][1]["citations"][0]["cited_text"], "a memo");
+        assert_eq!(v["content"][2]["citations"][0]["cited_text"], "mail [IPV4]");
+    }
+
+    /// A text cut into two blocks at every byte: the blocks carry what
+    /// masking the whole gives, each its own part, with the same counts.
+    #[test]
+    fn text_split_over_two_blocks_at_every_byte_equals_one_block() {
+        let g = guard_with(
+            MASKING,
+            r#"{"response_rules":[{"name":"watch","phrases":["launch code"],"action":"monitor"}]}"#,
+            Some(REQUEST),
+        );
+        let text = format!(
+            "mail {} or dana.scully@fbi.example.org, 415-555-0132: the launch code",
+            pseudonym()
+        );
+        let whole = mask_response_body(
+            &g,
+            ApiKind::AnthropicMessages,
+            json!({"content":[{"type":"text","text":text}]})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        let masked: Value = serde_json::from_slice(whole.body.as_ref().unwrap()).unwrap();
+        let masked = masked["content"][0]["text"].as_str().unwrap();
+        assert!(
+            masked.contains("jane@example.com") && masked.contains("<EMAIL_"),
+            "{masked}"
+        );
+        for at in (0..=text.len()).filter(|&i| text.is_char_boundary(i)) {
+            for (api, body, a, b) in [
+                (
+                    ApiKind::AnthropicMessages,
+                    json!({"content":[{"type":"text","text":&text[..at]},{"type":"text","text":&text[at..]}]}),
+                    "/content/0/text",
+                    "/content/1/text",
+                ),
+                (
+                    ApiKind::GeminiGenerateContent,
+                    json!({"candidates":[{"content":{"parts":[{"text":&text[..at]},{"text":&text[at..]}]}}]}),
+                    "/candidates/0/content/parts/0/text",
+                    "/candidates/0/content/parts/1/text",
+                ),
+            ] {
+                let out = mask_response_body(&g, api, body.to_string().as_bytes()).unwrap();
+                let v: Value = out
+                    .body
+                    .map_or(body, |b| serde_json::from_slice(&b).unwrap());
+                let (a, b) = (
+                    v.pointer(a).unwrap().as_str().unwrap(),
+                    v.pointer(b).unwrap().as_str().unwrap(),
+                );
+                assert_eq!(format!("{a}{b}"), masked, "{api:?} cut at {at}");
+                // Each part stays in its block: the first ends where the
+                // original's first part does, or after a value across it.
+                let an = g.analyze(&text, 0);
+                let cut = an.past_spans(at);
+                let mut t = GuardTally::default();
+                assert_eq!(
+                    a,
+                    g.render(&text, 0, cut, &an, &mut t, false).unwrap(),
+                    "{api:?} cut at {at}"
+                );
+                assert_eq!(out.hits, whole.hits, "{api:?} cut at {at}");
+                assert_eq!(out.monitored_rules, vec!["watch".to_string()]);
+            }
+        }
     }
 
     #[test]

@@ -20,7 +20,11 @@
 //! text is flushed at the end of its choice or block (`finish_reason`,
 //! `content_block_stop`, `finishReason`, `*.done`, `done`), at `[DONE]` and
 //! at the end of the stream, in an extra event of the channel's kind placed
-//! before the event that ended it. Events without text (role, usage, pings,
+//! before the event that ended it; but a block whose next block may
+//! continue its text ([`answer::continues`]: adjacent text blocks or parts)
+//! carries its held tail, and the events after it, until the next block's
+//! first text decides ([`Carry`]), so text split over the two is masked as
+//! one. Events without text (role, usage, pings,
 //! comments, unknown events) pass through untouched and in order, except
 //! that every other string in a JSON event is masked in full and the fields
 //! that spell out tokens (`logprobs`, Ollama's `context`) are dropped when
@@ -32,7 +36,7 @@ use serde_json::{json, Value};
 
 use super::json_edit::{self, Edits, Seg};
 use super::prefixes::PrefixTracker;
-use super::response::{leaves, Blocked, BlockedBy, GuardTally, Leaf, ResponseGuard};
+use super::response::{guard_texts, leaves, Blocked, BlockedBy, GuardTally, Leaf, ResponseGuard};
 use super::Hit;
 use crate::answer::{self, Channel as ChanKey, Item, Piece, Step, TextKind, LEGACY_FUNCTION_CALL};
 use crate::framing::{Framing, Splitter, Unit};
@@ -61,6 +65,11 @@ const CONTEXT_AFTER_BYTES: usize = 2;
 /// New bytes after which an analysis that released nothing is tried again
 /// although the hold has not moved.
 const RETRY_BYTES: usize = 32;
+/// Most units held after a block ended with a held tail before the next
+/// block's text came ([`Carry`]): past that the tail goes out alone.
+const MAX_CARRY_UNITS: usize = 16;
+/// Most bytes held after a block ended with a held tail ([`Carry`]).
+const MAX_CARRY_BYTES: usize = 256 * 1024;
 
 /// Counts and outcome of one stream, for the record.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -126,6 +135,42 @@ struct Channel {
     /// `(hold, bytes held)` of an analysis that could release nothing: the
     /// next waits until the hold moves or [`RETRY_BYTES`] more arrive.
     stalled: Option<(usize, usize)>,
+    /// This channel's held text begins with the held tail of the block
+    /// before it ([`Carry`]): that block's template, and where in `pending`
+    /// this block's own text begins.
+    joined: Option<(Template, usize)>,
+}
+
+/// A text block that ended while a match may still begin in its held tail,
+/// and the rest of the stream after it, held until the next block decides
+/// (see [`answer::continues`]): its text joins the tail and is masked with
+/// it, the tail's part going out in an extra event of the ended block
+/// before the events that came after it. Anything else (other text, the
+/// end of the answer, [`MAX_CARRY_UNITS`] units without text) sends the
+/// tail out masked alone, as at the end of any block.
+#[derive(Debug, Default)]
+struct Carry {
+    /// The ended block, until the next one joins it.
+    ended: Option<Channel>,
+    /// Extra events of the ended block: they go out before `held`.
+    before: Vec<u8>,
+    /// The units after the ended block, in order.
+    held: Vec<u8>,
+    /// Units held before the next block's text came.
+    units: usize,
+    /// The ended block's text is out: `before` and `held` can go.
+    decided: bool,
+}
+
+/// What one call to [`feed`] releases.
+#[derive(Debug, Default)]
+struct Release {
+    /// Text of the block this channel's held text began in ([`Channel::joined`]).
+    head: String,
+    /// That block's template, once its text is all out.
+    head_done: Option<Template>,
+    /// The channel's own text.
+    text: String,
 }
 
 /// Rewrites one streamed answer (server-sent events, JSON lines or a JSON
@@ -144,6 +189,8 @@ pub struct StreamMasker {
     done: bool,
     /// A unit went out (with an array's `[`).
     sent: bool,
+    /// A block's held tail waiting for the next block.
+    carry: Option<Carry>,
 }
 
 impl StreamMasker {
@@ -161,6 +208,7 @@ impl StreamMasker {
             blocked: None,
             done: false,
             sent: false,
+            carry: None,
         }
     }
 
@@ -181,7 +229,11 @@ impl StreamMasker {
                 Ok(None) => break,
                 Err(_) => return self.block(UNINSPECTABLE, out),
             };
-            if let Err(b) = self.on_unit(&unit, &mut out) {
+            let mut bytes = Vec::new();
+            if let Err(b) = self
+                .on_unit(&unit, &mut bytes)
+                .and_then(|()| self.emit(bytes, &mut out))
+            {
                 return self.block(b, out);
             }
         }
@@ -206,11 +258,19 @@ impl StreamMasker {
             return self.block(UNINSPECTABLE, out);
         };
         for unit in &units {
-            if let Err(b) = self.on_unit(unit, &mut out) {
+            let mut bytes = Vec::new();
+            if let Err(b) = self
+                .on_unit(unit, &mut bytes)
+                .and_then(|()| self.emit(bytes, &mut out))
+            {
                 return self.block(b, out);
             }
         }
-        if let Err(b) = self.flush(|_| true, true, &mut out) {
+        let mut bytes = Vec::new();
+        if let Err(b) = self
+            .flush(|_| true, true, false, &mut bytes)
+            .and_then(|()| self.emit(bytes, &mut out))
+        {
             return self.block(b, out);
         }
         if rest.partial {
@@ -254,7 +314,73 @@ impl StreamMasker {
         self.blocked = Some(b);
         self.splitter.clear();
         self.channels.clear();
+        self.carry = None;
         before
+    }
+
+    /// Sends the bytes of one unit, or holds them after a carried block.
+    fn emit(&mut self, bytes: Vec<u8>, out: &mut Vec<u8>) -> Result<(), Blocked> {
+        let Some(c) = self.carry.as_mut() else {
+            out.extend_from_slice(&bytes);
+            return Ok(());
+        };
+        if c.decided {
+            out.extend_from_slice(&c.before);
+            out.extend_from_slice(&c.held);
+            out.extend_from_slice(&bytes);
+            self.carry = None;
+            return Ok(());
+        }
+        c.held.extend_from_slice(&bytes);
+        if c.ended.is_some() {
+            c.units += 1;
+        }
+        if c.units > MAX_CARRY_UNITS || c.held.len() > MAX_CARRY_BYTES {
+            let mut after = Vec::new();
+            self.end_carry(&mut after)?;
+            return self.emit(after, out);
+        }
+        Ok(())
+    }
+
+    /// Sends the carried block's tail out now, masked as far as it came
+    /// (alone, or joined with what the next block sent so far); text of
+    /// the next block goes to `after`.
+    fn end_carry(&mut self, after: &mut Vec<u8>) -> Result<(), Blocked> {
+        let framing = self.splitter.framing();
+        let Some(c) = self.carry.as_mut().filter(|c| !c.decided) else {
+            return Ok(());
+        };
+        match c.ended.take() {
+            Some(mut ch) => {
+                let r = feed(&self.guard, &mut self.tally, &mut ch, "", true)?;
+                if !r.text.is_empty() {
+                    let json = ch.template.json(&r.text);
+                    c.before.extend_from_slice(&framing.extra(
+                        ch.template.event.as_deref(),
+                        &json,
+                        false,
+                    ));
+                }
+                c.decided = true;
+            }
+            None => {
+                if let Some(ch) = self.channels.iter_mut().find(|ch| ch.joined.is_some()) {
+                    let r = feed(&self.guard, &mut self.tally, ch, "", true)?;
+                    carried(c, framing, ch, &r);
+                    if !r.text.is_empty() {
+                        let json = ch.template.json(&r.text);
+                        after.extend_from_slice(&framing.extra(
+                            ch.template.event.as_deref(),
+                            &json,
+                            false,
+                        ));
+                    }
+                }
+                c.decided = true;
+            }
+        }
+        Ok(())
     }
 
     fn on_unit(&mut self, unit: &Unit, out: &mut Vec<u8>) -> Result<(), Blocked> {
@@ -287,7 +413,7 @@ impl StreamMasker {
             return Ok(());
         };
         if data.trim() == "[DONE]" {
-            self.flush(|_| true, false, out)?;
+            self.flush(|_| true, false, false, out)?;
             out.extend_from_slice(raw);
             return Ok(());
         }
@@ -329,11 +455,12 @@ impl StreamMasker {
                     &mut handled,
                 )
             }
-            Item::End(a) => self.flush(|k| k.a == a, false, pre),
-            Item::EndAll => self.flush(|_| true, false, pre),
+            Item::End(a) => self.flush(|k| k.a == a, false, true, pre),
+            Item::EndAll => self.flush(|_| true, false, false, pre),
             Item::Usage(_) => Ok(()),
         })?;
         let tokens = answer::token_fields(api);
+        let mut texts = Vec::new();
         for (path, leaf) in leaves(value, tokens, self.guard.changes_text()) {
             if handled.iter().any(|h| path.starts_with(h)) {
                 continue;
@@ -348,13 +475,11 @@ impl StreamMasker {
                     edits.insert(path, empty.into());
                 }
                 Leaf::Fixed(text) => self.guard.check_fixed(&text, &mut self.tally, !echo)?,
-                Leaf::Text(s) => {
-                    if let Some(new) = self.guard.process_full(s, &mut self.tally, !echo)? {
-                        edits.insert(path, json_edit::json_string(&new));
-                    }
-                }
+                Leaf::Text(s) => texts.push((path, s)),
             }
         }
+        // Texts no channel follows, each whole (sibling parts joined).
+        guard_texts(&self.guard, &texts, &mut self.tally, !echo, &mut edits)?;
         if edits.is_empty() {
             return Ok(None);
         }
@@ -378,6 +503,7 @@ impl StreamMasker {
                     open_pem: false,
                     prefixes: PrefixTracker::default(),
                     stalled: None,
+                    joined: None,
                 });
                 self.channels.len() - 1
             }
@@ -396,13 +522,35 @@ impl StreamMasker {
         edits: &mut Edits,
         handled: &mut Vec<Vec<Seg>>,
     ) -> Result<(), Blocked> {
+        let new = !self.channels.iter().any(|c| c.key == key);
         let i = self.channel(key, template);
+        let waiting = self.carry.as_mut().filter(|c| !c.decided);
+        if let Some(c) = waiting {
+            let joins = new
+                && c.ended
+                    .as_ref()
+                    .is_some_and(|e| answer::continues(self.api, e.key, key));
+            match (joins, c.ended.take(), self.channels.get_mut(i)) {
+                (true, Some(ended), Some(ch)) => join(ch, ended),
+                (_, Some(ended), _) => {
+                    // Other text came first: the tail goes out alone.
+                    c.ended = Some(ended);
+                    self.end_carry(&mut Vec::new())?;
+                }
+                // Joined already: the next block's text goes on.
+                (_, None, _) => {}
+            }
+        }
+        let framing = self.splitter.framing();
         let Some(ch) = self.channels.get_mut(i) else {
             return Ok(());
         };
-        let released = feed(&self.guard, &mut self.tally, ch, text, last)?;
-        if released != text {
-            edits.insert(path.clone(), json_edit::json_string(&released));
+        let r = feed(&self.guard, &mut self.tally, ch, text, last)?;
+        if let Some(c) = self.carry.as_mut() {
+            carried(c, framing, ch, &r);
+        }
+        if r.text != text {
+            edits.insert(path.clone(), json_edit::json_string(&r.text));
         }
         handled.push(path);
         Ok(())
@@ -410,24 +558,90 @@ impl StreamMasker {
 
     /// Releases everything held by the channels selected by `pred`, as extra
     /// units appended to `out` (`at_end`: after the stream's last unit).
+    /// With `more` (a block ended, not the answer), a block whose tail is
+    /// held and whose next block may continue it is carried instead
+    /// ([`Carry`]); without, a carried block goes out first.
     fn flush(
         &mut self,
         pred: impl Fn(&ChanKey) -> bool,
         at_end: bool,
+        more: bool,
         out: &mut Vec<u8>,
     ) -> Result<(), Blocked> {
+        if !more {
+            self.end_carry(out)?;
+        }
         let framing = self.splitter.framing();
-        for ch in self.channels.iter_mut().filter(|c| pred(&c.key)) {
-            if ch.pending.is_empty() && !ch.swallow {
+        let mut i = 0;
+        while let Some(ch) = self.channels.get_mut(i) {
+            i += 1;
+            if !pred(&ch.key) || (ch.pending.is_empty() && !ch.swallow) {
                 continue;
             }
-            let text = feed(&self.guard, &mut self.tally, ch, "", true)?;
-            if !text.is_empty() {
-                let json = ch.template.json(&text);
+            if more
+                && self.carry.is_none()
+                && ch.joined.is_none()
+                && !ch.swallow
+                && may_continue(self.api, ch.key)
+            {
+                i -= 1;
+                let ended = self.channels.remove(i);
+                self.carry = Some(Carry {
+                    ended: Some(ended),
+                    ..Carry::default()
+                });
+                continue;
+            }
+            let r = feed(&self.guard, &mut self.tally, ch, "", true)?;
+            if let Some(c) = self.carry.as_mut() {
+                carried(c, framing, ch, &r);
+            }
+            if !r.text.is_empty() {
+                let json = ch.template.json(&r.text);
                 out.extend_from_slice(&framing.extra(ch.template.event.as_deref(), &json, at_end));
             }
         }
         Ok(())
+    }
+}
+
+/// Whether a block of channel `key` may be continued by the next one
+/// ([`answer::continues`]).
+fn may_continue(api: ApiKind, key: ChanKey) -> bool {
+    let next_a = ChanKey {
+        a: key.a.wrapping_add(1),
+        ..key
+    };
+    let next_b = ChanKey {
+        b: key.b.wrapping_add(1),
+        ..key
+    };
+    answer::continues(api, key, next_a) || answer::continues(api, key, next_b)
+}
+
+/// `ch`, the next block's new channel, takes over the held text of the
+/// carried block `ended`, which it continues.
+fn join(ch: &mut Channel, ended: Channel) {
+    ch.joined = Some((ended.template, ended.pending.len()));
+    ch.ctx = ended.ctx;
+    ch.pending = ended.pending;
+    ch.pending_chars = ended.pending_chars;
+    ch.open_pem = ended.open_pem;
+    ch.prefixes = ended.prefixes;
+}
+
+/// What `r` released of the carried block `ch` continues goes out in an
+/// extra event of that block, before what was held after it; once all of
+/// it is out, the carry is decided.
+fn carried(c: &mut Carry, framing: Framing, ch: &Channel, r: &Release) {
+    let template = r.head_done.as_ref().or(ch.joined.as_ref().map(|(t, _)| t));
+    if let Some(t) = template.filter(|_| !r.head.is_empty()) {
+        let json = t.json(&r.head);
+        c.before
+            .extend_from_slice(&framing.extra(t.event.as_deref(), &json, false));
+    }
+    if r.head_done.is_some() {
+        c.decided = true;
     }
 }
 
@@ -455,12 +669,7 @@ fn template(api: ApiKind, event: Option<&str>, v: &Value, p: &Piece<'_>) -> Temp
     };
     match api {
         // OpenAI chat.completion.chunk and text_completion.
-        ApiKind::OpenaiChat
-        | ApiKind::OpenaiCompletions
-        | ApiKind::OpenaiEmbeddings
-        | ApiKind::AzureOpenaiChat
-        | ApiKind::AzureOpenaiCompletions
-        | ApiKind::AzureOpenaiEmbeddings => {
+        _ if api.is_openai_family() => {
             let mut env = envelope(&["id", "object", "created", "model", "system_fingerprint"]);
             let (choice, path) = match kind {
                 TextKind::Text => (
@@ -501,21 +710,6 @@ fn template(api: ApiKind, event: Option<&str>, v: &Value, p: &Piece<'_>) -> Temp
                 event: None,
                 value: Value::Object(env),
                 path,
-            }
-        }
-        // Anthropic message events: a content_block_delta of the block.
-        // (Bedrock's streams are never read as events: see
-        // `framing::streams_readable`.)
-        ApiKind::AnthropicMessages | ApiKind::BedrockInvoke | ApiKind::BedrockConverse => {
-            let delta_type = match kind {
-                TextKind::Thinking => "thinking_delta",
-                TextKind::ToolArguments => "input_json_delta",
-                _ => "text_delta",
-            };
-            Template {
-                event: Some("content_block_delta".into()),
-                value: json!({"type": "content_block_delta", "index": idx, "delta": {"type": delta_type, field: ""}}),
-                path: vec!["delta", field],
             }
         }
         // Gemini streamGenerateContent?alt=sse.
@@ -580,11 +774,30 @@ fn template(api: ApiKind, event: Option<&str>, v: &Value, p: &Piece<'_>) -> Temp
                 path: vec!["delta"],
             }
         }
+        // Anthropic message events: a content_block_delta of the block.
+        // (Bedrock's, the rest, are never read as events: see
+        // `framing::streams_readable`.)
+        _ => {
+            let delta_type = match kind {
+                TextKind::Thinking => "thinking_delta",
+                TextKind::ToolArguments => "input_json_delta",
+                _ => "text_delta",
+            };
+            Template {
+                event: Some("content_block_delta".into()),
+                value: json!({"type": "content_block_delta", "index": idx, "delta": {"type": delta_type, field: ""}}),
+                path: vec!["delta", field],
+            }
+        }
     }
 }
 
 /// Feeds `text` to a channel; returns the masked text that can be released
-/// (everything when `last`).
+/// (everything when `last`). A channel that continues a carried block
+/// ([`Channel::joined`]) is masked as one text with that block's tail, and
+/// what is released is cut where its own text begins (moved on past
+/// anything found across the boundary, which thus goes out whole, masked,
+/// in the block it began in).
 ///
 /// Text is released as soon as no match can begin in it any more: the
 /// channel's [`PrefixTracker`] knows from where the held text may still grow
@@ -599,7 +812,12 @@ fn feed(
     ch: &mut Channel,
     text: &str,
     last: bool,
-) -> Result<String, Blocked> {
+) -> Result<Release, Blocked> {
+    let mut r = Release::default();
+    if ch.swallow {
+        // An over-long PEM block is being dropped: the boundary is in it.
+        r.head_done = ch.joined.take().map(|(t, _)| t);
+    }
     let mut incoming = text.to_string();
     if ch.swallow {
         ch.pending.push_str(text);
@@ -619,7 +837,7 @@ fn feed(
                     let keep = tail_start(&ch.pending, 80);
                     ch.pending = ch.pending.get(keep..).unwrap_or("").to_string();
                 }
-                return Ok(String::new());
+                return Ok(r);
             }
         }
     }
@@ -640,7 +858,7 @@ fn feed(
             if !ch.pending.get(from..).unwrap_or("").contains("-----END")
                 && ch.pending_chars <= MAX_HOLD_CHARS
             {
-                return Ok(String::new());
+                return Ok(r);
             }
             ch.open_pem = false;
         }
@@ -650,11 +868,12 @@ fn feed(
                 .stalled
                 .is_some_and(|(h, len)| h == hold && ch.pending.len() < len + RETRY_BYTES);
             if hold == 0 || stalled {
-                return Ok(String::new());
+                return Ok(r);
             }
             if !ch.prefixes.matched_before(hold) {
                 // No match can begin in this text: it goes out as written.
-                return Ok(release_as_written(ch, hold));
+                release_as_written(ch, hold, &mut r);
+                return Ok(r);
             }
         }
     }
@@ -672,22 +891,27 @@ fn feed(
     if !last && hay.get(cut..).map_or(0, |t| t.chars().count()) > MAX_HOLD_CHARS {
         // Held too long: release up to the window, letting the detections
         // that straddle it go out whole (masked).
-        cut = from + tail_start(hay.get(from..).unwrap_or(""), window);
-        loop {
-            let mut moved = false;
-            for (s, e) in an.spans() {
-                if s < cut && cut < e {
-                    cut = e;
-                    moved = true;
-                }
-            }
-            if !moved {
-                break;
-            }
-        }
+        cut = an.past_spans(from + tail_start(hay.get(from..).unwrap_or(""), window));
         swallow_after = an.open_end && !reads_at_least(hay.get(cut..).unwrap_or(""), 1);
     }
-    let out = guard.render(&hay, from, cut, &an, tally, true)?;
+    let boundary = ch.joined.as_ref().map(|(_, at)| from + at);
+    match boundary {
+        // Only the carried block's tail goes (part of it, or all).
+        Some(b) if cut <= b => r.head = guard.render(&hay, from, cut, &an, tally, true)?,
+        Some(b) => {
+            let b = an.past_spans(b).min(cut);
+            r.head = guard.render(&hay, from, b, &an, tally, true)?;
+            r.text = guard.render(&hay, b, cut, &an, tally, true)?;
+        }
+        None => r.text = guard.render(&hay, from, cut, &an, tally, true)?,
+    }
+    match (&mut ch.joined, boundary) {
+        (Some(_), Some(b)) if cut >= b || swallow_after => {
+            r.head_done = ch.joined.take().map(|(t, _)| t);
+        }
+        (Some((_, at)), Some(b)) => *at = b - cut,
+        _ => {}
+    }
     let released = cut.saturating_sub(from);
     keep_context(ch, hay.get(..cut).unwrap_or(""));
     ch.pending = hay.get(cut..).unwrap_or("").to_string();
@@ -700,15 +924,28 @@ fn feed(
     } else {
         ch.prefixes.released(released);
     }
-    Ok(out)
+    Ok(r)
 }
 
-/// Releases the first `cut` bytes of the held text unchanged.
-fn release_as_written(ch: &mut Channel, cut: usize) -> String {
+/// Releases the first `cut` bytes of the held text unchanged (into `r`: a
+/// carried block's tail apart from the channel's own text).
+fn release_as_written(ch: &mut Channel, cut: usize, r: &mut Release) {
     let (Some(out), Some(rest)) = (ch.pending.get(..cut), ch.pending.get(cut..)) else {
-        return String::new();
+        return;
     };
     let (out, rest) = (out.to_string(), rest.to_string());
+    match &mut ch.joined {
+        Some((_, at)) if cut < *at => {
+            r.head = out.clone();
+            *at -= cut;
+        }
+        Some((_, at)) => {
+            r.head = out.get(..*at).unwrap_or("").to_string();
+            r.text = out.get(*at..).unwrap_or("").to_string();
+            r.head_done = ch.joined.take().map(|(t, _)| t);
+        }
+        None => r.text = out.clone(),
+    }
     ch.pending = rest;
     ch.pending_chars = ch.pending_chars.saturating_sub(out.chars().count());
     ch.stalled = None;
@@ -716,7 +953,6 @@ fn release_as_written(ch: &mut Channel, cut: usize) -> String {
     let mut context = std::mem::take(&mut ch.ctx);
     context.push_str(&out);
     keep_context(ch, &context);
-    out
 }
 
 /// Keeps the end of `released` as look-behind context.
@@ -1767,6 +2003,216 @@ mod tests {
                 check(*api, &out, &expected, &format!("random pieces {tokens:?}"));
             }
         }
+    }
+
+    /// A stream of `api` whose answer is a run of text blocks (Anthropic
+    /// content blocks, Responses content parts of one message), each sent
+    /// in `pieces` of its text, with the events an API sends between them.
+    fn blocks_stream(api: ApiKind, blocks: &[Vec<String>]) -> String {
+        let ev = |v: Value| {
+            format!(
+                "event: {}\n{}",
+                v["type"].as_str().unwrap(),
+                data(v.clone())
+            )
+        };
+        let mut s = String::new();
+        match api {
+            ApiKind::AnthropicMessages => {
+                s.push_str(&ev(json!({"type":"message_start","message":{"id":"m","type":"message","role":"assistant","content":[],"model":"c"}})));
+                for (i, pieces) in blocks.iter().enumerate() {
+                    s.push_str(&ev(json!({"type":"content_block_start","index":i,"content_block":{"type":"text","text":""}})));
+                    for p in pieces {
+                        s.push_str(&ev(json!({"type":"content_block_delta","index":i,"delta":{"type":"text_delta","text":p}})));
+                    }
+                    s.push_str(&ev(json!({"type":"content_block_stop","index":i})));
+                    s.push_str(&ev(json!({"type":"ping"})));
+                }
+                s.push_str(&ev(json!({"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":5}})));
+                s.push_str(&ev(json!({"type":"message_stop"})));
+            }
+            ApiKind::OpenaiResponses => {
+                s.push_str(&ev(json!({"type":"response.created","response":{"id":"r","status":"in_progress","output":[]}})));
+                for (i, pieces) in blocks.iter().enumerate() {
+                    let ids = json!({"item_id":"it","output_index":0,"content_index":i});
+                    let with = |mut v: Value| {
+                        v.as_object_mut()
+                            .unwrap()
+                            .extend(ids.as_object().unwrap().clone());
+                        ev(v)
+                    };
+                    s.push_str(&with(json!({"type":"response.content_part.added","part":{"type":"output_text","text":""}})));
+                    for p in pieces {
+                        s.push_str(&with(
+                            json!({"type":"response.output_text.delta","delta":p}),
+                        ));
+                    }
+                    s.push_str(&with(
+                        json!({"type":"response.content_part.done","part":{"type":"output_text"}}),
+                    ));
+                }
+                s.push_str(&ev(json!({"type":"response.completed","response":{"id":"r","status":"completed","output":[]}})));
+            }
+            _ => unreachable!(),
+        }
+        s
+    }
+
+    /// The text of each block of the output, by block; and the blocks'
+    /// indices in event order.
+    fn block_texts(api: ApiKind, out: &[u8]) -> (Vec<String>, Vec<u64>) {
+        let mut texts: Vec<String> = Vec::new();
+        let mut order = Vec::new();
+        for (_, d) in events(api, out) {
+            let v: Value = serde_json::from_str(&d).unwrap();
+            let (i, text) = match api {
+                ApiKind::AnthropicMessages => (
+                    v["index"].as_u64(),
+                    v["delta"]["text"]
+                        .as_str()
+                        .or(v["content_block"]["text"].as_str()),
+                ),
+                _ => (
+                    v["content_index"].as_u64(),
+                    (v["type"] == "response.output_text.delta")
+                        .then(|| v["delta"].as_str().unwrap()),
+                ),
+            };
+            let Some(i) = i else { continue };
+            order.push(i);
+            let i = i as usize;
+            if texts.len() <= i {
+                texts.resize(i + 1, String::new());
+            }
+            texts[i].push_str(text.unwrap_or(""));
+        }
+        (texts, order)
+    }
+
+    /// `text` cut at `at` and masked whole: what each of the two blocks
+    /// carries (a value across the cut goes whole, masked, in the first).
+    fn masked_in_two(g: &ResponseGuard, text: &str, at: usize) -> (String, String, GuardTally) {
+        let mut tally = GuardTally::default();
+        let an = g.analyze(text, 0);
+        let b = an.past_spans(at);
+        let head = g.render(text, 0, b, &an, &mut tally, true).unwrap();
+        let tail = g
+            .render(text, b, text.len(), &an, &mut tally, true)
+            .unwrap();
+        (head, tail, tally)
+    }
+
+    /// A value or a monitored phrase split over two blocks, cut at every
+    /// byte and each block sent in pieces: the blocks carry what masking
+    /// the joined text gives, each its own part, in well-formed events
+    /// in order, with the same counts.
+    #[test]
+    fn text_split_over_two_blocks_at_every_byte_equals_one_block() {
+        let (g, pseudonym) = guard(
+            r#"{"response_rules":[{"name":"watch","phrases":["launch code"],"action":"monitor"}]}"#,
+        );
+        let text = format!("write to dana.scully@fbi.example.org or {pseudonym}: the launch code");
+        for api in [ApiKind::AnthropicMessages, ApiKind::OpenaiResponses] {
+            for at in (0..=text.len()).filter(|&i| text.is_char_boundary(i)) {
+                let (head, tail, tally) = masked_in_two(&g, &text, at);
+                for per in [1, 4] {
+                    let blocks = [chunks(&text[..at], per), chunks(&text[at..], per)];
+                    let (out, m) = run(api, &g, &[blocks_stream(api, &blocks).as_bytes()]);
+                    let (texts, order) = block_texts(api, &out);
+                    let what = format!("{api:?} cut at {at}, {per} chars/event");
+                    assert_eq!(texts.concat(), plainly_masked(&g, &text), "{what}");
+                    assert_eq!(texts.first().cloned().unwrap_or_default(), head, "{what}");
+                    assert_eq!(texts.get(1).cloned().unwrap_or_default(), tail, "{what}");
+                    assert!(order.windows(2).all(|w| w[0] <= w[1]), "{what}: {order:?}");
+                    let report = m.report();
+                    assert_eq!(counts(report.hits), counts(g.hits(&tally)), "{what}");
+                    assert_eq!(report.monitored_rules, vec!["watch".to_string()], "{what}");
+                    let raw = String::from_utf8_lossy(&out);
+                    assert!(!raw.contains("dana.scully"), "{what}: {raw}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_blocked_phrase_split_over_two_blocks_blocks_the_stream() {
+        let (g, _) = guard(r#"{"response_rules":[{"name":"codes","phrases":["launch code"]}]}"#);
+        for api in [ApiKind::AnthropicMessages, ApiKind::OpenaiResponses] {
+            for (a, b) in [
+                ("the launch", " code is here"),
+                ("the launch c", "ode"),
+                ("the l", "aunch code"),
+            ] {
+                let blocks = [chunks(a, 3), chunks(b, 3)];
+                let (out, m) = run(api, &g, &[blocks_stream(api, &blocks).as_bytes()]);
+                let (_, error) = assembled(api, &out);
+                assert!(error.is_some(), "{api:?} {a:?}+{b:?}");
+                assert_eq!(m.report().blocked.unwrap().name(), "codes");
+                let (texts, _) = block_texts(api, &out);
+                assert!(!texts.concat().contains("launch"), "{api:?}: {texts:?}");
+            }
+        }
+    }
+
+    /// A block whose tail may still begin a match, followed by anything but
+    /// the next text block, goes out masked alone, before its end; so does
+    /// one followed by more events without text than a carry holds.
+    #[test]
+    fn a_held_tail_before_other_events_goes_out_alone() {
+        let (g, _) = guard("{}");
+        let api = ApiKind::AnthropicMessages;
+        let alone = g
+            .process_full("mail dana.scully@fbi", &mut GuardTally::default(), false)
+            .unwrap()
+            .unwrap_or_else(|| "mail dana.scully@fbi".to_string());
+        let ev = |v: Value| {
+            format!(
+                "event: {}\n{}",
+                v["type"].as_str().unwrap(),
+                data(v.clone())
+            )
+        };
+        let head = |s: &mut String| {
+            s.push_str(&ev(json!({"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}})));
+            s.push_str(&ev(json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"mail dana.scully@fbi"}})));
+            s.push_str(&ev(json!({"type":"content_block_stop","index":0})));
+        };
+        // A tool call next: its arguments are no continuation.
+        let mut s = String::new();
+        head(&mut s);
+        s.push_str(&ev(json!({"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"t","name":"f","input":{}}})));
+        s.push_str(&ev(json!({"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":".example.org"}})));
+        s.push_str(&ev(json!({"type":"content_block_stop","index":1})));
+        s.push_str(&ev(json!({"type":"message_stop"})));
+        let (out, _) = run(api, &g, &[s.as_bytes()]);
+        let (texts, order) = block_texts(api, &out);
+        assert_eq!(texts[0], alone.clone());
+        assert!(order.windows(2).all(|w| w[0] <= w[1]), "{order:?}");
+        // Pings past the bound: the tail goes, the next block is alone.
+        let mut s = String::new();
+        head(&mut s);
+        for _ in 0..=MAX_CARRY_UNITS {
+            s.push_str(&ev(json!({"type":"ping"})));
+        }
+        s.push_str(&ev(json!({"type":"content_block_start","index":1,"content_block":{"type":"text","text":""}})));
+        s.push_str(&ev(json!({"type":"content_block_delta","index":1,"delta":{"type":"text_delta","text":".example.org!"}})));
+        s.push_str(&ev(json!({"type":"content_block_stop","index":1})));
+        // Split anywhere, the same.
+        for cut in [1, 7, 100, s.len() - 3] {
+            let (out, _) = run(api, &g, &[&s.as_bytes()[..cut], &s.as_bytes()[cut..]]);
+            let (texts, order) = block_texts(api, &out);
+            assert_eq!(texts, vec![alone.clone(), ".example.org!".to_string()]);
+            assert!(order.windows(2).all(|w| w[0] <= w[1]), "{order:?}");
+            assert_eq!(events(api, &out).len(), MAX_CARRY_UNITS + 8);
+        }
+        // The end of the message: the tail goes before it.
+        let mut s = String::new();
+        head(&mut s);
+        s.push_str(&ev(json!({"type":"message_stop"})));
+        let (out, _) = run(api, &g, &[s.as_bytes()]);
+        let evs = events(api, &out);
+        assert_eq!(block_texts(api, &out).0[0], alone.clone());
+        assert!(evs.last().unwrap().1.contains("message_stop"));
     }
 }
 
