@@ -879,26 +879,10 @@ static_resources:
     /// `dir` (one self-signed certificate serves as all three here: only
     /// the configuration is read, no handshake made).
     fn service_tls(dir: &std::path::Path, mutual: bool) -> String {
+        let args = "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+                    -subj /CN=approval -keyout k.pem -out c.pem";
         let out = std::process::Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-            ])
-            .args([
-                "-days",
-                "1",
-                "-subj",
-                "/CN=approval",
-                "-keyout",
-                "k.pem",
-                "-out",
-                "c.pem",
-            ])
+            .args(args.split_whitespace())
             .current_dir(dir)
             .output()
             .unwrap();
