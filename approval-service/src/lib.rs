@@ -44,7 +44,7 @@ pub use config::{
 };
 pub use db::OpenError;
 pub use http::error::ApiError;
-pub use http::{app, run, MAX_BODY_BYTES};
+pub use http::{app, run, run_split, MAX_BODY_BYTES};
 pub use state::{AppState, ReviewEvent, StorageError, SWEEP_PERIOD};
 pub use store::{ReviewDetail, ReviewSummary};
 pub use token::TokenHash;

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use countersign_approval::{run, AppState, Config};
+use countersign_approval::{run_split, AppState, Config};
 
 mod check_config;
 mod hash_token;
@@ -187,6 +187,7 @@ async fn serve_async(config: Config, args: ServeArgs) -> Result<(), Box<dyn std:
                 .map_err(|e| format!("cannot listen on {addr} (metrics_listen): {e}"))?,
         ),
     };
+    let filter_listener = bind_filter_listen(&state).await?;
     tracing::info!(
         listen = %local,
         database = %database.redacted(),
@@ -222,10 +223,16 @@ async fn serve_async(config: Config, args: ServeArgs) -> Result<(), Box<dyn std:
             Some(tokio::spawn(async move { axum::serve(l, app).await }))
         }
     };
+    if let Some(l) = &filter_listener {
+        lines.push_str(&format!(
+            "countersign-approval filter API on {}\n",
+            l.local_addr()?
+        ));
+    }
     stdout.write_all(lines.as_bytes())?;
     stdout.flush()?;
     drop(stdout);
-    let served = run(listener, state, shutdown).await;
+    let served = run_split(listener, filter_listener, state, shutdown).await;
     reload.abort();
     if let Some(metrics) = metrics {
         metrics.abort();
@@ -233,6 +240,34 @@ async fn serve_async(config: Config, args: ServeArgs) -> Result<(), Box<dyn std:
     served?;
     tracing::info!("countersign-approval stopped");
     Ok(())
+}
+
+/// Binds `filter_listen`, if set, and says how the filter's channel is
+/// protected (`[tls]`).
+async fn bind_filter_listen(
+    state: &AppState,
+) -> Result<Option<tokio::net::TcpListener>, Box<dyn std::error::Error>> {
+    let config = state.config();
+    let tls = match &config.tls {
+        None => "plain HTTP",
+        Some(t) if t.mutual() => "mutual TLS",
+        Some(_) => "TLS without client certificates",
+    };
+    let Some(addr) = config.filter_listen else {
+        if config.tls.as_ref().is_some_and(|t| t.mutual()) {
+            tracing::warn!(
+                "[tls] client_ca_file without filter_listen: every client of `listen` (reviewers' \
+                 browsers, Slack, the OpenID provider's redirects) needs a client certificate"
+            );
+        }
+        tracing::info!(channel = tls, "filter API on `listen`");
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr} (filter_listen): {e}"))?;
+    tracing::info!(filter_listen = %listener.local_addr()?, channel = tls, "filter API on its own address");
+    Ok(Some(listener))
 }
 
 /// How often the configuration file is looked at for a change.

@@ -219,22 +219,83 @@ def stat(stack, name) -> int:
     return int(m.group(1)) if m else 0
 
 
+def _openssl(directory: Path, *args):
+    r = subprocess.run(["openssl", *args], cwd=directory, capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise RuntimeError(f"openssl {args[0]}: {r.stderr}")
+
+
+def make_ca(directory: Path, ca: str = "ca"):
+    """A CA of its own (`{ca}.pem`, key `{ca}.key`), made with openssl in `directory`."""
+    _openssl(directory, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-subj", f"/CN=countersign test CA {ca}", "-keyout", f"{ca}.key", "-out", f"{ca}.pem")
+
+
+def sign_certificate(directory: Path, ca: str, name: str, usage: str = "serverAuth"):
+    """A certificate for 127.0.0.1 and localhost (`{name}.pem`, key
+    `{name}.key`) signed by the CA `ca` in `directory`, for `usage`
+    (serverAuth or clientAuth)."""
+    _openssl(directory, "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+             "-keyout", f"{name}.key", "-out", f"{name}.csr")
+    (directory / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
+                                           f"extendedKeyUsage={usage}\n")
+    _openssl(directory, "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+             "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
+
+
 def make_certificates(directory: Path, ca: str = "ca", name: str = "server"):
     """A CA of its own (`{ca}.pem`, key `{ca}.key`) and a certificate for
     127.0.0.1 and localhost signed by it (`{name}.pem`, key `{name}.key`),
     made with openssl in `directory`."""
-    def openssl(*args):
-        r = subprocess.run(["openssl", *args], cwd=directory, capture_output=True, text=True, timeout=60)
-        if r.returncode != 0:
-            raise RuntimeError(f"openssl {args[0]}: {r.stderr}")
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=countersign test CA {name}",
-            "-keyout", f"{ca}.key", "-out", f"{ca}.pem")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-            "-keyout", f"{name}.key", "-out", f"{name}.csr")
-    (directory / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
-                                           "extendedKeyUsage=serverAuth\n")
-    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
-            "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
+    make_ca(directory, ca)
+    sign_certificate(directory, ca, name)
+
+
+class ChannelCertificates:
+    """Certificates for the filter <-> service channel, made with openssl in
+    `directory`: the CA `ca` with the service's certificate `server` and
+    Envoy's client certificate `client`, and another CA `other-ca` with a
+    client certificate `other-client` (and a server certificate
+    `other-server`) that `ca` did not sign."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        for ca, server, client in (("ca", "server", "client"), ("other-ca", "other-server", "other-client")):
+            make_ca(directory, ca)
+            sign_certificate(directory, ca, server, "serverAuth")
+            sign_certificate(directory, ca, client, "clientAuth")
+
+    def path(self, name: str) -> str:
+        return str(self.dir / name)
+
+    def service_toml(self, server: str = "server", client_ca: str | None = "ca") -> str:
+        """The service's `[tls]` table: its certificate, and with `client_ca`
+        mutual TLS."""
+        lines = ["[tls]", f'cert_file = "{self.path(server + ".pem")}"', f'key_file = "{self.path(server + ".key")}"']
+        if client_ca:
+            lines.append(f'client_ca_file = "{self.path(client_ca + ".pem")}"')
+        return "\n".join(lines)
+
+    def transport_socket(self, client: str = "client", trusted_ca: str = "ca", san: str = "localhost") -> dict:
+        """Envoy's UpstreamTlsContext for the approval cluster: `client`'s
+        certificate, the service's certificate checked against `trusted_ca`
+        and the DNS name `san` (also sent as SNI)."""
+        return {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": san,
+                "common_tls_context": {
+                    "tls_certificates": [{"certificate_chain": {"filename": self.path(client + ".pem")},
+                                          "private_key": {"filename": self.path(client + ".key")}}],
+                    "validation_context": {
+                        "trusted_ca": {"filename": self.path(trusted_ca + ".pem")},
+                        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": san}}],
+                    },
+                },
+            },
+        }
 
 
 class Postgres:
@@ -373,17 +434,25 @@ class Approval:
     `reviewer_fields` adds TOML lines to a reviewer's table, by name."""
 
     def __init__(self, workdir: Path, filter_token: str | None = None, extra: str = "", database: str | None = None,
-                 name: str = "approval", env: dict | None = None, reviewer_fields: dict[str, str] | None = None):
+                 name: str = "approval", env: dict | None = None, reviewer_fields: dict[str, str] | None = None,
+                 tls: str | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.db = database or workdir / "countersign.db"
         self.config = workdir / f"{name}.toml"
         lines = [f'listen = "127.0.0.1:{self.port}"', f'database = "{self.db}"']
+        # With `tls` (a [tls] table), the filter API moves to a port of its
+        # own (filter_listen) served over TLS; `listen` stays plain.
+        self.filter_port = free_port() if tls is not None else self.port
+        if tls is not None:
+            lines.append(f'filter_listen = "127.0.0.1:{self.filter_port}"')
         if filter_token:
             lines.append(f'filter_token_sha256 = "{sha256_hex(filter_token)}"')
         # Top-level keys must come before the first [[table]].
         if extra:
             lines.append(extra)
+        if tls:
+            lines.append(tls)
         for reviewer, token in REVIEWERS.items():
             lines += ["", "[[reviewers]]", f'name = "{reviewer}"', f'token_sha256 = "{sha256_hex(token)}"',
                       f'groups = {json.dumps(REVIEWER_GROUPS[reviewer])}']
@@ -451,6 +520,12 @@ def with_approval_replicas(config: dict, ports: list[int]):
         "consecutive_5xx": 2, "interval": "1s", "base_ejection_time": "10s", "max_ejection_percent": 50}
 
 
+def with_approval_transport_socket(config: dict, transport_socket: dict):
+    """The approval cluster spoken to through `transport_socket` (TLS)."""
+    [cluster] = [c for c in config["static_resources"]["clusters"] if c["name"] == "countersign_approval"]
+    cluster["transport_socket"] = transport_socket
+
+
 def without_wasm_filter(config: dict):
     """Takes the countersign wasm filter out of the HTTP filters: the same
     listener, routes, buffer filter and clusters without it (plain Envoy,
@@ -495,13 +570,13 @@ class Envoy:
         self.admin = f"http://127.0.0.1:{self.admin_port}"
         text = render(TEMPLATE.read_text(), {
             "ADMIN_PORT": self.admin_port, "LISTEN_PORT": self.port, "MODEL_PORT": self.backend.port,
-            "APPROVAL_PORT": self.replicas[0].port, "BUFFER_LIMIT": BUFFER_LIMIT, "WASM_PATH": WASM,
+            "APPROVAL_PORT": self.replicas[0].filter_port, "BUFFER_LIMIT": BUFFER_LIMIT, "WASM_PATH": WASM,
             "FILTER_CONFIG": filter_config_value(self.filter_config),
         })
         if self.several or self.model_http2 or self.mutate:
             config = yaml.safe_load(text)
             if self.several:
-                with_approval_replicas(config, [r.port for r in self.replicas])
+                with_approval_replicas(config, [r.filter_port for r in self.replicas])
             if self.model_http2:
                 with_http2_model(config)
             if self.mutate:
@@ -558,16 +633,22 @@ class Stack:
                  filter_token: str | None = DEFAULT_FILTER_TOKEN,
                  envoy_env: dict | None = None, approval_extra: str = "", database: str | None = None,
                  model_http2: bool = False, approval_env: dict | None = None,
-                 reviewer_fields: dict[str, str] | None = None):
+                 reviewer_fields: dict[str, str] | None = None, approval_tls: str | None = None,
+                 approval_transport_socket: dict | None = None):
+        """`approval_tls`: the service's [tls] table (the filter API then on
+        filter_listen); `approval_transport_socket`: Envoy's transport socket
+        on the approval cluster (see ChannelCertificates)."""
         self.filter_token = filter_token
         config = dict(DEFAULT_FILTER_CONFIG if filter_config is None else filter_config)
         if filter_token and "approval_token_env" not in config:
             config["approval_token"] = filter_token
         self.backend = Backend(workdir)
         self.approval = Approval(workdir, filter_token=filter_token, extra=approval_extra, database=database,
-                                 env=approval_env, reviewer_fields=reviewer_fields)
+                                 env=approval_env, reviewer_fields=reviewer_fields, tls=approval_tls)
+        mutate = (lambda c: with_approval_transport_socket(c, approval_transport_socket)) \
+            if approval_transport_socket else None
         self.envoy = Envoy(workdir, self.backend, self.approval, config, env=envoy_env,
-                           model_http2=model_http2)
+                           model_http2=model_http2, mutate=mutate)
 
     def start(self):
         self.backend.start()

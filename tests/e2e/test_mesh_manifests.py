@@ -318,6 +318,47 @@ def test_check_config_accepts_the_mesh_examples(tmp_path):
     assert "0 error(s), 0 warning(s)" in r.stdout, r.stdout + r.stderr
 
 
+def test_the_mesh_filter_token_comes_from_a_secret_through_the_gateways_environment(tmp_path):
+    """The manifests never hold the filter token inline: the WasmPlugin and the
+    EnvoyExtensionPolicy read it from the gateway's environment, which the
+    gateway's Deployment / EnvoyProxy fill from a Secret; check-config follows
+    that path to the Secret and compares the token with the service's hash,
+    refuses an inline token and a variable the VM is not given, and catches a
+    Secret whose token is not the service's."""
+    service = MESH / "k8s" / "10-secret.yaml"
+    mesh = [(MESH / "istio" / "wasmplugin.yaml", MESH / "istio" / "gateway.yaml",
+             lambda d: d["spec"]["pluginConfig"], lambda d: d["spec"].pop("vmConfig")),
+            (MESH / "envoy-gateway" / "extension-policy.yaml", MESH / "envoy-gateway" / "envoy-proxy.yaml",
+             lambda d: d["spec"]["wasm"][0]["config"], lambda d: d["spec"]["wasm"][0].pop("env"))]
+    for plugin_file, env_file, config_of, drop_env in mesh:
+        assert "approval_token:" not in plugin_file.read_text()
+        r = check_config("--envoy", plugin_file, "--envoy", env_file, "--envoy", service)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "approval_token_env: the gateway takes `COUNTERSIGN_APPROVAL_TOKEN` from Secret " \
+               "countersign-filter-token, key token" in r.stdout, r.stdout
+        assert "approval_token matches filter_token_sha256" in r.stdout, r.stdout
+
+        inline = documents(plugin_file)[0]
+        config = config_of(inline)
+        del config["approval_token_env"]
+        config["approval_token"] = "change-me-filter-token"
+        bad = tmp_path / plugin_file.name
+        bad.write_text(yaml.safe_dump(inline))
+        r = check_config("--envoy", bad)
+        assert r.returncode == 1 and "field `approval_token`: the filter token is written in" in r.stderr, r.stderr
+
+        undeclared = documents(plugin_file)[0]
+        drop_env(undeclared)
+        bad.write_text(yaml.safe_dump(undeclared))
+        r = check_config("--envoy", bad)
+        assert r.returncode == 1 and "approval_token_env" in r.stderr, r.stderr
+
+        other = tmp_path / env_file.name
+        other.write_text(env_file.read_text().replace("token: change-me-filter-token", "token: another-token"))
+        r = check_config("--envoy", plugin_file, "--envoy", other, "--envoy", service)
+        assert r.returncode == 1 and "its SHA-256 is not filter_token_sha256" in r.stderr, r.stderr
+
+
 def test_check_config_usage_errors():
     assert check_config().returncode == 2
     assert check_config("--bogus").returncode == 2

@@ -9,6 +9,7 @@ use countersign_core::config::{struct_json_text, Config as PluginConfig};
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::channel::ClusterTls;
 use super::plugin::{longest_hold_ms, VmEnv};
 use super::yaml::{duration_ms, lenient, lenient_items, present, proto_u64, show_ms, view};
 use super::Checker;
@@ -61,6 +62,9 @@ struct DynamicResources {
 struct Named {
     #[serde(deserialize_with = "lenient")]
     name: Option<String>,
+    /// A cluster's (see [`ClusterTls`]).
+    #[serde(deserialize_with = "present")]
+    transport_socket: Option<Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -369,16 +373,15 @@ impl Checker {
         let root: Bootstrap = view(root);
         let dynamic = root.dynamic_resources.unwrap_or_default();
         let statics = root.static_resources.unwrap_or_default();
+        let sockets: BTreeMap<String, Option<Value>> = statics
+            .clusters
+            .into_iter()
+            .filter_map(|c| Some((c.name?, c.transport_socket)))
+            .collect();
         let clusters: Option<Vec<String>> = if dynamic.cds_config.is_some() {
             None
         } else {
-            Some(
-                statics
-                    .clusters
-                    .into_iter()
-                    .filter_map(|c| c.name)
-                    .collect(),
-            )
+            Some(sockets.keys().cloned().collect())
         };
         if dynamic.lds_config.is_some() {
             self.report.note(
@@ -387,6 +390,7 @@ impl Checker {
             );
         }
         let mut found = 0;
+        let first_plugin = self.plugins.len();
         for (li, listener) in statics.listeners.iter().enumerate() {
             let head: Listener = view(listener);
             let name = head.name.unwrap_or_else(|| format!("listeners[{li}]"));
@@ -401,6 +405,18 @@ impl Checker {
         }
         if found == 0 {
             self.report.error(file, "no countersign Wasm filter (envoy.extensions.filters.http.wasm.v3.Wasm) in any listener");
+        }
+        // The approval clusters of this file's filters (each once).
+        let mut approval_clusters: Vec<String> = self.plugins[first_plugin..]
+            .iter()
+            .map(|p| p.config.approval_cluster.clone())
+            .collect();
+        approval_clusters.sort();
+        approval_clusters.dedup();
+        for cluster in approval_clusters {
+            if let Some(socket) = sockets.get(&cluster) {
+                self.approval_channel(file, &cluster, ClusterTls::of(socket.as_ref()));
+            }
         }
     }
 
@@ -856,6 +872,118 @@ static_resources:
         assert!(
             w.contains("300s (Envoy's default) is not above the longest hold (600s)"),
             "{w}"
+        );
+    }
+
+    /// The service's certificate, key and client CA, made by openssl in
+    /// `dir` (one self-signed certificate serves as all three here: only
+    /// the configuration is read, no handshake made).
+    fn service_tls(dir: &std::path::Path, mutual: bool) -> String {
+        let args = "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+                    -subj /CN=approval -keyout k.pem -out c.pem";
+        let out = std::process::Command::new("openssl")
+            .args(args.split_whitespace())
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let d = dir.display();
+        let ca = if mutual {
+            format!("client_ca_file = \"{d}/c.pem\"\n")
+        } else {
+            String::new()
+        };
+        format!("filter_listen = \"127.0.0.1:8443\"\n[tls]\ncert_file = \"{d}/c.pem\"\nkey_file = \"{d}/k.pem\"\n{ca}")
+    }
+
+    /// The bootstrap with `socket` (YAML under `transport_socket:`) on the
+    /// approval cluster.
+    fn with_socket(socket: &str) -> String {
+        bootstrap("{}").replace(
+            "  - name: countersign_approval\n",
+            &format!("  - name: countersign_approval\n    transport_socket:\n{socket}"),
+        )
+    }
+
+    const MTLS: &str = r#"      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        common_tls_context:
+          tls_certificates:
+          - certificate_chain: { filename: client.pem }
+            private_key: { filename: client.key }
+          validation_context:
+            trusted_ca: { filename: ca.pem }
+            match_typed_subject_alt_names:
+            - { san_type: DNS, matcher: { exact: approval } }
+"#;
+
+    #[test]
+    fn the_approval_cluster_matches_the_services_tls() {
+        let dir = tempfile::tempdir().unwrap();
+        let mutual = service_tls(dir.path(), true);
+        let server_only = service_tls(dir.path(), false);
+        let no_client_cert =
+            MTLS.replace("tls_certificates:", "tls_certificates: []\n          x:");
+        let cases: [(String, &str, Option<&str>); 5] = [
+            (with_socket(MTLS), mutual.as_str(), None),
+            (
+                bootstrap("{}"),
+                mutual.as_str(),
+                Some("has no transport_socket"),
+            ),
+            (
+                with_socket(&no_client_cert),
+                mutual.as_str(),
+                Some("presents no client certificate"),
+            ),
+            (with_socket(&no_client_cert), server_only.as_str(), None),
+            (with_socket(MTLS), "", Some("has no [tls]")),
+        ];
+        for (envoy, service, error) in cases {
+            let r = check_texts(&[("envoy.yaml", &envoy), ("s.toml", service)]);
+            let errors = messages(&r, Level::Error);
+            match error {
+                None => {
+                    assert!(errors.is_empty(), "{errors:?}");
+                    assert!(
+                        messages(&r, Level::Ok)
+                            .iter()
+                            .any(|m| m.contains("cluster `countersign_approval` speaks")),
+                        "{:?}",
+                        r.lines
+                    );
+                }
+                Some(e) => assert!(
+                    errors.len() == 1 && errors[0].contains(e),
+                    "{e}: {errors:?}"
+                ),
+            }
+        }
+        // Alone: a TLS cluster that does not check the service's CA, or its name.
+        let warned = |socket: &str| {
+            messages(
+                &check_texts(&[("envoy.yaml", &with_socket(socket))]),
+                Level::Warning,
+            )
+            .join("\n")
+        };
+        assert!(warned(&MTLS.replace("trusted_ca", "x_ca"))
+            .contains("without a validation_context trusted_ca"));
+        assert!(warned(&MTLS.replace("match_typed_subject_alt_names", "x"))
+            .contains("but not its name"));
+        assert_eq!(warned(MTLS), "");
+        // A client CA without filter_listen locks browsers out.
+        let r = check_texts(&[(
+            "s.toml",
+            &mutual.replace("filter_listen = \"127.0.0.1:8443\"\n", ""),
+        )]);
+        assert!(
+            messages(&r, Level::Warning)
+                .iter()
+                .any(|m| m.contains("without filter_listen")),
+            "{:?}",
+            r.lines
         );
     }
 

@@ -4,6 +4,7 @@
 //! timeout against the longest hold, and the filter token shared by a plugin
 //! configuration and a service configuration.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use countersign_approval::TokenHash;
@@ -30,6 +31,12 @@ pub(super) struct MeshFacts {
     pub(super) eg_clusters: Vec<String>,
     /// `streamIdleTimeout`s of `ClientTrafficPolicy`s (ms).
     pub(super) eg_stream_idle: Vec<u64>,
+    /// Environment variables that a gateway's pods (a `Deployment`, an
+    /// Envoy Gateway `EnvoyProxy`) take from a Secret: variable -> (Secret,
+    /// key).
+    pub(super) env_from_secrets: BTreeMap<String, (String, String)>,
+    /// The text values of `Secret`s: (name, key) -> value.
+    pub(super) secret_values: BTreeMap<(String, String), String>,
 }
 
 /// An Istio `WasmPlugin` with a valid plugin configuration.
@@ -120,12 +127,53 @@ impl Checker {
         }
     }
 
+    /// The filter token a gateway's environment variable `var` holds, from
+    /// the Secret its pods take it from, with where it was found.
+    fn token_in_gateway_env(&self, var: &str) -> Option<(String, String)> {
+        let (secret, key) = self.mesh.env_from_secrets.get(var)?;
+        let value = self
+            .mesh
+            .secret_values
+            .get(&(secret.clone(), key.clone()))?;
+        Some((
+            value.clone(),
+            format!("`{var}` from Secret {secret}, key {key}"),
+        ))
+    }
+
     pub(super) fn token_cross_checks(&mut self) {
         let mut lines = Vec::new();
         for p in &self.plugins {
+            let at = in_place(&p.place);
+            let token = match &p.token_env {
+                None => p.config.approval_token.clone(),
+                Some(var) => match self.token_in_gateway_env(var) {
+                    Some((value, origin)) => {
+                        lines.push((
+                            Level::Ok,
+                            p.file.clone(),
+                            format!("approval_token_env: the gateway takes {origin}{at}"),
+                        ));
+                        Some(value)
+                    }
+                    None => {
+                        if !self.services.is_empty() {
+                            lines.push((
+                                Level::Note,
+                                p.file.clone(),
+                                format!(
+                                    "approval_token comes from `{var}` in the gateway's environment: give the manifest that \
+                                     sets it from a Secret (a Deployment or EnvoyProxy) and the Secret to check it against \
+                                     filter_token_sha256{at}"
+                                ),
+                            ));
+                        }
+                        continue;
+                    }
+                },
+            };
             for (sfile, s) in &self.services {
-                let at = in_place(&p.place);
-                match (&s.filter_token_sha256, &p.config.approval_token) {
+                match (&s.filter_token_sha256, &token) {
                     (Some(_), None) => lines.push((
                         Level::Error,
                         p.file.clone(),

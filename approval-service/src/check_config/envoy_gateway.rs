@@ -196,6 +196,14 @@ impl Checker {
             let Some(config) = self.plugin_config(file, json.as_bytes(), &wasm_place, &env) else {
                 continue;
             };
+            self.inline_token_in_manifest(
+                file,
+                &json,
+                "an EnvoyExtensionPolicy",
+                "named in env.hostKeys and set on the Envoy proxies from a Secret by an EnvoyProxy \
+                 (examples/mesh/envoy-gateway/envoy-proxy.yaml)",
+                &wasm_place,
+            );
             let code = wasm.code_location();
             self.image_pin(
                 file,

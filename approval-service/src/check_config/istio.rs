@@ -132,6 +132,14 @@ impl Checker {
         ) else {
             return;
         };
+        self.inline_token_in_manifest(
+            file,
+            &json,
+            "a WasmPlugin",
+            "declared in spec.vmConfig.env with `valueFrom: HOST` and set on the gateway's istio-proxy container \
+             from a Secret (examples/mesh/istio/gateway.yaml)",
+            place,
+        );
         if !config.approval_cluster.starts_with("outbound|") {
             self.report.warning(
                 file,
@@ -215,9 +223,12 @@ metadata: { name: countersign, namespace: istio-system }
 spec:
   url: oci://registry.example.com/countersign-filter:0.1.0
   sha256: SHA
+  vmConfig:
+    env:
+    - { name: FILTER_TOKEN, valueFrom: HOST }
   pluginConfig:
     approval_cluster: "outbound|8081||countersign-approval.countersign.svc.cluster.local"
-    approval_token: filter-token
+    approval_token_env: FILTER_TOKEN
     hold_timeout_ms: 300000
     rules:
     - { name: r, model: MODEL, action: allow }
@@ -246,6 +257,26 @@ spec:
           stream_idle_timeout: 3600s
 "#;
 
+    /// The gateway's pods, which take FILTER_TOKEN from a Secret.
+    const GATEWAY: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: { name: llm-gateway, namespace: istio-system }
+spec:
+  template:
+    spec:
+      containers:
+      - name: istio-proxy
+        env:
+        - name: FILTER_TOKEN
+          valueFrom: { secretKeyRef: { name: filter-token, key: token } }
+---
+apiVersion: v1
+kind: Secret
+metadata: { name: filter-token, namespace: istio-system }
+stringData: { token: filter-token }
+"#;
+
     const SECRET: &str = r#"
 apiVersion: v1
 kind: Secret
@@ -269,6 +300,7 @@ stringData:
                 &ISTIO.replace("SHA", &sha).replace("MODEL", "m*"),
             ),
             ("secret.yaml", &SECRET.replace("HASH", &hash)),
+            ("gateway.yaml", GATEWAY),
         ]);
         assert!(!r.has_errors(), "{:?}", r.lines);
         assert_eq!(messages(&r, Level::Warning), Vec::<String>::new());
@@ -278,8 +310,24 @@ stringData:
             "{ok}"
         );
         assert!(
-            ok.contains("approval_token matches filter_token_sha256"),
+            ok.contains("approval_token matches filter_token_sha256")
+                && ok.contains(
+                    "the gateway takes `FILTER_TOKEN` from Secret filter-token, key token"
+                ),
             "{ok}"
+        );
+        // The token written inline is refused.
+        let inline = ISTIO.replace("SHA", &sha).replace("MODEL", "m*").replace(
+            "approval_token_env: FILTER_TOKEN",
+            "approval_token: filter-token",
+        );
+        let errors = messages(&check_texts(&[("istio.yaml", &inline)]), Level::Error);
+        assert!(
+            errors.len() == 1
+                && errors[0].contains(
+                    "field `approval_token`: the filter token is written in a WasmPlugin"
+                ),
+            "{errors:?}"
         );
 
         // A bad field, a placeholder pin, no EnvoyFilter, a wrong token.
@@ -302,6 +350,7 @@ stringData:
         let r = check_texts(&[
             ("istio.yaml", &wasm_only),
             ("secret.yaml", &SECRET.replace("HASH", &"0".repeat(64))),
+            ("gateway.yaml", GATEWAY),
         ]);
         let w = messages(&r, Level::Warning).join("\n");
         assert!(w.contains("placeholder"), "{w}");

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::plugin::VmEnv;
-use super::yaml::{lenient, view};
+use super::yaml::{lenient, str_field, view};
 use super::Checker;
 
 /// The pin committed in the example manifests; `build-oci.sh` replaces it.
@@ -61,7 +61,14 @@ impl Checker {
             "EnvoyPatchPolicy" => self.eg_patch_policy(spec),
             "ClientTrafficPolicy" => self.eg_client_traffic_policy(spec),
             "HTTPRoute" => self.http_route(file, spec, &place),
-            "Secret" | "ConfigMap" => return self.configurations_in(file, kind, &manifest, &place),
+            "Secret" | "ConfigMap" => {
+                if kind == "Secret" {
+                    self.secret_values(name, &manifest);
+                }
+                return self.configurations_in(file, kind, &manifest, &place);
+            }
+            // A gateway's pods: where they take the filter token from.
+            "Deployment" | "DaemonSet" | "EnvoyProxy" => return self.env_from_secrets(spec),
             _ => return false,
         }
         true
@@ -102,6 +109,47 @@ impl Checker {
             }
         }
         any
+    }
+
+    /// Remembers a `Secret`'s text values (for the token cross-check).
+    fn secret_values(&mut self, name: &str, manifest: &Manifest) {
+        for (key, value) in manifest.string_data.iter().flatten() {
+            if let Some(text) = value.as_str() {
+                self.mesh
+                    .secret_values
+                    .insert((name.to_string(), key.clone()), text.to_string());
+            }
+        }
+    }
+
+    /// Remembers every environment variable taken from a Secret
+    /// (`valueFrom.secretKeyRef`) anywhere in `spec`: a Deployment's
+    /// containers, an EnvoyProxy's `envoyDeployment.container`. Returns
+    /// whether there was one.
+    fn env_from_secrets(&mut self, spec: &Value) -> bool {
+        let mut found = false;
+        let mut stack = vec![spec];
+        while let Some(v) = stack.pop() {
+            match v {
+                Value::Object(map) => {
+                    let var = map.get("name").and_then(Value::as_str);
+                    let secret = map
+                        .get("valueFrom")
+                        .and_then(|f| f.get("secretKeyRef"))
+                        .and_then(|r| Some((str_field(r, "name")?, str_field(r, "key")?)));
+                    if let (Some(var), Some((secret, key))) = (var, secret) {
+                        found = true;
+                        self.mesh
+                            .env_from_secrets
+                            .insert(var.to_string(), (secret.to_string(), key.to_string()));
+                    }
+                    stack.extend(map.values());
+                }
+                Value::Array(items) => stack.extend(items),
+                _ => {}
+            }
+        }
+        found
     }
 
     /// The Wasm image's pin: a `sha256`, or an `@sha256:` in the URL.

@@ -30,6 +30,7 @@
 //! several files together say; [`envoy_validate`] runs Envoy's own validation.
 
 mod bootstrap;
+mod channel;
 mod cross;
 mod envoy_gateway;
 mod envoy_validate;
@@ -226,6 +227,11 @@ struct Checker {
     /// Valid service configurations (for the token cross-check).
     services: Vec<(PathBuf, ServiceConfig)>,
     mesh: MeshFacts,
+    /// Approval clusters of bootstraps (for the TLS cross-check).
+    channels: Vec<channel::ApprovalChannel>,
+    /// The variable of the last plugin configuration's `approval_token_env`
+    /// whose value is unknown here (see [`plugin::SeenPlugin::token_env`]).
+    unknown_token_env: Option<String>,
 }
 
 /// Runs every check the options ask for.
@@ -235,6 +241,8 @@ pub fn check(opts: &Options) -> Report {
         plugins: Vec::new(),
         services: Vec::new(),
         mesh: MeshFacts::default(),
+        channels: Vec::new(),
+        unknown_token_env: None,
     };
     for file in &opts.plugin_configs {
         let Some(bytes) = c.read(file) else { continue };
@@ -254,8 +262,10 @@ pub fn check(opts: &Options) -> Report {
             c.envoy_validate(file, &envoy);
         }
     }
-    c.mesh_cross_checks();
+    // The token first: it reads the mesh facts that the mesh checks consume.
     c.token_cross_checks();
+    c.mesh_cross_checks();
+    c.channel_cross_checks();
     c.report
 }
 

@@ -15,6 +15,10 @@ pub(super) struct SeenPlugin {
     pub(super) file: PathBuf,
     pub(super) place: String,
     pub(super) config: PluginConfig,
+    /// The variable `approval_token_env` names when its value is not known
+    /// here (Envoy's own environment): the token's value is then looked
+    /// for where the gateway gets that variable (`cross`).
+    pub(super) token_env: Option<String>,
 }
 
 /// What the Wasm VM's environment holds, for the `*_env` fields.
@@ -124,11 +128,39 @@ impl Checker {
 
     /// Keeps a valid plugin configuration for the cross-checks.
     pub(super) fn seen(&mut self, file: &Path, place: String, config: PluginConfig) {
+        let token_env = self.unknown_token_env.take();
         self.plugins.push(SeenPlugin {
             file: file.to_path_buf(),
             place,
             config,
+            token_env,
         });
+    }
+
+    /// A filter token written into a mesh resource (`what`, with its
+    /// article), where whoever reads that resource (or Envoy's
+    /// `config_dump`) reads the token: refused. `how` says where the token
+    /// should come from instead.
+    pub(super) fn inline_token_in_manifest(
+        &mut self,
+        file: &Path,
+        json: &str,
+        what: &str,
+        how: &str,
+        place: &str,
+    ) {
+        let inline = serde_json::from_str::<serde_json::Value>(json)
+            .ok()
+            .is_some_and(|v| v.get("approval_token").is_some());
+        if inline {
+            self.report.error(
+                file,
+                format!(
+                    "field `approval_token`: the filter token is written in {what}, readable by whoever reads it \
+                     and in Envoy's config_dump; set `approval_token_env` instead, {how} ({place})"
+                ),
+            );
+        }
     }
 
     /// Validates a plugin configuration; `place` says where it was found and
@@ -158,7 +190,18 @@ impl Checker {
             }
         };
         let parsed = PluginConfig::from_json_with_env(bytes, &lookup);
-        for name in unchecked.into_inner() {
+        let unchecked = unchecked.into_inner();
+        // Kept for `seen`, which the caller calls next with this configuration.
+        let token_var = serde_json::from_slice::<serde_json::Value>(bytes)
+            .ok()
+            .and_then(|v| v.get("approval_token_env")?.as_str().map(str::to_string));
+        let stand_in = parsed
+            .as_ref()
+            .ok()
+            .and_then(|c| c.approval_token.as_deref())
+            == Some(STAND_IN_SECRET);
+        self.unknown_token_env = token_var.filter(|v| stand_in && unchecked.contains(v));
+        for name in unchecked {
             self.report.note(
                 file,
                 format!(

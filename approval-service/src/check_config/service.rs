@@ -46,6 +46,7 @@ impl Checker {
                     );
                 }
                 self.notification_warnings(file, &config, &at);
+                self.filter_channel(file, &config, &at);
                 self.services.push((file.to_path_buf(), config));
             }
             Err(e) => {
@@ -65,6 +66,27 @@ impl Checker {
 }
 
 impl Checker {
+    /// How the filter's channel is served (`filter_listen`, `[tls]`).
+    fn filter_channel(&mut self, file: &Path, config: &ServiceConfig, at: &str) {
+        let on = match config.filter_listen {
+            Some(addr) => format!("filter_listen {addr}"),
+            None => format!("listen {}", config.listen),
+        };
+        match &config.tls {
+            Some(tls) if tls.mutual() => {
+                self.report.ok(file, format!("the filter API on {on} requires a client certificate signed by {}{at}", tls.client_ca_file.as_deref().unwrap_or(Path::new("")).display()));
+                if config.filter_listen.is_none() {
+                    self.report.warning(
+                        file,
+                        format!("[tls] client_ca_file without filter_listen: every client of listen needs a client certificate, reviewers' browsers, Slack and the OpenID provider's redirects included; set filter_listen to give the filter an address of its own{at}"),
+                    );
+                }
+            }
+            Some(_) => self.report.ok(file, format!("the filter API on {on} is served over TLS (no client certificate asked for){at}")),
+            None => {}
+        }
+    }
+
     /// Settings of the reviewer sign-in that contradict each other.
     fn sign_in_settings(&mut self, file: &Path, config: &ServiceConfig, at: &str) {
         let public = config.public_url.as_deref();

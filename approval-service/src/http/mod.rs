@@ -21,14 +21,18 @@ pub mod oidc;
 pub mod records;
 pub mod reviews;
 pub mod standing;
+pub mod tls;
 pub mod ui;
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Extension, Json, Router};
 
 use crate::slack::interact as slack;
@@ -55,14 +59,10 @@ pub fn metrics_app(state: AppState) -> Router {
         .with_state(state)
 }
 
-fn router(state: AppState, client: Option<reqwest::Client>) -> Router {
-    // With `metrics_listen`, /metrics lives there only.
-    let metrics_here = state.config().metrics_listen.is_none();
-    let relying_party = oidc::relying_party(&state);
-    let session_checks = oidc::SessionChecks::new(relying_party.clone());
-    let routes = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+/// The filter API: every route the filter calls (with its token), on
+/// `listen`, or alone on `filter_listen` ([`filter_app`]).
+fn filter_routes() -> Router<AppState> {
+    Router::new()
         .route("/v1/reviews", post(reviews::create_review))
         .route("/v1/reviews/{id}/wait", get(reviews::wait_review))
         .route("/v1/reviews/{id}/expire", post(reviews::expire_review))
@@ -72,6 +72,36 @@ fn router(state: AppState, client: Option<reqwest::Client>) -> Router {
             get(approval_tokens::caller_status),
         )
         .route("/v1/reviews/{id}/consume", post(approval_tokens::consume))
+        .route("/v1/records", post(records::create_record))
+        .route("/v1/records/{id}/response", post(records::create_response))
+}
+
+/// The router of `filter_listen`: the filter API, `/healthz` and `/readyz`.
+fn filter_app(state: AppState, client: Option<reqwest::Client>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .merge(filter_routes())
+        .fallback(fallback)
+        .layer(Extension(slack::OutboundClient(client)))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::time_request,
+        ))
+        .with_state(state)
+}
+
+fn router(state: AppState, client: Option<reqwest::Client>) -> Router {
+    // With `metrics_listen`, /metrics lives there only; with
+    // `filter_listen`, the filter API.
+    let metrics_here = state.config().metrics_listen.is_none();
+    let filter_here = state.config().filter_listen.is_none();
+    let relying_party = oidc::relying_party(&state);
+    let session_checks = oidc::SessionChecks::new(relying_party.clone());
+    let routes = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/api/me", get(reviews::me))
         .route("/api/reviews", get(reviews::list_reviews))
         .route("/api/reviews/{id}", get(reviews::get_review))
@@ -85,8 +115,6 @@ fn router(state: AppState, client: Option<reqwest::Client>) -> Router {
             "/api/standing-approvals/{id}/revoke",
             post(standing::revoke),
         )
-        .route("/v1/records", post(records::create_record))
-        .route("/v1/records/{id}/response", post(records::create_response))
         .route("/api/records", get(records::list_records))
         .route("/api/records/export", get(records::export_records))
         .route("/api/records/{id}", get(records::get_record))
@@ -106,6 +134,10 @@ fn router(state: AppState, client: Option<reqwest::Client>) -> Router {
         true => routes.route("/metrics", get(metrics::metrics)),
         false => routes,
     };
+    let routes = match filter_here {
+        true => routes.merge(filter_routes()),
+        false => routes,
+    };
     routes
         .fallback(fallback)
         .layer(Extension(slack::OutboundClient(client)))
@@ -122,27 +154,65 @@ fn router(state: AppState, client: Option<reqwest::Client>) -> Router {
 /// Serves [`app`] on `listener` with the expiry sweeper, record retention,
 /// the decision metrics and notifications (webhooks, Slack: [`crate::notify`]) running, until
 /// `shutdown` resolves; then pending long polls answer at once and
-/// in-flight requests finish before this returns.
+/// in-flight requests finish before this returns. A configuration with
+/// `filter_listen` is served by [`run_split`].
 pub async fn run(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    run_split(listener, None, state, shutdown).await
+}
+
+/// [`run`], with the filter API on `filter_listener` (bound to
+/// `filter_listen`, which it must be given exactly when that is set).
+/// `[tls]` is served on the filter's listener: `filter_listener`, or
+/// `listener` without one.
+pub async fn run_split(
+    listener: tokio::net::TcpListener,
+    filter_listener: Option<tokio::net::TcpListener>,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    if state.config().filter_listen.is_some() != filter_listener.is_some() {
+        return Err(std::io::Error::other(
+            "filter_listen and the filter API's listener go together",
+        ));
+    }
     let client = crate::outbound::client(state.config()).map_err(std::io::Error::other)?;
     let notifier = crate::notify::spawn(&state, client.clone());
     let sweeper = state.spawn_sweeper(SWEEP_PERIOD);
     let retention = state.spawn_retention(RETENTION_PERIOD);
     let decision_metrics = state.spawn_decision_metrics();
+    let tls = state.config().tls.as_ref().map(|t| t.server_config.clone());
+    // Both servers stop together: on `shutdown`, long polls are answered
+    // (`begin_shutdown`) and each finishes its in-flight requests.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     let on_shutdown = state.clone();
-    // The peer address limits failed sign-ins per client (`ui::login`).
-    let service =
-        router(state, Some(client)).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let result = axum::serve(listener, service)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            on_shutdown.begin_shutdown();
-        })
-        .await;
+    let signal = tokio::spawn(async move {
+        shutdown.await;
+        on_shutdown.begin_shutdown();
+        let _ = stop.send(true);
+    });
+    let until_stopped = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }
+    };
+    let result = match filter_listener {
+        None => serve_on(listener, tls, router(state, Some(client)), until_stopped()).await,
+        Some(filter_listener) => {
+            let filter = filter_app(state.clone(), Some(client.clone()));
+            let main = router(state, Some(client));
+            tokio::try_join!(
+                serve_on(listener, None, main, until_stopped()),
+                serve_on(filter_listener, tls, filter, until_stopped()),
+            )
+            .map(|_| ())
+        }
+    };
+    signal.abort();
     sweeper.abort();
     retention.abort();
     decision_metrics.abort();
@@ -151,6 +221,34 @@ pub async fn run(
     }
     result
 }
+
+/// Serves `app` on `listener` (over TLS with `tls`) until `shutdown`
+/// resolves. The peer address limits failed sign-ins per client
+/// (`ui::login`) and places an authenticating proxy (`auth`).
+async fn serve_on(
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let service = app.into_make_service_with_connect_info::<SocketAddr>();
+    match tls {
+        None => {
+            axum::serve(listener, service)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        Some(config) => {
+            // `tap_io` only so that axum's `ConnectInfo` covers this listener.
+            let listener = tls::TlsListener::new(listener, config)?.tap_io(untouched);
+            axum::serve(listener, service)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
+}
+
+fn untouched(_: &mut tokio_rustls::server::TlsStream<tokio::net::TcpStream>) {}
 
 /// `GET /healthz`: the process is up.
 pub async fn healthz() -> Json<serde_json::Value> {

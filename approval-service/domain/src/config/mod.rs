@@ -16,6 +16,7 @@ use crate::token::TokenHash;
 pub mod assessors;
 pub mod database;
 pub mod oidc;
+pub mod server_tls;
 pub mod slack;
 pub mod token_keys;
 pub mod trusted_proxy;
@@ -24,6 +25,7 @@ pub mod webhooks;
 pub use assessors::{AssessorConfig, AssessorKind};
 pub use database::Location;
 pub use oidc::OidcConfig;
+pub use server_tls::ServerTls;
 pub use slack::SlackConfig;
 pub use token_keys::{DEFAULT_TOKEN_TTL_MS, MAX_TOKEN_TTL_MS, MAX_TOKEN_USES};
 pub use trusted_proxy::TrustedProxyConfig;
@@ -161,6 +163,12 @@ pub struct Config {
     /// Reviewers named by an authenticating proxy (`[trusted_proxy]`), if
     /// configured.
     pub trusted_proxy: Option<TrustedProxyConfig>,
+    /// Serve the filter API (`/v1/...`) on this address only, not on
+    /// `listen` (see [`server_tls`]).
+    pub filter_listen: Option<SocketAddr>,
+    /// TLS (mutual with a client CA) on the listener the filter calls
+    /// (`[tls]`; see [`server_tls`]).
+    pub tls: Option<ServerTls>,
 }
 
 impl Config {
@@ -210,6 +218,8 @@ impl Default for Config {
             token_max_uses: 1,
             oidc: None,
             trusted_proxy: None,
+            filter_listen: None,
+            tls: None,
         }
     }
 }
@@ -308,6 +318,10 @@ struct RawConfig {
     oidc: Option<oidc::RawOidc>,
     #[serde(default)]
     trusted_proxy: Option<trusted_proxy::RawTrustedProxy>,
+    #[serde(default)]
+    filter_listen: Option<String>,
+    #[serde(default)]
+    tls: Option<server_tls::RawTls>,
 }
 
 #[derive(Deserialize)]
@@ -447,6 +461,8 @@ impl Config {
                 Ok(a) => Some(a),
             },
         };
+        let filter_listen =
+            server_tls::check_filter_listen(raw.filter_listen, listen, metrics_listen)?;
         let database = database::check_database(raw.database, raw.database_env, &|name| {
             std::env::var(name).ok()
         })?
@@ -572,6 +588,8 @@ impl Config {
                 .trusted_proxy
                 .map(trusted_proxy::check_trusted_proxy)
                 .transpose()?,
+            filter_listen,
+            tls: raw.tls.map(server_tls::check_tls).transpose()?,
         })
     }
 }
