@@ -828,84 +828,38 @@ impl HeldLane {
             true => format!("\n\n{note}"),
             false => note.to_string(),
         };
+        let mut noted: Vec<u64> = Vec::new();
+        let texts = &self.texts;
         match api {
             ApiKind::OpenaiChat | ApiKind::AzureOpenaiChat => {
-                let mut noted: Vec<u64> = Vec::new();
-                for ev in &mut self.events {
-                    let Some(choices) = ev
-                        .json
-                        .as_mut()
-                        .and_then(|v| v.get_mut("choices"))
-                        .and_then(Value::as_array_mut)
-                    else {
-                        continue;
-                    };
-                    for (ci, choice) in choices.iter_mut().enumerate() {
-                        let a = choice
-                            .get("index")
-                            .and_then(Value::as_u64)
-                            .unwrap_or(ci as u64);
-                        if let Some(Value::Object(delta)) = choice.get_mut("delta") {
-                            let calls = delta.remove("tool_calls").is_some();
-                            let legacy = delta.remove("function_call").is_some();
-                            if calls || legacy {
-                                ev.changed = true;
-                                if !noted.contains(&a) {
-                                    noted.push(a);
-                                    let before = delta
-                                        .get("content")
-                                        .and_then(Value::as_str)
-                                        .unwrap_or("")
-                                        .to_string();
-                                    let text = format!("{before}{}", note_for(a, &self.texts));
-                                    delta.insert("content".into(), json!(text));
-                                }
-                            }
-                        }
-                        let finish = choice.get("finish_reason").and_then(Value::as_str);
-                        if matches!(finish, Some("tool_calls" | "function_call")) {
-                            set(choice, &["finish_reason"], json!("stop"));
-                            ev.changed = true;
+                entries(&mut self.events, "choices", |a, choice| {
+                    let mut changed = false;
+                    if let Some(Value::Object(delta)) = choice.get_mut("delta") {
+                        let calls = delta.remove("tool_calls").is_some();
+                        let legacy = delta.remove("function_call").is_some();
+                        changed = calls || legacy;
+                        if changed && !noted.contains(&a) {
+                            noted.push(a);
+                            let before = delta.get("content").and_then(Value::as_str).unwrap_or("");
+                            let text = format!("{before}{}", note_for(a, texts));
+                            delta.insert("content".into(), json!(text));
                         }
                     }
-                }
+                    let finish = choice.get("finish_reason").and_then(Value::as_str);
+                    if matches!(finish, Some("tool_calls" | "function_call")) {
+                        set(choice, &["finish_reason"], json!("stop"));
+                        changed = true;
+                    }
+                    changed
+                });
             }
             ApiKind::OpenaiResponses => self.remove_responses_calls(note),
+            // A chunk carries its calls whole: each is an answer of its own.
             ApiKind::GeminiGenerateContent => {
-                let mut noted: Vec<u64> = Vec::new();
                 for ev in &mut self.events {
-                    let Some(candidates) = ev
-                        .json
-                        .as_mut()
-                        .and_then(|v| v.get_mut("candidates"))
-                        .and_then(Value::as_array_mut)
-                    else {
-                        continue;
-                    };
-                    for (ci, candidate) in candidates.iter_mut().enumerate() {
-                        let a = candidate
-                            .get("index")
-                            .and_then(Value::as_u64)
-                            .unwrap_or(ci as u64);
-                        let Some(parts) = candidate
-                            .pointer_mut("/content/parts")
-                            .and_then(Value::as_array_mut)
-                        else {
-                            continue;
-                        };
-                        let before = parts.len();
-                        parts.retain(|p| p.get("functionCall").is_none());
-                        if parts.len() == before {
-                            continue;
-                        }
+                    if let Some(v) = ev.json.as_mut().filter(|v| !tool_calls(api, v).is_empty()) {
+                        crate::answer::tool_calls::remove_tool_calls(api, v, note);
                         ev.changed = true;
-                        if !noted.contains(&a) {
-                            noted.push(a);
-                            parts.push(json!({"text": note_for(a, &self.texts)}));
-                        }
-                        if candidate.get("finishReason").is_some() {
-                            set(candidate, &["finishReason"], json!("STOP"));
-                        }
                     }
                 }
             }
@@ -1039,6 +993,30 @@ impl HeldLane {
         for (at, evs) in inserts.into_iter().rev() {
             for (k, ev) in evs.into_iter().enumerate() {
                 self.events.insert((at + k).min(self.events.len()), ev);
+            }
+        }
+    }
+}
+
+/// Calls `f` with each entry of the `key` array (chat choices) of each
+/// held event and its index; `f` says whether it changed the entry.
+fn entries(events: &mut [Ev], key: &str, mut f: impl FnMut(u64, &mut Value) -> bool) {
+    for ev in events {
+        let Some(items) = ev
+            .json
+            .as_mut()
+            .and_then(|v| v.get_mut(key))
+            .and_then(Value::as_array_mut)
+        else {
+            continue;
+        };
+        for (i, item) in items.iter_mut().enumerate() {
+            let a = item
+                .get("index")
+                .and_then(Value::as_u64)
+                .unwrap_or(i as u64);
+            if f(a, item) {
+                ev.changed = true;
             }
         }
     }
