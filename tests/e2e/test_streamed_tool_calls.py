@@ -12,15 +12,11 @@ import httpx
 import pytest
 
 from stack import records, wait_until
+from test_tool_calls import ANTHROPIC_TOOLS, OPENAI_TOOLS
 
 pytestmark = pytest.mark.timeout(120)
 
 RULE = {"name": "dangerous-tools", "action": "review", "tools": ["delete_*"]}
-OPENAI_TOOLS = [{"type": "function", "function": {
-    "name": "delete_file", "description": "Deletes a file",
-    "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}}]
-ANTHROPIC_TOOLS = [{"name": "delete_file", "description": "Deletes a file",
-                    "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}}}]
 ASK = "clean up the data volume"
 
 

@@ -246,21 +246,7 @@ mod tests {
         config: &str,
         answer: &Value,
     ) -> (Worker, MockHost, StreamFilter, Action, Action) {
-        let config = Rc::new(Config::from_json(config.as_bytes()).unwrap());
-        let worker = Worker::new();
-        let mut host = MockHost::new(&worker);
-        let mut stream = StreamFilter::new(ID, Some(config), worker.clone());
-        host.request("POST", CHAT, REQUEST);
-        assert_eq!(
-            stream.on_request_headers(&mut host, false),
-            Action::Continue
-        );
-        assert_eq!(
-            stream.on_request_body(&mut host, REQUEST.len(), true),
-            Action::Pause
-        );
-        answer_last_call(&mut host, &worker, 201, r#"{"record_id":"rec_1"}"#);
-        assert_eq!(host.resumed, [Some(ID)]);
+        let (worker, mut host, mut stream) = crate::testing::forwarded(config, ID, CHAT, REQUEST);
         host.response_headers = [
             (":status", "200"),
             ("content-type", "application/json"),

@@ -157,6 +157,35 @@ pub fn answer_last_call(host: &mut MockHost, worker: &Worker, status: u16, body:
     worker.on_callout_response(host, token, body.len());
 }
 
+/// Stream `id` under `config` (JSON), with `request` to `path` allowed and
+/// forwarded once its record is written (`rec_1`): ready for the answer.
+pub fn forwarded(
+    config: &str,
+    id: u32,
+    path: &str,
+    request: &[u8],
+) -> (Worker, MockHost, crate::stream_filter::StreamFilter) {
+    use crate::host::Action;
+    let config = std::rc::Rc::new(crate::config::Config::from_json(config.as_bytes()).unwrap());
+    let worker = Worker::new();
+    let mut host = MockHost::new(&worker);
+    let mut stream = crate::stream_filter::StreamFilter::new(id, Some(config), worker.clone());
+    host.request("POST", path, request);
+    assert_eq!(
+        stream.on_request_headers(&mut host, false),
+        Action::Continue
+    );
+    assert_eq!(
+        stream.on_request_body(&mut host, request.len(), true),
+        Action::Pause,
+        "{:?}",
+        host.replies
+    );
+    answer_last_call(&mut host, &worker, 201, r#"{"record_id":"rec_1"}"#);
+    assert_eq!(host.resumed, [Some(id)]);
+    (worker, host, stream)
+}
+
 pub fn path_of(call: &Callout) -> String {
     call.headers
         .iter()

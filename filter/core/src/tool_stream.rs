@@ -1412,7 +1412,7 @@ mod tests {
     use crate::config::Config;
     use crate::host::Action;
     use crate::stream_filter::StreamFilter;
-    use crate::testing::{answer_last_call, MockHost};
+    use crate::testing::{answer_last_call, forwarded, MockHost};
     use crate::worker::Worker;
 
     const ID: u32 = 9;
@@ -1723,24 +1723,8 @@ mod tests {
         case: &Case,
         piece: usize,
     ) -> (Worker, MockHost, StreamFilter, Vec<u8>, Action) {
-        let config = Rc::new(Config::from_json(config.as_bytes()).unwrap());
-        let worker = Worker::new();
-        let mut host = MockHost::new(&worker);
-        let mut stream = StreamFilter::new(ID, Some(config), worker.clone());
         let request = serde_json::to_vec(&case.request).unwrap();
-        host.request("POST", case.path, &request);
-        assert_eq!(
-            stream.on_request_headers(&mut host, false),
-            Action::Continue
-        );
-        assert_eq!(
-            stream.on_request_body(&mut host, request.len(), true),
-            Action::Pause,
-            "{:?}",
-            host.replies
-        );
-        answer_last_call(&mut host, &worker, 201, r#"{"record_id":"rec_1"}"#);
-        assert_eq!(host.resumed, [Some(ID)]);
+        let (worker, mut host, mut stream) = forwarded(config, ID, case.path, &request);
         host.response_headers = [(":status", "200"), ("content-type", "text/event-stream")]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
