@@ -234,9 +234,7 @@ mod tests {
     }
 
     fn state(status: &str, extra: &str) -> String {
-        format!(
-            r#"{{"id":"rev_a","status":"{status}","expires_at_ms":0,"reviewer":"alice"{extra}}}"#
-        )
+        crate::testing::review_state(status, extra)
     }
 
     /// A forwarded request (its record written) and the model's plain
@@ -275,12 +273,7 @@ mod tests {
 
     /// The response part of the record, once the stream ended.
     fn response_record(host: &mut MockHost, worker: &Worker, stream: &mut StreamFilter) -> Value {
-        stream.on_log(host);
-        stream.on_drop(host);
-        worker.on_tick(host);
-        assert_eq!(host.last_path(), "/v1/records/rec_1/response");
-        let (_, call) = host.dispatched.last().unwrap();
-        serde_json::from_slice(call.body.as_ref().unwrap()).unwrap()
+        crate::testing::response_record(host, worker, stream)
     }
 
     #[test]

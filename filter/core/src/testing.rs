@@ -186,6 +186,26 @@ pub fn forwarded(
     (worker, host, stream)
 }
 
+/// A review's state as the service answers it (reviewer `alice`), with
+/// `extra` JSON fields.
+pub fn review_state(status: &str, extra: &str) -> String {
+    format!(r#"{{"id":"rev_a","status":"{status}","expires_at_ms":0,"reviewer":"alice"{extra}}}"#)
+}
+
+/// The response part of the record (of `rec_1`) once `stream` ended.
+pub fn response_record(
+    host: &mut MockHost,
+    worker: &Worker,
+    stream: &mut crate::stream_filter::StreamFilter,
+) -> serde_json::Value {
+    stream.on_log(host);
+    stream.on_drop(host);
+    worker.on_tick(host);
+    assert_eq!(host.last_path(), "/v1/records/rec_1/response");
+    let (_, call) = host.dispatched.last().unwrap();
+    serde_json::from_slice(call.body.as_ref().unwrap()).unwrap()
+}
+
 pub fn path_of(call: &Callout) -> String {
     call.headers
         .iter()

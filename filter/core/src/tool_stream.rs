@@ -1412,7 +1412,9 @@ mod tests {
     use crate::config::Config;
     use crate::host::Action;
     use crate::stream_filter::StreamFilter;
-    use crate::testing::{answer_last_call, forwarded, MockHost};
+    use crate::testing::{
+        answer_last_call, forwarded, response_record as record, review_state as state, MockHost,
+    };
     use crate::worker::Worker;
 
     const ID: u32 = 9;
@@ -1709,12 +1711,6 @@ mod tests {
 
     // ---- through the filter, with a mock host
 
-    fn state(status: &str, extra: &str) -> String {
-        format!(
-            r#"{{"id":"rev_a","status":"{status}","expires_at_ms":0,"reviewer":"alice"{extra}}}"#
-        )
-    }
-
     /// A forwarded streamed request and its answer, cut in pieces of
     /// `piece` bytes: what left before the end, and the last chunk's
     /// action.
@@ -1744,15 +1740,6 @@ mod tests {
             }
         }
         (worker, host, stream, sent, last)
-    }
-
-    fn record(host: &mut MockHost, worker: &Worker, stream: &mut StreamFilter) -> Value {
-        stream.on_log(host);
-        stream.on_drop(host);
-        worker.on_tick(host);
-        assert_eq!(host.last_path(), "/v1/records/rec_1/response");
-        let (_, call) = host.dispatched.last().unwrap();
-        serde_json::from_slice(call.body.as_ref().unwrap()).unwrap()
     }
 
     #[test]
