@@ -158,10 +158,7 @@ impl AnswerVersions {
             return error_release(review_id, decision, refusal);
         }
         let mut answer = self.clone();
-        let note = format!(
-            "[countersign] The tool calls of this answer were not run: {}",
-            refusal.message
-        );
+        let note = rejection_note(refusal);
         remove_tool_calls(api, &mut answer.caller, &note);
         remove_tool_calls(api, &mut answer.recorded, &note);
         let (body, recorded) = answer.bytes();
@@ -174,6 +171,14 @@ impl AnswerVersions {
             recorded,
         }
     }
+}
+
+/// The text that takes the place of tool calls that were not approved.
+pub fn rejection_note(refusal: &Refusal) -> String {
+    format!(
+        "[countersign] The tool calls of this answer were not run: {}",
+        refusal.message
+    )
 }
 
 /// The answer replaced by `refusal` in the API's error format.
@@ -365,9 +370,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn state(status: &str, extra: &str) -> String {
-        format!(
-            r#"{{"id":"rev_a","status":"{status}","expires_at_ms":0,"reviewer":"alice"{extra}}}"#
-        )
+        crate::testing::review_state(status, extra)
     }
 
     /// A forwarded request (its record written) and the model's plain
@@ -377,21 +380,7 @@ pub(crate) mod tests {
         config: &str,
         answer: &Value,
     ) -> (Worker, MockHost, StreamFilter, Action, Action) {
-        let config = Rc::new(Config::from_json(config.as_bytes()).unwrap());
-        let worker = Worker::new();
-        let mut host = MockHost::new(&worker);
-        let mut stream = StreamFilter::new(ID, Some(config), worker.clone());
-        host.request("POST", CHAT, REQUEST);
-        assert_eq!(
-            stream.on_request_headers(&mut host, false),
-            Action::Continue
-        );
-        assert_eq!(
-            stream.on_request_body(&mut host, REQUEST.len(), true),
-            Action::Pause
-        );
-        answer_last_call(&mut host, &worker, 201, r#"{"record_id":"rec_1"}"#);
-        assert_eq!(host.resumed, [Some(ID)]);
+        let (worker, mut host, mut stream) = crate::testing::forwarded(config, ID, CHAT, REQUEST);
         host.response_headers = [
             (":status", "200"),
             ("content-type", "application/json"),
@@ -424,12 +413,7 @@ pub(crate) mod tests {
         worker: &Worker,
         stream: &mut StreamFilter,
     ) -> Value {
-        stream.on_log(host);
-        stream.on_drop(host);
-        worker.on_tick(host);
-        assert_eq!(host.last_path(), "/v1/records/rec_1/response");
-        let (_, call) = host.dispatched.last().unwrap();
-        serde_json::from_slice(call.body.as_ref().unwrap()).unwrap()
+        crate::testing::response_record(host, worker, stream)
     }
 
     #[test]
@@ -666,9 +650,6 @@ pub(crate) mod tests {
         };
         let base = r#""name":"r","action":"review","tools":["x"]"#;
         assert!(load(&format!(r#"{{{base},"streams":"block"}}"#)).is_ok());
-        let (field, message) = load(&format!("{{{base}}}")).unwrap_err();
-        assert_eq!(field, "content_policy.response_rules[0].streams");
-        assert!(message.contains("streamed answer"), "{message}");
         for (rule, field) in [
             (
                 format!(r#"{{{base},"streams":"block","phrases":["p"]}}"#),

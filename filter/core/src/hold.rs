@@ -8,9 +8,7 @@
 
 use serde_json::json;
 
-use crate::answer_review::{
-    error_release, AnswerPlan, AnswerRelease, AnswerVersions, ResponseEdit,
-};
+use crate::answer_review::{AnswerPlan, AnswerRelease, ResponseEdit};
 use crate::config::{Config, RecordMode};
 use crate::inspect::{
     check_edited_body, token_body_hash, HoldPlan, Parsed, RequestInfo, RuleChoice,
@@ -19,6 +17,7 @@ use crate::policy::OnReject;
 use crate::record::new_record;
 use crate::refusal::{Refusal, RefusalKind};
 use crate::token::TokenClaims;
+use crate::tool_stream::HeldAnswer;
 use crate::wire::{
     ApiKind, CallerReviewStatus, ConsumeToken, CreateReview, NewRecord, RecordCreated, ReviewState,
     ReviewStatus, FILTER_API_PREFIX, FILTER_TOKEN_HEADER,
@@ -135,7 +134,7 @@ pub struct Hold {
     retry_call: Option<Callout>,
     retry_attempts: u32,
     /// A held answer (mode `Answer`) and what its rejection gives.
-    answer: Option<(AnswerVersions, OnReject)>,
+    answer: Option<(HeldAnswer, OnReject)>,
     /// A held answer reviewed for its text (kind `response`): how an edit
     /// of it is checked.
     response_edit: Option<ResponseEdit>,
@@ -392,16 +391,29 @@ impl Hold {
         info: RequestInfo,
         now_ms: u64,
     ) -> (Hold, HoldStep) {
-        let mut hold = Hold::bare(config, Mode::Answer, plan.review.api, info, None);
-        hold.deadline_ms = now_ms.saturating_add(plan.review.hold_timeout_ms);
-        hold.rule = plan.review.rule.clone();
+        let answer = (plan.answer.into(), plan.on_reject);
+        Hold::held_answer(config, &plan.review, answer, info, now_ms)
+    }
+
+    /// Holds `answer` (a plain answer or a held stream,
+    /// [`crate::tool_stream`]) for `review`.
+    pub fn held_answer(
+        config: &Config,
+        review: &CreateReview,
+        answer: (HeldAnswer, OnReject),
+        info: RequestInfo,
+        now_ms: u64,
+    ) -> (Hold, HoldStep) {
+        let mut hold = Hold::bare(config, Mode::Answer, review.api, info, None);
+        hold.deadline_ms = now_ms.saturating_add(review.hold_timeout_ms);
+        hold.rule = review.rule.clone();
         hold.started_ms = now_ms;
         hold.retry_attempts = 1;
-        hold.answer = Some((plan.answer, plan.on_reject));
+        hold.answer = Some(answer);
         let call = Callout {
             kind: CalloutKind::Create,
             headers: service_headers(config, "POST", FILTER_API_PREFIX.to_string()),
-            body: serde_json::to_vec(&plan.review).ok(),
+            body: serde_json::to_vec(review).ok(),
             timeout_ms: config.callout_timeout_ms,
         };
         hold.retry_call = Some(call.clone());
@@ -421,6 +433,11 @@ impl Hold {
         self.mode == Mode::Answer
     }
 
+    /// Whether this hold holds a streamed answer, whose head went out.
+    pub fn holds_stream(&self) -> bool {
+        self.answer.as_ref().is_some_and(|(a, _)| a.is_stream())
+    }
+
     /// A held answer's end: every step that would refuse the request
     /// becomes what the caller gets instead of the answer (the rejected
     /// answer, or the error), since the answer's own headers are held.
@@ -435,7 +452,7 @@ impl Hold {
                     RefusalKind::Rejected | RefusalKind::Expired => {
                         answer.not_approved(self.api, *on_reject, decision, &refusal)
                     }
-                    _ => error_release(
+                    _ => answer.error(
                         refusal.review_id.clone().unwrap_or_default(),
                         decision,
                         &refusal,
@@ -773,9 +790,13 @@ impl Hold {
                     ));
                 };
                 let edited = state.edited_body.as_deref();
-                let approved = match &self.response_edit {
-                    Some(check) => check.approved(self.api, answer, &state.id, edited),
-                    None => answer.approved(self.api, &state.id, edited),
+                let approved = match (&self.response_edit, answer) {
+                    // Text review holds plain answers only (streams in
+                    // scope of a text rule are refused before they start).
+                    (Some(check), HeldAnswer::Plain(plain)) => {
+                        check.approved(self.api, plain, &state.id, edited)
+                    }
+                    _ => answer.approved(self.api, &state.id, edited),
                 };
                 match approved {
                     Ok(release) => HoldStep::Answer(release),

@@ -497,10 +497,15 @@ pub fn screen_chosen(
         Err(r) => return refuse(r),
     };
     let mut screening = screening;
-    if let Some(rule) = screening.review_rules.rules().next() {
-        if parsed.stream {
-            // `streams: block`, the one choice so far: a streamed answer
-            // could not be held once its first byte left.
+    if !screening.review_rules.is_empty() {
+        if let Some(rule) = screening
+            .review_rules
+            .blocking_streams()
+            .filter(|_| parsed.stream)
+        {
+            // `streams: block`: the rule refuses streamed requests (with
+            // `hold` the stream is held from its first tool call on,
+            // `crate::tool_stream`).
             return refuse(Refusal::new(
                 RefusalKind::PolicyDenied,
                 Some(api),
@@ -517,7 +522,9 @@ pub fn screen_chosen(
     }
     if parsed.stream
         && !streams_readable(api)
-        && (screening.response_guard().is_active() || rule.record != RecordMode::Off)
+        && (screening.response_guard().is_active()
+            || rule.record != RecordMode::Off
+            || !screening.review_rules.is_empty())
     {
         // Fail closed: an answer nobody can read must not pass where
         // masking, response rules or the record need it.

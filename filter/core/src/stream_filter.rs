@@ -29,6 +29,7 @@ use crate::request::{
 use crate::response_filter::{ResponseCapture, ResponseFilter};
 use crate::response_head::{plan_response, ResponseHead, ResponsePlan, Withheld};
 use crate::shape::{may_be_json, sniff_prompt};
+use crate::tool_stream::{End, HeldAnswer, ToolStream};
 use crate::wire::{ApiKind, HitCount};
 use crate::worker::{send_refusal, Worker};
 
@@ -82,6 +83,12 @@ pub struct StreamFilter {
     /// With `reviews_answer`: what the answer's guard found in it (for
     /// `review` rules on detectors).
     answer_hits: Vec<HitCount>,
+    /// A `review` response rule is in scope of a streamed answer: it goes
+    /// out until its first tool-call event, the rest is held
+    /// ([`crate::tool_stream`]).
+    tool_stream: Option<ToolStream>,
+    /// The rest of a streamed answer waits for a reviewer.
+    stream_held: bool,
     /// A request to a path that is not an inference endpoint, whose body is
     /// being looked at: a prompt there is refused (see `shape::sniff_prompt`).
     sniffing: bool,
@@ -110,6 +117,8 @@ impl StreamFilter {
             response_buffered: false,
             reviews_answer: false,
             answer_hits: Vec::new(),
+            tool_stream: None,
+            stream_held: false,
             sniffing: false,
             properties_read: false,
         }
@@ -674,6 +683,9 @@ impl StreamFilter {
                     host.set_response_header("content-length", None);
                     self.reviews_answer = true;
                 }
+                if let (true, Some(framing)) = (reviewable, framing) {
+                    self.hold_tool_stream(host, api, framing);
+                }
                 framing
             }
             ResponsePlan::Withhold(withheld) => {
@@ -722,12 +734,16 @@ impl StreamFilter {
             && self.guard.is_none()
             && self.response.is_none()
             && !self.reviews_answer
+            && self.tool_stream.is_none()
         {
             return Action::Continue;
         }
         let chunk = host.response_body(body_size);
         if self.reviews_answer {
             return self.review_answer(host, body_size, chunk);
+        }
+        if self.tool_stream.is_some() {
+            return self.tool_stream_chunk(host, body_size, chunk, end_of_stream);
         }
         if let Some(out) = self.answer_chunk(host, chunk, end_of_stream) {
             host.set_response_body(body_size, &out);
@@ -743,6 +759,10 @@ impl StreamFilter {
     /// back cannot be sent before the trailers, and is dropped (never sent
     /// unmasked), with a warning and a metric.
     pub fn on_response_trailers(&mut self, host: &mut dyn Host) -> Action {
+        if self.tool_stream.is_some() {
+            self.tool_stream_trailers(host);
+            return Action::Continue;
+        }
         if self.withheld.is_none() && self.guard.is_none() && self.response.is_none() {
             return Action::Continue;
         }
@@ -908,13 +928,133 @@ impl StreamFilter {
         }
     }
 
+    /// A streamed answer under a `review` rule with `streams: hold`: its
+    /// events go out until the first tool-call event, the rest is held
+    /// ([`crate::tool_stream`]).
+    fn hold_tool_stream(&mut self, host: &mut dyn Host, api: ApiKind, framing: Framing) {
+        let Some(screening) = &self.screening else {
+            return;
+        };
+        let limit = screening.review_rules.max_held_bytes();
+        // The held part may change length.
+        host.set_response_header("content-length", None);
+        let apart = self.record_guard.is_some();
+        self.tool_stream = Some(ToolStream::new(api, framing, limit, apart));
+    }
+
+    /// Whether the stream masker ended the answer with an error event.
+    fn stream_blocked(&self) -> bool {
+        matches!(&self.guard, Some(ResponseFilter::Stream(m)) if m.blocked().is_some())
+    }
+
+    /// A chunk of a streamed answer under `streams: hold`: guarded, then
+    /// sent up to the first tool-call event; at the end, what was held is
+    /// let go at once (no rule names its calls), or waits for a reviewer
+    /// with the last chunk (the worker lets it go, [`Worker::answered`]).
+    fn tool_stream_chunk(
+        &mut self,
+        host: &mut dyn Host,
+        body_size: usize,
+        chunk: Vec<u8>,
+        end: bool,
+    ) -> Action {
+        let (out, recorded) = self.guard_chunk(host, &chunk, end);
+        let sent = out.unwrap_or(chunk);
+        if !end {
+            let Some(stream) = &mut self.tool_stream else {
+                return Action::Continue;
+            };
+            let now = stream.push(&sent, recorded.as_deref());
+            self.capture_chunk(&now.send, Some(&now.record), false);
+            host.set_response_body(body_size, &now.send);
+            return Action::Continue;
+        }
+        let Some(stream) = self.tool_stream.take() else {
+            return Action::Continue;
+        };
+        let (record, held) = match stream.finish(&sent, recorded.as_deref()) {
+            End::Done(out) => {
+                self.capture_chunk(&out.send, Some(&out.record), true);
+                host.set_response_body(body_size, &out.send);
+                return Action::Continue;
+            }
+            End::Held(record, held) => (record, held),
+        };
+        let mut held = held;
+        let (Some(config), Some(screening)) = (self.config.clone(), self.screening.as_ref()) else {
+            return Action::Continue;
+        };
+        let plan = match self.stream_blocked() {
+            // Already an error: nothing of the tool calls is left to review.
+            true => Ok(None),
+            false => held.plan(
+                &config,
+                &self.info,
+                &screening.review_rules,
+                &screening.review_prompt,
+            ),
+        };
+        let release = match plan {
+            Ok(Some((review, on_reject))) => {
+                self.capture_chunk(&[], Some(&record), false);
+                let answer = (HeldAnswer::Stream(held), on_reject);
+                let hold =
+                    Hold::held_answer(&config, &review, answer, self.info.clone(), host.now_ms());
+                self.held = true;
+                self.stream_held = true;
+                self.worker
+                    .start_hold(host, self.id, &config, hold, body_size, None);
+                return Action::Pause;
+            }
+            Ok(None) if self.stream_blocked() => held.only_last(),
+            Ok(None) => held.as_is(),
+            Err(refusal) => {
+                let release = held.error(String::new(), refusal.kind.outcome(), &refusal);
+                if let Some(capture) = &mut self.response {
+                    capture.blocked_by = Some(refusal.kind.code().to_string());
+                }
+                crate::tool_stream::Out {
+                    send: release.body,
+                    record: release.recorded,
+                }
+            }
+        };
+        let mut recorded = record;
+        recorded.extend(release.record);
+        self.capture_chunk(&release.send, Some(&recorded), true);
+        host.set_response_body(body_size, &release.send);
+        Action::Continue
+    }
+
+    /// Trailers end a stream under `streams: hold`: Envoy keeps no body to
+    /// add to, so what is held (and what the masker held back) cannot be
+    /// sent before them; it is dropped, never sent unreviewed.
+    fn tool_stream_trailers(&mut self, host: &mut dyn Host) {
+        let (out, recorded) = self.guard_chunk(host, &[], true);
+        let Some(stream) = self.tool_stream.take() else {
+            return;
+        };
+        let (unsent, record) = match stream.finish(&out.unwrap_or_default(), recorded.as_deref()) {
+            End::Done(out) => (out.send.len(), out.record),
+            End::Held(record, held) => (held.as_is().send.len(), record),
+        };
+        self.capture_chunk(&[], Some(&record), true);
+        if unsent > 0 {
+            host.count("countersign_response_tails_dropped_total", 1);
+            let msg = format!(
+                "countersign: a streamed answer ended with trailers while {unsent} bytes were held back for review; they were not sent"
+            );
+            host.log(Level::Warn, &msg);
+        }
+    }
+
     /// The access-log phase: the response part of the record goes to the
     /// outbox (the stream may be gone before it lands).
     pub fn on_log(&mut self, host: &mut dyn Host) {
         let (Some(mut capture), Some(config)) = (self.response.take(), self.config.clone()) else {
             return;
         };
-        let answered = match self.reviews_answer {
+        let answered = match self.reviews_answer || self.stream_held {
             true => self.worker.answered(self.id),
             false => None,
         };

@@ -157,6 +157,55 @@ pub fn answer_last_call(host: &mut MockHost, worker: &Worker, status: u16, body:
     worker.on_callout_response(host, token, body.len());
 }
 
+/// Stream `id` under `config` (JSON), with `request` to `path` allowed and
+/// forwarded once its record is written (`rec_1`): ready for the answer.
+pub fn forwarded(
+    config: &str,
+    id: u32,
+    path: &str,
+    request: &[u8],
+) -> (Worker, MockHost, crate::stream_filter::StreamFilter) {
+    use crate::host::Action;
+    let config = std::rc::Rc::new(crate::config::Config::from_json(config.as_bytes()).unwrap());
+    let worker = Worker::new();
+    let mut host = MockHost::new(&worker);
+    let mut stream = crate::stream_filter::StreamFilter::new(id, Some(config), worker.clone());
+    host.request("POST", path, request);
+    assert_eq!(
+        stream.on_request_headers(&mut host, false),
+        Action::Continue
+    );
+    assert_eq!(
+        stream.on_request_body(&mut host, request.len(), true),
+        Action::Pause,
+        "{:?}",
+        host.replies
+    );
+    answer_last_call(&mut host, &worker, 201, r#"{"record_id":"rec_1"}"#);
+    assert_eq!(host.resumed, [Some(id)]);
+    (worker, host, stream)
+}
+
+/// A review's state as the service answers it (reviewer `alice`), with
+/// `extra` JSON fields.
+pub fn review_state(status: &str, extra: &str) -> String {
+    format!(r#"{{"id":"rev_a","status":"{status}","expires_at_ms":0,"reviewer":"alice"{extra}}}"#)
+}
+
+/// The response part of the record (of `rec_1`) once `stream` ended.
+pub fn response_record(
+    host: &mut MockHost,
+    worker: &Worker,
+    stream: &mut crate::stream_filter::StreamFilter,
+) -> serde_json::Value {
+    stream.on_log(host);
+    stream.on_drop(host);
+    worker.on_tick(host);
+    assert_eq!(host.last_path(), "/v1/records/rec_1/response");
+    let (_, call) = host.dispatched.last().unwrap();
+    serde_json::from_slice(call.body.as_ref().unwrap()).unwrap()
+}
+
 pub fn path_of(call: &Callout) -> String {
     call.headers
         .iter()

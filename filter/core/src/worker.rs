@@ -461,24 +461,31 @@ impl Worker {
     /// buffered body (of the entry's `body_len`) replaced, the status and
     /// headers set where it became an error.
     fn release_answer(&self, host: &mut dyn Host, ctx: u32, release: AnswerRelease) {
-        let Some(body_len) = self.finish(ctx, |e| {
+        let Some((body_len, streamed)) = self.finish(ctx, |e| {
             e.answered = Some(release.clone());
-            e.body_len
+            (e.body_len, e.hold.holds_stream())
         }) else {
             return;
         };
         if host.set_effective_context(ctx).is_err() {
             return;
         }
-        if let Some(status) = release.status {
-            host.set_response_header(":status", Some(&status.to_string()));
-        }
-        for (name, value) in &release.headers {
-            host.set_response_header(name, Some(value));
-        }
-        host.set_response_header("x-countersign-answer-outcome", Some(release.decision));
-        if !release.review_id.is_empty() {
-            host.set_response_header("x-countersign-answer-review-id", Some(&release.review_id));
+        // A held stream's head went out before its first tool call: the
+        // decision is in its events (and the record), not in headers.
+        if !streamed {
+            if let Some(status) = release.status {
+                host.set_response_header(":status", Some(&status.to_string()));
+            }
+            for (name, value) in &release.headers {
+                host.set_response_header(name, Some(value));
+            }
+            host.set_response_header("x-countersign-answer-outcome", Some(release.decision));
+            if !release.review_id.is_empty() {
+                host.set_response_header(
+                    "x-countersign-answer-review-id",
+                    Some(&release.review_id),
+                );
+            }
         }
         host.set_response_body(body_len, &release.body);
         host.count(

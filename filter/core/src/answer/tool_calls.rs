@@ -15,6 +15,7 @@
 
 use serde_json::{json, Value};
 
+use crate::answer::LEGACY_FUNCTION_CALL;
 use crate::wire::{ApiKind, ToolCall};
 
 /// How an API spells a tool call's arguments.
@@ -317,6 +318,146 @@ pub fn remove_tool_calls(api: ApiKind, answer: &mut Value, note: &str) {
         }
         _ => {}
     }
+}
+
+/// A tool call that a streamed event starts (or, for Gemini, carries
+/// whole). Its argument deltas are [`crate::answer::stream_event`]'s
+/// `ToolArguments` pieces on the channel with the same `a` and `b`.
+///
+/// | API | a call starts with | id, name | arguments |
+/// |-----|--------------------|----------|-----------|
+/// | OpenAI chat | an entry of `choices[].delta.tool_calls[]` (`a` choice, `b` its `index`) | `id`, `function.name` (first delta) | deltas of `function.arguments` |
+/// | OpenAI chat, legacy | `choices[].delta.function_call` (`b` [`LEGACY_FUNCTION_CALL`]) | `name` | deltas of `arguments` |
+/// | OpenAI Responses | `response.output_item.added` of an item of type `function_call` (`a` its `output_index`) | `call_id`, `name` | `response.function_call_arguments.delta` |
+/// | Anthropic messages | `content_block_start` of a `tool_use` block (`a` its `index`) | `id`, `name` | `input_json_delta` (else the start's `input`) |
+/// | Gemini | a part with `functionCall` (`a` candidate, `b` part) | `functionCall.id`, `.name` | `functionCall.args`, whole |
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StreamedCall<'v> {
+    /// Choice, block, output or candidate index.
+    pub a: u64,
+    /// Tool-call index (chat), part index (Gemini), else 0.
+    pub b: u64,
+    /// The call's id, where this event gives it.
+    pub id: Option<&'v str>,
+    /// The tool's name, where this event gives it.
+    pub name: Option<&'v str>,
+    /// Arguments given whole in this event (Gemini's `args`, Anthropic's
+    /// start `input`, a Responses item's `arguments`), as the API spells
+    /// them.
+    pub whole: Option<&'v Value>,
+    /// The event carries the whole call (Gemini): it is never continued.
+    pub complete: bool,
+}
+
+/// The tool calls that the streamed event `v` (SSE event name `event`) of
+/// API `api` starts or continues, in order. An event that has one, or a
+/// tool-argument piece, is a tool-call event.
+pub fn streamed_calls<'v>(
+    api: ApiKind,
+    event: Option<&str>,
+    v: &'v Value,
+) -> Vec<StreamedCall<'v>> {
+    let mut out = Vec::new();
+    let s = |x: Option<&'v Value>| x.and_then(Value::as_str);
+    match api {
+        ApiKind::OpenaiChat | ApiKind::AzureOpenaiChat => {
+            let choices = v.get("choices").and_then(Value::as_array);
+            for (ci, choice) in choices.into_iter().flatten().enumerate() {
+                let a = choice
+                    .get("index")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(ci as u64);
+                let Some(delta) = choice.get("delta") else {
+                    continue;
+                };
+                let calls = delta.get("tool_calls").and_then(Value::as_array);
+                for (ti, call) in calls.into_iter().flatten().enumerate() {
+                    out.push(StreamedCall {
+                        a,
+                        b: call
+                            .get("index")
+                            .and_then(Value::as_u64)
+                            .unwrap_or(ti as u64),
+                        id: s(call.get("id")),
+                        name: s(call.pointer("/function/name")),
+                        whole: None,
+                        complete: false,
+                    });
+                }
+                if let Some(call) = delta.get("function_call").filter(|c| c.is_object()) {
+                    out.push(StreamedCall {
+                        a,
+                        b: LEGACY_FUNCTION_CALL,
+                        id: None,
+                        name: s(call.get("name")),
+                        whole: None,
+                        complete: false,
+                    });
+                }
+            }
+        }
+        ApiKind::OpenaiResponses => {
+            let item = v.get("item");
+            if crate::answer::responses_type(event, v) == "response.output_item.added"
+                && s(item.and_then(|i| i.get("type"))) == Some("function_call")
+            {
+                out.push(StreamedCall {
+                    a: v.get("output_index").and_then(Value::as_u64).unwrap_or(0),
+                    b: 0,
+                    id: s(item.and_then(|i| i.get("call_id"))),
+                    name: s(item.and_then(|i| i.get("name"))),
+                    whole: item
+                        .and_then(|i| i.get("arguments"))
+                        .filter(|a| a.as_str().is_some_and(|t| !t.is_empty())),
+                    complete: false,
+                });
+            }
+        }
+        ApiKind::AnthropicMessages | ApiKind::BedrockInvoke => {
+            let block = v.get("content_block");
+            if s(v.get("type")) == Some("content_block_start")
+                && s(block.and_then(|b| b.get("type"))) == Some("tool_use")
+            {
+                out.push(StreamedCall {
+                    a: v.get("index").and_then(Value::as_u64).unwrap_or(0),
+                    b: 0,
+                    id: s(block.and_then(|b| b.get("id"))),
+                    name: s(block.and_then(|b| b.get("name"))),
+                    whole: block
+                        .and_then(|b| b.get("input"))
+                        .filter(|i| i.as_object().is_some_and(|o| !o.is_empty())),
+                    complete: false,
+                });
+            }
+        }
+        ApiKind::GeminiGenerateContent => {
+            let candidates = v.get("candidates").and_then(Value::as_array);
+            for (ci, candidate) in candidates.into_iter().flatten().enumerate() {
+                let a = candidate
+                    .get("index")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(ci as u64);
+                let parts = candidate
+                    .pointer("/content/parts")
+                    .and_then(Value::as_array);
+                for (pj, part) in parts.into_iter().flatten().enumerate() {
+                    let Some(call) = part.get("functionCall") else {
+                        continue;
+                    };
+                    out.push(StreamedCall {
+                        a,
+                        b: pj as u64,
+                        id: s(call.get("id")),
+                        name: s(call.get("name")),
+                        whole: Some(call.get("args").unwrap_or(&Value::Null)),
+                        complete: true,
+                    });
+                }
+            }
+        }
+        _ => {}
+    }
+    out
 }
 
 #[cfg(test)]

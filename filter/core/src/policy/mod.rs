@@ -168,6 +168,10 @@ pub struct RawResponseRule {
     /// `review` rules: what becomes of a streamed answer in scope.
     #[serde(default)]
     pub streams: Option<StreamHandling>,
+    /// `review` rules with `streams: hold`: most bytes of a stream held
+    /// from its first tool-call event on.
+    #[serde(default)]
+    pub max_held_bytes: Option<u64>,
     /// `review` rules with `tools`: what the caller gets when the tool
     /// calls are rejected (or nobody decides in time).
     #[serde(default)]
@@ -207,7 +211,16 @@ pub enum StreamHandling {
     /// Refuse a request in the rule's scope that asks for a streamed answer
     /// (403 in the API's format, before it reaches the model).
     Block,
+    /// Let the stream's text out as it comes and hold the rest of it from
+    /// its first tool-call event on, until the stream ends and a reviewer
+    /// decided ([`crate::tool_stream`]). The default of rules with `tools`.
+    Hold,
 }
+
+/// Default of `max_held_bytes`.
+pub const DEFAULT_MAX_HELD_BYTES: u64 = 1024 * 1024;
+/// Largest `max_held_bytes`.
+pub const MAX_HELD_BYTES: u64 = 16 * 1024 * 1024;
 
 /// What the caller gets when a reviewer rejects an answer's tool calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -240,6 +253,7 @@ pub struct ReviewRule {
     /// Where the rule is in the configuration (`content_policy.response_rules[2]`).
     field: String,
     streams: StreamHandling,
+    max_held_bytes: usize,
     on_reject: OnReject,
     hold_timeout_ms: Option<u64>,
     approvals: u32,
@@ -255,6 +269,10 @@ impl ReviewRule {
     /// What becomes of a streamed answer in scope.
     pub fn streams(&self) -> StreamHandling {
         self.streams
+    }
+    /// With `streams: hold`: most bytes of a stream held for a review.
+    pub fn max_held_bytes(&self) -> usize {
+        self.max_held_bytes
     }
     /// What the caller gets on a rejection.
     pub fn on_reject(&self) -> OnReject {
@@ -326,6 +344,18 @@ impl ReviewRules {
     /// answer ([`ReviewRule::matches_answer_text`]).
     pub fn for_answer_text(&self, texts: &[&str], hits: &[&str]) -> Option<&ReviewRule> {
         self.rules().find(|r| r.matches_answer_text(texts, hits))
+    }
+    /// The first rule that refuses streamed requests (`streams: block`).
+    pub fn blocking_streams(&self) -> Option<&ReviewRule> {
+        self.rules().find(|r| r.streams == StreamHandling::Block)
+    }
+    /// Most bytes of a stream held for these rules: the smallest
+    /// `max_held_bytes` among them.
+    pub fn max_held_bytes(&self) -> usize {
+        self.rules()
+            .map(ReviewRule::max_held_bytes)
+            .min()
+            .unwrap_or(0)
     }
 }
 
@@ -872,6 +902,7 @@ fn not_for_review(r: &RawResponseRule, at: &str) -> Result<(), ConfigError> {
         ("arguments", !r.arguments.is_empty()),
         ("detectors", !r.detectors.is_empty()),
         ("streams", r.streams.is_some()),
+        ("max_held_bytes", r.max_held_bytes.is_some()),
         ("on_reject", r.on_reject != OnReject::Answer),
         ("hold_timeout_ms", r.hold_timeout_ms.is_some()),
         ("approvals", r.approvals != 1),
@@ -917,11 +948,38 @@ fn review_rule(r: &RawResponseRule, at: &str, scope: Scope) -> Result<ReviewRule
             return Err(err(format!("{at}.detectors[{j}]"), "must not be empty"));
         }
     }
-    let Some(streams) = r.streams else {
-        return Err(err(
-            format!("{at}.streams"),
-            "required for `review` rules: a streamed answer cannot be held once its first byte has left; say `block` to refuse streamed requests in this rule's scope",
-        ));
+    // Tool calls come at the end of a stream: what comes before them can
+    // leave, and the rest is held (`hold`), unless the rule says `block`.
+    // A rule on the answer's text would need the whole stream held before
+    // its first byte: not supported, so such a rule must say `block`.
+    let streams = match (tools.is_some(), r.streams) {
+        (true, streams) => streams.unwrap_or(StreamHandling::Hold),
+        (false, Some(StreamHandling::Block)) => StreamHandling::Block,
+        (false, Some(StreamHandling::Hold)) => {
+            return Err(err(
+                format!("{at}.streams"),
+                "`hold` applies to rules with `tools` (a stream's text leaves as it comes); a rule on the answer's text must say `block`",
+            ))
+        }
+        (false, None) => {
+            return Err(err(
+                format!("{at}.streams"),
+                "required for `review` rules on the answer's text: a streamed answer cannot be held once its first byte has left; say `block` to refuse streamed requests in this rule's scope",
+            ))
+        }
+    };
+    let max_held_bytes = match (streams, r.max_held_bytes) {
+        (StreamHandling::Block, Some(_)) => {
+            return Err(err(
+                format!("{at}.max_held_bytes"),
+                "only applies with `streams: hold` (this rule refuses streamed requests)",
+            ))
+        }
+        (_, Some(n)) => {
+            range(&format!("{at}.max_held_bytes"), n, 1024, MAX_HELD_BYTES)?;
+            n
+        }
+        (_, None) => DEFAULT_MAX_HELD_BYTES,
     };
     if let Some(t) = r.hold_timeout_ms {
         range(
@@ -946,6 +1004,7 @@ fn review_rule(r: &RawResponseRule, at: &str, scope: Scope) -> Result<ReviewRule
         detectors: r.detectors.clone(),
         field: at.to_string(),
         streams,
+        max_held_bytes: usize::try_from(max_held_bytes).unwrap_or(usize::MAX),
         on_reject: r.on_reject,
         hold_timeout_ms: r.hold_timeout_ms,
         approvals: r.approvals,
