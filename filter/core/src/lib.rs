@@ -39,6 +39,7 @@ pub mod shape;
 pub mod sse;
 pub mod stream_filter;
 pub mod token;
+pub mod trace_context;
 pub mod wire;
 pub mod worker;
 

@@ -16,6 +16,7 @@ use crate::token::TokenHash;
 pub mod assessors;
 pub mod database;
 pub mod oidc;
+pub mod otlp;
 pub mod slack;
 pub mod token_keys;
 pub mod trusted_proxy;
@@ -24,6 +25,7 @@ pub mod webhooks;
 pub use assessors::{AssessorConfig, AssessorKind};
 pub use database::Location;
 pub use oidc::OidcConfig;
+pub use otlp::OtlpConfig;
 pub use slack::SlackConfig;
 pub use token_keys::{DEFAULT_TOKEN_TTL_MS, MAX_TOKEN_TTL_MS, MAX_TOKEN_USES};
 pub use trusted_proxy::TrustedProxyConfig;
@@ -161,6 +163,8 @@ pub struct Config {
     /// Reviewers named by an authenticating proxy (`[trusted_proxy]`), if
     /// configured.
     pub trusted_proxy: Option<TrustedProxyConfig>,
+    /// Traces exported over OTLP/HTTP (`[otlp]`); `None`: none.
+    pub otlp: Option<OtlpConfig>,
 }
 
 impl Config {
@@ -210,6 +214,7 @@ impl Default for Config {
             token_max_uses: 1,
             oidc: None,
             trusted_proxy: None,
+            otlp: None,
         }
     }
 }
@@ -308,6 +313,8 @@ struct RawConfig {
     oidc: Option<oidc::RawOidc>,
     #[serde(default)]
     trusted_proxy: Option<trusted_proxy::RawTrustedProxy>,
+    #[serde(default)]
+    otlp: Option<otlp::RawOtlp>,
 }
 
 #[derive(Deserialize)]
@@ -572,6 +579,7 @@ impl Config {
                 .trusted_proxy
                 .map(trusted_proxy::check_trusted_proxy)
                 .transpose()?,
+            otlp: raw.otlp.map(otlp::check_otlp).transpose()?,
         })
     }
 }
