@@ -147,8 +147,6 @@ pub fn note_outcome(host: &mut dyn Host, outcome: &str) {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     use crate::testing::headers;
 
     #[test]
