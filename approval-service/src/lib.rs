@@ -31,6 +31,7 @@ pub mod notify;
 pub mod oidc;
 pub mod outbound;
 pub mod slack;
+pub mod telemetry;
 pub mod webhook;
 
 pub use countersign_approval_domain::{

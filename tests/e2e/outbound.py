@@ -31,6 +31,16 @@ class Served:
         self.thread.join(5)
 
 
+class QuietHandler(BaseHTTPRequestHandler):
+    """A request handler that logs nothing and reads a request's body."""
+
+    def log_message(self, *args):
+        pass
+
+    def body(self) -> bytes:
+        return self.rfile.read(int(self.headers.get("content-length") or 0))
+
+
 class WebhookReceiver(Served):
     """Records each call (lower-cased headers, raw body); answers 204. With
     `cert` and `key` (PEM files) it speaks HTTPS."""
@@ -39,12 +49,9 @@ class WebhookReceiver(Served):
         self.calls: list[tuple[dict, bytes]] = []
         receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                body = self.body()
                 receiver.calls.append(({k.lower(): v for k, v in self.headers.items()}, body))
                 self.send_response(204)
                 self.end_headers()
@@ -103,3 +110,63 @@ def tunnel(a: socket.socket, b: socket.socket):
             if not data:
                 return
             (b if src is a else a).sendall(data)
+
+
+class OtlpReceiver(Served):
+    """An OTLP/HTTP trace receiver, as a collector is: `POST /v1/traces`
+    with an `ExportTraceServiceRequest` in protobuf, decoded with the
+    `opentelemetry-proto` package; answers an empty
+    `ExportTraceServiceResponse`. `spans()` lists what arrived, flattened:
+    hex trace, span and parent ids, name, kind, attributes, the resource's
+    service name."""
+
+    def __init__(self):
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+        self.lock = threading.Lock()
+        self.received: list[dict] = []
+        self.paths: list[str] = []
+        receiver = self
+
+        class Handler(QuietHandler):
+            def do_POST(self):
+                body = self.body()
+                with receiver.lock:
+                    receiver.paths.append(self.path)
+                if self.path != "/v1/traces" or self.headers.get("content-type") != "application/x-protobuf":
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                request = trace_service_pb2.ExportTraceServiceRequest()
+                request.ParseFromString(body)
+                spans = []
+                for resource_spans in request.resource_spans:
+                    resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+                    for scope_spans in resource_spans.scope_spans:
+                        for s in scope_spans.spans:
+                            spans.append({
+                                "trace_id": s.trace_id.hex(), "span_id": s.span_id.hex(),
+                                "parent_span_id": s.parent_span_id.hex(), "name": s.name, "kind": s.kind,
+                                "attributes": {a.key: receiver._value(a.value) for a in s.attributes},
+                                "service": resource.get("service.name"), "scope": scope_spans.scope.name,
+                            })
+                with receiver.lock:
+                    receiver.received.extend(spans)
+                answer = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    @staticmethod
+    def _value(v):
+        kind = v.WhichOneof("value")
+        return getattr(v, kind) if kind else None
+
+    def spans(self) -> list[dict]:
+        with self.lock:
+            return list(self.received)

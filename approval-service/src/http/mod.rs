@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod oidc;
 pub mod records;
 pub mod reviews;
+pub mod spans;
 pub mod standing;
 pub mod tls;
 pub mod ui;
@@ -144,6 +145,7 @@ fn router(state: AppState, client: Option<reqwest::Client>) -> Router {
         .layer(Extension(session_checks))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(ui::security_headers))
+        .layer(axum::middleware::from_fn(spans::span))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::time_request,
@@ -180,6 +182,8 @@ pub async fn run_split(
         ));
     }
     let client = crate::outbound::client(state.config()).map_err(std::io::Error::other)?;
+    let telemetry =
+        crate::telemetry::init(state.config(), client.clone()).map_err(std::io::Error::other)?;
     let notifier = crate::notify::spawn(&state, client.clone());
     let sweeper = state.spawn_sweeper(SWEEP_PERIOD);
     let retention = state.spawn_retention(RETENTION_PERIOD);
@@ -218,6 +222,10 @@ pub async fn run_split(
     decision_metrics.abort();
     if let Some(notifier) = notifier {
         notifier.abort();
+    }
+    if let Some(telemetry) = telemetry {
+        // Blocks until the last spans are out, through this runtime.
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     }
     result
 }

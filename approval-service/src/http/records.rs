@@ -26,6 +26,7 @@ use serde_json::Value;
 use super::auth::{FilterAuth, Reviewer};
 use super::error::ApiError;
 use super::extract::{clean_text_filters, QueryParams, StrictJsonBody};
+use super::spans;
 use crate::records::{RecordQuery, MAX_PAGE};
 use crate::state::AppState;
 
@@ -48,6 +49,9 @@ pub async fn create_record(
         decision = %decision,
         "record written"
     );
+    spans::note("countersign.record.id", w.record_id.clone());
+    spans::note("countersign.record.seq", w.seq);
+    spans::note("countersign.request_id", request_id);
     Ok(created(w.record_id))
 }
 
@@ -71,6 +75,7 @@ pub async fn create_response(
         upstream_status = status,
         "record response written"
     );
+    spans::note("countersign.record.seq", w.seq);
     Ok(created(w.record_id))
 }
 

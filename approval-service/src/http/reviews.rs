@@ -18,6 +18,7 @@ use serde_json::value::RawValue;
 use super::auth::{AuthMethod, FilterAuth, Reviewer};
 use super::error::ApiError;
 use super::extract::{clean_text_filters, JsonBody, QueryParams};
+use super::spans;
 use crate::approvals::{Approver, DecideOutcome, Decision};
 use crate::config::MAX_HOLD_TIMEOUT_MS;
 use crate::slack::interact::OutboundClient;
@@ -75,6 +76,7 @@ pub async fn create_review(
             // was lost): the same review, not a second one for reviewers.
             tracing::info!(review_id = %existing.id, request_id = %new.request.request_id,
                 "review creation retried; answering with the existing review");
+            spans::note("countersign.review.id", existing.id.clone());
             return Ok((StatusCode::OK, Json(existing)));
         }
         Inserted::KeyOfAnotherRequest => {
@@ -86,6 +88,13 @@ pub async fn create_review(
         }
     }
     state.metrics().observe_hits(&new.request.evidence.hits);
+    spans::note("countersign.review.id", new.id.clone());
+    spans::note("countersign.request_id", new.request.request_id.clone());
+    spans::note("countersign.api", new.request.api.as_str());
+    spans::note(
+        "countersign.rule",
+        new.request.rule.clone().unwrap_or_default(),
+    );
     tracing::info!(
         review_id = %new.id,
         request_id = %new.request.request_id,
@@ -146,11 +155,11 @@ pub async fn wait_review(
             state.announce_expiry(&id);
         }
         if current.status.is_final() {
-            return Ok(Json(current));
+            return Ok(noted(current));
         }
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         if remaining.is_zero() || *shutdown.borrow() {
-            return Ok(Json(current));
+            return Ok(noted(current));
         }
         // Wake at expiry at the latest (plus a millisecond so the re-read
         // sees it as overdue).
@@ -159,7 +168,7 @@ pub async fn wait_review(
         tokio::select! {
             () = guard.changed() => {}
             () = tokio::time::sleep(remaining.min(until_expiry)) => {}
-            _ = shutdown.wait_for(|down| *down) => return Ok(Json(current)),
+            _ = shutdown.wait_for(|down| *down) => return Ok(noted(current)),
         }
     }
 }
@@ -225,7 +234,17 @@ async fn finish_review(
         tracing::info!(review_id = %id, status = status.as_str(), "review ended by filter");
         state.announce(&id, status);
     }
-    Ok(Json(current))
+    Ok(noted(current))
+}
+
+/// A review's state as the filter gets it, noted on the call's span: its
+/// status and, once decided, by whom.
+fn noted(current: ReviewState) -> Json<ReviewState> {
+    spans::note("countersign.review.status", current.status.as_str());
+    if let Some(reviewer) = &current.reviewer {
+        spans::note("countersign.review.decided_by", reviewer.clone());
+    }
+    Json(current)
 }
 
 /// `POST /v1/reviews/{id}/expire`: the filter's hold timed out.

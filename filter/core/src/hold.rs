@@ -18,6 +18,7 @@ use crate::record::new_record;
 use crate::refusal::{Refusal, RefusalKind};
 use crate::token::TokenClaims;
 use crate::tool_stream::HeldAnswer;
+use crate::trace_context::TraceContext;
 use crate::wire::{
     ApiKind, CallerReviewStatus, ConsumeToken, CreateReview, NewRecord, RecordCreated, ReviewState,
     ReviewStatus, FILTER_API_PREFIX, FILTER_TOKEN_HEADER,
@@ -221,7 +222,12 @@ impl Hold {
         let body = serde_json::to_vec(&plan.review).ok();
         let call = Callout {
             kind: CalloutKind::Create,
-            headers: service_headers(config, "POST", FILTER_API_PREFIX.to_string()),
+            headers: service_headers(
+                config,
+                hold.info.trace.as_ref(),
+                "POST",
+                FILTER_API_PREFIX.to_string(),
+            ),
             body,
             timeout_ms: config.callout_timeout_ms,
         };
@@ -299,6 +305,7 @@ impl Hold {
                     kind: CalloutKind::Consume,
                     headers: service_headers(
                         config,
+                        hold.info.trace.as_ref(),
                         "POST",
                         format!("{FILTER_API_PREFIX}/{}/consume", claims.rid),
                     ),
@@ -337,6 +344,7 @@ impl Hold {
                 kind: CalloutKind::Status,
                 headers: service_headers(
                     config,
+                    hold.info.trace.as_ref(),
                     "GET",
                     format!(
                         "{FILTER_API_PREFIX}/{review_id}/status?caller={}",
@@ -412,7 +420,12 @@ impl Hold {
         hold.answer = Some(answer);
         let call = Callout {
             kind: CalloutKind::Create,
-            headers: service_headers(config, "POST", FILTER_API_PREFIX.to_string()),
+            headers: service_headers(
+                config,
+                hold.info.trace.as_ref(),
+                "POST",
+                FILTER_API_PREFIX.to_string(),
+            ),
             body: serde_json::to_vec(review).ok(),
             timeout_ms: config.callout_timeout_ms,
         };
@@ -493,7 +506,7 @@ impl Hold {
             record.held_ms = Some(now_ms.saturating_sub(self.started_ms));
         }
         self.pending = Some(release);
-        let call = record_callout(config, &record);
+        let call = record_callout(config, self.info.trace.as_ref(), &record);
         self.record_call = Some(call.clone());
         self.record_attempts = 1;
         HoldStep::Call(call)
@@ -544,6 +557,18 @@ impl Hold {
             Mode::Wait | Mode::Answer => self.review_id.as_deref(),
             _ => None,
         }
+    }
+
+    /// The call that writes [`Hold::refusal_record`], with this request's
+    /// trace context.
+    pub fn refusal_record_call(&self, config: &Config, refusal: &Refusal) -> Option<Callout> {
+        let record = self.refusal_record(refusal)?;
+        Some(record_callout(config, self.info.trace.as_ref(), &record))
+    }
+
+    /// The caller's trace context, which every call of this hold carries.
+    pub fn trace(&self) -> Option<&TraceContext> {
+        self.info.trace.as_ref()
     }
 
     /// The record of a refusal this hold ends with (none for status lookups
@@ -869,6 +894,7 @@ impl Hold {
                 kind: CalloutKind::Expire,
                 headers: service_headers(
                     config,
+                    self.info.trace.as_ref(),
                     "POST",
                     format!("{FILTER_API_PREFIX}/{id}/expire"),
                 ),
@@ -881,6 +907,7 @@ impl Hold {
             kind: CalloutKind::Wait,
             headers: service_headers(
                 config,
+                self.info.trace.as_ref(),
                 "GET",
                 format!("{FILTER_API_PREFIX}/{id}/wait?timeout_ms={wait}"),
             ),
@@ -913,10 +940,14 @@ impl Hold {
 }
 
 /// The call that writes a record.
-pub fn record_callout(config: &Config, record: &NewRecord) -> Callout {
+pub fn record_callout(
+    config: &Config,
+    trace: Option<&TraceContext>,
+    record: &NewRecord,
+) -> Callout {
     Callout {
         kind: CalloutKind::Record,
-        headers: service_headers(config, "POST", "/v1/records".to_string()),
+        headers: service_headers(config, trace, "POST", "/v1/records".to_string()),
         body: serde_json::to_vec(record).ok(),
         timeout_ms: config.callout_timeout_ms,
     }
@@ -926,6 +957,7 @@ pub fn record_callout(config: &Config, record: &NewRecord) -> Callout {
 /// when the id is not a record id (nothing is sent then).
 pub fn response_record_callout(
     config: &Config,
+    trace: Option<&TraceContext>,
     record_id: &str,
     response: &crate::wire::RecordResponse,
 ) -> Option<Callout> {
@@ -937,14 +969,23 @@ pub fn response_record_callout(
     }
     Some(Callout {
         kind: CalloutKind::Record,
-        headers: service_headers(config, "POST", format!("/v1/records/{record_id}/response")),
+        headers: service_headers(
+            config,
+            trace,
+            "POST",
+            format!("/v1/records/{record_id}/response"),
+        ),
         body: Some(serde_json::to_vec(response).ok()?),
         timeout_ms: config.callout_timeout_ms,
     })
 }
 
 /// A call to the approval service to tell it the caller went away.
-pub fn cancel_callout(config: &Config, review_id: &str) -> Option<Callout> {
+pub fn cancel_callout(
+    config: &Config,
+    trace: Option<&TraceContext>,
+    review_id: &str,
+) -> Option<Callout> {
     if !valid_review_id(review_id) {
         return None;
     }
@@ -952,6 +993,7 @@ pub fn cancel_callout(config: &Config, review_id: &str) -> Option<Callout> {
         kind: CalloutKind::Expire,
         headers: service_headers(
             config,
+            trace,
             "POST",
             format!("{FILTER_API_PREFIX}/{review_id}/cancel"),
         ),
@@ -963,16 +1005,27 @@ pub fn cancel_callout(config: &Config, review_id: &str) -> Option<Callout> {
 /// The call that queues an `audit` review (a spot check of a forwarded
 /// request): sent through the delivery outbox, so the caller never waits
 /// for it. `None` when it cannot be encoded.
-pub fn audit_call(config: &Config, review: &CreateReview) -> Option<Callout> {
+pub fn audit_call(
+    config: &Config,
+    trace: Option<&TraceContext>,
+    review: &CreateReview,
+) -> Option<Callout> {
     Some(Callout {
         kind: CalloutKind::Create,
-        headers: service_headers(config, "POST", FILTER_API_PREFIX.to_string()),
+        headers: service_headers(config, trace, "POST", FILTER_API_PREFIX.to_string()),
         body: Some(serde_json::to_vec(review).ok()?),
         timeout_ms: config.callout_timeout_ms,
     })
 }
 
-fn service_headers(config: &Config, method: &str, path: String) -> Vec<(String, String)> {
+/// The headers of a call to the approval service for a request: the
+/// filter's token and the caller's trace context ([`TraceContext`]).
+fn service_headers(
+    config: &Config,
+    trace: Option<&TraceContext>,
+    method: &str,
+    path: String,
+) -> Vec<(String, String)> {
     let mut h = vec![
         (":method".to_string(), method.to_string()),
         (":path".to_string(), path),
@@ -982,6 +1035,7 @@ fn service_headers(config: &Config, method: &str, path: String) -> Vec<(String, 
     if let Some(token) = &config.approval_token {
         h.push((FILTER_TOKEN_HEADER.to_string(), token.clone()));
     }
+    h.extend(trace.into_iter().flat_map(TraceContext::headers));
     h
 }
 

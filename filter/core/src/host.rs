@@ -63,6 +63,14 @@ impl Headers {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Every value of `name` (any case), in order.
+    pub fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.0
+            .iter()
+            .filter(move |(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
     /// [`Headers::get`], owned.
     pub fn value(&self, name: &str) -> Option<String> {
         self.get(name).map(str::to_string)
@@ -139,16 +147,7 @@ pub fn note_outcome(host: &mut dyn Host, outcome: &str) {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    fn headers(pairs: &[(&str, &str)]) -> Headers {
-        Headers::new(
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        )
-    }
+    use crate::testing::headers;
 
     #[test]
     fn a_header_reads_as_envoys_one_header_read_does() {

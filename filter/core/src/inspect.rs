@@ -11,6 +11,7 @@ use crate::refusal::{Refusal, RefusalKind, StopKind};
 use crate::request::{classify, sniffed_refusal, HeadVerdict, RequestHead};
 use crate::shape::sniff_prompt;
 use crate::token::{body_hash, verify, TokenClaims};
+use crate::trace_context::TraceContext;
 use crate::wire::PromptMessage;
 use crate::wire::{
     ApiKind, AutoDecision, CreateReview, Evidence, HitCount, ReviewKind, ReviewMode, SpotCheckDraw,
@@ -48,6 +49,9 @@ pub struct RequestInfo {
     /// A random number chosen by the filter for this request (record
     /// idempotency keys; `x-request-id` alone can be chosen by callers).
     pub nonce: u64,
+    /// The caller's W3C trace context, carried on the calls to the
+    /// approval service.
+    pub trace: Option<TraceContext>,
 }
 
 impl RequestInfo {

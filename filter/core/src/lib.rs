@@ -40,6 +40,7 @@ pub mod sse;
 pub mod stream_filter;
 pub mod token;
 pub mod tool_stream;
+pub mod trace_context;
 pub mod wire;
 pub mod worker;
 

@@ -30,6 +30,7 @@ use crate::response_filter::{ResponseCapture, ResponseFilter};
 use crate::response_head::{plan_response, ResponseHead, ResponsePlan, Withheld};
 use crate::shape::{may_be_json, sniff_prompt};
 use crate::tool_stream::{End, HeldAnswer, ToolStream};
+use crate::trace_context::TraceContext;
 use crate::wire::{ApiKind, HitCount};
 use crate::worker::{send_refusal, Worker};
 
@@ -135,8 +136,12 @@ impl StreamFilter {
             if config.records != RecordMode::Off && (api.is_some() || self.sniffing) {
                 self.read_properties(host);
                 let record = refusal_record(&self.info, api, refusal);
-                self.worker
-                    .deliver(host, &config, record_callout(&config, &record), true);
+                self.worker.deliver(
+                    host,
+                    &config,
+                    record_callout(&config, self.info.trace.as_ref(), &record),
+                    true,
+                );
             }
         }
         send_refusal(host, refusal);
@@ -264,6 +269,7 @@ impl StreamFilter {
             stream: false,
             hits: Vec::new(),
             nonce: host.nonce(),
+            trace: TraceContext::from_headers(&headers),
         };
         match verdict {
             HeadVerdict::Refuse(r) => {
@@ -449,7 +455,7 @@ impl StreamFilter {
         let id = self.info.request_id.clone();
         match verdict {
             BodyVerdict::ForwardAudited(rule, facts, audit) => {
-                match crate::hold::audit_call(&config, &audit) {
+                match crate::hold::audit_call(&config, self.info.trace.as_ref(), &audit) {
                     Some(call) => {
                         self.worker.deliver(host, &config, call, false);
                         host.count("countersign_spot_checks_total", 1);
@@ -1078,7 +1084,12 @@ impl StreamFilter {
             response.answer_review_id = Some(answered.review_id);
             response.answer_decision = Some(answered.decision.to_string());
         }
-        match response_record_callout(&config, &capture.record_id, &response) {
+        match response_record_callout(
+            &config,
+            self.info.trace.as_ref(),
+            &capture.record_id,
+            &response,
+        ) {
             Some(call) => self.worker.deliver(host, &config, call, false),
             None => {
                 let msg = format!(
@@ -1411,6 +1422,82 @@ mod tests {
             host.request_headers.insert(header.into(), "GET".into());
             assert_eq!(stream.on_request_headers(&mut host, false), Action::Pause);
             assert!(host.replies[0].status >= 400, "{header}");
+        }
+    }
+
+    /// The trace headers a call carries.
+    fn trace_of(call: &crate::hold::Callout) -> Vec<(String, String)> {
+        call.headers
+            .iter()
+            .filter(|(k, _)| k == "traceparent" || k == "tracestate")
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn every_call_for_a_request_carries_the_callers_trace_context() {
+        const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let (worker, mut host, mut stream) = setup(r#"{"default_action":"review"}"#);
+        host.request("POST", CHAT, BODY);
+        host.request_headers
+            .insert("traceparent".into(), PARENT.into());
+        host.request_headers
+            .insert("tracestate".into(), "congo=t61rcWkgMzE".into());
+        assert_eq!(
+            stream.on_request_headers(&mut host, false),
+            Action::Continue
+        );
+        // The model gets the caller's headers as they came.
+        assert_eq!(host.request_headers["traceparent"], PARENT);
+        stream.on_request_body(&mut host, BODY.len(), true);
+        answer(&mut host, &worker, 201, PENDING);
+        answer(&mut host, &worker, 200, &approved(""));
+        answer(&mut host, &worker, 201, r#"{"record_id":"rec_1"}"#);
+        assert_eq!(host.resumed, [Some(ID)]);
+        respond(&mut host, &mut stream, "application/json");
+        chunk(&mut host, &mut stream, br#"{"choices":[]}"#, true);
+        stream.on_log(&mut host);
+        stream.on_drop(&mut host);
+        worker.on_tick(&mut host);
+        assert_eq!(
+            host.paths(),
+            [
+                "/v1/reviews",
+                "/v1/reviews/rev_1/wait?timeout_ms=25000",
+                "/v1/records",
+                "/v1/records/rec_1/response"
+            ]
+        );
+        let expected = vec![
+            ("traceparent".to_string(), PARENT.to_string()),
+            ("tracestate".to_string(), "congo=t61rcWkgMzE".to_string()),
+        ];
+        for (_, call) in &host.dispatched {
+            assert_eq!(
+                trace_of(call),
+                expected,
+                "{}",
+                crate::testing::path_of(call)
+            );
+        }
+
+        // A malformed traceparent is no parent: the calls carry none.
+        let (worker, mut host, mut stream) = setup(r#"{"default_action":"review"}"#);
+        host.request("POST", CHAT, BODY);
+        host.request_headers
+            .insert("traceparent".into(), "00-zz-00f067aa0ba902b7-01".into());
+        stream.on_request_headers(&mut host, false);
+        stream.on_request_body(&mut host, BODY.len(), true);
+        answer(&mut host, &worker, 201, PENDING);
+        stream.on_drop(&mut host);
+        worker.on_tick(&mut host);
+        assert_eq!(host.dispatched.len(), 3, "{:?}", host.paths());
+        for (_, call) in &host.dispatched {
+            assert!(
+                trace_of(call).is_empty(),
+                "{}",
+                crate::testing::path_of(call)
+            );
         }
     }
 

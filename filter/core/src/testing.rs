@@ -344,3 +344,13 @@ impl Host for MockHost {
         self.logs.push((level, message.to_string()));
     }
 }
+
+/// A header map of these pairs.
+pub fn headers(pairs: &[(&str, &str)]) -> Headers {
+    Headers::new(
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+}

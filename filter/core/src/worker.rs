@@ -19,9 +19,7 @@ use std::rc::Rc;
 use crate::answer_review::AnswerRelease;
 use crate::config::Config;
 use crate::delivery::{admits, admits_routine, Delivery, DeliveryStep};
-use crate::hold::{
-    cancel_callout, record_callout, Callout, CalloutKind, CalloutResult, Hold, HoldStep, Release,
-};
+use crate::hold::{cancel_callout, Callout, CalloutKind, CalloutResult, Hold, HoldStep, Release};
 use crate::host::{note_outcome, Host, Level};
 use crate::refusal::{Refusal, RefusalKind};
 
@@ -302,7 +300,7 @@ impl Worker {
         if let Some(call) = entry
             .hold
             .cancellable_review()
-            .and_then(|id| cancel_callout(&entry.config, id))
+            .and_then(|id| cancel_callout(&entry.config, entry.hold.trace(), id))
         {
             self.deliver(host, &entry.config, call, true);
         }
@@ -374,9 +372,9 @@ impl Worker {
                 }
                 HoldStep::Refuse(refusal) => {
                     let record = self
-                        .finish(ctx, |e| e.hold.refusal_record(&refusal))
+                        .finish(ctx, |e| e.hold.refusal_record_call(&config, &refusal))
                         .flatten();
-                    if let Some(record) = record {
+                    if let Some(call) = record {
                         // Through the outbox, retried like any delivery: the
                         // refusal often comes from the approval service
                         // being down, so one attempt now would be lost, and
@@ -385,7 +383,7 @@ impl Worker {
                         // record the request was never forwarded. Not
                         // routine then: it must not be crowded out.
                         let routine = refusal.kind != RefusalKind::RecordUnavailable;
-                        self.deliver(host, &config, record_callout(&config, &record), routine);
+                        self.deliver(host, &config, call, routine);
                     }
                     if host.set_effective_context(ctx).is_ok() {
                         if refusal.kind != RefusalKind::NotFound {

@@ -17,6 +17,7 @@ pub mod assessors;
 pub mod database;
 pub mod oidc;
 pub mod server_tls;
+pub mod otlp;
 pub mod slack;
 pub mod token_keys;
 pub mod trusted_proxy;
@@ -26,6 +27,7 @@ pub use assessors::{AssessorConfig, AssessorKind};
 pub use database::Location;
 pub use oidc::OidcConfig;
 pub use server_tls::ServerTls;
+pub use otlp::OtlpConfig;
 pub use slack::SlackConfig;
 pub use token_keys::{DEFAULT_TOKEN_TTL_MS, MAX_TOKEN_TTL_MS, MAX_TOKEN_USES};
 pub use trusted_proxy::TrustedProxyConfig;
@@ -169,6 +171,8 @@ pub struct Config {
     /// TLS (mutual with a client CA) on the listener the filter calls
     /// (`[tls]`; see [`server_tls`]).
     pub tls: Option<ServerTls>,
+    /// Traces exported over OTLP/HTTP (`[otlp]`); `None`: none.
+    pub otlp: Option<OtlpConfig>,
 }
 
 impl Config {
@@ -220,6 +224,7 @@ impl Default for Config {
             trusted_proxy: None,
             filter_listen: None,
             tls: None,
+            otlp: None,
         }
     }
 }
@@ -322,6 +327,7 @@ struct RawConfig {
     filter_listen: Option<String>,
     #[serde(default)]
     tls: Option<server_tls::RawTls>,
+    otlp: Option<otlp::RawOtlp>,
 }
 
 #[derive(Deserialize)]
@@ -590,6 +596,7 @@ impl Config {
                 .transpose()?,
             filter_listen,
             tls: raw.tls.map(server_tls::check_tls).transpose()?,
+            otlp: raw.otlp.map(otlp::check_otlp).transpose()?,
         })
     }
 }
