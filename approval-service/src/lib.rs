@@ -34,8 +34,8 @@ pub mod slack;
 pub mod webhook;
 
 pub use countersign_approval_domain::{
-    approval_tokens, approvals, assessment, config, db, now_ms, records, replicas, session,
-    slack_messages, standing, state, store, token,
+    approval_tokens, approvals, assessment, config, db, follow_ups, load, metrics, now_ms, records,
+    replicas, session, slack_messages, standing, state, store, token,
 };
 
 pub use config::{

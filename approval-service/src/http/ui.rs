@@ -38,6 +38,7 @@ const APP_HTML: &str = include_str!("../../ui/app.html");
 const LOGIN_HTML: &str = include_str!("../../ui/login.html");
 const APP_JS: &str = include_str!("../../ui/app.js");
 const APP_CSS: &str = include_str!("../../ui/app.css");
+const LOAD_JS: &str = include_str!("../../ui/load.js");
 const FAVICON_SVG: &str = include_str!("../../ui/favicon.svg");
 
 /// Adds the security headers to every response: CSP, no sniffing, no
@@ -106,21 +107,27 @@ fn encode_component(s: &str) -> String {
     out
 }
 
-/// An app page: served to a signed-in reviewer, otherwise a redirect to
-/// the sign-in page that comes back here afterwards.
+/// The client's address, when the server knows it.
+type Peer = Result<ConnectInfo<SocketAddr>, ExtensionRejection>;
+
+/// `GET /` (the queue of pending reviews), `GET /reviews/{id}` (one review),
+/// `GET /history` (past reviews) and `GET /load` (the reviewer load over a
+/// period, in charts): one single-page app, which reads its
+/// route from the address. Served to a signed-in reviewer, otherwise a
+/// redirect to the sign-in page that comes back here afterwards.
 /// A session is looked up as the API does (an OpenID Connect session
 /// re-checked with the provider when due).
-async fn app_page(
-    state: &AppState,
-    checks: &SessionChecks,
-    headers: &HeaderMap,
+pub async fn app_page(
+    State(state): State<AppState>,
+    Extension(checks): Extension<SessionChecks>,
+    headers: HeaderMap,
     peer: Peer,
-    uri: &Uri,
+    uri: Uri,
 ) -> Response {
     let peer = peer.ok().map(|ConnectInfo(a)| a.ip());
-    let signed_in = match session_cookie(headers) {
-        Some(id) => matches!(checks.session(state, id).await, Ok(Some(_))),
-        None => proxy_approver(state, headers, peer).is_some(),
+    let signed_in = match session_cookie(&headers) {
+        Some(id) => matches!(checks.session(&state, id).await, Ok(Some(_))),
+        None => proxy_approver(&state, &headers, peer).is_some(),
     };
     if signed_in {
         html(StatusCode::OK, APP_HTML)
@@ -129,43 +136,6 @@ async fn app_page(
         let next = safe_next(Some(here));
         Redirect::to(&format!("/login?next={}", encode_component(next))).into_response()
     }
-}
-
-/// `GET /`: the queue of pending reviews.
-pub async fn queue_page(
-    State(state): State<AppState>,
-    Extension(checks): Extension<SessionChecks>,
-    headers: HeaderMap,
-    peer: Peer,
-    uri: Uri,
-) -> Response {
-    app_page(&state, &checks, &headers, peer, &uri).await
-}
-
-/// The client's address, when the server knows it.
-type Peer = Result<ConnectInfo<SocketAddr>, ExtensionRejection>;
-
-/// `GET /reviews/{id}`: one review.
-pub async fn review_page(
-    State(state): State<AppState>,
-    Extension(checks): Extension<SessionChecks>,
-    Path(_id): Path<String>,
-    headers: HeaderMap,
-    peer: Peer,
-    uri: Uri,
-) -> Response {
-    app_page(&state, &checks, &headers, peer, &uri).await
-}
-
-/// `GET /history`: past reviews.
-pub async fn history_page(
-    State(state): State<AppState>,
-    Extension(checks): Extension<SessionChecks>,
-    headers: HeaderMap,
-    peer: Peer,
-    uri: Uri,
-) -> Response {
-    app_page(&state, &checks, &headers, peer, &uri).await
 }
 
 /// `GET /login`: the token form, and the button that signs in through the
@@ -239,6 +209,7 @@ pub async fn ui_asset(Path(name): Path<String>) -> Response {
     match name.as_str() {
         "app.js" => asset("text/javascript; charset=utf-8", APP_JS),
         "app.css" => asset("text/css; charset=utf-8", APP_CSS),
+        "load.js" => asset("text/javascript; charset=utf-8", LOAD_JS),
         "favicon.svg" => asset("image/svg+xml", FAVICON_SVG),
         _ => ApiError::NotFound("no such asset".into()).into_response(),
     }
