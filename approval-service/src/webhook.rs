@@ -22,6 +22,7 @@ use serde_json::json;
 use sha2::Sha256;
 
 use crate::config::{WebhookConfig, WebhookEvent, WebhookFormat};
+use crate::metrics::Decider;
 use crate::slack::message::escape as slack_escape;
 use crate::store::ReviewSummary;
 
@@ -65,6 +66,10 @@ pub struct ReviewNotice {
     pub decided_at_ms: Option<u64>,
     /// Who decided.
     pub reviewer: Option<String>,
+    /// Decided without a person: by assessors under the rule's policy
+    /// (`reviewer` is `assessor:<name>`) or by a standing approval
+    /// (`standing:<id>`).
+    pub automatic: bool,
     /// The decision's reason.
     pub reason: Option<String>,
     /// Distinct approvals needed.
@@ -93,6 +98,7 @@ impl ReviewNotice {
             expires_at_ms: review.expires_at_ms,
             decided_at_ms: review.decided_at_ms,
             reviewer: review.reviewer.clone(),
+            automatic: Decider::of(review).is_some_and(Decider::is_automatic),
             reason: review.reason.clone(),
             required_approvals: review.required_approvals,
             approval_count: review.approval_count,
@@ -309,6 +315,7 @@ mod tests {
             expires_at_ms: 301_000,
             decided_at_ms: None,
             reviewer: None,
+            automatic: false,
             reason: None,
             required_approvals: 1,
             approval_count: 0,

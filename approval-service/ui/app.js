@@ -84,8 +84,11 @@
     return frag;
   }
 
-  function badge(status, edited) {
-    const label = status === 'approved' && edited ? 'Approved · edited' : (STATUS_LABEL[status] || status);
+  // A rejected audit (a spot check forwarded already) is a flag: its caller
+  // and rule are marked for follow-up.
+  function badge(status, edited, mode) {
+    const label = status === 'approved' && edited ? 'Approved · edited'
+      : status === 'rejected' && mode === 'audit' ? 'Flagged' : (STATUS_LABEL[status] || status);
     return h('span', { class: `badge badge-${status}` }, label);
   }
 
@@ -215,7 +218,7 @@
   function updateTitle() {
     const n = S.pending.length;
     const base = n ? `(${n}) countersign` : 'countersign';
-    const suffix = { queue: '', review: ' · Review', history: ' · History' }[S.page] || '';
+    const suffix = { queue: '', review: ' · Review', history: ' · History', load: ' · Load' }[S.page] || '';
     document.title = base + suffix;
     const count = $('#nav-count');
     if (count) {
@@ -460,7 +463,7 @@
         h('span', { class: 'muted', id: 'queue-pos' })),
       h('div', { class: 'title-row' },
         h('h1', null, r.model || '(no model)'),
-        badge(r.status, r.edited),
+        badge(r.status, r.edited, r.mode),
         r.status === 'pending' ? countdownEl(r.created_at_ms, r.expires_at_ms) : null),
       h('div', { class: 'subtitle muted' },
         h('span', null, r.caller || 'unknown caller'),
@@ -757,7 +760,7 @@
       const next = S.pending.find((p) => p.id !== r.id);
       return h('section', { class: 'card decision decided' },
         h('h2', { class: 'card-title' }, 'Decision'),
-        h('div', { class: 'decided-status' }, badge(r.status, r.edited)),
+        h('div', { class: 'decided-status' }, badge(r.status, r.edited, r.mode)),
         h('dl', { class: 'details' },
           detailRow('By', r.automatic ? [who, h('span', { class: 'muted' }, ' (automatic, not a person)')] : who),
           detailRow('When', r.decided_at_ms ? fmtFull(r.decided_at_ms) : null),
@@ -766,6 +769,7 @@
         next ? h('a', { class: 'btn btn-block', href: `/reviews/${encodeURIComponent(next.id)}` }, 'Next pending review ', kbd('j')) : h('a', { class: 'btn btn-block', href: '/' }, 'Back to the queue'));
     }
     const armed = S.armed === r.id;
+    const audit = r.mode === 'audit';
     const quorum = r.required_approvals > 1
       ? h('p', { class: 'muted small quorum' }, `Needs ${r.required_approvals} approvals from different reviewers${r.approver_group ? ` in ${r.approver_group}` : ''}; ${r.approval_count || 0} so far.`)
       : null;
@@ -777,9 +781,10 @@
         armed ? 'Press a again to approve' : 'Approve', ' ', kbd('a')),
       h('button', { type: 'button', class: 'btn btn-block', id: 'edit', onclick: () => openEditor() }, 'Edit, then approve ', kbd('e')),
       h('div', { class: 'reject-box' },
-        h('label', { for: 'reason' }, 'Reason ', h('span', { class: 'muted' }, '(required to reject; the caller sees it)')),
+        h('label', { for: 'reason' }, 'Reason ', h('span', { class: 'muted' }, audit
+          ? '(required to flag; marks the caller and rule for follow-up)' : '(required to reject; the caller sees it)')),
         h('textarea', { id: 'reason', rows: '3', maxlength: '2000', placeholder: 'e.g. contains customer data' }),
-        h('button', { type: 'button', class: 'btn btn-danger btn-block', id: 'reject', onclick: () => reject() }, 'Reject ', kbd('r'))),
+        h('button', { type: 'button', class: 'btn btn-danger btn-block', id: 'reject', onclick: () => reject() }, audit ? 'Flag for follow-up ' : 'Reject ', kbd('r'))),
       h('p', { class: 'form-error', id: 'decision-error', role: 'alert', hidden: true }));
   }
 
@@ -860,7 +865,8 @@
       if (el) el.focus();
       return;
     }
-    decide('reject', { reason }, 'Rejected. The caller was told why.');
+    decide('reject', { reason }, S.review.mode === 'audit'
+      ? 'Flagged: the caller and rule are marked for follow-up.' : 'Rejected. The caller was told why.');
   }
 
   // --------------------------------------------------------------- editor
@@ -1204,7 +1210,7 @@
       const href = `/reviews/${encodeURIComponent(r.id)}`;
       return h('tr', { class: 'hrow', dataset: { href }, onclick: (e) => { if (!(e.target instanceof HTMLAnchorElement)) location.assign(href); } },
         h('td', { class: 'nowrap' }, h('a', { href, title: fmtFull(r.created_at_ms) }, fmtClock(r.created_at_ms))),
-        h('td', null, badge(r.status, r.edited)),
+        h('td', null, badge(r.status, r.edited, r.mode)),
         h('td', { class: 'strong' }, r.model),
         h('td', null, r.caller || '—'),
         h('td', null, r.reviewer || '—'),
@@ -1290,9 +1296,10 @@
   async function initApp() {
     const path = location.pathname;
     const m = path.match(/^\/reviews\/([^/]+)$/);
-    S.page = path === '/' ? 'queue' : path === '/history' ? 'history' : m ? 'review' : 'queue';
+    const pages = { '/': 'queue', '/history': 'history', '/load': 'load' };
+    S.page = pages[path] || (m ? 'review' : 'queue');
     if (m) S.reviewId = decodeURIComponent(m[1]);
-    const navId = { queue: '#nav-queue', history: '#nav-history' }[S.page];
+    const navId = { queue: '#nav-queue', history: '#nav-history', load: '#nav-load' }[S.page];
     if (navId) $(navId).classList.add('active');
     $('#logout').addEventListener('click', logout);
     $('#help-button').addEventListener('click', () => $('#help').showModal());
@@ -1308,6 +1315,7 @@
     setInterval(tick, 1000);
     updateTitle();
     if (S.page === 'history') renderHistoryShell();
+    else if (S.page === 'load') window.countersignLoadPage({ h, replace, api, toast, $ });
     else if (S.page === 'review') {
       replace($('#main'), h('p', { class: 'muted loading' }, 'Loading…'));
       await loadReview(S.reviewId);

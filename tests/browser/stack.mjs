@@ -149,7 +149,8 @@ function renderTemplate(template, values) {
 export class Stack {
   // `approvalPort` may be chosen beforehand (an OpenID provider must know
   // the redirect URI before the service starts); `extraToml` is appended to
-  // the service's configuration, `env` added to its environment.
+  // the service's configuration (`{{MODEL_URL}}` in it becomes the demo
+  // model's address), `env` added to its environment.
   constructor({ approvalPort = null, extraToml = '', env = undefined } = {}) {
     this.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'countersign-browser-'));
     this.procs = [];
@@ -172,7 +173,8 @@ export class Stack {
         '', '[[reviewers]]', `name = "${name}"`, `token_sha256 = "${sha256(token)}"`, 'groups = ["security"]',
       ]),
       '',
-      this.extraToml,
+      // `{{MODEL_URL}}`: the demo model's address (it also plays assessors).
+      this.extraToml.replaceAll('{{MODEL_URL}}', this.modelUrl),
     ].join('\n');
     fs.writeFileSync(path.join(this.dir, 'approval.toml'), `${toml}\n`);
 

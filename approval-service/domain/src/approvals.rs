@@ -296,6 +296,7 @@ pub(crate) fn decide_in(
              WHERE id = ?4 AND status = 'pending'",
             params![&reviewer.name, &d.reason, now_ms, id, reviewer.assessor],
         )?;
+        crate::follow_ups::on_rejected(tx, id, &reviewer.name, d.reason.as_deref(), now_ms)?;
         return decided(tx, id, true);
     }
     if is_self(reviewer, p.caller.as_deref()) {

@@ -12,7 +12,8 @@
 //!    hash-chained session records ([`records`]), standing approvals
 //!    ([`standing`]: the one entry point of their automatic decisions is
 //!    [`store::Store::decide_by_standing`]), and the exchange of
-//!    review changes between replicas ([`replicas`]).
+//!    review changes between replicas ([`replicas`]); the reviewer load
+//!    over a period ([`load`]); flagged audits ([`follow_ups`]).
 //! 4. **State** ([`state::AppState`]): what the HTTP handlers share; runs
 //!    the blocking database calls off the async runtime, wakes long polls,
 //!    feeds the live event stream, expires reviews and applies record
@@ -30,6 +31,8 @@ pub mod approvals;
 pub mod assessment;
 pub mod config;
 pub mod db;
+pub mod follow_ups;
+pub mod load;
 pub mod metrics;
 pub mod records;
 pub mod replicas;

@@ -72,18 +72,34 @@ impl Decider {
         }
     }
 
+    /// Whether no person took the decision: assessors or a standing
+    /// approval did.
+    pub fn is_automatic(self) -> bool {
+        matches!(self, Decider::Assessor | Decider::Standing)
+    }
+
     /// Who decided `review` (which has left `pending`); `None` while it is
     /// still pending.
     pub fn of(review: &ReviewSummary) -> Option<Decider> {
+        Decider::from_parts(review.status, review.automatic, review.reviewer.as_deref())
+    }
+
+    /// Who decided a review of `status`, decided automatically by
+    /// assessors or not, with `reviewer` as its decider.
+    pub fn from_parts(
+        status: countersign_core::wire::ReviewStatus,
+        automatic: bool,
+        reviewer: Option<&str>,
+    ) -> Option<Decider> {
         use countersign_core::wire::ReviewStatus as S;
-        match review.status {
+        match status {
             S::Pending => None,
             S::Expired => Some(Decider::Expiry),
             // Abandoned: the held request was gone (its gateway stopped
             // waiting), which ended it as much as a caller going away.
             S::Cancelled | S::Abandoned => Some(Decider::Caller),
-            S::Approved | S::Rejected if review.automatic => Some(Decider::Assessor),
-            S::Approved | S::Rejected => match &review.reviewer {
+            S::Approved | S::Rejected if automatic => Some(Decider::Assessor),
+            S::Approved | S::Rejected => match reviewer {
                 Some(name) if name.starts_with(crate::standing::DECIDER_PREFIX) => {
                     Some(Decider::Standing)
                 }
@@ -365,6 +381,37 @@ fn register_load(r: &Registry, load: &ReviewLoad, now_ms: u64) -> prometheus::Re
     r.register(Box::new(decided))?;
     r.register(Box::new(pending))?;
     r.register(Box::new(oldest))?;
+    register_follow_ups(r, load)
+}
+
+/// Flagged audits by rule (counted from the database): ever, and open.
+fn register_follow_ups(r: &Registry, load: &ReviewLoad) -> prometheus::Result<()> {
+    let flagged = IntCounterVec::new(
+        Opts::new(
+            "countersign_audits_flagged_total",
+            "Spot-check audits a reviewer flagged (rejected), marking their caller and rule for follow-up, by rule (counted from the database).",
+        ),
+        &["rule"],
+    )?;
+    let open = IntGaugeVec::new(
+        Opts::new(
+            "countersign_follow_ups_open",
+            "Flagged audits not resolved yet, by rule.",
+        ),
+        &["rule"],
+    )?;
+    for f in &load.follow_ups {
+        flagged.with_label_values(&[&f.rule]).inc_by(f.total);
+        open.with_label_values(&[&f.rule])
+            .set(i64::try_from(f.open).unwrap_or(i64::MAX));
+    }
+    // Reported before the first flag too, so alerts and dashboards find them.
+    if load.follow_ups.is_empty() {
+        flagged.with_label_values(&[""]).inc_by(0);
+        open.with_label_values(&[""]).set(0);
+    }
+    r.register(Box::new(flagged))?;
+    r.register(Box::new(open))?;
     Ok(())
 }
 

@@ -869,7 +869,8 @@ impl RecordStore {
                 })
             })
             .collect::<DbResult<Vec<_>>>()?;
-        Ok(crate::store::ReviewLoad { groups })
+        let follow_ups = crate::follow_ups::counts(&mut conn)?;
+        Ok(crate::store::ReviewLoad { groups, follow_ups })
     }
 
     /// Number of entries in the log.

@@ -113,7 +113,8 @@ pub struct ReviewSummary {
     /// (`tool_call`: its tool calls; `response`).
     pub kind: ReviewKind,
     /// `hold`, or `audit`: forwarded already (a spot check), looked at
-    /// afterwards (approve = fine, reject = flagged for follow-up).
+    /// afterwards (approve = fine, reject = flagged for follow-up: see
+    /// [`crate::follow_ups`]).
     pub mode: ReviewMode,
 }
 
@@ -133,6 +134,8 @@ pub fn review_title(kind: ReviewKind, mode: ReviewMode) -> &'static str {
 pub struct ReviewLoad {
     /// One entry per (status, kind, async) present.
     pub groups: Vec<ReviewGroup>,
+    /// Flagged audits by rule.
+    pub follow_ups: Vec<crate::follow_ups::FollowUpCount>,
 }
 
 /// Reviews of one status, kind and mode.

@@ -2,7 +2,9 @@
 //! ([`run`]), request extraction ([`extract`], [`auth`]), the one mapping of
 //! domain errors to HTTP answers ([`error`]), and the handlers by area:
 //! [`reviews`], [`standing`] (standing approvals: their automatic
-//! decisions, list, revocation), [`approval_tokens`], [`records`], [`metrics`], the
+//! decisions, list, revocation), [`approval_tokens`], [`records`], [`metrics`],
+//! [`stats`] (the reviewer load over a period, for the UI's *Load* page),
+//! [`follow_ups`] (flagged audits), the
 //! reviewer web UI ([`ui`], with its session cookie in [`cookies`], and
 //! sign-in through the OpenID Connect provider in [`oidc`]), and the Slack
 //! app's interactivity endpoint ([`crate::slack::interact`]).
@@ -16,6 +18,7 @@ pub mod auth;
 pub mod cookies;
 pub mod error;
 pub mod extract;
+pub mod follow_ups;
 pub mod metrics;
 pub mod oidc;
 pub mod records;
@@ -23,6 +26,7 @@ pub mod reviews;
 pub mod spans;
 pub mod standing;
 pub mod tls;
+pub mod stats;
 pub mod ui;
 
 use std::future::Future;
@@ -116,12 +120,19 @@ fn router(state: AppState, client: Option<reqwest::Client>) -> Router {
             "/api/standing-approvals/{id}/revoke",
             post(standing::revoke),
         )
+        .route("/api/stats/load", get(stats::load))
+        .route("/api/follow-ups", get(follow_ups::list))
+        .route(
+            "/api/follow-ups/{review_id}/resolve",
+            post(follow_ups::resolve),
+        )
         .route("/api/records", get(records::list_records))
         .route("/api/records/export", get(records::export_records))
         .route("/api/records/{id}", get(records::get_record))
         .route("/", get(ui::app_page))
         .route("/reviews/{id}", get(ui::app_page))
         .route("/history", get(ui::app_page))
+        .route("/load", get(ui::app_page))
         .route("/login", get(ui::login_page))
         .route("/ui/login", post(ui::login))
         .route("/ui/logout", post(ui::logout))

@@ -38,6 +38,7 @@ const APP_HTML: &str = include_str!("../../ui/app.html");
 const LOGIN_HTML: &str = include_str!("../../ui/login.html");
 const APP_JS: &str = include_str!("../../ui/app.js");
 const APP_CSS: &str = include_str!("../../ui/app.css");
+const LOAD_JS: &str = include_str!("../../ui/load.js");
 const FAVICON_SVG: &str = include_str!("../../ui/favicon.svg");
 
 /// Adds the security headers to every response: CSP, no sniffing, no
@@ -109,8 +110,9 @@ fn encode_component(s: &str) -> String {
 /// The client's address, when the server knows it.
 type Peer = Result<ConnectInfo<SocketAddr>, ExtensionRejection>;
 
-/// `GET /` (the queue of pending reviews), `GET /reviews/{id}` (one review)
-/// and `GET /history` (past reviews): one single-page app, which reads its
+/// `GET /` (the queue of pending reviews), `GET /reviews/{id}` (one review),
+/// `GET /history` (past reviews) and `GET /load` (the reviewer load over a
+/// period, in charts): one single-page app, which reads its
 /// route from the address. Served to a signed-in reviewer, otherwise a
 /// redirect to the sign-in page that comes back here afterwards.
 /// A session is looked up as the API does (an OpenID Connect session
@@ -207,6 +209,7 @@ pub async fn ui_asset(Path(name): Path<String>) -> Response {
     match name.as_str() {
         "app.js" => asset("text/javascript; charset=utf-8", APP_JS),
         "app.css" => asset("text/css; charset=utf-8", APP_CSS),
+        "load.js" => asset("text/javascript; charset=utf-8", LOAD_JS),
         "favicon.svg" => asset("image/svg+xml", FAVICON_SVG),
         _ => ApiError::NotFound("no such asset".into()).into_response(),
     }

@@ -5,6 +5,7 @@
 use countersign_core::wire::ReviewStatus;
 use serde_json::{json, Value};
 
+use crate::metrics::Decider;
 use crate::store::ReviewSummary;
 
 /// `action_id` of the Approve button.
@@ -82,9 +83,14 @@ pub fn review_message(review: &ReviewSummary, url: &str) -> Value {
     })
 }
 
-/// One line saying where the review stands.
+/// One line saying where the review stands; a decision no person took
+/// (an assessor's, a standing approval's) says `automatically`.
 fn outcome_line(review: &ReviewSummary) -> String {
-    let who = review.reviewer.as_deref().unwrap_or("?");
+    let reviewer = review.reviewer.as_deref().unwrap_or("?");
+    let who = match Decider::of(review).is_some_and(Decider::is_automatic) {
+        true => format!("automatically by {reviewer}"),
+        false => format!("by {reviewer}"),
+    };
     let because = review
         .reason
         .as_deref()
@@ -95,8 +101,8 @@ fn outcome_line(review: &ReviewSummary) -> String {
             "{} pending",
             crate::store::review_title(review.kind, review.mode)
         ),
-        ReviewStatus::Approved => format!("Approved by {who}{because}"),
-        ReviewStatus::Rejected => format!("Rejected by {who}{because}"),
+        ReviewStatus::Approved => format!("Approved {who}{because}"),
+        ReviewStatus::Rejected => format!("Rejected {who}{because}"),
         ReviewStatus::Expired => "Expired: nobody decided in time".to_string(),
         ReviewStatus::Cancelled => "Cancelled: the caller went away".to_string(),
         ReviewStatus::Abandoned => "Abandoned: the held request was gone when approved".to_string(),
@@ -179,6 +185,33 @@ mod tests {
         let m = review_message(&r, "u");
         let head = m["blocks"][0]["text"]["text"].as_str().unwrap();
         assert!(head.starts_with("*Answer review pending*"), "{head}");
+    }
+
+    #[test]
+    fn automatic_decisions_say_so() {
+        let by_assessor = ReviewSummary {
+            automatic: true,
+            reviewer: Some("assessor:moderation".into()),
+            reason: None,
+            ..review(ReviewStatus::Approved)
+        };
+        let head = review_message(&by_assessor, "u")["blocks"][0]["text"]["text"].to_string();
+        assert!(
+            head.contains("Approved automatically by assessor:moderation"),
+            "{head}"
+        );
+        let by_standing = ReviewSummary {
+            reviewer: Some("standing:sa_1".into()),
+            reason: None,
+            ..review(ReviewStatus::Approved)
+        };
+        let head = review_message(&by_standing, "u")["blocks"][0]["text"]["text"].to_string();
+        assert!(
+            head.contains("Approved automatically by standing:sa_1"),
+            "{head}"
+        );
+        let by_bob = review_message(&review(ReviewStatus::Approved), "u").to_string();
+        assert!(!by_bob.contains("automatically"), "{by_bob}");
     }
 
     #[test]

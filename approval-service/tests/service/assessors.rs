@@ -309,3 +309,33 @@ fn assessor_settings_are_checked_naming_the_field() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_say_automatic_when_the_assessors_decided() {
+    let (base, _) = assessors().await;
+    let (addr, received) = crate::ui::receiver(vec![]).await;
+    let f = common::fixture("a.db", |db| {
+        let settings = format!(
+            "public_url = \"https://review.example.com\"\n{}\n[[webhooks]]\n\
+             url = \"http://{addr}/hook\"\nformat = \"json\"\nevents = [\"review.decided\"]\n",
+            settings(&base)
+        );
+        common::config_toml(db, &settings, &[("alice", ALICE, "")])
+    });
+    let notifier = countersign_approval::notify::spawn(&f.state, crate::ui::client()).unwrap();
+    let auto = common::create_review(&f.app, &[], review("what is 2+2?", json!({}))).await;
+    let got = crate::ui::wait_for(&received, 1).await;
+    let data = &got[0].2["data"];
+    assert_eq!(data["id"], auto.as_str());
+    assert_eq!(data["reviewer"], "assessor:mod+guard+pii");
+    assert_eq!(data["automatic"], true, "{data}");
+    // Flagged by the moderation endpoint: a person decides.
+    let flagged = review("a violent plan", json!({"request_id": "req-2"}));
+    let by_alice = common::create_review(&f.app, &[], flagged).await;
+    assessed(&f, &by_alice).await;
+    common::decide_ok(&f.app, &by_alice, ALICE, "reject", json!({"reason": "no"})).await;
+    let got = crate::ui::wait_for(&received, 2).await;
+    assert_eq!(got[1].2["data"]["id"], by_alice.as_str());
+    assert_eq!(got[1].2["data"]["automatic"], false);
+    notifier.abort();
+}

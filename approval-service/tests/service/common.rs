@@ -277,6 +277,14 @@ pub fn spawn_wait(
     tokio::spawn(async move { wait(&app, &id, Some(timeout_ms)).await })
 }
 
+/// Asserts a `400 bad_request` whose message names `field` first.
+pub fn assert_bad_request(status: StatusCode, v: &Value, field: &str) {
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert_error(v, "bad_request");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.starts_with(&format!("{field}: ")), "{v}");
+}
+
 /// Asserts the service's error shape with `code`.
 pub fn assert_error(v: &Value, code: &str) {
     assert_eq!(v["error"]["code"], code, "{v}");

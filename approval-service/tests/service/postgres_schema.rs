@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 type Columns = BTreeMap<String, Vec<String>>;
 
-const TABLES: [&str; 12] = [
+const TABLES: [&str; 13] = [
     "reviews",
     "sessions",
     "oidc_logins",
@@ -24,6 +24,7 @@ const TABLES: [&str; 12] = [
     "slack_requests_seen",
     "standing_approvals",
     "standing_uses",
+    "follow_ups",
 ];
 
 fn sqlite_columns(path: &std::path::Path) -> Columns {

@@ -791,11 +791,11 @@ async fn open_event_streams_do_not_hold_shutdown() {
 
 // ---------------------------------------------------------------- webhooks
 
-type Received = Arc<Mutex<Vec<(String, HeaderMap, Value)>>>;
+pub type Received = Arc<Mutex<Vec<(String, HeaderMap, Value)>>>;
 
 /// A local webhook receiver on port 0. Answers each request with the next
 /// status of `statuses` (then 200), and records path, headers and JSON body.
-async fn receiver(statuses: Vec<u16>) -> (SocketAddr, Received) {
+pub async fn receiver(statuses: Vec<u16>) -> (SocketAddr, Received) {
     let received: Received = Arc::default();
     let plan = Arc::new(Mutex::new(statuses.into_iter()));
     let rec = received.clone();
@@ -821,7 +821,7 @@ async fn receiver(statuses: Vec<u16>) -> (SocketAddr, Received) {
     (addr, received)
 }
 
-async fn wait_for(received: &Received, count: usize) -> Vec<(String, HeaderMap, Value)> {
+pub async fn wait_for(received: &Received, count: usize) -> Vec<(String, HeaderMap, Value)> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let got = received.lock().unwrap().clone();
@@ -840,7 +840,7 @@ async fn wait_for(received: &Received, count: usize) -> Vec<(String, HeaderMap, 
 /// The Standard Webhooks example secret.
 const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
-fn client() -> reqwest::Client {
+pub fn client() -> reqwest::Client {
     countersign_approval::outbound::client(&countersign_approval::Config::default()).unwrap()
 }
 
@@ -938,6 +938,7 @@ include_preview = false
     assert_eq!(got[2].2["type"], "review.decided");
     assert_eq!(got[2].2["data"]["status"], "rejected");
     assert_eq!(got[2].2["data"]["reason"], "no");
+    assert_eq!(got[2].2["data"]["automatic"], false, "a person decided");
     let got = wait_for(&quiet_rx, 1).await;
     assert_eq!(got[0].2["type"], "review.decided");
     assert!(got[0].2["data"].get("preview").is_none(), "{:?}", got[0].2);

@@ -14,7 +14,7 @@
 //! with any version. PostgreSQL has no older databases: it gets the same
 //! tables after every step at once, in two parts (`reviews`, `records`)
 //! whose versions live in `countersign_schema` (later ones, `slack`,
-//! `oidc_recheck`, `assessments`, `standing` and `answer_reviews`, are created on their own
+//! `oidc_recheck`, `assessments`, `standing`, `answer_reviews` and `follow_ups`, are created on their own
 //! when missing). Both databases end with the
 //! same tables and columns (tested in `tests/postgres_schema.rs`), so a
 //! statement is written once for both.
@@ -45,6 +45,7 @@ pub fn migrate(conn: &mut Conn) -> Result<(), OpenError> {
             conn.transaction(Lock::Schema, |tx| {
                 tx.batch(&dialect(SLACK, Backend::Sqlite))?;
                 tx.batch(&dialect(STANDING, Backend::Sqlite))?;
+                tx.batch(&dialect(FOLLOW_UPS, Backend::Sqlite))?;
                 let existing = sqlite_columns(tx, "reviews")?;
                 let later = ANSWER_REVIEW_COLUMNS
                     .into_iter()
@@ -97,6 +98,7 @@ pub fn migrate(conn: &mut Conn) -> Result<(), OpenError> {
             migrate_postgres(conn, "consume_keys", CONSUME_KEYS)?;
             let retention = postgres_review_columns(&RETENTION_COLUMNS);
             migrate_postgres(conn, "review_retention", &retention)?;
+            migrate_postgres(conn, "follow_ups", &dialect(FOLLOW_UPS, Backend::Postgres))?;
         }
     }
     Ok(())
@@ -367,6 +369,24 @@ CREATE TABLE IF NOT EXISTS standing_uses (
     used_at_ms   {int} NOT NULL,
     PRIMARY KEY (standing_id, use_no)
 );
+";
+
+/// Flagged audits (see [`crate::follow_ups`]): a spot check's audit a
+/// reviewer rejected marks its caller and rule for follow-up, until
+/// someone resolves it.
+const FOLLOW_UPS: &str = "
+CREATE TABLE IF NOT EXISTS follow_ups (
+    review_id       TEXT PRIMARY KEY,
+    caller          TEXT,
+    rule            TEXT,
+    flagged_by      TEXT NOT NULL,
+    reason          TEXT,
+    flagged_at_ms   {int} NOT NULL,
+    resolved_at_ms  {int},
+    resolved_by     TEXT,
+    resolution      TEXT
+);
+CREATE INDEX IF NOT EXISTS follow_ups_flagged ON follow_ups (flagged_at_ms);
 ";
 
 /// The record log (`{query_columns}`: see [`record_query_column`]), the
