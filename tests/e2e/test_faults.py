@@ -606,8 +606,13 @@ def fill(directory: Path) -> Path:
 
 
 def test_full_disk_refuses_clearly_and_claims_no_record_it_did_not_write(small_fs, make_stack, background):
+    # The filter keeps polling for its held request while the disk is full,
+    # but the service cannot write that the hold is alive: it must not call
+    # the hold gone (409 review_abandoned) once the disk has room again.
+    grace_ms = 4000  # above the filter's longest retry delay (2 s)
     stack = make_stack(filter_config={"long_poll_ms": 1000, "rules": [
-        {"name": "load-tests", "model": "demo-allow*", "action": "allow"}]})
+        {"name": "load-tests", "model": "demo-allow*", "action": "allow"}]},
+        approval_extra=f"hold_grace_ms = {grace_ms}")
     d = small_fs("db", "6m")
     move_database(stack, d)
     assert post(stack.url, json=chat(model="demo-allow", text="before")).status_code == 200
@@ -635,6 +640,8 @@ def test_full_disk_refuses_clearly_and_claims_no_record_it_did_not_write(small_f
     expected = "approved" if decided.status_code == 200 else "pending"
     assert stack.approval.review(review["id"])["status"] == expected
 
+    # Polls fail for longer than the grace before the disk has room again.
+    time.sleep(grace_ms / 1000 + 1)
     filler.unlink()
     if decided.status_code != 200:
         assert not fut.done()

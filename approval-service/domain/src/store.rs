@@ -273,6 +273,11 @@ pub struct Store {
     /// within a grace of it (the filter may still be backing off from a
     /// restart of this service).
     opened_at_ms: u64,
+    /// When a write of a hold's liveness last failed here (0: never): a
+    /// filter that keeps polling through a full disk or a database outage
+    /// could not be seen alive, so no hold is judged gone within a grace
+    /// of that either.
+    hold_write_failed_at_ms: AtomicU64,
 }
 
 const SUMMARY_COLS: &str =
@@ -365,6 +370,7 @@ impl Store {
             conn: Mutex::new(conn),
             hold_grace_ms: AtomicU64::new(crate::config::DEFAULT_HOLD_GRACE_MS),
             opened_at_ms: crate::now_ms(),
+            hold_write_failed_at_ms: AtomicU64::new(0),
         })
     }
 
@@ -380,8 +386,22 @@ impl Store {
 
     /// Whether holds may be judged gone at `now_ms`: not within a grace of
     /// this process opening the database.
+    /// Nor within a grace of a failed write of a hold's liveness here.
     pub(crate) fn judges_holds_at(&self, now_ms: u64) -> bool {
-        now_ms >= self.opened_at_ms.saturating_add(self.hold_grace_ms())
+        let blind_since = self
+            .opened_at_ms
+            .max(self.hold_write_failed_at_ms.load(Ordering::Relaxed));
+        now_ms >= blind_since.saturating_add(self.hold_grace_ms())
+    }
+
+    /// Notes the outcome of a write of a hold's liveness (see
+    /// [`Store::judges_holds_at`]).
+    fn hold_write<T>(&self, result: DbResult<T>) -> DbResult<T> {
+        if result.is_err() {
+            self.hold_write_failed_at_ms
+                .store(crate::now_ms(), Ordering::Relaxed);
+        }
+        result
     }
 
     /// A long poll of the filter for pending review `id` began; its hold
@@ -389,12 +409,12 @@ impl Store {
     /// Stored in the database, not in this replica's memory: an approval
     /// may reach another replica. Reviews without a hold are left alone.
     pub fn hold_polled(&self, id: &str, alive_until_ms: u64) -> DbResult<()> {
-        self.conn().execute(
+        let written = self.conn().execute(
             "UPDATE reviews SET hold_alive_until_ms = ?2
              WHERE id = ?1 AND status = 'pending' AND hold_alive_until_ms IS NOT NULL",
             params![id, alive_until_ms],
-        )?;
-        Ok(())
+        );
+        self.hold_write(written).map(drop)
     }
 
     /// The long poll that set `polled_until_ms` ended (answered, or its
@@ -402,7 +422,7 @@ impl Store {
     /// for a grace from now, unless a later poll has begun meanwhile (it
     /// set another time, which stays).
     pub fn hold_poll_ended(&self, id: &str, polled_until_ms: u64, now_ms: u64) -> DbResult<()> {
-        self.conn().execute(
+        let written = self.conn().execute(
             "UPDATE reviews SET hold_alive_until_ms = ?3
              WHERE id = ?1 AND hold_alive_until_ms = ?2",
             params![
@@ -410,8 +430,8 @@ impl Store {
                 polled_until_ms,
                 now_ms.saturating_add(self.hold_grace_ms())
             ],
-        )?;
-        Ok(())
+        );
+        self.hold_write(written).map(drop)
     }
 
     pub(crate) fn conn(&self) -> MutexGuard<'_, Conn> {

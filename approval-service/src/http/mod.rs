@@ -25,8 +25,8 @@ pub mod records;
 pub mod reviews;
 pub mod spans;
 pub mod standing;
-pub mod tls;
 pub mod stats;
+pub mod tls;
 pub mod ui;
 
 use std::future::Future;
