@@ -641,13 +641,7 @@ pub(crate) mod tests {
 
     #[test]
     fn review_rules_are_checked_at_load() {
-        let load = |rule: &str| {
-            Config::from_json(
-                format!(r#"{{"content_policy":{{"response_rules":[{rule}]}}}}"#).as_bytes(),
-            )
-            .map(|_| ())
-            .map_err(|e| (e.field, e.message))
-        };
+        let load = |rule: &str| crate::testing::load_response_rule("", rule);
         let base = r#""name":"r","action":"review","tools":["x"]"#;
         assert!(load(&format!(r#"{{{base},"streams":"block"}}"#)).is_ok());
         for (rule, field) in [

@@ -219,21 +219,25 @@ impl Hold {
             answer: None,
             response_edit: None,
         };
-        let body = serde_json::to_vec(&plan.review).ok();
+        hold.create_review(config, &plan.review)
+    }
+
+    /// The first step of a hold: the call that creates its review (kept to
+    /// be retried).
+    fn create_review(mut self, config: &Config, review: &CreateReview) -> (Hold, HoldStep) {
         let call = Callout {
             kind: CalloutKind::Create,
             headers: service_headers(
                 config,
-                hold.info.trace.as_ref(),
+                self.info.trace.as_ref(),
                 "POST",
                 FILTER_API_PREFIX.to_string(),
             ),
-            body,
+            body: serde_json::to_vec(review).ok(),
             timeout_ms: config.callout_timeout_ms,
         };
-        let mut hold = hold;
-        hold.retry_call = Some(call.clone());
-        (hold, HoldStep::Call(call))
+        self.retry_call = Some(call.clone());
+        (self, HoldStep::Call(call))
     }
 
     /// Forwards an allowed request once its record is written.
@@ -418,19 +422,7 @@ impl Hold {
         hold.started_ms = now_ms;
         hold.retry_attempts = 1;
         hold.answer = Some(answer);
-        let call = Callout {
-            kind: CalloutKind::Create,
-            headers: service_headers(
-                config,
-                hold.info.trace.as_ref(),
-                "POST",
-                FILTER_API_PREFIX.to_string(),
-            ),
-            body: serde_json::to_vec(review).ok(),
-            timeout_ms: config.callout_timeout_ms,
-        };
-        hold.retry_call = Some(call.clone());
-        (hold, HoldStep::Call(call))
+        hold.create_review(config, review)
     }
 
     /// A held answer reviewed for its text (kind `response`, see

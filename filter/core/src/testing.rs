@@ -186,6 +186,17 @@ pub fn forwarded(
     (worker, host, stream)
 }
 
+/// Loads a configuration whose only response rule is `rule` (JSON), with
+/// `extra` top-level fields (`""`, or `"masking":{...},`); the field and
+/// message of its error.
+pub fn load_response_rule(extra: &str, rule: &str) -> Result<(), (String, String)> {
+    crate::config::Config::from_json(
+        format!(r#"{{{extra}"content_policy":{{"response_rules":[{rule}]}}}}"#).as_bytes(),
+    )
+    .map(|_| ())
+    .map_err(|e| (e.field, e.message))
+}
+
 /// A review's state as the service answers it (reviewer `alice`), with
 /// `extra` JSON fields.
 pub fn review_state(status: &str, extra: &str) -> String {

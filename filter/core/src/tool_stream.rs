@@ -1989,13 +1989,7 @@ mod tests {
 
     #[test]
     fn streams_hold_is_the_default_and_block_still_refuses() {
-        let load = |rule: &str| {
-            Config::from_json(
-                format!(r#"{{"content_policy":{{"response_rules":[{rule}]}}}}"#).as_bytes(),
-            )
-            .map(|_| ())
-            .map_err(|e| (e.field, e.message))
-        };
+        let load = |rule: &str| crate::testing::load_response_rule("", rule);
         let base = r#""name":"r","action":"review","tools":["x"]"#;
         assert!(load(&format!("{{{base}}}")).is_ok());
         assert!(load(&format!(

@@ -6,7 +6,6 @@
 use serde_json::{json, Value};
 
 use super::tests::{forwarded_answer, response_record, sent, state, ID};
-use crate::config::Config;
 use crate::host::Action;
 use crate::stream_filter::StreamFilter;
 use crate::testing::{answer_last_call, MockHost};
@@ -228,13 +227,7 @@ fn answers_no_rule_matches_leave_at_once() {
 fn rules_on_the_answers_text_are_checked_at_load() {
     let masking = r#""masking":{"profiles":{"default":{"detectors":{"email":"monitor"}},
         "quiet":{"responses":false,"detectors":{"phone":"redact"}}}}"#;
-    let load = |rule: &str| {
-        Config::from_json(
-            format!(r#"{{{masking},"content_policy":{{"response_rules":[{rule}]}}}}"#).as_bytes(),
-        )
-        .map(|_| ())
-        .map_err(|e| (e.field, e.message))
-    };
+    let load = |rule: &str| crate::testing::load_response_rule(&format!("{masking},"), rule);
     for ok in [
         r#"{"name":"r","action":"review","phrases":["p"],"streams":"block"}"#,
         r#"{"name":"r","action":"review","regex":["a+b"],"streams":"block"}"#,
