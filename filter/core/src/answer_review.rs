@@ -545,16 +545,23 @@ pub(crate) mod tests {
         assert_eq!(sent(&host)["error"]["code"], "review_rejected");
     }
 
+    /// Drives a held answer (its review just asked for, `hold_timeout_ms`
+    /// 1000) past its deadline: the filter expires the review and ends the
+    /// hold.
+    pub(crate) fn expire_held_answer(host: &mut MockHost, worker: &Worker) {
+        answer_last_call(host, worker, 201, &state("pending", ""));
+        host.now += 2_000;
+        answer_last_call(host, worker, 200, &state("pending", ""));
+        assert!(host.last_path().ends_with("/expire"));
+        answer_last_call(host, worker, 200, &state("expired", ""));
+    }
+
     #[test]
     fn an_expired_review_lets_no_tool_call_out() {
         let answer = tool_answer("delete_file", "{}");
         let (worker, mut host, _stream, _, _) =
             forwarded_answer(&config(r#","hold_timeout_ms":1000"#), &answer);
-        answer_last_call(&mut host, &worker, 201, &state("pending", ""));
-        host.now += 2_000;
-        answer_last_call(&mut host, &worker, 200, &state("pending", ""));
-        assert!(host.last_path().ends_with("/expire"));
-        answer_last_call(&mut host, &worker, 200, &state("expired", ""));
+        expire_held_answer(&mut host, &worker);
         let out = sent(&host);
         assert!(out["choices"][0]["message"].get("tool_calls").is_none());
         assert!(out["choices"][0]["message"]["content"]

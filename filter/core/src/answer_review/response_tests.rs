@@ -5,7 +5,7 @@
 
 use serde_json::{json, Value};
 
-use super::tests::{forwarded_answer, response_record, sent, state, ID};
+use super::tests::{expire_held_answer, forwarded_answer, response_record, sent, state, ID};
 use crate::host::Action;
 use crate::stream_filter::StreamFilter;
 use crate::testing::{answer_last_call, MockHost};
@@ -124,11 +124,7 @@ fn an_expired_review_lets_nothing_of_the_answer_out() {
     let answer = chat("internal only");
     let (worker, mut host, _stream, _, _) =
         forwarded_answer(&config(r#","hold_timeout_ms":1000"#), &answer);
-    answer_last_call(&mut host, &worker, 201, &state("pending", ""));
-    host.now += 2_000;
-    answer_last_call(&mut host, &worker, 200, &state("pending", ""));
-    assert!(host.last_path().ends_with("/expire"));
-    answer_last_call(&mut host, &worker, 200, &state("expired", ""));
+    expire_held_answer(&mut host, &worker);
     assert_eq!(host.response_headers[":status"], "504");
     assert_eq!(sent(&host)["error"]["code"], "review_timeout");
     assert_eq!(outcome(&host).1, "expired");
