@@ -50,6 +50,7 @@ REVIEWER_AUTH = f"Bearer {REVIEWERS.get('alice', '')}"  # a reviewer the harness
 LITELLM_KEY = "sk-bench-master-key-0123456789"
 ALLOW_MODEL = "demo-allow-bench"  # matched by the demo config's `demo-allow*` allow rule
 HELD_MODEL = "demo-echo-held"
+AUTO_MODEL = "demo-auto-bench"  # scenario 6 puts its `review` + `auto_approve` rule first for this model
 NOOP_LABEL = "no-op wasm filter, reads the body (the floor)"  # no rule matches: default_action review
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -313,9 +314,10 @@ class Suite:
         self.allow_config: dict | None = None
         self.bodies = {}
         for key, size, sensitive in [("2k", 2048, False), ("20k", 20480, False),
-                                     ("2k-sensitive", 2048, True), ("20k-sensitive", 20480, True)]:
+                                     ("2k-sensitive", 2048, True), ("20k-sensitive", 20480, True),
+                                     ("2k-auto", 2048, False)]:
             path = self.work / f"body-{key}.json"
-            data = chat_body(size, model=ALLOW_MODEL, sensitive=sensitive)
+            data = chat_body(size, model=AUTO_MODEL if key.endswith("-auto") else ALLOW_MODEL, sensitive=sensitive)
             path.write_bytes(data)
             self.bodies[key] = (path, len(data))
 
@@ -408,9 +410,9 @@ class Suite:
 
     # -- scenarios
 
-    def proxy_scenarios(self, allow_only: bool = False):
-        """Backend ceiling, plain Envoy, the no-op floor, scenarios 1-5 (`allow_only`: only up to scenario 1
-        and its profile)."""
+    def proxy_scenarios(self, allow_only: bool = False, automatic: bool = False):
+        """Backend ceiling, plain Envoy, the no-op floor, scenarios 1-6 (`allow_only`: only up to scenario 1
+        and its profile, plus scenario 6 with `automatic`)."""
         w = self.work
         backend = Backend(w).start()
         approval = approval_service(w, "approval").start()
@@ -454,6 +456,8 @@ class Suite:
         if noop:
             noop.stop()
         if allow_only:
+            if automatic:
+                self.automatic_approval(backend, chat)
             self.stop_all_of(plain, allow, approval, backend)
             return
 
@@ -486,6 +490,9 @@ class Suite:
 
         # Scenario 4: approval-token path.
         self.approval_tokens(backend, chat)
+
+        # Scenario 6: automatic approval by an assessor.
+        self.automatic_approval(backend, chat)
 
         # Scenario 5: streamed answers.
         self.streaming(backend, plain, allow, masking, why_masking=self.results["features"]["masking"]["reason"])
@@ -636,6 +643,47 @@ class Suite:
                              watch={"envoy": e.proc.pid, "backend": backend.proc.pid, "approval": svc.proc.pid},
                              backend=backend, scenario="token-spent" if single else "token-offline")
         self.results["token_callout_ms"] = histogram(envoys[True], "cluster.countersign_approval.upstream_rq_time")
+        self.stop_all_of(*things)
+
+    def automatic_approval(self, backend: Backend, chat: str):
+        """Scenario 6: a `review` rule whose prompts an assessor on loopback approves automatically
+        (docs/cutting-reviewer-load.md): request in -> answer out, against the `allow` path."""
+        label = "6. `review`, approved automatically by an assessor (loopback)"
+        assessor = Backend(self.work, name="assessor-backend")
+        svc = approval_service(self.work, "approval-auto", extra=(
+            "[[assessors]]\nname = \"moderation\"\nkind = \"moderation\"\n"
+            f"url = \"{assessor.url}/v1/moderations\"\nmodel = \"omni-moderation-latest\"\ntimeout_ms = 1500\n"))
+        cfg = copy.deepcopy(self.allow_config)
+        cfg["rules"] = [{"name": "bench-auto", "model": AUTO_MODEL, "action": "review",
+                         "auto_approve": {"max_score": 0.5}}] + cfg.get("rules", [])
+        envoy = Envoy(self.work, backend, svc, cfg, name="envoy-auto")
+        things = [assessor, svc, envoy]
+        try:
+            assessor.start()
+            svc.start()
+            envoy.start()
+            probe = httpx.post(envoy.url + chat, content=self.bodies["2k-auto"][0].read_bytes(),
+                               headers={"content-type": "application/json"}, timeout=30)
+            if probe.status_code != 200:
+                raise RuntimeError(f"a prompt under the auto_approve rule got {probe.status_code}: {probe.text[:120]}")
+            with svc.client() as c:
+                page = c.get("/api/reviews", params={"status": "approved", "limit": 5}).json()["reviews"]
+            if not page or not page[0].get("automatic"):
+                raise RuntimeError("the probe's review was not approved automatically")
+        except (StartError, RuntimeError, httpx.HTTPError, ValueError, KeyError) as e:
+            self.results["features"]["automatic"] = {"available": False, "reason": str(e)[:200]}
+            log(f"feature automatic: {e}")
+            for c in (1, 32):
+                self.pending_row(label, "filter", "automatic", f"failed: {e}"[:200], c)
+            self.stop_all_of(*things)
+            return
+        self.results["features"]["automatic"] = {"available": True, "reason": ""}
+        for c in (1, 32):
+            self.measure(label, "filter", envoy.url + chat, c, body="2k-auto",
+                         watch={"envoy": envoy.proc.pid, "backend": backend.proc.pid, "approval": svc.proc.pid,
+                                "assessor": assessor.proc.pid},
+                         backend=backend, scenario="automatic")
+        self.results["auto_callout_ms"] = histogram(envoy, "cluster.countersign_approval.upstream_rq_time")
         self.stop_all_of(*things)
 
     def results_allow_missed(self) -> bool:
@@ -906,7 +954,15 @@ class Suite:
                 res[f"create_c{c}"] = {**r, "cpu_s": cpu_seconds(pid) - cpu0}
                 log(f"approval alone: create c={c} {r['rps']:.0f}/s p50 {r['p50_us']/1000:.2f} ms "
                     f"p99 {r['p99_us']/1000:.2f} ms errors {r['errors']}")
-            ids = list(reviews(approval, "pending"))
+            # Held reviews that nobody polls are judged gone after `hold_grace_ms`, and
+            # approving them is refused (409 review_abandoned), as it should be. Decisions are
+            # therefore measured on asynchronous reviews (the approval-token flow), created here.
+            create_async = w / "body-create-async.json"
+            create_async.write_bytes(create_review_body(chat_body(2048, model=HELD_MODEL), async_review=True))
+            r = self.wrk.run(approval.url + "/v1/reviews", 32, self.d, create_async)
+            res["create_async_c32"] = r
+            log(f"approval alone: create async c=32 {r['rps']:.0f}/s errors {r['errors']}")
+            ids = [i for i, x in reviews(approval, "pending").items() if x.get("async_review")]
             res["pending_before_decide"] = len(ids)
             ids_file = w / "approval-alone-ids.txt"
             ids_file.write_text("\n".join(ids) + "\n")
@@ -1114,7 +1170,8 @@ def report(s: Suite, m: dict, command: str) -> str:
     a("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in R["rows"]:
         body = {"2k": "2 KB", "20k": "20 KB", "2k-sensitive": "2 KB, with matches",
-                "20k-sensitive": "20 KB, with matches", "2k-token": "2 KB (approved body)"}.get(r["body"], r["body"])
+                "20k-sensitive": "20 KB, with matches", "2k-token": "2 KB (approved body)",
+                "2k-auto": "2 KB"}.get(r["body"], r["body"])
         conns = "—" if r["conns"] is None else str(r["conns"])
         if r["status"] != "ok":
             a(f"| {r['label']} | {conns} | {body} | *{r['reason']}* | | | | | | | | |")
@@ -1287,7 +1344,8 @@ def report(s: Suite, m: dict, command: str) -> str:
     if ap and ap["status"] == "ok":
         a(f"wrk straight at the service, default settings (SQLite WAL, `synchronous = FULL`). Create: the filter "
           f"API's `POST /v1/reviews` with the {ap['create_body_bytes']:,}-byte review of a 2 KB chat request. Decide: "
-          f"`POST /api/reviews/{{id}}/approve` on the reviews just created, each once.")
+          f"`POST /api/reviews/{{id}}/approve`, each once, on asynchronous reviews (the approval-token flow) created "
+          f"just before: held reviews that no filter polls are refused as abandoned once `hold_grace_ms` has passed.")
         a("")
         a("| operation | conns | per second | p50 ms | p99 ms | service CPU % core | errors |")
         a("|---|---:|---:|---:|---:|---:|---:|")
@@ -1299,7 +1357,7 @@ def report(s: Suite, m: dict, command: str) -> str:
         a(f"| approve review | 32 | {r['decided_per_s']:,.0f} | {r['p50_us'] / 1000:.2f} | {r['p99_us'] / 1000:.2f} | "
           f"{r['cpu_s'] / r['seconds'] * 100:.0f}% | {r['refused']} |")
         a("")
-        a(f"{r['decided']:,} of {ap['pending_before_decide']:,} pending reviews decided; database "
+        a(f"{r['decided']:,} of {ap['pending_before_decide']:,} pending asynchronous reviews decided; database "
           f"{mib(ap['db_bytes'])} after the run.")
     else:
         a(f"*failed: {ap and ap.get('error')}*")
@@ -1470,6 +1528,17 @@ def report(s: Suite, m: dict, command: str) -> str:
           f"service (p50 {fmt(cm.get('p50'), '.1f')} / p99 {fmt(cm.get('p99'), '.1f')} ms as Envoy saw it), one "
           "SQLite commit per use; verified offline only, the retry costs the filter's HMAC check and nothing at "
           "the service.")
+    au1, al1 = s.row("automatic", 1, "2k-auto"), s.row("allow", 1)
+    if au1 and al1:
+        au32 = s.row("automatic", 32, "2k-auto")
+        a(f"- **Automatic approval (scenario 6).** A prompt under a `review` rule with `auto_approve`, judged by a "
+          f"moderation assessor on loopback: request in → answer out p50 {au1['p50_ms']:.2f} / p99 "
+          f"{au1['p99_ms']:.2f} ms at one connection, against {al1['p50_ms']:.2f} / {al1['p99_ms']:.2f} ms on the "
+          f"`allow` path (+{au1['p50_ms'] - al1['p50_ms']:.2f} ms at p50)"
+          + (f"; {au32['rps']:,.0f} req/s at 32 connections" if au32 else "")
+          + ". Each request creates a review (one commit), the service asks the assessor in a task of its own, "
+          "commits the decision as `assessor:moderation` and wakes the filter's long poll, which releases the "
+          "request: the same path as a person's approval, without the person.")
     for h in R["held"]:
         if h["status"] == "ok" and h["d2fb_p99_ms"] is not None and h["d2fb_p99_ms"] >= T_DECISION_P99_MS:
             sg = h["segments"]
@@ -1546,7 +1615,8 @@ def main():
                    help="interleaved rounds of plain Envoy vs scenario 1; the median is reported (default 1)")
     p.add_argument("--held", type=int, action="append", help="held-capacity sizes (default 1000, plus 10000 with --full)")
     p.add_argument("--only", default="proxy,held,approval,litellm",
-                   help="comma-separated parts: proxy, held, approval, litellm (default all); `allow` is the "
+                   help="comma-separated parts: proxy, held, approval, litellm (default all); `automatic` is scenario 6 "
+                        "after the first part of proxy; `allow` is the "
                         "first part of proxy alone: ceiling, plain Envoy, the no-op floor, scenario 1")
     p.add_argument("--no-profile", action="store_true", help="do not run perf when a target is missed")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"), help="where to write the report")
@@ -1606,8 +1676,8 @@ def main():
     try:
         if "proxy" in parts:
             suite.proxy_scenarios()
-        elif "allow" in parts:
-            suite.proxy_scenarios(allow_only=True)
+        elif "allow" in parts or "automatic" in parts:
+            suite.proxy_scenarios(allow_only=True, automatic="automatic" in parts)
         if "held" in parts:
             for n in sizes:
                 suite.held(n)

@@ -68,12 +68,14 @@ def last_user_text(body: bytes) -> str:
     return json.loads(body)["messages"][-1]["content"]
 
 
-def create_review_body(chat: bytes, model: str = "demo-echo") -> bytes:
-    """A filter-API `POST /v1/reviews` body for `chat`, as the filter would send it."""
+def create_review_body(chat: bytes, model: str = "demo-echo", async_review: bool = False) -> bytes:
+    """A filter-API `POST /v1/reviews` body for `chat`, as the filter would send it: a held
+    request's review, or with `async_review` one that an approval token will carry (nobody
+    holds it, so deciding it does not depend on a filter polling)."""
     msgs = json.loads(chat)["messages"]
     return json.dumps({
         "request_id": "bench", "api": "openai_chat", "method": "POST", "path": "/v1/chat/completions",
         "authority": "bench", "route": "model", "caller": None, "model": model, "stream": False,
         "rule": None, "prompt": [{"role": m["role"], "text": m["content"]} for m in msgs],
-        "body": chat.decode(), "hold_timeout_ms": 3_600_000,
+        "body": chat.decode(), "hold_timeout_ms": 3_600_000, "async_review": async_review,
     }, separators=(",", ":")).encode()
