@@ -583,9 +583,21 @@ impl Store {
         review_id: &str,
         now_ms: u64,
     ) -> DbResult<Option<AutoApproved>> {
-        let outcome = self
-            .conn()
-            .transaction(Lock::Review(review_id), |tx| use_in(tx, review_id, now_ms));
+        let mut conn = self.conn();
+        // Every review creation asks; most deployments have no live standing
+        // approval. A plain read answers them without the write transaction
+        // (and the review's lock) that spending a use needs. A standing
+        // approval that goes live concurrently is as if it went live just
+        // after this review was created: the review waits for people.
+        let any_live = conn.query_opt(
+            "SELECT 1 FROM standing_approvals
+             WHERE status = 'live' AND expires_at_ms > ?1 AND uses < max_uses LIMIT 1",
+            params![now_ms],
+        )?;
+        if any_live.is_none() {
+            return Ok(None);
+        }
+        let outcome = conn.transaction(Lock::Review(review_id), |tx| use_in(tx, review_id, now_ms));
         match outcome {
             Ok(used) => Ok(used),
             Err(UseTx::Undo) => Ok(None),
