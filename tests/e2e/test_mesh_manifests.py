@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import platform
 import shutil
 import subprocess
 import tarfile
@@ -333,7 +334,8 @@ def test_approval_image_runs_the_service(built, tmp_path):
     out, digests = built
     manifest_bytes, _, config, layer_tar = read_layout(out / "oci-approval")
     assert digests["APPROVAL_IMAGE_DIGEST"] == "sha256:" + sha256(manifest_bytes)
-    assert config["os"] == "linux" and config["architecture"] == "amd64"
+    assert config["os"] == "linux"
+    assert config["architecture"] == {"x86_64": "amd64", "aarch64": "arm64"}[platform.machine()]
     c = config["config"]
     assert c["User"] == "10001:10001" and c["ExposedPorts"] == {"8081/tcp": {}}
     assert c["Entrypoint"] == ["/usr/local/bin/countersign-approval"]
