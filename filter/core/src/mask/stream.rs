@@ -2457,6 +2457,42 @@ mod tests {
         }
     }
 
+    /// An echo repeats what went out of its part, whatever text it came
+    /// with; one that matches no streamed part is masked whole.
+    #[test]
+    fn an_echo_gets_what_its_part_sent_or_is_masked_whole() {
+        let (g, _) = guard("{}");
+        let api = ApiKind::OpenaiResponses;
+        let ev = |v: Value| {
+            format!(
+                "event: {}\n{}",
+                v["type"].as_str().unwrap(),
+                data(v.clone())
+            )
+        };
+        let mut s = String::new();
+        s.push_str(&ev(json!({"type":"response.output_text.delta","output_index":0,"content_index":0,"delta":"mail jane@example.com now"})));
+        // Another text than the part's: the part's masked text goes instead.
+        s.push_str(&ev(json!({"type":"response.output_text.done","output_index":0,"content_index":0,"text":"key AKIAIOSF"})));
+        // A part never streamed: masked whole.
+        s.push_str(&ev(json!({"type":"response.output_text.done","output_index":0,"content_index":4,"text":"to dana.scully@fbi.example.org"})));
+        s.push_str(&ev(json!({"type":"response.completed","response":{"id":"r","status":"completed","output":[]}})));
+        let (out, _) = run(api, &g, &[s.as_bytes()]);
+        let done: Vec<String> = events(api, &out)
+            .into_iter()
+            .map(|(_, d)| serde_json::from_str::<Value>(&d).unwrap())
+            .filter(|v| v["type"] == "response.output_text.done")
+            .map(|v| v["text"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            done,
+            vec![
+                plainly_masked(&g, "mail jane@example.com now"),
+                plainly_masked(&g, "to dana.scully@fbi.example.org")
+            ]
+        );
+    }
+
     /// Gemini `thought` parts are masked across chunks like text, in both
     /// stream framings (SSE and the JSON array).
     #[test]
