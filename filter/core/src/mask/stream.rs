@@ -1341,6 +1341,15 @@ mod tests {
         format!("data: {v}\n\n")
     }
 
+    /// An SSE event named by its JSON's `type`.
+    fn named_event(v: Value) -> String {
+        format!(
+            "event: {}\n{}",
+            v["type"].as_str().unwrap(),
+            data(v.clone())
+        )
+    }
+
     fn stream(api: ApiKind, tokens: &[String]) -> String {
         let full: String = tokens.concat();
         let mut s = String::new();
@@ -1391,13 +1400,7 @@ mod tests {
                 }
             }
             ApiKind::OpenaiResponses => {
-                let ev = |v: Value| {
-                    format!(
-                        "event: {}\n{}",
-                        v["type"].as_str().unwrap(),
-                        data(v.clone())
-                    )
-                };
+                let ev = named_event;
                 s.push_str(&ev(json!({"type":"response.created","sequence_number":0,"response":{"id":"r","status":"in_progress","output":[]}})));
                 s.push_str(&ev(json!({"type":"response.content_part.added","sequence_number":1,"item_id":"i","output_index":0,"content_index":0,"part":{"type":"output_text","text":""}})));
                 for t in tokens {
@@ -2267,13 +2270,7 @@ mod tests {
     /// content blocks, Responses content parts of one message), each sent
     /// in `pieces` of its text, with the events an API sends between them.
     fn blocks_stream(api: ApiKind, blocks: &[Vec<String>]) -> String {
-        let ev = |v: Value| {
-            format!(
-                "event: {}\n{}",
-                v["type"].as_str().unwrap(),
-                data(v.clone())
-            )
-        };
+        let ev = named_event;
         let mut s = String::new();
         match api {
             ApiKind::AnthropicMessages => {
@@ -2463,13 +2460,7 @@ mod tests {
     fn an_echo_gets_what_its_part_sent_or_is_masked_whole() {
         let (g, _) = guard("{}");
         let api = ApiKind::OpenaiResponses;
-        let ev = |v: Value| {
-            format!(
-                "event: {}\n{}",
-                v["type"].as_str().unwrap(),
-                data(v.clone())
-            )
-        };
+        let ev = named_event;
         let mut s = String::new();
         s.push_str(&ev(json!({"type":"response.output_text.delta","output_index":0,"content_index":0,"delta":"mail jane@example.com now"})));
         // Another text than the part's: the part's masked text goes instead.
@@ -2626,13 +2617,7 @@ mod tests {
             .process_full("mail dana.scully@fbi", &mut GuardTally::default(), false)
             .unwrap()
             .unwrap_or_else(|| "mail dana.scully@fbi".to_string());
-        let ev = |v: Value| {
-            format!(
-                "event: {}\n{}",
-                v["type"].as_str().unwrap(),
-                data(v.clone())
-            )
-        };
+        let ev = named_event;
         let head = |s: &mut String| {
             s.push_str(&ev(json!({"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}})));
             s.push_str(&ev(json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"mail dana.scully@fbi"}})));
