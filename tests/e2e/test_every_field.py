@@ -668,21 +668,36 @@ def anthropic_blocks(pieces: list[str]) -> list:
     return events
 
 
-def responses_parts(pieces: list[str]) -> list:
+def responses_parts(pieces: list[str], echoes=False) -> list:
     """Each piece in a content part of its own of one message, streamed
-    part after part; the final response repeats the parts."""
+    part after part; the final response repeats the parts (`echoes`: so do
+    each part's `output_text.done` and `content_part.done`, as OpenAI
+    streams them, and the item's `output_item.done`)."""
     ids = {"item_id": "msg_1", "output_index": 0}
     events = [{"type": "response.created", "response": {"id": "resp_1", "status": "in_progress", "output": []}}]
     for i, p in enumerate(pieces):
+        part = {"type": "output_text", "annotations": []}
         events += [{"type": "response.content_part.added", **ids, "content_index": i,
                     "part": {"type": "output_text", "text": "", "annotations": []}},
-                   {"type": "response.output_text.delta", **ids, "content_index": i, "delta": p},
-                   {"type": "response.content_part.done", **ids, "content_index": i,
-                    "part": {"type": "output_text", "annotations": []}}]
+                   {"type": "response.output_text.delta", **ids, "content_index": i, "delta": p}]
+        if echoes:
+            part["text"] = p
+            events.append({"type": "response.output_text.done", **ids, "content_index": i, "text": p, "logprobs": []})
+        events.append({"type": "response.content_part.done", **ids, "content_index": i, "part": part})
     message = {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
                "content": [{"type": "output_text", "text": p, "annotations": []} for p in pieces]}
+    if echoes:
+        events.append({"type": "response.output_item.done", "output_index": 0, "item": message})
     return events + [{"type": "response.completed", "response": {"id": "resp_1", "status": "completed",
                                                                  "output": [message]}}]
+
+
+def in_three(pieces: list[str]) -> list[str]:
+    """Two pieces as three: a short middle piece cut from the front of the
+    second, so a value across the cut spans three blocks or parts."""
+    if len(pieces) != 2 or len(pieces[1]) < 3:
+        return pieces
+    return [pieces[0], pieces[1][:3], pieces[1][3:]]
 
 
 def gemini_chunk(part: dict, last=False) -> dict:
@@ -749,6 +764,11 @@ ANSWER_FIELDS = [
      lambda ps: responses_stream("response.output_text.delta", ps, content_index=0)),
     # Split over two content parts of one message (each piece a part).
     ("responses.output_text-parts", "responses", TEXT, None, responses_parts),
+    # The same with every echo of each part's text.
+    ("responses.output_text-parts-echoed", "responses", TEXT, None, lambda ps: responses_parts(ps, echoes=True)),
+    # Over three content parts, with the echoes.
+    ("responses.output_text-three-parts", "responses", TEXT, None,
+     lambda ps: responses_parts(in_three(ps), echoes=True)),
     ("responses.refusal", "responses", TEXT, lambda t: responses_answer(
         {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
          "content": [{"type": "refusal", "refusal": t}]}),
@@ -765,6 +785,8 @@ ANSWER_FIELDS = [
      lambda ps: anthropic_stream({"type": "text", "text": ""}, "text_delta", "text", ps)),
     # Split over two adjacent text blocks (each piece a block): read joined.
     ("anthropic.text-blocks", "anthropic", TEXT, None, anthropic_blocks),
+    # Over three adjacent text blocks.
+    ("anthropic.text-three-blocks", "anthropic", TEXT, None, lambda ps: anthropic_blocks(in_three(ps))),
     ("anthropic.thinking", "anthropic", TEXT, lambda t: anthropic_answer(
         {"type": "thinking", "thinking": t, "signature": "sig"}, {"type": "text", "text": "ok"}),
      lambda ps: anthropic_stream({"type": "thinking", "thinking": ""}, "thinking_delta", "thinking", ps)),
@@ -788,6 +810,8 @@ ANSWER_FIELDS = [
      lambda t: gemini_chunk({"functionCall": {"name": "send", "args": t}}, True), None),
     ("gemini-array.text", "gemini-array", TEXT, None,
      lambda ps: [gemini_chunk({"text": p}, last=i == len(ps) - 1) for i, p in enumerate(ps)]),
+    ("gemini-array.thought", "gemini-array", TEXT, None,
+     lambda ps: [gemini_chunk({"text": p, "thought": True}, last=i == len(ps) - 1) for i, p in enumerate(ps)]),
     ("gemini-array.functionCall.args", "gemini-array", OBJECT, None, "whole"),
     ("ollama.chat.content", "ollama-chat", TEXT, lambda t: ollama_chat_line({"content": t}, done=True),
      lambda ps: [*(ollama_chat_line({"content": p}) for p in ps), ollama_chat_line({}, done=True)]),

@@ -162,7 +162,7 @@ impl ResponseRecorder {
             match item {
                 Item::Text(p) => self.push(p.channel, p.text),
                 Item::Usage(u) => self.merge_usage(u.to_value()),
-                Item::End(_) | Item::EndAll => {}
+                Item::End(_) | Item::EndAll | Item::Echo(_) => {}
             }
             Ok::<(), Infallible>(())
         });

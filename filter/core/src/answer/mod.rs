@@ -21,7 +21,9 @@
 //! `output_index`, everything at `response.completed` / `incomplete` /
 //! `failed`; an Ollama answer at its `done: true` line. The `*.done` and
 //! final Responses events repeat text already streamed: they are *echoes*,
-//! not new text.
+//! not new text. The echoes of one part's whole text ([`ECHO_FIELDS`]:
+//! `response.output_text.done`'s `text`, `response.content_part.done`'s
+//! `part.text`, ...) are given as [`Item::Echo`] with the part's channel.
 //!
 //! Text split over adjacent blocks or parts is one text to a reader:
 //! [`continues`] says which channels read on from which.
@@ -149,6 +151,9 @@ pub enum Item<'v> {
     End(u64),
     /// Every channel ends.
     EndAll,
+    /// The whole text of one part (channel), repeated by an echo event
+    /// after the part ended ([`ECHO_FIELDS`]): not new text.
+    Echo(Piece<'v>),
     /// Token usage (later ones update earlier keys).
     Usage(Usage<'v>),
 }
@@ -679,7 +684,108 @@ fn responses_event<'v, E>(
             _ => f(Item::EndAll)?,
         }
     }
+    if let (Some(o), Some((k, path))) = (oi, echo_field(kind, v)) {
+        let p = Path::new(path);
+        let mut cur = Some(v);
+        for step in p.steps() {
+            cur = match step {
+                Step::Key(key) => cur.and_then(|c| c.get(*key)),
+                Step::Idx(i) => cur.and_then(|c| c.get(*i)),
+            };
+        }
+        if let Some(Value::String(text)) = cur {
+            f(Item::Echo(Piece {
+                text,
+                channel: Channel {
+                    kind: k,
+                    a: o,
+                    b: ci,
+                },
+                path: p,
+                last: true,
+            }))?;
+        }
+    }
     Ok(ends)
+}
+
+/// Responses events that repeat one part's whole text: the event, the
+/// kind of text and the field holding it. `response.content_part.done`
+/// holds a part of any kind ([`echo_field`]).
+pub const ECHO_FIELDS: [(&str, TextKind, &[Step]); 9] = [
+    (
+        "response.output_text.done",
+        TextKind::Text,
+        &[Step::Key("text")],
+    ),
+    (
+        "response.refusal.done",
+        TextKind::Refusal,
+        &[Step::Key("refusal")],
+    ),
+    (
+        "response.function_call_arguments.done",
+        TextKind::ToolArguments,
+        &[Step::Key("arguments")],
+    ),
+    (
+        "response.custom_tool_call_input.done",
+        TextKind::ToolArguments,
+        &[Step::Key("input")],
+    ),
+    (
+        "response.reasoning_summary_text.done",
+        TextKind::Reasoning,
+        &[Step::Key("text")],
+    ),
+    (
+        "response.reasoning_text.done",
+        TextKind::Reasoning,
+        &[Step::Key("text")],
+    ),
+    (
+        "response.reasoning_summary_part.done",
+        TextKind::Reasoning,
+        &[Step::Key("part"), Step::Key("text")],
+    ),
+    (
+        "response.audio.transcript.done",
+        TextKind::AudioTranscript,
+        &[Step::Key("transcript")],
+    ),
+    (
+        "response.output_audio_transcript.done",
+        TextKind::AudioTranscript,
+        &[Step::Key("transcript")],
+    ),
+];
+
+/// The kind of text and the field an echo event of type `kind` repeats
+/// ([`ECHO_FIELDS`]; a `response.content_part.done` part by its type).
+fn echo_field(kind: &str, v: &Value) -> Option<(TextKind, &'static [Step])> {
+    if kind == "response.content_part.done" {
+        let part = v.get("part")?;
+        return Some(match part.get("type").and_then(Value::as_str) {
+            Some("refusal") => (
+                TextKind::Refusal,
+                &[Step::Key("part"), Step::Key("refusal")],
+            ),
+            Some("reasoning_text") => {
+                (TextKind::Reasoning, &[Step::Key("part"), Step::Key("text")])
+            }
+            _ => (TextKind::Text, &[Step::Key("part"), Step::Key("text")]),
+        });
+    }
+    ECHO_FIELDS
+        .iter()
+        .find(|(t, _, _)| *t == kind)
+        .map(|(_, k, path)| (*k, *path))
+}
+
+/// Whether the answers of API `api` repeat a part's whole text in echo
+/// events ([`Item::Echo`]).
+pub fn has_echoes(api: ApiKind) -> bool {
+    api == ApiKind::OpenaiResponses
 }
 
 /// The usage of a plain (non-streamed) response body: `usage` (OpenAI,
@@ -781,10 +887,47 @@ mod tests {
             texts(&it),
             vec![(TextKind::ToolArguments, 0, 0, "x".into(), false)]
         );
-        let v = json!({"type":"response.output_text.done","output_index":3,"text":"all"});
+        let v = json!({"type":"response.output_text.done","output_index":3,"content_index":1,"text":"all"});
         let (it, echo) = items(ApiKind::OpenaiResponses, None, &v);
         assert!(echo);
-        assert_eq!(it, vec![Item::End(3)]);
+        assert_eq!(it[0], Item::End(3));
+        let Item::Echo(p) = it[1] else { unreachable!() };
+        assert_eq!(
+            (p.text, p.channel.kind, p.channel.a, p.channel.b),
+            ("all", TextKind::Text, 3, 1)
+        );
+        // A part's echo by the part's type; its field is the part's text.
+        for (part, kind, field) in [
+            (
+                json!({"type":"output_text","text":"t"}),
+                TextKind::Text,
+                "text",
+            ),
+            (
+                json!({"type":"refusal","refusal":"t"}),
+                TextKind::Refusal,
+                "refusal",
+            ),
+            (
+                json!({"type":"reasoning_text","text":"t"}),
+                TextKind::Reasoning,
+                "text",
+            ),
+        ] {
+            let v = json!({"type":"response.content_part.done","output_index":0,"content_index":2,"part":part});
+            let (it, _) = items(ApiKind::OpenaiResponses, None, &v);
+            let Item::Echo(p) = it[1] else { unreachable!() };
+            assert_eq!(
+                (p.text, p.channel.kind, p.channel.b, p.path.field()),
+                ("t", kind, 2, field)
+            );
+        }
+        // No text, no echo.
+        let v = json!({"type":"response.content_part.done","output_index":0,"part":{"type":"output_text"}});
+        assert_eq!(
+            items(ApiKind::OpenaiResponses, None, &v).0,
+            vec![Item::End(0)]
+        );
         let v = json!({"type":"response.completed","response":{"output":[],"usage":{"input_tokens":1}}});
         let (it, echo) = items(ApiKind::OpenaiResponses, None, &v);
         assert!(echo);

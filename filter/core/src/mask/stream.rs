@@ -135,42 +135,137 @@ struct Channel {
     /// `(hold, bytes held)` of an analysis that could release nothing: the
     /// next waits until the hold moves or [`RETRY_BYTES`] more arrive.
     stalled: Option<(usize, usize)>,
-    /// This channel's held text begins with the held tail of the block
-    /// before it ([`Carry`]): that block's template, and where in `pending`
-    /// this block's own text begins.
-    joined: Option<(Template, usize)>,
+    /// This channel's held text begins with the held tails of the blocks
+    /// before it ([`Carry`]), in order: a chain of adjacent blocks when a
+    /// match may span more than two.
+    joined: Vec<Head>,
+}
+
+/// A carried block whose held tail begins a channel's held text.
+#[derive(Debug)]
+struct Head {
+    key: ChanKey,
+    template: Template,
+    /// Where in the channel's `pending` this block's text ends.
+    end: usize,
 }
 
 /// A text block that ended while a match may still begin in its held tail,
 /// and the rest of the stream after it, held until the next block decides
 /// (see [`answer::continues`]): its text joins the tail and is masked with
 /// it, the tail's part going out in an extra event of the ended block
-/// before the events that came after it. Anything else (other text, the
-/// end of the answer, [`MAX_CARRY_UNITS`] units without text) sends the
-/// tail out masked alone, as at the end of any block.
+/// where that block ended, before the events that came after it. A block
+/// that joined and ends with a held tail in turn is carried on (a chain:
+/// a value over three or more blocks). Anything else (other text, the end
+/// of the answer, [`MAX_CARRY_UNITS`] units without text) sends the tail
+/// out masked alone, as at the end of any block.
 #[derive(Debug, Default)]
 struct Carry {
     /// The ended block, until the next one joins it.
     ended: Option<Channel>,
-    /// Extra events of the ended block: they go out before `held`.
-    before: Vec<u8>,
-    /// The units after the ended block, in order.
-    held: Vec<u8>,
+    /// The units after the first carried block, in order, with a slot for
+    /// each carried block's extra events where it ended.
+    held: Vec<Slot>,
+    /// Bytes in `held`.
+    held_bytes: usize,
     /// Units held before the next block's text came.
     units: usize,
-    /// The ended block's text is out: `before` and `held` can go.
+    /// The carried blocks' text is out: `held` can go.
     decided: bool,
+}
+
+/// A piece of output.
+#[derive(Debug)]
+enum Slot {
+    /// Bytes as they are.
+    Bytes(Vec<u8>),
+    /// Extra events of the carried block `key`, where it ended.
+    Extra(ChanKey, Vec<u8>),
+    /// A unit with echoes of carried blocks' text, completed with what
+    /// went out of those blocks once it is all out.
+    Echo(Deferred),
+}
+
+/// A unit whose echoes ([`answer::Item::Echo`]) wait for their blocks'
+/// text.
+#[derive(Debug)]
+struct Deferred {
+    /// Before and after the unit's JSON (an SSE event: its raw bytes).
+    wrap: Wrap,
+    /// The unit's JSON, its other texts masked.
+    data: String,
+    /// The echoes: where, of which channel, and their text as it came.
+    echoes: Vec<(Vec<Seg>, ChanKey, String)>,
+}
+
+#[derive(Debug)]
+enum Wrap {
+    Sse(Vec<u8>),
+    Value(Vec<u8>, Vec<u8>),
+}
+
+/// What went out of each channel, for the echoes of its text
+/// ([`answer::has_echoes`]): an echo repeats exactly that. A channel's
+/// record past [`MAX_EVENT_BYTES`] is dropped (an echo that long could not
+/// be read): its echo is masked whole.
+#[derive(Debug, Default)]
+struct Sent {
+    on: bool,
+    parts: Vec<(ChanKey, Option<String>)>,
+}
+
+impl Sent {
+    fn add(&mut self, key: ChanKey, text: &str) {
+        if !self.on {
+            return;
+        }
+        let i = match self.parts.iter().position(|(k, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                self.parts.push((key, Some(String::new())));
+                self.parts.len() - 1
+            }
+        };
+        if let Some((_, part)) = self.parts.get_mut(i) {
+            if part
+                .as_ref()
+                .is_some_and(|p| p.len() + text.len() > MAX_EVENT_BYTES)
+            {
+                *part = None;
+            }
+            if let Some(p) = part {
+                p.push_str(text);
+            }
+        }
+    }
+
+    fn get(&self, key: ChanKey) -> Option<&str> {
+        self.parts
+            .iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, p)| p.as_deref())
+    }
 }
 
 /// What one call to [`feed`] releases.
 #[derive(Debug, Default)]
 struct Release {
-    /// Text of the block this channel's held text began in ([`Channel::joined`]).
-    head: String,
-    /// That block's template, once its text is all out.
-    head_done: Option<Template>,
+    /// Text of the blocks this channel's held text began in
+    /// ([`Channel::joined`]), in order.
+    heads: Vec<HeadOut>,
     /// The channel's own text.
     text: String,
+}
+
+/// What [`feed`] released of a carried block.
+#[derive(Debug)]
+struct HeadOut {
+    key: ChanKey,
+    /// Its template, when `text` is not empty.
+    template: Option<Template>,
+    text: String,
+    /// All of its text is out.
+    done: bool,
 }
 
 /// Rewrites one streamed answer (server-sent events, JSON lines or a JSON
@@ -191,6 +286,8 @@ pub struct StreamMasker {
     sent: bool,
     /// A block's held tail waiting for the next block.
     carry: Option<Carry>,
+    /// What went out of each channel, for echoes.
+    sent_text: Sent,
 }
 
 impl StreamMasker {
@@ -209,6 +306,10 @@ impl StreamMasker {
             done: false,
             sent: false,
             carry: None,
+            sent_text: Sent {
+                on: answer::has_echoes(api),
+                parts: Vec::new(),
+            },
         }
     }
 
@@ -229,10 +330,10 @@ impl StreamMasker {
                 Ok(None) => break,
                 Err(_) => return self.block(UNINSPECTABLE, out),
             };
-            let mut bytes = Vec::new();
+            let mut slots = Vec::new();
             if let Err(b) = self
-                .on_unit(&unit, &mut bytes)
-                .and_then(|()| self.emit(bytes, &mut out))
+                .on_unit(&unit, &mut slots)
+                .and_then(|()| self.emit(slots, &mut out))
             {
                 return self.block(b, out);
             }
@@ -258,10 +359,10 @@ impl StreamMasker {
             return self.block(UNINSPECTABLE, out);
         };
         for unit in &units {
-            let mut bytes = Vec::new();
+            let mut slots = Vec::new();
             if let Err(b) = self
-                .on_unit(unit, &mut bytes)
-                .and_then(|()| self.emit(bytes, &mut out))
+                .on_unit(unit, &mut slots)
+                .and_then(|()| self.emit(slots, &mut out))
             {
                 return self.block(b, out);
             }
@@ -269,7 +370,7 @@ impl StreamMasker {
         let mut bytes = Vec::new();
         if let Err(b) = self
             .flush(|_| true, true, false, &mut bytes)
-            .and_then(|()| self.emit(bytes, &mut out))
+            .and_then(|()| self.emit(vec![Slot::Bytes(bytes)], &mut out))
         {
             return self.block(b, out);
         }
@@ -318,32 +419,77 @@ impl StreamMasker {
         before
     }
 
-    /// Sends the bytes of one unit, or holds them after a carried block.
-    fn emit(&mut self, bytes: Vec<u8>, out: &mut Vec<u8>) -> Result<(), Blocked> {
+    /// Sends the output of one unit, or holds it after a carried block.
+    fn emit(&mut self, slots: Vec<Slot>, out: &mut Vec<u8>) -> Result<(), Blocked> {
         let Some(c) = self.carry.as_mut() else {
-            out.extend_from_slice(&bytes);
-            return Ok(());
+            return self.render(slots, out);
         };
         if c.decided {
-            out.extend_from_slice(&c.before);
-            out.extend_from_slice(&c.held);
-            out.extend_from_slice(&bytes);
+            let held = std::mem::take(&mut c.held);
             self.carry = None;
-            return Ok(());
+            self.render(held, out)?;
+            return self.render(slots, out);
         }
-        c.held.extend_from_slice(&bytes);
+        for slot in slots {
+            c.held_bytes += match &slot {
+                Slot::Bytes(b) | Slot::Extra(_, b) => b.len(),
+                Slot::Echo(d) => d.data.len(),
+            };
+            c.held.push(slot);
+        }
         if c.ended.is_some() {
             c.units += 1;
         }
-        if c.units > MAX_CARRY_UNITS || c.held.len() > MAX_CARRY_BYTES {
+        if c.units > MAX_CARRY_UNITS || c.held_bytes > MAX_CARRY_BYTES {
             let mut after = Vec::new();
             self.end_carry(&mut after)?;
-            return self.emit(after, out);
+            return self.emit(vec![Slot::Bytes(after)], out);
         }
         Ok(())
     }
 
-    /// Sends the carried block's tail out now, masked as far as it came
+    /// Writes out `slots`, completing the echoes with what went out of
+    /// their channels (masked whole when that is not known).
+    fn render(&mut self, slots: Vec<Slot>, out: &mut Vec<u8>) -> Result<(), Blocked> {
+        for slot in slots {
+            let d = match slot {
+                Slot::Bytes(b) | Slot::Extra(_, b) => {
+                    out.extend_from_slice(&b);
+                    continue;
+                }
+                Slot::Echo(d) => d,
+            };
+            let mut edits = Edits::new();
+            for (path, key, raw) in &d.echoes {
+                let text = match self.sent_text.get(*key) {
+                    Some(t) => Some(t.to_string()),
+                    None => self.guard.process_full(raw, &mut self.tally, false)?,
+                };
+                if let Some(t) = text.filter(|t| t != raw) {
+                    edits.insert(path.clone(), json_edit::json_string(&t));
+                }
+            }
+            let data = if edits.is_empty() {
+                d.data
+            } else {
+                match json_edit::apply(d.data.as_bytes(), &edits) {
+                    Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+                    Err(_) => return Err(UNINSPECTABLE),
+                }
+            };
+            match d.wrap {
+                Wrap::Sse(raw) => out.extend_from_slice(&sse::rewrite_data(&raw, &data)),
+                Wrap::Value(before, after) => {
+                    out.extend_from_slice(&before);
+                    out.extend_from_slice(data.as_bytes());
+                    out.extend_from_slice(&after);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the carried blocks' tails out now, masked as far as they came
     /// (alone, or joined with what the next block sent so far); text of
     /// the next block goes to `after`.
     fn end_carry(&mut self, after: &mut Vec<u8>) -> Result<(), Blocked> {
@@ -354,92 +500,108 @@ impl StreamMasker {
         match c.ended.take() {
             Some(mut ch) => {
                 let r = feed(&self.guard, &mut self.tally, &mut ch, "", true)?;
-                if !r.text.is_empty() {
-                    let json = ch.template.json(&r.text);
-                    c.before.extend_from_slice(&framing.extra(
-                        ch.template.event.as_deref(),
-                        &json,
-                        false,
-                    ));
+                let mut own = Vec::new();
+                extra(framing, &ch.template, &r.text, false, &mut own);
+                carried(Some(&mut *c), &mut self.sent_text, framing, ch.key, &r);
+                if let Some(out) = slot(c, ch.key) {
+                    out.extend_from_slice(&own);
                 }
-                c.decided = true;
             }
             None => {
-                if let Some(ch) = self.channels.iter_mut().find(|ch| ch.joined.is_some()) {
+                if let Some(ch) = self.channels.iter_mut().find(|ch| !ch.joined.is_empty()) {
                     let r = feed(&self.guard, &mut self.tally, ch, "", true)?;
-                    carried(c, framing, ch, &r);
-                    if !r.text.is_empty() {
-                        let json = ch.template.json(&r.text);
-                        after.extend_from_slice(&framing.extra(
-                            ch.template.event.as_deref(),
-                            &json,
-                            false,
-                        ));
-                    }
+                    carried(Some(&mut *c), &mut self.sent_text, framing, ch.key, &r);
+                    extra(framing, &ch.template, &r.text, false, after);
                 }
-                c.decided = true;
             }
         }
+        c.decided = true;
         Ok(())
     }
 
-    fn on_unit(&mut self, unit: &Unit, out: &mut Vec<u8>) -> Result<(), Blocked> {
+    fn on_unit(&mut self, unit: &Unit, out: &mut Vec<Slot>) -> Result<(), Blocked> {
         match unit {
             Unit::Event(raw) => self.on_event(raw, out)?,
             Unit::Value { raw, value } => {
                 let data = String::from_utf8_lossy(raw.get(value.clone()).unwrap_or_default());
                 let mut pre = Vec::new();
+                let mut echoes = Vec::new();
                 let new_data = match serde_json::from_str::<Value>(&data) {
-                    Ok(v) => self.on_json(None, &data, &v, &mut pre)?,
+                    Ok(v) => self.on_json(None, &data, &v, &mut pre, &mut echoes)?,
                     Err(_) => self.guard.process_full(&data, &mut self.tally, true)?,
                 };
-                out.extend_from_slice(raw.get(..value.start).unwrap_or_default());
-                out.extend_from_slice(&pre);
-                match new_data {
-                    Some(d) => out.extend_from_slice(d.as_bytes()),
-                    None => out.extend_from_slice(raw.get(value.clone()).unwrap_or_default()),
+                let after = raw.get(value.end..).unwrap_or_default().to_vec();
+                let mut bytes = raw.get(..value.start).unwrap_or_default().to_vec();
+                bytes.extend_from_slice(&pre);
+                if echoes.is_empty() {
+                    match new_data {
+                        Some(d) => bytes.extend_from_slice(d.as_bytes()),
+                        None => bytes.extend_from_slice(raw.get(value.clone()).unwrap_or_default()),
+                    }
+                    bytes.extend_from_slice(&after);
+                    out.push(Slot::Bytes(bytes));
+                } else {
+                    out.push(Slot::Bytes(bytes));
+                    out.push(Slot::Echo(Deferred {
+                        wrap: Wrap::Value(Vec::new(), after),
+                        data: new_data.unwrap_or_else(|| data.into_owned()),
+                        echoes,
+                    }));
                 }
-                out.extend_from_slice(raw.get(value.end..).unwrap_or_default());
             }
         }
         self.sent = true;
         Ok(())
     }
 
-    fn on_event(&mut self, raw: &[u8], out: &mut Vec<u8>) -> Result<(), Blocked> {
+    fn on_event(&mut self, raw: &[u8], out: &mut Vec<Slot>) -> Result<(), Blocked> {
         let ev = sse::parse_event(raw);
         let Some(data) = ev.data else {
-            out.extend_from_slice(raw);
+            out.push(Slot::Bytes(raw.to_vec()));
             return Ok(());
         };
+        let mut pre = Vec::new();
         if data.trim() == "[DONE]" {
-            self.flush(|_| true, false, false, out)?;
-            out.extend_from_slice(raw);
+            self.flush(|_| true, false, false, &mut pre)?;
+            pre.extend_from_slice(raw);
+            out.push(Slot::Bytes(pre));
             return Ok(());
         }
-        let mut pre = Vec::new();
+        let mut echoes = Vec::new();
         let new_data = match serde_json::from_str::<Value>(&data) {
-            Ok(value) => self.on_json(ev.event.as_deref(), &data, &value, &mut pre)?,
+            Ok(value) => self.on_json(ev.event.as_deref(), &data, &value, &mut pre, &mut echoes)?,
             Err(_) => self.guard.process_full(&data, &mut self.tally, true)?,
         };
-        out.extend_from_slice(&pre);
-        match new_data {
-            Some(d) => out.extend_from_slice(&sse::rewrite_data(raw, &d)),
-            None => out.extend_from_slice(raw),
+        out.push(Slot::Bytes(pre));
+        if !echoes.is_empty() {
+            out.push(Slot::Echo(Deferred {
+                wrap: Wrap::Sse(raw.to_vec()),
+                data: new_data.unwrap_or(data),
+                echoes,
+            }));
+        } else {
+            match new_data {
+                Some(d) => out.push(Slot::Bytes(sse::rewrite_data(raw, &d))),
+                None => out.push(Slot::Bytes(raw.to_vec())),
+            }
         }
         Ok(())
     }
 
-    /// Handles one JSON event; returns its new JSON when changed.
+    /// Handles one JSON event; returns its new JSON when changed. Its
+    /// echoes of blocks still carried go to `echoes`, to be completed when
+    /// their text is out.
     fn on_json(
         &mut self,
         event: Option<&str>,
         data: &str,
         value: &Value,
         pre: &mut Vec<u8>,
+        echoes: &mut Vec<(Vec<Seg>, ChanKey, String)>,
     ) -> Result<Option<String>, Blocked> {
         let mut edits = Edits::new();
         let mut handled: Vec<Vec<Seg>> = Vec::new();
+        let mut repeats = Vec::new();
         let api = self.api;
         let echo = answer::stream_event(api, event, value, &mut |item| match item {
             Item::Text(p) => {
@@ -457,8 +619,33 @@ impl StreamMasker {
             }
             Item::End(a) => self.flush(|k| k.a == a, false, true, pre),
             Item::EndAll => self.flush(|_| true, false, false, pre),
+            Item::Echo(p) => {
+                repeats.push(p);
+                Ok(())
+            }
             Item::Usage(_) => Ok(()),
         })?;
+        // An echo repeats exactly what went out of its channel; one that
+        // cannot be matched to it is masked whole below.
+        for p in repeats {
+            let path: Vec<Seg> = p.path.steps().iter().map(seg).collect();
+            let key = p.channel;
+            if self.carried_now(key) {
+                echoes.push((path.clone(), key, p.text.to_string()));
+                handled.push(path);
+                continue;
+            }
+            let held = self
+                .channels
+                .iter()
+                .any(|c| c.key == key && (!c.pending.is_empty() || c.swallow));
+            if let Some(sent) = self.sent_text.get(key).filter(|_| !held) {
+                if sent != p.text {
+                    edits.insert(path.clone(), json_edit::json_string(sent));
+                }
+                handled.push(path);
+            }
+        }
         let tokens = answer::token_fields(api);
         let mut texts = Vec::new();
         for (path, leaf) in leaves(value, tokens, self.guard.changes_text()) {
@@ -489,6 +676,17 @@ impl StreamMasker {
         }
     }
 
+    /// Whether channel `key` is a block whose tail is carried, its text not
+    /// all out yet.
+    fn carried_now(&self, key: ChanKey) -> bool {
+        let heads = |ch: &Channel| ch.joined.iter().any(|h| h.key == key);
+        self.carry.as_ref().is_some_and(|c| {
+            !c.decided
+                && (c.ended.as_ref().is_some_and(|e| e.key == key || heads(e))
+                    || self.channels.iter().any(heads))
+        })
+    }
+
     fn channel(&mut self, key: ChanKey, template: impl FnOnce() -> Template) -> usize {
         match self.channels.iter().position(|c| c.key == key) {
             Some(i) => i,
@@ -503,7 +701,7 @@ impl StreamMasker {
                     open_pem: false,
                     prefixes: PrefixTracker::default(),
                     stalled: None,
-                    joined: None,
+                    joined: Vec::new(),
                 });
                 self.channels.len() - 1
             }
@@ -546,9 +744,7 @@ impl StreamMasker {
             return Ok(());
         };
         let r = feed(&self.guard, &mut self.tally, ch, text, last)?;
-        if let Some(c) = self.carry.as_mut() {
-            carried(c, framing, ch, &r);
-        }
+        carried(self.carry.as_mut(), &mut self.sent_text, framing, key, &r);
         if r.text != text {
             edits.insert(path.clone(), json_edit::json_string(&r.text));
         }
@@ -578,28 +774,30 @@ impl StreamMasker {
             if !pred(&ch.key) || (ch.pending.is_empty() && !ch.swallow) {
                 continue;
             }
-            if more
-                && self.carry.is_none()
-                && ch.joined.is_none()
-                && !ch.swallow
-                && may_continue(self.api, ch.key)
-            {
+            // A block that may be continued is carried; so is one that
+            // joined a carried block and may be continued in turn (a chain).
+            let carries = match &self.carry {
+                None => ch.joined.is_empty(),
+                Some(c) => !c.decided && c.ended.is_none() && !ch.joined.is_empty(),
+            };
+            if more && carries && !ch.swallow && may_continue(self.api, ch.key) {
                 i -= 1;
                 let ended = self.channels.remove(i);
-                self.carry = Some(Carry {
-                    ended: Some(ended),
-                    ..Carry::default()
-                });
+                let c = self.carry.get_or_insert_with(Carry::default);
+                c.held.push(Slot::Extra(ended.key, Vec::new()));
+                c.ended = Some(ended);
+                c.units = 0;
                 continue;
             }
             let r = feed(&self.guard, &mut self.tally, ch, "", true)?;
-            if let Some(c) = self.carry.as_mut() {
-                carried(c, framing, ch, &r);
-            }
-            if !r.text.is_empty() {
-                let json = ch.template.json(&r.text);
-                out.extend_from_slice(&framing.extra(ch.template.event.as_deref(), &json, at_end));
-            }
+            carried(
+                self.carry.as_mut(),
+                &mut self.sent_text,
+                framing,
+                ch.key,
+                &r,
+            );
+            extra(framing, &ch.template, &r.text, at_end, out);
         }
         Ok(())
     }
@@ -622,7 +820,12 @@ fn may_continue(api: ApiKind, key: ChanKey) -> bool {
 /// `ch`, the next block's new channel, takes over the held text of the
 /// carried block `ended`, which it continues.
 fn join(ch: &mut Channel, ended: Channel) {
-    ch.joined = Some((ended.template, ended.pending.len()));
+    ch.joined = ended.joined;
+    ch.joined.push(Head {
+        key: ended.key,
+        template: ended.template,
+        end: ended.pending.len(),
+    });
     ch.ctx = ended.ctx;
     ch.pending = ended.pending;
     ch.pending_chars = ended.pending_chars;
@@ -630,18 +833,46 @@ fn join(ch: &mut Channel, ended: Channel) {
     ch.prefixes = ended.prefixes;
 }
 
-/// What `r` released of the carried block `ch` continues goes out in an
-/// extra event of that block, before what was held after it; once all of
-/// it is out, the carry is decided.
-fn carried(c: &mut Carry, framing: Framing, ch: &Channel, r: &Release) {
-    let template = r.head_done.as_ref().or(ch.joined.as_ref().map(|(t, _)| t));
-    if let Some(t) = template.filter(|_| !r.head.is_empty()) {
-        let json = t.json(&r.head);
-        c.before
-            .extend_from_slice(&framing.extra(t.event.as_deref(), &json, false));
+/// Records what `r` released of channel `key`; what it released of the
+/// carried blocks `key` continues goes out in extra events of those blocks,
+/// where each ended; once all of it is out, the carry is decided.
+fn carried(c: Option<&mut Carry>, sent: &mut Sent, framing: Framing, key: ChanKey, r: &Release) {
+    for h in &r.heads {
+        sent.add(h.key, &h.text);
     }
-    if r.head_done.is_some() {
+    sent.add(key, &r.text);
+    let Some(c) = c else {
+        return;
+    };
+    for h in &r.heads {
+        if let (Some(t), Some(out)) = (&h.template, slot(c, h.key)) {
+            extra(framing, t, &h.text, false, out);
+        }
+    }
+    if !r.heads.is_empty() && r.heads.iter().all(|h| h.done) {
         c.decided = true;
+    }
+}
+
+/// The extra events of the carried block `key` (a slot at the end when it
+/// has none yet).
+fn slot(c: &mut Carry, key: ChanKey) -> Option<&mut Vec<u8>> {
+    let is = |s: &Slot| matches!(s, Slot::Extra(k, _) if *k == key);
+    if !c.held.iter().any(is) {
+        c.held.push(Slot::Extra(key, Vec::new()));
+    }
+    c.held.iter_mut().find_map(|s| match s {
+        Slot::Extra(k, b) if *k == key => Some(b),
+        _ => None,
+    })
+}
+
+/// An extra event of `template`'s channel carrying `text` (none when
+/// empty), appended to `out`.
+fn extra(framing: Framing, template: &Template, text: &str, at_end: bool, out: &mut Vec<u8>) {
+    if !text.is_empty() {
+        let json = template.json(text);
+        out.extend_from_slice(&framing.extra(template.event.as_deref(), &json, at_end));
     }
 }
 
@@ -815,8 +1046,17 @@ fn feed(
 ) -> Result<Release, Blocked> {
     let mut r = Release::default();
     if ch.swallow {
-        // An over-long PEM block is being dropped: the boundary is in it.
-        r.head_done = ch.joined.take().map(|(t, _)| t);
+        // An over-long PEM block is being dropped: the boundaries are in it.
+        r.heads = ch
+            .joined
+            .drain(..)
+            .map(|h| HeadOut {
+                key: h.key,
+                template: None,
+                text: String::new(),
+                done: true,
+            })
+            .collect();
     }
     let mut incoming = text.to_string();
     if ch.swallow {
@@ -894,23 +1134,36 @@ fn feed(
         cut = an.past_spans(from + tail_start(hay.get(from..).unwrap_or(""), window));
         swallow_after = an.open_end && !reads_at_least(hay.get(cut..).unwrap_or(""), 1);
     }
-    let boundary = ch.joined.as_ref().map(|(_, at)| from + at);
-    match boundary {
-        // Only the carried block's tail goes (part of it, or all).
-        Some(b) if cut <= b => r.head = guard.render(&hay, from, cut, &an, tally, true)?,
-        Some(b) => {
-            let b = an.past_spans(b).min(cut);
-            r.head = guard.render(&hay, from, b, &an, tally, true)?;
-            r.text = guard.render(&hay, b, cut, &an, tally, true)?;
+    // Each carried block's part up to its end (moved on past anything
+    // found across it), the channel's own text after the last.
+    let mut at = from;
+    for h in &ch.joined {
+        let b = from + h.end;
+        let e = if cut <= b {
+            cut
+        } else {
+            an.past_spans(b).min(cut)
         }
-        None => r.text = guard.render(&hay, from, cut, &an, tally, true)?,
+        .max(at);
+        let text = if e > at {
+            guard.render(&hay, at, e, &an, tally, true)?
+        } else {
+            String::new()
+        };
+        at = e;
+        r.heads.push(HeadOut {
+            key: h.key,
+            template: (!text.is_empty()).then(|| h.template.clone()),
+            text,
+            done: cut >= b || swallow_after,
+        });
     }
-    match (&mut ch.joined, boundary) {
-        (Some(_), Some(b)) if cut >= b || swallow_after => {
-            r.head_done = ch.joined.take().map(|(t, _)| t);
-        }
-        (Some((_, at)), Some(b)) => *at = b - cut,
-        _ => {}
+    if cut > at {
+        r.text = guard.render(&hay, at, cut, &an, tally, true)?;
+    }
+    ch.joined.retain(|h| from + h.end > cut && !swallow_after);
+    for h in &mut ch.joined {
+        h.end = from + h.end - cut;
     }
     let released = cut.saturating_sub(from);
     keep_context(ch, hay.get(..cut).unwrap_or(""));
@@ -927,24 +1180,29 @@ fn feed(
     Ok(r)
 }
 
-/// Releases the first `cut` bytes of the held text unchanged (into `r`: a
-/// carried block's tail apart from the channel's own text).
+/// Releases the first `cut` bytes of the held text unchanged (into `r`:
+/// the carried blocks' tails apart from the channel's own text).
 fn release_as_written(ch: &mut Channel, cut: usize, r: &mut Release) {
     let (Some(out), Some(rest)) = (ch.pending.get(..cut), ch.pending.get(cut..)) else {
         return;
     };
     let (out, rest) = (out.to_string(), rest.to_string());
-    match &mut ch.joined {
-        Some((_, at)) if cut < *at => {
-            r.head = out.clone();
-            *at -= cut;
-        }
-        Some((_, at)) => {
-            r.head = out.get(..*at).unwrap_or("").to_string();
-            r.text = out.get(*at..).unwrap_or("").to_string();
-            r.head_done = ch.joined.take().map(|(t, _)| t);
-        }
-        None => r.text = out.clone(),
+    let mut at = 0;
+    for h in &ch.joined {
+        let e = cut.min(h.end).max(at);
+        let text = out.get(at..e).unwrap_or("").to_string();
+        at = e;
+        r.heads.push(HeadOut {
+            key: h.key,
+            template: (!text.is_empty()).then(|| h.template.clone()),
+            text,
+            done: cut >= h.end,
+        });
+    }
+    r.text = out.get(at..).unwrap_or("").to_string();
+    ch.joined.retain(|h| h.end > cut);
+    for h in &mut ch.joined {
+        h.end -= cut;
     }
     ch.pending = rest;
     ch.pending_chars = ch.pending_chars.saturating_sub(out.chars().count());
@@ -1083,6 +1341,15 @@ mod tests {
         format!("data: {v}\n\n")
     }
 
+    /// An SSE event named by its JSON's `type`.
+    fn named_event(v: Value) -> String {
+        format!(
+            "event: {}\n{}",
+            v["type"].as_str().unwrap(),
+            data(v.clone())
+        )
+    }
+
     fn stream(api: ApiKind, tokens: &[String]) -> String {
         let full: String = tokens.concat();
         let mut s = String::new();
@@ -1133,13 +1400,7 @@ mod tests {
                 }
             }
             ApiKind::OpenaiResponses => {
-                let ev = |v: Value| {
-                    format!(
-                        "event: {}\n{}",
-                        v["type"].as_str().unwrap(),
-                        data(v.clone())
-                    )
-                };
+                let ev = named_event;
                 s.push_str(&ev(json!({"type":"response.created","sequence_number":0,"response":{"id":"r","status":"in_progress","output":[]}})));
                 s.push_str(&ev(json!({"type":"response.content_part.added","sequence_number":1,"item_id":"i","output_index":0,"content_index":0,"part":{"type":"output_text","text":""}})));
                 for t in tokens {
@@ -2009,13 +2270,7 @@ mod tests {
     /// content blocks, Responses content parts of one message), each sent
     /// in `pieces` of its text, with the events an API sends between them.
     fn blocks_stream(api: ApiKind, blocks: &[Vec<String>]) -> String {
-        let ev = |v: Value| {
-            format!(
-                "event: {}\n{}",
-                v["type"].as_str().unwrap(),
-                data(v.clone())
-            )
-        };
+        let ev = named_event;
         let mut s = String::new();
         match api {
             ApiKind::AnthropicMessages => {
@@ -2047,11 +2302,24 @@ mod tests {
                             json!({"type":"response.output_text.delta","delta":p}),
                         ));
                     }
+                    // The echoes of the part's whole text.
+                    let whole = pieces.concat();
                     s.push_str(&with(
-                        json!({"type":"response.content_part.done","part":{"type":"output_text"}}),
+                        json!({"type":"response.output_text.done","text":whole,"logprobs":[]}),
+                    ));
+                    s.push_str(&with(
+                        json!({"type":"response.content_part.done","part":{"type":"output_text","text":whole,"annotations":[]}}),
                     ));
                 }
-                s.push_str(&ev(json!({"type":"response.completed","response":{"id":"r","status":"completed","output":[]}})));
+                let content: Vec<Value> = blocks
+                    .iter()
+                    .map(|p| json!({"type":"output_text","text":p.concat(),"annotations":[]}))
+                    .collect();
+                let item = json!({"type":"message","id":"it","role":"assistant","status":"completed","content":content});
+                s.push_str(&ev(
+                    json!({"type":"response.output_item.done","output_index":0,"item":item}),
+                ));
+                s.push_str(&ev(json!({"type":"response.completed","response":{"id":"r","status":"completed","output":[item]}})));
             }
             _ => unreachable!(),
         }
@@ -2087,6 +2355,190 @@ mod tests {
             texts[i].push_str(text.unwrap_or(""));
         }
         (texts, order)
+    }
+
+    /// Every text a Responses stream repeats of its parts (`*.done` echoes,
+    /// the final item and response), with the part's index.
+    fn echo_texts(out: &[u8]) -> Vec<(String, usize, String)> {
+        let mut found = Vec::new();
+        for (_, d) in events(ApiKind::OpenaiResponses, out) {
+            let v: Value = serde_json::from_str(&d).unwrap();
+            let kind = v["type"].as_str().unwrap_or("").to_string();
+            let ci = v["content_index"].as_u64().unwrap_or(0) as usize;
+            match kind.as_str() {
+                "response.output_text.done" => {
+                    found.push((kind, ci, v["text"].as_str().unwrap().into()))
+                }
+                "response.content_part.done" => {
+                    found.push((kind, ci, v["part"]["text"].as_str().unwrap().into()))
+                }
+                "response.output_item.done" | "response.completed" => {
+                    let item = if kind == "response.completed" {
+                        &v["response"]["output"][0]
+                    } else {
+                        &v["item"]
+                    };
+                    for (i, part) in item["content"].as_array().unwrap().iter().enumerate() {
+                        found.push((kind.clone(), i, part["text"].as_str().unwrap().into()));
+                    }
+                }
+                _ => {}
+            }
+        }
+        found
+    }
+
+    /// `text` cut at `cuts` and masked whole: what each block carries (a
+    /// value across a cut goes whole, masked, in the block it begins in).
+    fn masked_in_parts(g: &ResponseGuard, text: &str, cuts: &[usize]) -> Vec<String> {
+        let mut tally = GuardTally::default();
+        let an = g.analyze(text, 0);
+        let mut start = 0;
+        let mut parts = Vec::new();
+        for &at in cuts.iter().chain([text.len()].iter()) {
+            let end = if at == text.len() {
+                at
+            } else {
+                an.past_spans(at).max(start)
+            };
+            parts.push(g.render(text, start, end, &an, &mut tally, true).unwrap());
+            start = end;
+        }
+        parts
+    }
+
+    /// A value over three adjacent blocks (the middle one inside it), each
+    /// block sent in pieces: masked as one text, each block its own part;
+    /// a Responses stream's echoes repeat exactly what each part sent.
+    #[test]
+    fn a_value_over_three_blocks_is_masked_joined_and_echoed_as_sent() {
+        let (g, _) = guard("{}");
+        let mut cases: Vec<(String, usize, usize)> = vec![("4111 1111 1111 1111".into(), 9, 15)];
+        let text =
+            "card 4111 1111 1111 1111, mail dana.scully@fbi.example.org, key AKIAIOSFODNN7EXAMPLE.";
+        for i in 1..text.len() {
+            for k in [1, 3, 6] {
+                if i + k < text.len() {
+                    cases.push((text.into(), i, i + k));
+                }
+            }
+        }
+        for api in [ApiKind::AnthropicMessages, ApiKind::OpenaiResponses] {
+            for (text, i, j) in &cases {
+                let (i, j) = (*i, *j);
+                let expected = masked_in_parts(&g, text, &[i, j]);
+                for per in [1, 4] {
+                    let blocks = [
+                        chunks(&text[..i], per),
+                        chunks(&text[i..j], per),
+                        chunks(&text[j..], per),
+                    ];
+                    let (out, _) = run(api, &g, &[blocks_stream(api, &blocks).as_bytes()]);
+                    let what = format!("{api:?} {text:?} cut at {i}, {j}, {per} chars/event");
+                    let (texts, order) = block_texts(api, &out);
+                    assert_eq!(texts, expected, "{what}");
+                    assert!(order.windows(2).all(|w| w[0] <= w[1]), "{what}: {order:?}");
+                    let raw = String::from_utf8_lossy(&out);
+                    for secret in ["4111 1111", "1111 1111", "scully@", "@fbi", "IOSFODNN7"] {
+                        assert!(!raw.contains(secret), "{what}: {secret} in {raw}");
+                    }
+                    if api == ApiKind::OpenaiResponses {
+                        let echoes = echo_texts(&out);
+                        assert_eq!(echoes.len(), 12, "{what}");
+                        for (kind, ci, echoed) in echoes {
+                            assert_eq!(echoed, texts[ci], "{what}: {kind} of part {ci}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// An echo repeats what went out of its part, whatever text it came
+    /// with; one that matches no streamed part is masked whole.
+    #[test]
+    fn an_echo_gets_what_its_part_sent_or_is_masked_whole() {
+        let (g, _) = guard("{}");
+        let api = ApiKind::OpenaiResponses;
+        let ev = named_event;
+        let mut s = String::new();
+        s.push_str(&ev(json!({"type":"response.output_text.delta","output_index":0,"content_index":0,"delta":"mail jane@example.com now"})));
+        // Another text than the part's: the part's masked text goes instead.
+        s.push_str(&ev(json!({"type":"response.output_text.done","output_index":0,"content_index":0,"text":"key AKIAIOSF"})));
+        // A part never streamed: masked whole.
+        s.push_str(&ev(json!({"type":"response.output_text.done","output_index":0,"content_index":4,"text":"to dana.scully@fbi.example.org"})));
+        s.push_str(&ev(json!({"type":"response.completed","response":{"id":"r","status":"completed","output":[]}})));
+        let (out, _) = run(api, &g, &[s.as_bytes()]);
+        let done: Vec<String> = events(api, &out)
+            .into_iter()
+            .map(|(_, d)| serde_json::from_str::<Value>(&d).unwrap())
+            .filter(|v| v["type"] == "response.output_text.done")
+            .map(|v| v["text"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            done,
+            vec![
+                plainly_masked(&g, "mail jane@example.com now"),
+                plainly_masked(&g, "to dana.scully@fbi.example.org")
+            ]
+        );
+    }
+
+    /// Gemini `thought` parts are masked across chunks like text, in both
+    /// stream framings (SSE and the JSON array).
+    #[test]
+    fn gemini_thought_parts_are_masked_across_chunks() {
+        let (g, _) = guard("{}");
+        let text = "mail dana.scully@fbi.example.org, key AKIAIOSFODNN7EXAMPLE.";
+        for at in 1..text.len() {
+            let pieces = [&text[..at], &text[at..]];
+            let chunk = |i: usize, t: &str| {
+                let mut cand = json!({"content":{"parts":[{"text":t,"thought":true}],"role":"model"},"index":0});
+                if i == 1 {
+                    cand["finishReason"] = json!("STOP");
+                }
+                json!({"candidates":[cand],"modelVersion":"gemini-x"}).to_string()
+            };
+            let sse: String = pieces
+                .iter()
+                .enumerate()
+                .map(|(i, t)| format!("data: {}\r\n\r\n", chunk(i, t)))
+                .collect();
+            let array = format!("[{},\r\n{}]", chunk(0, pieces[0]), chunk(1, pieces[1]));
+            for (framing, body) in [(Framing::Sse, sse), (Framing::Json(Layout::Array), array)] {
+                let mut m = StreamMasker::new(ApiKind::GeminiGenerateContent, g.clone(), framing);
+                let mut out = m.push(body.as_bytes());
+                out.extend(m.finish());
+                let raw = String::from_utf8_lossy(&out);
+                let what = format!("{framing:?} cut at {at}: {raw}");
+                let mut thought = String::new();
+                for d in documents(&raw) {
+                    for part in d["candidates"][0]["content"]["parts"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                    {
+                        assert_eq!(part["thought"], json!(true), "{what}");
+                        thought.push_str(part["text"].as_str().unwrap());
+                    }
+                }
+                assert_eq!(thought, plainly_masked(&g, text), "{what}");
+                for secret in ["scully@", "@fbi", "IOSFODNN7"] {
+                    assert!(!raw.contains(secret), "{what}");
+                }
+            }
+        }
+    }
+
+    /// The JSON values of an SSE or JSON-array Gemini stream.
+    fn documents(raw: &str) -> Vec<Value> {
+        if let Ok(Value::Array(items)) = serde_json::from_str(raw) {
+            return items;
+        }
+        raw.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect()
     }
 
     /// `text` cut at `at` and masked whole: what each of the two blocks
@@ -2165,13 +2617,7 @@ mod tests {
             .process_full("mail dana.scully@fbi", &mut GuardTally::default(), false)
             .unwrap()
             .unwrap_or_else(|| "mail dana.scully@fbi".to_string());
-        let ev = |v: Value| {
-            format!(
-                "event: {}\n{}",
-                v["type"].as_str().unwrap(),
-                data(v.clone())
-            )
-        };
+        let ev = named_event;
         let head = |s: &mut String| {
             s.push_str(&ev(json!({"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}})));
             s.push_str(&ev(json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"mail dana.scully@fbi"}})));
