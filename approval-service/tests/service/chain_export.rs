@@ -183,7 +183,7 @@ fn follow_picks_up_new_entries_and_stops_cleanly_on_sigterm() {
         .spawn()
         .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut next_seq = |out: &mut std::io::Lines<_>| -> i64 {
+    let next_seq = |out: &mut std::io::Lines<_>| -> i64 {
         let line: String = out.next().unwrap().unwrap();
         serde_json::from_str::<Value>(&line).unwrap()["seq"]
             .as_i64()
