@@ -205,3 +205,32 @@ fn follow_picks_up_new_entries_and_stops_cleanly_on_sigterm() {
     assert!(out.next().is_none());
     assert!(std::fs::read_to_string(&cursor).unwrap().starts_with("3 "));
 }
+
+#[test]
+fn a_line_cut_by_a_crash_is_ended_before_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_state, db) = chain(dir.path(), 1, "");
+    // What a SIGKILL in the middle of a write leaves in an appended file.
+    let file = dir.path().join("out.jsonl");
+    std::fs::write(&file, "{\"seq\":1,\"hash\":\"ab").unwrap();
+    // Write-only and appending, as `>> out.jsonl` opens it.
+    let out = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&file)
+        .unwrap();
+    let status = Command::new(BIN)
+        .args(["export-chain", "--database"])
+        .arg(common::database_setting(&db))
+        .arg("--cursor")
+        .arg(dir.path().join("cursor"))
+        .stdout(out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert_eq!(lines[0], "{\"seq\":1,\"hash\":\"ab");
+    let whole: Value = serde_json::from_str(lines[1]).unwrap();
+    assert_eq!(whole["seq"], 1);
+}
