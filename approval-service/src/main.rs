@@ -15,6 +15,7 @@ use std::process::ExitCode;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use countersign_approval::{run_split, AppState, Config};
 
+mod chain_export;
 mod check_config;
 mod hash_token;
 mod records_cli;
@@ -45,6 +46,8 @@ enum Command {
     VerifyRecords(records_cli::VerifyArgs),
     /// Write session records as JSON Lines to stdout (read-only).
     ExportRecords(records_cli::ExportArgs),
+    /// Export the hash-chain entries to a SIEM (JSON Lines or syslog), resumable by seq (read-only).
+    ExportChain(chain_export::Args),
     /// Try a draft plugin configuration on the recorded requests: what would change (read-only).
     Replay(replay::Args),
 }
@@ -109,6 +112,7 @@ fn main() -> ExitCode {
         Command::CheckConfig(args) => check_config::run(&args.into()),
         Command::VerifyRecords(args) => records_cli::verify(&args, sub("verify-records")),
         Command::ExportRecords(args) => records_cli::export(&args, sub("export-records")),
+        Command::ExportChain(args) => chain_export::run(&args, sub("export-chain")),
         Command::Replay(args) => replay::run(&args, sub("replay")),
     }
 }

@@ -148,6 +148,7 @@ class OtlpReceiver(Served):
                                 "trace_id": s.trace_id.hex(), "span_id": s.span_id.hex(),
                                 "parent_span_id": s.parent_span_id.hex(), "name": s.name, "kind": s.kind,
                                 "attributes": {a.key: receiver._value(a.value) for a in s.attributes},
+                                "links": [(link.trace_id.hex(), link.span_id.hex()) for link in s.links],
                                 "service": resource.get("service.name"), "scope": scope_spans.scope.name,
                             })
                 with receiver.lock:

@@ -1,8 +1,9 @@
 """Traces end to end: a caller's W3C `traceparent` goes through the real
 Envoy and the countersign filter to the approval service, whose spans
-(review creation, the decision, the record appends) reach a real OTLP/HTTP
-receiver (protobuf, decoded with `opentelemetry-proto`) as children of the
-caller's span; the model gets the same `traceparent`."""
+(review creation, the decision, the record appends, and the reviewer's
+decision itself, stored with the review) reach a real OTLP/HTTP receiver
+(protobuf, decoded with `opentelemetry-proto`) as children of the caller's
+span; the model gets the same `traceparent`."""
 import secrets
 
 import pytest
@@ -52,11 +53,11 @@ def test_the_callers_trace_runs_through_the_service_and_on_to_the_model(traced_s
     answer = fut.result(timeout=15)
     assert answer.status_code == 200, answer.text
 
-    spans = spans_named(receiver, trace_id, {
-        "countersign.review.create", "countersign.review.decision",
-        "countersign.record.append", "countersign.record.append_response"})
-    for name, found in spans.items():
-        for s in found:
+    calls = {"countersign.review.create", "countersign.review.decision",
+             "countersign.record.append", "countersign.record.append_response"}
+    spans = spans_named(receiver, trace_id, calls)
+    for name in calls:
+        for s in spans[name]:
             # Children of the caller's span, served by this service.
             assert s["parent_span_id"] == parent_id, (name, s)
             assert s["kind"] == 2, (name, s)  # SPAN_KIND_SERVER
@@ -74,11 +75,23 @@ def test_the_callers_trace_runs_through_the_service_and_on_to_the_model(traced_s
     assert record["attributes"]["countersign.record.id"].startswith("rec_")
     assert isinstance(record["attributes"]["countersign.record.seq"], int)
 
-    # The reviewer's decision is a span of its own (the reviewer's request
-    # carried no trace), named by the review.
-    wait_until(lambda: [s for s in receiver.spans() if s["name"] == "countersign.review.decide"
-                        and s["attributes"].get("countersign.review.id") == review["id"]],
-               what="the reviewer's decision span")
+    # The reviewer's request is a span of its own (it carried no trace), named
+    # by the review.
+    [decide] = wait_until(lambda: [s for s in receiver.spans() if s["name"] == "countersign.review.decide"
+                                   and s["attributes"].get("countersign.review.id") == review["id"]],
+                          what="the reviewer's request span")
+    assert decide["trace_id"] != trace_id and decide["parent_span_id"] == "", decide
+    # The decision itself is in the caller's trace: a child of the caller's
+    # span (stored with the review when the filter created it), linked to the
+    # reviewer's request span.
+    [decided] = spans_named(receiver, trace_id, {"countersign.review.decided"})["countersign.review.decided"]
+    assert decided["parent_span_id"] == parent_id, decided
+    assert decided["kind"] == 1, decided  # SPAN_KIND_INTERNAL
+    assert decided["attributes"]["countersign.review.id"] == review["id"]
+    assert decided["attributes"]["countersign.review.decided_by"] == "alice"
+    assert decided["attributes"]["countersign.review.decision"] == "approved"
+    assert decided["attributes"]["countersign.review.status"] == "approved"
+    assert decided["links"] == [(decide["trace_id"], decide["span_id"])], decided
 
     # The model saw the caller's trace context, as sent.
     [seen] = [r for r in stack.backend.requests() if r["path"].startswith("/v1/chat/completions")]

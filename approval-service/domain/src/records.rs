@@ -1247,6 +1247,69 @@ fn attestation(entry: &str) -> Option<(i64, String)> {
 /// Rows of the chain read per query by [`verify_chain`].
 const VERIFY_PAGE: i64 = 1000;
 
+/// One entry of the hash chain, as stored: the exported unit of
+/// `export-chain` and what the verifier walks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainEntry {
+    /// Position in the chain (the previous entry's `seq + 1`).
+    pub seq: i64,
+    /// The record's id (`rec_...`; a retention entry's own).
+    pub record_id: String,
+    /// `request`, `response` or `retention`.
+    pub kind: String,
+    /// A response's request record.
+    pub ref_record_id: Option<String>,
+    /// When it was appended, Unix ms.
+    pub created_at_ms: i64,
+    /// The hashed JSON text, byte for byte.
+    pub entry: String,
+    /// The previous entry's `hash` (the anchor's after retention; 64 zeros
+    /// for the first entry).
+    pub prev_hash: String,
+    /// [`chain_hash`]`(prev_hash, seq, entry)`.
+    pub hash: String,
+}
+
+/// Up to `limit` entries of the chain after `after_seq`, oldest first
+/// (SELECT only). Appends commit in `seq` order (they serialise on the
+/// chain's lock), so a reader never sees an entry before an earlier one.
+pub fn chain_entries(conn: &mut Conn, after_seq: i64, limit: i64) -> DbResult<Vec<ChainEntry>> {
+    conn.query(
+        "SELECT seq, record_id, kind, ref_record_id, created_at_ms, entry, prev_hash, hash
+         FROM records WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        params![after_seq, limit],
+    )?
+    .iter()
+    .map(|row| {
+        Ok(ChainEntry {
+            seq: row.get(0)?,
+            record_id: row.get(1)?,
+            kind: row.get(2)?,
+            ref_record_id: row.get(3)?,
+            created_at_ms: row.get(4)?,
+            entry: row.get(5)?,
+            prev_hash: row.get(6)?,
+            hash: row.get(7)?,
+        })
+    })
+    .collect()
+}
+
+/// The newest retention anchor `(through_seq, hash)`: the chain starts
+/// after it. `None` when nothing was removed (or the table is missing).
+pub fn newest_anchor(conn: &mut Conn) -> DbResult<Option<(i64, String)>> {
+    if !conn.table_exists("chain_anchor")? {
+        return Ok(None);
+    }
+    match conn.query_opt(
+        "SELECT through_seq, hash FROM chain_anchor ORDER BY through_seq DESC LIMIT 1",
+        params![],
+    )? {
+        Some(r) => Ok(Some((r.get(0)?, r.get(1)?))),
+        None => Ok(None),
+    }
+}
+
 /// Walks the whole chain in `seq` order and reports the first problem.
 /// Reads only the stored columns (the triggers are not trusted), all in one
 /// snapshot.
@@ -1255,37 +1318,26 @@ pub fn verify_chain(conn: &mut Conn) -> DbResult<Result<ChainOk, ChainProblem>> 
 }
 
 fn verify_chain_in(conn: &mut Conn) -> DbResult<Result<ChainOk, ChainProblem>> {
-    let anchor: Option<(i64, String)> = if conn.table_exists("chain_anchor")? {
-        match conn.query_opt(
-            "SELECT through_seq, hash FROM chain_anchor ORDER BY through_seq DESC LIMIT 1",
-            params![],
-        )? {
-            Some(r) => Some((r.get(0)?, r.get(1)?)),
-            None => None,
-        }
-    } else {
-        None
-    };
+    let anchor = newest_anchor(conn)?;
     let (mut prev_seq, mut prev_hash) = anchor.clone().unwrap_or((0, GENESIS_HASH.to_string()));
     let mut attested = false;
     let mut count = 0u64;
     // Paged by `seq`, so a long log is never held in memory at once.
     let mut after = i64::MIN;
     loop {
-        let page = conn.query(
-            "SELECT seq, record_id, kind, ref_record_id, created_at_ms, entry, prev_hash, hash
-             FROM records WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            params![after, VERIFY_PAGE],
-        )?;
-        for row in &page {
-            let seq: i64 = row.get(0)?;
-            let record_id: String = row.get(1)?;
-            let kind: String = row.get(2)?;
-            let ref_record_id: Option<String> = row.get(3)?;
-            let created_at_ms: i64 = row.get(4)?;
-            let entry: String = row.get(5)?;
-            let row_prev: String = row.get(6)?;
-            let hash: String = row.get(7)?;
+        let page = chain_entries(conn, after, VERIFY_PAGE)?;
+        let read = page.len();
+        for e in page {
+            let ChainEntry {
+                seq,
+                record_id,
+                kind,
+                ref_record_id,
+                created_at_ms,
+                entry,
+                prev_hash: row_prev,
+                hash,
+            } = e;
             after = seq;
             if seq > prev_seq + 1 {
                 return Ok(Err(ChainProblem::Missing {
@@ -1327,7 +1379,7 @@ fn verify_chain_in(conn: &mut Conn) -> DbResult<Result<ChainOk, ChainProblem>> {
             prev_seq = seq;
             prev_hash = hash;
         }
-        if i64::try_from(page.len()).unwrap_or(i64::MAX) < VERIFY_PAGE {
+        if i64::try_from(read).unwrap_or(i64::MAX) < VERIFY_PAGE {
             break;
         }
     }

@@ -56,6 +56,18 @@ pub struct NewReview {
     pub hold_timeout_ms: u64,
     /// What the filter sent.
     pub request: countersign_core::wire::CreateReview,
+    /// The W3C `traceparent` and `tracestate` the creation carried (the
+    /// caller's, validated), for the decision's span.
+    pub trace_context: Option<TraceContext>,
+}
+
+/// A W3C trace context as stored with a review.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceContext {
+    /// `traceparent`.
+    pub traceparent: String,
+    /// `tracestate`, when there was one.
+    pub tracestate: Option<String>,
 }
 
 /// The list view of a review (no prompt or body, which can be megabytes).
@@ -486,9 +498,9 @@ impl Store {
                  path, authority, route, caller, model, stream, rule, prompt_json, preview, body,
                  hold_timeout_ms, caller_groups_json, required_approvals, approver_group, async_review,
                  idempotency_key, evidence_json, auto_decision_json, kind, spot_check_json,
-                 mode, tool_calls_json, hold_alive_until_ms)
+                 mode, tool_calls_json, hold_alive_until_ms, traceparent, tracestate)
              VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                 ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29)
+                 ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31)
              ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
             params![
                 &r.id,
@@ -520,6 +532,8 @@ impl Store {
                 q.mode.as_str(),
                 &tool_calls_json,
                 hold_alive_until_ms,
+                r.trace_context.as_ref().map(|t| t.traceparent.as_str()),
+                r.trace_context.as_ref().and_then(|t| t.tracestate.as_deref()),
             ],
         )?;
         if inserted == 1 {
@@ -555,6 +569,22 @@ impl Store {
     /// The filter's view of a review.
     pub fn state(&self, id: &str) -> DbResult<Option<ReviewState>> {
         state_of(&mut self.conn(), id)
+    }
+
+    /// The trace context review `id` was created with (`None`: none, or
+    /// no such review).
+    pub fn trace_context(&self, id: &str) -> DbResult<Option<TraceContext>> {
+        let row = self.conn().query_opt(
+            "SELECT traceparent, tracestate FROM reviews WHERE id = ?1 AND traceparent IS NOT NULL",
+            params![id],
+        )?;
+        row.map(|r| {
+            Ok(TraceContext {
+                traceparent: r.get(0)?,
+                tracestate: r.get(1)?,
+            })
+        })
+        .transpose()
     }
 
     /// The full view of a review.

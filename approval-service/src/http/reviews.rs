@@ -6,12 +6,14 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use countersign_core::wire::{CreateReview, ReviewState, ReviewStatus};
 use futures_util::Stream;
+use opentelemetry::trace::FutureExt;
+use opentelemetry::KeyValue;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -43,6 +45,7 @@ pub async fn create_review(
     State(state): State<AppState>,
     _auth: FilterAuth,
     Extension(OutboundClient(client)): Extension<OutboundClient>,
+    headers: HeaderMap,
     JsonBody(req): JsonBody<CreateReview>,
 ) -> Result<(StatusCode, Json<ReviewState>), ApiError> {
     if serde_json::from_str::<serde::de::IgnoredAny>(&req.body).is_err() {
@@ -56,6 +59,7 @@ pub async fn create_review(
         expires_at_ms: created_at_ms + hold_timeout_ms,
         hold_timeout_ms,
         request: req,
+        trace_context: spans::caller_trace_context(&headers),
     };
     let state_out = ReviewState {
         id: new.id.clone(),
@@ -409,8 +413,45 @@ pub(crate) async fn decide(
     decide_as(state, id, who, decision).await
 }
 
-/// [`decide`] with a whole [`Decision`] (an approval with standing terms).
+/// [`decide`] with a whole [`Decision`] (an approval with standing terms),
+/// in a span of the caller's trace (`spans::decision_context`).
 async fn decide_as(
+    state: AppState,
+    id: String,
+    who: Approver,
+    decision: Decision,
+) -> Result<ReviewDetail, ApiError> {
+    // A failed lookup costs the span its parent, never the decision.
+    let stored = state
+        .db({
+            let id = id.clone();
+            move |s| s.trace_context(&id)
+        })
+        .await
+        .ok()
+        .flatten();
+    let cx = spans::decision_context(stored.as_ref(), &id);
+    let reviewer = decision.reviewer.clone();
+    let requested = decision.status;
+    let result = decide_here(state, id, who, decision)
+        .with_context(cx.clone())
+        .await;
+    let mut attributes = vec![
+        KeyValue::new("countersign.review.decided_by", reviewer),
+        KeyValue::new("countersign.review.decision", requested.as_str()),
+    ];
+    match &result {
+        Ok(detail) => attributes.push(KeyValue::new(
+            "countersign.review.status",
+            detail.summary.status.as_str(),
+        )),
+        Err(e) => attributes.push(KeyValue::new("countersign.review.refused", e.code())),
+    }
+    spans::end_decision(&cx, attributes);
+    result
+}
+
+async fn decide_here(
     state: AppState,
     id: String,
     who: Approver,

@@ -5,16 +5,33 @@
 //! handlers add what they learn ([`note`]): review and record ids, the
 //! decision. Exported over OTLP when `[otlp]` is set ([`crate::telemetry`]);
 //! otherwise the tracer is OpenTelemetry's no-op one.
+//!
+//! A decision is also a span in the *caller's* trace: the trace context the
+//! review's creation carried is stored with the review
+//! ([`caller_trace_context`]), and every decision (API, UI, Slack, an
+//! assessor) runs in an internal span `countersign.review.decided`, a child
+//! of that caller's span, linked to the span of the request that decided
+//! ([`decision_context`]). A child, not only a link: the held request waits
+//! for exactly this decision, which is part of the caller's operation, so
+//! the caller's trace shows who decided and when without a search. The
+//! reviewer's HTTP request itself (`countersign.review.decide`) stays in the
+//! trace it carried (or a new one): it is the reviewer's operation, a
+//! browser or API client may trace it on its own, and one request cannot
+//! have two parents; the link joins the two.
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::Method;
+use std::collections::HashMap;
+
+use axum::http::{HeaderMap, Method};
 use axum::middleware::Next;
 use axum::response::Response;
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::{FutureExt, SpanKind, Status, TraceContextExt, Tracer};
+use opentelemetry::trace::{FutureExt, Link, SpanKind, Status, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue, Value};
 use opentelemetry_http::HeaderExtractor;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
+
+use crate::store::TraceContext;
 
 /// The operation a route is, and the attribute its `{id}` goes into; `None`
 /// for routes without a span.
@@ -82,4 +99,60 @@ pub async fn span(request: Request, next: Next) -> Response {
 /// outside one).
 pub fn note(key: &'static str, value: impl Into<Value>) {
     Context::map_current(|cx| cx.span().set_attribute(KeyValue::new(key, value)));
+}
+
+/// The caller's trace context on `headers` (`traceparent`, `tracestate`),
+/// as the W3C propagator reads it: `None` when there is no valid one.
+pub fn caller_trace_context(headers: &HeaderMap) -> Option<TraceContext> {
+    let propagator = TraceContextPropagator::new();
+    let cx = propagator.extract(&HeaderExtractor(headers));
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
+    let mut fields = HashMap::new();
+    propagator.inject_context(&cx, &mut fields);
+    Some(TraceContext {
+        traceparent: fields.remove("traceparent")?,
+        tracestate: fields.remove("tracestate").filter(|s| !s.is_empty()),
+    })
+}
+
+/// The context of a decision on a review created under `stored`: a new
+/// internal span `countersign.review.decided`, child of the caller's span,
+/// with a link to the current span (the deciding request's), when it has
+/// one; without a stored context, a child of the current span. The caller
+/// ends it ([`end_decision`]).
+pub fn decision_context(stored: Option<&TraceContext>, review_id: &str) -> Context {
+    let current = Context::current();
+    let tracer = opentelemetry::global::tracer(crate::telemetry::SCOPE);
+    let mut builder = tracer
+        .span_builder("countersign.review.decided")
+        .with_kind(SpanKind::Internal)
+        .with_attributes([KeyValue::new(
+            "countersign.review.id",
+            review_id.to_string(),
+        )]);
+    let parent = match stored {
+        Some(t) => {
+            let mut fields = HashMap::from([("traceparent".to_string(), t.traceparent.clone())]);
+            if let Some(state) = &t.tracestate {
+                fields.insert("tracestate".to_string(), state.clone());
+            }
+            let deciding = current.span().span_context().clone();
+            if deciding.is_valid() {
+                builder = builder.with_links(vec![Link::with_context(deciding)]);
+            }
+            TraceContextPropagator::new().extract(&fields)
+        }
+        None => current,
+    };
+    let span = builder.start_with_context(&tracer, &parent);
+    parent.with_span(span)
+}
+
+/// Ends the span of [`decision_context`] with what came of the decision.
+pub fn end_decision(cx: &Context, attributes: Vec<KeyValue>) {
+    let span = cx.span();
+    span.set_attributes(attributes);
+    span.end();
 }

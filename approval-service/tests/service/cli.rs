@@ -124,6 +124,7 @@ fn version_and_help_of_every_command() {
         "check-config",
         "verify-records",
         "export-records",
+        "export-chain",
     ];
     let out = bin().arg("--help").output().unwrap();
     assert!(out.status.success());
@@ -132,7 +133,7 @@ fn version_and_help_of_every_command() {
         assert!(help.contains(&format!("  {command} ")), "{command}: {help}");
     }
     // Each command's own options, and the environment variables they read.
-    let expected: [(&str, &[&str]); 5] = [
+    let expected: [(&str, &[&str]); 6] = [
         (
             "serve",
             &["--config", "--listen", "--database", "COUNTERSIGN_LISTEN"],
@@ -146,6 +147,10 @@ fn version_and_help_of_every_command() {
         (
             "export-records",
             &["--since-ms", "--after-seq", "COUNTERSIGN_DATABASE"],
+        ),
+        (
+            "export-chain",
+            &["--cursor", "--follow", "--syslog-url", "COUNTERSIGN_CONFIG"],
         ),
     ];
     for (command, words) in expected {

@@ -8,6 +8,7 @@
 mod api;
 mod approvals;
 mod assessors;
+mod chain_export;
 mod cli;
 mod common;
 mod config_reference;

@@ -466,12 +466,12 @@ async fn write_failure_is_a_quick_503() {
     assert_eq!(verify(&f.db).unwrap().records, 1);
 }
 
-fn new_record(caller: &str) -> NewRecord {
+pub(crate) fn new_record(caller: &str) -> NewRecord {
     serde_json::from_value(record("allowed", caller, None, Some(BODY))).unwrap()
 }
 
 /// A database with `n` request records written at `at_ms`; returns its path.
-fn chain(dir: &Path, n: usize, extra: &str) -> (AppState, PathBuf) {
+pub(crate) fn chain(dir: &Path, n: usize, extra: &str) -> (AppState, PathBuf) {
     let db = dir.join("chain.db");
     let state = common::open_state(&config_toml(&db, extra));
     for k in 0..n {

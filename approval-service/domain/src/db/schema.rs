@@ -14,7 +14,7 @@
 //! with any version. PostgreSQL has no older databases: it gets the same
 //! tables after every step at once, in two parts (`reviews`, `records`)
 //! whose versions live in `countersign_schema` (later ones, `slack`,
-//! `oidc_recheck`, `assessments`, `standing`, `answer_reviews` and `follow_ups`, are created on their own
+//! `oidc_recheck`, `assessments`, `standing`, `answer_reviews`, `follow_ups` and `trace_context`, are created on their own
 //! when missing). Both databases end with the
 //! same tables and columns (tested in `tests/postgres_schema.rs`), so a
 //! statement is written once for both.
@@ -50,7 +50,8 @@ pub fn migrate(conn: &mut Conn) -> Result<(), OpenError> {
                 let later = ANSWER_REVIEW_COLUMNS
                     .into_iter()
                     .chain(HOLD_COLUMNS)
-                    .chain(RETENTION_COLUMNS);
+                    .chain(RETENTION_COLUMNS)
+                    .chain(TRACE_COLUMNS);
                 for (name, declaration) in SPOT_CHECK_COLUMNS.into_iter().chain(later) {
                     if !existing.iter().any(|c| c == name) {
                         tx.batch(&add_review_column(name, declaration, Backend::Sqlite))?;
@@ -99,6 +100,8 @@ pub fn migrate(conn: &mut Conn) -> Result<(), OpenError> {
             let retention = postgres_review_columns(&RETENTION_COLUMNS);
             migrate_postgres(conn, "review_retention", &retention)?;
             migrate_postgres(conn, "follow_ups", &dialect(FOLLOW_UPS, Backend::Postgres))?;
+            let trace = postgres_review_columns(&TRACE_COLUMNS);
+            migrate_postgres(conn, "trace_context", &trace)?;
         }
     }
     Ok(())
@@ -273,6 +276,11 @@ const HOLD_COLUMNS: [(&str, &str); 1] = [("hold_alive_until_ms", "{int}")];
 /// were dropped (see [`crate::store::Store::purge_review_bodies`]).
 const RETENTION_COLUMNS: [(&str, &str); 1] = [("body_purged_at_ms", "{int}")];
 
+/// Columns added to `reviews` for traces: the W3C trace context the
+/// review's creation carried (the caller's), so the decision's span joins
+/// the caller's trace (see `http::spans`). NULL when it carried none.
+const TRACE_COLUMNS: [(&str, &str); 2] = [("traceparent", "TEXT"), ("tracestate", "TEXT")];
+
 /// The filter's key of each token consumption (see
 /// [`crate::approval_tokens`]): a repeat with the same key is answered
 /// with the use it spent, not a second one.
@@ -284,7 +292,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS token_consumptions_key
 
 /// `ALTER TABLE reviews ADD COLUMN` for one of [`REVIEW_COLUMNS`],
 /// [`ASSESSMENT_COLUMNS`], [`SPOT_CHECK_COLUMNS`],
-/// [`ANSWER_REVIEW_COLUMNS`], [`HOLD_COLUMNS`] or [`RETENTION_COLUMNS`].
+/// [`ANSWER_REVIEW_COLUMNS`], [`HOLD_COLUMNS`], [`RETENTION_COLUMNS`] or [`TRACE_COLUMNS`].
 fn add_review_column(name: &str, declaration: &str, backend: Backend) -> String {
     dialect(
         &format!("ALTER TABLE reviews ADD COLUMN {name} {declaration};\n"),
@@ -567,7 +575,7 @@ fn postgres_reviews() -> String {
 }
 
 /// `columns` (the `assessments` part: [`ASSESSMENT_COLUMNS`]; `holds`:
-/// [`HOLD_COLUMNS`]; `review_retention`: [`RETENTION_COLUMNS`]) added to the reviews of a PostgreSQL database made before them.
+/// [`HOLD_COLUMNS`]; `review_retention`: [`RETENTION_COLUMNS`]; `trace_context`: [`TRACE_COLUMNS`]) added to the reviews of a PostgreSQL database made before them.
 fn postgres_review_columns(columns: &[(&str, &str)]) -> String {
     columns
         .iter()
