@@ -7,61 +7,40 @@
 //
 // UPDATE_SCREENSHOTS=1 also writes docs/screenshots/standing-approvals.png
 // and standing-approval-form.png.
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { heldCurl, launchChromium, REVIEWERS, ROOT, Stack, withLogs } from './stack.mjs';
+import { heldCurl, REVIEWERS, ROOT, stackWithPage } from './stack.mjs';
 
 const SHOT_DIR = process.env.UPDATE_SCREENSHOTS ? path.join(ROOT, 'docs', 'screenshots') : null;
 const T = { timeout: 120000 };
 const KEY = 'ck-ci-nightly-browser-0123456789';
 const SYSTEM = 'You summarise CI build logs in three bullet points.';
 
-let stack;
-let browser;
-let page;
-const pageErrors = [];
-const cspViolations = [];
-
-before(async () => {
-  stack = await new Stack({
-    filterConfig: {
-      identity: {
-        source: 'api_key',
-        api_keys: [{ sha256: createHash('sha256').update(KEY).digest('hex'), caller: 'ci-nightly', groups: ['ci'] }],
-      },
-      rules: [{ name: 'ci', group: 'ci', action: 'review', approver_group: 'security', hold_timeout_ms: 60000 }],
-      default_action: 'deny',
+const env = stackWithPage({
+  filterConfig: {
+    identity: {
+      source: 'api_key',
+      api_keys: [{ sha256: createHash('sha256').update(KEY).digest('hex'), caller: 'ci-nightly', groups: ['ci'] }],
     },
-  }).start();
-  browser = await launchChromium();
-  const context = await browser.newContext({ viewport: { width: 1360, height: 900 }, locale: 'en-GB', timezoneId: 'UTC' });
-  context.setDefaultTimeout(15000);
-  page = await context.newPage();
-  page.on('pageerror', (e) => pageErrors.push(String(e)));
-  page.on('console', (m) => { if (/Content Security Policy/i.test(m.text())) cspViolations.push(m.text()); });
+    rules: [{ name: 'ci', group: 'ci', action: 'review', approver_group: 'security', hold_timeout_ms: 60000 }],
+    default_action: 'deny',
+  },
 }, T);
-
-after(async () => {
-  if (browser) await browser.close();
-  if (stack) await stack.stop();
-});
-
-const check = withLogs(() => (stack ? stack.logs() : 'stack not started'));
-const url = (p) => stack.approvalUrl + p;
+const { check, url } = env;
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 // One nightly CI run: the same system prompt, a new build number.
-const run = (build) => heldCurl(stack.url, {
+const run = (build) => heldCurl(env.stack.url, {
   model: 'demo-echo',
   messages: [{ role: 'system', content: SYSTEM }, { role: 'user', content: `summarise build ${build}` }],
 }, '/v1/chat/completions', [`authorization: Bearer ${KEY}`]);
 
 async function pendingReview() {
   for (let i = 0; i < 200; i += 1) {
-    const [r] = await stack.pending();
+    const [r] = await env.stack.pending();
     if (r) return r;
     await sleep(50);
   }
@@ -69,6 +48,7 @@ async function pendingReview() {
 }
 
 test('a standing approval is made in the UI, releases the next run, and is revoked in the UI', T, check(async () => {
+  const { stack, page, pageErrors, cspViolations } = env;
   await page.goto(url('/'));
   await page.fill('#token', REVIEWERS.alice);
   await Promise.all([page.waitForURL(url('/')), page.click('#sign-in')]);

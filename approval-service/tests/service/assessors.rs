@@ -309,8 +309,8 @@ async fn a_rule_that_names_assessors_is_assessed_by_those_only() {
     let ci = review("what is 2+2?", json!({"rule": "ci", "request_id": "r-ci"}));
     let id = common::create_review(&f.app, &[], ci).await;
     let v = assessed(&f, &id).await;
-    assert_eq!(v["status"], "approved", "{v}");
-    assert_eq!(v["reviewer"], "assessor:guard");
+    assert_eq!(v["assessment"]["outcome"]["decision"], "approve", "{v}");
+    assert_eq!(v["assessment"]["outcome"]["decider"], "assessor:guard");
     assert_eq!(v["assessment"]["assessments"].as_array().unwrap().len(), 1);
     assert_eq!(paths(&seen), ["/v1/chat/completions"]);
     // Rule `quiet` names none: nobody is asked, people decide.
@@ -335,7 +335,10 @@ async fn a_rule_that_names_assessors_is_assessed_by_those_only() {
     );
     let id = common::create_review(&f.app, &[], other).await;
     let v = assessed(&f, &id).await;
-    assert_eq!(v["reviewer"], "assessor:mod+guard+pii", "{v}");
+    assert_eq!(
+        v["assessment"]["outcome"]["decider"], "assessor:mod+guard+pii",
+        "{v}"
+    );
     assert_eq!(
         paths(&seen),
         ["/analyze", "/v1/chat/completions", "/v1/moderations"]
