@@ -19,7 +19,7 @@ pub const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 /// configuration order.
 pub async fn assess_all(
     client: Option<&reqwest::Client>,
-    assessors: &[AssessorConfig],
+    assessors: &[&AssessorConfig],
     text: &str,
 ) -> Vec<Assessment> {
     futures_util::future::join_all(assessors.iter().map(|a| assess_one(client, a, text))).await

@@ -18,9 +18,11 @@ use crate::assessment::{decide, prompt_text, AssessmentReport, AutoOutcome};
 use crate::state::AppState;
 
 /// Starts assessing review `id` (created from `review`), unless there is
-/// nothing to do: no assessor configured and no automatic decision asked.
+/// nothing to do: no assessor for its rule (`[rule_assessors]`, else every
+/// one configured) and no automatic decision asked.
 pub fn spawn(state: &AppState, client: Option<reqwest::Client>, id: &str, review: &CreateReview) {
-    if state.config().assessors.is_empty() && review.auto_decision.is_none() {
+    let rule = review.rule.as_deref();
+    if state.config().assessors_for(rule).is_empty() && review.auto_decision.is_none() {
         return;
     }
     let job = Job {
@@ -39,8 +41,9 @@ struct Job {
 
 async fn run(state: AppState, client: Option<reqwest::Client>, job: Job) {
     let Job { id, text, review } = job;
-    let assessments =
-        crate::assess::assess_all(client.as_ref(), &state.config().assessors, &text).await;
+    let config = state.config();
+    let chosen = config.assessors_for(review.rule.as_deref());
+    let assessments = crate::assess::assess_all(client.as_ref(), &chosen, &text).await;
     for a in &assessments {
         let seconds = a.took_ms as f64 / 1000.0;
         state

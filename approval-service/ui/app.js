@@ -479,7 +479,7 @@
     mainCol.append(...[conversationCard(r), parametersCard(r)].filter(Boolean));
     if (S.records && S.records.length) mainCol.append(recordsCard(S.records));
 
-    const side = h('aside', { class: 'col-side' }, decisionCard(r), assessorsCard(r), detailsCard(r));
+    const side = h('aside', { class: 'col-side' }, decisionCard(r), standingCard(r), assessorsCard(r), detailsCard(r));
     replace(main, title, h('div', { class: 'review-grid' }, mainCol, side));
     renderQueuePosition();
     const reason = $('#reason');
@@ -491,6 +491,19 @@
       again.focus({ preventScroll: true });
       if (caret && typeof again.setSelectionRange === 'function') again.setSelectionRange(caret[0], caret[1]);
     }
+  }
+
+  // The standing-approval card (standing.js): made once per state of the
+  // review, so re-rendering keeps what the reviewer typed into it.
+  function standingCard(r) {
+    const key = `${r.id}:${r.status}:${r.approval_count || 0}`;
+    if (S.standing && S.standing.key === key) return S.standing.card;
+    const card = window.countersignStanding.reviewCard({ h, replace, api, toast, $ }, r, () => {
+      loadReview(r.id);
+      refreshPending();
+    });
+    S.standing = { key, card };
+    return card;
   }
 
   function isToolLine(line) {
@@ -1297,9 +1310,9 @@
     const path = location.pathname;
     const m = path.match(/^\/reviews\/([^/]+)$/);
     const pages = { '/': 'queue', '/history': 'history', '/load': 'load' };
-    S.page = pages[path] || (m ? 'review' : 'queue');
+    S.page = pages[path] || (m ? 'review' : /^\/standing(\/[^/]+)?$/.test(path) ? 'standing' : 'queue');
     if (m) S.reviewId = decodeURIComponent(m[1]);
-    const navId = { queue: '#nav-queue', history: '#nav-history', load: '#nav-load' }[S.page];
+    const navId = { queue: '#nav-queue', history: '#nav-history', load: '#nav-load', standing: '#nav-standing' }[S.page];
     if (navId) $(navId).classList.add('active');
     $('#logout').addEventListener('click', logout);
     $('#help-button').addEventListener('click', () => $('#help').showModal());
@@ -1316,6 +1329,7 @@
     updateTitle();
     if (S.page === 'history') renderHistoryShell();
     else if (S.page === 'load') window.countersignLoadPage({ h, replace, api, toast, $ });
+    else if (S.page === 'standing') window.countersignStanding.page({ h, replace, api, toast, $ });
     else if (S.page === 'review') {
       replace($('#main'), h('p', { class: 'muted loading' }, 'Loading…'));
       await loadReview(S.reviewId);

@@ -12,6 +12,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { after, before } from 'node:test';
 import { chromium } from 'playwright-core';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
@@ -40,6 +41,41 @@ export function launchChromium() {
     args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
       '--disable-background-networking', '--disable-component-update', '--disable-sync'],
   });
+}
+
+// A page of a new browser context (UTC, en-GB, `viewport`) that collects
+// uncaught script errors into `pageErrors` and CSP violations into
+// `cspViolations`.
+export async function watchedPage(browser, viewport = { width: 1360, height: 900 }) {
+  const context = await browser.newContext({ viewport, locale: 'en-GB', timezoneId: 'UTC' });
+  context.setDefaultTimeout(15000);
+  const page = await context.newPage();
+  const pageErrors = [];
+  const cspViolations = [];
+  page.on('pageerror', (e) => pageErrors.push(String(e)));
+  page.on('console', (m) => { if (/Content Security Policy/i.test(m.text())) cspViolations.push(m.text()); });
+  return { page, pageErrors, cspViolations };
+}
+
+// Registers the hooks of a test file that runs one stack (`new
+// Stack(options)`) and one watched page in Chromium, started before its
+// tests and stopped after them. The returned object holds `stack`, `page`,
+// `pageErrors`, `cspViolations` once started, `url(path)` on the approval
+// service and `check`, the wrapper printing the processes' logs on failure.
+export function stackWithPage(options, hookOptions) {
+  const it = { stack: null, browser: null, page: null, pageErrors: null, cspViolations: null };
+  before(async () => {
+    it.stack = await new Stack(options).start();
+    it.browser = await launchChromium();
+    Object.assign(it, await watchedPage(it.browser));
+  }, hookOptions);
+  after(async () => {
+    if (it.browser) await it.browser.close();
+    if (it.stack) await it.stack.stop();
+  });
+  it.check = withLogs(() => (it.stack ? it.stack.logs() : 'stack not started'));
+  it.url = (p) => it.stack.approvalUrl + p;
+  return it;
 }
 
 // Wraps a test body: on failure, prints what `logs()` returns (the
@@ -150,11 +186,12 @@ export class Stack {
   // `approvalPort` may be chosen beforehand (an OpenID provider must know
   // the redirect URI before the service starts); `extraToml` is appended to
   // the service's configuration (`{{MODEL_URL}}` in it becomes the demo
-  // model's address), `env` added to its environment.
-  constructor({ approvalPort = null, extraToml = '', env = undefined } = {}) {
+  // model's address), `env` added to its environment; `filterConfig`
+  // replaces fields of envoy/filter-config.json.
+  constructor({ approvalPort = null, extraToml = '', env = undefined, filterConfig = {} } = {}) {
     this.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'countersign-browser-'));
     this.procs = [];
-    Object.assign(this, { fixedApprovalPort: approvalPort, extraToml, env });
+    Object.assign(this, { fixedApprovalPort: approvalPort, extraToml, env, filterFields: filterConfig });
   }
 
   async start() {
@@ -178,7 +215,9 @@ export class Stack {
     ].join('\n');
     fs.writeFileSync(path.join(this.dir, 'approval.toml'), `${toml}\n`);
 
-    const filterConfig = JSON.stringify({ ...JSON.parse(fs.readFileSync(FILTER_CONFIG, 'utf8')), approval_token: FILTER_TOKEN })
+    const filterConfig = JSON.stringify({
+      ...JSON.parse(fs.readFileSync(FILTER_CONFIG, 'utf8')), ...this.filterFields, approval_token: FILTER_TOKEN,
+    })
       .replace(/'/g, "''");
     fs.writeFileSync(path.join(this.dir, 'envoy.yaml'), renderTemplate(fs.readFileSync(TEMPLATE, 'utf8'), {
       ADMIN_PORT: adminPort, LISTEN_PORT: listenPort, MODEL_PORT: modelPort, APPROVAL_PORT: approvalPort,
@@ -292,9 +331,11 @@ export class Provider {
 
 // A held request: `curl` against the Envoy listener, running until a
 // reviewer decides. Resolves with { code, status, body, stderr }.
-export function heldCurl(url, body, apiPath = '/v1/chat/completions') {
+// `headers`: more request headers ("name: value").
+export function heldCurl(url, body, apiPath = '/v1/chat/completions', headers = []) {
   const child = spawn('curl', ['-sS', '-m', '120', '-o', '-', '-w', '\n%{http_code}',
-    '-H', 'content-type: application/json', '--data-binary', '@-', url + apiPath], { stdio: ['pipe', 'pipe', 'pipe'] });
+    '-H', 'content-type: application/json', ...headers.flatMap((x) => ['-H', x]),
+    '--data-binary', '@-', url + apiPath], { stdio: ['pipe', 'pipe', 'pipe'] });
   children.add(child);
   let out = '';
   let err = '';

@@ -140,6 +140,24 @@ def test_an_assessor_outage_leaves_every_prompt_to_a_human(assessed, background)
     assert stack.approval.review(review["id"])["automatic"] is False
 
 
+
+def test_a_rule_that_names_one_assessor_calls_only_that_one(make_stack, tmp_path):
+    """`[rule_assessors]` gives rule `assessed` the guard model only: the
+    moderation endpoint is never asked, and the guard alone approves."""
+    from conftest import post
+    assessor = Backend(tmp_path, name="assessor-backend").start()
+    try:
+        extra = assessors_toml(assessor.url) + '\n[rule_assessors]\nassessed = ["guard"]\n'
+        stack = make_stack(filter_config=FILTER_CONFIG, approval_extra=extra)
+        resp = post(stack.url, json=chat(text="what is the capital of France?"), timeout=30)
+        assert resp.status_code == 200, resp.text
+        review = stack.approval.review(resp.headers["x-countersign-review-id"])
+        assert (review["automatic"], review["reviewer"]) == (True, "assessor:guard")
+        assert [a["assessor"] for a in review["assessment"]["assessments"]] == ["guard"]
+        assert [r["path"] for r in assessor.requests()] == ["/v1/chat/completions"]
+    finally:
+        assessor.proc.stop()
+
 # ------------------------------------------------------------------ Presidio
 
 PRESIDIO_CONFIG = {

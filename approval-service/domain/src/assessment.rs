@@ -350,7 +350,9 @@ pub fn decide(
         return people("the rule approves nothing automatically".into());
     };
     if assessments.is_empty() {
-        return people("no assessor is configured, so nothing is approved automatically".into());
+        return people(
+            "no assessor is configured for this rule, so nothing is approved automatically".into(),
+        );
     }
     if let Some(a) = assessments.iter().find(|a| a.error.is_some()) {
         return people(format!(

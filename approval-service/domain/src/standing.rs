@@ -203,6 +203,8 @@ pub struct StandingApproval {
     pub live_at_ms: Option<u64>,
     /// When it stops (once live).
     pub expires_at_ms: Option<u64>,
+    /// Valid this many days once live (the terms agreed).
+    pub valid_days: u32,
     /// Most uses.
     pub max_uses: u32,
     /// Uses so far.
@@ -259,7 +261,7 @@ pub enum Revoked {
 
 const COLUMNS: &str = "id, review_id, status, created_at_ms, live_at_ms, expires_at_ms, max_uses, \
      uses, scope_caller, scope_group, model, rule, approver_group, vary_json, shape_sha256, \
-     approvers_json, revoked_at_ms, revoked_by, revoke_reason";
+     approvers_json, revoked_at_ms, revoked_by, revoke_reason, valid_ms";
 
 fn count(v: i64) -> u32 {
     u32::try_from(v).unwrap_or(0)
@@ -290,6 +292,7 @@ fn from_row(r: &Row, now_ms: u64) -> DbResult<StandingApproval> {
         created_at_ms: r.get(3)?,
         live_at_ms: r.get(4)?,
         expires_at_ms,
+        valid_days: u32::try_from(r.get::<u64>(19)? / DAY_MS).unwrap_or(u32::MAX),
         max_uses,
         uses,
         caller: r.get(8)?,
@@ -615,6 +618,20 @@ impl Store {
             params![i64::from(limit)],
         )?;
         rows.iter().map(|r| from_row(r, now_ms)).collect()
+    }
+
+    /// The standing approval proposed on review `review_id`, if any (one
+    /// per review at most).
+    pub fn standing_of_review(
+        &self,
+        review_id: &str,
+        now_ms: u64,
+    ) -> DbResult<Option<StandingApproval>> {
+        let row = self.conn().query_opt(
+            &format!("SELECT {COLUMNS} FROM standing_approvals WHERE review_id = ?1"),
+            params![review_id],
+        )?;
+        row.map(|r| from_row(&r, now_ms)).transpose()
     }
 
     /// One standing approval and its uses, oldest first.

@@ -1,8 +1,9 @@
 //! What only several files together say: an Istio `WasmPlugin` and the
 //! `EnvoyFilter` that completes it, an Envoy Gateway `EnvoyExtensionPolicy`
 //! and its `EnvoyPatchPolicy` and `ClientTrafficPolicy`, the stream idle
-//! timeout against the longest hold, and the filter token shared by a plugin
-//! configuration and a service configuration.
+//! timeout against the longest hold, the filter token shared by a plugin
+//! configuration and a service configuration, and the rule names a
+//! service's `[rule_assessors]` gives assessors to.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -141,6 +142,36 @@ impl Checker {
         ))
     }
 
+    /// A `[rule_assessors]` entry for a rule that no plugin configuration
+    /// seen has is a misspelt rule name, most likely: its reviews would be
+    /// assessed by every assessor.
+    pub(super) fn rule_assessors_cross_checks(&mut self) {
+        if self.plugins.is_empty() {
+            return;
+        }
+        let mut lines = Vec::new();
+        for (file, s) in &self.services {
+            for rule in s.rule_assessors.keys() {
+                let known = self
+                    .plugins
+                    .iter()
+                    .any(|p| p.config.rules.iter().any(|r| &r.name == rule));
+                if !known {
+                    lines.push((
+                        file.clone(),
+                        format!(
+                            "field `rule_assessors.{rule}`: no plugin configuration checked here has a rule named {rule:?}: \
+                             a rule of another name is assessed by every assessor"
+                        ),
+                    ));
+                }
+            }
+        }
+        for (file, message) in lines {
+            self.report.push(Level::Warning, &file, message);
+        }
+    }
+
     pub(super) fn token_cross_checks(&mut self) {
         let mut lines = Vec::new();
         for p in &self.plugins {
@@ -241,5 +272,22 @@ mod tests {
             "{:?}",
             r.lines
         );
+    }
+
+    #[test]
+    fn rule_assessors_name_rules_of_the_plugin() {
+        let service =
+            "[[assessors]]\nname = \"pii\"\nkind = \"presidio\"\nurl = \"http://x/analyze\"\n\
+                       [rule_assessors]\nchat = [\"pii\"]\n";
+        let plugin = |rule: &str| format!(r#"{{"rules":[{{"name":"{rule}","action":"review"}}]}}"#);
+        let warned = |plugin: &str| {
+            let r = check_texts(&[("p.json", plugin), ("s.toml", service)]);
+            assert!(!r.has_errors(), "{:?}", r.lines);
+            messages(&r, Level::Warning)
+                .iter()
+                .any(|m| m.contains("field `rule_assessors.chat`"))
+        };
+        assert!(!warned(&plugin("chat")));
+        assert!(warned(&plugin("chats")));
     }
 }

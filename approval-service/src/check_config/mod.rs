@@ -266,6 +266,7 @@ pub fn check(opts: &Options) -> Report {
     c.token_cross_checks();
     c.mesh_cross_checks();
     c.channel_cross_checks();
+    c.rule_assessors_cross_checks();
     c.report
 }
 

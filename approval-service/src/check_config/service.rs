@@ -168,6 +168,17 @@ mod tests {
             "{:?}",
             r.lines
         );
+        let r = check_texts(&[(
+            "s.toml",
+            "[[assessors]]\nname = \"pii\"\nkind = \"presidio\"\nurl = \"http://x/analyze\"\n\
+             [rule_assessors]\nci = [\"guard\"]\n",
+        )]);
+        let errors = messages(&r, Level::Error);
+        assert!(
+            errors[0].contains("field `rule_assessors.ci[0]`")
+                && errors[0].contains("\"guard\" is not an assessor"),
+            "{errors:?}"
+        );
         let r = check_texts(&[("s.toml", "")]);
         assert!(!r.has_errors());
         assert_eq!(r.count(Level::Warning), 2, "{:?}", r.lines);

@@ -133,6 +133,8 @@ fn router(state: AppState, client: Option<reqwest::Client>) -> Router {
         .route("/reviews/{id}", get(ui::app_page))
         .route("/history", get(ui::app_page))
         .route("/load", get(ui::app_page))
+        .route("/standing", get(ui::app_page))
+        .route("/standing/{id}", get(ui::app_page))
         .route("/login", get(ui::login_page))
         .route("/ui/login", post(ui::login))
         .route("/ui/logout", post(ui::logout))

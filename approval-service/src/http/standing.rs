@@ -61,6 +61,9 @@ pub struct ListParams {
     /// At most this many (1..=500, default 100).
     #[serde(default = "default_limit")]
     pub limit: u32,
+    /// Only the one proposed on this review (what the review page shows).
+    #[serde(default)]
+    pub review_id: Option<String>,
 }
 
 fn default_limit() -> u32 {
@@ -74,7 +77,7 @@ pub struct StandingList {
     pub standing_approvals: Vec<StandingApproval>,
 }
 
-/// `GET /api/standing-approvals`.
+/// `GET /api/standing-approvals` (`?review_id=`: the one of that review).
 pub async fn list(
     State(state): State<AppState>,
     _reviewer: Reviewer,
@@ -82,7 +85,14 @@ pub async fn list(
 ) -> Result<Json<StandingList>, ApiError> {
     let limit = params.limit.clamp(1, 500);
     let now = crate::now_ms();
-    let standing_approvals = state.db(move |s| s.standing_list(limit, now)).await?;
+    let standing_approvals = match params.review_id {
+        Some(review_id) => state
+            .db(move |s| s.standing_of_review(&review_id, now))
+            .await?
+            .into_iter()
+            .collect(),
+        None => state.db(move |s| s.standing_list(limit, now)).await?,
+    };
     Ok(Json(StandingList { standing_approvals }))
 }
 

@@ -39,6 +39,7 @@ const LOGIN_HTML: &str = include_str!("../../ui/login.html");
 const APP_JS: &str = include_str!("../../ui/app.js");
 const APP_CSS: &str = include_str!("../../ui/app.css");
 const LOAD_JS: &str = include_str!("../../ui/load.js");
+const STANDING_JS: &str = include_str!("../../ui/standing.js");
 const FAVICON_SVG: &str = include_str!("../../ui/favicon.svg");
 
 /// Adds the security headers to every response: CSP, no sniffing, no
@@ -111,8 +112,9 @@ fn encode_component(s: &str) -> String {
 type Peer = Result<ConnectInfo<SocketAddr>, ExtensionRejection>;
 
 /// `GET /` (the queue of pending reviews), `GET /reviews/{id}` (one review),
-/// `GET /history` (past reviews) and `GET /load` (the reviewer load over a
-/// period, in charts): one single-page app, which reads its
+/// `GET /history` (past reviews), `GET /load` (the reviewer load over a
+/// period, in charts) and `GET /standing`, `GET /standing/{id}` (standing
+/// approvals: listed, shown, revoked): one single-page app, which reads its
 /// route from the address. Served to a signed-in reviewer, otherwise a
 /// redirect to the sign-in page that comes back here afterwards.
 /// A session is looked up as the API does (an OpenID Connect session
@@ -210,6 +212,7 @@ pub async fn ui_asset(Path(name): Path<String>) -> Response {
         "app.js" => asset("text/javascript; charset=utf-8", APP_JS),
         "app.css" => asset("text/css; charset=utf-8", APP_CSS),
         "load.js" => asset("text/javascript; charset=utf-8", LOAD_JS),
+        "standing.js" => asset("text/javascript; charset=utf-8", STANDING_JS),
         "favicon.svg" => asset("image/svg+xml", FAVICON_SVG),
         _ => ApiError::NotFound("no such asset".into()).into_response(),
     }
@@ -425,7 +428,10 @@ mod tests {
             !APP_JS.contains(".innerHTML"),
             "app.js must not use innerHTML"
         );
-        assert!(!APP_JS.contains("insertAdjacentHTML"));
-        assert!(!APP_JS.contains("document.write"));
+        for script in [APP_JS, LOAD_JS, STANDING_JS] {
+            assert!(!script.contains(".innerHTML"), "no innerHTML");
+            assert!(!script.contains("insertAdjacentHTML"));
+            assert!(!script.contains("document.write"));
+        }
     }
 }

@@ -284,6 +284,104 @@ async fn no_automatic_approval_without_a_policy_with_masked_hits_or_for_a_quorum
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_that_names_assessors_is_assessed_by_those_only() {
+    let (base, seen) = assessors().await;
+    let chosen = format!(
+        "{}\n[rule_assessors]\nci = [\"guard\"]\nquiet = []\n",
+        settings(&base)
+    );
+    let f = common::fixture("a.db", |db| {
+        common::config_toml(db, &chosen, &[("alice", ALICE, "")])
+    });
+    let paths = |seen: &Seen| -> Vec<String> {
+        let mut p: Vec<String> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(p, _)| p.clone())
+            .collect();
+        p.sort();
+        p
+    };
+    // Rule `ci` names the guard model: only it is asked, and it alone
+    // approves.
+    let ci = review("what is 2+2?", json!({"rule": "ci", "request_id": "r-ci"}));
+    let id = common::create_review(&f.app, &[], ci).await;
+    let v = assessed(&f, &id).await;
+    assert_eq!(v["assessment"]["outcome"]["decision"], "approve", "{v}");
+    assert_eq!(v["assessment"]["outcome"]["decider"], "assessor:guard");
+    assert_eq!(v["assessment"]["assessments"].as_array().unwrap().len(), 1);
+    assert_eq!(paths(&seen), ["/v1/chat/completions"]);
+    // Rule `quiet` names none: nobody is asked, people decide.
+    seen.lock().unwrap().clear();
+    let quiet = review(
+        "what is 2+2?",
+        json!({"rule": "quiet", "request_id": "r-q"}),
+    );
+    let id = common::create_review(&f.app, &[], quiet).await;
+    let v = assessed(&f, &id).await;
+    assert_eq!(v["status"], "pending", "{v}");
+    let why = v["assessment"]["outcome"]["why"].as_str().unwrap();
+    assert!(
+        why.contains("no assessor is configured for this rule"),
+        "{v}"
+    );
+    assert!(paths(&seen).is_empty());
+    // A rule not named is assessed by every assessor.
+    let other = review(
+        "what is 2+2?",
+        json!({"rule": "other", "request_id": "r-o"}),
+    );
+    let id = common::create_review(&f.app, &[], other).await;
+    let v = assessed(&f, &id).await;
+    assert_eq!(
+        v["assessment"]["outcome"]["decider"], "assessor:mod+guard+pii",
+        "{v}"
+    );
+    assert_eq!(
+        paths(&seen),
+        ["/analyze", "/v1/chat/completions", "/v1/moderations"]
+    );
+}
+
+#[test]
+fn rule_assessors_name_configured_assessors_only() {
+    let db = std::path::Path::new("/tmp/unused.db");
+    let two = "[[assessors]]\nname = \"a\"\nkind = \"presidio\"\nurl = \"http://x\"\n\
+               [[assessors]]\nname = \"b\"\nkind = \"moderation\"\nurl = \"http://x\"\n";
+    for (table, field, says) in [
+        (
+            "ci = [\"a\", \"guard\"]",
+            "rule_assessors.ci[1]",
+            "\"guard\" is not an assessor",
+        ),
+        ("ci = [\"b\", \"b\"]", "rule_assessors.ci[1]", "named twice"),
+    ] {
+        let settings = format!("{two}[rule_assessors]\n{table}\n");
+        match countersign_approval::Config::from_toml_str(&common::config_toml(db, &settings, &[]))
+        {
+            Err(countersign_approval::ConfigError::Invalid { field: f, message }) => {
+                assert_eq!(f, field);
+                assert!(message.contains(says), "{message}");
+            }
+            other => panic!("{table}: {other:?}"),
+        }
+    }
+    let ok = format!("{two}[rule_assessors]\nci = [\"b\"]\n");
+    let c =
+        countersign_approval::Config::from_toml_str(&common::config_toml(db, &ok, &[])).unwrap();
+    let names = |rule| -> Vec<String> {
+        c.assessors_for(rule)
+            .iter()
+            .map(|a| a.name.clone())
+            .collect()
+    };
+    assert_eq!(names(Some("ci")), ["b"]);
+    assert_eq!(names(Some("other")), ["a", "b"]);
+    assert_eq!(names(None), ["a", "b"]);
+}
+
 #[test]
 fn assessor_settings_are_checked_naming_the_field() {
     let db = std::path::Path::new("/tmp/unused.db");

@@ -448,3 +448,42 @@ async fn reviews_of_tool_calls_are_for_people() {
     // The same prompt as a review of the request is approved at once.
     create_auto_approved(&f.app, ci_review("build 2")).await;
 }
+
+#[tokio::test]
+async fn the_one_proposed_on_a_review_is_found_by_its_review_id_with_its_terms() {
+    let f = fixture();
+    let first = create_pending(&f.app, ci_review("summarise build 1")).await;
+    let (s, v) = decide(
+        &f.app,
+        &first,
+        ALICE,
+        "approve",
+        json!({"standing": {"valid_days": 3, "max_uses": 4, "vary": ["user"], "group": "ci"}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let mut another_model = ci_review("summarise build 2");
+    another_model["model"] = json!("gpt-y");
+    let other = create_pending(&f.app, another_model).await;
+    let app = &f.app;
+    let of = |id: String| async move {
+        let uri = format!("/api/standing-approvals?review_id={id}");
+        let (s, v) = get_as(app, ALICE, &uri).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        v["standing_approvals"].as_array().unwrap().clone()
+    };
+    let [sa] = &of(first.clone()).await[..] else {
+        panic!("one standing approval on {first}")
+    };
+    assert_eq!(sa["review_id"], first.as_str());
+    assert_eq!(
+        (
+            &sa["valid_days"],
+            &sa["max_uses"],
+            &sa["group"],
+            &sa["vary"]
+        ),
+        (&json!(3), &json!(4), &json!("ci"), &json!(["user"]))
+    );
+    assert!(of(other).await.is_empty());
+}

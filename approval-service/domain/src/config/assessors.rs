@@ -1,8 +1,10 @@
 //! `[[assessors]]`: services asked about every new review (a moderation
 //! endpoint, a guard model, Presidio's analyzer), whose labels and scores
 //! are stored with the review and may let a rule's automatic decision
-//! apply (see [`crate::assessment`]).
+//! apply (see [`crate::assessment`]). `[rule_assessors]` lets a rule
+//! choose which of them assess its reviews.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -157,6 +159,49 @@ pub(super) fn check_assessors(
             language,
             api_key,
         });
+    }
+    Ok(out)
+}
+
+/// Validates `[rule_assessors]` (rule name → the assessors asked about its
+/// reviews) against the assessors configured: every name must be one of
+/// them, once; an empty list asks none.
+pub(super) fn check_rule_assessors(
+    raw: BTreeMap<String, Vec<String>>,
+    assessors: &[AssessorConfig],
+) -> Result<BTreeMap<String, Vec<String>>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for (rule, names) in raw {
+        let at = |field: &str| format!("rule_assessors.{rule}{field}");
+        if rule.trim().is_empty() {
+            return Err(invalid("rule_assessors", "a rule name must not be empty"));
+        }
+        let mut chosen: Vec<String> = Vec::with_capacity(names.len());
+        for (i, name) in names.into_iter().enumerate() {
+            let name = name.trim().to_string();
+            if !assessors.iter().any(|a| a.name == name) {
+                let known: Vec<&str> = assessors.iter().map(|a| a.name.as_str()).collect();
+                return Err(invalid(
+                    at(&format!("[{i}]")),
+                    format!(
+                        "{name:?} is not an assessor of [[assessors]] (configured: {})",
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                ));
+            }
+            if chosen.contains(&name) {
+                return Err(invalid(
+                    at(&format!("[{i}]")),
+                    format!("{name:?} is named twice"),
+                ));
+            }
+            chosen.push(name);
+        }
+        out.insert(rule, chosen);
     }
     Ok(out)
 }

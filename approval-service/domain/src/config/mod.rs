@@ -4,7 +4,7 @@
 //! setting such as `filter_token_sha25 = ...` would otherwise silently leave
 //! the filter API open. Every error names the offending field.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -139,6 +139,10 @@ pub struct Config {
     pub webhooks: Vec<WebhookConfig>,
     /// Services asked about every new review (`[[assessors]]`).
     pub assessors: Vec<AssessorConfig>,
+    /// The assessors a rule's reviews are assessed by, by rule name
+    /// (`[rule_assessors]`); a rule not named here is assessed by all of
+    /// them. Every name is one of `assessors`.
+    pub rule_assessors: BTreeMap<String, Vec<String>>,
     /// The Slack app (`[slack]`), when configured.
     pub slack: Option<SlackConfig>,
     /// CA certificates (from the PEM file `outbound_ca_file`) trusted, besides
@@ -176,6 +180,19 @@ pub struct Config {
 }
 
 impl Config {
+    /// The assessors asked about a review of `rule`: those
+    /// `[rule_assessors]` names for it, else every one configured.
+    pub fn assessors_for(&self, rule: Option<&str>) -> Vec<&AssessorConfig> {
+        match rule.and_then(|r| self.rule_assessors.get(r)) {
+            Some(names) => self
+                .assessors
+                .iter()
+                .filter(|a| names.contains(&a.name))
+                .collect(),
+            None => self.assessors.iter().collect(),
+        }
+    }
+
     /// The base URL for links to the reviewer UI (no trailing slash).
     pub fn link_base(&self) -> String {
         match &self.public_url {
@@ -212,6 +229,7 @@ impl Default for Config {
             ui_session_hours: DEFAULT_UI_SESSION_HOURS,
             webhooks: Vec::new(),
             assessors: Vec::new(),
+            rule_assessors: BTreeMap::new(),
             slack: None,
             outbound_ca: Vec::new(),
             record_retention_days: 0,
@@ -303,6 +321,8 @@ struct RawConfig {
     webhooks: Vec<webhooks::RawWebhook>,
     #[serde(default)]
     assessors: Vec<assessors::RawAssessor>,
+    #[serde(default)]
+    rule_assessors: BTreeMap<String, Vec<String>>,
     #[serde(default)]
     slack: Option<slack::RawSlack>,
     #[serde(default)]
@@ -556,6 +576,7 @@ impl Config {
         let env = |name: &str| std::env::var(name).ok();
         let webhooks = webhooks::check_webhooks(raw.webhooks, &env)?;
         let assessors = assessors::check_assessors(raw.assessors, &env)?;
+        let rule_assessors = assessors::check_rule_assessors(raw.rule_assessors, &assessors)?;
         let slack = slack::check_slack(raw.slack, &env)?;
         let outbound_ca = match raw.outbound_ca_file {
             None => Vec::new(),
@@ -581,6 +602,7 @@ impl Config {
             ui_session_hours,
             webhooks,
             assessors,
+            rule_assessors,
             slack,
             outbound_ca,
             record_retention_days: check_retention_days(raw.record_retention_days)?,
