@@ -403,7 +403,9 @@ impl StreamFilter {
         masked: Option<Vec<u8>>,
         now: u64,
     ) -> Action {
-        let info = facts.into_info(&self.info);
+        // The model and stream flag stay known for a review of the answer.
+        self.info = facts.into_info(&self.info);
+        let info = self.info.clone();
         let (hold, step) = Hold::forward(config, api, info, &rule, body, masked.as_deref(), now);
         if let HoldStep::Release(release) = step {
             // Records off: nothing to wait for.
@@ -518,6 +520,7 @@ impl StreamFilter {
                         return self.refuse(host, &r);
                     }
                 };
+                self.info.model = Some(plan.review.model.clone());
                 let (hold, step) = Hold::start(&config, &plan, self.info.clone(), now);
                 let hold = hold.with_masked_body(masked.as_deref());
                 let msg = format!(

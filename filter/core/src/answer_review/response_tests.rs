@@ -75,6 +75,7 @@ fn a_matching_answer_waits_for_approval_then_leaves_masked() {
     let (_, call) = host.dispatched.last().unwrap();
     let review: Value = serde_json::from_slice(call.body.as_ref().unwrap()).unwrap();
     assert_eq!(review["kind"], "response");
+    assert_eq!(review["model"], "m");
     assert_eq!(review["rule"], "review-answers");
     assert!(review.get("tool_calls").is_none());
     assert_eq!(review["prompt"][0]["text"], "clean up");
