@@ -150,11 +150,12 @@ export class Stack {
   // `approvalPort` may be chosen beforehand (an OpenID provider must know
   // the redirect URI before the service starts); `extraToml` is appended to
   // the service's configuration (`{{MODEL_URL}}` in it becomes the demo
-  // model's address), `env` added to its environment.
-  constructor({ approvalPort = null, extraToml = '', env = undefined } = {}) {
+  // model's address), `env` added to its environment; `filterConfig`'s
+  // top-level fields replace those of envoy/filter-config.json.
+  constructor({ approvalPort = null, extraToml = '', env = undefined, filterConfig = {} } = {}) {
     this.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'countersign-browser-'));
     this.procs = [];
-    Object.assign(this, { fixedApprovalPort: approvalPort, extraToml, env });
+    Object.assign(this, { fixedApprovalPort: approvalPort, extraToml, env, filterConfig });
   }
 
   async start() {
@@ -178,7 +179,9 @@ export class Stack {
     ].join('\n');
     fs.writeFileSync(path.join(this.dir, 'approval.toml'), `${toml}\n`);
 
-    const filterConfig = JSON.stringify({ ...JSON.parse(fs.readFileSync(FILTER_CONFIG, 'utf8')), approval_token: FILTER_TOKEN })
+    const filterConfig = JSON.stringify({
+      ...JSON.parse(fs.readFileSync(FILTER_CONFIG, 'utf8')), ...this.filterConfig, approval_token: FILTER_TOKEN,
+    })
       .replace(/'/g, "''");
     fs.writeFileSync(path.join(this.dir, 'envoy.yaml'), renderTemplate(fs.readFileSync(TEMPLATE, 'utf8'), {
       ADMIN_PORT: adminPort, LISTEN_PORT: listenPort, MODEL_PORT: modelPort, APPROVAL_PORT: approvalPort,
