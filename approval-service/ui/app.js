@@ -476,6 +476,7 @@
     if (S.editing) mainCol.append(editorCard());
     if (r.edited_body) mainCol.append(appliedEditCard(r));
     if (r.kind === 'tool_call') mainCol.append(toolCallsCard(r));
+    if (r.kind === 'response') mainCol.append(answerCard(r));
     mainCol.append(...[conversationCard(r), parametersCard(r)].filter(Boolean));
     if (S.records && S.records.length) mainCol.append(recordsCard(S.records));
 
@@ -544,7 +545,8 @@
       h('div', { class: 'msg-role' }, m.role || 'message'),
       messageBody(m.text || '')));
     const count = msgs.length === 1 ? '1 message' : `${msgs.length} messages`;
-    const how = r.edited_body ? 'as originally sent (the model received the edit)' : 'as the model will see it';
+    const how = isAnswerReview(r) ? 'the prompt the model answered'
+      : r.edited_body ? 'as originally sent (the model received the edit)' : 'as the model will see it';
     return h('section', { class: 'card' },
       h('div', { class: 'card-title-row' },
         h('h2', { class: 'card-title' }, 'Conversation'),
@@ -562,7 +564,39 @@
       h('div', { class: 'card-title-row' },
         h('h2', { class: 'card-title' }, 'Tool calls in the answer'),
         h('span', { class: 'muted small' }, 'held before they reach the caller; editing changes only their arguments')),
-      calls.length ? h('div', { class: 'messages' }, calls) : h('p', { class: 'muted' }, 'No tool calls.'));
+      calls.length ? h('div', { class: 'messages' }, calls) : h('p', { class: 'muted' }, 'No tool calls.'),
+      rawAnswer(r));
+  }
+
+  // Whether the review is of the model's answer (its tool calls or its
+  // text): its body is the answer the caller would get, not a request.
+  function isAnswerReview(r) {
+    return r.kind === 'tool_call' || r.kind === 'response';
+  }
+
+  // A review of the model's answer text: its texts as the filter read
+  // them (masked as stored), as text only, never markup.
+  function answerCard(r) {
+    const texts = asList(r.answer).map((t, i) => h('div', { class: 'msg msg-assistant', dataset: { index: String(i) } },
+      h('div', { class: 'msg-role' }, textLabel(i)),
+      messageBody(t)));
+    return h('section', { class: 'card', id: 'answer' },
+      h('div', { class: 'card-title-row' },
+        h('h2', { class: 'card-title' }, 'Answer'),
+        h('span', { class: 'muted small' }, 'held before it reaches the caller; masked as stored; editing changes only its texts')),
+      texts.length ? h('div', { class: 'messages' }, texts) : h('p', { class: 'muted' }, 'This answer has no text; see the whole answer below.'),
+      rawAnswer(r));
+  }
+
+  function textLabel(i) {
+    return i === 0 ? 'assistant' : `assistant · text ${i + 1}`;
+  }
+
+  function rawAnswer(r) {
+    if (r.body_purged_at_ms) return null;
+    return h('details', { class: 'raw' },
+      h('summary', null, 'The whole answer (JSON)'),
+      h('pre', { class: 'code' }, prettyJson(r.body)));
   }
 
   function roleClass(role) {
@@ -577,7 +611,7 @@
   }
 
   function parametersCard(r) {
-    if (r.body_purged_at_ms) return null;
+    if (r.body_purged_at_ms || isAnswerReview(r)) return null;
     const body = parseBody(r.body);
     const rows = [];
     if (body) {
@@ -917,16 +951,25 @@
           h('button', { type: 'button', class: 'btn', id: 'back-to-edit', onclick: () => { S.editing.stage = 'edit'; renderReview(); } }, 'Back to editing'),
           h('button', { type: 'button', class: 'btn btn-quiet', onclick: closeEditor }, 'Cancel')));
     }
+    const [title, hint] = EDITOR_LABELS[S.review.kind] || EDITOR_LABELS.prompt;
     return h('section', { class: 'card editor', id: 'editor' },
       h('div', { class: 'card-title-row' },
-        h('h2', { class: 'card-title' }, 'Edit the request'),
-        h('span', { class: 'muted small' }, 'JSON body sent to the model instead of the original')),
+        h('h2', { class: 'card-title' }, title),
+        h('span', { class: 'muted small' }, hint)),
       h('textarea', { id: 'edit-body', class: 'code-input', spellcheck: 'false', rows: String(Math.min(28, Math.max(8, ed.text.split('\n').length + 1))), value: ed.text }),
       h('p', { class: 'form-error', id: 'edit-error', role: 'alert', hidden: true }),
       h('div', { class: 'actions' },
         h('button', { type: 'button', class: 'btn btn-primary', id: 'preview-edit', onclick: previewEdit }, 'Preview changes'),
         h('button', { type: 'button', class: 'btn btn-quiet', onclick: closeEditor }, 'Cancel')));
   }
+
+  // What the editor edits, by what is reviewed: the request, or the
+  // model's answer (the filter takes only its arguments, or only its texts).
+  const EDITOR_LABELS = {
+    prompt: ['Edit the request', 'JSON body sent to the model instead of the original'],
+    tool_call: ['Edit the tool calls', 'the answer the caller gets: change only the calls\' arguments (a JSON object each); names and ids stay'],
+    response: ['Edit the answer', 'the answer the caller gets: change only its texts; ids, roles, finish reasons and structure stay as they are'],
+  };
 
   function editError(msg) {
     const el = $('#edit-error');
@@ -969,10 +1012,11 @@
 
   function appliedEditCard(r) {
     const lines = lineDiff(prettyJson(r.body).split('\n'), prettyJson(r.edited_body).split('\n'));
+    const who = isAnswerReview(r) ? 'the caller received the edited answer' : 'the model received the edited body';
     return h('section', { class: 'card' },
       h('div', { class: 'card-title-row' },
         h('h2', { class: 'card-title' }, 'Edit applied'),
-        h('span', { class: 'muted small' }, `${diffStats(lines)} · the model received the edited body`)),
+        h('span', { class: 'muted small' }, `${diffStats(lines)} · ${who}`)),
       diffView(lines));
   }
 

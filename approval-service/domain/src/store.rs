@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use countersign_core::answer_review::texts_of_answer;
 use countersign_core::wire::{
     ApiKind, AutoDecision, Evidence, PromptMessage, ReviewKind, ReviewMode, ReviewState,
     ReviewStatus, SpotCheckDraw, ToolCall,
@@ -180,6 +181,11 @@ pub struct ReviewDetail {
     pub body: String,
     /// For `tool_call` reviews: the answer's tool calls.
     pub tool_calls: Vec<ToolCall>,
+    /// For `response` reviews: the answer's texts in `body`, in order (as
+    /// the filter reads them: what its rules matched, what an edit may
+    /// change), masked as `body` is.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub answer: Vec<String>,
     /// The body to forward instead, when approved with an edit.
     pub edited_body: Option<String>,
     /// HTTP method.
@@ -785,11 +791,18 @@ pub(crate) fn detail_of(conn: &mut Conn, id: &str) -> DbResult<Option<ReviewDeta
         .get::<Option<String>>(35)?
         .map(|j| serde_json::from_str(&j))
         .transpose()?;
+    let summary = summary_from_row(&row)?;
+    let body: String = row.get(26)?;
+    let answer = match summary.kind {
+        ReviewKind::Response => texts_of_answer(summary.api, &body),
+        ReviewKind::Prompt | ReviewKind::ToolCall => Vec::new(),
+    };
     let detail = ReviewDetail {
-        summary: summary_from_row(&row)?,
+        summary,
         prompt,
-        body: row.get(26)?,
+        body,
         tool_calls: serde_json::from_str(&row.get::<String>(36)?)?,
+        answer,
         edited_body: row.get(27)?,
         method: row.get(28)?,
         authority: row.get(29)?,

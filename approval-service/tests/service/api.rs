@@ -711,4 +711,31 @@ async fn reviews_of_tool_calls_keep_their_kind_and_calls() {
     assert_eq!(detail["tool_calls"][0]["arguments"], "{\"path\":\"/srv\"}");
     let (_, detail) = get_as(&f.app, BOB, &format!("/api/reviews/{prompt_review}")).await;
     assert_eq!(detail["tool_calls"], json!([]));
+    assert!(detail.get("answer").is_none());
+}
+
+#[tokio::test]
+async fn a_review_of_an_answers_text_shows_its_texts_in_order() {
+    let f = fixture("");
+    // An OpenAI chat answer (the fixture's api) with two choices: their
+    // texts, as the filter reads them; ids, roles and reasons are none.
+    let answer = json!({"id":"chatcmpl-1","object":"chat.completion","choices":[
+        {"index":0,"finish_reason":"stop","message":{"role":"assistant","content":"internal only: [EMAIL]"}},
+        {"index":1,"finish_reason":"stop","message":{"role":"assistant","content":"second"}}]});
+    let id = common::create_review(
+        &f.app,
+        &[],
+        common::merged(
+            create_body(60_000),
+            json!({"kind": "response", "stream": false, "body": answer.to_string()}),
+        ),
+    )
+    .await;
+    let (_, detail) = get_as(&f.app, BOB, &format!("/api/reviews/{id}")).await;
+    assert_eq!(detail["kind"], "response");
+    assert_eq!(
+        detail["answer"],
+        json!(["internal only: [EMAIL]", "second"])
+    );
+    assert_eq!(detail["body"], answer.to_string());
 }

@@ -281,6 +281,21 @@ pub fn plan_response_review(
     Ok(Some((plan, edit)))
 }
 
+/// The texts of `answer` (a plain answer of `api`, as JSON text: the body
+/// of a `response` review), in order: what `review` rules on the answer's
+/// text read and what a reviewer's edit may change. None when it is not
+/// JSON.
+pub fn texts_of_answer(api: ApiKind, answer: &str) -> Vec<String> {
+    crate::json::parse_strict(answer.as_bytes())
+        .map(|v| {
+            answer_texts(api, &v)
+                .into_iter()
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 impl ResponseEdit {
     /// Approved: the answer as it was, or the reviewer's edit of its text
     /// (`edited`: the answer as the reviewer returned it). The edit may
@@ -353,8 +368,9 @@ pub(crate) mod tests {
     use crate::worker::Worker;
 
     pub(crate) const ID: u32 = 9;
-    const CHAT: &str = "/v1/chat/completions";
-    const REQUEST: &[u8] = br#"{"model":"m","messages":[{"role":"user","content":"clean up"}]}"#;
+    pub(crate) const CHAT: &str = "/v1/chat/completions";
+    pub(crate) const REQUEST: &[u8] =
+        br#"{"model":"m","messages":[{"role":"user","content":"clean up"}]}"#;
 
     fn config(rule_extra: &str) -> String {
         format!(
@@ -381,6 +397,17 @@ pub(crate) mod tests {
         answer: &Value,
     ) -> (Worker, MockHost, StreamFilter, Action, Action) {
         let (worker, mut host, mut stream) = crate::testing::forwarded(config, ID, CHAT, REQUEST);
+        let (head, last) = answer_on(&mut host, &mut stream, answer);
+        (worker, host, stream, head, last)
+    }
+
+    /// `answer` (plain JSON, in two chunks) to a forwarded request's
+    /// `stream`: the actions of its head and of its last chunk.
+    pub(crate) fn answer_on(
+        host: &mut MockHost,
+        stream: &mut StreamFilter,
+        answer: &Value,
+    ) -> (Action, Action) {
         host.response_headers = [
             (":status", "200"),
             ("content-type", "application/json"),
@@ -389,18 +416,18 @@ pub(crate) mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        let head = stream.on_response_headers(&mut host);
+        let head = stream.on_response_headers(host);
         let body = serde_json::to_vec(answer).unwrap();
         let (first, rest) = body.split_at(10);
         host.response_chunk = first.to_vec();
         assert_eq!(
-            stream.on_response_body(&mut host, first.len(), false),
+            stream.on_response_body(host, first.len(), false),
             Action::Pause
         );
         host.response_chunk = body.clone();
         let _ = rest;
-        let last = stream.on_response_body(&mut host, body.len(), true);
-        (worker, host, stream, head, last)
+        let last = stream.on_response_body(host, body.len(), true);
+        (head, last)
     }
 
     pub(crate) fn sent(host: &MockHost) -> Value {

@@ -207,6 +207,32 @@ impl StreamFilter {
         Err(refusal)
     }
 
+    /// A held answer's `plan` with who waits for its reviewer, or the
+    /// refusal (logged) when `hold_limits` are reached: the answer does not
+    /// leave, the caller gets the API's error (a stream: its error event).
+    fn answer_slot<P>(
+        &self,
+        host: &mut dyn Host,
+        config: &Config,
+        api: ApiKind,
+        plan: Option<P>,
+    ) -> Result<Option<(P, String)>, Refusal> {
+        let Some(plan) = plan else {
+            return Ok(None);
+        };
+        match self.review_slot(config, api) {
+            Ok(waiter) => Ok(Some((plan, waiter))),
+            Err(refusal) => {
+                let msg = format!(
+                    "countersign: {} answer refused: {}",
+                    self.info.request_id, refusal.message
+                );
+                host.log(Level::Warn, &msg);
+                Err(refusal)
+            }
+        }
+    }
+
     /// The request head.
     pub fn on_request_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Action {
         let Some(config) = self.config.clone() else {
@@ -377,7 +403,9 @@ impl StreamFilter {
         masked: Option<Vec<u8>>,
         now: u64,
     ) -> Action {
-        let info = facts.into_info(&self.info);
+        // The model and stream flag stay known for a review of the answer.
+        self.info = facts.into_info(&self.info);
+        let info = self.info.clone();
         let (hold, step) = Hold::forward(config, api, info, &rule, body, masked.as_deref(), now);
         if let HoldStep::Release(release) = step {
             // Records off: nothing to wait for.
@@ -492,6 +520,7 @@ impl StreamFilter {
                         return self.refuse(host, &r);
                     }
                 };
+                self.info.model = Some(plan.review.model.clone());
                 let (hold, step) = Hold::start(&config, &plan, self.info.clone(), now);
                 let hold = hold.with_masked_body(masked.as_deref());
                 let msg = format!(
@@ -900,16 +929,25 @@ impl StreamFilter {
             .map(|plan| plan.map(|(plan, edit)| (plan, Some(edit)))),
             other => other,
         };
+        // A held answer waits for a reviewer like a held prompt: within
+        // `hold_limits`, or an error instead of the answer.
+        let plan = plan.and_then(|plan| self.answer_slot(host, &config, api, plan));
         match plan {
-            Ok(Some((plan, edit))) => {
+            Ok(Some(((plan, edit), waiter))) => {
                 let (hold, step) = Hold::answer(&config, plan, self.info.clone(), host.now_ms());
                 let hold = match edit {
                     Some(edit) => hold.with_response_edit(edit),
                     None => hold,
                 };
                 self.held = true;
-                self.worker
-                    .start_hold(host, self.id, &config, (hold, step), body_size, None);
+                self.worker.start_hold(
+                    host,
+                    self.id,
+                    &config,
+                    (hold, step),
+                    body_size,
+                    Some(waiter),
+                );
                 Action::Pause
             }
             Ok(None) => {
@@ -987,7 +1025,11 @@ impl StreamFilter {
             End::Held(record, held) => (record, held),
         };
         let mut held = held;
-        let (Some(config), Some(screening)) = (self.config.clone(), self.screening.as_ref()) else {
+        let (Some(config), Some(screening), Some(api)) = (
+            self.config.clone(),
+            self.screening.as_ref(),
+            self.endpoint.as_ref().map(|e| e.api),
+        ) else {
             return Action::Continue;
         };
         let plan = match self.stream_blocked() {
@@ -1000,8 +1042,9 @@ impl StreamFilter {
                 &screening.review_prompt,
             ),
         };
+        let plan = plan.and_then(|plan| self.answer_slot(host, &config, api, plan));
         let release = match plan {
-            Ok(Some((review, on_reject))) => {
+            Ok(Some(((review, on_reject), waiter))) => {
                 self.capture_chunk(&[], Some(&record), false);
                 let answer = (HeldAnswer::Stream(held), on_reject);
                 let hold =
@@ -1009,7 +1052,7 @@ impl StreamFilter {
                 self.held = true;
                 self.stream_held = true;
                 self.worker
-                    .start_hold(host, self.id, &config, hold, body_size, None);
+                    .start_hold(host, self.id, &config, hold, body_size, Some(waiter));
                 return Action::Pause;
             }
             Ok(None) if self.stream_blocked() => held.only_last(),

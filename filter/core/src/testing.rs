@@ -165,25 +165,37 @@ pub fn forwarded(
     path: &str,
     request: &[u8],
 ) -> (Worker, MockHost, crate::stream_filter::StreamFilter) {
-    use crate::host::Action;
     let config = std::rc::Rc::new(crate::config::Config::from_json(config.as_bytes()).unwrap());
     let worker = Worker::new();
     let mut host = MockHost::new(&worker);
-    let mut stream = crate::stream_filter::StreamFilter::new(id, Some(config), worker.clone());
+    let stream = forwarded_on(&mut host, &worker, &config, id, (path, request));
+    (worker, host, stream)
+}
+
+/// A request of HTTP context `id` to `path`, forwarded once its record was
+/// written, on an existing worker (several streams of one worker).
+pub fn forwarded_on(
+    host: &mut MockHost,
+    worker: &Worker,
+    config: &std::rc::Rc<crate::config::Config>,
+    id: u32,
+    (path, request): (&str, &[u8]),
+) -> crate::stream_filter::StreamFilter {
+    use crate::host::Action;
+    let mut stream =
+        crate::stream_filter::StreamFilter::new(id, Some(config.clone()), worker.clone());
+    host.resumed.clear();
     host.request("POST", path, request);
+    assert_eq!(stream.on_request_headers(host, false), Action::Continue);
     assert_eq!(
-        stream.on_request_headers(&mut host, false),
-        Action::Continue
-    );
-    assert_eq!(
-        stream.on_request_body(&mut host, request.len(), true),
+        stream.on_request_body(host, request.len(), true),
         Action::Pause,
         "{:?}",
         host.replies
     );
-    answer_last_call(&mut host, &worker, 201, r#"{"record_id":"rec_1"}"#);
+    answer_last_call(host, worker, 201, r#"{"record_id":"rec_1"}"#);
     assert_eq!(host.resumed, [Some(id)]);
-    (worker, host, stream)
+    stream
 }
 
 /// Loads a configuration whose only response rule is `rule` (JSON), with

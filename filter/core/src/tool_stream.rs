@@ -1413,7 +1413,8 @@ mod tests {
     use crate::host::Action;
     use crate::stream_filter::StreamFilter;
     use crate::testing::{
-        answer_last_call, forwarded, response_record as record, review_state as state, MockHost,
+        answer_last_call, forwarded, forwarded_on, response_record as record,
+        review_state as state, MockHost,
     };
     use crate::worker::Worker;
 
@@ -1721,11 +1722,23 @@ mod tests {
     ) -> (Worker, MockHost, StreamFilter, Vec<u8>, Action) {
         let request = serde_json::to_vec(&case.request).unwrap();
         let (worker, mut host, mut stream) = forwarded(config, ID, case.path, &request);
+        let (sent, last) = answer_stream(&mut host, &mut stream, case, piece);
+        (worker, host, stream, sent, last)
+    }
+
+    /// `case`'s answer to `stream`, cut in pieces of `piece` bytes: what
+    /// left before the end, and the last chunk's action.
+    fn answer_stream(
+        host: &mut MockHost,
+        stream: &mut StreamFilter,
+        case: &Case,
+        piece: usize,
+    ) -> (Vec<u8>, Action) {
         host.response_headers = [(":status", "200"), ("content-type", "text/event-stream")]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        assert_eq!(stream.on_response_headers(&mut host), Action::Continue);
+        assert_eq!(stream.on_response_headers(host), Action::Continue);
         let bytes = case.bytes();
         let pieces: Vec<&[u8]> = bytes.chunks(piece).collect();
         let mut sent = Vec::new();
@@ -1733,13 +1746,69 @@ mod tests {
         for (k, p) in pieces.iter().enumerate() {
             host.response_chunk = p.to_vec();
             let eos = k + 1 == pieces.len();
-            last = stream.on_response_body(&mut host, p.len(), eos);
+            last = stream.on_response_body(host, p.len(), eos);
             if !eos {
                 assert_eq!(last, Action::Continue);
                 sent.extend(&host.response_chunk);
             }
         }
-        (worker, host, stream, sent, last)
+        (sent, last)
+    }
+
+    #[test]
+    fn held_streams_count_in_hold_limits_and_one_beyond_ends_with_an_error_event() {
+        let limits = r#""hold_limits":{"per_caller":1,"total":5,"retry_after_s":7},"#;
+        let json = config("").replacen('{', &format!("{{{limits}"), 1);
+        for case in cases() {
+            let request = serde_json::to_vec(&case.request).unwrap();
+            let (worker, mut host, mut first, _, last) = streamed(&json, &case, 1 << 20);
+            assert_eq!(last, Action::Pause, "{:?}", case.api);
+            assert_eq!(worker.waiting_for_review(""), (1, 1));
+            answer_last_call(&mut host, &worker, 201, &state("pending", ""));
+            let wait = host.last_token();
+            // A second stream of the same caller in the same worker: its
+            // tool call never leaves; the stream ends with the error event.
+            let config = Rc::new(Config::from_json(json.as_bytes()).unwrap());
+            let mut second =
+                forwarded_on(&mut host, &worker, &config, ID + 1, (case.path, &request));
+            let reviews = host.paths().iter().filter(|p| *p == "/v1/reviews").count();
+            let (mut sent, last) = answer_stream(&mut host, &mut second, &case, 1 << 20);
+            assert_eq!(last, Action::Continue, "{:?}", case.api);
+            assert_eq!(
+                host.paths().iter().filter(|p| *p == "/v1/reviews").count(),
+                reviews
+            );
+            sent.extend(&host.response_chunk);
+            assert!(
+                !String::from_utf8_lossy(&sent).contains(TOOL),
+                "{:?}",
+                case.api
+            );
+            let (_, error) = events_of(&sent).pop().unwrap();
+            assert!(
+                error
+                    .to_string()
+                    .contains("too many requests are already waiting"),
+                "{:?}: {error}",
+                case.api
+            );
+            assert!(host.logs.iter().any(|(_, l)| l.contains("answer refused")));
+            // The first one's decision frees the slot.
+            let approved = state("approved", "");
+            host.answer = Some(crate::hold::CalloutResult {
+                status: Some(200),
+                body: approved.as_bytes().to_vec(),
+            });
+            host.effective = None;
+            worker.on_callout_response(&mut host, wait, approved.len());
+            assert_eq!(host.resumed_responses, [Some(ID)]);
+            assert_eq!(worker.waiting_for_review(""), (0, 0));
+            assert_eq!(
+                record(&mut host, &worker, &mut first)["answer_decision"],
+                "approved"
+            );
+            assert_eq!(host.violations.get(), 0);
+        }
     }
 
     #[test]

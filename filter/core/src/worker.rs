@@ -33,8 +33,9 @@ struct HoldEntry {
     finished: bool,
     /// Set when the request was released to the model, with the time.
     released: Option<(Release, u64)>,
-    /// Whose request waits for a reviewer (`None`: not waiting for one, such
-    /// as a record written before forwarding), for `hold_limits`.
+    /// Whose request or answer waits for a reviewer (`None`: not waiting
+    /// for one, such as a record written before forwarding), for
+    /// `hold_limits`.
     waits_for_review: Option<String>,
     /// Set when a held answer was let go, with what the caller got.
     answered: Option<AnswerRelease>,
@@ -81,13 +82,15 @@ impl Worker {
         self.with(|s| s.holds.len())
     }
 
-    /// Requests of `caller` (`""`: no caller) and of everyone that wait for
-    /// a reviewer in this worker.
+    /// Requests (and answers) of `caller` (`""`: no caller) and of everyone
+    /// that wait for a reviewer in this worker. A hold that is over (its
+    /// request released, its answer let go or refused) waits no more.
     pub fn waiting_for_review(&self, caller: &str) -> (usize, usize) {
         self.with(|s| {
             let waiting = s
                 .holds
                 .values()
+                .filter(|e| !e.finished)
                 .filter_map(|e| e.waits_for_review.as_deref());
             waiting.fold((0, 0), |(mine, all), c| {
                 (mine + usize::from(c == caller), all + 1)

@@ -5,7 +5,10 @@
 
 use serde_json::{json, Value};
 
-use super::tests::{expire_held_answer, forwarded_answer, response_record, sent, state, ID};
+use super::tests::{
+    answer_on, expire_held_answer, forwarded_answer, response_record, sent, state, CHAT, ID,
+    REQUEST,
+};
 use crate::host::Action;
 use crate::stream_filter::StreamFilter;
 use crate::testing::{answer_last_call, MockHost};
@@ -72,6 +75,7 @@ fn a_matching_answer_waits_for_approval_then_leaves_masked() {
     let (_, call) = host.dispatched.last().unwrap();
     let review: Value = serde_json::from_slice(call.body.as_ref().unwrap()).unwrap();
     assert_eq!(review["kind"], "response");
+    assert_eq!(review["model"], "m");
     assert_eq!(review["rule"], "review-answers");
     assert!(review.get("tool_calls").is_none());
     assert_eq!(review["prompt"][0]["text"], "clean up");
@@ -282,4 +286,34 @@ fn rules_on_the_answers_text_are_checked_at_load() {
             "{rule}: {got:?}"
         );
     }
+}
+
+#[test]
+fn held_answers_count_in_hold_limits_and_one_beyond_is_an_error() {
+    let limits = r#""hold_limits":{"per_caller":1,"total":5,"retry_after_s":7},"#;
+    let json = config("").replacen('{', &format!("{{{limits}"), 1);
+    let answer = chat("internal only: the launch date");
+    let (worker, mut host, _first, _, last) = forwarded_answer(&json, &answer);
+    assert_eq!(last, Action::Pause);
+    answer_last_call(&mut host, &worker, 201, &state("pending", ""));
+    assert_eq!(worker.waiting_for_review(""), (1, 1));
+    // A second held answer of the same caller in this worker: 429 in the
+    // API's format instead of the answer, and no second review.
+    let config = std::rc::Rc::new(crate::config::Config::from_json(json.as_bytes()).unwrap());
+    let mut second =
+        crate::testing::forwarded_on(&mut host, &worker, &config, ID + 1, (CHAT, REQUEST));
+    let reviews = host.paths().iter().filter(|p| *p == "/v1/reviews").count();
+    let (_, last) = answer_on(&mut host, &mut second, &answer);
+    assert_eq!(last, Action::Continue);
+    assert_eq!(
+        host.paths().iter().filter(|p| *p == "/v1/reviews").count(),
+        reviews
+    );
+    assert_eq!(host.response_headers[":status"], "429");
+    assert_eq!(host.response_headers["retry-after"], "7");
+    let error = sent(&host);
+    assert_eq!(error["error"]["code"], "too_many_held_requests");
+    assert!(!error.to_string().contains("launch date"));
+    assert_eq!(worker.waiting_for_review(""), (1, 1));
+    assert_eq!(host.violations.get(), 0);
 }
