@@ -241,7 +241,7 @@ impl Hold {
     }
 
     /// Forwards an allowed request once its record is written.
-    /// `info` carries the parsed model and stream flag ([`Parsed::into_info`]).
+    /// `info` carries the parsed model and stream flag ([`Parsed::fill`]).
     pub fn forward(
         config: &Config,
         api: ApiKind,

@@ -110,13 +110,10 @@ pub struct Parsed {
 }
 
 impl Parsed {
-    /// `info` with these facts filled in.
-    pub fn into_info(self, info: &RequestInfo) -> RequestInfo {
-        RequestInfo {
-            model: self.model,
-            stream: self.stream,
-            ..info.clone()
-        }
+    /// Fills these facts into `info`.
+    pub fn fill(self, info: &mut RequestInfo) {
+        info.model = self.model;
+        info.stream = self.stream;
     }
 }
 

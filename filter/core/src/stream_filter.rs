@@ -404,7 +404,7 @@ impl StreamFilter {
         now: u64,
     ) -> Action {
         // The model and stream flag stay known for a review of the answer.
-        self.info = facts.into_info(&self.info);
+        facts.fill(&mut self.info);
         let info = self.info.clone();
         let (hold, step) = Hold::forward(config, api, info, &rule, body, masked.as_deref(), now);
         if let HoldStep::Release(release) = step {
