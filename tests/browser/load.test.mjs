@@ -9,12 +9,12 @@
 //
 // UPDATE_SCREENSHOTS=1 also writes docs/screenshots/reviewer-load.png,
 // after a day of reviews is spread over the last 24 hours (see below).
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { heldCurl, launchChromium, REVIEWERS, ROOT, Stack, withLogs } from './stack.mjs';
+import { heldCurl, REVIEWERS, ROOT, stackWithPage } from './stack.mjs';
 
 const SHOT_DIR = process.env.UPDATE_SCREENSHOTS ? path.join(ROOT, 'docs', 'screenshots') : null;
 const T = { timeout: 180000 };
@@ -30,29 +30,8 @@ model = "omni-moderation-latest"
 timeout_ms = 2000
 `;
 
-let stack;
-let browser;
-let page;
-const pageErrors = [];
-const cspViolations = [];
-
-before(async () => {
-  stack = await new Stack({ extraToml: ASSESSOR }).start();
-  browser = await launchChromium();
-  const context = await browser.newContext({ viewport: { width: 1360, height: 900 }, locale: 'en-GB', timezoneId: 'UTC' });
-  context.setDefaultTimeout(15000);
-  page = await context.newPage();
-  page.on('pageerror', (e) => pageErrors.push(String(e)));
-  page.on('console', (m) => { if (/Content Security Policy/i.test(m.text())) cspViolations.push(m.text()); });
-}, T);
-
-after(async () => {
-  if (browser) await browser.close();
-  if (stack) await stack.stop();
-});
-
-const check = withLogs(() => (stack ? stack.logs() : 'stack not started'));
-const url = (p) => stack.approvalUrl + p;
+const env = stackWithPage({ extraToml: ASSESSOR }, T);
+const { check, url } = env;
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 let seq = 0;
@@ -60,14 +39,14 @@ let seq = 0;
 function filed({ rule, caller, text = 'Summarise the release notes', hold = 600000, ...more }) {
   seq += 1;
   const body = JSON.stringify({ model: 'gpt-4o', messages: [{ role: 'user', content: text }] });
-  return stack.fileReview({
+  return env.stack.fileReview({
     request_id: `load-${seq}`, api: 'openai_chat', method: 'POST', path: '/v1/chat/completions', authority: 'llm.internal',
     caller, model: 'gpt-4o', rule, stream: false, prompt: [{ role: 'user', text }], body, hold_timeout_ms: hold, ...more,
   });
 }
 
 async function decide(id, action, reviewer, reason) {
-  const r = await stack.api(`/api/reviews/${id}/${action}`, { method: 'POST', body: reason ? { reason } : {}, reviewer });
+  const r = await env.stack.api(`/api/reviews/${id}/${action}`, { method: 'POST', body: reason ? { reason } : {}, reviewer });
   assert.equal(r.status, 200, JSON.stringify(r.json));
 }
 
@@ -75,7 +54,7 @@ async function decide(id, action, reviewer, reason) {
 // task approves, in the background).
 async function until(id, status) {
   for (let i = 0; i < 200; i += 1) {
-    const r = await stack.api(`/api/reviews/${id}`);
+    const r = await env.stack.api(`/api/reviews/${id}`);
     if (r.json && r.json.status === status) return r.json;
     await sleep(100);
   }
@@ -84,18 +63,18 @@ async function until(id, status) {
 
 // The sum of the `data-value`s of `selector`'s elements.
 function sum(selector) {
-  return page.$$eval(selector, (els) => els.reduce((t, e) => t + Number(e.getAttribute('data-value')), 0));
+  return env.page.$$eval(selector, (els) => els.reduce((t, e) => t + Number(e.getAttribute('data-value')), 0));
 }
 
 const AUTO = { auto_decision: { approve: { max_score: 0.9 } } };
 
 test('the load page charts a known set of reviews', T, check(async () => {
   // Two held requests through Envoy, approved by alice.
-  const held = [heldCurl(stack.url, { model: 'demo-echo', messages: [{ role: 'user', content: 'first held' }] }),
-    heldCurl(stack.url, { model: 'demo-echo', messages: [{ role: 'user', content: 'second held' }] })];
+  const held = [heldCurl(env.stack.url, { model: 'demo-echo', messages: [{ role: 'user', content: 'first held' }] }),
+    heldCurl(env.stack.url, { model: 'demo-echo', messages: [{ role: 'user', content: 'second held' }] })];
   let pending = [];
   for (let i = 0; i < 200 && pending.length < 2; i += 1) {
-    pending = (await stack.api('/api/reviews?status=pending')).json.reviews;
+    pending = (await env.stack.api('/api/reviews?status=pending')).json.reviews;
     await sleep(100);
   }
   assert.equal(pending.length, 2, 'both curl requests are held');
@@ -115,14 +94,14 @@ test('the load page charts a known set of reviews', T, check(async () => {
   const audit = await filed({ rule: 'chat-allow', caller: 'intern-tools', mode: 'audit' });
   await decide(audit, 'reject', 'alice', 'pasted a customer list');
 
-  await page.goto(url('/'));
-  await page.waitForURL(/\/login\?next=/);
-  await page.fill('#token', REVIEWERS.alice);
-  await Promise.all([page.waitForURL(url('/')), page.click('#sign-in')]);
-  await page.locator('#nav-load').click();
-  await page.waitForURL(/\/load$/);
-  await page.locator('svg[data-chart="decisions"]').waitFor();
-  const stat = (k) => page.locator(`[data-stat="${k}"]`).textContent();
+  await env.page.goto(url('/'));
+  await env.page.waitForURL(/\/login\?next=/);
+  await env.page.fill('#token', REVIEWERS.alice);
+  await Promise.all([env.page.waitForURL(url('/')), env.page.click('#sign-in')]);
+  await env.page.locator('#nav-load').click();
+  await env.page.waitForURL(/\/load$/);
+  await env.page.locator('svg[data-chart="decisions"]').waitFor();
+  const stat = (k) => env.page.locator(`[data-stat="${k}"]`).textContent();
   assert.equal(await stat('created'), '9');
   assert.equal(await stat('to_people'), '7');
   assert.equal(await stat('automatic_share'), '33%', '2 of 6 decisions');
@@ -135,12 +114,12 @@ test('the load page charts a known set of reviews', T, check(async () => {
   assert.equal(await sum('svg[data-chart="decisions"] rect[data-series="automatic"]'), 2);
   assert.equal(await sum('svg[data-chart="expired"] rect[data-series="expired"]'), 1);
   assert.equal(await sum('svg[data-chart="queue"] circle[data-series="created"]'), 9);
-  const queue = await page.$$eval('svg[data-chart="queue"] circle[data-series="pending_at_end"]', (els) => els.map((e) => Number(e.getAttribute('data-value'))));
+  const queue = await env.page.$$eval('svg[data-chart="queue"] circle[data-series="pending_at_end"]', (els) => els.map((e) => Number(e.getAttribute('data-value'))));
   assert.equal(queue.length, 25, 'a day in hourly buckets, the current hour included');
   assert.equal(queue[queue.length - 1], 2);
-  assert.ok(await page.locator('svg[data-chart="decision-time"] circle[data-series="p90"]').count() >= 1);
-  assert.ok(await page.locator('svg[data-chart="decision-time"] path.line').count() >= 1);
-  const ranking = (chart) => page.$$eval(`svg[data-chart="${chart}"] rect`, (els) => els.map((e) => [e.getAttribute('data-name'), Number(e.getAttribute('data-value'))]));
+  assert.ok(await env.page.locator('svg[data-chart="decision-time"] circle[data-series="p90"]').count() >= 1);
+  assert.ok(await env.page.locator('svg[data-chart="decision-time"] path.line').count() >= 1);
+  const ranking = (chart) => env.page.$$eval(`svg[data-chart="${chart}"] rect`, (els) => els.map((e) => [e.getAttribute('data-name'), Number(e.getAttribute('data-value'))]));
   const rules = await ranking('top-rules');
   assert.deepEqual(rules[0], ['support-drafts', 3]);
   assert.deepEqual(rules.find(([n]) => n === 'faq'), undefined, 'automatic decisions are not work for people');
@@ -150,26 +129,26 @@ test('the load page charts a known set of reviews', T, check(async () => {
   assert.ok(callers.some(([n, c]) => n === 'ci-runner/nightly' && c === 1), JSON.stringify(callers));
 
   // The flagged audit is a follow-up until resolved.
-  const row = page.locator('#follow-ups tr', { hasText: 'intern-tools' });
+  const row = env.page.locator('#follow-ups tr', { hasText: 'intern-tools' });
   await row.waitFor();
   assert.ok((await row.textContent()).includes('pasted a customer list'));
-  await page.locator('#follow-ups .chip', { hasText: 'intern-tools · chat-allow: 1' }).waitFor();
+  await env.page.locator('#follow-ups .chip', { hasText: 'intern-tools · chat-allow: 1' }).waitFor();
   await row.locator('button.resolve').click();
-  await page.locator('#follow-ups', { hasText: 'No open follow-ups' }).waitFor();
-  assert.equal((await stack.api('/api/follow-ups?status=all')).json.follow_ups[0].resolved_by, 'alice');
+  await env.page.locator('#follow-ups', { hasText: 'No open follow-ups' }).waitFor();
+  assert.equal((await env.stack.api('/api/follow-ups?status=all')).json.follow_ups[0].resolved_by, 'alice');
 
   // Another period: the same reviews, in 6-hour buckets.
-  await page.click('button[data-period="7d"]');
-  await page.waitForURL(/\/load\?period=7d$/);
-  await page.waitForFunction(() => document.querySelectorAll('svg[data-chart="queue"] circle[data-series="pending_at_end"]').length === 29);
+  await env.page.click('button[data-period="7d"]');
+  await env.page.waitForURL(/\/load\?period=7d$/);
+  await env.page.waitForFunction(() => document.querySelectorAll('svg[data-chart="queue"] circle[data-series="pending_at_end"]').length === 29);
   assert.equal(await sum('svg[data-chart="decisions"] rect[data-series="human"]'), 4);
-  assert.equal(await page.locator('button[data-period="7d"]').getAttribute('aria-pressed'), 'true');
+  assert.equal(await env.page.locator('button[data-period="7d"]').getAttribute('aria-pressed'), 'true');
 
   // The audit reads as flagged in the history.
-  await page.goto(url('/history?what=audit'));
-  await page.locator('.badge-rejected', { hasText: 'Flagged' }).waitFor();
-  assert.deepEqual(pageErrors, []);
-  assert.deepEqual(cspViolations, []);
+  await env.page.goto(url('/history?what=audit'));
+  await env.page.locator('.badge-rejected', { hasText: 'Flagged' }).waitFor();
+  assert.deepEqual(env.pageErrors, []);
+  assert.deepEqual(env.cspViolations, []);
 }));
 
 // For the screenshot only: a day of reviews. They are filed and decided
@@ -177,7 +156,7 @@ test('the load page charts a known set of reviews', T, check(async () => {
 // SQLite file (the service cannot be asked to create a review yesterday),
 // spread over the last 24 hours with a reproducible pseudo-random draw.
 test('screenshot of the load page over a day', T, check(async () => {
-  const dir = SHOT_DIR || stack.dir;
+  const dir = SHOT_DIR || env.stack.dir;
   fs.mkdirSync(dir, { recursive: true });
   const rules = [['support-drafts', 'support-bot'], ['code-agents', 'ci-runner/nightly'], ['code-agents', 'ci-runner/pr'],
     ['finance', 'billing-svc'], ['support-drafts', 'helpdesk-ui'], ['research', 'notebook-7']];
@@ -220,14 +199,14 @@ for rid, status, automatic in rows:
                (created, decided, created + 3600000, rid))
 db.commit()
 `;
-  const py = spawnSync(path.join(ROOT, '.venv', 'bin', 'python'), ['-c', script, path.join(stack.dir, 'countersign.db'), String(now)], { encoding: 'utf8' });
+  const py = spawnSync(path.join(ROOT, '.venv', 'bin', 'python'), ['-c', script, path.join(env.stack.dir, 'countersign.db'), String(now)], { encoding: 'utf8' });
   assert.equal(py.status, 0, py.stderr);
-  await page.goto(url('/load'));
-  await page.locator('svg[data-chart="decision-time"] path.line').first().waitFor();
-  await page.locator('#follow-ups tr', { hasText: 'notebook-7' }).waitFor();
-  await page.mouse.move(0, 0);
-  await page.screenshot({ path: path.join(dir, 'reviewer-load.png'), fullPage: true });
+  await env.page.goto(url('/load'));
+  await env.page.locator('svg[data-chart="decision-time"] path.line').first().waitFor();
+  await env.page.locator('#follow-ups tr', { hasText: 'notebook-7' }).waitFor();
+  await env.page.mouse.move(0, 0);
+  await env.page.screenshot({ path: path.join(dir, 'reviewer-load.png'), fullPage: true });
   assert.ok(fs.statSync(path.join(dir, 'reviewer-load.png')).size > 10000, 'reviewer-load.png written');
-  assert.deepEqual(pageErrors, []);
-  assert.deepEqual(cspViolations, []);
+  assert.deepEqual(env.pageErrors, []);
+  assert.deepEqual(env.cspViolations, []);
 }));
