@@ -2,9 +2,9 @@
 //! thing (Luhn for cards, mod-97 for IBANs, ranges for SSNs, ...), so random
 //! numbers are not flagged.
 //!
-//! Patterns are written for the `regex` crate with only the `std` and
-//! `unicode-perl` features: no `(?i)` on Unicode text (ASCII-only `(?i-u:..)`
-//! is used instead), `[0-9]` rather than `\d`.
+//! Patterns are written for the `regex` crate with only the `std`, `perf`
+//! and `unicode-perl` features: no `(?i)` on Unicode text (ASCII-only
+//! `(?i-u:..)` is used instead), `[0-9]` rather than `\d`.
 
 use std::net::Ipv6Addr;
 use std::sync::Arc;
@@ -102,6 +102,121 @@ impl Need {
             Need::Literal(l) => l.iter().any(|x| contains(run, x.as_bytes())),
         }
     }
+
+    /// What finds the runs worth a look without testing every run: every
+    /// run that meets the need holds a seed (a digit, the byte, a colon, the
+    /// start of a literal), so only the runs around seeds are read. `None`
+    /// when every run may meet it (zero digits or colons).
+    fn seeds(self, hay: &str) -> Option<Seeds<'_>> {
+        let find: SeedFind = match self {
+            Need::Digits(0) | Need::Colons(0) => return None,
+            Need::Digits(_) => SeedFind::Digit,
+            Need::Byte(c) => SeedFind::Exact(c),
+            Need::Colons(_) => SeedFind::Exact(b':'),
+            Need::Literal(l) => SeedFind::Literal(l),
+        };
+        Some(Seeds {
+            hay,
+            find,
+            next: Vec::new(),
+        })
+    }
+}
+
+/// How [`Seeds`] finds the next seed.
+#[derive(Clone, Copy)]
+enum SeedFind {
+    Digit,
+    Exact(u8),
+    Literal(&'static [&'static str]),
+}
+
+/// Positions of a [`Need`]'s seeds, found in increasing order.
+struct Seeds<'h> {
+    hay: &'h str,
+    find: SeedFind,
+    /// Per literal, its next occurrence at or after the last position asked
+    /// for (`usize::MAX`: none left), so that each literal's search only
+    /// moves forward however often it is asked.
+    next: Vec<usize>,
+}
+
+impl Seeds<'_> {
+    /// The first seed at or after `pos`.
+    fn at_or_after(&mut self, pos: usize) -> Option<usize> {
+        let b = self.hay.as_bytes();
+        let rest = b.get(pos..)?;
+        match self.find {
+            SeedFind::Digit => next_where(
+                rest,
+                |w| has_less(w ^ splat(b'0'), 10),
+                |x| x.is_ascii_digit(),
+            )
+            .map(|i| pos + i),
+            SeedFind::Exact(c) => {
+                next_where(rest, |w| has_less(w ^ splat(c), 1), |x| x == c).map(|i| pos + i)
+            }
+            SeedFind::Literal(l) => {
+                if self.next.len() != l.len() {
+                    self.next = vec![0; l.len()];
+                }
+                let mut best = usize::MAX;
+                for (lit, next) in l.iter().zip(self.next.iter_mut()) {
+                    if *next < pos {
+                        // An empty literal is in no run (`contains`).
+                        *next = match lit.is_empty() {
+                            true => usize::MAX,
+                            false => find_bytes(b, pos, lit.as_bytes()).unwrap_or(usize::MAX),
+                        };
+                    }
+                    best = best.min(*next);
+                }
+                (best != usize::MAX).then_some(best)
+            }
+        }
+    }
+}
+
+/// The first occurrence of `needle` (not empty) in `b[from..]`.
+fn find_bytes(b: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
+    let (&first, tail) = needle.split_first()?;
+    let mut i = from;
+    loop {
+        i += next_where(
+            b.get(i..)?,
+            |w| has_less(w ^ splat(first), 1),
+            |x| x == first,
+        )?;
+        if b.get(i + 1..i + needle.len()) == Some(tail) {
+            return Some(i);
+        }
+        i += 1;
+    }
+}
+
+/// The index of the first byte of `b` for which `byte` holds, skipping
+/// eight bytes at a time while `word` (given them as a little-endian `u64`)
+/// says none of them can: the scans for seeds run over every byte of every
+/// text for several detectors, and a byte at a time was most of their cost.
+fn next_where(b: &[u8], word: impl Fn(u64) -> bool, byte: impl Fn(u8) -> bool) -> Option<usize> {
+    let mut i = 0;
+    while let Some(chunk) = b.get(i..i + 8).and_then(|c| <[u8; 8]>::try_from(c).ok()) {
+        if word(u64::from_le_bytes(chunk)) {
+            break;
+        }
+        i += 8;
+    }
+    b.get(i..)?.iter().position(|&x| byte(x)).map(|j| i + j)
+}
+
+/// `c` in every byte of a `u64`.
+const fn splat(c: u8) -> u64 {
+    u64::from_ne_bytes([c; 8])
+}
+
+/// Whether some byte of `w` is less than `n` (`n` at most 128; exact).
+const fn has_less(w: u64, n: u8) -> bool {
+    w.wrapping_sub(splat(n)) & !w & splat(0x80) != 0
 }
 
 /// Byte offsets in `b[from..]` where one of `words` starts, in order.
@@ -113,12 +228,40 @@ fn word_occurrences(b: &[u8], from: usize, words: &[&str], no_case: bool) -> Vec
             x == y
         }
     };
+    // Per byte, the words that can start with it (bit k: `words[k]`; past
+    // 64 words every word is tried): only those are compared.
+    let mut first = [0u64; 256];
+    for (k, w) in words.iter().enumerate() {
+        let bit = 1u64.checked_shl(k as u32).unwrap_or(u64::MAX);
+        let Some(&c) = w.as_bytes().first() else {
+            // An empty word starts everywhere.
+            first.iter_mut().for_each(|f| *f |= bit);
+            continue;
+        };
+        let starts = if no_case {
+            [c.to_ascii_lowercase(), c.to_ascii_uppercase()]
+        } else {
+            [c, c]
+        };
+        for c in starts {
+            if let Some(f) = first.get_mut(usize::from(c)) {
+                *f |= bit;
+            }
+        }
+    }
     (from..b.len())
         .filter(|&i| {
-            words.iter().any(|w| {
-                b.get(i..i + w.len())
-                    .is_some_and(|t| t.iter().zip(w.as_bytes()).all(|(x, y)| same(x, y)))
-            })
+            let may = b
+                .get(i)
+                .and_then(|&c| first.get(usize::from(c)))
+                .copied()
+                .unwrap_or(0);
+            may != 0
+                && words.iter().enumerate().any(|(k, w)| {
+                    may & 1u64.checked_shl(k as u32).unwrap_or(u64::MAX) != 0
+                        && b.get(i..i + w.len())
+                            .is_some_and(|t| t.iter().zip(w.as_bytes()).all(|(x, y)| same(x, y)))
+                })
         })
         .collect()
 }
@@ -508,16 +651,8 @@ impl Detector {
                 }
             }
             Cand::Run { set, need, extend } => {
-                let mut i = from;
-                while i < b.len() {
-                    if !in_class(b, i, set) {
-                        i += 1;
-                        continue;
-                    }
-                    let start = i;
-                    while in_class(b, i, set) {
-                        i += 1;
-                    }
+                // The maximal run `b[start..i]`: a window if it meets the need.
+                let mut run = |start: usize, i: usize| {
                     if need.met(b.get(start..i).unwrap_or_default())
                         && (extend == 0 || assignment_follows(b, i))
                     {
@@ -530,6 +665,44 @@ impl Detector {
                             end -= 1;
                         }
                         push(start, end);
+                    }
+                };
+                match need.seeds(hay) {
+                    // Only the runs around seeds: the same runs, in the same
+                    // order, as reading every run would find meeting the need.
+                    Some(mut seeds) => {
+                        let mut pos = from;
+                        while let Some(p) = seeds.at_or_after(pos) {
+                            if !in_class(b, p, set) {
+                                // No run holds it.
+                                pos = p + 1;
+                                continue;
+                            }
+                            let mut start = p;
+                            while start > from && in_class(b, start - 1, set) {
+                                start -= 1;
+                            }
+                            let mut i = p + 1;
+                            while in_class(b, i, set) {
+                                i += 1;
+                            }
+                            run(start, i);
+                            pos = i;
+                        }
+                    }
+                    None => {
+                        let mut i = from;
+                        while i < b.len() {
+                            if !in_class(b, i, set) {
+                                i += 1;
+                                continue;
+                            }
+                            let start = i;
+                            while in_class(b, i, set) {
+                                i += 1;
+                            }
+                            run(start, i);
+                        }
                     }
                 }
             }
@@ -544,7 +717,9 @@ impl Detector {
         if hay.len() <= from {
             return;
         }
-        let mut locs = self.regex.capture_locations();
+        // Made on the first search that needs it: most texts give most
+        // detectors no window at all.
+        let mut locs = None;
         for (ws, we) in self.windows(hay, from) {
             let Some(sub) = hay.get(..we) else { continue };
             let mut pos = ws;
@@ -555,7 +730,8 @@ impl Detector {
                         None => break,
                     },
                     ValueGroup::FirstParticipating | ValueGroup::Index(_) => {
-                        let Some(m) = self.regex.captures_read_at(&mut locs, sub, pos) else {
+                        let locs = locs.get_or_insert_with(|| self.regex.capture_locations());
+                        let Some(m) = self.regex.captures_read_at(locs, sub, pos) else {
                             break;
                         };
                         let group = match self.value {
