@@ -835,8 +835,11 @@
       h('p', { class: 'form-error', id: 'decision-error', role: 'alert', hidden: true }));
   }
 
-  function showDecisionError(msg) {
-    const el = $('#decision-error') || $('#edit-error');
+  // An edit's error goes next to the edit (the editor stays open, so the
+  // reviewer can go back and fix it: an edit the gateway would refuse is
+  // refused, and the review stays pending); other errors by the buttons.
+  function showDecisionError(msg, action) {
+    const el = (action === 'edit' && $('#edit-error')) || $('#decision-error') || $('#edit-error');
     if (el) {
       el.textContent = msg;
       el.hidden = false;
@@ -862,7 +865,7 @@
         toast(e.message, 'warn');
         await loadReview(id);
       } else if (e.status !== 401) {
-        showDecisionError(e.message);
+        showDecisionError(e.message, action);
       }
       return false;
     }

@@ -2,7 +2,8 @@
 // Chromium against the real stack: a `review` response rule on a phrase
 // holds the demo model's plain answer (it echoes the prompt) in Envoy; the
 // review page shows the answer's texts, masked, next to the prompt, and the
-// reviewer edits the answer's text; curl gets the edited answer.
+// reviewer edits the answer's text (an edit that changes more is refused,
+// shown by the editor, and fixed); curl gets the edited answer.
 //
 //   cd tests/browser && npm ci && node --test answers.test.mjs
 //
@@ -85,6 +86,19 @@ test('a held answer shows as an Answer card, is edited as an answer, and curl ge
   const editor = page.locator('#edit-body');
   const text = await editor.inputValue();
   assert.ok(text.includes(`"content": "${echoed}"`), text);
+  // An edit the gateway would refuse (a finish reason changed) is refused
+  // when it is confirmed: the error shows by the edit, and nothing is
+  // decided, so the reviewer goes back and fixes it.
+  assert.ok(text.includes('"finish_reason": "stop"'), text);
+  await editor.fill(text.replace(echoed, 'Please ask the planning team.').replace('"finish_reason": "stop"', '"finish_reason": "length"'));
+  await page.click('#preview-edit');
+  await page.click('#confirm-edit');
+  const editError = page.locator('#editor #edit-error');
+  await editError.filter({ hasText: "only the answer's text may change" }).waitFor();
+  assert.match(await editError.textContent(), /the review is still pending/);
+  assert.equal((await stack.api(`/api/reviews/${id}`)).json.status, 'pending');
+  assert.equal(held.done, false, 'a refused edit decides nothing');
+  await page.click('#back-to-edit');
   await editor.fill(text.replace(echoed, 'Please ask the planning team.'));
   await page.click('#preview-edit');
   await page.locator('.diff-add', { hasText: '"content": "Please ask the planning team."' }).waitFor();

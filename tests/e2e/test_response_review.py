@@ -84,6 +84,33 @@ def test_an_edit_is_masked_again_and_reaches_the_openai_sdk(answers, background)
     assert "carol@example.com" not in json.dumps(rec)
 
 
+def test_an_invalid_edit_is_refused_when_submitted_and_a_valid_one_reaches_the_caller(answers, background):
+    """An edit that changes more than the answer's text (its finish reason)
+    is refused by the approval service when the reviewer submits it, before
+    the filter sees it: the caller keeps waiting and gets the valid edit
+    that follows, instead of losing the answer to an error at release."""
+    fut = background.submit(ask_openai, answers)
+    [review] = answers.approval.wait_pending()
+    held = json.loads(answers.approval.review(review["id"])["body"])
+    edited = json.loads(json.dumps(held))
+    edited["choices"][0]["message"]["content"] = "Please ask the help desk."
+    invalid = json.loads(json.dumps(edited))
+    invalid["choices"][0]["finish_reason"] = "length"
+    r = answers.approval.decide(review["id"], "edit", body=invalid)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_edit"
+    assert "only the answer's text may change" in r.json()["error"]["message"]
+    assert answers.approval.review(review["id"])["status"] == "pending"
+    assert not fut.done()
+    r = answers.approval.decide(review["id"], "edit", body=edited)
+    assert r.status_code == 200, r.text
+    completion = fut.result(30)
+    assert completion.choices[0].message.content == "Please ask the help desk."
+    assert completion.choices[0].finish_reason == "stop"
+    [rec] = answer_records(answers)
+    assert rec["response"]["answer_decision"] == "edited"
+
+
 def test_a_rejection_reaches_the_anthropic_sdk_as_an_error(answers, background):
     import anthropic
     client = anthropic.Anthropic(base_url=answers.url, api_key="unused", max_retries=0, timeout=60)

@@ -111,11 +111,13 @@ impl From<StorageError> for ApiError {
     }
 }
 
-/// A reviewer who may not take a decision: 403 (not theirs to take) or
-/// 409 (they already approved), with the refusal's stable code.
+/// A reviewer who may not take a decision: 403 (not theirs to take), 409
+/// (they already approved) or 400 (an edit the filter would refuse, the
+/// status of every invalid input), with the refusal's stable code.
 impl From<DecisionRefused> for ApiError {
     fn from(refused: DecisionRefused) -> Self {
         let status = match refused {
+            DecisionRefused::InvalidEdit(_) => StatusCode::BAD_REQUEST,
             DecisionRefused::SelfApproval
             | DecisionRefused::NotInApproverGroup(_)
             | DecisionRefused::AssessorNotAPerson => StatusCode::FORBIDDEN,

@@ -144,7 +144,7 @@ pub async fn wait_review(
     let deadline = tokio::time::Instant::now() + budget;
     // The hold is alive while this poll lasts and a grace after it; stored
     // for every replica (an approval may reach another one).
-    let _poll = HoldPoll::begin(&state, &id, budget).await?;
+    let mut poll = HoldPoll::begin(&state, &id, budget).await?;
     // Subscribe before the first read so no decision slips in between.
     let mut guard = state.subscribe(&id);
     let mut shutdown = state.shutdown_receiver();
@@ -159,7 +159,7 @@ pub async fn wait_review(
             state.announce_expiry(&id);
         }
         if current.status.is_final() {
-            return Ok(noted(current));
+            return Ok(poll.answered(current));
         }
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         if remaining.is_zero() || *shutdown.borrow() {
@@ -170,7 +170,12 @@ pub async fn wait_review(
         let until_expiry =
             Duration::from_millis(current.expires_at_ms.saturating_sub(crate::now_ms()) + 1);
         tokio::select! {
-            () = guard.changed() => {}
+            pushed = guard.changed() => {
+                // A decision made here comes with its committed state.
+                if let Some(decided) = pushed.filter(|s| s.status.is_final()) {
+                    return Ok(poll.answered((*decided).clone()));
+                }
+            }
             () = tokio::time::sleep(remaining.min(until_expiry)) => {}
             _ = shutdown.wait_for(|down| *down) => return Ok(noted(current)),
         }
@@ -185,6 +190,10 @@ struct HoldPoll {
     state: AppState,
     id: String,
     alive_until_ms: u64,
+    /// The poll answered with the review's end: no hold is left to keep
+    /// alive, so its end is not written (only a pending review's hold is
+    /// ever judged gone).
+    ended_review: bool,
 }
 
 impl HoldPoll {
@@ -201,12 +210,22 @@ impl HoldPoll {
             state: state.clone(),
             id: id.to_string(),
             alive_until_ms,
+            ended_review: false,
         })
+    }
+
+    /// The poll's answer: `review`, which has ended.
+    fn answered(&mut self, review: ReviewState) -> Json<ReviewState> {
+        self.ended_review = true;
+        noted(review)
     }
 }
 
 impl Drop for HoldPoll {
     fn drop(&mut self) {
+        if self.ended_review {
+            return;
+        }
         let (state, id, until) = (self.state.clone(), self.id.clone(), self.alive_until_ms);
         // Drop cannot wait: the write runs on its own (a handler is always
         // dropped inside the runtime).
@@ -468,10 +487,14 @@ async fn decide_here(
     let outcome = state
         .db(move |s| s.decide(&lookup_id, &d, &who, now))
         .await?;
-    // Wake in every case: a lost decision may have just persisted an expiry.
-    state.wake(&id);
+    match &outcome {
+        DecideOutcome::Decided(_, decided) => state.wake_final((**decided).clone()),
+        // Wake in every case: a lost decision may have just persisted an
+        // expiry, which the woken polls read.
+        _ => state.wake(&id),
+    }
     match outcome {
-        DecideOutcome::Decided(detail) => {
+        DecideOutcome::Decided(detail, _) => {
             state.publish(&id, detail.summary.status);
             tracing::info!(
                 review_id = %id,

@@ -286,13 +286,16 @@ async fn edit_discards_earlier_approvals() {
         &id,
         BOB,
         "edit",
-        json!({"body": "{\"model\": \"small\", \"messages\": []}", "reason": "smaller"}),
+        json!({"body": "{\"model\": \"small\", \"messages\": [{\"role\":\"user\",\"content\":\"hi\"}]}", "reason": "smaller"}),
     )
     .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["status"], "pending", "alice approved another body: {v}");
     assert_eq!(v["approval_count"], 1);
-    assert_eq!(v["edited_body"], "{\"model\":\"small\",\"messages\":[]}");
+    assert_eq!(
+        v["edited_body"],
+        "{\"model\":\"small\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}"
+    );
     assert_eq!(v["approvals"][0]["reviewer"], "alice");
     assert!(v["approvals"][0]["superseded_at_ms"].is_u64(), "{v}");
     assert_eq!(v["approvals"][1]["reviewer"], "bob");
@@ -309,7 +312,10 @@ async fn edit_discards_earlier_approvals() {
     assert_eq!(v["reason"], "bob: smaller; alice: edit ok");
     assert_eq!(v["approvals"].as_array().unwrap().len(), 3);
     let (_, w) = wait(&f.app, &id, None).await;
-    assert_eq!(w["edited_body"], "{\"model\":\"small\",\"messages\":[]}");
+    assert_eq!(
+        w["edited_body"],
+        "{\"model\":\"small\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}"
+    );
     assert_eq!(w["reviewer"], "alice");
 }
 
@@ -433,12 +439,12 @@ async fn token_covers_the_edited_body() {
         &id,
         ALICE,
         "edit",
-        json!({"body": "{\"model\": \"small\", \"messages\": []}"}),
+        json!({"body": "{\"model\": \"small\", \"messages\": [{\"role\":\"user\",\"content\":\"hi\"}]}"}),
     )
     .await;
     assert_eq!(s, StatusCode::OK);
     let (_, v) = status_of(&f.app, &id, "svc-a").await;
-    let edited = "{\"model\":\"small\",\"messages\":[]}";
+    let edited = "{\"model\":\"small\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}";
     assert_eq!(v["approved_body"], edited);
     let token = v["approval_token"].as_str().unwrap();
     let now = countersign_approval::now_ms();

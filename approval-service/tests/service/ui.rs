@@ -383,7 +383,10 @@ async fn no_self_approval_with_a_cookie_session() {
     let id = create(&f.app, "gpt-x", "alice", "my own prompt").await;
     for (action, body) in [
         ("approve", r#"{"reason":"mine"}"#),
-        ("edit", r#"{"body":{"model":"gpt-x","messages":[]}}"#),
+        (
+            "edit",
+            r#"{"body":{"model":"gpt-x","messages":[{"role":"user","content":"hi"}]}}"#,
+        ),
     ] {
         let r = as_alice(action, &id, body).await;
         assert_eq!(r.status, StatusCode::FORBIDDEN, "{action}");
@@ -586,7 +589,8 @@ async fn history_filters() {
     let c = create(&f.app, "gpt-4o-mini", "svc-support", "translate hello").await;
     decide_ok(&f.app, &a, ALICE, "approve", json!({})).await;
     decide_ok(&f.app, &b, BOB, "reject", json!({"reason": "pii inside"})).await;
-    let edit = json!({"body": {"model": "gpt-4o-mini", "messages": []}});
+    let edit =
+        json!({"body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}});
     decide_ok(&f.app, &c, ALICE, "edit", edit).await;
 
     let (a, b, c) = (a.as_str(), b.as_str(), c.as_str());

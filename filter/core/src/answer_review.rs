@@ -9,10 +9,11 @@
 
 use serde_json::Value;
 
-use crate::answer::tool_calls::{apply_edited_arguments, remove_tool_calls, tool_calls};
+use crate::answer::tool_calls::{remove_tool_calls, tool_calls};
 use crate::config::Config;
+use crate::edit::{edited_answer_text, edited_tool_calls, InvalidEdit};
 use crate::inspect::{new_review, RequestInfo, Screening};
-use crate::mask::{answer_texts, mask_response_body, only_texts_differ, ResponseGuard};
+use crate::mask::{answer_texts, mask_response_body, ResponseGuard};
 use crate::policy::{OnReject, ReviewRules};
 use crate::refusal::{Refusal, RefusalKind};
 use crate::wire::{ApiKind, CreateReview, Evidence, HitCount, PromptMessage, ReviewKind};
@@ -118,17 +119,8 @@ impl AnswerVersions {
         let decision = match edited {
             None => "approved",
             Some(text) => {
-                let invalid = |why: String| {
-                    Refusal::new(
-                        RefusalKind::ApprovalUnavailable,
-                        Some(api),
-                        format!("the reviewer's edit of the tool calls is invalid: {why}"),
-                    )
-                    .with_review(review_id)
-                };
-                let edited = crate::json::parse_strict(text.as_bytes()).map_err(invalid)?;
-                apply_edited_arguments(api, &mut answer.caller, &edited).map_err(invalid)?;
-                apply_edited_arguments(api, &mut answer.recorded, &edited).map_err(invalid)?;
+                edited_tool_calls(api, &mut [&mut answer.caller, &mut answer.recorded], text)
+                    .map_err(|e| e.refusal(api).with_review(review_id))?;
                 "edited"
             }
         };
@@ -312,16 +304,14 @@ impl ResponseEdit {
         let Some(text) = edited else {
             return answer.approved(api, review_id, None);
         };
+        let refused = |e: InvalidEdit| e.refusal(api).with_review(review_id);
         let invalid = |why: String| {
-            Refusal::new(
-                RefusalKind::ApprovalUnavailable,
-                Some(api),
-                format!("the reviewer's edit of the answer is invalid: {why}"),
-            )
-            .with_review(review_id)
+            refused(InvalidEdit {
+                kind: ReviewKind::Response,
+                why,
+            })
         };
-        let value = crate::json::parse_strict(text.as_bytes()).map_err(invalid)?;
-        only_texts_differ(api, &answer.recorded, &value).map_err(invalid)?;
+        let value = edited_answer_text(api, &answer.recorded, text).map_err(refused)?;
         let bytes = serde_json::to_vec(&value).map_err(|e| invalid(e.to_string()))?;
         let guarded = |guard: &ResponseGuard| -> Result<Vec<u8>, Refusal> {
             let masked = mask_response_body(guard, api, &bytes).map_err(|e| invalid(e.message))?;

@@ -18,6 +18,7 @@ pub mod answer;
 pub mod answer_review;
 pub mod config;
 pub mod delivery;
+pub mod edit;
 pub mod extract;
 pub mod framing;
 pub mod glob;
