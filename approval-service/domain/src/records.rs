@@ -26,6 +26,12 @@
 //!   lock (SQLite's `BEGIN IMMEDIATE`, a PostgreSQL advisory lock) and then
 //!   reads the last link, so they serialise (also across processes and
 //!   replicas) and `seq` is always the previous `seq + 1`.
+//! * Appends go through a queue ([`RecordStore::submit_requests`],
+//!   [`RecordStore::submit_response`]): one writer at a time, on a blocking
+//!   thread, drains it a group at a time, each group one transaction (group
+//!   commit), and answers each append once its transaction committed (per
+//!   `sqlite_synchronous` on SQLite). Callers await their answer instead of
+//!   taking turns at the connection.
 //! * Triggers make the log append-only in SQL: every `UPDATE` aborts, and a
 //!   `DELETE` aborts unless `retention_gate.allow = 1`, which only the
 //!   retention code sets, inside its own transaction (other connections
@@ -56,7 +62,7 @@ mod diff;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use countersign_core::wire::{Evidence, NewRecord, RecordResponse};
@@ -184,26 +190,26 @@ pub struct ReviewSnapshot {
     pub automatic: bool,
 }
 
-/// A request entry (`kind = "request"`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct RequestEntry {
+/// A request entry (`kind = "request"`), borrowing what it records.
+#[derive(Debug, Serialize)]
+struct RequestEntry<'a> {
     v: u64,
-    kind: String,
-    record_id: String,
+    kind: &'static str,
+    record_id: &'a str,
     created_at_ms: u64,
-    request: NewRecord,
+    request: &'a NewRecord,
     review: Option<ReviewSnapshot>,
 }
 
-/// A response entry (`kind = "response"`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct ResponseEntry {
+/// A response entry (`kind = "response"`), borrowing what it records.
+#[derive(Debug, Serialize)]
+struct ResponseEntry<'a> {
     v: u64,
-    kind: String,
-    record_id: String,
-    ref_record_id: String,
+    kind: &'static str,
+    record_id: &'a str,
+    ref_record_id: &'a str,
     created_at_ms: u64,
-    response: RecordResponse,
+    response: &'a RecordResponse,
 }
 
 /// Compact JSON with sorted keys (through `serde_json::Value`, whose maps
@@ -292,10 +298,23 @@ pub struct RecordCounters {
 
 /// The record log: a connection of its own to the service's database.
 pub struct RecordStore {
+    log: Arc<Log>,
+}
+
+/// What the store and its writer share.
+struct Log {
     conn: Mutex<Conn>,
     /// Appends waiting for the next group commit (see [`RecordStore::submit`]).
-    queue: Mutex<Vec<Queued>>,
+    queue: Mutex<Queue>,
     counters: RecordCounters,
+}
+
+/// The appends waiting for a group commit, and whether a writer is at work
+/// on them (it drains the queue until it finds it empty).
+#[derive(Default)]
+struct Queue {
+    waiting: Vec<Queued>,
+    writing: bool,
 }
 
 /// Most appends one group commit writes in one transaction.
@@ -307,12 +326,98 @@ enum Append {
     Response(String, Box<RecordResponse>),
 }
 
+/// `(written, newly appended)` of one append; `false` for an idempotent
+/// repeat.
+type Outcome = Result<(Written, bool), RecordError>;
+
+/// Where the outcome of an append goes: a thread blocked on it, or a task
+/// awaiting it.
+enum Reply {
+    Blocking(std::sync::mpsc::Sender<Outcome>),
+    Async(tokio::sync::oneshot::Sender<Outcome>),
+}
+
+impl Reply {
+    fn send(self, outcome: Outcome) {
+        // A receiver that went away (a dropped request) needs no answer;
+        // its append was written all the same.
+        match self {
+            Reply::Blocking(tx) => drop(tx.send(outcome)),
+            Reply::Async(tx) => drop(tx.send(outcome)),
+        }
+    }
+}
+
+/// The outcome of an append whose writer ended without answering (it
+/// panicked, or the runtime shut down before it ran).
+fn writer_failed() -> Outcome {
+    Err(RecordError::Db(DbError::Conversion(
+        "the record writer failed".into(),
+    )))
+}
+
 /// An append waiting for a group commit, and where its outcome goes.
 struct Queued {
     append: Append,
     now_ms: u64,
-    /// `(written, newly appended)`; `false` for an idempotent repeat.
-    reply: std::sync::mpsc::Sender<Result<(Written, bool), RecordError>>,
+    reply: Reply,
+}
+
+/// The writer of the queue: drains it a group at a time. One exists while
+/// `Queue::writing` is set; if it ends without draining the queue (a panic,
+/// or it never ran), what is queued is answered with an error rather than
+/// left waiting forever.
+struct Writer {
+    log: Arc<Log>,
+    finished: bool,
+}
+
+impl Writer {
+    fn run(mut self) {
+        loop {
+            let group: Vec<Queued> = {
+                let mut q = self.log.queue();
+                if q.waiting.is_empty() {
+                    q.writing = false;
+                    self.finished = true;
+                    return;
+                }
+                let n = q.waiting.len().min(GROUP_COMMIT_MAX);
+                q.waiting.drain(..n).collect()
+            };
+            write_group(&mut self.log.conn(), group);
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if !self.finished {
+            let abandoned = {
+                let mut q = self.log.queue();
+                q.writing = false;
+                std::mem::take(&mut q.waiting)
+            };
+            for q in abandoned {
+                q.reply.send(writer_failed());
+            }
+        }
+    }
+}
+
+impl Log {
+    fn conn(&self) -> MutexGuard<'_, Conn> {
+        // Every change is one transaction; `recover` rolls back one that a
+        // panic interrupted, so no half-written entry is ever committed.
+        let mut guard = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        guard.recover();
+        guard
+    }
+
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        // Pushes and drains cannot be interrupted halfway.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// The last link of the chain: `(seq, hash)` of the newest entry, else of
@@ -484,7 +589,7 @@ fn write_group(conn: &mut Conn, group: Vec<Queued>) {
     match results {
         Ok(results) => {
             for (q, r) in group.into_iter().zip(results) {
-                let _ = q.reply.send(r);
+                q.reply.send(r);
             }
         }
         // One append the database refuses must not fail the others with
@@ -496,7 +601,7 @@ fn write_group(conn: &mut Conn, group: Vec<Queued>) {
         }
         Err(e) => {
             if let Some(q) = group.into_iter().next() {
-                let _ = q.reply.send(Err(RecordError::Db(e)));
+                q.reply.send(Err(RecordError::Db(e)));
             }
         }
     }
@@ -538,10 +643,10 @@ fn append_request(
     let record_id = new_record_id()?;
     let entry = canonical(&RequestEntry {
         v: ENTRY_VERSION,
-        kind: "request".into(),
-        record_id: record_id.clone(),
+        kind: "request",
+        record_id: &record_id,
         created_at_ms: now_ms,
-        request: rec.clone(),
+        request: rec,
         review,
     })?;
     let seq = append(tx, tail, &record_id, "request", None, now_ms, &entry)?;
@@ -608,21 +713,20 @@ fn append_response(
     resp: &RecordResponse,
     now_ms: u64,
 ) -> Result<Written, RecordError> {
-    let kind: Option<String> = match tx.query_opt(
-        "SELECT kind FROM records WHERE record_id = ?1",
+    // The record's kind and its response part, if it has one: one statement.
+    let Some(row) = tx.query_opt(
+        "SELECT r.kind, (SELECT x.record_id FROM records x
+                         WHERE x.kind = 'response' AND x.ref_record_id = r.record_id LIMIT 1)
+         FROM records r WHERE r.record_id = ?1",
         params![ref_id],
-    )? {
-        Some(r) => Some(r.get(0)?),
-        None => None,
+    )?
+    else {
+        return Err(RecordError::NotFound);
     };
-    if kind.as_deref() != Some("request") {
+    if row.get::<String>(0)? != "request" {
         return Err(RecordError::NotFound);
     }
-    if let Some(r) = tx.query_opt(
-        "SELECT record_id FROM records WHERE kind = 'response' AND ref_record_id = ?1 LIMIT 1",
-        params![ref_id],
-    )? {
-        let existing: String = r.get(0)?;
+    if let Some(existing) = row.get::<Option<String>>(1)? {
         return Err(RecordError::Conflict(format!(
             "record {ref_id} already has a response part ({existing})"
         )));
@@ -630,11 +734,11 @@ fn append_response(
     let record_id = new_record_id()?;
     let entry = canonical(&ResponseEntry {
         v: ENTRY_VERSION,
-        kind: "response".into(),
-        record_id: record_id.clone(),
-        ref_record_id: ref_id.to_string(),
+        kind: "response",
+        record_id: &record_id,
+        ref_record_id: ref_id,
         created_at_ms: now_ms,
-        response: resp.clone(),
+        response: resp,
     })?;
     let seq = append(
         tx,
@@ -648,6 +752,34 @@ fn append_response(
     Ok(Written { record_id, seq })
 }
 
+/// Which part an append is (for the counters).
+#[derive(Clone, Copy)]
+enum AppendKind {
+    Request,
+    Response,
+}
+
+/// The append of request part `rec`, once checked: a decision, and a
+/// `body_sha256` that matches `body` (computed when absent).
+fn request_append(mut rec: NewRecord) -> Result<Append, RecordError> {
+    if rec.decision.trim().is_empty() {
+        return Err(RecordError::BadRequest("decision must not be empty".into()));
+    }
+    if let Some(body) = &rec.body {
+        let computed = countersign_core::token::body_hash(body.as_bytes());
+        match &rec.body_sha256 {
+            Some(sent) if *sent != computed => {
+                return Err(RecordError::BadRequest(
+                    "body_sha256 does not match body".into(),
+                ))
+            }
+            Some(_) => {}
+            None => rec.body_sha256 = Some(computed),
+        }
+    }
+    Ok(Append::Request(Box::new(rec)))
+}
+
 impl RecordStore {
     /// Opens a connection to the database at `location`, whose schema the
     /// review store has already created (see [`crate::db::schema`]).
@@ -655,130 +787,221 @@ impl RecordStore {
     pub fn open(location: &Location, synchronous: SqliteSynchronous) -> DbResult<RecordStore> {
         let conn = Conn::open(location, WRITE_BUSY_TIMEOUT, synchronous.pragma_value())?;
         Ok(RecordStore {
-            conn: Mutex::new(conn),
-            queue: Mutex::new(Vec::new()),
-            counters: RecordCounters::default(),
+            log: Arc::new(Log {
+                conn: Mutex::new(conn),
+                queue: Mutex::new(Queue::default()),
+                counters: RecordCounters::default(),
+            }),
         })
     }
 
     fn conn(&self) -> MutexGuard<'_, Conn> {
-        // Every change is one transaction; `recover` rolls back one that a
-        // panic interrupted, so no half-written entry is ever committed.
-        let mut guard = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        guard.recover();
-        guard
+        self.log.conn()
     }
 
     /// The counters.
     pub fn counters(&self) -> &RecordCounters {
-        &self.counters
+        &self.log.counters
     }
 
-    fn failed<T>(&self, r: Result<T, RecordError>) -> Result<T, RecordError> {
-        if matches!(r, Err(RecordError::Db(_))) {
-            self.counters.write_failures.fetch_add(1, Ordering::Relaxed);
+    /// Counts what the writes of one call came to: appended request and
+    /// response entries, database failures.
+    fn count(&self, outcome: &Outcome, append: AppendKind) {
+        let counters = self.counters();
+        match (outcome, append) {
+            (Ok((_, true)), AppendKind::Request) => {
+                counters.requests.fetch_add(1, Ordering::Relaxed);
+            }
+            (Ok(_), AppendKind::Response) => {
+                counters.responses.fetch_add(1, Ordering::Relaxed);
+            }
+            (Err(RecordError::Db(_)), _) => {
+                counters.write_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
         }
-        r
     }
 
     /// Writes the request part of a record; durable once this returns `Ok`.
-    pub fn write_request(&self, mut rec: NewRecord, now_ms: u64) -> Result<Written, RecordError> {
-        if rec.decision.trim().is_empty() {
-            return Err(RecordError::BadRequest("decision must not be empty".into()));
-        }
-        if let Some(body) = &rec.body {
-            let computed = countersign_core::token::body_hash(body.as_bytes());
-            match &rec.body_sha256 {
-                Some(sent) if *sent != computed => {
-                    return Err(RecordError::BadRequest(
-                        "body_sha256 does not match body".into(),
-                    ))
-                }
-                Some(_) => {}
-                None => rec.body_sha256 = Some(computed),
-            }
-        }
-        let r = self.write_request_db(rec, now_ms);
-        self.failed(r)
+    /// Blocking; the service writes with [`RecordStore::submit_requests`].
+    pub fn write_request(&self, rec: NewRecord, now_ms: u64) -> Result<Written, RecordError> {
+        let append = request_append(rec)?;
+        let mut out = self.submit_blocking(vec![append], now_ms);
+        let outcome = out.pop().unwrap_or_else(writer_failed);
+        self.count(&outcome, AppendKind::Request);
+        outcome.map(|(w, _)| w)
     }
 
-    fn write_request_db(&self, rec: NewRecord, now_ms: u64) -> Result<Written, RecordError> {
-        let (written, fresh) = self.submit(Append::Request(Box::new(rec)), now_ms)?;
-        if fresh {
-            self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(written)
-    }
-
-    /// Appends through a group commit: the append joins the queue, and
-    /// whichever writer holds the connection next appends everything queued
-    /// in one transaction (up to [`GROUP_COMMIT_MAX`]). The chain is one
-    /// sequence, so appends are serial anyway; one commit (one flush to
-    /// disk) for many of them is what lets records keep up with traffic.
-    /// Each append still gets its own outcome: a refusal (bad request, no
-    /// such record, conflict) is that append's alone, while a database error
-    /// fails the whole group, whose callers retry.
-    fn submit(&self, append: Append, now_ms: u64) -> Result<(Written, bool), RecordError> {
-        let (reply, outcome) = std::sync::mpsc::channel();
-        self.queue().push(Queued {
-            append,
-            now_ms,
-            reply,
-        });
-        // Our answer, if a writer already sent it; an error if the writer
-        // that took our append panicked (it can never answer then).
-        let answered = || match outcome.try_recv() {
-            Ok(r) => Some(r),
-            Err(std::sync::mpsc::TryRecvError::Empty) => None,
-            Err(std::sync::mpsc::TryRecvError::Disconnected) => Some(Err(RecordError::Db(
-                DbError::Conversion("the record writer failed".into()),
-            ))),
-        };
-        loop {
-            if let Some(r) = answered() {
-                return r;
-            }
-            let mut conn = self.conn();
-            // A writer that held the connection before us may have taken
-            // ours along: it answered before letting go of the connection.
-            if let Some(r) = answered() {
-                return r;
-            }
-            let group: Vec<Queued> = {
-                let mut q = self.queue();
-                let n = q.len().min(GROUP_COMMIT_MAX);
-                q.drain(..n).collect()
-            };
-            write_group(&mut conn, group);
-        }
-    }
-
-    fn queue(&self) -> MutexGuard<'_, Vec<Queued>> {
-        // Pushes and drains cannot be interrupted halfway.
-        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Appends the response part of request record `ref_id`.
+    /// Appends the response part of request record `ref_id`; durable once
+    /// this returns `Ok`. Blocking; the service writes with
+    /// [`RecordStore::submit_response`].
     pub fn write_response(
         &self,
         ref_id: &str,
         resp: RecordResponse,
         now_ms: u64,
     ) -> Result<Written, RecordError> {
-        let r = self.write_response_db(ref_id, resp, now_ms);
-        self.failed(r)
+        let append = Append::Response(ref_id.to_string(), Box::new(resp));
+        let mut out = self.submit_blocking(vec![append], now_ms);
+        let outcome = out.pop().unwrap_or_else(writer_failed);
+        self.count(&outcome, AppendKind::Response);
+        outcome.map(|(w, _)| w)
     }
 
-    fn write_response_db(
+    /// Writes the request parts `recs` (in this order, one outcome each, in
+    /// the same order); each is durable once its outcome is `Ok`. They join
+    /// the queue together, so up to [`GROUP_COMMIT_MAX`] of them (with
+    /// whatever else is waiting) are committed in one transaction. An
+    /// invalid record is refused alone. Never blocks the runtime: a
+    /// blocking thread writes.
+    pub async fn submit_requests(
+        &self,
+        recs: Vec<NewRecord>,
+        now_ms: u64,
+    ) -> Vec<Result<Written, RecordError>> {
+        let checked: Vec<Result<Append, RecordError>> =
+            recs.into_iter().map(request_append).collect();
+        let appends = checked.iter().filter(|c| c.is_ok()).count();
+        let mut valid = Vec::with_capacity(appends);
+        let mut slots = Vec::with_capacity(checked.len());
+        for c in checked {
+            match c {
+                Ok(append) => {
+                    valid.push(append);
+                    slots.push(None);
+                }
+                Err(e) => slots.push(Some(Err(e))),
+            }
+        }
+        let mut written = self.submit(valid, now_ms).await.into_iter();
+        slots
+            .into_iter()
+            .map(|slot| {
+                slot.unwrap_or_else(|| {
+                    let outcome = written.next().unwrap_or_else(writer_failed);
+                    self.count(&outcome, AppendKind::Request);
+                    outcome.map(|(w, _)| w)
+                })
+            })
+            .collect()
+    }
+
+    /// Appends the response parts `parts`, `(request record id, part)`, in
+    /// this order, one outcome each, in the same order; queued together like
+    /// [`RecordStore::submit_requests`]. Never blocks the runtime.
+    pub async fn submit_responses(
+        &self,
+        parts: Vec<(String, RecordResponse)>,
+        now_ms: u64,
+    ) -> Vec<Result<Written, RecordError>> {
+        let appends = parts
+            .into_iter()
+            .map(|(id, resp)| Append::Response(id, Box::new(resp)))
+            .collect();
+        self.submit(appends, now_ms)
+            .await
+            .into_iter()
+            .map(|outcome| {
+                self.count(&outcome, AppendKind::Response);
+                outcome.map(|(w, _)| w)
+            })
+            .collect()
+    }
+
+    /// Writes the request part of a record; durable once this returns `Ok`.
+    pub async fn submit_request(
+        &self,
+        rec: NewRecord,
+        now_ms: u64,
+    ) -> Result<Written, RecordError> {
+        let mut out = self.submit_requests(vec![rec], now_ms).await;
+        out.pop().unwrap_or_else(|| writer_failed().map(|(w, _)| w))
+    }
+
+    /// Appends the response part of request record `ref_id`; durable once
+    /// this returns `Ok`.
+    pub async fn submit_response(
         &self,
         ref_id: &str,
         resp: RecordResponse,
         now_ms: u64,
     ) -> Result<Written, RecordError> {
-        let (written, _) =
-            self.submit(Append::Response(ref_id.to_string(), Box::new(resp)), now_ms)?;
-        self.counters.responses.fetch_add(1, Ordering::Relaxed);
-        Ok(written)
+        let mut out = self
+            .submit_responses(vec![(ref_id.to_string(), resp)], now_ms)
+            .await;
+        out.pop().unwrap_or_else(|| writer_failed().map(|(w, _)| w))
+    }
+
+    /// Appends through a group commit: the appends join the queue, and one
+    /// writer at a time (on a blocking thread, started when none is at
+    /// work) appends everything queued in one transaction (up to
+    /// [`GROUP_COMMIT_MAX`]), then the next group, until the queue is empty.
+    /// The chain is one sequence, so appends are serial anyway; one commit
+    /// (one flush to disk) for many of them is what lets records keep up
+    /// with traffic, and handing the appends to the writer rather than
+    /// taking turns at the connection keeps each append to one wake-up.
+    /// Each append still gets its own outcome, sent once its transaction
+    /// committed: a refusal (bad request, no such record, conflict) is that
+    /// append's alone, while a database error fails the whole group, whose
+    /// callers retry.
+    async fn submit(&self, appends: Vec<Append>, now_ms: u64) -> Vec<Outcome> {
+        let mut answers = Vec::with_capacity(appends.len());
+        let queued = appends.into_iter().map(|append| {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            answers.push(answer);
+            Queued {
+                append,
+                now_ms,
+                reply: Reply::Async(reply),
+            }
+        });
+        if let Some(writer) = self.enqueue(queued) {
+            // Dropped unrun when the runtime is shutting down: the writer's
+            // `Drop` answers what waits.
+            drop(tokio::task::spawn_blocking(move || writer.run()));
+        }
+        let mut out = Vec::with_capacity(answers.len());
+        for answer in answers {
+            out.push(answer.await.unwrap_or_else(|_| writer_failed()));
+        }
+        out
+    }
+
+    /// [`RecordStore::submit`] on this thread: when no writer is at work,
+    /// this thread becomes it until the queue is empty.
+    fn submit_blocking(&self, appends: Vec<Append>, now_ms: u64) -> Vec<Outcome> {
+        let mut answers = Vec::with_capacity(appends.len());
+        let queued = appends.into_iter().map(|append| {
+            let (reply, answer) = std::sync::mpsc::channel();
+            answers.push(answer);
+            Queued {
+                append,
+                now_ms,
+                reply: Reply::Blocking(reply),
+            }
+        });
+        if let Some(writer) = self.enqueue(queued) {
+            writer.run();
+        }
+        answers
+            .into_iter()
+            .map(|answer| answer.recv().unwrap_or_else(|_| writer_failed()))
+            .collect()
+    }
+
+    /// Queues `appends` together; returns the writer to start when none is
+    /// at work.
+    fn enqueue(&self, appends: impl Iterator<Item = Queued>) -> Option<Writer> {
+        let mut q = self.log.queue();
+        q.waiting.extend(appends);
+        if q.writing || q.waiting.is_empty() {
+            return None;
+        }
+        q.writing = true;
+        Some(Writer {
+            log: Arc::clone(&self.log),
+            finished: false,
+        })
     }
 
     /// Deletes at most [`RETENTION_CHUNK`] of the oldest entries created
@@ -790,8 +1013,8 @@ impl RecordStore {
             retention_chunk_in(tx, cutoff_ms, now_ms)
         })?;
         if deleted > 0 {
-            self.counters.retentions.fetch_add(1, Ordering::Relaxed);
-            self.counters
+            self.counters().retentions.fetch_add(1, Ordering::Relaxed);
+            self.counters()
                 .retention_deleted
                 .fetch_add(u64::try_from(deleted).unwrap_or(0), Ordering::Relaxed);
         }

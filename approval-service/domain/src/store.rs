@@ -310,7 +310,7 @@ pub(crate) fn parse_status(s: &str) -> DbResult<ReviewStatus> {
         .ok_or_else(|| DbError::Conversion(format!("unknown review status {s:?}")))
 }
 
-fn parse_kind(s: &str) -> DbResult<ReviewKind> {
+pub(crate) fn parse_kind(s: &str) -> DbResult<ReviewKind> {
     ReviewKind::parse(s).ok_or_else(|| DbError::Conversion(format!("unknown review kind {s:?}")))
 }
 
@@ -318,7 +318,7 @@ fn parse_mode(s: &str) -> DbResult<ReviewMode> {
     ReviewMode::parse(s).ok_or_else(|| DbError::Conversion(format!("unknown review mode {s:?}")))
 }
 
-fn parse_api(s: String) -> DbResult<ApiKind> {
+pub(crate) fn parse_api(s: String) -> DbResult<ApiKind> {
     Ok(serde_json::from_value(serde_json::Value::String(s))?)
 }
 

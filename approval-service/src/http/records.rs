@@ -5,6 +5,18 @@
 //!   [`RecordCreated`] once the entry is committed; 400 invalid (including a
 //!   `body_sha256` that does not match `body`); 401 filter token; 503 when the
 //!   database cannot take the write (the filter then refuses the request).
+//! * `POST /v1/records/batch` (filter token): body `{"records": [NewRecord,
+//!   ...]}` (at most [`MAX_BATCH`]), written in one transaction when they
+//!   fit one group commit; 200 [`RecordBatchResults`], one result per record
+//!   in order, each with the status `POST /v1/records` would have given it
+//!   (201 and its `record_id`, 400 invalid, 503 database) and its `error`;
+//!   400 when the body is not such a list.
+//! * `POST /v1/records/responses` (filter token): body `{"responses":
+//!   [{"record_id": ..., "response": RecordResponse}, ...]}` (at most
+//!   [`MAX_BATCH`]), committed together; 200 [`RecordBatchResults`], one
+//!   result per part in order, each with the status
+//!   `POST /v1/records/{id}/response` would have given it (201 and the
+//!   response entry's id, 404, 409, 503).
 //! * `POST /v1/records/{id}/response` (filter token): body [`RecordResponse`];
 //!   201 [`RecordCreated`] (the response entry's id); 404 unknown request
 //!   record; 409 already has a response part; 503 database.
@@ -19,15 +31,17 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use countersign_core::wire::{NewRecord, RecordCreated, RecordResponse};
-use serde::Serialize;
+use countersign_core::wire::{
+    NewRecord, RecordBatchResult, RecordBatchResults, RecordCreated, RecordResponse,
+};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::auth::{FilterAuth, Reviewer};
 use super::error::ApiError;
 use super::extract::{clean_text_filters, QueryParams, StrictJsonBody};
 use super::spans;
-use crate::records::{RecordQuery, MAX_PAGE};
+use crate::records::{RecordError, RecordQuery, Written, MAX_PAGE};
 use crate::state::AppState;
 
 /// `POST /v1/records`.
@@ -40,7 +54,7 @@ pub async fn create_record(
     let decision = rec.decision.clone();
     let now = crate::now_ms();
     let w = state
-        .write_record("request", move |s| s.write_request(rec, now))
+        .write_record("request", state.records().submit_request(rec, now))
         .await?;
     tracing::info!(
         record_id = %w.record_id,
@@ -55,6 +69,152 @@ pub async fn create_record(
     Ok(created(w.record_id))
 }
 
+/// Most records in one `POST /v1/records/batch` (the filter sends at most
+/// `countersign_core::worker::MAX_BATCH_RECORDS`).
+pub const MAX_BATCH: usize = 1024;
+
+/// Body of `POST /v1/records/batch`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordBatch {
+    /// The request parts to write, each as `POST /v1/records` takes it.
+    pub records: Vec<NewRecord>,
+}
+
+/// `POST /v1/records/batch`.
+pub async fn create_records(
+    State(state): State<AppState>,
+    _auth: FilterAuth,
+    StrictJsonBody(batch): StrictJsonBody<RecordBatch>,
+) -> Result<Json<RecordBatchResults>, ApiError> {
+    within_batch_limit("records", batch.records.len())?;
+    let ids: Vec<(String, String)> = batch
+        .records
+        .iter()
+        .map(|r| (r.request_id.clone(), r.decision.clone()))
+        .collect();
+    let now = crate::now_ms();
+    let written = state
+        // Timed as one append; a database error is counted per record.
+        .write_record("request", async {
+            Ok(state.records().submit_requests(batch.records, now).await)
+        })
+        .await?;
+    Ok(batch_answer(written, ids, |w, (request_id, decision)| {
+        tracing::info!(
+            record_id = %w.record_id,
+            seq = w.seq,
+            request_id = %request_id,
+            decision = %decision,
+            "record written"
+        );
+    }))
+}
+
+/// A batch of `len` in field `field` is refused beyond [`MAX_BATCH`].
+fn within_batch_limit(field: &str, len: usize) -> Result<(), ApiError> {
+    if len > MAX_BATCH {
+        return Err(ApiError::BadRequest(format!(
+            "{field}: at most {MAX_BATCH} in one batch"
+        )));
+    }
+    Ok(())
+}
+
+/// One result of a batch: 201 and the id written, or the error's status
+/// and message as the single call would have answered them.
+fn batch_result(
+    w: Result<Written, RecordError>,
+    written: impl FnOnce(&Written),
+) -> RecordBatchResult {
+    match w {
+        Ok(w) => {
+            written(&w);
+            RecordBatchResult {
+                status: StatusCode::CREATED.as_u16(),
+                record_id: Some(w.record_id),
+                error: None,
+            }
+        }
+        Err(e) => {
+            let e = ApiError::from(e);
+            RecordBatchResult {
+                status: e.status().as_u16(),
+                record_id: None,
+                error: Some(e.public_message().to_string()),
+            }
+        }
+    }
+}
+
+/// The answer to a batch: one result per item, in order; `written` logs
+/// each item written, with what the caller keeps of it (`keys`).
+fn batch_answer<K>(
+    written: Vec<Result<Written, RecordError>>,
+    keys: Vec<K>,
+    log: impl Fn(&Written, &K),
+) -> Json<RecordBatchResults> {
+    let results: Vec<RecordBatchResult> = written
+        .into_iter()
+        .zip(keys)
+        .map(|(w, key)| batch_result(w, |w| log(w, &key)))
+        .collect();
+    spans::note(
+        "countersign.record.batch_size",
+        i64::try_from(results.len()).unwrap_or(i64::MAX),
+    );
+    Json(RecordBatchResults { results })
+}
+
+/// One part of `POST /v1/records/responses`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResponsePart {
+    /// The request record it completes.
+    pub record_id: String,
+    /// The response part, as `POST /v1/records/{id}/response` takes it.
+    pub response: RecordResponse,
+}
+
+/// Body of `POST /v1/records/responses`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResponseBatch {
+    /// The parts to append.
+    pub responses: Vec<ResponsePart>,
+}
+
+/// `POST /v1/records/responses`.
+pub async fn create_responses(
+    State(state): State<AppState>,
+    _auth: FilterAuth,
+    StrictJsonBody(batch): StrictJsonBody<ResponseBatch>,
+) -> Result<Json<RecordBatchResults>, ApiError> {
+    within_batch_limit("responses", batch.responses.len())?;
+    let parts: Vec<(String, RecordResponse)> = batch
+        .responses
+        .into_iter()
+        .map(|p| (p.record_id, p.response))
+        .collect();
+    let ids: Vec<(String, u16)> = parts.iter().map(|(id, r)| (id.clone(), r.status)).collect();
+    let now = crate::now_ms();
+    let written = state
+        // Timed as one append; a database error is counted per record.
+        .write_record("response", async {
+            Ok(state.records().submit_responses(parts, now).await)
+        })
+        .await?;
+    Ok(batch_answer(written, ids, |w, (id, status)| {
+        tracing::info!(
+            record_id = %w.record_id,
+            seq = w.seq,
+            request_record_id = %id,
+            upstream_status = status,
+            "record response written"
+        );
+    }))
+}
+
 /// `POST /v1/records/{id}/response`.
 pub async fn create_response(
     State(state): State<AppState>,
@@ -64,9 +224,8 @@ pub async fn create_response(
 ) -> Result<(StatusCode, Json<RecordCreated>), ApiError> {
     let status = resp.status;
     let now = crate::now_ms();
-    let ref_id = id.clone();
     let w = state
-        .write_record("response", move |s| s.write_response(&ref_id, resp, now))
+        .write_record("response", state.records().submit_response(&id, resp, now))
         .await?;
     tracing::info!(
         record_id = %w.record_id,

@@ -213,6 +213,40 @@ async fn wait_is_woken_by_approve() {
     assert!(t.elapsed() < Duration::from_secs(2));
 }
 
+/// A decision made here wakes its long polls with the state it committed:
+/// they answer with it instead of each reading the review again (after a
+/// bulk approval those reads queued behind the decisions). Shown with a
+/// state the database does not have: the poll answers with it.
+#[tokio::test]
+async fn a_decision_wakes_its_polls_with_the_committed_state() {
+    let f = fixture("");
+    let id = create(&f.app, 60_000).await;
+    let waiter = spawn_wait(&f.app, &id, 10000);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(f.state.waiting_reviews(), 1);
+    f.state.wake_final(countersign_core::wire::ReviewState {
+        id: id.clone(),
+        status: countersign_core::wire::ReviewStatus::Approved,
+        expires_at_ms: 1,
+        reviewer: Some("pushed".into()),
+        reason: None,
+        edited_body: Some("{}".into()),
+    });
+    let (s, v) = waiter.await.unwrap();
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["status"], "approved");
+    assert_eq!(v["reviewer"], "pushed");
+    assert_eq!(v["edited_body"], "{}");
+
+    // A plain wake (another replica's change, an expiry) has the poll read
+    // the review: still pending here.
+    let waiter = spawn_wait(&f.app, &id, 300);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    f.state.wake(&id);
+    let (_, v) = waiter.await.unwrap();
+    assert_eq!(v["status"], "pending");
+}
+
 #[tokio::test]
 async fn many_waiters_all_woken_only_for_their_review() {
     let f = fixture("");
@@ -325,15 +359,21 @@ async fn edit_stores_edited_body() {
         &id,
         ALICE,
         "edit",
-        json!({"body": "{ \"model\": \"small\",\n \"messages\": [] }", "reason": "smaller model"}),
+        json!({"body": "{ \"model\": \"small\",\n \"messages\": [{\"role\":\"user\",\"content\":\"hi\"}] }", "reason": "smaller model"}),
     )
     .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["status"], "approved");
-    assert_eq!(v["edited_body"], "{\"model\":\"small\",\"messages\":[]}");
+    assert_eq!(
+        v["edited_body"],
+        "{\"model\":\"small\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}"
+    );
     assert_eq!(v["body"], "{\"model\":\"gpt-x\",\"messages\":[]}");
     let (_, w) = wait(&f.app, &id, None).await;
-    assert_eq!(w["edited_body"], "{\"model\":\"small\",\"messages\":[]}");
+    assert_eq!(
+        w["edited_body"],
+        "{\"model\":\"small\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}"
+    );
     assert_eq!(w["reason"], "smaller model");
 
     // An object body works too and keeps key order.
@@ -343,12 +383,96 @@ async fn edit_stores_edited_body() {
         &id,
         BOB,
         "edit",
-        json!({"body": {"model": "m", "a": 1}}),
+        json!({"body": {"model": "m", "messages": [{"role": "user", "content": "hi"}], "a": 1}}),
     )
     .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let edited: Value = serde_json::from_str(v["edited_body"].as_str().unwrap()).unwrap();
-    assert_eq!(edited, json!({"model": "m", "a": 1}));
+    assert_eq!(
+        edited,
+        json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "a": 1})
+    );
+}
+
+/// An edit the filter would refuse at release is refused when it is
+/// submitted (400 `invalid_edit`, naming what is wrong) and changes
+/// nothing: the review stays pending, without an edit or an approval, and
+/// a valid edit is taken after it.
+async fn refused_edit_then_valid(app: &Router, id: &str, invalid: &str, wrong: &str, valid: &str) {
+    let (s, v) = decide(app, id, ALICE, "edit", json!({"body": invalid})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_error(&v, "invalid_edit");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains(wrong), "{message}");
+    assert!(message.contains("the review is still pending"), "{message}");
+    let (_, detail) = get_as(app, BOB, &format!("/api/reviews/{id}")).await;
+    assert_eq!(detail["status"], "pending");
+    assert_eq!(detail["edited_body"], Value::Null);
+    assert_eq!(detail["approvals"], json!([]));
+    let (s, v) = decide(app, id, ALICE, "edit", json!({"body": valid})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["status"], "approved");
+    assert_eq!(v["edited_body"], valid);
+}
+
+#[tokio::test]
+async fn an_invalid_edit_of_a_prompt_is_refused_and_the_review_stays_pending() {
+    let f = fixture("");
+    let id = create(&f.app, 60_000).await;
+    refused_edit_then_valid(
+        &f.app,
+        &id,
+        r#"{"model":"gpt-x","messages":[{"role":"user","content":{"text":"hi"}}]}"#,
+        "the reviewer's edited request is invalid: ",
+        r#"{"model":"gpt-x","messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await;
+}
+
+/// A review of a model's answer (`kind`: `tool_call` or `response`).
+async fn create_answer_review(app: &Router, kind: &str, answer: String) -> String {
+    let fields = json!({"kind": kind, "stream": false, "body": answer});
+    common::create_review(app, &[], common::merged(create_body(60_000), fields)).await
+}
+
+#[tokio::test]
+async fn an_invalid_edit_of_tool_calls_is_refused_and_the_review_stays_pending() {
+    let f = fixture("");
+    let answer = |arguments: &str| {
+        json!({"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,
+            "finish_reason":"tool_calls","message":{"role":"assistant","content":null,
+            "tool_calls":[{"id":"call_1","type":"function",
+                "function":{"name":"delete_file","arguments":arguments}}]}}]})
+        .to_string()
+    };
+    let id = create_answer_review(&f.app, "tool_call", answer(r#"{"path":"/srv"}"#)).await;
+    refused_edit_then_valid(
+        &f.app,
+        &id,
+        &answer(r#"{"path": "/tmp"#),
+        "the arguments of tool call 0 must be a JSON object",
+        &answer(r#"{"path":"/tmp"}"#),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_invalid_edit_of_an_answer_is_refused_and_the_review_stays_pending() {
+    let f = fixture("");
+    let answer = |reason: &str, text: &str| {
+        json!({"id":"chatcmpl-1","object":"chat.completion","choices":[
+            {"index":0,"finish_reason":reason,"message":{"role":"assistant","content":text}}]})
+        .to_string()
+    };
+    let id = create_answer_review(&f.app, "response", answer("stop", "internal only")).await;
+    refused_edit_then_valid(
+        &f.app,
+        &id,
+        &answer("length", "ask the help desk"),
+        "only the answer's text may change",
+        &answer("stop", "ask the help desk"),
+    )
+    .await;
 }
 
 #[tokio::test]

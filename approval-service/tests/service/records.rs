@@ -802,7 +802,7 @@ fn review_retention_drops_old_bodies_and_the_chain_still_verifies() {
         review("r-pend"),
         review("r-new"),
     );
-    let edit = json!({"body": {"model": "gpt-x", "messages": []}});
+    let edit = json!({"body": {"model": "gpt-x", "messages": [{"role": "user", "content": "hi"}]}});
     rt.block_on(decide_ok(&app, &edited, ALICE, "edit", edit));
     rt.block_on(decide_ok(
         &app,
@@ -1086,4 +1086,136 @@ fn concurrent_writers_share_group_commits_and_the_chain_stays_whole() {
     let ok = verify(&db).unwrap();
     assert_eq!(ok.records, 80, "{ok}");
     assert_eq!(ok.last_seq, 80);
+}
+
+/// `POST /v1/records/batch`: one result per record, in order, each as
+/// `POST /v1/records` would have answered it; a repeated idempotency key
+/// returns the record already written; then `POST /v1/records/responses`
+/// appends the response parts, each with its own result.
+#[tokio::test]
+async fn a_batch_of_records_gets_one_result_per_record_in_order() {
+    let f = fixture("");
+    let app = &f.app;
+    let batch = |records: Vec<Value>| json!({ "records": records });
+    // The filter token is required.
+    let (status, _) = call(
+        app,
+        "POST",
+        "/v1/records/batch",
+        &[],
+        Some(batch(vec![record("allowed", "a", None, Some(BODY))])),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let mut first = record("allowed", "a", None, Some(BODY));
+    first["idempotency_key"] = json!("req-a:01");
+    let mut wrong_hash = record("approved", "b", None, Some(BODY));
+    wrong_hash["body_sha256"] = json!("AAAA");
+    let third = record("edited", "c", None, None);
+    let (status, v) = call(
+        app,
+        "POST",
+        "/v1/records/batch",
+        &[FILTER_HEADER],
+        Some(batch(vec![first.clone(), wrong_hash, third])),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3, "{v}");
+    assert_eq!(results[0]["status"], 201);
+    assert_eq!(results[1]["status"], 400);
+    assert!(results[1]["error"]
+        .as_str()
+        .unwrap()
+        .contains("body_sha256"));
+    assert!(results[1].get("record_id").is_none());
+    assert_eq!(results[2]["status"], 201);
+    let id_a = results[0]["record_id"].as_str().unwrap().to_string();
+    let id_c = results[2]["record_id"].as_str().unwrap().to_string();
+    assert_ne!(id_a, id_c);
+
+    // A retry of the batch (its answer lost) returns the records written.
+    let (_, v) = call(
+        app,
+        "POST",
+        "/v1/records/batch",
+        &[FILTER_HEADER],
+        Some(batch(vec![first])),
+    )
+    .await;
+    assert_eq!(v["results"][0]["record_id"], json!(id_a));
+    assert_eq!(verify(&f.db).unwrap().records, 2);
+
+    // Response parts: one new, one for an unknown record, one repeated.
+    let part = |id: &str| json!({"record_id": id, "response": {"status": 200, "body": "ok", "completion": "complete"}});
+    let parts = json!({"responses": [part(&id_a), part("rec_00"), part(&id_a)]});
+    let (status, v) = call(
+        app,
+        "POST",
+        "/v1/records/responses",
+        &[FILTER_HEADER],
+        Some(parts),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let codes: Vec<u64> = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(codes, [201, 404, 409], "{v}");
+    let (status, rec) = get_as(app, ALICE, &format!("/api/records/{id_a}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(rec["response"]["status"], 200, "{rec}");
+
+    // Not a list of records: 400, nothing written.
+    let (status, _) = call(
+        app,
+        "POST",
+        "/v1/records/batch",
+        &[FILTER_HEADER],
+        Some(json!({"records": {}})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(verify(&f.db).unwrap().records, 3);
+}
+
+/// The database refuses the batch: every record in it gets 503, as a
+/// single write would, and nothing of it is written.
+#[tokio::test]
+async fn a_batch_the_database_refuses_is_503_for_each_record() {
+    let f = fixture("");
+    let mut db = common::RawDb::open(&f.db);
+    let postgres = matches!(db, common::RawDb::Postgres(_));
+    db.exec(if postgres {
+        "CREATE FUNCTION fail_insert() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN RAISE EXCEPTION 'disk full'; END $$;
+         CREATE TRIGGER fail_insert BEFORE INSERT ON records
+             FOR EACH ROW EXECUTE FUNCTION fail_insert();"
+    } else {
+        "CREATE TRIGGER fail_insert BEFORE INSERT ON records
+         BEGIN SELECT RAISE(ABORT, 'disk full'); END;"
+    })
+    .unwrap();
+    let records = json!({"records": [
+        record("allowed", "a", None, Some(BODY)),
+        record("approved", "b", None, Some(BODY)),
+    ]});
+    let (status, v) = call(
+        &f.app,
+        "POST",
+        "/v1/records/batch",
+        &[FILTER_HEADER],
+        Some(records),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    for r in v["results"].as_array().unwrap() {
+        assert_eq!(r["status"], 503, "{v}");
+    }
+    assert_eq!(v["results"].as_array().unwrap().len(), 2);
 }

@@ -214,6 +214,10 @@ pub struct Config {
     pub status_path: String,
     /// Session records: required before forwarding (default), best effort, off.
     pub records: RecordMode,
+    /// How long (ms) a record written before forwarding waits for others of
+    /// the same Envoy worker to travel with it in one call and one commit
+    /// (`POST /v1/records/batch`); 0 sends each at once on its own.
+    pub record_batch_ms: u64,
     /// Top-level body fields accepted beyond each API's known fields.
     pub extra_fields: Vec<String>,
     /// Treatment of prompts with attachments.
@@ -369,6 +373,8 @@ struct RawConfig {
     status_path: String,
     #[serde(default = "default_records")]
     records: RecordMode,
+    #[serde(default = "default_record_batch")]
+    record_batch_ms: u64,
     #[serde(default)]
     extra_fields: Vec<String>,
     #[serde(default = "default_attachments")]
@@ -381,6 +387,13 @@ struct RawConfig {
 
 fn default_attachments() -> Attachments {
     Attachments::Review
+}
+
+/// Longest `record_batch_ms`: a record waits at most this long for others.
+pub const MAX_RECORD_BATCH_MS: u64 = 50;
+
+fn default_record_batch() -> u64 {
+    1
 }
 
 fn default_records() -> RecordMode {
@@ -727,6 +740,12 @@ impl Config {
             MAX_HOLD_TIMEOUT_MS,
         )?;
         range("long_poll_ms", raw.long_poll_ms, 100, 300_000)?;
+        range(
+            "record_batch_ms",
+            raw.record_batch_ms,
+            0,
+            MAX_RECORD_BATCH_MS,
+        )?;
         let limits = raw.hold_limits;
         range("hold_limits.total", limits.total.into(), 1, 1_000_000)?;
         range(
@@ -942,6 +961,7 @@ impl Config {
             approval_tokens,
             status_path: raw.status_path,
             records: raw.records,
+            record_batch_ms: raw.record_batch_ms,
             extra_fields: raw.extra_fields,
             attachments: raw.attachments,
             masking,
@@ -1351,6 +1371,19 @@ mod tests {
             "endpoints[1].path"
         );
         assert!(Config::from_json(b"{not json").is_err());
+        assert_eq!(
+            Config::from_json(br#"{"record_batch_ms": 51}"#)
+                .unwrap_err()
+                .field,
+            "record_batch_ms"
+        );
+        assert_eq!(Config::from_json(b"{}").unwrap().record_batch_ms, 1);
+        assert_eq!(
+            Config::from_json(br#"{"record_batch_ms": 0}"#)
+                .unwrap()
+                .record_batch_ms,
+            0
+        );
     }
 
     const KEY_HASH: &str = "a7b0a2ab0b3dca2a4d2bcdf0e0f0c0a0b0c0d0e0f0a0b0c0d0e0f0a0b0c0d0e0f";

@@ -945,6 +945,71 @@ pub fn record_callout(
     }
 }
 
+/// The call that writes the records whose bodies (each a [`NewRecord`] as
+/// [`record_callout`] encodes it) are `records`, in one transaction:
+/// `POST /v1/records/batch` with `{"records":[...]}`. It carries no trace
+/// context: the records are of different requests (each has its request id).
+pub fn record_batch_callout(config: &Config, records: &[&[u8]]) -> Callout {
+    batch_callout(
+        config,
+        "/v1/records/batch",
+        "records",
+        records,
+        |body, r| {
+            body.extend_from_slice(r);
+        },
+    )
+}
+
+/// The call that appends several response parts, `(record id, body)` with
+/// each body a [`crate::wire::RecordResponse`] as [`response_record_callout`]
+/// encodes it: `POST /v1/records/responses` with
+/// `{"responses":[{"record_id":"rec_..","response":{...}},...]}`.
+pub fn response_batch_callout(config: &Config, parts: &[(&str, &[u8])]) -> Callout {
+    batch_callout(
+        config,
+        "/v1/records/responses",
+        "responses",
+        parts,
+        |body, (id, r)| {
+            // Ids passed `response_record_callout`'s check: `rec_` and hex only.
+            body.extend_from_slice(b"{\"record_id\":\"");
+            body.extend_from_slice(id.as_bytes());
+            body.extend_from_slice(b"\",\"response\":");
+            body.extend_from_slice(r);
+            body.push(b'}');
+        },
+    )
+}
+
+/// A batch call to `path`: `{"KEY":[item,...]}`, each item written by
+/// `write` from bodies already encoded (no re-encoding of the records).
+fn batch_callout<T>(
+    config: &Config,
+    path: &str,
+    key: &str,
+    items: &[T],
+    write: impl Fn(&mut Vec<u8>, &T),
+) -> Callout {
+    let mut body = Vec::with_capacity(64 * items.len() + 16);
+    body.extend_from_slice(b"{\"");
+    body.extend_from_slice(key.as_bytes());
+    body.extend_from_slice(b"\":[");
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        write(&mut body, item);
+    }
+    body.extend_from_slice(b"]}");
+    Callout {
+        kind: CalloutKind::Record,
+        headers: service_headers(config, None, "POST", path.to_string()),
+        body: Some(body),
+        timeout_ms: config.callout_timeout_ms,
+    }
+}
+
 /// The call that appends the response part of record `record_id`; `None`
 /// when the id is not a record id (nothing is sent then).
 pub fn response_record_callout(

@@ -135,6 +135,9 @@ pub trait Host {
     fn count(&mut self, name: &str, delta: i64);
     /// Writes a log line (never prompt text or tokens).
     fn log(&mut self, level: Level, message: &str);
+    /// Sets the period of the root context's timer ([`crate::worker`]'s
+    /// tick); 0 stops it. A new period starts counting now.
+    fn set_tick_period(&mut self, ms: u64);
 }
 
 /// Outcome of a request on the current stream: a metric and a filter-state

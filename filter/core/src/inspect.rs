@@ -2,6 +2,7 @@
 //! forward, hold for review, or refuse.
 
 use crate::config::{Action, Attachments, Config, Endpoint, RecordMode, SpotCheck};
+use crate::edit::edited_request;
 use crate::extract::{parse_request_at, ParsedRequest};
 use crate::framing::streams_readable;
 use crate::identity::Caller;
@@ -864,21 +865,17 @@ pub(crate) fn new_review(api: ApiKind, info: &RequestInfo, what: &str) -> Create
 }
 
 /// Checks a reviewer's edited body before it replaces the original: it must
-/// parse as the same API, policy deny rules still apply to it, and it is
-/// masked like any request. Returns the body to forward.
+/// parse as the same API ([`edited_request`], which the approval service
+/// checked already when the reviewer submitted it), policy deny rules still
+/// apply to it, and it is masked like any request. Returns the body to
+/// forward.
 pub fn check_edited_body(
     config: &Config,
     api: ApiKind,
     info: &RequestInfo,
     body: &[u8],
 ) -> Result<Vec<u8>, Refusal> {
-    let parsed = parse_request_at(api, &info.path, body).map_err(|e| {
-        Refusal::new(
-            RefusalKind::ApprovalUnavailable,
-            Some(api),
-            format!("the reviewer's edited request is invalid: {e}"),
-        )
-    })?;
+    let parsed = edited_request(api, &info.path, body).map_err(|e| e.refusal(api))?;
     let rule = choose_rule(config, info, &parsed.model);
     if rule.action == Action::Deny {
         return Err(denied(api, &rule.name, &parsed.model));

@@ -1168,8 +1168,14 @@ mod tests {
     const PENDING: &str = r#"{"id":"rev_1","status":"pending","expires_at_ms":0}"#;
     const ID: u32 = 7;
 
+    /// A stream under `config`, whose records (unless it says otherwise)
+    /// are sent at once, each alone: batching is the worker's (its tests).
     fn setup(config: &str) -> (Worker, MockHost, StreamFilter) {
-        let config = Rc::new(Config::from_json(config.as_bytes()).unwrap());
+        let mut json: serde_json::Value = serde_json::from_str(config).unwrap();
+        if json.get("record_batch_ms").is_none() {
+            json["record_batch_ms"] = serde_json::json!(0);
+        }
+        let config = Rc::new(Config::from_json(json.to_string().as_bytes()).unwrap());
         let worker = Worker::new();
         let host = MockHost::new(&worker);
         let stream = StreamFilter::new(ID, Some(config), worker.clone());

@@ -70,6 +70,8 @@ pub struct MockHost {
     pub watch: Option<Worker>,
     /// Host calls made while the watched state was borrowed.
     pub violations: Cell<u32>,
+    /// The timer periods set, in order.
+    pub tick_periods: Vec<u64>,
     /// Every host call made, by name, in order (see [`MockHost::take_calls`]).
     calls: RefCell<Vec<&'static str>>,
     /// What `nonce` answers (`0xabc` by default).
@@ -193,9 +195,21 @@ pub fn forwarded_on(
         "{:?}",
         host.replies
     );
-    answer_last_call(host, worker, 201, r#"{"record_id":"rec_1"}"#);
+    answer_record(host, worker, "rec_1");
     assert_eq!(host.resumed, [Some(id)]);
     stream
+}
+
+/// The approval service writes the record that waits to be sent (alone,
+/// sent by the tick, when `record_batch_ms` is above 0; a batch of one is
+/// its own `POST /v1/records`) as `record_id`.
+pub fn answer_record(host: &mut MockHost, worker: &Worker, record_id: &str) {
+    if worker.batched() > 0 {
+        worker.on_tick(host);
+    }
+    assert_eq!(host.last_path(), "/v1/records");
+    let body = format!(r#"{{"record_id":"{record_id}"}}"#);
+    answer_last_call(host, worker, 201, &body);
 }
 
 /// Loads a configuration whose only response rule is `rule` (JSON), with
@@ -326,6 +340,11 @@ impl Host for MockHost {
     fn callout_result(&self, _body_size: usize) -> CalloutResult {
         self.check("callout_result");
         self.answer.clone().unwrap()
+    }
+
+    fn set_tick_period(&mut self, ms: u64) {
+        self.check("set_tick_period");
+        self.tick_periods.push(ms);
     }
 
     fn set_effective_context(&mut self, context_id: u32) -> Result<(), String> {

@@ -28,6 +28,7 @@ use crate::answer_review::{
     error_release, plan_answer_review, rejection_note, AnswerRelease, AnswerVersions,
 };
 use crate::config::Config;
+use crate::edit::InvalidEdit;
 use crate::framing::{Framing, Splitter, Unit};
 use crate::inspect::RequestInfo;
 use crate::json_stream::Layout;
@@ -35,7 +36,7 @@ use crate::mask::MAX_EVENT_BYTES;
 use crate::policy::{OnReject, ReviewRules};
 use crate::refusal::{Refusal, RefusalKind};
 use crate::sse;
-use crate::wire::{ApiKind, CreateReview, PromptMessage};
+use crate::wire::{ApiKind, CreateReview, PromptMessage, ReviewKind};
 
 /// One unit of a held stream.
 #[derive(Debug, Clone)]
@@ -1267,11 +1268,11 @@ impl HeldStream {
         })?;
         let checked = versions.approved(self.api, review_id, Some(text))?;
         let invalid = |why: String| {
-            Refusal::new(
-                RefusalKind::ApprovalUnavailable,
-                Some(self.api),
-                format!("the reviewer's edit of the tool calls is invalid: {why}"),
-            )
+            InvalidEdit {
+                kind: ReviewKind::ToolCall,
+                why,
+            }
+            .refusal(self.api)
             .with_review(review_id)
         };
         let mut lanes = Vec::new();

@@ -609,6 +609,28 @@ pub struct RecordCreated {
     pub record_id: String,
 }
 
+/// Answer to `POST /v1/records/batch` (body: `{"records": [NewRecord, ...]}`,
+/// written in one transaction): one result per record, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordBatchResults {
+    /// What `POST /v1/records` would have answered for each record.
+    pub results: Vec<RecordBatchResult>,
+}
+
+/// One record's result in a [`RecordBatchResults`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordBatchResult {
+    /// The status `POST /v1/records` gives it: 201 written (or written
+    /// before, for a repeated idempotency key), 400 invalid, 503 database.
+    pub status: u16,
+    /// The record id, when written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_id: Option<String>,
+    /// Why not, when not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// `POST /v1/records/{id}/response`: what came back, appended once the
 /// response ended.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

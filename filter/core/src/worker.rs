@@ -19,9 +19,21 @@ use std::rc::Rc;
 use crate::answer_review::AnswerRelease;
 use crate::config::Config;
 use crate::delivery::{admits, admits_routine, Delivery, DeliveryStep};
-use crate::hold::{cancel_callout, Callout, CalloutKind, CalloutResult, Hold, HoldStep, Release};
+use crate::hold::{
+    cancel_callout, record_batch_callout, response_batch_callout, Callout, CalloutKind,
+    CalloutResult, Hold, HoldStep, Release,
+};
 use crate::host::{note_outcome, Host, Level};
 use crate::refusal::{Refusal, RefusalKind};
+use crate::wire::{RecordBatchResults, RecordCreated};
+
+/// The root context's timer period (ms) when no record batch is open.
+pub const TICK_MS: u64 = 200;
+
+/// A record batch is sent at once when it holds this many records...
+pub const MAX_BATCH_RECORDS: usize = 64;
+/// ...or this many bytes of records.
+pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
 
 /// A held request's state.
 struct HoldEntry {
@@ -55,6 +67,19 @@ struct State {
     deliveries: HashMap<u32, (Rc<Config>, Delivery)>,
     /// Deliveries queued or in flight, and the bytes of their bodies.
     queued: (usize, usize),
+    /// Records to write before forwarding that wait for the open batch to
+    /// be sent: (HTTP context id, the record's body), and their bytes.
+    batch: Vec<(u32, Callout)>,
+    batch_bytes: usize,
+    /// The configuration of the open batch's first record (the call's).
+    batch_config: Option<Rc<Config>>,
+    /// The timer runs at the batch window, not at [`TICK_MS`].
+    fast_tick: bool,
+    /// Batches sent and not yet answered: token → their holds, in order.
+    batches: HashMap<u32, Vec<u32>>,
+    /// Response parts sent together and not yet answered: token → their
+    /// deliveries, in order.
+    response_batches: HashMap<u32, Vec<(Rc<Config>, Delivery)>>,
 }
 
 /// A handle to one VM's shared state.
@@ -108,6 +133,11 @@ impl Worker {
         self.with(|s| s.queued)
     }
 
+    /// Records waiting in the open batch for the tick that sends it.
+    pub fn batched(&self) -> usize {
+        self.with(|s| s.batch.len())
+    }
+
     /// Queues `call` for the root context to send (at its next tick) and to
     /// retry until it lands; drops it (counted) when the queue is full. A
     /// `routine` call (refusal record, cancellation) gets only half the queue.
@@ -142,6 +172,17 @@ impl Worker {
     /// deliveries (their answers come back to the root context, whatever
     /// became of the stream).
     pub fn on_tick(&self, host: &mut dyn Host) {
+        self.send_batch(host);
+        let slow_down = self.with(|s| {
+            let idle = s.fast_tick && s.batch.is_empty();
+            if idle {
+                s.fast_tick = false;
+            }
+            idle
+        });
+        if slow_down {
+            host.set_tick_period(TICK_MS);
+        }
         let now = host.now_ms();
         let due: Vec<u32> = self.with(|s| {
             let (due, later): (Vec<_>, Vec<_>) =
@@ -169,7 +210,11 @@ impl Worker {
             s.outbox = later;
             due.into_iter().map(|(_, c, d)| (c, d)).collect()
         });
-        for (config, mut delivery) in due {
+        let (parts, single) = response_batches(due);
+        for batch in parts {
+            self.send_response_batch(host, batch, now);
+        }
+        for (config, mut delivery) in single {
             delivery.sending();
             match host.dispatch(&config.approval_cluster, &delivery.call) {
                 Ok(token) => self.with(|s| {
@@ -184,6 +229,56 @@ impl Worker {
                     self.after_delivery(host, config, delivery, step);
                 }
             }
+        }
+    }
+
+    /// Sends response parts (at least two, of one configuration) in one
+    /// `POST /v1/records/responses`.
+    fn send_response_batch(
+        &self,
+        host: &mut dyn Host,
+        batch: Vec<(Rc<Config>, Delivery)>,
+        now: u64,
+    ) {
+        let Some(config) = batch.first().map(|(c, _)| c.clone()) else {
+            return;
+        };
+        let mut batch = batch;
+        let parts: Vec<(&str, &[u8])> = batch
+            .iter()
+            .filter_map(|(_, d)| Some((response_part_of(&d.call)?, d.call.body.as_deref()?)))
+            .collect();
+        let call = response_batch_callout(&config, &parts);
+        for (_, d) in &mut batch {
+            d.sending();
+        }
+        match host.dispatch(&config.approval_cluster, &call) {
+            Ok(token) => self.with(|s| {
+                s.response_batches.insert(token, batch);
+            }),
+            Err(e) => {
+                let failed = CalloutResult {
+                    status: None,
+                    body: e.into_bytes(),
+                };
+                self.after_response_batch(host, batch, &failed, now);
+            }
+        }
+    }
+
+    /// Each response part of a batch gets its own result, as if its own
+    /// call had been answered so (see [`per_record_results`]).
+    fn after_response_batch(
+        &self,
+        host: &mut dyn Host,
+        batch: Vec<(Rc<Config>, Delivery)>,
+        result: &CalloutResult,
+        now: u64,
+    ) {
+        let results = per_record_results(result, batch.len());
+        for ((config, delivery), result) in batch.into_iter().zip(results) {
+            let step = delivery.on_result(&result, now);
+            self.after_delivery(host, config, delivery, step);
         }
     }
 
@@ -232,6 +327,15 @@ impl Worker {
             let step = delivery.on_result(&host.callout_result(body_size), host.now_ms());
             self.after_delivery(host, config, delivery, step);
             return;
+        }
+        if let Some(batch) = self.with(|s| s.response_batches.remove(&token)) {
+            let result = host.callout_result(body_size);
+            let now = host.now_ms();
+            return self.after_response_batch(host, batch, &result, now);
+        }
+        if let Some(ctxs) = self.with(|s| s.batches.remove(&token)) {
+            let result = host.callout_result(body_size);
+            return self.after_batch(host, ctxs, &result);
         }
         let Some((ctx, kind)) = self.with(|s| s.callouts.remove(&token)) else {
             return;
@@ -329,6 +433,11 @@ impl Worker {
         // always ends such a chain in a retry or a refusal.
         for _ in 0..4 {
             match step {
+                HoldStep::Call(call)
+                    if call.kind == CalloutKind::Record && config.record_batch_ms > 0 =>
+                {
+                    return self.join_batch(host, ctx, &config, call);
+                }
                 HoldStep::Call(call) => match host.dispatch(&config.approval_cluster, &call) {
                     Ok(token) => {
                         self.with(|s| s.callouts.insert(token, (ctx, call.kind)));
@@ -404,6 +513,116 @@ impl Worker {
                     }
                     return;
                 }
+            }
+        }
+    }
+
+    /// Adds `ctx`'s record (the body of `call`, a `POST /v1/records`) to the
+    /// open batch. The first record of a batch sets the timer to the batch
+    /// window (unless it runs at it already); the tick sends the batch. A
+    /// full batch goes at once.
+    fn join_batch(&self, host: &mut dyn Host, ctx: u32, config: &Rc<Config>, call: Callout) {
+        let Some(len) = call.body.as_ref().map(Vec::len) else {
+            // Not encoded (never expected): this record alone fails.
+            let no_answer = CalloutResult {
+                status: None,
+                body: Vec::new(),
+            };
+            return self.after_batch(host, vec![ctx], &no_answer);
+        };
+        let (arm, full) = self.with(|s| {
+            s.batch_bytes = s.batch_bytes.saturating_add(len);
+            s.batch.push((ctx, call));
+            s.batch_config.get_or_insert_with(|| config.clone());
+            let full = s.batch.len() >= MAX_BATCH_RECORDS || s.batch_bytes >= MAX_BATCH_BYTES;
+            // A full batch goes now: no timer needed for it.
+            let arm = !s.fast_tick && !full;
+            s.fast_tick |= arm;
+            (arm, full)
+        });
+        if full {
+            self.send_batch(host);
+        } else if arm {
+            // Stop, then start at the window: a new period counts from now.
+            host.set_tick_period(0);
+            host.set_tick_period(config.record_batch_ms);
+        }
+    }
+
+    /// Sends the open batch, if any, in one call.
+    fn send_batch(&self, host: &mut dyn Host) {
+        let Some((config, batch)) = self.with(|s| {
+            let config = s.batch_config.take()?;
+            s.batch_bytes = 0;
+            Some((config, std::mem::take(&mut s.batch)))
+        }) else {
+            return;
+        };
+        if let [(ctx, call)] = batch.as_slice() {
+            // A batch of one goes as its own `POST /v1/records`, which
+            // carries the request's trace context (a batch's call cannot:
+            // its records are of different requests), answered as if the
+            // window were 0.
+            let ctx = *ctx;
+            match host.dispatch(&config.approval_cluster, call) {
+                Ok(token) => self.with(|s| {
+                    s.callouts.insert(token, (ctx, CalloutKind::Record));
+                }),
+                Err(why) => {
+                    host.log(
+                        Level::Warn,
+                        &format!("countersign: call to the approval service failed: {why}"),
+                    );
+                    let no_answer = CalloutResult {
+                        status: None,
+                        body: Vec::new(),
+                    };
+                    self.after_batch(host, vec![ctx], &no_answer);
+                }
+            }
+            return;
+        }
+        let (ctxs, bodies): (Vec<u32>, Vec<&[u8]>) = batch
+            .iter()
+            .map(|(ctx, call)| (*ctx, call.body.as_deref().unwrap_or_default()))
+            .unzip();
+        let call = record_batch_callout(&config, &bodies);
+        match host.dispatch(&config.approval_cluster, &call) {
+            Ok(token) => self.with(|s| {
+                s.batches.insert(token, ctxs);
+            }),
+            Err(why) => {
+                host.log(
+                    Level::Warn,
+                    &format!("countersign: call to the approval service failed: {why}"),
+                );
+                let no_answer = CalloutResult {
+                    status: None,
+                    body: Vec::new(),
+                };
+                self.after_batch(host, ctxs, &no_answer);
+            }
+        }
+    }
+
+    /// Feeds each hold of a batch its record's result, as if its own
+    /// `POST /v1/records` had been answered so: an answer that does not
+    /// hold one result per record fails every record the way the call
+    /// failed (no answer, or its status).
+    fn after_batch(&self, host: &mut dyn Host, ctxs: Vec<u32>, result: &CalloutResult) {
+        let results = per_record_results(result, ctxs.len());
+        let now = host.now_ms();
+        for (ctx, result) in ctxs.into_iter().zip(results) {
+            let step = self.with(|s| {
+                let e = s.holds.get_mut(&ctx)?;
+                let config = e.config.clone();
+                Some(
+                    e.hold
+                        .on_response(&config, CalloutKind::Record, &result, now),
+                )
+            });
+            if let Some(step) = step {
+                self.perform(host, ctx, step);
             }
         }
     }
@@ -502,6 +721,88 @@ impl Worker {
         );
         host.resume_response();
     }
+}
+
+/// Each record's result in the answer to a batch of `n`, as the answer to
+/// its own call would have been: an answer that does not hold one result
+/// per record fails every record the way the call failed (no answer, or
+/// its status; a 2xx not understood counts as no answer).
+fn per_record_results(result: &CalloutResult, n: usize) -> Vec<CalloutResult> {
+    let parsed = match result.status {
+        Some(200..=299) => serde_json::from_slice::<RecordBatchResults>(&result.body)
+            .ok()
+            .filter(|r| r.results.len() == n),
+        _ => None,
+    };
+    let Some(parsed) = parsed else {
+        let failed = CalloutResult {
+            status: result.status.filter(|s| !(200..=299).contains(s)),
+            body: result.body.clone(),
+        };
+        return vec![failed; n];
+    };
+    parsed
+        .results
+        .into_iter()
+        .map(|r| CalloutResult {
+            status: Some(r.status),
+            body: match r.record_id {
+                Some(record_id) => {
+                    serde_json::to_vec(&RecordCreated { record_id }).unwrap_or_default()
+                }
+                None => r.error.unwrap_or_default().into_bytes(),
+            },
+        })
+        .collect()
+}
+
+/// The record id of a response part's call (`POST /v1/records/{id}/response`),
+/// `None` for any other call.
+fn response_part_of(call: &Callout) -> Option<&str> {
+    if call.kind != CalloutKind::Record {
+        return None;
+    }
+    let path = call.headers.iter().find(|(k, _)| k == ":path")?.1.as_str();
+    path.strip_prefix("/v1/records/")?.strip_suffix("/response")
+}
+
+/// Deliveries with their configuration.
+type Due = Vec<(Rc<Config>, Delivery)>;
+
+/// Splits due deliveries into batches of response parts (two or more of
+/// one configuration with `record_batch_ms` above 0, up to
+/// [`MAX_BATCH_RECORDS`] and [`MAX_BATCH_BYTES`] each) and the calls sent
+/// on their own.
+fn response_batches(due: Due) -> (Vec<Due>, Due) {
+    let mut batches: Vec<Due> = Vec::new();
+    let mut single = Vec::new();
+    let mut bytes = 0;
+    for (config, delivery) in due {
+        let batchable = config.record_batch_ms > 0
+            && delivery.call.body.is_some()
+            && response_part_of(&delivery.call).is_some();
+        if !batchable {
+            single.push((config, delivery));
+            continue;
+        }
+        let joins = batches.last().is_some_and(|b| {
+            b.len() < MAX_BATCH_RECORDS
+                && bytes + delivery.size() <= MAX_BATCH_BYTES
+                && b.first().is_some_and(|(c, _)| Rc::ptr_eq(c, &config))
+        });
+        if !joins {
+            batches.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += delivery.size();
+        if let Some(b) = batches.last_mut() {
+            b.push((config, delivery));
+        }
+    }
+    // A batch of one goes on its own, as before.
+    let (batches, ones): (Vec<Due>, Vec<Due>) = batches.into_iter().partition(|b| b.len() > 1);
+    single.extend(ones.into_iter().flatten());
+    (batches, single)
 }
 
 /// Answers the current stream with `refusal`, in its API's format.
@@ -754,6 +1055,244 @@ mod tests {
         assert_eq!(worker.queued(), (0, 0));
         assert_eq!(host.metric("countersign_deliveries_failed_total"), 0);
         assert_eq!(host.violations.get(), 0);
+    }
+
+    /// Two allowed requests (contexts 7 and 8) whose records wait in the
+    /// open batch of a worker with a 1 ms window.
+    fn two_in_a_batch(extra: &str) -> (Worker, MockHost, Vec<StreamFilter>) {
+        let c = config(&format!(r#"{{"default_action":"allow"{extra}}}"#));
+        let worker = Worker::new();
+        let mut host = MockHost::new(&worker);
+        // Each request gets its own idempotency key (from its nonce).
+        host.nonce = Some(1);
+        let a = held_stream(&worker, &mut host, &c, 7);
+        host.nonce = Some(2);
+        let streams = vec![a, held_stream(&worker, &mut host, &c, 8)];
+        // Nothing is sent yet; the timer runs at the window.
+        assert!(host.dispatched.is_empty(), "{:?}", host.paths());
+        assert_eq!(host.tick_periods, [0, 1]);
+        (worker, host, streams)
+    }
+
+    fn batch_body(host: &MockHost) -> serde_json::Value {
+        let (_, call) = host.dispatched.last().unwrap();
+        serde_json::from_slice(call.body.as_deref().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn records_of_two_streams_travel_in_one_call() {
+        let (worker, mut host, _streams) = two_in_a_batch("");
+        worker.on_tick(&mut host);
+        assert_eq!(host.paths(), ["/v1/records/batch"]);
+        let body = batch_body(&host);
+        let records = body["records"].as_array().unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0]["decision"], "allowed");
+        assert_ne!(records[0]["idempotency_key"], records[1]["idempotency_key"]);
+        // Nobody is forwarded before the batch is durable.
+        assert!(host.resumed.is_empty());
+        let token = host.last_token();
+        let results = r#"{"results":[{"status":201,"record_id":"rec_7"},{"status":201,"record_id":"rec_8"}]}"#;
+        answer(&mut host, &worker, token, Some(200), results);
+        assert_eq!(host.resumed, [Some(7), Some(8)]);
+        assert_eq!(
+            worker.released(7).unwrap().0.record_id.as_deref(),
+            Some("rec_7")
+        );
+        assert_eq!(
+            worker.released(8).unwrap().0.record_id.as_deref(),
+            Some("rec_8")
+        );
+        // The next tick finds no batch open: the timer slows down again.
+        worker.on_tick(&mut host);
+        assert_eq!(host.tick_periods, [0, 1, TICK_MS]);
+        assert_eq!(host.violations.get(), 0);
+    }
+
+    #[test]
+    fn a_failed_batch_refuses_each_request_as_a_failed_record_does() {
+        let (worker, mut host, _streams) = two_in_a_batch("");
+        // The service is down: each record is tried again (in one batch
+        // again), then each request is refused, never forwarded.
+        for _ in 0..10 {
+            worker.on_tick(&mut host);
+            if !host.dispatched.is_empty() {
+                let token = host.last_token();
+                answer(&mut host, &worker, token, Some(503), "{}");
+            }
+            host.now += 5_000;
+        }
+        assert!(host.resumed.is_empty());
+        assert_eq!(host.replies.len(), 2);
+        for (reply, ctx) in host.replies.iter().zip([7, 8]) {
+            assert_eq!(reply.context, Some(ctx));
+            assert_eq!(reply.status, 503);
+            assert!(
+                String::from_utf8_lossy(&reply.body).contains("audit record could not be written")
+            );
+        }
+        let batches = host
+            .paths()
+            .iter()
+            .filter(|p| *p == "/v1/records/batch")
+            .count();
+        assert!(batches > 1, "{:?}", host.paths());
+        assert_eq!(host.violations.get(), 0);
+    }
+
+    #[test]
+    fn an_answer_without_a_result_per_record_fails_the_batch() {
+        let (worker, mut host, _streams) = two_in_a_batch(r#","records":"best_effort""#);
+        for _ in 0..10 {
+            worker.on_tick(&mut host);
+            let token = host.last_token();
+            answer(
+                &mut host,
+                &worker,
+                token,
+                Some(200),
+                r#"{"results":[{"status":201,"record_id":"rec_7"}]}"#,
+            );
+            host.now += 5_000;
+        }
+        // best_effort: forwarded without a record once the tries are over.
+        assert_eq!(host.resumed, [Some(7), Some(8)]);
+        assert_eq!(worker.released(7).unwrap().0.record_id, None);
+    }
+
+    #[test]
+    fn each_record_of_a_batch_gets_its_own_result() {
+        let (worker, mut host, _streams) = two_in_a_batch("");
+        worker.on_tick(&mut host);
+        let first = batch_body(&host);
+        let token = host.last_token();
+        // 7 is written; 8's write failed on its own and is tried again, with
+        // the same idempotency key (a retry returns the record written).
+        let results =
+            r#"{"results":[{"status":201,"record_id":"rec_7"},{"status":503,"error":"x"}]}"#;
+        answer(&mut host, &worker, token, Some(200), results);
+        assert_eq!(host.resumed, [Some(7)]);
+        host.now += 5_000;
+        worker.on_tick(&mut host);
+        worker.on_tick(&mut host);
+        // Alone now: its own `POST /v1/records`, the same record.
+        assert_eq!(host.last_path(), "/v1/records");
+        assert_eq!(batch_body(&host), first["records"][1]);
+        let token = host.last_token();
+        answer(
+            &mut host,
+            &worker,
+            token,
+            Some(201),
+            r#"{"record_id":"rec_8"}"#,
+        );
+        assert_eq!(host.resumed, [Some(7), Some(8)]);
+        assert_eq!(
+            worker.released(8).unwrap().0.record_id.as_deref(),
+            Some("rec_8")
+        );
+    }
+
+    #[test]
+    fn a_window_of_zero_sends_each_record_at_once() {
+        let c = config(r#"{"default_action":"allow","record_batch_ms":0}"#);
+        let worker = Worker::new();
+        let mut host = MockHost::new(&worker);
+        let _s = held_stream(&worker, &mut host, &c, 7);
+        assert_eq!(host.paths(), ["/v1/records"]);
+        assert!(host.tick_periods.is_empty());
+    }
+
+    #[test]
+    fn a_full_batch_goes_at_once() {
+        let c = config(r#"{"default_action":"allow"}"#);
+        let worker = Worker::new();
+        let mut host = MockHost::new(&worker);
+        let ids: Vec<u32> = (1..=u32::try_from(MAX_BATCH_RECORDS).unwrap()).collect();
+        let _s: Vec<StreamFilter> = ids
+            .iter()
+            .map(|id| held_stream(&worker, &mut host, &c, *id))
+            .collect();
+        assert_eq!(host.paths(), ["/v1/records/batch"]);
+        assert_eq!(
+            batch_body(&host)["records"].as_array().unwrap().len(),
+            MAX_BATCH_RECORDS
+        );
+    }
+
+    /// The model answers `s` (an empty JSON body) and the stream ends.
+    fn answered(host: &mut MockHost, s: &mut StreamFilter) {
+        host.response_headers = [(":status", "200"), ("content-type", "application/json")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        host.effective = None;
+        s.on_response_headers(host);
+        host.response_chunk = b"{}".to_vec();
+        s.on_response_body(host, 2, true);
+        s.on_log(host);
+        s.on_drop(host);
+    }
+
+    #[test]
+    fn response_parts_due_together_travel_in_one_call() {
+        let c = config(r#"{"default_action":"allow"}"#);
+        let worker = Worker::new();
+        let mut host = MockHost::new(&worker);
+        let body = (CHAT, BODY);
+        let mut a = crate::testing::forwarded_on(&mut host, &worker, &c, 7, body);
+        let mut b = crate::testing::forwarded_on(&mut host, &worker, &c, 8, body);
+        for s in [&mut a, &mut b] {
+            answered(&mut host, s);
+        }
+        worker.on_tick(&mut host);
+        assert_eq!(host.last_path(), "/v1/records/responses");
+        let sent = batch_body(&host);
+        let parts = sent["responses"].as_array().unwrap();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0]["record_id"], "rec_1");
+        assert!(parts[0]["response"]["completion"].is_string(), "{sent}");
+        assert_eq!(worker.queued().0, 2);
+        // The first landed; the second was already written (409, done);
+        let token = host.last_token();
+        let results =
+            r#"{"results":[{"status":201,"record_id":"rec_9"},{"status":409,"error":"x"}]}"#;
+        answer(&mut host, &worker, token, Some(200), results);
+        assert_eq!(worker.queued(), (0, 0));
+        assert_eq!(host.metric("countersign_delivery_retries_total"), 0);
+        assert_eq!(host.violations.get(), 0);
+    }
+
+    #[test]
+    fn a_response_part_whose_batch_failed_is_retried() {
+        let c = config(r#"{"default_action":"allow"}"#);
+        let worker = Worker::new();
+        let mut host = MockHost::new(&worker);
+        let body = (CHAT, BODY);
+        let mut a = crate::testing::forwarded_on(&mut host, &worker, &c, 7, body);
+        let mut b = crate::testing::forwarded_on(&mut host, &worker, &c, 8, body);
+        for s in [&mut a, &mut b] {
+            answered(&mut host, s);
+        }
+        worker.on_tick(&mut host);
+        let token = host.last_token();
+        // One failed on its own: only it is sent again, alone.
+        let results =
+            r#"{"results":[{"status":201,"record_id":"rec_9"},{"status":503,"error":"x"}]}"#;
+        answer(&mut host, &worker, token, Some(200), results);
+        assert_eq!(worker.queued().0, 1);
+        host.now += 250;
+        worker.on_tick(&mut host);
+        assert_eq!(host.last_path(), "/v1/records/rec_1/response");
+        let token = host.last_token();
+        answer(&mut host, &worker, token, None, "");
+        assert_eq!(worker.queued().0, 1);
+        host.now += 500;
+        worker.on_tick(&mut host);
+        let token = host.last_token();
+        answer(&mut host, &worker, token, Some(201), "{}");
+        assert_eq!(worker.queued(), (0, 0));
+        assert_eq!(host.metric("countersign_delivery_retries_total"), 2);
     }
 
     #[test]

@@ -38,7 +38,7 @@ proxy_wasm::main! {{
 }}
 
 /// How often the root context looks for due retries and deliveries.
-const TICK: Duration = Duration::from_millis(200);
+const TICK: Duration = Duration::from_millis(countersign_core::worker::TICK_MS);
 
 thread_local! {
     /// Metric ids by name (per VM).
@@ -136,6 +136,12 @@ impl Host for Envoy {
             .flatten()
             .unwrap_or_default();
         CalloutResult { status, body }
+    }
+
+    fn set_tick_period(&mut self, ms: u64) {
+        if hostcalls::set_tick_period(Duration::from_millis(ms)).is_err() {
+            log::warn!("countersign: cannot set the timer's period");
+        }
     }
 
     fn set_effective_context(&mut self, context_id: u32) -> Result<(), String> {

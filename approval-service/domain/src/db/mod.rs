@@ -710,21 +710,29 @@ impl Conn {
             (Backend::Postgres, Lock::ReadSnapshot) => {
                 self.batch("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")?
             }
+            // The chain's lock is taken with `BEGIN`, in one round trip
+            // (appends are serial, so each round trip under the lock counts).
+            (Backend::Postgres, Lock::RecordChain) => {
+                if let Err(e) = self.batch(&format!(
+                    "BEGIN; SELECT pg_advisory_xact_lock({ADVISORY_RECORD_CHAIN})"
+                )) {
+                    // `BEGIN` may have run: end its transaction.
+                    self.in_transaction = true;
+                    self.recover();
+                    return Err(E::from(e));
+                }
+            }
             (Backend::Postgres, _) => self.batch("BEGIN")?,
         }
         self.in_transaction = true;
         let locked = match (self.backend(), lock) {
-            (Backend::Sqlite, _) | (Backend::Postgres, Lock::ReadSnapshot) => Ok(()),
+            (Backend::Sqlite, _) | (Backend::Postgres, Lock::ReadSnapshot | Lock::RecordChain) => {
+                Ok(())
+            }
             (Backend::Postgres, Lock::Review(id)) => self
                 .query(
                     "SELECT 1 FROM reviews WHERE id = ?1 FOR UPDATE",
                     params![id],
-                )
-                .map(drop),
-            (Backend::Postgres, Lock::RecordChain) => self
-                .query(
-                    "SELECT pg_advisory_xact_lock(?1)",
-                    params![ADVISORY_RECORD_CHAIN],
                 )
                 .map(drop),
             (Backend::Postgres, Lock::Schema) => self
