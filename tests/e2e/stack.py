@@ -520,6 +520,13 @@ def with_approval_replicas(config: dict, ports: list[int]):
         "consecutive_5xx": 2, "interval": "1s", "base_ejection_time": "10s", "max_ejection_percent": 50}
 
 
+def with_approval_http1(config: dict):
+    """The approval cluster spoken to over HTTP/1.1 instead of the
+    template's HTTP/2: for a test proxy in between that reads HTTP/1.1."""
+    [cluster] = [c for c in config["static_resources"]["clusters"] if c["name"] == "countersign_approval"]
+    del cluster["typed_extension_protocol_options"]
+
+
 def with_approval_transport_socket(config: dict, transport_socket: dict):
     """The approval cluster spoken to through `transport_socket` (TLS)."""
     [cluster] = [c for c in config["static_resources"]["clusters"] if c["name"] == "countersign_approval"]
@@ -634,19 +641,24 @@ class Stack:
                  envoy_env: dict | None = None, approval_extra: str = "", database: str | None = None,
                  model_http2: bool = False, approval_env: dict | None = None,
                  reviewer_fields: dict[str, str] | None = None, approval_tls: str | None = None,
-                 approval_transport_socket: dict | None = None):
+                 approval_transport_socket: dict | None = None, approval_http1: bool = False):
         """`approval_tls`: the service's [tls] table (the filter API then on
         filter_listen); `approval_transport_socket`: Envoy's transport socket
-        on the approval cluster (see ChannelCertificates)."""
+        on the approval cluster (see ChannelCertificates); `approval_http1`:
+        that cluster over HTTP/1.1 (see `with_approval_http1`)."""
         self.filter_token = filter_token
+        self.approval_http1 = approval_http1
         config = dict(DEFAULT_FILTER_CONFIG if filter_config is None else filter_config)
         if filter_token and "approval_token_env" not in config:
             config["approval_token"] = filter_token
         self.backend = Backend(workdir)
         self.approval = Approval(workdir, filter_token=filter_token, extra=approval_extra, database=database,
                                  env=approval_env, reviewer_fields=reviewer_fields, tls=approval_tls)
-        mutate = (lambda c: with_approval_transport_socket(c, approval_transport_socket)) \
-            if approval_transport_socket else None
+        def mutate(c: dict):
+            if approval_transport_socket:
+                with_approval_transport_socket(c, approval_transport_socket)
+            if approval_http1:
+                with_approval_http1(c)
         self.envoy = Envoy(workdir, self.backend, self.approval, config, env=envoy_env,
                            model_http2=model_http2, mutate=mutate)
 

@@ -71,6 +71,14 @@ def test_edited_prompt_is_what_reaches_the_model(stack, background):
     fut = send_later(background, stack.url, chat(text="my password is hunter2, fix my script"))
     [review] = stack.approval.wait_pending()
     edited = chat(text="fix my script")
+    # An edit that is not a request of the API (a message's content an
+    # object) is refused when submitted; the request still waits.
+    invalid = chat(text="fix my script")
+    invalid["messages"][0]["content"] = {"text": "fix my script"}
+    r = stack.approval.decide(review["id"], "edit", body=invalid)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_edit", r.text
+    assert "the reviewer's edited request is invalid" in r.json()["error"]["message"]
+    assert stack.approval.review(review["id"])["status"] == "pending"
     r = stack.approval.decide(review["id"], "edit", body=edited, reason="removed a secret")
     assert r.status_code == 200, r.text
     resp = fut.result(timeout=10)

@@ -144,6 +144,9 @@ def interpose(request):
     proxies = []
 
     def put(stack) -> FaultProxy:
+        # The proxy reads HTTP/1.1 request lines: the stack must not speak
+        # the template's HTTP/2 to the service.
+        assert stack.approval_http1, "make_stack(..., approval_http1=True) for a FaultProxy"
         approval = stack.approval
         old_port = approval.port
         approval.proc.stop()
@@ -215,7 +218,7 @@ FAST = {"callout_timeout_ms": 500, "long_poll_ms": 1000}
 # ---------------------------------------------------------------- slow / hanging service
 
 def test_hanging_create_fails_closed_within_the_callout_timeout(make_stack, interpose):
-    stack = make_stack(filter_config={**FAST, "hold_timeout_ms": 60000})
+    stack = make_stack(filter_config={**FAST, "hold_timeout_ms": 60000}, approval_http1=True)
     proxy = interpose(stack)
     proxy.mode = "blackhole"
     start = time.monotonic()
@@ -232,7 +235,7 @@ def test_hanging_create_fails_closed_within_the_callout_timeout(make_stack, inte
 
 
 def test_lost_create_answer_leaves_an_orphan_review_that_releases_nothing(make_stack, interpose):
-    stack = make_stack(filter_config={**FAST, "hold_timeout_ms": 60000})
+    stack = make_stack(filter_config={**FAST, "hold_timeout_ms": 60000}, approval_http1=True)
     proxy = interpose(stack)
     proxy.mode = "drop_responses"  # the service stores the review; its answer never arrives
     r = post(stack.url, json=chat(text="answer lost"), timeout=30)
@@ -247,7 +250,8 @@ def test_lost_create_answer_leaves_an_orphan_review_that_releases_nothing(make_s
 
 
 def test_hanging_long_poll_is_retried_and_the_hold_completes_once_healed(make_stack, interpose, background):
-    stack = make_stack(filter_config={"callout_timeout_ms": 1000, "long_poll_ms": 1000, "hold_timeout_ms": 60000})
+    stack = make_stack(filter_config={"callout_timeout_ms": 1000, "long_poll_ms": 1000, "hold_timeout_ms": 60000},
+                       approval_http1=True)
     proxy = interpose(stack)
     fut = send_later(background, stack.url, chat(text="wait through an outage"))
     [review] = stack.approval.wait_pending()
@@ -274,7 +278,7 @@ def test_hanging_long_poll_is_retried_and_the_hold_completes_once_healed(make_st
 
 
 def test_deadline_is_honoured_when_the_channel_never_heals(make_stack, interpose, background):
-    stack = make_stack(filter_config={**FAST, "hold_timeout_ms": 4000})
+    stack = make_stack(filter_config={**FAST, "hold_timeout_ms": 4000}, approval_http1=True)
     proxy = interpose(stack)
     start = time.monotonic()
     fut = send_later(background, stack.url, chat(text="stuck forever"))
@@ -296,9 +300,10 @@ def test_deadline_is_honoured_when_the_channel_never_heals(make_stack, interpose
 
 def lose_record_answer(make_stack, interpose, request_id):
     """An allowed request whose record is stored but whose answer is lost."""
-    stack = make_stack(filter_config={**FAST, "rules": [{"name": "load-tests", "model": "demo-allow*", "action": "allow"}]})
+    stack = make_stack(filter_config={**FAST, "rules": [{"name": "load-tests", "model": "demo-allow*", "action": "allow"}]},
+                       approval_http1=True)
     proxy = interpose(stack)
-    proxy.mode, proxy.drop_pattern = "drop_responses_to", r"^POST /v1/records$"
+    proxy.mode, proxy.drop_pattern = "drop_responses_to", r"^POST /v1/records(/batch)?$"
     r = post(stack.url, json=chat(model="demo-allow", text="record answer lost"), timeout=30,
              headers={"x-request-id": request_id})
     proxy.mode = "pass"
@@ -334,9 +339,10 @@ def test_lost_record_answer_leaves_exactly_one_truthful_record(make_stack, inter
 
 
 def test_one_lost_record_answer_is_retried_without_a_second_record(make_stack, interpose):
-    stack = make_stack(filter_config={**FAST, "rules": [{"name": "load-tests", "model": "demo-allow*", "action": "allow"}]})
+    stack = make_stack(filter_config={**FAST, "rules": [{"name": "load-tests", "model": "demo-allow*", "action": "allow"}]},
+                       approval_http1=True)
     proxy = interpose(stack)
-    proxy.mode, proxy.drop_pattern, proxy.drop_budget = "drop_responses_to", r"^POST /v1/records$", 1
+    proxy.mode, proxy.drop_pattern, proxy.drop_budget = "drop_responses_to", r"^POST /v1/records(/batch)?$", 1
     r = post(stack.url, json=chat(model="demo-allow", text="first answer lost"), timeout=30,
              headers={"x-request-id": "one-lost-answer"})
     proxy.mode = "pass"
@@ -353,7 +359,7 @@ def test_one_lost_record_answer_is_retried_without_a_second_record(make_stack, i
 
 def test_a_lost_consume_answer_does_not_burn_the_token(make_stack, interpose):
     stack = make_stack(filter_config=async_filter_config([("k1", K1)], **FAST),
-                       approval_extra=service_extra([("k1", K1)]))
+                       approval_extra=service_extra([("k1", K1)]), approval_http1=True)
     proxy = interpose(stack)
     accepted, st = approved_status(stack, chat(text="consume answer lost"))
     # The service spends the use; its answer never reaches the filter.

@@ -25,18 +25,21 @@
 //!   that reviewer's approval; approvals given before the edit are
 //!   discarded (kept in the record with `superseded_at_ms`), because they
 //!   approved another body. An edit identical to the current body is a plain
-//!   approval.
+//!   approval. An edit the filter would refuse (checked by
+//!   [`countersign_core::edit::check_edit`], the filter's own check) is
+//!   refused (400 `invalid_edit`) and changes nothing.
 //! - **Rejection** by an eligible reviewer rejects at once.
 
-use countersign_core::wire::{CreateReview, ReviewStatus};
+use countersign_core::edit::{check_edit, InvalidEdit};
+use countersign_core::wire::{CreateReview, ReviewState, ReviewStatus};
 
 use crate::config::ReviewerConfig;
 use crate::db::{Conn, DbResult, Lock};
 use crate::params;
 use crate::standing::StandingTerms;
 use crate::store::{
-    abandon_if_gone, approvals_of, detail_of, expire_if_overdue, state_of, why_not_pending,
-    ReviewDetail, Store,
+    abandon_if_gone, approvals_of, detail_of, expire_if_overdue, parse_api, parse_kind, state_of,
+    why_not_pending, ReviewDetail, Store,
 };
 
 /// Why a reviewer may not take a decision.
@@ -53,6 +56,11 @@ pub enum DecisionRefused {
     /// The standing-approval terms of this approval cannot be taken (other
     /// terms already proposed, a group the caller is not in, ...): why.
     StandingTerms(String),
+    /// The edit cannot replace what the review holds (not a request of its
+    /// API, or an answer changed beyond what a reviewer may change): the
+    /// filter would refuse it, so it is not taken and the review stays
+    /// pending.
+    InvalidEdit(InvalidEdit),
 }
 
 impl DecisionRefused {
@@ -64,6 +72,7 @@ impl DecisionRefused {
             DecisionRefused::AlreadyApproved => "already_approved",
             DecisionRefused::AssessorNotAPerson => "assessor_not_a_person",
             DecisionRefused::StandingTerms(_) => "standing_terms",
+            DecisionRefused::InvalidEdit(_) => "invalid_edit",
         }
     }
 }
@@ -87,6 +96,10 @@ impl std::fmt::Display for DecisionRefused {
             DecisionRefused::StandingTerms(why) => {
                 write!(f, "standing approval refused: {why}")
             }
+            DecisionRefused::InvalidEdit(invalid) => write!(
+                f,
+                "{invalid}; the edit was not taken and the review is still pending"
+            ),
         }
     }
 }
@@ -113,8 +126,10 @@ pub struct Decision {
 /// What happened to a decision ([`Store::decide`]).
 #[derive(Debug, Clone)]
 pub enum DecideOutcome {
-    /// The decision was recorded.
-    Decided(Box<ReviewDetail>),
+    /// The decision was recorded: the review as reviewers see it, and as
+    /// its filter's long poll answers it (read in the deciding transaction,
+    /// so the waiters woken by it need not read it again).
+    Decided(Box<ReviewDetail>, Box<ReviewState>),
     /// No such review.
     NotFound,
     /// The review was no longer pending; this is why.
@@ -248,6 +263,9 @@ struct Pending {
     approver_group: Option<String>,
     body: String,
     edited_body: Option<String>,
+    kind: String,
+    api: String,
+    path: String,
 }
 
 /// [`Store::decide`] inside the caller's transaction, which locked the
@@ -262,7 +280,8 @@ pub(crate) fn decide_in(
     // Persist a lapsed expiry first, so the stored status matches our answer.
     expire_if_overdue(tx, id, now_ms)?;
     let row = tx.query_opt(
-        "SELECT status, caller, required_approvals, approver_group, body, edited_body
+        "SELECT status, caller, required_approvals, approver_group, body, edited_body,
+             kind, api, path
          FROM reviews WHERE id = ?1",
         params![id],
     )?;
@@ -276,6 +295,9 @@ pub(crate) fn decide_in(
         approver_group: r.get(3)?,
         body: r.get(4)?,
         edited_body: r.get(5)?,
+        kind: r.get(6)?,
+        api: r.get(7)?,
+        path: r.get(8)?,
     };
     if status != ReviewStatus::Pending.as_str() {
         return Ok(match state_of(tx, id)? {
@@ -307,6 +329,16 @@ pub(crate) fn decide_in(
     }
     let current_body = p.edited_body.as_deref().unwrap_or(&p.body);
     let new_body = d.edited_body.as_deref().filter(|e| *e != current_body);
+    if let Some(edited) = new_body {
+        // An edit that changes the body (else a plain approval), checked
+        // against the body the review holds: the filter applies every edit to it.
+        let kind = parse_kind(&p.kind)?;
+        if let Err(invalid) = check_edit(kind, parse_api(p.api)?, &p.path, &p.body, edited) {
+            return Ok(DecideOutcome::Refused(DecisionRefused::InvalidEdit(
+                invalid,
+            )));
+        }
+    }
     if d.standing.is_some() && new_body.is_some() {
         return Ok(DecideOutcome::Refused(DecisionRefused::StandingTerms(
             "a standing approval cannot be made with an edit".into(),
@@ -391,7 +423,10 @@ fn joined_reason(approvals: &[(String, Option<String>)]) -> Option<String> {
 
 fn decided(tx: &mut Conn, id: &str, is_final: bool) -> DbResult<DecideOutcome> {
     Ok(match detail_of(tx, id)? {
-        Some(detail) if is_final => DecideOutcome::Decided(Box::new(detail)),
+        Some(detail) if is_final => match state_of(tx, id)? {
+            Some(state) => DecideOutcome::Decided(Box::new(detail), Box::new(state)),
+            None => DecideOutcome::NotFound,
+        },
         Some(detail) => DecideOutcome::Partial(Box::new(detail)),
         None => DecideOutcome::NotFound,
     })

@@ -784,7 +784,9 @@ fn use_in(tx: &mut Conn, review_id: &str, now_ms: u64) -> Result<Option<AutoAppr
             standing_approval: Some(c.id.clone()),
         };
         return match decide_in(tx, review_id, &decision, &decider, now_ms)? {
-            DecideOutcome::Decided(detail) if detail.summary.status == ReviewStatus::Approved => {
+            DecideOutcome::Decided(detail, _)
+                if detail.summary.status == ReviewStatus::Approved =>
+            {
                 Ok(Some(AutoApproved {
                     used: StandingUse {
                         standing_id: c.id.clone(),

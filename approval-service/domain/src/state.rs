@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
-use countersign_core::wire::ReviewStatus;
+use countersign_core::wire::{ReviewState, ReviewStatus};
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
@@ -156,7 +156,10 @@ struct Inner {
     /// One channel per review that currently has waiters. A decision wakes
     /// only that review's waiters; the entry is removed with its last waiter
     /// so the map does not grow with the number of reviews ever created.
-    waiters: Mutex<HashMap<String, watch::Sender<()>>>,
+    /// A wake carries the review's final state when the waker has it (a
+    /// decision made here), so the woken polls answer without a read;
+    /// otherwise `None`, and each re-reads its review.
+    waiters: Mutex<HashMap<String, watch::Sender<Wake>>>,
     /// Flips to `true` when the server starts shutting down, so long polls
     /// answer at once instead of holding graceful shutdown for a minute.
     shutdown: watch::Sender<bool>,
@@ -270,15 +273,15 @@ impl AppState {
         blocking(&self.inner.records, move |s| f(s).map_err(StorageError::Db)).await
     }
 
-    /// Runs a blocking record write off the async runtime, timed as an
-    /// append of `kind` (`request`, `response`) until it is durable.
-    pub async fn write_record<T, F>(&self, kind: &str, f: F) -> Result<T, RecordError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&RecordStore) -> Result<T, RecordError> + Send + 'static,
-    {
+    /// Awaits a record write (see [`RecordStore::submit_request`]), timed
+    /// as an append of `kind` (`request`, `response`) until it is durable.
+    pub async fn write_record<T>(
+        &self,
+        kind: &str,
+        write: impl std::future::Future<Output = Result<T, RecordError>>,
+    ) -> Result<T, RecordError> {
         let started = std::time::Instant::now();
-        let written = blocking(&self.inner.records, f).await;
+        let written = write.await;
         self.metrics().observe_record_append(
             kind,
             written.is_ok(),
@@ -480,7 +483,7 @@ impl AppState {
     /// Wakes every long poll of this replica (each re-reads its review).
     fn wake_all(&self) {
         for tx in self.waiters().values() {
-            tx.send_replace(());
+            tx.send_replace(None);
         }
     }
 
@@ -489,7 +492,7 @@ impl AppState {
         self.inner.events.subscribe()
     }
 
-    fn waiters(&self) -> MutexGuard<'_, HashMap<String, watch::Sender<()>>> {
+    fn waiters(&self) -> MutexGuard<'_, HashMap<String, watch::Sender<Wake>>> {
         // The map holds no invariant a panic could break halfway.
         self.inner
             .waiters
@@ -503,7 +506,7 @@ impl AppState {
         let rx = self
             .waiters()
             .entry(id.to_string())
-            .or_insert_with(|| watch::Sender::new(()))
+            .or_insert_with(|| watch::Sender::new(None))
             .subscribe();
         WaitGuard {
             state: self.clone(),
@@ -512,10 +515,20 @@ impl AppState {
         }
     }
 
-    /// Wakes the waiters of `id`, if any.
+    /// Wakes the waiters of `id`, if any; each re-reads the review.
     pub fn wake(&self, id: &str) {
         if let Some(tx) = self.waiters().get(id) {
-            tx.send_replace(());
+            tx.send_replace(None);
+        }
+    }
+
+    /// Wakes the waiters of `id` with its final state, committed by the
+    /// caller: they answer with it instead of each reading it again (after
+    /// a bulk approval, those reads queued behind the decisions on the
+    /// database connection).
+    pub fn wake_final(&self, state: ReviewState) {
+        if let Some(tx) = self.waiters().get(&state.id) {
+            tx.send_replace(Some(Arc::new(state)));
         }
     }
 
@@ -663,16 +676,20 @@ impl AppState {
     }
 }
 
+/// What a wake-up of a review's long polls carries: its final state when
+/// the waker had it, else nothing (read it again).
+pub type Wake = Option<Arc<ReviewState>>;
+
 /// A long-poll waiter's registration; unregisters on drop.
 pub struct WaitGuard {
     state: AppState,
     id: String,
-    rx: Option<watch::Receiver<()>>,
+    rx: Option<watch::Receiver<Wake>>,
 }
 
 impl WaitGuard {
-    /// Resolves on the next wake-up of this review.
-    pub async fn changed(&mut self) {
+    /// Resolves on the next wake-up of this review, with what it carries.
+    pub async fn changed(&mut self) -> Wake {
         match self.rx.as_mut() {
             Some(rx) => {
                 if rx.changed().await.is_err() {
@@ -680,8 +697,9 @@ impl WaitGuard {
                     // in the map); never spin if it somehow does.
                     std::future::pending::<()>().await;
                 }
+                rx.borrow_and_update().clone()
             }
-            None => std::future::pending::<()>().await,
+            None => std::future::pending::<Wake>().await,
         }
     }
 }

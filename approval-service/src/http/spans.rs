@@ -48,6 +48,8 @@ fn operation(method: &Method, route: &str) -> Option<(&'static str, &'static str
         ("POST", "/api/reviews/{id}/approve" | "/api/reviews/{id}/reject")
         | ("POST", "/api/reviews/{id}/edit") => ("countersign.review.decide", REVIEW),
         ("POST", "/v1/records") => ("countersign.record.append", RECORD),
+        ("POST", "/v1/records/batch") => ("countersign.record.append_batch", RECORD),
+        ("POST", "/v1/records/responses") => ("countersign.record.append_responses", RECORD),
         ("POST", "/v1/records/{id}/response") => ("countersign.record.append_response", RECORD),
         _ => return None,
     })
@@ -65,13 +67,14 @@ pub async fn span(request: Request, next: Next) -> Response {
     else {
         return next.run(request).await;
     };
+    let has_id = route.as_deref().is_some_and(|r| r.contains("{id}"));
     let parent = TraceContextPropagator::new().extract(&HeaderExtractor(request.headers()));
     let mut attributes = vec![
         KeyValue::new("http.request.method", request.method().as_str().to_string()),
         KeyValue::new("http.route", route.unwrap_or_default()),
     ];
     // `/v1/reviews/{id}/...`, `/api/reviews/{id}/...`, `/v1/records/{id}/...`
-    if let Some(id) = request.uri().path().split('/').nth(3) {
+    if let Some(id) = request.uri().path().split('/').nth(3).filter(|_| has_id) {
         attributes.push(KeyValue::new(id_key, id.to_string()));
     }
     let tracer = opentelemetry::global::tracer(crate::telemetry::SCOPE);

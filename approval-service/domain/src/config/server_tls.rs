@@ -133,7 +133,9 @@ pub(super) fn check_tls(raw: RawTls) -> Result<ServerTls, ConfigError> {
             ),
         )
     })?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // HTTP/2 first: Envoy's approval cluster speaks it (its long polls and
+    // records are streams of a few connections); HTTP/1.1 for the rest.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(ServerTls {
         cert_file: raw.cert_file,
         key_file: raw.key_file,
@@ -193,7 +195,10 @@ mod tests {
         let tls = c.tls.unwrap();
         assert!(tls.mutual());
         assert_eq!(c.filter_listen, Some("127.0.0.1:9443".parse().unwrap()));
-        assert_eq!(tls.server_config.alpn_protocols, vec![b"http/1.1".to_vec()]);
+        assert_eq!(
+            tls.server_config.alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
         let c = Config::from_toml_str(&table("server.pem", "server.key", None)).unwrap();
         assert!(!c.tls.unwrap().mutual());
 
