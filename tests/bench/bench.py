@@ -477,19 +477,7 @@ class Suite:
                     self.pending_row(label, "filter", "masking", why, c, body)
         self.masking_throughput(masking, allow, backend, why)
 
-        # Scenario 3: the durable pre-forward record.
-        record, why = self.feature("record", backend, approval)
-        for c in (1, 32):
-            if record:
-                self.measure("3. `allow` + durable pre-forward record", "filter", record.url + chat, c,
-                             watch={"envoy": record.proc.pid, "backend": backend.proc.pid,
-                                    "approval": approval.proc.pid}, backend=backend, scenario="record")
-            else:
-                self.pending_row("3. `allow` + durable pre-forward record", "filter", "record", why, c)
-        if record:
-            self.results["record_callout_ms"] = histogram(record, "cluster.countersign_approval.upstream_rq_time")
-            record.stop()
-            self.record_on_postgres(backend, chat)
+        self.record_scenarios(backend, approval, chat)
 
         # Scenario 4: approval-token path.
         self.approval_tokens(backend, chat)
@@ -521,6 +509,37 @@ class Suite:
         for c, body in ((1, "2k"), (32, "2k"), (32, "20k")):
             self.pending_row(NOOP_LABEL, "noop", "noop", reason, c, body)
         return None
+
+    def record_scenarios(self, backend: Backend, approval: Approval, chat: str):
+        """Scenario 3, the durable pre-forward record, on SQLite and then on PostgreSQL (3b)."""
+        record, why = self.feature("record", backend, approval)
+        for c in (1, 32):
+            if record:
+                self.measure("3. `allow` + durable pre-forward record", "filter", record.url + chat, c,
+                             watch={"envoy": record.proc.pid, "backend": backend.proc.pid,
+                                    "approval": approval.proc.pid}, backend=backend, scenario="record")
+            else:
+                self.pending_row("3. `allow` + durable pre-forward record", "filter", "record", why, c)
+        if record:
+            self.results["record_callout_ms"] = histogram(record, "cluster.countersign_approval.upstream_rq_time")
+            record.stop()
+            self.record_on_postgres(backend, chat)
+
+    def records_only(self):
+        """Plain Envoy and scenarios 3 and 3b alone: the short run for work on the record path."""
+        w = self.work
+        backend = Backend(w).start()
+        approval = approval_service(w, "approval").start()
+        plain = Envoy(w, backend, approval, DEFAULT_FILTER_CONFIG, name="envoy-plain",
+                      mutate=without_wasm_filter).start()
+        self.baseline_config(backend, approval)  # the configuration scenario 3 adds its records to
+        chat = "/v1/chat/completions"
+        for c in (1, 32):
+            self.measure("plain Envoy (no wasm filter)", "plain", plain.url + chat, c,
+                         watch={"envoy": plain.proc.pid, "backend": backend.proc.pid}, backend=backend,
+                         scenario="plain")
+        self.record_scenarios(backend, approval, chat)
+        self.stop_all_of(plain, approval, backend)
 
     def record_on_postgres(self, backend: Backend, chat: str):
         """Scenario 3 again with the service on PostgreSQL (Debian's server on loopback, default durability:
@@ -1553,8 +1572,9 @@ def report(s: Suite, m: dict, command: str) -> str:
     if rec32:
         cm = R.get("record_callout_ms") or {}
         a(f"- **Durable record.** Each allowed request is forwarded only after the approval service has committed "
-          f"its record. A worker's records that become ready within `record_batch_ms` (1 ms) travel in one call "
-          f"(`POST /v1/records/batch`), which Envoy saw take p50 {fmt(cm.get('p50'), '.1f')} / "
+          f"its record. A record goes at once when no record call of its Envoy worker is in flight; the records that "
+          f"arrive while one is travel together in the next call (`POST /v1/records/batch`, sent when that call is "
+          f"answered or after `record_batch_ms`, 1 ms), and Envoy saw the record calls take p50 {fmt(cm.get('p50'), '.1f')} / "
           f"p99 {fmt(cm.get('p99'), '.1f')} ms (`cluster.countersign_approval.upstream_rq_time`, both runs); the "
           "response parts due in one timer tick travel together the same way. The service hands every append to "
           "one writer, which appends what is queued to the one hash chain in one `BEGIN IMMEDIATE` transaction "
@@ -1670,7 +1690,8 @@ def main():
     p.add_argument("--only", default="proxy,held,approval,litellm",
                    help="comma-separated parts: proxy, held, approval, litellm (default all); `automatic` is scenario 6 "
                         "after the first part of proxy; `allow` is the "
-                        "first part of proxy alone: ceiling, plain Envoy, the no-op floor, scenario 1")
+                        "first part of proxy alone: ceiling, plain Envoy, the no-op floor, scenario 1; `record` is plain "
+                        "Envoy and scenarios 3 and 3b alone")
     p.add_argument("--no-profile", action="store_true", help="do not run perf when a target is missed")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"), help="where to write the report")
     p.add_argument("--command", default=None, help=argparse.SUPPRESS)
@@ -1731,6 +1752,8 @@ def main():
             suite.proxy_scenarios()
         elif "allow" in parts or "automatic" in parts:
             suite.proxy_scenarios(allow_only=True, automatic="automatic" in parts)
+        elif "record" in parts:
+            suite.records_only()
         if "held" in parts:
             for n in sizes:
                 suite.held(n)

@@ -214,9 +214,11 @@ pub struct Config {
     pub status_path: String,
     /// Session records: required before forwarding (default), best effort, off.
     pub records: RecordMode,
-    /// How long (ms) a record written before forwarding waits for others of
-    /// the same Envoy worker to travel with it in one call and one commit
-    /// (`POST /v1/records/batch`); 0 sends each at once on its own.
+    /// How long (ms) at most a record written before forwarding waits, while
+    /// another record call of the same Envoy worker is in flight, for that
+    /// call's answer; the records that waited travel together in one call
+    /// and one commit (`POST /v1/records/batch`). With no call in flight a
+    /// record goes at once. 0 sends each at once on its own.
     pub record_batch_ms: u64,
     /// Top-level body fields accepted beyond each API's known fields.
     pub extra_fields: Vec<String>,
@@ -389,7 +391,7 @@ fn default_attachments() -> Attachments {
     Attachments::Review
 }
 
-/// Longest `record_batch_ms`: a record waits at most this long for others.
+/// Longest `record_batch_ms`: a record waits at most this long for a call in flight.
 pub const MAX_RECORD_BATCH_MS: u64 = 50;
 
 fn default_record_batch() -> u64 {

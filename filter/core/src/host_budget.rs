@@ -31,9 +31,6 @@ struct Budget {
     request_headers: usize,
     request_body_chunk: usize,
     request_body_end: usize,
-    /// Records on: the root context's tick that sends the record's batch
-    /// (here a batch of one; its calls are shared by every record in it).
-    record_tick: usize,
     /// Records on: the record's answer, on the worker (it resumes the stream).
     record_answer: usize,
     response_headers: usize,
@@ -112,12 +109,10 @@ fn allowed_request(records: bool, budget: &Budget) -> usize {
     if records {
         // Forwarded once the record is durable.
         assert_eq!(verdict, Action::Pause);
-        // The record waits for others (`record_batch_ms`); the tick sends it.
-        assert!(host.dispatched.is_empty());
-        worker.on_tick(&mut host);
-        // A batch of one is its own `POST /v1/records` (with the trace).
+        // No record call in flight: the record goes at once, alone, as its
+        // own `POST /v1/records` (with the trace), and no timer is set.
         assert_eq!(host.paths(), ["/v1/records"]);
-        tally.take("record tick", &host, budget.record_tick);
+        assert!(host.tick_periods.is_empty());
         host.answer = Some(CalloutResult {
             status: Some(201),
             body: br#"{"record_id":"rec_1"}"#.to_vec(),
@@ -207,7 +202,6 @@ fn the_allow_path_without_records_stays_within_its_host_call_budget() {
             request_body_chunk: 0,
             // The body; the clock; the outcome's metric and filter state.
             request_body_end: 4,
-            record_tick: 0,
             record_answer: 0,
             // `x-countersign-outcome`; nothing reads the answer.
             response_headers: 1,
@@ -227,11 +221,8 @@ fn the_allow_path_with_records_stays_within_its_host_call_budget() {
             request_headers: 5,
             request_body_chunk: 0,
             // ... and the two properties the record carries, and the
-            // timer set to the batch window (stopped, then started).
+            // record's call.
             request_body_end: 7,
-            // The batch's call; the timer back to its period (no batch
-            // open); the clock.
-            record_tick: 3,
             // The answer (status and body); the clock twice; back to the
             // stream; the outcome; resume.
             record_answer: 7,
@@ -244,7 +235,6 @@ fn the_allow_path_with_records_stays_within_its_host_call_budget() {
             response_record: 4,
         },
     );
-    // 29 when each record was its own call: a batch of one costs the
-    // timer's three calls more, which a batch of n shares n ways.
-    assert!(total <= 33, "{total}");
+    // A lone record is its own call, sent at once: no timer calls.
+    assert!(total <= 29, "{total}");
 }

@@ -73,10 +73,16 @@ struct State {
     batch_bytes: usize,
     /// The configuration of the open batch's first record (the call's).
     batch_config: Option<Rc<Config>>,
-    /// The timer runs at the batch window, not at [`TICK_MS`].
-    fast_tick: bool,
+    /// The timer's period while it runs faster than [`TICK_MS`] for the
+    /// open batch (`None`: at [`TICK_MS`]).
+    fast_tick: Option<u64>,
     /// Batches sent and not yet answered: token → their holds, in order.
     batches: HashMap<u32, Vec<u32>>,
+    /// Record calls sent from the batch and not yet answered, and whether
+    /// the root context sent them (its answer comes back to the root
+    /// context, which may then send the next batch itself). While one is in
+    /// flight, new records wait in the open batch.
+    record_calls: HashMap<u32, bool>,
     /// Response parts sent together and not yet answered: token → their
     /// deliveries, in order.
     response_batches: HashMap<u32, Vec<(Rc<Config>, Delivery)>>,
@@ -172,11 +178,11 @@ impl Worker {
     /// deliveries (their answers come back to the root context, whatever
     /// became of the stream).
     pub fn on_tick(&self, host: &mut dyn Host) {
-        self.send_batch(host);
+        self.send_batch(host, true);
         let slow_down = self.with(|s| {
-            let idle = s.fast_tick && s.batch.is_empty();
+            let idle = s.fast_tick.is_some() && s.batch.is_empty();
             if idle {
-                s.fast_tick = false;
+                s.fast_tick = None;
             }
             idle
         });
@@ -321,8 +327,26 @@ impl Worker {
     }
 
     /// Routes a callout answer to the delivery or the hold that made the
-    /// call, whichever context it was dispatched from.
+    /// call, whichever context it was dispatched from. The answer to the
+    /// last record call in flight sends the records that waited for it.
     pub fn on_callout_response(&self, host: &mut dyn Host, token: u32, body_size: usize) {
+        let record_call = self.with(|s| s.record_calls.remove(&token));
+        self.route_callout_response(host, token, body_size);
+        let Some(in_root) = record_call else { return };
+        if self.with(|s| !s.record_calls.is_empty() || s.batch.is_empty()) {
+            return;
+        }
+        if in_root {
+            self.send_batch(host, true);
+        } else {
+            // Answered in a request's context: a call made from there is
+            // cancelled, unanswered, when that request ends, so other
+            // requests' records go from the root context, at its next tick.
+            self.tick_within(host, 1);
+        }
+    }
+
+    fn route_callout_response(&self, host: &mut dyn Host, token: u32, body_size: usize) {
         if let Some((config, delivery)) = self.with(|s| s.deliveries.remove(&token)) {
             let step = delivery.on_result(&host.callout_result(body_size), host.now_ms());
             self.after_delivery(host, config, delivery, step);
@@ -397,6 +421,7 @@ impl Worker {
     /// went away mid-review: the service is told, so reviewers do not decide
     /// on a request nobody waits for.
     pub fn end_stream(&self, host: &mut dyn Host, ctx: u32) {
+        self.forget_record_call_of(host, ctx);
         let Some(entry) = self.with(|s| s.holds.remove(&ctx)) else {
             return;
         };
@@ -410,6 +435,27 @@ impl Worker {
             .and_then(|id| cancel_callout(&entry.config, entry.hold.trace(), id))
         {
             self.deliver(host, &entry.config, call, true);
+        }
+    }
+
+    /// A record call that `ctx` sent from its own context is cancelled with
+    /// it, unanswered (its caller went away): the records waiting for that
+    /// call must not wait for its answer any more.
+    fn forget_record_call_of(&self, host: &mut dyn Host, ctx: u32) {
+        let waiting = self.with(|s| {
+            let State {
+                callouts,
+                record_calls,
+                ..
+            } = s;
+            let before = record_calls.len();
+            record_calls.retain(|token, in_root| {
+                *in_root || callouts.get(token).is_none_or(|(c, _)| *c != ctx)
+            });
+            record_calls.len() < before && record_calls.is_empty() && !s.batch.is_empty()
+        });
+        if waiting {
+            self.tick_within(host, 1);
         }
     }
 
@@ -518,9 +564,14 @@ impl Worker {
     }
 
     /// Adds `ctx`'s record (the body of `call`, a `POST /v1/records`) to the
-    /// open batch. The first record of a batch sets the timer to the batch
-    /// window (unless it runs at it already); the tick sends the batch. A
-    /// full batch goes at once.
+    /// open batch. A record goes at once, alone, when no record call is in
+    /// flight and no batch is open, so a lone request waits for nothing.
+    /// Otherwise it waits in the batch for the call in flight: under load
+    /// the records that arrive during one commit travel together in the
+    /// next. The root context sends the batch, when that call is answered
+    /// or at the latest `record_batch_ms` after it opened; a full batch, at
+    /// its next tick (a call made from a request's context would be
+    /// cancelled with that request, and with it every other record in it).
     fn join_batch(&self, host: &mut dyn Host, ctx: u32, config: &Rc<Config>, call: Callout) {
         let Some(len) = call.body.as_ref().map(Vec::len) else {
             // Not encoded (never expected): this record alone fails.
@@ -530,27 +581,44 @@ impl Worker {
             };
             return self.after_batch(host, vec![ctx], &no_answer);
         };
-        let (arm, full) = self.with(|s| {
+        let alone = self.with(|s| s.record_calls.is_empty() && s.batch.is_empty());
+        if alone {
+            // Its own record, from its own context: it waits for the answer.
+            return self.send_records(host, config, vec![(ctx, call)], false);
+        }
+        let wait_ms = self.with(|s| {
             s.batch_bytes = s.batch_bytes.saturating_add(len);
             s.batch.push((ctx, call));
             s.batch_config.get_or_insert_with(|| config.clone());
             let full = s.batch.len() >= MAX_BATCH_RECORDS || s.batch_bytes >= MAX_BATCH_BYTES;
-            // A full batch goes now: no timer needed for it.
-            let arm = !s.fast_tick && !full;
-            s.fast_tick |= arm;
-            (arm, full)
+            match full || s.record_calls.is_empty() {
+                true => 1,
+                false => config.record_batch_ms,
+            }
         });
-        if full {
-            self.send_batch(host);
-        } else if arm {
-            // Stop, then start at the window: a new period counts from now.
+        self.tick_within(host, wait_ms);
+    }
+
+    /// Makes the root context's timer fire within `ms` (it keeps a shorter
+    /// period it already runs at).
+    fn tick_within(&self, host: &mut dyn Host, ms: u64) {
+        let arm = self.with(|s| {
+            let arm = s.fast_tick.is_none_or(|period| ms < period);
+            if arm {
+                s.fast_tick = Some(ms);
+            }
+            arm
+        });
+        if arm {
+            // Stop, then start at the new period: it counts from now.
             host.set_tick_period(0);
-            host.set_tick_period(config.record_batch_ms);
+            host.set_tick_period(ms);
         }
     }
 
-    /// Sends the open batch, if any, in one call.
-    fn send_batch(&self, host: &mut dyn Host) {
+    /// Sends the open batch, if any, in one call; `in_root`: from the root
+    /// context.
+    fn send_batch(&self, host: &mut dyn Host, in_root: bool) {
         let Some((config, batch)) = self.with(|s| {
             let config = s.batch_config.take()?;
             s.batch_bytes = 0;
@@ -558,6 +626,17 @@ impl Worker {
         }) else {
             return;
         };
+        self.send_records(host, &config, batch, in_root);
+    }
+
+    /// Sends `batch` in one call (a batch of one as its own record call).
+    fn send_records(
+        &self,
+        host: &mut dyn Host,
+        config: &Rc<Config>,
+        batch: Vec<(u32, Callout)>,
+        in_root: bool,
+    ) {
         if let [(ctx, call)] = batch.as_slice() {
             // A batch of one goes as its own `POST /v1/records`, which
             // carries the request's trace context (a batch's call cannot:
@@ -567,6 +646,7 @@ impl Worker {
             match host.dispatch(&config.approval_cluster, call) {
                 Ok(token) => self.with(|s| {
                     s.callouts.insert(token, (ctx, CalloutKind::Record));
+                    s.record_calls.insert(token, in_root);
                 }),
                 Err(why) => {
                     host.log(
@@ -586,10 +666,11 @@ impl Worker {
             .iter()
             .map(|(ctx, call)| (*ctx, call.body.as_deref().unwrap_or_default()))
             .unzip();
-        let call = record_batch_callout(&config, &bodies);
+        let call = record_batch_callout(config, &bodies);
         match host.dispatch(&config.approval_cluster, &call) {
             Ok(token) => self.with(|s| {
                 s.batches.insert(token, ctxs);
+                s.record_calls.insert(token, in_root);
             }),
             Err(why) => {
                 host.log(
@@ -1058,19 +1139,27 @@ mod tests {
     }
 
     /// Two allowed requests (contexts 7 and 8) whose records wait in the
-    /// open batch of a worker with a 1 ms window.
+    /// open batch of a worker with a 1 ms window, behind the record of
+    /// context 6, whose call is in flight (and stays unanswered).
     fn two_in_a_batch(extra: &str) -> (Worker, MockHost, Vec<StreamFilter>) {
         let c = config(&format!(r#"{{"default_action":"allow"{extra}}}"#));
         let worker = Worker::new();
         let mut host = MockHost::new(&worker);
         // Each request gets its own idempotency key (from its nonce).
+        host.nonce = Some(3);
+        let first = held_stream(&worker, &mut host, &c, 6);
+        // Nothing in flight: the first record goes at once, alone.
+        assert_eq!(host.paths(), ["/v1/records"]);
+        assert!(host.tick_periods.is_empty());
         host.nonce = Some(1);
         let a = held_stream(&worker, &mut host, &c, 7);
         host.nonce = Some(2);
-        let streams = vec![a, held_stream(&worker, &mut host, &c, 8)];
-        // Nothing is sent yet; the timer runs at the window.
-        assert!(host.dispatched.is_empty(), "{:?}", host.paths());
-        assert_eq!(host.tick_periods, [0, 1]);
+        let streams = vec![first, a, held_stream(&worker, &mut host, &c, 8)];
+        // The others wait for it; the timer runs at the window.
+        assert_eq!(host.paths(), ["/v1/records"]);
+        assert_eq!(worker.batched(), 2);
+        let window = c.record_batch_ms;
+        assert_eq!(host.tick_periods, [0, window]);
         (worker, host, streams)
     }
 
@@ -1083,7 +1172,7 @@ mod tests {
     fn records_of_two_streams_travel_in_one_call() {
         let (worker, mut host, _streams) = two_in_a_batch("");
         worker.on_tick(&mut host);
-        assert_eq!(host.paths(), ["/v1/records/batch"]);
+        assert_eq!(host.paths(), ["/v1/records", "/v1/records/batch"]);
         let body = batch_body(&host);
         let records = body["records"].as_array().unwrap();
         assert_eq!(records.len(), 2);
@@ -1115,8 +1204,9 @@ mod tests {
         // The service is down: each record is tried again (in one batch
         // again), then each request is refused, never forwarded.
         for _ in 0..10 {
+            let before = host.dispatched.len();
             worker.on_tick(&mut host);
-            if !host.dispatched.is_empty() {
+            if host.dispatched.len() > before {
                 let token = host.last_token();
                 answer(&mut host, &worker, token, Some(503), "{}");
             }
@@ -1204,20 +1294,84 @@ mod tests {
     }
 
     #[test]
-    fn a_full_batch_goes_at_once() {
-        let c = config(r#"{"default_action":"allow"}"#);
+    fn a_full_batch_goes_at_the_next_tick() {
+        let c = config(r#"{"default_action":"allow","record_batch_ms":50}"#);
         let worker = Worker::new();
         let mut host = MockHost::new(&worker);
-        let ids: Vec<u32> = (1..=u32::try_from(MAX_BATCH_RECORDS).unwrap()).collect();
+        // The first goes alone; the next MAX_BATCH_RECORDS wait behind it
+        // until the batch is full, which the root context sends within 1 ms
+        // rather than the window.
+        let ids: Vec<u32> = (1..=u32::try_from(MAX_BATCH_RECORDS + 1).unwrap()).collect();
         let _s: Vec<StreamFilter> = ids
             .iter()
             .map(|id| held_stream(&worker, &mut host, &c, *id))
             .collect();
-        assert_eq!(host.paths(), ["/v1/records/batch"]);
+        assert_eq!(host.paths(), ["/v1/records"]);
+        assert_eq!(worker.batched(), MAX_BATCH_RECORDS);
+        assert_eq!(host.tick_periods, [0, 50, 0, 1]);
+        worker.on_tick(&mut host);
+        assert_eq!(host.paths(), ["/v1/records", "/v1/records/batch"]);
         assert_eq!(
             batch_body(&host)["records"].as_array().unwrap().len(),
             MAX_BATCH_RECORDS
         );
+    }
+
+    #[test]
+    fn records_that_waited_for_a_call_go_when_it_is_answered() {
+        let (worker, mut host, _streams) = two_in_a_batch(r#","record_batch_ms":50"#);
+        let token = host.dispatched[0].0;
+        answer(
+            &mut host,
+            &worker,
+            token,
+            Some(201),
+            r#"{"record_id":"rec_6"}"#,
+        );
+        assert_eq!(host.resumed, [Some(6)]);
+        // 6's call was made from 6's context, where its answer came back:
+        // the records that waited go from the root context, within 1 ms
+        // instead of the 50 ms window.
+        assert_eq!(worker.batched(), 2);
+        assert_eq!(host.tick_periods, [0, 50, 0, 1]);
+        worker.on_tick(&mut host);
+        assert_eq!(host.paths(), ["/v1/records", "/v1/records/batch"]);
+        assert_eq!(batch_body(&host)["records"].as_array().unwrap().len(), 2);
+        // While that batch is in flight, a new record waits again...
+        let c = config(r#"{"default_action":"allow","record_batch_ms":50}"#);
+        let _late = held_stream(&worker, &mut host, &c, 9);
+        assert_eq!(host.paths().len(), 2);
+        assert_eq!(worker.batched(), 1);
+        // ...and goes (alone: its own call) as soon as the batch, sent from
+        // the root context, is answered there.
+        let token = host.last_token();
+        let results = r#"{"results":[{"status":201,"record_id":"rec_7"},{"status":201,"record_id":"rec_8"}]}"#;
+        answer(&mut host, &worker, token, Some(200), results);
+        assert_eq!(host.resumed, [Some(6), Some(7), Some(8)]);
+        assert_eq!(host.last_path(), "/v1/records");
+        assert_eq!(worker.batched(), 0);
+        assert_eq!(host.violations.get(), 0);
+    }
+
+    #[test]
+    fn records_do_not_wait_for_the_call_of_a_request_that_went_away() {
+        let (worker, mut host, mut streams) = two_in_a_batch(r#","record_batch_ms":50"#);
+        // 6's caller goes away: Envoy cancels the call 6 made from its own
+        // context, and no answer will come. The others go at the next tick.
+        streams[0].on_drop(&mut host);
+        assert_eq!(host.tick_periods, [0, 50, 0, 1]);
+        worker.on_tick(&mut host);
+        assert_eq!(host.paths(), ["/v1/records", "/v1/records/batch"]);
+        // And nothing waits for that call any more: the next lone record,
+        // once the batch is answered, goes at once.
+        let token = host.last_token();
+        let results = r#"{"results":[{"status":201,"record_id":"rec_7"},{"status":201,"record_id":"rec_8"}]}"#;
+        answer(&mut host, &worker, token, Some(200), results);
+        assert_eq!(host.resumed, [Some(7), Some(8)]);
+        let c = config(r#"{"default_action":"allow","record_batch_ms":50}"#);
+        let _next = held_stream(&worker, &mut host, &c, 9);
+        assert_eq!(host.paths().len(), 3);
+        assert_eq!(host.last_path(), "/v1/records");
     }
 
     /// The model answers `s` (an empty JSON body) and the stream ends.
