@@ -421,7 +421,7 @@ impl Worker {
     /// went away mid-review: the service is told, so reviewers do not decide
     /// on a request nobody waits for.
     pub fn end_stream(&self, host: &mut dyn Host, ctx: u32) {
-        self.forget_record_call_of(host, ctx);
+        self.forget_calls_of(host, ctx);
         let Some(entry) = self.with(|s| s.holds.remove(&ctx)) else {
             return;
         };
@@ -438,10 +438,11 @@ impl Worker {
         }
     }
 
-    /// A record call that `ctx` sent from its own context is cancelled with
-    /// it, unanswered (its caller went away): the records waiting for that
-    /// call must not wait for its answer any more.
-    fn forget_record_call_of(&self, host: &mut dyn Host, ctx: u32) {
+    /// `ctx` is gone: the calls it made from its own context are cancelled
+    /// with it, unanswered, and an answer to any other call of its has no
+    /// hold to go to. Its entries go, and the records waiting for its own
+    /// record call (its caller went away) wait for it no more.
+    fn forget_calls_of(&self, host: &mut dyn Host, ctx: u32) {
         let waiting = self.with(|s| {
             let State {
                 callouts,
@@ -452,6 +453,7 @@ impl Worker {
             record_calls.retain(|token, in_root| {
                 *in_root || callouts.get(token).is_none_or(|(c, _)| *c != ctx)
             });
+            callouts.retain(|_, (c, _)| *c != ctx);
             record_calls.len() < before && record_calls.is_empty() && !s.batch.is_empty()
         });
         if waiting {
@@ -1016,6 +1018,21 @@ mod tests {
         assert_eq!(s.on_request_headers(host, false), Action::Continue);
         assert_eq!(s.on_request_body(host, BODY.len(), true), Action::Pause);
         s
+    }
+
+    #[test]
+    fn a_stream_that_goes_away_leaves_no_call_behind() {
+        let c = config(r#"{"records":"off"}"#);
+        let worker = Worker::new();
+        let mut host = MockHost::new(&worker);
+        let mut a = held_stream(&worker, &mut host, &c, 7);
+        let _b = held_stream(&worker, &mut host, &c, 8);
+        assert_eq!(worker.outstanding_callouts(), 2);
+        // A's caller goes away while its review is being created: Envoy
+        // cancels the call A made, and no answer will ever come for it.
+        a.on_drop(&mut host);
+        assert_eq!(worker.outstanding_callouts(), 1);
+        assert_eq!(worker.held(), 1);
     }
 
     #[test]
