@@ -201,6 +201,24 @@ def test_killing_the_service_under_traffic_loses_no_record(make_stack):
     assert_every_answer_recorded_once(stack, traffic_through(stack, outage))
 
 
+def test_many_callers_at_once_are_each_answered_and_recorded_once(make_stack):
+    """24 clients at once: each Envoy worker group-commits the records that
+    arrive while one of its record calls is in flight, in batches sent from
+    its root context. A batch sent from a request's context is cancelled,
+    unanswered, when that request ends, and every request in it hangs: the
+    clients' 10 s timeout (status 0) would show it."""
+    stack = make_stack(filter_config=ALLOW_LOAD)
+    answers = traffic_through(stack, lambda: time.sleep(2.0), workers=24)
+    codes = Counter(code for _, code in answers)
+    assert set(codes) == {200}, codes
+    metrics = httpx.get(f"{stack.approval.url}/metrics", timeout=5).text
+    batches = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                  if line.startswith("countersign_http_request_duration_seconds_count")
+                  and 'route="/v1/records/batch"' in line)
+    assert batches > 0, "no records travelled together: the group commit was not exercised"
+    assert_every_answer_recorded_once(stack, answers)
+
+
 def test_killing_postgresql_under_traffic_loses_no_record(make_stack):
     """kill -9 of the whole database server under traffic, with PostgreSQL's
     durability on (fsync, full-page writes: the other tests turn them off
