@@ -945,17 +945,11 @@ impl RecordStore {
     /// append's alone, while a database error fails the whole group, whose
     /// callers retry.
     async fn submit(&self, appends: Vec<Append>, now_ms: u64) -> Vec<Outcome> {
-        let mut answers = Vec::with_capacity(appends.len());
-        let queued = appends.into_iter().map(|append| {
+        let (answers, writer) = self.enqueue(appends, now_ms, || {
             let (reply, answer) = tokio::sync::oneshot::channel();
-            answers.push(answer);
-            Queued {
-                append,
-                now_ms,
-                reply: Reply::Async(reply),
-            }
+            (Reply::Async(reply), answer)
         });
-        if let Some(writer) = self.enqueue(queued) {
+        if let Some(writer) = writer {
             // Dropped unrun when the runtime is shutting down: the writer's
             // `Drop` answers what waits.
             drop(tokio::task::spawn_blocking(move || writer.run()));
@@ -970,17 +964,11 @@ impl RecordStore {
     /// [`RecordStore::submit`] on this thread: when no writer is at work,
     /// this thread becomes it until the queue is empty.
     fn submit_blocking(&self, appends: Vec<Append>, now_ms: u64) -> Vec<Outcome> {
-        let mut answers = Vec::with_capacity(appends.len());
-        let queued = appends.into_iter().map(|append| {
+        let (answers, writer) = self.enqueue(appends, now_ms, || {
             let (reply, answer) = std::sync::mpsc::channel();
-            answers.push(answer);
-            Queued {
-                append,
-                now_ms,
-                reply: Reply::Blocking(reply),
-            }
+            (Reply::Blocking(reply), answer)
         });
-        if let Some(writer) = self.enqueue(queued) {
+        if let Some(writer) = writer {
             writer.run();
         }
         answers
@@ -989,19 +977,35 @@ impl RecordStore {
             .collect()
     }
 
-    /// Queues `appends` together; returns the writer to start when none is
-    /// at work.
-    fn enqueue(&self, appends: impl Iterator<Item = Queued>) -> Option<Writer> {
+    /// Queues `appends` together, each with a reply channel from `channel`;
+    /// returns the receiving ends, in order, and the writer to start when
+    /// none is at work.
+    fn enqueue<A>(
+        &self,
+        appends: Vec<Append>,
+        now_ms: u64,
+        channel: impl Fn() -> (Reply, A),
+    ) -> (Vec<A>, Option<Writer>) {
+        let mut answers = Vec::with_capacity(appends.len());
         let mut q = self.log.queue();
-        q.waiting.extend(appends);
+        q.waiting.extend(appends.into_iter().map(|append| {
+            let (reply, answer) = channel();
+            answers.push(answer);
+            Queued {
+                append,
+                now_ms,
+                reply,
+            }
+        }));
         if q.writing || q.waiting.is_empty() {
-            return None;
+            return (answers, None);
         }
         q.writing = true;
-        Some(Writer {
+        let writer = Writer {
             log: Arc::clone(&self.log),
             finished: false,
-        })
+        };
+        (answers, Some(writer))
     }
 
     /// Deletes at most [`RETENTION_CHUNK`] of the oldest entries created

@@ -56,13 +56,7 @@ pub async fn create_record(
     let w = state
         .write_record("request", state.records().submit_request(rec, now))
         .await?;
-    tracing::info!(
-        record_id = %w.record_id,
-        seq = w.seq,
-        request_id = %request_id,
-        decision = %decision,
-        "record written"
-    );
+    log_record_written(&w, &request_id, &decision);
     spans::note("countersign.record.id", w.record_id.clone());
     spans::note("countersign.record.seq", w.seq);
     spans::note("countersign.request_id", request_id);
@@ -101,14 +95,28 @@ pub async fn create_records(
         })
         .await?;
     Ok(batch_answer(written, ids, |w, (request_id, decision)| {
-        tracing::info!(
-            record_id = %w.record_id,
-            seq = w.seq,
-            request_id = %request_id,
-            decision = %decision,
-            "record written"
-        );
+        log_record_written(w, request_id, decision);
     }))
+}
+
+fn log_record_written(w: &Written, request_id: &str, decision: &str) {
+    tracing::info!(
+        record_id = %w.record_id,
+        seq = w.seq,
+        request_id = %request_id,
+        decision = %decision,
+        "record written"
+    );
+}
+
+fn log_response_written(w: &Written, request_record_id: &str, upstream_status: u16) {
+    tracing::info!(
+        record_id = %w.record_id,
+        seq = w.seq,
+        request_record_id = %request_record_id,
+        upstream_status,
+        "record response written"
+    );
 }
 
 /// A batch of `len` in field `field` is refused beyond [`MAX_BATCH`].
@@ -205,13 +213,7 @@ pub async fn create_responses(
         })
         .await?;
     Ok(batch_answer(written, ids, |w, (id, status)| {
-        tracing::info!(
-            record_id = %w.record_id,
-            seq = w.seq,
-            request_record_id = %id,
-            upstream_status = status,
-            "record response written"
-        );
+        log_response_written(w, id, *status);
     }))
 }
 
@@ -227,13 +229,7 @@ pub async fn create_response(
     let w = state
         .write_record("response", state.records().submit_response(&id, resp, now))
         .await?;
-    tracing::info!(
-        record_id = %w.record_id,
-        seq = w.seq,
-        request_record_id = %id,
-        upstream_status = status,
-        "record response written"
-    );
+    log_response_written(&w, &id, status);
     spans::note("countersign.record.seq", w.seq);
     Ok(created(w.record_id))
 }

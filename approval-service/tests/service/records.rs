@@ -410,12 +410,11 @@ async fn metrics_listen_takes_metrics_off_the_service_address() {
     assert_eq!(r.status, StatusCode::NOT_FOUND);
 }
 
-#[tokio::test]
-async fn write_failure_is_a_quick_503() {
-    let f = fixture("");
-    let mut db = common::RawDb::open(&f.db);
+/// Makes the database refuse every insert into `records` (as on a full
+/// disk or a read-only file).
+fn refuse_record_inserts(db: &Path) {
+    let mut db = common::RawDb::open(db);
     let postgres = matches!(db, common::RawDb::Postgres(_));
-    // The database refuses inserts (as on a full disk or a read-only file).
     db.exec(if postgres {
         "CREATE FUNCTION fail_insert() RETURNS trigger LANGUAGE plpgsql AS
              $$ BEGIN RAISE EXCEPTION 'disk full'; END $$;
@@ -426,6 +425,14 @@ async fn write_failure_is_a_quick_503() {
          BEGIN SELECT RAISE(ABORT, 'disk full'); END;"
     })
     .unwrap();
+}
+
+#[tokio::test]
+async fn write_failure_is_a_quick_503() {
+    let f = fixture("");
+    refuse_record_inserts(&f.db);
+    let mut db = common::RawDb::open(&f.db);
+    let postgres = matches!(db, common::RawDb::Postgres(_));
     let (status, v) = post_record(&f.app, record("allowed", "a", None, Some(BODY))).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     assert_eq!(v["error"]["code"], "unavailable");
@@ -1189,18 +1196,7 @@ async fn a_batch_of_records_gets_one_result_per_record_in_order() {
 #[tokio::test]
 async fn a_batch_the_database_refuses_is_503_for_each_record() {
     let f = fixture("");
-    let mut db = common::RawDb::open(&f.db);
-    let postgres = matches!(db, common::RawDb::Postgres(_));
-    db.exec(if postgres {
-        "CREATE FUNCTION fail_insert() RETURNS trigger LANGUAGE plpgsql AS
-             $$ BEGIN RAISE EXCEPTION 'disk full'; END $$;
-         CREATE TRIGGER fail_insert BEFORE INSERT ON records
-             FOR EACH ROW EXECUTE FUNCTION fail_insert();"
-    } else {
-        "CREATE TRIGGER fail_insert BEFORE INSERT ON records
-         BEGIN SELECT RAISE(ABORT, 'disk full'); END;"
-    })
-    .unwrap();
+    refuse_record_inserts(&f.db);
     let records = json!({"records": [
         record("allowed", "a", None, Some(BODY)),
         record("approved", "b", None, Some(BODY)),
