@@ -567,7 +567,8 @@ impl Worker {
 
     /// Adds `ctx`'s record (the body of `call`, a `POST /v1/records`) to the
     /// open batch. A record goes at once, alone, when no record call is in
-    /// flight and no batch is open, so a lone request waits for nothing.
+    /// flight and no batch is open, so a lone request waits for nothing (and
+    /// so does one of [`MAX_BATCH_BYTES`] or more).
     /// Otherwise it waits in the batch for the call in flight: under load
     /// the records that arrive during one commit travel together in the
     /// next. The root context sends the batch, when that call is answered
@@ -583,7 +584,11 @@ impl Worker {
             };
             return self.after_batch(host, vec![ctx], &no_answer);
         };
-        let alone = self.with(|s| s.record_calls.is_empty() && s.batch.is_empty());
+        // A record of a batch's size on its own goes alone too: joined to
+        // others it could take the call past the service's body limit, and
+        // fail them all with it.
+        let alone = len >= MAX_BATCH_BYTES
+            || self.with(|s| s.record_calls.is_empty() && s.batch.is_empty());
         if alone {
             // Its own record, from its own context: it waits for the answer.
             return self.send_records(host, config, vec![(ctx, call)], false);
@@ -1335,6 +1340,24 @@ mod tests {
     }
 
     #[test]
+    fn a_record_of_a_batch_size_goes_alone_at_once() {
+        let (worker, mut host, _streams) = two_in_a_batch("");
+        let c = config(r#"{"default_action":"allow"}"#);
+        let text = "x".repeat(MAX_BATCH_BYTES);
+        let big = format!(r#"{{"model":"m","messages":[{{"role":"user","content":"{text}"}}]}}"#);
+        let mut s = StreamFilter::new(9, Some(c), worker.clone());
+        host.request("POST", CHAT, big.as_bytes());
+        host.effective = None;
+        assert_eq!(s.on_request_headers(&mut host, false), Action::Continue);
+        assert_eq!(s.on_request_body(&mut host, big.len(), true), Action::Pause);
+        // Not in the open batch, where it could take the call past the
+        // service's body limit: its own call, now.
+        assert_eq!(worker.batched(), 2);
+        assert_eq!(host.paths(), ["/v1/records", "/v1/records"]);
+        assert!(host.dispatched[1].1.body.as_ref().unwrap().len() > MAX_BATCH_BYTES);
+    }
+
+    #[test]
     fn records_that_waited_for_a_call_go_when_it_is_answered() {
         let (worker, mut host, _streams) = two_in_a_batch(r#","record_batch_ms":50"#);
         let token = host.dispatched[0].0;
@@ -1405,8 +1428,9 @@ mod tests {
         s.on_drop(host);
     }
 
-    #[test]
-    fn response_parts_due_together_travel_in_one_call() {
+    /// Two forwarded streams (7 and 8) answered, and the tick that sends
+    /// their response parts.
+    fn two_response_parts_sent() -> (Worker, MockHost) {
         let c = config(r#"{"default_action":"allow"}"#);
         let worker = Worker::new();
         let mut host = MockHost::new(&worker);
@@ -1417,6 +1441,12 @@ mod tests {
             answered(&mut host, s);
         }
         worker.on_tick(&mut host);
+        (worker, host)
+    }
+
+    #[test]
+    fn response_parts_due_together_travel_in_one_call() {
+        let (worker, mut host) = two_response_parts_sent();
         assert_eq!(host.last_path(), "/v1/records/responses");
         let sent = batch_body(&host);
         let parts = sent["responses"].as_array().unwrap();
@@ -1436,16 +1466,7 @@ mod tests {
 
     #[test]
     fn a_response_part_whose_batch_failed_is_retried() {
-        let c = config(r#"{"default_action":"allow"}"#);
-        let worker = Worker::new();
-        let mut host = MockHost::new(&worker);
-        let body = (CHAT, BODY);
-        let mut a = crate::testing::forwarded_on(&mut host, &worker, &c, 7, body);
-        let mut b = crate::testing::forwarded_on(&mut host, &worker, &c, 8, body);
-        for s in [&mut a, &mut b] {
-            answered(&mut host, s);
-        }
-        worker.on_tick(&mut host);
+        let (worker, mut host) = two_response_parts_sent();
         let token = host.last_token();
         // One failed on its own: only it is sent again, alone.
         let results =
