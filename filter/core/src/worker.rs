@@ -644,39 +644,30 @@ impl Worker {
         batch: Vec<(u32, Callout)>,
         in_root: bool,
     ) {
-        if let [(ctx, call)] = batch.as_slice() {
+        let ctxs: Vec<u32> = batch.iter().map(|(ctx, _)| *ctx).collect();
+        let joined;
+        let call = match batch.as_slice() {
             // A batch of one goes as its own `POST /v1/records`, which
             // carries the request's trace context (a batch's call cannot:
             // its records are of different requests), answered as if the
             // window were 0.
-            let ctx = *ctx;
-            match host.dispatch(&config.approval_cluster, call) {
-                Ok(token) => self.with(|s| {
-                    s.callouts.insert(token, (ctx, CalloutKind::Record));
-                    s.record_calls.insert(token, in_root);
-                }),
-                Err(why) => {
-                    host.log(
-                        Level::Warn,
-                        &format!("countersign: call to the approval service failed: {why}"),
-                    );
-                    let no_answer = CalloutResult {
-                        status: None,
-                        body: Vec::new(),
-                    };
-                    self.after_batch(host, vec![ctx], &no_answer);
-                }
+            [(_, call)] => call,
+            _ => {
+                let bodies: Vec<&[u8]> = batch
+                    .iter()
+                    .map(|(_, call)| call.body.as_deref().unwrap_or_default())
+                    .collect();
+                joined = record_batch_callout(config, &bodies);
+                &joined
             }
-            return;
-        }
-        let (ctxs, bodies): (Vec<u32>, Vec<&[u8]>) = batch
-            .iter()
-            .map(|(ctx, call)| (*ctx, call.body.as_deref().unwrap_or_default()))
-            .unzip();
-        let call = record_batch_callout(config, &bodies);
-        match host.dispatch(&config.approval_cluster, &call) {
+        };
+        match host.dispatch(&config.approval_cluster, call) {
             Ok(token) => self.with(|s| {
-                s.batches.insert(token, ctxs);
+                if let [ctx] = ctxs[..] {
+                    s.callouts.insert(token, (ctx, CalloutKind::Record));
+                } else {
+                    s.batches.insert(token, ctxs);
+                }
                 s.record_calls.insert(token, in_root);
             }),
             Err(why) => {
