@@ -492,8 +492,19 @@ impl Hold {
         let mut record = new_record(&self.info, Some(self.api), release.decision);
         record.rule = self.rule.clone();
         record.review_id = release.review_id.clone();
-        record.body = Some(String::from_utf8_lossy(body).into_owned());
-        record.body_sha256 = Some(token_body_hash(body));
+        // The service hashes the body it stores (`body_sha256`, the same
+        // base64url SHA-256): hashing it here as well cost every recorded
+        // request a SHA-256 of its body inside the VM. Only a body that is
+        // not UTF-8 still carries the hash of its bytes: the text sent is
+        // a lossy conversion, so the service finds that it is not what
+        // would be forwarded and refuses the record (fail closed).
+        match std::str::from_utf8(body) {
+            Ok(text) => record.body = Some(text.to_string()),
+            Err(_) => {
+                record.body = Some(String::from_utf8_lossy(body).into_owned());
+                record.body_sha256 = Some(token_body_hash(body));
+            }
+        }
         if self.mode != Mode::Forward {
             record.held_ms = Some(now_ms.saturating_sub(self.started_ms));
         }
