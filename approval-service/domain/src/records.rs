@@ -72,7 +72,8 @@ use sha2::{Digest, Sha256};
 
 use crate::assessment::AssessmentReport;
 use crate::config::SqliteSynchronous;
-use crate::db::{Conn, DbError, DbResult, Location, Lock, Row};
+use crate::db::schema::RECORD_QUERY_COLUMNS;
+use crate::db::{Backend, Conn, DbError, DbResult, Location, Lock, Param, Row};
 use crate::params;
 use crate::token::hex;
 
@@ -212,14 +213,41 @@ struct ResponseEntry<'a> {
     response: &'a RecordResponse,
 }
 
-/// Compact JSON with sorted keys (through `serde_json::Value`, whose maps
-/// are ordered), with every NUL character as U+FFFD: PostgreSQL's `jsonb`
-/// (which the record's query columns read) refuses `\u0000`, and a caller
+/// An entry as appended: its text, which the hash covers, and the values
+/// of the record log's query columns read from it.
+struct Entry {
+    text: String,
+    query: QueryColumns,
+}
+
+/// The query columns of an entry ([`RECORD_QUERY_COLUMNS`], in order): its
+/// `request.<name>`, read as PostgreSQL's `#>>` reads it (a string as its
+/// text, null or absent as NULL), so a response or retention entry has
+/// none. SQLite computes them itself (virtual columns); on PostgreSQL the
+/// service fills them in, where six `jsonb` generated columns parsed the
+/// entry six times per append (the schema's `record_columns` part).
+type QueryColumns = [Option<String>; RECORD_QUERY_COLUMNS.len()];
+
+fn query_columns(entry: &Value) -> QueryColumns {
+    let request = entry.get("request");
+    RECORD_QUERY_COLUMNS.map(|name| match request.and_then(|r| r.get(name)) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => Some(other.to_string()),
+    })
+}
+
+/// `v` as an entry: compact JSON with sorted keys (through
+/// `serde_json::Value`, whose maps are ordered), with every NUL character
+/// as U+FFFD: PostgreSQL's `text` and `jsonb` refuse `\u0000`, and a caller
 /// can put one in a prompt; both databases store the same entry.
-fn canonical<T: Serialize>(v: &T) -> DbResult<String> {
+fn canonical<T: Serialize>(v: &T) -> DbResult<Entry> {
     let mut value = serde_json::to_value(v)?;
     without_nul(&mut value);
-    Ok(serde_json::to_string(&value)?)
+    Ok(Entry {
+        text: serde_json::to_string(&value)?,
+        query: query_columns(&value),
+    })
 }
 
 fn without_nul(v: &mut Value) {
@@ -440,9 +468,61 @@ fn last_link(tx: &mut Conn) -> DbResult<(i64, String)> {
     }
 }
 
-/// Appends one entry whose JSON is `entry` after `tail` (the chain's last
-/// link, read once per transaction under the chain's lock, then kept up to
-/// date here); returns its `seq`.
+/// When an append goes in: the check that used to be a statement of its
+/// own before the INSERT, made part of it (one round trip per append
+/// instead of two; on PostgreSQL each is a round trip to the server, under
+/// the chain's lock).
+#[derive(Clone, Copy)]
+enum Guard<'a> {
+    /// Always.
+    Always,
+    /// Unless a request part with this request id and idempotency key is
+    /// written already (a retry whose first answer was lost).
+    NewRequest { request_id: &'a str, key: &'a str },
+    /// Only when the entry's `ref_record_id` is a request part that has no
+    /// response part yet.
+    FirstResponse,
+}
+
+/// The INSERT of an entry after `guard`: its own columns, and on PostgreSQL
+/// its query columns (SQLite computes those itself).
+fn insert_sql(backend: Backend, guard: Guard<'_>) -> String {
+    let mut columns =
+        String::from("seq, record_id, kind, ref_record_id, created_at_ms, entry, prev_hash, hash");
+    let mut n = 8;
+    if backend == Backend::Postgres {
+        for c in RECORD_QUERY_COLUMNS {
+            columns.push_str(", ");
+            columns.push_str(c);
+        }
+        n += RECORD_QUERY_COLUMNS.len();
+    }
+    let values: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
+    let condition = match guard {
+        Guard::Always => String::new(),
+        // (`=`, not `IS NOT DISTINCT FROM`: a request id is never null, and
+        // only `=` lets PostgreSQL use the `records_request` index.)
+        Guard::NewRequest { .. } => format!(
+            " WHERE NOT EXISTS (SELECT 1 FROM records WHERE request_id = ?{} \
+             AND kind = 'request' AND idempotency_key = ?{})",
+            n + 1,
+            n + 2
+        ),
+        Guard::FirstResponse => " WHERE EXISTS (SELECT 1 FROM records \
+             WHERE record_id = ?4 AND kind = 'request') \
+             AND NOT EXISTS (SELECT 1 FROM records WHERE kind = 'response' AND ref_record_id = ?4)"
+            .to_string(),
+    };
+    format!(
+        "INSERT INTO records ({columns}) SELECT {}{condition}",
+        values.join(", ")
+    )
+}
+
+/// Appends `entry` after `tail` (the chain's last link, read once per
+/// transaction under the chain's lock, then kept up to date here) unless
+/// `guard` says no; returns its `seq`, or `None` when it was not appended.
+#[allow(clippy::too_many_arguments)]
 fn append(
     tx: &mut Conn,
     tail: &mut (i64, String),
@@ -450,18 +530,35 @@ fn append(
     kind: &str,
     ref_record_id: Option<&str>,
     created_at_ms: u64,
-    entry: &str,
-) -> DbResult<i64> {
+    entry: &Entry,
+    guard: Guard<'_>,
+) -> DbResult<Option<i64>> {
     let (last_seq, prev_hash) = (tail.0, &tail.1);
     let seq = last_seq + 1;
-    let hash = chain_hash(prev_hash, seq, entry);
-    tx.execute(
-        "INSERT INTO records (seq, record_id, kind, ref_record_id, created_at_ms, entry, prev_hash, hash)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![seq, record_id, kind, ref_record_id, created_at_ms, entry, prev_hash, &hash],
-    )?;
+    let hash = chain_hash(prev_hash, seq, &entry.text);
+    let backend = tx.backend();
+    let mut values: Vec<Param<'_>> = params![
+        seq,
+        record_id,
+        kind,
+        ref_record_id,
+        created_at_ms,
+        entry.text.as_str(),
+        prev_hash.as_str(),
+        &hash
+    ]
+    .to_vec();
+    if backend == Backend::Postgres {
+        values.extend(entry.query.iter().map(Param::from));
+    }
+    if let Guard::NewRequest { request_id, key } = guard {
+        values.extend([Param::from(request_id), Param::from(key)]);
+    }
+    if tx.execute(&insert_sql(backend, guard), &values)? == 0 {
+        return Ok(None);
+    }
     *tail = (seq, hash);
-    Ok(seq)
+    Ok(Some(seq))
 }
 
 /// Every approval of a review (including ones a later edit superseded).
@@ -615,26 +712,15 @@ fn append_request(
     rec: &NewRecord,
     now_ms: u64,
 ) -> Result<(Written, bool), RecordError> {
-    // A retry after a lost answer carries the same key: answer with the
-    // record already written instead of appending a second one. (`=`, not
-    // `IS NOT DISTINCT FROM`: a request id is never null, and only `=` lets
-    // PostgreSQL use the `records_request` index instead of a full scan.)
-    if let Some(key) = rec.idempotency_key.as_deref() {
-        if let Some(r) = tx.query_opt(
-            "SELECT record_id, seq FROM records
-             WHERE request_id = ?1 AND kind = 'request'
-               AND idempotency_key = ?2",
-            params![&rec.request_id, key],
-        )? {
-            let existing = Written {
-                record_id: r.get(0)?,
-                seq: r.get(1)?,
-            };
+    if rec.refusal.is_some() {
+        // A retry of this refusal, then the pre-forward record it may
+        // complete (see `refusal_of_written_record`), in that order.
+        if let Some(existing) = written_request(tx, rec)? {
             return Ok((existing, false));
         }
-    }
-    if let Some(outcome) = refusal_of_written_record(tx, tail, rec, now_ms)? {
-        return Ok((outcome, false));
+        if let Some(outcome) = refusal_of_written_record(tx, tail, rec, now_ms)? {
+            return Ok((outcome, false));
+        }
     }
     let review = match rec.review_id.as_deref().filter(|s| !s.is_empty()) {
         Some(id) => review_snapshot(tx, id, rec.body.as_deref())?,
@@ -649,8 +735,50 @@ fn append_request(
         request: rec,
         review,
     })?;
-    let seq = append(tx, tail, &record_id, "request", None, now_ms, &entry)?;
-    Ok((Written { record_id, seq }, true))
+    // A retry after a lost answer carries the same key: it is answered
+    // with the record already written instead of appending a second one.
+    let guard = match rec.idempotency_key.as_deref() {
+        Some(key) => Guard::NewRequest {
+            request_id: &rec.request_id,
+            key,
+        },
+        None => Guard::Always,
+    };
+    match append(tx, tail, &record_id, "request", None, now_ms, &entry, guard)? {
+        Some(seq) => Ok((Written { record_id, seq }, true)),
+        None => match written_request(tx, rec)? {
+            Some(existing) => Ok((existing, false)),
+            None => Err(RecordError::Db(not_appended(&record_id))),
+        },
+    }
+}
+
+/// The request part already written under `rec`'s idempotency key, if any.
+fn written_request(tx: &mut Conn, rec: &NewRecord) -> DbResult<Option<Written>> {
+    let Some(key) = rec.idempotency_key.as_deref() else {
+        return Ok(None);
+    };
+    let row = tx.query_opt(
+        "SELECT record_id, seq FROM records
+         WHERE request_id = ?1 AND kind = 'request'
+           AND idempotency_key = ?2",
+        params![&rec.request_id, key],
+    )?;
+    row.map(|r| {
+        Ok(Written {
+            record_id: r.get(0)?,
+            seq: r.get(1)?,
+        })
+    })
+    .transpose()
+}
+
+/// A guarded append that found nothing to explain its refusal: cannot
+/// happen while appends hold the chain's lock, so the transaction fails.
+fn not_appended(record_id: &str) -> DbError {
+    DbError::Conversion(format!(
+        "record {record_id} was not appended and nothing already written explains why"
+    ))
 }
 
 /// The filter refused a request after its pre-forward record was written
@@ -713,24 +841,6 @@ fn append_response(
     resp: &RecordResponse,
     now_ms: u64,
 ) -> Result<Written, RecordError> {
-    // The record's kind and its response part, if it has one: one statement.
-    let Some(row) = tx.query_opt(
-        "SELECT r.kind, (SELECT x.record_id FROM records x
-                         WHERE x.kind = 'response' AND x.ref_record_id = r.record_id LIMIT 1)
-         FROM records r WHERE r.record_id = ?1",
-        params![ref_id],
-    )?
-    else {
-        return Err(RecordError::NotFound);
-    };
-    if row.get::<String>(0)? != "request" {
-        return Err(RecordError::NotFound);
-    }
-    if let Some(existing) = row.get::<Option<String>>(1)? {
-        return Err(RecordError::Conflict(format!(
-            "record {ref_id} already has a response part ({existing})"
-        )));
-    }
     let record_id = new_record_id()?;
     let entry = canonical(&ResponseEntry {
         v: ENTRY_VERSION,
@@ -740,7 +850,7 @@ fn append_response(
         created_at_ms: now_ms,
         response: resp,
     })?;
-    let seq = append(
+    let appended = append(
         tx,
         tail,
         &record_id,
@@ -748,8 +858,35 @@ fn append_response(
         Some(ref_id),
         now_ms,
         &entry,
+        Guard::FirstResponse,
     )?;
-    Ok(Written { record_id, seq })
+    match appended {
+        Some(seq) => Ok(Written { record_id, seq }),
+        None => Err(why_no_response(tx, ref_id, &record_id)?),
+    }
+}
+
+/// Why a response part for `ref_id` was not appended: no such request
+/// part, or it has its response part already.
+fn why_no_response(tx: &mut Conn, ref_id: &str, record_id: &str) -> DbResult<RecordError> {
+    let Some(row) = tx.query_opt(
+        "SELECT r.kind, (SELECT x.record_id FROM records x
+                         WHERE x.kind = 'response' AND x.ref_record_id = r.record_id LIMIT 1)
+         FROM records r WHERE r.record_id = ?1",
+        params![ref_id],
+    )?
+    else {
+        return Ok(RecordError::NotFound);
+    };
+    if row.get::<String>(0)? != "request" {
+        return Ok(RecordError::NotFound);
+    }
+    match row.get::<Option<String>>(1)? {
+        Some(existing) => Ok(RecordError::Conflict(format!(
+            "record {ref_id} already has a response part ({existing})"
+        ))),
+        None => Err(not_appended(record_id)),
+    }
 }
 
 /// Which part an append is (for the counters).
@@ -1169,7 +1306,7 @@ fn retention_chunk_in(tx: &mut Conn, cutoff_ms: u64, now_ms: u64) -> DbResult<us
 /// Appends a `retention` entry saying `retention` (what it removed).
 fn append_retention(tx: &mut Conn, retention: Value, now_ms: u64) -> DbResult<i64> {
     let record_id = new_record_id()?;
-    let entry = serde_json::to_string(&json!({
+    let entry = canonical(&json!({
         "v": ENTRY_VERSION,
         "kind": "retention",
         "record_id": record_id,
@@ -1177,7 +1314,17 @@ fn append_retention(tx: &mut Conn, retention: Value, now_ms: u64) -> DbResult<i6
         "retention": retention,
     }))?;
     let mut tail = last_link(tx)?;
-    append(tx, &mut tail, &record_id, "retention", None, now_ms, &entry)
+    let seq = append(
+        tx,
+        &mut tail,
+        &record_id,
+        "retention",
+        None,
+        now_ms,
+        &entry,
+        Guard::Always,
+    )?;
+    seq.ok_or_else(|| not_appended(&record_id))
 }
 
 // ---------------------------------------------------------------- queries

@@ -77,6 +77,7 @@ pub fn migrate(conn: &mut Conn) -> Result<(), OpenError> {
                 &sign_in(Backend::Postgres, &SESSION_COLUMNS),
             )?;
             migrate_postgres(conn, "records", &postgres_records())?;
+            migrate_postgres(conn, "record_columns", &postgres_record_columns())?;
             migrate_postgres(conn, "slack", &dialect(SLACK, Backend::Postgres))?;
             migrate_postgres(
                 conn,
@@ -430,7 +431,7 @@ CREATE TABLE IF NOT EXISTS chain_anchor (
 
 /// The record log's query columns: each is the entry's `request.<name>`,
 /// serving the query filters and the idempotency lookup.
-const RECORD_QUERY_COLUMNS: [&str; 6] = [
+pub(crate) const RECORD_QUERY_COLUMNS: [&str; 6] = [
     "caller",
     "model",
     "decision",
@@ -440,8 +441,10 @@ const RECORD_QUERY_COLUMNS: [&str; 6] = [
 ];
 
 /// A query column of the record log, computed from the entry: virtual on
-/// SQLite, stored on PostgreSQL. `entry` stays `TEXT` on both: the hash
-/// covers its exact bytes, which `jsonb` would not keep.
+/// SQLite; on PostgreSQL created stored, then made a plain column that the
+/// service fills in (the `record_columns` part: [`postgres_record_columns`]).
+/// `entry` stays `TEXT` on both: the hash covers its exact bytes, which
+/// `jsonb` would not keep.
 fn record_query_column(name: &str, backend: Backend) -> String {
     match backend {
         Backend::Sqlite => format!(
@@ -629,6 +632,45 @@ CREATE TRIGGER chain_anchor_no_truncate BEFORE TRUNCATE ON chain_anchor
 /// The `records` part.
 fn postgres_records() -> String {
     records(&RECORD_QUERY_COLUMNS, Backend::Postgres) + POSTGRES_RECORD_TRIGGERS
+}
+
+/// The `record_columns` part: the query columns stop being generated (six
+/// `jsonb` parses of the entry per append cost PostgreSQL about five times
+/// the rest of the INSERT); the service fills them in from the entry it
+/// appends, the same values (`records::query_columns`), and rows keep the
+/// ones they have. `DROP EXPRESSION` changes the catalogue only, without
+/// rewriting the table. The trigger fills them in for an append that left
+/// them out (a service of an older version during a rolling upgrade), so
+/// the queries and the idempotency lookup still find its record.
+fn postgres_record_columns() -> String {
+    let drop: String = RECORD_QUERY_COLUMNS
+        .iter()
+        .map(|c| format!("ALTER TABLE records ALTER COLUMN {c} DROP EXPRESSION;\n"))
+        .collect();
+    let fill: String = RECORD_QUERY_COLUMNS
+        .iter()
+        .map(|c| format!("        NEW.{c} := request ->> '{c}';\n"))
+        .collect();
+    format!(
+        "DO $$
+BEGIN
+    IF current_setting('server_version_num')::int < 130000 THEN
+        RAISE EXCEPTION 'countersign needs PostgreSQL 13 or newer (found %)', current_setting('server_version');
+    END IF;
+END $$;
+{drop}CREATE FUNCTION countersign_records_query_columns() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    request jsonb;
+BEGIN
+    IF NEW.kind = 'request' AND NEW.request_id IS NULL THEN
+        request := NEW.entry::jsonb -> 'request';
+{fill}    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER records_query_columns BEFORE INSERT ON records
+    FOR EACH ROW EXECUTE FUNCTION countersign_records_query_columns();
+"
+    )
 }
 
 /// Creates the PostgreSQL schema part named `part` once, under an advisory
