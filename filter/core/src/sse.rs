@@ -16,13 +16,10 @@
 pub fn event_end(buf: &[u8], from: usize, at_end: bool) -> Result<usize, usize> {
     let mut i = from;
     loop {
-        let mut j = i;
-        while j < buf.len() && buf.get(j) != Some(&b'\n') && buf.get(j) != Some(&b'\r') {
-            j += 1;
-        }
-        if j >= buf.len() {
+        let rest = buf.get(i..).unwrap_or_default();
+        let Some(j) = memchr::memchr2(b'\n', b'\r', rest).map(|k| i + k) else {
             return Err(i);
-        }
+        };
         let end = match (buf.get(j), buf.get(j + 1)) {
             (Some(b'\r'), Some(b'\n')) => j + 2,
             (Some(b'\r'), None) if !at_end => return Err(i),
@@ -42,10 +39,8 @@ pub fn lines(raw: &[u8]) -> Vec<(&[u8], &[u8])> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < raw.len() {
-        let mut j = i;
-        while j < raw.len() && raw.get(j) != Some(&b'\n') && raw.get(j) != Some(&b'\r') {
-            j += 1;
-        }
+        let rest = raw.get(i..).unwrap_or_default();
+        let j = memchr::memchr2(b'\n', b'\r', rest).map_or(raw.len(), |k| i + k);
         let end = match (raw.get(j), raw.get(j + 1)) {
             (Some(b'\r'), Some(b'\n')) => j + 2,
             (Some(_), _) => j + 1,
@@ -122,7 +117,21 @@ pub fn join_data(raw: &[u8]) -> String {
             parts.push(value);
         }
     }
-    String::from_utf8_lossy(&parts.join(&b'\n')).into_owned()
+    // Nearly every event has one data line: no joined copy of it.
+    match parts.as_slice() {
+        [one] => text_of(one),
+        _ => text_of(&parts.join(&b'\n')),
+    }
+}
+
+/// `bytes` as text; anything not UTF-8 as U+FFFD. (`from_utf8` first: its
+/// check runs a word at a time over ASCII, where the lossy conversion
+/// steps through every character.)
+fn text_of(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => text.to_string(),
+        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+    }
 }
 
 /// Rewrites an event with new data: the data lines are replaced (at the
