@@ -522,6 +522,8 @@ class Suite:
                 self.pending_row("3. `allow` + durable pre-forward record", "filter", "record", why, c)
         if record:
             self.results["record_callout_ms"] = histogram(record, "cluster.countersign_approval.upstream_rq_time")
+            if not self.args.no_profile and self.results_record_missed():
+                self.results["record_profile"] = self.profile(record, chat, {"approval": approval.proc.pid})
             record.stop()
             self.record_on_postgres(backend, chat)
 
@@ -708,39 +710,60 @@ class Suite:
         self.results["auto_callout_ms"] = histogram(envoy, "cluster.countersign_approval.upstream_rq_time")
         self.stop_all_of(*things)
 
+    def results_record_missed(self) -> bool:
+        rec, plain = self.row("record", 32), self.row("plain", 32)
+        return bool(rec and plain and rec["rps"] < 0.70 * plain["rps"])
+
     def results_allow_missed(self) -> bool:
         t = self.targets_allow()
         return bool(t) and not all(ok for _, ok, _ in t)
 
-    def profile(self, envoy: Envoy, path: str) -> dict:
+    def profile(self, envoy: Envoy, path: str, others: dict[str, int] | None = None) -> dict:
         """perf profile of an Envoy under the 32-connection 2 KB load: share of samples per shared
-        object (Envoy's binary is stripped, so finer symbols are not available)."""
+        object (Envoy's binary is stripped, so finer symbols are not available). `others` (name: PID)
+        are profiled under the same load at the same time, each by shared object and by symbol (the
+        approval service keeps its symbols): {"shares": ..., "others": {name: {"shares", "symbols"}}}."""
         if not shutil_which("perf"):
             return {"error": "perf is not installed"}
-        data = self.work / f"perf-{envoy.name}.data"
         secs = int(min(5, self.d))
-        log(f"profiling {envoy.name} (perf, {secs} s) under the 32-connection load")
+        targets = {envoy.name: envoy.proc.pid, **(others or {})}
+        log(f"profiling {', '.join(targets)} (perf, {secs} s) under the 32-connection load")
         path_body, _ = self.bodies["2k"]
         wrk = Proc("wrk", ["wrk", "-t1", "-c32", f"-d{secs + 3}s", "-s", str(POST_LUA), envoy.url + path],
                    self.work / "wrk-profile.err", env={"BENCH_BODY": str(path_body)},
                    stdout=subprocess.DEVNULL).start()
         time.sleep(1)
-        perf = Proc("perf", ["perf", "record", "-F", "499", "-o", str(data), "-p", str(envoy.proc.pid),
-                             "--", "sleep", str(secs)], self.work / "perf.log").start()
-        perf.popen.wait(secs + 30)
-        perf.stop()
+        perfs = {name: (self.work / f"perf-{name}.data",
+                        Proc("perf", ["perf", "record", "-F", "499", "-o", str(self.work / f"perf-{name}.data"),
+                                      "-p", str(pid), "--", "sleep", str(secs)], self.work / f"perf-{name}.log").start())
+                 for name, pid in targets.items()}
+        for _, perf in perfs.values():
+            perf.popen.wait(secs + 30)
+            perf.stop()
         wrk.popen.wait(30)
         wrk.stop()
-        p = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--sort", "dso", "--stdio"],
-                           capture_output=True, text=True, timeout=120)
-        shares: dict[str, float] = {}
-        for ln in p.stdout.splitlines():
-            m = re.match(r"\s*([\d.]+)%\s+(.+?)\s*$", ln)
-            if m:
-                dso = m.group(2)
-                dso = "V8 JIT code (the wasm filter, compiled)" if dso.startswith("[JIT]") else dso
-                shares[dso] = shares.get(dso, 0.0) + float(m.group(1))
-        return {"shares": shares}
+
+        def shares(data: Path, sort: str) -> dict[str, float]:
+            p = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--sort", sort, "--stdio"],
+                               capture_output=True, text=True, timeout=120)
+            out: dict[str, float] = {}
+            for ln in p.stdout.splitlines():
+                m = re.match(r"\s*([\d.]+)%\s+(.+?)\s*$", ln)
+                if m:
+                    key = m.group(2)
+                    if sort == "dso":
+                        key = "V8 JIT code (the wasm filter, compiled)" if key.startswith("[JIT]") else key
+                    else:
+                        key = re.sub(r"^\[[.k]\]\s+", "", key)
+                    out[key] = out.get(key, 0.0) + float(m.group(1))
+            return out
+
+        result = {"shares": shares(perfs[envoy.name][0], "dso"), "others": {}}
+        for name in others or {}:
+            result["others"][name] = {"shares": shares(perfs[name][0], "dso"),
+                                      "symbols": dict(sorted(shares(perfs[name][0], "sym").items(),
+                                                             key=lambda kv: -kv[1])[:12])}
+        return result
 
     def masking_throughput(self, masking: Envoy | None, allow: Envoy, backend: Backend, why: str):
         spec = json.loads((HERE / "features.json").read_text())["masking"]
@@ -1587,9 +1610,10 @@ def report(s: Suite, m: dict, command: str) -> str:
         a(f"- **Durable record on PostgreSQL** (row 3b): {pg32['rps']:,.0f} req/s at 32 connections"
           + (f" against {rec32['rps']:,.0f} on SQLite" if rec32 else "")
           + ". Appends serialise on the one hash chain (an advisory lock, taken with `BEGIN` in one round trip) "
-          "and share transactions the same way, but each append still costs round trips to the server (the "
-          "blocking client sends one statement at a time: a duplicate check and an INSERT per request part) and "
-          "the six `jsonb` generated columns the query API reads" + (
+          "and share transactions the same way; each append is one INSERT with its duplicate check inside it, "
+          "so one round trip to the server per request or response part (the blocking client sends one "
+          "statement at a time), and the service fills in the query columns the query API reads (six `jsonb` "
+          "generated columns did that before, parsing each entry six times)" + (
               f"; PostgreSQL used {pg_cpu / pg32['seconds'] * 100:.0f}% of a core" if pg_cpu is not None else "")
           + ".")
     tk = s.row("token-spent", 32)
@@ -1675,6 +1699,38 @@ def report(s: Suite, m: dict, command: str) -> str:
             a(f"| `{dso}` | {up:.1f} |" + (f" {un:.1f} |" if floor else "") + f" {ua:.1f} | {ua - up:+.1f} |")
         a(f"| total | {per_p:.1f} |" + (f" {per_n:.1f} |" if floor else "") + f" {per_a:.1f} | {per_a - per_p:+.1f} |")
         a("")
+    rprof = R.get("record_profile") or {}
+    r32 = s.row("record", 32)
+    if r32 and "shares" in rprof:
+        a("### Where the record path's time goes")
+        a("")
+        a("`perf record` of Envoy with `records: required` (scenario 3, SQLite) and of the approval service at the "
+          "same time, under the same 32-connection, 2 KB load, split by shared object and scaled by each process's "
+          "CPU time per request measured in row 3; the `allow` column is scenario 1's profile above (no record).")
+        a("")
+        per_r = r32["cpu_s"]["envoy"] / r32["requests"] * 1e6
+        sr = rprof["shares"]
+        sa = (prof or {}).get("filter", {}).get("shares") if a32 else None
+        per_a = a32["cpu_s"]["envoy"] / a32["requests"] * 1e6 if a32 and sa else 0.0
+        a("| Envoy: where | " + ("`allow` µs/request | " if sa else "") + "with records µs/request |"
+          + (" added |" if sa else ""))
+        a("|---|" + ("---:|" if sa else "") + "---:|" + ("---:|" if sa else ""))
+        for dso in sorted(set(sr) | set(sa or {}), key=lambda d: -sr.get(d, 0)):
+            ur, ua = sr.get(dso, 0) / 100 * per_r, (sa or {}).get(dso, 0) / 100 * per_a
+            if max(ur, ua) < 0.5:
+                continue
+            a(f"| `{dso}` | " + (f"{ua:.1f} | " if sa else "") + f"{ur:.1f} |" + (f" {ur - ua:+.1f} |" if sa else ""))
+        a(f"| total | " + (f"{per_a:.1f} | " if sa else "") + f"{per_r:.1f} |" + (f" {per_r - per_a:+.1f} |" if sa else ""))
+        a("")
+        svc = rprof.get("others", {}).get("approval")
+        if svc and r32["cpu_s"].get("approval"):
+            per_s = r32["cpu_s"]["approval"] / r32["requests"] * 1e6
+            a(f"The approval service spent {per_s:.0f} µs of CPU per request (both parts of its record), by shared "
+              "object: " + ", ".join(f"`{d}` {v / 100 * per_s:.0f} µs" for d, v in
+                                     sorted(svc["shares"].items(), key=lambda kv: -kv[1]) if v >= 1.0)
+              + "; its hottest symbols (share of its samples): "
+              + ", ".join(f"`{k}` {v:.1f}%" for k, v in list(svc["symbols"].items())[:8]) + ".")
+            a("")
     return "\n".join(L) + "\n"
 
 
