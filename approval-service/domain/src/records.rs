@@ -1794,4 +1794,50 @@ mod tests {
         assert_eq!(a.len(), 4 + 32);
         assert!(a.starts_with("rec_"));
     }
+
+    #[test]
+    fn query_columns_are_read_from_the_entry_as_postgres_reads_them() {
+        let entry = canonical(&json!({
+            "kind": "request",
+            "request": {"caller": "ci\0bot", "model": null, "decision": "allowed",
+                        "request_id": "req-1", "idempotency_key": "req-1:00ff"},
+        }))
+        .unwrap();
+        // In RECORD_QUERY_COLUMNS' order; null and absent are NULL; the
+        // NUL is U+FFFD, as in the entry.
+        assert_eq!(
+            entry.query,
+            [
+                Some("ci\u{FFFD}bot".to_string()),
+                None,
+                Some("allowed".to_string()),
+                None,
+                Some("req-1".to_string()),
+                Some("req-1:00ff".to_string()),
+            ]
+        );
+        let response =
+            canonical(&json!({"kind": "response", "response": {"status": 200}})).unwrap();
+        assert_eq!(response.query, [None, None, None, None, None, None]);
+    }
+
+    #[test]
+    fn postgres_inserts_carry_the_query_columns_and_sqlite_leaves_them_to_it() {
+        for guard in [
+            Guard::Always,
+            Guard::NewRequest {
+                request_id: "r",
+                key: "k",
+            },
+            Guard::FirstResponse,
+        ] {
+            let pg = insert_sql(Backend::Postgres, guard);
+            let lite = insert_sql(Backend::Sqlite, guard);
+            let columns = |sql: &str| sql.split(['(', ')']).nth(1).unwrap_or_default().to_string();
+            for c in RECORD_QUERY_COLUMNS {
+                assert!(columns(&pg).contains(c), "{pg}");
+                assert!(!columns(&lite).contains(c), "{lite}");
+            }
+        }
+    }
 }

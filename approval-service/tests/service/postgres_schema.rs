@@ -6,6 +6,7 @@
 //! Runs in the PostgreSQL pass of the tests; returns at once otherwise.
 
 use crate::common;
+use countersign_approval::db::schema::RECORD_QUERY_COLUMNS;
 
 use std::collections::BTreeMap;
 
@@ -92,17 +93,6 @@ fn both_databases_have_the_same_tables_and_columns() {
     }
 }
 
-/// The record log's query columns, as `records::query_columns` and the
-/// schema list them.
-const QUERY_COLUMNS: [&str; 6] = [
-    "caller",
-    "model",
-    "decision",
-    "review_id",
-    "request_id",
-    "idempotency_key",
-];
-
 #[test]
 #[ignore = "needs PostgreSQL: see common::NEEDS_POSTGRES"]
 fn query_columns_stop_being_generated_and_keep_their_values() {
@@ -112,7 +102,7 @@ fn query_columns_stop_being_generated_and_keep_their_values() {
     let mut raw = common::RawDb::open(&db);
     // The record log as versions before the `record_columns` part made it:
     // every query column generated from the entry, one record written.
-    let generated: Vec<String> = QUERY_COLUMNS
+    let generated: Vec<String> = RECORD_QUERY_COLUMNS
         .iter()
         .map(|c| {
             format!("{c} TEXT GENERATED ALWAYS AS (entry::jsonb #>> '{{request,{c}}}') STORED")
@@ -162,7 +152,7 @@ fn query_columns_stop_being_generated_and_keep_their_values() {
     // Every row's columns hold what the generated columns held or would
     // have: the old record's, the service's (a NUL in the caller is stored
     // as U+FFFD in both), a response part's (none), the trigger's.
-    for c in QUERY_COLUMNS {
+    for c in RECORD_QUERY_COLUMNS {
         let differing = raw.text(&format!(
             "SELECT coalesce(string_agg(record_id, ','), '') FROM records
              WHERE {c} IS DISTINCT FROM (entry::jsonb #>> '{{request,{c}}}')"

@@ -431,7 +431,7 @@ CREATE TABLE IF NOT EXISTS chain_anchor (
 
 /// The record log's query columns: each is the entry's `request.<name>`,
 /// serving the query filters and the idempotency lookup.
-pub(crate) const RECORD_QUERY_COLUMNS: [&str; 6] = [
+pub const RECORD_QUERY_COLUMNS: [&str; 6] = [
     "caller",
     "model",
     "decision",
