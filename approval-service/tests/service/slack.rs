@@ -94,8 +94,10 @@ async fn review(f: &Fixture, id: &str) -> Value {
 
 /// A signed click by `user` on review `id` is taken (200) and decides
 /// nothing: the review stays pending, with no approval.
-async fn click_decides_nothing(f: &Fixture, id: &str, user: &str) {
-    let (body, headers) = click(id, user, now_s());
+/// Returns the timestamp the click was signed with.
+async fn click_decides_nothing(f: &Fixture, id: &str, user: &str) -> u64 {
+    let stamp = now_s();
+    let (body, headers) = click(id, user, stamp);
     assert_eq!(post(f, &body, &headers).await, StatusCode::OK);
     let v = review(f, id).await;
     assert_eq!(
@@ -103,6 +105,7 @@ async fn click_decides_nothing(f: &Fixture, id: &str, user: &str) {
         (&json!("pending"), &json!([])),
         "{v}"
     );
+    stamp
 }
 
 fn now_s() -> u64 {
@@ -309,12 +312,14 @@ async fn a_slack_user_taken_out_of_the_approver_group_by_a_reload_cannot_approve
     // bob leaves `security`; his Slack id stays mapped to him.
     let reloaded = countersign_approval::Config::from_toml_str(&toml(&f.db, "")).unwrap();
     f.state.reload_reviewers(reloaded);
-    click_decides_nothing(&f, &id, "U0BOB").await;
+    let first = click_decides_nothing(&f, &id, "U0BOB").await;
     // Back in the group, the same click (signed anew) approves.
     let reloaded =
         countersign_approval::Config::from_toml_str(&toml(&f.db, "\"security\"")).unwrap();
     f.state.reload_reviewers(reloaded);
-    let (body, headers) = click(&id, "U0BOB", now_s() - 1);
+    // Signed with another timestamp than the first (`now_s() - 1` was the
+    // first's own when the clock ticked between them: a replay, refused).
+    let (body, headers) = click(&id, "U0BOB", first - 1);
     assert_eq!(post(&f, &body, &headers).await, StatusCode::OK);
     assert_eq!(review(&f, &id).await["status"], "approved");
 }
