@@ -755,14 +755,20 @@ fn append_request(
 
 /// The request part already written under `rec`'s idempotency key, if any.
 fn written_request(tx: &mut Conn, rec: &NewRecord) -> DbResult<Option<Written>> {
-    let Some(key) = rec.idempotency_key.as_deref() else {
-        return Ok(None);
-    };
+    match rec.idempotency_key.as_deref() {
+        Some(key) => request_with_key(tx, &rec.request_id, key),
+        None => Ok(None),
+    }
+}
+
+/// The request part of request `request_id` written with idempotency key
+/// `key`, if any.
+fn request_with_key(tx: &mut Conn, request_id: &str, key: &str) -> DbResult<Option<Written>> {
     let row = tx.query_opt(
         "SELECT record_id, seq FROM records
          WHERE request_id = ?1 AND kind = 'request'
            AND idempotency_key = ?2",
-        params![&rec.request_id, key],
+        params![request_id, key],
     )?;
     row.map(|r| {
         Ok(Written {
@@ -801,18 +807,8 @@ fn refusal_of_written_record(
     let Some(forward_key) = key.strip_suffix(":refusal") else {
         return Ok(None);
     };
-    let Some(row) = tx.query_opt(
-        "SELECT record_id, seq FROM records
-         WHERE request_id = ?1 AND kind = 'request'
-           AND idempotency_key = ?2",
-        params![&rec.request_id, forward_key],
-    )?
-    else {
+    let Some(written) = request_with_key(tx, &rec.request_id, forward_key)? else {
         return Ok(None);
-    };
-    let written = Written {
-        record_id: row.get(0)?,
-        seq: row.get(1)?,
     };
     let outcome = RecordResponse {
         status: refusal.status,
