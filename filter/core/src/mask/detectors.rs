@@ -9,6 +9,7 @@
 use std::net::Ipv6Addr;
 use std::sync::Arc;
 
+use aho_corasick::{AhoCorasick, Input as AcInput, MatchKind};
 use regex::{Regex, RegexBuilder};
 
 use super::prefixes::MatchPrefixes;
@@ -106,39 +107,33 @@ impl Need {
     /// What finds the runs worth a look without testing every run: every
     /// run that meets the need holds a seed (a digit, the byte, a colon, the
     /// start of a literal), so only the runs around seeds are read. `None`
-    /// when every run may meet it (zero digits or colons).
-    fn seeds(self, hay: &str) -> Option<Seeds<'_>> {
-        let find: SeedFind = match self {
+    /// when every run may meet it (zero digits or colons), or when a
+    /// literal need has no automaton (then every run is read: slower, the
+    /// same windows).
+    fn seeds<'a>(self, hay: &'a str, literals: Option<&'a LiteralStarts>) -> Option<Seeds<'a>> {
+        let find: SeedFind<'a> = match self {
             Need::Digits(0) | Need::Colons(0) => return None,
             Need::Digits(_) => SeedFind::Digit,
             Need::Byte(c) => SeedFind::Exact(c),
             Need::Colons(_) => SeedFind::Exact(b':'),
-            Need::Literal(l) => SeedFind::Literal(l),
+            Need::Literal(_) => SeedFind::Literal(literals?),
         };
-        Some(Seeds {
-            hay,
-            find,
-            next: Vec::new(),
-        })
+        Some(Seeds { hay, find })
     }
 }
 
 /// How [`Seeds`] finds the next seed.
 #[derive(Clone, Copy)]
-enum SeedFind {
+enum SeedFind<'a> {
     Digit,
     Exact(u8),
-    Literal(&'static [&'static str]),
+    Literal(&'a LiteralStarts),
 }
 
 /// Positions of a [`Need`]'s seeds, found in increasing order.
-struct Seeds<'h> {
-    hay: &'h str,
-    find: SeedFind,
-    /// Per literal, its next occurrence at or after the last position asked
-    /// for (`usize::MAX`: none left), so that each literal's search only
-    /// moves forward however often it is asked.
-    next: Vec<usize>,
+struct Seeds<'a> {
+    hay: &'a str,
+    find: SeedFind<'a>,
 }
 
 impl Seeds<'_> {
@@ -156,41 +151,53 @@ impl Seeds<'_> {
             SeedFind::Exact(c) => {
                 next_where(rest, |w| has_less(w ^ splat(c), 1), |x| x == c).map(|i| pos + i)
             }
-            SeedFind::Literal(l) => {
-                if self.next.len() != l.len() {
-                    self.next = vec![0; l.len()];
-                }
-                let mut best = usize::MAX;
-                for (lit, next) in l.iter().zip(self.next.iter_mut()) {
-                    if *next < pos {
-                        // An empty literal is in no run (`contains`).
-                        *next = match lit.is_empty() {
-                            true => usize::MAX,
-                            false => find_bytes(b, pos, lit.as_bytes()).unwrap_or(usize::MAX),
-                        };
-                    }
-                    best = best.min(*next);
-                }
-                (best != usize::MAX).then_some(best)
-            }
+            SeedFind::Literal(l) => l.first_at_or_after(b, pos),
         }
     }
 }
 
-/// The first occurrence of `needle` (not empty) in `b[from..]`.
-fn find_bytes(b: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
-    let (&first, tail) = needle.split_first()?;
-    let mut i = from;
-    loop {
-        i += next_where(
-            b.get(i..)?,
-            |w| has_less(w ^ splat(first), 1),
-            |x| x == first,
-        )?;
-        if b.get(i + 1..i + needle.len()) == Some(tail) {
-            return Some(i);
+/// Where a detector's literals (key words, token prefixes) start: one
+/// Aho-Corasick automaton over all of them, built with the detector. Its
+/// scan skips ahead with a rare byte of the literals where it can; the
+/// byte-at-a-time scans it replaced stopped at every `e` for `eyJ` and at
+/// every `p`, `s`, `k`, `t`, `m` and `c` for the password words, and were
+/// half of masking a prompt without secrets.
+#[derive(Debug)]
+pub(crate) struct LiteralStarts(AhoCorasick);
+
+impl LiteralStarts {
+    /// An automaton over `words` (empty ones dropped: an empty literal is
+    /// in no run, and no built-in word list has one), ASCII case ignored
+    /// with `no_case`.
+    fn new(words: &[&str], no_case: bool) -> Result<LiteralStarts, String> {
+        AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostFirst)
+            .ascii_case_insensitive(no_case)
+            .build(words.iter().filter(|w| !w.is_empty()))
+            .map(LiteralStarts)
+            .map_err(|e| one_line(&e.to_string()))
+    }
+
+    /// The first position at or after `pos` where one of the literals
+    /// starts: leftmost-first semantics report the match that starts
+    /// earliest.
+    fn first_at_or_after(&self, b: &[u8], pos: usize) -> Option<usize> {
+        if pos > b.len() {
+            return None;
         }
-        i += 1;
+        self.0.find(AcInput::new(b).range(pos..)).map(|m| m.start())
+    }
+
+    /// Every position at or after `from` where one of the literals starts,
+    /// in order.
+    fn all_from(&self, b: &[u8], from: usize) -> Vec<usize> {
+        let mut out = Vec::new();
+        let mut pos = from;
+        while let Some(at) = self.first_at_or_after(b, pos) {
+            out.push(at);
+            pos = at + 1;
+        }
+        out
     }
 }
 
@@ -217,53 +224,6 @@ const fn splat(c: u8) -> u64 {
 /// Whether some byte of `w` is less than `n` (`n` at most 128; exact).
 const fn has_less(w: u64, n: u8) -> bool {
     w.wrapping_sub(splat(n)) & !w & splat(0x80) != 0
-}
-
-/// Byte offsets in `b[from..]` where one of `words` starts, in order.
-fn word_occurrences(b: &[u8], from: usize, words: &[&str], no_case: bool) -> Vec<usize> {
-    let same = |x: &u8, y: &u8| {
-        if no_case {
-            x.eq_ignore_ascii_case(y)
-        } else {
-            x == y
-        }
-    };
-    // Per byte, the words that can start with it (bit k: `words[k]`; past
-    // 64 words every word is tried): only those are compared.
-    let mut first = [0u64; 256];
-    for (k, w) in words.iter().enumerate() {
-        let bit = 1u64.checked_shl(k as u32).unwrap_or(u64::MAX);
-        let Some(&c) = w.as_bytes().first() else {
-            // An empty word starts everywhere.
-            first.iter_mut().for_each(|f| *f |= bit);
-            continue;
-        };
-        let starts = if no_case {
-            [c.to_ascii_lowercase(), c.to_ascii_uppercase()]
-        } else {
-            [c, c]
-        };
-        for c in starts {
-            if let Some(f) = first.get_mut(usize::from(c)) {
-                *f |= bit;
-            }
-        }
-    }
-    (from..b.len())
-        .filter(|&i| {
-            let may = b
-                .get(i)
-                .and_then(|&c| first.get(usize::from(c)))
-                .copied()
-                .unwrap_or(0);
-            may != 0
-                && words.iter().enumerate().any(|(k, w)| {
-                    may & 1u64.checked_shl(k as u32).unwrap_or(u64::MAX) != 0
-                        && b.get(i..i + w.len())
-                            .is_some_and(|t| t.iter().zip(w.as_bytes()).all(|(x, y)| same(x, y)))
-                })
-        })
-        .collect()
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
@@ -388,6 +348,9 @@ pub(crate) struct Detector {
     regex: Regex,
     check: Check,
     cand: Cand,
+    /// The automaton over the literals of a `Near` or literal `Run`
+    /// candidate.
+    literals: Option<LiteralStarts>,
     value: ValueGroup,
     /// Matches may run to the end of the text while unterminated (PEM).
     pub open_ended: bool,
@@ -583,12 +546,21 @@ impl Detector {
         let Some((pattern, check, cand, value, opening)) = builtin_spec(name) else {
             return Ok(None);
         };
+        let literals = match cand {
+            Cand::Near { words, no_case, .. } => Some(LiteralStarts::new(words, no_case)?),
+            Cand::Run {
+                need: Need::Literal(words),
+                ..
+            } => Some(LiteralStarts::new(words, false)?),
+            Cand::Whole | Cand::Open(_) | Cand::Run { .. } => None,
+        };
         Ok(Some(Detector {
             name: name.to_string(),
             label: name.to_ascii_uppercase(),
             regex: compile(&pattern)?,
             check,
             cand,
+            literals,
             value,
             open_ended: opening.is_some(),
             prefixes: Arc::new(MatchPrefixes::new(opening.unwrap_or(&pattern))),
@@ -612,6 +584,7 @@ impl Detector {
             regex,
             check,
             cand: Cand::Whole,
+            literals: None,
             value,
             open_ended: false,
         })
@@ -633,12 +606,17 @@ impl Detector {
                     push(from + i, hay.len());
                 }
             }
-            Cand::Near {
-                words,
-                no_case,
-                extend,
-            } => {
-                for at in word_occurrences(b, from, words, no_case) {
+            Cand::Near { extend, .. } => {
+                let starts = match &self.literals {
+                    Some(l) => l.all_from(b, from),
+                    // Not built (cannot happen for a built-in detector):
+                    // the whole text is the window.
+                    None => {
+                        push(from, hay.len());
+                        Vec::new()
+                    }
+                };
+                for at in starts {
                     let mut start = at;
                     while start > from && in_class(b, start - 1, TOKEN) {
                         start -= 1;
@@ -667,7 +645,7 @@ impl Detector {
                         push(start, end);
                     }
                 };
-                match need.seeds(hay) {
+                match need.seeds(hay, self.literals.as_ref()) {
                     // Only the runs around seeds: the same runs, in the same
                     // order, as reading every run would find meeting the need.
                     Some(mut seeds) => {
@@ -1443,6 +1421,48 @@ mod tests {
             .filter_map(|d| d.value)
             .map(|(s, e)| text[s..e].to_string())
             .collect()
+    }
+
+    #[test]
+    fn literal_starts_are_every_position_where_a_word_starts() {
+        // The automaton against a plain reading of each position, for every
+        // built-in word list, on text full of near misses, overlaps
+        // (`pwd` holds `pw`, `passpass`) and case variants.
+        let lists: Vec<(&[&str], bool)> = BUILTIN_DETECTORS
+            .iter()
+            .filter_map(|n| match builtin_spec(n)?.2 {
+                Cand::Near { words, no_case, .. } => Some((words, no_case)),
+                Cand::Run {
+                    need: Need::Literal(words),
+                    ..
+                } => Some((words, false)),
+                _ => None,
+            })
+            .collect();
+        assert!(lists.len() >= 6, "{}", lists.len());
+        let text = "PassPWD pwdpw passpass SECRET sEcReT keytoken mot de passe MOT DE PASSE \
+                    akiaAKIAASIA sk-sk- ghgithub_pat_ xoxb xapp-hooks.slack.com eyJeyj kennwort \
+                    clave contrase mdp tok toke p pa pas é€ AKI eyJ";
+        for (words, no_case) in lists {
+            let starts = LiteralStarts::new(words, no_case).unwrap();
+            let b = text.as_bytes();
+            let plain: Vec<usize> = (0..b.len())
+                .filter(|&i| {
+                    words.iter().any(|w| {
+                        b.get(i..i + w.len()).is_some_and(|t| match no_case {
+                            true => t.eq_ignore_ascii_case(w.as_bytes()),
+                            false => t == w.as_bytes(),
+                        })
+                    })
+                })
+                .collect();
+            assert!(!plain.is_empty(), "{words:?}");
+            for from in [0, 1, 5, 40] {
+                let expected: Vec<usize> = plain.iter().copied().filter(|&i| i >= from).collect();
+                assert_eq!(starts.all_from(b, from), expected, "{words:?} from {from}");
+            }
+            assert_eq!(starts.first_at_or_after(b, b.len() + 1), None);
+        }
     }
 
     /// (detector, text, expected values). An empty list is a near miss.
