@@ -63,9 +63,17 @@ fn invisible(c: char) -> bool {
 
 /// `s` as the detectors should read it, or `None` when that is `s` itself.
 pub(crate) fn normalize(s: &str) -> Option<Normalized> {
-    if s.is_ascii() && !s.contains(['%', '&', '\\']) {
+    // Folding leaves ASCII as it is, so an ASCII text reads differently
+    // only where an escape decodes: most texts have none, and need no copy.
+    if s.is_ascii() && !has_decoded_escape(s) {
         return None;
     }
+    let out = read_whole(s);
+    (out.text != s).then_some(out)
+}
+
+/// `s` read character by character as the model reads it.
+fn read_whole(s: &str) -> Normalized {
     let mut out = Normalized {
         text: String::with_capacity(s.len()),
         starts: Vec::with_capacity(s.len()),
@@ -76,7 +84,26 @@ pub(crate) fn normalize(s: &str) -> Option<Normalized> {
         fold(c, |d| out.push(d, i, i + len));
         i += len;
     }
-    (out.text != s).then_some(out)
+    out
+}
+
+/// Whether an escape the model decodes (`%41`, `&#65;`, `\\u0041`)
+/// starts anywhere in `s`: only `%`, `&` and `\\` can start one, found a
+/// word at a time.
+fn has_decoded_escape(s: &str) -> bool {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while let Some(at) = b
+        .get(i..)
+        .and_then(|r| memchr::memchr3(b'%', b'&', b'\\', r))
+    {
+        let p = i + at;
+        if matches!(read_at(s, p, false), Read::At(_, len) if len > 1) {
+            return true;
+        }
+        i = p + 1;
+    }
+    false
 }
 
 /// What the model reads at one byte offset of a text.
@@ -334,6 +361,30 @@ fn entity_at(s: &str, i: usize) -> Option<(char, usize)> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn the_shortcut_for_plain_ascii_says_what_reading_every_character_says() {
+        // Near misses of every escape, escapes that decode, and mixes: the
+        // shortcut must answer `None` exactly when reading the whole text
+        // leaves it as it is.
+        let pieces = [
+            "plain", "%", "%4", "%41", "%4g", "%7F", "%0a", "&", "&amp", "&amp;", "&#65;",
+            "&#x41;", "&#xZZ;", "&nosuch;", "\\", "\\u", "\\u004", "\\u0041", "\\uD800", "\\n",
+            " ", "AT&T", "100%", "C:\\dir", "é", "\u{200B}",
+        ];
+        let mut texts: Vec<String> = pieces.iter().map(|p| p.to_string()).collect();
+        for a in pieces {
+            for b in pieces {
+                texts.push(format!("{a}{b}"));
+                texts.push(format!("x{a} {b}y"));
+            }
+        }
+        for t in texts {
+            let whole = read_whole(&t);
+            let expected = (whole.text != t).then_some(whole.text);
+            assert_eq!(normalize(&t).map(|n| n.text), expected, "{t:?}");
+        }
+    }
 
     #[test]
     fn the_invisible_class_is_what_fold_drops() {
