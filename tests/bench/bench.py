@@ -106,6 +106,27 @@ def cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
+def held_floor_sentence(R: dict) -> str:
+    """How much of a held request's memory any wasm filter that holds it pays (the no-op floor), and how
+    much is countersign's own, when both were measured at the same N."""
+    floor = R.get("held_floor") or {}
+    same = next((h for h in R["held"] if h["n"] == floor.get("n") and h["status"] == "ok"
+                 and h.get("envoy_memory") and h.get("envoy_memory_base")), None)
+    if floor.get("status") != "ok" or same is None:
+        return ""
+    own = hold_alloc_kib(same) - floor["alloc_per_kib"]
+    return (f" Measured at N = {floor['n']:,}: a request paused in the no-op wasm filter grows Envoy's heap "
+            f"{floor['alloc_per_kib']:.1f} KiB, countersign's hold {hold_alloc_kib(same):.1f} KiB, so such a watch "
+            f"could save at most about {own:.0f} KiB of Envoy's share and most of the service's; the "
+            f"{floor['alloc_per_kib']:.0f} KiB of the caller's connection and stream stay with any filter that "
+            f"holds a request here ({floor['alloc_per_kib'] * 10000 / 1024:,.0f} MiB of Envoy heap for 10k).")
+
+
+def hold_alloc_kib(h: dict) -> float:
+    """Envoy's heap growth (tcmalloc `allocated`) per held request of one held-capacity run."""
+    return (h["envoy_memory"]["allocated"] - h["envoy_memory_base"]["allocated"]) / held_count(h) / 1024
+
+
 def rss_bytes(pid: int) -> int:
     total = 0
     for p in tree(pid):
@@ -885,6 +906,62 @@ class Suite:
             self.stop_all_of(envoy, approval, backend)
         self.results["held"].append(res)
 
+    def held_floor(self, n: int):
+        """What Envoy keeps for a request paused in a wasm filter with nothing else going on: n requests
+        paused at once in the no-op filter (`noop_pause`: it reads the body and never continues; no call, no
+        review), none answered. Beside countersign's hold at the same n, the difference is the hold's own:
+        the long poll's stream and the filter's state."""
+        w = self.work
+        res: dict = {"n": n, "status": "ok"}
+        log(f"held floor: {n} requests paused in the no-op filter")
+        backend = Backend(w, f"demo-backend-floor{n}").start()
+        approval = approval_service(w, f"approval-floor{n}").start()
+        envoy = Envoy(w, backend, approval, {"noop_pause": True}, name=f"envoy-floor{n}",
+                      mutate=with_wasm_code(NOOP_WASM))
+        client = None
+        active_stat = "http.inference.downstream_rq_active"
+        try:
+            if not NOOP_WASM.exists():
+                raise RuntimeError(f"{NOOP_WASM.relative_to(ROOT)} is not built (tests/bench/run builds it)")
+            envoy.start()
+            # Warm up as the held runs do: requests that are paused, then given up by their caller.
+            for _ in range(10):
+                try:
+                    httpx.post(envoy.url + "/v1/chat/completions", content=chat_body(2048, model=HELD_MODEL),
+                               headers={"content-type": "application/json"}, timeout=0.3)
+                except httpx.TimeoutException:
+                    pass
+            time.sleep(0.5)
+            mem0 = int(httpx.get(f"{envoy.admin}/memory", timeout=10).json()["allocated"])
+            rss0 = rss_bytes(envoy.proc.pid)
+            client = Proc("holdclient", [sys.executable, str(HERE / "holdclient.py"), "--port", str(envoy.port),
+                                         "--n", str(n), "--out", str(w / f"held-floor-{n}-client.json"),
+                                         "--model", HELD_MODEL, "--timeout", "60"],
+                          w / f"held-floor-{n}-client.log", stdout=subprocess.PIPE).start()
+            line = client.popen.stdout.readline().decode()
+            if not line.startswith("SENT"):
+                raise RuntimeError(f"hold client failed: {line!r} {client.log_text()[-2000:]}")
+            active, deadline = 0, time.monotonic() + 30
+            while time.monotonic() < deadline:
+                active = counters(envoy, f"^{re.escape(active_stat)}$").get(active_stat, 0)
+                if active >= n:
+                    break
+                time.sleep(0.2)
+            time.sleep(1.0)
+            mem = int(httpx.get(f"{envoy.admin}/memory", timeout=10).json()["allocated"])
+            res.update(paused=active, alloc_per_kib=(mem - mem0) / max(active, 1) / 1024,
+                       rss_per_kib=(rss_bytes(envoy.proc.pid) - rss0) / max(active, 1) / 1024)
+            if active < n:
+                res.update(status="failed", error=f"only {active:,} of {n:,} requests were paused")
+        except (StartError, RuntimeError, httpx.HTTPError, KeyError, ValueError) as e:
+            res.update(status="failed", error=f"{type(e).__name__}: {e}"[:500])
+            log(f"held floor: FAILED: {res['error']}")
+        finally:
+            if client is not None:
+                client.stop()
+            self.stop_all_of(envoy, approval, backend)
+        self.results["held_floor"] = res
+
     @staticmethod
     def held_rate(n: int) -> float:
         """Arrival rate of held requests: up to 1,000 arrive at once; more arrive at 500/s, because every
@@ -1386,6 +1463,23 @@ def report(s: Suite, m: dict, command: str) -> str:
               + (f"; and with `hold_limits` raised to {h['n']:,} per caller (all N come from one caller)"
                  if h.get("hold_limits_raised") else "") + ".")
         a("")
+    floor = R.get("held_floor")
+    if floor:
+        same = next((h for h in R["held"] if h["n"] == floor["n"] and h["status"] == "ok"), None)
+        mem, mem0 = (same or {}).get("envoy_memory"), (same or {}).get("envoy_memory_base")
+        if floor["status"] != "ok":
+            a(f"**Without countersign's hold (N = {floor['n']:,}).** Not measured: {floor.get('error', '')}")
+        else:
+            a(f"**Without countersign's hold (N = {floor['n']:,}).** The same {floor['n']:,} requests paused in the "
+              "no-op wasm filter (tests/bench/noop-filter with `noop_pause`: it reads the body and never lets the "
+              f"request continue; no call, no review) grew Envoy's heap {floor['alloc_per_kib']:.1f} KiB and its "
+              f"RSS {floor['rss_per_kib']:.1f} KiB per request: the caller's connection, its stream with the "
+              "buffered body and the filter chain's state, which holding a request in any wasm filter costs here."
+              + (f" countersign's hold grew the heap {hold_alloc_kib(same):.1f} KiB per request at the same N, so "
+                 f"{hold_alloc_kib(same) - floor['alloc_per_kib']:.1f} KiB is the hold's own: the long poll's "
+                 "stream to the approval service and the filter's state for the request."
+                 if mem and mem0 else ""))
+        a("")
     if any(h["n"] > 1000 for h in R["held"]):
         a(f"Sizes above 1,000 arrive paced at {Suite.held_rate(10000):,.0f} requests/s rather than all at once: "
           "each hold first creates its review (one SQLite commit), and a create that waits longer than the "
@@ -1659,6 +1753,7 @@ def report(s: Suite, m: dict, command: str) -> str:
           "service, so the polls share a few connections); in the service, one HTTP/2 stream and task per long "
           "poll. One watch per worker instead of one poll per held request would save the poll's stream and "
           "task as well."
+          + held_floor_sentence(R)
           + (f" {fd} of the failures at this size are the file-descriptor limit (connections Envoy could not "
              "open or accept), not the product." if fd else ""))
     if ms and un:
@@ -1828,6 +1923,7 @@ def main():
         if "held" in parts:
             for n in sizes:
                 suite.held(n)
+            suite.held_floor(min(sizes))
         if "approval" in parts:
             suite.approval_alone()
         if "litellm" in parts:
