@@ -106,13 +106,23 @@ def cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
+def held_floor_and_hold(R: dict) -> tuple[dict | None, dict | None]:
+    """The held floor (requests paused in the no-op filter) if it was measured, and the held-capacity run
+    at the same N whose Envoy heap was read, if any: the two sides of "what any filter pays, what is
+    countersign's own"."""
+    floor = R.get("held_floor")
+    if not floor:
+        return None, None
+    same = next((h for h in R["held"] if h["n"] == floor["n"] and h["status"] == "ok"
+                 and h.get("envoy_memory") and h.get("envoy_memory_base")), None)
+    return floor, same
+
+
 def held_floor_sentence(R: dict) -> str:
     """How much of a held request's memory any wasm filter that holds it pays (the no-op floor), and how
     much is countersign's own, when both were measured at the same N."""
-    floor = R.get("held_floor") or {}
-    same = next((h for h in R["held"] if h["n"] == floor.get("n") and h["status"] == "ok"
-                 and h.get("envoy_memory") and h.get("envoy_memory_base")), None)
-    if floor.get("status") != "ok" or same is None:
+    floor, same = held_floor_and_hold(R)
+    if floor is None or floor["status"] != "ok" or same is None:
         return ""
     own = hold_alloc_kib(same) - floor["alloc_per_kib"]
     return (f" Measured at N = {floor['n']:,}: a request paused in the no-op wasm filter grows Envoy's heap "
@@ -1463,10 +1473,8 @@ def report(s: Suite, m: dict, command: str) -> str:
               + (f"; and with `hold_limits` raised to {h['n']:,} per caller (all N come from one caller)"
                  if h.get("hold_limits_raised") else "") + ".")
         a("")
-    floor = R.get("held_floor")
+    floor, same = held_floor_and_hold(R)
     if floor:
-        same = next((h for h in R["held"] if h["n"] == floor["n"] and h["status"] == "ok"), None)
-        mem, mem0 = (same or {}).get("envoy_memory"), (same or {}).get("envoy_memory_base")
         if floor["status"] != "ok":
             a(f"**Without countersign's hold (N = {floor['n']:,}).** Not measured: {floor.get('error', '')}")
         else:
@@ -1478,7 +1486,7 @@ def report(s: Suite, m: dict, command: str) -> str:
               + (f" countersign's hold grew the heap {hold_alloc_kib(same):.1f} KiB per request at the same N, so "
                  f"{hold_alloc_kib(same) - floor['alloc_per_kib']:.1f} KiB is the hold's own: the long poll's "
                  "stream to the approval service and the filter's state for the request."
-                 if mem and mem0 else ""))
+                 if same else ""))
         a("")
     if any(h["n"] > 1000 for h in R["held"]):
         a(f"Sizes above 1,000 arrive paced at {Suite.held_rate(10000):,.0f} requests/s rather than all at once: "

@@ -163,7 +163,7 @@ impl Seeds<'_> {
 /// every `p`, `s`, `k`, `t`, `m` and `c` for the password words, and were
 /// half of masking a prompt without secrets.
 #[derive(Debug)]
-pub(crate) struct LiteralStarts(AhoCorasick);
+struct LiteralStarts(AhoCorasick);
 
 impl LiteralStarts {
     /// An automaton over `words` (empty ones dropped: an empty literal is
