@@ -623,6 +623,10 @@ impl Hold {
             CalloutKind::Create => match state {
                 Ok(state) => {
                     self.review_id = Some(state.id.clone());
+                    // The review exists: the creation is never sent again,
+                    // and its body (the whole review) would otherwise stay
+                    // in the VM for as long as the request is held.
+                    self.retry_call = None;
                     if self.mode == Mode::Async && state.status == ReviewStatus::Pending {
                         return HoldStep::Respond(self.accepted(&state));
                     }

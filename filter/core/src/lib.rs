@@ -46,6 +46,8 @@ pub mod wire;
 pub mod worker;
 
 #[cfg(test)]
+mod held_memory;
+#[cfg(test)]
 mod host_budget;
 #[cfg(test)]
 mod testing;
