@@ -50,6 +50,7 @@ REVIEWER_AUTH = f"Bearer {REVIEWERS.get('alice', '')}"  # a reviewer the harness
 LITELLM_KEY = "sk-bench-master-key-0123456789"
 ALLOW_MODEL = "demo-allow-bench"  # matched by the demo config's `demo-allow*` allow rule
 HELD_MODEL = "demo-echo-held"
+VM_MEMORY_STAT = "wasmcustom.countersign_vm_memory_bytes"
 AUTO_MODEL = "demo-auto-bench"  # scenario 6 puts its `review` + `auto_approve` rule first for this model
 NOOP_LABEL = "no-op wasm filter, reads the body (the floor)"  # no rule matches: default_action review
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -116,6 +117,14 @@ def held_floor_and_hold(R: dict) -> tuple[dict | None, dict | None]:
     same = next((h for h in R["held"] if h["n"] == floor["n"] and h["status"] == "ok"
                  and h.get("envoy_memory") and h.get("envoy_memory_base")), None)
     return floor, same
+
+
+def held_vm_kib(h: dict) -> float | None:
+    """KiB per held request that the filter's VMs grew by, when the run read their gauge."""
+    base, held = h.get("vm_memory_base"), h.get("vm_memory_held")
+    if base is None or held is None:
+        return None
+    return (held - base) / held_count(h) / 1024
 
 
 def held_floor_sentence(R: dict) -> str:
@@ -213,6 +222,12 @@ def counters(envoy: Envoy, pattern: str = "") -> dict[str, int]:
         if v.strip().lstrip("-").isdigit():
             out[k] = int(v)
     return out
+
+
+def vm_memory(envoy: Envoy) -> int | None:
+    """The filter's wasm VMs' memory, summed over Envoy's workers (the filter's own gauge; V8's wasm
+    memory is outside Envoy's heap, so `/memory` does not see it)."""
+    return counters(envoy, f"^{re.escape(VM_MEMORY_STAT)}$").get(VM_MEMORY_STAT)
 
 
 def raise_circuit_breakers(limit: int):
@@ -897,6 +912,7 @@ class Suite:
             try:
                 mem0 = httpx.get(f"{envoy.admin}/memory", timeout=10).json()
                 res["envoy_memory_base"] = {k: int(v) for k, v in mem0.items() if str(v).isdigit()}
+                res["vm_memory_base"] = vm_memory(envoy)
             except (httpx.HTTPError, ValueError):
                 pass
             r = self.hold_and_approve(envoy, approval, n, w / f"held-{n}", measure_base=base, access_log=access_log)
@@ -920,7 +936,7 @@ class Suite:
         """What Envoy keeps for a request paused in a wasm filter with nothing else going on: n requests
         paused at once in the no-op filter (`noop_pause`: it reads the body and never continues; no call, no
         review), none answered. Beside countersign's hold at the same n, the difference is the hold's own:
-        the long poll's stream and the filter's state."""
+        the long poll's stream and what Envoy keeps for the filter's context."""
         w = self.work
         res: dict = {"n": n, "status": "ok"}
         log(f"held floor: {n} requests paused in the no-op filter")
@@ -1014,6 +1030,7 @@ class Suite:
                 mem = httpx.get(f"{envoy.admin}/memory", timeout=5).json()
                 r["envoy_memory"] = {k: int(mem[k]) for k in ("allocated", "heap_size", "pageheap_unmapped",
                                                               "pageheap_free", "total_thread_cache") if k in mem}
+                r["vm_memory_held"] = vm_memory(envoy)
                 st = counters(envoy, "downstream_cx_active|upstream_rq_active|overflow|rq_pending_active")
                 r["envoy_stats_held"] = {k: v for k, v in st.items() if v and (
                     "inference" in k or "countersign_approval" in k or "cluster.model" in k)}
@@ -1443,13 +1460,16 @@ def report(s: Suite, m: dict, command: str) -> str:
         if mem and mem0 and "allocated" in mem and "allocated" in mem0:
             d_alloc = (mem["allocated"] - mem0["allocated"]) / held_count(h) / 1024
             d_rss = (h["rss_held"]["envoy"] - h["rss_base"]["envoy"]) / held_count(h) / 1024
-            where = ("so nearly all of it is Envoy's own allocations, not the wasm VMs" if d_alloc >= 0.8 * d_rss else
-                     f"the other {d_rss - d_alloc:.1f} KiB live outside that heap, chiefly in the V8 wasm VMs' "
-                     "memory (one VM per worker keeps every held request's state and body)")
-            a(f"**N = {h['n']:,}, memory.** Envoy's RSS grew {d_rss:.1f} KiB per held request and its heap "
-              f"(tcmalloc `allocated` in the admin `/memory`) {d_alloc:.1f} KiB, {where}: per held request Envoy "
-              "keeps the caller's connection and stream with the buffered body, and a stream for the long poll to "
-              "the approval service (HTTP/2: the polls share a few connections).")
+            d_vm = held_vm_kib(h)
+            a(f"**N = {h['n']:,}, memory.** Envoy's RSS grew {d_rss:.1f} KiB per held request. "
+              + (f"Of that, countersign's wasm VMs grew {d_vm:.1f} KiB (`countersign_vm_memory_bytes`): each held "
+                 "request's state and the body it will forward and record, and, while its review is being "
+                 "created, the creation call; a wasm memory keeps its largest size. " if d_vm is not None else "")
+              + f"Envoy's own heap (tcmalloc `allocated` in the admin `/memory`) grew {d_alloc:.1f} KiB: the "
+              "caller's connection and stream with the buffered body, and a stream for the long poll to the "
+              "approval service (HTTP/2: the polls share a few connections). The heap counts what Envoy "
+              "allocated, RSS only the pages touched (a buffer slice larger than the body it holds counts whole "
+              "in the heap), so the two need not add up.")
             a("")
         a(f"**N = {h['n']:,}.** Where decision → first byte goes (p50 / p99, ms): service wakes the long poll, "
           f"answers it and the filter releases the request to the model {fmt(sg['release']['p50'], '.1f')} / "
@@ -1485,7 +1505,8 @@ def report(s: Suite, m: dict, command: str) -> str:
               "buffered body and the filter chain's state, which holding a request in any wasm filter costs here."
               + (f" countersign's hold grew the heap {hold_alloc_kib(same):.1f} KiB per request at the same N, so "
                  f"{hold_alloc_kib(same) - floor['alloc_per_kib']:.1f} KiB is the hold's own: the long poll's "
-                 "stream to the approval service and the filter's state for the request."
+                 "stream to the approval service and what Envoy keeps for the filter's context (the filter's own "
+                 "state is in its VMs' memory, outside this heap)."
                  if same else ""))
         a("")
     if any(h["n"] > 1000 for h in R["held"]):
@@ -1754,13 +1775,16 @@ def report(s: Suite, m: dict, command: str) -> str:
         de = (h["rss_held"]["envoy"] - h["rss_base"]["envoy"]) / held_count(h) / 1024
         ds = (h["rss_held"]["approval"] - h["rss_base"]["approval"]) / held_count(h) / 1024
         fd = sum(v for k, v in h["errors"].items() if "local connection failure" in k or "TimeoutError" in k)
+        dv = held_vm_kib(h)
         a(f"- **Held requests' memory (N = {h['n']:,}).** About {de:.0f} KiB of Envoy RSS and {ds:.0f} KiB of "
           f"service RSS per held request, so {(de + ds) * 10000 / 1024:,.0f} MiB for 10k on top of the idle "
-          "processes. Envoy's share is its own heap, not the wasm VMs (see the held-capacity notes): the "
-          "caller's connection and stream with its buffered body, and the long poll's stream (HTTP/2 to the "
-          "service, so the polls share a few connections); in the service, one HTTP/2 stream and task per long "
-          "poll. One watch per worker instead of one poll per held request would save the poll's stream and "
-          "task as well."
+          "processes. "
+          + (f"Of Envoy's share, {dv:.0f} KiB is countersign's wasm VMs (the held request's state and body; "
+             "see the held-capacity notes) and the rest Envoy's own: " if dv is not None else "Envoy's share: ")
+          + "the caller's connection and stream with its buffered body, and the long poll's stream (HTTP/2 to "
+          "the service, so the polls share a few connections); in the service, one HTTP/2 stream and task per "
+          "long poll. One watch per worker instead of one poll per held request would save the poll's stream "
+          "and task as well."
           + held_floor_sentence(R)
           + (f" {fd} of the failures at this size are the file-descriptor limit (connections Envoy could not "
              "open or accept), not the product." if fd else ""))

@@ -145,6 +145,11 @@ def test_a_real_scrape_passes_promtool_and_has_every_dashboard_metric(make_stack
     # Envoy's `wasmcustom.` prefix (no `envoy_` either), Envoy's own stats
     # gain `envoy_`.
     assert "countersign_requests_allowed_total" in scraped_names(envoy)
+    # The filter's VMs' memory (the sum over Envoy's VMs, counted on their
+    # timer): whole wasm pages, at least one per worker (`--concurrency 2`).
+    [vm_memory] = [float(line.split()[-1]) for line in envoy.splitlines()
+                   if line.startswith("countersign_vm_memory_bytes")]
+    assert vm_memory >= 2 * 65536 and vm_memory % 65536 == 0, vm_memory
     # (`listener_manager.lds.update_rejected` exists only with LDS, which
     # this static stack has not: its neighbour shows the naming.)
     assert "envoy_listener_manager_listener_added" in scraped_names(envoy)

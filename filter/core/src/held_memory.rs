@@ -109,7 +109,8 @@ fn a_request_waiting_for_its_reviewer_keeps_little_in_the_vm() {
     for (n, token) in creates.into_iter().enumerate() {
         host.answer = Some(CalloutResult {
             status: Some(201),
-            body: format!(r#"{{"id":"rev_{n}","status":"pending","expires_at_ms":0}}"#).into_bytes(),
+            body: format!(r#"{{"id":"rev_{n}","status":"pending","expires_at_ms":0}}"#)
+                .into_bytes(),
         });
         host.effective = None;
         worker.on_callout_response(&mut host, token, 64);

@@ -90,8 +90,8 @@ impl Headers {
 }
 
 /// The host (Envoy) as the filter sees it. Each method is one host call,
-/// except [`Host::callout_result`] (two: status and body) and
-/// [`Host::nonce`] (none: the VM's own randomness).
+/// except [`Host::callout_result`] (two: status and body), and
+/// [`Host::nonce`] and [`Host::memory_bytes`] (none: the VM's own).
 pub trait Host {
     /// The request headers of the current stream, whole.
     fn request_headers(&self) -> Headers;
@@ -115,6 +115,9 @@ pub trait Host {
     fn set_property(&mut self, name: &str, value: &[u8]);
     /// Milliseconds since the epoch.
     fn now_ms(&self) -> u64;
+    /// The size of the VM's linear memory in bytes. A wasm memory grows and
+    /// is never given back, so this is the most the VM ever needed at once.
+    fn memory_bytes(&self) -> u64;
     /// A random number (never 0).
     fn nonce(&mut self) -> u64;
     /// Sends `call` to `cluster`; the answer comes back with the returned

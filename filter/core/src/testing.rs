@@ -76,6 +76,8 @@ pub struct MockHost {
     calls: RefCell<Vec<&'static str>>,
     /// What `nonce` answers (`0xabc` by default).
     pub nonce: Option<u64>,
+    /// What `memory_bytes` answers (0 by default).
+    pub vm_memory: u64,
 }
 
 impl MockHost {
@@ -319,6 +321,11 @@ impl Host for MockHost {
     fn now_ms(&self) -> u64 {
         self.check("now_ms");
         self.now
+    }
+
+    /// Not counted: the VM answers it, not Envoy.
+    fn memory_bytes(&self) -> u64 {
+        self.vm_memory
     }
 
     fn nonce(&mut self) -> u64 {

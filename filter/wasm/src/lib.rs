@@ -49,6 +49,19 @@ thread_local! {
 struct Envoy;
 
 impl Host for Envoy {
+    fn memory_bytes(&self) -> u64 {
+        // One instruction, not a host call. Memory 0 is the module's only
+        // memory; its pages are 64 KiB.
+        #[cfg(target_arch = "wasm32")]
+        {
+            (core::arch::wasm32::memory_size(0) as u64) << 16
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            0
+        }
+    }
+
     fn request_headers(&self) -> Headers {
         header_map(MapType::HttpRequestHeaders)
     }
@@ -225,6 +238,11 @@ impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, _: usize, body_size: usize, _: usize) {
         self.worker
             .on_callout_response(&mut Envoy, token, body_size);
+    }
+
+    fn on_done(&mut self) -> bool {
+        self.worker.on_vm_done(&mut Envoy);
+        true
     }
 }
 
