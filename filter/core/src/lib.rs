@@ -42,6 +42,7 @@ pub mod stream_filter;
 pub mod token;
 pub mod tool_stream;
 pub mod trace_context;
+pub mod vm_memory;
 pub mod wire;
 pub mod worker;
 

@@ -25,6 +25,7 @@ use crate::hold::{
 };
 use crate::host::{note_outcome, Host, Level};
 use crate::refusal::{Refusal, RefusalKind};
+use crate::vm_memory::VmMemory;
 use crate::wire::{RecordBatchResults, RecordCreated};
 
 /// The root context's timer period (ms) when no record batch is open.
@@ -86,17 +87,9 @@ struct State {
     /// Response parts sent together and not yet answered: token → their
     /// deliveries, in order.
     response_batches: HashMap<u32, Vec<(Rc<Config>, Delivery)>>,
-    /// The VM memory this worker has added to [`VM_MEMORY_GAUGE`].
-    memory_counted: u64,
+    /// This root context's part in the VM's memory gauge.
+    memory: VmMemory,
 }
-
-/// Envoy's gauge of the filter VMs' memory: every worker's VM adds what its
-/// linear memory grew by, and takes its share back when it is shut down, so
-/// the gauge is the sum over the VMs that run. Held requests keep their
-/// state there, and a wasm memory never shrinks: this is how an operator
-/// sees what holding costs inside the VMs (Envoy's own memory is in its
-/// `/memory`, the VMs' is not).
-pub const VM_MEMORY_GAUGE: &str = "countersign_vm_memory_bytes";
 
 /// A handle to one VM's shared state.
 #[derive(Clone, Default)]
@@ -118,27 +111,11 @@ impl Worker {
         self.0.try_borrow_mut().is_err()
     }
 
-    /// Adds what this VM's memory grew by since it was last counted to
-    /// [`VM_MEMORY_GAUGE`] (on the timer: nothing on a request's path).
-    pub fn count_memory(&self, host: &mut dyn Host) {
-        let now = host.memory_bytes();
-        let grown = self.with(|s| {
-            let grown = now.saturating_sub(s.memory_counted);
-            s.memory_counted = s.memory_counted.max(now);
-            grown
-        });
-        if grown > 0 {
-            host.count(VM_MEMORY_GAUGE, i64::try_from(grown).unwrap_or(i64::MAX));
-        }
-    }
-
-    /// The VM is being shut down (its plugin removed or replaced, Envoy
-    /// stopping): its memory leaves [`VM_MEMORY_GAUGE`] with it.
+    /// The VM is being shut down or this root context's plugin removed:
+    /// see [`VmMemory::leave`].
     pub fn on_vm_done(&self, host: &mut dyn Host) {
-        let counted = self.with(|s| std::mem::take(&mut s.memory_counted));
-        if counted > 0 {
-            host.count(VM_MEMORY_GAUGE, -i64::try_from(counted).unwrap_or(i64::MAX));
-        }
+        let mut memory = self.with(|s| s.memory.take());
+        memory.leave(host);
     }
 
     /// Requests held in this VM.
@@ -211,7 +188,10 @@ impl Worker {
     /// deliveries (their answers come back to the root context, whatever
     /// became of the stream).
     pub fn on_tick(&self, host: &mut dyn Host) {
-        self.count_memory(host);
+        // The VM's memory, on the timer: nothing on a request's path.
+        if self.with(|s| s.memory.joined()) {
+            crate::vm_memory::count_growth(host);
+        }
         self.send_batch(host, true);
         let slow_down = self.with(|s| {
             let idle = s.fast_tick.is_some() && s.batch.is_empty();
@@ -949,33 +929,6 @@ mod tests {
             body: Some(vec![b'x'; body_len]),
             timeout_ms: 1_000,
         }
-    }
-
-    #[test]
-    fn the_vm_memory_gauge_adds_each_vms_growth_on_its_tick_and_drops_it_when_the_vm_goes() {
-        // Two workers' VMs in one Envoy share the gauge.
-        let (first, second) = (Worker::new(), Worker::new());
-        let mut host = MockHost::new(&first);
-        host.vm_memory = 1 << 20;
-        first.on_tick(&mut host);
-        host.vm_memory = 2 << 20;
-        second.on_tick(&mut host);
-        assert_eq!(host.metric(VM_MEMORY_GAUGE), 3 << 20);
-
-        // Growth is added once; a tick without growth counts nothing.
-        host.vm_memory = 3 << 20;
-        first.on_tick(&mut host);
-        assert_eq!(host.metric(VM_MEMORY_GAUGE), 5 << 20);
-        host.take_calls();
-        first.on_tick(&mut host);
-        assert!(!host.take_calls().contains(&"count"));
-        assert_eq!(host.metric(VM_MEMORY_GAUGE), 5 << 20);
-
-        // A VM shut down takes its whole share with it, once.
-        first.on_vm_done(&mut host);
-        assert_eq!(host.metric(VM_MEMORY_GAUGE), 2 << 20);
-        first.on_vm_done(&mut host);
-        assert_eq!(host.metric(VM_MEMORY_GAUGE), 2 << 20);
     }
 
     fn answer(host: &mut MockHost, worker: &Worker, token: u32, status: Option<u16>, body: &str) {
