@@ -7,17 +7,18 @@
 //! Every VM adds what its linear memory grew by and takes its share back
 //! when it is shut down, so Envoy's sum over the VMs that define the gauge
 //! is their total. A VM may serve several root contexts (plugins that share
-//! a `vm_id` and code): the share is the VM's, counted once, and leaves with
-//! the last of them.
+//! a `vm_id` and code): the share ([`VmShare`]) is the VM's, counted once,
+//! and leaves with the last of them.
 
 use std::cell::Cell;
+use std::rc::Rc;
 
 use crate::host::Host;
 
 /// The gauge's name (Envoy's `/stats`: `wasmcustom.` before it).
 pub const VM_MEMORY_GAUGE: &str = "countersign_vm_memory_bytes";
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 struct Share {
     /// Bytes this VM has added to the gauge.
     counted: u64,
@@ -25,36 +26,55 @@ struct Share {
     roots: u32,
 }
 
-thread_local! {
-    // A VM runs on one thread, and each VM has its own instance of this.
-    static VM_SHARE: Cell<Share> = const { Cell::new(Share { counted: 0, roots: 0 }) };
+/// One VM's share of the gauge, common to its root contexts (the adapter
+/// keeps one per VM; a [`crate::worker::Worker`] made without one is a VM
+/// of its own).
+#[derive(Clone, Default)]
+pub struct VmShare(Rc<Cell<Share>>);
+
+impl VmShare {
+    /// Adds what this VM's memory grew by since it was last counted (by any
+    /// of its root contexts).
+    pub fn count_growth(&self, host: &mut dyn Host) {
+        let now = host.memory_bytes();
+        let mut s = self.0.get();
+        let grown = now.saturating_sub(s.counted);
+        s.counted = s.counted.max(now);
+        self.0.set(s);
+        if grown > 0 {
+            host.count(VM_MEMORY_GAUGE, i64::try_from(grown).unwrap_or(i64::MAX));
+        }
+    }
 }
 
 /// One root context's part in its VM's share of the gauge.
 pub struct VmMemory {
+    share: VmShare,
     joined: bool,
 }
 
 impl VmMemory {
-    /// A root context of this VM takes part.
-    pub fn join() -> VmMemory {
-        VM_SHARE.with(|share| {
-            let mut s = share.get();
-            s.roots = s.roots.saturating_add(1);
-            share.set(s);
-        });
-        VmMemory { joined: true }
+    /// A root context of the VM whose share this is takes part.
+    pub fn join(share: &VmShare) -> VmMemory {
+        let mut s = share.0.get();
+        s.roots = s.roots.saturating_add(1);
+        share.0.set(s);
+        VmMemory {
+            share: share.clone(),
+            joined: true,
+        }
     }
 
-    /// Whether this root context still takes part (it has not left).
-    pub fn joined(&self) -> bool {
-        self.joined
+    /// The VM's share, while this root context takes part (it has not left).
+    pub fn share(&self) -> Option<VmShare> {
+        self.joined.then(|| self.share.clone())
     }
 
     /// This part, leaving one that no longer takes part in its place (to
     /// leave outside a borrow of the state that holds it).
     pub fn take(&mut self) -> VmMemory {
         VmMemory {
+            share: self.share.clone(),
             joined: std::mem::take(&mut self.joined),
         }
     }
@@ -65,42 +85,24 @@ impl VmMemory {
         if !std::mem::take(&mut self.joined) {
             return;
         }
-        let counted = VM_SHARE.with(|share| {
-            let mut s = share.get();
-            s.roots = s.roots.saturating_sub(1);
-            let counted = if s.roots == 0 {
-                std::mem::take(&mut s.counted)
-            } else {
-                0
-            };
-            share.set(s);
-            counted
-        });
+        let mut s = self.share.0.get();
+        s.roots = s.roots.saturating_sub(1);
+        let counted = if s.roots == 0 {
+            std::mem::take(&mut s.counted)
+        } else {
+            0
+        };
+        self.share.0.set(s);
         if counted > 0 {
             host.count(VM_MEMORY_GAUGE, -i64::try_from(counted).unwrap_or(i64::MAX));
         }
     }
 }
 
-/// Adds what this VM's memory grew by since it was last counted (by any of
-/// its root contexts).
-pub fn count_growth(host: &mut dyn Host) {
-    let now = host.memory_bytes();
-    let grown = VM_SHARE.with(|share| {
-        let mut s = share.get();
-        let grown = now.saturating_sub(s.counted);
-        s.counted = s.counted.max(now);
-        share.set(s);
-        grown
-    });
-    if grown > 0 {
-        host.count(VM_MEMORY_GAUGE, i64::try_from(grown).unwrap_or(i64::MAX));
-    }
-}
-
 impl Default for VmMemory {
+    /// The part of a VM of its own.
     fn default() -> VmMemory {
-        VmMemory::join()
+        VmMemory::join(&VmShare::default())
     }
 }
 
@@ -114,8 +116,9 @@ mod tests {
     #[test]
     fn a_vms_memory_is_counted_once_on_its_roots_ticks_and_leaves_with_its_last_root() {
         // Two root contexts (two plugins sharing the VM), each with its
-        // worker; this test's thread is the VM.
-        let (first, second) = (Worker::new(), Worker::new());
+        // worker.
+        let vm = VmShare::default();
+        let (first, second) = (Worker::in_vm(&vm), Worker::in_vm(&vm));
         let mut host = MockHost::new(&first);
         host.vm_memory = 1 << 20;
         first.on_tick(&mut host);

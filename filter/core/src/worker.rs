@@ -25,7 +25,7 @@ use crate::hold::{
 };
 use crate::host::{note_outcome, Host, Level};
 use crate::refusal::{Refusal, RefusalKind};
-use crate::vm_memory::VmMemory;
+use crate::vm_memory::{VmMemory, VmShare};
 use crate::wire::{RecordBatchResults, RecordCreated};
 
 /// The root context's timer period (ms) when no record batch is open.
@@ -96,9 +96,18 @@ struct State {
 pub struct Worker(Rc<RefCell<State>>);
 
 impl Worker {
-    /// An empty worker.
+    /// An empty worker, in a VM of its own.
     pub fn new() -> Worker {
         Worker::default()
+    }
+
+    /// An empty worker for a root context of the VM whose memory gauge
+    /// share is `vm` ([`crate::vm_memory`]).
+    pub fn in_vm(vm: &VmShare) -> Worker {
+        Worker(Rc::new(RefCell::new(State {
+            memory: VmMemory::join(vm),
+            ..State::default()
+        })))
     }
 
     /// Runs `f` on the state. Callers never make host calls inside `f`.
@@ -189,8 +198,8 @@ impl Worker {
     /// became of the stream).
     pub fn on_tick(&self, host: &mut dyn Host) {
         // The VM's memory, on the timer: nothing on a request's path.
-        if self.with(|s| s.memory.joined()) {
-            crate::vm_memory::count_growth(host);
+        if let Some(share) = self.with(|s| s.memory.share()) {
+            share.count_growth(host);
         }
         self.send_batch(host, true);
         let slow_down = self.with(|s| {

@@ -23,6 +23,7 @@ use countersign_core::config::Config;
 use countersign_core::hold::{Callout, CalloutResult};
 use countersign_core::host::{Action, Headers, Host, Level};
 use countersign_core::stream_filter::StreamFilter;
+use countersign_core::vm_memory::VmShare;
 use countersign_core::worker::Worker;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -33,9 +34,16 @@ use proxy_wasm::types::{
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root { config: None, worker: Worker::new() })
+        let worker = VM_SHARE.with(Worker::in_vm);
+        Box::new(Root { config: None, worker })
     });
 }}
+
+thread_local! {
+    /// This VM's share of the memory gauge, common to its root contexts
+    /// (plugins sharing the VM). A VM is one instance on one thread.
+    static VM_SHARE: VmShare = VmShare::default();
+}
 
 /// How often the root context looks for due retries and deliveries.
 const TICK: Duration = Duration::from_millis(countersign_core::worker::TICK_MS);
