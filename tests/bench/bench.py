@@ -224,10 +224,15 @@ def counters(envoy: Envoy, pattern: str = "") -> dict[str, int]:
     return out
 
 
+def stat(envoy: Envoy, name: str) -> int | None:
+    """One of Envoy's counters or gauges, by its exact name (`None` until it exists)."""
+    return counters(envoy, f"^{re.escape(name)}$").get(name)
+
+
 def vm_memory(envoy: Envoy) -> int | None:
     """The filter's wasm VMs' memory, summed over Envoy's workers (the filter's own gauge; V8's wasm
     memory is outside Envoy's heap, so `/memory` does not see it)."""
-    return counters(envoy, f"^{re.escape(VM_MEMORY_STAT)}$").get(VM_MEMORY_STAT)
+    return stat(envoy, VM_MEMORY_STAT)
 
 
 def raise_circuit_breakers(limit: int):
@@ -969,7 +974,7 @@ class Suite:
                 raise RuntimeError(f"hold client failed: {line!r} {client.log_text()[-2000:]}")
             active, deadline = 0, time.monotonic() + 30
             while time.monotonic() < deadline:
-                active = counters(envoy, f"^{re.escape(active_stat)}$").get(active_stat, 0)
+                active = stat(envoy, active_stat) or 0
                 if active >= n:
                     break
                 time.sleep(0.2)
@@ -1458,7 +1463,7 @@ def report(s: Suite, m: dict, command: str) -> str:
         sg = h["segments"]
         mem, mem0 = h.get("envoy_memory"), h.get("envoy_memory_base")
         if mem and mem0 and "allocated" in mem and "allocated" in mem0:
-            d_alloc = (mem["allocated"] - mem0["allocated"]) / held_count(h) / 1024
+            d_alloc = hold_alloc_kib(h)
             d_rss = (h["rss_held"]["envoy"] - h["rss_base"]["envoy"]) / held_count(h) / 1024
             d_vm = held_vm_kib(h)
             a(f"**N = {h['n']:,}, memory.** Envoy's RSS grew {d_rss:.1f} KiB per held request. "

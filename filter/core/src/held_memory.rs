@@ -20,8 +20,9 @@ use crate::stream_filter::StreamFilter;
 use crate::testing::MockHost;
 use crate::worker::Worker;
 
-/// Counts the bytes allocated and not yet freed, per thread: tests run on
-/// threads of their own, so one test's count is its own.
+/// Counts the bytes allocated and not yet freed, per thread, so one test's
+/// count is its own: natively each test has a thread, and under wasm32 they
+/// run one after another on the one thread (a test reads differences).
 struct CountingAllocator;
 
 thread_local! {

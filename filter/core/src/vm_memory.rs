@@ -27,12 +27,20 @@ struct Share {
 }
 
 /// One VM's share of the gauge, common to its root contexts (the adapter
-/// keeps one per VM; a [`crate::worker::Worker`] made without one is a VM
-/// of its own).
+/// keeps one per VM). Each root context that takes part holds a clone from
+/// [`VmShare::join`] and gives it back with [`VmShare::leave`].
 #[derive(Clone, Default)]
 pub struct VmShare(Rc<Cell<Share>>);
 
 impl VmShare {
+    /// A root context of this VM takes part.
+    pub fn join(&self) -> VmShare {
+        let mut s = self.0.get();
+        s.roots = s.roots.saturating_add(1);
+        self.0.set(s);
+        self.clone()
+    }
+
     /// Adds what this VM's memory grew by since it was last counted (by any
     /// of its root contexts).
     pub fn count_growth(&self, host: &mut dyn Host) {
@@ -45,64 +53,21 @@ impl VmShare {
             host.count(VM_MEMORY_GAUGE, i64::try_from(grown).unwrap_or(i64::MAX));
         }
     }
-}
 
-/// One root context's part in its VM's share of the gauge.
-pub struct VmMemory {
-    share: VmShare,
-    joined: bool,
-}
-
-impl VmMemory {
-    /// A root context of the VM whose share this is takes part.
-    pub fn join(share: &VmShare) -> VmMemory {
-        let mut s = share.0.get();
-        s.roots = s.roots.saturating_add(1);
-        share.0.set(s);
-        VmMemory {
-            share: share.clone(),
-            joined: true,
-        }
-    }
-
-    /// The VM's share, while this root context takes part (it has not left).
-    pub fn share(&self) -> Option<VmShare> {
-        self.joined.then(|| self.share.clone())
-    }
-
-    /// This part, leaving one that no longer takes part in its place (to
-    /// leave outside a borrow of the state that holds it).
-    pub fn take(&mut self) -> VmMemory {
-        VmMemory {
-            share: self.share.clone(),
-            joined: std::mem::take(&mut self.joined),
-        }
-    }
-
-    /// This root context is done (its plugin removed or replaced, Envoy
+    /// A root context is done (its plugin removed or replaced, Envoy
     /// stopping); with the VM's last one, the VM's share leaves the gauge.
-    pub fn leave(&mut self, host: &mut dyn Host) {
-        if !std::mem::take(&mut self.joined) {
-            return;
-        }
-        let mut s = self.share.0.get();
+    pub fn leave(self, host: &mut dyn Host) {
+        let mut s = self.0.get();
         s.roots = s.roots.saturating_sub(1);
         let counted = if s.roots == 0 {
             std::mem::take(&mut s.counted)
         } else {
             0
         };
-        self.share.0.set(s);
+        self.0.set(s);
         if counted > 0 {
             host.count(VM_MEMORY_GAUGE, -i64::try_from(counted).unwrap_or(i64::MAX));
         }
-    }
-}
-
-impl Default for VmMemory {
-    /// The part of a VM of its own.
-    fn default() -> VmMemory {
-        VmMemory::join(&VmShare::default())
     }
 }
 
@@ -137,13 +102,13 @@ mod tests {
 
         // The VM's share stays while a root remains, and leaves, once, with
         // the last.
-        first.on_vm_done(&mut host);
+        first.on_done(&mut host);
         assert_eq!(host.metric(VM_MEMORY_GAUGE), 3 << 20);
-        first.on_vm_done(&mut host);
+        first.on_done(&mut host);
         assert_eq!(host.metric(VM_MEMORY_GAUGE), 3 << 20);
-        second.on_vm_done(&mut host);
+        second.on_done(&mut host);
         assert_eq!(host.metric(VM_MEMORY_GAUGE), 0);
-        second.on_vm_done(&mut host);
+        second.on_done(&mut host);
         assert_eq!(host.metric(VM_MEMORY_GAUGE), 0);
     }
 }

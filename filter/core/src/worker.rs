@@ -25,7 +25,7 @@ use crate::hold::{
 };
 use crate::host::{note_outcome, Host, Level};
 use crate::refusal::{Refusal, RefusalKind};
-use crate::vm_memory::{VmMemory, VmShare};
+use crate::vm_memory::VmShare;
 use crate::wire::{RecordBatchResults, RecordCreated};
 
 /// The root context's timer period (ms) when no record batch is open.
@@ -87,8 +87,9 @@ struct State {
     /// Response parts sent together and not yet answered: token → their
     /// deliveries, in order.
     response_batches: HashMap<u32, Vec<(Rc<Config>, Delivery)>>,
-    /// This root context's part in the VM's memory gauge.
-    memory: VmMemory,
+    /// The VM's share of the memory gauge while this root context takes
+    /// part (`None`: it counts no memory, or has left).
+    memory: Option<VmShare>,
 }
 
 /// A handle to one VM's shared state.
@@ -96,7 +97,8 @@ struct State {
 pub struct Worker(Rc<RefCell<State>>);
 
 impl Worker {
-    /// An empty worker, in a VM of its own.
+    /// An empty worker that counts no VM memory (the adapter's root
+    /// contexts use [`Worker::in_vm`]).
     pub fn new() -> Worker {
         Worker::default()
     }
@@ -105,7 +107,7 @@ impl Worker {
     /// share is `vm` ([`crate::vm_memory`]).
     pub fn in_vm(vm: &VmShare) -> Worker {
         Worker(Rc::new(RefCell::new(State {
-            memory: VmMemory::join(vm),
+            memory: Some(vm.join()),
             ..State::default()
         })))
     }
@@ -120,11 +122,12 @@ impl Worker {
         self.0.try_borrow_mut().is_err()
     }
 
-    /// The VM is being shut down or this root context's plugin removed:
-    /// see [`VmMemory::leave`].
-    pub fn on_vm_done(&self, host: &mut dyn Host) {
-        let mut memory = self.with(|s| s.memory.take());
-        memory.leave(host);
+    /// This root context is done (its plugin removed or replaced, or the VM
+    /// shut down): it leaves the VM's memory share ([`VmShare::leave`]).
+    pub fn on_done(&self, host: &mut dyn Host) {
+        if let Some(share) = self.with(|s| s.memory.take()) {
+            share.leave(host);
+        }
     }
 
     /// Requests held in this VM.
@@ -198,7 +201,7 @@ impl Worker {
     /// became of the stream).
     pub fn on_tick(&self, host: &mut dyn Host) {
         // The VM's memory, on the timer: nothing on a request's path.
-        if let Some(share) = self.with(|s| s.memory.share()) {
+        if let Some(share) = self.with(|s| s.memory.clone()) {
             share.count_growth(host);
         }
         self.send_batch(host, true);

@@ -249,7 +249,7 @@ impl Context for Root {
     }
 
     fn on_done(&mut self) -> bool {
-        self.worker.on_vm_done(&mut Envoy);
+        self.worker.on_done(&mut Envoy);
         true
     }
 }
