@@ -122,7 +122,12 @@ impl Store {
         if caller.is_empty() {
             return Ok(ConsumeOutcome::NotFound);
         }
-        self.conn().transaction(Lock::Review(id), |tx| {
+        let (owned_id, caller, body_sha256) =
+            (id.to_string(), caller.to_string(), body_sha256.to_string());
+        let idempotency_key = idempotency_key.map(str::to_string);
+        self.write(Some(Lock::Review(id)), move |tx| {
+            let (id, caller, body_sha256) = (owned_id.as_str(), caller.as_str(), body_sha256.as_str());
+            let idempotency_key = idempotency_key.as_deref();
             let row = tx.query_opt(
                 "SELECT caller, async_review, COALESCE(edited_body, body), decided_at_ms, token_uses
                  FROM reviews WHERE id = ?1 AND status = 'approved'",

@@ -244,15 +244,17 @@ impl Store {
         now_ms: u64,
     ) -> DbResult<DecideOutcome> {
         let judge_hold = d.status == ReviewStatus::Approved && self.judges_holds_at(now_ms);
+        let (owned_id, d, reviewer) = (id.to_string(), d.clone(), reviewer.clone());
         // Committed whatever the outcome: a lapsed expiry may have been persisted.
-        self.conn().transaction(Lock::Review(id), |tx| {
+        self.write(Some(Lock::Review(id)), move |tx| {
+            let id = owned_id.as_str();
             if judge_hold && abandon_if_gone(tx, id, now_ms)? {
                 return Ok(match detail_of(tx, id)? {
                     Some(detail) => DecideOutcome::Abandoned(Box::new(detail)),
                     None => DecideOutcome::NotFound,
                 });
             }
-            decide_in(tx, id, d, reviewer, now_ms)
+            decide_in(tx, id, &d, &reviewer, now_ms)
         })
     }
 }

@@ -72,6 +72,7 @@ use sha2::{Digest, Sha256};
 
 use crate::assessment::AssessmentReport;
 use crate::config::SqliteSynchronous;
+use crate::db::group_commit::{self, GroupQueue, Reply, Writer};
 use crate::db::schema::RECORD_QUERY_COLUMNS;
 use crate::db::{Backend, Conn, DbError, DbResult, Location, Lock, Param, Row};
 use crate::params;
@@ -333,16 +334,8 @@ pub struct RecordStore {
 struct Log {
     conn: Mutex<Conn>,
     /// Appends waiting for the next group commit (see [`RecordStore::submit`]).
-    queue: Mutex<Queue>,
+    queue: Arc<GroupQueue<Queued>>,
     counters: RecordCounters,
-}
-
-/// The appends waiting for a group commit, and whether a writer is at work
-/// on them (it drains the queue until it finds it empty).
-#[derive(Default)]
-struct Queue {
-    waiting: Vec<Queued>,
-    writing: bool,
 }
 
 /// Most appends one group commit writes in one transaction.
@@ -358,24 +351,6 @@ enum Append {
 /// repeat.
 type Outcome = Result<(Written, bool), RecordError>;
 
-/// Where the outcome of an append goes: a thread blocked on it, or a task
-/// awaiting it.
-enum Reply {
-    Blocking(std::sync::mpsc::Sender<Outcome>),
-    Async(tokio::sync::oneshot::Sender<Outcome>),
-}
-
-impl Reply {
-    fn send(self, outcome: Outcome) {
-        // A receiver that went away (a dropped request) needs no answer;
-        // its append was written all the same.
-        match self {
-            Reply::Blocking(tx) => drop(tx.send(outcome)),
-            Reply::Async(tx) => drop(tx.send(outcome)),
-        }
-    }
-}
-
 /// The outcome of an append whose writer ended without answering (it
 /// panicked, or the runtime shut down before it ran).
 fn writer_failed() -> Outcome {
@@ -388,48 +363,12 @@ fn writer_failed() -> Outcome {
 struct Queued {
     append: Append,
     now_ms: u64,
-    reply: Reply,
+    reply: Reply<Outcome>,
 }
 
-/// The writer of the queue: drains it a group at a time. One exists while
-/// `Queue::writing` is set; if it ends without draining the queue (a panic,
-/// or it never ran), what is queued is answered with an error rather than
-/// left waiting forever.
-struct Writer {
-    log: Arc<Log>,
-    finished: bool,
-}
-
-impl Writer {
-    fn run(mut self) {
-        loop {
-            let group: Vec<Queued> = {
-                let mut q = self.log.queue();
-                if q.waiting.is_empty() {
-                    q.writing = false;
-                    self.finished = true;
-                    return;
-                }
-                let n = q.waiting.len().min(GROUP_COMMIT_MAX);
-                q.waiting.drain(..n).collect()
-            };
-            write_group(&mut self.log.conn(), group);
-        }
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        if !self.finished {
-            let abandoned = {
-                let mut q = self.log.queue();
-                q.writing = false;
-                std::mem::take(&mut q.waiting)
-            };
-            for q in abandoned {
-                q.reply.send(writer_failed());
-            }
-        }
+impl group_commit::Queued for Queued {
+    fn abandon(self) {
+        self.reply.send(writer_failed());
     }
 }
 
@@ -440,11 +379,6 @@ impl Log {
         let mut guard = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
         guard.recover();
         guard
-    }
-
-    fn queue(&self) -> MutexGuard<'_, Queue> {
-        // Pushes and drains cannot be interrupted halfway.
-        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -922,7 +856,7 @@ impl RecordStore {
         Ok(RecordStore {
             log: Arc::new(Log {
                 conn: Mutex::new(conn),
-                queue: Mutex::new(Queue::default()),
+                queue: GroupQueue::new(GROUP_COMMIT_MAX),
                 counters: RecordCounters::default(),
             }),
         })
@@ -1083,9 +1017,12 @@ impl RecordStore {
             (Reply::Async(reply), answer)
         });
         if let Some(writer) = writer {
+            let log = Arc::clone(&self.log);
             // Dropped unrun when the runtime is shutting down: the writer's
             // `Drop` answers what waits.
-            drop(tokio::task::spawn_blocking(move || writer.run()));
+            drop(tokio::task::spawn_blocking(move || {
+                writer.run(|group| write_group(&mut log.conn(), group));
+            }));
         }
         let mut out = Vec::with_capacity(answers.len());
         for answer in answers {
@@ -1102,7 +1039,7 @@ impl RecordStore {
             (Reply::Blocking(reply), answer)
         });
         if let Some(writer) = writer {
-            writer.run();
+            writer.run(|group| write_group(&mut self.log.conn(), group));
         }
         answers
             .into_iter()
@@ -1111,34 +1048,29 @@ impl RecordStore {
     }
 
     /// Queues `appends` together, each with a reply channel from `channel`;
-    /// returns the receiving ends, in order, and the writer to start when
+    /// returns the receiving ends, in order, and the writer to run when
     /// none is at work.
     fn enqueue<A>(
         &self,
         appends: Vec<Append>,
         now_ms: u64,
-        channel: impl Fn() -> (Reply, A),
-    ) -> (Vec<A>, Option<Writer>) {
+        channel: impl Fn() -> (Reply<Outcome>, A),
+    ) -> (Vec<A>, Option<Writer<Queued>>) {
         let mut answers = Vec::with_capacity(appends.len());
-        let mut q = self.log.queue();
-        q.waiting.extend(appends.into_iter().map(|append| {
-            let (reply, answer) = channel();
-            answers.push(answer);
-            Queued {
-                append,
-                now_ms,
-                reply,
-            }
-        }));
-        if q.writing || q.waiting.is_empty() {
-            return (answers, None);
-        }
-        q.writing = true;
-        let writer = Writer {
-            log: Arc::clone(&self.log),
-            finished: false,
-        };
-        (answers, Some(writer))
+        let queued: Vec<Queued> = appends
+            .into_iter()
+            .map(|append| {
+                let (reply, answer) = channel();
+                answers.push(answer);
+                Queued {
+                    append,
+                    now_ms,
+                    reply,
+                }
+            })
+            .collect();
+        let writer = self.log.queue.push(queued);
+        (answers, writer)
     }
 
     /// Deletes at most [`RETENTION_CHUNK`] of the oldest entries created

@@ -8,9 +8,16 @@
 //! [`crate::approvals`]), so even with several processes on one database
 //! (replicas on PostgreSQL, or processes sharing a SQLite file) exactly one
 //! outcome wins.
+//!
+//! On SQLite, which has one writer at a time anyway, the changes on the
+//! paths that carry load (decisions, new reviews, holds' liveness) go
+//! through a group commit ([`Store::write`]): what arrives while one
+//! transaction is being written is written together in the next, one flush
+//! for all, each change in a savepoint of its own.
 
+use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use countersign_core::answer_review::texts_of_answer;
@@ -22,7 +29,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::assessment::AssessmentReport;
 use crate::config::SqliteSynchronous;
-use crate::db::{Backend, Conn, DbError, DbResult, Location, OpenError, Row};
+use crate::db::group_commit::{self, GroupQueue, Reply};
+use crate::db::{Backend, Conn, DbError, DbResult, Location, Lock, OpenError, Row};
 use crate::params;
 
 /// Characters of the last user message shown in list previews.
@@ -284,7 +292,12 @@ fn like_pattern(text: &str) -> String {
 
 /// The database.
 pub struct Store {
-    conn: Mutex<Conn>,
+    /// Shared with the group commit's writer (see [`Store::write`]).
+    conn: Arc<Mutex<Conn>>,
+    /// Which database `conn` talks to (fixed once opened).
+    backend: Backend,
+    /// Changes waiting for the next group commit (SQLite; see [`Store::write`]).
+    writes: Arc<GroupQueue<QueuedWrite>>,
     /// `hold_grace_ms`: how long a hold counts as alive after its last poll.
     hold_grace_ms: AtomicU64,
     /// When this process opened the database: no hold is judged gone
@@ -365,6 +378,77 @@ pub fn preview_of(prompt: &[PromptMessage]) -> String {
         .unwrap_or_default()
 }
 
+/// The connection, ready for use.
+fn lock_conn(conn: &Mutex<Conn>) -> MutexGuard<'_, Conn> {
+    // A panic while holding the lock cannot leave a half-applied change:
+    // each change is one statement or one transaction, which `recover`
+    // rolls back if the panic interrupted it.
+    let mut guard = conn.lock().unwrap_or_else(PoisonError::into_inner);
+    guard.recover();
+    guard
+}
+
+/// Most changes one group commit of the review store writes together.
+const GROUP_WRITE_MAX: usize = 128;
+
+/// A change's answer, its value type erased (each caller knows its own).
+type WriteAnswer = DbResult<Box<dyn Any + Send>>;
+
+/// A change waiting for the review store's group commit.
+struct QueuedWrite {
+    change: Box<dyn FnOnce(&mut Conn) -> WriteAnswer + Send>,
+    reply: Reply<WriteAnswer>,
+}
+
+impl group_commit::Queued for QueuedWrite {
+    fn abandon(self) {
+        self.reply.send(Err(write_failed()));
+    }
+}
+
+/// The answer to a change whose writer ended without answering.
+fn write_failed() -> DbError {
+    DbError::Conversion("the review store's writer failed".into())
+}
+
+/// Writes `group` in one transaction, each change in a savepoint, and
+/// answers every change once the transaction has ended: its own value or
+/// error when it committed, the transaction's error when it did not.
+fn write_group(conn: &mut Conn, group: Vec<QueuedWrite>) {
+    let mut done: Vec<(Reply<WriteAnswer>, WriteAnswer)> = Vec::with_capacity(group.len());
+    let mut unrun = group.into_iter();
+    let ended = conn.transaction(Lock::Group, |tx| {
+        for queued in unrun.by_ref() {
+            tx.batch("SAVEPOINT change")?;
+            let answer = (queued.change)(tx);
+            match &answer {
+                Ok(_) => tx.batch("RELEASE change")?,
+                // Undone alone; the others stay.
+                Err(_) => tx.batch("ROLLBACK TO change; RELEASE change")?,
+            }
+            done.push((queued.reply, answer));
+        }
+        Ok::<(), DbError>(())
+    });
+    match ended {
+        Ok(()) => {
+            for (reply, answer) in done {
+                reply.send(answer);
+            }
+        }
+        Err(e) => {
+            // Nothing of the group was committed.
+            let text = e.to_string();
+            for (reply, _) in done {
+                reply.send(Err(DbError::Group(text.clone())));
+            }
+            for queued in unrun {
+                queued.reply.send(Err(DbError::Group(text.clone())));
+            }
+        }
+    }
+}
+
 /// How long a write waits for another process's lock (SQLite busy timeout,
 /// PostgreSQL `lock_timeout`).
 const WRITE_LOCK_WAIT: Duration = Duration::from_secs(5);
@@ -385,7 +469,9 @@ impl Store {
         let mut conn = Conn::open(location, WRITE_LOCK_WAIT, synchronous.pragma_value())?;
         crate::db::schema::migrate(&mut conn)?;
         Ok(Store {
-            conn: Mutex::new(conn),
+            backend: conn.backend(),
+            conn: Arc::new(Mutex::new(conn)),
+            writes: GroupQueue::new(GROUP_WRITE_MAX),
             hold_grace_ms: AtomicU64::new(crate::config::DEFAULT_HOLD_GRACE_MS),
             opened_at_ms: crate::now_ms(),
             hold_write_failed_at_ms: AtomicU64::new(0),
@@ -427,11 +513,14 @@ impl Store {
     /// Stored in the database, not in this replica's memory: an approval
     /// may reach another replica. Reviews without a hold are left alone.
     pub fn hold_polled(&self, id: &str, alive_until_ms: u64) -> DbResult<()> {
-        let written = self.conn().execute(
-            "UPDATE reviews SET hold_alive_until_ms = ?2
-             WHERE id = ?1 AND status = 'pending' AND hold_alive_until_ms IS NOT NULL",
-            params![id, alive_until_ms],
-        );
+        let owned_id = id.to_string();
+        let written = self.write(None, move |tx| {
+            tx.execute(
+                "UPDATE reviews SET hold_alive_until_ms = ?2
+                 WHERE id = ?1 AND status = 'pending' AND hold_alive_until_ms IS NOT NULL",
+                params![&owned_id, alive_until_ms],
+            )
+        });
         self.hold_write(written).map(drop)
     }
 
@@ -440,30 +529,73 @@ impl Store {
     /// for a grace from now, unless a later poll has begun meanwhile (it
     /// set another time, which stays).
     pub fn hold_poll_ended(&self, id: &str, polled_until_ms: u64, now_ms: u64) -> DbResult<()> {
-        let written = self.conn().execute(
-            "UPDATE reviews SET hold_alive_until_ms = ?3
-             WHERE id = ?1 AND hold_alive_until_ms = ?2",
-            params![
-                id,
-                polled_until_ms,
-                now_ms.saturating_add(self.hold_grace_ms())
-            ],
-        );
+        let (owned_id, alive_until_ms) =
+            (id.to_string(), now_ms.saturating_add(self.hold_grace_ms()));
+        let written = self.write(None, move |tx| {
+            tx.execute(
+                "UPDATE reviews SET hold_alive_until_ms = ?3
+                 WHERE id = ?1 AND hold_alive_until_ms = ?2",
+                params![&owned_id, polled_until_ms, alive_until_ms],
+            )
+        });
         self.hold_write(written).map(drop)
     }
 
     pub(crate) fn conn(&self) -> MutexGuard<'_, Conn> {
-        // A panic while holding the lock cannot leave a half-applied change:
-        // each change is one statement or one transaction, which `recover`
-        // rolls back if the panic interrupted it.
-        let mut guard = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        guard.recover();
-        guard
+        lock_conn(&self.conn)
     }
 
     /// Which database this is.
     pub fn backend(&self) -> Backend {
-        self.conn().backend()
+        self.backend
+    }
+
+    /// Runs `change` in a transaction that takes `lock` and answers once it
+    /// committed. On PostgreSQL the transaction is its own (replicas and
+    /// row locks keep changes of different reviews apart), and a change
+    /// that needs no lock (`None`) runs outside any, each statement
+    /// committing alone. On SQLite, whose
+    /// file has one writer at a time, it joins the group commit: the
+    /// changes queued while a transaction is being written are written
+    /// together in the next one, each in a savepoint of its own, so an
+    /// error undoes that change alone and fails only its caller; the group
+    /// shares one flush. Blocking. `change` must not call back into the
+    /// store (the writer holds the connection while it runs).
+    pub(crate) fn write<T: Send + 'static>(
+        &self,
+        lock: Option<Lock<'_>>,
+        change: impl FnOnce(&mut Conn) -> DbResult<T> + Send + 'static,
+    ) -> DbResult<T> {
+        if self.backend == Backend::Postgres {
+            let mut conn = self.conn();
+            return match lock {
+                Some(lock) => conn.transaction(lock, change),
+                None => change(&mut conn),
+            };
+        }
+        let (reply, answer) = std::sync::mpsc::channel();
+        let queued = QueuedWrite {
+            change: Box::new(move |conn| change(conn).map(|v| Box::new(v) as Box<dyn Any + Send>)),
+            reply: Reply::Blocking(reply),
+        };
+        if let Some(writer) = self.writes.push([queued]) {
+            let conn = Arc::clone(&self.conn);
+            let write = move |group| write_group(&mut lock_conn(&conn), group);
+            match tokio::runtime::Handle::try_current() {
+                // A thread of its own writes: under a steady load the queue
+                // may not empty for a long time, and this caller must not
+                // wait for that to have its own answer. Dropped unrun when
+                // the runtime is shutting down: the writer's `Drop` answers.
+                Ok(runtime) => drop(runtime.spawn_blocking(move || writer.run(write))),
+                // No runtime (tools, tests): this thread writes.
+                Err(_) => writer.run(write),
+            }
+        }
+        let written = answer.recv().unwrap_or_else(|_| Err(write_failed()))?;
+        written
+            .downcast::<T>()
+            .map(|v| *v)
+            .map_err(|_| DbError::Conversion("a grouped write answered another type".into()))
     }
 
     /// A trivial query, for readiness checks.
@@ -498,66 +630,69 @@ impl Store {
         let held = !q.async_review && q.mode == ReviewMode::Hold;
         let hold_alive_until_ms =
             held.then(|| r.created_at_ms.saturating_add(self.hold_grace_ms()));
-        let mut conn = self.conn();
-        let inserted = conn.execute(
-            "INSERT INTO reviews (id, status, created_at_ms, expires_at_ms, request_id, api, method,
-                 path, authority, route, caller, model, stream, rule, prompt_json, preview, body,
-                 hold_timeout_ms, caller_groups_json, required_approvals, approver_group, async_review,
-                 idempotency_key, evidence_json, auto_decision_json, kind, spot_check_json,
-                 mode, tool_calls_json, hold_alive_until_ms, traceparent, tracestate)
-             VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                 ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31)
-             ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
-            params![
-                &r.id,
-                r.created_at_ms,
-                r.expires_at_ms,
-                &q.request_id,
-                q.api.as_str(),
-                &q.method,
-                &q.path,
-                &q.authority,
-                &q.route,
-                &q.caller,
-                &q.model,
-                q.stream,
-                &q.rule,
-                &prompt_json,
-                &preview,
-                &q.body,
-                r.hold_timeout_ms,
-                &caller_groups_json,
-                i64::from(q.required_approvals.max(1)),
-                &q.approver_group,
-                q.async_review,
-                &q.idempotency_key,
-                &evidence_json,
-                &auto_decision_json,
-                q.kind.as_str(),
-                &spot_check_json,
-                q.mode.as_str(),
-                &tool_calls_json,
-                hold_alive_until_ms,
-                r.trace_context.as_ref().map(|t| t.traceparent.as_str()),
-                r.trace_context.as_ref().and_then(|t| t.tracestate.as_deref()),
-            ],
-        )?;
-        if inserted == 1 {
-            return Ok(Inserted::New);
-        }
-        let row = conn.query_opt(
-            "SELECT id FROM reviews
-             WHERE idempotency_key = ?1 AND request_id = ?2
-               AND caller IS NOT DISTINCT FROM ?3 AND body = ?4",
-            params![&q.idempotency_key, &q.request_id, &q.caller, &q.body],
-        )?;
-        let Some(row) = row else {
-            return Ok(Inserted::KeyOfAnotherRequest);
-        };
-        let id: String = row.get(0)?;
-        Ok(match state_of(&mut conn, &id)? {
-            Some(state) => Inserted::Existing(state),
-            None => Inserted::KeyOfAnotherRequest,
+        let r = r.clone();
+        self.write(None, move |tx| {
+            let q = &r.request;
+            let inserted = tx.execute(
+                "INSERT INTO reviews (id, status, created_at_ms, expires_at_ms, request_id, api, method,
+                     path, authority, route, caller, model, stream, rule, prompt_json, preview, body,
+                     hold_timeout_ms, caller_groups_json, required_approvals, approver_group, async_review,
+                     idempotency_key, evidence_json, auto_decision_json, kind, spot_check_json,
+                     mode, tool_calls_json, hold_alive_until_ms, traceparent, tracestate)
+                 VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                     ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31)
+                 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
+                params![
+                    &r.id,
+                    r.created_at_ms,
+                    r.expires_at_ms,
+                    &q.request_id,
+                    q.api.as_str(),
+                    &q.method,
+                    &q.path,
+                    &q.authority,
+                    &q.route,
+                    &q.caller,
+                    &q.model,
+                    q.stream,
+                    &q.rule,
+                    &prompt_json,
+                    &preview,
+                    &q.body,
+                    r.hold_timeout_ms,
+                    &caller_groups_json,
+                    i64::from(q.required_approvals.max(1)),
+                    &q.approver_group,
+                    q.async_review,
+                    &q.idempotency_key,
+                    &evidence_json,
+                    &auto_decision_json,
+                    q.kind.as_str(),
+                    &spot_check_json,
+                    q.mode.as_str(),
+                    &tool_calls_json,
+                    hold_alive_until_ms,
+                    r.trace_context.as_ref().map(|t| t.traceparent.as_str()),
+                    r.trace_context.as_ref().and_then(|t| t.tracestate.as_deref()),
+                ],
+            )?;
+            if inserted == 1 {
+                return Ok(Inserted::New);
+            }
+            let row = tx.query_opt(
+                "SELECT id FROM reviews
+                 WHERE idempotency_key = ?1 AND request_id = ?2
+                   AND caller IS NOT DISTINCT FROM ?3 AND body = ?4",
+                params![&q.idempotency_key, &q.request_id, &q.caller, &q.body],
+            )?;
+            let Some(row) = row else {
+                return Ok(Inserted::KeyOfAnotherRequest);
+            };
+            let id: String = row.get(0)?;
+            Ok(match state_of(tx, &id)? {
+                Some(state) => Inserted::Existing(state),
+                None => Inserted::KeyOfAnotherRequest,
+            })
         })
     }
 
@@ -665,13 +800,15 @@ impl Store {
         reason: &str,
         now_ms: u64,
     ) -> DbResult<Option<(ReviewState, bool)>> {
-        let mut conn = self.conn();
-        let changed = conn.execute(
-            "UPDATE reviews SET status = ?1, reviewer = NULL, reason = ?2, decided_at_ms = ?3
-             WHERE id = ?4 AND status = 'pending'",
-            params![status.as_str(), reason, now_ms, id],
-        )?;
-        Ok(state_of(&mut conn, id)?.map(|s| (s, changed == 1)))
+        let (id, reason) = (id.to_string(), reason.to_string());
+        self.write(None, move |tx| {
+            let changed = tx.execute(
+                "UPDATE reviews SET status = ?1, reviewer = NULL, reason = ?2, decided_at_ms = ?3
+                 WHERE id = ?4 AND status = 'pending'",
+                params![status.as_str(), &reason, now_ms, &id],
+            )?;
+            Ok(state_of(tx, &id)?.map(|s| (s, changed == 1)))
+        })
     }
 
     /// Marks `id` expired if it is pending and past its expiry; returns the
@@ -867,6 +1004,133 @@ pub(crate) fn why_not_pending(s: &ReviewState) -> String {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
+
+    fn scratch_store() -> Store {
+        let store = Store::open(
+            &Location::Sqlite(":memory:".into()),
+            SqliteSynchronous::Full,
+        )
+        .unwrap();
+        store
+            .conn()
+            .batch("CREATE TABLE scratch (n INTEGER NOT NULL)")
+            .unwrap();
+        store
+    }
+
+    fn scratch_rows(store: &Store) -> Vec<i64> {
+        store
+            .conn()
+            .query("SELECT n FROM scratch ORDER BY n", params![])
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<i64>(0).unwrap())
+            .collect()
+    }
+
+    fn insert_scratch(
+        n: i64,
+        fail_after: bool,
+    ) -> (QueuedWrite, std::sync::mpsc::Receiver<WriteAnswer>) {
+        let (reply, answer) = std::sync::mpsc::channel();
+        let queued = QueuedWrite {
+            change: Box::new(move |tx| {
+                tx.execute("INSERT INTO scratch (n) VALUES (?1)", params![n])?;
+                if fail_after {
+                    return Err(DbError::Conversion(format!("change {n} refused")));
+                }
+                Ok(Box::new(n) as Box<dyn Any + Send>)
+            }),
+            reply: Reply::Blocking(reply),
+        };
+        (queued, answer)
+    }
+
+    #[test]
+    fn a_failing_change_in_a_group_is_undone_alone() {
+        let store = scratch_store();
+        let mut answers = Vec::new();
+        let group: Vec<QueuedWrite> = [(1, false), (2, true), (3, false)]
+            .into_iter()
+            .map(|(n, fail)| {
+                let (queued, answer) = insert_scratch(n, fail);
+                answers.push(answer);
+                queued
+            })
+            .collect();
+        write_group(&mut store.conn(), group);
+        let got: Vec<Result<i64, String>> = answers
+            .into_iter()
+            .map(|a| {
+                a.recv()
+                    .unwrap()
+                    .map(|v| *v.downcast::<i64>().unwrap())
+                    .map_err(|e| e.to_string())
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![Ok(1), Err("stored value: change 2 refused".into()), Ok(3)]
+        );
+        // Committed: the others' rows, not the refused change's.
+        assert_eq!(scratch_rows(&store), vec![1, 3]);
+    }
+
+    /// Change `n` of the concurrency tests: every fifth is refused.
+    fn numbered_write(store: &Store, n: i64) -> Result<i64, String> {
+        store
+            .write(None, move |tx| {
+                tx.execute("INSERT INTO scratch (n) VALUES (?1)", params![n])?;
+                if n % 5 == 4 {
+                    return Err(DbError::Conversion("refused".into()));
+                }
+                Ok(n * 100)
+            })
+            .map_err(|e| e.to_string())
+    }
+
+    fn check_numbered_writes(store: &Store, answers: &[Result<i64, String>]) {
+        for (n, answer) in (0..16_i64).zip(answers) {
+            if n % 5 == 4 {
+                assert_eq!(answer, &Err("stored value: refused".to_string()));
+            } else {
+                assert_eq!(answer, &Ok(n * 100));
+            }
+        }
+        let expected: Vec<i64> = (0..16).filter(|n| n % 5 != 4).collect();
+        assert_eq!(scratch_rows(store), expected);
+    }
+
+    #[test]
+    fn concurrent_writes_each_get_their_own_answer_once_committed() {
+        // No runtime: a caller writes the group it leads.
+        let store = Arc::new(scratch_store());
+        let threads: Vec<_> = (0..16_i64)
+            .map(|n| {
+                let store = Arc::clone(&store);
+                std::thread::spawn(move || numbered_write(&store, n))
+            })
+            .collect();
+        let answers: Vec<Result<i64, String>> =
+            threads.into_iter().map(|t| t.join().unwrap()).collect();
+        check_numbered_writes(&store, &answers);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn under_the_runtime_a_blocking_thread_of_its_own_writes() {
+        let store = Arc::new(scratch_store());
+        let tasks: Vec<_> = (0..16_i64)
+            .map(|n| {
+                let store = Arc::clone(&store);
+                tokio::task::spawn_blocking(move || numbered_write(&store, n))
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for t in tasks {
+            answers.push(t.await.unwrap());
+        }
+        check_numbered_writes(&store, &answers);
+    }
 
     #[test]
     fn like_pattern_escapes_wildcards() {

@@ -27,6 +27,7 @@ use std::time::Duration;
 use postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use postgres::{NoTls, Statement};
 
+pub(crate) mod group_commit;
 pub mod schema;
 
 pub use crate::config::database::{parse_postgres_url, Location, PostgresUrl};
@@ -51,6 +52,9 @@ pub enum DbError {
     /// A stored value was not of the expected type, or a value could not be
     /// encoded.
     Conversion(String),
+    /// The transaction that carried this change with others (a group
+    /// commit) failed; the text is its error.
+    Group(String),
 }
 
 impl fmt::Display for DbError {
@@ -72,6 +76,7 @@ impl fmt::Display for DbError {
                 }
             },
             DbError::Conversion(m) => write!(f, "stored value: {m}"),
+            DbError::Group(m) => write!(f, "the group commit carrying this change failed: {m}"),
         }
     }
 }
@@ -353,6 +358,10 @@ pub enum Lock<'a> {
     RecordChain,
     /// Schema creation: replicas starting together create it once.
     Schema,
+    /// Changes to several reviews written in one transaction (the review
+    /// store's group commit, on SQLite only): SQLite's write lock, like
+    /// every writing transaction there; nothing more on PostgreSQL.
+    Group,
     /// Nothing: a read-only transaction that sees one snapshot throughout
     /// (a long read in pages must not see another replica's retention
     /// half-way).
@@ -726,9 +735,8 @@ impl Conn {
         }
         self.in_transaction = true;
         let locked = match (self.backend(), lock) {
-            (Backend::Sqlite, _) | (Backend::Postgres, Lock::ReadSnapshot | Lock::RecordChain) => {
-                Ok(())
-            }
+            (Backend::Sqlite, _)
+            | (Backend::Postgres, Lock::ReadSnapshot | Lock::RecordChain | Lock::Group) => Ok(()),
             (Backend::Postgres, Lock::Review(id)) => self
                 .query(
                     "SELECT 1 FROM reviews WHERE id = ?1 FOR UPDATE",

@@ -1,0 +1,225 @@
+//! Group commit: changes that arrive while one is being written wait in a
+//! queue, and one writer at a time writes everything queued in one
+//! transaction, then the next group, until the queue is empty.
+//!
+//! A commit that must reach the disk (`synchronous = FULL` on SQLite, the
+//! WAL flush on PostgreSQL) costs a flush whatever it carries, and changes
+//! that take turns at one connection each pay it, with a thread hand-off
+//! per turn. Here one flush carries the group, and each change's caller is
+//! woken once, with its own answer, after the group committed.
+//!
+//! The queue knows nothing of what a change is: the record log queues
+//! appends to its chain ([`crate::records`]), the review store its
+//! decisions and holds' liveness ([`crate::store`]). Each says how to write
+//! a group and how to answer a change that no writer will write.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+/// Where the answer to a queued change goes: a thread blocked on it, or a
+/// task awaiting it.
+pub(crate) enum Reply<T> {
+    /// A blocking thread waits in `recv`.
+    Blocking(std::sync::mpsc::Sender<T>),
+    /// A task awaits the receiver.
+    Async(tokio::sync::oneshot::Sender<T>),
+}
+
+impl<T> Reply<T> {
+    /// Answers the change. A receiver that went away (a dropped request)
+    /// needs no answer; its change was written all the same.
+    pub(crate) fn send(self, answer: T) {
+        match self {
+            Reply::Blocking(tx) => drop(tx.send(answer)),
+            Reply::Async(tx) => drop(tx.send(answer)),
+        }
+    }
+}
+
+/// A change waiting in a [`GroupQueue`].
+pub(crate) trait Queued: Send + 'static {
+    /// Answers the change with an error: its writer ended without writing
+    /// it (it panicked, or the runtime shut down before it ran).
+    fn abandon(self);
+}
+
+/// The changes waiting for the next group commit, and whether a writer is
+/// at work on them (it drains the queue until it finds it empty).
+pub(crate) struct GroupQueue<Q> {
+    state: Mutex<Waiting<Q>>,
+    /// Most changes one transaction carries.
+    max: usize,
+}
+
+struct Waiting<Q> {
+    changes: Vec<Q>,
+    writing: bool,
+}
+
+impl<Q: Queued> GroupQueue<Q> {
+    /// An empty queue whose groups carry at most `max` changes.
+    pub(crate) fn new(max: usize) -> Arc<GroupQueue<Q>> {
+        Arc::new(GroupQueue {
+            state: Mutex::new(Waiting {
+                changes: Vec::new(),
+                writing: false,
+            }),
+            max: max.max(1),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, Waiting<Q>> {
+        // Pushes and drains cannot be interrupted halfway.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `changes` together; returns the writer to run when none is at
+    /// work (the caller runs it, on a thread that may block), else `None`:
+    /// the writer at work writes them.
+    pub(crate) fn push(
+        self: &Arc<Self>,
+        changes: impl IntoIterator<Item = Q>,
+    ) -> Option<Writer<Q>> {
+        let mut state = self.state();
+        state.changes.extend(changes);
+        if state.writing || state.changes.is_empty() {
+            return None;
+        }
+        state.writing = true;
+        Some(Writer {
+            queue: Arc::clone(self),
+            finished: false,
+        })
+    }
+}
+
+/// The one writer of a [`GroupQueue`] while it exists. If it ends without
+/// draining the queue (a panic, or it never ran), what is queued is
+/// abandoned ([`Queued::abandon`]) rather than left waiting forever.
+pub(crate) struct Writer<Q: Queued> {
+    queue: Arc<GroupQueue<Q>>,
+    finished: bool,
+}
+
+impl<Q: Queued> Writer<Q> {
+    /// Writes what is queued with `write`, a group (in queue order) at a
+    /// time, until the queue is empty. `write` answers every change of its
+    /// group.
+    pub(crate) fn run(mut self, mut write: impl FnMut(Vec<Q>)) {
+        loop {
+            let group: Vec<Q> = {
+                let mut state = self.queue.state();
+                if state.changes.is_empty() {
+                    state.writing = false;
+                    self.finished = true;
+                    return;
+                }
+                let n = state.changes.len().min(self.queue.max);
+                state.changes.drain(..n).collect()
+            };
+            write(group);
+        }
+    }
+}
+
+impl<Q: Queued> Drop for Writer<Q> {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let abandoned = {
+            let mut state = self.queue.state();
+            state.writing = false;
+            std::mem::take(&mut state.changes)
+        };
+        for change in abandoned {
+            change.abandon();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use std::sync::mpsc;
+
+    struct Change {
+        n: u32,
+        reply: Reply<Result<u32, &'static str>>,
+    }
+
+    impl Queued for Change {
+        fn abandon(self) {
+            self.reply.send(Err("abandoned"));
+        }
+    }
+
+    fn change(n: u32) -> (Change, mpsc::Receiver<Result<u32, &'static str>>) {
+        let (tx, rx) = mpsc::channel();
+        (
+            Change {
+                n,
+                reply: Reply::Blocking(tx),
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn one_writer_drains_what_queues_meanwhile_in_groups() {
+        let queue = GroupQueue::new(2);
+        let (first, first_answer) = change(1);
+        let writer = queue.push([first]).expect("the first push gets the writer");
+        // While a writer exists, later pushes only queue.
+        let (mut later, mut answers) = (Vec::new(), Vec::new());
+        for n in 2..=4 {
+            let (c, rx) = change(n);
+            later.push(c);
+            answers.push(rx);
+        }
+        assert!(queue.push(later).is_none());
+        let mut groups = Vec::new();
+        writer.run(|group| {
+            groups.push(group.iter().map(|c| c.n).collect::<Vec<_>>());
+            for c in group {
+                c.reply.send(Ok(c.n * 10));
+            }
+        });
+        assert_eq!(groups, vec![vec![1, 2], vec![3, 4]]);
+        assert_eq!(first_answer.recv().unwrap(), Ok(10));
+        let got: Vec<_> = answers.iter().map(|rx| rx.recv().unwrap()).collect();
+        assert_eq!(got, vec![Ok(20), Ok(30), Ok(40)]);
+        // The writer finished: the next push gets a new one.
+        let (next, _rx) = change(5);
+        assert!(queue.push([next]).is_some());
+    }
+
+    #[test]
+    fn a_writer_that_never_runs_abandons_the_queue() {
+        let queue = GroupQueue::new(8);
+        let (a, a_answer) = change(1);
+        let writer = queue.push([a]).unwrap();
+        let (b, b_answer) = change(2);
+        assert!(queue.push([b]).is_none());
+        drop(writer);
+        assert_eq!(a_answer.recv().unwrap(), Err("abandoned"));
+        assert_eq!(b_answer.recv().unwrap(), Err("abandoned"));
+        // Nothing is left writing: a new push starts a writer again.
+        let (c, _rx) = change(3);
+        assert!(queue.push([c]).is_some());
+    }
+
+    #[test]
+    fn a_writer_that_panics_abandons_what_is_still_queued() {
+        let queue = GroupQueue::new(1);
+        let (a, _a_answer) = change(1);
+        let writer = queue.push([a]).unwrap();
+        let (b, b_answer) = change(2);
+        assert!(queue.push([b]).is_none());
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            writer.run(|_group| panic!("a write failed badly"));
+        }));
+        assert!(ran.is_err());
+        assert_eq!(b_answer.recv().unwrap(), Err("abandoned"));
+    }
+}
