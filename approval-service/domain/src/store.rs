@@ -10,10 +10,10 @@
 //! outcome wins.
 //!
 //! On SQLite, which has one writer at a time anyway, the changes on the
-//! paths that carry load (decisions, new reviews, holds' liveness) go
-//! through a group commit ([`Store::write`]): what arrives while one
-//! transaction is being written is written together in the next, one flush
-//! for all, each change in a savepoint of its own.
+//! paths that carry load (decisions, new reviews, holds' liveness, endings,
+//! token uses, assessments) go through a group commit ([`Store::write`]): what
+//! arrives while one transaction is being written is written together in the
+//! next, one flush for all, each change in a savepoint of its own.
 
 use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -699,11 +699,13 @@ impl Store {
     /// Stores what the assessors said about review `id` (whatever its
     /// status now: the record of a decision taken meanwhile keeps it too).
     pub fn set_assessment(&self, id: &str, report: &AssessmentReport) -> DbResult<()> {
-        let json = serde_json::to_string(report)?;
-        self.conn().execute(
-            "UPDATE reviews SET assessment_json = ?1 WHERE id = ?2",
-            params![&json, id],
-        )?;
+        let (json, id) = (serde_json::to_string(report)?, id.to_string());
+        self.write(None, move |tx| {
+            tx.execute(
+                "UPDATE reviews SET assessment_json = ?1 WHERE id = ?2",
+                params![&json, &id],
+            )
+        })?;
         Ok(())
     }
 
