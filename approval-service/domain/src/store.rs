@@ -580,15 +580,18 @@ impl Store {
         };
         if let Some(writer) = self.writes.push([queued]) {
             let conn = Arc::clone(&self.conn);
-            let write = move |group| write_group(&mut lock_conn(&conn), group);
-            match tokio::runtime::Handle::try_current() {
-                // A thread of its own writes: under a steady load the queue
-                // may not empty for a long time, and this caller must not
-                // wait for that to have its own answer. Dropped unrun when
-                // the runtime is shutting down: the writer's `Drop` answers.
-                Ok(runtime) => drop(runtime.spawn_blocking(move || writer.run(write))),
-                // No runtime (tools, tests): this thread writes.
-                Err(_) => writer.run(write),
+            // A thread of its own writes, until the queue is empty. Not this
+            // one: under a steady load that may take long, and this caller
+            // must not wait for it to have its own answer. Not one of the
+            // runtime's blocking pool either: the callers wait on those, and
+            // with the pool full of waiting callers a writer queued behind
+            // them would never run. A thread that cannot be started drops
+            // the writer, whose `Drop` answers what is queued with an error.
+            let started = std::thread::Builder::new()
+                .name("review-writer".into())
+                .spawn(move || writer.run(|group| write_group(&mut lock_conn(&conn), group)));
+            if let Err(e) = started {
+                tracing::error!(error = %e, "no thread for the review store's writer");
             }
         }
         let written = answer.recv().unwrap_or_else(|_| Err(write_failed()))?;
@@ -1105,7 +1108,6 @@ mod tests {
 
     #[test]
     fn concurrent_writes_each_get_their_own_answer_once_committed() {
-        // No runtime: a caller writes the group it leads.
         let store = Arc::new(scratch_store());
         let threads: Vec<_> = (0..16_i64)
             .map(|n| {
@@ -1119,7 +1121,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn under_the_runtime_a_blocking_thread_of_its_own_writes() {
+    async fn writes_from_the_runtimes_blocking_pool_get_their_answers() {
         let store = Arc::new(scratch_store());
         let tasks: Vec<_> = (0..16_i64)
             .map(|n| {
@@ -1127,11 +1129,49 @@ mod tests {
                 tokio::task::spawn_blocking(move || numbered_write(&store, n))
             })
             .collect();
-        let mut answers = Vec::new();
-        for t in tasks {
-            answers.push(t.await.unwrap());
-        }
+        let answers = futures_join(tasks).await;
         check_numbered_writes(&store, &answers);
+    }
+
+    #[test]
+    fn callers_filling_the_blocking_pool_do_not_starve_the_writer() {
+        // Two blocking threads, both callers waiting at once: a writer that
+        // needed a third thread of the pool would never run.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let store = Arc::new(scratch_store());
+        let both_running = Arc::new(std::sync::Barrier::new(2));
+        let answers = runtime.block_on(async {
+            let tasks: Vec<_> = (0..2_i64)
+                .map(|n| {
+                    let (store, both_running) = (Arc::clone(&store), Arc::clone(&both_running));
+                    tokio::task::spawn_blocking(move || {
+                        both_running.wait();
+                        numbered_write(&store, n)
+                    })
+                })
+                .collect();
+            let all = futures_join(tasks);
+            tokio::time::timeout(Duration::from_secs(10), all)
+                .await
+                .expect("the writes were answered")
+        });
+        assert_eq!(answers, vec![Ok(0), Ok(100)]);
+        assert_eq!(scratch_rows(&store), vec![0, 1]);
+    }
+
+    async fn futures_join(
+        tasks: Vec<tokio::task::JoinHandle<Result<i64, String>>>,
+    ) -> Vec<Result<i64, String>> {
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
     }
 
     #[test]
