@@ -1230,15 +1230,19 @@ class Suite:
 def burst_note(h: dict) -> str:
     """How a held run's decisions and releases overlapped (empty for results without it)."""
     b = h.get("burst")
-    if not b:
+    if not b or not b["decisions_ms"]:
         return ""
-    return (f" Its {h['approved']:,} decisions took {b['decisions_ms']:,.0f} ms from first to last; "
-            f"{b['released_after_last_decision'] * 100:.0f}% of the requests went to the model after the last "
-            f"decision (the last {b['release_after_last_decision_ms']:,.0f} ms after it), and the last caller had "
-            f"its first byte {b['approve_start_to_last_first_byte_ms']:,.0f} ms after the bulk approval began. "
-            "Where most releases come after the last decision, the decisions arrived faster than the machine "
-            "releases requests, and decision → first byte is each request's wait in that queue (about N ÷ the "
-            "release rate for the last), not a wake-up delay.")
+    n = h["completed_ok"]
+    decided_per_s = n / (b["decisions_ms"] / 1000)
+    released_per_s = n / ((b["decisions_ms"] + b["release_after_last_decision_ms"]) / 1000)
+    return (f" Its decisions came at {decided_per_s:,.0f}/s ({b['decisions_ms']:,.0f} ms from first to last), and "
+            f"requests went to the model at {released_per_s:,.0f}/s over the same burst (first decision to last "
+            f"release; {b['released_after_last_decision'] * 100:.0f}% of them after the last decision, the last "
+            f"{b['release_after_last_decision_ms']:,.0f} ms after it); the last caller had its first byte "
+            f"{b['approve_start_to_last_first_byte_ms']:,.0f} ms after the bulk approval began. When decisions come "
+            "faster than the machine can release requests, which on these 2 cores it does alongside the approvals "
+            "themselves, the model and the clients reading their answers, decision → first byte is mostly each "
+            "request's wait in that queue, and it grows with N.")
 
 
 def read_access_log(path: Path, n: int, wait: float = 10.0) -> dict[str, dict]:
