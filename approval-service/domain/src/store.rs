@@ -408,7 +408,7 @@ impl group_commit::Queued for QueuedWrite {
 
 /// The answer to a change whose writer ended without answering.
 fn write_failed() -> DbError {
-    DbError::Conversion("the review store's writer failed".into())
+    DbError::Group("the review store's writer ended without writing it".into())
 }
 
 /// Writes `group` in one transaction, each change in a savepoint, and
@@ -418,15 +418,25 @@ fn write_group(conn: &mut Conn, group: Vec<QueuedWrite>) {
     let mut done: Vec<(Reply<WriteAnswer>, WriteAnswer)> = Vec::with_capacity(group.len());
     let mut unrun = group.into_iter();
     let ended = conn.transaction(Lock::Group, |tx| {
-        for queued in unrun.by_ref() {
-            tx.batch("SAVEPOINT change")?;
-            let answer = (queued.change)(tx);
-            match &answer {
-                Ok(_) => tx.batch("RELEASE change")?,
-                // Undone alone; the others stay.
-                Err(_) => tx.batch("ROLLBACK TO change; RELEASE change")?,
+        for QueuedWrite { change, reply } in unrun.by_ref() {
+            if let Err(e) = tx.batch("SAVEPOINT change") {
+                reply.send(Err(DbError::Group(e.to_string())));
+                return Err(e);
             }
-            done.push((queued.reply, answer));
+            // A change that panics fails alone, like one that errs: its
+            // caller gets an error, the others their answers.
+            let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| change(tx)))
+                .unwrap_or_else(|_| Err(DbError::Group("the change panicked".into())));
+            let closed = match &answer {
+                Ok(_) => tx.batch("RELEASE change"),
+                // Undone alone; the others stay.
+                Err(_) => tx.batch("ROLLBACK TO change; RELEASE change"),
+            };
+            if let Err(e) = closed {
+                reply.send(Err(DbError::Group(e.to_string())));
+                return Err(e);
+            }
+            done.push((reply, answer));
         }
         Ok::<(), DbError>(())
     });
@@ -1104,6 +1114,29 @@ mod tests {
         }
         let expected: Vec<i64> = (0..16).filter(|n| n % 5 != 4).collect();
         assert_eq!(scratch_rows(store), expected);
+    }
+
+    #[test]
+    fn a_change_that_panics_fails_alone() {
+        let store = scratch_store();
+        let (first, first_answer) = insert_scratch(1, false);
+        let (reply, panicked_answer) = std::sync::mpsc::channel();
+        let panicking = QueuedWrite {
+            change: Box::new(|tx| {
+                tx.execute("INSERT INTO scratch (n) VALUES (2)", params![])?;
+                panic!("a change went wrong");
+            }),
+            reply: Reply::Blocking(reply),
+        };
+        let (third, third_answer) = insert_scratch(3, false);
+        write_group(&mut store.conn(), vec![first, panicking, third]);
+        assert!(first_answer.recv().unwrap().is_ok());
+        assert_eq!(
+            panicked_answer.recv().unwrap().err().map(|e| e.to_string()),
+            Some("not committed: the change panicked".into())
+        );
+        assert!(third_answer.recv().unwrap().is_ok());
+        assert_eq!(scratch_rows(&store), vec![1, 3]);
     }
 
     #[test]

@@ -52,8 +52,9 @@ pub enum DbError {
     /// A stored value was not of the expected type, or a value could not be
     /// encoded.
     Conversion(String),
-    /// The transaction that carried this change with others (a group
-    /// commit) failed; the text is its error.
+    /// A change queued for a group commit was not committed: the group's
+    /// transaction failed, the change panicked, or its writer ended without
+    /// writing it; the text says which.
     Group(String),
 }
 
@@ -76,7 +77,7 @@ impl fmt::Display for DbError {
                 }
             },
             DbError::Conversion(m) => write!(f, "stored value: {m}"),
-            DbError::Group(m) => write!(f, "the group commit carrying this change failed: {m}"),
+            DbError::Group(m) => write!(f, "not committed: {m}"),
         }
     }
 }
