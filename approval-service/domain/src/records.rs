@@ -62,7 +62,7 @@ mod diff;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use countersign_core::wire::{Evidence, NewRecord, RecordResponse};
@@ -374,11 +374,9 @@ impl group_commit::Queued for Queued {
 
 impl Log {
     fn conn(&self) -> MutexGuard<'_, Conn> {
-        // Every change is one transaction; `recover` rolls back one that a
-        // panic interrupted, so no half-written entry is ever committed.
-        let mut guard = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        guard.recover();
-        guard
+        // Every change is one transaction, so no half-written entry is ever
+        // committed (see `db::lock`).
+        crate::db::lock(&self.conn)
     }
 }
 

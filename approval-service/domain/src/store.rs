@@ -17,7 +17,7 @@
 
 use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use countersign_core::answer_review::texts_of_answer;
@@ -378,16 +378,6 @@ pub fn preview_of(prompt: &[PromptMessage]) -> String {
         .unwrap_or_default()
 }
 
-/// The connection, ready for use.
-fn lock_conn(conn: &Mutex<Conn>) -> MutexGuard<'_, Conn> {
-    // A panic while holding the lock cannot leave a half-applied change:
-    // each change is one statement or one transaction, which `recover`
-    // rolls back if the panic interrupted it.
-    let mut guard = conn.lock().unwrap_or_else(PoisonError::into_inner);
-    guard.recover();
-    guard
-}
-
 /// Most changes one group commit of the review store writes together.
 const GROUP_WRITE_MAX: usize = 128;
 
@@ -552,7 +542,7 @@ impl Store {
     }
 
     pub(crate) fn conn(&self) -> MutexGuard<'_, Conn> {
-        lock_conn(&self.conn)
+        crate::db::lock(&self.conn)
     }
 
     /// Which database this is.
@@ -599,7 +589,7 @@ impl Store {
             // the writer, whose `Drop` answers what is queued with an error.
             let started = std::thread::Builder::new()
                 .name("review-writer".into())
-                .spawn(move || writer.run(|group| write_group(&mut lock_conn(&conn), group)));
+                .spawn(move || writer.run(|group| write_group(&mut crate::db::lock(&conn), group)));
             if let Err(e) = started {
                 tracing::error!(error = %e, "no thread for the review store's writer");
             }
@@ -622,7 +612,7 @@ impl Store {
     /// returned instead, but only if it is the same request (request id,
     /// caller and body): a key must never attach a request to another's
     /// review, which may be approved.
-    pub fn insert(&self, r: &NewReview) -> DbResult<Inserted> {
+    pub fn insert(&self, r: NewReview) -> DbResult<Inserted> {
         let q = &r.request;
         let prompt_json = serde_json::to_string(&q.prompt)?;
         let caller_groups_json = serde_json::to_string(&q.caller_groups)?;
@@ -643,7 +633,6 @@ impl Store {
         let held = !q.async_review && q.mode == ReviewMode::Hold;
         let hold_alive_until_ms =
             held.then(|| r.created_at_ms.saturating_add(self.hold_grace_ms()));
-        let r = r.clone();
         self.write(None, move |tx| {
             let q = &r.request;
             let inserted = tx.execute(

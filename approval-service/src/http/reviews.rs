@@ -70,7 +70,7 @@ pub async fn create_review(
         edited_body: None,
     };
     let stored = new.clone();
-    match state.db(move |s| s.insert(&stored)).await? {
+    match state.db(move |s| s.insert(stored)).await? {
         Inserted::New => {}
         // Our own id back: our insert committed and only its answer was
         // lost to a reconnect, so it is the new review.

@@ -22,6 +22,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use postgres::types::{to_sql_checked, IsNull, ToSql, Type};
@@ -31,6 +32,16 @@ pub(crate) mod group_commit;
 pub mod schema;
 
 pub use crate::config::database::{parse_postgres_url, Location, PostgresUrl};
+
+/// Locks a connection shared behind a mutex and makes it usable: a panic
+/// while it was held cannot leave a half-applied change, since each change
+/// is one statement or one transaction, which `recover` rolls back if the
+/// panic interrupted it.
+pub(crate) fn lock(conn: &Mutex<Conn>) -> MutexGuard<'_, Conn> {
+    let mut guard = conn.lock().unwrap_or_else(PoisonError::into_inner);
+    guard.recover();
+    guard
+}
 
 /// Which database a [`Conn`] talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
