@@ -13,6 +13,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::approvals::Approver;
 use crate::config::{Config, ReviewerConfig};
+use crate::db::checkpoint::Checkpointer;
 use crate::db::{Backend, DbError, DbResult, Location, OpenError};
 use crate::metrics::Metrics;
 use crate::records::{RecordError, RecordStore};
@@ -174,6 +175,9 @@ struct Inner {
     /// Other replicas share the database (PostgreSQL): changes are sent
     /// to them with `NOTIFY`.
     shared: bool,
+    /// Checkpoints the SQLite file's WAL for the store and the record log
+    /// (none on PostgreSQL). Declared last: dropped after them.
+    _checkpointer: Option<Checkpointer>,
 }
 
 impl AppState {
@@ -188,13 +192,25 @@ impl AppState {
         let location = config.database.clone();
         let sync = config.sqlite_synchronous;
         let grace_ms = config.hold_grace_ms;
-        let (store, records) = std::thread::scope(|scope| {
+        let (store, records, checkpointer) = std::thread::scope(|scope| {
             scope
                 .spawn(|| {
                     let store = Store::open(&location, sync)?;
                     store.set_hold_grace_ms(grace_ms);
                     let records = RecordStore::open(&location, sync)?;
-                    Ok::<_, OpenError>((store, records))
+                    // The two writers' checkpoints run on a thread of their
+                    // own, not inside a group's commit.
+                    let checkpointer = match &location {
+                        Location::Sqlite(path) => {
+                            let checkpointer = Checkpointer::start(path, sync.pragma_value())
+                                .map_err(OpenError::Io)?;
+                            store.checkpoint_with(&checkpointer)?;
+                            records.checkpoint_with(&checkpointer)?;
+                            Some(checkpointer)
+                        }
+                        Location::Postgres(_) => None,
+                    };
+                    Ok::<_, OpenError>((store, records, checkpointer))
                 })
                 .join()
                 .unwrap_or_else(|_| {
@@ -223,6 +239,7 @@ impl AppState {
                 replica_id: id.iter().map(|b| format!("{b:02x}")).collect(),
                 shared,
                 metrics,
+                _checkpointer: checkpointer,
             }),
         };
         if let Location::Postgres(url) = location {

@@ -478,6 +478,14 @@ impl Store {
         })
     }
 
+    /// Leaves the store's WAL checkpoints to `checkpointer` (SQLite).
+    pub fn checkpoint_with(
+        &self,
+        checkpointer: &crate::db::checkpoint::Checkpointer,
+    ) -> DbResult<()> {
+        self.conn().checkpoint_with(checkpointer)
+    }
+
     /// Sets `hold_grace_ms` (see [`Store::hold_polled`]).
     pub fn set_hold_grace_ms(&self, grace_ms: u64) {
         self.hold_grace_ms.store(grace_ms, Ordering::Relaxed);

@@ -28,6 +28,7 @@ use std::time::Duration;
 use postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use postgres::{NoTls, Statement};
 
+pub mod checkpoint;
 pub(crate) mod group_commit;
 pub mod schema;
 
@@ -616,6 +617,15 @@ impl Conn {
         match location {
             Location::Sqlite(path) => Conn::open_sqlite(path, busy_timeout, synchronous),
             Location::Postgres(url) => Conn::connect_postgres(url, busy_timeout),
+        }
+    }
+
+    /// Leaves this connection's WAL checkpoints to `checkpointer` (a SQLite
+    /// connection to the checkpointer's file); nothing on PostgreSQL.
+    pub fn checkpoint_with(&mut self, checkpointer: &checkpoint::Checkpointer) -> DbResult<()> {
+        match &mut self.inner {
+            Inner::Sqlite(conn) => Ok(checkpointer.take_over(conn)?),
+            Inner::Postgres(_) | Inner::Closed => Ok(()),
         }
     }
 
