@@ -587,19 +587,28 @@ impl Store {
             reply: Reply::Blocking(reply),
         };
         if let Some(writer) = self.writes.push([queued]) {
-            let conn = Arc::clone(&self.conn);
-            // A thread of its own writes, until the queue is empty. Not this
-            // one: under a steady load that may take long, and this caller
-            // must not wait for it to have its own answer. Not one of the
-            // runtime's blocking pool either: the callers wait on those, and
-            // with the pool full of waiting callers a writer queued behind
-            // them would never run. A thread that cannot be started drops
-            // the writer, whose `Drop` answers what is queued with an error.
-            let started = std::thread::Builder::new()
-                .name("review-writer".into())
-                .spawn(move || writer.run(|group| write_group(&mut crate::db::lock(&conn), group)));
-            if let Err(e) = started {
-                tracing::error!(error = %e, "no thread for the review store's writer");
+            // No writer was at work: this caller writes the first group
+            // itself (its own change leads it), so a write that finds the
+            // store idle costs no thread and no hand-off.
+            let more = writer.write_one(|group| write_group(&mut self.conn(), group));
+            if let Some(writer) = more {
+                let conn = Arc::clone(&self.conn);
+                // What queued meanwhile: a thread of its own writes it,
+                // until the queue is empty. Not this one: under a steady
+                // load that may take long, and this caller has its answer.
+                // Not one of the runtime's blocking pool either: the callers
+                // wait on those, and with the pool full of waiting callers a
+                // writer queued behind them would never run. A thread that
+                // cannot be started drops the writer, whose `Drop` answers
+                // what is queued with an error.
+                let started = std::thread::Builder::new()
+                    .name("review-writer".into())
+                    .spawn(move || {
+                        writer.run(|group| write_group(&mut crate::db::lock(&conn), group));
+                    });
+                if let Err(e) = started {
+                    tracing::error!(error = %e, "no thread for the review store's writer");
+                }
             }
         }
         let written = answer.recv().unwrap_or_else(|_| Err(write_failed()))?;

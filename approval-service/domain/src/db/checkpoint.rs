@@ -31,7 +31,7 @@ use std::time::Duration;
 pub const WAKE_AT_PAGES: u32 = 1_000;
 
 /// WAL pages after which a commit checkpoints itself (the checkpointer is
-/// far behind or gone): 64 MiB of 4 KiB pages.
+/// far behind or gone): about 62 MiB of 4 KiB pages.
 pub const BACKSTOP_PAGES: u32 = 16 * WAKE_AT_PAGES;
 
 /// How long the checkpointer's connection waits for SQLite's locks (the

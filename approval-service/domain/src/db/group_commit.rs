@@ -105,19 +105,44 @@ impl<Q: Queued> Writer<Q> {
     /// time, until the queue is empty. `write` answers every change of its
     /// group.
     pub(crate) fn run(mut self, mut write: impl FnMut(Vec<Q>)) {
-        loop {
-            let group: Vec<Q> = {
-                let mut state = self.queue.state();
-                if state.changes.is_empty() {
-                    state.writing = false;
-                    self.finished = true;
-                    return;
-                }
-                let n = state.changes.len().min(self.queue.max);
-                state.changes.drain(..n).collect()
-            };
+        while let Some(group) = self.next_group() {
             write(group);
         }
+    }
+
+    /// Writes one group of what is queued with `write`; returns the writer
+    /// when more was queued meanwhile (its caller hands it on: [`run`] it
+    /// elsewhere, or drop it to abandon that), `None` when the queue is
+    /// empty and no writer is at work any more. The first group holds the
+    /// change whose push returned this writer: it found the queue empty.
+    ///
+    /// [`run`]: Writer::run
+    pub(crate) fn write_one(mut self, write: impl FnOnce(Vec<Q>)) -> Option<Writer<Q>> {
+        let group = self.next_group()?;
+        write(group);
+        // Pushes meanwhile only queued (a writer existed): this writer,
+        // handed on, writes them.
+        let mut state = self.queue.state();
+        if state.changes.is_empty() {
+            state.writing = false;
+            self.finished = true;
+            return None;
+        }
+        drop(state);
+        Some(self)
+    }
+
+    /// The next group to write, in queue order; `None` (and this writer
+    /// finished) when the queue is empty.
+    fn next_group(&mut self) -> Option<Vec<Q>> {
+        let mut state = self.queue.state();
+        if state.changes.is_empty() {
+            state.writing = false;
+            self.finished = true;
+            return None;
+        }
+        let n = state.changes.len().min(self.queue.max);
+        Some(state.changes.drain(..n).collect())
     }
 }
 
@@ -220,6 +245,79 @@ mod tests {
             writer.run(|_group| panic!("a write failed badly"));
         }));
         assert!(ran.is_err());
+        assert_eq!(b_answer.recv().unwrap(), Err("abandoned"));
+    }
+
+    fn answer_all(group: Vec<Change>) {
+        for c in group {
+            c.reply.send(Ok(c.n));
+        }
+    }
+
+    #[test]
+    fn write_one_writes_the_first_group_and_hands_on_the_rest() {
+        let queue = GroupQueue::new(2);
+        let (first, first_answer) = change(1);
+        let writer = queue.push([first]).unwrap();
+        let (mut later, mut answers) = (Vec::new(), Vec::new());
+        for n in 2..=3 {
+            let (c, rx) = change(n);
+            later.push(c);
+            answers.push(rx);
+        }
+        assert!(queue.push(later).is_none());
+        // The first group (the pusher's change first) is written; change 3
+        // waits for the writer handed on.
+        let mut written = Vec::new();
+        let writer = writer
+            .write_one(|group| {
+                written.extend(group.iter().map(|c| c.n));
+                answer_all(group);
+            })
+            .expect("more is queued: the writer is handed on");
+        assert_eq!(written, vec![1, 2]);
+        assert_eq!(first_answer.recv().unwrap(), Ok(1));
+        assert_eq!(answers[0].recv().unwrap(), Ok(2));
+        assert!(
+            answers[1].try_recv().is_err(),
+            "change 3 is not written yet"
+        );
+        // While it exists, pushes only queue.
+        let (fourth, fourth_answer) = change(4);
+        assert!(queue.push([fourth]).is_none());
+        writer.run(answer_all);
+        assert_eq!(answers[1].recv().unwrap(), Ok(3));
+        assert_eq!(fourth_answer.recv().unwrap(), Ok(4));
+        // The queue is empty and its writer finished: the next push gets one.
+        let (fifth, _rx) = change(5);
+        assert!(queue.push([fifth]).is_some());
+    }
+
+    #[test]
+    fn write_one_finishes_the_writer_when_nothing_else_queued() {
+        let queue = GroupQueue::new(8);
+        let (only, only_answer) = change(1);
+        let writer = queue.push([only]).unwrap();
+        assert!(writer.write_one(answer_all).is_none());
+        assert_eq!(only_answer.recv().unwrap(), Ok(1));
+        let (next, _rx) = change(2);
+        assert!(
+            queue.push([next]).is_some(),
+            "no writer is at work any more"
+        );
+    }
+
+    #[test]
+    fn a_writer_handed_on_and_dropped_abandons_what_queued() {
+        let queue = GroupQueue::new(1);
+        let (a, a_answer) = change(1);
+        let writer = queue.push([a]).unwrap();
+        let (b, b_answer) = change(2);
+        assert!(queue.push([b]).is_none());
+        let rest = writer.write_one(answer_all).expect("b is queued");
+        assert_eq!(a_answer.recv().unwrap(), Ok(1));
+        // No thread could take it on.
+        drop(rest);
         assert_eq!(b_answer.recv().unwrap(), Err("abandoned"));
     }
 }
