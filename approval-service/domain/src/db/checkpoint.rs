@@ -123,7 +123,8 @@ impl Checkpointer {
     }
 
     /// Checkpoints the thread ran, and those commits ran themselves.
-    pub fn checkpoints(&self) -> (u64, u64) {
+    #[cfg(test)]
+    fn checkpoints(&self) -> (u64, u64) {
         (
             self.shared.by_thread.load(Ordering::Relaxed),
             self.shared.by_commits.load(Ordering::Relaxed),

@@ -122,28 +122,31 @@ impl<Q: Queued> Writer<Q> {
         write(group);
         // Pushes meanwhile only queued (a writer existed): this writer,
         // handed on, writes them.
-        let mut state = self.queue.state();
-        if state.changes.is_empty() {
-            state.writing = false;
-            self.finished = true;
-            return None;
-        }
-        drop(state);
-        Some(self)
+        let ended = finish_if_empty(&mut self.queue.state(), &mut self.finished);
+        (!ended).then_some(self)
     }
 
     /// The next group to write, in queue order; `None` (and this writer
     /// finished) when the queue is empty.
     fn next_group(&mut self) -> Option<Vec<Q>> {
         let mut state = self.queue.state();
-        if state.changes.is_empty() {
-            state.writing = false;
-            self.finished = true;
+        if finish_if_empty(&mut state, &mut self.finished) {
             return None;
         }
         let n = state.changes.len().min(self.queue.max);
         Some(state.changes.drain(..n).collect())
     }
+}
+
+/// Ends the writer's work when nothing is queued (under the queue's lock,
+/// so a push either came before and is written, or after and gets a new
+/// writer); whether it ended.
+fn finish_if_empty<Q>(state: &mut Waiting<Q>, finished: &mut bool) -> bool {
+    if state.changes.is_empty() {
+        state.writing = false;
+        *finished = true;
+    }
+    *finished
 }
 
 impl<Q: Queued> Drop for Writer<Q> {
