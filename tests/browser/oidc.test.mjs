@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { freePort, heldCurl, launchChromium, Provider, Stack, withLogs } from './stack.mjs';
+import { freePort, heldCurl, launchChromium, Provider, removeTestDir, Stack, withLogs } from './stack.mjs';
 
 const T = { timeout: 120000 };
 const CLIENT_ID = 'countersign';
@@ -30,11 +30,12 @@ const RECHECK_S = 1;
 let stack;
 let provider;
 let browser;
+let dir;
 const contexts = [];
 
 before(async () => {
   const [approvalPort, providerPort] = await Promise.all([freePort(), freePort()]);
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'countersign-oidc-'));
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'countersign-oidc-'));
   provider = await new Provider({
     port: providerPort, clientId: CLIENT_ID, clientSecret: CLIENT_SECRET,
     redirectUri: `http://127.0.0.1:${approvalPort}/ui/oidc/callback`, users: USERS, dir,
@@ -62,6 +63,7 @@ after(async () => {
   if (browser) await browser.close();
   if (stack) await stack.stop();
   if (provider) await provider.stop();
+  removeTestDir(dir);
 });
 
 const check = withLogs(() => [

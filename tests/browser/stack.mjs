@@ -175,6 +175,10 @@ class Proc {
   }
 }
 
+export function removeTestDir(dir) {
+  if (dir && !process.env.COUNTERSIGN_KEEP_TEST_DIRS) fs.rmSync(dir, { recursive: true, force: true });
+}
+
 function renderTemplate(template, values) {
   return template.replace(/\{\{([A-Z_]+)\}\}/g, (_, key) => {
     if (!(key in values)) throw new Error(`no value for {{${key}}}`);
@@ -244,8 +248,12 @@ export class Stack {
     return this;
   }
 
+  // Stops the processes, then removes the stack's directory (database,
+  // configuration, logs): a failing test has printed the logs by then
+  // (`withLogs`). COUNTERSIGN_KEEP_TEST_DIRS=1 keeps it to look at.
   async stop() {
     for (const p of this.procs) await p.stop();
+    removeTestDir(this.dir);
   }
 
   logs() {
