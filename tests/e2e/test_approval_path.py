@@ -8,10 +8,26 @@ import time
 import httpx
 import pytest
 
-from conftest import chat, post, send_later
+from conftest import chat, emptied, module_stack, post, send_later
 from stack import stat, wait_until
 
 pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, request):
+    """One default stack for the module's tests that need no configuration
+    of their own and leave its processes running: each decides every review
+    it holds (so none is pending when the next begins), and starting Envoy,
+    which compiles the filter, is most of a stack's start."""
+    with module_stack(tmp_path_factory, request, "approval_path", None) as s:
+        yield s
+
+
+@pytest.fixture
+def stack(gw):
+    """The module's stack (overrides conftest's), with the model's request log emptied."""
+    return emptied(gw)
 
 
 def test_held_request_is_approved_and_answered(stack, background):
@@ -107,7 +123,8 @@ def test_timeout_gives_a_distinct_error_and_late_approval_is_refused(make_stack,
     assert stack.backend.stats()["started"] == 0
 
 
-def test_service_down_fails_closed_with_503(stack):
+def test_service_down_fails_closed_with_503(make_stack):
+    stack = make_stack()  # its own: the service is stopped for good
     stack.approval.proc.stop()
     resp = post(stack.url, json=chat(), timeout=20)
     assert resp.status_code == 503
@@ -226,10 +243,10 @@ def test_caller_going_away_cancels_the_review(stack):
     with pytest.raises(httpx.TimeoutException):
         post(stack.url, json=chat(text="never mind"), timeout=1.0)
     # The cancel may land before we look, so look at every review, not only pending ones.
-    def any_review():
+    def this_review():
         with stack.approval.client() as c:
-            return c.get("/api/reviews").json()["reviews"]
-    [review] = wait_until(any_review, what="the review")
+            return [r for r in c.get("/api/reviews").json()["reviews"] if "never mind" in r["preview"]]
+    [review] = wait_until(this_review, what="the review")
     wait_until(lambda: stack.approval.review(review["id"])["status"] == "cancelled", what="cancelled review")
     assert stack.approval.decide(review["id"], "approve").status_code == 409
 

@@ -4,9 +4,10 @@ plays the OpenAI moderation endpoint and a Llama-Guard-style guard model
 review, and a rule's `auto_approve` / `auto_deny` lets the service decide.
 A harmless prompt is released without a person; a flagged one waits for a
 human; with the assessors down, every prompt waits for a human."""
+import httpx
 import pytest
 
-from conftest import chat, send_later
+from conftest import chat, emptied, module_stack, send_later
 from stack import DEFAULT_FILTER_CONFIG, Backend, stat, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -42,9 +43,32 @@ timeout_ms = 2000
 """
 
 
+@pytest.fixture(scope="module")
+def assessed_gw(tmp_path_factory, request):
+    """(stack, assessor backend) for the module's tests that share them: the
+    assessors are a demo backend of their own. Each test decides every
+    review it holds; starting Envoy, which compiles the filter, is most of
+    a stack's start."""
+    assessor = Backend(tmp_path_factory.mktemp("assessor"), name="assessor-backend").start()
+    try:
+        with module_stack(tmp_path_factory, request, "assessed", FILTER_CONFIG,
+                          approval_extra=assessors_toml(assessor.url)) as s:
+            yield s, assessor
+    finally:
+        assessor.proc.stop()
+
+
 @pytest.fixture
-def assessed(make_stack, tmp_path):
-    """(stack, assessor backend): the assessors are a demo backend of their own."""
+def assessed(assessed_gw):
+    """The module's stack and assessor, with both request logs emptied."""
+    stack, assessor = assessed_gw
+    httpx.post(assessor.url + "/_demo/reset").raise_for_status()
+    return emptied(stack), assessor
+
+
+@pytest.fixture
+def own_assessed(make_stack, tmp_path):
+    """(stack, assessor backend) of a test's own, for a test that stops the assessor."""
     assessor = Backend(tmp_path, name="assessor-backend").start()
     try:
         yield make_stack(filter_config=FILTER_CONFIG, approval_extra=assessors_toml(assessor.url)), assessor
@@ -122,8 +146,8 @@ def test_masked_evidence_keeps_the_review_for_a_human_and_is_shown(assessed, bac
     assert fut.result(timeout=15).status_code == 200
 
 
-def test_an_assessor_outage_leaves_every_prompt_to_a_human(assessed, background):
-    stack, assessor = assessed
+def test_an_assessor_outage_leaves_every_prompt_to_a_human(own_assessed, background):
+    stack, assessor = own_assessed
     assessor.proc.stop()
     fut = send_later(background, stack.url, chat(text="what is the capital of France?"))
     [review] = stack.approval.wait_pending()

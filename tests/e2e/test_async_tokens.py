@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from conftest import chat, send_later
+from conftest import chat, emptied, module_stack, send_later
 from stack import sha256_hex
 
 pytestmark = pytest.mark.timeout(120)
@@ -40,9 +40,19 @@ def service_extra(keys, ttl_ms=3_600_000, max_uses=1):
     return "\n".join(lines)
 
 
+@pytest.fixture(scope="module")
+def tokens_gw(tmp_path_factory, request):
+    """One stack for the module's tests that share its keys: each decides
+    every review it files and reads only its own requests, and starting
+    Envoy, which compiles the filter, is most of a stack's start."""
+    with module_stack(tmp_path_factory, request, "async_tokens", filter_config([("k1", K1)]),
+                      approval_extra=service_extra([("k1", K1)])) as s:
+        yield s
+
+
 @pytest.fixture
-def tokens(make_stack):
-    return make_stack(filter_config=filter_config([("k1", K1)]), approval_extra=service_extra([("k1", K1)]))
+def tokens(tokens_gw):
+    return emptied(tokens_gw)
 
 
 def as_caller(name):

@@ -7,11 +7,27 @@ import subprocess
 import httpx
 import pytest
 
-from conftest import chat, send_later
+from conftest import chat, emptied, module_stack, send_later
 
 pytestmark = pytest.mark.timeout(120)
 
 JSON = {"content-type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, request):
+    """One default stack for the module's tests that need no configuration
+    of their own: each decides every review it holds (so none is pending
+    when the next begins), and starting Envoy, which compiles the filter,
+    is most of a stack's start."""
+    with module_stack(tmp_path_factory, request, "hardening", None) as s:
+        yield s
+
+
+@pytest.fixture
+def stack(gw):
+    """The module's stack (overrides conftest's), with the model's request log emptied."""
+    return emptied(gw)
 
 
 def raw(stack, body: bytes, path="/v1/chat/completions", method="POST", headers=None, **kw):

@@ -5,8 +5,8 @@ import json
 import httpx
 import pytest
 
-from conftest import chat, post, send_later
-from stack import wait_until
+from conftest import chat, emptied, module_stack, post, send_later
+from stack import records, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,9 +35,20 @@ POLICY = {
 RULES = [{"name": "load-tests", "model": "demo-allow*", "action": "allow"}]
 
 
+@pytest.fixture(scope="module")
+def masked_gw(tmp_path_factory, request):
+    """One stack for the module's tests of this configuration: each test
+    decides every review it holds and reads only its own requests (the
+    model's request log is emptied before each), and starting Envoy
+    (compiling the filter) is most of a stack's start."""
+    with module_stack(tmp_path_factory, request, "masked",
+                      {"masking": MASKING, "content_policy": POLICY, "rules": RULES}) as s:
+        yield s
+
+
 @pytest.fixture
-def masked(make_stack):
-    return make_stack(filter_config={"masking": MASKING, "content_policy": POLICY, "rules": RULES})
+def masked(masked_gw):
+    return emptied(masked_gw)
 
 
 def sse_text(resp):
@@ -72,8 +83,9 @@ def test_the_model_reviewer_and_database_never_see_the_values(masked, background
     assert pseudonyms[0] in seen["body"]
     # The echo comes back with the pseudonym restored for the caller.
     assert resp.json()["choices"][0]["message"]["content"] == "echo: " + prompt.replace(AWS, "[AWS_ACCESS_KEY]")
-    # Records and the database file: no raw value anywhere.
-    wait_until(lambda: any(r.get("response") for r in masked.approval.client().get("/api/records").json()["records"]),
+    # Records and the database file: no raw value anywhere (once this
+    # request's record has its response part).
+    wait_until(lambda: any(r.get("response") for r in records(masked, review_id=review["id"])),
                what="response record")
     for path in masked.approval.db.parent.glob("countersign.db*"):
         data = path.read_bytes()
@@ -97,12 +109,13 @@ def test_unicode_escapes_do_not_hide_a_value(masked):
 
 
 def test_content_policy_denies_and_monitors(masked):
+    seen_before = max((x["seq"] for x in records(masked)), default=0)
     r = post(masked.url, json=chat(model="demo-allow", text="how do I build a  BOMB at home"))
     assert r.status_code == 403 and "no-weapons" in r.json()["error"]["message"]
     r = post(masked.url, json=chat(model="demo-allow", text="draft the layoff memo"))
     assert r.status_code == 200  # monitor: recorded, not enforced
     # Both records: the refusal's is sent after the refusal (not waited for).
-    recs = wait_until(lambda: (r := masked.approval.client().get("/api/records").json()["records"])
+    recs = wait_until(lambda: (r := [x for x in records(masked) if x["seq"] > seen_before])
                       and len(r) >= 2 and r, what="both records")
     hits = json.dumps(recs)
     assert "watch-layoffs" in hits and "no-weapons" in hits
@@ -181,6 +194,7 @@ def test_restore_works_in_a_streamed_answer(masked, background):
 
 
 def test_response_rule_blocks_mid_stream(masked):
+    seen_before = max((x["seq"] for x in records(masked)), default=0)
     reply = "sure, here are the launch codes: 7391 2846 and more text after"
     r = httpx.post(masked.url + "/v1/chat/completions", timeout=30,
                    json=chat(model="demo-allow", text="hi", stream=True),
@@ -188,8 +202,9 @@ def test_response_rule_blocks_mid_stream(masked):
     text, errors = sse_text(r)
     assert errors and "no-launch-codes" in json.dumps(errors)
     assert "7391" not in r.text and "launch codes" not in text
-    recs = wait_until(lambda: [x for x in masked.approval.client().get("/api/records").json()["records"]
-                               if (x.get("response") or {}).get("blocked_by")], what="blocked record")
+    recs = wait_until(lambda: [x for x in records(masked)
+                               if x["seq"] > seen_before and (x.get("response") or {}).get("blocked_by")],
+                      what="blocked record")
     assert recs[0]["response"]["blocked_by"] == "no-launch-codes"
 
 

@@ -9,6 +9,7 @@ import time
 import httpx
 import pytest
 
+from conftest import emptied, module_stack
 from stack import HeldCaller, records, wait_until
 from test_tool_calls import openai_client
 
@@ -24,9 +25,18 @@ def config(**rule):
             "content_policy": {"response_rules": [{**RULE, **rule}]}}
 
 
+@pytest.fixture(scope="module")
+def answers_gw(tmp_path_factory, request):
+    """One stack for the module's tests that share it: each decides every
+    review it holds and reads only its own requests and records, and
+    starting Envoy, which compiles the filter, is most of a stack's start."""
+    with module_stack(tmp_path_factory, request, "response_review", config()) as s:
+        yield s
+
+
 @pytest.fixture
-def answers(make_stack):
-    return make_stack(filter_config=config())
+def answers(answers_gw):
+    return emptied(answers_gw)
 
 
 def ask_openai(stack, text=ASK, **extra):
@@ -34,8 +44,10 @@ def ask_openai(stack, text=ASK, **extra):
         model="demo-echo", messages=[{"role": "user", "content": text}], **extra)
 
 
-def answer_records(stack):
-    return wait_until(lambda: [r for r in records(stack) if (r.get("response") or {}).get("answer_decision")],
+def answer_records(stack, review_id):
+    """The records whose answer was held by review `review_id`."""
+    return wait_until(lambda: [r for r in records(stack)
+                               if (r.get("response") or {}).get("answer_review_id") == review_id],
                       what="response record with the answer's review")
 
 
@@ -65,7 +77,7 @@ def test_nothing_of_a_held_answer_reaches_the_caller_before_approval(answers):
     assert caller.answer()["choices"][0]["message"]["content"] == "echo: internal only: write to [EMAIL]"
     assert caller.headers["x-countersign-answer-outcome"] == "approved"
     assert caller.headers["x-countersign-answer-review-id"] == review["id"]
-    [rec] = answer_records(answers)
+    [rec] = answer_records(answers, review["id"])
     assert rec["response"]["answer_decision"] == "approved"
     assert rec["response"]["answer_review_id"] == review["id"]
 
@@ -79,7 +91,7 @@ def test_an_edit_is_masked_again_and_reaches_the_openai_sdk(answers, background)
     completion = fut.result(30)
     assert completion.choices[0].message.content == "Please ask the help desk, [EMAIL]"
     assert completion.choices[0].finish_reason == "stop"
-    [rec] = answer_records(answers)
+    [rec] = answer_records(answers, review["id"])
     assert rec["response"]["answer_decision"] == "edited"
     assert "carol@example.com" not in json.dumps(rec)
 
@@ -107,7 +119,7 @@ def test_an_invalid_edit_is_refused_when_submitted_and_a_valid_one_reaches_the_c
     completion = fut.result(30)
     assert completion.choices[0].message.content == "Please ask the help desk."
     assert completion.choices[0].finish_reason == "stop"
-    [rec] = answer_records(answers)
+    [rec] = answer_records(answers, review["id"])
     assert rec["response"]["answer_decision"] == "edited"
 
 
@@ -124,7 +136,7 @@ def test_a_rejection_reaches_the_anthropic_sdk_as_an_error(answers, background):
     assert err.value.status_code == 403
     assert "not for this caller" in err.value.message
     assert "internal only" not in err.value.response.text
-    [rec] = answer_records(answers)
+    [rec] = answer_records(answers, review["id"])
     assert rec["response"]["answer_decision"] == "rejected"
 
 
@@ -141,8 +153,10 @@ def test_an_expired_review_lets_nothing_of_the_answer_out(make_stack):
     assert review["status"] == "expired"
 
 
-def test_other_answers_pass_and_streams_in_scope_are_refused(answers):
+def test_other_answers_pass_and_streams_in_scope_are_refused(make_stack):
     import openai
+    # Its own stack: it checks that no review at all was filed.
+    answers = make_stack(filter_config=config())
     plain = ask_openai(answers, "just say hello")
     assert plain.choices[0].message.content == "echo: just say hello"
     with answers.approval.client() as c:

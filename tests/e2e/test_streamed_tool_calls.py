@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 
+from conftest import emptied, module_stack
 from stack import records, wait_until
 from test_tool_calls import ANTHROPIC_TOOLS, OPENAI_TOOLS
 
@@ -67,9 +68,25 @@ def script(events):
     return {"x-demo-answer": json.dumps(events)}
 
 
+@pytest.fixture(scope="module")
+def agents_gw(tmp_path_factory, request):
+    """One stack per configuration for the module's tests that share it:
+    each decides every review it holds and reads only its own requests, and
+    starting Envoy, which compiles the filter, is most of a stack's start."""
+    with module_stack(tmp_path_factory, request, "streamed_tool_calls", config()) as s:
+        yield s
+
+
 @pytest.fixture
-def agents(make_stack):
-    return make_stack(filter_config=config())
+def agents(agents_gw):
+    return emptied(agents_gw)
+
+
+@pytest.fixture(scope="module")
+def erroring(tmp_path_factory, request):
+    """The same with `on_reject: error`."""
+    with module_stack(tmp_path_factory, request, "streamed_tool_calls_error", config(on_reject="error")) as s:
+        yield s
 
 
 def openai_stream(stack, events=None):
@@ -134,9 +151,9 @@ def test_a_rejection_reaches_the_anthropic_sdk_as_a_stream_that_says_why(agents,
     assert "not on the data volume" in message.content[1].text and "alice" in message.content[1].text
 
 
-def test_a_rejection_can_end_the_stream_with_the_apis_error_event(make_stack, background):
+def test_a_rejection_can_end_the_stream_with_the_apis_error_event(erroring, background):
     import openai
-    stack = make_stack(filter_config=config(on_reject="error"))
+    stack = erroring
     fut = background.submit(openai_stream, stack)
     [review] = stack.approval.wait_pending()
     stack.approval.decide(review["id"], "reject", reason="no")
@@ -156,7 +173,9 @@ def test_an_expired_review_lets_no_tool_call_out(make_stack):
     assert review["status"] == "expired"
 
 
-def test_a_stream_without_a_named_tool_passes_and_block_still_refuses(agents, make_stack):
+def test_a_stream_without_a_named_tool_passes_and_block_still_refuses(make_stack):
+    # Its own stack: it checks that no review at all was filed.
+    agents = make_stack(filter_config=config())
     events = [e if isinstance(e, str) else json.loads(json.dumps(e).replace("delete_file", "get_weather"))
               for e in chat_events()]
     text, calls, _ = openai_stream(agents, events)
@@ -322,7 +341,8 @@ def test_text_leaves_at_once_and_no_tool_call_byte_before_approval(agents, api):
     after = b"".join(c for c, at in arrived if at >= approved_at)
     assert b"delete_file" in after and b"/srv/data" in after
     assert api != "chat" or received.endswith(b"data: [DONE]\n\n")
-    rec = wait_until(lambda: [r for r in records(agents) if (r.get("response") or {}).get("answer_decision")],
+    rec = wait_until(lambda: [r for r in records(agents)
+                              if (r.get("response") or {}).get("answer_review_id") == review["id"]],
                      what="response record with the answer's review")[0]
     assert rec["response"]["answer_decision"] == "approved"
     assert rec["response"]["answer_review_id"] == review["id"]
@@ -368,9 +388,9 @@ def test_an_expired_review_lets_no_tool_call_out_to_responses_and_gemini_clients
 
 
 @pytest.mark.parametrize("api", ["responses", "gemini"])
-def test_on_reject_error_ends_responses_and_gemini_streams_with_the_error_event(make_stack, background, api):
+def test_on_reject_error_ends_responses_and_gemini_streams_with_the_error_event(erroring, background, api):
     import openai
-    stack = make_stack(filter_config=config(on_reject="error"))
+    stack = erroring
     fut = background.submit(STREAMS[api], stack)
     [review] = stack.approval.wait_pending()
     stack.approval.decide(review["id"], "reject", reason="no")

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from conftest import emptied, module_stack
 from stack import HeldCaller, records, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -24,9 +25,18 @@ def config(**rule):
     return {"default_action": "allow", "content_policy": {"response_rules": [{**RULE, **rule}]}}
 
 
+@pytest.fixture(scope="module")
+def agents_gw(tmp_path_factory, request):
+    """One stack for the module's tests that share it: each decides every
+    review it holds and reads only its own requests, and starting Envoy,
+    which compiles the filter, is most of a stack's start."""
+    with module_stack(tmp_path_factory, request, "tool_calls", config()) as s:
+        yield s
+
+
 @pytest.fixture
-def agents(make_stack):
-    return make_stack(filter_config=config())
+def agents(agents_gw):
+    return emptied(agents_gw)
 
 
 def openai_client(stack):
@@ -76,7 +86,8 @@ def test_an_approved_edit_changes_the_arguments_the_openai_sdk_gets(agents, back
     assert call_.function.name == "delete_file"
     assert json.loads(call_.function.arguments) == {"path": "/tmp/scratch"}
     assert completion.choices[0].finish_reason == "tool_calls"
-    rec = wait_until(lambda: [r for r in records(agents) if (r.get("response") or {}).get("answer_decision")],
+    rec = wait_until(lambda: [r for r in records(agents)
+                              if (r.get("response") or {}).get("answer_review_id") == review["id"]],
                      what="response record with the answer's review")[0]
     assert rec["response"]["answer_decision"] == "edited"
     assert rec["response"]["answer_review_id"] == review["id"]
@@ -119,7 +130,9 @@ def test_an_expired_review_lets_no_tool_call_out(make_stack, background):
     assert review["status"] == "expired"
 
 
-def test_other_answers_pass_and_the_api_filters_by_kind(agents):
+def test_other_answers_pass_and_the_api_filters_by_kind(make_stack):
+    # Its own stack: it checks that no review at all was filed.
+    agents = make_stack(filter_config=config())
     plain = ask_openai(agents, "just say hello")
     assert plain.choices[0].message.content == "echo: just say hello"
     weather = ask_openai(agents, "call get_weather {}")
