@@ -115,8 +115,8 @@ def test_content_policy_denies_and_monitors(masked):
     r = post(masked.url, json=chat(model="demo-allow", text="draft the layoff memo"))
     assert r.status_code == 200  # monitor: recorded, not enforced
     # Both records: the refusal's is sent after the refusal (not waited for).
-    recs = wait_until(lambda: (r := [x for x in records(masked) if x["seq"] > seen_before])
-                      and len(r) >= 2 and r, what="both records")
+    recs = wait_until(lambda: (r := records(masked, after_seq=seen_before)) and len(r) >= 2 and r,
+                      what="both records")
     hits = json.dumps(recs)
     assert "watch-layoffs" in hits and "no-weapons" in hits
 
@@ -202,9 +202,8 @@ def test_response_rule_blocks_mid_stream(masked):
     text, errors = sse_text(r)
     assert errors and "no-launch-codes" in json.dumps(errors)
     assert "7391" not in r.text and "launch codes" not in text
-    recs = wait_until(lambda: [x for x in records(masked)
-                               if x["seq"] > seen_before and (x.get("response") or {}).get("blocked_by")],
-                      what="blocked record")
+    recs = wait_until(lambda: [x for x in records(masked, after_seq=seen_before)
+                               if (x.get("response") or {}).get("blocked_by")], what="blocked record")
     assert recs[0]["response"]["blocked_by"] == "no-launch-codes"
 
 

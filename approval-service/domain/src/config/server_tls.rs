@@ -181,10 +181,11 @@ mod tests {
 
     #[test]
     fn tls_files_are_read_and_checked_at_load() {
-        let dir = std::env::temp_dir().join(format!("countersign-tls-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        self_signed(&dir, "server");
-        self_signed(&dir, "ca");
+        // Removed when dropped, also when an assertion fails.
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path();
+        self_signed(dir, "server");
+        self_signed(dir, "ca");
         let d = dir.display();
         let table = |cert: &str, key: &str, ca: Option<&str>| {
             let ca = ca.map_or(String::new(), |c| format!("client_ca_file = \"{d}/{c}\"\n"));
@@ -227,7 +228,6 @@ mod tests {
             let e = refused(&text);
             assert!(e.contains(field), "{text}: {e}");
         }
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

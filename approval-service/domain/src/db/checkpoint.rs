@@ -189,35 +189,27 @@ mod tests {
     use std::path::PathBuf;
     use std::time::Instant;
 
-    struct ScratchFile(PathBuf);
+    /// A database file in a temporary directory, removed with it.
+    struct ScratchFile {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+    }
 
     impl ScratchFile {
-        fn new(name: &str) -> ScratchFile {
-            let dir = std::env::temp_dir().join(format!(
-                "countersign-checkpoint-{}-{name}",
-                std::process::id()
-            ));
-            drop(std::fs::remove_dir_all(&dir));
-            std::fs::create_dir_all(&dir).unwrap();
-            ScratchFile(dir.join("db.sqlite"))
+        fn new() -> ScratchFile {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("db.sqlite");
+            ScratchFile { _dir: dir, path }
         }
 
         fn wal_bytes(&self) -> u64 {
-            let wal = format!("{}-wal", self.0.display());
+            let wal = format!("{}-wal", self.path.display());
             std::fs::metadata(wal).map_or(0, |m| m.len())
         }
     }
 
-    impl Drop for ScratchFile {
-        fn drop(&mut self) {
-            if let Some(dir) = self.0.parent() {
-                drop(std::fs::remove_dir_all(dir));
-            }
-        }
-    }
-
     fn writer(file: &ScratchFile) -> rusqlite::Connection {
-        let conn = rusqlite::Connection::open(&file.0).unwrap();
+        let conn = rusqlite::Connection::open(&file.path).unwrap();
         let _mode: String = conn
             .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
             .unwrap();
@@ -245,9 +237,9 @@ mod tests {
 
     #[test]
     fn commits_past_the_mark_wake_the_thread_which_checkpoints() {
-        let file = ScratchFile::new("wake");
+        let file = ScratchFile::new();
         let mut conn = writer(&file);
-        let checkpointer = Checkpointer::start_with(&file.0, "FULL", 8, 1_000).unwrap();
+        let checkpointer = Checkpointer::start_with(&file.path, "FULL", 8, 1_000).unwrap();
         checkpointer.take_over(&mut conn).unwrap();
         // Below the mark: nobody checkpoints.
         commit_pages(&conn, 2);
@@ -278,9 +270,9 @@ mod tests {
 
     #[test]
     fn without_a_running_thread_commits_past_the_backstop_checkpoint_themselves() {
-        let file = ScratchFile::new("backstop");
+        let file = ScratchFile::new();
         let mut conn = writer(&file);
-        let checkpointer = Checkpointer::start_with(&file.0, "FULL", 8, 40).unwrap();
+        let checkpointer = Checkpointer::start_with(&file.path, "FULL", 8, 40).unwrap();
         // Stop the thread: the hook stays, as if the thread had died.
         checkpointer.shared.wake().stop = true;
         checkpointer.shared.woken.notify_one();
@@ -307,9 +299,9 @@ mod tests {
 
     #[test]
     fn dropping_the_checkpointer_stops_its_thread() {
-        let file = ScratchFile::new("drop");
+        let file = ScratchFile::new();
         drop(writer(&file));
-        let checkpointer = Checkpointer::start(&file.0, "FULL").unwrap();
+        let checkpointer = Checkpointer::start(&file.path, "FULL").unwrap();
         // The drop joins the thread; a thread that does not stop hangs it.
         let (dropped, done) = std::sync::mpsc::channel();
         std::thread::spawn(move || {

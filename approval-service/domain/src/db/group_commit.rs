@@ -182,7 +182,10 @@ mod tests {
         }
     }
 
-    fn change(n: u32) -> (Change, mpsc::Receiver<Result<u32, &'static str>>) {
+    /// Where a change's answer arrives.
+    type Answer = mpsc::Receiver<Result<u32, &'static str>>;
+
+    fn change(n: u32) -> (Change, Answer) {
         let (tx, rx) = mpsc::channel();
         (
             Change {
@@ -193,18 +196,18 @@ mod tests {
         )
     }
 
+    /// Changes `ns`, and the receivers of their answers.
+    fn changes(ns: std::ops::RangeInclusive<u32>) -> (Vec<Change>, Vec<Answer>) {
+        ns.map(change).unzip()
+    }
+
     #[test]
     fn one_writer_drains_what_queues_meanwhile_in_groups() {
         let queue = GroupQueue::new(2);
         let (first, first_answer) = change(1);
         let writer = queue.push([first]).expect("the first push gets the writer");
         // While a writer exists, later pushes only queue.
-        let (mut later, mut answers) = (Vec::new(), Vec::new());
-        for n in 2..=4 {
-            let (c, rx) = change(n);
-            later.push(c);
-            answers.push(rx);
-        }
+        let (later, answers) = changes(2..=4);
         assert!(queue.push(later).is_none());
         let mut groups = Vec::new();
         writer.run(|group| {
@@ -262,12 +265,7 @@ mod tests {
         let queue = GroupQueue::new(2);
         let (first, first_answer) = change(1);
         let writer = queue.push([first]).unwrap();
-        let (mut later, mut answers) = (Vec::new(), Vec::new());
-        for n in 2..=3 {
-            let (c, rx) = change(n);
-            later.push(c);
-            answers.push(rx);
-        }
+        let (later, answers) = changes(2..=3);
         assert!(queue.push(later).is_none());
         // The first group (the pusher's change first) is written; change 3
         // waits for the writer handed on.
