@@ -3,7 +3,8 @@
 // started by PID (each runs in its own process group).
 //
 // Needs the binaries from `./dev build`: target/release/countersign-approval,
-// target/release/demo-backend, target/wasm32-wasip1/wasm/countersign_filter.wasm
+// target/release/demo-backend (or those in $COUNTERSIGN_BINARIES, as
+// `./dev test` sets it), target/wasm32-wasip1/wasm/countersign_filter.wasm
 // and .venv/bin/envoy.
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
@@ -16,7 +17,7 @@ import { after, before } from 'node:test';
 import { chromium } from 'playwright-core';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
-const RELEASE = path.join(ROOT, 'target', 'release');
+const BINARIES = process.env.COUNTERSIGN_BINARIES || path.join(ROOT, 'target', 'release');
 const WASM = path.join(ROOT, 'target', 'wasm32-wasip1', 'wasm', 'countersign_filter.wasm');
 const ENVOY = path.join(ROOT, '.venv', 'bin', 'envoy');
 const TEMPLATE = path.join(ROOT, 'envoy', 'countersign.yaml');
@@ -230,9 +231,9 @@ export class Stack {
     if (!fs.existsSync(WASM)) throw new Error(`${WASM} is missing: run ./dev build first`);
 
     const log = (name) => path.join(this.dir, `${name}.log`);
-    this.backend = new Proc('demo-backend', path.join(RELEASE, 'demo-backend'),
+    this.backend = new Proc('demo-backend', path.join(BINARIES, 'demo-backend'),
       ['--listen', `127.0.0.1:${modelPort}`], log('demo-backend'));
-    this.approval = new Proc('countersign-approval', path.join(RELEASE, 'countersign-approval'),
+    this.approval = new Proc('countersign-approval', path.join(BINARIES, 'countersign-approval'),
       ['serve', '--config', path.join(this.dir, 'approval.toml')], log('approval'), this.env);
     this.envoy = new Proc('envoy', ENVOY,
       ['-c', path.join(this.dir, 'envoy.yaml'), '--log-level', 'warn', '--component-log-level', 'wasm:info',

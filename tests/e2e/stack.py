@@ -26,7 +26,11 @@ import yaml
 from render import filter_config_value, render
 
 ROOT = Path(__file__).resolve().parents[2]
-RELEASE = ROOT / "target" / "release"
+# The service's and the demo model's binaries: the release build of `./dev
+# build` unless COUNTERSIGN_BINARIES names another directory (`./dev test`
+# points it at target/debug, which its unit-test build already filled, so the
+# suite compiles the dependencies once instead of twice).
+BINARIES = Path(os.environ.get("COUNTERSIGN_BINARIES", ROOT / "target" / "release"))
 WASM = ROOT / "target" / "wasm32-wasip1" / "wasm" / "countersign_filter.wasm"
 ENVOY = ROOT / ".venv" / "bin" / "envoy"
 TEMPLATE = ROOT / "envoy" / "countersign.yaml"
@@ -208,7 +212,7 @@ def rec_field(rec: dict, name: str):
 
 def verify_records(stack, timeout: float = 30) -> subprocess.CompletedProcess:
     """Runs the hash-chain verifier over the service's database (SQLite file or PostgreSQL URL)."""
-    return subprocess.run([str(RELEASE / "countersign-approval"), "verify-records", "--database",
+    return subprocess.run([str(BINARIES / "countersign-approval"), "verify-records", "--database",
                            str(stack.approval.db)], capture_output=True, text=True, timeout=timeout)
 
 
@@ -411,7 +415,7 @@ class Backend:
     def __init__(self, workdir: Path, name: str = "demo-backend"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = Proc(name, [str(RELEASE / "demo-backend"), "--listen", f"127.0.0.1:{self.port}"],
+        self.proc = Proc(name, [str(BINARIES / "demo-backend"), "--listen", f"127.0.0.1:{self.port}"],
                          workdir / f"{name}.log")
 
     def start(self):
@@ -460,7 +464,7 @@ class Approval:
                 lines.append(reviewer_fields[reviewer])
         self.config.write_text("\n".join(lines) + "\n")
         self.proc = Proc("countersign-approval",
-                         [str(RELEASE / "countersign-approval"), "serve", "--config", str(self.config)],
+                         [str(BINARIES / "countersign-approval"), "serve", "--config", str(self.config)],
                          workdir / f"{name}.log", env=env, cwd=workdir)
 
     def start(self):

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from conftest import chat
-from stack import DEFAULT_FILTER_TOKEN, ENVOY, RELEASE, ROOT, TEMPLATE, Approval, Backend, Envoy, render
+from stack import BINARIES, DEFAULT_FILTER_TOKEN, ENVOY, ROOT, TEMPLATE, Approval, Backend, Envoy, render
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -94,7 +94,7 @@ def test_plugin_config_as_a_struct_runs_with_traffic(tmp_path, background):
     try:
         assert STRUCT_TYPE in envoy.yaml.read_text()
         # check-config reads it as the filter does.
-        checked = subprocess.run([str(RELEASE / "countersign-approval"), "check-config", "--envoy", str(envoy.yaml)],
+        checked = subprocess.run([str(BINARIES / "countersign-approval"), "check-config", "--envoy", str(envoy.yaml)],
                                  capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert checked.returncode == 0, checked.stdout + checked.stderr
         envoy.start()

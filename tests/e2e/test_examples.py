@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import chat
-from stack import ENVOY, RELEASE, ROOT, Backend, Proc, free_port, wait_started, wait_until
+from stack import BINARIES, ENVOY, ROOT, Backend, Proc, free_port, wait_started, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -96,7 +96,7 @@ class Example:
         toml, databases = re.subn(r'(?m)^database = ".*"$', f'database = "{workdir / "examples.db"}"', toml)
         assert (listens, databases) == (1, 1), "approval.toml: one `listen` and one `database` line expected"
         (workdir / "approval.toml").write_text(toml)
-        self.approval = Proc("countersign-approval", [str(RELEASE / "countersign-approval"), "serve", "--config",
+        self.approval = Proc("countersign-approval", [str(BINARIES / "countersign-approval"), "serve", "--config",
                                                       str(workdir / "approval.toml")],
                              workdir / "approval.log", cwd=ROOT)
 

@@ -115,10 +115,13 @@ def test_content_policy_denies_and_monitors(masked):
     r = post(masked.url, json=chat(model="demo-allow", text="draft the layoff memo"))
     assert r.status_code == 200  # monitor: recorded, not enforced
     # Both records: the refusal's is sent after the refusal (not waited for).
-    recs = wait_until(lambda: (r := records(masked, after_seq=seen_before)) and len(r) >= 2 and r,
-                      what="both records")
-    hits = json.dumps(recs)
-    assert "watch-layoffs" in hits and "no-weapons" in hits
+    # The stack is shared, so an earlier test's record may land after
+    # `seen_before` too: wait for these two, not for any two.
+    def both_records():
+        hits = json.dumps(records(masked, after_seq=seen_before))
+        return "watch-layoffs" in hits and "no-weapons" in hits
+
+    wait_until(both_records, what="the monitor's and the refusal's records")
 
 
 # A denied phrase the model still reads as the phrase: before content

@@ -25,7 +25,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from stack import ENVOY, RELEASE, ROOT, TEMPLATE, WASM, Proc, filter_config_value, free_port, render, wait_started
+from stack import BINARIES, ENVOY, ROOT, TEMPLATE, WASM, Proc, filter_config_value, free_port, render, wait_started
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -36,7 +36,7 @@ KUSTOMIZE = MESH / "kustomize"
 OVERLAYS = sorted(p for p in (KUSTOMIZE / "overlays").iterdir() if p.is_dir())
 # A real kustomize: kubectl's (`kubectl kustomize`), from the venv ./dev sets up.
 KUBECTL = ROOT / ".venv" / "bin" / "kubectl"
-CLI = RELEASE / "countersign-approval"
+CLI = BINARIES / "countersign-approval"
 # Core kinds are checked against Kubernetes' own OpenAPI schemas (strict:
 # unknown fields fail), as shipped by the kubernetes-validate package.
 K8S_VERSION = "1.30.0"

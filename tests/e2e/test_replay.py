@@ -8,14 +8,14 @@ import subprocess
 import pytest
 
 from conftest import chat, post, send_later
-from stack import RELEASE, rec_field, records, verify_records, wait_until
+from stack import BINARIES, rec_field, records, verify_records, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
 
 def replay(stack, draft_path, draft, *extra):
     draft_path.write_text(json.dumps(draft))
-    out = subprocess.run([str(RELEASE / "countersign-approval"), "replay", "--json", "--database",
+    out = subprocess.run([str(BINARIES / "countersign-approval"), "replay", "--json", "--database",
                           str(stack.approval.db), "--plugin-config", str(draft_path), *extra],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

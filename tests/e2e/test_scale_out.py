@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from conftest import chat, send_later
-from stack import (DEFAULT_FILTER_CONFIG, RELEASE, Approval, Backend, Envoy, rec_field, records, verify_records,
+from stack import (BINARIES, DEFAULT_FILTER_CONFIG, Approval, Backend, Envoy, rec_field, records, verify_records,
                    wait_until)
 
 pytestmark = pytest.mark.timeout(180)
@@ -216,7 +216,7 @@ def test_a_database_that_declines_tls_is_refused_unless_plain_text_is_asked_for(
     plain_ok = Approval(tmp_path, database=url, name="plain").start()
     plain_ok.proc.stop()
     for insecure in (url.replace("?sslmode=disable", ""), url.replace("sslmode=disable", "sslmode=prefer")):
-        r = subprocess.run([str(RELEASE / "countersign-approval"), "serve", "--config", str(tmp_path / "plain.toml"),
+        r = subprocess.run([str(BINARIES / "countersign-approval"), "serve", "--config", str(tmp_path / "plain.toml"),
                             "--database", insecure], capture_output=True, text=True, timeout=30)
         assert r.returncode != 0, r.stdout + r.stderr
         assert "TLS" in r.stderr or "tls" in r.stderr, r.stderr

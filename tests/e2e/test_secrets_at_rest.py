@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from conftest import chat, send_later
-from stack import REVIEWERS, RELEASE, sha256_hex, wait_until
+from stack import BINARIES, REVIEWERS, sha256_hex, wait_until
 from test_masking import AWS, EMAIL, MASKING
 
 pytestmark = pytest.mark.timeout(180)
@@ -102,7 +102,7 @@ def test_no_secret_in_logs_database_or_exports(make_stack, pg_database, postgres
         return len(recs) == 4 and all(x.get("response") for x in recs) and recs
     wait_until(answers_recorded, timeout=20, what="four records with their answers")
 
-    export = subprocess.run([str(RELEASE / "countersign-approval"), "export-records", "--database",
+    export = subprocess.run([str(BINARIES / "countersign-approval"), "export-records", "--database",
                              str(stack.approval.db)], capture_output=True, text=True, timeout=30)
     assert export.returncode == 0, export.stderr
     dump = subprocess.run([str(postgres.bin / "pg_dump"), "--data-only", str(stack.approval.db)],

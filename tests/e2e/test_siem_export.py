@@ -14,7 +14,7 @@ import threading
 import pytest
 
 from conftest import chat, post
-from stack import RELEASE, Proc, records, verify_records, wait_until
+from stack import BINARIES, Proc, records, verify_records, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -59,7 +59,7 @@ class SyslogReceiver:
 
 def exporter(stack, tmp_path, name: str, *args: str) -> tuple[Proc, object]:
     out = open(tmp_path / f"{name}.out", "wb")
-    proc = Proc(name, [str(RELEASE / "countersign-approval"), "export-chain", "--database",
+    proc = Proc(name, [str(BINARIES / "countersign-approval"), "export-chain", "--database",
                        str(stack.approval.db), "--cursor", str(tmp_path / "cursor"), *args],
                 tmp_path / f"{name}.log", stdout=out).start()
     return proc, out
