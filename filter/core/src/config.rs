@@ -14,6 +14,7 @@ pub use protobuf_struct::struct_json_text;
 use serde::Deserialize;
 
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use crate::glob::Glob;
 use crate::identity::{Caller, IdentitySource, UpstreamCredential};
@@ -77,16 +78,29 @@ pub struct Endpoint {
     pub path: String,
     /// The body shape expected there.
     pub api: ApiKind,
-    /// `path` lower-cased, compiled once: every request's path is matched
+    /// `path` compiled once, shared by the clones each inspected request
+    /// takes.
+    matchers: Rc<EndpointMatchers>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct EndpointMatchers {
+    /// `path` lower-cased: every request's normalised path is matched
     /// against every endpoint.
-    matcher: Glob,
+    normalized: Glob,
+    /// `path` as written: an inspected request's path must match it
+    /// exactly (case included).
+    exact: Glob,
 }
 
 impl Endpoint {
     /// An endpoint at `path` (a glob) of shape `api`.
     pub fn new(path: String, api: ApiKind) -> Endpoint {
         Endpoint {
-            matcher: Glob::new(&path.to_ascii_lowercase()),
+            matchers: Rc::new(EndpointMatchers {
+                normalized: Glob::new(&path.to_ascii_lowercase()),
+                exact: Glob::new(&path),
+            }),
             path,
             api,
         }
@@ -94,7 +108,13 @@ impl Endpoint {
 
     /// Whether a normalised (lower-case) request path is this endpoint's.
     pub fn matches_normalized(&self, normalized: &str) -> bool {
-        self.matcher.matches(normalized)
+        self.matchers.normalized.matches(normalized)
+    }
+
+    /// Whether a raw request path (no query) is spelled exactly as this
+    /// endpoint's `path`, case included.
+    pub fn matches_as_written(&self, raw_path: &str) -> bool {
+        self.matchers.exact.matches(raw_path)
     }
 }
 

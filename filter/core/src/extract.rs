@@ -6,6 +6,8 @@
 //! an unknown content-part type or a token-id prompt would otherwise reach
 //! the model without a human having seen it.
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 
 use crate::json::parse_strict;
@@ -381,24 +383,24 @@ pub fn bedrock_model(path: &str, operation: &str) -> Option<Result<String, Strin
 /// `raw_path` as a backend routes it: with a Bedrock model id
 /// percent-decoded (SDKs encode the `:` and `/` of ids and ARNs, the one
 /// place a canonical path carries escapes). `None` for a bad escape there.
-pub fn path_with_model_decoded(api: ApiKind, raw_path: &str) -> Option<String> {
+pub fn path_with_model_decoded(api: ApiKind, raw_path: &str) -> Option<Cow<'_, str>> {
     let ModelIn::BedrockModel(plain, streamed) = model_in(api) else {
-        return Some(raw_path.to_string());
+        return Some(Cow::Borrowed(raw_path));
     };
     let path = raw_path.split(['?', '#']).next().unwrap_or("");
     let Some((prefix, rest)) = path.split_once("/model/") else {
-        return Some(path.to_string());
+        return Some(Cow::Borrowed(path));
     };
     let Some((id, operation)) = [plain, streamed]
         .into_iter()
         .find_map(|op| Some((rest.strip_suffix(op)?, op)))
     else {
-        return Some(path.to_string());
+        return Some(Cow::Borrowed(path));
     };
-    Some(format!(
+    Some(Cow::Owned(format!(
         "{prefix}/model/{}{operation}",
         percent_decode_once(id)?
-    ))
+    )))
 }
 
 /// `%XX` escapes decoded once; `None` for a bad escape or bytes that are not

@@ -1,8 +1,9 @@
 //! Request classification from headers alone: is this an inference request
 //! we must inspect, a request to pass, or one to refuse before its body?
 
+use std::borrow::Cow;
+
 use crate::config::{Config, Endpoint, OtherRequests};
-use crate::glob::Glob;
 use crate::refusal::{Refusal, RefusalKind};
 use crate::shape::Sniffed;
 use crate::wire::ApiKind;
@@ -88,15 +89,28 @@ pub fn normalize_path(raw: &str) -> Option<String> {
             s => segments.push(s),
         }
     }
-    Some(format!("/{}", segments.join("/")).to_ascii_lowercase())
+    // Every request's path goes through here: one allocation for the result.
+    let mut normalized = String::with_capacity(decoded.len() + 1);
+    for seg in &segments {
+        normalized.push('/');
+        normalized.push_str(seg);
+    }
+    if normalized.is_empty() {
+        normalized.push('/');
+    }
+    normalized.make_ascii_lowercase();
+    Some(normalized)
 }
 
 /// Decodes `%XX` escapes, repeatedly, so that `%252F` cannot hide a `/`.
-fn percent_decode(s: &str) -> Option<String> {
+fn percent_decode(s: &str) -> Option<Cow<'_, str>> {
+    if !s.contains('%') {
+        return Some(Cow::Borrowed(s));
+    }
     let mut current = s.to_string();
     for _ in 0..4 {
         if !current.contains('%') {
-            return Some(current);
+            return Some(Cow::Owned(current));
         }
         let bytes = current.as_bytes();
         let mut out = Vec::with_capacity(bytes.len());
@@ -114,7 +128,7 @@ fn percent_decode(s: &str) -> Option<String> {
         }
         let next = String::from_utf8(out).ok()?;
         if next == current {
-            return Some(next);
+            return Some(Cow::Owned(next));
         }
         current = next;
     }
@@ -186,9 +200,8 @@ pub fn classify(config: &Config, head: &RequestHead<'_>) -> HeadVerdict {
             return HeadVerdict::Status(raw_id.to_string());
         }
     }
-    let endpoint = find_endpoint(config, &normalized);
-    if let Some(endpoint) = endpoint {
-        return classify_inference(config, head, raw_path, endpoint);
+    if let Some(endpoint) = find_endpoint(config, &normalized) {
+        return classify_inference(config, head, raw_path, &normalized, endpoint);
     }
 
     // Not an inference endpoint. Passthrough entries must match the raw path
@@ -240,29 +253,28 @@ fn non_identity_encoding(content_encoding: Option<&str>) -> Option<&str> {
 }
 
 /// The endpoint a normalised (lower-case) path belongs to.
-fn find_endpoint(config: &Config, normalized: &str) -> Option<Endpoint> {
+fn find_endpoint<'c>(config: &'c Config, normalized: &str) -> Option<&'c Endpoint> {
     config
         .endpoints
         .iter()
         .find(|e| e.matches_normalized(normalized))
-        .cloned()
 }
 
+/// `normalized` is `raw_path` through [`normalize_path`].
 fn classify_inference(
     config: &Config,
     head: &RequestHead<'_>,
     raw_path: &str,
-    endpoint: Endpoint,
+    normalized: &str,
+    endpoint: &Endpoint,
 ) -> HeadVerdict {
     let api = Some(endpoint.api);
     // The path must be spelled exactly as the endpoint (case included) and
     // already be in normal form, so the backend routes what was inspected.
     // A Bedrock model id is the one place escapes belong.
     let routed = crate::extract::path_with_model_decoded(endpoint.api, raw_path);
-    let canonical = routed
-        .zip(normalize_path(raw_path))
-        .is_some_and(|(r, n)| n == r.to_ascii_lowercase());
-    if !canonical || !Glob::new(&endpoint.path).matches(raw_path) {
+    let canonical = routed.is_some_and(|r| r.eq_ignore_ascii_case(normalized));
+    if !canonical || !endpoint.matches_as_written(raw_path) {
         return HeadVerdict::Refuse(Refusal::new(
             RefusalKind::BadPath,
             api,
@@ -322,7 +334,7 @@ fn classify_inference(
             }
         }
     }
-    HeadVerdict::Inspect(endpoint)
+    HeadVerdict::Inspect(endpoint.clone())
 }
 
 /// `application/json`, optionally with `charset=utf-8`; nothing else, since
