@@ -206,9 +206,18 @@ def test_non_inference_paths_follow_the_default(make_stack):
     assert passing.backend.stats()["started"] == 1
 
 
-def test_restart_of_the_service_during_a_hold_loses_nothing(stack, background):
+def test_restart_of_the_service_during_a_hold_loses_nothing(make_stack, background):
+    # A stack of its own: this test stops the service, and a failure before
+    # the restart would leave a shared stack without one.
+    stack = make_stack()
+    calls = "cluster.countersign_approval.upstream_rq_completed"
+    calls_before = stat(stack, calls)
     fut = send_later(background, stack.url, chat(text="survive a restart"))
     [review] = stack.approval.wait_pending()
+    # The review is listed once committed, a moment before the filter has
+    # the answer to its creation; killed in between, the creation is what
+    # fails (retried three times, then refused). Kill during the hold.
+    wait_until(lambda: stat(stack, calls) > calls_before, what="the filter to have its review's id")
     stack.approval.proc.kill()
     time.sleep(1.5)  # the filter's long-poll fails and it retries with backoff
     assert not fut.done()
