@@ -171,6 +171,20 @@ def records(stack, timeout: float = 10, **params) -> list[dict]:
                 return out
 
 
+def last_seq(stack) -> int:
+    """The highest record `seq` so far (0 for none): what a test on a shared
+    stack passes as `after_seq` to read only the records that follow."""
+    return max((r["seq"] for r in records(stack)), default=0)
+
+
+def answer_records(stack, review_id: str) -> list[dict]:
+    """The records whose answer was held by review `review_id`, waited for
+    (the response part is written after the answer has gone)."""
+    return wait_until(lambda: [r for r in records(stack)
+                               if (r.get("response") or {}).get("answer_review_id") == review_id],
+                      what="response record with the answer's review")
+
+
 class HeldCaller:
     """POSTs `body` to `url` from a thread of its own and notes when each
     part of the answer arrives (`("head", status, time)`, then `("body",

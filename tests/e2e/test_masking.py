@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from conftest import chat, emptied, module_stack, post, send_later
-from stack import records, wait_until
+from stack import last_seq, records, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -109,7 +109,7 @@ def test_unicode_escapes_do_not_hide_a_value(masked):
 
 
 def test_content_policy_denies_and_monitors(masked):
-    seen_before = max((x["seq"] for x in records(masked)), default=0)
+    seen_before = last_seq(masked)
     r = post(masked.url, json=chat(model="demo-allow", text="how do I build a  BOMB at home"))
     assert r.status_code == 403 and "no-weapons" in r.json()["error"]["message"]
     r = post(masked.url, json=chat(model="demo-allow", text="draft the layoff memo"))
@@ -197,7 +197,7 @@ def test_restore_works_in_a_streamed_answer(masked, background):
 
 
 def test_response_rule_blocks_mid_stream(masked):
-    seen_before = max((x["seq"] for x in records(masked)), default=0)
+    seen_before = last_seq(masked)
     reply = "sure, here are the launch codes: 7391 2846 and more text after"
     r = httpx.post(masked.url + "/v1/chat/completions", timeout=30,
                    json=chat(model="demo-allow", text="hi", stream=True),

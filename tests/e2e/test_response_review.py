@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from conftest import emptied, module_stack
-from stack import HeldCaller, records, wait_until
+from stack import HeldCaller, answer_records, wait_until
 from test_tool_calls import openai_client
 
 pytestmark = pytest.mark.timeout(120)
@@ -42,13 +42,6 @@ def answers(answers_gw):
 def ask_openai(stack, text=ASK, **extra):
     return openai_client(stack).chat.completions.create(
         model="demo-echo", messages=[{"role": "user", "content": text}], **extra)
-
-
-def answer_records(stack, review_id):
-    """The records whose answer was held by review `review_id`."""
-    return wait_until(lambda: [r for r in records(stack)
-                               if (r.get("response") or {}).get("answer_review_id") == review_id],
-                      what="response record with the answer's review")
 
 
 def test_nothing_of_a_held_answer_reaches_the_caller_before_approval(answers):

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from conftest import emptied, module_stack
-from stack import records, wait_until
+from stack import answer_records, wait_until
 from test_tool_calls import ANTHROPIC_TOOLS, OPENAI_TOOLS
 
 pytestmark = pytest.mark.timeout(120)
@@ -341,9 +341,7 @@ def test_text_leaves_at_once_and_no_tool_call_byte_before_approval(agents, api):
     after = b"".join(c for c, at in arrived if at >= approved_at)
     assert b"delete_file" in after and b"/srv/data" in after
     assert api != "chat" or received.endswith(b"data: [DONE]\n\n")
-    rec = wait_until(lambda: [r for r in records(agents)
-                              if (r.get("response") or {}).get("answer_review_id") == review["id"]],
-                     what="response record with the answer's review")[0]
+    rec = answer_records(agents, review["id"])[0]
     assert rec["response"]["answer_decision"] == "approved"
     assert rec["response"]["answer_review_id"] == review["id"]
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from conftest import emptied, module_stack
-from stack import HeldCaller, records, wait_until
+from stack import HeldCaller, answer_records, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -86,9 +86,7 @@ def test_an_approved_edit_changes_the_arguments_the_openai_sdk_gets(agents, back
     assert call_.function.name == "delete_file"
     assert json.loads(call_.function.arguments) == {"path": "/tmp/scratch"}
     assert completion.choices[0].finish_reason == "tool_calls"
-    rec = wait_until(lambda: [r for r in records(agents)
-                              if (r.get("response") or {}).get("answer_review_id") == review["id"]],
-                     what="response record with the answer's review")[0]
+    rec = answer_records(agents, review["id"])[0]
     assert rec["response"]["answer_decision"] == "edited"
     assert rec["response"]["answer_review_id"] == review["id"]
 
