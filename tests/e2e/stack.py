@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -41,7 +42,36 @@ REVIEWERS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789",
 REVIEWER_GROUPS = {"alice": ["security"], "bob": ["security"], "carol": ["eng"]}
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+# Ports the tests choose for their listeners: below the kernel's ephemeral
+# range. A port from bind(0) comes from that range, which every outgoing
+# connection (Envoy's to the model and the service, the tests' clients) also
+# draws from, so one of them could take it between the choice and the
+# listener's bind; a module's shared stack failing to start that way errors
+# every test of the module.
+_LISTEN_PORTS = range(10000, _ephemeral_ports()[0])
+_port_choice = random.Random()
+
+
 def free_port() -> int:
+    """A loopback port nothing is bound to now, outside the ephemeral range
+    (bind(0) when that range leaves no room below it)."""
+    tries = 200 if len(_LISTEN_PORTS) >= 1000 else 0
+    for _ in range(tries):
+        port = _port_choice.choice(_LISTEN_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
