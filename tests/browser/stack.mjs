@@ -105,16 +105,50 @@ process.on('exit', () => {
   }
 });
 
-export function freePort() {
-  return new Promise((resolve, reject) => {
+// Ports the tests choose for their listeners: below the kernel's ephemeral
+// range (as tests/e2e/stack.py does). A port from listen(0) comes from that
+// range, which every outgoing connection (Envoy's to the model and the
+// service, the browser's) also draws from, so one of them could take it
+// between the choice and the listener's bind.
+function ephemeralLow() {
+  try {
+    const [low] = fs.readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/).map(Number);
+    if (Number.isInteger(low)) return low;
+  } catch { /* not Linux: the default below */ }
+  return 32768;
+}
+const LISTEN_LOW = 10000;
+const LISTEN_HIGH = ephemeralLow();
+// Ports this process handed out: two choices made at once (Promise.all)
+// never get the same one.
+const handedOut = new Set();
+
+function tryListen(port) {
+  return new Promise((resolve) => {
     const srv = net.createServer();
     srv.unref();
-    srv.on('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address();
-      srv.close(() => resolve(port));
+    srv.on('error', () => resolve(null));
+    srv.listen(port, '127.0.0.1', () => {
+      const chosen = srv.address().port;
+      srv.close(() => resolve(chosen));
     });
   });
+}
+
+/** A loopback port nothing is bound to now, outside the ephemeral range
+ * (listen(0) when that range leaves no room below it). */
+export async function freePort() {
+  const tries = LISTEN_HIGH - LISTEN_LOW >= 1000 ? 200 : 0;
+  for (let i = 0; i < tries; i += 1) {
+    const port = LISTEN_LOW + Math.floor(Math.random() * (LISTEN_HIGH - LISTEN_LOW));
+    if (handedOut.has(port)) continue;
+    handedOut.add(port);
+    const got = await tryListen(port);
+    if (got !== null) return got;
+  }
+  const got = await tryListen(0);
+  if (got === null) throw new Error('no free loopback port');
+  return got;
 }
 
 const sha256 = (text) => createHash('sha256').update(text).digest('hex');
