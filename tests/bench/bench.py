@@ -199,6 +199,20 @@ def last_request(backend: Backend) -> dict | None:
     return seen[-1] if seen else None
 
 
+# Envoy's calls to the approval service (the filter's record calls, in scenario 3).
+RECORD_CALLS_STAT = "cluster.countersign_approval.upstream_rq_total"
+
+
+def calls_per_request_text(per_conns: dict) -> str:
+    """What the batching achieved: Envoy's calls to the service per request, by connection count."""
+    if not per_conns:
+        return ""
+    parts = [f"{v:.2f} at {c} connection{'s' if c != '1' else ''}" for c, v in sorted(per_conns.items(), key=lambda kv: int(kv[0]))]
+    return ("Calls from Envoy to the service per request: " + " and ".join(parts) + " (both parts of its record; "
+            f"`{RECORD_CALLS_STAT}` over the backend's completed requests, warm-up included), so under load one "
+            "call carries several records and the cost left is per record, not per call. ")
+
+
 def histogram(envoy: Envoy, name: str) -> dict | None:
     """Cumulative P50/P99 of one Envoy histogram (ms for *_time), from the admin /stats."""
     try:
@@ -566,9 +580,15 @@ class Suite:
         record, why = self.feature("record", backend, approval)
         for c in (1, 32):
             if record:
+                calls0, done0 = stat(record, RECORD_CALLS_STAT) or 0, settle(backend)["completed"]
                 self.measure("3. `allow` + durable pre-forward record", "filter", record.url + chat, c,
                              watch={"envoy": record.proc.pid, "backend": backend.proc.pid,
                                     "approval": approval.proc.pid}, backend=backend, scenario="record")
+                calls, done = (stat(record, RECORD_CALLS_STAT) or 0) - calls0, settle(backend)["completed"] - done0
+                if done:
+                    # Both parts of each request's record travel in these calls (warm-up included).
+                    self.results.setdefault("record_calls_per_request", {})[str(c)] = calls / done
+                    log(f"record calls to the service: {calls / done:.2f} per request at {c} connection(s)")
             else:
                 self.pending_row("3. `allow` + durable pre-forward record", "filter", "record", why, c)
         if record:
@@ -1763,7 +1783,8 @@ def report(s: Suite, m: dict, command: str) -> str:
           f"arrive while one is travel together in the next call (`POST /v1/records/batch`, sent when that call is "
           f"answered or after `record_batch_ms`, 1 ms), and Envoy saw the record calls take p50 {fmt(cm.get('p50'), '.1f')} / "
           f"p99 {fmt(cm.get('p99'), '.1f')} ms (`cluster.countersign_approval.upstream_rq_time`, both runs); the "
-          "response parts due in one timer tick travel together the same way. The service hands every append to "
+          "response parts due in one timer tick travel together the same way. "
+          f"{calls_per_request_text(R.get('record_calls_per_request') or {})}The service hands every append to "
           "one writer, which appends what is queued to the one hash chain in one `BEGIN IMMEDIATE` transaction "
           "and one flush (`synchronous = FULL`) and answers each append once it is committed; the chain is one "
           "sequence, so appends are written one after another. Copying the WAL back into the database file "
