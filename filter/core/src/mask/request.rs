@@ -742,6 +742,22 @@ mod tests {
     }
 
     #[test]
+    fn a_pseudonym_of_decimal_digits_shields_no_number() {
+        // Well-formed hex of decimal digits only: a card number or account
+        // number dressed as the filter's pseudonym is masked like any other.
+        let p = policy(
+            r#"{"custom_detectors":[{"name":"acct","regex":"[0-9]{16}"}],"profiles":{"default":{"detectors":{"acct":"redact","email":"redact","credit_card":"redact"}}}}"#,
+        );
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"pay <EMAIL_1234567812345678> and <EMAIL_3f2a9c1b3f2a9c1b>"}]}"#;
+        let out = mask_request(&p, ApiKind::OpenaiChat, body).unwrap();
+        let v: Value = serde_json::from_slice(&out.body.unwrap()).unwrap();
+        assert_eq!(
+            v["messages"][0]["content"],
+            "pay <EMAIL_[ACCT]> and <EMAIL_3f2a9c1b3f2a9c1b>"
+        );
+    }
+
+    #[test]
     fn look_alike_placeholders_are_text_like_any_other() {
         // Upper-case values in brackets look like placeholders; only the
         // filter's own labels are kept as they are.
