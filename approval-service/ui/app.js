@@ -10,6 +10,12 @@
 (() => {
   // Masked-value placeholders inserted by redaction: [EMAIL], <EMAIL_3f2a>.
   const MASK_RE = /\[[A-Z_]+\]|<[A-Z_]+_[0-9a-f]{4,}>/g;
+  // Characters a reader does not see but a model reads: zero-width,
+  // directional and joining controls, variation selectors, and runs of
+  // Unicode tag characters (which spell ASCII text invisibly). The filter
+  // reads them as the model does; the page shows them, so a reviewer sees
+  // what the model gets.
+  const HIDDEN_RE = /[\u{E0000}-\u{E007F}]+|[\u00AD\u180E\u200B-\u200F\u202A-\u202E\u2060-\u2064\u2066-\u2069\uFE00-\uFE0F\uFEFF\u{E0100}-\u{E01EF}]/gu;
   // Body fields that hold the prompt itself (shown as the conversation).
   const PROMPT_KEYS = new Set(['messages', 'input', 'prompt', 'contents', 'system', 'systemInstruction', 'instructions']);
   const STATUS_LABEL = {
@@ -69,15 +75,39 @@
     return add(el, children);
   }
 
-  // Text with masked placeholders wrapped in <span class="masked">, built
-  // from text nodes.
+  // Text with masked placeholders wrapped in <span class="masked"> and
+  // hidden characters made visible, built from text nodes.
   function maskedText(text) {
     const frag = document.createDocumentFragment();
     const s = String(text == null ? '' : text);
     let last = 0;
     for (const m of s.matchAll(MASK_RE)) {
-      if (m.index > last) frag.append(s.slice(last, m.index));
+      if (m.index > last) frag.append(shownText(s.slice(last, m.index)));
       frag.append(h('span', { class: 'masked', title: 'Masked value' }, m[0]));
+      last = m.index + m[0].length;
+    }
+    if (last < s.length) frag.append(shownText(s.slice(last)));
+    return frag;
+  }
+
+  // `s` with each hidden character as a visible marker: a run of tag
+  // characters as the text it spells, any other as its code point.
+  function shownText(s) {
+    const frag = document.createDocumentFragment();
+    let last = 0;
+    for (const m of s.matchAll(HIDDEN_RE)) {
+      if (m.index > last) frag.append(s.slice(last, m.index));
+      const first = m[0].codePointAt(0);
+      if (first >= 0xE0000 && first <= 0xE007F) {
+        const spelled = Array.from(m[0], (c) => c.codePointAt(0))
+          .filter((c) => c >= 0xE0020 && c <= 0xE007E)
+          .map((c) => String.fromCodePoint(c - 0xE0000)).join('');
+        frag.append(h('span', { class: 'hidden-chars', title: 'Invisible Unicode tag characters: the model reads them as this text' },
+          `⟦hidden text: ${spelled}⟧`));
+      } else {
+        frag.append(h('span', { class: 'hidden-chars', title: 'An invisible character the model reads' },
+          `⟦U+${first.toString(16).toUpperCase().padStart(4, '0')}⟧`));
+      }
       last = m.index + m[0].length;
     }
     if (last < s.length) frag.append(s.slice(last));

@@ -53,12 +53,37 @@ impl Normalized {
     }
 }
 
-/// Characters the model does not see as text.
+/// Characters the model does not see as text: soft hyphen, zero-width
+/// characters and joiners, directional controls (embeddings, overrides,
+/// isolates), variation selectors, byte-order mark, and the begin and
+/// cancel of a Unicode tag sequence.
 fn invisible(c: char) -> bool {
     matches!(
         c,
-        '\u{00AD}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}'
+        '\u{00AD}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{E0001}'
+            | '\u{E007F}'
+            | '\u{E0100}'..='\u{E01EF}'
     )
+}
+
+/// The ASCII character a Unicode tag character (U+E0020 to U+E007E)
+/// spells. Tags render as nothing, but models read them as the ASCII text
+/// they shadow ("ASCII smuggling"), so the detectors and content policy
+/// read them so too.
+fn tag_ascii(c: char) -> Option<char> {
+    let code = u32::from(c);
+    (0xE0020..=0xE007E)
+        .contains(&code)
+        .then(|| char::from_u32(code - 0xE0000))
+        .flatten()
 }
 
 /// `s` as the detectors should read it, or `None` when that is `s` itself.
@@ -259,14 +284,15 @@ pub(crate) fn reads_as(c: char) -> Vec<char> {
 /// A regex class of the characters a reader does not see (soft hyphen,
 /// zero-width characters, word joiners, byte-order mark): what may sit
 /// between the letters of a phrase as written.
-pub(crate) const INVISIBLE_CLASS: &str =
-    "[\\x{00AD}\\x{180E}\\x{200B}-\\x{200F}\\x{2060}-\\x{2064}\\x{FEFF}]";
+pub(crate) const INVISIBLE_CLASS: &str = "[\\x{00AD}\\x{180E}\\x{200B}-\\x{200F}\\x{202A}-\\x{202E}\\x{2060}-\\x{2064}\\x{2066}-\\x{2069}\\x{FE00}-\\x{FE0F}\\x{FEFF}\\x{E0001}\\x{E007F}\\x{E0100}-\\x{E01EF}]";
 
 /// Calls `emit` with `c` folded to its compatibility form (nothing when
 /// invisible).
 pub(crate) fn fold(c: char, mut emit: impl FnMut(char)) {
     if c.is_ascii() {
         emit(c);
+    } else if let Some(ascii) = tag_ascii(c) {
+        emit(ascii);
     } else if !invisible(c) {
         decompose_compatible(c, |d| {
             // Combining marks left by the decomposition are not text.
@@ -389,7 +415,10 @@ mod tests {
     #[test]
     fn the_invisible_class_is_what_fold_drops() {
         let class = regex::Regex::new(&format!("^{INVISIBLE_CLASS}$")).unwrap();
-        for c in (0..0x3_0000).filter_map(char::from_u32) {
+        for c in (0..0x3_0000)
+            .chain(0xE_0000..0xE_0200)
+            .filter_map(char::from_u32)
+        {
             assert_eq!(class.is_match(&c.to_string()), invisible(c), "{c:?}");
         }
     }

@@ -727,6 +727,13 @@ mod tests {
                 "ＡＫＩＡＩＯＳＦＯＤＮＮ７ＥＸＡＭＰＬＥ",
                 "[AWS_ACCESS_KEY]",
             ),
+            // Directional overrides and variation selectors inside it.
+            ("jane\u{202e}@\u{fe0f}example.com", "[EMAIL]"),
+            // Unicode tag characters: invisible, read by models as ASCII.
+            (
+                "\u{e006a}\u{e0061}\u{e006e}\u{e0065}\u{e0040}\u{e0065}\u{e0078}\u{e002e}\u{e0069}\u{e006f}",
+                "[EMAIL]",
+            ),
         ] {
             let body = format!(
                 r#"{{"model":"m","messages":[{{"role":"user","content":"see {text} now"}}]}}"#

@@ -1262,9 +1262,18 @@ mod tests {
             "PR0JECT FALCON",
             // Regexes read the normalised text too.
             "ｓｅｃｒｅｔ-１２",
+            // Directional controls and variation selectors inside it.
+            "proj\u{202e}ect fal\u{fe0f}con",
         ] {
             assert!(one(t).is_some(), "{t:?}");
         }
+        // Unicode tag characters render as nothing, and models read the
+        // ASCII they shadow ("ASCII smuggling").
+        let tags: String = "project falcon"
+            .chars()
+            .filter_map(|c| char::from_u32(0xE0000 + u32::from(c)))
+            .collect();
+        assert!(one(&format!("Summarise the memo.{tags}")).is_some());
         assert_eq!(one("projects, falcons"), None);
         assert_eq!(one("a project about a falcon"), None);
         // Across messages: the phrase's space is the break between them.
