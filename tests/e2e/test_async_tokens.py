@@ -79,10 +79,10 @@ def approved_status(stack, body):
     return accepted, st
 
 
-def retry(stack, st, token=None, body=None, caller="ci-batch"):
+def retry(stack, st, token=None, body=None, caller="ci-batch", path="/v1/chat/completions"):
     headers = {**as_caller(caller), "content-type": "application/json",
                "x-countersign-approval": token or st["approval_token"]}
-    return httpx.post(stack.url + "/v1/chat/completions", content=body or st["approved_body"].encode(),
+    return httpx.post(stack.url + path, content=body or st["approved_body"].encode(),
                       headers=headers, timeout=20)
 
 
@@ -108,6 +108,10 @@ def test_token_is_bound_to_prompt_caller_and_signature(tokens):
     assert r.status_code == 403 and "different request body" in r.json()["error"]["message"]
     r = retry(tokens, st, caller="alice")
     assert r.status_code == 403 and "another caller" in r.json()["error"]["message"]
+    # The same body to another API (Ollama's chat reads it too): the path,
+    # which names the model or the API, is bound as well.
+    r = retry(tokens, st, path="/api/chat")
+    assert r.status_code == 403 and "another path" in r.json()["error"], r.text  # Ollama's error format
     # Another caller cannot even see the review.
     assert status(tokens, st["id"], caller="alice").status_code == 404
     tok = st["approval_token"]

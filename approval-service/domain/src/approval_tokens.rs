@@ -47,6 +47,8 @@ pub struct CallerView {
     pub async_review: bool,
     /// The body as approved (the edit, if any).
     pub approved_body: String,
+    /// The path (without query) of the request the review was for.
+    pub path: String,
     /// Approvers that count.
     pub approvers: Vec<String>,
 }
@@ -89,7 +91,7 @@ impl Store {
         let expired = expire_if_overdue(&mut conn, id, now_ms)?;
         let r = conn.query_one(
             "SELECT status, expires_at_ms, decided_at_ms, reason, async_review,
-                    COALESCE(edited_body, body)
+                    COALESCE(edited_body, body), path
              FROM reviews WHERE id = ?1",
             params![id],
         )?;
@@ -100,6 +102,7 @@ impl Store {
             reason: r.get(3)?,
             async_review: r.get(4)?,
             approved_body: r.get(5)?,
+            path: r.get(6)?,
             approvers: crate::approvals::current_approvers(&mut conn, id)?,
         };
         Ok(Some((view, expired)))
@@ -191,15 +194,15 @@ pub fn token_for(
     ttl_ms: u64,
     id: &str,
     caller: &str,
-    approved_body: &str,
-    decided_at_ms: u64,
+    view: &CallerView,
 ) -> Option<(String, u64)> {
     let key = keys.last()?;
-    let exp = decided_at_ms.saturating_add(ttl_ms);
+    let exp = view.decided_at_ms?.saturating_add(ttl_ms);
     let claims = TokenClaims {
         rid: id.to_string(),
         sub: caller.to_string(),
-        bh: body_hash(approved_body.as_bytes()),
+        pth: view.path.clone(),
+        bh: body_hash(view.approved_body.as_bytes()),
         exp,
     };
     mint(key, &claims).map(|t| (t, exp))
@@ -222,9 +225,31 @@ mod tests {
                 secret: vec![2; 32],
             },
         ];
-        let (t, exp) = token_for(&keys, 100, "rev_1", "ci", "{}", 1000).unwrap();
+        let view = CallerView {
+            status: ReviewStatus::Approved,
+            expires_at_ms: 0,
+            decided_at_ms: Some(1000),
+            reason: None,
+            async_review: true,
+            approved_body: "{}".into(),
+            path: "/v1beta/models/gemini-pro:generateContent".into(),
+            approvers: vec![],
+        };
+        let (t, exp) = token_for(&keys, 100, "rev_1", "ci", &view).unwrap();
         assert_eq!(exp, 1100);
         assert!(t.starts_with("cs1.new."), "{t}");
-        assert!(token_for(&[], 100, "rev_1", "ci", "{}", 1000).is_none());
+        // Bound to the review's path as well as its caller and body.
+        let verify = |path| countersign_core::token::verify(&t, &keys, "ci", path, b"{}", 1050);
+        assert!(verify("/v1beta/models/gemini-pro:generateContent").is_ok());
+        assert_eq!(
+            verify("/v1beta/models/gemini-flash:generateContent"),
+            Err(countersign_core::token::TokenError::WrongPath)
+        );
+        assert!(token_for(&[], 100, "rev_1", "ci", &view).is_none());
+        let undecided = CallerView {
+            decided_at_ms: None,
+            ..view
+        };
+        assert!(token_for(&keys, 100, "rev_1", "ci", &undecided).is_none());
     }
 }

@@ -44,16 +44,9 @@ pub async fn caller_status(
     }
     let approved = view.status == ReviewStatus::Approved;
     let config = state.config();
-    let token = match (approved && view.async_review, view.decided_at_ms) {
-        (true, Some(decided)) => token_for(
-            &config.token_keys,
-            config.token_ttl_ms,
-            &id,
-            &caller,
-            &view.approved_body,
-            decided,
-        ),
-        _ => None,
+    let token = match approved && view.async_review {
+        true => token_for(&config.token_keys, config.token_ttl_ms, &id, &caller, &view),
+        false => None,
     };
     let decided = view.status.is_final();
     Ok(Json(CallerReviewStatus {

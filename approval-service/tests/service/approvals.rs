@@ -17,6 +17,8 @@ use countersign_core::token::{body_hash, verify, TokenError, TokenKey};
 use serde_json::{json, Value};
 
 /// base64 of 32 bytes of `A` and of `B`.
+/// The path of the requests `common` files reviews for.
+const CHAT_PATH: &str = "/v1/chat/completions";
 const SECRET_A: &str = "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=";
 const SECRET_B: &str = "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=";
 
@@ -379,18 +381,23 @@ async fn status_is_only_for_the_caller_and_carries_a_verifiable_token() {
     let decided = detail(&f.app, &id).await["decided_at_ms"].as_u64().unwrap();
     assert_eq!(exp, decided + 3_600_000);
     let now = countersign_approval::now_ms();
-    let claims = verify(token, &[key_a()], "svc-a", BODY.as_bytes(), now).unwrap();
+    let claims = verify(token, &[key_a()], "svc-a", CHAT_PATH, BODY.as_bytes(), now).unwrap();
     assert_eq!(claims.rid, id);
     assert_eq!(
-        verify(token, &[key_a()], "svc-a", b"{\"model\":\"other\"}", now),
+        verify(token, &[key_a()], "svc-a", CHAT_PATH, b"{\"model\":\"other\"}", now),
         Err(TokenError::WrongBody)
     );
     assert_eq!(
-        verify(token, &[key_a()], "svc-b", BODY.as_bytes(), now),
+        verify(token, &[key_a()], "svc-b", CHAT_PATH, BODY.as_bytes(), now),
         Err(TokenError::WrongCaller)
     );
+    // Bound to the path of the request the review was for.
     assert_eq!(
-        verify(token, &[key_a()], "svc-a", BODY.as_bytes(), exp),
+        verify(token, &[key_a()], "svc-a", "/api/chat", BODY.as_bytes(), now),
+        Err(TokenError::WrongPath)
+    );
+    assert_eq!(
+        verify(token, &[key_a()], "svc-a", CHAT_PATH, BODY.as_bytes(), exp),
         Err(TokenError::Expired)
     );
     // Deterministic: the same token every time.
@@ -448,9 +455,9 @@ async fn token_covers_the_edited_body() {
     assert_eq!(v["approved_body"], edited);
     let token = v["approval_token"].as_str().unwrap();
     let now = countersign_approval::now_ms();
-    assert!(verify(token, &[key_a()], "svc-a", edited.as_bytes(), now).is_ok());
+    assert!(verify(token, &[key_a()], "svc-a", CHAT_PATH, edited.as_bytes(), now).is_ok());
     assert_eq!(
-        verify(token, &[key_a()], "svc-a", BODY.as_bytes(), now),
+        verify(token, &[key_a()], "svc-a", CHAT_PATH, BODY.as_bytes(), now),
         Err(TokenError::WrongBody)
     );
     // Consumption follows the same body.
@@ -624,11 +631,11 @@ async fn key_rotation_signs_with_the_last_key() {
     assert!(token.starts_with("cs1.k2."), "{token}");
     let now = countersign_approval::now_ms();
     // The filter lists every key (old and new): verifies.
-    assert!(verify(token, &[key_a(), key_b()], "svc-a", BODY.as_bytes(), now).is_ok());
+    assert!(verify(token, &[key_a(), key_b()], "svc-a", CHAT_PATH, BODY.as_bytes(), now).is_ok());
     // A filter that does not have the new key yet refuses it: add keys to
     // the filter first.
     assert_eq!(
-        verify(token, &[key_a()], "svc-a", BODY.as_bytes(), now),
+        verify(token, &[key_a()], "svc-a", CHAT_PATH, BODY.as_bytes(), now),
         Err(TokenError::UnknownKey)
     );
 }

@@ -1462,6 +1462,7 @@ mod tests {
         let claims = TokenClaims {
             rid: "rev_9".into(),
             sub: "ci".into(),
+            pth: String::new(),
             bh: String::new(),
             exp: 0,
         };

@@ -756,7 +756,7 @@ fn check_token(
             "an approval token needs an identified caller",
         ));
     };
-    match verify(token, &tokens.keys, &caller.name, body, now_ms) {
+    match verify(token, &tokens.keys, &caller.name, &info.path, body, now_ms) {
         Err(e) => BodyVerdict::Refuse(Refusal::new(
             RefusalKind::InvalidToken,
             Some(api),
@@ -1147,6 +1147,7 @@ mod tests {
             &TokenClaims {
                 rid: "rev_1".into(),
                 sub: "ci".into(),
+                pth: "/v1/chat/completions".into(),
                 bh: body_hash(CHAT),
                 exp: 100,
             },
@@ -1173,6 +1174,14 @@ mod tests {
             panic!()
         };
         assert!(r.message.contains("expired"));
+        // The same body sent to another API's path (the model or the API
+        // may be in the path).
+        let mut elsewhere = i.clone();
+        elsewhere.path = "/openai/deployments/gpt-4o-large/chat/completions".into();
+        let BodyVerdict::Refuse(r) = inspect_body(&c, ep, &elsewhere, CHAT, 50) else {
+            panic!()
+        };
+        assert!(r.message.contains("another path"), "{}", r.message);
         i.caller = Some(Caller {
             name: "mallory".into(),
             groups: vec![],

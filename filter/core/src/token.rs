@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! cs1.<key id>.<payload>.<HMAC-SHA256(key, "cs1.<key id>.<payload>")>
-//! payload = JSON {"rid": review id, "sub": caller, "bh": SHA-256 of the body, "exp": unix ms}
+//! payload = JSON {"rid": review id, "sub": caller, "pth": request path, "bh": SHA-256 of the body, "exp": unix ms}
 //! ```
 //!
 //! The MAC covers the key id, so a token cannot be replayed under another key.
@@ -47,6 +47,12 @@ pub struct TokenClaims {
     pub rid: String,
     /// Caller the token was issued to.
     pub sub: String,
+    /// The path (without query) of the request the review was for. The
+    /// body hash alone does not bind the model where the path names it
+    /// (Gemini, Bedrock, Azure deployments), nor the API. A token minted
+    /// before paths were bound has none, and is refused.
+    #[serde(default)]
+    pub pth: String,
     /// base64url SHA-256 of the approved body.
     pub bh: String,
     /// Expiry, Unix ms.
@@ -68,6 +74,8 @@ pub enum TokenError {
     WrongCaller,
     /// Issued for another request body.
     WrongBody,
+    /// Issued for a request to another path.
+    WrongPath,
 }
 
 impl TokenError {
@@ -80,6 +88,7 @@ impl TokenError {
             TokenError::Expired => "approval token has expired",
             TokenError::WrongCaller => "approval token was issued to another caller",
             TokenError::WrongBody => "approval token was issued for a different request body",
+            TokenError::WrongPath => "approval token was issued for a request to another path",
         }
     }
 }
@@ -111,11 +120,13 @@ pub fn mint(key: &TokenKey, claims: &TokenClaims) -> Option<String> {
     Some(format!("{signed}.{tag}"))
 }
 
-/// Verifies a token for this caller and this exact body at time `now_ms`.
+/// Verifies a token for this caller, this path (without query) and this
+/// exact body at time `now_ms`.
 pub fn verify(
     token: &str,
     keys: &[TokenKey],
     caller: &str,
+    path: &str,
     body: &[u8],
     now_ms: u64,
 ) -> Result<TokenClaims, TokenError> {
@@ -159,6 +170,9 @@ pub fn verify(
     if claims.sub != caller {
         return Err(TokenError::WrongCaller);
     }
+    if claims.pth != path {
+        return Err(TokenError::WrongPath);
+    }
     if claims.bh != body_hash(body) {
         return Err(TokenError::WrongBody);
     }
@@ -187,10 +201,13 @@ mod tests {
         }
     }
 
+    const P: &str = "/v1/chat/completions";
+
     fn claims(body: &[u8]) -> TokenClaims {
         TokenClaims {
             rid: "rev_1".into(),
             sub: "ci".into(),
+            pth: P.into(),
             bh: body_hash(body),
             exp: 10_000,
         }
@@ -201,7 +218,10 @@ mod tests {
         let k = key("k1", 7);
         let t = mint(&k, &claims(b"body")).unwrap();
         assert!(t.starts_with("cs1.k1."));
-        assert_eq!(verify(&t, &[k], "ci", b"body", 5_000).unwrap().rid, "rev_1");
+        assert_eq!(
+            verify(&t, &[k], "ci", P, b"body", 5_000).unwrap().rid,
+            "rev_1"
+        );
     }
 
     #[test]
@@ -210,37 +230,59 @@ mod tests {
         let t = mint(&k1, &claims(b"body")).unwrap();
         let keys = [k1.clone(), key("k2", 9)];
         assert_eq!(
-            verify(&t, &keys, "ci", b"body2", 5_000),
+            verify(&t, &keys, "ci", P, b"body2", 5_000),
             Err(TokenError::WrongBody)
         );
         assert_eq!(
-            verify(&t, &keys, "other", b"body", 5_000),
+            verify(&t, &keys, "other", P, b"body", 5_000),
             Err(TokenError::WrongCaller)
         );
+        // The same body to another API or model path.
+        for path in [
+            "/api/chat",
+            "/v1beta/models/gemini-pro:generateContent",
+            "/v1/chat/completions/",
+        ] {
+            assert_eq!(
+                verify(&t, &keys, "ci", path, b"body", 5_000),
+                Err(TokenError::WrongPath),
+                "{path}"
+            );
+        }
+        // A token minted before paths were bound carries none.
+        let mut old = serde_json::to_value(claims(b"body")).unwrap();
+        old.as_object_mut().unwrap().remove("pth");
+        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&old).unwrap());
+        let signed = format!("cs1.k1.{payload}");
+        let tag = URL_SAFE_NO_PAD.encode(mac(&k1, &signed).unwrap().finalize().into_bytes());
         assert_eq!(
-            verify(&t, &keys, "ci", b"body", 10_000),
+            verify(&format!("{signed}.{tag}"), &keys, "ci", P, b"body", 5_000),
+            Err(TokenError::WrongPath)
+        );
+        assert_eq!(
+            verify(&t, &keys, "ci", P, b"body", 10_000),
             Err(TokenError::Expired)
         );
         assert_eq!(
-            verify(&t, &keys[1..], "ci", b"body", 5_000),
+            verify(&t, &keys[1..], "ci", P, b"body", 5_000),
             Err(TokenError::UnknownKey)
         );
         // Same token relabelled with another configured key id.
         let relabelled = t.replacen("cs1.k1.", "cs1.k2.", 1);
         assert_eq!(
-            verify(&relabelled, &keys, "ci", b"body", 5_000),
+            verify(&relabelled, &keys, "ci", P, b"body", 5_000),
             Err(TokenError::BadSignature)
         );
         // Truncated, tampered payload, tampered tag, garbage.
         assert_eq!(
-            verify(&t[..t.len() - 3], &keys, "ci", b"body", 5_000),
+            verify(&t[..t.len() - 3], &keys, "ci", P, b"body", 5_000),
             Err(TokenError::BadSignature)
         );
         let mut parts: Vec<String> = t.split('.').map(str::to_string).collect();
         let forged = claims(b"evil");
         parts[2] = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&forged).unwrap());
         assert_eq!(
-            verify(&parts.join("."), &keys, "ci", b"evil", 5_000),
+            verify(&parts.join("."), &keys, "ci", P, b"evil", 5_000),
             Err(TokenError::BadSignature)
         );
         for bad in [
@@ -252,15 +294,18 @@ mod tests {
             "cs1.k1.a.b.c",
             "cs1.k1.!!.??",
         ] {
-            assert!(verify(bad, &keys, "ci", b"body", 5_000).is_err(), "{bad}");
+            assert!(
+                verify(bad, &keys, "ci", P, b"body", 5_000).is_err(),
+                "{bad}"
+            );
         }
         assert_eq!(
-            verify(&"a".repeat(5000), &keys, "ci", b"body", 5_000),
+            verify(&"a".repeat(5000), &keys, "ci", P, b"body", 5_000),
             Err(TokenError::Malformed)
         );
         // A key of the wrong value under the right id.
         assert_eq!(
-            verify(&t, &[key("k1", 8)], "ci", b"body", 5_000),
+            verify(&t, &[key("k1", 8)], "ci", P, b"body", 5_000),
             Err(TokenError::BadSignature)
         );
     }

@@ -15,6 +15,8 @@ use libfuzzer_sys::fuzz_target;
 use sha2::Sha256;
 
 const NOW: u64 = 1_700_000_000_000;
+/// The path every verified token here must name.
+const PATH: &str = "/v1/chat/completions";
 
 fn keys() -> [TokenKey; 2] {
     [TokenKey { id: "k1".into(), secret: vec![7; 32] }, TokenKey { id: "k-2_x".into(), secret: vec![9; 48] }]
@@ -37,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
     // nothing verifies that the key did not sign.
     let text = String::from_utf8_lossy(rest);
     let _ = decode_secret(&text);
-    if let Ok(claims) = verify(&text, &keys, caller, body, NOW) {
+    if let Ok(claims) = verify(&text, &keys, caller, PATH, body, NOW) {
         let t = text.trim();
         let mut parts = t.split('.');
         let (_, kid, payload) = (parts.next(), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
@@ -49,11 +51,11 @@ fuzz_target!(|data: &[u8]| {
     // 2. An arbitrary payload behind a valid MAC.
     let key = &keys[usize::from(sel) % keys.len()];
     let token = sign(key, rest);
-    match verify(&token, &keys, caller, body, NOW) {
+    match verify(&token, &keys, caller, PATH, body, NOW) {
         Ok(claims) => {
             let parsed: TokenClaims = serde_json::from_slice(rest).expect("verified claims are JSON");
             assert_eq!(parsed, claims);
-            assert!(claims.exp > NOW && claims.sub == caller && claims.bh == body_hash(body));
+            assert!(claims.exp > NOW && claims.sub == caller && claims.pth == PATH && claims.bh == body_hash(body));
         }
         Err(e) => assert!(e != TokenError::BadSignature && e != TokenError::UnknownKey, "{e:?}"),
     }
@@ -63,20 +65,22 @@ fuzz_target!(|data: &[u8]| {
     let claims = TokenClaims {
         rid: String::from_utf8_lossy(&rest[..half]).into_owned(),
         sub: String::from_utf8_lossy(&rest[half..]).into_owned(),
+        pth: PATH.to_string(),
         bh: body_hash(rest),
         exp: NOW + 1 + u64::from(sel),
     };
     let Some(token) = mint(key, &claims) else { return };
     if token.len() > countersign_core::token::MAX_TOKEN_LEN {
-        assert_eq!(verify(&token, &keys, &claims.sub, rest, NOW), Err(TokenError::Malformed));
+        assert_eq!(verify(&token, &keys, &claims.sub, PATH, rest, NOW), Err(TokenError::Malformed));
         return;
     }
-    assert_eq!(verify(&token, &keys, &claims.sub, rest, NOW).as_ref(), Ok(&claims));
-    assert_eq!(verify(&token, &keys, &claims.sub, rest, claims.exp), Err(TokenError::Expired));
-    assert_eq!(verify(&token, &keys, &format!("{}x", claims.sub), rest, NOW), Err(TokenError::WrongCaller));
+    assert_eq!(verify(&token, &keys, &claims.sub, PATH, rest, NOW).as_ref(), Ok(&claims));
+    assert_eq!(verify(&token, &keys, &claims.sub, PATH, rest, claims.exp), Err(TokenError::Expired));
+    assert_eq!(verify(&token, &keys, &format!("{}x", claims.sub), PATH, rest, NOW), Err(TokenError::WrongCaller));
+    assert_eq!(verify(&token, &keys, &claims.sub, "/v1/completions", rest, NOW), Err(TokenError::WrongPath));
     let mut other_body = rest.to_vec();
     other_body.push(b' ');
-    assert_eq!(verify(&token, &keys, &claims.sub, &other_body, NOW), Err(TokenError::WrongBody));
+    assert_eq!(verify(&token, &keys, &claims.sub, PATH, &other_body, NOW), Err(TokenError::WrongBody));
     // One byte changed (to a few fixed bytes and to one from the input) is refused,
     // unless the change is only whitespace around the token (trimmed).
     let bytes = token.as_bytes();
@@ -92,6 +96,6 @@ fuzz_target!(|data: &[u8]| {
         if changed.trim() == token {
             continue;
         }
-        assert!(verify(&changed, &keys, &claims.sub, rest, NOW).is_err(), "{token} -> {changed} verified");
+        assert!(verify(&changed, &keys, &claims.sub, PATH, rest, NOW).is_err(), "{token} -> {changed} verified");
     }
 });
