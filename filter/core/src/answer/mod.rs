@@ -25,7 +25,7 @@
 //! `response.output_text.done`'s `text`, `response.content_part.done`'s
 //! `part.text`, ...) are given as [`Item::Echo`] with the part's channel.
 //!
-//! Text split over adjacent blocks or parts is one text to a reader:
+//! Text split over the blocks or parts of one answer is one text to a reader:
 //! [`continues`] says which channels read on from which.
 //!
 //! The tool calls of a plain answer (read, edited, removed) are
@@ -246,22 +246,21 @@ pub fn stream_event<'v, E>(
 }
 
 /// Whether channel `next`'s text reads on from the end of channel `prev`'s:
-/// adjacent blocks or parts of one answer that a reader reads joined, as
-/// the plain answer's sibling texts are (`content[i].text`,
-/// `content[i + 1].text`). Anthropic: content blocks `i` and `i + 1` of one
-/// kind; Responses: parts `j` and `j + 1` of one output item (a message's
-/// content parts, a reasoning item's summary parts). Tool arguments never
-/// join (each is a JSON text of its own). The other APIs stream every part
-/// of a text in one channel already (chat content parts, Gemini parts).
+/// later blocks or parts of one answer that a reader reads joined, as the
+/// plain answer's sibling texts are (`content[i].text`, `content[j].text`,
+/// whatever lies between them). Anthropic: a later content block of the
+/// same kind; Responses: a later part of the same kind of one output item
+/// (a message's content parts, a reasoning item's summary parts). Tool
+/// arguments never join (each is a JSON text of its own). The other APIs
+/// stream every part of a text in one channel already (chat content parts,
+/// Gemini parts).
 pub fn continues(api: ApiKind, prev: Channel, next: Channel) -> bool {
     if prev.kind != next.kind || prev.kind == TextKind::ToolArguments {
         return false;
     }
     match api {
-        ApiKind::AnthropicMessages | ApiKind::BedrockInvoke => {
-            prev.b == next.b && prev.a.checked_add(1) == Some(next.a)
-        }
-        ApiKind::OpenaiResponses => prev.a == next.a && prev.b.checked_add(1) == Some(next.b),
+        ApiKind::AnthropicMessages | ApiKind::BedrockInvoke => prev.b == next.b && prev.a < next.a,
+        ApiKind::OpenaiResponses => prev.a == next.a && prev.b < next.b,
         _ => false,
     }
 }

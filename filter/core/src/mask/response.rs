@@ -481,7 +481,7 @@ pub fn mask_response_body(
         }
     }
     let blocked = guarded
-        .and_then(|()| guard_texts(guard, &texts, &mut tally, true, &mut edits))
+        .and_then(|()| guard_texts(guard, &value, &texts, &mut tally, true, &mut edits))
         .err();
     let body = if blocked.is_some() || edits.is_empty() {
         None
@@ -499,51 +499,81 @@ pub fn mask_response_body(
     })
 }
 
+/// Arrays whose elements are the parts of one text: an Anthropic or
+/// Bedrock answer's content blocks (and a tool result's), a Responses
+/// message's content parts and a reasoning item's summary parts, chat
+/// content parts, Gemini's parts.
+const PART_ARRAYS: &[&str] = &["content", "parts", "summary"];
+
 /// The texts in runs (indices into `texts`): strings under the same key of
-/// consecutive elements of one array (`content[0].text`, `content[1].text`:
-/// an Anthropic answer's text blocks, Gemini's parts, a Responses
-/// message's content parts), which a reader reads one after the other;
-/// every other text is a run of its own. Other leaves between them (a
-/// block's citations) do not part them.
-fn sibling_runs(texts: &[(Vec<Seg>, &str)]) -> Vec<Vec<usize>> {
+/// the elements of one part array ([`PART_ARRAYS`]: `content[0].text`,
+/// `content[3].text`), which a reader joins: the SDKs' `response.text`
+/// (Gemini), `output_text` (Responses), final text (Anthropic) join every
+/// text part of a candidate or message, whatever lies between them (code
+/// execution, a server tool's call and result, an empty part). Gemini's
+/// `thought` parts are a run apart from its answer parts, as in streams.
+/// Every other text is a run of its own.
+fn sibling_runs(root: &Value, texts: &[(Vec<Seg>, &str)]) -> Vec<Vec<usize>> {
     let mut runs: Vec<Vec<usize>> = Vec::new();
-    // The path that would continue a run → that run.
-    let mut open: BTreeMap<Vec<Seg>, usize> = BTreeMap::new();
+    // (the part array, the text's key, a thought part) → its run.
+    let mut open: BTreeMap<(&[Seg], &str, bool), usize> = BTreeMap::new();
     for (i, (path, _)) in texts.iter().enumerate() {
-        let run = match open.remove(path) {
-            Some(r) => r,
+        let group = match path.as_slice() {
+            [.., Seg::Key(arr), Seg::Idx(_), Seg::Key(key)]
+                if PART_ARRAYS.contains(&arr.as_str()) =>
+            {
+                let part = path.get(..path.len().saturating_sub(1));
+                let thought = part
+                    .and_then(|p| value_at(root, p))
+                    .and_then(|p| p.get("thought"))
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                path.get(..path.len().saturating_sub(2))
+                    .map(|parts| (parts, key.as_str(), thought))
+            }
+            _ => None,
+        };
+        let run = match group.and_then(|g| open.get(&g)) {
+            Some(&r) => r,
             None => {
                 runs.push(Vec::new());
-                runs.len() - 1
+                let r = runs.len() - 1;
+                if let Some(g) = group {
+                    open.insert(g, r);
+                }
+                r
             }
         };
         if let Some(members) = runs.get_mut(run) {
             members.push(i);
         }
-        if let [prefix @ .., Seg::Idx(k), Seg::Key(key)] = path.as_slice() {
-            let mut next = prefix.to_vec();
-            next.push(Seg::Idx(k.saturating_add(1)));
-            next.push(Seg::Key(key.clone()));
-            open.insert(next, run);
-        }
     }
     runs
 }
 
-/// Guards the texts of one answer (a plain body, or one streamed event's
-/// texts that no channel follows), adding the edits of those that change.
+fn value_at<'v>(value: &'v Value, path: &[Seg]) -> Option<&'v Value> {
+    path.iter().try_fold(value, |v, seg| match seg {
+        Seg::Key(k) => v.get(k.as_str()),
+        Seg::Idx(i) => v.get(*i),
+    })
+}
+
+/// Guards the texts of one answer `root` (a plain body, or one streamed
+/// event's texts that no channel follows), adding the edits of those that
+/// change.
 /// A run of sibling texts ([`sibling_runs`]) is masked and checked as one
 /// text, so a value or phrase split over two blocks is caught; each text
 /// keeps its own part, and what was found across a boundary goes whole,
 /// masked, in the text where it begins (the next one goes on after it).
 pub(crate) fn guard_texts(
     guard: &ResponseGuard,
+    root: &Value,
     texts: &[(Vec<Seg>, &str)],
     tally: &mut GuardTally,
     count: bool,
     edits: &mut Edits,
 ) -> Result<(), Blocked> {
-    for run in sibling_runs(texts) {
+    for run in sibling_runs(root, texts) {
         let members: Vec<&(Vec<Seg>, &str)> = run.iter().filter_map(|&i| texts.get(i)).collect();
         let joined: String = members.iter().map(|(_, t)| *t).collect();
         let an = guard.analyze(&joined, 0);
@@ -1018,6 +1048,86 @@ mod tests {
         assert_eq!(texts, ["See ", "[EMAIL]", ", and ", "more."]);
         assert_eq!(v["content"][1]["citations"][0]["cited_text"], "a memo");
         assert_eq!(v["content"][2]["citations"][0]["cited_text"], "mail [IPV4]");
+    }
+
+    /// The text parts of one candidate or message are one text to the
+    /// SDKs that join them (`response.text`, `output_text`, final text),
+    /// whatever lies between them: code execution, a server tool's call
+    /// and result, an empty part. Each part keeps its own text.
+    #[test]
+    fn text_parts_apart_are_read_joined() {
+        let g = guard_with(
+            r#"{"profiles":{"default":{"detectors":{"*":"redact"}}}}"#,
+            "{}",
+            None,
+        );
+        let masked = |api: ApiKind, body: Value| -> Value {
+            let out = mask_response_body(&g, api, body.to_string().as_bytes()).unwrap();
+            assert!(out.blocked.is_none(), "{api:?}");
+            serde_json::from_slice(&out.body.expect("changed")).unwrap()
+        };
+        // Gemini: code execution between two text parts.
+        let v = masked(
+            ApiKind::GeminiGenerateContent,
+            json!({"candidates":[{"index":0,"content":{"role":"model","parts":[
+                {"text":"mail jane@exa"},
+                {"executableCode":{"language":"PYTHON","code":"print(1)"}},
+                {"codeExecutionResult":{"outcome":"OUTCOME_OK","output":"1"}},
+                {"text":"mple.com now"}]},"finishReason":"STOP"}]}),
+        );
+        let parts = &v["candidates"][0]["content"]["parts"];
+        assert_eq!(parts[0]["text"], "mail [EMAIL]");
+        assert_eq!(parts[3]["text"], " now");
+        assert_eq!(parts[1]["executableCode"]["code"], "print(1)");
+        // Anthropic: an empty block between, and a server tool's call and
+        // result between.
+        let v = masked(
+            ApiKind::AnthropicMessages,
+            json!({"content":[
+                {"type":"text","text":"mail jane@exa"},
+                {"type":"text","text":""},
+                {"type":"text","text":"mple.com or dana.scully@fbi."},
+                {"type":"server_tool_use","id":"s","name":"web_search","input":{"query":"q"}},
+                {"type":"web_search_tool_result","tool_use_id":"s","content":[{"type":"web_search_result","title":"t","url":"https://x.test/","encrypted_content":"e"}]},
+                {"type":"text","text":"example.org."}]}),
+        );
+        let texts: Vec<&str> = [0, 1, 2, 5]
+            .iter()
+            .map(|&i| v["content"][i]["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(texts, ["mail [EMAIL]", "", " or [EMAIL]", "."]);
+        // Responses: a message's output text parts, a refusal between.
+        let v = masked(
+            ApiKind::OpenaiResponses,
+            json!({"output":[{"type":"message","role":"assistant","content":[
+                {"type":"output_text","text":"mail jane@exa","annotations":[]},
+                {"type":"refusal","refusal":"no"},
+                {"type":"output_text","text":"mple.com","annotations":[]}]}]}),
+        );
+        assert_eq!(v["output"][0]["content"][0]["text"], "mail [EMAIL]");
+        assert_eq!(v["output"][0]["content"][2]["text"], "");
+        // Two candidates, a thought and an answer part, two completions
+        // choices: apart, as in streams.
+        for (api, body) in [
+            (
+                ApiKind::GeminiGenerateContent,
+                json!({"candidates":[
+                    {"index":0,"content":{"parts":[{"text":"mail jane@exa"}]}},
+                    {"index":1,"content":{"parts":[{"text":"mple.com"}]}}]}),
+            ),
+            (
+                ApiKind::GeminiGenerateContent,
+                json!({"candidates":[{"content":{"parts":[
+                    {"text":"mail jane@exa","thought":true},{"text":"mple.com"}]}}]}),
+            ),
+            (
+                ApiKind::OpenaiCompletions,
+                json!({"choices":[{"index":0,"text":"mail jane@exa"},{"index":1,"text":"mple.com"}]}),
+            ),
+        ] {
+            let out = mask_response_body(&g, api, body.to_string().as_bytes()).unwrap();
+            assert!(out.body.is_none() && out.hits.is_empty(), "{api:?} {body}");
+        }
     }
 
     /// A text cut into two blocks at every byte: the blocks carry what

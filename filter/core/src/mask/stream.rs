@@ -21,7 +21,7 @@
 //! `content_block_stop`, `finishReason`, `*.done`, `done`), at `[DONE]` and
 //! at the end of the stream, in an extra event of the channel's kind placed
 //! before the event that ended it; but a block whose next block may
-//! continue its text ([`answer::continues`]: adjacent text blocks or parts)
+//! continue its text ([`answer::continues`]: later text blocks or parts)
 //! carries its held tail, and the events after it, until the next block's
 //! first text decides ([`Carry`]), so text split over the two is masked as
 //! one. Events without text (role, usage, pings,
@@ -136,7 +136,7 @@ struct Channel {
     /// next waits until the hold moves or [`RETRY_BYTES`] more arrive.
     stalled: Option<(usize, usize)>,
     /// This channel's held text begins with the held tails of the blocks
-    /// before it ([`Carry`]), in order: a chain of adjacent blocks when a
+    /// before it ([`Carry`]), in order: a chain of blocks when a
     /// match may span more than two.
     joined: Vec<Head>,
 }
@@ -156,9 +156,10 @@ struct Head {
 /// it, the tail's part going out in an extra event of the ended block
 /// where that block ended, before the events that came after it. A block
 /// that joined and ends with a held tail in turn is carried on (a chain:
-/// a value over three or more blocks). Anything else (other text, the end
-/// of the answer, [`MAX_CARRY_UNITS`] units without text) sends the tail
-/// out masked alone, as at the end of any block.
+/// a value over three or more blocks). Text of another kind between them
+/// (a server tool's arguments) is held with the rest. Anything else (text
+/// of the same kind, the end of the answer, [`MAX_CARRY_UNITS`] units)
+/// sends the tail out masked alone, as at the end of any block.
 #[derive(Debug, Default)]
 struct Carry {
     /// The ended block, until the next one joins it.
@@ -666,7 +667,14 @@ impl StreamMasker {
             }
         }
         // Texts no channel follows, each whole (sibling parts joined).
-        guard_texts(&self.guard, &texts, &mut self.tally, !echo, &mut edits)?;
+        guard_texts(
+            &self.guard,
+            value,
+            &texts,
+            &mut self.tally,
+            !echo,
+            &mut edits,
+        )?;
         if edits.is_empty() {
             return Ok(None);
         }
@@ -728,10 +736,17 @@ impl StreamMasker {
                 && c.ended
                     .as_ref()
                     .is_some_and(|e| answer::continues(self.api, e.key, key));
+            // Text of another kind (a tool's arguments, thinking) is no
+            // part of the carried text: a reader reads on past it.
+            let other = c
+                .ended
+                .as_ref()
+                .is_some_and(|e| e.key.kind != key.kind || key.kind == TextKind::ToolArguments);
             match (joins, c.ended.take(), self.channels.get_mut(i)) {
                 (true, Some(ended), Some(ch)) => join(ch, ended),
+                (false, Some(ended), _) if other => c.ended = Some(ended),
                 (_, Some(ended), _) => {
-                    // Other text came first: the tail goes out alone.
+                    // Other text of its kind came first: the tail goes out alone.
                     c.ended = Some(ended);
                     self.end_carry(&mut Vec::new())?;
                 }
@@ -2659,6 +2674,85 @@ mod tests {
         let evs = events(api, &out);
         assert_eq!(block_texts(api, &out).0[0], alone.clone());
         assert!(evs.last().unwrap().1.contains("message_stop"));
+    }
+
+    /// Text blocks apart (an empty block, a server tool's call and result
+    /// between them) are one text, as a plain answer's are: a value split
+    /// over them is masked joined, each block keeping its own part.
+    #[test]
+    fn text_blocks_apart_are_masked_joined() {
+        let (g, _) = guard("{}");
+        let api = ApiKind::AnthropicMessages;
+        let ev = named_event;
+        let text_block = |s: &mut String, i: usize, t: &str| {
+            s.push_str(&ev(json!({"type":"content_block_start","index":i,"content_block":{"type":"text","text":""}})));
+            if !t.is_empty() {
+                s.push_str(&ev(json!({"type":"content_block_delta","index":i,"delta":{"type":"text_delta","text":t}})));
+            }
+            s.push_str(&ev(json!({"type":"content_block_stop","index":i})));
+        };
+        let text = "mail dana.scully@fbi.example.org.";
+        for between in ["empty", "tool"] {
+            let mut s = String::new();
+            text_block(&mut s, 0, "mail dana.scully@fbi.");
+            let last = if between == "empty" {
+                text_block(&mut s, 1, "");
+                2
+            } else {
+                s.push_str(&ev(json!({"type":"content_block_start","index":1,"content_block":{"type":"server_tool_use","id":"s","name":"web_search","input":{}}})));
+                s.push_str(&ev(json!({"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"query\":\"q\"}"}})));
+                s.push_str(&ev(json!({"type":"content_block_stop","index":1})));
+                s.push_str(&ev(json!({"type":"content_block_start","index":2,"content_block":{"type":"web_search_tool_result","tool_use_id":"s","content":[{"type":"web_search_result","title":"t","url":"https://x.test/","encrypted_content":"e"}]}})));
+                s.push_str(&ev(json!({"type":"content_block_stop","index":2})));
+                3
+            };
+            text_block(&mut s, last, "example.org.");
+            s.push_str(&ev(json!({"type":"message_stop"})));
+            let (out, _) = run(api, &g, &[s.as_bytes()]);
+            let raw = String::from_utf8_lossy(&out);
+            assert!(!raw.contains("dana.scully"), "{between}: {raw}");
+            let (texts, order) = block_texts(api, &out);
+            assert_eq!(texts.concat(), plainly_masked(&g, text), "{between}");
+            assert!(
+                order.windows(2).all(|w| w[0] <= w[1]),
+                "{between}: {order:?}"
+            );
+        }
+        // A Responses message: a refusal part between two text parts.
+        let api = ApiKind::OpenaiResponses;
+        let part = |ci: usize, v: Value| {
+            let mut v = v;
+            v["item_id"] = json!("it");
+            v["output_index"] = json!(0);
+            v["content_index"] = json!(ci);
+            ev(v)
+        };
+        let mut s = String::new();
+        for (ci, kind, t) in [
+            (0, "output_text", "mail dana.scully@fbi."),
+            (1, "refusal", "no"),
+            (2, "output_text", "example.org."),
+        ] {
+            let field = if kind == "refusal" { "refusal" } else { "text" };
+            s.push_str(&part(
+                ci,
+                json!({"type":"response.content_part.added","part":{"type":kind,field:""}}),
+            ));
+            s.push_str(&part(
+                ci,
+                json!({"type":format!("response.{kind}.delta"),"delta":t}),
+            ));
+            s.push_str(&part(
+                ci,
+                json!({"type":"response.content_part.done","part":{"type":kind,field:t}}),
+            ));
+        }
+        s.push_str(&ev(json!({"type":"response.completed","response":{"id":"r","status":"completed","output":[]}})));
+        let (out, _) = run(api, &g, &[s.as_bytes()]);
+        let raw = String::from_utf8_lossy(&out);
+        assert!(!raw.contains("dana.scully"), "{raw}");
+        let (texts, _) = block_texts(api, &out);
+        assert_eq!(texts.concat(), plainly_masked(&g, text));
     }
 }
 
