@@ -15,9 +15,13 @@ pub struct RequestHead<'a> {
     pub method: &'a str,
     /// `:path`, including any query string.
     pub path: &'a str,
-    /// `content-type`, if present.
+    /// `content-type`, if present (the first).
     pub content_type: Option<&'a str>,
-    /// `content-encoding`, if present.
+    /// `content-type` came more than once: which one the backend goes by
+    /// is not known.
+    pub content_type_repeated: bool,
+    /// `content-encoding`, if present: every header's value, joined with
+    /// `, ` (a server decodes them all, not only the first).
     pub content_encoding: Option<&'a str>,
     /// `content-length`, if present.
     pub content_length: Option<&'a str>,
@@ -244,12 +248,14 @@ pub fn classify(config: &Config, head: &RequestHead<'_>) -> HeadVerdict {
     }
 }
 
-/// A `content-encoding` other than `identity` (a body the filter cannot
-/// read), trimmed.
+/// A `content-encoding` with a coding other than `identity` (a body the
+/// filter cannot read), trimmed; every coding of the list counts.
 fn non_identity_encoding(content_encoding: Option<&str>) -> Option<&str> {
-    content_encoding
-        .map(str::trim)
-        .filter(|enc| !enc.eq_ignore_ascii_case("identity"))
+    content_encoding.map(str::trim).filter(|list| {
+        !list
+            .split(',')
+            .all(|enc| enc.trim().eq_ignore_ascii_case("identity"))
+    })
 }
 
 /// The endpoint a normalised (lower-case) path belongs to.
@@ -312,11 +318,11 @@ fn classify_inference(
             format!("content-encoding `{enc}` is not accepted; send the body uncompressed"),
         ));
     }
-    if !is_json_content_type(head.content_type) {
+    if !is_json_content_type(head.content_type) || head.content_type_repeated {
         return HeadVerdict::Refuse(Refusal::new(
             RefusalKind::UnsupportedMediaType,
             api,
-            "content-type must be application/json",
+            "content-type must be application/json, given once",
         ));
     }
     if let Some(len) = head.content_length {
@@ -581,6 +587,11 @@ mod tests {
         assert_eq!(status(&classify(&c, &h)), 415);
         h.content_type = Some("application/json; charset=UTF-8");
         assert_eq!(status(&classify(&c, &h)), 1);
+        h.content_type_repeated = true;
+        assert_eq!(status(&classify(&c, &h)), 415);
+        let mut h = head("POST", "/v1/chat/completions");
+        h.content_encoding = Some("identity, gzip");
+        assert_eq!(status(&classify(&c, &h)), 415);
         let mut h = head("POST", "/v1/chat/completions");
         h.method_override = Some("GET");
         assert_eq!(status(&classify(&c, &h)), 400);
@@ -606,6 +617,11 @@ mod tests {
         gz.content_encoding = Some("gzip");
         assert_eq!(status(&classify(&pass, &gz)), 415);
         gz.content_encoding = Some(" Identity ");
+        assert_eq!(status(&classify(&pass, &gz)), 0);
+        // Every coding counts (the stream filter joins repeated headers).
+        gz.content_encoding = Some("identity, gzip");
+        assert_eq!(status(&classify(&pass, &gz)), 415);
+        gz.content_encoding = Some("identity, identity");
         assert_eq!(status(&classify(&pass, &gz)), 0);
         let listed = Config::from_json(
             br#"{"other_requests":"pass","passthrough":[{"path":"/v1/uploads","methods":["POST"]}]}"#,

@@ -11,6 +11,7 @@
 //! countersign in the filter chain: it compresses what countersign let out.
 
 use crate::framing::Framing;
+use crate::host::Headers;
 use crate::refusal::{Refusal, RefusalKind};
 use crate::wire::ApiKind;
 
@@ -20,16 +21,36 @@ pub const UPSTREAM_ACCEPT_ENCODING: &str = "identity";
 /// `blocked_by` in the record of an answer withheld because it was encoded.
 pub const ENCODED_RESPONSE: &str = "encoded_response";
 
+/// `blocked_by` in the record of an answer withheld because it came with
+/// more than one `content-type`.
+pub const AMBIGUOUS_CONTENT_TYPE: &str = "ambiguous_content_type";
+
 /// What the filter knows of an answer when its headers arrive.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ResponseHead<'a> {
-    /// `content-type`.
+    /// `content-type` (the first).
     pub content_type: Option<&'a str>,
-    /// `content-encoding`.
-    pub content_encoding: Option<&'a str>,
+    /// How many `content-type` headers came: with more than one, which of
+    /// them the caller goes by (event stream or plain body) is not known.
+    pub content_types: usize,
+    /// Every `content-encoding` value, in order: a caller decodes them all
+    /// (`identity` then a second `gzip` header is a gzip body).
+    pub content_encodings: Vec<&'a str>,
     /// A JSON body is one array sent element by element (a successful
     /// answer to Gemini's `streamGenerateContent` without `alt=sse`).
     pub array_stream: bool,
+}
+
+impl<'a> ResponseHead<'a> {
+    /// The head of an answer with these `headers`.
+    pub fn of(headers: &'a Headers, array_stream: bool) -> ResponseHead<'a> {
+        ResponseHead {
+            content_type: headers.get("content-type"),
+            content_types: headers.values("content-type").count(),
+            content_encodings: headers.values("content-encoding").collect(),
+            array_stream,
+        }
+    }
 }
 
 /// What to do with an answer.
@@ -62,11 +83,14 @@ pub struct Withheld {
     pub blocked_by: &'static str,
 }
 
-/// Whether a `content-encoding` leaves the body readable as it is.
-fn readable_encoding(encoding: Option<&str>) -> bool {
-    encoding.is_none_or(|e| {
-        let e = e.trim();
-        e.is_empty() || e.eq_ignore_ascii_case("identity")
+/// Whether `content-encoding` values (every header, each a list) leave the
+/// body readable as it is: each coding is `identity` (or empty).
+pub(crate) fn readable_encoding<'e>(mut encodings: impl Iterator<Item = &'e str>) -> bool {
+    encodings.all(|list| {
+        list.split(',').all(|e| {
+            let e = e.trim();
+            e.is_empty() || e.eq_ignore_ascii_case("identity")
+        })
     })
 }
 
@@ -76,7 +100,7 @@ pub fn plan_response(api: ApiKind, head: &ResponseHead, read: bool) -> ResponseP
     if !read {
         return ResponsePlan::Pass;
     }
-    if !readable_encoding(head.content_encoding) {
+    if !readable_encoding(head.content_encodings.iter().copied()) {
         let refusal = Refusal::new(
             RefusalKind::ResponseUninspectable,
             Some(api),
@@ -85,10 +109,27 @@ pub fn plan_response(api: ApiKind, head: &ResponseHead, read: bool) -> ResponseP
         );
         return ResponsePlan::Withhold(Withheld {
             status: refusal.status(),
-            remove: vec!["content-encoding", "content-length", "etag"],
+            // Every value of each goes (`content-type` too, before it
+            // is set: a second one would stay otherwise).
+            remove: vec!["content-encoding", "content-length", "etag", "content-type"],
             set: vec![("content-type", "application/json".to_string())],
             body: refusal.body(),
             blocked_by: ENCODED_RESPONSE,
+        });
+    }
+    if head.content_types > 1 {
+        let refusal = Refusal::new(
+            RefusalKind::ResponseUninspectable,
+            Some(api),
+            "the model's answer came with more than one content-type, so how a client reads it \
+             is not known; it could not be inspected and was withheld",
+        );
+        return ResponsePlan::Withhold(Withheld {
+            status: refusal.status(),
+            remove: vec!["content-encoding", "content-length", "etag", "content-type"],
+            set: vec![("content-type", "application/json".to_string())],
+            body: refusal.body(),
+            blocked_by: AMBIGUOUS_CONTENT_TYPE,
         });
     }
     ResponsePlan::Read {
@@ -105,7 +146,8 @@ mod tests {
     fn head<'a>(content_type: &'a str, encoding: Option<&'a str>) -> ResponseHead<'a> {
         ResponseHead {
             content_type: Some(content_type),
-            content_encoding: encoding,
+            content_types: 1,
+            content_encodings: encoding.into_iter().collect(),
             array_stream: false,
         }
     }
@@ -190,5 +232,51 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&w.body).unwrap();
         assert_eq!(v["type"], "error");
         assert_eq!(v["error"]["type"], "api_error");
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> Headers {
+        Headers::new(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    /// A client decodes every `content-encoding` header, not only the
+    /// first; and which of two `content-type`s it goes by is not known.
+    #[test]
+    fn every_encoding_header_counts_and_two_content_types_withhold() {
+        let withheld = |h: &Headers| match plan_response(
+            ApiKind::OpenaiChat,
+            &ResponseHead::of(h, false),
+            true,
+        ) {
+            ResponsePlan::Withhold(w) => Some(w.blocked_by),
+            _ => None,
+        };
+        let h = headers(&[
+            (":status", "200"),
+            ("content-type", "text/event-stream"),
+            ("content-encoding", "identity"),
+            ("content-encoding", "gzip"),
+        ]);
+        assert_eq!(withheld(&h), Some(ENCODED_RESPONSE));
+        let h = headers(&[
+            ("content-type", "application/json"),
+            ("Content-Encoding", "identity"),
+            ("content-encoding", " Identity, "),
+        ]);
+        assert_eq!(withheld(&h), None);
+        let h = headers(&[
+            ("content-type", "application/json"),
+            ("content-type", "text/event-stream"),
+        ]);
+        assert_eq!(withheld(&h), Some(AMBIGUOUS_CONTENT_TYPE));
+        // Nothing reads it: it passes as it comes.
+        assert_eq!(
+            plan_response(ApiKind::OpenaiChat, &ResponseHead::of(&h, false), false),
+            ResponsePlan::Pass
+        );
     }
 }

@@ -269,11 +269,19 @@ impl StreamFilter {
             .approval_tokens
             .as_ref()
             .and_then(|t| headers.value(&t.header));
+        // A server decodes every `content-encoding` header, in order.
+        let content_encoding = headers.contains("content-encoding").then(|| {
+            headers
+                .values("content-encoding")
+                .collect::<Vec<_>>()
+                .join(", ")
+        });
         let head = RequestHead {
             method: &method,
             path: &path,
             content_type: headers.get("content-type"),
-            content_encoding: headers.get("content-encoding"),
+            content_type_repeated: headers.values("content-type").nth(1).is_some(),
+            content_encoding: content_encoding.as_deref(),
             content_length: headers.get("content-length"),
             upgrade: headers.get("upgrade"),
             method_override: METHOD_OVERRIDE_HEADERS.iter().find_map(|h| headers.get(h)),
@@ -695,12 +703,7 @@ impl StreamFilter {
     ) -> Option<Framing> {
         let api = self.endpoint.as_ref().map(|e| e.api)?;
         let reviewable = self.answer_reviewable(headers);
-        let content_encoding = headers.get("content-encoding");
-        let head = ResponseHead {
-            content_type: headers.get("content-type"),
-            content_encoding,
-            array_stream: self.array_stream(headers),
-        };
+        let head = ResponseHead::of(headers, self.array_stream(headers));
         match plan_response(api, &head, true) {
             ResponsePlan::Pass => None,
             ResponsePlan::Read { framing } => {
@@ -726,10 +729,11 @@ impl StreamFilter {
             ResponsePlan::Withhold(withheld) => {
                 host.count("countersign_responses_blocked_total", 1);
                 let msg = format!(
-                    "countersign: {} answer withheld: {} (content-encoding {:?})",
+                    "countersign: {} answer withheld: {} (content-encoding {:?}, content-type {:?})",
                     self.info.request_id,
                     withheld.blocked_by,
-                    content_encoding.unwrap_or("")
+                    head.content_encodings.join(", "),
+                    headers.values("content-type").collect::<Vec<_>>().join(", ")
                 );
                 host.log(Level::Warn, &msg);
                 host.set_response_header(":status", Some(&withheld.status.to_string()));
@@ -1759,6 +1763,50 @@ mod tests {
         let part: serde_json::Value = serde_json::from_slice(call.body.as_ref().unwrap()).unwrap();
         assert_eq!(part["blocked_by"], "encoded_response");
         assert_eq!(part["status"], 502);
+    }
+
+    /// Every `content-encoding` header is read, the request's and the
+    /// answer's, not only the first; an answer with two `content-type`s is
+    /// withheld, a request with two refused.
+    #[test]
+    fn repeated_encoding_and_type_headers_are_all_read() {
+        let cfg = format!("{{{MASKING},\"default_action\":\"allow\",\"records\":\"off\"}}");
+        for (name, second) in [
+            ("content-encoding", "gzip"),
+            ("content-type", "application/json"),
+        ] {
+            let (_worker, mut host, mut stream) = setup(&cfg);
+            assert_eq!(send(&mut host, &mut stream, CHAT, BODY), Action::Continue);
+            host.response_headers = [
+                (":status", "200"),
+                ("content-type", "text/event-stream"),
+                ("content-encoding", "identity"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+            host.repeated_response_headers = vec![(name.to_string(), second.to_string())];
+            stream.on_response_headers(&mut host);
+            assert_eq!(host.response_headers[":status"], "502", "{name}");
+            // No value of either is left but the one set.
+            assert!(host.repeated_response_headers.is_empty(), "{name}");
+            assert_eq!(host.response_headers["content-type"], "application/json");
+            assert!(!host.response_headers.contains_key("content-encoding"));
+            let body = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"carol@example.com\"}}]}\n\n";
+            assert_eq!(chunk(&mut host, &mut stream, body, false), Action::Pause);
+            chunk(&mut host, &mut stream, b"", true);
+            let v: serde_json::Value = serde_json::from_slice(&host.response_chunk).unwrap();
+            assert_eq!(v["error"]["code"], "response_uninspectable", "{name}");
+        }
+        for (name, second) in [("content-encoding", "gzip"), ("content-type", "text/plain")] {
+            let (_worker, mut host, mut stream) = setup(&cfg);
+            host.request("POST", CHAT, BODY);
+            host.request_headers
+                .insert("content-encoding".into(), "identity".into());
+            host.repeated_request_headers = vec![(name.to_string(), second.to_string())];
+            assert_eq!(stream.on_request_headers(&mut host, false), Action::Pause);
+            assert_eq!(host.replies[0].status, 415, "{name}");
+        }
     }
 
     #[test]

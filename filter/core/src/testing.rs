@@ -42,6 +42,11 @@ pub struct MockHost {
     pub request_headers: BTreeMap<String, String>,
     pub request_body: Vec<u8>,
     pub response_headers: BTreeMap<String, String>,
+    /// Headers that come again after those of `request_headers` /
+    /// `response_headers` (a name repeated: a second `content-encoding`),
+    /// read with them; setting or removing a name drops its repeats.
+    pub repeated_request_headers: Vec<(String, String)>,
+    pub repeated_response_headers: Vec<(String, String)>,
     /// The current response chunk (replaced by `set_response_body`).
     pub response_chunk: Vec<u8>,
     pub properties: HashMap<Vec<String>, Vec<u8>>,
@@ -256,11 +261,14 @@ pub fn path_of(call: &Callout) -> String {
 impl Host for MockHost {
     fn request_headers(&self) -> Headers {
         self.check("request_headers");
-        Headers::new(pairs(&self.request_headers))
+        let mut all = pairs(&self.request_headers);
+        all.extend(self.repeated_request_headers.iter().cloned());
+        Headers::new(all)
     }
 
     fn set_request_header(&mut self, name: &str, value: Option<&str>) {
         self.check("set_request_header");
+        self.repeated_request_headers.retain(|(k, _)| k != name);
         match value {
             Some(v) => self.request_headers.insert(name.into(), v.into()),
             None => self.request_headers.remove(name),
@@ -284,11 +292,14 @@ impl Host for MockHost {
 
     fn response_headers(&self) -> Headers {
         self.check("response_headers");
-        Headers::new(pairs(&self.response_headers))
+        let mut all = pairs(&self.response_headers);
+        all.extend(self.repeated_response_headers.iter().cloned());
+        Headers::new(all)
     }
 
     fn set_response_header(&mut self, name: &str, value: Option<&str>) {
         self.check("set_response_header");
+        self.repeated_response_headers.retain(|(k, _)| k != name);
         match value {
             Some(v) => self.response_headers.insert(name.into(), v.into()),
             None => self.response_headers.remove(name),
