@@ -109,6 +109,13 @@ ENVOY_REFUSES = (None, None)
     ("batch endpoint", "/v1/batches", "POST", {}, 403, "indirect_prompt_endpoint", "denied"),
     ("file upload", "/v1/files", "POST", {}, 403, "indirect_prompt_endpoint", "denied"),
     ("assistants", "/v1/threads/runs", "POST", {}, 403, "indirect_prompt_endpoint", "denied"),
+    # Answers the provider stored come back by id unread: refused, any method.
+    ("stored response", "/v1/responses/resp_1", "GET", {}, 403, "indirect_prompt_endpoint", "denied"),
+    ("stored response input", "/v1/responses/resp_1/input_items", "GET", {}, 403, "indirect_prompt_endpoint",
+     "denied"),
+    ("stored response deleted", "/v1/responses/resp_1", "DELETE", {}, 403, "indirect_prompt_endpoint", "denied"),
+    ("stored chat messages", "/v1/chat/completions/chatcmpl-1/messages", "GET", {}, 403,
+     "indirect_prompt_endpoint", "denied"),
 ])
 def test_routing_tricks(gateway, name, path, method, headers, status, code, outcome):
     before = gateway.backend.stats()["started"]

@@ -68,6 +68,24 @@ pub const INDIRECT_PROMPT_PREFIXES: &[&str] = &[
     "/v1/containers",
 ];
 
+/// Paths under an inference endpoint (never the endpoint itself) where the
+/// provider keeps answers and gives them back by id, any method: a
+/// Responses answer (stored by default) and its input items, a chat
+/// completion stored with `store: true` and its messages, a Gemini
+/// interaction. What comes back there was never masked or checked (no
+/// guard reads an answer to a request that was not inspected), so they
+/// are refused unless listed in `passthrough`, like
+/// [`INDIRECT_PROMPT_PREFIXES`].
+pub const STORED_ANSWER_PREFIXES: &[&str] = &[
+    "/v1/responses",
+    "/v1/chat/completions",
+    "/openai/v1/responses",
+    "/openai/v1/chat/completions",
+    "/openai/responses",
+    "/openai/chat/completions",
+    "/v1beta/interactions",
+];
+
 /// Splits `:path` into path and query and normalises the path the way a
 /// lenient backend might: percent-decoding, `\` as `/`, merged slashes, `.`
 /// and `..` segments resolved, `;params` dropped, trailing slash removed,
@@ -148,7 +166,20 @@ pub fn path_only(raw: &str) -> &str {
 fn is_indirect_prompt_path(normalized: &str) -> bool {
     INDIRECT_PROMPT_PREFIXES
         .iter()
-        .any(|p| normalized == *p || normalized.starts_with(&format!("{p}/")))
+        .any(|p| normalized == *p || is_under(normalized, p))
+}
+
+fn is_stored_answer_path(normalized: &str) -> bool {
+    STORED_ANSWER_PREFIXES
+        .iter()
+        .any(|p| is_under(normalized, p))
+}
+
+/// Whether `normalized` is below `prefix` (`prefix/...`).
+fn is_under(normalized: &str, prefix: &str) -> bool {
+    normalized
+        .strip_prefix(prefix)
+        .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// Header changes on a request whose body is inspected, before it goes on:
@@ -223,6 +254,13 @@ pub fn classify(config: &Config, head: &RequestHead<'_>) -> HeadVerdict {
             RefusalKind::IndirectPrompt,
             None,
             format!("`{raw_path}` carries prompts the gateway cannot review; it is refused unless listed in `passthrough`"),
+        ));
+    }
+    if is_stored_answer_path(&normalized) {
+        return HeadVerdict::Refuse(Refusal::new(
+            RefusalKind::IndirectPrompt,
+            None,
+            format!("`{raw_path}` gives back a stored answer (or its prompt) the gateway cannot mask or check; it is refused unless listed in `passthrough`"),
         ));
     }
     match (config.other_requests, non_identity_encoding(head.content_encoding)) {
@@ -676,5 +714,49 @@ mod tests {
         .unwrap();
         assert_eq!(status(&classify(&allowed, &head("GET", "/v1/files"))), 0);
         assert_eq!(status(&classify(&allowed, &head("POST", "/v1/files"))), 403);
+    }
+
+    /// Answers stored by the provider come back by id unread: refused, any
+    /// method, even under `pass`, unless listed in `passthrough`; the
+    /// endpoints themselves are inference endpoints as ever.
+    #[test]
+    fn stored_answers_are_refused_even_under_pass() {
+        let pass = Config::from_json(br#"{"other_requests":"pass"}"#).unwrap();
+        for p in [
+            "/v1/responses/resp_123",
+            "/v1/responses/resp_123/input_items",
+            "/v1/responses/resp_123/cancel",
+            "/v1/chat/completions/chatcmpl-1",
+            "/v1/chat/completions/chatcmpl-1/messages",
+            "/V1/Responses/resp_1",
+            "//v1/responses/./resp_1",
+            "/v1/responses/%72esp_1",
+            "/openai/v1/responses/resp_1",
+            "/openai/responses/resp_1",
+            "/openai/chat/completions/c1",
+            "/v1beta/interactions/i1",
+        ] {
+            for m in ["GET", "POST", "DELETE"] {
+                let v = classify(&pass, &head(m, p));
+                assert_eq!(status(&v), 403, "{m} {p}");
+                let HeadVerdict::Refuse(r) = v else {
+                    unreachable!()
+                };
+                assert_eq!(r.kind.code(), "indirect_prompt_endpoint", "{m} {p}");
+            }
+        }
+        assert_eq!(status(&classify(&pass, &head("POST", "/v1/responses"))), 1);
+        assert_eq!(
+            status(&classify(&pass, &head("GET", "/v1/responsesx/1"))),
+            0
+        );
+        let allowed = Config::from_json(
+            br#"{"other_requests":"pass","passthrough":[{"path":"/v1/responses/*","methods":["DELETE"]}]}"#,
+        )
+        .unwrap();
+        let del = head("DELETE", "/v1/responses/resp_1");
+        assert_eq!(status(&classify(&allowed, &del)), 0);
+        let get = head("GET", "/v1/responses/resp_1");
+        assert_eq!(status(&classify(&allowed, &get)), 403);
     }
 }

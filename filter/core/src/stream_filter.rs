@@ -1765,6 +1765,33 @@ mod tests {
         assert_eq!(part["status"], 502);
     }
 
+    /// A stored answer fetched back by id is refused under `pass`: no guard
+    /// would read it.
+    #[test]
+    fn a_stored_answer_fetched_by_id_is_refused() {
+        let cfg = format!(
+            "{{{MASKING},\"default_action\":\"allow\",\"records\":\"off\",\"other_requests\":\"pass\"}}"
+        );
+        for path in [
+            "/v1/responses/resp_123",
+            "/v1/responses/resp_123/input_items",
+            "/v1/chat/completions/chatcmpl-1",
+            "/v1/chat/completions/chatcmpl-1/messages",
+        ] {
+            let (_worker, mut host, mut stream) = setup(&cfg);
+            host.request("GET", path, b"");
+            host.request_headers.remove("content-type");
+            assert_eq!(
+                stream.on_request_headers(&mut host, true),
+                Action::Pause,
+                "{path}"
+            );
+            let reply = &host.replies[0];
+            assert_eq!(reply.status, 403, "{path}");
+            assert_eq!(reply.json()["error"]["code"], "indirect_prompt_endpoint");
+        }
+    }
+
     /// Every `content-encoding` header is read, the request's and the
     /// answer's, not only the first; an answer with two `content-type`s is
     /// withheld, a request with two refused.
