@@ -2,7 +2,8 @@
 Envoy: compressed answers (the caller's `accept-encoding` never reaches the
 model; an answer compressed anyway is refused with a 502, never passed) and
 token log-probabilities (which spell the answer out: refused in requests
-whose answer is guarded, and dropped from answers that carry them unasked).
+whose answer is guarded, and dropped from answers that carry them unasked),
+and audio or image output (which says it: refused in such requests).
 
 Every check on what the caller got is made on the raw bytes off the socket
 (`iter_raw`: httpx would otherwise decode a gzip body for us)."""
@@ -333,6 +334,43 @@ def test_asking_for_logprobs_passes_where_nothing_guards_the_answer(stack, strea
         docs = sse_events(a.raw) if stream else [a.json()]
         assert any(v not in (None, []) for d in docs for _, v in logprob_values(d)), (case, docs)
         assert answer_text(api, a.raw, stream) == reply
+
+
+# ------------------------------------------------------------------ audio and image output asked for
+
+# (api, request fields asking for audio or image output, field the refusal must name)
+MEDIA = [
+    ("chat", {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "modalities"),
+    ("chat", {"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ("responses", {"tools": [{"type": "image_generation"}]}, "tools[0]"),
+    ("gemini", {"generationConfig": {"responseModalities": ["AUDIO"], "speechConfig": {
+        "voiceConfig": {"prebuiltVoiceConfig": {"voiceName": "Kore"}}}}}, "generationConfig.responseModalities"),
+    ("gemini", {"generationConfig": {"responseModalities": ["TEXT", "IMAGE"]}}, "generationConfig.responseModalities"),
+]
+
+
+@pytest.mark.parametrize("guard", list(GUARDS))
+def test_asking_for_audio_output_is_refused_where_the_answer_is_masked(stack, guard):
+    # A spoken (or drawn) answer says what masking removes from its
+    # transcript: refused like logprobs, naming the field, before the model.
+    model, prompt = GUARDS[guard]
+    for api, fields, field in MEDIA:
+        for stream in (False, True):
+            httpx.post(stack.backend.url + "/_demo/reset").raise_for_status()
+            a = send(stack, req(api, model, stream, prompt=prompt, **fields))
+            case = f"{guard} {api} {fields} stream={stream}"
+            assert a.status == 400, (case, a.raw[:300])
+            err = a.json()["error"]
+            assert err["code"] == "invalid_request", (case, err)
+            assert f"`{field}`" in err["message"] and "audio or image" in err["message"], (case, err)
+            assert EMAIL not in err["message"]
+            assert stack.backend.stats()["started"] == 0, case
+
+
+def test_asking_for_audio_output_passes_where_nothing_guards_the_answer(stack):
+    for api, fields, _ in MEDIA:
+        a = send(stack, req(api, OPEN, **fields), headers={"x-demo-reply": "all is well"})
+        assert a.status == 200, (api, fields, a.raw[:300])
 
 
 # ------------------------------------------------------------------ logprobs unasked

@@ -31,6 +31,10 @@ pub struct ParsedRequest {
     /// The field that asks for token log-probabilities, if any: they spell
     /// the answer out, so they cannot leave where the answer is guarded.
     pub logprobs: Option<&'static str>,
+    /// The field that asks for audio or image output, if any: it says what
+    /// the text says, and masking, restore and response rules read text
+    /// only, so it cannot leave where the answer is guarded.
+    pub output_media: Option<String>,
     /// Text parts of one message joined without a break
     /// (as a chat template may join them), for content-policy rules.
     pub glued_parts: Vec<String>,
@@ -256,6 +260,7 @@ fn walked(
         unknown_fields: unknown(api, &obj),
         attachments: walked.attachments,
         logprobs: logprobs_field(api, &obj),
+        output_media: output_media_field(api, &obj),
         glued_parts: walked.glued,
         tools: walked.tools,
         body: Value::Object(obj),
@@ -501,6 +506,67 @@ fn logprobs_field(api: ApiKind, obj: &Map<String, Value>) -> Option<&'static str
     }
 }
 
+/// The field of a request that asks for audio or image output, per API:
+/// chat `modalities` with anything but `text`, or `audio` (the voice of a
+/// spoken answer); a Responses `image_generation` tool; Gemini's
+/// `responseModalities` with anything but `TEXT`, `speechConfig` or
+/// `imageConfig` (both spellings of each, and of `generationConfig`).
+/// Lenient backends act on what OpenAI would refuse: any value but `null`
+/// (and an empty list) asks.
+fn output_media_field(api: ApiKind, obj: &Map<String, Value>) -> Option<String> {
+    let set = |v: Option<&Value>| !matches!(v, None | Some(Value::Null));
+    // A list of modalities asks for more than text when any entry is not
+    // the string `text` (any case); anything but a list asks too.
+    let beyond_text = |v: Option<&Value>| match v {
+        None | Some(Value::Null) => false,
+        Some(Value::Array(a)) => a
+            .iter()
+            .any(|m| !m.as_str().is_some_and(|m| m.eq_ignore_ascii_case("text"))),
+        Some(_) => true,
+    };
+    match api {
+        ApiKind::OpenaiChat | ApiKind::AzureOpenaiChat => {
+            if beyond_text(obj.get("modalities")) {
+                Some("modalities".into())
+            } else if set(obj.get("audio")) {
+                Some("audio".into())
+            } else {
+                None
+            }
+        }
+        ApiKind::OpenaiResponses => {
+            let tools = obj.get("tools").and_then(Value::as_array)?;
+            tools.iter().enumerate().find_map(|(i, t)| {
+                let kind = t.get("type").and_then(Value::as_str).unwrap_or("");
+                (kind == "image_generation").then(|| format!("tools[{i}]"))
+            })
+        }
+        ApiKind::GeminiGenerateContent => ["generationConfig", "generation_config"]
+            .into_iter()
+            .find_map(|config_key| {
+                let config = obj.get(config_key)?;
+                [
+                    "responseModalities",
+                    "response_modalities",
+                    "speechConfig",
+                    "speech_config",
+                    "imageConfig",
+                    "image_config",
+                ]
+                .into_iter()
+                .find(|key| {
+                    if key.contains("odalities") {
+                        beyond_text(config.get(*key))
+                    } else {
+                        set(config.get(*key))
+                    }
+                })
+                .map(|key| format!("{config_key}.{key}"))
+            }),
+        _ => None,
+    }
+}
+
 /// `(model, streaming)` from a Gemini path.
 pub fn gemini_model(path: &str) -> Option<(String, bool)> {
     let path = path.split('?').next().unwrap_or("");
@@ -647,6 +713,98 @@ mod tests {
             (ApiKind::OpenaiChat, ""),
         ] {
             assert!(parse_request(api, body.as_bytes()).is_err(), "{body}");
+        }
+    }
+
+    #[test]
+    fn requests_for_audio_or_image_output_are_named() {
+        use ApiKind::*;
+        let asked = |api, body: &str| {
+            let path = match api {
+                GeminiGenerateContent => "/v1beta/models/g:generateContent",
+                _ => "/v1/x",
+            };
+            parse_request_at(api, path, body.as_bytes())
+                .unwrap()
+                .output_media
+        };
+        let chat = |extra: &str| {
+            format!(r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}]{extra}}}"#)
+        };
+        assert_eq!(asked(OpenaiChat, &chat("")), None);
+        assert_eq!(asked(OpenaiChat, &chat(r#","modalities":["text"]"#)), None);
+        assert_eq!(
+            asked(OpenaiChat, &chat(r#","modalities":null,"audio":null"#)),
+            None
+        );
+        assert_eq!(
+            asked(
+                OpenaiChat,
+                &chat(r#","modalities":["text","audio"],"audio":{"voice":"alloy","format":"wav"}"#)
+            )
+            .as_deref(),
+            Some("modalities")
+        );
+        assert_eq!(
+            asked(OpenaiChat, &chat(r#","modalities":["TEXT","image"]"#)).as_deref(),
+            Some("modalities")
+        );
+        assert_eq!(
+            asked(OpenaiChat, &chat(r#","audio":{"voice":"alloy"}"#)).as_deref(),
+            Some("audio")
+        );
+        let responses = |extra: &str| format!(r#"{{"model":"m","input":"hi"{extra}}}"#);
+        assert_eq!(
+            asked(
+                OpenaiResponses,
+                &responses(r#","tools":[{"type":"web_search"}]"#)
+            ),
+            None
+        );
+        assert_eq!(
+            asked(
+                OpenaiResponses,
+                &responses(r#","tools":[{"type":"web_search"},{"type":"image_generation"}]"#)
+            )
+            .as_deref(),
+            Some("tools[1]")
+        );
+        let gemini =
+            |extra: &str| format!(r#"{{"contents":[{{"parts":[{{"text":"hi"}}]}}]{extra}}}"#);
+        assert_eq!(
+            asked(
+                GeminiGenerateContent,
+                &gemini(r#","generationConfig":{"responseModalities":["TEXT"]}"#)
+            ),
+            None
+        );
+        for (extra, field) in [
+            (
+                r#","generationConfig":{"responseModalities":["TEXT","IMAGE"]}"#,
+                "generationConfig.responseModalities",
+            ),
+            (
+                r#","generationConfig":{"responseModalities":["AUDIO"]}"#,
+                "generationConfig.responseModalities",
+            ),
+            (
+                r#","generation_config":{"response_modalities":["audio"]}"#,
+                "generation_config.response_modalities",
+            ),
+            (
+                r#","generationConfig":{"speechConfig":{"voiceConfig":{}}}"#,
+                "generationConfig.speechConfig",
+            ),
+            (
+                r#","generationConfig":{"imageConfig":{"aspectRatio":"1:1"}}"#,
+                "generationConfig.imageConfig",
+            ),
+        ] {
+            assert_eq!(
+                asked(GeminiGenerateContent, &gemini(extra)).as_deref(),
+                Some(field),
+                "{extra}"
+            );
         }
     }
 

@@ -290,21 +290,33 @@ struct ScreenInput<'a> {
 /// forward comes back in [`Screening::masked_body`] when it changed.
 ///
 /// Token log-probabilities spell the answer out token by token, around the
-/// hold-back window, masking and response rules alike: a request that asks
-/// for them is refused when anything guards its answer.
+/// hold-back window, masking and response rules alike, and audio or image
+/// output says or shows what the text says: a request that asks for either
+/// is refused when anything guards its answer.
 fn screen(input: ScreenInput<'_>) -> Result<Screening, Refusal> {
     let ScreenInput { api, parsed, .. } = input;
     let screening = screen_prompt(input)?;
+    let guarded = screening.response_guard().changes_text() || !screening.review_rules.is_empty();
+    if !guarded {
+        return Ok(screening);
+    }
     if let Some(field) = parsed.logprobs {
-        if screening.response_guard().changes_text() || !screening.review_rules.is_empty() {
-            return Err(Refusal::new(
-                RefusalKind::BadRequest,
-                Some(api),
-                format!(
-                    "`{field}` asks for token log-probabilities, which would spell out the answer as the model wrote it, where masking, restore or response rules change it here; remove it"
-                ),
-            ));
-        }
+        return Err(Refusal::new(
+            RefusalKind::BadRequest,
+            Some(api),
+            format!(
+                "`{field}` asks for token log-probabilities, which would spell out the answer as the model wrote it, where masking, restore or response rules change it here; remove it"
+            ),
+        ));
+    }
+    if let Some(field) = &parsed.output_media {
+        return Err(Refusal::new(
+            RefusalKind::BadRequest,
+            Some(api),
+            format!(
+                "`{field}` asks for audio or image output, which would say or show the answer as the model made it, where masking, restore or response rules change its text here; ask for text only"
+            ),
+        ));
     }
     Ok(screening)
 }
@@ -1262,6 +1274,58 @@ mod tests {
                 inspect_body(c, ep, &i, asks, 0),
                 BodyVerdict::Forward(..)
             ));
+        }
+    }
+
+    /// Audio or image output says or shows what masking removes from the
+    /// text: refused, naming the field, where the answer is guarded, as
+    /// logprobs are; passed where nothing changes the answer.
+    #[test]
+    fn audio_and_image_output_are_refused_where_the_answer_is_guarded() {
+        let masked = Config::from_json(
+            br#"{"default_action":"allow","masking":{"profiles":{"default":{"detectors":{"email":"redact"}}}}}"#,
+        )
+        .unwrap();
+        let open = Config::from_json(br#"{"default_action":"allow"}"#).unwrap();
+        let endpoint = |path: &str| {
+            default_endpoints()
+                .into_iter()
+                .find(|e| e.matches_as_written(path))
+                .unwrap()
+        };
+        for (path, body, field) in [
+            (
+                "/v1/chat/completions",
+                r#"{"model":"gpt-4o-audio-preview","modalities":["text","audio"],"audio":{"voice":"alloy","format":"wav"},"messages":[{"role":"user","content":"hi"}]}"#,
+                "`modalities`",
+            ),
+            (
+                "/v1/responses",
+                r#"{"model":"gpt-4o","input":"draw it","tools":[{"type":"image_generation"}]}"#,
+                "`tools[0]`",
+            ),
+            (
+                "/v1beta/models/gemini-2.5-flash-preview-tts:generateContent",
+                r#"{"contents":[{"parts":[{"text":"say hi"}]}],"generationConfig":{"responseModalities":["AUDIO"],"speechConfig":{"voiceConfig":{"prebuiltVoiceConfig":{"voiceName":"Kore"}}}}}"#,
+                "`generationConfig.responseModalities`",
+            ),
+        ] {
+            let ep = endpoint(path);
+            let i = info(path, None);
+            match inspect_body(&masked, &ep, &i, body.as_bytes(), 0) {
+                BodyVerdict::Refuse(r) => {
+                    assert_eq!(r.status(), 400, "{path}");
+                    assert!(r.message.contains(field), "{}", r.message);
+                }
+                other => panic!("{path}: {other:?}"),
+            }
+            assert!(
+                matches!(
+                    inspect_body(&open, &ep, &i, body.as_bytes(), 0),
+                    BodyVerdict::Forward(..)
+                ),
+                "{path}"
+            );
         }
     }
 

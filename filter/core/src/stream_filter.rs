@@ -1765,6 +1765,28 @@ mod tests {
         assert_eq!(part["status"], 502);
     }
 
+    /// A spoken answer would say what masking removes from its transcript:
+    /// the request is refused, naming the field, and nothing goes on.
+    #[test]
+    fn a_request_for_audio_output_is_refused_where_the_answer_is_masked() {
+        let (_worker, mut host, mut stream) = setup(&format!(
+            "{{{MASKING},\"default_action\":\"allow\",\"records\":\"off\"}}"
+        ));
+        let body = br#"{"model":"gpt-4o-audio-preview","modalities":["text","audio"],"audio":{"voice":"alloy","format":"wav"},"messages":[{"role":"user","content":"hi"}]}"#;
+        assert_eq!(send(&mut host, &mut stream, CHAT, body), Action::Pause);
+        let reply = &host.replies[0];
+        assert_eq!(reply.status, 400);
+        assert!(
+            reply.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("`modalities`"),
+            "{:?}",
+            reply.json()
+        );
+        assert!(host.resumed.is_empty());
+    }
+
     /// A stored answer fetched back by id is refused under `pass`: no guard
     /// would read it.
     #[test]

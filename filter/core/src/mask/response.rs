@@ -367,6 +367,9 @@ pub enum BlockedBy {
     /// The response could not be inspected (unparseable, an SSE event over
     /// [`super::MAX_EVENT_BYTES`]): blocked rather than passed unmasked.
     Uninspectable,
+    /// The answer carries audio or image output (the field named): it
+    /// says what the text says, and cannot be masked or checked.
+    Media(String),
 }
 
 /// A blocked response. Messages name the detector or rule, never the text.
@@ -382,6 +385,7 @@ impl Blocked {
         match &self.by {
             BlockedBy::Detector(n) | BlockedBy::Rule(n) => n,
             BlockedBy::Uninspectable => "uninspectable",
+            BlockedBy::Media(_) => "media_output",
         }
     }
 
@@ -393,6 +397,9 @@ impl Blocked {
             }
             BlockedBy::Rule(r) => format!("response blocked by content policy rule `{r}`"),
             BlockedBy::Uninspectable => "response blocked: it could not be inspected".into(),
+            BlockedBy::Media(field) => format!(
+                "response blocked: it carries audio or image output (`{field}`), which cannot be masked or checked"
+            ),
         }
     }
 
@@ -474,6 +481,7 @@ pub fn mask_response_body(
             Leaf::Drop => {
                 edits.insert(path, "null".into());
             }
+            Leaf::Media(field) => guarded = guarded.and(Err(Blocked::media(field))),
             Leaf::Fixed(text) => {
                 guarded = guarded.and_then(|()| guard.check_fixed(&text, &mut tally, true))
             }
@@ -605,6 +613,43 @@ pub(crate) enum Leaf<'v> {
     /// A field that spells the answer out token by token
     /// ([`crate::answer::token_fields`]): replaced by `null`.
     Drop,
+    /// Audio or image output ([`media_output`]), named: where the guard
+    /// changes text, the answer is withheld ([`BlockedBy::Media`]).
+    Media(String),
+}
+
+impl Blocked {
+    pub(crate) fn media(field: String) -> Blocked {
+        Blocked {
+            by: BlockedBy::Media(field),
+        }
+    }
+}
+
+/// Audio or image output of the model in the answer object `o`'s field
+/// `key` (`x`), named: chat `audio.data`, Gemini `inlineData.data` (an
+/// image, audio), Responses image generation (`image_generation_call`'s
+/// `result`, `partial_image_b64`) and audio deltas, `b64_json`. Masking
+/// reads text: what it removed from the text would be spoken or drawn
+/// there as the model made it.
+fn media_output(o: &serde_json::Map<String, Value>, key: &str, x: &Value) -> Option<String> {
+    let filled = |v: Option<&Value>| v.and_then(Value::as_str).is_some_and(|s| !s.is_empty());
+    let kind = o.get("type").and_then(Value::as_str).unwrap_or("");
+    let media = match key {
+        "audio" | "inlineData" | "inline_data" => filled(x.get("data")),
+        "b64_json" | "partial_image_b64" => filled(Some(x)),
+        "result" => kind == "image_generation_call" && filled(Some(x)),
+        "delta" => {
+            matches!(kind, "response.audio.delta" | "response.output_audio.delta")
+                && filled(Some(x))
+        }
+        _ => false,
+    };
+    media.then(|| match key {
+        "audio" | "inlineData" | "inline_data" => format!("{key}.data"),
+        "result" | "delta" => format!("{kind}.{key}"),
+        _ => key.to_string(),
+    })
 }
 
 /// Keys whose string values are identifiers, enums or timestamps, never
@@ -654,7 +699,9 @@ const OPAQUE: &[&str] = &[
 const FREE_FORM: &[&str] = &["input", "args", "arguments"];
 
 /// Every guarded string of a response value, with its path. The `tokens`
-/// fields are not read as text; with `drop_tokens` they are dropped.
+/// fields are not read as text; with `drop_tokens` (the guard changes
+/// text) they are dropped, and audio or image output is named
+/// ([`Leaf::Media`]).
 pub(crate) fn leaves<'v>(
     v: &'v Value,
     tokens: &[&str],
@@ -705,6 +752,11 @@ impl Walk<'_> {
                         out.push((path.clone(), Leaf::Fixed(Cow::Borrowed(key))));
                         self.collect(x, path, true, out);
                     } else {
+                        if self.drop_tokens {
+                            if let Some(field) = media_output(o, key, x) {
+                                out.push((path.clone(), Leaf::Media(field)));
+                            }
+                        }
                         self.field(key, x, path, out);
                     }
                     path.pop();
@@ -1194,6 +1246,78 @@ mod tests {
                 assert_eq!(out.hits, whole.hits, "{api:?} cut at {at}");
                 assert_eq!(out.monitored_rules, vec!["watch".to_string()]);
             }
+        }
+    }
+
+    /// Audio or image output says or shows what masking removes from the
+    /// text: an answer carrying it is withheld wherever the guard changes
+    /// text, naming the field; opaque data that is no output (signatures,
+    /// redacted thinking) and a guard that changes nothing let it be.
+    #[test]
+    fn audio_and_image_output_withhold_the_answer() {
+        let g = guard_with(MASKING, "{}", None);
+        let b64 = "amFuZUBleGFtcGxlLmNvbQ==";
+        let blocked = |g: &ResponseGuard, api: ApiKind, body: Value| {
+            mask_response_body(g, api, body.to_string().as_bytes())
+                .unwrap()
+                .blocked
+                .map(|b| (b.by.clone(), b.name().to_string()))
+        };
+        for (api, body, field) in [
+            (
+                ApiKind::OpenaiChat,
+                json!({"choices":[{"index":0,"message":{"role":"assistant","content":null,
+                    "audio":{"id":"a1","data":b64,"expires_at":1,"transcript":"jane@example.com"}}}]}),
+                "audio.data",
+            ),
+            (
+                ApiKind::GeminiGenerateContent,
+                json!({"candidates":[{"content":{"parts":[{"text":"here"},
+                    {"inlineData":{"mimeType":"image/png","data":b64}}]}}]}),
+                "inlineData.data",
+            ),
+            (
+                ApiKind::GeminiGenerateContent,
+                json!({"candidates":[{"content":{"parts":[
+                    {"inline_data":{"mime_type":"audio/L16;rate=24000","data":b64}}]}}]}),
+                "inline_data.data",
+            ),
+            (
+                ApiKind::OpenaiResponses,
+                json!({"output":[{"type":"image_generation_call","id":"ig","status":"completed","result":b64}]}),
+                "image_generation_call.result",
+            ),
+        ] {
+            let by = blocked(&g, api, body.clone());
+            assert_eq!(
+                by,
+                Some((BlockedBy::Media(field.into()), "media_output".into())),
+                "{api:?}"
+            );
+            // A guard that only monitors changes nothing: it passes.
+            let watch = rules_only(
+                r#"{"response_rules":[{"name":"w","phrases":["x"],"action":"monitor"}]}"#,
+            );
+            assert_eq!(blocked(&watch, api, body), None, "{api:?}");
+        }
+        let err = Blocked::media("audio.data".into()).error_body(ApiKind::OpenaiChat);
+        let err: Value = serde_json::from_slice(&err).unwrap();
+        assert!(err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`audio.data`"));
+        // Opaque data that is no output, and an audio object without data.
+        for (api, body) in [
+            (
+                ApiKind::AnthropicMessages,
+                json!({"content":[{"type":"redacted_thinking","data":b64},{"type":"text","text":"ok"}]}),
+            ),
+            (
+                ApiKind::OpenaiChat,
+                json!({"choices":[{"index":0,"message":{"content":"ok","audio":{"id":"a1","data":""}}}]}),
+            ),
+        ] {
+            assert_eq!(blocked(&g, api, body), None, "{api:?}");
         }
     }
 

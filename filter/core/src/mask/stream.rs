@@ -662,6 +662,7 @@ impl StreamMasker {
                     };
                     edits.insert(path, empty.into());
                 }
+                Leaf::Media(field) => return Err(Blocked::media(field)),
                 Leaf::Fixed(text) => self.guard.check_fixed(&text, &mut self.tally, !echo)?,
                 Leaf::Text(s) => texts.push((path, s)),
             }
@@ -2674,6 +2675,49 @@ mod tests {
         let evs = events(api, &out);
         assert_eq!(block_texts(api, &out).0[0], alone.clone());
         assert!(evs.last().unwrap().1.contains("message_stop"));
+    }
+
+    /// A streamed answer that carries audio or image output ends with the
+    /// API's error before it: masking reads text only.
+    #[test]
+    fn audio_and_image_output_block_the_stream() {
+        let (g, _) = guard("{}");
+        let b64 = "amFuZUBleGFtcGxlLmNvbQ==";
+        for (api, s, field) in [
+            (
+                ApiKind::OpenaiChat,
+                format!(
+                    "data: {}\n\ndata: {}\n\ndata: [DONE]\n\n",
+                    json!({"choices":[{"index":0,"delta":{"role":"assistant","audio":{"id":"a1","transcript":"hi"}}}]}),
+                    json!({"choices":[{"index":0,"delta":{"audio":{"data":b64}}}]})
+                ),
+                "audio.data",
+            ),
+            (
+                ApiKind::GeminiGenerateContent,
+                format!(
+                    "data: {}\n\n",
+                    json!({"candidates":[{"content":{"parts":[{"inlineData":{"mimeType":"audio/L16","data":b64}}]}}]})
+                ),
+                "inlineData.data",
+            ),
+            (
+                ApiKind::OpenaiResponses,
+                named_event(
+                    json!({"type":"response.image_generation_call.partial_image","output_index":0,"item_id":"ig","partial_image_index":0,"partial_image_b64":b64}),
+                ),
+                "partial_image_b64",
+            ),
+        ] {
+            let (out, m) = run(api, &g, &[s.as_bytes()]);
+            let raw = String::from_utf8_lossy(&out);
+            assert!(!raw.contains(b64), "{api:?}: {raw}");
+            assert_eq!(
+                m.report().blocked.map(|b| b.by),
+                Some(BlockedBy::Media(field.into())),
+                "{api:?}"
+            );
+        }
     }
 
     /// Text blocks apart (an empty block, a server tool's call and result
