@@ -384,7 +384,14 @@ async fn status_is_only_for_the_caller_and_carries_a_verifiable_token() {
     let claims = verify(token, &[key_a()], "svc-a", CHAT_PATH, BODY.as_bytes(), now).unwrap();
     assert_eq!(claims.rid, id);
     assert_eq!(
-        verify(token, &[key_a()], "svc-a", CHAT_PATH, b"{\"model\":\"other\"}", now),
+        verify(
+            token,
+            &[key_a()],
+            "svc-a",
+            CHAT_PATH,
+            b"{\"model\":\"other\"}",
+            now
+        ),
         Err(TokenError::WrongBody)
     );
     assert_eq!(
@@ -393,7 +400,14 @@ async fn status_is_only_for_the_caller_and_carries_a_verifiable_token() {
     );
     // Bound to the path of the request the review was for.
     assert_eq!(
-        verify(token, &[key_a()], "svc-a", "/api/chat", BODY.as_bytes(), now),
+        verify(
+            token,
+            &[key_a()],
+            "svc-a",
+            "/api/chat",
+            BODY.as_bytes(),
+            now
+        ),
         Err(TokenError::WrongPath)
     );
     assert_eq!(
@@ -455,7 +469,15 @@ async fn token_covers_the_edited_body() {
     assert_eq!(v["approved_body"], edited);
     let token = v["approval_token"].as_str().unwrap();
     let now = countersign_approval::now_ms();
-    assert!(verify(token, &[key_a()], "svc-a", CHAT_PATH, edited.as_bytes(), now).is_ok());
+    assert!(verify(
+        token,
+        &[key_a()],
+        "svc-a",
+        CHAT_PATH,
+        edited.as_bytes(),
+        now
+    )
+    .is_ok());
     assert_eq!(
         verify(token, &[key_a()], "svc-a", CHAT_PATH, BODY.as_bytes(), now),
         Err(TokenError::WrongBody)
@@ -631,7 +653,15 @@ async fn key_rotation_signs_with_the_last_key() {
     assert!(token.starts_with("cs1.k2."), "{token}");
     let now = countersign_approval::now_ms();
     // The filter lists every key (old and new): verifies.
-    assert!(verify(token, &[key_a(), key_b()], "svc-a", CHAT_PATH, BODY.as_bytes(), now).is_ok());
+    assert!(verify(
+        token,
+        &[key_a(), key_b()],
+        "svc-a",
+        CHAT_PATH,
+        BODY.as_bytes(),
+        now
+    )
+    .is_ok());
     // A filter that does not have the new key yet refuses it: add keys to
     // the filter first.
     assert_eq!(
