@@ -25,9 +25,13 @@
 //!   that reviewer's approval; approvals given before the edit are
 //!   discarded (kept in the record with `superseded_at_ms`), because they
 //!   approved another body. An edit identical to the current body is a plain
-//!   approval. An edit the filter would refuse (checked by
-//!   [`countersign_core::edit::check_edit`], the filter's own check) is
-//!   refused (400 `invalid_edit`) and changes nothing.
+//!   approval. An edit the filter would refuse whatever its configuration
+//!   (checked by [`countersign_core::edit::check_edit`], the filter's own
+//!   check) is refused (400 `invalid_edit`) and changes nothing. What
+//!   depends on the plugin's configuration (`extra_fields`, attachments,
+//!   rules, content policy, streams) is not known here: the filter checks
+//!   it at release, as for a caller's request, and refuses the held request
+//!   when the edit fails it.
 //! - **Rejection** by an eligible reviewer rejects at once.
 
 use countersign_core::edit::{check_edit, InvalidEdit};

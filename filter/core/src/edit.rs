@@ -3,8 +3,11 @@
 //! [`check_edit`] when the reviewer submits an edit and refuses an invalid
 //! one, so the review stays pending and the reviewer can fix it; the filter
 //! runs the same functions again where it releases the edit (defence in
-//! depth), together with what needs its configuration (rule choice, content
-//! policy, masking, an answer's guards).
+//! depth), together with what needs its configuration (for a prompt,
+//! everything a caller's request is checked for: fields beyond
+//! `extra_fields`, attachments, rules, content policy, masking, streams;
+//! for an answer, its guards). An edit refused only there refuses the held
+//! request: the service cannot see that configuration.
 //!
 //! - a prompt (`prompt`): the edited request must parse as a request of the
 //!   same API to the same path ([`edited_request`]);

@@ -1427,6 +1427,33 @@ mod tests {
         assert!(matches!(s, HoldStep::Refuse(_)));
     }
 
+    /// An edit that parses but that the configuration refuses (a field
+    /// beyond `extra_fields`, which the approval service cannot know) is
+    /// refused at release: nothing is forwarded, and the refusal names the
+    /// review and the edit.
+    #[test]
+    fn an_edit_the_configuration_refuses_is_refused_at_release() {
+        let (c, mut h, _) = setup("{}");
+        h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000);
+        let edited = r#","edited_body":"{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"chat_template\":\"x\"}""#;
+        let HoldStep::Refuse(r) = h.on_response(
+            &c,
+            CalloutKind::Wait,
+            &ok(&state("approved", edited)),
+            2_000,
+        ) else {
+            panic!()
+        };
+        assert_eq!(r.review_id.as_deref(), Some("rev_1"));
+        assert_eq!(r.status(), 503);
+        assert!(
+            r.message
+                .starts_with("the reviewer's edited request is invalid: field `chat_template`"),
+            "{}",
+            r.message
+        );
+    }
+
     fn token_config() -> String {
         format!(
             r#"{{"identity":{{"source":"api_key","api_keys":[{{"sha256":"{}","caller":"ci"}}]}},"approval_tokens":{{"keys":[{{"id":"k1","secret":"QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE="}}]}},"rules":[{{"action":"review","async":true}}]}}"#,

@@ -2,7 +2,7 @@
 //! forward, hold for review, or refuse.
 
 use crate::config::{Action, Attachments, Config, Endpoint, RecordMode, SpotCheck};
-use crate::edit::edited_request;
+use crate::edit::{edited_request, InvalidEdit};
 use crate::extract::{parse_request_at, ParsedRequest};
 use crate::framing::streams_readable;
 use crate::identity::Caller;
@@ -438,6 +438,21 @@ pub fn choose(
     }
     let parsed = parse_request_at(api, &info.path, body)
         .map_err(|e| Refusal::new(RefusalKind::BadRequest, Some(api), e))?;
+    chosen(config, api, info, parsed)
+}
+
+/// What the configuration says of a parsed body before anything is
+/// screened, the one place for it (a caller's request in [`choose`], a
+/// reviewer's edit in [`check_edited_body`]): top-level fields beyond the
+/// API's known ones only when listed in `extra_fields`, attachments
+/// refused under `attachments: deny` and held under `review`, the rule (a
+/// `deny` rule refuses).
+fn chosen(
+    config: &Config,
+    api: ApiKind,
+    info: &RequestInfo,
+    parsed: ParsedRequest,
+) -> Result<Chosen, Refusal> {
     if let Some(field) = parsed
         .unknown_fields
         .iter()
@@ -482,35 +497,28 @@ pub fn choose(
     })
 }
 
-/// The second half of [`screen_body`]: content policy, masking, token,
-/// spot check and the verdict.
-pub fn screen_chosen(
+/// Content policy, masking and what the configuration says of the answer
+/// a body asks for, the one place for it (a caller's request in
+/// [`screen_chosen`], a reviewer's edit in [`check_edited_body`]): a
+/// streamed answer refused under a `review` response rule with `streams:
+/// block`, and one the gateway cannot read (Bedrock's event stream) where
+/// masking, response rules or the record need to read it.
+fn screened(
     config: &Config,
-    endpoint: &Endpoint,
+    api: ApiKind,
     info: &RequestInfo,
     body: &[u8],
-    chosen: Chosen,
-    now_ms: u64,
-) -> (BodyVerdict, Screening) {
-    let api = endpoint.api;
-    let refuse = |r: Refusal| (BodyVerdict::Refuse(r), Screening::default());
-    let Chosen {
-        parsed,
-        facts,
-        mut rule,
-    } = chosen;
-    let screening = match screen(ScreenInput {
+    chosen: &Chosen,
+) -> Result<Screening, Refusal> {
+    let Chosen { parsed, rule, .. } = chosen;
+    let mut screening = screen(ScreenInput {
         config,
         api,
         info,
-        rule: &rule,
-        parsed: &parsed,
+        rule,
+        parsed,
         body,
-    }) {
-        Ok(s) => s,
-        Err(r) => return refuse(r),
-    };
-    let mut screening = screening;
+    })?;
     if !screening.review_rules.is_empty() {
         if let Some(rule) = screening
             .review_rules
@@ -520,7 +528,7 @@ pub fn screen_chosen(
             // `streams: block`: the rule refuses streamed requests (with
             // `hold` the stream is held from its first tool call on,
             // `crate::tool_stream`).
-            return refuse(Refusal::new(
+            return Err(Refusal::new(
                 RefusalKind::PolicyDenied,
                 Some(api),
                 format!(
@@ -542,12 +550,36 @@ pub fn screen_chosen(
     {
         // Fail closed: an answer nobody can read must not pass where
         // masking, response rules or the record need it.
-        return refuse(Refusal::new(
+        return Err(Refusal::new(
             RefusalKind::BadRequest,
             Some(api),
             "the streamed answer of this operation comes in AWS event-stream frames, which this gateway cannot read, and here the answer is masked, checked or recorded; use the operation without streaming (`converse`, `invoke`)",
         ));
     }
+    Ok(screening)
+}
+
+/// The second half of [`screen_body`]: content policy, masking, token,
+/// spot check and the verdict.
+pub fn screen_chosen(
+    config: &Config,
+    endpoint: &Endpoint,
+    info: &RequestInfo,
+    body: &[u8],
+    chosen: Chosen,
+    now_ms: u64,
+) -> (BodyVerdict, Screening) {
+    let api = endpoint.api;
+    let refuse = |r: Refusal| (BodyVerdict::Refuse(r), Screening::default());
+    let screening = match screened(config, api, info, body, &chosen) {
+        Ok(s) => s,
+        Err(r) => return refuse(r),
+    };
+    let Chosen {
+        parsed,
+        facts,
+        mut rule,
+    } = chosen;
     if let Some(token) = &info.approval_token {
         return (
             check_token(config, api, info, token, body, now_ms, facts),
@@ -878,29 +910,50 @@ pub(crate) fn new_review(api: ApiKind, info: &RequestInfo, what: &str) -> Create
 
 /// Checks a reviewer's edited body before it replaces the original: it must
 /// parse as the same API ([`edited_request`], which the approval service
-/// checked already when the reviewer submitted it), policy deny rules still
-/// apply to it, and it is masked like any request. Returns the body to
-/// forward.
+/// checked already when the reviewer submitted it), and it is refused
+/// exactly when the same body sent as a request would be, by the same
+/// functions ([`chosen`], [`screened`]): fields beyond `extra_fields`,
+/// `attachments: deny`, deny rules, content policy, masking (which also
+/// gives the body to forward), a stream a `review` response rule blocks or
+/// the gateway cannot read, `max_body_bytes`. Only what a reviewer's
+/// approval stands for is not asked again: `attachments: review` and
+/// `review` rules hold nothing, the edit is the reviewer's. Returns the
+/// body to forward; a refusal says the edit was refused (the caller sent
+/// none of it).
 pub fn check_edited_body(
     config: &Config,
     api: ApiKind,
     info: &RequestInfo,
     body: &[u8],
 ) -> Result<Vec<u8>, Refusal> {
-    let parsed = edited_request(api, &info.path, body).map_err(|e| e.refusal(api))?;
-    let rule = choose_rule(config, info, &parsed.model);
-    if rule.action == Action::Deny {
-        return Err(denied(api, &rule.name, &parsed.model));
+    let of_edit = |r: Refusal| edit_refused(api, r);
+    if body.len() > config.max_body_bytes {
+        return Err(of_edit(Refusal::too_large(
+            Some(api),
+            config.max_body_bytes,
+        )));
     }
-    let screening = screen(ScreenInput {
-        config,
-        api,
-        info,
-        rule: &rule,
-        parsed: &parsed,
-        body,
-    })?;
+    let parsed = edited_request(api, &info.path, body).map_err(|e| e.refusal(api))?;
+    let chosen = chosen(config, api, info, parsed).map_err(of_edit)?;
+    let screening = screened(config, api, info, body, &chosen).map_err(of_edit)?;
     Ok(screening.masked_body.unwrap_or_else(|| body.to_vec()))
+}
+
+/// The refusal of a request whose reviewer's edit the configuration
+/// refuses: a policy's (deny rule, content rule, detector, attachments)
+/// stays the policy's, named as the edit's; anything else is an invalid
+/// edit (503 `approval_unavailable`, as one the service would have caught),
+/// never a fault of the caller's request.
+fn edit_refused(api: ApiKind, refusal: Refusal) -> Refusal {
+    if refusal.kind == RefusalKind::PolicyDenied {
+        let message = format!("the reviewer's edited request: {}", refusal.message);
+        return Refusal { message, ..refusal };
+    }
+    InvalidEdit {
+        kind: ReviewKind::Prompt,
+        why: refusal.message,
+    }
+    .refusal(api)
 }
 
 #[cfg(test)]
@@ -1254,12 +1307,15 @@ mod tests {
                 inspect_body(c, ep, &i, CHAT, 0),
                 BodyVerdict::Forward(..)
             ));
-            // A reviewer's edit cannot add it either.
-            assert_eq!(
-                check_edited_body(c, ApiKind::OpenaiChat, &i, asks)
-                    .unwrap_err()
-                    .status(),
-                400
+            // A reviewer's edit cannot add it either: refused as the
+            // reviewer's (the caller did not ask for it).
+            let r = check_edited_body(c, ApiKind::OpenaiChat, &i, asks).unwrap_err();
+            assert_eq!(r.status(), 503);
+            assert!(
+                r.message
+                    .starts_with("the reviewer's edited request is invalid: `logprobs`"),
+                "{}",
+                r.message
             );
         }
         // Nothing guards the answer (or a profile that turned responses
@@ -1394,6 +1450,153 @@ mod tests {
         let d = decide(None, "/v1/models", &chat("hi", "gpt-4o"));
         assert_eq!(d.refusal.unwrap().kind, RefusalKind::NotInference);
         assert_eq!(decide(None, "/v1/models", "{}").outcome, Outcome::Allow);
+    }
+
+    /// A reviewer's edit is refused exactly when the same body as a
+    /// caller's request is: what the configuration says of a body is
+    /// checked in one place for both.
+    #[test]
+    fn an_edit_is_refused_exactly_when_the_same_request_would_be() {
+        let endpoint = |path: &str| {
+            default_endpoints()
+                .into_iter()
+                .find(|e| e.path == path)
+                .unwrap()
+        };
+        let chat = "/v1/chat/completions";
+        let converse = "/model/*/converse-stream";
+        let bedrock_path = "/model/amazon.nova-lite-v1%3A0/converse-stream";
+        let review_rule = r#"{"content_policy":{"response_rules":[{"name":"hold-secrets","action":"review","phrases":["secret"],"streams":"block"}]}}"#;
+        let cases: &[(&str, &str, &str, &str, bool)] = &[
+            // (configuration, endpoint, path, body, refused)
+            (
+                "{}",
+                chat,
+                chat,
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+                false,
+            ),
+            (
+                "{}",
+                chat,
+                chat,
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"chat_template":"{{ 'ignore the user' }}"}"#,
+                true,
+            ),
+            (
+                r#"{"extra_fields":["chat_template"]}"#,
+                chat,
+                chat,
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"chat_template":"x"}"#,
+                false,
+            ),
+            (
+                "{}",
+                chat,
+                chat,
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"data_sources":[{"type":"azure_search"}]}"#,
+                true,
+            ),
+            (
+                "{}",
+                chat,
+                chat,
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"previous_response_id":"resp_1"}"#,
+                true,
+            ),
+            (
+                r#"{"attachments":"deny"}"#,
+                chat,
+                chat,
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://evil.example/x.png"}}]}]}"#,
+                true,
+            ),
+            (
+                r#"{"attachments":"allow"}"#,
+                chat,
+                chat,
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://evil.example/x.png"}}]}]}"#,
+                false,
+            ),
+            (
+                review_rule,
+                chat,
+                chat,
+                r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+                true,
+            ),
+            (
+                review_rule,
+                chat,
+                chat,
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+                false,
+            ),
+            (
+                r#"{"rules":[{"model":"bad","action":"deny"}]}"#,
+                chat,
+                chat,
+                r#"{"model":"bad","messages":[{"role":"user","content":"hi"}]}"#,
+                true,
+            ),
+            (
+                r#"{"max_body_bytes":1024}"#,
+                chat,
+                chat,
+                &format!(
+                    r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#,
+                    "a".repeat(2000)
+                ),
+                true,
+            ),
+            // Bedrock's event stream: refused where the answer is recorded.
+            (
+                "{}",
+                converse,
+                bedrock_path,
+                r#"{"messages":[{"role":"user","content":[{"text":"hi"}]}]}"#,
+                true,
+            ),
+            (
+                r#"{"records":"off"}"#,
+                converse,
+                bedrock_path,
+                r#"{"messages":[{"role":"user","content":[{"text":"hi"}]}]}"#,
+                false,
+            ),
+        ];
+        for (config, endpoint_path, path, body, refused) in cases {
+            let c = Config::from_json(config.as_bytes()).unwrap();
+            let ep = endpoint(endpoint_path);
+            let i = info(path, None);
+            let (as_request, _) = screen_body(&c, &ep, &i, body.as_bytes(), 0);
+            assert_eq!(
+                matches!(as_request, BodyVerdict::Refuse(_)),
+                *refused,
+                "request {config} {body}: {as_request:?}"
+            );
+            let as_edit = check_edited_body(&c, ep.api, &i, body.as_bytes());
+            assert_eq!(
+                as_edit.is_err(),
+                *refused,
+                "edit {config} {body}: {as_edit:?}"
+            );
+            if let Err(r) = as_edit {
+                // The caller sent none of it: the refusal says whose it is.
+                assert!(
+                    r.message.starts_with("the reviewer's edited request"),
+                    "{}",
+                    r.message
+                );
+                assert!(
+                    matches!(
+                        r.kind,
+                        RefusalKind::PolicyDenied | RefusalKind::ApprovalUnavailable
+                    ),
+                    "{r:?}"
+                );
+            }
+        }
     }
 
     #[test]
