@@ -583,12 +583,19 @@ pub fn gemini_model(path: &str) -> Option<(String, bool)> {
     Some((model.to_string(), stream))
 }
 
+/// The top-level fields `api` does not define, then the tools that put
+/// the provider's stored documents into the prompt
+/// ([`shape::stored_document_tools`], named `tools.{kind}`): refused alike
+/// unless listed in `extra_fields`.
 fn unknown(api: ApiKind, obj: &Map<String, Value>) -> Vec<String> {
     let known = known_fields(api);
-    obj.keys()
+    let mut unknown: Vec<String> = obj
+        .keys()
         .filter(|k| !known.contains(&k.as_str()))
         .cloned()
-        .collect()
+        .collect();
+    unknown.extend(shape::stored_document_tools(api, obj));
+    unknown
 }
 
 /// Parses `body` as a request of shape `api` (one whose body names the
@@ -1036,6 +1043,49 @@ mod tests {
         .unwrap();
         assert!(generate.stream && generate.unknown_fields.is_empty());
         assert!(parse_request(ApiKind::OllamaGenerate, br#"{"prompt":"p"}"#).is_err());
+    }
+
+    /// Tools that search the provider's stored documents put text into the
+    /// prompt that nobody reviews, like Azure's `data_sources`: unknown
+    /// fields, refused unless listed in `extra_fields`.
+    #[test]
+    fn tools_that_retrieve_stored_documents_are_unknown_fields() {
+        let responses = |tools: &str| {
+            parse_request(
+                ApiKind::OpenaiResponses,
+                format!(r#"{{"model":"m","input":"summarise","tools":{tools}}}"#).as_bytes(),
+            )
+            .unwrap()
+            .unknown_fields
+        };
+        assert_eq!(
+            responses(r#"[{"type":"file_search","vector_store_ids":["vs_123"]}]"#),
+            vec!["tools.file_search".to_string()]
+        );
+        assert!(responses(r#"[{"type":"web_search"}]"#).is_empty());
+        let gemini = |tools: &str| {
+            parse_request_at(
+                ApiKind::GeminiGenerateContent,
+                "/v1beta/models/g:generateContent",
+                format!(r#"{{"contents":[{{"parts":[{{"text":"summarise"}}]}}],"tools":{tools}}}"#)
+                    .as_bytes(),
+            )
+            .unwrap()
+            .unknown_fields
+        };
+        assert_eq!(
+            gemini(
+                r#"[{"retrieval":{"vertexRagStore":{"ragResources":[{"ragCorpus":"projects/p/locations/l/ragCorpora/c"}]}}},{"fileSearch":{"fileSearchStoreNames":["fileSearchStores/s"]}},{"file_search":{}}]"#
+            ),
+            vec![
+                "tools.retrieval".to_string(),
+                "tools.fileSearch".to_string(),
+                "tools.file_search".to_string()
+            ]
+        );
+        assert!(
+            gemini(r#"[{"googleSearch":{}},{"functionDeclarations":[{"name":"f"}]}]"#).is_empty()
+        );
     }
 
     #[test]

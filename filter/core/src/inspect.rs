@@ -1599,6 +1599,62 @@ mod tests {
         }
     }
 
+    /// Stored-document retrieval tools are refused like `data_sources`,
+    /// under any rule, unless the operator lists them in `extra_fields`.
+    #[test]
+    fn stored_document_retrieval_is_refused_unless_listed() {
+        let endpoint = |path: &str| {
+            default_endpoints()
+                .into_iter()
+                .find(|e| e.path == path)
+                .unwrap()
+        };
+        let responses = br#"{"model":"m","input":"summarise","tools":[{"type":"file_search","vector_store_ids":["vs_123"]}]}"#;
+        let gemini = br#"{"contents":[{"parts":[{"text":"summarise"}]}],"tools":[{"retrieval":{"vertexRagStore":{"ragResources":[{"ragCorpus":"c"}]}}}]}"#;
+        for (ep, path, body, field) in [
+            (
+                "/v1/responses",
+                "/v1/responses",
+                &responses[..],
+                "tools.file_search",
+            ),
+            (
+                "/v1beta/models/*:generateContent",
+                "/v1beta/models/g:generateContent",
+                &gemini[..],
+                "tools.retrieval",
+            ),
+        ] {
+            let ep = endpoint(ep);
+            let i = info(path, None);
+            let allow = Config::from_json(
+                br#"{"default_action":"allow","records":"off","attachments":"allow"}"#,
+            )
+            .unwrap();
+            match inspect_body(&allow, &ep, &i, body, 0) {
+                BodyVerdict::Refuse(r) => {
+                    assert_eq!(r.status(), 400);
+                    assert!(r.message.contains(&format!("`{field}`")), "{}", r.message);
+                }
+                other => panic!("{field}: {other:?}"),
+            }
+            let listed = Config::from_json(
+                format!(
+                    r#"{{"default_action":"allow","records":"off","extra_fields":["{field}"]}}"#
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+            assert!(
+                matches!(
+                    inspect_body(&listed, &ep, &i, body, 0),
+                    BodyVerdict::Forward(..)
+                ),
+                "{field}"
+            );
+        }
+    }
+
     #[test]
     fn edited_body_is_checked() {
         let c = Config::from_json(br#"{"rules":[{"model":"bad","action":"deny"}]}"#).unwrap();

@@ -758,6 +758,53 @@ fn tool_definition(w: &mut Walker<'_>, v: &Value, names: Names) -> Result<Value,
     }
 }
 
+/// Tools with which the provider searches documents it stores and puts
+/// what it finds into the prompt: OpenAI Responses' `file_search` (vector
+/// stores) and Gemini's `retrieval` (Vertex AI Search, RAG Engine corpora,
+/// an external API) and `fileSearch` (File Search stores). No reviewer sees
+/// that text and no detector reads it, as with Azure's `data_sources`, so
+/// they are refused like it: each is named as a field (`tools.file_search`)
+/// among the request's unknown fields, which pass only where the operator
+/// lists them in `extra_fields`. Web search tools stay accepted: they
+/// retrieve public pages, not the organisation's documents put at the
+/// provider, and a file the caller names by id is an attachment.
+pub(crate) fn stored_document_tools(api: ApiKind, obj: &Map<String, Value>) -> Vec<String> {
+    let Some(Value::Array(tools)) = obj.get("tools") else {
+        return Vec::new();
+    };
+    let mut found: Vec<String> = Vec::new();
+    for tool in tools {
+        let Value::Object(tool) = tool else {
+            continue;
+        };
+        let names: Vec<&str> = match api {
+            ApiKind::OpenaiResponses => match tool.get("type") {
+                Some(Value::String(kind)) => vec![kind.as_str()],
+                _ => Vec::new(),
+            },
+            ApiKind::GeminiGenerateContent => tool.keys().map(String::as_str).collect(),
+            _ => Vec::new(),
+        };
+        for name in names {
+            let stored = match api {
+                ApiKind::OpenaiResponses => RESPONSES_STORED_DOCUMENT_TOOLS.contains(&name),
+                _ => GEMINI_STORED_DOCUMENT_TOOLS.contains(&name),
+            };
+            let field = format!("tools.{name}");
+            if stored && !found.contains(&field) {
+                found.push(field);
+            }
+        }
+    }
+    found
+}
+
+/// Responses tool types that search the provider's stored documents.
+const RESPONSES_STORED_DOCUMENT_TOOLS: &[&str] = &["file_search"];
+/// Gemini `Tool` fields that search the provider's stored documents (both
+/// spellings Google's JSON takes).
+const GEMINI_STORED_DOCUMENT_TOOLS: &[&str] = &["retrieval", "fileSearch", "file_search"];
+
 // Answer schemas ----------------------------------------------------------
 
 /// Gemini's `generationConfig` fields that carry a schema for the answer,
