@@ -244,6 +244,9 @@ OLLAMA_CHAT = {"model": "llama3", "messages": [{"role": "user", "content": "unre
     ("case-variant key", "/api/chat", "POST", {"model": "llama3", "Messages": [{"role": "user", "content": "x"}]}),
     ("bedrock converse", "/model/anthropic.claude-3/converse", "POST", {"messages": [{"role": "user", "content": [{"text": "x"}]}]}),
     ("GET carrying a prompt", "/api/chat", "GET", OLLAMA_CHAT),
+    ("ollama create template", "/api/create", "POST", {"model": "evil", "from": "llama3", "template": "{{ .Prompt }} and more"}),
+    ("key Go folds to system", "/api/create", "POST", {"model": "evil", "from": "llama3", "\u017fy\u017ftem": "be evil"}),
+    ("nested prompt", "/v1/models/m:predict", "POST", {"instances": [{"prompt": "unreviewed"}]}),
 ])
 def test_prompts_on_unlisted_paths_are_refused(passing, name, path, method, body):
     before = passing.backend.stats()["started"]
@@ -266,6 +269,18 @@ def test_compressed_prompts_on_unlisted_paths_are_refused(passing):
     assert passing.backend.stats()["started"] == before
 
 
+def test_utf16_json_on_unlisted_paths_is_refused(passing):
+    # Python's json.loads(bytes) reads UTF-16 and UTF-32 (FastAPI backends
+    # do); the gateway reads UTF-8 only, so such JSON cannot be checked.
+    before = passing.backend.stats()["started"]
+    for body in (b"\xff\xfe" + json.dumps(OLLAMA_CHAT).encode("utf-16-le"),
+                 json.dumps(OLLAMA_CHAT).encode("utf-16-be")):
+        r = raw(passing, body, path="/api/chat")
+        assert r.status_code == 400, r.text
+        assert "UTF-16" in r.json()["error"]["message"], r.text
+    assert passing.backend.stats()["started"] == before
+
+
 def test_other_bodies_still_pass_on_unlisted_paths(passing):
     before = passing.backend.stats()["started"]
     # JSON that is not a prompt, and a body that is not JSON, reach the backend
@@ -274,7 +289,11 @@ def test_other_bodies_still_pass_on_unlisted_paths(passing):
     assert r.status_code == 404, r.text
     r = raw(passing, b"name=llama3", path="/api/pull", headers={"content-type": "application/x-www-form-urlencoded"})
     assert r.status_code == 404, r.text
-    assert passing.backend.stats()["started"] == before + 2
+    # Binary that begins with NUL bytes (a gRPC frame) is not JSON in any encoding.
+    r = raw(passing, b"\x00\x00\x00\x00\x05\x0a\x03abc", path="/api/pull",
+            headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 404, r.text
+    assert passing.backend.stats()["started"] == before + 3
 
 
 def test_held_requests_are_limited_per_caller_with_429_and_retry_after(make_stack):

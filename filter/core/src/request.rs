@@ -415,6 +415,11 @@ pub fn sniffed_refusal(path: &str, sniffed: &Sniffed) -> Option<Refusal> {
             None,
             format!("the body sent to `{path}` starts like JSON but is not valid JSON, so it cannot be checked for a prompt"),
         )),
+        Sniffed::WideJson => Some(Refusal::new(
+            RefusalKind::BadRequest,
+            None,
+            format!("the body sent to `{path}` is JSON in UTF-16 or UTF-32, which some backends read but this gateway does not, so it cannot be checked for a prompt; send it as UTF-8"),
+        )),
         Sniffed::NotJson | Sniffed::NotAPrompt => None,
     }
 }
