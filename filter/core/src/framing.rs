@@ -2,14 +2,21 @@
 //! ([`crate::sse`]), JSON lines or a JSON array sent element by element
 //! ([`crate::json_stream`]). The [`Splitter`] is the one place that buffers
 //! a stream and cuts it, used by the stream masker
-//! ([`crate::mask::StreamMasker`]) and the response recorder
-//! ([`crate::record::ResponseRecorder`]), so the two read the same units.
+//! ([`crate::mask::StreamMasker`]), the streamed tool-call hold
+//! ([`crate::tool_stream`]) and the response recorder
+//! ([`crate::record::ResponseRecorder`]), so they read the same units;
+//! [`read`] is how each of them reads a unit.
 
 use std::ops::Range;
+
+use serde_json::Value;
 
 use crate::json_stream::{End, Layout, Scan, Scanner};
 use crate::sse;
 use crate::wire::ApiKind;
+
+/// UTF-8 byte-order mark.
+const BOM: &[u8] = b"\xef\xbb\xbf";
 
 /// Whether the streamed answers of `api` come in a framing the splitter
 /// reads. Bedrock's (`converse-stream`, `invoke-with-response-stream`) come
@@ -87,6 +94,15 @@ pub enum Unit {
     },
 }
 
+impl Unit {
+    /// The unit's bytes.
+    pub fn raw(&self) -> &[u8] {
+        match self {
+            Unit::Event(raw) | Unit::Value { raw, .. } => raw,
+        }
+    }
+}
+
 /// What is left of a stream at its end, after its last unit.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Rest {
@@ -94,6 +110,63 @@ pub struct Rest {
     pub bytes: Vec<u8>,
     /// They are a JSON value cut short (not only separators).
     pub partial: bool,
+}
+
+/// What a unit carries, read the one way every reader of a stream reads it
+/// ([`read`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Read {
+    /// No data: an SSE event of comments and fields only, or whose data is
+    /// empty or blank.
+    Nothing,
+    /// OpenAI's `data: [DONE]`.
+    Done,
+    /// A JSON object: an SSE event's data lines joined, or a value of a
+    /// JSON stream.
+    Json {
+        /// The SSE `event` field.
+        event: Option<String>,
+        /// The JSON text (as text: bytes that are not UTF-8 as U+FFFD).
+        data: String,
+        /// The value, parsed strictly ([`crate::json::parse_strict`]).
+        value: Value,
+    },
+}
+
+/// A unit that cannot be read as its clients read it: an SSE line that is
+/// no field the format defines ([`sse::ParsedEvent::unknown`]), or data
+/// that is not one JSON object, parsed strictly (text, a bare string, a
+/// duplicate key that one reader takes first and another last). Every reader fails closed on it:
+/// the masker blocks the stream, the tool-call hold ends it with an error,
+/// the recorder marks the record incomplete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unreadable;
+
+/// Reads one unit (see [`Read`], [`Unreadable`]); one strict parse.
+pub fn read(unit: &Unit) -> Result<Read, Unreadable> {
+    let (event, data) = match unit {
+        Unit::Event(raw) => {
+            let ev = sse::parse_event(raw);
+            if ev.unknown {
+                return Err(Unreadable);
+            }
+            match ev.data {
+                Some(d) if d.trim() == "[DONE]" => return Ok(Read::Done),
+                Some(d) if !d.trim().is_empty() => (ev.event, d),
+                _ => return Ok(Read::Nothing),
+            }
+        }
+        Unit::Value { raw, value } => (
+            None,
+            String::from_utf8_lossy(raw.get(value.clone()).unwrap_or_default()).into_owned(),
+        ),
+    };
+    // Every API streams objects: a string or a number is text no field of
+    // the answer holds, which could only be masked one unit at a time.
+    match crate::json::parse_strict_str(&data) {
+        Ok(value) if value.is_object() => Ok(Read::Json { event, data, value }),
+        _ => Err(Unreadable),
+    }
 }
 
 /// Buffers a stream and cuts it into units.
@@ -106,6 +179,9 @@ pub struct Splitter {
     /// SSE: where to resume looking for the end of the current event.
     scan: usize,
     json: Scanner,
+    /// SSE: the start of the stream was passed (a byte-order mark there
+    /// dropped).
+    started: bool,
 }
 
 impl Splitter {
@@ -121,6 +197,7 @@ impl Splitter {
             pos: 0,
             scan: 0,
             json: Scanner::new(layout),
+            started: false,
         }
     }
 
@@ -167,7 +244,28 @@ impl Splitter {
         self.next_unit(false)
     }
 
+    /// SSE: drops a byte-order mark that begins the stream, as the format
+    /// has clients do (and every client then reads the same first line);
+    /// `false` while the bytes so far may still be one.
+    fn skip_bom(&mut self, at_end: bool) -> bool {
+        if self.started {
+            return true;
+        }
+        let head = self.buf.get(self.pos..).unwrap_or_default();
+        if head.starts_with(BOM) {
+            self.pos += BOM.len();
+            self.scan = self.scan.max(self.pos);
+        } else if BOM.starts_with(head) && !at_end {
+            return false;
+        }
+        self.started = true;
+        true
+    }
+
     fn next_unit(&mut self, at_end: bool) -> Result<Option<Unit>, &'static str> {
+        if self.framing == Framing::Sse && !self.skip_bom(at_end) {
+            return Ok(None);
+        }
         match self.framing {
             Framing::Sse => match sse::event_end(&self.buf, self.scan.max(self.pos), at_end) {
                 Ok(end) => Ok(Some(Unit::Event(self.take(end)))),
@@ -317,6 +415,59 @@ mod tests {
                 assert!(!rest.partial);
             }
         }
+    }
+
+    #[test]
+    fn a_byte_order_mark_begins_an_event_stream_only() {
+        let input = b"\xef\xbb\xbfdata: {}\n\n\xef\xbb\xbfdata: {}\n\n";
+        for at in 0..=input.len() {
+            let (units, rest) = split(Framing::Sse, input, at);
+            // The first is dropped; the second is a line of the event.
+            assert_eq!(raw(&units[0]), b"data: {}\n\n", "at {at}");
+            assert_eq!(raw(&units[1]), &input[13..], "at {at}");
+            assert!(rest.bytes.is_empty());
+        }
+        // Part of a mark is no mark.
+        let (units, _) = split(Framing::Sse, b"\xef\xbbdata: {}\n\n", 1);
+        assert_eq!(raw(&units[0]), b"\xef\xbbdata: {}\n\n");
+        let (units, rest) = split(Framing::Sse, b"\xef\xbb", 1);
+        assert_eq!(raw(&units[0]), b"\xef\xbb\n\n");
+        assert!(rest.bytes.is_empty());
+    }
+
+    #[test]
+    fn units_are_read_strictly() {
+        let event = |s: &str| read(&Unit::Event(s.as_bytes().to_vec()));
+        assert_eq!(event(": c\nid: 1\n\n"), Ok(Read::Nothing));
+        assert_eq!(event("data:\n\n"), Ok(Read::Nothing));
+        assert_eq!(event("data:  [DONE] \n\n"), Ok(Read::Done));
+        assert_eq!(
+            event("event: e\ndata: {\"a\":\ndata: 1}\n\n"),
+            Ok(Read::Json {
+                event: Some("e".into()),
+                data: "{\"a\":\n1}".into(),
+                value: serde_json::json!({"a": 1}),
+            })
+        );
+        for bad in [
+            " data: {}\n\n",
+            "data: x\n\n",
+            "data: {\"a\":1,\"a\":1}\n\n",
+            "data: {} {}\n\n",
+        ] {
+            assert_eq!(event(bad), Err(Unreadable), "{bad:?}");
+        }
+        let value = |s: &str| {
+            read(&Unit::Value {
+                raw: s.as_bytes().to_vec(),
+                value: 0..s.len(),
+            })
+        };
+        assert!(matches!(
+            value("{\"a\":1}"),
+            Ok(Read::Json { event: None, .. })
+        ));
+        assert_eq!(value("{\"a\":1,\"a\":2}"), Err(Unreadable));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Strict JSON parsing for request bodies.
+//! Strict JSON parsing for request bodies and for answers (plain, and each
+//! event of a stream) wherever the filter reads them.
 //!
 //! A backend may read the *last* of two duplicate keys while a lenient parser
 //! keeps the first (or the other way round); the reviewer would then approve
@@ -14,7 +15,20 @@ use serde_json::{Map, Value};
 
 /// Parses `bytes` as one JSON document, refusing duplicate object keys.
 pub fn parse_strict(bytes: &[u8]) -> Result<Value, String> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
+    strict(serde_json::Deserializer::from_slice(bytes))
+}
+
+/// [`parse_strict`] of text already known to be UTF-8 (a streamed event's
+/// data): the same parse without checking the encoding again.
+pub fn parse_strict_str(text: &str) -> Result<Value, String> {
+    strict(serde_json::Deserializer::from_str(text))
+}
+
+/// One pass builds the value and finds duplicates (as costly as
+/// `serde_json::from_slice`, which builds the same value).
+fn strict<'de, R: serde_json::de::Read<'de>>(
+    mut de: serde_json::Deserializer<R>,
+) -> Result<Value, String> {
     let value = StrictValue::deserialize(&mut de).map_err(|e| e.to_string())?;
     de.end().map_err(|e| e.to_string())?;
     Ok(value.0)
@@ -119,6 +133,16 @@ mod tests {
         }
         let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
         assert!(parse_strict(deep.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn text_and_bytes_parse_alike() {
+        assert_eq!(
+            parse_strict_str(r#"{"a":[1,"x"]}"#).unwrap(),
+            parse_strict(br#"{"a":[1,"x"]}"#).unwrap()
+        );
+        assert!(parse_strict_str(r#"{"a":1,"a":2}"#).is_err());
+        assert!(parse_strict_str(r#"{"a":{"b":1,"b":1}}"#).is_err());
     }
 
     #[test]

@@ -7,11 +7,10 @@ use std::convert::Infallible;
 use serde_json::Value;
 
 use crate::answer::{self, Channel, Item};
-use crate::framing::{Framing, Splitter, Unit};
+use crate::framing::{self, Framing, Read, Splitter, Unit};
 
 use crate::inspect::RequestInfo;
 use crate::refusal::Refusal;
-use crate::sse;
 use crate::wire::{ApiKind, NewRecord, RecordResponse, RecordedRefusal};
 
 /// The request part of a record, from what the filter knows.
@@ -140,21 +139,16 @@ impl ResponseRecorder {
     }
 
     fn unit(&mut self, unit: &Unit) {
-        let (event, data) = match unit {
-            Unit::Event(raw) => {
-                let ev = sse::parse_event(raw);
-                match ev.data {
-                    Some(data) if data.trim() != "[DONE]" => (ev.event, data),
-                    _ => return,
-                }
+        let (event, v) = match framing::read(unit) {
+            Ok(Read::Json { event, value, .. }) => (event, value),
+            Ok(Read::Nothing | Read::Done) => return,
+            // What its clients read of it is not known: the record says it
+            // is not the whole answer. (Where a guard reads the stream, the
+            // recorder never sees such a unit: the stream was blocked.)
+            Err(_) => {
+                self.truncated = true;
+                return;
             }
-            Unit::Value { raw, value } => (
-                None,
-                String::from_utf8_lossy(raw.get(value.clone()).unwrap_or_default()).into_owned(),
-            ),
-        };
-        let Ok(v) = serde_json::from_str::<Value>(&data) else {
-            return;
         };
         let event = event.as_deref();
         let api = self.api.unwrap_or_else(|| answer::guess_api(event, &v));
@@ -284,6 +278,37 @@ mod tests {
             assert_eq!(out.body, "Hello é", "split at {split}");
             assert_eq!(out.usage.as_ref().unwrap()["completion_tokens"], 2);
         }
+    }
+
+    /// Nothing guarded the stream: an event it cannot read as every client
+    /// does is not taken, and the record says it is not the whole answer.
+    #[test]
+    fn an_unreadable_event_marks_the_record_incomplete() {
+        for bad in [
+            " data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"}}]}\n\n",
+            "data: {\"choices\":[],\"choices\":[]}\n\n",
+            "data: text\n\n",
+        ] {
+            let mut r = ResponseRecorder::new(
+                Some(ApiKind::OpenaiChat),
+                Some(Framing::Sse),
+                MAX_RECORDED_RESPONSE,
+            );
+            r.feed(OPENAI_STREAM.as_bytes());
+            r.feed(bad.as_bytes());
+            let out = r.finish(200, None, None, "complete");
+            assert_eq!(out.body, "Hello é", "{bad}");
+            assert!(out.truncated, "{bad}");
+        }
+        let mut r = ResponseRecorder::new(
+            Some(ApiKind::OpenaiChat),
+            Some(Framing::Sse),
+            MAX_RECORDED_RESPONSE,
+        );
+        r.feed(format!("\u{feff}{OPENAI_STREAM}: c\n\ndata:\n\n").as_bytes());
+        let out = r.finish(200, None, None, "complete");
+        assert_eq!(out.body, "Hello é");
+        assert!(!out.truncated);
     }
 
     #[test]

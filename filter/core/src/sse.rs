@@ -5,7 +5,13 @@
 //! Per the WHATWG `text/event-stream` format, lines end with CRLF, LF or a
 //! lone CR; an event ends at a blank line; a line starting with `:` is a
 //! comment; a field is `name: value` (one optional space after the colon)
-//! and the `data` lines of an event are joined with `\n`.
+//! and the `data` lines of an event are joined with `\n`. The format
+//! defines four fields (`data`, `event`, `id`, `retry`) and has clients
+//! ignore any other line; lenient clients do not (an indented ` data:`
+//! line, a JSON body sent without `data:`), so an event with such a line
+//! is one the filter cannot read as every client does ([`ParsedEvent::
+//! unknown`]). A byte-order mark that begins the stream is dropped by
+//! [`crate::framing::Splitter`], as the format says.
 
 /// Looks for the end of the event at the start of `buf[from..]` (`from` is
 /// the start of a line: the event's start or a line already scanned).
@@ -76,6 +82,9 @@ pub fn field(line: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
+/// The fields the format defines: any other is ignored by its clients.
+pub const FIELDS: [&[u8]; 4] = [b"data", b"event", b"id", b"retry"];
+
 /// The fields of one event that matter here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParsedEvent {
@@ -83,12 +92,18 @@ pub struct ParsedEvent {
     pub event: Option<String>,
     /// The data lines joined with `\n`; `None` without any data line.
     pub data: Option<String>,
+    /// A line that is not empty, not a comment and whose field is not
+    /// exactly one of [`FIELDS`] (` data`, `Data`, a line of JSON):
+    /// clients that follow the format ignore it, lenient ones read it as
+    /// data, so the event cannot be read as every client reads it.
+    pub unknown: bool,
 }
 
 /// Parses the raw bytes of one event.
 pub fn parse_event(raw: &[u8]) -> ParsedEvent {
     let mut event = None;
     let mut has_data = false;
+    let mut unknown = false;
     for (line, _) in lines(raw) {
         if line.is_empty() || is_comment(line) {
             continue;
@@ -96,12 +111,13 @@ pub fn parse_event(raw: &[u8]) -> ParsedEvent {
         match field(line).0 {
             b"event" => event = Some(String::from_utf8_lossy(field(line).1).into_owned()),
             b"data" => has_data = true,
-            _ => {}
+            name => unknown |= !FIELDS.contains(&name),
         }
     }
     ParsedEvent {
         event,
         data: has_data.then(|| join_data(raw)),
+        unknown,
     }
 }
 
@@ -243,6 +259,20 @@ mod tests {
         assert!(is_comment(b": x") && !is_comment(b"data: x"));
         assert_eq!(parse_event(b": only a comment\n\n").data, None);
         assert_eq!(parse_event(b"data\n\n").data.as_deref(), Some(""));
+        assert!(!ev.unknown && !parse_event(b"id: 1\nretry: 5\n: c\n\n").unknown);
+        for other in [
+            &b" data: {}\n\n"[..],
+            b"Data: {}\n\n",
+            b"{\"choices\":[]}\n\n",
+            b"data: {}\nx\n\n",
+            b"\xef\xbb\xbfdata: {}\n\n",
+        ] {
+            assert!(
+                parse_event(other).unknown,
+                "{:?}",
+                String::from_utf8_lossy(other)
+            );
+        }
         assert_eq!(
             rewrite_data(raw, "X\nY"),
             b": comment\revent: delta\r\ndata: X\rdata: Y\nid: 7\nretry\n\n".to_vec()

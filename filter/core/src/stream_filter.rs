@@ -1161,6 +1161,9 @@ impl StreamFilter {
 }
 
 #[cfg(test)]
+mod answer_reading_tests;
+
+#[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;

@@ -13,7 +13,9 @@
 //! or replaced by the API's error event (`on_reject: error`, errors).
 //!
 //! What is held is bounded (`max_held_bytes`): past it the stream ends at
-//! once with the API's error event and nothing more of it leaves.
+//! once with the API's error event and nothing more of it leaves. So does
+//! it at a unit the hold cannot read as every client does
+//! ([`crate::framing::read`]): a tool call in it would pass unheld.
 //!
 //! The caller's bytes and the recorded ones (restore on: the same, masked)
 //! are two lanes cut and held alike; the reviewer sees the recorded lane.
@@ -29,7 +31,7 @@ use crate::answer_review::{
 };
 use crate::config::Config;
 use crate::edit::InvalidEdit;
-use crate::framing::{Framing, Splitter, Unit};
+use crate::framing::{self, Framing, Read, Splitter, Unit, Unreadable};
 use crate::inspect::RequestInfo;
 use crate::json_stream::Layout;
 use crate::mask::MAX_EVENT_BYTES;
@@ -58,23 +60,18 @@ struct Ev {
 }
 
 impl Ev {
-    fn of(unit: Unit) -> Ev {
-        let (raw, value, event, data) = match unit {
-            Unit::Event(raw) => {
-                let parsed = sse::parse_event(&raw);
-                (raw, None, parsed.event, parsed.data)
-            }
-            Unit::Value { raw, value } => {
-                let data = raw
-                    .get(value.clone())
-                    .map(|v| String::from_utf8_lossy(v).into_owned());
-                (raw, Some(value), None, data)
-            }
+    /// The unit, read as every reader reads it ([`framing::read`]); `Err`
+    /// for one that cannot be (a tool call in it would pass unheld).
+    fn of(unit: Unit) -> Result<Ev, Unreadable> {
+        let (event, json) = match framing::read(&unit)? {
+            Read::Json { event, value, .. } => (event, Some(value)),
+            Read::Nothing | Read::Done => (None, None),
         };
-        let json = data
-            .filter(|d| d.trim() != "[DONE]")
-            .and_then(|d| serde_json::from_str::<Value>(&d).ok());
-        Ev {
+        let (raw, value) = match unit {
+            Unit::Event(raw) => (raw, None),
+            Unit::Value { raw, value } => (raw, Some(value)),
+        };
+        Ok(Ev {
             raw,
             value,
             event,
@@ -82,7 +79,7 @@ impl Ev {
             changed: false,
             dropped: false,
             new: false,
-        }
+        })
     }
 
     fn built(event: Option<&str>, json: Value) -> Ev {
@@ -197,7 +194,7 @@ impl Lane {
         self.splitter.push(chunk);
         let mut out = Vec::new();
         while let Some(unit) = self.splitter.next_complete().map_err(|_| ())? {
-            self.unit(api, unit, &mut out);
+            self.unit(api, unit, &mut out)?;
         }
         if self.splitter.buffered() > MAX_EVENT_BYTES {
             return Err(());
@@ -209,7 +206,7 @@ impl Lane {
         let (units, rest) = self.splitter.finish().map_err(|_| ())?;
         let mut out = Vec::new();
         for unit in units {
-            self.unit(api, unit, &mut out);
+            self.unit(api, unit, &mut out)?;
         }
         match &self.held {
             Some(_) => self.rest = rest.bytes,
@@ -218,8 +215,8 @@ impl Lane {
         Ok(out)
     }
 
-    fn unit(&mut self, api: ApiKind, unit: Unit, out: &mut Vec<u8>) {
-        let ev = Ev::of(unit);
+    fn unit(&mut self, api: ApiKind, unit: Unit, out: &mut Vec<u8>) -> Result<(), ()> {
+        let ev = Ev::of(unit).map_err(|_| ())?;
         if let Some(v) = &ev.json {
             let event = ev.event.as_deref();
             let _ = answer::stream_event(api, event, v, &mut |item| {
@@ -247,6 +244,7 @@ impl Lane {
                 self.sent = true;
             }
         }
+        Ok(())
     }
 
     fn held_lane(self, api: ApiKind) -> HeldLane {

@@ -464,13 +464,16 @@ pub struct ResponseMasking {
 
 /// Guards a complete response body of shape `api`: masks and restores every
 /// text string (see the module docs for what is skipped), applies response
-/// rules. An unparseable body is an error: block it.
+/// rules. A body that does not parse strictly (also: a duplicate key) is
+/// an error: withhold it.
 pub fn mask_response_body(
     guard: &ResponseGuard,
     api: ApiKind,
     body: &[u8],
 ) -> Result<ResponseMasking, MaskError> {
-    let value: Value = serde_json::from_slice(body)
+    // Strict: a duplicate key hides a member from this walk that a reader
+    // keeping the first of two may read, and the bytes go out as they came.
+    let value = crate::json::parse_strict(body)
         .map_err(|e| MaskError::new("", format!("response body is not valid JSON: {e}")))?;
     let mut tally = GuardTally::default();
     let mut edits = Edits::new();

@@ -28,9 +28,14 @@
 //! comments, unknown events) pass through untouched and in order, except
 //! that every other string in a JSON event is masked in full and the fields
 //! that spell out tokens (`logprobs`, Ollama's `context`) are dropped when
-//! the guard hides text (see [`ResponseGuard::changes_text`]). A blocked
-//! stream ends with an error event in the API's format, framed like the
-//! rest.
+//! the guard hides text (see [`ResponseGuard::changes_text`]). A unit
+//! that cannot be read as every client reads it ([`framing::read`]: an SSE
+//! line that is no field, data that is not one strictly parsed JSON
+//! object) blocks the stream, as a plain answer that does not parse is
+//! withheld: text no channel follows is masked one unit at a time, so text
+//! that runs across such units could not be masked as the whole answer. A
+//! blocked stream ends with an error event in the API's format, framed
+//! like the rest.
 
 use serde_json::{json, Value};
 
@@ -39,7 +44,7 @@ use super::prefixes::PrefixTracker;
 use super::response::{guard_texts, leaves, Blocked, BlockedBy, GuardTally, Leaf, ResponseGuard};
 use super::Hit;
 use crate::answer::{self, Channel as ChanKey, Item, Piece, Step, TextKind, LEGACY_FUNCTION_CALL};
-use crate::framing::{Framing, Splitter, Unit};
+use crate::framing::{self, Framing, Read, Splitter, Unit};
 use crate::normalize::reads_at_least;
 use crate::sse;
 use crate::wire::ApiKind;
@@ -520,17 +525,48 @@ impl StreamMasker {
         Ok(())
     }
 
+    /// One unit: read as every reader reads it ([`framing::read`]); one
+    /// that cannot be ([`framing::Unreadable`]: an SSE line that is no
+    /// field, data that is not one strict JSON value) blocks the stream,
+    /// as a plain answer that does not parse is withheld: its text could
+    /// not be masked as the whole answer's.
     fn on_unit(&mut self, unit: &Unit, out: &mut Vec<Slot>) -> Result<(), Blocked> {
+        let read = framing::read(unit).map_err(|_| UNINSPECTABLE)?;
+        let mut pre = Vec::new();
+        let (event, data, value) = match read {
+            Read::Json { event, data, value } => (event, data, value),
+            Read::Nothing => {
+                out.push(Slot::Bytes(unit.raw().to_vec()));
+                self.sent = true;
+                return Ok(());
+            }
+            Read::Done => {
+                self.flush(|_| true, false, false, &mut pre)?;
+                pre.extend_from_slice(unit.raw());
+                out.push(Slot::Bytes(pre));
+                self.sent = true;
+                return Ok(());
+            }
+        };
+        let mut echoes = Vec::new();
+        let new_data = self.on_json(event.as_deref(), &data, &value, &mut pre, &mut echoes)?;
         match unit {
-            Unit::Event(raw) => self.on_event(raw, out)?,
+            Unit::Event(raw) => {
+                out.push(Slot::Bytes(pre));
+                if !echoes.is_empty() {
+                    out.push(Slot::Echo(Deferred {
+                        wrap: Wrap::Sse(raw.clone()),
+                        data: new_data.unwrap_or(data),
+                        echoes,
+                    }));
+                } else {
+                    match new_data {
+                        Some(d) => out.push(Slot::Bytes(sse::rewrite_data(raw, &d))),
+                        None => out.push(Slot::Bytes(raw.clone())),
+                    }
+                }
+            }
             Unit::Value { raw, value } => {
-                let data = String::from_utf8_lossy(raw.get(value.clone()).unwrap_or_default());
-                let mut pre = Vec::new();
-                let mut echoes = Vec::new();
-                let new_data = match serde_json::from_str::<Value>(&data) {
-                    Ok(v) => self.on_json(None, &data, &v, &mut pre, &mut echoes)?,
-                    Err(_) => self.guard.process_full(&data, &mut self.tally, true)?,
-                };
                 let after = raw.get(value.end..).unwrap_or_default().to_vec();
                 let mut bytes = raw.get(..value.start).unwrap_or_default().to_vec();
                 bytes.extend_from_slice(&pre);
@@ -545,47 +581,13 @@ impl StreamMasker {
                     out.push(Slot::Bytes(bytes));
                     out.push(Slot::Echo(Deferred {
                         wrap: Wrap::Value(Vec::new(), after),
-                        data: new_data.unwrap_or_else(|| data.into_owned()),
+                        data: new_data.unwrap_or(data),
                         echoes,
                     }));
                 }
             }
         }
         self.sent = true;
-        Ok(())
-    }
-
-    fn on_event(&mut self, raw: &[u8], out: &mut Vec<Slot>) -> Result<(), Blocked> {
-        let ev = sse::parse_event(raw);
-        let Some(data) = ev.data else {
-            out.push(Slot::Bytes(raw.to_vec()));
-            return Ok(());
-        };
-        let mut pre = Vec::new();
-        if data.trim() == "[DONE]" {
-            self.flush(|_| true, false, false, &mut pre)?;
-            pre.extend_from_slice(raw);
-            out.push(Slot::Bytes(pre));
-            return Ok(());
-        }
-        let mut echoes = Vec::new();
-        let new_data = match serde_json::from_str::<Value>(&data) {
-            Ok(value) => self.on_json(ev.event.as_deref(), &data, &value, &mut pre, &mut echoes)?,
-            Err(_) => self.guard.process_full(&data, &mut self.tally, true)?,
-        };
-        out.push(Slot::Bytes(pre));
-        if !echoes.is_empty() {
-            out.push(Slot::Echo(Deferred {
-                wrap: Wrap::Sse(raw.to_vec()),
-                data: new_data.unwrap_or(data),
-                echoes,
-            }));
-        } else {
-            match new_data {
-                Some(d) => out.push(Slot::Bytes(sse::rewrite_data(raw, &d))),
-                None => out.push(Slot::Bytes(raw.to_vec())),
-            }
-        }
         Ok(())
     }
 
@@ -2797,6 +2799,139 @@ mod tests {
         assert!(!raw.contains("dana.scully"), "{raw}");
         let (texts, _) = block_texts(api, &out);
         assert_eq!(texts.concat(), plainly_masked(&g, text));
+    }
+
+    /// Every cut of `input` into two chunks, and byte by byte: what goes
+    /// out, and whether the stream was blocked.
+    fn at_every_split(api: ApiKind, g: &ResponseGuard, input: &[u8]) -> Vec<(Vec<u8>, bool)> {
+        let mut runs = Vec::new();
+        for i in 0..=input.len() {
+            let (out, m) = run(api, g, &[&input[..i], &input[i..]]);
+            runs.push((out, m.blocked().is_some()));
+        }
+        let singles: Vec<&[u8]> = input.chunks(1).collect();
+        let (out, m) = run(api, g, &singles);
+        runs.push((out, m.blocked().is_some()));
+        runs
+    }
+
+    /// An event with a line that is no field of the format (no `data:`
+    /// line at all, an indented or capitalised `data`, any other name) is
+    /// read differently by different clients: it blocks the stream, at
+    /// every split, and nothing of it leaves; what came before it did.
+    #[test]
+    fn an_event_with_a_line_that_is_no_field_blocks_the_stream() {
+        let (g, _) = guard("{}");
+        let api = ApiKind::OpenaiChat;
+        let clean = data(json!({"choices":[{"index":0,"delta":{"content":"Hello. "}}]}));
+        let delta = json!({"choices":[{"index":0,"delta":{"content":"mail jane@example.com"}}]});
+        for bad in [
+            // A plain answer labelled as a stream, no line end.
+            json!({"choices":[{"index":0,"message":{"role":"assistant","content":"jane@example.com"}}]}).to_string(),
+            // Ollama's JSON lines labelled as a stream.
+            "{\"message\":{\"role\":\"assistant\",\"content\":\"jane@example.com\"},\"done\":false}\n{\"done\":true}\n".to_string(),
+            format!(" data: {delta}\n\n"),
+            format!("Data: {delta}\n\n"),
+            format!("\tdata: {delta}\n\n"),
+            "event: x\ncontent: jane@example.com\ndata: {}\n\n".to_string(),
+            format!("data: {delta}\nx-note\n\n"),
+            // A byte-order mark anywhere but at the start.
+            format!("\u{feff}data: {delta}\n\n"),
+        ] {
+            let input = format!("{clean}{bad}data: [DONE]\n\n");
+            for (out, blocked) in at_every_split(api, &g, input.as_bytes()) {
+                let out = String::from_utf8(out).unwrap();
+                assert!(blocked, "{bad:?}: {out}");
+                assert!(!out.contains("jane@"), "{bad:?}: {out}");
+                assert!(out.starts_with(&clean), "{bad:?}: {out}");
+                let (text, error) = assembled(api, out.as_bytes());
+                assert_eq!(text, "Hello. ", "{bad:?}");
+                assert_eq!(error.unwrap()["error"]["code"], "response_blocked");
+            }
+        }
+        // Comments and the fields the format defines pass as they came.
+        let fine = format!(
+            ": ping\n\nid: 7\nretry: 100\nevent: x\ndata: {delta}\n\nid\n\ndata: [DONE]\n\n"
+        );
+        let (out, m) = run(api, &g, &[fine.as_bytes()]);
+        assert!(m.blocked().is_none());
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.starts_with(": ping\n\nid: 7\nretry: 100\nevent: x\ndata: "),
+            "{out}"
+        );
+        assert!(
+            out.contains("\n\nid\n\n") && out.ends_with("data: [DONE]\n\n"),
+            "{out}"
+        );
+        assert!(!out.contains("jane@"), "{out}");
+    }
+
+    /// A byte-order mark that begins the stream is dropped (clients drop
+    /// it and read the first line as a field): the stream is masked as
+    /// without it, wherever it is cut, the mark included.
+    #[test]
+    fn a_byte_order_mark_at_the_start_is_dropped() {
+        let (g, pseudonym) = guard("{}");
+        let text = answer(&pseudonym);
+        let expected = plainly_masked(&g, &text);
+        for api in [
+            ApiKind::OpenaiChat,
+            ApiKind::AnthropicMessages,
+            ApiKind::OpenaiResponses,
+        ] {
+            let plain = stream(api, &chunks(&text, 7));
+            let (without, _) = run(api, &g, &[plain.as_bytes()]);
+            let input = format!("\u{feff}{plain}");
+            for (out, blocked) in at_every_split(api, &g, input.as_bytes()) {
+                assert!(!blocked, "{api:?}");
+                assert_eq!(out, without, "{api:?}");
+                check(api, &out, &expected, "after a byte-order mark");
+            }
+        }
+        // A stream of nothing but (part of) a mark, and a mark alone.
+        for input in [&b"\xef\xbb"[..], b"\xef\xbb\xbf", b"\xef\xbb\xbf\n\n"] {
+            let (out, _) = run(ApiKind::OpenaiChat, &g, &[input]);
+            assert!(!out.starts_with(b"\xef\xbb\xbf"), "{out:?}");
+        }
+    }
+
+    /// Data that is not one JSON object, parsed strictly (text, a bare
+    /// string, a duplicate key, two values) blocks the stream as a plain answer that does not parse is
+    /// withheld: text split over such events is never let out piece by
+    /// piece. `[DONE]` and empty data pass.
+    #[test]
+    fn data_that_is_not_strict_json_blocks_the_stream() {
+        let (g, _) = guard("{}");
+        let clean = data(json!({"choices":[{"index":0,"delta":{"content":"Hello. "}}]}));
+        for bad in [
+            "data: mail jane@exa\n\ndata: mple.com\n\n",
+            "data: jane@example.com\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"jane@example.com\"}}],\"choices\":[]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"jane@example.com\",\"content\":\"\"}}]}\n\n",
+            "data: {\"choices\":[]} \"jane@example.com\"\n\n",
+            "data: \"mail jane@exa\"\n\ndata: \"mple.com\"\n\n",
+            "data: [\"jane@example.com\"]\n\n",
+        ] {
+            let input = format!("{clean}{bad}data: [DONE]\n\n");
+            for api in [ApiKind::OpenaiChat, ApiKind::OpenaiResponses] {
+                for (out, blocked) in at_every_split(api, &g, input.as_bytes()) {
+                    let out = String::from_utf8(out).unwrap();
+                    assert!(blocked, "{api:?} {bad:?}: {out}");
+                    assert!(!out.contains("jane@") && !out.contains("mple.com"), "{out}");
+                    assert!(out.starts_with(&clean), "{out}");
+                }
+            }
+        }
+        // JSON lines: a value with a duplicate key blocks too.
+        let lines = "{\"message\":{\"role\":\"assistant\",\"content\":\"jane@example.com\"},\"message\":{},\"done\":false}\n";
+        let (out, m) = run(ApiKind::OllamaChat, &g, &[lines.as_bytes()]);
+        assert!(m.blocked().is_some() && !String::from_utf8_lossy(&out).contains("jane@"));
+        // Empty data, blank data and `[DONE]` carry nothing.
+        let fine = format!("{clean}data:\n\ndata:  \n\ndata: [DONE]\n\n");
+        let (out, m) = run(ApiKind::OpenaiChat, &g, &[fine.as_bytes()]);
+        assert!(m.blocked().is_none());
+        assert_eq!(out, fine.as_bytes());
     }
 }
 

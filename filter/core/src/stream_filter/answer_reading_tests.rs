@@ -1,0 +1,181 @@
+//! Answers the filter cannot read as every client does, through the whole
+//! stream (`StreamFilter` on a mock host): an SSE line that is no field,
+//! data that is not one strict JSON value, a duplicate key in a plain
+//! answer; and Responses deltas masked across events. Found by an
+//! attack-minded review of the answer side.
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use serde_json::{json, Value};
+
+use crate::host::Action;
+use crate::testing::{forwarded, response_record};
+
+const EMAIL: &str = "jane@example.com";
+const CONFIG: &str = r#"{"masking":{"profiles":{"default":{"detectors":{"email":"redact"}}}},"default_action":"allow","record_batch_ms":0}"#;
+const CHAT: &str = "/v1/chat/completions";
+const CHAT_REQ: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+const CHAT_STREAM_REQ: &str =
+    r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+
+/// `request` to `path` under `config`, answered with `content_type` in
+/// `chunks`: what the caller got, and the response part of the record.
+fn exchange_under(
+    config: &str,
+    path: &str,
+    request: &str,
+    content_type: &str,
+    chunks: &[&[u8]],
+) -> (String, Value) {
+    let (worker, mut host, mut stream) = forwarded(config, 7, path, request.as_bytes());
+    host.response_headers = [(":status", "200"), ("content-type", content_type)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    assert_eq!(stream.on_response_headers(&mut host), Action::Continue);
+    let mut out = Vec::new();
+    for (i, c) in chunks.iter().enumerate() {
+        let end = i + 1 == chunks.len();
+        host.response_chunk = c.to_vec();
+        let action = stream.on_response_body(&mut host, c.len(), end);
+        if action == Action::Continue {
+            out.extend(host.response_chunk.clone());
+        }
+    }
+    let record = response_record(&mut host, &worker, &mut stream);
+    assert_eq!(host.violations.get(), 0);
+    (String::from_utf8(out).unwrap(), record)
+}
+
+fn exchange(path: &str, request: &str, content_type: &str, chunks: &[&[u8]]) -> (String, Value) {
+    exchange_under(CONFIG, path, request, content_type, chunks)
+}
+
+/// The stream ended with the API's error event, recorded as blocked.
+fn assert_blocked(out: &str, record: &Value) {
+    assert!(!out.contains(EMAIL), "LEAK: {out}");
+    assert!(out.contains("\"response_blocked\""), "{out}");
+    assert_eq!(record["blocked_by"], "uninspectable", "{record}");
+    assert!(!record.to_string().contains(EMAIL), "{record}");
+}
+
+#[test]
+fn a_plain_json_answer_labelled_as_an_event_stream_is_blocked() {
+    let body =
+        json!({"choices":[{"index":0,"message":{"role":"assistant","content":EMAIL}}]}).to_string();
+    let (out, record) = exchange(CHAT, CHAT_REQ, "text/event-stream", &[body.as_bytes()]);
+    assert_blocked(&out, &record);
+}
+
+#[test]
+fn json_lines_labelled_as_an_event_stream_are_blocked() {
+    let body = format!(
+        "{}\n{}\n",
+        json!({"model":"m","message":{"role":"assistant","content":EMAIL},"done":false}),
+        json!({"model":"m","done":true})
+    );
+    let (out, record) = exchange(
+        "/api/chat",
+        CHAT_REQ,
+        "text/event-stream",
+        &[body.as_bytes()],
+    );
+    assert_blocked(&out, &record);
+}
+
+#[test]
+fn an_indented_data_line_blocks_the_stream() {
+    let ev = format!(
+        " data: {}\n\ndata: [DONE]\n\n",
+        json!({"choices":[{"index":0,"delta":{"content":EMAIL}}]})
+    );
+    let (out, record) = exchange(CHAT, CHAT_STREAM_REQ, "text/event-stream", &[ev.as_bytes()]);
+    assert_blocked(&out, &record);
+}
+
+/// A byte-order mark before the first `data:` line is dropped, as
+/// EventSource and its kin drop it, and the event is masked.
+#[test]
+fn a_byte_order_mark_before_the_first_event_is_dropped_and_the_event_masked() {
+    let ev = format!(
+        "\u{feff}data: {}\n\ndata: [DONE]\n\n",
+        json!({"choices":[{"index":0,"delta":{"content":format!("mail {EMAIL}")}}]})
+    );
+    let bytes = ev.as_bytes();
+    for at in [0, 1, 2, 3, 4, bytes.len()] {
+        let (out, record) = exchange(
+            CHAT,
+            CHAT_STREAM_REQ,
+            "text/event-stream",
+            &[&bytes[..at], &bytes[at..]],
+        );
+        assert!(!out.contains(EMAIL), "LEAK at {at}: {out}");
+        assert!(
+            out.starts_with("data: {") && out.contains("[EMAIL]"),
+            "{out}"
+        );
+        assert_eq!(record["blocked_by"], Value::Null);
+        assert_eq!(record["body"], "mail [EMAIL]");
+    }
+}
+
+/// Data that is not JSON is never masked one event at a time: it blocks.
+#[test]
+fn text_data_split_over_events_blocks_the_stream() {
+    let s = "data: mail jane@exa\n\ndata: mple.com\n\n";
+    let (out, record) = exchange(CHAT, CHAT_STREAM_REQ, "text/event-stream", &[s.as_bytes()]);
+    assert!(
+        !out.contains("jane@exa") && !out.contains("mple.com"),
+        "{out}"
+    );
+    assert_blocked(&out, &record);
+}
+
+/// A duplicate key hides a member the filter would not walk: a plain
+/// answer is withheld, an event blocks the stream.
+#[test]
+fn a_duplicate_key_withholds_the_answer_or_blocks_the_stream() {
+    let body = format!(
+        r#"{{"choices":[{{"index":0,"message":{{"role":"assistant","content":"{EMAIL}"}}}}],"choices":[]}}"#
+    );
+    let (out, record) = exchange(CHAT, CHAT_REQ, "application/json", &[body.as_bytes()]);
+    assert!(!out.contains(EMAIL), "LEAK: {out}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["error"]["code"], "response_uninspectable", "{out}");
+    assert_eq!(record["blocked_by"], "unreadable_response");
+    assert!(!record.to_string().contains(EMAIL), "{record}");
+
+    let ev = format!(
+        "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{EMAIL}\"}}}}],\"choices\":[]}}\n\ndata: [DONE]\n\n"
+    );
+    let (out, record) = exchange(CHAT, CHAT_STREAM_REQ, "text/event-stream", &[ev.as_bytes()]);
+    assert_blocked(&out, &record);
+}
+
+/// Under a tool-call review with nothing else guarding the answer, an
+/// event the hold cannot read ends the stream with an error: a tool call
+/// in it would pass unheld.
+#[test]
+fn a_held_stream_ends_at_an_event_it_cannot_read() {
+    let config = r#"{"default_action":"allow","record_batch_ms":0,"content_policy":{"response_rules":[
+        {"name":"dangerous-tools","action":"review","tools":["delete_*"]}]}}"#;
+    let call = json!({"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function",
+        "function":{"name":"delete_file","arguments":"{}"}}]},"finish_reason":null}]});
+    let dup = call
+        .to_string()
+        .replacen("{\"choices\"", "{\"choices\":[],\"choices\"", 1);
+    for bad in [format!(" data: {call}\n\n"), format!("data: {dup}\n\n")] {
+        let s = format!(
+            "data: {}\n\n{bad}data: [DONE]\n\n",
+            json!({"choices":[{"index":0,"delta":{"content":"Sure."}}]})
+        );
+        let (out, _) = exchange_under(
+            config,
+            CHAT,
+            CHAT_STREAM_REQ,
+            "text/event-stream",
+            &[s.as_bytes()],
+        );
+        assert!(!out.contains("delete_file"), "{bad}: {out}");
+        assert!(out.contains("response_uninspectable"), "{bad}: {out}");
+    }
+}
