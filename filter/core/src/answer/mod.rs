@@ -9,7 +9,7 @@
 //! | API | text (channel `a` / `b`) | usage |
 //! |-----|--------------------------|-------|
 //! | OpenAI chat, completions | `choices[].text`, `choices[].delta.{content, refusal, reasoning_content, reasoning}`, `choices[].delta.content[].text` (content as parts), `choices[].delta.tool_calls[].function.arguments`, `choices[].delta.function_call.arguments` (legacy), `choices[].delta.audio.transcript` (choice `index` / tool-call `index`) | `usage` |
-//! | OpenAI Responses | `delta` of `response.{output_text, refusal, function_call_arguments, custom_tool_call_input, reasoning_text, reasoning_summary_text, audio.transcript, output_audio_transcript}.delta` (`output_index` / `content_index` or `summary_index`) | `response.usage` (`response.completed`, `response.incomplete`, `response.failed`) |
+//! | OpenAI Responses | `delta` of `response.{output_text, refusal, function_call_arguments, custom_tool_call_input, reasoning_text, reasoning_summary_text, audio.transcript, output_audio_transcript, code_interpreter_call_code, mcp_call_arguments}.delta`, and of any other `*.delta` with a string `delta` but base64 audio ([`RESPONSES_OPAQUE_DELTAS`]), a channel per type ([`TextKind::Unlisted`]) (`output_index` / `content_index` or `summary_index`) | `response.usage` (`response.completed`, `response.incomplete`, `response.failed`) |
 //! | Anthropic messages | `content_block.{text, thinking}` of `content_block_start`, `delta.{text, thinking, partial_json}` of `content_block_delta` (block `index`) | `message.usage` of `message_start`, merged with `usage` of `message_delta` |
 //! | Gemini | `candidates[].content.parts[].text`, `thought` parts apart (candidate `index`) | `usageMetadata` |
 //! | Ollama chat (JSON lines) | `message.content`, `message.thinking` | `prompt_eval_count`, `eval_count` and the durations of the `done` line |
@@ -65,6 +65,15 @@ pub enum TextKind {
     /// The transcript of an audio answer: chat `delta.audio.transcript`,
     /// Responses `response.audio.transcript.delta`.
     AudioTranscript,
+    /// The input of a tool the API runs itself, which the model writes:
+    /// Responses code-interpreter code and MCP call arguments. Not a tool
+    /// call the caller runs (no `streams: hold`).
+    HostedToolInput,
+    /// The `delta` of a Responses `*.delta` event the table does not list,
+    /// by a hash of the event's type ([`unlisted`]): a channel of its own,
+    /// so its text is held back across deltas and masked as one text like
+    /// any other, and recorded, instead of passing one delta at a time.
+    Unlisted(u64),
 }
 
 /// The `b` of the channel of a chat choice's legacy `function_call`
@@ -251,11 +260,16 @@ pub fn stream_event<'v, E>(
 /// whatever lies between them). Anthropic: a later content block of the
 /// same kind; Responses: a later part of the same kind of one output item
 /// (a message's content parts, a reasoning item's summary parts). Tool
-/// arguments never join (each is a JSON text of its own). The other APIs
-/// stream every part of a text in one channel already (chat content parts,
-/// Gemini parts).
+/// arguments and hosted tools' inputs never join (each is a text of its
+/// own). The other APIs stream every part of a text in one channel already
+/// (chat content parts, Gemini parts).
 pub fn continues(api: ApiKind, prev: Channel, next: Channel) -> bool {
-    if prev.kind != next.kind || prev.kind == TextKind::ToolArguments {
+    if prev.kind != next.kind
+        || matches!(
+            prev.kind,
+            TextKind::ToolArguments | TextKind::HostedToolInput
+        )
+    {
         return false;
     }
     match api {
@@ -610,8 +624,11 @@ fn gemini_chunk<'v, E>(
     Ok(())
 }
 
-/// Responses stream events whose `delta` is answer text.
-pub const RESPONSES_DELTA_EVENTS: [(&str, TextKind); 8] = [
+/// Responses stream events whose `delta` is answer text. Any other
+/// `*.delta` event with a string `delta` is text too, of a channel of its
+/// own ([`TextKind::Unlisted`]), unless it is listed in
+/// [`RESPONSES_OPAQUE_DELTAS`].
+pub const RESPONSES_DELTA_EVENTS: [(&str, TextKind); 10] = [
     ("response.output_text.delta", TextKind::Text),
     ("response.refusal.delta", TextKind::Refusal),
     (
@@ -629,7 +646,42 @@ pub const RESPONSES_DELTA_EVENTS: [(&str, TextKind); 8] = [
         "response.output_audio_transcript.delta",
         TextKind::AudioTranscript,
     ),
+    (
+        "response.code_interpreter_call_code.delta",
+        TextKind::HostedToolInput,
+    ),
+    (
+        "response.mcp_call_arguments.delta",
+        TextKind::HostedToolInput,
+    ),
 ];
+
+/// Responses `*.delta` events whose string `delta` is no text (base64
+/// audio): guarded as any other string of an event, not as a channel.
+pub const RESPONSES_OPAQUE_DELTAS: [&str; 2] =
+    ["response.audio.delta", "response.output_audio.delta"];
+
+/// The channel kind of a Responses `*.delta` event of type `kind` that
+/// [`RESPONSES_DELTA_EVENTS`] does not list: a 64-bit FNV-1a hash of the
+/// type, so each type is a channel of its own.
+pub fn unlisted(kind: &str) -> TextKind {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in kind.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    TextKind::Unlisted(h)
+}
+
+/// The kind of text of a Responses event of type `kind` whose `delta` is
+/// a string: listed, unlisted (any other `*.delta` but opaque ones), or
+/// none.
+fn responses_delta_kind(kind: &str) -> Option<TextKind> {
+    if let Some((_, k)) = RESPONSES_DELTA_EVENTS.iter().find(|(t, _)| *t == kind) {
+        return Some(*k);
+    }
+    (kind.ends_with(".delta") && !RESPONSES_OPAQUE_DELTAS.contains(&kind)).then(|| unlisted(kind))
+}
 
 /// The type of a Responses stream event (its `type`, else the SSE event
 /// name).
@@ -652,11 +704,7 @@ fn responses_event<'v, E>(
         .or_else(|| v.get("summary_index"))
         .and_then(Value::as_u64)
         .unwrap_or(0);
-    let text_kind = RESPONSES_DELTA_EVENTS
-        .iter()
-        .find(|(t, _)| *t == kind)
-        .map(|(_, k)| *k);
-    if let (Some(k), Some(Value::String(text))) = (text_kind, v.get("delta")) {
+    if let (Some(k), Some(Value::String(text))) = (responses_delta_kind(kind), v.get("delta")) {
         f(Item::Text(Piece {
             text,
             channel: Channel {
@@ -711,7 +759,7 @@ fn responses_event<'v, E>(
 /// Responses events that repeat one part's whole text: the event, the
 /// kind of text and the field holding it. `response.content_part.done`
 /// holds a part of any kind ([`echo_field`]).
-pub const ECHO_FIELDS: [(&str, TextKind, &[Step]); 9] = [
+pub const ECHO_FIELDS: [(&str, TextKind, &[Step]); 11] = [
     (
         "response.output_text.done",
         TextKind::Text,
@@ -756,6 +804,16 @@ pub const ECHO_FIELDS: [(&str, TextKind, &[Step]); 9] = [
         "response.output_audio_transcript.done",
         TextKind::AudioTranscript,
         &[Step::Key("transcript")],
+    ),
+    (
+        "response.code_interpreter_call_code.done",
+        TextKind::HostedToolInput,
+        &[Step::Key("code")],
+    ),
+    (
+        "response.mcp_call_arguments.done",
+        TextKind::HostedToolInput,
+        &[Step::Key("arguments")],
     ),
 ];
 

@@ -2933,6 +2933,76 @@ mod tests {
         assert!(m.blocked().is_none());
         assert_eq!(out, fine.as_bytes());
     }
+
+    /// Responses deltas of code-interpreter code, MCP call arguments and
+    /// of types the table does not list are channels: a value split over
+    /// deltas is masked as in the whole text, at every cut, and the
+    /// `.done` echo repeats what went out. Base64 audio is no channel.
+    #[test]
+    fn responses_hosted_tool_and_unlisted_deltas_are_masked_across_deltas() {
+        let (g, _) = guard("{}");
+        let api = ApiKind::OpenaiResponses;
+        let code = "print('mail jane@example.com, key AKIAIOSFODNN7EXAMPLE')";
+        let expected = plainly_masked(&g, code);
+        for (delta, done) in [
+            (
+                "response.code_interpreter_call_code.delta",
+                Some(("response.code_interpreter_call_code.done", "code")),
+            ),
+            (
+                "response.mcp_call_arguments.delta",
+                Some(("response.mcp_call_arguments.done", "arguments")),
+            ),
+            ("response.some_new_tool_input.delta", None),
+        ] {
+            for at in 1..code.len() {
+                let mut s = String::new();
+                s.push_str(&named_event(json!({"type":"response.output_item.added","output_index":1,"item":{"type":"x","id":"t"}})));
+                for piece in [&code[..at], &code[at..]] {
+                    s.push_str(&named_event(
+                        json!({"type":delta,"output_index":1,"item_id":"t","delta":piece}),
+                    ));
+                }
+                if let Some((done, field)) = done {
+                    s.push_str(&named_event(
+                        json!({"type":done,"output_index":1,"item_id":"t",field:code}),
+                    ));
+                }
+                s.push_str(&named_event(json!({"type":"response.output_item.done","output_index":1,"item":{"type":"x","id":"t"}})));
+                let (out, m) = run(api, &g, &[s.as_bytes()]);
+                let what = format!("{delta} cut at {at}");
+                assert!(m.blocked().is_none(), "{what}");
+                let raw = String::from_utf8_lossy(&out);
+                assert!(
+                    !raw.contains("jane@") && !raw.contains("IOSFODNN7"),
+                    "{what}: {raw}"
+                );
+                let mut sent = String::new();
+                let mut echoed = Vec::new();
+                for (_, d) in events(api, &out) {
+                    let v: Value = serde_json::from_str(&d).unwrap();
+                    if v["type"] == delta {
+                        sent.push_str(v["delta"].as_str().unwrap());
+                    } else if let Some((_, field)) = done.filter(|(t, _)| v["type"] == *t) {
+                        echoed.push(v[field].as_str().unwrap().to_string());
+                    }
+                }
+                assert_eq!(sent, expected, "{what}");
+                if done.is_some() {
+                    assert_eq!(echoed, std::slice::from_ref(&expected), "{what}");
+                }
+                let hits = counts(m.report().hits);
+                assert!(hits.contains(&("email".to_string(), 1)), "{what}: {hits:?}");
+            }
+        }
+        // Base64 audio is no text channel: spoken output under a guard
+        // blocks the stream (audio_and_image_output_block_the_stream).
+        let audio =
+            named_event(json!({"type":"response.audio.delta","output_index":0,"delta":"UklGRg=="}));
+        let (out, m) = run(api, &g, &[audio.as_bytes()]);
+        assert!(m.blocked().is_some());
+        assert!(!String::from_utf8_lossy(&out).contains("UklGRg=="));
+    }
 }
 
 #[cfg(test)]

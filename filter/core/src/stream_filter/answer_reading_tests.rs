@@ -151,6 +151,65 @@ fn a_duplicate_key_withholds_the_answer_or_blocks_the_stream() {
     assert_blocked(&out, &record);
 }
 
+fn responses_event(v: Value) -> String {
+    format!("event: {}\ndata: {v}\n\n", v["type"].as_str().unwrap())
+}
+
+/// Code-interpreter code and MCP arguments are masked across deltas and
+/// recorded; so is a delta type the table does not list.
+#[test]
+fn responses_tool_input_deltas_are_masked_across_deltas_and_recorded() {
+    let req = r#"{"model":"m","stream":true,"input":"hi"}"#;
+    for (delta, done, field) in [
+        (
+            "response.code_interpreter_call_code.delta",
+            "response.code_interpreter_call_code.done",
+            "code",
+        ),
+        (
+            "response.mcp_call_arguments.delta",
+            "response.mcp_call_arguments.done",
+            "arguments",
+        ),
+        (
+            "response.newly_added_thing.delta",
+            "response.newly_added_thing.done",
+            "text",
+        ),
+    ] {
+        let whole = "print('jane@example.com')";
+        let mut s = String::new();
+        s += &responses_event(
+            json!({"type":"response.output_item.added","output_index":0,"item":{"type":"x","id":"t"}}),
+        );
+        s += &responses_event(
+            json!({"type":delta,"output_index":0,"item_id":"t","delta":"print('jane@exa"}),
+        );
+        s += &responses_event(
+            json!({"type":delta,"output_index":0,"item_id":"t","delta":"mple.com')"}),
+        );
+        s += &responses_event(json!({"type":done,"output_index":0,"item_id":"t",field:whole}));
+        s += &responses_event(
+            json!({"type":"response.completed","response":{"id":"r","status":"completed","output":[]}}),
+        );
+        let (out, record) = exchange("/v1/responses", req, "text/event-stream", &[s.as_bytes()]);
+        assert!(
+            !out.contains(EMAIL) && !out.contains("jane@"),
+            "LEAK {delta}: {out}"
+        );
+        let mut sent = String::new();
+        for line in out.lines().filter_map(|l| l.strip_prefix("data: ")) {
+            let v: Value = serde_json::from_str(line).unwrap();
+            if v["type"] == delta {
+                sent += v["delta"].as_str().unwrap();
+            }
+        }
+        assert_eq!(sent, "print('[EMAIL]')", "{delta}");
+        assert_eq!(record["body"], "print('[EMAIL]')", "{delta}: {record}");
+        assert_eq!(record["blocked_by"], Value::Null);
+    }
+}
+
 /// Under a tool-call review with nothing else guarding the answer, an
 /// event the hold cannot read ends the stream with an error: a tool call
 /// in it would pass unheld.
