@@ -1,9 +1,13 @@
 """Answers that must not leave the gateway unmasked, end to end in the real
 Envoy: compressed answers (the caller's `accept-encoding` never reaches the
-model; an answer compressed anyway is refused with a 502, never passed) and
+model; an answer compressed anyway is refused with a 502, never passed),
 token log-probabilities (which spell the answer out: refused in requests
 whose answer is guarded, and dropped from answers that carry them unasked),
-and audio or image output (which says it: refused in such requests).
+audio or image output (which says it: refused in such requests),
+answers the gateway cannot read as every client does (a plain answer
+labelled as an event stream, event data that is not one JSON object, a
+duplicate key: blocked or withheld, never passed), and Responses tool
+input streamed in deltas (masked across them).
 
 Every check on what the caller got is made on the raw bytes off the socket
 (`iter_raw`: httpx would otherwise decode a gzip body for us)."""
@@ -466,3 +470,84 @@ def test_a_compressed_answer_ended_by_trailers_is_still_refused(h2_gw, stream):
     assert a.status == 502, a.raw[:300]
     assert_nowhere(a.raw, EMAIL, CARD)
     assert a.json()["error"]["code"] == "response_uninspectable"
+
+
+# ------------------------------------------------------------------ answers read as every client reads them
+
+def assert_blocked_stream(stack, a: Answer, *secrets: str):
+    """The stream ended with the API's error event, nothing of `secrets` out,
+    and the record says why."""
+    assert a.status == 200, a.raw[:300]
+    assert a.headers["content-type"].startswith("text/event-stream"), a.headers
+    assert_nowhere(a.raw, *secrets)
+    last = sse_events(a.raw)[-1]
+    # Ollama's error is a string with the code beside it.
+    code = last["code"] if isinstance(last.get("error"), str) else last["error"]["code"]
+    assert code == "response_blocked", a.raw[:600]
+    part = response_record(stack, a.request_id)
+    assert part["blocked_by"] == "uninspectable", part
+    for s in secrets:
+        assert s not in json.dumps(part), part
+
+
+@pytest.mark.parametrize("api", ["chat", "ollama"])
+def test_an_answer_labelled_as_an_event_stream_it_is_not_is_blocked(stack, api):
+    # A plain chat answer, and Ollama's JSON lines, labelled
+    # `text/event-stream`: no `data:` line, so before this every byte went
+    # out unread (and lenient clients read the JSON).
+    request = req("chat", GUARDED) if api == "chat" else \
+        ("/api/chat", {"model": GUARDED, "messages": [{"role": "user", "content": "hi"}]})
+    a = send(stack, request, headers={"x-demo-content-type": "text/event-stream", "x-demo-reply": SECRET_REPLY})
+    assert_blocked_stream(stack, a, EMAIL, CARD, "scully", "4111")
+
+
+def test_event_data_that_is_not_one_json_object_blocks_the_stream(stack):
+    chunk = lambda text: {"choices": [{"index": 0, "delta": {"content": text}}]}  # noqa: E731
+    for bad in (
+        # Text over two events, which nothing joins: never masked a piece at a time.
+        ["mail dana.scully@fbi.exa", "mple.org"],
+        # A duplicate key hides the first member from the gateway's reading.
+        [json.dumps(chunk(EMAIL))[:-1] + ', "choices": []}'],
+    ):
+        script = [chunk("Hello. "), *bad, "[DONE]"]
+        a = send(stack, req("chat", GUARDED, stream=True), headers={"x-demo-answer": json.dumps(script)})
+        assert_blocked_stream(stack, a, EMAIL, "scully", "mple.org")
+        assert answer_text("chat", a.raw, True) == "Hello. "
+
+
+def test_a_plain_answer_with_a_duplicate_key_is_withheld(stack):
+    answer = ('{"choices":[{"index":0,"message":{"role":"assistant","content":"%s"},"finish_reason":"stop"}],'
+              '"choices":[]}' % EMAIL)
+    a = send(stack, req("chat", GUARDED), headers={"x-demo-answer": answer})
+    assert_nowhere(a.raw, EMAIL, "scully")
+    assert a.json()["error"]["code"] == "response_uninspectable", a.raw[:300]
+    part = response_record(stack, a.request_id)
+    assert part["blocked_by"] == "unreadable_response" and EMAIL not in json.dumps(part), part
+
+
+@pytest.mark.parametrize(("delta", "done", "field"), [
+    ("response.code_interpreter_call_code.delta", "response.code_interpreter_call_code.done", "code"),
+    ("response.mcp_call_arguments.delta", "response.mcp_call_arguments.done", "arguments"),
+    # A delta the gateway's table does not list gets a channel of its own.
+    ("response.some_future_tool_input.delta", "response.some_future_tool_input.done", "text"),
+], ids=["code-interpreter", "mcp", "unlisted"])
+def test_responses_tool_input_split_over_deltas_is_masked(stack, delta, done, field):
+    whole = f"send('{EMAIL}')"
+    cut = whole.index("@") + 4
+    script = [
+        {"type": "response.created", "response": {"id": "r", "status": "in_progress", "output": []}},
+        {"type": "response.output_item.added", "output_index": 0, "item": {"type": "x", "id": "t"}},
+        {"type": delta, "output_index": 0, "item_id": "t", "delta": whole[:cut]},
+        {"type": delta, "output_index": 0, "item_id": "t", "delta": whole[cut:]},
+        {"type": done, "output_index": 0, "item_id": "t", field: whole},
+        {"type": "response.completed", "response": {"id": "r", "status": "completed", "output": []}},
+    ]
+    a = send(stack, req("responses", GUARDED, stream=True), headers={"x-demo-answer": json.dumps(script)})
+    assert a.status == 200, a.raw[:300]
+    assert_nowhere(a.raw, EMAIL, "scully")
+    events = sse_events(a.raw)
+    sent = "".join(e["delta"] for e in events if e.get("type") == delta)
+    assert sent.startswith("send('<EMAIL_") and sent.endswith("')"), sent
+    assert [e[field] for e in events if e.get("type") == done] == [sent]
+    part = response_record(stack, a.request_id)
+    assert part["body"] == sent and part["blocked_by"] is None, part

@@ -58,6 +58,9 @@ pub const TRAILERS_HEADER: &str = "x-demo-trailers";
 /// plain answer is the header's bytes verbatim; a streamed one is a JSON
 /// array of events sent in the API's framing (see [`scripted_answer`]).
 pub const ANSWER_HEADER: &str = "x-demo-answer";
+/// `x-demo-content-type: TYPE` labels the answer TYPE whatever it is (a
+/// backend that labels a plain answer, or JSON lines, as an event stream).
+pub const CONTENT_TYPE_HEADER: &str = "x-demo-content-type";
 
 /// Shared state: counters and the request log.
 #[derive(Default)]
@@ -136,6 +139,7 @@ pub fn app_with_state(state: Shared) -> Router {
         .route("/_demo/reset", post(reset))
         .fallback(not_found)
         .layer(middleware::from_fn(scripted_answer))
+        .layer(middleware::from_fn(relabel))
         .layer(middleware::from_fn(encode))
         .layer(middleware::from_fn(trailers))
         // The tracking middleware has already read (and bounded) the body.
@@ -255,6 +259,17 @@ pub fn accepts_gzip(headers: &HeaderMap) -> bool {
         }
     }
     gzip.or(any).unwrap_or(false)
+}
+
+/// Labels the answer with [`CONTENT_TYPE_HEADER`]'s type when the request
+/// carries one.
+async fn relabel(req: Request, next: Next) -> Response {
+    let label = req.headers().get(CONTENT_TYPE_HEADER).cloned();
+    let mut response = next.run(req).await;
+    if let Some(label) = label {
+        response.headers_mut().insert(header::CONTENT_TYPE, label);
+    }
+    response
 }
 
 /// Ends the answer with trailers when the request asks for them

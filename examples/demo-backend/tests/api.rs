@@ -1767,3 +1767,19 @@ async fn scripted_answers_are_sent_verbatim_in_each_apis_framing() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{script}");
     }
 }
+
+#[tokio::test]
+async fn the_content_type_can_be_relabelled() {
+    let app = demo_backend::app();
+    let body = json!({"messages": [{"role": "user", "content": "hi"}]});
+    let req = post_with(
+        "/v1/chat/completions",
+        &body,
+        &[("x-demo-content-type", "text/event-stream")],
+    );
+    let (status, headers, bytes) = call_raw(&app, req).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-type"], "text/event-stream");
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "echo: hi");
+}
