@@ -2803,16 +2803,22 @@ mod tests {
 
     /// Every cut of `input` into two chunks, and byte by byte: what goes
     /// out, and whether the stream was blocked.
-    fn at_every_split(api: ApiKind, g: &ResponseGuard, input: &[u8]) -> Vec<(Vec<u8>, bool)> {
-        let mut runs = Vec::new();
+    /// Each run is checked as it ends (`check(out, blocked)`), not kept:
+    /// every output of a long stream at once is hundreds of megabytes,
+    /// more than the wasm32 test run has.
+    fn at_every_split(
+        api: ApiKind,
+        g: &ResponseGuard,
+        input: &[u8],
+        mut check: impl FnMut(Vec<u8>, bool),
+    ) {
         for i in 0..=input.len() {
             let (out, m) = run(api, g, &[&input[..i], &input[i..]]);
-            runs.push((out, m.blocked().is_some()));
+            check(out, m.blocked().is_some());
         }
         let singles: Vec<&[u8]> = input.chunks(1).collect();
         let (out, m) = run(api, g, &singles);
-        runs.push((out, m.blocked().is_some()));
-        runs
+        check(out, m.blocked().is_some());
     }
 
     /// An event with a line that is no field of the format (no `data:`
@@ -2839,7 +2845,7 @@ mod tests {
             format!("\u{feff}data: {delta}\n\n"),
         ] {
             let input = format!("{clean}{bad}data: [DONE]\n\n");
-            for (out, blocked) in at_every_split(api, &g, input.as_bytes()) {
+            at_every_split(api, &g, input.as_bytes(), |out, blocked| {
                 let out = String::from_utf8(out).unwrap();
                 assert!(blocked, "{bad:?}: {out}");
                 assert!(!out.contains("jane@"), "{bad:?}: {out}");
@@ -2847,7 +2853,7 @@ mod tests {
                 let (text, error) = assembled(api, out.as_bytes());
                 assert_eq!(text, "Hello. ", "{bad:?}");
                 assert_eq!(error.unwrap()["error"]["code"], "response_blocked");
-            }
+            });
         }
         // Comments and the fields the format defines pass as they came.
         let fine = format!(
@@ -2883,11 +2889,11 @@ mod tests {
             let plain = stream(api, &chunks(&text, 7));
             let (without, _) = run(api, &g, &[plain.as_bytes()]);
             let input = format!("\u{feff}{plain}");
-            for (out, blocked) in at_every_split(api, &g, input.as_bytes()) {
+            at_every_split(api, &g, input.as_bytes(), |out, blocked| {
                 assert!(!blocked, "{api:?}");
                 assert_eq!(out, without, "{api:?}");
                 check(api, &out, &expected, "after a byte-order mark");
-            }
+            });
         }
         // A stream of nothing but (part of) a mark, and a mark alone.
         for input in [&b"\xef\xbb"[..], b"\xef\xbb\xbf", b"\xef\xbb\xbf\n\n"] {
@@ -2915,12 +2921,12 @@ mod tests {
         ] {
             let input = format!("{clean}{bad}data: [DONE]\n\n");
             for api in [ApiKind::OpenaiChat, ApiKind::OpenaiResponses] {
-                for (out, blocked) in at_every_split(api, &g, input.as_bytes()) {
+                at_every_split(api, &g, input.as_bytes(), |out, blocked| {
                     let out = String::from_utf8(out).unwrap();
                     assert!(blocked, "{api:?} {bad:?}: {out}");
                     assert!(!out.contains("jane@") && !out.contains("mple.com"), "{out}");
                     assert!(out.starts_with(&clean), "{out}");
-                }
+                });
             }
         }
         // JSON lines: a value with a duplicate key blocks too.
