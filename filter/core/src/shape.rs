@@ -596,7 +596,10 @@ const CHAT_ROLES: &[&str] = &[
 ];
 const RESPONSES_ROLES: &[&str] = &["system", "developer", "user", "assistant"];
 const ANTHROPIC_ROLES: &[&str] = &["user", "assistant"];
-const GEMINI_ROLES: &[&str] = &["user", "model"];
+/// `tool` is what the google-genai SDK sends a function's result as, and
+/// `function` what older Gemini docs did; they carry `functionResponse`
+/// parts, walked like any other.
+const GEMINI_ROLES: &[&str] = &["user", "model", "tool", "function"];
 /// Gemini ignores a system instruction's role; clients send these.
 const GEMINI_SYSTEM_ROLES: &[&str] = &["user", "model", "system"];
 const OLLAMA_ROLES: &[&str] = &["system", "user", "assistant", "tool"];
@@ -2275,6 +2278,44 @@ fn wide_json(start: &[u8]) -> Option<bool> {
     }
 }
 
+/// One step of a path [`sniff_prompt`] walked.
+enum SniffStep<'v> {
+    Key(&'v str),
+    Index(usize),
+}
+
+/// The path to step `last` (`a.b[0].prompt`), of at most
+/// [`SNIFF_PATH_MAX`] characters, its start elided beyond that.
+fn sniff_path(steps: &[(Option<usize>, SniffStep<'_>)], last: usize) -> String {
+    let mut parts = Vec::new();
+    let mut at = Some(last);
+    while let Some((parent, step)) = at.and_then(|i| steps.get(i)) {
+        parts.push(step);
+        at = *parent;
+    }
+    let mut path = String::new();
+    for step in parts.iter().rev() {
+        match step {
+            SniffStep::Key(k) if path.is_empty() => path.push_str(k),
+            SniffStep::Key(k) => {
+                path.push('.');
+                path.push_str(k);
+            }
+            SniffStep::Index(i) => path.push_str(&format!("[{i}]")),
+        }
+    }
+    match path
+        .char_indices()
+        .nth_back(SNIFF_PATH_MAX.saturating_sub(1))
+    {
+        Some((cut, _)) => format!("…{}", path.get(cut..).unwrap_or("")),
+        None => path,
+    }
+}
+
+/// Most characters of a path a refusal names.
+const SNIFF_PATH_MAX: usize = 200;
+
 /// Looks at a whole body sent to a path that is not an inference endpoint:
 /// every object in it, at any depth, for a prompt key.
 pub fn sniff_prompt(body: &[u8]) -> Sniffed {
@@ -2293,29 +2334,31 @@ pub fn sniff_prompt(body: &[u8]) -> Sniffed {
         return Sniffed::Unreadable;
     };
     // Breadth first, so the shallowest prompt key is named; no recursion
-    // (the parser bounds the depth).
-    let mut queue = std::collections::VecDeque::from([(&value, String::new())]);
-    while let Some((v, path)) = queue.pop_front() {
+    // (the parser bounds the depth). Each container queued keeps only its
+    // own step and its parent's index: a path is spelled out only for the
+    // key found, so the work stays linear in the body (a path string per
+    // container would copy its parent's, quadratic in a deep or long key).
+    let mut steps: Vec<(Option<usize>, SniffStep<'_>)> = Vec::new();
+    let mut queue = std::collections::VecDeque::from([(&value, None)]);
+    while let Some((v, at)) = queue.pop_front() {
         match v {
             Value::Object(o) => {
                 for (k, x) in o {
-                    let here = if path.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{path}.{k}")
-                    };
                     if is_prompt_key(k) {
-                        return Sniffed::Prompt(here);
+                        steps.push((at, SniffStep::Key(k)));
+                        return Sniffed::Prompt(sniff_path(&steps, steps.len() - 1));
                     }
                     if x.is_object() || x.is_array() {
-                        queue.push_back((x, here));
+                        steps.push((at, SniffStep::Key(k)));
+                        queue.push_back((x, Some(steps.len() - 1)));
                     }
                 }
             }
             Value::Array(a) => {
                 for (i, x) in a.iter().enumerate() {
                     if x.is_object() || x.is_array() {
-                        queue.push_back((x, format!("{path}[{i}]")));
+                        steps.push((at, SniffStep::Index(i)));
+                        queue.push_back((x, Some(steps.len() - 1)));
                     }
                 }
             }
@@ -2940,6 +2983,28 @@ mod tests {
     /// Prompts that the first sniffing missed: keys it lacked, keys
     /// nested below the top level, keys Go folds to a prompt key, JSON in
     /// UTF-16 or UTF-32.
+    /// A long key above many containers: the walk keeps a step per
+    /// container, not a path string each (which made a 4 MB body cost
+    /// terabytes), and the refusal names a bounded path.
+    #[test]
+    fn sniffing_a_long_key_over_many_containers_stays_small() {
+        let key = "k".repeat(20_000);
+        let empties = vec!["{}"; 20_000].join(",");
+        let body = format!(r#"{{"{key}":[{empties},{{"deeper":{{"prompt":"hi"}}}}]}}"#);
+        let Sniffed::Prompt(path) = sniff_prompt(body.as_bytes()) else {
+            panic!("no prompt found")
+        };
+        assert!(path.ends_with("[20000].deeper.prompt"), "{path}");
+        assert!(
+            path.starts_with('…') && path.chars().count() <= 201,
+            "{path}"
+        );
+        assert_eq!(
+            sniff_prompt(br#"{"a":[{"b":{"messages":[]}}]}"#),
+            Sniffed::Prompt("a[0].b.messages".into())
+        );
+    }
+
     #[test]
     fn prompts_are_recognised_nested_folded_and_in_any_unicode_encoding() {
         for (body, key) in [
