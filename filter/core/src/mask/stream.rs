@@ -740,11 +740,22 @@ impl StreamMasker {
                     .as_ref()
                     .is_some_and(|e| answer::continues(self.api, e.key, key));
             // Text of another kind (a tool's arguments, thinking) is no
-            // part of the carried text: a reader reads on past it.
-            let other = c
-                .ended
-                .as_ref()
-                .is_some_and(|e| e.key.kind != key.kind || key.kind == TextKind::ToolArguments);
+            // part of the carried text: a reader reads on past it. Except
+            // where nothing can continue the carried block any more, and
+            // waiting would only hold the answer back: the answer's own
+            // text after thinking, or (Responses) text of another output
+            // item, since parts join only within one item.
+            let other = c.ended.as_ref().is_some_and(|e| {
+                let thought_then_answer =
+                    matches!(
+                        e.key.kind,
+                        TextKind::Thinking | TextKind::Reasoning | TextKind::ReasoningContent
+                    ) && matches!(key.kind, TextKind::Text | TextKind::Content);
+                let item_ended = self.api == ApiKind::OpenaiResponses && e.key.a != key.a;
+                (e.key.kind != key.kind || key.kind == TextKind::ToolArguments)
+                    && !thought_then_answer
+                    && !item_ended
+            });
             match (joins, c.ended.take(), self.channels.get_mut(i)) {
                 (true, Some(ended), Some(ch)) => join(ch, ended),
                 (false, Some(ended), _) if other => c.ended = Some(ended),
@@ -2677,6 +2688,52 @@ mod tests {
         let evs = events(api, &out);
         assert_eq!(block_texts(api, &out).0[0], alone.clone());
         assert!(evs.last().unwrap().1.contains("message_stop"));
+    }
+
+    /// A thinking block whose tail is held, then the answer's text: the
+    /// tail goes out when the text begins, and the text as it comes, not
+    /// at the end of the message (nothing can continue the thinking).
+    #[test]
+    fn the_answer_after_thinking_is_not_held_for_the_thinking_tail() {
+        let (g, _) = guard("{}");
+        let api = ApiKind::AnthropicMessages;
+        let ev = named_event;
+        let mut s = String::new();
+        s.push_str(&ev(json!({"type":"content_block_start","index":0,"content_block":{"type":"thinking","thinking":""}})));
+        s.push_str(&ev(json!({"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"so the id is 4"}})));
+        s.push_str(&ev(json!({"type":"content_block_stop","index":0})));
+        s.push_str(&ev(json!({"type":"content_block_start","index":1,"content_block":{"type":"text","text":""}})));
+        for word in ["The ", "answer ", "is ", "ready. "] {
+            s.push_str(&ev(json!({"type":"content_block_delta","index":1,"delta":{"type":"text_delta","text":word}})));
+        }
+        let mut m = StreamMasker::new(api, g.clone(), framing_of(api));
+        let out = String::from_utf8(m.push(s.as_bytes())).unwrap();
+        assert!(out.contains(r#""thinking":"4""#), "the tail went: {out}");
+        assert!(
+            out.contains("ready. "),
+            "the answer waits for nothing: {out}"
+        );
+
+        // Responses: parts join only within one output item, so a message
+        // whose tail is held waits for no text of the next item.
+        let api = ApiKind::OpenaiResponses;
+        let mut s = blocks_stream(api, &[vec!["mail dana.scully@fbi".to_string()]]);
+        s.truncate(
+            s.find("event: response.output_item.done")
+                .unwrap_or(s.len()),
+        );
+        s.push_str(&ev(json!({"type":"response.output_item.done","output_index":0,"item":{"type":"message","id":"it","role":"assistant","content":[]}})));
+        s.push_str(&ev(json!({"type":"response.output_item.added","output_index":1,"item":{"type":"function_call","id":"fc","call_id":"c","name":"f","arguments":""}})));
+        for piece in [r#"{"city":"#, r#""Paris","#, r#""days":2}"#] {
+            s.push_str(&ev(json!({"type":"response.function_call_arguments.delta","output_index":1,"item_id":"fc","delta":piece})));
+        }
+        let mut m = StreamMasker::new(api, g.clone(), framing_of(api));
+        let out = String::from_utf8(m.push(s.as_bytes())).unwrap();
+        assert!(out.contains("dana.scully@fbi"), "the tail went: {out}");
+        assert!(
+            out.contains("days"),
+            "the next item waits for nothing: {out}"
+        );
     }
 
     /// A streamed answer that carries audio or image output ends with the
