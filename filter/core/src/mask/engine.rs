@@ -99,10 +99,8 @@ fn find_plain(active: &[Active], hay: &str, from: usize) -> Found {
                 // A pseudonym's digest part is anyone's to write: one of
                 // decimal digits only (`<EMAIL_4111111111111111>`) is how a
                 // card, phone or account number would pass as one, so only
-                // its label is kept. The filter's own digests have a letter
-                // but for 2% of the shortest (8 digits); a detector that
-                // then finds one masks a placeholder: more masked, never
-                // less.
+                // its label is kept. The filter's own digests always have a
+                // letter ([`replacement`]).
                 Some(digest) if digest.bytes().all(|c| c.is_ascii_digit()) => {
                     (s, s + 1 + label.len())
                 }
@@ -313,13 +311,21 @@ pub(crate) fn replacement(
         .chain_update(value.as_bytes())
         .finalize();
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    // A digest of decimal digits only is how a number dressed as a
+    // pseudonym looks, and is masked again ([`find_plain`]): the filter's
+    // own are never such, the shortest with a letter being used.
+    let digests = [8, 16, 64]
+        .into_iter()
+        .filter_map(|len| hex.get(..len))
+        .filter(|d| d.len() == 64 || !d.bytes().all(|c| c.is_ascii_digit()));
     let Some(map) = restore else {
-        return format!("<{}_{}>", a.det.label, hex.get(..8).unwrap_or(&hex));
+        let digest = digests.clone().next().unwrap_or(&hex);
+        return format!("<{}_{}>", a.det.label, digest);
     };
     // 32 bits can collide within one request: lengthen rather than restore
     // the wrong value.
-    for len in [8, 16, 64] {
-        let p = format!("<{}_{}>", a.det.label, hex.get(..len).unwrap_or(&hex));
+    for digest in digests {
+        let p = format!("<{}_{}>", a.det.label, digest);
         match map.get(&p) {
             None => {
                 map.insert(p.clone(), value.to_string());

@@ -785,6 +785,42 @@ mod tests {
     }
 
     #[test]
+    fn the_filters_own_pseudonyms_always_have_a_letter() {
+        // About 2% of 8-digit digests are decimal digits only, which
+        // masking treats as a forged pseudonym: the filter lengthens those.
+        let p = policy(
+            r#"{"salt":"test-salt-0123456789abcdef","profiles":{"default":{"detectors":{"email":"pseudonymize"},"restore":true}}}"#,
+        );
+        let mut lengths = std::collections::BTreeSet::new();
+        for i in 0..400 {
+            let body = format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"write to user{i}@example.com"}}]}}"#
+            );
+            let out = mask_request(&p, ApiKind::OpenaiChat, body.as_bytes()).unwrap();
+            let v: Value = serde_json::from_slice(&out.body.unwrap()).unwrap();
+            let text = v["messages"][0]["content"].as_str().unwrap().to_string();
+            let digest = text
+                .strip_prefix("write to <EMAIL_")
+                .and_then(|t| t.strip_suffix('>'))
+                .unwrap_or_else(|| panic!("{text}"));
+            assert!(!digest.bytes().all(|c| c.is_ascii_digit()), "{text}");
+            lengths.insert(digest.len());
+            // Masked again (the next turn), it is kept as it is.
+            let again = mask_request(
+                &p,
+                ApiKind::OpenaiChat,
+                serde_json::to_vec(&v).unwrap().as_slice(),
+            )
+            .unwrap();
+            assert!(again.body.is_none(), "{text}");
+        }
+        assert!(
+            lengths.contains(&16),
+            "some digest was lengthened: {lengths:?}"
+        );
+    }
+
+    #[test]
     fn a_pseudonym_of_decimal_digits_shields_no_number() {
         // Well-formed hex of decimal digits only: a card number or account
         // number dressed as the filter's pseudonym is masked like any other.
