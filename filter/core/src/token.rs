@@ -23,7 +23,9 @@ const VERSION: &str = "cs1";
 /// Shortest accepted key: 256 bits.
 pub const MIN_KEY_BYTES: usize = 32;
 /// Tokens longer than this are refused before any parsing.
-pub const MAX_TOKEN_LEN: usize = 2048;
+/// (A token carries the request's path: room for a Bedrock inference
+/// profile's ARN or a long Azure deployment name.)
+pub const MAX_TOKEN_LEN: usize = 8192;
 
 /// A signing key with its id.
 #[derive(Clone, PartialEq, Eq)]
