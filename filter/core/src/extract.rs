@@ -545,23 +545,21 @@ fn output_media_field(api: ApiKind, obj: &Map<String, Value>) -> Option<String> 
             .into_iter()
             .find_map(|config_key| {
                 let config = obj.get(config_key)?;
+                // (key, a list of modalities: media only beyond "text")
                 [
-                    "responseModalities",
-                    "response_modalities",
-                    "speechConfig",
-                    "speech_config",
-                    "imageConfig",
-                    "image_config",
+                    ("responseModalities", true),
+                    ("response_modalities", true),
+                    ("speechConfig", false),
+                    ("speech_config", false),
+                    ("imageConfig", false),
+                    ("image_config", false),
                 ]
                 .into_iter()
-                .find(|key| {
-                    if key.contains("odalities") {
-                        beyond_text(config.get(*key))
-                    } else {
-                        set(config.get(*key))
-                    }
+                .find(|&(key, modalities)| match modalities {
+                    true => beyond_text(config.get(key)),
+                    false => set(config.get(key)),
                 })
-                .map(|key| format!("{config_key}.{key}"))
+                .map(|(key, _)| format!("{config_key}.{key}"))
             }),
         _ => None,
     }

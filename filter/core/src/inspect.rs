@@ -296,8 +296,12 @@ struct ScreenInput<'a> {
 fn screen(input: ScreenInput<'_>) -> Result<Screening, Refusal> {
     let ScreenInput { api, parsed, .. } = input;
     let screening = screen_prompt(input)?;
-    let guarded = screening.response_guard().changes_text() || !screening.review_rules.is_empty();
-    if !guarded {
+    // Building the answer's guard costs allocations: only for a request
+    // that asks for logprobs or media (most ask for neither).
+    let asks = parsed.logprobs.is_some() || parsed.output_media.is_some();
+    let guarded =
+        || screening.response_guard().changes_text() || !screening.review_rules.is_empty();
+    if !asks || !guarded() {
         return Ok(screening);
     }
     if let Some(field) = parsed.logprobs {

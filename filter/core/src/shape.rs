@@ -772,29 +772,28 @@ fn tool_definition(w: &mut Walker<'_>, v: &Value, names: Names) -> Result<Value,
 /// retrieve public pages, not the organisation's documents put at the
 /// provider, and a file the caller names by id is an attachment.
 pub(crate) fn stored_document_tools(api: ApiKind, obj: &Map<String, Value>) -> Vec<String> {
+    let stored = match api {
+        ApiKind::OpenaiResponses => RESPONSES_STORED_DOCUMENT_TOOLS,
+        ApiKind::GeminiGenerateContent => GEMINI_STORED_DOCUMENT_TOOLS,
+        _ => return Vec::new(),
+    };
     let Some(Value::Array(tools)) = obj.get("tools") else {
         return Vec::new();
     };
     let mut found: Vec<String> = Vec::new();
-    for tool in tools {
-        let Value::Object(tool) = tool else {
-            continue;
-        };
+    for tool in tools.iter().filter_map(Value::as_object) {
+        // A Responses tool names itself in `type`; a Gemini tool by its key.
         let names: Vec<&str> = match api {
-            ApiKind::OpenaiResponses => match tool.get("type") {
-                Some(Value::String(kind)) => vec![kind.as_str()],
-                _ => Vec::new(),
-            },
-            ApiKind::GeminiGenerateContent => tool.keys().map(String::as_str).collect(),
-            _ => Vec::new(),
+            ApiKind::OpenaiResponses => tool
+                .get("type")
+                .and_then(Value::as_str)
+                .into_iter()
+                .collect(),
+            _ => tool.keys().map(String::as_str).collect(),
         };
-        for name in names {
-            let stored = match api {
-                ApiKind::OpenaiResponses => RESPONSES_STORED_DOCUMENT_TOOLS.contains(&name),
-                _ => GEMINI_STORED_DOCUMENT_TOOLS.contains(&name),
-            };
+        for name in names.into_iter().filter(|n| stored.contains(n)) {
             let field = format!("tools.{name}");
-            if stored && !found.contains(&field) {
+            if !found.contains(&field) {
                 found.push(field);
             }
         }
