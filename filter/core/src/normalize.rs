@@ -281,9 +281,12 @@ pub(crate) fn reads_as(c: char) -> Vec<char> {
     out
 }
 
-/// A regex class of the characters a reader does not see (soft hyphen,
-/// zero-width characters, word joiners, byte-order mark): what may sit
-/// between the letters of a phrase as written.
+/// A regex class of the characters a reader does not see, those
+/// [`invisible`] names (soft hyphen, zero-width characters and joiners,
+/// directional controls, variation selectors, byte-order mark, a tag
+/// sequence's begin and cancel): what may sit between the letters of a
+/// phrase as written. The review page's `HIDDEN_RE` (approval-service/ui/app.js)
+/// marks the same characters, and every tag character.
 pub(crate) const INVISIBLE_CLASS: &str = "[\\x{00AD}\\x{180E}\\x{200B}-\\x{200F}\\x{202A}-\\x{202E}\\x{2060}-\\x{2064}\\x{2066}-\\x{2069}\\x{FE00}-\\x{FE0F}\\x{FEFF}\\x{E0001}\\x{E007F}\\x{E0100}-\\x{E01EF}]";
 
 /// Calls `emit` with `c` folded to its compatibility form (nothing when

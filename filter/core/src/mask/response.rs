@@ -642,10 +642,8 @@ fn media_output(o: &serde_json::Map<String, Value>, key: &str, x: &Value) -> Opt
         "audio" | "inlineData" | "inline_data" => filled(x.get("data")),
         "b64_json" | "partial_image_b64" => filled(Some(x)),
         "result" => kind == "image_generation_call" && filled(Some(x)),
-        "delta" => {
-            matches!(kind, "response.audio.delta" | "response.output_audio.delta")
-                && filled(Some(x))
-        }
+        // The deltas the answer table keeps out of its text channels.
+        "delta" => crate::answer::RESPONSES_OPAQUE_DELTAS.contains(&kind) && filled(Some(x)),
         _ => false,
     };
     media.then(|| match key {

@@ -752,9 +752,9 @@ impl StreamMasker {
                         TextKind::Thinking | TextKind::Reasoning | TextKind::ReasoningContent
                     ) && matches!(key.kind, TextKind::Text | TextKind::Content);
                 let item_ended = self.api == ApiKind::OpenaiResponses && e.key.a != key.a;
-                (e.key.kind != key.kind || key.kind == TextKind::ToolArguments)
-                    && !thought_then_answer
-                    && !item_ended
+                // (A carried block is never tool arguments: they never
+                // continue, `answer::continues`.)
+                e.key.kind != key.kind && !thought_then_answer && !item_ended
             });
             match (joins, c.ended.take(), self.channels.get_mut(i)) {
                 (true, Some(ended), Some(ch)) => join(ch, ended),
