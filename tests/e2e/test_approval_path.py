@@ -233,6 +233,11 @@ def test_non_inference_paths_follow_the_default(make_stack):
     passing = make_stack(filter_config={"other_requests": "pass"})
     assert httpx.get(passing.url + "/admin/secrets").status_code == 404  # reached the backend
     assert httpx.post(passing.url + "/v1/batches", content=b"x").status_code == 403  # indirect prompts
+    # The same under a prefix the operator mounts the backend at, and an
+    # answer stored below an inference endpoint, under any prefix.
+    for path in ("/llm/v1/files", "/llm/v1/responses/resp_1", "/v1/chat/completions/c1/messages"):
+        r = httpx.get(passing.url + path)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "indirect_prompt_endpoint", (path, r.text)
     assert passing.backend.stats()["started"] == 1
 
 

@@ -163,23 +163,47 @@ pub fn path_only(raw: &str) -> &str {
     raw.split(['?', '#']).next().unwrap_or("")
 }
 
+/// Whether `normalized` carries one of [`INDIRECT_PROMPT_PREFIXES`]
+/// paths, or a path below one, anywhere in it: a backend mounted under a
+/// prefix of the operator's (`/llm/v1/files`) serves the same uploads.
 fn is_indirect_prompt_path(normalized: &str) -> bool {
     INDIRECT_PROMPT_PREFIXES
         .iter()
-        .any(|p| normalized == *p || is_under(normalized, p))
+        .any(|p| has_segments(normalized, p, Below::OrAt))
 }
 
-fn is_stored_answer_path(normalized: &str) -> bool {
+/// Whether `normalized` is below a path where answers are stored: one of
+/// [`STORED_ANSWER_PREFIXES`] anywhere in it (a backend mounted under a
+/// prefix), or below any inference endpoint this configuration serves (an
+/// endpoint of the operator's own, `/llm/responses`, keeps its answers at
+/// `/llm/responses/{id}` as well).
+fn is_stored_answer_path(config: &Config, normalized: &str) -> bool {
     STORED_ANSWER_PREFIXES
         .iter()
-        .any(|p| is_under(normalized, p))
+        .any(|p| has_segments(normalized, p, Below::Only))
+        || normalized.match_indices('/').skip(1).any(|(end, _)| {
+            normalized
+                .get(..end)
+                .is_some_and(|above| find_endpoint(config, above).is_some())
+        })
 }
 
-/// Whether `normalized` is below `prefix` (`prefix/...`).
-fn is_under(normalized: &str, prefix: &str) -> bool {
-    normalized
-        .strip_prefix(prefix)
-        .is_some_and(|rest| rest.starts_with('/'))
+/// What [`has_segments`] counts as a match: the path itself as well, or
+/// only what is below it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Below {
+    OrAt,
+    Only,
+}
+
+/// Whether `path` (`/a/b`) occurs in `normalized` as whole segments, at
+/// its start or after any segment of it, followed by the end (when
+/// `below` allows it) or a further segment.
+fn has_segments(normalized: &str, path: &str, below: Below) -> bool {
+    normalized.match_indices(path).any(|(at, _)| {
+        let rest = normalized.get(at + path.len()..).unwrap_or("");
+        rest.starts_with('/') || (below == Below::OrAt && rest.is_empty())
+    })
 }
 
 /// Header changes on a request whose body is inspected, before it goes on:
@@ -256,7 +280,7 @@ pub fn classify(config: &Config, head: &RequestHead<'_>) -> HeadVerdict {
             format!("`{raw_path}` carries prompts the gateway cannot review; it is refused unless listed in `passthrough`"),
         ));
     }
-    if is_stored_answer_path(&normalized) {
+    if is_stored_answer_path(config, &normalized) {
         return HeadVerdict::Refuse(Refusal::new(
             RefusalKind::IndirectPrompt,
             None,
@@ -287,13 +311,12 @@ pub fn classify(config: &Config, head: &RequestHead<'_>) -> HeadVerdict {
 }
 
 /// A `content-encoding` with a coding other than `identity` (a body the
-/// filter cannot read), trimmed; every coding of the list counts.
+/// filter cannot read), trimmed; every coding of the list counts, read as
+/// an answer's are ([`crate::response_head::readable_encoding`]).
 fn non_identity_encoding(content_encoding: Option<&str>) -> Option<&str> {
-    content_encoding.map(str::trim).filter(|list| {
-        !list
-            .split(',')
-            .all(|enc| enc.trim().eq_ignore_ascii_case("identity"))
-    })
+    content_encoding
+        .map(str::trim)
+        .filter(|list| !crate::response_head::readable_encoding(std::iter::once(*list)))
 }
 
 /// The endpoint a normalised (lower-case) path belongs to.
@@ -710,6 +733,9 @@ mod tests {
             "/v1/threads/t/runs",
             "/V1/Realtime",
             "/v1/messages/batches",
+            // A backend mounted under a prefix of the operator's.
+            "/llm/v1/files",
+            "/llm/openai/v1/batches/abc",
         ] {
             assert_eq!(status(&classify(&pass, &head("POST", p))), 403, "{p}");
         }
@@ -740,6 +766,9 @@ mod tests {
             "/openai/responses/resp_1",
             "/openai/chat/completions/c1",
             "/v1beta/interactions/i1",
+            // A backend mounted under a prefix of the operator's.
+            "/llm/v1/responses/resp_1",
+            "/team-a/openai/chat/completions/c1/messages",
         ] {
             for m in ["GET", "POST", "DELETE"] {
                 let v = classify(&pass, &head(m, p));
@@ -763,5 +792,39 @@ mod tests {
         assert_eq!(status(&classify(&allowed, &del)), 0);
         let get = head("GET", "/v1/responses/resp_1");
         assert_eq!(status(&classify(&allowed, &get)), 403);
+    }
+
+    /// An endpoint of the operator's own keeps its answers below its path
+    /// like the well-known ones: what is below an inference endpoint is
+    /// refused under `pass` unless listed, whatever the endpoint's path.
+    #[test]
+    fn what_is_below_an_operators_endpoint_is_refused_under_pass() {
+        let pass = Config::from_json(
+            br#"{"other_requests":"pass","endpoints":[
+                {"path":"/llm/answer","api":"openai_responses"},
+                {"path":"/tenants/*/chat","api":"openai_chat"}]}"#,
+        )
+        .unwrap();
+        for p in [
+            "/llm/answer/resp_1",
+            "/llm/answer/resp_1/input_items",
+            "/LLM//answer/resp_1",
+            "/tenants/acme/chat/c1/messages",
+        ] {
+            let v = classify(&pass, &head("GET", p));
+            let HeadVerdict::Refuse(r) = v else {
+                panic!("{p} was not refused");
+            };
+            assert_eq!(r.kind.code(), "indirect_prompt_endpoint", "{p}");
+        }
+        assert_eq!(status(&classify(&pass, &head("POST", "/llm/answer"))), 1);
+        for p in [
+            "/llm/answers/1",
+            "/llm",
+            "/tenants/acme/chats/1",
+            "/elsewhere/x",
+        ] {
+            assert_eq!(status(&classify(&pass, &head("GET", p))), 0, "{p}");
+        }
     }
 }
