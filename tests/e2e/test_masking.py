@@ -183,6 +183,24 @@ def test_answer_schemas_are_read_as_prompt(masked):
     assert "<EMAIL_" in json.loads(seen["body"])["response_format"]["json_schema"]["schema"]["description"]
 
 
+def test_numbers_in_tool_definitions_are_read_by_the_detectors(masked):
+    """A chat template renders a tool's parameter schema, numbers included:
+    a card number given as a JSON number (`default`, `enum`, `examples`) is
+    read by the detectors like the same digits in a string."""
+    card = int(CARD.replace(" ", ""))
+    tool = {"type": "function", "function": {"name": "pay", "parameters": {
+        "type": "object", "properties": {"card": {"type": "integer", "default": card}}}}}
+    r = post(masked.url, json=chat(model="demo-allow", text="pay", tools=[tool]))
+    assert r.status_code == 403 and "credit_card" in r.json()["error"]["message"], r.text
+    assert str(card) not in r.text
+    assert masked.backend.requests() == []
+    schema = {"type": "json_schema", "json_schema": {"name": "form", "schema": {
+        "type": "object", "properties": {"n": {"enum": [1, card]}}}}}
+    r = post(masked.url, json=chat(model="demo-allow", text="fill it", response_format=schema))
+    assert r.status_code == 403 and "credit_card" in r.json()["error"]["message"], r.text
+    assert masked.backend.requests() == []
+
+
 @pytest.mark.parametrize("chunk_chars", [1, 3, 7])
 def test_values_split_across_stream_chunks_are_caught(masked, chunk_chars):
     secret_reply = f"reach me at {EMAIL} or key {AWS} today"

@@ -665,9 +665,10 @@ fn short_url(v: Option<&Value>) -> String {
 // Tool definitions ------------------------------------------------------
 
 /// Tool definitions steer the model as much as the messages do: each is a
-/// `tools` message. Descriptions are text; every other string and every
-/// key (names, enums, property names, types, headers for provider-side tool
-/// servers) is fixed, since changing it would break the tool.
+/// `tools` message. Descriptions are text; every other string, number and
+/// key (names, enums, defaults, property names, types, headers for
+/// provider-side tool servers) is fixed, since changing it would break the
+/// tool.
 fn tools(w: &mut Walker<'_>, obj: &Map<String, Value>) -> Result<(), ShapeError> {
     // Which tool to call names a tool the model must match (OpenAI's and
     // Anthropic's `tool_choice`, Bedrock's `toolChoice`, chat's legacy
@@ -755,6 +756,14 @@ fn tool_definition(w: &mut Walker<'_>, v: &Value, names: Names) -> Result<Value,
         }
         Value::String(s) => {
             w.fixed(s)?;
+            Ok(v.clone())
+        }
+        // A number (a `default`, `enum`, `const`, `examples` value) is
+        // rendered into the prompt as its digits, as the reviewer sees it:
+        // read by the detectors like a string there, and as fixed (a
+        // schema's value cannot change without changing the schema).
+        Value::Number(n) => {
+            w.fixed(&n.to_string())?;
             Ok(v.clone())
         }
         other => Ok(other.clone()),

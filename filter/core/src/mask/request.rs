@@ -546,6 +546,80 @@ mod tests {
         assert_eq!(out.blocked_by.as_deref(), Some("email"));
     }
 
+    /// A number in a tool definition or an answer schema (`default`,
+    /// `enum`, `examples`, `const`, even a `description`) is rendered into
+    /// the prompt as its digits, as it is shown to the reviewer: the
+    /// detectors read it like the strings there (fixed: a detection
+    /// refuses the request), not only numbers in tool inputs.
+    #[test]
+    fn numbers_in_tool_definitions_and_schemas_are_read_by_the_detectors() {
+        let p = redact_all();
+        let card = "4111111111111111";
+        for (api, body, field) in [
+            (
+                ApiKind::OpenaiChat,
+                format!(
+                    r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],"tools":[{{"type":"function","function":{{"name":"pay","parameters":{{"type":"object","properties":{{"card":{{"type":"integer","default":{card}}}}}}}}}}}]}}"#
+                ),
+                "tools[0].function.parameters.properties.card.default",
+            ),
+            (
+                ApiKind::OpenaiChat,
+                format!(
+                    r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],"tools":[{{"type":"function","function":{{"name":"pay","description":{card}}}}}]}}"#
+                ),
+                "tools[0].function.description",
+            ),
+            (
+                ApiKind::OpenaiChat,
+                format!(
+                    r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],"response_format":{{"type":"json_schema","json_schema":{{"name":"r","schema":{{"type":"object","properties":{{"n":{{"enum":[1,{card}]}}}}}}}}}}}}"#
+                ),
+                "response_format.json_schema.schema.properties.n.enum[1]",
+            ),
+            (
+                ApiKind::OpenaiResponses,
+                format!(
+                    r#"{{"model":"m","input":"x","text":{{"format":{{"type":"json_schema","name":"r","schema":{{"type":"object","properties":{{"n":{{"type":"integer","examples":[{card}]}}}}}}}}}}}}"#
+                ),
+                "text.format.schema.properties.n.examples[0]",
+            ),
+            (
+                ApiKind::AnthropicMessages,
+                format!(
+                    r#"{{"model":"m","max_tokens":5,"messages":[{{"role":"user","content":"x"}}],"tools":[{{"name":"pay","input_schema":{{"type":"object","properties":{{"n":{{"const":{card}}}}}}}}}]}}"#
+                ),
+                "tools[0].input_schema.properties.n.const",
+            ),
+            (
+                ApiKind::GeminiGenerateContent,
+                format!(
+                    r#"{{"contents":[{{"parts":[{{"text":"x"}}]}}],"generationConfig":{{"responseSchema":{{"type":"INTEGER","default":{card}}}}}}}"#
+                ),
+                "generationConfig.responseSchema.default",
+            ),
+            (
+                ApiKind::OllamaChat,
+                format!(
+                    r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],"format":{{"type":"object","properties":{{"n":{{"maximum":{card}}}}}}}}}"#
+                ),
+                "format.properties.n.maximum",
+            ),
+        ] {
+            let e = mask_request(&p, api, body.as_bytes()).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+            assert!(
+                e.message.contains("`credit_card`") && !e.message.contains(card),
+                "{e}"
+            );
+        }
+        // Ordinary numbers in them change nothing.
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object","properties":{"n":{"type":"integer","minimum":1,"maximum":100,"default":5}}}}}]}"#;
+        let out = mask_request(&p, ApiKind::OpenaiChat, body).unwrap();
+        assert_eq!(out.body, None);
+        assert!(out.hits.is_empty());
+    }
+
     #[test]
     fn nothing_to_mask_gives_no_body() {
         let out = mask_request(
