@@ -484,6 +484,16 @@ def test_bedrock_streams_are_refused_where_the_answer_is_read(stack, operation, 
     # already rejects escaped slashes.)
     (f"/model/{ALLOWED}/invoke", {"inputText": "hi", "textGenerationConfig": {"maxTokenCount": 5}},
      "anthropic_version"),
+    # A value split over two text blocks the model reads one after the other
+    # (a tool result's; guardContent beside text) cannot be masked in place.
+    (f"/model/{ALLOWED}/converse",
+     {"messages": [{"role": "user", "content": [{"toolResult": {"toolUseId": "t1", "content": [
+         {"text": "sent to dana.scully@fbi"}, {"text": ".example.org"}]}}]}]},
+     "`messages[0].content[0].toolResult.content` has a value detected as `email` split over two"),
+    (f"/model/{ALLOWED}/converse",
+     {"messages": [{"role": "user", "content": [
+         {"text": "write to dana.scully@fbi"}, {"guardContent": {"text": {"text": ".example.org"}}}]}]},
+     "`messages[0].content` has a value detected as `email` split over two"),
 ])
 def test_bedrock_what_cannot_be_reviewed_is_refused(stack, path, body, says):
     r = send(stack, path, body)

@@ -530,6 +530,10 @@ SPLIT_FIELDS = [
         {"type": "text", "text": a}, {"type": "text", "text": b}])),
     ("gemini.parts", GEMINI, lambda a, b: gemini({"role": "user", "parts": [{"text": a}, {"text": b}]})),
     ("bedrock.converse.text-blocks", CONVERSE, lambda a, b: converse({"role": "user", "content": [{"text": a}, {"text": b}]})),
+    ("bedrock.converse.toolResult-text-blocks", CONVERSE, lambda a, b: converse({"role": "user", "content": [
+        {"toolResult": {"toolUseId": "t1", "content": [{"text": a}, {"text": b}]}}]})),
+    ("bedrock.converse.guardContent-beside-text", CONVERSE, lambda a, b: converse({"role": "user", "content": [
+        {"text": a}, {"guardContent": {"text": {"text": b}}}]})),
 ]
 
 # Fields the filter does not walk yet, by row id: the gap each names.

@@ -926,6 +926,32 @@ mod tests {
         assert_eq!(gemini.glued_parts, vec!["ab".to_string()]);
     }
 
+    /// Bedrock's lists of text blocks are read by the model one after the
+    /// other like any message's parts: a tool result's, a document's
+    /// `content`, a `citationsContent`'s, and `guardContent` text beside
+    /// plain text blocks (the guardrail's marker, the model reads it).
+    #[test]
+    fn bedrock_text_blocks_are_kept_glued_wherever_they_are_listed() {
+        let glued = |body: &str| {
+            parse_request_at(
+                ApiKind::BedrockConverse,
+                "/model/m/converse",
+                body.as_bytes(),
+            )
+            .unwrap()
+            .glued_parts
+        };
+        for body in [
+            r#"{"messages":[{"role":"user","content":[{"toolResult":{"toolUseId":"t","content":[{"text":"proj"},{"text":"ect x"}]}}]}]}"#,
+            r#"{"messages":[{"role":"user","content":[{"document":{"name":"d","format":"txt","source":{"content":[{"text":"proj"},{"text":"ect x"}]}}}]}]}"#,
+            r#"{"messages":[{"role":"assistant","content":[{"citationsContent":{"content":[{"text":"proj"},{"text":"ect x"}]}}]}]}"#,
+            r#"{"messages":[{"role":"user","content":[{"text":"proj"},{"guardContent":{"text":{"text":"ect x"}}}]}]}"#,
+            r#"{"system":[{"guardContent":{"text":{"text":"proj"}}},{"text":"ect x"}],"messages":[{"role":"user","content":[{"text":"hi"}]}]}"#,
+        ] {
+            assert_eq!(glued(body), vec!["project x".to_string()], "{body}");
+        }
+    }
+
     #[test]
     fn tool_names_are_read_in_every_api_s_spelling() {
         let names = |api: ApiKind, path: &str, body: &str| {

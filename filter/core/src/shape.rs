@@ -515,13 +515,10 @@ impl Walker<'_> {
         }
     }
 
-    /// Screens the `text` of the parts in `items` joined: a value split
-    /// over two adjacent parts is read whole by the model.
+    /// Screens the text of the parts in `items` joined ([`part_text`]): a
+    /// value split over two adjacent parts is read whole by the model.
     fn joined_texts(&mut self, items: &[Value]) -> Result<(), ShapeError> {
-        let texts: Vec<&str> = items
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect();
+        let texts: Vec<&str> = items.iter().filter_map(part_text).collect();
         if texts.len() < 2 {
             return Ok(());
         }
@@ -582,6 +579,18 @@ impl Walker<'_> {
                     .join(", ")
             ),
         ))
+    }
+}
+
+/// The text of a part or block that the model reads as plain text, for
+/// [`Walker::joined_texts`]: its `text` (a text part of any API, a Bedrock
+/// text block), or a Bedrock `guardContent` block's `text.text` (marked for
+/// the guardrail, read by the model like the text beside it). The walk has
+/// refused any part whose keys it does not know before this reads it.
+fn part_text(part: &Value) -> Option<&str> {
+    match part.get("text") {
+        Some(text) => text.as_str(),
+        None => part.get("guardContent")?.get("text")?.get("text")?.as_str(),
     }
 }
 
@@ -2014,7 +2023,8 @@ fn bedrock_block(
                 let inner = w.nested(|w| {
                     w.each_object("content", content, |w, b| {
                         bedrock_block(w, b, BEDROCK_TOOL_RESULT_BLOCK)
-                    })
+                    })?;
+                    w.key("content", |w| w.joined_texts(content))
                 })?;
                 w.put(&format!("[tool_result: {inner}]"));
                 Ok(())
@@ -2071,6 +2081,7 @@ fn bedrock_block(
                     w.known_keys(part, &["text"])?;
                     text_part(w, part)
                 })?;
+                w.key("content", |w| w.joined_texts(content))?;
                 if cited.get("citations").is_some_and(|c| !c.is_null()) {
                     let shown = w.value_at(cited, "citations")?;
                     w.put(&format!("[citations: {shown}]"));
@@ -2130,7 +2141,8 @@ fn bedrock_document(w: &mut Walker<'_>, doc: &Map<String, Value>) -> Result<(), 
                 w.each_object("content", parts, |w, part| {
                     w.known_keys(part, &["text"])?;
                     text_part(w, part)
-                })
+                })?;
+                w.key("content", |w| w.joined_texts(parts))
             }
             _ => {
                 let from = bedrock_source(w, source)?;

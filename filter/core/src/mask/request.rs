@@ -811,6 +811,27 @@ mod tests {
                 br#"{"contents":[{"role":"user","parts":[{"text":"jane@"},{"text":"example.com"}]}]}"#,
                 "contents[0].parts",
             ),
+            // Bedrock's lists of text blocks below a message's content.
+            (
+                ApiKind::BedrockConverse,
+                br#"{"messages":[{"role":"user","content":[{"toolResult":{"toolUseId":"t","content":[{"text":"mail jane@exa"},{"text":"mple.com now"}]}}]}]}"#,
+                "messages[0].content[0].toolResult.content",
+            ),
+            (
+                ApiKind::BedrockConverse,
+                br#"{"messages":[{"role":"user","content":[{"document":{"name":"d","format":"txt","source":{"content":[{"text":"mail jane@exa"},{"text":"mple.com"}]}}}]}]}"#,
+                "messages[0].content[0].document.source.content",
+            ),
+            (
+                ApiKind::BedrockConverse,
+                br#"{"messages":[{"role":"assistant","content":[{"citationsContent":{"content":[{"text":"mail jane@exa"},{"text":"mple.com"}]}}]}]}"#,
+                "messages[0].content[0].citationsContent.content",
+            ),
+            (
+                ApiKind::BedrockConverse,
+                br#"{"messages":[{"role":"user","content":[{"text":"mail jane@exa"},{"guardContent":{"text":{"text":"mple.com"}}}]}]}"#,
+                "messages[0].content",
+            ),
         ] {
             let e = mask_request(&p, api, body).unwrap_err();
             assert_eq!(e.field, field, "{e}");
