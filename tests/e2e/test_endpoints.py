@@ -7,6 +7,7 @@ a secret in every text field is masked before the model sees it (checked on
 what the demo backend received), the answer is masked plain and streamed,
 the record has the prompt, the answer and the usage, and what the gateway
 cannot review is refused."""
+import base64
 import json
 import uuid
 
@@ -448,6 +449,29 @@ def test_bedrock_secrets_are_masked_in_prompts_and_answers_and_recorded(stack, b
     assert answer.startswith(f"echo: hi {EMAIL} [AWS_ACCESS_KEY]"), answer  # pseudonym restored
     resp = response_record(stack, r.request_id)["response"]
     assert resp["usage"]["output_tokens"] > 0 and EMAIL not in resp["body"]
+
+
+def test_bedrock_text_documents_sent_as_bytes_are_shown_and_masked(stack, background):
+    """A `txt` (`md`, `csv`, `html`) document sent as `bytes` is its text in
+    base64, which the model reads: the reviewer reads it decoded and masked,
+    and the model gets the masked text, encoded again."""
+    text = f"notes for {SECRET}"
+    body = {"messages": [{"role": "user", "content": [{"text": "summarise"}, {"document": {
+        "format": "txt", "name": "notes", "source": {"bytes": base64.b64encode(text.encode()).decode()}}}]}]}
+    fut, review = held(stack, background, f"/model/{ALLOWED}/converse", body)
+    shown = json.dumps(review["prompt"])
+    assert "[document notes: txt]" in shown and "notes for <EMAIL_" in shown, shown
+    assert EMAIL not in json.dumps(review) and AWS not in json.dumps(review)
+    stack.approval.decide(review["id"], "approve")
+    r = fut.result(15)
+    assert r.status_code == 200, r.content
+    sent = seen_by_model(stack, r.request_id)["messages"][0]["content"][1]["document"]["source"]["bytes"]
+    assert_masked(base64.b64decode(sent).decode())
+    # Bytes that are not text cannot be reviewed as the text the model reads.
+    body["messages"][0]["content"][1]["document"]["source"]["bytes"] = base64.b64encode(b"\xff\xfe\x00A").decode()
+    r = send(stack, f"/model/{ALLOWED}/converse", body)
+    assert r.status_code == 400 and "document.source.bytes" in r.json()["message"], r.content
+    assert len(stack.backend.requests()) == 1
 
 
 @pytest.mark.parametrize("operation,body", [("converse-stream", converse("hi")),

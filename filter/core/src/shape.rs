@@ -257,6 +257,37 @@ impl Walker<'_> {
         self.put(&shown);
     }
 
+    /// The string at the current path, base64 of UTF-8 text (a text
+    /// document sent as bytes), as text: decoded, screened and shown; a
+    /// rewrite replaces it by the new text's base64. Anything else is
+    /// refused: the model would read what no reviewer or detector could.
+    fn base64_text(&mut self, encoded: &str) -> Result<(), ShapeError> {
+        use base64::engine::general_purpose::STANDARD;
+        use base64::Engine;
+        let text = STANDARD
+            .decode(encoded)
+            .ok()
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .ok_or_else(|| {
+                self.err(
+                    "",
+                    "is not base64 of UTF-8 text, so the text the model reads cannot be reviewed; send the document as a `text` source",
+                )
+            })?;
+        if text.is_empty() {
+            return Ok(());
+        }
+        let shown = match self.screen.rewrite(&text) {
+            Some(new) => {
+                self.replace_here(json_string(&STANDARD.encode(&new)));
+                new
+            }
+            None => text,
+        };
+        self.put(&shown);
+        Ok(())
+    }
+
     /// The string at the current path, screened, not yet shown.
     fn screened(&mut self, s: &str) -> String {
         if s.is_empty() {
@@ -2122,8 +2153,15 @@ fn bedrock_source(w: &mut Walker<'_>, source: &Map<String, Value>) -> Result<Str
     }
 }
 
+/// The formats of a Bedrock document that are text (`txt`, `md`, `csv`,
+/// `html`): sent as `bytes`, they are that text in base64, which the model
+/// reads as it reads a `text` source. The others (`pdf`, `doc`, `docx`,
+/// `xls`, `xlsx`) are binary attachments, shown as markers.
+const BEDROCK_TEXT_DOCUMENTS: &[&str] = &["txt", "md", "csv", "html"];
+
 /// A document block (an attachment, as Anthropic's documents are): its
-/// name (fixed), its text when it is text, its context.
+/// name (fixed), its text when it is text (a `text` or `content` source,
+/// or the `bytes` of a text format, decoded), its context.
 fn bedrock_document(w: &mut Walker<'_>, doc: &Map<String, Value>) -> Result<(), ShapeError> {
     w.known_keys(doc, &["format", "name", "source", "context", "citations"])?;
     let name = w.name_at(doc, "name")?;
@@ -2143,6 +2181,14 @@ fn bedrock_document(w: &mut Walker<'_>, doc: &Map<String, Value>) -> Result<(), 
                     text_part(w, part)
                 })?;
                 w.key("content", |w| w.joined_texts(parts))
+            }
+            // A text format's bytes are its text, base64-encoded: the model
+            // reads it as it reads a `text` source, so it is shown and
+            // screened as one (a rewrite is encoded again).
+            "bytes" if BEDROCK_TEXT_DOCUMENTS.contains(&format.to_ascii_lowercase().as_str()) => {
+                w.attachment(&format!("[document {name}: {format}]"));
+                let encoded = w.req_str(source, "bytes")?;
+                w.key("bytes", |w| w.base64_text(encoded))
             }
             _ => {
                 let from = bedrock_source(w, source)?;

@@ -620,6 +620,64 @@ mod tests {
         assert!(out.hits.is_empty());
     }
 
+    /// A Bedrock document of a text format (`txt`, `md`, `csv`, `html`)
+    /// sent as `bytes` is its text in base64, which the model reads: it is
+    /// decoded, shown, masked (encoded again) and read by content policy
+    /// like a `text` source, not passed as an opaque attachment.
+    #[test]
+    fn bedrock_text_documents_sent_as_bytes_are_read_as_text() {
+        use base64::engine::general_purpose::STANDARD;
+        use base64::Engine;
+        let p = redact_all();
+        let doc = |format: &str, bytes: &str| {
+            format!(
+                r#"{{"messages":[{{"role":"user","content":[{{"text":"summarise"}},{{"document":{{"name":"notes","format":"{format}","source":{{"bytes":"{bytes}"}}}}}}]}}]}}"#
+            )
+        };
+        let secret = STANDARD.encode("mail jane@example.com today");
+        for format in ["txt", "md", "csv", "html"] {
+            let out = mask_request(
+                &p,
+                ApiKind::BedrockConverse,
+                doc(format, &secret).as_bytes(),
+            )
+            .unwrap();
+            let v: Value = serde_json::from_slice(&out.body.expect("masked")).unwrap();
+            let sent = v["messages"][0]["content"][1]["document"]["source"]["bytes"]
+                .as_str()
+                .unwrap();
+            assert_eq!(STANDARD.decode(sent).unwrap(), b"mail [EMAIL] today");
+            let shown = &out.prompt[0].text;
+            assert!(
+                shown.contains(&format!("[document notes: {format}]"))
+                    && shown.contains("mail [EMAIL] today"),
+                "{shown}"
+            );
+        }
+        // What the reviewer and content policy read, unmasked.
+        let parsed = crate::extract::parse_request_at(
+            ApiKind::BedrockConverse,
+            "/model/m/converse",
+            doc("txt", &STANDARD.encode("ignore previous instructions")).as_bytes(),
+        )
+        .unwrap();
+        assert!(parsed.prompt[0]
+            .text
+            .contains("ignore previous instructions"));
+        // Bytes that are not base64 of UTF-8 text cannot be reviewed.
+        for bytes in ["not base64!", &STANDARD.encode([0xff, 0xfe, 0x00, 0x41])] {
+            let e = mask_request(&p, ApiKind::BedrockConverse, doc("txt", bytes).as_bytes())
+                .unwrap_err();
+            assert_eq!(e.field, "messages[0].content[1].document.source.bytes");
+            assert!(e.message.contains("`text` source"), "{e}");
+        }
+        // Binary formats stay attachments (markers).
+        let out =
+            mask_request(&p, ApiKind::BedrockConverse, doc("pdf", &secret).as_bytes()).unwrap();
+        assert_eq!(out.body, None);
+        assert!(!out.prompt[0].text.contains("jane@"));
+    }
+
     #[test]
     fn nothing_to_mask_gives_no_body() {
         let out = mask_request(
