@@ -1,5 +1,6 @@
 """Masking and content policy end to end in the real Envoy: what reaches the
 model, the reviewer, the database and the caller."""
+import base64
 import json
 
 import httpx
@@ -174,6 +175,30 @@ def test_content_policy_reads_bedrock_text_blocks_joined(masked):
                  json={"messages": [{"role": "user", "content": content}]})
         assert r.status_code == 403 and "no-weapons" in r.json()["message"], r.text
     assert masked.backend.requests() == []
+
+
+def test_gemini_inline_text_is_read_masked_and_shown(masked, background):
+    """Gemini reads `text/plain` (HTML, JSON, code...) inline data as the
+    text it carries: content policy reads it, the reviewer sees it decoded
+    and masked, the model gets it masked."""
+    path = "/v1beta/models/demo-allow:generateContent"
+
+    def inline(text, mime="text/plain"):
+        return {"contents": [{"role": "user", "parts": [
+            {"text": "summarise"}, {"inlineData": {"mimeType": mime, "data": base64.b64encode(text.encode()).decode()}}]}]}
+    r = post(masked.url, path=path, json=inline("how do I build a bomb", "text/html"))
+    assert r.status_code == 403 and "no-weapons" in r.json()["error"]["message"], r.text
+    assert masked.backend.requests() == []
+    # Inline data is an attachment: held for review even under an allow rule.
+    fut = send_later(background, masked.url, inline(f"notes for {EMAIL}"), path=path)
+    [review] = masked.approval.wait_pending()
+    shown = masked.approval.review(review["id"])
+    assert EMAIL not in json.dumps(shown) and "notes for <EMAIL_" in json.dumps(shown["prompt"]), shown["prompt"]
+    masked.approval.decide(review["id"], "approve")
+    assert fut.result(15).status_code == 200
+    [seen] = masked.backend.requests()
+    sent = json.loads(seen["body"])["contents"][0]["parts"][1]["inlineData"]["data"]
+    assert base64.b64decode(sent).decode().startswith("notes for <EMAIL_")
 
 
 def answer_schema(description: str) -> dict:

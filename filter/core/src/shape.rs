@@ -261,17 +261,24 @@ impl Walker<'_> {
     /// document sent as bytes), as text: decoded, screened and shown; a
     /// rewrite replaces it by the new text's base64. Anything else is
     /// refused: the model would read what no reviewer or detector could.
-    fn base64_text(&mut self, encoded: &str) -> Result<(), ShapeError> {
-        use base64::engine::general_purpose::STANDARD;
+    /// `instead` says how to send the text instead.
+    ///
+    /// Standard and URL-safe alphabets, with or without padding, are all
+    /// read (as protobuf JSON reads bytes): a string that more than one
+    /// accepts decodes to the same bytes in each.
+    fn base64_text(&mut self, encoded: &str, instead: &str) -> Result<(), ShapeError> {
+        use base64::engine::general_purpose::{
+            STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD,
+        };
         use base64::Engine;
-        let text = STANDARD
-            .decode(encoded)
-            .ok()
+        let text = [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
+            .iter()
+            .find_map(|engine| engine.decode(encoded).ok())
             .and_then(|bytes| String::from_utf8(bytes).ok())
             .ok_or_else(|| {
                 self.err(
                     "",
-                    "is not base64 of UTF-8 text, so the text the model reads cannot be reviewed; send the document as a `text` source",
+                    format!("is not base64 of UTF-8 text, so the text the model reads cannot be reviewed; {instead}"),
                 )
             })?;
         if text.is_empty() {
@@ -1691,6 +1698,16 @@ fn gemini_part(w: &mut Walker<'_>, part: &Map<String, Value>) -> Result<(), Shap
                 .map(value_text)
                 .unwrap_or_default();
             w.attachment(&format!("[inline_data: {mime}]"));
+            // Anything but images, audio, video and PDF is text to Gemini
+            // (plain text, HTML, CSV, Markdown, JSON, code): read as text.
+            if !gemini_binary_media(&mime) {
+                let encoded = w.key(key, |w| w.req_str(d, "data"))?;
+                w.key(key, |w| {
+                    w.key("data", |w| {
+                        w.base64_text(encoded, "send it as a `text` part")
+                    })
+                })?;
+            }
         }
         "fileData" | "file_data" => {
             let f = object(w, &["mimeType", "fileUri", "displayName"])?;
@@ -1734,6 +1751,24 @@ fn gemini_part(w: &mut Walker<'_>, part: &Map<String, Value>) -> Result<(), Shap
         }
     }
     Ok(())
+}
+
+/// Whether Gemini reads inline data of this MIME type as media (an image,
+/// audio, video or a PDF: an attachment, shown as a marker) rather than as
+/// the text it carries. Any other type (`text/plain`, `text/html`,
+/// `application/json`, `text/x-python`, an unknown one) is walked as text,
+/// or refused when it is not base64 of UTF-8 text.
+fn gemini_binary_media(mime: &str) -> bool {
+    let essence = mime
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    ["image/", "audio/", "video/"]
+        .iter()
+        .any(|p| essence.starts_with(p))
+        || essence == "application/pdf"
 }
 
 // Ollama --------------------------------------------------------------------
@@ -2188,7 +2223,9 @@ fn bedrock_document(w: &mut Walker<'_>, doc: &Map<String, Value>) -> Result<(), 
             "bytes" if BEDROCK_TEXT_DOCUMENTS.contains(&format.to_ascii_lowercase().as_str()) => {
                 w.attachment(&format!("[document {name}: {format}]"));
                 let encoded = w.req_str(source, "bytes")?;
-                w.key("bytes", |w| w.base64_text(encoded))
+                w.key("bytes", |w| {
+                    w.base64_text(encoded, "send the document as a `text` source")
+                })
             }
             _ => {
                 let from = bedrock_source(w, source)?;

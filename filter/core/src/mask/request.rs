@@ -678,6 +678,63 @@ mod tests {
         assert!(!out.prompt[0].text.contains("jane@"));
     }
 
+    /// Gemini reads inline data that is not an image, audio, video or a PDF
+    /// (`text/plain`, `text/html`, `application/json`, code) as the text it
+    /// carries: decoded, shown, masked (encoded again) like a text part.
+    #[test]
+    fn gemini_inline_data_that_is_text_is_read_as_text() {
+        use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+        use base64::Engine;
+        let p = redact_all();
+        let part = |key: &str, mime: &str, data: &str| {
+            format!(
+                r#"{{"contents":[{{"role":"user","parts":[{{"text":"summarise"}},{{"{key}":{{"mimeType":"{mime}","data":"{data}"}}}}]}}]}}"#
+            )
+        };
+        let secret = "mail jane@example.com today";
+        for (key, mime, data) in [
+            ("inlineData", "text/plain", STANDARD.encode(secret)),
+            (
+                "inline_data",
+                "text/html; charset=utf-8",
+                STANDARD.encode(secret),
+            ),
+            (
+                "inlineData",
+                "application/json",
+                URL_SAFE_NO_PAD.encode(secret),
+            ),
+            ("inlineData", "text/x-python", STANDARD.encode(secret)),
+        ] {
+            let body = part(key, mime, &data);
+            let out = mask_request(&p, ApiKind::GeminiGenerateContent, body.as_bytes()).unwrap();
+            let v: Value = serde_json::from_slice(&out.body.expect("masked")).unwrap();
+            let sent = v["contents"][0]["parts"][1][key]["data"].as_str().unwrap();
+            assert_eq!(
+                STANDARD.decode(sent).unwrap(),
+                b"mail [EMAIL] today",
+                "{mime}"
+            );
+            let shown = &out.prompt[0].text;
+            assert!(
+                shown.contains(&format!("[inline_data: {mime}]"))
+                    && shown.contains("mail [EMAIL] today"),
+                "{shown}"
+            );
+        }
+        // Data that is not text under a text type cannot be reviewed.
+        let body = part("inlineData", "text/plain", &STANDARD.encode([0xff, 0x00]));
+        let e = mask_request(&p, ApiKind::GeminiGenerateContent, body.as_bytes()).unwrap_err();
+        assert_eq!(e.field, "contents[0].parts[1].inlineData.data");
+        assert!(e.message.contains("`text` part"), "{e}");
+        // Images, audio, video and PDFs stay attachments (markers).
+        for mime in ["image/png", "audio/wav", "video/mp4", "application/pdf"] {
+            let body = part("inlineData", mime, &STANDARD.encode(secret));
+            let out = mask_request(&p, ApiKind::GeminiGenerateContent, body.as_bytes()).unwrap();
+            assert_eq!(out.body, None, "{mime}");
+        }
+    }
+
     #[test]
     fn nothing_to_mask_gives_no_body() {
         let out = mask_request(
