@@ -239,6 +239,25 @@ def test_numbers_in_tool_definitions_are_read_by_the_detectors(masked):
     assert masked.backend.requests() == []
 
 
+def test_numbers_are_read_by_the_digits_the_model_reads(masked):
+    """`4111111111111111.0` is the card's digits to a backend that prints
+    it; an integer beyond 64 bits keeps every digit in Python while the
+    gateway's parse rounds it: the first is read as its digits, the second
+    refused naming the field."""
+    def tool_call(n):
+        return {"model": "demo-allow", "messages": [
+            {"role": "user", "content": "pay"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+                "name": "pay", "arguments": json.dumps({"card": n})}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "paid"}]}
+    r = post(masked.url, json=tool_call(float(CARD.replace(" ", ""))))
+    assert r.status_code == 403 and "credit_card" in r.json()["error"]["message"], r.text
+    r = post(masked.url, json=tool_call(41111111111111111111111))
+    assert r.status_code == 400 and "too large" in r.json()["error"]["message"], r.text
+    assert "messages[1].tool_calls[0].function.arguments.card" in r.json()["error"]["message"], r.text
+    assert masked.backend.requests() == []
+
+
 @pytest.mark.parametrize("chunk_chars", [1, 3, 7])
 def test_values_split_across_stream_chunks_are_caught(masked, chunk_chars):
     secret_reply = f"reach me at {EMAIL} or key {AWS} today"

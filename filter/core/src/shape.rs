@@ -429,7 +429,7 @@ impl Walker<'_> {
                 }
             },
             Value::Number(n) => {
-                let text = n.to_string();
+                let text = self.number_text(n)?;
                 match self.screen.rewrite(&text) {
                     Some(new) => {
                         self.replace_here(json_string(&new));
@@ -458,6 +458,30 @@ impl Walker<'_> {
             }
             other => other.clone(),
         })
+    }
+
+    /// A number at the current path as the model reads it, for the
+    /// detectors: its digits. A float that holds an integer
+    /// (`4111111111111111.0`, `4.111111111111111e15`) reads as that
+    /// integer's digits, as a backend may print it. A float too large to
+    /// hold every digit (an integer beyond 64 bits, `1e20`) was rounded by
+    /// the gateway's parse while the backend may keep every digit, so the
+    /// detectors would read other digits than the model: refused.
+    fn number_text(&self, n: &serde_json::Number) -> Result<String, ShapeError> {
+        /// 2^53: from here on, not every integer is a float.
+        const EXACT: f64 = 9_007_199_254_740_992.0;
+        match n.as_f64() {
+            Some(f) if n.is_f64() && f.fract() == 0.0 => {
+                if f.abs() >= EXACT {
+                    return Err(self.err(
+                        "",
+                        "is a number too large for the gateway to read every digit the model reads; send it as a string",
+                    ));
+                }
+                Ok(format!("{f:.0}"))
+            }
+            _ => Ok(n.to_string()),
+        }
     }
 
     /// [`Walker::screened_value`] of `obj[key]`, rendered; `""` when absent.
@@ -810,7 +834,8 @@ fn tool_definition(w: &mut Walker<'_>, v: &Value, names: Names) -> Result<Value,
         // read by the detectors like a string there, and as fixed (a
         // schema's value cannot change without changing the schema).
         Value::Number(n) => {
-            w.fixed(&n.to_string())?;
+            let text = w.number_text(n)?;
+            w.fixed(&text)?;
             Ok(v.clone())
         }
         other => Ok(other.clone()),

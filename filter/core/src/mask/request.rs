@@ -620,6 +620,45 @@ mod tests {
         assert!(out.hits.is_empty());
     }
 
+    /// A number is read by the digits the model reads: a float holding an
+    /// integer (`4111111111111111.0`, `4.111111111111111e15`, which a
+    /// backend prints as its digits) as that integer; one too large for
+    /// the gateway's parse to keep every digit (beyond 64 bits, `1e20`),
+    /// which a backend may keep whole, is refused naming the field.
+    #[test]
+    fn numbers_are_read_by_their_digits_and_inexact_ones_refused() {
+        let p = redact_all();
+        let input = |n: &str| {
+            format!(
+                r#"{{"model":"m","max_tokens":5,"messages":[{{"role":"assistant","content":[{{"type":"tool_use","id":"t","name":"f","input":{{"card":{n},"qty":2.5,"big":18446744073709551615}}}}]}}]}}"#
+            )
+        };
+        for n in [
+            "4111111111111111.0",
+            "4.111111111111111e15",
+            "41111111111111110e-1",
+        ] {
+            let out = mask_request(&p, ApiKind::AnthropicMessages, input(n).as_bytes()).unwrap();
+            let v: Value = serde_json::from_slice(&out.body.expect(n)).unwrap();
+            let sent = &v["messages"][0]["content"][0]["input"];
+            assert_eq!(sent["card"], "[CREDIT_CARD]", "{n}");
+            assert_eq!(
+                (sent["qty"].as_f64(), sent["big"].as_u64()),
+                (Some(2.5), Some(u64::MAX))
+            );
+        }
+        for n in ["4111111111111111111111", "1e20", "-9007199254740993.0"] {
+            let e = mask_request(&p, ApiKind::AnthropicMessages, input(n).as_bytes()).unwrap_err();
+            assert_eq!(e.field, "messages[0].content[0].input.card", "{n}");
+            assert!(e.message.contains("too large"), "{e}");
+        }
+        // In a tool's schema as well.
+        let schema = br#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object","properties":{"n":{"default":4111111111111111.0}}}}}]}"#;
+        let e = mask_request(&p, ApiKind::OpenaiChat, schema).unwrap_err();
+        assert_eq!(e.field, "tools[0].function.parameters.properties.n.default");
+        assert!(e.message.contains("`credit_card`"), "{e}");
+    }
+
     /// A Bedrock document of a text format (`txt`, `md`, `csv`, `html`)
     /// sent as `bytes` is its text in base64, which the model reads: it is
     /// decoded, shown, masked (encoded again) and read by content policy
