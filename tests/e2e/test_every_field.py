@@ -369,6 +369,10 @@ REQUEST_FIELDS = [
     ("responses.output_text", RESPONSES, lambda t: {"model": MODEL, "input": [
         {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": t, "annotations": []}]},
         {"role": "user", "content": "go on"}]}, MASKED),
+    ("responses.output_text.annotations", RESPONSES, lambda t: {"model": MODEL, "input": [
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "see", "annotations": [
+            {"type": "url_citation", "title": t, "url": "https://example.org/a", "start_index": 0, "end_index": 3}]}]},
+        {"role": "user", "content": "go on"}]}, MASKED),
     ("responses.function_call.arguments", RESPONSES, lambda t: {"model": MODEL, "input": [
         {"type": "function_call", "call_id": "c1", "name": "send", "arguments": args({"to": t})},
         {"type": "function_call_output", "call_id": "c1", "output": "sent"}]}, MASKED),

@@ -1377,7 +1377,20 @@ fn responses_part(
     part: &Map<String, Value>,
 ) -> Result<(), ShapeError> {
     match kind {
-        "input_text" | "output_text" | "text" => text_part(w, part),
+        "input_text" | "text" => text_part(w, part),
+        "output_text" => {
+            text_part(w, part)?;
+            // Citations of an earlier answer (titles, URLs, file names),
+            // read again as chat's message `annotations` are.
+            if part
+                .get("annotations")
+                .is_some_and(|a| !a.is_null() && a.as_array().is_none_or(|a| !a.is_empty()))
+            {
+                let shown = w.value_at(part, "annotations")?;
+                w.put(&format!("[annotations: {shown}]"));
+            }
+            Ok(())
+        }
         "refusal" => refusal_part(w, part),
         "input_image" => {
             let shown = w.url_at(part, "image_url")?;

@@ -774,6 +774,30 @@ mod tests {
         }
     }
 
+    /// The annotations of an earlier answer's `output_text` (Responses)
+    /// are citations the model reads again, as chat's message
+    /// `annotations` are: masked and shown, not passed unread.
+    #[test]
+    fn responses_output_text_annotations_are_masked_and_shown() {
+        let body = br#"{"model":"m","input":[{"role":"assistant","content":[{"type":"output_text","text":"see the note","annotations":[{"type":"url_citation","title":"notes of jane@example.com","url":"https://x.example/a","start_index":0,"end_index":3}]}]},{"role":"user","content":"go on"}]}"#;
+        let out = mask_request(&redact_all(), ApiKind::OpenaiResponses, body).unwrap();
+        let v: Value = serde_json::from_slice(&out.body.expect("masked")).unwrap();
+        assert_eq!(
+            v["input"][0]["content"][0]["annotations"][0]["title"],
+            "notes of [EMAIL]"
+        );
+        assert!(
+            out.prompt[0].text.contains("[annotations: ")
+                && out.prompt[0].text.contains("notes of [EMAIL]"),
+            "{:?}",
+            out.prompt
+        );
+        // Empty annotations, as SDKs send an answer back, show nothing.
+        let body = br#"{"model":"m","input":[{"role":"assistant","content":[{"type":"output_text","text":"ok","annotations":[]}]}]}"#;
+        let out = mask_request(&redact_all(), ApiKind::OpenaiResponses, body).unwrap();
+        assert_eq!(out.prompt[0].text, "ok");
+    }
+
     #[test]
     fn nothing_to_mask_gives_no_body() {
         let out = mask_request(
