@@ -551,3 +551,51 @@ def test_responses_tool_input_split_over_deltas_is_masked(stack, delta, done, fi
     assert [e[field] for e in events if e.get("type") == done] == [sent]
     part = response_record(stack, a.request_id)
     assert part["body"] == sent and part["blocked_by"] is None, part
+
+
+# ------------------------------------------------------------------ tool arguments streamed in pieces
+
+STREAMED_ARGS = {"tools": [{"functionDeclarations": [{"name": "send_mail", "parameters": {
+    "type": "object", "properties": {"to": {"type": "string"}}}}]}],
+    "toolConfig": {"functionCallingConfig": {"mode": "AUTO", "streamFunctionCallArguments": True}}}
+
+
+@pytest.mark.parametrize("guard", list(GUARDS))
+def test_asking_for_streamed_function_call_arguments_is_refused_where_the_answer_is_guarded(stack, guard):
+    # Vertex AI streams a call's string arguments in pieces
+    # (`functionCall.partialArgs[].stringValue`) that the client joins and
+    # that no channel of the gateway's answer table follows: refused before
+    # the model, naming the field, like logprobs.
+    model, prompt = GUARDS[guard]
+    a = send(stack, req("gemini", model, True, prompt=prompt, **STREAMED_ARGS))
+    assert a.status == 400, a.raw[:300]
+    err = a.json()["error"]
+    assert "`toolConfig.functionCallingConfig.streamFunctionCallArguments`" in err["message"], err
+    assert EMAIL not in err["message"]
+    assert stack.backend.stats()["started"] == 0
+    # Where nothing guards the answer, the caller gets what it asked for.
+    a = send(stack, req("gemini", OPEN, True, **STREAMED_ARGS), headers={"x-demo-reply": "all is well"})
+    assert a.status == 200, a.raw[:300]
+
+
+def test_function_call_arguments_streamed_in_pieces_block_the_stream(stack):
+    # A backend that streams them unasked: a value split over two pieces
+    # went out, each chunk masked alone. Now the stream ends with the
+    # error at the first piece, and the record says why.
+    cut = EMAIL.index("@") + 4
+    call = lambda **c: {"candidates": [{"index": 0, "content": {"role": "model", "parts": [{"functionCall": c}]}}]}  # noqa: E731
+    script = [
+        {"candidates": [{"index": 0, "content": {"role": "model", "parts": [{"text": "Sending it. "}]}}]},
+        call(name="send_mail", partialArgs=[{"jsonPath": "$.to", "stringValue": EMAIL[:cut], "willContinue": True}],
+             willContinue=True),
+        call(partialArgs=[{"jsonPath": "$.to", "stringValue": EMAIL[cut:]}], willContinue=False),
+        {"candidates": [{"index": 0, "content": {"role": "model", "parts": []}, "finishReason": "STOP"}]},
+    ]
+    a = send(stack, req("gemini", GUARDED, stream=True), headers={"x-demo-answer": json.dumps(script)})
+    assert a.status == 200, a.raw[:300]
+    assert_nowhere(a.raw, EMAIL, EMAIL[:cut], EMAIL[cut:])
+    last = sse_events(a.raw)[-1]
+    assert "functionCall.partialArgs" in last["error"]["message"], a.raw[:600]
+    part = response_record(stack, a.request_id)
+    assert part["blocked_by"] == "pieced_text", part
+    assert "scully" not in json.dumps(part), part

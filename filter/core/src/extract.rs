@@ -35,6 +35,12 @@ pub struct ParsedRequest {
     /// the text says, and masking, restore and response rules read text
     /// only, so it cannot leave where the answer is guarded.
     pub output_media: Option<String>,
+    /// The field that asks for a tool call's arguments streamed in pieces
+    /// that no channel of the answer table follows (Gemini's
+    /// `streamFunctionCallArguments`, see [`crate::answer::pieced_field`]):
+    /// a value split over two pieces is masked by nothing, so it cannot be
+    /// asked for where the answer is guarded.
+    pub pieced_output: Option<&'static str>,
     /// Text parts of one message joined without a break
     /// (as a chat template may join them), for content-policy rules.
     pub glued_parts: Vec<String>,
@@ -261,6 +267,7 @@ fn walked(
         attachments: walked.attachments,
         logprobs: logprobs_field(api, &obj),
         output_media: output_media_field(api, &obj),
+        pieced_output: pieced_output_field(api, &obj),
         glued_parts: walked.glued,
         tools: walked.tools,
         body: Value::Object(obj),
@@ -504,6 +511,42 @@ fn logprobs_field(api: ApiKind, obj: &Map<String, Value>) -> Option<&'static str
         | ApiKind::BedrockConverse
         | ApiKind::BedrockInvoke => None,
     }
+}
+
+/// The field of a request that asks for function-call arguments streamed
+/// in pieces (Vertex AI's Gemini `toolConfig.functionCallingConfig.
+/// streamFunctionCallArguments`; every spelling of each key, since proto3
+/// JSON reads either). Any value but `null` and `false` asks: lenient
+/// backends coerce.
+fn pieced_output_field(api: ApiKind, obj: &Map<String, Value>) -> Option<&'static str> {
+    if api != ApiKind::GeminiGenerateContent {
+        return None;
+    }
+    let asks =
+        |v: Option<&Value>| !matches!(v, None | Some(Value::Null) | Some(Value::Bool(false)));
+    ["toolConfig", "tool_config"]
+        .into_iter()
+        .filter_map(|k| obj.get(k))
+        .flat_map(|tc| {
+            ["functionCallingConfig", "function_calling_config"]
+                .into_iter()
+                .filter_map(move |k| tc.get(k))
+        })
+        .find_map(|fc| {
+            [
+                (
+                    "streamFunctionCallArguments",
+                    "toolConfig.functionCallingConfig.streamFunctionCallArguments",
+                ),
+                (
+                    "stream_function_call_arguments",
+                    "toolConfig.functionCallingConfig.stream_function_call_arguments",
+                ),
+            ]
+            .into_iter()
+            .find(|(k, _)| asks(fc.get(*k)))
+            .map(|(_, field)| field)
+        })
 }
 
 /// The field of a request that asks for audio or image output, per API:

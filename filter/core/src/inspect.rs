@@ -291,14 +291,17 @@ struct ScreenInput<'a> {
 ///
 /// Token log-probabilities spell the answer out token by token, around the
 /// hold-back window, masking and response rules alike, and audio or image
-/// output says or shows what the text says: a request that asks for either
-/// is refused when anything guards its answer.
+/// output says or shows what the text says, and arguments streamed in
+/// pieces are read by no channel: a request that asks for any of them is
+/// refused when anything guards its answer.
 fn screen(input: ScreenInput<'_>) -> Result<Screening, Refusal> {
     let ScreenInput { api, parsed, .. } = input;
     let screening = screen_prompt(input)?;
     // Building the answer's guard costs allocations: only for a request
     // that asks for logprobs or media (most ask for neither).
-    let asks = parsed.logprobs.is_some() || parsed.output_media.is_some();
+    let asks = parsed.logprobs.is_some()
+        || parsed.output_media.is_some()
+        || parsed.pieced_output.is_some();
     let guarded =
         || screening.response_guard().changes_text() || !screening.review_rules.is_empty();
     if !asks || !guarded() {
@@ -310,6 +313,15 @@ fn screen(input: ScreenInput<'_>) -> Result<Screening, Refusal> {
             Some(api),
             format!(
                 "`{field}` asks for token log-probabilities, which would spell out the answer as the model wrote it, where masking, restore or response rules change it here; remove it"
+            ),
+        ));
+    }
+    if let Some(field) = parsed.pieced_output {
+        return Err(Refusal::new(
+            RefusalKind::BadRequest,
+            Some(api),
+            format!(
+                "`{field}` asks for function-call arguments streamed in pieces, which masking and response rules cannot read as one text, where they change the answer here; remove it"
             ),
         ));
     }
@@ -1387,6 +1399,65 @@ mod tests {
                 "{path}"
             );
         }
+    }
+
+    /// Vertex AI's `streamFunctionCallArguments` streams a call's string
+    /// arguments in pieces no channel of the answer table follows
+    /// (`answer::pieced_field`): refused, naming the field in any spelling,
+    /// where masking, restore or response rules change the answer, and
+    /// where a review rule reads it; passed where nothing does.
+    #[test]
+    fn streamed_function_call_arguments_are_refused_where_the_answer_is_guarded() {
+        let masked = Config::from_json(
+            br#"{"default_action":"allow","masking":{"profiles":{"default":{"detectors":{"email":"redact"}}}}}"#,
+        )
+        .unwrap();
+        let open = Config::from_json(br#"{"default_action":"allow"}"#).unwrap();
+        let path = "/v1beta/models/gemini-3-pro-preview:streamGenerateContent";
+        let ep = default_endpoints()
+            .into_iter()
+            .find(|e| e.matches_as_written(path))
+            .unwrap();
+        let i = info(path, None);
+        let tools = r#""tools":[{"functionDeclarations":[{"name":"send_mail","parameters":{"type":"object","properties":{"to":{"type":"string"}}}}]}]"#;
+        for (config, field) in [
+            (
+                r#"{"functionCallingConfig":{"mode":"AUTO","streamFunctionCallArguments":true}}"#,
+                "`toolConfig.functionCallingConfig.streamFunctionCallArguments`",
+            ),
+            (
+                r#"{"function_calling_config":{"stream_function_call_arguments":1}}"#,
+                "`toolConfig.functionCallingConfig.stream_function_call_arguments`",
+            ),
+        ] {
+            for key in ["toolConfig", "tool_config"] {
+                let body = format!(
+                    r#"{{"contents":[{{"parts":[{{"text":"mail Bob"}}]}}],{tools},"{key}":{config}}}"#
+                );
+                match inspect_body(&masked, &ep, &i, body.as_bytes(), 0) {
+                    BodyVerdict::Refuse(r) => {
+                        assert_eq!(r.status(), 400, "{body}");
+                        assert!(r.message.contains(field), "{}", r.message);
+                    }
+                    other => panic!("{body}: {other:?}"),
+                }
+                assert!(
+                    matches!(
+                        inspect_body(&open, &ep, &i, body.as_bytes(), 0),
+                        BodyVerdict::Forward(..)
+                    ),
+                    "{body}"
+                );
+            }
+        }
+        // Off, it asks for nothing.
+        let body = format!(
+            r#"{{"contents":[{{"parts":[{{"text":"mail Bob"}}]}}],{tools},"toolConfig":{{"functionCallingConfig":{{"streamFunctionCallArguments":false}}}}}}"#
+        );
+        assert!(matches!(
+            inspect_body(&masked, &ep, &i, body.as_bytes(), 0),
+            BodyVerdict::Forward(..)
+        ));
     }
 
     #[test]

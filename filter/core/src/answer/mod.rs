@@ -31,6 +31,11 @@
 //! The tool calls of a plain answer (read, edited, removed) are
 //! [`tool_calls`].
 //!
+//! Some fields spell one text over several events where no channel
+//! follows them ([`pieced_field`]: Gemini's streamed `functionCall.partialArgs`):
+//! a stream carrying them cannot be masked, and is blocked where its text is
+//! changed.
+//!
 //! Some fields spell the answer out token by token ([`token_fields`]:
 //! log-probabilities, Ollama's `context` token ids): they are never read as
 //! text, and are dropped wherever the answer's text is changed.
@@ -837,6 +842,43 @@ fn echo_field(kind: &str, v: &Value) -> Option<(TextKind, &'static [Step])> {
         .iter()
         .find(|(t, _, _)| *t == kind)
         .map(|(_, k, path)| (*k, *path))
+}
+
+/// A field of a streamed event of API `api` that spells one text over
+/// several events where no channel of this table follows it, named: Gemini's
+/// `functionCall.partialArgs` (Vertex AI's `streamFunctionCallArguments`),
+/// whose `stringValue` pieces (`willContinue`) a client joins into one
+/// argument. Masked one event at a time, a value or a phrase split over two
+/// pieces would pass: where the answer is guarded, such a stream cannot be
+/// let out. Both spellings of each key (proto3 JSON reads either).
+pub fn pieced_field(api: ApiKind, v: &Value) -> Option<&'static str> {
+    if api != ApiKind::GeminiGenerateContent {
+        return None;
+    }
+    let candidates = v.get("candidates").and_then(Value::as_array)?;
+    candidates
+        .iter()
+        .filter_map(|c| c.get("content").and_then(|c| c.get("parts")))
+        .filter_map(Value::as_array)
+        .flatten()
+        .filter_map(|part| {
+            ["functionCall", "function_call"]
+                .into_iter()
+                .find_map(|k| part.get(k))
+        })
+        .find_map(|call| {
+            [
+                ("partialArgs", "functionCall.partialArgs"),
+                ("partial_args", "functionCall.partial_args"),
+            ]
+            .into_iter()
+            .find(|(k, _)| match call.get(*k) {
+                None | Some(Value::Null) => false,
+                Some(Value::Array(a)) => !a.is_empty(),
+                Some(_) => true,
+            })
+            .map(|(_, field)| field)
+        })
 }
 
 /// Whether the answers of API `api` repeat a part's whole text in echo

@@ -370,6 +370,10 @@ pub enum BlockedBy {
     /// The answer carries audio or image output (the field named): it
     /// says what the text says, and cannot be masked or checked.
     Media(String),
+    /// A streamed answer spells a text over several events in a field no
+    /// channel follows (named: [`crate::answer::pieced_field`]): masked
+    /// one event at a time, a value split over two would pass.
+    Pieced(String),
 }
 
 /// A blocked response. Messages name the detector or rule, never the text.
@@ -386,6 +390,7 @@ impl Blocked {
             BlockedBy::Detector(n) | BlockedBy::Rule(n) => n,
             BlockedBy::Uninspectable => "uninspectable",
             BlockedBy::Media(_) => "media_output",
+            BlockedBy::Pieced(_) => "pieced_text",
         }
     }
 
@@ -399,6 +404,9 @@ impl Blocked {
             BlockedBy::Uninspectable => "response blocked: it could not be inspected".into(),
             BlockedBy::Media(field) => format!(
                 "response blocked: it carries audio or image output (`{field}`), which cannot be masked or checked"
+            ),
+            BlockedBy::Pieced(field) => format!(
+                "response blocked: it streams text in pieces (`{field}`), which cannot be masked or checked as one text; do not ask for streamed function-call arguments"
             ),
         }
     }

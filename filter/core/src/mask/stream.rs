@@ -649,6 +649,13 @@ impl StreamMasker {
                 handled.push(path);
             }
         }
+        if self.guard.changes_text() {
+            if let Some(field) = answer::pieced_field(api, value) {
+                return Err(Blocked {
+                    by: BlockedBy::Pieced(field.to_string()),
+                });
+            }
+        }
         let tokens = answer::token_fields(api);
         let mut texts = Vec::new();
         for (path, leaf) in leaves(value, tokens, self.guard.changes_text()) {
@@ -2778,6 +2785,67 @@ mod tests {
                 "{api:?}"
             );
         }
+    }
+
+    /// Gemini's streamed function-call arguments (Vertex AI's
+    /// `streamFunctionCallArguments`) spell a string argument in pieces
+    /// (`partialArgs[].stringValue`, `willContinue`) that the client joins;
+    /// no channel follows them, so a value split over two chunks would pass
+    /// masked one chunk at a time. Where text is changed the stream is
+    /// blocked at the first such chunk, before any piece goes out; where
+    /// nothing changes text (monitoring only) it passes as it came.
+    #[test]
+    fn gemini_streamed_function_call_arguments_block_the_stream() {
+        let (g, _) = guard("{}");
+        let api = ApiKind::GeminiGenerateContent;
+        let chunk = |call: Value| {
+            data(
+                json!({"candidates":[{"index":0,"content":{"role":"model","parts":[{"functionCall":call}]}}],"modelVersion":"gemini-3-pro"}),
+            )
+        };
+        for (partial, field) in [
+            ("partialArgs", "functionCall.partialArgs"),
+            ("partial_args", "functionCall.partial_args"),
+        ] {
+            let s = [
+                data(json!({"candidates":[{"index":0,"content":{"role":"model","parts":[{"text":"Sending it."}]}}]})),
+                chunk(json!({"name":"send_mail", partial: [{"jsonPath":"$.to","stringValue":"jane@exa","willContinue":true}],"willContinue":true})),
+                chunk(json!({partial: [{"jsonPath":"$.to","stringValue":"mple.com"}],"willContinue":false})),
+                data(json!({"candidates":[{"index":0,"content":{"role":"model","parts":[]},"finishReason":"STOP"}]})),
+            ]
+            .concat();
+            let (out, m) = run(api, &g, &[s.as_bytes()]);
+            let raw = String::from_utf8_lossy(&out);
+            assert!(
+                !raw.contains("jane@exa") && !raw.contains("mple.com"),
+                "{raw}"
+            );
+            assert!(raw.contains("Sending"), "{raw}");
+            assert_eq!(
+                m.report().blocked.map(|b| b.by),
+                Some(BlockedBy::Pieced(field.into())),
+                "{raw}"
+            );
+            let (_, error) = assembled(api, &out);
+            assert!(error.is_some(), "{raw}");
+        }
+        // Nothing changes text: nothing to hide, the stream goes as it came.
+        let monitor = MaskingConfig::from_json(
+            br#"{"salt":"test-salt-0123456789","profiles":{"default":{"detectors":{"*":"monitor"}}}}"#,
+        )
+        .unwrap();
+        let g = ResponseGuard::new(
+            monitor.default_profile(),
+            RestoreMap::default(),
+            ContentPolicy::from_json(b"{}")
+                .unwrap()
+                .response_rules(&RequestFacts::default()),
+        );
+        let s =
+            chunk(json!({"name":"f","partialArgs":[{"jsonPath":"$.to","stringValue":"jane@exa"}]}));
+        let (out, m) = run(api, &g, &[s.as_bytes()]);
+        assert_eq!(out, s.as_bytes());
+        assert!(m.report().blocked.is_none());
     }
 
     /// Text blocks apart (an empty block, a server tool's call and result
