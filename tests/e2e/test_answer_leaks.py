@@ -599,3 +599,30 @@ def test_function_call_arguments_streamed_in_pieces_block_the_stream(stack):
     part = response_record(stack, a.request_id)
     assert part["blocked_by"] == "pieced_text", part
     assert "scully" not in json.dumps(part), part
+
+
+@pytest.mark.parametrize(("first", "second", "place"), [
+    ({"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "x", "arguments": ""}}]},
+     {"tool_calls": [{"index": 0, "function": {"name": "y"}}]},
+     "choices[0].delta.tool_calls[index 0].function.name"),
+    ({"reasoning_details": [{"type": "reasoning.text", "index": 0, "text": "x"}]},
+     {"reasoning_details": [{"type": "reasoning.text", "index": 0, "text": "y"}]},
+     "choices[0].delta.reasoning_details[index 0].text"),
+], ids=["tool-name", "reasoning-details"])
+def test_chat_delta_strings_joined_across_chunks_block_the_stream(stack, first, second, place):
+    # OpenAI's SDKs join every string of a choice's delta with the one at
+    # the same place before it, not only the fields the gateway follows:
+    # a value split over two chunks of another field went out, each chunk
+    # masked alone. Now the second piece ends the stream with the error.
+    cut = EMAIL.index("@") + 4
+    fill = lambda d, text: json.loads(json.dumps(d).replace('"x"', json.dumps(text)).replace('"y"', json.dumps(text)))  # noqa: E731
+    chunk = lambda delta: {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]}  # noqa: E731
+    script = [chunk({"role": "assistant", "content": "Hello. "}), chunk(fill(first, EMAIL[:cut])),
+              chunk(fill(second, EMAIL[cut:])), chunk({"content": "bye"}), "[DONE]"]
+    a = send(stack, req("chat", GUARDED, stream=True), headers={"x-demo-answer": json.dumps(script)})
+    assert a.status == 200, a.raw[:300]
+    assert_nowhere(a.raw, EMAIL, EMAIL[cut:])
+    last = sse_events(a.raw)[-1]
+    assert last["error"]["code"] == "response_blocked" and place in last["error"]["message"], a.raw[:600]
+    part = response_record(stack, a.request_id)
+    assert part["blocked_by"] == "pieced_text", part

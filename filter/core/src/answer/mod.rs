@@ -32,9 +32,10 @@
 //! [`tool_calls`].
 //!
 //! Some fields spell one text over several events where no channel
-//! follows them ([`pieced_field`]: Gemini's streamed `functionCall.partialArgs`):
-//! a stream carrying them cannot be masked, and is blocked where its text is
-//! changed.
+//! follows them ([`pieced_field`]: Gemini's streamed `functionCall.partialArgs`;
+//! [`joined_place`]: a chat `delta`'s other strings, which the SDKs join
+//! chunk after chunk): a stream spelling text so cannot be masked, and is
+//! blocked where its text is changed.
 //!
 //! Some fields spell the answer out token by token ([`token_fields`]:
 //! log-probabilities, Ollama's `context` token ids): they are never read as
@@ -879,6 +880,64 @@ pub fn pieced_field(api: ApiKind, v: &Value) -> Option<&'static str> {
             })
             .map(|(_, field)| field)
         })
+}
+
+/// One step of a path into a JSON value, borrowed ([`joined_place`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum At<'a> {
+    /// An object key.
+    Key(&'a str),
+    /// An array position.
+    Idx(usize),
+}
+
+/// Where a client joins the string at `path` of a streamed event with the
+/// strings at the same place of the stream's other events, named; `None`
+/// where no client joins it. OpenAI's chat streams: the SDKs put a choice's
+/// message together by concatenating every string of its `delta` with the
+/// string at the same place before it (`function.name`, `reasoning_details
+/// [].text`, a key no table knows; not `index` or `type`), merging list
+/// entries by their `index`. The fields this table follows as channels are
+/// joined and masked as one text; any other string is masked one event at
+/// a time, so where one place carries text in two events, a value split
+/// over them would pass: the stream masker blocks it. The place is the
+/// choice's `index` and the path in its `delta`, each list entry named by
+/// its `index` (else its position).
+pub fn joined_place(api: ApiKind, v: &Value, path: &[At<'_>]) -> Option<String> {
+    if !api.is_openai_family() {
+        return None;
+    }
+    let [At::Key("choices"), At::Idx(ci), At::Key("delta"), rest @ ..] = path else {
+        return None;
+    };
+    match rest.last() {
+        Some(At::Key(k)) if !matches!(*k, "index" | "type") => {}
+        _ => return None,
+    }
+    let choice = v.get("choices")?.get(*ci)?;
+    let idx = choice
+        .get("index")
+        .and_then(Value::as_u64)
+        .unwrap_or(*ci as u64);
+    let mut place = format!("choices[{idx}].delta");
+    let mut at = choice.get("delta")?;
+    for step in rest {
+        match step {
+            At::Key(k) => {
+                place.push('.');
+                place.push_str(k);
+                at = at.get(*k)?;
+            }
+            At::Idx(i) => {
+                at = at.get(*i)?;
+                match at.get("index").and_then(Value::as_u64) {
+                    Some(n) => place.push_str(&format!("[index {n}]")),
+                    None => place.push_str(&format!("[{i}]")),
+                }
+            }
+        }
+    }
+    Some(place)
 }
 
 /// Whether the answers of API `api` repeat a part's whole text in echo

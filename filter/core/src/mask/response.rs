@@ -371,8 +371,9 @@ pub enum BlockedBy {
     /// says what the text says, and cannot be masked or checked.
     Media(String),
     /// A streamed answer spells a text over several events in a field no
-    /// channel follows (named: [`crate::answer::pieced_field`]): masked
-    /// one event at a time, a value split over two would pass.
+    /// channel follows (named: [`crate::answer::pieced_field`],
+    /// [`crate::answer::joined_place`]): masked one event at a time, a value
+    /// split over two would pass.
     Pieced(String),
 }
 
@@ -406,7 +407,7 @@ impl Blocked {
                 "response blocked: it carries audio or image output (`{field}`), which cannot be masked or checked"
             ),
             BlockedBy::Pieced(field) => format!(
-                "response blocked: it streams text in pieces (`{field}`), which cannot be masked or checked as one text; do not ask for streamed function-call arguments"
+                "response blocked: it streams text in pieces (`{field}`), which cannot be masked or checked as one text"
             ),
         }
     }

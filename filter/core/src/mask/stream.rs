@@ -37,6 +37,8 @@
 //! blocked stream ends with an error event in the API's format, framed
 //! like the rest.
 
+use std::collections::BTreeSet;
+
 use serde_json::{json, Value};
 
 use super::json_edit::{self, Edits, Seg};
@@ -75,6 +77,9 @@ const RETRY_BYTES: usize = 32;
 const MAX_CARRY_UNITS: usize = 16;
 /// Most bytes held after a block ended with a held tail ([`Carry`]).
 const MAX_CARRY_BYTES: usize = 256 * 1024;
+/// Most places of strings a client joins across events
+/// ([`StreamMasker::joined`]) one stream may open: beyond, it is blocked.
+const MAX_JOINED_PLACES: usize = 4096;
 
 /// Counts and outcome of one stream, for the record.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -294,6 +299,10 @@ pub struct StreamMasker {
     carry: Option<Carry>,
     /// What went out of each channel, for echoes.
     sent_text: Sent,
+    /// The places of strings no channel follows that a client joins across
+    /// events ([`answer::joined_place`]), seen so far: a second string at
+    /// one of them blocks the stream.
+    joined: BTreeSet<String>,
 }
 
 impl StreamMasker {
@@ -316,6 +325,7 @@ impl StreamMasker {
                 on: answer::has_echoes(api),
                 parts: Vec::new(),
             },
+            joined: BTreeSet::new(),
         }
     }
 
@@ -673,7 +683,10 @@ impl StreamMasker {
                 }
                 Leaf::Media(field) => return Err(Blocked::media(field)),
                 Leaf::Fixed(text) => self.guard.check_fixed(&text, &mut self.tally, !echo)?,
-                Leaf::Text(s) => texts.push((path, s)),
+                Leaf::Text(s) => {
+                    self.joined_once(value, &path)?;
+                    texts.push((path, s))
+                }
             }
         }
         // Texts no channel follows, each whole (sibling parts joined).
@@ -692,6 +705,38 @@ impl StreamMasker {
             Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
             Err(_) => Err(UNINSPECTABLE),
         }
+    }
+
+    /// A string at `path` of the current event that no channel follows:
+    /// where a client joins it with the strings at its place in other events
+    /// ([`answer::joined_place`]) and the guard changes text, a second
+    /// string at that place blocks the stream (each was masked alone, so a
+    /// value split over them would pass). Places are bounded
+    /// ([`MAX_JOINED_PLACES`]).
+    fn joined_once(&mut self, value: &Value, path: &[Seg]) -> Result<(), Blocked> {
+        if !self.guard.changes_text() {
+            return Ok(());
+        }
+        let at: Vec<answer::At<'_>> = path
+            .iter()
+            .map(|s| match s {
+                Seg::Key(k) => answer::At::Key(k.as_str()),
+                Seg::Idx(i) => answer::At::Idx(*i),
+            })
+            .collect();
+        let Some(place) = answer::joined_place(self.api, value, &at) else {
+            return Ok(());
+        };
+        if self.joined.contains(&place) {
+            return Err(Blocked {
+                by: BlockedBy::Pieced(place),
+            });
+        }
+        if self.joined.len() >= MAX_JOINED_PLACES {
+            return Err(UNINSPECTABLE);
+        }
+        self.joined.insert(place);
+        Ok(())
     }
 
     /// Whether channel `key` is a block whose tail is carried, its text not
@@ -2843,6 +2888,105 @@ mod tests {
         );
         let s =
             chunk(json!({"name":"f","partialArgs":[{"jsonPath":"$.to","stringValue":"jane@exa"}]}));
+        let (out, m) = run(api, &g, &[s.as_bytes()]);
+        assert_eq!(out, s.as_bytes());
+        assert!(m.report().blocked.is_none());
+    }
+
+    /// OpenAI's SDKs put a streamed chat message together by concatenating
+    /// every string of a choice's `delta` with the one at the same place
+    /// before it (list entries merged by `index`), not only the fields the
+    /// answer table follows. A value split over two chunks of such a field
+    /// (a tool's `function.name`, `reasoning_details[].text`, a key nobody
+    /// knows) was masked chunk by chunk and went out; now the second string
+    /// at one place blocks the stream before it goes out. A string at a place
+    /// once is masked whole; without a guard that changes text, nothing is
+    /// blocked.
+    #[test]
+    fn chat_delta_strings_a_client_joins_across_chunks_block_the_stream() {
+        let (g, _) = guard("{}");
+        let api = ApiKind::OpenaiChat;
+        let chunk = |ci: usize, delta: Value| {
+            data(
+                json!({"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":ci,"delta":delta,"finish_reason":null}]}),
+            )
+        };
+        let done = "data: [DONE]\n\n".to_string();
+        for (first, second, place) in [
+            (
+                json!({"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"jane@exa","arguments":""}}]}),
+                json!({"tool_calls":[{"index":0,"function":{"name":"mple.com"}}]}),
+                "choices[0].delta.tool_calls[index 0].function.name",
+            ),
+            (
+                json!({"function_call":{"name":"jane@exa","arguments":""}}),
+                json!({"function_call":{"name":"mple.com"}}),
+                "choices[0].delta.function_call.name",
+            ),
+            (
+                json!({"reasoning":"mail ","reasoning_details":[{"type":"reasoning.text","index":0,"text":"mail jane@exa"}]}),
+                json!({"reasoning_details":[{"type":"reasoning.text","index":0,"text":"mple.com now"}]}),
+                "choices[0].delta.reasoning_details[index 0].text",
+            ),
+            (
+                json!({"commentary":"jane@exa"}),
+                json!({"commentary":"mple.com"}),
+                "choices[0].delta.commentary",
+            ),
+        ] {
+            let s = [
+                chunk(0, json!({"role":"assistant","content":"Hi. "})),
+                chunk(0, first),
+                chunk(0, second),
+                chunk(0, json!({"content":"bye"})),
+                done.clone(),
+            ]
+            .concat();
+            let (out, m) = run(api, &g, &[s.as_bytes()]);
+            let raw = String::from_utf8_lossy(&out);
+            assert!(!raw.contains("mple.com"), "{place}: {raw}");
+            assert_eq!(
+                m.report().blocked.map(|b| b.by),
+                Some(BlockedBy::Pieced(place.into())),
+                "{raw}"
+            );
+            let (_, error) = assembled(api, &out);
+            assert!(error.is_some(), "{raw}");
+        }
+        // Once per place (two choices, two tool calls): each masked whole.
+        let s = [
+            chunk(0, json!({"tool_calls":[{"index":0,"id":"a","type":"function","function":{"name":"f","arguments":""}}]})),
+            chunk(0, json!({"tool_calls":[{"index":1,"id":"b","type":"function","function":{"name":"g","arguments":""}}]})),
+            chunk(1, json!({"tool_calls":[{"index":0,"id":"c","type":"function","function":{"name":"f","arguments":""}}]})),
+            chunk(0, json!({"annotations":[{"type":"url_citation","url_citation":{"title":"mail jane@example.com"}}]})),
+            done.clone(),
+        ]
+        .concat();
+        let (out, m) = run(api, &g, &[s.as_bytes()]);
+        let raw = String::from_utf8_lossy(&out);
+        assert!(m.report().blocked.is_none(), "{raw}");
+        assert!(
+            !raw.contains("jane@example.com") && raw.contains("<EMAIL_"),
+            "{raw}"
+        );
+        // Nothing changes text: nothing to hide, the stream goes as it came.
+        let monitor = MaskingConfig::from_json(
+            br#"{"salt":"test-salt-0123456789","profiles":{"default":{"detectors":{"*":"monitor"}}}}"#,
+        )
+        .unwrap();
+        let g = ResponseGuard::new(
+            monitor.default_profile(),
+            RestoreMap::default(),
+            ContentPolicy::from_json(b"{}")
+                .unwrap()
+                .response_rules(&RequestFacts::default()),
+        );
+        let s = [
+            chunk(0, json!({"commentary":"jane@exa"})),
+            chunk(0, json!({"commentary":"mple.com"})),
+            done,
+        ]
+        .concat();
         let (out, m) = run(api, &g, &[s.as_bytes()]);
         assert_eq!(out, s.as_bytes());
         assert!(m.report().blocked.is_none());
