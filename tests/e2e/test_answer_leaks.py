@@ -626,3 +626,39 @@ def test_chat_delta_strings_joined_across_chunks_block_the_stream(stack, first, 
     assert last["error"]["code"] == "response_blocked" and place in last["error"]["message"], a.raw[:600]
     part = response_record(stack, a.request_id)
     assert part["blocked_by"] == "pieced_text", part
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_fetched_page_in_a_web_fetch_result_is_masked(stack, stream):
+    # Anthropic's web fetch tool returns the page as a document whose
+    # plain-text source keeps the text under `data`, a key read elsewhere as
+    # base64 and skipped: the page's values went out unmasked.
+    result = {"type": "web_fetch_tool_result", "tool_use_id": "srvtoolu_1", "content": {
+        "type": "web_fetch_result", "url": "https://example.org/page", "retrieved_at": "2026-01-01T00:00:00Z",
+        "content": {"type": "document", "title": "Page", "citations": {"enabled": True},
+                    "source": {"type": "text", "media_type": "text/plain", "data": SECRET_REPLY}}}}
+    fetch = {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_fetch",
+             "input": {"url": "https://example.org/page"}}
+    if stream:
+        script = [
+            {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+                                                  "content": [], "model": GUARDED}},
+            {"type": "content_block_start", "index": 0, "content_block": fetch},
+            {"type": "content_block_stop", "index": 0},
+            {"type": "content_block_start", "index": 1, "content_block": result},
+            {"type": "content_block_stop", "index": 1},
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 1}},
+            {"type": "message_stop"},
+        ]
+    else:
+        script = {"id": "msg_1", "type": "message", "role": "assistant", "model": GUARDED, "stop_reason": "end_turn",
+                  "content": [fetch, result, {"type": "text", "text": "Fetched."}],
+                  "usage": {"input_tokens": 1, "output_tokens": 1}}
+    a = send(stack, req("messages", GUARDED, stream=stream), headers={"x-demo-answer": json.dumps(script)})
+    assert a.status == 200, a.raw[:300]
+    assert_nowhere(a.raw, EMAIL, CARD)
+    docs = sse_events(a.raw) if stream else [a.json()]
+    sources = [d["content_block"]["content"]["content"]["source"]["data"] for d in docs
+               if d.get("type") == "content_block_start" and d["content_block"]["type"] == "web_fetch_tool_result"] \
+        if stream else [docs[0]["content"][1]["content"]["content"]["source"]["data"]]
+    assert len(sources) == 1 and "[CREDIT_CARD]" in sources[0] and "<EMAIL_" in sources[0], sources

@@ -702,6 +702,15 @@ const OPAQUE: &[&str] = &[
     "inline_data",
 ];
 
+/// Whether the answer object `o` is a document source holding plain text
+/// under `data` (`{"type": "text", "media_type": "text/plain", "data": ..}`:
+/// the page Anthropic's web fetch tool fetched, a document's text), which
+/// is text for every reader although `data` is [`OPAQUE`] (base64)
+/// elsewhere.
+fn text_source(o: &serde_json::Map<String, Value>) -> bool {
+    o.get("type").and_then(Value::as_str) == Some("text")
+}
+
 /// Keys whose object or array value is free-form JSON the model wrote: an
 /// Anthropic or Bedrock `tool_use` / `toolUse` `input`, Gemini's
 /// `functionCall.args`, Ollama's `tool_calls[].function.arguments`. Its
@@ -767,7 +776,11 @@ impl Walk<'_> {
                                 out.push((path.clone(), Leaf::Media(field)));
                             }
                         }
-                        self.field(key, x, path, out);
+                        if key == "data" && text_source(o) {
+                            self.collect(x, path, false, out);
+                        } else {
+                            self.field(key, x, path, out);
+                        }
                     }
                     path.pop();
                 }
@@ -964,6 +977,53 @@ mod tests {
             let v: Value = serde_json::from_slice(&out.body.unwrap()).unwrap();
             assert_eq!(v.pointer(path).unwrap(), "x [US_SSN]", "{api:?}");
         }
+    }
+
+    /// Anthropic's web fetch tool returns the page it fetched as a document
+    /// whose plain-text source keeps the page's text under `data` (`{"type":
+    /// "text", "media_type": "text/plain", "data": ...}`), a key otherwise
+    /// opaque (base64): that text is answer text, masked plain and streamed
+    /// (a `content_block_start` carries the whole result). Base64 `data`
+    /// stays opaque.
+    #[test]
+    fn fetched_page_text_under_data_is_masked() {
+        let g = guard_with(MASKING, "{}", None);
+        let result = |data: &str, kind: &str| {
+            json!({"type":"web_fetch_tool_result","tool_use_id":"srvtoolu_1","content":{
+                "type":"web_fetch_result","url":"https://example.org/page","retrieved_at":"2026-01-01T00:00:00Z",
+                "content":{"type":"document","title":"Page","citations":{"enabled":true},
+                    "source":{"type":kind,"media_type":"text/plain","data":data}}}})
+        };
+        let body = json!({"id":"msg","type":"message","role":"assistant","content":[
+            {"type":"server_tool_use","id":"srvtoolu_1","name":"web_fetch","input":{"url":"https://example.org/page"}},
+            result("ssn 123-45-6789 here", "text"),
+            {"type":"text","text":"Done."}]})
+        .to_string();
+        let out = mask_response_body(&g, ApiKind::AnthropicMessages, body.as_bytes()).unwrap();
+        let v: Value = serde_json::from_slice(&out.body.expect("masked")).unwrap();
+        assert_eq!(
+            v.pointer("/content/1/content/content/source/data").unwrap(),
+            "ssn [US_SSN] here"
+        );
+        // Streamed: the block's start carries it whole.
+        let mut m = crate::mask::StreamMasker::new(
+            ApiKind::AnthropicMessages,
+            g.clone(),
+            crate::framing::Framing::Sse,
+        );
+        let event = json!({"type":"content_block_start","index":1,"content_block":result("ssn 123-45-6789 here", "text")});
+        let mut sent = m.push(format!("event: content_block_start\ndata: {event}\n\n").as_bytes());
+        sent.extend(m.finish());
+        let sent = String::from_utf8(sent).unwrap();
+        assert!(
+            !sent.contains("123-45-6789") && sent.contains("[US_SSN]"),
+            "{sent}"
+        );
+        // Base64 data is not text.
+        let b64 = "MTIzLTQ1LTY3ODk=";
+        let body = json!({"content":[result(b64, "base64")]}).to_string();
+        let out = mask_response_body(&g, ApiKind::AnthropicMessages, body.as_bytes()).unwrap();
+        assert!(out.body.is_none() && out.blocked.is_none());
     }
 
     #[test]
