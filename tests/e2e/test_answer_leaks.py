@@ -662,3 +662,18 @@ def test_a_fetched_page_in_a_web_fetch_result_is_masked(stack, stream):
                if d.get("type") == "content_block_start" and d["content_block"]["type"] == "web_fetch_tool_result"] \
         if stream else [docs[0]["content"][1]["content"]["content"]["source"]["data"]]
     assert len(sources) == 1 and "[CREDIT_CARD]" in sources[0] and "<EMAIL_" in sources[0], sources
+
+
+@pytest.mark.parametrize("odd", [1.0, "1"], ids=["float", "string"])
+def test_an_index_clients_read_otherwise_blocks_the_stream(stack, odd):
+    # `1.0` (or `"1"`) is candidate 1 to JavaScript and to the SDKs' models,
+    # not to the gateway's reading: the halves of a value split over two
+    # chunks of one candidate were masked as two texts and went out.
+    cut = EMAIL.index("@") + 4
+    chunk = lambda index, text: {"candidates": [{"index": index, "content": {"role": "model", "parts": [{"text": text}]}}]}  # noqa: E731
+    script = [chunk(1, "Hello. mail " + EMAIL[:cut]), chunk(odd, EMAIL[cut:] + " now")]
+    a = send(stack, req("gemini", GUARDED, stream=True), headers={"x-demo-answer": json.dumps(script)})
+    assert a.status == 200, a.raw[:300]
+    assert_nowhere(a.raw, EMAIL, EMAIL[cut:])
+    assert sse_events(a.raw)[-1]["error"]["status"] == "PERMISSION_DENIED", a.raw[:600]
+    assert response_record(stack, a.request_id)["blocked_by"] == "uninspectable"

@@ -882,6 +882,46 @@ pub fn pieced_field(api: ApiKind, v: &Value) -> Option<&'static str> {
         })
 }
 
+/// The index fields this table reads to tell channels apart: an event's
+/// `index` (Anthropic's block), `output_index`, `content_index` and
+/// `summary_index` (Responses), `choices[].index` and
+/// `choices[].delta.tool_calls[].index` (chat), `candidates[].index`
+/// (Gemini).
+const INDEX_KEYS: [&str; 4] = ["index", "output_index", "content_index", "summary_index"];
+
+/// The first index field of a streamed event (where this table reads one)
+/// that is present but no unsigned integer as JSON writes one, named: a
+/// client reads `1.0` (JavaScript; Python's SDK models coerce it, and
+/// `"1"`) as block, choice or candidate 1, where this table would not
+/// ([`Value::as_u64`]), so text a client joins into one block would be
+/// masked as two. `null` is no index.
+pub fn odd_index(v: &Value) -> Option<String> {
+    let odd = |x: Option<&Value>| {
+        !matches!(x, None | Some(Value::Null)) && x.and_then(Value::as_u64).is_none()
+    };
+    if let Some(k) = INDEX_KEYS.iter().find(|k| odd(v.get(**k))) {
+        return Some((*k).to_string());
+    }
+    for list in ["choices", "candidates"] {
+        let entries = v.get(list).and_then(Value::as_array);
+        for (i, entry) in entries.into_iter().flatten().enumerate() {
+            if odd(entry.get("index")) {
+                return Some(format!("{list}[{i}].index"));
+            }
+            let calls = entry
+                .get("delta")
+                .and_then(|d| d.get("tool_calls"))
+                .and_then(Value::as_array);
+            for (j, call) in calls.into_iter().flatten().enumerate() {
+                if odd(call.get("index")) {
+                    return Some(format!("{list}[{i}].delta.tool_calls[{j}].index"));
+                }
+            }
+        }
+    }
+    None
+}
+
 /// One step of a path into a JSON value, borrowed ([`joined_place`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum At<'a> {

@@ -612,6 +612,11 @@ impl StreamMasker {
         pre: &mut Vec<u8>,
         echoes: &mut Vec<(Vec<Seg>, ChanKey, String)>,
     ) -> Result<Option<String>, Blocked> {
+        // An index a client reads otherwise than the table: the channels
+        // would not be the client's.
+        if answer::odd_index(value).is_some() {
+            return Err(UNINSPECTABLE);
+        }
         let mut edits = Edits::new();
         let mut handled: Vec<Vec<Seg>> = Vec::new();
         let mut repeats = Vec::new();
@@ -2990,6 +2995,84 @@ mod tests {
         let (out, m) = run(api, &g, &[s.as_bytes()]);
         assert_eq!(out, s.as_bytes());
         assert!(m.report().blocked.is_none());
+    }
+
+    /// An index written as JavaScript and Python's SDK models read it but
+    /// the answer table does not (`1.0`, `"1"`) put a block's, choice's or
+    /// candidate's text on another channel than a client's: a value split
+    /// over two chunks of one candidate was masked as two texts and went
+    /// out. Such an event blocks the stream.
+    #[test]
+    fn an_index_a_client_reads_otherwise_blocks_the_stream() {
+        let (g, _) = guard("{}");
+        let gemini = |index: Value, text: &str| {
+            data(
+                json!({"candidates":[{"index":index,"content":{"role":"model","parts":[{"text":text}]}}]}),
+            )
+        };
+        let chat = |index: Value, text: &str| {
+            data(
+                json!({"id":"c","object":"chat.completion.chunk","choices":[{"index":index,"delta":{"content":text},"finish_reason":null}]}),
+            )
+        };
+        let anthropic = |index: Value, text: &str| {
+            named_event(
+                json!({"type":"content_block_delta","index":index,"delta":{"type":"text_delta","text":text}}),
+            )
+        };
+        let start = named_event(
+            json!({"type":"content_block_start","index":1,"content_block":{"type":"text","text":""}}),
+        );
+        for odd in [json!(1.0), json!("1")] {
+            for (api, s) in [
+                (
+                    ApiKind::GeminiGenerateContent,
+                    [
+                        gemini(json!(1), "mail jane@exa"),
+                        gemini(odd.clone(), "mple.com now"),
+                    ]
+                    .concat(),
+                ),
+                (
+                    ApiKind::OpenaiChat,
+                    [
+                        chat(json!(1), "mail jane@exa"),
+                        chat(odd.clone(), "mple.com now"),
+                    ]
+                    .concat(),
+                ),
+                (
+                    ApiKind::AnthropicMessages,
+                    [
+                        start.clone(),
+                        anthropic(json!(1), "mail jane@exa"),
+                        anthropic(odd.clone(), "mple.com now"),
+                    ]
+                    .concat(),
+                ),
+            ] {
+                let (out, m) = run(api, &g, &[s.as_bytes()]);
+                let raw = String::from_utf8_lossy(&out);
+                assert!(!raw.contains("mple.com"), "{api:?} {odd}: {raw}");
+                assert_eq!(
+                    m.report().blocked.map(|b| b.by),
+                    Some(BlockedBy::Uninspectable),
+                    "{api:?} {odd}: {raw}"
+                );
+            }
+        }
+        assert_eq!(
+            answer::odd_index(
+                &json!({"choices":[{"index":0,"delta":{"tool_calls":[{"index":-1}]}}]})
+            ),
+            Some("choices[0].delta.tool_calls[0].index".into())
+        );
+        assert_eq!(
+            answer::odd_index(
+                &json!({"type":"response.output_text.delta","output_index":0,"content_index":null})
+            ),
+            None
+        );
     }
 
     /// Text blocks apart (an empty block, a server tool's call and result
