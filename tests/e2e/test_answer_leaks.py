@@ -677,3 +677,25 @@ def test_an_index_clients_read_otherwise_blocks_the_stream(stack, odd):
     assert_nowhere(a.raw, EMAIL, EMAIL[cut:])
     assert sse_events(a.raw)[-1]["error"]["status"] == "PERMISSION_DENIED", a.raw[:600]
     assert response_record(stack, a.request_id)["blocked_by"] == "uninspectable"
+
+
+def test_anthropic_blocks_out_of_order_block_the_stream(stack):
+    # The SDKs put a delta into the block its index names; the gateway
+    # follows one open block at a time. Interleaved, a value's halves went
+    # out in two blocks a reader joins (the final text).
+    cut = EMAIL.index("@") + 4
+    start = lambda i: {"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}}  # noqa: E731
+    delta = lambda i, t: {"type": "content_block_delta", "index": i, "delta": {"type": "text_delta", "text": t}}  # noqa: E731
+    script = [
+        {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "content": [],
+                                              "model": GUARDED}},
+        start(0), start(1), delta(1, EMAIL[cut:] + " now"), delta(0, "mail " + EMAIL[:cut]),
+        {"type": "content_block_stop", "index": 0}, {"type": "content_block_stop", "index": 1},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 1}},
+        {"type": "message_stop"},
+    ]
+    a = send(stack, req("messages", GUARDED, stream=True), headers={"x-demo-answer": json.dumps(script)})
+    assert a.status == 200, a.raw[:300]
+    assert_nowhere(a.raw, EMAIL, EMAIL[cut:], EMAIL[:cut])
+    assert sse_events(a.raw)[-1]["type"] == "error", a.raw[:600]
+    assert response_record(stack, a.request_id)["blocked_by"] == "uninspectable"

@@ -922,6 +922,38 @@ pub fn odd_index(v: &Value) -> Option<String> {
     None
 }
 
+/// What an Anthropic stream event does to its content blocks, which come
+/// one at a time: `content_block_start` opens block `index`, its deltas
+/// follow, `content_block_stop` closes it, then the next one starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockStep {
+    /// `content_block_start` of this block.
+    Start(u64),
+    /// `content_block_delta` of this block.
+    Delta(u64),
+    /// `content_block_stop` of this block.
+    Stop(u64),
+}
+
+/// The block step of an Anthropic stream event (`None` for the other
+/// events and the other APIs). A client (the SDKs put each delta into the
+/// block its `index` names, whatever block is open) reads interleaved
+/// blocks as written; this table follows one open block at a time, the
+/// text of the next continuing the last ([`continues`]), so the stream
+/// masker blocks a stream whose steps are not in that order.
+pub fn block_step(api: ApiKind, v: &Value) -> Option<BlockStep> {
+    if !matches!(api, ApiKind::AnthropicMessages | ApiKind::BedrockInvoke) {
+        return None;
+    }
+    let index = v.get("index").and_then(Value::as_u64).unwrap_or(0);
+    match v.get("type").and_then(Value::as_str)? {
+        "content_block_start" => Some(BlockStep::Start(index)),
+        "content_block_delta" => Some(BlockStep::Delta(index)),
+        "content_block_stop" => Some(BlockStep::Stop(index)),
+        _ => None,
+    }
+}
+
 /// One step of a path into a JSON value, borrowed ([`joined_place`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum At<'a> {

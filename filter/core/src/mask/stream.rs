@@ -303,6 +303,8 @@ pub struct StreamMasker {
     /// events ([`answer::joined_place`]), seen so far: a second string at
     /// one of them blocks the stream.
     joined: BTreeSet<String>,
+    /// Anthropic: the content block open now ([`answer::block_step`]).
+    open_block: Option<u64>,
 }
 
 impl StreamMasker {
@@ -326,6 +328,7 @@ impl StreamMasker {
                 parts: Vec::new(),
             },
             joined: BTreeSet::new(),
+            open_block: None,
         }
     }
 
@@ -616,6 +619,20 @@ impl StreamMasker {
         // would not be the client's.
         if answer::odd_index(value).is_some() {
             return Err(UNINSPECTABLE);
+        }
+        // Blocks one at a time, as the table follows them: a client puts
+        // an interleaved block's text where its index says, the table
+        // would join it to the open block's.
+        match answer::block_step(self.api, value) {
+            Some(answer::BlockStep::Start(i)) if self.open_block.is_none() => {
+                self.open_block = Some(i)
+            }
+            Some(answer::BlockStep::Delta(i)) if self.open_block == Some(i) => {}
+            Some(answer::BlockStep::Stop(i)) if self.open_block == Some(i) => {
+                self.open_block = None
+            }
+            Some(_) => return Err(UNINSPECTABLE),
+            None => {}
         }
         let mut edits = Edits::new();
         let mut handled: Vec<Vec<Seg>> = Vec::new();
@@ -3072,6 +3089,86 @@ mod tests {
                 &json!({"type":"response.output_text.delta","output_index":0,"content_index":null})
             ),
             None
+        );
+    }
+
+    /// Anthropic streams its content blocks one at a time; the SDKs put a
+    /// delta into the block its `index` names, whatever block is open. A
+    /// backend interleaving two text blocks, or adding to a block after its
+    /// stop, put a value's halves into channels the masker read apart
+    /// while a client read them joined (the final text). Such a stream is
+    /// blocked at the first step out of order.
+    #[test]
+    fn anthropic_blocks_out_of_order_block_the_stream() {
+        let (g, _) = guard("{}");
+        let api = ApiKind::AnthropicMessages;
+        let ev = named_event;
+        let start = |i: u64| {
+            ev(
+                json!({"type":"content_block_start","index":i,"content_block":{"type":"text","text":""}}),
+            )
+        };
+        let delta = |i: u64, t: &str| {
+            ev(
+                json!({"type":"content_block_delta","index":i,"delta":{"type":"text_delta","text":t}}),
+            )
+        };
+        let stop = |i: u64| ev(json!({"type":"content_block_stop","index":i}));
+        let end = ev(json!({"type":"message_stop"}));
+        for s in [
+            // Interleaved: block 1's text before block 0's.
+            [
+                start(0),
+                start(1),
+                delta(1, "mple.com now"),
+                delta(0, "mail jane@exa"),
+                stop(0),
+                stop(1),
+                end.clone(),
+            ]
+            .concat(),
+            // Back to block 0 after its stop.
+            [
+                start(0),
+                delta(0, "mail jane@exa"),
+                stop(0),
+                start(1),
+                delta(1, "ok"),
+                delta(0, "mple.com now"),
+                stop(1),
+                end.clone(),
+            ]
+            .concat(),
+        ] {
+            let (out, m) = run(api, &g, &[s.as_bytes()]);
+            let raw = String::from_utf8_lossy(&out);
+            assert!(
+                !raw.contains("mple.com") && !raw.contains("jane@exa"),
+                "{raw}"
+            );
+            assert_eq!(
+                m.report().blocked.map(|b| b.by),
+                Some(BlockedBy::Uninspectable),
+                "{raw}"
+            );
+        }
+        // In order, with a ping and a tool block between: as before.
+        let s = [
+            start(0),
+            ev(json!({"type":"ping"})),
+            delta(0, "mail jane@exa"),
+            stop(0),
+            start(1),
+            delta(1, "mple.com now"),
+            stop(1),
+            end,
+        ]
+        .concat();
+        let (out, m) = run(api, &g, &[s.as_bytes()]);
+        assert!(
+            m.report().blocked.is_none(),
+            "{}",
+            String::from_utf8_lossy(&out)
         );
     }
 
