@@ -435,13 +435,16 @@ def test_ids_sent_to_the_provider_are_masked_and_stop_sequences_refused(masked):
     # in place (the request still works). A masked stop sequence would end
     # the answer somewhere else: refused, naming the field.
     email = "dana.scully@fbi.example.org"
-    body = {**chat(model="demo-allow", text="hi"), "user": email, "metadata": {"owner": email}}
+    location = {"type": "approximate", "approximate": {"city": email, "country": "US"}}
+    body = {**chat(model="demo-allow", text="hi"), "user": email, "metadata": {"owner": email},
+            "web_search_options": {"user_location": location}}
     r = post(masked.url, json=body)
     assert r.status_code == 200, r.text
     [seen] = masked.backend.requests()
     assert email not in seen["body"], seen["body"]
     sent = json.loads(seen["body"])
     assert sent["user"].startswith("<EMAIL_") and sent["metadata"]["owner"] == sent["user"], sent
+    assert sent["web_search_options"]["user_location"]["approximate"] == {"city": sent["user"], "country": "US"}
     r = post(masked.url, json={**chat(model="demo-allow", text="hi"), "stop": ["END", email]})
     assert r.status_code == 400 and "stop[1]" in r.json()["error"]["message"], r.text
     assert len(masked.backend.requests()) == 1

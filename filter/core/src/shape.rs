@@ -1016,9 +1016,17 @@ struct ProviderFields {
 fn provider_field_paths(api: ApiKind) -> ProviderFields {
     const OPENAI_IDS: &[&str] = &["user", "safety_identifier", "prompt_cache_key", "metadata"];
     match api {
+        // `web_search_options` carries the caller's approximate location
+        // (city, region, country, timezone) to the provider's search.
         ApiKind::OpenaiChat | ApiKind::AzureOpenaiChat => ProviderFields {
             stop: &[&["stop"]],
-            ids: OPENAI_IDS,
+            ids: &[
+                "user",
+                "safety_identifier",
+                "prompt_cache_key",
+                "metadata",
+                "web_search_options",
+            ],
         },
         ApiKind::OpenaiCompletions | ApiKind::AzureOpenaiCompletions => ProviderFields {
             stop: &[&["stop"]],
@@ -1067,9 +1075,10 @@ fn provider_field_paths(api: ApiKind) -> ProviderFields {
 /// * Stop sequences are fixed: a masked stop sequence would silently stop
 ///   the answer somewhere else, so a detection refuses the request.
 /// * The caller's ids and labels (`user`, `metadata`, Gemini's `labels`,
-///   Bedrock's `requestMetadata`) are rewritten: a placeholder is as good an
-///   id for the provider's abuse monitoring, and the request keeps working.
-///   Their keys are fixed.
+///   Bedrock's `requestMetadata`) and chat's `web_search_options` (the
+///   caller's approximate location) are rewritten: a placeholder is as good
+///   an id for the provider's abuse monitoring, and the request keeps
+///   working. Their keys are fixed.
 fn provider_fields(
     w: &mut Walker<'_>,
     api: ApiKind,
@@ -3350,12 +3359,13 @@ mod tests {
         for (api, body, paths) in [
             (
                 ApiKind::OpenaiChat,
-                r#"{"messages":[{"role":"user","content":"hi"}],"user":"V","safety_identifier":"V","prompt_cache_key":"V","metadata":{"team":"V"}}"#,
+                r#"{"messages":[{"role":"user","content":"hi"}],"user":"V","safety_identifier":"V","prompt_cache_key":"V","metadata":{"team":"V"},"web_search_options":{"search_context_size":"low","user_location":{"type":"approximate","approximate":{"city":"V"}}}}"#,
                 &[
                     "user",
                     "safety_identifier",
                     "prompt_cache_key",
                     "metadata.team",
+                    "web_search_options.user_location.approximate.city",
                 ][..],
             ),
             (
