@@ -1284,13 +1284,76 @@ fn chat_part(w: &mut Walker<'_>, kind: &str, part: &Map<String, Value>) -> Resul
             w.attachment(&format!("[image_url: {shown}]"));
             Ok(())
         }
-        // Shown by kind only: their payload is not text.
-        "input_audio" | "file" => {
-            w.attachment(&format!("[{kind}]"));
+        "input_audio" => {
+            match part.get("input_audio") {
+                Some(Value::Object(audio)) => {
+                    w.key("input_audio", |w| w.known_keys(audio, &["data", "format"]))?
+                }
+                _ => return Err(w.err("input_audio", "must be an object")),
+            }
+            // Shown by kind only: its payload is not text.
+            w.attachment("[input_audio]");
+            Ok(())
+        }
+        "file" => {
+            match part.get("file") {
+                Some(Value::Object(file)) => w.key("file", |w| {
+                    w.known_keys(file, &["file_id", "file_data", "filename"])?;
+                    openai_file(w, file)
+                })?,
+                _ => return Err(w.err("file", "must be an object")),
+            }
+            w.attachment("[file]");
             Ok(())
         }
         other => Err(unsupported(w, other)),
     }
+}
+
+/// The fields of an OpenAI file input (chat's `file` object, a Responses
+/// `input_file` part) the model may read besides the file: `filename` is
+/// fixed (the provider tells the model the file's name), and `file_data`,
+/// the file in base64, is an attachment only when it is media (a PDF, an
+/// image): a text file (plain, Markdown, CSV, JSON, code) is text the model
+/// reads that no reviewer or detector could see inside base64, so it is
+/// refused, as is data that does not say what it is (no data URL, and not
+/// a PDF).
+fn openai_file(w: &mut Walker<'_>, file: &Map<String, Value>) -> Result<(), ShapeError> {
+    if let Some(name) = w.opt_str(file, "filename")? {
+        w.key("filename", |w| w.fixed(name))?;
+    }
+    let Some(data) = w.opt_str(file, "file_data")? else {
+        return Ok(());
+    };
+    let media = match data.strip_prefix("data:") {
+        Some(rest) => rest
+            .split([';', ','])
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+        None => {
+            use base64::engine::general_purpose::STANDARD;
+            use base64::Engine;
+            // Enough base64 for the PDF signature, `%PDF-`.
+            let head: String = data.chars().take(8).collect();
+            match STANDARD.decode(head) {
+                Ok(bytes) if bytes.starts_with(b"%PDF-") => "application/pdf".to_string(),
+                _ => {
+                    return Err(w.err(
+                        "file_data",
+                        "must be a data URL (`data:<media type>;base64,...`) or a PDF, so that what the model reads can be told apart",
+                    ))
+                }
+            }
+        }
+    };
+    if binary_media(&media) {
+        return Ok(());
+    }
+    Err(w.err(
+        "file_data",
+        format!("is a `{media}` file in base64: the model reads its text, which no reviewer or detector can see there; send the text as a text part"),
+    ))
 }
 
 // OpenAI responses ----------------------------------------------------------
@@ -1407,12 +1470,18 @@ fn responses_part(
             Ok(())
         }
         "input_file" if part.contains_key("file_url") => {
+            openai_file(w, part)?;
             let shown = w.url_at(part, "file_url")?;
             w.attachment(&format!("[input_file: {shown}]"));
             Ok(())
         }
-        // Shown by kind only: their payload is not text.
-        "input_file" | "input_audio" => {
+        "input_file" => {
+            openai_file(w, part)?;
+            w.attachment("[input_file]");
+            Ok(())
+        }
+        // Shown by kind only: its payload is not text.
+        "input_audio" => {
             w.attachment(&format!("[{kind}]"));
             Ok(())
         }
@@ -1747,7 +1816,7 @@ fn gemini_part(w: &mut Walker<'_>, part: &Map<String, Value>) -> Result<(), Shap
             w.attachment(&format!("[inline_data: {mime}]"));
             // Anything but images, audio, video and PDF is text to Gemini
             // (plain text, HTML, CSV, Markdown, JSON, code): read as text.
-            if !gemini_binary_media(&mime) {
+            if !binary_media(&mime) {
                 let encoded = w.key(key, |w| w.req_str(d, "data"))?;
                 w.key(key, |w| {
                     w.key("data", |w| {
@@ -1800,12 +1869,13 @@ fn gemini_part(w: &mut Walker<'_>, part: &Map<String, Value>) -> Result<(), Shap
     Ok(())
 }
 
-/// Whether Gemini reads inline data of this MIME type as media (an image,
+/// Whether a provider reads a file of this MIME type as media (an image,
 /// audio, video or a PDF: an attachment, shown as a marker) rather than as
 /// the text it carries. Any other type (`text/plain`, `text/html`,
-/// `application/json`, `text/x-python`, an unknown one) is walked as text,
-/// or refused when it is not base64 of UTF-8 text.
-fn gemini_binary_media(mime: &str) -> bool {
+/// `application/json`, `text/x-python`, an unknown one) is text: Gemini's
+/// inline data is walked as text, or refused when it is not base64 of
+/// UTF-8 text; an OpenAI file input of such a type is refused.
+fn binary_media(mime: &str) -> bool {
     let essence = mime
         .split(';')
         .next()
@@ -2996,6 +3066,88 @@ mod tests {
             assert_eq!(e.field, field, "{body}: {e}");
             assert!(e.message.contains(says), "{body}: {e}");
         }
+    }
+
+    /// An OpenAI file input in base64 is an attachment when it is media (a
+    /// PDF); a text file there is text the model reads inside base64, which
+    /// no reviewer or detector sees: refused, naming the field. Its
+    /// `filename` is told to the model: fixed. Unknown keys of the file and
+    /// audio objects are refused like any other.
+    #[test]
+    fn openai_text_files_in_base64_are_refused_and_pdfs_are_attachments() {
+        use ApiKind::*;
+        // "%PDF-1.7" and "jane@example.com", in base64.
+        let pdf = "JVBERi0xLjc=";
+        let text = "amFuZUBleGFtcGxlLmNvbQ==";
+        let chat = |file: &str| {
+            format!(
+                r#"{{"messages":[{{"role":"user","content":[{{"type":"text","text":"read"}},{{"type":"file","file":{file}}}]}}]}}"#
+            )
+        };
+        let responses = |file: &str| {
+            format!(r#"{{"input":[{{"role":"user","content":[{{"type":"input_file",{file}}}]}}]}}"#)
+        };
+        for (api, body, field, says) in [
+            (
+                OpenaiChat,
+                chat(&format!(
+                    r#"{{"file_data":"data:text/plain;base64,{text}","filename":"a.txt"}}"#
+                )),
+                "messages[0].content[1].file.file_data",
+                "`text/plain` file",
+            ),
+            (
+                OpenaiChat,
+                chat(&format!(r#"{{"file_data":"{text}"}}"#)),
+                "messages[0].content[1].file.file_data",
+                "data URL",
+            ),
+            (
+                OpenaiChat,
+                chat(r#"{"file_id":"f","extra":"x"}"#),
+                "messages[0].content[1].file.extra",
+                "not a field",
+            ),
+            (
+                OpenaiResponses,
+                responses(&format!(
+                    r#""file_data":"data:text/markdown;base64,{text}","filename":"a.md""#
+                )),
+                "input[0].content[0].file_data",
+                "`text/markdown` file",
+            ),
+        ] {
+            let e = shown(api, &body).unwrap_err();
+            assert_eq!(e.field, field, "{body}: {e}");
+            assert!(e.message.contains(says), "{body}: {e}");
+        }
+        for (api, body) in [
+            (
+                OpenaiChat,
+                chat(&format!(
+                    r#"{{"file_data":"data:application/pdf;base64,{pdf}","filename":"a.pdf"}}"#
+                )),
+            ),
+            (OpenaiChat, chat(&format!(r#"{{"file_data":"{pdf}"}}"#))),
+            (OpenaiChat, chat(r#"{"file_id":"file-1"}"#)),
+            (
+                OpenaiResponses,
+                responses(&format!(
+                    r#""file_data":"data:application/pdf;base64,{pdf}","filename":"a.pdf""#
+                )),
+            ),
+        ] {
+            let w = shown(api, &body).unwrap();
+            assert!(w.attachments, "{body}");
+        }
+        // The file's name is fixed: a value there refuses the request.
+        let v: Value = serde_json::from_str(&chat(&format!(
+            r#"{{"file_data":"data:application/pdf;base64,{pdf}","filename":"jane@example.com.pdf"}}"#
+        )))
+        .unwrap();
+        let Value::Object(obj) = v else { panic!() };
+        let e = walk(OpenaiChat, &obj, &mut OneValue("jane@example.com")).unwrap_err();
+        assert_eq!(e.field, "messages[0].content[1].file.filename");
     }
 
     #[test]
