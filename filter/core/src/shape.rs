@@ -1527,6 +1527,38 @@ fn anthropic_source_url(
     }
 }
 
+/// The `source` of an Anthropic `image` or `document` block: each source
+/// type with its known keys (a lenient backend could read one the gateway
+/// did not), and base64 data only of media types read as media: a
+/// base64 text document is text the model reads that no reviewer or
+/// detector sees (a `text` source is read as text instead).
+fn anthropic_source(w: &mut Walker<'_>, block: &Map<String, Value>) -> Result<(), ShapeError> {
+    let Some(Value::Object(src)) = block.get("source") else {
+        return Err(w.err("source", "must be an object"));
+    };
+    w.key("source", |w| {
+        let known: &[&str] = match src.get("type").and_then(Value::as_str) {
+            Some("base64") => &["type", "media_type", "data"],
+            Some("url") => &["type", "url"],
+            Some("file") => &["type", "file_id"],
+            Some("text") => &["type", "media_type", "data"],
+            Some("content") => &["type", "content"],
+            _ => return Err(w.err("type", "is not a source this gateway can review")),
+        };
+        w.known_keys(src, known)?;
+        if src.get("type").and_then(Value::as_str) == Some("base64") {
+            let media = w.opt_str(src, "media_type")?.unwrap_or_default();
+            if !binary_media(media) {
+                return Err(w.err(
+                    "media_type",
+                    format!("is `{media}`: base64 data of that type is text the model reads, which no reviewer or detector can see there; send it as a `text` source"),
+                ));
+            }
+        }
+        Ok(())
+    })
+}
+
 fn anthropic_block(w: &mut Walker<'_>, block: &Map<String, Value>) -> Result<(), ShapeError> {
     let kind = part_type(w, block)?;
     let known: &[&str] = match kind {
@@ -1569,6 +1601,7 @@ fn anthropic_block(w: &mut Walker<'_>, block: &Map<String, Value>) -> Result<(),
     match kind {
         "text" => text_part(w, block),
         "image" => {
+            anthropic_source(w, block)?;
             let url = anthropic_source_url(w, block)?;
             w.attachment(&format!("[image{url}]"));
             Ok(())
@@ -1586,6 +1619,7 @@ fn anthropic_block(w: &mut Walker<'_>, block: &Map<String, Value>) -> Result<(),
             Ok(())
         }
         "document" => {
+            anthropic_source(w, block)?;
             let url = anthropic_source_url(w, block)?;
             w.attachment(&format!("[document{url}]"));
             let title = w.screened_at(block, "title")?;
@@ -3148,6 +3182,63 @@ mod tests {
         let Value::Object(obj) = v else { panic!() };
         let e = walk(OpenaiChat, &obj, &mut OneValue("jane@example.com")).unwrap_err();
         assert_eq!(e.field, "messages[0].content[1].file.filename");
+    }
+
+    /// An Anthropic image or document source has the keys of its type, and
+    /// base64 data only of a media type: base64 text is text the model
+    /// reads unseen (a `text` source is the way to send it).
+    #[test]
+    fn anthropic_sources_have_known_keys_and_base64_is_media() {
+        let doc = |source: &str| {
+            format!(
+                r#"{{"messages":[{{"role":"user","content":[{{"type":"document","source":{source}}},{{"type":"text","text":"summarise"}}]}}]}}"#
+            )
+        };
+        let image = |source: &str| {
+            format!(
+                r#"{{"messages":[{{"role":"user","content":[{{"type":"image","source":{source}}}]}}]}}"#
+            )
+        };
+        for (body, field, says) in [
+            (
+                doc(r#"{"type":"text","media_type":"text/plain","data":"x","extra":"hidden"}"#),
+                "messages[0].content[0].source.extra",
+                "not a field",
+            ),
+            (
+                doc(r#"{"type":"base64","media_type":"text/plain","data":"aGk="}"#),
+                "messages[0].content[0].source.media_type",
+                "`text/plain`",
+            ),
+            (
+                image(r#"{"type":"url","url":"https://x.test/a.png","data":"x"}"#),
+                "messages[0].content[0].source.data",
+                "not a field",
+            ),
+            (
+                image(r#"{"type":"pointer","id":"x"}"#),
+                "messages[0].content[0].source.type",
+                "not a source",
+            ),
+        ] {
+            let e = shown(ApiKind::AnthropicMessages, &body).unwrap_err();
+            assert_eq!(e.field, field, "{body}: {e}");
+            assert!(e.message.contains(says), "{body}: {e}");
+        }
+        for body in [
+            doc(r#"{"type":"base64","media_type":"application/pdf","data":"JVBERi0x"}"#),
+            doc(r#"{"type":"text","media_type":"text/plain","data":"the text"}"#),
+            doc(r#"{"type":"file","file_id":"file_1"}"#),
+            image(r#"{"type":"base64","media_type":"image/png","data":"iVBORw0KGgo="}"#),
+            image(r#"{"type":"url","url":"https://x.test/a.png"}"#),
+        ] {
+            assert!(
+                shown(ApiKind::AnthropicMessages, &body)
+                    .unwrap()
+                    .attachments,
+                "{body}"
+            );
+        }
     }
 
     #[test]
