@@ -100,19 +100,6 @@ def test_block_names_the_detector_never_the_value(masked):
     assert masked.backend.stats()["started"] == 0
 
 
-def test_values_glued_to_words_are_masked(masked):
-    # `_` and letters are word characters: a value written into an
-    # identifier once passed every detector that began with `\b`.
-    r = post(masked.url, json=chat(model="demo-allow", text=f"env aws_key_{AWS}_old and key{AWS}"))
-    assert r.status_code == 200, r.text
-    [seen] = masked.backend.requests()
-    sent = json.loads(seen["body"])["messages"][0]["content"]
-    assert sent == "env aws_key_[AWS_ACCESS_KEY]_old and key[AWS_ACCESS_KEY]", sent
-    card = post(masked.url, json=chat(model="demo-allow", text=f"card_{CARD.replace(' ', '')}_exp"))
-    assert card.status_code == 403 and "credit_card" in card.json()["error"]["message"], card.text
-    assert masked.backend.stats()["started"] == 1
-
-
 def test_unicode_escapes_do_not_hide_a_value(masked):
     escaped = EMAIL.replace("@", "\\u0040").replace(".", "\\u002e")
     body = ('{"model":"demo-allow","messages":[{"role":"user","content":"write to %s"}]}' % escaped).encode()
