@@ -305,6 +305,9 @@ pub struct StreamMasker {
     joined: BTreeSet<String>,
     /// Anthropic: the content block open now ([`answer::block_step`]).
     open_block: Option<u64>,
+    /// Anthropic: how many content blocks have started, so the index the
+    /// next one must have.
+    blocks_started: u64,
 }
 
 impl StreamMasker {
@@ -329,6 +332,7 @@ impl StreamMasker {
             },
             joined: BTreeSet::new(),
             open_block: None,
+            blocks_started: 0,
         }
     }
 
@@ -624,8 +628,13 @@ impl StreamMasker {
         // an interleaved block's text where its index says, the table
         // would join it to the open block's.
         match answer::block_step(self.api, value) {
-            Some(answer::BlockStep::Start(i)) if self.open_block.is_none() => {
-                self.open_block = Some(i)
+            // Each block starts once, in index order: a block started
+            // again would put new text into one already sent.
+            Some(answer::BlockStep::Start(i))
+                if self.open_block.is_none() && i == self.blocks_started =>
+            {
+                self.open_block = Some(i);
+                self.blocks_started += 1;
             }
             Some(answer::BlockStep::Delta(i)) if self.open_block == Some(i) => {}
             Some(answer::BlockStep::Stop(i)) if self.open_block == Some(i) => {
@@ -3151,6 +3160,30 @@ mod tests {
                 "{raw}"
             );
         }
+        // Block 0 started again after block 1: the SDKs append its text to
+        // the block 0 already sent. Its first half went out with block 1's
+        // text (no address yet); the second half never does.
+        let s = [
+            start(0),
+            delta(0, "mail jane@exa"),
+            stop(0),
+            start(1),
+            delta(1, " ok "),
+            stop(1),
+            start(0),
+            delta(0, "mple.com now"),
+            stop(0),
+            end.clone(),
+        ]
+        .concat();
+        let (out, m) = run(api, &g, &[s.as_bytes()]);
+        let raw = String::from_utf8_lossy(&out);
+        assert!(!raw.contains("mple.com"), "{raw}");
+        assert_eq!(
+            m.report().blocked.map(|b| b.by),
+            Some(BlockedBy::Uninspectable),
+            "{raw}"
+        );
         // In order, with a ping and a tool block between: as before.
         let s = [
             start(0),
