@@ -975,7 +975,13 @@ pub enum At<'a> {
 /// over them would pass: the stream masker blocks it. The place is the
 /// choice's `index` and the path in its `delta`, each list entry named by
 /// its `index` (else its position).
-pub fn joined_place(api: ApiKind, v: &Value, path: &[At<'_>]) -> Option<String> {
+///
+/// With the place comes the `id` of the list entry it is in, when that
+/// entry has one: some backends (Ollama's OpenAI API, Gemini's) send each
+/// of several tool calls whole, in its own chunk, all at index 0 or at no
+/// index, and clients that know tell them apart by `id`; a new `id` at a
+/// place is a new call, not a second piece of the last.
+pub fn joined_place(api: ApiKind, v: &Value, path: &[At<'_>]) -> Option<(String, Option<String>)> {
     if !api.is_openai_family() {
         return None;
     }
@@ -983,7 +989,9 @@ pub fn joined_place(api: ApiKind, v: &Value, path: &[At<'_>]) -> Option<String> 
         return None;
     };
     match rest.last() {
-        Some(At::Key(k)) if !matches!(*k, "index" | "type") => {}
+        // `format` names the kind of a reasoning entry (OpenRouter's
+        // `reasoning_details[].format`), the same in every chunk.
+        Some(At::Key(k)) if !matches!(*k, "index" | "type" | "format") => {}
         _ => return None,
     }
     let choice = v.get("choices")?.get(*ci)?;
@@ -993,6 +1001,7 @@ pub fn joined_place(api: ApiKind, v: &Value, path: &[At<'_>]) -> Option<String> 
         .unwrap_or(*ci as u64);
     let mut place = format!("choices[{idx}].delta");
     let mut at = choice.get("delta")?;
+    let mut entry_id = None;
     for step in rest {
         match step {
             At::Key(k) => {
@@ -1006,10 +1015,11 @@ pub fn joined_place(api: ApiKind, v: &Value, path: &[At<'_>]) -> Option<String> 
                     Some(n) => place.push_str(&format!("[index {n}]")),
                     None => place.push_str(&format!("[{i}]")),
                 }
+                entry_id = at.get("id").and_then(Value::as_str).map(str::to_string);
             }
         }
     }
-    Some(place)
+    Some((place, entry_id))
 }
 
 /// Whether the answers of API `api` repeat a part's whole text in echo

@@ -37,7 +37,7 @@
 //! blocked stream ends with an error event in the API's format, framed
 //! like the rest.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
@@ -302,7 +302,7 @@ pub struct StreamMasker {
     /// The places of strings no channel follows that a client joins across
     /// events ([`answer::joined_place`]), seen so far: a second string at
     /// one of them blocks the stream.
-    joined: BTreeSet<String>,
+    joined: BTreeMap<String, Option<String>>,
     /// Anthropic: the content block open now ([`answer::block_step`]).
     open_block: Option<u64>,
     /// Anthropic: how many content blocks have started, so the index the
@@ -330,7 +330,7 @@ impl StreamMasker {
                 on: answer::has_echoes(api),
                 parts: Vec::new(),
             },
-            joined: BTreeSet::new(),
+            joined: BTreeMap::new(),
             open_block: None,
             blocks_started: 0,
         }
@@ -755,19 +755,26 @@ impl StreamMasker {
                 Seg::Idx(i) => answer::At::Idx(*i),
             })
             .collect();
-        let Some(place) = answer::joined_place(self.api, value, &at) else {
+        let Some((place, call)) = answer::joined_place(self.api, value, &at) else {
             return Ok(());
         };
-        if self.joined.contains(&place) {
-            return Err(Blocked {
+        let full = self.joined.len() >= MAX_JOINED_PLACES;
+        match self.joined.get_mut(&place) {
+            // A new call's id at a place seen before: another call, sent
+            // whole (see `joined_place`), not a piece of the last.
+            Some(seen) if call.is_some() && *seen != call => {
+                *seen = call;
+                Ok(())
+            }
+            Some(_) => Err(Blocked {
                 by: BlockedBy::Pieced(place),
-            });
+            }),
+            None if full => Err(UNINSPECTABLE),
+            None => {
+                self.joined.insert(place, call);
+                Ok(())
+            }
         }
-        if self.joined.len() >= MAX_JOINED_PLACES {
-            return Err(UNINSPECTABLE);
-        }
-        self.joined.insert(place);
-        Ok(())
     }
 
     /// Whether channel `key` is a block whose tail is carried, its text not
@@ -2999,6 +3006,24 @@ mod tests {
             !raw.contains("jane@example.com") && raw.contains("<EMAIL_"),
             "{raw}"
         );
+        // Parallel calls each sent whole in a chunk of its own, all at index
+        // 0 (Ollama's OpenAI API) or at no index (Gemini's), told apart by
+        // their ids; and a reasoning entry's `format`, the same in every
+        // chunk (OpenRouter): none is a piece of another.
+        let s = [
+            chunk(0, json!({"tool_calls":[{"index":0,"id":"call_a","type":"function","function":{"name":"file_write","arguments":"{\"p\":1}"}}]})),
+            chunk(0, json!({"tool_calls":[{"index":0,"id":"call_b","type":"function","function":{"name":"file_write","arguments":"{\"p\":2}"}}]})),
+            chunk(0, json!({"tool_calls":[{"id":"call_c","type":"function","function":{"name":"file_read","arguments":"{}"}}]})),
+            chunk(0, json!({"tool_calls":[{"id":"call_d","type":"function","function":{"name":"file_read","arguments":"{}"}}]})),
+            chunk(0, json!({"reasoning_details":[{"type":"reasoning.text","index":0,"format":"anthropic-claude-v1"}]})),
+            chunk(0, json!({"reasoning_details":[{"type":"reasoning.text","index":0,"format":"anthropic-claude-v1"}]})),
+            done.clone(),
+        ]
+        .concat();
+        let (out, m) = run(api, &g, &[s.as_bytes()]);
+        let raw = String::from_utf8_lossy(&out);
+        assert!(m.report().blocked.is_none(), "{raw}");
+        assert_eq!(raw.matches("file_write").count(), 2, "{raw}");
         // Nothing changes text: nothing to hide, the stream goes as it came.
         let monitor = MaskingConfig::from_json(
             br#"{"salt":"test-salt-0123456789","profiles":{"default":{"detectors":{"*":"monitor"}}}}"#,
