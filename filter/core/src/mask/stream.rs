@@ -305,9 +305,9 @@ pub struct StreamMasker {
     joined: BTreeMap<String, Option<String>>,
     /// Anthropic: the content block open now ([`answer::block_step`]).
     open_block: Option<u64>,
-    /// Anthropic: how many content blocks have started, so the index the
-    /// next one must have.
-    blocks_started: u64,
+    /// Anthropic: the lowest index the next content block may have (one
+    /// past the last started).
+    next_block: u64,
 }
 
 impl StreamMasker {
@@ -332,7 +332,7 @@ impl StreamMasker {
             },
             joined: BTreeMap::new(),
             open_block: None,
-            blocks_started: 0,
+            next_block: 0,
         }
     }
 
@@ -631,10 +631,10 @@ impl StreamMasker {
             // Each block starts once, in index order: a block started
             // again would put new text into one already sent.
             Some(answer::BlockStep::Start(i))
-                if self.open_block.is_none() && i == self.blocks_started =>
+                if self.open_block.is_none() && i >= self.next_block =>
             {
                 self.open_block = Some(i);
-                self.blocks_started += 1;
+                self.next_block = i.saturating_add(1);
             }
             Some(answer::BlockStep::Delta(i)) if self.open_block == Some(i) => {}
             Some(answer::BlockStep::Stop(i)) if self.open_block == Some(i) => {
