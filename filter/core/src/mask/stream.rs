@@ -2912,22 +2912,27 @@ mod tests {
             assert!(error.is_some(), "{raw}");
         }
         // Nothing changes text: nothing to hide, the stream goes as it came.
-        let monitor = MaskingConfig::from_json(
-            br#"{"salt":"test-salt-0123456789","profiles":{"default":{"detectors":{"*":"monitor"}}}}"#,
-        )
-        .unwrap();
-        let g = ResponseGuard::new(
-            monitor.default_profile(),
-            RestoreMap::default(),
-            ContentPolicy::from_json(b"{}")
-                .unwrap()
-                .response_rules(&RequestFacts::default()),
-        );
+        let g = monitor_only_guard();
         let s =
             chunk(json!({"name":"f","partialArgs":[{"jsonPath":"$.to","stringValue":"jane@exa"}]}));
         let (out, m) = run(api, &g, &[s.as_bytes()]);
         assert_eq!(out, s.as_bytes());
         assert!(m.report().blocked.is_none());
+    }
+
+    /// A guard whose detectors only monitor: it changes no text.
+    fn monitor_only_guard() -> ResponseGuard {
+        let monitor = MaskingConfig::from_json(
+            br#"{"salt":"test-salt-0123456789","profiles":{"default":{"detectors":{"*":"monitor"}}}}"#,
+        )
+        .unwrap();
+        ResponseGuard::new(
+            monitor.default_profile(),
+            RestoreMap::default(),
+            ContentPolicy::from_json(b"{}")
+                .unwrap()
+                .response_rules(&RequestFacts::default()),
+        )
     }
 
     /// OpenAI's SDKs put a streamed chat message together by concatenating
@@ -3025,17 +3030,7 @@ mod tests {
         assert!(m.report().blocked.is_none(), "{raw}");
         assert_eq!(raw.matches("file_write").count(), 2, "{raw}");
         // Nothing changes text: nothing to hide, the stream goes as it came.
-        let monitor = MaskingConfig::from_json(
-            br#"{"salt":"test-salt-0123456789","profiles":{"default":{"detectors":{"*":"monitor"}}}}"#,
-        )
-        .unwrap();
-        let g = ResponseGuard::new(
-            monitor.default_profile(),
-            RestoreMap::default(),
-            ContentPolicy::from_json(b"{}")
-                .unwrap()
-                .response_rules(&RequestFacts::default()),
-        );
+        let g = monitor_only_guard();
         let s = [
             chunk(0, json!({"commentary":"jane@exa"})),
             chunk(0, json!({"commentary":"mple.com"})),
