@@ -262,8 +262,16 @@ def test_hanging_long_poll_is_retried_and_the_hold_completes_once_healed(make_st
     # polls begun after the cut prove a retry of a hung poll; the timeout
     # is generous because the backoff and the suite's load (two workers on
     # two cores) both stretch the wait.
-    wait_until(lambda: len(proxy.requests(r"^GET /v1/reviews/rev_\w+/wait", since=cut)) >= 2, timeout=60,
-               what="two long polls during the outage")
+    try:
+        wait_until(lambda: len(proxy.requests(r"^GET /v1/reviews/rev_\w+/wait", since=cut)) >= 2, timeout=60,
+                   what="two long polls during the outage")
+    except AssertionError:
+        # What the channel saw, and what Envoy made of its calls, for the
+        # next reader: a hold that stops polling is a bug, not load.
+        seen = [(round(t - cut, 2), line) for t, line in list(proxy.seen)]
+        calls = httpx.get(f"http://127.0.0.1:{stack.envoy.admin_port}/stats?filter=countersign_approval",
+                          timeout=5).text
+        raise AssertionError(f"request lines seen (s after the cut): {seen}\nEnvoy: {calls}")
     # The decision is taken while the channel is down: nothing moves yet.
     assert stack.approval.decide(review["id"], "approve", reason="ok").status_code == 200
     time.sleep(1.0)
