@@ -1536,13 +1536,16 @@ fn anthropic_source(w: &mut Walker<'_>, block: &Map<String, Value>) -> Result<()
     let Some(Value::Object(src)) = block.get("source") else {
         return Err(w.err("source", "must be an object"));
     };
+    // Only a document's text source is walked as text (by the caller): an
+    // image's would reach a lenient backend unseen.
+    let document = block.get("type").and_then(Value::as_str) == Some("document");
     w.key("source", |w| {
         let known: &[&str] = match src.get("type").and_then(Value::as_str) {
             Some("base64") => &["type", "media_type", "data"],
             Some("url") => &["type", "url"],
             Some("file") => &["type", "file_id"],
-            Some("text") => &["type", "media_type", "data"],
-            Some("content") => &["type", "content"],
+            Some("text") if document => &["type", "media_type", "data"],
+            Some("content") if document => &["type", "content"],
             _ => return Err(w.err("type", "is not a source this gateway can review")),
         };
         w.known_keys(src, known)?;
@@ -3217,6 +3220,11 @@ mod tests {
             ),
             (
                 image(r#"{"type":"pointer","id":"x"}"#),
+                "messages[0].content[0].source.type",
+                "not a source",
+            ),
+            (
+                image(r#"{"type":"text","media_type":"text/plain","data":"unseen"}"#),
                 "messages[0].content[0].source.type",
                 "not a source",
             ),
