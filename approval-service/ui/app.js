@@ -10,12 +10,14 @@
 (() => {
   // Masked-value placeholders inserted by redaction: [EMAIL], <EMAIL_3f2a>.
   const MASK_RE = /\[[A-Z_]+\]|<[A-Z_]+_[0-9a-f]{4,}>/g;
-  // Characters a reader does not see but a model reads: zero-width,
-  // directional and joining controls, variation selectors, and runs of
-  // Unicode tag characters (which spell ASCII text invisibly). The filter
-  // reads them as the model does; the page shows them, so a reviewer sees
-  // what the model gets.
-  const HIDDEN_RE = /[\u{E0000}-\u{E007F}]+|[\u00AD\u180E\u200B-\u200F\u202A-\u202E\u2060-\u2064\u2066-\u2069\uFE00-\uFE0F\uFEFF\u{E0100}-\u{E01EF}]/gu;
+  // Characters a reader does not see but a model reads (Unicode's
+  // default-ignorable code points): zero-width, directional and joining
+  // controls, Hangul fillers, variation selectors, and runs of Unicode tag
+  // characters (which spell ASCII text invisibly). The filter reads them as
+  // the model does; the page shows them, so a reviewer sees what the model
+  // gets. The service's tests hold this to the filter's list
+  // (countersign_core::renders_as_nothing).
+  const HIDDEN_RE = /[\u{E0000}-\u{E007F}]+|[\u00AD\u034F\u061C\u115F\u1160\u17B4\u17B5\u180B-\u180F\u200B-\u200F\u202A-\u202E\u2060-\u206F\u3164\uFE00-\uFE0F\uFEFF\uFFA0\uFFF0-\uFFF8\u{1BCA0}-\u{1BCA3}\u{1D173}-\u{1D17A}\u{E0080}-\u{E0FFF}]/gu;
   // Body fields that hold the prompt itself (shown as the conversation).
   const PROMPT_KEYS = new Set(['messages', 'input', 'prompt', 'contents', 'system', 'systemInstruction', 'instructions']);
   const STATUS_LABEL = {

@@ -411,6 +411,36 @@ mod tests {
     }
 
     #[test]
+    fn the_page_marks_every_character_the_filter_reads_unseen() {
+        // The review page's HIDDEN_RE, as the regex crate spells it.
+        let start = APP_JS.find("const HIDDEN_RE = /").unwrap() + "const HIDDEN_RE = /".len();
+        let len = APP_JS[start..].find("/gu;").unwrap();
+        let js = &APP_JS[start..start + len];
+        let mut pattern = String::new();
+        let mut rest = js;
+        while let Some(at) = rest.find("\\u") {
+            pattern.push_str(&rest[..at]);
+            let after = &rest[at + 2..];
+            let (hex, tail) = match after.strip_prefix('{') {
+                Some(braced) => braced.split_at(braced.find('}').unwrap()),
+                None => after.split_at(4),
+            };
+            pattern.push_str(&format!("\\x{{{hex}}}"));
+            rest = tail.strip_prefix('}').unwrap_or(tail);
+        }
+        pattern.push_str(rest);
+        let hidden = regex::Regex::new(&format!("^(?:{pattern})$")).unwrap();
+        for c in (0..=0x10_FFFF).filter_map(char::from_u32) {
+            assert_eq!(
+                hidden.is_match(&c.to_string()),
+                countersign_core::renders_as_nothing(c),
+                "{c:?} (U+{:04X})",
+                u32::from(c)
+            );
+        }
+    }
+
+    #[test]
     fn assets_have_no_inline_script() {
         assert!(has_event_attribute("<a onclick=\"x\">"));
         assert!(!has_event_attribute("<p>runs on every page</p>"));

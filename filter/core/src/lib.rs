@@ -46,6 +46,8 @@ pub mod vm_memory;
 pub mod wire;
 pub mod worker;
 
+pub use normalize::renders_as_nothing;
+
 #[cfg(test)]
 mod held_memory;
 #[cfg(test)]

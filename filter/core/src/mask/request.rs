@@ -1038,6 +1038,9 @@ mod tests {
             ),
             // Directional overrides and variation selectors inside it.
             ("jane\u{202e}@\u{fe0f}example.com", "[EMAIL]"),
+            // Hangul fillers and the Arabic letter mark inside it.
+            ("AKIA\u{3164}IOSFODNN7\u{ffa0}EXAMPLE", "[AWS_ACCESS_KEY]"),
+            ("jane\u{61c}@example\u{115f}.com", "[EMAIL]"),
             // Unicode tag characters: invisible, read by models as ASCII.
             (
                 "\u{e006a}\u{e0061}\u{e006e}\u{e0065}\u{e0040}\u{e0065}\u{e0078}\u{e002e}\u{e0069}\u{e006f}",

@@ -1264,6 +1264,10 @@ mod tests {
             "ｓｅｃｒｅｔ-１２",
             // Directional controls and variation selectors inside it.
             "proj\u{202e}ect fal\u{fe0f}con",
+            // Hangul fillers, the combining grapheme joiner, the Arabic
+            // letter mark: default-ignorable, shown as nothing.
+            "proj\u{3164}ect fal\u{115f}con",
+            "pro\u{34f}ject fal\u{61c}con",
         ] {
             assert!(one(t).is_some(), "{t:?}");
         }
@@ -1528,6 +1532,14 @@ mod tests {
             ("1aunch codes", "1aunch codes"),
             // Invisible characters between the letters.
             ("lau\u{200b}nch co\u{ad}des.", "lau\u{200b}nch co\u{ad}des"),
+            (
+                "lau\u{3164}nch co\u{34f}des.",
+                "lau\u{3164}nch co\u{34f}des",
+            ),
+            (
+                "lau\u{ffa0}nch co\u{61c}des.",
+                "lau\u{ffa0}nch co\u{61c}des",
+            ),
             // Percent, HTML-entity and JSON escapes a reader decodes.
             ("the launch%20codes", "launch%20codes"),
             ("%4caunch%20CODES", "%4caunch%20CODES"),
