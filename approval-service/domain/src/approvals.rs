@@ -12,12 +12,18 @@
 //!   of that group may approve, edit *or reject* it (403
 //!   `not_in_approver_group`): the group owns the decision, so nobody
 //!   outside it can veto the group's quorum either.
+//! - **One person, one name.** Names (reviewers', callers') are compared
+//!   by [`person_key`]: without surrounding spaces, in Unicode
+//!   compatibility form (NFKC) and lower case, so `dana@example.com` from a
+//!   token, `Dana@Example.COM` from the identity provider or the
+//!   authenticating proxy and `ｄａｎａ@example.com` are one person, erring
+//!   towards refusal.
 //! - **No self-approval.** A reviewer whose name is the review's caller, or
 //!   who lists the caller in `callers`, may not approve or edit (403
-//!   `self_approval`). They may reject. Names compare ASCII
-//!   case-insensitively, erring towards refusal.
+//!   `self_approval`). They may reject.
 //! - **Quorum.** An approval is recorded per reviewer; a second approval by
-//!   the same reviewer is 409 `already_approved`. Once the approvals of the
+//!   the same person, under any spelling of their name, is 409
+//!   `already_approved`. Once the approvals of the
 //!   current body reach `required_approvals` distinct reviewers, the review
 //!   is approved (`reviewer` = the last approver; `reason` = the approvers'
 //!   reasons). Before that it stays pending and the filter keeps waiting.
@@ -36,6 +42,7 @@
 
 use countersign_core::edit::{check_edit, InvalidEdit};
 use countersign_core::wire::{CreateReview, ReviewState, ReviewStatus};
+use unicode_normalization::UnicodeNormalization;
 
 use crate::config::ReviewerConfig;
 use crate::db::{Conn, DbResult, Lock};
@@ -188,13 +195,30 @@ impl From<&ReviewerConfig> for Approver {
     }
 }
 
+/// The form in which two names of one person compare equal: trimmed,
+/// NFKC (full-width letters, ligatures and composed accents as their
+/// plain forms), then Unicode lower case ("Åsa" and "åsa" are one person).
+/// Every comparison of who someone is goes through it: a token's
+/// `[[reviewers]]` name, the identity provider's or the proxy's spelling
+/// of it, a caller identity.
+pub fn person_key(name: &str) -> String {
+    let folded: String = name.trim().nfkc().collect::<String>().to_lowercase();
+    // Lower-casing may leave a form NFKC would change again (rare): once more.
+    folded.nfkc().collect()
+}
+
+/// Whether `a` and `b` name one person ([`person_key`]).
+pub fn same_person(a: &str, b: &str) -> bool {
+    person_key(a) == person_key(b)
+}
+
 /// Whether `reviewer` is, or sends requests as, `caller`.
 pub fn is_self(reviewer: &Approver, caller: Option<&str>) -> bool {
     let Some(caller) = caller.map(str::trim).filter(|c| !c.is_empty()) else {
         return false;
     };
-    // Unicode case folding, not ASCII only: "Åsa" and "åsa" are one person.
-    let same = |name: &str| name.trim().to_lowercase() == caller.to_lowercase();
+    let caller = person_key(caller);
+    let same = |name: &str| person_key(name) == caller;
     same(&reviewer.name) || reviewer.callers.iter().any(|c| same(c))
 }
 
@@ -352,13 +376,11 @@ pub(crate) fn decide_in(
     }
     match new_body {
         None => {
-            let already: bool = tx
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM approvals
-                     WHERE review_id = ?1 AND reviewer = ?2 AND superseded_at_ms IS NULL)",
-                    params![id, &reviewer.name],
-                )?
-                .get(0)?;
+            // By person, not by spelling: the same reviewer through a token
+            // and through the identity provider is one approval.
+            let already = current_approvers(tx, id)?
+                .iter()
+                .any(|who| same_person(who, &reviewer.name));
             if already {
                 return Ok(DecideOutcome::Refused(DecisionRefused::AlreadyApproved));
             }
@@ -395,7 +417,10 @@ pub(crate) fn decide_in(
         .iter()
         .map(|r| Ok((r.get(0)?, r.get(1)?)))
         .collect::<DbResult<_>>()?;
-    let quorum = u32::try_from(counted.len()).unwrap_or(u32::MAX) >= p.required;
+    // Distinct people (a spelling that slipped in twice counts once).
+    let people: std::collections::HashSet<String> =
+        counted.iter().map(|(who, _)| person_key(who)).collect();
+    let quorum = u32::try_from(people.len()).unwrap_or(u32::MAX) >= p.required;
     if !quorum && d.standing_approval.is_none() {
         return decided(tx, id, false);
     }
@@ -458,6 +483,11 @@ mod tests {
         assert!(is_self(&dana, Some("dana")));
         assert!(is_self(&dana, Some("Dana")));
         assert!(is_self(&dana, Some("CI-dana")));
+        // The identity provider's or the proxy's spellings of one person.
+        assert!(is_self(&dana, Some(" DANA ")));
+        assert!(is_self(&dana, Some("ｄａｎａ")));
+        assert!(same_person("dana@example.com", "Dana@Example.COM "));
+        assert!(!same_person("dana", "dan"));
         assert!(!is_self(&dana, Some("svc")));
         assert!(!is_self(&dana, None));
         assert!(!is_self(&dana, Some("")));

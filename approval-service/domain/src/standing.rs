@@ -460,7 +460,7 @@ pub(crate) fn agree(
         );
     }
     let mut creators: Vec<Creator> = serde_json::from_str(&row.get::<String>(6)?)?;
-    creators.retain(|c| c.name != me.name);
+    creators.retain(|c| !crate::approvals::same_person(&c.name, &me.name));
     creators.push(me);
     tx.execute(
         "UPDATE standing_approvals SET approvers_json = ?1 WHERE review_id = ?2",

@@ -329,13 +329,15 @@ impl AppState {
     }
 
     /// A person named by the OpenID provider or the authenticating proxy,
-    /// with the groups it gave. A `[[reviewers]]` entry of the same name
+    /// with the groups it gave. A `[[reviewers]]` entry of the same person
+    /// (names compared by [`crate::approvals::person_key`]: the provider may
+    /// spell `Dana@Example.com` what the entry spells `dana@example.com`)
     /// says which caller identities they send requests as.
     pub fn approver_named(&self, name: String, groups: Vec<String>) -> Approver {
         let callers = self
             .reviewers()
             .iter()
-            .find(|r| r.name == name)
+            .find(|r| crate::approvals::same_person(&r.name, &name))
             .map(|r| r.callers.clone())
             .unwrap_or_default();
         Approver {

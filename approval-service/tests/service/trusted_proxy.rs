@@ -117,3 +117,84 @@ async fn a_proxy_named_reviewer_decides_with_the_csrf_header_and_the_usual_rules
     assert_eq!(r.status, StatusCode::FORBIDDEN);
     assert_eq!(r.json()["error"]["code"], "self_approval");
 }
+
+/// One person under two spellings of their name: `dana@example.com` with a
+/// token (sending requests as `ci-dana`), `Dana@Example.COM ` as the proxy
+/// (or an identity provider) writes it. Names are one person whatever
+/// their case and surrounding spaces: the spelling the proxy uses neither
+/// drops the `callers` of the `[[reviewers]]` entry (approving one's own
+/// request) nor counts as a second person in a quorum.
+#[tokio::test]
+async fn one_person_under_two_spellings_is_one_reviewer() {
+    const DANA_TOKEN: &str = "dana-mail-secret-token";
+    let f = common::fixture("proxy-spellings.db", |db| {
+        common::config_toml(
+            db,
+            "[trusted_proxy]\naddresses = [\"10.0.0.0/8\"]",
+            &[(
+                "dana@example.com",
+                DANA_TOKEN,
+                "groups = [\"security\"]\ncallers = [\"ci-dana\"]",
+            )],
+        )
+    });
+    let proxy = from(&f, PROXY);
+    let spelled = [
+        ("x-auth-request-email", "Dana@Example.COM "),
+        ("x-auth-request-groups", "security"),
+    ];
+    let csrf = send(&proxy, "GET", "/api/me", &spelled, "").await.json()["csrf_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut dana = spelled.to_vec();
+    dana.push(("x-csrf-token", &csrf));
+    dana.push(("content-type", "application/json"));
+
+    // Her own request (sent as ci-dana): refused under either spelling.
+    let own = common::review_request(json!({"request_id": "req-own", "caller": "ci-dana"}));
+    let own_id = common::create_review(&f.app, &[], own).await;
+    let r = send(
+        &proxy,
+        "POST",
+        &format!("/api/reviews/{own_id}/approve"),
+        &dana,
+        "{}",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{:?}", r.json());
+    assert_eq!(r.json()["error"]["code"], "self_approval");
+
+    // A two-person review: her token's approval, then the proxy's spelling.
+    let two = common::review_request(json!({"request_id": "req-two", "required_approvals": 2}));
+    let id = common::create_review(&f.app, &[], two).await;
+    let approve = format!("/api/reviews/{id}/approve");
+    let token = common::bearer(DANA_TOKEN);
+    let first = send(
+        &f.app,
+        "POST",
+        &approve,
+        &[
+            ("authorization", token.as_str()),
+            ("content-type", "application/json"),
+        ],
+        "{}",
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::OK, "{:?}", first.json());
+    assert_eq!(first.json()["status"], "pending");
+    let second = send(&proxy, "POST", &approve, &dana, "{}").await;
+    assert_eq!(second.status, StatusCode::CONFLICT, "{:?}", second.json());
+    assert_eq!(second.json()["error"]["code"], "already_approved");
+    let detail = send(
+        &f.app,
+        "GET",
+        &format!("/api/reviews/{id}"),
+        &[("authorization", token.as_str())],
+        "",
+    )
+    .await
+    .json();
+    assert_eq!(detail["status"], "pending", "{detail}");
+    assert_eq!(detail["approval_count"], 1, "{detail}");
+}

@@ -520,10 +520,12 @@ impl Config {
             if name.is_empty() {
                 return Err(invalid(format!("reviewers[{i}].name"), "must not be empty"));
             }
-            if !names.insert(name.clone()) {
+            // One person, one entry: names compare as people do
+            // (`approvals::person_key`: case, width, spaces).
+            if !names.insert(crate::approvals::person_key(&name)) {
                 return Err(invalid(
                     format!("reviewers[{i}].name"),
-                    format!("duplicate reviewer name {name:?}"),
+                    format!("duplicate reviewer name {name:?} (names compare without case)"),
                 ));
             }
             let token_sha256 = TokenHash::from_hex(&r.token_sha256).ok_or_else(|| {
@@ -692,6 +694,13 @@ groups = ["security"]
         assert_refused(
             &format!(
                 "[[reviewers]]\nname=\"a\"\ntoken_sha256=\"{H}\"\n[[reviewers]]\nname=\"a\"\ntoken_sha256=\"{other}\""
+            ),
+            "reviewers[1].name",
+        );
+        // One person under two spellings is one entry too.
+        assert_refused(
+            &format!(
+                "[[reviewers]]\nname=\"Dana\"\ntoken_sha256=\"{H}\"\n[[reviewers]]\nname=\" dana\"\ntoken_sha256=\"{other}\""
             ),
             "reviewers[1].name",
         );
