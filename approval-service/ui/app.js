@@ -93,7 +93,10 @@
   }
 
   // `s` with each hidden character as a visible marker: a run of tag
-  // characters as the text it spells, any other as its code point.
+  // characters as the text it spells, any other as its code point. Every
+  // place that shows what the model or the caller gets goes through it:
+  // the conversation, an applied edit's diff (another reviewer's edit of a
+  // review that needs two approvals), raw bodies, parameters, records.
   function shownText(s) {
     const frag = document.createDocumentFragment();
     let last = 0;
@@ -591,7 +594,7 @@
   function toolCallsCard(r) {
     const calls = asList(r.tool_calls).map((c) => h('div', { class: 'msg msg-tool' },
       h('div', { class: 'msg-role' }, `tool call · ${c.name || '(no name)'}`),
-      h('pre', { class: 'code' }, prettyJson(c.arguments || '{}'))));
+      h('pre', { class: 'code' }, shownText(prettyJson(c.arguments || '{}')))));
     return h('section', { class: 'card', id: 'tool-calls' },
       h('div', { class: 'card-title-row' },
         h('h2', { class: 'card-title' }, 'Tool calls in the answer'),
@@ -628,7 +631,7 @@
     if (r.body_purged_at_ms) return null;
     return h('details', { class: 'raw' },
       h('summary', null, 'The whole answer (JSON)'),
-      h('pre', { class: 'code' }, prettyJson(r.body)));
+      h('pre', { class: 'code' }, shownText(prettyJson(r.body))));
   }
 
   function roleClass(role) {
@@ -662,7 +665,7 @@
       content,
       h('details', { class: 'raw' },
         h('summary', null, 'Raw request body'),
-        h('pre', { class: 'code' }, prettyJson(r.body))));
+        h('pre', { class: 'code' }, shownText(prettyJson(r.body)))));
   }
 
   // Names of the tools in an OpenAI / Anthropic / Gemini style `tools` list.
@@ -681,17 +684,17 @@
 
   function paramValue(v, key) {
     if (v === null || typeof v !== 'object') {
-      return h('code', { class: 'scalar' }, JSON.stringify(v));
+      return h('code', { class: 'scalar' }, shownText(JSON.stringify(v)));
     }
     const text = JSON.stringify(v, null, 2);
-    if (text.length < 80) return h('code', { class: 'scalar' }, JSON.stringify(v));
+    if (text.length < 80) return h('code', { class: 'scalar' }, shownText(JSON.stringify(v)));
     const names = key === 'tools' ? toolNames(v) : [];
     const count = Array.isArray(v) ? `${v.length} item${v.length === 1 ? '' : 's'}` : `${Object.keys(v).length} field${Object.keys(v).length === 1 ? '' : 's'}`;
     const summary = names.length ? h('span', null, `${names.length} tool${names.length === 1 ? '' : 's'}: `,
       names.map((n, i) => [i ? ', ' : '', h('code', null, n)])) : count;
     return h('details', { class: 'param-details', open: !names.length && text.length < 600 },
       h('summary', null, summary),
-      h('pre', { class: 'code' }, text));
+      h('pre', { class: 'code' }, shownText(text)));
   }
 
   function detailRow(label, value) {
@@ -811,7 +814,7 @@
           detailRow('Chain hash', rec.hash ? h('code', null, String(rec.hash).slice(0, 16) + '…') : null)),
         h('details', { class: 'raw' },
           h('summary', null, 'Full record (request and response)'),
-          h('pre', { class: 'code' }, JSON.stringify(rec, null, 2))));
+          h('pre', { class: 'code' }, shownText(JSON.stringify(rec, null, 2)))));
     });
     return h('section', { class: 'card' },
       h('div', { class: 'card-title-row' },
@@ -1176,7 +1179,7 @@
         h('span', { class: 'diff-num' }, l.a ? String(l.a) : ''),
         h('span', { class: 'diff-num' }, l.b ? String(l.b) : ''),
         h('span', { class: 'diff-sign' }, l.op === ' ' ? '' : l.op === '-' ? '−' : '+'),
-        h('span', { class: 'diff-text' }, l.text)));
+        h('span', { class: 'diff-text' }, shownText(l.text))));
     });
     flushSkip();
     return view;
