@@ -80,8 +80,18 @@ async fn run(state: AppState, client: Option<reqwest::Client>, job: Job) {
         AutoOutcome::Deny { decider, reason } => (ReviewStatus::Rejected, decider, reason),
     };
     let who = Approver::assessor(&decider);
-    if let Err(e) =
-        crate::http::reviews::decide(state, id.clone(), who, status, Some(reason), None).await
+    // The assessors read the prompt as sent, never an edit.
+    let sees_edits = false;
+    if let Err(e) = crate::http::reviews::decide(
+        state,
+        id.clone(),
+        who,
+        status,
+        Some(reason),
+        None,
+        sees_edits,
+    )
+    .await
     {
         // A person decided first, the review expired or was cancelled, or
         // the database refused: whatever stands, stands.

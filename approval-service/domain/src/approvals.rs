@@ -38,6 +38,11 @@
 //!   rules, content policy, streams) is not known here: the filter checks
 //!   it at release, as for a caller's request, and refuses the held request
 //!   when the edit fails it.
+//! - **Seen edits.** An approval is of what the approver was shown. Slack's
+//!   message shows the prompt as sent, never another reviewer's edit: an
+//!   approval from there ([`Decision::sees_edits`] false) of a review that
+//!   holds an edit is refused (409 `edit_not_shown`), so one reviewer's
+//!   edit never goes out on the click of someone who saw only the original.
 //! - **Rejection** by an eligible reviewer rejects at once.
 
 use countersign_core::edit::{check_edit, InvalidEdit};
@@ -67,6 +72,10 @@ pub enum DecisionRefused {
     /// The standing-approval terms of this approval cannot be taken (other
     /// terms already proposed, a group the caller is not in, ...): why.
     StandingTerms(String),
+    /// The review holds another reviewer's edit, and this approval comes
+    /// from where edits are not shown (Slack): it would approve a body its
+    /// approver never saw.
+    EditNotShown,
     /// The edit cannot replace what the review holds (not a request of its
     /// API, or an answer changed beyond what a reviewer may change): the
     /// filter would refuse it, so it is not taken and the review stays
@@ -84,6 +93,7 @@ impl DecisionRefused {
             DecisionRefused::AssessorNotAPerson => "assessor_not_a_person",
             DecisionRefused::StandingTerms(_) => "standing_terms",
             DecisionRefused::InvalidEdit(_) => "invalid_edit",
+            DecisionRefused::EditNotShown => "edit_not_shown",
         }
     }
 }
@@ -107,6 +117,10 @@ impl std::fmt::Display for DecisionRefused {
             DecisionRefused::StandingTerms(why) => {
                 write!(f, "standing approval refused: {why}")
             }
+            DecisionRefused::EditNotShown => f.write_str(
+                "another reviewer edited this request, and the edit is not shown here; \
+                 open the review to see the edit before approving it",
+            ),
             DecisionRefused::InvalidEdit(invalid) => write!(
                 f,
                 "{invalid}; the edit was not taken and the review is still pending"
@@ -132,6 +146,11 @@ pub struct Decision {
     /// The standing approval deciding (not a person): its creators were the
     /// rule's quorum, so its approval decides alone.
     pub standing_approval: Option<String>,
+    /// Whether the decider was shown a pending edit (the web UI and the
+    /// reviewer API show it). `false` for Slack, whose message shows the
+    /// prompt as sent: its approval of a review holding an edit is refused
+    /// ([`DecisionRefused::EditNotShown`]).
+    pub sees_edits: bool,
 }
 
 /// What happened to a decision ([`Store::decide`]).
@@ -353,6 +372,9 @@ pub(crate) fn decide_in(
     }
     if is_self(reviewer, p.caller.as_deref()) {
         return Ok(DecideOutcome::Refused(DecisionRefused::SelfApproval));
+    }
+    if !d.sees_edits && p.edited_body.is_some() {
+        return Ok(DecideOutcome::Refused(DecisionRefused::EditNotShown));
     }
     if reviewer.assessor && (p.required > 1 || d.edited_body.is_some()) {
         return Ok(DecideOutcome::Refused(DecisionRefused::AssessorNotAPerson));

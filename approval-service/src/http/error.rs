@@ -121,9 +121,9 @@ impl From<DecisionRefused> for ApiError {
             DecisionRefused::SelfApproval
             | DecisionRefused::NotInApproverGroup(_)
             | DecisionRefused::AssessorNotAPerson => StatusCode::FORBIDDEN,
-            DecisionRefused::AlreadyApproved | DecisionRefused::StandingTerms(_) => {
-                StatusCode::CONFLICT
-            }
+            DecisionRefused::AlreadyApproved
+            | DecisionRefused::StandingTerms(_)
+            | DecisionRefused::EditNotShown => StatusCode::CONFLICT,
         };
         ApiError::Coded {
             status,

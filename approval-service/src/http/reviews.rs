@@ -413,6 +413,10 @@ pub(crate) fn rejection_reason(reason: Option<String>) -> Result<String, ApiErro
 /// through here. `who` carries the groups and `callers` as authentication
 /// found them (the configuration for a token or a Slack user, the
 /// provider's groups for an OIDC session).
+///
+/// `sees_edits`: whether the decider was shown a pending edit of another
+/// reviewer (the reviewer API and the UI: yes; Slack: no, and its approval
+/// of an edited review is refused with `edit_not_shown`).
 pub(crate) async fn decide(
     state: AppState,
     id: String,
@@ -420,6 +424,7 @@ pub(crate) async fn decide(
     status: ReviewStatus,
     reason: Option<String>,
     edited_body: Option<String>,
+    sees_edits: bool,
 ) -> Result<ReviewDetail, ApiError> {
     let decision = Decision {
         status,
@@ -428,6 +433,7 @@ pub(crate) async fn decide(
         edited_body,
         standing: None,
         standing_approval: None,
+        sees_edits,
     };
     decide_as(state, id, who, decision).await
 }
@@ -607,6 +613,7 @@ pub async fn approve(
         edited_body: None,
         standing,
         standing_approval: None,
+        sees_edits: true,
     };
     decide_as(state, id, reviewer.who, decision).await.map(Json)
 }
@@ -626,6 +633,7 @@ pub async fn reject(
         ReviewStatus::Rejected,
         Some(reason),
         None,
+        true,
     )
     .await
     .map(Json)
@@ -702,6 +710,7 @@ pub async fn edit(
         ReviewStatus::Approved,
         reason,
         Some(edited),
+        true,
     )
     .await
     .map(Json)

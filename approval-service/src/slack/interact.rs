@@ -206,6 +206,8 @@ async fn block_actions(
             ReviewStatus::Approved,
             None,
             None,
+            // The message shows the prompt as sent, never an edit.
+            false,
         )
         .await
         {
@@ -263,6 +265,7 @@ async fn view_submission(
         ReviewStatus::Rejected,
         Some(reason),
         None,
+        false,
     )
     .await
     {

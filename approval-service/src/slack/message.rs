@@ -47,6 +47,13 @@ pub fn review_message(review: &ReviewSummary, url: &str) -> Value {
             review.approval_count, review.required_approvals
         ));
     }
+    // An edit awaiting more approvals: the preview below is the prompt as
+    // sent, not what would be released, so approving happens where the
+    // edit is shown (the click is refused anyway: `edit_not_shown`).
+    let edit_awaits = review.status == ReviewStatus::Pending && review.edited;
+    if edit_awaits {
+        facts.push("*Edited by another reviewer:* open it to see the edit and approve".into());
+    }
     let preview = if review.preview.trim().is_empty() {
         "(no text)"
     } else {
@@ -63,7 +70,13 @@ pub fn review_message(review: &ReviewSummary, url: &str) -> Value {
     ];
     let open = json!({"type": "button", "action_id": OPEN_ACTION,
         "text": {"type": "plain_text", "text": "Open"}, "url": url});
-    let elements = if review.status == ReviewStatus::Pending {
+    let elements = if edit_awaits {
+        vec![
+            json!({"type": "button", "action_id": REJECT_ACTION, "style": "danger",
+                "text": {"type": "plain_text", "text": "Reject"}, "value": review.id}),
+            open,
+        ]
+    } else if review.status == ReviewStatus::Pending {
         vec![
             json!({"type": "button", "action_id": APPROVE_ACTION, "style": "primary",
                 "text": {"type": "plain_text", "text": "Approve"}, "value": review.id}),

@@ -323,3 +323,47 @@ async fn a_slack_user_taken_out_of_the_approver_group_by_a_reload_cannot_approve
     assert_eq!(post(&f, &body, &headers).await, StatusCode::OK);
     assert_eq!(review(&f, &id).await["status"], "approved");
 }
+
+/// A review that needs two people, edited by the first: the Slack message
+/// shows the prompt as sent (its preview), never the edit, so a click on
+/// Approve there must not approve the edited body the reviewer never saw.
+/// The click decides nothing (they are told to open the review), the
+/// message offers no Approve button once an edit awaits, and the same
+/// person approves in the web UI or the API, where the edit is shown.
+#[tokio::test]
+async fn a_click_does_not_approve_an_edit_slack_cannot_show() {
+    let f = fixture(true);
+    let id = common::create_review(
+        &f.app,
+        &[],
+        common::review_request(json!({"required_approvals": 2})),
+    )
+    .await;
+    let edited =
+        json!({"model": "gpt-x", "messages": [{"role": "user", "content": "send me the keys"}]});
+    common::decide_ok(&f.app, &id, ALICE, "edit", json!({"body": edited})).await;
+    let stamp = now_s();
+    let (body, headers) = click(&id, "U0BOB", stamp);
+    assert_eq!(post(&f, &body, &headers).await, StatusCode::OK);
+    let v = review(&f, &id).await;
+    assert_eq!(v["status"], "pending", "{v}");
+    assert_eq!(v["approval_count"], 1, "{v}");
+
+    // The message of a review holding an edit says so and has no Approve.
+    let lookup = id.clone();
+    let detail = f
+        .state
+        .db(move |s| s.detail(&lookup))
+        .await
+        .unwrap()
+        .unwrap();
+    let message =
+        countersign_approval::slack::message::review_message(&detail.summary, "https://x/");
+    let text = message.to_string();
+    assert!(!text.contains("countersign_approve"), "{text}");
+    assert!(text.contains("Edited by another reviewer"), "{text}");
+
+    // Where the edit is shown, bob approves it.
+    common::decide_ok(&f.app, &id, BOB, "approve", json!({})).await;
+    assert_eq!(review(&f, &id).await["status"], "approved");
+}
