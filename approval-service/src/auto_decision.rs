@@ -81,7 +81,7 @@ async fn run(state: AppState, client: Option<reqwest::Client>, job: Job) {
     };
     let who = Approver::assessor(&decider);
     // The assessors read the prompt as sent, never an edit.
-    let sees_edits = false;
+    let edits_seen = Some(0);
     if let Err(e) = crate::http::reviews::decide(
         state,
         id.clone(),
@@ -89,7 +89,7 @@ async fn run(state: AppState, client: Option<reqwest::Client>, job: Job) {
         status,
         Some(reason),
         None,
-        sees_edits,
+        edits_seen,
     )
     .await
     {

@@ -917,10 +917,21 @@
     return true;
   }
 
+  // How many edits the page shows (its approvals marked edited, superseded
+  // ones included). An approval says so: if another reviewer edited the
+  // request since this page was read (the live feed was late or offline),
+  // the service refuses it (409 edit_not_shown) and the page re-reads the
+  // review, so nobody approves an edit they have not seen.
+  function editsSeen(r) {
+    return (r.approvals || []).filter((a) => a.edited).length;
+  }
+
   function approve() {
     if (!S.review || S.review.status !== 'pending') return;
     const reason = reasonValue();
-    decide('approve', reason ? { reason } : {}, 'Approved. The request is on its way.');
+    const body = { edits_seen: editsSeen(S.review) };
+    if (reason) body.reason = reason;
+    decide('approve', body, 'Approved. The request is on its way.');
   }
 
   function armApprove() {

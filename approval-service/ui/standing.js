@@ -149,6 +149,8 @@
       const reasonEl = $('#reason');
       const reason = reasonEl ? reasonEl.value.trim() : '';
       const body = reason ? { reason, standing: terms } : { standing: terms };
+      // The edits this page showed: an edit made since is not approved unseen.
+      body.edits_seen = (r.approvals || []).filter((a) => a.edited).length;
       try {
         await api(`/api/reviews/${encodeURIComponent(r.id)}/approve`, { method: 'POST', body });
       } catch (e) {

@@ -353,6 +353,41 @@ test("another reviewer's edit shows the characters a reader cannot see", T, chec
   assert.deepEqual(pageErrors, [], 'no script errors on the page');
 }));
 
+test('an approval from a page read before another reviewer\'s edit approves nothing', T, check(async () => {
+  // A review that needs two people, open on alice's page while the live
+  // feed is down (a proxy cut it, the laptop slept): bob then approves it
+  // with an edit. alice's page still shows the prompt as sent; her Approve
+  // must not release bob's edit she has not seen.
+  const sent = { model: 'demo-echo', messages: [{ role: 'user', content: 'Draft the release note.' }] };
+  const id = await stack.fileReview({
+    request_id: 'stale-page-edit', api: 'openai_chat', method: 'POST', path: '/v1/chat/completions',
+    caller: 'svc-notes', model: 'demo-echo', stream: false, required_approvals: 2,
+    prompt: [{ role: 'user', text: 'Draft the release note.' }], body: JSON.stringify(sent), hold_timeout_ms: 120000,
+  });
+  await page.route('**/api/events', (route) => route.abort());
+  try {
+    await page.goto(url(`/reviews/${id}`));
+    await page.locator('.msg-user', { hasText: 'Draft the release note.' }).waitFor();
+    const edited = { ...sent, messages: [{ role: 'user', content: 'Draft the release note and attach the customer list.' }] };
+    const r = await stack.api(`/api/reviews/${id}/edit`, { method: 'POST', reviewer: 'bob', body: { body: edited } });
+    assert.equal(r.status, 200, JSON.stringify(r.json));
+    assert.equal(await page.locator('#diff').count(), 0, 'the page has not seen the edit');
+    await page.keyboard.press('a');
+    await page.keyboard.press('a');
+    // Refused, and the page re-reads the review: now it shows the edit.
+    await page.locator('.toast', { hasText: 'edited this request' }).waitFor();
+    await page.locator('#diff .diff-add', { hasText: 'customer list' }).waitFor();
+    const now = (await stack.api(`/api/reviews/${id}`)).json;
+    assert.equal(now.status, 'pending', JSON.stringify(now));
+    assert.equal(now.approval_count, 1);
+  } finally {
+    await page.unroute('**/api/events');
+  }
+  const no = await stack.api(`/api/reviews/${id}/reject`, { method: 'POST', body: { reason: 'not with the customer list' } });
+  assert.equal(no.status, 200, JSON.stringify(no.json));
+  assert.deepEqual(pageErrors, [], 'no script errors on the page');
+}));
+
 test('screenshots of the queue and a review page', T, check(async () => {
   const dir = SHOT_DIR || stack.dir;
   fs.mkdirSync(dir, { recursive: true });

@@ -38,11 +38,14 @@
 //!   rules, content policy, streams) is not known here: the filter checks
 //!   it at release, as for a caller's request, and refuses the held request
 //!   when the edit fails it.
-//! - **Seen edits.** An approval is of what the approver was shown. Slack's
-//!   message shows the prompt as sent, never another reviewer's edit: an
-//!   approval from there ([`Decision::sees_edits`] false) of a review that
-//!   holds an edit is refused (409 `edit_not_shown`), so one reviewer's
-//!   edit never goes out on the click of someone who saw only the original.
+//! - **Seen edits.** An approval is of what the approver was shown. It may
+//!   say how many edits its approver saw ([`Decision::edits_seen`]): the web
+//!   UI sends the count of the page it approves from, Slack, assessors and
+//!   standing approvals 0 (they show the prompt as sent). When the review
+//!   holds a different number of edits (another reviewer's edit came after
+//!   the page was read, or Slack cannot show it), the approval is refused
+//!   (409 `edit_not_shown`), so one reviewer's edit never goes out on the
+//!   approval of someone who saw only the original.
 //! - **Rejection** by an eligible reviewer rejects at once.
 
 use countersign_core::edit::{check_edit, InvalidEdit};
@@ -72,9 +75,9 @@ pub enum DecisionRefused {
     /// The standing-approval terms of this approval cannot be taken (other
     /// terms already proposed, a group the caller is not in, ...): why.
     StandingTerms(String),
-    /// The review holds another reviewer's edit, and this approval comes
-    /// from where edits are not shown (Slack): it would approve a body its
-    /// approver never saw.
+    /// The review holds another reviewer's edit its approver was not shown
+    /// (it came after they read the review, or they approve from Slack,
+    /// which does not show edits): it would approve a body they never saw.
     EditNotShown,
     /// The edit cannot replace what the review holds (not a request of its
     /// API, or an answer changed beyond what a reviewer may change): the
@@ -118,8 +121,9 @@ impl std::fmt::Display for DecisionRefused {
                 write!(f, "standing approval refused: {why}")
             }
             DecisionRefused::EditNotShown => f.write_str(
-                "another reviewer edited this request, and the edit is not shown here; \
-                 open the review to see the edit before approving it",
+                "another reviewer edited this request, and the edit was not shown to you \
+                 (it came after you opened the review, or it is not shown here); open the \
+                 review again to see the edit before approving it",
             ),
             DecisionRefused::InvalidEdit(invalid) => write!(
                 f,
@@ -146,11 +150,13 @@ pub struct Decision {
     /// The standing approval deciding (not a person): its creators were the
     /// rule's quorum, so its approval decides alone.
     pub standing_approval: Option<String>,
-    /// Whether the decider was shown a pending edit (the web UI and the
-    /// reviewer API show it). `false` for Slack, whose message shows the
-    /// prompt as sent: its approval of a review holding an edit is refused
-    /// ([`DecisionRefused::EditNotShown`]).
-    pub sees_edits: bool,
+    /// How many edits of the review (approvals that changed the body,
+    /// superseded ones included) the decider was shown: an approval is
+    /// refused ([`DecisionRefused::EditNotShown`]) when the review holds
+    /// another number. `Some(0)` for Slack, assessors and standing
+    /// approvals (they show the prompt as sent); `None` for an API client
+    /// that did not say.
+    pub edits_seen: Option<u32>,
 }
 
 /// What happened to a decision ([`Store::decide`]).
@@ -373,8 +379,16 @@ pub(crate) fn decide_in(
     if is_self(reviewer, p.caller.as_deref()) {
         return Ok(DecideOutcome::Refused(DecisionRefused::SelfApproval));
     }
-    if !d.sees_edits && p.edited_body.is_some() {
-        return Ok(DecideOutcome::Refused(DecisionRefused::EditNotShown));
+    if let Some(seen) = d.edits_seen {
+        let edits: i64 = tx
+            .query_one(
+                "SELECT COUNT(*) FROM approvals WHERE review_id = ?1 AND edited_body IS NOT NULL",
+                params![id],
+            )?
+            .get(0)?;
+        if edits != i64::from(seen) {
+            return Ok(DecideOutcome::Refused(DecisionRefused::EditNotShown));
+        }
     }
     if reviewer.assessor && (p.required > 1 || d.edited_body.is_some()) {
         return Ok(DecideOutcome::Refused(DecisionRefused::AssessorNotAPerson));

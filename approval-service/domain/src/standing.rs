@@ -783,7 +783,7 @@ fn use_in(tx: &mut Conn, review_id: &str, now_ms: u64) -> Result<Option<AutoAppr
             standing: None,
             standing_approval: Some(c.id.clone()),
             // It approves the shape as sent, never an edit.
-            sees_edits: false,
+            edits_seen: Some(0),
         };
         return match decide_in(tx, review_id, &decision, &decider, now_ms)? {
             DecideOutcome::Decided(detail, _)

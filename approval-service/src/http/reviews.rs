@@ -414,9 +414,9 @@ pub(crate) fn rejection_reason(reason: Option<String>) -> Result<String, ApiErro
 /// found them (the configuration for a token or a Slack user, the
 /// provider's groups for an OIDC session).
 ///
-/// `sees_edits`: whether the decider was shown a pending edit of another
-/// reviewer (the reviewer API and the UI: yes; Slack: no, and its approval
-/// of an edited review is refused with `edit_not_shown`).
+/// `edits_seen`: how many edits of the review the decider was shown
+/// ([`Decision::edits_seen`]; Slack and assessors: `Some(0)`, the
+/// reviewer API: what the client says).
 pub(crate) async fn decide(
     state: AppState,
     id: String,
@@ -424,7 +424,7 @@ pub(crate) async fn decide(
     status: ReviewStatus,
     reason: Option<String>,
     edited_body: Option<String>,
-    sees_edits: bool,
+    edits_seen: Option<u32>,
 ) -> Result<ReviewDetail, ApiError> {
     let decision = Decision {
         status,
@@ -433,7 +433,7 @@ pub(crate) async fn decide(
         edited_body,
         standing: None,
         standing_approval: None,
-        sees_edits,
+        edits_seen,
     };
     decide_as(state, id, who, decision).await
 }
@@ -591,6 +591,12 @@ pub struct ApproveBody {
     /// Also agree to a standing approval of this request's shape.
     #[serde(default)]
     pub standing: Option<StandingTerms>,
+    /// How many edits of the review the approver was shown (the `edited`
+    /// entries of its `approvals`, superseded ones included): when the
+    /// review holds another number, the approval is refused (409
+    /// `edit_not_shown`). The web UI always sends it.
+    #[serde(default)]
+    pub edits_seen: Option<u32>,
 }
 
 /// `POST /api/reviews/{id}/approve`.
@@ -613,7 +619,7 @@ pub async fn approve(
         edited_body: None,
         standing,
         standing_approval: None,
-        sees_edits: true,
+        edits_seen: req.edits_seen,
     };
     decide_as(state, id, reviewer.who, decision).await.map(Json)
 }
@@ -633,7 +639,7 @@ pub async fn reject(
         ReviewStatus::Rejected,
         Some(reason),
         None,
-        true,
+        None,
     )
     .await
     .map(Json)
@@ -710,7 +716,9 @@ pub async fn edit(
         ReviewStatus::Approved,
         reason,
         Some(edited),
-        true,
+        // An edit replaces whatever the review holds: it is what its
+        // author wrote, whoever edited before.
+        None,
     )
     .await
     .map(Json)

@@ -207,7 +207,7 @@ async fn block_actions(
             None,
             None,
             // The message shows the prompt as sent, never an edit.
-            false,
+            Some(0),
         )
         .await
         {
@@ -265,7 +265,7 @@ async fn view_submission(
         ReviewStatus::Rejected,
         Some(reason),
         None,
-        false,
+        None,
     )
     .await
     {

@@ -321,6 +321,31 @@ async fn edit_discards_earlier_approvals() {
     assert_eq!(w["reviewer"], "alice");
 }
 
+/// An approval that says how many edits its approver was shown
+/// (`edits_seen`, as the web UI always does) approves nothing when the
+/// review holds another number: an edit came after the approver read it.
+#[tokio::test]
+async fn an_approval_that_saw_fewer_edits_is_refused() {
+    let f = fixture("", "");
+    let id = create(&f.app, json!({"required_approvals": 2})).await;
+    let edited = "{\"model\": \"small\", \"messages\": [{\"role\":\"user\",\"content\":\"hi\"}]}";
+    let (s, v) = decide(&f.app, &id, BOB, "edit", json!({"body": edited})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // alice read the review before bob's edit.
+    let (s, v) = decide(&f.app, &id, ALICE, "approve", json!({"edits_seen": 0})).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_error(&v, "edit_not_shown");
+    let (_, v) = get_as(&f.app, ALICE, &format!("/api/reviews/{id}")).await;
+    assert_eq!(
+        (&v["status"], &v["approval_count"]),
+        (&json!("pending"), &json!(1))
+    );
+    // Read again, she approves the edit she has seen.
+    let (s, v) = decide(&f.app, &id, ALICE, "approve", json!({"edits_seen": 1})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["status"], "approved");
+}
+
 #[tokio::test]
 async fn list_shows_quorum_fields() {
     let f = fixture("", "");
