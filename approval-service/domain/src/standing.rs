@@ -14,6 +14,11 @@
 //! caller (or, for a group approval, a caller in the group), the rule's
 //! approver group and its quorum are compared apart.
 //!
+//! **Attachments** are not in the shape: the prompt shows an image, audio
+//! or file as a marker of its type and size, never its content, so a
+//! request with attachments (the filter's `evidence.attachments`) neither
+//! makes a standing approval nor is approved by one: a person sees them.
+//!
 //! **Creation** follows the review's own rules: the terms ride on an
 //! approval ([`crate::approvals::Decision::standing`]), so eligibility
 //! (approver group) and separation of duties are those of the approval; the
@@ -323,18 +328,31 @@ struct ReviewShape {
     required: u32,
     kind: String,
     mode: String,
+    /// Images, audio, files or documents are part of the prompt (the
+    /// filter's evidence).
+    attachments: bool,
 }
 
 impl ReviewShape {
     /// Why a standing approval cannot come from or apply to this review:
     /// an audit was forwarded already, and the shape of a standing approval
     /// is a request's (a review of an answer's tool calls or text would be
-    /// matched by its conversation alone, whatever the model answered).
+    /// matched by its conversation alone, whatever the model answered),
+    /// and a request with attachments is matched by their markers alone
+    /// (type and size), whatever they contain.
     fn not_standing(&self) -> Option<&'static str> {
         if self.mode != ReviewMode::Hold.as_str() {
             Some("an audit was forwarded already: it cannot make a standing approval")
         } else if self.kind != ReviewKind::Prompt.as_str() {
             Some("a review of a model's answer cannot make a standing approval")
+        } else if self.attachments {
+            // The shape reads the prompt as text, where an attachment is
+            // a marker naming its type and size: another image, audio or
+            // file of that type and size would have the same shape.
+            Some(
+                "a request with attachments (images, audio, files) cannot make or use a \
+                 standing approval: its shape does not read their content",
+            )
         } else {
             None
         }
@@ -356,7 +374,7 @@ impl ReviewShape {
 fn review_shape(tx: &mut Conn, review_id: &str) -> DbResult<Option<ReviewShape>> {
     let row = tx.query_opt(
         "SELECT status, api, path, model, rule, prompt_json, caller, caller_groups_json,
-                approver_group, required_approvals, kind, mode
+                approver_group, required_approvals, kind, mode, evidence_json
          FROM reviews WHERE id = ?1",
         params![review_id],
     )?;
@@ -374,6 +392,10 @@ fn review_shape(tx: &mut Conn, review_id: &str) -> DbResult<Option<ReviewShape>>
             required: count(r.get(9)?).max(1),
             kind: r.get(10)?,
             mode: r.get(11)?,
+            attachments: serde_json::from_str::<countersign_core::wire::Evidence>(
+                &r.get::<String>(12)?,
+            )?
+            .attachments,
         })
     })
     .transpose()

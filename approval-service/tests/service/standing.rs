@@ -487,3 +487,48 @@ async fn the_one_proposed_on_a_review_is_found_by_its_review_id_with_its_terms()
     );
     assert!(of(other).await.is_empty());
 }
+
+/// A chat body whose user message carries an inline PNG (`png` is its
+/// base64), as the filter sends it with the review.
+fn body_with_image(png: &str) -> String {
+    json!({"model": "gpt-x", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "describe the chart"},
+        {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{png}")}},
+    ]}]})
+    .to_string()
+}
+
+/// [`ci_review`] whose user message carries an image: the prompt shows it
+/// as the filter's marker, which names type and size, never the content.
+fn ci_review_with_image(png: &str) -> Value {
+    let mut review = ci_review("describe the chart\n[image_url: inline image/png, 8 bytes]");
+    review["body"] = json!(body_with_image(png));
+    review["evidence"] = json!({"attachments": true});
+    review
+}
+
+/// The shape of a standing approval reads the prompt as text, where an
+/// image, audio or file is only a marker (type and size): two requests
+/// with the same text and different images have one shape. So no standing
+/// approval is made on a request with attachments, and none approves one:
+/// a person sees every attachment.
+#[tokio::test]
+async fn attachments_are_never_approved_by_a_standing_approval() {
+    let f = fixture();
+    // Made on a request with an image: refused, the approval is not taken.
+    let id = create_pending(&f.app, ci_review_with_image("AAAAAAAA")).await;
+    let exact = json!({"valid_days": 7, "max_uses": 5, "vary": []});
+    let (s, v) = decide(&f.app, &id, ALICE, "approve", json!({"standing": exact})).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_error(&v, "standing_terms");
+    assert!(standing_list(&f.app).await.is_empty());
+
+    // A live one whose user message may vary does not take an image in it.
+    live_standing(&f.app, 10).await;
+    let id = create_pending(&f.app, ci_review_with_image("BBBBBBBB")).await;
+    let (_, v) = get_as(&f.app, ALICE, &format!("/api/reviews/{id}")).await;
+    assert_eq!(
+        (&v["status"], &v["reviewer"]),
+        (&json!("pending"), &Value::Null)
+    );
+}
