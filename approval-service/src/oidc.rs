@@ -109,6 +109,11 @@ impl std::fmt::Display for OidcError {
         match self {
             OidcError::Provider(m) => write!(f, "identity provider unavailable: {m}"),
             OidcError::Refused(m) => write!(f, "sign-in refused: {m}"),
+            OidcError::NoName(claim) if claim == "email" => f.write_str(
+                "the ID token has no usable \"email\" claim (an address counts only with \
+                 email_verified: true; set oidc.name_claim to another claim, e.g. \
+                 \"preferred_username\", where the provider does not verify addresses)",
+            ),
             OidcError::NoName(claim) => write!(f, "the ID token has no usable {claim:?} claim"),
             OidcError::NotInGroup(g) => write!(f, "not a member of the required group {g:?}"),
         }
@@ -403,13 +408,25 @@ fn claims_json(claims: &Claims) -> Result<serde_json::Value, OidcError> {
     serde_json::to_value(claims).map_err(|e| OidcError::Refused(format!("ID token claims: {e}")))
 }
 
-/// A string claim. An address the provider says it has not verified names
-/// nobody.
+/// A string claim. An address names someone only when the provider says
+/// it verified it (`email_verified: true`; some providers write `"true"`):
+/// where it does not say (Microsoft Entra ID, a provider letting people
+/// register or change their address), anyone could claim a reviewer's
+/// address, take their name, and count as a second person in a quorum.
 fn claim_text(claims: &serde_json::Value, name: &str) -> Option<String> {
-    if name == "email" && claims.get("email_verified") == Some(&serde_json::Value::Bool(false)) {
+    if name == "email" && !email_verified(claims) {
         return None;
     }
     claims.get(name)?.as_str().map(str::to_string)
+}
+
+/// Whether the claims say the address was verified.
+fn email_verified(claims: &serde_json::Value) -> bool {
+    match claims.get("email_verified") {
+        Some(serde_json::Value::Bool(verified)) => *verified,
+        Some(serde_json::Value::String(verified)) => verified == "true",
+        _ => false,
+    }
 }
 
 /// A list-of-strings claim (one string counts as a list of one; other
@@ -436,4 +453,38 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn an_address_names_someone_only_when_the_provider_verified_it() {
+        let with = |verified: serde_json::Value| {
+            let mut claims = json!({"email": "alice@example.com", "sub": "1"});
+            if !verified.is_null() {
+                claims["email_verified"] = verified;
+            }
+            claim_text(&claims, "email")
+        };
+        assert_eq!(with(json!(true)).as_deref(), Some("alice@example.com"));
+        assert_eq!(with(json!("true")).as_deref(), Some("alice@example.com"));
+        // Not verified, or not said (Entra ID): nobody.
+        assert_eq!(with(json!(false)), None);
+        assert_eq!(with(json!("false")), None);
+        assert_eq!(with(serde_json::Value::Null), None);
+        assert_eq!(with(json!(1)), None);
+        // Other claims are the provider's to vouch for.
+        let claims = json!({"preferred_username": "alice"});
+        assert_eq!(
+            claim_text(&claims, "preferred_username").as_deref(),
+            Some("alice")
+        );
+        assert!(OidcError::NoName("email".into())
+            .to_string()
+            .contains("email_verified: true"));
+    }
 }
