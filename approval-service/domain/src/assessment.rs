@@ -392,6 +392,15 @@ pub fn decide(
     if required_approvals > 1 {
         return people("the rule asks for several people's approvals".into());
     }
+    if evidence.attachments {
+        // The assessors read the prompt's text, where an image, audio or
+        // file is a marker of its type and size: they found nothing in
+        // what they never saw.
+        return people(
+            "the request carries attachments (images, audio, files) the assessors do not read"
+                .into(),
+        );
+    }
     let names: Vec<&str> = assessments.iter().map(|a| a.assessor.as_str()).collect();
     AutoOutcome::Approve {
         decider: decider_name(&names),
@@ -610,6 +619,12 @@ mod tests {
             ..Evidence::default()
         };
         assert!(!people(decide(Some(&p), &other_hit, &clean, 1)));
+        // Attachments: the assessors read only their markers.
+        let image = Evidence {
+            attachments: true,
+            ..Evidence::default()
+        };
+        assert!(people(decide(Some(&p), &image, &clean, 1)));
     }
 
     #[test]
