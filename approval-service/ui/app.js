@@ -594,7 +594,7 @@
   function toolCallsCard(r) {
     const calls = asList(r.tool_calls).map((c) => h('div', { class: 'msg msg-tool' },
       h('div', { class: 'msg-role' }, `tool call · ${c.name || '(no name)'}`),
-      h('pre', { class: 'code' }, shownText(prettyJson(c.arguments || '{}')))));
+      h('pre', { class: 'code' }, shownJson(prettyJson(c.arguments || '{}')))));
     return h('section', { class: 'card', id: 'tool-calls' },
       h('div', { class: 'card-title-row' },
         h('h2', { class: 'card-title' }, 'Tool calls in the answer'),
@@ -631,7 +631,7 @@
     if (r.body_purged_at_ms) return null;
     return h('details', { class: 'raw' },
       h('summary', null, 'The whole answer (JSON)'),
-      h('pre', { class: 'code' }, shownText(prettyJson(r.body))));
+      h('pre', { class: 'code' }, shownJson(prettyJson(r.body))));
   }
 
   function roleClass(role) {
@@ -665,7 +665,7 @@
       content,
       h('details', { class: 'raw' },
         h('summary', null, 'Raw request body'),
-        h('pre', { class: 'code' }, shownText(prettyJson(r.body)))));
+        h('pre', { class: 'code' }, shownJson(prettyJson(r.body)))));
   }
 
   // Names of the tools in an OpenAI / Anthropic / Gemini style `tools` list.
@@ -1069,6 +1069,55 @@
       diffView(lines));
   }
 
+  // JSON text as a reader should see it: inside strings, `\uXXXX` escapes
+  // (surrogate pairs too) and `\/` as the characters the model or the
+  // agent will read (`"\u0063url"` is `"curl"`), except quotes,
+  // backslashes, control characters and lone surrogates, which stay
+  // escaped; then hidden characters marked (shownText). Display only: the
+  // editor keeps the text as it is. Strings never span lines in
+  // prettyJson's output, so a diff line reads the same way.
+  function readableJson(text) {
+    const s = String(text == null ? '' : text);
+    let out = '';
+    let inStr = false;
+    const hex4 = (i) => (/^[0-9a-fA-F]{4}$/.test(s.slice(i, i + 4)) ? parseInt(s.slice(i, i + 4), 16) : -1);
+    for (let i = 0; i < s.length; i++) {
+      const c = s[i];
+      if (!inStr) {
+        if (c === '"') inStr = true;
+        out += c;
+        continue;
+      }
+      if (c === '"') { inStr = false; out += c; continue; }
+      if (c !== '\\') { out += c; continue; }
+      const next = s[i + 1];
+      if (next === '/') { out += '/'; i += 1; continue; }
+      if (next !== 'u') { out += c + (next === undefined ? '' : next); i += 1; continue; }
+      let code = hex4(i + 2);
+      let used = 6;
+      if (code >= 0xD800 && code <= 0xDBFF && s[i + 6] === '\\' && s[i + 7] === 'u') {
+        const low = hex4(i + 8);
+        if (low >= 0xDC00 && low <= 0xDFFF) {
+          code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
+          used = 12;
+        }
+      }
+      const lone = code >= 0xD800 && code <= 0xDFFF;
+      if (code < 0x20 || code === 0x22 || code === 0x5C || lone) {
+        out += s.slice(i, i + 6);
+        i += 5;
+        continue;
+      }
+      out += String.fromCodePoint(code);
+      i += used - 1;
+    }
+    return out;
+  }
+
+  function shownJson(text) {
+    return shownText(readableJson(text));
+  }
+
   // Pretty-prints JSON text without parsing values, so numbers such as 1.0
   // or 12345678901234567890 keep their exact spelling (JSON.parse would
   // change them). Invalid JSON is returned as it is.
@@ -1190,7 +1239,7 @@
         h('span', { class: 'diff-num' }, l.a ? String(l.a) : ''),
         h('span', { class: 'diff-num' }, l.b ? String(l.b) : ''),
         h('span', { class: 'diff-sign' }, l.op === ' ' ? '' : l.op === '-' ? '−' : '+'),
-        h('span', { class: 'diff-text' }, shownText(l.text))));
+        h('span', { class: 'diff-text' }, shownJson(l.text))));
     });
     flushSkip();
     return view;
