@@ -5,7 +5,10 @@
 //! decision's own transaction ([`on_rejected`], called by
 //! [`crate::approvals`]), listed (`GET /api/follow-ups`), counted in the
 //! metrics, and stays open until someone resolves it (with a note: the
-//! rule was tightened, the caller was spoken to, ...).
+//! rule was tightened, the caller was spoken to, ...). Resolving follows
+//! the decision's rules ([`crate::approvals`]): a member of the audit's
+//! approver group, never its caller (nobody closes the finding about their
+//! own request).
 
 use serde::Serialize;
 
@@ -69,6 +72,9 @@ pub enum Resolved {
     NotFound,
     /// Resolved already (by whom it says).
     Already(FollowUp),
+    /// This reviewer may not resolve it (the audit was of their own
+    /// request, or they are outside its approver group).
+    Refused(crate::approvals::DecisionRefused),
 }
 
 /// Called in the transaction that rejected review `id`: when it is an
@@ -182,11 +188,28 @@ impl Store {
     pub fn resolve_follow_up(
         &self,
         review_id: &str,
-        who: &str,
+        by: &crate::approvals::Approver,
         note: Option<&str>,
         now_ms: u64,
     ) -> DbResult<Resolved> {
+        use crate::approvals::{in_group, is_self, DecisionRefused};
+        let who = by.name.as_str();
         self.conn().transaction(Lock::Review(review_id), |tx| {
+            if let Some(row) = tx.query_opt(
+                "SELECT caller, approver_group FROM reviews WHERE id = ?1",
+                params![review_id],
+            )? {
+                let caller: Option<String> = row.get(0)?;
+                let group: Option<String> = row.get(1)?;
+                if !in_group(by, group.as_deref()) {
+                    return Ok(Resolved::Refused(DecisionRefused::NotInApproverGroup(
+                        group.unwrap_or_default(),
+                    )));
+                }
+                if is_self(by, caller.as_deref()) {
+                    return Ok(Resolved::Refused(DecisionRefused::SelfApproval));
+                }
+            }
             let changed = tx.execute(
                 "UPDATE follow_ups SET resolved_at_ms = ?2, resolved_by = ?3, resolution = ?4
                  WHERE review_id = ?1 AND resolved_at_ms IS NULL",

@@ -73,7 +73,9 @@ pub struct ResolveBody {
     pub note: Option<String>,
 }
 
-/// `POST /api/follow-ups/{review_id}/resolve`: any reviewer.
+/// `POST /api/follow-ups/{review_id}/resolve`: a member of the audit's
+/// approver group who is not its caller (403 `self_approval`,
+/// `not_in_approver_group`).
 pub async fn resolve(
     State(state): State<AppState>,
     reviewer: Reviewer,
@@ -83,7 +85,7 @@ pub async fn resolve(
     let note = clean_reason(req.note).map_err(|_| {
         ApiError::BadRequest(format!("note is longer than {MAX_REASON_CHARS} characters"))
     })?;
-    let who = reviewer.who.name;
+    let who = reviewer.who;
     let now = crate::now_ms();
     let outcome = state
         .db(move |s| s.resolve_follow_up(&review_id, &who, note.as_deref(), now))
@@ -91,6 +93,7 @@ pub async fn resolve(
     match outcome {
         Resolved::Resolved(f) => Ok(Json(f)),
         Resolved::NotFound => Err(ApiError::NotFound("no follow-up for this review".into())),
+        Resolved::Refused(refused) => Err(refused.into()),
         Resolved::Already(f) => Err(ApiError::Conflict(format!(
             "follow-up already resolved by {}",
             f.resolved_by.unwrap_or_default()

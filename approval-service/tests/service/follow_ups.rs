@@ -106,3 +106,67 @@ async fn follow_ups_need_a_reviewer_and_a_known_status() {
     let (status, v) = get_as(&f.app, ALICE, "/api/follow-ups?status=closed").await;
     common::assert_bad_request(status, &v, "status");
 }
+
+/// A flag on an audit of one's own request (as its caller, or a caller one
+/// sends as) is not one's own to close: resolving it would hide the
+/// finding about oneself. Resolving follows the decision's rules: not by
+/// the caller, and only by the audit's approver group.
+#[tokio::test]
+async fn a_flag_on_ones_own_request_is_resolved_by_someone_else() {
+    let f = common::fixture("follow-own.db", |db| {
+        common::config_toml(
+            db,
+            &common::filter_token_setting(),
+            &[
+                ("alice", ALICE, "groups = [\"security\"]"),
+                ("bob", BOB, "groups = [\"security\"]"),
+                (
+                    "dana",
+                    common::DANA,
+                    "groups = [\"security\"]\ncallers = [\"svc-ci\"]",
+                ),
+                ("carol", common::CAROL, ""),
+            ],
+        )
+    });
+    let flagged = create(
+        &f,
+        "req-own",
+        json!({"mode": "audit", "approver_group": "security"}),
+    )
+    .await;
+    let reason = json!({"reason": "customer data in a prompt the rule allows"});
+    decide_ok(&f.app, &flagged, BOB, "reject", reason).await;
+    let uri = format!("/api/follow-ups/{flagged}/resolve");
+    let resolve = |token: &'static str| {
+        let app = f.app.clone();
+        let uri = uri.clone();
+        async move {
+            let auth = common::bearer(token);
+            call(
+                &app,
+                "POST",
+                &uri,
+                &[("authorization", auth.as_str())],
+                Some(json!({"note": "nothing to see"})),
+            )
+            .await
+        }
+    };
+    let (status, v) = resolve(common::DANA).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
+    assert_eq!(v["error"]["code"], "self_approval", "{v}");
+    let (status, v) = resolve(common::CAROL).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
+    assert_eq!(v["error"]["code"], "not_in_approver_group", "{v}");
+    assert_eq!(
+        open_follow_ups(&f).await["follow_ups"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let (status, v) = resolve(ALICE).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["resolved_by"], "alice");
+}
