@@ -14,7 +14,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use countersign_core::wire::ReviewStatus;
+use countersign_core::wire::{ReviewKind, ReviewStatus};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -161,6 +161,9 @@ async fn handle(
     }
 }
 
+const NOT_SHOWN_HERE: &str = "Not approved: this review is of the model's answer (tool calls or \
+     text), which this message does not show. Open the review to see the answer and approve it there.";
+
 const NOT_A_REVIEWER: &str =
     "You are not a countersign reviewer: no reviewer has your Slack user id (slack_user_id).";
 
@@ -199,6 +202,22 @@ async fn block_actions(
         return StatusCode::OK.into_response();
     };
     if action.action_id == APPROVE_ACTION {
+        // The message shows the prompt's preview: a review of a model's
+        // answer (tool calls to run, its text) is approved where the answer
+        // is shown. Its kind never changes, so reading it first is enough.
+        let lookup = review_id.clone();
+        let kind = state
+            .db(move |s| s.summary(&lookup))
+            .await
+            .ok()
+            .flatten()
+            .map(|r| r.kind);
+        if kind.is_some_and(|k| k != ReviewKind::Prompt) {
+            tracing::info!(review_id = %review_id, slack_user = %user,
+                "Slack approval refused: an answer review is approved where the answer is shown");
+            tell(NOT_SHOWN_HERE.to_string());
+            return StatusCode::OK.into_response();
+        }
         match decide(
             state,
             review_id,

@@ -3,7 +3,7 @@
 //! and the modal that asks for a rejection's reason.
 
 use countersign_core::renders_as_nothing;
-use countersign_core::wire::ReviewStatus;
+use countersign_core::wire::{ReviewKind, ReviewStatus};
 use serde_json::{json, Value};
 
 use crate::metrics::Decider;
@@ -89,6 +89,12 @@ pub fn review_message(review: &ReviewSummary, url: &str) -> Value {
     if edit_awaits {
         facts.push("*Edited by another reviewer:* open it to see the edit and approve".into());
     }
+    // A review of the model's answer: the preview below is the prompt, not
+    // the tool calls or text to approve (a click on Approve is refused).
+    let answer_awaits = review.status == ReviewStatus::Pending && review.kind != ReviewKind::Prompt;
+    if answer_awaits {
+        facts.push("*The model's answer is held:* open it to see the answer and approve".into());
+    }
     let preview = if review.preview.trim().is_empty() {
         "(no text)".to_string()
     } else {
@@ -105,7 +111,7 @@ pub fn review_message(review: &ReviewSummary, url: &str) -> Value {
     ];
     let open = json!({"type": "button", "action_id": OPEN_ACTION,
         "text": {"type": "plain_text", "text": "Open"}, "url": url});
-    let elements = if edit_awaits {
+    let elements = if edit_awaits || answer_awaits {
         vec![
             json!({"type": "button", "action_id": REJECT_ACTION, "style": "danger",
                 "text": {"type": "plain_text", "text": "Reject"}, "value": review.id}),

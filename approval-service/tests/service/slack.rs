@@ -367,3 +367,39 @@ async fn a_click_does_not_approve_an_edit_slack_cannot_show() {
     common::decide_ok(&f.app, &id, BOB, "approve", json!({})).await;
     assert_eq!(review(&f, &id).await["status"], "approved");
 }
+
+/// A review of a model's answer (tool calls to run, or its text): the
+/// Slack message shows the prompt's preview, not the answer, so a click on
+/// Approve there would release tool calls nobody saw. The message offers
+/// Reject and Open only, and a click on Approve decides nothing.
+#[tokio::test]
+async fn a_click_does_not_approve_an_answer_slack_does_not_show() {
+    let f = fixture(true);
+    let answer = json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": null,
+        "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "run_shell", "arguments": "{\"cmd\":\"rm -rf /srv\"}"}}]}}]});
+    let id = common::create_review(
+        &f.app,
+        &[],
+        common::review_request(json!({
+            "kind": "tool_call",
+            "body": answer.to_string(),
+            "tool_calls": [{"id": "call_1", "name": "run_shell", "arguments": "{\"cmd\":\"rm -rf /srv\"}"}],
+        })),
+    )
+    .await;
+    click_decides_nothing(&f, &id, "U0BOB").await;
+
+    let lookup = id.clone();
+    let detail = f
+        .state
+        .db(move |s| s.detail(&lookup))
+        .await
+        .unwrap()
+        .unwrap();
+    let message =
+        countersign_approval::slack::message::review_message(&detail.summary, "https://x/");
+    let text = message.to_string();
+    assert!(!text.contains("countersign_approve"), "{text}");
+    assert!(text.contains("open it to see"), "{text}");
+}
