@@ -138,6 +138,28 @@ def test_an_edit_the_gateway_refuses_refuses_the_request_at_release(stack, backg
     assert rec["review"]["edited"] and "chat_template" in rec["review"]["edit_diff"], rec
 
 
+def test_an_edit_that_moves_the_request_under_another_review_rule_is_refused(make_stack, background):
+    # The request is held under `echo` (any reviewer, one approval). A
+    # reviewer edits the model to one whose rule needs two people of
+    # `security`: released on the one approval, the edit would reach a model
+    # that rule's reviewers never saw a request for. It is refused at
+    # release, and nothing reaches the model.
+    rules = [{"name": "echo", "model": "demo-echo", "action": "review"},
+             {"name": "big", "model": "demo-big", "action": "review",
+              "approvals": 2, "approver_group": "security"}]
+    stack = make_stack(filter_config={"rules": rules})
+    fut = send_later(background, stack.url, chat(text="summarise the memo"))
+    [review] = stack.approval.wait_pending()
+    r = stack.approval.decide(review["id"], "edit", body=chat(model="demo-big", text="summarise the memo"))
+    assert r.status_code == 200, r.text
+    resp = fut.result(timeout=10)
+    assert resp.status_code == 403, resp.text
+    err = resp.json()["error"]
+    assert err["review_id"] == review["id"], err
+    assert "falls under the rule `big`, not `echo`" in err["message"], err
+    assert stack.backend.stats()["started"] == 0
+
+
 def test_timeout_gives_a_distinct_error_and_late_approval_is_refused(make_stack, background):
     config = {"hold_timeout_ms": 2000, "long_poll_ms": 500}
     stack = make_stack(filter_config=config)

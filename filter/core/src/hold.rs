@@ -838,7 +838,13 @@ impl Hold {
             ReviewStatus::Approved => {
                 let mut edited_body = state.edited_body.map(String::into_bytes);
                 if let Some(body) = &edited_body {
-                    match check_edited_body(config, self.api, &self.info, body) {
+                    match check_edited_body(
+                        config,
+                        self.api,
+                        &self.info,
+                        body,
+                        self.rule.as_deref(),
+                    ) {
                         Ok(forward) => edited_body = Some(forward),
                         Err(refusal) => return HoldStep::Refuse(refusal.with_review(state.id)),
                     }
@@ -1452,6 +1458,42 @@ mod tests {
             "{}",
             r.message
         );
+    }
+
+    /// A reviewer's edit that moves the request under another `review`
+    /// rule (here a model that needs two people of `security`) is not
+    /// released on the approvals of the rule the request was held under:
+    /// the edit would decide what that rule's reviewers never saw.
+    #[test]
+    fn an_edit_that_falls_under_another_review_rule_is_refused_at_release() {
+        let (c, mut h, _) = setup(
+            r#"{"rules":[{"name":"small","model":"m","action":"review"},{"name":"large","model":"big","action":"review","approvals":2,"approver_group":"security"}]}"#,
+        );
+        h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000);
+        let edited = r#","edited_body":"{\"model\":\"big\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}""#;
+        let HoldStep::Refuse(r) = h.on_response(
+            &c,
+            CalloutKind::Wait,
+            &ok(&state("approved", edited)),
+            2_000,
+        ) else {
+            panic!("the edit was released under the rule `small`")
+        };
+        assert_eq!(r.review_id.as_deref(), Some("rev_1"));
+        assert!(r.message.contains("`large`"), "{}", r.message);
+        // An edit that stays under the rule is released as before.
+        let (c, mut h, _) = setup(
+            r#"{"rules":[{"name":"small","model":"m","action":"review"},{"name":"large","model":"big","action":"review","approvals":2,"approver_group":"security"}]}"#,
+        );
+        h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000);
+        let edited = r#","edited_body":"{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hello\"}]}""#;
+        let step = h.on_response(
+            &c,
+            CalloutKind::Wait,
+            &ok(&state("approved", edited)),
+            2_000,
+        );
+        assert!(!matches!(step, HoldStep::Refuse(_)), "{step:?}");
     }
 
     fn token_config() -> String {

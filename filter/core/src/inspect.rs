@@ -933,14 +933,18 @@ pub(crate) fn new_review(api: ApiKind, info: &RequestInfo, what: &str) -> Create
 /// gives the body to forward), a stream a `review` response rule blocks or
 /// the gateway cannot read, `max_body_bytes`. Only what a reviewer's
 /// approval stands for is not asked again: `attachments: review` and
-/// `review` rules hold nothing, the edit is the reviewer's. Returns the
-/// body to forward; a refusal says the edit was refused (the caller sent
-/// none of it).
+/// `review` rules hold nothing, the edit is the reviewer's, as long as
+/// the edit stays under the rule the request was held under
+/// (`held_under`, when known): an edit that falls under another `review`
+/// rule (another model, another approver group or quorum) is refused,
+/// since that rule's reviewers never saw it. Returns the body to forward;
+/// a refusal says the edit was refused (the caller sent none of it).
 pub fn check_edited_body(
     config: &Config,
     api: ApiKind,
     info: &RequestInfo,
     body: &[u8],
+    held_under: Option<&str>,
 ) -> Result<Vec<u8>, Refusal> {
     let of_edit = |r: Refusal| edit_refused(api, r);
     if body.len() > config.max_body_bytes {
@@ -951,6 +955,23 @@ pub fn check_edited_body(
     }
     let parsed = edited_request(api, &info.path, body).map_err(|e| e.refusal(api))?;
     let chosen = chosen(config, api, info, parsed).map_err(of_edit)?;
+    if let Some(held) = held_under {
+        let rule = &chosen.rule;
+        if rule.action == Action::Review && rule.name != held {
+            return Err(of_edit(
+                Refusal::new(
+                    RefusalKind::PolicyDenied,
+                    Some(api),
+                    format!(
+                    "it falls under the rule `{}`, not `{held}` it was held and approved under: \
+                     it needs a review of its own",
+                    rule.name
+                ),
+                )
+                .stopped_by(StopKind::Deny, &rule.name),
+            ));
+        }
+    }
     let screening = screened(config, api, info, body, &chosen).map_err(of_edit)?;
     Ok(screening.masked_body.unwrap_or_else(|| body.to_vec()))
 }
@@ -1325,7 +1346,7 @@ mod tests {
             ));
             // A reviewer's edit cannot add it either: refused as the
             // reviewer's (the caller did not ask for it).
-            let r = check_edited_body(c, ApiKind::OpenaiChat, &i, asks).unwrap_err();
+            let r = check_edited_body(c, ApiKind::OpenaiChat, &i, asks, None).unwrap_err();
             assert_eq!(r.status(), 503);
             assert!(
                 r.message
@@ -1650,7 +1671,7 @@ mod tests {
                 *refused,
                 "request {config} {body}: {as_request:?}"
             );
-            let as_edit = check_edited_body(&c, ep.api, &i, body.as_bytes());
+            let as_edit = check_edited_body(&c, ep.api, &i, body.as_bytes(), None);
             assert_eq!(
                 as_edit.is_err(),
                 *refused,
@@ -1792,11 +1813,11 @@ mod tests {
     fn edited_body_is_checked() {
         let c = Config::from_json(br#"{"rules":[{"model":"bad","action":"deny"}]}"#).unwrap();
         let i = info("/v1/chat/completions", None);
-        assert!(check_edited_body(&c, ApiKind::OpenaiChat, &i, CHAT).is_ok());
-        assert!(check_edited_body(&c, ApiKind::OpenaiChat, &i, b"{}").is_err());
+        assert!(check_edited_body(&c, ApiKind::OpenaiChat, &i, CHAT, None).is_ok());
+        assert!(check_edited_body(&c, ApiKind::OpenaiChat, &i, b"{}", None).is_err());
         let bad = br#"{"model":"bad","messages":[{"role":"user","content":"hi"}]}"#;
         assert_eq!(
-            check_edited_body(&c, ApiKind::OpenaiChat, &i, bad)
+            check_edited_body(&c, ApiKind::OpenaiChat, &i, bad, None)
                 .unwrap_err()
                 .status(),
             403
