@@ -100,6 +100,8 @@ pub enum OidcError {
     Refused(String),
     /// The ID token lacks the configured name claim.
     NoName(String),
+    /// The name is spelled like one of the service's own deciders.
+    MachineName(String),
     /// The person lacks the group `required_group` names.
     NotInGroup(String),
 }
@@ -115,6 +117,10 @@ impl std::fmt::Display for OidcError {
                  \"preferred_username\", where the provider does not verify addresses)",
             ),
             OidcError::NoName(claim) => write!(f, "the ID token has no usable {claim:?} claim"),
+            OidcError::MachineName(name) => write!(
+                f,
+                "the name {name:?} is spelled like the service's own deciders (standing approvals, assessors); a person cannot sign in under it"
+            ),
             OidcError::NotInGroup(g) => write!(f, "not a member of the required group {g:?}"),
         }
     }
@@ -389,10 +395,7 @@ impl RelyingParty {
     /// The person the verified `claims` (as JSON: an ID token's or the
     /// userinfo endpoint's) name.
     fn person(&self, claims: &serde_json::Value) -> Result<Person, OidcError> {
-        let name = claim_text(claims, &self.config.name_claim)
-            .map(|n| n.trim().to_string())
-            .filter(|n| !n.is_empty())
-            .ok_or_else(|| OidcError::NoName(self.config.name_claim.clone()))?;
+        let name = person_name(claims, &self.config.name_claim)?;
         let groups = claim_list(claims, &self.config.groups_claim);
         if let Some(required) = &self.config.required_group {
             if !groups.contains(required) {
@@ -401,6 +404,21 @@ impl RelyingParty {
         }
         Ok(Person { name, groups })
     }
+}
+
+/// The reviewer's name in `claim` of the verified `claims`: present, not
+/// blank, and not spelled like one of the service's own deciders (a
+/// person's decisions would read as a standing approval's or an
+/// assessor's).
+fn person_name(claims: &serde_json::Value, claim: &str) -> Result<String, OidcError> {
+    let name = claim_text(claims, claim)
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| OidcError::NoName(claim.to_string()))?;
+    if crate::approvals::is_machine_decider_name(&name) {
+        return Err(OidcError::MachineName(name));
+    }
+    Ok(name)
 }
 
 /// Verified claims as JSON, the one form both sources of claims read as.
@@ -460,6 +478,22 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn nobody_signs_in_under_a_name_of_the_services_own_deciders() {
+        let named =
+            |n: &str| person_name(&json!({ "preferred_username": n }), "preferred_username");
+        assert_eq!(named(" alice ").unwrap(), "alice");
+        assert!(matches!(
+            named("standing:sa_1"),
+            Err(OidcError::MachineName(_))
+        ));
+        assert!(matches!(
+            named("ASSESSOR:guard"),
+            Err(OidcError::MachineName(_))
+        ));
+        assert!(matches!(named("  "), Err(OidcError::NoName(_))));
+    }
 
     #[test]
     fn an_address_names_someone_only_when_the_provider_verified_it() {

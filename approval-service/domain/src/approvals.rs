@@ -220,6 +220,20 @@ impl From<&ReviewerConfig> for Approver {
     }
 }
 
+/// The prefixes of the names the service gives its own deciders: a
+/// standing approval (`standing:sa_…`) and the assessors
+/// (`assessor:moderation`). A person must not carry one: records, Slack and
+/// the metrics would show their decision as automatic.
+pub const MACHINE_DECIDER_PREFIXES: [&str; 2] = [crate::standing::DECIDER_PREFIX, "assessor:"];
+
+/// Whether `name` is spelled like one of the service's own deciders
+/// ([`MACHINE_DECIDER_PREFIXES`], compared as [`person_key`] compares
+/// names), so that no person may go by it.
+pub fn is_machine_decider_name(name: &str) -> bool {
+    let key = person_key(name);
+    MACHINE_DECIDER_PREFIXES.iter().any(|p| key.starts_with(p))
+}
+
 /// The form in which two names of one person compare equal: trimmed,
 /// NFKC (full-width letters, ligatures and composed accents as their
 /// plain forms), then Unicode lower case ("Åsa" and "åsa" are one person).

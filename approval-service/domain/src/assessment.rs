@@ -112,7 +112,11 @@ pub enum AutoOutcome {
 
 /// The decider name of an automatic decision by `assessors`.
 pub fn decider_name(assessors: &[&str]) -> String {
-    format!("assessor:{}", assessors.join("+"))
+    format!(
+        "{}{}",
+        crate::approvals::MACHINE_DECIDER_PREFIXES[1],
+        assessors.join("+")
+    )
 }
 
 /// The text the assessors read: the prompt as the reviewer sees it (masked

@@ -182,6 +182,12 @@ pub fn proxy_approver(
     if name.is_empty() {
         return None;
     }
+    if crate::approvals::is_machine_decider_name(&name) {
+        // Whoever the proxy names cannot pass for a standing approval or
+        // an assessor in the records.
+        tracing::warn!(name = %name, "trusted proxy named a person like one of the service's own deciders; refused");
+        return None;
+    }
     let groups = proxy
         .groups_header
         .as_ref()

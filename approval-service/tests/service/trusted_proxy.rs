@@ -198,3 +198,34 @@ async fn one_person_under_two_spellings_is_one_reviewer() {
     assert_eq!(detail["status"], "pending", "{detail}");
     assert_eq!(detail["approval_count"], 1, "{detail}");
 }
+
+/// A proxy naming someone like a standing approval or an assessor is not
+/// believed: their decisions would read as automatic in the records, Slack
+/// and the metrics.
+#[tokio::test]
+async fn a_person_named_like_the_services_own_deciders_is_refused() {
+    let f = common::fixture("proxy-machine-names.db", |db| {
+        common::config_toml(db, "[trusted_proxy]\naddresses = [\"10.0.0.0/8\"]", &[])
+    });
+    let proxy = from(&f, PROXY);
+    for name in ["standing:sa_1", "Assessor:moderation"] {
+        let r = send(
+            &proxy,
+            "GET",
+            "/api/me",
+            &[("x-auth-request-email", name)],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{name}: {:?}", r.json());
+    }
+    let r = send(
+        &proxy,
+        "GET",
+        "/api/me",
+        &[("x-auth-request-email", "standing-desk")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.json());
+}

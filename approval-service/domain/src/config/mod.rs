@@ -520,6 +520,15 @@ impl Config {
             if name.is_empty() {
                 return Err(invalid(format!("reviewers[{i}].name"), "must not be empty"));
             }
+            if crate::approvals::is_machine_decider_name(&name) {
+                return Err(invalid(
+                    format!("reviewers[{i}].name"),
+                    format!(
+                        "{name:?} is spelled like the service's own deciders ({}…): a person's decisions would read as automatic",
+                        crate::approvals::MACHINE_DECIDER_PREFIXES.join("…, ")
+                    ),
+                ));
+            }
             // One person, one entry: names compare as people do
             // (`approvals::person_key`: case, width, spaces).
             if !names.insert(crate::approvals::person_key(&name)) {
@@ -711,6 +720,20 @@ groups = ["security"]
             ),
             "reviewers[1].token_sha256",
         );
+    }
+
+    #[test]
+    fn no_person_is_named_like_the_services_own_deciders() {
+        for name in ["standing:sa_1", "Assessor:moderation", "\u{ff33}tanding:x"] {
+            assert_refused(
+                &format!("[[reviewers]]\nname=\"{name}\"\ntoken_sha256=\"{H}\""),
+                "reviewers[0].name",
+            );
+        }
+        assert!(Config::from_toml_str(&format!(
+            "[[reviewers]]\nname=\"standing-desk\"\ntoken_sha256=\"{H}\""
+        ))
+        .is_ok());
     }
 
     #[test]
