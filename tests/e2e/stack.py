@@ -581,6 +581,20 @@ def with_approval_transport_socket(config: dict, transport_socket: dict):
     cluster["transport_socket"] = transport_socket
 
 
+def with_route(config: dict, name: str, header: str, value: str):
+    """A route named `name`, to the model cluster like the template's own,
+    taken (before it) by requests carrying `header: value`: how an operator
+    sends some traffic through a route that `rules[].route` treats apart."""
+    for listener in config["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for f in chain["filters"]:
+                for vhost in f.get("typed_config", {}).get("route_config", {}).get("virtual_hosts", []):
+                    vhost["routes"].insert(0, {
+                        "name": name,
+                        "match": {"prefix": "/", "headers": [{"name": header, "string_match": {"exact": value}}]},
+                        "route": {"cluster": "model", "timeout": "0s"}})
+
+
 def without_wasm_filter(config: dict):
     """Takes the countersign wasm filter out of the HTTP filters: the same
     listener, routes, buffer filter and clusters without it (plain Envoy,
@@ -689,11 +703,14 @@ class Stack:
                  envoy_env: dict | None = None, approval_extra: str = "", database: str | None = None,
                  model_http2: bool = False, approval_env: dict | None = None,
                  reviewer_fields: dict[str, str] | None = None, approval_tls: str | None = None,
-                 approval_transport_socket: dict | None = None, approval_http1: bool = False):
+                 approval_transport_socket: dict | None = None, approval_http1: bool = False,
+                 envoy_mutate=None):
         """`approval_tls`: the service's [tls] table (the filter API then on
         filter_listen); `approval_transport_socket`: Envoy's transport socket
         on the approval cluster (see ChannelCertificates); `approval_http1`:
-        that cluster over HTTP/1.1 (see `with_approval_http1`)."""
+        that cluster over HTTP/1.1 (see `with_approval_http1`);
+        `envoy_mutate`: changes the rendered Envoy configuration (a dict),
+        e.g. `with_route`."""
         self.filter_token = filter_token
         self.approval_http1 = approval_http1
         config = dict(DEFAULT_FILTER_CONFIG if filter_config is None else filter_config)
@@ -707,6 +724,8 @@ class Stack:
                 with_approval_transport_socket(c, approval_transport_socket)
             if approval_http1:
                 with_approval_http1(c)
+            if envoy_mutate:
+                envoy_mutate(c)
         self.envoy = Envoy(workdir, self.backend, self.approval, config, env=envoy_env,
                            model_http2=model_http2, mutate=mutate)
 

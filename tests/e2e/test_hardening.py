@@ -3,6 +3,7 @@ might use to get a prompt to the model unreviewed. Each case checks the
 caller's answer and that the model saw nothing."""
 import json
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -330,3 +331,33 @@ def test_held_requests_are_limited_per_caller_with_429_and_retry_after(make_stac
     # The refusal is recorded.
     recs = wait_until(lambda: records(stack, request_id="limit-second"), what="the refusal's record")
     assert "too_many_held_requests" in json.dumps(recs), recs
+
+
+def test_rules_scoped_by_route_match_the_route_envoy_took(make_stack):
+    """`rules[].route` matches the name of the Envoy route the request
+    took. Envoy 1.40 names it at `xds.route_name` (no top-level
+    `route_name`): reading the wrong property gave no route, so every
+    route rule was skipped (a `deny` for production let the request
+    through to the default `allow`) and reviews and records carried none."""
+    from stack import records, rec_field, with_route
+    config = {"default_action": "allow",
+              "rules": [{"name": "no-prod", "route": "prod-*", "action": "deny"},
+                        {"name": "staging-review", "route": "staging", "action": "review"}]}
+    stack = make_stack(filter_config=config, envoy_mutate=lambda c: (
+        with_route(c, "prod-model", "x-env", "prod"), with_route(c, "staging", "x-env", "staging")))
+    denied = raw(stack, json.dumps(chat()).encode(), headers={"x-env": "prod", "x-request-id": "route-prod"})
+    assert denied.status_code == 403, denied.text
+    assert "no-prod" in denied.json()["error"]["message"], denied.text
+    assert stack.backend.stats()["started"] == 0
+    # The template's own route, named `model`: allowed, and recorded with it.
+    ok = raw(stack, json.dumps(chat()).encode(), headers={"x-request-id": "route-model"})
+    assert ok.status_code == 200, ok.text
+    [rec] = [r for r in records(stack) if rec_field(r, "request_id") == "route-model"]
+    assert rec_field(rec, "route") == "model", rec
+    # A review shows the route to the reviewer.
+    with ThreadPoolExecutor(1) as pool:
+        held = send_later(pool, stack.url, chat(text="staging change"), headers={"x-env": "staging"})
+        [review] = stack.approval.wait_pending()
+        assert review["route"] == "staging", review
+        assert stack.approval.decide(review["id"], "approve").status_code == 200
+        assert held.result(timeout=30).status_code == 200

@@ -51,6 +51,22 @@ pub fn prefers_async(prefer: Option<&str>) -> bool {
     })
 }
 
+/// Where Envoy keeps the name of the route a request took: `xds.route_name`
+/// in the Envoy this gateway runs on (1.40 has no top-level `route_name`
+/// property: reading it gave nothing, so `rules[].route` never matched and
+/// reviews and records carried no route), `route_name` in older ones.
+pub const ROUTE_NAME_PROPERTIES: [&[&str]; 2] = [&["xds", "route_name"], &["route_name"]];
+
+/// The request's route name, from the first of [`ROUTE_NAME_PROPERTIES`]
+/// Envoy answers; `None` for none or an empty name.
+fn route_name(host: &dyn Host) -> Option<String> {
+    ROUTE_NAME_PROPERTIES
+        .iter()
+        .find_map(|path| host.property(path))
+        .and_then(|b| String::from_utf8(b).ok())
+        .filter(|s| !s.is_empty())
+}
+
 /// One HTTP stream's state.
 pub struct StreamFilter {
     id: u32,
@@ -158,10 +174,7 @@ impl StreamFilter {
         }
         self.properties_read = true;
         let utf8 = |b: Vec<u8>| String::from_utf8(b).ok();
-        self.info.route = host
-            .property(&["route_name"])
-            .and_then(utf8)
-            .filter(|s| !s.is_empty());
+        self.info.route = route_name(host);
         self.info.source_address = host.property(&["source", "address"]).and_then(utf8);
     }
 
@@ -2031,10 +2044,14 @@ mod tests {
         assert_eq!(host.metric("countersign_requests_misconfigured_total"), 1);
     }
 
-    /// Envoy's properties of a request on route `route` from 10.0.0.7.
+    /// Envoy's properties of a request on route `route` from 10.0.0.7,
+    /// where Envoy 1.40 keeps them (measured: `xds.route_name`; there is
+    /// no top-level `route_name`).
     fn with_properties(host: &mut MockHost, route: &str) {
-        host.properties
-            .insert(vec!["route_name".into()], route.as_bytes().to_vec());
+        host.properties.insert(
+            vec!["xds".into(), "route_name".into()],
+            route.as_bytes().to_vec(),
+        );
         host.properties.insert(
             vec!["source".into(), "address".into()],
             b"10.0.0.7:5555".to_vec(),
@@ -2110,6 +2127,28 @@ mod tests {
             send(&mut host, &mut stream, CHAT, BODY);
             assert_eq!(host.replies.first().map(|r| r.status), status, "{route}");
         }
+    }
+
+    /// Envoy 1.40 names the route at `xds.route_name` only: a rule scoped
+    /// by route (here a `deny` for production) must match there, and an
+    /// older Envoy's top-level `route_name` is still read.
+    #[test]
+    fn the_route_is_read_where_envoy_keeps_it() {
+        let config = r#"{"records":"off","default_action":"allow","rules":[{"name":"no-prod","route":"prod-*","action":"deny"}]}"#;
+        for path in ROUTE_NAME_PROPERTIES {
+            let (_worker, mut host, mut stream) = setup(config);
+            let path: Vec<String> = path.iter().map(|p| p.to_string()).collect();
+            host.properties.insert(path.clone(), b"prod-model".to_vec());
+            send(&mut host, &mut stream, CHAT, BODY);
+            assert_eq!(
+                host.replies.first().map(|r| r.status),
+                Some(403),
+                "{path:?}"
+            );
+        }
+        // No route: the rule does not match.
+        let (_worker, mut host, mut stream) = setup(config);
+        assert_eq!(send(&mut host, &mut stream, CHAT, BODY), Action::Continue);
     }
 
     #[test]
