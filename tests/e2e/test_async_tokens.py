@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from conftest import chat, emptied, module_stack, send_later
-from stack import sha256_hex
+from stack import sha256_hex, with_route
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -124,6 +124,32 @@ def test_token_is_bound_to_prompt_caller_and_signature(tokens):
     # The legitimate retry still works after all those attempts.
     assert retry(tokens, st).status_code == 200
     assert tokens.backend.stats()["completed"] == 1
+
+
+def test_a_token_spends_only_on_the_route_and_host_it_was_approved_for(make_stack):
+    """A token approved on a lenient route is not a pass for a strict one:
+    `prod-*` asks for two approvals, the caller's own rule for one. The
+    same caller, path and body sent with the header that picks the prod
+    route (or to another virtual host, another cluster) used to be
+    forwarded on the one approval of the lenient route."""
+    config = filter_config([("k1", K1)])
+    config["rules"].insert(0, {"name": "prod-two-person", "route": "prod-*", "action": "review",
+                               "approvals": 2, "async": True})
+    stack = make_stack(filter_config=config, approval_extra=service_extra([("k1", K1)], max_uses=3),
+                       envoy_mutate=lambda c: with_route(c, "prod-model", "x-env", "prod"))
+    _, st = approved_status(stack, chat(text="ship the release notes"))
+    review = stack.approval.review(st["id"])
+    assert (review["route"], review["required_approvals"]) == ("model", 1), review
+    for extra in ({"x-env": "prod"}, {"host": "prod.gw.example"}):
+        headers = {**as_caller("ci-batch"), "content-type": "application/json",
+                   "x-countersign-approval": st["approval_token"], **extra}
+        r = httpx.post(stack.url + "/v1/chat/completions", content=st["approved_body"].encode(),
+                       headers=headers, timeout=20)
+        assert r.status_code == 403, (extra, r.status_code, r.text)
+        assert "another route or host" in r.json()["error"]["message"], r.text
+    assert stack.backend.stats()["started"] == 0
+    # On the route and host it was approved for, it spends.
+    assert retry(stack, st).status_code == 200
 
 
 def test_edited_prompt_token_covers_the_edited_body(tokens):

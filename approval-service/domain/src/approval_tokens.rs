@@ -49,6 +49,10 @@ pub struct CallerView {
     pub approved_body: String,
     /// The path (without query) of the request the review was for.
     pub path: String,
+    /// Envoy's route name of that request (`""`: none).
+    pub route: String,
+    /// Its `:authority`.
+    pub authority: String,
     /// Approvers that count.
     pub approvers: Vec<String>,
 }
@@ -91,7 +95,7 @@ impl Store {
         let expired = expire_if_overdue(&mut conn, id, now_ms)?;
         let r = conn.query_one(
             "SELECT status, expires_at_ms, decided_at_ms, reason, async_review,
-                    COALESCE(edited_body, body), path
+                    COALESCE(edited_body, body), path, route, authority
              FROM reviews WHERE id = ?1",
             params![id],
         )?;
@@ -103,6 +107,8 @@ impl Store {
             async_review: r.get(4)?,
             approved_body: r.get(5)?,
             path: r.get(6)?,
+            route: r.get::<Option<String>>(7)?.unwrap_or_default(),
+            authority: r.get(8)?,
             approvers: crate::approvals::current_approvers(&mut conn, id)?,
         };
         Ok(Some((view, expired)))
@@ -202,6 +208,8 @@ pub fn token_for(
         rid: id.to_string(),
         sub: caller.to_string(),
         pth: view.path.clone(),
+        rte: view.route.clone(),
+        aut: view.authority.clone(),
         bh: body_hash(view.approved_body.as_bytes()),
         exp,
     };
@@ -233,17 +241,32 @@ mod tests {
             async_review: true,
             approved_body: "{}".into(),
             path: "/v1beta/models/gemini-pro:generateContent".into(),
+            route: "sandbox".into(),
+            authority: "gw.example".into(),
             approvers: vec![],
         };
         let (t, exp) = token_for(&keys, 100, "rev_1", "ci", &view).unwrap();
         assert_eq!(exp, 1100);
         assert!(t.starts_with("cs1.new."), "{t}");
-        // Bound to the review's path as well as its caller and body.
-        let verify = |path| countersign_core::token::verify(&t, &keys, "ci", path, b"{}", 1050);
-        assert!(verify("/v1beta/models/gemini-pro:generateContent").is_ok());
+        // Bound to the review's path, route and host as well as its
+        // caller and body.
+        use countersign_core::token::{Destination, TokenError};
+        let at = |path, route| Destination {
+            path,
+            route,
+            authority: "gw.example",
+        };
+        let verify = |to: Destination<'_>| {
+            countersign_core::token::verify(&t, &keys, "ci", &to, b"{}", 1050)
+        };
+        assert!(verify(at("/v1beta/models/gemini-pro:generateContent", "sandbox")).is_ok());
         assert_eq!(
-            verify("/v1beta/models/gemini-flash:generateContent"),
-            Err(countersign_core::token::TokenError::WrongPath)
+            verify(at("/v1beta/models/gemini-flash:generateContent", "sandbox")),
+            Err(TokenError::WrongPath)
+        );
+        assert_eq!(
+            verify(at("/v1beta/models/gemini-pro:generateContent", "prod")),
+            Err(TokenError::WrongRoute)
         );
         assert!(token_for(&[], 100, "rev_1", "ci", &view).is_none());
         let undecided = CallerView {

@@ -13,12 +13,18 @@ use crate::common::{
 use axum::http::StatusCode;
 use axum::Router;
 use countersign_approval::{app, Config};
-use countersign_core::token::{body_hash, verify, TokenError, TokenKey};
+use countersign_core::token::{body_hash, verify, Destination, TokenError, TokenKey};
 use serde_json::{json, Value};
 
 /// base64 of 32 bytes of `A` and of `B`.
 /// The path of the requests `common` files reviews for.
 const CHAT_PATH: &str = "/v1/chat/completions";
+
+/// A request to `path` with no route and no authority (what reviews
+/// created without them are for).
+fn to(path: &str) -> Destination<'_> {
+    Destination::path(path)
+}
 const SECRET_A: &str = "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=";
 const SECRET_B: &str = "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=";
 
@@ -369,7 +375,16 @@ async fn list_shows_quorum_fields() {
 #[tokio::test]
 async fn status_is_only_for_the_caller_and_carries_a_verifiable_token() {
     let f = with_key("");
-    let id = create(&f.app, json!({"async_review": true})).await;
+    let id = create(
+        &f.app,
+        json!({"async_review": true, "route": "chat", "authority": "llm.internal"}),
+    )
+    .await;
+    let at = |path| Destination {
+        path,
+        route: "chat",
+        authority: "llm.internal",
+    };
     for other in ["svc-b", "SVC-A", ""] {
         let (s, v) = status_of(&f.app, &id, other).await;
         assert_eq!(s, StatusCode::NOT_FOUND, "{other}: {v}");
@@ -406,21 +421,36 @@ async fn status_is_only_for_the_caller_and_carries_a_verifiable_token() {
     let decided = detail(&f.app, &id).await["decided_at_ms"].as_u64().unwrap();
     assert_eq!(exp, decided + 3_600_000);
     let now = countersign_approval::now_ms();
-    let claims = verify(token, &[key_a()], "svc-a", CHAT_PATH, BODY.as_bytes(), now).unwrap();
+    let claims = verify(
+        token,
+        &[key_a()],
+        "svc-a",
+        &at(CHAT_PATH),
+        BODY.as_bytes(),
+        now,
+    )
+    .unwrap();
     assert_eq!(claims.rid, id);
     assert_eq!(
         verify(
             token,
             &[key_a()],
             "svc-a",
-            CHAT_PATH,
+            &at(CHAT_PATH),
             b"{\"model\":\"other\"}",
             now
         ),
         Err(TokenError::WrongBody)
     );
     assert_eq!(
-        verify(token, &[key_a()], "svc-b", CHAT_PATH, BODY.as_bytes(), now),
+        verify(
+            token,
+            &[key_a()],
+            "svc-b",
+            &at(CHAT_PATH),
+            BODY.as_bytes(),
+            now
+        ),
         Err(TokenError::WrongCaller)
     );
     // Bound to the path of the request the review was for.
@@ -429,14 +459,39 @@ async fn status_is_only_for_the_caller_and_carries_a_verifiable_token() {
             token,
             &[key_a()],
             "svc-a",
-            "/api/chat",
+            &at("/api/chat"),
             BODY.as_bytes(),
             now
         ),
         Err(TokenError::WrongPath)
     );
+    // And to its route and host: another route, where rules may ask more.
+    for other in [
+        Destination {
+            route: "prod",
+            ..at(CHAT_PATH)
+        },
+        Destination {
+            authority: "other.internal",
+            ..at(CHAT_PATH)
+        },
+        to(CHAT_PATH),
+    ] {
+        assert_eq!(
+            verify(token, &[key_a()], "svc-a", &other, BODY.as_bytes(), now),
+            Err(TokenError::WrongRoute),
+            "{other:?}"
+        );
+    }
     assert_eq!(
-        verify(token, &[key_a()], "svc-a", CHAT_PATH, BODY.as_bytes(), exp),
+        verify(
+            token,
+            &[key_a()],
+            "svc-a",
+            &at(CHAT_PATH),
+            BODY.as_bytes(),
+            exp
+        ),
         Err(TokenError::Expired)
     );
     // Deterministic: the same token every time.
@@ -498,13 +553,20 @@ async fn token_covers_the_edited_body() {
         token,
         &[key_a()],
         "svc-a",
-        CHAT_PATH,
+        &to(CHAT_PATH),
         edited.as_bytes(),
         now
     )
     .is_ok());
     assert_eq!(
-        verify(token, &[key_a()], "svc-a", CHAT_PATH, BODY.as_bytes(), now),
+        verify(
+            token,
+            &[key_a()],
+            "svc-a",
+            &to(CHAT_PATH),
+            BODY.as_bytes(),
+            now
+        ),
         Err(TokenError::WrongBody)
     );
     // Consumption follows the same body.
@@ -682,7 +744,7 @@ async fn key_rotation_signs_with_the_last_key() {
         token,
         &[key_a(), key_b()],
         "svc-a",
-        CHAT_PATH,
+        &to(CHAT_PATH),
         BODY.as_bytes(),
         now
     )
@@ -690,7 +752,14 @@ async fn key_rotation_signs_with_the_last_key() {
     // A filter that does not have the new key yet refuses it: add keys to
     // the filter first.
     assert_eq!(
-        verify(token, &[key_a()], "svc-a", CHAT_PATH, BODY.as_bytes(), now),
+        verify(
+            token,
+            &[key_a()],
+            "svc-a",
+            &to(CHAT_PATH),
+            BODY.as_bytes(),
+            now
+        ),
         Err(TokenError::UnknownKey)
     );
 }

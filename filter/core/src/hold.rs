@@ -1532,6 +1532,8 @@ mod tests {
             rid: "rev_9".into(),
             sub: "ci".into(),
             pth: String::new(),
+            rte: String::new(),
+            aut: String::new(),
             bh: String::new(),
             exp: 0,
         };

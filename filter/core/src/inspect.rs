@@ -11,7 +11,7 @@ use crate::policy::{requested_max_tokens, RequestFacts, ResponseRules, ReviewRul
 use crate::refusal::{Refusal, RefusalKind, StopKind};
 use crate::request::{classify, sniffed_refusal, HeadVerdict, RequestHead};
 use crate::shape::sniff_prompt;
-use crate::token::{body_hash, verify, TokenClaims};
+use crate::token::{body_hash, verify, Destination, TokenClaims};
 use crate::trace_context::TraceContext;
 use crate::wire::PromptMessage;
 use crate::wire::{
@@ -816,7 +816,14 @@ fn check_token(
             "an approval token needs an identified caller",
         ));
     };
-    match verify(token, &tokens.keys, &caller.name, &info.path, body, now_ms) {
+    // The route and host as well as the path: a token approved where the
+    // rules ask little does not spend where they ask more.
+    let to = Destination {
+        path: &info.path,
+        route: info.route.as_deref().unwrap_or(""),
+        authority: &info.authority,
+    };
+    match verify(token, &tokens.keys, &caller.name, &to, body, now_ms) {
         Err(e) => BodyVerdict::Refuse(Refusal::new(
             RefusalKind::InvalidToken,
             Some(api),
@@ -1250,12 +1257,15 @@ mod tests {
                 rid: "rev_1".into(),
                 sub: "ci".into(),
                 pth: "/v1/chat/completions".into(),
+                rte: "sandbox".into(),
+                aut: "gw.example".into(),
                 bh: body_hash(CHAT),
                 exp: 100,
             },
         )
         .unwrap();
-        let mut i = info("/v1/chat/completions", None);
+        let mut i = info("/v1/chat/completions", Some("sandbox"));
+        i.authority = "gw.example".into();
         i.caller = Some(Caller {
             name: "ci".into(),
             groups: vec![],
@@ -1284,6 +1294,19 @@ mod tests {
             panic!()
         };
         assert!(r.message.contains("another path"), "{}", r.message);
+        // The same request on another route (where rules may ask for more
+        // approvals) or another virtual host (another cluster).
+        let mut strict = i.clone();
+        strict.route = Some("prod".into());
+        let mut other_host = i.clone();
+        other_host.authority = "prod.example".into();
+        for elsewhere in [strict, other_host] {
+            let BodyVerdict::Refuse(r) = inspect_body(&c, ep, &elsewhere, CHAT, 50) else {
+                panic!()
+            };
+            assert_eq!((r.status(), r.kind.code()), (403, "invalid_approval_token"));
+            assert!(r.message.contains("another route or host"), "{}", r.message);
+        }
         i.caller = Some(Caller {
             name: "mallory".into(),
             groups: vec![],

@@ -6,7 +6,8 @@
 //!
 //! ```text
 //! cs1.<key id>.<payload>.<HMAC-SHA256(key, "cs1.<key id>.<payload>")>
-//! payload = JSON {"rid": review id, "sub": caller, "pth": request path, "bh": SHA-256 of the body, "exp": unix ms}
+//! payload = JSON {"rid": review id, "sub": caller, "pth": request path, "rte": Envoy route name,
+//!                 "aut": request authority, "bh": SHA-256 of the body, "exp": unix ms}
 //! ```
 //!
 //! The MAC covers the key id, so a token cannot be replayed under another key.
@@ -55,6 +56,19 @@ pub struct TokenClaims {
     /// before paths were bound has none, and is refused.
     #[serde(default)]
     pub pth: String,
+    /// The Envoy route name the reviewed request took (`""`: none). Rules
+    /// match on it (`rules[].route`: a production route asking for two
+    /// approvals from a security group), and it picks the cluster: a token
+    /// approved on a lenient route must not spend on a strict one. A token
+    /// minted before routes were bound has none, and is refused where the
+    /// request has a route.
+    #[serde(default)]
+    pub rte: String,
+    /// The `:authority` of the reviewed request (`""`: none), compared
+    /// without regard to case: it picks Envoy's virtual host, so the
+    /// cluster the body goes to.
+    #[serde(default)]
+    pub aut: String,
     /// base64url SHA-256 of the approved body.
     pub bh: String,
     /// Expiry, Unix ms.
@@ -78,6 +92,8 @@ pub enum TokenError {
     WrongBody,
     /// Issued for a request to another path.
     WrongPath,
+    /// Issued for a request on another Envoy route or host.
+    WrongRoute,
 }
 
 impl TokenError {
@@ -91,6 +107,9 @@ impl TokenError {
             TokenError::WrongCaller => "approval token was issued to another caller",
             TokenError::WrongBody => "approval token was issued for a different request body",
             TokenError::WrongPath => "approval token was issued for a request to another path",
+            TokenError::WrongRoute => {
+                "approval token was issued for a request on another route or host of this gateway"
+            }
         }
     }
 }
@@ -122,13 +141,34 @@ pub fn mint(key: &TokenKey, claims: &TokenClaims) -> Option<String> {
     Some(format!("{signed}.{tag}"))
 }
 
-/// Verifies a token for this caller, this path (without query) and this
-/// exact body at time `now_ms`.
+/// Where a request goes, as a token binds it besides caller and body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Destination<'a> {
+    /// The path, without query.
+    pub path: &'a str,
+    /// Envoy's route name (`""`: none).
+    pub route: &'a str,
+    /// `:authority` (`""`: none).
+    pub authority: &'a str,
+}
+
+impl<'a> Destination<'a> {
+    /// A destination by path alone (no route, no authority).
+    pub fn path(path: &'a str) -> Destination<'a> {
+        Destination {
+            path,
+            ..Destination::default()
+        }
+    }
+}
+
+/// Verifies a token for this caller, this destination (path without query,
+/// route, authority) and this exact body at time `now_ms`.
 pub fn verify(
     token: &str,
     keys: &[TokenKey],
     caller: &str,
-    path: &str,
+    to: &Destination<'_>,
     body: &[u8],
     now_ms: u64,
 ) -> Result<TokenClaims, TokenError> {
@@ -172,8 +212,11 @@ pub fn verify(
     if claims.sub != caller {
         return Err(TokenError::WrongCaller);
     }
-    if claims.pth != path {
+    if claims.pth != to.path {
         return Err(TokenError::WrongPath);
+    }
+    if claims.rte != to.route || !claims.aut.eq_ignore_ascii_case(to.authority) {
+        return Err(TokenError::WrongRoute);
     }
     if claims.bh != body_hash(body) {
         return Err(TokenError::WrongBody);
@@ -204,15 +247,79 @@ mod tests {
     }
 
     const P: &str = "/v1/chat/completions";
+    const ROUTE: &str = "sandbox";
+    const HOST: &str = "gw.example:8080";
+
+    /// `path` on the route and host the test tokens are minted for.
+    fn to(path: &str) -> Destination<'_> {
+        Destination {
+            path,
+            route: ROUTE,
+            authority: HOST,
+        }
+    }
 
     fn claims(body: &[u8]) -> TokenClaims {
         TokenClaims {
             rid: "rev_1".into(),
             sub: "ci".into(),
             pth: P.into(),
+            rte: ROUTE.into(),
+            aut: HOST.into(),
             bh: body_hash(body),
             exp: 10_000,
         }
+    }
+
+    /// The same caller, path and body on another Envoy route (a rule asks
+    /// more there: two approvals, a security group) or another virtual
+    /// host (another cluster) is not what was approved.
+    #[test]
+    fn a_token_spends_only_on_the_route_and_host_it_was_approved_for() {
+        let k = key("k1", 7);
+        let t = mint(&k, &claims(b"body")).unwrap();
+        let keys = [k.clone()];
+        let check = |route, authority| {
+            let to = Destination {
+                path: P,
+                route,
+                authority,
+            };
+            verify(&t, &keys, "ci", &to, b"body", 5_000)
+        };
+        assert!(check(ROUTE, HOST).is_ok());
+        assert!(check(ROUTE, "GW.Example:8080").is_ok());
+        for (route, authority) in [
+            ("prod", HOST),
+            ("", HOST),
+            ("sandbox-2", HOST),
+            (ROUTE, "prod.example:8080"),
+            (ROUTE, ""),
+        ] {
+            assert_eq!(
+                check(route, authority),
+                Err(TokenError::WrongRoute),
+                "{route} {authority}"
+            );
+        }
+        // A token minted before routes were bound carries none.
+        let mut old = serde_json::to_value(claims(b"body")).unwrap();
+        old.as_object_mut().unwrap().remove("rte");
+        old.as_object_mut().unwrap().remove("aut");
+        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&old).unwrap());
+        let signed = format!("cs1.k1.{payload}");
+        let tag = URL_SAFE_NO_PAD.encode(mac(&k, &signed).unwrap().finalize().into_bytes());
+        assert_eq!(
+            verify(
+                &format!("{signed}.{tag}"),
+                &keys,
+                "ci",
+                &to(P),
+                b"body",
+                5_000
+            ),
+            Err(TokenError::WrongRoute)
+        );
     }
 
     #[test]
@@ -221,7 +328,7 @@ mod tests {
         let t = mint(&k, &claims(b"body")).unwrap();
         assert!(t.starts_with("cs1.k1."));
         assert_eq!(
-            verify(&t, &[k], "ci", P, b"body", 5_000).unwrap().rid,
+            verify(&t, &[k], "ci", &to(P), b"body", 5_000).unwrap().rid,
             "rev_1"
         );
     }
@@ -232,11 +339,11 @@ mod tests {
         let t = mint(&k1, &claims(b"body")).unwrap();
         let keys = [k1.clone(), key("k2", 9)];
         assert_eq!(
-            verify(&t, &keys, "ci", P, b"body2", 5_000),
+            verify(&t, &keys, "ci", &to(P), b"body2", 5_000),
             Err(TokenError::WrongBody)
         );
         assert_eq!(
-            verify(&t, &keys, "other", P, b"body", 5_000),
+            verify(&t, &keys, "other", &to(P), b"body", 5_000),
             Err(TokenError::WrongCaller)
         );
         // The same body to another API or model path.
@@ -246,7 +353,7 @@ mod tests {
             "/v1/chat/completions/",
         ] {
             assert_eq!(
-                verify(&t, &keys, "ci", path, b"body", 5_000),
+                verify(&t, &keys, "ci", &to(path), b"body", 5_000),
                 Err(TokenError::WrongPath),
                 "{path}"
             );
@@ -258,33 +365,40 @@ mod tests {
         let signed = format!("cs1.k1.{payload}");
         let tag = URL_SAFE_NO_PAD.encode(mac(&k1, &signed).unwrap().finalize().into_bytes());
         assert_eq!(
-            verify(&format!("{signed}.{tag}"), &keys, "ci", P, b"body", 5_000),
+            verify(
+                &format!("{signed}.{tag}"),
+                &keys,
+                "ci",
+                &to(P),
+                b"body",
+                5_000
+            ),
             Err(TokenError::WrongPath)
         );
         assert_eq!(
-            verify(&t, &keys, "ci", P, b"body", 10_000),
+            verify(&t, &keys, "ci", &to(P), b"body", 10_000),
             Err(TokenError::Expired)
         );
         assert_eq!(
-            verify(&t, &keys[1..], "ci", P, b"body", 5_000),
+            verify(&t, &keys[1..], "ci", &to(P), b"body", 5_000),
             Err(TokenError::UnknownKey)
         );
         // Same token relabelled with another configured key id.
         let relabelled = t.replacen("cs1.k1.", "cs1.k2.", 1);
         assert_eq!(
-            verify(&relabelled, &keys, "ci", P, b"body", 5_000),
+            verify(&relabelled, &keys, "ci", &to(P), b"body", 5_000),
             Err(TokenError::BadSignature)
         );
         // Truncated, tampered payload, tampered tag, garbage.
         assert_eq!(
-            verify(&t[..t.len() - 3], &keys, "ci", P, b"body", 5_000),
+            verify(&t[..t.len() - 3], &keys, "ci", &to(P), b"body", 5_000),
             Err(TokenError::BadSignature)
         );
         let mut parts: Vec<String> = t.split('.').map(str::to_string).collect();
         let forged = claims(b"evil");
         parts[2] = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&forged).unwrap());
         assert_eq!(
-            verify(&parts.join("."), &keys, "ci", P, b"evil", 5_000),
+            verify(&parts.join("."), &keys, "ci", &to(P), b"evil", 5_000),
             Err(TokenError::BadSignature)
         );
         for bad in [
@@ -297,17 +411,17 @@ mod tests {
             "cs1.k1.!!.??",
         ] {
             assert!(
-                verify(bad, &keys, "ci", P, b"body", 5_000).is_err(),
+                verify(bad, &keys, "ci", &to(P), b"body", 5_000).is_err(),
                 "{bad}"
             );
         }
         assert_eq!(
-            verify(&"a".repeat(5000), &keys, "ci", P, b"body", 5_000),
+            verify(&"a".repeat(5000), &keys, "ci", &to(P), b"body", 5_000),
             Err(TokenError::Malformed)
         );
         // A key of the wrong value under the right id.
         assert_eq!(
-            verify(&t, &[key("k1", 8)], "ci", P, b"body", 5_000),
+            verify(&t, &[key("k1", 8)], "ci", &to(P), b"body", 5_000),
             Err(TokenError::BadSignature)
         );
     }

@@ -9,7 +9,7 @@
 //! Input: first byte picks the key and the change, the rest is the text.
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use countersign_core::token::{body_hash, decode_secret, mint, verify, TokenClaims, TokenError, TokenKey};
+use countersign_core::token::{body_hash, decode_secret, mint, verify, Destination, TokenClaims, TokenError, TokenKey};
 use hmac::{Hmac, Mac};
 use libfuzzer_sys::fuzz_target;
 use sha2::Sha256;
@@ -17,6 +17,10 @@ use sha2::Sha256;
 const NOW: u64 = 1_700_000_000_000;
 /// The path every verified token here must name.
 const PATH: &str = "/v1/chat/completions";
+/// The route and host every verified token here must name.
+const ROUTE: &str = "model";
+const HOST: &str = "gw.example";
+const TO: Destination<'static> = Destination { path: PATH, route: ROUTE, authority: HOST };
 
 fn keys() -> [TokenKey; 2] {
     [TokenKey { id: "k1".into(), secret: vec![7; 32] }, TokenKey { id: "k-2_x".into(), secret: vec![9; 48] }]
@@ -39,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
     // nothing verifies that the key did not sign.
     let text = String::from_utf8_lossy(rest);
     let _ = decode_secret(&text);
-    if let Ok(claims) = verify(&text, &keys, caller, PATH, body, NOW) {
+    if let Ok(claims) = verify(&text, &keys, caller, &TO, body, NOW) {
         let t = text.trim();
         let mut parts = t.split('.');
         let (_, kid, payload) = (parts.next(), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
@@ -51,11 +55,11 @@ fuzz_target!(|data: &[u8]| {
     // 2. An arbitrary payload behind a valid MAC.
     let key = &keys[usize::from(sel) % keys.len()];
     let token = sign(key, rest);
-    match verify(&token, &keys, caller, PATH, body, NOW) {
+    match verify(&token, &keys, caller, &TO, body, NOW) {
         Ok(claims) => {
             let parsed: TokenClaims = serde_json::from_slice(rest).expect("verified claims are JSON");
             assert_eq!(parsed, claims);
-            assert!(claims.exp > NOW && claims.sub == caller && claims.pth == PATH && claims.bh == body_hash(body));
+            assert!(claims.exp > NOW && claims.sub == caller && claims.pth == PATH && claims.rte == ROUTE && claims.aut.eq_ignore_ascii_case(HOST) && claims.bh == body_hash(body));
         }
         Err(e) => assert!(e != TokenError::BadSignature && e != TokenError::UnknownKey, "{e:?}"),
     }
@@ -66,21 +70,25 @@ fuzz_target!(|data: &[u8]| {
         rid: String::from_utf8_lossy(&rest[..half]).into_owned(),
         sub: String::from_utf8_lossy(&rest[half..]).into_owned(),
         pth: PATH.to_string(),
+        rte: ROUTE.to_string(),
+        aut: HOST.to_string(),
         bh: body_hash(rest),
         exp: NOW + 1 + u64::from(sel),
     };
     let Some(token) = mint(key, &claims) else { return };
     if token.len() > countersign_core::token::MAX_TOKEN_LEN {
-        assert_eq!(verify(&token, &keys, &claims.sub, PATH, rest, NOW), Err(TokenError::Malformed));
+        assert_eq!(verify(&token, &keys, &claims.sub, &TO, rest, NOW), Err(TokenError::Malformed));
         return;
     }
-    assert_eq!(verify(&token, &keys, &claims.sub, PATH, rest, NOW).as_ref(), Ok(&claims));
-    assert_eq!(verify(&token, &keys, &claims.sub, PATH, rest, claims.exp), Err(TokenError::Expired));
-    assert_eq!(verify(&token, &keys, &format!("{}x", claims.sub), PATH, rest, NOW), Err(TokenError::WrongCaller));
-    assert_eq!(verify(&token, &keys, &claims.sub, "/v1/completions", rest, NOW), Err(TokenError::WrongPath));
+    assert_eq!(verify(&token, &keys, &claims.sub, &TO, rest, NOW).as_ref(), Ok(&claims));
+    assert_eq!(verify(&token, &keys, &claims.sub, &TO, rest, claims.exp), Err(TokenError::Expired));
+    assert_eq!(verify(&token, &keys, &format!("{}x", claims.sub), &TO, rest, NOW), Err(TokenError::WrongCaller));
+    assert_eq!(verify(&token, &keys, &claims.sub, &Destination { path: "/v1/completions", ..TO }, rest, NOW), Err(TokenError::WrongPath));
+    assert_eq!(verify(&token, &keys, &claims.sub, &Destination { route: "prod", ..TO }, rest, NOW), Err(TokenError::WrongRoute));
+    assert_eq!(verify(&token, &keys, &claims.sub, &Destination { authority: "prod.example", ..TO }, rest, NOW), Err(TokenError::WrongRoute));
     let mut other_body = rest.to_vec();
     other_body.push(b' ');
-    assert_eq!(verify(&token, &keys, &claims.sub, PATH, &other_body, NOW), Err(TokenError::WrongBody));
+    assert_eq!(verify(&token, &keys, &claims.sub, &TO, &other_body, NOW), Err(TokenError::WrongBody));
     // One byte changed (to a few fixed bytes and to one from the input) is refused,
     // unless the change is only whitespace around the token (trimmed).
     let bytes = token.as_bytes();
@@ -96,6 +104,6 @@ fuzz_target!(|data: &[u8]| {
         if changed.trim() == token {
             continue;
         }
-        assert!(verify(&changed, &keys, &claims.sub, PATH, rest, NOW).is_err(), "{token} -> {changed} verified");
+        assert!(verify(&changed, &keys, &claims.sub, &TO, rest, NOW).is_err(), "{token} -> {changed} verified");
     }
 });
