@@ -361,3 +361,46 @@ def test_rules_scoped_by_route_match_the_route_envoy_took(make_stack):
         assert review["route"] == "staging", review
         assert stack.approval.decide(review["id"], "approve").status_code == 200
         assert held.result(timeout=30).status_code == 200
+
+
+def without_envoy_path_normalisation(config: dict):
+    """Envoy's own defaults: no `normalize_path`, no `merge_slashes`, escaped
+    slashes kept: the filter alone stands between the path and the model."""
+    for listener in config["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for f in chain["filters"]:
+                typed = f.get("typed_config", {})
+                for key in ("normalize_path", "merge_slashes", "path_with_escaped_slashes_action"):
+                    typed.pop(key, None)
+
+
+def get_raw_path(port: int, path: str) -> tuple[int, bytes]:
+    """GET `path` exactly as written (HTTP clients resolve dot segments)."""
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/models/x/../../responses/resp_1",
+    "/v1/models/x/../../files",
+    "/v1/models/x/%2e%2e/%2e%2e/conversations/conv_1/items",
+])
+def test_a_passthrough_glob_does_not_take_a_path_that_resolves_elsewhere(make_stack, path):
+    """The default passthrough `GET /v1/models/*`: its `*` matches `/` and
+    dot segments, so a path written under it that resolves to a stored
+    answer or a prompt carrier (as a backend resolving dot segments, or
+    decoding `%2e`, reads it) was forwarded as a listed path, where Envoy
+    does not normalise paths itself (its default)."""
+    stack = make_stack(envoy_mutate=without_envoy_path_normalisation)
+    status, body = get_raw_path(stack.envoy.port, path)
+    assert status == 403, (status, body)
+    assert json.loads(body)["error"]["code"] == "indirect_prompt_endpoint", body
+    assert stack.backend.stats()["started"] == 0
+    # The listed path itself still passes.
+    assert get_raw_path(stack.envoy.port, "/v1/models/demo-echo")[0] != 403

@@ -92,6 +92,15 @@ pub const STORED_ANSWER_PREFIXES: &[&str] = &[
 /// lower-cased. Returns `None` for paths no backend should see (control
 /// characters, bad escapes, not absolute).
 pub fn normalize_path(raw: &str) -> Option<String> {
+    let mut normalized = resolve_path(raw, false)?;
+    normalized.make_ascii_lowercase();
+    Some(normalized)
+}
+
+/// [`normalize_path`] without lower-casing, and keeping a trailing slash
+/// when `keep_trailing_slash`: where a backend that decodes escapes and
+/// resolves dot segments takes the path, spelled as the caller spelled it.
+fn resolve_path(raw: &str, keep_trailing_slash: bool) -> Option<String> {
     let path = raw.split(['?', '#']).next().unwrap_or("");
     if !path.starts_with('/') && !path.starts_with('\\') && !path.starts_with('%') {
         return None;
@@ -112,16 +121,15 @@ pub fn normalize_path(raw: &str) -> Option<String> {
         }
     }
     // Every request's path goes through here: one allocation for the result.
-    let mut normalized = String::with_capacity(decoded.len() + 1);
+    let mut resolved = String::with_capacity(decoded.len() + 1);
     for seg in &segments {
-        normalized.push('/');
-        normalized.push_str(seg);
+        resolved.push('/');
+        resolved.push_str(seg);
     }
-    if normalized.is_empty() {
-        normalized.push('/');
+    if resolved.is_empty() || (keep_trailing_slash && path.ends_with('/')) {
+        resolved.push('/');
     }
-    normalized.make_ascii_lowercase();
-    Some(normalized)
+    Some(resolved)
 }
 
 /// Decodes `%XX` escapes, repeatedly, so that `%252F` cannot hide a `/`.
@@ -264,12 +272,18 @@ pub fn classify(config: &Config, head: &RequestHead<'_>) -> HeadVerdict {
     }
 
     // Not an inference endpoint. Passthrough entries must match the raw path
-    // exactly as written, so a variant spelling cannot ride on them.
+    // exactly as written, so a variant spelling cannot ride on them, and
+    // also the path it resolves to: a `*` matches `/` and dot segments too,
+    // so `/v1/models/*` would otherwise take `/v1/models/x/../../files`,
+    // which a backend that resolves dot segments (or decodes `%2e`) serves
+    // as `/v1/files`.
     let method = head.method.to_ascii_uppercase();
-    let listed = config
-        .passthrough
-        .iter()
-        .any(|p| p.path.matches(raw_path) && (p.methods.is_empty() || p.methods.contains(&method)));
+    let resolved = resolve_path(head.path, true).unwrap_or_default();
+    let listed = config.passthrough.iter().any(|p| {
+        p.path.matches(raw_path)
+            && p.path.matches(&resolved)
+            && (p.methods.is_empty() || p.methods.contains(&method))
+    });
     if listed && head.method_override.is_none() {
         return HeadVerdict::Pass;
     }
@@ -722,6 +736,51 @@ mod tests {
             )),
             403
         );
+    }
+
+    /// A passthrough glob's `*` matches `/` and dot segments: the default
+    /// `GET /v1/models/*` took `/v1/models/x/../../files` (and the same
+    /// with `%2e`), which a backend resolving dot segments serves as
+    /// `/v1/files`, or a stored answer. A listed path must resolve to a
+    /// path the entry lists as well.
+    #[test]
+    fn passthrough_globs_do_not_take_paths_that_resolve_elsewhere() {
+        for config in [&b""[..], br#"{"other_requests":"pass"}"#] {
+            let c = Config::from_json(config).unwrap();
+            for p in [
+                "/v1/models/x/../../files",
+                "/v1/models/x/../../responses/resp_1",
+                "/v1/models/x/%2e%2e/%2e%2e/batches",
+                "/v1/models/x/%2E%2E/%2E%2E/v1/files",
+                "/v1/models/x%2F..%2F..%2Fconversations",
+                "/v1/models/x;a/../../files",
+                "/v1/models/x\\..\\..\\files",
+            ] {
+                let v = classify(&c, &head("GET", p));
+                let HeadVerdict::Refuse(r) = v else {
+                    panic!("{p}: {v:?}");
+                };
+                assert_eq!(r.kind.code(), "indirect_prompt_endpoint", "{p}");
+            }
+        }
+        // Under `deny`, what resolves to an unlisted path is refused too.
+        let deny = Config::from_json(b"").unwrap();
+        assert_eq!(
+            status(&classify(&deny, &head("GET", "/v1/models/x/../../healthz"))),
+            403
+        );
+        // What still resolves within the entry passes, as spelled.
+        for p in [
+            "/v1/models/demo",
+            "/v1/models/accounts%2Ffireworks%2Fllama",
+            "/v1/models/anthropic.claude%3A0",
+            "/v1/models/a/./b",
+        ] {
+            assert_eq!(status(&classify(&deny, &head("GET", p))), 0, "{p}");
+        }
+        // A listed trailing slash stays listed.
+        let slash = Config::from_json(br#"{"passthrough":[{"path":"/health/"}]}"#).unwrap();
+        assert_eq!(status(&classify(&slash, &head("GET", "/health/"))), 0);
     }
 
     #[test]
