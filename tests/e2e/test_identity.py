@@ -108,3 +108,26 @@ def test_filter_token_from_the_environment_guards_the_approval_channel(make_stac
     assert fut.result(10).status_code == 200
     # Anyone else calling the filter API without the token is refused.
     assert httpx.post(stack.approval.url + "/v1/reviews", json={}).status_code == 401
+
+
+def test_an_identity_header_sent_twice_is_refused(make_stack):
+    """`identity.source: header`: an authentication filter in front that
+    appends its header (ext_authz's `headers_to_append`, a Lua `add`)
+    instead of replacing it leaves the caller's forged copy first, and the
+    filter read the first. A header the identity is read from that comes
+    more than once is refused (401, naming it); so is a key header
+    (`identity.rs::an_identity_header_sent_twice_is_refused`)."""
+    config = {"identity": {"source": "header", "header": "x-caller", "groups_header": "x-caller-groups"},
+              "rules": [{"name": "release-bot-skips-review", "caller": "release-bot", "action": "allow"},
+                        {"name": "admins", "group": "admins", "action": "allow"}]}
+    stack = make_stack(filter_config=config)
+    body = chat(text="ship it")
+    for headers in ([("x-caller", "release-bot"), ("x-caller", "mallory")],
+                    [("x-caller", "mallory"), ("x-caller-groups", "admins"), ("x-caller-groups", "eng")]):
+        r = httpx.post(stack.url + "/v1/chat/completions", json=body, headers=headers, timeout=20)
+        assert r.status_code == 401, (headers, r.status_code, r.text)
+        assert "came more than once" in r.json()["error"]["message"], r.text
+    assert stack.backend.stats()["started"] == 0
+    # Once each, as the authentication filter set them: as before.
+    r = httpx.post(stack.url + "/v1/chat/completions", json=body, headers={"x-caller": "release-bot"}, timeout=20)
+    assert r.status_code == 200, r.text

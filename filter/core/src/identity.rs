@@ -83,16 +83,35 @@ fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 256 && !name.chars().any(char::is_control)
 }
 
-/// Identifies the caller. `header` looks up a request header, `property` an
-/// Envoy property path.
+/// Identifies the caller. `header` looks up a request header (its first
+/// value), `repeated` tells whether a header came more than once,
+/// `property` looks up an Envoy property path.
+///
+/// A header the identity is read from must come once: an authentication
+/// filter that appends its header (ext_authz's `headers_to_append`, a Lua
+/// `add`) rather than replacing it leaves a caller's forged copy first,
+/// and the first is what is read; which of two keys counts is as unclear.
 pub fn identify(
     source: &IdentitySource,
     header: &dyn Fn(&str) -> Option<String>,
+    repeated: &dyn Fn(&str) -> bool,
     property: &dyn Fn(&[String]) -> Option<String>,
 ) -> Result<Caller, IdentityError> {
+    let once = |name: &str| match repeated(name) {
+        true => Err(IdentityError(format!(
+            "`{name}` came more than once; send it once (the gateway cannot tell which one counts)"
+        ))),
+        false => Ok(header(name)),
+    };
     match source {
         IdentitySource::ApiKey { key_headers, keys } => {
-            let presented = key_headers.iter().find_map(|h| header(h).map(|v| (h, v)));
+            let mut presented = None;
+            for h in key_headers {
+                if let Some(v) = once(h)? {
+                    presented = Some((h, v));
+                    break;
+                }
+            }
             let Some((name, value)) = presented else {
                 return Err(IdentityError(format!(
                     "missing API key (send it in `{}`)",
@@ -120,7 +139,7 @@ pub fn identify(
             name,
             groups_header,
         } => {
-            let caller = header(name)
+            let caller = once(name)?
                 .map(|v| v.trim().to_string())
                 .filter(|v| valid_name(v));
             let Some(caller) = caller else {
@@ -128,11 +147,10 @@ pub fn identify(
                     "missing caller identity (`{name}` not set by the authentication filter)"
                 )));
             };
-            let groups = groups_header
-                .as_deref()
-                .and_then(header)
-                .map(|g| split_groups(&g))
-                .unwrap_or_default();
+            let groups = match groups_header.as_deref() {
+                Some(g) => once(g)?.map(|g| split_groups(&g)).unwrap_or_default(),
+                None => Vec::new(),
+            };
             Ok(Caller {
                 name: caller,
                 groups,
@@ -216,21 +234,62 @@ mod tests {
         None
     }
 
+    fn never(_: &str) -> bool {
+        false
+    }
+
+    /// A header the identity comes from, sent twice (a caller's forged
+    /// copy before the one the authentication filter appended), is refused:
+    /// the first value is what would be read.
+    #[test]
+    fn an_identity_header_sent_twice_is_refused() {
+        let src = IdentitySource::Header {
+            name: "x-user".into(),
+            groups_header: Some("x-groups".into()),
+        };
+        let h = |h: &str| match h {
+            "x-user" => Some("admin@corp".to_string()),
+            "x-groups" => Some("security".to_string()),
+            _ => None,
+        };
+        for twice in ["x-user", "x-groups"] {
+            let err = identify(&src, &h, &|n| n == twice, &none).unwrap_err();
+            assert!(
+                err.0.contains(&format!("`{twice}` came more than once")),
+                "{err:?}"
+            );
+        }
+        assert_eq!(
+            identify(&src, &h, &never, &none).unwrap().name,
+            "admin@corp"
+        );
+        // A key header twice, the same.
+        let bearer = |h: &str| (h == "authorization").then(|| "Bearer key-ci".to_string());
+        let err = identify(&keys(), &bearer, &|n| n == "authorization", &none).unwrap_err();
+        assert!(
+            err.0.contains("`authorization` came more than once"),
+            "{err:?}"
+        );
+    }
+
     #[test]
     fn api_keys_by_hash_in_either_header() {
         let src = keys();
         let bearer = |h: &str| (h == "authorization").then(|| "Bearer key-ci".to_string());
-        assert_eq!(identify(&src, &bearer, &none).unwrap().name, "ci");
+        assert_eq!(identify(&src, &bearer, &never, &none).unwrap().name, "ci");
         let x = |h: &str| (h == "x-api-key").then(|| "key-ci".to_string());
-        assert_eq!(identify(&src, &x, &none).unwrap().groups, vec!["bots"]);
+        assert_eq!(
+            identify(&src, &x, &never, &none).unwrap().groups,
+            vec!["bots"]
+        );
         let wrong = |h: &str| (h == "authorization").then(|| "Bearer key-cj".to_string());
         assert_eq!(
-            identify(&src, &wrong, &none).unwrap_err().0,
+            identify(&src, &wrong, &never, &none).unwrap_err().0,
             "invalid API key"
         );
         let basic = |h: &str| (h == "authorization").then(|| "Basic a2V5".to_string());
-        assert!(identify(&src, &basic, &none).is_err());
-        assert!(identify(&src, &|_| None, &none)
+        assert!(identify(&src, &basic, &never, &none).is_err());
+        assert!(identify(&src, &|_| None, &never, &none)
             .unwrap_err()
             .0
             .contains("missing"));
@@ -248,24 +307,24 @@ mod tests {
             _ => None,
         };
         assert_eq!(
-            identify(&src, &h, &none).unwrap(),
+            identify(&src, &h, &never, &none).unwrap(),
             Caller {
                 name: "alice@corp".into(),
                 groups: vec!["eng".into(), "security".into()]
             }
         );
-        assert!(identify(&src, &|_| Some("bad\nname".into()), &none).is_err());
+        assert!(identify(&src, &|_| Some("bad\nname".into()), &never, &none).is_err());
         let md = IdentitySource::Metadata {
             path: vec!["metadata".into(), "x".into()],
             groups_path: None,
         };
         assert_eq!(
-            identify(&md, &|_| None, &|_| Some("svc-a".into()))
+            identify(&md, &|_| None, &never, &|_| Some("svc-a".into()))
                 .unwrap()
                 .name,
             "svc-a"
         );
-        assert!(identify(&md, &|_| None, &none).is_err());
+        assert!(identify(&md, &|_| None, &never, &none).is_err());
     }
 
     #[test]

@@ -269,7 +269,8 @@ impl StreamFilter {
                 let path: Vec<&str> = path.iter().map(String::as_str).collect();
                 host.property(&path).and_then(|b| String::from_utf8(b).ok())
             };
-            match identify(source, &header, &property) {
+            let repeated = |name: &str| headers.values(name).nth(1).is_some();
+            match identify(source, &header, &repeated, &property) {
                 Ok(c) => caller = Some(c),
                 Err(e) => {
                     let api = api_for_path(&config, &path);
