@@ -131,3 +131,22 @@ def test_an_identity_header_sent_twice_is_refused(make_stack):
     # Once each, as the authentication filter set them: as before.
     r = httpx.post(stack.url + "/v1/chat/completions", json=body, headers={"x-caller": "release-bot"}, timeout=20)
     assert r.status_code == 200, r.text
+
+
+def test_the_model_key_goes_only_where_policy_looked(make_stack):
+    """Under `other_requests: pass` a path nobody listed (the provider's
+    other APIs: usage, deleting a fine-tuned model) passed with the model's
+    key injected: the gateway's credential did whatever the caller asked.
+    It now goes only to inspected requests and `passthrough` entries; the
+    caller's own key is stripped either way."""
+    stack = make_stack(filter_config=identity_config(other_requests="pass"),
+                       envoy_env={"COUNTERSIGN_UPSTREAM_KEY": MODEL_KEY})
+    httpx.post(stack.backend.url + "/_demo/reset").raise_for_status()
+    for method, path in (("DELETE", "/v1/models/ft:gpt-4o:acme:1/x"), ("GET", "/v1/organization/usage")):
+        httpx.request(method, stack.url + path, headers=as_caller("ci-nightly"), timeout=20)
+    listed = httpx.get(stack.url + "/v1/models", headers=as_caller("ci-nightly"), timeout=20)
+    assert listed.status_code == 200, listed.text
+    seen = {s["path"]: s["headers"].get("authorization") for s in stack.backend.requests()}
+    assert seen == {"/v1/models/ft:gpt-4o:acme:1/x": None, "/v1/organization/usage": None,
+                    "/v1/models": f"Bearer {MODEL_KEY}"}, seen
+    assert CALLERS["ci-nightly"] not in str(stack.backend.requests())

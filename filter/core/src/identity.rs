@@ -186,11 +186,17 @@ pub struct HeaderEdits {
 }
 
 /// The caller's credential and the approval token never reach the model;
-/// the configured upstream credential replaces them.
+/// the configured upstream credential replaces them where `inject` (a
+/// request policy looked at: inspected, or listed in `passthrough`). A
+/// request that passes only by `other_requests: pass` gets no model
+/// credential: the gateway's key is no pass for any API the provider has
+/// (deleting a fine-tuned model, reading usage) that nobody listed. The
+/// caller's value of the credential's header is removed either way.
 pub fn forward_header_edits(
     source: Option<&IdentitySource>,
     token_header: Option<&str>,
     credential: Option<&UpstreamCredential>,
+    inject: bool,
 ) -> HeaderEdits {
     let mut remove = Vec::new();
     if let Some(IdentitySource::ApiKey { key_headers, .. }) = source {
@@ -206,7 +212,9 @@ pub fn forward_header_edits(
     remove.dedup();
     HeaderEdits {
         remove,
-        set: credential.map(|c| (c.header.clone(), c.value.clone())),
+        set: credential
+            .filter(|_| inject)
+            .map(|c| (c.header.clone(), c.value.clone())),
     }
 }
 
@@ -325,6 +333,31 @@ mod tests {
             "svc-a"
         );
         assert!(identify(&md, &|_| None, &never, &none).is_err());
+    }
+
+    #[test]
+    fn the_model_credential_goes_only_where_policy_looked() {
+        let c = UpstreamCredential {
+            header: "authorization".into(),
+            value: "Bearer sk-model".into(),
+        };
+        let src = keys();
+        let inspected =
+            forward_header_edits(Some(&src), Some("x-countersign-approval"), Some(&c), true);
+        assert_eq!(
+            inspected.set,
+            Some(("authorization".into(), "Bearer sk-model".into()))
+        );
+        let unlisted =
+            forward_header_edits(Some(&src), Some("x-countersign-approval"), Some(&c), false);
+        assert_eq!(unlisted.set, None);
+        // The caller's key, the token and the caller's value of the
+        // credential's header are removed either way.
+        assert_eq!(unlisted.remove, inspected.remove);
+        assert_eq!(
+            unlisted.remove,
+            ["authorization", "x-api-key", "x-countersign-approval"]
+        );
     }
 
     #[test]

@@ -774,15 +774,17 @@ pub fn decide_request(
             None,
             "the path is the status URL of asynchronous reviews here",
         )),
-        HeadVerdict::Pass => match sniffed_refusal(&info.path, &sniff_prompt(body)) {
-            Some(r) => Decision::refused(r),
-            None => Decision {
-                outcome: Outcome::Allow,
-                rule: None,
-                refusal: None,
-                hits: Vec::new(),
-            },
-        },
+        HeadVerdict::Pass | HeadVerdict::PassUnlisted => {
+            match sniffed_refusal(&info.path, &sniff_prompt(body)) {
+                Some(r) => Decision::refused(r),
+                None => Decision {
+                    outcome: Outcome::Allow,
+                    rule: None,
+                    refusal: None,
+                    hits: Vec::new(),
+                },
+            }
+        }
         HeadVerdict::Inspect(endpoint) if body.is_empty() => {
             Decision::refused(empty_body(endpoint.api))
         }

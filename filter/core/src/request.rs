@@ -34,8 +34,14 @@ pub struct RequestHead<'a> {
 /// What to do after the headers.
 #[derive(Debug, Clone, PartialEq)]
 pub enum HeadVerdict {
-    /// Not an inference request and allowed through untouched.
+    /// Not an inference request, listed in `passthrough`: allowed through
+    /// untouched, with the model's credential.
     Pass,
+    /// Not an inference request, not listed, passing by `other_requests:
+    /// pass`: allowed through (its body sniffed for a prompt) without the
+    /// model's credential, which goes only where policy looked: inspected
+    /// requests and listed paths.
+    PassUnlisted,
     /// An inference request: buffer and inspect the body.
     Inspect(Endpoint),
     /// Refuse now, without reading the body.
@@ -312,7 +318,7 @@ pub fn classify(config: &Config, head: &RequestHead<'_>) -> HeadVerdict {
                 "`{raw_path}` is not an inference endpoint, and its body is compressed (content-encoding `{enc}`), so it cannot be checked for a prompt; send it uncompressed, or ask the operator to list the path in `passthrough`"
             ),
         )),
-        (OtherRequests::Pass, None) => HeadVerdict::Pass,
+        (OtherRequests::Pass, None) => HeadVerdict::PassUnlisted,
         (OtherRequests::Deny, _) => HeadVerdict::Refuse(Refusal::new(
             RefusalKind::NotInference,
             None,
@@ -484,7 +490,7 @@ mod tests {
     fn status(v: &HeadVerdict) -> u16 {
         match v {
             HeadVerdict::Refuse(r) => r.status(),
-            HeadVerdict::Pass => 0,
+            HeadVerdict::Pass | HeadVerdict::PassUnlisted => 0,
             HeadVerdict::Inspect(_) => 1,
             HeadVerdict::Status(_) => 2,
         }

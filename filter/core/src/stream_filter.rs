@@ -330,15 +330,17 @@ impl StreamFilter {
                 let started = Hold::status(&config, self.info.clone(), &review_id);
                 return self.start_hold(host, &config, started, 0, None);
             }
-            HeadVerdict::Pass | HeadVerdict::Inspect(_) => {}
+            HeadVerdict::Pass | HeadVerdict::PassUnlisted | HeadVerdict::Inspect(_) => {}
         }
         // The caller's key and token never reach the model; the model's
-        // credential is set here, the only place it exists.
+        // credential is set here, the only place it exists, and only where
+        // policy looked (not on a path passing by `other_requests: pass`).
         let tokens_header = config.approval_tokens.as_ref().map(|t| t.header.as_str());
         let edits = forward_header_edits(
             config.identity.as_ref(),
             tokens_header,
             config.upstream_credential.as_ref(),
+            !matches!(verdict, HeadVerdict::PassUnlisted),
         );
         // Removing a header that is not there would be a host call for
         // nothing.
@@ -350,7 +352,8 @@ impl StreamFilter {
         }
         // A body on a path that is not an inference endpoint is looked at:
         // a prompt there would reach the model unreviewed.
-        self.sniffing = matches!(verdict, HeadVerdict::Pass) && !end_of_stream;
+        self.sniffing =
+            matches!(verdict, HeadVerdict::Pass | HeadVerdict::PassUnlisted) && !end_of_stream;
         if let HeadVerdict::Inspect(endpoint) = verdict {
             if end_of_stream {
                 return self.refuse(host, &empty_body(endpoint.api));
