@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from conftest import emptied, module_stack
+from conftest import chat, emptied, module_stack
 from stack import records, wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -699,3 +699,33 @@ def test_anthropic_blocks_out_of_order_block_the_stream(stack):
     assert_nowhere(a.raw, EMAIL, EMAIL[cut:], EMAIL[:cut])
     assert sse_events(a.raw)[-1]["type"] == "error", a.raw[:600]
     assert response_record(stack, a.request_id)["blocked_by"] == "uninspectable"
+
+
+def with_upstream_outcome_headers(config: dict):
+    """The model's answers carry countersign's outcome headers, as a
+    backend claiming a review could send them (added on the route, which
+    Envoy applies to the upstream's head before the filter sees it)."""
+    for listener in config["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for f in chain["filters"]:
+                for vhost in f.get("typed_config", {}).get("route_config", {}).get("virtual_hosts", []):
+                    for route in vhost["routes"]:
+                        route["response_headers_to_add"] = [{"header": {"key": k, "value": v}} for k, v in (
+                            ("x-countersign-outcome", "approved"), ("x-countersign-review-id", "rev_forged"),
+                            ("x-countersign-answer-outcome", "approved"),
+                            ("x-countersign-answer-review-id", "rev_forged"))]
+
+
+def test_outcome_headers_come_only_from_the_gateway(make_stack):
+    """An upstream's `x-countersign-*` outcome headers reached the caller
+    where the filter did not set its own: an allowed answer nobody
+    reviewed came with `x-countersign-answer-outcome: approved` and a
+    review id, a passthrough with `x-countersign-outcome: approved`."""
+    stack = make_stack(filter_config={"default_action": "allow"}, envoy_mutate=with_upstream_outcome_headers)
+    r = httpx.post(stack.url + "/v1/chat/completions", json=chat(), timeout=20)
+    assert r.status_code == 200, r.text
+    assert {k: v for k, v in r.headers.items() if k.startswith("x-countersign-")} == \
+        {"x-countersign-outcome": "allowed"}, r.headers
+    r = httpx.get(stack.url + "/v1/models", timeout=20)
+    assert r.status_code == 200, r.text
+    assert not [k for k in r.headers if k.startswith("x-countersign-")], r.headers

@@ -18,6 +18,26 @@ use crate::wire::ApiKind;
 /// The `accept-encoding` sent upstream with every inspected request.
 pub const UPSTREAM_ACCEPT_ENCODING: &str = "identity";
 
+/// The response headers in which the gateway tells the caller what it did.
+/// Only the filter may set them: an upstream's copies (a backend claiming
+/// `x-countersign-answer-outcome: approved` on an answer nobody reviewed,
+/// or an outcome on a request that passed untouched) are removed.
+pub const OUTCOME_HEADERS: [&str; 4] = [
+    "x-countersign-outcome",
+    "x-countersign-review-id",
+    "x-countersign-answer-outcome",
+    "x-countersign-answer-review-id",
+];
+
+/// The [`OUTCOME_HEADERS`] an upstream's `head` carries that the filter
+/// did not set itself (`set`): to be removed before the head goes on.
+pub fn forged_outcome_headers(head: &Headers, set: &[&str]) -> Vec<&'static str> {
+    OUTCOME_HEADERS
+        .into_iter()
+        .filter(|name| !set.contains(name) && head.contains(name))
+        .collect()
+}
+
 /// `blocked_by` in the record of an answer withheld because it was encoded.
 pub const ENCODED_RESPONSE: &str = "encoded_response";
 

@@ -27,7 +27,9 @@ use crate::request::{
     INSPECTED_REQUEST_EDITS,
 };
 use crate::response_filter::{ResponseCapture, ResponseFilter};
-use crate::response_head::{plan_response, ResponseHead, ResponsePlan, Withheld};
+use crate::response_head::{
+    forged_outcome_headers, plan_response, ResponseHead, ResponsePlan, Withheld,
+};
 use crate::shape::{may_be_json, sniff_prompt};
 use crate::tool_stream::{End, HeldAnswer, ToolStream};
 use crate::trace_context::TraceContext;
@@ -605,23 +607,42 @@ impl StreamFilter {
     pub fn on_response_headers(&mut self, host: &mut dyn Host) -> Action {
         let mut record_id = None;
         let mut forwarded_at_ms = None;
+        // The outcome headers this callback sets; whether the head is the
+        // upstream's (a forwarded request's), not a reply of the filter's
+        // own (a refusal, a 202), which carries the filter's headers.
+        let mut set: Vec<&str> = Vec::new();
+        let from_upstream;
         if self.held {
-            if let Some((release, at)) = self.worker.released(self.id) {
+            let released = self.worker.released(self.id);
+            from_upstream = released.is_some();
+            if let Some((release, at)) = released {
                 host.set_response_header("x-countersign-outcome", Some(release.decision));
+                set.push("x-countersign-outcome");
                 if let Some(id) = &release.review_id {
                     host.set_response_header("x-countersign-review-id", Some(id));
+                    set.push("x-countersign-review-id");
                 }
                 record_id = release.record_id;
                 forwarded_at_ms = Some(at);
             }
-        } else if let Some(outcome) = self.outcome {
-            host.set_response_header("x-countersign-outcome", Some(outcome));
+        } else {
+            from_upstream = !self.refused;
+            if let Some(outcome) = self.outcome {
+                host.set_response_header("x-countersign-outcome", Some(outcome));
+                set.push("x-countersign-outcome");
+            }
         }
-        // The answer's head is read, whole and once, only when something
-        // reads the answer: otherwise it passes without a look.
+        // The answer's head is read, whole and once: for what reads the
+        // answer, and for the outcome headers only the filter may set.
         let guard = self.response_guard();
         let reads = guard.is_some() || record_id.is_some() || self.has_answer_review_rules();
-        let head = reads.then(|| host.response_headers());
+        let head = (reads || from_upstream).then(|| host.response_headers());
+        if let (Some(head), true) = (&head, from_upstream) {
+            for name in forged_outcome_headers(head, &set) {
+                host.set_response_header(name, None);
+            }
+        }
+        let head = head.filter(|_| reads);
         let framing = match &head {
             Some(head) => self.plan_answer(host, head, guard),
             None => None,
@@ -1572,6 +1593,67 @@ mod tests {
                 crate::testing::path_of(call)
             );
         }
+    }
+
+    /// An upstream's `x-countersign-*` outcome headers (a backend claiming
+    /// an answer review that never happened, or an outcome on a request
+    /// that passed untouched) never reach the caller; the filter's own do.
+    #[test]
+    fn outcome_headers_come_only_from_the_filter() {
+        let forged = [
+            (":status", "200"),
+            ("content-type", "application/json"),
+            ("x-countersign-outcome", "approved"),
+            ("x-countersign-review-id", "rev_forged"),
+            ("x-countersign-answer-outcome", "approved"),
+            ("x-countersign-answer-review-id", "rev_forged"),
+        ];
+        let upstream = |host: &mut MockHost| {
+            host.response_headers = forged
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        };
+        // Allowed: the filter's outcome, nothing else.
+        let (_worker, mut host, mut stream) =
+            setup(r#"{"default_action":"allow","records":"off"}"#);
+        assert_eq!(send(&mut host, &mut stream, CHAT, BODY), Action::Continue);
+        upstream(&mut host);
+        assert_eq!(stream.on_response_headers(&mut host), Action::Continue);
+        let outcome: Vec<_> = host
+            .response_headers
+            .iter()
+            .filter(|(k, _)| k.starts_with("x-countersign-"))
+            .collect();
+        assert_eq!(
+            outcome,
+            [(&"x-countersign-outcome".to_string(), &"allowed".to_string())]
+        );
+        // A listed path passing untouched: none at all.
+        let (_worker, mut host, mut stream) = setup(r#"{"records":"off"}"#);
+        host.request("GET", "/v1/models", b"");
+        assert_eq!(stream.on_request_headers(&mut host, true), Action::Continue);
+        upstream(&mut host);
+        stream.on_response_headers(&mut host);
+        assert!(
+            !host
+                .response_headers
+                .keys()
+                .any(|k| k.starts_with("x-countersign-")),
+            "{:?}",
+            host.response_headers
+        );
+        // A refusal's own reply keeps the filter's headers.
+        let (_worker, mut host, mut stream) = setup(r#"{"default_action":"deny"}"#);
+        send(&mut host, &mut stream, CHAT, BODY);
+        let reply = host.replies[0].clone();
+        host.response_headers = reply
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        stream.on_response_headers(&mut host);
+        assert_eq!(host.response_headers["x-countersign-outcome"], "denied");
     }
 
     #[test]
