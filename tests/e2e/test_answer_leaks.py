@@ -672,7 +672,8 @@ def test_an_index_clients_read_otherwise_blocks_the_stream(stack, odd):
     cut = EMAIL.index("@") + 4
     chunk = lambda index, text: {"candidates": [{"index": index, "content": {"role": "model", "parts": [{"text": text}]}}]}  # noqa: E731
     script = [chunk(1, "Hello. mail " + EMAIL[:cut]), chunk(odd, EMAIL[cut:] + " now")]
-    a = send(stack, req("gemini", GUARDED, stream=True), headers={"x-demo-answer": json.dumps(script)})
+    two = {"generationConfig": {"candidateCount": 2}}  # candidate 1 is asked for
+    a = send(stack, req("gemini", GUARDED, stream=True, **two), headers={"x-demo-answer": json.dumps(script)})
     assert a.status == 200, a.raw[:300]
     assert_nowhere(a.raw, EMAIL, EMAIL[cut:])
     assert sse_events(a.raw)[-1]["error"]["status"] == "PERMISSION_DENIED", a.raw[:600]
@@ -729,3 +730,49 @@ def test_outcome_headers_come_only_from_the_gateway(make_stack):
     r = httpx.get(stack.url + "/v1/models", timeout=20)
     assert r.status_code == 200, r.text
     assert not [k for k in r.headers if k.startswith("x-countersign-")], r.headers
+
+
+def extra_answer_script(api: str, stream: bool, first: str, second: str):
+    """An answer whose first choice (candidate) says `first` and whose
+    second says `second`."""
+    if api == "chat":
+        if not stream:
+            return {"id": "c1", "object": "chat.completion", "choices": [
+                {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
+                for i, t in enumerate((first, second))]}
+        chunk = lambda i, t: {"choices": [{"index": i, "delta": {"content": t}, "finish_reason": None}]}  # noqa: E731
+        return [chunk(0, first), chunk(1, second), "[DONE]"]
+    cand = lambda i, t: {"index": i, "content": {"role": "model", "parts": [{"text": t}]}}  # noqa: E731
+    if not stream:
+        return {"candidates": [cand(0, first), cand(1, second)]}
+    return [{"candidates": [cand(0, first)]}, {"candidates": [cand(1, second)]}]
+
+
+@pytest.mark.parametrize(("api", "stream"), [("chat", True), ("chat", False), ("gemini", True), ("gemini", False)],
+                         ids=["chat-stream", "chat-plain", "gemini-stream", "gemini-plain"])
+def test_a_choice_nobody_asked_for_is_blocked(stack, api, stream):
+    # A request asks for one answer unless it says `n` (`candidateCount`),
+    # and many clients read every chunk's first choice
+    # (`chunk.choices[0].delta.content`), whatever its index: the halves of
+    # a value split over choice 0 and a choice 1 nobody asked for were
+    # masked as two answers and read as one. Now the answer is blocked
+    # there, naming the choice, and the record says why.
+    cut = EMAIL.index("@") + 4
+    script = extra_answer_script(api, stream, "Hello. mail " + EMAIL[:cut], EMAIL[cut:] + " now")
+    list_name = "choices" if api == "chat" else "candidates"
+    a = send(stack, req(api, GUARDED, stream=stream), headers={"x-demo-answer": json.dumps(script)})
+    assert_nowhere(a.raw, EMAIL, EMAIL[cut:])
+    # (A plain answer's head has gone out with the model's status: the
+    # body is replaced by the error.)
+    assert a.status == 200, a.raw[:300]
+    err = sse_events(a.raw)[-1]["error"] if stream else a.json()["error"]
+    assert f"`{list_name}[" in err["message"] and "more answers than the request asked for" in err["message"], err
+    assert response_record(stack, a.request_id)["blocked_by"] == "extra_answer"
+    # Asked for, the second answer is an answer of its own.
+    asked = {"n": 2} if api == "chat" else {"generationConfig": {"candidateCount": 2}}
+    a = send(stack, req(api, GUARDED, stream=stream, **asked), headers={"x-demo-answer": json.dumps(script)})
+    assert a.status == 200, a.raw[:300]
+    assert EMAIL[cut:].encode() in a.raw and b'"error"' not in a.raw, a.raw[:600]
+    # Where nothing guards the answer, it goes out as the model sent it.
+    a = send(stack, req(api, OPEN, stream=stream), headers={"x-demo-answer": json.dumps(script)})
+    assert a.status == 200 and EMAIL[cut:].encode() in a.raw, a.raw[:300]

@@ -7,7 +7,9 @@ use crate::extract::{parse_request_at, ParsedRequest};
 use crate::framing::streams_readable;
 use crate::identity::Caller;
 use crate::mask::{mask_parsed, MaskPolicy, ResponseGuard, RestoreMap};
-use crate::policy::{requested_max_tokens, RequestFacts, ResponseRules, ReviewRules};
+use crate::policy::{
+    requested_answers, requested_max_tokens, RequestFacts, ResponseRules, ReviewRules,
+};
 use crate::refusal::{Refusal, RefusalKind, StopKind};
 use crate::request::{classify, sniffed_refusal, HeadVerdict, RequestHead};
 use crate::shape::sniff_prompt;
@@ -234,6 +236,10 @@ pub struct Screening {
     pub hits: Vec<HitCount>,
     /// The masked body to forward (and review) when masking changed it.
     pub masked_body: Option<Vec<u8>>,
+    /// How many answers (choices, candidates) the request asked for
+    /// ([`requested_answers`]; 0 reads as 1): the answer's guard blocks any
+    /// beyond.
+    pub answers: u64,
     /// The prompt of the masked body, as the same walk that masked it saw
     /// it (set with `masked_body`).
     pub masked_prompt: Option<Vec<PromptMessage>>,
@@ -259,6 +265,7 @@ impl Screening {
             self.restore.clone(),
             self.response_rules.clone(),
         )
+        .with_answers(self.answers)
     }
 
     /// The same guard without restore: the record keeps values masked.
@@ -267,11 +274,14 @@ impl Screening {
         if self.restore.is_empty() {
             return None;
         }
-        Some(ResponseGuard::new(
-            self.profile.as_ref(),
-            RestoreMap::default(),
-            self.response_rules.clone(),
-        ))
+        Some(
+            ResponseGuard::new(
+                self.profile.as_ref(),
+                RestoreMap::default(),
+                self.response_rules.clone(),
+            )
+            .with_answers(self.answers),
+        )
     }
 }
 
@@ -355,7 +365,10 @@ fn screen_prompt(input: ScreenInput<'_>) -> Result<Screening, Refusal> {
         model: &parsed.model,
         max_tokens: requested_max_tokens(api, &parsed.body),
     };
-    let mut screening = Screening::default();
+    let mut screening = Screening {
+        answers: requested_answers(api, &parsed.body),
+        ..Screening::default()
+    };
     let outcome =
         config
             .content_policy

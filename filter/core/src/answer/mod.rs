@@ -882,6 +882,41 @@ pub fn pieced_field(api: ApiKind, v: &Value) -> Option<&'static str> {
         })
 }
 
+/// The first answer of a response (a streamed event, or a plain body; a
+/// JSON array: each element) beyond the `asked` answers the request asked
+/// for (`n`, `candidateCount`; [`crate::policy::requested_answers`]),
+/// named: a chat or completions choice, or a Gemini candidate, whose
+/// `index` (else its position) or position is `asked` or more. This table
+/// keeps each choice's text apart, by its index, and masks it so; a client
+/// that asked for one answer reads one, and many read it by position
+/// (`chunk.choices[0].delta.content` of every chunk, `candidates[0]`),
+/// whatever the index says: text the masker saw as two answers would be
+/// read as one, and a value split over them would pass. Where the answer
+/// is guarded, such a response is blocked.
+pub fn extra_answer(api: ApiKind, v: &Value, asked: u64) -> Option<String> {
+    if let Value::Array(items) = v {
+        return items.iter().find_map(|x| extra_answer(api, x, asked));
+    }
+    let list = match api {
+        ApiKind::OpenaiChat
+        | ApiKind::AzureOpenaiChat
+        | ApiKind::OpenaiCompletions
+        | ApiKind::AzureOpenaiCompletions => "choices",
+        ApiKind::GeminiGenerateContent => "candidates",
+        _ => return None,
+    };
+    let asked = asked.max(1);
+    let entries = v.get(list).and_then(Value::as_array)?;
+    entries.iter().enumerate().find_map(|(i, entry)| {
+        let index = entry.get("index").and_then(Value::as_u64);
+        let beyond = i as u64 >= asked || index.unwrap_or(i as u64) >= asked;
+        beyond.then(|| match index {
+            Some(n) => format!("{list}[{i}].index {n}"),
+            None => format!("{list}[{i}]"),
+        })
+    })
+}
+
 /// The index fields this table reads to tell channels apart: an event's
 /// `index` (Anthropic's block), `output_index`, `content_index` and
 /// `summary_index` (Responses), `choices[].index` and

@@ -34,6 +34,9 @@ pub struct ResponseGuard {
     /// What a stream's held text is checked against: everything
     /// [`ResponseGuard::analyze`] looks for.
     patterns: StreamPatterns,
+    /// Answers (choices, candidates) the request asked for; 0 reads as 1
+    /// ([`ResponseGuard::with_answers`]).
+    answers: u64,
 }
 
 impl ResponseGuard {
@@ -83,6 +86,32 @@ impl ResponseGuard {
             window,
             hides,
             patterns,
+            answers: 1,
+        }
+    }
+
+    /// The same guard for a request that asked for `answers` answers
+    /// (choices, candidates: [`crate::policy::requested_answers`]); without,
+    /// one.
+    #[must_use]
+    pub fn with_answers(mut self, answers: u64) -> ResponseGuard {
+        self.answers = answers;
+        self
+    }
+
+    /// A response (a streamed event, a plain body) that carries an answer
+    /// beyond those asked for ([`crate::answer::extra_answer`]) is blocked
+    /// where the guard changes text: a client reading answers by position
+    /// would join texts masked apart.
+    pub(crate) fn check_answers(&self, api: ApiKind, v: &Value) -> Result<(), Blocked> {
+        if !self.hides {
+            return Ok(());
+        }
+        match crate::answer::extra_answer(api, v, self.answers) {
+            Some(at) => Err(Blocked {
+                by: BlockedBy::ExtraAnswer(at),
+            }),
+            None => Ok(()),
         }
     }
 
@@ -375,6 +404,10 @@ pub enum BlockedBy {
     /// [`crate::answer::joined_place`]): masked one event at a time, a value
     /// split over two would pass.
     Pieced(String),
+    /// The answer carries a choice or candidate beyond those the request
+    /// asked for (named: [`crate::answer::extra_answer`]): a client reading
+    /// by position would join texts masked apart.
+    ExtraAnswer(String),
 }
 
 /// A blocked response. Messages name the detector or rule, never the text.
@@ -392,6 +425,7 @@ impl Blocked {
             BlockedBy::Uninspectable => "uninspectable",
             BlockedBy::Media(_) => "media_output",
             BlockedBy::Pieced(_) => "pieced_text",
+            BlockedBy::ExtraAnswer(_) => "extra_answer",
         }
     }
 
@@ -408,6 +442,9 @@ impl Blocked {
             ),
             BlockedBy::Pieced(field) => format!(
                 "response blocked: it streams text in pieces (`{field}`), which cannot be masked or checked as one text"
+            ),
+            BlockedBy::ExtraAnswer(at) => format!(
+                "response blocked: it carries more answers than the request asked for (`{at}`), whose texts a client reading by position would join unmasked; ask for them with `n` or `candidateCount`"
             ),
         }
     }
@@ -487,7 +524,7 @@ pub fn mask_response_body(
     let mut tally = GuardTally::default();
     let mut edits = Edits::new();
     let mut texts = Vec::new();
-    let mut guarded = Ok(());
+    let mut guarded = guard.check_answers(api, &value);
     for (path, leaf) in leaves(&value, token_fields(api), guard.changes_text()) {
         match leaf {
             Leaf::Drop => {
@@ -1138,9 +1175,41 @@ mod tests {
         let body = br#"{"candidates":[{"content":{"role":"model","parts":[{"text":"the launch"},{"text":" codes are here"}]}}]}"#;
         let out = mask_response_body(&g, ApiKind::GeminiGenerateContent, body).unwrap();
         assert_eq!(out.blocked.unwrap().name(), "no-launch-codes");
-        // Two choices are two answers, not one text.
+        // Two choices (asked for) are two answers, not one text.
         let body = br#"{"choices":[{"index":0,"message":{"content":"the launch"}},{"index":1,"message":{"content":" codes"}}]}"#;
-        let out = mask_response_body(&g, ApiKind::OpenaiChat, body).unwrap();
+        let out =
+            mask_response_body(&g.clone().with_answers(2), ApiKind::OpenaiChat, body).unwrap();
+        assert!(out.blocked.is_none());
+    }
+
+    /// A plain answer with more choices or candidates than the request
+    /// asked for is withheld where the guard changes text: a client reading
+    /// by position could join texts masked apart. Asked for, they pass.
+    #[test]
+    fn answers_beyond_those_asked_for_are_withheld() {
+        let g = guard_with(MASKING, "{}", None);
+        let chat = br#"{"choices":[{"index":0,"message":{"content":"mail jane@exa"}},{"index":1,"message":{"content":"mple.com now"}}]}"#;
+        let gemini = br#"{"candidates":[{"content":{"parts":[{"text":"mail jane@exa"}]}},{"content":{"parts":[{"text":"mple.com now"}]}}]}"#;
+        for (api, body, at) in [
+            (ApiKind::OpenaiChat, &chat[..], "choices[1].index 1"),
+            (ApiKind::GeminiGenerateContent, &gemini[..], "candidates[1]"),
+        ] {
+            let out = mask_response_body(&g, api, body).unwrap();
+            assert_eq!(
+                out.blocked.map(|b| b.by),
+                Some(BlockedBy::ExtraAnswer(at.into())),
+                "{api:?}"
+            );
+            let out = mask_response_body(&g.clone().with_answers(2), api, body).unwrap();
+            assert!(out.blocked.is_none(), "{api:?}");
+        }
+        let monitor_only = r#"{"salt":"test-salt-0123456789","profiles":{"default":{"detectors":{"*":"monitor"}}}}"#;
+        let out = mask_response_body(
+            &guard_with(monitor_only, "{}", None),
+            ApiKind::OpenaiChat,
+            chat,
+        )
+        .unwrap();
         assert!(out.blocked.is_none());
     }
 

@@ -624,6 +624,9 @@ impl StreamMasker {
         if answer::odd_index(value).is_some() {
             return Err(UNINSPECTABLE);
         }
+        // A choice or candidate the request did not ask for: a client
+        // reading by position would join it to the first.
+        self.guard.check_answers(self.api, value)?;
         // Blocks one at a time, as the table follows them: a client puts
         // an interleaved block's text where its index says, the table
         // would join it to the open block's.
@@ -1936,6 +1939,7 @@ mod tests {
     #[test]
     fn tool_call_arguments_and_multiple_choices() {
         let (g, _) = guard("{}");
+        let g = g.with_answers(2);
         let mut s = String::new();
         let env = |choices: Value| json!({"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":choices});
         s.push_str(&data(env(json!([{"index":0,"delta":{"role":"assistant","tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"f","arguments":""}}]},"finish_reason":null}]))));
@@ -2996,6 +3000,7 @@ mod tests {
             assert!(error.is_some(), "{raw}");
         }
         // Once per place (two choices, two tool calls): each masked whole.
+        let g2 = g.clone().with_answers(2);
         let s = [
             chunk(0, json!({"tool_calls":[{"index":0,"id":"a","type":"function","function":{"name":"f","arguments":""}}]})),
             chunk(0, json!({"tool_calls":[{"index":1,"id":"b","type":"function","function":{"name":"g","arguments":""}}]})),
@@ -3004,7 +3009,7 @@ mod tests {
             done.clone(),
         ]
         .concat();
-        let (out, m) = run(api, &g, &[s.as_bytes()]);
+        let (out, m) = run(api, &g2, &[s.as_bytes()]);
         let raw = String::from_utf8_lossy(&out);
         assert!(m.report().blocked.is_none(), "{raw}");
         assert!(
@@ -3042,6 +3047,106 @@ mod tests {
         assert!(m.report().blocked.is_none());
     }
 
+    /// A request asks for one answer unless it says `n` (`candidateCount`),
+    /// and many clients read every chunk's first choice (`chunk.choices[0]
+    /// .delta.content`, `candidates[0]`) whatever its `index`: a value split
+    /// over choice 0 and a choice 1 nobody asked for was masked as two
+    /// answers and read as one. A choice or candidate beyond those asked
+    /// for blocks the stream before its text goes out; asked for, it is
+    /// an answer of its own; without a guard that changes text, nothing is
+    /// blocked.
+    #[test]
+    fn a_choice_or_candidate_beyond_those_asked_for_blocks_the_stream() {
+        let (g, _) = guard("{}");
+        let chat = |index: u64, text: &str| {
+            data(
+                json!({"id":"c","object":"chat.completion.chunk","choices":[{"index":index,"delta":{"content":text},"finish_reason":null}]}),
+            )
+        };
+        let completion = |index: u64, text: &str| {
+            data(
+                json!({"id":"c","object":"text_completion","choices":[{"index":index,"text":text,"finish_reason":null}]}),
+            )
+        };
+        let gemini = |index: u64, text: &str| {
+            data(
+                json!({"candidates":[{"index":index,"content":{"role":"model","parts":[{"text":text}]}}]}),
+            )
+        };
+        let gemini_at = |text: &str| {
+            data(
+                json!({"candidates":[{"content":{"role":"model","parts":[{"text":"ok"}]}},{"content":{"role":"model","parts":[{"text":text}]}}]}),
+            )
+        };
+        let cases = [
+            (
+                ApiKind::OpenaiChat,
+                [chat(0, "mail jane@exa"), chat(1, "mple.com now")].concat(),
+                "choices[0].index 1",
+            ),
+            (
+                ApiKind::AzureOpenaiChat,
+                [chat(0, "mail jane@exa"), chat(3, "mple.com now")].concat(),
+                "choices[0].index 3",
+            ),
+            (
+                ApiKind::OpenaiCompletions,
+                [
+                    completion(0, "mail jane@exa"),
+                    completion(1, "mple.com now"),
+                ]
+                .concat(),
+                "choices[0].index 1",
+            ),
+            (
+                ApiKind::GeminiGenerateContent,
+                [gemini(0, "mail jane@exa"), gemini(1, "mple.com now")].concat(),
+                "candidates[0].index 1",
+            ),
+            (
+                ApiKind::GeminiGenerateContent,
+                [gemini(0, "mail jane@exa"), gemini_at("mple.com now")].concat(),
+                "candidates[1]",
+            ),
+        ];
+        for (api, s, at) in &cases {
+            let (out, m) = run(*api, &g, &[s.as_bytes()]);
+            let raw = String::from_utf8_lossy(&out);
+            assert!(!raw.contains("mple.com"), "{api:?}: {raw}");
+            assert_eq!(
+                m.report().blocked.map(|b| b.by),
+                Some(BlockedBy::ExtraAnswer((*at).into())),
+                "{api:?}: {raw}"
+            );
+            let (_, error) = assembled(*api, &out);
+            let message = error.unwrap().to_string();
+            assert!(
+                message.contains("more answers than the request asked for"),
+                "{message}"
+            );
+        }
+        // Asked for (`n: 4`, `candidateCount: 4`): answers of their own.
+        for (api, s, _) in &cases {
+            let (out, m) = run(*api, &g.clone().with_answers(4), &[s.as_bytes()]);
+            let raw = String::from_utf8_lossy(&out);
+            assert!(m.report().blocked.is_none(), "{api:?}: {raw}");
+            assert!(raw.contains("mple.com"), "{api:?}: {raw}");
+        }
+        // Nothing changes text: nothing to hide, the answers go out.
+        let g = monitor_only_guard();
+        for (api, s, _) in &cases {
+            let (out, m) = run(*api, &g, &[s.as_bytes()]);
+            let raw = String::from_utf8_lossy(&out);
+            assert!(m.report().blocked.is_none(), "{api:?}: {raw}");
+            assert!(raw.contains("mple.com"), "{api:?}: {raw}");
+        }
+        // One API, one answer: Anthropic's block index is no answer.
+        assert_eq!(
+            answer::extra_answer(ApiKind::AnthropicMessages, &json!({"index":3}), 1),
+            None
+        );
+    }
+
     /// An index written as JavaScript and Python's SDK models read it but
     /// the answer table does not (`1.0`, `"1"`) put a block's, choice's or
     /// candidate's text on another channel than a client's: a value split
@@ -3050,6 +3155,8 @@ mod tests {
     #[test]
     fn an_index_a_client_reads_otherwise_blocks_the_stream() {
         let (g, _) = guard("{}");
+        // Two answers asked for: index 1 is no answer beyond them.
+        let g = g.with_answers(2);
         let gemini = |index: Value, text: &str| {
             data(
                 json!({"candidates":[{"index":index,"content":{"role":"model","parts":[{"text":text}]}}]}),

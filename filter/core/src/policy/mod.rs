@@ -1154,6 +1154,36 @@ pub fn requested_max_tokens(api: ApiKind, body: &Value) -> Option<u64> {
     best
 }
 
+/// How many answers a request asks for: OpenAI's (and Azure's) chat and
+/// completions `n`, Gemini's `generationConfig.candidateCount` (either
+/// spelling of each key, the largest); 1 where the API has one answer, the
+/// field is absent, or it is no positive whole number as JSON writes it (a
+/// backend may read `"2"` or `2.0` as 2, and then its answers beyond the
+/// first are blocked where the answer is guarded, never let out unread:
+/// [`crate::answer::extra_answer`]).
+pub fn requested_answers(api: ApiKind, body: &Value) -> u64 {
+    let keys: &[&[&str]] = match api {
+        ApiKind::OpenaiChat
+        | ApiKind::AzureOpenaiChat
+        | ApiKind::OpenaiCompletions
+        | ApiKind::AzureOpenaiCompletions => &[&["n"]],
+        ApiKind::GeminiGenerateContent => &[
+            &["generationConfig", "candidateCount"],
+            &["generationConfig", "candidate_count"],
+            &["generation_config", "candidate_count"],
+            &["generation_config", "candidateCount"],
+        ],
+        _ => &[],
+    };
+    keys.iter()
+        .filter_map(|path| {
+            path.iter()
+                .try_fold(body, |at, k| at.get(*k))
+                .and_then(Value::as_u64)
+        })
+        .fold(1, u64::max)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -1439,6 +1469,39 @@ mod tests {
             br#"{"request_rules":[{"name":"a","phrases":["x"],"action":"block"}]}"#,
         );
         assert!(e.is_ok(), "block is an alias of deny");
+    }
+
+    #[test]
+    fn answers_asked_for_per_api() {
+        for (api, body, want) in [
+            (ApiKind::OpenaiChat, r#"{}"#, 1),
+            (ApiKind::OpenaiChat, r#"{"n":3}"#, 3),
+            (ApiKind::OpenaiChat, r#"{"n":null}"#, 1),
+            (ApiKind::OpenaiChat, r#"{"n":0}"#, 1),
+            // Not a whole number as JSON writes one: one answer.
+            (ApiKind::OpenaiChat, r#"{"n":"2"}"#, 1),
+            (ApiKind::OpenaiChat, r#"{"n":2.0}"#, 1),
+            (ApiKind::AzureOpenaiChat, r#"{"n":2}"#, 2),
+            (ApiKind::OpenaiCompletions, r#"{"n":2}"#, 2),
+            (ApiKind::AzureOpenaiCompletions, r#"{"n":2}"#, 2),
+            (
+                ApiKind::GeminiGenerateContent,
+                r#"{"generationConfig":{"candidateCount":2}}"#,
+                2,
+            ),
+            (
+                ApiKind::GeminiGenerateContent,
+                r#"{"generationConfig":{"candidateCount":2},"generation_config":{"candidate_count":4}}"#,
+                4,
+            ),
+            (ApiKind::GeminiGenerateContent, r#"{"n":3}"#, 1),
+            (ApiKind::AnthropicMessages, r#"{"n":3}"#, 1),
+            (ApiKind::OpenaiResponses, r#"{"n":3}"#, 1),
+            (ApiKind::OllamaChat, r#"{"n":3}"#, 1),
+        ] {
+            let v: Value = serde_json::from_str(body).unwrap();
+            assert_eq!(requested_answers(api, &v), want, "{api:?} {body}");
+        }
     }
 
     #[test]
