@@ -39,6 +39,8 @@ MASKING = {
         "default": {"detectors": {"email": "pseudonymize", "credit_card": "redact"}, "restore": True},
         # Masks prompts only; answers are touched only to restore pseudonyms.
         "restore_only": {"detectors": {"email": "pseudonymize"}, "restore": True, "responses": False},
+        # Reports what it finds, changes nothing.
+        "monitor": {"detectors": {"email": "monitor"}},
     },
 }
 # Models name what guards the answer (all `allow`, so nothing is held):
@@ -46,6 +48,7 @@ GUARDED = "demo-allow-guarded"  # masking (default profile) and a response rule
 RULES_ONLY = "demo-allow-rules"  # a response rule, no masking
 RESTORE_ONLY = "demo-allow-restore"  # restore of pseudonyms, no response masking, no rule
 OPEN = "demo-allow-open"  # nothing guards the answer; it is recorded (the default)
+MONITORED = "demo-allow-monitored"  # masking that only monitors: nothing changes the answer
 BARE = "demo-allow-bare"  # nothing inspects the answer at all: no guard, no record
 CONFIG = {
     "hold_timeout_ms": 5000,
@@ -58,6 +61,7 @@ CONFIG = {
         {"name": "rules-only", "model": f"{RULES_ONLY}*", "action": "allow", "masking": "none"},
         {"name": "restore-only", "model": f"{RESTORE_ONLY}*", "action": "allow", "masking": "restore_only"},
         {"name": "open", "model": f"{OPEN}*", "action": "allow", "masking": "none"},
+        {"name": "monitored", "model": f"{MONITORED}*", "action": "allow", "masking": "monitor"},
         {"name": "bare", "model": f"{BARE}*", "action": "allow", "masking": "none", "record": "off"},
     ],
 }
@@ -776,3 +780,44 @@ def test_a_choice_nobody_asked_for_is_blocked(stack, api, stream):
     # Where nothing guards the answer, it goes out as the model sent it.
     a = send(stack, req(api, OPEN, stream=stream), headers={"x-demo-answer": json.dumps(script)})
     assert a.status == 200 and EMAIL[cut:].encode() in a.raw, a.raw[:300]
+
+
+@pytest.mark.parametrize("case", ["odd-index", "blocks-out-of-order"])
+def test_where_masking_only_monitors_unfollowable_streams_pass(stack, case):
+    # An index clients read otherwise (`1.0`) and Anthropic blocks out of
+    # order block a stream whose answer is changed; where masking only
+    # monitors, blocking hid nothing and only broke the answer. Now such
+    # a stream goes on: what was held back goes out, then the rest as the
+    # model sent it, each candidate's (block's) text where the client puts it.
+    cut = EMAIL.index("@") + 4
+    if case == "odd-index":
+        api = "gemini"
+        chunk = lambda index, text: {"candidates": [{"index": index, "content": {"role": "model", "parts": [{"text": text}]}}]}  # noqa: E731
+        script = [chunk(0, "Hello. mail " + EMAIL[:cut]), chunk(1.0, EMAIL[cut:] + " now")]
+        want = {0: "Hello. mail " + EMAIL[:cut], 1: EMAIL[cut:] + " now"}
+    else:
+        api = "messages"
+        start = lambda i: {"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}}  # noqa: E731
+        delta = lambda i, t: {"type": "content_block_delta", "index": i, "delta": {"type": "text_delta", "text": t}}  # noqa: E731
+        script = [
+            {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+                                                  "content": [], "model": MONITORED}},
+            start(0), delta(0, "mail " + EMAIL[:cut]), start(1), delta(1, EMAIL[cut:] + " now"), delta(0, " more"),
+            {"type": "content_block_stop", "index": 0}, {"type": "content_block_stop", "index": 1},
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 1}},
+            {"type": "message_stop"},
+        ]
+        want = {0: "mail " + EMAIL[:cut] + " more", 1: EMAIL[cut:] + " now"}
+    a = send(stack, req(api, MONITORED, stream=True), headers={"x-demo-answer": json.dumps(script)})
+    assert a.status == 200, a.raw[:300]
+    got: dict[int, str] = {}
+    for e in sse_events(a.raw):
+        assert "error" not in e and e.get("type") != "error", a.raw[:600]
+        if api == "gemini":
+            for c in e.get("candidates", []):
+                for p in c["content"]["parts"]:
+                    got[int(c.get("index", 0))] = got.get(int(c.get("index", 0)), "") + p.get("text", "")
+        elif e.get("type") == "content_block_delta":
+            got[e["index"]] = got.get(e["index"], "") + e["delta"]["text"]
+    assert got == want, a.raw[:600]
+    assert response_record(stack, a.request_id).get("blocked_by") is None

@@ -217,6 +217,14 @@ impl Splitter {
         self.buf.len().saturating_sub(self.pos)
     }
 
+    /// The bytes received and not yet cut into a unit, as they came;
+    /// forgets them.
+    pub fn take_rest(&mut self) -> Vec<u8> {
+        let rest = self.buf.get(self.pos..).unwrap_or_default().to_vec();
+        self.clear();
+        rest
+    }
+
     /// Forgets everything buffered.
     pub fn clear(&mut self) {
         self.buf.clear();

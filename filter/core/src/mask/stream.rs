@@ -287,6 +287,9 @@ struct HeadOut {
 pub struct StreamMasker {
     api: ApiKind,
     guard: ResponseGuard,
+    /// Reading the stream: the guard does something, and (where it changes
+    /// no text) the channels could be followed so far ([`Self::on_json`]).
+    /// Otherwise bytes pass as they come.
     active: bool,
     splitter: Splitter,
     channels: Vec<Channel>,
@@ -360,6 +363,11 @@ impl StreamMasker {
             {
                 return self.block(b, out);
             }
+            if !self.active {
+                // Stopped reading (`on_json`): the rest as it came.
+                out.extend(self.splitter.take_rest());
+                return out;
+            }
         }
         if self.splitter.buffered() > MAX_EVENT_BYTES {
             return self.block(UNINSPECTABLE, out);
@@ -381,13 +389,21 @@ impl StreamMasker {
         let Ok((units, rest)) = self.splitter.finish() else {
             return self.block(UNINSPECTABLE, out);
         };
-        for unit in &units {
+        for (i, unit) in units.iter().enumerate() {
             let mut slots = Vec::new();
             if let Err(b) = self
                 .on_unit(unit, &mut slots)
                 .and_then(|()| self.emit(slots, &mut out))
             {
                 return self.block(b, out);
+            }
+            if !self.active {
+                // Stopped reading (`on_json`): the rest as it came.
+                for u in units.get(i + 1..).unwrap_or_default() {
+                    out.extend_from_slice(u.raw());
+                }
+                out.extend_from_slice(&rest.bytes);
+                return out;
             }
         }
         let mut bytes = Vec::new();
@@ -619,33 +635,24 @@ impl StreamMasker {
         pre: &mut Vec<u8>,
         echoes: &mut Vec<(Vec<Seg>, ChanKey, String)>,
     ) -> Result<Option<String>, Blocked> {
-        // An index a client reads otherwise than the table: the channels
-        // would not be the client's.
-        if answer::odd_index(value).is_some() {
-            return Err(UNINSPECTABLE);
+        // An index a client reads otherwise than the table, or blocks out
+        // of the order the table follows them in: the channels would not
+        // be the client's.
+        if answer::odd_index(value).is_some() || !self.block_in_order(value) {
+            if self.guard.changes_text() {
+                return Err(UNINSPECTABLE);
+            }
+            // Nothing changes text, so nothing is hidden by blocking; but
+            // text held back would go out in another channel's events
+            // than the client's. Everything held goes out now, and the rest
+            // of the stream as it comes, unread.
+            self.flush(|_| true, false, false, pre)?;
+            self.active = false;
+            return Ok(None);
         }
         // A choice or candidate the request did not ask for: a client
         // reading by position would join it to the first.
         self.guard.check_answers(self.api, value)?;
-        // Blocks one at a time, as the table follows them: a client puts
-        // an interleaved block's text where its index says, the table
-        // would join it to the open block's.
-        match answer::block_step(self.api, value) {
-            // Each block starts once, in index order: a block started
-            // again would put new text into one already sent.
-            Some(answer::BlockStep::Start(i))
-                if self.open_block.is_none() && i >= self.next_block =>
-            {
-                self.open_block = Some(i);
-                self.next_block = i.saturating_add(1);
-            }
-            Some(answer::BlockStep::Delta(i)) if self.open_block == Some(i) => {}
-            Some(answer::BlockStep::Stop(i)) if self.open_block == Some(i) => {
-                self.open_block = None
-            }
-            Some(_) => return Err(UNINSPECTABLE),
-            None => {}
-        }
         let mut edits = Edits::new();
         let mut handled: Vec<Vec<Seg>> = Vec::new();
         let mut repeats = Vec::new();
@@ -738,6 +745,31 @@ impl StreamMasker {
         match json_edit::apply(data.as_bytes(), &edits) {
             Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
             Err(_) => Err(UNINSPECTABLE),
+        }
+    }
+
+    /// Anthropic: whether the event's block step ([`answer::block_step`])
+    /// is in the order the table follows blocks in, one at a time (a
+    /// client puts an interleaved block's text where its index says, the
+    /// table would join it to the open block's); notes it.
+    fn block_in_order(&mut self, value: &Value) -> bool {
+        match answer::block_step(self.api, value) {
+            // Each block starts once, in index order: a block started
+            // again would put new text into one already sent.
+            Some(answer::BlockStep::Start(i))
+                if self.open_block.is_none() && i >= self.next_block =>
+            {
+                self.open_block = Some(i);
+                self.next_block = i.saturating_add(1);
+                true
+            }
+            Some(answer::BlockStep::Delta(i)) if self.open_block == Some(i) => true,
+            Some(answer::BlockStep::Stop(i)) if self.open_block == Some(i) => {
+                self.open_block = None;
+                true
+            }
+            Some(_) => false,
+            None => true,
         }
     }
 
@@ -3145,6 +3177,134 @@ mod tests {
             answer::extra_answer(ApiKind::AnthropicMessages, &json!({"index":3}), 1),
             None
         );
+    }
+
+    /// The text of each candidate (Gemini) or block (Anthropic) as a
+    /// client puts it together: by its index, read as JavaScript reads it.
+    fn texts_by_index(api: ApiKind, out: &[u8]) -> BTreeMap<u64, String> {
+        let mut texts: BTreeMap<u64, String> = BTreeMap::new();
+        let index = |v: &Value| match v {
+            Value::String(s) => s.parse::<f64>().unwrap() as u64,
+            v => v.as_f64().unwrap_or(0.0) as u64,
+        };
+        for (_, d) in events(api, out) {
+            let v: Value = serde_json::from_str(&d).unwrap();
+            if api == ApiKind::GeminiGenerateContent {
+                for c in v["candidates"].as_array().unwrap() {
+                    for p in c["content"]["parts"].as_array().unwrap() {
+                        let t = texts.entry(index(&c["index"])).or_default();
+                        t.push_str(p["text"].as_str().unwrap_or_default());
+                    }
+                }
+            } else {
+                let t = v["delta"]["text"]
+                    .as_str()
+                    .or(v["content_block"]["text"].as_str());
+                if let Some(t) = t {
+                    texts.entry(index(&v["index"])).or_default().push_str(t);
+                }
+            }
+        }
+        texts
+    }
+
+    /// Where nothing changes text (monitoring only), an index a client
+    /// reads otherwise than the table (`1.0`) and Anthropic blocks out of
+    /// order blocked the stream, though blocking hides nothing there. Now
+    /// the masker stops reading at such an event: what it held goes out
+    /// first, then the rest as it came, each candidate's and block's text
+    /// where the client puts it.
+    #[test]
+    fn where_nothing_changes_text_unfollowable_channels_pass_unread() {
+        let g = monitor_only_guard();
+        let gemini = |index: Value, text: &str| {
+            data(
+                json!({"candidates":[{"index":index,"content":{"role":"model","parts":[{"text":text}]}}]}),
+            )
+        };
+        let ev = named_event;
+        let start = |i: u64| {
+            ev(
+                json!({"type":"content_block_start","index":i,"content_block":{"type":"text","text":""}}),
+            )
+        };
+        let delta = |i: u64, t: &str| {
+            ev(
+                json!({"type":"content_block_delta","index":i,"delta":{"type":"text_delta","text":t}}),
+            )
+        };
+        let stop = |i: u64| ev(json!({"type":"content_block_stop","index":i}));
+        let end = ev(json!({"type":"message_stop"}));
+        let cases = [
+            (
+                ApiKind::GeminiGenerateContent,
+                [
+                    gemini(json!(0), "mail jane@exa"),
+                    gemini(json!(1.0), "mple.com now"),
+                    gemini(json!(0), " and more"),
+                ]
+                .concat(),
+            ),
+            (
+                ApiKind::GeminiGenerateContent,
+                [
+                    gemini(json!(0), "mail jane@exa"),
+                    gemini(json!("1"), "mple.com now"),
+                ]
+                .concat(),
+            ),
+            (
+                ApiKind::AnthropicMessages,
+                [
+                    start(0),
+                    delta(0, "mail jane@exa"),
+                    start(1),
+                    delta(1, "mple.com now"),
+                    delta(0, " and more"),
+                    stop(0),
+                    stop(1),
+                    end.clone(),
+                ]
+                .concat(),
+            ),
+            (
+                ApiKind::AnthropicMessages,
+                [
+                    start(0),
+                    delta(0, "mail jane@exa"),
+                    stop(0),
+                    start(1),
+                    delta(1, "ok"),
+                    delta(0, "mple.com now"),
+                    stop(1),
+                    end,
+                ]
+                .concat(),
+            ),
+        ];
+        for (api, s) in &cases {
+            let want = texts_by_index(*api, s.as_bytes());
+            // Whole, byte by byte, and without the last blank line (the
+            // last event read at the end).
+            let trimmed = s.trim_end_matches('\n').to_string() + "\n";
+            for (input, parts) in [
+                (s.as_str(), vec![s.as_bytes()]),
+                (s.as_str(), s.as_bytes().chunks(1).collect()),
+                (trimmed.as_str(), vec![trimmed.as_bytes()]),
+            ] {
+                let (out, m) = run(*api, &g, &parts);
+                let raw = String::from_utf8_lossy(&out);
+                assert!(m.report().blocked.is_none(), "{api:?}: {raw}");
+                assert_eq!(texts_by_index(*api, &out), want, "{api:?}: {raw}");
+                // From the event it cannot follow on, as it came.
+                let at = input.find("mple.com").unwrap();
+                let from = input[..at].rfind("data: ").unwrap();
+                let tail = &input[from..];
+                let tail = tail.strip_prefix("data: ").unwrap().trim_end();
+                // (An event the stream's end cut short is completed.)
+                assert!(raw.trim_end().ends_with(tail), "{api:?}: {raw}");
+            }
+        }
     }
 
     /// An index written as JavaScript and Python's SDK models read it but
