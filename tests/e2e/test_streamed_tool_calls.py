@@ -427,3 +427,27 @@ def test_a_held_stream_beyond_hold_limits_ends_with_the_error_event(make_stack):
             assert b"delete_file" in await first
 
     asyncio.run(scenario())
+
+
+def test_gemini_arguments_streamed_in_pieces_end_the_stream_instead_of_a_review(agents):
+    """A backend streaming a call's arguments in pieces unasked
+    (`functionCall.partialArgs`): the calls held for review had none, so a
+    reviewer approved `delete_file` without seeing its path and the client
+    put the path together from the released pieces. Now the stream ends
+    with the error event naming the field, before any piece leaves, and
+    nobody is asked to approve a call they cannot see."""
+    call = lambda **c: {"candidates": [{"index": 0, "content": {"role": "model", "parts": [{"functionCall": c}]}}]}  # noqa: E731
+    events = [
+        {"candidates": [{"index": 0, "content": {"role": "model", "parts": [{"text": "Sure, deleting."}]}}]},
+        call(name="delete_file", partialArgs=[{"jsonPath": "$.path", "stringValue": "/srv/da", "willContinue": True}],
+             willContinue=True),
+        call(partialArgs=[{"jsonPath": "$.path", "stringValue": "ta"}], willContinue=False),
+        {"candidates": [{"index": 0, "content": {"role": "model", "parts": []}, "finishReason": "STOP"}]},
+    ]
+    body = {"contents": [{"role": "user", "parts": [{"text": ASK}]}], "tools": GEMINI_TOOLS}
+    r = httpx.post(agents.url + GEMINI_PATH, json=body, timeout=60, headers=script(events))
+    assert r.status_code == 200, r.text[:300]
+    assert b"/srv/da" not in r.content and b"delete_file" not in r.content, r.content[:600]
+    last = json.loads([line for line in r.text.splitlines() if line.startswith("data:")][-1][5:])
+    assert "`functionCall.partialArgs`" in last["error"]["message"], last
+    assert agents.approval.pending() == []

@@ -72,6 +72,17 @@ pub fn plan_answer_review(
     let unreadable = || unreadable_answer(api);
     let caller_value = crate::json::parse_strict(caller).map_err(|_| unreadable())?;
     let recorded_value = crate::json::parse_strict(recorded).map_err(|_| unreadable())?;
+    // Arguments in pieces (Gemini's `functionCall.partialArgs`): the calls
+    // read here lack them, a reviewer would not see what the client gets.
+    if let Some(field) = crate::answer::pieced_field(api, &recorded_value) {
+        return Err(Refusal::new(
+            RefusalKind::ResponseUninspectable,
+            Some(api),
+            format!(
+                "the model's answer carries function-call arguments in pieces (`{field}`), which a review cannot show as the call the client puts together, so it was withheld"
+            ),
+        ));
+    }
     let calls = tool_calls(api, &recorded_value);
     let Some(rule) = rules.for_tool_calls(&calls) else {
         return Ok(None);
@@ -373,6 +384,33 @@ pub(crate) mod tests {
         json!({"id":"chatcmpl-1","object":"chat.completion","model":"m","choices":[{"index":0,
             "finish_reason":"tool_calls","message":{"role":"assistant","content":null,
             "tool_calls":[{"id":"call_1","type":"function","function":{"name":name,"arguments":arguments}}]}}]})
+    }
+
+    /// A plain Gemini answer carrying a call's arguments in pieces
+    /// (`functionCall.partialArgs`) was reviewed as the call without them;
+    /// now it is withheld, naming the field.
+    #[test]
+    fn an_answer_with_function_call_arguments_in_pieces_is_withheld() {
+        use crate::wire::ApiKind;
+        let c = Config::from_json(config("").as_bytes()).unwrap();
+        let rules = c.content_policy.review_rules(&Default::default());
+        let answer = json!({"candidates":[{"index":0,"content":{"role":"model","parts":[
+            {"functionCall":{"name":"delete_file","partialArgs":[{"jsonPath":"$.path","stringValue":"/srv"}]}}]}}]});
+        let bytes = answer.to_string().into_bytes();
+        let plan = super::plan_answer_review(
+            &c,
+            ApiKind::GeminiGenerateContent,
+            &Default::default(),
+            &rules,
+            &[],
+            &bytes,
+            &bytes,
+        );
+        let refusal = plan.unwrap_err();
+        assert!(
+            String::from_utf8_lossy(&refusal.body()).contains("`functionCall.partialArgs`"),
+            "{refusal:?}"
+        );
     }
 
     pub(crate) fn state(status: &str, extra: &str) -> String {

@@ -160,6 +160,16 @@ fn is_tool_event(api: ApiKind, event: Option<&str>, v: &Value) -> bool {
     found
 }
 
+/// Why a lane cannot go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unread {
+    /// A unit that cannot be read as every client reads it, or too long.
+    Framing,
+    /// Function-call arguments in pieces ([`answer::pieced_field`]): the
+    /// calls assembled for review would lack them.
+    Pieced(&'static str),
+}
+
 /// One lane (the caller's bytes, or the recorded ones).
 #[derive(Debug)]
 struct Lane {
@@ -190,20 +200,20 @@ impl Lane {
 
     /// Takes a chunk; the bytes that go out now. `Err` when the stream is
     /// not framed as it should be.
-    fn push(&mut self, api: ApiKind, chunk: &[u8]) -> Result<Vec<u8>, ()> {
+    fn push(&mut self, api: ApiKind, chunk: &[u8]) -> Result<Vec<u8>, Unread> {
         self.splitter.push(chunk);
         let mut out = Vec::new();
-        while let Some(unit) = self.splitter.next_complete().map_err(|_| ())? {
+        while let Some(unit) = self.splitter.next_complete().map_err(|_| Unread::Framing)? {
             self.unit(api, unit, &mut out)?;
         }
         if self.splitter.buffered() > MAX_EVENT_BYTES {
-            return Err(());
+            return Err(Unread::Framing);
         }
         Ok(out)
     }
 
-    fn finish(&mut self, api: ApiKind) -> Result<Vec<u8>, ()> {
-        let (units, rest) = self.splitter.finish().map_err(|_| ())?;
+    fn finish(&mut self, api: ApiKind) -> Result<Vec<u8>, Unread> {
+        let (units, rest) = self.splitter.finish().map_err(|_| Unread::Framing)?;
         let mut out = Vec::new();
         for unit in units {
             self.unit(api, unit, &mut out)?;
@@ -215,9 +225,14 @@ impl Lane {
         Ok(out)
     }
 
-    fn unit(&mut self, api: ApiKind, unit: Unit, out: &mut Vec<u8>) -> Result<(), ()> {
-        let ev = Ev::of(unit).map_err(|_| ())?;
+    fn unit(&mut self, api: ApiKind, unit: Unit, out: &mut Vec<u8>) -> Result<(), Unread> {
+        let ev = Ev::of(unit).map_err(|_| Unread::Framing)?;
         if let Some(v) = &ev.json {
+            // Arguments in pieces that no call assembled here carries: the
+            // reviewer would see the call without them.
+            if let Some(field) = answer::pieced_field(api, v) {
+                return Err(Unread::Pieced(field));
+            }
             let event = ev.event.as_deref();
             let _ = answer::stream_event(api, event, v, &mut |item| {
                 if let Item::Text(p) = item {
@@ -329,7 +344,7 @@ impl ToolStream {
 
     /// Ends the stream or what is held past the limit: the bytes ready
     /// before, then the error event.
-    fn check(&mut self, send: Result<Vec<u8>, ()>, record: Result<Vec<u8>, ()>) -> Out {
+    fn check(&mut self, send: Result<Vec<u8>, Unread>, record: Result<Vec<u8>, Unread>) -> Out {
         let over = self
             .caller
             .held_bytes
@@ -343,6 +358,13 @@ impl ToolStream {
                     format!(
                         "the tool calls of this streamed answer were held for review and outgrew the {} bytes a review may hold, so the rest of the answer was withheld",
                         self.limit
+                    )
+                } else if let Some(field) = [&send, &record].into_iter().find_map(|r| match r {
+                    Err(Unread::Pieced(field)) => Some(*field),
+                    _ => None,
+                }) {
+                    format!(
+                        "the streamed answer carries function-call arguments in pieces (`{field}`), which a review cannot show as the call the client puts together, so the rest of it was withheld"
                     )
                 } else {
                     "the streamed answer could not be read for review, so the rest of it was withheld"
@@ -1706,6 +1728,47 @@ mod tests {
                 _ => &error["error"]["message"],
             };
             assert!(message.as_str().unwrap().contains("40 bytes"), "{error}");
+        }
+    }
+
+    /// Gemini function-call arguments streamed in pieces
+    /// (`functionCall.partialArgs`, sent by a backend unasked): the calls
+    /// assembled for review had no arguments (each piece a nameless call of
+    /// its own), so a reviewer approved `delete_file` with none and the
+    /// client put the real ones together from the held pieces. Now such a
+    /// stream ends with the API's error event, naming the field, before
+    /// any piece leaves.
+    #[test]
+    fn function_call_arguments_in_pieces_end_the_stream() {
+        for partial in ["partialArgs", "partial_args"] {
+            let call = |c: Value| json!({"candidates":[{"index":0,"content":{"role":"model","parts":[{"functionCall":c}]}}]});
+            let events = vec![
+                json!({"candidates":[{"index":0,"content":{"role":"model","parts":[{"text":"Sure."}]}}]}),
+                call(
+                    json!({"name":TOOL, partial:[{"jsonPath":"$.path","stringValue":"/srv/da","willContinue":true}],"willContinue":true}),
+                ),
+                call(
+                    json!({partial:[{"jsonPath":"$.path","stringValue":"ta"}],"willContinue":false}),
+                ),
+                json!({"candidates":[{"index":0,"content":{"role":"model","parts":[]},"finishReason":"STOP"}]}),
+            ];
+            let api = ApiKind::GeminiGenerateContent;
+            let bytes = sse_bytes(api, &events, false);
+            for cuts in [vec![], (1..bytes.len()).collect::<Vec<_>>()] {
+                let (mut sent, end) = pushed(api, &bytes, &cuts);
+                let End::Done(last) = end else {
+                    panic!("{partial}: held for review")
+                };
+                sent.extend(last.send);
+                let raw = String::from_utf8_lossy(&sent);
+                assert!(!raw.contains(TOOL) && !raw.contains("/srv/da"), "{raw}");
+                let (_, error) = events_of(&sent).pop().unwrap();
+                let message = error["error"]["message"].as_str().unwrap();
+                assert!(
+                    message.contains(&format!("`functionCall.{partial}`")),
+                    "{message}"
+                );
+            }
         }
     }
 
