@@ -608,7 +608,8 @@ fn sibling_runs(root: &Value, texts: &[(Vec<Seg>, &str)]) -> Vec<Vec<usize>> {
     runs
 }
 
-fn value_at<'v>(value: &'v Value, path: &[Seg]) -> Option<&'v Value> {
+/// The value at `path` in `value`, if there is one.
+pub(super) fn value_at<'v>(value: &'v Value, path: &[Seg]) -> Option<&'v Value> {
     path.iter().try_fold(value, |v, seg| match seg {
         Seg::Key(k) => v.get(k.as_str()),
         Seg::Idx(i) => v.get(*i),

@@ -43,7 +43,9 @@ use serde_json::{json, Value};
 
 use super::json_edit::{self, Edits, Seg};
 use super::prefixes::PrefixTracker;
-use super::response::{guard_texts, leaves, Blocked, BlockedBy, GuardTally, Leaf, ResponseGuard};
+use super::response::{
+    guard_texts, leaves, value_at, Blocked, BlockedBy, GuardTally, Leaf, ResponseGuard,
+};
 use super::Hit;
 use crate::answer::{self, Channel as ChanKey, Item, Piece, Step, TextKind, LEGACY_FUNCTION_CALL};
 use crate::framing::{self, Framing, Read, Splitter, Unit};
@@ -1427,17 +1429,6 @@ fn pem_end(s: &str) -> Option<usize> {
     let after = s.get(start + 9..)?;
     let close = after.find("-----")?;
     Some(start + 9 + close + 5)
-}
-
-fn value_at<'v>(v: &'v Value, path: &[Seg]) -> Option<&'v Value> {
-    let mut cur = v;
-    for seg in path {
-        cur = match seg {
-            Seg::Key(k) => cur.get(k)?,
-            Seg::Idx(i) => cur.get(i)?,
-        };
-    }
-    Some(cur)
 }
 
 #[cfg(test)]
