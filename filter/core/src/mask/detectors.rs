@@ -798,7 +798,7 @@ impl Detector {
                 card_ok(v)
                     && !glued(hay, s, e, b'-')
                     && !hay.get(..s).is_some_and(|b| b.ends_with('+'))
-                    && !digit_group_context(hay, s)
+                    && !in_iban(hay, s)
             }
             Check::Ssn => ssn_ok(v) && !glued(hay, s, e, b'-') && !glued(hay, s, e, b' '),
             Check::Ipv4 => ipv4_ok(v) && !glued(hay, s, e, b'.') && !version_context(hay, s),
@@ -883,7 +883,33 @@ fn digit_group_context(hay: &str, s: usize) -> bool {
     iban_shaped || previous_word_in(hay, s, 1, REFERENCE_WORDS)
 }
 
-/// Words after which a number is a reference, not a phone or card number.
+/// Whether the value at `s` is a piece of an IBAN that begins earlier in
+/// its run of upper-case letters, digits and spaces and has exactly its
+/// country's length (its check digits may be wrong: a mistyped IBAN is
+/// still no card number). Unlike a phone number's, a card number's context
+/// excuses it no further: a country code and two digits before a card
+/// (`DE89 4111 1111 1111 1111`, too short for a German IBAN) or a word like
+/// `order` before it would let any card through unmasked.
+fn in_iban(hay: &str, s: usize) -> bool {
+    let b = hay.as_bytes();
+    let in_run = |c: &u8| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == b' ';
+    let mut start = s;
+    while start > 0 && b.get(start - 1).is_some_and(in_run) {
+        start -= 1;
+    }
+    let mut end = s;
+    while b.get(end).is_some_and(in_run) {
+        end += 1;
+    }
+    (start..s).any(|t| {
+        let token_start = t == start || b.get(t - 1) == Some(&b' ');
+        token_start
+            && b.get(t).is_some_and(u8::is_ascii_uppercase)
+            && iban_shaped_end(hay, t, end).is_some_and(|(e, _)| e > s)
+    })
+}
+
+/// Words after which a number is a reference, not a phone number.
 const REFERENCE_WORDS: &[&str] = &[
     "order",
     "invoice",
@@ -1215,6 +1241,15 @@ pub(crate) fn iban_mod97(compact: &[u8]) -> bool {
 /// Validates an IBAN candidate, which the greedy regex may have extended into
 /// following upper-case words: keeps exactly the country's length.
 fn iban_end(hay: &str, s: usize, e: usize) -> Option<usize> {
+    let (end, compact) = iban_shaped_end(hay, s, e)?;
+    iban_mod97(&compact).then_some(end)
+}
+
+/// The end of an IBAN-shaped value at `hay[s..e]`: a known country and
+/// exactly its length of letters and digits (spaces between them), not
+/// followed by a letter or digit; with the value without its spaces. The
+/// check digits are not checked.
+fn iban_shaped_end(hay: &str, s: usize, e: usize) -> Option<(usize, Vec<u8>)> {
     let v = hay.get(s..e)?.as_bytes();
     let country = std::str::from_utf8(v.get(..2)?).ok()?;
     let want = IBAN_LENGTHS
@@ -1238,11 +1273,10 @@ fn iban_end(hay: &str, s: usize, e: usize) -> Option<usize> {
         .as_bytes()
         .get(end)
         .is_some_and(u8::is_ascii_alphanumeric)
-        || !iban_mod97(&compact)
     {
         return None;
     }
-    Some(end)
+    Some((end, compact))
 }
 
 fn ssn_ok(v: &str) -> bool {
@@ -1518,6 +1552,12 @@ mod tests {
         ("credit_card", "order 638-3139819-0187709", &[]),
         ("credit_card", "tel +49 151 45930694", &[]),
         ("credit_card", "IBAN ES86 6934 4398 8366 9468 2997", &[]),
+        // Neither a wrong IBAN's prefix nor a reference word hides a card.
+        ("credit_card", "DE89 4111 1111 1111 1111", &["4111 1111 1111 1111"]),
+        ("credit_card", "IBAN DE89 3704 0044 0532 0130 01", &[]),
+        ("credit_card", "card DE89 4111111111111111", &["4111111111111111"]),
+        ("credit_card", "order 4111 1111 1111 1111", &["4111 1111 1111 1111"]),
+        ("credit_card", "ref 5500005555555559.", &["5500005555555559"]),
         // IBAN
         ("iban", "IBAN DE89 3704 0044 0532 0130 00 please", &["DE89 3704 0044 0532 0130 00"]),
         ("iban", "GB82WEST12345698765432", &["GB82WEST12345698765432"]),
