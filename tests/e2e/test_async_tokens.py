@@ -164,6 +164,27 @@ def test_edited_prompt_token_covers_the_edited_body(tokens):
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "echo: summarise without customer data"
 
 
+def test_an_edit_under_another_review_rule_does_not_spend(make_stack):
+    # A reviewer of the caller's asynchronous rule edits the model to one a
+    # stricter rule covers (two approvals) and approves: the token for the
+    # edited body must not spend where that rule's reviewers never looked.
+    config = filter_config([("k1", K1)])
+    config["rules"] = list(reversed(config["rules"]))  # two-person first
+    stack = make_stack(filter_config=config, approval_extra=service_extra([("k1", K1)]))
+    accepted = submit_async(stack, chat(text="small job"))
+    edited = chat(model="prod-large", text="small job")
+    assert stack.approval.decide(accepted["id"], "edit", body=edited).status_code == 200
+    st = status(stack, accepted["id"]).json()
+    assert st["status"] == "approved" and json.loads(st["approved_body"]) == edited, st
+    r = retry(stack, st)
+    assert r.status_code == 403, r.text
+    assert r.json()["error"]["code"] == "invalid_approval_token" and "`two-person`" in r.json()["error"]["message"], r.text
+    assert stack.backend.stats()["started"] == 0
+    # The body as held, approved without an edit, still spends.
+    _, st = approved_status(stack, chat(text="another small job"))
+    assert retry(stack, st).status_code == 200
+
+
 def test_expired_token_is_refused(make_stack):
     stack = make_stack(filter_config=filter_config([("k1", K1)]),
                        approval_extra=service_extra([("k1", K1)], ttl_ms=1500))

@@ -53,6 +53,8 @@ pub struct CallerView {
     pub route: String,
     /// Its `:authority`.
     pub authority: String,
+    /// The policy rule it was held under (`""`: none).
+    pub rule: String,
     /// Approvers that count.
     pub approvers: Vec<String>,
 }
@@ -95,7 +97,7 @@ impl Store {
         let expired = expire_if_overdue(&mut conn, id, now_ms)?;
         let r = conn.query_one(
             "SELECT status, expires_at_ms, decided_at_ms, reason, async_review,
-                    COALESCE(edited_body, body), path, route, authority
+                    COALESCE(edited_body, body), path, route, authority, rule
              FROM reviews WHERE id = ?1",
             params![id],
         )?;
@@ -109,6 +111,7 @@ impl Store {
             path: r.get(6)?,
             route: r.get::<Option<String>>(7)?.unwrap_or_default(),
             authority: r.get(8)?,
+            rule: r.get::<Option<String>>(9)?.unwrap_or_default(),
             approvers: crate::approvals::current_approvers(&mut conn, id)?,
         };
         Ok(Some((view, expired)))
@@ -210,6 +213,7 @@ pub fn token_for(
         pth: view.path.clone(),
         rte: view.route.clone(),
         aut: view.authority.clone(),
+        rul: view.rule.clone(),
         bh: body_hash(view.approved_body.as_bytes()),
         exp,
     };
@@ -243,6 +247,7 @@ mod tests {
             path: "/v1beta/models/gemini-pro:generateContent".into(),
             route: "sandbox".into(),
             authority: "gw.example".into(),
+            rule: "sandbox-review".into(),
             approvers: vec![],
         };
         let (t, exp) = token_for(&keys, 100, "rev_1", "ci", &view).unwrap();
@@ -259,7 +264,9 @@ mod tests {
         let verify = |to: Destination<'_>| {
             countersign_core::token::verify(&t, &keys, "ci", &to, b"{}", 1050)
         };
-        assert!(verify(at("/v1beta/models/gemini-pro:generateContent", "sandbox")).is_ok());
+        let claims = verify(at("/v1beta/models/gemini-pro:generateContent", "sandbox")).unwrap();
+        // It names the rule the review was held under.
+        assert_eq!(claims.rul, "sandbox-review");
         assert_eq!(
             verify(at("/v1beta/models/gemini-flash:generateContent", "sandbox")),
             Err(TokenError::WrongPath)

@@ -833,6 +833,10 @@ impl Config {
         };
 
         let mut rules = Vec::new();
+        // A rule's name is what a review, a record and an approval token
+        // say it was held under, and what a reviewer's edit is checked
+        // against at release: one name, one rule.
+        let mut names = std::collections::HashSet::new();
         for (i, r) in raw.rules.into_iter().enumerate() {
             let auto_decision = auto_decision(i, &r)?;
             let name = match r.name {
@@ -842,6 +846,12 @@ impl Config {
                 Some(n) => n,
                 None => format!("rules[{i}]"),
             };
+            if name == "default" || !names.insert(name.clone()) {
+                return Err(err(
+                    format!("rules[{i}].name"),
+                    format!("{name:?} names another rule (or `default_action`, which is `default`): rule names must be unique"),
+                ));
+            }
             for (field, value) in [
                 ("route", &r.route),
                 ("path", &r.path),
@@ -1336,6 +1346,24 @@ mod tests {
         let e = Config::from_json(br#"{"hold_timout_ms": 5}"#).unwrap_err();
         assert_eq!(e.field, "hold_timout_ms");
         assert!(e.to_string().contains("hold_timout_ms"));
+    }
+
+    #[test]
+    fn rule_names_are_unique() {
+        for rules in [
+            r#"[{"name":"review","model":"m","action":"review"},{"name":"review","model":"big","action":"review","approvals":2}]"#,
+            // An explicit name equal to an unnamed rule's.
+            r#"[{"model":"m","action":"review"},{"name":"rules[0]","model":"big","action":"review"}]"#,
+            // The default action's.
+            r#"[{"model":"m","action":"allow"},{"name":"default","model":"big","action":"review"}]"#,
+        ] {
+            let e = Config::from_json(format!(r#"{{"rules":{rules}}}"#).as_bytes()).unwrap_err();
+            assert_eq!(e.field, "rules[1].name", "{rules}");
+        }
+        assert!(Config::from_json(
+            br#"{"rules":[{"name":"a","action":"allow"},{"name":"b","action":"allow"},{"action":"allow"}]}"#
+        )
+        .is_ok());
     }
 
     #[test]

@@ -1534,6 +1534,7 @@ mod tests {
             pth: String::new(),
             rte: String::new(),
             aut: String::new(),
+            rul: String::new(),
             bh: String::new(),
             exp: 0,
         };

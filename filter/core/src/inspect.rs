@@ -611,7 +611,7 @@ pub fn screen_chosen(
     } = chosen;
     if let Some(token) = &info.approval_token {
         return (
-            check_token(config, api, info, token, body, now_ms, facts),
+            check_token(config, api, info, token, body, now_ms, facts, &rule),
             screening,
         );
     }
@@ -808,6 +808,7 @@ pub fn decide_request(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn check_token(
     config: &Config,
     api: ApiKind,
@@ -816,6 +817,7 @@ fn check_token(
     body: &[u8],
     now_ms: u64,
     facts: Parsed,
+    rule: &RuleChoice,
 ) -> BodyVerdict {
     let Some(tokens) = &config.approval_tokens else {
         return BodyVerdict::Refuse(Refusal::new(
@@ -844,6 +846,20 @@ fn check_token(
             Some(api),
             e.message(),
         )),
+        // A reviewer's edit that moved the body under another `review`
+        // rule (another model, a stricter quorum or approver group): that
+        // rule's reviewers never saw it, as at a held request's release
+        // ([`check_edited_body`]).
+        Ok(claims) if rule.action == Action::Review && rule.name != claims.rul => {
+            BodyVerdict::Refuse(Refusal::new(
+                RefusalKind::InvalidToken,
+                Some(api),
+                format!(
+                    "approval token was issued under the rule `{}`, but this body falls under the rule `{}`: it needs a review of its own",
+                    claims.rul, rule.name
+                ),
+            ))
+        }
         Ok(claims) if tokens.consume => BodyVerdict::Consume(Box::new(claims), facts),
         Ok(claims) => BodyVerdict::Forward(
             RuleChoice {
@@ -1252,6 +1268,63 @@ mod tests {
     }
 
     #[test]
+    fn a_token_does_not_spend_where_the_approved_body_falls_under_another_review_rule() {
+        use crate::token::{body_hash, mint, TokenClaims, TokenKey};
+        // A reviewer of `small` edits the model to `big` (two approvals
+        // from security) and approves; the caller sends the edited body
+        // back with the token.
+        let cfg = format!(
+            r#"{{"identity":{{"source":"api_key","api_keys":[{{"sha256":"{}","caller":"ci"}}]}},"approval_tokens":{{"keys":[{{"id":"k1","secret":"QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE="}}]}},"rules":[
+                {{"name":"small","model":"m","action":"review","async":true}},
+                {{"name":"large","model":"big","action":"review","approvals":2,"approver_group":"security"}},
+                {{"name":"open","model":"free","action":"allow"}}]}}"#,
+            "0".repeat(64)
+        );
+        let c = Config::from_json(cfg.as_bytes()).unwrap();
+        let key = TokenKey {
+            id: "k1".into(),
+            secret: vec![b'A'; 32],
+        };
+        let mut i = info("/v1/chat/completions", None);
+        i.caller = Some(Caller {
+            name: "ci".into(),
+            groups: vec![],
+        });
+        let ep = &default_endpoints()[0];
+        let spend = |body: &[u8], rul: &str| {
+            let mut i = i.clone();
+            i.approval_token = mint(
+                &key,
+                &TokenClaims {
+                    rid: "rev_1".into(),
+                    sub: "ci".into(),
+                    pth: "/v1/chat/completions".into(),
+                    rte: String::new(),
+                    aut: String::new(),
+                    rul: rul.into(),
+                    bh: body_hash(body),
+                    exp: 100,
+                },
+            );
+            inspect_body(&c, ep, &i, body, 50)
+        };
+        let as_held = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+        let moved = br#"{"model":"big","messages":[{"role":"user","content":"hi"}]}"#;
+        let allowed = br#"{"model":"free","messages":[{"role":"user","content":"hi"}]}"#;
+        assert!(matches!(spend(as_held, "small"), BodyVerdict::Consume(..)));
+        let BodyVerdict::Refuse(r) = spend(moved, "small") else {
+            panic!("an edit under another review rule spent")
+        };
+        assert_eq!((r.status(), r.kind.code()), (403, "invalid_approval_token"));
+        assert!(r.message.contains("`large`"), "{}", r.message);
+        // A token that names no rule does not spend under one.
+        assert!(matches!(spend(as_held, ""), BodyVerdict::Refuse(_)));
+        // Where the body needs no review at all, the token is as good as
+        // none.
+        assert!(matches!(spend(allowed, "small"), BodyVerdict::Consume(..)));
+    }
+
+    #[test]
     fn approval_tokens_are_checked_before_anything_is_held() {
         use crate::token::{body_hash, mint, TokenClaims, TokenKey};
         let secret = "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=";
@@ -1274,6 +1347,7 @@ mod tests {
                 pth: "/v1/chat/completions".into(),
                 rte: "sandbox".into(),
                 aut: "gw.example".into(),
+                rul: "default".into(),
                 bh: body_hash(CHAT),
                 exp: 100,
             },

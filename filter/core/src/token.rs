@@ -7,7 +7,8 @@
 //! ```text
 //! cs1.<key id>.<payload>.<HMAC-SHA256(key, "cs1.<key id>.<payload>")>
 //! payload = JSON {"rid": review id, "sub": caller, "pth": request path, "rte": Envoy route name,
-//!                 "aut": request authority, "bh": SHA-256 of the body, "exp": unix ms}
+//!                 "aut": request authority, "rul": the review rule it was held under,
+//!                 "bh": SHA-256 of the body, "exp": unix ms}
 //! ```
 //!
 //! The MAC covers the key id, so a token cannot be replayed under another key.
@@ -69,6 +70,14 @@ pub struct TokenClaims {
     /// cluster the body goes to.
     #[serde(default)]
     pub aut: String,
+    /// The name of the `review` rule the request was held under (`""`:
+    /// none known). A reviewer's edit may move the body under another
+    /// `review` rule (another model, a quorum of two from a security
+    /// group): the filter refuses the token where the body it carries now
+    /// falls under a `review` rule of another name, whose reviewers never
+    /// saw it.
+    #[serde(default)]
+    pub rul: String,
     /// base64url SHA-256 of the approved body.
     pub bh: String,
     /// Expiry, Unix ms.
@@ -266,6 +275,7 @@ mod tests {
             pth: P.into(),
             rte: ROUTE.into(),
             aut: HOST.into(),
+            rul: String::new(),
             bh: body_hash(body),
             exp: 10_000,
         }

@@ -72,6 +72,7 @@ fuzz_target!(|data: &[u8]| {
         pth: PATH.to_string(),
         rte: ROUTE.to_string(),
         aut: HOST.to_string(),
+        rul: String::new(),
         bh: body_hash(rest),
         exp: NOW + 1 + u64::from(sel),
     };
