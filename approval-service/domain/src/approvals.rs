@@ -38,10 +38,10 @@
 //!   rules, content policy, streams) is not known here: the filter checks
 //!   it at release, as for a caller's request, and refuses the held request
 //!   when the edit fails it.
-//! - **Seen edits.** An approval is of what the approver was shown. It may
-//!   say how many edits its approver saw ([`Decision::edits_seen`]): the web
-//!   UI sends the count of the page it approves from, Slack, assessors and
-//!   standing approvals 0 (they show the prompt as sent). When the review
+//! - **Seen edits.** An approval is of what the approver was shown. It
+//!   says how many edits its approver saw ([`Decision::edits_seen`]; unsaid
+//!   is 0): the web UI sends the count of the page it approves from, Slack,
+//!   assessors and standing approvals 0 (they show the prompt as sent). When the review
 //!   holds a different number of edits (another reviewer's edit came after
 //!   the page was read, or Slack cannot show it), the approval is refused
 //!   (409 `edit_not_shown`), so one reviewer's edit never goes out on the
@@ -155,7 +155,7 @@ pub struct Decision {
     /// refused ([`DecisionRefused::EditNotShown`]) when the review holds
     /// another number. `Some(0)` for Slack, assessors and standing
     /// approvals (they show the prompt as sent); `None` for an API client
-    /// that did not say.
+    /// that did not say, which counts as 0.
     pub edits_seen: Option<u32>,
 }
 
@@ -393,16 +393,17 @@ pub(crate) fn decide_in(
     if is_self(reviewer, p.caller.as_deref()) {
         return Ok(DecideOutcome::Refused(DecisionRefused::SelfApproval));
     }
-    if let Some(seen) = d.edits_seen {
-        let edits: i64 = tx
-            .query_one(
-                "SELECT COUNT(*) FROM approvals WHERE review_id = ?1 AND edited_body IS NOT NULL",
-                params![id],
-            )?
-            .get(0)?;
-        if edits != i64::from(seen) {
-            return Ok(DecideOutcome::Refused(DecisionRefused::EditNotShown));
-        }
+    // A decider who does not say saw none: an API client's approval
+    // without `edits_seen` does not release another reviewer's edit.
+    let seen = d.edits_seen.unwrap_or(0);
+    let edits: i64 = tx
+        .query_one(
+            "SELECT COUNT(*) FROM approvals WHERE review_id = ?1 AND edited_body IS NOT NULL",
+            params![id],
+        )?
+        .get(0)?;
+    if edits != i64::from(seen) {
+        return Ok(DecideOutcome::Refused(DecisionRefused::EditNotShown));
     }
     if reviewer.assessor && (p.required > 1 || d.edited_body.is_some()) {
         return Ok(DecideOutcome::Refused(DecisionRefused::AssessorNotAPerson));

@@ -205,6 +205,7 @@ async fn block_actions(
         // The message shows the prompt's preview: a review of a model's
         // answer (tool calls to run, its text) is approved where the answer
         // is shown. Its kind never changes, so reading it first is enough.
+        // A kind that cannot be read approves nothing: fail closed.
         let lookup = review_id.clone();
         let kind = state
             .db(move |s| s.summary(&lookup))
@@ -212,7 +213,13 @@ async fn block_actions(
             .ok()
             .flatten()
             .map(|r| r.kind);
-        if kind.is_some_and(|k| k != ReviewKind::Prompt) {
+        let Some(kind) = kind else {
+            tracing::warn!(review_id = %review_id, slack_user = %user,
+                "Slack approval refused: the review could not be read");
+            tell("Not approved: the review could not be read; try again or open it.".to_string());
+            return StatusCode::OK.into_response();
+        };
+        if kind != ReviewKind::Prompt {
             tracing::info!(review_id = %review_id, slack_user = %user,
                 "Slack approval refused: an answer review is approved where the answer is shown");
             tell(NOT_SHOWN_HERE.to_string());

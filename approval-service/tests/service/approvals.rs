@@ -313,8 +313,19 @@ async fn edit_discards_earlier_approvals() {
     let (_, w) = wait(&f.app, &id, None).await;
     assert_eq!(w["status"], "pending");
 
-    // alice approves the edited body now.
+    // An approval that does not say it saw the edit does not release it.
     let (s, v) = decide(&f.app, &id, ALICE, "approve", json!({"reason": "edit ok"})).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_error(&v, "edit_not_shown");
+    // alice approves the edited body now, having read it.
+    let (s, v) = decide(
+        &f.app,
+        &id,
+        ALICE,
+        "approve",
+        json!({"reason": "edit ok", "edits_seen": 1}),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["status"], "approved");
     assert_eq!(v["reason"], "bob: smaller; alice: edit ok");

@@ -364,7 +364,7 @@ async fn a_click_does_not_approve_an_edit_slack_cannot_show() {
     assert!(text.contains("Edited by another reviewer"), "{text}");
 
     // Where the edit is shown, bob approves it.
-    common::decide_ok(&f.app, &id, BOB, "approve", json!({})).await;
+    common::decide_ok(&f.app, &id, BOB, "approve", json!({"edits_seen": 1})).await;
     assert_eq!(review(&f, &id).await["status"], "approved");
 }
 
