@@ -113,8 +113,9 @@ impl std::fmt::Display for OidcError {
             OidcError::Refused(m) => write!(f, "sign-in refused: {m}"),
             OidcError::NoName(claim) if claim == "email" => f.write_str(
                 "the ID token has no usable \"email\" claim (an address counts only with \
-                 email_verified: true; set oidc.name_claim to another claim, e.g. \
-                 \"preferred_username\", where the provider does not verify addresses)",
+                 email_verified: true; set oidc.name_claim to a claim the person cannot \
+                 choose, e.g. \"oid\" on Microsoft Entra ID or \"sub\", where the provider \
+                 does not verify addresses)",
             ),
             OidcError::NoName(claim) => write!(f, "the ID token has no usable {claim:?} claim"),
             OidcError::MachineName(name) => write!(
