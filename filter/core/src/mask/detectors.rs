@@ -863,34 +863,14 @@ fn glued_group(hay: &str, s: usize, e: usize) -> bool {
 /// with wrong check digits is still no phone number), or after a word
 /// naming an order, invoice or reference number.
 fn digit_group_context(hay: &str, s: usize) -> bool {
-    let b = hay.as_bytes();
-    // The run of upper-case letters, digits and spaces the value is in.
-    let mut start = s;
-    while start > 0
-        && b.get(start - 1)
-            .is_some_and(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == b' ')
-    {
-        start -= 1;
-    }
-    let iban_shaped = hay.get(start..s).unwrap_or("").split(' ').any(|t| {
-        let t = t.as_bytes();
-        t.len() >= 4
-            && t.iter().skip(2).take(2).all(u8::is_ascii_digit)
-            && IBAN_LENGTHS
-                .iter()
-                .any(|(c, _)| Some(c.as_bytes()) == t.get(..2))
-    });
+    let (start, _) = iban_run(hay, s);
+    let iban_shaped = (start..s).any(|t| iban_token_at(hay.as_bytes(), start, t));
     iban_shaped || previous_word_in(hay, s, 1, REFERENCE_WORDS)
 }
 
-/// Whether the value at `s` is a piece of an IBAN that begins earlier in
-/// its run of upper-case letters, digits and spaces and has exactly its
-/// country's length (its check digits may be wrong: a mistyped IBAN is
-/// still no card number). Unlike a phone number's, a card number's context
-/// excuses it no further: a country code and two digits before a card
-/// (`DE89 4111 1111 1111 1111`, too short for a German IBAN) or a word like
-/// `order` before it would let any card through unmasked.
-fn in_iban(hay: &str, s: usize) -> bool {
+/// The run of upper-case letters, digits and spaces around `s`, where an
+/// IBAN written in groups lies.
+fn iban_run(hay: &str, s: usize) -> (usize, usize) {
     let b = hay.as_bytes();
     let in_run = |c: &u8| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == b' ';
     let mut start = s;
@@ -901,10 +881,32 @@ fn in_iban(hay: &str, s: usize) -> bool {
     while b.get(end).is_some_and(in_run) {
         end += 1;
     }
+    (start, end)
+}
+
+/// Whether a word of the run beginning at `start` begins at `t` the way an
+/// IBAN does: a known country code, then two check digits.
+fn iban_token_at(b: &[u8], start: usize, t: usize) -> bool {
+    let word_start = t == start || b.get(t.wrapping_sub(1)) == Some(&b' ');
+    word_start
+        && b.get(t + 2..t + 4)
+            .is_some_and(|d| d.iter().all(u8::is_ascii_digit))
+        && IBAN_LENGTHS
+            .iter()
+            .any(|(c, _)| Some(c.as_bytes()) == b.get(t..t + 2))
+}
+
+/// Whether the value at `s` is a piece of an IBAN that begins earlier in
+/// its run of upper-case letters, digits and spaces and has exactly its
+/// country's length (its check digits may be wrong: a mistyped IBAN is
+/// still no card number). Unlike a phone number's, a card number's context
+/// excuses it no further: a country code and two digits before a card
+/// (`DE89 4111 1111 1111 1111`, too short for a German IBAN) or a word like
+/// `order` before it would let any card through unmasked.
+fn in_iban(hay: &str, s: usize) -> bool {
+    let (start, end) = iban_run(hay, s);
     (start..s).any(|t| {
-        let token_start = t == start || b.get(t - 1) == Some(&b' ');
-        token_start
-            && b.get(t).is_some_and(u8::is_ascii_uppercase)
+        iban_token_at(hay.as_bytes(), start, t)
             && iban_shaped_end(hay, t, end).is_some_and(|(e, _)| e > s)
     })
 }
@@ -1555,6 +1557,8 @@ mod tests {
         // Neither a wrong IBAN's prefix nor a reference word hides a card.
         ("credit_card", "DE89 4111 1111 1111 1111", &["4111 1111 1111 1111"]),
         ("credit_card", "IBAN DE89 3704 0044 0532 0130 01", &[]),
+        // Letters where the check digits stand: no IBAN, however long.
+        ("credit_card", "DEXX 4111 1111 1111 1111 00", &["4111 1111 1111 1111 00"]),
         ("credit_card", "card DE89 4111111111111111", &["4111111111111111"]),
         ("credit_card", "order 4111 1111 1111 1111", &["4111 1111 1111 1111"]),
         ("credit_card", "ref 5500005555555559.", &["5500005555555559"]),
