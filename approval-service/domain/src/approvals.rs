@@ -224,7 +224,10 @@ impl From<&ReviewerConfig> for Approver {
 /// standing approval (`standing:sa_…`) and the assessors
 /// (`assessor:moderation`). A person must not carry one: records, Slack and
 /// the metrics would show their decision as automatic.
-pub const MACHINE_DECIDER_PREFIXES: [&str; 2] = [crate::standing::DECIDER_PREFIX, "assessor:"];
+pub const MACHINE_DECIDER_PREFIXES: [&str; 2] = [
+    crate::standing::DECIDER_PREFIX,
+    crate::assessment::DECIDER_PREFIX,
+];
 
 /// Whether `name` is spelled like one of the service's own deciders
 /// ([`MACHINE_DECIDER_PREFIXES`], compared as [`person_key`] compares

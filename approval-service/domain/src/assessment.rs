@@ -110,13 +110,12 @@ pub enum AutoOutcome {
     },
 }
 
+/// How the decider name of an automatic decision begins.
+pub const DECIDER_PREFIX: &str = "assessor:";
+
 /// The decider name of an automatic decision by `assessors`.
 pub fn decider_name(assessors: &[&str]) -> String {
-    format!(
-        "{}{}",
-        crate::approvals::MACHINE_DECIDER_PREFIXES[1],
-        assessors.join("+")
-    )
+    format!("{DECIDER_PREFIX}{}", assessors.join("+"))
 }
 
 /// The text the assessors read: the prompt as the reviewer sees it (masked
