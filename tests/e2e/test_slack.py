@@ -74,10 +74,14 @@ include_preview = false
 
 # ------------------------------------------------------------------ helpers
 
-def hold(stack, background, model="demo-echo"):
-    """Sends a request that is held; returns (future answer, review)."""
+def hold(stack, background, model="demo-echo", system=None):
+    """Sends a request that is held (with a `system` prompt, if given);
+    returns (future answer, review)."""
     marker = f"slack-{uuid.uuid4().hex[:10]}"
-    fut = send_later(background, stack.url, chat(model=model, text=f"please review {marker}"))
+    body = chat(model=model, text=f"please review {marker}")
+    if system is not None:
+        body["messages"].insert(0, {"role": "system", "content": system})
+    fut = send_later(background, stack.url, body)
     review = wait_until(lambda: next((r for r in stack.approval.pending() if marker in r["preview"]), None),
                         what=f"the review of {marker}")
     return fut, review
@@ -102,6 +106,18 @@ def channel_message(slack, review_id) -> dict | None:
 def head_text(message) -> str:
     """The message's first line, "" while there is no message."""
     return message["blocks"][0]["text"]["text"] if message else ""
+
+
+def shown_prompt(message) -> list[tuple[str, str]]:
+    """(role, text) of each prompt message the Slack message shows: a bold
+    role heading, then its text in plain_text sections."""
+    shown = []
+    for block in message["blocks"][1:]:
+        if block["type"] == "context" and block["elements"][0]["text"].startswith("*"):
+            shown.append((block["elements"][0]["text"].strip("*"), ""))
+        elif block["type"] == "section" and block["text"]["type"] == "plain_text" and shown:
+            shown[-1] = (shown[-1][0], shown[-1][1] + block["text"]["text"])
+    return shown
 
 
 def buttons(message) -> list[str]:
@@ -150,14 +166,17 @@ def interact(stack, body: str, headers: dict) -> httpx.Response:
 
 def test_a_signed_click_approves_a_held_request(env, background):
     stack, slack, hooks = env
-    fut, review = hold(stack, background)
+    fut, review = hold(stack, background, system="Answer in French, and never mention the weather.")
     call = posted(slack, review["id"])
     assert call["channel"] == CHANNEL
     message = channel_message(slack, review["id"])
     facts = head_text(message)
     assert "Review pending" in facts and "demo-echo" in facts and "*Rule:* chat" in facts, facts
-    assert "please review" in message["blocks"][1]["text"]["text"]
-    assert message["blocks"][1]["text"]["type"] == "plain_text"
+    # Every message of the prompt, whole, as the filter read it: the
+    # approver sees the system prompt too, not just the last user turn.
+    prompt = stack.approval.review(review["id"])["prompt"]
+    assert [m["role"] for m in prompt] == ["system", "user"], prompt
+    assert shown_prompt(message) == [(m["role"], m["text"]) for m in prompt]
     assert buttons(message) == ["countersign_approve", "countersign_reject", "countersign_open"]
     open_url = message["blocks"][-1]["elements"][2]["url"]
     assert open_url.endswith(f"/reviews/{review['id']}")
@@ -174,6 +193,28 @@ def test_a_signed_click_approves_a_held_request(env, background):
     wait_until(lambda: "Approved by alice" in head_text(channel_message(slack, review["id"])),
                what="the message updated with the approval")
     assert buttons(channel_message(slack, review["id"])) == ["countersign_open"]
+
+
+def test_a_prompt_too_long_to_show_whole_is_not_approved_in_slack(env, background):
+    """The message cannot show a prompt longer than Slack takes: it shows
+    the start and no Approve, and a click on Approve (an old message, a
+    forged payload) is refused with the reason; the web UI approves it."""
+    stack, slack, hooks = env
+    fut, review = hold(stack, background, system="Be careful. " * 1200)
+    posted(slack, review["id"])
+    message = channel_message(slack, review["id"])
+    assert buttons(message) == ["countersign_reject", "countersign_open"], message
+    assert "too long for Slack" in head_text(message)
+    body = click_body(review["id"], "countersign_approve", SLACK_IDS["alice"], message["ts"])
+    assert interact(stack, body, sign(body)).status_code == 200
+    told = slack.wait_call("chat.postEphemeral", lambda a: a.get("user") == SLACK_IDS["alice"]
+                           and "whole prompt" in a.get("text", ""))
+    assert told["channel"] == CHANNEL, told
+    stored = stack.approval.review(review["id"])
+    assert (stored["status"], stored["approvals"]) == ("pending", [])
+    assert not fut.done()
+    assert stack.approval.decide(review["id"], "approve", reviewer="alice").status_code == 200
+    assert fut.result(timeout=15).status_code == 200
 
 
 def test_reject_opens_a_modal_and_its_submission_needs_a_reason(env, background):
@@ -273,6 +314,7 @@ def test_one_winner_when_slack_and_the_api_decide_at_once(env, background):
     for _ in range(3):
         fut, review = hold(stack, background)
         posted(slack, review["id"])
+        told_before = len(slack.calls_of("chat.postEphemeral"))
         body = click_body(review["id"], "countersign_approve", SLACK_IDS["alice"])
         headers = sign(body)
         click = background.submit(interact, stack, body, headers)
@@ -288,9 +330,12 @@ def test_one_winner_when_slack_and_the_api_decide_at_once(env, background):
             # Slack lost: alice is told, in a message only she sees.
             assert (stored["status"], stored["reviewer"], api_status) == ("rejected", "bob", 200)
             assert answer.status_code == 403
-            told = slack.wait_call("chat.postEphemeral",
-                                   lambda a: a.get("user") == SLACK_IDS["alice"] and "Not approved" in a["text"])
-            assert "rejected" in told["text"], told
+            # (Told now: not what this module's earlier tests told her.)
+            wait_until(lambda: len(slack.calls_of("chat.postEphemeral")) > told_before,
+                       what="alice told why her click did nothing")
+            told = [a for a in slack.calls_of("chat.postEphemeral")[told_before:]
+                    if a.get("user") == SLACK_IDS["alice"]]
+            assert told and "Not approved" in told[0]["text"] and "rejected" in told[0]["text"], told
         outcome = "Approved by alice" if stored["status"] == "approved" else "Rejected by bob"
         wait_until(lambda: outcome in head_text(channel_message(slack, review["id"])),
                    what="the message showing the one outcome")

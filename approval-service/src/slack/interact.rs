@@ -14,7 +14,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use countersign_core::wire::{ReviewKind, ReviewStatus};
+use countersign_core::wire::ReviewStatus;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -161,9 +161,6 @@ async fn handle(
     }
 }
 
-const NOT_SHOWN_HERE: &str = "Not approved: this review is of the model's answer (tool calls or \
-     text), which this message does not show. Open the review to see the answer and approve it there.";
-
 const NOT_A_REVIEWER: &str =
     "You are not a countersign reviewer: no reviewer has your Slack user id (slack_user_id).";
 
@@ -202,27 +199,23 @@ async fn block_actions(
         return StatusCode::OK.into_response();
     };
     if action.action_id == APPROVE_ACTION {
-        // The message shows the prompt's preview: a review of a model's
-        // answer (tool calls to run, its text) is approved where the answer
-        // is shown. Its kind never changes, so reading it first is enough.
-        // A kind that cannot be read approves nothing: fail closed.
+        // A person approves only what the message showed them: the
+        // prompt's every message, whole and as sent (`why_not_approvable`,
+        // by which the message offers the button), checked again against
+        // the review as it is now. A review that cannot be read approves
+        // nothing: fail closed.
         let lookup = review_id.clone();
-        let kind = state
-            .db(move |s| s.summary(&lookup))
-            .await
-            .ok()
-            .flatten()
-            .map(|r| r.kind);
-        let Some(kind) = kind else {
+        let review = state.db(move |s| s.detail(&lookup)).await.ok().flatten();
+        let Some(review) = review else {
             tracing::warn!(review_id = %review_id, slack_user = %user,
                 "Slack approval refused: the review could not be read");
             tell("Not approved: the review could not be read; try again or open it.".to_string());
             return StatusCode::OK.into_response();
         };
-        if kind != ReviewKind::Prompt {
-            tracing::info!(review_id = %review_id, slack_user = %user,
-                "Slack approval refused: an answer review is approved where the answer is shown");
-            tell(NOT_SHOWN_HERE.to_string());
+        if let Some(why) = message::why_not_approvable(&review) {
+            tracing::info!(review_id = %review_id, slack_user = %user, why,
+                "Slack approval refused: the message does not show what would be approved");
+            tell(why.to_string());
             return StatusCode::OK.into_response();
         }
         match decide(

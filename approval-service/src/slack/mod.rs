@@ -28,7 +28,7 @@ use serde_json::{json, Value};
 use crate::config::SlackConfig;
 use crate::slack_messages::SlackMessage;
 use crate::state::AppState;
-use crate::store::ReviewSummary;
+use crate::store::ReviewDetail;
 
 /// Attempts of one Web API call that Slack rate-limits (429), fails (5xx)
 /// or that cannot connect.
@@ -187,10 +187,10 @@ impl SlackMessages {
     pub async fn sync(&self, state: &AppState, id: &str, created: bool) -> Result<(), String> {
         let lock = self.lock_for(id);
         let _one_at_a_time = lock.lock().await;
-        let Some(review) = summary(state, id).await? else {
+        let Some(review) = detail(state, id).await? else {
             return Ok(());
         };
-        if !self.api.config().routes(review.rule.as_deref()) {
+        if !self.api.config().routes(review.summary.rule.as_deref()) {
             return Ok(());
         }
         let url = format!("{}/reviews/{id}", state.config().link_base());
@@ -222,10 +222,11 @@ impl SlackMessages {
                 tracing::info!(review_id = %id, channel = %at.channel, "review posted to Slack");
                 // A decision made while the post was under way (here or on
                 // another replica, which found no message to update yet).
-                match summary(state, id).await? {
+                match detail(state, id).await? {
                     Some(now)
-                        if now.status != review.status
-                            || now.approval_count != review.approval_count =>
+                        if now.summary.status != review.summary.status
+                            || now.summary.approval_count != review.summary.approval_count
+                            || now.summary.edited != review.summary.edited =>
                     {
                         self.api
                             .update(&at, &message::review_message(&now, &url))
@@ -239,10 +240,11 @@ impl SlackMessages {
     }
 }
 
-async fn summary(state: &AppState, id: &str) -> Result<Option<ReviewSummary>, String> {
+/// The review as the message shows it (with its prompt).
+async fn detail(state: &AppState, id: &str) -> Result<Option<ReviewDetail>, String> {
     let id = id.to_string();
     state
-        .db(move |s| s.summary(&id))
+        .db(move |s| s.detail(&id))
         .await
         .map_err(|e| e.to_string())
 }

@@ -357,11 +357,13 @@ async fn a_click_does_not_approve_an_edit_slack_cannot_show() {
         .await
         .unwrap()
         .unwrap();
-    let message =
-        countersign_approval::slack::message::review_message(&detail.summary, "https://x/");
+    let message = countersign_approval::slack::message::review_message(&detail, "https://x/");
     let text = message.to_string();
     assert!(!text.contains("countersign_approve"), "{text}");
-    assert!(text.contains("Edited by another reviewer"), "{text}");
+    assert!(
+        text.contains("another reviewer edited the prompt"),
+        "{text}"
+    );
 
     // Where the edit is shown, bob approves it.
     common::decide_ok(&f.app, &id, BOB, "approve", json!({"edits_seen": 1})).await;
@@ -397,9 +399,123 @@ async fn a_click_does_not_approve_an_answer_slack_does_not_show() {
         .await
         .unwrap()
         .unwrap();
-    let message =
-        countersign_approval::slack::message::review_message(&detail.summary, "https://x/");
+    let message = countersign_approval::slack::message::review_message(&detail, "https://x/");
     let text = message.to_string();
     assert!(!text.contains("countersign_approve"), "{text}");
-    assert!(text.contains("open it to see"), "{text}");
+    assert!(text.contains("model's answer"), "{text}");
+}
+
+/// The message of `id` as the service renders it now.
+async fn message_of(f: &Fixture, id: &str) -> Value {
+    let lookup = id.to_string();
+    let detail = f
+        .state
+        .db(move |s| s.detail(&lookup))
+        .await
+        .unwrap()
+        .unwrap();
+    countersign_approval::slack::message::review_message(&detail, "https://x/")
+}
+
+/// The plain texts a message shows, in order.
+fn shown_texts(message: &Value) -> Vec<String> {
+    message["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["type"] == "section" && b["text"]["type"] == "plain_text")
+        .map(|b| b["text"]["text"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A person approves in Slack only what the message showed them: every
+/// message of the prompt, whole. The system prompt and earlier turns used
+/// to be left out (only the start of the last user message was shown), so
+/// an instruction there went to the model on a click that never saw it.
+#[tokio::test]
+async fn the_message_shows_every_message_of_the_prompt_whole_and_a_click_approves_it() {
+    let f = fixture(true);
+    let system = format!("You obey the tool output. {}", "Be brief. ".repeat(40));
+    let id = common::create_review(
+        &f.app,
+        &[],
+        common::review_request(json!({"prompt": [
+            {"role": "system", "text": system},
+            {"role": "user", "text": "what is the weather"},
+            {"role": "tools", "text": "{\"name\":\"weather\"}"},
+        ]})),
+    )
+    .await;
+    let message = message_of(&f, &id).await;
+    assert_eq!(
+        shown_texts(&message),
+        [
+            system.as_str(),
+            "what is the weather",
+            "{\"name\":\"weather\"}"
+        ],
+        "{message}"
+    );
+    let text = message.to_string();
+    assert!(
+        text.contains("*system*") && text.contains("*tools*"),
+        "{text}"
+    );
+    assert!(text.contains("countersign_approve"), "{text}");
+    let (body, headers) = click(&id, "U0BOB", now_s());
+    assert_eq!(post(&f, &body, &headers).await, StatusCode::OK);
+    assert_eq!(review(&f, &id).await["approval_count"], 1);
+}
+
+/// A prompt too long for one Slack message, or with attachments the
+/// message cannot show: the message shows the start and no Approve, and a
+/// click on Approve (an old message, a forged payload) decides nothing.
+#[tokio::test]
+async fn a_click_does_not_approve_a_prompt_the_message_cannot_show_whole() {
+    use countersign_approval::slack::message::WHOLE_PROMPT_UNITS;
+    let f = fixture(true);
+    let long = "x".repeat(WHOLE_PROMPT_UNITS - 10);
+    let too_long = common::create_review(
+        &f.app,
+        &[],
+        common::review_request(json!({"prompt": [
+            {"role": "system", "text": long},
+            {"role": "user", "text": "and one more thing you did not see"},
+        ]})),
+    )
+    .await;
+    let with_image = common::create_review(
+        &f.app,
+        &[],
+        common::review_request(json!({
+            "prompt": [{"role": "user", "text": "what is in [image_url: https://img.example/a.png]"}],
+            "evidence": {"attachments": true},
+        })),
+    )
+    .await;
+    for (id, why) in [
+        (&too_long, "too long"),
+        (&with_image, "images, audio or files"),
+    ] {
+        let text = message_of(&f, id).await.to_string();
+        assert!(!text.contains("countersign_approve"), "{text}");
+        assert!(text.contains(why), "{text}");
+        click_decides_nothing(&f, id, "U0BOB").await;
+    }
+    // Just within the limit, the same prompt is shown whole and approvable.
+    let fits = common::create_review(
+        &f.app,
+        &[],
+        common::review_request(json!({"prompt": [
+            {"role": "system", "text": "x".repeat(WHOLE_PROMPT_UNITS - 100)},
+            {"role": "user", "text": "and one more thing"},
+        ]})),
+    )
+    .await;
+    let message = message_of(&f, &fits).await;
+    assert_eq!(
+        shown_texts(&message).concat().len(),
+        WHOLE_PROMPT_UNITS - 100 + 18
+    );
+    assert!(message.to_string().contains("countersign_approve"));
 }
