@@ -52,7 +52,7 @@ use crate::config::{range, ConfigError, MAX_HOLD_TIMEOUT_MS};
 use crate::glob::Glob;
 use crate::mask::compile_regex;
 use crate::mask::prefixes::MatchPrefixes;
-use crate::normalize::{as_read, reads_as, skeleton, INVISIBLE_CLASS};
+use crate::normalize::{as_read, invisible_class, reads_as, skeleton};
 use crate::refusal::{Refusal, RefusalKind, StopKind};
 use crate::wire::{ApiKind, PromptMessage, ToolCall};
 
@@ -603,7 +603,7 @@ fn phrase_pattern_as_written(phrase: &str) -> String {
         alternatives.extend(forms.iter().filter_map(|&d| escaped_forms(d)));
         format!("(?:{})", alternatives.join("|"))
     };
-    let pattern = phrase_pattern_with(phrase, look_alikes, &format!("{INVISIBLE_CLASS}*"));
+    let pattern = phrase_pattern_with(phrase, look_alikes, &format!("{}*", invisible_class()));
     // A space may be written as an escape too.
     let space = escaped_forms(' ').unwrap_or_default();
     pattern.replace(r"\s+", &format!(r"(?:\s|{space})+"))
