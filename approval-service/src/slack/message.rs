@@ -108,6 +108,10 @@ fn whole_prompt(review: &ReviewDetail) -> Result<Vec<Value>, &'static str> {
             return Err(NOT_WHOLE);
         }
     }
+    if blocks.is_empty() {
+        blocks.push(json!({"type": "section",
+            "text": {"type": "plain_text", "text": "(no prompt text)", "emoji": false}}));
+    }
     Ok(blocks)
 }
 
