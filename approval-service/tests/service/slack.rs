@@ -350,14 +350,7 @@ async fn a_click_does_not_approve_an_edit_slack_cannot_show() {
     assert_eq!(v["approval_count"], 1, "{v}");
 
     // The message of a review holding an edit says so and has no Approve.
-    let lookup = id.clone();
-    let detail = f
-        .state
-        .db(move |s| s.detail(&lookup))
-        .await
-        .unwrap()
-        .unwrap();
-    let message = countersign_approval::slack::message::review_message(&detail, "https://x/");
+    let message = message_of(&f, &id).await;
     let text = message.to_string();
     assert!(!text.contains("countersign_approve"), "{text}");
     assert!(
@@ -392,14 +385,7 @@ async fn a_click_does_not_approve_an_answer_slack_does_not_show() {
     .await;
     click_decides_nothing(&f, &id, "U0BOB").await;
 
-    let lookup = id.clone();
-    let detail = f
-        .state
-        .db(move |s| s.detail(&lookup))
-        .await
-        .unwrap()
-        .unwrap();
-    let message = countersign_approval::slack::message::review_message(&detail, "https://x/");
+    let message = message_of(&f, &id).await;
     let text = message.to_string();
     assert!(!text.contains("countersign_approve"), "{text}");
     assert!(text.contains("model's answer"), "{text}");
