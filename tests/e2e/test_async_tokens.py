@@ -152,6 +152,30 @@ def test_a_token_spends_only_on_the_route_and_host_it_was_approved_for(make_stac
     assert retry(stack, st).status_code == 200
 
 
+def test_an_async_request_approved_at_creation_is_forwarded_once_by_its_token(make_stack):
+    """A standing approval (one use) approves the next asynchronous request
+    when it is created. The caller is answered 202 all the same and its
+    token forwards it, once: released at once, it used to be forwarded
+    then and again with the token its status handed out."""
+    stack = make_stack(filter_config=filter_config([("k1", K1)]), approval_extra=service_extra([("k1", K1)]))
+    first = submit_async(stack, chat(text="nightly summary of build 1"))
+    r = stack.approval.decide(first["id"], "approve", standing={"valid_days": 1, "max_uses": 1, "vary": ["user"]})
+    assert r.status_code == 200, r.text
+    assert retry(stack, status(stack, first["id"]).json()).status_code == 200
+    assert stack.backend.stats()["completed"] == 1
+
+    second = submit_async(stack, chat(text="nightly summary of build 2"))
+    assert second["status"] == "approved", second
+    assert stack.approval.review(second["id"])["reviewer"].startswith("standing:")
+    assert stack.backend.stats()["started"] == 1, "forwarded without its token"
+    st = status(stack, second["id"]).json()
+    assert st["status"] == "approved" and st["approval_token"], st
+    ok = retry(stack, st)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "echo: nightly summary of build 2"
+    assert retry(stack, st).status_code == 403
+    assert stack.backend.stats()["completed"] == 2
+
+
 def test_edited_prompt_token_covers_the_edited_body(tokens):
     accepted = submit_async(tokens, chat(text="summarise with customer emails"))
     edited = chat(text="summarise without customer data")

@@ -627,7 +627,13 @@ impl Hold {
                     // and its body (the whole review) would otherwise stay
                     // in the VM for as long as the request is held.
                     self.retry_call = None;
-                    if self.mode == Mode::Async && state.status == ReviewStatus::Pending {
+                    // An asynchronous request is forwarded only by its
+                    // approval token, once: approved at creation (a standing
+                    // approval, an assessor, a retried creation of a review
+                    // already approved) it is answered 202 as well, or the
+                    // token minted for it would forward it a second time.
+                    let open = matches!(state.status, ReviewStatus::Pending | ReviewStatus::Approved);
+                    if self.mode == Mode::Async && open {
                         return HoldStep::Respond(self.accepted(&state));
                     }
                     self.after_state(config, state, now_ms)
@@ -689,13 +695,17 @@ impl Hold {
     /// 202 for an asynchronous caller: where to look, what to send back.
     fn accepted(&self, state: &ReviewState) -> LocalReply {
         let location = format!("{}{}", self.status_path, state.id);
+        let (status, message) = match state.status {
+            ReviewStatus::Approved => ("approved", "approved; read status_url, then send the approved_body again with the approval_token"),
+            _ => ("pending", "held for human review; poll status_url, then send the approved_body again with the approval_token"),
+        };
         let body = json!({
             "id": state.id,
             "object": "countersign.review",
-            "status": "pending",
+            "status": status,
             "expires_at_ms": state.expires_at_ms,
             "status_url": location,
-            "message": "held for human review; poll status_url, then send the approved_body again with the approval_token",
+            "message": message,
         });
         LocalReply {
             status: 202,
@@ -1518,6 +1528,30 @@ mod tests {
             .contains(&("location".into(), "/countersign/reviews/rev_1".into())));
         let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
         assert_eq!(body["id"], "rev_1");
+    }
+
+    /// Approved when it is created (a standing approval, an assessor): the
+    /// asynchronous caller is answered 202 all the same, and its token
+    /// forwards the request, once. Released here, it would be forwarded
+    /// now and again with the token its status hands out.
+    #[test]
+    fn async_review_approved_at_creation_is_forwarded_only_by_its_token() {
+        let (c, mut h, _) = setup(&token_config());
+        let HoldStep::Respond(reply) =
+            h.on_response(&c, CalloutKind::Create, &ok(&state("approved", "")), 1_000)
+        else {
+            panic!("an approved asynchronous review was released")
+        };
+        assert_eq!(reply.status, 202);
+        let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(
+            (&body["id"], &body["status"]),
+            (&json!("rev_1"), &json!("approved"))
+        );
+        // Rejected at creation, it is refused at once, as before.
+        let (c, mut h, _) = setup(&token_config());
+        let step = h.on_response(&c, CalloutKind::Create, &ok(&state("rejected", "")), 1_000);
+        assert!(matches!(step, HoldStep::Refuse(_)), "{step:?}");
     }
 
     #[test]
