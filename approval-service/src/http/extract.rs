@@ -1,6 +1,7 @@
 //! Request bodies and query strings, read with the service's own errors
-//! (axum's `Json` and `Query` would answer in plain text, and `Json` also
-//! requires a `Content-Type` that the filter's HTTP client may not set).
+//! (axum's `Json` and `Query` would answer in plain text). The filter API's
+//! POSTs must say `application/json` (`http::json_only`, a guard against
+//! cross-site forms); the reviewers' API reads JSON whatever it is labelled.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -11,12 +12,13 @@ use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 
-/// A JSON request body of any content type. A blank body reads as `{}`,
+/// A JSON request body (its content type is checked where it matters,
+/// see the module). A blank body reads as `{}`,
 /// so a call whose fields are all optional (an approval without a reason)
 /// needs no body.
 pub struct JsonBody<T>(pub T);
 
-/// A JSON request body of any content type that must not be blank (a
+/// A JSON request body that must not be blank (a
 /// session record is never empty).
 pub struct StrictJsonBody<T>(pub T);
 

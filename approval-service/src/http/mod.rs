@@ -81,6 +81,33 @@ fn filter_routes() -> Router<AppState> {
         .route("/v1/records/batch", post(records::create_records))
         .route("/v1/records/responses", post(records::create_responses))
         .route("/v1/records/{id}/response", post(records::create_response))
+        .route_layer(axum::middleware::from_fn(json_only))
+}
+
+/// The filter API takes JSON only (the filter sends every call as
+/// `application/json`). A browser sends a cross-site POST without asking
+/// the server first (no CORS preflight) only with a form or text content
+/// type, so without this a web page a reviewer opens could write records
+/// into the chain, file reviews or cancel them on a service that has no
+/// filter token configured (the shipped example on loopback).
+async fn json_only(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Result<Response, ApiError> {
+    let json = request
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"));
+    if request.method() == axum::http::Method::POST && !json {
+        return Err(ApiError::Coded {
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            code: "unsupported_media_type",
+            message: "the filter API takes `content-type: application/json`".into(),
+        });
+    }
+    Ok(next.run(request).await)
 }
 
 /// The router of `filter_listen`: the filter API, `/healthz` and `/readyz`.

@@ -721,8 +721,77 @@ async fn body_limit_and_bad_json() {
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
     assert_error(&v, "payload_too_large");
 
-    let r = send(&f.app, "POST", "/v1/reviews", &[], "{not json").await;
+    let json = [("content-type", "application/json")];
+    let r = send(&f.app, "POST", "/v1/reviews", &json, "{not json").await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
+}
+
+/// A web page a reviewer opens may POST across sites without asking first
+/// (no CORS preflight) only as a form or plain text. Without a filter
+/// token configured (the shipped loopback example), such a page wrote
+/// records into the chain, filed reviews and cancelled them: the filter API
+/// takes `application/json` only, as the filter sends it.
+#[tokio::test]
+async fn the_filter_api_takes_json_only() {
+    let f = fixture("");
+    let id = create(&f.app, 60_000).await;
+    let record = json!({"request_id": "req-x", "received_at_ms": 1, "caller": "mallory",
+        "decision": "allowed", "api": "openai_chat", "method": "POST",
+        "path": "/v1/chat/completions", "model": "m", "prompt": [], "body": "{}"});
+    for content_type in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        Some("multipart/form-data; boundary=x"),
+        Some("application/jsonp"),
+    ] {
+        let headers: Vec<(&str, &str)> = content_type
+            .map(|t| ("content-type", t))
+            .into_iter()
+            .collect();
+        for (uri, body) in [
+            ("/v1/records".to_string(), record.to_string()),
+            ("/v1/reviews".to_string(), create_body(60_000).to_string()),
+            (format!("/v1/reviews/{id}/cancel"), String::new()),
+        ] {
+            let r = send(&f.app, "POST", &uri, &headers, body).await;
+            assert_eq!(
+                r.status,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "{uri} {content_type:?}"
+            );
+            assert_error(&r.json(), "unsupported_media_type");
+        }
+    }
+    let (s, v) = call(
+        &f.app,
+        "GET",
+        &format!("/v1/reviews/{id}/wait?timeout_ms=0"),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, &v["status"]),
+        (StatusCode::OK, &json!("pending")),
+        "{v}"
+    );
+    let (_, records) = get_as(&f.app, ALICE, "/api/records").await;
+    assert_eq!(records["records"], json!([]), "{records}");
+    // With a charset, it is JSON.
+    let headers = [("content-type", "Application/JSON; charset=utf-8")];
+    let r = send(
+        &f.app,
+        "POST",
+        &format!("/v1/reviews/{id}/cancel"),
+        &headers,
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    // The record refused above is one the API takes as JSON.
+    let r = send(&f.app, "POST", "/v1/records", &headers, record.to_string()).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
 }
 
 // ------------------------------------------------------------ real socket

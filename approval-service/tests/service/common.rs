@@ -223,7 +223,15 @@ pub async fn call(
     body: Option<Value>,
 ) -> (StatusCode, Value) {
     let body = body.map_or_else(Body::empty, |v| Body::from(v.to_string()));
-    let r = send(app, method, uri, headers, body).await;
+    // As the filter and a JSON client send it (the filter API takes JSON only).
+    let mut headers = headers.to_vec();
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+    {
+        headers.push(("content-type", "application/json"));
+    }
+    let r = send(app, method, uri, &headers, body).await;
     (r.status, r.json())
 }
 

@@ -67,7 +67,10 @@ fn enc(s: &str) -> String {
 }
 
 async fn call(app: &Router, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Vec<u8>) {
-    let mut req = Request::builder().method(method).uri(uri);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json");
     if uri.starts_with("/api/") {
         req = req.header("authorization", format!("Bearer {ALICE}"));
     } else {
