@@ -1504,6 +1504,7 @@
         oidc: 'Sign-in with your company account did not work. Try again, or ask your administrator.',
         group: 'Your company account is not in the group allowed to review.',
         origin: 'The sign-in form was sent from another site and was refused.',
+        cookies: 'Your browser holds more than one countersign session cookie (another site may have set one). Clear this site\'s cookies, then sign in again.',
       }[err] || 'That token was not accepted. Check it and try again.';
       el.hidden = false;
     }

@@ -247,6 +247,28 @@ test('a callback works once, and only in the browser that started the sign-in', 
   assert.match(stack.approval.logText(), /already used state/);
 }));
 
+// Login CSRF by cookie tossing: dave starts a sign-in in his own browser,
+// keeps its callback, and plants his `cs_oidc` in erin's browser (any page
+// of the host can: cookies are not kept apart by port), on a longer path so
+// that it goes out before hers. Sent to dave's callback half-way through
+// her own sign-in, erin must not end up signed in as dave.
+test('a sign-in cookie planted beside the browser\'s own signs nobody in', T, check(async () => {
+  const attacker = await newPage();
+  const dave = await signIn(attacker.page, 'dave', { holdCallback: true });
+  assert.ok(dave.callbackUrl && dave.browserCookie, 'callback held');
+  const victim = await newPage();
+  await signIn(victim.page, 'erin', { holdCallback: true });
+  await victim.context.addCookies([{
+    name: 'cs_oidc', value: dave.browserCookie, domain: '127.0.0.1', path: '/ui/oidc/callback',
+  }]);
+  const held = (await victim.context.cookies(dave.callbackUrl)).filter((c) => c.name === 'cs_oidc');
+  assert.equal(held.length, 2, 'the browser sends its own sign-in cookie and the planted one');
+  const refusedBefore = stack.approval.logText().split('did not start this sign-in').length;
+  await victim.page.goto(dave.callbackUrl);
+  await expectRefused(victim.page, victim.context, 'oidc');
+  assert.equal(stack.approval.logText().split('did not start this sign-in').length, refusedBefore + 1);
+}));
+
 // A held review for `security`, filed as the filter does.
 async function securityReview(requestId) {
   return stack.fileReview({

@@ -223,14 +223,15 @@ function renderTemplate(template, values) {
 
 export class Stack {
   // `approvalPort` may be chosen beforehand (an OpenID provider must know
-  // the redirect URI before the service starts); `extraToml` is appended to
-  // the service's configuration (`{{MODEL_URL}}` in it becomes the demo
-  // model's address), `env` added to its environment; `filterConfig`
-  // replaces fields of envoy/filter-config.json.
-  constructor({ approvalPort = null, extraToml = '', env = undefined, filterConfig = {} } = {}) {
+  // the redirect URI before the service starts); `settings` are top-level
+  // lines of the service's configuration (before its tables), `extraToml`
+  // is appended to it (`{{MODEL_URL}}` in it becomes the demo model's
+  // address), `env` added to its environment; `filterConfig` replaces
+  // fields of envoy/filter-config.json.
+  constructor({ approvalPort = null, settings = '', extraToml = '', env = undefined, filterConfig = {} } = {}) {
     this.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'countersign-browser-'));
     this.procs = [];
-    Object.assign(this, { fixedApprovalPort: approvalPort, extraToml, env, filterFields: filterConfig });
+    Object.assign(this, { fixedApprovalPort: approvalPort, settings, extraToml, env, filterFields: filterConfig });
   }
 
   async start() {
@@ -245,6 +246,7 @@ export class Stack {
       `database = "${path.join(this.dir, 'countersign.db')}"`,
       `public_url = "${this.approvalUrl}"`,
       `filter_token_sha256 = "${sha256(FILTER_TOKEN)}"`,
+      this.settings,
       ...Object.entries(REVIEWERS).flatMap(([name, token]) => [
         '', '[[reviewers]]', `name = "${name}"`, `token_sha256 = "${sha256(token)}"`, 'groups = ["security"]',
       ]),

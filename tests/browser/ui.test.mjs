@@ -453,3 +453,77 @@ test('screenshots of the queue and a review page', T, check(async () => {
   }
   assert.equal(await page.evaluate(() => window.__pwned), undefined);
 }));
+
+// Cookie tossing. Cookies are not kept apart by port (nor, with `Domain=`,
+// by subdomain): any page of 127.0.0.1, here the demo model's, can give
+// the reviewer's browser a `cs_session` of its own. One with a longer path
+// goes out first, before the reviewer's: the service must not take it.
+test('a session cookie planted by another port of the host signs the reviewer out, never in as someone else', T, check(async () => {
+  const bobs = await browser.newContext();
+  let planted;
+  try {
+    const bobPage = await bobs.newPage();
+    await bobPage.goto(url('/login'));
+    await bobPage.fill('#token', REVIEWERS.bob);
+    await Promise.all([bobPage.waitForURL(url('/')), bobPage.click('#sign-in')]);
+    planted = (await bobs.cookies()).find((c) => c.name === 'cs_session').value;
+  } finally {
+    await bobs.close();
+  }
+  const me = () => page.evaluate(async () => {
+    const res = await fetch('/api/me', { cache: 'no-store' });
+    return { status: res.status, body: await res.json() };
+  });
+  await page.goto(url('/'));
+  assert.equal((await me()).body.name, 'alice');
+  const other = await context.newPage();
+  try {
+    await other.goto(`${stack.modelUrl}/_demo/stats`);
+    await other.evaluate((v) => { document.cookie = `cs_session=${v}; path=/api`; }, planted);
+    const sent = (await context.cookies(url('/api/me'))).filter((c) => c.name === 'cs_session');
+    assert.equal(sent.length, 2, 'the browser sends both cookies');
+    const tossed = await me();
+    assert.equal(tossed.status, 401, JSON.stringify(tossed.body));
+    assert.match(tossed.body.error.message, /more than one session cookie/);
+    // The planted cookie gone, alice's session is hers again.
+    await other.evaluate(() => { document.cookie = 'cs_session=; path=/api; max-age=0'; });
+    assert.equal((await me()).body.name, 'alice');
+  } finally {
+    await other.close();
+  }
+}));
+
+// With `Secure` cookies (what an https `public_url` gives) the session
+// cookie is `__Host-cs_session`: Chromium accepts it on http://127.0.0.1,
+// a potentially trustworthy origin, as it would over https; a plain
+// `cs_session` planted beside it is not read at all.
+test('with Secure cookies the session is a __Host- cookie and a planted cs_session is ignored', T, check(async () => {
+  const secure = await new Stack({ settings: 'ui_secure_cookies = true' }).start();
+  const ctx = await browser.newContext();
+  try {
+    const p = await ctx.newPage();
+    await p.goto(`${secure.approvalUrl}/`);
+    await p.waitForURL(/\/login\?next=/);
+    await p.fill('#token', REVIEWERS.alice);
+    await Promise.all([p.waitForURL(`${secure.approvalUrl}/`), p.click('#sign-in')]);
+    await p.locator('#me', { hasText: 'alice' }).waitFor();
+    const cookies = await ctx.cookies();
+    const cookie = cookies.find((c) => c.name === '__Host-cs_session');
+    assert.ok(cookie, `__Host-cs_session set: ${JSON.stringify(cookies)}`);
+    assert.equal(cookie.secure, true);
+    assert.equal(cookie.path, '/');
+    assert.equal(cookie.httpOnly, true);
+    assert.equal(cookies.find((c) => c.name === 'cs_session'), undefined);
+    const other = await ctx.newPage();
+    await other.goto(`${secure.modelUrl}/_demo/stats`);
+    await other.evaluate((v) => { document.cookie = `cs_session=${v}; path=/`; }, 'cd'.repeat(32));
+    const me = await p.evaluate(async () => (await (await fetch('/api/me', { cache: 'no-store' })).json()).name);
+    assert.equal(me, 'alice');
+  } catch (e) {
+    e.message += `\n${secure.logs()}`;
+    throw e;
+  } finally {
+    await ctx.close();
+    await secure.stop();
+  }
+}));

@@ -13,7 +13,7 @@ use axum::http::header::{self, HeaderMap};
 use axum::http::request::Parts;
 use countersign_core::wire::FILTER_TOKEN_HEADER;
 
-use super::cookies::{session_cookie, CSRF_HEADER};
+use super::cookies::{session_cookie, Presented, CSRF_HEADER};
 use super::error::ApiError;
 use super::oidc::SessionChecks;
 use crate::approvals::Approver;
@@ -123,10 +123,21 @@ impl FromRequestParts<AppState> for Reviewer {
                 checks,
             });
         }
-        let Some(id) = session_cookie(&parts.headers) else {
-            return Err(ApiError::Unauthorized(
-                "missing bearer token (or sign-in session)".into(),
-            ));
+        let id = match session_cookie(&parts.headers, state.config().secure_cookies()) {
+            Presented::One(id) => id,
+            Presented::None => {
+                return Err(ApiError::Unauthorized(
+                    "missing bearer token (or sign-in session)".into(),
+                ))
+            }
+            // Ours and one another site planted, in some order: neither
+            // counts (see `cookies`).
+            Presented::Several => {
+                return Err(ApiError::Unauthorized(
+                    "more than one session cookie: clear this site's cookies and sign in again"
+                        .into(),
+                ))
+            }
         };
         let (session, reviewer) = checks.session(state, id).await?.ok_or_else(|| {
             ApiError::Unauthorized("session expired or signed out; sign in again".into())

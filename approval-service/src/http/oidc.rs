@@ -8,9 +8,12 @@
 //! - `state`: random, stored (hashed) in the database with the nonce, the
 //!   PKCE verifier and `next` ([`crate::session::OidcLogin`]), and taken
 //!   once: a replayed callback finds nothing;
-//! - the `cs_oidc` cookie: a random value whose hash is stored with the
-//!   state, so a callback URL carrying someone else's code (login CSRF)
-//!   does nothing in a browser that did not start that sign-in;
+//! - the `cs_oidc` cookie (`__Host-cs_oidc` when cookies are `Secure`,
+//!   which no other site can plant: see [`super::cookies`]): a random value
+//!   whose hash is stored with the state, so a callback URL carrying
+//!   someone else's code (login CSRF) does nothing in a browser that did
+//!   not start that sign-in; a callback carrying two such cookies is
+//!   refused whatever they hold;
 //! - the nonce in the ID token and the PKCE verifier in the code exchange
 //!   (checked by [`crate::oidc`]);
 //! - the `iss` parameter (RFC 9207), when the provider sends it, must be
@@ -31,9 +34,9 @@ use axum::routing::get;
 use axum::Router;
 use serde::Deserialize;
 
-use super::cookies::id_cookie;
+use super::cookies::{id_cookie, CookieName};
 use super::error::ApiError;
-use super::ui::{login_failed, safe_next, start_session};
+use super::ui::{login_failed, planted_cookies, safe_next, start_session};
 use crate::approvals::Approver;
 use crate::config::oidc::CALLBACK_PATH;
 use crate::oidc::{OidcError, RelyingParty};
@@ -45,7 +48,10 @@ use crate::token::TokenHash;
 pub const LOGIN_PATH: &str = "/ui/oidc/login";
 
 /// The cookie that ties a callback to the browser that started the sign-in.
-const BROWSER_COOKIE: &str = "cs_oidc";
+const BROWSER_COOKIE: CookieName = CookieName {
+    plain: "cs_oidc",
+    host_only: "__Host-cs_oidc",
+};
 
 /// How long a started sign-in may take at the provider.
 const LOGIN_TTL_S: u64 = 600;
@@ -92,11 +98,17 @@ pub fn routes(state: &AppState, relying_party: Option<Arc<RelyingParty>>) -> Rou
 
 /// The `Set-Cookie` value of the browser cookie. `SameSite=Lax`: the
 /// callback is a top-level navigation from the provider's site, which a
-/// `Strict` cookie would not accompany.
+/// `Strict` cookie would not accompany. Only the sign-in's paths need it;
+/// a `__Host-` cookie must have `Path=/`, though.
 fn browser_cookie(value: &str, max_age_s: u64, secure: bool) -> String {
+    let (path, flag) = if secure {
+        ("/", "; Secure")
+    } else {
+        ("/ui/oidc/", "")
+    };
     format!(
-        "{BROWSER_COOKIE}={value}; HttpOnly; SameSite=Lax; Path=/ui/oidc/; Max-Age={max_age_s}{}",
-        if secure { "; Secure" } else { "" }
+        "{}={value}; HttpOnly; SameSite=Lax; Path={path}; Max-Age={max_age_s}{flag}",
+        BROWSER_COOKIE.get(secure)
     )
 }
 
@@ -111,9 +123,13 @@ struct LoginQuery {
 /// provider.
 async fn login(
     State(state): State<OidcState>,
+    headers: HeaderMap,
     Query(query): Query<LoginQuery>,
 ) -> Result<Response, ApiError> {
     let next = safe_next(query.next.as_deref()).to_string();
+    if planted_cookies(&state.app, &headers) {
+        return Ok(login_failed("cookies", &next));
+    }
     let started = match state.relying_party.start().await {
         Ok(s) => s,
         Err(e) => {
@@ -205,7 +221,9 @@ async fn finish(
         )));
     };
     let next = login.next.clone();
-    let same_browser = id_cookie(headers, BROWSER_COOKIE)
+    let secure = state.app.config().secure_cookies();
+    let same_browser = id_cookie(headers, BROWSER_COOKIE.get(secure))
+        .one()
         .is_some_and(|b| TokenHash::of_token(b).ct_eq(&login.browser_sha256));
     if !same_browser {
         return Ok(Err((

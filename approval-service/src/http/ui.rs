@@ -21,7 +21,7 @@ use axum::Extension;
 use serde::Deserialize;
 
 use super::auth::{proxy_approver, AuthMethod, Reviewer};
-use super::cookies::{clear_cookie, session_cookie, set_cookie};
+use super::cookies::{clear_cookie, session_cookie, set_cookie, Presented};
 use super::error::ApiError;
 use super::oidc::SessionChecks;
 use crate::config::url_origin;
@@ -127,7 +127,8 @@ pub async fn app_page(
     uri: Uri,
 ) -> Response {
     let peer = peer.ok().map(|ConnectInfo(a)| a.ip());
-    let signed_in = match session_cookie(&headers) {
+    // As the API: several session cookies are none (`cookies`).
+    let signed_in = match session_cookie(&headers, state.config().secure_cookies()).one() {
         Some(id) => matches!(checks.session(&state, id).await, Ok(Some(_))),
         None => proxy_approver(&state, &headers, peer).is_some(),
     };
@@ -244,7 +245,8 @@ pub(super) fn login_failed(error: &str, next: &str) -> Response {
 /// page with `?error=invalid` (wrong token), `?error=rate` (too many
 /// failures from this client address; try again shortly) or
 /// `?error=origin` (the form was posted from another site: login CSRF,
-/// which would sign the victim in as the attacker).
+/// which would sign the victim in as the attacker) or `?error=cookies`
+/// ([`planted_cookies`]).
 pub async fn login(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -257,6 +259,9 @@ pub async fn login(
     if !same_origin(&state, &headers) {
         tracing::warn!("sign-in refused: the form was posted from another origin");
         return Ok(login_failed("origin", &next));
+    }
+    if planted_cookies(&state, &headers) {
+        return Ok(login_failed("cookies", &next));
     }
     // Without the peer address (a test calling the router directly) every
     // attempt counts as one unknown client.
@@ -320,6 +325,18 @@ fn same_origin(state: &AppState, headers: &HeaderMap) -> bool {
     host.is_some_and(|host| {
         origin == format!("http://{host}") || origin == format!("https://{host}")
     })
+}
+
+/// Whether the browser holds more than one session cookie of ours: a
+/// session it started now would be ambiguous too, and count as none
+/// (`cookies`), so the sign-in page says to clear the site's cookies
+/// instead of signing in for nothing.
+pub(super) fn planted_cookies(state: &AppState, headers: &HeaderMap) -> bool {
+    let several = session_cookie(headers, state.config().secure_cookies()) == Presented::Several;
+    if several {
+        tracing::warn!("sign-in refused: the browser sent more than one session cookie");
+    }
+    several
 }
 
 /// Starts a session for `reviewer` (signed in `with` a token or the

@@ -164,6 +164,125 @@ async fn an_https_public_url_makes_the_cookie_secure() {
     assert!(!r.header("set-cookie").contains("Secure"));
 }
 
+/// The session id of a `Set-Cookie` value `name=id; ...`.
+fn cookie_value<'a>(set_cookie: &'a str, name: &str) -> &'a str {
+    set_cookie
+        .strip_prefix(name)
+        .and_then(|rest| rest.strip_prefix('='))
+        .unwrap_or_else(|| panic!("not a {name} cookie: {set_cookie}"))
+        .split(';')
+        .next()
+        .unwrap()
+}
+
+/// Cookie tossing: a sibling subdomain (a `Domain=` cookie for the parent)
+/// or an `http://` page of the same host can give the browser a
+/// `cs_session` of its own. A `Secure` session cookie is `__Host-` named,
+/// which only this host over https can set, and only that name is read.
+#[tokio::test]
+async fn secure_session_cookies_are_host_only_and_read_under_that_name_only() {
+    for settings in [
+        "public_url = \"https://review.example.com\"",
+        "ui_secure_cookies = true",
+    ] {
+        let f = fixture(settings);
+        let r = login(&f.app, ALICE, "/").await;
+        let set = r.header("set-cookie");
+        let id = cookie_value(set, "__Host-cs_session");
+        // What a browser requires of a `__Host-` cookie.
+        for attr in ["; Secure", "; Path=/;"] {
+            assert!(set.contains(attr), "{settings}: {attr} missing: {set}");
+        }
+        assert!(!set.to_ascii_lowercase().contains("domain="), "{set}");
+        let ok = me(&f.app, &format!("__Host-cs_session={id}")).await;
+        assert_eq!(ok.status, StatusCode::OK, "{settings}");
+        assert_eq!(ok.json()["name"], "alice");
+        // The same id under the plain name (planted, or the cookie of an
+        // earlier version): no session.
+        let plain = me(&f.app, &format!("cs_session={id}")).await;
+        assert_eq!(plain.status, StatusCode::UNAUTHORIZED, "{settings}");
+        // Sign-out clears the prefixed cookie.
+        let csrf = ok.json()["csrf_token"].as_str().unwrap().to_string();
+        let cookie = format!("__Host-cs_session={id}");
+        let out = sign_out(&f.app, &Browser { cookie, csrf }).await;
+        assert_eq!(out.status, StatusCode::NO_CONTENT);
+        assert!(
+            out.header("set-cookie").starts_with("__Host-cs_session=; "),
+            "{}",
+            out.header("set-cookie")
+        );
+    }
+}
+
+/// Two session cookies of our name: one is the reviewer's and one was
+/// planted (here: bob's real session, which would make alice decide as
+/// bob, or the other way round), and the `Cookie` header does not say
+/// which. Neither counts, in either order: signed out, and sign-in says to
+/// clear the site's cookies.
+#[tokio::test]
+async fn two_session_cookies_are_no_session() {
+    for (settings, name) in [
+        ("", "cs_session"),
+        ("ui_secure_cookies = true", "__Host-cs_session"),
+    ] {
+        let f = fixture(settings);
+        let sign_in_as = |token: &'static str| {
+            let app = f.app.clone();
+            async move {
+                let r = login(&app, token, "/").await;
+                cookie_value(r.header("set-cookie"), name).to_string()
+            }
+        };
+        let (alice, bob) = (sign_in_as(ALICE).await, sign_in_as(BOB).await);
+        for both in [
+            format!("{name}={bob}; {name}={alice}"),
+            format!("{name}={alice}; {name}={bob}"),
+            format!("{name}={alice}; {name}={alice}"),
+        ] {
+            let r = me(&f.app, &both).await;
+            assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{both}");
+            let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+            assert!(msg.contains("more than one session cookie"), "{msg}");
+            let feed = send(&f.app, "GET", "/api/events", &[("cookie", &both)], "").await;
+            assert_eq!(feed.status, StatusCode::UNAUTHORIZED, "{both}");
+            let page = send(&f.app, "GET", "/history", &[("cookie", &both)], "").await;
+            assert_eq!(page.header("location"), "/login?next=/history", "{both}");
+            let form = serde_urlencoded::to_string([("token", ALICE), ("next", "/")]).unwrap();
+            let again = send(
+                &f.app,
+                "POST",
+                "/ui/login",
+                &[
+                    ("content-type", "application/x-www-form-urlencoded"),
+                    ("cookie", &both),
+                ],
+                form,
+            )
+            .await;
+            assert_eq!(again.header("location"), "/login?error=cookies", "{both}");
+            assert!(again.headers.get("set-cookie").is_none(), "{both}");
+        }
+        // Each alone is still its own session; two cookies in two headers
+        // (HTTP/2 sends one per cookie) are two all the same.
+        assert_eq!(
+            me(&f.app, &format!("{name}={alice}")).await.json()["name"],
+            "alice"
+        );
+        let split = send(
+            &f.app,
+            "GET",
+            "/api/me",
+            &[
+                ("cookie", &format!("{name}={alice}")),
+                ("cookie", &format!("{name}={bob}")),
+            ],
+            "",
+        )
+        .await;
+        assert_eq!(split.status, StatusCode::UNAUTHORIZED, "{settings}");
+    }
+}
+
 /// `POST /ui/login` as a browser sends it, with `Origin` and `Host`.
 async fn login_from(app: &Router, token: &str, origin: &str, host: &str) -> Resp {
     let form = serde_urlencoded::to_string([("token", token), ("next", "/")]).unwrap();
@@ -203,7 +322,7 @@ async fn the_login_form_is_refused_from_another_origin() {
         let r = login_from(&f.app, ALICE, origin, host).await;
         assert_eq!(r.header("location"), "/", "{origin}");
         assert!(
-            r.header("set-cookie").starts_with("cs_session="),
+            r.header("set-cookie").starts_with("__Host-cs_session="),
             "{origin}"
         );
     }
