@@ -7,6 +7,7 @@
 //! CSRF token in `x-csrf-token` (see [`crate::session`]).
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::header::{self, HeaderMap};
@@ -60,6 +61,10 @@ pub enum AuthMethod {
     Proxy {
         /// What state-changing calls must carry in `x-csrf-token`.
         csrf_token: String,
+        /// Until when the proxy's word holds for this call, if it stays
+        /// open (`[trusted_proxy] session_seconds` from its start): the
+        /// proxy vouched for the request, not for everything after it.
+        until: tokio::time::Instant,
     },
     /// The UI session cookie (and, for state-changing calls, its CSRF token).
     Session {
@@ -117,9 +122,17 @@ impl FromRequestParts<AppState> for Reviewer {
             if !parts.method.is_safe() {
                 check_csrf(parts, &csrf_token)?;
             }
+            let life = state
+                .config()
+                .trusted_proxy
+                .as_ref()
+                .map_or(0, |p| p.session_seconds);
             return Ok(Reviewer {
                 who,
-                via: AuthMethod::Proxy { csrf_token },
+                via: AuthMethod::Proxy {
+                    csrf_token,
+                    until: tokio::time::Instant::now() + Duration::from_secs(life),
+                },
                 checks,
             });
         }
@@ -224,18 +237,30 @@ fn proxy_csrf_token(name: &str) -> String {
 }
 
 impl Reviewer {
+    /// When this reviewer's sign-in ends by itself, if it does while a call
+    /// is open: the proxy's word (a session's end is found by
+    /// [`Reviewer::still_signed_in`] at each re-check).
+    pub fn ends_at(&self) -> Option<tokio::time::Instant> {
+        match &self.via {
+            AuthMethod::Proxy { until, .. } => Some(*until),
+            AuthMethod::Bearer { .. } | AuthMethod::Session { .. } => None,
+        }
+    }
+
     /// Whether the credential this reviewer authenticated with still holds
     /// now (for a long-lived call such as the live feed): the token is
-    /// still configured for them, or the session still exists and is still
+    /// still configured for them, the session still exists and is still
     /// theirs (an OpenID Connect session re-checked with the provider when
-    /// due). A database or provider error counts as no.
+    /// due), or the proxy's word is younger than its `session_seconds`. A
+    /// database or provider error counts as no.
     pub async fn still_signed_in(&self, state: &AppState) -> bool {
         match &self.via {
             AuthMethod::Bearer { token_sha256 } => state
                 .reviewer_for(token_sha256)
                 .is_some_and(|r| r.name == self.who.name),
-            // The proxy vouches for every request anew.
-            AuthMethod::Proxy { .. } => true,
+            // Only the proxy can say whether it still vouches, and it says
+            // so on requests: past its time, the caller must ask again.
+            AuthMethod::Proxy { until, .. } => tokio::time::Instant::now() < *until,
             AuthMethod::Session { cookie, .. } => {
                 matches!(self.checks.session(state, &cookie.0).await,
                     Ok(Some((_, who))) if who == self.who)

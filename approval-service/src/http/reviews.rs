@@ -306,7 +306,7 @@ pub struct Me {
 pub async fn me(reviewer: Reviewer) -> Response {
     let csrf_token = match reviewer.via {
         AuthMethod::Bearer { .. } => None,
-        AuthMethod::Session { csrf_token, .. } | AuthMethod::Proxy { csrf_token } => {
+        AuthMethod::Session { csrf_token, .. } | AuthMethod::Proxy { csrf_token, .. } => {
             Some(csrf_token)
         }
     };
@@ -732,7 +732,8 @@ pub async fn edit(
 /// re-fetch. Ends when the server shuts down, and when the reviewer's
 /// credential no longer holds (signed out, session expired, token or
 /// sign-in configuration changed): checked before each event and every
-/// [`FEED_RECHECK`].
+/// [`FEED_RECHECK`]; a feed opened on the authenticating proxy's word ends
+/// when that word's `session_seconds` are over ([`Reviewer::ends_at`]).
 pub async fn events(
     State(state): State<AppState>,
     reviewer: Reviewer,
@@ -792,6 +793,9 @@ impl Feed {
                     return None;
                 }
                 _ = self.recheck.tick() => None,
+                // The sign-in's own end, to the moment (the recheck below
+                // then finds it over).
+                () = sleep_until_some(self.reviewer.ends_at()) => None,
             };
             if !self.reviewer.still_signed_in(&self.state).await {
                 return None;
@@ -800,6 +804,14 @@ impl Feed {
                 return event;
             }
         }
+    }
+}
+
+/// Sleeps until `at`, or for ever when `None`.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

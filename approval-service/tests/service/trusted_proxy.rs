@@ -229,3 +229,66 @@ async fn a_person_named_like_the_services_own_deciders_is_refused() {
     .await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.json());
 }
+
+/// The proxy vouches for each request, not for a call that stays open: a
+/// live feed opened on its word ends once `[trusted_proxy] session_seconds`
+/// are over (here 1), whatever it still has to send, and the next request
+/// needs the proxy's headers again. (Before, such a feed never ended: a
+/// person the proxy no longer vouched for went on getting every event.)
+#[tokio::test]
+async fn a_live_feed_opened_on_the_proxys_word_ends_after_session_seconds() {
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use std::time::{Duration, Instant};
+    use tower::ServiceExt;
+
+    let f = common::fixture("proxy-life.db", |db| {
+        common::config_toml(
+            db,
+            "[trusted_proxy]\naddresses = [\"10.0.0.0/8\"]\nsession_seconds = 1",
+            &[("alice", ALICE, "groups = [\"security\"]")],
+        )
+    });
+    let proxy = from(&f, PROXY);
+    let feed = || {
+        let mut req = Request::get("/api/events");
+        for (k, v) in ERIN {
+            req = req.header(k, v);
+        }
+        proxy.clone().oneshot(req.body(Body::empty()).unwrap())
+    };
+    let opened = Instant::now();
+    let resp = feed().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    // Everything the feed sends until it ends (or 5 s, then it did not).
+    let mut seen = String::new();
+    let mut sent_review = None;
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.unwrap().into_data() {
+                seen.push_str(&String::from_utf8_lossy(&data));
+            }
+            if seen.contains("event: hello") && sent_review.is_none() {
+                // While the proxy's word holds, the feed works.
+                let id = common::create_review(&f.app, &[], common::review_request(json!({})));
+                sent_review = Some(id.await);
+            }
+        }
+    })
+    .await;
+    let lived = opened.elapsed();
+    assert!(ended.is_ok(), "the feed outlived session_seconds: {seen:?}");
+    assert!(
+        lived >= Duration::from_millis(900),
+        "ended early: {lived:?}"
+    );
+    let id = sent_review.unwrap();
+    assert!(seen.contains(&id), "{seen:?}");
+
+    // A new feed needs the proxy's word again: with it, a feed; without, 401.
+    assert_eq!(feed().await.unwrap().status(), StatusCode::OK);
+    let bare = send(&from(&f, PROXY), "GET", "/api/events", &[], "").await;
+    assert_eq!(bare.status, StatusCode::UNAUTHORIZED);
+}

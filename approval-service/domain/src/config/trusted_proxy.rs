@@ -67,6 +67,11 @@ pub struct TrustedProxyConfig {
     /// The header listing the reviewer's groups, comma-separated (lower
     /// case); `None`: no groups.
     pub groups_header: Option<String>,
+    /// How long the proxy's word lasts on a call that stays open (the UI's
+    /// live feed), in seconds: the proxy vouches for each request, not for
+    /// what an open call keeps receiving, so after this the call ends and
+    /// the page's next request carries the proxy's headers again.
+    pub session_seconds: u64,
 }
 
 /// `[trusted_proxy]` as written.
@@ -78,12 +83,22 @@ pub(super) struct RawTrustedProxy {
     user_header: Option<String>,
     #[serde(default)]
     groups_header: Option<String>,
+    #[serde(default)]
+    session_seconds: Option<u64>,
 }
 
 /// oauth2-proxy's headers (`--set-xauthrequest`).
 pub const DEFAULT_USER_HEADER: &str = "x-auth-request-email";
 /// oauth2-proxy's groups header.
 pub const DEFAULT_GROUPS_HEADER: &str = "x-auth-request-groups";
+
+/// `session_seconds` when not set: ten minutes, after which a live feed
+/// opened under the proxy's word ends (the page reconnects through the
+/// proxy at once if it still vouches).
+pub const DEFAULT_SESSION_SECONDS: u64 = 600;
+/// The longest `session_seconds`: the longest browser session
+/// (`ui_session_hours` at most 720).
+pub const MAX_SESSION_SECONDS: u64 = super::MAX_UI_SESSION_HOURS * 3600;
 
 fn header_name(field: &str, value: &str) -> Result<String, ConfigError> {
     let name = value.trim().to_ascii_lowercase();
@@ -126,10 +141,18 @@ pub(super) fn check_trusted_proxy(raw: RawTrustedProxy) -> Result<TrustedProxyCo
             other.unwrap_or(DEFAULT_GROUPS_HEADER),
         )?),
     };
+    let session_seconds = raw.session_seconds.unwrap_or(DEFAULT_SESSION_SECONDS);
+    if !(1..=MAX_SESSION_SECONDS).contains(&session_seconds) {
+        return Err(invalid(
+            "trusted_proxy.session_seconds",
+            format!("must be 1..={MAX_SESSION_SECONDS}"),
+        ));
+    }
     Ok(TrustedProxyConfig {
         addresses,
         user_header,
         groups_header,
+        session_seconds,
     })
 }
 
@@ -172,6 +195,9 @@ mod tests {
         let c = parse("addresses = [\"10.0.0.0/8\"]").unwrap();
         assert_eq!(c.user_header, "x-auth-request-email");
         assert_eq!(c.groups_header.as_deref(), Some("x-auth-request-groups"));
+        assert_eq!(c.session_seconds, DEFAULT_SESSION_SECONDS);
+        let c = parse("addresses = [\"10.0.0.1\"]\nsession_seconds = 30").unwrap();
+        assert_eq!(c.session_seconds, 30);
         let c = parse(
             "addresses = [\"10.0.0.1\"]\nuser_header = \"X-Forwarded-User\"\ngroups_header = \"\"",
         )
@@ -189,6 +215,14 @@ mod tests {
             (
                 "addresses = [\"10.0.0.1\"]\nuser_header = \"a b\"",
                 "trusted_proxy.user_header",
+            ),
+            (
+                "addresses = [\"10.0.0.1\"]\nsession_seconds = 0",
+                "trusted_proxy.session_seconds",
+            ),
+            (
+                "addresses = [\"10.0.0.1\"]\nsession_seconds = 2600000",
+                "trusted_proxy.session_seconds",
             ),
         ] {
             let e = parse(text).unwrap_err().to_string();
