@@ -17,7 +17,10 @@
 //!   compatibility form (NFKC) and lower case, so `dana@example.com` from a
 //!   token, `Dana@Example.COM` from the identity provider or the
 //!   authenticating proxy and `ｄａｎａ@example.com` are one person, erring
-//!   towards refusal.
+//!   towards refusal. A `[[reviewers]]` entry's `sign_in_names` are that
+//!   person too: a sign-in under one decides under the entry's `name`
+//!   (`AppState::approver_named`), so a token and a company sign-in are
+//!   one approval, and a request sent under one is their own.
 //! - **No self-approval.** A reviewer whose name is the review's caller, or
 //!   who lists the caller in `callers`, may not approve or edit (403
 //!   `self_approval`). They may reject.
@@ -210,11 +213,13 @@ impl Approver {
 }
 
 impl From<&ReviewerConfig> for Approver {
+    /// The reviewer under the entry's name; their `sign_in_names` are theirs
+    /// as callers too (a request sent under one is their own).
     fn from(r: &ReviewerConfig) -> Approver {
         Approver {
             name: r.name.clone(),
             groups: r.groups.clone(),
-            callers: r.callers.clone(),
+            callers: r.callers.iter().chain(&r.sign_in_names).cloned().collect(),
             assessor: false,
         }
     }

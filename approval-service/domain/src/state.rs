@@ -330,21 +330,30 @@ impl AppState {
 
     /// A person named by the OpenID provider or the authenticating proxy,
     /// with the groups it gave. A `[[reviewers]]` entry of the same person
-    /// (names compared by [`crate::approvals::person_key`]: the provider may
-    /// spell `Dana@Example.com` what the entry spells `dana@example.com`)
-    /// says which caller identities they send requests as.
+    /// (its `name` or one of its `sign_in_names`, compared by
+    /// [`crate::approvals::person_key`]: the provider may spell
+    /// `Dana@Example.com` what the entry spells `dana@example.com`) makes
+    /// them that reviewer: recorded under the entry's `name`, so that a
+    /// token and this sign-in are one person in a quorum, with the caller
+    /// identities it lists. The groups stay the provider's.
     pub fn approver_named(&self, name: String, groups: Vec<String>) -> Approver {
-        let callers = self
-            .reviewers()
-            .iter()
-            .find(|r| crate::approvals::same_person(&r.name, &name))
-            .map(|r| r.callers.clone())
-            .unwrap_or_default();
-        Approver {
-            name,
-            groups,
-            callers,
-            assessor: false,
+        let reviewers = self.reviewers();
+        let entry = reviewers.iter().find(|r| {
+            std::iter::once(&r.name)
+                .chain(&r.sign_in_names)
+                .any(|n| crate::approvals::same_person(n, &name))
+        });
+        match entry {
+            Some(r) => Approver {
+                groups,
+                ..Approver::from(r)
+            },
+            None => Approver {
+                name,
+                groups,
+                callers: Vec::new(),
+                assessor: false,
+            },
         }
     }
 

@@ -25,6 +25,7 @@ impl Checker {
                 );
                 let at = in_place(place);
                 self.sign_in_settings(file, &config, &at);
+                self.reviewer_sign_in_names(file, &config, &at);
                 if config.reviewers.is_empty() && config.oidc.is_none() {
                     self.report.warning(
                         file,
@@ -145,6 +146,49 @@ impl Checker {
     }
 }
 
+impl Checker {
+    /// `[[reviewers]]` entries that a configured sign-in by name cannot
+    /// reach: the OpenID provider or the proxy names people by e-mail
+    /// address, and the entry has none (its `name` nor a `sign_in_names`
+    /// entry), so such a sign-in is someone else to the service (no
+    /// `callers` lent, and with the token two approvers); or
+    /// `sign_in_names` where nothing signs anyone in by name.
+    fn reviewer_sign_in_names(&mut self, file: &Path, config: &ServiceConfig, at: &str) {
+        let mut by_address = Vec::new();
+        if let Some(oidc) = config.oidc.as_ref().filter(|o| o.name_claim == "email") {
+            by_address.push(format!("[oidc] (name_claim = {:?})", oidc.name_claim));
+        }
+        if let Some(proxy) = config.trusted_proxy.as_ref() {
+            if proxy.user_header.contains("email") {
+                by_address.push(format!("[trusted_proxy] ({})", proxy.user_header));
+            }
+        }
+        let by_name = config.oidc.is_some() || config.trusted_proxy.is_some();
+        for (i, r) in config.reviewers.iter().enumerate() {
+            if !by_name && !r.sign_in_names.is_empty() {
+                self.report.warning(
+                    file,
+                    format!("reviewers[{i}].sign_in_names ({}): neither [oidc] nor [trusted_proxy] is configured, so nobody signs in under these names{at}", r.name),
+                );
+                continue;
+            }
+            let has_address = std::iter::once(&r.name)
+                .chain(&r.sign_in_names)
+                .any(|n| n.contains('@'));
+            if !by_address.is_empty() && !has_address {
+                self.report.warning(
+                    file,
+                    format!(
+                        "reviewers[{i}] {:?}: {} names people by e-mail address, and neither this name nor a sign_in_names entry is one: signed in that way this person is someone else (no callers lent, and with the token two approvers); add sign_in_names = [\"their address\"]{at}",
+                        r.name,
+                        by_address.join(" and "),
+                    ),
+                );
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -213,6 +257,33 @@ mod tests {
             w.iter().any(|m| m.contains("trusts every address")),
             "{w:?}"
         );
+        // A reviewer entry the provider's or the proxy's e-mail names
+        // never reach, and sign-in names nothing gives.
+        let dana = "[[reviewers]]\nname = \"dana\"\ntoken_sha256 = \"2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b\"\n";
+        let https = "public_url = \"https://review.example.com\"\n";
+        let proxy = "[trusted_proxy]\naddresses = [\"10.0.0.0/8\"]\n";
+        for methods in [oidc, proxy] {
+            let w = warnings(&format!("{base}{https}{methods}{dana}"));
+            assert!(
+                w.iter().any(|m| m.contains("reviewers[0] \"dana\"")
+                    && m.contains("by e-mail address")),
+                "{w:?}"
+            );
+            let w = warnings(&format!(
+                "{base}{https}{methods}{dana}sign_in_names = [\"dana@example.com\"]\n"
+            ));
+            assert!(w.is_empty(), "{w:?}");
+        }
+        let other_claim = format!("{oidc}name_claim = \"preferred_username\"\n");
+        assert!(warnings(&format!("{base}{https}{other_claim}{dana}")).is_empty());
+        let w = warnings(&format!(
+            "{base}{https}{dana}sign_in_names = [\"dana@example.com\"]\n"
+        ));
+        assert!(
+            w.iter().any(|m| m.contains("reviewers[0].sign_in_names")),
+            "{w:?}"
+        );
+
         // Consistent: https, redirect under public_url, OIDC instead of tokens.
         let r = check_texts(&[(
             "s.toml",

@@ -229,3 +229,76 @@ async fn a_session_due_for_a_recheck_is_refused_when_the_provider_cannot_confirm
     let me = send(&f.app, "GET", "/api/me", &[("cookie", &cookie)], "").await;
     assert_eq!(me.status, StatusCode::OK);
 }
+
+/// One person, two sign-ins: the `[[reviewers]]` entry `dana` (her token,
+/// sending requests as `ci-dana`) and the provider's `dana@example.com`,
+/// tied by the entry's `sign_in_names`. Before, the two names never met:
+/// the company sign-in approved `ci-dana`'s request, and her token and her
+/// company sign-in made a quorum of two on their own.
+#[tokio::test]
+async fn a_sign_in_name_makes_the_providers_person_the_configured_reviewer() {
+    const DANA: &str = "dana-secret-token";
+    let f = common::fixture("oidc-aliases.db", |db| {
+        common::config_toml(
+            db,
+            &oidc(""),
+            &[
+                ("alice", ALICE, "groups = [\"security\"]"),
+                (
+                    "dana",
+                    DANA,
+                    "groups = [\"security\"]\ncallers = [\"ci-dana\"]\n\
+                     sign_in_names = [\"dana@example.com\"]",
+                ),
+            ],
+        )
+    });
+    // The provider's spelling of her address, and its groups.
+    let cookie = oidc_session(&f, "Dana@Example.com", &["security"]).await;
+    let me = send(&f.app, "GET", "/api/me", &[("cookie", &cookie)], "").await;
+    assert_eq!(me.status, StatusCode::OK);
+    assert_eq!(me.json()["name"], "dana");
+    let csrf = "c".repeat(64);
+    let session = [
+        ("cookie", cookie.as_str()),
+        ("x-csrf-token", csrf.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let token = common::bearer(DANA);
+    let by_token = [
+        ("authorization", token.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let approve = |id: &str| format!("/api/reviews/{id}/approve");
+
+    // Her own requests, under either identity: refused either way.
+    for caller in ["ci-dana", "dana@example.com"] {
+        let own = common::review_request(
+            serde_json::json!({"request_id": format!("own-{caller}"), "caller": caller}),
+        );
+        let id = common::create_review(&f.app, &[], own).await;
+        for headers in [&session[..], &by_token[..]] {
+            let r = send(&f.app, "POST", &approve(&id), headers, "{}").await;
+            assert_eq!(r.status, StatusCode::FORBIDDEN, "{caller}: {:?}", r.json());
+            assert_eq!(r.json()["error"]["code"], "self_approval");
+        }
+    }
+
+    // Two people needed: her token, then her company sign-in, is one.
+    let two = common::review_request(
+        serde_json::json!({"request_id": "req-two", "required_approvals": 2}),
+    );
+    let id = common::create_review(&f.app, &[], two).await;
+    let first = send(&f.app, "POST", &approve(&id), &by_token, "{}").await;
+    assert_eq!(first.json()["status"], "pending", "{:?}", first.json());
+    let again = send(&f.app, "POST", &approve(&id), &session, "{}").await;
+    assert_eq!(again.status, StatusCode::CONFLICT, "{:?}", again.json());
+    assert_eq!(again.json()["error"]["code"], "already_approved");
+    let alice = common::bearer(ALICE);
+    let by_alice = [
+        ("authorization", alice.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let done = send(&f.app, "POST", &approve(&id), &by_alice, "{}").await;
+    assert_eq!(done.json()["status"], "approved", "{:?}", done.json());
+}

@@ -72,6 +72,12 @@ pub struct ReviewerConfig {
     /// Caller identities this person sends requests as (besides `name`):
     /// they can never approve a review from any of them.
     pub callers: Vec<String>,
+    /// Other names of this person: those under which the OpenID provider
+    /// (its `name_claim`) or the authenticating proxy (its `user_header`)
+    /// sign them in, e.g. `dana@example.com` for the entry `dana`. Such a
+    /// sign-in is this reviewer (recorded under `name`), so a token and a
+    /// company sign-in are one person in a quorum. Never another entry's.
+    pub sign_in_names: Vec<String>,
     /// The reviewer's Slack member id: decisions taken with the Slack app's
     /// buttons by this Slack user are this reviewer's.
     pub slack_user_id: Option<String>,
@@ -360,6 +366,8 @@ struct RawReviewer {
     #[serde(default)]
     callers: Vec<String>,
     #[serde(default)]
+    sign_in_names: Vec<String>,
+    #[serde(default)]
     slack_user_id: Option<String>,
 }
 
@@ -552,6 +560,29 @@ impl Config {
                 ));
             }
             let callers = check_callers(i, r.callers)?;
+            let mut sign_in_names = Vec::with_capacity(r.sign_in_names.len());
+            for (j, alias) in r.sign_in_names.into_iter().enumerate() {
+                let field = format!("reviewers[{i}].sign_in_names[{j}]");
+                let alias = alias.trim().to_string();
+                if alias.is_empty() {
+                    return Err(invalid(field, "must not be empty"));
+                }
+                if crate::approvals::is_machine_decider_name(&alias) {
+                    return Err(invalid(
+                        field,
+                        format!("{alias:?} is spelled like the service's own deciders"),
+                    ));
+                }
+                // One namespace with the names: a sign-in name is one
+                // person, never two entries (nor this entry's name again).
+                if !names.insert(crate::approvals::person_key(&alias)) {
+                    return Err(invalid(
+                        field,
+                        format!("{alias:?} already names a reviewer (names compare without case)"),
+                    ));
+                }
+                sign_in_names.push(alias);
+            }
             let slack_user_id = slack::check_slack_user_id(i, r.slack_user_id)?;
             if let Some(id) = &slack_user_id {
                 if reviewers
@@ -569,6 +600,7 @@ impl Config {
                 token_sha256,
                 groups: r.groups,
                 callers,
+                sign_in_names,
                 slack_user_id,
             });
         }
@@ -720,6 +752,52 @@ groups = ["security"]
             ),
             "reviewers[1].token_sha256",
         );
+    }
+
+    #[test]
+    fn sign_in_names_are_one_person_each() {
+        let other = "0".repeat(64);
+        let c = Config::from_toml_str(&format!(
+            "[[reviewers]]\nname=\"dana\"\ntoken_sha256=\"{H}\"\nsign_in_names=[\" dana@example.com \"]"
+        ))
+        .unwrap();
+        assert_eq!(c.reviewers[0].sign_in_names, ["dana@example.com"]);
+        let two = |a: &str, b: &str| {
+            format!(
+                "[[reviewers]]\nname=\"dana\"\ntoken_sha256=\"{H}\"\n{a}\n\
+                 [[reviewers]]\nname=\"erin\"\ntoken_sha256=\"{other}\"\n{b}"
+            )
+        };
+        for (text, field) in [
+            // Another entry's name, or another entry's sign-in name, in
+            // any spelling: which of the two would the sign-in be?
+            (
+                two("", "sign_in_names = [\"DANA\"]"),
+                "reviewers[1].sign_in_names[0]",
+            ),
+            (
+                two(
+                    "sign_in_names = [\"d@example.com\"]",
+                    "sign_in_names = [\"D@example.com\"]",
+                ),
+                "reviewers[1].sign_in_names[0]",
+            ),
+            (two("sign_in_names = [\"erin\"]", ""), "reviewers[1].name"),
+            (
+                two("sign_in_names = [\"dana\"]", ""),
+                "reviewers[0].sign_in_names[0]",
+            ),
+            (
+                two("sign_in_names = [\" \"]", ""),
+                "reviewers[0].sign_in_names[0]",
+            ),
+            (
+                two("sign_in_names = [\"standing:sa_1\"]", ""),
+                "reviewers[0].sign_in_names[0]",
+            ),
+        ] {
+            assert_refused(&text, field);
+        }
     }
 
     #[test]
