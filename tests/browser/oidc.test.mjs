@@ -3,10 +3,13 @@
 // PID), in headless Chromium, against the real stack: a reviewer signs in
 // with the provider and approves a request held by Envoy; the provider's
 // groups decide who may sign in and who may approve; a wrong audience, an
-// expired ID token, a replayed state and a callback in another browser are
-// refused; a rotated signing key is picked up.
+// expired ID token, a replayed state, a callback in another browser and
+// one with a planted sign-in cookie are refused; a token and a company
+// sign-in tied by `sign_in_names` are one approver; a rotated signing key
+// is picked up.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -23,7 +26,10 @@ const USERS = {
   grace: ['reviewers', 'security'],
   frank: ['reviewers', 'security'],
   heidi: ['reviewers', 'security'],
+  // Also a [[reviewers]] entry `ivan` (with a token) naming this sign-in.
+  ivan: ['reviewers', 'security'],
 };
+const IVAN_TOKEN = 'ivan-reviewer-token-0123456789';
 // How old a session's groups may get before the provider is asked again.
 const RECHECK_S = 1;
 
@@ -53,6 +59,12 @@ before(async () => {
       'required_group = "reviewers"',
       'display_name = "Example SSO"',
       `recheck_seconds = ${RECHECK_S}`,
+      '',
+      '[[reviewers]]',
+      'name = "ivan"',
+      `token_sha256 = "${createHash('sha256').update(IVAN_TOKEN).digest('hex')}"`,
+      'groups = ["security"]',
+      'sign_in_names = ["ivan@example.com"]',
     ].join('\n'),
     env: { COUNTERSIGN_TEST_OIDC_SECRET: CLIENT_SECRET },
   }).start();
@@ -267,6 +279,33 @@ test('a sign-in cookie planted beside the browser\'s own signs nobody in', T, ch
   await victim.page.goto(dave.callbackUrl);
   await expectRefused(victim.page, victim.context, 'oidc');
   assert.equal(stack.approval.logText().split('did not start this sign-in').length, refusedBefore + 1);
+}));
+
+// ivan has a token (a [[reviewers]] entry `ivan`) and a company account
+// (`ivan@example.com`), tied by the entry's `sign_in_names`: signed in
+// either way he is one reviewer, so his two approvals are not a quorum.
+test('a token and a company sign-in of one person are one approver', T, check(async () => {
+  const id = await stack.fileReview({
+    request_id: 'two-people', api: 'openai_chat', method: 'POST', path: '/v1/chat/completions', authority: 'llm',
+    model: 'demo-echo', prompt: [{ role: 'user', text: 'two people' }], approver_group: 'security',
+    required_approvals: 2, hold_timeout_ms: 120000,
+    body: JSON.stringify({ model: 'demo-echo', messages: [{ role: 'user', content: 'two people' }] }),
+  });
+  const byToken = await fetch(url(`/api/reviews/${id}/approve`), {
+    method: 'POST', headers: { authorization: `Bearer ${IVAN_TOKEN}`, 'content-type': 'application/json' }, body: '{}',
+  });
+  assert.equal(byToken.status, 200, await byToken.text());
+  const { page } = await newPage();
+  await signIn(page, 'ivan');
+  await page.waitForURL(url('/'));
+  await page.locator('#me', { hasText: 'ivan' }).waitFor();
+  assert.equal((await page.evaluate(async () => (await fetch('/api/me')).json())).name, 'ivan');
+  const second = await tryToApprove(page, id);
+  assert.equal(second.approve, 409, JSON.stringify(second));
+  assert.equal(second.code, 'already_approved');
+  const review = (await stack.api(`/api/reviews/${id}`)).json;
+  assert.equal(review.status, 'pending');
+  assert.equal(review.approval_count, 1);
 }));
 
 // A held review for `security`, filed as the filter does.
