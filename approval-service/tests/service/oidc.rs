@@ -53,6 +53,30 @@ async fn an_unreachable_provider_sends_the_browser_back_with_an_error() {
     assert!(r.headers.get("set-cookie").is_none());
 }
 
+/// A browser holding two session cookies (one planted: see
+/// `cookies`) would count as signed out after the sign-in too: it is told
+/// to clear the site's cookies before it goes to the provider.
+#[tokio::test]
+async fn a_sign_in_with_two_session_cookies_is_sent_back() {
+    let f = fixture(&oidc(""));
+    let two = format!(
+        "cs_session={}; cs_session={}",
+        "ab".repeat(32),
+        "cd".repeat(32)
+    );
+    let r = send(
+        &f.app,
+        "GET",
+        "/ui/oidc/login?next=/history",
+        &[("cookie", &two)],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    assert_eq!(r.header("location"), "/login?error=cookies&next=/history");
+    assert!(r.headers.get("set-cookie").is_none());
+}
+
 #[tokio::test]
 async fn a_callback_with_an_unknown_state_starts_no_session() {
     let f = fixture(&oidc(""));
