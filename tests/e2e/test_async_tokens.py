@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from conftest import chat, emptied, module_stack, send_later
-from stack import sha256_hex, with_route
+from stack import records, sha256_hex, wait_until, with_route
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -174,6 +174,19 @@ def test_an_async_request_approved_at_creation_is_forwarded_once_by_its_token(ma
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "echo: nightly summary of build 2"
     assert retry(stack, st).status_code == 403
     assert stack.backend.stats()["completed"] == 2
+
+
+def test_an_async_request_leaves_a_record_even_when_it_is_never_forwarded(tokens):
+    """Every inference request leaves a record: one answered 202 and then
+    rejected used to leave none (only the mutable review)."""
+    accepted = submit_async(tokens, chat(text="summarise the incident for the board"))
+    assert tokens.approval.decide(accepted["id"], "reject", reason="not for CI").status_code == 200
+    [record] = wait_until(lambda: records(tokens, review_id=accepted["id"]) or None,
+                          what="the 202's record")
+    request = record["request"]
+    assert (request["decision"], request["caller"], request["rule"]) == ("pending", "ci-batch", "batch-async"), record
+    assert "summarise the incident for the board" in request["body"]
+    assert tokens.backend.stats()["started"] == 0
 
 
 def test_edited_prompt_token_covers_the_edited_body(tokens):

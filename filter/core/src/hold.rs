@@ -588,6 +588,29 @@ impl Hold {
         Some(r)
     }
 
+    /// The record of an asynchronous request answered 202 (decision
+    /// `pending`, with its review and the body the review holds): it is not
+    /// forwarded now, and perhaps never (rejected, expired, its token never
+    /// spent), but it was made, and every inference request leaves a record.
+    /// Its token's spend, if any, is a request and a record of its own.
+    pub fn accepted_record_call(&self, config: &Config) -> Option<Callout> {
+        if self.mode != Mode::Async || self.record_mode == RecordMode::Off {
+            return None;
+        }
+        let mut r = new_record(&self.info, Some(self.api), "pending");
+        r.rule = self.rule.clone();
+        r.review_id = self.review_id.clone();
+        r.idempotency_key = r.idempotency_key.map(|k| k + ":accepted");
+        match std::str::from_utf8(&self.body) {
+            Ok(text) => r.body = Some(text.to_string()),
+            Err(_) => {
+                r.body = Some(String::from_utf8_lossy(&self.body).into_owned());
+                r.body_sha256 = Some(token_body_hash(&self.body));
+            }
+        }
+        Some(record_callout(config, self.info.trace.as_ref(), &r))
+    }
+
     /// The review id, once created.
     pub fn review_id(&self) -> Option<&str> {
         self.review_id.as_deref()

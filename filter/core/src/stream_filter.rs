@@ -2119,6 +2119,49 @@ mod tests {
         assert_eq!(worker.queued().0, 0);
     }
 
+    /// An asynchronous request answered 202 may never be forwarded
+    /// (rejected, expired, its token never spent), but it was made: its
+    /// record (decision `pending`, its review, the body the review holds)
+    /// goes through the outbox. It used to leave no record at all.
+    #[test]
+    fn an_async_request_answered_202_leaves_a_record() {
+        let config = r#"{"rules":[{"name":"batch","action":"review","async":true}],
+            "identity":{"source":"metadata","metadata_path":["metadata","authn","sub"]},
+            "approval_tokens":{"keys":[{"id":"k1","secret":"MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="}]}}"#;
+        let (worker, mut host, mut stream) = setup(config);
+        let path = ["metadata", "authn", "sub"].map(String::from).to_vec();
+        host.properties.insert(path, b"ci-bot".to_vec());
+        send(&mut host, &mut stream, CHAT, BODY);
+        answer(&mut host, &worker, 201, PENDING);
+        assert_eq!(host.replies[0].status, 202);
+        assert_eq!(worker.queued().0, 1);
+        worker.on_tick(&mut host);
+        assert_eq!(host.last_path(), "/v1/records");
+        let (_, call) = host.dispatched.last().unwrap();
+        let record: serde_json::Value =
+            serde_json::from_slice(call.body.as_ref().unwrap()).unwrap();
+        assert_eq!(
+            (
+                &record["decision"],
+                &record["review_id"],
+                &record["caller"],
+                &record["rule"]
+            ),
+            (
+                &serde_json::json!("pending"),
+                &serde_json::json!("rev_1"),
+                &serde_json::json!("ci-bot"),
+                &serde_json::json!("batch")
+            ),
+            "{record}"
+        );
+        assert_eq!(record["body"].as_str().unwrap().as_bytes(), BODY);
+        assert!(record["idempotency_key"]
+            .as_str()
+            .unwrap()
+            .ends_with(":accepted"));
+    }
+
     #[test]
     fn a_stream_without_configuration_is_refused() {
         let worker = Worker::new();

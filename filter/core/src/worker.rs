@@ -542,7 +542,18 @@ impl Worker {
                 HoldStep::Release(release) => return self.release(host, ctx, release),
                 HoldStep::Answer(release) => return self.release_answer(host, ctx, release),
                 HoldStep::Respond(reply) => {
-                    self.finish(ctx, |_| ());
+                    let accepted = reply.status == 202;
+                    let record = self
+                        .finish(ctx, |e| {
+                            accepted.then(|| e.hold.accepted_record_call(&config))
+                        })
+                        .flatten()
+                        .flatten();
+                    if let Some(call) = record {
+                        // Through the outbox, retried like a refusal's: the
+                        // caller's answer does not wait for it.
+                        self.deliver(host, &config, call, true);
+                    }
                     if host.set_effective_context(ctx).is_ok() {
                         if reply.status == 202 {
                             note_outcome(host, "pending");
