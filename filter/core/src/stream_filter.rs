@@ -1788,6 +1788,39 @@ mod tests {
         assert_eq!(host.replies[0].context, Some(ID));
     }
 
+    /// The record written before the release said `approved`; the body
+    /// could not be written, so nothing was forwarded: the refusal's record,
+    /// keyed to that record, goes out to say so (it used to go nowhere, and
+    /// the chain kept an approved request with no outcome).
+    #[test]
+    fn a_failed_body_write_after_the_record_records_the_refusal() {
+        let (worker, mut host, mut stream) = setup(&format!("{{{MASKING}}}"));
+        let body =
+            br#"{"model":"m","messages":[{"role":"user","content":"mail bob@example.com"}]}"#;
+        send(&mut host, &mut stream, CHAT, body);
+        answer(&mut host, &worker, 201, PENDING);
+        answer(&mut host, &worker, 200, &approved(""));
+        assert_eq!(host.last_path(), "/v1/records");
+        host.body_write_fails = true;
+        answer(&mut host, &worker, 201, r#"{"record_id":"rec_2"}"#);
+        assert!(host.resumed.is_empty());
+        assert_eq!(host.replies[0].status, 503);
+        assert_eq!(worker.queued().0, 1);
+        worker.on_tick(&mut host);
+        let (_, call) = host.dispatched.last().unwrap();
+        let record: serde_json::Value =
+            serde_json::from_slice(call.body.as_ref().unwrap()).unwrap();
+        assert!(
+            record["idempotency_key"]
+                .as_str()
+                .unwrap()
+                .ends_with(":refusal"),
+            "{record}"
+        );
+        assert_eq!(record["refusal"]["status"], 503, "{record}");
+        assert_eq!(record["review_id"], "rev_1", "{record}");
+    }
+
     #[test]
     fn an_allowed_request_whose_masked_body_cannot_be_written_is_refused() {
         let (_worker, mut host, mut stream) = setup(&format!(

@@ -758,6 +758,16 @@ impl Worker {
                     None,
                     "could not apply the reviewer's edit",
                 );
+                // The request's record is written (it said `approved`):
+                // the refusal, keyed to it, becomes its outcome, as for any
+                // refusal after the record, and must not be crowded out.
+                let record = self.with(|s| {
+                    let e = s.holds.get(&ctx)?;
+                    Some((e.config.clone(), e.hold.refusal_record_call(&e.config, &r)?))
+                });
+                if let Some((config, call)) = record {
+                    self.deliver(host, &config, call, false);
+                }
                 send_refusal(host, &r);
                 return;
             }
