@@ -65,7 +65,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use countersign_core::wire::{Evidence, NewRecord, RecordResponse};
+use countersign_core::wire::{Evidence, NewRecord, RecordResponse, RecordedRefusal};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -691,7 +691,20 @@ fn append_request(
         None => Guard::Always,
     };
     match append(tx, tail, &record_id, "request", None, now_ms, &entry, guard)? {
-        Some(seq) => Ok((Written { record_id, seq }, true)),
+        Some(seq) => {
+            // The filter gave up on this append (its answers were lost or
+            // late) and its refusal reached the chain first: the request
+            // was never forwarded, and this record says so at once.
+            if rec.refusal.is_none() {
+                if let Some(refusal) = refusal_written_first(tx, rec)? {
+                    match append_response(tx, tail, &record_id, &not_forwarded(&refusal), now_ms) {
+                        Ok(_) | Err(RecordError::Conflict(_)) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Ok((Written { record_id, seq }, true))
+        }
         None => match written_request(tx, rec)? {
             Some(existing) => Ok((existing, false)),
             None => Err(RecordError::Db(not_appended(&record_id))),
@@ -756,7 +769,21 @@ fn refusal_of_written_record(
     let Some(written) = request_with_key(tx, &rec.request_id, forward_key)? else {
         return Ok(None);
     };
-    let outcome = RecordResponse {
+    match append_response(
+        tx,
+        tail,
+        &written.record_id,
+        &not_forwarded(refusal),
+        now_ms,
+    ) {
+        Ok(_) | Err(RecordError::Conflict(_)) => Ok(Some(written)),
+        Err(e) => Err(e),
+    }
+}
+
+/// The response part saying a refused request was never forwarded.
+fn not_forwarded(refusal: &RecordedRefusal) -> RecordResponse {
+    RecordResponse {
         status: refusal.status,
         body: refusal.message.clone(),
         truncated: false,
@@ -768,11 +795,26 @@ fn refusal_of_written_record(
         completion: "not_forwarded".into(),
         answer_review_id: None,
         answer_decision: None,
-    };
-    match append_response(tx, tail, &written.record_id, &outcome, now_ms) {
-        Ok(_) | Err(RecordError::Conflict(_)) => Ok(Some(written)),
-        Err(e) => Err(e),
     }
+}
+
+/// The refusal of `rec`'s request already in the chain (written under
+/// `rec`'s idempotency key plus `:refusal`), when it arrived before `rec`.
+fn refusal_written_first(tx: &mut Conn, rec: &NewRecord) -> DbResult<Option<RecordedRefusal>> {
+    let Some(key) = rec.idempotency_key.as_deref() else {
+        return Ok(None);
+    };
+    let row = tx.query_opt(
+        "SELECT entry FROM records
+         WHERE request_id = ?1 AND kind = 'request'
+           AND idempotency_key = ?2",
+        params![&rec.request_id, &format!("{key}:refusal")],
+    )?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let entry: serde_json::Value = serde_json::from_str(&row.get::<String>(0)?)?;
+    Ok(serde_json::from_value(entry["request"]["refusal"].clone()).ok())
 }
 
 /// Appends the response part of request record `ref_id`.

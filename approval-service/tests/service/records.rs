@@ -1014,6 +1014,50 @@ fn a_refusal_after_a_lost_record_answer_completes_that_record() {
     );
 }
 
+/// The other order: the filter gave up on a pre-forward append that was
+/// only late (queued behind a slow commit, or on another replica), and its
+/// refusal was written first. The late record must not say `allowed` and
+/// stop there: it is written with the refusal as its outcome.
+#[test]
+fn a_pre_forward_record_written_after_its_refusal_says_it_was_not_forwarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, _db) = chain(dir.path(), 0, "");
+    let mut rec = new_record("svc");
+    rec.request_id = "req-late".into();
+    rec.idempotency_key = Some("req-late:00000000000000cc".into());
+    let mut refusal = rec.clone();
+    refusal.decision = "unavailable".into();
+    refusal.idempotency_key = Some("req-late:00000000000000cc:refusal".into());
+    refusal.refusal = Some(countersign_core::wire::RecordedRefusal {
+        status: 503,
+        code: "audit_record_unavailable".into(),
+        message: "the session record could not be written".into(),
+    });
+    state.records().write_request(refusal, 1_000).unwrap();
+    let late = state.records().write_request(rec.clone(), 2_000).unwrap();
+    let got = state.records().get(&late.record_id).unwrap().unwrap();
+    assert_eq!(got["response"]["completion"], "not_forwarded", "{got}");
+    assert_eq!(
+        got["response"]["blocked_by"], "audit_record_unavailable",
+        "{got}"
+    );
+    // Its retry is the same record, still with one outcome.
+    let again = state.records().write_request(rec, 3_000).unwrap();
+    assert_eq!(again.record_id, late.record_id);
+    assert_eq!(
+        state.records().entry_count().unwrap(),
+        3,
+        "refusal + request + outcome"
+    );
+    // A record of another request keeps no outcome it did not have.
+    let mut other = new_record("svc");
+    other.request_id = "req-other".into();
+    other.idempotency_key = Some("req-other:00000000000000dd".into());
+    let other = state.records().write_request(other, 4_000).unwrap();
+    let got = state.records().get(&other.record_id).unwrap().unwrap();
+    assert!(got["response"].is_null(), "{got}");
+}
+
 /// A caller can put NUL characters in a prompt or a model name. PostgreSQL
 /// text cannot hold them, and its `jsonb` refuses `\u0000`: the review and
 /// its records must still be written (NUL kept as U+FFFD), on both
