@@ -1659,6 +1659,33 @@ pub fn chain_entries(conn: &mut Conn, after_seq: i64, limit: i64) -> DbResult<Ve
     .collect()
 }
 
+/// On PostgreSQL, the stored query columns of the page [`chain_entries`]
+/// reads with the same arguments, by `seq`; on SQLite none (it computes
+/// them from the entry itself, so they cannot differ).
+fn stored_query_columns(
+    conn: &mut Conn,
+    after_seq: i64,
+    limit: i64,
+) -> DbResult<Vec<(i64, QueryColumns)>> {
+    if conn.backend() != Backend::Postgres {
+        return Ok(Vec::new());
+    }
+    let sql = format!(
+        "SELECT seq, {} FROM records WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        RECORD_QUERY_COLUMNS.join(", ")
+    );
+    conn.query(&sql, params![after_seq, limit])?
+        .iter()
+        .map(|row| {
+            let mut columns: QueryColumns = Default::default();
+            for (i, column) in columns.iter_mut().enumerate() {
+                *column = row.get(i + 1)?;
+            }
+            Ok((row.get(0)?, columns))
+        })
+        .collect()
+}
+
 /// The newest retention anchor `(through_seq, hash)`: the chain starts
 /// after it. `None` when nothing was removed (or the table is missing).
 pub fn newest_anchor(conn: &mut Conn) -> DbResult<Option<(i64, String)>> {
@@ -1691,6 +1718,7 @@ fn verify_chain_in(conn: &mut Conn) -> DbResult<Result<ChainOk, ChainProblem>> {
     loop {
         let page = chain_entries(conn, after, VERIFY_PAGE)?;
         let read = page.len();
+        let mut stored = stored_query_columns(conn, after, VERIFY_PAGE)?.into_iter();
         for e in page {
             let ChainEntry {
                 seq,
@@ -1735,6 +1763,20 @@ fn verify_chain_in(conn: &mut Conn) -> DbResult<Result<ChainOk, ChainProblem>> {
                     record_id,
                     detail: "columns do not match the hashed entry",
                 }));
+            }
+            // On PostgreSQL the query columns are the service's copies,
+            // not computed by the database: an edited one would hide a
+            // record from the query API and the exports.
+            if let Some((_, columns)) = stored.next().filter(|(at, _)| *at == seq) {
+                let matches = serde_json::from_str::<Value>(&entry)
+                    .is_ok_and(|v| query_columns(&v) == columns);
+                if !matches {
+                    return Ok(Err(ChainProblem::Altered {
+                        seq,
+                        record_id,
+                        detail: "query columns do not match the hashed entry",
+                    }));
+                }
             }
             if kind == "retention" && anchor.is_some() && attestation(&entry) == anchor {
                 attested = true;

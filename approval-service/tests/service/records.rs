@@ -554,6 +554,35 @@ fn literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 
+/// On PostgreSQL the query columns (`caller`, `model`, `decision`, ...)
+/// are the service's copies of the entry's fields, not computed by the
+/// database: someone who can write the table could change a record's
+/// `caller` and hide it from `?caller=` and the exports without touching a
+/// hash. The verifier compares them with the hashed entry. (On SQLite the
+/// database computes them from the entry: they cannot be written.)
+#[test]
+fn verifier_finds_an_edited_query_column() {
+    if !common::on_postgres() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (state, db) = chain(dir.path(), 3, "");
+    drop(state);
+    let mut conn = common::RawDb::open(&db);
+    drop_trigger(&mut conn, "records_no_update", "records");
+    let id2 = conn.text("SELECT record_id FROM records WHERE seq = 2");
+    conn.exec("UPDATE records SET caller = 'someone-else' WHERE seq = 2")
+        .unwrap();
+    assert_eq!(
+        verify(&db).unwrap_err(),
+        ChainProblem::Altered {
+            seq: 2,
+            record_id: id2,
+            detail: "query columns do not match the hashed entry"
+        }
+    );
+}
+
 // Tampers with the database directly, on SQLite and on PostgreSQL: the
 // verifier and the CLI must see every kind of change on both.
 #[test]
@@ -588,7 +617,13 @@ fn verifier_finds_altered_missing_and_inserted_records() {
         format!("altered: record seq 3 ({id3}) hash mismatch")
     );
 
-    // Altered with its own hash recomputed: the next link breaks.
+    // Altered with its own hash recomputed (and, on PostgreSQL, its copy
+    // of the caller too, which the verifier also compares): the next link
+    // breaks.
+    if common::on_postgres() {
+        conn.exec("UPDATE records SET caller = 'svc-X' WHERE seq = 3")
+            .unwrap();
+    }
     let (entry, prev, _) = row(&mut conn, 3);
     conn.exec(&format!(
         "UPDATE records SET hash = {} WHERE seq = 3",
