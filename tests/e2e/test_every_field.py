@@ -938,8 +938,9 @@ def test_no_form_of_a_value_or_blocked_phrase_reaches_the_caller(gw, client, fid
         if holds == "object-key" and not stream:
             # A key of a tool's input cannot be rewritten (the tool reads
             # it as it is): the answer is replaced by the API's error,
-            # naming the detector (the status left with the head).
+            # naming the detector, with its status (the head waited).
             assert b"response blocked by masking policy" in raw and b"detected as `email`" in raw, raw[:400]
+            assert r.status_code == 403, (r.status_code, raw[:400])
         else:
             assert r.status_code == 200, raw[:400]
             assert b"[EMAIL]" in raw, raw[:800]

@@ -816,6 +816,36 @@ static_resources:
         assert!(!r.has_errors(), "{:?}", r.lines);
     }
 
+    /// A plain answer that masking or response rules judge whole keeps its
+    /// head back until then (`hold_answer_heads`, the default): the same
+    /// Envoy setting as for answers held for review.
+    #[test]
+    fn answers_judged_whole_need_headers_stop_iteration_unless_heads_go_at_once() {
+        let masking = r#"{"masking":{"profiles":{"default":{"detectors":{"email":"redact"}}}}}"#;
+        let rules = r#"{"content_policy":{"response_rules":[{"name":"codes","phrases":["launch codes"]}]}}"#;
+        for config in [masking, rules] {
+            let errors = messages(
+                &check_texts(&[("envoy.yaml", &bootstrap(config))]),
+                Level::Error,
+            );
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert!(
+                errors[0].contains("hold_answer_heads")
+                    && errors[0].contains("allow_on_headers_stop_iteration: true"),
+                "{errors:?}"
+            );
+            let allowed = bootstrap(config).replace(
+                "root_id: countersign\n",
+                "root_id: countersign\n                allow_on_headers_stop_iteration: true\n",
+            );
+            assert!(!check_texts(&[("envoy.yaml", &allowed)]).has_errors());
+            // Heads that go at once need nothing.
+            let at_once = config.replacen('{', r#"{"hold_answer_heads":false,"#, 1);
+            let r = check_texts(&[("envoy.yaml", &bootstrap(&at_once))]);
+            assert!(!r.has_errors(), "{:?}", r.lines);
+        }
+    }
+
     #[test]
     fn missing_buffer_and_cluster_are_errors() {
         let no_buffer = bootstrap("{}").replace("name: envoy.filters.http.buffer", "name: envoy.filters.http.cors").replace(

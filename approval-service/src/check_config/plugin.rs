@@ -66,6 +66,26 @@ fn answer_review_rules(c: &PluginConfig) -> Option<String> {
     (!names.is_empty()).then(|| names.join(", "))
 }
 
+/// Why a plugin configuration keeps answers' heads back while their body
+/// reaches the filter (`review` response rules; plain answers that masking
+/// or response rules judge whole, under `hold_answer_heads`), or `None`.
+fn answer_heads_held(c: &PluginConfig) -> Option<String> {
+    let mut why = Vec::new();
+    if let Some(rules) = answer_review_rules(c) {
+        why.push(format!(
+            "response rule(s) {rules} with action `review` hold answers"
+        ));
+    }
+    if c.holds_answer_heads() {
+        why.push(
+            "masking or response rules hold a plain answer's head until its body is judged \
+             (`hold_answer_heads`, on by default)"
+                .to_string(),
+        );
+    }
+    (!why.is_empty()).then(|| why.join("; "))
+}
+
 fn summary(c: &PluginConfig) -> String {
     format!(
         "{} rule(s), default_action {}, hold_timeout_ms {}, approval_cluster `{}`",
@@ -90,20 +110,20 @@ impl Checker {
         how: &str,
         place: &str,
     ) {
-        let Some(rules) = answer_review_rules(config) else {
+        let Some(why) = answer_heads_held(config) else {
             return;
         };
         if allowed == Some(true) {
             self.report.ok(
                 file,
-                format!("allow_on_headers_stop_iteration is set for the answers response rule(s) {rules} hold ({place})"),
+                format!("allow_on_headers_stop_iteration is set: {why} ({place})"),
             );
             return;
         }
         self.report.error(
             file,
             format!(
-                "response rule(s) {rules} with action `review` hold answers, which needs the Wasm filter's \
+                "{why}, which needs the Wasm filter's \
                  `allow_on_headers_stop_iteration: true` (Envoy >= 1.35): without it Envoy stops an answer's body \
                  with its head and a held answer never reaches the filter; {how} ({place})"
             ),
@@ -121,7 +141,7 @@ impl Checker {
     ) {
         let how = format!(
             "{what} cannot set it: review answers behind an Envoy you configure \
-             (envoy/countersign.yaml), or leave such rules out here"
+             (envoy/countersign.yaml), or leave such rules out here and set `hold_answer_heads: false`"
         );
         self.answers_held(file, config, None, &how, place);
     }

@@ -444,7 +444,7 @@ pub(crate) mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        let head = stream.on_response_headers(host);
+        let head = stream.on_response_headers(host, false);
         let body = serde_json::to_vec(answer).unwrap();
         let (first, rest) = body.split_at(10);
         host.response_chunk = first.to_vec();

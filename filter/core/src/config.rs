@@ -248,9 +248,24 @@ pub struct Config {
     pub masking: Option<MaskingConfig>,
     /// Request and response content rules.
     pub content_policy: ContentPolicy,
+    /// A plain answer the guard reads whole keeps its head back until its
+    /// body is judged, so an answer it blocks or withholds gets the error's
+    /// status and headers instead of the model's. Needs the host to let the
+    /// body reach the filter while the head waits (Envoy's
+    /// `allow_on_headers_stop_iteration`); off where it cannot.
+    pub hold_answer_heads: bool,
 }
 
 impl Config {
+    /// Whether some plain answers keep their head back while their body
+    /// reaches the filter (`hold_answer_heads` and a guard that may read
+    /// answers: masking or response rules), which the host must allow
+    /// (`allow_on_headers_stop_iteration` in Envoy), as for `review`
+    /// response rules.
+    pub fn holds_answer_heads(&self) -> bool {
+        self.hold_answer_heads && (self.masking.is_some() || self.content_policy.reads_answers())
+    }
+
     /// Whether choosing a request's rule or evaluating its content policy
     /// reads the Envoy route name (some rule is scoped by route).
     pub fn matches_routes(&self) -> bool {
@@ -405,6 +420,8 @@ struct RawConfig {
     masking: Option<RawMasking>,
     #[serde(default)]
     content_policy: Option<RawContentPolicy>,
+    #[serde(default = "default_true")]
+    hold_answer_heads: bool,
 }
 
 fn default_attachments() -> Attachments {
@@ -998,6 +1015,7 @@ impl Config {
             attachments: raw.attachments,
             masking,
             content_policy,
+            hold_answer_heads: raw.hold_answer_heads,
             approval_cluster: raw.approval_cluster,
             approval_authority: raw.approval_authority,
             approval_token,

@@ -145,7 +145,10 @@ fn allowed_request(records: bool, budget: &Budget) -> usize {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
-    assert_eq!(stream.on_response_headers(&mut host), Action::Continue);
+    assert_eq!(
+        stream.on_response_headers(&mut host, false),
+        Action::Continue
+    );
     tally.take("response headers", &host, budget.response_headers);
     assert_eq!(host.response_headers["x-countersign-outcome"], "allowed");
     // Nothing changes the answer's length: its content-length stays.

@@ -4,7 +4,7 @@
 //! the text sits in each API's answer is [`crate::answer`].)
 
 use crate::framing::Framing;
-use crate::mask::{mask_response_body, Hit, ResponseGuard, StreamMasker};
+use crate::mask::{mask_response_body, Hit, ResponseGuard, StreamMasker, BLOCKED_STATUS};
 use crate::record::ResponseRecorder;
 use crate::refusal::{Refusal, RefusalKind};
 use crate::wire::{ApiKind, HitCount};
@@ -16,6 +16,10 @@ pub struct GuardReport {
     pub blocked_by: Option<String>,
     /// Detector and monitor-rule hits so far.
     pub hits: Vec<HitCount>,
+    /// The status of the error that replaced a plain answer (blocked:
+    /// [`BLOCKED_STATUS`]; unreadable: `response_uninspectable`'s), for a
+    /// head that is still held. `None` for streams, whose head has gone.
+    pub status: Option<u16>,
 }
 
 /// How a response is guarded.
@@ -45,7 +49,7 @@ impl ResponseFilter {
 
     /// Rewrites one chunk (a plain body: the whole body, at its end).
     pub fn apply(&mut self, chunk: &[u8], end_of_stream: bool) -> (Vec<u8>, GuardReport) {
-        let (out, blocked_by, mut hits, monitored) = match self {
+        let (out, blocked_by, mut hits, monitored, status) = match self {
             ResponseFilter::Stream(masker) => {
                 let mut out = masker.push(chunk);
                 if end_of_stream {
@@ -57,6 +61,7 @@ impl ResponseFilter {
                     r.blocked.map(|b| b.name().to_string()),
                     hits_of(&r.hits),
                     r.monitored_rules,
+                    None,
                 )
             }
             ResponseFilter::Plain(guard, api) => match mask_response_body(guard, *api, chunk) {
@@ -66,21 +71,27 @@ impl ResponseFilter {
                         Some(b.name().to_string()),
                         hits_of(&m.hits),
                         m.monitored_rules,
+                        Some(BLOCKED_STATUS),
                     ),
                     None => (
                         m.body.clone().unwrap_or_else(|| chunk.to_vec()),
                         None,
                         hits_of(&m.hits),
                         m.monitored_rules,
+                        None,
                     ),
                 },
                 // Unreadable: nothing unchecked leaves (fail closed).
-                Err(_) => (
-                    unreadable_response(*api),
-                    Some("unreadable_response".to_string()),
-                    Vec::new(),
-                    Vec::new(),
-                ),
+                Err(_) => {
+                    let refusal = unreadable_response(*api);
+                    (
+                        refusal.body(),
+                        Some("unreadable_response".to_string()),
+                        Vec::new(),
+                        Vec::new(),
+                        Some(refusal.status()),
+                    )
+                }
             },
         };
         hits.extend(monitored.into_iter().map(|name| HitCount {
@@ -88,7 +99,14 @@ impl ResponseFilter {
             action: "monitor".into(),
             count: 1,
         }));
-        (out, GuardReport { blocked_by, hits })
+        (
+            out,
+            GuardReport {
+                blocked_by,
+                hits,
+                status,
+            },
+        )
     }
 }
 
@@ -122,12 +140,11 @@ fn hits_of(hits: &[Hit]) -> Vec<HitCount> {
         .collect()
 }
 
-/// Replacement for a response that could not be inspected.
-fn unreadable_response(api: ApiKind) -> Vec<u8> {
+/// The error replacing a response that could not be inspected.
+fn unreadable_response(api: ApiKind) -> Refusal {
     Refusal::new(
         RefusalKind::ResponseUninspectable,
         Some(api),
         "the model's response could not be inspected, so it was withheld",
     )
-    .body()
 }

@@ -99,6 +99,11 @@ pub struct StreamFilter {
     /// waits with its body, which is held for a reviewer when it calls a
     /// tool the rule names ([`crate::answer_review`]).
     reviews_answer: bool,
+    /// A plain answer the guard reads whole: its head waits with its body
+    /// (`hold_answer_heads`), so an answer the guard replaces by an error
+    /// gets the error's status and headers. The body is buffered whole
+    /// anyway, so the caller waits no longer for its first byte.
+    head_held: bool,
     /// With `reviews_answer`: what the answer's guard found in it (for
     /// `review` rules on detectors).
     answer_hits: Vec<HitCount>,
@@ -135,6 +140,7 @@ impl StreamFilter {
             withheld: None,
             response_buffered: false,
             reviews_answer: false,
+            head_held: false,
             answer_hits: Vec::new(),
             tool_stream: None,
             stream_held: false,
@@ -604,7 +610,9 @@ impl StreamFilter {
 
     /// The answer's head: outcome headers, the response plan, and the
     /// capture for the record when the request was recorded.
-    pub fn on_response_headers(&mut self, host: &mut dyn Host) -> Action {
+    /// `end_of_stream`: the answer has no body, so nothing would let a
+    /// held head go; it is never held.
+    pub fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Action {
         let mut record_id = None;
         let mut forwarded_at_ms = None;
         // The outcome headers this callback sets; whether the head is the
@@ -674,9 +682,9 @@ impl StreamFilter {
                 hits: Vec::new(),
             });
         }
-        if self.reviews_answer {
-            // The head waits for the body's verdict: a rejection may make
-            // the answer an error, with another status.
+        if (self.reviews_answer || self.head_held) && !end_of_stream {
+            // The head waits for the body's verdict: a rejection or a
+            // block may make the answer an error, with another status.
             return Action::Pause;
         }
         Action::Continue
@@ -748,6 +756,10 @@ impl StreamFilter {
                 if let Some(guard) = guard {
                     // The body will change length.
                     host.set_response_header("content-length", None);
+                    // A plain body is judged whole: its head can wait with
+                    // it at no cost, and then carry an error's status.
+                    self.head_held = framing.is_none()
+                        && self.config.as_ref().is_some_and(|c| c.hold_answer_heads);
                     self.record_guard = self
                         .screening
                         .as_ref()
@@ -904,6 +916,17 @@ impl StreamFilter {
             .map(|filter| filter.apply(chunk, end).0);
         if let (Some(report), true) = (&report, self.reviews_answer) {
             self.answer_hits.clone_from(&report.hits);
+        }
+        // A plain answer replaced by an error whose head is still held
+        // gets the error's status and headers (its `content-length` went
+        // when the guard was set up).
+        let replaced = report.as_ref().and_then(|r| r.status);
+        if let (Some(status), true) = (replaced, self.head_held || self.reviews_answer) {
+            host.set_response_header(":status", Some(&status.to_string()));
+            host.set_response_header("content-type", Some("application/json"));
+            if let Some(capture) = &mut self.response {
+                capture.status = status;
+            }
         }
         if let (Some(report), Some(capture)) = (report, &mut self.response) {
             if report.blocked_by.is_some() && capture.blocked_by.is_none() {
@@ -1245,15 +1268,16 @@ mod tests {
         )
     }
 
-    /// The answer's head arrives.
-    fn respond(host: &mut MockHost, stream: &mut StreamFilter, content_type: &str) {
+    /// The answer's head arrives: held (a plain answer the guard reads
+    /// whole) or let go.
+    fn respond(host: &mut MockHost, stream: &mut StreamFilter, content_type: &str) -> Action {
         host.response_headers = [(":status", "200"), ("content-type", content_type)]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         host.response_headers
             .insert("content-length".into(), "10".into());
-        assert_eq!(stream.on_response_headers(host), Action::Continue);
+        stream.on_response_headers(host, false)
     }
 
     fn chunk(host: &mut MockHost, stream: &mut StreamFilter, data: &[u8], eos: bool) -> Action {
@@ -1619,7 +1643,10 @@ mod tests {
             setup(r#"{"default_action":"allow","records":"off"}"#);
         assert_eq!(send(&mut host, &mut stream, CHAT, BODY), Action::Continue);
         upstream(&mut host);
-        assert_eq!(stream.on_response_headers(&mut host), Action::Continue);
+        assert_eq!(
+            stream.on_response_headers(&mut host, false),
+            Action::Continue
+        );
         let outcome: Vec<_> = host
             .response_headers
             .iter()
@@ -1634,7 +1661,7 @@ mod tests {
         host.request("GET", "/v1/models", b"");
         assert_eq!(stream.on_request_headers(&mut host, true), Action::Continue);
         upstream(&mut host);
-        stream.on_response_headers(&mut host);
+        stream.on_response_headers(&mut host, false);
         assert!(
             !host
                 .response_headers
@@ -1652,7 +1679,7 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        stream.on_response_headers(&mut host);
+        stream.on_response_headers(&mut host, false);
         assert_eq!(host.response_headers["x-countersign-outcome"], "denied");
     }
 
@@ -1877,7 +1904,7 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        stream.on_response_headers(&mut host);
+        stream.on_response_headers(&mut host, false);
         assert_eq!(host.response_headers[":status"], "502");
         assert!(!host.response_headers.contains_key("content-encoding"));
         assert!(!host.response_headers.contains_key("content-length"));
@@ -1970,7 +1997,7 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
             host.repeated_response_headers = vec![(name.to_string(), second.to_string())];
-            stream.on_response_headers(&mut host);
+            stream.on_response_headers(&mut host, false);
             assert_eq!(host.response_headers[":status"], "502", "{name}");
             // No value of either is left but the one set.
             assert!(host.repeated_response_headers.is_empty(), "{name}");
@@ -2030,6 +2057,116 @@ mod tests {
         assert_eq!(chunk(&mut host, &mut stream, body, true), Action::Continue);
         let out = String::from_utf8(host.response_chunk.clone()).unwrap();
         assert!(!out.contains("dave@example.com"), "{out}");
+    }
+
+    /// A configuration that masks e-mail addresses and blocks answers
+    /// saying "launch codes" (`extra`: more top-level fields).
+    fn guarded(extra: &str) -> String {
+        format!(
+            r#"{{{MASKING},"default_action":"allow","records":"off",{extra}"content_policy":{{"response_rules":[{{"name":"no-codes","phrases":["launch codes"]}}]}}}}"#
+        )
+    }
+
+    const BLOCKED_ANSWER: &[u8] = br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"the launch codes are 1234"}}]}"#;
+
+    /// Before: the head of a plain answer went out before its body was
+    /// judged, so a blocked answer kept the model's 200 under the error.
+    #[test]
+    fn a_blocked_plain_answer_gets_the_errors_status_and_headers() {
+        let (_worker, mut host, mut stream) = setup(&guarded(""));
+        send(&mut host, &mut stream, CHAT, BODY);
+        // The head waits with the body, which is buffered anyway.
+        assert_eq!(respond(&mut host, &mut stream, "text/plain"), Action::Pause);
+        assert!(!host.response_headers.contains_key("content-length"));
+        assert_eq!(
+            chunk(&mut host, &mut stream, &BLOCKED_ANSWER[..10], false),
+            Action::Pause
+        );
+        assert_eq!(
+            chunk(&mut host, &mut stream, BLOCKED_ANSWER, true),
+            Action::Continue
+        );
+        assert_eq!(host.response_headers[":status"], "403");
+        assert_eq!(host.response_headers["content-type"], "application/json");
+        assert!(!host.response_headers.contains_key("content-length"));
+        let error: serde_json::Value = serde_json::from_slice(&host.response_chunk).unwrap();
+        assert_eq!(error["error"]["code"], "response_blocked", "{error}");
+        assert!(!String::from_utf8_lossy(&host.response_chunk).contains("1234"));
+
+        // A plain answer that cannot be read: 502, as withheld answers get.
+        let (_worker, mut host, mut stream) = setup(&guarded(""));
+        send(&mut host, &mut stream, CHAT, BODY);
+        assert_eq!(
+            respond(&mut host, &mut stream, "application/json"),
+            Action::Pause
+        );
+        chunk(&mut host, &mut stream, br#"{"a":1,"a":2}"#, true);
+        assert_eq!(host.response_headers[":status"], "502");
+        let error: serde_json::Value = serde_json::from_slice(&host.response_chunk).unwrap();
+        assert_eq!(error["error"]["code"], "response_uninspectable", "{error}");
+
+        // A masked answer keeps the model's status.
+        let (_worker, mut host, mut stream) = setup(&guarded(""));
+        send(&mut host, &mut stream, CHAT, BODY);
+        assert_eq!(
+            respond(&mut host, &mut stream, "application/json"),
+            Action::Pause
+        );
+        let body = br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"dave@example.com"}}]}"#;
+        chunk(&mut host, &mut stream, body, true);
+        assert_eq!(host.response_headers[":status"], "200");
+        assert!(!String::from_utf8_lossy(&host.response_chunk).contains("dave@"));
+    }
+
+    #[test]
+    fn the_head_is_held_only_where_a_plain_answer_is_judged_whole() {
+        // A stream goes out event by event, its head at once.
+        let (_worker, mut host, mut stream) = setup(&guarded(""));
+        send(&mut host, &mut stream, CHAT, BODY);
+        assert_eq!(
+            respond(&mut host, &mut stream, "text/event-stream"),
+            Action::Continue
+        );
+        // Nothing guards the answer (it is only recorded, or not read):
+        // the `allow` path pays nothing.
+        for config in [
+            r#"{"default_action":"allow"}"#,
+            r#"{"default_action":"allow","records":"off"}"#,
+        ] {
+            let (worker, mut host, mut stream) = setup(config);
+            send(&mut host, &mut stream, CHAT, BODY);
+            if !host.dispatched.is_empty() {
+                answer(&mut host, &worker, 200, r#"{"id":"rec_1"}"#);
+            }
+            assert_eq!(
+                respond(&mut host, &mut stream, "application/json"),
+                Action::Continue,
+                "{config}"
+            );
+        }
+        // An answer without a body: nothing would let its head go.
+        let (_worker, mut host, mut stream) = setup(&guarded(""));
+        send(&mut host, &mut stream, CHAT, BODY);
+        host.response_headers = [(":status", "200"), ("content-type", "application/json")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(
+            stream.on_response_headers(&mut host, true),
+            Action::Continue
+        );
+        // Where the host cannot hold a head while the body reaches the
+        // filter (`hold_answer_heads: false`), the head goes at once and a
+        // blocked answer keeps the model's status (its body is the error).
+        let (_worker, mut host, mut stream) = setup(&guarded(r#""hold_answer_heads":false,"#));
+        send(&mut host, &mut stream, CHAT, BODY);
+        assert_eq!(
+            respond(&mut host, &mut stream, "application/json"),
+            Action::Continue
+        );
+        chunk(&mut host, &mut stream, BLOCKED_ANSWER, true);
+        assert_eq!(host.response_headers[":status"], "200");
+        assert!(String::from_utf8_lossy(&host.response_chunk).contains("response_blocked"));
     }
 
     #[test]

@@ -1800,7 +1800,7 @@ mod tests {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        assert_eq!(stream.on_response_headers(host), Action::Continue);
+        assert_eq!(stream.on_response_headers(host, false), Action::Continue);
         let bytes = case.bytes();
         let pieces: Vec<&[u8]> = bytes.chunks(piece).collect();
         let mut sent = Vec::new();

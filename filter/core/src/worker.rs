@@ -1459,7 +1459,7 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         host.effective = None;
-        s.on_response_headers(host);
+        s.on_response_headers(host, false);
         host.response_chunk = b"{}".to_vec();
         s.on_response_body(host, 2, true);
         s.on_log(host);

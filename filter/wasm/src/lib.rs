@@ -315,8 +315,8 @@ impl HttpContext for Stream {
         wasm(self.0.on_request_trailers(&mut Envoy))
     }
 
-    fn on_http_response_headers(&mut self, _: usize, _: bool) -> WasmAction {
-        wasm(self.0.on_response_headers(&mut Envoy))
+    fn on_http_response_headers(&mut self, _: usize, end_of_stream: bool) -> WasmAction {
+        wasm(self.0.on_response_headers(&mut Envoy, end_of_stream))
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> WasmAction {

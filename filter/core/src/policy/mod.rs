@@ -828,6 +828,11 @@ impl ContentPolicy {
             && self.review_rules.is_empty()
     }
 
+    /// Whether any response rule (`block` or `monitor`) reads answers.
+    pub fn reads_answers(&self) -> bool {
+        !self.response_rules.is_empty()
+    }
+
     /// The `review` response rules, whatever their scope: the answers they
     /// hold keep their head back while the body reaches the filter, which
     /// the host must allow (`allow_on_headers_stop_iteration` in Envoy).
