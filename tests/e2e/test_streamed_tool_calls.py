@@ -451,3 +451,23 @@ def test_gemini_arguments_streamed_in_pieces_end_the_stream_instead_of_a_review(
     last = json.loads([line for line in r.text.splitlines() if line.startswith("data:")][-1][5:])
     assert "`functionCall.partialArgs`" in last["error"]["message"], last
     assert agents.approval.pending() == []
+
+
+def test_clean_text_in_the_chunk_that_ends_the_stream_still_leaves(agents):
+    """Before: when one chunk carried clean text and then the event that
+    ends the stream (here a call's arguments in pieces), the clean text of
+    that chunk was dropped with it. Now it leaves, then the error event."""
+    call = {"candidates": [{"index": 0, "content": {"role": "model", "parts": [{"functionCall": {
+        "name": "delete_file", "partialArgs": [{"jsonPath": "$.path", "stringValue": "/srv/da"}],
+        "willContinue": True}}]}}]}
+    clean = {"candidates": [{"index": 0, "content": {"role": "model", "parts": [{"text": "Sure, deleting."}]}}]}
+    # One scripted item is one body chunk: both events in it.
+    events = [json.dumps(clean) + "\n\ndata: " + json.dumps(call)]
+    body = {"contents": [{"role": "user", "parts": [{"text": ASK}]}], "tools": GEMINI_TOOLS}
+    r = httpx.post(agents.url + GEMINI_PATH, json=body, timeout=60, headers=script(events))
+    assert r.status_code == 200, r.text[:300]
+    assert b"/srv/da" not in r.content and b"delete_file" not in r.content, r.content[:600]
+    data = [json.loads(line[5:]) for line in r.text.splitlines() if line.startswith("data:")]
+    assert data[0] == clean and len(data) == 2, r.text[:600]
+    assert "`functionCall.partialArgs`" in data[1]["error"]["message"], data
+    assert agents.approval.pending() == []

@@ -170,6 +170,15 @@ enum Unread {
     Pieced(&'static str),
 }
 
+/// What a lane lets out of a chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pushed {
+    /// The bytes that go out now.
+    out: Vec<u8>,
+    /// Set when a unit could not be read: the lane goes no further.
+    failed: Option<Unread>,
+}
+
 /// One lane (the caller's bytes, or the recorded ones).
 #[derive(Debug)]
 struct Lane {
@@ -198,31 +207,50 @@ impl Lane {
         }
     }
 
-    /// Takes a chunk; the bytes that go out now. `Err` when the stream is
-    /// not framed as it should be.
-    fn push(&mut self, api: ApiKind, chunk: &[u8]) -> Result<Vec<u8>, Unread> {
+    /// Takes a chunk; the bytes that go out now, and why the lane cannot
+    /// go on when a unit is not framed or read as it should be. The units
+    /// before such a unit were read and are let out (the caller's clean
+    /// text, not held back: nothing was held yet, or they would be held).
+    fn push(&mut self, api: ApiKind, chunk: &[u8]) -> Pushed {
         self.splitter.push(chunk);
         let mut out = Vec::new();
-        while let Some(unit) = self.splitter.next_complete().map_err(|_| Unread::Framing)? {
-            self.unit(api, unit, &mut out)?;
-        }
-        if self.splitter.buffered() > MAX_EVENT_BYTES {
-            return Err(Unread::Framing);
-        }
-        Ok(out)
+        let failed = self.units(api, &mut out).err();
+        let failed = failed
+            .or_else(|| (self.splitter.buffered() > MAX_EVENT_BYTES).then_some(Unread::Framing));
+        Pushed { out, failed }
     }
 
-    fn finish(&mut self, api: ApiKind) -> Result<Vec<u8>, Unread> {
-        let (units, rest) = self.splitter.finish().map_err(|_| Unread::Framing)?;
+    fn units(&mut self, api: ApiKind, out: &mut Vec<u8>) -> Result<(), Unread> {
+        while let Some(unit) = self.splitter.next_complete().map_err(|_| Unread::Framing)? {
+            self.unit(api, unit, out)?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, api: ApiKind) -> Pushed {
         let mut out = Vec::new();
+        let (units, rest) = match self.splitter.finish() {
+            Ok(done) => done,
+            Err(_) => {
+                return Pushed {
+                    out,
+                    failed: Some(Unread::Framing),
+                }
+            }
+        };
         for unit in units {
-            self.unit(api, unit, &mut out)?;
+            if let Err(why) = self.unit(api, unit, &mut out) {
+                return Pushed {
+                    out,
+                    failed: Some(why),
+                };
+            }
         }
         match &self.held {
             Some(_) => self.rest = rest.bytes,
             None => out.extend_from_slice(&rest.bytes),
         }
-        Ok(out)
+        Pushed { out, failed: None }
     }
 
     fn unit(&mut self, api: ApiKind, unit: Unit, out: &mut Vec<u8>) -> Result<(), Unread> {
@@ -343,15 +371,25 @@ impl ToolStream {
     }
 
     /// Ends the stream or what is held past the limit: the bytes ready
-    /// before, then the error event.
-    fn check(&mut self, send: Result<Vec<u8>, Unread>, record: Result<Vec<u8>, Unread>) -> Out {
+    /// before (the clean units ahead of an unreadable one in the same
+    /// chunk included), then the error event.
+    fn check(&mut self, send: Pushed, record: Pushed) -> Out {
         let over = self
             .caller
             .held_bytes
             .max(self.record.as_ref().map_or(0, |l| l.held_bytes))
             > self.limit;
         match (send, record) {
-            (Ok(send), Ok(record)) if !over => Out { send, record },
+            (
+                Pushed {
+                    out: send,
+                    failed: None,
+                },
+                Pushed {
+                    out: record,
+                    failed: None,
+                },
+            ) if !over => Out { send, record },
             (send, record) => {
                 self.failed = true;
                 let message = if over {
@@ -359,10 +397,12 @@ impl ToolStream {
                         "the tool calls of this streamed answer were held for review and outgrew the {} bytes a review may hold, so the rest of the answer was withheld",
                         self.limit
                     )
-                } else if let Some(field) = [&send, &record].into_iter().find_map(|r| match r {
-                    Err(Unread::Pieced(field)) => Some(*field),
-                    _ => None,
-                }) {
+                } else if let Some(field) =
+                    [&send, &record].into_iter().find_map(|r| match r.failed {
+                        Some(Unread::Pieced(field)) => Some(field),
+                        _ => None,
+                    })
+                {
                     format!(
                         "the streamed answer carries function-call arguments in pieces (`{field}`), which a review cannot show as the call the client puts together, so the rest of it was withheld"
                     )
@@ -373,9 +413,9 @@ impl ToolStream {
                 let refusal =
                     Refusal::new(RefusalKind::ResponseUninspectable, Some(self.api), message);
                 let end = stream_error(self.framing, self.api, &refusal, !self.caller.sent);
-                let mut send = send.unwrap_or_default();
+                let mut send = send.out;
                 send.extend_from_slice(&end);
-                let mut record = record.unwrap_or_default();
+                let mut record = record.out;
                 record.extend_from_slice(&end);
                 Out { send, record }
             }
@@ -1768,6 +1808,46 @@ mod tests {
                     message.contains(&format!("`functionCall.{partial}`")),
                     "{message}"
                 );
+            }
+        }
+    }
+
+    /// Before: when a chunk held clean events and then one that ends the
+    /// stream (unreadable, arguments in pieces), the clean events of that
+    /// chunk were dropped with it: the caller lost text that was free to
+    /// leave. Now they leave, then the error event, however the stream is
+    /// cut.
+    #[test]
+    fn clean_events_before_the_one_that_ends_the_stream_leave() {
+        let api = ApiKind::GeminiGenerateContent;
+        let text = |t: &str| json!({"candidates":[{"index":0,"content":{"role":"model","parts":[{"text":t}]}}]});
+        let pieced = json!({"candidates":[{"index":0,"content":{"role":"model","parts":[{"functionCall":
+            {"name":TOOL,"partialArgs":[{"jsonPath":"$.path","stringValue":"/srv/da"}],"willContinue":true}}]}}]});
+        let clean = sse_bytes(api, &[text("Sure. "), text("Here goes.")], false);
+        let unreadable = b"data: not json\n\n".to_vec();
+        for (name, ending) in [
+            ("pieced", sse_bytes(api, &[pieced], false)),
+            ("unreadable", unreadable),
+        ] {
+            let mut bytes = clean.clone();
+            bytes.extend(&ending);
+            let mut cuts: Vec<Vec<usize>> = (0..=bytes.len()).map(|c| vec![c]).collect();
+            cuts.push((1..bytes.len()).collect());
+            for cut in cuts {
+                let (mut sent, end) = pushed(api, &bytes, &cut);
+                let End::Done(last) = end else {
+                    panic!("{name}: held for review")
+                };
+                sent.extend(last.send);
+                let raw = String::from_utf8_lossy(&sent);
+                assert!(sent.starts_with(&clean), "{name} {cut:?}: {raw}");
+                assert!(
+                    !raw.contains("/srv/da") && !raw.contains("not json"),
+                    "{raw}"
+                );
+                let events = events_of(&sent);
+                assert_eq!(events.len(), 3, "{name} {cut:?}: {raw}");
+                assert!(events[2].1.get("error").is_some(), "{raw}");
             }
         }
     }
