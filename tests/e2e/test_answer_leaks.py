@@ -871,4 +871,8 @@ def test_where_masking_only_monitors_unfollowable_streams_pass(stack, case):
         elif e.get("type") == "content_block_delta":
             got[e["index"]] = got.get(e["index"], "") + e["delta"]["text"]
     assert got == want, a.raw[:600]
-    assert response_record(stack, a.request_id).get("blocked_by") is None
+    part = response_record(stack, a.request_id)
+    assert part.get("blocked_by") is None, part
+    # The rest went unread, its hits uncounted: the record says so (before:
+    # nothing did, and it passed for a clean answer).
+    assert part.get("unscanned") is True, part

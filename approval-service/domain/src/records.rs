@@ -792,6 +792,7 @@ fn not_forwarded(refusal: &RecordedRefusal) -> RecordResponse {
         total_ms: None,
         blocked_by: Some(refusal.code.clone()),
         hits: Vec::new(),
+        unscanned: false,
         completion: "not_forwarded".into(),
         answer_review_id: None,
         answer_decision: None,

@@ -241,6 +241,7 @@ impl ResponseRecorder {
             total_ms,
             blocked_by: None,
             hits: Vec::new(),
+            unscanned: false,
             completion: completion.to_string(),
             answer_review_id: None,
             answer_decision: None,

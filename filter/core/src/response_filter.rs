@@ -20,6 +20,10 @@ pub struct GuardReport {
     /// [`BLOCKED_STATUS`]; unreadable: `response_uninspectable`'s), for a
     /// head that is still held. `None` for streams, whose head has gone.
     pub status: Option<u16>,
+    /// A stream the guard stopped reading (it could not follow its
+    /// channels, and only monitors): the rest passed unread, its hits
+    /// uncounted ([`crate::mask::StreamReport::unscanned`]).
+    pub unscanned: bool,
 }
 
 /// How a response is guarded.
@@ -49,6 +53,7 @@ impl ResponseFilter {
 
     /// Rewrites one chunk (a plain body: the whole body, at its end).
     pub fn apply(&mut self, chunk: &[u8], end_of_stream: bool) -> (Vec<u8>, GuardReport) {
+        let mut unscanned = false;
         let (out, blocked_by, mut hits, monitored, status) = match self {
             ResponseFilter::Stream(masker) => {
                 let mut out = masker.push(chunk);
@@ -56,6 +61,7 @@ impl ResponseFilter {
                     out.extend(masker.finish());
                 }
                 let r = masker.report();
+                unscanned = r.unscanned;
                 (
                     out,
                     r.blocked.map(|b| b.name().to_string()),
@@ -105,6 +111,7 @@ impl ResponseFilter {
                 blocked_by,
                 hits,
                 status,
+                unscanned,
             },
         )
     }
@@ -128,6 +135,9 @@ pub struct ResponseCapture {
     pub blocked_by: Option<String>,
     /// Hits of the response guard.
     pub hits: Vec<HitCount>,
+    /// The guard stopped reading the stream part way: `hits` count only
+    /// what came before.
+    pub unscanned: bool,
 }
 
 fn hits_of(hits: &[Hit]) -> Vec<HitCount> {

@@ -113,6 +113,8 @@ pub struct StreamFilter {
     tool_stream: Option<ToolStream>,
     /// The rest of a streamed answer waits for a reviewer.
     stream_held: bool,
+    /// The guard stopped reading this stream (counted once).
+    unscanned: bool,
     /// A request to a path that is not an inference endpoint, whose body is
     /// being looked at: a prompt there is refused (see `shape::sniff_prompt`).
     sniffing: bool,
@@ -144,6 +146,7 @@ impl StreamFilter {
             answer_hits: Vec::new(),
             tool_stream: None,
             stream_held: false,
+            unscanned: false,
             sniffing: false,
             properties_read: false,
         }
@@ -680,6 +683,7 @@ impl StreamFilter {
                 complete: false,
                 blocked_by: self.withheld.as_ref().map(|w| w.blocked_by.to_string()),
                 hits: Vec::new(),
+                unscanned: false,
             });
         }
         if (self.reviews_answer || self.head_held) && !end_of_stream {
@@ -928,12 +932,26 @@ impl StreamFilter {
                 capture.status = status;
             }
         }
+        // Where the guard only monitors and stopped reading a stream it
+        // could not follow, the rest passes unread: counted and logged
+        // once, and the record says so, so no one takes the hits counted
+        // before for the whole answer's.
+        if report.as_ref().is_some_and(|r| r.unscanned) && !self.unscanned {
+            self.unscanned = true;
+            host.count("countersign_responses_unscanned_total", 1);
+            let msg = format!(
+                "countersign: {} a streamed answer's channels could not be followed; where the guard only monitors, the rest passed unread and its hits were not counted",
+                self.info.request_id
+            );
+            host.log(Level::Warn, &msg);
+        }
         if let (Some(report), Some(capture)) = (report, &mut self.response) {
             if report.blocked_by.is_some() && capture.blocked_by.is_none() {
                 host.count("countersign_responses_blocked_total", 1);
             }
             capture.blocked_by = report.blocked_by;
             capture.hits = report.hits;
+            capture.unscanned = report.unscanned;
         }
         (out, recorded)
     }
@@ -1188,6 +1206,7 @@ impl StreamFilter {
                 .finish(capture.status, capture.ttfb_ms, Some(total), completion);
         response.blocked_by = capture.blocked_by;
         response.hits = capture.hits;
+        response.unscanned = capture.unscanned;
         if let Some(answered) = answered {
             response.answer_review_id = Some(answered.review_id);
             response.answer_decision = Some(answered.decision.to_string());

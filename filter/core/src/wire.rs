@@ -657,6 +657,11 @@ pub struct RecordResponse {
     /// Detector and rule hits in the response (names and counts).
     #[serde(default)]
     pub hits: Vec<HitCount>,
+    /// The guard (monitoring only) stopped reading a stream whose channels
+    /// it could not follow: the rest passed unread, and `hits` count only
+    /// what came before it. Absent (false) otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unscanned: bool,
     /// `complete`, or how it ended otherwise (`reset`).
     pub completion: String,
     /// The review that held the answer (its tool calls), if one did.

@@ -92,6 +92,10 @@ pub struct StreamReport {
     pub blocked: Option<Blocked>,
     /// `monitor` response rules that matched.
     pub monitored_rules: Vec<String>,
+    /// The masker stopped reading the stream at an event whose channels it
+    /// cannot follow (where the guard changes no text, the rest passes as
+    /// it came): `hits` and `monitored_rules` count only what came before.
+    pub unscanned: bool,
 }
 
 /// How to build an extra event carrying text for a channel.
@@ -293,6 +297,9 @@ pub struct StreamMasker {
     /// no text) the channels could be followed so far ([`Self::on_json`]).
     /// Otherwise bytes pass as they come.
     active: bool,
+    /// Reading stopped at an event whose channels cannot be followed
+    /// ([`StreamReport::unscanned`]).
+    unscanned: bool,
     splitter: Splitter,
     channels: Vec<Channel>,
     tally: GuardTally,
@@ -324,6 +331,7 @@ impl StreamMasker {
             api,
             guard,
             active,
+            unscanned: false,
             splitter: Splitter::new(framing),
             channels: Vec::new(),
             tally: GuardTally::default(),
@@ -440,6 +448,7 @@ impl StreamMasker {
             hits: self.guard.hits(&self.tally),
             blocked: self.blocked.clone(),
             monitored_rules: self.tally.monitored_rules.clone(),
+            unscanned: self.unscanned,
         }
     }
 
@@ -650,6 +659,9 @@ impl StreamMasker {
             // of the stream as it comes, unread.
             self.flush(|_| true, false, false, pre)?;
             self.active = false;
+            // The audit trail must say that what follows went unread (its
+            // hits uncounted), not pass for a clean stream.
+            self.unscanned = true;
             return Ok(None);
         }
         // A choice or candidate the request did not ask for: a client
@@ -3286,6 +3298,8 @@ mod tests {
                 let (out, m) = run(*api, &g, &parts);
                 let raw = String::from_utf8_lossy(&out);
                 assert!(m.report().blocked.is_none(), "{api:?}: {raw}");
+                // The report says the rest went unread.
+                assert!(m.report().unscanned, "{api:?}: {raw}");
                 assert_eq!(texts_by_index(*api, &out), want, "{api:?}: {raw}");
                 // From the event it cannot follow on, as it came.
                 let at = input.find("mple.com").unwrap();

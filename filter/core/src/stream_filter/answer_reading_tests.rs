@@ -244,3 +244,71 @@ fn a_held_stream_ends_at_an_event_it_cannot_read() {
         assert!(out.contains("response_uninspectable"), "{bad}: {out}");
     }
 }
+
+/// Where masking only monitors, a stream whose channels cannot be followed
+/// (an index clients read otherwise, `1.0`) passes unread from there on.
+/// Before: its later hits went uncounted and nothing said so, so the
+/// record passed for a clean answer. Now the record says `unscanned`, the
+/// hits before that point stay, and `countersign_responses_unscanned_total`
+/// counts the stream once.
+#[test]
+fn a_monitored_stream_that_passes_unread_says_so_in_its_record_and_metric() {
+    const MONITOR: &str = r#"{"masking":{"profiles":{"default":{"detectors":{"email":"monitor"}}}},"default_action":"allow","record_batch_ms":0}"#;
+    let gemini = "/v1beta/models/m:streamGenerateContent?alt=sse";
+    let request = r#"{"contents":[{"role":"user","parts":[{"text":"hi"}]}]}"#;
+    let chunk = |index: Value, text: &str| {
+        format!(
+            "data: {}\n\n",
+            json!({"candidates":[{"index":index,"content":{"role":"model","parts":[{"text":text}]}}]})
+        )
+    };
+    let run = |chunks: &[String]| {
+        let (worker, mut host, mut stream) =
+            crate::testing::forwarded(MONITOR, 7, gemini, request.as_bytes());
+        host.response_headers = [(":status", "200"), ("content-type", "text/event-stream")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(
+            stream.on_response_headers(&mut host, false),
+            Action::Continue
+        );
+        for (i, c) in chunks.iter().enumerate() {
+            host.response_chunk = c.as_bytes().to_vec();
+            stream.on_response_body(&mut host, c.len(), i + 1 == chunks.len());
+        }
+        let metric = host.metric("countersign_responses_unscanned_total");
+        (response_record(&mut host, &worker, &mut stream), metric)
+    };
+    let hits = |record: &Value| {
+        record["hits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["count"].as_u64().unwrap())
+            .sum::<u64>()
+    };
+
+    let unfollowable = [
+        chunk(json!(0), &format!("mail {EMAIL} ")),
+        chunk(json!(1.0), "x"),
+        chunk(json!(0), &format!("and {EMAIL}")),
+        chunk(json!(0), &format!("and {EMAIL}")),
+    ];
+    let (record, metric) = run(&unfollowable);
+    assert_eq!(record["unscanned"], true, "{record}");
+    assert_eq!(metric, 1);
+    // The hit before the point is counted; those after were not read.
+    assert_eq!(hits(&record), 1, "{record}");
+    assert!(record["blocked_by"].is_null(), "{record}");
+
+    // A stream read to its end says nothing of the kind.
+    let followed = [
+        chunk(json!(0), &format!("mail {EMAIL} ")),
+        chunk(json!(0), &format!("and {EMAIL}")),
+    ];
+    let (record, metric) = run(&followed);
+    assert!(record.get("unscanned").is_none(), "{record}");
+    assert_eq!(metric, 0);
+    assert_eq!(hits(&record), 2, "{record}");
+}
