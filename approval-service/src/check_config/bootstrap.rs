@@ -844,6 +844,10 @@ static_resources:
             let r = check_texts(&[("envoy.yaml", &bootstrap(&at_once))]);
             assert!(!r.has_errors(), "{:?}", r.lines);
         }
+        // Masking of prompts only reads no answer.
+        let prompts_only = r#"{"masking":{"profiles":{"default":{"detectors":{"email":"redact"},"responses":false}}}}"#;
+        let r = check_texts(&[("envoy.yaml", &bootstrap(prompts_only))]);
+        assert!(!r.has_errors(), "{:?}", r.lines);
     }
 
     #[test]

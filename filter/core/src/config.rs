@@ -263,7 +263,11 @@ impl Config {
     /// (`allow_on_headers_stop_iteration` in Envoy), as for `review`
     /// response rules.
     pub fn holds_answer_heads(&self) -> bool {
-        self.hold_answer_heads && (self.masking.is_some() || self.content_policy.reads_answers())
+        let masks = self
+            .masking
+            .as_ref()
+            .is_some_and(MaskingConfig::reads_answers);
+        self.hold_answer_heads && (masks || self.content_policy.reads_answers())
     }
 
     /// Whether choosing a request's rule or evaluating its content policy

@@ -346,6 +346,15 @@ impl MaskingConfig {
     pub fn profile_names(&self) -> impl Iterator<Item = &str> {
         self.profiles.keys().map(String::as_str)
     }
+
+    /// Whether some profile reads answers: masks them (`responses`, a
+    /// detector on) or restores pseudonyms into them, as
+    /// [`super::ResponseGuard::new`] takes a profile.
+    pub fn reads_answers(&self) -> bool {
+        self.profiles
+            .values()
+            .any(|p| (p.responses() && !p.is_noop()) || p.restore())
+    }
 }
 
 #[cfg(test)]
