@@ -100,6 +100,23 @@ def test_block_names_the_detector_never_the_value(masked):
     assert masked.backend.stats()["started"] == 0
 
 
+def test_cards_and_keys_glued_to_words_or_digit_groups_are_masked(masked):
+    # A digit group after a card made the whole no card, and a word glued
+    # to a value hid it from patterns that began or ended with `\b` (`_`
+    # and letters are word characters): each reached the model unmasked.
+    for text in ("card 4111111111111111.5", "card 4111111111111111-0", f"card {CARD} 05/27",
+                 "card4111111111111111", "card_4111111111111111_exp"):
+        r = post(masked.url, json=chat(model="demo-allow", text=text))
+        assert r.status_code == 403 and "credit_card" in r.json()["error"]["message"], (text, r.text)
+        assert "4111" not in r.text
+    assert masked.backend.stats()["started"] == 0
+    r = post(masked.url, json=chat(model="demo-allow", text=f"env aws_key_{AWS}_old and key{AWS}"))
+    assert r.status_code == 200, r.text
+    [seen] = masked.backend.requests()
+    sent = json.loads(seen["body"])["messages"][0]["content"]
+    assert sent == "env aws_key_[AWS_ACCESS_KEY]_old and key[AWS_ACCESS_KEY]", sent
+
+
 def test_unicode_escapes_do_not_hide_a_value(masked):
     escaped = EMAIL.replace("@", "\\u0040").replace(".", "\\u002e")
     body = ('{"model":"demo-allow","messages":[{"role":"user","content":"write to %s"}]}' % escaped).encode()

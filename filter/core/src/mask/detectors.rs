@@ -51,6 +51,7 @@ pub(crate) enum Check {
     Card,
     Iban,
     Ssn,
+    AwsKeyId,
     Ipv4,
     Ipv6,
     SkKey,
@@ -409,7 +410,10 @@ fn builtin_spec(name: &str) -> Option<Spec> {
             whole,
             None,
         ),
-        "credit_card" => (r"\b[0-9](?:[ .\-]?[0-9]){12,18}\b".into(), Check::Card, Cand::Run { set: CARD, need: Need::Digits(13), extend: 0 }, whole, None),
+        // No `\b` around it: `_` and letters are word characters, so
+        // `card_4111…` or `…1111exp` never matched; which digits may stand
+        // next to a card is [`card_end`]'s to say.
+        "credit_card" => (r"[0-9](?:[ .\-]?[0-9]){12,18}".into(), Check::Card, Cand::Run { set: CARD, need: Need::Digits(13), extend: 0 }, whole, None),
         "iban" => (
             r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,32}\b".into(),
             Check::Iban,
@@ -440,8 +444,10 @@ fn builtin_spec(name: &str) -> Option<Spec> {
             None,
         ),
         "aws_access_key" => (
-            r"\b(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}\b".into(),
-            Check::None,
+            // Its ends are [`Check::AwsKeyId`]'s: a word glued to it
+            // (`keyAKIA…`, `…EXAMPLE_old`) is no boundary for `\b`.
+            r"(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}".into(),
+            Check::AwsKeyId,
             Cand::Run { set: UPPER_ALNUM, need: Need::Literal(&["AKIA", "ASIA", "ABIA", "ACCA"]), extend: 0 },
             whole,
             None,
@@ -457,28 +463,34 @@ fn builtin_spec(name: &str) -> Option<Spec> {
             None,
         ),
         "openai_key" => (
-            r"\bsk-[A-Za-z0-9_\-]{20,}".into(),
+            // Glued to a word (`keysk-proj-…`) only with a prefix no word
+            // ends in; a bare `sk-` inside one is `risk-`, `task-`, `desk-`.
+            r"\bsk-[A-Za-z0-9_\-]{20,}|sk-(?:proj|ant|svcacct|admin)-[A-Za-z0-9_\-]{16,}".into(),
             Check::SkKey,
             Cand::Run { set: TOKEN, need: Need::Literal(&["sk-"]), extend: 0 },
             whole,
             None,
         ),
         "github_token" => (
-            r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{30,})\b".into(),
+            // No `\b`: the prefixes are distinctive enough to be found glued
+            // to a word (`tokenghp_…`, `…_old`).
+            r"gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{30,}".into(),
             Check::None,
             Cand::Run { set: TOKEN, need: Need::Literal(&["gh", "github_pat_"]), extend: 0 },
             whole,
             None,
         ),
         "slack_token" => (
-            r"\bxox[abeprs]-[A-Za-z0-9\-]{10,}|\bxapp-[0-9]-[A-Za-z0-9\-]{10,}|https://hooks\.slack\.com/services/[A-Za-z0-9/_\-]{20,}".into(),
+            r"xox[abeprs]-[A-Za-z0-9\-]{10,}|xapp-[0-9]-[A-Za-z0-9\-]{10,}|https://hooks\.slack\.com/services/[A-Za-z0-9/_\-]{20,}".into(),
             Check::Slack,
             Cand::Run { set: URL, need: Need::Literal(&["xox", "xapp-", "hooks.slack.com"]), extend: 0 },
             whole,
             None,
         ),
         "jwt" => (
-            r"\beyJ[A-Za-z0-9_\-]{5,}\.eyJ[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]*".into(),
+            // No `\b`: the header must decode to JSON naming `alg`, glued to
+            // a word (`tokeneyJ…`) or not.
+            r"eyJ[A-Za-z0-9_\-]{5,}\.eyJ[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]*".into(),
             Check::Jwt,
             Cand::Run { set: JWT, need: Need::Literal(&["eyJ"]), extend: 0 },
             whole,
@@ -729,7 +741,7 @@ impl Detector {
                 match self.validate(hay, vs, ve) {
                     Some(end) if end > vs => {
                         out.push(Detection {
-                            read: (ms.min(vs), me.max(end)),
+                            read: (ms.min(vs), me.max(self.read_to(hay, end))),
                             value: Some((vs, end)),
                         });
                         let resume = if self.value == ValueGroup::Whole {
@@ -745,7 +757,7 @@ impl Detector {
                     }
                     _ => {
                         if self.retry_inside() && me - ms <= RETRY_INSIDE_MAX {
-                            pos = next_char(hay, ms);
+                            pos = self.retry_at(hay, ms);
                         } else {
                             // The scan goes on after it: nothing found
                             // starts inside it.
@@ -759,6 +771,37 @@ impl Detector {
                 }
             }
         }
+    }
+
+    /// Where to search again after a rejected candidate at `ms`: the next
+    /// character; for a card, past the digits right after it, since no
+    /// card begins after a digit ([`card_end`]) and a search from each of
+    /// them (the regex has no `\b` to skip them) is wasted work on every
+    /// run of digit groups.
+    fn retry_at(&self, hay: &str, ms: usize) -> usize {
+        let mut pos = next_char(hay, ms);
+        if self.check == Check::Card {
+            while hay.as_bytes().get(pos).is_some_and(u8::is_ascii_digit) {
+                pos += 1;
+            }
+        }
+        pos
+    }
+
+    /// Where what decided an accepted value ending at `end` ends: beyond
+    /// the two bytes a stream always waits for, a card glued to a
+    /// hexadecimal letter was checked against the [`HEX_GLUE`] bytes after
+    /// it ([`hex_glued`]), which a stream must then see before it decides.
+    fn read_to(&self, hay: &str, end: usize) -> usize {
+        let hex_letter = |c: &u8| matches!(c, b'a'..=b'f' | b'A'..=b'F');
+        if self.check != Check::Card || !hay.as_bytes().get(end).is_some_and(hex_letter) {
+            return end;
+        }
+        let mut to = (end + HEX_GLUE).min(hay.len());
+        while !hay.is_char_boundary(to) {
+            to += 1;
+        }
+        to
     }
 
     /// Whether a rejected candidate may hide a real value starting inside it
@@ -794,15 +837,19 @@ impl Detector {
                     && !glued_group(hay, s, e)
                     && !digit_group_context(hay, s)
             }
-            Check::Card => {
-                card_ok(v)
-                    && !glued(hay, s, e, b'-')
-                    && !hay.get(..s).is_some_and(|b| b.ends_with('+'))
-                    && !in_iban(hay, s)
-            }
+            Check::Card => return card_end(hay, s, e),
             Check::Ssn => ssn_ok(v) && !glued(hay, s, e, b'-') && !glued(hay, s, e, b' '),
             Check::Ipv4 => ipv4_ok(v) && !glued(hay, s, e, b'.') && !version_context(hay, s),
             Check::Ipv6 => return ipv6_end(hay, s, e),
+            Check::AwsKeyId => {
+                // Not inside a longer run of upper-case letters and digits
+                // (`EURASIAPACIFIC…`); a lower-case word or `_` glued to it
+                // is no part of it.
+                let key_char = |c: Option<char>| {
+                    c.is_some_and(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+                };
+                !key_char(prev_of(hay, s)) && !key_char(next_of(hay, e))
+            }
             Check::SkKey => sk_ok(v),
             Check::Slack => !v.starts_with("xox") || v.bytes().any(|b| b.is_ascii_digit()),
             Check::Jwt => jwt_ok(v),
@@ -845,6 +892,63 @@ fn glued(hay: &str, s: usize, e: usize, sep: u8) -> bool {
         s >= 2 && b.get(s - 1) == Some(&sep) && b.get(s - 2).is_some_and(u8::is_ascii_digit);
     let after = b.get(e) == Some(&sep) && b.get(e + 1).is_some_and(u8::is_ascii_digit);
     before || after
+}
+
+/// Characters of a hexadecimal string next to a run of digits that make
+/// the run a piece of it (a hash, a UUID without dashes) rather than a
+/// number of its own.
+const HEX_GLUE: usize = 8;
+
+/// The end of the card number that begins at `s`: the longest one the
+/// candidate `hay[s..e]` begins with, or `None`. A card stands between
+/// non-digits: a digit before it makes it a piece of a longer number,
+/// while what follows a digit group it ends at (`4111111111111111.5`,
+/// `…1111-0`, `… 1111 05/27`) is the next thing written, since a guard
+/// that took such a tail as part of the number would let any card through
+/// with one more group. Letters and `_` glued to it (`card4111…`,
+/// `…1111_exp`) do not hide it either, unless they are a hexadecimal
+/// string ([`hex_glued`]). Not after `+` (a phone number), nor a piece of
+/// an IBAN-shaped run ([`in_iban`]).
+///
+/// What decides it lies at most [`HEX_GLUE`] characters before the card,
+/// which a stream keeps as context, and as many after it, which are
+/// reported as read with it ([`Detector::reads_after`]) so that a stream
+/// waits for them.
+fn card_end(hay: &str, s: usize, e: usize) -> Option<usize> {
+    let b = hay.as_bytes();
+    let digit = |i: usize| b.get(i).is_some_and(u8::is_ascii_digit);
+    if (s > 0 && digit(s - 1)) || hay.get(..s).is_some_and(|h| h.ends_with('+')) || in_iban(hay, s)
+    {
+        return None;
+    }
+    // Longest first: ends at a digit that no digit follows, with digits
+    // enough for a card (counted before the full check, which most ends
+    // of a run of digit groups fail).
+    let enough = |end: usize| {
+        b.get(s..end)
+            .is_some_and(|v| v.iter().filter(|c| c.is_ascii_digit()).count() >= 13)
+    };
+    (s + 1..=e)
+        .rev()
+        .filter(|&end| digit(end - 1) && !digit(end) && enough(end))
+        .find(|&end| hay.get(s..end).is_some_and(card_ok) && !hex_glued(hay, s, end))
+}
+
+/// Whether the digits `hay[s..e]` are glued to a hexadecimal string of at
+/// least [`HEX_GLUE`] characters (digits and letters `a`-`f` of one case,
+/// a letter among them) on either side: `sha 9af0c2de4111…`,
+/// `4111…c0ffee12`. A shorter word (`card4111…`, `…1111exp`) is not one.
+fn hex_glued(hay: &str, s: usize, e: usize) -> bool {
+    let b = hay.as_bytes();
+    let hex = |w: Option<&[u8]>| {
+        w.is_some_and(|w| {
+            let of = |letters: std::ops::RangeInclusive<u8>| {
+                w.iter().all(|c| c.is_ascii_digit() || letters.contains(c))
+            };
+            (of(b'a'..=b'f') || of(b'A'..=b'F')) && w.iter().any(u8::is_ascii_alphabetic)
+        })
+    };
+    hex(s.checked_sub(HEX_GLUE).and_then(|a| b.get(a..s))) || hex(b.get(e..e + HEX_GLUE))
 }
 
 /// Whether a phone-shaped group is a piece of a longer group of digits
@@ -1550,7 +1654,27 @@ mod tests {
         ("credit_card", "0000 0000 0000 0000", &[]),
         ("credit_card", "4111 1111-1111 1111", &[]),
         ("credit_card", "id 4111111111111111111111", &[]),
-        ("credit_card", "ref 1111-4111-1111-1111-1111", &[]),
+        ("credit_card", "id 41111111111111111111111 and 14111111111111111", &[]),
+        // A digit group before or after the card is the next thing written,
+        // not part of it: a guard that read `-0` or `.5` as part of the
+        // number let any card through with one more group.
+        ("credit_card", "4111111111111111.5 and 4111111111111111-0", &["4111111111111111", "4111111111111111"]),
+        ("credit_card", "4111 1111 1111 1111.5 or 4111-1111-1111-1111-0", &["4111 1111 1111 1111", "4111-1111-1111-1111"]),
+        ("credit_card", "card 4111111111111111 05/27 cvc 123", &["4111111111111111"]),
+        ("credit_card", "card 4111 1111 1111 1111 05/27", &["4111 1111 1111 1111"]),
+        ("credit_card", "ref 1111-4111-1111-1111-1111", &["4111-1111-1111-1111"]),
+        ("credit_card", "0-4111111111111111 and 0.4111111111111111", &["4111111111111111", "4111111111111111"]),
+        ("credit_card", "price 1234.5678, part 4111-2222-33, 12345678.9012345", &[]),
+        // Glued to a word: letters and `_` are word characters, which
+        // `\b` took for part of the number.
+        ("credit_card", "card4111111111111111 card_4111111111111111", &["4111111111111111", "4111111111111111"]),
+        ("credit_card", "4111111111111111card and 4111 1111 1111 1111_exp", &["4111111111111111", "4111 1111 1111 1111"]),
+        ("credit_card", "x4111111111111111exp", &["4111111111111111"]),
+        // Digits inside a hexadecimal string are part of it (a hash, a
+        // UUID without dashes); a short word of hex letters is not one.
+        ("credit_card", "sha 9af0c2de4111111111111111d2e4f6a8", &[]),
+        ("credit_card", "4111111111111111c0ffee12 and deadbeef4111111111111111", &[]),
+        ("credit_card", "cafe4111111111111111 and 4111111111111111abc", &["4111111111111111", "4111111111111111"]),
         ("credit_card", "order 638-3139819-0187709", &[]),
         ("credit_card", "tel +49 151 45930694", &[]),
         ("credit_card", "IBAN ES86 6934 4398 8366 9468 2997", &[]),
@@ -1606,6 +1730,10 @@ mod tests {
         ("aws_access_key", "AKIAIOSFODNN7EXAMPLEX", &[]),
         ("aws_access_key", "akiaiosfodnn7example", &[]),
         ("aws_access_key", "AKIA1234", &[]),
+        // Glued to a word: a lower-case word or `_` is no part of the id,
+        // upper-case letters and digits are.
+        ("aws_access_key", "keyAKIAIOSFODNN7EXAMPLE aws_key_AKIAIOSFODNN7EXAMPLE_old", &["AKIAIOSFODNN7EXAMPLE", "AKIAIOSFODNN7EXAMPLE"]),
+        ("aws_access_key", "XAKIAIOSFODNN7EXAMPLE 1AKIAIOSFODNN7EXAMPLE", &[]),
         (
             "aws_secret_key",
             "Access key ID,Secret access key\nAKIAIOSFODNN7EXAMPLE,wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n",
@@ -1624,14 +1752,20 @@ mod tests {
         ("openai_key", "sk-ant-api03-AbCdEf0123456789_xyz-QWERTY", &["sk-ant-api03-AbCdEf0123456789_xyz-QWERTY"]),
         ("openai_key", "T3BlbkFJ sk-abcdefghijklmnopqrstuvwxyz", &[]),
         ("openai_key", "risk-Abcdefghijklmnopqrst1uvwxyz", &[]),
+        // Glued to a word only with a prefix that no word ends in.
+        ("openai_key", "keysk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv", &["sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv"]),
+        ("openai_key", "key_sk-ant-api03-AbCdEf0123456789_xyz-QWERTY", &["sk-ant-api03-AbCdEf0123456789_xyz-QWERTY"]),
+        ("openai_key", "task-Abcdefghijklmnopqrst1uvwxyz", &[]),
         ("openai_key", "sk-short1A", &[]),
         ("github_token", "ghp_1234567890abcdefghijklmnopqrstuvwxyzAB", &["ghp_1234567890abcdefghijklmnopqrstuvwxyzAB"]),
         ("github_token", "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz", &["github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz"]),
         ("github_token", "ghp_short", &[]),
+        ("github_token", "tokenghp_1234567890abcdefghijklmnopqrstuvwxyzAB_old", &["ghp_1234567890abcdefghijklmnopqrstuvwxyzAB"]),
         ("github_token", "ghx_1234567890abcdefghijklmnopqrstuvwxyzAB", &[]),
         ("slack_token", "xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOp", &["xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOp"]),
         ("slack_token", "https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX", &["https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX"]),
         ("slack_token", "xoxo-hugs-and-kisses", &[]),
+        ("slack_token", "SLACK_TOKENxoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOp", &["xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOp"]),
         ("slack_token", "xoxb-abcdefghijklmnop", &[]),
         (
             "jwt",
@@ -1639,6 +1773,11 @@ mod tests {
             &["eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"],
         ),
         ("jwt", "eyJub3RhIjoiand0In0.eyJzdWIiOiIxIn0.abcdefgh", &[]),
+        (
+            "jwt",
+            "tokeneyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+            &["eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"],
+        ),
         ("jwt", "eyJhbGciOiJIUzI1NiJ9.notpayload.sig", &[]),
         (
             "pem_private_key",

@@ -2330,6 +2330,10 @@ mod tests {
             "https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXX", "sk-ant-api03-AbCdEf0123456789_xyz-QWERTY",
             "GB82WEST1234569876543", "DE89 3704 0044 0532 0130 01", "&#x40;", "&commat;", "%2E", "\u{FEFF}", "\u{00AD}",
             "１２３-４５-６７８９", "\t", "'", "\"", ";", "&#", "&#x", "&#1", "%4",
+            // Glued to words, digit groups and hexadecimal strings.
+            "4111111111111111", "4111 1111 1111 1111", ".5", "-0", " 05/27", "_", "card", "deadbeef", "c0ffee12",
+            "e", "F", "9af0c2de", "DE89 4111 1111 1111 1111 00", "keysk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv", "key",
+            "tokenghp_1234567890abcdefghijklmnopqrstuvwxyzAB", "AKIA", "IOSFODNN7EXAMPLE", "risk-", "sk-",
         ];
         let masking = MASKING.replace("128", "8192");
         let cfg = MaskingConfig::from_json(masking.as_bytes()).unwrap();
@@ -2397,7 +2401,9 @@ mod tests {
              ip 10.0.0.1.5 is a version, 10.0.0.1. is not; card 4111-1111-1111-1111-2 no, \
              4111 1111 1111 1111. yes; IBAN DE89 3704 0044 0532 0130 00 BIC COBADEFF; \
              password=hunter2x; pseudonym {pseudonym}, [CREDIT_CARD] stays, <EMAIL_00000000> \
-             too; the launch   code; ssn 321-45-6789-1 no, 123-45-6789 yes; ＡＫＩＡＩＯＳＦＯＤＮＮ７ＥＸＡＭＰＬＥ."
+             too; the launch   code; ssn 321-45-6789-1 no, 123-45-6789 yes; ＡＫＩＡＩＯＳＦＯＤＮＮ７ＥＸＡＭＰＬＥ; \
+             card_4111111111111111.5, 4111111111111111c0ffee12 and deadbeef4111111111111111 (hashes), \
+             4111111111111111abc, keysk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv, keyAKIAIOSFODNN7EXAMPLE."
         );
         let mut tally = GuardTally::default();
         let expected = g.process_full(&text, &mut tally, true).unwrap().unwrap();
