@@ -1021,6 +1021,36 @@ mod tests {
         assert_eq!(out.hits.iter().map(|h| h.count).sum::<usize>(), 2);
     }
 
+    /// A card padded into an IBAN of its country's exact length is excused
+    /// as the IBAN's groups (`detectors::in_iban`); with right check digits
+    /// the IBAN detector masks it whole, so the card does not leave. (With
+    /// wrong ones, `DE89 4111 1111 1111 1111 00`, it is a known limit: the
+    /// corpus's mistyped IBANs hold Luhn-valid cards in the same places.)
+    #[test]
+    fn a_card_padded_into_a_valid_iban_is_masked_as_the_iban() {
+        let p = redact_all();
+        for (text, masked) in [
+            ("DE95 4111 1111 1111 1111 00", "[IBAN]"),
+            ("DE95411111111111111100", "[IBAN]"),
+        ] {
+            let body = format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"pay {text} now"}}]}}"#
+            );
+            let out = mask_request(&p, ApiKind::OpenaiChat, body.as_bytes()).unwrap();
+            let v: Value = serde_json::from_slice(out.body.as_deref().unwrap()).unwrap();
+            assert_eq!(
+                v["messages"][0]["content"],
+                format!("pay {masked} now"),
+                "{text}"
+            );
+            assert!(
+                out.hits.iter().all(|h| h.detector == "iban"),
+                "{text}: {:?}",
+                out.hits
+            );
+        }
+    }
+
     #[test]
     fn obfuscations_the_model_still_reads_are_masked() {
         let p = redact_all();
