@@ -415,7 +415,10 @@ fn builtin_spec(name: &str) -> Option<Spec> {
         // next to a card is [`card_end`]'s to say.
         "credit_card" => (r"[0-9](?:[ .\-]?[0-9]){12,18}".into(), Check::Card, Cand::Run { set: CARD, need: Need::Digits(13), extend: 0 }, whole, None),
         "iban" => (
-            r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,32}\b".into(),
+            // No `\b`: glued to a word (`iban_DE89…_old`) it is still one;
+            // [`iban_shaped_end`] keeps the country's length, not followed
+            // by a letter or digit.
+            r"[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,32}".into(),
             Check::Iban,
             // Two: the check digits are all an IBAN is sure to have.
             Cand::Run { set: IBAN, need: Need::Digits(2), extend: 0 },
@@ -1690,6 +1693,8 @@ mod tests {
         ("iban", "IBAN DE89 3704 0044 0532 0130 00 please", &["DE89 3704 0044 0532 0130 00"]),
         ("iban", "GB82WEST12345698765432", &["GB82WEST12345698765432"]),
         ("iban", "DE89 3704 0044 0532 0130 00 BIC COBADEFFXXX", &["DE89 3704 0044 0532 0130 00"]),
+        ("iban", "iban_DE89370400440532013000_old, ibanDE89 3704 0044 0532 0130 00.", &["DE89370400440532013000", "DE89 3704 0044 0532 0130 00"]),
+        ("iban", "DE89370400440532013000x", &[]),
         ("iban", "DE89 3704 0044 0532 0130 01", &[]),
         ("iban", "XX89370400440532013000", &[]),
         ("iban", "GB82WEST1234569876543", &[]),

@@ -1032,6 +1032,7 @@ mod tests {
         for (text, masked) in [
             ("DE95 4111 1111 1111 1111 00", "[IBAN]"),
             ("DE95411111111111111100", "[IBAN]"),
+            ("iban_DE95411111111111111100_x", "iban_[IBAN]_x"),
         ] {
             let body = format!(
                 r#"{{"model":"m","messages":[{{"role":"user","content":"pay {text} now"}}]}}"#

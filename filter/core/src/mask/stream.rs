@@ -2334,6 +2334,7 @@ mod tests {
             "4111111111111111", "4111 1111 1111 1111", ".5", "-0", " 05/27", "_", "card", "deadbeef", "c0ffee12",
             "e", "F", "9af0c2de", "DE89 4111 1111 1111 1111 00", "keysk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv", "key",
             "tokenghp_1234567890abcdefghijklmnopqrstuvwxyzAB", "AKIA", "IOSFODNN7EXAMPLE", "risk-", "sk-",
+            "iban_", "DE95411111111111111100",
         ];
         let masking = MASKING.replace("128", "8192");
         let cfg = MaskingConfig::from_json(masking.as_bytes()).unwrap();
