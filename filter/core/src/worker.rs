@@ -551,8 +551,10 @@ impl Worker {
                         .flatten();
                     if let Some(call) = record {
                         // Through the outbox, retried like a refusal's: the
-                        // caller's answer does not wait for it.
-                        self.deliver(host, &config, call, true);
+                        // caller's answer does not wait for it. Not routine:
+                        // it is the request's only record until its token is
+                        // spent, so it must not be crowded out.
+                        self.deliver(host, &config, call, false);
                     }
                     if host.set_effective_context(ctx).is_ok() {
                         if reply.status == 202 {
