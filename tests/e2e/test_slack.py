@@ -177,12 +177,12 @@ def test_a_signed_click_approves_a_held_request(env, background):
     prompt = stack.approval.review(review["id"])["prompt"]
     assert [m["role"] for m in prompt] == ["system", "user"], prompt
     assert shown_prompt(message) == [(m["role"], m["text"]) for m in prompt]
-    assert buttons(message) == ["countersign_approve", "countersign_reject", "countersign_open"]
+    assert buttons(message) == ["countersign_approve_shown", "countersign_reject", "countersign_open"]
     open_url = message["blocks"][-1]["elements"][2]["url"]
     assert open_url.endswith(f"/reviews/{review['id']}")
     assert not fut.done()
 
-    body = click_body(review["id"], "countersign_approve", SLACK_IDS["alice"], message["ts"])
+    body = click_body(review["id"], "countersign_approve_shown", SLACK_IDS["alice"], message["ts"])
     r = interact(stack, body, sign(body))
     assert r.status_code == 200, r.text
     answer = fut.result(timeout=15)
@@ -205,7 +205,7 @@ def test_a_prompt_too_long_to_show_whole_is_not_approved_in_slack(env, backgroun
     message = channel_message(slack, review["id"])
     assert buttons(message) == ["countersign_reject", "countersign_open"], message
     assert "too long for Slack" in head_text(message)
-    body = click_body(review["id"], "countersign_approve", SLACK_IDS["alice"], message["ts"])
+    body = click_body(review["id"], "countersign_approve_shown", SLACK_IDS["alice"], message["ts"])
     assert interact(stack, body, sign(body)).status_code == 200
     told = slack.wait_call("chat.postEphemeral", lambda a: a.get("user") == SLACK_IDS["alice"]
                            and "whole prompt" in a.get("text", ""))
@@ -251,7 +251,7 @@ def test_forged_stale_and_replayed_requests_are_refused_and_decide_nothing(env, 
     stack, slack, hooks = env
     fut, review = hold(stack, background)
     posted(slack, review["id"])
-    body = click_body(review["id"], "countersign_approve", SLACK_IDS["alice"])
+    body = click_body(review["id"], "countersign_approve_shown", SLACK_IDS["alice"])
 
     forged = interact(stack, body, sign(body, secret="not-the-signing-secret"))
     tampered_body = body.replace("U0ALICE", "U0BOB")
@@ -271,7 +271,7 @@ def test_forged_stale_and_replayed_requests_are_refused_and_decide_nothing(env, 
     # (401), not answered "already approved".
     fut2, quorum = hold(stack, background, model="demo-quorum")
     posted(slack, quorum["id"])
-    body = click_body(quorum["id"], "countersign_approve", SLACK_IDS["alice"])
+    body = click_body(quorum["id"], "countersign_approve_shown", SLACK_IDS["alice"])
     headers = sign(body)
     assert interact(stack, body, headers).status_code == 200
     replayed = interact(stack, body, headers)
@@ -293,7 +293,7 @@ def test_slack_users_that_may_not_approve_cannot(env, background):
     # Not mapped to any reviewer; and carol, a reviewer outside the
     # approver group ("security") of the rule.
     for user, why in (("U0STRANGER", "not a countersign reviewer"), (SLACK_IDS["carol"], '"security" group')):
-        body = click_body(review["id"], "countersign_approve", user)
+        body = click_body(review["id"], "countersign_approve_shown", user)
         assert interact(stack, body, sign(body)).status_code == 200
         told = slack.wait_call("chat.postEphemeral", lambda a, user=user: a.get("user") == user)
         assert why in told["text"] and told["channel"] == CHANNEL, told
@@ -315,7 +315,7 @@ def test_one_winner_when_slack_and_the_api_decide_at_once(env, background):
         fut, review = hold(stack, background)
         posted(slack, review["id"])
         told_before = len(slack.calls_of("chat.postEphemeral"))
-        body = click_body(review["id"], "countersign_approve", SLACK_IDS["alice"])
+        body = click_body(review["id"], "countersign_approve_shown", SLACK_IDS["alice"])
         headers = sign(body)
         click = background.submit(interact, stack, body, headers)
         api = background.submit(stack.approval.decide, review["id"], "reject", "bob", reason="race")

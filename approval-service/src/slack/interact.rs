@@ -18,7 +18,9 @@ use countersign_core::wire::ReviewStatus;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::message::{self, APPROVE_ACTION, REASON_INPUT, REJECT_ACTION, REJECT_CALLBACK};
+use super::message::{
+    self, APPROVE_ACTION, FORMER_APPROVE_ACTION, REASON_INPUT, REJECT_ACTION, REJECT_CALLBACK,
+};
 use super::signature;
 use super::SlackApi;
 use crate::approvals::Approver;
@@ -189,7 +191,8 @@ async fn block_actions(
             });
         }
     };
-    let is_ours = action.action_id == APPROVE_ACTION || action.action_id == REJECT_ACTION;
+    let is_ours =
+        [APPROVE_ACTION, FORMER_APPROVE_ACTION, REJECT_ACTION].contains(&action.action_id.as_str());
     if !is_ours {
         return StatusCode::OK.into_response();
     }
@@ -198,6 +201,14 @@ async fn block_actions(
         tell(NOT_A_REVIEWER.to_string());
         return StatusCode::OK.into_response();
     };
+    if action.action_id == FORMER_APPROVE_ACTION {
+        // A message posted before messages showed the whole prompt: its
+        // reviewer saw only the start of the last user message.
+        tracing::info!(review_id = %review_id, slack_user = %user,
+            "Slack approval refused: the button is of a message that did not show the whole prompt");
+        tell(message::FORMER_MESSAGE.to_string());
+        return StatusCode::OK.into_response();
+    }
     if action.action_id == APPROVE_ACTION {
         // A person approves only what the message showed them: the
         // prompt's every message, whole and as sent (`why_not_approvable`,

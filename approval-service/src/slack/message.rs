@@ -9,8 +9,13 @@ use serde_json::{json, Value};
 use crate::metrics::Decider;
 use crate::store::{ReviewDetail, ReviewSummary};
 
-/// `action_id` of the Approve button.
-pub const APPROVE_ACTION: &str = "countersign_approve";
+/// `action_id` of the Approve button of a message that shows the whole
+/// prompt ([`why_not_approvable`]).
+pub const APPROVE_ACTION: &str = "countersign_approve_shown";
+/// `action_id` of the Approve button of messages posted before they showed
+/// the whole prompt (only the start of the last user message): a click on
+/// one approves nothing, whatever the review.
+pub const FORMER_APPROVE_ACTION: &str = "countersign_approve";
 /// `action_id` of the Reject button (opens [`reject_modal`]).
 pub const REJECT_ACTION: &str = "countersign_reject";
 /// `action_id` of the Open button (a link; Slack reports its clicks too).
@@ -75,6 +80,9 @@ const PROMPT_BLOCKS: usize = 40;
 pub const NOT_WHOLE: &str =
     "Not approved here: this message cannot show the whole prompt (it is too \
      long for Slack). Open the review to read all of it and approve it there.";
+/// Why a click on [`FORMER_APPROVE_ACTION`] approves nothing.
+pub const FORMER_MESSAGE: &str = "Not approved: this message is from an earlier version that \
+     showed only the start of the prompt. Open the review to read all of it and approve it there.";
 const ATTACHMENTS: &str = "Not approved here: the prompt has images, audio or files, which this \
      message does not show. Open the review to see them and approve it there.";
 const ANSWER: &str = "Not approved here: this review is of the model's answer (tool calls or \

@@ -44,15 +44,25 @@ fn fixture(slack: bool) -> Fixture {
     })
 }
 
-/// A signed click on `action` of review `id` by Slack user `user`; the
-/// form body and its headers.
+/// A signed click on Approve of review `id` by Slack user `user`; the form
+/// body and its headers.
 fn click(id: &str, user: &str, timestamp: u64) -> (String, Vec<(String, String)>) {
+    click_on(
+        countersign_approval::slack::message::APPROVE_ACTION,
+        id,
+        user,
+        timestamp,
+    )
+}
+
+/// A signed click on button `action` of review `id` by Slack user `user`.
+fn click_on(action: &str, id: &str, user: &str, timestamp: u64) -> (String, Vec<(String, String)>) {
     let payload = json!({
         "type": "block_actions",
         "user": {"id": user},
         "channel": {"id": "C1"},
         "trigger_id": "1.2.3",
-        "actions": [{"action_id": "countersign_approve", "value": id}],
+        "actions": [{"action_id": action, "value": id}],
     });
     let body = serde_urlencoded::to_string([("payload", payload.to_string())]).unwrap();
     let stamp = timestamp.to_string();
@@ -352,7 +362,7 @@ async fn a_click_does_not_approve_an_edit_slack_cannot_show() {
     // The message of a review holding an edit says so and has no Approve.
     let message = message_of(&f, &id).await;
     let text = message.to_string();
-    assert!(!text.contains("countersign_approve"), "{text}");
+    assert!(!text.contains("countersign_approve_shown"), "{text}");
     assert!(
         text.contains("another reviewer edited the prompt"),
         "{text}"
@@ -387,7 +397,7 @@ async fn a_click_does_not_approve_an_answer_slack_does_not_show() {
 
     let message = message_of(&f, &id).await;
     let text = message.to_string();
-    assert!(!text.contains("countersign_approve"), "{text}");
+    assert!(!text.contains("countersign_approve_shown"), "{text}");
     assert!(text.contains("model's answer"), "{text}");
 }
 
@@ -447,7 +457,7 @@ async fn the_message_shows_every_message_of_the_prompt_whole_and_a_click_approve
         text.contains("*system*") && text.contains("*tools*"),
         "{text}"
     );
-    assert!(text.contains("countersign_approve"), "{text}");
+    assert!(text.contains("countersign_approve_shown"), "{text}");
     let (body, headers) = click(&id, "U0BOB", now_s());
     assert_eq!(post(&f, &body, &headers).await, StatusCode::OK);
     assert_eq!(review(&f, &id).await["approval_count"], 1);
@@ -484,7 +494,7 @@ async fn a_click_does_not_approve_a_prompt_the_message_cannot_show_whole() {
         (&with_image, "images, audio or files"),
     ] {
         let text = message_of(&f, id).await.to_string();
-        assert!(!text.contains("countersign_approve"), "{text}");
+        assert!(!text.contains("countersign_approve_shown"), "{text}");
         assert!(text.contains(why), "{text}");
         click_decides_nothing(&f, id, "U0BOB").await;
     }
@@ -503,5 +513,28 @@ async fn a_click_does_not_approve_a_prompt_the_message_cannot_show_whole() {
         shown_texts(&message).concat().len(),
         WHOLE_PROMPT_UNITS - 100 + 18
     );
-    assert!(message.to_string().contains("countersign_approve"));
+    assert!(message.to_string().contains("countersign_approve_shown"));
+}
+
+/// A message posted before messages showed the whole prompt has an Approve
+/// button whose reviewer saw only the start of the last user message: after
+/// the upgrade a click on it approves nothing, even on a review the new
+/// message would offer Approve for.
+#[tokio::test]
+async fn a_click_on_a_former_messages_approve_button_approves_nothing() {
+    use countersign_approval::slack::message::FORMER_APPROVE_ACTION;
+    let f = fixture(true);
+    let id = common::create_review(&f.app, &[], common::review_request(json!({}))).await;
+    assert!(message_of(&f, &id)
+        .await
+        .to_string()
+        .contains("countersign_approve_shown"));
+    let (body, headers) = click_on(FORMER_APPROVE_ACTION, &id, "U0BOB", now_s());
+    assert_eq!(post(&f, &body, &headers).await, StatusCode::OK);
+    let v = review(&f, &id).await;
+    assert_eq!(
+        (&v["status"], &v["approvals"]),
+        (&json!("pending"), &json!([])),
+        "{v}"
+    );
 }
