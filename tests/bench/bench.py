@@ -702,7 +702,10 @@ class Suite:
                 overlay = dict(spec["filter_config"], rules=spec["prepend_rules"])
                 return pending("not yet available: " + config_rejection(e.proc.log_text(), overlay))
             envoys[single] = e
-        who = {spec["caller_header"]: spec["caller"], "content-type": "application/json"}
+        # One `Host` for both Envoys (each on its own port): a token binds the
+        # `:authority` it was approved for, and wrk's own `Host` names the port.
+        who = {spec["caller_header"]: spec["caller"], "content-type": "application/json",
+               "Host": "gateway.bench"}
         gw = envoys[True].url
         try:
             r = httpx.post(gw + chat, content=chat_body(2048, model=spec["model"]), headers=who, timeout=20)
