@@ -268,6 +268,19 @@ mod tests {
         }
     }
 
+    /// A token of `claims(b"body")` without the claims `fields`, signed
+    /// with `k` (as one minted before those claims existed).
+    fn signed_without(k: &TokenKey, fields: &[&str]) -> String {
+        let mut old = serde_json::to_value(claims(b"body")).unwrap();
+        for field in fields {
+            old.as_object_mut().unwrap().remove(*field);
+        }
+        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&old).unwrap());
+        let signed = format!("cs1.{}.{payload}", k.id);
+        let tag = URL_SAFE_NO_PAD.encode(mac(k, &signed).unwrap().finalize().into_bytes());
+        format!("{signed}.{tag}")
+    }
+
     fn claims(body: &[u8]) -> TokenClaims {
         TokenClaims {
             rid: "rev_1".into(),
@@ -313,15 +326,9 @@ mod tests {
             );
         }
         // A token minted before routes were bound carries none.
-        let mut old = serde_json::to_value(claims(b"body")).unwrap();
-        old.as_object_mut().unwrap().remove("rte");
-        old.as_object_mut().unwrap().remove("aut");
-        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&old).unwrap());
-        let signed = format!("cs1.k1.{payload}");
-        let tag = URL_SAFE_NO_PAD.encode(mac(&k, &signed).unwrap().finalize().into_bytes());
         assert_eq!(
             verify(
-                &format!("{signed}.{tag}"),
+                &signed_without(&k, &["rte", "aut"]),
                 &keys,
                 "ci",
                 &to(P),
@@ -369,14 +376,9 @@ mod tests {
             );
         }
         // A token minted before paths were bound carries none.
-        let mut old = serde_json::to_value(claims(b"body")).unwrap();
-        old.as_object_mut().unwrap().remove("pth");
-        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&old).unwrap());
-        let signed = format!("cs1.k1.{payload}");
-        let tag = URL_SAFE_NO_PAD.encode(mac(&k1, &signed).unwrap().finalize().into_bytes());
         assert_eq!(
             verify(
-                &format!("{signed}.{tag}"),
+                &signed_without(&k1, &["pth"]),
                 &keys,
                 "ci",
                 &to(P),

@@ -1499,6 +1499,27 @@ mod tests {
     }
 
     /// An SSE event named by its JSON's `type`.
+    /// Anthropic's events of text block `i`, and the message's end.
+    fn text_block_start(i: u64) -> String {
+        named_event(
+            json!({"type":"content_block_start","index":i,"content_block":{"type":"text","text":""}}),
+        )
+    }
+
+    fn text_block_delta(i: u64, t: &str) -> String {
+        named_event(
+            json!({"type":"content_block_delta","index":i,"delta":{"type":"text_delta","text":t}}),
+        )
+    }
+
+    fn block_stop(i: u64) -> String {
+        named_event(json!({"type":"content_block_stop","index":i}))
+    }
+
+    fn message_stop() -> String {
+        named_event(json!({"type":"message_stop"}))
+    }
+
     fn named_event(v: Value) -> String {
         format!(
             "event: {}\n{}",
@@ -3232,19 +3253,8 @@ mod tests {
                 json!({"candidates":[{"index":index,"content":{"role":"model","parts":[{"text":text}]}}]}),
             )
         };
-        let ev = named_event;
-        let start = |i: u64| {
-            ev(
-                json!({"type":"content_block_start","index":i,"content_block":{"type":"text","text":""}}),
-            )
-        };
-        let delta = |i: u64, t: &str| {
-            ev(
-                json!({"type":"content_block_delta","index":i,"delta":{"type":"text_delta","text":t}}),
-            )
-        };
-        let stop = |i: u64| ev(json!({"type":"content_block_stop","index":i}));
-        let end = ev(json!({"type":"message_stop"}));
+        let (start, delta, stop) = (text_block_start, text_block_delta, block_stop);
+        let end = message_stop();
         let cases = [
             (
                 ApiKind::GeminiGenerateContent,
@@ -3409,19 +3419,8 @@ mod tests {
     fn anthropic_blocks_out_of_order_block_the_stream() {
         let (g, _) = guard("{}");
         let api = ApiKind::AnthropicMessages;
-        let ev = named_event;
-        let start = |i: u64| {
-            ev(
-                json!({"type":"content_block_start","index":i,"content_block":{"type":"text","text":""}}),
-            )
-        };
-        let delta = |i: u64, t: &str| {
-            ev(
-                json!({"type":"content_block_delta","index":i,"delta":{"type":"text_delta","text":t}}),
-            )
-        };
-        let stop = |i: u64| ev(json!({"type":"content_block_stop","index":i}));
-        let end = ev(json!({"type":"message_stop"}));
+        let (start, delta, stop) = (text_block_start, text_block_delta, block_stop);
+        let end = message_stop();
         for s in [
             // Interleaved: block 1's text before block 0's.
             [
@@ -3486,7 +3485,7 @@ mod tests {
         // In order, with a ping and a tool block between: as before.
         let s = [
             start(0),
-            ev(json!({"type":"ping"})),
+            named_event(json!({"type":"ping"})),
             delta(0, "mail jane@exa"),
             stop(0),
             start(1),
