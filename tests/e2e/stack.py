@@ -279,13 +279,14 @@ def make_ca(directory: Path, ca: str = "ca"):
              "-subj", f"/CN=countersign test CA {ca}", "-keyout", f"{ca}.key", "-out", f"{ca}.pem")
 
 
-def sign_certificate(directory: Path, ca: str, name: str, usage: str = "serverAuth"):
-    """A certificate for 127.0.0.1 and localhost (`{name}.pem`, key
-    `{name}.key`) signed by the CA `ca` in `directory`, for `usage`
-    (serverAuth or clientAuth)."""
+def sign_certificate(directory: Path, ca: str, name: str, usage: str = "serverAuth",
+                     sans: str = "IP:127.0.0.1,DNS:localhost"):
+    """A certificate (`{name}.pem`, key `{name}.key`) signed by the CA `ca`
+    in `directory`, for `usage` (serverAuth or clientAuth), naming `sans`
+    (openssl's subjectAltName syntax; by default 127.0.0.1 and localhost)."""
     _openssl(directory, "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
              "-keyout", f"{name}.key", "-out", f"{name}.csr")
-    (directory / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
+    (directory / f"{name}.ext").write_text(f"subjectAltName={sans}\nbasicConstraints=CA:FALSE\n"
                                            f"extendedKeyUsage={usage}\n")
     _openssl(directory, "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
              "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
@@ -317,12 +318,21 @@ class ChannelCertificates:
     def path(self, name: str) -> str:
         return str(self.dir / name)
 
-    def service_toml(self, server: str = "server", client_ca: str | None = "ca") -> str:
+    def named_client(self, name: str, sans: str, ca: str = "ca") -> str:
+        """A client certificate `name` signed by `ca` that names `sans`
+        (openssl's subjectAltName syntax); returns `name`."""
+        sign_certificate(self.dir, ca, name, "clientAuth", sans)
+        return name
+
+    def service_toml(self, server: str = "server", client_ca: str | None = "ca",
+                     client_names: list[str] | None = None) -> str:
         """The service's `[tls]` table: its certificate, and with `client_ca`
-        mutual TLS."""
+        mutual TLS (with `client_names`, only for certificates naming one)."""
         lines = ["[tls]", f'cert_file = "{self.path(server + ".pem")}"', f'key_file = "{self.path(server + ".key")}"']
         if client_ca:
             lines.append(f'client_ca_file = "{self.path(client_ca + ".pem")}"')
+        if client_names is not None:
+            lines.append(f"client_names = {json.dumps(client_names)}")
         return "\n".join(lines)
 
     def transport_socket(self, client: str = "client", trusted_ca: str = "ca", san: str = "localhost") -> dict:

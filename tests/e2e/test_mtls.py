@@ -2,7 +2,9 @@
 certificates made by openssl for each test: the service serves the filter
 API on `filter_listen` over TLS and requires a client certificate signed by
 its `client_ca_file`; Envoy's approval cluster presents one through an
-UpstreamTlsContext and checks the service's certificate (CA and SAN).
+UpstreamTlsContext and checks the service's certificate (CA and SAN). With
+`client_names`, a client certificate the CA signed must also name one of
+them.
 
 The approval path works through real Envoy over mTLS; a client without a
 certificate, or with one from another CA, is refused by the service; an
@@ -91,3 +93,37 @@ def test_envoy_with_the_wrong_certificates_fails_closed(make_stack, certs, wrong
     else:
         wait_until(lambda: stat(stack, "cluster.countersign_approval.ssl.fail_verify_error") >= 1,
                    what="Envoy refusing the service's certificate")
+
+
+GATEWAY = "spiffe://countersign.test/ns/gateways/sa/inference-gateway"
+
+
+@pytest.mark.parametrize("presented", ["the gateway's certificate", "another workload's certificate from the same CA"])
+def test_client_names_admit_only_the_filters_certificates(make_stack, certs, background, presented):
+    """Where the CA signs certificates for other workloads too (a mesh's or a
+    company's CA), `client_names` keeps them off the filter API: Envoy with
+    the gateway's certificate holds and releases the request; with another
+    certificate from the same CA the service refuses the handshake and the
+    filter fails closed."""
+    gateway = certs.named_client("gateway-client", f"URI:{GATEWAY}")
+    client = gateway if presented.startswith("the gateway") else \
+        certs.named_client("workload-client", f"URI:{GATEWAY}-canary,DNS:localhost")
+    stack = make_stack(approval_tls=certs.service_toml(client_names=[GATEWAY]),
+                       approval_transport_socket=certs.transport_socket(client=client))
+    if client == gateway:
+        fut = send_later(background, stack.url, chat(text="from the named gateway"))
+        [review] = stack.approval.wait_pending()
+        assert stack.approval.decide(review["id"], "approve").status_code == 200
+        resp = fut.result(timeout=10)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["choices"][0]["message"]["content"] == "echo: from the named gateway"
+        assert "TLS handshake refused" not in stack.approval.proc.log_text()
+        return
+    resp = post(stack.url, json=chat(text="must not pass"), timeout=30)
+    assert resp.status_code == 503, resp.text
+    assert resp.json()["error"]["code"] == "approval_unavailable"
+    assert stack.backend.stats()["started"] == 0
+    assert stack.approval.pending() == []
+    wait_until(lambda: "tls.client_names lists none of them" in stack.approval.proc.log_text(),
+               what="the service logging why it refused the certificate")
+    assert f"URI:{GATEWAY}-canary, DNS:localhost" in stack.approval.proc.log_text()

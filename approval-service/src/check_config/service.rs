@@ -75,7 +75,17 @@ impl Checker {
         };
         match &config.tls {
             Some(tls) if tls.mutual() => {
-                self.report.ok(file, format!("the filter API on {on} requires a client certificate signed by {}{at}", tls.client_ca_file.as_deref().unwrap_or(Path::new("")).display()));
+                let ca = tls.client_ca_file.as_deref().unwrap_or(Path::new("")).display();
+                if tls.client_names.is_empty() {
+                    self.report.ok(file, format!("the filter API on {on} requires a client certificate signed by {ca}{at}"));
+                    self.report.note(
+                        file,
+                        format!("any certificate {ca} signed is taken for the filter's: where that CA signs certificates for other workloads too (a mesh's or a company's CA), list the filter's names in [tls] client_names{at}"),
+                    );
+                } else {
+                    let names: Vec<String> = tls.client_names.iter().map(ToString::to_string).collect();
+                    self.report.ok(file, format!("the filter API on {on} requires a client certificate signed by {ca} that names {}{at}", names.join(" or ")));
+                }
                 if config.filter_listen.is_none() {
                     self.report.warning(
                         file,
@@ -226,6 +236,53 @@ mod tests {
         let r = check_texts(&[("s.toml", "")]);
         assert!(!r.has_errors());
         assert_eq!(r.count(Level::Warning), 2, "{:?}", r.lines);
+    }
+
+    #[test]
+    fn a_mutual_tls_channel_says_whose_certificates_it_takes() {
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path();
+        let out = std::process::Command::new("openssl")
+            .current_dir(dir)
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args([
+                "-nodes", "-days", "1", "-subj", "/CN=s", "-keyout", "s.key", "-out", "s.pem",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let d = dir.display();
+        let tls = format!(
+            "filter_listen = \"127.0.0.1:9443\"\n[tls]\ncert_file = \"{d}/s.pem\"\nkey_file = \"{d}/s.key\"\nclient_ca_file = \"{d}/s.pem\"\n"
+        );
+        let r = check_texts(&[("s.toml", tls.as_str())]);
+        let notes = messages(&r, Level::Note);
+        assert!(
+            notes
+                .iter()
+                .any(|m| m.contains("list the filter's names in [tls] client_names")),
+            "{:?}",
+            r.lines
+        );
+        let named = format!("{tls}client_names = [\"spiffe://c.test/sa/gw\", \"gw.internal\"]\n");
+        let r = check_texts(&[("s.toml", named.as_str())]);
+        assert!(!messages(&r, Level::Note)
+            .iter()
+            .any(|m| m.contains("client_names")));
+        assert!(
+            messages(&r, Level::Ok)
+                .iter()
+                .any(|m| m.contains("that names URI:spiffe://c.test/sa/gw or DNS:gw.internal")),
+            "{:?}",
+            r.lines
+        );
     }
 
     #[test]
