@@ -13,6 +13,7 @@ import io
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tarfile
@@ -41,7 +42,8 @@ CLI = BINARIES / "countersign-approval"
 # unknown fields fail), as shipped by the kubernetes-validate package.
 K8S_VERSION = "1.30.0"
 # Custom resources are checked against the minimal schemas in examples/mesh/schemas.
-CRD_GROUPS = {"extensions.istio.io", "networking.istio.io", "gateway.envoyproxy.io", "gateway.networking.k8s.io"}
+CRD_GROUPS = {"extensions.istio.io", "networking.istio.io", "security.istio.io", "gateway.envoyproxy.io",
+              "gateway.networking.k8s.io"}
 PLACEHOLDER_SHA = "0" * 64
 PLACEHOLDER_IMAGE = "registry.example.com/countersign/countersign-filter:0.1.0"
 APPROVAL_IMAGE = "registry.example.com/countersign/countersign-approval"
@@ -110,7 +112,8 @@ def test_manifest_validates(path, index, doc):
 def test_every_kind_is_covered():
     kinds = {d["kind"] for _, _, d in all_documents()}
     assert {"WasmPlugin", "EnvoyFilter", "EnvoyExtensionPolicy", "EnvoyPatchPolicy", "Namespace", "Deployment",
-            "Service", "Secret", "PersistentVolumeClaim", "PodDisruptionBudget"} <= kinds
+            "Service", "Secret", "PersistentVolumeClaim", "PodDisruptionBudget", "AuthorizationPolicy",
+            "PeerAuthentication"} <= kinds
 
 
 def test_validators_catch_mistakes():
@@ -130,11 +133,39 @@ def test_validators_catch_mistakes():
         ("Deployment", lambda d: d["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]
          .__setitem__("port", [1])),
         ("Service", lambda d: d["spec"]["ports"][0].__setitem__("prot", 1)),
+        ("AuthorizationPolicy", lambda d: d["spec"].__setitem__("action", "PERMIT")),
+        ("AuthorizationPolicy", lambda d: d["spec"]["rules"][0]["from"][0]["source"].__setitem__("principal", [])),
+        ("PeerAuthentication", lambda d: d["spec"]["mtls"].__setitem__("mode", "STRICTLY")),
     ]
     for kind, mutate in cases:
         doc = copy.deepcopy(by_kind[kind])
         mutate(doc)
         assert validate(doc), f"a broken {kind} passed validation"
+
+
+def test_only_the_gateway_may_call_the_filter_api_in_the_mesh():
+    """istio/authorization.yaml: its selector picks the approval service's
+    pods, its one principal is the identity Istio gives the gateway pods of
+    gateway.yaml (their ServiceAccount), that principal alone reaches the
+    filter API's paths, and every path the filter calls is one of them."""
+    docs = [d for f in manifest_files() for d in documents(f)]
+    [policy] = [d for d in docs if d["kind"] == "AuthorizationPolicy"]
+    [gateway] = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "llm-gateway"]
+    [approval] = [d for d in documents(OVERLAYS[0]) if d["kind"] == "Deployment"]
+    labels = approval["spec"]["template"]["metadata"]["labels"]
+    assert policy["metadata"]["namespace"] == approval["metadata"]["namespace"]
+    assert policy["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    principal = f"cluster.local/ns/{gateway['metadata']['namespace']}/sa/{gateway['spec']['template']['spec']['serviceAccountName']}"
+    filter_rule, others = policy["spec"]["rules"]
+    assert [s["source"]["principals"] for s in filter_rule["from"]] == [[principal]]
+    assert filter_rule["to"] == [{"operation": {"paths": ["/v1/*"]}}]
+    assert others == {"to": [{"operation": {"notPaths": ["/v1/*"]}}]}
+    # The service's filter API routes, as its router declares them, all under /v1/.
+    routes = (ROOT / "approval-service" / "src" / "http" / "mod.rs").read_text()
+    filter_routes = routes[routes.index("fn filter_routes"):]
+    filter_routes = filter_routes[:filter_routes.index("\n}\n")]
+    paths = re.findall(r'\.route\(\s*"([^"]+)"', filter_routes)
+    assert paths and all(p.startswith("/v1/") for p in paths), paths
 
 
 def overlay_doc(overlay, kind):
