@@ -44,6 +44,9 @@ LITELLM = ROOT / ".venv-bench" / "bin" / "litellm"
 LITELLM_VERSION = "1.89.7"
 POST_LUA = HERE / "wrk" / "post.lua"
 # The floor of any wasm filter: tests/bench/noop-filter, built by tests/bench/run.
+# System calls the record path's profile counts in the approval service (per request): the WAL's writes and
+# flushes, the thread hand-offs, the event loop.
+COUNTED_SYSCALLS = ("pwrite64", "fsync", "fdatasync", "pread64", "futex", "epoll_wait", "writev", "recvfrom")
 NOOP_WASM = ROOT / "target" / "bench-noop" / "wasm32-wasip1" / "release" / "countersign_bench_noop.wasm"
 APPROVE_LUA = HERE / "wrk" / "approve.lua"
 REVIEWER_AUTH = f"Bearer {REVIEWERS.get('alice', '')}"  # a reviewer the harness configures in every service
@@ -807,13 +810,24 @@ class Suite:
                    self.work / "wrk-profile.err", env={"BENCH_BODY": str(path_body)},
                    stdout=subprocess.DEVNULL).start()
         time.sleep(1)
+        # The other processes (the approval service) with kernel call chains, so that their kernel time
+        # can be split by system call, and their system calls counted over the same window.
         perfs = {name: (self.work / f"perf-{name}.data",
-                        Proc("perf", ["perf", "record", "-F", "499", "-o", str(self.work / f"perf-{name}.data"),
+                        Proc("perf", ["perf", "record", "-F", "499", *(["-g"] if name in (others or {}) else []),
+                                      "-o", str(self.work / f"perf-{name}.data"),
                                       "-p", str(pid), "--", "sleep", str(secs)], self.work / f"perf-{name}.log").start())
                  for name, pid in targets.items()}
-        for _, perf in perfs.values():
+        counted = {name: (self.work / f"perf-stat-{name}.txt",
+                          Proc("perf", ["perf", "stat", "-x", ",", "-o", str(self.work / f"perf-stat-{name}.txt"),
+                                        "-e", ",".join(f"syscalls:sys_enter_{c}" for c in COUNTED_SYSCALLS),
+                                        "-p", str(pid), "--", "sleep", str(secs)],
+                               self.work / f"perf-stat-{name}.log").start())
+                   for name, pid in (others or {}).items()}
+        served0 = stat(envoy, "http.inference.downstream_rq_total")
+        for _, perf in [*perfs.values(), *counted.values()]:
             perf.popen.wait(secs + 30)
             perf.stop()
+        served = (stat(envoy, "http.inference.downstream_rq_total") or 0) - (served0 or 0)
         wrk.popen.wait(30)
         wrk.stop()
 
@@ -832,11 +846,34 @@ class Suite:
                     out[key] = out.get(key, 0.0) + float(m.group(1))
             return out
 
-        result = {"shares": shares(perfs[envoy.name][0], "dso"), "others": {}}
+        def syscall_shares(data: Path) -> dict[str, float]:
+            """Share of the samples under each system call (its kernel work, and the waits and switches
+            it led to), from the kernel call chains."""
+            p = subprocess.run(["perf", "report", "-i", str(data), "--children", "--sort", "sym", "-g", "none",
+                                "--stdio"], capture_output=True, text=True, timeout=120)
+            out: dict[str, float] = {}
+            for ln in p.stdout.splitlines():
+                m = re.match(r"\s*([\d.]+)%\s+[\d.]+%\s+\[k\]\s+__x64_sys_(\w+)\s*$", ln)
+                if m:
+                    out[m.group(2)] = out.get(m.group(2), 0.0) + float(m.group(1))
+            return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+        def syscall_counts(path: Path) -> dict[str, int]:
+            out: dict[str, int] = {}
+            for ln in path.read_text(errors="replace").splitlines() if path.exists() else []:
+                fields = ln.split(",")
+                m = re.search(r"sys_enter_(\w+)", ln)
+                if m and fields and fields[0].strip().isdigit():
+                    out[m.group(1)] = int(fields[0])
+            return out
+
+        result = {"shares": shares(perfs[envoy.name][0], "dso"), "others": {}, "requests": served}
         for name in others or {}:
             result["others"][name] = {"shares": shares(perfs[name][0], "dso"),
                                       "symbols": dict(sorted(shares(perfs[name][0], "sym").items(),
-                                                             key=lambda kv: -kv[1])[:12])}
+                                                             key=lambda kv: -kv[1])[:12]),
+                                      "syscalls": syscall_shares(perfs[name][0]),
+                                      "syscall_counts": syscall_counts(counted[name][0])}
         return result
 
     def masking_throughput(self, masking: Envoy | None, allow: Envoy, backend: Backend, why: str):
@@ -1944,6 +1981,22 @@ def report(s: Suite, m: dict, command: str) -> str:
               + "; its hottest symbols (share of its samples): "
               + ", ".join(f"`{k}` {v:.1f}%" for k, v in list(svc["symbols"].items())[:8]) + ".")
             a("")
+            calls, served = svc.get("syscall_counts") or {}, rprof.get("requests") or 0
+            by_call = {k: v for k, v in (svc.get("syscalls") or {}).items() if v / 100 * per_s >= 1.0}
+            if by_call:
+                def count(name: str) -> str:
+                    n = calls.get(name)
+                    return f" ({n / served:.1f} calls per request)" if n is not None and served else ""
+                a("The service's CPU by system call (each call's kernel work with the waits and thread switches it "
+                  "led to, from kernel call chains; per request): "
+                  + ", ".join(f"`{k}` {v / 100 * per_s:.0f} µs{count(k)}" for k, v in by_call.items())
+                  + f"; {sum(by_call.values()) / 100 * per_s:.0f} µs in all of the "
+                  f"{svc['shares'].get('[kernel.kallsyms]', 0) / 100 * per_s:.0f} µs in the kernel (the rest of it "
+                  "interrupts and preemption, outside any call). `fsync` is the "
+                  "WAL's flush at each group commit (writing back the pages the group changed), `pwrite64` SQLite "
+                  "writing them to the WAL one frame at a time (and the checkpoint copying them to the database "
+                  "file), `pread64` mostly the checkpoint reading them back from the WAL, `futex` the hand-offs between the HTTP tasks and the writer thread.")
+                a("")
             if sa:
                 added = per_r - per_a + per_s
                 p32r = s.row("plain", 32)
