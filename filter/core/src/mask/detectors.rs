@@ -37,8 +37,14 @@ pub const BUILTIN_DETECTORS: &[&str] = &[
 /// Largest compiled size accepted for a configured regex.
 pub(crate) const REGEX_SIZE_LIMIT: usize = 1 << 20;
 /// A failed candidate no longer than this is retried one character later, so
-/// that a longer false candidate cannot hide a real value inside it.
-const RETRY_INSIDE_MAX: usize = 64;
+/// that a longer false candidate cannot hide a real value inside it. It is
+/// the longest candidate of a built-in detector that retries ([`IBAN_MAX`]):
+/// none of them skips a failed candidate, so where the IBAN detector
+/// begins to read is a matter of the text there only ([`iban_at`]).
+const RETRY_INSIDE_MAX: usize = IBAN_MAX;
+/// The longest match of the built-in IBAN pattern: country, check digits,
+/// then 32 characters each after a space.
+pub(crate) const IBAN_MAX: usize = 4 + 2 * 32;
 
 /// The check a candidate must pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -741,13 +747,19 @@ impl Detector {
                     pos = next_char(hay, ms);
                     continue;
                 }
-                match self.validate(hay, vs, ve) {
+                match self.validate(hay, from, vs, ve) {
                     Some(end) if end > vs => {
                         out.push(Detection {
                             read: (ms.min(vs), me.max(self.read_to(hay, end))),
                             value: Some((vs, end)),
                         });
-                        let resume = if self.value == ValueGroup::Whole {
+                        let resume = if self.check == Check::Iban {
+                            // An IBAN may begin inside this one and end
+                            // after it (both are masked, as one): a card
+                            // in its tail is excused as its groups
+                            // ([`in_masked_iban`]), so it must be found.
+                            ms
+                        } else if self.value == ValueGroup::Whole {
                             end
                         } else {
                             me
@@ -823,8 +835,9 @@ impl Detector {
         )
     }
 
-    /// The accepted end of the value `hay[s..e]`, or `None` to reject it.
-    fn validate(&self, hay: &str, s: usize, e: usize) -> Option<usize> {
+    /// The accepted end of the value `hay[s..e]`, or `None` to reject it
+    /// (`hay[..from]` is context, as in [`Detector::find`]).
+    fn validate(&self, hay: &str, from: usize, s: usize, e: usize) -> Option<usize> {
         let v = hay.get(s..e)?;
         let ok = match self.check {
             Check::None => true,
@@ -840,7 +853,7 @@ impl Detector {
                     && !glued_group(hay, s, e)
                     && !digit_group_context(hay, s)
             }
-            Check::Card => return card_end(hay, s, e),
+            Check::Card => return card_end(hay, from, s, e),
             Check::Ssn => ssn_ok(v) && !glued(hay, s, e, b'-') && !glued(hay, s, e, b' '),
             Check::Ipv4 => ipv4_ok(v) && !glued(hay, s, e, b'.') && !version_context(hay, s),
             Check::Ipv6 => return ipv6_end(hay, s, e),
@@ -910,18 +923,17 @@ const HEX_GLUE: usize = 8;
 /// that took such a tail as part of the number would let any card through
 /// with one more group. Letters and `_` glued to it (`card4111…`,
 /// `…1111_exp`) do not hide it either, unless they are a hexadecimal
-/// string ([`hex_glued`]). Not after `+` (a phone number), nor a piece of
-/// an IBAN-shaped run ([`in_iban`]).
+/// string ([`hex_glued`]). Not after `+` (a phone number), nor inside an
+/// IBAN that the IBAN detector masks ([`in_masked_iban`]).
 ///
 /// What decides it lies at most [`HEX_GLUE`] characters before the card,
 /// which a stream keeps as context, and as many after it, which are
 /// reported as read with it ([`Detector::reads_after`]) so that a stream
 /// waits for them.
-fn card_end(hay: &str, s: usize, e: usize) -> Option<usize> {
+fn card_end(hay: &str, from: usize, s: usize, e: usize) -> Option<usize> {
     let b = hay.as_bytes();
     let digit = |i: usize| b.get(i).is_some_and(u8::is_ascii_digit);
-    if (s > 0 && digit(s - 1)) || hay.get(..s).is_some_and(|h| h.ends_with('+')) || in_iban(hay, s)
-    {
+    if (s > 0 && digit(s - 1)) || hay.get(..s).is_some_and(|h| h.ends_with('+')) {
         return None;
     }
     // Longest first: ends at a digit that no digit follows, with digits
@@ -931,10 +943,12 @@ fn card_end(hay: &str, s: usize, e: usize) -> Option<usize> {
         b.get(s..end)
             .is_some_and(|v| v.iter().filter(|c| c.is_ascii_digit()).count() >= 13)
     };
-    (s + 1..=e)
+    let end = (s + 1..=e)
         .rev()
         .filter(|&end| digit(end - 1) && !digit(end) && enough(end))
-        .find(|&end| hay.get(s..end).is_some_and(card_ok) && !hex_glued(hay, s, end))
+        .find(|&end| hay.get(s..end).is_some_and(card_ok) && !hex_glued(hay, s, end))?;
+    // Last: only a valid card's place is looked at.
+    (!in_masked_iban(hay, from, s, end)).then_some(end)
 }
 
 /// Whether the digits `hay[s..e]` are glued to a hexadecimal string of at
@@ -965,57 +979,87 @@ fn glued_group(hay: &str, s: usize, e: usize) -> bool {
     before || after
 }
 
-/// Whether a group of digits is something other than a phone or card
-/// number by where it stands: inside an IBAN-shaped run (`DE89 3704 0044 …`
-/// with wrong check digits is still no phone number), or after a word
-/// naming an order, invoice or reference number.
+/// Whether a group of digits is something other than a phone number by
+/// where it stands: inside an IBAN-shaped value (`DE89 3704 0044 …` with
+/// wrong check digits is still no phone number), or after a word naming an
+/// order, invoice or reference number. (Neither excuses a card number:
+/// [`in_masked_iban`].)
 fn digit_group_context(hay: &str, s: usize) -> bool {
-    let (start, _) = iban_run(hay, s);
-    let iban_shaped = (start..s).any(|t| iban_token_at(hay.as_bytes(), start, t));
-    iban_shaped || previous_word_in(hay, s, 1, REFERENCE_WORDS)
+    in_iban_shape(hay, s) || previous_word_in(hay, s, 1, REFERENCE_WORDS)
 }
 
-/// The run of upper-case letters, digits and spaces around `s`, where an
-/// IBAN written in groups lies.
-fn iban_run(hay: &str, s: usize) -> (usize, usize) {
+/// Whether `s` lies inside an IBAN-shaped value that begins at a word
+/// start (not after an upper-case letter or a digit): what the IBAN
+/// detector would read there ([`iban_match_end`]) with its country's exact
+/// length, its check digits not checked. It begins at most [`IBAN_MAX`]
+/// bytes before `s`, within what a stream keeps as look-behind, so a
+/// streamed answer reads the same as the whole.
+fn in_iban_shape(hay: &str, s: usize) -> bool {
     let b = hay.as_bytes();
-    let in_run = |c: &u8| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == b' ';
-    let mut start = s;
-    while start > 0 && b.get(start - 1).is_some_and(in_run) {
-        start -= 1;
-    }
-    let mut end = s;
-    while b.get(end).is_some_and(in_run) {
-        end += 1;
-    }
-    (start, end)
-}
-
-/// Whether a word of the run beginning at `start` begins at `t` the way an
-/// IBAN does: a known country code, then two check digits.
-fn iban_token_at(b: &[u8], start: usize, t: usize) -> bool {
-    let word_start = t == start || b.get(t.wrapping_sub(1)) == Some(&b' ');
-    word_start
-        && b.get(t + 2..t + 4)
-            .is_some_and(|d| d.iter().all(u8::is_ascii_digit))
-        && IBAN_LENGTHS
-            .iter()
-            .any(|(c, _)| Some(c.as_bytes()) == b.get(t..t + 2))
-}
-
-/// Whether the value at `s` is a piece of an IBAN that begins earlier in
-/// its run of upper-case letters, digits and spaces and has exactly its
-/// country's length (its check digits may be wrong: a mistyped IBAN is
-/// still no card number). Unlike a phone number's, a card number's context
-/// excuses it no further: a country code and two digits before a card
-/// (`DE89 4111 1111 1111 1111`, too short for a German IBAN) or a word like
-/// `order` before it would let any card through unmasked.
-fn in_iban(hay: &str, s: usize) -> bool {
-    let (start, end) = iban_run(hay, s);
-    (start..s).any(|t| {
-        iban_token_at(hay.as_bytes(), start, t)
-            && iban_shaped_end(hay, t, end).is_some_and(|(e, _)| e > s)
+    let word_start = |t: usize| {
+        t == 0
+            || !b
+                .get(t - 1)
+                .is_some_and(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+    };
+    (s.saturating_sub(IBAN_MAX)..s).any(|t| {
+        word_start(t)
+            && iban_match_end(b, t)
+                .and_then(|me| iban_shaped_end(hay, t, me))
+                .is_some_and(|(end, _)| end > s)
     })
+}
+
+/// Whether the card `hay[s..e]` lies inside an IBAN that the IBAN
+/// detector finds in `hay[from..]`, and so masks whole with the card in it
+/// (an IBAN's groups can hold a Luhn-valid number with a card's prefix,
+/// which is no card). Only such an IBAN: one with wrong check digits
+/// (`AT00 4111 1111 1111 1111`, where Austria's 20 characters are a country
+/// code, two digits and a card), groups apart by more than one space, or
+/// a card that runs past the IBAN's end would let the card through
+/// unmasked, since nothing else masks it. A mistyped IBAN is therefore
+/// masked where it holds a valid card: it cannot be told from a card
+/// behind a made-up prefix. Nor does any other context excuse a card: a
+/// word like `order` before it would let any card through.
+///
+/// An IBAN found is one that begins in `hay[from..]` ([`iban_at`]): in a
+/// stream, one whose start went out earlier can no longer be masked, so it
+/// excuses nothing, however much of the released text is kept as context.
+/// It begins at most [`IBAN_MAX`] bytes before the card.
+fn in_masked_iban(hay: &str, from: usize, s: usize, e: usize) -> bool {
+    (s.saturating_sub(IBAN_MAX).max(from)..s).any(|t| iban_at(hay, t).is_some_and(|end| e <= end))
+}
+
+/// The end of the IBAN the IBAN detector accepts at `t`, if any: its
+/// pattern's match there ([`iban_match_end`]) checked by [`iban_end`]. The
+/// detector reads every start ([`RETRY_INSIDE_MAX`], and it looks inside
+/// what it accepted), so this is what its scan finds, without running it.
+fn iban_at(hay: &str, t: usize) -> Option<usize> {
+    iban_end(hay, t, iban_match_end(hay.as_bytes(), t)?)
+}
+
+/// The end of the built-in IBAN pattern's match at `t`
+/// (`[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,32}`, greedy, as the regex takes
+/// it): groups apart by single spaces only.
+fn iban_match_end(b: &[u8], t: usize) -> Option<usize> {
+    let head = b.get(t..t + 4)?;
+    if !(head.iter().take(2).all(u8::is_ascii_uppercase)
+        && head.iter().skip(2).all(u8::is_ascii_digit))
+    {
+        return None;
+    }
+    let unit = |c: Option<&u8>| c.is_some_and(|c| c.is_ascii_uppercase() || c.is_ascii_digit());
+    let mut i = t + 4;
+    let mut units = 0;
+    while units < 32 {
+        let j = if b.get(i) == Some(&b' ') { i + 1 } else { i };
+        if !unit(b.get(j)) {
+            break;
+        }
+        i = j + 1;
+        units += 1;
+    }
+    (units >= 11).then_some(i)
 }
 
 /// Words after which a number is a reference, not a phone number.
@@ -1680,13 +1724,26 @@ mod tests {
         ("credit_card", "cafe4111111111111111 and 4111111111111111abc", &["4111111111111111", "4111111111111111"]),
         ("credit_card", "order 638-3139819-0187709", &[]),
         ("credit_card", "tel +49 151 45930694", &[]),
-        ("credit_card", "IBAN ES86 6934 4398 8366 9468 2997", &[]),
-        // Neither a wrong IBAN's prefix nor a reference word hides a card.
+        ("credit_card", "IBAN ES86 6934 4398 8366 9468 2997", &["4398 8366 9468 2997"]),
+        // Neither a wrong IBAN's prefix nor a reference word hides a card;
+        // nor do wrong check digits, so a mistyped IBAN holding a valid
+        // card is masked there (see `in_masked_iban`).
         ("credit_card", "DE89 4111 1111 1111 1111", &["4111 1111 1111 1111"]),
-        ("credit_card", "IBAN DE89 3704 0044 0532 0130 01", &[]),
+        ("credit_card", "IBAN DE89 3704 0044 0532 0130 01", &["3704 0044 0532 0130 01"]),
         // Letters where the check digits stand: no IBAN, however long.
         ("credit_card", "DEXX 4111 1111 1111 1111 00", &["4111 1111 1111 1111 00"]),
         ("credit_card", "card DE89 4111111111111111", &["4111111111111111"]),
+        // A country's exact IBAN length around a card (Austria's is 20: a
+        // country code, two digits, a card) excuses it only when the IBAN
+        // detector masks that IBAN: its check digits right, its groups
+        // apart by single spaces, the card inside it.
+        ("credit_card", "AT00 4111 1111 1111 1111", &["4111 1111 1111 1111"]),
+        ("credit_card", "AT00 4111111111111111", &["4111111111111111"]),
+        ("credit_card", "DE89 4111 1111 1111 1111 00", &["4111 1111 1111 1111 00"]),
+        ("credit_card", "AT70 4111 1111 1111 1111, AT704111111111111111", &[]),
+        ("credit_card", "AT70  4111 1111 1111 1111", &["4111 1111 1111 1111"]),
+        ("credit_card", "AT48 0000 4111 1111 1111 1111", &["4111 1111 1111 1111"]),
+        ("credit_card", "QAT70 4111 1111 1111 1111", &[]),
         ("credit_card", "order 4111 1111 1111 1111", &["4111 1111 1111 1111"]),
         ("credit_card", "ref 5500005555555559.", &["5500005555555559"]),
         // IBAN
@@ -1698,6 +1755,17 @@ mod tests {
         ("iban", "DE89 3704 0044 0532 0130 01", &[]),
         ("iban", "XX89370400440532013000", &[]),
         ("iban", "GB82WEST1234569876543", &[]),
+        ("iban", "AT70 4111 1111 1111 1111, AT00 4111 1111 1111 1111", &["AT70 4111 1111 1111 1111"]),
+        ("iban", "AT70  4111 1111 1111 1111", &[]),
+        ("iban", "AT48 0000 4111 1111 1111 1111", &["AT48 0000 4111 1111 1111"]),
+        // Glued to a letter it is still found (no `\b`).
+        ("iban", "QAT70 4111 1111 1111 1111", &["AT70 4111 1111 1111 1111"]),
+        // One IBAN beginning inside another: both are found (the masked
+        // text is their union), or the second's tail, where a card can
+        // stand, would be nobody's.
+        ("iban", "NO79 RU03 1234 567 4111 1111 1111 1111 000000", &["NO79 RU03 1234 567", "RU03 1234 567 4111 1111 1111 1111 000000"]),
+        // A failed candidate longer than most is still searched inside.
+        ("iban", "GB00 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 AT70 4111 1111 1111 1111", &["AT70 4111 1111 1111 1111"]),
         // SSN
         ("us_ssn", "ssn 123-45-6789.", &["123-45-6789"]),
         ("us_ssn", "ssn 123 45 6789", &["123 45 6789"]),

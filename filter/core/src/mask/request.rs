@@ -1021,11 +1021,11 @@ mod tests {
         assert_eq!(out.hits.iter().map(|h| h.count).sum::<usize>(), 2);
     }
 
-    /// A card padded into an IBAN of its country's exact length is excused
-    /// as the IBAN's groups (`detectors::in_iban`); with right check digits
-    /// the IBAN detector masks it whole, so the card does not leave. (With
-    /// wrong ones, `DE89 4111 1111 1111 1111 00`, it is a known limit: the
-    /// corpus's mistyped IBANs hold Luhn-valid cards in the same places.)
+    /// A card padded into an IBAN of its country's exact length, with right
+    /// check digits, is the IBAN's groups (`detectors::in_masked_iban`):
+    /// the IBAN detector masks it whole, and it is counted once, as an
+    /// IBAN. Two IBANs, the second beginning inside the first, are both
+    /// found and masked as one.
     #[test]
     fn a_card_padded_into_a_valid_iban_is_masked_as_the_iban() {
         let p = redact_all();
@@ -1033,6 +1033,8 @@ mod tests {
             ("DE95 4111 1111 1111 1111 00", "[IBAN]"),
             ("DE95411111111111111100", "[IBAN]"),
             ("iban_DE95411111111111111100_x", "iban_[IBAN]_x"),
+            ("AT70 4111 1111 1111 1111", "[IBAN]"),
+            ("NO79 RU03 1234 567 4111 1111 1111 1111 000000", "[IBAN]"),
         ] {
             let body = format!(
                 r#"{{"model":"m","messages":[{{"role":"user","content":"pay {text} now"}}]}}"#
@@ -1046,6 +1048,38 @@ mod tests {
             );
             assert!(
                 out.hits.iter().all(|h| h.detector == "iban"),
+                "{text}: {:?}",
+                out.hits
+            );
+        }
+    }
+
+    /// A card behind what only looks like an IBAN's start is a card: wrong
+    /// check digits (`AT00`, where Austria's 20 characters are a country
+    /// code, two digits and a card), groups apart by more than one space,
+    /// or a card running past the IBAN's end. None of these is an IBAN
+    /// the IBAN detector masks, so excusing the card would let it through.
+    #[test]
+    fn a_card_behind_an_iban_shaped_prefix_is_masked_as_a_card() {
+        let p = redact_all();
+        for (text, masked) in [
+            ("AT00 4111 1111 1111 1111", "AT00 [CREDIT_CARD]"),
+            ("DE89 4111 1111 1111 1111 00", "DE89 [CREDIT_CARD]"),
+            ("AT70  4111 1111 1111 1111", "AT70  [CREDIT_CARD]"),
+            ("AT48 0000 4111 1111 1111 1111", "[IBAN]"),
+        ] {
+            let body = format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"pay {text} now"}}]}}"#
+            );
+            let out = mask_request(&p, ApiKind::OpenaiChat, body.as_bytes()).unwrap();
+            let v: Value = serde_json::from_slice(out.body.as_deref().unwrap()).unwrap();
+            assert_eq!(
+                v["messages"][0]["content"],
+                format!("pay {masked} now"),
+                "{text}"
+            );
+            assert!(
+                out.hits.iter().any(|h| h.detector == "credit_card"),
                 "{text}: {:?}",
                 out.hits
             );

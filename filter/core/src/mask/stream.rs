@@ -65,8 +65,12 @@ pub const MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
 /// unterminated PEM block) is still open; past that the held text is
 /// released masked.
 pub const MAX_HOLD_CHARS: usize = 16 * 1024;
-/// Characters of released text kept as look-behind context.
-const CONTEXT_CHARS: usize = 32;
+/// Characters of released text kept as look-behind context: more than the
+/// longest IBAN-shaped value and the character before it, which decide
+/// whether digits after its start are a phone number
+/// (`detectors::in_iban_shape`).
+const CONTEXT_CHARS: usize = 80;
+const _: () = assert!(CONTEXT_CHARS > super::detectors::IBAN_MAX);
 /// Bytes (as the model reads them) after a detection that its check may
 /// read (`1.2.3.4` is no IPv4 address in `1.2.3.4.5`): a detection closer
 /// than that to the end of the held text waits.
@@ -2327,6 +2331,54 @@ mod tests {
         }
     }
 
+    /// A card after an IBAN-shaped start that went out earlier: the look-
+    /// behind begins at `AT00`, cut from the `Q` glued before it, and many
+    /// spaces stand between it and the card. Masked whole, it is no IBAN
+    /// (no IBAN is masked), so the streamed card is a card too, as it is
+    /// when the IBAN's start is still held with it.
+    #[test]
+    fn a_card_after_a_released_iban_shaped_start_is_masked_as_plain() {
+        let (g, _) = guard("{}");
+        let spaces = " ".repeat(28);
+        for tokens in [
+            vec![
+                "QAT00".to_string(),
+                spaces.clone(),
+                "4111 1111 1111 1111".into(),
+                " done.".into(),
+            ],
+            vec![
+                "AT00".to_string(),
+                spaces.clone(),
+                "4111 1111 1111 1111".into(),
+                " done.".into(),
+            ],
+            vec![
+                "QAT00 ".to_string(),
+                "4111 1111 1111 1111".into(),
+                " done.".into(),
+            ],
+            vec![
+                "AT00 4111".to_string(),
+                " 1111 1111 1111".into(),
+                " done.".into(),
+            ],
+            vec![
+                "AT70 4111".to_string(),
+                " 1111 1111 1111".into(),
+                " done.".into(),
+            ],
+        ] {
+            let text = tokens.concat();
+            let expected = plainly_masked(&g, &text);
+            assert!(!expected.contains("4111"), "{expected}");
+            for api in APIS {
+                let (out, _) = run(*api, &g, &[stream(*api, &tokens).as_bytes()]);
+                check(*api, &out, &expected, &format!("{tokens:?}"));
+            }
+        }
+    }
+
     /// Texts made of values, near misses, escapes and separators in random
     /// order, streamed in random pieces: the same text and the same counts
     /// as masking the whole (the window is large enough never to force a
@@ -2356,6 +2408,12 @@ mod tests {
             "e", "F", "9af0c2de", "DE89 4111 1111 1111 1111 00", "keysk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv", "key",
             "tokenghp_1234567890abcdefghijklmnopqrstuvwxyzAB", "AKIA", "IOSFODNN7EXAMPLE", "risk-", "sk-",
             "iban_", "DE95411111111111111100",
+            // A card in or after IBAN shapes: wrong and right check digits,
+            // single and double spaces, a card running past the IBAN's end,
+            // one IBAN beginning inside another.
+            "AT00 4111 1111 1111 1111", "AT70 4111 1111 1111 1111", "AT70", "AT00", "AT70 ", "  ", "Q",
+            "AT48 0000 4111 1111 1111 1111", "NO79 RU03 1234 567 4111 1111 1111 1111 000000", "NO79 ", "RU03 ",
+            "AT704111111111111111", "1111", " 1111", "4111",
         ];
         let masking = MASKING.replace("128", "8192");
         let cfg = MaskingConfig::from_json(masking.as_bytes()).unwrap();
