@@ -24,6 +24,9 @@ MASKING = {
             "restore": True,
             "response_window_chars": 128,
         },
+        # Cards and IBANs masked, not blocked: what reaches the model shows
+        # which detector took which digits.
+        "cards": {"detectors": {"credit_card": "redact", "iban": "redact"}},
     },
 }
 POLICY = {
@@ -33,7 +36,8 @@ POLICY = {
     ],
     "response_rules": [{"name": "no-launch-codes", "phrases": ["launch codes"]}],
 }
-RULES = [{"name": "load-tests", "model": "demo-allow*", "action": "allow"}]
+RULES = [{"name": "load-tests", "model": "demo-allow*", "action": "allow"},
+         {"name": "cards", "model": "demo-cards*", "action": "allow", "masking": "cards"}]
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +119,26 @@ def test_cards_and_keys_glued_to_words_or_digit_groups_are_masked(masked):
     [seen] = masked.backend.requests()
     sent = json.loads(seen["body"])["messages"][0]["content"]
     assert sent == "env aws_key_[AWS_ACCESS_KEY]_old and key[AWS_ACCESS_KEY]", sent
+
+
+def test_a_card_behind_an_iban_shaped_prefix_is_masked(masked):
+    # Austria's IBAN is 20 characters: a country code, two check digits and
+    # a 16-digit card. With wrong check digits (`AT00`) it is no IBAN, yet the
+    # card detector took the card for its groups and it reached the model
+    # unmasked. Inside a valid IBAN (`AT70`) the IBAN is masked whole.
+    prompt = f"pay AT00 {CARD} or AT00  {CARD}, not AT70 {CARD}"
+    r = post(masked.url, json=chat(model="demo-cards", text=prompt))
+    assert r.status_code == 200, r.text
+    [seen] = masked.backend.requests()
+    assert "4111" not in seen["body"], seen["body"]
+    sent = json.loads(seen["body"])["messages"][0]["content"]
+    assert sent == "pay AT00 [CREDIT_CARD] or AT00  [CREDIT_CARD], not [IBAN]", sent
+    assert r.json()["choices"][0]["message"]["content"] == "echo: " + sent
+    # Where cards are blocked, the request is refused before the model.
+    r = post(masked.url, json=chat(model="demo-allow", text=f"pay AT00 {CARD}"))
+    assert r.status_code == 403 and "credit_card" in r.json()["error"]["message"], r.text
+    assert "4111" not in r.text
+    assert len(masked.backend.requests()) == 1
 
 
 def test_unicode_escapes_do_not_hide_a_value(masked):
