@@ -1997,6 +1997,23 @@ def report(s: Suite, m: dict, command: str) -> str:
                   "writing them to the WAL one frame at a time (and the checkpoint copying them to the database "
                   "file), `pread64` mostly the checkpoint reading them back from the WAL, `futex` the hand-offs between the HTTP tasks and the writer thread.")
                 a("")
+            al1 = s.row("allow", 1)
+            if al1 and al1["cpu_s"].get("envoy") and a32 and a32["cpu_s"].get("envoy"):
+                per_a1 = al1["cpu_s"]["envoy"] / al1["requests"] * 1e6
+                per_a32 = a32["cpu_s"]["envoy"] / a32["requests"] * 1e6
+                rate_a1, rate_r = al1["requests"] / al1["seconds"], r32["requests"] / r32["seconds"]
+                a(f"Envoy's CPU per request depends on its request rate, not only on the work of each: scenario 1 "
+                  f"without records cost it {per_a1:.0f} µs per request at one connection ({rate_a1:,.0f} req/s) "
+                  f"against {per_a32:.0f} µs at 32 ({a32['requests'] / a32['seconds']:,.0f} req/s), since at a lower "
+                  "rate each wake-up of its event loop (and each system call) serves fewer requests. The record "
+                  f"path at 32 connections ran at {rate_r:,.0f} req/s and cost {per_r:.0f} µs"
+                  + (f": at about the rate of scenario 1 at one connection, so the records' own work in Envoy is "
+                     f"roughly {per_r - per_a1:+.0f} µs per request, and most of the {per_r - per_a32:+.0f} µs over "
+                     "scenario 1 at 32 connections is the lower rate the record's wait imposes (a rough split: one "
+                     "connection overlaps nothing, 32 held by records overlap some)."
+                     if 0.5 < rate_r / rate_a1 < 2 else ".")
+                  )
+                a("")
             if sa:
                 added = per_r - per_a + per_s
                 p32r = s.row("plain", 32)
