@@ -2018,8 +2018,8 @@ def report(s: Suite, m: dict, command: str) -> str:
                 added = per_r - per_a + per_s
                 p32r = s.row("plain", 32)
                 a(f"So each recorded request costs about {added:.0f} µs of CPU more than an unrecorded one "
-                  f"(Envoy {per_r - per_a:+.0f} µs: the record calls, their HTTP/2 streams and the "
-                  f"resumption in Envoy's own code, building the record parts in the VM; the service "
+                  f"(Envoy {per_r - per_a:+.0f} µs: the record calls, building the record parts in the VM, "
+                  f"and the lower request rate, above; the service "
                   f"{per_s:.0f} µs, about half of it in the kernel: thread hand-offs, the WAL's writes and "
                   "flushes). On two cores that also run the load generator and the model, CPU alone "
                   f"bounds the record path near {2e6 / (per_r + per_s):,.0f} req/s"
