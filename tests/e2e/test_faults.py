@@ -23,7 +23,7 @@ import yaml
 
 from conftest import chat, post, send_later
 from stack import free_port, rec_field, records, stat, verify_records, wait_until
-from test_async_tokens import K1, approved_status, retry, service_extra
+from test_async_tokens import CALLERS, K1, approved_status, retry, service_extra
 from test_async_tokens import filter_config as async_filter_config
 
 pytestmark = pytest.mark.timeout(120)
@@ -390,6 +390,59 @@ def test_a_lost_consume_answer_does_not_burn_the_token(make_stack, interpose):
     assert again.status_code == 403, again.text
     assert again.json()["error"]["code"] == "approval_token_used"
     assert stack.backend.stats()["started"] == 1
+    verify_chain(stack)
+
+
+def test_a_record_that_cannot_be_written_leaves_the_token_unspent(make_stack, interpose):
+    # Single-use token, approved. The pre-forward record is written before
+    # the use is spent: while no record can be confirmed the request is
+    # refused and the token is never spent, so the caller's approval is not
+    # burned and the same token goes through once the service is back.
+    stack = make_stack(filter_config=async_filter_config([("k1", K1)], **FAST),
+                       approval_extra=service_extra([("k1", K1)]), approval_http1=True)
+    proxy = interpose(stack)
+    accepted, st = approved_status(stack, chat(text="record lost before the spend"))
+    consume = rf"^POST /v1/reviews/{accepted['id']}/consume$"
+    proxy.mode, proxy.drop_pattern = "drop_responses_to", r"^POST /v1/records(/batch)?$"
+    since = time.monotonic()
+    r = retry(stack, st)
+    proxy.mode = "pass"
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "audit_record_unavailable"
+    assert proxy.requests(r"^POST /v1/records(/batch)?$", since), "no record was attempted"
+    assert proxy.requests(consume) == []
+    assert stack.approval.review(accepted["id"])["token_uses"] == 0
+    assert stack.backend.stats()["started"] == 0
+    ok = retry(stack, st)
+    assert ok.status_code == 200, ok.text
+    assert stack.approval.review(accepted["id"])["token_uses"] == 1
+    assert stack.backend.stats()["completed"] == 1
+    verify_chain(stack)
+
+
+def test_a_spend_refused_after_the_record_completes_that_record(make_stack):
+    # A replayed token: its record is written first, then the spend is
+    # refused (409). The refusal becomes that record's outcome, so one
+    # record says the request was presented with a token and not forwarded.
+    stack = make_stack(filter_config=async_filter_config([("k1", K1)], **FAST),
+                       approval_extra=service_extra([("k1", K1)]))
+    accepted, st = approved_status(stack, chat(text="spent twice"))
+    assert retry(stack, st).status_code == 200
+    headers = {"authorization": "Bearer " + CALLERS["ci-batch"], "content-type": "application/json",
+               "x-countersign-approval": st["approval_token"], "x-request-id": "replayed-token"}
+    replay = httpx.post(stack.url + "/v1/chat/completions", content=st["approved_body"].encode(),
+                        headers=headers, timeout=20)
+    assert replay.status_code == 403, replay.text
+    assert replay.json()["error"]["code"] == "approval_token_used"
+    recs = wait_until(lambda: (x := records(stack, request_id="replayed-token"))
+                      and x[0].get("response") and x, what="the replay's record outcome")
+    assert len(recs) == 1, recs
+    [rec] = recs
+    assert (rec_field(rec, "decision"), rec_field(rec, "review_id")) == ("token", accepted["id"])
+    outcome = rec["response"]
+    assert (outcome["completion"], outcome["status"], outcome["blocked_by"]) == (
+        "not_forwarded", 403, "approval_token_used"), outcome
+    assert stack.backend.stats()["completed"] == 1
     verify_chain(stack)
 
 

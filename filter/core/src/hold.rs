@@ -10,9 +10,7 @@ use serde_json::json;
 
 use crate::answer_review::{AnswerPlan, AnswerRelease, ResponseEdit};
 use crate::config::{Config, RecordMode};
-use crate::inspect::{
-    check_edited_body, token_body_hash, HoldPlan, Parsed, RequestInfo, RuleChoice,
-};
+use crate::inspect::{check_edited_body, token_body_hash, HoldPlan, RequestInfo, RuleChoice};
 use crate::policy::OnReject;
 use crate::record::new_record;
 use crate::refusal::{Refusal, RefusalKind};
@@ -124,6 +122,14 @@ pub struct Hold {
     started_ms: u64,
     /// A release waiting for its record to be written.
     pending: Option<Release>,
+    /// A release whose record is written (or, records off or best effort,
+    /// not needed), waiting for its approval token to be spent (mode
+    /// `Consume`): the token is spent last, so a record that cannot be
+    /// written leaves it unspent for the caller's retry.
+    spending: Option<Release>,
+    /// The pre-forward record is durable: a refusal now completes it (the
+    /// service makes the refusal that record's `not_forwarded` outcome).
+    record_written: bool,
     /// `body` differs from what the caller sent (masked): forward `body`.
     replace_body: bool,
     /// The record write, kept for retries.
@@ -211,6 +217,8 @@ impl Hold {
             body: plan.review.body.clone().into_bytes(),
             started_ms: now_ms,
             pending: None,
+            spending: None,
+            record_written: false,
             replace_body: false,
             record_call: None,
             record_attempts: 0,
@@ -241,7 +249,8 @@ impl Hold {
     }
 
     /// Forwards an allowed request once its record is written.
-    /// `info` carries the parsed model and stream flag ([`Parsed::fill`]).
+    /// `info` carries the parsed model and stream flag
+    /// ([`crate::inspect::Parsed::fill`]).
     pub fn forward(
         config: &Config,
         api: ApiKind,
@@ -271,14 +280,24 @@ impl Hold {
         (hold, step)
     }
 
-    /// Spends one use of a verified approval token before release.
+    /// Forwards a request carrying a verified single-use approval token:
+    /// first the pre-forward record (decision `token`), then one use of the
+    /// token spent at the service, then the release. In that order because
+    /// a spent use cannot be given back: a record that failed after the
+    /// spend would refuse the request and leave the caller's approval
+    /// burned. A spend refused after the record (replayed, unknown, the
+    /// service unreachable) refuses the request, and its refusal record
+    /// (the pre-forward record's key plus `:refusal`) becomes that
+    /// record's `not_forwarded` outcome at the service. Nothing is
+    /// forwarded unless both happened. `info` carries the parsed model and
+    /// stream flag ([`crate::inspect::Parsed::fill`]).
     pub fn consume(
         config: &Config,
         api: ApiKind,
         info: RequestInfo,
         claims: &TokenClaims,
-        facts: Parsed,
         body: &[u8],
+        masked: Option<&[u8]>,
         now_ms: u64,
     ) -> (Hold, HoldStep) {
         let caller = info
@@ -286,47 +305,74 @@ impl Hold {
             .as_ref()
             .map(|c| c.name.clone())
             .unwrap_or_default();
-        let mut info = info;
-        info.model = facts.model;
-        info.stream = facts.stream;
         let idempotency_key =
             (info.nonce != 0).then(|| format!("{}:{:016x}:consume", info.request_id, info.nonce));
         let mut hold = Hold::bare(config, Mode::Consume, api, info, Some(claims.rid.clone()));
         hold.body = body.to_vec();
+        // The masked body is what the record holds and what is forwarded.
+        let mut hold = hold.with_masked_body(masked);
         hold.started_ms = now_ms;
         hold.rule = Some("approval_token".into());
-        // Retries (after no answer or a 5xx) back off within this bound.
-        hold.deadline_ms =
-            now_ms.saturating_add(RETRY_MAX_MS.saturating_mul(u64::from(CONSUME_ATTEMPTS)));
         let request = ConsumeToken {
             caller,
             body_sha256: token_body_hash(body),
             idempotency_key,
         };
-        let step = match valid_review_id(&claims.rid) {
-            true => {
-                let call = Callout {
-                    kind: CalloutKind::Consume,
-                    headers: service_headers(
-                        config,
-                        hold.info.trace.as_ref(),
-                        "POST",
-                        format!("{FILTER_API_PREFIX}/{}/consume", claims.rid),
-                    ),
-                    body: serde_json::to_vec(&request).ok(),
-                    timeout_ms: config.callout_timeout_ms,
-                };
-                hold.retry_call = Some(call.clone());
-                hold.retry_attempts = 1;
-                HoldStep::Call(call)
-            }
-            false => HoldStep::Refuse(Refusal::new(
+        if !valid_review_id(&claims.rid) {
+            let refusal = Refusal::new(
                 RefusalKind::InvalidToken,
                 Some(api),
                 "approval token is malformed",
-            )),
+            );
+            return (hold, HoldStep::Refuse(refusal));
+        }
+        // Sent once the record is written (`spend`); kept for its retries.
+        hold.retry_call = Some(Callout {
+            kind: CalloutKind::Consume,
+            headers: service_headers(
+                config,
+                hold.info.trace.as_ref(),
+                "POST",
+                format!("{FILTER_API_PREFIX}/{}/consume", claims.rid),
+            ),
+            body: serde_json::to_vec(&request).ok(),
+            timeout_ms: config.callout_timeout_ms,
+        });
+        let release = Release {
+            review_id: hold.review_id.clone(),
+            reviewer: None,
+            edited_body: None,
+            record_id: None,
+            decision: "token",
         };
+        let step = hold.release(config, release, now_ms);
+        let step = hold.spend_after(step, now_ms);
         (hold, step)
+    }
+
+    /// In mode `Consume`, a release (its record written, or not needed)
+    /// becomes the call that spends the token; the release waits for its
+    /// answer. Any other step passes unchanged.
+    fn spend_after(&mut self, step: HoldStep, now_ms: u64) -> HoldStep {
+        if self.mode != Mode::Consume {
+            return step;
+        }
+        let HoldStep::Release(release) = step else {
+            return step;
+        };
+        let Some(call) = self.retry_call.clone() else {
+            return HoldStep::Refuse(self.refusal(
+                RefusalKind::ApprovalUnavailable,
+                "internal: no consume call".into(),
+            ));
+        };
+        self.spending = Some(release);
+        self.retry_attempts = 1;
+        // The spend's retries (after no answer or a 5xx) back off within
+        // this bound, counted from the spend, not from the record's writing.
+        self.deadline_ms =
+            now_ms.saturating_add(RETRY_MAX_MS.saturating_mul(u64::from(CONSUME_ATTEMPTS)));
+        HoldStep::Call(call)
     }
 
     /// Looks up the caller's own review for `GET <status_path><id>`.
@@ -385,6 +431,8 @@ impl Hold {
             body: Vec::new(),
             started_ms: 0,
             pending: None,
+            spending: None,
+            record_written: false,
             replace_body: false,
             record_call: None,
             record_attempts: 0,
@@ -516,6 +564,11 @@ impl Hold {
     }
 
     fn after_record(&mut self, result: &CalloutResult, now_ms: u64) -> HoldStep {
+        let step = self.record_outcome(result, now_ms);
+        self.spend_after(step, now_ms)
+    }
+
+    fn record_outcome(&mut self, result: &CalloutResult, now_ms: u64) -> HoldStep {
         let Some(mut release) = self.pending.take() else {
             return HoldStep::Refuse(self.refusal(
                 RefusalKind::RecordUnavailable,
@@ -529,6 +582,7 @@ impl Hold {
         match created {
             Some(c) => {
                 release.record_id = Some(c.record_id);
+                self.record_written = true;
                 HoldStep::Release(release)
             }
             // The write may have committed with its answer lost: the same
@@ -567,6 +621,13 @@ impl Hold {
     pub fn refusal_record_call(&self, config: &Config, refusal: &Refusal) -> Option<Callout> {
         let record = self.refusal_record(refusal)?;
         Some(record_callout(config, self.info.trace.as_ref(), &record))
+    }
+
+    /// Whether this hold's pre-forward record is written: a refusal now is
+    /// what tells that record the request was never forwarded, so its
+    /// record must not be crowded out of the delivery queue.
+    pub fn record_written(&self) -> bool {
+        self.record_written
     }
 
     /// The caller's trace context, which every call of this hold carries.
@@ -636,7 +697,7 @@ impl Hold {
         now_ms: u64,
     ) -> HoldStep {
         match kind {
-            CalloutKind::Consume => return self.after_consume(config, result, now_ms),
+            CalloutKind::Consume => return self.after_consume(result, now_ms),
             CalloutKind::Status => return self.after_status(result),
             CalloutKind::Record => return self.after_record(result, now_ms),
             _ => {}
@@ -743,12 +804,16 @@ impl Hold {
         }
     }
 
-    fn after_consume(&mut self, config: &Config, result: &CalloutResult, now_ms: u64) -> HoldStep {
+    fn after_consume(&mut self, result: &CalloutResult, now_ms: u64) -> HoldStep {
         match result.status {
-            Some(200) => {
-                let release = Release { review_id: self.review_id.clone(), reviewer: None, edited_body: None, record_id: None, decision: "token" };
-                self.release(config, release, now_ms)
-            }
+            // The record was written first (`consume`): release now.
+            Some(200) => match self.spending.take() {
+                Some(release) => HoldStep::Release(release),
+                None => HoldStep::Refuse(self.refusal(
+                    RefusalKind::ApprovalUnavailable,
+                    "internal: no release waiting for the token".into(),
+                )),
+            },
             Some(409) => HoldStep::Refuse(self.refusal(
                 RefusalKind::TokenReplayed,
                 "approval token was already used; ask for a new review".into(),
@@ -1602,8 +1667,8 @@ mod tests {
                 ApiKind::OpenaiChat,
                 info.clone(),
                 claims,
-                Parsed::default(),
                 BODY,
+                None,
                 now,
             )
         };
@@ -1663,6 +1728,130 @@ mod tests {
             ..claims
         };
         assert!(matches!(start(&info, &evil, 0).1, HoldStep::Refuse(_)));
+    }
+
+    fn token_claims() -> TokenClaims {
+        TokenClaims {
+            rid: "rev_9".into(),
+            sub: "ci".into(),
+            pth: String::new(),
+            rte: String::new(),
+            aut: String::new(),
+            rul: String::new(),
+            bh: String::new(),
+            exp: 0,
+        }
+    }
+
+    /// A single-use token with records on: the record is written first and
+    /// the token spent after it, so a record that cannot be written leaves
+    /// the caller's approval unspent (it was burned when the spend came
+    /// first), and a spend refused after the record completes that record.
+    #[test]
+    fn a_token_is_spent_only_after_its_record_is_durable() {
+        let c = Config::from_json(token_config().as_bytes()).unwrap();
+        let info = RequestInfo {
+            path: "/v1/chat/completions".into(),
+            method: "POST".into(),
+            request_id: "req-1".into(),
+            nonce: 0xabc,
+            ..Default::default()
+        };
+        let masked = br#"{"model":"m","messages":[{"role":"user","content":"[x]"}]}"#;
+        let start = |now| {
+            Hold::consume(
+                &c,
+                ApiKind::OpenaiChat,
+                info.clone(),
+                &token_claims(),
+                BODY,
+                Some(masked),
+                now,
+            )
+        };
+        let r = |status, body: &str| CalloutResult {
+            status,
+            body: body.as_bytes().to_vec(),
+        };
+        // First the record (the masked body, decision `token`), no spend.
+        let (mut h, HoldStep::Call(record)) = start(1_000) else {
+            panic!()
+        };
+        assert_eq!(record.kind, CalloutKind::Record);
+        let rec: NewRecord = serde_json::from_slice(record.body.as_ref().unwrap()).unwrap();
+        assert_eq!(
+            (rec.decision.as_str(), rec.review_id.as_deref()),
+            ("token", Some("rev_9"))
+        );
+        assert_eq!(rec.body.as_deref().map(str::as_bytes), Some(&masked[..]));
+        // The record cannot be written: refused, and the token never spent.
+        let mut now = 1_000;
+        let mut down = h.clone();
+        let refused = loop {
+            match down.on_response(&c, CalloutKind::Record, &r(Some(503), ""), now) {
+                HoldStep::RetryAt(at) => {
+                    now = at;
+                    let again = down.on_retry(&c, now);
+                    assert_eq!(again, HoldStep::Call(record.clone()));
+                }
+                other => break other,
+            }
+        };
+        let HoldStep::Refuse(refusal) = refused else {
+            panic!("{refused:?}")
+        };
+        assert_eq!(refusal.kind, RefusalKind::RecordUnavailable);
+        assert!(!down.record_written());
+        // Written: now the token is spent (the same idempotency key on a
+        // retry after a lost answer), and only its 200 releases.
+        let step = h.on_response(
+            &c,
+            CalloutKind::Record,
+            &r(Some(201), r#"{"record_id":"rec_7"}"#),
+            2_000,
+        );
+        assert!(h.record_written());
+        let HoldStep::Call(consume) = step else {
+            panic!("{step:?}")
+        };
+        assert_eq!(
+            path_of(&HoldStep::Call(consume.clone())),
+            "/v1/reviews/rev_9/consume"
+        );
+        let sent: serde_json::Value =
+            serde_json::from_slice(consume.body.as_ref().unwrap()).unwrap();
+        assert_eq!(sent["idempotency_key"], "req-1:0000000000000abc:consume");
+        // The body the caller sent is what the token's hash is of.
+        assert_eq!(sent["body_sha256"], token_body_hash(BODY));
+        let mut lost = h.clone();
+        let HoldStep::RetryAt(at) = lost.on_response(&c, CalloutKind::Consume, &r(None, ""), 2_000)
+        else {
+            panic!()
+        };
+        assert_eq!(lost.on_retry(&c, at), HoldStep::Call(consume.clone()));
+        let HoldStep::Release(release) =
+            lost.on_response(&c, CalloutKind::Consume, &r(Some(200), ""), at)
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (release.record_id.as_deref(), release.decision),
+            (Some("rec_7"), "token")
+        );
+        assert_eq!(release.edited_body.as_deref(), Some(&masked[..]));
+        // Spent already: refused, and the refusal's record is keyed to the
+        // record written, which the service completes with it.
+        let HoldStep::Refuse(replay) =
+            h.on_response(&c, CalloutKind::Consume, &r(Some(409), ""), 2_000)
+        else {
+            panic!()
+        };
+        assert_eq!(replay.kind, RefusalKind::TokenReplayed);
+        let refusal = h.refusal_record(&replay).unwrap();
+        assert_eq!(
+            refusal.idempotency_key,
+            rec.idempotency_key.map(|k| k + ":refusal")
+        );
     }
 
     #[test]

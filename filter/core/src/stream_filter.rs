@@ -568,9 +568,11 @@ impl StreamFilter {
             }
             BodyVerdict::Consume(claims, facts) => {
                 let api = endpoint.api;
+                // The model and stream flag stay known for the record.
+                facts.fill(&mut self.info);
                 let info = self.info.clone();
-                let (hold, step) = Hold::consume(&config, api, info, &claims, facts, &body, now);
-                let hold = hold.with_masked_body(masked.as_deref());
+                let masked = masked.as_deref();
+                let (hold, step) = Hold::consume(&config, api, info, &claims, &body, masked, now);
                 let msg = format!(
                     "countersign: {id} presents the approval token of review {}",
                     claims.rid

@@ -570,18 +570,21 @@ impl Worker {
                     return;
                 }
                 HoldStep::Refuse(refusal) => {
-                    let record = self
-                        .finish(ctx, |e| e.hold.refusal_record_call(&config, &refusal))
-                        .flatten();
-                    if let Some(call) = record {
+                    let record = self.finish(ctx, |e| {
+                        let call = e.hold.refusal_record_call(&config, &refusal)?;
+                        Some((call, e.hold.record_written()))
+                    });
+                    if let Some((call, completes_record)) = record.flatten() {
                         // Through the outbox, retried like any delivery: the
                         // refusal often comes from the approval service
                         // being down, so one attempt now would be lost, and
                         // where the pre-forward record was written before
-                        // its answer was lost, this is what tells that
+                        // its answer was lost, or written before a token's
+                        // spend was refused, this is what tells that
                         // record the request was never forwarded. Not
                         // routine then: it must not be crowded out.
-                        let routine = refusal.kind != RefusalKind::RecordUnavailable;
+                        let routine =
+                            refusal.kind != RefusalKind::RecordUnavailable && !completes_record;
                         self.deliver(host, &config, call, routine);
                     }
                     if host.set_effective_context(ctx).is_ok() {
