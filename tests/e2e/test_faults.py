@@ -43,8 +43,11 @@ def forwarded_ids(stack) -> list[str]:
 class FaultProxy:
     """A TCP proxy between Envoy and the approval service that can pass,
     slow down (`delay` seconds per chunk, both ways), black-hole (accept and
-    read, never forward or answer) or drop the service's answers (forward
-    requests, swallow responses). It notes every request line it sees."""
+    read, never forward or answer), drop the service's answers (forward
+    requests, swallow responses) or refuse some requests itself
+    (`reject_to`: a request whose request line matches `reject_pattern` is
+    answered `reject_status` and its connection closed, never forwarded). It
+    notes every request line it sees."""
 
     def __init__(self, listen_port: int, target_port: int):
         self.port, self.target = listen_port, target_port
@@ -55,6 +58,7 @@ class FaultProxy:
         self.drop_pattern = ""
         # How many answers to drop (None: all of them).
         self.drop_budget = None
+        self.reject_pattern, self.reject_status = "", 400
         self.seen: list[tuple[float, str]] = []
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -94,6 +98,11 @@ class FaultProxy:
                     state["last"] = line
                 if self.mode == "blackhole":
                     continue
+                if self.mode == "reject_to" and re.search(self.reject_pattern, state["last"]):
+                    writer.write(f"HTTP/1.1 {self.reject_status} Refused\r\ncontent-length: 0\r\n"
+                                 "connection: close\r\n\r\n".encode())
+                    await writer.drain()
+                    break
                 if self.delay:
                     await asyncio.sleep(self.delay)
                 if upstream is None:
@@ -443,6 +452,42 @@ def test_a_spend_refused_after_the_record_completes_that_record(make_stack):
     assert (outcome["completion"], outcome["status"], outcome["blocked_by"]) == (
         "not_forwarded", 403, "approval_token_used"), outcome
     assert stack.backend.stats()["completed"] == 1
+    verify_chain(stack)
+
+
+# ---------------------------------------------------------------- a spot check's audit never filed
+
+def test_an_audit_never_filed_is_counted_and_its_record_says_it_was_due(make_stack, interpose):
+    # share 1: every allowed request is forwarded and an audit of it queued
+    # through the outbox. The service refuses the audit's creation (a 4xx,
+    # given up at once): the request went to the model and nobody will ever
+    # review it. That must not pass unnoticed: the record says an audit was
+    # due, and the gateway counts the lost audit.
+    stack = make_stack(filter_config={**FAST, "rules": [
+        {"name": "open", "action": "allow", "spot_check": {"share": 1, "mode": "audit"}}]},
+        approval_http1=True)
+    proxy = interpose(stack)
+    proxy.mode, proxy.reject_pattern = "reject_to", r"^POST /v1/reviews$"
+    r = post(stack.url, json=chat(text="audit me, if you can"), timeout=30,
+             headers={"x-request-id": "audit-lost"})
+    assert r.status_code == 200, r.text
+    wait_until(lambda: stat(stack, "wasmcustom.countersign_spot_checks_lost_total") == 1,
+               what="the lost audit counted")
+    proxy.mode = "pass"
+    [rec] = records(stack, request_id="audit-lost")
+    assert (rec_field(rec, "decision"), rec_field(rec, "audit_due")) == ("allowed", True), rec
+    with stack.approval.client() as c:
+        audits = c.get("/api/reviews", params={"mode": "audit"}).json()["reviews"]
+    assert audits == []
+    # A request the audit of which was filed is due as well, and has one.
+    r = post(stack.url, json=chat(text="audit me"), timeout=30, headers={"x-request-id": "audit-filed"})
+    assert r.status_code == 200, r.text
+    [rec] = records(stack, request_id="audit-filed")
+    assert rec_field(rec, "audit_due") is True
+    with stack.approval.client() as c:
+        [audit] = wait_until(lambda: c.get("/api/reviews", params={"mode": "audit"}).json()["reviews"] or None,
+                             what="the audit review")
+    assert stat(stack, "wasmcustom.countersign_spot_checks_lost_total") == 1
     verify_chain(stack)
 
 

@@ -55,6 +55,10 @@ pub struct RequestInfo {
     /// The caller's W3C trace context, carried on the calls to the
     /// approval service.
     pub trace: Option<TraceContext>,
+    /// A spot check drew this request for an after-the-fact `audit` review,
+    /// queued through the outbox: its record says so
+    /// ([`crate::wire::NewRecord::audit_due`]).
+    pub audit_due: bool,
 }
 
 impl RequestInfo {

@@ -37,6 +37,7 @@ pub fn new_record(info: &RequestInfo, api: Option<ApiKind>, decision: &str) -> N
         held_ms: None,
         idempotency_key: (info.nonce != 0)
             .then(|| format!("{}:{:016x}", info.request_id, info.nonce)),
+        audit_due: info.audit_due,
     }
 }
 

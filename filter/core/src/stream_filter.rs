@@ -329,6 +329,7 @@ impl StreamFilter {
             hits: Vec::new(),
             nonce: host.nonce(),
             trace: TraceContext::from_headers(&headers),
+            audit_due: false,
         };
         match verdict {
             HeadVerdict::Refuse(r) => {
@@ -519,14 +520,19 @@ impl StreamFilter {
         let id = self.info.request_id.clone();
         match verdict {
             BodyVerdict::ForwardAudited(rule, facts, audit) => {
-                match crate::hold::audit_call(&config, self.info.trace.as_ref(), &audit) {
-                    Some(call) => {
-                        self.worker.deliver(host, &config, call, false);
+                let queued = crate::hold::audit_call(&config, self.info.trace.as_ref(), &audit)
+                    .is_some_and(|call| self.worker.deliver(host, &config, call, false));
+                match queued {
+                    true => {
                         host.count("countersign_spot_checks_total", 1);
+                        // The record says an audit is due, so one that the
+                        // outbox gives up on is missing where it shows.
+                        self.info.audit_due = true;
                     }
-                    // Fail closed: a spot check that cannot be queued
-                    // does not let the request through unseen.
-                    None => {
+                    // Fail closed: a spot check that cannot be queued (not
+                    // encodable, or the outbox full) does not let the
+                    // request through unseen.
+                    false => {
                         let refusal = Refusal::new(
                             RefusalKind::ApprovalUnavailable,
                             Some(endpoint.api),
@@ -1219,7 +1225,9 @@ impl StreamFilter {
             &capture.record_id,
             &response,
         ) {
-            Some(call) => self.worker.deliver(host, &config, call, false),
+            Some(call) => {
+                self.worker.deliver(host, &config, call, false);
+            }
             None => {
                 let msg = format!(
                     "countersign: not a record id, response not recorded: {:?}",
@@ -1378,6 +1386,54 @@ mod tests {
             crate::inspect::spot_check_draw(nonce_drawing(0.2))
         );
         assert_eq!(host.metric("countersign_spot_checks_total"), 1);
+    }
+
+    /// The record of a request a spot check forwarded says an audit of it
+    /// is due, so an audit the outbox never files is missing where the
+    /// record shows; records of requests not drawn say nothing.
+    #[test]
+    fn an_audited_requests_record_says_an_audit_is_due() {
+        let cfg =
+            spot_checked(0.25, "audit").replace(r#""records":"off""#, r#""records":"required""#);
+        for (draw, due) in [(0.2, true), (0.75, false)] {
+            let (worker, mut host, mut stream) = setup(&cfg);
+            host.nonce = Some(nonce_drawing(draw));
+            assert_eq!(send(&mut host, &mut stream, CHAT, BODY), Action::Pause);
+            assert_eq!(host.last_path(), "/v1/records");
+            let (_, call) = host.dispatched.last().unwrap();
+            let record: serde_json::Value =
+                serde_json::from_slice(call.body.as_deref().unwrap()).unwrap();
+            assert_eq!(record["decision"], "allowed");
+            match due {
+                true => assert_eq!(record["audit_due"], true),
+                false => assert_eq!(record.get("audit_due"), None),
+            }
+            answer(&mut host, &worker, 201, r#"{"record_id":"rec_1"}"#);
+            assert_eq!(host.resumed.len(), 1, "{draw}");
+        }
+    }
+
+    /// An audit that cannot be queued (the outbox is full) refuses the
+    /// request: forwarded, nobody would ever review it.
+    #[test]
+    fn a_spot_check_whose_audit_cannot_be_queued_is_refused() {
+        let (worker, mut host, mut stream) = setup(&spot_checked(0.25, "audit"));
+        let c = Rc::new(Config::from_json(b"{}").unwrap());
+        let filler = crate::hold::Callout {
+            kind: crate::hold::CalloutKind::Record,
+            headers: vec![(":path".into(), "/v1/records/rec_1/response".into())],
+            body: Some(Vec::new()),
+            timeout_ms: 1_000,
+        };
+        for _ in 0..crate::delivery::MAX_QUEUED {
+            assert!(worker.deliver(&mut host, &c, filler.clone(), false));
+        }
+        host.nonce = Some(nonce_drawing(0.2));
+        assert_eq!(send(&mut host, &mut stream, CHAT, BODY), Action::Pause);
+        assert_eq!(host.outcome().as_deref(), Some("unavailable"));
+        assert_eq!(host.replies.len(), 1);
+        assert_eq!(host.replies[0].status, 503);
+        assert_eq!(host.metric("countersign_spot_checks_total"), 0);
     }
 
     #[test]

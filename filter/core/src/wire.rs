@@ -600,6 +600,13 @@ pub struct NewRecord {
     /// the record already written (a retry after a lost answer).
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// A spot check (`spot_check.mode: audit`) forwarded this request and
+    /// queued an `audit` review of it (same `request_id`) through the
+    /// filter's outbox, which may give up on it: a record that says so with
+    /// no audit review of its request is an audit due and never filed.
+    /// Written only when true, so records without it hash as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub audit_due: bool,
 }
 
 /// Answer to `POST /v1/records`.

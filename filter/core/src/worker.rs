@@ -169,7 +169,14 @@ impl Worker {
     /// Queues `call` for the root context to send (at its next tick) and to
     /// retry until it lands; drops it (counted) when the queue is full. A
     /// `routine` call (refusal record, cancellation) gets only half the queue.
-    pub fn deliver(&self, host: &mut dyn Host, config: &Rc<Config>, call: Callout, routine: bool) {
+    /// Whether it was queued.
+    pub fn deliver(
+        &self,
+        host: &mut dyn Host,
+        config: &Rc<Config>,
+        call: Callout,
+        routine: bool,
+    ) -> bool {
         let delivery = Delivery::new(call);
         let size = delivery.size();
         let refused = self.with(|s| {
@@ -185,15 +192,15 @@ impl Worker {
             s.outbox.push((0, config.clone(), delivery));
             None
         });
-        if let Some((n, bytes)) = refused {
-            host.count("countersign_deliveries_dropped_total", 1);
-            host.log(
-                Level::Warn,
-                &format!(
-                    "countersign: delivery queue full ({n} calls, {bytes} bytes); one dropped"
-                ),
-            );
-        }
+        let Some((n, bytes)) = refused else {
+            return true;
+        };
+        host.count("countersign_deliveries_dropped_total", 1);
+        host.log(
+            Level::Warn,
+            &format!("countersign: delivery queue full ({n} calls, {bytes} bytes); one dropped"),
+        );
+        false
     }
 
     /// The root context's timer: fires the retries due, then sends the due
@@ -340,6 +347,20 @@ impl Worker {
                     Level::Warn,
                     &format!("countersign: gave up on POST {path} to the approval service: {why}"),
                 );
+                // The only review creation the outbox carries is a spot
+                // check's audit, whose request went to the model already:
+                // nobody will ever review it. Its record says an audit was
+                // due (`audit_due`); this is the operator's side of it.
+                if delivery.call.kind == CalloutKind::Create {
+                    host.count("countersign_spot_checks_lost_total", 1);
+                    let request = audited_request(&delivery.call);
+                    host.log(
+                        Level::Warn,
+                        &format!(
+                            "countersign: the audit of forwarded request {request} was never filed ({why}); its record says an audit was due"
+                        ),
+                    );
+                }
             }
         }
     }
@@ -936,6 +957,19 @@ fn response_batches(due: Due) -> (Vec<Due>, Due) {
     (batches, single)
 }
 
+/// The request id of an audit's review creation (its body, a
+/// [`crate::wire::CreateReview`]), for the log; `?` when unreadable.
+fn audited_request(call: &Callout) -> String {
+    #[derive(serde::Deserialize)]
+    struct Audited {
+        request_id: String,
+    }
+    call.body
+        .as_deref()
+        .and_then(|b| serde_json::from_slice::<Audited>(b).ok())
+        .map_or_else(|| "?".to_string(), |a| a.request_id)
+}
+
 /// Answers the current stream with `refusal`, in its API's format.
 pub fn send_refusal(host: &mut dyn Host, refusal: &Refusal) {
     let headers = refusal.headers();
@@ -1039,6 +1073,52 @@ mod tests {
             .logs
             .iter()
             .any(|(_, m)| m.contains("gave up on POST /v1/records/rec_1/response")));
+    }
+
+    /// An audit's review creation the outbox gives up on (a 4xx at once,
+    /// or after its attempts) is counted apart and logged with its request:
+    /// that request went to the model and nobody will review it.
+    #[test]
+    fn a_lost_audit_is_counted_and_names_its_request() {
+        let c = config("{}");
+        for status in [Some(400), Some(503)] {
+            let worker = Worker::new();
+            let mut host = MockHost::new(&worker);
+            let audit = Callout {
+                kind: CalloutKind::Create,
+                headers: vec![(":path".into(), "/v1/reviews".into())],
+                body: Some(br#"{"request_id":"req-audited","mode":"audit"}"#.to_vec()),
+                timeout_ms: 1_000,
+            };
+            assert!(worker.deliver(&mut host, &c, audit, false));
+            for step in 0..500 {
+                host.now += 250;
+                let before = host.dispatched.len();
+                worker.on_tick(&mut host);
+                if host.dispatched.len() > before {
+                    let token = host.last_token();
+                    answer(&mut host, &worker, token, status, "");
+                }
+                if worker.queued().0 == 0 {
+                    assert!(status == Some(503) || step == 0, "{status:?}");
+                    break;
+                }
+            }
+            assert_eq!(worker.queued(), (0, 0));
+            assert_eq!(host.metric("countersign_deliveries_failed_total"), 1);
+            assert_eq!(host.metric("countersign_spot_checks_lost_total"), 1);
+            assert!(host.logs.iter().any(|(l, m)| *l == Level::Warn
+                && m.contains("audit of forwarded request req-audited was never filed")));
+        }
+        // Other deliveries given up are not lost audits.
+        let worker = Worker::new();
+        let mut host = MockHost::new(&worker);
+        worker.deliver(&mut host, &c, call("/v1/records/rec_1/response", 1), false);
+        worker.on_tick(&mut host);
+        let token = host.last_token();
+        answer(&mut host, &worker, token, Some(400), "");
+        assert_eq!(host.metric("countersign_deliveries_failed_total"), 1);
+        assert_eq!(host.metric("countersign_spot_checks_lost_total"), 0);
     }
 
     #[test]
