@@ -1,6 +1,7 @@
 //! Calls nobody waits for but that must land: the response part of a
 //! session record, the record of a refused request, the cancellation of a
-//! review whose caller went away.
+//! review whose caller went away, the `audit` review of a request a spot
+//! check forwarded (the only review creation sent this way).
 //!
 //! The stream that wanted them may be gone before the answer comes back
 //! (Envoy drops a stream's context after its access log), so the adapter
