@@ -103,6 +103,10 @@ ENVOY_REFUSES = (None, None)
     # path_with_escaped_slashes_action: REJECT_REQUEST in the shipped template.
     ("encoded slash", "/v1/chat%2Fcompletions", "POST", {}, 400, *ENVOY_REFUSES),
     ("method override", "/v1/chat/completions", "POST", {"x-http-method-override": "GET"}, 400, "invalid_request", "invalid"),
+    # A backend may take the model from the query (LiteLLM reads `?model=` first), which nobody reviews.
+    ("model in the query", "/v1/chat/completions?model=forbidden-x", "POST", {}, 400, "invalid_request", "invalid"),
+    ("escaped name in the query", "/v1/chat/completions?api-version=1&%6Dodel=x", "POST", {}, 400, "invalid_request",
+     "invalid"),
     ("GET with a body", "/v1/chat/completions", "GET", {}, 405, "method_not_allowed", "invalid"),
     # No upgrade_configs on the route: Envoy refuses the upgrade itself.
     ("websocket upgrade", "/v1/realtime", "GET", {"connection": "upgrade", "upgrade": "websocket"}, 403, *ENVOY_REFUSES),

@@ -91,19 +91,63 @@ struct EndpointMatchers {
     /// `path` as written: an inspected request's path must match it
     /// exactly (case included).
     exact: Glob,
+    /// The query parameters a request may carry here (`query`; by default
+    /// the API's own, [`default_query_params`]). Any other is refused: a
+    /// backend may read it (LiteLLM takes `?model=` before the body's),
+    /// and nobody reviews, records or binds a token to the query.
+    query: Vec<String>,
+}
+
+/// The query parameters each API's clients send, none of which changes
+/// what the model reads or which model runs: Azure's and OpenAI-compatible
+/// servers' `api-version`, Anthropic's `beta`, Gemini's `alt` (the stream's
+/// framing) and `key` (its API key).
+pub fn default_query_params(api: ApiKind) -> &'static [&'static str] {
+    match api {
+        ApiKind::OpenaiChat
+        | ApiKind::OpenaiCompletions
+        | ApiKind::OpenaiResponses
+        | ApiKind::OpenaiEmbeddings
+        | ApiKind::AzureOpenaiChat
+        | ApiKind::AzureOpenaiCompletions
+        | ApiKind::AzureOpenaiEmbeddings => &["api-version"],
+        ApiKind::AnthropicMessages => &["beta"],
+        ApiKind::GeminiGenerateContent => &["alt", "key"],
+        ApiKind::OllamaChat
+        | ApiKind::OllamaGenerate
+        | ApiKind::BedrockConverse
+        | ApiKind::BedrockInvoke => &[],
+    }
 }
 
 impl Endpoint {
-    /// An endpoint at `path` (a glob) of shape `api`.
+    /// An endpoint at `path` (a glob) of shape `api`, taking the API's own
+    /// query parameters.
     pub fn new(path: String, api: ApiKind) -> Endpoint {
+        let query = default_query_params(api)
+            .iter()
+            .map(|q| (*q).to_string())
+            .collect();
+        Endpoint::with_query(path, api, query)
+    }
+
+    /// An endpoint at `path` of shape `api` taking the query parameters
+    /// `query` (names, as sent).
+    pub fn with_query(path: String, api: ApiKind, query: Vec<String>) -> Endpoint {
         Endpoint {
             matchers: Rc::new(EndpointMatchers {
                 normalized: Glob::new(&path.to_ascii_lowercase()),
                 exact: Glob::new(&path),
+                query,
             }),
             path,
             api,
         }
+    }
+
+    /// The query parameters a request may carry here.
+    pub fn query_params(&self) -> &[String] {
+        &self.matchers.query
     }
 
     /// Whether a normalised (lower-case) request path is this endpoint's.
@@ -524,6 +568,8 @@ struct RawPassthrough {
 struct RawEndpoint {
     path: String,
     api: ApiKind,
+    #[serde(default)]
+    query: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -813,7 +859,24 @@ impl Config {
                     if out.iter().any(|o| o.path.eq_ignore_ascii_case(&e.path)) {
                         return Err(err(field, format!("duplicate endpoint `{}`", e.path)));
                     }
-                    out.push(Endpoint::new(e.path, e.api));
+                    match e.query {
+                        None => out.push(Endpoint::new(e.path, e.api)),
+                        Some(query) => {
+                            for (j, name) in query.iter().enumerate() {
+                                let plain = |c: char| {
+                                    c.is_ascii_graphic()
+                                        && !matches!(c, '&' | '=' | '#' | '?' | ';' | '%' | '+')
+                                };
+                                if name.is_empty() || !name.chars().all(plain) {
+                                    return Err(err(
+                                        format!("endpoints[{i}].query[{j}]"),
+                                        format!("`{name}` is not a query parameter name (printable ASCII, none of & = # ? ; % +)"),
+                                    ));
+                                }
+                            }
+                            out.push(Endpoint::with_query(e.path, e.api, query));
+                        }
+                    }
                 }
                 out
             }

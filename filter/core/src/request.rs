@@ -368,6 +368,9 @@ fn classify_inference(
             format!("non-canonical path `{raw_path}`; use `{}`", endpoint.path),
         ));
     }
+    if let Err(why) = check_query(head.path, endpoint) {
+        return HeadVerdict::Refuse(Refusal::new(RefusalKind::BadRequest, api, why));
+    }
     if head.method_override.is_some() {
         return HeadVerdict::Refuse(Refusal::new(
             RefusalKind::BadRequest,
@@ -422,6 +425,49 @@ fn classify_inference(
         }
     }
     HeadVerdict::Inspect(endpoint.clone())
+}
+
+/// Checks the query string of an inference request's `:path`: only the
+/// endpoint's query parameters ([`Endpoint::query_params`]), each name read
+/// the way a server decodes it (escapes, `+`), split at `&` and `;` (older
+/// frameworks split at both). A backend may take the model or anything
+/// else from the query (LiteLLM reads `?model=` before the body's), while
+/// rules, reviewers, records and approval tokens see the path and the body
+/// only: a parameter nobody listed is refused. A fragment never belongs in
+/// a request.
+fn check_query(path: &str, endpoint: &Endpoint) -> Result<(), String> {
+    if path.contains('#') {
+        return Err("a request path must not carry a fragment (`#`)".into());
+    }
+    let Some((_, query)) = path.split_once('?') else {
+        return Ok(());
+    };
+    let allowed = endpoint.query_params();
+    for param in query.split(['&', ';']).filter(|p| !p.is_empty()) {
+        let raw_name = param.split_once('=').map_or(param, |(n, _)| n);
+        let name = percent_decode(&raw_name.replace('+', " ")).map(Cow::into_owned);
+        if name
+            .as_deref()
+            .is_some_and(|n| allowed.iter().any(|a| a == n))
+        {
+            continue;
+        }
+        let accepted = if allowed.is_empty() {
+            "none".to_string()
+        } else {
+            allowed
+                .iter()
+                .map(|a| format!("`{a}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        return Err(format!(
+            "query parameter `{}` is not accepted on {} (what it changes is neither reviewed nor recorded); accepted: {accepted}; the operator can list more in `endpoints[].query`",
+            name.as_deref().unwrap_or(raw_name),
+            endpoint.path
+        ));
+    }
+    Ok(())
 }
 
 /// `application/json`, optionally with `charset=utf-8`; nothing else, since
@@ -595,7 +641,7 @@ mod tests {
                 ApiKind::AzureOpenaiCompletions,
             ),
             (
-                "/openai/deployments/ada/embeddings?api-version=2024-10-21&x=/chat/completions",
+                "/openai/deployments/ada/embeddings?api-version=2024-10-21&api-version=/chat/completions",
                 ApiKind::AzureOpenaiEmbeddings,
             ),
             ("/openai/v1/chat/completions", ApiKind::OpenaiChat),
@@ -616,6 +662,76 @@ mod tests {
             )),
             400
         );
+    }
+
+    /// A backend may take the model (or anything else) from the query:
+    /// LiteLLM reads `?model=` before the body's. Only the API's own
+    /// parameters pass, their names read as a server decodes them.
+    #[test]
+    fn only_the_apis_own_query_parameters_pass() {
+        let c = Config::from_json(b"").unwrap();
+        for path in [
+            "/v1/chat/completions",
+            "/v1/chat/completions?",
+            "/v1/chat/completions?api-version=2024-10-21",
+            "/v1/messages?beta=true",
+            "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse&key=AIza",
+            "/openai/deployments/gpt-4o/chat/completions?api%2Dversion=2024-10-21&&",
+        ] {
+            assert!(
+                matches!(classify(&c, &head("POST", path)), HeadVerdict::Inspect(_)),
+                "{path}"
+            );
+        }
+        for (path, named) in [
+            ("/v1/chat/completions?model=forbidden-x", "`model`"),
+            ("/v1/chat/completions?api-version=1&model=x", "`model`"),
+            ("/v1/chat/completions?%6Dodel=x", "`model`"),
+            ("/v1/chat/completions?api-version=1;model=x", "`model`"),
+            ("/v1/chat/completions?mod+el=x", "`mod el`"),
+            ("/v1/chat/completions?model", "`model`"),
+            ("/v1/chat/completions?=x", "``"),
+            ("/v1/messages?alt=sse", "`alt`"),
+            ("/api/chat?beta=true", "`beta`"),
+            ("/v1/chat/completions?API-VERSION=1", "`API-VERSION`"),
+            ("/v1/chat/completions?%zz=1", "`%zz`"),
+        ] {
+            let HeadVerdict::Refuse(r) = classify(&c, &head("POST", path)) else {
+                panic!("{path} passed");
+            };
+            assert_eq!(r.status(), 400, "{path}");
+            assert!(
+                r.message.contains(&format!("query parameter {named}")),
+                "{path}: {}",
+                r.message
+            );
+        }
+        let HeadVerdict::Refuse(r) = classify(&c, &head("POST", "/v1/chat/completions#x")) else {
+            panic!("a fragment passed");
+        };
+        assert!(r.message.contains("fragment"), "{}", r.message);
+        // An operator's own list replaces the API's.
+        let c = Config::from_json(
+            br#"{"endpoints":[{"path":"/v1/chat/completions","api":"openai_chat","query":["tenant"]}]}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            classify(&c, &head("POST", "/v1/chat/completions?tenant=a")),
+            HeadVerdict::Inspect(_)
+        ));
+        let HeadVerdict::Refuse(r) =
+            classify(&c, &head("POST", "/v1/chat/completions?api-version=1"))
+        else {
+            panic!("api-version passed a list without it");
+        };
+        assert!(r.message.contains("accepted: `tenant`"), "{}", r.message);
+        for bad in [r#""""#, r#""a=b""#, r#""a b""#, r#""a&b""#] {
+            let text = format!(
+                r#"{{"endpoints":[{{"path":"/v1/chat/completions","api":"openai_chat","query":[{bad}]}}]}}"#
+            );
+            let e = Config::from_json(text.as_bytes()).unwrap_err().to_string();
+            assert!(e.contains("endpoints[0].query[0]"), "{bad}: {e}");
+        }
     }
 
     #[test]
