@@ -128,6 +128,14 @@ def test_an_identity_header_sent_twice_is_refused(make_stack):
         assert r.status_code == 401, (headers, r.status_code, r.text)
         assert "came more than once" in r.json()["error"]["message"], r.text
     assert stack.backend.stats()["started"] == 0
+    # The same duplicate merged into one entry, as ext_authz's
+    # `headers_to_append` leaves it (`release-bot,alice`): refused too,
+    # rather than a caller `release-bot,alice` (`identity.rs`, the same test).
+    r = httpx.post(stack.url + "/v1/chat/completions", json=body,
+                   headers={"x-caller": "release-bot,alice"}, timeout=20)
+    assert r.status_code == 401, (r.status_code, r.text)
+    assert "came more than once" in r.json()["error"]["message"], r.text
+    assert stack.backend.stats()["started"] == 0
     # Once each, as the authentication filter set them: as before.
     r = httpx.post(stack.url + "/v1/chat/completions", json=body, headers={"x-caller": "release-bot"}, timeout=20)
     assert r.status_code == 200, r.text

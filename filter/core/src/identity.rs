@@ -147,6 +147,18 @@ pub fn identify(
                     "missing caller identity (`{name}` not set by the authentication filter)"
                 )));
             };
+            // A duplicate can also arrive merged: ext_authz's
+            // `headers_to_append` joins the value it adds onto the caller's
+            // copy with a comma (`release-bot,alice`), one entry, so
+            // `repeated` does not see it. No caller name has a comma in it.
+            // A merged groups header cannot be told apart this way (its
+            // value is a comma list): the authenticator must overwrite it
+            // (docs/configuration.md, `identity`).
+            if caller.contains(',') {
+                return Err(IdentityError(format!(
+                    "`{name}` came more than once (its values joined with a comma); send it once (the gateway cannot tell which one counts)"
+                )));
+            }
             let groups = match groups_header.as_deref() {
                 Some(g) => once(g)?.map(|g| split_groups(&g)).unwrap_or_default(),
                 None => Vec::new(),
@@ -271,6 +283,17 @@ mod tests {
             identify(&src, &h, &never, &none).unwrap().name,
             "admin@corp"
         );
+        // The same duplicate merged into one entry, as ext_authz's
+        // `headers_to_append` leaves it: `release-bot,alice` must not be a
+        // name (it would match `caller: release-*`).
+        for merged in ["release-bot,alice", "release-bot, alice", "release-bot,"] {
+            let h = |h: &str| (h == "x-user").then(|| merged.to_string());
+            let err = identify(&src, &h, &never, &none).unwrap_err();
+            assert!(
+                err.0.contains("`x-user` came more than once"),
+                "{merged}: {err:?}"
+            );
+        }
         // A key header twice, the same.
         let bearer = |h: &str| (h == "authorization").then(|| "Bearer key-ci".to_string());
         let err = identify(&keys(), &bearer, &|n| n == "authorization", &none).unwrap_err();
