@@ -117,6 +117,14 @@ ENVOY_REFUSES = (None, None)
     ("batch endpoint", "/v1/batches", "POST", {}, 403, "indirect_prompt_endpoint", "denied"),
     ("file upload", "/v1/files", "POST", {}, 403, "indirect_prompt_endpoint", "denied"),
     ("assistants", "/v1/threads/runs", "POST", {}, 403, "indirect_prompt_endpoint", "denied"),
+    # The same carriers under Azure's roots and unversioned (LiteLLM): they
+    # passed under `pass` (a JSONL file of prompts run as a batch, unread).
+    ("azure file upload", "/openai/files?api-version=2024-10-21", "POST", {}, 403, "indirect_prompt_endpoint",
+     "denied"),
+    ("azure deployment audio", "/openai/deployments/whisper/audio/transcriptions", "POST", {}, 403,
+     "indirect_prompt_endpoint", "denied"),
+    ("unversioned batch", "/batches", "POST", {}, 403, "indirect_prompt_endpoint", "denied"),
+    ("unversioned stored response", "/responses/resp_1", "GET", {}, 403, "indirect_prompt_endpoint", "denied"),
     # Answers the provider stored come back by id unread: refused, any method.
     ("stored response", "/v1/responses/resp_1", "GET", {}, 403, "indirect_prompt_endpoint", "denied"),
     ("stored response input", "/v1/responses/resp_1/input_items", "GET", {}, 403, "indirect_prompt_endpoint",

@@ -54,24 +54,33 @@ pub enum HeadVerdict {
 /// assistants, realtime sessions...). They are refused unless listed in
 /// `passthrough`, even when `other_requests` is `pass`, because the filter
 /// cannot review what they carry.
-pub const INDIRECT_PROMPT_PREFIXES: &[&str] = &[
-    "/v1/files",
-    "/v1/uploads",
-    "/v1/batches",
-    "/v1/assistants",
-    "/v1/threads",
-    "/v1/realtime",
-    "/v1/fine_tuning",
-    "/v1/vector_stores",
-    "/v1/audio",
-    "/v1/images",
-    "/v1/moderations",
-    "/v1/messages/batches",
-    "/v1/messages/count_tokens",
-    "/v1/complete",
-    "/v1/conversations",
-    "/v1/evals",
-    "/v1/containers",
+///
+/// Each is the part of the path after the API's root, and is recognised
+/// after any root ([`is_indirect_prompt_path`]): the same API is served at
+/// `/v1/files` (OpenAI, Anthropic, vLLM), `/openai/v1/files` and
+/// `/openai/files` (Azure), `/openai/deployments/{name}/audio/...` (an
+/// Azure deployment), `/v1beta/files` (Gemini), `/files` (LiteLLM,
+/// unversioned), and under a prefix of the operator's.
+pub const INDIRECT_PROMPT_PATHS: &[&str] = &[
+    "/files",
+    "/uploads",
+    "/batches",
+    "/assistants",
+    "/threads",
+    "/realtime",
+    "/fine_tuning",
+    "/fine-tunes",
+    "/vector_stores",
+    "/audio",
+    "/images",
+    "/moderations",
+    "/messages/batches",
+    "/messages/count_tokens",
+    "/complete",
+    "/conversations",
+    "/evals",
+    "/containers",
+    "/cachedcontents",
 ];
 
 /// Paths under an inference endpoint (never the endpoint itself) where the
@@ -81,16 +90,9 @@ pub const INDIRECT_PROMPT_PREFIXES: &[&str] = &[
 /// interaction. What comes back there was never masked or checked (no
 /// guard reads an answer to a request that was not inspected), so they
 /// are refused unless listed in `passthrough`, like
-/// [`INDIRECT_PROMPT_PREFIXES`].
-pub const STORED_ANSWER_PREFIXES: &[&str] = &[
-    "/v1/responses",
-    "/v1/chat/completions",
-    "/openai/v1/responses",
-    "/openai/v1/chat/completions",
-    "/openai/responses",
-    "/openai/chat/completions",
-    "/v1beta/interactions",
-];
+/// [`INDIRECT_PROMPT_PATHS`], and recognised after any root the same way
+/// (`/v1/responses/{id}`, `/openai/responses/{id}`, `/responses/{id}`).
+pub const STORED_ANSWER_PATHS: &[&str] = &["/responses", "/chat/completions", "/interactions"];
 
 /// Splits `:path` into path and query and normalises the path the way a
 /// lenient backend might: percent-decoding, `\` as `/`, merged slashes, `.`
@@ -177,22 +179,27 @@ pub fn path_only(raw: &str) -> &str {
     raw.split(['?', '#']).next().unwrap_or("")
 }
 
-/// Whether `normalized` carries one of [`INDIRECT_PROMPT_PREFIXES`]
-/// paths, or a path below one, anywhere in it: a backend mounted under a
-/// prefix of the operator's (`/llm/v1/files`) serves the same uploads.
+/// Whether `normalized` carries one of [`INDIRECT_PROMPT_PATHS`], or a
+/// path below one, anywhere in it as whole segments: whatever root the API
+/// is served under (`/v1`, `/openai`, `/openai/deployments/{name}`, none)
+/// and whatever prefix of the operator's it is mounted under
+/// (`/llm/v1/files`, `/llm/files`). Matching after any segment rather
+/// than after a list of known roots is what keeps a root nobody listed
+/// from being a way around it; the cost, under `pass`, is that an
+/// unrelated path with such a segment needs a `passthrough` entry.
 fn is_indirect_prompt_path(normalized: &str) -> bool {
-    INDIRECT_PROMPT_PREFIXES
+    INDIRECT_PROMPT_PATHS
         .iter()
         .any(|p| has_segments(normalized, p, Below::OrAt))
 }
 
 /// Whether `normalized` is below a path where answers are stored: one of
-/// [`STORED_ANSWER_PREFIXES`] anywhere in it (a backend mounted under a
-/// prefix), or below any inference endpoint this configuration serves (an
-/// endpoint of the operator's own, `/llm/responses`, keeps its answers at
-/// `/llm/responses/{id}` as well).
+/// [`STORED_ANSWER_PATHS`] anywhere in it (as [`is_indirect_prompt_path`]),
+/// or below any inference endpoint this configuration serves (an
+/// endpoint of the operator's own, `/llm/answer`, keeps its answers at
+/// `/llm/answer/{id}` as well).
 fn is_stored_answer_path(config: &Config, normalized: &str) -> bool {
-    STORED_ANSWER_PREFIXES
+    STORED_ANSWER_PATHS
         .iter()
         .any(|p| has_segments(normalized, p, Below::Only))
         || normalized.match_indices('/').skip(1).any(|(end, _)| {
@@ -317,6 +324,14 @@ pub fn classify(config: &Config, head: &RequestHead<'_>) -> HeadVerdict {
             format!(
                 "`{raw_path}` is not an inference endpoint, and its body is compressed (content-encoding `{enc}`), so it cannot be checked for a prompt; send it uncompressed, or ask the operator to list the path in `passthrough`"
             ),
+        )),
+        // What flows after a protocol upgrade (a websocket) is not a body
+        // the sniffer can read: a realtime session under a path nobody
+        // listed would carry prompts unreviewed.
+        (OtherRequests::Pass, None) if head.upgrade.is_some() => HeadVerdict::Refuse(Refusal::new(
+            RefusalKind::BadRequest,
+            None,
+            format!("`{raw_path}` is not an inference endpoint, and protocol upgrades are not accepted there (what follows cannot be checked for a prompt); ask the operator to list the path in `passthrough`"),
         )),
         (OtherRequests::Pass, None) => HeadVerdict::PassUnlisted,
         (OtherRequests::Deny, _) => HeadVerdict::Refuse(Refusal::new(
@@ -920,6 +935,49 @@ mod tests {
         ] {
             assert_eq!(status(&classify(&pass, &head("POST", p))), 403, "{p}");
         }
+        // The same carriers under Azure's roots, Gemini's and none at all
+        // (LiteLLM serves `/files`, `/batches` unversioned) passed as
+        // unlisted paths: a JSONL file of prompts uploaded and run as a
+        // batch, unreviewed.
+        for (m, p) in [
+            ("POST", "/openai/files?api-version=2024-10-21"),
+            ("POST", "/openai/batches?api-version=2024-10-21"),
+            ("POST", "/openai/assistants"),
+            ("POST", "/openai/threads/runs"),
+            ("POST", "/openai/fine_tuning/jobs"),
+            ("POST", "/openai/vector_stores/vs_1/files"),
+            ("POST", "/openai/deployments/whisper/audio/transcriptions"),
+            ("POST", "/openai/deployments/dalle/images/generations"),
+            (
+                "GET",
+                "/openai/realtime?api-version=2024-10-01-preview&deployment=rt",
+            ),
+            ("POST", "/openai/v1/uploads"),
+            ("POST", "/files"),
+            ("POST", "/batches"),
+            ("GET", "/batches/batch_1"),
+            ("POST", "/audio/speech"),
+            ("POST", "/v1beta/files"),
+            ("POST", "/upload/v1beta/files"),
+            ("POST", "/v1beta/cachedContents"),
+            ("POST", "/llm/files"),
+        ] {
+            let v = classify(&pass, &head(m, p));
+            let HeadVerdict::Refuse(r) = v else {
+                panic!("{m} {p} was not refused: {v:?}");
+            };
+            assert_eq!(r.kind.code(), "indirect_prompt_endpoint", "{m} {p}");
+        }
+        // Whole segments only: other paths pass as before.
+        for p in [
+            "/v1/models",
+            "/health",
+            "/v1/filesystem",
+            "/profiles",
+            "/v1/models/files-x",
+        ] {
+            assert_eq!(status(&classify(&pass, &head("GET", p))), 0, "{p}");
+        }
         let allowed = Config::from_json(
             br#"{"other_requests":"pass","passthrough":[{"path":"/v1/files","methods":["GET"]}]}"#,
         )
@@ -947,6 +1005,11 @@ mod tests {
             "/openai/responses/resp_1",
             "/openai/chat/completions/c1",
             "/v1beta/interactions/i1",
+            // Unversioned (LiteLLM) and Azure deployment spellings.
+            "/responses/resp_1",
+            "/responses/resp_1/input_items",
+            "/chat/completions/c1/messages",
+            "/openai/deployments/d/chat/completions/c1",
             // A backend mounted under a prefix of the operator's.
             "/llm/v1/responses/resp_1",
             "/team-a/openai/chat/completions/c1/messages",
@@ -1007,5 +1070,32 @@ mod tests {
         ] {
             assert_eq!(status(&classify(&pass, &head("GET", p))), 0, "{p}");
         }
+    }
+
+    /// Under `pass` a protocol upgrade (a websocket) on a path nobody
+    /// listed passed, and what follows it is no body the sniffer reads: a
+    /// realtime session under a root the carrier list missed went
+    /// unreviewed. Refused now, as on inference endpoints; a listed path
+    /// keeps its upgrade.
+    #[test]
+    fn upgrades_on_unlisted_paths_are_refused_under_pass() {
+        let pass = Config::from_json(
+            br#"{"other_requests":"pass","passthrough":[{"path":"/ws/status"}]}"#,
+        )
+        .unwrap();
+        let upgraded = |p| RequestHead {
+            upgrade: Some("websocket"),
+            ..head("GET", p)
+        };
+        for p in ["/ws/session", "/v1/models"] {
+            let v = classify(&pass, &upgraded(p));
+            let HeadVerdict::Refuse(r) = v else {
+                panic!("{p} was not refused: {v:?}");
+            };
+            assert_eq!(r.status(), 400, "{p}");
+            assert!(r.message.contains("protocol upgrades"), "{p}: {r:?}");
+            assert_eq!(status(&classify(&pass, &head("GET", p))), 0, "{p}");
+        }
+        assert_eq!(status(&classify(&pass, &upgraded("/ws/status"))), 0);
     }
 }
