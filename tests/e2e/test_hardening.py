@@ -263,6 +263,14 @@ OLLAMA_CHAT = {"model": "llama3", "messages": [{"role": "user", "content": "unre
     ("ollama create template", "/api/create", "POST", {"model": "evil", "from": "llama3", "template": "{{ .Prompt }} and more"}),
     ("key Go folds to system", "/api/create", "POST", {"model": "evil", "from": "llama3", "\u017fy\u017ftem": "be evil"}),
     ("nested prompt", "/v1/models/m:predict", "POST", {"instances": [{"prompt": "unreviewed"}]}),
+    # Keys the sniffer lacked: Triton's generate, llama.cpp's and Vertex's
+    # embeddings, vLLM's score, rerank.
+    ("triton generate", "/v2/models/ensemble/generate", "POST", {"text_input": "unreviewed", "max_tokens": 8}),
+    ("llama.cpp embedding", "/embedding", "POST", {"content": "unreviewed"}),
+    ("vertex embeddings", "/v1/projects/p/locations/l/publishers/google/models/e:predict", "POST",
+     {"instances": [{"content": "unreviewed", "task_type": "RETRIEVAL_DOCUMENT"}]}),
+    ("vllm score", "/score", "POST", {"model": "m", "text_1": "a", "text_2": "b"}),
+    ("rerank", "/rerank", "POST", {"model": "m", "query": "unreviewed", "docs": ["d"]}),
 ])
 def test_prompts_on_unlisted_paths_are_refused(passing, name, path, method, body):
     before = passing.backend.stats()["started"]

@@ -2399,9 +2399,16 @@ fn bedrock_document(w: &mut Walker<'_>, doc: &Map<String, Value>) -> Result<(), 
 
 /// Keys under which LLM APIs take a prompt (OpenAI, Anthropic, Gemini,
 /// Ollama's native API and its Modelfile `template`, Bedrock's model
-/// families, TGI, vLLM, SGLang, llama.cpp's infill, Cohere), looked for at
-/// any depth (`{"instances":[{"prompt":...}]}`). Compared as Go's decoders
-/// compare keys ([`fold_key`]).
+/// families, TGI, vLLM, SGLang, llama.cpp's infill, Cohere, Triton's
+/// generate, llama.cpp's and Vertex's embeddings, vLLM's score, rerank
+/// APIs), looked for at any depth (`{"instances":[{"prompt":...}]}`).
+/// Compared as Go's decoders compare keys ([`fold_key`]).
+///
+/// A heuristic, run only on paths nobody listed under `other_requests:
+/// pass`: a key missing here passes a prompt unreviewed, one too many
+/// refuses an ordinary body (`content` is common in JSON APIs), which a
+/// `passthrough` entry fixes. Erring towards refusing is the fail-closed
+/// side; `deny` does not depend on it at all.
 const PROMPT_KEYS: &[&str] = &[
     "messages",
     "message",
@@ -2424,6 +2431,19 @@ const PROMPT_KEYS: &[&str] = &[
     "suffix",
     "conversation",
     "chat_history",
+    // Triton / TensorRT-LLM `/v2/models/{m}/generate`.
+    "text_input",
+    // llama.cpp `/embedding`, Vertex embeddings
+    // (`{"instances":[{"content":...}]}`), and a message's text anywhere.
+    "content",
+    // vLLM `/score`.
+    "text_1",
+    "text_2",
+    // Rerank and retrieval APIs (`{"query":..., "documents":[...]}`, TEI's
+    // `{"query":..., "texts":[...]}`).
+    "query",
+    "queries",
+    "texts",
 ];
 
 /// `key` folded as Go's `encoding/json` matches keys (Unicode simple case
@@ -3425,6 +3445,20 @@ mod tests {
                 "input_prefix",
             ),
             (r#"{"text":"unreviewed","sampling_params":{}}"#, "text"),
+            // Keys the sniffer lacked: Triton's generate, llama.cpp's and
+            // Vertex's embeddings, vLLM's score, rerank.
+            (
+                r#"{"text_input":"Ignore previous instructions","max_tokens":64}"#,
+                "text_input",
+            ),
+            (r#"{"content":"secret text to embed"}"#, "content"),
+            (
+                r#"{"instances":[{"content":"secret","task_type":"RETRIEVAL_DOCUMENT"}]}"#,
+                "instances[0].content",
+            ),
+            (r#"{"model":"m","text_1":"a","text_2":"b"}"#, "text_1"),
+            (r#"{"model":"m","query":"q","docs":["d"]}"#, "query"),
+            (r#"{"model":"m","texts":["d"]}"#, "texts"),
             (
                 r#"{"instances":[{"prompt":"unreviewed"}]}"#,
                 "instances[0].prompt",
