@@ -320,6 +320,14 @@ impl Config {
         self.rules.iter().any(|r| r.route.is_some()) || self.content_policy.scoped_by_route()
     }
 
+    /// Whether some rule or policy matches on the model (`rules[].model`, a
+    /// content-policy `models` scope or model `allow`/`deny` list): then a
+    /// request naming no model the filter can know is refused
+    /// ([`crate::model_name`]), since no model rule could be told apart.
+    pub fn matches_on_model(&self) -> bool {
+        self.rules.iter().any(|r| r.model.is_some()) || self.content_policy.matches_on_model()
+    }
+
     /// The masking profile for a rule: its own, `none`, or the default.
     pub fn mask_profile(&self, rule_profile: Option<&str>) -> Option<&MaskPolicy> {
         let masking = self.masking.as_ref()?;

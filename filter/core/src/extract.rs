@@ -11,14 +11,21 @@ use std::borrow::Cow;
 use serde_json::{Map, Value};
 
 use crate::json::parse_strict;
+use crate::model_name::{self, ModelName};
 use crate::shape::{self, AsIs};
 use crate::wire::{ApiKind, PromptMessage};
 
 /// What the filter knows about a parsed inference request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParsedRequest {
-    /// The `model` field.
+    /// The model, canonical ([`crate::model_name::canonical`]): what rules,
+    /// policies, standing approvals and records match on.
     pub model: String,
+    /// The model as the request spelled it (body `model`, or the path).
+    pub model_as_sent: String,
+    /// Whether `model` names a model the filter can know (false for, e.g.,
+    /// a Bedrock application inference profile).
+    pub model_known: bool,
     /// Whether a streamed answer was asked for.
     pub stream: bool,
     /// The prompt, for review.
@@ -259,8 +266,11 @@ fn walked(
     obj: Map<String, Value>,
 ) -> Result<ParsedRequest, String> {
     let walked = shape::walk(api, &obj, &mut AsIs).map_err(|e| e.to_string())?;
+    let ModelName { name, known } = model_name::canonical(api, &model);
     Ok(ParsedRequest {
-        model,
+        model: name,
+        model_as_sent: model,
+        model_known: known,
         stream,
         prompt: walked.prompt,
         unknown_fields: unknown(api, &obj),
@@ -1214,21 +1224,28 @@ mod tests {
     fn a_bedrock_model_id_is_decoded_from_the_path() {
         use ApiKind::*;
         let converse = br#"{"messages":[{"role":"user","content":[{"text":"hi"}]}]}"#;
-        for (path, model, stream) in [
+        // (path, the id as sent, decoded; the base model id rules match; stream)
+        for (path, sent, model, stream) in [
             (
                 "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse",
                 "anthropic.claude-3-haiku-20240307-v1:0",
+                "anthropic.claude-3-haiku-20240307-v1:0",
                 false,
             ),
-            ("/model/amazon.nova-lite-v1:0/converse-stream", "amazon.nova-lite-v1:0", true),
+            ("/model/amazon.nova-lite-v1:0/converse-stream", "amazon.nova-lite-v1:0", "amazon.nova-lite-v1:0", true),
             (
                 "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Ainference-profile%2Fus.anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse",
                 "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-3-5-sonnet-20240620-v1:0",
+                "anthropic.claude-3-5-sonnet-20240620-v1:0",
                 false,
             ),
         ] {
             let p = parse_request_at(BedrockConverse, path, converse).unwrap();
-            assert_eq!((p.model.as_str(), p.stream), (model, stream), "{path}");
+            assert_eq!(
+                (p.model_as_sent.as_str(), p.model.as_str(), p.model_known, p.stream),
+                (sent, model, true, stream),
+                "{path}"
+            );
         }
         for (path, says) in [
             ("/model/a/b/converse", "one path segment"),

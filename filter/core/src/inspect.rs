@@ -505,6 +505,21 @@ fn chosen(
         )
         .stopped_by(StopKind::Deny, "attachments"));
     }
+    if !parsed.model_known && config.matches_on_model() {
+        // A name that says no model (a Bedrock application inference
+        // profile, a provisioned model, an Ollama digest) would match no
+        // rule's model and pass every `deny`: refused where rules match on
+        // models, rather than sent down `default_action`, which may allow.
+        return Err(Refusal::new(
+            RefusalKind::PolicyDenied,
+            Some(api),
+            format!(
+                "model `{}` does not name a model this gateway can match its model rules on; name the model itself (a model id or a cross-region inference profile)",
+                parsed.model_as_sent
+            ),
+        )
+        .stopped_by(StopKind::Deny, "unknown model"));
+    }
     let facts = Parsed {
         model: Some(parsed.model.clone()),
         stream: parsed.stream,
@@ -521,7 +536,7 @@ fn chosen(
     if rule.action == Action::Deny {
         // Deny rules win even over a valid approval token: policy may have
         // changed since the approval.
-        return Err(denied(api, &rule.name, &parsed.model));
+        return Err(denied(api, &rule.name, &parsed));
     }
     Ok(Chosen {
         parsed,
@@ -889,11 +904,18 @@ pub fn token_body_hash(body: &[u8]) -> String {
     body_hash(body)
 }
 
-fn denied(api: ApiKind, rule: &str, model: &str) -> Refusal {
+fn denied(api: ApiKind, rule: &str, parsed: &ParsedRequest) -> Refusal {
+    let model = &parsed.model;
+    let sent = &parsed.model_as_sent;
+    let model = if model == sent {
+        format!("model `{model}`")
+    } else {
+        format!("model `{model}`, sent as `{sent}`")
+    };
     Refusal::new(
         RefusalKind::PolicyDenied,
         Some(api),
-        format!("denied by policy rule `{rule}` (model `{model}`)"),
+        format!("denied by policy rule `{rule}` ({model})"),
     )
     .stopped_by(StopKind::Deny, rule)
 }
@@ -1212,6 +1234,119 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    fn endpoint(api: ApiKind) -> crate::config::Endpoint {
+        default_endpoints()
+            .into_iter()
+            .find(|e| e.api == api)
+            .unwrap()
+    }
+
+    #[test]
+    fn rules_match_the_model_an_alias_runs() {
+        let c = Config::from_json(
+            br#"{"rules":[
+                {"name":"blocked","model":"forbidden-*","action":"deny"},
+                {"name":"no-opus","model":"anthropic.claude-3-opus*","action":"deny"}
+            ],"default_action":"allow"}"#,
+        )
+        .unwrap();
+        let denied_by = |api: ApiKind, path: &str, body: &[u8]| match inspect_body(
+            &c,
+            &endpoint(api),
+            &info(path, None),
+            body,
+            0,
+        ) {
+            BodyVerdict::Refuse(r) => Some(r.message),
+            _ => None,
+        };
+        for m in [
+            "forbidden-x",
+            "Forbidden-X",
+            "library/forbidden-x",
+            "registry.ollama.ai/library/forbidden-x:latest",
+        ] {
+            let chat =
+                format!(r#"{{"model":"{m}","messages":[{{"role":"user","content":"hi"}}]}}"#);
+            let msg = denied_by(ApiKind::OllamaChat, "/api/chat", chat.as_bytes());
+            assert!(
+                msg.as_deref().is_some_and(|m| m.contains("`blocked`")),
+                "{m}: {msg:?}"
+            );
+            let generate = format!(r#"{{"model":"{m}","prompt":"hi"}}"#);
+            let msg = denied_by(
+                ApiKind::OllamaGenerate,
+                "/api/generate",
+                generate.as_bytes(),
+            );
+            assert!(
+                msg.as_deref().is_some_and(|m| m.contains("`blocked`")),
+                "{m}: {msg:?}"
+            );
+        }
+        let converse = br#"{"messages":[{"role":"user","content":[{"text":"hi"}]}]}"#;
+        for id in [
+            "anthropic.claude-3-opus-20240229-v1%3A0",
+            "us.anthropic.claude-3-opus-20240229-v1%3A0",
+            "global.anthropic.claude-3-opus-20240229-v1%3A0",
+            "arn%3Aaws%3Abedrock%3Aus-east-1%3A%3Afoundation-model%2Fanthropic.claude-3-opus-20240229-v1%3A0",
+            "arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Ainference-profile%2Fus.anthropic.claude-3-opus-20240229-v1%3A0",
+        ] {
+            let path = format!("/model/{id}/converse");
+            let msg = denied_by(ApiKind::BedrockConverse, &path, converse);
+            assert!(msg.as_deref().is_some_and(|m| m.contains("`no-opus`")), "{id}: {msg:?}");
+        }
+        // Another model is not denied.
+        assert_eq!(
+            denied_by(
+                ApiKind::BedrockConverse,
+                "/model/us.anthropic.claude-3-haiku-20240307-v1%3A0/converse",
+                converse
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn a_name_that_says_no_model_is_refused_where_rules_match_models() {
+        let profile = "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Aapplication-inference-profile%2Fa1b2c3/converse";
+        let body = br#"{"messages":[{"role":"user","content":[{"text":"hi"}]}]}"#;
+        let ep = endpoint(ApiKind::BedrockConverse);
+        let verdict = |config: &str| {
+            inspect_body(
+                &Config::from_json(config.as_bytes()).unwrap(),
+                &ep,
+                &info(profile, None),
+                body,
+                0,
+            )
+        };
+        // A deny glob that would match the ARN's text does not decide it,
+        // nor does an allowing default: the model is unknown.
+        for config in [
+            r#"{"rules":[{"name":"no-opus","model":"anthropic.claude-3-opus*","action":"deny"}],"default_action":"allow"}"#,
+            r#"{"rules":[{"name":"all","model":"*","action":"allow"}]}"#,
+            r#"{"content_policy":{"request_rules":[{"name":"m","models":{"deny":["x.*"]}}]},"default_action":"allow"}"#,
+        ] {
+            match verdict(config) {
+                BodyVerdict::Refuse(r) => {
+                    assert_eq!(r.status(), 403, "{config}");
+                    assert!(
+                        r.message.contains("application-inference-profile"),
+                        "{}",
+                        r.message
+                    );
+                }
+                other => panic!("{config}: {other:?}"),
+            }
+        }
+        // Nothing matches on models: the model does not matter.
+        assert!(matches!(
+            verdict(r#"{"default_action":"allow"}"#),
+            BodyVerdict::Forward(..)
+        ));
     }
 
     #[test]

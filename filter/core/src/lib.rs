@@ -29,6 +29,7 @@ pub mod inspect;
 pub mod json;
 pub mod json_stream;
 pub mod mask;
+pub mod model_name;
 mod normalize;
 pub mod policy;
 pub mod record;

@@ -480,7 +480,7 @@ pub struct RequestFacts<'a> {
     pub groups: &'a [String],
     /// Envoy route name.
     pub route: Option<&'a str>,
-    /// Model (from the body, or the path for Gemini).
+    /// The canonical model ([`crate::model_name::canonical`]).
     pub model: &'a str,
     /// Requested output limit ([`requested_max_tokens`]).
     pub max_tokens: Option<u64>,
@@ -698,6 +698,23 @@ impl ContentPolicy {
         let requests = self.request_rules.iter().map(|r| &r.scope);
         let responses = self.response_rules.iter().map(|r| &r.scope);
         requests.chain(responses).any(|s| s.routes.is_some())
+    }
+
+    /// Whether any rule matches on the model (a `models` scope, a model
+    /// `allow` or `deny` list): then a request whose model the filter
+    /// cannot know is refused ([`crate::model_name`]).
+    pub fn matches_on_model(&self) -> bool {
+        let requests = self.request_rules.iter().map(|r| &r.scope);
+        let responses = self.response_rules.iter().map(|r| &r.scope);
+        let reviews = self.review_rules.iter().map(|r| &r.scope);
+        requests
+            .chain(responses)
+            .chain(reviews)
+            .any(|s| s.models.is_some())
+            || self
+                .request_rules
+                .iter()
+                .any(|r| r.allow.is_some() || r.deny.is_some())
     }
 
     /// Parses and validates a `content_policy` object on its own (field paths
