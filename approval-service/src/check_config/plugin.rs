@@ -240,6 +240,10 @@ impl Checker {
                         summary(&config)
                     ),
                 );
+                for warning in PluginConfig::load_warnings(bytes) {
+                    self.report
+                        .warning(file, format!("{warning}{}", in_place(place)));
+                }
                 Some(config)
             }
             Err(e) => {
@@ -255,6 +259,25 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::super::testing::{check_texts, messages};
     use super::super::Level;
+
+    #[test]
+    fn model_globs_spelled_as_aliases_are_warned_about() {
+        let r = check_texts(&[(
+            "p.json",
+            r#"{"rules":[{"model":"llama3:latest","action":"deny"},{"model":"gpt-4o*","action":"allow"}]}"#,
+        )]);
+        let warnings = messages(&r, Level::Warning);
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("field `rules[0].model`: `llama3:latest` never matches")),
+            "{warnings:?}"
+        );
+        assert!(
+            !warnings.iter().any(|w| w.contains("rules[1]")),
+            "{warnings:?}"
+        );
+    }
 
     #[test]
     fn plugin_config_errors_name_the_field() {

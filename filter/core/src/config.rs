@@ -101,7 +101,8 @@ struct EndpointMatchers {
 /// The query parameters each API's clients send, none of which changes
 /// what the model reads or which model runs: Azure's and OpenAI-compatible
 /// servers' `api-version`, Anthropic's `beta`, Gemini's `alt` (the stream's
-/// framing) and `key` (its API key).
+/// framing). Not Gemini's `key`: a caller's own key must not reach the
+/// model (it goes in `x-goog-api-key`, which identity reads and removes).
 pub fn default_query_params(api: ApiKind) -> &'static [&'static str] {
     match api {
         ApiKind::OpenaiChat
@@ -112,7 +113,7 @@ pub fn default_query_params(api: ApiKind) -> &'static [&'static str] {
         | ApiKind::AzureOpenaiCompletions
         | ApiKind::AzureOpenaiEmbeddings => &["api-version"],
         ApiKind::AnthropicMessages => &["beta"],
-        ApiKind::GeminiGenerateContent => &["alt", "key"],
+        ApiKind::GeminiGenerateContent => &["alt"],
         ApiKind::OllamaChat
         | ApiKind::OllamaGenerate
         | ApiKind::BedrockConverse
@@ -754,6 +755,28 @@ impl Config {
             Some(Ok(json)) => Config::from_json(json.as_bytes()),
             Some(Err(message)) => Err(err("", message)),
         }
+    }
+
+    /// What is worth a warning in a plugin configuration that loads (the
+    /// same bytes as [`Config::from_plugin_configuration`]): model globs
+    /// spelled as an Ollama or Bedrock alias, which never match the
+    /// canonical names rules see ([`crate::model_name::alias_spelled_globs`]).
+    /// Logged at load and reported by `check-config`.
+    pub fn load_warnings(bytes: &[u8]) -> Vec<String> {
+        let value = match protobuf_struct::json_text(bytes) {
+            None => serde_json::from_slice::<serde_json::Value>(bytes).ok(),
+            Some(Ok(json)) => serde_json::from_str(&json).ok(),
+            Some(Err(_)) => None,
+        };
+        let Some(value) = value else {
+            return Vec::new();
+        };
+        crate::model_name::alias_spelled_globs(&value)
+            .into_iter()
+            .map(|(field, pattern, why)| {
+                format!("field `{field}`: `{pattern}` never matches: {why}; write the model's canonical name (docs/configuration.md, \"Model names\")")
+            })
+            .collect()
     }
 
     /// Parses and validates the plugin configuration from JSON text. An

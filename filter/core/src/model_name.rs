@@ -62,6 +62,85 @@ pub fn canonical(api: ApiKind, raw: &str) -> ModelName {
     }
 }
 
+/// Why a model glob written in a configuration can never match a canonical
+/// Ollama or Bedrock name (it spells an alias [`canonical`] takes away), or
+/// `None`. Rules match every API, so only spellings no canonical name has
+/// are flagged (a default tag, namespace or host; a Bedrock inference
+/// profile prefix; an ARN), not upper case, which other servers' names use.
+pub fn alias_spelling(pattern: &str) -> Option<&'static str> {
+    let lower = pattern.to_ascii_lowercase();
+    if lower.ends_with(&format!(":{OLLAMA_TAG}")) || lower.contains(&format!(":{OLLAMA_TAG}*")) {
+        return Some("Ollama names are matched without the default tag `:latest`");
+    }
+    if lower.starts_with(&format!("{OLLAMA_HOST}/"))
+        || lower.starts_with(&format!("{OLLAMA_NAMESPACE}/"))
+    {
+        return Some("Ollama names are matched without `registry.ollama.ai/` and `library/`");
+    }
+    if lower.starts_with("arn:") {
+        return Some("Bedrock ARNs are matched as the model id they name (or refused)");
+    }
+    let prefix = lower.split_once('.').map_or("", |(p, _)| p);
+    if BEDROCK_GEO_PREFIXES.contains(&prefix) && lower.len() > prefix.len() + 1 {
+        return Some(
+            "Bedrock inference profiles are matched as the model id after their region prefix",
+        );
+    }
+    None
+}
+
+/// The model globs of a plugin configuration (JSON) that spell an alias
+/// ([`alias_spelling`]): `(field, pattern, why)`, for a warning at load and
+/// in `check-config`. Such a rule written before model names were made
+/// canonical no longer matches, and a `deny` or `review` rule that stops
+/// matching lets requests through.
+pub fn alias_spelled_globs(config: &serde_json::Value) -> Vec<(String, String, &'static str)> {
+    let mut out = Vec::new();
+    let mut check = |field: String, v: &serde_json::Value| {
+        if let Some(pattern) = v.as_str() {
+            if let Some(why) = alias_spelling(pattern) {
+                out.push((field, pattern.to_string(), why));
+            }
+        }
+    };
+    let list = |v: Option<&serde_json::Value>| {
+        v.and_then(serde_json::Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    for (i, rule) in list(config.get("rules")).iter().enumerate() {
+        if let Some(m) = rule.get("model") {
+            check(format!("rules[{i}].model"), m);
+        }
+    }
+    let policy = config.get("content_policy");
+    for (i, rule) in list(policy.and_then(|p| p.get("request_rules")))
+        .iter()
+        .enumerate()
+    {
+        for side in ["allow", "deny"] {
+            for (j, m) in list(rule.get("models").and_then(|m| m.get(side)))
+                .iter()
+                .enumerate()
+            {
+                check(
+                    format!("content_policy.request_rules[{i}].models.{side}[{j}]"),
+                    m,
+                );
+            }
+        }
+    }
+    for (i, rule) in list(policy.and_then(|p| p.get("response_rules")))
+        .iter()
+        .enumerate()
+    {
+        for (j, m) in list(rule.get("models")).iter().enumerate() {
+            check(format!("content_policy.response_rules[{i}].models[{j}]"), m);
+        }
+    }
+    out
+}
+
 /// Ollama's `[host/][namespace/]model[:tag]`, defaults dropped; `None` for a
 /// digest (`@sha256:...`, which names a blob, not a name), a scheme, or a
 /// shape `ParseName` would not take.
@@ -139,7 +218,36 @@ fn bedrock(raw: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn globs_spelled_as_aliases_are_found() {
+        let config: serde_json::Value = serde_json::from_str(
+            r#"{"rules":[{"model":"llama3:latest","action":"deny"},{"model":"gpt-4o*","action":"allow"},
+                {"model":"library/forbidden-*","action":"deny"},{"model":"us.anthropic.claude*","action":"deny"},
+                {"model":"arn:aws:bedrock:*","action":"deny"},{"model":"Llama-3-8B","action":"allow"},
+                {"model":"anthropic.claude*","action":"deny"}],
+              "content_policy":{"request_rules":[{"name":"m","models":{"allow":["eu.mistral*"],"deny":["x"]}}],
+                "response_rules":[{"name":"r","phrases":["p"],"models":["registry.ollama.ai/*"]}]}}"#,
+        )
+        .unwrap();
+        let found: Vec<String> = alias_spelled_globs(&config)
+            .into_iter()
+            .map(|(f, _, _)| f)
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "rules[0].model",
+                "rules[2].model",
+                "rules[3].model",
+                "rules[4].model",
+                "content_policy.request_rules[0].models.allow[0]",
+                "content_policy.response_rules[0].models[0]",
+            ]
+        );
+    }
 
     fn name(api: ApiKind, raw: &str) -> (String, bool) {
         let m = canonical(api, raw);

@@ -690,7 +690,7 @@ mod tests {
             "/v1/chat/completions?",
             "/v1/chat/completions?api-version=2024-10-21",
             "/v1/messages?beta=true",
-            "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse&key=AIza",
+            "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
             "/openai/deployments/gpt-4o/chat/completions?api%2Dversion=2024-10-21&&",
         ] {
             assert!(
@@ -707,6 +707,11 @@ mod tests {
             ("/v1/chat/completions?model", "`model`"),
             ("/v1/chat/completions?=x", "``"),
             ("/v1/messages?alt=sse", "`alt`"),
+            // A caller's own key never reaches the model.
+            (
+                "/v1beta/models/gemini-2.0-flash:generateContent?key=AIza",
+                "`key`",
+            ),
             ("/api/chat?beta=true", "`beta`"),
             ("/v1/chat/completions?API-VERSION=1", "`API-VERSION`"),
             ("/v1/chat/completions?%zz=1", "`%zz`"),

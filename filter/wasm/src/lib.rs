@@ -262,6 +262,9 @@ impl RootContext for Root {
             .unwrap_or_default();
         match Config::from_plugin_configuration(&raw) {
             Ok(config) => {
+                for warning in Config::load_warnings(&raw) {
+                    log::warn!("countersign: {warning}");
+                }
                 self.config = Some(Rc::new(config));
                 if hostcalls::set_tick_period(TICK).is_err() {
                     log::error!("countersign: cannot set the retry timer");
