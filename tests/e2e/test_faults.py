@@ -258,12 +258,23 @@ def test_lost_create_answer_leaves_an_orphan_review_that_releases_nothing(make_s
     assert not [x for x in records(stack) if rec_field(x, "decision") in ("approved", "edited")]
 
 
+def wait_for_first_poll(proxy, review_id: str):
+    """Until the filter's first long poll for `review_id` went through the
+    proxy: the creation's answer reached the filter. The service lists a
+    review as pending once it is committed, before its answer is back, and
+    a channel cut in between loses the creation's answer instead (the
+    filter then refuses 503 `approval_unavailable`, after its retries)."""
+    wait_until(lambda: proxy.requests(rf"^GET /v1/reviews/{review_id}/wait"),
+               what="the filter's first long poll (it has the creation's answer)")
+
+
 def test_hanging_long_poll_is_retried_and_the_hold_completes_once_healed(make_stack, interpose, background):
     stack = make_stack(filter_config={"callout_timeout_ms": 1000, "long_poll_ms": 1000, "hold_timeout_ms": 60000},
                        approval_http1=True)
     proxy = interpose(stack)
     fut = send_later(background, stack.url, chat(text="wait through an outage"))
     [review] = stack.approval.wait_pending()
+    wait_for_first_poll(proxy, review["id"])
     proxy.mode = "blackhole"
     cut = time.monotonic()
     # Each long poll hangs until Envoy's callout timeout (poll + callout
@@ -303,6 +314,7 @@ def test_deadline_is_honoured_when_the_channel_never_heals(make_stack, interpose
     start = time.monotonic()
     fut = send_later(background, stack.url, chat(text="stuck forever"))
     [review] = stack.approval.wait_pending()
+    wait_for_first_poll(proxy, review["id"])
     proxy.mode = "blackhole"
     resp = fut.result(timeout=60)
     elapsed = time.monotonic() - start
