@@ -1021,6 +1021,17 @@ mod tests {
         assert_eq!(out.hits.iter().map(|h| h.count).sum::<usize>(), 2);
     }
 
+    /// The user message `pay {text} now` of a chat request masked by `p`,
+    /// and the hits.
+    fn mask_payment(p: &MaskPolicy, text: &str) -> (String, Vec<Hit>) {
+        let body =
+            format!(r#"{{"model":"m","messages":[{{"role":"user","content":"pay {text} now"}}]}}"#);
+        let out = mask_request(p, ApiKind::OpenaiChat, body.as_bytes()).unwrap();
+        let v: Value = serde_json::from_slice(out.body.as_deref().unwrap()).unwrap();
+        let content = v["messages"][0]["content"].as_str().unwrap().to_string();
+        (content, out.hits)
+    }
+
     /// A card padded into an IBAN of its country's exact length, with right
     /// check digits, is the IBAN's groups (`detectors::in_masked_iban`):
     /// the IBAN detector masks it whole, and it is counted once, as an
@@ -1036,20 +1047,12 @@ mod tests {
             ("AT70 4111 1111 1111 1111", "[IBAN]"),
             ("NO79 RU03 1234 567 4111 1111 1111 1111 000000", "[IBAN]"),
         ] {
-            let body = format!(
-                r#"{{"model":"m","messages":[{{"role":"user","content":"pay {text} now"}}]}}"#
-            );
-            let out = mask_request(&p, ApiKind::OpenaiChat, body.as_bytes()).unwrap();
-            let v: Value = serde_json::from_slice(out.body.as_deref().unwrap()).unwrap();
-            assert_eq!(
-                v["messages"][0]["content"],
-                format!("pay {masked} now"),
-                "{text}"
-            );
+            let out = mask_payment(&p, text);
+            assert_eq!(out.0, format!("pay {masked} now"), "{text}");
             assert!(
-                out.hits.iter().all(|h| h.detector == "iban"),
+                out.1.iter().all(|h| h.detector == "iban"),
                 "{text}: {:?}",
-                out.hits
+                out.1
             );
         }
     }
@@ -1068,20 +1071,12 @@ mod tests {
             ("AT70  4111 1111 1111 1111", "AT70  [CREDIT_CARD]"),
             ("AT48 0000 4111 1111 1111 1111", "[IBAN]"),
         ] {
-            let body = format!(
-                r#"{{"model":"m","messages":[{{"role":"user","content":"pay {text} now"}}]}}"#
-            );
-            let out = mask_request(&p, ApiKind::OpenaiChat, body.as_bytes()).unwrap();
-            let v: Value = serde_json::from_slice(out.body.as_deref().unwrap()).unwrap();
-            assert_eq!(
-                v["messages"][0]["content"],
-                format!("pay {masked} now"),
-                "{text}"
-            );
+            let out = mask_payment(&p, text);
+            assert_eq!(out.0, format!("pay {masked} now"), "{text}");
             assert!(
-                out.hits.iter().any(|h| h.detector == "credit_card"),
+                out.1.iter().any(|h| h.detector == "credit_card"),
                 "{text}: {:?}",
-                out.hits
+                out.1
             );
         }
     }
