@@ -150,7 +150,9 @@ pub fn identify(
             // A duplicate can also arrive merged: ext_authz's
             // `headers_to_append` joins the value it adds onto the caller's
             // copy with a comma (`release-bot,alice`), one entry, so
-            // `repeated` does not see it. No caller name has a comma in it.
+            // `repeated` does not see it. So no name with a comma is taken
+            // (an authenticator writing `Doe, Jane` must write it otherwise;
+            // docs/operations.md, Upgrading).
             // A merged groups header cannot be told apart this way (its
             // value is a comma list): the authenticator must overwrite it
             // (docs/configuration.md, `identity`).
