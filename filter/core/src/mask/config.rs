@@ -270,6 +270,12 @@ impl MaskingConfig {
                     }
                 }
             }
+            // A card inside an IBAN is excused as the IBAN's groups only
+            // where the IBAN detector masks that IBAN with it.
+            let iban_masks = matches!(
+                actions.get("iban"),
+                Some(MaskAction::Redact | MaskAction::Pseudonymize | MaskAction::Block)
+            );
             for b in BUILTIN_DETECTORS {
                 let Some(&action) = actions.get(b) else {
                     continue;
@@ -277,11 +283,17 @@ impl MaskingConfig {
                 if action == MaskAction::Off {
                     continue;
                 }
-                let det = match builtins.get(b) {
+                let key = if *b == "credit_card" && !iban_masks {
+                    "credit_card without iban"
+                } else {
+                    b
+                };
+                let det = match builtins.get(key) {
                     Some(d) => Arc::clone(d),
                     None => {
                         let d = match Detector::builtin(b) {
-                            Ok(Some(d)) => Arc::new(d),
+                            Ok(Some(d)) if key == *b => d,
+                            Ok(Some(d)) => d.without_iban_excuse(),
                             Ok(None) => {
                                 return Err(err(format!("{at}.detectors.{b}"), "unknown detector"))
                             }
@@ -292,7 +304,8 @@ impl MaskingConfig {
                                 ))
                             }
                         };
-                        builtins.insert(b, Arc::clone(&d));
+                        let d = Arc::new(d);
+                        builtins.insert(key, Arc::clone(&d));
                         d
                     }
                 };

@@ -365,6 +365,12 @@ pub(crate) struct Detector {
     /// matches (of an open-ended detector, of its opening line; the rest
     /// is held while the analysis finds it unterminated).
     pub prefixes: Arc<MatchPrefixes>,
+    /// A card inside an IBAN the IBAN detector masks is that IBAN's groups,
+    /// not a card ([`in_masked_iban`]). Only true where that detector runs
+    /// beside this one and masks (or blocks): with it off or monitoring,
+    /// excusing the card would let it through unmasked
+    /// ([`Detector::without_iban_excuse`]).
+    iban_masked_alongside: bool,
 }
 
 /// Key names whose value is a secret, anywhere in a longer name
@@ -585,7 +591,15 @@ impl Detector {
             value,
             open_ended: opening.is_some(),
             prefixes: Arc::new(MatchPrefixes::new(opening.unwrap_or(&pattern))),
+            iban_masked_alongside: true,
         }))
+    }
+
+    /// This detector for a profile whose IBAN detector does not mask (off
+    /// or `monitor`): a card inside an IBAN is a card like any other.
+    pub(crate) fn without_iban_excuse(mut self) -> Detector {
+        self.iban_masked_alongside = false;
+        self
     }
 
     /// A configured detector. The caller has checked the name.
@@ -602,6 +616,7 @@ impl Detector {
             name: name.to_string(),
             label: name.to_ascii_uppercase(),
             prefixes: Arc::new(MatchPrefixes::new(pattern)),
+            iban_masked_alongside: false,
             regex,
             check,
             cand: Cand::Whole,
@@ -853,7 +868,7 @@ impl Detector {
                     && !glued_group(hay, s, e)
                     && !digit_group_context(hay, s)
             }
-            Check::Card => return card_end(hay, from, s, e),
+            Check::Card => return card_end(hay, from, s, e, self.iban_masked_alongside),
             Check::Ssn => ssn_ok(v) && !glued(hay, s, e, b'-') && !glued(hay, s, e, b' '),
             Check::Ipv4 => ipv4_ok(v) && !glued(hay, s, e, b'.') && !version_context(hay, s),
             Check::Ipv6 => return ipv6_end(hay, s, e),
@@ -924,13 +939,14 @@ const HEX_GLUE: usize = 8;
 /// with one more group. Letters and `_` glued to it (`card4111…`,
 /// `…1111_exp`) do not hide it either, unless they are a hexadecimal
 /// string ([`hex_glued`]). Not after `+` (a phone number), nor inside an
-/// IBAN that the IBAN detector masks ([`in_masked_iban`]).
+/// IBAN that the IBAN detector masks ([`in_masked_iban`]; `iban_masked`:
+/// it runs beside this one and masks).
 ///
 /// What decides it lies at most [`HEX_GLUE`] characters before the card,
 /// which a stream keeps as context, and as many after it, which are
 /// reported as read with it ([`Detector::reads_after`]) so that a stream
 /// waits for them.
-fn card_end(hay: &str, from: usize, s: usize, e: usize) -> Option<usize> {
+fn card_end(hay: &str, from: usize, s: usize, e: usize, iban_masked: bool) -> Option<usize> {
     let b = hay.as_bytes();
     let digit = |i: usize| b.get(i).is_some_and(u8::is_ascii_digit);
     if (s > 0 && digit(s - 1)) || hay.get(..s).is_some_and(|h| h.ends_with('+')) {
@@ -948,7 +964,7 @@ fn card_end(hay: &str, from: usize, s: usize, e: usize) -> Option<usize> {
         .filter(|&end| digit(end - 1) && !digit(end) && enough(end))
         .find(|&end| hay.get(s..end).is_some_and(card_ok) && !hex_glued(hay, s, end))?;
     // Last: only a valid card's place is looked at.
-    (!in_masked_iban(hay, from, s, end)).then_some(end)
+    (!(iban_masked && in_masked_iban(hay, from, s, end))).then_some(end)
 }
 
 /// Whether the digits `hay[s..e]` are glued to a hexadecimal string of at

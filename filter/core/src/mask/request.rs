@@ -1057,6 +1057,37 @@ mod tests {
         }
     }
 
+    /// The excuse above holds only where the IBAN detector masks the IBAN:
+    /// with it off or monitoring, a card padded into a valid IBAN
+    /// (`AT70 4111 1111 1111 1111`) is masked as a card, else it would
+    /// leave unmasked under a profile that masks cards.
+    #[test]
+    fn a_card_in_a_valid_iban_is_a_card_where_ibans_are_not_masked() {
+        for iban in [None, Some("off"), Some("monitor")] {
+            let detectors = match iban {
+                Some(a) => format!(r#"{{"credit_card":"redact","iban":"{a}"}}"#),
+                None => r#"{"credit_card":"redact"}"#.to_string(),
+            };
+            let p = policy(&format!(
+                r#"{{"profiles":{{"default":{{"detectors":{detectors}}}}}}}"#
+            ));
+            for (text, masked) in [
+                ("AT70 4111 1111 1111 1111", "AT70 [CREDIT_CARD]"),
+                ("DE95 4111 1111 1111 1111 00", "DE95 [CREDIT_CARD]"),
+            ] {
+                let out = mask_payment(&p, text);
+                assert_eq!(out.0, format!("pay {masked} now"), "{text} iban {iban:?}");
+            }
+        }
+        // Blocking the IBAN keeps the excuse: the IBAN stops the request.
+        let p = policy(
+            r#"{"profiles":{"default":{"detectors":{"credit_card":"redact","iban":"block"}}}}"#,
+        );
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"pay AT70 4111 1111 1111 1111 now"}]}"#;
+        let out = mask_request(&p, ApiKind::OpenaiChat, body).unwrap();
+        assert_eq!(out.blocked_by.as_deref(), Some("iban"));
+    }
+
     /// A card behind what only looks like an IBAN's start is a card: wrong
     /// check digits (`AT00`, where Austria's 20 characters are a country
     /// code, two digits and a card), groups apart by more than one space,
