@@ -1617,6 +1617,50 @@ mod tests {
         found_by(&Detector::builtin(name).unwrap().unwrap(), text)
     }
 
+    /// [`iban_match_end`] is the built-in IBAN pattern's match written out
+    /// by hand (the card and phone checks ask it at every start, without
+    /// running the regex): it must end where the regex's anchored match
+    /// ends, on random texts of IBAN characters, spaces and others.
+    #[test]
+    fn iban_match_end_agrees_with_the_iban_pattern() {
+        let (pattern, ..) = builtin_spec("iban").unwrap();
+        let anchored = regex::Regex::new(&format!("^(?:{pattern})")).unwrap();
+        // Mostly IBAN characters, so that many texts match.
+        let alphabet = b"AZDEGB01234567890123456789 x-";
+        let mut state = 0x9e37_79b9_u32;
+        let mut next = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state as usize % n
+        };
+        let mut matched = 0;
+        for _ in 0..20_000 {
+            let len = next(50);
+            let head = ["", "DE89", "AT70 ", "G", "GB8", "de89"][next(6)];
+            let text: String = head
+                .chars()
+                .chain((0..len).map(|_| alphabet[next(alphabet.len())] as char))
+                .collect();
+            let t = if next(2) == 0 {
+                0
+            } else {
+                next(text.len().max(1))
+            };
+            let expected = text
+                .get(t..)
+                .and_then(|h| anchored.find(h))
+                .map(|m| t + m.end());
+            matched += usize::from(expected.is_some());
+            assert_eq!(
+                iban_match_end(text.as_bytes(), t),
+                expected,
+                "{text:?} at {t}"
+            );
+        }
+        assert!(matched > 1_000, "only {matched} texts held a match");
+    }
+
     fn found_by(d: &Detector, text: &str) -> Vec<String> {
         let mut out = Vec::new();
         d.find(text, 0, &mut out);
