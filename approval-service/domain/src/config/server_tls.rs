@@ -421,24 +421,28 @@ mod tests {
     /// A self-signed certificate `{name}.pem` with its key `{name}.key`,
     /// made by openssl in `dir`.
     fn self_signed(dir: &Path, name: &str) {
-        let status = Command::new("openssl")
-            .args([
+        openssl(
+            dir,
+            &[
                 "req",
                 "-x509",
                 "-newkey",
                 "ec",
                 "-pkeyopt",
                 "ec_paramgen_curve:P-256",
-            ])
-            .args(["-nodes", "-days", "1", "-subj", &format!("/CN={name}")])
-            .args(["-addext", "subjectAltName=DNS:localhost"])
-            .arg("-keyout")
-            .arg(dir.join(format!("{name}.key")))
-            .arg("-out")
-            .arg(dir.join(format!("{name}.pem")))
-            .output()
-            .expect("openssl");
-        assert!(status.status.success(), "{status:?}");
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                &format!("/CN={name}"),
+                "-addext",
+                "subjectAltName=DNS:localhost",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.pem"),
+            ],
+        );
     }
 
     fn refused(text: &str) -> String {
@@ -605,26 +609,7 @@ mod tests {
     fn client_names_admit_only_certificates_that_carry_one() {
         let scratch = tempfile::tempdir().unwrap();
         let dir = scratch.path();
-        openssl(
-            dir,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=channel CA",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-            ],
-        );
+        self_signed(dir, "ca");
         signed(dir, "ca", "server", "serverAuth", "server", "DNS:localhost");
         let gateway = "spiffe://cluster.local/ns/gateways/sa/inference-gateway";
         signed(
