@@ -240,7 +240,7 @@ impl Checker {
                         summary(&config)
                     ),
                 );
-                for warning in PluginConfig::load_warnings(bytes) {
+                for warning in config.warnings() {
                     self.report
                         .warning(file, format!("{warning}{}", in_place(place)));
                 }

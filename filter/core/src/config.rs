@@ -293,6 +293,8 @@ pub struct Config {
     pub masking: Option<MaskingConfig>,
     /// Request and response content rules.
     pub content_policy: ContentPolicy,
+    /// `rules[].model` globs spelled as an alias ([`Config::warnings`]).
+    model_warnings: Vec<String>,
     /// A plain answer the guard reads whole keeps its head back until its
     /// body is judged, so an answer it blocks or withholds gets the error's
     /// status and headers instead of the model's. Needs the host to let the
@@ -757,25 +759,15 @@ impl Config {
         }
     }
 
-    /// What is worth a warning in a plugin configuration that loads (the
-    /// same bytes as [`Config::from_plugin_configuration`]): model globs
-    /// spelled as an Ollama or Bedrock alias, which never match the
-    /// canonical names rules see ([`crate::model_name::alias_spelled_globs`]).
+    /// What is worth a warning in this configuration, which loaded: model
+    /// globs spelled as an Ollama or Bedrock alias, which never match the
+    /// canonical names rules see ([`crate::model_name::alias_warning`]).
     /// Logged at load and reported by `check-config`.
-    pub fn load_warnings(bytes: &[u8]) -> Vec<String> {
-        let value = match protobuf_struct::json_text(bytes) {
-            None => serde_json::from_slice::<serde_json::Value>(bytes).ok(),
-            Some(Ok(json)) => serde_json::from_str(&json).ok(),
-            Some(Err(_)) => None,
-        };
-        let Some(value) = value else {
-            return Vec::new();
-        };
-        crate::model_name::alias_spelled_globs(&value)
-            .into_iter()
-            .map(|(field, pattern, why)| {
-                format!("field `{field}`: `{pattern}` never matches: {why}; write the model's canonical name (docs/configuration.md, \"Model names\")")
-            })
+    pub fn warnings(&self) -> Vec<String> {
+        self.model_warnings
+            .iter()
+            .chain(self.content_policy.warnings())
+            .cloned()
             .collect()
     }
 
@@ -948,6 +940,7 @@ impl Config {
         };
 
         let mut rules = Vec::new();
+        let mut model_warnings = Vec::new();
         // A rule's name is what a review, a record and an approval token
         // say it was held under, and what a reviewer's edit is checked
         // against at release: one name, one rule.
@@ -1044,7 +1037,13 @@ impl Config {
                 name,
                 route: r.route.as_deref().map(Glob::new),
                 path: r.path.as_deref().map(Glob::new),
-                model: r.model.as_deref().map(Glob::new),
+                model: r.model.as_deref().map(|m| {
+                    model_warnings.extend(crate::model_name::alias_warning(
+                        &format!("rules[{i}].model"),
+                        m,
+                    ));
+                    Glob::new(m)
+                }),
                 caller: r.caller.as_deref().map(Glob::new),
                 group: r.group,
                 action: r.action,
@@ -1103,6 +1102,7 @@ impl Config {
         }
 
         Ok(Config {
+            model_warnings,
             identity,
             upstream_credential,
             approval_tokens,

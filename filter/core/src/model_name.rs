@@ -89,56 +89,16 @@ pub fn alias_spelling(pattern: &str) -> Option<&'static str> {
     None
 }
 
-/// The model globs of a plugin configuration (JSON) that spell an alias
-/// ([`alias_spelling`]): `(field, pattern, why)`, for a warning at load and
-/// in `check-config`. Such a rule written before model names were made
-/// canonical no longer matches, and a `deny` or `review` rule that stops
-/// matching lets requests through.
-pub fn alias_spelled_globs(config: &serde_json::Value) -> Vec<(String, String, &'static str)> {
-    let mut out = Vec::new();
-    let mut check = |field: String, v: &serde_json::Value| {
-        if let Some(pattern) = v.as_str() {
-            if let Some(why) = alias_spelling(pattern) {
-                out.push((field, pattern.to_string(), why));
-            }
-        }
-    };
-    let list = |v: Option<&serde_json::Value>| {
-        v.and_then(serde_json::Value::as_array)
-            .cloned()
-            .unwrap_or_default()
-    };
-    for (i, rule) in list(config.get("rules")).iter().enumerate() {
-        if let Some(m) = rule.get("model") {
-            check(format!("rules[{i}].model"), m);
-        }
-    }
-    let policy = config.get("content_policy");
-    for (i, rule) in list(policy.and_then(|p| p.get("request_rules")))
-        .iter()
-        .enumerate()
-    {
-        for side in ["allow", "deny"] {
-            for (j, m) in list(rule.get("models").and_then(|m| m.get(side)))
-                .iter()
-                .enumerate()
-            {
-                check(
-                    format!("content_policy.request_rules[{i}].models.{side}[{j}]"),
-                    m,
-                );
-            }
-        }
-    }
-    for (i, rule) in list(policy.and_then(|p| p.get("response_rules")))
-        .iter()
-        .enumerate()
-    {
-        for (j, m) in list(rule.get("models")).iter().enumerate() {
-            check(format!("content_policy.response_rules[{i}].models[{j}]"), m);
-        }
-    }
-    out
+/// The warning for the model glob `pattern` at `field` when it spells an
+/// alias ([`alias_spelling`]), logged at load and shown by `check-config`:
+/// a rule written before model names were made canonical no longer
+/// matches, and a `deny` or `review` rule that stops matching lets requests
+/// through. Every model glob of the configuration is read here as it is
+/// parsed (`rules[].model`, the content policy's `models`).
+pub fn alias_warning(field: &str, pattern: &str) -> Option<String> {
+    alias_spelling(pattern).map(|why| {
+        format!("field `{field}`: `{pattern}` never matches: {why}; write the model's canonical name (docs/configuration.md, \"Model names\")")
+    })
 }
 
 /// Ollama's `[host/][namespace/]model[:tag]`, defaults dropped; `None` for a
@@ -223,8 +183,8 @@ mod tests {
 
     #[test]
     fn globs_spelled_as_aliases_are_found() {
-        let config: serde_json::Value = serde_json::from_str(
-            r#"{"rules":[{"model":"llama3:latest","action":"deny"},{"model":"gpt-4o*","action":"allow"},
+        let config = crate::config::Config::from_json(
+            br#"{"rules":[{"model":"llama3:latest","action":"deny"},{"model":"gpt-4o*","action":"allow"},
                 {"model":"library/forbidden-*","action":"deny"},{"model":"us.anthropic.claude*","action":"deny"},
                 {"model":"arn:aws:bedrock:*","action":"deny"},{"model":"Llama-3-8B","action":"allow"},
                 {"model":"anthropic.claude*","action":"deny"}],
@@ -232,9 +192,10 @@ mod tests {
                 "response_rules":[{"name":"r","phrases":["p"],"models":["registry.ollama.ai/*"]}]}}"#,
         )
         .unwrap();
-        let found: Vec<String> = alias_spelled_globs(&config)
-            .into_iter()
-            .map(|(f, _, _)| f)
+        let warnings = config.warnings();
+        let found: Vec<&str> = warnings
+            .iter()
+            .map(|w| w.split('`').nth(1).unwrap())
             .collect();
         assert_eq!(
             found,

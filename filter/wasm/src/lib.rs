@@ -262,7 +262,7 @@ impl RootContext for Root {
             .unwrap_or_default();
         match Config::from_plugin_configuration(&raw) {
             Ok(config) => {
-                for warning in Config::load_warnings(&raw) {
+                for warning in config.warnings() {
                     log::warn!("countersign: {warning}");
                 }
                 self.config = Some(Rc::new(config));

@@ -525,6 +525,8 @@ pub struct ContentPolicy {
     request_rules: Vec<RequestRule>,
     response_rules: Vec<Arc<ResponseRule>>,
     review_rules: Vec<Arc<ReviewRule>>,
+    /// Model globs spelled as an alias ([`model_globs`]).
+    warnings: Vec<String>,
 }
 
 fn err(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -681,6 +683,24 @@ fn globs(field: &str, list: &Option<Vec<String>>) -> Result<Option<Vec<Glob>>, C
     }
 }
 
+/// [`globs`] of model names: a glob spelled as an Ollama or Bedrock alias
+/// never matches the canonical names rules see, so each is noted in
+/// `warnings` ([`crate::model_name::alias_warning`]).
+fn model_globs(
+    field: &str,
+    list: &Option<Vec<String>>,
+    warnings: &mut Vec<String>,
+) -> Result<Option<Vec<Glob>>, ConfigError> {
+    let out = globs(field, list)?;
+    for (i, g) in list.iter().flatten().enumerate() {
+        warnings.extend(crate::model_name::alias_warning(
+            &format!("{field}[{i}]"),
+            g,
+        ));
+    }
+    Ok(out)
+}
+
 fn check_name(field: &str, name: &str, seen: &[&str]) -> Result<(), ConfigError> {
     if name.trim().is_empty() {
         return Err(err(field, "must not be empty"));
@@ -727,6 +747,7 @@ impl ContentPolicy {
 
     /// Validates and compiles `raw`; `field` is the section's path.
     pub fn validate(raw: RawContentPolicy, field: &str) -> Result<ContentPolicy, ConfigError> {
+        let mut warnings = Vec::new();
         let mut request_rules = Vec::new();
         let mut names: Vec<&str> = Vec::new();
         for (i, r) in raw.request_rules.iter().enumerate() {
@@ -740,8 +761,8 @@ impl ContentPolicy {
                         return Err(err(format!("{at}.models"), "give `allow`, `deny` or both"));
                     }
                     (
-                        globs(&format!("{at}.models.allow"), &m.allow)?,
-                        globs(&format!("{at}.models.deny"), &m.deny)?,
+                        model_globs(&format!("{at}.models.allow"), &m.allow, &mut warnings)?,
+                        model_globs(&format!("{at}.models.deny"), &m.deny, &mut warnings)?,
                     )
                 }
             };
@@ -796,7 +817,7 @@ impl ContentPolicy {
                 callers: globs(&format!("{at}.callers"), &r.callers)?,
                 groups: globs(&format!("{at}.groups"), &r.groups)?,
                 routes: globs(&format!("{at}.routes"), &r.routes)?,
-                models: globs(&format!("{at}.models"), &r.models)?,
+                models: model_globs(&format!("{at}.models"), &r.models, &mut warnings)?,
             };
             let action = match r.action {
                 ResponseAction::Review => {
@@ -835,7 +856,14 @@ impl ContentPolicy {
             request_rules,
             response_rules,
             review_rules,
+            warnings,
         })
+    }
+
+    /// What is worth a warning in a section that loads: model globs
+    /// spelled as an alias, with their fields.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// Whether there are no rules at all.
