@@ -96,8 +96,9 @@ fn occurrences(hay: &str, needle: &str) -> Vec<(usize, usize)> {
 }
 
 /// The masked prompt of `item` under `policy`, and the spans of the
-/// original text its placeholders replaced.
-fn masked(policy: &MaskPolicy, item: &Item) -> (String, Vec<(usize, usize)>) {
+/// original text its placeholders replaced, each with its placeholder's
+/// label (`CREDIT_CARD`).
+fn masked(policy: &MaskPolicy, item: &Item) -> (String, Vec<(usize, usize, String)>) {
     let body = json!({"model": "m", "messages": [{"role": item.role, "content": item.text}]});
     let out = mask_request(policy, ApiKind::OpenaiChat, body.to_string().as_bytes())
         .unwrap_or_else(|e| panic!("{}: {e:?}", item.id));
@@ -119,7 +120,8 @@ fn masked(policy: &MaskPolicy, item: &Item) -> (String, Vec<(usize, usize)>) {
             .and_then(|p| out.restore.get(p).map(|v| (p, v)));
         match placeholder {
             Some((p, value)) => {
-                spans.push((rebuilt.len(), rebuilt.len() + value.len()));
+                let label = p[1..p.rfind('_').unwrap_or(1)].to_string();
+                spans.push((rebuilt.len(), rebuilt.len() + value.len(), label));
                 rebuilt.push_str(value);
                 rest = &from[p.len()..];
             }
@@ -178,10 +180,33 @@ fn overlaps(a: (usize, usize), b: (usize, usize)) -> bool {
     a.0 < b.1 && b.0 < a.1
 }
 
-fn score(detector: &str, items: &[Item]) -> Score {
+/// Detectors scored beside another: the card detector takes a card inside
+/// an IBAN for the IBAN's digits only where the `iban` detector masks that
+/// IBAN with it, so it is scored as it runs in a profile with both (only
+/// its own placeholders count), and alone, where such digits are a card,
+/// as its own row (`credit_card without iban`).
+const COMPANIONS: &[(&str, &str, &str)] = &[
+    ("credit_card", "iban", "credit_card"),
+    ("credit_card without iban", "", "credit_card"),
+];
+
+fn score(row: &str, items: &[Item]) -> Score {
     let mut s = Score::default();
+    let (detector, companion) = COMPANIONS
+        .iter()
+        .find(|(r, ..)| *r == row)
+        .map_or((row, ""), |(_, companion, detector)| {
+            (*detector, *companion)
+        });
+    let label = detector.to_ascii_uppercase();
     let known = BUILTIN_DETECTORS.contains(&detector);
-    let policy = known.then(|| policy(json!({ detector: "pseudonymize" })));
+    let policy = known.then(|| {
+        let mut detectors = json!({ detector: "pseudonymize" });
+        if !companion.is_empty() {
+            detectors[companion] = json!("pseudonymize");
+        }
+        policy(detectors)
+    });
     for item in items {
         let mut expected: Vec<(usize, usize)> = item
             .find
@@ -211,7 +236,12 @@ fn score(detector: &str, items: &[Item]) -> Score {
             }
             continue;
         };
-        let (_, found) = masked(policy, item);
+        let (_, spans) = masked(policy, item);
+        let found: Vec<(usize, usize)> = spans
+            .into_iter()
+            .filter(|(.., l)| *l == label)
+            .map(|(a, b, _)| (a, b))
+            .collect();
         for &e in &expected {
             if found.contains(&e) {
                 s.found += 1;
@@ -256,6 +286,11 @@ fn detectors_meet_their_floors_on_the_corpus() {
         serde_json::from_str(&std::fs::read_to_string(corpus_dir().join("floors.json")).unwrap())
             .unwrap();
     let mut detectors: Vec<&str> = BUILTIN_DETECTORS.to_vec();
+    for (row, ..) in COMPANIONS {
+        if !detectors.contains(row) {
+            detectors.push(row);
+        }
+    }
     for item in &items {
         for (d, _) in &item.find {
             if !detectors.contains(&d.as_str()) {
