@@ -104,6 +104,9 @@ pub enum OidcError {
     MachineName(String),
     /// The person lacks the group `required_group` names.
     NotInGroup(String),
+    /// No `[[reviewers]]` entry names the person, and no `required_group`
+    /// admits people by group: an account of the provider is no reviewer.
+    NotAReviewer(String),
 }
 
 impl std::fmt::Display for OidcError {
@@ -123,6 +126,11 @@ impl std::fmt::Display for OidcError {
                 "the name {name:?} is spelled like the service's own deciders (standing approvals, assessors); a person cannot sign in under it"
             ),
             OidcError::NotInGroup(g) => write!(f, "not a member of the required group {g:?}"),
+            OidcError::NotAReviewer(name) => write!(
+                f,
+                "{name:?} is no reviewer: no [[reviewers]] entry lists the name (in `name` or \
+                 `sign_in_names`), and without oidc.required_group nobody else may review"
+            ),
         }
     }
 }

@@ -1503,6 +1503,7 @@
         rate: 'Too many failed attempts. Wait a minute, then try again.',
         oidc: 'Sign-in with your company account did not work. Try again, or ask your administrator.',
         group: 'Your company account is not in the group allowed to review.',
+        reviewer: 'Your company account is not a reviewer here. Ask your administrator to add you.',
         origin: 'The sign-in form was sent from another site and was refused.',
         cookies: 'Your browser holds more than one countersign session cookie (another site may have set one). Clear this site\'s cookies, then sign in again.',
       }[err] || 'That token was not accepted. Check it and try again.';

@@ -336,7 +336,18 @@ impl AppState {
     /// them that reviewer: recorded under the entry's `name`, so that a
     /// token and this sign-in are one person in a quorum, with the caller
     /// identities it lists. The groups stay the provider's.
-    pub fn approver_named(&self, name: String, groups: Vec<String>) -> Approver {
+    ///
+    /// Anyone else is a reviewer only where a required group admitted them
+    /// (`admitted_by_group`: `[oidc]` or `[trusted_proxy]` has a
+    /// `required_group`, whose membership the caller checked); otherwise
+    /// `None`: every account the provider signs in (a whole company, or
+    /// the requester's own) would decide reviews.
+    pub fn approver_named(
+        &self,
+        name: String,
+        groups: Vec<String>,
+        admitted_by_group: bool,
+    ) -> Option<Approver> {
         let reviewers = self.reviewers();
         let entry = reviewers.iter().find(|r| {
             std::iter::once(&r.name)
@@ -344,16 +355,17 @@ impl AppState {
                 .any(|n| crate::approvals::same_person(n, &name))
         });
         match entry {
-            Some(r) => Approver {
+            Some(r) => Some(Approver {
                 groups,
                 ..Approver::from(r)
-            },
-            None => Approver {
+            }),
+            None if admitted_by_group => Some(Approver {
                 name,
                 groups,
                 callers: Vec::new(),
                 assessor: false,
-            },
+            }),
+            None => None,
         }
     }
 
@@ -444,7 +456,11 @@ impl AppState {
                         return None;
                     }
                 }
-                Some(self.approver_named(session.reviewer.clone(), groups.clone()))
+                self.approver_named(
+                    session.reviewer.clone(),
+                    groups.clone(),
+                    oidc.required_group.is_some(),
+                )
             }
         }
     }

@@ -212,7 +212,7 @@ pub fn proxy_approver(
         tracing::warn!(name = %name, "trusted proxy named a person like one of the service's own deciders; refused");
         return None;
     }
-    let groups = proxy
+    let groups: Vec<String> = proxy
         .groups_header
         .as_ref()
         .and_then(|h| headers.get(h))
@@ -225,7 +225,18 @@ pub fn proxy_approver(
                 .collect()
         })
         .unwrap_or_default();
-    Some(state.approver_named(name, groups))
+    if let Some(required) = &proxy.required_group {
+        if !groups.contains(required) {
+            return None;
+        }
+    }
+    let approver = state.approver_named(name, groups, proxy.required_group.is_some());
+    if approver.is_none() {
+        tracing::warn!(
+            "trusted proxy named a person no [[reviewers]] entry lists, without              trusted_proxy.required_group; refused"
+        );
+    }
+    approver
 }
 
 /// The CSRF token of a proxy-authenticated reviewer. It need not be

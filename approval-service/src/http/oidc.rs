@@ -20,7 +20,9 @@
 //!   the configured issuer.
 //!
 //! Failures send the browser back to the sign-in page with `?error=oidc`
-//! (`?error=group` for a person outside `required_group`); the reason is
+//! (`?error=group` for a person outside `required_group`, `?error=reviewer`
+//! for one no `[[reviewers]]` entry lists where no `required_group` admits
+//! anyone else); the reason is
 //! logged, never shown.
 
 use std::collections::HashMap;
@@ -184,6 +186,7 @@ async fn callback(
         Err((reason, next)) => {
             let code = match reason {
                 OidcError::NotInGroup(_) => "group",
+                OidcError::NotAReviewer(_) => "reviewer",
                 _ => "oidc",
             };
             tracing::warn!(reason = %reason, "OpenID Connect sign-in failed");
@@ -262,6 +265,19 @@ async fn finish(
         Ok(s) => s,
         Err(e) => return Ok(Err((e, next))),
     };
+    let admitted_by_group = state.relying_party.config().required_group.is_some();
+    let person = &signed_in.person;
+    if state
+        .app
+        .approver_named(
+            person.name.clone(),
+            person.groups.clone(),
+            admitted_by_group,
+        )
+        .is_none()
+    {
+        return Ok(Err((OidcError::NotAReviewer(person.name.clone()), next)));
+    }
     let response = start_session(
         &state.app,
         signed_in.person.name,
@@ -368,7 +384,16 @@ impl SessionChecks {
             return Ok(None);
         };
         match relying_party.recheck(refresh_token).await {
-            Ok(signed_in) if signed_in.person.name == name => {
+            Ok(signed_in)
+                if signed_in.person.name == name
+                    && state
+                        .approver_named(
+                            name.clone(),
+                            signed_in.person.groups.clone(),
+                            relying_party.config().required_group.is_some(),
+                        )
+                        .is_some() =>
+            {
                 let now = crate::now_ms();
                 let sealed = match signed_in.refresh_token {
                     Some(t) => Some(seal(id, &t).map_err(ApiError::internal)?),
@@ -380,7 +405,13 @@ impl SessionChecks {
                 state
                     .db(move |s| s.record_oidc_check(&hash, &stored_groups, &stored_sealed, now))
                     .await?;
-                let who = state.approver_named(name, groups.clone());
+                let Some(who) = state.approver_named(
+                    name,
+                    groups.clone(),
+                    relying_party.config().required_group.is_some(),
+                ) else {
+                    return Ok(None);
+                };
                 let session = Session {
                     with: SignedInWith::Oidc {
                         groups,
@@ -407,6 +438,10 @@ impl SessionChecks {
             }
             outcome => {
                 let reason = match outcome {
+                    Ok(signed_in) if signed_in.person.name == name => {
+                        "no [[reviewers]] entry lists them and no required_group admits them"
+                            .to_string()
+                    }
                     Ok(signed_in) => format!("the provider now names {:?}", signed_in.person.name),
                     Err(e) => e.to_string(),
                 };

@@ -172,7 +172,13 @@ async fn an_oidc_session_has_the_providers_groups_while_oidc_is_configured() {
             oidc("required_group = \"admins\"").as_str(),
             StatusCode::UNAUTHORIZED,
         ),
-        (oidc("").as_str(), StatusCode::OK),
+        // No group required: only people a `[[reviewers]]` entry names
+        // review, and no entry names her.
+        (oidc("").as_str(), StatusCode::UNAUTHORIZED),
+        (
+            oidc("required_group = \"security\"").as_str(),
+            StatusCode::OK,
+        ),
     ] {
         let state = common::open_state(&toml(settings));
         let app = countersign_approval::app(state);
@@ -195,7 +201,7 @@ async fn session_exists(f: &common::Fixture, id: &str) -> bool {
 async fn a_session_due_for_a_recheck_is_refused_when_the_provider_cannot_confirm_it() {
     // The provider (nothing listens on its port) cannot be asked: the
     // request is refused, and the session stays for when it is back.
-    let f = fixture(&oidc("recheck_seconds = 30"));
+    let f = fixture(&oidc("recheck_seconds = 30\nrequired_group = \"security\""));
     let stale = now_ms() - 31_000;
     let cookie = stored_oidc_session(
         &f,

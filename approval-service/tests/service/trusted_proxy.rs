@@ -17,11 +17,12 @@ use crate::common::{send, ALICE};
 const PROXY: [u8; 4] = [10, 1, 2, 3];
 const ELSEWHERE: [u8; 4] = [192, 0, 2, 9];
 
+/// The proxy admits members of `ops` as reviewers.
 fn fixture() -> common::Fixture {
     common::fixture("proxy.db", |db| {
         common::config_toml(
             db,
-            "[trusted_proxy]\naddresses = [\"10.0.0.0/8\"]",
+            "[trusted_proxy]\naddresses = [\"10.0.0.0/8\"]\nrequired_group = \"ops\"",
             &[("alice", ALICE, "groups = [\"security\"]")],
         )
     })
@@ -205,28 +206,24 @@ async fn one_person_under_two_spellings_is_one_reviewer() {
 #[tokio::test]
 async fn a_person_named_like_the_services_own_deciders_is_refused() {
     let f = common::fixture("proxy-machine-names.db", |db| {
-        common::config_toml(db, "[trusted_proxy]\naddresses = [\"10.0.0.0/8\"]", &[])
+        common::config_toml(
+            db,
+            "[trusted_proxy]\naddresses = [\"10.0.0.0/8\"]\nrequired_group = \"staff\"",
+            &[],
+        )
     });
     let proxy = from(&f, PROXY);
+    let staff = |name| {
+        [
+            ("x-auth-request-email", name),
+            ("x-auth-request-groups", "staff"),
+        ]
+    };
     for name in ["standing:sa_1", "Assessor:moderation"] {
-        let r = send(
-            &proxy,
-            "GET",
-            "/api/me",
-            &[("x-auth-request-email", name)],
-            "",
-        )
-        .await;
+        let r = send(&proxy, "GET", "/api/me", &staff(name), "").await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{name}: {:?}", r.json());
     }
-    let r = send(
-        &proxy,
-        "GET",
-        "/api/me",
-        &[("x-auth-request-email", "standing-desk")],
-        "",
-    )
-    .await;
+    let r = send(&proxy, "GET", "/api/me", &staff("standing-desk"), "").await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.json());
 }
 
@@ -246,7 +243,7 @@ async fn a_live_feed_opened_on_the_proxys_word_ends_after_session_seconds() {
     let f = common::fixture("proxy-life.db", |db| {
         common::config_toml(
             db,
-            "[trusted_proxy]\naddresses = [\"10.0.0.0/8\"]\nsession_seconds = 1",
+            "[trusted_proxy]\naddresses = [\"10.0.0.0/8\"]\nsession_seconds = 1\nrequired_group = \"ops\"",
             &[("alice", ALICE, "groups = [\"security\"]")],
         )
     });
@@ -291,4 +288,61 @@ async fn a_live_feed_opened_on_the_proxys_word_ends_after_session_seconds() {
     assert_eq!(feed().await.unwrap().status(), StatusCode::OK);
     let bare = send(&from(&f, PROXY), "GET", "/api/events", &[], "").await;
     assert_eq!(bare.status, StatusCode::UNAUTHORIZED);
+}
+
+/// Who the proxy names is a reviewer only where the configuration says so:
+/// a `[[reviewers]]` entry names them (`name` or `sign_in_names`), or
+/// `required_group` admits members of a group. Without either, everyone
+/// the proxy signs in (a whole company, the requester's own account)
+/// would decide reviews, so such a person is refused (401), and a
+/// `required_group` refuses non-members even when an entry names them.
+#[tokio::test]
+async fn only_listed_people_or_members_of_required_group_review() {
+    const DANA_TOKEN: &str = "dana-proxy-secret-token";
+    let f = common::fixture("proxy-listed.db", |db| {
+        common::config_toml(
+            db,
+            "[trusted_proxy]\naddresses = [\"10.0.0.0/8\"]",
+            &[("dana", DANA_TOKEN, "sign_in_names = [\"dana@example.com\"]")],
+        )
+    });
+    let proxy = from(&f, PROXY);
+    let me = |name: &'static str| {
+        let proxy = proxy.clone();
+        async move {
+            send(
+                &proxy,
+                "GET",
+                "/api/me",
+                &[("x-auth-request-email", name)],
+                "",
+            )
+            .await
+            .status
+        }
+    };
+    assert_eq!(me("erin@example.com").await, StatusCode::UNAUTHORIZED);
+    assert_eq!(me("Dana@Example.com").await, StatusCode::OK);
+
+    let f = common::fixture("proxy-group.db", |db| {
+        common::config_toml(
+            db,
+            "[trusted_proxy]\naddresses = [\"10.0.0.0/8\"]\nrequired_group = \"reviewers\"",
+            &[("dana", DANA_TOKEN, "sign_in_names = [\"dana@example.com\"]")],
+        )
+    });
+    let proxy = from(&f, PROXY);
+    for (name, groups, status) in [
+        ("erin@example.com", "reviewers, ops", StatusCode::OK),
+        ("erin@example.com", "ops", StatusCode::UNAUTHORIZED),
+        ("dana@example.com", "ops", StatusCode::UNAUTHORIZED),
+        ("dana@example.com", "reviewers", StatusCode::OK),
+    ] {
+        let h = [
+            ("x-auth-request-email", name),
+            ("x-auth-request-groups", groups),
+        ];
+        let r = send(&proxy, "GET", "/api/me", &h, "").await;
+        assert_eq!(r.status, status, "{name} in {groups}");
+    }
 }

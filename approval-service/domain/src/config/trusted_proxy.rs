@@ -67,6 +67,9 @@ pub struct TrustedProxyConfig {
     /// The header listing the reviewer's groups, comma-separated (lower
     /// case); `None`: no groups.
     pub groups_header: Option<String>,
+    /// Only people the proxy puts in this group (in `groups_header`) may
+    /// review; with it, also people no `[[reviewers]]` entry names.
+    pub required_group: Option<String>,
     /// How long the proxy's word lasts on a call that stays open (the UI's
     /// live feed), in seconds: the proxy vouches for each request, not for
     /// what an open call keeps receiving, so after this the call ends and
@@ -85,6 +88,8 @@ pub(super) struct RawTrustedProxy {
     groups_header: Option<String>,
     #[serde(default)]
     session_seconds: Option<u64>,
+    #[serde(default)]
+    required_group: Option<String>,
 }
 
 /// oauth2-proxy's headers (`--set-xauthrequest`).
@@ -148,10 +153,23 @@ pub(super) fn check_trusted_proxy(raw: RawTrustedProxy) -> Result<TrustedProxyCo
             format!("must be 1..={MAX_SESSION_SECONDS}"),
         ));
     }
+    let required_group = match raw.required_group {
+        Some(g) if g.trim().is_empty() => {
+            return Err(invalid("trusted_proxy.required_group", "must not be empty"))
+        }
+        Some(_) if groups_header.is_none() => {
+            return Err(invalid(
+                "trusted_proxy.required_group",
+                "needs `groups_header`: the group is read from the proxy's groups header",
+            ))
+        }
+        other => other,
+    };
     Ok(TrustedProxyConfig {
         addresses,
         user_header,
         groups_header,
+        required_group,
         session_seconds,
     })
 }
