@@ -40,6 +40,11 @@ const SESSION_PURGE_PERIOD: Duration = Duration::from_secs(600);
 /// Failed sign-ins allowed in a burst, and refilled per second.
 const LOGIN_BURST: u32 = 10;
 const LOGIN_REFILL_PER_S: f64 = 0.5;
+/// Company sign-ins one client may start in a burst, and refilled per
+/// second: each start stores a pending sign-in (kept 10 minutes) before
+/// anyone is known, so starts are counted like failures, more generously.
+const OIDC_START_BURST: u32 = 30;
+const OIDC_START_REFILL_PER_S: f64 = 1.0;
 
 /// A change to a review, pushed to the reviewer UI's live feed
 /// (`GET /api/events`).
@@ -168,6 +173,7 @@ struct Inner {
     events: broadcast::Sender<ReviewEvent>,
     /// Failed sign-ins.
     login_limiter: LoginLimiter,
+    oidc_start_limiter: LoginLimiter,
     /// This process's id among replicas (random per start).
     replica_id: String,
     /// The Prometheus instruments of this process.
@@ -236,6 +242,7 @@ impl AppState {
                 shutdown: watch::Sender::new(false),
                 events: broadcast::Sender::new(EVENT_BUFFER),
                 login_limiter: LoginLimiter::new(LOGIN_BURST, LOGIN_REFILL_PER_S),
+                oidc_start_limiter: LoginLimiter::new(OIDC_START_BURST, OIDC_START_REFILL_PER_S),
                 replica_id: id.iter().map(|b| format!("{b:02x}")).collect(),
                 shared,
                 metrics,
@@ -408,6 +415,16 @@ impl AppState {
     /// The sign-in rate limiter.
     pub fn login_limiter(&self) -> &LoginLimiter {
         &self.inner.login_limiter
+    }
+
+    /// Whether `client` may start another company sign-in now (each start
+    /// counts): unauthenticated, each would otherwise add a stored pending
+    /// sign-in without limit.
+    pub fn may_start_oidc_sign_in(&self, client: std::net::IpAddr) -> bool {
+        self.inner
+            .oidc_start_limiter
+            .attempt(client, || None::<()>)
+            .is_some()
     }
 
     /// The live session with cookie value `id` and who it is: a token

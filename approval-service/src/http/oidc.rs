@@ -26,9 +26,11 @@
 //! logged, never shown.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, PoisonError};
 
-use axum::extract::{Query, State};
+use axum::extract::rejection::ExtensionRejection;
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::header::{self, HeaderMap, HeaderValue};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
@@ -126,11 +128,19 @@ struct LoginQuery {
 async fn login(
     State(state): State<OidcState>,
     headers: HeaderMap,
+    client: Result<ConnectInfo<SocketAddr>, ExtensionRejection>,
     Query(query): Query<LoginQuery>,
 ) -> Result<Response, ApiError> {
     let next = safe_next(query.next.as_deref()).to_string();
     if planted_cookies(&state.app, &headers) {
         return Ok(login_failed("cookies", &next));
+    }
+    // Without the peer address (a test calling the router directly) every
+    // start counts as one unknown client's.
+    let client = client.map_or(IpAddr::from([0, 0, 0, 0]), |ConnectInfo(a)| a.ip());
+    if !state.app.may_start_oidc_sign_in(client) {
+        tracing::warn!("company sign-in refused: too many started from one address");
+        return Ok(login_failed("rate", &next));
     }
     let started = match state.relying_party.start().await {
         Ok(s) => s,

@@ -53,6 +53,28 @@ async fn an_unreachable_provider_sends_the_browser_back_with_an_error() {
     assert!(r.headers.get("set-cookie").is_none());
 }
 
+/// Starting a company sign-in stores a pending sign-in before anyone is
+/// known: one client may start 30 in a burst (then one a second), not an
+/// unbounded number; the rest are sent back with `?error=rate` before the
+/// provider is asked or anything is stored.
+#[tokio::test]
+async fn one_client_cannot_start_sign_ins_without_limit() {
+    let f = fixture(&oidc(""));
+    let mut locations = Vec::new();
+    for _ in 0..32 {
+        let r = send(&f.app, "GET", "/ui/oidc/login", &[], "").await;
+        locations.push(r.header("location").to_string());
+    }
+    let rate = locations
+        .iter()
+        .filter(|l| l.as_str() == "/login?error=rate")
+        .count();
+    assert!(
+        (1..=2).contains(&rate) && locations[..30].iter().all(|l| l == "/login?error=oidc"),
+        "{locations:?}"
+    );
+}
+
 /// A browser holding two session cookies (one planted: see
 /// `cookies`) would count as signed out after the sign-in too: it is told
 /// to clear the site's cookies before it goes to the provider.
