@@ -242,14 +242,21 @@ pub fn is_machine_decider_name(name: &str) -> bool {
     MACHINE_DECIDER_PREFIXES.iter().any(|p| key.starts_with(p))
 }
 
-/// The form in which two names of one person compare equal: trimmed,
-/// NFKC (full-width letters, ligatures and composed accents as their
-/// plain forms), then Unicode lower case ("Åsa" and "åsa" are one person).
+/// The form in which two names of one person compare equal: without the
+/// characters that render as nothing (zero-width, bidirectional controls,
+/// tag characters: `dana\u{200B}` reads as `dana` on every page, and
+/// `standing\u{200B}:` as a standing approval), trimmed, NFKC (full-width
+/// letters, ligatures and composed accents as their plain forms), then
+/// Unicode lower case ("Åsa" and "åsa" are one person).
 /// Every comparison of who someone is goes through it: a token's
 /// `[[reviewers]]` name, the identity provider's or the proxy's spelling
 /// of it, a caller identity.
 pub fn person_key(name: &str) -> String {
-    let folded: String = name.trim().nfkc().collect::<String>().to_lowercase();
+    let visible: String = name
+        .chars()
+        .filter(|&c| !countersign_core::renders_as_nothing(c))
+        .collect();
+    let folded: String = visible.trim().nfkc().collect::<String>().to_lowercase();
     // Lower-casing may leave a form NFKC would change again (rare): once more.
     folded.nfkc().collect()
 }
@@ -545,6 +552,11 @@ mod tests {
         // The identity provider's or the proxy's spellings of one person.
         assert!(is_self(&dana, Some(" DANA ")));
         assert!(is_self(&dana, Some("ｄａｎａ")));
+        // Characters that render as nothing are no part of a name.
+        assert!(is_self(&dana, Some("da\u{200B}na")));
+        assert!(is_self(&dana, Some("ci-\u{E0020}dana\u{202E}")));
+        assert!(is_machine_decider_name("standing\u{200B}:sa_1"));
+        assert!(is_machine_decider_name("\u{2060}assessor:x"));
         assert!(same_person("dana@example.com", "Dana@Example.COM "));
         assert!(!same_person("dana", "dan"));
         assert!(!is_self(&dana, Some("svc")));
