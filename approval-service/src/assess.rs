@@ -35,6 +35,19 @@ async fn assess_one(
     let Some(client) = client else {
         return Assessment::failed(a, "the service has no outbound HTTP client", 0);
     };
+    let chars = text.chars().count();
+    if chars > a.max_prompt_chars {
+        // Not sent: the assessor would judge part of it (a guard model
+        // drops what exceeds its context without saying so).
+        return Assessment::failed(
+            a,
+            format!(
+                "the prompt has {chars} characters, more than this assessor's max_prompt_chars ({}): not assessed",
+                a.max_prompt_chars
+            ),
+            0,
+        );
+    }
     let answer = tokio::time::timeout(a.timeout, call(client, a, text)).await;
     let result = match answer {
         Ok(r) => r,

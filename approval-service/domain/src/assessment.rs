@@ -431,6 +431,7 @@ mod tests {
             model: Some("m".into()),
             language: "en".into(),
             api_key: None,
+            max_prompt_chars: 8_000,
         }
     }
 

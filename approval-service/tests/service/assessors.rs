@@ -245,6 +245,45 @@ async fn flagged_failing_or_late_assessors_leave_the_review_to_people_and_say_wh
     );
 }
 
+/// A prompt longer than an assessor reads whole (`max_prompt_chars`; a
+/// guard model's default is 8,000 characters, as Ollama serves one with a
+/// few thousand tokens of context and drops the rest silently) is not sent
+/// to it: a harmless start followed by anything would otherwise be
+/// approved on the start alone. Its assessment fails, so people decide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_longer_than_an_assessor_reads_is_left_to_people() {
+    let (f, seen) = service().await;
+    let text = format!(
+        "{} and then the real request",
+        "a harmless question. ".repeat(400)
+    );
+    assert!(text.chars().count() > 8_000);
+    let id = common::create_review(&f.app, &[], review(&text, json!({}))).await;
+    let v = assessed(&f, &id).await;
+    assert_eq!(v["status"], "pending", "{v}");
+    let outcome = &v["assessment"]["outcome"];
+    assert_eq!(outcome["decision"], "for_people", "{outcome}");
+    assert!(
+        outcome["why"]
+            .as_str()
+            .unwrap()
+            .contains("max_prompt_chars"),
+        "{outcome}"
+    );
+    // The guard model was not asked; the others read it whole and were.
+    let paths: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(p, _)| p.clone())
+        .collect();
+    assert!(
+        !paths.iter().any(|p| p == "/v1/chat/completions"),
+        "{paths:?}"
+    );
+    assert!(paths.iter().any(|p| p == "/v1/moderations"), "{paths:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_named_label_rejects_automatically() {
     let (f, _) = service().await;

@@ -17,6 +17,23 @@ pub const DEFAULT_ASSESSOR_TIMEOUT_MS: u64 = 2_000;
 /// Longest configurable time an assessor has to answer.
 pub const MAX_ASSESSOR_TIMEOUT_MS: u64 = 60_000;
 
+/// The longest prompt, in characters, an assessor of `kind` is asked about
+/// unless `max_prompt_chars` says otherwise: what such a backend reads
+/// whole. A longer one is not sent (the review waits for people): guard
+/// models served with a short context (Ollama's default is a few thousand
+/// tokens) drop what does not fit without saying so, and an assessor that
+/// read part of a prompt must not let the rest be approved automatically.
+pub fn default_max_prompt_chars(kind: AssessorKind) -> usize {
+    match kind {
+        AssessorKind::GuardModel => 8_000,
+        AssessorKind::Moderation => 32_000,
+        AssessorKind::Presidio => 100_000,
+    }
+}
+
+/// The largest `max_prompt_chars` accepted.
+pub const MAX_PROMPT_CHARS: usize = 10_000_000;
+
 /// What an assessor speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -61,6 +78,9 @@ pub struct AssessorConfig {
     pub language: String,
     /// Sent as `Authorization: Bearer ...`.
     pub api_key: Option<Secret>,
+    /// The longest prompt it is asked about, in characters
+    /// ([`default_max_prompt_chars`]); a longer one fails its assessment.
+    pub max_prompt_chars: usize,
 }
 
 /// `[[assessors]]` as written.
@@ -78,6 +98,8 @@ pub(super) struct RawAssessor {
     language: Option<String>,
     #[serde(default)]
     api_key_env: Option<String>,
+    #[serde(default)]
+    max_prompt_chars: Option<usize>,
 }
 
 /// Validates `[[assessors]]`; `env` reads `api_key_env`.
@@ -150,6 +172,15 @@ pub(super) fn check_assessors(
                     })
             })
             .transpose()?;
+        let max_prompt_chars = a
+            .max_prompt_chars
+            .unwrap_or_else(|| default_max_prompt_chars(a.kind));
+        if !(1..=MAX_PROMPT_CHARS).contains(&max_prompt_chars) {
+            return Err(invalid(
+                at("max_prompt_chars"),
+                format!("must be between 1 and {MAX_PROMPT_CHARS}"),
+            ));
+        }
         out.push(AssessorConfig {
             name,
             kind: a.kind,
@@ -158,6 +189,7 @@ pub(super) fn check_assessors(
             model,
             language,
             api_key,
+            max_prompt_chars,
         });
     }
     Ok(out)
