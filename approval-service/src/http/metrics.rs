@@ -3,7 +3,7 @@
 //! required; with `metrics_listen`, only on that address (and not on the
 //! service's), without authentication.
 
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
@@ -27,40 +27,51 @@ pub async fn render_metrics(state: &AppState) -> Result<String, ApiError> {
         .map_err(|e| ApiError::Internal(format!("metrics could not be written: {e}")))
 }
 
-/// Times each request for `countersign_http_request_duration_seconds`, by
-/// the route's path pattern (never the path itself: ids would make a
-/// series each).
-pub async fn time_request(
-    State(state): State<AppState>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let route = request
-        .extensions()
-        .get::<axum::extract::MatchedPath>()
-        .map_or("unmatched", |p| p.as_str())
-        .to_string();
-    // Methods outside HTTP's own are one label value, so no client can
-    // make a series per method it invents.
-    let method = match request.method().as_str() {
-        "GET" => "GET",
-        "HEAD" => "HEAD",
-        "POST" => "POST",
-        "PUT" => "PUT",
-        "PATCH" => "PATCH",
-        "DELETE" => "DELETE",
-        "OPTIONS" => "OPTIONS",
-        _ => "other",
-    };
-    let started = std::time::Instant::now();
-    let response = next.run(request).await;
-    state.metrics().observe_http(
-        &route,
-        method,
-        response.status().as_u16(),
-        started.elapsed().as_secs_f64(),
-    );
-    response
+/// The timing of one request, for `countersign_http_request_duration_seconds`,
+/// by the route's path pattern (never the path itself: ids would make a
+/// series each). Part of [`super::every_request`].
+pub struct Timing {
+    route: String,
+    method: &'static str,
+    started: std::time::Instant,
+}
+
+impl Timing {
+    /// Starts timing `request`.
+    pub fn start(request: &Request) -> Timing {
+        let route = request
+            .extensions()
+            .get::<axum::extract::MatchedPath>()
+            .map_or("unmatched", |p| p.as_str())
+            .to_string();
+        // Methods outside HTTP's own are one label value, so no client can
+        // make a series per method it invents.
+        let method = match request.method().as_str() {
+            "GET" => "GET",
+            "HEAD" => "HEAD",
+            "POST" => "POST",
+            "PUT" => "PUT",
+            "PATCH" => "PATCH",
+            "DELETE" => "DELETE",
+            "OPTIONS" => "OPTIONS",
+            _ => "other",
+        };
+        Timing {
+            route,
+            method,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Records the request, answered with `response`.
+    pub fn finish(self, state: &AppState, response: &Response) {
+        state.metrics().observe_http(
+            &self.route,
+            self.method,
+            response.status().as_u16(),
+            self.started.elapsed().as_secs_f64(),
+        );
+    }
 }
 
 /// `GET /metrics` on the service's address (when `metrics_listen` is not

@@ -17,6 +17,7 @@ pub mod approval_tokens;
 pub mod auth;
 pub mod cookies;
 pub mod error;
+pub mod every_request;
 pub mod extract;
 pub mod follow_ups;
 pub mod metrics;
@@ -43,6 +44,7 @@ use axum::{Extension, Json, Router};
 use crate::slack::interact as slack;
 use crate::state::{AppState, RETENTION_PERIOD, SWEEP_PERIOD};
 use error::ApiError;
+use every_request::EveryRequestLayer;
 
 /// Largest accepted request body. The filter forwards whole inference
 /// bodies (several MiB with images or long contexts) inside its JSON.
@@ -69,19 +71,22 @@ pub fn metrics_app(state: AppState) -> Router {
 fn filter_routes() -> Router<AppState> {
     Router::new()
         .route("/v1/reviews", post(reviews::create_review))
-        .route("/v1/reviews/{id}/wait", get(reviews::wait_review))
         .route("/v1/reviews/{id}/expire", post(reviews::expire_review))
         .route("/v1/reviews/{id}/cancel", post(reviews::cancel_review))
-        .route(
-            "/v1/reviews/{id}/status",
-            get(approval_tokens::caller_status),
-        )
         .route("/v1/reviews/{id}/consume", post(approval_tokens::consume))
         .route("/v1/records", post(records::create_record))
         .route("/v1/records/batch", post(records::create_records))
         .route("/v1/records/responses", post(records::create_responses))
         .route("/v1/records/{id}/response", post(records::create_response))
         .route_layer(axum::middleware::from_fn(json_only))
+        // Added after the guard, which checks POSTs only: a layer costs
+        // every request an allocation for as long as it lasts, and a long
+        // poll lasts as long as its request is held (issue #17).
+        .route("/v1/reviews/{id}/wait", get(reviews::wait_review))
+        .route(
+            "/v1/reviews/{id}/status",
+            get(approval_tokens::caller_status),
+        )
 }
 
 /// The filter API takes JSON only (the filter sends every call as
@@ -117,11 +122,11 @@ fn filter_app(state: AppState, client: Option<reqwest::Client>) -> Router {
         .route("/readyz", get(readyz))
         .merge(filter_routes())
         .fallback(fallback)
-        .layer(Extension(slack::OutboundClient(client)))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            metrics::time_request,
+        // One layer (outermost first), for the reason of `router`'s.
+        .layer((
+            EveryRequestLayer::timed(state.clone()),
+            DefaultBodyLimit::max(MAX_BODY_BYTES),
+            Extension(slack::OutboundClient(client)),
         ))
         .with_state(state)
 }
@@ -181,16 +186,16 @@ fn router(state: AppState, client: Option<reqwest::Client>) -> Router {
         true => routes.merge(filter_routes()),
         false => routes,
     };
+    // The layers as one tuple (outermost first): axum boxes each layer
+    // given to `Router::layer` on its own, per request, for as long as the
+    // request lasts (a held request's long poll: its whole hold).
     routes
         .fallback(fallback)
-        .layer(Extension(slack::OutboundClient(client)))
-        .layer(Extension(session_checks))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(axum::middleware::from_fn(ui::security_headers))
-        .layer(axum::middleware::from_fn(spans::span))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            metrics::time_request,
+        .layer((
+            EveryRequestLayer::traced(state.clone()),
+            DefaultBodyLimit::max(MAX_BODY_BYTES),
+            Extension(session_checks),
+            Extension(slack::OutboundClient(client)),
         ))
         .with_state(state)
 }

@@ -23,10 +23,9 @@ use axum::extract::{MatchedPath, Request};
 use std::collections::HashMap;
 
 use axum::http::{HeaderMap, Method};
-use axum::middleware::Next;
 use axum::response::Response;
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::{FutureExt, Link, SpanKind, Status, TraceContextExt, Tracer};
+use opentelemetry::trace::{Link, SpanKind, Status, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue, Value};
 use opentelemetry_http::HeaderExtractor;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -55,23 +54,20 @@ fn operation(method: &Method, route: &str) -> Option<(&'static str, &'static str
     })
 }
 
-/// Middleware: the span of one call, around its handler.
-pub async fn span(request: Request, next: Next) -> Response {
+/// Starts the span of one call (`None` for routes without one): the
+/// context its handler runs in, ended by [`finish`]. Part of
+/// [`super::every_request`].
+pub fn start(request: &Request) -> Option<Context> {
     let route = request
         .extensions()
         .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string());
-    let Some((name, id_key)) = route
-        .as_deref()
-        .and_then(|r| operation(request.method(), r))
-    else {
-        return next.run(request).await;
-    };
-    let has_id = route.as_deref().is_some_and(|r| r.contains("{id}"));
+        .map(|p| p.as_str().to_string())?;
+    let (name, id_key) = operation(request.method(), &route)?;
+    let has_id = route.contains("{id}");
     let parent = TraceContextPropagator::new().extract(&HeaderExtractor(request.headers()));
     let mut attributes = vec![
         KeyValue::new("http.request.method", request.method().as_str().to_string()),
-        KeyValue::new("http.route", route.unwrap_or_default()),
+        KeyValue::new("http.route", route),
     ];
     // `/v1/reviews/{id}/...`, `/api/reviews/{id}/...`, `/v1/records/{id}/...`
     if let Some(id) = request.uri().path().split('/').nth(3).filter(|_| has_id) {
@@ -83,8 +79,11 @@ pub async fn span(request: Request, next: Next) -> Response {
         .with_kind(SpanKind::Server)
         .with_attributes(attributes)
         .start_with_context(&tracer, &parent);
-    let cx = parent.with_span(span);
-    let response = next.run(request).with_context(cx.clone()).await;
+    Some(parent.with_span(span))
+}
+
+/// Ends the span of [`start`] with what came of the call.
+pub fn finish(cx: &Context, response: &Response) {
     let span = cx.span();
     let status = response.status();
     span.set_attribute(KeyValue::new(
@@ -95,7 +94,6 @@ pub async fn span(request: Request, next: Next) -> Response {
         span.set_status(Status::error(status.to_string()));
     }
     span.end();
-    response
 }
 
 /// Adds `key = value` to the span of the call being handled (nothing

@@ -12,10 +12,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use axum::body::Bytes;
 use axum::extract::rejection::ExtensionRejection;
-use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::http::{StatusCode, Uri};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Extension;
 use serde::Deserialize;
@@ -45,9 +44,8 @@ const FAVICON_SVG: &str = include_str!("../../ui/favicon.svg");
 /// Adds the security headers to every response: CSP, no sniffing, no
 /// referrer (review URLs carry ids) unless the handler chose a policy, no
 /// framing, and `no-store` caching unless the handler chose otherwise
-/// (reviews are sensitive).
-pub async fn security_headers(request: Request, next: Next) -> Response {
-    let mut response = next.run(request).await;
+/// (reviews are sensitive). A part of [`super::every_request`].
+pub fn security_headers(mut response: Response) -> Response {
     let headers = response.headers_mut();
     let fixed: [(HeaderName, &'static str); 3] = [
         (header::CONTENT_SECURITY_POLICY, CSP),
