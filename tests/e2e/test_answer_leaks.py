@@ -718,6 +718,58 @@ def test_a_fetched_page_in_a_web_fetch_result_is_masked(stack, stream):
     assert len(sources) == 1 and "[CREDIT_CARD]" in sources[0] and "<EMAIL_" in sources[0], sources
 
 
+def output_text(answer: dict) -> str:
+    """What the SDKs' `response.output_text` gives: the output text of every
+    `message` item of a Responses answer, joined."""
+    return "".join(p.get("text", "") for item in answer["output"] if item["type"] == "message"
+                   for p in item["content"] if p["type"] == "output_text")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_output_text_split_over_two_message_items_is_masked(stack, stream):
+    # The SDKs' `output_text` joins the text of every message item, whatever
+    # lies between (a hosted tool's call, reasoning): a value the model split
+    # over two messages was masked one message at a time, so neither half was
+    # a value and both went out.
+    cut = EMAIL.index("@") + 4
+    halves = (f"write to {EMAIL[:cut]}", f"{EMAIL[cut:]} today")
+    message = lambda i, t: {"type": "message", "id": f"m{i}", "role": "assistant", "status": "completed",  # noqa: E731
+                            "content": [{"type": "output_text", "text": t, "annotations": []}]}
+    search = {"type": "web_search_call", "id": "ws", "status": "completed", "action": {"type": "search", "query": "q"}}
+    items = [message(0, halves[0]), search, message(2, halves[1])]
+    whole = {"id": "r", "object": "response", "status": "completed", "model": GUARDED, "output": items}
+    if stream:
+        script = [{"type": "response.created", "response": {**whole, "status": "in_progress", "output": []}}]
+        for i, item in enumerate(items):
+            script.append({"type": "response.output_item.added", "output_index": i,
+                           "item": {**item, "content": []} if item["type"] == "message" else item})
+            if item["type"] == "message":
+                text = item["content"][0]["text"]
+                at = {"output_index": i, "item_id": item["id"], "content_index": 0}
+                script.append({"type": "response.content_part.added", **at,
+                               "part": {"type": "output_text", "text": "", "annotations": []}})
+                script += [{"type": "response.output_text.delta", **at, "delta": text[k:k + 5]}
+                           for k in range(0, len(text), 5)]
+                script.append({"type": "response.output_text.done", **at, "text": text})
+            script.append({"type": "response.output_item.done", "output_index": i, "item": item})
+        script.append({"type": "response.completed", "response": whole})
+    else:
+        script = whole
+    a = send(stack, req("responses", GUARDED, stream=stream), headers={"x-demo-answer": json.dumps(script)})
+    assert a.status == 200, a.raw[:300]
+    assert_nowhere(a.raw, EMAIL, "scully@", EMAIL[cut:])
+    if stream:
+        events = sse_events(a.raw)
+        joined = "".join(e["delta"] for e in events if e.get("type") == "response.output_text.delta")
+        final = output_text(next(e["response"] for e in events if e.get("type") == "response.completed"))
+        assert final == joined, (final, joined)
+    else:
+        joined = output_text(a.json())
+    assert joined.startswith("write to <EMAIL_") and joined.endswith("> today"), joined
+    part = response_record(stack, a.request_id)
+    assert EMAIL not in json.dumps(part) and part["blocked_by"] is None, part
+
+
 @pytest.mark.parametrize("odd", [1.0, "1"], ids=["float", "string"])
 def test_an_index_clients_read_otherwise_blocks_the_stream(stack, odd):
     # `1.0` (or `"1"`) is candidate 1 to JavaScript and to the SDKs' models,

@@ -265,7 +265,10 @@ pub fn stream_event<'v, E>(
 /// plain answer's sibling texts are (`content[i].text`, `content[j].text`,
 /// whatever lies between them). Anthropic: a later content block of the
 /// same kind; Responses: a later part of the same kind of one output item
-/// (a message's content parts, a reasoning item's summary parts). Tool
+/// (a message's content parts, a reasoning item's summary parts), and for
+/// output text also a part of a later output item (only `message` items
+/// stream it): the SDKs' `output_text` joins the output text of every
+/// message of the answer, whatever items lie between. Tool
 /// arguments and hosted tools' inputs never join (each is a text of its
 /// own). The other APIs stream every part of a text in one channel already
 /// (chat content parts, Gemini parts).
@@ -280,6 +283,9 @@ pub fn continues(api: ApiKind, prev: Channel, next: Channel) -> bool {
     }
     match api {
         ApiKind::AnthropicMessages | ApiKind::BedrockInvoke => prev.b == next.b && prev.a < next.a,
+        ApiKind::OpenaiResponses if prev.kind == TextKind::Text => {
+            (prev.a, prev.b) < (next.a, next.b)
+        }
         ApiKind::OpenaiResponses => prev.a == next.a && prev.b < next.b,
         _ => false,
     }
@@ -737,6 +743,9 @@ fn responses_event<'v, E>(
             _ => f(Item::EndAll)?,
         }
     }
+    if let (Some(o), "response.output_item.done") = (oi, kind) {
+        message_echoes(o, v, f)?;
+    }
     if let (Some(o), Some((k, path))) = (oi, echo_field(kind, v)) {
         let p = Path::new(path);
         let mut cur = Some(v);
@@ -760,6 +769,47 @@ fn responses_event<'v, E>(
         }
     }
     Ok(ends)
+}
+
+/// The echoes of a finished `message` item (`response.output_item.done`'s
+/// `item.content[j].text` and `.refusal`): each repeats what its part
+/// streamed. Read as echoes, not masked whole item by item, since output
+/// text reads on into later message items ([`continues`]): this item's
+/// tail may still be held for the next message when its item ends.
+fn message_echoes<'v, E>(
+    o: u64,
+    v: &'v Value,
+    f: &mut impl FnMut(Item<'v>) -> Result<(), E>,
+) -> Result<(), E> {
+    let Some(item) = v
+        .get("item")
+        .filter(|i| i.get("type").and_then(Value::as_str) == Some("message"))
+    else {
+        return Ok(());
+    };
+    let parts = item.get("content").and_then(Value::as_array);
+    for (j, part) in parts.into_iter().flatten().enumerate() {
+        for (field, kind) in [("text", TextKind::Text), ("refusal", TextKind::Refusal)] {
+            if let Some(Value::String(text)) = part.get(field) {
+                f(Item::Echo(Piece {
+                    text,
+                    channel: Channel {
+                        kind,
+                        a: o,
+                        b: j as u64,
+                    },
+                    path: Path::new(&[
+                        Step::Key("item"),
+                        Step::Key("content"),
+                        Step::Idx(j),
+                        Step::Key(field),
+                    ]),
+                    last: true,
+                }))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Responses events that repeat one part's whole text: the event, the

@@ -569,6 +569,9 @@ const PART_ARRAYS: &[&str] = &["content", "parts", "summary"];
 /// text part of a candidate or message, whatever lies between them (code
 /// execution, a server tool's call and result, an empty part). Gemini's
 /// `thought` parts are a run apart from its answer parts, as in streams.
+/// A Responses answer's `output_text` joins the output text of every
+/// `message` item, not of one: the `text` parts of all message items of one
+/// `output` list are one run ([`responses_message_text`]).
 /// Every other text is a run of its own.
 fn sibling_runs(root: &Value, texts: &[(Vec<Seg>, &str)]) -> Vec<Vec<usize>> {
     let mut runs: Vec<Vec<usize>> = Vec::new();
@@ -576,6 +579,9 @@ fn sibling_runs(root: &Value, texts: &[(Vec<Seg>, &str)]) -> Vec<Vec<usize>> {
     let mut open: BTreeMap<(&[Seg], &str, bool), usize> = BTreeMap::new();
     for (i, (path, _)) in texts.iter().enumerate() {
         let group = match path.as_slice() {
+            _ if responses_message_text(root, path) => path
+                .get(..path.len().saturating_sub(4))
+                .map(|output| (output, "text", false)),
             [.., Seg::Key(arr), Seg::Idx(_), Seg::Key(key)]
                 if PART_ARRAYS.contains(&arr.as_str()) =>
             {
@@ -609,6 +615,26 @@ fn sibling_runs(root: &Value, texts: &[(Vec<Seg>, &str)]) -> Vec<Vec<usize>> {
 }
 
 /// The value at `path` in `value`, if there is one.
+/// Whether `path` is the `text` of a content part of a Responses `message`
+/// item (`output[i].content[j].text`, also inside `response.completed`'s
+/// `response`): the SDKs' `output_text` joins these across every message
+/// item of the answer, whatever items (reasoning, tool calls) lie between.
+fn responses_message_text(root: &Value, path: &[Seg]) -> bool {
+    let [.., Seg::Key(output), Seg::Idx(_), Seg::Key(content), Seg::Idx(_), Seg::Key(text)] = path
+    else {
+        return false;
+    };
+    output == "output"
+        && content == "content"
+        && text == "text"
+        && path
+            .get(..path.len().saturating_sub(3))
+            .and_then(|item| value_at(root, item))
+            .and_then(|item| item.get("type"))
+            .and_then(Value::as_str)
+            == Some("message")
+}
+
 pub(super) fn value_at<'v>(value: &'v Value, path: &[Seg]) -> Option<&'v Value> {
     path.iter().try_fold(value, |v, seg| match seg {
         Seg::Key(k) => v.get(k.as_str()),
@@ -1298,6 +1324,21 @@ mod tests {
         );
         assert_eq!(v["output"][0]["content"][0]["text"], "mail [EMAIL]");
         assert_eq!(v["output"][0]["content"][2]["text"], "");
+        // Responses: the output text of every `message` item is one text to
+        // the SDKs (`response.output_text` joins them all, whatever items lie
+        // between), so a value split over two messages is masked joined.
+        let v = masked(
+            ApiKind::OpenaiResponses,
+            json!({"output":[
+                {"type":"message","role":"assistant","content":[
+                    {"type":"output_text","text":"mail jane@exa","annotations":[]}]},
+                {"type":"web_search_call","id":"ws","status":"completed","action":{"type":"search","query":"q"}},
+                {"type":"message","role":"assistant","content":[
+                    {"type":"output_text","text":"mple.com now","annotations":[]}]}]}),
+        );
+        assert_eq!(v["output"][0]["content"][0]["text"], "mail [EMAIL]");
+        assert_eq!(v["output"][2]["content"][0]["text"], " now");
+        assert_eq!(v["output"][1]["action"]["query"], "q");
         // Two candidates, a thought and an answer part, two completions
         // choices: apart, as in streams.
         for (api, body) in [

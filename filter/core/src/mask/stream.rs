@@ -887,14 +887,22 @@ impl StreamMasker {
             // where nothing can continue the carried block any more, and
             // waiting would only hold the answer back: the answer's own
             // text after thinking, or (Responses) text of another output
-            // item, since parts join only within one item.
+            // item where the carried kind joins only within one item (output
+            // text joins across message items: `answer::continues`).
             let other = c.ended.as_ref().is_some_and(|e| {
                 let thought_then_answer =
                     matches!(
                         e.key.kind,
                         TextKind::Thinking | TextKind::Reasoning | TextKind::ReasoningContent
                     ) && matches!(key.kind, TextKind::Text | TextKind::Content);
-                let item_ended = self.api == ApiKind::OpenaiResponses && e.key.a != key.a;
+                let later_item = ChanKey {
+                    a: key.a,
+                    b: 0,
+                    ..e.key
+                };
+                let item_ended = self.api == ApiKind::OpenaiResponses
+                    && e.key.a != key.a
+                    && !answer::continues(self.api, e.key, later_item);
                 // (A carried block is never tool arguments: they never
                 // continue, `answer::continues`.)
                 e.key.kind != key.kind && !thought_then_answer && !item_ended
@@ -2929,8 +2937,11 @@ mod tests {
             "the answer waits for nothing: {out}"
         );
 
-        // Responses: parts join only within one output item, so a message
-        // whose tail is held waits for no text of the next item.
+        // Responses: output text reads on into later message items (the
+        // SDKs' `output_text` joins them all), so a message whose tail is
+        // held keeps it, and the events after it in order, through another
+        // item (a function call) until the answer ends or a message
+        // continues it.
         let api = ApiKind::OpenaiResponses;
         let mut s = blocks_stream(api, &[vec!["mail dana.scully@fbi".to_string()]]);
         s.truncate(
@@ -2944,10 +2955,16 @@ mod tests {
         }
         let mut m = StreamMasker::new(api, g.clone(), framing_of(api));
         let out = String::from_utf8(m.push(s.as_bytes())).unwrap();
-        assert!(out.contains("dana.scully@fbi"), "the tail went: {out}");
+        assert!(!out.contains("dana.scully@fbi"), "the tail is held: {out}");
+        assert!(!out.contains("days"), "held after the tail: {out}");
+        let end = ev(
+            json!({"type":"response.completed","response":{"id":"r","status":"completed","output":[]}}),
+        );
+        let rest = String::from_utf8(m.push(end.as_bytes())).unwrap();
+        let (tail, args) = (rest.find("dana.scully@fbi"), rest.find("days"));
         assert!(
-            out.contains("days"),
-            "the next item waits for nothing: {out}"
+            tail.is_some() && args.is_some() && tail < args,
+            "at the end, the tail and then the call: {rest}"
         );
     }
 
@@ -3637,6 +3654,97 @@ mod tests {
         assert!(!raw.contains("dana.scully"), "{raw}");
         let (texts, _) = block_texts(api, &out);
         assert_eq!(texts.concat(), plainly_masked(&g, text));
+    }
+
+    /// Responses: the output text of every `message` item is one text to
+    /// the SDKs (`output_text` joins them, whatever items lie between: a
+    /// hosted tool's call, a reasoning item streaming its summary), so a
+    /// value split over two messages is masked joined, and no event that
+    /// repeats the first message (`output_text.done`, `content_part.done`,
+    /// `output_item.done`, `response.completed`) carries its half.
+    #[test]
+    fn output_text_of_two_message_items_is_masked_joined() {
+        let (g, _) = guard("{}");
+        let api = ApiKind::OpenaiResponses;
+        let ev = named_event;
+        let text = "mail dana.scully@fbi.example.org.";
+        let message = |oi: usize, t: &str| {
+            let item = |t: &str| json!({"type":"message","id":format!("m{oi}"),"role":"assistant","status":"completed","content":[{"type":"output_text","text":t,"annotations":[]}]});
+            let at = |mut v: Value| {
+                v["output_index"] = json!(oi);
+                if v.get("item").is_none() {
+                    v["item_id"] = json!(format!("m{oi}"));
+                    v["content_index"] = json!(0);
+                }
+                ev(v)
+            };
+            let mut s = String::new();
+            s.push_str(&at(
+                json!({"type":"response.output_item.added","item":item("")}),
+            ));
+            s.push_str(&at(json!({"type":"response.content_part.added","part":{"type":"output_text","text":"","annotations":[]}})));
+            for piece in chunks(t, 4) {
+                s.push_str(&at(
+                    json!({"type":"response.output_text.delta","delta":piece}),
+                ));
+            }
+            s.push_str(&at(json!({"type":"response.output_text.done","text":t})));
+            s.push_str(&at(json!({"type":"response.content_part.done","part":{"type":"output_text","text":t,"annotations":[]}})));
+            s.push_str(&at(
+                json!({"type":"response.output_item.done","item":item(t)}),
+            ));
+            (s, item(t))
+        };
+        let (first, second) = ("mail dana.scully@fbi.", "example.org.");
+        for between in ["search", "reasoning"] {
+            let mut s = String::new();
+            let (m0, item0) = message(0, first);
+            s.push_str(&m0);
+            let middle = if between == "search" {
+                let item = json!({"type":"web_search_call","id":"ws","status":"completed","action":{"type":"search","query":"q"}});
+                s.push_str(&ev(json!({"type":"response.output_item.added","output_index":1,"item":{"type":"web_search_call","id":"ws","status":"in_progress"}})));
+                s.push_str(&ev(json!({"type":"response.web_search_call.completed","output_index":1,"item_id":"ws"})));
+                s.push_str(&ev(
+                    json!({"type":"response.output_item.done","output_index":1,"item":item}),
+                ));
+                item
+            } else {
+                let item = json!({"type":"reasoning","id":"rs","summary":[{"type":"summary_text","text":"thinking it over"}]});
+                s.push_str(&ev(json!({"type":"response.output_item.added","output_index":1,"item":{"type":"reasoning","id":"rs","summary":[]}})));
+                for piece in ["thinking", " it", " over"] {
+                    s.push_str(&ev(json!({"type":"response.reasoning_summary_text.delta","output_index":1,"summary_index":0,"item_id":"rs","delta":piece})));
+                }
+                s.push_str(&ev(json!({"type":"response.reasoning_summary_text.done","output_index":1,"summary_index":0,"item_id":"rs","text":"thinking it over"})));
+                s.push_str(&ev(
+                    json!({"type":"response.output_item.done","output_index":1,"item":item}),
+                ));
+                item
+            };
+            let (m2, item2) = message(2, second);
+            s.push_str(&m2);
+            s.push_str(&ev(json!({"type":"response.completed","response":{"id":"r","status":"completed","output":[item0, middle, item2]}})));
+            let (out, m) = run(api, &g, &[s.as_bytes()]);
+            assert!(m.blocked().is_none(), "{between}");
+            let raw = String::from_utf8_lossy(&out);
+            assert!(!raw.contains("dana.scully"), "{between}: {raw}");
+            let mut output_text = String::new();
+            let mut items = Vec::new();
+            for (_, d) in events(api, &out) {
+                let v: Value = serde_json::from_str(&d).unwrap();
+                if v["type"] == "response.output_text.delta" {
+                    output_text.push_str(v["delta"].as_str().unwrap());
+                }
+                if v["type"] == "response.completed" {
+                    items = v["response"]["output"].as_array().unwrap().clone();
+                }
+            }
+            assert_eq!(output_text, plainly_masked(&g, text), "{between}");
+            let finished: String = [&items[0], &items[2]]
+                .iter()
+                .map(|i| i["content"][0]["text"].as_str().unwrap())
+                .collect();
+            assert_eq!(finished, plainly_masked(&g, text), "{between}");
+        }
     }
 
     /// Every cut of `input` into two chunks, and byte by byte: what goes
