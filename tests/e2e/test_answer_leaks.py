@@ -655,6 +655,52 @@ def test_function_call_arguments_streamed_in_pieces_block_the_stream(stack):
     assert "scully" not in json.dumps(part), part
 
 
+def seeded_script(api: str, first: str, second: str) -> list:
+    """A stream whose opening event already carries `first`, which the
+    deltas continue with `second` (the SDKs start the item or message with
+    the opening event's text and add each delta to it)."""
+    if api == "responses":
+        at = {"output_index": 0, "item_id": "m0", "content_index": 0}
+        item = {"type": "message", "id": "m0", "role": "assistant", "status": "in_progress",
+                "content": [{"type": "output_text", "text": first, "annotations": []}]}
+        return [
+            {"type": "response.created", "response": {"id": "r", "status": "in_progress", "output": []}},
+            {"type": "response.output_item.added", "output_index": 0, "item": item},
+            {"type": "response.output_text.delta", **at, "delta": second},
+            {"type": "response.completed", "response": {"id": "r", "status": "completed", "output": []}},
+        ]
+    return [
+        {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "model": GUARDED,
+                                              "content": [{"type": "text", "text": first}]}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": second}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_stop"},
+    ]
+
+
+@pytest.mark.parametrize(("api", "field"), [
+    ("responses", "response.output_item.added item.content[].text"),
+    ("messages", "message_start message.content"),
+])
+def test_text_in_an_event_that_deltas_continue_blocks_the_stream(stack, api, field):
+    # A backend whose opening event (a Responses item, an Anthropic
+    # message_start) already carries text: the SDKs add the deltas to it,
+    # but that text was masked alone, so a value split between it and the
+    # first delta went out. Now the stream ends with the error there.
+    cut = EMAIL.index("@") + 4
+    script = seeded_script(api, f"write to {EMAIL[:cut]}", f"{EMAIL[cut:]} today")
+    a = send(stack, req(api, GUARDED, stream=True), headers={"x-demo-answer": json.dumps(script)})
+    assert a.status == 200, a.raw[:300]
+    assert_nowhere(a.raw, EMAIL, EMAIL[:cut], EMAIL[cut:])
+    last = sse_events(a.raw)[-1]
+    message = last["message"] if api == "responses" else last["error"]["message"]
+    assert field in message, a.raw[:600]
+    part = response_record(stack, a.request_id)
+    assert part["blocked_by"] == "pieced_text", part
+    assert "scully" not in json.dumps(part), part
+
+
 @pytest.mark.parametrize(("first", "second", "place"), [
     ({"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "x", "arguments": ""}}]},
      {"tool_calls": [{"index": 0, "function": {"name": "y"}}]},

@@ -902,9 +902,15 @@ fn echo_field(kind: &str, v: &Value) -> Option<(TextKind, &'static [Step])> {
 /// argument. Masked one event at a time, a value or a phrase split over two
 /// pieces would pass: where the answer is guarded, such a stream cannot be
 /// let out. Both spellings of each key (proto3 JSON reads either).
+/// Also text in an event that opens what later deltas append to
+/// ([`seeded_field`]).
 pub fn pieced_field(api: ApiKind, v: &Value) -> Option<&'static str> {
-    if api != ApiKind::GeminiGenerateContent {
-        return None;
+    match api {
+        ApiKind::GeminiGenerateContent => {}
+        ApiKind::OpenaiResponses | ApiKind::AnthropicMessages | ApiKind::BedrockInvoke => {
+            return seeded_field(api, v)
+        }
+        _ => return None,
     }
     let candidates = v.get("candidates").and_then(Value::as_array)?;
     candidates
@@ -930,6 +936,83 @@ pub fn pieced_field(api: ApiKind, v: &Value) -> Option<&'static str> {
             })
             .map(|(_, field)| field)
         })
+}
+
+/// Text in a streamed event that opens what later deltas append to, named:
+/// the SDKs start the item, part or message with the event's own text and
+/// add each delta to it (`text += delta`), so a client reads that text and
+/// the deltas as one, while no channel of this table follows the event's
+/// text (each is masked alone). A Responses `output_item.added` whose item
+/// already carries the text its deltas continue (a message's or a reasoning
+/// item's parts, a call's `arguments` or `input`, code), a
+/// `content_part.added` or `reasoning_summary_part.added` whose part does;
+/// an Anthropic `message_start` whose message has content (the SDKs keep
+/// it, so the next blocks' deltas, put where their index says, land in its
+/// blocks). Servers send these empty; text in them is never let out where
+/// the answer is guarded.
+fn seeded_field(api: ApiKind, v: &Value) -> Option<&'static str> {
+    let filled = |x: Option<&Value>| x.and_then(Value::as_str).is_some_and(|s| !s.is_empty());
+    let in_parts = |parts: Option<&Value>, key: &str| {
+        parts
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .any(|p| filled(p.get(key)))
+    };
+    let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
+    if api != ApiKind::OpenaiResponses {
+        let content = v.get("message").and_then(|m| m.get("content"));
+        let seeded = match content {
+            None | Some(Value::Null) => false,
+            Some(Value::Array(a)) => !a.is_empty(),
+            Some(_) => true,
+        };
+        return (kind == "message_start" && seeded).then_some("message_start message.content");
+    }
+    match kind {
+        "response.output_item.added" => {
+            let item = v.get("item")?;
+            let content = item.get("content");
+            match item.get("type").and_then(Value::as_str)? {
+                "message" if in_parts(content, "text") => {
+                    Some("response.output_item.added item.content[].text")
+                }
+                "message" if in_parts(content, "refusal") => {
+                    Some("response.output_item.added item.content[].refusal")
+                }
+                "reasoning" if in_parts(content, "text") => {
+                    Some("response.output_item.added item.content[].text")
+                }
+                "reasoning" if in_parts(item.get("summary"), "text") => {
+                    Some("response.output_item.added item.summary[].text")
+                }
+                "function_call" | "mcp_call" if filled(item.get("arguments")) => {
+                    Some("response.output_item.added item.arguments")
+                }
+                "custom_tool_call" if filled(item.get("input")) => {
+                    Some("response.output_item.added item.input")
+                }
+                "code_interpreter_call" if filled(item.get("code")) => {
+                    Some("response.output_item.added item.code")
+                }
+                _ => None,
+            }
+        }
+        "response.content_part.added" | "response.reasoning_summary_part.added" => {
+            let part = v.get("part");
+            let name = |field| match (kind, field) {
+                ("response.content_part.added", "text") => "response.content_part.added part.text",
+                ("response.content_part.added", _) => "response.content_part.added part.refusal",
+                (_, "text") => "response.reasoning_summary_part.added part.text",
+                _ => "response.reasoning_summary_part.added part.refusal",
+            };
+            ["text", "refusal"]
+                .into_iter()
+                .find(|f| filled(part.and_then(|p| p.get(*f))))
+                .map(name)
+        }
+        _ => None,
+    }
 }
 
 /// The first answer of a response (a streamed event, or a plain body; a

@@ -3062,6 +3062,138 @@ mod tests {
         assert!(m.report().blocked.is_none());
     }
 
+    /// An event that opens what later deltas append to, carrying text of
+    /// its own: a Responses `output_item.added` or `content_part.added`
+    /// (the SDKs start the item or part with it and `+=` each delta), an
+    /// Anthropic `message_start` with content (the SDKs start the message
+    /// with it, so the next block's deltas, by index, land in its blocks).
+    /// No channel follows that text: a value split between it and the first
+    /// delta went out masked a half at a time. Where text is changed, the
+    /// stream is blocked at that event, before it goes out; where nothing
+    /// changes text it passes as it came.
+    #[test]
+    fn text_in_an_event_that_deltas_continue_blocks_the_stream() {
+        let (g, _) = guard("{}");
+        let ev = named_event;
+        let resp = ApiKind::OpenaiResponses;
+        let at = |v: Value| {
+            let mut v = v;
+            v["output_index"] = json!(0);
+            v["item_id"] = json!("it");
+            if v.get("item").is_none() {
+                v["content_index"] = json!(0);
+                v["summary_index"] = json!(0);
+            }
+            ev(v)
+        };
+        let message = |t: &str| json!({"type":"message","id":"it","role":"assistant","content":[{"type":"output_text","text":t,"annotations":[]}]});
+        let cases: Vec<(ApiKind, Vec<String>, &str)> = vec![
+            (
+                resp,
+                vec![
+                    at(
+                        json!({"type":"response.output_item.added","item":message("mail jane@exa")}),
+                    ),
+                    at(json!({"type":"response.output_text.delta","delta":"mple.com now"})),
+                ],
+                "response.output_item.added item.content[].text",
+            ),
+            (
+                resp,
+                vec![
+                    at(json!({"type":"response.output_item.added","item":message("")})),
+                    at(
+                        json!({"type":"response.content_part.added","part":{"type":"output_text","text":"mail jane@exa","annotations":[]}}),
+                    ),
+                    at(json!({"type":"response.output_text.delta","delta":"mple.com now"})),
+                ],
+                "response.content_part.added part.text",
+            ),
+            (
+                resp,
+                vec![
+                    at(
+                        json!({"type":"response.output_item.added","item":{"type":"function_call","id":"it","call_id":"c","name":"send","arguments":"{\"to\":\"jane@exa"}}),
+                    ),
+                    at(
+                        json!({"type":"response.function_call_arguments.delta","delta":"mple.com\"}"}),
+                    ),
+                ],
+                "response.output_item.added item.arguments",
+            ),
+            (
+                resp,
+                vec![
+                    at(
+                        json!({"type":"response.output_item.added","item":{"type":"reasoning","id":"it","summary":[]}}),
+                    ),
+                    at(
+                        json!({"type":"response.reasoning_summary_part.added","part":{"type":"summary_text","text":"mail jane@exa"}}),
+                    ),
+                    at(
+                        json!({"type":"response.reasoning_summary_text.delta","delta":"mple.com now"}),
+                    ),
+                ],
+                "response.reasoning_summary_part.added part.text",
+            ),
+            (
+                ApiKind::AnthropicMessages,
+                vec![
+                    ev(
+                        json!({"type":"message_start","message":{"id":"m","type":"message","role":"assistant","model":"c","content":[{"type":"text","text":"mail jane@exa"}]}}),
+                    ),
+                    ev(
+                        json!({"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}),
+                    ),
+                    ev(
+                        json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"mple.com now"}}),
+                    ),
+                ],
+                "message_start message.content",
+            ),
+        ];
+        for (api, events, field) in cases {
+            let s = events.concat();
+            let (out, m) = run(api, &g, &[s.as_bytes()]);
+            let raw = String::from_utf8_lossy(&out);
+            assert!(
+                !raw.contains("jane@exa") && !raw.contains("mple.com"),
+                "{field}: {raw}"
+            );
+            assert_eq!(
+                m.report().blocked.map(|b| b.by),
+                Some(BlockedBy::Pieced(field.into())),
+                "{raw}"
+            );
+            // Nothing changes text: nothing to hide, the stream goes on.
+            let (out, m) = run(api, &monitor_only_guard(), &[s.as_bytes()]);
+            assert!(
+                String::from_utf8_lossy(&out).contains("jane@exa"),
+                "{field}"
+            );
+            assert!(m.report().blocked.is_none(), "{field}");
+        }
+        // The empty text real servers start with passes.
+        let s = [
+            at(json!({"type":"response.output_item.added","item":message("")})),
+            at(
+                json!({"type":"response.output_item.added","item":{"type":"function_call","id":"it","call_id":"c","name":"send","arguments":""}}),
+            ),
+            ev(
+                json!({"type":"message_start","message":{"id":"m","type":"message","role":"assistant","model":"c","content":[]}}),
+            ),
+        ];
+        for (api, e) in [
+            (resp, &s[0]),
+            (resp, &s[1]),
+            (ApiKind::AnthropicMessages, &s[2]),
+        ] {
+            let (out, m) = run(api, &g, &[e.as_bytes()]);
+            assert!(m.report().blocked.is_none(), "{e}");
+            assert_eq!(String::from_utf8_lossy(&out), *e);
+        }
+    }
+
     /// A guard whose detectors only monitor: it changes no text.
     fn monitor_only_guard() -> ResponseGuard {
         let monitor = MaskingConfig::from_json(
