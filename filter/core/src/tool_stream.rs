@@ -165,7 +165,7 @@ fn is_tool_event(api: ApiKind, event: Option<&str>, v: &Value) -> bool {
 enum Unread {
     /// A unit that cannot be read as every client reads it, or too long.
     Framing,
-    /// Function-call arguments in pieces ([`answer::pieced_field`]): the
+    /// Text in pieces no channel follows ([`answer::pieced_field`]): the
     /// calls assembled for review would lack them.
     Pieced(&'static str),
 }
@@ -404,7 +404,7 @@ impl ToolStream {
                     })
                 {
                     format!(
-                        "the streamed answer carries function-call arguments in pieces (`{field}`), which a review cannot show as the call the client puts together, so the rest of it was withheld"
+                        "the streamed answer carries text in pieces no channel follows (`{field}`: function-call arguments in pieces, or text in an event its deltas continue), which a review cannot show as the client puts it together, so the rest of it was withheld"
                     )
                 } else {
                     "the streamed answer could not be read for review, so the rest of it was withheld"
@@ -1810,6 +1810,44 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A Responses call whose `output_item.added` already carries part of
+    /// its arguments: the SDKs add the deltas to it, the calls assembled
+    /// for review from the deltas would lack it. The stream ends with the
+    /// error there instead of a review.
+    #[test]
+    fn a_call_whose_arguments_begin_in_its_added_item_ends_the_stream() {
+        let api = ApiKind::OpenaiResponses;
+        let at = |v: Value| {
+            let mut v = v;
+            v["output_index"] = json!(0);
+            v
+        };
+        let events = vec![
+            at(
+                json!({"type":"response.output_item.added","item":{"type":"function_call","id":"fc","call_id":"c","name":TOOL,"arguments":"{\"path\":\"/srv/da"}}),
+            ),
+            at(
+                json!({"type":"response.function_call_arguments.delta","item_id":"fc","delta":"ta\"}"}),
+            ),
+            json!({"type":"response.completed","response":{"id":"r","status":"completed","output":[]}}),
+        ];
+        let bytes = sse_bytes(api, &events, false);
+        let (mut sent, end) = pushed(api, &bytes, &[]);
+        let End::Done(last) = end else {
+            panic!("held for review")
+        };
+        sent.extend(last.send);
+        let raw = String::from_utf8_lossy(&sent);
+        assert!(!raw.contains("/srv/da"), "{raw}");
+        let (_, error) = events_of(&sent).pop().unwrap();
+        let message = error["message"].as_str().unwrap_or_default().to_string()
+            + error["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("`response.output_item.added item.arguments`"),
+            "{error}"
+        );
     }
 
     /// Before: when a chunk held clean events and then one that ends the
