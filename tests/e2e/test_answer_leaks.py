@@ -701,6 +701,41 @@ def test_text_in_an_event_that_deltas_continue_blocks_the_stream(stack, api, fie
     assert "scully" not in json.dumps(part), part
 
 
+def test_a_value_split_around_a_long_tool_call_blocks_the_stream(stack):
+    # Text blocks are one text to a client (and to the plain answer's
+    # masking), whatever lies between. A stream holds a text block's tail
+    # for the next text block only so many events: a server tool call
+    # streaming its input in more deltas than that between the two halves
+    # of a value let each half out masked alone. Now the later half, read
+    # with the tail that went out, blocks the stream before it leaves.
+    cut = EMAIL.index("@") + 4
+    script = [
+        {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+                                              "content": [], "model": GUARDED}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": f"write to {EMAIL[:cut]}"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "content_block_start", "index": 1, "content_block": {
+            "type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}}},
+        *[{"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": piece}}
+          for piece in ['{"query": "', *["a"] * 20, '"}']],
+        {"type": "content_block_stop", "index": 1},
+        {"type": "content_block_start", "index": 2, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 2, "delta": {"type": "text_delta", "text": f"{EMAIL[cut:]} today"}},
+        {"type": "content_block_stop", "index": 2},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 1}},
+        {"type": "message_stop"},
+    ]
+    a = send(stack, req("messages", GUARDED, stream=True), headers={"x-demo-answer": json.dumps(script)})
+    assert a.status == 200, a.raw[:300]
+    assert_nowhere(a.raw, EMAIL, EMAIL[cut:])
+    last = sse_events(a.raw)[-1]
+    assert last["error"]["message"].endswith("`email`"), a.raw[-600:]
+    part = response_record(stack, a.request_id)
+    assert part["blocked_by"] == "email", part
+    assert EMAIL not in json.dumps(part), part
+
+
 @pytest.mark.parametrize(("first", "second", "place"), [
     ({"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "x", "arguments": ""}}]},
      {"tool_calls": [{"index": 0, "function": {"name": "y"}}]},

@@ -312,6 +312,35 @@ impl ResponseGuard {
         }
     }
 
+    /// The block made by a match of `hay` that begins before `at` and ends
+    /// after it (an acting detection, a `deny` rule's phrase), which
+    /// masking cannot replace any more: the text before `at` went out.
+    /// Monitored detections and rules block nothing.
+    pub(crate) fn straddling(&self, hay: &str, at: usize) -> Option<Blocked> {
+        let an = self.analyze(hay, 0);
+        let across = |s: usize, e: usize| s < at && at < e;
+        let detected = self.mask.as_ref().and_then(|p| {
+            an.found
+                .groups
+                .iter()
+                .find(|g| across(g.start, g.end))
+                .and_then(|g| p.0.active.get(g.best))
+                .map(|a| Blocked {
+                    by: BlockedBy::Detector(a.det.name.clone()),
+                })
+        });
+        detected.or_else(|| {
+            an.rules
+                .iter()
+                .filter(|&&(_, s, e)| across(s, e))
+                .filter_map(|&(r, _, _)| self.rules.get(r))
+                .find(|rule| rule.action == RuleAction::Deny)
+                .map(|rule| Blocked {
+                    by: BlockedBy::Rule(rule.name.clone()),
+                })
+        })
+    }
+
     pub(crate) fn hits(&self, tally: &GuardTally) -> Vec<Hit> {
         match &self.mask {
             Some(p) => tally.mask.hits(&p.0.active),

@@ -319,6 +319,9 @@ pub struct StreamMasker {
     /// events ([`answer::joined_place`]), seen so far: a second string at
     /// one of them blocks the stream.
     joined: BTreeMap<String, Option<String>>,
+    /// The tail of a block that went out alone when the carry ran over its
+    /// bound, and the text continuing it since ([`Ghost`]).
+    ghost: Option<Ghost>,
     /// Anthropic: the content block open now ([`answer::block_step`]).
     open_block: Option<u64>,
     /// Anthropic: the lowest index the next content block may have (one
@@ -348,6 +351,7 @@ impl StreamMasker {
                 parts: Vec::new(),
             },
             joined: BTreeMap::new(),
+            ghost: None,
             open_block: None,
             next_block: 0,
         }
@@ -495,6 +499,25 @@ impl StreamMasker {
             c.units += 1;
         }
         if c.units > MAX_CARRY_UNITS || c.held_bytes > MAX_CARRY_BYTES {
+            // The tail goes out masked as far as it came; the text that
+            // continues it later is read with it (`Ghost`).
+            let window = self.guard.window();
+            self.ghost = c
+                .ended
+                .as_ref()
+                .filter(|_| self.guard.changes_text())
+                .map(|ch| {
+                    let mut tail = ch.ctx.clone();
+                    tail.push_str(&ch.pending);
+                    Ghost {
+                        key: ch.key,
+                        tail: tail
+                            .get(tail_start(&tail, window)..)
+                            .unwrap_or("")
+                            .to_string(),
+                        after: String::new(),
+                    }
+                });
             let mut after = Vec::new();
             self.end_carry(&mut after)?;
             return self.emit(vec![Slot::Bytes(after)], out);
@@ -830,6 +853,30 @@ impl StreamMasker {
         }
     }
 
+    /// Text of channel `key` after a tail that went out alone ([`Ghost`]):
+    /// read with that tail, a match across the two blocks the stream before
+    /// this text goes out. Read until the text after the tail is longer
+    /// than the window (no value across it is caught beyond that anyway).
+    fn after_ghost(&mut self, key: ChanKey, text: &str) -> Result<(), Blocked> {
+        let Some(g) = self.ghost.as_mut() else {
+            return Ok(());
+        };
+        if !answer::continues(self.api, g.key, key) {
+            return Ok(());
+        }
+        g.after.push_str(text);
+        let mut hay = String::with_capacity(g.tail.len() + g.after.len());
+        hay.push_str(&g.tail);
+        hay.push_str(&g.after);
+        if let Some(b) = self.guard.straddling(&hay, g.tail.len()) {
+            return Err(b);
+        }
+        if g.after.chars().count() > self.guard.window() {
+            self.ghost = None;
+        }
+        Ok(())
+    }
+
     /// Whether channel `key` is a block whose tail is carried, its text not
     /// all out yet.
     fn carried_now(&self, key: ChanKey) -> bool {
@@ -874,6 +921,7 @@ impl StreamMasker {
         edits: &mut Edits,
         handled: &mut Vec<Vec<Seg>>,
     ) -> Result<(), Blocked> {
+        self.after_ghost(key, text)?;
         let new = !self.channels.iter().any(|c| c.key == key);
         let i = self.channel(key, template);
         let waiting = self.carry.as_mut().filter(|c| !c.decided);
@@ -981,6 +1029,24 @@ impl StreamMasker {
         }
         Ok(())
     }
+}
+
+/// The tail of a block that went out alone, masked as far as it came,
+/// because the carry waiting for the next block's text ran over its bound
+/// ([`MAX_CARRY_UNITS`], [`MAX_CARRY_BYTES`]: many events of another block
+/// between), and the text of the blocks that continue it since: a client
+/// still reads the two as one, so a value split across them, masked a half
+/// at a time, would go out. Masking cannot take back the tail, so such a
+/// match blocks the stream.
+#[derive(Debug)]
+struct Ghost {
+    /// The block the tail is of.
+    key: ChanKey,
+    /// The tail as the model wrote it, with its look-behind (at most the
+    /// window).
+    tail: String,
+    /// The text of the blocks continuing it, so far.
+    after: String,
 }
 
 /// Whether a block of channel `key` may be continued by the next one
@@ -2886,7 +2952,10 @@ mod tests {
         let (texts, order) = block_texts(api, &out);
         assert_eq!(texts[0], alone.clone());
         assert!(order.windows(2).all(|w| w[0] <= w[1]), "{order:?}");
-        // Pings past the bound: the tail goes, the next block is alone.
+        // Pings past the bound: the tail goes; the next block, read with it,
+        // would complete a value across the two that the tail cannot take
+        // back: the stream is blocked there
+        // (`a_value_split_across_more_events_than_the_carry_holds_blocks_the_stream`).
         let mut s = String::new();
         head(&mut s);
         for _ in 0..=MAX_CARRY_UNITS {
@@ -2897,11 +2966,13 @@ mod tests {
         s.push_str(&ev(json!({"type":"content_block_stop","index":1})));
         // Split anywhere, the same.
         for cut in [1, 7, 100, s.len() - 3] {
-            let (out, _) = run(api, &g, &[&s.as_bytes()[..cut], &s.as_bytes()[cut..]]);
+            let (out, m) = run(api, &g, &[&s.as_bytes()[..cut], &s.as_bytes()[cut..]]);
+            assert_eq!(m.report().blocked.unwrap().name(), "email");
+            let raw = String::from_utf8_lossy(&out);
+            assert!(!raw.contains(".example.org"), "{raw}");
             let (texts, order) = block_texts(api, &out);
-            assert_eq!(texts, vec![alone.clone(), ".example.org!".to_string()]);
+            assert_eq!(texts[0], alone.clone());
             assert!(order.windows(2).all(|w| w[0] <= w[1]), "{order:?}");
-            assert_eq!(events(api, &out).len(), MAX_CARRY_UNITS + 8);
         }
         // The end of the message: the tail goes before it.
         let mut s = String::new();
@@ -3876,6 +3947,79 @@ mod tests {
                 .map(|i| i["content"][0]["text"].as_str().unwrap())
                 .collect();
             assert_eq!(finished, plainly_masked(&g, text), "{between}");
+        }
+    }
+
+    /// A block whose held tail waited for the next block's text longer than
+    /// the carry may hold (more than 16 events between: a server tool's
+    /// arguments, a reasoning item's summary, in many deltas) goes out
+    /// masked as far as it came; a value split across that gap was then
+    /// masked a half at a time and went out whole to a client joining the
+    /// blocks. Now the later text is read with the tail that went out: a
+    /// value across the gap blocks the stream before its second half goes
+    /// out (it cannot be masked, its first half left).
+    #[test]
+    fn a_value_split_across_more_events_than_the_carry_holds_blocks_the_stream() {
+        let (g, _) = guard("{}");
+        let ev = named_event;
+        let anthropic = |second: &str| {
+            let mut s = String::new();
+            s.push_str(&ev(json!({"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}})));
+            s.push_str(&ev(json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"mail dana.scully@fbi."}})));
+            s.push_str(&ev(json!({"type":"content_block_stop","index":0})));
+            s.push_str(&ev(json!({"type":"content_block_start","index":1,"content_block":{"type":"server_tool_use","id":"s","name":"web_search","input":{}}})));
+            for _ in 0..=MAX_CARRY_UNITS {
+                s.push_str(&ev(json!({"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"a"}})));
+            }
+            s.push_str(&ev(json!({"type":"content_block_stop","index":1})));
+            s.push_str(&ev(json!({"type":"content_block_start","index":2,"content_block":{"type":"text","text":""}})));
+            for piece in chunks(second, 3) {
+                s.push_str(&ev(json!({"type":"content_block_delta","index":2,"delta":{"type":"text_delta","text":piece}})));
+            }
+            s.push_str(&ev(json!({"type":"content_block_stop","index":2})));
+            s.push_str(&ev(json!({"type":"message_stop"})));
+            s
+        };
+        let responses = |second: &str| {
+            let msg = |oi: usize, t: &str| {
+                let mut s = String::new();
+                for piece in chunks(t, 3) {
+                    s.push_str(&ev(json!({"type":"response.output_text.delta","output_index":oi,"content_index":0,"item_id":"m","delta":piece})));
+                }
+                s.push_str(&ev(json!({"type":"response.output_item.done","output_index":oi,"item":{"type":"message","id":"m","role":"assistant","content":[]}})));
+                s
+            };
+            let mut s = msg(0, "mail dana.scully@fbi.");
+            for _ in 0..=MAX_CARRY_UNITS {
+                s.push_str(&ev(json!({"type":"response.reasoning_summary_text.delta","output_index":1,"summary_index":0,"item_id":"r","delta":"hm"})));
+            }
+            s.push_str(&msg(2, second));
+            s.push_str(&ev(json!({"type":"response.completed","response":{"id":"r","status":"completed","output":[]}})));
+            s
+        };
+        for (api, stream) in [
+            (
+                ApiKind::AnthropicMessages,
+                &anthropic as &dyn Fn(&str) -> String,
+            ),
+            (ApiKind::OpenaiResponses, &responses),
+        ] {
+            let (out, m) = run(api, &g, &[stream("example.org now").as_bytes()]);
+            let raw = String::from_utf8_lossy(&out);
+            assert!(!raw.contains("example.org"), "{api:?}: {raw}");
+            assert_eq!(
+                m.report().blocked.map(|b| b.by),
+                Some(BlockedBy::Detector("email".into())),
+                "{api:?}: {raw}"
+            );
+            // Text that does not continue a value goes on as before.
+            let (out, m) = run(api, &g, &[stream(" and more, then 10 more").as_bytes()]);
+            assert!(m.report().blocked.is_none(), "{api:?}");
+            let raw = String::from_utf8_lossy(&out);
+            assert!(
+                raw.contains("dana.scully@fbi.") && raw.contains("then "),
+                "{api:?}: {raw}"
+            );
         }
     }
 
