@@ -799,6 +799,26 @@ def test_a_fetched_page_in_a_web_fetch_result_is_masked(stack, stream):
     assert len(sources) == 1 and "[CREDIT_CARD]" in sources[0] and "<EMAIL_" in sources[0], sources
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_text_under_a_key_for_opaque_blobs_is_masked(stack, stream):
+    # `signature`, `data`, `encrypted_content` and the like hold blobs and
+    # were skipped whatever they held: a backend's text there went out
+    # unmasked. Only a blob (base64) is skipped now.
+    extra = {"signature": SECRET_REPLY, "data": {"note": SECRET_REPLY}}
+    if stream:
+        script = [{"id": "c", "object": "chat.completion.chunk", "model": GUARDED,
+                   "choices": [{"index": 0, "delta": {"content": "hi", **extra}, "finish_reason": "stop"}]}]
+    else:
+        script = {"id": "c", "object": "chat.completion", "model": GUARDED,
+                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi", **extra},
+                               "finish_reason": "stop"}]}
+    a = send(stack, req("chat", GUARDED, stream=stream), headers={"x-demo-answer": json.dumps(script)})
+    assert a.status == 200, a.raw[:300]
+    assert_nowhere(a.raw, EMAIL, CARD)
+    doc = sse_events(a.raw)[0]["choices"][0]["delta"] if stream else a.json()["choices"][0]["message"]
+    assert "[CREDIT_CARD]" in doc["signature"] and "[CREDIT_CARD]" in doc["data"]["note"], doc
+
+
 def output_text(answer: dict) -> str:
     """What the SDKs' `response.output_text` gives: the output text of every
     `message` item of a Responses answer, joined."""

@@ -783,7 +783,8 @@ const STRUCTURAL: &[&str] = &[
     "index",
     "event",
 ];
-/// Keys whose whole value is opaque (signatures, base64): never changed.
+/// Keys whose value is an opaque blob (signatures, base64): a blob there
+/// ([`opaque_blob`]) is never read or changed; anything else is read.
 const OPAQUE: &[&str] = &[
     "signature",
     "thoughtSignature",
@@ -800,6 +801,14 @@ const OPAQUE: &[&str] = &[
 /// the page Anthropic's web fetch tool fetched, a document's text), which
 /// is text for every reader although `data` is [`OPAQUE`] (base64)
 /// elsewhere.
+/// Whether `s` can be the opaque blob an [`OPAQUE`] key holds: base64 in
+/// either alphabet, padded or not. Anything else under such a key (text,
+/// an object, a list) is no blob and is read like any other answer text.
+fn opaque_blob(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_'))
+}
+
 fn text_source(o: &serde_json::Map<String, Value>) -> bool {
     o.get("type").and_then(Value::as_str) == Some("text")
 }
@@ -890,7 +899,8 @@ impl Walk<'_> {
         path: &mut Vec<Seg>,
         out: &mut Vec<(Vec<Seg>, Leaf<'v>)>,
     ) {
-        if OPAQUE.contains(&key) || (x.is_string() && STRUCTURAL.contains(&key)) {
+        let blob = OPAQUE.contains(&key) && x.as_str().is_some_and(opaque_blob);
+        if blob || (x.is_string() && STRUCTURAL.contains(&key)) {
             return;
         }
         if self.tokens.contains(&key) {
@@ -1117,6 +1127,39 @@ mod tests {
         let body = json!({"content":[result(b64, "base64")]}).to_string();
         let out = mask_response_body(&g, ApiKind::AnthropicMessages, body.as_bytes()).unwrap();
         assert!(out.body.is_none() && out.blocked.is_none());
+    }
+
+    /// Keys whose values are opaque blobs (`signature`, `encrypted_content`,
+    /// `data`, ...) are skipped only where the value is one: a string of the
+    /// base64 alphabets. Text there (a backend's own field of that name, a
+    /// future one), or an object or a list under such a key, is walked like
+    /// any other answer text: every string that leaves is read.
+    #[test]
+    fn text_under_a_key_for_opaque_blobs_is_masked() {
+        let g = guard_with(MASKING, "{}", None);
+        let masked = |body: Value| -> Value {
+            let out =
+                mask_response_body(&g, ApiKind::OpenaiChat, body.to_string().as_bytes()).unwrap();
+            assert!(out.blocked.is_none(), "{body}");
+            serde_json::from_slice(&out.body.expect("masked")).unwrap()
+        };
+        let v = masked(
+            json!({"choices":[{"index":0,"message":{"role":"assistant","content":"hi",
+            "signature":"ssn 123-45-6789 here","data":{"note":"ssn 123-45-6789"},
+            "encrypted_content":["ssn 123-45-6789"]}}]}),
+        );
+        let m = &v["choices"][0]["message"];
+        assert_eq!(m["signature"], "ssn [US_SSN] here");
+        assert_eq!(m["data"]["note"], "ssn [US_SSN]");
+        assert_eq!(m["encrypted_content"][0], "ssn [US_SSN]");
+        // Blobs stay as they are, in either alphabet, padded or not.
+        for blob in ["MTIzLTQ1LTY3ODk=", "AKIAIOSFODNN7EXAMPLE", "a-b_c+d/e=="] {
+            let body = json!({"choices":[{"index":0,"message":{"role":"assistant","content":"hi",
+                "signature":blob}}]});
+            let out =
+                mask_response_body(&g, ApiKind::OpenaiChat, body.to_string().as_bytes()).unwrap();
+            assert!(out.body.is_none() && out.blocked.is_none(), "{blob}");
+        }
     }
 
     #[test]
