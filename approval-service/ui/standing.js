@@ -21,18 +21,38 @@
     ['history', 'History', 'earlier answers and tool results'],
   ];
   const PART_LABEL = Object.fromEntries(PARTS.map(([k, label]) => [k, label]));
+
+  // The part a message of `role` belongs to (`Part::of_role`).
+  function partOf(role) {
+    if (role === 'system' || role === 'developer') return 'system';
+    if (role === 'tools' || role === 'schema') return 'tools';
+    if (role === 'user' || role === 'input' || role === 'suffix') return 'user';
+    return 'history';
+  }
+
+  // Whether some message with text stays fixed with `vary` open
+  // (`standing::keeps_text_fixed`): the service refuses terms that keep
+  // only the roles, which would approve any prompt with those roles.
+  function keepsTextFixed(prompt, vary) {
+    return list(prompt).some((m) => m && !vary.includes(partOf(String(m.role)))
+      && typeof m.text === 'string' && m.text.trim() !== '');
+  }
   const STATE_LABEL = {
     proposed: 'Proposed', live: 'Live', declined: 'Declined', revoked: 'Revoked', expired: 'Expired', used_up: 'Used up',
+    suspended: 'Suspended',
   };
   const STATE_BADGE = {
     proposed: 'pending', live: 'approved', revoked: 'rejected', declined: 'expired', expired: 'expired', used_up: 'expired',
+    suspended: 'expired',
   };
 
   const list = (v) => (Array.isArray(v) ? v : []);
   const when = (ms) => (typeof ms === 'number' ? new Date(ms).toLocaleString() : '—');
 
   function stateBadge(h, sa) {
-    return h('span', { class: `badge badge-${STATE_BADGE[sa.status] || 'expired'}`, dataset: { state: String(sa.status) } },
+    const title = sa.status === 'suspended'
+      ? 'A creator is no longer a reviewer of its approver group: it approves nothing' : null;
+    return h('span', { class: `badge badge-${STATE_BADGE[sa.status] || 'expired'}`, dataset: { state: String(sa.status) }, title },
       STATE_LABEL[sa.status] || String(sa.status));
   }
 
@@ -117,7 +137,10 @@
       const num = (id, label, value, max, hint) => h('label', { class: 'field' }, h('span', null, label),
         h('input', { type: 'number', id, min: '1', max: String(max), step: '1', required: true, value: String(value) }),
         h('span', { class: 'muted small' }, hint));
-      const vary = sa ? list(sa.vary) : ['user'];
+      // The user message may vary by default, unless nothing with text
+      // would then stay fixed (a prompt of user messages only): then
+      // everything stays fixed, a standing approval of this exact prompt.
+      const vary = sa ? list(sa.vary) : (keepsTextFixed(r.prompt, ['user']) ? ['user'] : []);
       const groups = list(r.caller_groups);
       const scope = h('select', { id: 'standing-scope' },
         r.caller ? h('option', { value: '' }, `only caller ${r.caller}`) : null,
@@ -125,16 +148,29 @@
       const f = h('form', { class: 'standing-form', id: 'standing-form', onsubmit: (e) => { e.preventDefault(); submit(); } },
         num('standing-days', 'Days', sa ? sa.valid_days : 7, 90, 'valid once live, at most 90'),
         num('standing-uses', 'Max uses', sa ? sa.max_uses : 30, 100000, 'requests it may approve'),
-        h('fieldset', { class: 'standing-parts' },
+        h('fieldset', { class: 'standing-parts', onchange: checkFixed },
           h('legend', null, 'May vary'),
           PARTS.map(([k, label, hint]) => h('label', { class: 'check', title: hint },
             h('input', { type: 'checkbox', name: 'vary', value: k, checked: vary.includes(k) }), ` ${label}`)),
-          h('span', { class: 'muted small' }, 'Every part not ticked must stay exactly as in this request; model, API, path and rule never vary.')),
+          h('span', { class: 'muted small' }, 'Every part not ticked must stay exactly as in this request; model, API, path and rule never vary.'),
+          h('p', { class: 'form-error', id: 'standing-nothing-fixed', role: 'status', hidden: true },
+            'With these parts ticked no text of this request stays fixed: any request with the same roles would be approved. Untick a part.')),
         h('label', { class: 'field' }, h('span', null, 'For'), scope),
         h('button', { type: 'submit', class: 'btn btn-block', id: 'standing-approve' },
           sa ? 'Approve with the same terms' : 'Approve as standing approval'),
         h('p', { class: 'form-error', id: 'standing-error', role: 'alert', hidden: true }));
+      checkFixed(null, f);
       return f;
+    }
+
+    // Says so, and disables the button, when the ticked parts would leave
+    // no text fixed (the service would refuse the terms).
+    function checkFixed(_e, form) {
+      const el = form || $('#standing-form');
+      const ticked = [...el.querySelectorAll('input[name=vary]:checked')].map((i) => i.value);
+      const ok = keepsTextFixed(r.prompt, ticked);
+      el.querySelector('#standing-nothing-fixed').hidden = ok;
+      el.querySelector('#standing-approve').disabled = !ok;
     }
 
     async function submit() {
@@ -220,7 +256,9 @@
         h('a', { href: '/standing' }, '← Standing approvals')));
       return;
     }
-    const active = sa.status === 'live' || sa.status === 'proposed';
+    // A suspended one (a creator is no longer a reviewer of its group) is
+    // live again if they are again: it can be revoked.
+    const active = ['live', 'proposed', 'suspended'].includes(sa.status);
     const uses = list(sa.used_by).map((u) => h('li', null, `#${u.use_no} `,
       h('a', { href: `/reviews/${encodeURIComponent(u.review_id)}` }, h('code', null, u.review_id)),
       h('span', { class: 'muted' }, ` · ${when(u.used_at_ms)}`)));

@@ -158,13 +158,17 @@ def test_an_async_request_approved_at_creation_is_forwarded_once_by_its_token(ma
     token forwards it, once: released at once, it used to be forwarded
     then and again with the token its status handed out."""
     stack = make_stack(filter_config=filter_config([("k1", K1)]), approval_extra=service_extra([("k1", K1)]))
-    first = submit_async(stack, chat(text="nightly summary of build 1"))
+    # A system prompt stays fixed: a standing approval must keep some text.
+    nightly = lambda n: {"model": "demo-echo", "messages": [  # noqa: E731
+        {"role": "system", "content": "You summarise builds."},
+        {"role": "user", "content": f"nightly summary of build {n}"}]}
+    first = submit_async(stack, nightly(1))
     r = stack.approval.decide(first["id"], "approve", standing={"valid_days": 1, "max_uses": 1, "vary": ["user"]})
     assert r.status_code == 200, r.text
     assert retry(stack, status(stack, first["id"]).json()).status_code == 200
     assert stack.backend.stats()["completed"] == 1
 
-    second = submit_async(stack, chat(text="nightly summary of build 2"))
+    second = submit_async(stack, nightly(2))
     assert second["status"] == "approved", second
     assert stack.approval.review(second["id"])["reviewer"].startswith("standing:")
     assert stack.backend.stats()["started"] == 1, "forwarded without its token"

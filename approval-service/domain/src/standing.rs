@@ -26,7 +26,9 @@
 //! same terms, and the standing approval goes live only when the review is
 //! approved and every approval that counted agreed to them (the quorum of
 //! the rule approved the standing approval itself). A review approved with
-//! an edit never makes one.
+//! an edit never makes one. Terms under which no message with text stays
+//! fixed ([`keeps_text_fixed`]) are refused: the shape would be the roles
+//! alone, and approve any prompt with those roles.
 //!
 //! **Use** ([`Store::decide_by_standing`]) is one transaction that locks the
 //! new review, spends one use with a conditional `UPDATE ... WHERE uses <
@@ -35,13 +37,25 @@
 //! [`crate::approvals`] path as a person, as the approver
 //! `standing:<id>` whose `callers` are its creators (nobody's standing
 //! approval approves their own request). Anything else rolls it all back.
+//!
+//! **Its creators, as they are now**: a standing approval decides for the
+//! people who made it, so it decides only while each of them is still a
+//! reviewer of its approver group ([`current_creator`], read from the
+//! `[[reviewers]]` in force at each use: someone offboarded, or moved out
+//! of the group, no longer approves through it) and never a request from a
+//! caller identity any of them has now or had then. Otherwise the review
+//! waits for a person, and the list shows it as
+//! [`StandingStatus::Suspended`].
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use countersign_core::wire::{PromptMessage, ReviewKind, ReviewMode, ReviewStatus};
 
-use crate::approvals::{decide_in, is_self, Approver, DecideOutcome, Decision, DecisionRefused};
+use crate::approvals::{
+    decide_in, in_group, is_self, same_person, Approver, DecideOutcome, Decision, DecisionRefused,
+};
+use crate::config::ReviewerConfig;
 use crate::db::{Conn, DbError, DbResult, Lock, Row};
 use crate::params;
 use crate::store::{ReviewDetail, Store};
@@ -181,6 +195,10 @@ pub enum StandingStatus {
     Expired,
     /// Every use spent.
     UsedUp,
+    /// Live, but one of its creators is no longer a `[[reviewers]]` entry
+    /// of its approver group: it approves nothing (live again if they are
+    /// again).
+    Suspended,
 }
 
 /// One creator of a standing approval.
@@ -236,6 +254,47 @@ pub struct StandingApproval {
     pub revoked_by: Option<String>,
     /// Why.
     pub revoke_reason: Option<String>,
+}
+
+impl StandingApproval {
+    /// Its status with `reviewers` (the `[[reviewers]]` in force): a live
+    /// one whose creators are not all [`current_creator`]s is
+    /// [`StandingStatus::Suspended`], since it decides nothing.
+    pub fn checked_against(mut self, reviewers: &[ReviewerConfig]) -> StandingApproval {
+        let group = self.approver_group.as_deref();
+        if self.status == StandingStatus::Live
+            && !self
+                .created_by
+                .iter()
+                .all(|name| current_creator(reviewers, name, group).is_some())
+        {
+            self.status = StandingStatus::Suspended;
+        }
+        self
+    }
+}
+
+/// The `[[reviewers]]` entry (of `reviewers`, those in force) of the
+/// creator `name` when it may still decide for a standing approval of
+/// `approver_group`: the entry of that person (its `name` or a
+/// `sign_in_names`, as a sign-in finds it) whose own groups include the
+/// approver group. `None` (the standing approval decides nothing) for
+/// someone no longer configured, or moved out of the group, and also for
+/// someone who only ever signed in through the identity provider or the
+/// proxy: the service cannot ask those whether they still may decide.
+pub fn current_creator<'a>(
+    reviewers: &'a [ReviewerConfig],
+    name: &str,
+    approver_group: Option<&str>,
+) -> Option<&'a ReviewerConfig> {
+    reviewers
+        .iter()
+        .find(|r| {
+            std::iter::once(&r.name)
+                .chain(&r.sign_in_names)
+                .any(|n| same_person(n, name))
+        })
+        .filter(|r| in_group(&Approver::from(*r), approver_group))
 }
 
 /// One use: the review it approved.
@@ -312,6 +371,22 @@ fn from_row(r: &Row, now_ms: u64) -> DbResult<StandingApproval> {
         revoked_by: r.get(17)?,
         revoke_reason: r.get(18)?,
     })
+}
+
+/// Why terms that keep no text fixed are refused.
+const NOTHING_FIXED: &str = "these terms keep no message of the prompt fixed: \
+     only the roles would be compared, so any later prompt with the same roles \
+     would be approved; keep at least one part with text fixed (untick it), or \
+     approve without a standing approval";
+
+/// Whether, with `vary` left open, at least one message with text (not only
+/// white space) stays fixed in the shape of `prompt`. Otherwise the shape
+/// is the sequence of roles alone: a standing approval of it would approve
+/// any prompt with those roles, whatever it asks.
+pub fn keeps_text_fixed(prompt: &[PromptMessage], vary: &[Part]) -> bool {
+    prompt
+        .iter()
+        .any(|m| !vary.contains(&Part::of_role(&m.role)) && !m.text.trim().is_empty())
 }
 
 /// The fields of a review that matching and proposing read.
@@ -425,6 +500,9 @@ pub(crate) fn agree(
     };
     if let Some(why) = review.not_standing() {
         return refuse(why.into());
+    }
+    if !keeps_text_fixed(&review.prompt, &terms.vary) {
+        return refuse(NOTHING_FIXED.into());
     }
     let (scope_caller, scope_group) = match &terms.group {
         Some(g) if review.caller_groups.contains(g) => (None, Some(g.clone())),
@@ -550,8 +628,27 @@ struct Candidate {
 }
 
 impl Candidate {
-    /// Whether this standing approval may approve `review`.
-    fn matches(&self, review: &ReviewShape) -> bool {
+    /// Its creators as the approvers they are now (`reviewers`, the
+    /// `[[reviewers]]` in force): each one's current entry, with the caller
+    /// identities it lists now and those stored when they agreed. `None`
+    /// when one of them is not a [`current_creator`]: it decides nothing.
+    fn creators_now(&self, reviewers: &[ReviewerConfig]) -> Option<Vec<Approver>> {
+        let group = self.approver_group.as_deref();
+        self.creators
+            .iter()
+            .map(|c| {
+                let mut now = Approver::from(current_creator(reviewers, &c.name, group)?);
+                // The name they agreed under, and its callers then.
+                now.callers.push(c.name.clone());
+                now.callers.extend(c.callers.iter().cloned());
+                Some(now)
+            })
+            .collect()
+    }
+
+    /// Whether this standing approval may approve `review`, decided for
+    /// its creators `now` ([`Candidate::creators_now`]).
+    fn matches(&self, review: &ReviewShape, now: &[Approver]) -> bool {
         let caller = review.caller.as_deref().filter(|c| !c.trim().is_empty());
         let in_scope = match (&self.scope_caller, &self.scope_group) {
             (Some(c), _) => caller == Some(c.as_str()),
@@ -561,19 +658,12 @@ impl Candidate {
         in_scope
             && self.approver_group == review.approver_group
             && u32::try_from(self.creators.len()).unwrap_or(0) >= review.required
-            && !self.creators.iter().any(|c| is_self(&c.approver(), caller))
+            && !now.iter().any(|c| is_self(c, caller))
             && shape_sha256(&review.of(), &self.vary) == self.shape
-    }
-}
-
-impl Creator {
-    fn approver(&self) -> Approver {
-        Approver {
-            name: self.name.clone(),
-            groups: Vec::new(),
-            callers: self.callers.clone(),
-            assessor: false,
-        }
+            // One made before such terms were refused at creation: a review
+            // of the same shape keeps the same fixed texts, so this says
+            // whether the standing approval's own review kept any.
+            && keeps_text_fixed(&review.prompt, &self.vary)
     }
 }
 
@@ -603,9 +693,12 @@ impl Store {
     /// Approves the pending review `review_id` if a live standing approval
     /// matches it: see the module documentation. `None` when none does (the
     /// review stays for people).
+    /// `reviewers` are the `[[reviewers]]` in force: its creators must
+    /// still be among them ([`current_creator`]).
     pub fn decide_by_standing(
         &self,
         review_id: &str,
+        reviewers: &[ReviewerConfig],
         now_ms: u64,
     ) -> DbResult<Option<AutoApproved>> {
         let mut conn = self.conn();
@@ -622,7 +715,9 @@ impl Store {
         if any_live.is_none() {
             return Ok(None);
         }
-        let outcome = conn.transaction(Lock::Review(review_id), |tx| use_in(tx, review_id, now_ms));
+        let outcome = conn.transaction(Lock::Review(review_id), |tx| {
+            use_in(tx, review_id, reviewers, now_ms)
+        });
         match outcome {
             Ok(used) => Ok(used),
             Err(UseTx::Undo) => Ok(None),
@@ -729,7 +824,12 @@ impl Store {
     }
 }
 
-fn use_in(tx: &mut Conn, review_id: &str, now_ms: u64) -> Result<Option<AutoApproved>, UseTx> {
+fn use_in(
+    tx: &mut Conn,
+    review_id: &str,
+    reviewers: &[ReviewerConfig],
+    now_ms: u64,
+) -> Result<Option<AutoApproved>, UseTx> {
     let Some(review) = review_shape(tx, review_id)? else {
         return Ok(None);
     };
@@ -761,7 +861,15 @@ fn use_in(tx: &mut Conn, review_id: &str, now_ms: u64) -> Result<Option<AutoAppr
             })
         })
         .collect::<DbResult<_>>()?;
-    for c in candidates.iter().filter(|c| c.matches(&review)) {
+    for c in &candidates {
+        // Fail closed: a creator who may no longer decide leaves it to a
+        // person.
+        let Some(now) = c.creators_now(reviewers) else {
+            continue;
+        };
+        if !c.matches(&review, &now) {
+            continue;
+        }
         // The one place a use is spent: the condition is re-checked under
         // the row's lock, so concurrent uses never pass `max_uses`.
         let spent = tx.query_opt(
@@ -785,9 +893,9 @@ fn use_in(tx: &mut Conn, review_id: &str, now_ms: u64) -> Result<Option<AutoAppr
             groups: c.approver_group.iter().cloned().collect(),
             // It decides for the people who created it.
             assessor: false,
-            // Its creators: separation of duties holds for them here too.
-            callers: c
-                .creators
+            // Its creators, as they are now and were then: separation of
+            // duties holds for them here too.
+            callers: now
                 .iter()
                 .flat_map(|c| std::iter::once(c.name.clone()).chain(c.callers.iter().cloned()))
                 .collect(),
@@ -889,6 +997,20 @@ mod tests {
             shape(&base, "m", &vary),
             shape(&base, "m", &[Part::User, Part::History])
         );
+    }
+
+    #[test]
+    fn text_stays_fixed_only_when_a_fixed_message_has_text() {
+        let only_user = [msg("user", "What is 2+2?")];
+        assert!(!keeps_text_fixed(&only_user, &[Part::User]));
+        assert!(keeps_text_fixed(&only_user, &[]));
+        // A fixed message without text keeps nothing of the prompt.
+        let blank_system = [msg("system", " \n"), msg("user", "What is 2+2?")];
+        assert!(!keeps_text_fixed(&blank_system, &[Part::User]));
+        let system = [msg("system", "You summarise CI logs."), msg("user", "x")];
+        assert!(keeps_text_fixed(&system, &[Part::User]));
+        assert!(!keeps_text_fixed(&system, &[Part::System, Part::User]));
+        assert!(!keeps_text_fixed(&[], &[]));
     }
 
     #[test]

@@ -24,8 +24,10 @@ use crate::state::AppState;
 pub(crate) async fn decide_if_standing(state: &AppState, id: &str) -> Option<ReviewState> {
     let now = crate::now_ms();
     let lookup_id = id.to_string();
+    // Its creators are checked against the reviewers in force now.
+    let reviewers = state.reviewers();
     let outcome = state
-        .db(move |s| s.decide_by_standing(&lookup_id, now))
+        .db(move |s| s.decide_by_standing(&lookup_id, &reviewers, now))
         .await;
     let auto = match outcome {
         Ok(Some(auto)) => auto,
@@ -93,6 +95,11 @@ pub async fn list(
             .collect(),
         None => state.db(move |s| s.standing_list(limit, now)).await?,
     };
+    let reviewers = state.reviewers();
+    let standing_approvals = standing_approvals
+        .into_iter()
+        .map(|sa| sa.checked_against(&reviewers))
+        .collect();
     Ok(Json(StandingList { standing_approvals }))
 }
 
@@ -122,7 +129,7 @@ pub async fn get(
         .await?
         .ok_or_else(not_found)?;
     Ok(Json(StandingDetail {
-        standing_approval,
+        standing_approval: standing_approval.checked_against(&state.reviewers()),
         used_by,
     }))
 }
@@ -155,7 +162,7 @@ pub async fn revoke(
     match outcome {
         Revoked::Revoked(sa) => {
             tracing::info!(standing_approval = %id, reviewer = %name, "standing approval revoked");
-            Ok(Json(*sa))
+            Ok(Json(sa.checked_against(&state.reviewers())))
         }
         Revoked::NotFound => Err(not_found()),
         Revoked::NotActive(sa) => Err(ApiError::Conflict(format!(

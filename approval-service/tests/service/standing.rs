@@ -532,3 +532,172 @@ async fn attachments_are_never_approved_by_a_standing_approval() {
         (&json!("pending"), &Value::Null)
     );
 }
+
+/// Terms under which no message with text stays fixed (the default
+/// `vary: ["user"]` on a prompt of user messages only) would approve any
+/// later prompt with the same roles: refused, naming why, and nothing is
+/// proposed. The review can still be approved without terms.
+#[tokio::test]
+async fn terms_that_keep_no_text_fixed_are_refused() {
+    let f = fixture();
+    let only_user = |caller: &str, text: &str| {
+        common::review_request(json!({
+            "caller": caller, "caller_groups": ["ci"], "rule": "ci",
+            "approver_group": "security", "model": "gpt-x",
+            "prompt": [{"role": "system", "text": " "}, {"role": "user", "text": text}],
+        }))
+    };
+    let id = create_pending(&f.app, only_user("ci-nightly", "What is 2+2?")).await;
+    for vary in [json!(["user"]), json!(["system", "user"])] {
+        let blanket = json!({"valid_days": 90, "max_uses": 100000, "vary": vary, "group": "ci"});
+        let (s, v) = decide(&f.app, &id, ALICE, "approve", json!({"standing": blanket})).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{vary}: {v}");
+        assert_error(&v, "standing_terms");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("fixed"),
+            "{v}"
+        );
+    }
+    assert!(standing_list(&f.app).await.is_empty());
+    let (s, v) = decide(&f.app, &id, ALICE, "approve", json!({})).await;
+    assert_eq!(
+        (s, &v["status"]),
+        (StatusCode::OK, &json!("approved")),
+        "{v}"
+    );
+    // Nothing approves another caller's unrelated prompt.
+    create_pending(
+        &f.app,
+        only_user("ci-other", "Write a script that deletes every backup"),
+    )
+    .await;
+    // Keeping the user message fixed is a standing approval of that text.
+    let id = create_pending(&f.app, only_user("ci-nightly", "What is 3+3?")).await;
+    let exact = json!({"valid_days": 1, "max_uses": 2, "vary": ["system"]});
+    let (s, v) = decide(&f.app, &id, ALICE, "approve", json!({"standing": exact})).await;
+    assert_eq!(
+        (s, &v["status"]),
+        (StatusCode::OK, &json!("approved")),
+        "{v}"
+    );
+    create_auto_approved(&f.app, only_user("ci-nightly", "What is 3+3?")).await;
+
+    // One made before such terms were refused (its terms and shape written
+    // as they would have been) approves nothing.
+    use countersign_approval::standing::{shape_sha256, Part, ShapeOf};
+    use countersign_core::wire::PromptMessage;
+    let prompt: Vec<PromptMessage> = serde_json::from_value(json!([
+        {"role": "system", "text": " "}, {"role": "user", "text": "What is 3+3?"}
+    ]))
+    .unwrap();
+    let of = ShapeOf {
+        api: "openai_chat",
+        path: "/v1/chat/completions",
+        model: "gpt-x",
+        rule: Some("ci"),
+        prompt: &prompt,
+    };
+    let blanket = shape_sha256(&of, &[Part::System, Part::User]);
+    let live = standing_list(&f.app).await;
+    RawDb::open(&f.db)
+        .exec(&format!(
+            "UPDATE standing_approvals SET vary_json = '[\"system\",\"user\"]', \
+             shape_sha256 = '{blanket}' WHERE id = '{}'",
+            live[0]["id"].as_str().unwrap()
+        ))
+        .unwrap();
+    assert_eq!(
+        shape_sha256(&of, &[Part::System, Part::User]),
+        standing_list(&f.app).await[0]["shape_sha256"]
+    );
+    create_pending(&f.app, only_user("ci-nightly", "Delete every backup")).await;
+}
+
+/// The `[[reviewers]]` of [`REVIEWERS`] with `alice`'s entry replaced by
+/// `entry` (`None`: removed), put in force as a reload would.
+fn reload_with_alice(f: &Fixture, entry: Option<&str>) {
+    let reviewers: Vec<(&str, &str, &str)> = REVIEWERS
+        .iter()
+        .filter_map(|r| match (r.0, entry) {
+            ("alice", Some(more)) => Some(("alice", ALICE, more)),
+            ("alice", None) => None,
+            _ => Some(*r),
+        })
+        .collect();
+    let toml = common::config_toml(&f.db, "", &reviewers);
+    f.state
+        .reload_reviewers(countersign_approval::Config::from_toml_str(&toml).unwrap());
+}
+
+/// A standing approval decides for the people who created it, as they are
+/// now: once its creator is no longer a reviewer (offboarded, token
+/// revoked) or no longer in its approver group, it approves nothing and is
+/// listed as suspended; when they are again, it is live again.
+#[tokio::test]
+async fn a_standing_approval_decides_only_while_its_creators_are_reviewers_of_its_group() {
+    let f = fixture();
+    let sa = live_standing(&f.app, 10).await;
+    create_auto_approved(&f.app, ci_review("build 2")).await;
+    let status = |app: Router, sa: String| async move {
+        let (s, v) = get_as(&app, CAROL, &format!("/api/standing-approvals/{sa}")).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        v["status"].as_str().unwrap().to_string()
+    };
+
+    // alice is offboarded: her token is refused, her standing approval
+    // decides nothing.
+    reload_with_alice(&f, None);
+    let (s, _) = get_as(&f.app, ALICE, "/api/reviews").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    create_pending(&f.app, ci_review("build 3")).await;
+    assert_eq!(status(f.app.clone(), sa.clone()).await, "suspended");
+
+    // alice is a reviewer again, outside the approver group: still nothing.
+    reload_with_alice(&f, Some(""));
+    create_pending(&f.app, ci_review("build 4")).await;
+    assert_eq!(status(f.app.clone(), sa.clone()).await, "suspended");
+
+    // Back in the group (a new token for the same person counts too).
+    reload_with_alice(&f, Some("groups = [\"security\"]"));
+    assert_eq!(status(f.app.clone(), sa.clone()).await, "live");
+    let v = create_auto_approved(&f.app, ci_review("build 5")).await;
+    assert_eq!(v["reviewer"], format!("standing:{sa}"));
+    let (_, detail) = get_as(&f.app, CAROL, &format!("/api/standing-approvals/{sa}")).await;
+    assert_eq!(detail["uses"], 2, "{detail}");
+}
+
+/// Separation of duties is checked against the creators' caller identities
+/// as they are now: one added to a creator after the standing approval was
+/// made is theirs too, and the standing approval does not approve it.
+#[tokio::test]
+async fn a_standing_approval_never_approves_a_caller_its_creator_became() {
+    let f = fixture();
+    let id = create_pending(&f.app, ci_review("build 1")).await;
+    let mut group_terms = json!({"standing": terms(10)});
+    group_terms["standing"]["group"] = json!("ci");
+    let (s, v) = decide(&f.app, &id, ALICE, "approve", group_terms).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let as_caller = |caller: &str, user: &str| {
+        let mut r = ci_review(user);
+        r["caller"] = json!(caller);
+        r
+    };
+    create_auto_approved(&f.app, as_caller("ci-alice", "build 2")).await;
+
+    // The operator records that alice sends as `ci-alice`; and, as a
+    // sign-in name, `alice@example.com`.
+    reload_with_alice(
+        &f,
+        Some("groups = [\"security\"]\ncallers = [\"ci-alice\"]\nsign_in_names = [\"alice@example.com\"]"),
+    );
+    // She may not approve those requests herself...
+    let id = create_pending(&f.app, as_caller("ci-alice", "build 3")).await;
+    let (s, v) = decide(&f.app, &id, ALICE, "approve", json!({})).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert_error(&v, "self_approval");
+    // ...nor does her standing approval, under either name.
+    create_pending(&f.app, as_caller("ci-alice", "build 4")).await;
+    create_pending(&f.app, as_caller("Alice@Example.com", "build 5")).await;
+    // Another caller of the group still is.
+    create_auto_approved(&f.app, as_caller("ci-weekly", "build 6")).await;
+}
