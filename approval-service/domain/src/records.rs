@@ -193,7 +193,7 @@ pub struct ReviewSnapshot {
     /// That body, when it differs from the recorded (forwarded) body.
     pub original_body: Option<String>,
     /// When edited: unified line diff from the original to the edited body
-    /// (both pretty-printed JSON).
+    /// (both laid out as pretty-printed JSON, as written: see `pretty`).
     pub edit_diff: Option<String>,
     /// What the filter found in the request besides its prompt.
     #[serde(default)]
@@ -522,12 +522,73 @@ fn approvals_of(conn: &mut Conn, review_id: &str) -> DbResult<Vec<ReviewerAction
         .collect())
 }
 
-/// Pretty-printed JSON of `text`, or `text` itself when it is not JSON.
+/// The record's diff of an edit: `original` to `edited`, as [`pretty`]
+/// lays them out.
+fn edit_diff(original: &str, edited: &str) -> String {
+    unified_diff(&pretty(original), &pretty(edited))
+}
+
+/// `text` laid out as pretty-printed JSON (two-space indent, a member or
+/// an element per line) when it is JSON, or `text` itself. Only white space
+/// outside strings changes: numbers, strings, the order of keys and a key
+/// given twice stay as written, so two texts lay out alike only when they
+/// differ by layout alone. (Re-parsing into a `Value` rounded big numbers,
+/// sorted keys and kept one of two, and so hid such an edit from the diff.)
 fn pretty(text: &str) -> String {
-    match serde_json::from_str::<Value>(text) {
-        Ok(v) => serde_json::to_string_pretty(&v).unwrap_or_else(|_| text.to_string()),
-        Err(_) => text.to_string(),
+    if serde_json::from_str::<serde::de::IgnoredAny>(text).is_err() {
+        return text.to_string();
     }
+    let is_space = |c: &char| matches!(c, ' ' | '\t' | '\n' | '\r');
+    let newline = |out: &mut String, depth: usize| {
+        out.push('\n');
+        out.push_str(&"  ".repeat(depth));
+    };
+    let mut out = String::with_capacity(text.len() * 2);
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match c {
+            c if is_space(&c) => {}
+            '"' => {
+                in_string = true;
+                out.push(c);
+            }
+            '{' | '[' => {
+                out.push(c);
+                while chars.next_if(is_space).is_some() {}
+                // An empty one stays on its line: `[]`, `{}`.
+                if let Some(close) = chars.next_if(|n| matches!(n, '}' | ']')) {
+                    out.push(close);
+                } else {
+                    depth += 1;
+                    newline(&mut out, depth);
+                }
+            }
+            '}' | ']' => {
+                depth = depth.saturating_sub(1);
+                newline(&mut out, depth);
+                out.push(c);
+            }
+            ',' => {
+                out.push(c);
+                newline(&mut out, depth);
+            }
+            ':' => out.push_str(": "),
+            _ => out.push(c),
+        }
+    }
+    out
 }
 
 /// The review row `review_id`, as recorded alongside a request whose
@@ -578,7 +639,7 @@ fn review_snapshot(
     }
     let edit_diff = edited_body
         .as_deref()
-        .map(|edited| unified_diff(&pretty(&original), &pretty(edited)));
+        .map(|edited| edit_diff(&original, edited));
     Ok(Some(ReviewSnapshot {
         id: review_id.to_string(),
         status,
@@ -1815,6 +1876,52 @@ fn verify_chain_in(conn: &mut Conn) -> DbResult<Result<ChainOk, ChainProblem>> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
+
+    /// Every change an edit makes shows in the record's diff: digits beyond
+    /// a float's precision, the order of keys, a key given twice (the last
+    /// one counts to this parser, the first to others).
+    #[test]
+    fn an_edit_diff_never_hides_a_change() {
+        let body = |rest: &str| {
+            format!(r#"{{"model":"m","messages":[{{"role":"user","content":"pay"}}],{rest}}}"#)
+        };
+        for (from, to, shows) in [
+            (
+                "\"seed\":12345678901234567890123",
+                "\"seed\":12345678901234567890999",
+                "12345678901234567890999",
+            ),
+            ("\"n\":1.0", "\"n\":1", "\"n\": 1\n"),
+            ("\"a\":1,\"b\":2", "\"b\":2,\"a\":1", "+  \"b\": 2,"),
+            (
+                "\"to\":\"x\"",
+                "\"to\":\"evil\",\"to\":\"x\"",
+                "+  \"to\": \"evil\",",
+            ),
+            // A real change next to one the parser would hide.
+            (
+                "\"seed\":12345678901234567890123,\"t\":1",
+                "\"seed\":12345678901234567890999,\"t\":2",
+                "12345678901234567890999",
+            ),
+        ] {
+            let d = edit_diff(&body(from), &body(to));
+            assert!(d.contains(shows), "{from} -> {to}: {d}");
+        }
+        // Laid out, not re-parsed: an object per line, as before, and
+        // layout alone is no change.
+        let d = edit_diff(
+            &body("\"x\":[]"),
+            "{\"model\": \"m\",\n \"messages\": [{\"role\": \"user\", \"content\": \"pay\"}], \"x\": [], \"y\": {}}",
+        );
+        assert!(
+            d.contains("-  \"x\": []\n+  \"x\": [],\n+  \"y\": {}\n"),
+            "{d}"
+        );
+        assert!(d.contains("      \"content\": \"pay\"\n"), "{d}");
+        // Not JSON: the texts as they are.
+        assert!(edit_diff("a\nb", "a\nc").contains("-b\n+c"));
+    }
 
     #[test]
     fn chain_hash_formula() {

@@ -254,9 +254,13 @@ async fn records_written_enriched_queried_and_exported() {
     assert_eq!(r["original_body"], BODY);
     let diff = r["edit_diff"].as_str().unwrap();
     assert!(diff.starts_with("--- original\n+++ edited\n@@ "), "{diff}");
-    assert!(diff.contains("-      \"content\": \"hello\",\n"), "{diff}");
+    // Laid out as written: the keys in the body's order.
     assert!(
-        diff.contains("+      \"content\": \"hello, politely\",\n"),
+        diff.contains("       \"role\": \"user\",\n-      \"content\": \"hello\"\n"),
+        "{diff}"
+    );
+    assert!(
+        diff.contains("+      \"content\": \"hello, politely\"\n"),
         "{diff}"
     );
 
