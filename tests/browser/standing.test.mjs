@@ -135,3 +135,39 @@ test('a standing approval is made in the UI, releases the next run, and is revok
   assert.deepEqual(pageErrors, []);
   assert.deepEqual(cspViolations, []);
 }));
+
+// On a prompt of user messages only, letting the user message vary would
+// keep no text fixed (a standing approval of any prompt): the form does not
+// tick it, and ticking it says so and disables the button.
+test('the form offers no standing approval that keeps no text fixed', T, check(async () => {
+  const { stack, page, pageErrors, cspViolations } = env;
+  await page.goto(url('/'));
+  if (await page.locator('#token').count()) {
+    await page.fill('#token', REVIEWERS.alice);
+    await Promise.all([page.waitForURL(url('/')), page.click('#sign-in')]);
+  }
+  const only = heldCurl(stack.url, { model: 'demo-echo', messages: [{ role: 'user', content: 'What is 2+2?' }] },
+    '/v1/chat/completions', [`authorization: Bearer ${KEY}`]);
+  const review = await pendingReview();
+  await page.goto(url(`/reviews/${review.id}`));
+  await page.locator('#standing-form').waitFor();
+  assert.deepEqual(await page.$$eval('#standing-form input[name=vary]:checked', (els) => els.map((e) => e.value)), []);
+  const note = page.locator('#standing-nothing-fixed');
+  assert.equal(await note.isHidden(), true);
+  assert.equal(await page.locator('#standing-approve').isDisabled(), false);
+  await page.check('#standing-form input[name=vary][value=user]');
+  await note.waitFor();
+  assert.match(await note.textContent(), /no text of this request stays fixed/);
+  assert.equal(await page.locator('#standing-approve').isDisabled(), true);
+  // Another part with no message in this prompt changes nothing.
+  await page.check('#standing-form input[name=vary][value=system]');
+  assert.equal(await page.locator('#standing-approve').isDisabled(), true);
+  await page.uncheck('#standing-form input[name=vary][value=user]');
+  await note.waitFor({ state: 'hidden' });
+  assert.equal(await page.locator('#standing-approve').isDisabled(), false);
+  const r = await stack.api(`/api/reviews/${review.id}/reject`, { method: 'POST', body: { reason: 'done' } });
+  assert.equal(r.status, 200);
+  assert.equal((await only.result).status, 403);
+  assert.deepEqual(pageErrors, []);
+  assert.deepEqual(cspViolations, []);
+}));
