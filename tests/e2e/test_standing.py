@@ -1,7 +1,12 @@
 """Standing approvals in the real Envoy: one human approval of a templated
 CI request, with a standing approval that lets the user message vary,
 releases the next runs without a person; every near miss (another caller,
-another model, a changed system prompt, changed tools) waits for a person."""
+another model, a changed system prompt, changed tools) waits for a person;
+terms that keep no text fixed are refused, and a standing approval stops
+when its creator is offboarded."""
+import os
+import signal
+
 import httpx
 import pytest
 
@@ -107,6 +112,58 @@ def test_standing_approval_releases_templated_runs_and_holds_near_misses(ci, bac
         assert resp.status_code == 403, (what, resp.text)
         assert resp.headers["x-countersign-outcome"] == "rejected", what
     wait_until(lambda: ci.approval.pending() == [], what="no review left pending")
+
+
+def test_terms_that_keep_no_text_fixed_are_refused(ci, background):
+    """A chat of one user message with the user message free to vary would
+    be a standing approval of any chat: refused, the request still held."""
+    only_user = {"model": "demo-echo", "messages": [{"role": "user", "content": "What is 2+2?"}]}
+    held = send_later(background, ci.url, only_user, headers={"authorization": f"Bearer {CALLERS['ci-nightly']}"})
+    [review] = ci.approval.wait_pending()
+    r = ci.approval.decide(review["id"], "approve",
+                           standing={"valid_days": 90, "max_uses": 100000, "vary": ["user"], "group": "ci"})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "standing_terms", r.text
+    assert "fixed" in r.json()["error"]["message"], r.text
+    assert not held.done()
+    assert ci.approval.decide(review["id"], "reject", reason="no").status_code == 200
+    assert held.result(timeout=10).status_code == 403
+    with ci.approval.client() as c:
+        assert c.get("/api/standing-approvals").json()["standing_approvals"] == []
+
+
+def test_a_standing_approval_stops_when_its_creator_is_offboarded(ci, background):
+    """alice makes a standing approval, then leaves: her entry is removed
+    from the configuration and the service reloads it (SIGHUP). Her token
+    is refused, and her standing approval approves nothing more: the next
+    run waits for a person, and the list shows it suspended."""
+    first = send_later(background, ci.url, ci_request("summarise build 1"),
+                       headers={"authorization": f"Bearer {CALLERS['ci-nightly']}"})
+    [review] = ci.approval.wait_pending()
+    r = ci.approval.decide(review["id"], "approve", standing={"valid_days": 1, "max_uses": 10, "vary": ["user"]})
+    assert r.status_code == 200, r.text
+    assert first.result(timeout=10).status_code == 200
+    assert send(ci.url, ci_request("summarise build 2")).headers["x-countersign-outcome"] == "approved"
+
+    head, *entries = ci.approval.config.read_text().split("\n[[reviewers]]\n")
+    without_alice = "\n[[reviewers]]\n".join([head, *(e for e in entries if not e.startswith('name = "alice"'))])
+    assert 'name = "alice"' not in without_alice and 'name = "bob"' in without_alice
+    ci.approval.config.write_text(without_alice)
+    os.kill(ci.approval.proc.pid, signal.SIGHUP)
+
+    def alice_refused():
+        with ci.approval.client("alice") as c:
+            return c.get("/api/reviews").status_code == 401
+    wait_until(alice_refused, what="alice's token refused after the reload")
+
+    third = send_later(background, ci.url, ci_request("summarise build 3"),
+                       headers={"authorization": f"Bearer {CALLERS['ci-nightly']}"})
+    with ci.approval.client("bob") as c:
+        [held] = wait_until(lambda: c.get("/api/reviews", params={"status": "pending"}).json()["reviews"] or None,
+                            what="the run held for a person")
+        [sa] = c.get("/api/standing-approvals").json()["standing_approvals"]
+        assert (sa["status"], sa["uses"], sa["created_by"]) == ("suspended", 1, ["alice"]), sa
+        assert c.post(f"/api/reviews/{held['id']}/reject", json={"reason": "alice left"}).status_code == 200
+    assert third.result(timeout=10).status_code == 403
 
 
 def test_an_audit_spot_check_does_not_delay_the_caller(make_stack):
