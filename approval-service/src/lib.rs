@@ -35,8 +35,8 @@ pub mod telemetry;
 pub mod webhook;
 
 pub use countersign_approval_domain::{
-    approval_tokens, approvals, assessment, config, db, follow_ups, load, metrics, now_ms, records,
-    replicas, session, slack_messages, standing, state, store, token,
+    approval_tokens, approvals, assessment, config, db, follow_ups, json_text, load, metrics,
+    now_ms, records, replicas, session, slack_messages, standing, state, store, token,
 };
 
 pub use config::{

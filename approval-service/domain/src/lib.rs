@@ -32,6 +32,7 @@ pub mod assessment;
 pub mod config;
 pub mod db;
 pub mod follow_ups;
+pub mod json_text;
 pub mod load;
 pub mod metrics;
 pub mod records;

@@ -75,6 +75,7 @@ use crate::config::SqliteSynchronous;
 use crate::db::group_commit::{self, GroupQueue, Reply, Writer};
 use crate::db::schema::RECORD_QUERY_COLUMNS;
 use crate::db::{Backend, Conn, DbError, DbResult, Location, Lock, Param, Row};
+use crate::json_text;
 use crate::params;
 use crate::token::hex;
 
@@ -193,7 +194,8 @@ pub struct ReviewSnapshot {
     /// That body, when it differs from the recorded (forwarded) body.
     pub original_body: Option<String>,
     /// When edited: unified line diff from the original to the edited body
-    /// (both laid out as pretty-printed JSON, as written: see `pretty`).
+    /// (both laid out as pretty-printed JSON, as written: see
+    /// [`json_text::pretty`]).
     pub edit_diff: Option<String>,
     /// What the filter found in the request besides its prompt.
     #[serde(default)]
@@ -522,73 +524,12 @@ fn approvals_of(conn: &mut Conn, review_id: &str) -> DbResult<Vec<ReviewerAction
         .collect())
 }
 
-/// The record's diff of an edit: `original` to `edited`, as [`pretty`]
-/// lays them out.
+/// The record's diff of an edit: `original` to `edited`, as
+/// [`json_text::pretty`] lays them out (as written: re-parsing into a
+/// `Value` rounded big numbers, sorted keys and kept one of two, and so hid
+/// such an edit from the diff).
 fn edit_diff(original: &str, edited: &str) -> String {
-    unified_diff(&pretty(original), &pretty(edited))
-}
-
-/// `text` laid out as pretty-printed JSON (two-space indent, a member or
-/// an element per line) when it is JSON, or `text` itself. Only white space
-/// outside strings changes: numbers, strings, the order of keys and a key
-/// given twice stay as written, so two texts lay out alike only when they
-/// differ by layout alone. (Re-parsing into a `Value` rounded big numbers,
-/// sorted keys and kept one of two, and so hid such an edit from the diff.)
-fn pretty(text: &str) -> String {
-    if serde_json::from_str::<serde::de::IgnoredAny>(text).is_err() {
-        return text.to_string();
-    }
-    let is_space = |c: &char| matches!(c, ' ' | '\t' | '\n' | '\r');
-    let newline = |out: &mut String, depth: usize| {
-        out.push('\n');
-        out.push_str(&"  ".repeat(depth));
-    };
-    let mut out = String::with_capacity(text.len() * 2);
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if in_string {
-            out.push(c);
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                in_string = false;
-            }
-            continue;
-        }
-        match c {
-            c if is_space(&c) => {}
-            '"' => {
-                in_string = true;
-                out.push(c);
-            }
-            '{' | '[' => {
-                out.push(c);
-                while chars.next_if(is_space).is_some() {}
-                // An empty one stays on its line: `[]`, `{}`.
-                if let Some(close) = chars.next_if(|n| matches!(n, '}' | ']')) {
-                    out.push(close);
-                } else {
-                    depth += 1;
-                    newline(&mut out, depth);
-                }
-            }
-            '}' | ']' => {
-                depth = depth.saturating_sub(1);
-                newline(&mut out, depth);
-                out.push(c);
-            }
-            ',' => {
-                out.push(c);
-                newline(&mut out, depth);
-            }
-            ':' => out.push_str(": "),
-            _ => out.push(c),
-        }
-    }
-    out
+    unified_diff(&json_text::pretty(original), &json_text::pretty(edited))
 }
 
 /// The review row `review_id`, as recorded alongside a request whose

@@ -656,31 +656,6 @@ pub struct EditBody {
     pub reason: Option<String>,
 }
 
-/// Removes insignificant whitespace from valid JSON text. Done on the text
-/// rather than by re-serialising a `Value`, which would reorder keys.
-fn minify_json(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let (mut in_string, mut escaped) = (false, false);
-    for c in s.chars() {
-        if in_string {
-            out.push(c);
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                in_string = false;
-            }
-        } else if c == '"' {
-            in_string = true;
-            out.push(c);
-        } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// The compact text of an edited body, which must be a JSON object.
 fn edited_body_text(raw: &RawValue) -> Result<String, ApiError> {
     let text = raw.get();
@@ -693,7 +668,7 @@ fn edited_body_text(raw: &RawValue) -> Result<String, ApiError> {
         text
     };
     match serde_json::from_str::<serde_json::Value>(json_text) {
-        Ok(serde_json::Value::Object(_)) => Ok(minify_json(json_text)),
+        Ok(serde_json::Value::Object(_)) => Ok(crate::json_text::minify(json_text)),
         _ => Err(ApiError::BadRequest(
             "body must be a JSON object (or a string containing one)".into(),
         )),
@@ -819,12 +794,6 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
-
-    #[test]
-    fn minify_keeps_strings_and_order() {
-        let s = "{ \"b\" : 1,\n \"a\": \"x y \\\" z\" , \"c\":[1, 2] }";
-        assert_eq!(minify_json(s), "{\"b\":1,\"a\":\"x y \\\" z\",\"c\":[1,2]}");
-    }
 
     #[test]
     fn edited_body_forms() {
