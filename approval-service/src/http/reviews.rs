@@ -691,8 +691,10 @@ pub async fn edit(
         ReviewStatus::Approved,
         reason,
         Some(edited),
-        // An edit replaces whatever the review holds: it is what its
-        // author wrote, whoever edited before.
+        // Edits seen: none (counts as 0). The editor starts from the body
+        // as sent, so after another reviewer's edit a second one would
+        // drop it unseen: it is refused (409 `edit_not_shown`), and that
+        // reviewer approves or rejects the edit instead.
         None,
     )
     .await
