@@ -214,6 +214,9 @@ mod tests {
         assert_eq!(c.user_header, "x-auth-request-email");
         assert_eq!(c.groups_header.as_deref(), Some("x-auth-request-groups"));
         assert_eq!(c.session_seconds, DEFAULT_SESSION_SECONDS);
+        assert_eq!(c.required_group, None);
+        let c = parse("addresses = [\"10.0.0.1\"]\nrequired_group = \"reviewers\"").unwrap();
+        assert_eq!(c.required_group.as_deref(), Some("reviewers"));
         let c = parse("addresses = [\"10.0.0.1\"]\nsession_seconds = 30").unwrap();
         assert_eq!(c.session_seconds, 30);
         let c = parse(
@@ -241,6 +244,15 @@ mod tests {
             (
                 "addresses = [\"10.0.0.1\"]\nsession_seconds = 2600000",
                 "trusted_proxy.session_seconds",
+            ),
+            // The group is read from the groups header.
+            (
+                "addresses = [\"10.0.0.1\"]\ngroups_header = \"\"\nrequired_group = \"r\"",
+                "trusted_proxy.required_group",
+            ),
+            (
+                "addresses = [\"10.0.0.1\"]\nrequired_group = \" \"",
+                "trusted_proxy.required_group",
             ),
         ] {
             let e = parse(text).unwrap_err().to_string();
