@@ -266,6 +266,18 @@ pub fn same_person(a: &str, b: &str) -> bool {
     person_key(a) == person_key(b)
 }
 
+/// The `[[reviewers]]` entry (of `reviewers`) of the person `name`: its
+/// `name` or one of its `sign_in_names` is [`same_person`] as `name`. The
+/// one lookup of a configured reviewer by a name a sign-in or a stored
+/// decision gives.
+pub fn entry_of<'a>(reviewers: &'a [ReviewerConfig], name: &str) -> Option<&'a ReviewerConfig> {
+    reviewers.iter().find(|r| {
+        std::iter::once(&r.name)
+            .chain(&r.sign_in_names)
+            .any(|n| same_person(n, name))
+    })
+}
+
 /// Whether `reviewer` is, or sends requests as, `caller`.
 pub fn is_self(reviewer: &Approver, caller: Option<&str>) -> bool {
     let Some(caller) = caller.map(str::trim).filter(|c| !c.is_empty()) else {

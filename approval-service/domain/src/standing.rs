@@ -53,7 +53,7 @@ use sha2::{Digest, Sha256};
 use countersign_core::wire::{PromptMessage, ReviewKind, ReviewMode, ReviewStatus};
 
 use crate::approvals::{
-    decide_in, in_group, is_self, same_person, Approver, DecideOutcome, Decision, DecisionRefused,
+    decide_in, entry_of, in_group, is_self, Approver, DecideOutcome, Decision, DecisionRefused,
 };
 use crate::config::ReviewerConfig;
 use crate::db::{Conn, DbError, DbResult, Lock, Row};
@@ -287,14 +287,7 @@ pub fn current_creator<'a>(
     name: &str,
     approver_group: Option<&str>,
 ) -> Option<&'a ReviewerConfig> {
-    reviewers
-        .iter()
-        .find(|r| {
-            std::iter::once(&r.name)
-                .chain(&r.sign_in_names)
-                .any(|n| same_person(n, name))
-        })
-        .filter(|r| in_group(&Approver::from(*r), approver_group))
+    entry_of(reviewers, name).filter(|r| in_group(&Approver::from(*r), approver_group))
 }
 
 /// One use: the review it approved.

@@ -356,12 +356,7 @@ impl AppState {
         admitted_by_group: bool,
     ) -> Option<Approver> {
         let reviewers = self.reviewers();
-        let entry = reviewers.iter().find(|r| {
-            std::iter::once(&r.name)
-                .chain(&r.sign_in_names)
-                .any(|n| crate::approvals::same_person(n, &name))
-        });
-        match entry {
+        match crate::approvals::entry_of(&reviewers, &name) {
             Some(r) => Some(Approver {
                 groups,
                 ..Approver::from(r)

@@ -393,17 +393,19 @@ impl SessionChecks {
             state.db(move |s| s.delete_session(&hash)).await?;
             return Ok(None);
         };
-        match relying_party.recheck(refresh_token).await {
-            Ok(signed_in)
-                if signed_in.person.name == name
-                    && state
-                        .approver_named(
-                            name.clone(),
-                            signed_in.person.groups.clone(),
-                            relying_party.config().required_group.is_some(),
-                        )
-                        .is_some() =>
-            {
+        let rechecked = relying_party.recheck(refresh_token).await;
+        // The same person, and still a reviewer (an entry names them, or a
+        // required group admits them).
+        let still = match &rechecked {
+            Ok(signed_in) if signed_in.person.name == name => state.approver_named(
+                name.clone(),
+                signed_in.person.groups.clone(),
+                relying_party.config().required_group.is_some(),
+            ),
+            _ => None,
+        };
+        match (rechecked, still) {
+            (Ok(signed_in), Some(who)) => {
                 let now = crate::now_ms();
                 let sealed = match signed_in.refresh_token {
                     Some(t) => Some(seal(id, &t).map_err(ApiError::internal)?),
@@ -415,13 +417,6 @@ impl SessionChecks {
                 state
                     .db(move |s| s.record_oidc_check(&hash, &stored_groups, &stored_sealed, now))
                     .await?;
-                let Some(who) = state.approver_named(
-                    name,
-                    groups.clone(),
-                    relying_party.config().required_group.is_some(),
-                ) else {
-                    return Ok(None);
-                };
                 let session = Session {
                     with: SignedInWith::Oidc {
                         groups,
@@ -432,7 +427,7 @@ impl SessionChecks {
                 };
                 Ok(Some((session, who)))
             }
-            Err(OidcError::Provider(e)) => {
+            (Err(OidcError::Provider(e)), _) => {
                 tracing::error!(
                     reviewer = %name,
                     error = %e,
@@ -446,7 +441,7 @@ impl SessionChecks {
                         .into(),
                 })
             }
-            outcome => {
+            (outcome, _) => {
                 let reason = match outcome {
                     Ok(signed_in) if signed_in.person.name == name => {
                         "no [[reviewers]] entry lists them and no required_group admits them"
