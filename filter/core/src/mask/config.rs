@@ -283,8 +283,8 @@ impl MaskingConfig {
                 if action == MaskAction::Off {
                     continue;
                 }
-                let key = if *b == "credit_card" && !iban_masks {
-                    "credit_card without iban"
+                let key = if *b == "credit_card" && iban_masks {
+                    "credit_card beside iban"
                 } else {
                     b
                 };
@@ -293,7 +293,7 @@ impl MaskingConfig {
                     None => {
                         let d = match Detector::builtin(b) {
                             Ok(Some(d)) if key == *b => d,
-                            Ok(Some(d)) => d.without_iban_excuse(),
+                            Ok(Some(d)) => d.with_iban_excuse(),
                             Ok(None) => {
                                 return Err(err(format!("{at}.detectors.{b}"), "unknown detector"))
                             }
