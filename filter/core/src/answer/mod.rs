@@ -32,7 +32,9 @@
 //! [`tool_calls`].
 //!
 //! Some fields spell one text over several events where no channel
-//! follows them ([`pieced_field`]: Gemini's streamed `functionCall.partialArgs`;
+//! follows them ([`pieced_field`]: Gemini's streamed `functionCall.partialArgs`,
+//! and an opening event that already carries the text its deltas continue,
+//! such as a Responses `output_item.added` or Anthropic's `message_start`;
 //! [`joined_place`]: a chat `delta`'s other strings, which the SDKs join
 //! chunk after chunk): a stream spelling text so cannot be masked, and is
 //! blocked where its text is changed.

@@ -604,7 +604,8 @@ const PART_ARRAYS: &[&str] = &["content", "parts", "summary"];
 /// Every other text is a run of its own.
 fn sibling_runs(root: &Value, texts: &[(Vec<Seg>, &str)]) -> Vec<Vec<usize>> {
     let mut runs: Vec<Vec<usize>> = Vec::new();
-    // (the part array, the text's key, a thought part) → its run.
+    // (the part array, or a Responses answer's `output` list, the text's
+    // key, a thought part) → its run.
     let mut open: BTreeMap<(&[Seg], &str, bool), usize> = BTreeMap::new();
     for (i, (path, _)) in texts.iter().enumerate() {
         let group = match path.as_slice() {
@@ -643,7 +644,6 @@ fn sibling_runs(root: &Value, texts: &[(Vec<Seg>, &str)]) -> Vec<Vec<usize>> {
     runs
 }
 
-/// The value at `path` in `value`, if there is one.
 /// Whether `path` is the `text` of a content part of a Responses `message`
 /// item (`output[i].content[j].text`, also inside `response.completed`'s
 /// `response`): the SDKs' `output_text` joins these across every message
@@ -664,6 +664,7 @@ fn responses_message_text(root: &Value, path: &[Seg]) -> bool {
             == Some("message")
 }
 
+/// The value at `path` in `value`, if there is one.
 pub(super) fn value_at<'v>(value: &'v Value, path: &[Seg]) -> Option<&'v Value> {
     path.iter().try_fold(value, |v, seg| match seg {
         Seg::Key(k) => v.get(k.as_str()),
@@ -796,11 +797,6 @@ const OPAQUE: &[&str] = &[
     "inline_data",
 ];
 
-/// Whether the answer object `o` is a document source holding plain text
-/// under `data` (`{"type": "text", "media_type": "text/plain", "data": ..}`:
-/// the page Anthropic's web fetch tool fetched, a document's text), which
-/// is text for every reader although `data` is [`OPAQUE`] (base64)
-/// elsewhere.
 /// Whether `s` can be the opaque blob an [`OPAQUE`] key holds: base64 in
 /// either alphabet, padded or not. Anything else under such a key (text,
 /// an object, a list) is no blob and is read like any other answer text.
@@ -809,6 +805,11 @@ fn opaque_blob(s: &str) -> bool {
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_'))
 }
 
+/// Whether the answer object `o` is a document source holding plain text
+/// under `data` (`{"type": "text", "media_type": "text/plain", "data": ..}`:
+/// the page Anthropic's web fetch tool fetched, a document's text), which
+/// is text for every reader although `data` is [`OPAQUE`] (base64)
+/// elsewhere.
 fn text_source(o: &serde_json::Map<String, Value>) -> bool {
     o.get("type").and_then(Value::as_str) == Some("text")
 }
