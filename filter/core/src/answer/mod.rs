@@ -948,6 +948,8 @@ pub fn pieced_field(api: ApiKind, v: &Value) -> Option<&'static str> {
 /// already carries the text its deltas continue (a message's or a reasoning
 /// item's parts, a call's `arguments` or `input`, code), a
 /// `content_part.added` or `reasoning_summary_part.added` whose part does;
+/// a Responses `response.created` / `in_progress` / `queued` whose
+/// response already has `output` items (the SDKs start from it);
 /// an Anthropic `message_start` whose message has content (the SDKs keep
 /// it, so the next blocks' deltas, put where their index says, land in its
 /// blocks). Servers send these empty; text in them is never let out where
@@ -972,6 +974,21 @@ fn seeded_field(api: ApiKind, v: &Value) -> Option<&'static str> {
         return (kind == "message_start" && seeded).then_some("message_start message.content");
     }
     match kind {
+        // The SDKs take the response these carry as the snapshot each
+        // delta is appended to (`output[output_index].content[..].text`).
+        "response.created" | "response.in_progress" | "response.queued" => {
+            let output = v.get("response").and_then(|r| r.get("output"));
+            let seeded = match output {
+                None | Some(Value::Null) => false,
+                Some(Value::Array(a)) => !a.is_empty(),
+                Some(_) => true,
+            };
+            seeded.then_some(match kind {
+                "response.created" => "response.created response.output",
+                "response.in_progress" => "response.in_progress response.output",
+                _ => "response.queued response.output",
+            })
+        }
         "response.output_item.added" => {
             let item = v.get("item")?;
             let content = item.get("content");

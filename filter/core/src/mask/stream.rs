@@ -3208,6 +3208,16 @@ mod tests {
                 "response.reasoning_summary_part.added part.text",
             ),
             (
+                resp,
+                vec![
+                    ev(
+                        json!({"type":"response.created","response":{"id":"r","object":"response","status":"in_progress","output":[message("mail jane@exa")]}}),
+                    ),
+                    at(json!({"type":"response.output_text.delta","delta":"mple.com now"})),
+                ],
+                "response.created response.output",
+            ),
+            (
                 ApiKind::AnthropicMessages,
                 vec![
                     ev(
@@ -3253,11 +3263,15 @@ mod tests {
             ev(
                 json!({"type":"message_start","message":{"id":"m","type":"message","role":"assistant","model":"c","content":[]}}),
             ),
+            ev(
+                json!({"type":"response.created","response":{"id":"r","object":"response","status":"in_progress","output":[]}}),
+            ),
         ];
         for (api, e) in [
             (resp, &s[0]),
             (resp, &s[1]),
             (ApiKind::AnthropicMessages, &s[2]),
+            (resp, &s[3]),
         ] {
             let (out, m) = run(api, &g, &[e.as_bytes()]);
             assert!(m.report().blocked.is_none(), "{e}");
