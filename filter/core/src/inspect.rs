@@ -985,6 +985,7 @@ pub(crate) fn new_review(api: ApiKind, info: &RequestInfo, what: &str) -> Create
         auto_decision: None,
         mode: ReviewMode::Hold,
         spot_check: None,
+        watcher: None,
     }
 }
 

@@ -250,6 +250,72 @@ pub struct CreateReview {
     /// The spot check that sent this request of an `allow` rule to people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spot_check: Option<SpotCheckDraw>,
+    /// The filter worker that holds the request and watches the review
+    /// (`POST /v1/watch`, [`WatchRequest::watcher`]); `None` from a filter
+    /// that long-polls each review on its own (`/v1/reviews/{id}/wait`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watcher: Option<String>,
+}
+
+/// `POST /v1/watch`: one long poll for every held request of one filter
+/// worker (one per Envoy worker thread and plugin), instead of one per held
+/// request; answered as soon as any review the worker holds leaves
+/// `pending`, or with no states when `timeout_ms` has passed.
+///
+/// How nothing is missed: the service keeps, per watcher, the states of its
+/// reviews that left `pending` since the watcher's mailbox was made, each
+/// with a sequence number, until the filter says it took them in (`after`);
+/// a lost answer is therefore sent again. A service that restarted, or a
+/// replica that has not seen this watcher before, answers with an `epoch`
+/// of its own: the filter then lists every review it still waits for in its
+/// next `check`, which the service reads from the database.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchRequest {
+    /// The worker: 32 lowercase hexadecimal characters, random per worker,
+    /// the same as in each of its reviews' [`CreateReview::watcher`].
+    pub watcher: String,
+    /// The `epoch` of the last answer the filter took in (`None`: none yet;
+    /// then `check` lists every review the worker waits for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
+    /// The `next` of the last answer the filter took in (0: none): the
+    /// states up to it arrived and may be forgotten.
+    #[serde(default)]
+    pub after: u64,
+    /// Reviews to read from the database now: those the worker began
+    /// waiting for since its last watch was sent, or, after an answer with
+    /// a new epoch, all it waits for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub check: Vec<String>,
+    /// How long the service may wait for a change (capped by its
+    /// `max_long_poll_ms`).
+    pub timeout_ms: u64,
+}
+
+/// The answer to a [`WatchRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchAnswer {
+    /// The service's epoch for this watcher: a different one than the
+    /// request named means states may have been lost (a restart, another
+    /// replica), and the filter checks every review it waits for next.
+    pub epoch: String,
+    /// What to send as `after` next time.
+    pub next: u64,
+    /// Reviews of this watcher (or of `check`) that left `pending`, in the
+    /// order they did; one review may appear more than once (the filter
+    /// takes the first and ignores reviews it no longer waits for).
+    #[serde(default)]
+    pub states: Vec<ReviewState>,
+    /// Ids in `check` that the service does not know.
+    #[serde(default)]
+    pub unknown: Vec<String>,
+}
+
+/// Whether `id` is a watcher id as the filter makes them: 32 lowercase
+/// hexadecimal characters.
+pub fn valid_watcher_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// What the filter knows about a held request besides its prompt, sent
