@@ -138,8 +138,8 @@ def held_floor_sentence(R: dict) -> str:
         return ""
     own = hold_alloc_kib(same) - floor["alloc_per_kib"]
     return (f" Measured at N = {floor['n']:,}: a request paused in the no-op wasm filter grows Envoy's heap "
-            f"{floor['alloc_per_kib']:.1f} KiB, countersign's hold {hold_alloc_kib(same):.1f} KiB, so such a watch "
-            f"could save at most about {own:.0f} KiB of Envoy's share and most of the service's; the "
+            f"{floor['alloc_per_kib']:.1f} KiB, countersign's hold {hold_alloc_kib(same):.1f} KiB: {own:.0f} KiB "
+            f"of Envoy's share is countersign's own; the "
             f"{floor['alloc_per_kib']:.0f} KiB of the caller's connection and stream stay with any filter that "
             f"holds a request here ({floor['alloc_per_kib'] * 10000 / 1024:,.0f} MiB of Envoy heap for 10k).")
 
@@ -253,8 +253,9 @@ def vm_memory(envoy: Envoy) -> int | None:
 
 
 def raise_circuit_breakers(limit: int):
-    """Raises the default (1024) circuit breakers of every cluster: each held request keeps one
-    long-poll open to the approval service, so the defaults cap holds near 1k."""
+    """Raises the default (1024) circuit breakers of every cluster: a bulk approval releases every held
+    request to the model at once, so the model cluster's default would refuse those beyond 1k (the held
+    requests themselves wait in one watch per worker and count against no breaker)."""
     def mutate(cfg: dict):
         for c in cfg.get("static_resources", {}).get("clusters", []):
             c["circuit_breakers"] = {"thresholds": [{
@@ -1001,7 +1002,7 @@ class Suite:
         """What Envoy keeps for a request paused in a wasm filter with nothing else going on: n requests
         paused at once in the no-op filter (`noop_pause`: it reads the body and never continues; no call, no
         review), none answered. Beside countersign's hold at the same n, the difference is the hold's own:
-        the long poll's stream and what Envoy keeps for the filter's context."""
+        what Envoy keeps for the filter's context while the worker's watch waits for the review."""
         w = self.work
         res: dict = {"n": n, "status": "ok"}
         log(f"held floor: {n} requests paused in the no-op filter")
@@ -1565,13 +1566,14 @@ def report(s: Suite, m: dict, command: str) -> str:
                  "request's state and the body it will forward and record, and, while its review is being "
                  "created, the creation call; a wasm memory keeps its largest size. " if d_vm is not None else "")
               + f"Envoy's own heap (tcmalloc `allocated` in the admin `/memory`) grew {d_alloc:.1f} KiB: the "
-              "caller's connection and stream with the buffered body, and a stream for the long poll to the "
-              "approval service (HTTP/2: the polls share a few connections). The heap counts what Envoy "
+              "caller's connection and stream with the buffered body (a held request has no stream of its own "
+              "to the approval service: each Envoy worker's one watch waits for all its reviews). The heap "
+              "counts what Envoy "
               "allocated, RSS only the pages touched (a buffer slice larger than the body it holds counts whole "
               "in the heap), so the two need not add up.")
             a("")
-        a(f"**N = {h['n']:,}.** Where decision → first byte goes (p50 / p99, ms): service wakes the long poll, "
-          f"answers it and the filter releases the request to the model {fmt(sg['release']['p50'], '.1f')} / "
+        a(f"**N = {h['n']:,}.** Where decision → first byte goes (p50 / p99, ms): service wakes the worker's "
+          f"watch, answers it and the filter releases the request to the model {fmt(sg['release']['p50'], '.1f')} / "
           f"{fmt(sg['release']['p99'], '.1f')}; model's first byte back {fmt(sg['model']['p50'], '.1f')} / "
           f"{fmt(sg['model']['p99'], '.1f')}; Envoy to the caller {fmt(sg['envoy']['p50'], '.2f')} / "
           f"{fmt(sg['envoy']['p99'], '.2f')}; the client reading it {fmt(sg['client']['p50'], '.1f')} / "
@@ -1587,8 +1589,9 @@ def report(s: Suite, m: dict, command: str) -> str:
         if h.get("circuit_breakers_raised"):
             a("")
             a(f"N = {h['n']:,} ran with every cluster's circuit breakers raised to {4 * h['n']:,} (programmatically, "
-              "in the rendered config): every held request keeps one long poll open to the approval service, and "
-              "Envoy's default limit of 1,024 requests per cluster would refuse holds beyond about a thousand"
+              "in the rendered config): the bulk approval releases every held request to the model at once, and "
+              "Envoy's default limit of 1,024 requests per cluster would refuse those beyond it (the held "
+              "requests wait in one watch per Envoy worker: `upstream_rq_active` of the approval cluster above)"
               + (f"; and with `hold_limits` raised to {h['n']:,} per caller (all N come from one caller)"
                  if h.get("hold_limits_raised") else "") + ".")
         a("")
@@ -1603,9 +1606,9 @@ def report(s: Suite, m: dict, command: str) -> str:
               f"RSS {floor['rss_per_kib']:.1f} KiB per request: the caller's connection, its stream with the "
               "buffered body and the filter chain's state, which holding a request in any wasm filter costs here."
               + (f" countersign's hold grew the heap {hold_alloc_kib(same):.1f} KiB per request at the same N, so "
-                 f"{hold_alloc_kib(same) - floor['alloc_per_kib']:.1f} KiB is the hold's own: the long poll's "
-                 "stream to the approval service and what Envoy keeps for the filter's context (the filter's own "
-                 "state is in its VMs' memory, outside this heap)."
+                 f"{hold_alloc_kib(same) - floor['alloc_per_kib']:.1f} KiB is the hold's own: what Envoy keeps "
+                 "for the filter's context while its worker's watch waits, and the review creation's call while "
+                 "it lasts (the filter's own state is in its VMs' memory, outside this heap)."
                  if same else ""))
         a("")
     if any(h["n"] > 1000 for h in R["held"]):
@@ -1877,18 +1880,19 @@ def report(s: Suite, m: dict, command: str) -> str:
           f"`allow` path (+{au1['p50_ms'] - al1['p50_ms']:.2f} ms at p50)"
           + (f"; {au32['rps']:,.0f} req/s at 32 connections" if au32 else "")
           + ". Each request creates a review (one commit), the service asks the assessor in a task of its own, "
-          "commits the decision as `assessor:moderation` and wakes the filter's long poll, which releases the "
+          "commits the decision as `assessor:moderation` and wakes the filter worker's watch, which releases the "
           "request: the same path as a person's approval, without the person.")
     for h in R["held"]:
         if h["status"] == "ok" and h["d2fb_p99_ms"] is not None and h["d2fb_p99_ms"] >= T_DECISION_P99_MS:
             sg = h["segments"]
             a(f"- **Decision → first byte (N = {h['n']:,}).** p99 {h['d2fb_p99_ms']:.0f} ms, of which: the service "
-              f"waking the long poll and the filter releasing the request, p99 {fmt(sg['release']['p99'], '.0f')} ms; "
+              f"waking the worker's watch and the filter releasing the request, p99 {fmt(sg['release']['p99'], '.0f')} ms; "
               f"the model's first byte, p99 {fmt(sg['model']['p99'], '.0f')} ms; Envoy to the caller, p99 "
               f"{fmt(sg['envoy']['p99'], '.1f')} ms. The bulk approval ran at {h['approvals_per_s']:,.0f} decisions/s, "
               "so requests are released in a burst that Envoy, the service, the backend and the clients take on "
-              "the same 2 cores. A decision wakes its long poll with the state it committed (no re-read), so what "
-              "remains in the first part is the service answering the poll and the filter's release callout path "
+              "the same 2 cores. A decision wakes its worker's watch with the state it committed (no re-read), and "
+              "one answer carries every decision since the last, so what remains in the first part is the "
+              "service answering the watch and the filter's release path "
               "while the burst of approvals, releases and model calls shares the cores."
               + burst_note(h))
     if h10 or h1:
@@ -1902,10 +1906,9 @@ def report(s: Suite, m: dict, command: str) -> str:
           "processes. "
           + (f"Of Envoy's share, {dv:.0f} KiB is countersign's wasm VMs (the held request's state and body; "
              "see the held-capacity notes) and the rest Envoy's own: " if dv is not None else "Envoy's share: ")
-          + "the caller's connection and stream with its buffered body, and the long poll's stream (HTTP/2 to "
-          "the service, so the polls share a few connections); in the service, one HTTP/2 stream and task per "
-          "long poll. One watch per worker instead of one poll per held request would save the poll's stream "
-          "and task as well."
+          + "the caller's connection and stream with its buffered body (no stream to the service: each Envoy "
+          "worker keeps one watch for all its held requests); in the service, the review, its place in the "
+          "watcher's mailbox and the database's pages."
           + held_floor_sentence(R)
           + (f" {fd} of the failures at this size are the file-descriptor limit (connections Envoy could not "
              "open or accept), not the product." if fd else ""))
@@ -2085,7 +2088,7 @@ def main():
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     suite.results["nofile"] = nofile
     if max(sizes) * 2 + 1000 > nofile:
-        # Envoy needs a descriptor per held request (the caller's connection; the long polls to the
+        # Envoy needs a descriptor per held request (the caller's connection; the watches to the
         # approval service share a few HTTP/2 connections), and a second for the model connection while a
         # bulk approval releases them: also run the largest size that fits, then try the asked one anyway.
         fits = (nofile - 1000) // 2 // 1000 * 1000
@@ -2094,7 +2097,7 @@ def main():
         suite.results["notes"].append(
             f"File descriptors: this machine's limit is {nofile:,} per process (hard limit {hard:,}; raising it "
             f"needs CAP_SYS_RESOURCE, which this sandbox lacks). Envoy holds a descriptor per held request, the "
-            f"caller's connection (the long polls to the approval service share a few HTTP/2 connections), "
+            f"caller's connection (the workers' watches to the approval service share a few HTTP/2 connections), "
             f"and needs a second for the connection to the model while a bulk approval releases them, so about "
             f"{fits:,} holds fit; larger sizes were attempted anyway and their failures are shown as they are.")
     m = machine()

@@ -4,6 +4,7 @@ PostgreSQL with COUNTERSIGN_E2E_DB=postgres) -> demo model."""
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -276,7 +277,7 @@ def test_restart_of_the_service_during_a_hold_loses_nothing(make_stack, backgrou
     # fails (retried three times, then refused). Kill during the hold.
     wait_until(lambda: stat(stack, calls) > calls_before, what="the filter to have its review's id")
     stack.approval.proc.kill()
-    time.sleep(1.5)  # the filter's long-poll fails and it retries with backoff
+    time.sleep(1.5)  # the filter's watch fails and it retries with backoff
     assert not fut.done()
     stack.approval.start()
     [again] = stack.approval.wait_pending()
@@ -285,6 +286,45 @@ def test_restart_of_the_service_during_a_hold_loses_nothing(make_stack, backgrou
     resp = fut.result(timeout=15)
     assert resp.status_code == 200, resp.text
     assert resp.json()["choices"][0]["message"]["content"] == "echo: survive a restart"
+
+
+def test_held_requests_share_one_watch_per_worker_within_a_small_circuit_breaker(make_stack):
+    """Each held request used to keep a long poll of its own open to the
+    approval service, so holds beyond the approval cluster's circuit breaker
+    (Envoy's default: 1,024 requests) were refused or stalled. Each Envoy
+    worker now keeps one watch for all its held requests: twelve are held
+    through a breaker of six, and each gets its own answer."""
+    def small_breaker(config):
+        for cluster in config["static_resources"]["clusters"]:
+            if cluster["name"] == "countersign_approval":
+                cluster["circuit_breakers"] = {"thresholds": [
+                    {"max_connections": 6, "max_pending_requests": 6, "max_requests": 6}]}
+    stack = make_stack(envoy_mutate=small_breaker)
+    active = "cluster.countersign_approval.upstream_rq_active"
+    overflow = "cluster.countersign_approval.upstream_rq_pending_overflow"
+    n = 12
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        futures = []
+        for i in range(n):
+            futures.append(send_later(pool, stack.url, chat(text=f"held number {i}")))
+            # One creation at a time: a creation is a call to the service too.
+            stack.approval.wait_pending(count=i + 1)
+        wait_until(lambda: stat(stack, "wasmcustom.countersign_held") == n, what=f"{n} requests held")
+        # What stays open to the service is one watch per Envoy worker
+        # (`--concurrency 2`), however many requests are held.
+        wait_until(lambda: stat(stack, active) <= 2, what="only the workers' watches open")
+        time.sleep(0.5)
+        assert stat(stack, active) <= 2
+        assert stat(stack, overflow) == 0
+        assert stack.backend.stats()["started"] == 0
+        for review in stack.approval.pending():
+            assert stack.approval.decide(review["id"], "approve").status_code == 200
+        for i, future in enumerate(futures):
+            resp = future.result(timeout=30)
+            assert resp.status_code == 200, resp.text
+            assert resp.headers["x-countersign-outcome"] == "approved"
+            assert resp.json()["choices"][0]["message"]["content"] == f"echo: held number {i}"
+    assert stack.backend.stats()["completed"] == n
 
 
 def test_racing_decisions_have_exactly_one_winner(stack, background):

@@ -259,13 +259,14 @@ def test_lost_create_answer_leaves_an_orphan_review_that_releases_nothing(make_s
 
 
 def wait_for_first_poll(proxy, review_id: str):
-    """Until the filter's first long poll for `review_id` went through the
-    proxy: the creation's answer reached the filter. The service lists a
+    """Until the filter's first watch after `review_id` was created went
+    through the proxy (the only held request: its worker watches because of
+    it): the creation's answer reached the filter. The service lists a
     review as pending once it is committed, before its answer is back, and
     a channel cut in between loses the creation's answer instead (the
     filter then refuses 503 `approval_unavailable`, after its retries)."""
-    wait_until(lambda: proxy.requests(rf"^GET /v1/reviews/{review_id}/wait"),
-               what="the filter's first long poll (it has the creation's answer)")
+    wait_until(lambda: proxy.requests(r"^POST /v1/watch "),
+               what=f"the filter's first watch (it has the answer creating {review_id})")
 
 
 def test_hanging_long_poll_is_retried_and_the_hold_completes_once_healed(make_stack, interpose, background):
@@ -283,8 +284,8 @@ def test_hanging_long_poll_is_retried_and_the_hold_completes_once_healed(make_st
     # is generous because the backoff and the suite's load (two workers on
     # two cores) both stretch the wait.
     try:
-        wait_until(lambda: len(proxy.requests(r"^GET /v1/reviews/rev_\w+/wait", since=cut)) >= 2, timeout=60,
-                   what="two long polls during the outage")
+        wait_until(lambda: len(proxy.requests(r"^POST /v1/watch ", since=cut)) >= 2, timeout=60,
+                   what="two watches during the outage")
     except AssertionError:
         # What the channel saw, and what Envoy made of its calls, for the
         # next reader: a hold that stops polling is a bug, not load.

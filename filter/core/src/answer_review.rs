@@ -365,7 +365,7 @@ pub(crate) mod tests {
     use crate::config::Config;
     use crate::host::Action;
     use crate::stream_filter::StreamFilter;
-    use crate::testing::{answer_last_call, MockHost};
+    use crate::testing::{answer_last_call, answer_watch, MockHost};
     use crate::worker::Worker;
 
     pub(crate) const ID: u32 = 9;
@@ -494,14 +494,14 @@ pub(crate) mod tests {
             answer
         );
         answer_last_call(&mut host, &worker, 201, &state("pending", ""));
-        assert!(host
-            .last_path()
-            .starts_with("/v1/reviews/rev_a/wait?timeout_ms="));
+        // The worker's watch, sent by its timer, waits for the decision.
+        worker.on_tick(&mut host);
+        assert_eq!(host.last_path(), "/v1/watch");
         assert!(
             host.resumed_responses.is_empty(),
             "nothing leaves before the decision"
         );
-        answer_last_call(&mut host, &worker, 200, &state("approved", ""));
+        answer_watch(&mut host, &worker, &[&state("approved", "")]);
         assert_eq!(host.resumed_responses, [Some(ID)]);
         assert_eq!(sent(&host), answer);
         assert_eq!(host.response_headers[":status"], "200");
@@ -529,7 +529,7 @@ pub(crate) mod tests {
         answer_last_call(&mut host, &worker, 201, &state("pending", ""));
         let edited = tool_answer("delete_file", r#"{"path":"/tmp/scratch"}"#);
         let extra = format!(r#","edited_body":{}"#, json!(edited.to_string()));
-        answer_last_call(&mut host, &worker, 200, &state("approved", &extra));
+        answer_watch(&mut host, &worker, &[&state("approved", &extra)]);
         assert_eq!(sent(&host), edited);
         assert_eq!(
             host.response_headers["x-countersign-answer-outcome"],
@@ -541,7 +541,7 @@ pub(crate) mod tests {
         answer_last_call(&mut host, &worker, 201, &state("pending", ""));
         let renamed = tool_answer("delete_everything", "{}");
         let extra = format!(r#","edited_body":{}"#, json!(renamed.to_string()));
-        answer_last_call(&mut host, &worker, 200, &state("approved", &extra));
+        answer_watch(&mut host, &worker, &[&state("approved", &extra)]);
         assert_eq!(host.resumed_responses, [Some(ID)]);
         assert_ne!(host.response_headers[":status"], "200");
         let error = sent(&host);
@@ -560,11 +560,10 @@ pub(crate) mod tests {
         let answer = tool_answer("delete_file", r#"{"path":"/srv/data"}"#);
         let (worker, mut host, mut stream, _, _) = forwarded_answer(&config(""), &answer);
         answer_last_call(&mut host, &worker, 201, &state("pending", ""));
-        answer_last_call(
+        answer_watch(
             &mut host,
             &worker,
-            200,
-            &state("rejected", r#","reason":"not on prod""#),
+            &[&state("rejected", r#","reason":"not on prod""#)],
         );
         let out = sent(&host);
         assert_eq!(host.response_headers[":status"], "200");
@@ -590,11 +589,10 @@ pub(crate) mod tests {
         let (worker, mut host, _stream, _, _) =
             forwarded_answer(&config(r#","on_reject":"error""#), &answer);
         answer_last_call(&mut host, &worker, 201, &state("pending", ""));
-        answer_last_call(
+        answer_watch(
             &mut host,
             &worker,
-            200,
-            &state("rejected", r#","reason":"no""#),
+            &[&state("rejected", r#","reason":"no""#)],
         );
         assert_eq!(host.response_headers[":status"], "403");
         assert_eq!(sent(&host)["error"]["code"], "review_rejected");
@@ -606,7 +604,7 @@ pub(crate) mod tests {
     pub(crate) fn expire_held_answer(host: &mut MockHost, worker: &Worker) {
         answer_last_call(host, worker, 201, &state("pending", ""));
         host.now += 2_000;
-        answer_last_call(host, worker, 200, &state("pending", ""));
+        worker.on_tick(host);
         assert!(host.last_path().ends_with("/expire"));
         answer_last_call(host, worker, 200, &state("expired", ""));
     }

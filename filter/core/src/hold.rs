@@ -19,7 +19,7 @@ use crate::tool_stream::HeldAnswer;
 use crate::trace_context::TraceContext;
 use crate::wire::{
     ApiKind, CallerReviewStatus, ConsumeToken, CreateReview, NewRecord, RecordCreated, ReviewState,
-    ReviewStatus, FILTER_API_PREFIX, FILTER_TOKEN_HEADER,
+    ReviewStatus, WatchRequest, FILTER_API_PREFIX, FILTER_TOKEN_HEADER,
 };
 
 /// Which call a response belongs to.
@@ -27,8 +27,9 @@ use crate::wire::{
 pub enum CalloutKind {
     /// `POST /v1/reviews`.
     Create,
-    /// `GET /v1/reviews/{id}/wait`.
-    Wait,
+    /// `POST /v1/watch`: the worker's one long poll for all its holds
+    /// ([`crate::watch`]), never a hold's own.
+    Watch,
     /// `POST /v1/reviews/{id}/expire`.
     Expire,
     /// `POST /v1/reviews/{id}/consume`.
@@ -57,6 +58,16 @@ pub struct Callout {
 pub enum HoldStep {
     /// Send this call; feed its result to [`Hold::on_response`].
     Call(Callout),
+    /// Wait for the review to leave `pending`: the worker's watch
+    /// ([`crate::watch`]) feeds what it learns to [`Hold::on_watched`], and
+    /// at `deadline_ms` the worker calls [`Hold::on_retry`] (which expires
+    /// the review).
+    Watch {
+        /// The review waited for.
+        review_id: String,
+        /// When the hold's time is up.
+        deadline_ms: u64,
+    },
     /// Call [`Hold::on_retry`] at this time (ms since the epoch).
     RetryAt(u64),
     /// Let the request continue to the model.
@@ -233,6 +244,21 @@ impl Hold {
     /// The first step of a hold: the call that creates its review (kept to
     /// be retried).
     fn create_review(mut self, config: &Config, review: &CreateReview) -> (Hold, HoldStep) {
+        /// The review as given, with the worker that will watch it when
+        /// the caller waits for it (an asynchronous caller polls its status
+        /// itself): no copy of the review's body.
+        #[derive(serde::Serialize)]
+        struct Watched<'a> {
+            #[serde(flatten)]
+            review: &'a CreateReview,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            watcher: Option<&'a str>,
+        }
+        let watched = matches!(self.mode, Mode::Wait | Mode::Answer);
+        let body = Watched {
+            review,
+            watcher: self.info.watcher.as_deref().filter(|_| watched),
+        };
         let call = Callout {
             kind: CalloutKind::Create,
             headers: service_headers(
@@ -241,7 +267,7 @@ impl Hold {
                 "POST",
                 FILTER_API_PREFIX.to_string(),
             ),
-            body: serde_json::to_vec(review).ok(),
+            body: serde_json::to_vec(&body).ok(),
             timeout_ms: config.callout_timeout_ms,
         };
         self.retry_call = Some(call.clone());
@@ -677,6 +703,19 @@ impl Hold {
         self.review_id.as_deref()
     }
 
+    /// What the worker's watch learnt about this hold's review.
+    pub fn on_watched(&mut self, config: &Config, watched: Watched, now_ms: u64) -> HoldStep {
+        let step = match watched {
+            Watched::State(state) => self.after_state(config, state, now_ms),
+            Watched::Unknown => HoldStep::Refuse(self.refusal(
+                RefusalKind::ApprovalUnavailable,
+                "the approval service no longer knows this review; the request was not forwarded"
+                    .into(),
+            )),
+        };
+        self.answer_outcome(step)
+    }
+
     /// Feeds the result of a call made for this hold.
     pub fn on_response(
         &mut self,
@@ -742,24 +781,6 @@ impl Hold {
                     format!("the approval service is unavailable ({why}); the request was not forwarded"),
                 )),
             },
-            CalloutKind::Wait => match state {
-                Ok(state) => {
-                    self.failures = 0;
-                    self.after_state(config, state, now_ms)
-                }
-                Err(_) if result.status == Some(404) => HoldStep::Refuse(self.refusal(
-                    RefusalKind::ApprovalUnavailable,
-                    "the approval service no longer knows this review; the request was not forwarded".into(),
-                )),
-                Err(_) => {
-                    // The service may be restarting: keep the hold and retry
-                    // with backoff until the deadline.
-                    if now_ms >= self.deadline_ms {
-                        return HoldStep::Refuse(self.timeout_refusal());
-                    }
-                    HoldStep::RetryAt(self.backoff(now_ms))
-                }
-            },
             CalloutKind::Expire => match state {
                 Ok(state) if state.status == ReviewStatus::Approved || state.status == ReviewStatus::Rejected => {
                     self.after_state(config, state, now_ms)
@@ -769,7 +790,10 @@ impl Hold {
                 // late approval cannot release anything.
                 _ => HoldStep::Refuse(self.timeout_refusal()),
             },
-            CalloutKind::Consume | CalloutKind::Status | CalloutKind::Record => HoldStep::Refuse(self.refusal(
+            CalloutKind::Consume
+            | CalloutKind::Status
+            | CalloutKind::Record
+            | CalloutKind::Watch => HoldStep::Refuse(self.refusal(
                 RefusalKind::ApprovalUnavailable,
                 "internal: unexpected callout".into(),
             )),
@@ -1013,18 +1037,10 @@ impl Hold {
                 timeout_ms: config.callout_timeout_ms,
             });
         }
-        let wait = (self.deadline_ms - now_ms).min(config.long_poll_ms);
-        HoldStep::Call(Callout {
-            kind: CalloutKind::Wait,
-            headers: service_headers(
-                config,
-                self.info.trace.as_ref(),
-                "GET",
-                format!("{FILTER_API_PREFIX}/{id}/wait?timeout_ms={wait}"),
-            ),
-            body: None,
-            timeout_ms: wait.saturating_add(config.callout_timeout_ms),
-        })
+        HoldStep::Watch {
+            review_id: id,
+            deadline_ms: self.deadline_ms,
+        }
     }
 
     fn refusal(&self, kind: RefusalKind, message: String) -> Refusal {
@@ -1047,6 +1063,27 @@ impl Hold {
                 "no reviewer decided on review {id} in time; {what} and the review has expired"
             ),
         )
+    }
+}
+
+/// What the worker's watch learnt about one review ([`Hold::on_watched`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Watched {
+    /// The review left `pending`: its state.
+    State(ReviewState),
+    /// The service does not know the review (any more).
+    Unknown,
+}
+
+/// The worker's watch: `POST /v1/watch` with `request`, waiting up to its
+/// `timeout_ms` on the service's side and the callout timeout beyond that
+/// on Envoy's. It carries no trace context: it serves many requests.
+pub fn watch_callout(config: &Config, request: &WatchRequest) -> Callout {
+    Callout {
+        kind: CalloutKind::Watch,
+        headers: service_headers(config, None, "POST", "/v1/watch".to_string()),
+        body: serde_json::to_vec(request).ok(),
+        timeout_ms: request.timeout_ms.saturating_add(config.callout_timeout_ms),
     }
 }
 
@@ -1281,6 +1318,7 @@ mod tests {
             method: "POST".into(),
             request_id: "req-1".into(),
             nonce: 0xabc,
+            watcher: Some("0123456789abcdef0123456789abcdef".into()),
             ..Default::default()
         };
         let BodyVerdict::Hold(plan) = inspect_body(c, &default_endpoints()[0], &info, BODY, 0)
@@ -1301,6 +1339,13 @@ mod tests {
         format!(r#"{{"id":"rev_1","status":"{status}","expires_at_ms":0{extra}}}"#)
     }
 
+    /// What the worker's watch would feed `h` for the answer `result` to
+    /// a review's wait: its state.
+    fn watched(h: &mut Hold, c: &Config, result: &CalloutResult, now: u64) -> HoldStep {
+        let state: ReviewState = serde_json::from_slice(&result.body).unwrap();
+        h.on_watched(c, Watched::State(state), now)
+    }
+
     fn path_of(step: &HoldStep) -> String {
         match step {
             HoldStep::Call(c) => c
@@ -1315,19 +1360,28 @@ mod tests {
     }
 
     #[test]
-    fn create_then_long_poll_then_approve() {
+    fn create_then_watch_then_approve() {
         let (c, mut h, s) = setup(r#"{"hold_timeout_ms":60000,"long_poll_ms":25000}"#);
         assert_eq!(path_of(&s), "/v1/reviews");
+        // The review is created for the worker's watch to wait on.
+        let HoldStep::Call(create) = &s else { panic!() };
+        let review: serde_json::Value =
+            serde_json::from_slice(create.body.as_deref().unwrap()).unwrap();
+        assert_eq!(review["watcher"], "0123456789abcdef0123456789abcdef");
         let s = h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000);
-        assert_eq!(path_of(&s), "/v1/reviews/rev_1/wait?timeout_ms=25000");
-        let s = h.on_response(&c, CalloutKind::Wait, &ok(&state("pending", "")), 26_000);
-        assert_eq!(path_of(&s), "/v1/reviews/rev_1/wait?timeout_ms=25000");
-        // Near the deadline, the poll shrinks to what is left.
-        let s = h.on_response(&c, CalloutKind::Wait, &ok(&state("pending", "")), 51_000);
-        assert_eq!(path_of(&s), "/v1/reviews/rev_1/wait?timeout_ms=10000");
-        let s = h.on_response(
+        let waiting = HoldStep::Watch {
+            review_id: "rev_1".into(),
+            deadline_ms: 61_000,
+        };
+        assert_eq!(s, waiting);
+        // Still pending (a watch may carry a state twice): still waiting.
+        assert_eq!(
+            watched(&mut h, &c, &ok(&state("pending", "")), 26_000),
+            waiting
+        );
+        let s = watched(
+            &mut h,
             &c,
-            CalloutKind::Wait,
             &ok(&state("approved", r#","reviewer":"alice""#)),
             52_000,
         );
@@ -1344,12 +1398,23 @@ mod tests {
     }
 
     #[test]
+    fn a_review_the_service_no_longer_knows_is_refused() {
+        let (c, mut h, _) = setup("{}");
+        h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000);
+        let HoldStep::Refuse(r) = h.on_watched(&c, Watched::Unknown, 2_000) else {
+            panic!()
+        };
+        assert_eq!(r.kind, RefusalKind::ApprovalUnavailable);
+        assert_eq!(r.review_id.as_deref(), Some("rev_1"));
+    }
+
+    #[test]
     fn reject_names_reviewer_and_reason() {
         let (c, mut h, _) = setup("{}");
         h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000);
-        let s = h.on_response(
+        let s = watched(
+            &mut h,
             &c,
-            CalloutKind::Wait,
             &ok(&state(
                 "rejected",
                 r#","reviewer":"bob","reason":"leaks data""#,
@@ -1370,7 +1435,7 @@ mod tests {
     fn abandoned_review_is_refused() {
         let (c, mut h, _) = setup("{}");
         h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000);
-        let s = h.on_response(&c, CalloutKind::Wait, &ok(&state("abandoned", "")), 2_000);
+        let s = watched(&mut h, &c, &ok(&state("abandoned", "")), 2_000);
         let HoldStep::Refuse(r) = s else {
             panic!("{s:?}")
         };
@@ -1383,7 +1448,7 @@ mod tests {
     fn deadline_expires_the_review_and_refuses() {
         let (c, mut h, _) = setup(r#"{"hold_timeout_ms":5000}"#);
         h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000);
-        let s = h.on_response(&c, CalloutKind::Wait, &ok(&state("pending", "")), 6_000);
+        let s = watched(&mut h, &c, &ok(&state("pending", "")), 6_000);
         assert_eq!(path_of(&s), "/v1/reviews/rev_1/expire");
         let HoldStep::Refuse(r) =
             h.on_response(&c, CalloutKind::Expire, &ok(&state("expired", "")), 6_001)
@@ -1437,7 +1502,7 @@ mod tests {
         ));
         // fail_open never applies once the review exists.
         h.review_id = Some("rev_1".into());
-        let s = h.on_response(&c, CalloutKind::Wait, &ok(&state("rejected", "")), 2_000);
+        let s = watched(&mut h, &c, &ok(&state("rejected", "")), 2_000);
         assert!(matches!(s, HoldStep::Refuse(_)));
     }
 
@@ -1478,36 +1543,22 @@ mod tests {
         };
         assert_eq!(h.on_retry(&c, at), HoldStep::Call(call));
         let s = h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), at);
-        assert_eq!(
-            path_of(&s).split('?').next(),
-            Some("/v1/reviews/rev_1/wait")
-        );
+        assert!(matches!(s, HoldStep::Watch { .. }), "{s:?}");
     }
 
     #[test]
-    fn wait_failures_back_off_until_the_deadline() {
+    fn a_watched_review_expires_at_the_deadline() {
         let (c, mut h, _) = setup(r#"{"hold_timeout_ms":10000}"#);
-        h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000);
-        let none = CalloutResult {
-            status: None,
-            body: vec![],
-        };
-        assert_eq!(
-            h.on_response(&c, CalloutKind::Wait, &none, 2_000),
-            HoldStep::RetryAt(2_250)
-        );
-        assert_eq!(
-            h.on_response(&c, CalloutKind::Wait, &none, 2_250),
-            HoldStep::RetryAt(2_750)
-        );
-        assert_eq!(
-            path_of(&h.on_retry(&c, 2_750)),
-            "/v1/reviews/rev_1/wait?timeout_ms=8250"
-        );
-        let HoldStep::Refuse(r) = h.on_response(&c, CalloutKind::Wait, &none, 11_000) else {
-            panic!()
-        };
-        assert_eq!(r.status(), 504);
+        let s = h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000);
+        assert!(matches!(
+            s,
+            HoldStep::Watch {
+                deadline_ms: 11_000,
+                ..
+            }
+        ));
+        // The worker calls back at the deadline: the review is expired.
+        assert_eq!(path_of(&h.on_retry(&c, 11_000)), "/v1/reviews/rev_1/expire");
     }
 
     #[test]
@@ -1515,19 +1566,15 @@ mod tests {
         let (c, mut h, _) = setup("{}");
         h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000);
         let edited = r#","edited_body":"{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"safe\"}]}""#;
-        let HoldStep::Release(rel) = h.on_response(
-            &c,
-            CalloutKind::Wait,
-            &ok(&state("approved", edited)),
-            2_000,
-        ) else {
+        let HoldStep::Release(rel) = watched(&mut h, &c, &ok(&state("approved", edited)), 2_000)
+        else {
             panic!()
         };
         assert!(String::from_utf8(rel.edited_body.unwrap())
             .unwrap()
             .contains("safe"));
         let bad = r#","edited_body":"{\"messages\":[]}""#;
-        let s = h.on_response(&c, CalloutKind::Wait, &ok(&state("approved", bad)), 2_000);
+        let s = watched(&mut h, &c, &ok(&state("approved", bad)), 2_000);
         assert!(matches!(s, HoldStep::Refuse(_)));
     }
 
@@ -1540,12 +1587,8 @@ mod tests {
         let (c, mut h, _) = setup("{}");
         h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000);
         let edited = r#","edited_body":"{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"chat_template\":\"x\"}""#;
-        let HoldStep::Refuse(r) = h.on_response(
-            &c,
-            CalloutKind::Wait,
-            &ok(&state("approved", edited)),
-            2_000,
-        ) else {
+        let HoldStep::Refuse(r) = watched(&mut h, &c, &ok(&state("approved", edited)), 2_000)
+        else {
             panic!()
         };
         assert_eq!(r.review_id.as_deref(), Some("rev_1"));
@@ -1569,12 +1612,8 @@ mod tests {
         );
         h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000);
         let edited = r#","edited_body":"{\"model\":\"big\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}""#;
-        let HoldStep::Refuse(r) = h.on_response(
-            &c,
-            CalloutKind::Wait,
-            &ok(&state("approved", edited)),
-            2_000,
-        ) else {
+        let HoldStep::Refuse(r) = watched(&mut h, &c, &ok(&state("approved", edited)), 2_000)
+        else {
             panic!("the edit was released under the rule `small`")
         };
         assert_eq!(r.review_id.as_deref(), Some("rev_1"));
@@ -1585,12 +1624,7 @@ mod tests {
         );
         h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000);
         let edited = r#","edited_body":"{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hello\"}]}""#;
-        let step = h.on_response(
-            &c,
-            CalloutKind::Wait,
-            &ok(&state("approved", edited)),
-            2_000,
-        );
+        let step = watched(&mut h, &c, &ok(&state("approved", edited)), 2_000);
         assert!(!matches!(step, HoldStep::Refuse(_)), "{step:?}");
     }
 
@@ -1900,9 +1934,9 @@ mod tests {
             let c = Config::from_json(format!(r#"{{"records":"{mode}"}}"#).as_bytes()).unwrap();
             let (mut h, _) = start(&c);
             h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000);
-            let step = h.on_response(
+            let step = watched(
+                &mut h,
                 &c,
-                CalloutKind::Wait,
                 &ok(&state("approved", r#","reviewer":"alice""#)),
                 4_000,
             );
@@ -1964,7 +1998,7 @@ mod tests {
         h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000);
         let other = ok(r#"{"id":"rev_2","status":"approved","expires_at_ms":0}"#);
         assert!(matches!(
-            h.on_response(&c, CalloutKind::Wait, &other, 2_000),
+            watched(&mut h, &c, &other, 2_000),
             HoldStep::Refuse(_)
         ));
     }

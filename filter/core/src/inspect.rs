@@ -59,6 +59,9 @@ pub struct RequestInfo {
     /// queued through the outbox: its record says so
     /// ([`crate::wire::NewRecord::audit_due`]).
     pub audit_due: bool,
+    /// The worker whose watch waits for this request's reviews
+    /// ([`crate::watch`]), named in each review it creates.
+    pub watcher: Option<std::rc::Rc<str>>,
 }
 
 impl RequestInfo {

@@ -44,6 +44,7 @@ pub mod token;
 pub mod tool_stream;
 pub mod trace_context;
 pub mod vm_memory;
+pub mod watch;
 pub mod wire;
 pub mod worker;
 

@@ -330,6 +330,7 @@ impl StreamFilter {
             nonce: host.nonce(),
             trace: TraceContext::from_headers(&headers),
             audit_due: false,
+            watcher: None,
         };
         match verdict {
             HeadVerdict::Refuse(r) => {
@@ -563,6 +564,7 @@ impl StreamFilter {
                     }
                 };
                 self.info.model = Some(plan.review.model.clone());
+                self.info.watcher = Some(self.worker.watcher(host));
                 let (hold, step) = Hold::start(&config, &plan, self.info.clone(), now);
                 let hold = hold.with_masked_body(masked.as_deref());
                 let msg = format!(
@@ -1025,6 +1027,7 @@ impl StreamFilter {
         let plan = plan.and_then(|plan| self.answer_slot(host, &config, api, plan));
         match plan {
             Ok(Some(((plan, edit), waiter))) => {
+                self.info.watcher = Some(self.worker.watcher(host));
                 let (hold, step) = Hold::answer(&config, plan, self.info.clone(), host.now_ms());
                 let hold = match edit {
                     Some(edit) => hold.with_response_edit(edit),
@@ -1138,6 +1141,7 @@ impl StreamFilter {
             Ok(Some(((review, on_reject), waiter))) => {
                 self.capture_chunk(&[], Some(&record), false);
                 let answer = (HeldAnswer::Stream(held), on_reject);
+                self.info.watcher = Some(self.worker.watcher(host));
                 let hold =
                     Hold::held_answer(&config, &review, answer, self.info.clone(), host.now_ms());
                 self.held = true;
@@ -1289,6 +1293,11 @@ mod tests {
     /// The approval service answers the last call.
     fn answer(host: &mut MockHost, worker: &Worker, status: u16, body: &str) {
         crate::testing::answer_last_call(host, worker, status, body);
+    }
+
+    /// The worker's watch learns that the review was decided: `state`.
+    fn decided(host: &mut MockHost, worker: &Worker, state: &str) {
+        crate::testing::answer_watch(host, worker, &[state]);
     }
 
     fn approved(extra: &str) -> String {
@@ -1646,7 +1655,7 @@ mod tests {
         assert_eq!(host.request_headers["traceparent"], PARENT);
         stream.on_request_body(&mut host, BODY.len(), true);
         answer(&mut host, &worker, 201, PENDING);
-        answer(&mut host, &worker, 200, &approved(""));
+        decided(&mut host, &worker, &approved(""));
         answer(&mut host, &worker, 201, r#"{"record_id":"rec_1"}"#);
         assert_eq!(host.resumed, [Some(ID)]);
         respond(&mut host, &mut stream, "application/json");
@@ -1658,7 +1667,7 @@ mod tests {
             host.paths(),
             [
                 "/v1/reviews",
-                "/v1/reviews/rev_1/wait?timeout_ms=25000",
+                "/v1/watch",
                 "/v1/records",
                 "/v1/records/rec_1/response"
             ]
@@ -1668,9 +1677,11 @@ mod tests {
             ("tracestate".to_string(), "congo=t61rcWkgMzE".to_string()),
         ];
         for (_, call) in &host.dispatched {
+            // The worker's watch serves every held request: it carries none.
+            let watch = crate::testing::path_of(call) == "/v1/watch";
             assert_eq!(
                 trace_of(call),
-                expected,
+                if watch { vec![] } else { expected.clone() },
                 "{}",
                 crate::testing::path_of(call)
             );
@@ -1686,7 +1697,8 @@ mod tests {
         answer(&mut host, &worker, 201, PENDING);
         stream.on_drop(&mut host);
         worker.on_tick(&mut host);
-        assert_eq!(host.dispatched.len(), 3, "{:?}", host.paths());
+        // The caller left before the timer sent a watch: none is sent.
+        assert_eq!(host.paths(), ["/v1/reviews", "/v1/reviews/rev_1/cancel"]);
         for (_, call) in &host.dispatched {
             assert!(
                 trace_of(call).is_empty(),
@@ -1849,10 +1861,13 @@ mod tests {
         let create = String::from_utf8(create.body.clone().unwrap()).unwrap();
         assert!(!create.contains("bob@example.com"), "{create}");
         answer(&mut host, &worker, 201, PENDING);
-        assert!(host.last_path().starts_with("/v1/reviews/rev_1/wait"));
-        answer(&mut host, &worker, 200, PENDING);
-        assert!(host.last_path().starts_with("/v1/reviews/rev_1/wait"));
-        answer(&mut host, &worker, 200, &approved(""));
+        // Released from the root context, whose timer sends the watch.
+        worker.on_tick(&mut host);
+        assert_eq!(host.last_path(), "/v1/watch");
+        // A watch that times out with nothing decided is sent again.
+        decided(&mut host, &worker, PENDING);
+        assert_eq!(host.paths(), ["/v1/reviews", "/v1/watch", "/v1/watch"]);
+        decided(&mut host, &worker, &approved(""));
         assert_eq!(host.last_path(), "/v1/records");
         assert!(host.resumed.is_empty());
         answer(&mut host, &worker, 201, r#"{"record_id":"rec_2"}"#);
@@ -1886,7 +1901,7 @@ mod tests {
         send(&mut host, &mut stream, CHAT, body);
         answer(&mut host, &worker, 201, PENDING);
         host.body_write_fails = true;
-        answer(&mut host, &worker, 200, &approved(""));
+        decided(&mut host, &worker, &approved(""));
         assert!(host.resumed.is_empty());
         assert_eq!(host.replies[0].status, 503);
         assert_eq!(host.replies[0].context, Some(ID));
@@ -1903,7 +1918,7 @@ mod tests {
             br#"{"model":"m","messages":[{"role":"user","content":"mail bob@example.com"}]}"#;
         send(&mut host, &mut stream, CHAT, body);
         answer(&mut host, &worker, 201, PENDING);
-        answer(&mut host, &worker, 200, &approved(""));
+        decided(&mut host, &worker, &approved(""));
         assert_eq!(host.last_path(), "/v1/records");
         host.body_write_fails = true;
         answer(&mut host, &worker, 201, r#"{"record_id":"rec_2"}"#);
@@ -1946,7 +1961,7 @@ mod tests {
         send(&mut host, &mut stream, "/v1/messages", body);
         answer(&mut host, &worker, 201, PENDING);
         let rejected = r#"{"id":"rev_1","status":"rejected","expires_at_ms":0,"reviewer":"alice"}"#;
-        answer(&mut host, &worker, 200, rejected);
+        decided(&mut host, &worker, rejected);
         let reply = &host.replies[0];
         assert_eq!(reply.context, Some(ID));
         assert_eq!(reply.status, 403);

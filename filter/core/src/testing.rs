@@ -166,6 +166,29 @@ pub fn answer_last_call(host: &mut MockHost, worker: &Worker, status: u16, body:
     worker.on_callout_response(host, token, body.len());
 }
 
+/// The approval service answers the worker's watch (sent first, by the
+/// timer, when none is in flight) with `states`, review states as JSON
+/// that left `pending` since its last answer.
+pub fn answer_watch(host: &mut MockHost, worker: &Worker, states: &[&str]) {
+    if worker.watch_in_flight().is_none() {
+        worker.on_tick(host);
+    }
+    let token = worker.watch_in_flight().unwrap();
+    let (_, call) = host.dispatched.iter().find(|(t, _)| *t == token).unwrap();
+    assert_eq!(path_of(call), "/v1/watch");
+    let body = format!(
+        r#"{{"epoch":"e1","next":{},"states":[{}]}}"#,
+        host.dispatched.len(),
+        states.join(",")
+    );
+    host.answer = Some(CalloutResult {
+        status: Some(200),
+        body: body.clone().into_bytes(),
+    });
+    host.effective = None;
+    worker.on_callout_response(host, token, body.len());
+}
+
 /// Stream `id` under `config` (JSON), with `request` to `path` allowed and
 /// forwarded once its record is written (`rec_1`): ready for the answer.
 pub fn forwarded(

@@ -1474,7 +1474,7 @@ mod tests {
     use crate::host::Action;
     use crate::stream_filter::StreamFilter;
     use crate::testing::{
-        answer_last_call, forwarded, forwarded_on, response_record as record,
+        answer_last_call, answer_watch, forwarded, forwarded_on, response_record as record,
         review_state as state, MockHost,
     };
     use crate::worker::Worker;
@@ -1945,7 +1945,6 @@ mod tests {
             assert_eq!(last, Action::Pause, "{:?}", case.api);
             assert_eq!(worker.waiting_for_review(""), (1, 1));
             answer_last_call(&mut host, &worker, 201, &state("pending", ""));
-            let wait = host.last_token();
             // A second stream of the same caller in the same worker: its
             // tool call never leaves; the stream ends with the error event.
             let config = Rc::new(Config::from_json(json.as_bytes()).unwrap());
@@ -1974,13 +1973,7 @@ mod tests {
             );
             assert!(host.logs.iter().any(|(_, l)| l.contains("answer refused")));
             // The first one's decision frees the slot.
-            let approved = state("approved", "");
-            host.answer = Some(crate::hold::CalloutResult {
-                status: Some(200),
-                body: approved.as_bytes().to_vec(),
-            });
-            host.effective = None;
-            worker.on_callout_response(&mut host, wait, approved.len());
+            answer_watch(&mut host, &worker, &[&state("approved", "")]);
             assert_eq!(host.resumed_responses, [Some(ID)]);
             assert_eq!(worker.waiting_for_review(""), (0, 0));
             assert_eq!(
@@ -2017,7 +2010,7 @@ mod tests {
                 assert_eq!(tool_calls(case.api, &body).len(), 1, "{body}");
                 answer_last_call(&mut host, &worker, 201, &state("pending", ""));
                 assert!(host.resumed_responses.is_empty());
-                answer_last_call(&mut host, &worker, 200, &state("approved", ""));
+                answer_watch(&mut host, &worker, &[&state("approved", "")]);
                 assert_eq!(host.resumed_responses, [Some(ID)]);
                 let mut all = sent.clone();
                 all.extend(&host.response_chunk);
@@ -2053,7 +2046,7 @@ mod tests {
             assert_ne!(edited, body);
             answer_last_call(&mut host, &worker, 201, &state("pending", ""));
             let extra = format!(r#","edited_body":{}"#, json!(edited));
-            answer_last_call(&mut host, &worker, 200, &state("approved", &extra));
+            answer_watch(&mut host, &worker, &[&state("approved", &extra)]);
             let mut all = sent.clone();
             all.extend(&host.response_chunk);
             assert_eq!(
@@ -2077,7 +2070,7 @@ mod tests {
         let edited = review["body"].as_str().unwrap().replace(TOOL, "delete_all");
         answer_last_call(&mut host, &worker, 201, &state("pending", ""));
         let extra = format!(r#","edited_body":{}"#, json!(edited));
-        answer_last_call(&mut host, &worker, 200, &state("approved", &extra));
+        answer_watch(&mut host, &worker, &[&state("approved", &extra)]);
         let out = String::from_utf8_lossy(&host.response_chunk).into_owned();
         assert!(!out.contains(TOOL) && !out.contains("delete_all"), "{out}");
         let (event, error) = events_of(&host.response_chunk).pop().unwrap();
@@ -2097,11 +2090,10 @@ mod tests {
         for case in cases() {
             let (worker, mut host, mut stream, sent, _) = streamed(&config(""), &case, 5);
             answer_last_call(&mut host, &worker, 201, &state("pending", ""));
-            answer_last_call(
+            answer_watch(
                 &mut host,
                 &worker,
-                200,
-                &state("rejected", r#","reason":"not on prod""#),
+                &[&state("rejected", r#","reason":"not on prod""#)],
             );
             let mut all = sent.clone();
             all.extend(&host.response_chunk);
@@ -2171,7 +2163,7 @@ mod tests {
             streamed(&config(r#","hold_timeout_ms":1000"#), &case, 1 << 20);
         answer_last_call(&mut host, &worker, 201, &state("pending", ""));
         host.now += 2_000;
-        answer_last_call(&mut host, &worker, 200, &state("pending", ""));
+        worker.on_tick(&mut host);
         assert!(host.last_path().ends_with("/expire"));
         answer_last_call(&mut host, &worker, 200, &state("expired", ""));
         let mut all = sent;
@@ -2183,11 +2175,10 @@ mod tests {
             let (worker, mut host, _stream, sent, _) =
                 streamed(&config(r#","on_reject":"error""#), &case, 1 << 20);
             answer_last_call(&mut host, &worker, 201, &state("pending", ""));
-            answer_last_call(
+            answer_watch(
                 &mut host,
                 &worker,
-                200,
-                &state("rejected", r#","reason":"no""#),
+                &[&state("rejected", r#","reason":"no""#)],
             );
             let mut all = sent;
             all.extend(&host.response_chunk);

@@ -315,7 +315,10 @@ pub struct WatchAnswer {
 /// Whether `id` is a watcher id as the filter makes them: 32 lowercase
 /// hexadecimal characters.
 pub fn valid_watcher_id(id: &str) -> bool {
-    id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// What the filter knows about a held request besides its prompt, sent

@@ -20,12 +20,13 @@ use crate::answer_review::AnswerRelease;
 use crate::config::Config;
 use crate::delivery::{admits, admits_routine, Delivery, DeliveryStep};
 use crate::hold::{
-    cancel_callout, record_batch_callout, response_batch_callout, Callout, CalloutKind,
-    CalloutResult, Hold, HoldStep, Release,
+    cancel_callout, record_batch_callout, response_batch_callout, watch_callout, Callout,
+    CalloutKind, CalloutResult, Hold, HoldStep, Release,
 };
 use crate::host::{note_outcome, Host, Level};
 use crate::refusal::{Refusal, RefusalKind};
 use crate::vm_memory::VmShare;
+use crate::watch::Watch;
 use crate::wire::{RecordBatchResults, RecordCreated};
 
 /// The root context's timer period (ms) when no record batch is open.
@@ -90,6 +91,11 @@ struct State {
     /// The VM's share of the memory gauge while this root context takes
     /// part (`None`: it counts no memory, or has left).
     memory: Option<VmShare>,
+    /// The one long poll for every hold waiting for a reviewer
+    /// ([`crate::watch`]), and the configuration its calls use (the last
+    /// hold's to join: one root context has one configuration).
+    watch: Watch,
+    watch_config: Option<Rc<Config>>,
 }
 
 /// A handle to one VM's shared state.
@@ -149,6 +155,27 @@ impl Worker {
                 (mine + usize::from(c == caller), all + 1)
             })
         })
+    }
+
+    /// This worker's watcher id ([`crate::watch`]), for the reviews its
+    /// holds create; made from two of the host's random numbers on first
+    /// use.
+    pub fn watcher(&self, host: &mut dyn Host) -> Rc<str> {
+        if let Some(id) = self.with(|s| s.watch.watcher_id()) {
+            return id;
+        }
+        let (a, b) = (host.nonce(), host.nonce());
+        self.with(|s| s.watch.make_watcher_id(a, b))
+    }
+
+    /// The callout token of the watch in flight, if any.
+    pub fn watch_in_flight(&self) -> Option<u32> {
+        self.with(|s| s.watch.in_flight())
+    }
+
+    /// Reviews this worker's watch waits for.
+    pub fn watched(&self) -> usize {
+        self.with(|s| s.watch.waiting())
     }
 
     /// Hold callouts waiting for an answer.
@@ -229,7 +256,9 @@ impl Worker {
             s.retries = later;
             due.into_iter().map(|(_, id)| id).collect()
         });
-        for ctx in due {
+        // Holds whose time is up leave the watch and expire their review.
+        let overdue = self.with(|s| s.watch.overdue(now));
+        for ctx in due.into_iter().chain(overdue) {
             let step = self.with(|s| {
                 let e = s.holds.get_mut(&ctx)?;
                 let config = e.config.clone();
@@ -239,7 +268,59 @@ impl Worker {
                 self.perform(host, ctx, step);
             }
         }
+        self.send_watch(host, now);
         self.send_deliveries(host, now);
+    }
+
+    /// Sends the watch when one is due ([`Watch::request`]); only from the
+    /// root context (the timer, or the previous watch's answer).
+    fn send_watch(&self, host: &mut dyn Host, now: u64) {
+        let Some((config, request)) = self.with(|s| {
+            let config = s.watch_config.clone()?;
+            let request = s.watch.request(now, config.long_poll_ms)?;
+            Some((config, request))
+        }) else {
+            return;
+        };
+        let call = watch_callout(&config, &request);
+        match host.dispatch(&config.approval_cluster, &call) {
+            Ok(token) => self.with(|s| s.watch.sent(token)),
+            Err(why) => {
+                let failed = CalloutResult {
+                    status: None,
+                    body: why.into_bytes(),
+                };
+                self.after_watch(host, &failed, now);
+            }
+        }
+    }
+
+    /// Feeds the holds what the watch's answer says of their reviews, and
+    /// sends the next watch at once when it may.
+    fn after_watch(&self, host: &mut dyn Host, result: &CalloutResult, now: u64) {
+        let answered = self.with(|s| s.watch.on_answer(result, now));
+        if let Some(why) = &answered.failed {
+            host.count("countersign_watch_failures_total", 1);
+            host.log(
+                Level::Warn,
+                &format!(
+                    "countersign: watching the held requests' reviews failed ({why}); trying again"
+                ),
+            );
+        }
+        for (ctx, watched) in answered.holds {
+            let step = self.with(|s| {
+                let e = s.holds.get_mut(&ctx)?;
+                let config = e.config.clone();
+                Some(e.hold.on_watched(&config, watched, now))
+            });
+            if let Some(step) = step {
+                self.perform(host, ctx, step);
+            }
+        }
+        if answered.failed.is_none() {
+            self.send_watch(host, now);
+        }
     }
 
     fn send_deliveries(&self, host: &mut dyn Host, now: u64) {
@@ -394,6 +475,11 @@ impl Worker {
     }
 
     fn route_callout_response(&self, host: &mut dyn Host, token: u32, body_size: usize) {
+        if self.with(|s| s.watch.is_in_flight(token)) {
+            let result = host.callout_result(body_size);
+            let now = host.now_ms();
+            return self.after_watch(host, &result, now);
+        }
         if let Some((config, delivery)) = self.with(|s| s.deliveries.remove(&token)) {
             let step = delivery.on_result(&host.callout_result(body_size), host.now_ms());
             self.after_delivery(host, config, delivery, step);
@@ -469,7 +555,13 @@ impl Worker {
     /// on a request nobody waits for.
     pub fn end_stream(&self, host: &mut dyn Host, ctx: u32) {
         self.forget_calls_of(host, ctx);
-        let Some(entry) = self.with(|s| s.holds.remove(&ctx)) else {
+        let Some(entry) = self.with(|s| {
+            let entry = s.holds.remove(&ctx)?;
+            if let Some(review) = entry.hold.review_id() {
+                s.watch.leave(review, ctx);
+            }
+            Some(entry)
+        }) else {
             return;
         };
         host.count("countersign_held", -1);
@@ -556,6 +648,21 @@ impl Worker {
                         step = next;
                     }
                 },
+                HoldStep::Watch {
+                    review_id,
+                    deadline_ms,
+                } => {
+                    let send = self.with(|s| {
+                        s.watch_config = Some(config.clone());
+                        s.watch.join(review_id, ctx, deadline_ms)
+                    });
+                    if send {
+                        // From the root context, whose calls outlive any
+                        // one request.
+                        self.tick_within(host, 1);
+                    }
+                    return;
+                }
                 HoldStep::RetryAt(at) => {
                     self.with(|s| s.retries.push((at, ctx)));
                     return;
@@ -1163,8 +1270,18 @@ mod tests {
         assert_eq!(worker.held(), 1);
     }
 
+    fn created(id: &str) -> String {
+        format!(r#"{{"id":"{id}","status":"pending","expires_at_ms":0}}"#)
+    }
+
+    /// The body of the call dispatched as `token`.
+    fn body_of(host: &MockHost, token: u32) -> serde_json::Value {
+        let (_, call) = host.dispatched.iter().find(|(t, _)| *t == token).unwrap();
+        serde_json::from_slice(call.body.as_deref().unwrap()).unwrap()
+    }
+
     #[test]
-    fn callout_answers_go_to_the_hold_that_made_the_call() {
+    fn one_watch_serves_every_hold_and_each_decision_goes_to_its_hold() {
         let c = config(r#"{"records":"off"}"#);
         let worker = Worker::new();
         let mut host = MockHost::new(&worker);
@@ -1174,50 +1291,104 @@ mod tests {
         let create_b = host.last_token();
         assert_eq!(worker.held(), 2);
         assert_eq!(worker.outstanding_callouts(), 2);
+        // Both reviews name this worker's watcher.
+        let watcher = body_of(&host, create_a)["watcher"].clone();
+        assert_eq!(body_of(&host, create_b)["watcher"], watcher);
+        assert!(crate::wire::valid_watcher_id(watcher.as_str().unwrap()));
         // An unknown token changes nothing.
         answer(&mut host, &worker, 9_999, Some(200), PENDING);
         assert_eq!(worker.outstanding_callouts(), 2);
-        // B's review is created and approved first; A keeps waiting.
-        answer(&mut host, &worker, create_b, Some(201), PENDING);
-        let wait_b = host.last_token();
-        let approved = r#"{"id":"rev_1","status":"approved","expires_at_ms":0}"#;
-        answer(&mut host, &worker, wait_b, Some(200), approved);
+        // B's review is created: the root context's timer sends the watch.
+        answer(&mut host, &worker, create_b, Some(201), &created("rev_b"));
+        assert_eq!(host.tick_periods.last(), Some(&1));
+        worker.on_tick(&mut host);
+        let watch = worker.watch_in_flight().unwrap();
+        assert_eq!(
+            body_of(&host, watch),
+            serde_json::json!({"watcher": watcher, "after": 0, "check": ["rev_b"], "timeout_ms": 25000})
+        );
+        // A's review is created while the watch waits: no second watch.
+        answer(&mut host, &worker, create_a, Some(201), &created("rev_a"));
+        worker.on_tick(&mut host);
+        assert_eq!(worker.watch_in_flight(), Some(watch));
+        assert_eq!(worker.watched(), 2);
+        // B is approved: its stream goes on, and the next watch checks A.
+        let approved = r#"{"id":"rev_b","status":"approved","expires_at_ms":0}"#;
+        let body = format!(r#"{{"epoch":"e1","next":1,"states":[{approved}]}}"#);
+        answer(&mut host, &worker, watch, Some(200), &body);
         assert_eq!(host.resumed, [Some(8)]);
-        answer(&mut host, &worker, create_a, Some(201), PENDING);
-        let rejected = r#"{"id":"rev_1","status":"rejected","expires_at_ms":0}"#;
-        let wait_a = host.last_token();
-        answer(&mut host, &worker, wait_a, Some(200), rejected);
+        let next = worker.watch_in_flight().unwrap();
+        assert_ne!(next, watch);
+        assert_eq!(
+            body_of(&host, next),
+            serde_json::json!({"watcher": watcher, "epoch": "e1", "after": 1, "check": ["rev_a"], "timeout_ms": 25000})
+        );
+        let rejected = r#"{"id":"rev_a","status":"rejected","expires_at_ms":0}"#;
+        let body = format!(r#"{{"epoch":"e1","next":2,"states":[{rejected}]}}"#);
+        answer(&mut host, &worker, next, Some(200), &body);
         assert_eq!(host.resumed, [Some(8)]);
         assert_eq!(host.replies.len(), 1);
         assert_eq!(host.replies[0].context, Some(7));
         assert_eq!(host.replies[0].status, 403);
+        // Nothing is waited for any more: no watch.
+        assert_eq!(worker.watch_in_flight(), None);
+        let watches = host.paths().iter().filter(|p| *p == "/v1/watch").count();
+        assert_eq!(watches, 2);
         assert_eq!(host.violations.get(), 0);
     }
 
     #[test]
-    fn a_failed_poll_is_retried_from_the_root_timer() {
+    fn a_failed_watch_is_retried_from_the_root_timer() {
         let c = config(r#"{"records":"off"}"#);
         let worker = Worker::new();
         let mut host = MockHost::new(&worker);
         let _s = held_stream(&worker, &mut host, &c, 7);
         let token = host.last_token();
-        answer(&mut host, &worker, token, Some(201), PENDING);
-        let token = host.last_token();
-        // The service is restarting: no answer to the long poll.
+        answer(&mut host, &worker, token, Some(201), &created("rev_1"));
+        worker.on_tick(&mut host);
+        let token = worker.watch_in_flight().unwrap();
+        // The service is restarting: no answer to the watch.
         answer(&mut host, &worker, token, None, "");
+        assert_eq!(host.metric("countersign_watch_failures_total"), 1);
         let polls = host.dispatched.len();
         worker.on_tick(&mut host);
         assert_eq!(host.dispatched.len(), polls, "not due yet");
         host.now += 2_000;
         worker.on_tick(&mut host);
         assert_eq!(host.dispatched.len(), polls + 1);
-        assert!(host.last_path().starts_with("/v1/reviews/rev_1/wait"));
+        assert_eq!(host.last_path(), "/v1/watch");
+        // The review is read again: the lost answer may have carried it.
+        assert_eq!(
+            body_of(&host, host.last_token())["check"],
+            serde_json::json!(["rev_1"])
+        );
         // The retry's answer comes back to the root context, which resumes
         // the stream through its context id.
         let token = host.last_token();
-        let approved = r#"{"id":"rev_1","status":"approved","expires_at_ms":0}"#;
-        answer(&mut host, &worker, token, Some(200), approved);
+        let body = r#"{"epoch":"e2","next":1,"states":[{"id":"rev_1","status":"approved","expires_at_ms":0}]}"#;
+        answer(&mut host, &worker, token, Some(200), body);
         assert_eq!(host.resumed, [Some(7)]);
+        assert_eq!(host.violations.get(), 0);
+    }
+
+    #[test]
+    fn a_hold_whose_time_is_up_leaves_the_watch_and_expires_its_review() {
+        let c = config(r#"{"records":"off","hold_timeout_ms":5000}"#);
+        let worker = Worker::new();
+        let mut host = MockHost::new(&worker);
+        let _s = held_stream(&worker, &mut host, &c, 7);
+        let token = host.last_token();
+        answer(&mut host, &worker, token, Some(201), &created("rev_1"));
+        worker.on_tick(&mut host);
+        assert_eq!(worker.watched(), 1);
+        host.now += 5_000;
+        worker.on_tick(&mut host);
+        assert_eq!(worker.watched(), 0);
+        assert_eq!(host.last_path(), "/v1/reviews/rev_1/expire");
+        let expired = r#"{"id":"rev_1","status":"expired","expires_at_ms":0}"#;
+        let token = host.last_token();
+        answer(&mut host, &worker, token, Some(200), expired);
+        assert_eq!(host.replies[0].status, 504);
         assert_eq!(host.violations.get(), 0);
     }
 

@@ -11,7 +11,7 @@ use super::tests::{
 };
 use crate::host::Action;
 use crate::stream_filter::StreamFilter;
-use crate::testing::{answer_last_call, MockHost};
+use crate::testing::{answer_last_call, answer_watch, MockHost};
 use crate::worker::Worker;
 
 /// Masking (emails redacted in answers, `ticket` only counted), a `review`
@@ -58,7 +58,7 @@ fn decided(
 ) -> (Worker, MockHost, StreamFilter) {
     let (worker, mut host, stream, _, _) = forwarded_answer(config, answer);
     answer_last_call(&mut host, &worker, 201, &state("pending", ""));
-    answer_last_call(&mut host, &worker, 200, &state(status, extra));
+    answer_watch(&mut host, &worker, &[&state(status, extra)]);
     (worker, host, stream)
 }
 
@@ -83,12 +83,13 @@ fn a_matching_answer_waits_for_approval_then_leaves_masked() {
     let body: Value = serde_json::from_str(review["body"].as_str().unwrap()).unwrap();
     assert_eq!(content(&body), "This is internal only: write to [EMAIL]");
     answer_last_call(&mut host, &worker, 201, &state("pending", ""));
-    assert!(host.last_path().starts_with("/v1/reviews/rev_a/wait"));
+    worker.on_tick(&mut host);
+    assert_eq!(host.last_path(), "/v1/watch");
     assert!(
         host.resumed_responses.is_empty(),
         "nothing leaves before the decision"
     );
-    answer_last_call(&mut host, &worker, 200, &state("approved", ""));
+    answer_watch(&mut host, &worker, &[&state("approved", "")]);
     assert_eq!(host.resumed_responses, [Some(ID)]);
     assert_eq!(outcome(&host), ("200", "approved", "rev_a"));
     assert_eq!(sent(&host), body);
