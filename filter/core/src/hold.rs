@@ -1637,7 +1637,15 @@ mod tests {
 
     #[test]
     fn async_review_answers_202_with_the_status_url() {
-        let (c, mut h, _) = setup(&token_config());
+        let (c, mut h, create) = setup(&token_config());
+        // Nobody waits in the gateway: no worker watches the review.
+        let HoldStep::Call(create) = create else {
+            panic!()
+        };
+        let review: serde_json::Value =
+            serde_json::from_slice(create.body.as_deref().unwrap()).unwrap();
+        assert_eq!(review["async_review"], true);
+        assert!(review.get("watcher").is_none(), "{review}");
         assert_eq!(h.cancellable_review(), None);
         let HoldStep::Respond(reply) =
             h.on_response(&c, CalloutKind::Create, &ok(&state("pending", "")), 1_000)
