@@ -531,6 +531,17 @@ def test_bedrock_inference_profiles_of_a_denied_model_are_denied(stack, model):
     assert stack.backend.stats()["started"] == 0
 
 
+@pytest.mark.parametrize("model", ["sa.anthropic.claude-3-opus-20240229-v1:0", "US.anthropic.claude-3-opus-20240229-v1:0"])
+def test_a_bedrock_prefix_the_gateway_does_not_know_is_no_way_around_a_denied_model(stack, model):
+    # A geography AWS adds after this release (or one spelled otherwise) is
+    # not read as a model of its own that `deny anthropic.claude-3-opus*`
+    # does not match: where rules match models, it is refused, naming it.
+    r = send(stack, f"/model/{model}/converse", converse("hi"))
+    assert r.status_code == 403, r.content
+    assert f"`{model}` does not name a model" in r.json()["message"], r.json()
+    assert stack.backend.stats()["started"] == 0
+
+
 @pytest.mark.parametrize("operation,body", [("converse-stream", converse("hi")),
                                             ("invoke-with-response-stream", INVOKE)])
 def test_bedrock_streams_are_refused_where_the_answer_is_read(stack, operation, body):

@@ -167,13 +167,21 @@ fn bedrock(raw: &str) -> Option<String> {
         return None;
     }
     // Outside an ARN, Bedrock takes a base model id or a system inference
-    // profile's id (a geography prefix before a base model id); anything
-    // else it refuses, so it is matched as sent.
-    match id.split_once('.') {
-        Some((geo, "")) if BEDROCK_GEO_PREFIXES.contains(&geo) => None,
-        Some((geo, base)) if BEDROCK_GEO_PREFIXES.contains(&geo) => Some(base.to_string()),
-        _ => Some(id.to_string()),
+    // profile's id (a geography prefix before a base model id).
+    let base = match id.split_once('.') {
+        Some((geo, base)) if BEDROCK_GEO_PREFIXES.contains(&geo) => base,
+        _ => id,
+    };
+    // A base model id is `provider.model`: one dot. More is a prefix in
+    // front of one that the list above does not know (AWS adds
+    // geographies): the profile may well run the model after it, so the
+    // name is no model the filter can know rather than a name of its own
+    // that no rule on the base id matches. Anything else Bedrock refuses,
+    // so it is matched as sent.
+    if base.is_empty() || base.matches('.').count() > 1 {
+        return None;
     }
+    Some(base.to_string())
 }
 
 #[cfg(test)]
@@ -295,6 +303,13 @@ mod tests {
             "arn:aws:sagemaker:us-east-1:123456789012:endpoint/x",
             "arn:aws:bedrock:us-east-1::foundation-model/",
             "us.",
+            // A geography this list does not know (yet), or one spelled
+            // otherwise: never a name of its own that `deny anthropic.*`
+            // would not match.
+            "sa.anthropic.claude-3-opus-20240229-v1:0",
+            "US.anthropic.claude-3-opus-20240229-v1:0",
+            "us.us.anthropic.claude-3-opus-20240229-v1:0",
+            "arn:aws:bedrock:us-east-1:123456789012:inference-profile/mx.anthropic.claude-3-opus-20240229-v1:0",
         ] {
             assert_eq!(bedrock(raw), (raw.to_string(), false), "{raw}");
         }
