@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::assessment::AssessmentReport;
 use crate::config::SqliteSynchronous;
 use crate::db::group_commit::{self, GroupQueue, Reply};
-use crate::db::{Backend, Conn, DbError, DbResult, Location, Lock, OpenError, Row};
+use crate::db::{Backend, Conn, DbError, DbResult, Location, Lock, OpenError, Param, Row};
 use crate::params;
 
 /// Characters of the last user message shown in list previews.
@@ -549,6 +549,109 @@ impl Store {
         self.hold_write(written).map(drop)
     }
 
+    /// A watch of filter worker `watcher` (`POST /v1/watch`) began: every
+    /// hold of that worker is alive until `alive_until_ms` (the watch's end
+    /// plus the grace), or later if another watch (possibly through
+    /// another replica) said so. Stored in the database, like
+    /// [`Store::hold_polled`]: an approval may reach another replica.
+    pub fn watcher_seen(&self, watcher: &str, alive_until_ms: u64) -> DbResult<()> {
+        let (owned, greatest) = (
+            watcher.to_string(),
+            match self.backend {
+                Backend::Sqlite => "MAX",
+                Backend::Postgres => "GREATEST",
+            },
+        );
+        let written = self.write(None, move |tx| {
+            tx.execute(
+                &format!(
+                    "INSERT INTO watchers (id, alive_until_ms) VALUES (?1, ?2)
+                     ON CONFLICT (id) DO UPDATE
+                     SET alive_until_ms = {greatest}(watchers.alive_until_ms, excluded.alive_until_ms)"
+                ),
+                params![&owned, alive_until_ms],
+            )
+        });
+        self.hold_write(written).map(drop)
+    }
+
+    /// A watch of `watcher` was cut off unanswered (Envoy may be gone): its
+    /// holds are alive until `alive_until_ms` (now plus the grace) instead
+    /// of `written_until_ms`, unless a watch has set another time meanwhile
+    /// (which stays), as [`Store::hold_poll_ended`] does for one hold.
+    pub fn watcher_cut_off(
+        &self,
+        watcher: &str,
+        written_until_ms: u64,
+        alive_until_ms: u64,
+    ) -> DbResult<()> {
+        let owned = watcher.to_string();
+        let written = self.write(None, move |tx| {
+            tx.execute(
+                "UPDATE watchers SET alive_until_ms = ?3 WHERE id = ?1 AND alive_until_ms = ?2",
+                params![&owned, written_until_ms, alive_until_ms],
+            )
+        });
+        self.hold_write(written).map(drop)
+    }
+
+    /// Deletes the watchers not seen alive since `cutoff_ms` (their
+    /// reviews have long expired); returns how many.
+    pub fn purge_watchers(&self, cutoff_ms: u64) -> DbResult<usize> {
+        self.conn().execute(
+            "DELETE FROM watchers WHERE alive_until_ms < ?1",
+            params![cutoff_ms],
+        )
+    }
+
+    /// The filter's view of each of `ids` that exists (in no particular
+    /// order), with overdue pending ones marked expired first, as
+    /// [`Store::state_expiring`] does for one; each with whether this call
+    /// expired it. A few statements for any number of ids (a watch may
+    /// check thousands).
+    pub fn states_expiring(
+        &self,
+        ids: &[String],
+        now_ms: u64,
+    ) -> DbResult<Vec<(ReviewState, bool)>> {
+        let mut conn = self.conn();
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(IDS_PER_STATEMENT) {
+            // `?1` is the time, `?2` the reason; the ids follow (their
+            // count bounded by the chunk, well under either database's
+            // parameter limit).
+            let list = placeholders(3, chunk.len());
+            let mut bound = Vec::with_capacity(chunk.len() + 2);
+            bound.push(Param::from(now_ms));
+            bound.push(Param::from(EXPIRED_REASON));
+            bound.extend(chunk.iter().map(Param::from));
+            let expired = conn.query(
+                &format!(
+                    "UPDATE reviews SET status = 'expired', reviewer = NULL, reason = ?2,
+                         decided_at_ms = ?1
+                     WHERE status = 'pending' AND expires_at_ms <= ?1 AND id IN ({list})
+                     RETURNING id"
+                ),
+                &bound,
+            )?;
+            let expired: Vec<String> = expired.iter().map(|r| r.get(0)).collect::<DbResult<_>>()?;
+            let rows = conn.query(
+                &format!(
+                    "SELECT id, status, expires_at_ms, reviewer, reason, edited_body FROM reviews
+                     WHERE id IN ({})",
+                    placeholders(1, chunk.len())
+                ),
+                &bound[2..],
+            )?;
+            for row in &rows {
+                let state = state_from_row(row)?;
+                let expired_now = expired.contains(&state.id);
+                out.push((state, expired_now));
+            }
+        }
+        Ok(out)
+    }
+
     pub(crate) fn conn(&self) -> MutexGuard<'_, Conn> {
         crate::db::lock(&self.conn)
     }
@@ -657,9 +760,9 @@ impl Store {
                      path, authority, route, caller, model, stream, rule, prompt_json, preview, body,
                      hold_timeout_ms, caller_groups_json, required_approvals, approver_group, async_review,
                      idempotency_key, evidence_json, auto_decision_json, kind, spot_check_json,
-                     mode, tool_calls_json, hold_alive_until_ms, traceparent, tracestate)
+                     mode, tool_calls_json, hold_alive_until_ms, traceparent, tracestate, watcher)
                  VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                     ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31)
+                     ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32)
                  ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
                 params![
                     &r.id,
@@ -693,6 +796,7 @@ impl Store {
                     hold_alive_until_ms,
                     r.trace_context.as_ref().map(|t| t.traceparent.as_str()),
                     r.trace_context.as_ref().and_then(|t| t.tracestate.as_deref()),
+                    &q.watcher,
                 ],
             )?;
             if inserted == 1 {
@@ -896,12 +1000,16 @@ pub const ABANDONED_REASON: &str =
     "the held request was gone (its filter stopped waiting, e.g. Envoy restarted) when it was approved";
 
 /// Marks review `id` abandoned if it is pending, not overdue, held, and its
-/// hold was last seen alive before `now_ms`; whether it did.
+/// hold was last seen alive before `now_ms`; whether it did. A review with
+/// a watcher (`POST /v1/watch`) is alive while its own time (set at
+/// creation and by `/wait` polls) or its watcher's has not passed.
 pub(crate) fn abandon_if_gone(conn: &mut Conn, id: &str, now_ms: u64) -> DbResult<bool> {
     let changed = conn.execute(
         "UPDATE reviews SET status = 'abandoned', reviewer = NULL, reason = ?1, decided_at_ms = ?2
          WHERE id = ?3 AND status = 'pending' AND expires_at_ms > ?2
-           AND hold_alive_until_ms IS NOT NULL AND hold_alive_until_ms < ?2",
+           AND hold_alive_until_ms IS NOT NULL AND hold_alive_until_ms < ?2
+           AND NOT EXISTS (SELECT 1 FROM watchers w
+                           WHERE w.id = reviews.watcher AND w.alive_until_ms >= ?2)",
         params![ABANDONED_REASON, now_ms, id],
     )?;
     Ok(changed == 1)
@@ -921,17 +1029,38 @@ pub(crate) fn state_of(conn: &mut Conn, id: &str) -> DbResult<Option<ReviewState
         "SELECT id, status, expires_at_ms, reviewer, reason, edited_body FROM reviews WHERE id = ?1",
         params![id],
     )?;
-    row.map(|row| {
-        Ok(ReviewState {
-            id: row.get(0)?,
-            status: parse_status(&row.get::<String>(1)?)?,
-            expires_at_ms: row.get(2)?,
-            reviewer: row.get(3)?,
-            reason: row.get(4)?,
-            edited_body: row.get(5)?,
-        })
+    row.as_ref().map(state_from_row).transpose()
+}
+
+/// A [`ReviewState`] from the columns `id, status, expires_at_ms, reviewer,
+/// reason, edited_body`.
+fn state_from_row(row: &Row) -> DbResult<ReviewState> {
+    Ok(ReviewState {
+        id: row.get(0)?,
+        status: parse_status(&row.get::<String>(1)?)?,
+        expires_at_ms: row.get(2)?,
+        reviewer: row.get(3)?,
+        reason: row.get(4)?,
+        edited_body: row.get(5)?,
     })
-    .transpose()
+}
+
+/// Ids bound in one statement of [`Store::states_expiring`]: far under
+/// SQLite's limit of bound parameters (32,766; 999 before 3.32) and
+/// PostgreSQL's (65,535).
+const IDS_PER_STATEMENT: usize = 500;
+
+/// `?first, ?first+1, ...`: `count` numbered placeholders.
+fn placeholders(first: usize, count: usize) -> String {
+    let mut out = String::with_capacity(count * 6);
+    for n in first..first + count {
+        if n > first {
+            out.push_str(", ");
+        }
+        out.push('?');
+        out.push_str(&n.to_string());
+    }
+    out
 }
 
 pub(crate) fn detail_of(conn: &mut Conn, id: &str) -> DbResult<Option<ReviewDetail>> {

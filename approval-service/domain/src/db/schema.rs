@@ -14,7 +14,7 @@
 //! with any version. PostgreSQL has no older databases: it gets the same
 //! tables after every step at once, in two parts (`reviews`, `records`)
 //! whose versions live in `countersign_schema` (later ones, `slack`,
-//! `oidc_recheck`, `assessments`, `standing`, `answer_reviews`, `follow_ups` and `trace_context`, are created on their own
+//! `oidc_recheck`, `assessments`, `standing`, `answer_reviews`, `follow_ups`, `trace_context` and `watchers`, are created on their own
 //! when missing). Both databases end with the
 //! same tables and columns (tested in `tests/postgres_schema.rs`), so a
 //! statement is written once for both.
@@ -46,12 +46,14 @@ pub fn migrate(conn: &mut Conn) -> Result<(), OpenError> {
                 tx.batch(&dialect(SLACK, Backend::Sqlite))?;
                 tx.batch(&dialect(STANDING, Backend::Sqlite))?;
                 tx.batch(&dialect(FOLLOW_UPS, Backend::Sqlite))?;
+                tx.batch(&dialect(WATCHERS, Backend::Sqlite))?;
                 let existing = sqlite_columns(tx, "reviews")?;
                 let later = ANSWER_REVIEW_COLUMNS
                     .into_iter()
                     .chain(HOLD_COLUMNS)
                     .chain(RETENTION_COLUMNS)
-                    .chain(TRACE_COLUMNS);
+                    .chain(TRACE_COLUMNS)
+                    .chain(WATCH_COLUMNS);
                 for (name, declaration) in SPOT_CHECK_COLUMNS.into_iter().chain(later) {
                     if !existing.iter().any(|c| c == name) {
                         tx.batch(&add_review_column(name, declaration, Backend::Sqlite))?;
@@ -103,6 +105,9 @@ pub fn migrate(conn: &mut Conn) -> Result<(), OpenError> {
             migrate_postgres(conn, "follow_ups", &dialect(FOLLOW_UPS, Backend::Postgres))?;
             let trace = postgres_review_columns(&TRACE_COLUMNS);
             migrate_postgres(conn, "trace_context", &trace)?;
+            let watchers = dialect(WATCHERS, Backend::Postgres);
+            let watch_columns = postgres_review_columns(&WATCH_COLUMNS);
+            migrate_postgres(conn, "watchers", &format!("{watchers}{watch_columns}"))?;
         }
     }
     Ok(())
@@ -282,6 +287,23 @@ const RETENTION_COLUMNS: [(&str, &str); 1] = [("body_purged_at_ms", "{int}")];
 /// the caller's trace (see `http::spans`). NULL when it carried none.
 const TRACE_COLUMNS: [(&str, &str); 2] = [("traceparent", "TEXT"), ("tracestate", "TEXT")];
 
+/// Columns added to `reviews` for `POST /v1/watch`: the filter worker
+/// that holds the request and watches the review (`CreateReview::watcher`);
+/// NULL when the filter long-polls the review on its own.
+const WATCH_COLUMNS: [(&str, &str); 1] = [("watcher", "TEXT")];
+
+/// The filter workers that watch their reviews with `POST /v1/watch`: until
+/// when each counts as alive (its last watch's end plus `hold_grace_ms`),
+/// which keeps every hold of that worker alive (see
+/// [`crate::store::abandon_if_gone`]). Rows a day past their time are
+/// deleted by the sweeper.
+const WATCHERS: &str = "
+CREATE TABLE IF NOT EXISTS watchers (
+    id             TEXT PRIMARY KEY,
+    alive_until_ms {int} NOT NULL
+);
+";
+
 /// The filter's key of each token consumption (see
 /// [`crate::approval_tokens`]): a repeat with the same key is answered
 /// with the use it spent, not a second one.
@@ -293,7 +315,8 @@ CREATE UNIQUE INDEX IF NOT EXISTS token_consumptions_key
 
 /// `ALTER TABLE reviews ADD COLUMN` for one of [`REVIEW_COLUMNS`],
 /// [`ASSESSMENT_COLUMNS`], [`SPOT_CHECK_COLUMNS`],
-/// [`ANSWER_REVIEW_COLUMNS`], [`HOLD_COLUMNS`], [`RETENTION_COLUMNS`] or [`TRACE_COLUMNS`].
+/// [`ANSWER_REVIEW_COLUMNS`], [`HOLD_COLUMNS`], [`RETENTION_COLUMNS`], [`TRACE_COLUMNS`] or
+/// [`WATCH_COLUMNS`].
 fn add_review_column(name: &str, declaration: &str, backend: Backend) -> String {
     dialect(
         &format!("ALTER TABLE reviews ADD COLUMN {name} {declaration};\n"),
@@ -841,5 +864,18 @@ mod tests {
             migrate(&mut conn),
             Err(OpenError::SchemaTooNew(3))
         ));
+    }
+
+    #[test]
+    fn a_file_of_the_last_release_gains_the_watchers() {
+        let mut conn = memory();
+        migrate(&mut conn).unwrap();
+        // As the release before `POST /v1/watch` left it.
+        conn.batch("DROP TABLE watchers; ALTER TABLE reviews DROP COLUMN watcher;")
+            .unwrap();
+        migrate(&mut conn).unwrap();
+        assert!(conn.table_exists("watchers").unwrap());
+        let columns = sqlite_columns(&mut conn, "reviews").unwrap();
+        assert!(columns.iter().any(|c| c == "watcher"), "{columns:?}");
     }
 }
