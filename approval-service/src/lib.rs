@@ -36,7 +36,7 @@ pub mod webhook;
 
 pub use countersign_approval_domain::{
     approval_tokens, approvals, assessment, config, db, follow_ups, json_text, load, metrics,
-    now_ms, records, replicas, session, slack_messages, standing, state, store, token,
+    now_ms, records, replicas, session, slack_messages, standing, state, store, token, watchers,
 };
 
 pub use config::{

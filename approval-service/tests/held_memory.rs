@@ -68,7 +68,14 @@ static ALLOCATOR: CountingAllocator = CountingAllocator;
 /// request for as long as it lasts (see `http::every_request`).
 const POLL_BUDGET_BYTES: isize = 4 * 1024;
 
+/// One test: the allocator counts the whole process, so the two
+/// measurements must not run beside each other.
 #[test]
+fn held_requests_keep_little_allocated() {
+    a_waiting_long_poll_keeps_little_allocated();
+    a_held_request_watched_with_the_others_keeps_less_than_a_long_poll();
+}
+
 fn a_waiting_long_poll_keeps_little_allocated() {
     const POLLS: usize = 200;
     // Few blocking threads, so that the threads the polls' database calls
@@ -119,6 +126,58 @@ fn a_waiting_long_poll_keeps_little_allocated() {
         assert!(
             per_poll <= POLL_BUDGET_BYTES,
             "a waiting long poll keeps {per_poll} bytes allocated, the budget is {POLL_BUDGET_BYTES}"
+        );
+    });
+}
+
+/// The most a held request may keep allocated while its filter worker
+/// watches it with its other held requests in one `POST /v1/watch` (what
+/// replaces a long poll per held request): its entry in the map of watched
+/// reviews, and its share of the one waiting watch. Measured in a test
+/// (debug) build: about 120 bytes.
+const WATCHED_BUDGET_BYTES: isize = 256;
+
+fn a_held_request_watched_with_the_others_keeps_less_than_a_long_poll() {
+    const HELD: usize = 200;
+    const WATCHER: &str = "0123456789abcdef0123456789abcdef";
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let f = common::fixture("watched.db", |db| {
+            common::config_toml(db, "", &[("alice", common::ALICE, "")])
+        });
+        // Created without a watcher, so that the watch's `check` below is
+        // what puts each in the map (as after a new epoch).
+        let mut ids = Vec::new();
+        for n in 0..HELD {
+            let fields = json!({"request_id": format!("req-{n}")});
+            ids.push(common::create_review(&f.app, &[], common::review_request(fields)).await);
+        }
+        // Once through every path a watch takes (its mailbox is made).
+        let body = json!({"watcher": WATCHER, "check": [ids[0]], "timeout_ms": 1});
+        let (status, v) = common::call(&f.app, "POST", "/v1/watch", &[], Some(body)).await;
+        assert_eq!(status, axum::http::StatusCode::OK, "{v}");
+        let epoch = v["epoch"].clone();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        let before = live_bytes();
+        let body = json!({"watcher": WATCHER, "epoch": epoch, "check": ids, "timeout_ms": 60_000});
+        let app = f.app.clone();
+        let watch = tokio::spawn(async move {
+            common::call(&app, "POST", "/v1/watch", &[], Some(body)).await
+        });
+        // Time to read every review and begin waiting.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let per_held = (live_bytes() - before) / HELD as isize;
+        assert!(!watch.is_finished(), "the watch ended early");
+        watch.abort();
+        assert!(
+            per_held <= WATCHED_BUDGET_BYTES,
+            "a watched held request keeps {per_held} bytes allocated, the budget is {WATCHED_BUDGET_BYTES}"
         );
     });
 }

@@ -44,6 +44,7 @@ pub mod state;
 pub mod store;
 pub mod tls;
 pub mod token;
+pub mod watchers;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -21,6 +21,7 @@ use crate::replicas::{Change, Replica};
 use crate::session::{LoginLimiter, Session, SignedInWith};
 use crate::store::Store;
 use crate::token::TokenHash;
+use crate::watchers::{Begun, Taken, Watchers};
 
 /// How often the background sweeper expires overdue reviews.
 pub const SWEEP_PERIOD: Duration = Duration::from_secs(1);
@@ -166,6 +167,10 @@ struct Inner {
     /// decision made here), so the woken polls answer without a read;
     /// otherwise `None`, and each re-reads its review.
     waiters: Mutex<HashMap<String, watch::Sender<Wake>>>,
+    /// The filter workers' mailboxes (`POST /v1/watch`), and which worker
+    /// watches each known pending review: every wake of a review also
+    /// lands in its watcher's mailbox.
+    watchers: Mutex<Watchers>,
     /// Flips to `true` when the server starts shutting down, so long polls
     /// answer at once instead of holding graceful shutdown for a minute.
     shutdown: watch::Sender<bool>,
@@ -239,6 +244,7 @@ impl AppState {
                 store: Arc::new(store),
                 records: Arc::new(records),
                 waiters: Mutex::new(HashMap::new()),
+                watchers: Mutex::new(Watchers::default()),
                 shutdown: watch::Sender::new(false),
                 events: broadcast::Sender::new(EVENT_BUFFER),
                 login_limiter: LoginLimiter::new(LOGIN_BURST, LOGIN_REFILL_PER_S),
@@ -536,11 +542,89 @@ impl AppState {
         }
     }
 
-    /// Wakes every long poll of this replica (each re-reads its review).
+    /// Wakes every long poll of this replica (each re-reads its review),
+    /// and starts a new epoch in every mailbox (its filter re-checks every
+    /// review it waits for).
     fn wake_all(&self) {
         for tx in self.waiters().values() {
             tx.send_replace(None);
         }
+        self.watchers().new_epochs();
+    }
+
+    fn watchers(&self) -> MutexGuard<'_, Watchers> {
+        // Like `waiters`: no invariant a panic could break halfway.
+        self.inner
+            .watchers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Remembers that pending review `id` is watched by `watcher`: its
+    /// changes go to that watcher's mailbox (when it has one here).
+    pub fn remember_watcher(&self, id: &str, watcher: &str) {
+        self.watchers().remember(id, watcher);
+    }
+
+    /// [`AppState::remember_watcher`] for each of `ids`, under one lock.
+    pub fn remember_watched(&self, ids: &[String], watcher: &str) {
+        let mut watchers = self.watchers();
+        for id in ids {
+            watchers.remember(id, watcher);
+        }
+    }
+
+    /// Forgets the watcher of review `id` (seen final, or unknown).
+    pub fn forget_watched(&self, id: &str) {
+        self.watchers().forget(id);
+    }
+
+    /// A watch of `watcher` begins (see [`crate::watchers`]);
+    /// `alive_until_ms` is when its holds stop counting as alive.
+    pub fn watch_begin(&self, watcher: &str, alive_until_ms: u64) -> Begun {
+        let grace_ms = self.config().hold_grace_ms;
+        self.watchers().begin(watcher, alive_until_ms, grace_ms)
+    }
+
+    /// Storing the liveness [`AppState::watch_begin`] asked for failed.
+    pub fn watch_write_failed(&self, watcher: &str) {
+        self.watchers().write_failed(watcher);
+    }
+
+    /// The entries of `watcher`'s mailbox after `after`, if its epoch is
+    /// still `epoch`.
+    pub fn watch_take(&self, watcher: &str, epoch: &str, after: u64) -> Taken {
+        self.watchers().take(watcher, epoch, after)
+    }
+
+    /// A watch of `watcher` ended; for one cut off, the liveness write to
+    /// make (`(stored, alive until)`, see [`Store::watcher_cut_off`]).
+    pub fn watch_end(
+        &self,
+        watcher: &str,
+        answered: bool,
+        alive_until_ms: u64,
+    ) -> Option<(u64, u64)> {
+        self.watchers().end(watcher, answered, alive_until_ms)
+    }
+
+    /// Number of watchers with a mailbox here (for tests and diagnostics).
+    pub fn watcher_mailboxes(&self) -> usize {
+        self.watchers().mailboxes()
+    }
+
+    /// Drops the mailboxes no watch used for longer than a watch lasts
+    /// plus the grace plus a minute (the filter is gone, or watches
+    /// another replica).
+    fn drop_idle_mailboxes(&self) {
+        let config = self.config();
+        let idle = Duration::from_millis(
+            config
+                .max_long_poll_ms
+                .saturating_add(config.hold_grace_ms)
+                .saturating_add(60_000),
+        );
+        self.watchers().drop_idle(idle);
     }
 
     /// Subscribes to the live feed.
@@ -571,11 +655,13 @@ impl AppState {
         }
     }
 
-    /// Wakes the waiters of `id`, if any; each re-reads the review.
+    /// Wakes the waiters of `id`, if any; each re-reads the review. Its
+    /// watcher's watch, if any, is told too (and reads it).
     pub fn wake(&self, id: &str) {
         if let Some(tx) = self.waiters().get(id) {
             tx.send_replace(None);
         }
+        self.watchers().push(id, None);
     }
 
     /// Wakes the waiters of `id` with its final state, committed by the
@@ -583,14 +669,21 @@ impl AppState {
     /// a bulk approval, those reads queued behind the decisions on the
     /// database connection).
     pub fn wake_final(&self, state: ReviewState) {
+        let state = Arc::new(state);
         if let Some(tx) = self.waiters().get(&state.id) {
-            tx.send_replace(Some(Arc::new(state)));
+            tx.send_replace(Some(Arc::clone(&state)));
         }
+        let mut watchers = self.watchers();
+        watchers.push(&state.id, Some(Arc::clone(&state)));
+        watchers.forget(&state.id);
     }
 
     /// Wakes the waiters of `id` and tells live pages its status changed.
     pub fn announce(&self, id: &str, status: ReviewStatus) {
         self.wake(id);
+        if status.is_final() {
+            self.forget_watched(id);
+        }
         self.publish(id, status);
     }
 
@@ -637,11 +730,19 @@ impl AppState {
                 if let Err(e) = state.sweep_once().await {
                     tracing::error!(error = %e, "expiry sweep failed");
                 }
+                state.drop_idle_mailboxes();
                 if last_purge.is_none_or(|t| t.elapsed() >= SESSION_PURGE_PERIOD) {
                     last_purge = Some(tokio::time::Instant::now());
                     let now = crate::now_ms();
                     if let Err(e) = state.db(move |s| s.purge_sessions(now)).await {
                         tracing::error!(error = %e, "session purge failed");
+                    }
+                    // Watchers a day past their time: their reviews have
+                    // expired (a hold lasts at most a day); a pending one's
+                    // own time is judged then, which has passed as well.
+                    let cutoff = now.saturating_sub(MS_PER_DAY);
+                    if let Err(e) = state.db(move |s| s.purge_watchers(cutoff)).await {
+                        tracing::error!(error = %e, "watcher purge failed");
                     }
                 }
             }
@@ -798,12 +899,17 @@ impl Replica for Listener {
             "decided" => "decided",
             "expired" => "expired",
             "cancelled" => "cancelled",
+            // Its watcher's watch here is told (the filter's hold ends).
+            "abandoned" => "abandoned",
             other => {
                 tracing::warn!(kind = other, "ignored a change of unknown kind");
                 return true;
             }
         };
         state.wake(&change.id);
+        if change.status.is_final() {
+            state.forget_watched(&change.id);
+        }
         let _ = state.inner.events.send(ReviewEvent {
             kind,
             id: change.id,

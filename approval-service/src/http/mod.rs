@@ -1,7 +1,8 @@
 //! The HTTP layer, the top of the service: the router ([`app`]), the server
 //! ([`run`]), request extraction ([`extract`], [`auth`]), the one mapping of
 //! domain errors to HTTP answers ([`error`]), and the handlers by area:
-//! [`reviews`], [`standing`] (standing approvals: their automatic
+//! [`reviews`], [`watch`] (the filter workers' watches of their held
+//! requests), [`standing`] (standing approvals: their automatic
 //! decisions, list, revocation), [`approval_tokens`], [`records`], [`metrics`],
 //! [`stats`] (the reviewer load over a period, for the UI's *Load* page),
 //! [`follow_ups`] (flagged audits), the
@@ -29,6 +30,7 @@ pub mod standing;
 pub mod stats;
 pub mod tls;
 pub mod ui;
+pub mod watch;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -78,6 +80,9 @@ fn filter_routes() -> Router<AppState> {
         .route("/v1/records/batch", post(records::create_records))
         .route("/v1/records/responses", post(records::create_responses))
         .route("/v1/records/{id}/response", post(records::create_response))
+        // Behind the guard although it is a long poll: there is one per
+        // filter worker, not one per held request.
+        .route("/v1/watch", post(watch::watch))
         .route_layer(axum::middleware::from_fn(json_only))
         // Added after the guard, which checks POSTs only: a layer costs
         // every request an allocation for as long as it lasts, and a long

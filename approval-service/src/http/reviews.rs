@@ -10,7 +10,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use countersign_core::wire::{CreateReview, ReviewState, ReviewStatus};
+use countersign_core::wire::{valid_watcher_id, CreateReview, ReviewState, ReviewStatus};
 use futures_util::Stream;
 use opentelemetry::trace::FutureExt;
 use opentelemetry::KeyValue;
@@ -51,6 +51,11 @@ pub async fn create_review(
     if serde_json::from_str::<serde::de::IgnoredAny>(&req.body).is_err() {
         return Err(ApiError::BadRequest("body is not a JSON document".into()));
     }
+    if req.watcher.as_deref().is_some_and(|w| !valid_watcher_id(w)) {
+        return Err(ApiError::BadRequest(
+            "watcher: must be 32 lowercase hexadecimal characters".into(),
+        ));
+    }
     let hold_timeout_ms = req.hold_timeout_ms.clamp(1, MAX_HOLD_TIMEOUT_MS);
     let created_at_ms = crate::now_ms();
     let new = NewReview {
@@ -90,6 +95,11 @@ pub async fn create_review(
                 "this idempotency key belongs to another request".into(),
             ));
         }
+    }
+    // Its changes go to its watcher's mailbox here (its watches through
+    // other replicas list it in their `check`).
+    if let Some(watcher) = &new.request.watcher {
+        state.remember_watcher(&new.id, watcher);
     }
     state.metrics().observe_hits(&new.request.evidence.hits);
     spans::note("countersign.review.id", new.id.clone());

@@ -40,6 +40,7 @@ fn operation(method: &Method, route: &str) -> Option<(&'static str, &'static str
     Some(match (method.as_str(), route) {
         ("POST", "/v1/reviews") => ("countersign.review.create", REVIEW),
         ("GET", "/v1/reviews/{id}/wait") => ("countersign.review.decision", REVIEW),
+        ("POST", "/v1/watch") => ("countersign.watch", REVIEW),
         ("POST", "/v1/reviews/{id}/expire") => ("countersign.review.expire", REVIEW),
         ("POST", "/v1/reviews/{id}/cancel") => ("countersign.review.cancel", REVIEW),
         ("GET", "/v1/reviews/{id}/status") => ("countersign.review.status", REVIEW),

@@ -27,3 +27,4 @@ mod sql_injection;
 mod standing;
 mod trusted_proxy;
 mod ui;
+mod watch;

@@ -193,3 +193,96 @@ async fn replicas_recover_from_lost_database_connections() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(v["status"], "approved", "{v}");
 }
+
+/// A filter worker's id (`POST /v1/watch`).
+const WATCHER: &str = "0123456789abcdef0123456789abcdef";
+
+/// `POST /v1/watch` with `body` on a task of its own.
+fn spawn_watch(
+    app: &Router,
+    body: serde_json::Value,
+) -> tokio::task::JoinHandle<serde_json::Value> {
+    let app = app.clone();
+    tokio::spawn(async move {
+        let (status, v) = common::call(&app, "POST", "/v1/watch", &[], Some(body)).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        v
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL: see common::NEEDS_POSTGRES"]
+async fn a_change_through_one_replica_wakes_a_watch_on_another() {
+    common::require_postgres();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("watch.db");
+    let grace = "hold_grace_ms = 300";
+    let reviewers = [("alice", ALICE, ""), ("bob", BOB, "")];
+    let a = app(common::open_state(&common::config_toml(
+        &db, grace, &reviewers,
+    )));
+    let b = app(common::open_state(&common::config_toml(
+        &db, grace, &reviewers,
+    )));
+    // Holds are judged once the replicas' start lies a grace behind.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+
+    // Created through B; the worker watches through A, listing it.
+    let body = common::review_request(json!({"watcher": WATCHER}));
+    let id = common::create_review(&b, &[], body).await;
+    let first = spawn_watch(
+        &a,
+        json!({"watcher": WATCHER, "check": [id], "timeout_ms": 30_000}),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    common::decide_ok(&b, &id, ALICE, "approve", json!({})).await;
+    let v = tokio::time::timeout(PROMPT, first)
+        .await
+        .expect("the watch on A was not woken by B's decision")
+        .unwrap();
+    assert_eq!(v["states"][0]["id"], id.as_str(), "{v}");
+    assert_eq!(v["states"][0]["status"], "approved", "{v}");
+    let epoch = v["epoch"].as_str().unwrap().to_string();
+
+    // A review of an older filter (no watcher: its own long polls keep it
+    // alive, and it had none) is abandoned through B: the watch on A that
+    // lists it hears of that too.
+    let body = common::review_request(json!({"request_id": "req-gone"}));
+    let gone = common::create_review(&a, &[], body).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let second = spawn_watch(
+        &a,
+        json!({"watcher": WATCHER, "epoch": epoch, "after": v["next"],
+               "check": [gone], "timeout_ms": 30_000}),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, answer) = common::decide(&b, &gone, ALICE, "approve", json!({})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    let v = tokio::time::timeout(PROMPT, second)
+        .await
+        .expect("the watch on A was not woken by the abandonment through B")
+        .unwrap();
+    assert_eq!(v["states"][0]["id"], gone.as_str(), "{v}");
+    assert_eq!(v["states"][0]["status"], "abandoned", "{v}");
+
+    // A's notifications may be lost (its connections cut): its watches
+    // answer with a new epoch, and the filter checks everything again.
+    let third = spawn_watch(
+        &a,
+        json!({"watcher": WATCHER, "epoch": epoch, "after": v["next"], "timeout_ms": 30_000}),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut admin = common::RawDb::open(&db);
+    admin
+        .exec(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .unwrap();
+    let v = tokio::time::timeout(Duration::from_secs(10), third)
+        .await
+        .expect("the watch on A did not hear that notifications may have been lost")
+        .unwrap();
+    assert_ne!(v["epoch"], epoch.as_str(), "{v}");
+    assert_eq!(v["states"], json!([]), "{v}");
+}
