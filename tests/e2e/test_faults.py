@@ -265,7 +265,7 @@ def wait_for_first_poll(proxy, review_id: str):
     review as pending once it is committed, before its answer is back, and
     a channel cut in between loses the creation's answer instead (the
     filter then refuses 503 `approval_unavailable`, after its retries)."""
-    wait_until(lambda: proxy.requests(r"^POST /v1/watch "),
+    wait_until(lambda: proxy.requests(r"^POST /v1/watch$"),
                what=f"the filter's first watch (it has the answer creating {review_id})")
 
 
@@ -284,7 +284,7 @@ def test_hanging_long_poll_is_retried_and_the_hold_completes_once_healed(make_st
     # is generous because the backoff and the suite's load (two workers on
     # two cores) both stretch the wait.
     try:
-        wait_until(lambda: len(proxy.requests(r"^POST /v1/watch ", since=cut)) >= 2, timeout=60,
+        wait_until(lambda: len(proxy.requests(r"^POST /v1/watch$", since=cut)) >= 2, timeout=60,
                    what="two watches during the outage")
     except AssertionError:
         # What the channel saw, and what Envoy made of its calls, for the

@@ -159,11 +159,18 @@ impl Watch {
         self.failures = 0;
         self.retry_at = 0;
         if self.epoch.is_some() && self.epoch.as_deref() != Some(answer.epoch.as_str()) {
-            // States may have been lost: read every review waited for.
+            // States may have been lost (the service restarted, another
+            // replica answered): the next watch reads every review waited
+            // for, under no epoch, so that it may wait wherever it lands;
+            // naming this epoch, it would be answered at once again by a
+            // replica with another (watches alternating between replicas).
             self.check = self.waiting.keys().cloned().collect();
+            self.epoch = None;
+            self.after = 0;
+        } else {
+            self.epoch = Some(answer.epoch);
+            self.after = answer.next;
         }
-        self.epoch = Some(answer.epoch);
-        self.after = answer.next;
         let mut holds = Vec::new();
         for state in answer.states {
             if state.status == ReviewStatus::Pending {
@@ -374,11 +381,22 @@ mod tests {
         w.on_answer(&answer("e1", 4, &[], &[]), 1);
         assert!(w.request(1, 1000).unwrap().check.is_empty());
         w.sent(2);
-        // The service restarted: its mailbox is new.
-        w.on_answer(&answer("e2", 0, &[], &[]), 2);
-        let mut check = w.request(2, 1000).unwrap().check;
-        check.sort();
-        assert_eq!(check, vec!["rev_a".to_string(), "rev_b".to_string()]);
+        // The service restarted (or another replica answered): its mailbox
+        // is new, and it carries what it read.
+        let got = w.on_answer(
+            &answer("e2", 7, &[("rev_b", ReviewStatus::Approved)], &[]),
+            2,
+        );
+        assert_eq!(got.holds.len(), 1);
+        let next = w.request(2, 1000).unwrap();
+        assert_eq!((next.epoch, next.after), (None, 0));
+        assert_eq!(next.check, vec!["rev_a".to_string()]);
+        w.sent(3);
+        // That watch's epoch is taken as it is.
+        w.on_answer(&answer("e3", 9, &[], &[]), 3);
+        let next = w.request(3, 1000).unwrap();
+        assert_eq!((next.epoch.as_deref(), next.after), (Some("e3"), 9));
+        assert!(next.check.is_empty());
     }
 
     #[test]

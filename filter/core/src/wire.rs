@@ -266,9 +266,11 @@ pub struct CreateReview {
 /// reviews that left `pending` since the watcher's mailbox was made, each
 /// with a sequence number, until the filter says it took them in (`after`);
 /// a lost answer is therefore sent again. A service that restarted, or a
-/// replica that has not seen this watcher before, answers with an `epoch`
-/// of its own: the filter then lists every review it still waits for in its
-/// next `check`, which the service reads from the database.
+/// replica that has not seen this watcher before, answers at once with an
+/// `epoch` of its own: the filter then lists every review it still waits
+/// for in its next `check`, with no epoch, which any replica reads from the
+/// database and then waits (so watches that alternate between replicas
+/// cost a full check every other watch, not a loop).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WatchRequest {
