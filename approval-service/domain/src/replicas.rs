@@ -46,6 +46,13 @@ pub struct Change {
     pub id: String,
     /// Status after the change.
     pub status: ReviewStatus,
+    /// For `created`: the filter worker that watches the review
+    /// (`POST /v1/watch`). Every replica remembers it, so a decision through
+    /// any of them reaches the worker's watch wherever it waits, even one
+    /// that began before the worker learnt of the review (and so could not
+    /// list it in its `check`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watcher: Option<String>,
 }
 
 /// What the listener thread asks of the service it belongs to.
@@ -164,6 +171,7 @@ mod tests {
             kind: "decided".into(),
             id: "rev_1".into(),
             status: ReviewStatus::Approved,
+            watcher: Some("0123456789abcdef0123456789abcdef".into()),
         };
         let text = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<Change>(&text).unwrap(), c);

@@ -526,6 +526,10 @@ impl AppState {
             kind: event.kind.to_string(),
             id: event.id.clone(),
             status: event.status,
+            watcher: (event.kind == "created")
+                .then(|| self.watchers().watcher_of(&event.id))
+                .flatten()
+                .map(|w| w.to_string()),
         };
         let Ok(payload) = serde_json::to_string(&change) else {
             return;
@@ -906,6 +910,13 @@ impl Replica for Listener {
                 return true;
             }
         };
+        if let Some(watcher) = change
+            .watcher
+            .as_deref()
+            .filter(|w| kind == "created" && countersign_core::wire::valid_watcher_id(w))
+        {
+            state.remember_watcher(&change.id, watcher);
+        }
         state.wake(&change.id);
         if change.status.is_final() {
             state.forget_watched(&change.id);

@@ -107,6 +107,11 @@ impl Watchers {
         self.reviews.insert(id.to_string(), shared);
     }
 
+    /// The watcher of review `id`, when known here.
+    pub(crate) fn watcher_of(&self, id: &str) -> Option<Arc<str>> {
+        self.reviews.get(id).cloned()
+    }
+
     /// Forgets review `id` (it is final, or unknown).
     pub(crate) fn forget(&mut self, id: &str) {
         self.reviews.remove(id);

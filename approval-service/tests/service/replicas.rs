@@ -265,6 +265,25 @@ async fn a_change_through_one_replica_wakes_a_watch_on_another() {
     assert_eq!(v["states"][0]["id"], gone.as_str(), "{v}");
     assert_eq!(v["states"][0]["status"], "abandoned", "{v}");
 
+    // A review created through B while the worker's watch already waits on
+    // A (so it is in no `check` of that watch): B's creation tells A whose
+    // it is, and B's decision wakes the watch on A.
+    let waiting = spawn_watch(
+        &a,
+        json!({"watcher": WATCHER, "epoch": epoch, "after": v["next"], "timeout_ms": 30_000}),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let body = common::review_request(json!({"watcher": WATCHER, "request_id": "req-later"}));
+    let later = common::create_review(&b, &[], body).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    common::decide_ok(&b, &later, ALICE, "approve", json!({})).await;
+    let v = tokio::time::timeout(PROMPT, waiting)
+        .await
+        .expect("the watch on A was not woken by B's decision of a review created through B")
+        .unwrap();
+    assert_eq!(v["states"][0]["id"], later.as_str(), "{v}");
+    assert_eq!(v["states"][0]["status"], "approved", "{v}");
+
     // A's notifications may be lost (its connections cut): its watches
     // answer with a new epoch, and the filter checks everything again.
     let third = spawn_watch(
