@@ -487,6 +487,13 @@ impl AppState {
     /// on the other replicas.
     pub fn publish(&self, id: &str, status: ReviewStatus) {
         self.send_event(ReviewEvent::new(id, status));
+        // No change of a final review is to come: its watcher is not
+        // needed here any more (a decision through a path that woke it
+        // without its state, a standing approval, would otherwise leave it
+        // for as long as the watcher's mailbox lives).
+        if status.is_final() {
+            self.forget_watched(id);
+        }
     }
 
     /// Tells live-feed subscribers that the assessors' report on `id` is in.
