@@ -22,8 +22,8 @@ use crate::state::AppState;
 use crate::watchers::Taken;
 
 /// Most ids one watch may `check` (a worker lists every review it holds
-/// after a new epoch).
-pub const MAX_CHECK_IDS: usize = 20_000;
+/// after a new epoch, this many at a time).
+pub const MAX_CHECK_IDS: usize = countersign_core::wire::MAX_WATCH_CHECK;
 
 /// `POST /v1/watch`.
 pub async fn watch(

@@ -214,7 +214,8 @@ async fn watches_and_creations_refuse_bad_watchers_and_too_many_ids() {
         let (status, v) = call(&app, "POST", "/v1/reviews", &[], Some(body)).await;
         assert_bad_request(status, &v, "watcher");
     }
-    let many: Vec<String> = (0..20_001).map(|n| format!("rev_{n:032x}")).collect();
+    let max = countersign_core::wire::MAX_WATCH_CHECK;
+    let many: Vec<String> = (0..=max).map(|n| format!("rev_{n:032x}")).collect();
     let (status, v) = watch(&app, json!({"watcher": W, "check": many, "timeout_ms": 0})).await;
     assert_bad_request(status, &v, "check");
     let (status, v) = watch(
@@ -226,11 +227,11 @@ async fn watches_and_creations_refuse_bad_watchers_and_too_many_ids() {
     // As many as allowed are read (in chunks), and all unknown here.
     let (status, v) = watch(
         &app,
-        json!({"watcher": W, "check": many[..20_000], "timeout_ms": 0}),
+        json!({"watcher": W, "check": many[..max], "timeout_ms": 0}),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{v}");
-    assert_eq!(v["unknown"].as_array().unwrap().len(), 20_000);
+    assert_eq!(v["unknown"].as_array().unwrap().len(), max);
     // Not JSON: refused like the filter API's other POSTs.
     let r = common::send(
         &app,

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use crate::hold::{valid_review_id, CalloutResult, Watched, RETRY_MAX_MS, RETRY_MIN_MS};
-use crate::wire::{ReviewStatus, WatchAnswer, WatchRequest};
+use crate::wire::{ReviewStatus, WatchAnswer, WatchRequest, MAX_WATCH_CHECK};
 
 /// One worker's watch.
 #[derive(Debug, Default)]
@@ -116,10 +116,13 @@ impl Watch {
         }
         let watcher = self.id.as_deref()?.to_string();
         // Reviews that ended since they joined need no reading.
-        let check: Vec<String> = std::mem::take(&mut self.check)
-            .into_iter()
-            .filter(|id| self.waiting.contains_key(id))
-            .collect();
+        let waiting = &self.waiting;
+        self.check.retain(|id| waiting.contains_key(id));
+        // At most what the service takes at once; the rest goes with the
+        // next watch, which this one then does not keep waiting.
+        let rest = self.check.split_off(self.check.len().min(MAX_WATCH_CHECK));
+        let check = std::mem::replace(&mut self.check, rest);
+        let timeout_ms = if self.check.is_empty() { timeout_ms } else { 0 };
         self.in_flight = Some((None, check.clone()));
         Some(WatchRequest {
             watcher,
@@ -397,6 +400,28 @@ mod tests {
         let next = w.request(3, 1000).unwrap();
         assert_eq!((next.epoch.as_deref(), next.after), (Some("e3"), 9));
         assert!(next.check.is_empty());
+    }
+
+    #[test]
+    fn more_reviews_than_one_watch_may_check_go_over_several_at_once() {
+        let mut w = watch();
+        for n in 0..MAX_WATCH_CHECK + 5 {
+            w.join(format!("rev_{n}"), 1, 60_000);
+        }
+        let first = w.request(0, 25_000).unwrap();
+        assert_eq!(first.check.len(), MAX_WATCH_CHECK);
+        // The rest waits: this watch must not.
+        assert_eq!(first.timeout_ms, 0);
+        w.sent(1);
+        w.on_answer(&answer("e1", 0, &[], &[]), 1);
+        let second = w.request(1, 25_000).unwrap();
+        assert_eq!(second.check.len(), 5);
+        assert_eq!(second.timeout_ms, 25_000);
+        let mut all = first.check;
+        all.extend(second.check);
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), MAX_WATCH_CHECK + 5);
     }
 
     #[test]

@@ -314,6 +314,10 @@ pub struct WatchAnswer {
     pub unknown: Vec<String>,
 }
 
+/// The most review ids one watch may `check` (the service refuses more;
+/// a worker holding more lists the rest in the watches after, sent at once).
+pub const MAX_WATCH_CHECK: usize = 10_000;
+
 /// Whether `id` is a watcher id as the filter makes them: 32 lowercase
 /// hexadecimal characters.
 pub fn valid_watcher_id(id: &str) -> bool {
