@@ -516,9 +516,20 @@ impl AppState {
         });
     }
 
+    /// Tells live-feed subscribers, here and on the other replicas, that
+    /// review `id` was created, held by filter worker `watcher` (if any):
+    /// every replica learns whose watch its changes go to.
+    pub fn publish_created(&self, id: &str, watcher: Option<&str>) {
+        self.send_event_of(ReviewEvent::new(id, ReviewStatus::Pending), watcher);
+    }
+
     fn send_event(&self, event: ReviewEvent) {
+        self.send_event_of(event, None);
+    }
+
+    fn send_event_of(&self, event: ReviewEvent, watcher: Option<&str>) {
         if self.inner.shared {
-            self.notify_replicas(&event);
+            self.notify_replicas(&event, watcher);
         }
         // An error only means nobody is listening.
         let _ = self.inner.events.send(event);
@@ -527,16 +538,13 @@ impl AppState {
     /// Sends `event` to the other replicas, off the async runtime. A lost
     /// notification only delays the other replicas' long polls until their
     /// next re-read; the change itself is already committed.
-    fn notify_replicas(&self, event: &ReviewEvent) {
+    fn notify_replicas(&self, event: &ReviewEvent, watcher: Option<&str>) {
         let change = Change {
             origin: self.inner.replica_id.clone(),
             kind: event.kind.to_string(),
             id: event.id.clone(),
             status: event.status,
-            watcher: (event.kind == "created")
-                .then(|| self.watchers().watcher_of(&event.id))
-                .flatten()
-                .map(|w| w.to_string()),
+            watcher: watcher.map(str::to_string),
         };
         let Ok(payload) = serde_json::to_string(&change) else {
             return;
@@ -594,7 +602,8 @@ impl AppState {
     /// `alive_until_ms` is when its holds stop counting as alive.
     pub fn watch_begin(&self, watcher: &str, alive_until_ms: u64) -> Begun {
         let grace_ms = self.config().hold_grace_ms;
-        self.watchers().begin(watcher, alive_until_ms, grace_ms)
+        self.watchers()
+            .begin(watcher, alive_until_ms, grace_ms, self.inner.shared)
     }
 
     /// Storing the liveness [`AppState::watch_begin`] asked for failed.

@@ -58,6 +58,8 @@ const ALIVE_WRITE_SLACK_MS: u64 = 1_000;
 pub struct Begun {
     /// The mailbox's epoch.
     pub epoch: String,
+    /// The last `seq` the mailbox gave.
+    pub last_seq: u64,
     /// Resolves when the mailbox is woken (subscribed before any read).
     pub woken: watch::Receiver<()>,
     /// The watcher's `alive_until_ms` to store, unless about that is
@@ -95,19 +97,18 @@ fn new_epoch() -> String {
 
 impl Watchers {
     /// Remembers that review `id` is watched by `watcher`.
+    /// Only while the watcher has a mailbox here: one made later starts
+    /// with a new epoch, and its first watch lists every review again.
     pub(crate) fn remember(&mut self, id: &str, watcher: &str) {
         // One shared copy of the watcher id per mailbox, not one per review.
-        let shared = match self.mailboxes.get_key_value(watcher) {
-            Some((key, _)) => Arc::clone(key),
-            None => match self.reviews.get(id) {
-                Some(known) if &**known == watcher => return,
-                _ => Arc::from(watcher),
-            },
-        };
-        self.reviews.insert(id.to_string(), shared);
+        if let Some((key, _)) = self.mailboxes.get_key_value(watcher) {
+            let shared = Arc::clone(key);
+            self.reviews.insert(id.to_string(), shared);
+        }
     }
 
     /// The watcher of review `id`, when known here.
+    #[cfg(test)]
     pub(crate) fn watcher_of(&self, id: &str) -> Option<Arc<str>> {
         self.reviews.get(id).cloned()
     }
@@ -136,6 +137,9 @@ impl Watchers {
     /// Every mailbox starts a new epoch (changes may have been lost): its
     /// entries go, and its watches answer with the new epoch.
     pub(crate) fn new_epochs(&mut self) {
+        // Each watcher lists every review it waits for again, which is
+        // remembered anew (a final change missed now would leave one here).
+        self.reviews.clear();
         for mailbox in self.mailboxes.values_mut() {
             mailbox.epoch = new_epoch();
             mailbox.entries.clear();
@@ -146,7 +150,16 @@ impl Watchers {
     /// A watch of `watcher` begins: its mailbox (made when missing),
     /// subscribed to; and whether its liveness is to be stored, as
     /// `alive_until_ms` (its end plus `grace_ms`).
-    pub(crate) fn begin(&mut self, watcher: &str, alive_until_ms: u64, grace_ms: u64) -> Begun {
+    /// On several replicas (`shared`) the liveness is written by every
+    /// watch: another replica may have lowered it (a watch of this worker
+    /// cut off there), which this one's memory cannot know.
+    pub(crate) fn begin(
+        &mut self,
+        watcher: &str,
+        alive_until_ms: u64,
+        grace_ms: u64,
+        shared: bool,
+    ) -> Begun {
         let slack = ALIVE_WRITE_SLACK_MS.min(grace_ms / 2);
         let mailbox = match self.mailboxes.get_mut(watcher) {
             Some(mailbox) => mailbox,
@@ -165,12 +178,13 @@ impl Watchers {
         };
         mailbox.watching += 1;
         mailbox.last_used = Instant::now();
-        let store = mailbox.alive_written_ms.saturating_add(slack) < alive_until_ms;
+        let store = shared || mailbox.alive_written_ms.saturating_add(slack) < alive_until_ms;
         if store {
             mailbox.alive_written_ms = alive_until_ms;
         }
         Begun {
             epoch: mailbox.epoch.clone(),
+            last_seq: mailbox.last_seq,
             woken: mailbox.woken.subscribe(),
             store_alive_until_ms: store.then_some(alive_until_ms),
         }
@@ -241,10 +255,8 @@ impl Watchers {
         self.mailboxes
             .retain(|_, m| m.watching > 0 || m.last_used.elapsed() <= idle);
         let dropped = before - self.mailboxes.len();
-        if dropped > 0 {
-            let mailboxes = &self.mailboxes;
-            self.reviews.retain(|_, w| mailboxes.contains_key(w));
-        }
+        let mailboxes = &self.mailboxes;
+        self.reviews.retain(|_, w| mailboxes.contains_key(w));
         dropped
     }
 
@@ -271,11 +283,15 @@ mod tests {
     #[test]
     fn changes_of_known_reviews_land_in_their_watchers_mailbox_in_order() {
         let mut w = Watchers::default();
+        // No mailbox yet: nothing is kept, not even whose review it is (a
+        // mailbox made later starts a new epoch: its watcher lists every
+        // review again).
         w.remember("rev_a", W);
-        // No mailbox yet: nothing is kept.
+        assert!(w.watcher_of("rev_a").is_none());
         w.push("rev_a", None);
-        let begun = w.begin(W, 10_000, 10_000);
+        let begun = w.begin(W, 10_000, 10_000, false);
         assert_eq!(begun.store_alive_until_ms, Some(10_000));
+        w.remember("rev_a", W);
         w.remember("rev_b", W);
         w.push("rev_b", None);
         w.push("rev_a", None);
@@ -306,28 +322,37 @@ mod tests {
     fn liveness_is_written_when_it_moves_and_when_the_last_watch_is_cut_off() {
         let mut w = Watchers::default();
         assert_eq!(
-            w.begin(W, 10_000, 10_000).store_alive_until_ms,
+            w.begin(W, 10_000, 10_000, false).store_alive_until_ms,
             Some(10_000)
         );
         // Back within the slack: no write.
-        assert_eq!(w.begin(W, 10_500, 10_000).store_alive_until_ms, None);
+        assert_eq!(w.begin(W, 10_500, 10_000, false).store_alive_until_ms, None);
         // Two in progress: the first cut off leaves the other's time.
         assert_eq!(w.end(W, false, 3_000), None);
         assert_eq!(w.end(W, false, 3_000), Some((10_000, 3_000)));
         assert_eq!(
-            w.begin(W, 10_600, 10_000).store_alive_until_ms,
+            w.begin(W, 10_600, 10_000, false).store_alive_until_ms,
             Some(10_600)
         );
         // A short grace makes the slack short too.
-        assert_eq!(w.begin(W, 10_700, 100).store_alive_until_ms, Some(10_700));
+        assert_eq!(
+            w.begin(W, 10_700, 100, false).store_alive_until_ms,
+            Some(10_700)
+        );
         // Answered: nothing written at its end.
         assert_eq!(w.end(W, true, 4_000), None);
+        // On several replicas every watch writes: another replica may have
+        // lowered the stored time (a watch of this worker cut off there).
+        assert_eq!(
+            w.begin(W, 10_700, 10_000, true).store_alive_until_ms,
+            Some(10_700)
+        );
     }
 
     #[test]
     fn idle_mailboxes_and_their_reviews_go() {
         let mut w = Watchers::default();
-        let _ = w.begin(W, 1, 1_000);
+        let _ = w.begin(W, 1, 1_000, false);
         w.remember("rev_a", W);
         assert_eq!(w.drop_idle(Duration::ZERO), 0, "a watch is in progress");
         w.end(W, true, 1);

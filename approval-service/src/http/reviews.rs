@@ -85,6 +85,11 @@ pub async fn create_review(
             // was lost): the same review, not a second one for reviewers.
             tracing::info!(review_id = %existing.id, request_id = %new.request.request_id,
                 "review creation retried; answering with the existing review");
+            // The first attempt may have been cut off before it said whose
+            // watch the review goes to.
+            if let Some(watcher) = &new.request.watcher {
+                state.remember_watcher(&existing.id, watcher);
+            }
             spans::note("countersign.review.id", existing.id.clone());
             return Ok((StatusCode::OK, Json(existing)));
         }
@@ -123,8 +128,9 @@ pub async fn create_review(
     if state.config().oidc.is_none() {
         crate::approvals::warn_if_unreachable(&state.reviewers(), &new.id, &new.request);
     }
-    // Webhooks and the Slack app hear of it through this event (`notify`).
-    state.publish(&new.id, ReviewStatus::Pending);
+    // Webhooks and the Slack app hear of it through this event (`notify`),
+    // the other replicas whose watch it goes to.
+    state.publish_created(&new.id, new.request.watcher.as_deref());
     // A live standing approval of this shape decides it at once (the filter
     // takes an approved answer to its creation as the decision).
     if let Some(approved) = super::standing::decide_if_standing(&state, &new.id).await {
@@ -251,7 +257,7 @@ impl Drop for HoldPoll {
     }
 }
 
-async fn finish_review(
+pub(crate) async fn finish_review(
     state: AppState,
     id: String,
     status: ReviewStatus,

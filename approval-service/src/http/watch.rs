@@ -25,79 +25,130 @@ use crate::watchers::Taken;
 /// after a new epoch, this many at a time).
 pub const MAX_CHECK_IDS: usize = countersign_core::wire::MAX_WATCH_CHECK;
 
+/// The most bytes of review states (edited bodies, mostly) one answer
+/// carries from the mailbox; the rest stays for the next watch, which the
+/// filter sends at once (it reads each answer whole into its VM).
+const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+
 /// `POST /v1/watch`.
 pub async fn watch(
     State(state): State<AppState>,
     _auth: FilterAuth,
     JsonBody(req): JsonBody<WatchRequest>,
 ) -> Result<Json<WatchAnswer>, ApiError> {
-    let WatchRequest {
-        watcher,
-        epoch: known_epoch,
-        after,
-        check,
-        timeout_ms,
-    } = req;
-    if !valid_watcher_id(&watcher) {
+    if !valid_watcher_id(&req.watcher) {
         return Err(ApiError::BadRequest(
             "watcher: must be 32 lowercase hexadecimal characters".into(),
         ));
     }
-    if check.len() > MAX_CHECK_IDS {
-        return Err(ApiError::BadRequest(format!(
-            "check: at most {MAX_CHECK_IDS} review ids per watch"
-        )));
+    for (field, ids) in [("check", &req.check), ("gone", &req.gone)] {
+        if ids.len() > MAX_CHECK_IDS {
+            return Err(ApiError::BadRequest(format!(
+                "{field}: at most {MAX_CHECK_IDS} review ids per watch"
+            )));
+        }
+        if ids.iter().any(|id| !valid_review_id(id)) {
+            return Err(ApiError::BadRequest(format!(
+                "{field}: a review id is not one (letters, digits, `_` and `-`, at most 128)"
+            )));
+        }
     }
-    if check.iter().any(|id| !valid_review_id(id)) {
-        return Err(ApiError::BadRequest(
-            "check: a review id is not one (letters, digits, `_` and `-`, at most 128)".into(),
-        ));
-    }
-    spans::note("countersign.watcher", watcher.clone());
-    let budget_ms = timeout_ms.min(state.config().max_long_poll_ms);
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(budget_ms);
+    spans::note("countersign.watcher", req.watcher.clone());
+    let budget_ms = req.timeout_ms.min(state.config().max_long_poll_ms);
     // Marks the watcher alive and subscribes to its mailbox before any
     // read, so no change slips in between.
-    let (mut guard, epoch) = Watch::begin(&state, watcher, budget_ms).await?;
+    let (mut guard, begun) = Watch::begin(&state, req.watcher.clone(), budget_ms).await?;
+    let served = serve(&state, &mut guard, req, begun, budget_ms).await;
+    if served.is_err() {
+        // The service failed, not the filter, which is there and comes
+        // back: not a watch cut off (its holds stay alive).
+        guard.answered = true;
+    }
+    served.map(|answer| guard.answered(answer))
+}
+
+/// A watch after it began: the reviews its worker let go are cancelled,
+/// the listed ones read, then the mailbox's entries taken or waited for.
+async fn serve(
+    state: &AppState,
+    guard: &mut Watch,
+    req: WatchRequest,
+    (epoch, last_seq): (String, u64),
+    budget_ms: u64,
+) -> Result<WatchAnswer, ApiError> {
+    let WatchRequest {
+        epoch: known_epoch,
+        after,
+        check,
+        gone,
+        ..
+    } = req;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(budget_ms);
+    // The callers of these holds went away: the same end as their
+    // cancellation (`/v1/reviews/{id}/cancel`, which may have been lost),
+    // so that no approval is answered 200 for a hold that is gone while
+    // the worker's other holds keep it watching.
+    for id in gone {
+        let _ = super::reviews::finish_review(
+            state.clone(),
+            id,
+            countersign_core::wire::ReviewStatus::Cancelled,
+            crate::store::CANCELLED_REASON,
+        )
+        .await;
+    }
     let mut answer = WatchAnswer {
         epoch,
         next: after,
         states: Vec::new(),
         unknown: Vec::new(),
     };
-    // The epoch this watch's entries belong to: the filter's, or, for its
-    // first watch, the mailbox's as it was now.
-    let expected = known_epoch.unwrap_or_else(|| answer.epoch.clone());
+    // The epoch this watch's entries belong to: the filter's, or, for a
+    // watch that names none, the mailbox's as it was now. A watch naming
+    // none lists every review its worker waits for in `check`, read below:
+    // the entries up to now are covered by that read, and are not sent
+    // again (watches alternating between replicas would otherwise each get
+    // the other replica's whole backlog back, at once, forever).
+    let mut after = after;
+    let named = known_epoch.is_some();
+    let expected = match known_epoch {
+        Some(epoch) => epoch,
+        None => {
+            after = last_seq;
+            answer.next = last_seq;
+            answer.epoch.clone()
+        }
+    };
     if !check.is_empty() {
         state.remember_watched(&check, &guard.watcher);
-        checked(&state, check, &mut answer).await?;
+        checked(state, check, &mut answer).await?;
     }
     let mut shutdown = state.shutdown_receiver();
-    let mut after = after;
     loop {
         match state.watch_take(&guard.watcher, &expected, after) {
             Taken::NewEpoch { epoch, last_seq } => {
                 // Entries may have been lost: the filter checks everything
-                // next, after every entry there is.
-                answer.epoch = epoch;
+                // next. A watch that named no epoch would take the new one
+                // as its own and check nothing: it gets back the one that
+                // vanished, which its next watch names, and is told then.
+                answer.epoch = if named { epoch } else { expected };
                 answer.next = last_seq;
-                return Ok(guard.answered(answer));
+                return Ok(answer);
             }
             Taken::Entries(entries) => {
-                if let Some((last, _, _)) = entries.last() {
-                    answer.next = *last;
-                }
-                taken(&state, entries, &mut answer.states).await?;
+                let last = entries.last().map(|(seq, _, _)| *seq);
+                let cut = taken(state, entries, &mut answer.states).await?;
+                answer.next = cut.or(last).unwrap_or(answer.next);
             }
         }
         if !answer.states.is_empty() || !answer.unknown.is_empty() {
-            return Ok(guard.answered(answer));
+            return Ok(answer);
         }
         // What was taken is known pending: not read again.
         after = answer.next;
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         if remaining.is_zero() || *shutdown.borrow() {
-            return Ok(guard.answered(answer));
+            return Ok(answer);
         }
         tokio::select! {
             _ = guard.woken.changed() => {}
@@ -152,12 +203,14 @@ async fn checked(
 }
 
 /// The final states of `entries`: those a wake carried, and those read
-/// (in one query) for the others; reviews still pending are left out.
+/// (in one query) for the others; reviews still pending are left out. Past
+/// [`MAX_ANSWER_BYTES`] of states the rest is left for the next watch: the
+/// `seq` of the last entry taken then (`None`: all were).
 async fn taken(
     state: &AppState,
     entries: Vec<(u64, String, crate::state::Wake)>,
     states: &mut Vec<ReviewState>,
-) -> Result<(), ApiError> {
+) -> Result<Option<u64>, ApiError> {
     let to_read: Vec<String> = entries
         .iter()
         .filter(|(_, _, wake)| wake.is_none())
@@ -180,13 +233,23 @@ async fn taken(
             }
         }
     }
-    for (_, id, wake) in entries {
-        match wake {
-            Some(decided) => states.push((*decided).clone()),
-            None => states.extend(read.get(&id).cloned()),
+    let mut bytes = 0usize;
+    for (seq, id, wake) in entries {
+        let review = match wake {
+            Some(decided) => Some((*decided).clone()),
+            None => read.get(&id).cloned(),
+        };
+        let Some(review) = review else { continue };
+        let size = 256
+            + review.edited_body.as_ref().map_or(0, String::len)
+            + review.reason.as_ref().map_or(0, String::len);
+        if !states.is_empty() && bytes.saturating_add(size) > MAX_ANSWER_BYTES {
+            return Ok(Some(seq - 1));
         }
+        bytes = bytes.saturating_add(size);
+        states.push(review);
     }
-    Ok(())
+    Ok(None)
 }
 
 /// One watch in progress: marks its watcher alive until its end plus
@@ -205,7 +268,7 @@ impl Watch {
         state: &AppState,
         watcher: String,
         budget_ms: u64,
-    ) -> Result<(Watch, String), ApiError> {
+    ) -> Result<(Watch, (String, u64)), ApiError> {
         let alive_until_ms = crate::now_ms()
             .saturating_add(budget_ms)
             .saturating_add(state.config().hold_grace_ms);
@@ -227,7 +290,7 @@ impl Watch {
                 return Err(e.into());
             }
         }
-        Ok((guard, begun.epoch))
+        Ok((guard, (begun.epoch, begun.last_seq)))
     }
 
     fn answered(&mut self, answer: WatchAnswer) -> Json<WatchAnswer> {

@@ -115,11 +115,12 @@ async fn a_checked_review_past_its_expiry_is_expired_by_the_watch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_watch_is_woken_by_a_decision_and_answers_are_sent_until_taken_in() {
     let (_dir, _state, app) = service().await;
-    // Created with its watcher and never listed in a `check`.
-    let first = create(&app, W, "req-1").await;
     let (_, idle) = watch(&app, json!({"watcher": W, "timeout_ms": 10})).await;
     assert_eq!(states(&idle), [], "{idle}");
     let epoch = idle["epoch"].as_str().unwrap().to_string();
+    // Created with its watcher, whose mailbox is here, and never listed in
+    // a `check`.
+    let first = create(&app, W, "req-1").await;
     // Another worker's review does not wake this one.
     let others = create(&app, OTHER, "req-other").await;
 
@@ -260,11 +261,19 @@ async fn a_watching_worker_keeps_its_holds_alive_and_a_cut_off_one_does_not() {
     // Never polled with `/wait`; its worker watches throughout, in watches
     // shorter than the grace and in one longer.
     let until = Instant::now() + PAST_GRACE;
+    // (Naming no epoch, each lists the review, as the filter's would.)
     while Instant::now() < until {
-        let (status, v) = watch(&app, json!({"watcher": W, "timeout_ms": 50})).await;
+        let (status, v) = watch(
+            &app,
+            json!({"watcher": W, "check": [held], "timeout_ms": 50}),
+        )
+        .await;
         assert_eq!(status, StatusCode::OK, "{v}");
     }
-    let long = spawn_watch(&app, json!({"watcher": W, "timeout_ms": 30_000}));
+    let long = spawn_watch(
+        &app,
+        json!({"watcher": W, "check": [held], "timeout_ms": 30_000}),
+    );
     tokio::time::sleep(PAST_GRACE).await;
     let (status, v) = decide(&app, &held, ALICE, "approve", json!({})).await;
     assert_eq!(status, StatusCode::OK, "{v}");
@@ -285,4 +294,111 @@ async fn a_watching_worker_keeps_its_holds_alive_and_a_cut_off_one_does_not() {
     cut.abort();
     tokio::time::sleep(PAST_GRACE).await;
     assert_abandoned(decide(&app, &gone, ALICE, "approve", json!({})).await);
+}
+
+/// A watch that names no epoch lists every review its worker waits for:
+/// the mailbox's backlog is covered by that read and not sent again (with
+/// watches alternating between replicas, each would otherwise get the
+/// other's whole backlog back at once, forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_naming_no_epoch_gets_no_backlog_but_what_it_checks() {
+    let (_dir, _state, app) = service().await;
+    let (_, first) = watch(&app, json!({"watcher": W, "timeout_ms": 10})).await;
+    let waited = create(&app, W, "req-1").await;
+    let pending = create(&app, W, "req-2").await;
+    decide_ok(&app, &waited, ALICE, "approve", json!({})).await;
+    // The backlog holds `waited`'s end; a watch naming the epoch gets it.
+    let (_, named) = watch(
+        &app,
+        json!({"watcher": W, "epoch": first["epoch"], "after": first["next"], "timeout_ms": 10}),
+    )
+    .await;
+    assert_eq!(states(&named), [pair(&waited, "approved")], "{named}");
+    // Naming none, with the one review still waited for: nothing comes
+    // back, the watch waits (here: its short timeout) past the backlog.
+    let t = Instant::now();
+    let (_, fresh) = watch(
+        &app,
+        json!({"watcher": W, "check": [pending], "timeout_ms": 300}),
+    )
+    .await;
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "answered at once: {fresh}"
+    );
+    assert_eq!(states(&fresh), [], "{fresh}");
+    assert_eq!(fresh["epoch"], first["epoch"], "{fresh}");
+    assert!(
+        fresh["next"].as_u64().unwrap() >= named["next"].as_u64().unwrap(),
+        "{fresh}"
+    );
+}
+
+/// The reviews a worker says are gone (their callers went away) are
+/// cancelled, as their own cancellation would have; an approval of one is
+/// refused instead of answered 200 for a hold nobody waits for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reviews_a_watch_says_are_gone_are_cancelled() {
+    let (_dir, _state, app) = service().await;
+    let (_, first) = watch(&app, json!({"watcher": W, "timeout_ms": 10})).await;
+    let left = create(&app, W, "req-1").await;
+    let decided = create(&app, W, "req-2").await;
+    decide_ok(&app, &decided, ALICE, "approve", json!({})).await;
+    let (status, v) = watch(
+        &app,
+        json!({"watcher": W, "epoch": first["epoch"], "after": first["next"],
+               "gone": [left, decided], "timeout_ms": 10}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (status, answer) = decide(&app, &left, ALICE, "approve", json!({})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    let (_, detail) = common::get_as(&app, ALICE, &format!("/api/reviews/{left}")).await;
+    assert_eq!(detail["status"], "cancelled", "{detail}");
+    // A decided one stays as decided.
+    let (_, detail) = common::get_as(&app, ALICE, &format!("/api/reviews/{decided}")).await;
+    assert_eq!(detail["status"], "approved", "{detail}");
+}
+
+/// One answer carries at most about a MiB of states (edited bodies): the
+/// rest comes with the next watch, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_edits_are_spread_over_several_answers() {
+    let (_dir, _state, app) = service().await;
+    let (_, first) = watch(&app, json!({"watcher": W, "timeout_ms": 10})).await;
+    let big = "x".repeat(400 * 1024);
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        let id = create(&app, W, &format!("req-{n}")).await;
+        let edited = json!({"model": "gpt-x", "messages": [{"role": "user", "content": big}]});
+        decide_ok(
+            &app,
+            &id,
+            ALICE,
+            "edit",
+            json!({"body": edited.to_string()}),
+        )
+        .await;
+        ids.push(id);
+    }
+    let (mut epoch, mut after) = (first["epoch"].clone(), first["next"].clone());
+    let mut seen = Vec::new();
+    let mut answers = 0;
+    while seen.len() < ids.len() && answers < 10 {
+        let (_, v) = watch(
+            &app,
+            json!({"watcher": W, "epoch": epoch, "after": after, "timeout_ms": 10}),
+        )
+        .await;
+        assert!(
+            v.to_string().len() < 1536 * 1024,
+            "{} bytes",
+            v.to_string().len()
+        );
+        seen.extend(states(&v).into_iter().map(|(id, _)| id));
+        (epoch, after) = (v["epoch"].clone(), v["next"].clone());
+        answers += 1;
+    }
+    assert_eq!(seen, ids);
+    assert!(answers > 1, "one answer carried them all");
 }

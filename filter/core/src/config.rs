@@ -859,7 +859,15 @@ impl Config {
             MAX_RECORD_BATCH_MS,
         )?;
         let limits = raw.hold_limits;
-        range("hold_limits.total", limits.total.into(), 1, 1_000_000)?;
+        // A worker's watch lists every review its holds wait for after the
+        // service lost track (`crate::watch`), in one watch: no more than
+        // the service reads at once.
+        range(
+            "hold_limits.total",
+            limits.total.into(),
+            1,
+            u64::try_from(crate::wire::MAX_WATCH_CHECK).unwrap_or(u64::MAX),
+        )?;
         range(
             "hold_limits.per_caller",
             limits.per_caller.into(),
@@ -1512,6 +1520,15 @@ mod tests {
 
     #[test]
     fn out_of_range_and_bad_paths_are_refused() {
+        // No more holds per worker than one watch may list (`crate::watch`).
+        let e = Config::from_json(br#"{"hold_limits":{"total":10001}}"#).unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.message.as_str()),
+            ("hold_limits.total", "10001 is outside 1..=10000")
+        );
+        assert!(
+            Config::from_json(br#"{"hold_limits":{"total":10000,"per_caller":10000}}"#).is_ok()
+        );
         assert_eq!(
             Config::from_json(br#"{"hold_timeout_ms": 10}"#)
                 .unwrap_err()

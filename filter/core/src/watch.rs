@@ -36,9 +36,13 @@ pub struct Watch {
     waiting: HashMap<String, (u32, u64)>,
     /// Reviews to read from the database with the next watch.
     check: Vec<String>,
+    /// Reviews whose hold ended undecided (the caller went away), for the
+    /// next watch to tell ([`WatchRequest::gone`]).
+    gone: Vec<String>,
     /// The watch in flight: its callout token (`None` between building a
-    /// request and its dispatch) and the reviews it checks.
-    in_flight: Option<(Option<u32>, Vec<String>)>,
+    /// request and its dispatch), the reviews it checks and those it tells
+    /// are gone.
+    in_flight: Option<(Option<u32>, Vec<String>, Vec<String>)>,
     /// The epoch and `next` of the last answer taken in.
     epoch: Option<String>,
     after: u64,
@@ -84,11 +88,19 @@ impl Watch {
         self.in_flight.is_none()
     }
 
-    /// `ctx`'s hold no longer waits for `review_id` (it ended).
-    pub fn leave(&mut self, review_id: &str, ctx: u32) {
-        if self.waiting.get(review_id).is_some_and(|(c, _)| *c == ctx) {
-            self.waiting.remove(review_id);
+    /// `ctx`'s hold no longer waits for `review_id` (it ended); `gone`:
+    /// undecided (the caller went away), which the next watch tells.
+    /// Whether a watch should be sent for that (none is in flight).
+    pub fn leave(&mut self, review_id: &str, ctx: u32, gone: bool) -> bool {
+        if self.waiting.get(review_id).is_none_or(|(c, _)| *c != ctx) {
+            return false;
         }
+        self.waiting.remove(review_id);
+        if gone && self.gone.len() < MAX_WATCH_CHECK {
+            self.gone.push(review_id.to_string());
+            return self.in_flight.is_none();
+        }
+        false
     }
 
     /// Reviews waited for.
@@ -98,12 +110,12 @@ impl Watch {
 
     /// The callout token of the watch in flight.
     pub fn in_flight(&self) -> Option<u32> {
-        self.in_flight.as_ref().and_then(|(token, _)| *token)
+        self.in_flight.as_ref().and_then(|(token, _, _)| *token)
     }
 
     /// Whether `token` is the watch in flight.
     pub fn is_in_flight(&self, token: u32) -> bool {
-        matches!(self.in_flight, Some((Some(t), _)) if t == token)
+        matches!(self.in_flight, Some((Some(t), _, _)) if t == token)
     }
 
     /// The next watch to send, when one is due: something is waited for,
@@ -111,7 +123,8 @@ impl Watch {
     /// flight; [`Watch::sent`] or [`Watch::on_answer`] with a failure
     /// follows.
     pub fn request(&mut self, now_ms: u64, timeout_ms: u64) -> Option<WatchRequest> {
-        if self.in_flight.is_some() || self.waiting.is_empty() || now_ms < self.retry_at {
+        let idle = self.waiting.is_empty() && self.gone.is_empty();
+        if self.in_flight.is_some() || idle || now_ms < self.retry_at {
             return None;
         }
         let watcher = self.id.as_deref()?.to_string();
@@ -122,34 +135,42 @@ impl Watch {
         // next watch, which this one then does not keep waiting.
         let rest = self.check.split_off(self.check.len().min(MAX_WATCH_CHECK));
         let check = std::mem::replace(&mut self.check, rest);
-        let timeout_ms = if self.check.is_empty() { timeout_ms } else { 0 };
-        self.in_flight = Some((None, check.clone()));
+        let gone = std::mem::take(&mut self.gone);
+        // Nothing to wait for, or more to check: answered at once.
+        let timeout_ms = match self.check.is_empty() && !self.waiting.is_empty() {
+            true => timeout_ms,
+            false => 0,
+        };
+        self.in_flight = Some((None, check.clone(), gone.clone()));
         Some(WatchRequest {
             watcher,
             epoch: self.epoch.clone(),
             after: self.after,
             check,
+            gone,
             timeout_ms,
         })
     }
 
     /// The watch [`Watch::request`] made was dispatched as `token`.
     pub fn sent(&mut self, token: u32) {
-        if let Some((t, _)) = &mut self.in_flight {
+        if let Some((t, _, _)) = &mut self.in_flight {
             *t = Some(token);
         }
     }
 
     /// The answer to the watch in flight (or its failure to be sent).
     pub fn on_answer(&mut self, result: &CalloutResult, now_ms: u64) -> Answered {
-        let Some((_, checked)) = self.in_flight.take() else {
+        let Some((_, checked, gone)) = self.in_flight.take() else {
             return Answered::default();
         };
         let answer = match read_answer(result) {
             Ok(answer) => answer,
             Err(why) => {
-                // What it checked is checked again with the next.
+                // What it checked is checked again with the next, and what
+                // it told told again.
                 self.check.extend(checked);
+                self.gone.extend(gone);
                 let delay = (RETRY_MIN_MS << self.failures.min(8)).min(RETRY_MAX_MS);
                 self.failures = self.failures.saturating_add(1);
                 self.retry_at = now_ms.saturating_add(delay);
@@ -403,6 +424,39 @@ mod tests {
     }
 
     #[test]
+    fn reviews_whose_callers_went_away_are_told_once_even_with_nothing_left_to_wait_for() {
+        let mut w = watch();
+        w.join("rev_a".into(), 1, 60_000);
+        w.join("rev_b".into(), 2, 60_000);
+        w.request(0, 1000).unwrap();
+        w.sent(1);
+        // The caller of rev_a leaves while the watch waits.
+        assert!(!w.leave("rev_a", 1, true));
+        w.on_answer(&answer("e1", 1, &[], &[]), 1);
+        let next = w.request(1, 1000).unwrap();
+        assert_eq!(next.gone, vec!["rev_a".to_string()]);
+        assert_eq!(next.timeout_ms, 1000);
+        // Lost: told again.
+        w.sent(2);
+        let down = CalloutResult {
+            status: None,
+            body: Vec::new(),
+        };
+        w.on_answer(&down, 2);
+        let again = w.request(10_000, 1000).unwrap();
+        assert_eq!(again.gone, vec!["rev_a".to_string()]);
+        w.sent(3);
+        w.on_answer(&answer("e1", 1, &[], &[]), 10_001);
+        // The last hold's caller leaves: a watch tells it without waiting.
+        assert!(w.leave("rev_b", 2, true));
+        let last = w.request(10_001, 1000).unwrap();
+        assert_eq!((last.gone, last.timeout_ms), (vec!["rev_b".to_string()], 0));
+        w.sent(4);
+        w.on_answer(&answer("e1", 1, &[], &[]), 10_002);
+        assert!(w.request(10_002, 1000).is_none());
+    }
+
+    #[test]
     fn more_reviews_than_one_watch_may_check_go_over_several_at_once() {
         let mut w = watch();
         for n in 0..MAX_WATCH_CHECK + 5 {
@@ -431,8 +485,8 @@ mod tests {
         w.join("rev_b".into(), 2, 500);
         w.join("rev_c".into(), 3, 500);
         // Another context's end does not remove a review it does not wait for.
-        w.leave("rev_c", 9);
-        w.leave("rev_b", 2);
+        assert!(!w.leave("rev_c", 9, true));
+        w.leave("rev_b", 2, false);
         assert_eq!(w.overdue(99), Vec::<u32>::new());
         assert_eq!(w.overdue(100), vec![1]);
         assert_eq!(
@@ -441,7 +495,7 @@ mod tests {
         );
         w.sent(1);
         w.on_answer(&answer("e", 1, &[], &[]), 200);
-        w.leave("rev_c", 3);
+        w.leave("rev_c", 3, false);
         // Nothing waited for: no watch.
         assert!(w.request(200, 1000).is_none());
     }

@@ -290,6 +290,13 @@ pub struct WatchRequest {
     /// a new epoch, all it waits for.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub check: Vec<String>,
+    /// Reviews whose held request ended without a decision since the last
+    /// watch (the caller went away): the service cancels them, as
+    /// `POST /v1/reviews/{id}/cancel` does (sent too, but it may be lost),
+    /// so that no approval of one is answered 200 while the worker's other
+    /// holds keep it watching.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gone: Vec<String>,
     /// How long the service may wait for a change (capped by its
     /// `max_long_poll_ms`).
     pub timeout_ms: u64,

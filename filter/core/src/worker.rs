@@ -555,15 +555,20 @@ impl Worker {
     /// on a request nobody waits for.
     pub fn end_stream(&self, host: &mut dyn Host, ctx: u32) {
         self.forget_calls_of(host, ctx);
-        let Some(entry) = self.with(|s| {
+        let Some((entry, tell)) = self.with(|s| {
             let entry = s.holds.remove(&ctx)?;
-            if let Some(review) = entry.hold.review_id() {
-                s.watch.leave(review, ctx);
-            }
-            Some(entry)
+            let tell = entry
+                .hold
+                .review_id()
+                .is_some_and(|review| s.watch.leave(review, ctx, !entry.finished));
+            Some((entry, tell))
         }) else {
             return;
         };
+        if tell {
+            // From the root context (this one is ending).
+            self.tick_within(host, 1);
+        }
         host.count("countersign_held", -1);
         if entry.finished {
             return;
