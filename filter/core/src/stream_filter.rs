@@ -1697,8 +1697,16 @@ mod tests {
         answer(&mut host, &worker, 201, PENDING);
         stream.on_drop(&mut host);
         worker.on_tick(&mut host);
-        // The caller left before the timer sent a watch: none is sent.
-        assert_eq!(host.paths(), ["/v1/reviews", "/v1/reviews/rev_1/cancel"]);
+        // The caller left before the timer sent a watch: the watch only
+        // tells that the review is gone (the cancel call may be lost).
+        assert_eq!(
+            host.paths(),
+            ["/v1/reviews", "/v1/watch", "/v1/reviews/rev_1/cancel"]
+        );
+        let watch: serde_json::Value =
+            serde_json::from_slice(host.dispatched[1].1.body.as_deref().unwrap()).unwrap();
+        assert_eq!(watch["gone"], serde_json::json!(["rev_1"]));
+        assert_eq!(watch["timeout_ms"], 0);
         for (_, call) in &host.dispatched {
             assert!(
                 trace_of(call).is_empty(),
