@@ -637,8 +637,7 @@ impl Store {
             let expired: Vec<String> = expired.iter().map(|r| r.get(0)).collect::<DbResult<_>>()?;
             let rows = conn.query(
                 &format!(
-                    "SELECT id, status, expires_at_ms, reviewer, reason, edited_body FROM reviews
-                     WHERE id IN ({})",
+                    "SELECT {STATE_COLUMNS} FROM reviews WHERE id IN ({})",
                     placeholders(1, chunk.len())
                 ),
                 &bound[2..],
@@ -939,9 +938,8 @@ impl Store {
     /// Marks `id` expired if it is pending and past its expiry; returns the
     /// current state.
     pub fn state_expiring(&self, id: &str, now_ms: u64) -> DbResult<Option<(ReviewState, bool)>> {
-        let mut conn = self.conn();
-        let changed = expire_if_overdue(&mut conn, id, now_ms)?;
-        Ok(state_of(&mut conn, id)?.map(|s| (s, changed)))
+        let found = self.states_expiring(&[id.to_string()], now_ms)?;
+        Ok(found.into_iter().next())
     }
 
     /// Marks every pending review past its expiry as expired; returns their ids.
@@ -1026,14 +1024,16 @@ pub(crate) fn expire_if_overdue(conn: &mut Conn, id: &str, now_ms: u64) -> DbRes
 
 pub(crate) fn state_of(conn: &mut Conn, id: &str) -> DbResult<Option<ReviewState>> {
     let row = conn.query_opt(
-        "SELECT id, status, expires_at_ms, reviewer, reason, edited_body FROM reviews WHERE id = ?1",
+        &format!("SELECT {STATE_COLUMNS} FROM reviews WHERE id = ?1"),
         params![id],
     )?;
     row.as_ref().map(state_from_row).transpose()
 }
 
-/// A [`ReviewState`] from the columns `id, status, expires_at_ms, reviewer,
-/// reason, edited_body`.
+/// The columns [`state_from_row`] reads, in its order.
+const STATE_COLUMNS: &str = "id, status, expires_at_ms, reviewer, reason, edited_body";
+
+/// A [`ReviewState`] from [`STATE_COLUMNS`].
 fn state_from_row(row: &Row) -> DbResult<ReviewState> {
     Ok(ReviewState {
         id: row.get(0)?,

@@ -12,7 +12,9 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::Json;
 use countersign_core::hold::valid_review_id;
-use countersign_core::wire::{valid_watcher_id, ReviewState, WatchAnswer, WatchRequest};
+use countersign_core::wire::{
+    valid_watcher_id, ReviewState, WatchAnswer, WatchRequest, MAX_WATCH_CHECK,
+};
 
 use super::auth::FilterAuth;
 use super::error::ApiError;
@@ -20,10 +22,6 @@ use super::extract::JsonBody;
 use super::spans;
 use crate::state::AppState;
 use crate::watchers::Taken;
-
-/// Most ids one watch may `check` (a worker lists every review it holds
-/// after a new epoch, this many at a time).
-pub const MAX_CHECK_IDS: usize = countersign_core::wire::MAX_WATCH_CHECK;
 
 /// The most bytes of review states (edited bodies, mostly) one answer
 /// carries from the mailbox; the rest stays for the next watch, which the
@@ -42,9 +40,9 @@ pub async fn watch(
         ));
     }
     for (field, ids) in [("check", &req.check), ("gone", &req.gone)] {
-        if ids.len() > MAX_CHECK_IDS {
+        if ids.len() > MAX_WATCH_CHECK {
             return Err(ApiError::BadRequest(format!(
-                "{field}: at most {MAX_CHECK_IDS} review ids per watch"
+                "{field}: at most {MAX_WATCH_CHECK} review ids per watch"
             )));
         }
         if ids.iter().any(|id| !valid_review_id(id)) {

@@ -253,7 +253,8 @@ pub struct Config {
     pub callout_timeout_ms: u64,
     /// How long a request is held before it is refused as timed out.
     pub hold_timeout_ms: u64,
-    /// Longest single long-poll to the service.
+    /// Longest wait of the worker's watch (`POST /v1/watch`) before it is
+    /// sent again.
     pub long_poll_ms: u64,
     /// How many requests may wait for review at once in one Envoy worker.
     pub hold_limits: HoldLimits,

@@ -117,7 +117,7 @@ fn a_request_waiting_for_its_reviewer_keeps_little_in_the_vm() {
         worker.on_callout_response(&mut host, token, 64);
     }
     assert_eq!(worker.held(), HELD as usize);
-    // What the mock kept of the calls (the long polls now in flight) is
+    // What the mock kept of the calls (the creations, answered) is
     // Envoy's, not the VM's.
     host.dispatched.clear();
     host.dispatched.shrink_to_fit();

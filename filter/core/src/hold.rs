@@ -248,14 +248,14 @@ impl Hold {
         /// the caller waits for it (an asynchronous caller polls its status
         /// itself): no copy of the review's body.
         #[derive(serde::Serialize)]
-        struct Watched<'a> {
+        struct ForWatcher<'a> {
             #[serde(flatten)]
             review: &'a CreateReview,
             #[serde(skip_serializing_if = "Option::is_none")]
             watcher: Option<&'a str>,
         }
         let watched = matches!(self.mode, Mode::Wait | Mode::Answer);
-        let body = Watched {
+        let body = ForWatcher {
             review,
             watcher: self.info.watcher.as_deref().filter(|_| watched),
         };
@@ -920,9 +920,10 @@ impl Hold {
         self.next_wait(config, now_ms)
     }
 
-    /// The delay before retry number `failures + 1` (doubling, capped).
+    /// When retry number `failures + 1` is due ([`retry_delay`]), at the
+    /// deadline at the latest.
     fn backoff(&mut self, now_ms: u64) -> u64 {
-        let delay = (RETRY_MIN_MS << self.failures.min(8)).min(RETRY_MAX_MS);
+        let delay = retry_delay(self.failures);
         self.failures = self.failures.saturating_add(1);
         now_ms.saturating_add(delay).min(self.deadline_ms)
     }
@@ -1064,6 +1065,12 @@ impl Hold {
             ),
         )
     }
+}
+
+/// The delay before retry number `failures + 1` of a call to the approval
+/// service: doubling from [`RETRY_MIN_MS`], capped at [`RETRY_MAX_MS`].
+pub fn retry_delay(failures: u32) -> u64 {
+    (RETRY_MIN_MS << failures.min(8)).min(RETRY_MAX_MS)
 }
 
 /// What the worker's watch learnt about one review ([`Hold::on_watched`]).

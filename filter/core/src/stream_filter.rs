@@ -175,6 +175,14 @@ impl StreamFilter {
         Action::Pause
     }
 
+    /// The request's info for a hold that waits for a reviewer: with the
+    /// worker whose watch its review goes to ([`crate::watch`]), named only
+    /// when something is held (the allow path asks nothing of the worker).
+    fn held_info(&mut self, host: &mut dyn Host) -> RequestInfo {
+        self.info.watcher = Some(self.worker.watcher(host));
+        self.info.clone()
+    }
+
     /// Reads the request's Envoy properties (route name, downstream
     /// address) into its info, once. Only requests that are matched by
     /// route, recorded, reviewed or audited need them: an `allow` without a
@@ -564,8 +572,7 @@ impl StreamFilter {
                     }
                 };
                 self.info.model = Some(plan.review.model.clone());
-                self.info.watcher = Some(self.worker.watcher(host));
-                let (hold, step) = Hold::start(&config, &plan, self.info.clone(), now);
+                let (hold, step) = Hold::start(&config, &plan, self.held_info(host), now);
                 let hold = hold.with_masked_body(masked.as_deref());
                 let msg = format!(
                     "countersign: {id} held for review (rule `{}`)",
@@ -1027,8 +1034,8 @@ impl StreamFilter {
         let plan = plan.and_then(|plan| self.answer_slot(host, &config, api, plan));
         match plan {
             Ok(Some(((plan, edit), waiter))) => {
-                self.info.watcher = Some(self.worker.watcher(host));
-                let (hold, step) = Hold::answer(&config, plan, self.info.clone(), host.now_ms());
+                let info = self.held_info(host);
+                let (hold, step) = Hold::answer(&config, plan, info, host.now_ms());
                 let hold = match edit {
                     Some(edit) => hold.with_response_edit(edit),
                     None => hold,
@@ -1141,9 +1148,8 @@ impl StreamFilter {
             Ok(Some(((review, on_reject), waiter))) => {
                 self.capture_chunk(&[], Some(&record), false);
                 let answer = (HeldAnswer::Stream(held), on_reject);
-                self.info.watcher = Some(self.worker.watcher(host));
-                let hold =
-                    Hold::held_answer(&config, &review, answer, self.info.clone(), host.now_ms());
+                let info = self.held_info(host);
+                let hold = Hold::held_answer(&config, &review, answer, info, host.now_ms());
                 self.held = true;
                 self.stream_held = true;
                 self.worker

@@ -1,7 +1,8 @@
 //! W3C Trace Context (`traceparent`, `tracestate`): the caller's trace,
 //! carried on every call the filter makes to the approval service for its
-//! request (review creation, long polls, expiry, cancellation, token use,
-//! records), so the service's spans join the caller's trace.
+//! request (review creation, expiry, cancellation, token use, records), so
+//! the service's spans join the caller's trace. The worker's watch serves
+//! many requests and carries none.
 //!
 //! The request to the model keeps the caller's headers as they came (the
 //! filter neither removes nor rewrites them). A request without a valid

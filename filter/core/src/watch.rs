@@ -24,7 +24,7 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use crate::hold::{valid_review_id, CalloutResult, Watched, RETRY_MAX_MS, RETRY_MIN_MS};
+use crate::hold::{retry_delay, valid_review_id, CalloutResult, Watched};
 use crate::wire::{ReviewStatus, WatchAnswer, WatchRequest, MAX_WATCH_CHECK};
 
 /// One worker's watch.
@@ -171,9 +171,8 @@ impl Watch {
                 // it told told again.
                 self.check.extend(checked);
                 self.gone.extend(gone);
-                let delay = (RETRY_MIN_MS << self.failures.min(8)).min(RETRY_MAX_MS);
+                self.retry_at = now_ms.saturating_add(retry_delay(self.failures));
                 self.failures = self.failures.saturating_add(1);
-                self.retry_at = now_ms.saturating_add(delay);
                 return Answered {
                     holds: Vec::new(),
                     failed: Some(why),
@@ -252,6 +251,7 @@ fn read_answer(result: &CalloutResult) -> Result<WatchAnswer, String> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::hold::RETRY_MIN_MS;
     use crate::wire::ReviewState;
 
     fn answer(

@@ -517,7 +517,8 @@ impl ReviewStatus {
 
 /// The state of one review as the filter sees it. Returned by
 /// `POST /v1/reviews` (201), `GET /v1/reviews/{id}/wait?timeout_ms=N`,
-/// `POST /v1/reviews/{id}/expire` and `POST /v1/reviews/{id}/cancel`.
+/// `POST /v1/reviews/{id}/expire` and `POST /v1/reviews/{id}/cancel`, and
+/// listed in a [`WatchAnswer`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReviewState {
     /// Review id (opaque string chosen by the service).

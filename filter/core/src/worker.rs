@@ -3,10 +3,12 @@
 //! calls that must land after their stream is gone ([`crate::delivery`]).
 //!
 //! It is shared between the root context and the HTTP contexts of one VM
-//! (a [`Worker`] is a cheap handle to it): a retry after a failed long poll
-//! is dispatched from the root context's timer, so its answer comes back to
-//! the root context, which finds the hold by the callout token; context ids
-//! are unique within a VM only, and every VM has its own worker.
+//! (a [`Worker`] is a cheap handle to it): the worker's watch
+//! ([`crate::watch`]) and the retries of failed calls are dispatched from
+//! the root context's timer, so their answers come back to the root
+//! context, which finds the hold by the callout token (or, for the watch,
+//! by the review ids in its answer); context ids are unique within a VM
+//! only, and every VM has its own worker.
 //!
 //! No borrow of the state is held across a host call: a local reply or a
 //! resume can make Envoy call back into this VM synchronously (see
